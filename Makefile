@@ -1,0 +1,45 @@
+# pinwarden — set-up and test entry points (see README.md).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-config \
+	linux-image-amd64 busybox-static dbus sqlite3
+
+.PHONY: demo test lint typecheck bench bench-quick deps-system venv clean
+
+$(BIN)/pinwarden: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $@
+
+venv: $(BIN)/pinwarden
+
+## The main job on this machine.
+demo: venv
+	$(BIN)/pinwarden host
+
+deps-system:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+		if [ -n "$$missing" ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		fi; \
+	else echo "not root or no apt-get: skipping system packages ($(APT_PACKAGES))"; fi
+
+$(VENV)/.test-deps: pyproject.toml | venv
+	$(BIN)/pip install -q -e '.[test,libvirt]' virtme-ng
+	touch $@
+
+## Everything: system packages, the Python environment, all tests, ruff, mypy --strict.
+test: deps-system $(VENV)/.test-deps
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy --strict src/pinwarden
+	PINWARDEN_REQUIRE_ALL=1 $(BIN)/pytest -q
+
+lint: $(VENV)/.test-deps
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy --strict src/pinwarden
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,117 @@
+"""``/etc/pinwarden/pinwarden.toml``: the operator's settings.
+
+Example (every key optional)::
+
+    [partition]
+    mode = "auto"          # auto | isolcpus | cgroup | none
+    host_reserve = "0"     # none mode: CPUs kept for the OS; default: the first physical core
+    cgroup = "machine"     # cgroup-v1 VM partition; v2 default "machine.slice"
+
+    [ledger]
+    state_dir = "/var/lib/pinwarden"
+
+    [libvirt]
+    uri = "qemu:///system"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from pinwarden.cpuset import CpuSet
+from pinwarden.errors import InputError
+
+DEFAULT_CONFIG = Path("/etc/pinwarden/pinwarden.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/pinwarden")
+
+ModeSetting = Literal["auto", "isolcpus", "cgroup", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    mode: ModeSetting = "auto"
+    host_reserve: CpuSet | None = None  # None: the first physical core
+    cgroup_v1: str = "machine"
+    cgroup_v2: str = "machine.slice"
+    state_dir: Path = DEFAULT_STATE_DIR
+    libvirt_uri: str = "qemu:///system"
+
+
+def _table(data: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: [{name}] must be a table")
+    return cast(dict[str, Any], value)
+
+
+def _str(table: dict[str, Any], key: str, default: str, path: Path) -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str):
+        raise InputError(f"{path}: {key} must be a string, not {type(value).__name__}")
+    return value
+
+
+def parse_config(text: str, path: Path = DEFAULT_CONFIG) -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    part = _table(data, "partition", path)
+    ledger = _table(data, "ledger", path)
+    virt = _table(data, "libvirt", path)
+    known = {"partition": {"mode", "host_reserve", "cgroup", "cgroup_v2"},
+             "ledger": {"state_dir"}, "libvirt": {"uri"}}
+    for section, keys in known.items():
+        for key in _table(data, section, path):
+            if key not in keys:
+                raise InputError(f"{path}: unknown setting [{section}] {key}")
+    for section in data:
+        if section not in known:
+            raise InputError(f"{path}: unknown section [{section}]")
+    mode = _str(part, "mode", "auto", path)
+    if mode not in ("auto", "isolcpus", "cgroup", "none"):
+        raise InputError(f"{path}: partition.mode must be auto, isolcpus, cgroup or none, "
+                         f"not {mode!r}")
+    reserve_text = part.get("host_reserve")
+    reserve: CpuSet | None = None
+    if reserve_text is not None:
+        if not isinstance(reserve_text, str):
+            raise InputError(f"{path}: host_reserve must be a CPU list string like \"0-1\"")
+        reserve = CpuSet.parse(reserve_text)
+    return Config(
+        mode=cast(ModeSetting, mode),
+        host_reserve=reserve,
+        cgroup_v1=_str(part, "cgroup", "machine", path).strip("/"),
+        cgroup_v2=_str(part, "cgroup_v2", "machine.slice", path).strip("/"),
+        state_dir=Path(_str(ledger, "state_dir", str(DEFAULT_STATE_DIR), path)),
+        libvirt_uri=_str(virt, "uri", "qemu:///system", path),
+    )
+
+
+def load_config(path: Path | None) -> Config:
+    """Read the config file; a missing default file means all defaults."""
+    explicit = path is not None
+    target = path if path is not None else DEFAULT_CONFIG
+    try:
+        text = target.read_text()
+    except FileNotFoundError:
+        if explicit:
+            raise InputError(f"config file {target} does not exist") from None
+        return Config()
+    except OSError as exc:
+        raise InputError(f"cannot read config file {target}: {exc.strerror}") from None
+    return parse_config(text, target)
+
+
+def state_dir(cli_value: Path | None, config: Config) -> Path:
+    """``--state-dir`` beats ``PINWARDEN_STATE_DIR`` beats the config file."""
+    if cli_value is not None:
+        return cli_value
+    env = os.environ.get("PINWARDEN_STATE_DIR")
+    if env:
+        return Path(env)
+    return config.state_dir

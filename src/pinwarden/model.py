@@ -1,0 +1,71 @@
+"""Value types shared by policy, ledger, enforcement and the adapters."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pinwarden.cpuset import CpuSet, union
+
+#: Lease roles: ``vcpuN``, ``emulator``, ``iothreadN``, ``sibling-hold`` (a thread held
+#: empty under the ``isolate`` thread policy), ``task`` (``pinwarden run``).
+SIBLING_HOLD = "sibling-hold"
+
+
+@dataclass(frozen=True, slots=True)
+class HolderRef:
+    """Who holds leases: a libvirt domain (driver ``qemu``/``lxc``) or a ``run`` job."""
+
+    driver: str  # "qemu", "lxc", "run"
+    key: str  # domain UUID when known, else its name; run jobs: their name
+    name: str  # human name (domain name, job name)
+
+    def __str__(self) -> str:
+        return f"{self.driver} domain {self.name!r}" if self.driver != "run" \
+            else f"job {self.name!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One CPU leased exclusively to one holder."""
+
+    cpu: int
+    holder: HolderRef
+    role: str
+    created: float  # Unix time
+    owner_pid: int | None = None  # process whose death frees the lease, where there is one
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where every thread of one domain (or job) may run, and which CPUs it leases."""
+
+    domain: str
+    uuid: str | None
+    exclusive: bool
+    vcpus: Mapping[int, CpuSet]  # vCPU number -> allowed CPUs
+    emulator: CpuSet
+    iothreads: Mapping[int, CpuSet] = field(default_factory=dict)  # iothread id -> CPUs
+    leases: Mapping[int, str] = field(default_factory=dict)  # cpu -> role (exclusive only)
+    default_cpus: CpuSet | None = None  # <vcpu cpuset=...> for the whole domain, if set
+    notes: tuple[str, ...] = ()  # warnings to show the user (one line each)
+
+    def cpus(self) -> CpuSet:
+        """Every CPU any thread of the domain may run on."""
+        return union([*self.vcpus.values(), self.emulator, *self.iothreads.values()])
+
+    def leased(self) -> CpuSet:
+        return CpuSet(frozenset(self.leases))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain,
+            "uuid": self.uuid,
+            "exclusive": self.exclusive,
+            "vcpus": {str(v): str(c) for v, c in sorted(self.vcpus.items())},
+            "emulator": str(self.emulator),
+            "iothreads": {str(i): str(c) for i, c in sorted(self.iothreads.items())},
+            "leases": {str(cpu): role for cpu, role in sorted(self.leases.items())},
+            "notes": list(self.notes),
+        }
