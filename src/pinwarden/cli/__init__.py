@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "pinwarden.cli.placement",
     "pinwarden.cli.run",
     "pinwarden.cli.vm",
+    "pinwarden.cli.audit",
 )
 
 
@@ -48,7 +49,7 @@ def common_parser() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     common = common_parser()
     parser = argparse.ArgumentParser(
-        prog="pinwarden", parents=[common],
+        prog="pinwarden",
         description="Exclusive physical CPUs for virtual machines and processes.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
