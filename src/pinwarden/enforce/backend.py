@@ -1,0 +1,263 @@
+"""The contract between the enforcement core and the cgroup backends (v1, v2, systemd, fake).
+
+A backend is a thin adapter over one cpuset tree.  It knows how to *read* groups into frozen
+:class:`GroupState` values and how to perform five primitive writes; it never decides
+anything.  Deciding (which groups, which CPUs, in which order) is done by the pure planner in
+:mod:`pinwarden.enforce.layout`; executing a plan transactionally (rollback on the first
+kernel error, read-back verification) is :mod:`pinwarden.enforce.apply`.
+
+Paths
+    Every path is relative to the backend's cpuset root, ``/``-separated, without leading or
+    trailing slash; ``""`` is the root itself.  Examples: ``"machine"``,
+    ``"pinwarden.partition/run-J.partition"``.  A systemd backend maps them to units
+    (``machine.slice`` …) itself; the core never builds filesystem paths.
+
+Partition kinds
+    ``member``    an ordinary cpuset (v1 ``cpu_exclusive=0``; v2 ``cpuset.cpus.partition``
+                  ``member``);
+    ``exclusive`` CPUs owned by this group alone (v1 ``cpu_exclusive=1``; v2 ``root``);
+    ``isolated``  exclusive and without scheduler load balancing (v1 ``cpu_exclusive=1``,
+                  and ``sched_load_balance=0`` where the backend can; v2 ``isolated``).
+
+Errors
+    Every primitive raises :class:`CgroupOpError` carrying the kernel's errno (``EINVAL``,
+    ``EBUSY``, ``ENOSPC``, ``EACCES``, ``ENOENT``, ``EEXIST`` …) and what was attempted.  It is
+    *not* a user-facing error: :mod:`~pinwarden.enforce.apply` rolls back and translates it
+    into :class:`~pinwarden.errors.EnforceError`.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+from pinwarden.cpuset import CpuSet
+
+PartitionKind = Literal["member", "exclusive", "isolated"]
+PARTITION_KINDS: tuple[PartitionKind, ...] = ("member", "exclusive", "isolated")
+
+
+# -- paths ------------------------------------------------------------------------------
+
+def parent_of(path: str) -> str | None:
+    """Parent path; ``None`` for the root ``""``."""
+    if path == "":
+        return None
+    head, _, _ = path.rpartition("/")
+    return head
+
+
+def join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def ancestors(path: str) -> list[str]:
+    """Strict ancestors of ``path``, root first (``"a/b/c"`` → ``["", "a", "a/b"]``)."""
+    out: list[str] = []
+    cur = parent_of(path)
+    while cur is not None:
+        out.append(cur)
+        cur = parent_of(cur)
+    return out[::-1]
+
+
+def depth(path: str) -> int:
+    return 0 if path == "" else path.count("/") + 1
+
+
+def is_within(path: str, top: str) -> bool:
+    """``path`` is ``top`` or one of its descendants."""
+    return top == "" or path == top or path.startswith(top + "/")
+
+
+# -- state ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class GroupState:
+    """One cpuset group as read from the kernel."""
+
+    path: str
+    cpus: CpuSet  # configured (v1 cpuset.cpus, v2 cpuset.cpus — empty means inherit on v2)
+    mems: CpuSet  # configured memory nodes
+    partition: PartitionKind
+    effective_cpus: CpuSet
+    effective_mems: CpuSet
+    populated: bool  # the group itself has tasks (not counting descendants)
+    children: tuple[str, ...] = ()  # names (not paths) of direct child groups, sorted
+    partition_error: str | None = None  # v2: "root invalid (…)" reason; else None
+
+    @property
+    def exclusive(self) -> bool:
+        return self.partition != "member"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Groups read at one moment, by path.  Absent path = the group did not exist."""
+
+    groups: Mapping[str, GroupState] = field(default_factory=dict)
+
+    def get(self, path: str) -> GroupState | None:
+        return self.groups.get(path)
+
+    def __getitem__(self, path: str) -> GroupState:
+        return self.groups[path]
+
+    def __contains__(self, path: object) -> bool:
+        return path in self.groups
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.groups)
+
+    def children(self, path: str) -> list[str]:
+        """Paths of the direct children of ``path`` present in the snapshot, sorted."""
+        group = self.groups.get(path)
+        if group is not None:
+            return [join(path, n) for n in group.children if join(path, n) in self.groups]
+        return sorted(p for p in self.groups if p != path and parent_of(p) == path)
+
+    def subtree(self, path: str) -> list[str]:
+        """``path`` and its descendants present in the snapshot, parents before children."""
+        return sorted((p for p in self.groups if is_within(p, path)),
+                      key=lambda p: (depth(p), p))
+
+
+# -- operations -------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Mkdir:
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rmdir:
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetCpus:
+    path: str
+    cpus: CpuSet
+
+
+@dataclass(frozen=True, slots=True)
+class SetMems:
+    path: str
+    mems: CpuSet
+
+
+@dataclass(frozen=True, slots=True)
+class SetPartition:
+    path: str
+    kind: PartitionKind
+
+
+Op = Mkdir | Rmdir | SetCpus | SetMems | SetPartition
+
+
+def describe(op: Op) -> str:
+    """Short human text: ``set cpus of machine to 0``."""
+    match op:
+        case Mkdir(path):
+            return f"create {path or '/'}"
+        case Rmdir(path):
+            return f"remove {path or '/'}"
+        case SetCpus(path, cpus):
+            return f"set cpus of {path or '/'} to {cpus.to_list() or '(none)'}"
+        case SetMems(path, mems):
+            return f"set mems of {path or '/'} to {mems.to_list() or '(none)'}"
+        case SetPartition(path, kind):
+            return f"make {path or '/'} {kind}"
+
+
+class CgroupOpError(Exception):
+    """A primitive cgroup write or read failed; ``errno`` is the kernel's answer."""
+
+    def __init__(self, action: str, path: str, err: int, *, value: str | None = None,
+                 detail: str | None = None) -> None:
+        self.action = action  # "mkdir", "rmdir", "cpus", "mems", "partition", "attach", "read"
+        self.path = path
+        self.errno = err
+        self.value = value
+        self.detail = detail
+        name = errno_mod.errorcode.get(err, str(err))
+        text = f"{action} {path or '/'}"
+        if value is not None:
+            text += f" = {value!r}"
+        text += f": {name} ({os.strerror(err)})"
+        if detail:
+            text += f": {detail}"
+        super().__init__(text)
+
+
+# -- the backend protocol ---------------------------------------------------------------
+
+@runtime_checkable
+class CgroupBackend(Protocol):
+    """One cpuset tree.  Implementations: v1, v2, systemd (D-Bus) and the in-memory fake."""
+
+    @property
+    def kind(self) -> str:
+        """``"v1"``, ``"v2"``, ``"systemd"`` or ``"fake"`` (for messages and tests)."""
+        ...
+
+    def read_state(self, paths: Iterable[str]) -> Snapshot:
+        """Read, for every path given: the group and all its descendants, all its ancestors
+        up to the root, and the direct children of every ancestor (its siblings and theirs,
+        without their subtrees).  Paths that do not exist are simply absent."""
+        ...
+
+    def read_group(self, path: str) -> GroupState:
+        """One group, freshly read (used to verify effective CPUs after writes).
+        Missing group → ``CgroupOpError(ENOENT)``."""
+        ...
+
+    def mkdir(self, path: str) -> None:
+        """Create one group (its parent exists).  A v1 backend creates the same directory
+        in every other mounted hierarchy too (libvirt needs partitions everywhere)."""
+        ...
+
+    def rmdir(self, path: str) -> None:
+        """Remove one empty group (and its v1 twins in other hierarchies)."""
+        ...
+
+    def set_cpus(self, path: str, cpus: CpuSet) -> None: ...
+
+    def set_mems(self, path: str, mems: CpuSet) -> None: ...
+
+    def set_partition(self, path: str, kind: PartitionKind) -> None: ...
+
+    def attach_process(self, path: str, pid: int) -> None:
+        """Move every thread of process ``pid`` into the group (v1/v2 ``cgroup.procs``)."""
+        ...
+
+    def attach_thread(self, path: str, tid: int) -> None:
+        """Move one thread (v1 ``tasks``; v2 only inside threaded subtrees)."""
+        ...
+
+    def tasks(self, path: str) -> tuple[int, ...]:
+        """Thread ids in the group itself (v1 ``tasks``, v2 ``cgroup.threads``)."""
+        ...
+
+
+def perform(backend: CgroupBackend, op: Op) -> None:
+    """Execute one operation on ``backend``."""
+    match op:
+        case Mkdir(path):
+            backend.mkdir(path)
+        case Rmdir(path):
+            backend.rmdir(path)
+        case SetCpus(path, cpus):
+            backend.set_cpus(path, cpus)
+        case SetMems(path, mems):
+            backend.set_mems(path, mems)
+        case SetPartition(path, kind):
+            backend.set_partition(path, kind)
+
+
+def sort_paths(paths: Sequence[str], *, bottom_up: bool = False) -> list[str]:
+    """Parents before children (or children before parents with ``bottom_up``)."""
+    return sorted(paths, key=lambda p: (-depth(p) if bottom_up else depth(p), p))
