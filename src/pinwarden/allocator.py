@@ -1,11 +1,42 @@
-"""Topology-aware choice of CPUs for exclusive VMs without explicit pins.  Pure, deterministic."""
+"""Topology-aware choice of CPUs for exclusive VMs without explicit pins.  Pure, deterministic.
+
+The allocator sees the host as NUMA nodes made of physical cores made of threads, keeps only
+the online CPUs of the pool, and decides in two steps:
+
+1. **Nodes.**  Each allowed node (``Request.nodes``, the numatune nodeset) gets a capacity:
+   how many CPUs it could give under the thread policy.  If one node can hold the whole
+   request, the *best-fit* node is used: the one with the smallest capacity that still
+   fits (ties: lowest number), so big holes stay open for big VMs.  Otherwise the request
+   spans the fewest nodes: the largest nodes are taken whole until the rest fits in one
+   node, which is again chosen by best fit.
+2. **Cores within a node**, by thread policy, with Nova's meaning:
+
+   ``prefer`` (default)
+       whole free cores first (siblings together), lowest number first; what is left
+       (fewer CPUs than a core) goes to the core with the fewest free threads that still
+       holds it (best fit: partly used cores are filled before whole ones are broken).
+   ``isolate``
+       one thread per core, only on cores whose every thread is free; the other threads
+       of those cores are returned in :attr:`Allocation.holds` (to be kept empty).  Cores
+       with the fewest threads go first, so that as little as possible is held.
+   ``require``
+       only whole free cores with at least two threads, every thread used; when the count
+       does not fill the last core, its leftover threads go to ``holds``.  Refused on a
+       host without SMT.
+
+``Allocation.cpus`` lists the CPUs node by node (ascending), core by core (ascending first
+CPU), siblings adjacent: give them to vCPUs 0, 1, 2, … in this order and consecutive vCPUs
+share cores, as a guest topology with ``threads=2`` expects.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from pinwarden.cpuset import CpuSet
+from pinwarden.cpuset import EMPTY, CpuSet
 from pinwarden.domain import ThreadPolicy
+from pinwarden.errors import InputError, Refusal
 from pinwarden.topology import Topology
 
 
@@ -19,7 +50,20 @@ class Request:
 @dataclass(frozen=True, slots=True)
 class Allocation:
     cpus: tuple[int, ...]  # chosen CPUs, in the order they should be given to vCPUs
-    holds: CpuSet = CpuSet()  # sibling threads held empty (threads="isolate")
+    holds: CpuSet = EMPTY  # sibling threads held empty (threads="isolate")
+
+
+@dataclass(frozen=True, slots=True)
+class _Core:
+    """A physical core as the allocator sees it: its online threads and the free ones."""
+
+    first: int
+    threads: tuple[int, ...]  # every online thread, ascending
+    free: tuple[int, ...]  # the free ones (in the pool and not in use), ascending
+
+    @property
+    def whole(self) -> bool:
+        return len(self.free) == len(self.threads)
 
 
 def allocate(topology: Topology, pool: CpuSet, free: CpuSet, request: Request) -> Allocation:
@@ -28,4 +72,162 @@ def allocate(topology: Topology, pool: CpuSet, free: CpuSet, request: Request) -
     ``pool - free`` is what is already in use; best-fit fills the most-used node/core first.
     Raises :class:`~pinwarden.errors.Refusal` when the request cannot be met.
     """
-    raise NotImplementedError
+    count = request.count
+    if count < 0:
+        raise InputError(f"cannot allocate a negative number of CPUs ({count})")
+    if count == 0:
+        return Allocation(cpus=())
+    policy = request.threads
+    if policy == "require" and not topology.smt:
+        raise Refusal(
+            f"thread policy 'require' needs SMT, but no core of this host has two online "
+            f"threads; use thread policy 'prefer' or 'isolate' for these {count} CPUs",
+            code="no-smt")
+
+    nodes = _cores_by_node(topology, free & pool, request.nodes)
+    capacity = {node: _capacity(cores, policy) for node, cores in nodes.items()}
+    capacity = {node: cap for node, cap in capacity.items() if cap > 0}
+    plan = _choose_nodes(capacity, count)
+    if plan is None:
+        raise Refusal(_refusal_message(request, sum(capacity.values())),
+                      code="insufficient-cpus")
+
+    cpus: list[int] = []
+    holds: list[int] = []
+    for node in sorted(plan):
+        taken, held = _pick(nodes[node], plan[node], policy)
+        cpus.extend(taken)
+        holds.extend(held)
+    return Allocation(cpus=tuple(cpus), holds=CpuSet.of(holds))
+
+
+# -- the host as nodes of cores ------------------------------------------------------------
+
+def _cores_by_node(topology: Topology, free: CpuSet,
+                   allowed: CpuSet | None) -> dict[int, list[_Core]]:
+    """Cores with at least one free thread, grouped by NUMA node, ordered by first CPU.
+
+    A thread counts as used when it is not in ``free``, whoever uses it (another VM, the
+    host's housekeeping CPUs outside the pool): such a core is never *whole*.
+    """
+    online = topology.online
+    seen: set[int] = set()
+    nodes: dict[int, list[_Core]] = {}
+    for cpu in sorted(free):
+        info = topology.cpus.get(cpu)
+        if info is None or not info.online or cpu in seen:
+            continue
+        if allowed is not None and info.node not in allowed:
+            continue
+        threads = tuple(sorted((info.siblings & online) | CpuSet.of((cpu,))))
+        seen.update(threads)
+        core_free = tuple(t for t in threads if t in free and _usable(topology, t, info.node))
+        nodes.setdefault(info.node, []).append(_Core(threads[0], threads, core_free))
+    for cores in nodes.values():
+        cores.sort(key=lambda c: c.first)
+    return nodes
+
+
+def _usable(topology: Topology, cpu: int, node: int) -> bool:
+    info = topology.cpus.get(cpu)
+    return info is not None and info.online and info.node == node
+
+
+def _eligible(cores: Iterable[_Core], policy: ThreadPolicy) -> list[_Core]:
+    if policy == "prefer":
+        return list(cores)
+    if policy == "isolate":
+        return [c for c in cores if c.whole]
+    return [c for c in cores if c.whole and len(c.threads) > 1]
+
+
+def _capacity(cores: Sequence[_Core], policy: ThreadPolicy) -> int:
+    """How many CPUs ``cores`` can give under ``policy``."""
+    eligible = _eligible(cores, policy)
+    if policy == "isolate":
+        return len(eligible)
+    return sum(len(c.free) for c in eligible)
+
+
+def _choose_nodes(capacity: dict[int, int], count: int) -> dict[int, int] | None:
+    """Node → how many CPUs to take there: one best-fit node, else the fewest nodes."""
+    if sum(capacity.values()) < count:
+        return None
+    plan: dict[int, int] = {}
+    need = count
+    rest = sorted(capacity, key=lambda n: (-capacity[n], n))  # largest first
+    while need > 0:
+        fits = [n for n in rest if capacity[n] >= need]
+        if fits:
+            best = min(fits, key=lambda n: (capacity[n], n))
+            plan[best] = need
+            return plan
+        biggest = rest.pop(0)
+        plan[biggest] = capacity[biggest]
+        need -= capacity[biggest]
+    return plan  # pragma: no cover - the loop returns once the rest fits
+
+
+# -- cores within one node -----------------------------------------------------------------
+
+def _pick(cores: Sequence[_Core], count: int,
+          policy: ThreadPolicy) -> tuple[list[int], list[int]]:
+    """Choose ``count`` CPUs among ``cores`` of one node: (CPUs in vCPU order, holds)."""
+    taken: dict[int, tuple[_Core, tuple[int, ...]]] = {}
+    holds: list[int] = []
+    if policy == "prefer":
+        _pick_prefer(cores, count, taken)
+    else:
+        need = count
+        ordered = sorted(_eligible(cores, policy), key=lambda c: (len(c.threads), c.first))
+        for core in ordered:
+            if need == 0:
+                break
+            use = 1 if policy == "isolate" else min(need, len(core.threads))
+            taken[core.first] = (core, core.threads[:use])
+            holds.extend(core.threads[use:])
+            need -= use
+    cpus = [cpu for first in sorted(taken) for cpu in taken[first][1]]
+    return cpus, holds
+
+
+def _pick_prefer(cores: Sequence[_Core], count: int,
+                 taken: dict[int, tuple[_Core, tuple[int, ...]]]) -> None:
+    need = count
+    # Whole free cores first, lowest first, while a whole core is not more than needed.
+    for core in cores:
+        if core.whole and len(core.free) <= need:
+            taken[core.first] = (core, core.free)
+            need -= len(core.free)
+            if need == 0:
+                return
+    # The rest: best fit, the core with the fewest free threads that still holds what is
+    # left (partly used cores before whole ones at equal size); when none holds it, the
+    # core with the most free threads, to keep the VM's threads on as few cores as possible.
+    left = [c for c in cores if c.first not in taken]
+    while need > 0:
+        fits = [c for c in left if len(c.free) >= need]
+        if fits:
+            core = min(fits, key=lambda c: (len(c.free), c.whole, c.first))
+            taken[core.first] = (core, core.free[:need])
+            return
+        core = max(left, key=lambda c: (len(c.free), -c.first))
+        left.remove(core)
+        taken[core.first] = (core, core.free)
+        need -= len(core.free)
+
+
+def _refusal_message(request: Request, available: int) -> str:
+    where = f" on NUMA nodes {request.nodes.to_list()}" if request.nodes is not None else ""
+    if request.threads == "isolate":
+        what = f"{available} whole free cores (one CPU each under thread policy 'isolate')"
+        relax = "use thread policy 'prefer'"
+    elif request.threads == "require":
+        what = f"{available} CPUs on whole free SMT cores (thread policy 'require')"
+        relax = "use thread policy 'prefer'"
+    else:
+        what = f"{available} free CPUs"
+        relax = "lower the vCPU count"
+    widen = ", widen the numatune nodeset" if request.nodes is not None else ""
+    return (f"cannot place {request.count} CPUs: only {what}{where}; stop or shrink an "
+            f"exclusive VM{widen}, or {relax}")

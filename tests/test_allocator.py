@@ -1,0 +1,295 @@
+"""The topology-aware allocator: NUMA fit, best fit, thread policies, order, refusals."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pinwarden.allocator import Allocation, Request, allocate
+from pinwarden.cpuset import EMPTY, CpuSet
+from pinwarden.errors import InputError, Refusal
+from pinwarden.topology import Cpu, Topology
+
+
+def build(sockets: int = 1, nodes: int = 1, cores: int = 4, threads: int = 2, *,
+          adjacent: bool = False, offline: CpuSet = EMPTY) -> Topology:
+    """``sockets`` × ``nodes`` per socket × ``cores`` per node × ``threads`` per core.
+
+    Numbering as Linux does on most Intel servers (``adjacent=False``): the first thread of
+    every core first, then the second threads (CPU i and i + #cores are siblings); or
+    siblings adjacent (``adjacent=True``: 0-1, 2-3, …).
+    """
+    ncores = sockets * nodes * cores
+    cpus: dict[int, Cpu] = {}
+    node_cpus: dict[int, set[int]] = {}
+    for c in range(ncores):
+        ids = [c * threads + t for t in range(threads)] if adjacent else \
+            [c + t * ncores for t in range(threads)]
+        node = c // cores
+        socket = node // nodes
+        for cpu in ids:
+            cpus[cpu] = Cpu(id=cpu, online=cpu not in offline, package=socket, die=0,
+                            cluster=None, core=c % cores, siblings=CpuSet.of(ids), node=node)
+            node_cpus.setdefault(node, set()).add(cpu)
+    present = CpuSet.of(cpus)
+    return Topology(cpus=cpus, present=present, online=present - offline,
+                    isolated=CpuSet(), nohz_full=CpuSet(),
+                    nodes={n: CpuSet.of(s) for n, s in node_cpus.items()})
+
+
+def cores_of(topo: Topology, cpus: tuple[int, ...] | CpuSet) -> list[CpuSet]:
+    return [topo.siblings(c) for c in cpus]
+
+
+def nodes_of(topo: Topology, cpus: tuple[int, ...]) -> set[int]:
+    return {topo.node_of(c) for c in cpus}
+
+
+S = CpuSet.parse
+
+
+# -- NUMA ---------------------------------------------------------------------------------
+
+def test_fits_in_one_node_when_possible() -> None:
+    topo = build(nodes=2, cores=4, threads=1)  # node 0: 0-3, node 1: 4-7
+    pool = S("0-7")
+    got = allocate(topo, pool, S("2-7"), Request(4))
+    assert got.cpus == (4, 5, 6, 7)  # node 0 has only 2 free: the whole of node 1
+
+
+def test_best_fit_node_is_the_fullest_that_still_fits() -> None:
+    topo = build(nodes=3, cores=4, threads=1)  # 0-3, 4-7, 8-11
+    free = S("1-3,6-7,8-11")  # node 0: 3 free, node 1: 2 free, node 2: 4 free
+    assert nodes_of(topo, allocate(topo, S("0-11"), free, Request(2)).cpus) == {1}
+    assert nodes_of(topo, allocate(topo, S("0-11"), free, Request(3)).cpus) == {0}
+    assert nodes_of(topo, allocate(topo, S("0-11"), free, Request(4)).cpus) == {2}
+
+
+def test_ties_between_nodes_go_to_the_lowest_number() -> None:
+    topo = build(nodes=2, cores=2, threads=1)
+    assert allocate(topo, S("0-3"), S("0-3"), Request(1)).cpus == (0,)
+
+
+def test_spans_the_fewest_nodes() -> None:
+    topo = build(nodes=4, cores=4, threads=1)  # 0-3, 4-7, 8-11, 12-15
+    free = S("0,4-5,8-11,12-14")  # capacities 1, 2, 4, 3
+    got = allocate(topo, S("0-15"), free, Request(6))
+    # 6 CPUs: the 4 of node 2 plus 2 more; node 1 (2 free) is the best fit for the rest.
+    assert nodes_of(topo, got.cpus) == {1, 2}
+    assert got.cpus == (4, 5, 8, 9, 10, 11)
+
+
+def test_respects_the_numatune_nodeset() -> None:
+    topo = build(nodes=2, cores=4, threads=1)
+    got = allocate(topo, S("0-7"), S("0-7"), Request(2, nodes=S("1")))
+    assert got.cpus == (4, 5)
+    with pytest.raises(Refusal) as err:
+        allocate(topo, S("0-7"), S("0-5"), Request(3, nodes=S("1")))
+    assert err.value.code == "insufficient-cpus"
+    assert "NUMA nodes 1" in err.value.message and "3 CPUs" in err.value.message
+
+
+# -- prefer ------------------------------------------------------------------------------
+
+def test_prefer_takes_whole_cores_with_siblings_adjacent() -> None:
+    topo = build(cores=4, threads=2)  # cores (0,4) (1,5) (2,6) (3,7)
+    got = allocate(topo, S("0-7"), S("0-7"), Request(4))
+    assert got.cpus == (0, 4, 1, 5)
+    assert got.holds == CpuSet()
+
+
+def test_prefer_fills_a_partly_used_core_before_breaking_a_whole_one() -> None:
+    topo = build(cores=4, threads=2)
+    free = S("0-7") - S("1")  # core (1,5) is half used
+    assert allocate(topo, S("0-7"), free, Request(1)).cpus == (5,)
+    # Three CPUs: one whole core, then the lone thread of the half-used core.
+    assert allocate(topo, S("0-7"), free, Request(3)).cpus == (0, 4, 5)
+
+
+def test_prefer_without_whole_cores_uses_partial_ones() -> None:
+    topo = build(cores=4, threads=2)
+    free = S("4-7")  # every core half used
+    assert allocate(topo, S("0-7"), free, Request(3)).cpus == (4, 5, 6)
+
+
+def test_prefer_on_adjacent_numbering() -> None:
+    topo = build(cores=4, threads=2, adjacent=True)  # cores (0,1) (2,3) ...
+    got = allocate(topo, S("0-7"), S("1-7"), Request(3))
+    assert got.cpus == (1, 2, 3)  # whole core 2-3 plus the lone 1
+
+
+def test_offline_cpus_are_never_given() -> None:
+    topo = build(cores=2, threads=2, offline=S("2"))  # cores (0,2) (1,3); 2 offline
+    got = allocate(topo, S("0-3"), S("0-3"), Request(3))
+    assert sorted(got.cpus) == [0, 1, 3]
+
+
+# -- isolate -----------------------------------------------------------------------------
+
+def test_isolate_one_thread_per_core_and_holds_the_siblings() -> None:
+    topo = build(cores=4, threads=2)
+    got = allocate(topo, S("0-7"), S("0-7"), Request(2, threads="isolate"))
+    assert got.cpus == (0, 1)
+    assert got.holds == S("4-5")
+
+
+def test_isolate_skips_cores_with_a_busy_sibling() -> None:
+    topo = build(cores=4, threads=2)
+    free = S("0-7") - S("5")  # core (1,5) is shared with someone
+    got = allocate(topo, S("0-7"), free, Request(3, threads="isolate"))
+    assert got.cpus == (0, 2, 3)
+    assert got.holds == S("4,6-7")
+    with pytest.raises(Refusal) as err:
+        allocate(topo, S("0-7"), free, Request(4, threads="isolate"))
+    assert "3 whole free cores" in err.value.message
+
+
+def test_isolate_treats_a_sibling_outside_the_pool_as_busy() -> None:
+    topo = build(cores=2, threads=2)  # (0,2) (1,3); CPU 0 is housekeeping
+    got = allocate(topo, S("1-3"), S("1-3"), Request(1, threads="isolate"))
+    assert got.cpus == (1,) and got.holds == S("3")
+
+
+# -- require -----------------------------------------------------------------------------
+
+def test_require_uses_whole_cores_and_holds_the_leftover() -> None:
+    topo = build(cores=4, threads=2)
+    got = allocate(topo, S("0-7"), S("0-7") - S("4"), Request(3, threads="require"))
+    assert got.cpus == (1, 5, 2)
+    assert got.holds == S("6")
+
+
+def test_require_refused_without_smt() -> None:
+    topo = build(cores=4, threads=1)
+    with pytest.raises(Refusal) as err:
+        allocate(topo, S("0-3"), S("0-3"), Request(1, threads="require"))
+    assert err.value.code == "no-smt"
+
+
+# -- edges -------------------------------------------------------------------------------
+
+def test_zero_and_negative_counts() -> None:
+    topo = build()
+    assert allocate(topo, S("0-7"), S("0-7"), Request(0)) == Allocation(cpus=())
+    with pytest.raises(InputError):
+        allocate(topo, S("0-7"), S("0-7"), Request(-1))
+
+
+def test_refusal_is_one_line_and_names_the_numbers() -> None:
+    topo = build(cores=2, threads=2)
+    with pytest.raises(Refusal) as err:
+        allocate(topo, S("0-3"), S("0-2"), Request(4))
+    msg = err.value.message
+    assert "\n" not in msg
+    assert "4 CPUs" in msg and "only 3 free CPUs" in msg
+
+
+def test_free_outside_the_pool_is_ignored() -> None:
+    topo = build(cores=2, threads=1)
+    assert allocate(topo, S("1"), S("0-1"), Request(1)).cpus == (1,)
+
+
+# -- properties --------------------------------------------------------------------------
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[Topology, CpuSet, CpuSet, Request]:
+    topo = build(sockets=draw(st.integers(1, 2)), nodes=draw(st.integers(1, 3)),
+                 cores=draw(st.integers(1, 5)), threads=draw(st.integers(1, 3)),
+                 adjacent=draw(st.booleans()))
+    everything = sorted(topo.present)
+    pool = CpuSet.of(draw(st.sets(st.sampled_from(everything), min_size=1)))
+    free = CpuSet.of(draw(st.sets(st.sampled_from(sorted(pool)))))
+    nodes = draw(st.none() | st.sets(st.sampled_from(sorted(topo.nodes)), min_size=1))
+    request = Request(count=draw(st.integers(1, len(everything))),
+                      threads=draw(st.sampled_from(["prefer", "isolate", "require"])),
+                      nodes=None if nodes is None else CpuSet.of(nodes))
+    return topo, pool, free, request
+
+
+def whole_free_cores(topo: Topology, free: CpuSet) -> dict[int, int]:
+    """Node -> number of cores whose every online thread is in ``free``."""
+    out: dict[int, int] = {}
+    for core in topo.cores():
+        if core <= free:
+            n = topo.node_of(core.first())
+            out[n] = out.get(n, 0) + 1
+    return out
+
+
+@settings(max_examples=400, deadline=None)
+@given(scenarios())
+def test_allocation_properties(case: tuple[Topology, CpuSet, CpuSet, Request]) -> None:
+    topo, pool, free, request = case
+    try:
+        got = allocate(topo, pool, free, request)
+    except Refusal:
+        # Refused: then there really is no room under this policy and nodeset.
+        allowed = free & pool
+        if request.nodes is not None:
+            allowed = CpuSet.of(c for c in allowed if topo.node_of(c) in request.nodes)
+        if request.threads == "prefer":
+            assert len(allowed) < request.count
+        if request.threads == "isolate":
+            assert sum(whole_free_cores(topo, allowed).values()) < request.count
+        return
+    chosen = CpuSet.of(got.cpus)
+    assert len(got.cpus) == request.count == len(chosen)  # no duplicates
+    assert chosen <= free & pool
+    assert got.holds <= free & pool
+    assert got.holds.isdisjoint(chosen)
+    if request.nodes is not None:
+        assert nodes_of(topo, got.cpus) <= set(request.nodes)
+    if request.threads == "isolate":
+        cores = [topo.siblings(c) for c in got.cpus]
+        assert len(set(cores)) == len(cores)  # no two CPUs on one core
+        for core in cores:
+            assert core <= free | CpuSet.of(c for c in core if c not in topo.online)
+    if request.threads == "require":
+        for core in {topo.siblings(c) for c in got.cpus}:
+            assert core & topo.online <= chosen | got.holds
+    # Single node whenever one allowed node could hold the request on its own.
+    if request.threads == "prefer":
+        per_node: dict[int, int] = {}
+        for c in free & pool:
+            n = topo.node_of(c)
+            if request.nodes is None or n in request.nodes:
+                per_node[n] = per_node.get(n, 0) + 1
+        if any(v >= request.count for v in per_node.values()):
+            assert len(nodes_of(topo, got.cpus)) == 1
+    if request.threads == "isolate":
+        allowed = CpuSet.of(c for c in free & pool
+                            if request.nodes is None or topo.node_of(c) in request.nodes)
+        if any(v >= request.count for v in whole_free_cores(topo, allowed).values()):
+            assert len(nodes_of(topo, got.cpus)) == 1
+    # Order: node by node, siblings adjacent.
+    node_seq = [topo.node_of(c) for c in got.cpus]
+    assert node_seq == sorted(node_seq)
+    seen_cores: list[CpuSet] = []
+    for c in got.cpus:
+        core = topo.siblings(c)
+        if seen_cores and seen_cores[-1] == core:
+            continue
+        assert core not in seen_cores
+        seen_cores.append(core)
+    # Deterministic: the same input gives the same answer.
+    assert allocate(topo, pool, free, request) == got
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios())
+def test_isolate_never_shares_a_core_across_allocations(
+        case: tuple[Topology, CpuSet, CpuSet, Request]) -> None:
+    """Allocating VMs one after another under isolate: no core ever holds two VMs."""
+    topo, pool, _, request = case
+    free = pool
+    owner: dict[CpuSet, int] = {}
+    for vm in range(6):
+        try:
+            got = allocate(topo, pool, free, Request(max(1, request.count // 3), "isolate"))
+        except Refusal:
+            break
+        for c in got.cpus:
+            core = topo.siblings(c)
+            assert owner.setdefault(core, vm) == vm
+        free = free - CpuSet.of(got.cpus) - got.holds
