@@ -1,21 +1,44 @@
 """libvirt domain XML ↔ the CPU-relevant request (:class:`DomainSpec`) and plan rendering.
 
-Parsing is safe: no external entities, no DTDs, no entity expansion (defusedxml).
+Parsing is safe: no external entities, no DTDs, no entity expansion (defusedxml), and
+documents larger than :data:`MAX_XML_BYTES` are refused before any parsing.
+
+Rendering (:func:`render_plan`) edits the document *textually*: the elements it changes are
+located by byte offset with expat and spliced, so comments, attribute order, quoting,
+namespace prefixes, the XML declaration and every element pinwarden does not own come out
+exactly as the user wrote them.
 """
 
 from __future__ import annotations
 
+import re
+import uuid as uuidlib
+import xml.parsers.expat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NoReturn
+from xml.etree.ElementTree import Element
 
-from pinwarden.cpuset import CpuSet
+import defusedxml.ElementTree as SafeET
+from defusedxml import DefusedXmlException
+
+from pinwarden.cpuset import CpuSet, CpuSetError
+from pinwarden.errors import InputError
 from pinwarden.model import Plan
 
 PW_NS = "urn:pinwarden:domain:1"
 
+#: Largest domain XML accepted (libvirt's own domain documents are a few KiB).
+MAX_XML_BYTES = 1 << 20
+
+#: Largest vCPU / iothread count accepted (QEMU's limit is far lower).
+MAX_VCPUS = 8192
+
 ThreadPolicy = Literal["prefer", "isolate", "require"]
 EmulatorPolicy = Literal["float", "isolate", "shared"]
+
+_THREAD_POLICIES: tuple[ThreadPolicy, ...] = ("prefer", "isolate", "require")
+_EMULATOR_POLICIES: tuple[EmulatorPolicy, ...] = ("float", "isolate", "shared")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +69,9 @@ class DomainSpec:
     numa_nodeset: CpuSet | None = None  # host NUMA nodes from <numatune><memory nodeset>
     guest_cells: tuple[GuestCell, ...] = ()
     partition: str | None = None  # <resource><partition>
+    # additive: explicit <iothreadids><iothread id=N/> (empty: ids are 1..iothreads)
+    iothread_ids: tuple[int, ...] = ()
+    domain_type: str | None = None  # <domain type=kvm|qemu|lxc|...>
 
     @property
     def key(self) -> str:
@@ -57,13 +83,545 @@ class DomainSpec:
         return bool(self.cpuset is not None or self.vcpupins or self.emulatorpin is not None
                     or self.iothreadpins)
 
+    @property
+    def iothread_id_set(self) -> tuple[int, ...]:
+        """The domain's iothread ids, sorted (``<iothreadids>`` or 1..``<iothreads>``)."""
+        if self.iothread_ids:
+            return tuple(sorted(self.iothread_ids))
+        return tuple(range(1, self.iothreads + 1))
+
+
+# -- safe loading --------------------------------------------------------------------------
+
+
+def _as_text(xml: str | bytes) -> str:
+    """The document as ``str``, refusing oversized or non-UTF-8 input."""
+    if len(xml) > MAX_XML_BYTES:
+        raise InputError(f"domain XML is {len(xml)} bytes, more than the "
+                         f"{MAX_XML_BYTES} accepted")
+    if isinstance(xml, bytes | bytearray):
+        try:
+            text = bytes(xml).decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"domain XML is not UTF-8 (byte {exc.start})") from None
+    else:
+        text = xml.removeprefix("\ufeff")
+    if len(text.encode("utf-8")) > MAX_XML_BYTES:
+        raise InputError(f"domain XML is more than the {MAX_XML_BYTES} bytes accepted")
+    return text
+
+
+def _load(text: str) -> Element:
+    try:
+        root = SafeET.fromstring(text, forbid_dtd=True, forbid_entities=True,
+                                 forbid_external=True)
+    except DefusedXmlException as exc:
+        kind = type(exc).__name__
+        what = {"DTDForbidden": "a DTD (<!DOCTYPE>)",
+                "EntitiesForbidden": "an entity declaration",
+                "ExternalReferenceForbidden": "an external reference"}.get(kind, kind)
+        raise InputError(f"domain XML refused: it contains {what}, which pinwarden never "
+                         "accepts (libvirt domain XML has none)") from None
+    except SafeET.ParseError as exc:
+        raise InputError(f"malformed domain XML: {exc}") from None
+    return root
+
+
+# -- value parsing -------------------------------------------------------------------------
+
+
+def _bad(where: str, value: str, why: str) -> NoReturn:
+    raise InputError(f"{where}={value!r}: {why}")
+
+
+def _int(where: str, value: str | None, *, minimum: int = 0, maximum: int = MAX_VCPUS,
+         required: bool = True) -> int:
+    if value is None:
+        if required:
+            raise InputError(f"{where} is missing")
+        return minimum
+    text = value.strip()
+    if not text.isascii() or not text.isdigit():
+        _bad(where, value, "not a non-negative integer")
+    number = int(text)
+    if not minimum <= number <= maximum:
+        _bad(where, value, f"must be between {minimum} and {maximum}")
+    return number
+
+
+def _cpus(where: str, value: str | None) -> CpuSet:
+    if value is None:
+        raise InputError(f"{where} is missing")
+    try:
+        return CpuSet.parse(value)
+    except CpuSetError as exc:
+        raise InputError(f"{where}={value!r}: {exc.message}") from None
+
+
+def _yes_no(where: str, value: str) -> bool:
+    if value in ("yes", "no"):
+        return value == "yes"
+    _bad(where, value, "must be 'yes' or 'no'")
+
+
+_UUID_HEX = re.compile(r"[0-9a-fA-F]")
+
+
+def _uuid(value: str) -> str:
+    """Canonical lowercase form; libvirt accepts hex pairs with optional '-' separators."""
+    text = value.strip()
+    digits = text.replace("-", "")
+    if len(digits) != 32 or not all(_UUID_HEX.fullmatch(c) for c in digits):
+        _bad("<uuid>", value, "not a UUID (32 hex digits)")
+    return str(uuidlib.UUID(hex=digits))
+
+
+_SCALE = {"": 1024, "b": 1, "byte": 1, "bytes": 1}
+
+
+def _memory_kib(where: str, value: str | None, unit: str | None) -> int:
+    amount = _int(where, value, maximum=1 << 62)
+    suffix = (unit or "KiB").strip()
+    low = suffix.lower()
+    if low in ("b", "byte", "bytes"):
+        factor = 1
+    else:
+        powers = "kmgtpe"
+        if not low or low[0] not in powers or low[1:] not in ("", "ib", "b"):
+            _bad(f"{where} unit", suffix, "unknown unit (use KiB, MiB, GiB, ...)")
+        base = 1000 if low[1:] == "b" else 1024
+        factor = base ** (powers.index(low[0]) + 1)
+    return (amount * factor) // 1024
+
+
+def _only(parent: Element, tag: str, where: str) -> Element | None:
+    found = parent.findall(tag)
+    if len(found) > 1:
+        raise InputError(f"{where}: more than one <{tag}> element")
+    return found[0] if found else None
+
+
+# -- parse_domain --------------------------------------------------------------------------
+
 
 def parse_domain(xml: str | bytes) -> DomainSpec:
     """Parse the CPU-relevant parts of a libvirt domain XML document."""
-    raise NotImplementedError
+    root = _load(_as_text(xml))
+    if root.tag != "domain":
+        raise InputError(f"root element is <{root.tag}>, expected <domain>")
+    domain_type = root.get("type")
+
+    name_el = _only(root, "name", "<domain>")
+    name = (name_el.text or "").strip() if name_el is not None else ""
+    if not name:
+        raise InputError("<name> is missing or empty")
+    if "/" in name or "\n" in name:
+        _bad("<name>", name, "a domain name may not contain '/' or newlines")
+
+    uuid_el = _only(root, "uuid", "<domain>")
+    uuid = _uuid(uuid_el.text or "") if uuid_el is not None else None
+
+    vcpu_el = _only(root, "vcpu", "<domain>")
+    vcpus, current, placement, cpuset = 1, None, None, None  # libvirt: no <vcpu> → 1 vCPU
+    if vcpu_el is not None:
+        vcpus = _int("<vcpu>", vcpu_el.text or "")
+        current_text = vcpu_el.get("current")
+        if current_text is not None:
+            current = _int("<vcpu current>", current_text, minimum=1, maximum=max(vcpus, 1))
+            if current > vcpus:
+                _bad("<vcpu current>", current_text, f"more than the {vcpus} vCPUs")
+        placement = vcpu_el.get("placement")
+        if placement is not None and placement not in ("static", "auto"):
+            _bad("<vcpu placement>", placement, "must be 'static' or 'auto'")
+        if vcpu_el.get("cpuset") is not None:
+            cpuset = _cpus("<vcpu cpuset>", vcpu_el.get("cpuset"))
+
+    vcpupins: dict[int, CpuSet] = {}
+    iothreadpins: dict[int, CpuSet] = {}
+    emulatorpin: CpuSet | None = None
+    exclusive: bool | None = None
+    tune = _only(root, "cputune", "<domain>")
+    if tune is not None:
+        if tune.get("exclusive") is not None:
+            exclusive = _yes_no("<cputune exclusive>", tune.get("exclusive", ""))
+        for pin in tune.findall("vcpupin"):
+            vcpu = _int("<vcpupin vcpu>", pin.get("vcpu"), maximum=MAX_VCPUS - 1)
+            if vcpu in vcpupins:
+                _bad("<vcpupin vcpu>", str(vcpu), "vCPU pinned twice")
+            vcpupins[vcpu] = _cpus(f"<vcpupin vcpu='{vcpu}' cpuset>", pin.get("cpuset"))
+        emu = _only(tune, "emulatorpin", "<cputune>")
+        if emu is not None:
+            emulatorpin = _cpus("<emulatorpin cpuset>", emu.get("cpuset"))
+        for pin in tune.findall("iothreadpin"):
+            ident = _int("<iothreadpin iothread>", pin.get("iothread"), minimum=1,
+                         maximum=MAX_VCPUS)
+            if ident in iothreadpins:
+                _bad("<iothreadpin iothread>", str(ident), "iothread pinned twice")
+            iothreadpins[ident] = _cpus(f"<iothreadpin iothread='{ident}' cpuset>",
+                                        pin.get("cpuset"))
+
+    iothreads = 0
+    io_el = _only(root, "iothreads", "<domain>")
+    if io_el is not None:
+        iothreads = _int("<iothreads>", io_el.text or "")
+    ids: list[int] = []
+    ids_el = _only(root, "iothreadids", "<domain>")
+    if ids_el is not None:
+        for thread in ids_el.findall("iothread"):
+            ident = _int("<iothreadids><iothread id>", thread.get("id"), minimum=1,
+                         maximum=MAX_VCPUS)
+            if ident in ids:
+                _bad("<iothreadids><iothread id>", str(ident), "duplicate iothread id")
+            ids.append(ident)
+        iothreads = max(iothreads, len(ids))
+
+    numa_mode: str | None = None
+    nodeset: CpuSet | None = None
+    numatune = _only(root, "numatune", "<domain>")
+    if numatune is not None:
+        memory = _only(numatune, "memory", "<numatune>")
+        if memory is not None:
+            numa_mode = memory.get("mode", "strict")
+            if numa_mode not in ("strict", "preferred", "interleave", "restrictive"):
+                _bad("<numatune><memory mode>", numa_mode,
+                     "must be strict, preferred, interleave or restrictive")
+            if memory.get("nodeset") is not None:
+                nodeset = _cpus("<numatune><memory nodeset>", memory.get("nodeset"))
+
+    cells: list[GuestCell] = []
+    cpu_el = _only(root, "cpu", "<domain>")
+    numa_el = _only(cpu_el, "numa", "<cpu>") if cpu_el is not None else None
+    if numa_el is not None:
+        for index, cell in enumerate(numa_el.findall("cell")):
+            ident = _int("<cell id>", cell.get("id", str(index)), maximum=MAX_VCPUS)
+            cell_cpus = (_cpus(f"<cell id='{ident}' cpus>", cell.get("cpus"))
+                         if cell.get("cpus") is not None else CpuSet())
+            beyond = [c for c in cell_cpus if c >= vcpus]
+            if beyond:
+                _bad(f"<cell id='{ident}' cpus>", cell.get("cpus", ""),
+                     f"vCPU {beyond[0]} does not exist (the domain has {vcpus})")
+            cells.append(GuestCell(ident, cell_cpus,
+                                   _memory_kib(f"<cell id='{ident}' memory>",
+                                               cell.get("memory"), cell.get("unit"))))
+
+    partition: str | None = None
+    resource = _only(root, "resource", "<domain>")
+    part_el = _only(resource, "partition", "<resource>") if resource is not None else None
+    if part_el is not None:
+        partition = (part_el.text or "").strip()
+        if not partition.startswith("/") or "//" in partition or "\n" in partition:
+            _bad("<resource><partition>", partition, "must be an absolute path like /machine")
+
+    threads: ThreadPolicy = "prefer"
+    emulator: EmulatorPolicy = "float"
+    metadata = _only(root, "metadata", "<domain>")
+    pw = metadata.findall(f"{{{PW_NS}}}cpu") if metadata is not None else []
+    if len(pw) > 1:
+        raise InputError("<metadata>: more than one pinwarden <cpu> element")
+    if pw:
+        meta = pw[0]
+        unknown = sorted(set(meta.keys()) - {"exclusive", "threads", "emulator"})
+        if unknown:
+            _bad(f"<pw:cpu {unknown[0]}>", meta.get(unknown[0], ""),
+                 "unknown attribute (exclusive, threads, emulator are understood)")
+        if meta.get("exclusive") is not None:
+            meta_exclusive = _yes_no("<pw:cpu exclusive>", meta.get("exclusive", ""))
+            if exclusive is not None and exclusive != meta_exclusive:
+                raise InputError(
+                    f"<cputune exclusive={'yes' if exclusive else 'no'!r}> contradicts "
+                    f"<pw:cpu exclusive={meta.get('exclusive')!r}>: make them agree")
+            exclusive = meta_exclusive
+        value = meta.get("threads")
+        if value is not None:
+            if value not in _THREAD_POLICIES:
+                _bad("<pw:cpu threads>", value, "must be prefer, isolate or require")
+            threads = value
+        value = meta.get("emulator")
+        if value is not None:
+            if value not in _EMULATOR_POLICIES:
+                _bad("<pw:cpu emulator>", value, "must be float, isolate or shared")
+            emulator = value
+
+    return DomainSpec(
+        name=name, uuid=uuid, vcpus=vcpus, current=current, placement=placement,
+        cpuset=cpuset, vcpupins=vcpupins, emulatorpin=emulatorpin, iothreads=iothreads,
+        iothreadpins=iothreadpins, exclusive=bool(exclusive), threads=threads,
+        emulator=emulator, numa_mode=numa_mode, numa_nodeset=nodeset,
+        guest_cells=tuple(cells), partition=partition, iothread_ids=tuple(ids),
+        domain_type=domain_type)
+
+
+# -- rendering -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Node:
+    """An element located in the document by byte offsets (UTF-8)."""
+
+    tag: str
+    attrs: dict[str, str]
+    start: int  # offset of '<'
+    head_end: int = 0  # offset just past the start tag's '>'
+    tail_start: int = 0  # offset of the end tag's '<' (== head_end for <x/>)
+    end: int = 0  # offset just past the element
+    children: list[_Node] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return self.tail_start == self.end
+
+    def child(self, tag: str) -> _Node | None:
+        return next((c for c in self.children if c.tag == tag), None)
+
+
+def _tag_end(data: bytes, start: int) -> int:
+    """Offset just past the '>' closing the start tag at ``start`` (quotes respected)."""
+    i = start + 1
+    quote = 0
+    while i < len(data):
+        c = data[i]
+        if quote:
+            if c == quote:
+                quote = 0
+        elif c in (0x22, 0x27):
+            quote = c
+        elif c == 0x3E:
+            return i + 1
+        i += 1
+    raise InputError("malformed domain XML: unterminated tag")  # expat would have said
+
+
+def _locate(data: bytes) -> _Node:
+    """Element tree with byte offsets; the document was already validated by _load()."""
+    parser = xml.parsers.expat.ParserCreate()
+    stack: list[_Node] = []
+    roots: list[_Node] = []
+
+    def forbid(*_args: object) -> None:
+        raise InputError("domain XML refused: DTDs and entities are not accepted")
+
+    def start(tag: str, attrs: dict[str, str]) -> None:
+        node = _Node(tag, attrs, parser.CurrentByteIndex)
+        node.head_end = _tag_end(data, node.start)
+        (stack[-1].children if stack else roots).append(node)
+        stack.append(node)
+
+    def end(_tag: str) -> None:
+        node = stack.pop()
+        index = parser.CurrentByteIndex
+        if data[node.head_end - 2:node.head_end] == b"/>":
+            node.tail_start = node.end = node.head_end
+        else:
+            node.tail_start = index
+            node.end = data.index(b">", index) + 1
+
+    parser.StartDoctypeDeclHandler = forbid
+    parser.EntityDeclHandler = forbid
+    parser.UnparsedEntityDeclHandler = forbid
+    parser.ExternalEntityRefHandler = forbid  # type: ignore[assignment]
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    try:
+        parser.Parse(data, True)
+    except xml.parsers.expat.ExpatError as exc:
+        raise InputError(f"malformed domain XML: {exc}") from None
+    return roots[0]
+
+
+_ATTR = re.compile(rb"""\s+([^\s=/>]+)\s*=\s*("[^"]*"|'[^']*')""")
+
+
+def _quote(value: str) -> str:
+    return (value.replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
+            .replace(">", "&gt;"))
+
+
+def _quote_in(value: str, quote: str) -> str:
+    """``value`` escaped for an attribute delimited by ``quote``."""
+    escaped = _quote(value)
+    return escaped if quote == '"' else escaped.replace("&quot;", '"').replace("'", "&apos;")
+
+
+def _text(value: str) -> str:
+    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+class _Editor:
+    """Collects non-overlapping byte-range replacements and applies them in one pass."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.edits: list[tuple[int, int, bytes]] = []
+
+    def replace(self, start: int, end: int, text: str) -> None:
+        self.edits.append((start, end, text.encode("utf-8")))
+
+    def insert(self, at: int, text: str) -> None:
+        self.replace(at, at, text)
+
+    def set_attrs(self, node: _Node, values: Mapping[str, str]) -> None:
+        """Set attributes in ``node``'s start tag, in place when present, else appended."""
+        head = self.data[node.start:node.head_end]
+        remaining = dict(values)
+        for match in _ATTR.finditer(head):
+            name = match.group(1).decode("utf-8")
+            if name in remaining:
+                quote = match.group(2)[:1].decode()
+                value = _quote_in(remaining.pop(name), quote)
+                a, b = match.span(2)
+                self.replace(node.start + a, node.start + b, f"{quote}{value}{quote}")
+        if remaining:
+            close = node.head_end - (2 if head.endswith(b"/>") else 1)
+            while close > node.start and self.data[close - 1:close].isspace():
+                close -= 1
+            first = _ATTR.search(head)
+            quote = first.group(2)[:1].decode() if first else "'"
+            extra = "".join(f" {k}={quote}{_quote_in(v, quote)}{quote}"
+                            for k, v in remaining.items())
+            self.insert(close, extra)
+
+    def result(self) -> bytes:
+        out: list[bytes] = []
+        pos = 0
+        for start, end, text in sorted(self.edits, key=lambda e: (e[0], e[1])):
+            if start < pos:
+                raise AssertionError("overlapping XML edits")  # a bug, not user input
+            out.append(self.data[pos:start])
+            out.append(text)
+            pos = end
+        out.append(self.data[pos:])
+        return b"".join(out)
+
+    # -- layout helpers --
+
+    def indent_of(self, node: _Node) -> str:
+        line_start = self.data.rfind(b"\n", 0, node.start) + 1
+        prefix = self.data[line_start:node.start]
+        return prefix.decode("utf-8") if prefix.strip() == b"" else ""
+
+    def child_indent(self, node: _Node, unit: str) -> str:
+        if node.children:
+            return self.indent_of(node.children[0])
+        return self.indent_of(node) + unit
+
+    def append_children(self, node: _Node, lines: list[str], unit: str) -> None:
+        """Add ``lines`` (one element each) as the last children of ``node``."""
+        if not lines:
+            return
+        indent = self.child_indent(node, unit)
+        outer = self.indent_of(node)
+        if node.empty:
+            head = self.data[node.start:node.head_end - 2].rstrip()
+            body = "".join(f"\n{indent}{line}" for line in lines)
+            self.replace(node.start, node.end,
+                         f"{head.decode('utf-8')}>{body}\n{outer}</{node.tag}>")
+            return
+        # insert after the last child (or the start tag), keeping the closing tag's line
+        anchor = node.children[-1].end if node.children else node.head_end
+        self.insert(anchor, "".join(f"\n{indent}{line}" for line in lines))
+
+
+def _pin_line(tag: str, key: str, ident: int, cpus: CpuSet) -> str:
+    return f"<{tag} {key}='{ident}' cpuset='{cpus}'/>"
 
 
 def render_plan(xml: str | bytes, plan: Plan, *, partition: str | None = None) -> str:
     """Return ``xml`` with the plan applied (``<vcpu cpuset>``, vcpupin, emulatorpin,
-    iothreadpin; ``<resource><partition>`` when given), everything else unchanged."""
-    raise NotImplementedError
+    iothreadpin; ``<resource><partition>`` when given), everything else unchanged.
+
+    Pins equal to ``plan.default_cpus`` are left implicit for shared domains (libvirt
+    applies ``<vcpu cpuset>`` to every thread without a pin); exclusive domains get every
+    pin written out.  Pins already in the document with the planned value stay untouched.
+    """
+    text = _as_text(xml)
+    spec = parse_domain(text)  # validation (safe parse) before any offset work
+    if partition is not None and (not partition.startswith("/") or "//" in partition):
+        raise InputError(f"partition {partition!r} must be an absolute path like /machine")
+    data = text.encode("utf-8")
+    root = _locate(data)
+    ed = _Editor(data)
+    unit = (ed.child_indent(root, "  ")[len(ed.indent_of(root)):] or "  ") \
+        if root.children else "  "
+    top_lines: list[str] = []
+
+    # <vcpu>
+    vcpu = root.child("vcpu")
+    if plan.default_cpus is not None:
+        attrs = {"cpuset": str(plan.default_cpus)}
+        if vcpu is None:
+            top_lines.append(f"<vcpu placement='static' cpuset='{plan.default_cpus}'>"
+                             f"{len(plan.vcpus) or spec.vcpus}</vcpu>")
+        else:
+            if vcpu.attrs.get("placement") == "auto":  # numad would ignore our cpuset
+                attrs["placement"] = "static"
+            if spec.cpuset != plan.default_cpus or "placement" in attrs:
+                ed.set_attrs(vcpu, attrs)
+
+    def wanted(cpus: CpuSet) -> bool:
+        return plan.exclusive or plan.default_cpus is None or cpus != plan.default_cpus
+
+    # <cputune>
+    tune = root.child("cputune")
+    new_pins: list[str] = []
+    existing_vcpu = {int(n.attrs.get("vcpu", "-1")): n for n in tune.children
+                     if n.tag == "vcpupin"} if tune is not None else {}
+    existing_io = {int(n.attrs.get("iothread", "-1")): n for n in tune.children
+                   if n.tag == "iothreadpin"} if tune is not None else {}
+    emu_node = tune.child("emulatorpin") if tune is not None else None
+
+    for vcpu_id, cpus in sorted(plan.vcpus.items()):
+        node = existing_vcpu.get(vcpu_id)
+        if node is not None:
+            if spec.vcpupins.get(vcpu_id) != cpus:
+                ed.set_attrs(node, {"cpuset": str(cpus)})
+        elif wanted(cpus):
+            new_pins.append(_pin_line("vcpupin", "vcpu", vcpu_id, cpus))
+    if plan.emulator:
+        if emu_node is not None:
+            if spec.emulatorpin != plan.emulator:
+                ed.set_attrs(emu_node, {"cpuset": str(plan.emulator)})
+        elif wanted(plan.emulator):
+            new_pins.append(f"<emulatorpin cpuset='{plan.emulator}'/>")
+    for io_id, cpus in sorted(plan.iothreads.items()):
+        node = existing_io.get(io_id)
+        if node is not None:
+            if spec.iothreadpins.get(io_id) != cpus:
+                ed.set_attrs(node, {"cpuset": str(cpus)})
+        elif wanted(cpus):
+            new_pins.append(_pin_line("iothreadpin", "iothread", io_id, cpus))
+    if tune is not None:
+        ed.append_children(tune, new_pins, unit)
+    elif new_pins:
+        indent = ed.child_indent(root, unit)
+        inner = "".join(f"\n{indent}{unit}{line}" for line in new_pins)
+        top_lines.append(f"<cputune>{inner}\n{indent}</cputune>")
+
+    # <resource><partition>
+    if partition is not None:
+        resource = root.child("resource")
+        part = resource.child("partition") if resource is not None else None
+        if part is not None:
+            if spec.partition != partition:
+                ed.replace(part.head_end if not part.empty else part.start,
+                           part.tail_start if not part.empty else part.end,
+                           _text(partition) if not part.empty
+                           else f"<partition>{_text(partition)}</partition>")
+        elif resource is not None:
+            ed.append_children(resource, [f"<partition>{_text(partition)}</partition>"],
+                               unit)
+        else:
+            indent = ed.child_indent(root, unit)
+            top_lines.append(f"<resource>\n{indent}{unit}<partition>{_text(partition)}"
+                             f"</partition>\n{indent}</resource>")
+
+    if top_lines:
+        anchor = next((root.child(t) for t in ("cputune", "vcpu", "currentMemory",
+                                                "memory", "uuid", "name")
+                       if root.child(t) is not None), None)
+        indent = ed.child_indent(root, unit)
+        block = "".join(f"\n{indent}{line}" for line in top_lines)
+        if anchor is not None:
+            ed.insert(anchor.end, block)
+        else:
+            ed.append_children(root, top_lines, unit)
+    return ed.result().decode("utf-8")

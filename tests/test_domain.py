@@ -1,0 +1,352 @@
+"""Domain XML: parsing the CPU-relevant request, refusing bad and hostile XML, rendering."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pinwarden.cpuset import CpuSet
+from pinwarden.domain import MAX_XML_BYTES, PW_NS, GuestCell, parse_domain, render_plan
+from pinwarden.errors import InputError
+from pinwarden.model import Plan
+
+#: The RFC's example (libvir-list, "exclusive vcpu-cpu pinning", 2014).
+SEED = """<domain type='kvm'>
+  <name>vm1</name>
+  <vcpu placement='static' cpuset='4-6'>2</vcpu>
+  <cputune exclusive='yes'>
+    <vcpupin vcpu='0' cpuset='5'/>
+    <vcpupin vcpu='1' cpuset='6'/>
+    <emulatorpin cpuset='4'/>
+  </cputune>
+</domain>
+"""
+
+#: A realistic domain (as `virsh dumpxml` prints it, plus user comments and metadata).
+RICH = """<?xml version="1.0" encoding="UTF-8"?>
+<!-- managed by hand; do not regenerate -->
+<domain type="kvm" id="3" xmlns:qemu="http://libvirt.org/schemas/domain/qemu/1.0">
+  <name>db-primary</name>
+  <uuid>3E4A5B6C-7D8E-4F90-A1B2-C3D4E5F60718</uuid>
+  <metadata>
+    <libosinfo:libosinfo xmlns:libosinfo="http://libosinfo.org/xmlns/libvirt/domain/1.0">
+      <libosinfo:os id="http://debian.org/debian/12"/>
+    </libosinfo:libosinfo>
+    <pw:cpu xmlns:pw="urn:pinwarden:domain:1" exclusive="yes" threads="isolate" emulator="isolate"/>
+  </metadata>
+  <memory unit="KiB">4194304</memory>
+  <currentMemory unit='KiB'>4194304</currentMemory>
+  <vcpu   current="2"  placement="static">4</vcpu>
+  <iothreads>2</iothreads>
+  <cputune>
+    <!-- shares first, please -->
+    <shares>2048</shares>
+    <iothreadpin iothread="2" cpuset="9"/>
+  </cputune>
+  <numatune>
+    <memory mode="strict" nodeset="1"/>
+  </numatune>
+  <os><type arch="x86_64" machine="pc-q35-7.2">hvm</type></os>
+  <cpu mode="host-passthrough">
+    <topology sockets="1" dies="1" cores="2" threads="2"/>
+    <numa>
+      <cell id="0" cpus="0-1" memory="2" unit="GiB"/>
+      <cell id="1" cpus="2-3" memory="2097152"/>
+    </numa>
+  </cpu>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'><source file='/var/lib/a&amp;b.qcow2'/><target dev='a'/></disk>
+  </devices>
+  <qemu:commandline><qemu:arg value="-no-user-config"/></qemu:commandline>
+</domain>
+"""
+
+
+def test_seed_example_parses() -> None:
+    spec = parse_domain(SEED)
+    assert spec.name == "vm1" and spec.uuid is None and spec.key == "vm1"
+    assert spec.vcpus == 2 and spec.placement == "static"
+    assert spec.cpuset == CpuSet.parse("4-6")
+    assert spec.vcpupins == {0: CpuSet.of([5]), 1: CpuSet.of([6])}
+    assert spec.emulatorpin == CpuSet.of([4])
+    assert spec.exclusive and spec.has_affinity
+    assert spec.domain_type == "kvm"
+
+
+def test_rich_domain_parses_everything_cpu_related() -> None:
+    spec = parse_domain(RICH.encode())
+    assert spec.name == "db-primary"
+    assert spec.uuid == "3e4a5b6c-7d8e-4f90-a1b2-c3d4e5f60718"
+    assert spec.key == spec.uuid
+    assert (spec.vcpus, spec.current, spec.cpuset) == (4, 2, None)
+    assert spec.exclusive and spec.threads == "isolate" and spec.emulator == "isolate"
+    assert spec.iothreads == 2 and spec.iothread_id_set == (1, 2)
+    assert spec.iothreadpins == {2: CpuSet.of([9])}
+    assert (spec.numa_mode, spec.numa_nodeset) == ("strict", CpuSet.of([1]))
+    assert spec.guest_cells == (GuestCell(0, CpuSet.parse("0-1"), 2 * 1024 * 1024),
+                                GuestCell(1, CpuSet.parse("2-3"), 2097152))
+    assert spec.partition is None and not spec.vcpupins
+
+
+def test_defaults_without_cpu_elements() -> None:
+    spec = parse_domain("<domain type='qemu'><name>plain</name></domain>")
+    assert spec.vcpus == 1  # libvirt's default without <vcpu>
+    assert not spec.has_affinity and not spec.exclusive
+    assert (spec.threads, spec.emulator) == ("prefer", "float")
+
+
+def test_iothreadids_and_partition() -> None:
+    spec = parse_domain("""<domain><name>io</name><vcpu>1</vcpu><iothreads>1</iothreads>
+      <iothreadids><iothread id='4'/><iothread id='7'/></iothreadids>
+      <resource><partition>/pinwarden/vm-io</partition></resource></domain>""")
+    assert spec.iothread_id_set == (4, 7) and spec.iothreads == 2
+    assert spec.partition == "/pinwarden/vm-io"
+
+
+def test_uuid_forms_normalise() -> None:
+    a = parse_domain("<domain><name>u</name><uuid>3e4a5b6c7d8e4f90a1b2c3d4e5f60718</uuid>"
+                     "</domain>")
+    b = parse_domain("<domain><name>u</name><uuid> 3E4A5B6C-7D8E-4F90-A1B2-C3D4E5F60718 "
+                     "</uuid></domain>")
+    assert a.uuid == b.uuid == "3e4a5b6c-7d8e-4f90-a1b2-c3d4e5f60718"
+
+
+def test_metadata_and_cputune_exclusive_must_agree() -> None:
+    xml = (f"<domain><name>c</name><metadata><pw:cpu xmlns:pw='{PW_NS}' exclusive='no'/>"
+           "</metadata><cputune exclusive='yes'/></domain>")
+    with pytest.raises(InputError, match="contradicts"):
+        parse_domain(xml)
+
+
+def _domain(body: str) -> str:
+    return f"<domain><name>bad</name>{body}</domain>"
+
+
+META = f"<metadata><pw:cpu xmlns:pw='{PW_NS}' %s/></metadata>"
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ("<vcpu>two</vcpu>", "<vcpu>='two'"),
+    ("<vcpu>-1</vcpu>", "<vcpu>='-1'"),
+    ("<vcpu>99999</vcpu>", "<vcpu>='99999'"),
+    ("<vcpu current='3'>2</vcpu>", "<vcpu current>='3'"),
+    ("<vcpu placement='magic'>2</vcpu>", "<vcpu placement>='magic'"),
+    ("<vcpu cpuset='4-x'>2</vcpu>", "<vcpu cpuset>='4-x'"),
+    ("<vcpu cpuset='6-4'>2</vcpu>", "<vcpu cpuset>='6-4'"),
+    ("<vcpu>2</vcpu><vcpu>2</vcpu>", "more than one <vcpu>"),
+    ("<cputune exclusive='true'/>", "<cputune exclusive>='true'"),
+    ("<cputune><vcpupin cpuset='1'/></cputune>", "<vcpupin vcpu> is missing"),
+    ("<cputune><vcpupin vcpu='0'/></cputune>", "<vcpupin vcpu='0' cpuset> is missing"),
+    ("<cputune><vcpupin vcpu='0' cpuset='1'/><vcpupin vcpu='0' cpuset='2'/></cputune>",
+     "vCPU pinned twice"),
+    ("<cputune><vcpupin vcpu='0' cpuset=''/></cputune>", "cpuset>=''"),
+    ("<cputune><emulatorpin cpuset='a'/></cputune>", "<emulatorpin cpuset>='a'"),
+    ("<cputune><emulatorpin cpuset='1'/><emulatorpin cpuset='2'/></cputune>",
+     "more than one <emulatorpin>"),
+    ("<cputune><iothreadpin iothread='0' cpuset='1'/></cputune>",
+     "<iothreadpin iothread>='0'"),
+    ("<iothreads>x</iothreads>", "<iothreads>='x'"),
+    ("<numatune><memory mode='sticky'/></numatune>", "mode>='sticky'"),
+    ("<numatune><memory nodeset='0-'/></numatune>", "nodeset>='0-'"),
+    ("<vcpu>2</vcpu><cpu><numa><cell id='0' cpus='0-2' memory='1'/></numa></cpu>",
+     "vCPU 2 does not exist"),
+    ("<cpu><numa><cell id='0' cpus='0' memory='1' unit='parsecs'/></numa></cpu>",
+     "unit='parsecs'"),
+    ("<resource><partition>machine</partition></resource>", "<resource><partition>='machine'"),
+    ("<uuid>not-a-uuid</uuid>", "<uuid>='not-a-uuid'"),
+    (META % "threads='never'", "<pw:cpu threads>='never'"),
+    (META % "emulator='pinned'", "<pw:cpu emulator>='pinned'"),
+    (META % "exclusive='si'", "<pw:cpu exclusive>='si'"),
+    (META % "exclsive='yes'", "<pw:cpu exclsive>='yes'"),
+])
+def test_bad_values_are_one_line_input_errors(body: str, needle: str) -> None:
+    with pytest.raises(InputError) as info:
+        parse_domain(_domain(body))
+    assert needle in info.value.message
+    assert "\n" not in info.value.message
+    assert info.value.code == "bad-input"
+
+
+@pytest.mark.parametrize(("xml", "needle"), [
+    ("", "malformed"),
+    ("<domain><name>x</name>", "malformed"),
+    ("<domain><name>x</name></domian>", "malformed"),
+    ("<vm><name>x</name></vm>", "expected <domain>"),
+    ("<domain><name> </name></domain>", "<name> is missing"),
+    ("<domain><name>a/b</name></domain>", "may not contain '/'"),
+    (b"<domain><name>\xff</name></domain>", "not UTF-8"),
+])
+def test_malformed_documents(xml: str | bytes, needle: str) -> None:
+    with pytest.raises(InputError, match=re.escape(needle)):
+        parse_domain(xml)
+
+
+BILLION_LAUGHS = """<?xml version="1.0"?>
+<!DOCTYPE lolz [
+ <!ENTITY lol "lol">
+ <!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+ <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
+ <!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">
+ <!ENTITY lol5 "&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;">
+ <!ENTITY lol6 "&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;">
+ <!ENTITY lol7 "&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;">
+ <!ENTITY lol8 "&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;">
+ <!ENTITY lol9 "&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;">
+]>
+<domain><name>&lol9;</name></domain>
+"""
+XXE = """<?xml version="1.0"?>
+<!DOCTYPE domain [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>
+<domain><name>&xxe;</name></domain>
+"""
+EXTERNAL_DTD = """<?xml version="1.0"?>
+<!DOCTYPE domain SYSTEM "http://attacker.invalid/evil.dtd">
+<domain><name>x</name></domain>
+"""
+PARAMETER_ENTITY = """<?xml version="1.0"?>
+<!DOCTYPE domain [<!ENTITY % p SYSTEM "file:///etc/passwd"> %p;]>
+<domain><name>x</name></domain>
+"""
+HOSTILE = {"billion-laughs": BILLION_LAUGHS, "xxe": XXE, "external-dtd": EXTERNAL_DTD,
+           "parameter-entity": PARAMETER_ENTITY}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_xml_is_refused(name: str) -> None:
+    with pytest.raises(InputError, match="refused") as info:
+        parse_domain(HOSTILE[name])
+    assert "root:" not in info.value.message  # nothing from /etc/passwd leaks
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_render_refuses_hostile_xml(name: str) -> None:
+    plan = Plan("x", None, False, {0: CpuSet.of([1])}, CpuSet.of([1]))
+    with pytest.raises(InputError, match="refused"):
+        render_plan(HOSTILE[name], plan)
+
+
+def test_oversized_document_refused_before_parsing() -> None:
+    filler = "<!--" + "x" * MAX_XML_BYTES + "-->"
+    with pytest.raises(InputError, match="more than the"):
+        parse_domain(f"<domain><name>big</name>{filler}</domain>")
+    with pytest.raises(InputError, match="more than the"):
+        parse_domain("<domain><name>é</name>" + "é" * (MAX_XML_BYTES // 2) + "</domain>")
+
+
+def test_deep_nesting_within_the_cap_is_just_xml() -> None:
+    depth = 50_000
+    xml = "<domain><name>deep</name>" + "<a>" * depth + "</a>" * depth + "</domain>"
+    assert parse_domain(xml).name == "deep"
+
+
+# -- rendering --------------------------------------------------------------------------
+
+
+def _plan(vcpus: dict[int, str], emulator: str, *, exclusive: bool,
+          default: str | None = None, iothreads: dict[int, str] | None = None) -> Plan:
+    return Plan("vm", None, exclusive, {k: CpuSet.parse(v) for k, v in vcpus.items()},
+                CpuSet.parse(emulator),
+                {k: CpuSet.parse(v) for k, v in (iothreads or {}).items()},
+                default_cpus=CpuSet.parse(default) if default else None)
+
+
+def test_render_seed_plan_is_identity() -> None:
+    plan = _plan({0: "5", 1: "6"}, "4", exclusive=True, default="4-6")
+    assert render_plan(SEED, plan) == SEED
+
+
+def _strip_changed(xml: str, changed: tuple[str, ...]) -> list[str]:
+    return [line for line in xml.splitlines() if not any(t in line for t in changed)]
+
+
+def test_render_rich_keeps_everything_else_byte_for_byte() -> None:
+    plan = _plan({0: "4", 1: "5", 2: "6", 3: "7"}, "8", exclusive=True, default="4-9",
+                 iothreads={1: "8", 2: "9"})
+    out = render_plan(RICH, plan, partition="/pinwarden/vm-db")
+    # every original line survives, unchanged, except the <vcpu> line we edited
+    kept = [line for line in RICH.splitlines() if "<vcpu " not in line]
+    out_lines = out.splitlines()
+    it = iter(out_lines)
+    assert all(any(line == o for o in it) for line in kept), out  # order preserved too
+    assert '<vcpu   current="2"  placement="static" cpuset="4-9">4</vcpu>' in out
+    assert out.startswith('<?xml version="1.0" encoding="UTF-8"?>\n<!-- managed by hand')
+    assert "xmlns:libosinfo=" in out and "<qemu:arg value=" in out and "a&amp;b" in out
+    spec = parse_domain(out)
+    assert spec.vcpupins == plan.vcpus and spec.emulatorpin == plan.emulator
+    assert spec.iothreadpins == plan.iothreads and spec.cpuset == plan.default_cpus
+    assert spec.partition == "/pinwarden/vm-db"
+    assert spec.exclusive and spec.threads == "isolate"  # metadata kept
+    # new pins are indented like their siblings
+    assert "\n    <vcpupin vcpu='0' cpuset='4'/>" in out
+
+
+def test_render_shared_default_placement_only_sets_vcpu_cpuset() -> None:
+    xml = "<domain type='kvm'>\n  <name>web</name>\n  <vcpu placement='auto'>2</vcpu>\n</domain>"
+    plan = _plan({0: "2-3", 1: "2-3"}, "2-3", exclusive=False, default="2-3")
+    out = render_plan(xml, plan)
+    assert out == ("<domain type='kvm'>\n  <name>web</name>\n"
+                   "  <vcpu placement='static' cpuset='2-3'>2</vcpu>\n</domain>")
+
+
+def test_render_creates_missing_elements() -> None:
+    xml = "<domain>\n  <name>new</name>\n  <memory>1024</memory>\n</domain>\n"
+    plan = _plan({0: "2", 1: "3"}, "2-3", exclusive=True, default="2-3")
+    out = render_plan(xml, plan, partition="/machine")
+    spec = parse_domain(out)
+    assert spec.vcpus == 2 and spec.cpuset == CpuSet.parse("2-3")
+    assert spec.vcpupins == plan.vcpus and spec.emulatorpin == plan.emulator
+    assert spec.partition == "/machine"
+    assert out.startswith("<domain>\n  <name>new</name>\n  <memory>1024</memory>\n"
+                          "  <vcpu placement='static' cpuset='2-3'>2</vcpu>\n  <cputune>\n"
+                          "    <vcpupin vcpu='0' cpuset='2'/>\n")
+
+
+def test_render_replaces_partition_and_changed_pins_in_place() -> None:
+    xml = ("<domain><name>p</name><vcpu cpuset=\"1\">1</vcpu>"
+           "<cputune><vcpupin vcpu='0' cpuset='1'/></cputune>"
+           "<resource><partition>/machine</partition><fibrechannel appid='x'/></resource>"
+           "</domain>")
+    plan = _plan({0: "3"}, "3", exclusive=True, default="3")
+    out = render_plan(xml, plan, partition="/pinwarden/vm-p")
+    assert "<vcpu cpuset=\"3\">1</vcpu>" in out
+    assert "<vcpupin vcpu='0' cpuset='3'/>" in out
+    assert "<partition>/pinwarden/vm-p</partition><fibrechannel appid='x'/>" in out
+    spec = parse_domain(out)
+    assert spec.emulatorpin == CpuSet.of([3])
+
+
+def test_render_into_empty_cputune_and_resource() -> None:
+    xml = "<domain><name>e</name><cputune/><resource/></domain>"
+    plan = _plan({0: "1"}, "1", exclusive=True, default="1")
+    spec = parse_domain(render_plan(xml, plan, partition="/m"))
+    assert spec.vcpupins == {0: CpuSet.of([1])} and spec.partition == "/m"
+
+
+def test_render_refuses_relative_partition() -> None:
+    with pytest.raises(InputError, match="absolute path"):
+        render_plan(SEED, _plan({0: "5", 1: "6"}, "4", exclusive=True), partition="vm")
+
+
+cpu_lists = st.sets(st.integers(0, 63), min_size=1, max_size=6).map(CpuSet.of)
+
+
+@settings(max_examples=150, deadline=None)
+@given(vcpus=st.lists(cpu_lists, min_size=1, max_size=5), emulator=cpu_lists,
+       exclusive=st.booleans(), source=st.sampled_from([SEED, RICH,
+                                                         "<domain><name>z</name></domain>"]))
+def test_render_then_parse_round_trips_the_plan(vcpus: list[CpuSet], emulator: CpuSet,
+                                                exclusive: bool, source: str) -> None:
+    spec0 = parse_domain(source)
+    n = max(len(vcpus), spec0.vcpus) if source != RICH else 4
+    pins = {i: vcpus[i % len(vcpus)] for i in range(n)}
+    default = CpuSet.of([c for s in pins.values() for c in s]) | emulator
+    plan = Plan("vm", None, exclusive, pins, emulator, default_cpus=default)
+    spec = parse_domain(render_plan(source, plan))
+    assert spec.cpuset == default
+    for i, cpus in pins.items():
+        assert spec.vcpupins.get(i, spec.cpuset) == cpus
+    assert (spec.emulatorpin or spec.cpuset) == emulator
