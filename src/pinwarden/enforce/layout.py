@@ -1,0 +1,399 @@
+"""The desired cgroup layout and the planner that reaches it.  Pure: no I/O here.
+
+Layout (see DEVELOPERS.md, "cgroup layout")::
+
+    <shared>                    member, cpus = shared pool (VM CPUs − leased; fallback host CPUs)
+    <exclusive>                 exclusive, cpus = every leased CPU
+    ├── vm-NAME.partition       exclusive, cpus = the domain's leased CPUs (sibling holds excluded)
+    └── run-NAME.partition      exclusive, cpus = the job's leased CPUs
+
+``<shared>`` defaults to ``machine`` and ``<exclusive>`` to ``pinwarden.partition``; both are
+paths relative to the cpuset root and may be nested (tests use ``pwtest-…/…``).
+
+The planner, :func:`plan`, turns (current snapshot, desired layout) into an ordered list of
+primitive operations (:mod:`~pinwarden.enforce.backend`) that never passes through a state
+the kernel refuses:
+
+1. *bottom-up* (deepest first): remove stale unpopulated groups; switch exclusive flags off;
+   narrow cpus (and mems) to ``current ∩ target`` — this includes groups we do not own, such
+   as libvirt's ``machine/qemu-N-B.libvirt-qemu/{emulator,vcpuN}``, so a parent can shrink;
+2. *top-down* (shallowest first): create missing groups (mems copied from the parent), widen
+   cpus (and mems) to the target, switch exclusive flags on.
+
+Groups we do not own (descendants of the managed groups) get a target too: a group whose
+cpus equal its parent's keeps tracking its parent; any other keeps ``cpus ∩ parent target``
+or, when that is empty, moves to the whole parent target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import defaultdict
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from pinwarden.cpuset import CpuSet, union
+from pinwarden.enforce.backend import (
+    GroupState,
+    Mkdir,
+    Op,
+    PartitionKind,
+    Rmdir,
+    SetCpus,
+    SetMems,
+    SetPartition,
+    Snapshot,
+    depth,
+    is_within,
+    join,
+    parent_of,
+)
+from pinwarden.model import SIBLING_HOLD, HolderRef, Lease
+from pinwarden.partition import Host
+
+DEFAULT_SHARED = "machine"
+DEFAULT_EXCLUSIVE = "pinwarden.partition"
+PARTITION_SUFFIX = ".partition"
+
+_NONE = CpuSet()
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SAFE_KEY = re.compile(r"[A-Za-z0-9-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class LayoutNames:
+    """Where the two trees live, relative to the cpuset root."""
+
+    shared: str = DEFAULT_SHARED
+    exclusive: str = DEFAULT_EXCLUSIVE
+
+    def __post_init__(self) -> None:
+        for value in (self.shared, self.exclusive):
+            if value != value.strip("/") or not value or "//" in value \
+                    or any(part in (".", "..") for part in value.split("/")):
+                raise ValueError(f"invalid cgroup path {value!r}")
+        if is_within(self.shared, self.exclusive) or is_within(self.exclusive, self.shared):
+            raise ValueError(f"cgroups {self.shared!r} and {self.exclusive!r} must not nest")
+
+    def paths(self) -> tuple[str, str]:
+        return (self.shared, self.exclusive)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSpec:
+    """One group pinwarden owns: its path, CPUs and partition kind."""
+
+    path: str
+    cpus: CpuSet
+    partition: PartitionKind
+    holder: HolderRef | None = None
+
+
+@dataclass(frozen=True)
+class DesiredLayout:
+    names: LayoutNames
+    shared: GroupSpec
+    exclusive: GroupSpec
+    holders: tuple[GroupSpec, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def groups(self) -> tuple[GroupSpec, ...]:
+        return (self.shared, self.exclusive, *self.holders)
+
+    def group_of(self, holder: HolderRef) -> GroupSpec | None:
+        for spec in self.holders:
+            if spec.holder == holder:
+                return spec
+        return None
+
+
+# -- names ------------------------------------------------------------------------------
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def holder_group_name(holder: HolderRef) -> str:
+    """``vm-NAME.partition`` / ``run-NAME.partition``.
+
+    NAME is kept when it is made of ``[A-Za-z0-9_-]`` (at most 64 characters; no dot, so
+    libvirt maps ``/pinwarden/vm-NAME`` to exactly this directory); otherwise the holder's
+    key (a domain UUID) when that is safe, otherwise a digest of the name.
+    """
+    prefix = "run" if holder.driver == "run" else "vm"
+    if _SAFE_NAME.fullmatch(holder.name):
+        tail = holder.name
+    elif holder.driver != "run" and _SAFE_KEY.fullmatch(holder.key):
+        tail = holder.key
+    else:
+        tail = _digest(f"{holder.driver}:{holder.key}")
+    return f"{prefix}-{tail}{PARTITION_SUFFIX}"
+
+
+def holder_group_path(names: LayoutNames, holder: HolderRef) -> str:
+    return join(names.exclusive, holder_group_name(holder))
+
+
+def libvirt_partition(names: LayoutNames, holder: HolderRef) -> str:
+    """The ``<resource><partition>`` value libvirt maps to the holder's group.
+
+    libvirt appends ``.partition`` to every path component without a dot, so every
+    component of the exclusive tree must end in ``.partition`` (the default
+    ``pinwarden.partition`` does); otherwise :class:`ValueError`.
+    """
+    parts = [*names.exclusive.split("/"), holder_group_name(holder)]
+    out = []
+    for part in parts:
+        if not part.endswith(PARTITION_SUFFIX) or "." in part[:-len(PARTITION_SUFFIX)]:
+            raise ValueError(f"cgroup component {part!r} cannot be named by a libvirt "
+                             "partition (it must be NAME.partition with no other dot)")
+        out.append(part[:-len(PARTITION_SUFFIX)])
+    return "/" + "/".join(out)
+
+
+# -- desired layout ---------------------------------------------------------------------
+
+def shared_pool(host: Host, leased: CpuSet) -> tuple[CpuSet, tuple[str, ...]]:
+    """VM CPUs − leased; when that is empty, the housekeeping CPUs (with a note)."""
+    pool = host.partition.vm_cpus - leased
+    if pool:
+        return pool, ()
+    fallback = host.partition.host_cpus - leased
+    if not fallback:
+        fallback = host.topology.online - leased
+    return fallback, (f"every VM CPU is leased; shared VMs run on the housekeeping CPUs "
+                      f"{fallback.to_list()}",)
+
+
+def desired_layout(host: Host, leases: Sequence[Lease], names: LayoutNames = LayoutNames(),
+                   *, shared_extra: CpuSet = _NONE) -> DesiredLayout:
+    """The layout for ``leases``.  ``shared_extra``: CPUs outside the pool that shared VMs are
+    pinned to by their XML (honoured in ``none``/``isolcpus`` modes) — never leased ones."""
+    by_holder: dict[HolderRef, set[int]] = defaultdict(set)
+    held: dict[HolderRef, set[int]] = defaultdict(set)
+    for lease in leases:
+        (held if lease.role == SIBLING_HOLD else by_holder)[lease.holder].add(lease.cpu)
+        by_holder.setdefault(lease.holder, set())
+    leased = CpuSet.of(lease.cpu for lease in leases)
+    pool, notes = shared_pool(host, leased)
+    pool = pool | (shared_extra - leased)
+    taken: dict[str, HolderRef] = {}
+    specs: list[GroupSpec] = []
+    for holder in sorted(by_holder, key=lambda h: (h.driver, h.name, h.key)):
+        path = holder_group_path(names, holder)
+        if path in taken:  # two holders sanitise to one name: fall back to digests
+            path = join(names.exclusive, f"{holder_group_name(holder).split('-')[0]}-"
+                        f"{_digest(holder.driver + ':' + holder.key)}{PARTITION_SUFFIX}")
+        taken[path] = holder
+        cpus = CpuSet.of(by_holder[holder]) or CpuSet.of(held[holder])
+        specs.append(GroupSpec(path, cpus, "exclusive", holder))
+    return DesiredLayout(
+        names=names,
+        shared=GroupSpec(names.shared, pool, "member"),
+        exclusive=GroupSpec(names.exclusive, leased, "exclusive"),
+        holders=tuple(specs),
+        notes=notes,
+    )
+
+
+# -- planning ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    cpus: CpuSet
+    mems: CpuSet
+    partition: PartitionKind
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Every group the plan touches: wanted state, and groups to remove."""
+
+    want: Mapping[str, Target]
+    remove: frozenset[str] = frozenset()
+    kept: tuple[str, ...] = field(default=())  # stale groups kept because they have tasks
+
+
+class PlanError(Exception):
+    """The desired layout cannot be planned (missing parent, populated stale group...)."""
+
+
+def _populated(snapshot: Snapshot, path: str) -> bool:
+    return any(snapshot[p].populated for p in snapshot.subtree(path))
+
+
+def _follow(child: GroupState, parent_before: GroupState | None, parent_target: Target,
+            ) -> Target:
+    """Target of a group we do not own, given its parent's target."""
+    if parent_before is not None and child.cpus == parent_before.cpus:
+        cpus = parent_target.cpus
+    else:
+        cpus = child.cpus & parent_target.cpus or parent_target.cpus
+    if parent_before is not None and child.mems == parent_before.mems:
+        mems = parent_target.mems
+    else:
+        mems = child.mems & parent_target.mems or parent_target.mems
+    partition = child.partition if parent_target.partition != "member" else "member"
+    return Target(cpus, mems, partition)
+
+
+def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
+    """Compute the wanted state of every affected group (pure)."""
+    names = desired.names
+    want: dict[str, Target] = {}
+    remove: set[str] = set()
+    kept: list[str] = []
+    needed = bool(desired.holders) or names.exclusive in current
+    if not needed and names.shared not in current:
+        return Targets({})
+    for top in (names.shared, names.exclusive):
+        parent = parent_of(top)
+        assert parent is not None
+        if parent not in current:
+            raise PlanError(f"parent cgroup {parent or '/'} of {top} does not exist")
+    holder_paths = {spec.path for spec in desired.holders}
+    exclusive_cpus = desired.exclusive.cpus
+    # stale children of the exclusive tree: remove when empty, keep (as they are) otherwise
+    if names.exclusive in current:
+        for child in current.children(names.exclusive):
+            if child in holder_paths:
+                continue
+            if _populated(current, child):
+                kept.append(child)
+                exclusive_cpus = exclusive_cpus | current[child].cpus
+            else:
+                remove.update(current.subtree(child))
+
+    def mems_for(path: str) -> CpuSet:
+        parent = parent_of(path)
+        assert parent is not None
+        if parent in want:
+            return want[parent].mems
+        return current[parent].mems
+
+    def own(spec_path: str, cpus: CpuSet, partition: PartitionKind) -> None:
+        existing = current.get(spec_path)
+        parent_mems = mems_for(spec_path)
+        if existing is not None and existing.mems and existing.mems <= parent_mems:
+            mems = existing.mems
+        else:
+            mems = parent_mems
+        want[spec_path] = Target(cpus, mems, partition)
+
+    own(names.shared, desired.shared.cpus, "member")
+    if needed:
+        own(names.exclusive, exclusive_cpus, "exclusive")
+        for spec in desired.holders:
+            own(spec.path, spec.cpus, spec.partition)
+    for path in kept:
+        state = current[path]
+        want[path] = Target(state.cpus, state.mems, state.partition)
+    # everything below the owned groups follows its parent
+    owned = sorted(want, key=lambda p: (depth(p), p))
+    for top in owned:
+        if top not in current:
+            continue
+        for path in current.subtree(top):
+            if path == top or path in want or path in remove:
+                continue
+            parent = parent_of(path)
+            assert parent is not None
+            want[path] = _follow(current[path], current.get(parent), want[parent])
+    return Targets(want, frozenset(remove), tuple(kept))
+
+
+def order(current: Snapshot, goal: Targets) -> list[Op]:
+    """Ordered primitive operations from ``current`` to ``goal`` (see the module doc)."""
+    ops: list[Op] = []
+    cpus_now: dict[str, CpuSet] = {p: current[p].cpus for p in current}
+    mems_now: dict[str, CpuSet] = {p: current[p].mems for p in current}
+    # phase 1: bottom-up
+    existing = [p for p in current if p in goal.want or p in goal.remove]
+    for path in sorted(existing, key=lambda p: (-depth(p), p)):
+        state = current[path]
+        if path in goal.remove:
+            ops.append(Rmdir(path))
+            continue
+        target = goal.want[path]
+        if state.exclusive and target.partition == "member":
+            ops.append(SetPartition(path, "member"))
+        mid = state.cpus & target.cpus
+        if not mid and target.cpus and state.cpus:
+            parent = parent_of(path)
+            mid = target.cpus & cpus_now.get(parent, CpuSet()) if parent is not None \
+                else CpuSet()
+        if mid != state.cpus and (mid or not _populated(current, path)):
+            ops.append(SetCpus(path, mid))
+            cpus_now[path] = mid
+        mems_mid = state.mems & target.mems
+        if mems_mid != state.mems and mems_mid:
+            ops.append(SetMems(path, mems_mid))
+            mems_now[path] = mems_mid
+    # phase 2: top-down
+    for path in sorted(goal.want, key=lambda p: (depth(p), p)):
+        target = goal.want[path]
+        before = current.get(path)
+        if before is None:
+            ops.append(Mkdir(path))
+            if target.mems:
+                ops.append(SetMems(path, target.mems))
+            if target.cpus:
+                ops.append(SetCpus(path, target.cpus))
+            if target.partition != "member":
+                ops.append(SetPartition(path, target.partition))
+            continue
+        if cpus_now.get(path) != target.cpus:
+            ops.append(SetCpus(path, target.cpus))
+        if mems_now.get(path) != target.mems:
+            ops.append(SetMems(path, target.mems))
+        if target.partition != "member" and before.partition != target.partition:
+            ops.append(SetPartition(path, target.partition))
+    return ops
+
+
+def plan(current: Snapshot, desired: DesiredLayout) -> list[Op]:
+    """Ordered operations turning ``current`` into ``desired``.  Raises :class:`PlanError`."""
+    return order(current, targets(current, desired))
+
+
+def restore_targets(before: Snapshot, now: Snapshot, touched: Iterable[str]) -> Targets:
+    """Targets that bring every ``touched`` group back to how ``before`` had it."""
+    want: dict[str, Target] = {}
+    remove: set[str] = set()
+    for path in touched:
+        old = before.get(path)
+        if old is None:
+            if path in now:
+                remove.update(now.subtree(path))
+        else:
+            want[path] = Target(old.cpus, old.mems, old.partition)
+    return Targets(want, frozenset(remove - set(want)))
+
+
+def verify(after: Snapshot, goal: Targets, paths: Collection[str] | None = None) -> list[str]:
+    """Groups whose read-back state differs from the goal, as one-line descriptions."""
+    problems: list[str] = []
+    check = goal.want if paths is None else {p: goal.want[p] for p in paths if p in goal.want}
+    for path, target in check.items():
+        state = after.get(path)
+        if state is None:
+            problems.append(f"{path} is missing")
+            continue
+        if state.cpus != target.cpus:
+            problems.append(f"{path} has cpus {state.cpus.to_list() or '(none)'}, "
+                            f"expected {target.cpus.to_list() or '(none)'}")
+        elif state.effective_cpus != target.cpus and target.cpus:
+            problems.append(f"{path} has effective cpus "
+                            f"{state.effective_cpus.to_list() or '(none)'}, "
+                            f"expected {target.cpus.to_list()}")
+        if (state.partition == "member") != (target.partition == "member"):
+            problems.append(f"{path} is {state.partition}, expected {target.partition}")
+    for path in goal.remove:
+        if path in after:
+            problems.append(f"{path} still exists")
+    return problems
+
+
+def union_cpus(specs: Iterable[GroupSpec]) -> CpuSet:
+    return union(spec.cpus for spec in specs)
