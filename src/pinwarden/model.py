@@ -69,3 +69,46 @@ class Plan:
             "leases": {str(cpu): role for cpu, role in sorted(self.leases.items())},
             "notes": list(self.notes),
         }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Plan:
+        """Inverse of :meth:`to_json` (which the ledger stores); an optional
+        ``"default_cpus"`` key restores :attr:`default_cpus`.
+
+        Raises ``ValueError`` (or a ``CpuSetError``) on data of the wrong shape.
+        """
+        def cpus(value: Any) -> CpuSet:
+            if not isinstance(value, str):
+                raise ValueError(f"CPU list must be a string, not {type(value).__name__}")
+            return CpuSet.parse_kernel(value)
+
+        def table(name: str) -> Mapping[str, Any]:
+            value = data.get(name, {})
+            if not isinstance(value, Mapping):
+                raise ValueError(f"plan {name} must be an object")
+            return value
+
+        uuid = data.get("uuid")
+        domain = data.get("domain")
+        notes = data.get("notes", [])
+        default = data.get("default_cpus")
+        if not isinstance(domain, str) or not (uuid is None or isinstance(uuid, str)):
+            raise ValueError("plan domain/uuid must be strings")
+        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+            raise ValueError("plan notes must be a list of strings")
+        leases: dict[int, str] = {}
+        for cpu, role in table("leases").items():
+            if not isinstance(role, str):
+                raise ValueError(f"plan lease role for CPU {cpu} must be a string")
+            leases[int(cpu)] = role
+        return cls(
+            domain=domain,
+            uuid=uuid,
+            exclusive=bool(data.get("exclusive", False)),
+            vcpus={int(v): cpus(c) for v, c in table("vcpus").items()},
+            emulator=cpus(data.get("emulator", "")),
+            iothreads={int(i): cpus(c) for i, c in table("iothreads").items()},
+            leases=leases,
+            default_cpus=None if default is None else cpus(default),
+            notes=tuple(notes),
+        )

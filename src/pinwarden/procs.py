@@ -1,0 +1,98 @@
+"""Process identity and liveness from ``/proc``.
+
+A pid alone does not identify a process: pids are reused.  A process is identified by
+``(pid, start time)``, the start time being field 22 of ``/proc/PID/stat`` (clock ticks
+since boot), which never changes for the life of the process and differs for a new process
+that happens to get the same pid.
+
+:func:`parse_stat` is pure (text → :class:`ProcStat`); the readers below are thin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+#: ``task_struct.flags`` bit of kernel threads (include/linux/sched.h).
+PF_KTHREAD = 0x00200000
+
+#: ``/proc/PID/stat`` states of a process that no longer runs: zombie, dead.
+_DEAD_STATES = frozenset("ZXx")
+
+
+@dataclass(frozen=True, slots=True)
+class ProcStat:
+    """The fields of ``/proc/PID/stat`` (or ``/proc/PID/task/TID/stat``) pinwarden uses."""
+
+    pid: int  # field 1 (the TID when read from task/TID/stat)
+    comm: str  # field 2, without the parentheses; may contain spaces and ')'
+    state: str  # field 3: R, S, D, Z, X, T, t, I, ...
+    ppid: int  # field 4
+    flags: int  # field 9 (PF_* bits)
+    start_time: int  # field 22, clock ticks after boot
+    processor: int  # field 39, CPU the task last ran on
+
+    @property
+    def kernel_thread(self) -> bool:
+        return bool(self.flags & PF_KTHREAD)
+
+    @property
+    def dead(self) -> bool:
+        return self.state in _DEAD_STATES
+
+
+def parse_stat(text: str) -> ProcStat:
+    """Parse one ``stat`` line.  ``comm`` is whatever lies between the first ``(`` and the
+    LAST ``)``, since a command name may itself contain spaces and parentheses.
+
+    Raises ``ValueError`` on text that is not a stat line.
+    """
+    open_ = text.find("(")
+    close = text.rfind(")")
+    if open_ < 0 or close < open_:
+        raise ValueError(f"not a /proc stat line: {text[:80]!r}")
+    pid = int(text[:open_].strip())
+    comm = text[open_ + 1:close]
+    rest = text[close + 1:].split()
+    # rest[0] is field 3 (state); field N is rest[N - 3].
+    if len(rest) < 37:
+        raise ValueError(f"short /proc stat line for pid {pid}: {len(rest) + 2} fields")
+    return ProcStat(pid=pid, comm=comm, state=rest[0], ppid=int(rest[1]),
+                    flags=int(rest[6]), start_time=int(rest[19]), processor=int(rest[36]))
+
+
+def read_stat(pid: int, *, root: Path = Path("/")) -> ProcStat | None:
+    """``/proc/PID/stat`` parsed, or ``None`` when there is no such process."""
+    try:
+        text = (root / "proc" / str(pid) / "stat").read_text(errors="replace")
+    except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
+        return None
+    except OSError:  # ESRCH while the task exits, EACCES in odd namespaces
+        return None
+    try:
+        return parse_stat(text)
+    except ValueError:
+        return None
+
+
+def start_time(pid: int, *, root: Path = Path("/")) -> int | None:
+    """The start time of process ``pid`` (clock ticks after boot), ``None`` if it is gone
+    or is a zombie."""
+    stat = read_stat(pid, root=root)
+    if stat is None or stat.dead:
+        return None
+    return stat.start_time
+
+
+def alive(pid: int, start: int | None, *, root: Path = Path("/")) -> bool:
+    """Whether the process ``(pid, start)`` still runs.
+
+    False when the pid is gone, a zombie, or now belongs to another process (its start time
+    differs).  With ``start=None`` only the pid is checked (weaker: pid reuse undetected).
+    """
+    if pid <= 0:
+        return False
+    stat = read_stat(pid, root=root)
+    if stat is None or stat.dead:
+        return False
+    return start is None or stat.start_time == start

@@ -1,0 +1,645 @@
+"""The lease ledger against real SQLite files and real processes."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import multiprocessing.synchronize
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from pinwarden import procs
+from pinwarden.cpuset import CpuSet
+from pinwarden.errors import LedgerError, PinwardenError, Refusal
+from pinwarden.ledger import SCHEMA_VERSION, Ledger
+from pinwarden.model import HolderRef, Lease, Plan
+
+FORK = multiprocessing.get_context("fork")
+
+
+def plan_for(holder: HolderRef, cpus: Sequence[int], *, exclusive: bool = True) -> Plan:
+    vcpus = {i: CpuSet.of([cpu]) for i, cpu in enumerate(cpus)}
+    return Plan(domain=holder.name, uuid=holder.key, exclusive=exclusive, vcpus=vcpus,
+                emulator=CpuSet.of(cpus),
+                leases={cpu: f"vcpu{i}" for i, cpu in enumerate(cpus)} if exclusive else {},
+                notes=("a note",))
+
+
+def take(holder: HolderRef, cpus: Sequence[int]) -> Callable[[tuple[Lease, ...]], Plan]:
+    """A policy that wants exactly ``cpus`` and refuses if another holder has one."""
+    def decide(leases: tuple[Lease, ...]) -> Plan:
+        for lease in leases:
+            if lease.cpu in cpus and lease.holder != holder:
+                raise Refusal(f"CPU {lease.cpu} is leased to {lease.holder}")
+        return plan_for(holder, cpus)
+    return decide
+
+
+def blind(holder: HolderRef, cpus: Sequence[int]) -> Callable[[tuple[Lease, ...]], Plan]:
+    """A policy that does not look at the leases: only the database can refuse it."""
+    return lambda leases: plan_for(holder, cpus)
+
+
+def spawn_with_pid(pid: int, attempts: int = 200) -> subprocess.Popen[bytes] | None:
+    """Start a process with exactly ``pid`` (root: ns_last_pid); None if others keep
+    taking it.  (Same helper as in test_procs.py.)"""
+    knob = Path("/proc/sys/kernel/ns_last_pid")
+    for _ in range(attempts):
+        knob.write_text(str(pid - 1))
+        proc = subprocess.Popen(["sleep", "300"])
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait()
+    return None
+
+
+def vm(n: int, driver: str = "qemu") -> HolderRef:
+    return HolderRef(driver, f"00000000-0000-0000-0000-{n:012d}", f"vm{n}")
+
+
+def lease_map(ledger: Ledger) -> dict[int, HolderRef]:
+    return {lease.cpu: lease.holder for lease in ledger.leases(reap=False)}
+
+
+def check_consistent(ledger: Ledger) -> None:
+    """Every holder's leases are exactly its plan's leases (no partial writes)."""
+    leases = ledger.leases(reap=False)
+    for record in ledger.holders(reap=False):
+        mine = {lease.cpu: lease.role for lease in leases if lease.holder == record.ref}
+        assert mine == dict(record.plan.leases), record
+    raw = sqlite3.connect(ledger.path)
+    try:
+        assert raw.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert raw.execute("PRAGMA foreign_key_check").fetchall() == []
+    finally:
+        raw.close()
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def sleeper() -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(["sleep", "300"])
+        started.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+# -- basics ------------------------------------------------------------------------------
+
+
+def test_create_reserve_release_roundtrip(state: Path) -> None:
+    with Ledger(state) as ledger:
+        assert ledger.path == state / "leases.db"
+        assert (state.stat().st_mode & 0o777) == 0o700
+        assert (ledger.path.stat().st_mode & 0o777) == 0o600
+        a, b = vm(1), vm(2, "lxc")
+        plan = ledger.reserve(a, take(a, [2, 3]))
+        assert plan.leased() == CpuSet.of([2, 3])
+        ledger.reserve(b, take(b, [4]))
+        assert lease_map(ledger) == {2: a, 3: a, 4: b}
+        assert [lease.role for lease in ledger.leases()] == ["vcpu0", "vcpu1", "vcpu0"]
+    with Ledger(state) as again:  # durable across instances
+        records = {r.ref: r for r in again.holders()}
+        assert set(records) == {a, b}
+        assert records[a].plan == plan
+        assert again.find("vm1") == records[a]
+        assert again.find(a.key) == records[a]
+        assert again.find("nope") is None
+        freed = again.release("vm2")
+        assert freed.ref == b
+        assert lease_map(again) == {2: a, 3: a}
+        with pytest.raises(LedgerError, match="no holder named 'vm2'"):
+            again.release("vm2")
+
+
+def test_wal_mode_and_schema_version(state: Path) -> None:
+    Ledger(state).close()
+    raw = sqlite3.connect(state / "leases.db")
+    try:
+        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    finally:
+        raw.close()
+
+
+def test_reserve_replaces_own_leases_and_keeps_created(state: Path) -> None:
+    with Ledger(state) as ledger:
+        a = vm(1)
+        ledger.reserve(a, take(a, [1, 2]))
+        created = ledger.holders()[0].created
+        seen: list[tuple[Lease, ...]] = []
+
+        def replan(leases: tuple[Lease, ...]) -> Plan:
+            seen.append(leases)
+            return plan_for(a, [2, 5])
+
+        ledger.reserve(a, replan)
+        assert [lease.cpu for lease in seen[0]] == [1, 2]  # its own leases are passed in
+        assert lease_map(ledger) == {2: a, 5: a}
+        assert ledger.holders()[0].created == created
+        shared = ledger.reserve(a, lambda leases: plan_for(a, [1], exclusive=False))
+        assert shared.leases == {}
+        assert lease_map(ledger) == {}
+        assert ledger.holders()[0].plan == shared
+
+
+def test_database_refuses_second_holder_and_rolls_back(state: Path) -> None:
+    with Ledger(state) as ledger:
+        a, b = vm(1), vm(2)
+        ledger.reserve(a, take(a, [3]))
+        ledger.reserve(b, take(b, [4]))
+        with pytest.raises(Refusal, match=r"CPU 3 is already leased to qemu domain 'vm1'"):
+            ledger.reserve(b, blind(b, [2, 3]))  # 2 would be inserted before 3 fails
+        assert lease_map(ledger) == {3: a, 4: b}  # b keeps its old lease, nothing partial
+        assert ledger.holders()[1].plan.leased() == CpuSet.of([4])
+        check_consistent(ledger)
+
+
+def test_decide_refusal_records_nothing(state: Path) -> None:
+    with Ledger(state) as ledger:
+        a, b = vm(1), vm(2)
+        ledger.reserve(a, take(a, [3]))
+        with pytest.raises(Refusal, match="CPU 3"):
+            ledger.reserve(b, take(b, [3]))
+        assert [r.ref for r in ledger.holders()] == [a]
+
+
+def test_ambiguous_name_across_drivers(state: Path) -> None:
+    with Ledger(state) as ledger:
+        q = HolderRef("qemu", "11111111-1111-1111-1111-111111111111", "web")
+        x = HolderRef("lxc", "22222222-2222-2222-2222-222222222222", "web")
+        ledger.reserve(q, take(q, [1]))
+        ledger.reserve(x, take(x, [2]))
+        with pytest.raises(LedgerError, match=r"'web' names several holders: lxc:web .*qemu:web"):
+            ledger.release("web")
+        assert ledger.find("web", driver="lxc") is not None
+        assert ledger.release("web", driver="qemu").ref == q
+        assert ledger.release(x.key).ref == x
+        assert ledger.holders() == ()
+
+
+def test_set_owner_and_cgroup(state: Path,
+                              sleeper: Callable[[], subprocess.Popen[bytes]]) -> None:
+    with Ledger(state) as ledger:
+        a = vm(1)
+        ledger.reserve(a, take(a, [1]))
+        proc = sleeper()
+        ledger.set_owner(a, proc.pid)
+        ledger.set_cgroup(a, "/pinwarden.partition/vm-vm1.partition")
+        record = ledger.holders()[0]
+        assert record.owner_pid == proc.pid
+        assert record.owner_start == procs.start_time(proc.pid)
+        assert record.cgroup == "/pinwarden.partition/vm-vm1.partition"
+        assert ledger.leases()[0].owner_pid == proc.pid
+        ledger.reserve(a, take(a, [1, 2]))  # re-planning keeps the owner
+        assert ledger.holders()[0].owner_pid == proc.pid
+        with pytest.raises(LedgerError, match="holds no leases"):
+            ledger.set_cgroup(vm(9), "/x")
+        proc.kill()
+        proc.wait()
+        with pytest.raises(LedgerError, match="has exited"):
+            ledger.set_owner(a, proc.pid)
+
+
+def test_unwritable_state_dir_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(LedgerError, match="cannot create state directory"):
+        Ledger(blocker / "state")
+
+
+# -- owner liveness ----------------------------------------------------------------------
+
+
+def test_dead_owner_reaped_on_next_reserve(state: Path,
+                                           sleeper: Callable[[], subprocess.Popen[bytes]]) -> None:
+    with Ledger(state) as ledger:
+        a, b = vm(1), vm(2)
+        owner = sleeper()
+        ledger.reserve(a, take(a, [1, 2]), owner_pid=owner.pid)
+        assert ledger.reserve(b, take(b, [3])).leased() == CpuSet.of([3])
+        assert not ledger.last_reaped
+        owner.kill()
+        owner.wait()
+        ledger.reserve(b, take(b, [1, 3]))  # CPU 1 is free again: its owner died
+        assert [r.ref for r in ledger.last_reaped] == [a]
+        assert lease_map(ledger) == {1: b, 3: b}
+
+
+def test_dead_owner_reaped_even_when_decide_refuses(
+        state: Path, sleeper: Callable[[], subprocess.Popen[bytes]]) -> None:
+    with Ledger(state) as ledger:
+        a, b = vm(1), vm(2)
+        owner = sleeper()
+        ledger.reserve(a, take(a, [1]), owner_pid=owner.pid)
+        owner.kill()
+        owner.wait()
+
+        def refuse(leases: tuple[Lease, ...]) -> Plan:
+            assert leases == ()  # a was reaped before decide ran
+            raise Refusal("no")
+
+        with pytest.raises(Refusal):
+            ledger.reserve(b, refuse)
+        assert ledger.holders(reap=False) == ()
+
+
+def test_zombie_owner_and_status_listing_reap(
+        state: Path, sleeper: Callable[[], subprocess.Popen[bytes]]) -> None:
+    with Ledger(state) as ledger:
+        a, b = vm(1), vm(2)
+        zombie, live = sleeper(), sleeper()
+        ledger.reserve(a, take(a, [1]), owner_pid=zombie.pid)
+        ledger.reserve(b, take(b, [2]), owner_pid=live.pid)
+        os.kill(zombie.pid, signal.SIGKILL)  # not waited for: a zombie
+        deadline = time.monotonic() + 10
+        while (s := procs.read_stat(zombie.pid)) is not None and s.state != "Z":
+            assert time.monotonic() < deadline, "child never became a zombie"
+            time.sleep(0.01)
+        assert [r.ref for r in ledger.holders(reap=False)] == [a, b]
+        assert [r.ref for r in ledger.holders()] == [b]  # status reaps
+        assert lease_map(ledger) == {2: b}
+
+
+def test_reserve_with_dead_owner_is_refused(
+        state: Path, sleeper: Callable[[], subprocess.Popen[bytes]]) -> None:
+    proc = sleeper()
+    proc.kill()
+    proc.wait()
+    with Ledger(state) as ledger, pytest.raises(LedgerError, match="has exited"):
+        ledger.reserve(vm(1), take(vm(1), [1]), owner_pid=proc.pid)
+
+
+def test_pid_reuse_reaps_holder(state: Path,
+                                sleeper: Callable[[], subprocess.Popen[bytes]]) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to choose a pid (/proc/sys/kernel/ns_last_pid)")
+    with Ledger(state) as ledger:
+        a = vm(1)
+        owner = sleeper()
+        ledger.reserve(a, take(a, [1]), owner_pid=owner.pid)
+        owner.kill()
+        owner.wait()
+        time.sleep(0.02)
+        impostor = spawn_with_pid(owner.pid)
+        assert impostor is not None, f"could not get pid {owner.pid} back"
+        try:
+            assert procs.read_stat(owner.pid) is not None  # the pid is alive again...
+            assert ledger.holders() == ()  # ...but it is another process: reaped
+        finally:
+            impostor.kill()
+            impostor.wait()
+
+
+# -- refusing damaged databases -----------------------------------------------------------
+
+
+def _populated(state: Path, holders: int = 60) -> bytes:
+    with Ledger(state) as ledger:
+        for n in range(holders):
+            h = vm(n)
+            ledger.reserve(h, take(h, [n]))
+    data = (state / "leases.db").read_bytes()
+    assert not (state / "leases.db-wal").exists()  # checkpointed on close
+    return data
+
+
+def _assert_refused(state: Path, match: str) -> None:
+    db = state / "leases.db"
+    before = db.read_bytes()
+    with pytest.raises(LedgerError, match=match) as info:
+        Ledger(state)
+    assert "\n" not in info.value.message
+    assert db.read_bytes() == before
+
+
+def test_garbage_file_refused_untouched(state: Path) -> None:
+    state.mkdir()
+    (state / "leases.db").write_bytes(random.Random(7).randbytes(8192))
+    _assert_refused(state, "is not an SQLite database; it was left untouched")
+
+
+def test_empty_file_refused_untouched(state: Path) -> None:
+    state.mkdir()
+    (state / "leases.db").write_bytes(b"")
+    _assert_refused(state, "is empty")
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.9, 0.01])
+def test_truncated_file_refused_untouched(state: Path, fraction: float) -> None:
+    data = _populated(state)
+    assert len(data) > 3 * 4096
+    (state / "leases.db").write_bytes(data[:int(len(data) * fraction)])
+    _assert_refused(state, "(is corrupt|is not an SQLite database)")
+
+
+def test_damaged_pages_refused_untouched(state: Path) -> None:
+    data = bytearray(_populated(state))
+    page = 4096
+    data[2 * page:3 * page] = random.Random(3).randbytes(page)
+    (state / "leases.db").write_bytes(bytes(data))
+    _assert_refused(state, "is corrupt")
+
+
+def test_newer_schema_refused_untouched(state: Path) -> None:
+    _populated(state, holders=2)
+    raw = sqlite3.connect(state / "leases.db")
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    raw.close()
+    _assert_refused(state, f"schema version {SCHEMA_VERSION + 1}, newer than this pinwarden")
+
+
+def test_foreign_sqlite_database_refused_untouched(state: Path) -> None:
+    state.mkdir()
+    raw = sqlite3.connect(state / "leases.db")
+    raw.execute("CREATE TABLE t (x)")
+    raw.commit()
+    raw.close()
+    _assert_refused(state, "is not a pinwarden ledger")
+
+
+# -- races and crashes (real processes) ------------------------------------------------
+
+
+def _racer(state: str, n: int, cpus: list[int], policy: str,
+           barrier: multiprocessing.synchronize.Barrier, results: Any) -> None:
+    holder = vm(n)
+    try:
+        with Ledger(Path(state)) as ledger:
+            barrier.wait(30)
+            decide = take(holder, cpus) if policy == "take" else blind(holder, cpus)
+            ledger.reserve(holder, decide)
+        results.put((n, "won", ""))
+    except PinwardenError as exc:
+        results.put((n, type(exc).__name__, exc.message))
+    except BaseException as exc:
+        results.put((n, "crash", repr(exc)))
+
+
+def _race(state: Path, wants: dict[int, list[int]], policy: str) -> dict[int, tuple[str, str]]:
+    if policy == "take":
+        Ledger(state).close()  # else the racers also race on creating the database
+    barrier = FORK.Barrier(len(wants))
+    results = FORK.Queue()
+    workers = [FORK.Process(target=_racer, args=(str(state), n, cpus, policy, barrier, results))
+               for n, cpus in wants.items()]
+    for w in workers:
+        w.start()
+    try:
+        outcome = {}
+        for _ in workers:
+            n, kind, message = results.get(timeout=120)
+            outcome[n] = (kind, message)
+    finally:
+        for w in workers:
+            w.join(30)
+            if w.is_alive() and w.pid is not None:
+                os.kill(w.pid, signal.SIGKILL)
+                w.join()
+    return outcome
+
+
+@pytest.mark.parametrize("policy", ["take", "blind"])
+def test_racing_reserves_have_one_winner_per_cpu(state: Path, policy: str) -> None:
+    racers = 24
+    wants = {n: [0, 1] for n in range(racers)}  # everyone wants the same two CPUs
+    outcome = _race(state, wants, policy)
+    winners = [n for n, (kind, _) in outcome.items() if kind == "won"]
+    assert len(winners) == 1, outcome
+    for n, (kind, message) in outcome.items():
+        if n not in winners:
+            assert kind == "Refusal", (n, kind, message)
+            assert "CPU 0" in message and f"'vm{winners[0]}'" in message
+    with Ledger(state) as ledger:
+        assert lease_map(ledger) == {0: vm(winners[0]), 1: vm(winners[0])}
+        check_consistent(ledger)
+
+
+def test_racing_overlapping_reserves(state: Path) -> None:
+    cpus = 8
+    wants = {n: sorted({n % cpus, (n * 3 + 1) % cpus}) for n in range(32)}
+    outcome = _race(state, wants, "blind")
+    winners = {n for n, (kind, _) in outcome.items() if kind == "won"}
+    assert all(kind in ("won", "Refusal") for kind, _ in outcome.values()), outcome
+    with Ledger(state) as ledger:
+        held = lease_map(ledger)
+        check_consistent(ledger)
+    # Every winner got all it asked for; no two winners overlap; every loser overlaps a winner.
+    for n in winners:
+        assert all(held[cpu] == vm(n) for cpu in wants[n])
+    for n in set(wants) - winners:
+        assert any(cpu in held and held[cpu] != vm(n) for cpu in wants[n])
+    assert winners
+
+
+def _stuck_reserver(state: str, ready: Any) -> None:
+    holder = vm(99)
+    with Ledger(Path(state)) as ledger:
+        def decide(leases: tuple[Lease, ...]) -> Plan:
+            ready.send("inside")  # the reaping DELETEs are already written, uncommitted
+            time.sleep(300)
+            return plan_for(holder, [5])
+        ledger.reserve(holder, decide)
+
+
+def test_sigkill_inside_transaction_leaves_database_intact(
+        state: Path, sleeper: Callable[[], subprocess.Popen[bytes]]) -> None:
+    a, b = vm(1), vm(2)
+    with Ledger(state) as ledger:
+        ledger.reserve(a, take(a, [1, 2]))
+        owner = sleeper()
+        ledger.reserve(b, take(b, [3]), owner_pid=owner.pid)
+        owner.kill()
+        owner.wait()  # b's owner is dead: the child's transaction reaps it first
+    parent_end, child_end = FORK.Pipe()
+    child = FORK.Process(target=_stuck_reserver, args=(str(state), child_end))
+    child.start()
+    try:
+        assert parent_end.poll(30), "child never reached decide()"
+        assert parent_end.recv() == "inside"
+        assert child.pid is not None
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(30)
+        assert child.exitcode == -signal.SIGKILL
+    finally:
+        if child.is_alive() and child.pid is not None:
+            os.kill(child.pid, signal.SIGKILL)
+            child.join()
+    with Ledger(state, busy_timeout=5) as ledger:
+        # Nothing of the killed transaction survived, not even its reaping.
+        assert [r.ref for r in ledger.holders(reap=False)] == [a, b]
+        assert lease_map(ledger) == {1: a, 2: a, 3: b}
+        check_consistent(ledger)
+        c = vm(3)
+        ledger.reserve(c, take(c, [3, 4]))  # the write lock is free; b gets reaped now
+        assert [r.ref for r in ledger.last_reaped] == [b]
+        assert lease_map(ledger) == {1: a, 2: a, 3: c, 4: c}
+
+
+def _churn(state: str, seed: int) -> None:
+    rng = random.Random(seed)
+    with Ledger(Path(state)) as ledger:
+        while True:
+            h = vm(rng.randrange(6))
+            if rng.random() < 0.3:
+                with contextlib.suppress(LedgerError):
+                    ledger.release(h.name)
+            else:
+                cpus = rng.sample(range(12), rng.randrange(1, 5))
+                with contextlib.suppress(Refusal):
+                    ledger.reserve(h, blind(h, cpus))
+
+
+def test_sigkill_at_random_points_never_leaves_partial_state(state: Path) -> None:
+    Ledger(state).close()
+    rng = random.Random(11)
+    for round_ in range(12):
+        child = FORK.Process(target=_churn, args=(str(state), round_))
+        child.start()
+        time.sleep(rng.uniform(0.05, 0.3))
+        assert child.pid is not None
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(30)
+        with Ledger(state, busy_timeout=5) as ledger:
+            check_consistent(ledger)
+            h = vm(50)
+            ledger.reserve(h, take(h, [40]))
+            ledger.release(h.name)
+
+
+# -- model-based: random reserve/release sequences ----------------------------------------
+
+HOST_CPUS = frozenset({0, 1})
+VM_POOL = tuple(range(2, 12))
+HOLDERS = tuple(vm(n, "qemu" if n % 2 else "lxc") for n in range(5))
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    """Random reserve/release/reopen sequences against a dictionary model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.TemporaryDirectory(prefix="pwtest-ledger-")
+        self.state = Path(self.dir.name) / "state"
+        self.ledger = Ledger(self.state)
+        self.model: dict[HolderRef, frozenset[int]] = {}
+
+    def teardown(self) -> None:
+        self.ledger.close()
+        self.dir.cleanup()
+
+    def others(self, holder: HolderRef) -> set[int]:
+        return {cpu for h, cpus in self.model.items() if h != holder for cpu in cpus}
+
+    @initialize()
+    def start(self) -> None:
+        assert self.ledger.leases() == ()
+
+    @rule(i=st.integers(0, len(HOLDERS) - 1), n=st.integers(0, 4))
+    def reserve_from_pool(self, i: int, n: int) -> None:
+        """A policy picking free CPUs from the VM pool only."""
+        holder = HOLDERS[i]
+
+        def decide(leases: tuple[Lease, ...]) -> Plan:
+            taken = {lease.cpu for lease in leases if lease.holder != holder}
+            free = [cpu for cpu in VM_POOL if cpu not in taken]
+            if len(free) < n:
+                raise Refusal(f"only {len(free)} free CPUs")
+            return plan_for(holder, free[:n])
+
+        free = [cpu for cpu in VM_POOL if cpu not in self.others(holder)]
+        if len(free) < n:
+            with pytest.raises(Refusal):
+                self.ledger.reserve(holder, decide)
+        else:
+            plan = self.ledger.reserve(holder, decide)
+            self.model[holder] = frozenset(plan.leases)
+            assert plan.leased() == CpuSet.of(free[:n])
+
+    @rule(i=st.integers(0, len(HOLDERS) - 1),
+          cpus=st.lists(st.sampled_from(VM_POOL), min_size=1, max_size=4, unique=True))
+    def reserve_blind(self, i: int, cpus: list[int]) -> None:
+        """A policy that ignores the leases: the database must refuse conflicts."""
+        holder = HOLDERS[i]
+        if self.others(holder) & set(cpus):
+            with pytest.raises(Refusal, match="is already leased to"):
+                self.ledger.reserve(holder, blind(holder, cpus))
+        else:
+            self.ledger.reserve(holder, blind(holder, cpus))
+            self.model[holder] = frozenset(cpus)
+
+    @rule(i=st.integers(0, len(HOLDERS) - 1), by_name=st.booleans())
+    def release(self, i: int, by_name: bool) -> None:
+        holder = HOLDERS[i]
+        selector = holder.name if by_name else holder.key
+        if holder in self.model:
+            assert self.ledger.release(selector).ref == holder
+            del self.model[holder]
+        else:
+            with pytest.raises(LedgerError):
+                self.ledger.release(selector)
+
+    @precondition(lambda self: bool(self.model))
+    @rule()
+    def reopen(self) -> None:
+        self.ledger.close()
+        self.ledger = Ledger(self.state)
+
+    @invariant()
+    def matches_model(self) -> None:
+        expected = {cpu: h for h, cpus in self.model.items() for cpu in cpus}
+        assert lease_map(self.ledger) == expected
+        assert not set(expected) & HOST_CPUS
+        assert {r.ref for r in self.ledger.holders()} == set(self.model)
+
+
+LedgerMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=25, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+TestLedgerMachine = LedgerMachine.TestCase
+
+
+def test_cli_subprocess_sees_same_ledger(state: Path) -> None:
+    """A second interpreter (like a second pinwarden command) reads what this one wrote."""
+    with Ledger(state) as ledger:
+        ledger.reserve(vm(1), take(vm(1), [6]))
+    code = ("import sys; from pathlib import Path; from pinwarden.ledger import Ledger; "
+            "l = Ledger(Path(sys.argv[1])); print([(x.cpu, x.holder.name) for x in l.leases()])")
+    out = subprocess.run([sys.executable, "-c", code, str(state)], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[(6, 'vm1')]"
