@@ -1,0 +1,325 @@
+"""A real libvirtd + QEMU for the ``libvirt`` tests, and tiny diskless domains.
+
+Import the fixtures into a test module with ``from libvirt_env import *`` (or by name).
+
+* ``libvirt_daemons`` (session): makes sure virtlogd, virtlockd and libvirtd run.  Only the
+  daemons that are not already running are started — in the foreground, as our children,
+  so we know their pids — and only those are stopped at the end, by pid.
+* ``virt`` (session): an open ``qemu:///system`` connection.
+* ``domains`` (function): creates ``pwtest-…`` domains and destroys/undefines every one of
+  them at teardown, also when the test fails.
+* :func:`tiny_domain_xml`: ``<domain type='kvm'>`` (TCG ``qemu`` when ``/dev/kvm`` is not
+  usable), 32 MiB, no devices but the emulator: boots to firmware and gives real vCPU threads.
+
+No systemd runs here, so libvirt uses its own cgroup layout: ``machine/qemu-N-NAME.libvirt-qemu/
+{emulator,vcpuN}`` in every mounted hierarchy (cgroup2 ``unified`` included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid as uuid_mod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import quoteattr
+
+import pytest
+
+try:
+    import libvirt as libvirt
+except ImportError:  # pragma: no cover - reported by the fixtures
+    libvirt = None
+
+URI = "qemu:///system"
+QEMU = "/usr/bin/qemu-system-x86_64"
+CPUSET = Path("/sys/fs/cgroup/cpuset")
+HOOKS_DIR = Path("/etc/libvirt/hooks")
+PW_NS = "urn:pinwarden:domain:1"
+RUN = Path("/run")
+DAEMONS = ("virtlogd", "virtlockd", "libvirtd")
+PREFIX = "pwtest-"
+KVM_GET_API_VERSION = 0xAE00
+
+
+def kvm_usable() -> bool:
+    """``/dev/kvm`` opens and answers ``KVM_GET_API_VERSION`` with 12."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return fcntl.ioctl(fd, KVM_GET_API_VERSION) == 12
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+DOMAIN_TYPE = "kvm" if kvm_usable() else "qemu"
+
+
+def tiny_domain_xml(name: str, *, vcpus: int = 1, uuid: str | None = None,
+                    cpuset: str | None = None, vcpupins: dict[int, str] | None = None,
+                    emulatorpin: str | None = None, exclusive: bool = False,
+                    partition: str | None = None, memory_mib: int = 32) -> str:
+    """A diskless domain that boots to firmware."""
+    if not name.startswith(PREFIX):
+        raise ValueError(f"test domains are named {PREFIX}*, not {name!r}")
+    vcpu_attr = f" placement='static' cpuset={quoteattr(cpuset)}" if cpuset else ""
+    pins = "".join(f"<vcpupin vcpu='{v}' cpuset={quoteattr(c)}/>"
+                   for v, c in sorted((vcpupins or {}).items()))
+    if emulatorpin:
+        pins += f"<emulatorpin cpuset={quoteattr(emulatorpin)}/>"
+    cputune = f"<cputune>{pins}</cputune>" if pins else ""
+    meta = (f"<metadata><pw:cpu xmlns:pw='{PW_NS}' exclusive='yes'/></metadata>"
+            if exclusive else "")
+    resource = (f"<resource><partition>{partition}</partition></resource>"
+                if partition else "")
+    return (f"<domain type='{DOMAIN_TYPE}'><name>{name}</name>"
+            f"<uuid>{uuid or uuid_mod.uuid4()}</uuid>{meta}"
+            f"<memory unit='MiB'>{memory_mib}</memory><vcpu{vcpu_attr}>{vcpus}</vcpu>"
+            f"{cputune}{resource}<os><type arch='x86_64'>hvm</type></os>"
+            f"<on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>"
+            f"<devices><emulator>{QEMU}</emulator></devices></domain>")
+
+
+# -- daemons ------------------------------------------------------------------------------
+
+def running_pid(daemon: str) -> int | None:
+    """pid of a live ``daemon`` per its pid file, or None."""
+    try:
+        pid = int((RUN / f"{daemon}.pid").read_text().strip())
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return pid if comm == daemon and state != "Z" else None
+
+
+@dataclass
+class Daemons:
+    """The daemons this session started (others were already running and are left alone)."""
+
+    started: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    log_dir: Path | None = None
+
+    def owns(self, daemon: str) -> bool:
+        return daemon in self.started
+
+    def start(self, daemon: str) -> None:
+        assert self.log_dir is not None
+        log = open(self.log_dir / f"{daemon}.log", "ab")  # noqa: SIM115 - child's stderr
+        proc = subprocess.Popen([daemon], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
+        log.close()
+        self.started[daemon] = proc
+        deadline = time.monotonic() + 30
+        while running_pid(daemon) != proc.pid:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{daemon} exited with {proc.returncode}; see "
+                                   f"{self.log_dir / (daemon + '.log')}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{daemon} did not write /run/{daemon}.pid within 30 s")
+            time.sleep(0.05)
+        if daemon == "libvirtd":
+            wait_for_libvirtd(proc)
+
+    def stop(self, daemon: str) -> None:
+        proc = self.started.pop(daemon, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def restart_libvirtd(self) -> None:
+        """Restart libvirtd (so it notices hook scripts); only if this session started it."""
+        if not self.owns("libvirtd"):
+            pid = running_pid("libvirtd")
+            pytest.fail(f"libvirtd (pid {pid}) was running before the tests and is not ours "
+                        f"to restart; the hook tests need libvirtd to start after the hook "
+                        f"is installed: stop it and rerun")
+        self.stop("libvirtd")
+        self.start("libvirtd")
+
+
+def wait_for_libvirtd(proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            conn = libvirt.open(URI)
+            conn.close()
+            return
+        except libvirt.libvirtError as exc:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"libvirtd exited with {proc.returncode}") from exc
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"libvirtd does not answer on {URI}: {exc}") from exc
+            time.sleep(0.1)
+
+
+def require_libvirt() -> None:
+    if libvirt is None:
+        pytest.fail("libvirt-python is not installed: pip install -e '.[libvirt]' "
+                    "(needs libvirt-dev and pkg-config)")
+    missing = [p for p in ("libvirtd", "virtlogd", "virtlockd") if shutil.which(p) is None]
+    if missing or not Path(QEMU).exists():
+        pytest.fail(f"missing {', '.join(missing) or QEMU}: apt-get install "
+                    f"libvirt-daemon-system qemu-system-x86")
+    if os.geteuid() != 0:
+        pytest.fail("the libvirt tests need root (they start libvirtd and write cgroups)")
+
+
+@pytest.fixture(scope="session")
+def libvirt_daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemons]:
+    require_libvirt()
+    (RUN / "libvirt").mkdir(parents=True, exist_ok=True)
+    daemons = Daemons(log_dir=tmp_path_factory.mktemp("libvirt-logs"))
+    try:
+        for daemon in DAEMONS:
+            if running_pid(daemon) is None:
+                daemons.start(daemon)
+        if not daemons.owns("libvirtd"):
+            wait_for_libvirtd()
+        yield daemons
+    finally:
+        for daemon in reversed(DAEMONS):
+            daemons.stop(daemon)
+
+
+@pytest.fixture(scope="session")
+def virt(libvirt_daemons: Daemons) -> Iterator[Any]:
+    conn = libvirt.open(URI)
+    try:
+        yield conn
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+
+# -- domains ------------------------------------------------------------------------------
+
+def cleanup_domain(conn: Any, name: str) -> None:
+    """Destroy and undefine ``name`` if it exists; never raises for a missing domain."""
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return
+    with contextlib.suppress(libvirt.libvirtError):
+        if dom.isActive():
+            dom.destroy()
+    with contextlib.suppress(libvirt.libvirtError):
+        if dom.isPersistent():
+            dom.undefine()
+
+
+class Domains:
+    """Creates test domains and remembers them for teardown."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.names: list[str] = []
+
+    def track(self, name: str) -> str:
+        if name not in self.names:
+            self.names.append(name)
+        return name
+
+    def define(self, name: str, **kw: Any) -> Any:
+        self.track(name)
+        cleanup_domain(self.conn, name)
+        return self.conn.defineXML(tiny_domain_xml(name, **kw))
+
+    def create(self, name: str, **kw: Any) -> Any:
+        """A transient, running domain."""
+        self.track(name)
+        cleanup_domain(self.conn, name)
+        return self.conn.createXML(tiny_domain_xml(name, **kw), 0)
+
+    def cleanup(self) -> None:
+        for name in reversed(self.names):
+            cleanup_domain(self.conn, name)
+
+
+@pytest.fixture
+def domains(virt: Any) -> Iterator[Domains]:
+    doms = Domains(virt)
+    try:
+        yield doms
+    finally:
+        doms.cleanup()
+
+
+# -- kernel views -------------------------------------------------------------------------
+
+def qemu_pid(name: str) -> int:
+    return int((RUN / "libvirt" / "qemu" / f"{name}.pid").read_text().strip())
+
+
+def cpuset_cgroup_of(tid: int) -> str:
+    """The cpuset cgroup of a thread, relative to the cpuset mount (no leading slash)."""
+    for line in Path(f"/proc/{tid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "cpuset" in controllers.split(","):
+            return path.strip("/")
+    raise AssertionError(f"thread {tid} has no cpuset cgroup")
+
+
+def domain_cgroup(name: str) -> str:
+    """``machine/qemu-N-NAME.libvirt-qemu`` (the parent of the emulator/vcpu groups)."""
+    path = cpuset_cgroup_of(qemu_pid(name))
+    return path.rsplit("/", 1)[0] if path.endswith("/emulator") else path
+
+
+def thread_affinity(tid: int) -> frozenset[int]:
+    for line in Path(f"/proc/{tid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return parse_list(line.split(":", 1)[1])
+    raise AssertionError(f"no Cpus_allowed_list for {tid}")
+
+
+def threads_of(pid: int) -> list[int]:
+    return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+
+
+def vm_affinity(name: str) -> frozenset[int]:
+    """Union of the CPUs every thread of the domain's QEMU may run on (kernel view)."""
+    out: set[int] = set()
+    for tid in threads_of(qemu_pid(name)):
+        with contextlib.suppress(FileNotFoundError):
+            out |= thread_affinity(tid)
+    return frozenset(out)
+
+
+def parse_list(text: str) -> frozenset[int]:
+    out: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        a, _, b = part.partition("-")
+        out.update(range(int(a), int(b or a) + 1))
+    return frozenset(out)
+
+
+def read_cpus(path: str, what: str = "cpus") -> frozenset[int]:
+    return parse_list((CPUSET / path / f"cpuset.{what}").read_text())
+
+
+def cpu_exclusive(path: str) -> bool:
+    return (CPUSET / path / "cpuset.cpu_exclusive").read_text().strip() == "1"
+
+
+def set_cpu_exclusive(path: str, on: bool) -> None:
+    (CPUSET / path / "cpuset.cpu_exclusive").write_text("1" if on else "0")
