@@ -6,6 +6,7 @@ Example (every key optional)::
     mode = "auto"          # auto | isolcpus | cgroup | none
     host_reserve = "0"     # none mode: CPUs kept for the OS; default: the first physical core
     cgroup = "machine"     # cgroup-v1 VM partition; v2 default "machine.slice"
+    exclusive = "pinwarden.partition"  # cgroup tree of leased CPUs (libvirt /pinwarden/vm-N)
 
     [ledger]
     state_dir = "/var/lib/pinwarden"
@@ -37,6 +38,7 @@ class Config:
     host_reserve: CpuSet | None = None  # None: the first physical core
     cgroup_v1: str = "machine"
     cgroup_v2: str = "machine.slice"
+    exclusive_cgroup: str = "pinwarden.partition"  # tree holding every leased CPU
     state_dir: Path = DEFAULT_STATE_DIR
     libvirt_uri: str = "qemu:///system"
 
@@ -63,7 +65,7 @@ def parse_config(text: str, path: Path = DEFAULT_CONFIG) -> Config:
     part = _table(data, "partition", path)
     ledger = _table(data, "ledger", path)
     virt = _table(data, "libvirt", path)
-    known = {"partition": {"mode", "host_reserve", "cgroup", "cgroup_v2"},
+    known = {"partition": {"mode", "host_reserve", "cgroup", "cgroup_v2", "exclusive"},
              "ledger": {"state_dir"}, "libvirt": {"uri"}}
     for section, keys in known.items():
         for key in _table(data, section, path):
@@ -87,6 +89,7 @@ def parse_config(text: str, path: Path = DEFAULT_CONFIG) -> Config:
         host_reserve=reserve,
         cgroup_v1=_str(part, "cgroup", "machine", path).strip("/"),
         cgroup_v2=_str(part, "cgroup_v2", "machine.slice", path).strip("/"),
+        exclusive_cgroup=_str(part, "exclusive", "pinwarden.partition", path).strip("/"),
         state_dir=Path(_str(ledger, "state_dir", str(DEFAULT_STATE_DIR), path)),
         libvirt_uri=_str(virt, "uri", "qemu:///system", path),
     )
