@@ -17,8 +17,11 @@ the kernel refuses:
 1. *bottom-up* (deepest first): remove stale unpopulated groups; switch exclusive flags off;
    narrow cpus (and mems) to ``current ∩ target`` — this includes groups we do not own, such
    as libvirt's ``machine/qemu-N-B.libvirt-qemu/{emulator,vcpuN}``, so a parent can shrink;
-2. *top-down* (shallowest first): create missing groups (mems copied from the parent), widen
-   cpus (and mems) to the target, switch exclusive flags on.
+2. groups that had to be *bridged* (see :func:`order`): widened top-down, then narrowed to
+   their target bottom-up;
+3. *top-down* (shallowest first): create missing groups (mems copied from the parent), widen
+   cpus (and mems) to the target;
+4. *top-down*: switch exclusive flags on.
 
 Groups we do not own (descendants of the managed groups) get a target too: a group whose
 cpus equal its parent's keeps tracking its parent; any other keeps ``cpus ∩ parent target``
@@ -44,6 +47,7 @@ from pinwarden.enforce.backend import (
     SetMems,
     SetPartition,
     Snapshot,
+    ancestors,
     depth,
     is_within,
     join,
@@ -281,7 +285,9 @@ def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
             mems = parent_mems
         want[spec_path] = Target(cpus, mems, partition)
 
-    own(names.shared, desired.shared.cpus, "member")
+    # CPUs still used by a kept stale group stay out of the shared pool
+    kept_cpus = union(current[p].cpus for p in kept)
+    own(names.shared, desired.shared.cpus - kept_cpus or desired.shared.cpus, "member")
     if needed:
         own(names.exclusive, exclusive_cpus, "exclusive")
         for spec in desired.holders:
@@ -304,50 +310,80 @@ def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
 
 
 def order(current: Snapshot, goal: Targets) -> list[Op]:
-    """Ordered primitive operations from ``current`` to ``goal`` (see the module doc)."""
+    """Ordered primitive operations from ``current`` to ``goal`` (see the module doc).
+
+    A populated group whose CPUs must move to a disjoint set (its cpus ∩ target is empty)
+    cannot be narrowed first — the kernel refuses to leave tasks without CPUs — so it and
+    its ancestors are *bridged*: widened to current ∪ target top-down, then narrowed to the
+    target bottom-up once the new CPUs are in place — before any other group widens, so
+    the CPUs a bridge gives up are free when a sibling takes them.
+    """
     ops: list[Op] = []
     cpus_now: dict[str, CpuSet] = {p: current[p].cpus for p in current}
     mems_now: dict[str, CpuSet] = {p: current[p].mems for p in current}
-    # phase 1: bottom-up
-    existing = [p for p in current if p in goal.want or p in goal.remove]
-    for path in sorted(existing, key=lambda p: (-depth(p), p)):
+    bottom_up = sorted((p for p in current if p in goal.want or p in goal.remove),
+                       key=lambda p: (-depth(p), p))
+    top_down = sorted(goal.want, key=lambda p: (depth(p), p))
+
+    def children_now(path: str) -> CpuSet:
+        return union(cpus_now[c] for c in current.children(path)
+                     if c in cpus_now and c not in goal.remove)
+
+    # phase 1, bottom-up: remove stale groups, exclusive off, narrow to current ∩ target
+    for path in bottom_up:
         state = current[path]
         if path in goal.remove:
             ops.append(Rmdir(path))
+            del cpus_now[path]
             continue
         target = goal.want[path]
         if state.exclusive and target.partition == "member":
             ops.append(SetPartition(path, "member"))
-        mid = state.cpus & target.cpus
-        if not mid and target.cpus and state.cpus:
-            parent = parent_of(path)
-            mid = target.cpus & cpus_now.get(parent, CpuSet()) if parent is not None \
-                else CpuSet()
-        if mid != state.cpus and (mid or not _populated(current, path)):
+        mid = (state.cpus & target.cpus) | children_now(path)
+        if not mid and _populated(current, path):
+            mid = state.cpus  # stuck: bridged below
+        if mid != state.cpus:
             ops.append(SetCpus(path, mid))
             cpus_now[path] = mid
         mems_mid = state.mems & target.mems
         if mems_mid != state.mems and mems_mid:
             ops.append(SetMems(path, mems_mid))
             mems_now[path] = mems_mid
-    # phase 2: top-down
-    for path in sorted(goal.want, key=lambda p: (depth(p), p)):
+    # phase 2: bridge stuck groups (and their ancestors) top-down, then narrow them
+    stuck = [p for p in top_down if p in current and not cpus_now[p] <= goal.want[p].cpus]
+    bridge = {a for p in stuck for a in [*ancestors(p), p] if a in goal.want and a in current}
+    for path in sorted(bridge, key=lambda p: (depth(p), p)):
+        now, target_cpus = cpus_now[path], goal.want[path].cpus
+        wanted = target_cpus if now <= target_cpus else now | target_cpus
+        if wanted != now:
+            ops.append(SetCpus(path, wanted))
+            cpus_now[path] = wanted
+    for path in sorted(bridge, key=lambda p: (-depth(p), p)):
+        if cpus_now[path] != goal.want[path].cpus:
+            ops.append(SetCpus(path, goal.want[path].cpus))
+            cpus_now[path] = goal.want[path].cpus
+    # phase 3, top-down: create missing groups, widen the others
+    for path in top_down:
         target = goal.want[path]
-        before = current.get(path)
-        if before is None:
+        if path not in current:
             ops.append(Mkdir(path))
             if target.mems:
                 ops.append(SetMems(path, target.mems))
             if target.cpus:
                 ops.append(SetCpus(path, target.cpus))
-            if target.partition != "member":
-                ops.append(SetPartition(path, target.partition))
+            cpus_now[path] = target.cpus
             continue
-        if cpus_now.get(path) != target.cpus:
-            ops.append(SetCpus(path, target.cpus))
-        if mems_now.get(path) != target.mems:
+        if mems_now[path] != target.mems:
             ops.append(SetMems(path, target.mems))
-        if target.partition != "member" and before.partition != target.partition:
+        if cpus_now[path] != target.cpus:
+            ops.append(SetCpus(path, target.cpus))
+            cpus_now[path] = target.cpus
+    # phase 4, top-down: exclusive flags on
+    for path in top_down:
+        target = goal.want[path]
+        before = current.get(path)
+        was = before.partition if before is not None else "member"
+        if target.partition != "member" and was != target.partition:
             ops.append(SetPartition(path, target.partition))
     return ops
 

@@ -1,0 +1,278 @@
+"""Execute a plan against a backend as one transaction.
+
+Every operation is performed in order.  On the first kernel error every operation already
+done is undone in reverse order (the inverse of each op is computed from the state read
+before), and an :class:`~pinwarden.errors.EnforceError` explains the kernel's refusal in one
+line: which CPU, which cgroup holds it, what to do.  After the last operation the owned
+groups are read back; a mismatch (effective CPUs not what was asked) is rolled back too.
+
+:func:`sync` is the entry point the rest of pinwarden uses: read, plan, apply, verify,
+serialised between pinwarden processes by an ``flock`` on a lock file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as errno_mod
+import fcntl
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pinwarden.cpuset import CpuSet
+from pinwarden.enforce.backend import (
+    CgroupBackend,
+    CgroupOpError,
+    Mkdir,
+    Op,
+    PartitionKind,
+    Rmdir,
+    SetCpus,
+    SetMems,
+    SetPartition,
+    Snapshot,
+    describe,
+    parent_of,
+    perform,
+)
+from pinwarden.enforce.layout import (
+    DesiredLayout,
+    LayoutNames,
+    PlanError,
+    Targets,
+    desired_layout,
+    order,
+    targets,
+    verify,
+)
+from pinwarden.errors import EnforceError
+from pinwarden.model import Lease
+from pinwarden.partition import Host
+
+
+@dataclass
+class _Tracked:
+    cpus: CpuSet
+    mems: CpuSet
+    partition: PartitionKind
+
+
+@dataclass(frozen=True)
+class Result:
+    ops: tuple[Op, ...]
+    before: Snapshot
+    after: Snapshot
+    desired: DesiredLayout | None = None
+
+
+def _inverse(op: Op, state: dict[str, _Tracked]) -> list[Op]:
+    """Operations undoing ``op``, given the state just before it."""
+    match op:
+        case Mkdir(path):
+            return [Rmdir(path)]
+        case Rmdir(path):
+            old = state.get(path)
+            undo: list[Op] = [Mkdir(path)]
+            if old is not None:
+                if old.mems:
+                    undo.append(SetMems(path, old.mems))
+                if old.cpus:
+                    undo.append(SetCpus(path, old.cpus))
+                if old.partition != "member":
+                    undo.append(SetPartition(path, old.partition))
+            return undo
+        case SetCpus(path, _):
+            return [SetCpus(path, state[path].cpus)] if path in state else []
+        case SetMems(path, _):
+            return [SetMems(path, state[path].mems)] if path in state else []
+        case SetPartition(path, _):
+            return [SetPartition(path, state[path].partition)] if path in state else []
+    return []
+
+
+def _advance(op: Op, state: dict[str, _Tracked]) -> None:
+    match op:
+        case Mkdir(path):
+            state[path] = _Tracked(CpuSet(), CpuSet(), "member")
+        case Rmdir(path):
+            state.pop(path, None)
+        case SetCpus(path, cpus):
+            state[path].cpus = cpus
+        case SetMems(path, mems):
+            state[path].mems = mems
+        case SetPartition(path, kind):
+            state[path].partition = kind
+
+
+def _show(path: str) -> str:
+    return "/" + path
+
+
+def _cpus(cpus: CpuSet) -> str:
+    if not cpus:
+        return "no CPU"
+    return f"CPU {cpus.to_list()}" if len(cpus) == 1 else f"CPUs {cpus.to_list()}"
+
+
+def explain(exc: CgroupOpError, op: Op, state: Mapping[str, _Tracked],
+            owners: Mapping[str, str]) -> str:
+    """One line: what the kernel refused and why, from the state at the moment of failure."""
+    path = op.path
+    who = owners.get(path, _show(path))
+    parent = parent_of(path)
+    err = exc.errno
+
+    def owner(p: str) -> str:
+        return owners.get(p, f"cgroup {_show(p)} (not managed by pinwarden)")
+
+    def siblings() -> list[str]:
+        return sorted(p for p in state if p != path and parent_of(p) == parent)
+
+    wanted: CpuSet | None = None
+    exclusive = False
+    if isinstance(op, SetCpus):
+        wanted = op.cpus
+        exclusive = path in state and state[path].partition != "member"
+    elif isinstance(op, SetPartition):
+        wanted = state[path].cpus if path in state else None
+        exclusive = op.kind != "member"
+    if err == errno_mod.EINVAL and wanted is not None:
+        for sib in siblings():
+            other = state[sib]
+            clash = wanted & other.cpus
+            if clash and (exclusive or other.partition != "member"):
+                return (f"cannot give {_cpus(clash)} to {who}: {owner(sib)} holds "
+                        f"{_cpus(other.cpus)}"
+                        f"{' exclusively' if other.partition != 'member' else ''}; "
+                        f"free {'it' if len(clash) == 1 else 'them'} there first "
+                        f"(kernel said EINVAL; nothing was changed)")
+        return (f"the kernel refused to {describe(op)} (EINVAL): {_cpus(wanted)} "
+                f"not online or not usable; nothing was changed")
+    if err == errno_mod.ERANGE and wanted is not None:
+        return f"cannot {describe(op)}: no such CPU on this host (ERANGE); nothing was changed"
+    if err == errno_mod.EACCES and parent is not None and parent in state \
+            and not isinstance(op, (Mkdir, Rmdir)):
+        par = state[parent]
+        if wanted is not None and not wanted <= par.cpus:
+            return (f"cannot {describe(op)}: {_cpus(wanted - par.cpus)} not in parent "
+                    f"{_show(parent)} ({_cpus(par.cpus)}); widen the parent first "
+                    f"(EACCES; nothing was changed)")
+        if exclusive and par.partition == "member":
+            return (f"cannot make {who} exclusive: its parent {_show(parent)} is not "
+                    f"exclusive (EACCES; nothing was changed)")
+    if err in (errno_mod.EACCES, errno_mod.EPERM):
+        return (f"permission denied to {describe(op)} ({errno_mod.errorcode[err]}): "
+                f"pinwarden must run as root; nothing was changed")
+    if err == errno_mod.EBUSY:
+        if isinstance(op, Rmdir):
+            return (f"cannot remove {who}: tasks or child cgroups still live there "
+                    f"(EBUSY); nothing was changed")
+        for child in sorted(p for p in state if parent_of(p) == path):
+            if wanted is not None and not state[child].cpus <= wanted:
+                return (f"cannot {describe(op)}: child {owner(child)} still uses "
+                        f"{_cpus(state[child].cpus - wanted)} (EBUSY; nothing was changed)")
+        return f"the kernel refused to {describe(op)}: busy (EBUSY); nothing was changed"
+    if err == errno_mod.ENOSPC:
+        return (f"cannot {describe(op)}: {who} has tasks, which would be left without "
+                f"CPUs or memory nodes (ENOSPC); nothing was changed")
+    if err == errno_mod.ENOENT:
+        return (f"cannot {describe(op)}: the cgroup does not exist (it vanished, or its "
+                f"parent is missing) (ENOENT); nothing was changed")
+    name = errno_mod.errorcode.get(err, str(err))
+    return f"the kernel refused to {describe(op)}: {os.strerror(err)} ({name}); " \
+           f"nothing was changed"
+
+
+def _rollback(backend: CgroupBackend, undo: list[list[Op]]) -> list[str]:
+    failures: list[str] = []
+    for ops in reversed(undo):
+        for op in ops:
+            try:
+                perform(backend, op)
+            except CgroupOpError as exc:
+                code = errno_mod.errorcode.get(exc.errno, str(exc.errno))
+                failures.append(f"{describe(op)}: {code}")
+    return failures
+
+
+def execute(backend: CgroupBackend, before: Snapshot, ops: Sequence[Op], *,
+            goal: Targets | None = None, check: Sequence[str] = (),
+            owners: Mapping[str, str] | None = None) -> Snapshot:
+    """Perform ``ops`` (planned from ``before``); roll back and raise on any failure.
+
+    ``check``: paths whose state is read back and compared with ``goal`` at the end.
+    Returns the state read back (the paths in ``before``'s roots and ``check``).
+    """
+    owners = owners or {}
+    state = {p: _Tracked(g.cpus, g.mems, g.partition) for p, g in before.groups.items()}
+    undo: list[list[Op]] = []
+    for op in ops:
+        inverse = _inverse(op, state)
+        try:
+            perform(backend, op)
+        except CgroupOpError as exc:
+            message = explain(exc, op, state, owners)
+            failures = _rollback(backend, undo)
+            if failures:
+                message = message.replace("nothing was changed",
+                                          "ROLLBACK FAILED: " + "; ".join(failures))
+            raise EnforceError(message) from exc
+        undo.append(inverse)
+        _advance(op, state)
+    roots = [p for p in check if p in state]
+    after = backend.read_state(roots) if roots else Snapshot({})
+    if goal is not None and check:
+        problems = verify(after, goal, [p for p in check if p in goal.want])
+        if problems:
+            failures = _rollback(backend, undo)
+            tail = "; rolled back" if not failures else \
+                "; ROLLBACK FAILED: " + "; ".join(failures)
+            raise EnforceError(f"the kernel did not apply the layout: {problems[0]}{tail}")
+    return after
+
+
+@contextlib.contextmanager
+def locked(lock_file: Path | None) -> Iterator[None]:
+    """Serialise enforcement between pinwarden processes (``flock`` on ``lock_file``)."""
+    if lock_file is None:
+        yield
+        return
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def owner_names(desired: DesiredLayout) -> dict[str, str]:
+    """Human names of the groups pinwarden owns, for error messages."""
+    names = {desired.shared.path: f"the shared partition {_show(desired.shared.path)}",
+             desired.exclusive.path: f"the exclusive tree {_show(desired.exclusive.path)}"}
+    for spec in desired.holders:
+        if spec.holder is not None:
+            names[spec.path] = f"{spec.holder} ({_show(spec.path)})"
+    return names
+
+
+def apply_layout(backend: CgroupBackend, desired: DesiredLayout) -> Result:
+    """Read the current state, plan towards ``desired``, execute and verify."""
+    before = backend.read_state(desired.names.paths())
+    try:
+        goal = targets(before, desired)
+    except PlanError as exc:
+        raise EnforceError(str(exc)) from None
+    ops = order(before, goal)
+    owned = [spec.path for spec in desired.groups() if spec.path in goal.want]
+    after = execute(backend, before, ops, goal=goal, check=owned,
+                    owners=owner_names(desired))
+    return Result(tuple(ops), before, after, desired)
+
+
+def sync(backend: CgroupBackend, host: Host, leases: Sequence[Lease],
+         names: LayoutNames | None = None, *, lock_file: Path | None = None) -> Result:
+    """Make the cgroups match ``leases``: the one call the ledger users need."""
+    with locked(lock_file):
+        return apply_layout(backend, desired_layout(host, leases, names or LayoutNames()))

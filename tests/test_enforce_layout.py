@@ -1,0 +1,167 @@
+"""The pure layout model and planner, executed on the errno-faithful fake cpuset tree."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from enforce_helpers import build, lease, make_host, whole
+from pinwarden.cpuset import CpuSet
+from pinwarden.enforce.apply import apply_layout
+from pinwarden.enforce.backend import Mkdir, Rmdir, SetCpus, SetPartition, perform
+from pinwarden.enforce.fake import FakeCpusetV1
+from pinwarden.enforce.layout import (
+    LayoutNames,
+    desired_layout,
+    holder_group_name,
+    libvirt_partition,
+    plan,
+)
+from pinwarden.model import HolderRef
+
+VM = "machine/qemu-1-B.libvirt-qemu"
+
+
+def test_holder_group_names_are_libvirt_safe() -> None:
+    assert holder_group_name(HolderRef("qemu", "u-1", "web01")) == "vm-web01.partition"
+    assert holder_group_name(HolderRef("run", "J", "J")) == "run-J.partition"
+    uuid = "c7a5fdbd-cdaf-9455-926a-d65c16db1809"
+    # a dot would stop libvirt from adding ".partition": the UUID is used instead
+    assert holder_group_name(HolderRef("qemu", uuid, "a.b")) == f"vm-{uuid}.partition"
+    hostile = holder_group_name(HolderRef("run", "../../x y", "../../x y"))
+    assert hostile.startswith("run-") and hostile.endswith(".partition")
+    assert "/" not in hostile and " " not in hostile and ".." not in hostile
+    names = LayoutNames()
+    assert libvirt_partition(names, HolderRef("qemu", "u", "A")) == "/pinwarden/vm-A"
+    with pytest.raises(ValueError):
+        libvirt_partition(LayoutNames(exclusive="pwtest/excl"), HolderRef("qemu", "u", "A"))
+
+
+def test_layout_names_must_not_nest() -> None:
+    with pytest.raises(ValueError):
+        LayoutNames(shared="a", exclusive="a/b")
+    with pytest.raises(ValueError):
+        LayoutNames(shared="/machine")
+
+
+def test_desired_layout_pools_and_holders() -> None:
+    host = make_host("0-3", vm="1-3")
+    leases = [lease(2, "J"), lease(3, "V", driver="qemu", role="vcpu0")]
+    desired = desired_layout(host, leases)
+    assert desired.shared.cpus == CpuSet.of([1])
+    assert desired.exclusive.cpus == CpuSet.of([2, 3])
+    assert {(s.path, str(s.cpus)) for s in desired.holders} == {
+        ("pinwarden.partition/run-J.partition", "2"),
+        ("pinwarden.partition/vm-V.partition", "3")}
+    # everything leased: the shared pool falls back to the housekeeping CPUs
+    full = desired_layout(host, [lease(1, "A"), lease(2, "A"), lease(3, "A")])
+    assert full.shared.cpus == CpuSet.of([0]) and full.notes
+
+
+def test_sibling_holds_are_leased_but_outside_the_holder_group() -> None:
+    host = make_host("0-3", vm="1-3")
+    desired = desired_layout(host, [lease(2, "V", "qemu", "vcpu0"),
+                                    lease(3, "V", "qemu", "sibling-hold")])
+    assert desired.exclusive.cpus == CpuSet.of([2, 3])
+    assert desired.holders[0].cpus == CpuSet.of([2])
+
+
+def vm_fake() -> FakeCpusetV1:
+    """machine (0-3) with a running VM: vcpu0 pinned to CPU 3, vcpu1 and emulator unpinned."""
+    fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"))
+    build(fake, {"machine": ("0-3", False), VM: ("0-3", False),
+                 f"{VM}/emulator": ("0-3", False), f"{VM}/vcpu0": ("3", False),
+                 f"{VM}/vcpu1": ("0-3", False)},
+          tasks={f"{VM}/emulator": [100], f"{VM}/vcpu0": [101], f"{VM}/vcpu1": [102]})
+    return fake
+
+
+def test_plan_narrows_vm_cgroups_bottom_up_before_machine_shrinks() -> None:
+    fake = vm_fake()
+    desired = desired_layout(make_host(), [lease(2, "J"), lease(3, "J")])
+    ops = plan(whole(fake), desired)
+    index = {op: i for i, op in enumerate(ops)}
+    narrow_machine = index[SetCpus("machine", CpuSet.of([1]))]
+    # every VM group is narrowed before machine, the deepest first
+    for path in (f"{VM}/vcpu0", f"{VM}/vcpu1", f"{VM}/emulator"):
+        assert index[SetCpus(path, CpuSet.of([1]))] < index[SetCpus(VM, CpuSet.of([1]))]
+    assert index[SetCpus(VM, CpuSet.of([1]))] < narrow_machine
+    # the exclusive tree is created after machine shrank, parent before child
+    exclusive_on = index[SetPartition("pinwarden.partition", "exclusive")]
+    assert narrow_machine < index[Mkdir("pinwarden.partition")] < exclusive_on
+    assert exclusive_on < index[SetPartition("pinwarden.partition/run-J.partition",
+                                             "exclusive")]
+    # and the kernel (fake) accepts the sequence as is
+    for op in ops:
+        perform(fake, op)
+    state = whole(fake)
+    assert state[f"{VM}/vcpu0"].cpus == CpuSet.of([1])  # its pinned CPU was leased away
+    assert state["pinwarden.partition/run-J.partition"].exclusive
+    assert state["pinwarden.partition/run-J.partition"].mems == CpuSet.of([0])
+
+
+def test_release_widens_parents_first_and_removes_empty_groups() -> None:
+    fake = vm_fake()
+    host = make_host()
+    apply_layout(fake, desired_layout(host, [lease(2, "J"), lease(3, "J")]))
+    ops = plan(whole(fake), desired_layout(host, []))
+    assert ops.index(Rmdir("pinwarden.partition/run-J.partition")) \
+        < ops.index(SetPartition("pinwarden.partition", "exclusive")
+                    if False else SetCpus("pinwarden.partition", CpuSet()))
+    assert ops.index(SetCpus("machine", CpuSet.of([1, 2, 3]))) \
+        < ops.index(SetCpus(VM, CpuSet.of([1, 2, 3])))
+    for op in ops:
+        perform(fake, op)
+    state = whole(fake)
+    # groups that followed machine follow it back; the pinned vcpu stays where it was put
+    assert state[VM].cpus == CpuSet.of([1, 2, 3])
+    assert state[f"{VM}/vcpu1"].cpus == CpuSet.of([1, 2, 3])
+    assert "pinwarden.partition/run-J.partition" not in state
+    assert state["pinwarden.partition"].cpus == CpuSet()
+
+
+def test_stale_group_with_tasks_is_kept() -> None:
+    fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"))
+    host = make_host()
+    apply_layout(fake, desired_layout(host, [lease(3, "old")]))
+    fake.attach_thread("pinwarden.partition/run-old.partition", 55)
+    result = apply_layout(fake, desired_layout(host, [lease(2, "new")]))
+    state = result.after
+    assert state["pinwarden.partition/run-old.partition"].cpus == CpuSet.of([3])
+    assert state["pinwarden.partition"].cpus == CpuSet.of([2, 3])
+    fake.exit(55)
+    apply_layout(fake, desired_layout(host, [lease(2, "new")]))
+    assert "pinwarden.partition/run-old.partition" not in whole(fake)
+
+
+holders = st.sampled_from(["a", "b", "c"])
+lease_sets = st.dictionaries(st.sampled_from([1, 2, 3]), holders, max_size=3)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(lease_sets, min_size=1, max_size=6),
+       pins=st.lists(st.sampled_from(["0-3", "1", "2", "3", "2-3", "0,3"]), min_size=3,
+                     max_size=3))
+def test_any_sequence_of_layouts_is_reached_without_kernel_refusal(
+        steps: list[dict[int, str]], pins: list[str]) -> None:
+    """Random lease changes beside a running VM with random pins: every plan is accepted
+    by the (kernel-faithful) fake, in order, and reaches the desired state."""
+    fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"))
+    build(fake, {"machine": ("0-3", False), VM: ("0-3", False),
+                 f"{VM}/emulator": (pins[0], False), f"{VM}/vcpu0": (pins[1], False),
+                 f"{VM}/vcpu1": (pins[2], False)},
+          tasks={f"{VM}/emulator": [1], f"{VM}/vcpu0": [2], f"{VM}/vcpu1": [3]})
+    host = make_host()
+    for step in steps:
+        leases = [lease(cpu, name) for cpu, name in step.items()]
+        desired = desired_layout(host, leases)
+        apply_layout(fake, desired)  # raises EnforceError on any refusal or mismatch
+        state = whole(fake)
+        assert state["machine"].cpus == desired.shared.cpus
+        for spec in desired.holders:
+            assert state[spec.path].cpus == spec.cpus and state[spec.path].exclusive
+        leased = CpuSet.of(step)
+        for path in state.subtree("machine"):
+            assert state[path].cpus.isdisjoint(leased)
+            assert state[path].cpus  # populated VM groups never end up empty
