@@ -1,0 +1,469 @@
+"""Placement policy: the RFC's rule table, exclusivity and refusals, case by case."""
+
+from __future__ import annotations
+
+import dataclasses
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pinwarden.cpuset import CpuSet
+from pinwarden.domain import PW_NS, DomainSpec, parse_domain
+from pinwarden.errors import Refusal
+from pinwarden.model import SIBLING_HOLD, HolderRef, Lease, Plan
+from pinwarden.partition import Host, Partition, PartitionMode
+from pinwarden.policy import decide
+from pinwarden.topology import Cpu, Topology
+
+HWLOC = Path(__file__).resolve().parent.parent.parent / "shared" / "testdata" / "hwloc"
+
+C = CpuSet.parse
+
+
+def topology(cpus: int = 16, *, threads: int = 1, nodes: int = 2, offline: str = "",
+             isolated: str = "") -> Topology:
+    """x86 numbering: thread t of core k is CPU t * cores + k; cores split evenly on nodes."""
+    cores = cpus // threads
+    off = C(offline) if offline else CpuSet()
+    table: dict[int, Cpu] = {}
+    for cpu in range(cpus):
+        core = cpu % cores
+        node = core * nodes // cores
+        siblings = CpuSet.of(t * cores + core for t in range(threads))
+        table[cpu] = Cpu(id=cpu, online=cpu not in off, package=node, die=0, cluster=None,
+                         core=core, siblings=siblings, node=node)
+    every = CpuSet.range(0, cpus - 1)
+    node_map = {n: CpuSet.of(c for c in table if table[c].node == n) for n in range(nodes)}
+    return Topology(cpus=table, present=every, online=every - off,
+                    isolated=C(isolated) if isolated else CpuSet(), nohz_full=CpuSet(),
+                    nodes=node_map)
+
+
+def host(mode: PartitionMode = "isolcpus", vm: str = "4-15", *, cpus: int = 16,
+         threads: int = 1, nodes: int = 2, offline: str = "") -> Host:
+    topo = topology(cpus, threads=threads, nodes=nodes, offline=offline,
+                    isolated=vm if mode == "isolcpus" else "")
+    vm_cpus = C(vm) & topo.online
+    return Host(topo, Partition(mode=mode, vm_cpus=vm_cpus, host_cpus=topo.online - vm_cpus,
+                                reason="test", cgroup="/machine" if mode == "cgroup" else None))
+
+
+def spec(name: str = "vm1", vcpus: int = 2, **kw: object) -> DomainSpec:
+    return DomainSpec(name=name, uuid=None, vcpus=vcpus, **kw)  # type: ignore[arg-type]
+
+
+def lease(cpus: str, name: str = "other", role: str = "vcpu0") -> list[Lease]:
+    holder = HolderRef("qemu", name, name)
+    return [Lease(cpu, holder, role, 0.0) for cpu in C(cpus)]
+
+
+def refused(code: str, *needles: str, **kw: object) -> Refusal:
+    """Run decide(**kw) expecting a refusal with ``code`` mentioning every needle."""
+    with pytest.raises(Refusal) as info:
+        decide(**kw)  # type: ignore[arg-type]
+    assert info.value.code == code, info.value.message
+    for needle in needles:
+        assert needle in info.value.message, info.value.message
+    assert "\n" not in info.value.message
+    return info.value
+
+
+SEED = """<domain type='kvm'><name>vm1</name>
+  <vcpu placement='static' cpuset='4-6'>2</vcpu>
+  <cputune exclusive='yes'>
+    <vcpupin vcpu='0' cpuset='5'/>
+    <vcpupin vcpu='1' cpuset='6'/>
+    <emulatorpin cpuset='4'/>
+  </cputune></domain>"""
+
+
+# -- the seed's own example --------------------------------------------------------------
+
+
+def test_seed_example_on_isolcpus_host() -> None:
+    plan = decide(parse_domain(SEED), host("isolcpus", "4-15"), [])
+    assert plan.to_json()["vcpus"] == {"0": "5", "1": "6"}
+    assert plan.to_json()["emulator"] == "4" and plan.to_json()["iothreads"] == {}
+    assert plan.leases == {4: "emulator", 5: "vcpu0", 6: "vcpu1"}
+    assert plan.leased() == C("4-6") and plan.default_cpus == C("4-6")
+    assert plan.exclusive and plan.domain == "vm1" and not plan.notes
+
+
+def test_seed_example_twice_conflicts_naming_cpu_and_holder() -> None:
+    first = decide(parse_domain(SEED), host(), [])
+    held = [Lease(cpu, HolderRef("qemu", "vm1", "vm1"), role, 1.0)
+            for cpu, role in first.leases.items()]
+    twin = parse_domain(SEED.replace("<name>vm1</name>", "<name>vm2</name>"))
+    refused("conflict", "CPU 5", "qemu domain 'vm1'", "vcpu0", "pinwarden release vm1",
+            spec=twin, host=host(), leases=held)
+    # the holder itself may re-plan: its own leases are ignored
+    assert decide(parse_domain(SEED), host(), held) == first
+
+
+# -- shared domains: the rule table ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "vm", "expected"), [
+    ("isolcpus", "4-15", "4,7-15"),
+    ("cgroup", "2-13", "2-4,7-13"),
+    ("none", "1-15", "1-4,7-15"),
+])
+def test_nothing_in_xml_gets_vm_cpus_minus_leased(mode: PartitionMode, vm: str,
+                                                  expected: str) -> None:
+    plan = decide(spec(iothreads=1), host(mode, vm), lease("5-6"))
+    assert plan.default_cpus == C(expected)
+    assert set(plan.vcpus.values()) == {C(expected)}
+    assert plan.emulator == C(expected) and plan.iothreads == {1: C(expected)}
+    assert not plan.leases and not plan.exclusive and not plan.notes
+
+
+def test_never_all_cpus_even_without_leases() -> None:
+    plan = decide(spec(), host("isolcpus", "4-15"), [])
+    assert plan.default_cpus == C("4-15")  # not 0-15
+
+
+@pytest.mark.parametrize("mode", ["isolcpus", "none"])
+def test_affinity_is_honoured_outside_the_vm_cpus(mode: PartitionMode) -> None:
+    s = spec(vcpupins={0: C("1"), 1: C("2-3")}, emulatorpin=C("0"))
+    plan = decide(s, host(mode, "4-15"), [])
+    assert plan.vcpus == {0: C("1"), 1: C("2-3")} and plan.emulator == C("0")
+    assert plan.default_cpus is None and not plan.leases
+    assert any("housekeeping CPUs 0-3" in n for n in plan.notes)
+
+
+def test_vcpu_cpuset_applies_to_unpinned_threads() -> None:
+    s = spec(vcpus=3, cpuset=C("8-11"), vcpupins={1: C("12")})
+    plan = decide(s, host(), [])
+    assert plan.vcpus == {0: C("8-11"), 1: C("12"), 2: C("8-11")}
+    assert plan.emulator == C("8-11") and plan.default_cpus == C("8-11")
+
+
+def test_partial_pins_get_default_placement_not_all_cpus() -> None:
+    plan = decide(spec(vcpus=2, emulatorpin=C("7")), host(), lease("4-5"))
+    assert plan.vcpus == {0: C("6-15"), 1: C("6-15")}
+    assert plan.emulator == C("7") and plan.default_cpus == C("6-15")
+
+
+def test_cgroup_mode_affinity_inside_is_fine() -> None:
+    plan = decide(spec(cpuset=C("3-5")), host("cgroup", "2-13"), [])
+    assert plan.default_cpus == C("3-5")
+
+
+@pytest.mark.parametrize("field", ["cpuset", "vcpupins", "emulatorpin", "iothreadpins"])
+def test_cgroup_mode_affinity_outside_is_refused(field: str) -> None:
+    changes: dict[str, Any] = {field: C("0-3")}
+    if field in ("vcpupins", "iothreadpins"):
+        changes = {field: {1: C("0-3")}}
+    s = dataclasses.replace(spec(iothreads=1), **changes)
+    refused("outside-partition", "CPUs 0-1", "/machine", "2-13",
+            spec=s, host=host("cgroup", "2-13"), leases=[])
+
+
+@pytest.mark.parametrize("mode", ["isolcpus", "none"])
+def test_all_vm_cpus_leased_shared_falls_back_to_housekeeping(mode: PartitionMode) -> None:
+    plan = decide(spec(), host(mode, "4-15"), lease("4-15"))
+    assert plan.default_cpus == C("0-3")
+    assert any("housekeeping CPUs 0-3" in n and "leased" in n for n in plan.notes)
+
+
+def test_all_vm_cpus_leased_is_refused_in_cgroup_mode() -> None:
+    refused("insufficient-cpus", "/machine", "leased",
+            spec=spec(), host=host("cgroup", "4-15"), leases=lease("4-15"))
+
+
+def test_shared_domain_may_not_pin_onto_leased_cpus() -> None:
+    s = spec(vcpupins={0: C("8"), 1: C("9-10")})
+    refused("conflict", "CPU 9", "qemu domain 'db'", "<vcpupin vcpu='1'",
+            spec=s, host=host(), leases=lease("9", name="db"))
+    refused("conflict", "CPU 9", spec=spec(cpuset=C("8-12")), host=host(),
+            leases=lease("9", name="db"))
+
+
+# -- input that cannot be placed --------------------------------------------------------
+
+
+@pytest.mark.parametrize("exclusive", [False, True])
+def test_nonexistent_and_offline_cpus_are_refused(exclusive: bool) -> None:
+    h = host(offline="7")
+    refused("unknown-cpu", "CPU 16", "<vcpupin vcpu='0' cpuset='16'>", "0-15",
+            spec=spec(vcpupins={0: C("16"), 1: C("5")}, exclusive=exclusive), host=h,
+            leases=[])
+    refused("offline-cpu", "CPU 7", "<emulatorpin", spec=spec(
+        vcpupins={0: C("5"), 1: C("6")}, emulatorpin=C("7"), exclusive=exclusive),
+        host=h, leases=[])
+
+
+def test_bad_pins_and_zero_vcpus_are_refused() -> None:
+    refused("bad-pin", "vcpu='2'", "0-1", spec=spec(vcpupins={2: C("5")}), host=host(),
+            leases=[])
+    refused("bad-pin", "iothread='3'", "iothreads 1-2",
+            spec=spec(iothreads=2, iothreadpins={3: C("5")}), host=host(), leases=[])
+    refused("bad-pin", "no iothreads", spec=spec(iothreadpins={1: C("5")}), host=host(),
+            leases=[])
+    refused("no-vcpus", "vm1", spec=spec(vcpus=0), host=host(), leases=[])
+
+
+def test_iothreadids_are_the_valid_iothread_ids() -> None:
+    s = spec(iothreads=2, iothread_ids=(4, 7), iothreadpins={7: C("9")})
+    plan = decide(s, host(), [])
+    assert plan.iothreads == {4: C("4-15"), 7: C("9")}
+
+
+# -- exclusive domains ---------------------------------------------------------------------
+
+
+def test_exclusive_pins_onto_housekeeping_are_refused() -> None:
+    s = spec(exclusive=True, vcpupins={0: C("3"), 1: C("4")})
+    refused("host-cpu", "CPU 3", "housekeeping", "4-15", spec=s, host=host(), leases=[])
+    refused("host-cpu", "CPU 0", "<emulatorpin>", spec=spec(
+        exclusive=True, vcpupins={0: C("5"), 1: C("6")}, emulatorpin=C("0")), host=host(),
+        leases=[])
+    # in cgroup mode the partition check names the cgroup
+    refused("outside-partition", "/machine", spec=s, host=host("cgroup", "4-15"), leases=[])
+
+
+def test_exclusive_requires_every_vcpu_pinned() -> None:
+    refused("bad-pin", "vCPU 1", spec=spec(exclusive=True, vcpupins={0: C("5")}),
+            host=host(), leases=[])
+
+
+def test_exclusive_vcpus_sharing_a_cpu_lease_it_once() -> None:
+    plan = decide(spec(vcpus=3, exclusive=True,
+                       vcpupins={0: C("5"), 1: C("5"), 2: C("6-7")}), host(), [])
+    assert plan.leases == {5: "vcpu0", 6: "vcpu2", 7: "vcpu2"}
+    assert plan.emulator == C("5-7")  # float over its own vCPU CPUs
+    assert plan.default_cpus == C("5-7")
+
+
+def test_explicit_emulatorpin_overlapping_own_vcpus_keeps_vcpu_role() -> None:
+    plan = decide(spec(exclusive=True, vcpupins={0: C("5"), 1: C("6")},
+                       emulatorpin=C("6-7")), host(), [])
+    assert plan.leases == {5: "vcpu0", 6: "vcpu1", 7: "emulator"}
+
+
+def test_exclusive_conflict_with_other_holder_names_what_to_do() -> None:
+    s = spec(exclusive=True, vcpupins={0: C("5"), 1: C("6")}, emulatorpin=C("4"))
+    err = refused("conflict", "CPU 4", "emulatorpin", "qemu domain 'web'", "(vcpu3)",
+                  "pinwarden release web", spec=s, host=host(),
+                  leases=lease("4", name="web", role="vcpu3"))
+    assert "vm1" in err.message
+
+
+def test_emulator_isolate_with_pins_leases_one_more_cpu_near_the_vcpus() -> None:
+    s = spec(exclusive=True, emulator="isolate", vcpupins={0: C("12"), 1: C("13")})
+    plan = decide(s, host(), lease("4-11"))
+    (emu,) = plan.emulator
+    assert plan.leases == {12: "vcpu0", 13: "vcpu1", emu: "emulator"}
+    assert emu in C("14-15")  # node 1, like the vCPUs; not the leased CPUs
+
+
+def test_emulator_shared_runs_on_the_shared_pool_with_a_note() -> None:
+    s = spec(exclusive=True, emulator="shared", vcpupins={0: C("5"), 1: C("6")})
+    plan = decide(s, host(), lease("10-15"))
+    assert plan.emulator == C("4,7-9")
+    assert plan.leases == {5: "vcpu0", 6: "vcpu1"}
+    assert any("cannot enforce" in n for n in plan.notes)
+
+
+def test_iothreads_float_with_the_emulator_or_are_leased_when_pinned() -> None:
+    s = spec(exclusive=True, iothreads=2, vcpupins={0: C("5"), 1: C("6")},
+             emulatorpin=C("4"), iothreadpins={2: C("7")})
+    plan = decide(s, host(), [])
+    assert plan.iothreads == {1: C("4"), 2: C("7")}
+    assert plan.leases == {4: "emulator", 5: "vcpu0", 6: "vcpu1", 7: "iothread2"}
+
+
+def test_exclusive_isolate_with_pins_holds_sibling_threads() -> None:
+    h = host("isolcpus", "2-7,10-15", cpus=16, threads=2)  # siblings: n and n+8
+    s = spec(exclusive=True, threads="isolate", vcpupins={0: C("2"), 1: C("3")})
+    plan = decide(s, h, [])
+    assert plan.leases == {2: "vcpu0", 3: "vcpu1", 10: SIBLING_HOLD, 11: SIBLING_HOLD}
+    refused("conflict", "CPU 10", "sibling", spec=s, host=h, leases=lease("10"))
+    refused("host-cpu", "CPU 9", "sibling", spec=spec(
+        exclusive=True, threads="isolate", vcpupins={0: C("1"), 1: C("2")}),
+        host=host("isolcpus", "1-7,10-15", threads=2), leases=[])
+
+
+def test_exclusive_without_pins_uses_the_allocator() -> None:
+    h = host("isolcpus", "2-7,10-15", cpus=16, threads=2, nodes=1)
+    plan = decide(spec(vcpus=2, exclusive=True), h, lease("2"))
+    cpus = [next(iter(plan.vcpus[v])) for v in range(2)]
+    assert all(len(plan.vcpus[v]) == 1 for v in range(2))
+    assert len(set(cpus)) == 2 and not set(cpus) & {0, 1, 8, 9, 2}
+    assert plan.leases == {cpus[0]: "vcpu0", cpus[1]: "vcpu1"}
+    assert plan.emulator == CpuSet.of(cpus) and plan.default_cpus == CpuSet.of(cpus)
+
+
+def test_exclusive_without_pins_isolate_threads_and_emulator() -> None:
+    h = host("isolcpus", "2-7,10-15", cpus=16, threads=2, nodes=1)
+    plan = decide(spec(vcpus=2, exclusive=True, threads="isolate", emulator="isolate"), h, [])
+    roles = sorted(plan.leases.values())
+    assert roles == ["emulator", *[SIBLING_HOLD] * 3, "vcpu0", "vcpu1"]
+    for cpu, role in plan.leases.items():
+        if role != SIBLING_HOLD:  # each thread alone on its core
+            sibling = h.topology.siblings(cpu) - CpuSet.of([cpu])
+            assert all(plan.leases[s] == SIBLING_HOLD for s in sibling)
+
+
+def test_exclusive_without_pins_honours_numatune_and_cpuset() -> None:
+    plan = decide(spec(vcpus=2, exclusive=True, numa_nodeset=C("1")), host(), [])
+    assert plan.leased() <= C("8-15")
+    plan = decide(spec(vcpus=2, exclusive=True, cpuset=C("5-7")), host(), lease("6"))
+    assert plan.leased() == C("5,7")
+
+
+def test_exclusive_without_room_is_refused() -> None:
+    refused("insufficient-cpus", "vm1", spec=spec(vcpus=4, exclusive=True), host=host(),
+            leases=lease("4-13"))
+
+
+def test_decide_is_deterministic_and_ignores_lease_order() -> None:
+    s = spec(vcpus=3, exclusive=True, emulator="isolate")
+    others = lease("4-5", "a") + lease("9", "b")
+    plans = [decide(s, host(), order) for order in (others, others[::-1], others * 2)]
+    assert plans[0] == plans[1] == plans[2]
+
+
+def test_metadata_form_from_xml() -> None:
+    xml = f"""<domain><name>m</name><vcpu>2</vcpu><metadata>
+      <pw:cpu xmlns:pw="{PW_NS}" exclusive="yes" emulator="isolate"/></metadata></domain>"""
+    plan = decide(parse_domain(xml), host(), [])
+    assert sorted(plan.leases.values()) == ["emulator", "vcpu0", "vcpu1"]
+
+
+# -- real topologies (hwloc sysfs dumps) -------------------------------------------------
+
+
+def _dumps() -> list[str]:
+    return sorted(p.name.removesuffix(".tar.bz2") for p in HWLOC.glob("*.tar.bz2"))
+
+
+@pytest.fixture(scope="module")
+def hwloc_roots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """Each dump extracted, by tarball name (one archive's top directory differs)."""
+    if not HWLOC.is_dir():
+        pytest.fail(f"hwloc test data missing at {HWLOC}")
+    out = tmp_path_factory.mktemp("hwloc")
+    roots: dict[str, Path] = {}
+    for tarball in sorted(HWLOC.glob("*.tar.bz2")):
+        with tarfile.open(tarball) as tar:
+            top = tar.getnames()[0].split("/")[0]
+            wanted = [m for m in tar.getmembers()  # the CPU/node part, not PCI/DMI/...
+                      if "/sys/devices/system/" in m.name or "/proc/" in m.name
+                      or "/sys/devices/cpu_" in m.name]
+            tar.extractall(out / tarball.name, members=wanted, filter="data")
+        roots[tarball.name.removesuffix(".tar.bz2")] = out / tarball.name / top
+    yield roots
+
+
+def _real_host(root: Path) -> Host:
+    from pinwarden.topology import read_topology
+    topo = read_topology(root)
+    reserve = topo.cores()[0]
+    vm = topo.online - reserve
+    return Host(topo, Partition("none", vm, reserve, "test: first core reserved"))
+
+
+@pytest.mark.parametrize("dump", _dumps())
+def test_rules_on_real_topologies(hwloc_roots: dict[str, Path], dump: str) -> None:
+    h = _real_host(hwloc_roots[dump])
+    vm = h.partition.vm_cpus
+    assert vm, f"{dump}: no VM CPUs"
+    shared = decide(spec("web"), h, [])
+    assert shared.default_cpus == vm and not shared.leases
+    vcpus = 2 if len(vm) >= 3 else 1
+    emulator = "isolate" if len(vm) > vcpus else "float"
+    exclusive = decide(spec("db", vcpus=vcpus, exclusive=True, emulator=emulator), h, [])
+    assert exclusive.leased() <= vm
+    assert len(exclusive.leases) >= vcpus + (emulator == "isolate")
+    held = [Lease(c, HolderRef("qemu", "db", "db"), r, 0.0)
+            for c, r in exclusive.leases.items()]
+    after = decide(spec("web"), h, held)
+    rest = vm - exclusive.leased()
+    if rest:
+        assert after.default_cpus == rest and not after.notes
+    else:  # every VM CPU leased: housekeeping fallback, with a note
+        assert after.default_cpus == h.partition.host_cpus and after.notes
+    first = exclusive.vcpus[0].first()
+    refused("conflict", f"CPU {first}", "qemu domain 'db'",
+            spec=spec("x", vcpus=1, exclusive=True, vcpupins={0: CpuSet.of([first])}),
+            host=h, leases=held)
+    hk = h.partition.host_cpus.first()
+    refused("host-cpu", f"CPU {hk}", spec=spec("y", vcpus=1, exclusive=True,
+                                               vcpupins={0: CpuSet.of([hk])}),
+            host=h, leases=held)
+
+
+def test_offline_cpu_dump_refuses_the_offline_cpu(hwloc_roots: dict[str, Path]) -> None:
+    h = _real_host(hwloc_roots["offline-cpu0-node0"])
+    offline = h.topology.present - h.topology.online
+    assert offline, "the dump has an offline CPU"
+    cpu = offline.first()
+    refused("offline-cpu", f"CPU {cpu}", spec=spec(vcpus=1, vcpupins={0: CpuSet.of([cpu])}),
+            host=h, leases=[])
+
+
+# -- property: leases never collide, housekeeping never leased -------------------------
+
+
+NAMES = ["a", "b", "c", "d"]
+cpu_sets = st.sets(st.integers(0, 17), min_size=1, max_size=3).map(CpuSet.of)
+
+
+@st.composite
+def domain_specs(draw: st.DrawFn) -> DomainSpec:
+    vcpus = draw(st.integers(1, 3))
+    exclusive = draw(st.booleans())
+    pins = draw(st.one_of(st.just({}), st.fixed_dictionaries(
+        {v: cpu_sets for v in range(vcpus)})))
+    return DomainSpec(
+        name=draw(st.sampled_from(NAMES)), uuid=None, vcpus=vcpus, vcpupins=pins,
+        emulatorpin=draw(st.none() | cpu_sets), cpuset=draw(st.none() | cpu_sets),
+        exclusive=exclusive, iothreads=draw(st.integers(0, 1)),
+        threads=draw(st.sampled_from(["prefer", "isolate", "require"])),
+        emulator=draw(st.sampled_from(["float", "isolate", "shared"])))
+
+
+HOSTS = [host("isolcpus", "4-15", threads=2, offline="14"), host("cgroup", "2-13"),
+         host("none", "1-15", nodes=1)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(h=st.sampled_from(HOSTS), ops=st.lists(
+    st.one_of(domain_specs(), st.sampled_from(NAMES)), min_size=1, max_size=12))
+def test_random_operations_keep_leases_exclusive(h: Host, ops: list[object]) -> None:
+    table: dict[int, Lease] = {}  # the ledger: cpu -> lease
+    for op in ops:
+        if isinstance(op, str):  # release
+            table = {c: le for c, le in table.items() if le.holder.key != op}
+            continue
+        assert isinstance(op, DomainSpec)
+        holder = HolderRef("qemu", op.key, op.name)
+        try:
+            plan: Plan = decide(op, h, list(table.values()))
+        except Refusal:
+            continue
+        others = {c: le for c, le in table.items() if le.holder != holder}
+        # never a second holder, never a housekeeping CPU
+        assert plan.leased().isdisjoint(CpuSet(frozenset(others)))
+        assert plan.leased() <= h.partition.vm_cpus
+        # nobody runs on someone else's CPUs
+        assert plan.cpus().isdisjoint(CpuSet(frozenset(others)))
+        assert plan.cpus() <= h.topology.online
+        if plan.exclusive:
+            owned = plan.cpus() if op.emulator != "shared" or op.emulatorpin else \
+                union_of_vcpus(plan)
+            assert owned <= plan.leased()
+        table = others | {c: Lease(c, holder, r, 0.0) for c, r in plan.leases.items()}
+
+
+def union_of_vcpus(plan: Plan) -> CpuSet:
+    out = CpuSet()
+    for cpus in plan.vcpus.values():
+        out = out | cpus
+    return out
