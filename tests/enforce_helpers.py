@@ -6,7 +6,13 @@ import errno
 from collections.abc import Iterable
 
 from pinwarden.cpuset import CpuSet
-from pinwarden.enforce.backend import CgroupBackend, CgroupOpError, PartitionKind, Snapshot
+from pinwarden.enforce.backend import (
+    CgroupBackend,
+    CgroupOpError,
+    GroupState,
+    PartitionKind,
+    Snapshot,
+)
 from pinwarden.enforce.fake import FakeCpusetV1
 from pinwarden.model import HolderRef, Lease
 from pinwarden.partition import Host, Partition
@@ -73,7 +79,7 @@ class FailingBackend:
     def read_state(self, paths: Iterable[str]) -> Snapshot:
         return self.inner.read_state(paths)
 
-    def read_group(self, path: str):  # type: ignore[no-untyped-def]
+    def read_group(self, path: str) -> GroupState:
         return self.inner.read_group(path)
 
     def mkdir(self, path: str) -> None:

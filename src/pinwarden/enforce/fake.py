@@ -161,7 +161,10 @@ class FakeCpusetV1:
 
         for path in paths:
             for anc in ancestors(path):
-                node = self._node(anc)
+                try:
+                    node = self._node(anc)
+                except CgroupOpError:
+                    break
                 groups.setdefault(anc, self._state(anc, node))
                 for name, child in node.children.items():
                     groups.setdefault(join(anc, name), self._state(join(anc, name), child))

@@ -1,0 +1,135 @@
+"""Transactional apply on the fake: rollback after a failure at any step, clear errors."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterable
+from dataclasses import replace
+
+import pytest
+
+from enforce_helpers import FailingBackend, build, lease, make_host, whole
+from pinwarden.cpuset import CpuSet
+from pinwarden.enforce.apply import apply_layout, execute, sync
+from pinwarden.enforce.backend import GroupState, SetCpus, Snapshot
+from pinwarden.enforce.fake import FakeCpusetV1
+from pinwarden.enforce.layout import DesiredLayout, LayoutNames, desired_layout, plan, targets
+from pinwarden.errors import EnforceError
+
+VM = "machine/qemu-1-B.libvirt-qemu"
+
+
+def busy_host() -> FakeCpusetV1:
+    fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"))
+    build(fake, {"machine": ("0-3", False), VM: ("0-3", False),
+                 f"{VM}/vcpu0": ("3", False), f"{VM}/emulator": ("0-3", False)},
+          tasks={f"{VM}/vcpu0": [10], f"{VM}/emulator": [11]})
+    # a job already holds CPU 1; the next step gives CPUs 2-3 to another one and moves
+    # job "old" away, so the plan has removals, narrowing, bridging and creation
+    sync(fake, make_host(), [lease(1, "old")])
+    return fake
+
+
+def next_layout() -> DesiredLayout:
+    return desired_layout(make_host(), [lease(2, "new"), lease(3, "new")])
+
+
+def test_plan_for_rollback_scenario_is_not_trivial() -> None:
+    ops = plan(whole(busy_host()), next_layout())
+    kinds = {type(op).__name__ for op in ops}
+    assert {"Rmdir", "Mkdir", "SetCpus", "SetMems", "SetPartition"} <= kinds
+    assert len(ops) >= 10
+
+
+STEPS = len(plan(whole(busy_host()), next_layout()))
+
+
+@pytest.mark.parametrize("k", range(STEPS))
+def test_failure_at_any_step_restores_the_state_read_before(k: int) -> None:
+    fake = busy_host()
+    before = whole(fake)
+    failing = FailingBackend(fake, fail_at=k, err=errno.EBUSY)
+    with pytest.raises(EnforceError) as info:
+        apply_layout(failing, next_layout())
+    assert whole(fake) == before
+    assert "nothing was changed" in info.value.message
+    assert "\n" not in info.value.message
+    # and the same layout then applies cleanly
+    apply_layout(fake, next_layout())
+    assert whole(fake)["pinwarden.partition/run-new.partition"].cpus == CpuSet.of([2, 3])
+
+
+def test_foreign_sibling_holding_a_cpu_is_named_and_nothing_changes() -> None:
+    fake = busy_host()
+    build(fake, {"batch": ("3", False)})
+    before = whole(fake)
+    with pytest.raises(EnforceError) as info:
+        apply_layout(fake, next_layout())
+    message = info.value.message
+    assert "CPU 3" in message and "/batch" in message and "not managed by pinwarden" in message
+    assert "EINVAL" in message
+    assert whole(fake) == before
+
+
+def test_cpu_held_by_another_exclusive_group_names_it() -> None:
+    fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"))
+    build(fake, {"other": ("2", True)})
+    with pytest.raises(EnforceError) as info:
+        sync(fake, make_host(), [lease(2, "J")])
+    assert "CPU 2" in info.value.message and "/other" in info.value.message
+    assert "exclusively" in info.value.message
+    assert set(whole(fake)) == {"", "other"}
+
+
+def test_populated_group_cannot_lose_all_cpus_enospc() -> None:
+    fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"))
+    build(fake, {"g": ("1", False)}, tasks={"g": [5]})
+    before = whole(fake)
+    with pytest.raises(EnforceError) as info:
+        execute(fake, before, [SetCpus("g", CpuSet())])
+    assert "ENOSPC" in info.value.message and "has tasks" in info.value.message
+    assert whole(fake) == before
+
+
+def test_missing_parent_is_a_clear_error() -> None:
+    fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"))
+    names = LayoutNames(shared="nowhere/machine", exclusive="nowhere/pinwarden.partition")
+    with pytest.raises(EnforceError) as info:
+        sync(fake, make_host(), [lease(2, "J")], names)
+    assert "nowhere" in info.value.message and "does not exist" in info.value.message
+
+
+class LyingBackend(FakeCpusetV1):
+    """Reports effective CPUs the kernel did not grant (as after a concurrent hotplug)."""
+
+    def read_group(self, path: str) -> GroupState:
+        state = super().read_group(path)
+        return replace(state, effective_cpus=state.effective_cpus - CpuSet.of([3]))
+
+    def read_state(self, paths: Iterable[str]) -> Snapshot:
+        snap = super().read_state(paths)
+        return Snapshot({p: replace(g, effective_cpus=g.effective_cpus - CpuSet.of([3]))
+                         for p, g in snap.groups.items()})
+
+
+def test_effective_cpus_mismatch_rolls_back() -> None:
+    fake = LyingBackend(CpuSet.parse_kernel("0-3"))
+    build(fake, {"machine": ("0-3", False)})
+    before = FakeCpusetV1.read_state(fake, [""])
+    with pytest.raises(EnforceError) as info:
+        sync(fake, make_host(), [lease(3, "J")])
+    assert "effective cpus" in info.value.message and "rolled back" in info.value.message
+    assert FakeCpusetV1.read_state(fake, [""]) == before
+
+
+def test_no_leases_and_no_tree_means_no_change() -> None:
+    fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"))
+    result = sync(fake, make_host(), [])
+    assert result.ops == () and set(whole(fake)) == {""}
+
+
+def test_targets_keep_foreign_pins_inside_the_new_pool() -> None:
+    fake = busy_host()
+    goal = targets(whole(fake), next_layout())
+    assert goal.want[f"{VM}/vcpu0"].cpus == CpuSet.of([1])  # pinned CPU 3 leased: moved
+    assert goal.want[VM].cpus == CpuSet.of([1])
