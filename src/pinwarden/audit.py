@@ -1,0 +1,544 @@
+"""Audit: who else could run on an exclusively leased CPU?
+
+Two halves, kept apart:
+
+* :func:`audit` — pure.  A :class:`HostSnapshot` (every thread, every cpuset cgroup, every
+  IRQ, as frozen values) plus the ledger's leases and holders → a :class:`Report` listing
+  each *intruder*: something that can run on a CPU leased exclusively to a holder it does
+  not belong to.
+* :func:`scan` — the adapter.  Reads ``/proc/*/task/*`` (``stat``, ``status``, ``cgroup``:
+  each file once), the cpuset hierarchy and ``/proc/irq/*`` below ``root``.
+
+Kinds of intruders:
+
+``other-vm-thread`` (error)
+    a thread of another VM — in a QEMU/libvirt VM cgroup or belonging to another holder — that
+    may run on the CPU;
+``vm-cgroup`` (error)
+    a VM cgroup (the VM partition ``machine`` and everything in it, ``*.libvirt-qemu``,
+    ``*.libvirt-lxc``, ``machine-qemu…scope``, a child of ``pinwarden.partition`` or a
+    holder's cgroup) whose CPUs include a CPU leased to someone else: every thread started in
+    it may land there;
+``host-task`` (warning)
+    any other user-space thread, or an unbound kernel thread, allowed on the CPU;
+``irq`` (warning)
+    an interrupt (with a handler) whose affinity includes the CPU.
+
+Per-CPU kernel threads (bound to a single CPU: ``ksoftirqd/N``, ``migration/N``,
+``kworker/N:M`` …) are part of every CPU and never intruders.
+
+A thread belongs to a holder when its cpuset cgroup lies inside the holder's recorded cgroup,
+when it is (a thread of) the holder's owner process or one of its descendants, or — for
+holders whose cgroup is not recorded yet — when its libvirt machine cgroup carries the
+holder's domain name (``qemu-3-NAME.libvirt-qemu``, ``machine-qemu\\x2d3\\x2dNAME.scope``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pinwarden.cpuset import CpuSet, CpuSetError
+from pinwarden.ledger import HolderRecord
+from pinwarden.model import HolderRef, Lease
+from pinwarden.procs import parse_stat
+
+Kind = Literal["other-vm-thread", "vm-cgroup", "host-task", "irq"]
+Severity = Literal["error", "warning"]
+SEVERITY: Mapping[Kind, Severity] = {
+    "other-vm-thread": "error", "vm-cgroup": "error", "host-task": "warning", "irq": "warning",
+}
+#: Order of kinds in reports: errors first.
+KIND_ORDER: tuple[Kind, ...] = ("other-vm-thread", "vm-cgroup", "host-task", "irq")
+
+#: cgroups (relative to the cpuset root) whose descendants are VMs.
+DEFAULT_VM_PARTITIONS = ("machine", "machine.slice")
+#: The exclusive tree: each child is one holder's partition.
+DEFAULT_EXCLUSIVE_ROOTS = ("pinwarden.partition",)
+
+
+# -- snapshot values ---------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ThreadInfo:
+    pid: int  # thread group (process) id
+    tid: int
+    comm: str
+    ppid: int  # parent of the thread group
+    cpus: CpuSet  # Cpus_allowed_list: where it may run now (affinity ∩ cpuset)
+    cgroup: str | None  # cpuset cgroup path as the kernel prints it ("/machine/…")
+    kernel: bool  # PF_KTHREAD
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupInfo:
+    path: str  # relative to the cpuset mount, with a leading "/" ("/" is the root)
+    cpus: CpuSet  # cpuset.cpus
+    effective: CpuSet | None  # cpuset.effective_cpus (v1) / cpuset.cpus.effective (v2)
+    populated: bool  # has tasks of its own
+
+
+@dataclass(frozen=True, slots=True)
+class IrqInfo:
+    irq: int
+    affinity: CpuSet  # smp_affinity_list
+    effective: CpuSet | None  # effective_affinity_list, where the kernel has it
+    actions: tuple[str, ...]  # handler names (empty: unused)
+
+
+@dataclass(frozen=True)
+class HostSnapshot:
+    threads: tuple[ThreadInfo, ...] = ()
+    cgroups: tuple[CgroupInfo, ...] = ()
+    irqs: tuple[IrqInfo, ...] = ()
+    notes: tuple[str, ...] = ()  # what could not be read
+
+
+# -- report values -----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Intruder:
+    kind: Kind
+    cpus: CpuSet  # leased CPUs (of other holders) it can run on
+    holders: tuple[HolderRef, ...]  # who those CPUs are leased to
+    name: str  # comm, cgroup name or IRQ handler names
+    pid: int | None = None
+    tid: int | None = None
+    cgroup: str | None = None
+    irq: int | None = None
+    owner: HolderRef | None = None  # the holder the intruder itself belongs to, if any
+    kernel: bool = False  # an (unbound) kernel thread
+
+    @property
+    def severity(self) -> Severity:
+        return SEVERITY[self.kind]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "severity": self.severity,
+            "cpus": str(self.cpus),
+            "holders": [_ref_json(h) for h in self.holders],
+            "name": self.name,
+            "pid": self.pid,
+            "tid": self.tid,
+            "cgroup": self.cgroup,
+            "irq": self.irq,
+            "owner": None if self.owner is None else _ref_json(self.owner),
+            "kernel_thread": self.kernel,
+        }
+
+
+def _ref_json(ref: HolderRef) -> dict[str, str]:
+    return {"driver": ref.driver, "key": ref.key, "name": ref.name}
+
+
+@dataclass(frozen=True)
+class Report:
+    leases: Mapping[int, HolderRef]  # cpu -> holder
+    intruders: tuple[Intruder, ...]
+    threads: int  # threads checked
+    cgroups: int
+    irqs: int
+    per_cpu_kthreads: int  # per-CPU kernel threads on leased CPUs (never intruders)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def errors(self) -> tuple[Intruder, ...]:
+        return tuple(i for i in self.intruders if i.severity == "error")
+
+    @property
+    def warnings(self) -> tuple[Intruder, ...]:
+        return tuple(i for i in self.intruders if i.severity == "warning")
+
+    @property
+    def leased(self) -> CpuSet:
+        return CpuSet(frozenset(self.leases))
+
+    def exit_status(self, *, strict: bool = False) -> int:
+        return 1 if self.errors or (strict and self.warnings) else 0
+
+    def verdict(self) -> str:
+        holders = {h for h in self.leases.values()}
+        checked = (f"{self.threads} threads, {self.cgroups} cpuset cgroups, "
+                   f"{self.irqs} IRQs checked")
+        if not self.leases:
+            return f"clean: no CPU is leased exclusively, nothing can intrude ({checked})"
+        scope = (f"{len(self.leases)} leased CPU{'s' if len(self.leases) != 1 else ''} "
+                 f"({self.leased}) of {len(holders)} holder{'s' if len(holders) != 1 else ''}")
+        if not self.intruders:
+            return f"clean: nothing else can run on the {scope} ({checked})"
+        parts = []
+        for kind in KIND_ORDER:
+            n = sum(1 for i in self.intruders if i.kind == kind)
+            if n:
+                parts.append(f"{n} {kind}{'s' if n != 1 else ''}")
+        level = "INTRUDERS" if self.errors else "warnings"
+        return f"{level} on the {scope}: {', '.join(parts)} ({checked})"
+
+    def to_json(self) -> dict[str, Any]:
+        status = "intruders" if self.errors else "warnings" if self.warnings else "clean"
+        return {
+            "status": status,
+            "verdict": self.verdict(),
+            "leases": [{"cpu": cpu, "holder": _ref_json(h)}
+                       for cpu, h in sorted(self.leases.items())],
+            "intruders": [i.to_json() for i in self.intruders],
+            "checked": {"threads": self.threads, "cgroups": self.cgroups, "irqs": self.irqs,
+                        "per_cpu_kernel_threads": self.per_cpu_kthreads},
+            "notes": list(self.notes),
+        }
+
+
+# -- the pure core -----------------------------------------------------------------------
+
+def _norm(path: str | None) -> str | None:
+    return None if path is None else path.strip("/")
+
+
+def _within(path: str, top: str) -> bool:
+    return top == "" or path == top or path.startswith(top + "/")
+
+
+_MACHINE_DIR = re.compile(r"^(?P<drv>qemu|lxc)-(?P<id>[0-9]+)-(?P<name>.+)\.libvirt-(?:qemu|lxc)$")
+_MACHINE_SCOPE = re.compile(
+    r"^machine-(?P<drv>qemu|lxc)(?:-|\\x2d)(?P<id>[0-9]+)(?:-|\\x2d)(?P<name>.+)\.scope$")
+_NOT_MACHINE_CHAR = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def machine_name(component: str) -> tuple[str, str] | None:
+    """``(driver, name)`` of a libvirt machine cgroup directory name, else ``None``."""
+    m = _MACHINE_DIR.match(component) or _MACHINE_SCOPE.match(component)
+    if m is None:
+        return None
+    name = m.group("name").replace("\\x2d", "-")
+    name = re.sub(r"\\x([0-9a-f]{2})", lambda x: chr(int(x.group(1), 16)), name)
+    return m.group("drv"), name
+
+
+def _name_matches(machine: str, holder_name: str) -> bool:
+    """libvirt drops characters outside ``[A-Za-z0-9_.-]`` and truncates long names."""
+    clean = _NOT_MACHINE_CHAR.sub("", holder_name)
+    return machine == clean or (len(machine) >= 40 and clean.startswith(machine))
+
+
+@dataclass(frozen=True)
+class _Context:
+    """Lookups derived from the leases and holders, shared by every check."""
+
+    lease_of: Mapping[int, HolderRef]
+    holder_cgroups: Sequence[tuple[str, HolderRef]]  # (normalised path, holder)
+    owner_pids: Mapping[int, HolderRef]
+    vm_partitions: tuple[str, ...]
+    exclusive_roots: tuple[str, ...]
+    holders: Sequence[HolderRef]
+
+    def by_machine_name(self, path: str) -> set[HolderRef]:
+        found: set[HolderRef] = set()
+        for component in path.split("/"):
+            parsed = machine_name(component)
+            if parsed is None:
+                continue
+            driver, name = parsed
+            found |= {h for h in self.holders if h.driver == driver and
+                      _name_matches(name, h.name)}
+        return found
+
+    def cgroup_owners(self, path: str) -> set[HolderRef]:
+        owners = {h for top, h in self.holder_cgroups if _within(path, top)}
+        if owners:
+            return owners
+        # A holder without a recorded cgroup: recognise its libvirt machine cgroup.
+        recorded = {h for _, h in self.holder_cgroups}
+        return {h for h in self.by_machine_name(path) if h not in recorded}
+
+    def is_vm_cgroup(self, path: str) -> bool:
+        if any(_within(path, top) for top in self.vm_partitions):
+            return True  # the VM partition itself: every new VM starts with its CPUs
+        if any(_within(path, top) and path != top for top in self.exclusive_roots):
+            return True
+        if any(_within(path, top) for top, _ in self.holder_cgroups):
+            return True
+        return any(machine_name(c) is not None or c.endswith((".libvirt-qemu", ".libvirt-lxc"))
+                   for c in path.split("/"))
+
+    def foreign(self, cpus: CpuSet, owners: set[HolderRef]) -> tuple[CpuSet, tuple[HolderRef, ...]]:
+        """Leased CPUs among ``cpus`` whose holder is not one of ``owners``."""
+        hit = [c for c in cpus if c in self.lease_of and self.lease_of[c] not in owners]
+        holders = tuple(sorted({self.lease_of[c] for c in hit},
+                               key=lambda h: (h.driver, h.name, h.key)))
+        return CpuSet(frozenset(hit)), holders
+
+
+def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[HolderRecord], *,
+          vm_partitions: Sequence[str] = DEFAULT_VM_PARTITIONS,
+          exclusive_roots: Sequence[str] = DEFAULT_EXCLUSIVE_ROOTS) -> Report:
+    """Every intruder on a leased CPU.  Pure."""
+    lease_of = {lease.cpu: lease.holder for lease in leases}
+    records = list(holders)
+    refs = list({r.ref for r in records} | set(lease_of.values()))
+    ctx = _Context(
+        lease_of=lease_of,
+        holder_cgroups=[(c, r.ref) for r in records if (c := _norm(r.cgroup)) is not None],
+        owner_pids={r.owner_pid: r.ref for r in records if r.owner_pid is not None},
+        vm_partitions=tuple(p.strip("/") for p in vm_partitions),
+        exclusive_roots=tuple(p.strip("/") for p in exclusive_roots),
+        holders=refs,
+    )
+    leased = CpuSet(frozenset(lease_of))
+    intruders: list[Intruder] = []
+    per_cpu = 0
+
+    # Process tree, for "the owner or a descendant of it".
+    parent = {t.pid: t.ppid for t in snapshot.threads if t.tid == t.pid}
+    owned_by: dict[int, HolderRef | None] = {}
+
+    def owner_of_process(pid: int) -> HolderRef | None:
+        chain: list[int] = []
+        found: HolderRef | None = None
+        cur = pid
+        while cur > 0 and len(chain) < 4096:
+            if cur in owned_by:
+                found = owned_by[cur]
+                break
+            chain.append(cur)
+            if cur in ctx.owner_pids:
+                found = ctx.owner_pids[cur]
+                break
+            cur = parent.get(cur, 0)
+        for p in chain:
+            owned_by[p] = found
+        return found
+
+    if leased:
+        for t in snapshot.threads:
+            if not (t.cpus & leased):
+                continue
+            if t.kernel and len(t.cpus) == 1:
+                per_cpu += 1  # a per-CPU kernel thread: part of the CPU itself
+                continue
+            path = _norm(t.cgroup)
+            owners = ctx.cgroup_owners(path) if path is not None else set()
+            by_pid = owner_of_process(t.pid) if not t.kernel else None
+            if by_pid is not None:
+                owners.add(by_pid)
+            cpus, victims = ctx.foreign(t.cpus, owners)
+            if not cpus:
+                continue
+            vm = bool(owners) or (path is not None and ctx.is_vm_cgroup(path))
+            intruders.append(Intruder(
+                kind="other-vm-thread" if vm and not t.kernel else "host-task",
+                cpus=cpus, holders=victims, name=t.comm, pid=t.pid, tid=t.tid,
+                cgroup=t.cgroup, owner=min(owners, key=_ref_key) if owners else None,
+                kernel=t.kernel))
+
+        for g in snapshot.cgroups:
+            path = g.path.strip("/")
+            if not ctx.is_vm_cgroup(path):
+                continue
+            owners = ctx.cgroup_owners(path)
+            cpus, victims = ctx.foreign(g.effective if g.effective is not None else g.cpus,
+                                        owners)
+            if cpus:
+                intruders.append(Intruder(
+                    kind="vm-cgroup", cpus=cpus, holders=victims,
+                    name=path.rsplit("/", 1)[-1], cgroup=g.path,
+                    owner=min(owners, key=_ref_key) if owners else None))
+
+        for irq in snapshot.irqs:
+            if not irq.actions:
+                continue  # no handler: never fires
+            cpus, victims = ctx.foreign(irq.affinity, set())
+            if cpus:
+                intruders.append(Intruder(kind="irq", cpus=cpus, holders=victims,
+                                          name=",".join(irq.actions), irq=irq.irq))
+
+    intruders.sort(key=lambda i: (KIND_ORDER.index(i.kind), i.pid or 0, i.tid or 0,
+                                  i.cgroup or "", i.irq or 0))
+    return Report(leases=dict(sorted(lease_of.items())), intruders=tuple(intruders),
+                  threads=len(snapshot.threads), cgroups=len(snapshot.cgroups),
+                  irqs=len(snapshot.irqs), per_cpu_kthreads=per_cpu, notes=snapshot.notes)
+
+
+def _ref_key(ref: HolderRef) -> tuple[str, str, str]:
+    return (ref.driver, ref.name, ref.key)
+
+
+# -- the scanner (I/O) ---------------------------------------------------------------------
+
+class _CpuCache:
+    """CPU list text → CpuSet, parsed once: thousands of threads share a handful of lists."""
+
+    def __init__(self) -> None:
+        self._cache: dict[bytes, CpuSet] = {}
+
+    def __call__(self, text: bytes) -> CpuSet:
+        found = self._cache.get(text)
+        if found is None:
+            found = CpuSet.parse_kernel(text.decode("ascii", "replace"))
+            self._cache[text] = found
+        return found
+
+
+def _read(path: str, size: int = 65536) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, size)
+    except OSError:  # ESRCH: the task exited between open and read
+        return None
+    finally:
+        os.close(fd)
+
+
+_ALLOWED = b"\nCpus_allowed_list:"
+
+
+def _cpuset_path(cgroup_text: bytes, v2_cpuset: bool) -> str | None:
+    """The cpuset hierarchy's path from ``/proc/PID/task/TID/cgroup``."""
+    unified: str | None = None
+    for line in cgroup_text.decode("utf-8", "replace").splitlines():
+        hid, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if "cpuset" in controllers.split(","):
+            return path
+        if hid == "0" and controllers == "":
+            unified = path
+    return unified if v2_cpuset else None
+
+
+def scan_threads(proc: Path, *, v2_cpuset: bool = False) -> tuple[list[ThreadInfo], int]:
+    """Every thread under ``proc``; returns the threads and how many vanished mid-read."""
+    cpus_of = _CpuCache()
+    threads: list[ThreadInfo] = []
+    vanished = 0
+    base = str(proc)
+    try:
+        pids = [e.name for e in os.scandir(base) if e.name.isdigit()]
+    except OSError:
+        return threads, 0
+    for pid in pids:
+        task_dir = f"{base}/{pid}/task"
+        try:
+            tids = os.listdir(task_dir)
+        except OSError:
+            vanished += 1
+            continue
+        for tid in tids:
+            d = f"{task_dir}/{tid}"
+            stat_text = _read(f"{d}/stat", 4096)
+            status = _read(f"{d}/status")
+            cgroup = _read(f"{d}/cgroup")
+            if stat_text is None or status is None or cgroup is None:
+                vanished += 1
+                continue
+            try:
+                stat = parse_stat(stat_text.decode("utf-8", "replace"))
+                start = status.index(_ALLOWED) + len(_ALLOWED)
+                end = status.find(b"\n", start)
+                cpus = cpus_of(status[start:end if end >= 0 else None].strip())
+            except (ValueError, CpuSetError):
+                vanished += 1
+                continue
+            threads.append(ThreadInfo(pid=int(pid), tid=stat.pid, comm=stat.comm,
+                                      ppid=stat.ppid, cpus=cpus,
+                                      cgroup=_cpuset_path(cgroup, v2_cpuset),
+                                      kernel=stat.kernel_thread))
+    return threads, vanished
+
+
+def scan_cgroups(mount: Path, *, v2: bool = False, noprefix: bool = False) -> list[CgroupInfo]:
+    """Every cgroup of the cpuset hierarchy mounted at ``mount``."""
+    prefix = "" if noprefix else "cpuset."
+    cpus_name = f"{prefix}cpus"
+    effective_name = "cpuset.cpus.effective" if v2 else f"{prefix}effective_cpus"
+    out: list[CgroupInfo] = []
+    cpus_of = _CpuCache()
+    base = str(mount)
+    for dirpath, _dirs, files in os.walk(base):
+        if cpus_name not in files:
+            continue
+        cpus_text = _read(f"{dirpath}/{cpus_name}")
+        if cpus_text is None:
+            continue
+        effective_text = _read(f"{dirpath}/{effective_name}")
+        if v2:
+            events = _read(f"{dirpath}/cgroup.events") or b""
+            populated = b"populated 1" in events
+        else:
+            populated = bool((_read(f"{dirpath}/tasks", 64) or b"").strip())
+        rel = dirpath[len(base):].strip("/")
+        try:
+            out.append(CgroupInfo(
+                path="/" + rel, cpus=cpus_of(cpus_text.strip()),
+                effective=None if effective_text is None else cpus_of(effective_text.strip()),
+                populated=populated))
+        except CpuSetError:
+            continue
+    return out
+
+
+def scan_irqs(proc: Path) -> list[IrqInfo]:
+    out: list[IrqInfo] = []
+    cpus_of = _CpuCache()
+    base = f"{proc}/irq"
+    try:
+        entries = [e for e in os.scandir(base) if e.name.isdigit()]
+    except OSError:
+        return out
+    for entry in entries:
+        d = f"{base}/{entry.name}"
+        affinity = _read(f"{d}/smp_affinity_list")
+        if affinity is None:
+            continue
+        effective = _read(f"{d}/effective_affinity_list")
+        try:
+            actions = tuple(sorted(e.name for e in os.scandir(d) if e.is_dir()))
+            out.append(IrqInfo(
+                irq=int(entry.name), affinity=cpus_of(affinity.strip()),
+                effective=None if effective is None else cpus_of(effective.strip()),
+                actions=actions))
+        except (OSError, CpuSetError):
+            continue
+    out.sort(key=lambda i: i.irq)
+    return out
+
+
+def scan(root: Path = Path("/")) -> HostSnapshot:
+    """Read the host below ``root`` into a :class:`HostSnapshot`."""
+    from pinwarden.mounts import read_mounts
+
+    notes: list[str] = []
+    mounts = read_mounts(root)
+    v1 = mounts.v1("cpuset")
+    v2 = mounts.v2 if mounts.v2_has("cpuset") and v1 is None else None
+    proc = root / "proc"
+    threads, vanished = scan_threads(proc, v2_cpuset=v2 is not None)
+    if vanished:
+        notes.append(f"{vanished} threads exited while being read")
+    if not threads:
+        notes.append(f"no threads found under {proc}")
+    cgroups: list[CgroupInfo] = []
+    if v1 is not None:
+        cgroups = scan_cgroups(v1, noprefix="cpuset" in mounts.v1_noprefix)
+    elif v2 is not None:
+        cgroups = scan_cgroups(v2, v2=True)
+    else:
+        notes.append("no cpuset cgroup hierarchy is mounted: VM cgroups not checked")
+    irqs = scan_irqs(proc)
+    if not irqs:
+        notes.append(f"no IRQs found under {proc}/irq")
+    return HostSnapshot(threads=tuple(threads), cgroups=tuple(cgroups), irqs=tuple(irqs),
+                        notes=tuple(notes))
+
+
+__all__ = [
+    "CgroupInfo", "HostSnapshot", "Intruder", "IrqInfo", "Report", "ThreadInfo", "audit",
+    "machine_name", "scan", "scan_cgroups", "scan_irqs", "scan_threads",
+]

@@ -1,0 +1,90 @@
+"""``pinwarden audit``: can anything else run on an exclusively leased CPU?
+
+Exit status: 0 clean (or warnings only), 1 when another VM's thread or VM cgroup can run on a
+CPU leased to someone else (with ``--strict`` also on host tasks and IRQs).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pinwarden import audit
+from pinwarden.cli import print_json
+from pinwarden.cli.common import config_of, root_of, state_dir_of
+from pinwarden.ledger import DB_NAME, HolderRecord, Ledger
+from pinwarden.model import HolderRef, Lease
+
+#: Warning rows shown without --all.
+WARNING_ROWS = 20
+
+
+def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "audit", parents=[common],
+        help="find threads, VM cgroups and IRQs that can run on leased CPUs",
+        description="Check every thread, cpuset cgroup and IRQ on the host against the "
+                    "exclusive leases. Exit 1 when another VM can run on a leased CPU.")
+    parser.add_argument("--strict", action="store_true",
+                        help="also exit 1 on host tasks and IRQs allowed on leased CPUs")
+    parser.add_argument("--all", action="store_true",
+                        help=f"list every warning (default: the first {WARNING_ROWS})")
+    parser.set_defaults(handler=run)
+
+
+def load_ledger(args: argparse.Namespace) -> tuple[tuple[Lease, ...], tuple[HolderRecord, ...],
+                                                    tuple[str, ...]]:
+    """Leases and holders (dead owners reaped); no database yet means no leases."""
+    state = state_dir_of(args)
+    if not (state / DB_NAME).exists():
+        return (), (), (f"no lease database at {state / DB_NAME}: nothing is leased",)
+    with Ledger(state) as ledger:
+        holders = ledger.holders()
+        return ledger.leases(reap=False), holders, ()
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_of(args)
+    leases, holders, notes = load_ledger(args)
+    snapshot = audit.scan(root_of(args))
+    partitions = tuple(dict.fromkeys((config.cgroup_v1, config.cgroup_v2,
+                                      *audit.DEFAULT_VM_PARTITIONS)))
+    report = audit.audit(snapshot, leases, holders, vm_partitions=partitions)
+    if notes:
+        report = audit.Report(report.leases, report.intruders, report.threads, report.cgroups,
+                              report.irqs, report.per_cpu_kthreads, (*report.notes, *notes))
+    if args.json:
+        print_json(report.to_json())
+    else:
+        print(render(report, show_all=args.all))
+    return report.exit_status(strict=args.strict)
+
+
+def _holder(ref: HolderRef | None) -> str:
+    return "-" if ref is None else f"{ref.driver}:{ref.name}"
+
+
+def render(report: audit.Report, *, show_all: bool = False) -> str:
+    """The verdict line, then a table of intruders (errors first)."""
+    lines = [f"audit: {report.verdict()}"]
+    lines += [f"note: {n}" for n in report.notes]
+    if not report.intruders:
+        return "\n".join(lines)
+    rows = list(report.errors)
+    warnings = report.warnings
+    shown = warnings if show_all else warnings[:WARNING_ROWS]
+    rows += shown
+    table = [("SEVERITY", "KIND", "PID", "TID", "NAME", "CGROUP/IRQ", "LEASED CPUS", "LEASED TO",
+              "BELONGS TO")]
+    for i in rows:
+        where = f"irq {i.irq}" if i.irq is not None else (i.cgroup or "-")
+        name = f"[{i.name}]" if i.kernel else i.name
+        table.append((i.severity, i.kind, str(i.pid or "-"), str(i.tid or "-"), name, where,
+                      str(i.cpus), ",".join(_holder(h) for h in i.holders), _holder(i.owner)))
+    widths = [max(len(r[c]) for r in table) for c in range(len(table[0]))]
+    for r in table:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    if len(shown) < len(warnings):
+        lines.append(f"… {len(warnings) - len(shown)} more warnings (--all or --json lists "
+                     f"them)")
+    return "\n".join(lines)

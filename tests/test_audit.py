@@ -1,0 +1,475 @@
+"""Audit: the pure core on constructed snapshots, the scanner on a /proc tree, and the whole
+thing against real processes and a real cpuset cgroup."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pinwarden import audit
+from pinwarden.audit import CgroupInfo, HostSnapshot, IrqInfo, ThreadInfo
+from pinwarden.cli.audit import render
+from pinwarden.cpuset import CpuSet
+from pinwarden.ledger import HolderRecord, Ledger
+from pinwarden.model import HolderRef, Lease, Plan
+
+A = HolderRef("qemu", "aaaaaaaa-0000-0000-0000-000000000001", "vm-a")
+B = HolderRef("qemu", "bbbbbbbb-0000-0000-0000-000000000002", "web")
+J = HolderRef("run", "job1", "job1")
+
+
+def cs(text: str) -> CpuSet:
+    return CpuSet.parse_kernel(text)
+
+
+def leases(**cpus: HolderRef) -> list[Lease]:
+    """leases(c3=A, c4=A) → CPU 3 and 4 leased to A."""
+    return [Lease(int(k[1:]), h, "vcpu0", 0.0) for k, h in cpus.items()]
+
+
+def record(ref: HolderRef, *, cgroup: str | None = None, owner: int | None = None,
+           cpus: str = "") -> HolderRecord:
+    lease_map = {c: "vcpu0" for c in cs(cpus)}
+    plan = Plan(domain=ref.name, uuid=ref.key, exclusive=True, vcpus={0: cs(cpus or "0")},
+                emulator=cs(cpus or "0"), leases=lease_map)
+    return HolderRecord(ref=ref, created=0.0, owner_pid=owner, owner_start=None, plan=plan,
+                        cgroup=cgroup)
+
+
+def thread(pid: int, cpus: str, cgroup: str | None = "/", *, tid: int | None = None,
+           ppid: int = 1, comm: str = "t", kernel: bool = False) -> ThreadInfo:
+    return ThreadInfo(pid=pid, tid=tid or pid, comm=comm, ppid=ppid, cpus=cs(cpus),
+                      cgroup=cgroup, kernel=kernel)
+
+
+def kinds(report: audit.Report) -> list[tuple[str, int | None, str | None, str]]:
+    return [(i.kind, i.tid, i.cgroup, str(i.cpus)) for i in report.intruders]
+
+
+# -- the pure core -----------------------------------------------------------------------
+
+
+def test_no_leases_is_clean() -> None:
+    snap = HostSnapshot(threads=(thread(10, "0-7"),), cgroups=(CgroupInfo("/machine", cs("0-7"),
+                        cs("0-7"), False),))
+    report = audit.audit(snap, [], [])
+    assert report.intruders == ()
+    assert report.exit_status(strict=True) == 0
+    assert report.verdict().startswith("clean: no CPU is leased")
+
+
+def test_other_vm_thread_on_leased_cpu_is_an_error() -> None:
+    vcpu = "/machine/qemu-2-web.libvirt-qemu/vcpu0"
+    snap = HostSnapshot(threads=(
+        thread(500, "2-3", vcpu, tid=501, comm="CPU 0/KVM"),
+        thread(500, "0-1", "/machine/qemu-2-web.libvirt-qemu/emulator", comm="qemu-system-x86"),
+    ))
+    report = audit.audit(snap, leases(c3=A), [record(A, cgroup="pinwarden.partition/vm-a")])
+    assert kinds(report) == [("other-vm-thread", 501, vcpu, "3")]
+    bad = report.intruders[0]
+    assert bad.pid == 500 and bad.name == "CPU 0/KVM" and bad.holders == (A,)
+    assert bad.owner is None  # "web" holds no leases: not a holder
+    assert report.exit_status() == 1
+    assert report.verdict().startswith("INTRUDERS on the 1 leased CPU (3) of 1 holder")
+
+
+def test_own_threads_are_not_intruders_but_another_holders_are() -> None:
+    a_cg = "/pinwarden.partition/vm-a.partition/qemu-1-vm-a.libvirt-qemu/vcpu0"
+    b_cg = "/pinwarden.partition/vm-web.partition/qemu-2-web.libvirt-qemu/vcpu1"
+    snap = HostSnapshot(threads=(
+        thread(100, "3", a_cg, tid=101),       # A on A's CPU: fine
+        thread(100, "3-5", a_cg, tid=102),     # A allowed on B's CPU 5: intruder
+        thread(200, "5", b_cg, tid=201),       # B on B's CPU: fine
+    ))
+    holders = [record(A, cgroup="pinwarden.partition/vm-a.partition", cpus="3-4"),
+               record(B, cgroup="/pinwarden.partition/vm-web.partition/", cpus="5")]
+    report = audit.audit(snap, leases(c3=A, c4=A, c5=B), holders)
+    assert kinds(report) == [("other-vm-thread", 102, a_cg, "5")]
+    assert report.intruders[0].owner == A
+    assert report.intruders[0].holders == (B,)
+
+
+def test_owner_pid_and_its_descendants_belong_to_the_holder() -> None:
+    snap = HostSnapshot(threads=(
+        thread(300, "6", comm="job"),                   # the owner
+        thread(300, "6", tid=301, comm="job-worker"),   # its thread
+        thread(310, "6-7", ppid=300, comm="child"),     # its child
+        thread(320, "6", ppid=310, comm="grandchild"),  # grandchild
+        thread(330, "6", ppid=1, comm="bash"),          # unrelated
+    ))
+    holders = [record(J, owner=300, cpus="6")]
+    report = audit.audit(snap, leases(c6=J), holders)
+    assert kinds(report) == [("host-task", 330, "/", "6")]
+    assert report.exit_status() == 0
+    assert report.exit_status(strict=True) == 1
+    # Another holder's CPU 7 is reachable by the job's child: an error naming the job.
+    report = audit.audit(snap, leases(c6=J, c7=A), [*holders, record(A, cpus="7")])
+    assert kinds(report) == [("other-vm-thread", 310, "/", "7"), ("host-task", 330, "/", "6")]
+    assert report.intruders[0].owner == J
+
+
+def test_kernel_threads() -> None:
+    snap = HostSnapshot(threads=(
+        thread(20, "3", comm="ksoftirqd/3", kernel=True, ppid=2),
+        thread(21, "3", comm="kworker/3:1", kernel=True, ppid=2),
+        thread(22, "0-7", comm="kworker/u16:0", kernel=True, ppid=2),
+        thread(23, "0-2", comm="rcu_preempt", kernel=True, ppid=2),
+    ))
+    report = audit.audit(snap, leases(c3=A), [record(A, cpus="3")])
+    assert kinds(report) == [("host-task", 22, "/", "3")]
+    assert report.intruders[0].kernel
+    assert report.per_cpu_kthreads == 2
+
+
+def test_irqs() -> None:
+    snap = HostSnapshot(irqs=(
+        IrqInfo(24, cs("0-7"), cs("3"), ("nvme0q1",)),
+        IrqInfo(25, cs("0-2"), cs("0"), ("eth0",)),
+        IrqInfo(26, cs("0-7"), None, ()),  # no handler: never fires
+    ))
+    report = audit.audit(snap, leases(c3=A), [record(A, cpus="3")])
+    assert [(i.kind, i.irq, i.name, str(i.cpus)) for i in report.intruders] == [
+        ("irq", 24, "nvme0q1", "3")]
+    assert report.exit_status() == 0
+
+
+def test_vm_cgroups() -> None:
+    snap = HostSnapshot(cgroups=(
+        CgroupInfo("/", cs("0-7"), cs("0-7"), True),                       # host root: no
+        CgroupInfo("/machine", cs("0-7"), cs("0-7"), False),               # shared pool: yes
+        CgroupInfo("/machine/qemu-2-web.libvirt-qemu", cs("0-7"), cs("0-2"), True),  # eff: no
+        CgroupInfo("/pinwarden.partition", cs("3-4"), cs("3-4"), False),  # exclusive root: no
+        CgroupInfo("/pinwarden.partition/vm-a.partition", cs("3"), cs("3"), False),   # A's own
+        CgroupInfo("/pinwarden.partition/vm-gone.partition", cs("4"), None, False),   # stale
+        CgroupInfo("/system.slice/foo.service", cs("0-7"), cs("0-7"), True),  # host: no
+        CgroupInfo("/other/machine-qemu\\x2d5\\x2dx.scope", cs("3"), cs("3"), True),  # a VM
+    ))
+    holders = [record(A, cgroup="pinwarden.partition/vm-a.partition", cpus="3"),
+               record(B, cpus="4")]
+    report = audit.audit(snap, leases(c3=A, c4=B), holders)
+    assert [(i.kind, i.cgroup, str(i.cpus)) for i in report.intruders] == [
+        ("vm-cgroup", "/machine", "3-4"),
+        ("vm-cgroup", "/other/machine-qemu\\x2d5\\x2dx.scope", "3"),
+        ("vm-cgroup", "/pinwarden.partition/vm-gone.partition", "4"),
+    ]
+    assert report.exit_status() == 1
+
+
+def test_holder_without_cgroup_recognised_by_libvirt_machine_name() -> None:
+    scope = "/machine.slice/machine-qemu\\x2d3\\x2dweb.scope/libvirt/vcpu0"
+    legacy = "/machine/qemu-4-web.libvirt-qemu/vcpu1"
+    snap = HostSnapshot(threads=(thread(400, "5", scope), thread(401, "5", legacy),
+                                 thread(402, "5", "/machine/qemu-5-webx.libvirt-qemu/vcpu0")))
+    report = audit.audit(snap, leases(c5=B), [record(B, cpus="5")])
+    assert kinds(report) == [("other-vm-thread", 402,
+                              "/machine/qemu-5-webx.libvirt-qemu/vcpu0", "5")]
+
+
+def test_machine_name_parsing() -> None:
+    assert audit.machine_name("qemu-12-my.vm.libvirt-qemu") == ("qemu", "my.vm")
+    assert audit.machine_name("lxc-3-c1.libvirt-lxc") == ("lxc", "c1")
+    assert audit.machine_name("machine-qemu\\x2d7\\x2dweb\\x2dprod.scope") == ("qemu", "web-prod")
+    assert audit.machine_name("vcpu0") is None
+    assert audit.machine_name("machine.slice") is None
+
+
+def test_report_json_and_render() -> None:
+    snap = HostSnapshot(
+        threads=(thread(500, "3", "/machine/qemu-2-web.libvirt-qemu/vcpu0", comm="CPU 0/KVM"),
+                 *(thread(1000 + n, "0-7", comm=f"host{n}") for n in range(30))),
+        irqs=(IrqInfo(24, cs("0-7"), cs("3"), ("nvme0q1",)),),
+        notes=("2 threads exited while being read",))
+    report = audit.audit(snap, leases(c3=A), [record(A, cpus="3")])
+    data = report.to_json()
+    assert json.loads(json.dumps(data)) == data
+    assert data["status"] == "intruders"
+    assert data["leases"] == [{"cpu": 3, "holder": {"driver": "qemu", "key": A.key,
+                                                     "name": "vm-a"}}]
+    first = data["intruders"][0]
+    assert (first["kind"], first["severity"], first["pid"], first["cpus"]) == \
+        ("other-vm-thread", "error", 500, "3")
+    assert data["checked"]["threads"] == 31
+    text = render(report)
+    lines = text.splitlines()
+    assert lines[0].startswith("audit: INTRUDERS on the 1 leased CPU (3)")
+    assert lines[1] == "note: 2 threads exited while being read"
+    assert lines[2].split()[:2] == ["SEVERITY", "KIND"]
+    assert "CPU 0/KVM" in lines[3] and "qemu:vm-a" in lines[3]
+    assert lines[-1] == "… 11 more warnings (--all or --json lists them)"
+    assert len(render(report, show_all=True).splitlines()) == 3 + 1 + 31
+    clean = audit.audit(HostSnapshot(threads=(thread(9, "0"),)), leases(c3=A), [])
+    assert render(clean) == ("audit: clean: nothing else can run on the 1 leased CPU (3) of 1 "
+                             "holder (1 threads, 0 cpuset cgroups, 0 IRQs checked)")
+
+
+_cpus = st.frozensets(st.integers(0, 7), min_size=1).map(CpuSet)
+_threads = st.lists(st.builds(
+    ThreadInfo, pid=st.integers(10, 30), tid=st.integers(10, 60), comm=st.just("t"),
+    ppid=st.integers(0, 30), cpus=_cpus,
+    cgroup=st.sampled_from(["/", "/machine/qemu-1-web.libvirt-qemu/vcpu0", "/pw/a", None]),
+    kernel=st.booleans()), max_size=20, unique_by=lambda t: t.tid)
+_leases = st.dictionaries(st.integers(0, 7), st.sampled_from([A, B, J]), max_size=8)
+
+
+@given(threads=_threads, lease_map=_leases, owner=st.integers(10, 30))
+@settings(max_examples=300, deadline=None)
+def test_properties(threads: list[ThreadInfo], lease_map: dict[int, HolderRef],
+                    owner: int) -> None:
+    holders = [record(A, cgroup="pw/a"), record(J, owner=owner), record(B)]
+    snap = HostSnapshot(threads=tuple(threads))
+    full = [Lease(c, h, "vcpu0", 0.0) for c, h in lease_map.items()]
+    report = audit.audit(snap, full, holders)
+    for i in report.intruders:
+        assert i.cpus and i.cpus <= report.leased
+        assert all(lease_map[c] != i.owner for c in i.cpus)  # never its own CPUs
+        assert set(i.holders) == {lease_map[c] for c in i.cpus}
+    # Fewer leases never mean more intruders.
+    for cpu in lease_map:
+        fewer = audit.audit(snap, [x for x in full if x.cpu != cpu], holders)
+        assert len(fewer.intruders) <= len(report.intruders)
+    # A thread that cannot reach a leased CPU is never reported.
+    reported = {i.tid for i in report.intruders}
+    for t in threads:
+        if not t.cpus & report.leased:
+            assert t.tid not in reported
+
+
+# -- the scanner on a constructed /proc tree ------------------------------------------------
+
+
+def _stat(pid: int, comm: str, ppid: int, flags: int, state: str = "S") -> str:
+    return (f"{pid} ({comm}) {state} {ppid} {pid} {pid} 0 -1 {flags} 0 0 0 0 0 0 0 0 20 0 1 0 "
+            f"100 0 0 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0\n")
+
+
+def _task(proc: Path, pid: int, tid: int, *, comm: str, ppid: int, cpus: str, cgroup: str,
+          flags: int = 0x400000) -> None:
+    d = proc / str(pid) / "task" / str(tid)
+    d.mkdir(parents=True)
+    (d / "stat").write_text(_stat(tid, comm, ppid, flags))
+    (d / "status").write_text(f"Name:\t{comm}\nTgid:\t{pid}\nCpus_allowed:\tff\n"
+                              f"Cpus_allowed_list:\t{cpus}\nMems_allowed_list:\t0\n")
+    (d / "cgroup").write_text(cgroup)
+
+
+def test_scanner_on_a_proc_tree(tmp_path: Path) -> None:
+    root = tmp_path
+    proc = root / "proc"
+    cpuset = root / "sys/fs/cgroup/cpuset"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self/mountinfo").write_text(
+        "30 25 0:26 / /sys/fs/cgroup/cpuset rw,nosuid shared:9 - cgroup cgroup rw,cpuset\n"
+        "31 25 0:27 / /sys/fs/cgroup/unified rw shared:10 - cgroup2 cgroup2 rw\n")
+    vm_cg = "/machine/qemu-1-web.libvirt-qemu/vcpu0"
+    _task(proc, 700, 700, comm="qemu-system-x86", ppid=1, cpus="0-3",
+          cgroup=f"12:cpuset:{vm_cg[:-6]}/emulator\n0::/machine.slice\n")
+    _task(proc, 700, 701, comm="CPU 0/KVM", ppid=1, cpus="2",
+          cgroup=f"4:cpu,cpuset:{vm_cg}\n0::/machine.slice\n")
+    _task(proc, 2, 2, comm="kthreadd", ppid=0, cpus="0-3", cgroup="12:cpuset:/\n",
+          flags=0x208040)
+    _task(proc, 9, 9, comm="a) b (c", ppid=1, cpus="1-2", cgroup="12:cpuset:/\n")
+    (proc / "800/task/800").mkdir(parents=True)  # exited between listdir and read
+    for path, cpus in (("", "0-3"), ("machine", "0-3"), ("machine/qemu-1-web.libvirt-qemu", "2")):
+        d = cpuset / path
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "cpuset.cpus").write_text(cpus + "\n")
+        (d / "cpuset.effective_cpus").write_text(cpus + "\n")
+        (d / "tasks").write_text("700\n" if "qemu" in path else "")
+    irq = proc / "irq/24"
+    (irq / "nvme0q1").mkdir(parents=True)
+    (irq / "smp_affinity_list").write_text("0-3\n")
+    (irq / "effective_affinity_list").write_text("2\n")
+    (proc / "irq/0").mkdir()
+    (proc / "irq/0/smp_affinity_list").write_text("0\n")
+
+    snap = audit.scan(root)
+    by_tid = {t.tid: t for t in snap.threads}
+    assert set(by_tid) == {700, 701, 2, 9}
+    assert by_tid[701] == ThreadInfo(700, 701, "CPU 0/KVM", 1, cs("2"), vm_cg, False)
+    assert by_tid[2].kernel and by_tid[2].cgroup == "/"
+    assert by_tid[9].comm == "a) b (c"
+    assert snap.notes == ("1 threads exited while being read",)
+    assert [(c.path, str(c.cpus), c.populated) for c in sorted(snap.cgroups,
+                                                               key=lambda c: c.path)] == [
+        ("/", "0-3", False), ("/machine", "0-3", False),
+        ("/machine/qemu-1-web.libvirt-qemu", "2", True)]
+    assert snap.irqs == (IrqInfo(0, cs("0"), None, ()),
+                         IrqInfo(24, cs("0-3"), cs("2"), ("nvme0q1",)))
+    report = audit.audit(snap, leases(c2=A), [record(A, cpus="2")])
+    assert [(i.kind, i.tid or i.irq or i.cgroup) for i in report.intruders] == [
+        ("other-vm-thread", 700), ("other-vm-thread", 701),
+        ("vm-cgroup", "/machine"), ("vm-cgroup", "/machine/qemu-1-web.libvirt-qemu"),
+        ("host-task", 2), ("host-task", 9), ("irq", 24)]
+
+
+def test_scanner_without_cpuset_mount_says_so(tmp_path: Path) -> None:
+    (tmp_path / "proc/self").mkdir(parents=True)
+    (tmp_path / "proc/self/mountinfo").write_text("")
+    snap = audit.scan(tmp_path)
+    assert "no cpuset cgroup hierarchy is mounted: VM cgroups not checked" in snap.notes
+    assert snap.cgroups == ()
+
+
+def test_scanner_agrees_with_the_kernel_for_this_process() -> None:
+    """The fast parser against the kernel's own answers for our own threads."""
+    snap = audit.scan(Path("/"))
+    mine = [t for t in snap.threads if t.pid == os.getpid()]
+    assert [t.tid for t in mine if t.tid == os.getpid()] == [os.getpid()]
+    main = next(t for t in mine if t.tid == os.getpid())
+    assert main.cpus == CpuSet.of(os.sched_getaffinity(0))
+    assert main.ppid == os.getppid()
+    assert main.comm == Path("/proc/self/comm").read_text().rstrip("\n")
+    assert not main.kernel
+    own_cgroup = Path("/proc/self/cgroup").read_text()
+    assert main.cgroup == next(line.split(":", 2)[2] for line in own_cgroup.splitlines()
+                               if "cpuset" in line.split(":")[1].split(","))
+    kthreadd = next(t for t in snap.threads if t.pid == 2)
+    assert kthreadd.kernel
+
+
+# -- real processes and a real cpuset cgroup -------------------------------------------------
+
+CPUSET = Path("/sys/fs/cgroup/cpuset")
+
+
+def _write(path: Path, value: str) -> None:
+    """Write a cgroup file, retrying briefly while other helpers' exclusive groups move."""
+    for attempt in range(50):
+        try:
+            path.write_text(value)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or attempt == 49:
+                raise AssertionError(f"cannot write {value!r} to {path}: {exc}") from None
+            time.sleep(0.1)
+
+
+def _rmtree(base: Path) -> None:
+    for d in sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        _rmdir(d)
+    _rmdir(base)
+
+
+def _rmdir(d: Path) -> None:
+    for _ in range(100):
+        try:
+            d.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            time.sleep(0.05)
+    d.rmdir()
+
+
+@pytest.fixture
+def cpuset_base() -> Iterator[Path]:
+    if not (CPUSET / "cpuset.cpus").exists():
+        pytest.fail("needs the cgroup v1 cpuset hierarchy at /sys/fs/cgroup/cpuset")
+    online = CpuSet.parse_kernel(Path("/sys/devices/system/cpu/online").read_text())
+    if not {0, 1} <= set(online):
+        pytest.fail(f"needs CPUs 0 and 1 online, have {online}")
+    base = CPUSET / f"pwtest-audit-{os.getpid()}"
+    base.mkdir()
+    try:
+        _write(base / "cpuset.mems", (CPUSET / "cpuset.mems").read_text().strip())
+        _write(base / "cpuset.cpus", "0-1")
+        yield base
+    finally:
+        _rmtree(base)
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[[Path | None, set[int]], int]]:
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(cgroup: Path | None, cpus: set[int]) -> int:
+        proc = subprocess.Popen(["sleep", "300"])
+        started.append(proc)
+        if cgroup is not None:
+            (cgroup / "tasks").write_text(str(proc.pid))
+        os.sched_setaffinity(proc.pid, cpus)
+        return proc.pid
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def _group(base: Path, name: str, cpus: str) -> Path:
+    d = base / name
+    d.mkdir()
+    _write(d / "cpuset.mems", (base / "cpuset.mems").read_text().strip())
+    _write(d / "cpuset.cpus", cpus)
+    return d
+
+
+@pytest.mark.kernel
+def test_real_intruder_found_then_moved_off(
+        tmp_path: Path, cpuset_base: Path, spawn: Callable[[Path | None, set[int]], int]) -> None:
+    rel = cpuset_base.relative_to(CPUSET)
+    own = _group(cpuset_base, "vm-a.partition", "1")
+    other = _group(cpuset_base, "qemu-7-pwtestb.libvirt-qemu", "0-1")
+    a_pid = spawn(own, {1})              # holder A's own thread on its CPU
+    intruder = spawn(other, {1})          # another VM's thread on A's CPU
+    host = spawn(None, {0, 1})            # an ordinary host task allowed on A's CPU
+    state = tmp_path / "state"
+    a = HolderRef("qemu", "pwtest-a", "pwtest-a")
+    with Ledger(state) as ledger:
+        ledger.reserve(a, lambda _: Plan("pwtest-a", None, True, {0: cs("1")}, cs("1"),
+                                         leases={1: "vcpu0"}))
+        ledger.set_cgroup(a, f"{rel}/vm-a.partition")
+        holders, lease_list = ledger.holders(), ledger.leases()
+
+    mine = {a_pid, intruder, host}
+    other_cg = f"/{rel}/qemu-7-pwtestb.libvirt-qemu"
+
+    def report_for_my_things() -> audit.Report:
+        snap = audit.scan(Path("/"))
+        assert {t.pid for t in snap.threads} >= mine
+        # Only what this test created: other helpers may run VMs on this host right now.
+        restricted = HostSnapshot(
+            threads=tuple(t for t in snap.threads if t.pid in mine),
+            cgroups=tuple(c for c in snap.cgroups if c.path.startswith(f"/{rel}")))
+        return audit.audit(restricted, lease_list, holders)
+
+    report = report_for_my_things()
+    found = {(i.kind, i.pid, i.cgroup, str(i.cpus)) for i in report.intruders}
+    assert found == {("other-vm-thread", intruder, other_cg, "1"),
+                     ("vm-cgroup", None, other_cg, "1"),
+                     ("host-task", host, "/", "1")}
+    assert all(i.holders == (a,) for i in report.intruders)
+    assert report.exit_status() == 1
+
+    # The CLI over the real host reports the same intruder (and exits 1).
+    out = subprocess.run([sys.executable, "-c", "from pinwarden.cli import entry; entry()",
+                          "audit", "--json", "--state-dir", str(state)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1, out.stderr
+    data = json.loads(out.stdout)
+    assert {"kind": "other-vm-thread", "pid": intruder, "cgroup": other_cg, "cpus": "1"}.items() \
+        <= next(i for i in data["intruders"] if i["pid"] == intruder).items()
+
+    # Move the other VM off the leased CPU: the kernel narrows its thread's affinity too.
+    _write(other / "cpuset.cpus", "0")
+    os.sched_setaffinity(host, {0})
+    report = report_for_my_things()
+    assert report.intruders == ()
+    assert report.exit_status(strict=True) == 0
+
