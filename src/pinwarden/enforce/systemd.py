@@ -1,0 +1,690 @@
+"""systemd backend: the cpuset tree driven through systemd's D-Bus API, never through cgroupfs.
+
+When systemd owns the cgroup hierarchy (a cgroup v2 host booted with systemd), writes to
+``/sys/fs/cgroup`` behind its back are undone the next time systemd realises a unit's
+cgroup, and groups it does not know about confuse it.  So this backend asks systemd
+(``org.freedesktop.systemd1.Manager`` at ``/org/freedesktop/systemd1``, see
+org.freedesktop.systemd1(5)) to do every write:
+
+=====================  ==================================================================
+primitive              D-Bus
+=====================  ==================================================================
+``mkdir``              ``StartTransientUnit(slice, "fail", [Description], [])``, then
+                       wait for the job's ``JobRemoved`` signal (result ``done``)
+``rmdir``              ``StopUnit(slice, "fail")`` — only when no unit inside is active
+``set_cpus``           ``SetUnitProperties(unit, runtime=true, [AllowedCPUs ay])``
+``set_mems``           ``SetUnitProperties(unit, runtime=true, [AllowedMemoryNodes ay])``
+``set_partition``      ``SetUnitProperties(unit, true, [CPUSetPartition s])`` (see below)
+``attach_process``     ``StartTransientUnit(scope, "fail", [Slice s, PIDs au], [])``
+reads                  ``GetUnit`` → object path; ``org.freedesktop.DBus.Properties.Get``
+                       of ``ActiveState``/``ConsistsOf`` (``…systemd1.Unit``) and
+                       ``AllowedCPUs``/``EffectiveCPUs``/``AllowedMemoryNodes``/
+                       ``EffectiveMemoryNodes``/``ControlGroup`` (``…systemd1.Slice``,
+                       ``.Scope`` or ``.Service``)
+=====================  ==================================================================
+
+CPU sets travel as systemd's byte arrays (CPU *i* is bit ``i % 8`` of byte ``i // 8``,
+:meth:`CpuSet.to_dbus`); an empty array means "no restriction" (inherit the parent), exactly
+like an empty ``cpuset.cpus`` on cgroup v2.  ``runtime=true`` puts the settings in
+``/run/systemd/system.control``: leases do not survive a reboot and neither do their
+cpusets.
+
+Paths.  Backend paths are the cgroup v2 paths systemd uses, ``"machine.slice"``,
+``"pinwarden.slice/pinwarden-vm\\x2dA.slice"``; the unit is the last component.  libvirt
+partition paths are accepted too and mapped the way libvirt maps ``<partition>`` on systemd
+hosts: ``"pinwarden.partition/vm-A.partition"`` (partition ``/pinwarden/vm-A``) is
+``pinwarden-vm\\x2dA.slice``, each component escaped with :func:`escape_unit_name` (what
+``systemd-escape`` prints) and joined by ``-``.  ``""`` is ``-.slice``.
+
+What exclusivity systemd can express — honestly:
+
+* systemd has no ``cpu_exclusive``; it drives the cpuset controller on the unified (v2)
+  hierarchy only (systemd.resource-control(5): ``AllowedCPUs=`` needs cgroup v2, systemd
+  244 or newer).  On cgroup v1 hosts use the v1 backend.
+* ``AllowedCPUs=`` on sibling slices is confinement, not exclusivity: narrowing
+  ``machine.slice`` to the shared pool (VM CPUs − leased) keeps shared VMs off leased CPUs,
+  and the per-holder slices ``pinwarden-vm\\x2dA.slice`` confine each holder to its lease.
+  But ``system.slice``, ``user.slice``, ``init.scope`` and kernel threads in the root cgroup
+  still run on leased CPUs unless the layout narrows them too (the planner decides; this
+  backend performs ``set_cpus`` on whatever paths it is given).
+* Real exclusivity on v2 is ``cpuset.cpus.partition`` (``root``/``isolated``): the kernel then
+  removes the CPUs from every other cgroup's effective set.  systemd exposes it only as
+  ``CPUSetPartition=`` (D-Bus ``s``: ``member``/``root``/``isolated``), added upstream in 2026
+  (systemd PR #42013); systemd 252 (Debian 12) up to that release has no such property and
+  answers ``org.freedesktop.DBus.Error.PropertyReadOnly``.  This backend asks systemd first
+  (``Properties.Get(CPUSetPartition)`` tells whether it knows the property).  Where it does
+  not, **``cpuset.cpus.partition`` must still be written directly**: ``set_partition`` hands
+  that single write to the optional ``kernel`` backend (the v2 backend on the unified mount)
+  at the unit's ``ControlGroup`` path.  That is safe in practice because such a systemd never
+  writes or resets the partition file; it does mean the partition does not survive the unit
+  being stopped and restarted, and the transactional core re-applies it.  Without a
+  ``kernel`` backend the call fails with ``EOPNOTSUPP`` and says so.  systemd also only logs a
+  warning when the kernel refuses a ``CPUSetPartition=`` value, so the partition state is
+  read back from the kernel (``kernel.read_group``) whenever a ``kernel`` backend is given.
+* Slices never hold processes themselves (systemd puts them in scopes and services below),
+  so a slice is never ``populated`` and ``tasks()`` of a slice is empty.
+
+Errors.  Every primitive raises :class:`SystemdOpError`, a
+:class:`~pinwarden.enforce.backend.CgroupOpError` with the errno the D-Bus error corresponds to
+and a one-line ``detail`` naming the unit, systemd's answer and what to do;
+:meth:`SystemdOpError.as_enforce_error` gives the user-facing :class:`EnforceError`.
+Failing to reach systemd at all is an :class:`EnforceError` from :meth:`SystemdBus.connect`.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import string
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from jeepney import DBusAddress, DBusErrorResponse, MessageType, new_method_call
+from jeepney.bus_messages import MatchRule, message_bus
+from jeepney.io.blocking import DBusConnection, Proxy, open_dbus_connection
+from jeepney.low_level import HeaderFields
+
+from pinwarden.cpuset import CpuSet
+from pinwarden.enforce.backend import (
+    CgroupBackend,
+    CgroupOpError,
+    GroupState,
+    PartitionKind,
+    Snapshot,
+    ancestors,
+    join,
+)
+from pinwarden.errors import EnforceError
+
+# -- names ------------------------------------------------------------------------------
+
+SYSTEMD_BUS_NAME: Final = "org.freedesktop.systemd1"
+MANAGER_PATH: Final = "/org/freedesktop/systemd1"
+MANAGER_IFACE: Final = "org.freedesktop.systemd1.Manager"
+UNIT_IFACE: Final = "org.freedesktop.systemd1.Unit"
+PROPERTIES_IFACE: Final = "org.freedesktop.DBus.Properties"
+
+#: Interface carrying the cgroup properties, by unit suffix (org.freedesktop.systemd1(5)).
+TYPE_IFACES: Final = {
+    "slice": "org.freedesktop.systemd1.Slice",
+    "scope": "org.freedesktop.systemd1.Scope",
+    "service": "org.freedesktop.systemd1.Service",
+}
+
+#: systemd's UNIT_NAME_MAX is 256 including the NUL.
+UNIT_NAME_MAX: Final = 255
+ROOT_SLICE: Final = "-.slice"
+
+# unit-name.c VALID_CHARS without '-' and '\\', which unit_name_escape() always escapes.
+_PLAIN = frozenset(string.ascii_letters + string.digits + ":_.")
+_NAME_CHARS = frozenset(string.ascii_letters + string.digits + ":_.-\\@")
+
+
+def escape_unit_name(text: str) -> str:
+    """Escape ``text`` for use in a unit name, byte for byte what ``systemd-escape TEXT`` prints.
+
+    systemd.unit(5), "String Escaping for Inclusion in Unit Names": ``/`` becomes ``-``;
+    every other byte that is not an ASCII letter, digit, ``:``, ``_`` or ``.`` becomes a
+    C-style ``\\xNN`` escape (lowercase hex, UTF-8 bytes), and so does a leading ``.``.
+    """
+    out: list[str] = []
+    for i, byte in enumerate(text.encode()):
+        ch = chr(byte)
+        if ch == "/":
+            out.append("-")
+        elif ch in _PLAIN and not (i == 0 and ch == "."):
+            out.append(ch)
+        else:
+            out.append(f"\\x{byte:02x}")
+    return "".join(out)
+
+
+def unit_type(name: str) -> str:
+    """``"slice"``, ``"scope"``, ``"service"`` …: the suffix after the last dot."""
+    return name.rpartition(".")[2]
+
+
+def is_valid_unit_name(name: str) -> bool:
+    """systemd's ``unit_name_is_valid(PLAIN|INSTANCE)`` for the characters we ever produce,
+    plus ``slice_name_is_valid`` for slices (no leading, trailing or doubled ``-``)."""
+    prefix, dot, suffix = name.rpartition(".")
+    if not dot or not prefix or not suffix or len(name) > UNIT_NAME_MAX:
+        return False
+    if any(c not in _NAME_CHARS for c in prefix):
+        return False
+    if suffix == "slice" and name != ROOT_SLICE:
+        return not (prefix.startswith("-") or prefix.endswith("-") or "--" in prefix)
+    return True
+
+
+def parent_slice(name: str) -> str:
+    """The slice a slice lives in: ``a-b-c.slice`` → ``a-b.slice``; ``a.slice`` → ``-.slice``."""
+    prefix = name.removesuffix(".slice")
+    head, dash, _ = prefix.rpartition("-")
+    return f"{head}.slice" if dash else ROOT_SLICE
+
+
+def slice_cgroup_path(name: str) -> str:
+    """Cgroup path (relative to the v2 mount) of a slice: ``a-b.slice`` → ``a.slice/a-b.slice``."""
+    if name == ROOT_SLICE:
+        return ""
+    parts: list[str] = []
+    cur = name
+    while cur != ROOT_SLICE:
+        parts.append(cur)
+        cur = parent_slice(cur)
+    return "/".join(reversed(parts))
+
+
+_UNIT_SUFFIXES = (".slice", ".scope", ".service")
+
+
+def unit_for_path(path: str) -> str:
+    """The unit a backend path stands for (see the module docstring); ``ValueError`` if none.
+
+    >>> unit_for_path("pinwarden.partition/vm-A.partition")
+    'pinwarden-vm\\\\x2dA.slice'
+    """
+    if path == "":
+        return ROOT_SLICE
+    parts = path.split("/")
+    if any(not p for p in parts):
+        raise ValueError(f"empty component in cgroup path {path!r}")
+    if parts[-1].endswith(_UNIT_SUFFIXES):
+        unit = parts[-1]
+        slices = parts[:-1] if not unit.endswith(".slice") else parts
+        expected = ROOT_SLICE
+        for part in slices:  # each slice must sit in the slice its name says
+            if not part.endswith(".slice") or parent_slice(part) != expected:
+                raise ValueError(f"{part!r} cannot be at {path!r}: systemd puts it under "
+                                 f"{slice_cgroup_path(parent_slice(part)) or '/'}")
+            expected = part
+    else:
+        names = [p.removesuffix(".partition") for p in parts]
+        if any(not n or n.endswith(_UNIT_SUFFIXES) for n in names):
+            raise ValueError(f"cgroup path {path!r} mixes unit names and partition names")
+        unit = "-".join(escape_unit_name(n) for n in names) + ".slice"
+    if not is_valid_unit_name(unit):
+        raise ValueError(f"{unit!r} (for cgroup path {path!r}) is not a valid unit name")
+    return unit
+
+
+# -- D-Bus errors -----------------------------------------------------------------------
+
+#: D-Bus error name → errno, following sd-bus's bus_standard_errors/bus_common_errors maps.
+_ERRNO_BY_NAME: Final = {
+    "org.freedesktop.systemd1.NoSuchUnit": errno.ENOENT,
+    "org.freedesktop.systemd1.UnitExists": errno.EEXIST,
+    "org.freedesktop.systemd1.UnitMasked": errno.ERFKILL,
+    "org.freedesktop.systemd1.NoSuchJob": errno.ENOENT,
+    "org.freedesktop.systemd1.TransactionIsDestructive": errno.EDEADLK,
+    "org.freedesktop.DBus.Error.InvalidArgs": errno.EINVAL,
+    "org.freedesktop.DBus.Error.PropertyReadOnly": errno.EROFS,
+    "org.freedesktop.DBus.Error.UnknownProperty": errno.EOPNOTSUPP,
+    "org.freedesktop.DBus.Error.UnknownMethod": errno.EOPNOTSUPP,
+    "org.freedesktop.DBus.Error.UnknownObject": errno.ENOENT,
+    "org.freedesktop.DBus.Error.UnixProcessIdUnknown": errno.ESRCH,
+    "org.freedesktop.DBus.Error.AccessDenied": errno.EACCES,
+    "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired": errno.EACCES,
+    "org.freedesktop.DBus.Error.ServiceUnknown": errno.EHOSTDOWN,
+    "org.freedesktop.DBus.Error.NameHasNoOwner": errno.EHOSTDOWN,
+    "org.freedesktop.DBus.Error.NoReply": errno.ETIMEDOUT,
+    "org.freedesktop.DBus.Error.Timeout": errno.ETIMEDOUT,
+    "org.freedesktop.DBus.Error.FileNotFound": errno.ENOENT,
+    "org.freedesktop.DBus.Error.NotSupported": errno.EOPNOTSUPP,
+}
+
+
+def errno_for(dbus_name: str) -> int:
+    """errno for a D-Bus error name; sd-bus sends unmapped errnos as ``System.Error.EXXX``."""
+    if dbus_name.startswith("System.Error."):
+        return int(getattr(errno, dbus_name.removeprefix("System.Error."), errno.EIO))
+    return _ERRNO_BY_NAME.get(dbus_name, errno.EIO)
+
+
+def _hint(dbus_name: str, err: int, unit: str, prop: str | None) -> str:
+    if err == errno.EHOSTDOWN:
+        return ("systemd is not on this bus: on hosts not booted with systemd use the cgroup "
+                "v1/v2 backend")
+    if err == errno.EACCES:
+        return "run pinwarden as root (systemd's polkit check refused the change)"
+    if err == errno.ENOENT:
+        return (f"{unit} is not loaded (stopped or never created); check `systemctl status "
+                f"{unit}` and re-run the command")
+    if err == errno.EEXIST:
+        return (f"another {unit} already exists (a unit file or an earlier run); check "
+                f"`systemctl status {unit}` and stop it if it is stale")
+    if dbus_name.endswith("PropertyReadOnly") and prop:
+        return f"this systemd does not support {prop}= (check `systemctl --version`)"
+    if err == errno.ENXIO:
+        return (f"systemd could not read the {prop or 'property'} value: a pinwarden bug, "
+                f"please report it")
+    if err == errno.ESRCH:
+        return "the process exited before it could be moved; start it again"
+    if err == errno.ETIMEDOUT:
+        return "systemd did not answer in time; check `systemctl is-system-running`"
+    return f"check `journalctl -u {unit}` for systemd's reason"
+
+
+class SystemdOpError(CgroupOpError):
+    """systemd refused or failed a request; ``detail`` is the one-line explanation."""
+
+    def __init__(self, action: str, path: str, unit: str, dbus_name: str, message: str, *,
+                 value: str | None = None, prop: str | None = None) -> None:
+        self.unit = unit
+        self.dbus_name = dbus_name
+        self.dbus_message = message
+        err = errno_for(dbus_name)
+        self.hint = _hint(dbus_name, err, unit, prop)
+        self.one_line = (f"systemd refused to {_VERBS.get(action, action)} {unit}"
+                         f"{f' = {value}' if value is not None else ''}: "
+                         f"{message.rstrip('.') or dbus_name} [{dbus_name}]; {self.hint}")
+        super().__init__(action, path, err, value=value, detail=self.one_line)
+
+    def as_enforce_error(self) -> EnforceError:
+        return EnforceError(self.one_line)
+
+
+_VERBS: Final = {
+    "mkdir": "create", "rmdir": "stop", "cpus": "set AllowedCPUs of",
+    "mems": "set AllowedMemoryNodes of", "partition": "set CPUSetPartition of",
+    "attach": "attach a process to", "read": "read",
+}
+
+
+class DBusCallError(Exception):
+    """A D-Bus error reply (internal; the backend turns it into :class:`SystemdOpError`)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        self.message = message
+        super().__init__(f"{name}: {message}")
+
+
+# -- the D-Bus adapter ------------------------------------------------------------------
+
+Variant = tuple[str, Any]
+Property = tuple[str, Variant]
+
+_ACTIVE_STATES: Final = frozenset({"active", "activating", "reloading", "deactivating"})
+
+
+class SystemdBus:
+    """The few systemd Manager calls pinwarden needs, over one jeepney connection.
+
+    Every method raises :class:`DBusCallError` on an error reply.  Job-creating calls
+    (``StartTransientUnit``, ``StopUnit``) wait for the job's ``JobRemoved`` signal: systemd
+    answers the call as soon as the job is queued, and the cgroup exists only once it ran.
+    """
+
+    def __init__(self, conn: DBusConnection, *, timeout: float = 30.0) -> None:
+        self._conn = conn
+        self._timeout = timeout
+        self._jobs: deque[Any] = deque()
+        # The bus filters on the owner of org.freedesktop.systemd1 (no spoofed signals); the
+        # local filter cannot, as signals carry the sender's unique name.
+        local = MatchRule(type="signal", interface=MANAGER_IFACE, member="JobRemoved",
+                          path=MANAGER_PATH)
+        self._job_filter = conn.filter(local, queue=self._jobs)
+        Proxy(message_bus, conn, timeout=timeout).AddMatch(
+            MatchRule(type="signal", sender=SYSTEMD_BUS_NAME, interface=MANAGER_IFACE,
+                      member="JobRemoved", path=MANAGER_PATH))
+        # org.freedesktop.systemd1(5): "Signals are only sent out if at least one client
+        # invoked [Subscribe]".
+        self.call(MANAGER_PATH, MANAGER_IFACE, "Subscribe", "", ())
+
+    @classmethod
+    def connect(cls, address: str = "SYSTEM", *, timeout: float = 30.0) -> SystemdBus:
+        """Connect to the bus at ``address`` (``"SYSTEM"``, ``"SESSION"`` or a D-Bus address)."""
+        try:
+            conn = open_dbus_connection(bus=address)
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            raise EnforceError(f"cannot reach systemd: no D-Bus connection to {address} "
+                               f"({exc}); on hosts not booted with systemd use the cgroup "
+                               f"v1/v2 backend") from None
+        try:
+            return cls(conn, timeout=timeout)
+        except (DBusCallError, DBusErrorResponse, TimeoutError) as exc:
+            conn.close()
+            raise EnforceError(f"cannot reach systemd on {address}: {exc}; on hosts not "
+                               f"booted with systemd use the cgroup v1/v2 backend") from None
+
+    def close(self) -> None:
+        self._job_filter.close()
+        self._conn.close()
+
+    # -- raw calls
+
+    def call(self, path: str, interface: str, member: str, signature: str,
+             body: tuple[Any, ...]) -> tuple[Any, ...]:
+        addr = DBusAddress(path, bus_name=SYSTEMD_BUS_NAME, interface=interface)
+        msg = new_method_call(addr, member, signature or None, body)
+        try:
+            reply = self._conn.send_and_get_reply(msg, timeout=self._timeout)
+        except TimeoutError:
+            raise DBusCallError("org.freedesktop.DBus.Error.Timeout",
+                                f"no answer to {member} within {self._timeout:g} s") from None
+        if reply.header.message_type == MessageType.error:
+            name = str(reply.header.fields.get(HeaderFields.error_name, "unknown"))
+            text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
+            raise DBusCallError(name, text)
+        return tuple(reply.body)
+
+    def _manager(self, member: str, signature: str, *args: Any) -> tuple[Any, ...]:
+        return self.call(MANAGER_PATH, MANAGER_IFACE, member, signature, args)
+
+    # -- Manager methods (org.freedesktop.systemd1(5))
+
+    def get_unit(self, name: str) -> str:
+        """``GetUnit(in s name, out o unit)``: only units already in memory."""
+        return str(self._manager("GetUnit", "s", name)[0])
+
+    def load_unit(self, name: str) -> str:
+        """``LoadUnit(in s name, out o unit)``: loads the unit if needed."""
+        return str(self._manager("LoadUnit", "s", name)[0])
+
+    def set_unit_properties(self, name: str, runtime: bool, props: Sequence[Property]) -> None:
+        """``SetUnitProperties(in s name, in b runtime, in a(sv) properties)``."""
+        self._manager("SetUnitProperties", "sba(sv)", name, runtime, list(props))
+
+    def start_transient_unit(self, name: str, mode: str, props: Sequence[Property],
+                             aux: Sequence[tuple[str, list[Property]]] = ()) -> str:
+        """``StartTransientUnit(in s name, in s mode, in a(sv) properties,
+        in a(sa(sv)) aux, out o job)``, then wait for the job; returns its result."""
+        job = str(self._manager("StartTransientUnit", "ssa(sv)a(sa(sv))", name, mode,
+                                list(props), list(aux))[0])
+        return self._wait_job(job)
+
+    def stop_unit(self, name: str, mode: str) -> str:
+        """``StopUnit(in s name, in s mode, out o job)``, then wait for the job."""
+        return self._wait_job(str(self._manager("StopUnit", "ss", name, mode)[0]))
+
+    def get_property(self, path: str, interface: str, name: str) -> Variant:
+        """``org.freedesktop.DBus.Properties.Get(in s interface, in s name, out v value)``."""
+        value = self.call(path, PROPERTIES_IFACE, "Get", "ss", (interface, name))[0]
+        return (str(value[0]), value[1])
+
+    def _wait_job(self, job: str) -> str:
+        """Wait for ``JobRemoved(u id, o job, s unit, s result)`` of ``job``; its result.
+
+        Only the job just queued can still be pending, so other queued signals are stale
+        (jobs of other clients) and dropped.
+        """
+        while self._jobs:
+            msg = self._jobs.popleft()
+            if len(msg.body) == 4 and msg.body[1] == job:
+                return str(msg.body[3])
+        while True:
+            try:
+                msg = self._conn.recv_until_filtered(self._jobs, timeout=self._timeout)
+            except TimeoutError:
+                raise DBusCallError("org.freedesktop.DBus.Error.Timeout",
+                                    f"job {job} did not finish within "
+                                    f"{self._timeout:g} s") from None
+            if len(msg.body) == 4 and msg.body[1] == job:
+                return str(msg.body[3])
+
+
+# -- the backend ------------------------------------------------------------------------
+
+_PARTITION_VALUE: Final[dict[PartitionKind, str]] = {
+    "member": "member", "exclusive": "root", "isolated": "isolated",
+}
+_PARTITION_KIND: Final[dict[str, PartitionKind]] = {v: k for k, v in _PARTITION_VALUE.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class UnitInfo:
+    """One unit as systemd reports it (the backend's raw read, before :class:`GroupState`)."""
+
+    name: str
+    object_path: str
+    active_state: str
+    allowed_cpus: CpuSet
+    effective_cpus: CpuSet
+    allowed_mems: CpuSet
+    effective_mems: CpuSet
+    control_group: str
+    consists_of: tuple[str, ...]
+    cpuset_partition: str | None  # None: this systemd has no CPUSetPartition property
+
+
+class SystemdBackend:
+    """:class:`~pinwarden.enforce.backend.CgroupBackend` over systemd's D-Bus API.
+
+    ``kernel`` (optional) is the cgroup v2 backend on the unified mount.  It is used read-only
+    for the partition state the kernel actually accepted, and for the one write systemd may
+    not be able to express: ``cpuset.cpus.partition`` (see the module docstring).
+    """
+
+    def __init__(self, bus: SystemdBus, *, kernel: CgroupBackend | None = None) -> None:
+        self._bus = bus
+        self._kernel = kernel
+        self._partition_supported: bool | None = None
+        self._scope_serial = itertools.count(1)
+
+    @property
+    def kind(self) -> str:
+        return "systemd"
+
+    # -- helpers
+
+    def _unit(self, action: str, path: str) -> str:
+        try:
+            return unit_for_path(path)
+        except ValueError as exc:
+            raise CgroupOpError(action, path, errno.EINVAL, detail=str(exc)) from None
+
+    def _fail(self, exc: DBusCallError, action: str, path: str, unit: str, *,
+              value: str | None = None, prop: str | None = None) -> SystemdOpError:
+        return SystemdOpError(action, path, unit, exc.name, exc.message, value=value,
+                              prop=prop)
+
+    def _iface(self, unit: str) -> str:
+        return TYPE_IFACES.get(unit_type(unit), UNIT_IFACE)
+
+    def _supports_partition(self) -> bool:
+        """Does this systemd know ``CPUSetPartition`` (asked once, on ``-.slice``)?
+
+        :class:`DBusCallError` for any answer but sd-bus's ``UnknownProperty``.
+        """
+        if self._partition_supported is None:
+            try:
+                obj = self._bus.get_unit(ROOT_SLICE)
+                self._bus.get_property(obj, TYPE_IFACES["slice"], "CPUSetPartition")
+                self._partition_supported = True
+            except DBusCallError as exc:
+                if exc.name != "org.freedesktop.DBus.Error.UnknownProperty":
+                    raise
+                self._partition_supported = False
+        return self._partition_supported
+
+    def unit_info(self, unit: str, *, object_path: str | None = None) -> UnitInfo:
+        """Read one loaded unit; :class:`DBusCallError` (``NoSuchUnit``) if not in memory."""
+        obj = object_path if object_path is not None else self._bus.get_unit(unit)
+        iface = self._iface(unit)
+        get = self._bus.get_property
+
+        def cpus(name: str) -> CpuSet:
+            sig, value = get(obj, iface, name)
+            if sig != "ay":
+                raise DBusCallError("org.freedesktop.DBus.Error.InvalidSignature",
+                                    f"{name} has type {sig!r}, expected 'ay'")
+            return CpuSet.from_dbus(value)
+
+        consists: tuple[str, ...] = ()
+        if unit_type(unit) == "slice":
+            consists = tuple(str(n) for n in get(obj, UNIT_IFACE, "ConsistsOf")[1])
+        partition = None
+        if unit_type(unit) == "slice" and self._supports_partition():
+            partition = str(get(obj, iface, "CPUSetPartition")[1])
+        return UnitInfo(
+            name=unit, object_path=obj,
+            active_state=str(get(obj, UNIT_IFACE, "ActiveState")[1]),
+            allowed_cpus=cpus("AllowedCPUs"), effective_cpus=cpus("EffectiveCPUs"),
+            allowed_mems=cpus("AllowedMemoryNodes"),
+            effective_mems=cpus("EffectiveMemoryNodes"),
+            control_group=str(get(obj, iface, "ControlGroup")[1]),
+            consists_of=tuple(sorted(consists)), cpuset_partition=partition)
+
+    # -- reads
+
+    def read_group(self, path: str) -> GroupState:
+        unit = self._unit("read", path)
+        try:
+            info = self.unit_info(unit)
+        except DBusCallError as exc:
+            raise self._fail(exc, "read", path, unit) from None
+        if info.active_state not in _ACTIVE_STATES:
+            raise SystemdOpError("read", path, unit, "org.freedesktop.systemd1.NoSuchUnit",
+                                 f"Unit {unit} is {info.active_state}, it has no cgroup")
+        partition: PartitionKind = _PARTITION_KIND.get(info.cpuset_partition or "member",
+                                                       "member")
+        partition_error = None
+        if self._kernel is not None and info.control_group:
+            kernel = self._kernel.read_group(info.control_group.strip("/"))
+            partition, partition_error = kernel.partition, kernel.partition_error
+        populated = unit_type(unit) != "slice"  # slices never hold processes themselves
+        return GroupState(
+            path=path, cpus=info.allowed_cpus, mems=info.allowed_mems, partition=partition,
+            effective_cpus=info.effective_cpus, effective_mems=info.effective_mems,
+            populated=populated, children=info.consists_of, partition_error=partition_error)
+
+    def read_state(self, paths: Iterable[str]) -> Snapshot:
+        groups: dict[str, GroupState] = {}
+
+        def read(path: str) -> GroupState | None:
+            if path not in groups:
+                try:
+                    groups[path] = self.read_group(path)
+                except SystemdOpError as exc:
+                    if exc.errno != errno.ENOENT:
+                        raise
+                    return None
+            return groups[path]
+
+        def subtree(path: str) -> None:
+            group = read(path)
+            for name in group.children if group is not None else ():
+                subtree(join(path, name))
+
+        for path in paths:
+            for anc in ancestors(path):
+                group = read(anc)
+                for name in group.children if group is not None else ():
+                    read(join(anc, name))
+            subtree(path)
+        return Snapshot(groups)
+
+    def tasks(self, path: str) -> tuple[int, ...]:
+        unit = self._unit("read", path)
+        if unit_type(unit) == "slice":
+            return ()
+        if self._kernel is None:
+            raise CgroupOpError("read", path, errno.EOPNOTSUPP,
+                                detail=f"listing the threads of {unit} needs the cgroup v2 "
+                                       f"backend (systemd only lists processes)")
+        try:
+            cgroup = self.unit_info(unit).control_group
+        except DBusCallError as exc:
+            raise self._fail(exc, "read", path, unit) from None
+        return self._kernel.tasks(cgroup.strip("/"))
+
+    # -- writes
+
+    def mkdir(self, path: str) -> None:
+        unit = self._unit("mkdir", path)
+        if unit_type(unit) != "slice" or unit == ROOT_SLICE:
+            raise CgroupOpError("mkdir", path, errno.EINVAL,
+                                detail=f"{unit}: only slices can be created")
+        props: list[Property] = [("Description", ("s", f"pinwarden cpuset group {path}"))]
+        try:
+            result = self._bus.start_transient_unit(unit, "fail", props)
+        except DBusCallError as exc:
+            raise self._fail(exc, "mkdir", path, unit) from None
+        if result != "done":
+            raise SystemdOpError("mkdir", path, unit, "org.freedesktop.systemd1.JobFailed",
+                                 f"the start job of {unit} ended with result {result!r}")
+
+    def rmdir(self, path: str) -> None:
+        unit = self._unit("rmdir", path)
+        try:
+            info = self.unit_info(unit)
+            busy = [u for u in info.consists_of
+                    if str(self._bus.get_property(self._bus.load_unit(u), UNIT_IFACE,
+                                                  "ActiveState")[1]) in _ACTIVE_STATES]
+        except DBusCallError as exc:
+            raise self._fail(exc, "rmdir", path, unit) from None
+        if busy:
+            # Stopping a slice stops everything in it: refuse, as rmdir of a busy cgroup would.
+            raise CgroupOpError("rmdir", path, errno.EBUSY,
+                                detail=f"{unit} still contains active units: "
+                                       f"{', '.join(busy)}")
+        try:
+            result = self._bus.stop_unit(unit, "fail")
+        except DBusCallError as exc:
+            raise self._fail(exc, "rmdir", path, unit) from None
+        if result != "done":
+            raise SystemdOpError("rmdir", path, unit, "org.freedesktop.systemd1.JobFailed",
+                                 f"the stop job of {unit} ended with result {result!r}")
+
+    def _set(self, action: str, path: str, prop: str, value: Variant, shown: str) -> None:
+        unit = self._unit(action, path)
+        try:
+            self._bus.set_unit_properties(unit, True, [(prop, value)])
+        except DBusCallError as exc:
+            raise self._fail(exc, action, path, unit, value=shown, prop=prop) from None
+
+    def set_cpus(self, path: str, cpus: CpuSet) -> None:
+        self._set("cpus", path, "AllowedCPUs", ("ay", cpus.to_dbus()), cpus.to_list())
+
+    def set_mems(self, path: str, mems: CpuSet) -> None:
+        self._set("mems", path, "AllowedMemoryNodes", ("ay", mems.to_dbus()), mems.to_list())
+
+    def set_partition(self, path: str, kind: PartitionKind) -> None:
+        value = _PARTITION_VALUE[kind]
+        unit = self._unit("partition", path)
+        try:
+            supported = self._supports_partition()
+        except DBusCallError as exc:
+            raise self._fail(exc, "partition", path, unit, value=value) from None
+        if supported:
+            self._set("partition", path, "CPUSetPartition", ("s", value), value)
+            return
+        if self._kernel is None:
+            raise CgroupOpError(
+                "partition", path, errno.EOPNOTSUPP, value=value,
+                detail=f"this systemd has no CPUSetPartition= and no cgroup v2 backend was "
+                       f"given to write cpuset.cpus.partition of {unit} directly")
+        try:
+            cgroup = self.unit_info(unit).control_group
+        except DBusCallError as exc:
+            raise self._fail(exc, "partition", path, unit, value=value) from None
+        self._kernel.set_partition(cgroup.strip("/"), kind)
+
+    def attach_process(self, path: str, pid: int) -> None:
+        unit = self._unit("attach", path)
+        if unit_type(unit) != "slice":
+            raise CgroupOpError("attach", path, errno.EINVAL, value=str(pid),
+                                detail=f"{unit}: processes can only be attached to slices")
+        scope = f"pinwarden-pid{pid}-{os.getpid()}-{next(self._scope_serial)}.scope"
+        props: list[Property] = [
+            ("Description", ("s", f"pinwarden: process {pid} in {unit}")),
+            ("Slice", ("s", unit)),
+            ("PIDs", ("au", [pid])),
+        ]
+        try:
+            result = self._bus.start_transient_unit(scope, "fail", props)
+        except DBusCallError as exc:
+            raise self._fail(exc, "attach", path, unit, value=str(pid)) from None
+        if result != "done":
+            raise SystemdOpError("attach", path, unit, "org.freedesktop.systemd1.JobFailed",
+                                 f"the start job of {scope} ended with result {result!r}",
+                                 value=str(pid))
+
+    def attach_thread(self, path: str, tid: int) -> None:
+        raise CgroupOpError("attach", path, errno.EOPNOTSUPP, value=str(tid),
+                            detail="systemd moves whole processes only (into scopes)")

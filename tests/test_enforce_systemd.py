@@ -1,0 +1,665 @@
+"""The systemd backend against a real dbus-daemon and a stand-in systemd (no systemd here).
+
+Every test starts its own ``dbus-daemon`` (config in a temporary directory) and the stand-in
+``tests/dbus_standin/systemd1.py`` as processes it ends by pid.  The stand-in answers as
+systemd's sources do (see its docstring); the tests assert the calls that crossed the bus
+(member, signature, body bytes) and how the backend translates systemd's errors.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import select
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jeepney import DBusAddress, MessageType, new_method_call
+from jeepney.bus_messages import MatchRule, Monitoring
+from jeepney.io.blocking import DBusConnection, Proxy, open_dbus_connection
+from jeepney.low_level import HeaderFields
+
+from pinwarden.cpuset import CpuSet
+from pinwarden.enforce.backend import CgroupBackend, CgroupOpError, GroupState, PartitionKind
+from pinwarden.enforce.systemd import (
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    DBusCallError,
+    SystemdBackend,
+    SystemdBus,
+    SystemdOpError,
+    escape_unit_name,
+    slice_cgroup_path,
+    unit_for_path,
+)
+from pinwarden.errors import EnforceError
+
+STANDIN = Path(__file__).parent / "dbus_standin" / "systemd1.py"
+SYSTEMD_ESCAPE = shutil.which("systemd-escape")
+HOLDER = "pinwarden.slice/pinwarden-vm\\x2dA.slice"
+BUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+  </policy>
+</busconfig>
+"""
+
+
+def _read_line(proc: subprocess.Popen[str], what: str, timeout: float = 20.0) -> str:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        raise AssertionError(f"{what} printed nothing within {timeout:g} s")
+    line = proc.stdout.readline().strip()
+    if not line:
+        raise AssertionError(f"{what} exited (status {proc.poll()}) before it was ready")
+    return line
+
+
+def _end(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.terminate()  # the process this fixture started, by its pid
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def bus_address(tmp_path: Path) -> Iterator[str]:
+    """A private dbus-daemon of our own, listening in tmp_path."""
+    daemon = shutil.which("dbus-daemon")
+    if daemon is None:
+        pytest.fail("dbus-daemon is missing: install the Debian package dbus (make test does)")
+    conf = tmp_path / "bus.conf"
+    conf.write_text(BUS_CONF.format(socket=tmp_path / "bus"))
+    proc = subprocess.Popen([daemon, f"--config-file={conf}", "--nofork", "--print-address=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        yield _read_line(proc, "dbus-daemon")
+    finally:
+        _end(proc)
+
+
+@dataclass
+class Standin:
+    address: str
+    proc: subprocess.Popen[str]
+    conn: DBusConnection = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.conn = open_dbus_connection(bus=self.address)
+
+    def _call(self, member: str, signature: str = "", *args: Any) -> tuple[Any, ...]:
+        addr = DBusAddress("/org/pinwarden/test", bus_name="org.freedesktop.systemd1",
+                           interface="org.pinwarden.test.Standin")
+        reply = self.conn.send_and_get_reply(new_method_call(addr, member, signature or None,
+                                                             args), timeout=10)
+        assert reply.header.message_type == MessageType.method_return, reply.body
+        return tuple(reply.body)
+
+    def calls(self, member: str | None = None) -> list[dict[str, Any]]:
+        """Calls systemd received, as it decoded them off the wire."""
+        out: list[dict[str, Any]] = json.loads(self._call("Calls")[0])
+        return [c for c in out if member is None or c["member"] == member]
+
+    def add_unit(self, name: str, state: str, fragment: bool) -> None:
+        self._call("AddUnit", "ssb", name, state, fragment)
+
+    def fail_next_job(self, unit: str, result: str) -> None:
+        self._call("FailNextJob", "ss", unit, result)
+
+
+def _start_standin(address: str, *extra: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, str(STANDIN), address, "--online", "0-7", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = _read_line(proc, "the systemd stand-in")
+    if line != "READY":
+        _end(proc)
+        raise AssertionError(f"systemd stand-in: {line}")
+    return proc
+
+
+@pytest.fixture(params=["systemd-252", "systemd-cpusetpartition"])
+def standin(request: pytest.FixtureRequest, bus_address: str) -> Iterator[Standin]:
+    """The stand-in, as a systemd without and with the CPUSetPartition property."""
+    extra = ("--partition",) if request.param == "systemd-cpusetpartition" else ()
+    proc = _start_standin(bus_address, *extra)
+    handle = Standin(bus_address, proc)
+    try:
+        yield handle
+    finally:
+        handle.conn.close()
+        _end(proc)
+
+
+@pytest.fixture
+def old_standin(bus_address: str) -> Iterator[Standin]:
+    """A stand-in systemd without CPUSetPartition (systemd 252 .. before PR #42013)."""
+    proc = _start_standin(bus_address)
+    handle = Standin(bus_address, proc)
+    try:
+        yield handle
+    finally:
+        handle.conn.close()
+        _end(proc)
+
+
+@pytest.fixture
+def new_standin(bus_address: str) -> Iterator[Standin]:
+    proc = _start_standin(bus_address, "--partition")
+    handle = Standin(bus_address, proc)
+    try:
+        yield handle
+    finally:
+        handle.conn.close()
+        _end(proc)
+
+
+def _backend(s: Standin, kernel: CgroupBackend | None = None) -> tuple[SystemdBus,
+                                                                      SystemdBackend]:
+    bus = SystemdBus.connect(s.address, timeout=10)
+    return bus, SystemdBackend(bus, kernel=kernel)
+
+
+@pytest.fixture
+def sleeper() -> Iterator[int]:
+    """A process of our own to attach (ended by pid)."""
+    proc = subprocess.Popen(["sleep", "300"])
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# -- unit names -------------------------------------------------------------------------
+
+def test_escape_unit_name_follows_the_man_page_examples() -> None:
+    # systemd-escape(1), EXAMPLES; systemd.unit(5), "String Escaping for Inclusion in Unit
+    # Names": "/" → "-", a leading "." and every byte outside [A-Za-z0-9:_.] → "\xNN".
+    assert escape_unit_name("Hallöchen, Meister") == "Hall\\xc3\\xb6chen\\x2c\\x20Meister"
+    assert escape_unit_name("vm-A") == "vm\\x2dA"
+    assert escape_unit_name("/foo/bar") == "-foo-bar"
+    assert escape_unit_name(".hidden.x") == "\\x2ehidden.x"
+    assert escape_unit_name("a\\b") == "a\\x5cb"
+    assert escape_unit_name("") == ""
+
+
+def test_escape_unit_name_matches_the_systemd_escape_binary() -> None:
+    if SYSTEMD_ESCAPE is None:
+        pytest.fail("systemd-escape is missing: install the Debian package systemd")
+    rng = random.Random(4)
+    alphabet = "aZ09:_.-/\\ ,@%äö€\t\x01~"
+    samples = ["vm-A", "run-J", "qemu-3-B", ".", "..", "/", "x/", ".a/.b", "a..b", "ä", "€"]
+    samples += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
+                for _ in range(300)]
+    out = subprocess.run([SYSTEMD_ESCAPE, "--", *samples], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert len(out) == len(samples)  # escaped names never contain whitespace
+    mismatches = [(s, e, escape_unit_name(s)) for s, e in zip(samples, out, strict=True)
+                  if escape_unit_name(s) != e]
+    assert mismatches == []
+
+
+@pytest.mark.parametrize(("path", "unit"), [
+    ("", "-.slice"),
+    ("machine", "machine.slice"),
+    ("machine.slice", "machine.slice"),
+    ("pinwarden.partition", "pinwarden.slice"),
+    ("pinwarden.partition/vm-A.partition", "pinwarden-vm\\x2dA.slice"),
+    ("pinwarden/run-my job", "pinwarden-run\\x2dmy\\x20job.slice"),
+    (HOLDER, "pinwarden-vm\\x2dA.slice"),
+    ("machine.slice/machine-qemu\\x2d3\\x2dB.scope", "machine-qemu\\x2d3\\x2dB.scope"),
+    ("system.slice/libvirtd.service", "libvirtd.service"),
+])
+def test_paths_map_to_units_like_libvirt_partitions(path: str, unit: str) -> None:
+    assert unit_for_path(path) == unit
+
+
+@pytest.mark.parametrize("path", [
+    "pinwarden.slice/other.slice",  # other.slice lives under -.slice
+    "pinwarden-vm\\x2dA.slice",  # its parent is pinwarden.slice
+    "a//b", "machine.slice/vm.partition", "x.scope/y.slice",
+])
+def test_impossible_paths_are_refused(path: str) -> None:
+    with pytest.raises(ValueError, match=r"\S"):
+        unit_for_path(path)
+
+
+def test_slice_cgroup_path() -> None:
+    assert slice_cgroup_path("pinwarden-vm\\x2dA.slice") == \
+        "pinwarden.slice/pinwarden-vm\\x2dA.slice"
+    assert slice_cgroup_path("-.slice") == ""
+
+
+# -- wire traffic -----------------------------------------------------------------------
+
+def test_backend_is_a_cgroup_backend(standin: Standin) -> None:
+    bus, backend = _backend(standin)
+    try:
+        assert isinstance(backend, CgroupBackend)
+        assert backend.kind == "systemd"
+    finally:
+        bus.close()
+
+
+def test_set_cpus_sends_allowedcpus_as_a_byte_array(standin: Standin) -> None:
+    bus, backend = _backend(standin)
+    try:
+        backend.set_cpus("machine.slice", CpuSet.parse("0,4-5,7"))
+        backend.set_mems("machine", CpuSet.parse("0"))
+        state = backend.read_group("machine.slice")
+    finally:
+        bus.close()
+    calls = standin.calls("SetUnitProperties")
+    assert calls == [
+        {"path": MANAGER_PATH, "interface": MANAGER_IFACE, "member": "SetUnitProperties",
+         "signature": "sba(sv)",
+         "body": ["machine.slice", True, [["AllowedCPUs", ["ay", [0b10110001]]]]]},
+        {"path": MANAGER_PATH, "interface": MANAGER_IFACE, "member": "SetUnitProperties",
+         "signature": "sba(sv)",
+         "body": ["machine.slice", True, [["AllowedMemoryNodes", ["ay", [0b1]]]]]},
+    ]
+    assert state.cpus == CpuSet.parse("0,4-5,7")
+    assert state.effective_cpus == CpuSet.parse("0,4-5,7")
+    assert state.mems == CpuSet.parse("0")
+    assert not state.populated  # slices never hold processes
+
+
+def test_high_cpus_and_the_empty_set_on_the_wire(old_standin: Standin) -> None:
+    bus, backend = _backend(old_standin)
+    try:
+        backend.set_cpus("user.slice", CpuSet.of([1, 9, 63]))
+        narrowed = backend.read_group("user.slice")
+        backend.set_cpus("user.slice", CpuSet())  # systemd: empty = no restriction
+        widened = backend.read_group("user.slice")
+    finally:
+        bus.close()
+    bodies = [c["body"][2][0][1] for c in old_standin.calls("SetUnitProperties")]
+    assert bodies == [["ay", [0b10, 0b10, 0, 0, 0, 0, 0, 0b10000000]], ["ay", []]]
+    assert narrowed.effective_cpus == CpuSet.of([1])  # 9 and 63 are not online
+    assert widened.cpus == CpuSet() and widened.effective_cpus == CpuSet.parse("0-7")
+
+
+def test_the_bus_carries_exactly_what_the_backend_sent(old_standin: Standin) -> None:
+    """Independent of the stand-in's own record: a bus monitor sees the raw message."""
+    monitor = open_dbus_connection(bus=old_standin.address)
+    try:
+        Proxy(Monitoring(), monitor, timeout=10).BecomeMonitor(
+            [MatchRule(type="method_call", member="SetUnitProperties").serialise()])
+        bus, backend = _backend(old_standin)
+        try:
+            backend.set_cpus(HOLDER, CpuSet.parse("2-3,8"))
+        finally:
+            bus.close()
+        msg = monitor.receive(timeout=10)
+        while msg.header.message_type != MessageType.method_call:
+            msg = monitor.receive(timeout=10)
+    finally:
+        monitor.close()
+    fields = msg.header.fields
+    assert fields[HeaderFields.destination] == "org.freedesktop.systemd1"
+    assert fields[HeaderFields.path] == "/org/freedesktop/systemd1"
+    assert fields[HeaderFields.interface] == "org.freedesktop.systemd1.Manager"
+    assert fields[HeaderFields.signature] == "sba(sv)"
+    assert msg.body == ("pinwarden-vm\\x2dA.slice", True,
+                        [("AllowedCPUs", ("ay", bytes([0b1100, 0b1])))])
+
+
+def test_mkdir_starts_a_transient_slice_and_waits_for_its_job(standin: Standin) -> None:
+    bus, backend = _backend(standin)
+    try:
+        backend.mkdir("pinwarden.slice")
+        backend.mkdir(HOLDER)
+        backend.set_cpus(HOLDER, CpuSet.parse("2-3"))
+        holder = backend.read_group(HOLDER)
+        parent = backend.read_group("pinwarden.slice")
+    finally:
+        bus.close()
+    members = [c["member"] for c in standin.calls() if c["interface"] == MANAGER_IFACE]
+    assert members[0] == "Subscribe"  # JobRemoved is only sent to subscribers
+    starts = standin.calls("StartTransientUnit")
+    assert [c["signature"] for c in starts] == ["ssa(sv)a(sa(sv))"] * 2
+    assert [c["body"] for c in starts] == [
+        ["pinwarden.slice", "fail",
+         [["Description", ["s", "pinwarden cpuset group pinwarden.slice"]]], []],
+        ["pinwarden-vm\\x2dA.slice", "fail",
+         [["Description", ["s", f"pinwarden cpuset group {HOLDER}"]]], []],
+    ]
+    assert holder.effective_cpus == CpuSet.parse("2-3")
+    assert parent.children == ("pinwarden-vm\\x2dA.slice",)
+
+
+def test_read_state_returns_subtree_ancestors_and_their_children(old_standin: Standin) -> None:
+    bus, backend = _backend(old_standin)
+    try:
+        backend.mkdir("pinwarden.slice")
+        backend.mkdir(HOLDER)
+        snap = backend.read_state([HOLDER, "machine.slice"])
+    finally:
+        bus.close()
+    assert set(snap) == {"", "init.scope", "machine.slice", "pinwarden.slice", "system.slice",
+                         "user.slice", HOLDER}
+    assert snap.children("pinwarden.slice") == [HOLDER]
+    assert snap[""].effective_cpus == CpuSet.parse("0-7")
+
+
+def test_missing_unit_reads_as_absent_and_errors_as_enoent(standin: Standin) -> None:
+    bus, backend = _backend(standin)
+    try:
+        assert "pinwarden.slice" not in backend.read_state(["pinwarden.slice"])
+        with pytest.raises(SystemdOpError) as info:
+            backend.read_group("pinwarden.slice")
+    finally:
+        bus.close()
+    assert info.value.errno == errno.ENOENT
+    assert info.value.dbus_name == "org.freedesktop.systemd1.NoSuchUnit"
+
+
+def test_rmdir_stops_an_empty_slice(old_standin: Standin) -> None:
+    bus, backend = _backend(old_standin)
+    try:
+        backend.mkdir("pinwarden.slice")
+        backend.mkdir(HOLDER)
+        backend.rmdir(HOLDER)
+        with pytest.raises(SystemdOpError) as info:
+            backend.read_group(HOLDER)
+    finally:
+        bus.close()
+    stops = old_standin.calls("StopUnit")
+    assert [(c["signature"], c["body"]) for c in stops] == \
+        [("ss", ["pinwarden-vm\\x2dA.slice", "fail"])]
+    assert info.value.errno == errno.ENOENT
+
+
+def test_rmdir_refuses_a_slice_with_running_units(old_standin: Standin, sleeper: int) -> None:
+    bus, backend = _backend(old_standin)
+    try:
+        backend.mkdir("pinwarden.slice")
+        backend.attach_process("pinwarden.slice", sleeper)
+        with pytest.raises(CgroupOpError) as info:
+            backend.rmdir("pinwarden.slice")
+        still = backend.read_group("pinwarden.slice")
+    finally:
+        bus.close()
+    assert info.value.errno == errno.EBUSY
+    assert "pinwarden-pid" in str(info.value)
+    assert old_standin.calls("StopUnit") == []  # stopping would have stopped the process
+    assert still.children and still.children[0].startswith(f"pinwarden-pid{sleeper}-")
+
+
+def test_attach_process_starts_a_scope_in_the_slice(old_standin: Standin, sleeper: int) -> None:
+    bus, backend = _backend(old_standin)
+    try:
+        backend.mkdir("pinwarden.slice")
+        backend.attach_process("pinwarden.slice", sleeper)
+        slice_state = backend.read_group("pinwarden.slice")
+        scope_path = f"pinwarden.slice/{slice_state.children[0]}"
+        scope_state = backend.read_group(scope_path)
+        assert backend.tasks("pinwarden.slice") == ()
+    finally:
+        bus.close()
+    start = old_standin.calls("StartTransientUnit")[-1]
+    name, mode, props, aux = start["body"]
+    assert mode == "fail" and aux == []
+    assert ["Slice", ["s", "pinwarden.slice"]] in props
+    assert ["PIDs", ["au", [sleeper]]] in props
+    assert name == slice_state.children[0] and name.endswith(".scope")
+    assert scope_state.populated
+
+
+# -- partitions -------------------------------------------------------------------------
+
+def test_partition_through_cpusetpartition(new_standin: Standin) -> None:
+    """A systemd that knows CPUSetPartition= does the exclusive part itself."""
+    bus, backend = _backend(new_standin)
+    try:
+        backend.set_cpus("machine.slice", CpuSet.parse("0-1,4-7"))
+        backend.mkdir("pinwarden.slice")
+        backend.set_cpus("pinwarden.slice", CpuSet.parse("2-3"))
+        backend.set_partition("pinwarden.slice", "exclusive")
+        backend.mkdir(HOLDER)
+        backend.set_cpus(HOLDER, CpuSet.parse("2-3"))
+        backend.set_partition(HOLDER, "isolated")
+        snap = backend.read_state([HOLDER])
+    finally:
+        bus.close()
+    sets = [c["body"][2] for c in new_standin.calls("SetUnitProperties")]
+    assert [["CPUSetPartition", ["s", "root"]]] in sets
+    assert [["CPUSetPartition", ["s", "isolated"]]] in sets
+    assert snap["pinwarden.slice"].partition == "exclusive"
+    assert snap[HOLDER].partition == "isolated"
+    assert snap[HOLDER].effective_cpus == CpuSet.parse("2-3")
+    # the kernel takes partition CPUs out of everyone else's effective set
+    assert snap["system.slice"].effective_cpus == CpuSet.parse("0-1,4-7")
+    assert snap[""].effective_cpus == CpuSet.parse("0-1,4-7")
+
+
+@dataclass
+class KernelRecorder:
+    """Minimal local stand-in for the cgroup v2 backend (another helper's module): records
+    the partition writes the systemd backend delegates and answers reads with them."""
+
+    partitions: dict[str, PartitionKind] = field(default_factory=dict)
+    writes: list[tuple[str, PartitionKind]] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return "v2"
+
+    def read_group(self, path: str) -> GroupState:
+        return GroupState(path=path, cpus=CpuSet(), mems=CpuSet(),
+                          partition=self.partitions.get(path, "member"),
+                          effective_cpus=CpuSet(), effective_mems=CpuSet(), populated=False)
+
+    def set_partition(self, path: str, kind: PartitionKind) -> None:
+        self.writes.append((path, kind))
+        self.partitions[path] = kind
+
+    def tasks(self, path: str) -> tuple[int, ...]:
+        return (4242,)
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the systemd backend must not call kernel.{name}")
+
+
+def test_partition_without_cpusetpartition_is_written_to_the_slice_cgroup(
+        old_standin: Standin) -> None:
+    kernel = KernelRecorder()
+    bus, backend = _backend(old_standin, kernel=kernel)
+    try:
+        backend.mkdir("pinwarden.slice")
+        backend.mkdir(HOLDER)
+        backend.set_partition(HOLDER, "exclusive")
+        state = backend.read_group(HOLDER)
+    finally:
+        bus.close()
+    assert kernel.writes == [("pinwarden.slice/pinwarden-vm\\x2dA.slice", "exclusive")]
+    assert state.partition == "exclusive"
+    assert all(c["body"][2][0][0] != "CPUSetPartition"
+               for c in old_standin.calls("SetUnitProperties"))
+
+
+def test_partition_without_cpusetpartition_or_kernel_backend_says_why(
+        old_standin: Standin) -> None:
+    bus, backend = _backend(old_standin)
+    try:
+        backend.mkdir("pinwarden.slice")
+        with pytest.raises(CgroupOpError) as info:
+            backend.set_partition("pinwarden.slice", "exclusive")
+    finally:
+        bus.close()
+    assert info.value.errno == errno.EOPNOTSUPP
+    assert "CPUSetPartition" in str(info.value) and "pinwarden.slice" in str(info.value)
+
+
+# -- errors -----------------------------------------------------------------------------
+
+def _one_line(exc: SystemdOpError) -> EnforceError:
+    err = exc.as_enforce_error()
+    assert isinstance(err, EnforceError) and err.code == "enforce"
+    assert "\n" not in str(err)
+    return err
+
+
+def test_unknown_unit_is_enoent_naming_the_unit(standin: Standin) -> None:
+    bus, backend = _backend(standin)
+    try:
+        with pytest.raises(SystemdOpError) as info:
+            backend.set_cpus("machine.slice/machine-qemu\\x2d9\\x2dX.scope", CpuSet.of([1]))
+    finally:
+        bus.close()
+    exc = info.value
+    assert exc.errno == errno.ENOENT
+    assert exc.dbus_name == "org.freedesktop.systemd1.NoSuchUnit"
+    assert str(_one_line(exc)) == (
+        "systemd refused to set AllowedCPUs of machine-qemu\\x2d9\\x2dX.scope = 1: "
+        "Unit machine-qemu\\x2d9\\x2dX.scope not found "
+        "[org.freedesktop.systemd1.NoSuchUnit]; machine-qemu\\x2d9\\x2dX.scope is not loaded "
+        "(stopped or never created); check `systemctl status machine-qemu\\x2d9\\x2dX.scope` "
+        "and re-run the command")
+
+
+def test_existing_unit_is_eexist(standin: Standin) -> None:
+    standin.add_unit("pinwarden.slice", "inactive", True)  # a unit file exists
+    bus, backend = _backend(standin)
+    try:
+        with pytest.raises(SystemdOpError) as info:
+            backend.mkdir("pinwarden.slice")
+    finally:
+        bus.close()
+    assert info.value.errno == errno.EEXIST
+    assert info.value.dbus_name == "org.freedesktop.systemd1.UnitExists"
+    assert "pinwarden.slice" in str(_one_line(info.value))
+
+
+def test_failed_job_is_an_error(standin: Standin) -> None:
+    standin.fail_next_job("pinwarden.slice", "failed")
+    bus, backend = _backend(standin)
+    try:
+        with pytest.raises(SystemdOpError) as info:
+            backend.mkdir("pinwarden.slice")
+    finally:
+        bus.close()
+    assert "'failed'" in str(_one_line(info.value))
+
+
+def test_property_unknown_to_this_systemd_is_named(old_standin: Standin) -> None:
+    bus, backend = _backend(old_standin)
+    backend._partition_supported = True  # as if systemd was downgraded since we asked
+    try:
+        with pytest.raises(SystemdOpError) as info:
+            backend.set_partition("machine.slice", "exclusive")
+    finally:
+        bus.close()
+    exc = info.value
+    assert exc.dbus_name == "org.freedesktop.DBus.Error.PropertyReadOnly"
+    assert exc.errno == errno.EROFS
+    assert "does not support CPUSetPartition=" in str(_one_line(exc))
+
+
+def test_vanished_process_is_esrch(old_standin: Standin) -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    bus, backend = _backend(old_standin)
+    try:
+        backend.mkdir("pinwarden.slice")
+        with pytest.raises(SystemdOpError) as info:
+            backend.attach_process("pinwarden.slice", gone.pid)
+    finally:
+        bus.close()
+    assert info.value.errno == errno.ESRCH
+    assert "exited" in str(_one_line(info.value))
+
+
+def test_primitives_systemd_cannot_do_are_refused(old_standin: Standin) -> None:
+    bus, backend = _backend(old_standin)
+    try:
+        with pytest.raises(CgroupOpError) as thread:
+            backend.attach_thread("machine.slice", os.getpid())
+        with pytest.raises(CgroupOpError) as scope:
+            backend.mkdir("machine.slice/x.scope")
+        with pytest.raises(CgroupOpError) as bad:
+            backend.set_cpus("pinwarden.slice/other.slice", CpuSet.of([1]))
+    finally:
+        bus.close()
+    assert thread.value.errno == errno.EOPNOTSUPP
+    assert scope.value.errno == errno.EINVAL and bad.value.errno == errno.EINVAL
+    assert old_standin.calls("SetUnitProperties") == []
+
+
+def test_no_systemd_on_the_bus_is_a_clear_error(bus_address: str, tmp_path: Path) -> None:
+    with pytest.raises(EnforceError, match=r"cannot reach systemd .*ServiceUnknown.*"
+                                           r"use the cgroup v1/v2 backend"):
+        SystemdBus.connect(bus_address, timeout=10)
+    with pytest.raises(EnforceError, match="no D-Bus connection"):
+        SystemdBus.connect(f"unix:path={tmp_path}/nothing", timeout=10)
+
+
+# -- the stand-in against systemd's documented behaviour --------------------------------
+
+def test_standin_checks_types_and_applies_nothing_on_error(old_standin: Standin) -> None:
+    bus = SystemdBus.connect(old_standin.address, timeout=10)
+    try:
+        with pytest.raises(DBusCallError) as wrong_type:
+            bus.set_unit_properties("machine.slice", True, [("AllowedCPUs", ("s", "0-3"))])
+        with pytest.raises(DBusCallError) as unknown:
+            bus.set_unit_properties("machine.slice", True, [
+                ("AllowedCPUs", ("ay", b"\x0f")), ("CPUSetPartition", ("s", "root"))])
+        with pytest.raises(DBusCallError) as signature:
+            bus.call(MANAGER_PATH, MANAGER_IFACE, "SetUnitProperties", "sa(sv)",
+                     ("machine.slice", []))
+        with pytest.raises(DBusCallError) as bad_name:
+            bus.load_unit("no-such-type.bogus")
+        allowed = bus.get_property(bus.get_unit("machine.slice"),
+                                   "org.freedesktop.systemd1.Slice", "AllowedCPUs")
+    finally:
+        bus.close()
+    assert (wrong_type.value.name, wrong_type.value.message) == (
+        "System.Error.ENXIO", "Failed to set unit properties: Unexpected message contents")
+    assert (unknown.value.name, unknown.value.message) == (
+        "org.freedesktop.DBus.Error.PropertyReadOnly",
+        "Cannot set property CPUSetPartition, or unknown property.")
+    assert allowed == ("ay", b"")  # the valid AllowedCPUs before it was not applied
+    assert (signature.value.name, signature.value.message) == (
+        "org.freedesktop.DBus.Error.InvalidArgs",
+        "Invalid arguments 'sa(sv)' to call org.freedesktop.systemd1.Manager."
+        "SetUnitProperties(), expecting 'sba(sv)'.")
+    assert bad_name.value.name == "org.freedesktop.DBus.Error.InvalidArgs"
+
+
+def test_standin_loads_slices_without_files_but_not_scopes(old_standin: Standin) -> None:
+    bus = SystemdBus.connect(old_standin.address, timeout=10)
+    try:
+        with pytest.raises(DBusCallError) as not_loaded:
+            bus.get_unit("pinwarden.slice")
+        path = bus.load_unit("pinwarden.slice")
+        state = bus.get_property(path, "org.freedesktop.systemd1.Unit", "LoadState")
+        scope = bus.get_property(bus.load_unit("x.scope"), "org.freedesktop.systemd1.Unit",
+                                 "LoadState")
+        with pytest.raises(DBusCallError) as unknown_prop:
+            bus.get_property(path, "org.freedesktop.systemd1.Slice", "CPUSetPartition")
+    finally:
+        bus.close()
+    assert not_loaded.value.message == "Unit pinwarden.slice not loaded."
+    assert path == "/org/freedesktop/systemd1/unit/pinwarden_2eslice"
+    assert state == ("s", "loaded") and scope == ("s", "not-found")
+    assert unknown_prop.value.name == "org.freedesktop.DBus.Error.UnknownProperty"
