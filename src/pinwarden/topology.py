@@ -1,15 +1,41 @@
 """Host CPU topology, read from a root directory (``/`` or a sysfs dump).
 
 Value types are frozen dataclasses; :func:`read_topology` is the only function doing I/O.
+
+How the kernel files are read, and why (the result agrees with hwloc's ``lstopo``):
+
+* CPUs are the ``cpuN`` directories of ``sys/devices/system/cpu`` (``present`` when there
+  are none); a CPU is online per the ``online`` list, else per its own ``cpuN/online``
+  file; a CPU without that file (``cpu0`` on most x86 kernels) is online.
+* A physical core is the CPU's ``core_cpus`` / ``thread_siblings`` mask, split where the
+  threads report different ``(physical_package_id, die_id, core_id)`` (AMD Bulldozer
+  compute units list two cores as siblings; s390 repeats ``core_id`` for distinct cores, so
+  ``core_id`` alone is no identity either).  A CPU without a mask is a core of its own.
+* A package is the ``package_cpus`` / ``core_siblings`` mask (ids repeat across packages
+  on ia64 and are ``-1`` on s390, so the mask, not the id, is the identity).
+* NUMA nodes are ``sys/devices/system/node/nodeN`` (those in ``node/online`` when it
+  exists) with ``cpulist`` or ``cpumap``; without ``sys/devices/system/node`` the host is
+  one node 0.  A CPU the kernel attaches to no node (its node is offline) gets the lowest
+  node as a placement guess; :meth:`Topology.node_known` tells the difference.
+* Every file may carry NUL bytes or a trailing newline; a list file may hold a mask and
+  vice versa; missing files mean "unknown", never an error.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pinwarden.cpuset import CpuSet
+from pinwarden.cpuset import EMPTY, CpuSet, CpuSetError
+from pinwarden.errors import HostError
+
+CPU_DIR = Path("sys/devices/system/cpu")
+NODE_DIR = Path("sys/devices/system/node")
+
+#: Hybrid CPU PMU directories (``sys/devices/<name>/cpus``) and the kind they report.
+HYBRID_KINDS = (("cpu_core", "intel_core"), ("cpu_atom", "intel_atom"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +51,9 @@ class Cpu:
     siblings: CpuSet  # every CPU on the same physical core, itself included
     node: int  # NUMA node; 0 on hosts without sys/devices/system/node
     kind: str | None = None  # hybrid CPU kind ("intel_core", "intel_atom") where reported
+    #: every CPU in the same package, itself included (the identity of the package:
+    #: ``package`` ids repeat across packages on some machines and are unknown on others)
+    package_cpus: CpuSet = EMPTY
 
 
 @dataclass(frozen=True)
@@ -45,6 +74,10 @@ class Topology:
     def node_of(self, cpu: int) -> int:
         return self.cpus[cpu].node
 
+    def node_known(self, cpu: int) -> bool:
+        """True when the kernel lists ``cpu`` in its node (False: node is a guess)."""
+        return cpu in self.nodes.get(self.cpus[cpu].node, EMPTY)
+
     def cores(self) -> list[CpuSet]:
         """Distinct physical cores (sibling sets) of online CPUs, ordered by first CPU."""
         seen: dict[int, CpuSet] = {}
@@ -54,12 +87,253 @@ class Topology:
                 seen.setdefault(sib.first(), sib)
         return [seen[k] for k in sorted(seen)]
 
+    def packages(self) -> list[CpuSet]:
+        """Distinct packages (CPU sets) of present CPUs, ordered by first CPU."""
+        seen: dict[int, CpuSet] = {}
+        for c in self.cpus.values():
+            cpus = c.package_cpus or CpuSet.of([c.id])
+            seen.setdefault(cpus.first(), cpus)
+        return [seen[k] for k in sorted(seen)]
+
     @property
     def smt(self) -> bool:
         """True when some online physical core has more than one online thread."""
         return any(len(core) > 1 for core in self.cores())
 
 
+# -- reading helpers (the only I/O) -----------------------------------------------------
+
+_MASK = re.compile(r"[0-9a-fA-F]{8}(,[0-9a-fA-F]{8})*")
+_CPU_ENTRY = re.compile(r"cpu([0-9]+)")
+_NODE_ENTRY = re.compile(r"node([0-9]+)")
+
+
+def _read(path: Path) -> str | None:
+    """File text without NUL bytes and surrounding whitespace; None when unreadable."""
+    try:
+        raw = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
+        return None
+    except OSError:  # e.g. EINVAL/ENODEV from a half-gone sysfs attribute
+        return None
+    return raw.replace(b"\x00", b"").decode("ascii", "replace").strip()
+
+
+def parse_cpus(text: str, *, mask: bool = False) -> CpuSet:
+    """A CPU set from a sysfs file that should hold a list (or, with ``mask``, a mask).
+
+    Kernels and dumps mix the two forms, so an 8-hex-digit-word text is always a mask, a
+    text with ``-`` is always a list, and the other form is tried when the first fails.
+    Older kernels print ``(null)`` for an unset ``nohz_full``: that is the empty set.
+    """
+    clean = text.replace("\x00", "").strip()
+    if clean in ("", "(null)"):
+        return EMPTY
+    if _MASK.fullmatch(clean) or (mask and "-" not in clean):
+        first, second = CpuSet.from_mask, CpuSet.parse_kernel
+    else:
+        first, second = CpuSet.parse_kernel, CpuSet.from_mask
+    try:
+        return first(clean)
+    except CpuSetError as exc:
+        try:
+            return second(clean)
+        except CpuSetError:
+            raise exc from None
+
+
+def _cpus_file(path: Path, *, mask: bool = False) -> CpuSet | None:
+    text = _read(path)
+    if text is None:
+        return None
+    try:
+        return parse_cpus(text, mask=mask)
+    except CpuSetError as exc:
+        raise HostError(f"{path}: {exc.message}") from None
+
+
+def _first_cpus(base: Path, *names: str) -> CpuSet | None:
+    """The first readable of ``names`` (``*_list`` names are lists, others masks)."""
+    for name in names:
+        value = _cpus_file(base / name, mask=not name.endswith("list"))
+        if value is not None:
+            return value
+    return None
+
+
+def _int_file(path: Path) -> int | None:
+    text = _read(path)
+    if text is None:
+        return None
+    try:
+        value = int(text, 0)
+    except ValueError:
+        return None
+    return value if value >= 0 else None  # -1: "no such id" (s390 packages, offline CPUs)
+
+
+def _numbered(directory: Path, pattern: re.Pattern[str]) -> list[int]:
+    try:
+        names = [p.name for p in directory.iterdir()]
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m:
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def _cmdline_cpus(cmdline: str | None, key: str) -> CpuSet | None:
+    """``isolcpus=`` / ``nohz_full=`` from the kernel command line (last one wins).
+
+    ``isolcpus`` may carry flags before the list: ``isolcpus=domain,managed_irq,2-3``.
+    """
+    if cmdline is None:
+        return None
+    found: CpuSet | None = None
+    for word in cmdline.split():
+        if not word.startswith(key + "="):
+            continue
+        parts = word[len(key) + 1:].split(",")
+        while parts and parts[0] and not parts[0][0].isdigit():
+            parts.pop(0)  # flags: domain, managed_irq, nohz
+        try:
+            found = CpuSet.parse_kernel(",".join(parts))
+        except CpuSetError:
+            found = None
+    return found
+
+
+# -- the reader -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Raw:
+    """What sysfs says about one CPU, before cores are reconciled."""
+
+    has_topology: bool
+    package: int | None
+    die: int | None
+    cluster: int | None
+    core: int | None
+    thread_mask: CpuSet | None
+    package_mask: CpuSet | None
+
+
+def _read_raw(cpu_dir: Path) -> _Raw:
+    topo = cpu_dir / "topology"
+    return _Raw(
+        has_topology=topo.is_dir(),
+        package=_int_file(topo / "physical_package_id"),
+        die=_int_file(topo / "die_id"),
+        cluster=_int_file(topo / "cluster_id"),
+        core=_int_file(topo / "core_id"),
+        thread_mask=_first_cpus(topo, "core_cpus_list", "core_cpus",
+                                "thread_siblings_list", "thread_siblings"),
+        package_mask=_first_cpus(topo, "package_cpus_list", "package_cpus",
+                                 "core_siblings_list", "core_siblings"),
+    )
+
+
 def read_topology(root: Path) -> Topology:
     """Read the topology of the host whose filesystem is at ``root``."""
-    raise NotImplementedError
+    base = root / CPU_DIR
+    if not base.is_dir():
+        raise HostError(f"{root} is not a Linux host root: {base} is missing "
+                        "(give --root a directory holding sys/ and proc/)")
+    ids = _numbered(base, _CPU_ENTRY)
+    present = CpuSet.of(ids) if ids else _cpus_file(base / "present")
+    if not present:
+        raise HostError(f"{root} is not a Linux host root: {base} lists no CPU")
+
+    online_list = _cpus_file(base / "online")
+    if online_list is not None:
+        online = online_list & present
+    else:
+        online = CpuSet.of(c for c in present if _read(base / f"cpu{c}" / "online") != "0")
+
+    raw = {c: _read_raw(base / f"cpu{c}") for c in present}
+    # CPUs whose topology the kernel exports: offline CPUs keep stale (or no) files on
+    # some kernels, so masks only count online CPUs with a topology directory.
+    known = CpuSet.of(c for c in online if raw[c].has_topology)
+
+    def ident(c: int) -> tuple[int | None, int | None, int | None]:
+        return raw[c].package, raw[c].die, raw[c].core
+
+    siblings: dict[int, CpuSet] = {}
+    for c in present:
+        mask = raw[c].thread_mask
+        pool = (mask & known) | CpuSet.of([c]) if mask is not None else CpuSet.of([c])
+        siblings[c] = CpuSet.of(s for s in pool if s == c or ident(s) == ident(c))
+    # An offline CPU without its own mask still belongs to the core an online sibling
+    # names it in (older kernels keep offline CPUs in their siblings' masks).
+    for c in present:
+        for s in siblings[c]:
+            if s != c and c not in siblings[s]:
+                siblings[s] = siblings[s] | CpuSet.of([c])
+
+    packages: dict[int, CpuSet] = {}
+    for c in present:
+        mask = raw[c].package_mask
+        packages[c] = (mask & known) | CpuSet.of([c]) if mask is not None else CpuSet.of([c])
+
+    nodes, node_of = _read_nodes(root, present)
+
+    kinds: dict[int, str] = {}
+    for dirname, kind in HYBRID_KINDS:
+        for c in _cpus_file(root / "sys/devices" / dirname / "cpus") or EMPTY:
+            kinds.setdefault(c, kind)
+
+    cmdline = _read(root / "proc/cmdline")
+    isolated = _cpus_file(base / "isolated")
+    if isolated is None:
+        isolated = _cmdline_cpus(cmdline, "isolcpus") or EMPTY
+    nohz_full = _cpus_file(base / "nohz_full")
+    if nohz_full is None:
+        nohz_full = _cmdline_cpus(cmdline, "nohz_full") or EMPTY
+
+    cpus = {
+        c: Cpu(
+            id=c,
+            online=c in online,
+            package=raw[c].package,
+            die=raw[c].die,
+            cluster=raw[c].cluster,
+            core=raw[c].core,
+            siblings=siblings[c],
+            node=node_of[c],
+            kind=kinds.get(c),
+            package_cpus=packages[c],
+        )
+        for c in present
+    }
+    return Topology(cpus=cpus, present=present, online=online, isolated=isolated & present,
+                    nohz_full=nohz_full & present, nodes=nodes)
+
+
+def _read_nodes(root: Path, present: CpuSet) -> tuple[dict[int, CpuSet], dict[int, int]]:
+    """Node -> CPUs, and CPU -> node for every present CPU."""
+    base = root / NODE_DIR
+    if not base.is_dir():
+        return {0: present}, {c: 0 for c in present}
+    listed = _cpus_file(base / "online")
+    ids = sorted(set(_numbered(base, _NODE_ENTRY)) & (set(listed) if listed else set(
+        _numbered(base, _NODE_ENTRY))))
+    nodes: dict[int, CpuSet] = {}
+    owner: dict[int, int] = {}
+    for n in ids:
+        cpus = _first_cpus(base / f"node{n}", "cpulist", "cpumap")
+        if cpus is None:
+            continue
+        cpus = cpus & present
+        # Overlapping nodes are a firmware bug; like hwloc, the first node keeps the CPU.
+        cpus = CpuSet.of(c for c in cpus if c not in owner)
+        nodes[n] = cpus
+        for c in cpus:
+            owner[c] = n
+    if not nodes:
+        return {0: present}, {c: 0 for c in present}
+    fallback = min(nodes)
+    return nodes, {c: owner.get(c, fallback) for c in present}

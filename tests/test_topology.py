@@ -1,0 +1,390 @@
+"""read_topology against hwloc's own answers (every dump in ../shared/testdata/hwloc) and
+against synthetic roots with the quirks real kernels and dumps show."""
+
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conftest import HWLOC
+from hostroot import HostSpec, build_host, write
+from pinwarden.cpuset import CpuSet
+from pinwarden.errors import HostError
+from pinwarden.topology import Topology, parse_cpus, read_topology
+
+DUMPS = sorted(p.name[: -len(".tar.bz2")] for p in HWLOC.glob("*.tar.bz2"))
+
+
+# -- hwloc's `lstopo -v` output ---------------------------------------------------------
+
+
+@dataclass
+class Obj:
+    """One object line of a .console tree."""
+
+    type: str  # "Package", "Core", "PU", "NUMANode", "MemCache", "Group0(Book)", ...
+    pnum: int | None  # P#, None when hwloc prints none (unknown os index)
+    parent: Obj | None
+    children: list[Obj] = field(default_factory=list)
+
+    def walk(self) -> Iterator[Obj]:
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+    def pus(self) -> CpuSet:
+        return CpuSet.of(o.pnum for o in self.walk() if o.type == "PU" and o.pnum is not None)
+
+    def ancestors(self) -> Iterator[Obj]:
+        node = self.parent
+        while node is not None:
+            yield node
+            node = node.parent
+
+
+_LINE = re.compile(r"(?P<indent> *)(?P<type>[A-Za-z][\w()]*)(?: L#\d+)?(?: \((?P<attrs>.*)\))?$")
+_PNUM = re.compile(r"P#(\d+)")
+
+
+def parse_console(text: str) -> Obj:
+    """The object tree of a ``lstopo -v`` output: from ``Machine`` to the first line that
+    is not indented (the ``depth N:`` summary)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Machine"))
+    root: Obj | None = None
+    stack: list[tuple[int, Obj]] = []
+    for line in lines[start:]:
+        if root is not None and not line.startswith(" "):
+            break
+        m = _LINE.match(line)
+        if m is None:
+            continue
+        indent = len(m.group("indent"))
+        pm = _PNUM.match(m.group("attrs") or "")
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        parent = stack[-1][1] if stack else None
+        obj = Obj(m.group("type"), int(pm.group(1)) if pm else None, parent)
+        if parent is not None:
+            parent.children.append(obj)
+        else:
+            root = obj
+        stack.append((indent, obj))
+    assert root is not None and root.type == "Machine"
+    return root
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What hwloc shows for one PU."""
+
+    package: int | None  # P# of the Package ancestor (None: no P# printed)
+    package_cpus: CpuSet | None  # PUs of that Package (None: no Package ancestor)
+    core: CpuSet  # PUs of the Core ancestor, or the PU alone when hwloc shows no Core
+    nodes: frozenset[int]  # NUMA nodes attached to the PU's ancestors (its local nodes)
+
+
+def expected_from(tree: Obj) -> tuple[dict[int, Expected], dict[int, CpuSet]]:
+    """Per-PU expectations, and node P# -> PUs of the object the node is attached to."""
+    node_cpus: dict[int, CpuSet] = {}
+    for obj in tree.walk():
+        if obj.type == "NUMANode" and obj.pnum is not None:
+            holder = next(a for a in obj.ancestors() if a.type != "MemCache")
+            node_cpus[obj.pnum] = holder.pus()
+    out: dict[int, Expected] = {}
+    for pu in tree.walk():
+        if pu.type != "PU" or pu.pnum is None:
+            continue
+        ancestors = list(pu.ancestors())
+        package = next((a for a in ancestors if a.type == "Package"), None)
+        core = next((a for a in ancestors if a.type == "Core"), None)
+        nodes = frozenset(n for n, cpus in node_cpus.items() if pu.pnum in cpus)
+        out[pu.pnum] = Expected(
+            package=package.pnum if package else None,
+            package_cpus=package.pus() if package else None,
+            core=core.pus() if core else CpuSet.of([pu.pnum]),
+            nodes=nodes,
+        )
+    return out, node_cpus
+
+
+# -- what hwloc was allowed to see (its process cpuset), read like hwloc does ----------
+
+
+def _cpuset_mount(root: Path) -> tuple[str, Path] | None:
+    if (root / "sys/fs/cgroup/cpuset.cpus.effective").exists():
+        return "v2", root / "sys/fs/cgroup"
+    if (root / "sys/fs/cgroup/cpuset/cpuset.cpus").exists():
+        return "v1", root / "sys/fs/cgroup/cpuset"
+    if (root / "dev/cpuset/cpus").exists():
+        return "cpuset", root / "dev/cpuset"
+    mounts = root / "proc/mounts"
+    if not mounts.exists():
+        return None
+    for line in mounts.read_text().splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        where, fstype, opts = root / fields[1].lstrip("/"), fields[2], fields[3].split(",")
+        if fstype == "cpuset" or (fstype == "cgroup" and "cpuset" in opts
+                                  and "noprefix" in opts):
+            return "cpuset", where
+        if fstype == "cgroup" and "cpuset" in opts:
+            return "v1", where
+        controllers = where / "cgroup.controllers"
+        if fstype == "cgroup2" and controllers.exists() \
+                and "cpuset" in controllers.read_text().split():
+            return "v2", where
+    return None
+
+
+def _cpuset_name(root: Path) -> str | None:
+    own = root / "proc/self/cpuset"
+    if own.exists():
+        return own.read_text().strip()
+    cgroup = root / "proc/self/cgroup"
+    if cgroup.exists():
+        for line in cgroup.read_text().splitlines():
+            _, _, rest = line.partition(":")
+            if rest.startswith("cpuset:"):
+                return rest[len("cpuset:"):]
+            if rest.startswith(":"):
+                return rest[1:]
+    return None
+
+
+def allowed(root: Path, what: str) -> CpuSet | None:
+    """The dump process's allowed ``cpus`` or ``mems``; None means unrestricted."""
+    mount, name = _cpuset_mount(root), _cpuset_name(root)
+    if mount is None or name is None:
+        return None
+    kind, where = mount
+    file = {"v2": f"cpuset.{what}.effective", "v1": f"cpuset.{what}", "cpuset": what}[kind]
+    path = where / name.lstrip("/") / file
+    return CpuSet.parse_kernel(path.read_text()) if path.exists() else None
+
+
+# -- fixtures ---------------------------------------------------------------------------
+
+
+#: The parts of a dump topology reading (and the cpuset check) looks at; the rest (PCI,
+#: caches, DMI, hugepages) is most of the files and would only slow extraction down.
+_NEEDED = re.compile(r"[^/]+/(sys/devices/system/(cpu|node)/|proc/|dev/cpuset|sys/fs/cgroup"
+                     r"|sys/devices/cpu_)")
+_UNNEEDED = re.compile(r"/(cache|cpuidle|cpufreq|hugepages|power)/")
+
+
+@pytest.fixture(scope="session")
+def dumps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every dump extracted once; tarballs hold one top folder, named freely."""
+    out: dict[str, Path] = {}
+    base = tmp_path_factory.mktemp("hwloc")
+    for name in DUMPS:
+        dest = base / name
+        with tarfile.open(HWLOC / f"{name}.tar.bz2") as tar:
+            members = [m for m in tar.getmembers()
+                       if _NEEDED.match(m.name) and not _UNNEEDED.search(m.name)]
+            tar.extractall(dest, members=members, filter="tar")
+        (top,) = [p for p in dest.iterdir() if p.is_dir()]
+        out[name] = top
+    return out
+
+
+def test_dumps_are_there() -> None:
+    assert len(DUMPS) >= 10, f"hwloc dumps missing in {HWLOC}"
+
+
+@pytest.mark.parametrize("name", DUMPS)
+def test_agrees_with_hwloc(name: str, dumps: dict[str, Path]) -> None:
+    root = dumps[name]
+    topo = read_topology(root)
+    expected, node_cpus = expected_from(parse_console((HWLOC / f"{name}.console").read_text()))
+    shown = CpuSet.of(expected)
+    allowed_cpus, allowed_mems = allowed(root, "cpus"), allowed(root, "mems")
+
+    # hwloc shows the online CPUs with topology information that its cpuset allows.
+    visible = topo.online
+    if allowed_cpus is not None:
+        visible = visible & allowed_cpus
+    no_topology = CpuSet.of(c for c in visible
+                            if not (root / f"sys/devices/system/cpu/cpu{c}/topology").is_dir())
+    assert shown == visible - no_topology or shown == visible, (shown, visible)
+
+    for cpu, exp in expected.items():
+        info = topo.cpu(cpu)
+        assert info.online, cpu
+        # hwloc drops a package whose masks contradict each other (40intel64: cpu3's
+        # core_siblings mask says 0-3, its list and every sibling say 3,7,...): there is
+        # nothing to compare then; the kernel's lists are the better answer.
+        if exp.package_cpus is not None:
+            assert info.package == exp.package, f"CPU {cpu}: package {info.package}, " \
+                                                f"hwloc {exp.package}"
+            assert info.package_cpus & shown == exp.package_cpus, cpu
+        assert info.siblings & shown == exp.core, \
+            f"CPU {cpu}: siblings {info.siblings & shown}, hwloc core {exp.core}"
+        if exp.nodes:
+            assert info.node in exp.nodes, f"CPU {cpu}: node {info.node}, hwloc {exp.nodes}"
+            assert topo.node_known(cpu)
+        else:  # hwloc shows no node: the CPU's node is offline or hidden by the cpuset
+            assert (not topo.node_known(cpu) or info.node not in node_cpus
+                    or (allowed_mems is not None and info.node not in allowed_mems)), cpu
+    # every node hwloc shows with CPUs holds exactly the CPUs it is attached to
+    for node, cpus in node_cpus.items():
+        ours = topo.nodes.get(node)
+        assert ours is not None, f"node {node} missing"
+        if ours & shown:
+            assert ours & shown == cpus, f"node {node}: {ours & shown}, hwloc {cpus}"
+    # siblings and packages are consistent relations over all present CPUs
+    for cpu, info in topo.cpus.items():
+        assert cpu in info.siblings and cpu in info.package_cpus
+        for s in info.siblings & topo.online:
+            assert topo.cpu(s).siblings & topo.online == info.siblings & topo.online
+
+
+def test_hybrid_kinds(dumps: dict[str, Path], tmp_path: Path) -> None:
+    """Hybrid kinds come from sys/devices/cpu_core|cpu_atom/cpus (absent in the dump)."""
+    build_host(tmp_path, HostSpec(cpus=6, threads=1))
+    write(tmp_path, "sys/devices/cpu_core/cpus", "0-3\n")
+    write(tmp_path, "sys/devices/cpu_atom/cpus", "4-5\n")
+    topo = read_topology(tmp_path)
+    assert [topo.cpu(c).kind for c in range(6)] == ["intel_core"] * 4 + ["intel_atom"] * 2
+    plain = read_topology(dumps["16em64t-4s2c2t"])
+    assert all(c.kind is None for c in plain.cpus.values())
+
+
+# -- synthetic roots ----------------------------------------------------------------------
+
+
+def test_synthetic_smt_host(tmp_path: Path) -> None:
+    build_host(tmp_path, HostSpec(cpus=16, threads=2, packages=2, nodes=2))
+    topo = read_topology(tmp_path)
+    assert topo.present == CpuSet.range(0, 15) == topo.online
+    assert topo.siblings(0) == CpuSet.parse("0,8")
+    assert topo.siblings(13) == CpuSet.parse("5,13")
+    assert topo.cpu(4).package == 1 and topo.cpu(4).package_cpus == CpuSet.parse("4-7,12-15")
+    assert topo.nodes == {0: CpuSet.parse("0-3,8-11"), 1: CpuSet.parse("4-7,12-15")}
+    assert topo.node_of(12) == 1 and topo.smt
+    assert len(topo.cores()) == 8
+
+
+def test_nul_bytes_and_masks_where_lists_expected(tmp_path: Path) -> None:
+    build_host(tmp_path, HostSpec(cpus=4, threads=2))
+    write(tmp_path, "sys/devices/system/cpu/online", "0-3\n\x00")
+    write(tmp_path, "sys/devices/system/cpu/isolated", "0000000c\n")  # a mask
+    write(tmp_path, "sys/devices/system/cpu/nohz_full", "(null)\n\x00")
+    write(tmp_path, "sys/devices/system/cpu/cpu1/topology/core_cpus_list", "0000000a\x00\n")
+    write(tmp_path, "sys/devices/system/node/node0/cpulist", "0000000f\n")
+    topo = read_topology(tmp_path)
+    assert topo.online == CpuSet.range(0, 3)
+    assert topo.isolated == CpuSet.parse("2-3")
+    assert topo.nohz_full == CpuSet()
+    assert topo.siblings(1) == CpuSet.parse("1,3")
+    assert topo.nodes[0] == CpuSet.range(0, 3)
+
+
+def test_missing_files(tmp_path: Path) -> None:
+    """Only cpuN directories: every CPU online, its own core, one node 0."""
+    for c in range(3):
+        (tmp_path / f"sys/devices/system/cpu/cpu{c}").mkdir(parents=True)
+    topo = read_topology(tmp_path)
+    assert topo.online == CpuSet.range(0, 2)
+    assert topo.siblings(2) == CpuSet.of([2])
+    assert topo.cpu(1).package is None and topo.cpu(1).core is None
+    assert topo.nodes == {0: CpuSet.range(0, 2)} and topo.node_of(2) == 0
+    assert topo.isolated == CpuSet() and topo.nohz_full == CpuSet()
+
+
+def test_offline_cpu_without_topology(tmp_path: Path) -> None:
+    build_host(tmp_path, HostSpec(cpus=8, threads=2))
+    write(tmp_path, "sys/devices/system/cpu/online", "0-4,6-7\n")
+    write(tmp_path, "sys/devices/system/cpu/offline", "5\n")
+    write(tmp_path, "sys/devices/system/cpu/cpu5/online", "0\n")
+    for f in (tmp_path / "sys/devices/system/cpu/cpu5/topology").iterdir():
+        f.unlink()
+    (tmp_path / "sys/devices/system/cpu/cpu5/topology").rmdir()
+    # the kernel drops offline CPUs from their siblings' masks
+    write(tmp_path, "sys/devices/system/cpu/cpu1/topology/thread_siblings_list", "1\n")
+    write(tmp_path, "sys/devices/system/cpu/cpu1/topology/core_cpus_list", "1\n")
+    topo = read_topology(tmp_path)
+    assert 5 in topo.present and 5 not in topo.online
+    info = topo.cpu(5)
+    assert not info.online and info.package is None and info.siblings == CpuSet.of([5])
+    assert topo.siblings(1) == CpuSet.of([1])
+    assert CpuSet.of([1]) in topo.cores()
+
+
+def test_per_cpu_online_files_without_online_list(tmp_path: Path) -> None:
+    build_host(tmp_path, HostSpec(cpus=4, threads=1))
+    (tmp_path / "sys/devices/system/cpu/online").unlink()
+    write(tmp_path, "sys/devices/system/cpu/cpu2/online", "0\n")
+    topo = read_topology(tmp_path)
+    assert topo.online == CpuSet.parse("0-1,3")
+
+
+def test_siblings_split_by_core_id(tmp_path: Path) -> None:
+    """AMD compute units: thread_siblings lists two cores with their own core_id."""
+    build_host(tmp_path, HostSpec(cpus=4, threads=1))
+    for c in range(4):
+        pair = "0-1" if c < 2 else "2-3"
+        write(tmp_path, f"sys/devices/system/cpu/cpu{c}/topology/core_cpus_list", pair)
+        write(tmp_path, f"sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list", pair)
+    topo = read_topology(tmp_path)
+    assert [topo.siblings(c) for c in range(4)] == [CpuSet.of([c]) for c in range(4)]
+
+
+def test_isolated_from_cmdline_when_sysfs_lacks_it(tmp_path: Path) -> None:
+    build_host(tmp_path, HostSpec(cpus=8, threads=1))
+    (tmp_path / "sys/devices/system/cpu/isolated").unlink()
+    (tmp_path / "sys/devices/system/cpu/nohz_full").unlink()
+    write(tmp_path, "proc/cmdline",
+          "BOOT_IMAGE=/vmlinuz ro isolcpus=domain,managed_irq,2-3,6 nohz_full=2-3 quiet\n")
+    topo = read_topology(tmp_path)
+    assert topo.isolated == CpuSet.parse("2-3,6")
+    assert topo.nohz_full == CpuSet.parse("2-3")
+
+
+def test_sysfs_isolated_beats_cmdline(tmp_path: Path) -> None:
+    build_host(tmp_path, HostSpec(cpus=8, threads=1, isolated="4-7"))
+    write(tmp_path, "proc/cmdline", "isolcpus=1\n")
+    assert read_topology(tmp_path).isolated == CpuSet.parse("4-7")
+
+
+def test_not_a_linux_root(tmp_path: Path) -> None:
+    with pytest.raises(HostError, match="not a Linux host root"):
+        read_topology(tmp_path)
+    with pytest.raises(HostError, match="not a Linux host root"):
+        read_topology(tmp_path / "nonexistent")
+    (tmp_path / "sys/devices/system/cpu").mkdir(parents=True)
+    with pytest.raises(HostError, match="lists no CPU"):
+        read_topology(tmp_path)
+
+
+def test_garbage_in_a_list_file_names_the_file(tmp_path: Path) -> None:
+    build_host(tmp_path, HostSpec(cpus=2, threads=1))
+    write(tmp_path, "sys/devices/system/cpu/online", "0-1,zz\n")
+    with pytest.raises(HostError, match=r"cpu/online: invalid CPU list") as err:
+        read_topology(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("text", "mask", "cpus"), [
+    ("0-3,8", False, "0-3,8"), ("ff", True, "0-7"), ("00000000,00000101", False, "0,8"),
+    ("3", True, "0-1"), ("3", False, "3"), ("", False, ""), ("(null)", False, ""),
+    ("0-2\x00", True, "0-2"),
+])
+def test_parse_cpus_forms(text: str, mask: bool, cpus: str) -> None:
+    assert parse_cpus(text, mask=mask).to_list() == cpus
+
+
+def test_real_machine() -> None:
+    """This machine: the topology of / agrees with the kernel's own counters."""
+    topo: Topology = read_topology(Path("/"))
+    online = CpuSet.parse_kernel(Path("/sys/devices/system/cpu/online").read_text())
+    assert topo.online == online
+    assert len(topo.online) == os.cpu_count()
