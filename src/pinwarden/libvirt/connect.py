@@ -1,0 +1,222 @@
+"""Talking to libvirt: connections, domain snapshots, live re-pinning.  Thin I/O only.
+
+The ``libvirt`` binding is imported on first use, so modules importing this one stay cheap
+(the hook never calls libvirt at all).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from pinwarden.cpuset import CpuSet
+from pinwarden.domain import DomainSpec, parse_domain
+from pinwarden.errors import LibvirtError, PinwardenError
+from pinwarden.libvirt.state import Affinity, DomainInfo, Repin
+
+RUN_DIRS = {"qemu": Path("/run/libvirt/qemu"), "lxc": Path("/run/libvirt/lxc")}
+
+_module: ModuleType | None = None
+
+
+def binding() -> ModuleType:
+    """The ``libvirt`` Python module, or a one-line error saying how to get it."""
+    global _module
+    if _module is None:
+        try:
+            _module = importlib.import_module("libvirt")
+        except ImportError:
+            raise LibvirtError(
+                "the libvirt Python binding is not installed: pip install "
+                "'pinwarden[libvirt]' (builds against libvirt-dev with pkg-config)",
+                code="no-libvirt-binding") from None
+        # libvirt prints every error to stderr by default; we report them ourselves.
+        _module.registerErrorHandler(lambda _ctx, _err: None, None)
+    return _module
+
+
+def message_of(exc: BaseException) -> str:
+    """libvirt's own one-line message for a ``libvirtError``."""
+    get = getattr(exc, "get_error_message", None)
+    text = get() if callable(get) else None
+    return " ".join(str(text or exc).split())
+
+
+def error(what: str, exc: BaseException, *, code: str = "libvirt") -> LibvirtError:
+    return LibvirtError(f"{what}: {message_of(exc)}", code=code)
+
+
+def driver_of(uri: str) -> str:
+    """``qemu`` or ``lxc`` from a connection URI (``qemu:///system``, ``lxc:///``)."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0]
+    return "lxc" if scheme == "lxc" else "qemu"
+
+
+def open_connection(uri: str) -> Any:
+    lv = binding()
+    try:
+        return lv.open(uri)
+    except lv.libvirtError as exc:
+        raise error(f"cannot connect to {uri} (is libvirtd running?)", exc,
+                    code="libvirt-connect") from None
+
+
+def lookup(conn: Any, name: str) -> Any:
+    lv = binding()
+    try:
+        return conn.lookupByName(name)
+    except lv.libvirtError as exc:
+        if exc.get_error_code() == lv.VIR_ERR_NO_DOMAIN:
+            raise LibvirtError(f"no domain named {name!r} on {conn.getURI()}; "
+                               f"'virsh list --all' lists them", code="no-domain") from None
+        raise error(f"cannot look up domain {name!r}", exc) from None
+
+
+def xml_of(dom: Any, *, inactive: bool = False) -> str:
+    lv = binding()
+    flags = lv.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+    try:
+        return str(dom.XMLDesc(flags))
+    except lv.libvirtError as exc:
+        raise error(f"cannot read the XML of domain {dom.name()!r}", exc) from None
+
+
+def host_cpu_count(conn: Any) -> int:
+    """Number of host CPUs libvirt's cpumaps cover."""
+    return int(conn.getCPUMap(0)[0])
+
+
+def _cpus(bits: Iterable[bool]) -> CpuSet:
+    return CpuSet.of(i for i, on in enumerate(bits) if on)
+
+
+def cpumap(cpus: CpuSet, size: int) -> tuple[bool, ...]:
+    return tuple(i in cpus for i in range(max(size, max(cpus.cpus, default=-1) + 1)))
+
+
+def read_affinity(dom: Any) -> Affinity:
+    """libvirt's live view of where every thread of a running domain may run."""
+    lv = binding()
+    live = lv.VIR_DOMAIN_AFFECT_LIVE
+    try:
+        vcpus = {i: _cpus(bits) for i, bits in enumerate(dom.vcpuPinInfo(live))}
+        emulator = _cpus(dom.emulatorPinInfo(live))
+        try:
+            iothreads = {int(i): _cpus(bits) for i, bits in dom.ioThreadInfo(live)}
+        except lv.libvirtError:
+            iothreads = {}  # drivers without iothreads (lxc)
+    except lv.libvirtError as exc:
+        raise error(f"cannot read the CPU affinity of domain {dom.name()!r}", exc) from None
+    return Affinity(vcpus=vcpus, emulator=emulator, iothreads=iothreads)
+
+
+def read_pid(driver: str, name: str) -> int | None:
+    """The main process of a running domain (QEMU, or libvirt_lxc), from libvirt's pid file."""
+    try:
+        return int((RUN_DIRS[driver] / f"{name}.pid").read_text().strip())
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _spec(xml: str) -> tuple[DomainSpec | None, str | None]:
+    try:
+        return parse_domain(xml), None
+    except PinwardenError as exc:
+        return None, exc.message
+
+
+def domain_info(dom: Any, driver: str) -> DomainInfo:
+    """Snapshot one domain: its live and persistent specs, live affinity and process."""
+    lv = binding()
+    try:
+        name = str(dom.name())
+        uuid = str(dom.UUIDString())
+        active = bool(dom.isActive())
+        persistent = bool(dom.isPersistent())
+    except lv.libvirtError as exc:
+        raise error("cannot read a domain", exc) from None
+    live_spec = persistent_spec = None
+    problem = None
+    if active:
+        live_spec, problem = _spec(xml_of(dom))
+    if persistent:
+        persistent_spec, p2 = _spec(xml_of(dom, inactive=True))
+        problem = problem or p2
+    affinity = read_affinity(dom) if active else None
+    return DomainInfo(driver=driver, name=name, uuid=uuid, active=active,
+                      live=live_spec, persistent=persistent_spec, affinity=affinity,
+                      pid=read_pid(driver, name) if active else None, problem=problem)
+
+
+def list_domains(conn: Any, *, active_only: bool = False) -> tuple[DomainInfo, ...]:
+    """Snapshot every domain (active ones only with ``active_only``).  Domains that vanish
+    while being read are skipped."""
+    lv = binding()
+    driver = driver_of(str(conn.getURI()))
+    flags = lv.VIR_CONNECT_LIST_DOMAINS_ACTIVE if active_only else 0
+    try:
+        doms = conn.listAllDomains(flags)
+    except lv.libvirtError as exc:
+        raise error("cannot list domains", exc) from None
+    out: list[DomainInfo] = []
+    for dom in doms:
+        try:
+            out.append(domain_info(dom, driver))
+        except LibvirtError:
+            if _still_there(conn, dom):
+                raise
+    return tuple(sorted(out, key=lambda d: d.name))
+
+
+def _still_there(conn: Any, dom: Any) -> bool:
+    lv = binding()
+    try:
+        conn.lookupByUUIDString(dom.UUIDString())
+        return True
+    except lv.libvirtError:
+        return False
+
+
+def apply_repin(conn: Any, repin: Repin, *, undo: bool = False) -> None:
+    """Pin one thread of a running domain live (``VIR_DOMAIN_AFFECT_LIVE``)."""
+    lv = binding()
+    cpus = repin.before if undo else repin.after
+    size = host_cpu_count(conn)
+    live = lv.VIR_DOMAIN_AFFECT_LIVE
+    try:
+        dom = conn.lookupByUUIDString(repin.uuid)
+        bits = cpumap(cpus, size)
+        if repin.thread == "vcpu":
+            dom.pinVcpuFlags(repin.ident, bits, live)
+        elif repin.thread == "emulator":
+            dom.pinEmulator(bits, live)
+        else:
+            dom.pinIOThread(repin.ident, bits, live)
+    except lv.libvirtError as exc:
+        raise error(f"cannot re-pin {repin.label} of domain {repin.domain!r} to CPUs "
+                    f"{cpus}", exc) from None
+
+
+def pins_of(info: DomainInfo) -> Mapping[str, CpuSet]:
+    """``{"vcpu0": …, "emulator": …, "iothread1": …}`` from the live affinity."""
+    if info.affinity is None:
+        return {}
+    out: dict[str, CpuSet] = {f"vcpu{v}": c for v, c in sorted(info.affinity.vcpus.items())}
+    if info.affinity.emulator:
+        out["emulator"] = info.affinity.emulator
+    out.update({f"iothread{i}": c for i, c in sorted(info.affinity.iothreads.items())})
+    return out
+
+
+def destroy(conn: Any, name: str) -> None:
+    lv = binding()
+    try:
+        conn.lookupByName(name).destroy()
+    except lv.libvirtError as exc:
+        if exc.get_error_code() in (lv.VIR_ERR_NO_DOMAIN, lv.VIR_ERR_OPERATION_INVALID):
+            return
+        raise error(f"cannot destroy domain {name!r}", exc) from None
+

@@ -1,0 +1,66 @@
+"""What a libvirt-side command needs: settings, and factories for the host snapshot, the
+ledger and the cgroup backend.  Shared by ``pinwarden start/stop/define``, the hook and the
+daemon so they agree on every path."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pinwarden.config import Config
+from pinwarden.cpuset import CpuSet
+from pinwarden.enforce.backend import CgroupBackend
+from pinwarden.enforce.layout import LayoutNames, libvirt_partition, shared_pool
+from pinwarden.errors import HostError
+from pinwarden.ledger import Ledger
+from pinwarden.model import HolderRef, Lease
+from pinwarden.partition import Host
+
+LOCK_NAME = "enforce.lock"
+
+
+@dataclass(frozen=True)
+class Context:
+    config: Config
+    root: Path
+    state_dir: Path
+    uri: str
+
+    @property
+    def names(self) -> LayoutNames:
+        return LayoutNames(shared=self.config.cgroup_v1, exclusive=self.config.exclusive_cgroup)
+
+    @property
+    def lock_file(self) -> Path:
+        return self.state_dir / LOCK_NAME
+
+    def partition_of(self, holder: HolderRef) -> str:
+        """The libvirt ``<resource><partition>`` of an exclusive holder's cgroup."""
+        try:
+            return libvirt_partition(self.names, holder)
+        except ValueError as exc:
+            raise HostError(f"[partition] exclusive = {self.config.exclusive_cgroup!r}: "
+                            f"{exc}") from None
+
+    def host(self) -> Host:
+        from pinwarden.partition import load_host
+
+        return load_host(self.root, self.config)
+
+    def ledger(self) -> Ledger:
+        return Ledger(self.state_dir)
+
+    def backend(self) -> CgroupBackend:
+        from pinwarden.enforce.v1 import CpusetV1
+
+        return CpusetV1.from_mounts(self.root)
+
+    def sync(self, host: Host, leases: Sequence[Lease]) -> None:
+        """Make the cgroups match ``leases`` (E1's transactional layout sync)."""
+        from pinwarden.enforce.apply import sync
+
+        sync(self.backend(), host, leases, self.names, lock_file=self.lock_file)
+
+    def pool(self, host: Host, leased: CpuSet) -> CpuSet:
+        return shared_pool(host, leased)[0]

@@ -1,0 +1,172 @@
+"""``pinwarden daemon``: follow libvirt's lifecycle events and reconcile (the I/O adapter).
+
+The decisions are :func:`pinwarden.libvirt.reconcile.reconcile`'s; this module only reads
+snapshots, applies the actions and keeps a connection: libvirt's default event loop runs
+in a thread, a lifecycle or tunable (vcpupin) event or a timer wakes the main loop, and a
+lost connection (libvirtd restarted) is re-opened with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import signal
+import threading
+from typing import Any
+
+from pinwarden.errors import PinwardenError
+from pinwarden.libvirt import connect as lv
+from pinwarden.libvirt.context import Context
+from pinwarden.libvirt.reconcile import Adopt, Drift, Free, reconcile
+from pinwarden.model import HolderRef
+
+log = logging.getLogger("pinwarden.daemon")
+
+MAX_BACKOFF = 60.0
+_LOST = "connection-lost"
+_EVENT = "event"
+
+
+def reconcile_once(ctx: Context, conn: Any, *, restore: bool) -> int:
+    """One full pass; returns the number of actions taken or reported."""
+    domains = lv.list_domains(conn, active_only=True)
+    host = ctx.host()
+    with ctx.ledger() as ledger:
+        actions = reconcile(domains, ledger.holders())
+        changed = False
+        for action in actions:
+            try:
+                if isinstance(action, Free):
+                    ledger.release(action.holder.key, driver=action.holder.driver)
+                    log.info("freed the leases of %s: %s", action.holder, action.reason)
+                    changed = True
+                elif isinstance(action, Adopt):
+                    _adopt(ctx, ledger, host, action)
+                    changed = True
+                elif isinstance(action, Drift):
+                    if restore and action.repin.after:
+                        lv.apply_repin(conn, action.repin)
+                        log.warning("restored %s (%s)", action.repin, action.reason)
+                    else:
+                        log.warning("drift: %s", action.reason)
+            except PinwardenError as exc:
+                log.error("%s", exc.message)
+        if changed:
+            try:
+                ctx.sync(host, ledger.leases())
+            except PinwardenError as exc:
+                log.error("cannot enforce the cgroup layout: %s", exc.message)
+    return len(actions)
+
+
+def _adopt(ctx: Context, ledger: Any, host: Any, action: Adopt) -> None:
+    from pinwarden.policy import decide
+
+    dom = action.domain
+    spec = dom.live
+    if spec is None:
+        log.error("cannot adopt %s: %s", dom.name, dom.problem or "no live XML")
+        return
+    holder = HolderRef(dom.driver, dom.uuid, dom.name)
+    ledger.reserve(holder, lambda leases: decide(spec, host, leases, driver=dom.driver),
+                   owner_pid=dom.pid)
+    where = spec.partition or "/machine"
+    if where != ctx.partition_of(holder):
+        log.warning("adopted %s: its CPUs are leased, but it runs in partition %s where the "
+                    "kernel cannot keep others off them; restart it with 'pinwarden start "
+                    "%s'", dom.name, where, dom.name)
+    else:
+        log.info("adopted running exclusive domain %s", dom.name)
+
+
+def main(ctx: Context, *, interval: float = 30.0, restore: bool = False, once: bool = False,
+         verbose: bool = False) -> int:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    b = lv.binding()
+    if once:
+        conn = lv.open_connection(ctx.uri)
+        try:
+            reconcile_once(ctx, conn, restore=restore)
+        finally:
+            conn.close()
+        return 0
+    stop = threading.Event()
+    wake: queue.Queue[str] = queue.Queue()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop.set()
+        wake.put("stop")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    b.virEventRegisterDefaultImpl()
+    loop = threading.Thread(target=_event_loop, args=(b, stop), name="libvirt-events",
+                            daemon=True)
+    loop.start()
+    backoff = 1.0
+    while not stop.is_set():
+        try:
+            conn = lv.open_connection(ctx.uri)
+        except PinwardenError as exc:
+            log.warning("%s; retrying in %.0f s", exc.message, backoff)
+            stop.wait(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+            continue
+        backoff = 1.0
+        log.info("connected to %s", ctx.uri)
+        try:
+            _serve(ctx, conn, b, wake, stop, interval=interval, restore=restore)
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+    log.info("stopped")
+    return 0
+
+
+def _event_loop(b: Any, stop: threading.Event) -> None:
+    while not stop.is_set():
+        b.virEventRunDefaultImpl()
+
+
+def _serve(ctx: Context, conn: Any, b: Any, wake: queue.Queue[str], stop: threading.Event,
+           *, interval: float, restore: bool) -> None:
+    def on_lifecycle(_conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+        log.debug("lifecycle event %s/%s of %s", event, detail, dom.name())
+        wake.put(_EVENT)
+
+    def on_tunable(_conn: Any, dom: Any, params: Any, _opaque: Any) -> None:
+        log.debug("tunable event of %s: %s", dom.name(), params)
+        wake.put(_EVENT)
+
+    def on_close(_conn: Any, reason: int, _opaque: Any) -> None:
+        wake.put(_LOST)
+
+    conn.registerCloseCallback(on_close, None)
+    conn.setKeepAlive(5, 3)
+    ids = [conn.domainEventRegisterAny(None, b.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle,
+                                       None),
+           conn.domainEventRegisterAny(None, b.VIR_DOMAIN_EVENT_ID_TUNABLE, on_tunable, None)]
+    try:
+        while not stop.is_set():
+            try:
+                reconcile_once(ctx, conn, restore=restore)
+            except PinwardenError as exc:
+                log.error("%s", exc.message)
+                if not conn.isAlive():
+                    return
+            try:
+                what = wake.get(timeout=interval)
+            except queue.Empty:
+                continue
+            while not wake.empty():  # coalesce bursts of events
+                more = wake.get_nowait()
+                what = _LOST if more == _LOST else what
+            if what == _LOST or not conn.isAlive():
+                log.warning("lost the connection to %s; reconnecting", ctx.uri)
+                return
+    finally:
+        for cb in ids:
+            with contextlib.suppress(Exception):
+                conn.domainEventDeregisterAny(cb)

@@ -1,0 +1,95 @@
+"""What the daemon should do, given the running domains and the recorded holders (pure).
+
+* a holder of driver ``qemu``/``lxc`` whose domain no longer runs → :class:`Free`;
+* a running exclusive domain nobody recorded (started while pinwarden was away, or with
+  the hook missing) → :class:`Adopt` (the adapter leases its CPUs via policy, which may
+  refuse — then it reports the conflict);
+* a running domain whose live affinity left its plan (``virsh vcpupin --live`` by someone)
+  or, for shared domains, reaches onto CPUs leased to others → :class:`Drift` (the adapter
+  re-pins it when asked to restore, else reports it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pinwarden.cpuset import CpuSet
+from pinwarden.ledger import HolderRecord
+from pinwarden.libvirt.state import DomainInfo, Repin
+from pinwarden.model import HolderRef, Plan
+
+
+@dataclass(frozen=True, slots=True)
+class Free:
+    holder: HolderRef
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Adopt:
+    domain: DomainInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    repin: Repin  # before = live affinity, after = what it should be
+    reason: str
+
+
+Action = Free | Adopt | Drift
+
+VIRT_DRIVERS = ("qemu", "lxc")
+
+
+def _planned(plan: Plan, thread: str, ident: int | None) -> CpuSet | None:
+    if thread == "vcpu":
+        return plan.vcpus.get(ident if ident is not None else -1)
+    if thread == "emulator":
+        return plan.emulator or None
+    return plan.iothreads.get(ident if ident is not None else -1)
+
+
+def reconcile(domains: Sequence[DomainInfo], holders: Sequence[HolderRecord],
+              drivers: Sequence[str] = VIRT_DRIVERS) -> list[Action]:
+    """Actions bringing the ledger and the running domains back in line (see module doc).
+
+    ``domains``: every running domain of the connection's driver(s); ``holders``: every
+    recorded holder.  Holders of other drivers (``run`` jobs) are never touched.
+    """
+    running = {(d.driver, d.uuid): d for d in domains if d.active}
+    by_key = {(h.ref.driver, h.ref.key): h for h in holders}
+    actions: list[Action] = []
+    for gone in holders:
+        ref = gone.ref
+        if ref.driver in drivers and (ref.driver, ref.key) not in running:
+            actions.append(Free(ref, f"{ref} is not running"))
+    leased_to: dict[int, HolderRef] = {}
+    for held in holders:
+        if (held.ref.driver, held.ref.key) in running:
+            for cpu in held.plan.leases:
+                leased_to[cpu] = held.ref
+    for key, dom in sorted(running.items(), key=lambda kv: kv[1].name):
+        record = by_key.get(key)
+        if record is None and dom.exclusive:
+            actions.append(Adopt(dom))
+            continue
+        if dom.affinity is None:
+            continue
+        for thread, ident, cpus in dom.affinity.threads():
+            label = thread if ident is None else f"{thread}{ident}"
+            if record is not None:
+                want = _planned(record.plan, thread, ident)
+                if want is not None and cpus != want:
+                    actions.append(Drift(Repin(dom.name, dom.uuid, thread, ident, cpus, want),
+                                         f"{dom.name} {label} runs on CPUs {cpus}, its plan "
+                                         f"says {want}"))
+                continue
+            foreign = CpuSet.of(c for c in cpus if c in leased_to)
+            if foreign:
+                owner = leased_to[foreign.first()]
+                actions.append(Drift(
+                    Repin(dom.name, dom.uuid, thread, ident, cpus, cpus - foreign),
+                    f"shared domain {dom.name} {label} may run on CPUs {foreign} leased to "
+                    f"{owner}"))
+    return actions

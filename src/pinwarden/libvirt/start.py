@@ -1,0 +1,330 @@
+"""``pinwarden start/stop/define``: the libvirt orchestration, with rollback.
+
+Start of an exclusive domain, in order (each step undone if a later one fails):
+
+1. plan and lease in one ledger transaction (``policy.decide`` inside ``Ledger.reserve``),
+   which also computes the live re-pins of running shared domains (:mod:`.repin`) and
+   refuses when a domain's own pins would be left without a CPU;
+2. re-pin those domains live (``virDomainPinVcpuFlags``/``PinEmulator``/``PinIOThread``);
+3. enforce the cgroup layout (``<exclusive>/vm-NAME.partition`` exclusive with the lease,
+   ``machine`` narrowed to the shared pool);
+4. start the domain with ``virDomainCreateXML(render_plan(persistent XML, plan,
+   partition=/…/vm-NAME))``: the live definition is the plan, the stored one is untouched;
+5. record the QEMU process as the lease's owner and the cgroup, then verify the kernel's
+   view (exclusive flag, effective CPUs, affinity of every QEMU thread and vCPU).
+
+Shared domains are planned (default placement = VM CPUs − leased) and started with the
+plan's pins in their usual partition; nothing is leased.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+import uuid as uuidlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree as ET
+
+import defusedxml.ElementTree as SafeET
+
+from pinwarden.cpuset import CpuSet
+from pinwarden.domain import PW_NS, DomainSpec, parse_domain, render_plan
+from pinwarden.enforce.layout import holder_group_path
+from pinwarden.errors import InputError, LedgerError, LibvirtError, PinwardenError, Refusal
+from pinwarden.ledger import Ledger
+from pinwarden.libvirt import connect as lv
+from pinwarden.libvirt import kernel
+from pinwarden.libvirt.context import Context
+from pinwarden.libvirt.repin import repins
+from pinwarden.libvirt.state import Repin
+from pinwarden.model import HolderRef, Lease, Plan
+from pinwarden.partition import Host
+from pinwarden.policy import decide
+
+_HOOK_FAILURE = re.compile(r"unexpected exit status \d+: (.*)$")
+
+
+@dataclass(frozen=True)
+class Started:
+    name: str
+    uuid: str
+    plan: Plan
+    pid: int | None
+    cgroup: str | None
+    repins: tuple[Repin, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"domain": self.name, "uuid": self.uuid, "pid": self.pid,
+                "cgroup": self.cgroup, "plan": self.plan.to_json(),
+                "repinned": [{"domain": r.domain, "thread": r.label, "from": str(r.before),
+                              "to": str(r.after)} for r in self.repins],
+                "notes": list(self.notes)}
+
+
+def libvirt_failure(what: str, exc: BaseException) -> LibvirtError:
+    """A libvirt error in one line; a refusing hook's own message is shown as it is."""
+    text = lv.message_of(exc)
+    hook = _HOOK_FAILURE.search(text)
+    if "Hook script execution failed" in text and hook:
+        return LibvirtError(f"{what}: the libvirt hook refused: "
+                            f"{hook.group(1).removeprefix('pinwarden: error: ')}",
+                            code="hook-refused")
+    return LibvirtError(f"{what}: {text}")
+
+
+def _holder(ctx: Context, dom: Any) -> HolderRef:
+    return HolderRef(lv.driver_of(ctx.uri), str(dom.UUIDString()), str(dom.name()))
+
+
+# -- start --------------------------------------------------------------------------------
+
+def start(ctx: Context, name: str) -> Started:
+    conn = lv.open_connection(ctx.uri)
+    try:
+        return _start(ctx, conn, name)
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def _start(ctx: Context, conn: Any, name: str) -> Started:
+    dom = lv.lookup(conn, name)
+    if dom.isActive():
+        raise Refusal(f"domain {name!r} is already running; 'pinwarden stop {name}' first",
+                      code="running")
+    xml = lv.xml_of(dom, inactive=True)
+    spec = parse_domain(xml)
+    holder = _holder(ctx, dom)
+    host = ctx.host()
+    with ctx.ledger() as ledger:
+        if spec.exclusive:
+            return _start_exclusive(ctx, conn, ledger, host, holder, spec, xml)
+        return _start_shared(ctx, conn, ledger, host, holder, spec, xml)
+
+
+def _start_shared(ctx: Context, conn: Any, ledger: Ledger, host: Host, holder: HolderRef,
+                  spec: DomainSpec, xml: str) -> Started:
+    plan = decide(spec, host, ledger.leases(), driver=holder.driver)
+    live_xml = render_plan(xml, plan)
+    dom = _create(conn, holder, live_xml)
+    try:
+        pid = lv.read_pid(holder.driver, holder.name)
+        problems = kernel.check_domain(dom, pid, plan)
+        if problems:
+            raise Refusal(f"domain {holder.name!r} started but the kernel does not confine "
+                          f"it to its plan: {problems[0]}; stopped it", code="verify")
+    except BaseException:
+        with contextlib.suppress(PinwardenError):
+            lv.destroy(conn, holder.name)
+        raise
+    return Started(holder.name, holder.key, plan, pid, kernel.domain_cgroup(pid),
+                   notes=plan.notes)
+
+
+def _start_exclusive(ctx: Context, conn: Any, ledger: Ledger, host: Host, holder: HolderRef,
+                     spec: DomainSpec, xml: str) -> Started:
+    partition = ctx.partition_of(holder)
+    running = lv.list_domains(conn, active_only=True)
+    moves: tuple[Repin, ...] = ()
+
+    def plan_and_check(leases: tuple[Lease, ...]) -> Plan:
+        nonlocal moves
+        plan = decide(spec, host, leases, driver=holder.driver)
+        others = [le for le in leases if le.holder.key != holder.key
+                  or le.holder.driver != holder.driver]
+        taken = CpuSet.of(le.cpu for le in others) | plan.leased()
+        moves = repins(running, holder, plan.cpus(), ctx.pool(host, taken),
+                       holders=[le.holder for le in others])
+        return plan
+
+    plan = ledger.reserve(holder, plan_and_check)
+    done: list[Repin] = []
+    started = False
+    try:
+        for move in moves:
+            lv.apply_repin(conn, move)
+            done.append(move)
+        ctx.sync(host, ledger.leases())
+        dom = _create(conn, holder, render_plan(xml, plan, partition=partition))
+        started = True
+        pid = lv.read_pid(holder.driver, holder.name)
+        if pid is not None:
+            with contextlib.suppress(LedgerError):  # the QEMU may already have died
+                ledger.set_owner(holder, pid)
+        group = holder_group_path(ctx.names, holder)
+        ledger.set_cgroup(holder, group)
+        problems = kernel.check_domain(dom, pid, plan)
+        problems += kernel.check_group(ctx.backend(), group, plan.cpus())
+        if problems:
+            raise Refusal(f"domain {holder.name!r} started but the kernel does not give it "
+                          f"its CPUs exclusively: {problems[0]}; stopped it and freed the "
+                          f"lease", code="verify")
+        return Started(holder.name, holder.key, plan, pid, kernel.domain_cgroup(pid),
+                       tuple(done), plan.notes)
+    except BaseException:
+        _rollback(ctx, conn, ledger, host, holder, started, done)
+        raise
+
+
+def _rollback(ctx: Context, conn: Any, ledger: Ledger, host: Host, holder: HolderRef,
+              started: bool, done: Sequence[Repin]) -> None:
+    """Best effort, every step attempted: the caller re-raises the original error."""
+    if started:
+        with contextlib.suppress(PinwardenError):
+            lv.destroy(conn, holder.name)
+    with contextlib.suppress(PinwardenError):
+        ledger.release(holder.key, driver=holder.driver)
+    with contextlib.suppress(PinwardenError):
+        ctx.sync(host, ledger.leases())
+    for move in reversed(done):
+        with contextlib.suppress(PinwardenError):
+            lv.apply_repin(conn, move, undo=True)
+
+
+def _create(conn: Any, holder: HolderRef, xml: str) -> Any:
+    b = lv.binding()
+    try:
+        return conn.createXML(xml, 0)
+    except b.libvirtError as exc:
+        raise libvirt_failure(f"libvirt could not start domain {holder.name!r}", exc) from None
+
+
+# -- stop ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stopped:
+    name: str
+    uuid: str
+    was_running: bool
+    released: CpuSet
+
+    def to_json(self) -> dict[str, Any]:
+        return {"domain": self.name, "uuid": self.uuid, "was_running": self.was_running,
+                "released": str(self.released)}
+
+
+def stop(ctx: Context, name: str, *, graceful: bool = False, timeout: float = 60.0) -> Stopped:
+    conn = lv.open_connection(ctx.uri)
+    try:
+        b = lv.binding()
+        dom = lv.lookup(conn, name)
+        holder = _holder(ctx, dom)
+        was_running = bool(dom.isActive())
+        if was_running:
+            try:
+                if graceful:
+                    dom.shutdown()
+                    _wait_inactive(dom, name, timeout)
+                else:
+                    dom.destroy()
+            except b.libvirtError as exc:
+                if dom.isActive():
+                    raise libvirt_failure(f"cannot stop domain {name!r}", exc) from None
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+    host = ctx.host()
+    with ctx.ledger() as ledger:
+        released = CpuSet()
+        record = ledger.find(holder.key, driver=holder.driver)
+        if record is not None:
+            ledger.release(holder.key, driver=holder.driver)
+            released = record.plan.leased()
+        ctx.sync(host, ledger.leases())
+    return Stopped(name, holder.key, was_running, released)
+
+
+def _wait_inactive(dom: Any, name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while dom.isActive():
+        if time.monotonic() > deadline:
+            raise LibvirtError(f"domain {name!r} did not shut down within {timeout:g} s; "
+                               f"'pinwarden stop {name}' without --graceful destroys it",
+                               code="timeout")
+        time.sleep(0.2)
+
+
+# -- define -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Defined:
+    name: str
+    uuid: str
+    exclusive: bool
+    plan: Plan  # the dry-run plan against the current leases
+
+    def to_json(self) -> dict[str, Any]:
+        return {"domain": self.name, "uuid": self.uuid, "exclusive": self.exclusive,
+                "plan": self.plan.to_json()}
+
+
+def with_pinwarden_metadata(xml: str, spec: DomainSpec, uuid: str,
+                            partition: str | None) -> str:
+    """The document libvirt should store: ``<uuid>`` present, pinwarden's request in
+    ``<metadata><pw:cpu …/>`` (libvirt drops unknown attributes such as
+    ``<cputune exclusive>``), and for exclusive domains the partition of their cgroup,
+    so that a plain ``virsh start`` lands there too.  libvirt reformats the XML anyway."""
+    ET.register_namespace("pw", PW_NS)
+    root = SafeET.fromstring(xml)
+    if root.find("uuid") is None:
+        el = ET.Element("uuid")
+        el.text = uuid
+        root.insert(1, el)
+    tune = root.find("cputune")
+    if tune is not None and "exclusive" in tune.attrib:
+        del tune.attrib["exclusive"]
+    meta = root.find("metadata")
+    if meta is None:
+        meta = ET.Element("metadata")
+        root.insert(2, meta)
+    pw = meta.find(f"{{{PW_NS}}}cpu")
+    if pw is None:
+        pw = ET.SubElement(meta, f"{{{PW_NS}}}cpu")
+    pw.set("exclusive", "yes" if spec.exclusive else "no")
+    pw.set("threads", spec.threads)
+    pw.set("emulator", spec.emulator)
+    if partition is not None:
+        resource = root.find("resource")
+        if resource is None:
+            resource = ET.SubElement(root, "resource")
+        part = resource.find("partition")
+        if part is None:
+            part = ET.SubElement(resource, "partition")
+        part.text = partition
+    return ET.tostring(root, encoding="unicode")
+
+
+def define(ctx: Context, path: Path) -> Defined:
+    try:
+        xml = path.read_text()
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    spec = parse_domain(xml)
+    uuid = spec.uuid or str(uuidlib.uuid4())
+    holder = HolderRef(lv.driver_of(ctx.uri), uuid, spec.name)
+    host = ctx.host()
+    with ctx.ledger() as ledger:
+        plan = decide(spec, host, ledger.leases(), driver=holder.driver)
+    partition = ctx.partition_of(holder) if spec.exclusive else None
+    if spec.exclusive and spec.partition not in (None, "/machine", partition):
+        raise Refusal(f"exclusive domain {spec.name!r} asks for partition "
+                      f"{spec.partition}, but its leased CPUs live in {partition}; remove "
+                      f"<resource><partition> from the XML", code="bad-partition")
+    stored = with_pinwarden_metadata(xml, spec, uuid, partition)
+    conn = lv.open_connection(ctx.uri)
+    try:
+        b = lv.binding()
+        try:
+            dom = conn.defineXML(stored)
+        except b.libvirtError as exc:
+            raise libvirt_failure(f"libvirt refused to define {spec.name!r}", exc) from None
+        return Defined(str(dom.name()), str(dom.UUIDString()), spec.exclusive, plan)
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
