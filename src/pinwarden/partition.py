@@ -1,4 +1,28 @@
-"""Host partition: which CPUs belong to the OS (housekeeping) and which to VMs, and why."""
+"""Host partition: which CPUs belong to the OS (housekeeping) and which to VMs, and why.
+
+Split in two: :func:`read_vm_cgroup` (adapter) reads the VM partition cgroup into a
+:class:`VmCgroup` snapshot; :func:`decide_partition` (pure) turns topology, configuration
+and that snapshot into a :class:`Partition`.  :func:`read_partition` and :func:`load_host`
+chain them.
+
+Modes (``config.mode``; ``auto`` takes the first that applies):
+
+``isolcpus``
+    VM CPUs = ``sys/devices/system/cpu/isolated`` (the ``isolcpus=`` list).
+``cgroup``
+    VM CPUs = effective cpuset of the VM partition cgroup (v1: ``<cpuset>/machine``; v2:
+    ``<unified>/machine.slice``, else ``<unified>/machine``, when cgroup2 has the cpuset
+    controller) plus the CPUs pinwarden leased into its exclusive tree
+    (``config.exclusive_cgroup``, default ``pinwarden.partition`` at the cpuset root):
+    pinwarden narrows ``machine`` by what it leases, see DEVELOPERS.md.  In ``auto`` a
+    cgroup that covers every online CPU (or none) restricts nothing and is skipped, and so
+    is a ``machine`` that pinwarden itself narrowed to the ``none`` pool (its exclusive tree
+    exists and ``machine`` plus leases is exactly online minus the host reserve): the mode
+    must not flip from ``none`` to ``cgroup`` after the first lease.
+``none``
+    VM CPUs = online CPUs minus the host reserve (``host_reserve``, default the first
+    physical core: the siblings of the lowest online CPU).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pinwarden.cpuset import CpuSet
-from pinwarden.topology import Topology
+from pinwarden.config import Config
+from pinwarden.cpuset import EMPTY, CpuSet, CpuSetError
+from pinwarden.errors import HostError
+from pinwarden.mounts import CgroupMounts, read_mounts
+from pinwarden.topology import Topology, read_topology
 
 PartitionMode = Literal["isolcpus", "cgroup", "none"]
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,3 +55,173 @@ class Host:
 
     topology: Topology
     partition: Partition
+
+
+@dataclass(frozen=True, slots=True)
+class VmCgroup:
+    """What the VM partition cgroup says, or where it was looked for in vain."""
+
+    name: str | None  # path relative to the cpuset mount ("machine"); None: not found
+    version: int | None  # 1 or 2
+    cpus: CpuSet  # its effective CPUs
+    leased: CpuSet  # CPUs of pinwarden's exclusive tree (empty when absent)
+    looked_for: tuple[str, ...] = ()  # directories tried, for messages
+    exclusive: str | None = None  # pinwarden's exclusive tree, when it exists
+
+    @property
+    def found(self) -> bool:
+        return self.name is not None
+
+
+# -- adapter ----------------------------------------------------------------------------
+
+
+def _read_cpus(path: Path) -> CpuSet | None:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    try:
+        return CpuSet.parse_kernel(text)
+    except CpuSetError as exc:
+        raise HostError(f"{path}: {exc.message}") from None
+
+
+def _first_cpus(directory: Path, *names: str) -> CpuSet | None:
+    for name in names:
+        value = _read_cpus(directory / name)
+        if value is not None:
+            return value
+    return None
+
+
+def read_vm_cgroup(root: Path, config: Config, mounts: CgroupMounts | None = None) -> VmCgroup:
+    """Find and read the VM partition cgroup below ``root`` (v1 cpuset first, then v2)."""
+    mounts = read_mounts(root) if mounts is None else mounts
+    looked: list[str] = []
+    v1 = mounts.v1("cpuset")
+    if v1 is not None:
+        effective, cpus = mounts.cpuset_file("effective_cpus"), mounts.cpuset_file("cpus")
+        directory = v1 / config.cgroup_v1
+        looked.append(str(directory))
+        if directory.is_dir():
+            tree = v1 / config.exclusive_cgroup
+            return VmCgroup(config.cgroup_v1, 1,
+                            _first_cpus(directory, effective, cpus) or EMPTY,
+                            _first_cpus(tree, cpus, effective) or EMPTY, tuple(looked),
+                            config.exclusive_cgroup if tree.is_dir() else None)
+    v2 = mounts.v2
+    if v2 is not None and mounts.v2_has("cpuset"):
+        for name in dict.fromkeys((config.cgroup_v2, "machine")):
+            directory = v2 / name
+            looked.append(str(directory))
+            if directory.is_dir():
+                tree = v2 / config.exclusive_cgroup
+                return VmCgroup(name, 2,
+                                _first_cpus(directory, "cpuset.cpus.effective", "cpuset.cpus")
+                                or EMPTY,
+                                _first_cpus(tree, "cpuset.cpus", "cpuset.cpus.effective")
+                                or EMPTY, tuple(looked),
+                                config.exclusive_cgroup if tree.is_dir() else None)
+    return VmCgroup(None, None, EMPTY, EMPTY, tuple(looked))
+
+
+def read_partition(root: Path, topology: Topology, config: Config) -> Partition:
+    """Read the VM partition of the host at ``root`` (see the module docstring)."""
+    cgroup = read_vm_cgroup(root, config) if config.mode in ("auto", "cgroup") \
+        else VmCgroup(None, None, EMPTY, EMPTY)
+    return decide_partition(topology, config, cgroup)
+
+
+def load_host(root: Path, config: Config) -> Host:
+    """Topology and partition of the host at ``root``: the snapshot every command uses."""
+    topology = read_topology(root)
+    return Host(topology, read_partition(root, topology, config))
+
+
+# -- pure core ----------------------------------------------------------------------------
+
+
+def default_reserve(topology: Topology) -> CpuSet:
+    """The first physical core: every online sibling of the lowest online CPU."""
+    if not topology.online:
+        return EMPTY
+    return topology.siblings(topology.online.first()) & topology.online
+
+
+def _isolcpus(topology: Topology) -> Partition:
+    vm = topology.isolated & topology.online
+    offline = topology.isolated - topology.online
+    note = f" ({offline} offline)" if offline else ""
+    return Partition("isolcpus", vm, topology.online - vm,
+                     f"isolcpus={topology.isolated} on the kernel command line{note}")
+
+
+def _cgroup(topology: Topology, cg: VmCgroup) -> Partition:
+    vm = (cg.cpus | cg.leased) & topology.online
+    leased = cg.leased - cg.cpus
+    extra = f", plus {leased} leased in {cg.exclusive}" if leased else ""
+    version = "v1" if cg.version == 1 else "v2"
+    return Partition("cgroup", vm, topology.online - vm,
+                     f"cpuset of cgroup {cg.name} ({version}) is {cg.cpus or 'empty'}{extra}",
+                     cg.name)
+
+
+def _none(topology: Topology, config: Config, why: str) -> Partition:
+    if config.host_reserve is not None:
+        unknown = config.host_reserve - topology.present
+        if unknown:
+            raise HostError(f"host_reserve {config.host_reserve} names CPU {unknown} which "
+                            f"this host does not have (present: {topology.present}); fix "
+                            "[partition] host_reserve in the configuration")
+        reserve = config.host_reserve & topology.online
+        what = f"host reserve is {reserve or 'empty'} (host_reserve in the configuration)"
+    else:
+        reserve = default_reserve(topology)
+        core = topology.cpu(reserve.first()).core if reserve else None
+        label = f"core {core}" if core is not None else "the first core"
+        what = f"host reserve is {label} (CPUs {reserve})"
+    vm = topology.online - reserve
+    return Partition("none", vm, topology.online - vm, f"{why}; {what}")
+
+
+def decide_partition(topology: Topology, config: Config, cgroup: VmCgroup) -> Partition:
+    """Choose the partition mode and compute VM and housekeeping CPUs (no I/O)."""
+    mode = config.mode
+    if mode == "isolcpus":
+        if not topology.isolated & topology.online:
+            raise HostError("partition mode isolcpus is configured but no online CPU is "
+                            "isolated (sys/devices/system/cpu/isolated is empty); boot with "
+                            "isolcpus=LIST or set [partition] mode to auto, cgroup or none")
+        return _isolcpus(topology)
+    if mode == "cgroup":
+        if not cgroup.found:
+            where = ", ".join(cgroup.looked_for) or "no cpuset cgroup controller is mounted"
+            raise HostError(f"partition mode cgroup is configured but no VM partition cgroup "
+                            f"exists (looked for: {where}); create it with a cpuset or set "
+                            "[partition] mode to auto, isolcpus or none")
+        part = _cgroup(topology, cgroup)
+        if not part.vm_cpus:
+            raise HostError(f"partition mode cgroup is configured but cgroup {cgroup.name} "
+                            "has no online CPU in its cpuset; give it the VM CPUs (e.g. "
+                            f"cpuset.cpus = {topology.online})")
+        return part
+    if mode == "none":
+        return _none(topology, config, "partition mode none is configured")
+    # auto
+    if topology.isolated & topology.online:
+        return _isolcpus(topology)
+    if cgroup.found:
+        vm = (cgroup.cpus | cgroup.leased) & topology.online
+        if vm and vm != topology.online:
+            own = _none(topology, config, "no isolcpus and no restricting VM cgroup")
+            if cgroup.exclusive is None or vm != own.vm_cpus:
+                return _cgroup(topology, cgroup)
+            why = (f"no isolcpus and cgroup {cgroup.name} is pinwarden's own shared pool "
+                   f"(its leases are in {cgroup.exclusive})")
+        elif vm:
+            why = f"no isolcpus and cgroup {cgroup.name} covers every online CPU"
+        else:
+            why = f"no isolcpus and cgroup {cgroup.name} has an empty cpuset"
+        return _none(topology, config, why)
+    return _none(topology, config, "no isolcpus and no restricting VM cgroup")

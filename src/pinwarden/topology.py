@@ -172,6 +172,11 @@ def _int_file(path: Path) -> int | None:
     return value if value >= 0 else None  # -1: "no such id" (s390 packages, offline CPUs)
 
 
+def _no_bad_id(value: int | None) -> int | None:
+    """x86 reports an unknown cluster as BAD_APICID (65535)."""
+    return None if value == 0xFFFF else value
+
+
 def _numbered(directory: Path, pattern: re.Pattern[str]) -> list[int]:
     try:
         names = [p.name for p in directory.iterdir()]
@@ -228,7 +233,7 @@ def _read_raw(cpu_dir: Path) -> _Raw:
         has_topology=topo.is_dir(),
         package=_int_file(topo / "physical_package_id"),
         die=_int_file(topo / "die_id"),
-        cluster=_int_file(topo / "cluster_id"),
+        cluster=_no_bad_id(_int_file(topo / "cluster_id")),
         core=_int_file(topo / "core_id"),
         thread_mask=_first_cpus(topo, "core_cpus_list", "core_cpus",
                                 "thread_siblings_list", "thread_siblings"),
