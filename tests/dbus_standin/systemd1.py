@@ -37,7 +37,10 @@ of org.freedesktop.systemd1(5) pinwarden uses, answering the way systemd's sourc
   set; a set disjoint from it falls back to the parent's; inactive units have no cgroup and
   report an empty array.  With ``--partition`` the unit also has ``CPUSetPartition`` (``s``:
   member/root/isolated, systemd PR #42013) and a valid partition root takes its CPUs out of
-  its siblings' effective sets, as the kernel does.
+  its parent's and siblings' effective sets, as the kernel does (a task-less parent may be
+  left with none: kernel commit "cgroup/cpuset: Allow no-task partition to have empty
+  cpuset.cpus.effective").  Not modelled: exclusivity conflicts with siblings whose own
+  ``cpuset.cpus`` overlap (the kernel makes such a root invalid), cgroup v1, polkit.
 
 The test-only interface ``org.pinwarden.test.Standin`` at ``/org/pinwarden/test`` has
 ``Calls() → s`` (every call to systemd's objects as JSON: member, interface, path, header

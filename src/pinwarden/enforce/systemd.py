@@ -180,35 +180,87 @@ def slice_cgroup_path(name: str) -> str:
 
 
 _UNIT_SUFFIXES = (".slice", ".scope", ".service")
+#: libvirt adds no ``.partition`` suffix to these top-level partitions (vircgroup.c).
+_LIBVIRT_TOP = frozenset({"machine", "system", "user"})
+
+
+def unescape_unit_name(text: str) -> str:
+    """Inverse of :func:`escape_unit_name` (``systemd-escape --unescape``); ``ValueError``
+    on a malformed escape or bytes that are not UTF-8."""
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "-":
+            out += b"/"
+        elif ch == "\\":
+            digits = text[i + 2:i + 4]
+            if text[i + 1:i + 2] != "x" or len(digits) != 2 or \
+                    any(c not in string.hexdigits for c in digits):
+                raise ValueError(f"bad escape at position {i} of {text!r}")
+            out.append(int(digits, 16))
+            i += 3
+        else:
+            out += ch.encode()
+        i += 1
+    return out.decode()
 
 
 def unit_for_path(path: str) -> str:
     """The unit a backend path stands for (see the module docstring); ``ValueError`` if none.
+
+    A component that is a unit name (``*.slice``, ``*.scope``, ``*.service``) is that unit and
+    must sit where systemd puts it; any other component is a libvirt partition name,
+    ``NAME.partition`` or ``NAME``, the slice ``<parent prefix>-<escaped NAME>.slice``.
 
     >>> unit_for_path("pinwarden.partition/vm-A.partition")
     'pinwarden-vm\\\\x2dA.slice'
     """
     if path == "":
         return ROOT_SLICE
-    parts = path.split("/")
-    if any(not p for p in parts):
+    if any(not part for part in path.split("/")):
         raise ValueError(f"empty component in cgroup path {path!r}")
-    if parts[-1].endswith(_UNIT_SUFFIXES):
-        unit = parts[-1]
-        slices = parts[:-1] if not unit.endswith(".slice") else parts
-        expected = ROOT_SLICE
-        for part in slices:  # each slice must sit in the slice its name says
-            if not part.endswith(".slice") or parent_slice(part) != expected:
-                raise ValueError(f"{part!r} cannot be at {path!r}: systemd puts it under "
-                                 f"{slice_cgroup_path(parent_slice(part)) or '/'}")
-            expected = part
+    parent, _, last = path.rpartition("/")
+    parent_unit = unit_for_path(parent)
+    if unit_type(parent_unit) != "slice":
+        raise ValueError(f"{path!r}: only slices contain other units, {parent_unit} is not one")
+    if last.endswith(_UNIT_SUFFIXES):
+        unit = last
+        if unit_type(unit) == "slice" and parent_slice(unit) != parent_unit:
+            raise ValueError(f"{unit!r} cannot be at {path!r}: systemd puts it under "
+                             f"{slice_cgroup_path(parent_slice(unit)) or '/'}")
     else:
-        names = [p.removesuffix(".partition") for p in parts]
-        if any(not n or n.endswith(_UNIT_SUFFIXES) for n in names):
-            raise ValueError(f"cgroup path {path!r} mixes unit names and partition names")
-        unit = "-".join(escape_unit_name(n) for n in names) + ".slice"
+        name = last.removesuffix(".partition")
+        if not name:
+            raise ValueError(f"empty partition name in cgroup path {path!r}")
+        prefix = "" if parent_unit == ROOT_SLICE else parent_unit.removesuffix(".slice") + "-"
+        unit = f"{prefix}{escape_unit_name(name)}.slice"
     if not is_valid_unit_name(unit):
         raise ValueError(f"{unit!r} (for cgroup path {path!r}) is not a valid unit name")
+    return unit
+
+
+def child_name(parent_path: str, unit: str) -> str:
+    """How a unit found inside ``parent_path`` is named in that path's style.
+
+    Under a libvirt-partition path (or the root), a child slice is named back as a partition
+    (``vm-A.partition``; ``machine`` at the top, like libvirt); otherwise, and whenever that
+    would not map back to ``unit``, the child is its unit name.
+    """
+    last = parent_path.rpartition("/")[2]
+    if unit_type(unit) == "slice" and not last.endswith(_UNIT_SUFFIXES):
+        try:
+            parent_unit = unit_for_path(parent_path)
+            prefix = "" if parent_unit == ROOT_SLICE else \
+                parent_unit.removesuffix(".slice") + "-"
+            if unit.startswith(prefix):
+                name = unescape_unit_name(unit[len(prefix):].removesuffix(".slice"))
+                plain = parent_path == "" and name in _LIBVIRT_TOP
+                candidate = name if plain or "." in name else f"{name}.partition"
+                if unit_for_path(join(parent_path, candidate)) == unit:
+                    return candidate
+        except ValueError:
+            pass
     return unit
 
 
@@ -465,6 +517,7 @@ class SystemdBackend:
         self._kernel = kernel
         self._partition_supported: bool | None = None
         self._scope_serial = itertools.count(1)
+        self._names: dict[tuple[str, str], str] = {}  # (parent path, unit) -> name used
 
     @property
     def kind(self) -> str:
@@ -473,10 +526,28 @@ class SystemdBackend:
     # -- helpers
 
     def _unit(self, action: str, path: str) -> str:
+        """The unit for ``path``; remembers how the caller names it (see :meth:`_children`)."""
         try:
-            return unit_for_path(path)
+            unit = unit_for_path(path)
         except ValueError as exc:
             raise CgroupOpError(action, path, errno.EINVAL, detail=str(exc)) from None
+        while path:
+            parent, _, last = path.rpartition("/")
+            self._names[(parent, unit_for_path(path))] = last
+            path = parent
+        return unit
+
+    def _children(self, path: str, units: Iterable[str]) -> tuple[str, ...]:
+        """Child names as the caller spells them: the names it used for those units under
+        this path, else :func:`child_name` — or, at the top, unit names when the caller
+        names top-level groups by unit (``machine.slice``).  So one unit never appears
+        under two paths in a snapshot."""
+        units_style = path == "" and any(
+            name.endswith(_UNIT_SUFFIXES) for (parent, _), name in self._names.items()
+            if parent == "")
+        return tuple(sorted(self._names.get((path, u)) or (u if units_style else
+                                                           child_name(path, u))
+                            for u in units))
 
     def _fail(self, exc: DBusCallError, action: str, path: str, unit: str, *,
               value: str | None = None, prop: str | None = None) -> SystemdOpError:
@@ -551,7 +622,8 @@ class SystemdBackend:
         return GroupState(
             path=path, cpus=info.allowed_cpus, mems=info.allowed_mems, partition=partition,
             effective_cpus=info.effective_cpus, effective_mems=info.effective_mems,
-            populated=populated, children=info.consists_of, partition_error=partition_error)
+            populated=populated, children=self._children(path, info.consists_of),
+            partition_error=partition_error)
 
     def read_state(self, paths: Iterable[str]) -> Snapshot:
         groups: dict[str, GroupState] = {}
@@ -571,6 +643,9 @@ class SystemdBackend:
             for name in group.children if group is not None else ():
                 subtree(join(path, name))
 
+        paths = list(paths)
+        for path in paths:
+            self._unit("read", path)  # learn the caller's names first
         for path in paths:
             for anc in ancestors(path):
                 group = read(anc)
