@@ -1,0 +1,162 @@
+"""The seed's story, end to end, on the real libvirtd + QEMU + cgroup v1 of this host.
+
+Partition here: ``none`` mode, host reserve CPU 0, VM CPUs {1}; while CPU 1 is leased the
+shared VMs fall back to CPU 0.  The exclusive tree is ``pwtest-e2e.partition`` (libvirt
+partition ``/pwtest-e2e/vm-NAME``) so the test never touches a real ``pinwarden.partition``.
+
+1. VM A, exclusive on CPU 1, started by ``pinwarden start``;
+2. VM B, unpinned, started by ``pinwarden start``;
+3. VM C, unpinned, started by plain ``virsh start`` (through the hook);
+   B and C both run, both off CPU 1 (thread affinity and cgroup cpus, from the kernel);
+4. VM D, pinned to CPU 1, is refused by the hook at ``virsh start``, naming A;
+5. ``pinwarden audit`` is clean;
+6. ``virsh destroy A`` frees the lease (hook ``release``) and D then starts on CPU 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pinwarden.ledger import Ledger
+
+pytest.register_assert_rewrite("libvirt_env")
+
+import libvirt_env as env  # noqa: E402
+
+pytest_plugins = ["libvirt_env"]
+pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
+
+EXCLUSIVE = "pwtest-e2e.partition"
+#: The pinwarden under test (the hook scripts exec it too); PINWARDEN_EXE overrides.
+PINWARDEN = os.environ.get("PINWARDEN_EXE") or str(Path(sys.executable).with_name("pinwarden"))
+
+
+@dataclass
+class Setup:
+    state: Path
+    config: Path
+
+    def run(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        cmd = [PINWARDEN, *args, "--state-dir", str(self.state), "--config", str(self.config)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if check and proc.returncode != 0:
+            pytest.fail(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+        return proc
+
+
+def virsh(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["virsh", "-c", env.URI, *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def remove_tree(top: str) -> None:
+    """rmdir ``top`` and its (empty) subgroups in every mounted hierarchy, bottom-up."""
+    for hierarchy in Path("/sys/fs/cgroup").iterdir():
+        base = hierarchy / top
+        if not base.is_dir():
+            continue
+        dirs = sorted((p for p in base.rglob("*") if p.is_dir()),
+                      key=lambda p: -len(p.parts))
+        for d in [*dirs, base]:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+@pytest.fixture(scope="module")
+def hooked(libvirt_daemons: env.Daemons, tmp_path_factory: pytest.TempPathFactory,
+           ) -> Iterator[Setup]:
+    """Hook installed in the real /etc/libvirt/hooks, libvirtd restarted to see it; at the
+    end the hook is removed, libvirtd restarted again and the cgroups put back."""
+    base = tmp_path_factory.mktemp("pinwarden-e2e")
+    setup = Setup(state=base / "state", config=base / "pinwarden.toml")
+    setup.config.write_text(f'[partition]\nmode = "none"\nhost_reserve = "0"\n'
+                            f'exclusive = "{EXCLUSIVE}"\n')
+    for driver in ("qemu", "lxc"):
+        path = env.HOOKS_DIR / driver
+        if path.exists() and "pinwarden" not in path.read_text(errors="replace"):
+            pytest.fail(f"{path} exists and is not pinwarden's: the e2e test will not "
+                        f"replace a real hook")
+    machine_before = (env.CPUSET / "machine" / "cpuset.cpus").read_text().strip() \
+        if (env.CPUSET / "machine").is_dir() else None
+    try:
+        setup.run("hook", "install", "--hooks-dir", str(env.HOOKS_DIR), "--exe", PINWARDEN,
+                  check=True)
+        libvirt_daemons.restart_libvirtd()
+        yield setup
+    finally:
+        with contextlib.suppress(OSError):
+            for driver in ("qemu", "lxc"):
+                (env.HOOKS_DIR / driver).unlink(missing_ok=True)
+        if libvirt_daemons.owns("libvirtd"):
+            libvirt_daemons.restart_libvirtd()
+        remove_tree(EXCLUSIVE)
+        if machine_before is not None:
+            with contextlib.suppress(OSError):
+                (env.CPUSET / "machine" / "cpuset.cpus").write_text(machine_before)
+
+
+def off_cpu1(name: str) -> None:
+    affinity = env.vm_affinity(name)
+    group = env.domain_cgroup(name)
+    assert group.startswith("machine/"), group
+    assert 1 not in affinity, f"{name} threads may run on {sorted(affinity)}"
+    assert 1 not in env.read_cpus(group, "effective_cpus"), group
+    assert affinity, name
+
+
+def test_seed_story(hooked: Setup, domains: env.Domains) -> None:
+    if len(os.sched_getaffinity(0)) < 2 or not shutil.which("virsh"):
+        pytest.fail("the story needs 2 CPUs and virsh")
+    a, b, c, d = "pwtest-e2e-a", "pwtest-e2e-b", "pwtest-e2e-c", "pwtest-e2e-d"
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    domains.define(b)
+    domains.define(c)
+    domains.define(d, vcpupins={0: "1"}, emulatorpin="1")
+
+    # (1) A exclusive on CPU 1
+    hooked.run("start", a, check=True)
+    group_a = env.domain_cgroup(a)
+    assert group_a.startswith(f"{EXCLUSIVE}/vm-{a}.partition/"), group_a
+    holder_group = f"{EXCLUSIVE}/vm-{a}.partition"
+    assert env.cpu_exclusive(EXCLUSIVE) and env.cpu_exclusive(holder_group)
+    assert env.read_cpus(holder_group, "effective_cpus") == {1}
+    assert env.vm_affinity(a) == {1}
+    assert 1 not in env.read_cpus("machine", "effective_cpus")
+
+    # (2) B unpinned via pinwarden; (3) C unpinned via plain virsh
+    hooked.run("start", b, check=True)
+    started = virsh("start", c)
+    assert started.returncode == 0, started.stderr
+    for name in (b, c):
+        assert domains.conn.lookupByName(name).isActive()
+        off_cpu1(name)
+
+    # (4) D pinned to CPU 1: the hook refuses it, naming A
+    refused = virsh("start", d)
+    assert refused.returncode != 0
+    assert a in refused.stderr and "1" in refused.stderr, refused.stderr
+    assert not domains.conn.lookupByName(d).isActive()
+    assert env.vm_affinity(a) == {1}
+
+    # (5) audit is clean
+    audit = hooked.run("audit")
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+
+    # (6) destroying A frees the lease; D then starts on CPU 1
+    gone = virsh("destroy", a)
+    assert gone.returncode == 0, gone.stderr
+    with Ledger(hooked.state) as ledger:  # no reaping: the hook itself must have freed A
+        assert ledger.holders(reap=False) == ()
+    assert not (env.CPUSET / holder_group).exists()
+    started = virsh("start", d)
+    assert started.returncode == 0, started.stderr
+    assert env.vm_affinity(d) == {1}
