@@ -271,20 +271,24 @@ def test_scanner_on_a_proc_tree(tmp_path: Path) -> None:
         "30 25 0:26 / /sys/fs/cgroup/cpuset rw,nosuid shared:9 - cgroup cgroup rw,cpuset\n"
         "31 25 0:27 / /sys/fs/cgroup/unified rw shared:10 - cgroup2 cgroup2 rw\n")
     vm_cg = "/machine/qemu-1-web.libvirt-qemu/vcpu0"
+    # 700 is not in any tasks file (born after the cgroup pass): its cgroup file is read.
     _task(proc, 700, 700, comm="qemu-system-x86", ppid=1, cpus="0-3",
           cgroup=f"12:cpuset:{vm_cg[:-6]}/emulator\n0::/machine.slice\n")
-    _task(proc, 700, 701, comm="CPU 0/KVM", ppid=1, cpus="2",
-          cgroup=f"4:cpu,cpuset:{vm_cg}\n0::/machine.slice\n")
-    _task(proc, 2, 2, comm="kthreadd", ppid=0, cpus="0-3", cgroup="12:cpuset:/\n",
+    # 701 is listed in vcpu0/tasks; its own cgroup file is never needed.
+    _task(proc, 700, 701, comm="CPU 0/KVM", ppid=1, cpus="2", cgroup="")
+    (proc / "700/task/701/cgroup").unlink()
+    _task(proc, 2, 2, comm="kthreadd", ppid=0, cpus="0-3", cgroup="4:cpu,cpuset:/\n",
           flags=0x208040)
     _task(proc, 9, 9, comm="a) b (c", ppid=1, cpus="1-2", cgroup="12:cpuset:/\n")
     (proc / "800/task/800").mkdir(parents=True)  # exited between listdir and read
-    for path, cpus in (("", "0-3"), ("machine", "0-3"), ("machine/qemu-1-web.libvirt-qemu", "2")):
+    for path, cpus, tasks in (("", "0-3", ""), ("machine", "0-3", ""),
+                              ("machine/qemu-1-web.libvirt-qemu", "2", ""),
+                              ("machine/qemu-1-web.libvirt-qemu/vcpu0", "2", "701\n")):
         d = cpuset / path
         d.mkdir(parents=True, exist_ok=True)
         (d / "cpuset.cpus").write_text(cpus + "\n")
         (d / "cpuset.effective_cpus").write_text(cpus + "\n")
-        (d / "tasks").write_text("700\n" if "qemu" in path else "")
+        (d / "tasks").write_text(tasks)
     irq = proc / "irq/24"
     (irq / "nvme0q1").mkdir(parents=True)
     (irq / "smp_affinity_list").write_text("0-3\n")
@@ -296,20 +300,21 @@ def test_scanner_on_a_proc_tree(tmp_path: Path) -> None:
     by_tid = {t.tid: t for t in snap.threads}
     assert set(by_tid) == {700, 701, 2, 9}
     assert by_tid[701] == ThreadInfo(700, 701, "CPU 0/KVM", 1, cs("2"), vm_cg, False)
+    assert by_tid[700].cgroup == "/machine/qemu-1-web.libvirt-qemu/emulator"
     assert by_tid[2].kernel and by_tid[2].cgroup == "/"
     assert by_tid[9].comm == "a) b (c"
     assert snap.notes == ("1 threads exited while being read",)
-    assert [(c.path, str(c.cpus), c.populated) for c in sorted(snap.cgroups,
-                                                               key=lambda c: c.path)] == [
+    assert [(c.path, str(c.cpus), c.populated)
+            for c in sorted(snap.cgroups, key=lambda c: c.path)] == [
         ("/", "0-3", False), ("/machine", "0-3", False),
-        ("/machine/qemu-1-web.libvirt-qemu", "2", True)]
+        ("/machine/qemu-1-web.libvirt-qemu", "2", False), (vm_cg, "2", True)]
     assert snap.irqs == (IrqInfo(0, cs("0"), None, ()),
                          IrqInfo(24, cs("0-3"), cs("2"), ("nvme0q1",)))
     report = audit.audit(snap, leases(c2=A), [record(A, cpus="2")])
     assert [(i.kind, i.tid or i.irq or i.cgroup) for i in report.intruders] == [
         ("other-vm-thread", 700), ("other-vm-thread", 701),
         ("vm-cgroup", "/machine"), ("vm-cgroup", "/machine/qemu-1-web.libvirt-qemu"),
-        ("host-task", 2), ("host-task", 9), ("irq", 24)]
+        ("vm-cgroup", vm_cg), ("host-task", 2), ("host-task", 9), ("irq", 24)]
 
 
 def test_scanner_without_cpuset_mount_says_so(tmp_path: Path) -> None:
@@ -335,6 +340,29 @@ def test_scanner_agrees_with_the_kernel_for_this_process() -> None:
                                if "cpuset" in line.split(":")[1].split(","))
     kthreadd = next(t for t in snap.threads if t.pid == 2)
     assert kthreadd.kernel
+
+
+def test_fast_paths_agree_with_the_slow_ones() -> None:
+    """Live host: sched_getaffinity == status Cpus_allowed_list, and the tasks-file map ==
+    each thread's own cgroup file, for every thread that stayed put across the scans (the
+    slow scan runs before and after the fast one; kworkers rename themselves, so comm is
+    left out)."""
+    def key(t: ThreadInfo) -> tuple[object, ...]:
+        return (t.pid, t.tid, t.ppid, t.cpus, t.cgroup, t.kernel)
+
+    before, _ = audit.scan_threads(Path("/proc"), cgroup_of=None, live=False)
+    cgroups, members = audit.scan_cgroups(CPUSET)
+    fast, _ = audit.scan_threads(Path("/proc"), cgroup_of=members, live=True)
+    after, _ = audit.scan_threads(Path("/proc"), cgroup_of=None, live=False)
+    assert members, "no tasks listed in the cpuset hierarchy"
+    assert "/" in {c.path for c in cgroups}
+    unchanged = {key(t) for t in after}
+    stable = {t.tid: key(t) for t in before if key(t) in unchanged}
+    compared = [t for t in fast if t.tid in stable]
+    assert len(compared) > 20
+    assert os.getpid() in {t.tid for t in compared}
+    for t in compared:
+        assert key(t) == stable[t.tid], t
 
 
 # -- real processes and a real cpuset cgroup -------------------------------------------------
@@ -420,6 +448,22 @@ def _group(base: Path, name: str, cpus: str) -> Path:
     return d
 
 
+def run_audit_command(*argv: str) -> tuple[int, str]:
+    """``pinwarden audit ARGV`` in a subprocess, through the audit command module alone (so
+    this test does not depend on the other command modules)."""
+    code = ("import argparse, sys\n"
+            "from pinwarden.cli import common_parser\n"
+            "from pinwarden.cli import audit\n"
+            "parser = argparse.ArgumentParser(prog='pinwarden')\n"
+            "audit.register(parser.add_subparsers(dest='command'), common_parser())\n"
+            "args = parser.parse_args(sys.argv[1:])\n"
+            "sys.exit(args.handler(args))\n")
+    out = subprocess.run([sys.executable, "-c", code, "audit", *argv], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode in (0, 1), out.stderr
+    return out.returncode, out.stdout
+
+
 @pytest.mark.kernel
 def test_real_intruder_found_then_moved_off(
         tmp_path: Path, cpuset_base: Path, spawn: Callable[[Path | None, set[int]], int]) -> None:
@@ -457,12 +501,10 @@ def test_real_intruder_found_then_moved_off(
     assert all(i.holders == (a,) for i in report.intruders)
     assert report.exit_status() == 1
 
-    # The CLI over the real host reports the same intruder (and exits 1).
-    out = subprocess.run([sys.executable, "-c", "from pinwarden.cli import entry; entry()",
-                          "audit", "--json", "--state-dir", str(state)],
-                         capture_output=True, text=True)
-    assert out.returncode == 1, out.stderr
-    data = json.loads(out.stdout)
+    # The command over the real host reports the same intruder (and exits 1).
+    status, out = run_audit_command("--json", "--state-dir", str(state))
+    assert status == 1
+    data = json.loads(out)
     assert {"kind": "other-vm-thread", "pid": intruder, "cgroup": other_cg, "cpus": "1"}.items() \
         <= next(i for i in data["intruders"] if i["pid"] == intruder).items()
 
@@ -472,4 +514,7 @@ def test_real_intruder_found_then_moved_off(
     report = report_for_my_things()
     assert report.intruders == ()
     assert report.exit_status(strict=True) == 0
+    status, out = run_audit_command("--json", "--state-dir", str(state))
+    assert not [i for i in json.loads(out)["intruders"] if i["pid"] in mine or
+                (i["cgroup"] or "").startswith(f"/{rel}")]
 

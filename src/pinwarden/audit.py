@@ -45,6 +45,7 @@ from typing import Any, Literal
 from pinwarden.cpuset import CpuSet, CpuSetError
 from pinwarden.ledger import HolderRecord
 from pinwarden.model import HolderRef, Lease
+from pinwarden.mounts import read_mounts
 from pinwarden.procs import parse_stat
 
 Kind = Literal["other-vm-thread", "vm-cgroup", "host-task", "irq"]
@@ -369,22 +370,37 @@ def _ref_key(ref: HolderRef) -> tuple[str, str, str]:
 
 
 # -- the scanner (I/O) ---------------------------------------------------------------------
+#
+# Cost per thread matters (tens of thousands of threads): each thread costs one read of its
+# ``stat``.  Its cpuset cgroup comes from the hierarchy's ``tasks`` files (one read per
+# cgroup, not per thread; per-thread ``cgroup`` files only for threads born after that
+# pass) and, on the live host, its CPUs from sched_getaffinity(2) instead of generating
+# ``status`` (under another --root, ``status`` is read).
 
 class _CpuCache:
     """CPU list text → CpuSet, parsed once: thousands of threads share a handful of lists."""
 
     def __init__(self) -> None:
-        self._cache: dict[bytes, CpuSet] = {}
+        self._text: dict[bytes, CpuSet] = {}
+        self._sets: dict[frozenset[int], CpuSet] = {}
 
     def __call__(self, text: bytes) -> CpuSet:
-        found = self._cache.get(text)
+        found = self._text.get(text)
         if found is None:
             found = CpuSet.parse_kernel(text.decode("ascii", "replace"))
-            self._cache[text] = found
+            self._text[text] = found
+        return found
+
+    def of(self, cpus: set[int]) -> CpuSet:
+        key = frozenset(cpus)
+        found = self._sets.get(key)
+        if found is None:
+            found = self._sets[key] = CpuSet(key)
         return found
 
 
 def _read(path: str, size: int = 65536) -> bytes | None:
+    """One ``read`` of a small /proc or cgroup file; None when it is gone."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -395,6 +411,22 @@ def _read(path: str, size: int = 65536) -> bytes | None:
         return None
     finally:
         os.close(fd)
+
+
+def _read_all(path: str) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    chunks: list[bytes] = []
+    try:
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 _ALLOWED = b"\nCpus_allowed_list:"
@@ -413,9 +445,16 @@ def _cpuset_path(cgroup_text: bytes, v2_cpuset: bool) -> str | None:
     return unified if v2_cpuset else None
 
 
-def scan_threads(proc: Path, *, v2_cpuset: bool = False) -> tuple[list[ThreadInfo], int]:
-    """Every thread under ``proc``; returns the threads and how many vanished mid-read."""
+def scan_threads(proc: Path, *, cgroup_of: Mapping[int, str] | None = None,
+                 v2_cpuset: bool = False, live: bool = False) -> tuple[list[ThreadInfo], int]:
+    """Every thread under ``proc``; returns the threads and how many vanished mid-read.
+
+    ``cgroup_of`` maps TIDs to cpuset cgroup paths (from :func:`scan_cgroups`); threads
+    missing from it have their ``cgroup`` file read.  ``live``: ``proc`` is this host's
+    /proc, so CPUs come from sched_getaffinity(2) rather than ``status``.
+    """
     cpus_of = _CpuCache()
+    known = cgroup_of or {}
     threads: list[ThreadInfo] = []
     vanished = 0
     base = str(proc)
@@ -430,35 +469,49 @@ def scan_threads(proc: Path, *, v2_cpuset: bool = False) -> tuple[list[ThreadInf
         except OSError:
             vanished += 1
             continue
+        tgid = int(pid)
         for tid in tids:
             d = f"{task_dir}/{tid}"
             stat_text = _read(f"{d}/stat", 4096)
-            status = _read(f"{d}/status")
-            cgroup = _read(f"{d}/cgroup")
-            if stat_text is None or status is None or cgroup is None:
+            if stat_text is None:
                 vanished += 1
                 continue
             try:
                 stat = parse_stat(stat_text.decode("utf-8", "replace"))
-                start = status.index(_ALLOWED) + len(_ALLOWED)
-                end = status.find(b"\n", start)
-                cpus = cpus_of(status[start:end if end >= 0 else None].strip())
-            except (ValueError, CpuSetError):
+                if live:
+                    cpus = cpus_of.of(os.sched_getaffinity(stat.pid))
+                else:
+                    status = _read(f"{d}/status")
+                    if status is None:
+                        raise ProcessLookupError
+                    start = status.index(_ALLOWED) + len(_ALLOWED)
+                    end = status.find(b"\n", start)
+                    cpus = cpus_of(status[start:end if end >= 0 else None].strip())
+            except (ValueError, CpuSetError, OSError):
                 vanished += 1
                 continue
-            threads.append(ThreadInfo(pid=int(pid), tid=stat.pid, comm=stat.comm,
-                                      ppid=stat.ppid, cpus=cpus,
-                                      cgroup=_cpuset_path(cgroup, v2_cpuset),
-                                      kernel=stat.kernel_thread))
+            cgroup = known.get(stat.pid)
+            if cgroup is None:
+                text = _read(f"{d}/cgroup")
+                if text is None:
+                    vanished += 1
+                    continue
+                cgroup = _cpuset_path(text, v2_cpuset)
+            threads.append(ThreadInfo(pid=tgid, tid=stat.pid, comm=stat.comm, ppid=stat.ppid,
+                                      cpus=cpus, cgroup=cgroup, kernel=stat.kernel_thread))
     return threads, vanished
 
 
-def scan_cgroups(mount: Path, *, v2: bool = False, noprefix: bool = False) -> list[CgroupInfo]:
-    """Every cgroup of the cpuset hierarchy mounted at ``mount``."""
+def scan_cgroups(mount: Path, *, v2: bool = False,
+                 noprefix: bool = False) -> tuple[list[CgroupInfo], dict[int, str]]:
+    """Every cgroup of the cpuset hierarchy mounted at ``mount``, and which cgroup each
+    thread (TID) is in, from the ``tasks`` (v2: ``cgroup.threads``) files."""
     prefix = "" if noprefix else "cpuset."
     cpus_name = f"{prefix}cpus"
     effective_name = "cpuset.cpus.effective" if v2 else f"{prefix}effective_cpus"
+    tasks_name = "cgroup.threads" if v2 else "tasks"
     out: list[CgroupInfo] = []
+    members: dict[int, str] = {}
     cpus_of = _CpuCache()
     base = str(mount)
     for dirpath, _dirs, files in os.walk(base):
@@ -468,23 +521,23 @@ def scan_cgroups(mount: Path, *, v2: bool = False, noprefix: bool = False) -> li
         if cpus_text is None:
             continue
         effective_text = _read(f"{dirpath}/{effective_name}")
-        if v2:
-            events = _read(f"{dirpath}/cgroup.events") or b""
-            populated = b"populated 1" in events
-        else:
-            populated = bool((_read(f"{dirpath}/tasks", 64) or b"").strip())
-        rel = dirpath[len(base):].strip("/")
+        path = "/" + dirpath[len(base):].strip("/")
+        tasks = _read_all(f"{dirpath}/{tasks_name}") or b""
+        tids = tasks.split()
+        for tid in tids:
+            members[int(tid)] = path
         try:
             out.append(CgroupInfo(
-                path="/" + rel, cpus=cpus_of(cpus_text.strip()),
+                path=path, cpus=cpus_of(cpus_text.strip()),
                 effective=None if effective_text is None else cpus_of(effective_text.strip()),
-                populated=populated))
+                populated=bool(tids)))
         except CpuSetError:
             continue
-    return out
+    return out, members
 
 
 def scan_irqs(proc: Path) -> list[IrqInfo]:
+    """Every IRQ under ``proc/irq``: affinity, effective affinity, handler names."""
     out: list[IrqInfo] = []
     cpus_of = _CpuCache()
     base = f"{proc}/irq"
@@ -512,25 +565,26 @@ def scan_irqs(proc: Path) -> list[IrqInfo]:
 
 def scan(root: Path = Path("/")) -> HostSnapshot:
     """Read the host below ``root`` into a :class:`HostSnapshot`."""
-    from pinwarden.mounts import read_mounts
-
     notes: list[str] = []
     mounts = read_mounts(root)
     v1 = mounts.v1("cpuset")
-    v2 = mounts.v2 if mounts.v2_has("cpuset") and v1 is None else None
+    v2 = mounts.v2 if v1 is None and mounts.v2_has("cpuset") else None
+    cgroups: list[CgroupInfo] = []
+    members: dict[int, str] = {}
+    if v1 is not None:
+        cgroups, members = scan_cgroups(v1, noprefix="cpuset" in mounts.v1_noprefix)
+    elif v2 is not None:
+        cgroups, members = scan_cgroups(v2, v2=True)
+    else:
+        notes.append("no cpuset cgroup hierarchy is mounted: VM cgroups not checked")
     proc = root / "proc"
-    threads, vanished = scan_threads(proc, v2_cpuset=v2 is not None)
+    live = root.resolve() == Path("/")
+    threads, vanished = scan_threads(proc, cgroup_of=members, v2_cpuset=v2 is not None,
+                                     live=live)
     if vanished:
         notes.append(f"{vanished} threads exited while being read")
     if not threads:
         notes.append(f"no threads found under {proc}")
-    cgroups: list[CgroupInfo] = []
-    if v1 is not None:
-        cgroups = scan_cgroups(v1, noprefix="cpuset" in mounts.v1_noprefix)
-    elif v2 is not None:
-        cgroups = scan_cgroups(v2, v2=True)
-    else:
-        notes.append("no cpuset cgroup hierarchy is mounted: VM cgroups not checked")
     irqs = scan_irqs(proc)
     if not irqs:
         notes.append(f"no IRQs found under {proc}/irq")
