@@ -26,6 +26,7 @@ sequences on the real kernel and on this fake and checks they agree.
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -59,10 +60,12 @@ class FakeCpusetV1:
     """Implements :class:`~pinwarden.enforce.backend.CgroupBackend` in memory."""
 
     def __init__(self, online: CpuSet, mems: CpuSet = _NODE0, *,
-                 possible: int | None = None, max_nodes: int = 1024) -> None:
+                 possible: int | None = None, max_nodes: int = 1024,
+                 real_pids: bool = False) -> None:
         self.possible = possible if possible is not None else max(online.cpus, default=0) + 1
         self.max_nodes = max_nodes
         self.root = _Node(cpus=online, mems=mems, cpu_exclusive=True, mem_exclusive=True)
+        self.real_pids = real_pids  # tasks are real pids: forget them once they exit
         self.fail_at: dict[tuple[str, str], int] = {}  # (action, path) -> errno to inject
         self.writes = 0  # successful primitive writes, for tests
 
@@ -72,7 +75,14 @@ class FakeCpusetV1:
 
     # -- tree helpers -------------------------------------------------------------------
 
+    def _prune(self, node: _Node) -> None:
+        node.tasks = {t for t in node.tasks if os.path.exists(f"/proc/{t}")}
+        for child in node.children.values():
+            self._prune(child)
+
     def _node(self, path: str, action: str = "read") -> _Node:
+        if self.real_pids:
+            self._prune(self.root)
         node = self.root
         if path == "":
             return node

@@ -287,7 +287,12 @@ def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
 
     # CPUs still used by a kept stale group stay out of the shared pool
     kept_cpus = union(current[p].cpus for p in kept)
-    own(names.shared, desired.shared.cpus - kept_cpus or desired.shared.cpus, "member")
+    shared_cpus = desired.shared.cpus - kept_cpus
+    if not shared_cpus:  # everything else is leased or kept: whatever the parent has left
+        parent = parent_of(names.shared)
+        assert parent is not None
+        shared_cpus = current[parent].cpus - exclusive_cpus or desired.shared.cpus
+    own(names.shared, shared_cpus, "member")
     if needed:
         own(names.exclusive, exclusive_cpus, "exclusive")
         for spec in desired.holders:

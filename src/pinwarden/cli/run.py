@@ -1,0 +1,69 @@
+"""``pinwarden run``: run a command on exclusive CPUs.
+
+    pinwarden run --exclusive N [--name J] [--threads prefer|isolate|require] -- COMMAND...
+    pinwarden run --cpus LIST [--name J] -- COMMAND...
+
+The exit status is the command's (``128 + N`` when it died of signal N); pinwarden's own
+refusals exit 1 with ``pinwarden: error: …`` before the command starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from pinwarden.cli import print_json
+from pinwarden.cli.common import config_of, root_of, state_dir_of
+from pinwarden.cpuset import CpuSet
+from pinwarden.errors import InputError
+from pinwarden.jobs import JobRequest, check_name
+from pinwarden.runner import Context, run_job
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+             common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        "run", parents=[common],
+        help="run a command on exclusive CPUs",
+        description="Lease exclusive CPUs, run COMMAND in a cpuset cgroup that owns them, "
+                    "and give them back when it exits.  The exit status is COMMAND's.",
+        usage="pinwarden run (--exclusive N | --cpus LIST) [--name J] "
+              "[--threads prefer|isolate|require] -- COMMAND [ARG...]")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--exclusive", metavar="N", type=int,
+                      help="lease N CPUs chosen by topology (default 1)")
+    what.add_argument("--cpus", metavar="LIST", help="lease exactly these CPUs (0-3,8)")
+    parser.add_argument("--name", metavar="J",
+                        help="job name (default: COMMAND-PID); unique among running jobs")
+    parser.add_argument("--threads", choices=("prefer", "isolate", "require"),
+                        default="prefer",
+                        help="SMT siblings: prefer whole cores (default), isolate (one "
+                             "thread per core, siblings held empty), require (whole cores)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
+                        help="the command and its arguments (after --)")
+    parser.set_defaults(handler=handle)
+
+
+def request_of(args: argparse.Namespace, command: list[str]) -> JobRequest:
+    name = args.name if args.name else f"{Path(command[0]).name}-{os.getpid()}"
+    cpus = CpuSet.parse(args.cpus) if args.cpus is not None else None
+    if args.exclusive is not None and args.exclusive < 1:
+        raise InputError(f"--exclusive needs at least 1 CPU, not {args.exclusive}")
+    return JobRequest(name=check_name(name), count=args.exclusive, cpus=cpus,
+                      threads=args.threads)
+
+
+def handle(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise InputError("no command given: pinwarden run --exclusive N -- COMMAND [ARG...]")
+    request = request_of(args, command)
+    config = config_of(args)
+    ctx = Context.load(config, root_of(args), state_dir_of(args))
+    status = run_job(ctx, request, command)
+    if args.json:
+        print_json({"job": request.name, "exit_status": status})
+    return status

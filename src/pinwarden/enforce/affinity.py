@@ -1,0 +1,61 @@
+"""Per-thread CPU affinity (``sched_setaffinity``), where a cgroup alone is not enough.
+
+Used for threads that share a cgroup but need different CPUs (vCPU threads on v2 or under
+systemd, a job's threads), and as a belt to a cgroup attach.  :func:`pin` is transactional:
+if one thread cannot be pinned, the threads already changed get their old mask back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from pinwarden.cpuset import CpuSet
+from pinwarden.errors import EnforceError
+
+
+def get_affinity(tid: int) -> CpuSet:
+    try:
+        return CpuSet.of(os.sched_getaffinity(tid))
+    except OSError as exc:
+        raise EnforceError(f"cannot read the CPU affinity of thread {tid}: "
+                           f"{exc.strerror}") from None
+
+
+def threads_of(pid: int, proc: Path = Path("/proc")) -> tuple[int, ...]:
+    """Thread ids of process ``pid`` (empty when it is gone)."""
+    try:
+        return tuple(sorted(int(name) for name in os.listdir(proc / str(pid) / "task")))
+    except OSError:
+        return ()
+
+
+def _explain(tid: int, cpus: CpuSet, exc: OSError) -> str:
+    if exc.errno == errno.EINVAL:
+        return (f"cannot pin thread {tid} to CPU {cpus}: outside its cpuset cgroup "
+                f"(or offline); widen the cgroup first")
+    if exc.errno == errno.ESRCH:
+        return f"cannot pin thread {tid} to CPU {cpus}: the thread has exited"
+    if exc.errno == errno.EPERM:
+        return f"cannot pin thread {tid} to CPU {cpus}: permission denied (run as root)"
+    return f"cannot pin thread {tid} to CPU {cpus}: {exc.strerror}"
+
+
+def pin(plan: Mapping[int, CpuSet]) -> dict[int, CpuSet]:
+    """Set every thread's affinity; on failure restore the others and raise EnforceError.
+    Returns the previous masks (to undo later)."""
+    done: dict[int, CpuSet] = {}
+    for tid, cpus in plan.items():
+        try:
+            old = CpuSet.of(os.sched_getaffinity(tid))
+            os.sched_setaffinity(tid, cpus.cpus)
+        except OSError as exc:
+            for undo_tid, mask in done.items():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(undo_tid, mask.cpus)
+            raise EnforceError(_explain(tid, cpus, exc)) from None
+        done[tid] = old
+    return done
