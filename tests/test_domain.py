@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +13,9 @@ from pinwarden.cpuset import CpuSet
 from pinwarden.domain import MAX_XML_BYTES, PW_NS, GuestCell, parse_domain, render_plan
 from pinwarden.errors import InputError
 from pinwarden.model import Plan
+
+pytest.register_assert_rewrite("libvirt_env")
+pytest_plugins = ["libvirt_env"]
 
 #: The RFC's example (libvir-list, "exclusive vcpu-cpu pinning", 2014).
 SEED = """<domain type='kvm'>
@@ -350,3 +354,35 @@ def test_render_then_parse_round_trips_the_plan(vcpus: list[CpuSet], emulator: C
     for i, cpus in pins.items():
         assert spec.vcpupins.get(i, spec.cpuset) == cpus
     assert (spec.emulatorpin or spec.cpuset) == emulator
+
+
+# -- against the real libvirt parser ---------------------------------------------------------
+
+
+@pytest.mark.libvirt
+def test_libvirt_accepts_rendered_xml_and_keeps_pins_and_metadata(domains: Any) -> None:
+    """libvirtd (qemu:///system) parses what render_plan writes; on define it drops the
+    RFC's cputune exclusive attribute but keeps pinwarden's metadata, so the metadata form
+    is what survives ``virsh define``/``dumpxml``."""
+    import libvirt_env
+
+    name = domains.track("pwtest-domain-render")
+    source = libvirt_env.tiny_domain_xml(name, vcpus=2, exclusive=True)
+    source = source.replace("<os>", "<!-- user comment --><cputune exclusive='yes'>"
+                            "<shares>512</shares></cputune><os>")
+    plan = _plan({0: "0", 1: "1"}, "0", exclusive=True, default="0-1")
+    rendered = render_plan(source, plan)
+    assert "<!-- user comment -->" in rendered and "<shares>512</shares>" in rendered
+    domains.conn.defineXML(rendered)
+    dumped = domains.conn.lookupByName(name).XMLDesc(0)
+    spec = parse_domain(dumped)
+    assert spec.vcpupins == plan.vcpus and spec.emulatorpin == plan.emulator
+    assert spec.cpuset == plan.default_cpus
+    assert spec.exclusive  # from the metadata
+    assert "exclusive=" not in dumped.split("<cputune", 1)[1].split(">", 1)[0]
+    # rendering a new plan into libvirt's own output and redefining works too
+    again = render_plan(dumped, _plan({0: "1", 1: "1"}, "1", exclusive=True, default="1"))
+    domains.conn.defineXML(again)
+    spec = parse_domain(domains.conn.lookupByName(name).XMLDesc(0))
+    assert spec.vcpupins == {0: CpuSet.of([1]), 1: CpuSet.of([1])}
+    assert spec.emulatorpin == CpuSet.of([1]) and "<shares>512</shares>" in again

@@ -467,3 +467,9 @@ def union_of_vcpus(plan: Plan) -> CpuSet:
     for cpus in plan.vcpus.values():
         out = out | cpus
     return out
+
+
+def test_numad_placement_becomes_static_with_a_note() -> None:
+    plan = decide(spec(placement="auto"), host(), lease("4"))
+    assert plan.default_cpus == C("5-15")
+    assert any("placement='auto'" in n and "5-15" in n for n in plan.notes)

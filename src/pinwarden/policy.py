@@ -18,7 +18,7 @@ allocator's ``no-smt``).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pinwarden import allocator
 from pinwarden.cpuset import CpuSet, union
@@ -81,7 +81,12 @@ def decide(spec: DomainSpec, host: Host, leases: Sequence[Lease], *,
                     f"{label} of {ctx.who} uses CPUs {outside} outside the {ctx.where()}: "
                     f"pin it inside {ctx.part.vm_cpus} or widen the partition",
                     code="outside-partition")
-    return _exclusive(ctx) if spec.exclusive else _shared(ctx)
+    plan = _exclusive(ctx) if spec.exclusive else _shared(ctx)
+    if spec.placement == "auto" and plan.default_cpus is not None:
+        plan = replace(plan, notes=(*plan.notes, (
+            f"{ctx.who} asks for <vcpu placement='auto'> (numad); pinwarden places it "
+            f"statically on {plan.default_cpus} instead, so that no leased CPU is used")))
+    return plan
 
 
 # -- validation ----------------------------------------------------------------------------
