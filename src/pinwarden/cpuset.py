@@ -90,7 +90,11 @@ class CpuSet:
             if m is None:
                 found = repr(text[i]) if i < n else "end of text"
                 raise CpuSetError(text, i, f"expected a number, found {found}")
-            value = int(m.group())
+            digits = m.group().lstrip("0") or "0"
+            if len(digits) > len(str(MAX_CPU)):  # also keeps int() off hostile digit runs
+                raise CpuSetError(text, i, f"CPU {digits[:12]}{'…' if len(digits) > 12 else ''}"
+                                           f" exceeds the maximum {MAX_CPU}")
+            value = int(digits)
             if value > MAX_CPU:
                 raise CpuSetError(text, i, f"CPU {value} exceeds the maximum {MAX_CPU}")
             return value, m.end()
@@ -160,7 +164,7 @@ class CpuSet:
     @classmethod
     def from_dbus(cls, data: bytes | bytearray | Iterable[int]) -> CpuSet:
         """Decode systemd's ``AllowedCPUs``/``AllowedMemoryNodes`` byte array."""
-        raw = bytes(data)
+        raw = bytes(data).rstrip(b"\x00")  # senders may pad to a word size
         if len(raw) * 8 > MAX_CPU + 1:
             raise ValueError(f"CPU byte array of {len(raw)} bytes is too long")
         return cls(frozenset(i * 8 + b for i, byte in enumerate(raw) for b in range(8)
