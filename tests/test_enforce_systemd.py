@@ -471,9 +471,13 @@ def test_partition_through_cpusetpartition(new_standin: Standin) -> None:
     assert snap["pinwarden.slice"].partition == "exclusive"
     assert snap[HOLDER].partition == "isolated"
     assert snap[HOLDER].effective_cpus == CpuSet.parse("2-3")
-    # the kernel takes partition CPUs out of everyone else's effective set
+    # the kernel takes partition CPUs out of everyone else's effective set ...
     assert snap["system.slice"].effective_cpus == CpuSet.parse("0-1,4-7")
-    assert snap[""].effective_cpus == CpuSet.parse("0-1,4-7")
+    # ... and out of the parent's (systemd reports it empty); like the v2 backend, this
+    # backend reports a partition's subtree CPUs, as cgroup v1 would
+    assert snap["pinwarden.slice"].effective_cpus == CpuSet.parse("2-3")
+    assert snap[""].effective_cpus == CpuSet.parse("0-7")
+    assert snap[""].partition == "exclusive"
 
 
 @dataclass
@@ -735,14 +739,21 @@ def test_sync_failure_is_rolled_back_through_systemd(old_standin: Standin) -> No
         ["pinwarden-vm\\x2dA.slice", "pinwarden.slice"]
 
 
-@pytest.mark.xfail(strict=True, raises=EnforceError, reason=(
-    "layout.verify wants a partition parent's effective CPUs to equal its cpus; on cgroup v2 "
-    "the kernel (modelled by the stand-in; kernel commit 'cgroup/cpuset: Allow no-task "
-    "partition to have empty cpuset.cpus.effective') moves CPUs given to child partitions "
-    "out of the parent's effective set, so pinwarden.slice reads back empty"))
 def test_sync_with_cpusetpartition(new_standin: Standin) -> None:
+    """With CPUSetPartition= systemd does it all: no cgroupfs write by pinwarden."""
     bus, backend = _backend(new_standin)
+    host = make_host("0-7", "1-7")
     try:
-        sync(backend, make_host("0-7", "1-7"), _leases_for_a())
+        sync(backend, host, _leases_for_a())
+        leased = backend.read_state(["machine", "pinwarden.partition/vm-A.partition"])
+        sync(backend, host, [])
+        released = backend.read_state(["machine", "pinwarden.partition"])
     finally:
         bus.close()
+    holder = leased["pinwarden.partition/vm-A.partition"]
+    assert (holder.partition, holder.effective_cpus) == ("exclusive", CpuSet.parse("2-3"))
+    assert leased["pinwarden.partition"].partition == "exclusive"
+    assert leased["machine"].effective_cpus == CpuSet.parse("1,4-7")
+    assert leased["system"].effective_cpus == CpuSet.parse("0-1,4-7")  # partitions at work
+    assert released["system"].effective_cpus == CpuSet.parse("0-7")
+    assert "pinwarden.partition/vm-A.partition" not in released

@@ -603,27 +603,56 @@ class SystemdBackend:
 
     # -- reads
 
+    def _partition(self, info: UnitInfo) -> tuple[PartitionKind, str | None]:
+        """(kind, kernel's invalid reason): the kernel's verdict when a ``kernel`` backend is
+        given, else what systemd was told (``CPUSetPartition``), else ``member``."""
+        if info.name == ROOT_SLICE:
+            return "exclusive", None  # the root cgroup is always a partition root
+        if self._kernel is not None and info.control_group.strip("/"):
+            try:
+                state = self._kernel.read_group(info.control_group.strip("/"))
+            except CgroupOpError as exc:
+                if exc.errno != errno.ENOENT:  # ENOENT: no cpuset files, so a member
+                    raise
+                return "member", None
+            return state.partition, state.partition_error
+        return _PARTITION_KIND.get(info.cpuset_partition or "member", "member"), None
+
+    def _granted(self, units: Iterable[str]) -> CpuSet:
+        """CPUs of the valid partitions among ``units`` and below: cgroup v2 takes them out
+        of the parent's ``EffectiveCPUs`` although they belong to its subtree."""
+        out = CpuSet()
+        for unit in units:
+            if unit_type(unit) != "slice":
+                continue
+            info = self.unit_info(unit)
+            kind, reason = self._partition(info)
+            if kind != "member" and reason is None and info.active_state in _ACTIVE_STATES:
+                out = out | info.effective_cpus | self._granted(info.consists_of)
+        return out
+
     def read_group(self, path: str) -> GroupState:
+        """One group, in the v2 backend's terms: ``effective_cpus`` of a valid partition is
+        what its subtree may use (systemd's ``EffectiveCPUs`` plus the CPUs of valid child
+        partitions), and the root is an exclusive group whose cpus are its effective set."""
         unit = self._unit("read", path)
         try:
             info = self.unit_info(unit)
+            if info.active_state not in _ACTIVE_STATES:
+                raise DBusCallError("org.freedesktop.systemd1.NoSuchUnit",
+                                    f"Unit {unit} is {info.active_state}, it has no cgroup")
+            partition, partition_error = self._partition(info)
+            effective = info.effective_cpus
+            if partition != "member" and partition_error is None:
+                effective = effective | self._granted(info.consists_of)
         except DBusCallError as exc:
             raise self._fail(exc, "read", path, unit) from None
-        if info.active_state not in _ACTIVE_STATES:
-            raise SystemdOpError("read", path, unit, "org.freedesktop.systemd1.NoSuchUnit",
-                                 f"Unit {unit} is {info.active_state}, it has no cgroup")
-        partition: PartitionKind = _PARTITION_KIND.get(info.cpuset_partition or "member",
-                                                       "member")
-        partition_error = None
-        if self._kernel is not None and info.control_group:
-            kernel = self._kernel.read_group(info.control_group.strip("/"))
-            partition, partition_error = kernel.partition, kernel.partition_error
         populated = unit_type(unit) != "slice"  # slices never hold processes themselves
         return GroupState(
-            path=path, cpus=info.allowed_cpus, mems=info.allowed_mems, partition=partition,
-            effective_cpus=info.effective_cpus, effective_mems=info.effective_mems,
-            populated=populated, children=self._children(path, info.consists_of),
-            partition_error=partition_error)
+            path=path, cpus=effective if unit == ROOT_SLICE else info.allowed_cpus,
+            mems=info.allowed_mems, partition=partition, effective_cpus=effective,
+            effective_mems=info.effective_mems, populated=populated,
+            children=self._children(path, info.consists_of), partition_error=partition_error)
 
     def read_state(self, paths: Iterable[str]) -> Snapshot:
         groups: dict[str, GroupState] = {}
