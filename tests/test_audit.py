@@ -131,6 +131,20 @@ def test_kernel_threads() -> None:
     assert report.per_cpu_kthreads == 2
 
 
+def test_sibling_hold_cpus_are_off_limits_even_to_their_holder() -> None:
+    a_cg = "/pinwarden.partition/vm-a.partition"
+    snap = HostSnapshot(
+        threads=(thread(100, "2", f"{a_cg}/vcpu0", tid=101),     # A's vCPU on its CPU 2
+                 thread(100, "2-3", f"{a_cg}/emulator", tid=102)),  # may use held CPU 3
+        cgroups=(CgroupInfo(a_cg, cs("2-3"), cs("2-3"), False),))
+    lease_list = [Lease(2, A, "vcpu0", 0.0), Lease(3, A, "sibling-hold", 0.0)]
+    report = audit.audit(snap, lease_list, [record(A, cgroup=a_cg, cpus="2-3")])
+    assert kinds(report) == [("other-vm-thread", 102, f"{a_cg}/emulator", "3"),
+                             ("vm-cgroup", None, a_cg, "3")]
+    assert all(i.owner == A and i.holders == (A,) for i in report.intruders)
+    assert report.to_json()["leases"][1]["role"] == "sibling-hold"
+
+
 def test_irqs() -> None:
     snap = HostSnapshot(irqs=(
         IrqInfo(24, cs("0-7"), cs("3"), ("nvme0q1",)),
@@ -194,7 +208,7 @@ def test_report_json_and_render() -> None:
     assert json.loads(json.dumps(data)) == data
     assert data["status"] == "intruders"
     assert data["leases"] == [{"cpu": 3, "holder": {"driver": "qemu", "key": A.key,
-                                                     "name": "vm-a"}}]
+                                                     "name": "vm-a"}, "role": "vcpu0"}]
     first = data["intruders"][0]
     assert (first["kind"], first["severity"], first["pid"], first["cpus"]) == \
         ("other-vm-thread", "error", 500, "3")
@@ -371,14 +385,21 @@ CPUSET = Path("/sys/fs/cgroup/cpuset")
 
 
 def _write(path: Path, value: str) -> None:
-    """Write a cgroup file, retrying briefly while other helpers' exclusive groups move."""
-    for attempt in range(50):
+    """Write a cgroup file.  EINVAL on cpuset.cpus usually means another test's exclusive
+    sibling holds one of the CPUs right now: retry for up to a minute."""
+    deadline = time.monotonic() + 60
+    while True:
         try:
             path.write_text(value)
             return
         except OSError as exc:
-            if exc.errno != errno.EINVAL or attempt == 49:
-                raise AssertionError(f"cannot write {value!r} to {path}: {exc}") from None
+            if exc.errno != errno.EINVAL or time.monotonic() > deadline:
+                siblings = [f"{p.name}={p.joinpath('cpuset.cpus').read_text().strip()}"
+                            for p in path.parent.parent.iterdir()
+                            if p.is_dir() and p.joinpath("cpuset.cpu_exclusive").exists()
+                            and p.joinpath("cpuset.cpu_exclusive").read_text().strip() == "1"]
+                raise AssertionError(f"cannot write {value!r} to {path}: {exc.strerror} "
+                                     f"(exclusive groups beside it: {siblings})") from None
             time.sleep(0.1)
 
 

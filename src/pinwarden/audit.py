@@ -25,7 +25,9 @@ Kinds of intruders:
     an interrupt (with a handler) whose affinity includes the CPU.
 
 Per-CPU kernel threads (bound to a single CPU: ``ksoftirqd/N``, ``migration/N``,
-``kworker/N:M`` …) are part of every CPU and never intruders.
+``kworker/N:M`` …) are part of every CPU and never intruders.  A CPU held empty under the
+``isolate`` thread policy (role ``sibling-hold``) may run no holder's threads at all, not even
+its own holder's.
 
 A thread belongs to a holder when its cpuset cgroup lies inside the holder's recorded cgroup,
 when it is (a thread of) the holder's owner process or one of its descendants, or — for
@@ -38,13 +40,13 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pinwarden.cpuset import CpuSet, CpuSetError
 from pinwarden.ledger import HolderRecord
-from pinwarden.model import HolderRef, Lease
+from pinwarden.model import SIBLING_HOLD, HolderRef, Lease
 from pinwarden.mounts import read_mounts
 from pinwarden.procs import parse_stat
 
@@ -147,6 +149,7 @@ class Report:
     irqs: int
     per_cpu_kthreads: int  # per-CPU kernel threads on leased CPUs (never intruders)
     notes: tuple[str, ...] = ()
+    roles: Mapping[int, str] = field(default_factory=dict)  # cpu -> lease role
 
     @property
     def errors(self) -> tuple[Intruder, ...]:
@@ -186,7 +189,7 @@ class Report:
         return {
             "status": status,
             "verdict": self.verdict(),
-            "leases": [{"cpu": cpu, "holder": _ref_json(h)}
+            "leases": [{"cpu": cpu, "holder": _ref_json(h), "role": self.roles.get(cpu)}
                        for cpu, h in sorted(self.leases.items())],
             "intruders": [i.to_json() for i in self.intruders],
             "checked": {"threads": self.threads, "cgroups": self.cgroups, "irqs": self.irqs,
@@ -232,6 +235,7 @@ class _Context:
     """Lookups derived from the leases and holders, shared by every check."""
 
     lease_of: Mapping[int, HolderRef]
+    held_empty: frozenset[int]  # sibling-hold CPUs: no thread at all may run there
     holder_cgroups: Sequence[tuple[str, HolderRef]]  # (normalised path, holder)
     owner_pids: Mapping[int, HolderRef]
     vm_partitions: tuple[str, ...]
@@ -268,8 +272,10 @@ class _Context:
                    for c in path.split("/"))
 
     def foreign(self, cpus: CpuSet, owners: set[HolderRef]) -> tuple[CpuSet, tuple[HolderRef, ...]]:
-        """Leased CPUs among ``cpus`` whose holder is not one of ``owners``."""
-        hit = [c for c in cpus if c in self.lease_of and self.lease_of[c] not in owners]
+        """Leased CPUs among ``cpus`` whose holder is not one of ``owners``, and CPUs held
+        empty (``sibling-hold``), which not even their holder may use."""
+        hit = [c for c in cpus if c in self.lease_of and
+               (self.lease_of[c] not in owners or c in self.held_empty)]
         holders = tuple(sorted({self.lease_of[c] for c in hit},
                                key=lambda h: (h.driver, h.name, h.key)))
         return CpuSet(frozenset(hit)), holders
@@ -279,11 +285,13 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
           vm_partitions: Sequence[str] = DEFAULT_VM_PARTITIONS,
           exclusive_roots: Sequence[str] = DEFAULT_EXCLUSIVE_ROOTS) -> Report:
     """Every intruder on a leased CPU.  Pure."""
-    lease_of = {lease.cpu: lease.holder for lease in leases}
+    lease_list = list(leases)
+    lease_of = {lease.cpu: lease.holder for lease in lease_list}
     records = list(holders)
     refs = list({r.ref for r in records} | set(lease_of.values()))
     ctx = _Context(
         lease_of=lease_of,
+        held_empty=frozenset(x.cpu for x in lease_list if x.role == SIBLING_HOLD),
         holder_cgroups=[(c, r.ref) for r in records if (c := _norm(r.cgroup)) is not None],
         owner_pids={r.owner_pid: r.ref for r in records if r.owner_pid is not None},
         vm_partitions=tuple(p.strip("/") for p in vm_partitions),
@@ -361,6 +369,7 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
     intruders.sort(key=lambda i: (KIND_ORDER.index(i.kind), i.pid or 0, i.tid or 0,
                                   i.cgroup or "", i.irq or 0))
     return Report(leases=dict(sorted(lease_of.items())), intruders=tuple(intruders),
+                  roles={x.cpu: x.role for x in lease_list},
                   threads=len(snapshot.threads), cgroups=len(snapshot.cgroups),
                   irqs=len(snapshot.irqs), per_cpu_kthreads=per_cpu, notes=snapshot.notes)
 

@@ -7,6 +7,7 @@ CPU leased to someone else (with ``--strict`` also on host tasks and IRQs).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from pinwarden import audit
@@ -51,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
                                       *audit.DEFAULT_VM_PARTITIONS)))
     report = audit.audit(snapshot, leases, holders, vm_partitions=partitions)
     if notes:
-        report = audit.Report(report.leases, report.intruders, report.threads, report.cgroups,
-                              report.irqs, report.per_cpu_kthreads, (*report.notes, *notes))
+        report = dataclasses.replace(report, notes=(*report.notes, *notes))
     if args.json:
         print_json(report.to_json())
     else:
