@@ -323,6 +323,16 @@ def test_render_replaces_partition_and_changed_pins_in_place() -> None:
     assert spec.emulatorpin == CpuSet.of([3])
 
 
+def test_render_keeps_a_one_line_document_on_one_line() -> None:
+    xml = "<domain type='kvm'><name>x</name><vcpu>2</vcpu></domain>"
+    out = render_plan(xml, _plan({0: "2", 1: "3"}, "2", exclusive=True, default="2-3"),
+                      partition="/pinwarden/vm-x")
+    assert out == ("<domain type='kvm'><name>x</name><vcpu cpuset='2-3'>2</vcpu><cputune>"
+                   "<vcpupin vcpu='0' cpuset='2'/><vcpupin vcpu='1' cpuset='3'/>"
+                   "<emulatorpin cpuset='2'/></cputune><resource>"
+                   "<partition>/pinwarden/vm-x</partition></resource></domain>")
+
+
 def test_render_into_empty_cputune_and_resource() -> None:
     xml = "<domain><name>e</name><cputune/><resource/></domain>"
     plan = _plan({0: "1"}, "1", exclusive=True, default="1")

@@ -452,6 +452,11 @@ class _Editor:
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.edits: list[tuple[int, int, bytes]] = []
+        self.compact = False  # a one-line document stays on one line
+
+    def nl(self, indent: str) -> str:
+        """Line break plus ``indent``, or nothing in a one-line document."""
+        return "" if self.compact else f"\n{indent}"
 
     def replace(self, start: int, end: int, text: str) -> None:
         self.edits.append((start, end, text.encode("utf-8")))
@@ -512,13 +517,13 @@ class _Editor:
         outer = self.indent_of(node)
         if node.empty:
             head = self.data[node.start:node.head_end - 2].rstrip()
-            body = "".join(f"\n{indent}{line}" for line in lines)
+            body = "".join(f"{self.nl(indent)}{line}" for line in lines)
             self.replace(node.start, node.end,
-                         f"{head.decode('utf-8')}>{body}\n{outer}</{node.tag}>")
+                         f"{head.decode('utf-8')}>{body}{self.nl(outer)}</{node.tag}>")
             return
         # insert after the last child (or the start tag), keeping the closing tag's line
         anchor = node.children[-1].end if node.children else node.head_end
-        self.insert(anchor, "".join(f"\n{indent}{line}" for line in lines))
+        self.insert(anchor, "".join(f"{self.nl(indent)}{line}" for line in lines))
 
 
 def _pin_line(tag: str, key: str, ident: int, cpus: CpuSet) -> str:
@@ -540,6 +545,7 @@ def render_plan(xml: str | bytes, plan: Plan, *, partition: str | None = None) -
     data = text.encode("utf-8")
     root = _locate(data)
     ed = _Editor(data)
+    ed.compact = b"\n" not in data[root.head_end:root.tail_start]
     unit = (ed.child_indent(root, "  ")[len(ed.indent_of(root)):] or "  ") \
         if root.children else "  "
     top_lines: list[str] = []
@@ -593,8 +599,8 @@ def render_plan(xml: str | bytes, plan: Plan, *, partition: str | None = None) -
         ed.append_children(tune, new_pins, unit)
     elif new_pins:
         indent = ed.child_indent(root, unit)
-        inner = "".join(f"\n{indent}{unit}{line}" for line in new_pins)
-        top_lines.append(f"<cputune>{inner}\n{indent}</cputune>")
+        inner = "".join(f"{ed.nl(indent + unit)}{line}" for line in new_pins)
+        top_lines.append(f"<cputune>{inner}{ed.nl(indent)}</cputune>")
 
     # <resource><partition>
     if partition is not None:
@@ -611,15 +617,15 @@ def render_plan(xml: str | bytes, plan: Plan, *, partition: str | None = None) -
                                unit)
         else:
             indent = ed.child_indent(root, unit)
-            top_lines.append(f"<resource>\n{indent}{unit}<partition>{_text(partition)}"
-                             f"</partition>\n{indent}</resource>")
+            top_lines.append(f"<resource>{ed.nl(indent + unit)}<partition>"
+                             f"{_text(partition)}</partition>{ed.nl(indent)}</resource>")
 
     if top_lines:
         anchor = next((root.child(t) for t in ("cputune", "vcpu", "currentMemory",
                                                 "memory", "uuid", "name")
                        if root.child(t) is not None), None)
         indent = ed.child_indent(root, unit)
-        block = "".join(f"\n{indent}{line}" for line in top_lines)
+        block = "".join(f"{ed.nl(indent)}{line}" for line in top_lines)
         if anchor is not None:
             ed.insert(anchor.end, block)
         else:

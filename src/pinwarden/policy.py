@@ -239,7 +239,7 @@ def _allocate(ctx: _Ctx, free: CpuSet, request: allocator.Request) -> allocator.
         return allocator.allocate(ctx.host.topology, ctx.part.vm_cpus & ctx.vm_cpus, free,
                                   request)
     except Refusal as exc:
-        raise Refusal(f"cannot place exclusive {ctx.who}: {exc.message}",
+        raise Refusal(f"exclusive {ctx.who}: {exc.message}",
                       code=exc.code) from None
 
 

@@ -1,0 +1,229 @@
+"""``pinwarden plan | reserve | release | status`` end to end: real ledger, bundled host root."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pinwarden.cli import main
+from pinwarden.cpuset import CpuSet
+from pinwarden.domain import PW_NS, parse_domain
+from pinwarden.ledger import DB_NAME
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "src" / "pinwarden" / "data" / "example-host"
+
+#: The RFC's example; the bundled host is booted with isolcpus=2-7,10-15.
+SEED = """<domain type='kvm'>
+  <name>vm1</name>
+  <!-- the RFC's example -->
+  <vcpu placement='static' cpuset='4-6'>2</vcpu>
+  <cputune exclusive='yes'>
+    <vcpupin vcpu='0' cpuset='5'/>
+    <vcpupin vcpu='1' cpuset='6'/>
+    <emulatorpin cpuset='4'/>
+  </cputune>
+</domain>
+"""
+SHARED = "<domain type='kvm'><name>web</name><vcpu>2</vcpu></domain>"
+UNPINNED = (f"<domain type='kvm'><name>db</name><uuid>{'ab' * 16}</uuid><vcpu>2</vcpu>"
+            f"<metadata><pw:cpu xmlns:pw='{PW_NS}' exclusive='yes' threads='isolate'/>"
+            "</metadata></domain>")
+BILLION_LAUGHS = ('<?xml version="1.0"?><!DOCTYPE d [<!ENTITY a "aaaaaaaaaa">'
+                  + "".join(f'<!ENTITY {c} "{("&" + p + ";") * 10}">'
+                            for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+                  + ']><domain><name>&i;</name></domain>')
+XXE = ('<?xml version="1.0"?><!DOCTYPE d [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+       "<domain><name>&x;</name></domain>")
+EXTERNAL_DTD = ('<?xml version="1.0"?><!DOCTYPE domain SYSTEM "http://attacker.invalid/x.dtd">'
+                "<domain><name>x</name></domain>")
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, Path]:
+    return {"state": tmp_path / "state", "dir": tmp_path}
+
+
+def write(env: dict[str, Path], name: str, text: str) -> str:
+    path = env["dir"] / name
+    path.write_text(text)
+    return str(path)
+
+
+def run(env: dict[str, Path], capsys: pytest.CaptureFixture[str], *argv: str,
+        json_out: bool = True) -> tuple[int, Any, str]:
+    """Run the CLI in-process; returns (status, parsed stdout (JSON) or text, stderr)."""
+    args = [*argv, "--root", str(EXAMPLE), "--state-dir", str(env["state"])]
+    if json_out:
+        args.append("--json")
+    status = main(args)
+    out, err = capsys.readouterr()
+    return status, json.loads(out) if json_out else out, err
+
+
+def test_plan_seed_json(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run(env, capsys, "plan", write(env, "vm1.xml", SEED))
+    assert status == 0, err
+    assert {k: out[k] for k in ("domain", "exclusive", "vcpus", "emulator", "iothreads")} == {
+        "domain": "vm1", "exclusive": True, "vcpus": {"0": "5", "1": "6"}, "emulator": "4",
+        "iothreads": {}}
+    assert out["leases"] == {"4": "emulator", "5": "vcpu0", "6": "vcpu1"}
+    assert out["recorded"] is False
+    assert not (env["state"] / DB_NAME).exists()  # a dry run records nothing
+    status, st, _ = run(env, capsys, "status")
+    assert status == 0 and st["leases"] == []
+
+
+def test_plan_human_output(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(env, capsys, "plan", write(env, "vm1.xml", SEED), json_out=False)
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("domain vm1 (exclusive); partition isolcpus")
+    assert [line.split() for line in lines[1:4]] == [["vcpu0", "5"], ["vcpu1", "6"],
+                                                     ["emulator", "4"]]
+    assert "would lease 4-6 (4 emulator, 5 vcpu0, 6 vcpu1)" in out
+
+
+def test_emit_xml_applies_plan_and_keeps_the_rest(env: dict[str, Path],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run(env, capsys, "plan", write(env, "db.xml", UNPINNED), "--emit-xml",
+                           json_out=False)
+    assert status == 0
+    spec = parse_domain(out)  # stdout is only the XML; the plan went to stderr
+    assert spec.exclusive and spec.threads == "isolate" and len(spec.vcpupins) == 2
+    assert spec.partition == "/pinwarden/vm-db"
+    assert "vcpu0" in err
+    status, out, _ = run(env, capsys, "plan", write(env, "vm1.xml", SEED), "--emit-xml",
+                         json_out=False)
+    lines = out.splitlines()
+    assert "  <!-- the RFC's example -->" in lines
+    assert "    <vcpupin vcpu='0' cpuset='5'/>" in lines
+
+
+def test_reserve_status_conflict_release(env: dict[str, Path],
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run(env, capsys, "reserve", write(env, "vm1.xml", SEED))
+    assert status == 0, err
+    assert out["vcpus"] == {"0": "5", "1": "6"} and out["recorded"] is True
+
+    status, st, _ = run(env, capsys, "status")
+    assert status == 0
+    (entry,) = st["leases"]
+    assert (entry["domain"], entry["driver"], entry["cpus"]) == ("vm1", "qemu", "4-6")
+    assert entry["roles"] == {"4": "emulator", "5": "vcpu0", "6": "vcpu1"}
+    assert entry["uuid"] is None and isinstance(entry["created"], float)
+    assert st["partition"]["mode"] == "isolcpus"
+    assert CpuSet.parse(st["shared"]) == CpuSet.parse("2-3,7,10-15")
+
+    # a second domain on the same CPUs is refused, naming CPU and holder; nothing changes
+    twin = write(env, "vm2.xml", SEED.replace("<name>vm1</name>", "<name>vm2</name>"))
+    status, out, err = run(env, capsys, "reserve", twin)
+    assert status == 1
+    assert out["error"]["code"] == "conflict"
+    assert "CPU 5" in out["error"]["message"] and "'vm1'" in out["error"]["message"]
+    assert err.startswith("pinwarden: error: ") and err.count("\n") == 1
+    assert run(env, capsys, "status")[1]["leases"] == st["leases"]
+
+    # a shared domain never gets the leased CPUs
+    status, out, _ = run(env, capsys, "reserve", write(env, "web.xml", SHARED))
+    assert status == 0 and out["exclusive"] is False and out["leases"] == {}
+    assert CpuSet.parse(out["default_cpus"]) == CpuSet.parse("2-3,7,10-15")
+
+    status, out, _ = run(env, capsys, "release", "vm1")
+    assert status == 0 and out["released"]["cpus"] == "4-6"
+    status, out, _ = run(env, capsys, "reserve", twin)
+    assert status == 0 and out["domain"] == "vm2"
+
+
+def test_reserve_by_uuid_and_release_by_uuid(env: dict[str, Path],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(env, capsys, "reserve", write(env, "db.xml", UNPINNED))
+    assert status == 0 and len(out["leases"]) == 4  # 2 vCPUs + 2 held siblings
+    uuid = "abababab-abab-abab-abab-abababababab"
+    st = run(env, capsys, "status")[1]
+    assert st["leases"][0]["uuid"] == uuid
+    status, out, _ = run(env, capsys, "release", uuid)
+    assert status == 0 and out["released"]["domain"] == "db"
+    status, out, _ = run(env, capsys, "release", "db")
+    assert status == 1 and out["error"]["code"] == "unknown-holder"
+
+
+def test_status_human_has_cpu_map(env: dict[str, Path],
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    run(env, capsys, "reserve", write(env, "vm1.xml", SEED))
+    status, out, _ = run(env, capsys, "status", json_out=False)
+    assert status == 0
+    assert "qemu domain 'vm1': 4-6 (4 emulator, 5 vcpu0, 6 vcpu1)" in out
+    assert "partition isolcpus" in out
+
+
+@pytest.mark.parametrize("text", [BILLION_LAUGHS, XXE, EXTERNAL_DTD])
+def test_hostile_xml_refused_with_exit_1_and_nothing_recorded(
+        env: dict[str, Path], capsys: pytest.CaptureFixture[str], text: str) -> None:
+    run(env, capsys, "reserve", write(env, "vm1.xml", SEED))
+    before = run(env, capsys, "status")[1]["leases"]
+    for command in ("plan", "reserve"):
+        status, out, err = run(env, capsys, command, write(env, "evil.xml", text))
+        assert status == 1
+        assert out["error"]["code"] == "bad-input" and "refused" in out["error"]["message"]
+        assert "Traceback" not in err and "root:" not in err
+    assert run(env, capsys, "status")[1]["leases"] == before
+
+
+def test_cli_process_stdin_hostile_and_usage(env: dict[str, Path]) -> None:
+    """The installed entry point: stdin input, exit statuses, no traceback."""
+    base = [sys.executable, "-c", "from pinwarden.cli import entry; entry()"]
+    common = ["--root", str(EXAMPLE), "--state-dir", str(env["state"])]
+    ok = subprocess.run([*base, "plan", "-", *common, "--json"], input=SEED, text=True,
+                        capture_output=True, check=False, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["vcpus"] == {"0": "5", "1": "6"}
+    bad = subprocess.run([*base, "reserve", "-", *common], input=BILLION_LAUGHS, text=True,
+                         capture_output=True, check=False, timeout=60)
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr.startswith("pinwarden: error: domain XML refused")
+    assert "Traceback" not in bad.stderr
+    usage = subprocess.run([*base, "plan", *common], capture_output=True, text=True,
+                           check=False, timeout=60)
+    assert usage.returncode == 2 and "DOMAIN.xml" in usage.stderr
+
+
+@pytest.mark.parametrize(("xml", "code", "needle"), [
+    ("<domain><name>x</name><vcpu>two</vcpu></domain>", "bad-input", "<vcpu>='two'"),
+    ("<domain><name>x</name><vcpu>0</vcpu></domain>", "no-vcpus", "no vCPUs"),
+    ("<domain><name>x</name><vcpu>1</vcpu><cputune><vcpupin vcpu='0' cpuset='99'/>"
+     "</cputune></domain>", "unknown-cpu", "CPU 99"),
+    ("<domain><name>x</name><vcpu>1</vcpu><cputune exclusive='yes'>"
+     "<vcpupin vcpu='0' cpuset='0'/></cputune></domain>", "host-cpu", "CPU 0"),
+    ("<domain><name>x</name><vcpu>1</vcpu><cputune><vcpupin vcpu='3' cpuset='4'/>"
+     "</cputune></domain>", "bad-pin", "vcpu='3'"),
+])
+def test_refusals_are_json_error_objects(env: dict[str, Path],
+                                         capsys: pytest.CaptureFixture[str], xml: str,
+                                         code: str, needle: str) -> None:
+    status, out, err = run(env, capsys, "reserve", write(env, "x.xml", xml))
+    assert status == 1
+    assert out["error"]["code"] == code and needle in out["error"]["message"]
+    assert err.count("\n") == 1
+
+
+def test_missing_file_and_oversized_input(env: dict[str, Path],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(env, capsys, "plan", str(env["dir"] / "nope.xml"))
+    assert status == 1 and out["error"]["code"] == "bad-input"
+    assert "nope.xml" in out["error"]["message"]
+    big = write(env, "big.xml", "<domain><name>b</name><!--" + "x" * (2 << 20) + "--></domain>")
+    status, out, _ = run(env, capsys, "plan", big)
+    assert status == 1 and "more than the" in out["error"]["message"]
+
+
+def test_config_none_mode(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    config = write(env, "pinwarden.toml", '[partition]\nmode = "none"\nhost_reserve = "0,8"\n')
+    status, out, err = run(env, capsys, "plan", write(env, "web.xml", SHARED),
+                           "--config", config)
+    assert status == 0, err
+    assert CpuSet.parse(out["default_cpus"]) == CpuSet.parse("1-7,9-15")
