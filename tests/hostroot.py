@@ -39,7 +39,7 @@ def layout(spec: HostSpec) -> dict[int, tuple[int, int, int]]:
     for t in range(spec.threads):
         for k in range(ncores):
             package = k // per_package
-            node = package * spec.nodes // spec.packages
+            node = k * spec.nodes // ncores
             out[t * ncores + k] = (package, k % per_package, node)
     return out
 

@@ -1,0 +1,124 @@
+"""``pinwarden host``: the host's CPU topology, its VM/housekeeping partition and why.
+
+Human output: a summary, the partition with its reason, and the CPU map
+(:func:`pinwarden.view.render_cpu_map`), with leases when a lease database exists.
+``--json``::
+
+    {"cpus": [{"cpu": 0, "online": true, "package": 0, "die": 0, "cluster": null,
+               "core": 0, "siblings": [0, 8], "package_cpus": "0-7", "node": 0,
+               "node_known": true, "isolated": false, "nohz_full": false,
+               "kind": null}, …],
+     "partition": {"mode": "none", "vm_cpus": "1-7,9-15", "host_cpus": "0,8",
+                   "reason": "…", "cgroup": null},
+     "online": "0-15", "present": "0-15", "isolated": "", "nohz_full": "",
+     "nodes": {"0": "0-15"}, "leases": [{"cpu": 4, "holder": "…", "role": "vcpu0"}]}
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from pinwarden.cli.common import config_of, root_of
+from pinwarden.config import state_dir
+from pinwarden.errors import LedgerError
+from pinwarden.model import Lease
+from pinwarden.partition import Host, load_host
+from pinwarden.topology import Topology
+from pinwarden.view import render_cpu_map
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        "host", parents=[common],
+        help="show CPU topology, the VM/housekeeping partition and why",
+        description="Show the host's packages, NUMA nodes, cores and threads, which CPUs "
+                    "belong to VMs and which to the host (and why), and current leases.")
+    parser.set_defaults(handler=run)
+
+
+def host_json(host: Host, leases: tuple[Lease, ...] = ()) -> dict[str, Any]:
+    topo, part = host.topology, host.partition
+    cpus = [{
+        "cpu": c.id,
+        "online": c.online,
+        "package": c.package,
+        "die": c.die,
+        "cluster": c.cluster,
+        "core": c.core,
+        "siblings": c.siblings.as_list(),
+        "package_cpus": str(c.package_cpus),
+        "node": c.node,
+        "node_known": topo.node_known(c.id),
+        "isolated": c.id in topo.isolated,
+        "nohz_full": c.id in topo.nohz_full,
+        "kind": c.kind,
+    } for c in (topo.cpus[i] for i in sorted(topo.cpus))]
+    return {
+        "cpus": cpus,
+        "partition": {"mode": part.mode, "vm_cpus": str(part.vm_cpus),
+                      "host_cpus": str(part.host_cpus), "reason": part.reason,
+                      "cgroup": part.cgroup},
+        "online": str(topo.online),
+        "present": str(topo.present),
+        "isolated": str(topo.isolated),
+        "nohz_full": str(topo.nohz_full),
+        "nodes": {str(n): str(cpus) for n, cpus in sorted(topo.nodes.items())},
+        "leases": [{"cpu": lease.cpu, "holder": str(lease.holder), "role": lease.role}
+                   for lease in leases],
+    }
+
+
+def summary(topo: Topology) -> str:
+    cores = topo.cores()
+    packages = len({frozenset(p.cpus) for p in topo.packages() if p & topo.online})
+    nodes = len([n for n, cpus in topo.nodes.items() if cpus & topo.online])
+    threads = f"{max(len(core) for core in cores)}-way SMT" if topo.smt else "no SMT"
+    offline = topo.present - topo.online
+    extra = f", {len(offline)} offline ({offline})" if offline else ""
+    return (f"{len(topo.online)} CPUs online{extra}: {packages} package"
+            f"{'s' if packages != 1 else ''}, {nodes} NUMA node{'s' if nodes != 1 else ''}, "
+            f"{len(cores)} cores, {threads}")
+
+
+def _leases(args: argparse.Namespace, root: Path) -> tuple[tuple[Lease, ...], str | None]:
+    """Leases of the lease database, when one exists for this host (read-only look)."""
+    if root != Path("/") and not args.state_dir:
+        return (), None  # a dump has no lease database of ours
+    from pinwarden.ledger import DB_NAME, Ledger
+
+    directory = state_dir(Path(args.state_dir) if args.state_dir else None, config_of(args))
+    if not (directory / DB_NAME).exists():
+        return (), None
+    try:
+        with Ledger(directory) as ledger:
+            return ledger.leases(reap=False), None
+    except LedgerError as exc:
+        return (), f"leases unavailable: {exc.message}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from pinwarden.cli import print_json
+
+    root = root_of(args)
+    host = load_host(root, config_of(args))
+    leases, note = _leases(args, root)
+    if args.json:
+        print_json(host_json(host, leases))
+        return 0
+    part = host.partition
+    lines = [
+        f"host {root}: {summary(host.topology)}",
+        f"partition {part.mode}: VM CPUs {part.vm_cpus or '-'}, "
+        f"housekeeping CPUs {part.host_cpus or '-'}",
+        f"  because {part.reason}",
+    ]
+    if host.topology.nohz_full:
+        lines.append(f"  nohz_full={host.topology.nohz_full}")
+    if note:
+        lines.append(note)
+    lines.append("")
+    lines.append(render_cpu_map(host, leases))
+    print("\n".join(lines))
+    return 0
