@@ -243,6 +243,49 @@ def test_unwritable_state_dir_is_a_clear_error(tmp_path: Path) -> None:
         Ledger(blocker / "state")
 
 
+def test_invalid_plan_is_refused_without_trace(state: Path) -> None:
+    with Ledger(state) as ledger:
+        a = vm(1)
+        bad = Plan(domain="vm1", uuid=a.key, exclusive=True, vcpus={}, emulator=CpuSet(),
+                   leases={-1: "vcpu0"})
+        with pytest.raises(LedgerError, match="invalid lease of CPU -1"):
+            ledger.reserve(a, lambda leases: bad)
+        assert ledger.holders() == ()
+        with pytest.raises(ZeroDivisionError):  # a crashing policy: nothing recorded
+            ledger.reserve(a, lambda leases: plan_for(a, [1 // 0]))
+        assert ledger.holders() == ()
+
+
+def test_corrupt_plan_row_is_a_clear_error(state: Path) -> None:
+    with Ledger(state) as ledger:
+        ledger.reserve(vm(1), take(vm(1), [1]))
+    raw = sqlite3.connect(state / "leases.db")
+    raw.execute("UPDATE holders SET plan = '{\"domain\": \"vm1\", \"vcpus\": {\"0\": \"x\"}}'")
+    raw.commit()
+    raw.close()
+    with Ledger(state) as ledger, \
+            pytest.raises(LedgerError, match="corrupt plan recorded for qemu domain 'vm1'"):
+        ledger.holders()
+
+
+def test_locked_database_is_a_clear_error(state: Path) -> None:
+    Ledger(state).close()
+    blocker = sqlite3.connect(state / "leases.db", isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        with Ledger(state, busy_timeout=0.2) as ledger:
+            with pytest.raises(LedgerError, match="stayed locked by another pinwarden") as info:
+                ledger.reserve(vm(1), take(vm(1), [1]))
+            assert info.value.code == "ledger-busy"
+            assert ledger.leases(reap=False) == ()  # readers are not blocked (WAL)
+        blocker.execute("ROLLBACK")
+    finally:
+        blocker.close()
+    with Ledger(state) as ledger:
+        ledger.reserve(vm(1), take(vm(1), [1]))
+        assert lease_map(ledger) == {1: vm(1)}
+
+
 # -- owner liveness ----------------------------------------------------------------------
 
 
@@ -293,6 +336,7 @@ def test_zombie_owner_and_status_listing_reap(
             time.sleep(0.01)
         assert [r.ref for r in ledger.holders(reap=False)] == [a, b]
         assert [r.ref for r in ledger.holders()] == [b]  # status reaps
+        assert [r.ref for r in ledger.last_reaped] == [a]
         assert lease_map(ledger) == {2: b}
 
 

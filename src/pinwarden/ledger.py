@@ -101,7 +101,8 @@ class Ledger:
         self.path = self.state_dir / DB_NAME
         self.busy_timeout = busy_timeout
         self._alive: Liveness = liveness or (lambda pid, start: procs.alive(pid, start))
-        #: Holders reaped by the last :meth:`reserve` (their cgroups may need removing).
+        #: Holders reaped by the last :meth:`reserve` or :meth:`reap` (also run by
+        #: :meth:`leases` and :meth:`holders`): their cgroups may need removing.
         self.last_reaped: tuple[HolderRecord, ...] = ()
         self._ensure_dir()
         if not self.path.exists():
@@ -344,9 +345,11 @@ class Ledger:
     # -- changes ------------------------------------------------------------------------
 
     def reap(self) -> tuple[HolderRecord, ...]:
-        """Free every holder whose owner process is gone; return them."""
+        """Free every holder whose owner process is gone; return them (also kept in
+        :attr:`last_reaped`, so callers listing holders can clean up after them)."""
         with self._write() as db:
-            return self._reap_in(db)
+            self.last_reaped = self._reap_in(db)
+        return self.last_reaped
 
     def reserve(self, holder: HolderRef, decide: Callable[[tuple[Lease, ...]], Plan], *,
                 owner_pid: int | None = None) -> Plan:
@@ -402,10 +405,13 @@ class Ledger:
             try:
                 db.execute("INSERT INTO leases (cpu, driver, key, role, created) "
                            "VALUES (?, ?, ?, ?, ?)", (cpu, holder.driver, holder.key, role, now))
-            except sqlite3.IntegrityError:
+            except sqlite3.IntegrityError as exc:
                 row = db.execute("SELECT h.driver, h.key, h.name FROM leases l JOIN holders h "
                                  "USING (driver, key) WHERE l.cpu = ?", (cpu,)).fetchone()
-                other = HolderRef(*row) if row else None
+                if row is None:  # not a second holder: a CHECK failed (negative CPU)
+                    raise LedgerError(f"invalid lease of CPU {cpu} ({role!r}) for {holder}: "
+                                      f"{exc}") from None
+                other = HolderRef(*row)
                 raise Refusal(
                     f"CPU {cpu} is already leased to {other}; choose other CPUs or release "
                     f"that holder first",
