@@ -227,3 +227,54 @@ def test_config_none_mode(env: dict[str, Path], capsys: pytest.CaptureFixture[st
                            "--config", config)
     assert status == 0, err
     assert CpuSet.parse(out["default_cpus"]) == CpuSet.parse("1-7,9-15")
+
+
+def test_racing_reserves_of_one_cpu_have_exactly_one_winner(env: dict[str, Path]) -> None:
+    """Eight `pinwarden reserve` processes want CPU 5 at once: one gets it, seven are
+    refused with a one-line error, and the ledger holds exactly the winner's leases."""
+    base = [sys.executable, "-c", "from pinwarden.cli import entry; entry()"]
+    common = ["--root", str(EXAMPLE), "--state-dir", str(env["state"]), "--json"]
+    procs = []
+    for i in range(8):
+        xml = write(env, f"racer{i}.xml", SEED.replace("<name>vm1</name>",
+                                                       f"<name>racer{i}</name>"))
+        procs.append(subprocess.Popen([*base, "reserve", xml, *common], text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        results.append((proc.returncode, json.loads(out), err))
+    winners = [out["domain"] for status, out, _ in results if status == 0]
+    assert len(winners) == 1, results
+    for status, out, err in results:
+        if status != 0:
+            assert status == 1 and out["error"]["code"] in ("conflict", "cpu-leased"), out
+            assert err.count("\n") == 1 and "Traceback" not in err
+    status = subprocess.run([*base, "status", *common], capture_output=True, text=True,
+                            check=True, timeout=60)
+    (entry,) = json.loads(status.stdout)["leases"]
+    assert entry["domain"] == winners[0] and entry["cpus"] == "4-6"
+
+
+def test_plan_and_reserve_on_this_real_host(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """--root / : the machine's own sysfs and cgroups decide the partition."""
+    from pinwarden.config import Config
+    from pinwarden.partition import load_host
+
+    real = load_host(Path("/"), Config())
+    state = ["--state-dir", str(tmp_path / "state"), "--json"]
+    xml = tmp_path / "d.xml"
+    xml.write_text("<domain><name>pwtest-placement</name><vcpu>1</vcpu></domain>")
+    assert main(["plan", str(xml), *state]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert CpuSet.parse_kernel(out["default_cpus"]) == real.partition.vm_cpus
+    xml.write_text("<domain><name>pwtest-placement</name><vcpu>1</vcpu><metadata>"
+                   f"<pw:cpu xmlns:pw='{PW_NS}' exclusive='yes'/></metadata></domain>")
+    assert main(["reserve", str(xml), *state]) == 0
+    out = json.loads(capsys.readouterr().out)
+    leased = CpuSet.of(int(c) for c in out["leases"])
+    assert len(leased) == 1 and leased <= real.partition.vm_cpus
+    assert leased.isdisjoint(real.partition.host_cpus)
+    assert main(["release", "pwtest-placement", *state]) == 0
+    capsys.readouterr()

@@ -473,3 +473,10 @@ def test_numad_placement_becomes_static_with_a_note() -> None:
     plan = decide(spec(placement="auto"), host(), lease("4"))
     assert plan.default_cpus == C("5-15")
     assert any("placement='auto'" in n and "5-15" in n for n in plan.notes)
+
+
+def test_exclusive_without_vcpu_pins_keeps_vcpus_off_the_pinned_emulator() -> None:
+    s = spec(vcpus=2, exclusive=True, emulatorpin=C("4"), iothreads=1,
+             iothreadpins={1: C("5")})
+    plan = decide(s, host("isolcpus", "4-7", nodes=1), [])
+    assert plan.leases == {4: "emulator", 5: "iothread1", 6: "vcpu0", 7: "vcpu1"}

@@ -268,7 +268,8 @@ def _exclusive(ctx: _Ctx) -> Plan:
         if spec.cpuset is not None:
             _no_housekeeping(ctx, f"<vcpu cpuset='{spec.cpuset}'>", spec.cpuset)
         count = spec.vcpus + (1 if isolate_emulator else 0)
-        got = _allocate(ctx, within - ctx.leased, allocator.Request(
+        pinned = union([spec.emulatorpin or CpuSet(), *spec.iothreadpins.values()])
+        got = _allocate(ctx, within - ctx.leased - pinned, allocator.Request(
             count=count, threads=spec.threads, nodes=spec.numa_nodeset))
         chosen = list(got.cpus)
         if isolate_emulator:
