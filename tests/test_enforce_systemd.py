@@ -31,6 +31,7 @@ from enforce_helpers import lease, make_host
 from pinwarden.cpuset import CpuSet
 from pinwarden.enforce.apply import sync
 from pinwarden.enforce.backend import CgroupBackend, CgroupOpError, GroupState, PartitionKind
+from pinwarden.enforce.layout import LayoutNames, holder_group_path, libvirt_partition
 from pinwarden.enforce.systemd import (
     MANAGER_IFACE,
     MANAGER_PATH,
@@ -44,8 +45,9 @@ from pinwarden.enforce.systemd import (
     unescape_unit_name,
     unit_for_path,
 )
+from pinwarden.enforce.v2 import CgroupV2Backend
 from pinwarden.errors import EnforceError
-from pinwarden.model import Lease
+from pinwarden.model import HolderRef, Lease
 
 STANDIN = Path(__file__).parent / "dbus_standin" / "systemd1.py"
 SYSTEMD_ESCAPE = shutil.which("systemd-escape")
@@ -265,6 +267,19 @@ def test_child_names_follow_the_parent_path_style(parent: str, unit: str, name: 
 def test_impossible_paths_are_refused(path: str) -> None:
     with pytest.raises(ValueError, match=r"\S"):
         unit_for_path(path)
+
+
+@pytest.mark.parametrize("name", ["A", "web-01", "my_vm", "Hallöchen Meister", "a.b",
+                                  "x" * 80])
+def test_holder_groups_are_the_slices_libvirt_uses(name: str) -> None:
+    """libvirt on systemd hosts turns <partition>/pinwarden/vm-A</partition> into the slice
+    pinwarden-vm\\x2dA.slice (each component escaped, joined by "-"): the same unit as the
+    layout's holder group path."""
+    names = LayoutNames()
+    holder = HolderRef("qemu", "9a2b6b40-1b7a-4c1e-8f67-1d2c3b4a5e6f", name)
+    partition = libvirt_partition(names, holder)
+    libvirt_slice = "-".join(escape_unit_name(p) for p in partition.strip("/").split("/"))
+    assert unit_for_path(holder_group_path(names, holder)) == f"{libvirt_slice}.slice"
 
 
 def test_slice_cgroup_path() -> None:
@@ -757,3 +772,36 @@ def test_sync_with_cpusetpartition(new_standin: Standin) -> None:
     assert leased["system"].effective_cpus == CpuSet.parse("0-1,4-7")  # partitions at work
     assert released["system"].effective_cpus == CpuSet.parse("0-7")
     assert "pinwarden.partition/vm-A.partition" not in released
+
+
+def _cgroup_dir(root: Path, path: str, cpus: str) -> None:
+    """cgroupfs files of one v2 group, as plain files (the real kernel's are checked by the
+    v2 backend's own tests)."""
+    d = root / path
+    d.mkdir(parents=True)
+    for name, text in {"cpuset.cpus": cpus, "cpuset.cpus.effective": cpus,
+                       "cpuset.mems": "0", "cpuset.mems.effective": "0",
+                       "cpuset.cpus.partition": "member", "cgroup.procs": ""}.items():
+        (d / name).write_text(text + "\n")
+
+
+def test_partition_fallback_drives_the_real_v2_backend_at_the_unit_cgroup(
+        old_standin: Standin, tmp_path: Path) -> None:
+    """The slice's ControlGroup path, backslashes and all, is what CgroupV2Backend gets."""
+    _cgroup_dir(tmp_path, "pinwarden.slice", "2-3")
+    _cgroup_dir(tmp_path, "pinwarden.slice/pinwarden-vm\\x2dA.slice", "2-3")
+    bus, backend = _backend(old_standin, kernel=CgroupV2Backend(tmp_path))
+    try:
+        backend.mkdir("pinwarden.partition")
+        backend.mkdir("pinwarden.partition/vm-A.partition")
+        backend.set_partition("pinwarden.partition", "exclusive")
+        backend.set_partition("pinwarden.partition/vm-A.partition", "isolated")
+        state = backend.read_group("pinwarden.partition/vm-A.partition")
+    finally:
+        bus.close()
+    def written(path: Path) -> str:  # a plain file keeps the old tail after a shorter write
+        return (path / "cpuset.cpus.partition").read_text().splitlines()[0]
+
+    assert written(tmp_path / "pinwarden.slice" / "pinwarden-vm\\x2dA.slice") == "isolated"
+    assert written(tmp_path / "pinwarden.slice") == "root"
+    assert (state.partition, state.partition_error) == ("isolated", None)
