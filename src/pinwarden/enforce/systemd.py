@@ -55,19 +55,29 @@ What exclusivity systemd can express — honestly:
   (``Properties.Get(CPUSetPartition)`` tells whether it knows the property).  Where it does
   not, **``cpuset.cpus.partition`` must still be written directly**: ``set_partition`` hands
   that single write to the optional ``kernel`` backend (the v2 backend on the unified mount)
-  at the unit's ``ControlGroup`` path.  That is safe in practice because such a systemd never
-  writes or resets the partition file; it does mean the partition does not survive the unit
-  being stopped and restarted, and the transactional core re-applies it.  Without a
-  ``kernel`` backend the call fails with ``EOPNOTSUPP`` and says so.  systemd also only logs a
-  warning when the kernel refuses a ``CPUSetPartition=`` value, so the partition state is
-  read back from the kernel (``kernel.read_group``) whenever a ``kernel`` backend is given.
+  at the unit's ``ControlGroup`` path.  This is the one cgroupfs write pinwarden does on a
+  systemd host, and it bends systemd's delegation rule (only delegated subtrees are the
+  caller's to write): it is tolerable because such a systemd neither writes nor resets that
+  file, but the partition is lost when the slice is stopped and restarted, and the
+  transactional core must re-apply it.  Without a ``kernel`` backend the call fails with
+  ``EOPNOTSUPP`` and says so.  systemd only logs a warning when the kernel refuses a
+  ``CPUSetPartition=`` value and never reports a partition's validity, so the partition
+  state (and the kernel's "invalid" reason) is read from the kernel whenever a ``kernel``
+  backend is given — production code should always give one; without it the state read is
+  merely what systemd was told.
+* Reads follow the v2 backend's convention: a valid partition's ``effective_cpus`` is what
+  its subtree may use (systemd's ``EffectiveCPUs``, from which the kernel removed the CPUs
+  given to child partitions, plus those), and ``-.slice`` is an exclusive group whose cpus
+  are its effective set.
 * Slices never hold processes themselves (systemd puts them in scopes and services below),
   so a slice is never ``populated`` and ``tasks()`` of a slice is empty.
 
-Errors.  Every primitive raises :class:`SystemdOpError`, a
-:class:`~pinwarden.enforce.backend.CgroupOpError` with the errno the D-Bus error corresponds to
-and a one-line ``detail`` naming the unit, systemd's answer and what to do;
-:meth:`SystemdOpError.as_enforce_error` gives the user-facing :class:`EnforceError`.
+Errors.  Primitives raise :class:`~pinwarden.enforce.backend.CgroupOpError`: a
+:class:`SystemdOpError` when systemd answered with a D-Bus error or a failed job (errno as
+sd-bus maps that error name, ``detail`` one line naming the unit, systemd's answer and what
+to do; :meth:`SystemdOpError.as_enforce_error` is the user-facing :class:`EnforceError`),
+a plain ``CgroupOpError`` for what is refused before asking (``EINVAL`` for a path that is
+no unit, ``EBUSY`` for stopping a slice with running units, ``EOPNOTSUPP`` for threads).
 Failing to reach systemd at all is an :class:`EnforceError` from :meth:`SystemdBus.connect`.
 """
 
