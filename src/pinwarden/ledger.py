@@ -90,6 +90,20 @@ def plan_from_text(text: str, where: str) -> Plan:
         raise LedgerError(f"corrupt plan recorded for {where}: {exc}") from None
 
 
+def _kind(exc: sqlite3.Error) -> str:
+    """``busy``, ``readonly``, ``corrupt`` or ``other``, from SQLite's primary result code."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    text = str(exc)
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in text:
+        return "busy"
+    if name.startswith("SQLITE_READONLY") or "readonly" in text:
+        return "readonly"
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in text \
+            or "not a database" in text:
+        return "corrupt"
+    return "other"
+
+
 class Ledger:
     """The lease database of one state directory.  One instance per process (the SQLite
     connection is not shared across ``fork``); use it as a context manager or call
@@ -202,9 +216,12 @@ class Ledger:
                 db.execute("PRAGMA journal_mode = WAL")
         except sqlite3.DatabaseError as exc:
             db.close()
-            if "locked" in str(exc) or "busy" in str(exc):
+            kind = _kind(exc)
+            if kind == "busy":
                 raise self._locked() from None
-            raise self._refuse(f"is corrupt ({str(exc).splitlines()[0]})") from None
+            if kind == "corrupt":
+                raise self._refuse(f"is corrupt ({str(exc).splitlines()[0]})") from None
+            raise self._error(exc) from None
         except LedgerError:
             db.close()
             raise
@@ -233,9 +250,7 @@ class Ledger:
         exception (which is re-raised, SQLite errors as LedgerError)."""
         try:
             self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                raise self._locked() from None
+        except sqlite3.Error as exc:
             raise self._error(exc) from None
         try:
             yield self._db
@@ -255,11 +270,15 @@ class Ledger:
             raise self._error(exc) from None
 
     def _error(self, exc: sqlite3.Error) -> LedgerError:
-        text = str(exc)
-        if "readonly" in text:
+        kind = _kind(exc)
+        if kind == "busy":
+            return self._locked()
+        if kind == "readonly":
             return LedgerError(f"lease database {self.path} is read-only for this user "
                                f"(run as root or choose another --state-dir)")
-        return LedgerError(f"lease database {self.path}: {text}")
+        if kind == "corrupt":
+            return self._refuse(f"is corrupt ({str(exc).splitlines()[0]})")
+        return LedgerError(f"lease database {self.path}: {str(exc).splitlines()[0]}")
 
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         try:
