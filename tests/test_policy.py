@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from pinwarden.cpuset import CpuSet
@@ -412,7 +412,10 @@ def test_offline_cpu_dump_refuses_the_offline_cpu(hwloc_roots: dict[str, Path]) 
 
 
 NAMES = ["a", "b", "c", "d"]
-cpu_sets = st.sets(st.integers(0, 17), min_size=1, max_size=3).map(CpuSet.of)
+#: Mostly CPUs every host below gives VMs (so plans meet), sometimes any (so rules bite).
+cpu_numbers = st.one_of(st.integers(4, 13), st.integers(4, 13), st.integers(4, 13),
+                        st.integers(0, 17))
+cpu_sets = st.sets(cpu_numbers, min_size=1, max_size=2).map(CpuSet.of)
 
 
 @st.composite
@@ -421,10 +424,14 @@ def domain_specs(draw: st.DrawFn) -> DomainSpec:
     exclusive = draw(st.booleans())
     pins = draw(st.one_of(st.just({}), st.fixed_dictionaries(
         {v: cpu_sets for v in range(vcpus)})))
+    iothreads = draw(st.integers(0, 2))
     return DomainSpec(
         name=draw(st.sampled_from(NAMES)), uuid=None, vcpus=vcpus, vcpupins=pins,
         emulatorpin=draw(st.none() | cpu_sets), cpuset=draw(st.none() | cpu_sets),
-        exclusive=exclusive, iothreads=draw(st.integers(0, 1)),
+        exclusive=exclusive, iothreads=iothreads,
+        iothreadpins=draw(st.dictionaries(st.integers(1, iothreads + 1), cpu_sets,
+                                          max_size=iothreads)),
+        numa_nodeset=draw(st.none() | st.sampled_from([C("0"), C("1"), C("0-1")])),
         threads=draw(st.sampled_from(["prefer", "isolate", "require"])),
         emulator=draw(st.sampled_from(["float", "isolate", "shared"])))
 
@@ -446,8 +453,10 @@ def test_random_operations_keep_leases_exclusive(h: Host, ops: list[object]) -> 
         holder = HolderRef("qemu", op.key, op.name)
         try:
             plan: Plan = decide(op, h, list(table.values()))
-        except Refusal:
+        except Refusal as exc:
+            event(f"refused: {exc.code}")
             continue
+        event("planned exclusive" if plan.exclusive else "planned shared")
         others = {c: le for c, le in table.items() if le.holder != holder}
         # never a second holder, never a housekeeping CPU
         assert plan.leased().isdisjoint(CpuSet(frozenset(others)))
