@@ -1,0 +1,181 @@
+"""`pinwarden run`: job placement (pure), the command line, and the supervisor.
+
+The supervisor runs here with real processes on the in-memory cpuset fake (affinity, exit
+status, signal forwarding, lease release); the same behaviour on a real kernel with real
+exclusive cpusets is ``tests/run_kernel_cases.py``, run in a fresh virtme-ng guest by
+:func:`test_real_kernel_cases_in_a_fresh_guest`.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from enforce_helpers import lease, make_host
+from guest import guest_run
+from pinwarden.cli import main
+from pinwarden.cpuset import CpuSet
+from pinwarden.errors import InputError, Refusal
+from pinwarden.jobs import JobRequest, check_name, decide_job
+from pinwarden.ledger import Ledger
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_job_gets_free_vm_cpus_only() -> None:
+    host = make_host("0-3", vm="1-3")
+    plan = decide_job(JobRequest("J", count=2), host, [lease(1, "other")])
+    assert plan.leased() == CpuSet.of([2, 3])
+    assert set(plan.leases.values()) == {"task"}
+    assert plan.emulator == CpuSet.of([2, 3])
+
+
+def test_second_job_refused_naming_the_holder() -> None:
+    host = make_host("0-1", vm="1")
+    with pytest.raises(Refusal) as info:
+        decide_job(JobRequest("B", count=1), host, [lease(1, "A")])
+    message = info.value.message
+    assert "CPU 1 is leased to job 'A'" in message
+    assert "host CPUs 0 are never leased" in message
+    assert info.value.code == "no-free-cpus"
+
+
+def test_explicit_cpus_rules() -> None:
+    host = make_host("0-3", vm="1-3")
+    with pytest.raises(Refusal, match=r"CPU 0 belongs to the host .* never leased"):
+        decide_job(JobRequest("J", cpus=CpuSet.of([0])), host, [])
+    with pytest.raises(Refusal, match=r"CPU 2 is leased to job 'X'"):
+        decide_job(JobRequest("J", cpus=CpuSet.of([2, 3])), host, [lease(2, "X")])
+    with pytest.raises(Refusal, match=r"CPU 9 is not online"):
+        decide_job(JobRequest("J", cpus=CpuSet.of([9])), host, [])
+    plan = decide_job(JobRequest("J", cpus=CpuSet.of([3])), host, [lease(2, "X")])
+    assert plan.leased() == CpuSet.of([3])
+
+
+def test_job_name_must_be_unique_and_safe() -> None:
+    host = make_host()
+    with pytest.raises(Refusal, match="already holds CPU 2"):
+        decide_job(JobRequest("J", count=1), host, [lease(2, "J")])
+    for bad in ("", "../x", "a b", "-x", "x" * 65):
+        with pytest.raises(InputError):
+            check_name(bad)
+
+
+def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--exclusive", "1"]) == 1
+    assert "no command given" in capsys.readouterr().err
+    assert main(["run", "--exclusive", "0", "--", "true"]) == 1
+    assert "at least 1 CPU" in capsys.readouterr().err
+    assert main(["run", "--name", "../x", "--", "true"]) == 1
+    assert "invalid job name" in capsys.readouterr().err
+    for argv in (["run", "--exclusive", "x", "--", "true"],
+                 ["run", "--exclusive", "1", "--cpus", "1", "--", "true"],
+                 ["run", "--threads", "maybe", "--", "true"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+
+
+SUPERVISOR = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from enforce_helpers import make_host
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.enforce.fake import FakeCpusetV1
+    from pinwarden.enforce.layout import LayoutNames
+    from pinwarden.jobs import JobRequest
+    from pinwarden.runner import Context, run_job
+    online = CpuSet.parse_kernel(Path("/sys/devices/system/cpu/online").read_text())
+    last = CpuSet.of([max(online.cpus)])
+    fake = FakeCpusetV1(online, real_pids=True)
+    ctx = Context(make_host(online.to_list(), vm=last.to_list()), fake, LayoutNames(),
+                  Path(sys.argv[1]))
+    status = run_job(ctx, JobRequest(sys.argv[2], count=int(sys.argv[3])), sys.argv[4:])
+    print("LAYOUT", sorted(fake.read_state([""]).groups), file=sys.stderr)
+    sys.exit(status)
+""")
+
+
+def supervisor(state: Path, name: str, count: int, *command: str,
+               ) -> subprocess.Popen[str]:
+    code = SUPERVISOR.format(tests=str(REPO / "tests"))
+    return subprocess.Popen([sys.executable, "-c", code, str(state), name, str(count),
+                             *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_supervisor_places_runs_and_releases(tmp_path: Path) -> None:
+    probe = ("import json, os; print(json.dumps([sorted(os.sched_getaffinity(0)), "
+             "os.environ['PINWARDEN_CPUS'], os.environ['PINWARDEN_JOB']])); raise "
+             "SystemExit(5)")
+    proc = supervisor(tmp_path, "pwtest-fake", 1, sys.executable, "-c", probe)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 5, err
+    affinity, cpus, job = json.loads(out)
+    last = max(CpuSet.parse_kernel(Path("/sys/devices/system/cpu/online").read_text()).cpus)
+    assert affinity == [last] and cpus == str(last) and job == "pwtest-fake"
+    with Ledger(tmp_path) as ledger:
+        assert ledger.leases() == ()
+    # the job group was created and is gone again; the shared pool got its CPUs back
+    assert "pinwarden.partition/run-pwtest-fake.partition" not in err.split("LAYOUT")[1]
+
+
+def test_supervisor_reports_death_by_signal(tmp_path: Path) -> None:
+    proc = supervisor(tmp_path, "pwtest-sig", 1, "sh", "-c", "kill -USR2 $$")
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGUSR2
+
+
+def test_supervisor_forwards_signals(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    handler = textwrap.dedent(f"""
+        import signal, sys, time
+        out = open({str(log)!r}, "a", buffering=1)
+        def seen(sig, frame):
+            out.write(signal.Signals(sig).name + "\\n")
+            if sig == signal.SIGTERM:
+                sys.exit(42)
+        for s in (signal.SIGUSR1, signal.SIGHUP, signal.SIGTERM):
+            signal.signal(s, seen)
+        out.write("ready\\n")
+        while True:
+            time.sleep(0.05)
+    """)
+    proc = supervisor(tmp_path, "pwtest-fwd", 1, sys.executable, "-c", handler)
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.exists() and "ready" in log.read_text()):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
+            time.sleep(0.05)
+        for n, sig in enumerate((signal.SIGUSR1, signal.SIGHUP), start=2):
+            proc.send_signal(sig)
+            while len(log.read_text().split()) < n:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert log.read_text().split() == ["ready", "SIGUSR1", "SIGHUP", "SIGTERM"]
+    assert proc.returncode == 42
+
+
+@pytest.mark.kernel
+@pytest.mark.slow
+def test_real_kernel_cases_in_a_fresh_guest() -> None:
+    """tests/run_kernel_cases.py (real cgroup v1 cpusets, real `pinwarden run`) in a guest."""
+    result = guest_run()
+    assert result.ok, f"{result.why}\n{result.output[-3000:]}"
+    assert result.runcases_rc == 0, result.output[-6000:]
+    assert " passed" in result.output and "failed" not in result.output.split("RUNCASES")[0] \
+        .splitlines()[-1]
