@@ -1,0 +1,286 @@
+"""``pinwarden host`` (human and --json, error convention), the CPU map, and this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostroot import HostSpec, build_host, make_cgroup, mount_cgroups, write
+from pinwarden.cli import main
+from pinwarden.config import Config
+from pinwarden.cpuset import CpuSet
+from pinwarden.model import HolderRef, Lease
+from pinwarden.partition import load_host
+from pinwarden.view import render_cpu_map
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    code = "import sys; from pinwarden.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    """An empty configuration: every default, whatever /etc/pinwarden holds."""
+    path = tmp_path / "pinwarden.toml"
+    path.write_text("")
+    return path
+
+
+def lease(cpu: int, name: str, role: str = "vcpu0") -> Lease:
+    return Lease(cpu, HolderRef("qemu", name, name), role, 0.0)
+
+
+# -- --json ---------------------------------------------------------------------------------
+
+
+def test_json_shape(tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = build_host(tmp_path / "root", HostSpec(cpus=16, threads=2, packages=2, nodes=2,
+                                                  isolated="4-7,12-15", nohz_full="4-7"))
+    assert main(["host", "--root", str(root), "--json", "--config", str(config_file)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    cpus = data["cpus"]
+    assert [c["cpu"] for c in cpus] == list(range(16))
+    first = cpus[0]
+    assert {"cpu", "online", "package", "die", "core", "siblings", "node", "isolated",
+            "kind", "nohz_full", "reason"} - set(first) == {"reason"}
+    assert first == {**first, "cpu": 0, "online": True, "package": 0, "die": 0, "core": 0,
+                     "siblings": [0, 8], "node": 0, "isolated": False, "nohz_full": False}
+    assert cpus[13]["siblings"] == [5, 13] and cpus[13]["package"] == 1
+    assert cpus[13]["node"] == 1 and cpus[13]["isolated"] is True
+    assert cpus[5]["nohz_full"] is True and cpus[13]["nohz_full"] is False
+    assert all(isinstance(s, int) for c in cpus for s in c["siblings"])
+    assert data["partition"] == {"mode": "isolcpus", "vm_cpus": "4-7,12-15",
+                                 "host_cpus": "0-3,8-11", "cgroup": None,
+                                 "reason": "isolcpus=4-7,12-15 on the kernel command line"}
+    assert data["nodes"] == {"0": "0-3,8-11", "1": "4-7,12-15"}
+
+
+def test_json_cgroup_mode(tmp_path: Path, config_file: Path,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    root = build_host(tmp_path / "root", HostSpec(cpus=8))
+    mount_cgroups(root, cpus="0-7")
+    make_cgroup(root, "sys/fs/cgroup/cpuset", "machine", "2-7")
+    assert main(["host", "--root", str(root), "--json", "--config", str(config_file)]) == 0
+    part = json.loads(capsys.readouterr().out)["partition"]
+    assert (part["mode"], part["vm_cpus"], part["host_cpus"], part["cgroup"]) == \
+        ("cgroup", "2-7", "0-1", "machine")
+
+
+def test_config_file_is_used(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = build_host(tmp_path / "root", HostSpec(cpus=8, isolated="6-7"))
+    config = write(tmp_path, "pw.toml", '[partition]\nmode = "none"\nhost_reserve = "0-1"\n')
+    assert main(["host", "--root", str(root), "--json", "--config", str(config)]) == 0
+    part = json.loads(capsys.readouterr().out)["partition"]
+    assert (part["mode"], part["vm_cpus"], part["host_cpus"]) == ("none", "2-7", "0-1")
+
+
+def test_json_of_an_hwloc_dump_matches_topology(tmp_path: Path, config_file: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A real machine's dump: the JSON carries read_topology's answer, CPU by CPU."""
+    import tarfile
+
+    from conftest import HWLOC
+    with tarfile.open(HWLOC / "16em64t-4s2c2t.tar.bz2") as tar:
+        members = [m for m in tar.getmembers() if "/sys/devices/system/" in m.name]
+        tar.extractall(tmp_path, members=members, filter="tar")
+    root = tmp_path / "16em64t-4s2c2t"
+    assert main(["host", "--root", str(root), "--json", "--config", str(config_file)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    host = load_host(root, Config())
+    for c in data["cpus"]:
+        assert c["siblings"] == host.topology.siblings(c["cpu"]).as_list()
+        assert c["package"] == host.topology.cpu(c["cpu"]).package
+    assert data["cpus"][0]["siblings"] == [0, 8]  # lstopo: Core L#0 holds PU P#0 and P#8
+
+
+# -- human output ------------------------------------------------------------------------------
+
+
+def test_human_output(tmp_path: Path, config_file: Path,
+                      capsys: pytest.CaptureFixture[str]) -> None:
+    root = build_host(tmp_path / "root", HostSpec(cpus=8, threads=2))
+    assert main(["host", "--root", str(root), "--config", str(config_file)]) == 0
+    out = capsys.readouterr().out
+    assert "8 CPUs online: 1 package, 1 NUMA node, 4 cores, 2-way SMT" in out
+    assert "partition none: VM CPUs 1-3,5-7, housekeeping CPUs 0,4" in out
+    assert "because no isolcpus and no restricting VM cgroup; host reserve is core 0 " \
+           "(CPUs 0,4)" in out
+    assert re.search(r"core 0\s+0 h\s+4 h", out)
+    assert re.search(r"core 3\s+3 v\s+7 v", out)
+    assert "legend: h housekeeping (0,4)" in out
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_bad_root_exits_1(tmp_path: Path) -> None:
+    proc = run_cli("host", "--root", str(tmp_path / "nope"))
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("pinwarden: error: ")
+    assert "not a Linux host root" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stdout == ""
+
+
+def test_bad_root_json_error_object(tmp_path: Path) -> None:
+    proc = run_cli("host", "--root", str(tmp_path), "--json")
+    assert proc.returncode == 1
+    error = json.loads(proc.stdout)["error"]
+    assert error["code"] == "host" and "not a Linux host root" in error["message"]
+    assert proc.stderr.startswith("pinwarden: error: ")
+
+
+def test_impossible_mode_exits_1(tmp_path: Path) -> None:
+    root = build_host(tmp_path / "root", HostSpec(cpus=4))
+    config = write(tmp_path, "pw.toml", '[partition]\nmode = "isolcpus"\n')
+    proc = run_cli("host", "--root", str(root), "--config", str(config), "--json")
+    assert proc.returncode == 1
+    assert "no online CPU is isolated" in json.loads(proc.stdout)["error"]["message"]
+
+
+def test_missing_config_exits_1(tmp_path: Path) -> None:
+    proc = run_cli("host", "--config", str(tmp_path / "missing.toml"))
+    assert proc.returncode == 1 and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_usage_error_exits_2() -> None:
+    proc = run_cli("host", "--frobnicate")
+    assert proc.returncode == 2 and "usage:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# -- the CPU map -------------------------------------------------------------------------------
+
+
+def test_map_two_cpus(tmp_path: Path) -> None:
+    build_host(tmp_path, HostSpec(cpus=2))
+    text = render_cpu_map(load_host(tmp_path, Config()))
+    lines = text.splitlines()
+    assert lines[0] == "package 0 · node 0 · CPUs 0-1"
+    assert re.fullmatch(r"\s+core 0\s+0 h", lines[1])
+    assert re.fullmatch(r"\s+core 1\s+1 v", lines[2])
+    assert lines[3] == "legend: h housekeeping (0)"
+
+
+def test_map_leases_offline_and_isolated(tmp_path: Path) -> None:
+    build_host(tmp_path, HostSpec(cpus=8, isolated="4-7"))
+    write(tmp_path, "sys/devices/system/cpu/online", "0-6\n")
+    host = load_host(tmp_path, Config())
+    text = render_cpu_map(host, [lease(4, "web"), lease(5, "web", "emulator"),
+                                 lease(99, "ghost")])
+    assert re.search(r"core 4\s+4 A", text) and re.search(r"core 6\s+6 i", text)
+    assert re.search(r"core 7\s+7 \.", text)
+    assert "A leased to qemu domain 'web' (4-5)" in text
+    assert "B leased to qemu domain 'ghost' (-)" not in text
+    assert "leases name CPUs this host does not have: 99" in text
+    assert "i VM, isolated (6)" in text and ". offline (7)" in text
+
+
+def test_map_many_holders(tmp_path: Path) -> None:
+    build_host(tmp_path, HostSpec(cpus=40))
+    host = load_host(tmp_path, Config())
+    text = render_cpu_map(host, [lease(c, f"vm{c}") for c in range(1, 31)])
+    assert "Z leased to qemu domain 'vm26' (26)" in text
+    assert "# leased to 4 more holders (27-30)" in text
+
+
+def test_map_1024_cpus_is_compact(tmp_path: Path) -> None:
+    build_host(tmp_path, HostSpec(cpus=1024, threads=2, packages=4, nodes=8,
+                                  isolated="512-1023"))
+    host = load_host(tmp_path, Config())
+    leases = [lease(c, "big") for c in (512, 513, 1023)]
+    text = render_cpu_map(host, leases)
+    lines = text.splitlines()
+    assert len(lines) < 80
+    assert max(len(line) for line in lines if not line.startswith(("legend", "   "))) <= 100
+    marks = "".join(line.split(None, 1)[1].replace(" ", "") for line in lines
+                    if re.match(r"  \d", line))
+    assert len(marks) == 1024
+    assert marks.count("A") == 3 and marks.count("i") == 512 - 3
+    assert "package 3 · node 7 · CPUs 448-511,960-1023" in text
+
+
+def test_map_of_every_hwloc_dump_covers_every_cpu(tmp_path: Path) -> None:
+    """Each present CPU appears exactly once in the map of an odd real machine."""
+    import tarfile
+
+    from conftest import HWLOC
+    with tarfile.open(HWLOC / "offline-cpu0-node0.tar.bz2") as tar:
+        members = [m for m in tar.getmembers() if "/sys/devices/system/" in m.name]
+        tar.extractall(tmp_path, members=members, filter="tar")
+    host = load_host(tmp_path / "offline-cpu0-node0", Config())
+    text = render_cpu_map(host)
+    assert "offline, place unknown · CPUs 0-3,21-23" in text
+    assert "package 0 · node ? · CPUs 4,6,8,10,12,14,16,18,20" in text  # node 0 is offline
+    assert "package 1 · node 1 · CPUs 5,7,9,11,13,15,17,19" in text
+
+
+# -- this machine ----------------------------------------------------------------------------------
+
+SYS_CPU = Path("/sys/devices/system/cpu")
+CPUSET = Path("/sys/fs/cgroup/cpuset")
+
+
+def _cpus(path: Path) -> CpuSet | None:
+    try:
+        return CpuSet.parse_kernel(path.read_text())
+    except OSError:
+        return None
+
+
+def expected_partition() -> dict[str, Any]:
+    """The partition of / computed straight from the kernel files (default config)."""
+    online = CpuSet.parse_kernel((SYS_CPU / "online").read_text())
+    isolated = (_cpus(SYS_CPU / "isolated") or CpuSet()) & online
+    if isolated:
+        return {"mode": "isolcpus", "vm_cpus": str(isolated), "host_cpus": str(online - isolated)}
+    first = online.first()
+    reserve = (_cpus(SYS_CPU / f"cpu{first}/topology/thread_siblings_list")
+               or CpuSet.of([first])) & online
+    none = {"mode": "none", "vm_cpus": str(online - reserve), "host_cpus": str(reserve)}
+    machine = _cpus(CPUSET / "machine/cpuset.effective_cpus")
+    if machine is None:
+        return none
+    leased = _cpus(CPUSET / "pinwarden.partition/cpuset.cpus") or CpuSet()
+    vm = (machine | leased) & online
+    if not vm or vm == online:
+        return none
+    if (CPUSET / "pinwarden.partition").is_dir() and vm == online - reserve:
+        return none  # pinwarden's own shared pool
+    return {"mode": "cgroup", "vm_cpus": str(vm), "host_cpus": str(online - vm)}
+
+
+@pytest.mark.kernel
+def test_this_machine(config_file: Path) -> None:
+    """`pinwarden host --json` on / shows this machine's CPUs and the partition its kernel
+    files describe (other helpers may change machine meanwhile: retry until stable)."""
+    online = CpuSet.parse_kernel((SYS_CPU / "online").read_text())
+    for _attempt in range(10):
+        before = expected_partition()
+        proc = run_cli("host", "--json", "--config", str(config_file))
+        after = expected_partition()
+        assert proc.returncode == 0, proc.stderr
+        data = json.loads(proc.stdout)
+        if before == after:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the cpuset of /sys/fs/cgroup/cpuset/machine kept changing")
+    assert [c["cpu"] for c in data["cpus"] if c["online"]] == online.as_list()
+    assert len(online) == os.cpu_count()  # 2 on the development machine
+    got = data["partition"]
+    assert {k: got[k] for k in ("mode", "vm_cpus", "host_cpus")} == before, got["reason"]
+    human = run_cli("host", "--config", str(config_file))
+    assert human.returncode == 0 and "legend:" in human.stdout
+    for cpu in online:
+        assert re.search(rf"core \S+\s+{cpu} [hvi]", human.stdout)
