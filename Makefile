@@ -41,5 +41,19 @@ lint: $(VENV)/.test-deps
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy --strict src/pinwarden
 
+## Allocator benchmark (bench/README.md): pinwarden vs Nova's own code vs a k8s baseline.
+BENCH_VENV := bench/.venv
+$(BENCH_VENV)/.deps: bench/requirements.txt pyproject.toml
+	$(PY) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q -r bench/requirements.txt -e .
+	touch $@
+
+bench: $(BENCH_VENV)/.deps
+	cd bench && .venv/bin/python -m pwbench full
+
+bench-quick: $(BENCH_VENV)/.deps
+	cd bench && .venv/bin/python -m pwbench quick
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,132 @@
+"""``python -m pwbench quick|full``: run the allocator benchmark, write results/."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pwbench.allocators import Allocator, Kubernetes, Pinwarden
+from pwbench.hosts import SYNTHETIC, Host, hwloc_host, synthetic_host
+from pwbench.metrics import upper_bound
+from pwbench.report import markdown, plot_acceptance, verdicts
+from pwbench.sim import simulate
+from pwbench.workload import Mix, generate
+
+BENCH = Path(__file__).resolve().parent.parent
+HWLOC = BENCH.parent.parent / "shared" / "testdata" / "hwloc"
+CACHE = BENCH / ".cache" / "hwloc"
+
+
+@dataclass(frozen=True)
+class Config:
+    hosts: tuple[str, ...]  # "hwloc:NAME" or a synthetic name
+    mixes: tuple[Mix, ...]
+    loads: tuple[float, ...]
+    sweep_hosts: tuple[str, ...]  # hosts whose "mixed" workload is run at sweep_loads
+    sweep_loads: tuple[float, ...]
+    seeds: tuple[int, ...]
+    lifetimes: float
+    min_arrivals: int
+
+
+HWLOC_QUICK = ("hwloc:16em64t-4s2c2t", "hwloc:fakecpuid1f-64intel64-2p4d2n2c2t",
+               "hwloc:40intel64-4n10c+pci-conflicts", "hwloc:16amd64-8n2c")
+HWLOC_FULL = (*HWLOC_QUICK, "hwloc:64amd64-4s2n4ca2co", "hwloc:32intel64-2p8co2t+8ve",
+              "hwloc:256ia64-64n2s2c", "hwloc:20em64t-hybrid-1p6c2t+2ca4co1t",
+              "hwloc:8em64t-2s2ca2c")
+
+CONFIGS = {
+    "quick": Config(hosts=(*HWLOC_QUICK, *SYNTHETIC), mixes=("prefer", "isolate", "mixed"),
+                    loads=(0.8, 1.2), sweep_hosts=("syn-2s64c2t",
+                                                   "hwloc:fakecpuid1f-64intel64-2p4d2n2c2t"),
+                    sweep_loads=(0.6, 1.0, 1.5), seeds=(1,), lifetimes=6.0,
+                    min_arrivals=150),
+    "full": Config(hosts=(*HWLOC_FULL, *SYNTHETIC), mixes=("prefer", "isolate", "mixed"),
+                   loads=(0.6, 0.8, 1.0, 1.2, 1.5), sweep_hosts=(), sweep_loads=(),
+                   seeds=(1, 2, 3), lifetimes=20.0, min_arrivals=500),
+}
+
+
+def load_host(spec: str) -> Host:
+    if spec.startswith("hwloc:"):
+        return hwloc_host(HWLOC / f"{spec.removeprefix('hwloc:')}.tar.bz2", CACHE)
+    return synthetic_host(spec)
+
+
+def allocator_factories(with_nova: bool) -> list[Callable[[Host], Allocator]]:
+    factories: list[Callable[[Host], Allocator]] = [Pinwarden, Kubernetes]
+    if with_nova:
+        from pwbench.nova_adapter import Nova
+
+        factories += [lambda h: Nova(h), lambda h: Nova(h, pack=True)]
+    return factories
+
+
+def workloads(config: Config) -> list[tuple[str, Mix, float, int]]:
+    out = [(h, m, load, s) for h in config.hosts for m in config.mixes
+           for load in config.loads for s in config.seeds]
+    out += [(h, "mixed", load, s) for h in config.sweep_hosts for load in config.sweep_loads
+            for s in config.seeds]
+    return out
+
+
+def run(config: Config, *, with_nova: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    hosts: dict[str, Host] = {}
+    rows: list[dict[str, Any]] = []
+    factories = allocator_factories(with_nova)
+    for spec, mix, load, seed in workloads(config):
+        host = hosts.get(spec) or hosts.setdefault(spec, load_host(spec))
+        pool = len(host.pool)
+        tpc = host.threads_per_core
+        events = generate(seed=seed, pool=pool, threads_per_core=tpc, mix=mix, load=load,
+                          lifetimes=config.lifetimes, min_arrivals=config.min_arrivals)
+        ub_vms, ub_vcpus = upper_bound(events, pool, tpc)
+        name = f"{host.name}/{mix}/load{load:.1f}" + (f"/seed{seed}" if len(config.seeds) > 1
+                                                       else "")
+        started = time.monotonic()
+        for factory in factories:
+            allocator = factory(host)
+            result = simulate(host, events, allocator)
+            rows.append({"workload": name, "host": host.name, "cpus": pool,
+                         "nodes": len({host.topology.node_of(c) for c in host.pool}),
+                         "threads_per_core": tpc, "mix": mix, "load": load, "seed": seed,
+                         "allocator": allocator.name, **result.as_dict(),
+                         "upper_bound": ub_vms, "upper_bound_vcpus": ub_vcpus})
+        log(f"{name}: {len(events) // 2} VMs, {time.monotonic() - started:.1f}s")
+    verdicts(rows)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pwbench", description=__doc__)
+    parser.add_argument("mode", choices=sorted(CONFIGS))
+    parser.add_argument("--out", type=Path, default=BENCH / "results")
+    parser.add_argument("--no-nova", action="store_true",
+                        help="skip Nova (for a quick look without bench/.venv)")
+    args = parser.parse_args(argv)
+    config = CONFIGS[args.mode]
+    started = time.monotonic()
+    rows = run(config, with_nova=not args.no_nova,
+               log=lambda s: print(s, file=sys.stderr, flush=True))
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"mode": args.mode, "python": platform.python_version(),
+            "machine": platform.machine(), "seconds": round(time.monotonic() - started, 1)}
+    (args.out / f"{args.mode}.json").write_text(
+        json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (args.out / f"{args.mode}.md").write_text(markdown(rows, meta))
+    plot_acceptance(rows, args.out / ("acceptance.png" if args.mode == "quick"
+                                      else f"acceptance-{args.mode}.png"))
+    print(f"wrote {args.out}/{args.mode}.json, .md and the acceptance plot "
+          f"in {meta['seconds']}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

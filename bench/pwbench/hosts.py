@@ -1,0 +1,78 @@
+"""Benchmark hosts: synthetic topologies and the hwloc sysfs dumps in shared/testdata."""
+
+from __future__ import annotations
+
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pinwarden.cpuset import CpuSet
+from pinwarden.topology import Cpu, Topology, read_topology
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    topology: Topology
+    pool: CpuSet  # the CPUs VMs may get (online minus the housekeeping core)
+
+    @property
+    def threads_per_core(self) -> int:
+        return max((len(core) for core in self.topology.cores()), default=1)
+
+
+def synthetic(sockets: int, nodes_per_socket: int, cores_per_node: int,
+              threads: int) -> Topology:
+    """A symmetric host numbered as Linux numbers most x86 servers: the first thread of
+    every core (socket by socket, node by node), then every second thread, and so on."""
+    ncores = sockets * nodes_per_socket * cores_per_node
+    cpus: dict[int, Cpu] = {}
+    nodes: dict[int, set[int]] = {}
+    for core in range(ncores):
+        ids = [core + t * ncores for t in range(threads)]
+        node = core // cores_per_node
+        for cpu in ids:
+            cpus[cpu] = Cpu(id=cpu, online=True, package=node // nodes_per_socket, die=0,
+                            cluster=None, core=core % cores_per_node,
+                            siblings=CpuSet.of(ids), node=node)
+            nodes.setdefault(node, set()).add(cpu)
+    everything = CpuSet.of(cpus)
+    return Topology(cpus=cpus, present=everything, online=everything, isolated=CpuSet(),
+                    nohz_full=CpuSet(), nodes={n: CpuSet.of(c) for n, c in nodes.items()})
+
+
+def housekeeping_pool(topology: Topology) -> CpuSet:
+    """Online CPUs minus the first core (all its threads), kept for the host, on hosts with
+    eight CPUs or more; every online CPU on smaller ones."""
+    online = topology.online
+    if len(online) < 8:
+        return online
+    return online - (topology.siblings(online.first()) & online)
+
+
+def make_host(name: str, topology: Topology) -> Host:
+    return Host(name, topology, housekeeping_pool(topology))
+
+
+def hwloc_host(dump: Path, cache: Path) -> Host:
+    """Extract ``dump`` (``NAME.tar.bz2``, read-only) under ``cache`` once and read it."""
+    name = dump.name.removesuffix(".tar.bz2")
+    root = cache / name
+    if not root.is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(dump) as tar:
+            tar.extractall(cache, filter="data")
+    # The archives hold one top-level directory named like the archive.
+    return make_host(name, read_topology(root))
+
+
+SYNTHETIC: dict[str, tuple[int, int, int, int]] = {
+    # name: (sockets, NUMA nodes per socket, cores per node, threads per core)
+    "syn-2s64c2t": (2, 1, 64, 2),  # 256 CPUs, 2 nodes
+    "syn-2s4n8c2t": (2, 4, 8, 2),  # 128 CPUs, 8 nodes (sub-NUMA clustering)
+    "syn-4s2n64c2t": (4, 2, 64, 2),  # 1,024 CPUs, 8 nodes
+}
+
+
+def synthetic_host(name: str) -> Host:
+    return make_host(name, synthetic(*SYNTHETIC[name]))
