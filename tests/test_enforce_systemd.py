@@ -41,13 +41,16 @@ from pinwarden.enforce.systemd import (
     SystemdOpError,
     child_name,
     escape_unit_name,
+    open_backend,
     slice_cgroup_path,
+    systemd_booted,
     unescape_unit_name,
     unit_for_path,
 )
 from pinwarden.enforce.v2 import CgroupV2Backend
 from pinwarden.errors import EnforceError
 from pinwarden.model import HolderRef, Lease
+from pinwarden.mounts import read_mounts
 
 STANDIN = Path(__file__).parent / "dbus_standin" / "systemd1.py"
 SYSTEMD_ESCAPE = shutil.which("systemd-escape")
@@ -805,3 +808,24 @@ def test_partition_fallback_drives_the_real_v2_backend_at_the_unit_cgroup(
     assert written(tmp_path / "pinwarden.slice" / "pinwarden-vm\\x2dA.slice") == "isolated"
     assert written(tmp_path / "pinwarden.slice") == "root"
     assert (state.partition, state.partition_error) == ("isolated", None)
+
+
+# -- entry points -----------------------------------------------------------------------
+
+def test_systemd_booted_is_sd_booted(tmp_path: Path) -> None:
+    assert systemd_booted(Path("/")) == Path("/run/systemd/system").is_dir()
+    assert not systemd_booted(tmp_path)
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    assert systemd_booted(tmp_path)
+
+
+def test_open_backend_says_why_it_cannot_run_here(bus_address: str) -> None:
+    """On the real host: without a cgroup2 cpuset controller (this machine: cpuset on v1)
+    systemd cannot do cpusets at all; with one, a bus without systemd is the reason."""
+    if read_mounts(Path("/")).v2_has("cpuset"):
+        expected = r"cannot reach systemd .*ServiceUnknown"
+    else:
+        expected = (r"systemd cannot manage cpusets on this host: .*no cpuset controller.*"
+                    r"use the cgroup v1 backend")
+    with pytest.raises(EnforceError, match=expected):
+        open_backend(bus_address, timeout=10)

@@ -90,6 +90,7 @@ import string
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from jeepney import DBusAddress, DBusErrorResponse, MessageType, new_method_call
@@ -107,7 +108,8 @@ from pinwarden.enforce.backend import (
     ancestors,
     join,
 )
-from pinwarden.errors import EnforceError
+from pinwarden.enforce.v2 import CgroupV2Backend
+from pinwarden.errors import EnforceError, HostError
 
 # -- names ------------------------------------------------------------------------------
 
@@ -802,3 +804,26 @@ class SystemdBackend:
     def attach_thread(self, path: str, tid: int) -> None:
         raise CgroupOpError("attach", path, errno.EOPNOTSUPP, value=str(tid),
                             detail="systemd moves whole processes only (into scopes)")
+
+
+# -- entry points -----------------------------------------------------------------------
+
+def systemd_booted(root: Path = Path("/")) -> bool:
+    """The host runs systemd as its service manager: ``sd_booted(3)`` checks exactly this
+    directory, which systemd creates early at boot and nothing else creates."""
+    return (root / "run/systemd/system").is_dir()
+
+
+def open_backend(address: str = "SYSTEM", *, root: Path = Path("/"),
+                 timeout: float = 30.0) -> SystemdBackend:
+    """The systemd backend for the host at ``root``, with the cgroup v2 backend on its
+    unified mount as ``kernel`` (partition read-back, and the partition write where systemd
+    has no ``CPUSetPartition=``).  :class:`EnforceError` when systemd cannot drive cpusets
+    here: no cgroup v2 cpuset controller (systemd has no cpuset support on cgroup v1), or
+    systemd not reachable on ``address``."""
+    try:
+        kernel = CgroupV2Backend.from_mounts(root)
+    except HostError as exc:
+        raise EnforceError(f"systemd cannot manage cpusets on this host: {exc}; use the "
+                           f"cgroup v1 backend") from None
+    return SystemdBackend(SystemdBus.connect(address, timeout=timeout), kernel=kernel)
