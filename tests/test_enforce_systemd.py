@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jeepney import DBusAddress, MessageType, new_method_call
-from jeepney.bus_messages import MatchRule, Monitoring
+from jeepney import DBusAddress, MessageType, new_method_call, new_signal
+from jeepney.bus_messages import MatchRule, Monitoring, message_bus
 from jeepney.io.blocking import DBusConnection, Proxy, open_dbus_connection
 from jeepney.low_level import HeaderFields
 
@@ -829,3 +829,21 @@ def test_open_backend_says_why_it_cannot_run_here(bus_address: str) -> None:
                     r"use the cgroup v1 backend")
     with pytest.raises(EnforceError, match=expected):
         open_backend(bus_address, timeout=10)
+
+
+def test_spoofed_job_signals_are_not_believed(old_standin: Standin) -> None:
+    """Any client may emit a JobRemoved signal; the backend's match rule names systemd's
+    bus name, so the bus only delivers systemd's own."""
+    bus, backend = _backend(old_standin)
+    rogue = open_dbus_connection(bus=old_standin.address)
+    try:
+        emitter = DBusAddress(MANAGER_PATH, interface=MANAGER_IFACE)
+        rogue.send(new_signal(emitter, "JobRemoved", "uoss",
+                              (1, f"{MANAGER_PATH}/job/1", "pinwarden.slice", "failed")))
+        Proxy(message_bus, rogue, timeout=10).GetId()  # the bus has routed the signal
+        backend.mkdir("pinwarden.slice")  # systemd's job 1 is "done"
+        state = backend.read_group("pinwarden.slice")
+    finally:
+        rogue.close()
+        bus.close()
+    assert state.effective_cpus == CpuSet.parse("0-7")
