@@ -366,8 +366,16 @@ class Ledger:
     def reap(self) -> tuple[HolderRecord, ...]:
         """Free every holder whose owner process is gone; return them (also kept in
         :attr:`last_reaped`, so callers listing holders can clean up after them)."""
-        with self._write() as db:
-            self.last_reaped = self._reap_in(db)
+        try:
+            owners = self._db.execute("SELECT owner_pid, owner_start FROM holders "
+                                      "WHERE owner_pid IS NOT NULL").fetchall()
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+        if all(self._alive(pid, start) for pid, start in owners):
+            self.last_reaped = ()  # nothing to do: no write transaction
+        else:
+            with self._write() as db:
+                self.last_reaped = self._reap_in(db)
         return self.last_reaped
 
     def reserve(self, holder: HolderRef, decide: Callable[[tuple[Lease, ...]], Plan], *,
