@@ -604,7 +604,12 @@ def test_failed_job_is_an_error(standin: Standin) -> None:
             backend.mkdir("pinwarden.slice")
     finally:
         bus.close()
-    assert "'failed'" in str(_one_line(info.value))
+    assert (info.value.errno, info.value.job_result, info.value.dbus_name) == \
+        (errno.EIO, "failed", "")
+    assert str(_one_line(info.value)) == (
+        "systemd refused to create pinwarden.slice: the start job of pinwarden.slice ended "
+        "with result 'failed'; check `systemctl status pinwarden.slice` and "
+        "`journalctl -u pinwarden.slice` for systemd's reason")
 
 
 def test_property_unknown_to_this_systemd_is_named(old_standin: Standin) -> None:

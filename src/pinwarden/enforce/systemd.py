@@ -333,19 +333,36 @@ def _hint(dbus_name: str, err: int, unit: str, prop: str | None) -> str:
     return f"check `journalctl -u {unit}` for systemd's reason"
 
 
+#: errno for a job that ended without result ``done`` (org.freedesktop.systemd1(5),
+#: ``JobRemoved``: done, canceled, timeout, failed, dependency, skipped).
+_JOB_ERRNO: Final = {"canceled": errno.ECANCELED, "timeout": errno.ETIMEDOUT}
+
+
 class SystemdOpError(CgroupOpError):
-    """systemd refused or failed a request; ``detail`` is the one-line explanation."""
+    """systemd refused or failed a request; ``detail`` is the one-line explanation.
+
+    ``dbus_name`` is the D-Bus error systemd answered with, or ``""`` when the call was
+    accepted but its job ended with another result than ``done`` (``job_result``)."""
 
     def __init__(self, action: str, path: str, unit: str, dbus_name: str, message: str, *,
-                 value: str | None = None, prop: str | None = None) -> None:
+                 value: str | None = None, prop: str | None = None,
+                 job_result: str | None = None) -> None:
         self.unit = unit
         self.dbus_name = dbus_name
         self.dbus_message = message
-        err = errno_for(dbus_name)
-        self.hint = _hint(dbus_name, err, unit, prop)
+        self.job_result = job_result
+        if job_result is not None:
+            err = _JOB_ERRNO.get(job_result, errno.EIO)
+            self.hint = (f"check `systemctl status {unit}` and `journalctl -u {unit}` for "
+                         f"systemd's reason")
+            tag = ""
+        else:
+            err = errno_for(dbus_name)
+            self.hint = _hint(dbus_name, err, unit, prop)
+            tag = f" [{dbus_name}]"
         self.one_line = (f"systemd refused to {_VERBS.get(action, action)} {unit}"
                          f"{f' = {value}' if value is not None else ''}: "
-                         f"{message.rstrip('.') or dbus_name} [{dbus_name}]; {self.hint}")
+                         f"{message.rstrip('.') or dbus_name}{tag}; {self.hint}")
         super().__init__(action, path, err, value=value, detail=self.one_line)
 
     def as_enforce_error(self) -> EnforceError:
@@ -722,8 +739,9 @@ class SystemdBackend:
         except DBusCallError as exc:
             raise self._fail(exc, "mkdir", path, unit) from None
         if result != "done":
-            raise SystemdOpError("mkdir", path, unit, "org.freedesktop.systemd1.JobFailed",
-                                 f"the start job of {unit} ended with result {result!r}")
+            raise SystemdOpError("mkdir", path, unit, "",
+                                 f"the start job of {unit} ended with result {result!r}",
+                                 job_result=result)
 
     def rmdir(self, path: str) -> None:
         unit = self._unit("rmdir", path)
@@ -744,8 +762,9 @@ class SystemdBackend:
         except DBusCallError as exc:
             raise self._fail(exc, "rmdir", path, unit) from None
         if result != "done":
-            raise SystemdOpError("rmdir", path, unit, "org.freedesktop.systemd1.JobFailed",
-                                 f"the stop job of {unit} ended with result {result!r}")
+            raise SystemdOpError("rmdir", path, unit, "",
+                                 f"the stop job of {unit} ended with result {result!r}",
+                                 job_result=result)
 
     def _set(self, action: str, path: str, prop: str, value: Variant, shown: str) -> None:
         unit = self._unit(action, path)
@@ -797,9 +816,9 @@ class SystemdBackend:
         except DBusCallError as exc:
             raise self._fail(exc, "attach", path, unit, value=str(pid)) from None
         if result != "done":
-            raise SystemdOpError("attach", path, unit, "org.freedesktop.systemd1.JobFailed",
+            raise SystemdOpError("attach", path, unit, "",
                                  f"the start job of {scope} ended with result {result!r}",
-                                 value=str(pid))
+                                 value=str(pid), job_result=result)
 
     def attach_thread(self, path: str, tid: int) -> None:
         raise CgroupOpError("attach", path, errno.EOPNOTSUPP, value=str(tid),
