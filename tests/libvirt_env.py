@@ -182,9 +182,14 @@ def require_libvirt() -> None:
         pytest.fail("the libvirt tests need root (they start libvirtd and write cgroups)")
 
 
+def _quiet(_ctx: object, _err: object) -> None:
+    """libvirt prints every error on stderr by default; the tests look at exceptions."""
+
+
 @pytest.fixture(scope="session")
 def libvirt_daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemons]:
     require_libvirt()
+    libvirt.registerErrorHandler(_quiet, None)
     (RUN / "libvirt").mkdir(parents=True, exist_ok=True)
     daemons = Daemons(log_dir=tmp_path_factory.mktemp("libvirt-logs"))
     try:
@@ -254,12 +259,16 @@ class Domains:
 
 
 @pytest.fixture
-def domains(virt: Any) -> Iterator[Domains]:
-    doms = Domains(virt)
+def domains(libvirt_daemons: Daemons) -> Iterator[Domains]:
+    """Its own connection, opened now: a module fixture may have restarted libvirtd."""
+    conn = libvirt.open(URI)
+    doms = Domains(conn)
     try:
         yield doms
     finally:
         doms.cleanup()
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
 
 
 # -- kernel views -------------------------------------------------------------------------

@@ -156,6 +156,8 @@ def test_seed_story(hooked: Setup, domains: env.Domains) -> None:
     assert gone.returncode == 0, gone.stderr
     with Ledger(hooked.state) as ledger:  # no reaping: the hook itself must have freed A
         assert ledger.holders(reap=False) == ()
+    log = hooked.state / "hook.log"
+    assert not log.exists(), log.read_text()
     assert not (env.CPUSET / holder_group).exists()
     started = virsh("start", d)
     assert started.returncode == 0, started.stderr

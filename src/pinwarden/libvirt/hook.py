@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 DRIVERS = ("qemu", "lxc")
 MARKER = "# pinwarden libvirt hook"
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
+HOOK_LOG = "hook.log"  # warnings of hook runs libvirtd would not show anywhere
 
 Action = Literal["admit", "own", "free", "ignore"]
 
@@ -244,6 +245,16 @@ def main_run(ctx: Context, driver: str, argv: Sequence[str], stdin: str) -> int:
     except PinwardenError as exc:
         if action_for(op) == "admit":
             raise
-        print(f"pinwarden: warning: hook {op} of {driver} domain {name!r}: {exc.message}",
-              file=sys.stderr)
+        line = f"pinwarden: warning: hook {op} of {driver} domain {name!r}: {exc.message}"
+        print(line, file=sys.stderr)
+        _log(ctx, line)
     return 0
+
+
+def _log(ctx: Context, line: str) -> None:
+    """libvirtd drops the stderr of a hook that exits 0: keep warnings in the state dir."""
+    import contextlib
+    import time
+
+    with contextlib.suppress(OSError), (ctx.state_dir / HOOK_LOG).open("a") as log:
+        log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
