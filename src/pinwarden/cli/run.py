@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 
 from pinwarden.cli import print_json
@@ -46,7 +47,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def request_of(args: argparse.Namespace, command: list[str]) -> JobRequest:
-    name = args.name if args.name else f"{Path(command[0]).name}-{os.getpid()}"
+    if args.name:
+        name = args.name
+    else:  # COMMAND-PID, made a valid job name
+        base = re.sub(r"[^A-Za-z0-9_.@:+-]", "_", Path(command[0]).name)[:48].lstrip("._@:+-")
+        name = f"{base or 'job'}-{os.getpid()}"
     cpus = CpuSet.parse(args.cpus) if args.cpus is not None else None
     if args.exclusive is not None and args.exclusive < 1:
         raise InputError(f"--exclusive needs at least 1 CPU, not {args.exclusive}")
