@@ -421,7 +421,7 @@ def test_rmdir_stops_an_empty_slice(old_standin: Standin) -> None:
         backend.mkdir("pinwarden.slice")
         backend.mkdir(HOLDER)
         backend.rmdir(HOLDER)
-        with pytest.raises(SystemdOpError) as info:
+        with pytest.raises(CgroupOpError) as info:
             backend.read_group(HOLDER)
     finally:
         bus.close()

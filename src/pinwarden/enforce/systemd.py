@@ -667,9 +667,12 @@ class SystemdBackend:
         unit = self._unit("read", path)
         try:
             info = self.unit_info(unit)
-            if info.active_state not in _ACTIVE_STATES:
-                raise DBusCallError("org.freedesktop.systemd1.NoSuchUnit",
-                                    f"Unit {unit} is {info.active_state}, it has no cgroup")
+        except DBusCallError as exc:
+            raise self._fail(exc, "read", path, unit) from None
+        if info.active_state not in _ACTIVE_STATES:
+            raise CgroupOpError("read", path, errno.ENOENT,
+                                detail=f"{unit} is {info.active_state}: it has no cgroup")
+        try:
             partition, partition_error = self._partition(info)
             effective = info.effective_cpus
             if partition != "member" and partition_error is None:
@@ -690,7 +693,7 @@ class SystemdBackend:
             if path not in groups:
                 try:
                     groups[path] = self.read_group(path)
-                except SystemdOpError as exc:
+                except CgroupOpError as exc:
                     if exc.errno != errno.ENOENT:
                         raise
                     return None
