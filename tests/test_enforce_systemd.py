@@ -852,3 +852,18 @@ def test_spoofed_job_signals_are_not_believed(old_standin: Standin) -> None:
         rogue.close()
         bus.close()
     assert state.effective_cpus == CpuSet.parse("0-7")
+
+
+def test_loaded_but_inactive_slice_has_no_cgroup(standin: Standin) -> None:
+    standin.add_unit("pinwarden.slice", "inactive", False)
+    bus, backend = _backend(standin)
+    try:
+        assert "pinwarden.partition" not in backend.read_state(["pinwarden.partition"])
+        with pytest.raises(CgroupOpError) as info:
+            backend.read_group("pinwarden.partition")
+        backend.mkdir("pinwarden.partition")  # a loaded slice without a file is pristine
+        assert backend.read_group("pinwarden.partition").effective_cpus
+    finally:
+        bus.close()
+    assert info.value.errno == errno.ENOENT
+    assert "pinwarden.slice is inactive" in str(info.value)
