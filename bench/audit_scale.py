@@ -6,7 +6,10 @@ the /proc scan (:func:`pinwarden.audit.scan`) and the pure check (:func:`pinward
 with one CPU leased, ``--repeat`` times each, and prints one JSON object on stdout.
 The children are killed (by pid) at the end, also on failure.
 
-    .venv/bin/python bench/audit_scale.py --threads 20000
+    .venv/bin/python bench/audit_scale.py --threads 20000      # make bench
+    .venv/bin/python bench/audit_scale.py --quick              # make bench-quick
+
+Needs ``--threads`` + 2000 below ``kernel.pid_max``; the children use 64 KiB thread stacks.
 """
 
 from __future__ import annotations
@@ -40,7 +43,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=20000, help="threads to add (total)")
     parser.add_argument("--procs", type=int, default=8, help="processes holding them")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true",
+                        help="2000 threads, one repetition (for make bench-quick)")
     args = parser.parse_args()
+    if args.quick:
+        args.threads, args.repeat = 2000, 1
 
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
     if args.threads + 2000 > pid_max:
