@@ -48,13 +48,13 @@ class Obj:
             node = node.parent
 
 
-_LINE = re.compile(r"(?P<indent> *)(?P<type>[A-Za-z][\w()]*)(?: L#\d+)?(?: \((?P<attrs>.*)\))?$")
-_PNUM = re.compile(r"P#(\d+)")
+_LINE = re.compile(r"(?P<indent> *)(?P<type>\S+)(?: L#\d+)?(?: \(P#(?P<pnum>\d+))?")
 
 
 def parse_console(text: str) -> Obj:
     """The object tree of a ``lstopo -v`` output: from ``Machine`` to the first line that
-    is not indented (the ``depth N:`` summary)."""
+    is not indented (the ``depth N:`` summary).  Every line is an object (I/O objects too,
+    so nothing is re-parented); nesting is by indentation."""
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("Machine"))
     root: Obj | None = None
@@ -63,14 +63,13 @@ def parse_console(text: str) -> Obj:
         if root is not None and not line.startswith(" "):
             break
         m = _LINE.match(line)
-        if m is None:
-            continue
+        assert m is not None, line
         indent = len(m.group("indent"))
-        pm = _PNUM.match(m.group("attrs") or "")
         while stack and stack[-1][0] >= indent:
             stack.pop()
         parent = stack[-1][1] if stack else None
-        obj = Obj(m.group("type"), int(pm.group(1)) if pm else None, parent)
+        pnum = m.group("pnum")
+        obj = Obj(m.group("type"), int(pnum) if pnum else None, parent)
         if parent is not None:
             parent.children.append(obj)
         else:
@@ -78,6 +77,28 @@ def parse_console(text: str) -> Obj:
         stack.append((indent, obj))
     assert root is not None and root.type == "Machine"
     return root
+
+
+def test_parse_console() -> None:
+    tree = parse_console("""Machine (P#0 total=2GiB)
+  Package L#0 (P#3 CPUModel="X (R)")
+    NUMANode L#0 (P#0 local=1GiB)
+    Core L#0 (P#0)
+      PU L#0 (P#0)
+      PU L#1 (P#2)
+  Package L#1
+    MemCache L#0 (size=1GiB)
+      NUMANode L#1 (P#1)
+    Core L#1 (P#0)
+      PU L#2 (P#1)
+  HostBridge L#0 (buses=0000:[00-01])
+    PCI 00:02.0 (VGA)
+depth 0:           1 Machine (type #0)
+""")
+    expected, nodes = expected_from(tree)
+    assert nodes == {0: CpuSet.parse("0,2"), 1: CpuSet.of([1])}
+    assert expected[2] == Expected(3, CpuSet.parse("0,2"), CpuSet.parse("0,2"), frozenset({0}))
+    assert expected[1] == Expected(None, CpuSet.of([1]), CpuSet.of([1]), frozenset({1}))
 
 
 @dataclass(frozen=True)
