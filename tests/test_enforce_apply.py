@@ -131,5 +131,7 @@ def test_no_leases_and_no_tree_means_no_change() -> None:
 def test_targets_keep_foreign_pins_inside_the_new_pool() -> None:
     fake = busy_host()
     goal = targets(whole(fake), next_layout())
-    assert goal.want[f"{VM}/vcpu0"].cpus == CpuSet.of([1])  # pinned CPU 3 leased: moved
-    assert goal.want[VM].cpus == CpuSet.of([1])
+    # the VM used CPUs 0-3: 0 and 1 stay (0 is not leased), its pinned CPU 3 moves there
+    assert goal.want["machine"].cpus == CpuSet.of([0, 1])
+    assert goal.want[f"{VM}/vcpu0"].cpus == CpuSet.of([0, 1])
+    assert goal.want[VM].cpus == CpuSet.of([0, 1])

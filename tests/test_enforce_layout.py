@@ -82,11 +82,13 @@ def test_plan_narrows_vm_cgroups_bottom_up_before_machine_shrinks() -> None:
     desired = desired_layout(make_host(), [lease(2, "J"), lease(3, "J")])
     ops = plan(whole(fake), desired)
     index = {op: i for i, op in enumerate(ops)}
-    narrow_machine = index[SetCpus("machine", CpuSet.of([1]))]
+    # the pool is CPU 1, plus CPU 0 which the running VM uses (never leased, so it stays)
+    rest = CpuSet.of([0, 1])
+    narrow_machine = index[SetCpus("machine", rest)]
     # every VM group is narrowed before machine, the deepest first
     for path in (f"{VM}/vcpu0", f"{VM}/vcpu1", f"{VM}/emulator"):
-        assert index[SetCpus(path, CpuSet.of([1]))] < index[SetCpus(VM, CpuSet.of([1]))]
-    assert index[SetCpus(VM, CpuSet.of([1]))] < narrow_machine
+        assert index[SetCpus(path, rest)] < index[SetCpus(VM, rest)]
+    assert index[SetCpus(VM, rest)] < narrow_machine
     # the exclusive tree is created after machine shrank, parent before child
     exclusive_on = index[SetPartition("pinwarden.partition", "exclusive")]
     assert narrow_machine < index[Mkdir("pinwarden.partition")] < exclusive_on
@@ -96,9 +98,14 @@ def test_plan_narrows_vm_cgroups_bottom_up_before_machine_shrinks() -> None:
     for op in ops:
         perform(fake, op)
     state = whole(fake)
-    assert state[f"{VM}/vcpu0"].cpus == CpuSet.of([1])  # its pinned CPU was leased away
+    assert state[f"{VM}/vcpu0"].cpus == rest  # its pinned CPU 3 was leased away
     assert state["pinwarden.partition/run-J.partition"].exclusive
     assert state["pinwarden.partition/run-J.partition"].mems == CpuSet.of([0])
+
+
+def test_nothing_is_touched_before_pinwarden_leases_anything() -> None:
+    fake = vm_fake()
+    assert plan(whole(fake), desired_layout(make_host(), [])) == []
 
 
 def test_release_widens_parents_first_and_removes_empty_groups() -> None:
@@ -107,16 +114,15 @@ def test_release_widens_parents_first_and_removes_empty_groups() -> None:
     apply_layout(fake, desired_layout(host, [lease(2, "J"), lease(3, "J")]))
     ops = plan(whole(fake), desired_layout(host, []))
     assert ops.index(Rmdir("pinwarden.partition/run-J.partition")) \
-        < ops.index(SetPartition("pinwarden.partition", "exclusive")
-                    if False else SetCpus("pinwarden.partition", CpuSet()))
-    assert ops.index(SetCpus("machine", CpuSet.of([1, 2, 3]))) \
-        < ops.index(SetCpus(VM, CpuSet.of([1, 2, 3])))
+        < ops.index(SetCpus("pinwarden.partition", CpuSet()))
+    everything = CpuSet.parse_kernel("0-3")
+    assert ops.index(SetCpus("machine", everything)) < ops.index(SetCpus(VM, everything))
     for op in ops:
         perform(fake, op)
     state = whole(fake)
-    # groups that followed machine follow it back; the pinned vcpu stays where it was put
-    assert state[VM].cpus == CpuSet.of([1, 2, 3])
-    assert state[f"{VM}/vcpu1"].cpus == CpuSet.of([1, 2, 3])
+    # groups that followed machine follow it back, the moved vCPU with them
+    assert state[VM].cpus == everything
+    assert state[f"{VM}/vcpu1"].cpus == everything
     assert "pinwarden.partition/run-J.partition" not in state
     assert state["pinwarden.partition"].cpus == CpuSet()
 
@@ -158,10 +164,11 @@ def test_any_sequence_of_layouts_is_reached_without_kernel_refusal(
         desired = desired_layout(host, leases)
         apply_layout(fake, desired)  # raises EnforceError on any refusal or mismatch
         state = whole(fake)
-        assert state["machine"].cpus == desired.shared.cpus
+        leased = CpuSet.of(step)
+        assert desired.shared.cpus <= state["machine"].cpus
+        assert state["machine"].cpus.isdisjoint(leased)
         for spec in desired.holders:
             assert state[spec.path].cpus == spec.cpus and state[spec.path].exclusive
-        leased = CpuSet.of(step)
         for path in state.subtree("machine"):
             assert state[path].cpus.isdisjoint(leased)
             assert state[path].cpus  # populated VM groups never end up empty

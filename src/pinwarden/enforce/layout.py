@@ -2,7 +2,8 @@
 
 Layout (see DEVELOPERS.md, "cgroup layout")::
 
-    <shared>                    member, cpus = shared pool (VM CPUs − leased; fallback host CPUs)
+    <shared>                    member, cpus = shared pool (VM CPUs − leased; fallback host
+                                CPUs) plus unleased CPUs its VMs use now
     <exclusive>                 exclusive, cpus = every leased CPU
     ├── vm-NAME.partition       exclusive, cpus = the domain's leased CPUs (sibling holds excluded)
     └── run-NAME.partition      exclusive, cpus = the job's leased CPUs
@@ -249,7 +250,7 @@ def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
     remove: set[str] = set()
     kept: list[str] = []
     needed = bool(desired.holders) or names.exclusive in current
-    if not needed and names.shared not in current:
+    if not needed:  # pinwarden never leased anything here: touch nothing
         return Targets({})
     for top in (names.shared, names.exclusive):
         parent = parent_of(top)
@@ -287,7 +288,11 @@ def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
 
     # CPUs still used by a kept stale group stay out of the shared pool
     kept_cpus = union(current[p].cpus for p in kept)
-    shared_cpus = desired.shared.cpus - kept_cpus
+    # CPUs that VMs below the shared partition use now stay, unless leased: pins that
+    # the placement rules honour (outside the pool) keep working
+    in_use = union(current[p].cpus for p in current.subtree(names.shared)
+                   if p != names.shared) if names.shared in current else CpuSet()
+    shared_cpus = (desired.shared.cpus | in_use) - kept_cpus - exclusive_cpus
     if not shared_cpus:  # everything else is leased or kept: whatever the parent has left
         parent = parent_of(names.shared)
         assert parent is not None
