@@ -236,7 +236,7 @@ _leases = st.dictionaries(st.integers(0, 7), st.sampled_from([A, B, J]), max_siz
 
 
 @given(threads=_threads, lease_map=_leases, owner=st.integers(10, 30))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 def test_properties(threads: list[ThreadInfo], lease_map: dict[int, HolderRef],
                     owner: int) -> None:
     holders = [record(A, cgroup="pw/a"), record(J, owner=owner), record(B)]

@@ -40,6 +40,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -253,13 +254,13 @@ class _Context:
                       _name_matches(name, h.name)}
         return found
 
-    def cgroup_owners(self, path: str) -> set[HolderRef]:
-        owners = {h for top, h in self.holder_cgroups if _within(path, top)}
+    def cgroup_owners(self, path: str) -> frozenset[HolderRef]:
+        owners = frozenset(h for top, h in self.holder_cgroups if _within(path, top))
         if owners:
             return owners
         # A holder without a recorded cgroup: recognise its libvirt machine cgroup.
         recorded = {h for _, h in self.holder_cgroups}
-        return {h for h in self.by_machine_name(path) if h not in recorded}
+        return frozenset(h for h in self.by_machine_name(path) if h not in recorded)
 
     def is_vm_cgroup(self, path: str) -> bool:
         if any(_within(path, top) for top in self.vm_partitions):
@@ -271,7 +272,8 @@ class _Context:
         return any(machine_name(c) is not None or c.endswith((".libvirt-qemu", ".libvirt-lxc"))
                    for c in path.split("/"))
 
-    def foreign(self, cpus: CpuSet, owners: set[HolderRef]) -> tuple[CpuSet, tuple[HolderRef, ...]]:
+    def foreign(self, cpus: CpuSet,
+                owners: AbstractSet[HolderRef]) -> tuple[CpuSet, tuple[HolderRef, ...]]:
         """Leased CPUs among ``cpus`` whose holder is not one of ``owners``, and CPUs held
         empty (``sibling-hold``), which not even their holder may use."""
         hit = [c for c in cpus if c in self.lease_of and
@@ -323,6 +325,25 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
             owned_by[p] = found
         return found
 
+    # Thousands of threads share a few cgroups and CPU lists: decide each combination once.
+    by_cgroup: dict[str | None, tuple[frozenset[HolderRef], bool]] = {}
+    by_cpus: dict[tuple[CpuSet, frozenset[HolderRef]], tuple[CpuSet, tuple[HolderRef, ...]]] = {}
+
+    def cgroup_facts(path: str | None) -> tuple[frozenset[HolderRef], bool]:
+        found = by_cgroup.get(path)
+        if found is None:
+            found = by_cgroup[path] = (
+                (frozenset(), False) if path is None
+                else (ctx.cgroup_owners(path), ctx.is_vm_cgroup(path)))
+        return found
+
+    def foreign(cpus: CpuSet, owners: frozenset[HolderRef]) -> tuple[CpuSet,
+                                                                      tuple[HolderRef, ...]]:
+        found = by_cpus.get((cpus, owners))
+        if found is None:
+            found = by_cpus[(cpus, owners)] = ctx.foreign(cpus, owners)
+        return found
+
     if leased:
         for t in snapshot.threads:
             if not (t.cpus & leased):
@@ -330,15 +351,14 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
             if t.kernel and len(t.cpus) == 1:
                 per_cpu += 1  # a per-CPU kernel thread: part of the CPU itself
                 continue
-            path = _norm(t.cgroup)
-            owners = ctx.cgroup_owners(path) if path is not None else set()
+            owners, in_vm_cgroup = cgroup_facts(_norm(t.cgroup))
             by_pid = owner_of_process(t.pid) if not t.kernel else None
             if by_pid is not None:
-                owners.add(by_pid)
-            cpus, victims = ctx.foreign(t.cpus, owners)
+                owners = owners | {by_pid}
+            cpus, victims = foreign(t.cpus, owners)
             if not cpus:
                 continue
-            vm = bool(owners) or (path is not None and ctx.is_vm_cgroup(path))
+            vm = bool(owners) or in_vm_cgroup
             intruders.append(Intruder(
                 kind="other-vm-thread" if vm and not t.kernel else "host-task",
                 cpus=cpus, holders=victims, name=t.comm, pid=t.pid, tid=t.tid,
@@ -347,11 +367,10 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
 
         for g in snapshot.cgroups:
             path = g.path.strip("/")
-            if not ctx.is_vm_cgroup(path):
+            owners, in_vm_cgroup = cgroup_facts(path)
+            if not in_vm_cgroup:
                 continue
-            owners = ctx.cgroup_owners(path)
-            cpus, victims = ctx.foreign(g.effective if g.effective is not None else g.cpus,
-                                        owners)
+            cpus, victims = foreign(g.effective if g.effective is not None else g.cpus, owners)
             if cpus:
                 intruders.append(Intruder(
                     kind="vm-cgroup", cpus=cpus, holders=victims,
@@ -361,13 +380,14 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
         for irq in snapshot.irqs:
             if not irq.actions:
                 continue  # no handler: never fires
-            cpus, victims = ctx.foreign(irq.affinity, set())
+            cpus, victims = foreign(irq.affinity, frozenset())
             if cpus:
                 intruders.append(Intruder(kind="irq", cpus=cpus, holders=victims,
                                           name=",".join(irq.actions), irq=irq.irq))
 
-    intruders.sort(key=lambda i: (KIND_ORDER.index(i.kind), i.pid or 0, i.tid or 0,
-                                  i.cgroup or "", i.irq or 0))
+    rank = {kind: n for n, kind in enumerate(KIND_ORDER)}
+    intruders.sort(key=lambda i: (rank[i.kind], i.pid or 0, i.tid or 0, i.cgroup or "",
+                                  i.irq or 0))
     return Report(leases=dict(sorted(lease_of.items())), intruders=tuple(intruders),
                   roles={x.cpu: x.role for x in lease_list},
                   threads=len(snapshot.threads), cgroups=len(snapshot.cgroups),
