@@ -340,6 +340,18 @@ def test_offline_cpu_without_topology(tmp_path: Path) -> None:
     assert CpuSet.of([1]) in topo.cores()
 
 
+def test_offline_cpu_kept_in_sibling_mask(tmp_path: Path) -> None:
+    """Older kernels keep an offline thread in its online sibling's mask: still its core."""
+    build_host(tmp_path, HostSpec(cpus=8, threads=2))
+    write(tmp_path, "sys/devices/system/cpu/online", "0-4,6-7\n")
+    write(tmp_path, "sys/devices/system/cpu/cpu5/online", "0\n")
+    for f in (tmp_path / "sys/devices/system/cpu/cpu5/topology").iterdir():
+        f.unlink()
+    topo = read_topology(tmp_path)
+    assert topo.siblings(1) == CpuSet.parse("1,5") == topo.siblings(5)
+    assert CpuSet.of([1]) in topo.cores() and CpuSet.parse("1,5") not in topo.cores()
+
+
 def test_per_cpu_online_files_without_online_list(tmp_path: Path) -> None:
     build_host(tmp_path, HostSpec(cpus=4, threads=1))
     (tmp_path / "sys/devices/system/cpu/online").unlink()

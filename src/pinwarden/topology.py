@@ -260,20 +260,25 @@ def read_topology(root: Path) -> Topology:
         online = CpuSet.of(c for c in present if _read(base / f"cpu{c}" / "online") != "0")
 
     raw = {c: _read_raw(base / f"cpu{c}") for c in present}
-    # CPUs whose topology the kernel exports: offline CPUs keep stale (or no) files on
-    # some kernels, so masks only count online CPUs with a topology directory.
+    # Masks count the online CPUs with a topology directory (what hwloc sees) and offline
+    # CPUs, which older kernels keep in their siblings' masks.  An online CPU without
+    # topology files is nobody's sibling: its place is unknown.
     known = CpuSet.of(c for c in online if raw[c].has_topology)
+    eligible = known | (present - online)
 
-    def ident(c: int) -> tuple[int | None, int | None, int | None]:
-        return raw[c].package, raw[c].die, raw[c].core
+    def same_core(a: int, b: int) -> bool:
+        """Threads of one core agree on (package, die, core_id) where both report it."""
+        ra, rb = raw[a], raw[b]
+        return all(x is None or y is None or x == y for x, y in
+                   ((ra.package, rb.package), (ra.die, rb.die), (ra.core, rb.core)))
 
     siblings: dict[int, CpuSet] = {}
     for c in present:
         mask = raw[c].thread_mask
-        pool = (mask & known) | CpuSet.of([c]) if mask is not None else CpuSet.of([c])
-        siblings[c] = CpuSet.of(s for s in pool if s == c or ident(s) == ident(c))
-    # An offline CPU without its own mask still belongs to the core an online sibling
-    # names it in (older kernels keep offline CPUs in their siblings' masks).
+        pool = (mask & eligible) | CpuSet.of([c]) if mask is not None else CpuSet.of([c])
+        siblings[c] = CpuSet.of(s for s in pool if s == c or same_core(s, c))
+    # Make the relation symmetric: an offline CPU without files of its own belongs to the
+    # core whose mask names it, and a stale mask of an offline CPU joins it to its core.
     for c in present:
         for s in siblings[c]:
             if s != c and c not in siblings[s]:
