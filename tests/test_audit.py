@@ -20,6 +20,7 @@ from pinwarden import audit
 from pinwarden.audit import CgroupInfo, HostSnapshot, IrqInfo, ThreadInfo
 from pinwarden.cli.audit import render
 from pinwarden.cpuset import CpuSet
+from pinwarden.errors import HostError
 from pinwarden.ledger import HolderRecord, Ledger
 from pinwarden.model import HolderRef, Lease, Plan
 
@@ -334,9 +335,19 @@ def test_scanner_on_a_proc_tree(tmp_path: Path) -> None:
 def test_scanner_without_cpuset_mount_says_so(tmp_path: Path) -> None:
     (tmp_path / "proc/self").mkdir(parents=True)
     (tmp_path / "proc/self/mountinfo").write_text("")
+    _task(tmp_path / "proc", 1, 1, comm="init", ppid=0, cpus="0-3", cgroup="0::/\n")
     snap = audit.scan(tmp_path)
     assert "no cpuset cgroup hierarchy is mounted: VM cgroups not checked" in snap.notes
     assert snap.cgroups == ()
+    assert [(t.pid, t.cgroup) for t in snap.threads] == [(1, None)]
+
+
+def test_scanner_refuses_a_root_without_processes(tmp_path: Path) -> None:
+    with pytest.raises(HostError, match=f"no processes under {tmp_path}/proc"):
+        audit.scan(tmp_path)
+    (tmp_path / "proc/self").mkdir(parents=True)
+    with pytest.raises(HostError):
+        audit.scan(tmp_path)
 
 
 def test_scanner_agrees_with_the_kernel_for_this_process() -> None:

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pinwarden.cpuset import CpuSet, CpuSetError
+from pinwarden.errors import HostError
 from pinwarden.ledger import HolderRecord
 from pinwarden.model import SIBLING_HOLD, HolderRef, Lease
 from pinwarden.mounts import read_mounts
@@ -592,8 +593,19 @@ def scan_irqs(proc: Path) -> list[IrqInfo]:
     return out
 
 
+def _has_processes(proc: Path) -> bool:
+    try:
+        return any(e.name.isdigit() for e in os.scandir(proc))
+    except OSError:
+        return False
+
+
 def scan(root: Path = Path("/")) -> HostSnapshot:
     """Read the host below ``root`` into a :class:`HostSnapshot`."""
+    proc = root / "proc"
+    if not _has_processes(proc):
+        raise HostError(f"no processes under {proc}: the audit needs /proc (a live host, or "
+                        f"a --root dump that includes proc/)")
     notes: list[str] = []
     mounts = read_mounts(root)
     v1 = mounts.v1("cpuset")
@@ -606,7 +618,6 @@ def scan(root: Path = Path("/")) -> HostSnapshot:
         cgroups, members = scan_cgroups(v2, v2=True)
     else:
         notes.append("no cpuset cgroup hierarchy is mounted: VM cgroups not checked")
-    proc = root / "proc"
     live = root.resolve() == Path("/")
     threads, vanished = scan_threads(proc, cgroup_of=members, v2_cpuset=v2 is not None,
                                      live=live)
