@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import tarfile
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pinwarden.allocator import Allocation, Request, allocate
 from pinwarden.cpuset import EMPTY, CpuSet
+from pinwarden.domain import ThreadPolicy
 from pinwarden.errors import InputError, Refusal
-from pinwarden.topology import Cpu, Topology
+from pinwarden.topology import Cpu, Topology, read_topology
 
 
 def build(sockets: int = 1, nodes: int = 1, cores: int = 4, threads: int = 2, *,
@@ -293,3 +297,83 @@ def test_isolate_never_shares_a_core_across_allocations(
             core = topo.siblings(c)
             assert owner.setdefault(core, vm) == vm
         free = free - CpuSet.of(got.cpus) - got.holds
+
+
+# -- real topologies (hwloc sysfs dumps) -------------------------------------------------
+
+HWLOC = Path(__file__).resolve().parent.parent.parent / "shared" / "testdata" / "hwloc"
+
+
+def _dumps() -> list[str]:
+    return sorted(p.name.removesuffix(".tar.bz2") for p in HWLOC.glob("*.tar.bz2"))
+
+
+@pytest.fixture(scope="module")
+def hwloc_topologies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Topology]:
+    if not HWLOC.is_dir():
+        pytest.fail(f"hwloc test data missing at {HWLOC}")
+    out = tmp_path_factory.mktemp("hwloc-alloc")
+    topologies: dict[str, Topology] = {}
+    for tarball in sorted(HWLOC.glob("*.tar.bz2")):
+        with tarfile.open(tarball) as tar:
+            top = tar.getnames()[0].split("/")[0]
+            wanted = [m for m in tar.getmembers()
+                      if "/sys/devices/system/" in m.name or "/sys/devices/cpu_" in m.name
+                      or "/proc/" in m.name]
+            tar.extractall(out / tarball.name, members=wanted, filter="data")
+        name = tarball.name.removesuffix(".tar.bz2")
+        topologies[name] = read_topology(out / tarball.name / top)
+    return topologies
+
+
+def test_every_hwloc_dump_is_read(hwloc_topologies: dict[str, Topology]) -> None:
+    assert sorted(hwloc_topologies) == _dumps() and len(_dumps()) >= 10
+
+
+@pytest.mark.parametrize("dump", _dumps())
+@pytest.mark.parametrize("threads", ["prefer", "isolate", "require"])
+def test_filling_a_real_host(hwloc_topologies: dict[str, Topology], dump: str,
+                             threads: ThreadPolicy) -> None:
+    """Place 1-, 2- and 3-CPU VMs until the host is full: every placement is valid, stays
+    on one node whenever one node can hold it, isolate VMs never share a core, and the
+    host is refused only when it is really full for that policy."""
+    topo = hwloc_topologies[dump]
+    pool = topo.online - topo.cores()[0] if len(topo.cores()) > 1 else topo.online
+    if threads == "require" and not topo.smt:
+        with pytest.raises(Refusal) as err:
+            allocate(topo, pool, pool, Request(1, "require"))
+        assert err.value.code == "no-smt"
+        return
+    free = pool
+    owners: dict[CpuSet, int] = {}
+    placed = 0
+    for vm in range(10_000):
+        count = 1 + vm % 3
+        request = Request(count, threads)
+        try:
+            got = allocate(topo, pool, free, request)
+        except Refusal as refusal:
+            assert refusal.code == "insufficient-cpus"
+            if threads == "prefer":
+                assert len(free) < count
+            elif threads == "isolate":
+                assert sum(whole_free_cores(topo, free).values()) < count
+            break
+        chosen = CpuSet.of(got.cpus)
+        assert len(chosen) == count and chosen <= free and got.holds <= free
+        assert chosen.isdisjoint(got.holds)
+        if threads == "prefer":
+            per_node: dict[int, int] = {}
+            for c in free:
+                per_node[topo.node_of(c)] = per_node.get(topo.node_of(c), 0) + 1
+            if max(per_node.values()) >= count:
+                assert len(nodes_of(topo, got.cpus)) == 1, (dump, vm, got)
+        if threads == "isolate":
+            for c in got.cpus:
+                core = topo.siblings(c) & topo.online
+                assert core not in owners, f"{dump}: core {core} used twice"
+                owners[core] = vm
+                assert core <= chosen | got.holds
+        free = free - chosen - got.holds
+        placed += 1
+    assert placed > 0
