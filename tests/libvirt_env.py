@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid as uuid_mod
 from collections.abc import Iterator
@@ -332,3 +333,76 @@ def cpu_exclusive(path: str) -> bool:
 
 def set_cpu_exclusive(path: str, on: bool) -> None:
     (CPUSET / path / "cpuset.cpu_exclusive").write_text("1" if on else "0")
+
+
+# -- pinwarden under test -----------------------------------------------------------------
+
+#: The pinwarden under test (hook scripts exec it too); PINWARDEN_EXE overrides.
+PINWARDEN = os.environ.get("PINWARDEN_EXE") or str(Path(sys.executable).with_name("pinwarden"))
+
+
+@dataclass
+class Pinwarden:
+    """The CLI with a private state dir and config (``none`` mode, host reserve CPU 0, the
+    exclusive tree at ``exclusive`` so tests never touch a real ``pinwarden.partition``)."""
+
+    state: Path
+    config: Path
+    exclusive: str
+
+    @classmethod
+    def make(cls, base: Path, exclusive: str) -> Pinwarden:
+        if not exclusive.startswith("pwtest") or not exclusive.endswith(".partition"):
+            raise ValueError(f"test exclusive trees are pwtest….partition, not {exclusive!r}")
+        config = base / "pinwarden.toml"
+        config.write_text(f'[partition]\nmode = "none"\nhost_reserve = "0"\n'
+                          f'exclusive = "{exclusive}"\n')
+        return cls(base / "state", config, exclusive)
+
+    def run(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        cmd = [PINWARDEN, *args, "--state-dir", str(self.state), "--config", str(self.config)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if check and proc.returncode != 0:
+            pytest.fail(f"pinwarden {' '.join(args)} failed ({proc.returncode}): "
+                        f"{proc.stderr.strip()}")
+        return proc
+
+    def holder_group(self, name: str) -> str:
+        return f"{self.exclusive}/vm-{name}.partition"
+
+    def cleanup(self) -> None:
+        """Remove the exclusive tree (every hierarchy, bottom-up) once its VMs are gone."""
+        remove_tree(self.exclusive)
+
+
+def remove_tree(top: str) -> None:
+    """rmdir ``top`` and its (empty) subgroups in every mounted hierarchy, bottom-up."""
+    for hierarchy in Path("/sys/fs/cgroup").iterdir():
+        base = hierarchy / top
+        if not base.is_dir():
+            continue
+        dirs = sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+        for d in [*dirs, base]:
+            flag = d / "cpuset.cpu_exclusive"
+            with contextlib.suppress(OSError):
+                if flag.exists():
+                    flag.write_text("0")
+                d.rmdir()
+
+
+@contextlib.contextmanager
+def machine_restored() -> Iterator[None]:
+    """Put ``machine``'s cpuset back as it was (pinwarden narrows it while CPUs are leased)."""
+    path = CPUSET / "machine" / "cpuset.cpus"
+    before = path.read_text().strip() if path.exists() else None
+    try:
+        yield
+    finally:
+        if before is not None:
+            with contextlib.suppress(OSError):
+                path.write_text(before)
+
+
+def virsh(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True,
+                          timeout=120)

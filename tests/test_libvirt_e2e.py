@@ -18,11 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -36,72 +32,33 @@ pytest_plugins = ["libvirt_env"]
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
 
 EXCLUSIVE = "pwtest-e2e.partition"
-#: The pinwarden under test (the hook scripts exec it too); PINWARDEN_EXE overrides.
-PINWARDEN = os.environ.get("PINWARDEN_EXE") or str(Path(sys.executable).with_name("pinwarden"))
-
-
-@dataclass
-class Setup:
-    state: Path
-    config: Path
-
-    def run(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-        cmd = [PINWARDEN, *args, "--state-dir", str(self.state), "--config", str(self.config)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if check and proc.returncode != 0:
-            pytest.fail(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
-        return proc
-
-
-def virsh(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["virsh", "-c", env.URI, *args], capture_output=True, text=True,
-                          timeout=120)
-
-
-def remove_tree(top: str) -> None:
-    """rmdir ``top`` and its (empty) subgroups in every mounted hierarchy, bottom-up."""
-    for hierarchy in Path("/sys/fs/cgroup").iterdir():
-        base = hierarchy / top
-        if not base.is_dir():
-            continue
-        dirs = sorted((p for p in base.rglob("*") if p.is_dir()),
-                      key=lambda p: -len(p.parts))
-        for d in [*dirs, base]:
-            with contextlib.suppress(OSError):
-                d.rmdir()
+virsh = env.virsh
 
 
 @pytest.fixture(scope="module")
 def hooked(libvirt_daemons: env.Daemons, tmp_path_factory: pytest.TempPathFactory,
-           ) -> Iterator[Setup]:
+           ) -> Iterator[env.Pinwarden]:
     """Hook installed in the real /etc/libvirt/hooks, libvirtd restarted to see it; at the
     end the hook is removed, libvirtd restarted again and the cgroups put back."""
-    base = tmp_path_factory.mktemp("pinwarden-e2e")
-    setup = Setup(state=base / "state", config=base / "pinwarden.toml")
-    setup.config.write_text(f'[partition]\nmode = "none"\nhost_reserve = "0"\n'
-                            f'exclusive = "{EXCLUSIVE}"\n')
+    pw = env.Pinwarden.make(tmp_path_factory.mktemp("pinwarden-e2e"), EXCLUSIVE)
     for driver in ("qemu", "lxc"):
         path = env.HOOKS_DIR / driver
         if path.exists() and "pinwarden" not in path.read_text(errors="replace"):
             pytest.fail(f"{path} exists and is not pinwarden's: the e2e test will not "
                         f"replace a real hook")
-    machine_before = (env.CPUSET / "machine" / "cpuset.cpus").read_text().strip() \
-        if (env.CPUSET / "machine").is_dir() else None
-    try:
-        setup.run("hook", "install", "--hooks-dir", str(env.HOOKS_DIR), "--exe", PINWARDEN,
-                  check=True)
-        libvirt_daemons.restart_libvirtd()
-        yield setup
-    finally:
-        with contextlib.suppress(OSError):
-            for driver in ("qemu", "lxc"):
-                (env.HOOKS_DIR / driver).unlink(missing_ok=True)
-        if libvirt_daemons.owns("libvirtd"):
+    with env.machine_restored():
+        try:
+            pw.run("hook", "install", "--hooks-dir", str(env.HOOKS_DIR), "--exe",
+                   env.PINWARDEN, check=True)
             libvirt_daemons.restart_libvirtd()
-        remove_tree(EXCLUSIVE)
-        if machine_before is not None:
+            yield pw
+        finally:
             with contextlib.suppress(OSError):
-                (env.CPUSET / "machine" / "cpuset.cpus").write_text(machine_before)
+                for driver in ("qemu", "lxc"):
+                    (env.HOOKS_DIR / driver).unlink(missing_ok=True)
+            if libvirt_daemons.owns("libvirtd"):
+                libvirt_daemons.restart_libvirtd()
+            pw.cleanup()
 
 
 def off_cpu1(name: str) -> None:
@@ -113,7 +70,7 @@ def off_cpu1(name: str) -> None:
     assert affinity, name
 
 
-def test_seed_story(hooked: Setup, domains: env.Domains) -> None:
+def test_seed_story(hooked: env.Pinwarden, domains: env.Domains) -> None:
     if len(os.sched_getaffinity(0)) < 2 or not shutil.which("virsh"):
         pytest.fail("the story needs 2 CPUs and virsh")
     a, b, c, d = "pwtest-e2e-a", "pwtest-e2e-b", "pwtest-e2e-c", "pwtest-e2e-d"

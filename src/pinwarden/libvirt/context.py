@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pinwarden.config import Config
 from pinwarden.cpuset import CpuSet
+from pinwarden.enforce.apply import Result
 from pinwarden.enforce.backend import CgroupBackend
 from pinwarden.enforce.layout import LayoutNames, libvirt_partition, shared_pool
 from pinwarden.errors import HostError
@@ -56,7 +57,7 @@ class Context:
 
         return CpusetV1.from_mounts(self.root)
 
-    def sync(self, host: Host, leases: Sequence[Lease]) -> None:
+    def sync(self, host: Host, leases: Sequence[Lease]) -> Result:
         """Make the cgroups match ``leases`` (E1's transactional layout sync)."""
         from pinwarden.enforce.apply import locked, sync
         from pinwarden.enforce.backend import CgroupOpError
@@ -81,7 +82,22 @@ class Context:
                                 backend.set_partition(path, "member")
                 except CgroupOpError:
                     pass  # the sync below says what is wrong
-        sync(backend, host, leases, self.names, lock_file=self.lock_file)
+        return sync(backend, host, leases, self.names, lock_file=self.lock_file)
+
+    def restore(self, result: Result) -> None:
+        """Undo a :meth:`sync`: every group it touched goes back to the state read before
+        it (groups it created are removed).  Used when a start fails after enforcing."""
+        from pinwarden.enforce.apply import execute, locked
+        from pinwarden.enforce.layout import order, restore_targets
+
+        touched = {op.path for op in result.ops}
+        if not touched:
+            return
+        backend = self.backend()
+        with locked(self.lock_file):
+            now = backend.read_state(self.names.paths())
+            goal = restore_targets(result.before, now, touched)
+            execute(backend, now, order(now, goal))
 
     def pool(self, host: Host, leased: CpuSet) -> CpuSet:
         return shared_pool(host, leased)[0]

@@ -33,6 +33,8 @@ import defusedxml.ElementTree as SafeET
 
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import PW_NS, DomainSpec, parse_domain, render_plan
+from pinwarden.enforce.apply import Result
+from pinwarden.enforce.backend import CgroupOpError
 from pinwarden.enforce.layout import holder_group_path
 from pinwarden.errors import InputError, LedgerError, LibvirtError, PinwardenError, Refusal
 from pinwarden.ledger import Ledger
@@ -145,11 +147,12 @@ def _start_exclusive(ctx: Context, conn: Any, ledger: Ledger, host: Host, holder
     plan = ledger.reserve(holder, plan_and_check)
     done: list[Repin] = []
     started = False
+    enforced: Result | None = None
     try:
         for move in moves:
             lv.apply_repin(conn, move)
             done.append(move)
-        ctx.sync(host, ledger.leases())
+        enforced = ctx.sync(host, ledger.leases())
         dom = _create(conn, holder, render_plan(xml, plan, partition=partition))
         started = True
         pid = lv.read_pid(holder.driver, holder.name)
@@ -167,20 +170,26 @@ def _start_exclusive(ctx: Context, conn: Any, ledger: Ledger, host: Host, holder
         return Started(holder.name, holder.key, plan, pid, kernel.domain_cgroup(pid),
                        tuple(done), plan.notes)
     except BaseException:
-        _rollback(ctx, conn, ledger, host, holder, started, done)
+        _rollback(ctx, conn, ledger, host, holder, started, done, enforced)
         raise
 
 
 def _rollback(ctx: Context, conn: Any, ledger: Ledger, host: Host, holder: HolderRef,
-              started: bool, done: Sequence[Repin]) -> None:
-    """Best effort, every step attempted: the caller re-raises the original error."""
+              started: bool, done: Sequence[Repin], enforced: Result | None) -> None:
+    """Best effort, every step attempted: the caller re-raises the original error.
+    Order: domain, lease, cgroups (back to the state read before), then the re-pins
+    (which need the restored cgroups to allow their old CPUs again)."""
     if started:
         with contextlib.suppress(PinwardenError):
             lv.destroy(conn, holder.name)
     with contextlib.suppress(PinwardenError):
         ledger.release(holder.key, driver=holder.driver)
-    with contextlib.suppress(PinwardenError):
-        ctx.sync(host, ledger.leases())
+    try:
+        if enforced is not None:
+            ctx.restore(enforced)
+    except (PinwardenError, CgroupOpError):
+        with contextlib.suppress(PinwardenError):
+            ctx.sync(host, ledger.leases())
     for move in reversed(done):
         with contextlib.suppress(PinwardenError):
             lv.apply_repin(conn, move, undo=True)

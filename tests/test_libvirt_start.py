@@ -1,0 +1,156 @@
+"""``pinwarden start/stop/define`` against the real libvirtd, QEMU and cgroup v1 (no hook).
+
+* an exclusive start re-pins a running unpinned domain live, off the leased CPU;
+* a running domain pinned by its own XML onto that CPU makes the start refuse, naming it,
+  with every record and cgroup left as it was;
+* a start that libvirt fails after the lease and cgroups were set up is rolled back;
+* ``define`` stores pinwarden's metadata and partition, and refuses bad XML or pins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pinwarden.domain import parse_domain
+from pinwarden.ledger import Ledger
+
+pytest.register_assert_rewrite("libvirt_env")
+
+import libvirt_env as env  # noqa: E402
+
+pytest_plugins = ["libvirt_env"]
+pytestmark = pytest.mark.libvirt
+
+EXCLUSIVE = "pwtest-start.partition"
+
+
+@pytest.fixture
+def pw(libvirt_daemons: env.Daemons, tmp_path: Path) -> Iterator[env.Pinwarden]:
+    hooks = [env.HOOKS_DIR / d for d in ("qemu", "lxc")]
+    if any(h.exists() for h in hooks):
+        pytest.fail(f"a libvirt hook is installed ({', '.join(map(str, hooks))}); these "
+                    f"tests exercise pinwarden start without it")
+    tool = env.Pinwarden.make(tmp_path, EXCLUSIVE)
+    with env.machine_restored():
+        try:
+            yield tool
+        finally:
+            tool.cleanup()
+
+
+def holders(pw: env.Pinwarden) -> tuple[str, ...]:
+    if not (pw.state / "leases.db").exists():
+        return ()
+    with Ledger(pw.state) as ledger:
+        return tuple(h.ref.name for h in ledger.holders(reap=False))
+
+
+def tree_state(pw: env.Pinwarden) -> dict[str, str]:
+    """cpus and exclusive flag of every group of the exclusive tree and of machine."""
+    out: dict[str, str] = {}
+    for top in (pw.exclusive, "machine"):
+        base = env.CPUSET / top
+        if not base.is_dir():
+            continue
+        for d in [base, *sorted(p for p in base.rglob("*") if p.is_dir())]:
+            if "libvirt-qemu" in d.name or d.parent.name.endswith(".libvirt-qemu"):
+                continue
+            rel = str(d.relative_to(env.CPUSET))
+            out[rel] = (f"{(d / 'cpuset.cpus').read_text().strip()} "
+                        f"x{(d / 'cpuset.cpu_exclusive').read_text().strip()}")
+    return out
+
+
+def test_exclusive_start_repins_a_running_shared_domain(pw: env.Pinwarden,
+                                                        domains: env.Domains) -> None:
+    a, s = "pwtest-start-a", "pwtest-start-s"
+    shared = domains.create(s)  # unpinned, started before any lease: may run on CPU 1
+    assert 1 in env.vm_affinity(s)
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+
+    out = pw.run("start", a, check=True).stdout
+    assert f"re-pinned {s}" in out
+    assert env.vm_affinity(a) == {1}
+    assert env.vm_affinity(s) == {0}
+    live = pw.run("start", a)  # already running: refused, nothing changes
+    assert live.returncode == 1 and "already running" in live.stderr
+    assert env.vm_affinity(a) == {1}
+    bits = shared.vcpuPinInfo(env.libvirt.VIR_DOMAIN_AFFECT_LIVE)[0]
+    assert [i for i, on in enumerate(bits) if on] == [0]  # libvirt's own view agrees
+    group = pw.holder_group(a)
+    assert env.cpu_exclusive(group) and env.read_cpus(group, "effective_cpus") == {1}
+    assert holders(pw) == (a,)
+
+    stopped = pw.run("stop", a, check=True).stdout
+    assert "freed CPUs 1" in stopped
+    assert holders(pw) == ()
+    assert not (env.CPUSET / group).exists()
+    assert not domains.conn.lookupByName(a).isActive()
+
+
+def test_start_refused_by_a_domain_pinned_onto_the_cpu(pw: env.Pinwarden,
+                                                       domains: env.Domains) -> None:
+    a, p = "pwtest-start-a2", "pwtest-start-p"
+    domains.create(p, vcpupins={0: "1"}, emulatorpin="1")
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    before = tree_state(pw)
+
+    refused = pw.run("start", a)
+    assert refused.returncode == 1
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pinwarden: error: "), refused.stderr
+    assert f"'{p}'" in lines[0] and "CPU 1" in lines[0]
+    assert holders(pw) == ()
+    assert tree_state(pw) == before
+    assert not domains.conn.lookupByName(a).isActive()
+    assert env.vm_affinity(p) == {1}
+
+
+def test_failed_start_is_rolled_back(pw: env.Pinwarden, domains: env.Domains,
+                                     tmp_path: Path) -> None:
+    a = "pwtest-start-a3"
+    xml = env.tiny_domain_xml(a, exclusive=True, vcpupins={0: "1"})
+    missing = tmp_path / "no-such-disk.img"
+    xml = xml.replace("</emulator>", f"</emulator><disk type='file' device='disk'>"
+                                     f"<source file='{missing}'/><target dev='vda' "
+                                     f"bus='virtio'/></disk>")
+    domains.track(a)
+    domains.conn.defineXML(xml)
+    before = tree_state(pw)
+
+    failed = pw.run("start", a)
+    assert failed.returncode == 1
+    assert "libvirt could not start domain" in failed.stderr
+    assert str(missing) in failed.stderr
+    assert holders(pw) == ()
+    assert tree_state(pw) == before  # every cgroup back as it was (the tree removed)
+
+
+def test_define_stores_metadata_and_refuses_bad_input(pw: env.Pinwarden,
+                                                      domains: env.Domains,
+                                                      tmp_path: Path) -> None:
+    name = "pwtest-start-def"
+    source = tmp_path / "def.xml"
+    source.write_text(env.tiny_domain_xml(name, vcpupins={0: "1"}).replace(
+        "<cputune>", "<cputune exclusive='yes'>"))
+    domains.track(name)
+    out = pw.run("define", str(source), check=True).stdout
+    assert "exclusive" in out and "would lease CPUs 1" in out
+    stored = parse_domain(domains.conn.lookupByName(name).XMLDesc(0))
+    assert stored.exclusive
+    assert stored.partition == f"/{EXCLUSIVE.removesuffix('.partition')}/vm-{name}"
+
+    for text, why in (("<domain><name>x</name", "malformed"),
+                      (env.tiny_domain_xml("pwtest-start-bad", vcpupins={0: "7"}), "7")):
+        bad = tmp_path / "bad.xml"
+        bad.write_text(text)
+        refused = pw.run("define", str(bad))
+        assert refused.returncode == 1, refused.stdout
+        assert why in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+        with contextlib.suppress(env.libvirt.libvirtError):
+            domains.conn.lookupByName("pwtest-start-bad")
+            pytest.fail("a refused definition was stored")
