@@ -11,7 +11,7 @@ import pytest
 from enforce_helpers import FailingBackend, build, lease, make_host, whole
 from pinwarden.cpuset import CpuSet
 from pinwarden.enforce.apply import apply_layout, execute, sync
-from pinwarden.enforce.backend import GroupState, SetCpus, Snapshot
+from pinwarden.enforce.backend import CgroupOpError, GroupState, SetCpus, Snapshot
 from pinwarden.enforce.fake import FakeCpusetV1
 from pinwarden.enforce.layout import DesiredLayout, LayoutNames, desired_layout, plan, targets
 from pinwarden.errors import EnforceError
@@ -135,3 +135,25 @@ def test_targets_keep_foreign_pins_inside_the_new_pool() -> None:
     assert goal.want["machine"].cpus == CpuSet.of([0, 1])
     assert goal.want[f"{VM}/vcpu0"].cpus == CpuSet.of([0, 1])
     assert goal.want[VM].cpus == CpuSet.of([0, 1])
+
+
+class RacingFake(FakeCpusetV1):
+    """Someone else creates the group between our read and our mkdir (once)."""
+
+    raced = False
+
+    def mkdir(self, path: str) -> None:
+        if not self.raced and path == "pinwarden.partition":
+            self.raced = True
+            super().mkdir(path)
+            super().set_mems(path, CpuSet.of([0]))
+            raise CgroupOpError("mkdir", path, errno.EEXIST)
+        super().mkdir(path)
+
+
+def test_a_concurrent_mkdir_is_re_planned() -> None:
+    fake = RacingFake(CpuSet.parse_kernel("0-3"))
+    build(fake, {"machine": ("0-3", False)})
+    sync(fake, make_host(), [lease(3, "J")])
+    assert fake.raced
+    assert whole(fake)["pinwarden.partition/run-J.partition"].cpus == CpuSet.of([3])

@@ -274,5 +274,20 @@ def apply_layout(backend: CgroupBackend, desired: DesiredLayout) -> Result:
 def sync(backend: CgroupBackend, host: Host, leases: Sequence[Lease],
          names: LayoutNames | None = None, *, lock_file: Path | None = None) -> Result:
     """Make the cgroups match ``leases``: the one call the ledger users need."""
+    desired = desired_layout(host, leases, names or LayoutNames())
     with locked(lock_file):
-        return apply_layout(backend, desired_layout(host, leases, names or LayoutNames()))
+        for attempt in range(RACE_RETRIES + 1):
+            try:
+                return apply_layout(backend, desired)
+            except EnforceError as exc:
+                cause = exc.__cause__
+                raced = isinstance(cause, CgroupOpError) and cause.errno in RACE_ERRNOS
+                if not raced or attempt == RACE_RETRIES:
+                    raise
+    raise AssertionError("unreachable")
+
+
+#: A group created or removed by someone else (libvirt starting or stopping a VM) between
+#: our read and our write: read again and re-plan, a few times.
+RACE_ERRNOS = frozenset({errno_mod.ENOENT, errno_mod.EEXIST})
+RACE_RETRIES = 2
