@@ -163,6 +163,8 @@ def test_vm_cgroups() -> None:
         CgroupInfo("/", cs("0-7"), cs("0-7"), True),                       # host root: no
         CgroupInfo("/machine", cs("0-7"), cs("0-7"), False),               # shared pool: yes
         CgroupInfo("/machine/qemu-2-web.libvirt-qemu", cs("0-7"), cs("0-2"), True),  # eff: no
+        CgroupInfo("/machine/qemu-3-db.libvirt-qemu", cs("0-7"), cs("0-7"), False),  # empty
+        CgroupInfo("/machine/qemu-3-db.libvirt-qemu/vcpu0", cs("0-2"), cs("0-2"), True),  # no
         CgroupInfo("/pinwarden.partition", cs("3-4"), cs("3-4"), False),  # exclusive root: no
         CgroupInfo("/pinwarden.partition/vm-a.partition", cs("3"), cs("3"), False),   # A's own
         CgroupInfo("/pinwarden.partition/vm-gone.partition", cs("4"), None, False),   # stale
@@ -328,8 +330,8 @@ def test_scanner_on_a_proc_tree(tmp_path: Path) -> None:
     report = audit.audit(snap, leases(c2=A), [record(A, cpus="2")])
     assert [(i.kind, i.tid or i.irq or i.cgroup) for i in report.intruders] == [
         ("other-vm-thread", 700), ("other-vm-thread", 701),
-        ("vm-cgroup", "/machine"), ("vm-cgroup", "/machine/qemu-1-web.libvirt-qemu"),
-        ("vm-cgroup", vm_cg), ("host-task", 2), ("host-task", 9), ("irq", 24)]
+        ("vm-cgroup", "/machine"), ("vm-cgroup", vm_cg),  # not the empty qemu-1-web group
+        ("host-task", 2), ("host-task", 9), ("irq", 24)]
 
 
 def test_scanner_without_cpuset_mount_says_so(tmp_path: Path) -> None:

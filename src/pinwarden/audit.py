@@ -17,8 +17,9 @@ Kinds of intruders:
 ``vm-cgroup`` (error)
     a VM cgroup (the VM partition ``machine`` and everything in it, ``*.libvirt-qemu``,
     ``*.libvirt-lxc``, ``machine-qemu…scope``, a child of ``pinwarden.partition`` or a
-    holder's cgroup) whose CPUs include a CPU leased to someone else: every thread started in
-    it may land there;
+    holder's cgroup) whose CPUs include a CPU leased to someone else, if it has tasks (every
+    thread they start may land there) or is a partition new VMs are created in (libvirt
+    copies its CPUs into them); empty intermediate groups are not reported;
 ``host-task`` (warning)
     any other user-space thread, or an unbound kernel thread, allowed on the CPU;
 ``irq`` (warning)
@@ -263,6 +264,12 @@ class _Context:
         recorded = {h for _, h in self.holder_cgroups}
         return frozenset(h for h in self.by_machine_name(path) if h not in recorded)
 
+    def is_partition(self, path: str) -> bool:
+        """A cgroup new VMs are created in (``<partition>``): libvirt copies its CPUs into
+        each new VM's group, so its CPUs matter even while it has no tasks."""
+        head = path.rpartition("/")[0]
+        return path in self.vm_partitions or head in self.exclusive_roots
+
     def is_vm_cgroup(self, path: str) -> bool:
         if any(_within(path, top) for top in self.vm_partitions):
             return True  # the VM partition itself: every new VM starts with its CPUs
@@ -369,8 +376,8 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
         for g in snapshot.cgroups:
             path = g.path.strip("/")
             owners, in_vm_cgroup = cgroup_facts(path)
-            if not in_vm_cgroup:
-                continue
+            if not in_vm_cgroup or not (g.populated or ctx.is_partition(path)):
+                continue  # an empty intermediate group (qemu-N…/ above vcpuN/) runs nothing
             cpus, victims = foreign(g.effective if g.effective is not None else g.cpus, owners)
             if cpus:
                 intruders.append(Intruder(
