@@ -8,6 +8,7 @@ systemd's sources do (see its docstring); the tests assert the calls that crosse
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -137,50 +138,49 @@ class Standin:
         self._call("FailNextJob", "ss", unit, result)
 
 
-def _start_standin(address: str, *extra: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, str(STANDIN), address, "--online", "0-7", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = _read_line(proc, "the systemd stand-in")
-    if line != "READY":
+@contextlib.contextmanager
+def _running_standin(address: str, log: Path, *extra: str) -> Iterator[Standin]:
+    """Start the stand-in (its stderr in ``log``, shown if it died), end it by pid."""
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, str(STANDIN), address, "--online", "0-7",
+                                 *extra], stdout=subprocess.PIPE, stderr=err, text=True)
+    handle: Standin | None = None
+    try:
+        line = _read_line(proc, "the systemd stand-in")
+        if line != "READY":
+            raise AssertionError(f"systemd stand-in: {line}")
+        handle = Standin(address, proc)
+        yield handle
+    finally:
+        if handle is not None:
+            handle.conn.close()
+        died = proc.poll()
         _end(proc)
-        raise AssertionError(f"systemd stand-in: {line}")
-    return proc
+        if died is not None and log.read_text():
+            print(f"systemd stand-in exited with {died}:\n{log.read_text()}")
 
 
 @pytest.fixture(params=["systemd-252", "systemd-cpusetpartition"])
-def standin(request: pytest.FixtureRequest, bus_address: str) -> Iterator[Standin]:
+def standin(request: pytest.FixtureRequest, bus_address: str,
+            tmp_path: Path) -> Iterator[Standin]:
     """The stand-in, as a systemd without and with the CPUSetPartition property."""
     extra = ("--partition",) if request.param == "systemd-cpusetpartition" else ()
-    proc = _start_standin(bus_address, *extra)
-    handle = Standin(bus_address, proc)
-    try:
+    with _running_standin(bus_address, tmp_path / "standin.log", *extra) as handle:
         yield handle
-    finally:
-        handle.conn.close()
-        _end(proc)
 
 
 @pytest.fixture
-def old_standin(bus_address: str) -> Iterator[Standin]:
+def old_standin(bus_address: str, tmp_path: Path) -> Iterator[Standin]:
     """A stand-in systemd without CPUSetPartition (systemd 252 .. before PR #42013)."""
-    proc = _start_standin(bus_address)
-    handle = Standin(bus_address, proc)
-    try:
+    with _running_standin(bus_address, tmp_path / "standin.log") as handle:
         yield handle
-    finally:
-        handle.conn.close()
-        _end(proc)
 
 
 @pytest.fixture
-def new_standin(bus_address: str) -> Iterator[Standin]:
-    proc = _start_standin(bus_address, "--partition")
-    handle = Standin(bus_address, proc)
-    try:
+def new_standin(bus_address: str, tmp_path: Path) -> Iterator[Standin]:
+    """A stand-in systemd with CPUSetPartition (systemd PR #42013)."""
+    with _running_standin(bus_address, tmp_path / "standin.log", "--partition") as handle:
         yield handle
-    finally:
-        handle.conn.close()
-        _end(proc)
 
 
 def _backend(s: Standin, kernel: CgroupBackend | None = None) -> tuple[SystemdBus,
