@@ -120,6 +120,36 @@ def test_human_output(tmp_path: Path, config_file: Path,
     assert "legend: h housekeeping (0,4)" in out
 
 
+def test_leases_from_the_ledger(tmp_path: Path, config_file: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    """With --state-dir, the map shows the leases a real ledger database records."""
+    from pinwarden.ledger import Ledger
+    from pinwarden.model import Plan
+
+    root = build_host(tmp_path / "root", HostSpec(cpus=8))
+    state = tmp_path / "state"
+    plan = Plan("web", None, True, {0: CpuSet.of([4]), 1: CpuSet.of([5])}, CpuSet.of([4]),
+                leases={4: "vcpu0", 5: "vcpu1"})
+    with Ledger(state) as ledger:
+        ledger.reserve(HolderRef("qemu", "web", "web"), lambda leases: plan)
+    argv = ["host", "--root", str(root), "--state-dir", str(state), "--config", str(config_file)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"core 4\s+4 A", out) and re.search(r"core 5\s+5 A", out)
+    assert "A leased to qemu domain 'web' (4-5)" in out
+    assert main([*argv, "--json"]) == 0
+    leases = json.loads(capsys.readouterr().out)["leases"]
+    assert [(item["cpu"], item["role"]) for item in leases] == [(4, "vcpu0"), (5, "vcpu1")]
+
+
+def test_dump_root_shows_no_leases(tmp_path: Path, config_file: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """--root without --state-dir: this machine's ledger says nothing about a dump."""
+    root = build_host(tmp_path / "root", HostSpec(cpus=4))
+    assert main(["host", "--root", str(root), "--json", "--config", str(config_file)]) == 0
+    assert json.loads(capsys.readouterr().out)["leases"] == []
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 

@@ -92,7 +92,7 @@ def _leases(args: argparse.Namespace, root: Path) -> tuple[tuple[Lease, ...], st
     if not (directory / DB_NAME).exists():
         return (), None
     try:
-        with Ledger(directory) as ledger:
+        with Ledger(directory, busy_timeout=2.0) as ledger:  # a glance, never a wait
             return ledger.leases(reap=False), None
     except LedgerError as exc:
         return (), f"leases unavailable: {exc.message}"
