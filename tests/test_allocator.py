@@ -84,6 +84,15 @@ def test_spans_the_fewest_nodes() -> None:
     assert got.cpus == (4, 5, 8, 9, 10, 11)
 
 
+def test_spanning_stays_in_the_package_already_used() -> None:
+    # Two sockets of two nodes of two 1-thread cores: nodes 0,1 on socket 0; 2,3 on 1.
+    topo = build(sockets=2, nodes=2, cores=2, threads=1)
+    free = S("2,4-6")  # node 1: 1 free, node 2: 2 free, node 3: 1 free
+    got = allocate(topo, S("0-7"), free, Request(3))
+    # Node 2 whole, then one more: node 1 and node 3 fit equally; node 3 shares the socket.
+    assert got.cpus == (4, 5, 6)
+
+
 def test_respects_the_numatune_nodeset() -> None:
     topo = build(nodes=2, cores=4, threads=1)
     got = allocate(topo, S("0-7"), S("0-7"), Request(2, nodes=S("1")))

@@ -94,7 +94,8 @@ def allocate(topology: Topology, pool: CpuSet, free: CpuSet, request: Request) -
         cap = _capacity(host.nodes[node].cores, cpus, policy) if cpus else 0
         if cap > 0:
             capacity[node] = cap
-    plan = _choose_nodes(capacity, count)
+    packages = {node: layout.package for node, layout in host.nodes.items()}
+    plan = _choose_nodes(capacity, count, packages)
     if plan is None:
         raise Refusal(_refusal_message(request, sum(capacity.values())),
                       code="insufficient-cpus")
@@ -120,6 +121,7 @@ class _HostCore:
 @dataclass(frozen=True, slots=True)
 class _HostNode:
     cpus: frozenset[int]  # its online CPUs (a thread whose core starts on another node: not)
+    package: int  # first CPU of the package of its first CPU (package ids can repeat)
     cores: tuple[_HostCore, ...]  # cores whose first thread is on this node, by first CPU
 
 
@@ -154,7 +156,8 @@ def _host_layout(topology: Topology) -> _HostLayout:
         node_cpus.setdefault(node, set()).update(
             t for t in threads if topology.cpus[t].node == node)
     layout = _HostLayout(
-        nodes={n: _HostNode(frozenset(node_cpus[n]), tuple(node_cores[n]))
+        nodes={n: _HostNode(frozenset(node_cpus[n]), _package(topology, min(node_cpus[n])),
+                            tuple(node_cores[n]))
                for n in sorted(node_cores)},
         smt=any(len(c.threads) > 1 for cores in node_cores.values() for c in cores))
     try:
@@ -165,6 +168,13 @@ def _host_layout(topology: Topology) -> _HostLayout:
         _LAYOUTS.clear()
     _LAYOUTS[key] = (ref, layout)
     return layout
+
+
+def _package(topology: Topology, cpu: int) -> int:
+    info = topology.cpus[cpu]
+    if info.package_cpus:
+        return info.package_cpus.first()
+    return -1 - info.package if info.package is not None else -1  # never a CPU number
 
 
 _LAYOUT_CACHE_SIZE = 16
@@ -203,20 +213,30 @@ def _eligible(cores: Iterable[_Core], policy: ThreadPolicy) -> list[_Core]:
     return [c for c in cores if c.whole and len(c.threads) > 1]
 
 
-def _choose_nodes(capacity: dict[int, int], count: int) -> dict[int, int] | None:
-    """Node → how many CPUs to take there: one best-fit node, else the fewest nodes."""
+def _choose_nodes(capacity: dict[int, int], count: int,
+                  package: dict[int, int]) -> dict[int, int] | None:
+    """Node → how many CPUs to take there: one best-fit node, else the fewest nodes.
+
+    Spanning, the largest nodes are taken whole until the rest fits in one node, chosen by
+    best fit; at equal capacity a node in a package already used comes first (a hop
+    within a package is shorter than one across packages).
+    """
     if sum(capacity.values()) < count:
         return None
     plan: dict[int, int] = {}
     need = count
-    rest = sorted(capacity, key=lambda n: (-capacity[n], n))  # largest first
+    rest = set(capacity)
     while need > 0:
+        used = {package[n] for n in plan}
         fits = [n for n in rest if capacity[n] >= need]
         if fits:
-            best = min(fits, key=lambda n: (capacity[n], n))
+            best = min(fits, key=lambda n: (capacity[n], bool(plan) and package[n] not in used,
+                                            n))
             plan[best] = need
             return plan
-        biggest = rest.pop(0)
+        biggest = min(rest, key=lambda n: (-capacity[n], bool(plan) and package[n] not in used,
+                                           n))
+        rest.remove(biggest)
         plan[biggest] = capacity[biggest]
         need -= capacity[biggest]
     return plan  # pragma: no cover - the loop returns once the rest fits
