@@ -93,9 +93,8 @@ def _end(proc: subprocess.Popen[str]) -> None:
             proc.wait()
 
 
-@pytest.fixture
-def bus_address(tmp_path: Path) -> Iterator[str]:
-    """A private dbus-daemon of our own, listening in tmp_path."""
+def _start_bus(tmp_path: Path) -> tuple[subprocess.Popen[str], str]:
+    """A private dbus-daemon of our own, listening in tmp_path: (process, address)."""
     daemon = shutil.which("dbus-daemon")
     if daemon is None:
         pytest.fail("dbus-daemon is missing: install the Debian package dbus (make test does)")
@@ -104,7 +103,17 @@ def bus_address(tmp_path: Path) -> Iterator[str]:
     proc = subprocess.Popen([daemon, f"--config-file={conf}", "--nofork", "--print-address=1"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        yield _read_line(proc, "dbus-daemon")
+        return proc, _read_line(proc, "dbus-daemon")
+    except BaseException:
+        _end(proc)
+        raise
+
+
+@pytest.fixture
+def bus_address(tmp_path: Path) -> Iterator[str]:
+    proc, address = _start_bus(tmp_path)
+    try:
+        yield address
     finally:
         _end(proc)
 
@@ -867,3 +876,20 @@ def test_loaded_but_inactive_slice_has_no_cgroup(standin: Standin) -> None:
         bus.close()
     assert info.value.errno == errno.ENOENT
     assert "pinwarden.slice is inactive" in str(info.value)
+
+
+def test_lost_bus_is_a_clear_error(tmp_path: Path) -> None:
+    daemon, address = _start_bus(tmp_path)
+    try:
+        with _running_standin(address, tmp_path / "standin.log") as standin:
+            bus, backend = _backend(standin)
+            _end(daemon)  # the bus goes away under the backend
+            with pytest.raises(SystemdOpError) as info:
+                backend.set_cpus("machine.slice", CpuSet.of([1]))
+            bus.close()
+    finally:
+        _end(daemon)
+    assert info.value.errno == errno.ECONNRESET
+    assert str(_one_line(info.value)).endswith(
+        "[org.freedesktop.DBus.Error.Disconnected]; the system bus went away (dbus "
+        "restarted?); run the command again")

@@ -299,7 +299,9 @@ _ERRNO_BY_NAME: Final = {
     "org.freedesktop.DBus.Error.Timeout": errno.ETIMEDOUT,
     "org.freedesktop.DBus.Error.FileNotFound": errno.ENOENT,
     "org.freedesktop.DBus.Error.NotSupported": errno.EOPNOTSUPP,
+    "org.freedesktop.DBus.Error.Disconnected": errno.ECONNRESET,
 }
+_DISCONNECTED: Final = "org.freedesktop.DBus.Error.Disconnected"
 
 
 def errno_for(dbus_name: str) -> int:
@@ -328,6 +330,8 @@ def _hint(dbus_name: str, err: int, unit: str, prop: str | None) -> str:
                 f"please report it")
     if err == errno.ESRCH:
         return "the process exited before it could be moved; start it again"
+    if err == errno.ECONNRESET:
+        return "the system bus went away (dbus restarted?); run the command again"
     if err == errno.ETIMEDOUT:
         return "systemd did not answer in time; check `systemctl is-system-running`"
     return f"check `journalctl -u {unit}` for systemd's reason"
@@ -448,6 +452,9 @@ class SystemdBus:
         except TimeoutError:
             raise DBusCallError("org.freedesktop.DBus.Error.Timeout",
                                 f"no answer to {member} within {self._timeout:g} s") from None
+        except OSError as exc:
+            raise DBusCallError(_DISCONNECTED, f"D-Bus connection lost during {member} "
+                                               f"({exc.strerror or exc})") from None
         if reply.header.message_type == MessageType.error:
             name = str(reply.header.fields.get(HeaderFields.error_name, "unknown"))
             text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
@@ -505,6 +512,9 @@ class SystemdBus:
                 raise DBusCallError("org.freedesktop.DBus.Error.Timeout",
                                     f"job {job} did not finish within "
                                     f"{self._timeout:g} s") from None
+            except OSError as exc:
+                raise DBusCallError(_DISCONNECTED, f"D-Bus connection lost waiting for job "
+                                                   f"{job} ({exc.strerror or exc})") from None
             if len(msg.body) == 4 and msg.body[1] == job:
                 return str(msg.body[3])
 
