@@ -14,7 +14,7 @@ from pinwarden.domain import parse_domain
 from pinwarden.errors import Refusal
 from pinwarden.ledger import HolderRecord
 from pinwarden.libvirt import hook
-from pinwarden.libvirt.reconcile import Adopt, Drift, Free, reconcile
+from pinwarden.libvirt.reconcile import Adopt, Drift, Free, Report, reconcile
 from pinwarden.libvirt.repin import repins
 from pinwarden.libvirt.start import libvirt_failure, with_pinwarden_metadata
 from pinwarden.libvirt.state import Affinity, DomainInfo
@@ -72,10 +72,11 @@ def test_holders_and_the_domain_itself_are_left_alone() -> None:
 
 # -- reconcile ----------------------------------------------------------------------------
 
-def record(ref: HolderRef, vcpus: dict[int, str], leases: dict[int, str]) -> HolderRecord:
+def record(ref: HolderRef, vcpus: dict[int, str], leases: dict[int, str], *,
+           created: float = 0.0, owner: int | None = None) -> HolderRecord:
     plan = Plan(ref.name, ref.key, True, {v: cs(c) for v, c in vcpus.items()}, cs("3"),
                 leases=leases)
-    return HolderRecord(ref, 0.0, None, None, plan)
+    return HolderRecord(ref, created, owner, None, plan)
 
 
 def test_reconcile_frees_adopts_and_reports_drift() -> None:
@@ -87,18 +88,23 @@ def test_reconcile_frees_adopts_and_reports_drift() -> None:
     held_ref = HolderRef("qemu", held.uuid, "held")
     drifted = DomainInfo("qemu", "held", held.uuid, True, held.live, held.persistent,
                          Affinity({0: cs("2"), 1: cs("1-2")}, cs("3")), 1)
-    stray = running("stray", exclusive, vcpus="1")
+    stray = running("stray", exclusive + "<resource><partition>/pw/vm-stray</partition>"
+                    "</resource>", vcpus="1")
+    outside = running("outside", exclusive, vcpus="0")
     intruder = running("intruder", vcpus="0-2", emulator="0")
-    actions = reconcile([drifted, stray, intruder],
+    actions = reconcile([drifted, stray, outside, intruder],
                         [record(gone, {0: "1"}, {1: "vcpu0"}),
                          record(job, {}, {0: "task"}),
-                         record(held_ref, {0: "2", 1: "2"}, {2: "vcpu0", 3: "emulator"})])
+                         record(held_ref, {0: "2", 1: "2"}, {2: "vcpu0", 3: "emulator"})],
+                        lambda h: f"/pw/vm-{h.name}", now=1000.0)
     frees = [a.holder for a in actions if isinstance(a, Free)]
     adopts = [a.domain.name for a in actions if isinstance(a, Adopt)]
     drifts = {(a.repin.domain, a.repin.label): a.repin.after for a in actions
               if isinstance(a, Drift)}
     assert frees == [gone]  # the run job is not libvirt's to free
     assert adopts == ["stray"]
+    reports = [a.message for a in actions if isinstance(a, Report)]
+    assert len(reports) == 1 and "outside runs in partition /machine" in reports[0]
     assert drifts == {("held", "vcpu1"): cs("2"), ("intruder", "vcpu0"): cs("0-1"),
                       ("intruder", "vcpu1"): cs("0-1")}
 
@@ -156,3 +162,14 @@ def test_define_stores_metadata_and_the_partition() -> None:
     assert again.partition == "/pinwarden/vm-v"
     assert again.vcpupins == spec.vcpupins
     assert "exclusive='yes'><vcpupin" not in stored  # libvirt would drop it anyway
+
+
+def test_a_start_in_progress_is_not_freed() -> None:
+    starting = HolderRef("qemu", "uuid-new", "new")
+    ran = HolderRef("qemu", "uuid-ran", "ran")
+    holders = [record(starting, {0: "1"}, {1: "vcpu0"}, created=990.0),
+               record(ran, {0: "2"}, {2: "vcpu0"}, created=990.0, owner=4242)]
+    actions = reconcile([], holders, lambda h: "/pw", now=1000.0, grace=60.0)
+    assert actions == [Free(ran, f"{ran} is not running")]
+    later = reconcile([], holders, lambda h: "/pw", now=1100.0, grace=60.0)
+    assert [a.holder for a in later if isinstance(a, Free)] == [starting, ran]

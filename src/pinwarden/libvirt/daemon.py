@@ -13,12 +13,13 @@ import logging
 import queue
 import signal
 import threading
+import time
 from typing import Any
 
 from pinwarden.errors import PinwardenError
 from pinwarden.libvirt import connect as lv
 from pinwarden.libvirt.context import Context
-from pinwarden.libvirt.reconcile import Adopt, Drift, Free, reconcile
+from pinwarden.libvirt.reconcile import Adopt, Drift, Free, Report, reconcile
 from pinwarden.model import HolderRef
 
 log = logging.getLogger("pinwarden.daemon")
@@ -28,12 +29,16 @@ _LOST = "connection-lost"
 _EVENT = "event"
 
 
-def reconcile_once(ctx: Context, conn: Any, *, restore: bool) -> int:
-    """One full pass; returns the number of actions taken or reported."""
+def reconcile_once(ctx: Context, conn: Any, *, restore: bool,
+                   seen: set[str] | None = None) -> int:
+    """One full pass; returns the number of actions taken or reported.  ``seen``: problems
+    reported by earlier passes, not repeated (the set is updated)."""
+    seen = set() if seen is None else seen
+    reported: set[str] = set()
     domains = lv.list_domains(conn, active_only=True)
     host = ctx.host()
     with ctx.ledger() as ledger:
-        actions = reconcile(domains, ledger.holders())
+        actions = reconcile(domains, ledger.holders(), ctx.partition_of, now=time.time())
         changed = False
         for action in actions:
             try:
@@ -44,12 +49,18 @@ def reconcile_once(ctx: Context, conn: Any, *, restore: bool) -> int:
                 elif isinstance(action, Adopt):
                     _adopt(ctx, ledger, host, action)
                     changed = True
+                elif isinstance(action, Report):
+                    reported.add(action.message)
+                    if action.message not in seen:
+                        log.warning("%s", action.message)
                 elif isinstance(action, Drift):
                     if restore and action.repin.after:
                         lv.apply_repin(conn, action.repin)
                         log.warning("restored %s (%s)", action.repin, action.reason)
                     else:
-                        log.warning("drift: %s", action.reason)
+                        reported.add(action.reason)
+                        if action.reason not in seen:
+                            log.warning("drift: %s", action.reason)
             except PinwardenError as exc:
                 log.error("%s", exc.message)
         if changed:
@@ -57,6 +68,8 @@ def reconcile_once(ctx: Context, conn: Any, *, restore: bool) -> int:
                 ctx.sync(host, ledger.leases())
             except PinwardenError as exc:
                 log.error("cannot enforce the cgroup layout: %s", exc.message)
+    seen.clear()
+    seen.update(reported)
     return len(actions)
 
 
@@ -71,13 +84,7 @@ def _adopt(ctx: Context, ledger: Any, host: Any, action: Adopt) -> None:
     holder = HolderRef(dom.driver, dom.uuid, dom.name)
     ledger.reserve(holder, lambda leases: decide(spec, host, leases, driver=dom.driver),
                    owner_pid=dom.pid)
-    where = spec.partition or "/machine"
-    if where != ctx.partition_of(holder):
-        log.warning("adopted %s: its CPUs are leased, but it runs in partition %s where the "
-                    "kernel cannot keep others off them; restart it with 'pinwarden start "
-                    "%s'", dom.name, where, dom.name)
-    else:
-        log.info("adopted running exclusive domain %s", dom.name)
+    log.info("adopted running exclusive domain %s (CPUs %s)", dom.name, spec.vcpupins)
 
 
 def main(ctx: Context, *, interval: float = 30.0, restore: bool = False, once: bool = False,
@@ -148,10 +155,11 @@ def _serve(ctx: Context, conn: Any, b: Any, wake: queue.Queue[str], stop: thread
     ids = [conn.domainEventRegisterAny(None, b.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle,
                                        None),
            conn.domainEventRegisterAny(None, b.VIR_DOMAIN_EVENT_ID_TUNABLE, on_tunable, None)]
+    seen: set[str] = set()
     try:
         while not stop.is_set():
             try:
-                reconcile_once(ctx, conn, restore=restore)
+                reconcile_once(ctx, conn, restore=restore, seen=seen)
             except PinwardenError as exc:
                 log.error("%s", exc.message)
                 if not conn.isAlive():

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pinwarden.cpuset import CpuSet
@@ -32,14 +32,23 @@ class Adopt:
 
 
 @dataclass(frozen=True, slots=True)
+class Report:
+    """Something wrong that the daemon cannot fix by itself."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class Drift:
     repin: Repin  # before = live affinity, after = what it should be
     reason: str
 
 
-Action = Free | Adopt | Drift
+Action = Free | Adopt | Drift | Report
 
 VIRT_DRIVERS = ("qemu", "lxc")
+#: Seconds a holder without an owner process may wait for its domain to start.
+START_GRACE = 120.0
 
 
 def _planned(plan: Plan, thread: str, ident: int | None) -> CpuSet | None:
@@ -51,18 +60,28 @@ def _planned(plan: Plan, thread: str, ident: int | None) -> CpuSet | None:
 
 
 def reconcile(domains: Sequence[DomainInfo], holders: Sequence[HolderRecord],
-              drivers: Sequence[str] = VIRT_DRIVERS) -> list[Action]:
+              partition_of: Callable[[HolderRef], str], *, now: float,
+              grace: float = START_GRACE, drivers: Sequence[str] = VIRT_DRIVERS,
+              ) -> list[Action]:
     """Actions bringing the ledger and the running domains back in line (see module doc).
 
     ``domains``: every running domain of the connection's driver(s); ``holders``: every
-    recorded holder.  Holders of other drivers (``run`` jobs) are never touched.
+    recorded holder; ``partition_of``: the libvirt partition an exclusive holder's cgroup
+    is; ``now``: the time (holders of starts in progress get ``grace`` seconds).  Holders
+    of other drivers (``run`` jobs) are never touched.  A running exclusive
+    domain outside its partition is reported, not adopted: leasing its CPUs would make the
+    layout pull the shared pool — and the domain with it — off them.
     """
     running = {(d.driver, d.uuid): d for d in domains if d.active}
     by_key = {(h.ref.driver, h.ref.key): h for h in holders}
     actions: list[Action] = []
     for gone in holders:
         ref = gone.ref
-        if ref.driver in drivers and (ref.driver, ref.key) not in running:
+        if ref.driver not in drivers or (ref.driver, ref.key) in running:
+            continue
+        # A holder without an owner is being started (leased before virDomainCreateXML,
+        # owner recorded once QEMU runs): leave it alone for ``grace`` seconds.
+        if gone.owner_pid is not None or now - gone.created > grace:
             actions.append(Free(ref, f"{ref} is not running"))
     leased_to: dict[int, HolderRef] = {}
     for held in holders:
@@ -72,7 +91,14 @@ def reconcile(domains: Sequence[DomainInfo], holders: Sequence[HolderRecord],
     for key, dom in sorted(running.items(), key=lambda kv: kv[1].name):
         record = by_key.get(key)
         if record is None and dom.exclusive:
-            actions.append(Adopt(dom))
+            where = (dom.live.partition if dom.live else None) or "/machine"
+            if where == partition_of(dom.holder):
+                actions.append(Adopt(dom))
+            else:
+                actions.append(Report(
+                    f"exclusive domain {dom.name} runs in partition {where}, not in "
+                    f"{partition_of(dom.holder)}: its CPUs are not protected; restart it "
+                    f"with 'pinwarden start {dom.name}' (or install the hook)"))
             continue
         if dom.affinity is None:
             continue
