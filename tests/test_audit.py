@@ -24,6 +24,12 @@ from pinwarden.errors import HostError
 from pinwarden.ledger import HolderRecord, Ledger
 from pinwarden.model import HolderRef, Lease, Plan
 
+pytest.register_assert_rewrite("libvirt_env")
+
+import libvirt_env as env  # noqa: E402
+
+pytest_plugins = ["libvirt_env"]
+
 A = HolderRef("qemu", "aaaaaaaa-0000-0000-0000-000000000001", "vm-a")
 B = HolderRef("qemu", "bbbbbbbb-0000-0000-0000-000000000002", "web")
 J = HolderRef("run", "job1", "job1")
@@ -552,3 +558,39 @@ def test_real_intruder_found_then_moved_off(
     assert not [i for i in json.loads(out)["intruders"] if i["pid"] in mine or
                 (i["cgroup"] or "").startswith(f"/{rel}")]
 
+
+@pytest.mark.libvirt
+def test_real_libvirt_vm_on_a_leased_cpu(tmp_path: Path, domains: env.Domains) -> None:
+    """A real QEMU started by libvirtd, unpinned, while CPU 1 is leased to another holder:
+    its vCPU thread and its populated cgroups are intruders; pinned away, it is clean."""
+    name = f"pwtest-audit-{os.getpid()}"
+    dom = domains.create(name)
+    pid = env.qemu_pid(name)
+    vm_cg = "/" + env.domain_cgroup(name)
+    if 1 not in env.vm_affinity(name):
+        pytest.fail(f"{name} cannot run on CPU 1 (machine is {env.read_cpus('machine')}): "
+                    f"another test left the VM partition narrowed")
+    holder = HolderRef("qemu", "cccccccc-0000-0000-0000-00000000000c", "pwtest-audit-owner")
+    with Ledger(tmp_path / "state") as ledger:
+        ledger.reserve(holder, lambda _: Plan(holder.name, holder.key, True, {0: cs("1")},
+                                              cs("1"), leases={1: "vcpu0"}))
+        lease_list, holders = ledger.leases(), ledger.holders()
+
+    def intruders_of_the_vm() -> list[audit.Intruder]:
+        report = audit.audit(audit.scan(Path("/")), lease_list, holders)
+        return [i for i in report.intruders
+                if i.pid == pid or (i.cgroup or "").startswith(vm_cg + "/")]
+
+    found = intruders_of_the_vm()
+    vcpu = [i for i in found if i.kind == "other-vm-thread" and i.name.startswith("CPU 0/")]
+    assert len(vcpu) == 1, found
+    assert vcpu[0].pid == pid and vcpu[0].cgroup == vm_cg + "/vcpu0"
+    assert vcpu[0].cpus == cs("1") and vcpu[0].holders == (holder,)
+    assert {i.cgroup for i in found if i.kind == "vm-cgroup"} == {vm_cg + "/vcpu0",
+                                                                  vm_cg + "/emulator"}
+    assert all(i.severity == "error" for i in found)
+
+    dom.pinVcpu(0, (True, False))
+    dom.pinEmulator((True, False))
+    assert env.vm_affinity(name) == frozenset({0})
+    assert intruders_of_the_vm() == []
