@@ -890,6 +890,9 @@ def test_lost_bus_is_a_clear_error(tmp_path: Path) -> None:
     finally:
         _end(daemon)
     assert info.value.errno == errno.ECONNRESET
+    assert str(_one_line(info.value)).startswith(
+        "could not reach systemd to set AllowedCPUs of machine.slice = 1: D-Bus connection "
+        "lost during SetUnitProperties")
     assert str(_one_line(info.value)).endswith(
         "[org.freedesktop.DBus.Error.Disconnected]; the system bus went away (dbus "
         "restarted?); run the command again")

@@ -302,6 +302,8 @@ _ERRNO_BY_NAME: Final = {
     "org.freedesktop.DBus.Error.Disconnected": errno.ECONNRESET,
 }
 _DISCONNECTED: Final = "org.freedesktop.DBus.Error.Disconnected"
+#: Errors this client makes up itself (no answer, lost connection): systemd refused nothing.
+_LOCAL_ERRORS: Final = frozenset({_DISCONNECTED, "org.freedesktop.DBus.Error.Timeout"})
 
 
 def errno_for(dbus_name: str) -> int:
@@ -320,6 +322,8 @@ def _hint(dbus_name: str, err: int, unit: str, prop: str | None) -> str:
     if err == errno.ENOENT:
         return (f"{unit} is not loaded (stopped or never created); check `systemctl status "
                 f"{unit}` and re-run the command")
+    if err == errno.ERFKILL:
+        return f"{unit} is masked; `systemctl unmask {unit}` if pinwarden may use it"
     if err == errno.EEXIST:
         return (f"another {unit} already exists (a unit file or an earlier run); check "
                 f"`systemctl status {unit}` and stop it if it is stale")
@@ -364,7 +368,9 @@ class SystemdOpError(CgroupOpError):
             err = errno_for(dbus_name)
             self.hint = _hint(dbus_name, err, unit, prop)
             tag = f" [{dbus_name}]"
-        self.one_line = (f"systemd refused to {_VERBS.get(action, action)} {unit}"
+        lead = ("could not reach systemd to" if dbus_name in _LOCAL_ERRORS else
+                "systemd refused to")
+        self.one_line = (f"{lead} {_VERBS.get(action, action)} {unit}"
                          f"{f' = {value}' if value is not None else ''}: "
                          f"{message.rstrip('.') or dbus_name}{tag}; {self.hint}")
         super().__init__(action, path, err, value=value, detail=self.one_line)
