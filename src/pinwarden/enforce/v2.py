@@ -377,6 +377,12 @@ class CgroupV2Backend:
         old = self._read(path, "cpuset.cpus").strip()
         value = cpus.to_list()
         kind, _ = self.partition_of(path)
+        if not cpus and kind != "member":
+            # Linux 6.1 accepts this, keeps the group "root" and never gives its CPUs back
+            # to the parent: they are lost to every cgroup until reboot (lab: empty_partition)
+            raise CgroupOpError("cpus", path, errno.EBUSY, value="",
+                                detail=f"emptying a {PARTITION_WORD[kind]} partition would "
+                                       f"lose its CPUs in the kernel; make it member first")
         exclusive = kind != "member" and self.has_exclusive(path)
         old_excl = self._read(path, EXCLUSIVE_FILE).strip() if exclusive else None
         narrowing = exclusive and not CpuSet.parse_kernel(old) <= cpus
