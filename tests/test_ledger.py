@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -31,7 +31,7 @@ from hypothesis.stateful import (
 from pinwarden import procs
 from pinwarden.cpuset import CpuSet
 from pinwarden.errors import LedgerError, PinwardenError, Refusal
-from pinwarden.ledger import SCHEMA_VERSION, Ledger
+from pinwarden.ledger import SCHEMA_VERSION, Ledger, plan_from_text, plan_to_text
 from pinwarden.model import HolderRef, Lease, Plan
 
 FORK = multiprocessing.get_context("fork")
@@ -284,6 +284,38 @@ def test_locked_database_is_a_clear_error(state: Path) -> None:
     with Ledger(state) as ledger:
         ledger.reserve(vm(1), take(vm(1), [1]))
         assert lease_map(ledger) == {1: vm(1)}
+
+
+_cpu_sets = st.frozensets(st.integers(0, 300), min_size=1, max_size=6).map(CpuSet)
+_plans = st.builds(
+    Plan, domain=st.text(min_size=1, max_size=20), uuid=st.none() | st.uuids().map(str),
+    exclusive=st.booleans(),
+    vcpus=st.dictionaries(st.integers(0, 64), _cpu_sets, max_size=4), emulator=_cpu_sets,
+    iothreads=st.dictionaries(st.integers(1, 8), _cpu_sets, max_size=2),
+    leases=st.dictionaries(st.integers(0, 300), st.sampled_from(
+        ["vcpu0", "vcpu7", "emulator", "iothread1", "sibling-hold", "task"]), max_size=5),
+    default_cpus=st.none() | _cpu_sets, notes=st.lists(st.text(max_size=30), max_size=2)
+    .map(tuple))
+
+
+@given(plan=_plans)
+@settings(max_examples=200, deadline=None)
+def test_plan_json_roundtrip(plan: Plan) -> None:
+    assert plan_from_text(plan_to_text(plan), "x") == plan
+
+
+def test_plan_survives_the_database_with_every_field(state: Path) -> None:
+    a = vm(1)
+    plan = Plan(domain="vm1", uuid=a.key, exclusive=True,
+                vcpus={0: CpuSet.of([2]), 1: CpuSet.of([3])}, emulator=CpuSet.of([4]),
+                iothreads={1: CpuSet.of([4])}, leases={2: "vcpu0", 3: "vcpu1", 4: "emulator",
+                                                       5: "sibling-hold"},
+                default_cpus=CpuSet.range(2, 5), notes=("emulator shares CPU 4",))
+    with Ledger(state) as ledger:
+        ledger.reserve(a, lambda leases: plan)
+    with Ledger(state) as ledger:
+        assert ledger.holders()[0].plan == plan
+        assert {x.cpu: x.role for x in ledger.leases()} == dict(plan.leases)
 
 
 # -- owner liveness ----------------------------------------------------------------------
