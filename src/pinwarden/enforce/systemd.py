@@ -629,7 +629,11 @@ class SystemdBackend:
             if sig != "ay":
                 raise DBusCallError("org.freedesktop.DBus.Error.InvalidSignature",
                                     f"{name} has type {sig!r}, expected 'ay'")
-            return CpuSet.from_dbus(value)
+            try:
+                return CpuSet.from_dbus(value)
+            except ValueError as exc:  # more CPUs than Linux can have
+                raise DBusCallError("org.freedesktop.DBus.Error.InvalidArgs",
+                                    f"{name}: {exc}") from None
 
         consists: tuple[str, ...] = ()
         if unit_type(unit) == "slice":
