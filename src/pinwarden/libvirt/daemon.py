@@ -38,8 +38,13 @@ def reconcile_once(ctx: Context, conn: Any, *, restore: bool,
     domains = lv.list_domains(conn, active_only=True)
     host = ctx.host()
     with ctx.ledger() as ledger:
-        actions = reconcile(domains, ledger.holders(), ctx.partition_of, now=time.time())
         changed = False
+        for record in ledger.reap():  # owner process gone: the domain died
+            log.info("freed the leases of %s: its process %s exited", record.ref,
+                     record.owner_pid)
+            changed = True
+        actions = reconcile(domains, ledger.holders(reap=False), ctx.partition_of,
+                            now=time.time())
         for action in actions:
             try:
                 if isinstance(action, Free):

@@ -1,0 +1,110 @@
+"""``pinwarden daemon`` against the real libvirtd: it frees the lease of a domain that dies
+(lifecycle event, no hook installed), reports an exclusive domain running outside its
+partition, survives a libvirtd restart, and stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pinwarden.ledger import Ledger
+
+pytest.register_assert_rewrite("libvirt_env")
+
+import libvirt_env as env  # noqa: E402
+
+pytest_plugins = ["libvirt_env"]
+pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
+
+EXCLUSIVE = "pwtest-daemon.partition"
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.2)
+
+
+class Daemon:
+    def __init__(self, pw: env.Pinwarden, log: Path) -> None:
+        self.log = log
+        self._file = log.open("w")
+        self.proc = subprocess.Popen(
+            [env.PINWARDEN, "daemon", "--interval", "3", "-v", "--state-dir", str(pw.state),
+             "--config", str(pw.config)], stdout=subprocess.DEVNULL, stderr=self._file)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._file.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def pw(libvirt_daemons: env.Daemons, tmp_path: Path) -> Iterator[env.Pinwarden]:
+    if any((env.HOOKS_DIR / d).exists() for d in ("qemu", "lxc")):
+        pytest.fail("a libvirt hook is installed: the daemon test needs libvirt without it")
+    tool = env.Pinwarden.make(tmp_path, EXCLUSIVE)
+    with env.machine_restored():
+        try:
+            yield tool
+        finally:
+            tool.cleanup()
+
+
+def holders(pw: env.Pinwarden) -> tuple[str, ...]:
+    with Ledger(pw.state) as ledger:
+        return tuple(h.ref.name for h in ledger.holders(reap=False))
+
+
+def test_daemon_frees_reports_and_reconnects(pw: env.Pinwarden, domains: env.Domains,
+                                            libvirt_daemons: env.Daemons,
+                                            tmp_path: Path) -> None:
+    a, stray = "pwtest-daemon-a", "pwtest-daemon-x"
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    pw.run("start", a, check=True)
+    assert holders(pw) == (a,)
+    daemon = Daemon(pw, tmp_path / "daemon.log")
+    try:
+        wait_for("the daemon to connect", lambda: "connected to" in daemon.text())
+
+        # an exclusive domain started behind pinwarden's back, outside its partition
+        domains.create(stray, exclusive=True, vcpupins={0: "0"})
+        wait_for("the stray domain to be reported",
+                 lambda: f"exclusive domain {stray} runs in partition /machine"
+                         in daemon.text())
+        assert holders(pw) == (a,)  # reported, not adopted
+
+        # libvirtd restarts: the daemon reconnects
+        if libvirt_daemons.owns("libvirtd"):
+            libvirt_daemons.restart_libvirtd()
+            wait_for("the daemon to reconnect",
+                     lambda: daemon.text().count("connected to") >= 2, timeout=120)
+
+        # A dies without pinwarden stop and without a hook: the daemon frees its lease
+        gone = env.virsh("destroy", a)
+        assert gone.returncode == 0, gone.stderr
+        wait_for("the lease of A to be freed", lambda: holders(pw) == ())
+        assert f"freed the leases of qemu domain '{a}'" in daemon.text()
+        wait_for("A's cgroup to be removed",
+                 lambda: not (env.CPUSET / pw.holder_group(a)).exists())
+        assert daemon.proc.poll() is None, daemon.text()
+    finally:
+        status = daemon.stop()
+    assert status == 0, daemon.text()
+    assert "Traceback" not in daemon.text()
