@@ -7,6 +7,7 @@ import multiprocessing
 import multiprocessing.synchronize
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -239,7 +240,7 @@ def test_set_owner_and_cgroup(state: Path,
 def test_unwritable_state_dir_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(LedgerError, match="cannot create state directory"):
+    with pytest.raises(LedgerError, match="cannot use state directory"):
         Ledger(blocker / "state")
 
 
@@ -316,6 +317,66 @@ def test_plan_survives_the_database_with_every_field(state: Path) -> None:
     with Ledger(state) as ledger:
         assert ledger.holders()[0].plan == plan
         assert {x.cpu: x.role for x in ledger.leases()} == dict(plan.leases)
+
+
+_AS_NOBODY = """
+import sys
+from pathlib import Path
+from pinwarden.errors import PinwardenError
+from pinwarden.ledger import Ledger
+from pinwarden.model import HolderRef, Plan
+from pinwarden.cpuset import CpuSet
+try:
+    with Ledger(Path(sys.argv[1])) as ledger:
+        print("read", len(ledger.leases(reap=False)))
+        h = HolderRef("qemu", "k", "n")
+        ledger.reserve(h, lambda _: Plan("n", "k", True, {0: CpuSet.of([1])}, CpuSet.of([1]),
+                                         leases={1: "vcpu0"}))
+except PinwardenError as exc:
+    print("error", exc.code, exc.message)
+"""
+
+
+def _as_nobody(state: Path) -> str:
+    """Run the ledger as an unprivileged user (the system interpreter on our sources: the
+    venv under /root is not theirs to execute)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to user nobody")
+    src = Path(__file__).resolve().parent.parent / "src"
+    out = subprocess.run(["/usr/bin/python3", "-c", _AS_NOBODY, str(state)], user=65534,
+                         group=65534, extra_groups=[], env={"PYTHONPATH": str(src)},
+                         cwd="/", capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and not out.stderr, out.stderr  # never a traceback
+    return out.stdout
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A temporary directory other users can enter (pytest's tmp_path is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix="pwtest-ledger-"))
+    try:
+        path.chmod(0o755)
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def test_unprivileged_user_gets_one_line_errors(open_tmp: Path) -> None:
+    tmp_path = open_tmp
+    private = tmp_path / "private"
+    Ledger(private).close()  # 0700, root's
+    assert _as_nobody(private) == (f"error ledger cannot access lease database "
+                                   f"{private}/leases.db: Permission denied (run as root or "
+                                   f"choose another --state-dir)\n")
+    shared = tmp_path / "shared"
+    Ledger(shared).close()
+    shared.chmod(0o777)
+    (shared / "leases.db").chmod(0o644)  # readable, not writable
+    before = (shared / "leases.db").read_bytes()
+    assert _as_nobody(shared) == (f"read 0\nerror ledger lease database {shared}/leases.db "
+                                  f"is read-only for this user (run as root or choose another "
+                                  f"--state-dir)\n")
+    assert (shared / "leases.db").read_bytes() == before
 
 
 # -- owner liveness ----------------------------------------------------------------------

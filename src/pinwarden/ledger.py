@@ -30,7 +30,8 @@ from pinwarden import procs
 from pinwarden.errors import LedgerError, PinwardenError, Refusal
 from pinwarden.model import HolderRef, Lease, Plan
 
-#: Schema version (``PRAGMA user_version``).  Bump it with a migration in ``_MIGRATIONS``.
+#: Schema version (``PRAGMA user_version``).  A schema change bumps it and migrates older files
+#: in one transaction on open; an older pinwarden then refuses the file as newer.
 SCHEMA_VERSION = 1
 #: ``PRAGMA application_id``: "PWL1", marks the file as a pinwarden ledger.
 APPLICATION_ID = 0x50574C31
@@ -119,8 +120,13 @@ class Ledger:
         #: :meth:`leases` and :meth:`holders`): their cgroups may need removing.
         self.last_reaped: tuple[HolderRecord, ...] = ()
         self._ensure_dir()
-        if not self.path.exists():
+        try:
+            os.stat(self.path)
+        except FileNotFoundError:
             self._create()
+        except OSError as exc:
+            raise LedgerError(f"cannot access lease database {self.path}: {exc.strerror} "
+                              f"(run as root or choose another --state-dir)") from None
         self._db = self._open()
 
     # -- opening ------------------------------------------------------------------------
@@ -130,7 +136,7 @@ class Ledger:
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise LedgerError(
-                f"cannot create state directory {self.state_dir}: {exc.strerror} "
+                f"cannot use state directory {self.state_dir}: {exc.strerror} "
                 f"(run as root or choose another --state-dir)") from None
         if not self.state_dir.is_dir():
             raise LedgerError(f"state directory {self.state_dir} is not a directory")
@@ -181,8 +187,8 @@ class Ledger:
             with open(self.path, "rb") as f:
                 header = f.read(100)
         except OSError as exc:
-            raise LedgerError(f"cannot read lease database {self.path}: {exc.strerror}") \
-                from None
+            raise LedgerError(f"cannot read lease database {self.path}: {exc.strerror} "
+                              f"(run as root or choose another --state-dir)") from None
         if not header:
             raise self._refuse("is empty")
         if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
