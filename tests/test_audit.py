@@ -106,6 +106,12 @@ def test_own_threads_are_not_intruders_but_another_holders_are() -> None:
     assert report.intruders[0].holders == (B,)
 
 
+def test_a_holder_recorded_in_the_root_cgroup_owns_nothing() -> None:
+    snap = HostSnapshot(threads=(thread(330, "6", "/", comm="bash"),))
+    report = audit.audit(snap, leases(c6=A), [record(A, cgroup="/", cpus="6")])
+    assert kinds(report) == [("host-task", 330, "/", "6")]
+
+
 def test_owner_pid_and_its_descendants_belong_to_the_holder() -> None:
     snap = HostSnapshot(threads=(
         thread(300, "6", comm="job"),                   # the owner

@@ -302,7 +302,8 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
     ctx = _Context(
         lease_of=lease_of,
         held_empty=frozenset(x.cpu for x in lease_list if x.role == SIBLING_HOLD),
-        holder_cgroups=[(c, r.ref) for r in records if (c := _norm(r.cgroup)) is not None],
+        # A holder recorded in the root cgroup ("/") would own every thread: ignore that.
+        holder_cgroups=[(c, r.ref) for r in records if (c := _norm(r.cgroup))],
         owner_pids={r.owner_pid: r.ref for r in records if r.owner_pid is not None},
         vm_partitions=tuple(p.strip("/") for p in vm_partitions),
         exclusive_roots=tuple(p.strip("/") for p in exclusive_roots),
