@@ -234,8 +234,10 @@ def test_report_json_and_render() -> None:
     assert lines[1] == "note: 2 threads exited while being read"
     assert lines[2].split()[:2] == ["SEVERITY", "KIND"]
     assert "CPU 0/KVM" in lines[3] and "qemu:vm-a" in lines[3]
-    assert lines[-1] == "… 11 more warnings (--all or --json lists them)"
-    assert len(render(report, show_all=True).splitlines()) == 3 + 1 + 31
+    hints = [line for line in lines if line.startswith("hint: ")]
+    assert [h.split(":")[1].split()[0] for h in hints] == ["another", "host", "IRQs"]
+    assert lines[-1 - len(hints)] == "… 11 more warnings (--all or --json lists them)"
+    assert len(render(report, show_all=True).splitlines()) == 3 + 1 + 31 + len(hints)
     clean = audit.audit(HostSnapshot(threads=(thread(9, "0"),)), leases(c3=A), [])
     assert render(clean) == ("audit: clean: nothing else can run on the 1 leased CPU (3) of 1 "
                              "holder (1 threads, 0 cpuset cgroups, 0 IRQs checked)")

@@ -87,4 +87,24 @@ def render(report: audit.Report, *, show_all: bool = False) -> str:
     if len(shown) < len(warnings):
         lines.append(f"… {len(warnings) - len(shown)} more warnings (--all or --json lists "
                      f"them)")
+    present = {i.kind for i in report.intruders}
+    kernel = any(i.kernel for i in report.intruders)
+    lines += [f"hint: {text}" for kind, text in HINTS if kind in present
+              or (kind == "kernel" and kernel)]
     return "\n".join(lines)
+
+
+#: What to do about each kind of intruder (shown once per kind present).
+HINTS = (
+    ("other-vm-thread", "another VM can run on a leased CPU: start VMs through "
+                        "'pinwarden start' or the libvirt hook ('pinwarden hook install'), or "
+                        "re-apply the layout with 'pinwarden daemon --once'"),
+    ("vm-cgroup", "a VM cgroup includes leased CPUs: the shared VM partition must be "
+                  "'VM CPUs − leased' (see DEVELOPERS.md, cgroup layout)"),
+    ("host-task", "host tasks may use leased CPUs: use partition mode isolcpus or cgroup "
+                  "to keep the OS on its housekeeping CPUs"),
+    ("kernel", "unbound kernel workers: write the housekeeping CPUs' mask to "
+               "/sys/devices/virtual/workqueue/cpumask"),
+    ("irq", "IRQs: write the housekeeping CPUs to /proc/irq/*/smp_affinity_list and "
+            "/proc/irq/default_smp_affinity (or boot with irqaffinity=)"),
+)
