@@ -28,6 +28,7 @@ CACHE = BENCH / ".cache" / "hwloc"
 class Config:
     hosts: tuple[str, ...]  # "hwloc:NAME" or a synthetic name
     mixes: tuple[Mix, ...]
+    mixed_only: tuple[str, ...]  # hosts run with the "mixed" workload only
     loads: tuple[float, ...]
     sweep_hosts: tuple[str, ...]  # hosts whose "mixed" workload is run at sweep_loads
     sweep_loads: tuple[float, ...]
@@ -44,13 +45,15 @@ HWLOC_FULL = (*HWLOC_QUICK, "hwloc:64amd64-4s2n4ca2co", "hwloc:32intel64-2p8co2t
 
 CONFIGS = {
     "quick": Config(hosts=(*HWLOC_QUICK, *SYNTHETIC), mixes=("prefer", "isolate", "mixed"),
+                    mixed_only=("syn-4s2n64c2t",),
                     loads=(0.8, 1.2), sweep_hosts=("syn-2s64c2t",
                                                    "hwloc:fakecpuid1f-64intel64-2p4d2n2c2t"),
                     sweep_loads=(0.6, 1.0, 1.5), seeds=(1,), lifetimes=6.0,
                     min_arrivals=150),
     "full": Config(hosts=(*HWLOC_FULL, *SYNTHETIC), mixes=("prefer", "isolate", "mixed"),
+                   mixed_only=(),
                    loads=(0.6, 0.8, 1.0, 1.2, 1.5), sweep_hosts=(), sweep_loads=(),
-                   seeds=(1, 2, 3), lifetimes=20.0, min_arrivals=500),
+                   seeds=(1, 2), lifetimes=10.0, min_arrivals=300),
 }
 
 
@@ -71,7 +74,8 @@ def allocator_factories(with_nova: bool) -> list[Callable[[Host], Allocator]]:
 
 def workloads(config: Config) -> list[tuple[str, Mix, float, int]]:
     out = [(h, m, load, s) for h in config.hosts for m in config.mixes
-           for load in config.loads for s in config.seeds]
+           for load in config.loads for s in config.seeds
+           if m == "mixed" or h not in config.mixed_only]
     out += [(h, "mixed", load, s) for h in config.sweep_hosts for load in config.sweep_loads
             for s in config.seeds]
     return out
