@@ -134,6 +134,10 @@ def test_hook_install_writes_executable_scripts_and_keeps_foreign_hooks(tmp_path
                          capture_output=True, text=True, check=True).stdout
     assert out.split() == ["hook", "run", "--state-dir", "/s", "d", "qemu", "vm1",
                            "prepare", "begin", "-"]
+    # steps pinwarden ignores never reach it (no Python start-up inside libvirtd's start)
+    skipped = subprocess.run([str(tmp_path / "qemu"), "vm1", "start", "begin", "-"],
+                             input="<domain/>", capture_output=True, text=True, check=True)
+    assert skipped.stdout == ""
     assert hook.uninstall(tmp_path) == done.paths
 
 

@@ -68,9 +68,12 @@ def hook_script(driver: str, exe: str, *, state_dir: Path | None, config: Path |
     if state_dir is not None:
         args += ["--state-dir", str(state_dir)]
     args.append(driver)
+    ops = "|".join(sorted(_ACTIONS))
     return (f"#!/bin/sh\n{MARKER} ({driver}); written by 'pinwarden hook install'.\n"
             f"# libvirtd runs it at every domain lifecycle step (domain XML on stdin);\n"
             f"# pinwarden admits or refuses the domain against the exclusive CPU leases.\n"
+            f"# Steps pinwarden ignores end here, without starting Python.\n"
+            f"case \"$2\" in {ops}) ;; *) cat >/dev/null; exit 0 ;; esac\n"
             f"exec {' '.join(shlex.quote(a) for a in args)} \"$@\"\n")
 
 
