@@ -399,6 +399,13 @@ def test_not_a_linux_root(tmp_path: Path) -> None:
         read_topology(tmp_path)
 
 
+def test_absurd_cpu_number_is_a_host_error(tmp_path: Path) -> None:
+    build_host(tmp_path, HostSpec(cpus=2))
+    (tmp_path / "sys/devices/system/cpu/cpu99999").mkdir()
+    with pytest.raises(HostError, match="cpu99999: CPU number exceeds"):
+        read_topology(tmp_path)
+
+
 def test_garbage_in_a_list_file_names_the_file(tmp_path: Path) -> None:
     build_host(tmp_path, HostSpec(cpus=2, threads=1))
     write(tmp_path, "sys/devices/system/cpu/online", "0-1,zz\n")

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pinwarden.cpuset import EMPTY, CpuSet, CpuSetError
+from pinwarden.cpuset import EMPTY, MAX_CPU, CpuSet, CpuSetError
 from pinwarden.errors import HostError
 
 CPU_DIR = Path("sys/devices/system/cpu")
@@ -166,7 +166,7 @@ def _int_file(path: Path) -> int | None:
     if text is None:
         return None
     try:
-        value = int(text, 0)
+        value = int(text)
     except ValueError:
         return None
     return value if value >= 0 else None  # -1: "no such id" (s390 packages, offline CPUs)
@@ -249,6 +249,9 @@ def read_topology(root: Path) -> Topology:
         raise HostError(f"{root} is not a Linux host root: {base} is missing "
                         "(give --root a directory holding sys/ and proc/)")
     ids = _numbered(base, _CPU_ENTRY)
+    if ids and ids[-1] > MAX_CPU:
+        raise HostError(f"{base}/cpu{ids[-1]}: CPU number exceeds the supported maximum "
+                        f"{MAX_CPU}")
     present = CpuSet.of(ids) if ids else _cpus_file(base / "present")
     if not present:
         raise HostError(f"{root} is not a Linux host root: {base} lists no CPU")
