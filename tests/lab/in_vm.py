@@ -1,0 +1,690 @@
+"""Runs INSIDE the virtme-ng lab VM (8 CPUs, nodes 0-3/4-7, isolcpus=6-7, cgroup v2).
+
+Usage: ``python in_vm.py OUTDIR`` (OUTDIR is a host directory shared read-write).
+
+Each check performs kernel operations and records *observations* (raw kernel file contents,
+exceptions with their attributes, command output) under its name in
+``OUTDIR/results.json``; the host-side tests in ``tests/test_lab_*.py`` make the
+assertions, so each failure names what the kernel or pinwarden did.  A check that raises is
+recorded with its traceback and the script goes on.  The JSON is rewritten after every
+check, so a VM that dies half-way still reports the checks done so far.
+
+The VM is disposable, but the script still cleans up what it creates (groups named
+``pwtest-*``, processes it started, by process group) so later checks start clean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import io
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/tmp/pwlab-out")
+STATE = Path("/tmp/pwlab-state")  # the VM's /tmp is a private overlay
+CONFIG_DIR = Path("/tmp/pwlab-config")
+BIN = Path(sys.executable).parent
+PINWARDEN = str(BIN / "pinwarden")
+CLI_TIMEOUT = 180.0
+
+RESULTS: dict[str, Any] = {"checks": {}, "done": False, "started": time.time()}
+Data = dict[str, Any]
+
+
+def save() -> None:
+    tmp = OUT / "results.json.tmp"
+    tmp.write_text(json.dumps(RESULTS, indent=1, sort_keys=True, default=str))
+    tmp.replace(OUT / "results.json")
+
+
+def check(name: str) -> Callable[[Callable[[], Data]], Callable[[], Data]]:
+    def wrap(fn: Callable[[], Data]) -> Callable[[], Data]:
+        def run() -> Data:
+            start = time.monotonic()
+            print(f"lab: {name} ...", flush=True)
+            try:
+                data = fn()
+                entry: Data = {"ok": True, "data": data}
+            except BaseException:  # recorded for the host-side test
+                data = {}
+                entry = {"ok": False, "error": traceback.format_exc()}
+            entry["seconds"] = round(time.monotonic() - start, 2)
+            RESULTS["checks"][name] = entry
+            save()
+            print(f"lab: {name} {'ok' if entry['ok'] else 'FAILED'} "
+                  f"({entry['seconds']} s)", flush=True)
+            if not entry["ok"]:
+                print(entry["error"], flush=True)
+            return data
+        CHECKS.append(run)
+        return run
+    return wrap
+
+
+CHECKS: list[Callable[[], Data]] = []
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+def cgroup_root() -> Path:
+    from pinwarden.mounts import read_mounts
+
+    mount = read_mounts(Path("/")).v2
+    if mount is None:
+        raise RuntimeError("no cgroup2 mount in the VM")
+    return mount
+
+
+def raw(path: str, name: str) -> str | None:
+    """A cgroup file's text (stripped); None when absent."""
+    try:
+        return (cgroup_root() / path / name).read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def write_raw(path: str, name: str, value: str) -> None:
+    (cgroup_root() / path / name).write_text(value + "\n")
+
+
+def exc_data(exc: BaseException) -> Data:
+    out: Data = {"type": type(exc).__name__, "message": str(exc)}
+    for attr in ("errno", "action", "path", "value", "detail", "group", "kind", "reason",
+                 "code"):
+        value = getattr(exc, attr, None)
+        if attr == "errno" and isinstance(value, int):
+            out["errno_name"] = errno.errorcode.get(value, str(value))
+        if value is not None:
+            out[attr] = value
+    return out
+
+
+def expect_error(fn: Callable[[], object]) -> Data:
+    """Run ``fn``; the recorded exception (or ``{"raised": False}``)."""
+    try:
+        fn()
+    except Exception as exc:
+        return {"raised": True, **exc_data(exc)}
+    return {"raised": False}
+
+
+def group_data(path: str) -> Data:
+    d: Data = {"exists": (cgroup_root() / path).is_dir()}
+    if d["exists"]:
+        for name in ("cpuset.cpus", "cpuset.cpus.effective", "cpuset.cpus.partition",
+                     "cpuset.cpus.exclusive", "cpuset.mems", "cgroup.procs"):
+            d[name] = raw(path, name)
+    return d
+
+
+def backend() -> Any:
+    from pinwarden.enforce.v2 import CgroupV2Backend
+
+    return CgroupV2Backend.from_mounts(Path("/"))
+
+
+def teardown(prefix: str) -> Data:
+    """Remove every top-level group starting with ``prefix`` (and its subtree), bottom-up:
+    partitions switched off, then rmdir."""
+    root = cgroup_root()
+    errors: list[str] = []
+    tops = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix))
+    for top in tops:
+        paths = sorted((str(p.relative_to(root)) for p in (root / top).rglob("*")
+                        if p.is_dir()), key=lambda s: -s.count("/"))
+        for rel in [*paths, top]:
+            with contextlib.suppress(OSError):
+                if raw(rel, "cpuset.cpus.partition") not in (None, "member"):
+                    write_raw(rel, "cpuset.cpus.partition", "member")
+            try:
+                os.rmdir(root / rel)
+            except OSError as exc:
+                errors.append(f"{rel}: {exc}")
+    left = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix))
+    return {"removed": tops, "errors": errors, "left": left}
+
+
+def cli(*args: str, config: Path | None = None, timeout: float = CLI_TIMEOUT) -> Data:
+    """Run ``pinwarden ARGS`` (state in :data:`STATE`); its rc, stdout and stderr."""
+    cmd = [PINWARDEN, *args]
+    env = dict(os.environ, PINWARDEN_STATE_DIR=str(STATE))
+    if config is not None:
+        env["PINWARDEN_CONFIG"] = str(config)
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        return {"cmd": cmd, "rc": None, "stdout": str(exc.stdout), "stderr": str(exc.stderr),
+                "timeout": True}
+    out: Data = {"cmd": cmd, "rc": proc.returncode, "stdout": proc.stdout,
+                 "stderr": proc.stderr, "seconds": round(time.monotonic() - start, 2)}
+    with contextlib.suppress(ValueError):
+        out["json"] = json.loads(proc.stdout)
+    return out
+
+
+def cli_here(*args: str) -> Data:
+    """``pinwarden ARGS`` in this process (same code path as the entry point, without the
+    20-30 s a Python start costs under TCG); for commands that only read and print."""
+    from pinwarden.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    start = time.monotonic()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc: object = main(list(args))
+        except SystemExit as exc:
+            rc = exc.code
+    got: Data = {"cmd": ["pinwarden", *args], "rc": rc, "stdout": out.getvalue(),
+                 "stderr": err.getvalue(), "seconds": round(time.monotonic() - start, 2)}
+    with contextlib.suppress(ValueError):
+        got["json"] = json.loads(got["stdout"])
+    return got
+
+
+def command_exists(name: str) -> bool:
+    """``name`` is a registered command.  A CLI that does not even build (a command module
+    failing to import) raises, and the check records why."""
+    from pinwarden.cli import build_parser
+
+    parser = build_parser()
+    for action in parser._actions:  # argparse offers no public accessor
+        choices = getattr(action, "choices", None)
+        if isinstance(choices, dict) and name in choices:
+            return True
+    return False
+
+
+def ledger_leases() -> list[Data]:
+    from pinwarden.ledger import Ledger
+
+    if not (STATE / "leases.db").exists():
+        return []
+    with Ledger(STATE) as ledger:
+        return [{"cpu": lease.cpu, "holder": str(lease.holder), "role": lease.role,
+                 "owner_pid": lease.owner_pid} for lease in ledger.leases(reap=False)]
+
+
+def load_host() -> Any:
+    """The live host snapshot (helper A's loader, whatever its name is today)."""
+    import pinwarden.partition as part
+    from pinwarden.config import Config
+
+    loader = getattr(part, "load_host", None)
+    if loader is not None:
+        return loader(Path("/"), Config())
+    reader = getattr(part, "read_partition", None)
+    if reader is None:
+        raise RuntimeError("pinwarden.partition has neither load_host nor read_partition")
+    from pinwarden.topology import read_topology
+
+    topo = read_topology(Path("/"))
+    return part.Host(topo, reader(Path("/"), topo, Config()))
+
+
+@contextlib.contextmanager
+def started(cmd: list[str]) -> Iterator[subprocess.Popen[str]]:
+    """A background process in its own session; killed (its group only) on exit."""
+    env = dict(os.environ, PINWARDEN_STATE_DIR=str(STATE))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=30)
+
+
+def cgroup_of(pid: int) -> str | None:
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line[3:].strip("/")
+    return None
+
+
+def descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        cur = todo.pop()
+        try:
+            kids = Path(f"/proc/{cur}/task/{cur}/children").read_text().split()
+        except OSError:
+            continue
+        for k in kids:
+            out.append(int(k))
+            todo.append(int(k))
+    return out
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 120.0) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.5)
+    return None
+
+
+def set_online(cpu: int, on: bool) -> str | None:
+    try:
+        Path(f"/sys/devices/system/cpu/cpu{cpu}/online").write_text("1" if on else "0")
+    except OSError as exc:
+        return str(exc)
+    return None
+
+
+# -- checks -------------------------------------------------------------------------------
+
+@check("env")
+def env() -> Data:
+    root = cgroup_root()
+    return {
+        "kernel": platform.release(),
+        "cgroup2": str(root),
+        "controllers": raw("", "cgroup.controllers"),
+        "subtree_control": raw("", "cgroup.subtree_control"),
+        "isolated": Path("/sys/devices/system/cpu/isolated").read_text().strip(),
+        "online": Path("/sys/devices/system/cpu/online").read_text().strip(),
+        "cmdline": Path("/proc/cmdline").read_text().strip(),
+        "python": sys.version.split()[0],
+    }
+
+
+@check("topology")
+def topology() -> Data:
+    from pinwarden.topology import read_topology
+
+    topo = read_topology(Path("/"))
+    return {"present": topo.present.to_list(), "online": topo.online.to_list(),
+            "isolated": topo.isolated.to_list(),
+            "nodes": {str(n): c.to_list() for n, c in sorted(topo.nodes.items())},
+            "node_of": {str(c): topo.node_of(c) for c in sorted(topo.cpus)}}
+
+
+@check("partition")
+def partition() -> Data:
+    host = load_host()
+    p = host.partition
+    return {"mode": p.mode, "vm_cpus": p.vm_cpus.to_list(), "host_cpus": p.host_cpus.to_list(),
+            "reason": p.reason, "cgroup": p.cgroup}
+
+
+@check("v2.partition_root")
+def v2_partition_root() -> Data:
+    from pinwarden.cpuset import CpuSet
+
+    b = backend()
+    before = raw("", "cgroup.subtree_control")
+    b.mkdir("pwtest-bystander")  # empty cpuset.cpus: inherits the root's effective CPUs
+    b.mkdir("pwtest-v2")
+    mems = b.read_group("").mems
+    b.set_mems("pwtest-v2", mems)
+    b.set_cpus("pwtest-v2", CpuSet.parse_kernel("2-3"))
+    b.set_partition("pwtest-v2", "exclusive")
+    state = b.read_group("pwtest-v2")
+    return {
+        "subtree_control_before": before,
+        "subtree_control_after": raw("", "cgroup.subtree_control"),
+        "group": group_data("pwtest-v2"),
+        "has_exclusive_file": b.has_exclusive("pwtest-v2"),
+        "state": {"partition": state.partition, "partition_error": state.partition_error,
+                  "cpus": state.cpus.to_list(), "effective": state.effective_cpus.to_list()},
+        "root_effective": raw("", "cpuset.cpus.effective"),
+        "bystander": group_data("pwtest-bystander"),
+    }
+
+
+@check("v2.children")
+def v2_children() -> Data:
+    from pinwarden.cpuset import CpuSet
+
+    b = backend()
+    for name in ("a", "c"):
+        b.mkdir(f"pwtest-v2/{name}")
+        b.set_mems(f"pwtest-v2/{name}", b.read_group("pwtest-v2").mems)
+    b.set_cpus("pwtest-v2/a", CpuSet.of([2]))
+    b.set_partition("pwtest-v2/a", "exclusive")
+    b.set_cpus("pwtest-v2/c", CpuSet.of([3]))
+    b.set_partition("pwtest-v2/c", "isolated")
+    parent = b.read_group("pwtest-v2")
+    snap = b.read_state(["pwtest-v2"])
+    return {
+        "parent_subtree_control": raw("pwtest-v2", "cgroup.subtree_control"),
+        "a": group_data("pwtest-v2/a"), "c": group_data("pwtest-v2/c"),
+        "parent": group_data("pwtest-v2"),
+        "parent_state_effective": parent.effective_cpus.to_list(),
+        "snapshot": {p: {"partition": g.partition, "error": g.partition_error,
+                         "effective": g.effective_cpus.to_list()}
+                     for p, g in snap.groups.items()},
+        "bystander_effective": raw("pwtest-bystander", "cpuset.cpus.effective"),
+    }
+
+
+@check("v2.invalid_overlap")
+def v2_invalid_overlap() -> Data:
+    from pinwarden.cpuset import CpuSet
+
+    b = backend()
+    mems = b.read_group("").mems
+    b.mkdir("pwtest-v2/b")
+    b.set_mems("pwtest-v2/b", mems)
+    # on 6.1 a *member* naming CPU 2, which partition a holds, makes a invalid
+    member = expect_error(lambda: b.set_cpus("pwtest-v2/b", CpuSet.of([2])))
+    out: Data = {"member_write": member, "b": group_data("pwtest-v2/b"),
+                 "a": group_data("pwtest-v2/a")}
+    b.rmdir("pwtest-v2/b")
+    # a partition whose CPUs a member sibling names (what a `machine` that still lists
+    # leased CPUs would do)
+    for name in ("pwtest-ov1", "pwtest-ov2"):
+        b.mkdir(name)
+        b.set_mems(name, mems)
+        b.set_cpus(name, CpuSet.of([4]))
+    out["partition_write"] = expect_error(lambda: b.set_partition("pwtest-ov2", "exclusive"))
+    out["ov1"] = group_data("pwtest-ov1")
+    out["ov2"] = group_data("pwtest-ov2")
+    b.rmdir("pwtest-ov2")
+    b.rmdir("pwtest-ov1")
+    return out
+
+
+@check("v2.invalid_cpus_write")
+def v2_invalid_cpus_write() -> Data:
+    from pinwarden.cpuset import CpuSet
+
+    b = backend()
+    # widening partition a onto CPU 3, which partition c holds
+    err = expect_error(lambda: b.set_cpus("pwtest-v2/a", CpuSet.parse_kernel("2-3")))
+    return {"error": err, "a": group_data("pwtest-v2/a"), "c": group_data("pwtest-v2/c")}
+
+
+@check("v2.invalid_parent_not_root")
+def v2_invalid_parent_not_root() -> Data:
+    from pinwarden.cpuset import CpuSet
+
+    b = backend()
+    b.mkdir("pwtest-member")
+    b.set_mems("pwtest-member", b.read_group("").mems)
+    b.set_cpus("pwtest-member", CpuSet.parse_kernel("0-1"))
+    b.mkdir("pwtest-member/x")
+    b.set_mems("pwtest-member/x", b.read_group("").mems)
+    b.set_cpus("pwtest-member/x", CpuSet.of([1]))
+    err = expect_error(lambda: b.set_partition("pwtest-member/x", "exclusive"))
+    after = group_data("pwtest-member/x")
+    b.rmdir("pwtest-member/x")
+    b.rmdir("pwtest-member")
+    return {"error": err, "x": after}
+
+
+@check("v2.invalid_all_of_root")
+def v2_invalid_all_of_root() -> Data:
+    from pinwarden.cpuset import CpuSet
+
+    b = backend()
+    b.mkdir("pwtest-all")
+    b.set_mems("pwtest-all", b.read_group("").mems)
+    rest = CpuSet.parse_kernel(raw("", "cpuset.cpus.effective") or "")
+    b.set_cpus("pwtest-all", rest)  # every CPU the root (which has tasks) still has
+    err = expect_error(lambda: b.set_partition("pwtest-all", "exclusive"))
+    after = group_data("pwtest-all")
+    b.rmdir("pwtest-all")
+    return {"error": err, "cpus": rest.to_list(), "all": after,
+            "root_effective_after": raw("", "cpuset.cpus.effective")}
+
+
+@check("v2.apply_errors")
+def v2_apply_errors() -> Data:
+    """The same refusals through the enforcement core: one-line EnforceError, rolled back."""
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.enforce.apply import execute
+    from pinwarden.enforce.backend import Mkdir, Op, SetCpus, SetMems, SetPartition
+
+    b = backend()
+    mems = b.read_group("").mems
+    out: Data = {}
+    before = b.read_state(["pwtest-v2"])
+    ops: list[Op] = [Mkdir("pwtest-v2/e"), SetMems("pwtest-v2/e", mems),
+           SetCpus("pwtest-v2/e", CpuSet.of([2])), SetPartition("pwtest-v2/e", "exclusive")]
+    out["overlap"] = expect_error(lambda: execute(b, before, ops))
+    out["overlap_left"] = (cgroup_root() / "pwtest-v2/e").exists()
+    b.mkdir("pwtest-member2")
+    b.set_mems("pwtest-member2", mems)
+    b.set_cpus("pwtest-member2", CpuSet.parse_kernel("0-1"))
+    before = b.read_state(["pwtest-member2"])
+    ops = [Mkdir("pwtest-member2/y"), SetMems("pwtest-member2/y", mems),
+           SetCpus("pwtest-member2/y", CpuSet.of([1])),
+           SetPartition("pwtest-member2/y", "exclusive")]
+    out["parent"] = expect_error(lambda: execute(b, before, ops))
+    out["parent_left"] = (cgroup_root() / "pwtest-member2/y").exists()
+    with contextlib.suppress(Exception):
+        b.rmdir("pwtest-member2/y")
+    b.rmdir("pwtest-member2")
+    return out
+
+
+@check("v2.cleanup")
+def v2_cleanup() -> Data:
+    got = teardown("pwtest-v2")
+    got["v2_root_effective_after"] = raw("", "cpuset.cpus.effective")
+    return got
+
+
+@check("layout.sync")
+def layout_sync() -> Data:
+    """E1's sync() on the v2 backend: the documented tree, partitions valid, and the kernel
+    itself removes leased CPUs from every other group (pwtest-bystander has no cpus set)."""
+    from pinwarden.enforce.apply import sync
+    from pinwarden.enforce.layout import LayoutNames
+    from pinwarden.model import HolderRef, Lease
+
+    b = backend()
+    host = load_host()
+    names = LayoutNames(shared="pwtest-machine", exclusive="pwtest-pinwarden.partition")
+    job = HolderRef("run", "J", "J")
+    vm = HolderRef("qemu", "0b3a8a2e-0000-4000-8000-00000000000a", "A")
+    out: Data = {"vm_cpus": host.partition.vm_cpus.to_list()}
+    steps = {"one": [Lease(6, job, "task", 0.0)],
+             "two": [Lease(6, job, "task", 0.0), Lease(7, vm, "vcpu0", 0.0)],
+             "none": []}
+    for step, leases in steps.items():
+        entry: Data = {}
+        try:
+            result = sync(b, host, leases, names)
+            entry["ops"] = len(result.ops)
+        except Exception as exc:
+            entry["error"] = exc_data(exc)
+        entry["tree"] = {str(p.relative_to(cgroup_root())): group_data(
+            str(p.relative_to(cgroup_root())))
+            for p in sorted((cgroup_root() / names.exclusive).rglob("*"))
+            if p.is_dir()} if (cgroup_root() / names.exclusive).is_dir() else {}
+        entry["exclusive"] = group_data(names.exclusive)
+        entry["shared"] = group_data(names.shared)
+        entry["bystander_effective"] = raw("pwtest-bystander", "cpuset.cpus.effective")
+        entry["root_effective"] = raw("", "cpuset.cpus.effective")
+        out[step] = entry
+    out["teardown"] = [teardown("pwtest-pinwarden"), teardown("pwtest-machine")]
+    return out
+
+
+SHOW = ("cat /proc/self/cgroup; g=$(sed -n 's/^0:://p' /proc/self/cgroup); "
+        "echo partition=$(cat /sys/fs/cgroup$g/cpuset.cpus.partition); "
+        "echo effective=$(cat /sys/fs/cgroup$g/cpuset.cpus.effective); "
+        "grep Cpus_allowed_list /proc/self/status")
+
+
+@check("cli.run")
+def cli_run() -> Data:
+    out: Data = {"has_run": command_exists("run")}
+    if not out["has_run"]:
+        return out
+    # one invocation (each costs 20-30 s under TCG): cat /proc/self/cgroup and more
+    out["show"] = cli("run", "--exclusive", "1", "--", "sh", "-c", SHOW + "; exit 7")
+    out["leases_after"] = ledger_leases()
+    out["machine"] = {n: group_data(n) for n in ("machine", "machine.slice")
+                      if (cgroup_root() / n).is_dir()}
+    return out
+
+
+@check("cli.offline")
+def cli_offline() -> Data:
+    """A leased CPU goes offline and comes back while its job runs."""
+    out: Data = {"has_run": command_exists("run"), "has_status": command_exists("status")}
+    if not out["has_run"]:
+        return out
+    cmd = [PINWARDEN, "run", "--exclusive", "1", "--", "sleep", "600"]
+    with started(cmd) as proc:
+        def job_cgroup() -> str | None:
+            for pid in descendants(proc.pid):
+                cg = cgroup_of(pid)
+                if cg and ".partition" in cg:
+                    return cg
+            return None
+
+        group = wait_for(job_cgroup)
+        out["group"] = group
+        leases = wait_for(ledger_leases, 30)
+        out["leases"] = leases
+        if not group or not leases:
+            out["stderr"] = proc.stderr.read() if proc.poll() is not None and proc.stderr \
+                else None
+            return out
+        cpu = int(leases[0]["cpu"])
+        out["cpu"] = cpu
+        out["before"] = group_data(group)
+        out["offline_error"] = set_online(cpu, False)
+        time.sleep(1)
+        out["offline"] = group_data(group)
+        out["offline_leases"] = ledger_leases()
+        out["offline_online_list"] = Path("/sys/devices/system/cpu/online").read_text().strip()
+        if out["has_status"]:
+            out["status_offline"] = cli_here("status", "--json", "--state-dir", str(STATE))
+        out["online_error"] = set_online(cpu, True)
+        time.sleep(1)
+        out["online"] = group_data(group)
+        out["online_leases"] = ledger_leases()
+        if out["has_status"]:
+            out["status_online"] = cli_here("status", "--json", "--state-dir", str(STATE))
+        out["job_alive"] = proc.poll() is None
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            out["rc"] = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            out["rc"] = None
+        out["leases_after_exit"] = ledger_leases()
+        out["group_after_exit"] = group_data(group)
+        out["tree_after_exit"] = {n: group_data(n) for n in ("pinwarden.partition",
+                                                             "machine.slice")}
+    return out
+
+
+@check("cli.plan_numa")
+def cli_plan_numa() -> Data:
+    """``pinwarden plan`` in ``none`` mode: a 2-vCPU exclusive domain stays on one node."""
+    out: Data = {"has_plan": command_exists("plan")}
+    if not out["has_plan"]:
+        return out
+    CONFIG_DIR.mkdir(parents=True, exist_ok=True)
+    config = CONFIG_DIR / "none.toml"
+    config.write_text('[partition]\nmode = "none"\nhost_reserve = "0"\n')
+    for vcpus in (2, 4):
+        xml = CONFIG_DIR / f"dom{vcpus}.xml"
+        xml.write_text(
+            f"<domain type='kvm'><name>pwtest-numa{vcpus}</name>"
+            f"<uuid>6d1b4c8e-0000-4000-8000-00000000000{vcpus}</uuid>"
+            f"<memory unit='MiB'>256</memory><vcpu placement='static'>{vcpus}</vcpu>"
+            f"<cputune exclusive='yes'/>"
+            f"<os><type arch='x86_64'>hvm</type></os></domain>")
+        out[f"plan{vcpus}"] = cli_here("plan", "--config", str(config), "--state-dir",
+                                       str(STATE), "--json", str(xml))
+    return out
+
+
+@check("kernel.partition_cpus")
+def kernel_partition_cpus() -> Data:
+    """Kernel facts for the layout, with raw writes (no backend): do CPUs come back to the
+    parent when a root partition is narrowed, switched to member, or emptied?  Runs last:
+    on 6.1 emptying loses the CPUs until reboot."""
+    from pinwarden.cpuset import CpuSet
+
+    b = backend()
+    out: Data = {}
+    mems = b.read_group("").mems
+    # CPUs no top-level group names (pinwarden's own groups may still hold some)
+    claimed = CpuSet()
+    for child in cgroup_root().iterdir():
+        if child.is_dir():
+            claimed = claimed | CpuSet.parse_kernel(raw(child.name, "cpuset.cpus") or "")
+    free = CpuSet.parse_kernel(raw("", "cpuset.cpus.effective") or "") - claimed
+    out["free"] = free.to_list()
+    name = "pwtest-narrow"
+    b.mkdir(name)
+    b.set_mems(name, mems)
+    b.set_cpus(name, CpuSet.parse_kernel("4-5"))
+    b.set_partition(name, "exclusive")
+    out["narrow"] = {"root_before": raw("", "cpuset.cpus.effective")}
+    write_raw(name, "cpuset.cpus", "4")
+    out["narrow"]["narrowed"] = group_data(name)
+    out["narrow"]["root_narrowed"] = raw("", "cpuset.cpus.effective")
+    write_raw(name, "cpuset.cpus.partition", "member")
+    out["narrow"]["root_member"] = raw("", "cpuset.cpus.effective")
+    b.rmdir(name)
+    out["narrow"]["root_removed"] = raw("", "cpuset.cpus.effective")
+    out["backend_refuses_empty"] = {}
+    isolated = [c for c in (6, 7) if c in free][:1]  # unless pinwarden holds both
+    out["tried"] = [5, *isolated]
+    for cpu in out["tried"]:  # an ordinary CPU and an isolcpus one
+        name = f"pwtest-empty{cpu}"
+        b.mkdir(name)
+        b.set_mems(name, mems)
+        b.set_cpus(name, CpuSet.of([cpu]))
+        b.set_partition(name, "exclusive")
+        step: Data = {"root_before": raw("", "cpuset.cpus.effective")}
+        out["backend_refuses_empty"][str(cpu)] = expect_error(
+            functools.partial(b.set_cpus, name, CpuSet()))
+        step["after_refusal"] = group_data(name)
+        write_raw(name, "cpuset.cpus", "")
+        step["emptied"] = group_data(name)
+        step["root_emptied"] = raw("", "cpuset.cpus.effective")
+        write_raw(name, "cpuset.cpus.partition", "member")
+        step["root_member"] = raw("", "cpuset.cpus.effective")
+        b.rmdir(name)
+        step["root_removed"] = raw("", "cpuset.cpus.effective")
+        out[str(cpu)] = step
+    return out
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    STATE.mkdir(parents=True, exist_ok=True)
+    save()
+    for run in CHECKS:
+        run()
+    RESULTS["done"] = True
+    RESULTS["finished"] = time.time()
+    save()
+    print("lab: done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

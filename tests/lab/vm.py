@@ -1,0 +1,181 @@
+"""Host side of the kernel lab: boot one virtme-ng VM, run :mod:`lab.in_vm`, read its JSON.
+
+The VM (TCG, 8 CPUs, NUMA nodes 0-3 and 4-7, ``isolcpus=6-7``) shares this filesystem read
+only; the in-VM script writes its results into a host directory passed with ``--rwdir``.
+Every check's result is written as soon as it is known, so a VM that dies half-way still
+reports what it saw.  :func:`lab_run` boots at most once per process (pytest session).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+IN_VM = Path(__file__).resolve().parent / "in_vm.py"
+RESULT_FILE = "results.json"
+#: Boot plus all checks; TCG boots take 40–100 s, the checks about a minute.
+TIMEOUT = float(os.environ.get("PINWARDEN_LAB_TIMEOUT", "420"))
+CPUS = 8
+NUMA = ("1G,cpus=0-3", "1G,cpus=4-7")
+APPEND = "isolcpus=6-7"
+
+
+class LabError(Exception):
+    """The VM did not boot or did not produce results; carries the console tail."""
+
+
+@dataclass
+class LabRun:
+    kernel: Path
+    results: dict[str, Any]
+    console: str
+    seconds: float
+    outdir: Path
+    command: list[str] = field(default_factory=list)
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.console.splitlines()[-lines:])
+
+    def check(self, name: str) -> dict[str, Any]:
+        """The data of one in-VM check; a check that raised or never ran fails here with
+        its traceback (or the console tail)."""
+        entry = self.results.get("checks", {}).get(name)
+        if entry is None:
+            done = self.results.get("done", False)
+            raise AssertionError(
+                f"in-VM check {name!r} has no result "
+                f"({'the script finished without it' if done else 'the VM stopped first'})"
+                f"; console tail:\n{self.tail()}")
+        if not entry.get("ok"):
+            raise AssertionError(f"in-VM check {name!r} raised:\n{entry.get('error')}")
+        data = entry.get("data")
+        assert isinstance(data, dict), entry
+        return data
+
+
+def _version_key(path: Path) -> list[int | str]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"[.-]", path.name)]
+
+
+def lab_kernel() -> Path:
+    """``$PINWARDEN_LAB_KERNEL``, else the newest ``/boot/vmlinuz-*``."""
+    env = os.environ.get("PINWARDEN_LAB_KERNEL")
+    if env:
+        return Path(env)
+    found = sorted(Path("/boot").glob("vmlinuz-*"), key=_version_key)
+    if not found:
+        raise LabError("no kernel in /boot/vmlinuz-* (apt-get install linux-image-amd64)")
+    return found[-1]
+
+
+def vng_binary() -> Path:
+    bindir = Path(sys.executable).parent
+    vng = bindir / "vng"
+    if vng.exists():
+        return vng
+    which = shutil.which("vng")
+    if which is None:
+        raise LabError(f"virtme-ng is not installed ({bindir}/pip install virtme-ng)")
+    return Path(which)
+
+
+def vng_command(kernel: Path, outdir: Path) -> list[str]:
+    python = Path(sys.executable)
+    inner = " ".join(shlex.quote(str(a)) for a in (python, IN_VM, outdir))
+    cmd = [str(vng_binary()), "--disable-kvm", "--verbose", "--run", str(kernel),
+           "--cpus", str(CPUS), "--memory", "2G"]
+    for node in NUMA:
+        cmd += ["--numa", node]
+    cmd += ["--append", APPEND, "--rwdir", str(outdir), "--cwd", str(REPO),
+            "--exec", inner]
+    return cmd
+
+
+def boot(kernel: Path, outdir: Path, timeout: float = TIMEOUT) -> LabRun:
+    """Boot the VM once and return its results; :class:`LabError` with the console tail
+    when it produced none."""
+    cmd = vng_command(kernel, outdir)
+    env = dict(os.environ)
+    # vng starts virtme-run and qemu by name
+    env["PATH"] = f"{Path(cmd[0]).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+    env.pop("PINWARDEN_REQUIRE_ALL", None)
+    # The VM sees the tree read-only: without fresh .pyc files every Python start in it
+    # recompiles pinwarden, which costs tens of seconds under TCG.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "src"),
+                    str(IN_VM.parent)], check=False, stdout=subprocess.DEVNULL)
+    console_file = outdir / "console.log"
+    start = time.monotonic()
+    with console_file.open("wb") as console:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console,
+                                stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)  # our own session: vng, virtme-run and qemu
+            proc.wait()
+            rc = None
+    seconds = time.monotonic() - start
+    text = console_file.read_text(errors="replace")
+    run = LabRun(kernel, {}, text, seconds, outdir, cmd)
+    result = outdir / RESULT_FILE
+    if not result.exists():
+        why = f"timed out after {timeout:.0f} s" if rc is None else f"exited {rc}"
+        raise LabError(f"the lab VM ({kernel.name}) {why} without results; "
+                       f"command: {shlex.join(cmd)}\nconsole tail:\n{run.tail()}")
+    try:
+        run.results = json.loads(result.read_text())
+    except json.JSONDecodeError as exc:
+        raise LabError(f"unreadable {result}: {exc}\nconsole tail:\n{run.tail()}") from None
+    if rc is None:
+        run.results.setdefault("notes", []).append(f"timed out after {timeout:.0f} s")
+    return run
+
+
+def load(outdir: Path) -> LabRun:
+    """A previous boot's results (``PINWARDEN_LAB_REUSE=DIR``: re-run the assertions while
+    working on them, without booting)."""
+    try:
+        results = json.loads((outdir / RESULT_FILE).read_text())
+        console = (outdir / "console.log").read_text(errors="replace")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LabError(f"cannot reuse lab results in {outdir}: {exc}") from None
+    return LabRun(lab_kernel(), results, console, 0.0, outdir)
+
+
+_RUN: list[LabRun | LabError] = []
+
+
+def lab_run() -> LabRun:
+    """The session's one VM boot (cached; a failed boot is re-raised to every caller)."""
+    if not _RUN:
+        try:
+            reuse = os.environ.get("PINWARDEN_LAB_REUSE")
+            if reuse:
+                _RUN.append(load(Path(reuse)))
+            else:
+                outdir = Path(tempfile.mkdtemp(prefix="pwtest-lab-"))
+                _RUN.append(boot(lab_kernel(), outdir))
+        except LabError as exc:
+            _RUN.append(exc)
+    got = _RUN[0]
+    if isinstance(got, LabError):
+        raise got
+    return got
+
+
+if __name__ == "__main__":  # by hand: python tests/lab/vm.py → results and console path
+    r = lab_run()
+    print(json.dumps(r.results, indent=2))
+    print(f"# {r.seconds:.0f} s, console: {r.outdir / 'console.log'}", file=sys.stderr)

@@ -1,0 +1,323 @@
+"""cgroup v2 enforcement on a real kernel: the virtme-ng lab (one VM boot per session).
+
+The VM has 8 CPUs in NUMA nodes 0-3 and 4-7, boots with ``isolcpus=6-7`` and mounts cgroup2
+with the cpuset controller.  :mod:`lab.in_vm` performs every operation inside it and
+records what the kernel and pinwarden did; each test here asserts on one observation.
+
+Run by hand: ``.venv/bin/pytest -m kernel tests/test_lab_v2.py`` (about 2–3 minutes).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from lab.vm import LabError, LabRun, lab_run
+from pinwarden.cpuset import CpuSet
+
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
+
+
+@pytest.fixture(scope="session")
+def lab() -> LabRun:
+    try:
+        return lab_run()
+    except LabError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+def kernel_version(lab: LabRun) -> tuple[int, int]:
+    release = lab.check("env")["kernel"]
+    major, minor = release.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()))
+
+
+def cpus(text: str | None) -> CpuSet:
+    assert text is not None
+    return CpuSet.parse_kernel(text)
+
+
+# -- the VM itself ------------------------------------------------------------------------
+
+def test_vm_has_cgroup2_cpuset_and_isolcpus(lab: LabRun) -> None:
+    env = lab.check("env")
+    assert "cpuset" in env["controllers"].split(), env
+    assert env["online"] == "0-7", env
+    assert env["isolated"] == "6-7", env
+
+
+def test_topology_sees_8_cpus_in_2_nodes(lab: LabRun) -> None:
+    topo = lab.check("topology")
+    assert topo["present"] == "0-7"
+    assert topo["online"] == "0-7"
+    assert topo["isolated"] == "6-7"
+    assert topo["nodes"] == {"0": "0-3", "1": "4-7"}
+
+
+def test_partition_is_isolcpus_mode_with_vm_cpus_6_7(lab: LabRun) -> None:
+    part = lab.check("partition")
+    assert part["mode"] == "isolcpus", part
+    assert part["vm_cpus"] == "6-7", part
+    assert part["host_cpus"] == "0-5", part
+
+
+# -- the backend's primitives on the real kernel ------------------------------------------
+
+def test_mkdir_enables_the_cpuset_controller_top_down(lab: LabRun) -> None:
+    data = lab.check("v2.partition_root")
+    assert "cpuset" in data["subtree_control_after"].split(), data
+    assert data["group"]["cpuset.cpus"] == "2-3"
+
+
+def test_partition_root_takes_cpus_out_of_everyone_else(lab: LabRun) -> None:
+    data = lab.check("v2.partition_root")
+    assert data["group"]["cpuset.cpus.partition"] == "root", data["group"]
+    assert data["state"] == {"partition": "exclusive", "partition_error": None,
+                             "cpus": "2-3", "effective": "2-3"}
+    assert cpus(data["root_effective"]).isdisjoint(CpuSet.of([2, 3])), data
+    # a sibling that never named CPUs (cpuset.cpus empty) loses them too: the kernel did it
+    assert data["bystander"]["cpuset.cpus"] == ""
+    assert cpus(data["bystander"]["cpuset.cpus.effective"]) == cpus(data["root_effective"])
+
+
+def test_exclusive_file_used_exactly_where_the_kernel_has_it(lab: LabRun) -> None:
+    data = lab.check("v2.partition_root")
+    present = data["group"]["cpuset.cpus.exclusive"] is not None
+    assert data["has_exclusive_file"] == present
+    assert present == (kernel_version(lab) >= (6, 7))
+    if present:  # kept equal to cpuset.cpus on a partition root
+        assert data["group"]["cpuset.cpus.exclusive"] == data["group"]["cpuset.cpus"]
+
+
+def test_child_partitions_root_and_isolated(lab: LabRun) -> None:
+    data = lab.check("v2.children")
+    assert data["a"]["cpuset.cpus.partition"] == "root", data["a"]
+    assert data["c"]["cpuset.cpus.partition"] == "isolated", data["c"]
+    assert data["a"]["cpuset.cpus.effective"] == "2"
+    assert data["c"]["cpuset.cpus.effective"] == "3"
+    # the parent gave every CPU to its children (legal: it has no tasks); the kernel's
+    # file is then empty, the backend reports the subtree's CPUs like v1 does
+    assert data["parent"]["cpuset.cpus.partition"] == "root"
+    assert data["parent"]["cpuset.cpus.effective"] == ""
+    assert data["parent_state_effective"] == "2-3"
+    assert data["snapshot"]["pwtest-v2/a"] == {"partition": "exclusive", "error": None,
+                                               "effective": "2"}
+    assert data["snapshot"]["pwtest-v2/c"] == {"partition": "isolated", "error": None,
+                                               "effective": "3"}
+    assert cpus(data["bystander_effective"]).isdisjoint(CpuSet.of([2, 3]))
+
+
+def test_member_write_breaking_a_sibling_partition_refused_and_undone(lab: LabRun) -> None:
+    data = lab.check("v2.invalid_overlap")
+    err = data["member_write"]
+    assert err["raised"] and err["type"] == "PartitionInvalidError", err
+    assert err["group"] == "pwtest-v2/a", err  # the partition the write broke is named
+    assert err["reason"] == "Cpu list in cpuset.cpus not exclusive", err
+    assert data["b"]["cpuset.cpus"] == ""  # undone
+    assert data["a"]["cpuset.cpus.partition"] == "root", data["a"]  # and re-validated
+
+
+def test_partition_overlapping_a_member_sibling_refused_with_kernel_reason(lab: LabRun) -> None:
+    data = lab.check("v2.invalid_overlap")
+    err = data["partition_write"]
+    assert err["raised"] and err["type"] == "PartitionInvalidError", err
+    assert err["errno_name"] == "EINVAL"
+    assert err["group"] == "pwtest-ov2"
+    assert err["reason"] == "Cpu list in cpuset.cpus not exclusive", err
+    assert "not exclusive" in err["message"]
+    assert data["ov2"]["cpuset.cpus.partition"] == "member"  # undone
+    assert data["ov1"]["cpuset.cpus"] == "4"  # the sibling is untouched
+
+
+def test_cpus_write_breaking_a_partition_is_undone_and_revalidated(lab: LabRun) -> None:
+    data = lab.check("v2.invalid_cpus_write")
+    err = data["error"]
+    assert err["raised"] and err["type"] == "PartitionInvalidError", err
+    assert "not exclusive" in err["reason"], err
+    assert data["a"]["cpuset.cpus"] == "2"
+    # 6.1 keeps a partition invalid after the conflict is gone; the backend re-enables it
+    assert data["a"]["cpuset.cpus.partition"] == "root", data["a"]
+    assert data["c"]["cpuset.cpus.partition"] == "isolated", data["c"]
+
+
+def test_partition_under_a_non_partition_parent_refused(lab: LabRun) -> None:
+    data = lab.check("v2.invalid_parent_not_root")
+    err = data["error"]
+    assert err["raised"] and err["type"] == "PartitionInvalidError", err
+    assert err["reason"] == "Parent is not a partition root", err
+    assert err["errno_name"] == "EACCES"  # what cgroup v1 says for the same mistake
+    assert data["x"]["cpuset.cpus.partition"] == "member"
+
+
+def test_partition_taking_every_cpu_of_a_populated_parent_refused(lab: LabRun) -> None:
+    data = lab.check("v2.invalid_all_of_root")
+    err = data["error"]
+    assert err["raised"] and err["type"] == "PartitionInvalidError", err
+    assert err["reason"] == "Parent unable to distribute cpu downstream", err
+    assert err["errno_name"] == "ENOSPC"
+    assert data["all"]["cpuset.cpus.partition"] == "member"
+    assert cpus(data["root_effective_after"]) == cpus(data["cpus"])  # nothing taken
+
+
+def test_enforce_errors_are_one_line_name_the_conflict_and_roll_back(lab: LabRun) -> None:
+    data = lab.check("v2.apply_errors")
+    for key, left in (("overlap", "overlap_left"), ("parent", "parent_left")):
+        err = data[key]
+        assert err["raised"] and err["type"] == "EnforceError", err
+        assert "\n" not in err["message"]
+        assert data[left] is False, f"{key}: the group created before the refusal remains"
+    assert "CPU 2" in data["overlap"]["message"], data["overlap"]
+    assert "pwtest-v2/a" in data["overlap"]["message"], data["overlap"]
+    assert "parent" in data["parent"]["message"], data["parent"]
+    assert "pwtest-member2" in data["parent"]["message"], data["parent"]
+
+
+def test_backend_refuses_to_empty_a_partition_root(lab: LabRun) -> None:
+    data = lab.check("kernel.partition_cpus")
+    assert 5 in data["tried"]
+    for cpu in map(str, data["tried"]):
+        err = data["backend_refuses_empty"][cpu]
+        assert err["raised"] and err["type"] == "CgroupOpError", err
+        assert err["errno_name"] == "EBUSY" and "member first" in err["detail"], err
+        group = data[cpu]["after_refusal"]
+        assert group["cpuset.cpus"] == cpu and group["cpuset.cpus.partition"] == "root"
+
+
+def test_narrowing_a_partition_root_gives_the_cpu_back(lab: LabRun) -> None:
+    narrow = lab.check("kernel.partition_cpus")["narrow"]
+    assert narrow["narrowed"]["cpuset.cpus.partition"] == "root", narrow
+    assert 5 in cpus(narrow["root_narrowed"]), narrow
+    assert 4 not in cpus(narrow["root_narrowed"]), narrow
+    assert CpuSet.of([4, 5]) <= cpus(narrow["root_removed"]), narrow
+
+
+def test_backend_groups_removed_cleanly(lab: LabRun) -> None:
+    data = lab.check("v2.cleanup")
+    assert data["errors"] == [] and data["left"] == [], data
+    assert cpus(data["v2_root_effective_after"]) >= CpuSet.of([2, 3])
+
+
+# -- the enforcement core on v2 -----------------------------------------------------------
+
+def _holder_groups(tree: dict[str, Any]) -> dict[str, Any]:
+    return {p: g for p, g in tree.items() if p.count("/") == 1}
+
+
+def test_sync_builds_the_partition_tree(lab: LabRun) -> None:
+    data = lab.check("layout.sync")
+    one = data["one"]
+    assert "error" not in one, one["error"]
+    assert one["exclusive"]["cpuset.cpus.partition"] == "root", one["exclusive"]
+    holders = _holder_groups(one["tree"])
+    assert list(holders) == ["pwtest-pinwarden.partition/run-J.partition"], holders
+    job = holders["pwtest-pinwarden.partition/run-J.partition"]
+    assert job["cpuset.cpus.partition"] == "root" and job["cpuset.cpus.effective"] == "6"
+    # the shared pool is VM CPUs − leased; a group that never set CPUs loses 6 as well
+    assert one["shared"]["cpuset.cpus.effective"] == "7"
+    assert 6 not in cpus(one["bystander_effective"])
+
+
+def test_sync_second_holder_and_fallback_pool(lab: LabRun) -> None:
+    two = lab.check("layout.sync")["two"]
+    assert "error" not in two, two["error"]
+    holders = _holder_groups(two["tree"])
+    parts = {p.rsplit("/", 1)[1]: g["cpuset.cpus.partition"] for p, g in holders.items()}
+    assert parts == {"run-J.partition": "root", "vm-A.partition": "root"}, parts
+    assert two["shared"]["cpuset.cpus.effective"] == "0-5"  # every VM CPU leased
+    assert cpus(two["bystander_effective"]).isdisjoint(CpuSet.of([6, 7]))
+
+
+def test_sync_without_leases_gives_cpus_back(lab: LabRun) -> None:
+    data = lab.check("layout.sync")
+    none = data["none"]
+    assert "error" not in none, none["error"]
+    assert _holder_groups(none["tree"]) == {}
+    assert cpus(none["bystander_effective"]) >= CpuSet.of([6, 7])
+    for td in data["teardown"]:
+        assert td["errors"] == [] and td["left"] == [], td
+
+
+# -- pinwarden run / status / plan inside the VM ------------------------------------------
+
+def test_run_executes_the_command_in_a_partition_root(lab: LabRun) -> None:
+    data = lab.check("cli.run")
+    assert data["has_run"], "`pinwarden run` is not registered yet (src/pinwarden/cli/run.py)"
+    show = data["show"]
+    line = next((ln for ln in show["stdout"].splitlines() if ln.startswith("0::")), "")
+    assert ".partition/run-" in line, show  # cat /proc/self/cgroup inside the job
+    assert show["rc"] == 7, show  # the command's own status
+    out = dict(ln.split("=", 1) for ln in show["stdout"].splitlines() if "=" in ln)
+    assert out.get("partition") == "root", show
+    allowed = next(ln for ln in show["stdout"].splitlines() if ln.startswith("Cpus_allowed"))
+    leased = cpus(out["effective"])
+    assert len(leased) == 1 and cpus(allowed.split(":", 1)[1].strip()) == leased, show
+    assert data["leases_after"] == [], "leases were not released when the command ended"
+
+
+def test_offline_leased_cpu_keeps_lease_and_partition_recovers(lab: LabRun) -> None:
+    data = lab.check("cli.offline")
+    assert data["has_run"], "`pinwarden run` is not registered yet"
+    assert data.get("group") and data.get("leases"), data
+    cpu = data["cpu"]
+    assert data["offline_error"] is None and data["online_error"] is None, data
+    assert cpu not in cpus(data["offline_online_list"])
+    assert [ls["cpu"] for ls in data["offline_leases"]] == [cpu], "lease lost while offline"
+    # with the job's task inside, the kernel marks the partition invalid while offline...
+    assert data["offline"]["cpuset.cpus.partition"].startswith("root invalid"), data
+    # ...and valid again once the CPU is back, without pinwarden's help
+    assert data["online"]["cpuset.cpus.partition"] == "root", data["online"]
+    assert data["online"]["cpuset.cpus.effective"] == str(cpu)
+    assert [ls["cpu"] for ls in data["online_leases"]] == [cpu]
+    assert data["job_alive"], "the job died while its CPU was offline"
+    assert data["leases_after_exit"] == []
+
+
+def _holders_with(doc: Any, cpu: int) -> list[dict[str, Any]]:
+    """Holder entries of a ``status --json`` document whose leased "cpus" include ``cpu``."""
+    holders = doc.get("leases", []) if isinstance(doc, dict) else []
+    return [h for h in holders if isinstance(h, dict) and isinstance(h.get("cpus"), str)
+            and cpu in CpuSet.parse_kernel(h["cpus"])]
+
+
+def test_status_reports_the_offline_lease(lab: LabRun) -> None:
+    data = lab.check("cli.offline")
+    assert data["has_status"], "`pinwarden status` is not registered yet"
+    cpu = data["cpu"]
+    for key, offline in (("status_offline", True), ("status_online", False)):
+        status = data[key]
+        assert status["rc"] == 0, status
+        assert "json" in status, f"status --json printed no JSON: {status['stdout'][:200]}"
+        mine = _holders_with(status["json"], cpu)
+        assert len(mine) == 1, f"{key}: lease on CPU {cpu}: {json.dumps(status['json'])[:400]}"
+        # agreed with the status owner: "offline" lists the holder's leased CPUs that are
+        # offline (asserted once status reports it)
+        if "offline" in mine[0]:
+            assert (cpu in CpuSet.parse_kernel(mine[0]["offline"])) is offline, mine[0]
+
+
+def _plan_cpus(doc: Any) -> CpuSet:
+    stack = [doc]
+    while stack:
+        cur = stack.pop()
+        if isinstance(cur, dict):
+            leases = cur.get("leases")
+            if isinstance(leases, dict) and leases:
+                return CpuSet.of(int(c) for c in leases)
+            stack.extend(cur.values())
+    raise AssertionError(f"no leases in plan output: {json.dumps(doc)[:300]}")
+
+
+def test_plan_keeps_exclusive_domains_inside_one_numa_node(lab: LabRun) -> None:
+    data = lab.check("cli.plan_numa")
+    assert data["has_plan"], "`pinwarden plan` is not registered yet"
+    nodes = [CpuSet.range(0, 3), CpuSet.range(4, 7)]
+    for vcpus in (2, 4):
+        out = data[f"plan{vcpus}"]
+        assert out["rc"] == 0 and "json" in out, out
+        leased = _plan_cpus(out["json"])
+        assert len(leased) >= vcpus, out
+        assert any(leased <= node for node in nodes), f"{vcpus} vCPUs span nodes: {leased}"
+    # CPU 0 is the host reserve, so only node 1 has room for 4 exclusive vCPUs
+    assert _plan_cpus(data["plan4"]["json"]) <= CpuSet.range(4, 7)
