@@ -102,10 +102,17 @@ def run(config: Config, *, with_nova: bool, log: Callable[[str], None]) -> list[
                          "nodes": len({host.topology.node_of(c) for c in host.pool}),
                          "threads_per_core": tpc, "mix": mix, "load": load, "seed": seed,
                          "allocator": allocator.name, **result.as_dict(),
-                         "upper_bound": ub_vms, "upper_bound_vcpus": ub_vcpus})
+                         "upper_bound": ub_vcpus, "upper_bound_vms": ub_vms})
         log(f"{name}: {len(events) // 2} VMs, {time.monotonic() - started:.1f}s")
     verdicts(rows)
     return rows
+
+
+def write_reports(out: Path, mode: str, rows: list[dict[str, Any]],
+                  meta: dict[str, Any]) -> None:
+    (out / f"{mode}.md").write_text(markdown(rows, meta))
+    plot_acceptance(rows, out / ("acceptance.png" if mode == "quick"
+                                 else f"acceptance-{mode}.png"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,7 +121,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     parser.add_argument("--no-nova", action="store_true",
                         help="skip Nova (for a quick look without bench/.venv)")
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite MODE.md and the plot from an existing MODE.json")
     args = parser.parse_args(argv)
+    if args.render:
+        data = json.loads((args.out / f"{args.mode}.json").read_text())
+        verdicts(data["rows"])
+        write_reports(args.out, args.mode, data["rows"], data["meta"])
+        return 0
     config = CONFIGS[args.mode]
     started = time.monotonic()
     rows = run(config, with_nova=not args.no_nova,
@@ -124,9 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": platform.machine(), "seconds": round(time.monotonic() - started, 1)}
     (args.out / f"{args.mode}.json").write_text(
         json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    (args.out / f"{args.mode}.md").write_text(markdown(rows, meta))
-    plot_acceptance(rows, args.out / ("acceptance.png" if args.mode == "quick"
-                                      else f"acceptance-{args.mode}.png"))
+    write_reports(args.out, args.mode, rows, meta)
     print(f"wrote {args.out}/{args.mode}.json, .md and the acceptance plot "
           f"in {meta['seconds']}s", file=sys.stderr)
     return 0

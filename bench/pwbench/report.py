@@ -58,8 +58,9 @@ def verdicts(rows: list[Row]) -> None:
             row["verdict"] = verdict(row, others)
 
 
-COLUMNS = ("workload", "allocator", "offered", "accepted", "upper_bound", "accepted_vcpus",
-           "refused_with_room", "numa_split_vms",
+COLUMNS = ("workload", "allocator", "offered", "accepted", "upper_bound_vms",
+           "accepted_vcpus",
+           "upper_bound", "refused_with_room", "numa_split_vms",
            "smt_shared_vms", "isolate_shared_vms", "p50_us", "p99_us", "verdict")
 
 
@@ -121,10 +122,11 @@ def plot_acceptance(rows: list[Row], path: Path) -> None:
         vms[r["allocator"]][r["load"]].append(r["accepted"] / r["offered"])
         vcpus[r["allocator"]][r["load"]].append(r["accepted_vcpus"] / r["offered_vcpus"])
         if r["allocator"] == "pinwarden":
-            vms["no fragmentation"][r["load"]].append(r["upper_bound"] / r["offered"])
-            vcpus["no fragmentation"][r["load"]].append(
-                r["upper_bound_vcpus"] / r["offered_vcpus"])
-    hosts = [h for h, s in kinds["VMs"].items() if len(s.get("pinwarden", {})) >= 3][:6]
+            vms["no fragmentation"][r["load"]].append(r["upper_bound_vms"] / r["offered"])
+            vcpus["no fragmentation"][r["load"]].append(r["upper_bound"] / r["offered_vcpus"])
+    size = {r["host"]: r["cpus"] for r in rows}
+    hosts = sorted((h for h, s in kinds["VMs"].items() if len(s.get("pinwarden", {})) >= 3),
+                   key=lambda h: (-size[h], h))[:4]
     if not hosts:
         return
     fig, axes = plt.subplots(2, len(hosts), figsize=(5 * len(hosts), 7.5), squeeze=False)
