@@ -55,15 +55,21 @@ def make_host(name: str, topology: Topology) -> Host:
 
 
 def hwloc_host(dump: Path, cache: Path) -> Host:
-    """Extract ``dump`` (``NAME.tar.bz2``, read-only) under ``cache`` once and read it."""
+    """Extract the CPU part of ``dump`` (``NAME.tar.bz2``, read-only) under ``cache`` once
+    and read it."""
     name = dump.name.removesuffix(".tar.bz2")
-    root = cache / name
-    if not root.is_dir():
-        cache.mkdir(parents=True, exist_ok=True)
+    target = cache / name
+    marker = target / ".top"
+    if not marker.is_file():
+        target.mkdir(parents=True, exist_ok=True)
         with tarfile.open(dump) as tar:
-            tar.extractall(cache, filter="data")
-    # The archives hold one top-level directory named like the archive.
-    return make_host(name, read_topology(root))
+            top = tar.getnames()[0].split("/")[0]  # not always the archive's name
+            wanted = [m for m in tar.getmembers()
+                      if "/sys/devices/system/" in m.name or "/proc/" in m.name
+                      or "/sys/devices/cpu_" in m.name]
+            tar.extractall(target, members=wanted, filter="data")
+        marker.write_text(top)
+    return make_host(name, read_topology(target / marker.read_text()))
 
 
 SYNTHETIC: dict[str, tuple[int, int, int, int]] = {

@@ -32,7 +32,9 @@ class Layout:
             threads = (info.siblings & topology.online).cpus | {cpu}
             key = min(threads)
             node[cpu] = info.node
-            socket[cpu] = info.package if info.package is not None else 0
+            # package ids repeat across packages on some machines: key by the first CPU
+            socket[cpu] = (info.package_cpus.first() if info.package_cpus
+                           else info.package if info.package is not None else 0)
             core[cpu] = key
             core_cpus.setdefault(key, set()).add(cpu)
             node_cpus.setdefault(info.node, set()).add(cpu)
