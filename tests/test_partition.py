@@ -6,9 +6,12 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hostroot import HostSpec, build_host, make_cgroup, mount_cgroups, write
 from pinwarden.config import Config
@@ -23,7 +26,7 @@ from pinwarden.partition import (
     read_partition,
     read_vm_cgroup,
 )
-from pinwarden.topology import read_topology
+from pinwarden.topology import Topology, read_topology
 
 V1 = "sys/fs/cgroup/cpuset"
 V2 = "sys/fs/cgroup"
@@ -372,3 +375,55 @@ def test_real_cgroup_v1_partition(real_tree: Path) -> None:
     # once the whole set is in machine, auto mode sees nothing restricted
     (machine / "cpuset.cpus").write_text(str(online))
     assert read_partition(Path("/"), topo, config).mode in ("none", "isolcpus")
+
+
+# -- properties of the pure core -------------------------------------------------------------
+
+_BASE: list[Topology] = []
+
+
+def base_topology(tmp_path_factory: pytest.TempPathFactory) -> Topology:
+    if not _BASE:
+        root = tmp_path_factory.mktemp("prop-host")
+        build_host(root, HostSpec(cpus=16, threads=2, packages=2, nodes=2))
+        _BASE.append(read_topology(root))
+    return _BASE[0]
+
+
+sets16 = st.frozensets(st.integers(0, 15)).map(CpuSet)
+
+
+@settings(deadline=None, max_examples=300)
+@given(online=sets16.filter(bool), isolated=sets16, cg_cpus=sets16, leased=sets16,
+       found=st.booleans(), exclusive=st.booleans(), reserve=st.none() | sets16,
+       mode=st.sampled_from(["auto", "isolcpus", "cgroup", "none"]))
+def test_decide_partition_properties(tmp_path_factory: pytest.TempPathFactory,
+                                     online: CpuSet, isolated: CpuSet, cg_cpus: CpuSet,
+                                     leased: CpuSet, found: bool, exclusive: bool,
+                                     reserve: CpuSet | None, mode: str) -> None:
+    """Whatever the host says: VM and housekeeping CPUs split the online CPUs, the mode
+    follows the documented order, and impossible explicit modes are a one-line HostError."""
+    topo = replace(base_topology(tmp_path_factory), online=online, isolated=isolated)
+    cg = VmCgroup("machine" if found else None, 1 if found else None,
+                  cg_cpus if found else CpuSet(), leased if found else CpuSet(),
+                  ("/sys/fs/cgroup/cpuset/machine",),
+                  "pinwarden.partition" if found and exclusive else None)
+    config = Config(mode=mode, host_reserve=reserve)  # type: ignore[arg-type]
+    try:
+        part = decide_partition(topo, config, cg)
+    except HostError as exc:
+        assert "\n" not in exc.message
+        assert (mode != "auto" and mode != "none") or reserve is not None
+        return
+    assert part.vm_cpus | part.host_cpus == online
+    assert part.vm_cpus.isdisjoint(part.host_cpus)
+    assert part.reason and "\n" not in part.reason
+    if mode != "auto":
+        assert part.mode == mode
+    elif isolated & online:
+        assert part.mode == "isolcpus" and part.vm_cpus == isolated & online
+    if part.mode == "cgroup":
+        assert part.vm_cpus == (cg_cpus | leased) & online and part.cgroup == "machine"
+    if part.mode == "none":
+        kept = reserve & online if reserve is not None else default_reserve(topo)
+        assert part.host_cpus == kept

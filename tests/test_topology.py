@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import HWLOC
-from hostroot import HostSpec, build_host, write
+from hostroot import HostSpec, build_host, layout, write
 from pinwarden.cpuset import CpuSet
 from pinwarden.errors import HostError
 from pinwarden.topology import Topology, parse_cpus, read_topology
@@ -429,3 +431,53 @@ def test_real_machine() -> None:
     online = CpuSet.parse_kernel(Path("/sys/devices/system/cpu/online").read_text())
     assert topo.online == online
     assert len(topo.online) == os.cpu_count()
+
+
+@st.composite
+def host_specs(draw: st.DrawFn) -> tuple[HostSpec, frozenset[int]]:
+    threads = draw(st.sampled_from([1, 2, 4]))
+    packages = draw(st.sampled_from([1, 2, 4]))
+    cores_per_package = draw(st.integers(1, 4))
+    ncores = packages * cores_per_package
+    nodes = draw(st.sampled_from([n for n in (1, 2, 4) if ncores % n == 0]))
+    cpus = ncores * threads
+    offline = draw(st.frozensets(st.integers(1, cpus - 1), max_size=cpus - 1)) \
+        if cpus > 1 else frozenset()
+    return HostSpec(cpus=cpus, threads=threads, packages=packages, nodes=nodes), offline
+
+
+@settings(deadline=None, max_examples=25,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=host_specs(), drop_files=st.booleans())
+def test_random_layouts(tmp_path_factory: pytest.TempPathFactory,
+                        case: tuple[HostSpec, frozenset[int]], drop_files: bool) -> None:
+    """Random hosts with random offline CPUs (whose topology files a modern kernel removes
+    and whose masks it drops from their siblings'): cores, packages and nodes come back."""
+    spec, offline = case
+    root = build_host(tmp_path_factory.mktemp("layout"), spec)
+    cpus = layout(spec)
+    online = CpuSet.of(c for c in cpus if c not in offline)
+    base = root / "sys/devices/system/cpu"
+    (base / "online").write_text(f"{online}\n")
+    for c in offline:
+        (base / f"cpu{c}/online").write_text("0\n")
+        if drop_files:
+            for f in (base / f"cpu{c}/topology").iterdir():
+                f.unlink()
+    for c in online:  # the kernel's masks name online CPUs only
+        mates = CpuSet.of(t for t, v in cpus.items() if v[:2] == cpus[c][:2]) & online
+        (base / f"cpu{c}/topology/core_cpus_list").write_text(f"{mates}\n")
+        (base / f"cpu{c}/topology/thread_siblings_list").write_text(f"{mates}\n")
+    topo = read_topology(root)
+    assert topo.present == CpuSet.of(cpus) and topo.online == online
+    for c in online:
+        package, core, node = cpus[c]
+        same_core = CpuSet.of(t for t, v in cpus.items() if v[:2] == (package, core))
+        assert topo.siblings(c) & online == same_core & online
+        assert topo.cpu(c).package_cpus & online == CpuSet.of(
+            t for t, v in cpus.items() if v[0] == package) & online
+        assert topo.node_of(c) == node
+    cores = topo.cores()
+    assert sorted(c for core in cores for c in core) == online.as_list()
+    for c in offline:
+        assert not topo.cpu(c).online and c in topo.siblings(c)
