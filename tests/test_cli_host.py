@@ -202,6 +202,15 @@ def test_map_two_cpus(tmp_path: Path) -> None:
     assert lines[3] == "legend: h housekeeping (0)"
 
 
+def test_map_shows_hybrid_kinds(tmp_path: Path) -> None:
+    build_host(tmp_path, HostSpec(cpus=4))
+    write(tmp_path, "sys/devices/cpu_core/cpus", "0-1\n")
+    write(tmp_path, "sys/devices/cpu_atom/cpus", "2-3\n")
+    text = render_cpu_map(load_host(tmp_path, Config()))
+    assert re.search(r"core 1\s+1 v  \(intel_core\)", text)
+    assert re.search(r"core 2\s+2 v  \(intel_atom\)", text)
+
+
 def test_map_leases_offline_and_isolated(tmp_path: Path) -> None:
     build_host(tmp_path, HostSpec(cpus=8, isolated="4-7"))
     write(tmp_path, "sys/devices/system/cpu/online", "0-6\n")

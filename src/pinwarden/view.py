@@ -118,7 +118,8 @@ def render_cpu_map(host: Host, leases: Sequence[Lease] = ()) -> str:
                 core_id = topo.cpu(threads[0]).core
                 label = f"core {'?' if core_id is None else core_id}"
                 cells = "  ".join(f"{t:>{width}} {marks[t]}" for t in threads)
-                lines.append(f"  {label:<9} {cells}")
+                kind = topo.cpu(threads[0]).kind
+                lines.append(f"  {label:<9} {cells}" + (f"  ({kind})" if kind else ""))
             continue
         threads_per_core = max(len(core) for core in group.cores)
         fit = max(1, ROW_WIDTH // (threads_per_core + 1))
