@@ -255,8 +255,17 @@ class Domains:
         return self.conn.createXML(tiny_domain_xml(name, **kw), 0)
 
     def cleanup(self) -> None:
+        """Destroy/undefine every tracked domain, over a fresh connection when libvirtd
+        was restarted meanwhile (the old one is dead then)."""
+        conn = self.conn
+        try:
+            conn.getLibVersion()  # a round trip: fails on a connection libvirtd dropped
+        except libvirt.libvirtError:
+            conn = libvirt.open(URI)
         for name in reversed(self.names):
-            cleanup_domain(self.conn, name)
+            cleanup_domain(conn, name)
+        if conn is not self.conn:
+            conn.close()
 
 
 @pytest.fixture
