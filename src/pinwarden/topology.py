@@ -288,9 +288,16 @@ def read_topology(root: Path) -> Topology:
                 siblings[s] = siblings[s] | CpuSet.of([c])
 
     packages: dict[int, CpuSet] = {}
+    seen: dict[CpuSet, CpuSet] = {}  # package masks repeat: intersect each one once
     for c in present:
         mask = raw[c].package_mask
-        packages[c] = (mask & known) | CpuSet.of([c]) if mask is not None else CpuSet.of([c])
+        if mask is None:
+            packages[c] = CpuSet.of([c])
+            continue
+        members = seen.get(mask)
+        if members is None:
+            members = seen[mask] = mask & known
+        packages[c] = members if c in members else members | CpuSet.of([c])
 
     nodes, node_of = _read_nodes(root, present)
 
