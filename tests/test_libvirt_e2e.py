@@ -19,6 +19,7 @@ import contextlib
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +120,41 @@ def test_seed_story(hooked: env.Pinwarden, domains: env.Domains) -> None:
     started = virsh("start", d)
     assert started.returncode == 0, started.stderr
     assert env.vm_affinity(d) == {1}
+
+
+def test_plain_virsh_start_of_an_exclusive_domain(hooked: env.Pinwarden,
+                                                  domains: env.Domains,
+                                                  tmp_path: Path) -> None:
+    """Defined by ``pinwarden define`` (which stores the partition), an exclusive domain
+    started by plain ``virsh start`` is leased at ``prepare``, owned at ``started`` and
+    runs exclusive; one defined behind pinwarden's back (no partition) is refused."""
+    e, f = "pwtest-e2e-e", "pwtest-e2e-f"
+    source = tmp_path / "e.xml"
+    source.write_text(env.tiny_domain_xml(e, exclusive=True, vcpupins={0: "1"}))
+    domains.track(e)
+    hooked.run("define", str(source), check=True)
+
+    started = virsh("start", e)
+    assert started.returncode == 0, started.stderr
+    group = hooked.holder_group(e)
+    assert env.domain_cgroup(e).startswith(group + "/")
+    assert env.cpu_exclusive(group) and env.read_cpus(group, "effective_cpus") == {1}
+    assert env.vm_affinity(e) == {1}
+    with Ledger(hooked.state) as ledger:
+        (record,) = ledger.holders(reap=False)
+    assert record.ref.name == e and record.owner_pid == env.qemu_pid(e)
+    assert record.plan.leased().as_list() == [1]
+
+    domains.define(f, exclusive=True, vcpupins={0: "0"})
+    refused = virsh("start", f)
+    assert refused.returncode != 0
+    assert "/machine" in refused.stderr and f"pinwarden start {f}" in refused.stderr, \
+        refused.stderr
+
+    gone = virsh("destroy", e)
+    assert gone.returncode == 0, gone.stderr
+    with Ledger(hooked.state) as ledger:
+        assert ledger.holders(reap=False) == ()
+    assert not (env.CPUSET / group).exists()
+    log = hooked.state / "hook.log"
+    assert not log.exists(), log.read_text()
