@@ -234,6 +234,15 @@ def test_errors_name_text_and_position(parse: object, text: str, pos: int, why: 
     assert exc.code == "bad-cpuset"
 
 
+def test_long_text_is_excerpted_around_the_error() -> None:
+    text = ",".join(str(i) for i in range(200)) + ",oops," + "7" * 100
+    with pytest.raises(CpuSetError) as err:
+        CpuSet.parse(text)
+    message = err.value.message
+    assert err.value.pos == text.index("oops") and err.value.text == text
+    assert "oops" in message and len(message) < 160 and "…" in message
+
+
 def test_error_on_masked_cpu_beyond_limit() -> None:
     text = "00000001," + ",".join(["00000000"] * 256)  # bit 8192
     with pytest.raises(CpuSetError, match="exceeds"):

@@ -32,7 +32,12 @@ class CpuSetError(PinwardenError):
     def __init__(self, text: str, pos: int, why: str) -> None:
         self.text = text
         self.pos = pos
-        super().__init__(f"invalid CPU list {text!r} at position {pos}: {why}")
+        shown = text
+        if len(text) > 64:  # a one-line message: the neighbourhood of the error
+            start = max(0, pos - 24)
+            shown = ("…" if start else "") + text[start:start + 48] + \
+                ("…" if start + 48 < len(text) else "")
+        super().__init__(f"invalid CPU list {shown!r} at position {pos}: {why}")
 
 
 _NUMBER = re.compile(r"[0-9]+")
