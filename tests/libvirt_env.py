@@ -368,9 +368,11 @@ class Pinwarden:
                           f'exclusive = "{exclusive}"\n')
         return cls(base / "state", config, exclusive)
 
+    def cmd(self, *args: str) -> list[str]:
+        return [PINWARDEN, *args, "--state-dir", str(self.state), "--config", str(self.config)]
+
     def run(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-        cmd = [PINWARDEN, *args, "--state-dir", str(self.state), "--config", str(self.config)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(self.cmd(*args), capture_output=True, text=True, timeout=120)
         if check and proc.returncode != 0:
             pytest.fail(f"pinwarden {' '.join(args)} failed ({proc.returncode}): "
                         f"{proc.stderr.strip()}")

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,3 +155,19 @@ def test_define_stores_metadata_and_refuses_bad_input(pw: env.Pinwarden,
         with contextlib.suppress(env.libvirt.libvirtError):
             domains.conn.lookupByName("pwtest-start-bad")
             pytest.fail("a refused definition was stored")
+
+
+def test_racing_starts_leave_one_running_domain_with_its_lease(pw: env.Pinwarden,
+                                                              domains: env.Domains) -> None:
+    a = "pwtest-start-race"
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    procs = [subprocess.Popen(pw.cmd("start", a), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=120), p.stderr.read() if p.stderr else "") for p in procs]
+    assert sorted(code for code, _ in results) == [0, 1], results
+    loser = next(err for code, err in results if code == 1)
+    assert "already running" in loser, loser
+    assert holders(pw) == (a,)
+    assert env.vm_affinity(a) == {1}
+    group = pw.holder_group(a)
+    assert env.cpu_exclusive(group) and env.read_cpus(group, "effective_cpus") == {1}

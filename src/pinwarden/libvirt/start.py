@@ -20,10 +20,12 @@ plan's pins in their usual partition; nothing is leased.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import re
 import time
 import uuid as uuidlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,14 +101,36 @@ def _start(ctx: Context, conn: Any, name: str) -> Started:
     if dom.isActive():
         raise Refusal(f"domain {name!r} is already running; 'pinwarden stop {name}' first",
                       code="running")
-    xml = lv.xml_of(dom, inactive=True)
-    spec = parse_domain(xml)
     holder = _holder(ctx, dom)
-    host = ctx.host()
-    with ctx.ledger() as ledger:
-        if spec.exclusive:
-            return _start_exclusive(ctx, conn, ledger, host, holder, spec, xml)
-        return _start_shared(ctx, conn, ledger, host, holder, spec, xml)
+    with _domain_lock(ctx, holder):
+        if dom.isActive():  # started by a racing 'pinwarden start' while we waited
+            raise Refusal(f"domain {name!r} is already running", code="running")
+        xml = lv.xml_of(dom, inactive=True)
+        spec = parse_domain(xml)
+        host = ctx.host()
+        with ctx.ledger() as ledger:
+            if spec.exclusive:
+                return _start_exclusive(ctx, conn, ledger, host, holder, spec, xml)
+            return _start_shared(ctx, conn, ledger, host, holder, spec, xml)
+
+
+@contextlib.contextmanager
+def _domain_lock(ctx: Context, holder: HolderRef) -> Iterator[None]:
+    """Serialise pinwarden start/stop of one domain: two racing starts would otherwise
+    share one lease and the loser's rollback would free the winner's CPUs."""
+    locks = ctx.state_dir / "locks"
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(locks / f"{holder.driver}-{holder.key}.lock",
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise LedgerError(f"cannot create a lock in {locks}: {exc.strerror} (run as root "
+                          f"or choose another --state-dir)") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _start_shared(ctx: Context, conn: Any, ledger: Ledger, host: Host, holder: HolderRef,
@@ -220,32 +244,39 @@ class Stopped:
 def stop(ctx: Context, name: str, *, graceful: bool = False, timeout: float = 60.0) -> Stopped:
     conn = lv.open_connection(ctx.uri)
     try:
-        b = lv.binding()
         dom = lv.lookup(conn, name)
         holder = _holder(ctx, dom)
-        was_running = bool(dom.isActive())
-        if was_running:
-            try:
-                if graceful:
-                    dom.shutdown()
-                    _wait_inactive(dom, name, timeout)
-                else:
-                    dom.destroy()
-            except b.libvirtError as exc:
-                if dom.isActive():
-                    raise libvirt_failure(f"cannot stop domain {name!r}", exc) from None
+        with _domain_lock(ctx, holder):
+            was_running = _stop_domain(dom, name, graceful=graceful, timeout=timeout)
+            host = ctx.host()
+            with ctx.ledger() as ledger:
+                released = CpuSet()
+                record = ledger.find(holder.key, driver=holder.driver)
+                if record is not None:
+                    ledger.release(holder.key, driver=holder.driver)
+                    released = record.plan.leased()
+                ctx.sync(host, ledger.leases())
     finally:
         with contextlib.suppress(Exception):
             conn.close()
-    host = ctx.host()
-    with ctx.ledger() as ledger:
-        released = CpuSet()
-        record = ledger.find(holder.key, driver=holder.driver)
-        if record is not None:
-            ledger.release(holder.key, driver=holder.driver)
-            released = record.plan.leased()
-        ctx.sync(host, ledger.leases())
     return Stopped(name, holder.key, was_running, released)
+
+
+def _stop_domain(dom: Any, name: str, *, graceful: bool, timeout: float) -> bool:
+    """Destroy (or shut down and wait for) a domain; False if it was not running."""
+    b = lv.binding()
+    if not dom.isActive():
+        return False
+    try:
+        if graceful:
+            dom.shutdown()
+            _wait_inactive(dom, name, timeout)
+        else:
+            dom.destroy()
+    except b.libvirtError as exc:
+        if dom.isActive():
+            raise libvirt_failure(f"cannot stop domain {name!r}", exc) from None
+    return True
 
 
 def _wait_inactive(dom: Any, name: str, timeout: float) -> None:
