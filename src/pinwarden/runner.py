@@ -33,9 +33,9 @@ from pathlib import Path
 
 from pinwarden.config import Config
 from pinwarden.enforce.affinity import pin
-from pinwarden.enforce.apply import Result, sync
+from pinwarden.enforce.apply import Result, locked, sync
 from pinwarden.enforce.backend import CgroupBackend, CgroupOpError
-from pinwarden.enforce.layout import LayoutNames
+from pinwarden.enforce.layout import LayoutNames, holder_group_path
 from pinwarden.errors import EnforceError, HostError, LedgerError, PinwardenError
 from pinwarden.jobs import JobRequest, decide_job, job_holder
 from pinwarden.ledger import Ledger
@@ -86,9 +86,7 @@ class Context:
 
 def sync_layout(ctx: Context, ledger: Ledger) -> Result:
     """Make the cgroups match the ledger (reaping dead owners first); serialised."""
-    lock = ctx.state_dir / LOCK_NAME
-    from pinwarden.enforce.apply import locked
-    with locked(lock):
+    with locked(ctx.state_dir / LOCK_NAME):
         leases = ledger.leases()
         return sync(ctx.backend, ctx.host, leases, ctx.names)
 
@@ -110,8 +108,8 @@ def _release(ctx: Context, ledger: Ledger, name: str) -> None:
         _warn(f"the CPUs of job {name!r} are released but its cgroup could not be "
               f"removed: {exc.message}")
         return
-    holder = job_holder(name)
-    left = [p for p in result.after.groups if p.endswith(f"/run-{holder.name}.partition")]
+    group = holder_group_path(ctx.names, job_holder(name))
+    left = [p for p in result.after.groups if p == group]
     if left:
         _warn(f"processes started by job {name!r} still run in cgroup /{left[0]}; it is "
               f"removed once they exit (next pinwarden run or status)")
