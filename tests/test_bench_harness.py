@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from pinwarden.cpuset import CpuSet
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
@@ -42,6 +44,13 @@ def test_layout_of_the_tiny_host() -> None:
 
 def test_k8s_takes_a_whole_node_first() -> None:
     assert k8s.take_by_topology(LAYOUT, ALL, 4) == [0, 1, 4, 5]
+
+
+def test_k8s_a_node_with_a_reserved_cpu_is_never_whole() -> None:
+    # CPU 0 is kept for the host: node 0 is not free, so 4 CPUs come from node 1 whole.
+    reserved = Layout.of(TOPO, TOPO.online - CpuSet.of([0]))
+    assert reserved.cpus_per_node == 4
+    assert k8s.take_by_topology(reserved, reserved.cpus, 4) == [2, 3, 6, 7]
 
 
 def test_k8s_whole_core_on_the_fullest_node() -> None:

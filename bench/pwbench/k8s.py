@@ -16,10 +16,6 @@ from collections.abc import Callable, Iterable
 from pwbench.layout import Layout
 
 
-def _unit_size(units: dict[int, frozenset[int]], total: int) -> int:
-    return total // max(1, len(units))
-
-
 def take_by_topology(layout: Layout, available: Iterable[int], count: int) -> list[int] | None:
     """``count`` CPUs out of ``available``, or None when there are not enough."""
     avail = set(available) & layout.cpus
@@ -43,14 +39,15 @@ def take_by_topology(layout: Layout, available: Iterable[int], count: int) -> li
         for cpus in layout.socket_cpus.values())
     levels = [layout.node_cpus, layout.socket_cpus]
     of_cpu = [layout.node, layout.socket]
+    sizes = [layout.cpus_per_node, layout.cpus_per_socket]
     if not nodes_hold_sockets:
         levels.reverse()
         of_cpu.reverse()
-    total = len(layout.cpus)
+        sizes.reverse()
 
     # 1. Whole first-level, then whole second-level units, while a unit is not too much.
-    for units in levels:
-        size = _unit_size(units, total)
+    #    A unit is free when all its CPUs are available (one with reserved CPUs never is).
+    for units, size in zip(levels, sizes, strict=True):
         for uid in sorted(units):
             cpus = units[uid]
             if need >= size and len(cpus) == size and cpus <= avail:
@@ -64,7 +61,7 @@ def take_by_topology(layout: Layout, available: Iterable[int], count: int) -> li
         return lambda cpu: counts[cpu_unit[cpu]]
 
     # 2. Whole free cores, best fit: cores of the unit with the fewest free CPUs first.
-    per_core = max(1, total // max(1, len(layout.core_cpus)))
+    per_core = max(1, layout.cpus_per_core)
     first_free, second_free = free_in(0), free_in(1)
     free_cores = [k for k, cpus in layout.core_cpus.items() if cpus <= avail]
     free_cores.sort(key=lambda k: (first_free(k), second_free(k), of_cpu[0][k], of_cpu[1][k], k))

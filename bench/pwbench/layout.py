@@ -17,6 +17,11 @@ class Layout:
     core_cpus: dict[int, frozenset[int]]  # core key -> online threads in the pool
     node_cpus: dict[int, frozenset[int]]  # node -> its CPUs in the pool
     socket_cpus: dict[int, frozenset[int]]  # package -> its CPUs in the pool
+    # Host-wide averages over every online CPU (not only the pool), as kubelet computes
+    # CPUsPerNUMANode / CPUsPerSocket / CPUsPerCore.
+    cpus_per_node: int
+    cpus_per_socket: int
+    cpus_per_core: int
 
     @classmethod
     def of(cls, topology: Topology, pool: CpuSet) -> Layout:
@@ -32,17 +37,22 @@ class Layout:
             threads = (info.siblings & topology.online).cpus | {cpu}
             key = min(threads)
             node[cpu] = info.node
-            # package ids repeat across packages on some machines: key by the first CPU
-            socket[cpu] = (info.package_cpus.first() if info.package_cpus
-                           else info.package if info.package is not None else 0)
+            socket[cpu] = _socket(topology, cpu)
             core[cpu] = key
             core_cpus.setdefault(key, set()).add(cpu)
             node_cpus.setdefault(info.node, set()).add(cpu)
             socket_cpus.setdefault(socket[cpu], set()).add(cpu)
+        online = topology.online.cpus & topology.cpus.keys()
+        all_nodes = {topology.cpus[c].node for c in online}
+        all_sockets = {_socket(topology, c) for c in online}
+        all_cores = {min((topology.cpus[c].siblings.cpus & online) | {c}) for c in online}
         return cls(cpus, node, socket, core,
                    {k: frozenset(v) for k, v in core_cpus.items()},
                    {k: frozenset(v) for k, v in node_cpus.items()},
-                   {k: frozenset(v) for k, v in socket_cpus.items()})
+                   {k: frozenset(v) for k, v in socket_cpus.items()},
+                   len(online) // max(1, len(all_nodes)),
+                   len(online) // max(1, len(all_sockets)),
+                   len(online) // max(1, len(all_cores)))
 
     @property
     def threads_per_core(self) -> int:
@@ -50,3 +60,11 @@ class Layout:
 
     def nodes_of(self, cpus: tuple[int, ...] | frozenset[int]) -> set[int]:
         return {self.node[c] for c in cpus}
+
+
+def _socket(topology: Topology, cpu: int) -> int:
+    """The package, keyed by its first CPU (package ids repeat on some machines)."""
+    info = topology.cpu(cpu)
+    if info.package_cpus:
+        return info.package_cpus.first()
+    return -1 - info.package if info.package is not None else -1

@@ -278,17 +278,23 @@ def _pick_prefer(cores: Sequence[_Core], count: int,
     # The rest: best fit, the core with the fewest free threads that still holds what is
     # left (partly used cores before whole ones at equal size); when none holds it, the
     # core with the most free threads, to keep the VM's threads on as few cores as possible.
-    left = [c for c in cores if c.first not in taken]
+    buckets: dict[int, list[_Core]] = {}  # number of free threads -> cores, by first CPU
+    for core in cores:
+        if core.first not in taken:
+            buckets.setdefault(len(core.free), []).append(core)
+    sizes = sorted(buckets)
+    used = dict.fromkeys(sizes, 0)  # how many of each bucket (its first ones) are taken
     while need > 0:
-        fits = [c for c in left if len(c.free) >= need]
-        if fits:
-            core = min(fits, key=lambda c: (len(c.free), c.whole, c.first))
+        fit = next((k for k in sizes if k >= need and used[k] < len(buckets[k])), None)
+        if fit is not None:
+            core = min(buckets[fit][used[fit]:], key=lambda c: (c.whole, c.first))
             taken[core.first] = (core, core.free[:need])
             return
-        core = max(left, key=lambda c: (len(c.free), -c.first))
-        left.remove(core)
+        largest = max(k for k in sizes if used[k] < len(buckets[k]))
+        core = buckets[largest][used[largest]]
+        used[largest] += 1
         taken[core.first] = (core, core.free)
-        need -= len(core.free)
+        need -= largest
 
 
 def _refusal_message(request: Request, available: int) -> str:
