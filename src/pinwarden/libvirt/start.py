@@ -20,6 +20,7 @@ plan's pins in their usual partition; nothing is leased.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import re
@@ -346,6 +347,7 @@ def define(ctx: Context, path: Path) -> Defined:
         raise InputError(f"cannot read {path}: {exc.strerror}") from None
     spec = parse_domain(xml)
     uuid = spec.uuid or str(uuidlib.uuid4())
+    spec = dataclasses.replace(spec, uuid=uuid)
     holder = HolderRef(lv.driver_of(ctx.uri), uuid, spec.name)
     host = ctx.host()
     with ctx.ledger() as ledger:
