@@ -97,18 +97,24 @@ def cpumap(cpus: CpuSet, size: int) -> tuple[bool, ...]:
     return tuple(i in cpus for i in range(max(size, max(cpus.cpus, default=-1) + 1)))
 
 
-def read_affinity(dom: Any) -> Affinity:
-    """libvirt's live view of where every thread of a running domain may run."""
+def read_affinity(dom: Any) -> Affinity | None:
+    """libvirt's live view of where every thread of a running domain may run; ``None``
+    for drivers that have no such threads or API (lxc)."""
     lv = binding()
     live = lv.VIR_DOMAIN_AFFECT_LIVE
+    unsupported = (lv.VIR_ERR_NO_SUPPORT, lv.VIR_ERR_OPERATION_UNSUPPORTED)
     try:
         vcpus = {i: _cpus(bits) for i, bits in enumerate(dom.vcpuPinInfo(live))}
         emulator = _cpus(dom.emulatorPinInfo(live))
         try:
             iothreads = {int(i): _cpus(bits) for i, bits in dom.ioThreadInfo(live)}
-        except lv.libvirtError:
-            iothreads = {}  # drivers without iothreads (lxc)
+        except lv.libvirtError as exc:
+            if exc.get_error_code() not in unsupported:
+                raise
+            iothreads = {}
     except lv.libvirtError as exc:
+        if exc.get_error_code() in unsupported:
+            return None
         raise error(f"cannot read the CPU affinity of domain {dom.name()!r}", exc) from None
     return Affinity(vcpus=vcpus, emulator=emulator, iothreads=iothreads)
 

@@ -78,6 +78,9 @@ def check_domain(dom: Any, pid: int | None, plan: Plan) -> list[str]:
     try:
         _info, maps = dom.vcpus()
     except Exception as exc:  # libvirtError; the binding is not imported here
+        code = getattr(exc, "get_error_code", lambda: None)()
+        if code in (3, 84):  # VIR_ERR_NO_SUPPORT, VIR_ERR_OPERATION_UNSUPPORTED (lxc)
+            return problems
         return [*problems, f"cannot read vCPU affinity: {exc}"]
     for vcpu, bits in enumerate(maps):
         cpus = CpuSet.of(i for i, on in enumerate(bits) if on)
