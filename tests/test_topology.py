@@ -271,6 +271,19 @@ def test_agrees_with_hwloc(name: str, dumps: dict[str, Path]) -> None:
             assert topo.cpu(s).siblings & topo.online == info.siblings & topo.online
 
 
+def test_process_cpuset_hides_nothing(dumps: dict[str, Path]) -> None:
+    """hwloc shows what its own process may use (the dump's /dummy cpuset: CPUs 0-6,12-15,
+    mems 1-4); pinwarden partitions the whole host, so every online CPU and node is there."""
+    root = dumps["16amd64-8n2c-cpusets"]
+    assert allowed(root, "cpus") == CpuSet.parse("0-6,12-15")
+    assert allowed(root, "mems") == CpuSet.parse("1-4")
+    topo = read_topology(root)
+    online = CpuSet.parse_kernel((root / "sys/devices/system/cpu/online").read_text())
+    assert topo.online == online and len(online) == 15  # CPU 4 is offline in the dump
+    assert sorted(topo.nodes) == list(range(8))
+    assert topo.node_of(12) == 6 and topo.node_known(12)  # a node hwloc hides there
+
+
 def test_hybrid_kinds(dumps: dict[str, Path], tmp_path: Path) -> None:
     """Hybrid kinds come from sys/devices/cpu_core|cpu_atom/cpus (absent in the dump)."""
     build_host(tmp_path, HostSpec(cpus=6, threads=1))
