@@ -25,7 +25,7 @@ if __name__ == "__main__":  # run as a script inside a guest: make src importabl
 
 from pinwarden.cpuset import CpuSet
 from pinwarden.enforce.backend import CgroupOpError, join
-from pinwarden.enforce.fake import FakeCpusetV1
+from pinwarden.enforce.fake import FakeCpusetV1, _Node
 from pinwarden.enforce.v1 import CpusetV1
 
 NAMES = ("a", "b", "c")
@@ -118,7 +118,6 @@ def mirror_real_into_fake(real: CpusetV1, fake: FakeCpusetV1, base: str) -> None
             continue
         state = snap[path]
         node = fake._node(path.rsplit("/", 1)[0]) if "/" in path else fake.root
-        from pinwarden.enforce.fake import _Node
         node.children[path.rsplit("/", 1)[-1]] = _Node(
             cpus=state.cpus, mems=state.mems, cpu_exclusive=state.exclusive,
             sched_load_balance=state.partition != "isolated",

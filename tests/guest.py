@@ -31,8 +31,8 @@ set -u
 mkdir -p /tmp/pwtest-cpuset
 mount -t cgroup -o cpuset pwtest-cpuset /tmp/pwtest-cpuset || echo "MOUNT-FAILED"
 cd {repo}
-export PYTHONDONTWRITEBYTECODE=1
-{python} tests/differential.py /tmp/pwtest-cpuset 1000 300 4
+export PYTHONDONTWRITEBYTECODE=1 PINWARDEN_GUEST=1
+{python} tests/differential.py /tmp/pwtest-cpuset 1000 150 3
 {python} -m pytest -p no:cacheprovider -o addopts= -q -rA tests/run_kernel_cases.py 2>&1
 echo "RUNCASES rc=$?"
 """

@@ -51,4 +51,4 @@ def test_fake_matches_a_fresh_kernel_with_exclusive_cpusets() -> None:
         assert report["exclusive_base"] == ["ok", "ok"], report
         total.update(report["outcomes"])
     # the exclusivity rules were exercised: sibling overlaps refused with EINVAL
-    assert total["EINVAL"] >= 5 and total["ok"] >= 100, total
+    assert total["EINVAL"] >= 3 and total["ok"] >= 100, total
