@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from pinwarden.config import Config
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import parse_domain
-from pinwarden.errors import Refusal
-from pinwarden.ledger import HolderRecord
+from pinwarden.errors import PinwardenError, Refusal
+from pinwarden.ledger import HolderRecord, Ledger
 from pinwarden.libvirt import hook
+from pinwarden.libvirt.context import Context
 from pinwarden.libvirt.reconcile import Adopt, Drift, Free, Report, reconcile
 from pinwarden.libvirt.repin import repins
 from pinwarden.libvirt.start import libvirt_failure, with_pinwarden_metadata
@@ -177,3 +179,25 @@ def test_a_start_in_progress_is_not_freed() -> None:
     assert actions == [Free(ran, f"{ran} is not running")]
     later = reconcile([], holders, lambda h: "/pw", now=1100.0, grace=60.0)
     assert [a.holder for a in later if isinstance(a, Free)] == [starting, ran]
+
+
+class _BrokenContext(Context):
+    def ledger(self) -> Ledger:
+        raise RuntimeError("boom")
+
+
+def test_a_hook_bug_never_kills_a_running_domain(tmp_path: Path) -> None:
+    ctx = _BrokenContext(Config(), Path("/"), tmp_path, "qemu:///system")
+    exclusive = xml("v", "<metadata><pw:cpu xmlns:pw='urn:pinwarden:domain:1' "
+                         "exclusive='yes'/></metadata>")
+    # started / release: reported (stderr and state_dir/hook.log), exit 0
+    assert hook.main_run(ctx, "qemu", ["v", "started", "begin", "-"], exclusive) == 0
+    assert hook.main_run(ctx, "qemu", ["v", "release", "end", "-"], exclusive) == 0
+    logged = (tmp_path / hook.HOOK_LOG).read_text().splitlines()
+    assert len(logged) == 2 and all("RuntimeError: boom" in line for line in logged)
+    # prepare: refused in one line, saying how to bypass the hook
+    with pytest.raises(PinwardenError) as err:
+        hook.main_run(ctx, "qemu", ["v", "prepare", "begin", "-"], exclusive)
+    assert err.value.code == "hook-bug" and "hook uninstall" in err.value.message
+    # steps the hook ignores do nothing at all
+    assert hook.main_run(ctx, "qemu", ["v", "reconnect", "begin", "-"], "not xml") == 0

@@ -248,10 +248,23 @@ def main_run(ctx: Context, driver: str, argv: Sequence[str], stdin: str) -> int:
     except PinwardenError as exc:
         if action_for(op) == "admit":
             raise
-        line = f"pinwarden: warning: hook {op} of {driver} domain {name!r}: {exc.message}"
-        print(line, file=sys.stderr)
-        _log(ctx, line)
+        _warn(ctx, f"hook {op} of {driver} domain {name!r}: {exc.message}")
+    except Exception as exc:  # a bug: never let it kill a running domain
+        what = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+        if action_for(op) == "admit":
+            _warn(ctx, f"hook {op} of {driver} domain {name!r} failed: {what}")
+            raise PinwardenError(
+                f"pinwarden's hook failed on domain {name!r} ({what}); this is a bug — "
+                f"'pinwarden hook uninstall' and a libvirtd restart bypass the hook",
+                code="hook-bug") from None
+        _warn(ctx, f"hook {op} of {driver} domain {name!r} failed: {what}")
     return 0
+
+
+def _warn(ctx: Context, text: str) -> None:
+    line = f"pinwarden: warning: {text}"
+    print(line, file=sys.stderr)
+    _log(ctx, line)
 
 
 def _log(ctx: Context, line: str) -> None:
