@@ -148,6 +148,23 @@ def test_none_mode_stays_none_after_pinwarden_narrows_machine(host8: Path) -> No
     assert "pinwarden's own shared pool" in part.reason
 
 
+def test_cgroup_mode_stays_cgroup_when_every_vm_cpu_is_leased(host8: Path) -> None:
+    """pinwarden's fallback: machine keeps only the housekeeping CPUs, leases hold the rest."""
+    make_cgroup(host8, V1, "machine", "0-2")
+    make_cgroup(host8, V1, "pinwarden.partition", "3-7")
+    part = load_host(host8, Config()).partition
+    assert (part.mode, part.vm_cpus, part.host_cpus) == ("cgroup", cs("3-7"), cs("0-2"))
+    assert "every VM CPU (3-7) is leased in pinwarden.partition" in part.reason
+
+
+def test_none_mode_fallback_stays_none(host8: Path) -> None:
+    """The same fallback in none mode leaves the host reserve in machine: still none."""
+    make_cgroup(host8, V1, "machine", "0")
+    make_cgroup(host8, V1, "pinwarden.partition", "1-7")
+    part = load_host(host8, Config()).partition
+    assert (part.mode, part.vm_cpus, part.host_cpus) == ("none", cs("1-7"), cs("0"))
+
+
 def test_custom_cgroup_names(host8: Path) -> None:
     make_cgroup(host8, V1, "vms", "4-7")
     make_cgroup(host8, V1, "vms-leased", "3")
@@ -422,8 +439,9 @@ def test_decide_partition_properties(tmp_path_factory: pytest.TempPathFactory,
         assert part.mode == mode
     elif isolated & online:
         assert part.mode == "isolcpus" and part.vm_cpus == isolated & online
-    if part.mode == "cgroup":
-        assert part.vm_cpus == (cg_cpus | leased) & online and part.cgroup == "machine"
+    if part.mode == "cgroup":  # the partition cgroup plus leases, or (every VM CPU leased)
+        assert part.cgroup == "machine"  # the leases alone
+        assert part.vm_cpus in ((cg_cpus | leased) & online, leased & online)
     if part.mode == "none":
         kept = reserve & online if reserve is not None else default_reserve(topo)
         assert part.host_cpus == kept

@@ -185,6 +185,16 @@ def _none(topology: Topology, config: Config, why: str) -> Partition:
     return Partition("none", vm, topology.online - vm, f"{why}; {what}")
 
 
+def _every_vm_cpu_leased(cgroup: VmCgroup, online: CpuSet, own: Partition) -> bool:
+    """pinwarden's fallback in cgroup mode: with every VM CPU leased, the shared pool (the
+    partition cgroup) holds the housekeeping CPUs, so partition cgroup plus leases cover
+    every CPU.  (The same fallback in ``none`` mode leaves exactly the host reserve there.)
+    """
+    machine, leased = cgroup.cpus & online, cgroup.leased & online
+    return (cgroup.exclusive is not None and bool(leased) and bool(machine)
+            and machine.isdisjoint(leased) and machine != own.host_cpus)
+
+
 def decide_partition(topology: Topology, config: Config, cgroup: VmCgroup) -> Partition:
     """Choose the partition mode and compute VM and housekeeping CPUs (no I/O)."""
     mode = config.mode
@@ -212,13 +222,20 @@ def decide_partition(topology: Topology, config: Config, cgroup: VmCgroup) -> Pa
     if topology.isolated & topology.online:
         return _isolcpus(topology)
     if cgroup.found:
-        vm = (cgroup.cpus | cgroup.leased) & topology.online
-        if vm and vm != topology.online:
-            own = _none(topology, config, "no isolcpus and no restricting VM cgroup")
+        online = topology.online
+        vm = (cgroup.cpus | cgroup.leased) & online
+        own = _none(topology, config, "no isolcpus and no restricting VM cgroup")
+        if vm and vm != online:
             if cgroup.exclusive is None or vm != own.vm_cpus:
                 return _cgroup(topology, cgroup)
             why = (f"no isolcpus and cgroup {cgroup.name} is pinwarden's own shared pool "
                    f"(its leases are in {cgroup.exclusive})")
+        elif vm and _every_vm_cpu_leased(cgroup, online, own):
+            machine, leased = cgroup.cpus & online, cgroup.leased & online
+            return Partition("cgroup", leased, online - leased,
+                             f"cpuset of cgroup {cgroup.name} holds only the housekeeping "
+                             f"CPUs {machine}: every VM CPU ({leased}) is leased in "
+                             f"{cgroup.exclusive}", cgroup.name)
         elif vm:
             why = f"no isolcpus and cgroup {cgroup.name} covers every online CPU"
         else:
