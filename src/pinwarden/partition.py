@@ -18,7 +18,10 @@ Modes (``config.mode``; ``auto`` takes the first that applies):
     cgroup that covers every online CPU (or none) restricts nothing and is skipped, and so
     is a ``machine`` that pinwarden itself narrowed to the ``none`` pool (its exclusive tree
     exists and ``machine`` plus leases is exactly online minus the host reserve): the mode
-    must not flip from ``none`` to ``cgroup`` after the first lease.
+    must not flip from ``none`` to ``cgroup`` after the first lease.  Conversely, when every
+    VM CPU is leased pinwarden leaves only the housekeeping CPUs in ``machine``; a
+    ``machine`` disjoint from the leases that together cover every CPU (and is not the
+    ``none`` host reserve) is read as that state: cgroup mode, VM CPUs = the leases.
 ``none``
     VM CPUs = online CPUs minus the host reserve (``host_reserve``, default the first
     physical core: the siblings of the lowest online CPU).
