@@ -49,7 +49,7 @@ def test_second_job_refused_naming_the_holder() -> None:
 
 def test_explicit_cpus_rules() -> None:
     host = make_host("0-3", vm="1-3")
-    with pytest.raises(Refusal, match=r"CPU 0 belongs to the host .* never leased"):
+    with pytest.raises(Refusal, match=r"CPU 0 belongs to the host and is never leased"):
         decide_job(JobRequest("J", cpus=CpuSet.of([0])), host, [])
     with pytest.raises(Refusal, match=r"CPU 2 is leased to job 'X'"):
         decide_job(JobRequest("J", cpus=CpuSet.of([2, 3])), host, [lease(2, "X")])

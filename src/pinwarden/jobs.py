@@ -77,9 +77,10 @@ def decide_job(request: JobRequest, host: Host, leases: Sequence[Lease]) -> Plan
                           code="cpu-unknown")
         housekeeping = wanted - pool
         if housekeeping:
-            raise Refusal(f"{_cpus(housekeeping)} belong{'s' if len(housekeeping) == 1 else ''}"
-                          f" to the host (housekeeping CPUs {reserve}: {part.reason}) and "
-                          f"are never leased; choose among the VM CPUs {pool}",
+            one = len(housekeeping) == 1
+            raise Refusal(f"{_cpus(housekeeping)} {'belongs' if one else 'belong'} to the "
+                          f"host and {'is' if one else 'are'} never leased (housekeeping "
+                          f"CPUs {reserve}: {part.reason}); choose among the VM CPUs {pool}",
                           code="cpu-housekeeping")
         busy = wanted - free
         if busy:
