@@ -10,13 +10,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hostroot import HostSpec, build_host, make_cgroup, mount_cgroups, write
 from pinwarden.config import Config
 from pinwarden.cpuset import CpuSet
 from pinwarden.errors import HostError
+from pinwarden.model import HolderRef, Lease
 from pinwarden.mounts import parse_mountinfo, read_mounts
 from pinwarden.partition import (
     VmCgroup,
@@ -445,3 +446,39 @@ def test_decide_partition_properties(tmp_path_factory: pytest.TempPathFactory,
     if part.mode == "none":
         kept = reserve & online if reserve is not None else default_reserve(topo)
         assert part.host_cpus == kept
+
+
+# -- the partition survives pinwarden's own enforcement ------------------------------------------
+
+
+@pytest.mark.parametrize("setup", ["isolcpus", "cgroup", "none", "none-smt"])
+@settings(deadline=None, max_examples=25,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(picks=st.lists(st.integers(0, 15), max_size=16, unique=True),
+       holders=st.integers(1, 3))
+def test_mode_survives_enforced_layout(tmp_path_factory: pytest.TempPathFactory, setup: str,
+                                       picks: list[int], holders: int) -> None:
+    """Lease any VM CPUs, write the cgroup layout enforcement wants (machine = shared pool,
+    pinwarden.partition = leases; layout from pinwarden.enforce.layout), read the host
+    again: same mode, same VM CPUs.  Auto mode must not flip because pinwarden acted."""
+    from pinwarden.enforce.layout import desired_layout
+
+    root = tmp_path_factory.mktemp(f"survive-{setup}")
+    threads = 2 if setup == "none-smt" else 1
+    build_host(root, HostSpec(cpus=16 if threads == 2 else 8, threads=threads,
+                              isolated="4-7" if setup == "isolcpus" else ""))
+    mount_cgroups(root, cpus="0-15" if threads == 2 else "0-7")
+    make_cgroup(root, V1, "machine", "2-7" if setup == "cgroup" else
+                ("0-15" if threads == 2 else "0-7"))
+    before = load_host(root, Config())
+    vm = before.partition.vm_cpus.as_list()
+    chosen = [vm[i % len(vm)] for i in picks]
+    leases = [Lease(cpu, HolderRef("qemu", f"vm{n % holders}", f"vm{n % holders}"), "vcpu0",
+                    0.0) for n, cpu in enumerate(dict.fromkeys(chosen))]
+    layout = desired_layout(before, leases)
+    make_cgroup(root, V1, layout.shared.path, str(layout.shared.cpus))
+    make_cgroup(root, V1, layout.exclusive.path, str(layout.exclusive.cpus))
+    after = load_host(root, Config()).partition
+    assert (after.mode, after.vm_cpus, after.host_cpus) == \
+        (before.partition.mode, before.partition.vm_cpus, before.partition.host_cpus), \
+        (layout.shared.cpus, layout.exclusive.cpus, after.reason)
