@@ -136,6 +136,14 @@ def test_hook_install_writes_executable_scripts_and_keeps_foreign_hooks(tmp_path
                          capture_output=True, text=True, check=True).stdout
     assert out.split() == ["hook", "run", "--state-dir", "/s", "d", "qemu", "vm1",
                            "prepare", "begin", "-"]
+    # after prepare, even a pinwarden that cannot run does not fail the step
+    for op in ("started", "release"):
+        hook.install(tmp_path, exe="/bin/false", state_dir=None, config=None)
+        subprocess.run([str(tmp_path / "qemu"), "vm1", op, "-", "-"], input="<domain/>",
+                       text=True, check=True)
+    failed = subprocess.run([str(tmp_path / "qemu"), "vm1", "prepare", "begin", "-"],
+                            input="<domain/>", text=True)
+    assert failed.returncode == 1
     # steps pinwarden ignores never reach it (no Python start-up inside libvirtd's start)
     skipped = subprocess.run([str(tmp_path / "qemu"), "vm1", "start", "begin", "-"],
                              input="<domain/>", capture_output=True, text=True, check=True)

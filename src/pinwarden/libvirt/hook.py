@@ -68,13 +68,19 @@ def hook_script(driver: str, exe: str, *, state_dir: Path | None, config: Path |
     if state_dir is not None:
         args += ["--state-dir", str(state_dir)]
     args.append(driver)
-    ops = "|".join(sorted(_ACTIONS))
+    command = " ".join(shlex.quote(a) for a in args)
+    after = "|".join(op for op, action in sorted(_ACTIONS.items()) if action != "admit")
     return (f"#!/bin/sh\n{MARKER} ({driver}); written by 'pinwarden hook install'.\n"
             f"# libvirtd runs it at every domain lifecycle step (domain XML on stdin);\n"
             f"# pinwarden admits or refuses the domain against the exclusive CPU leases.\n"
-            f"# Steps pinwarden ignores end here, without starting Python.\n"
-            f"case \"$2\" in {ops}) ;; *) cat >/dev/null; exit 0 ;; esac\n"
-            f"exec {' '.join(shlex.quote(a) for a in args)} \"$@\"\n")
+            f"# Only 'prepare' may fail (it refuses the start); a failure at a later step\n"
+            f"# would make libvirt kill the domain, so those always exit 0.  Steps\n"
+            f"# pinwarden ignores end here, without starting Python.\n"
+            f"case \"$2\" in\n"
+            f"  prepare) exec {command} \"$@\" ;;\n"
+            f"  {after}) {command} \"$@\" || true; exit 0 ;;\n"
+            f"  *) cat >/dev/null; exit 0 ;;\n"
+            f"esac\n")
 
 
 def default_executable() -> str:
