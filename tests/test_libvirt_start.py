@@ -171,3 +171,21 @@ def test_racing_starts_leave_one_running_domain_with_its_lease(pw: env.Pinwarden
     assert env.vm_affinity(a) == {1}
     group = pw.holder_group(a)
     assert env.cpu_exclusive(group) and env.read_cpus(group, "effective_cpus") == {1}
+
+
+def test_graceful_stop_that_times_out_keeps_domain_and_lease(pw: env.Pinwarden,
+                                                             domains: env.Domains) -> None:
+    """The firmware-only guest ignores ACPI shutdown: --graceful gives up after --timeout,
+    one line, with the domain still running and its CPUs still leased."""
+    a = "pwtest-start-grace"
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    pw.run("start", a, check=True)
+    slow = pw.run("stop", a, "--graceful", "--timeout", "2")
+    assert slow.returncode == 1
+    assert "did not shut down within 2 s" in slow.stderr
+    assert len(slow.stderr.strip().splitlines()) == 1
+    assert domains.conn.lookupByName(a).isActive()
+    assert holders(pw) == (a,)
+    assert env.vm_affinity(a) == {1}
+    pw.run("stop", a, check=True)
+    assert holders(pw) == ()
