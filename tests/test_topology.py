@@ -438,11 +438,27 @@ def test_parse_cpus_forms(text: str, mask: bool, cpus: str) -> None:
     assert parse_cpus(text, mask=mask).to_list() == cpus
 
 
+def test_offline_node_from_cpu_link(dumps: dict[str, Path]) -> None:
+    """offline-cpu0-node0: node 0 is offline (no node0 directory), cpu4 links to it."""
+    topo = read_topology(dumps["offline-cpu0-node0"])
+    assert sorted(topo.nodes) == [1]
+    assert topo.node_of(4) == 0 and not topo.node_known(4)
+    assert topo.node_of(5) == 1 and topo.node_known(5)
+
+
 def test_real_machine() -> None:
-    """This machine: the topology of / agrees with the kernel's own counters."""
+    """This machine: the topology of / agrees with the kernel's own files, read here
+    independently (per-CPU siblings lists, cpuN/nodeM links)."""
     topo: Topology = read_topology(Path("/"))
-    online = CpuSet.parse_kernel(Path("/sys/devices/system/cpu/online").read_text())
+    base = Path("/sys/devices/system/cpu")
+    online = CpuSet.parse_kernel((base / "online").read_text())
     assert topo.online == online
+    for cpu in online:
+        listed = CpuSet.parse_kernel((base / f"cpu{cpu}/topology/thread_siblings_list")
+                                     .read_text())
+        assert topo.siblings(cpu) & online == listed & online
+        links = [int(p.name[4:]) for p in (base / f"cpu{cpu}").glob("node[0-9]*")]
+        assert [topo.node_of(cpu)] == (links or [0])
     assert len(topo.online) == os.cpu_count()
 
 

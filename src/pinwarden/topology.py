@@ -15,8 +15,8 @@ How the kernel files are read, and why (the result agrees with hwloc's ``lstopo`
   on ia64 and are ``-1`` on s390, so the mask, not the id, is the identity).
 * NUMA nodes are ``sys/devices/system/node/nodeN`` (those in ``node/online`` when it
   exists) with ``cpulist`` or ``cpumap``; without ``sys/devices/system/node`` the host is
-  one node 0.  A CPU the kernel attaches to no node (its node is offline) gets the lowest
-  node as a placement guess; :meth:`Topology.node_known` tells the difference.
+  one node 0.  A CPU no node lists (its node is offline) gets the node its ``cpuN/nodeM``
+  link names, else the lowest node; :meth:`Topology.node_known` tells the difference.
 * Every file may carry NUL bytes or a trailing newline; a list file may hold a mask and
   vice versa; missing files mean "unknown", never an error.
 """
@@ -75,7 +75,8 @@ class Topology:
         return self.cpus[cpu].node
 
     def node_known(self, cpu: int) -> bool:
-        """True when the kernel lists ``cpu`` in its node (False: node is a guess)."""
+        """True when ``cpu`` is listed by its (online) node; False when that node is offline
+        (then ``node`` comes from the ``cpuN/nodeM`` link, or is the lowest node)."""
         return cpu in self.nodes.get(self.cpus[cpu].node, EMPTY)
 
     def cores(self) -> list[CpuSet]:
@@ -356,4 +357,11 @@ def _read_nodes(root: Path, present: CpuSet) -> tuple[dict[int, CpuSet], dict[in
     if not nodes:
         return {0: present}, {c: 0 for c in present}
     fallback = min(nodes)
-    return nodes, {c: owner.get(c, fallback) for c in present}
+    node_of: dict[int, int] = {}
+    for c in present:
+        if c in owner:
+            node_of[c] = owner[c]
+        else:  # its node is offline: the kernel still links cpuN/nodeM to it
+            linked = _numbered(root / CPU_DIR / f"cpu{c}", _NODE_ENTRY)
+            node_of[c] = linked[0] if linked else fallback
+    return nodes, node_of
