@@ -146,8 +146,9 @@ def _legend(host: Host, marks: dict[int, str], holders: dict[str, HolderRef],
 
     names = ((HOUSEKEEPING, "housekeeping"), (SHARED, "VM, shared"),
              (ISOLATED, "VM, isolated"), (OFFLINE, "offline"))
+    always = (HOUSEKEEPING,) if host.partition.mode == "isolcpus" else (HOUSEKEEPING, SHARED)
     parts = [f"{mark} {name} ({cpus_with(mark) or '-'})" for mark, name in names
-             if mark in (HOUSEKEEPING, SHARED) or cpus_with(mark)]
+             if mark in always or cpus_with(mark)]
     lines = [("legend: " if i == 0 else "        ") + part for i, part in enumerate(parts)]
     for mark, holder in sorted(holders.items()):
         lines.append(f"        {mark} leased to {holder} ({cpus_with(mark)})")
