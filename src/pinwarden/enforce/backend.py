@@ -15,9 +15,11 @@ Paths
 Partition kinds
     ``member``    an ordinary cpuset (v1 ``cpu_exclusive=0``; v2 ``cpuset.cpus.partition``
                   ``member``);
-    ``exclusive`` CPUs owned by this group alone (v1 ``cpu_exclusive=1``; v2 ``root``);
-    ``isolated``  exclusive and without scheduler load balancing (v1 ``cpu_exclusive=1``,
-                  and ``sched_load_balance=0`` where the backend can; v2 ``isolated``).
+    ``exclusive`` CPUs owned by this group alone (v1 ``cpu_exclusive=1``, written with
+                  ``sched_load_balance=0``, see :meth:`~pinwarden.enforce.v1.CpusetV1.
+                  set_partition`; v2 ``root``);
+    ``isolated``  exclusive and without scheduler load balancing (v2 ``isolated``; on v1
+                  the same as ``exclusive``, and read back as such).
 
 Errors
     Every primitive raises :class:`CgroupOpError` carrying the kernel's errno (``EINVAL``,

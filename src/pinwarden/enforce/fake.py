@@ -150,10 +150,7 @@ class FakeCpusetV1:
     # -- reads --------------------------------------------------------------------------
 
     def _state(self, path: str, node: _Node) -> GroupState:
-        if not node.cpu_exclusive:
-            kind: PartitionKind = "member"
-        else:
-            kind = "exclusive" if node.sched_load_balance else "isolated"
+        kind: PartitionKind = "exclusive" if node.cpu_exclusive else "member"
         return GroupState(path=path, cpus=node.cpus, mems=node.mems, partition=kind,
                           effective_cpus=node.cpus, effective_mems=node.mems,
                           populated=bool(node.tasks), children=tuple(sorted(node.children)))
@@ -263,20 +260,21 @@ class FakeCpusetV1:
         self.writes += 1
 
     def set_partition(self, path: str, kind: PartitionKind) -> None:
-        # the same writes, in the same order, as the v1 backend
+        # the same writes, in the same order, as the v1 backend (see CpusetV1.set_partition)
         if kind == "member":
             self.set_flag(path, "cpu_exclusive", False)
             if not self._node(path).sched_load_balance:
                 self.set_flag(path, "sched_load_balance", True)
-        else:
+            return
+        balanced = self._node(path).sched_load_balance
+        if balanced:
+            self.set_flag(path, "sched_load_balance", False)
+        try:
             self.set_flag(path, "cpu_exclusive", True)
-            balance = kind == "exclusive"
-            if self._node(path).sched_load_balance != balance:
-                try:
-                    self.set_flag(path, "sched_load_balance", balance)
-                except CgroupOpError:
-                    self._node(path).cpu_exclusive = False
-                    raise
+        except CgroupOpError:
+            if balanced:
+                self._node(path).sched_load_balance = True
+            raise
 
     def attach_process(self, path: str, pid: int) -> None:
         self.attach_thread(path, pid)

@@ -105,9 +105,7 @@ class CpusetV1:
         if not directory.is_dir():
             raise CgroupOpError("read", path, errno.ENOENT)
         exclusive = self._flag(path, "cpu_exclusive")
-        kind: PartitionKind = "member"
-        if exclusive:
-            kind = "exclusive" if self._flag(path, "sched_load_balance") else "isolated"
+        kind: PartitionKind = "exclusive" if exclusive else "member"
         try:
             children = tuple(sorted(e.name for e in os.scandir(directory) if e.is_dir()))
         except OSError as exc:
@@ -204,19 +202,32 @@ class CpusetV1:
         self._write(flag, path, self.prefix + flag, "1" if on else "0")
 
     def set_partition(self, path: str, kind: PartitionKind) -> None:
+        """``member``: ``cpu_exclusive=0`` then ``sched_load_balance=1``.  ``exclusive`` and
+        ``isolated``: ``sched_load_balance=0`` then ``cpu_exclusive=1``.
+
+        Why load balancing off: since Linux 6.12 every CPU carries a deadline server, and
+        ``validate_change`` refuses (``EBUSY``) to shrink — or even to flag — an exclusive,
+        load-balanced cpuset whose CPUs could not hold the root domain's whole deadline
+        bandwidth (an exclusive tree can then never be emptied; on a 40-CPU host a 1-CPU
+        exclusive group is frozen).  That check only applies to load-balanced cpusets, and
+        on a v1 hierarchy whose root balances (the default) a child's
+        ``sched_load_balance`` changes nothing else: there is one scheduling domain.  So
+        v1 cannot tell ``exclusive`` from ``isolated``; both read back as ``exclusive``.
+        """
         if kind == "member":
             self.set_flag(path, "cpu_exclusive", False)
             if not self._flag(path, "sched_load_balance"):
                 self.set_flag(path, "sched_load_balance", True)
             return
-        self.set_flag(path, "cpu_exclusive", True)
-        balance = kind == "exclusive"
-        if self._flag(path, "sched_load_balance") != balance:
-            try:
-                self.set_flag(path, "sched_load_balance", balance)
-            except CgroupOpError:
-                self.set_flag(path, "cpu_exclusive", False)
-                raise
+        balanced = self._flag(path, "sched_load_balance")
+        if balanced:
+            self.set_flag(path, "sched_load_balance", False)
+        try:
+            self.set_flag(path, "cpu_exclusive", True)
+        except CgroupOpError:
+            if balanced:
+                self.set_flag(path, "sched_load_balance", True)
+            raise
 
     def attach_process(self, path: str, pid: int) -> None:
         self._write("attach", path, "cgroup.procs", str(pid))
