@@ -157,3 +157,21 @@ def test_a_concurrent_mkdir_is_re_planned() -> None:
     sync(fake, make_host(), [lease(3, "J")])
     assert fake.raced
     assert whole(fake)["pinwarden.partition/run-J.partition"].cpus == CpuSet.of([3])
+
+
+def test_exclusive_groups_stay_changeable_under_deadline_servers() -> None:
+    """6.12+: an exclusive load-balanced cpuset cannot be emptied (EBUSY); pinwarden's
+    groups do not load-balance, so leasing and releasing keeps working."""
+    fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"), deadline_servers=True)
+    build(fake, {"machine": ("0-3", False)})
+    host = make_host()
+    sync(fake, host, [lease(2, "A"), lease(3, "B")])
+    sync(fake, host, [lease(2, "A")])
+    sync(fake, host, [])
+    assert whole(fake)["pinwarden.partition"].cpus == CpuSet()
+    # a group made exclusive the plain way (load balancing on) is frozen once emptied
+    build(fake, {"legacy": ("0", True)})
+    fake.set_flag("legacy", "sched_load_balance", True)
+    with pytest.raises(CgroupOpError) as info:
+        fake.set_cpus("legacy", CpuSet())
+    assert info.value.errno == errno.EBUSY

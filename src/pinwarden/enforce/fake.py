@@ -11,7 +11,10 @@ It follows ``kernel/cgroup/cpuset.c`` / ``cpuset-v1.c`` (Linux 6.x) for legacy h
      the new value: ``EBUSY``;
   2. the new value must be a subset of the parent (same four fields): ``EACCES``;
   3. (not for the root) a populated cgroup — tasks in it or any descendant — cannot go
-     from some to no cpus or mems: ``ENOSPC``;
+     from some to no cpus or mems: ``ENOSPC``; with ``deadline_servers`` (Linux 6.12+,
+     modelled from the source, not checked by the differential test), an exclusive,
+     load-balanced, non-empty cpuset cannot change to CPUs too few for every CPU's
+     deadline server (``EBUSY``);
   4. (not for the root) if the group or a sibling is ``cpu_exclusive``, their cpus must
      not intersect (likewise mems with ``mem_exclusive``): ``EINVAL``;
 
@@ -42,6 +45,10 @@ from pinwarden.enforce.backend import (
 )
 
 _NONE = CpuSet()
+# sched_rt_runtime_us / period = 950000 / 1000000 and the fair server's 50 ms / 1 s, both
+# as the kernel's 20-bit fixed point ratios (to_ratio): dl_cpuset_cpumask_can_shrink()
+_DL_LIMIT = (950000 << 20) // 1000000
+_FAIR_SERVER_BW = (50_000_000 << 20) // 1_000_000_000
 _NODE0 = CpuSet(frozenset({0}))
 
 
@@ -61,10 +68,11 @@ class FakeCpusetV1:
 
     def __init__(self, online: CpuSet, mems: CpuSet = _NODE0, *,
                  possible: int | None = None, max_nodes: int = 1024,
-                 real_pids: bool = False) -> None:
+                 real_pids: bool = False, deadline_servers: bool = False) -> None:
         self.possible = possible if possible is not None else max(online.cpus, default=0) + 1
         self.max_nodes = max_nodes
         self.root = _Node(cpus=online, mems=mems, cpu_exclusive=True, mem_exclusive=True)
+        self.deadline_servers = deadline_servers  # Linux 6.12+: per-CPU deadline servers
         self.real_pids = real_pids  # tasks are real pids: forget them once they exit
         self.fail_at: dict[tuple[str, str], int] = {}  # (action, path) -> errno to inject
         self.writes = 0  # successful primitive writes, for tests
@@ -129,6 +137,10 @@ class FakeCpusetV1:
         if self._populated(cur) and ((cur.cpus and not trial.cpus)
                                      or (cur.mems and not trial.mems)):
             raise fail(errno.ENOSPC, "the cpuset has tasks")
+        if (self.deadline_servers and cur.cpu_exclusive and cur.sched_load_balance
+                and cur.cpus and _DL_LIMIT * len(trial.cpus)
+                < _FAIR_SERVER_BW * len(self.root.cpus)):
+            raise fail(errno.EBUSY, "the CPUs could not hold the deadline bandwidth")
         me = path.rsplit("/", 1)[-1]
         for name, sib in sorted(parent.children.items()):
             if name == me:
