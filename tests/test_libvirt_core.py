@@ -113,6 +113,12 @@ def test_reconcile_frees_adopts_and_reports_drift() -> None:
 
 # -- hook ---------------------------------------------------------------------------------
 
+def test_hook_namespace_is_the_domain_metadata_namespace() -> None:
+    from pinwarden.domain import PW_NS
+
+    assert hook.PW_NAMESPACE == PW_NS
+
+
 def test_hook_acts_only_at_prepare_started_and_release() -> None:
     assert [hook.action_for(op) for op in ("prepare", "start", "started", "stopped",
                                            "release", "migrate", "restore", "reconnect")] \
@@ -136,10 +142,22 @@ def test_hook_install_writes_executable_scripts_and_keeps_foreign_hooks(tmp_path
                          capture_output=True, text=True, check=True).stdout
     assert out.split() == ["hook", "run", "--state-dir", "/s", "d", "qemu", "vm1",
                            "prepare", "begin", "-"]
+    # later steps: only for domains with pinwarden's metadata, XML passed through
+    meta = "<domain><metadata><pw:cpu xmlns:pw='urn:pinwarden:domain:1'/></metadata></domain>"
+    hook.install(tmp_path, exe=str(tmp_path / "cat-args"), state_dir=None, config=None)
+    (tmp_path / "cat-args").write_text("#!/bin/sh\necho \"$@\"; cat\n")
+    (tmp_path / "cat-args").chmod(0o755)
+    for op in ("started", "release"):
+        seen = subprocess.run([str(tmp_path / "qemu"), "vm1", op, "-", "-"], input=meta,
+                              capture_output=True, text=True, check=True).stdout
+        assert seen == f"hook run qemu vm1 {op} - -\n{meta}\n"
+        plain = subprocess.run([str(tmp_path / "qemu"), "vm1", op, "-", "-"],
+                               input="<domain/>", capture_output=True, text=True, check=True)
+        assert plain.stdout == ""
     # after prepare, even a pinwarden that cannot run does not fail the step
     for op in ("started", "release"):
         hook.install(tmp_path, exe="/bin/false", state_dir=None, config=None)
-        subprocess.run([str(tmp_path / "qemu"), "vm1", op, "-", "-"], input="<domain/>",
+        subprocess.run([str(tmp_path / "qemu"), "vm1", op, "-", "-"], input=meta,
                        text=True, check=True)
     failed = subprocess.run([str(tmp_path / "qemu"), "vm1", "prepare", "begin", "-"],
                             input="<domain/>", text=True)

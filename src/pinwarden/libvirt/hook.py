@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 DRIVERS = ("qemu", "lxc")
 MARKER = "# pinwarden libvirt hook"
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
-HOOK_LOG = "hook.log"  # warnings of hook runs libvirtd would not show anywhere
+HOOK_LOG = "hook.log"
+#: pinwarden's metadata namespace (pinwarden.domain.PW_NS, not imported: the hook is lean).
+PW_NAMESPACE = "urn:pinwarden:domain:1"  # warnings of hook runs libvirtd would not show anywhere
 
 Action = Literal["admit", "own", "free", "ignore"]
 
@@ -74,11 +76,17 @@ def hook_script(driver: str, exe: str, *, state_dir: Path | None, config: Path |
             f"# libvirtd runs it at every domain lifecycle step (domain XML on stdin);\n"
             f"# pinwarden admits or refuses the domain against the exclusive CPU leases.\n"
             f"# Only 'prepare' may fail (it refuses the start); a failure at a later step\n"
-            f"# would make libvirt kill the domain, so those always exit 0.  Steps\n"
-            f"# pinwarden ignores end here, without starting Python.\n"
+            f"# would make libvirt kill the domain, so those always exit 0.  Later steps\n"
+            f"# concern exclusive domains only (they carry pinwarden's metadata), and\n"
+            f"# steps pinwarden ignores end here: no Python start-up for them.\n"
             f"case \"$2\" in\n"
             f"  prepare) exec {command} \"$@\" ;;\n"
-            f"  {after}) {command} \"$@\" || true; exit 0 ;;\n"
+            f"  {after})\n"
+            f"    xml=$(cat)\n"
+            f"    case \"$xml\" in\n"
+            f"      *{PW_NAMESPACE}*) printf '%s\\n' \"$xml\" | {command} \"$@\" || true ;;\n"
+            f"    esac\n"
+            f"    exit 0 ;;\n"
             f"  *) cat >/dev/null; exit 0 ;;\n"
             f"esac\n")
 
