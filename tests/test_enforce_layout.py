@@ -153,7 +153,7 @@ def test_any_sequence_of_layouts_is_reached_without_kernel_refusal(
         steps: list[dict[int, str]], pins: list[str]) -> None:
     """Random lease changes beside a running VM with random pins: every plan is accepted
     by the (kernel-faithful) fake, in order, and reaches the desired state."""
-    fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"))
+    fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"), deadline_servers=True)
     build(fake, {"machine": ("0-3", False), VM: ("0-3", False),
                  f"{VM}/emulator": (pins[0], False), f"{VM}/vcpu0": (pins[1], False),
                  f"{VM}/vcpu1": (pins[2], False)},
