@@ -99,7 +99,8 @@ def main() -> int:
                                                     pw_stop(SHARED))
             times["pinwarden_start_exclusive"] = timed(args.runs, pw_start(EXCLUSIVE_VM),
                                                        pw_stop(EXCLUSIVE_VM))
-            prepare = [env.PINWARDEN, "hook", "run", "--state-dir", str(pw.state),
+            prepare = [sys.executable, "-m", "pinwarden.cli.vm", "hook", "run",
+                       "--state-dir", str(pw.state),
                        "--config", str(pw.config), "qemu", SHARED, "prepare", "begin", "-"]
             domain_xml = env.tiny_domain_xml(SHARED)
             times["hook_prepare"] = timed(
@@ -108,7 +109,7 @@ def main() -> int:
                                             capture_output=True)),
                 lambda: None)
             if daemons.owns("libvirtd"):
-                must(pw.run("hook", "install", "--exe", env.PINWARDEN))
+                must(pw.run("hook", "install"))
                 try:
                     daemons.restart_libvirtd()
                     times["virsh_start_hooked"] = timed(args.runs, virsh_start(SHARED),

@@ -65,7 +65,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", type=Path, default=None, metavar="DIR",
                    help="install below DIR (packaging, tests)")
     p.add_argument("--exe", default=None, metavar="PATH",
-                   help="pinwarden executable the hooks run (default: this one)")
+                   help="pinwarden executable the hooks run (default: this Python with "
+                        "-m pinwarden.cli.vm, which loads only what the hook needs)")
     p.add_argument("--force", action="store_true", help="replace hooks that are not ours")
     p.set_defaults(handler=cmd_hook_install)
     p = hook_sub.add_parser("uninstall", parents=[common], help="remove pinwarden's hooks")
@@ -209,3 +210,26 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
     return main(context(args), interval=args.interval, restore=args.restore_drift,
                        once=args.once, verbose=args.verbose)
+
+
+def hook_main(argv: list[str] | None = None) -> int:
+    """``python -m pinwarden.cli.vm hook run …``: what the installed hook scripts run.
+
+    The same commands as ``pinwarden``, but only this module's: libvirtd waits for the hook
+    on every start, and loading every other command would be most of its run time.
+    """
+    from pinwarden.cli import common_parser, fail
+    from pinwarden.errors import PinwardenError
+
+    parser = argparse.ArgumentParser(prog="pinwarden")
+    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True),
+             common_parser())
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except PinwardenError as exc:
+        return fail(args, exc)
+
+
+if __name__ == "__main__":
+    sys.exit(hook_main())

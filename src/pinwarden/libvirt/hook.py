@@ -60,11 +60,12 @@ def action_for(op: str) -> Action:
 @dataclass(frozen=True)
 class Installed:
     paths: tuple[Path, ...]
-    command: str
+    command: str  # what the scripts exec (before "hook run")
 
 
-def hook_script(driver: str, exe: str, *, state_dir: Path | None, config: Path | None) -> str:
-    args = [exe, "hook", "run"]
+def hook_script(driver: str, exe: str | Sequence[str], *, state_dir: Path | None,
+                config: Path | None) -> str:
+    args = [*([exe] if isinstance(exe, str) else exe), "hook", "run"]
     if config is not None:
         args += ["--config", str(config)]
     if state_dir is not None:
@@ -91,15 +92,14 @@ def hook_script(driver: str, exe: str, *, state_dir: Path | None, config: Path |
             f"esac\n")
 
 
-def default_executable() -> str:
-    """The ``pinwarden`` script next to this interpreter (the installed one)."""
-    candidate = Path(sys.executable).with_name("pinwarden")
-    if candidate.exists():
-        return str(candidate)
-    return "pinwarden"
+def default_executable() -> tuple[str, ...]:
+    """This interpreter running the vm commands alone (``-m pinwarden.cli.vm``): the
+    installed pinwarden, without loading every other command on each hook call."""
+    return (sys.executable, "-m", "pinwarden.cli.vm")
 
 
-def install(hooks_dir: Path, *, exe: str, state_dir: Path | None, config: Path | None,
+def install(hooks_dir: Path, *, exe: str | Sequence[str], state_dir: Path | None,
+            config: Path | None,
             drivers: tuple[str, ...] = DRIVERS, force: bool = False) -> Installed:
     """Write the hook scripts atomically; refuse to replace a hook that is not ours."""
     try:
@@ -126,7 +126,8 @@ def install(hooks_dir: Path, *, exe: str, state_dir: Path | None, config: Path |
             tmp.unlink(missing_ok=True)
             raise InputError(f"cannot write {path}: {exc.strerror}") from None
         written.append(path)
-    return Installed(tuple(written), exe)
+    return Installed(tuple(written),
+                     exe if isinstance(exe, str) else " ".join(shlex.quote(a) for a in exe))
 
 
 def uninstall(hooks_dir: Path, drivers: tuple[str, ...] = DRIVERS) -> tuple[Path, ...]:
