@@ -18,13 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from enforce_helpers import lease, make_host
+from enforce_helpers import build, lease, make_host
 from guest import guest_run
 from pinwarden.cli import main
 from pinwarden.cpuset import CpuSet
+from pinwarden.enforce.fake import FakeCpusetV1
+from pinwarden.enforce.layout import LayoutNames
 from pinwarden.errors import InputError, Refusal
-from pinwarden.jobs import JobRequest, check_name, decide_job
+from pinwarden.jobs import JobRequest, check_name, decide_job, job_holder
 from pinwarden.ledger import Ledger
+from pinwarden.model import Lease, Plan
+from pinwarden.runner import Context, sweep, sync_layout
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -179,3 +183,31 @@ def test_real_kernel_cases_in_a_fresh_guest() -> None:
     assert result.runcases_rc == 0, result.output[-6000:]
     assert " passed" in result.output and "failed" not in result.output.split("RUNCASES")[0] \
         .splitlines()[-1]
+
+
+def test_sweep_removes_groups_of_dead_jobs_and_nothing_else(tmp_path: Path) -> None:
+    fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"), real_pids=True)
+    build(fake, {"machine": ("0-3", False)})
+    ctx = Context(make_host("0-3", vm="1-3"), fake, LayoutNames(), tmp_path)
+    with Ledger(tmp_path) as ledger:
+        writes = fake.writes
+        assert sweep(ctx, ledger) is None  # nothing leased: nothing written
+        assert fake.writes == writes
+        for name in ("gone", "alive"):
+            request = JobRequest(name, count=1)
+
+            def decide(leases: tuple[Lease, ...], request: JobRequest = request) -> Plan:
+                return decide_job(request, ctx.host, leases)
+
+            ledger.reserve(job_holder(name), decide)
+        sync_layout(ctx, ledger)
+        writes = fake.writes
+        assert sweep(ctx, ledger) is None and fake.writes == writes  # in order: no write
+        command = subprocess.Popen(["sleep", "600"])
+        ledger.set_owner(job_holder("gone"), command.pid)
+        command.kill()  # the command of a job whose supervisor was SIGKILLed ends
+        command.wait()
+        assert sweep(ctx, ledger) is not None
+        groups = set(fake.read_state([""]).groups)
+    assert "pinwarden.partition/run-gone.partition" not in groups
+    assert "pinwarden.partition/run-alive.partition" in groups

@@ -91,6 +91,22 @@ def sync_layout(ctx: Context, ledger: Ledger) -> Result:
         return sync(ctx.backend, ctx.host, leases, ctx.names)
 
 
+def sweep(ctx: Context, ledger: Ledger) -> Result | None:
+    """Reap holders whose owner died and, if that freed anything or a holder group has no
+    lease any more (a job whose supervisor was killed), sync the layout.  For ``status``
+    and other read-mostly commands: no cgroup write when everything is in order."""
+    reaped = ledger.reap()
+    tree = ctx.names.exclusive
+    state = ctx.backend.read_state([tree])
+    if tree not in state and not reaped:
+        return None
+    wanted = {holder_group_path(ctx.names, r.ref) for r in ledger.holders(reap=False)}
+    stale = [p for p in state.children(tree) if p not in wanted]
+    if not reaped and not stale:
+        return None
+    return sync_layout(ctx, ledger)
+
+
 def _warn(message: str) -> None:
     print(f"pinwarden: warning: {message}", file=sys.stderr)
 
