@@ -11,7 +11,8 @@ Compared, on the real libvirtd + QEMU of this host (tiny diskless domains):
 * ``virsh_start_hooked_exclusive`` the same for the exclusive domain (hook leases it);
 * ``hook_prepare``             one ``pinwarden hook run … prepare`` by itself.
 
-Each start is followed by a stop that is not timed.  Ratios are against ``virsh_start``.
+Each start is followed by a stop that is not timed; the cases of a phase alternate run by
+run after one warm-up each.  Ratios are against ``virsh_start``.
 Needs root; for the hooked runs libvirtd must be started by this script (it restarts it
 to make libvirtd notice the hook, and again at the end to forget it).
 
@@ -42,13 +43,22 @@ SHARED, EXCLUSIVE_VM = "pwtest-bench-s", "pwtest-bench-x"
 TREE = "pwtest-bench.partition"
 
 
-def timed(runs: int, start: Callable[[], None], stop: Callable[[], None]) -> list[float]:
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
+Case = tuple[str, Callable[[], None], Callable[[], None]]  # name, start (timed), stop
+
+
+def timed(runs: int, cases: list[Case]) -> dict[str, list[float]]:
+    """Round-robin over the cases (so a change of host load hits them alike), after one
+    untimed warm-up start of each."""
+    out: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+    for _, start, stop in cases:
         start()
-        out.append(time.perf_counter() - t0)
         stop()
+    for _ in range(runs):
+        for name, start, stop in cases:
+            t0 = time.perf_counter()
+            start()
+            out[name].append(time.perf_counter() - t0)
+            stop()
     return out
 
 
@@ -94,28 +104,29 @@ def main() -> int:
             def pw_stop(name: str) -> Callable[[], None]:
                 return lambda: must(pw.run("stop", name))
 
-            times["virsh_start"] = timed(args.runs, virsh_start(SHARED), virsh_destroy(SHARED))
-            times["pinwarden_start_shared"] = timed(args.runs, pw_start(SHARED),
-                                                    pw_stop(SHARED))
-            times["pinwarden_start_exclusive"] = timed(args.runs, pw_start(EXCLUSIVE_VM),
-                                                       pw_stop(EXCLUSIVE_VM))
+            times.update(timed(args.runs, [
+                ("virsh_start", virsh_start(SHARED), virsh_destroy(SHARED)),
+                ("pinwarden_start_shared", pw_start(SHARED), pw_stop(SHARED)),
+                ("pinwarden_start_exclusive", pw_start(EXCLUSIVE_VM), pw_stop(EXCLUSIVE_VM)),
+            ]))
             prepare = [sys.executable, "-m", "pinwarden.cli.vm", "hook", "run",
-                       "--state-dir", str(pw.state),
-                       "--config", str(pw.config), "qemu", SHARED, "prepare", "begin", "-"]
+                       "--state-dir", str(pw.state), "--config", str(pw.config), "qemu",
+                       SHARED, "prepare", "begin", "-"]
             domain_xml = env.tiny_domain_xml(SHARED)
-            times["hook_prepare"] = timed(
-                args.runs,
+            times.update(timed(args.runs, [(
+                "hook_prepare",
                 lambda: must(subprocess.run(prepare, input=domain_xml, text=True,
                                             capture_output=True)),
-                lambda: None)
+                lambda: None)]))
             if daemons.owns("libvirtd"):
                 must(pw.run("hook", "install"))
                 try:
                     daemons.restart_libvirtd()
-                    times["virsh_start_hooked"] = timed(args.runs, virsh_start(SHARED),
-                                                        virsh_destroy(SHARED))
-                    times["virsh_start_hooked_exclusive"] = timed(
-                        args.runs, virsh_start(EXCLUSIVE_VM), virsh_destroy(EXCLUSIVE_VM))
+                    times.update(timed(args.runs, [
+                        ("virsh_start_hooked", virsh_start(SHARED), virsh_destroy(SHARED)),
+                        ("virsh_start_hooked_exclusive", virsh_start(EXCLUSIVE_VM),
+                         virsh_destroy(EXCLUSIVE_VM)),
+                    ]))
                 finally:
                     must(pw.run("hook", "uninstall"))
                     daemons.restart_libvirtd()
