@@ -211,3 +211,22 @@ def test_sweep_removes_groups_of_dead_jobs_and_nothing_else(tmp_path: Path) -> N
         groups = set(fake.read_state([""]).groups)
     assert "pinwarden.partition/run-gone.partition" not in groups
     assert "pinwarden.partition/run-alive.partition" in groups
+
+
+def test_isolate_holds_the_sibling_and_the_job_group_excludes_it() -> None:
+    from dataclasses import replace
+
+    from pinwarden.enforce.layout import desired_layout
+    from pinwarden.model import HolderRef
+
+    host = make_host("0-3", vm="2-3")
+    smt = {cpu: replace(c, core=cpu // 2, siblings=CpuSet.of([cpu // 2 * 2, cpu // 2 * 2 + 1]))
+           for cpu, c in host.topology.cpus.items()}
+    host = replace(host, topology=replace(host.topology, cpus=smt))
+    plan = decide_job(JobRequest("J", count=1, threads="isolate"), host, [])
+    assert sorted(plan.leases.items()) == [(2, "task"), (3, "sibling-hold")]
+    leases = [Lease(cpu, HolderRef("run", "J", "J"), role, 0.0)
+              for cpu, role in plan.leases.items()]
+    desired = desired_layout(host, leases)
+    assert desired.exclusive.cpus == CpuSet.of([2, 3])
+    assert desired.holders[0].cpus == CpuSet.of([2])
