@@ -103,12 +103,13 @@ class PartitionInvalidError(CgroupOpError):
     """
 
     def __init__(self, action: str, path: str, *, value: str, group: str, kind: PartitionKind,
-                 reason: str) -> None:
+                 reason: str, err: int | None = None) -> None:
         self.group = group
         self.kind = kind
         self.reason = reason
         where = "" if group == path else f" made {group or '/'} invalid:"
-        super().__init__(action, path, errno_for_reason(reason), value=value,
+        super().__init__(action, path, err if err is not None else errno_for_reason(reason),
+                         value=value,
                          detail=f"the kernel{where} reports {invalid_text(kind, reason)!r}")
 
 
@@ -193,6 +194,16 @@ class CgroupV2Backend:
     def has_exclusive(self, path: str) -> bool:
         """The kernel offers ``cpuset.cpus.exclusive`` on this (non-root) group."""
         return path != "" and (self._dir(path) / EXCLUSIVE_FILE).exists()
+
+    def _uses_exclusive(self, path: str) -> bool:
+        """Keep ``cpuset.cpus.exclusive`` = ``cpuset.cpus`` on this group: where the file
+        exists and the parent is a partition root.  Below a member the kernel would judge
+        the exclusive list first and report it invalid instead of the real problem."""
+        parent = parent_of(path)
+        if parent is None or not self.has_exclusive(path):
+            return False
+        kind, reason = self.partition_of(parent)
+        return kind != "member" and reason is None
 
     def partition_of(self, path: str) -> tuple[PartitionKind, str | None]:
         """``(kind, invalid reason or None)``; the root group is always a valid root."""
@@ -383,7 +394,7 @@ class CgroupV2Backend:
             raise CgroupOpError("cpus", path, errno.EBUSY, value="",
                                 detail=f"emptying a {PARTITION_WORD[kind]} partition would "
                                        f"lose its CPUs in the kernel; make it member first")
-        exclusive = kind != "member" and self.has_exclusive(path)
+        exclusive = kind != "member" and self._uses_exclusive(path)
         old_excl = self._read(path, EXCLUSIVE_FILE).strip() if exclusive else None
         narrowing = exclusive and not CpuSet.parse_kernel(old) <= cpus
         try:
@@ -419,6 +430,14 @@ class CgroupV2Backend:
         self._write("mems", path, "cpuset.mems", mems.to_list())
 
     def set_partition(self, path: str, kind: PartitionKind) -> None:
+        """``member``, ``exclusive`` (``root``) or ``isolated``.
+
+        A partition the kernel marks invalid is undone and raised as
+        :class:`PartitionInvalidError`; when the group's parent is no valid partition the
+        errno is ``EACCES`` whatever the kernel's words (6.1: "Parent is not a partition
+        root"; 6.12: "Invalid cpu list in cpuset.cpus.exclusive").  Linux 6.12 refuses any
+        partition holding ``isolcpus=`` CPUs ("partition config conflicts with housekeeping
+        setup"); 6.1 accepts them."""
         word = PARTITION_WORD[kind]
         if path == "":
             if kind == "exclusive":
@@ -429,19 +448,20 @@ class CgroupV2Backend:
         before = self._partition_states(self._neighbours(path))
         if kind != "member":
             before.setdefault(path, (kind, None))  # the group itself must come out valid
-        exclusive = self.has_exclusive(path)
-        old_excl = self._read(path, EXCLUSIVE_FILE).strip() if exclusive else None
+        uses = kind != "member" and self._uses_exclusive(path)
+        old_excl = self._read(path, EXCLUSIVE_FILE).strip() if self.has_exclusive(path) \
+            else None
         try:
-            if exclusive and kind != "member":
+            if uses:
                 self._write("partition", path, EXCLUSIVE_FILE,
                             self._read(path, "cpuset.cpus").strip())
             self._write("partition", path, PARTITION_FILE, word)
         except CgroupOpError:
-            if old_excl is not None:
+            if uses and old_excl is not None:
                 with contextlib.suppress(CgroupOpError):
                     self._write("partition", path, EXCLUSIVE_FILE, old_excl)
             raise
-        if kind == "member" and exclusive:
+        if kind == "member" and old_excl:
             with contextlib.suppress(CgroupOpError):  # harmless if it stays set
                 self._write("partition", path, EXCLUSIVE_FILE, "")
         broken = self._newly_invalid(before)
@@ -455,8 +475,14 @@ class CgroupV2Backend:
             before.pop(path, None)
         self._revalidate(before)
         group, bad_kind, reason = broken
+        parent = parent_of(path)
+        orphan = False
+        if group == path and parent is not None:
+            parent_kind, parent_reason = self.partition_of(parent)
+            orphan = parent_kind == "member" or parent_reason is not None
         raise PartitionInvalidError("partition", path, value=word, group=group,
-                                    kind=bad_kind, reason=reason)
+                                    kind=bad_kind, reason=reason,
+                                    err=errno.EACCES if orphan else None)
 
     def attach_process(self, path: str, pid: int) -> None:
         self._write("attach", path, "cgroup.procs", str(pid))
