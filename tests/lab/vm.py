@@ -29,6 +29,9 @@ TIMEOUT = float(os.environ.get("PINWARDEN_LAB_TIMEOUT", "420"))
 CPUS = 8
 NUMA = ("1G,cpus=0-3", "1G,cpus=4-7")
 APPEND = "isolcpus=6-7"
+#: Extra QEMU options, e.g. ``-accel tcg,thread=single``: Debian's 6.12 panics during boot
+#: under multi-threaded TCG (int3 while patching code), single-threaded TCG boots it.
+QEMU_OPTS = os.environ.get("PINWARDEN_LAB_QEMU_OPTS", "")
 
 
 class LabError(Exception):
@@ -97,8 +100,10 @@ def vng_command(kernel: Path, outdir: Path) -> list[str]:
            "--cpus", str(CPUS), "--memory", "2G"]
     for node in NUMA:
         cmd += ["--numa", node]
-    cmd += ["--append", APPEND, "--rwdir", str(outdir), "--cwd", str(REPO),
-            "--exec", inner]
+    cmd += ["--append", APPEND, "--rwdir", str(outdir), "--cwd", str(REPO)]
+    if QEMU_OPTS:
+        cmd += [f"--qemu-opts={QEMU_OPTS}"]
+    cmd += ["--exec", inner]
     return cmd
 
 
