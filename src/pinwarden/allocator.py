@@ -8,7 +8,8 @@ the online CPUs of the pool, and decides in two steps:
    request, the *best-fit* node is used: the one with the smallest capacity that still
    fits (ties: lowest number), so big holes stay open for big VMs.  Otherwise the request
    spans the fewest nodes: the largest nodes are taken whole until the rest fits in one
-   node, which is again chosen by best fit.
+   node, which is again chosen by best fit; at equal capacity, nodes in a package already
+   used come first.
 2. **Cores within a node**, by thread policy, with Nova's meaning:
 
    ``prefer`` (default)
