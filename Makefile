@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-config \
 	linux-image-amd64 busybox-static dbus sqlite3
 
-.PHONY: demo test lint typecheck bench bench-quick deps-system venv clean
+.PHONY: demo test lint bench bench-quick bench-host deps-system venv clean
 
 $(BIN)/pinwarden: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -49,10 +49,23 @@ $(BENCH_VENV)/.deps: bench/requirements.txt pyproject.toml
 	$(BENCH_VENV)/bin/pip install -q -r bench/requirements.txt -e .
 	touch $@
 
-bench: $(BENCH_VENV)/.deps
+## Real-host benchmarks: audit time against thread count; start overhead on real libvirt
+## (root + libvirt: the test environment, `make test` installs it).
+bench-host: $(VENV)/.test-deps
+	: > bench/results/audit_scale.jsonl
+	for n in $(AUDIT_THREADS); do \
+		$(BIN)/python bench/audit_scale.py --threads $$n --repeat 3 >> bench/results/audit_scale.jsonl; done
+	$(BIN)/python bench/start_overhead.py --runs $(START_RUNS) > bench/results/start_overhead.json
+	cat bench/results/audit_scale.jsonl bench/results/start_overhead.json
+
+bench: AUDIT_THREADS = 1000 5000 20000
+bench: START_RUNS = 9
+bench: $(BENCH_VENV)/.deps bench-host
 	cd bench && .venv/bin/python -m pwbench full
 
-bench-quick: $(BENCH_VENV)/.deps
+bench-quick: AUDIT_THREADS = 2000
+bench-quick: START_RUNS = 3
+bench-quick: $(BENCH_VENV)/.deps bench-host
 	cd bench && .venv/bin/python -m pwbench quick
 
 clean:

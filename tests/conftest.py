@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,32 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 HWLOC = SHARED / "testdata" / "hwloc"
 REQUIRE_ALL = os.environ.get("PINWARDEN_REQUIRE_ALL") == "1"
+HWLOC_DUMPS = sorted(p.name.removesuffix(".tar.bz2") for p in HWLOC.glob("*.tar.bz2"))
+
+#: The parts of a dump topology reading needs; the rest (PCI, DMI, caches, hugepages) is most
+#: of the files and would only slow extraction down.
+_NEEDED = re.compile(r"[^/]+/(sys/devices/system/(cpu|node)/|proc/|dev/cpuset|sys/fs/cgroup"
+                     r"|sys/devices/cpu_)")
+_UNNEEDED = re.compile(r"/(cache|cpuidle|cpufreq|hugepages|power)/")
+
+
+@pytest.fixture(scope="session")
+def hwloc_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every hwloc dump extracted once per session, by tarball name → its top folder
+    (tarballs hold one top folder, not always named like the tarball)."""
+    if not HWLOC_DUMPS:
+        pytest.fail(f"hwloc test data missing at {HWLOC}")
+    out: dict[str, Path] = {}
+    base = tmp_path_factory.mktemp("hwloc")
+    for name in HWLOC_DUMPS:
+        dest = base / name
+        with tarfile.open(HWLOC / f"{name}.tar.bz2") as tar:
+            members = [m for m in tar.getmembers()
+                       if _NEEDED.match(m.name) and not _UNNEEDED.search(m.name)]
+            tar.extractall(dest, members=members, filter="tar")
+        (top,) = [p for p in dest.iterdir() if p.is_dir()]
+        out[name] = top
+    return out
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import tarfile
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import HWLOC_DUMPS
 from pinwarden.allocator import Allocation, Request, allocate
 from pinwarden.cpuset import EMPTY, CpuSet
 from pinwarden.domain import ThreadPolicy
@@ -310,36 +310,18 @@ def test_isolate_never_shares_a_core_across_allocations(
 
 # -- real topologies (hwloc sysfs dumps) -------------------------------------------------
 
-HWLOC = Path(__file__).resolve().parent.parent.parent / "shared" / "testdata" / "hwloc"
-
-
-def _dumps() -> list[str]:
-    return sorted(p.name.removesuffix(".tar.bz2") for p in HWLOC.glob("*.tar.bz2"))
 
 
 @pytest.fixture(scope="module")
-def hwloc_topologies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Topology]:
-    if not HWLOC.is_dir():
-        pytest.fail(f"hwloc test data missing at {HWLOC}")
-    out = tmp_path_factory.mktemp("hwloc-alloc")
-    topologies: dict[str, Topology] = {}
-    for tarball in sorted(HWLOC.glob("*.tar.bz2")):
-        with tarfile.open(tarball) as tar:
-            top = tar.getnames()[0].split("/")[0]
-            wanted = [m for m in tar.getmembers()
-                      if "/sys/devices/system/" in m.name or "/sys/devices/cpu_" in m.name
-                      or "/proc/" in m.name]
-            tar.extractall(out / tarball.name, members=wanted, filter="data")
-        name = tarball.name.removesuffix(".tar.bz2")
-        topologies[name] = read_topology(out / tarball.name / top)
-    return topologies
+def hwloc_topologies(hwloc_roots: dict[str, Path]) -> dict[str, Topology]:
+    return {name: read_topology(root) for name, root in hwloc_roots.items()}
 
 
 def test_every_hwloc_dump_is_read(hwloc_topologies: dict[str, Topology]) -> None:
-    assert sorted(hwloc_topologies) == _dumps() and len(_dumps()) >= 10
+    assert sorted(hwloc_topologies) == HWLOC_DUMPS and len(HWLOC_DUMPS) >= 10
 
 
-@pytest.mark.parametrize("dump", _dumps())
+@pytest.mark.parametrize("dump", HWLOC_DUMPS)
 @pytest.mark.parametrize("threads", ["prefer", "isolate", "require"])
 def test_filling_a_real_host(hwloc_topologies: dict[str, Topology], dump: str,
                              threads: ThreadPolicy) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +10,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from conftest import HWLOC_DUMPS
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import PW_NS, DomainSpec, parse_domain
 from pinwarden.errors import Refusal
@@ -19,8 +18,6 @@ from pinwarden.model import SIBLING_HOLD, HolderRef, Lease, Plan
 from pinwarden.partition import Host, Partition, PartitionMode
 from pinwarden.policy import decide
 from pinwarden.topology import Cpu, Topology
-
-HWLOC = Path(__file__).resolve().parent.parent.parent / "shared" / "testdata" / "hwloc"
 
 C = CpuSet.parse
 
@@ -339,28 +336,6 @@ def test_metadata_form_from_xml() -> None:
 # -- real topologies (hwloc sysfs dumps) -------------------------------------------------
 
 
-def _dumps() -> list[str]:
-    return sorted(p.name.removesuffix(".tar.bz2") for p in HWLOC.glob("*.tar.bz2"))
-
-
-@pytest.fixture(scope="module")
-def hwloc_roots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
-    """Each dump extracted, by tarball name (one archive's top directory differs)."""
-    if not HWLOC.is_dir():
-        pytest.fail(f"hwloc test data missing at {HWLOC}")
-    out = tmp_path_factory.mktemp("hwloc")
-    roots: dict[str, Path] = {}
-    for tarball in sorted(HWLOC.glob("*.tar.bz2")):
-        with tarfile.open(tarball) as tar:
-            top = tar.getnames()[0].split("/")[0]
-            wanted = [m for m in tar.getmembers()  # the CPU/node part, not PCI/DMI/...
-                      if "/sys/devices/system/" in m.name or "/proc/" in m.name
-                      or "/sys/devices/cpu_" in m.name]
-            tar.extractall(out / tarball.name, members=wanted, filter="data")
-        roots[tarball.name.removesuffix(".tar.bz2")] = out / tarball.name / top
-    yield roots
-
-
 def _real_host(root: Path) -> Host:
     from pinwarden.topology import read_topology
     topo = read_topology(root)
@@ -369,7 +344,7 @@ def _real_host(root: Path) -> Host:
     return Host(topo, Partition("none", vm, reserve, "test: first core reserved"))
 
 
-@pytest.mark.parametrize("dump", _dumps())
+@pytest.mark.parametrize("dump", HWLOC_DUMPS)
 def test_rules_on_real_topologies(hwloc_roots: dict[str, Path], dump: str) -> None:
     h = _real_host(hwloc_roots[dump])
     vm = h.partition.vm_cpus

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,13 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import HWLOC
+from conftest import HWLOC, HWLOC_DUMPS
 from hostroot import HostSpec, build_host, layout, write
 from pinwarden.cpuset import CpuSet
 from pinwarden.errors import HostError
 from pinwarden.topology import Topology, parse_cpus, read_topology
 
-DUMPS = sorted(p.name[: -len(".tar.bz2")] for p in HWLOC.glob("*.tar.bz2"))
+DUMPS = HWLOC_DUMPS
 
 
 # -- hwloc's `lstopo -v` output ---------------------------------------------------------
@@ -196,36 +195,13 @@ def allowed(root: Path, what: str) -> CpuSet | None:
 # -- fixtures ---------------------------------------------------------------------------
 
 
-#: The parts of a dump topology reading (and the cpuset check) looks at; the rest (PCI,
-#: caches, DMI, hugepages) is most of the files and would only slow extraction down.
-_NEEDED = re.compile(r"[^/]+/(sys/devices/system/(cpu|node)/|proc/|dev/cpuset|sys/fs/cgroup"
-                     r"|sys/devices/cpu_)")
-_UNNEEDED = re.compile(r"/(cache|cpuidle|cpufreq|hugepages|power)/")
-
-
-@pytest.fixture(scope="session")
-def dumps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Every dump extracted once; tarballs hold one top folder, named freely."""
-    out: dict[str, Path] = {}
-    base = tmp_path_factory.mktemp("hwloc")
-    for name in DUMPS:
-        dest = base / name
-        with tarfile.open(HWLOC / f"{name}.tar.bz2") as tar:
-            members = [m for m in tar.getmembers()
-                       if _NEEDED.match(m.name) and not _UNNEEDED.search(m.name)]
-            tar.extractall(dest, members=members, filter="tar")
-        (top,) = [p for p in dest.iterdir() if p.is_dir()]
-        out[name] = top
-    return out
-
-
 def test_dumps_are_there() -> None:
     assert len(DUMPS) >= 10, f"hwloc dumps missing in {HWLOC}"
 
 
 @pytest.mark.parametrize("name", DUMPS)
-def test_agrees_with_hwloc(name: str, dumps: dict[str, Path]) -> None:
-    root = dumps[name]
+def test_agrees_with_hwloc(name: str, hwloc_roots: dict[str, Path]) -> None:
+    root = hwloc_roots[name]
     topo = read_topology(root)
     expected, node_cpus = expected_from(parse_console((HWLOC / f"{name}.console").read_text()))
     shown = CpuSet.of(expected)
@@ -271,10 +247,10 @@ def test_agrees_with_hwloc(name: str, dumps: dict[str, Path]) -> None:
             assert topo.cpu(s).siblings & topo.online == info.siblings & topo.online
 
 
-def test_process_cpuset_hides_nothing(dumps: dict[str, Path]) -> None:
+def test_process_cpuset_hides_nothing(hwloc_roots: dict[str, Path]) -> None:
     """hwloc shows what its own process may use (the dump's /dummy cpuset: CPUs 0-6,12-15,
     mems 1-4); pinwarden partitions the whole host, so every online CPU and node is there."""
-    root = dumps["16amd64-8n2c-cpusets"]
+    root = hwloc_roots["16amd64-8n2c-cpusets"]
     assert allowed(root, "cpus") == CpuSet.parse("0-6,12-15")
     assert allowed(root, "mems") == CpuSet.parse("1-4")
     topo = read_topology(root)
@@ -284,14 +260,14 @@ def test_process_cpuset_hides_nothing(dumps: dict[str, Path]) -> None:
     assert topo.node_of(12) == 6 and topo.node_known(12)  # a node hwloc hides there
 
 
-def test_hybrid_kinds(dumps: dict[str, Path], tmp_path: Path) -> None:
+def test_hybrid_kinds(hwloc_roots: dict[str, Path], tmp_path: Path) -> None:
     """Hybrid kinds come from sys/devices/cpu_core|cpu_atom/cpus (absent in the dump)."""
     build_host(tmp_path, HostSpec(cpus=6, threads=1))
     write(tmp_path, "sys/devices/cpu_core/cpus", "0-3\n")
     write(tmp_path, "sys/devices/cpu_atom/cpus", "4-5\n")
     topo = read_topology(tmp_path)
     assert [topo.cpu(c).kind for c in range(6)] == ["intel_core"] * 4 + ["intel_atom"] * 2
-    plain = read_topology(dumps["16em64t-4s2c2t"])
+    plain = read_topology(hwloc_roots["16em64t-4s2c2t"])
     assert all(c.kind is None for c in plain.cpus.values())
 
 
@@ -438,9 +414,9 @@ def test_parse_cpus_forms(text: str, mask: bool, cpus: str) -> None:
     assert parse_cpus(text, mask=mask).to_list() == cpus
 
 
-def test_offline_node_from_cpu_link(dumps: dict[str, Path]) -> None:
+def test_offline_node_from_cpu_link(hwloc_roots: dict[str, Path]) -> None:
     """offline-cpu0-node0: node 0 is offline (no node0 directory), cpu4 links to it."""
-    topo = read_topology(dumps["offline-cpu0-node0"])
+    topo = read_topology(hwloc_roots["offline-cpu0-node0"])
     assert sorted(topo.nodes) == [1]
     assert topo.node_of(4) == 0 and not topo.node_known(4)
     assert topo.node_of(5) == 1 and topo.node_known(5)
