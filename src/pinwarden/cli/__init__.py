@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "pinwarden.cli.run",
     "pinwarden.cli.vm",
     "pinwarden.cli.audit",
+    "pinwarden.cli.demo",
 )
 
 
