@@ -1,0 +1,69 @@
+"""``pinwarden demo``: the README's first command.
+
+Off libvirt it plans on the bundled example host and leaves nothing behind; on this root
+host with a real libvirtd it starts an exclusive and a shared tiny VM through pinwarden,
+shows status and a clean audit, and removes them again.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from libvirt_env import PREFIX, Pinwarden, libvirt_daemons, virt  # noqa: F401  (fixtures)
+from pinwarden.cli.demo import DEMO_EXCLUSIVE, DEMO_SHARED
+
+PINWARDEN = str(Path(sys.executable).with_name("pinwarden"))
+
+
+def test_offline_demo_plans_on_the_example_host(tmp_path: Path) -> None:
+    state = tmp_path / "untouched"
+    proc = subprocess.run([PINWARDEN, "demo", "--offline"], capture_output=True, text=True,
+                          timeout=120, env={"PINWARDEN_STATE_DIR": str(state), "PATH": ""})
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    # the steps a user would type, in order
+    steps = [line for line in out.splitlines() if line.startswith("$ pinwarden ")]
+    assert [s.split()[2] for s in steps] == ["host", "reserve", "plan", "status"]
+    assert "partition isolcpus: VM CPUs 2-7,10-15, housekeeping CPUs 0-1,8-9" in out
+    # the exclusive VM (4 vCPUs, threads=isolate) fits one NUMA node: cores 4-7 of node 1,
+    # siblings 12-15 held empty; the shared VM gets what is left of the VM CPUs
+    assert "leased 4-7,12-15" in out
+    assert "A leased to qemu domain 'pwdemo-exclusive' (4-7,12-15)" in out
+    shared = out[out.index("pwdemo-shared (shared)"):]
+    assert "vcpu0      2-3,10-11" in shared
+    assert not state.exists(), "the offline demo must use a throw-away ledger"
+
+
+@pytest.mark.libvirt
+def test_live_demo_starts_exclusive_and_shared_vms(libvirt_daemons: Any,  # noqa: F811
+                                                   virt: Any, tmp_path: Path) -> None:  # noqa: F811
+    pw = Pinwarden.make(tmp_path, f"{PREFIX}demo.partition")
+    try:
+        proc = subprocess.run(
+            [PINWARDEN, "demo", "--state-dir", str(pw.state), "--config", str(pw.config)],
+            capture_output=True, text=True, timeout=300)
+        out = proc.stdout
+        assert proc.returncode == 0, f"{out}\n{proc.stderr}"
+        steps = [line.split()[2] for line in out.splitlines() if line.startswith("$ pinwarden ")]
+        assert steps == ["host", "define", "define", "start", "start", "status", "audit",
+                         "stop", "stop"]
+        assert f"started {DEMO_EXCLUSIVE} (exclusive on CPUs 1)" in out
+        assert f"started {DEMO_SHARED} (shared on CPUs 0)" in out
+        assert f"A leased to qemu domain '{DEMO_EXCLUSIVE}'" in out
+        # and the demo cleaned up: no domain, no lease
+        names = {d.name() for d in virt.listAllDomains()}
+        assert not names & {DEMO_EXCLUSIVE, DEMO_SHARED}
+        status = subprocess.run(pw.cmd("status", "--json"), capture_output=True, text=True,
+                                timeout=60)
+        assert json.loads(status.stdout)["leases"] == []
+    finally:
+        for name in (DEMO_SHARED, DEMO_EXCLUSIVE):
+            subprocess.run(["virsh", "destroy", name], capture_output=True)
+            subprocess.run(["virsh", "undefine", name], capture_output=True)
+        pw.cleanup()
