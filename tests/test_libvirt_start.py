@@ -66,10 +66,17 @@ def tree_state(pw: env.Pinwarden) -> dict[str, str]:
     return out
 
 
+@pytest.mark.parametrize("machine", ["0-1", "1"], ids=["machine-whole", "machine-pool"])
 def test_exclusive_start_repins_a_running_shared_domain(pw: env.Pinwarden,
-                                                        domains: env.Domains) -> None:
+                                                        domains: env.Domains,
+                                                        machine: str) -> None:
+    """``machine`` as libvirt made it (all CPUs), or as pinwarden keeps it with nothing
+    leased (the VM CPUs, {1} here): either way the shared domain moves to CPU 0."""
     a, s = "pwtest-start-a", "pwtest-start-s"
-    shared = domains.create(s)  # unpinned, started before any lease: may run on CPU 1
+    if not (env.CPUSET / "machine").is_dir():  # let libvirt create it, in every hierarchy
+        domains.create("pwtest-start-warm").destroy()
+    (env.CPUSET / "machine" / "cpuset.cpus").write_text(machine)
+    shared = domains.create(s)  # unpinned, started before any lease: runs on CPU 1 too
     assert 1 in env.vm_affinity(s)
     domains.define(a, exclusive=True, vcpupins={0: "1"})
 

@@ -4,6 +4,7 @@ daemon so they agree on every path."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,13 @@ class Context:
     state_dir: Path
     uri: str
 
-    @property
+    @functools.cached_property
     def names(self) -> LayoutNames:
-        return LayoutNames(shared=self.config.cgroup_v1, exclusive=self.config.exclusive_cgroup)
+        """``machine`` (v1) or ``machine.slice`` (v2) and the exclusive tree, as the
+        cgroup version of the host decides (the same rule as ``pinwarden run``)."""
+        from pinwarden.runner import layout_names
+
+        return layout_names(self.config, self.backend())
 
     @property
     def lock_file(self) -> Path:
@@ -53,9 +58,10 @@ class Context:
         return Ledger(self.state_dir)
 
     def backend(self) -> CgroupBackend:
-        from pinwarden.enforce.v1 import CpusetV1
+        """The host's cpuset backend: cgroup v1 ``cpuset`` if mounted, else cgroup v2."""
+        from pinwarden.runner import open_backend
 
-        return CpusetV1.from_mounts(self.root)
+        return open_backend(self.root)
 
     def sync(self, host: Host, leases: Sequence[Lease]) -> Result:
         """Make the cgroups match ``leases`` (E1's transactional layout sync)."""

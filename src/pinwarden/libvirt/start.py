@@ -5,9 +5,10 @@ Start of an exclusive domain, in order (each step undone if a later one fails):
 1. plan and lease in one ledger transaction (``policy.decide`` inside ``Ledger.reserve``),
    which also computes the live re-pins of running shared domains (:mod:`.repin`) and
    refuses when a domain's own pins would be left without a CPU;
-2. re-pin those domains live (``virDomainPinVcpuFlags``/``PinEmulator``/``PinIOThread``);
-3. enforce the cgroup layout (``<exclusive>/vm-NAME.partition`` exclusive with the lease,
-   ``machine`` narrowed to the shared pool);
+2. enforce the cgroup layout (``<exclusive>/vm-NAME.partition`` exclusive with the lease,
+   ``machine`` and the shared domains' groups moved to the shared pool);
+3. re-pin those domains live (``virDomainPinVcpuFlags``/``PinEmulator``/``PinIOThread``)
+   so libvirt's view and the threads' affinity match the cgroups;
 4. start the domain with ``virDomainCreateXML(render_plan(persistent XML, plan,
    partition=/…/vm-NAME))``: the live definition is the plan, the stored one is untouched;
 5. record the QEMU process as the lease's owner and the cgroup, then verify the kernel's
@@ -174,10 +175,14 @@ def _start_exclusive(ctx: Context, conn: Any, ledger: Ledger, host: Host, holder
     started = False
     enforced: Result | None = None
     try:
+        # The layout first: the kernel moves every shared domain's cgroups off the lease
+        # (and may need to widen machine before, e.g. from the pool to the fallback
+        # CPUs); then libvirt's live pins follow, so its view and the threads' own
+        # affinity agree with the cgroups.
+        enforced = ctx.sync(host, ledger.leases())
         for move in moves:
             lv.apply_repin(conn, move)
             done.append(move)
-        enforced = ctx.sync(host, ledger.leases())
         dom = _create(conn, holder, render_plan(xml, plan, partition=partition))
         started = True
         pid = lv.read_pid(holder.driver, holder.name)
