@@ -24,7 +24,7 @@ from pinwarden.cli import print_json
 from pinwarden.cli.common import config_of, root_of, state_dir_of
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import MAX_XML_BYTES, DomainSpec, parse_domain, render_plan
-from pinwarden.enforce.layout import LayoutNames, libvirt_partition
+from pinwarden.enforce.layout import LayoutNames, libvirt_partition, shared_pool
 from pinwarden.errors import InputError
 from pinwarden.ledger import DB_NAME, HolderRecord, Ledger
 from pinwarden.model import HolderRef, Lease, Plan
@@ -129,11 +129,14 @@ def render_plan_text(plan: Plan, host: Host, *, recorded: bool) -> str:
     return "\n".join(lines)
 
 
-def _emit_partition(plan: Plan, holder: HolderRef) -> str | None:
+def _emit_partition(args: argparse.Namespace, plan: Plan, holder: HolderRef) -> str | None:
+    """The libvirt ``<partition>`` of an exclusive domain's cgroup, per the config."""
     if not plan.exclusive:
         return None
+    config = config_of(args)
     try:
-        return libvirt_partition(LayoutNames(), holder)
+        return libvirt_partition(LayoutNames(shared=config.cgroup_v1,
+                                             exclusive=config.exclusive_cgroup), holder)
     except ValueError:
         return None
 
@@ -142,7 +145,7 @@ def _report(args: argparse.Namespace, xml: bytes, spec: DomainSpec, plan: Plan, 
             holder: HolderRef, *, recorded: bool) -> int:
     rendered = None
     if args.emit_xml:
-        rendered = render_plan(xml, plan, partition=_emit_partition(plan, holder))
+        rendered = render_plan(xml, plan, partition=_emit_partition(args, plan, holder))
     if args.json:
         data = plan_json(plan, spec, holder)
         data["recorded"] = recorded
@@ -221,7 +224,7 @@ def run_status(args: argparse.Namespace) -> int:
             leases = ledger.leases(reap=False)
     part = host.partition
     leased = CpuSet.of(lease.cpu for lease in leases)
-    shared = part.vm_cpus - leased
+    shared, fallback = shared_pool(host, leased)
     if args.json:
         print_json({
             "leases": [holder_json(r) for r in records],
@@ -229,12 +232,14 @@ def run_status(args: argparse.Namespace) -> int:
             "online": str(host.topology.online),
             "leased": str(leased),
             "shared": str(shared),
+            "notes": list(fallback),
             "database": str(state / DB_NAME),
             "time": time.time(),
         })
         return 0
     lines = [f"partition {part.mode}: VM CPUs {part.vm_cpus}, housekeeping {part.host_cpus}"
-             f" ({part.reason})", f"leased {leased or '-'}; shared VM pool {shared or '-'}"]
+             f" ({part.reason})", f"leased {leased or '-'}; shared VM pool {shared or '-'}",
+             *(f"note: {note}" for note in fallback)]
     if not records:
         lines.append("no holders")
     for record in records:
