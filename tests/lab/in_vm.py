@@ -621,9 +621,9 @@ def cli_plan_numa() -> Data:
 
 @check("kernel.partition_cpus")
 def kernel_partition_cpus() -> Data:
-    """Kernel facts for the layout, with raw writes (no backend): do CPUs come back to the
-    parent when a root partition is narrowed, switched to member, or emptied?  Runs last:
-    on 6.1 emptying loses the CPUs until reboot."""
+    """Kernel facts for the layout: do CPUs come back to the parent when a root partition is
+    narrowed (by the backend), switched to member, or emptied (raw write, which the backend
+    refuses)?  Runs last: on 6.1 emptying loses the CPUs until reboot."""
     from pinwarden.cpuset import CpuSet
 
     b = backend()
@@ -642,7 +642,7 @@ def kernel_partition_cpus() -> Data:
     b.set_cpus(name, CpuSet.parse_kernel("4-5"))
     b.set_partition(name, "exclusive")
     out["narrow"] = {"root_before": raw("", "cpuset.cpus.effective")}
-    write_raw(name, "cpuset.cpus", "4")
+    b.set_cpus(name, CpuSet.of([4]))  # 6.12: cpuset.cpus.exclusive narrows first
     out["narrow"]["narrowed"] = group_data(name)
     out["narrow"]["root_narrowed"] = raw("", "cpuset.cpus.effective")
     write_raw(name, "cpuset.cpus.partition", "member")
