@@ -1,0 +1,88 @@
+"""``pinwarden run`` on this host's real cgroup v1 cpuset hierarchy (marker ``kernel``).
+
+The shared partition is the real ``machine`` (libvirt's, holding every CPU until pinwarden
+narrows it) — an exclusive sibling is impossible otherwise — and the exclusive tree is a
+``pwtest-…`` one.  ``machine``'s CPUs are put back afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from libvirt_env import CPUSET, PINWARDEN, Pinwarden
+
+pytestmark = pytest.mark.kernel
+
+#: Inside the job: its cpuset cgroup, that group's cpu_exclusive and cpus, its affinity.
+PROBE = ("p=$(sed -n 's/^[0-9]*:cpuset://p' /proc/self/cgroup); echo \"group=$p\"; "
+         "echo \"exclusive=$(cat " + str(CPUSET) + "$p/cpuset.cpu_exclusive)\"; "
+         "echo \"cpus=$(cat " + str(CPUSET) + "$p/cpuset.cpus)\"; "
+         "grep Cpus_allowed_list /proc/self/status")
+
+
+def run_cmd(pw: Pinwarden, *args: str) -> list[str]:
+    """``pinwarden run`` with the test's state dir and config before the job's command."""
+    return [PINWARDEN, "run", "--state-dir", str(pw.state), "--config", str(pw.config), *args]
+
+
+def run(pw: Pinwarden, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(run_cmd(pw, *args), capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def pw(tmp_path: Path) -> Iterator[Pinwarden]:
+    if os.geteuid() != 0 or not (CPUSET / "cpuset.cpus").exists():
+        pytest.fail(f"needs root and the cgroup v1 cpuset hierarchy at {CPUSET}")
+    machine = CPUSET / "machine" / "cpuset.cpus"
+    before = machine.read_text() if machine.exists() else None
+    pw = Pinwarden.make(tmp_path, f"pwtest-run-{os.getpid()}.partition")
+    try:
+        yield pw
+    finally:
+        pw.cleanup()
+        if before is not None:
+            machine.write_text(before)
+
+
+def test_job_runs_in_an_exclusive_cpuset_and_passes_its_status(pw: Pinwarden) -> None:
+    done = run(pw, "--exclusive", "1", "--name", "pwtest-job", "--", "sh", "-c",
+               PROBE + "; exit 7")
+    assert done.returncode == 7, done.stderr
+    out = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    assert out["group"] == f"/{pw.exclusive}/run-pwtest-job.partition"
+    assert out["exclusive"] == "1"
+    assert out["cpus"] == "1"  # CPU 0 is the host reserve, never leased
+    assert "Cpus_allowed_list:\t1" in done.stdout
+    # released and removed when the command ended
+    assert not (CPUSET / pw.exclusive / "run-pwtest-job.partition").exists()
+    assert "no holders" in pw.run("status", check=True).stdout
+
+
+def test_second_exclusive_job_is_refused_naming_the_first(pw: Pinwarden) -> None:
+    first = subprocess.Popen(run_cmd(pw, "--exclusive", "1", "--name", "pwtest-first", "--",
+                                     "sleep", "30"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "pwtest-first" not in pw.run("status").stdout:
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the first job never got its lease"
+            time.sleep(0.1)
+        second = run(pw, "--exclusive", "1", "--name", "pwtest-second", "--", "true")
+        assert second.returncode == 1
+        assert second.stderr.startswith("pinwarden: error: ")
+        assert "CPU 1 is leased to job 'pwtest-first'" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=30)
+    # SIGTERM was forwarded: sleep died of it, and the supervisor passed that on
+    assert first.returncode == 128 + signal.SIGTERM
+    assert "no holders" in pw.run("status", check=True).stdout
