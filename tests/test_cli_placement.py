@@ -278,3 +278,30 @@ def test_plan_and_reserve_on_this_real_host(tmp_path: Path,
     assert leased.isdisjoint(real.partition.host_cpus)
     assert main(["release", "pwtest-placement", *state]) == 0
     capsys.readouterr()
+
+
+def test_status_flags_a_leased_cpu_that_went_offline(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """CPU hot-unplug of a leased CPU: the lease is kept, status flags it (JSON and text)."""
+    import shutil
+
+    root = tmp_path / "host"
+    shutil.copytree(EXAMPLE, root)
+    state = str(tmp_path / "state")
+    seed = tmp_path / "vm1.xml"
+    seed.write_text(SEED)
+    assert main(["reserve", str(seed), "--root", str(root), "--state-dir", state]) == 0
+    cpu = root / "sys/devices/system/cpu"
+    (cpu / "cpu5" / "online").write_text("0\n")
+    (cpu / "online").write_text("0-4,6-15\n")
+    capsys.readouterr()
+    assert main(["status", "--json", "--root", str(root), "--state-dir", state]) == 0
+    (holder,) = json.loads(capsys.readouterr().out)["leases"]
+    assert holder["cpus"] == "4-6" and holder["offline"] == "5"
+    assert main(["status", "--root", str(root), "--state-dir", state]) == 0
+    assert "vm1': 4-6 (4 emulator, 5 vcpu0, 6 vcpu1); since" in (text := capsys.readouterr().out)
+    assert "CPU 5 OFFLINE (lease kept" in text
+    (cpu / "cpu5" / "online").write_text("1\n")
+    (cpu / "online").write_text("0-15\n")
+    assert main(["status", "--json", "--root", str(root), "--state-dir", state]) == 0
+    assert json.loads(capsys.readouterr().out)["leases"][0]["offline"] == ""

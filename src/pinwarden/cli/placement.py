@@ -225,9 +225,14 @@ def run_status(args: argparse.Namespace) -> int:
     part = host.partition
     leased = CpuSet.of(lease.cpu for lease in leases)
     shared, fallback = shared_pool(host, leased)
+    online = host.topology.online
+
+    def offline(record: HolderRecord) -> CpuSet:
+        return record.plan.leased() - online
+
     if args.json:
         print_json({
-            "leases": [holder_json(r) for r in records],
+            "leases": [{**holder_json(r), "offline": str(offline(r))} for r in records],
             "partition": _partition_json(part),
             "online": str(host.topology.online),
             "leased": str(leased),
@@ -247,7 +252,10 @@ def run_status(args: argparse.Namespace) -> int:
         owner = f", owner pid {record.owner_pid}" if record.owner_pid is not None else ""
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
         desc = f"{cpus} ({_roles(dict(record.plan.leases))})" if cpus else "no leases (shared)"
-        lines.append(f"  {record.ref}: {desc}; since {since}{owner}")
+        gone = offline(record)
+        warn = (f"; CPU {gone} OFFLINE (lease kept; bring it online with "
+                f"'echo 1 > /sys/devices/system/cpu/cpu{gone.first()}/online')") if gone else ""
+        lines.append(f"  {record.ref}: {desc}; since {since}{owner}{warn}")
     lines.append(render_cpu_map(host, leases))
     print("\n".join(lines))
     return 0
