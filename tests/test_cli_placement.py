@@ -230,12 +230,12 @@ def test_config_none_mode(env: dict[str, Path], capsys: pytest.CaptureFixture[st
 
 
 def test_racing_reserves_of_one_cpu_have_exactly_one_winner(env: dict[str, Path]) -> None:
-    """Eight `pinwarden reserve` processes want CPU 5 at once: one gets it, seven are
-    refused with a one-line error, and the ledger holds exactly the winner's leases."""
+    """Sixteen `pinwarden reserve` processes want CPUs 4-6 at once: one gets them, fifteen
+    are refused with a one-line error, and the ledger holds exactly the winner's leases."""
     base = [sys.executable, "-c", "from pinwarden.cli import entry; entry()"]
     common = ["--root", str(EXAMPLE), "--state-dir", str(env["state"]), "--json"]
     procs = []
-    for i in range(8):
+    for i in range(16):
         xml = write(env, f"racer{i}.xml", SEED.replace("<name>vm1</name>",
                                                        f"<name>racer{i}</name>"))
         procs.append(subprocess.Popen([*base, "reserve", xml, *common], text=True,
