@@ -20,7 +20,7 @@ venv: $(BIN)/pinwarden
 demo: venv
 	@if [ "$$(id -u)" = 0 ] && pkg-config --exists libvirt 2>/dev/null; then \
 		$(BIN)/python -c 'import libvirt' 2>/dev/null || \
-			$(BIN)/pip install -q -e '.[libvirt]' || echo "libvirt-python did not build: offline demo"; \
+			$(BIN)/pip install -q "$(LIBVIRT_PY)" || echo "libvirt-python did not build: offline demo"; \
 		scripts/libvirt-daemons; \
 	fi
 	$(BIN)/pinwarden demo
@@ -33,8 +33,11 @@ deps-system:
 		fi; \
 	else echo "not root or no apt-get: skipping system packages ($(APT_PACKAGES))"; fi
 
+# libvirt-python is built against the system's libvirt: take the binding of the same version.
+LIBVIRT_PY = libvirt-python$$(v=$$(pkg-config --modversion libvirt 2>/dev/null) && echo "==$$v")
+
 $(VENV)/.test-deps: pyproject.toml | venv
-	$(BIN)/pip install -q -e '.[test,libvirt]' virtme-ng
+	$(BIN)/pip install -q -e '.[test]' virtme-ng "$(LIBVIRT_PY)"
 	touch $@
 
 ## Everything: system packages, the Python environment, all tests, ruff, mypy --strict.
