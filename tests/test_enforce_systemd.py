@@ -896,3 +896,52 @@ def test_lost_bus_is_a_clear_error(tmp_path: Path) -> None:
     assert str(_one_line(info.value)).endswith(
         "[org.freedesktop.DBus.Error.Disconnected]; the system bus went away (dbus "
         "restarted?); run the command again")
+
+
+# -- backend selection (pinwarden.enforce.select) ------------------------------------------
+
+
+def _root(tmp_path: Path, *, systemd: bool, v1: bool, v2: str | None) -> Path:
+    from hostroot import mount_cgroups
+
+    root = tmp_path / "root"
+    mount_cgroups(root, v1=v1, v2_controllers=v2, v2_at="sys/fs/cgroup" if not v1 else
+                  "sys/fs/cgroup/unified", cpus="0-7")
+    if systemd:
+        (root / "run/systemd/system").mkdir(parents=True)
+    return root
+
+
+@pytest.mark.parametrize(("systemd", "v1", "v2", "kind"), [
+    (True, False, "cpuset cpu io memory pids", "systemd"),   # systemd owns a v2 cpuset tree
+    (True, True, "cpu io memory pids", "v1"),                # systemd, but cpuset on v1
+    (False, False, "cpuset cpu memory", "v2"),               # v2 without systemd (lab VM)
+    (False, True, "", "v1"),                                 # this test machine's layout
+])
+def test_backend_choice(tmp_path: Path, systemd: bool, v1: bool, v2: str | None,
+                        kind: str) -> None:
+    from pinwarden.enforce.select import choose_backend
+
+    assert choose_backend(_root(tmp_path, systemd=systemd, v1=v1, v2=v2)) == kind
+
+
+def test_no_cpuset_controller_is_a_one_line_host_error(tmp_path: Path) -> None:
+    from pinwarden.enforce.select import choose_backend
+    from pinwarden.errors import HostError
+
+    with pytest.raises(HostError, match=r"no cpuset cgroup controller is mounted"):
+        choose_backend(_root(tmp_path, systemd=True, v1=False, v2="cpu memory"))
+
+
+def test_systemd_host_is_driven_over_dbus(tmp_path: Path, old_standin: Standin) -> None:
+    """A systemd-booted cgroup-v2 root gets the systemd backend, talking to (here) the
+    stand-in on the test bus, with the v2 backend on the unified mount for read-back."""
+    from pinwarden.enforce.select import open_backend as select_backend
+
+    backend = select_backend(_root(tmp_path, systemd=True, v1=False,
+                                   v2="cpuset cpu io memory pids"),
+                             systemd_address=old_standin.address)
+    assert isinstance(backend, SystemdBackend) and backend.kind == "systemd"
+    backend.set_cpus("machine.slice", CpuSet.parse("0-3"))
+    (call,) = old_standin.calls("SetUnitProperties")
+    assert call["body"] == ["machine.slice", True, [["AllowedCPUs", ["ay", [0b1111]]]]]

@@ -36,11 +36,11 @@ from pinwarden.enforce.affinity import pin
 from pinwarden.enforce.apply import Result, locked, sync
 from pinwarden.enforce.backend import CgroupBackend, CgroupOpError
 from pinwarden.enforce.layout import LayoutNames, holder_group_path
-from pinwarden.errors import EnforceError, HostError, LedgerError, PinwardenError
+from pinwarden.enforce.select import open_backend
+from pinwarden.errors import EnforceError, LedgerError, PinwardenError
 from pinwarden.jobs import JobRequest, decide_job, job_holder
 from pinwarden.ledger import Ledger
 from pinwarden.model import Plan
-from pinwarden.mounts import read_mounts
 from pinwarden.partition import Host, load_host
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
@@ -49,21 +49,8 @@ SI_KERNEL = 0x80  # siginfo si_code of signals the kernel (e.g. the terminal) ge
 LOCK_NAME = "enforce.lock"
 
 
-def open_backend(root: Path) -> CgroupBackend:
-    """The cpuset backend of the host at ``root``: cgroup v1 if mounted, else v2."""
-    mounts = read_mounts(root)
-    if mounts.v1("cpuset") is not None:
-        from pinwarden.enforce.v1 import CpusetV1
-        return CpusetV1.from_mounts(root)
-    if mounts.v2_has("cpuset"):
-        from pinwarden.enforce.v2 import CgroupV2Backend
-        return CgroupV2Backend.from_mounts(root)
-    raise HostError("no cpuset cgroup controller is mounted (cgroup v1 cpuset or cgroup v2 "
-                    "with cpuset); pinwarden run needs one")
-
-
 def layout_names(config: Config, backend: CgroupBackend) -> LayoutNames:
-    shared = config.cgroup_v2 if backend.kind == "v2" else config.cgroup_v1
+    shared = config.cgroup_v1 if backend.kind == "v1" else config.cgroup_v2
     return LayoutNames(shared=shared, exclusive=config.exclusive_cgroup)
 
 

@@ -58,8 +58,8 @@ class Context:
         return Ledger(self.state_dir)
 
     def backend(self) -> CgroupBackend:
-        """The host's cpuset backend: cgroup v1 ``cpuset`` if mounted, else cgroup v2."""
-        from pinwarden.runner import open_backend
+        """The host's cpuset backend (:mod:`pinwarden.enforce.select`)."""
+        from pinwarden.enforce.select import open_backend
 
         return open_backend(self.root)
 
