@@ -36,7 +36,7 @@ from pinwarden.enforce.affinity import pin
 from pinwarden.enforce.apply import Result, locked, sync
 from pinwarden.enforce.backend import CgroupBackend, CgroupOpError
 from pinwarden.enforce.layout import LayoutNames, holder_group_path
-from pinwarden.enforce.select import open_backend
+from pinwarden.enforce.select import layout_names, open_backend
 from pinwarden.errors import EnforceError, LedgerError, PinwardenError
 from pinwarden.jobs import JobRequest, decide_job, job_holder
 from pinwarden.ledger import Ledger
@@ -47,11 +47,6 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signa
              signal.SIGUSR2)
 SI_KERNEL = 0x80  # siginfo si_code of signals the kernel (e.g. the terminal) generated
 LOCK_NAME = "enforce.lock"
-
-
-def layout_names(config: Config, backend: CgroupBackend) -> LayoutNames:
-    shared = config.cgroup_v1 if backend.kind == "v1" else config.cgroup_v2
-    return LayoutNames(shared=shared, exclusive=config.exclusive_cgroup)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from pinwarden.config import Config
 from pinwarden.enforce.backend import CgroupBackend
+from pinwarden.enforce.layout import LayoutNames
 from pinwarden.errors import HostError
 from pinwarden.mounts import read_mounts
 
@@ -49,3 +51,10 @@ def open_backend(root: Path, *, systemd_address: str = "SYSTEM") -> CgroupBacken
     from pinwarden.enforce.v2 import CgroupV2Backend
 
     return CgroupV2Backend.from_mounts(root)
+
+
+def layout_names(config: Config, backend: CgroupBackend) -> LayoutNames:
+    """The shared partition (``machine`` on v1, ``machine.slice`` on v2 and systemd) and the
+    exclusive tree, from the config."""
+    shared = config.cgroup_v1 if backend.kind == "v1" else config.cgroup_v2
+    return LayoutNames(shared=shared, exclusive=config.exclusive_cgroup)

@@ -33,7 +33,7 @@ class Context:
     def names(self) -> LayoutNames:
         """``machine`` (v1) or ``machine.slice`` (v2) and the exclusive tree, as the
         cgroup version of the host decides (the same rule as ``pinwarden run``)."""
-        from pinwarden.runner import layout_names
+        from pinwarden.enforce.select import layout_names
 
         return layout_names(self.config, self.backend())
 
