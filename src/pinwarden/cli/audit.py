@@ -50,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
     snapshot = audit.scan(root_of(args))
     partitions = tuple(dict.fromkeys((config.cgroup_v1, config.cgroup_v2,
                                       *audit.DEFAULT_VM_PARTITIONS)))
-    report = audit.audit(snapshot, leases, holders, vm_partitions=partitions)
+    exclusive = tuple(dict.fromkeys((config.exclusive_cgroup,
+                                     *audit.DEFAULT_EXCLUSIVE_ROOTS)))
+    report = audit.audit(snapshot, leases, holders, vm_partitions=partitions,
+                         exclusive_roots=exclusive)
     if notes:
         report = dataclasses.replace(report, notes=(*report.notes, *notes))
     if args.json:
