@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -9,7 +11,16 @@ from hypothesis import strategies as st
 from enforce_helpers import build, lease, make_host, whole
 from pinwarden.cpuset import CpuSet
 from pinwarden.enforce.apply import apply_layout
-from pinwarden.enforce.backend import Mkdir, Rmdir, SetCpus, SetPartition, perform
+from pinwarden.enforce.backend import (
+    CgroupOpError,
+    Mkdir,
+    Op,
+    Rmdir,
+    SetCpus,
+    SetPartition,
+    Snapshot,
+    perform,
+)
 from pinwarden.enforce.fake import FakeCpusetV1
 from pinwarden.enforce.layout import (
     LayoutNames,
@@ -18,7 +29,7 @@ from pinwarden.enforce.layout import (
     libvirt_partition,
     plan,
 )
-from pinwarden.model import HolderRef
+from pinwarden.model import HolderRef, Lease
 
 VM = "machine/qemu-1-B.libvirt-qemu"
 
@@ -114,7 +125,7 @@ def test_release_widens_parents_first_and_removes_empty_groups() -> None:
     apply_layout(fake, desired_layout(host, [lease(2, "J"), lease(3, "J")]))
     ops = plan(whole(fake), desired_layout(host, []))
     assert ops.index(Rmdir("pinwarden.partition/run-J.partition")) \
-        < ops.index(SetCpus("pinwarden.partition", CpuSet()))
+        < ops.index(Rmdir("pinwarden.partition"))
     everything = CpuSet.parse_kernel("0-3")
     assert ops.index(SetCpus("machine", everything)) < ops.index(SetCpus(VM, everything))
     for op in ops:
@@ -124,7 +135,75 @@ def test_release_widens_parents_first_and_removes_empty_groups() -> None:
     assert state[VM].cpus == everything
     assert state[f"{VM}/vcpu1"].cpus == everything
     assert "pinwarden.partition/run-J.partition" not in state
-    assert state["pinwarden.partition"].cpus == CpuSet()
+    assert "pinwarden.partition" not in state
+    # and with nothing leased, nothing more to do
+    assert plan(state, desired_layout(host, [])) == []
+
+
+def _partition_emptied(ops: list[Op], before: Snapshot) -> list[Op]:
+    """Operations that set no CPU on a group that is a partition at that moment."""
+    kind = {p: before[p].partition for p in before}
+    bad: list[Op] = []
+    for op in ops:
+        if isinstance(op, Mkdir):
+            kind[op.path] = "member"
+        elif isinstance(op, SetPartition):
+            kind[op.path] = op.kind
+        elif isinstance(op, SetCpus) and not op.cpus and kind.get(op.path, "member") != "member":
+            bad.append(op)
+    return bad
+
+
+@pytest.mark.parametrize("last", [[], [lease(2, "K", "qemu", "vcpu0")]])
+def test_a_partition_is_never_emptied(last: list[Lease]) -> None:
+    """Emptying a partition root loses its CPUs until reboot (v2, 6.1: the v2 backend
+    refuses it, EBUSY) or is refused by the kernel (6.12+): the last release removes the
+    exclusive tree, children first, and the shared partition gets every CPU back."""
+    fake = vm_fake()
+    host = make_host()
+    apply_layout(fake, desired_layout(host, [lease(2, "J"), lease(3, "J")]))
+    before = whole(fake)
+    ops = plan(before, desired_layout(host, last))
+    assert _partition_emptied(ops, before) == []
+    apply_layout(fake, desired_layout(host, last))
+    state = whole(fake)
+    if last:
+        assert state["pinwarden.partition"].cpus == CpuSet.of([2])
+        assert state["machine"].cpus == CpuSet.of([0, 1, 3])
+    else:
+        assert "pinwarden.partition" not in state
+        assert state["machine"].cpus == CpuSet.parse_kernel("0-3")
+
+
+def test_last_release_of_a_load_balanced_exclusive_tree_on_6_12() -> None:
+    """v1, Linux 6.12+: an exclusive, load-balanced cpuset (made by an older pinwarden, or
+    by hand) cannot be emptied (EBUSY).  The planner removes the tree instead, so the
+    release needs no flag juggling by its callers."""
+    fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"), deadline_servers=True)
+    build(fake, {"machine": ("0-1", False), "pinwarden.partition": ("2-3", False),
+                 "pinwarden.partition/vm-A.partition": ("2-3", False)})
+    for path in ("pinwarden.partition", "pinwarden.partition/vm-A.partition"):
+        fake.set_flag(path, "cpu_exclusive", True)  # load balancing stays on
+    with pytest.raises(CgroupOpError) as info:  # the quirk itself
+        fake.set_cpus("pinwarden.partition/vm-A.partition", CpuSet())
+    assert info.value.errno == errno.EBUSY
+    apply_layout(fake, desired_layout(make_host(), []))
+    state = whole(fake)
+    assert "pinwarden.partition" not in state
+    assert state["machine"].cpus == CpuSet.parse_kernel("1-3")  # the VM CPUs, all back
+
+
+def test_a_tree_with_foreign_tasks_in_itself_is_kept() -> None:
+    fake = vm_fake()
+    host = make_host()
+    apply_layout(fake, desired_layout(host, [lease(3, "J")]))
+    fake.attach_thread("pinwarden.partition", 77)
+    result = apply_layout(fake, desired_layout(host, []))
+    state = result.after
+    assert state["pinwarden.partition"].cpus == CpuSet.of([3])
+    assert state["pinwarden.partition"].exclusive
+    assert "pinwarden.partition/run-J.partition" not in whole(fake)
+    assert state["machine"].cpus == CpuSet.of([0, 1, 2])
 
 
 def test_stale_group_with_tasks_is_kept() -> None:

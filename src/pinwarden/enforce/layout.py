@@ -259,8 +259,9 @@ def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
             raise PlanError(f"parent cgroup {parent or '/'} of {top} does not exist")
     holder_paths = {spec.path for spec in desired.holders}
     exclusive_cpus = desired.exclusive.cpus
+    tree = current.get(names.exclusive)
     # stale children of the exclusive tree: remove when empty, keep (as they are) otherwise
-    if names.exclusive in current:
+    if tree is not None:
         for child in current.children(names.exclusive):
             if child in holder_paths:
                 continue
@@ -269,6 +270,17 @@ def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
                 exclusive_cpus = exclusive_cpus | current[child].cpus
             else:
                 remove.update(current.subtree(child))
+    # No CPU left for the exclusive tree: remove it (children first) rather than empty it.
+    # An emptied partition root keeps its CPUs from every cgroup until reboot (v2, 6.1)
+    # or is refused (v2 6.12+; v1 6.12+ when load-balanced, EBUSY); rmdir hands them back
+    # to the parent in every case, and the next lease starts from a fresh tree.
+    drop_tree = tree is not None and not exclusive_cpus and not tree.populated
+    if drop_tree:
+        remove.update(current.subtree(names.exclusive))
+    elif tree is not None and not exclusive_cpus:
+        # someone else's tasks live in the tree itself: keep it as it is, like a kept group
+        kept.append(names.exclusive)
+        exclusive_cpus = tree.cpus
 
     def mems_for(path: str) -> CpuSet:
         parent = parent_of(path)
@@ -298,10 +310,10 @@ def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
         assert parent is not None
         shared_cpus = current[parent].cpus - exclusive_cpus or desired.shared.cpus
     own(names.shared, shared_cpus, "member")
-    if needed:
+    if not drop_tree and names.exclusive not in kept:
         own(names.exclusive, exclusive_cpus, "exclusive")
-        for spec in desired.holders:
-            own(spec.path, spec.cpus, spec.partition)
+    for spec in desired.holders:
+        own(spec.path, spec.cpus, spec.partition)
     for path in kept:
         state = current[path]
         want[path] = Target(state.cpus, state.mems, state.partition)

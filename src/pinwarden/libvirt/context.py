@@ -64,31 +64,11 @@ class Context:
         return open_backend(self.root)
 
     def sync(self, host: Host, leases: Sequence[Lease]) -> Result:
-        """Make the cgroups match ``leases`` (E1's transactional layout sync)."""
-        from pinwarden.enforce.apply import locked, sync
-        from pinwarden.enforce.backend import CgroupOpError
+        """Make the cgroups match ``leases`` (E1's transactional layout sync; the last
+        release removes the exclusive tree, so no kernel refuses to empty it)."""
+        from pinwarden.enforce.apply import sync
 
-        backend = self.backend()
-        if not leases:
-            # Kernel quirk (v1, 6.x with deadline servers): an exclusive cpuset cannot be
-            # emptied (EBUSY, root-domain deadline bandwidth), so the planner's "set cpus of
-            # the exclusive tree to (none)" fails once the last lease goes.  Switch the
-            # tree's flag off first; the sync switches it back on, empty.
-            # Its (empty, stale) exclusive children first: a child may only be exclusive
-            # below an exclusive parent.
-            top = self.names.exclusive
-            with locked(self.lock_file):
-                try:
-                    state = backend.read_state([top])
-                    tree = state.get(top)
-                    if tree is not None and tree.exclusive and tree.cpus \
-                            and not any(state[p].populated for p in state.subtree(top)):
-                        for path in reversed(state.subtree(top)):
-                            if state[path].exclusive:
-                                backend.set_partition(path, "member")
-                except CgroupOpError:
-                    pass  # the sync below says what is wrong
-        return sync(backend, host, leases, self.names, lock_file=self.lock_file)
+        return sync(self.backend(), host, leases, self.names, lock_file=self.lock_file)
 
     def restore(self, result: Result) -> None:
         """Undo a :meth:`sync`: every group it touched goes back to the state read before
