@@ -11,9 +11,17 @@ import pytest
 from enforce_helpers import FailingBackend, build, lease, make_host, whole
 from pinwarden.cpuset import CpuSet
 from pinwarden.enforce.apply import apply_layout, execute, sync
-from pinwarden.enforce.backend import CgroupOpError, GroupState, SetCpus, Snapshot
+from pinwarden.enforce.backend import (
+    CgroupOpError,
+    GroupState,
+    PartitionKind,
+    SetCpus,
+    Snapshot,
+)
 from pinwarden.enforce.fake import FakeCpusetV1
 from pinwarden.enforce.layout import DesiredLayout, LayoutNames, desired_layout, plan, targets
+from pinwarden.enforce.systemd import SystemdOpError
+from pinwarden.enforce.v2 import PartitionInvalidError
 from pinwarden.errors import EnforceError
 
 VM = "machine/qemu-1-B.libvirt-qemu"
@@ -175,3 +183,44 @@ def test_exclusive_groups_stay_changeable_under_deadline_servers() -> None:
     with pytest.raises(CgroupOpError) as info:
         fake.set_cpus("legacy", CpuSet())
     assert info.value.errno == errno.EBUSY
+
+
+class RefusingFake(FakeCpusetV1):
+    """Refuses to make ``pinwarden.partition`` a partition with ``error`` (after the write
+    was undone, as the v2 and systemd backends do)."""
+
+    def __init__(self, error: CgroupOpError) -> None:
+        super().__init__(CpuSet.parse_kernel("0-3"))
+        self.error = error
+
+    def set_partition(self, path: str, kind: PartitionKind) -> None:
+        if path == "pinwarden.partition" and kind != "member":
+            raise self.error
+        super().set_partition(path, kind)
+
+
+@pytest.mark.parametrize("error, words", [
+    (PartitionInvalidError("partition", "pinwarden.partition", value="root",
+                           group="pinwarden.partition", kind="exclusive",
+                           reason="Cpu list in cpuset.cpus not exclusive"),
+     ["Cpu list in cpuset.cpus not exclusive", "EINVAL"]),
+    (SystemdOpError("partition", "pinwarden.partition", "pinwarden.slice",
+                    "org.freedesktop.DBus.Error.AccessDenied",
+                    "Access denied\nby policy", value="root", prop="CPUSetPartition"),
+     ["Access denied by policy", "org.freedesktop.DBus.Error.AccessDenied",
+      "pinwarden.slice"]),
+])
+def test_refusal_carries_the_backends_own_reason(error: CgroupOpError,
+                                                 words: list[str]) -> None:
+    """The kernel's invalid-partition reason and systemd's answer (with its hint) reach the
+    user, on the one line that also says nothing was changed."""
+    fake = RefusingFake(error)
+    build(fake, {"machine": ("0-3", False)})
+    before = whole(fake)
+    with pytest.raises(EnforceError) as info:
+        sync(fake, make_host(), [lease(3, "J")])
+    message = info.value.message
+    assert "\n" not in message and "nothing was changed" in message
+    for word in words:
+        assert word in message, message
+    assert whole(fake) == before

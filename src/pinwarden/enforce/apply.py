@@ -117,7 +117,18 @@ def _cpus(cpus: CpuSet) -> str:
 
 def explain(exc: CgroupOpError, op: Op, state: Mapping[str, _Tracked],
             owners: Mapping[str, str]) -> str:
-    """One line: what the kernel refused and why, from the state at the moment of failure."""
+    """One line: what the kernel refused and why, from the state at the moment of failure,
+    followed by the backend's own words when it has any (``CgroupOpError.detail``: a v2
+    partition's invalid reason, systemd's D-Bus answer and hint)."""
+    message = _explain(exc, op, state, owners)
+    detail = " ".join((exc.detail or "").split())  # one line, whatever the backend said
+    if detail and detail not in message:
+        message += f" ({detail})"
+    return message
+
+
+def _explain(exc: CgroupOpError, op: Op, state: Mapping[str, _Tracked],
+             owners: Mapping[str, str]) -> str:
     path = op.path
     who = owners.get(path, _show(path))
     parent = parent_of(path)
@@ -147,6 +158,8 @@ def explain(exc: CgroupOpError, op: Op, state: Mapping[str, _Tracked],
                         f"{' exclusively' if other.partition != 'member' else ''}; "
                         f"free {'it' if len(clash) == 1 else 'them'} there first "
                         f"(kernel said EINVAL; nothing was changed)")
+        if exc.detail:  # the backend knows why (appended by explain): no guessing
+            return f"the kernel refused to {describe(op)} (EINVAL); nothing was changed"
         return (f"the kernel refused to {describe(op)} (EINVAL): {_cpus(wanted)} "
                 f"not online or not usable; nothing was changed")
     if err == errno_mod.ERANGE and wanted is not None:
