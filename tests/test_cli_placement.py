@@ -248,7 +248,7 @@ def test_racing_reserves_of_one_cpu_have_exactly_one_winner(env: dict[str, Path]
     assert len(winners) == 1, results
     for status, out, err in results:
         if status != 0:
-            assert status == 1 and out["error"]["code"] in ("conflict", "cpu-leased"), out
+            assert status == 1 and out["error"]["code"] == "conflict", out
             assert err.count("\n") == 1 and "Traceback" not in err
     status = subprocess.run([*base, "status", *common], capture_output=True, text=True,
                             check=True, timeout=60)

@@ -48,7 +48,7 @@ def test_second_job_refused_naming_the_holder() -> None:
     message = info.value.message
     assert "CPU 1 is leased to job 'A'" in message
     assert "host CPUs 0 are never leased" in message
-    assert info.value.code == "no-free-cpus"
+    assert info.value.code == "insufficient-cpus"
 
 
 def test_explicit_cpus_rules() -> None:

@@ -74,19 +74,19 @@ def decide_job(request: JobRequest, host: Host, leases: Sequence[Lease]) -> Plan
         if unknown:
             raise Refusal(f"{_cpus(unknown)} {'is' if len(unknown) == 1 else 'are'} not "
                           f"online on this host (online: {host.topology.online})",
-                          code="cpu-unknown")
+                          code="unknown-cpu")
         housekeeping = wanted - pool
         if housekeeping:
             one = len(housekeeping) == 1
             raise Refusal(f"{_cpus(housekeeping)} {'belongs' if one else 'belong'} to the "
                           f"host and {'is' if one else 'are'} never leased (housekeeping "
                           f"CPUs {reserve}: {part.reason}); choose among the VM CPUs {pool}",
-                          code="cpu-housekeeping")
+                          code="host-cpu")
         busy = wanted - free
         if busy:
             raise Refusal(f"cannot lease {_cpus(wanted)} to job {request.name!r}: "
                           f"{_holders_of(busy, taken)}; choose other CPUs or release "
-                          f"that holder first", code="cpu-leased")
+                          f"that holder first", code="conflict")
         chosen = tuple(wanted)
     else:
         count = request.count if request.count is not None else 1
@@ -99,7 +99,7 @@ def decide_job(request: JobRequest, host: Host, leases: Sequence[Lease]) -> Plan
                 f"cannot lease {count} exclusive CPU{'s' if count > 1 else ''} to job "
                 f"{request.name!r}: only {len(free)} of the VM CPUs {pool or '(none)'} "
                 f"{'is' if len(free) == 1 else 'are'} free ({why}); the host CPUs "
-                f"{reserve or '(none)'} are never leased", code="no-free-cpus")
+                f"{reserve or '(none)'} are never leased", code="insufficient-cpus")
         allocation = allocate(host.topology, pool, free, Request(count, request.threads))
         chosen, holds = allocation.cpus, allocation.holds
     leased = {cpu: TASK_ROLE for cpu in chosen}

@@ -448,7 +448,7 @@ class Ledger:
                 raise Refusal(
                     f"CPU {cpu} is already leased to {other}; choose other CPUs or release "
                     f"that holder first",
-                    code="cpu-leased") from None
+                    code="conflict") from None
 
     def release(self, selector: str, *, driver: str | None = None) -> HolderRecord:
         """Free the holder named ``selector`` (name or UUID); unknown → LedgerError."""
