@@ -224,3 +224,37 @@ def test_refusal_carries_the_backends_own_reason(error: CgroupOpError,
     for word in words:
         assert word in message, message
     assert whole(fake) == before
+
+
+class InvalidatingFake(FakeCpusetV1):
+    """Reads ``group`` back as an invalid partition once it is exclusive, the way a v2
+    kernel reports ``root invalid (REASON)`` after accepting the write."""
+
+    def __init__(self, group: str, reason: str) -> None:
+        super().__init__(CpuSet.parse_kernel("0-3"))
+        self.group, self.reason = group, reason
+
+    def _mark(self, state: GroupState) -> GroupState:
+        if state.path == self.group and state.exclusive:
+            return replace(state, partition_error=self.reason)
+        return state
+
+    def read_group(self, path: str) -> GroupState:
+        return self._mark(super().read_group(path))
+
+    def read_state(self, paths: Iterable[str]) -> Snapshot:
+        snap = super().read_state(paths)
+        return Snapshot({p: self._mark(g) for p, g in snap.groups.items()})
+
+
+def test_an_invalid_partition_fails_verification_and_rolls_back() -> None:
+    reason = "Cpu list in cpuset.cpus not exclusive"
+    fake = InvalidatingFake("pinwarden.partition/run-J.partition", reason)
+    build(fake, {"machine": ("0-3", False)})
+    before = whole(fake)
+    with pytest.raises(EnforceError) as info:
+        sync(fake, make_host(), [lease(3, "J")])
+    message = info.value.message
+    assert "\n" not in message and "rolled back" in message
+    assert "pinwarden.partition/run-J.partition" in message and reason in message
+    assert whole(fake) == before

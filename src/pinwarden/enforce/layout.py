@@ -447,6 +447,9 @@ def verify(after: Snapshot, goal: Targets, paths: Collection[str] | None = None)
                             f"expected {target.cpus.to_list()}")
         if (state.partition == "member") != (target.partition == "member"):
             problems.append(f"{path} is {state.partition}, expected {target.partition}")
+        elif state.partition_error is not None:  # v2: the kernel keeps it, but as invalid
+            problems.append(f"{path} is an invalid {state.partition} partition (the kernel "
+                            f"reports {state.partition_error!r})")
     for path in goal.remove:
         if path in after:
             problems.append(f"{path} still exists")
