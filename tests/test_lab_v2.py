@@ -185,6 +185,11 @@ def test_enforce_errors_are_one_line_name_the_conflict_and_roll_back(lab: LabRun
     assert "pwtest-v2/a" in data["overlap"]["message"], data["overlap"]
     assert "parent" in data["parent"]["message"], data["parent"]
     assert "pwtest-member2" in data["parent"]["message"], data["parent"]
+    # the kernel's own reason is on the same line (apply.explain appends the detail)
+    assert "the kernel reports" in data["parent"]["message"], data["parent"]
+    if kernel_version(lab) < (6, 7):
+        assert "Parent is not a partition root" in data["parent"]["message"], data["parent"]
+        assert "not exclusive" in data["overlap"]["message"], data["overlap"]
 
 
 def test_backend_refuses_to_empty_a_partition_root(lab: LabRun) -> None:
@@ -248,6 +253,8 @@ def test_sync_without_leases_gives_cpus_back(lab: LabRun) -> None:
     none = data["none"]
     assert "error" not in none, none["error"]
     assert _holder_groups(none["tree"]) == {}
+    # the emptied tree is removed (a partition root is never emptied), its CPUs are back
+    assert none["exclusive"]["exists"] is False, none["exclusive"]
     assert cpus(none["bystander_effective"]) >= CpuSet.of([6, 7])
     for td in data["teardown"]:
         assert td["errors"] == [] and td["left"] == [], td
