@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -125,6 +125,38 @@ class Snapshot:
         """``path`` and its descendants present in the snapshot, parents before children."""
         return sorted((p for p in self.groups if is_within(p, path)),
                       key=lambda p: (depth(p), p))
+
+
+def collect_snapshot(read_group: Callable[[str], GroupState],
+                     paths: Iterable[str]) -> Snapshot:
+    """:meth:`CgroupBackend.read_state` over a backend's ``read_group``: for every path, the
+    group and its whole subtree, every ancestor and each ancestor's direct children.
+    A group that does not exist (``ENOENT``: absent, or removed meanwhile by libvirt or
+    another tool) is simply absent; any other error propagates."""
+    groups: dict[str, GroupState] = {}
+
+    def add(path: str) -> GroupState | None:
+        if path not in groups:
+            try:
+                groups[path] = read_group(path)
+            except CgroupOpError as exc:
+                if exc.errno != errno_mod.ENOENT:
+                    raise
+                return None
+        return groups[path]
+
+    def add_subtree(path: str) -> None:
+        group = add(path)
+        for name in group.children if group is not None else ():
+            add_subtree(join(path, name))
+
+    for path in paths:
+        for anc in ancestors(path):
+            group = add(anc)
+            for name in group.children if group is not None else ():
+                add(join(anc, name))
+        add_subtree(path)
+    return Snapshot(groups)
 
 
 # -- operations -------------------------------------------------------------------------

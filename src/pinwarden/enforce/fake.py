@@ -39,7 +39,7 @@ from pinwarden.enforce.backend import (
     GroupState,
     PartitionKind,
     Snapshot,
-    ancestors,
+    collect_snapshot,
     join,
     parent_of,
 )
@@ -171,28 +171,7 @@ class FakeCpusetV1:
         return self._state(path, self._node(path))
 
     def read_state(self, paths: Iterable[str]) -> Snapshot:
-        groups: dict[str, GroupState] = {}
-
-        def walk(path: str, node: _Node) -> None:
-            groups[path] = self._state(path, node)
-            for name, child in node.children.items():
-                walk(join(path, name), child)
-
-        for path in paths:
-            for anc in ancestors(path):
-                try:
-                    node = self._node(anc)
-                except CgroupOpError:
-                    break
-                groups.setdefault(anc, self._state(anc, node))
-                for name, child in node.children.items():
-                    groups.setdefault(join(anc, name), self._state(join(anc, name), child))
-            try:
-                node = self._node(path)
-            except CgroupOpError:
-                continue
-            walk(path, node)
-        return Snapshot(groups)
+        return collect_snapshot(self.read_group, paths)
 
     def tasks(self, path: str) -> tuple[int, ...]:
         return tuple(sorted(self._node(path).tasks))

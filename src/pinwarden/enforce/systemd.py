@@ -105,7 +105,7 @@ from pinwarden.enforce.backend import (
     GroupState,
     PartitionKind,
     Snapshot,
-    ancestors,
+    collect_snapshot,
     join,
 )
 from pinwarden.enforce.v2 import CgroupV2Backend
@@ -707,33 +707,10 @@ class SystemdBackend:
             children=self._children(path, info.consists_of), partition_error=partition_error)
 
     def read_state(self, paths: Iterable[str]) -> Snapshot:
-        groups: dict[str, GroupState] = {}
-
-        def read(path: str) -> GroupState | None:
-            if path not in groups:
-                try:
-                    groups[path] = self.read_group(path)
-                except CgroupOpError as exc:
-                    if exc.errno != errno.ENOENT:
-                        raise
-                    return None
-            return groups[path]
-
-        def subtree(path: str) -> None:
-            group = read(path)
-            for name in group.children if group is not None else ():
-                subtree(join(path, name))
-
         paths = list(paths)
         for path in paths:
             self._unit("read", path)  # learn the caller's names first
-        for path in paths:
-            for anc in ancestors(path):
-                group = read(anc)
-                for name in group.children if group is not None else ():
-                    read(join(anc, name))
-            subtree(path)
-        return Snapshot(groups)
+        return collect_snapshot(self.read_group, paths)
 
     def tasks(self, path: str) -> tuple[int, ...]:
         unit = self._unit("read", path)

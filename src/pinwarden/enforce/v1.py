@@ -25,7 +25,7 @@ from pinwarden.enforce.backend import (
     PartitionKind,
     Snapshot,
     ancestors,
-    join,
+    collect_snapshot,
 )
 from pinwarden.errors import HostError
 from pinwarden.mounts import read_mounts
@@ -122,34 +122,7 @@ class CpusetV1:
         )
 
     def read_state(self, paths: Iterable[str]) -> Snapshot:
-        groups: dict[str, GroupState] = {}
-
-        def add(path: str) -> GroupState | None:
-            if path in groups:
-                return groups[path]
-            try:
-                state = self.read_group(path)
-            except CgroupOpError as exc:
-                if exc.errno == errno.ENOENT:  # vanished meanwhile (libvirt, other tools)
-                    return None
-                raise
-            groups[path] = state
-            return state
-
-        def walk(path: str) -> None:
-            state = add(path)
-            if state is not None:
-                for name in state.children:
-                    walk(join(path, name))
-
-        for path in paths:
-            for anc in ancestors(path):
-                state = add(anc)
-                if state is not None:
-                    for name in state.children:
-                        add(join(anc, name))
-            walk(path)
-        return Snapshot(groups)
+        return collect_snapshot(self.read_group, paths)
 
     def tasks(self, path: str) -> tuple[int, ...]:
         text = self._read(path, "tasks")

@@ -41,6 +41,7 @@ from pinwarden.enforce.backend import (
     PartitionKind,
     Snapshot,
     ancestors,
+    collect_snapshot,
     join,
     parent_of,
 )
@@ -267,34 +268,7 @@ class CgroupV2Backend:
                           partition_error=reason)
 
     def read_state(self, paths: Iterable[str]) -> Snapshot:
-        groups: dict[str, GroupState] = {}
-
-        def add(path: str) -> GroupState | None:
-            if path in groups:
-                return groups[path]
-            try:
-                group = self.read_group(path)
-            except CgroupOpError as exc:
-                if exc.errno == errno.ENOENT:
-                    return None
-                raise
-            groups[path] = group
-            return group
-
-        def add_subtree(path: str) -> None:
-            group = add(path)
-            if group is not None:
-                for name in group.children:
-                    add_subtree(join(path, name))
-
-        for path in paths:
-            for anc in ancestors(path):
-                group = add(anc)
-                if group is not None:
-                    for name in group.children:
-                        add(join(anc, name))
-            add_subtree(path)
-        return Snapshot(groups)
+        return collect_snapshot(self.read_group, paths)
 
     def tasks(self, path: str) -> tuple[int, ...]:
         text = self._read(path, "cgroup.threads")
