@@ -34,6 +34,7 @@ from pinwarden.enforce.backend import (
     Snapshot,
     describe,
     parent_of,
+    partition_forbidden_cpus,
     perform,
 )
 from pinwarden.enforce.layout import (
@@ -45,6 +46,7 @@ from pinwarden.enforce.layout import (
     order,
     targets,
     verify,
+    without_partitions_over,
 )
 from pinwarden.errors import EnforceError
 from pinwarden.model import Lease
@@ -271,7 +273,28 @@ def owner_names(desired: DesiredLayout) -> dict[str, str]:
 
 
 def apply_layout(backend: CgroupBackend, desired: DesiredLayout) -> Result:
-    """Read the current state, plan towards ``desired``, execute and verify."""
+    """Read the current state, plan towards ``desired``, execute and verify.
+
+    On a kernel where no partition may hold some CPUs (``isolcpus=`` CPUs on Linux 6.12+,
+    see :func:`~pinwarden.enforce.layout.without_partitions_over`) the exclusive tree is
+    built of plain cpusets; ``Result.desired.notes`` says so.  A kernel that refuses such a
+    partition without the backend expecting it (a backport) gets the same, re-planned once.
+    """
+    adapted = without_partitions_over(desired, partition_forbidden_cpus(backend))
+    try:
+        return _apply_layout(backend, adapted)
+    except EnforceError as exc:
+        cause = exc.__cause__
+        if not (isinstance(cause, CgroupOpError) and cause.detail
+                and "housekeeping" in cause.detail.lower()):
+            raise
+        again = without_partitions_over(desired, partition_forbidden_cpus(backend))
+        if again == adapted:
+            raise
+        return _apply_layout(backend, again)
+
+
+def _apply_layout(backend: CgroupBackend, desired: DesiredLayout) -> Result:
     before = backend.read_state(desired.names.paths())
     try:
         goal = targets(before, desired)

@@ -277,6 +277,17 @@ class CgroupBackend(Protocol):
         ...
 
 
+def partition_forbidden_cpus(backend: CgroupBackend) -> CpuSet:
+    """CPUs no partition may hold on the backend's kernel (optional capability
+    ``partition_forbidden_cpus()``; the v2 backend: ``isolcpus=`` CPUs on Linux 6.12+).
+    Backends without it (v1, whose exclusive cpusets have no such rule) forbid nothing."""
+    probe = getattr(backend, "partition_forbidden_cpus", None)
+    if probe is None:
+        return CpuSet()
+    cpus = probe()
+    return cpus if isinstance(cpus, CpuSet) else CpuSet()
+
+
 def perform(backend: CgroupBackend, op: Op) -> None:
     """Execute one operation on ``backend``."""
     match op:

@@ -35,7 +35,7 @@ import hashlib
 import re
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pinwarden.cpuset import CpuSet, union
 from pinwarden.enforce.backend import (
@@ -202,6 +202,28 @@ def desired_layout(host: Host, leases: Sequence[Lease], names: LayoutNames = Lay
     )
 
 
+def without_partitions_over(desired: DesiredLayout, forbidden: CpuSet) -> DesiredLayout:
+    """``desired`` for a kernel on which no partition may hold the ``forbidden`` CPUs
+    (Linux 6.12+: ``isolcpus=`` CPUs, "partition config conflicts with housekeeping
+    setup").  When the exclusive tree holds any of them, the tree and every holder group
+    become plain ``member`` cpusets with explicit, disjoint CPUs, with a note saying so:
+    isolcpus already keeps the scheduler's load balancing (the OS's tasks) off those CPUs
+    and the layout keeps VMs and jobs off each other's, but the kernel does not enforce it.
+    (A partition below a member is invalid, so the whole tree changes, not single groups.)
+    """
+    clash = desired.exclusive.cpus & forbidden
+    if not clash:
+        return desired
+    note = (f"this kernel refuses cgroup partitions holding isolcpus CPUs "
+            f"({clash.to_list()}), so the exclusive tree {desired.exclusive.path} is a plain "
+            f"cpuset: the kernel cannot enforce exclusivity with partitions for them; "
+            f"isolcpus already keeps the OS's tasks off them")
+    return replace(desired,
+                   exclusive=replace(desired.exclusive, partition="member"),
+                   holders=tuple(replace(h, partition="member") for h in desired.holders),
+                   notes=(*desired.notes, note))
+
+
 # -- planning ---------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -311,7 +333,7 @@ def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
         shared_cpus = current[parent].cpus - exclusive_cpus or desired.shared.cpus
     own(names.shared, shared_cpus, "member")
     if not drop_tree and names.exclusive not in kept:
-        own(names.exclusive, exclusive_cpus, "exclusive")
+        own(names.exclusive, exclusive_cpus, desired.exclusive.partition)
     for spec in desired.holders:
         own(spec.path, spec.cpus, spec.partition)
     for path in kept:

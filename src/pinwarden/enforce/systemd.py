@@ -108,7 +108,7 @@ from pinwarden.enforce.backend import (
     collect_snapshot,
     join,
 )
-from pinwarden.enforce.v2 import CgroupV2Backend
+from pinwarden.enforce.v2 import CgroupV2Backend, forbidden_partition_cpus
 from pinwarden.errors import EnforceError, HostError
 
 # -- names ------------------------------------------------------------------------------
@@ -567,6 +567,13 @@ class SystemdBackend:
     @property
     def kind(self) -> str:
         return "systemd"
+
+    def partition_forbidden_cpus(self) -> CpuSet:
+        """The kernel's rule for cgroup v2 partitions, whoever writes them (systemd's
+        ``CPUSetPartition=`` or the kernel backend): ``isolcpus=`` CPUs on 6.12+."""
+        if isinstance(self._kernel, CgroupV2Backend):
+            return self._kernel.partition_forbidden_cpus()
+        return forbidden_partition_cpus()
 
     # -- helpers
 

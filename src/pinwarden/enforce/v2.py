@@ -114,6 +114,37 @@ class PartitionInvalidError(CgroupOpError):
                          detail=f"the kernel{where} reports {invalid_text(kind, reason)!r}")
 
 
+#: First kernel that refuses any partition holding ``isolcpus=`` CPUs (lab, DEVELOPERS.md).
+HOUSEKEEPING_RULE_SINCE = (6, 12)
+
+
+def kernel_version(root: Path = Path("/")) -> tuple[int, int]:
+    """``(major, minor)`` of the running kernel (``(0, 0)`` when unreadable)."""
+    try:
+        text = (root / "proc/sys/kernel/osrelease").read_text()
+    except OSError:
+        return (0, 0)
+    match = re.match(r"(\d+)\.(\d+)", text.strip())
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+def forbidden_partition_cpus(root: Path = Path("/"), *, refused: bool = False) -> CpuSet:
+    """The ``isolcpus=`` CPUs (``/sys/devices/system/cpu/isolated``) when the kernel at
+    ``root`` refuses partitions holding them (6.12+, or ``refused``: it was seen doing so);
+    else none."""
+    if not refused and kernel_version(root) < HOUSEKEEPING_RULE_SINCE:
+        return CpuSet()
+    try:
+        return CpuSet.parse_kernel((root / "sys/devices/system/cpu/isolated").read_text())
+    except (OSError, CpuSetError):
+        return CpuSet()
+
+
+def is_housekeeping_conflict(reason: str) -> bool:
+    """The kernel's reason for refusing a partition over ``isolcpus=`` CPUs (6.12+)."""
+    return "housekeeping" in reason.lower()
+
+
 def _check_path(path: str) -> None:
     if path == "":
         return
@@ -125,8 +156,17 @@ class CgroupV2Backend:
     """The cpuset side of one cgroup2 tree rooted at ``mount`` (normally the cgroup2 mount
     point, e.g. ``/sys/fs/cgroup``)."""
 
-    def __init__(self, mount: Path) -> None:
+    def __init__(self, mount: Path, *, root: Path = Path("/")) -> None:
         self.mount = mount
+        self.root = root  # for /proc/sys/kernel/osrelease and /sys/devices/system/cpu
+        self.housekeeping_refused = False  # the kernel refused a partition over isolcpus
+
+    def partition_forbidden_cpus(self) -> CpuSet:
+        """CPUs no partition may hold here: the ``isolcpus=`` CPUs
+        (``/sys/devices/system/cpu/isolated``) on Linux 6.12+, or on any kernel once it
+        refused a partition with "partition config conflicts with housekeeping setup";
+        else none.  (6.1 accepts partitions over isolcpus CPUs; see DEVELOPERS.md.)"""
+        return forbidden_partition_cpus(self.root, refused=self.housekeeping_refused)
 
     @classmethod
     def from_mounts(cls, root: Path = Path("/")) -> CgroupV2Backend:
@@ -139,7 +179,7 @@ class CgroupV2Backend:
             raise HostError(f"the cgroup2 hierarchy at {mounts.v2} has no cpuset controller "
                             f"(it is bound to a cgroup v1 hierarchy, or disabled with "
                             f"cgroup_disable=cpuset)")
-        return cls(mounts.v2)
+        return cls(mounts.v2, root=root)
 
     @property
     def kind(self) -> str:
@@ -384,6 +424,8 @@ class CgroupV2Backend:
         if broken is not None:
             self._restore_cpus(path, old, old_excl, before)
             group, bad_kind, reason = broken
+            if is_housekeeping_conflict(reason):
+                self.housekeeping_refused = True
             raise PartitionInvalidError("cpus", path, value=value, group=group,
                                         kind=bad_kind, reason=reason)
 
@@ -449,6 +491,8 @@ class CgroupV2Backend:
             before.pop(path, None)
         self._revalidate(before)
         group, bad_kind, reason = broken
+        if is_housekeeping_conflict(reason):
+            self.housekeeping_refused = True
         parent = parent_of(path)
         orphan = False
         if group == path and parent is not None:
