@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# Shared test helpers whose asserts should read like the tests' own.
+pytest.register_assert_rewrite("libvirt_env", "hostroot", "enforce_helpers")
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 HWLOC = SHARED / "testdata" / "hwloc"

@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 
-from libvirt_env import PREFIX, Pinwarden, libvirt_daemons, virt  # noqa: F401  (fixtures)
+from libvirt_env import PREFIX, Pinwarden, machine_restored
 from pinwarden.cli.demo import DEMO_EXCLUSIVE, DEMO_SHARED
 
 PINWARDEN = str(Path(sys.executable).with_name("pinwarden"))
+pytest_plugins = ["libvirt_env"]
 
 
 def test_offline_demo_plans_on_the_example_host(tmp_path: Path) -> None:
@@ -41,9 +42,13 @@ def test_offline_demo_plans_on_the_example_host(tmp_path: Path) -> None:
 
 
 @pytest.mark.libvirt
-def test_live_demo_starts_exclusive_and_shared_vms(libvirt_daemons: Any,  # noqa: F811
-                                                   virt: Any, tmp_path: Path) -> None:  # noqa: F811
+def test_live_demo_starts_exclusive_and_shared_vms(virt: Any, tmp_path: Path) -> None:
     pw = Pinwarden.make(tmp_path, f"{PREFIX}demo.partition")
+    with machine_restored():
+        _live_demo(pw, virt)
+
+
+def _live_demo(pw: Pinwarden, conn: Any) -> None:
     try:
         proc = subprocess.run(
             [PINWARDEN, "demo", "--state-dir", str(pw.state), "--config", str(pw.config)],
@@ -57,7 +62,7 @@ def test_live_demo_starts_exclusive_and_shared_vms(libvirt_daemons: Any,  # noqa
         assert f"started {DEMO_SHARED} (shared on CPUs 0)" in out
         assert f"A leased to qemu domain '{DEMO_EXCLUSIVE}'" in out
         # and the demo cleaned up: no domain, no lease
-        names = {d.name() for d in virt.listAllDomains()}
+        names = {d.name() for d in conn.listAllDomains()}
         assert not names & {DEMO_EXCLUSIVE, DEMO_SHARED}
         status = subprocess.run(pw.cmd("status", "--json"), capture_output=True, text=True,
                                 timeout=60)

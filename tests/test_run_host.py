@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from libvirt_env import CPUSET, PINWARDEN, Pinwarden
+from libvirt_env import CPUSET, PINWARDEN, Pinwarden, machine_restored
 
 pytestmark = pytest.mark.kernel
 
@@ -40,15 +40,12 @@ def run(pw: Pinwarden, *args: str) -> subprocess.CompletedProcess[str]:
 def pw(tmp_path: Path) -> Iterator[Pinwarden]:
     if os.geteuid() != 0 or not (CPUSET / "cpuset.cpus").exists():
         pytest.fail(f"needs root and the cgroup v1 cpuset hierarchy at {CPUSET}")
-    machine = CPUSET / "machine" / "cpuset.cpus"
-    before = machine.read_text() if machine.exists() else None
     pw = Pinwarden.make(tmp_path, f"pwtest-run-{os.getpid()}.partition")
-    try:
-        yield pw
-    finally:
-        pw.cleanup()
-        if before is not None:
-            machine.write_text(before)
+    with machine_restored():
+        try:
+            yield pw
+        finally:
+            pw.cleanup()
 
 
 def test_job_runs_in_an_exclusive_cpuset_and_passes_its_status(pw: Pinwarden) -> None:
