@@ -44,7 +44,7 @@ $(VENV)/.test-deps: pyproject.toml | venv
 test: deps-system $(VENV)/.test-deps
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy --strict src/pinwarden
-	PINWARDEN_REQUIRE_ALL=1 $(BIN)/pytest -q
+	PINWARDEN_REQUIRE_ALL=1 $(BIN)/pytest -q --durations=10
 
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check src tests
