@@ -417,3 +417,29 @@ def machine_restored() -> Iterator[None]:
 def virsh(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True,
                           timeout=120)
+
+
+@contextlib.contextmanager
+def pinwarden_without_hook(tmp_path: Path, exclusive: str) -> Iterator[Pinwarden]:
+    """The CLI with a private state dir and exclusive tree on a libvirt without
+    pinwarden's hook; ``machine`` and the tree are put back afterwards."""
+    hooks = [HOOKS_DIR / d for d in ("qemu", "lxc")]
+    if any(h.exists() for h in hooks):
+        pytest.fail(f"a libvirt hook is installed ({', '.join(map(str, hooks))}); this "
+                    f"test exercises pinwarden without it")
+    tool = Pinwarden.make(tmp_path, exclusive)
+    with machine_restored():
+        try:
+            yield tool
+        finally:
+            tool.cleanup()
+
+
+def holder_names(pw: Pinwarden) -> tuple[str, ...]:
+    """Names of the holders in ``pw``'s ledger (none before it exists); reaps nothing."""
+    from pinwarden.ledger import DB_NAME, Ledger
+
+    if not (pw.state / DB_NAME).exists():
+        return ()
+    with Ledger(pw.state) as ledger:
+        return tuple(h.ref.name for h in ledger.holders(reap=False))

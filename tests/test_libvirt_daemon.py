@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from pinwarden.ledger import Ledger
-
 pytest.register_assert_rewrite("libvirt_env")
 
 import libvirt_env as env  # noqa: E402
@@ -57,19 +55,9 @@ class Daemon:
 
 @pytest.fixture
 def pw(libvirt_daemons: env.Daemons, tmp_path: Path) -> Iterator[env.Pinwarden]:
-    if any((env.HOOKS_DIR / d).exists() for d in ("qemu", "lxc")):
-        pytest.fail("a libvirt hook is installed: the daemon test needs libvirt without it")
-    tool = env.Pinwarden.make(tmp_path, EXCLUSIVE)
-    with env.machine_restored():
-        try:
-            yield tool
-        finally:
-            tool.cleanup()
+    with env.pinwarden_without_hook(tmp_path, EXCLUSIVE) as tool:
+        yield tool
 
-
-def holders(pw: env.Pinwarden) -> tuple[str, ...]:
-    with Ledger(pw.state) as ledger:
-        return tuple(h.ref.name for h in ledger.holders(reap=False))
 
 
 def test_daemon_frees_reports_and_reconnects(pw: env.Pinwarden, domains: env.Domains,
@@ -78,7 +66,7 @@ def test_daemon_frees_reports_and_reconnects(pw: env.Pinwarden, domains: env.Dom
     a, stray = "pwtest-daemon-a", "pwtest-daemon-x"
     domains.define(a, exclusive=True, vcpupins={0: "1"})
     pw.run("start", a, check=True)
-    assert holders(pw) == (a,)
+    assert env.holder_names(pw) == (a,)
     daemon = Daemon(pw, tmp_path / "daemon.log")
     try:
         wait_for("the daemon to connect", lambda: "connected to" in daemon.text())
@@ -88,7 +76,7 @@ def test_daemon_frees_reports_and_reconnects(pw: env.Pinwarden, domains: env.Dom
         wait_for("the stray domain to be reported",
                  lambda: f"exclusive domain {stray} runs in partition /machine"
                          in daemon.text())
-        assert holders(pw) == (a,)  # reported, not adopted
+        assert env.holder_names(pw) == (a,)  # reported, not adopted
 
         # libvirtd restarts: the daemon reconnects
         if libvirt_daemons.owns("libvirtd"):
@@ -99,7 +87,7 @@ def test_daemon_frees_reports_and_reconnects(pw: env.Pinwarden, domains: env.Dom
         # A dies without pinwarden stop and without a hook: the daemon frees its lease
         gone = env.virsh("destroy", a)
         assert gone.returncode == 0, gone.stderr
-        wait_for("the lease of A to be freed", lambda: holders(pw) == ())
+        wait_for("the lease of A to be freed", lambda: env.holder_names(pw) == ())
         assert f"freed the leases of qemu domain '{a}'" in daemon.text()
         wait_for("A's cgroup to be removed",
                  lambda: not (env.CPUSET / pw.holder_group(a)).exists())

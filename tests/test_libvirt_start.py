@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from pinwarden.domain import parse_domain
-from pinwarden.ledger import Ledger
 
 pytest.register_assert_rewrite("libvirt_env")
 
@@ -31,23 +30,9 @@ EXCLUSIVE = "pwtest-start.partition"
 
 @pytest.fixture
 def pw(libvirt_daemons: env.Daemons, tmp_path: Path) -> Iterator[env.Pinwarden]:
-    hooks = [env.HOOKS_DIR / d for d in ("qemu", "lxc")]
-    if any(h.exists() for h in hooks):
-        pytest.fail(f"a libvirt hook is installed ({', '.join(map(str, hooks))}); these "
-                    f"tests exercise pinwarden start without it")
-    tool = env.Pinwarden.make(tmp_path, EXCLUSIVE)
-    with env.machine_restored():
-        try:
-            yield tool
-        finally:
-            tool.cleanup()
+    with env.pinwarden_without_hook(tmp_path, EXCLUSIVE) as tool:
+        yield tool
 
-
-def holders(pw: env.Pinwarden) -> tuple[str, ...]:
-    if not (pw.state / "leases.db").exists():
-        return ()
-    with Ledger(pw.state) as ledger:
-        return tuple(h.ref.name for h in ledger.holders(reap=False))
 
 
 def tree_state(pw: env.Pinwarden) -> dict[str, str]:
@@ -91,11 +76,11 @@ def test_exclusive_start_repins_a_running_shared_domain(pw: env.Pinwarden,
     assert [i for i, on in enumerate(bits) if on] == [0]  # libvirt's own view agrees
     group = pw.holder_group(a)
     assert env.cpu_exclusive(group) and env.read_cpus(group, "effective_cpus") == {1}
-    assert holders(pw) == (a,)
+    assert env.holder_names(pw) == (a,)
 
     stopped = pw.run("stop", a, check=True).stdout
     assert "freed CPUs 1" in stopped
-    assert holders(pw) == ()
+    assert env.holder_names(pw) == ()
     assert not (env.CPUSET / group).exists()
     assert not domains.conn.lookupByName(a).isActive()
 
@@ -112,7 +97,7 @@ def test_start_refused_by_a_domain_pinned_onto_the_cpu(pw: env.Pinwarden,
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pinwarden: error: "), refused.stderr
     assert f"'{p}'" in lines[0] and "CPU 1" in lines[0]
-    assert holders(pw) == ()
+    assert env.holder_names(pw) == ()
     assert tree_state(pw) == before
     assert not domains.conn.lookupByName(a).isActive()
     assert env.vm_affinity(p) == {1}
@@ -134,7 +119,7 @@ def test_failed_start_is_rolled_back(pw: env.Pinwarden, domains: env.Domains,
     assert failed.returncode == 1
     assert "libvirt could not start domain" in failed.stderr
     assert str(missing) in failed.stderr
-    assert holders(pw) == ()
+    assert env.holder_names(pw) == ()
     assert tree_state(pw) == before  # every cgroup back as it was (the tree removed)
 
 
@@ -174,7 +159,7 @@ def test_racing_starts_leave_one_running_domain_with_its_lease(pw: env.Pinwarden
     assert sorted(code for code, _ in results) == [0, 1], results
     loser = next(err for code, err in results if code == 1)
     assert "already running" in loser, loser
-    assert holders(pw) == (a,)
+    assert env.holder_names(pw) == (a,)
     assert env.vm_affinity(a) == {1}
     group = pw.holder_group(a)
     assert env.cpu_exclusive(group) and env.read_cpus(group, "effective_cpus") == {1}
@@ -192,7 +177,7 @@ def test_graceful_stop_that_times_out_keeps_domain_and_lease(pw: env.Pinwarden,
     assert "did not shut down within 2 s" in slow.stderr
     assert len(slow.stderr.strip().splitlines()) == 1
     assert domains.conn.lookupByName(a).isActive()
-    assert holders(pw) == (a,)
+    assert env.holder_names(pw) == (a,)
     assert env.vm_affinity(a) == {1}
     pw.run("stop", a, check=True)
-    assert holders(pw) == ()
+    assert env.holder_names(pw) == ()
