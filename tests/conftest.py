@@ -16,6 +16,18 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 HWLOC = SHARED / "testdata" / "hwloc"
 REQUIRE_ALL = os.environ.get("PINWARDEN_REQUIRE_ALL") == "1"
+#: The RFC's own example (libvir-list, "exclusive vcpu-cpu pinning", 2014).
+SEED_XML = """<domain type='kvm'>
+  <name>vm1</name>
+  <!-- the RFC's example -->
+  <vcpu placement='static' cpuset='4-6'>2</vcpu>
+  <cputune exclusive='yes'>
+    <vcpupin vcpu='0' cpuset='5'/>
+    <vcpupin vcpu='1' cpuset='6'/>
+    <emulatorpin cpuset='4'/>
+  </cputune>
+</domain>
+"""
 HWLOC_DUMPS = sorted(p.name.removesuffix(".tar.bz2") for p in HWLOC.glob("*.tar.bz2"))
 
 #: The parts of a dump topology reading needs; the rest (PCI, DMI, caches, hugepages) is most

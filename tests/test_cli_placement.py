@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from conftest import SEED_XML
 from pinwarden.cli import main
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import PW_NS, parse_domain
@@ -17,18 +18,7 @@ from pinwarden.ledger import DB_NAME
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "src" / "pinwarden" / "data" / "example-host"
 
-#: The RFC's example; the bundled host is booted with isolcpus=2-7,10-15.
-SEED = """<domain type='kvm'>
-  <name>vm1</name>
-  <!-- the RFC's example -->
-  <vcpu placement='static' cpuset='4-6'>2</vcpu>
-  <cputune exclusive='yes'>
-    <vcpupin vcpu='0' cpuset='5'/>
-    <vcpupin vcpu='1' cpuset='6'/>
-    <emulatorpin cpuset='4'/>
-  </cputune>
-</domain>
-"""
+SEED = SEED_XML
 SHARED = "<domain type='kvm'><name>web</name><vcpu>2</vcpu></domain>"
 UNPINNED = (f"<domain type='kvm'><name>db</name><uuid>{'ab' * 16}</uuid><vcpu>2</vcpu>"
             f"<metadata><pw:cpu xmlns:pw='{PW_NS}' exclusive='yes' threads='isolate'/>"

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import SEED_XML
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import MAX_XML_BYTES, PW_NS, GuestCell, parse_domain, render_plan
 from pinwarden.errors import InputError
@@ -17,17 +18,7 @@ from pinwarden.model import Plan
 pytest.register_assert_rewrite("libvirt_env")
 pytest_plugins = ["libvirt_env"]
 
-#: The RFC's example (libvir-list, "exclusive vcpu-cpu pinning", 2014).
-SEED = """<domain type='kvm'>
-  <name>vm1</name>
-  <vcpu placement='static' cpuset='4-6'>2</vcpu>
-  <cputune exclusive='yes'>
-    <vcpupin vcpu='0' cpuset='5'/>
-    <vcpupin vcpu='1' cpuset='6'/>
-    <emulatorpin cpuset='4'/>
-  </cputune>
-</domain>
-"""
+SEED = SEED_XML
 
 #: A realistic domain (as `virsh dumpxml` prints it, plus user comments and metadata).
 RICH = """<?xml version="1.0" encoding="UTF-8"?>
