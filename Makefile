@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 APT_PACKAGES := qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-config \
 	linux-image-amd64 busybox-static dbus sqlite3
 
+# libvirt-python is built against the system's libvirt: take the binding of the same version.
+LIBVIRT_PY = libvirt-python$$(v=$$(pkg-config --modversion libvirt 2>/dev/null) && echo "==$$v")
+
 .PHONY: demo test lint bench bench-quick bench-host deps-system venv clean
 
 $(BIN)/pinwarden: pyproject.toml
@@ -18,12 +21,15 @@ venv: $(BIN)/pinwarden
 ## The main job: two tiny VMs (exclusive + shared) through pinwarden where libvirt runs here
 ## (root), else the same plan on the bundled example host.
 demo: venv
-	@if [ "$$(id -u)" = 0 ] && pkg-config --exists libvirt 2>/dev/null; then \
+	@started=""; \
+	if [ "$$(id -u)" = 0 ] && pkg-config --exists libvirt 2>/dev/null; then \
 		$(BIN)/python -c 'import libvirt' 2>/dev/null || \
 			$(BIN)/pip install -q "$(LIBVIRT_PY)" || echo "libvirt-python did not build: offline demo"; \
-		scripts/libvirt-daemons; \
-	fi
-	$(BIN)/pinwarden demo
+		started=$$(scripts/libvirt-daemons) || true; \
+	fi; \
+	$(BIN)/pinwarden demo; status=$$?; \
+	if [ -n "$$started" ]; then kill $$started; fi; \
+	exit $$status
 
 deps-system:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -32,9 +38,6 @@ deps-system:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 		fi; \
 	else echo "not root or no apt-get: skipping system packages ($(APT_PACKAGES))"; fi
-
-# libvirt-python is built against the system's libvirt: take the binding of the same version.
-LIBVIRT_PY = libvirt-python$$(v=$$(pkg-config --modversion libvirt 2>/dev/null) && echo "==$$v")
 
 $(VENV)/.test-deps: pyproject.toml | venv
 	$(BIN)/pip install -q -e '.[test]' virtme-ng "$(LIBVIRT_PY)"
