@@ -245,3 +245,15 @@ def decide_partition(topology: Topology, config: Config, cgroup: VmCgroup) -> Pa
             why = f"no isolcpus and cgroup {cgroup.name} has an empty cpuset"
         return _none(topology, config, why)
     return _none(topology, config, "no isolcpus and no restricting VM cgroup")
+
+
+def shared_pool(host: Host, leased: CpuSet) -> tuple[CpuSet, tuple[str, ...]]:
+    """VM CPUs − leased; when that is empty, the housekeeping CPUs (with a note)."""
+    pool = host.partition.vm_cpus - leased
+    if pool:
+        return pool, ()
+    fallback = host.partition.host_cpus - leased
+    if not fallback:
+        fallback = host.topology.online - leased
+    return fallback, (f"every VM CPU is leased; shared VMs run on the housekeeping CPUs "
+                      f"{fallback.to_list()}",)

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from pinwarden import allocator
 from pinwarden.cpuset import CpuSet, union
 from pinwarden.domain import DomainSpec
 from pinwarden.errors import Refusal
 from pinwarden.model import SIBLING_HOLD, Lease, Plan
 from pinwarden.partition import Host, Partition
+
+if TYPE_CHECKING:
+    from pinwarden import allocator
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +238,8 @@ def _nodes_of(ctx: _Ctx, cpus: CpuSet) -> CpuSet | None:
 
 
 def _allocate(ctx: _Ctx, free: CpuSet, request: allocator.Request) -> allocator.Allocation:
+    from pinwarden import allocator
+
     try:
         return allocator.allocate(ctx.host.topology, ctx.part.vm_cpus & ctx.vm_cpus, free,
                                   request)
@@ -244,6 +249,9 @@ def _allocate(ctx: _Ctx, free: CpuSet, request: allocator.Request) -> allocator.
 
 
 def _exclusive(ctx: _Ctx) -> Plan:
+    # Imported here: shared domains (most of the libvirt hook's admissions) never need it.
+    from pinwarden import allocator
+
     spec = ctx.spec
     topo = ctx.host.topology
     notes: list[str] = []

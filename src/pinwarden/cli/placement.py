@@ -24,11 +24,11 @@ from pinwarden.cli import print_json
 from pinwarden.cli.common import config_of, root_of, state_dir_of
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import MAX_XML_BYTES, DomainSpec, parse_domain, render_plan
-from pinwarden.enforce.layout import LayoutNames, libvirt_partition, shared_pool
+from pinwarden.enforce.layout import LayoutNames, libvirt_partition
 from pinwarden.errors import InputError
 from pinwarden.ledger import DB_NAME, HolderRecord, Ledger
 from pinwarden.model import HolderRef, Lease, Plan
-from pinwarden.partition import Host, Partition, load_host
+from pinwarden.partition import Host, Partition, load_host, shared_pool
 from pinwarden.view import render_cpu_map
 
 

@@ -55,7 +55,7 @@ from pinwarden.enforce.backend import (
     parent_of,
 )
 from pinwarden.model import SIBLING_HOLD, HolderRef, Lease
-from pinwarden.partition import Host
+from pinwarden.partition import Host, shared_pool
 
 DEFAULT_SHARED = "machine"
 DEFAULT_EXCLUSIVE = "pinwarden.partition"
@@ -158,18 +158,6 @@ def libvirt_partition(names: LayoutNames, holder: HolderRef) -> str:
 
 
 # -- desired layout ---------------------------------------------------------------------
-
-def shared_pool(host: Host, leased: CpuSet) -> tuple[CpuSet, tuple[str, ...]]:
-    """VM CPUs − leased; when that is empty, the housekeeping CPUs (with a note)."""
-    pool = host.partition.vm_cpus - leased
-    if pool:
-        return pool, ()
-    fallback = host.partition.host_cpus - leased
-    if not fallback:
-        fallback = host.topology.online - leased
-    return fallback, (f"every VM CPU is leased; shared VMs run on the housekeeping CPUs "
-                      f"{fallback.to_list()}",)
-
 
 def desired_layout(host: Host, leases: Sequence[Lease], names: LayoutNames = LayoutNames(),
                    *, shared_extra: CpuSet = _NONE) -> DesiredLayout:

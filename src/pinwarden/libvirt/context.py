@@ -8,16 +8,20 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pinwarden.config import Config
-from pinwarden.cpuset import CpuSet
-from pinwarden.enforce.apply import Result
-from pinwarden.enforce.backend import CgroupBackend
-from pinwarden.enforce.layout import LayoutNames, libvirt_partition, shared_pool
 from pinwarden.errors import HostError
 from pinwarden.ledger import Ledger
-from pinwarden.model import HolderRef, Lease
-from pinwarden.partition import Host
+
+if TYPE_CHECKING:  # the enforcement modules load only when cgroups are touched: the hook's
+    # admission of a shared domain (most starts) never does, and libvirtd waits for it
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.enforce.apply import Result
+    from pinwarden.enforce.backend import CgroupBackend
+    from pinwarden.enforce.layout import LayoutNames
+    from pinwarden.model import HolderRef, Lease
+    from pinwarden.partition import Host
 
 LOCK_NAME = "enforce.lock"
 
@@ -44,6 +48,8 @@ class Context:
     def partition_of(self, holder: HolderRef) -> str:
         """The libvirt ``<resource><partition>`` of an exclusive holder's cgroup."""
         try:
+            from pinwarden.enforce.layout import libvirt_partition
+
             return libvirt_partition(self.names, holder)
         except ValueError as exc:
             raise HostError(f"[partition] exclusive = {self.config.exclusive_cgroup!r}: "
@@ -86,4 +92,6 @@ class Context:
             execute(backend, now, order(now, goal))
 
     def pool(self, host: Host, leased: CpuSet) -> CpuSet:
+        from pinwarden.partition import shared_pool
+
         return shared_pool(host, leased)[0]

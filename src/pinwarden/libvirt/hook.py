@@ -212,13 +212,14 @@ def _widen_for_pins(ctx: Context, host: Host, leases: Sequence[Lease], plan: Pla
     """A shared domain pinned (by its XML) outside the shared pool — honoured in ``none`` /
     ``isolcpus`` modes — needs those CPUs in ``machine`` before libvirt writes its pins."""
     from pinwarden.cpuset import CpuSet
-    from pinwarden.enforce.apply import apply_layout, locked
-    from pinwarden.enforce.layout import desired_layout
 
     leased = CpuSet.of(lease.cpu for lease in leases)
     extra = plan.cpus() - ctx.pool(host, leased)
     if not extra:
         return
+    from pinwarden.enforce.apply import apply_layout, locked
+    from pinwarden.enforce.layout import desired_layout
+
     with locked(ctx.lock_file):
         apply_layout(ctx.backend(), desired_layout(host, leases, ctx.names,
                                                    shared_extra=extra))
