@@ -247,13 +247,17 @@ def decide_partition(topology: Topology, config: Config, cgroup: VmCgroup) -> Pa
     return _none(topology, config, "no isolcpus and no restricting VM cgroup")
 
 
-def shared_pool(host: Host, leased: CpuSet) -> tuple[CpuSet, tuple[str, ...]]:
-    """VM CPUs − leased; when that is empty, the housekeeping CPUs (with a note)."""
-    pool = host.partition.vm_cpus - leased
+def shared_pool(host: Host, taken: CpuSet) -> tuple[CpuSet, tuple[str, ...]]:
+    """Where VMs without affinity run beside ``taken`` (CPUs leased to others): the online
+    VM CPUs left over; when none is, the housekeeping CPUs, with a note saying so (empty
+    only when every online CPU is taken).  Policy, layout and status all use this rule."""
+    online = host.topology.online
+    pool = (host.partition.vm_cpus & online) - taken
     if pool:
         return pool, ()
-    fallback = host.partition.host_cpus - leased
+    fallback = (host.partition.host_cpus & online) - taken
     if not fallback:
-        fallback = host.topology.online - leased
-    return fallback, (f"every VM CPU is leased; shared VMs run on the housekeeping CPUs "
-                      f"{fallback.to_list()}",)
+        return fallback, ()
+    return fallback, (f"every VM CPU ({host.partition.vm_cpus}) is leased exclusively; "
+                      f"shared VMs run on the housekeeping CPUs {fallback} until a lease is "
+                      "released",)

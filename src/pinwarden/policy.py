@@ -25,7 +25,7 @@ from pinwarden.cpuset import CpuSet, union
 from pinwarden.domain import DomainSpec
 from pinwarden.errors import Refusal
 from pinwarden.model import SIBLING_HOLD, Lease, Plan
-from pinwarden.partition import Host, Partition
+from pinwarden.partition import Host, Partition, shared_pool
 
 if TYPE_CHECKING:
     from pinwarden import allocator
@@ -155,21 +155,18 @@ def _conflict(ctx: _Ctx, label: str, cpus: CpuSet) -> None:
 
 
 def _shared_pool(ctx: _Ctx, exclude: CpuSet, notes: list[str]) -> CpuSet:
-    """Default placement: VM CPUs − leased − ``exclude``; housekeeping as a last resort."""
-    pool = ctx.vm_cpus - ctx.leased - exclude
-    if pool:
-        return pool
-    if ctx.part.mode == "cgroup":
+    """Default placement (:func:`~pinwarden.partition.shared_pool`) minus ``exclude``;
+    the housekeeping fallback is refused in ``cgroup`` mode (outside the partition)."""
+    pool, fallback = shared_pool(ctx.host, ctx.leased | exclude)
+    if fallback and ctx.part.mode == "cgroup":
         raise Refusal(
             f"every CPU of the {ctx.where()} is leased exclusively; {ctx.who} has nowhere to "
             "run: release a lease or widen the partition", code="insufficient-cpus")
-    fallback = ctx.part.host_cpus & ctx.host.topology.online
-    if not fallback:
+    if not pool:
         raise Refusal(f"no CPU is free for {ctx.who}: every online CPU is leased; release a "
                       "lease first", code="insufficient-cpus")
-    notes.append(f"every VM CPU ({ctx.part.vm_cpus}) is leased exclusively; {ctx.who} runs "
-                 f"on the housekeeping CPUs {fallback} until a lease is released")
-    return fallback
+    notes.extend(fallback)
+    return pool
 
 
 def _shared(ctx: _Ctx) -> Plan:
