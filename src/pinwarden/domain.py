@@ -569,32 +569,29 @@ def render_plan(xml: str | bytes, plan: Plan, *, partition: str | None = None) -
     # <cputune>
     tune = root.child("cputune")
     new_pins: list[str] = []
-    existing_vcpu = {int(n.attrs.get("vcpu", "-1")): n for n in tune.children
-                     if n.tag == "vcpupin"} if tune is not None else {}
-    existing_io = {int(n.attrs.get("iothread", "-1")): n for n in tune.children
-                   if n.tag == "iothreadpin"} if tune is not None else {}
     emu_node = tune.child("emulatorpin") if tune is not None else None
 
-    for vcpu_id, cpus in sorted(plan.vcpus.items()):
-        node = existing_vcpu.get(vcpu_id)
-        if node is not None:
-            if spec.vcpupins.get(vcpu_id) != cpus:
-                ed.set_attrs(node, {"cpuset": str(cpus)})
-        elif wanted(cpus):
-            new_pins.append(_pin_line("vcpupin", "vcpu", vcpu_id, cpus))
+    def pins(tag: str, key: str, planned: Mapping[int, CpuSet],
+             asked: Mapping[int, CpuSet]) -> None:
+        """Rewrite the existing ``<tag key=N>`` pins that changed, add the missing ones."""
+        existing = {int(n.attrs.get(key, "-1")): n for n in tune.children
+                    if n.tag == tag} if tune is not None else {}
+        for ident, cpus in sorted(planned.items()):
+            node = existing.get(ident)
+            if node is not None:
+                if asked.get(ident) != cpus:
+                    ed.set_attrs(node, {"cpuset": str(cpus)})
+            elif wanted(cpus):
+                new_pins.append(_pin_line(tag, key, ident, cpus))
+
+    pins("vcpupin", "vcpu", plan.vcpus, spec.vcpupins)
     if plan.emulator:
         if emu_node is not None:
             if spec.emulatorpin != plan.emulator:
                 ed.set_attrs(emu_node, {"cpuset": str(plan.emulator)})
         elif wanted(plan.emulator):
             new_pins.append(f"<emulatorpin cpuset='{plan.emulator}'/>")
-    for io_id, cpus in sorted(plan.iothreads.items()):
-        node = existing_io.get(io_id)
-        if node is not None:
-            if spec.iothreadpins.get(io_id) != cpus:
-                ed.set_attrs(node, {"cpuset": str(cpus)})
-        elif wanted(cpus):
-            new_pins.append(_pin_line("iothreadpin", "iothread", io_id, cpus))
+    pins("iothreadpin", "iothread", plan.iothreads, spec.iothreadpins)
     if tune is not None:
         ed.append_children(tune, new_pins, unit)
     elif new_pins:
