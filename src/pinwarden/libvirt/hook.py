@@ -190,8 +190,9 @@ def _prepare(ctx: Context, driver: str, name: str, xml: str) -> None:
     host = ctx.host()
     with ctx.ledger() as ledger:
         if not spec.exclusive:
-            plan = decide(spec, host, ledger.leases(), driver=driver)
-            _widen_for_pins(ctx, host, ledger.leases(), plan)
+            leases = ledger.leases()
+            plan = decide(spec, host, leases, driver=driver)
+            _widen_for_pins(ctx, host, leases, plan)
             return
         expected = ctx.partition_of(holder)
         if spec.partition != expected:
