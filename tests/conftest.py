@@ -13,8 +13,9 @@ import pytest
 pytest.register_assert_rewrite("libvirt_env", "hostroot", "enforce_helpers")
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
-HWLOC = SHARED / "testdata" / "hwloc"
+#: hwloc topology dumps (BSD-3-Clause, tests/data/hwloc/COPYING.hwloc), kept in the repository
+#: so that a clone with nothing beside it passes.
+HWLOC = REPO / "tests" / "data" / "hwloc"
 REQUIRE_ALL = os.environ.get("PINWARDEN_REQUIRE_ALL") == "1"
 #: The RFC's own example (libvir-list, "exclusive vcpu-cpu pinning", 2014).
 SEED_XML = """<domain type='kvm'>

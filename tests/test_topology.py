@@ -1,4 +1,4 @@
-"""read_topology against hwloc's own answers (every dump in ../shared/testdata/hwloc) and
+"""read_topology against hwloc's own answers (every dump in tests/data/hwloc) and
 against synthetic roots with the quirks real kernels and dumps show."""
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from pwbench.sim import simulate
 from pwbench.workload import Mix, generate
 
 BENCH = Path(__file__).resolve().parent.parent
-HWLOC = BENCH.parent.parent / "shared" / "testdata" / "hwloc"
+HWLOC = BENCH.parent.parent / "tests" / "data" / "hwloc"
 CACHE = BENCH / ".cache" / "hwloc"
 
 
