@@ -33,14 +33,14 @@ from pinwarden import procs
 from pinwarden.cpuset import CpuSet
 from pinwarden.errors import LedgerError, PinwardenError, Refusal
 from pinwarden.ledger import SCHEMA_VERSION, Ledger, plan_from_text, plan_to_text
-from pinwarden.model import HolderRef, Lease, Plan
+from pinwarden.model import HolderRef, Lease, Plan, domain_holder
 
 FORK = multiprocessing.get_context("fork")
 
 
 def plan_for(holder: HolderRef, cpus: Sequence[int], *, exclusive: bool = True) -> Plan:
     vcpus = {i: CpuSet.of([cpu]) for i, cpu in enumerate(cpus)}
-    return Plan(domain=holder.name, uuid=holder.key, exclusive=exclusive, vcpus=vcpus,
+    return Plan(domain=holder.name, uuid=holder.uuid, exclusive=exclusive, vcpus=vcpus,
                 emulator=CpuSet.of(cpus),
                 leases={cpu: f"vcpu{i}" for i, cpu in enumerate(cpus)} if exclusive else {},
                 notes=("a note",))
@@ -76,17 +76,17 @@ def spawn_with_pid(pid: int, attempts: int = 200) -> subprocess.Popen[bytes] | N
 
 
 def vm(n: int, driver: str = "qemu") -> HolderRef:
-    return HolderRef(driver, f"00000000-0000-0000-0000-{n:012d}", f"vm{n}")
+    return domain_holder(driver, f"vm{n}", f"00000000-0000-0000-0000-{n:012d}")
 
 
 def lease_map(ledger: Ledger) -> dict[int, HolderRef]:
-    return {lease.cpu: lease.holder for lease in ledger.leases(reap=False)}
+    return {lease.cpu: lease.holder for lease in ledger.leases()}
 
 
 def check_consistent(ledger: Ledger) -> None:
     """Every holder's leases are exactly its plan's leases (no partial writes)."""
-    leases = ledger.leases(reap=False)
-    for record in ledger.holders(reap=False):
+    leases = ledger.leases()
+    for record in ledger.holders():
         mine = {lease.cpu: lease.role for lease in leases if lease.holder == record.ref}
         assert mine == dict(record.plan.leases), record
     raw = sqlite3.connect(ledger.path)
@@ -278,7 +278,7 @@ def test_locked_database_is_a_clear_error(state: Path) -> None:
             with pytest.raises(LedgerError, match="stayed locked by another pinwarden") as info:
                 ledger.reserve(vm(1), take(vm(1), [1]))
             assert info.value.code == "ledger-busy"
-            assert ledger.leases(reap=False) == ()  # readers are not blocked (WAL)
+            assert ledger.leases() == ()  # readers are not blocked (WAL)
         blocker.execute("ROLLBACK")
     finally:
         blocker.close()
@@ -328,7 +328,7 @@ from pinwarden.model import HolderRef, Plan
 from pinwarden.cpuset import CpuSet
 try:
     with Ledger(Path(sys.argv[1])) as ledger:
-        print("read", len(ledger.leases(reap=False)))
+        print("read", len(ledger.leases()))
         h = HolderRef("qemu", "k", "n")
         ledger.reserve(h, lambda _: Plan("n", "k", True, {0: CpuSet.of([1])}, CpuSet.of([1]),
                                          leases={1: "vcpu0"}))
@@ -412,7 +412,7 @@ def test_dead_owner_reaped_even_when_decide_refuses(
 
         with pytest.raises(Refusal):
             ledger.reserve(b, refuse)
-        assert ledger.holders(reap=False) == ()
+        assert ledger.holders() == ()
 
 
 def test_zombie_owner_and_status_listing_reap(
@@ -427,8 +427,11 @@ def test_zombie_owner_and_status_listing_reap(
         while (s := procs.read_stat(zombie.pid)) is not None and s.state != "Z":
             assert time.monotonic() < deadline, "child never became a zombie"
             time.sleep(0.01)
-        assert [r.ref for r in ledger.holders(reap=False)] == [a, b]
-        assert [r.ref for r in ledger.holders()] == [b]  # status reaps
+        before = ledger.path.read_bytes()
+        assert [r.ref for r in ledger.holders()] == [a, b]  # reads never reap...
+        assert [r.ref for r in ledger.dead()] == [a]  # ...they tell who is dead
+        assert ledger.path.read_bytes() == before
+        assert [r.ref for r in ledger.reap()] == [a]  # reaping is an explicit step
         assert [r.ref for r in ledger.last_reaped] == [a]
         assert lease_map(ledger) == {2: b}
 
@@ -457,7 +460,9 @@ def test_pid_reuse_reaps_holder(state: Path,
         assert impostor is not None, f"could not get pid {owner.pid} back"
         try:
             assert procs.read_stat(owner.pid) is not None  # the pid is alive again...
-            assert ledger.holders() == ()  # ...but it is another process: reaped
+            assert [r.ref for r in ledger.dead()] == [a]  # ...but it is another process
+            ledger.reap()
+            assert ledger.holders() == ()
         finally:
             impostor.kill()
             impostor.wait()
@@ -639,7 +644,7 @@ def test_sigkill_inside_transaction_leaves_database_intact(
             child.join()
     with Ledger(state, busy_timeout=5) as ledger:
         # Nothing of the killed transaction survived, not even its reaping.
-        assert [r.ref for r in ledger.holders(reap=False)] == [a, b]
+        assert [r.ref for r in ledger.holders()] == [a, b]
         assert lease_map(ledger) == {1: a, 2: a, 3: b}
         check_consistent(ledger)
         c = vm(3)

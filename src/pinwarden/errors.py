@@ -1,10 +1,23 @@
 """Errors a user can cause or meet.  Each carries a stable ``code`` for ``--json`` output.
 
 The CLI turns every :class:`PinwardenError` into ``pinwarden: error: MESSAGE`` on stderr and
-exit status 1; anything else is a bug and keeps its traceback.
+exit status 1; anything else is a bug, reported in one line as an internal error (exit 70).
 """
 
 from __future__ import annotations
+
+#: Longest quoted value in a message: hostile input (a 100,000-character ``<uuid>``) must not
+#: turn a one-line error into a hundred kilobytes.
+QUOTE_LIMIT = 64
+
+
+def shorten(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` for a message, cut to about ``limit`` characters with the full
+    length said: ``'aaaa…' (100000 characters)``."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text)} characters)"
 
 
 class PinwardenError(Exception):

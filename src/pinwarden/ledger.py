@@ -4,14 +4,25 @@ Check-and-reserve is one ``BEGIN IMMEDIATE`` transaction, so racing processes ge
 one winner per CPU; the ``leases`` table's primary key is the CPU number, so the database
 itself refuses a second holder.
 
-The database lives at ``<state_dir>/leases.db``.  It is created atomically (built under a
-temporary name, then linked into place), so an existing file that is empty, not SQLite,
-corrupt, foreign or of a newer schema is never ours to fix: it is refused with a
-:class:`~pinwarden.errors.LedgerError` and left byte-for-byte as it was.
+Besides the leases the ledger keeps what pinwarden needs to leave the host as it found it:
 
-Owner liveness: a holder may name an owner process ``(pid, start time)``; when that process
-is gone (or its pid now belongs to another process) the holder and its leases are reaped,
-inside the next reserving transaction or by :meth:`Ledger.reap`.
+* the **host record** — the partition (mode, VM CPUs, housekeeping CPUs) and the VM
+  partition cgroup as they were when the first lease was taken, so that pinwarden's own
+  changes (a narrowed ``machine``) never change the placement rules;
+* the **changes** — every host setting pinwarden changed (``KEY`` → original value, kept
+  from the first change on), so that it can be put back when the last lease goes, also
+  after a crash.
+
+The database lives at ``<state_dir>/leases.db``.  It is created all or nothing: built
+under a temporary name in rollback-journal mode, checked, then linked into place, so an
+existing file that is empty, not SQLite, corrupt, foreign or of a newer schema is never
+ours to fix: it is refused with a :class:`~pinwarden.errors.LedgerError` and left
+byte-for-byte as it was.
+
+Reads never write.  Owner liveness: a holder may name an owner process ``(pid, start
+time)``; when that process is gone (or its pid now belongs to another process) the holder
+is *dead*: :meth:`Ledger.reap` (an explicit step of the lease manager) removes it, and so
+does the reserving transaction before it decides.
 """
 
 from __future__ import annotations
@@ -19,26 +30,39 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sqlite3
+import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pinwarden import procs
-from pinwarden.errors import LedgerError, PinwardenError, Refusal
-from pinwarden.model import HolderRef, Lease, Plan
+from pinwarden.cpuset import MAX_CPU, CpuSet
+from pinwarden.errors import LedgerError, PinwardenError, Refusal, shorten
+from pinwarden.model import (
+    JOB_DRIVER,
+    KEY_JOB,
+    KEY_NAME,
+    KEY_UUID,
+    HolderRef,
+    Lease,
+    Plan,
+)
+from pinwarden.partition import Partition, VmCgroup
 
-#: Schema version (``PRAGMA user_version``).  A schema change bumps it and migrates older files
-#: in one transaction on open; an older pinwarden then refuses the file as newer.
-SCHEMA_VERSION = 1
+#: Schema version (``PRAGMA user_version``).  Older files are migrated in one transaction
+#: on open; an older pinwarden refuses a newer file.
+SCHEMA_VERSION = 2
 #: ``PRAGMA application_id``: "PWL1", marks the file as a pinwarden ledger.
 APPLICATION_ID = 0x50574C31
 DB_NAME = "leases.db"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+_TMP = re.compile(re.escape(f".{DB_NAME}.") + r"(?P<pid>[0-9]+)\.[0-9]+\.tmp")
 
-_SCHEMA_V1 = """
+_SCHEMA = f"""
 CREATE TABLE holders (
     driver      TEXT NOT NULL,
     key         TEXT NOT NULL,
@@ -51,7 +75,7 @@ CREATE TABLE holders (
     PRIMARY KEY (driver, key)
 ) STRICT;
 CREATE TABLE leases (
-    cpu     INTEGER PRIMARY KEY CHECK (cpu >= 0),
+    cpu     INTEGER PRIMARY KEY CHECK (cpu BETWEEN 0 AND {MAX_CPU}),
     driver  TEXT NOT NULL,
     key     TEXT NOT NULL,
     role    TEXT NOT NULL,
@@ -59,6 +83,16 @@ CREATE TABLE leases (
     FOREIGN KEY (driver, key) REFERENCES holders (driver, key) ON DELETE CASCADE
 ) STRICT;
 CREATE INDEX leases_by_holder ON leases (driver, key);
+CREATE TABLE host (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    created REAL NOT NULL,
+    record  TEXT NOT NULL
+) STRICT;
+CREATE TABLE changes (
+    key      TEXT PRIMARY KEY,
+    original TEXT NOT NULL,
+    created  REAL NOT NULL
+) STRICT;
 """
 
 #: Liveness check: ``alive(pid, start_time)``.  Replaceable in tests.
@@ -75,6 +109,44 @@ class HolderRecord:
     cgroup: str | None = None  # enforced cgroup path, once enforcement has placed it
 
 
+@dataclass(frozen=True, slots=True)
+class HostRecord:
+    """The host as pinwarden found it when the first lease was taken."""
+
+    created: float
+    partition: Partition  # the partition decided then
+    found: VmCgroup  # the VM partition cgroup as it was then (name None: there was none)
+
+    def to_text(self) -> str:
+        p, f = self.partition, self.found
+        return json.dumps({
+            "partition": {"mode": p.mode, "vm_cpus": str(p.vm_cpus),
+                          "host_cpus": str(p.host_cpus), "reason": p.reason,
+                          "cgroup": p.cgroup},
+            "found": {"name": f.name, "version": f.version, "cpus": str(f.cpus),
+                      "looked_for": list(f.looked_for)},
+        }, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_text(cls, created: float, text: str) -> HostRecord:
+        """Inverse of :meth:`to_text`; ``ValueError`` (or a ``CpuSetError``) on text of
+        the wrong shape."""
+        data = json.loads(text)
+        p, f = data["partition"], data["found"]
+        if p["mode"] not in ("isolcpus", "cgroup", "none"):
+            raise ValueError(f"unknown partition mode {shorten(p['mode'])}")
+        for value in (p["reason"], *(v for v in (p["cgroup"], f["name"]) if v is not None)):
+            if not isinstance(value, str):
+                raise ValueError("partition names and reasons must be strings")
+        if f["version"] not in (None, 1, 2):
+            raise ValueError(f"unknown cgroup version {shorten(f['version'])}")
+        partition = Partition(p["mode"], CpuSet.parse_kernel(p["vm_cpus"]),
+                              CpuSet.parse_kernel(p["host_cpus"]), p["reason"], p["cgroup"])
+        found = VmCgroup(f["name"], f["version"], CpuSet.parse_kernel(f["cpus"]),
+                         tuple(str(x) for x in f.get("looked_for", [])))
+        return cls(created, partition, found)
+
+
 def plan_to_text(plan: Plan) -> str:
     data = plan.to_json()
     data["default_cpus"] = None if plan.default_cpus is None else str(plan.default_cpus)
@@ -87,22 +159,72 @@ def plan_from_text(text: str, where: str) -> Plan:
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         return Plan.from_json(data)
-    except (ValueError, TypeError, PinwardenError) as exc:  # CpuSetError is a PinwardenError
-        raise LedgerError(f"corrupt plan recorded for {where}: {exc}") from None
+    except (ValueError, TypeError, KeyError, PinwardenError) as exc:
+        raise LedgerError(f"corrupt plan recorded for {where}: {shorten(str(exc))}") from None
 
 
 def _kind(exc: sqlite3.Error) -> str:
-    """``busy``, ``readonly``, ``corrupt`` or ``other``, from SQLite's primary result code."""
+    """``busy``, ``readonly``, ``full``, ``corrupt`` or ``other``, from SQLite's primary
+    result code."""
     name = getattr(exc, "sqlite_errorname", "") or ""
     text = str(exc)
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in text:
         return "busy"
     if name.startswith("SQLITE_READONLY") or "readonly" in text:
         return "readonly"
+    if name.startswith("SQLITE_FULL") or "disk is full" in text:
+        return "full"
     if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in text \
             or "not a database" in text:
         return "corrupt"
     return "other"
+
+
+def _key_v1_to_v2(driver: str, key: str, plan_text: str) -> str:
+    """A version-1 holder key (a UUID, a name or a job name, untyped) as a typed key."""
+    if driver == JOB_DRIVER:
+        return f"{KEY_JOB}:{key}"
+    try:
+        uuid = json.loads(plan_text).get("uuid")
+    except (ValueError, AttributeError):
+        uuid = None
+    return f"{KEY_UUID}:{key}" if uuid == key else f"{KEY_NAME}:{key}"
+
+
+def location_problem(state_dir: Path) -> str | None:
+    """Why the lease database below ``state_dir`` cannot be used at all (whoever asks), or
+    None: the directory is a file, the database a dangling link or not a file, the
+    directory on a read-only file system without a database yet."""
+    db = state_dir / DB_NAME
+    try:
+        st = state_dir.stat()
+    except FileNotFoundError:
+        if state_dir.is_symlink():
+            return f"state directory {state_dir} is a dangling symbolic link"
+        return None
+    except OSError as exc:
+        return f"cannot use state directory {state_dir}: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"state directory {state_dir} is not a directory"
+    try:
+        db_st = db.stat()
+    except FileNotFoundError:
+        if db.is_symlink():
+            return f"lease database {db} is a dangling symbolic link"
+        try:
+            if os.statvfs(state_dir).f_flag & os.ST_RDONLY:
+                return (f"state directory {state_dir} is on a read-only file system: no "
+                        f"lease can ever be recorded there")
+        except OSError:
+            pass
+        return None
+    except PermissionError:
+        return None  # reported by the open, with the advice to run as root
+    except OSError as exc:
+        return f"cannot access lease database {db}: {exc.strerror}"
+    if not stat.S_ISREG(db_st.st_mode):
+        return f"lease database {db} is not a regular file"
+    return None
 
 
 class Ledger:
@@ -116,9 +238,14 @@ class Ledger:
         self.path = self.state_dir / DB_NAME
         self.busy_timeout = busy_timeout
         self._alive: Liveness = liveness or (lambda pid, start: procs.alive(pid, start))
-        #: Holders reaped by the last :meth:`reserve` or :meth:`reap` (also run by
-        #: :meth:`leases` and :meth:`holders`): their cgroups may need removing.
+        #: Holders reaped by the last :meth:`reserve` or :meth:`reap`: their cgroups may
+        #: need removing.
         self.last_reaped: tuple[HolderRecord, ...] = ()
+        #: The holder's record before the last :meth:`reserve` replaced it (None: new).
+        self.last_replaced: HolderRecord | None = None
+        problem = location_problem(self.state_dir)
+        if problem is not None:
+            raise LedgerError(problem)
         self._ensure_dir()
         try:
             os.stat(self.path)
@@ -128,6 +255,24 @@ class Ledger:
             raise LedgerError(f"cannot access lease database {self.path}: {exc.strerror} "
                               f"(run as root or choose another --state-dir)") from None
         self._db = self._open()
+
+    @classmethod
+    def existing(cls, state_dir: Path, **kw: Any) -> Ledger | None:
+        """The ledger if its database exists, None if nothing was ever leased here; a
+        location that cannot hold one is a :class:`LedgerError` (for read-only commands,
+        which must not create the database)."""
+        problem = location_problem(state_dir)
+        if problem is not None:
+            raise LedgerError(problem)
+        try:
+            os.stat(state_dir / DB_NAME)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise LedgerError(f"cannot access lease database {state_dir / DB_NAME}: "
+                              f"{exc.strerror} (run as root or choose another --state-dir)"
+                              ) from None
+        return cls(state_dir, **kw)
 
     # -- opening ------------------------------------------------------------------------
 
@@ -141,23 +286,38 @@ class Ledger:
         if not self.state_dir.is_dir():
             raise LedgerError(f"state directory {self.state_dir} is not a directory")
 
+    def _sweep_temporaries(self) -> None:
+        """Remove what creations killed mid-way (SIGKILL, power loss) left behind."""
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.state_dir):
+                base = entry.name.split("-")[0] if "-" in entry.name else entry.name
+                m = _TMP.fullmatch(base)
+                if m and not procs.alive(int(m["pid"]), None):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+
     def _create(self) -> None:
         """Build a fresh database under a temporary name and link it into place, so
-        ``leases.db`` never exists half-initialised.  Losing a creation race is fine."""
+        ``leases.db`` never exists half-initialised.  The temporary database uses a
+        rollback journal (no WAL that a failed checkpoint could leave behind) and is read
+        back before it is linked.  Losing a creation race is fine."""
+        self._sweep_temporaries()
         tmp = self.state_dir / f".{DB_NAME}.{os.getpid()}.{time.monotonic_ns()}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.close(fd)
             db = sqlite3.connect(tmp, isolation_level=None)
             try:
-                db.execute("PRAGMA journal_mode = WAL")
+                db.execute("PRAGMA journal_mode = DELETE")
+                db.execute("PRAGMA synchronous = FULL")
                 db.executescript(
-                    "BEGIN IMMEDIATE;" + _SCHEMA_V1 +
+                    "BEGIN IMMEDIATE;" + _SCHEMA +
                     f"PRAGMA application_id = {APPLICATION_ID};"
                     f"PRAGMA user_version = {SCHEMA_VERSION};"
                     "COMMIT;")
             finally:
-                db.close()  # last connection: checkpoints and removes the -wal file
+                db.close()
+            self._check_created(tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             with contextlib.suppress(FileExistsError):  # lost a creation race: use theirs
@@ -171,9 +331,23 @@ class Ledger:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise LedgerError(f"cannot create lease database {self.path}: {why}") from None
         finally:
-            for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            for leftover in (tmp, *(Path(f"{tmp}-{s}") for s in ("journal", "wal", "shm"))):
                 with contextlib.suppress(FileNotFoundError):
                     leftover.unlink()
+
+    @staticmethod
+    def _check_created(tmp: Path) -> None:
+        """The temporary database holds the whole schema (raises sqlite3.Error if not)."""
+        db = sqlite3.connect(f"file:{tmp}?mode=ro", uri=True, isolation_level=None)
+        try:
+            check = db.execute("PRAGMA quick_check").fetchall()
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+        finally:
+            db.close()
+        if check != [("ok",)] or version != SCHEMA_VERSION or \
+                not {"holders", "leases", "host", "changes"} <= tables:
+            raise sqlite3.DatabaseError("the new database did not read back whole")
 
     def _refuse(self, why: str) -> LedgerError:
         return LedgerError(
@@ -215,11 +389,13 @@ class Ledger:
                 first = str(check[0][0]).strip().splitlines()[0]
                 more = f" and {len(check) - 1} more problems" if len(check) > 1 else ""
                 raise self._refuse(f"is corrupt ({first}{more})")
-            db.execute("PRAGMA foreign_keys = ON")
             db.execute("PRAGMA synchronous = FULL")
             mode = db.execute("PRAGMA journal_mode").fetchone()[0]
             if mode != "wal":
                 db.execute("PRAGMA journal_mode = WAL")
+            if version < SCHEMA_VERSION:
+                self._migrate(db, version)
+            db.execute("PRAGMA foreign_keys = ON")
         except sqlite3.DatabaseError as exc:
             db.close()
             kind = _kind(exc)
@@ -232,6 +408,36 @@ class Ledger:
             db.close()
             raise
         return db
+
+    def _migrate(self, db: sqlite3.Connection, version: int) -> None:
+        """Bring a version-1 database to the current schema in one transaction: typed
+        holder keys (``uuid:``, ``name:``, ``job:``), the host record and change tables,
+        lease CPUs bounded by the largest CPU number."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            again = db.execute("PRAGMA user_version").fetchone()[0]
+            if again == version == 1:  # (another process may have migrated meanwhile)
+                holders = db.execute("SELECT driver, key, name, created, owner_pid, "
+                                     "owner_start, plan, cgroup FROM holders").fetchall()
+                leases = db.execute("SELECT cpu, driver, key, role, created FROM leases "
+                                    "WHERE cpu BETWEEN 0 AND ?", (MAX_CPU,)).fetchall()
+                keys = {(h[0], h[1]): _key_v1_to_v2(h[0], h[1], h[6]) for h in holders}
+                db.execute("DROP TABLE leases")
+                db.execute("DROP TABLE holders")
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.executemany("INSERT INTO holders VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                               [(h[0], keys[h[0], h[1]], *h[2:]) for h in holders])
+                db.executemany("INSERT INTO leases VALUES (?, ?, ?, ?, ?)",
+                               [(le[0], le[1], keys[le[1], le[2]], *le[3:]) for le in leases
+                                if (le[1], le[2]) in keys])
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
 
     def _locked(self) -> LedgerError:
         return LedgerError(
@@ -282,6 +488,9 @@ class Ledger:
         if kind == "readonly":
             return LedgerError(f"lease database {self.path} is read-only for this user "
                                f"(run as root or choose another --state-dir)")
+        if kind == "full":
+            return LedgerError(f"lease database {self.path}: the file system is full; "
+                               f"nothing was recorded (free some space and retry)")
         if kind == "corrupt":
             return self._refuse(f"is corrupt ({str(exc).splitlines()[0]})")
         return LedgerError(f"lease database {self.path}: {str(exc).splitlines()[0]}")
@@ -298,17 +507,18 @@ class Ledger:
     _LEASE_SQL = ("SELECT l.cpu, l.driver, l.key, h.name, l.role, l.created, h.owner_pid "
                   "FROM leases l JOIN holders h USING (driver, key) ORDER BY l.cpu")
 
-    @staticmethod
-    def _holder(row: Any) -> HolderRecord:
+    def _holder(self, row: Any) -> HolderRecord:
         driver, key, name, created, owner_pid, owner_start, plan, cgroup = row
         ref = HolderRef(driver, key, name)
         return HolderRecord(ref=ref, created=created, owner_pid=owner_pid,
                             owner_start=owner_start, plan=plan_from_text(plan, str(ref)),
                             cgroup=cgroup)
 
-    @staticmethod
-    def _lease(row: Any) -> Lease:
+    def _lease(self, row: Any) -> Lease:
         cpu, driver, key, name, role, created, owner_pid = row
+        if not isinstance(cpu, int) or not 0 <= cpu <= MAX_CPU:
+            raise self._refuse(f"is corrupt (a lease names CPU {shorten(str(cpu))}, beyond "
+                               f"the largest possible CPU {MAX_CPU})")
         return Lease(cpu=cpu, holder=HolderRef(driver, key, name), role=role,
                      created=created, owner_pid=owner_pid)
 
@@ -317,67 +527,94 @@ class Ledger:
                           f"ORDER BY driver, name, key").fetchall()
         return tuple(self._holder(r) for r in rows)
 
-    def _reap_in(self, db: sqlite3.Connection) -> tuple[HolderRecord, ...]:
+    def _dead_in(self, db: sqlite3.Connection) -> list[Any]:
         rows = db.execute(f"SELECT {self._HOLDER_COLS} FROM holders "
                           f"WHERE owner_pid IS NOT NULL").fetchall()
-        dead = [r for r in rows if not self._alive(r[4], r[5])]
+        return [r for r in rows if not self._alive(r[4], r[5])]
+
+    def _reap_in(self, db: sqlite3.Connection) -> tuple[HolderRecord, ...]:
+        dead = self._dead_in(db)
         for r in dead:
             db.execute("DELETE FROM holders WHERE driver = ? AND key = ?", (r[0], r[1]))
         return tuple(self._holder(r) for r in dead)
 
-    # -- queries ------------------------------------------------------------------------
+    # -- queries (never write) ----------------------------------------------------------
 
-    def leases(self, *, reap: bool = True) -> tuple[Lease, ...]:
-        """Every lease, by CPU.  With ``reap`` (default) dead owners are reaped first."""
-        if reap:
-            self.reap()
+    def leases(self) -> tuple[Lease, ...]:
+        """Every lease, by CPU (dead owners' included: see :meth:`dead`)."""
         return tuple(self._lease(r) for r in self._read(self._LEASE_SQL))
 
-    def holders(self, *, reap: bool = True) -> tuple[HolderRecord, ...]:
-        """Every holder, by driver and name.  With ``reap`` dead owners are reaped first."""
-        if reap:
-            self.reap()
+    def holders(self) -> tuple[HolderRecord, ...]:
+        """Every holder, by driver and name."""
         try:
             return self._holders_in(self._db)
         except sqlite3.Error as exc:
             raise self._error(exc) from None
 
+    def dead(self) -> tuple[HolderRecord, ...]:
+        """Holders whose owner process is gone (what :meth:`reap` would remove)."""
+        try:
+            return tuple(self._holder(r) for r in self._dead_in(self._db))
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+
     def find(self, selector: str, *, driver: str | None = None) -> HolderRecord | None:
-        """The holder whose key (UUID) or else name is ``selector``; ``None`` if none.
+        """The holder with key, UUID or else name ``selector``; ``None`` if none.
         A name shared by holders of several drivers → LedgerError listing them."""
         try:
             return self._find_in(self._db, selector, driver)
         except sqlite3.Error as exc:
             raise self._error(exc) from None
 
+    def get(self, holder: HolderRef) -> HolderRecord | None:
+        """The record of exactly ``holder`` (driver and key)."""
+        rows = self._read(f"SELECT {self._HOLDER_COLS} FROM holders WHERE driver = ? AND "
+                          f"key = ?", (holder.driver, holder.key))
+        return self._holder(rows[0]) if rows else None
+
     def _find_in(self, db: sqlite3.Connection, selector: str,
                  driver: str | None) -> HolderRecord | None:
         where = "" if driver is None else " AND driver = ?"
         extra: tuple[str, ...] = () if driver is None else (driver,)
-        for column in ("key", "name"):
-            rows = db.execute(f"SELECT {self._HOLDER_COLS} FROM holders "
-                              f"WHERE {column} = ?{where} ORDER BY driver, key",
-                              (selector, *extra)).fetchall()
+        keys = [selector]
+        uuid = _canonical_uuid(selector)
+        if uuid is not None:
+            keys.append(f"{KEY_UUID}:{uuid}")
+        for column, values in (("key", keys), ("name", [selector])):
+            rows = db.execute(
+                f"SELECT {self._HOLDER_COLS} FROM holders WHERE {column} IN "
+                f"({', '.join('?' * len(values))}){where} ORDER BY driver, key",
+                (*values, *extra)).fetchall()
             if len(rows) == 1:
                 return self._holder(rows[0])
             if len(rows) > 1:
                 found = ", ".join(f"{r[0]}:{r[2]} ({r[1]})" for r in rows)
                 raise LedgerError(
-                    f"{selector!r} names several holders: {found}; give --driver or a UUID",
-                    code="ambiguous")
+                    f"{shorten(selector)} names several holders: {found}; give --driver or "
+                    f"a UUID", code="ambiguous")
         return None
+
+    def host_record(self) -> HostRecord | None:
+        """The host as found at the first lease (None when nothing is leased and nothing
+        is left to put back)."""
+        rows = self._read("SELECT created, record FROM host WHERE id = 1")
+        if not rows:
+            return None
+        try:
+            return HostRecord.from_text(rows[0][0], rows[0][1])
+        except (ValueError, TypeError, KeyError, PinwardenError) as exc:
+            raise self._refuse(f"is corrupt (host record: {shorten(str(exc))})") from None
+
+    def changes(self) -> dict[str, str]:
+        """Host settings pinwarden changed: key → original value."""
+        return {k: v for k, v in self._read("SELECT key, original FROM changes ORDER BY key")}
 
     # -- changes ------------------------------------------------------------------------
 
     def reap(self) -> tuple[HolderRecord, ...]:
         """Free every holder whose owner process is gone; return them (also kept in
-        :attr:`last_reaped`, so callers listing holders can clean up after them)."""
-        try:
-            owners = self._db.execute("SELECT owner_pid, owner_start FROM holders "
-                                      "WHERE owner_pid IS NOT NULL").fetchall()
-        except sqlite3.Error as exc:
-            raise self._error(exc) from None
-        if all(self._alive(pid, start) for pid, start in owners):
+        :attr:`last_reaped`)."""
+        if not self.dead():
             self.last_reaped = ()  # nothing to do: no write transaction
         else:
             with self._write() as db:
@@ -385,15 +622,18 @@ class Ledger:
         return self.last_reaped
 
     def reserve(self, holder: HolderRef, decide: Callable[[tuple[Lease, ...]], Plan], *,
-                owner_pid: int | None = None) -> Plan:
+                owner_pid: int | None = None, host: HostRecord | None = None) -> Plan:
         """In one transaction: reap dead owners, call ``decide(current leases)`` and record
         the plan's leases for ``holder`` (replacing any it already had).
 
         ``decide`` sees every lease, the holder's own included (policy ignores those).  If
         it raises, nothing but the reaping is recorded and the exception propagates.  A
         plan that leases a CPU someone else holds is refused (:class:`Refusal`) by the
-        database itself.  ``owner_pid`` (if given) becomes the holder's owner; otherwise a
-        previous owner is kept.
+        database itself, and so is a second holder of the same driver and name.
+        ``owner_pid`` (if given) becomes the holder's owner; otherwise a previous owner
+        is kept.  ``host``: recorded as the host as found when no host record exists yet
+        and the plan leases something (the first lease).  The holder's previous record is
+        left in :attr:`last_replaced` (for :meth:`put_back`).
         """
         owner_start: int | None = None
         if owner_pid is not None:
@@ -402,14 +642,22 @@ class Ledger:
                 raise LedgerError(f"cannot reserve CPUs for {holder}: owner process "
                                   f"{owner_pid} has exited")
         self.last_reaped = ()
+        self.last_replaced = None
         failure: Exception | None = None
         with self._write() as db:
             self.last_reaped = self._reap_in(db)
             db.execute("SAVEPOINT plan")
             try:
+                rows = db.execute(f"SELECT {self._HOLDER_COLS} FROM holders WHERE driver = ? "
+                                  f"AND key = ?", (holder.driver, holder.key)).fetchall()
+                previous = self._holder(rows[0]) if rows else None
                 leases = tuple(self._lease(r) for r in db.execute(self._LEASE_SQL))
                 plan = decide(leases)
                 self._record(db, holder, plan, owner_pid, owner_start)
+                if host is not None and plan.leases:
+                    db.execute("INSERT OR IGNORE INTO host (id, created, record) "
+                               "VALUES (1, ?, ?)", (host.created, host.to_text()))
+                self.last_replaced = previous
             except Exception as exc:
                 # Drop the plan, keep the reaping: the transaction still commits.
                 db.execute("ROLLBACK TO plan")
@@ -423,6 +671,14 @@ class Ledger:
 
     def _record(self, db: sqlite3.Connection, holder: HolderRef, plan: Plan,
                 owner_pid: int | None, owner_start: int | None) -> None:
+        twin = db.execute("SELECT key FROM holders WHERE driver = ? AND name = ? AND key != ?",
+                          (holder.driver, holder.name, holder.key)).fetchone()
+        if twin is not None:
+            other = HolderRef(holder.driver, twin[0], holder.name)
+            raise Refusal(
+                f"{holder.describe()} and the recorded {other.describe()} share a name: "
+                f"pinwarden would not tell them apart; release the recorded one first "
+                f"(pinwarden release {twin[0]}) or rename the domain", code="conflict")
         now = time.time()
         db.execute("DELETE FROM leases WHERE driver = ? AND key = ?", (holder.driver, holder.key))
         db.execute(
@@ -441,36 +697,60 @@ class Ledger:
             except sqlite3.IntegrityError as exc:
                 row = db.execute("SELECT h.driver, h.key, h.name FROM leases l JOIN holders h "
                                  "USING (driver, key) WHERE l.cpu = ?", (cpu,)).fetchone()
-                if row is None:  # not a second holder: a CHECK failed (negative CPU)
-                    raise LedgerError(f"invalid lease of CPU {cpu} ({role!r}) for {holder}: "
-                                      f"{exc}") from None
+                if row is None:  # not a second holder: a CHECK failed (CPU out of range)
+                    raise LedgerError(f"invalid lease of CPU {cpu} ({shorten(role)}) for "
+                                      f"{holder}: {exc}") from None
                 other = HolderRef(*row)
                 raise Refusal(
                     f"CPU {cpu} is already leased to {other}; choose other CPUs or release "
                     f"that holder first",
                     code="conflict") from None
 
+    def put_back(self, holder: HolderRef, previous: HolderRecord | None) -> None:
+        """Undo a :meth:`reserve` of ``holder``: its record and leases become
+        ``previous`` again (None: the holder did not exist, it is removed)."""
+        with self._write() as db:
+            db.execute("DELETE FROM holders WHERE driver = ? AND key = ?",
+                       (holder.driver, holder.key))
+            if previous is None:
+                return
+            plan = previous.plan
+            db.execute(f"INSERT INTO holders ({self._HOLDER_COLS}) VALUES (?, ?, ?, ?, ?, ?, "
+                       f"?, ?)", (holder.driver, holder.key, previous.ref.name,
+                                  previous.created, previous.owner_pid, previous.owner_start,
+                                  plan_to_text(plan), previous.cgroup))
+            for cpu, role in sorted(plan.leases.items()):
+                db.execute("INSERT INTO leases (cpu, driver, key, role, created) "
+                           "VALUES (?, ?, ?, ?, ?)",
+                           (cpu, holder.driver, holder.key, role, previous.created))
+
     def release(self, selector: str, *, driver: str | None = None) -> HolderRecord:
-        """Free the holder named ``selector`` (name or UUID); unknown → LedgerError."""
+        """Free the holder named ``selector`` (key, UUID or name); unknown → LedgerError."""
         with self._write() as db:
             record = self._find_in(db, selector, driver)
             if record is None:
                 scope = "" if driver is None else f" of driver {driver}"
-                raise LedgerError(f"no holder{scope} named {selector!r} in {self.path}; "
-                                  f"'pinwarden status' lists them", code="unknown-holder")
+                raise LedgerError(f"no holder{scope} named {shorten(selector)} in "
+                                  f"{self.path}; 'pinwarden status' lists them",
+                                  code="unknown-holder")
             db.execute("DELETE FROM holders WHERE driver = ? AND key = ?",
                        (record.ref.driver, record.ref.key))
         return record
 
-    def _update(self, holder: HolderRef, column: str, value: Any, extra: Any = None) -> None:
+    def drop(self, holder: HolderRef) -> HolderRecord | None:
+        """Free exactly ``holder`` if it is recorded; its record, or None."""
         with self._write() as db:
-            if column == "owner":
-                cur = db.execute("UPDATE holders SET owner_pid = ?, owner_start = ? "
-                                 "WHERE driver = ? AND key = ?",
-                                 (value, extra, holder.driver, holder.key))
-            else:
-                cur = db.execute("UPDATE holders SET cgroup = ? WHERE driver = ? AND key = ?",
-                                 (value, holder.driver, holder.key))
+            rows = db.execute(f"SELECT {self._HOLDER_COLS} FROM holders WHERE driver = ? "
+                              f"AND key = ?", (holder.driver, holder.key)).fetchall()
+            if not rows:
+                return None
+            db.execute("DELETE FROM holders WHERE driver = ? AND key = ?",
+                       (holder.driver, holder.key))
+        return self._holder(rows[0])
+
+    def _update(self, holder: HolderRef, sql: str, params: tuple[Any, ...]) -> None:
+        with self._write() as db:
+            cur = db.execute(sql, (*params, holder.driver, holder.key))
             if cur.rowcount != 1:
                 raise LedgerError(f"{holder} holds no leases in {self.path}",
                                   code="unknown-holder")
@@ -484,8 +764,50 @@ class Ledger:
             if start is None:
                 raise LedgerError(f"cannot make process {pid} the owner of {holder}: "
                                   f"it has exited")
-        self._update(holder, "owner", pid, start)
+        self._update(holder, "UPDATE holders SET owner_pid = ?, owner_start = ? "
+                             "WHERE driver = ? AND key = ?", (pid, start))
 
     def set_cgroup(self, holder: HolderRef, path: str | None) -> None:
         """Record where enforcement placed the holder (cpuset cgroup path)."""
-        self._update(holder, "cgroup", path)
+        self._update(holder, "UPDATE holders SET cgroup = ? WHERE driver = ? AND key = ?",
+                     (path,))
+
+    def record_changes(self, originals: Mapping[str, str]) -> None:
+        """Remember the original value of each host setting about to change — only the
+        first time: a value already recorded is the original, never overwritten."""
+        if not originals:
+            return
+        now = time.time()
+        with self._write() as db:
+            db.executemany("INSERT OR IGNORE INTO changes (key, original, created) "
+                           "VALUES (?, ?, ?)", [(k, v, now) for k, v in originals.items()])
+
+    def forget_changes(self, keys: Iterable[str]) -> None:
+        """The settings ``keys`` are back as found: forget their originals."""
+        wanted = list(keys)
+        if not wanted:
+            return
+        with self._write() as db:
+            db.executemany("DELETE FROM changes WHERE key = ?", [(k,) for k in wanted])
+
+    def clear_host_record(self) -> bool:
+        """Forget the host record once nothing is leased and nothing is left to put back;
+        False (and nothing done) while a lease or a change remains."""
+        with self._write() as db:
+            busy = db.execute("SELECT (SELECT count(*) FROM leases) + "
+                              "(SELECT count(*) FROM changes)").fetchone()[0]
+            if busy:
+                return False
+            db.execute("DELETE FROM host")
+        return True
+
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?"
+                   r"[0-9a-fA-F]{12}")
+
+
+def _canonical_uuid(text: str) -> str | None:
+    if not _UUID.fullmatch(text):
+        return None
+    digits = text.replace("-", "").lower()
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"

@@ -13,17 +13,57 @@ from pinwarden.cpuset import CpuSet, union
 SIBLING_HOLD = "sibling-hold"
 
 
+#: Kinds of holder keys: a key is ``KIND:VALUE`` and keys of different kinds never collide
+#: (a domain named like another domain's UUID is a different holder).
+KEY_UUID, KEY_NAME, KEY_JOB = "uuid", "name", "job"
+JOB_DRIVER = "run"
+VM_DRIVERS = ("qemu", "lxc")
+
+
 @dataclass(frozen=True, slots=True)
 class HolderRef:
-    """Who holds leases: a libvirt domain (driver ``qemu``/``lxc``) or a ``run`` job."""
+    """Who holds leases: a libvirt domain (driver ``qemu``/``lxc``) or a ``run`` job.
+
+    Build it with :func:`domain_holder` or :func:`job_holder` — the one place that decides
+    a holder's identity — never by hand."""
 
     driver: str  # "qemu", "lxc", "run"
-    key: str  # domain UUID when known, else its name; run jobs: their name
+    key: str  # "uuid:<uuid>" (domains with a UUID), "name:<name>" (without), "job:<name>"
     name: str  # human name (domain name, job name)
 
+    @property
+    def uuid(self) -> str | None:
+        """The domain's UUID, when its identity is one."""
+        kind, _, value = self.key.partition(":")
+        return value if kind == KEY_UUID else None
+
+    def describe(self) -> str:
+        """``qemu domain 'web' (uuid 6f…)``: unambiguous where the name alone is not."""
+        uuid = self.uuid
+        return f"{self} (uuid {uuid})" if uuid else str(self)
+
     def __str__(self) -> str:
-        return f"{self.driver} domain {self.name!r}" if self.driver != "run" \
+        return f"{self.driver} domain {self.name!r}" if self.driver != JOB_DRIVER \
             else f"job {self.name!r}"
+
+
+def domain_holder(driver: str, name: str, uuid: str | None) -> HolderRef:
+    """The identity of a libvirt domain: its UUID when it has one (libvirt always gives
+    one; a bare XML file may not), else its name.  ``uuid`` must be canonical (lowercase,
+    dashed), as :func:`pinwarden.domain.parse_domain` and libvirt give it."""
+    if driver not in VM_DRIVERS:
+        raise ValueError(f"unknown domain driver {driver!r}")
+    return HolderRef(driver, f"{KEY_UUID}:{uuid}" if uuid else f"{KEY_NAME}:{name}", name)
+
+
+def job_holder(name: str) -> HolderRef:
+    """The identity of a ``pinwarden run`` job: its (unique) name."""
+    return HolderRef(JOB_DRIVER, f"{KEY_JOB}:{name}", name)
+
+
+def driver_of_type(domain_type: str | None) -> str:
+    """The libvirt driver of a domain XML's ``<domain type=…>``: ``lxc`` or ``qemu``."""
+    return "lxc" if domain_type == "lxc" else "qemu"
 
 
 @dataclass(frozen=True, slots=True)
