@@ -63,7 +63,7 @@ RICH = """<?xml version="1.0" encoding="UTF-8"?>
 
 def test_seed_example_parses() -> None:
     spec = parse_domain(SEED)
-    assert spec.name == "vm1" and spec.uuid is None and spec.key == "vm1"
+    assert spec.name == "vm1" and spec.uuid is None
     assert spec.vcpus == 2 and spec.placement == "static"
     assert spec.cpuset == CpuSet.parse("4-6")
     assert spec.vcpupins == {0: CpuSet.of([5]), 1: CpuSet.of([6])}
@@ -76,7 +76,6 @@ def test_rich_domain_parses_everything_cpu_related() -> None:
     spec = parse_domain(RICH.encode())
     assert spec.name == "db-primary"
     assert spec.uuid == "3e4a5b6c-7d8e-4f90-a1b2-c3d4e5f60718"
-    assert spec.key == spec.uuid
     assert (spec.vcpus, spec.current, spec.cpuset) == (4, 2, None)
     assert spec.exclusive and spec.threads == "isolate" and spec.emulator == "isolate"
     assert spec.iothreads == 2 and spec.iothread_id_set == (1, 2)
@@ -91,7 +90,7 @@ def test_defaults_without_cpu_elements() -> None:
     spec = parse_domain("<domain type='qemu'><name>plain</name></domain>")
     assert spec.vcpus == 1  # libvirt's default without <vcpu>
     assert not spec.has_affinity and not spec.exclusive
-    assert (spec.threads, spec.emulator) == ("prefer", "float")
+    assert (spec.threads, spec.emulator) == ("whole", "float")
 
 
 def test_iothreadids_and_partition() -> None:

@@ -14,9 +14,9 @@ from conftest import HWLOC_DUMPS
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import PW_NS, DomainSpec, parse_domain
 from pinwarden.errors import Refusal
-from pinwarden.model import SIBLING_HOLD, HolderRef, Lease, Plan
+from pinwarden.model import SIBLING_HOLD, HolderRef, Lease, Plan, domain_holder
 from pinwarden.partition import Host, Partition, PartitionMode
-from pinwarden.policy import decide
+from pinwarden.policy import decide, holder_of
 from pinwarden.topology import Cpu, Topology
 
 C = CpuSet.parse
@@ -55,14 +55,15 @@ def spec(name: str = "vm1", vcpus: int = 2, **kw: object) -> DomainSpec:
 
 
 def lease(cpus: str, name: str = "other", role: str = "vcpu0") -> list[Lease]:
-    holder = HolderRef("qemu", name, name)
+    holder = domain_holder("qemu", name, None)
     return [Lease(cpu, holder, role, 0.0) for cpu in C(cpus)]
 
 
 def refused(code: str, *needles: str, **kw: object) -> Refusal:
-    """Run decide(**kw) expecting a refusal with ``code`` mentioning every needle."""
+    """Run decide(spec, host, leases) expecting a refusal with ``code`` mentioning every
+    needle."""
     with pytest.raises(Refusal) as info:
-        decide(**kw)  # type: ignore[arg-type]
+        decide(kw.pop("spec"), **kw)  # type: ignore[arg-type]
     assert info.value.code == code, info.value.message
     for needle in needles:
         assert needle in info.value.message, info.value.message
@@ -93,7 +94,7 @@ def test_seed_example_on_isolcpus_host() -> None:
 
 def test_seed_example_twice_conflicts_naming_cpu_and_holder() -> None:
     first = decide(parse_domain(SEED), host(), [])
-    held = [Lease(cpu, HolderRef("qemu", "vm1", "vm1"), role, 1.0)
+    held = [Lease(cpu, domain_holder("qemu", "vm1", None), role, 1.0)
             for cpu, role in first.leases.items()]
     twin = parse_domain(SEED.replace("<name>vm1</name>", "<name>vm2</name>"))
     refused("conflict", "CPU 5", "qemu domain 'vm1'", "vcpu0", "pinwarden release vm1",
@@ -407,7 +408,7 @@ def domain_specs(draw: st.DrawFn) -> DomainSpec:
         iothreadpins=draw(st.dictionaries(st.integers(1, iothreads + 1), cpu_sets,
                                           max_size=iothreads)),
         numa_nodeset=draw(st.none() | st.sampled_from([C("0"), C("1"), C("0-1")])),
-        threads=draw(st.sampled_from(["prefer", "isolate", "require"])),
+        threads=draw(st.sampled_from(["whole", "prefer", "isolate", "require"])),
         emulator=draw(st.sampled_from(["float", "isolate", "shared"])))
 
 
@@ -422,10 +423,10 @@ def test_random_operations_keep_leases_exclusive(h: Host, ops: list[object]) -> 
     table: dict[int, Lease] = {}  # the ledger: cpu -> lease
     for op in ops:
         if isinstance(op, str):  # release
-            table = {c: le for c, le in table.items() if le.holder.key != op}
+            table = {c: le for c, le in table.items() if le.holder.name != op}
             continue
         assert isinstance(op, DomainSpec)
-        holder = HolderRef("qemu", op.key, op.name)
+        holder = holder_of(op)
         try:
             plan: Plan = decide(op, h, list(table.values()))
         except Refusal as exc:
@@ -440,9 +441,12 @@ def test_random_operations_keep_leases_exclusive(h: Host, ops: list[object]) -> 
         assert plan.cpus().isdisjoint(CpuSet(frozenset(others)))
         assert plan.cpus() <= h.topology.online
         if plan.exclusive:
-            owned = plan.cpus() if op.emulator != "shared" or op.emulatorpin else \
-                union_of_vcpus(plan)
+            owned = plan.cpus() if op.emulator != "shared" else union_of_vcpus(plan)
             assert owned <= plan.leased()
+            # no physical core is split between two holders (prefer opts in to it)
+            if op.threads != "prefer":
+                cores = CpuSet.of(s for c in plan.leased() for s in h.topology.siblings(c))
+                assert cores.isdisjoint(CpuSet(frozenset(others)))
         table = others | {c: Lease(c, holder, r, 0.0) for c, r in plan.leases.items()}
 
 

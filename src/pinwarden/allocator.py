@@ -192,6 +192,8 @@ def _capacity(cores: Sequence[_HostCore], free: frozenset[int], policy: ThreadPo
         return len(free)
     if policy == "isolate":
         return sum(1 for c in cores if c.cpus <= free)
+    if policy == "whole":
+        return sum(len(c.threads) for c in cores if c.cpus <= free)
     return sum(len(c.threads) for c in cores if len(c.threads) > 1 and c.cpus <= free)
 
 
@@ -209,7 +211,7 @@ def _free_cores(cores: Sequence[_HostCore], free: frozenset[int]) -> list[_Core]
 def _eligible(cores: Iterable[_Core], policy: ThreadPolicy) -> list[_Core]:
     if policy == "prefer":
         return list(cores)
-    if policy == "isolate":
+    if policy in ("isolate", "whole"):
         return [c for c in cores if c.whole]
     return [c for c in cores if c.whole and len(c.threads) > 1]
 
@@ -306,9 +308,11 @@ def _refusal_message(request: Request, available: int) -> str:
     elif request.threads == "require":
         what = f"{available} CPUs on whole free SMT cores (thread policy 'require')"
         relax = "use thread policy 'prefer'"
+    elif request.threads == "whole":
+        what = f"{available} CPUs on whole free cores (thread policy 'whole')"
+        relax = "share cores with thread policy 'prefer'"
     else:
         what = f"{available} free CPUs"
         relax = "lower the vCPU count"
-    widen = ", widen the numatune nodeset" if request.nodes is not None else ""
-    return (f"cannot place {request.count} CPUs: only {what}{where}; stop or shrink an "
-            f"exclusive VM{widen}, or {relax}")
+    widen = "widen the numatune nodeset or " if request.nodes is not None else ""
+    return f"cannot place {request.count} CPUs: only {what}{where}; {widen}{relax}"

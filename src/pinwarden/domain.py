@@ -23,10 +23,13 @@ import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
 from pinwarden.cpuset import CpuSet, CpuSetError
-from pinwarden.errors import InputError
+from pinwarden.errors import InputError, shorten
 from pinwarden.model import Plan
 
 PW_NS = "urn:pinwarden:domain:1"
+#: Namespaces that look like pinwarden's but are not it (a typo or another version):
+#: refused, so that a near miss never silently makes an exclusive domain shared.
+_PW_NS_LIKE = re.compile(r"urn:pinwarden\b.*", re.I)
 
 #: Largest domain XML accepted (libvirt's own domain documents are a few KiB).
 MAX_XML_BYTES = 1 << 20
@@ -34,10 +37,15 @@ MAX_XML_BYTES = 1 << 20
 #: Largest vCPU / iothread count accepted (QEMU's limit is far lower).
 MAX_VCPUS = 8192
 
-ThreadPolicy = Literal["prefer", "isolate", "require"]
+#: SMT thread policies of exclusive holders.  ``whole`` (the default): whole physical cores,
+#: never shared with another holder, an odd count holds the spare sibling empty.  Nova's
+#: ``prefer`` (may share a core with another holder: an explicit opt-in), ``isolate`` (one
+#: thread per core, the siblings held empty) and ``require`` (SMT siblings only).
+ThreadPolicy = Literal["whole", "prefer", "isolate", "require"]
 EmulatorPolicy = Literal["float", "isolate", "shared"]
+DEFAULT_THREADS: ThreadPolicy = "whole"
 
-_THREAD_POLICIES: tuple[ThreadPolicy, ...] = ("prefer", "isolate", "require")
+_THREAD_POLICIES: tuple[ThreadPolicy, ...] = ("whole", "prefer", "isolate", "require")
 _EMULATOR_POLICIES: tuple[EmulatorPolicy, ...] = ("float", "isolate", "shared")
 
 
@@ -63,7 +71,7 @@ class DomainSpec:
     iothreads: int = 0  # <iothreads>N</iothreads>
     iothreadpins: Mapping[int, CpuSet] = field(default_factory=dict)
     exclusive: bool = False  # <cputune exclusive='yes'> or <pw:cpu exclusive="yes"/>
-    threads: ThreadPolicy = "prefer"
+    threads: ThreadPolicy = DEFAULT_THREADS
     emulator: EmulatorPolicy = "float"
     numa_mode: str | None = None  # <numatune><memory mode=...>
     numa_nodeset: CpuSet | None = None  # host NUMA nodes from <numatune><memory nodeset>
@@ -72,10 +80,6 @@ class DomainSpec:
     # additive: explicit <iothreadids><iothread id=N/> (empty: ids are 1..iothreads)
     iothread_ids: tuple[int, ...] = ()
     domain_type: str | None = None  # <domain type=kvm|qemu|lxc|...>
-
-    @property
-    def key(self) -> str:
-        return self.uuid or self.name
 
     @property
     def has_affinity(self) -> bool:
@@ -131,7 +135,7 @@ def _load(text: str) -> Element:
 
 
 def _bad(where: str, value: str, why: str) -> NoReturn:
-    raise InputError(f"{where}={value!r}: {why}")
+    raise InputError(f"{where}={shorten(value)}: {why}")
 
 
 def _int(where: str, value: str | None, *, minimum: int = 0, maximum: int = MAX_VCPUS,
@@ -143,7 +147,10 @@ def _int(where: str, value: str | None, *, minimum: int = 0, maximum: int = MAX_
     text = value.strip()
     if not text.isascii() or not text.isdigit():
         _bad(where, value, "not a non-negative integer")
-    number = int(text)
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(maximum)):  # also keeps int() off hostile digit runs
+        _bad(where, value, f"must be between {minimum} and {maximum}")
+    number = int(digits)
     if not minimum <= number <= maximum:
         _bad(where, value, f"must be between {minimum} and {maximum}")
     return number
@@ -155,7 +162,7 @@ def _cpus(where: str, value: str | None) -> CpuSet:
     try:
         return CpuSet.parse(value)
     except CpuSetError as exc:
-        raise InputError(f"{where}={value!r}: {exc.message}") from None
+        raise InputError(f"{where}={shorten(value)}: {exc.message}") from None
 
 
 def _yes_no(where: str, value: str) -> bool:
@@ -312,9 +319,17 @@ def parse_domain(xml: str | bytes) -> DomainSpec:
         if not partition.startswith("/") or "//" in partition or "\n" in partition:
             _bad("<resource><partition>", partition, "must be an absolute path like /machine")
 
-    threads: ThreadPolicy = "prefer"
+    threads: ThreadPolicy = DEFAULT_THREADS
     emulator: EmulatorPolicy = "float"
     metadata = _only(root, "metadata", "<domain>")
+    if metadata is not None:
+        for child in metadata:
+            namespace = child.tag[1:].partition("}")[0] if child.tag.startswith("{") else ""
+            if namespace != PW_NS and _PW_NS_LIKE.fullmatch(namespace):
+                raise InputError(
+                    f"<metadata> element {shorten(child.tag)} is in namespace "
+                    f"{shorten(namespace)}, not pinwarden's {PW_NS!r}: pinwarden would "
+                    f"ignore it (an exclusive domain would run shared); use {PW_NS!r}")
     pw = metadata.findall(f"{{{PW_NS}}}cpu") if metadata is not None else []
     if len(pw) > 1:
         raise InputError("<metadata>: more than one pinwarden <cpu> element")
@@ -334,7 +349,7 @@ def parse_domain(xml: str | bytes) -> DomainSpec:
         value = meta.get("threads")
         if value is not None:
             if value not in _THREAD_POLICIES:
-                _bad("<pw:cpu threads>", value, "must be prefer, isolate or require")
+                _bad("<pw:cpu threads>", value, "must be whole, prefer, isolate or require")
             threads = value
         value = meta.get("emulator")
         if value is not None:
@@ -356,9 +371,11 @@ def parse_domain(xml: str | bytes) -> DomainSpec:
 
 @dataclass
 class _Node:
-    """An element located in the document by byte offsets (UTF-8)."""
+    """An element located in the document by byte offsets (UTF-8).  ``tag`` is the local
+    name, ``ns`` its namespace URI ("" for libvirt's own, un-namespaced elements)."""
 
     tag: str
+    ns: str
     attrs: dict[str, str]
     start: int  # offset of '<'
     head_end: int = 0  # offset just past the start tag's '>'
@@ -371,7 +388,9 @@ class _Node:
         return self.tail_start == self.end
 
     def child(self, tag: str) -> _Node | None:
-        return next((c for c in self.children if c.tag == tag), None)
+        """The first child ``<tag>`` of libvirt's (no namespace): elements of other
+        namespaces are never pinwarden's to edit."""
+        return next((c for c in self.children if c.tag == tag and not c.ns), None)
 
 
 def _tag_end(data: bytes, start: int) -> int:
@@ -391,17 +410,22 @@ def _tag_end(data: bytes, start: int) -> int:
     raise InputError("malformed domain XML: unterminated tag")  # expat would have said
 
 
+_NS_SEP = "\x1f"  # never in a URI nor a name
+
+
 def _locate(data: bytes) -> _Node:
     """Element tree with byte offsets; the document was already validated by _load()."""
-    parser = xml.parsers.expat.ParserCreate()
+    parser = xml.parsers.expat.ParserCreate(namespace_separator=_NS_SEP)
     stack: list[_Node] = []
     roots: list[_Node] = []
 
     def forbid(*_args: object) -> None:
         raise InputError("domain XML refused: DTDs and entities are not accepted")
 
-    def start(tag: str, attrs: dict[str, str]) -> None:
-        node = _Node(tag, attrs, parser.CurrentByteIndex)
+    def start(name: str, attrs: dict[str, str]) -> None:
+        ns, _, tag = name.rpartition(_NS_SEP)
+        node = _Node(tag, ns, {k.rpartition(_NS_SEP)[2]: v for k, v in attrs.items()
+                               if _NS_SEP not in k}, parser.CurrentByteIndex)
         node.head_end = _tag_end(data, node.start)
         (stack[-1].children if stack else roots).append(node)
         stack.append(node)
@@ -575,7 +599,7 @@ def render_plan(xml: str | bytes, plan: Plan, *, partition: str | None = None) -
              asked: Mapping[int, CpuSet]) -> None:
         """Rewrite the existing ``<tag key=N>`` pins that changed, add the missing ones."""
         existing = {int(n.attrs.get(key, "-1")): n for n in tune.children
-                    if n.tag == tag} if tune is not None else {}
+                    if n.tag == tag and not n.ns} if tune is not None else {}
         for ident, cpus in sorted(planned.items()):
             node = existing.get(ident)
             if node is not None:

@@ -1,59 +1,92 @@
-"""Placement policy: a pure function of (domain spec, host, current leases) → plan or refusal.
+"""Placement policy: a pure function of (request, host, current leases) → plan or refusal.
 
-No I/O here.  See DEVELOPERS.md for the rule table; in short:
+No I/O here.  Two kinds of request share every rule:
+
+* :class:`~pinwarden.domain.DomainSpec` — a libvirt domain (shared or exclusive);
+* :class:`JobSpec` — a ``pinwarden run`` job, always exclusive.
+
+See DEVELOPERS.md for the rule table; in short:
 
 * the partition decides what a domain without affinity gets (``isolcpus``: the isolated
   CPUs; ``cgroup``: the partition cgroup's effective cpuset; ``none``: online − reserve),
   always minus every CPU leased exclusively to someone else ("never all CPUs");
 * affinity in the XML is honoured, except that in ``cgroup`` mode it must lie inside the
   partition, and nobody but the holder may use a leased CPU;
-* an exclusive domain leases every CPU its threads may run on (vCPUs, emulator, iothreads,
-  plus sibling threads held empty under ``threads="isolate"``), never a housekeeping CPU.
+* an exclusive holder leases every CPU its threads may run on (vCPUs, emulator, iothreads;
+  a job's task CPUs), never a housekeeping CPU; under the thread policies ``whole`` (the
+  default), ``isolate`` and ``require`` it also holds the other threads of every core it
+  uses (role ``sibling-hold``), so no physical core is ever split between two holders;
+  ``prefer`` opts in to sharing cores.  Holds are computed from the leased CPUs the same
+  way whether the allocator chose them or the XML pinned them, so a plan rendered as XML
+  (explicit pins) plans again to the same leases.
 
-Refusal codes: ``no-vcpus``, ``bad-pin``, ``unknown-cpu``, ``offline-cpu``,
-``outside-partition``, ``host-cpu``, ``conflict``, ``insufficient-cpus`` (and the
-allocator's ``no-smt``).
+Refusal codes: ``no-vcpus``, ``bad-pin``, ``unknown-cpu``, ``unknown-node``,
+``offline-cpu``, ``outside-partition``, ``host-cpu``, ``conflict``, ``job-exists``,
+``insufficient-cpus`` (and the allocator's ``no-smt``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from pinwarden.cpuset import CpuSet, union
-from pinwarden.domain import DomainSpec
-from pinwarden.errors import Refusal
-from pinwarden.model import SIBLING_HOLD, Lease, Plan
+from pinwarden.cpuset import EMPTY, CpuSet, union
+from pinwarden.domain import DEFAULT_THREADS, DomainSpec, ThreadPolicy
+from pinwarden.errors import InputError, Refusal
+from pinwarden.model import (
+    SIBLING_HOLD,
+    HolderRef,
+    Lease,
+    Plan,
+    domain_holder,
+    driver_of_type,
+    job_holder,
+)
 from pinwarden.partition import Host, Partition, shared_pool
 
 if TYPE_CHECKING:
     from pinwarden import allocator
+
+#: Lease role of a job's CPUs.
+TASK_ROLE = "task"
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """``pinwarden run``: ``count`` CPUs chosen by topology, or exactly ``cpus``."""
+
+    name: str
+    count: int | None = None  # --exclusive N (default 1)
+    cpus: CpuSet | None = None  # --cpus LIST
+    threads: ThreadPolicy = DEFAULT_THREADS
+
+
+Request = DomainSpec | JobSpec
+
+
+def holder_of(request: Request) -> HolderRef:
+    """The holder a request leases for (:mod:`pinwarden.model`'s identity rule)."""
+    if isinstance(request, JobSpec):
+        return job_holder(request.name)
+    return domain_holder(driver_of_type(request.domain_type), request.name, request.uuid)
 
 
 @dataclass(frozen=True, slots=True)
 class _Ctx:
     """Everything one decision looks at, computed once."""
 
-    spec: DomainSpec
+    name: str
+    who: str  # "domain 'x'" / "job 'x'"
     host: Host
     others: Mapping[int, Lease]  # cpu -> lease of another holder
+    mine: CpuSet  # CPUs the holder itself already leases (replaced by this plan)
+    leased: CpuSet = field(default=EMPTY)  # every CPU of ``others``
+    vm_cpus: CpuSet = field(default=EMPTY)  # online VM CPUs
 
     @property
     def part(self) -> Partition:
         return self.host.partition
-
-    @property
-    def who(self) -> str:
-        return f"domain {self.spec.name!r}"
-
-    @property
-    def leased(self) -> CpuSet:
-        return CpuSet(frozenset(self.others))
-
-    @property
-    def vm_cpus(self) -> CpuSet:
-        return self.part.vm_cpus & self.host.topology.online
 
     def where(self) -> str:
         """The partition, for messages."""
@@ -64,32 +97,30 @@ class _Ctx:
         return f"VM CPUs {self.part.vm_cpus} (online minus host reserve)"
 
 
-def decide(spec: DomainSpec, host: Host, leases: Sequence[Lease], *,
-           driver: str = "qemu") -> Plan:
-    """Plan ``spec`` on ``host`` beside ``leases``, or raise :class:`~pinwarden.errors.Refusal`.
+def decide(request: Request, host: Host, leases: Sequence[Lease], *,
+           holder: HolderRef | None = None) -> Plan:
+    """Plan ``request`` on ``host`` beside ``leases``, or raise
+    :class:`~pinwarden.errors.Refusal`.
 
-    Leases already held by the same holder (``driver``, ``spec.key``) are ignored, so
-    re-planning a holder replaces its own leases.
+    Leases already held by ``holder`` (default :func:`holder_of`) are ignored, so
+    re-planning a holder replaces its own leases — except for jobs, whose names are unique
+    among running jobs (``job-exists``).
     """
-    others = {lease.cpu: lease for lease in sorted(leases, key=lambda le: le.cpu)
-              if (lease.holder.driver, lease.holder.key) != (driver, spec.key)}
-    ctx = _Ctx(spec, host, others)
-    _check_shape(spec)
-    for label, cpus in _affinity(spec):
-        _check_exists(ctx, label, cpus)
-        if ctx.part.mode == "cgroup":
-            outside = cpus - ctx.part.vm_cpus
-            if outside:
-                raise Refusal(
-                    f"{label} of {ctx.who} uses CPUs {outside} outside the {ctx.where()}: "
-                    f"pin it inside {ctx.part.vm_cpus} or widen the partition",
-                    code="outside-partition")
-    plan = _exclusive(ctx) if spec.exclusive else _shared(ctx)
-    if spec.placement == "auto" and plan.default_cpus is not None:
-        plan = replace(plan, notes=(*plan.notes, (
-            f"{ctx.who} asks for <vcpu placement='auto'> (numad); pinwarden places it "
-            f"statically on {plan.default_cpus} instead, so that no leased CPU is used")))
-    return plan
+    holder = holder if holder is not None else holder_of(request)
+    others: dict[int, Lease] = {}
+    mine: list[int] = []
+    for lease in leases:
+        if lease.holder.driver == holder.driver and lease.holder.key == holder.key:
+            mine.append(lease.cpu)
+        else:
+            others[lease.cpu] = lease
+    who = f"job {request.name!r}" if isinstance(request, JobSpec) else \
+        f"domain {request.name!r}"
+    ctx = _Ctx(request.name, who, host, others, CpuSet(frozenset(mine)),
+               CpuSet(frozenset(others)), host.partition.vm_cpus & host.topology.online)
+    if isinstance(request, JobSpec):
+        return _job(ctx, request)
+    return _domain(ctx, request)
 
 
 # -- validation ----------------------------------------------------------------------------
@@ -111,18 +142,20 @@ def _check_shape(spec: DomainSpec) -> None:
     if spec.vcpus < 1:
         raise Refusal(f"domain {spec.name!r} has no vCPUs (<vcpu>{spec.vcpus}</vcpu>): give "
                       "it at least one", code="no-vcpus")
-    for vcpu in sorted(spec.vcpupins):
-        if vcpu >= spec.vcpus:
-            raise Refusal(f"<vcpupin vcpu='{vcpu}'> pins a vCPU domain {spec.name!r} does not "
-                          f"have (vCPUs 0-{spec.vcpus - 1}): remove the pin or raise <vcpu>",
-                          code="bad-pin")
-    ids = spec.iothread_id_set
-    for ident in sorted(spec.iothreadpins):
-        if ident not in ids:
-            have = f"iothreads {CpuSet.of(ids)}" if ids else "no iothreads"
-            raise Refusal(f"<iothreadpin iothread='{ident}'> pins an iothread domain "
-                          f"{spec.name!r} does not have ({have}): remove the pin or add the "
-                          "iothread", code="bad-pin")
+    beyond = [vcpu for vcpu in spec.vcpupins if vcpu >= spec.vcpus]
+    if beyond:
+        vcpu = min(beyond)
+        raise Refusal(f"<vcpupin vcpu='{vcpu}'> pins a vCPU domain {spec.name!r} does not "
+                      f"have (vCPUs 0-{spec.vcpus - 1}): remove the pin or raise <vcpu>",
+                      code="bad-pin")
+    ids = frozenset(spec.iothread_id_set)
+    unknown = [ident for ident in spec.iothreadpins if ident not in ids]
+    if unknown:
+        ident = min(unknown)
+        have = f"iothreads {CpuSet.of(ids)}" if ids else "no iothreads"
+        raise Refusal(f"<iothreadpin iothread='{ident}'> pins an iothread domain "
+                      f"{spec.name!r} does not have ({have}): remove the pin or add the "
+                      "iothread", code="bad-pin")
 
 
 def _check_exists(ctx: _Ctx, label: str, cpus: CpuSet) -> None:
@@ -137,7 +170,18 @@ def _check_exists(ctx: _Ctx, label: str, cpus: CpuSet) -> None:
                       f"{topo.online}): bring it online or pin elsewhere", code="offline-cpu")
 
 
-def _conflict(ctx: _Ctx, label: str, cpus: CpuSet) -> None:
+def _check_nodes(ctx: _Ctx, spec: DomainSpec) -> None:
+    if spec.numa_nodeset is None:
+        return
+    nodes = CpuSet.of(n for n, cpus in ctx.host.topology.nodes.items() if cpus)
+    unknown = spec.numa_nodeset - nodes
+    if unknown:
+        raise Refusal(f"<numatune> of {ctx.who} names NUMA node {unknown.first()}, which "
+                      f"this host does not have (nodes with CPUs: {nodes or 'none'}): fix "
+                      f"the nodeset", code="unknown-node")
+
+
+def _conflict(ctx: _Ctx, label: str, cpus: CpuSet, *, advice: str = "") -> None:
     """Refuse when ``cpus`` touches a CPU leased to another holder."""
     taken = cpus & ctx.leased
     if not taken:
@@ -147,8 +191,19 @@ def _conflict(ctx: _Ctx, label: str, cpus: CpuSet) -> None:
     more = f" (and {len(taken) - 1} more leased CPUs)" if len(taken) > 1 else ""
     raise Refusal(
         f"CPU {cpu}{more} for {label} of {ctx.who} is leased exclusively to {lease.holder} "
-        f"({lease.role}): choose other CPUs or release it first "
+        f"({lease.role}): choose other CPUs{advice} or release it first "
         f"(pinwarden release {lease.holder.name})", code="conflict")
+
+
+def _holders_of(ctx: _Ctx, cpus: CpuSet) -> str:
+    """``CPUs 1-2 to job 'A'; CPU 3 to qemu domain 'x'``."""
+    by: dict[HolderRef, list[int]] = {}
+    for cpu in cpus:
+        lease = ctx.others.get(cpu)
+        if lease is not None:
+            by.setdefault(lease.holder, []).append(cpu)
+    return "; ".join(f"{'CPU' if len(c) == 1 else 'CPUs'} {CpuSet.of(c)} to {h}"
+                     for h, c in by.items())
 
 
 # -- shared domains ------------------------------------------------------------------------
@@ -160,8 +215,10 @@ def _shared_pool(ctx: _Ctx, exclude: CpuSet, notes: list[str]) -> CpuSet:
     pool, fallback = shared_pool(ctx.host, ctx.leased | exclude)
     if fallback and ctx.part.mode == "cgroup":
         raise Refusal(
-            f"every CPU of the {ctx.where()} is leased exclusively; {ctx.who} has nowhere to "
-            "run: release a lease or widen the partition", code="insufficient-cpus")
+            f"every CPU of the {ctx.where()} is leased exclusively "
+            f"({_holders_of(ctx, ctx.vm_cpus)}); {ctx.who} has nowhere to run: release a "
+            "lease or widen the partition",
+            code="insufficient-cpus")
     if not pool:
         raise Refusal(f"no CPU is free for {ctx.who}: every online CPU is leased; release a "
                       "lease first", code="insufficient-cpus")
@@ -169,8 +226,27 @@ def _shared_pool(ctx: _Ctx, exclude: CpuSet, notes: list[str]) -> CpuSet:
     return pool
 
 
-def _shared(ctx: _Ctx) -> Plan:
-    spec = ctx.spec
+def _domain(ctx: _Ctx, spec: DomainSpec) -> Plan:
+    _check_shape(spec)
+    _check_nodes(ctx, spec)
+    for label, cpus in _affinity(spec):
+        _check_exists(ctx, label, cpus)
+        if ctx.part.mode == "cgroup":
+            outside = cpus - ctx.part.vm_cpus
+            if outside:
+                raise Refusal(
+                    f"{label} of {ctx.who} uses CPUs {outside} outside the {ctx.where()}: "
+                    f"pin it inside {ctx.part.vm_cpus} or widen the partition",
+                    code="outside-partition")
+    plan = _exclusive(ctx, spec) if spec.exclusive else _shared(ctx, spec)
+    if spec.placement == "auto" and plan.default_cpus is not None:
+        plan = replace(plan, notes=(*plan.notes, (
+            f"{ctx.who} asks for <vcpu placement='auto'> (numad); pinwarden places it "
+            f"statically on {plan.default_cpus} instead, so that no leased CPU is used")))
+    return plan
+
+
+def _shared(ctx: _Ctx, spec: DomainSpec) -> Plan:
     notes: list[str] = []
     for label, cpus in _affinity(spec):
         _conflict(ctx, label, cpus)
@@ -179,8 +255,7 @@ def _shared(ctx: _Ctx) -> Plan:
     def default() -> CpuSet:
         nonlocal pool
         if pool is None:
-            pool = spec.cpuset if spec.cpuset is not None else _shared_pool(ctx, CpuSet(),
-                                                                             notes)
+            pool = spec.cpuset if spec.cpuset is not None else _shared_pool(ctx, EMPTY, notes)
         return pool
 
     vcpus = {v: spec.vcpupins.get(v) or default() for v in range(spec.vcpus)}
@@ -197,7 +272,7 @@ def _shared(ctx: _Ctx) -> Plan:
                 notes=tuple(notes))
 
 
-# -- exclusive domains ---------------------------------------------------------------------
+# -- exclusive holders ---------------------------------------------------------------------
 
 
 def _no_housekeeping(ctx: _Ctx, label: str, cpus: CpuSet) -> None:
@@ -227,35 +302,72 @@ class _Leases:
         return CpuSet(frozenset(self.roles))
 
 
-def _nodes_of(ctx: _Ctx, cpus: CpuSet) -> CpuSet | None:
-    if ctx.spec.numa_nodeset is not None:
-        return ctx.spec.numa_nodeset
-    topo = ctx.host.topology
-    return CpuSet.of(topo.node_of(c) for c in cpus if c in topo.cpus) or None
-
-
-def _allocate(ctx: _Ctx, free: CpuSet, request: allocator.Request) -> allocator.Allocation:
+def _allocate(ctx: _Ctx, within: CpuSet, request: allocator.Request) -> allocator.Allocation:
     from pinwarden import allocator
 
     try:
-        return allocator.allocate(ctx.host.topology, ctx.part.vm_cpus & ctx.vm_cpus, free,
-                                  request)
+        return allocator.allocate(ctx.host.topology, ctx.vm_cpus, within - ctx.leased, request)
     except Refusal as exc:
-        raise Refusal(f"exclusive {ctx.who}: {exc.message}",
+        taken = ctx.vm_cpus & ctx.leased
+        if exc.code != "insufficient-cpus":
+            raise Refusal(f"exclusive {ctx.who}: {exc.message}", code=exc.code) from None
+        held = (f"; leased now: {_holders_of(ctx, taken)} — release one of them" if taken
+                else "; nothing else is leased")
+        raise Refusal(f"exclusive {ctx.who}: {exc.message}{held}; housekeeping CPUs "
+                      f"{ctx.part.host_cpus or '(none)'} are never leased",
                       code=exc.code) from None
 
 
-def _exclusive(ctx: _Ctx) -> Plan:
+def _sibling_holds(ctx: _Ctx, own: _Leases, threads: ThreadPolicy) -> tuple[CpuSet, list[str]]:
+    """The other threads of every core ``own`` uses, held empty under ``whole``, ``isolate``
+    and ``require`` (none under ``prefer``): the same rule for allocated and pinned CPUs.
+    A sibling that is a housekeeping CPU cannot be held (noted); one leased to another
+    holder is a conflict: that core would be split between two holders."""
+    if threads == "prefer":
+        return EMPTY, []
+    topo = ctx.host.topology
+    cpus = own.cpus
+    if threads == "require" and not topo.smt:
+        raise Refusal(f"thread policy 'require' needs SMT, but no core of this host has two "
+                      f"online threads; use thread policy 'whole' or 'isolate' for "
+                      f"{ctx.who}", code="no-smt")
+    if threads == "isolate":
+        for cpu in cpus:
+            pair = topo.siblings(cpu) & cpus - CpuSet.of([cpu]) if cpu in topo.cpus else EMPTY
+            if pair:
+                raise Refusal(f"thread policy 'isolate' gives {ctx.who} one thread per core, "
+                              f"but CPUs {cpu} and {pair.first()} are siblings of one core: "
+                              f"pin them to different cores, or use thread policy 'whole'",
+                              code="bad-pin")
+    siblings = union(topo.siblings(c) for c in cpus if c in topo.cpus)
+    holds = (siblings & topo.online) - cpus
+    notes: list[str] = []
+    housekeeping = holds - ctx.part.vm_cpus
+    if housekeeping and threads != "whole":
+        raise Refusal(
+            f"CPU {housekeeping.first()} is a sibling thread of {ctx.who}'s CPUs that "
+            f"threads={threads!r} must hold empty, but it is a housekeeping CPU, outside the "
+            f"{ctx.where()}; housekeeping CPUs are never leased: use cores whose every "
+            f"thread is a VM CPU", code="host-cpu")
+    if housekeeping:
+        notes.append(f"housekeeping CPUs {housekeeping} share cores with {ctx.who}'s CPUs; "
+                     f"they stay the host's (housekeeping CPUs are never leased)")
+        holds = holds - housekeeping
+    _conflict(ctx, f"the sibling threads held empty (threads={threads!r})", holds,
+              advice=" on whole free cores, or opt in to sharing cores with threads='prefer'")
+    return holds, notes
+
+
+def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
     # Imported here: shared domains (most of the libvirt hook's admissions) never need it.
     from pinwarden import allocator
 
-    spec = ctx.spec
     topo = ctx.host.topology
     notes: list[str] = []
     own = _Leases(ctx)
     isolate_emulator = spec.emulatorpin is None and spec.emulator == "isolate"
+    shared_emulator = spec.emulator == "shared"
     emulator: CpuSet | None = spec.emulatorpin
-    holds = CpuSet()
 
     if spec.vcpupins:
         missing = [v for v in range(spec.vcpus) if v not in spec.vcpupins]
@@ -265,16 +377,14 @@ def _exclusive(ctx: _Ctx) -> Plan:
         vcpus = dict(sorted(spec.vcpupins.items()))
         for vcpu, cpus in vcpus.items():
             own.add(f"<vcpupin vcpu='{vcpu}'>", cpus, f"vcpu{vcpu}")
-        if spec.threads == "isolate":
-            siblings = union(topo.siblings(c) for c in own.cpus if c in topo.cpus)
-            holds = (siblings & topo.online) - own.cpus
     else:
         within = ctx.vm_cpus if spec.cpuset is None else spec.cpuset & ctx.vm_cpus
         if spec.cpuset is not None:
             _no_housekeeping(ctx, f"<vcpu cpuset='{spec.cpuset}'>", spec.cpuset)
         count = spec.vcpus + (1 if isolate_emulator else 0)
-        pinned = union([spec.emulatorpin or CpuSet(), *spec.iothreadpins.values()])
-        got = _allocate(ctx, within - ctx.leased - pinned, allocator.Request(
+        pinned = union([EMPTY if shared_emulator else spec.emulatorpin or EMPTY,
+                        *spec.iothreadpins.values()])
+        got = _allocate(ctx, within - pinned, allocator.Request(
             count=count, threads=spec.threads, nodes=spec.numa_nodeset))
         chosen = list(got.cpus)
         if isolate_emulator:
@@ -282,22 +392,27 @@ def _exclusive(ctx: _Ctx) -> Plan:
         vcpus = {v: CpuSet.of([cpu]) for v, cpu in enumerate(chosen)}
         for vcpu, cpus in vcpus.items():
             own.add(f"vCPU {vcpu}", cpus, f"vcpu{vcpu}")
-        holds = got.holds
 
     if emulator is None:
         if isolate_emulator:  # explicit vCPU pins: one more CPU, near the vCPUs
-            got = _allocate(ctx, ctx.vm_cpus - ctx.leased - own.cpus - holds,
-                            allocator.Request(count=1, threads="prefer",
-                                              nodes=_nodes_of(ctx, own.cpus)))
+            near = CpuSet.of(topo.node_of(c) for c in own.cpus if c in topo.cpus)
+            got = _allocate(ctx, ctx.vm_cpus - own.cpus - _held_now(ctx, own, spec.threads),
+                            allocator.Request(
+                                count=1,
+                                threads="whole" if spec.threads == "require" else spec.threads,
+                                nodes=spec.numa_nodeset or near or None))
             emulator = CpuSet.of(got.cpus)
-        elif spec.emulator == "shared":
-            emulator = _shared_pool(ctx, own.cpus | holds, notes)
-            notes.append(f"the emulator threads of exclusive {ctx.who} share CPUs {emulator} "
-                         "with other domains (emulator='shared'): the kernel cannot enforce "
-                         "the domain's exclusivity for them")
+        elif shared_emulator:
+            emulator = _shared_pool(ctx, own.cpus | _held_now(ctx, own, spec.threads), notes)
         else:  # float over the domain's own vCPU CPUs
             emulator = union(vcpus.values())
-    if spec.emulatorpin is not None or isolate_emulator:
+    if shared_emulator:
+        if spec.emulatorpin is not None:
+            _conflict(ctx, f"<emulatorpin cpuset='{spec.emulatorpin}'>", emulator)
+        notes.append(f"the emulator threads of exclusive {ctx.who} share CPUs {emulator} "
+                     "with other domains (emulator='shared'): the kernel cannot enforce "
+                     "the domain's exclusivity for them")
+    elif spec.emulatorpin is not None or isolate_emulator:
         own.add("<emulatorpin>", emulator, "emulator")
 
     iothreads: dict[int, CpuSet] = {}
@@ -309,11 +424,46 @@ def _exclusive(ctx: _Ctx) -> Plan:
             iothreads[ident] = pin
             own.add(f"<iothreadpin iothread='{ident}'>", pin, f"iothread{ident}")
 
-    if holds:
-        holds = holds - own.cpus
-        own.add("sibling threads held empty (threads='isolate')", holds, SIBLING_HOLD)
-
+    holds, more = _sibling_holds(ctx, own, spec.threads)
+    notes.extend(more)
+    leases = dict(own.roles)
+    leases.update(dict.fromkeys(holds, SIBLING_HOLD))
     every = union([*vcpus.values(), emulator, *iothreads.values()])
     return Plan(domain=spec.name, uuid=spec.uuid, exclusive=True, vcpus=vcpus,
-                emulator=emulator, iothreads=iothreads, leases=dict(sorted(own.roles.items())),
+                emulator=emulator, iothreads=iothreads, leases=dict(sorted(leases.items())),
                 default_cpus=every, notes=tuple(notes))
+
+
+def _held_now(ctx: _Ctx, own: _Leases, threads: ThreadPolicy) -> CpuSet:
+    """Siblings the CPUs chosen so far will hold (kept out of further choices)."""
+    if threads == "prefer":
+        return EMPTY
+    topo = ctx.host.topology
+    return union(topo.siblings(c) for c in own.cpus if c in topo.cpus) - own.cpus
+
+
+def _job(ctx: _Ctx, job: JobSpec) -> Plan:
+    from pinwarden import allocator
+
+    if ctx.mine:
+        raise Refusal(f"a job named {job.name!r} already holds CPUs {ctx.mine}; choose "
+                      f"another --name or release it with `pinwarden release {job.name}`",
+                      code="job-exists")
+    own = _Leases(ctx)
+    if job.cpus is not None:
+        label = f"--cpus {job.cpus}"
+        _check_exists(ctx, label, job.cpus)
+        own.add(label, job.cpus, TASK_ROLE)
+    else:
+        count = job.count if job.count is not None else 1
+        if count < 1:
+            raise InputError(f"--exclusive needs at least 1 CPU, not {count}")
+        got = _allocate(ctx, ctx.vm_cpus, allocator.Request(count, job.threads))
+        own.add(f"{count} CPUs", CpuSet.of(got.cpus), TASK_ROLE)
+    holds, notes = _sibling_holds(ctx, own, job.threads)
+    if holds:
+        notes.append(f"sibling threads {holds} are held empty")
+    leases = dict(own.roles)
+    leases.update(dict.fromkeys(holds, SIBLING_HOLD))
+    return Plan(domain=job.name, uuid=None, exclusive=True, vcpus={}, emulator=own.cpus,
+                leases=dict(sorted(leases.items())), notes=tuple(notes))
