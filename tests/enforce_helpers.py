@@ -6,6 +6,7 @@ import errno
 from collections.abc import Iterable
 
 from pinwarden.cpuset import CpuSet
+from pinwarden.enforce.apply import Result, sync
 from pinwarden.enforce.backend import (
     CgroupBackend,
     CgroupOpError,
@@ -14,7 +15,8 @@ from pinwarden.enforce.backend import (
     Snapshot,
 )
 from pinwarden.enforce.fake import FakeCpusetV1
-from pinwarden.model import HolderRef, Lease
+from pinwarden.enforce.layout import LayoutNames, desired_layout
+from pinwarden.model import HolderRef, Lease, domain_holder, job_holder
 from pinwarden.partition import Host, Partition
 from pinwarden.topology import Cpu, Topology
 
@@ -32,8 +34,20 @@ def make_host(online: str = "0-3", vm: str = "1-3") -> Host:
     return Host(topo, part)
 
 
+def holder(name: str, driver: str = "run") -> HolderRef:
+    """A job (driver ``run``) or a domain without UUID named ``name``."""
+    return job_holder(name) if driver == "run" else domain_holder(driver, name, None)
+
+
 def lease(cpu: int, name: str, driver: str = "run", role: str = "task") -> Lease:
-    return Lease(cpu=cpu, holder=HolderRef(driver, name, name), role=role, created=0.0)
+    return Lease(cpu=cpu, holder=holder(name, driver), role=role, created=0.0)
+
+
+def sync_leases(backend: CgroupBackend, host: Host, leases: Iterable[Lease],
+                names: LayoutNames | None = None) -> Result:
+    """The layout for ``leases`` applied (what the lease manager's sync does, without a
+    ledger)."""
+    return sync(backend, desired_layout(host, list(leases), names or LayoutNames()))
 
 
 def build(fake: FakeCpusetV1, tree: dict[str, tuple[str, bool]],

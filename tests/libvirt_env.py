@@ -414,6 +414,15 @@ def machine_restored() -> Iterator[None]:
                 path.write_text(before)
 
 
+def remove_hooks() -> None:
+    """Remove pinwarden's hook drop-ins (and directories it left empty)."""
+    for driver in ("qemu", "lxc"):
+        with contextlib.suppress(OSError):
+            (HOOKS_DIR / f"{driver}.d" / "pinwarden").unlink()
+        with contextlib.suppress(OSError):
+            (HOOKS_DIR / f"{driver}.d").rmdir()
+
+
 def virsh(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True,
                           timeout=120)
@@ -423,7 +432,7 @@ def virsh(*args: str) -> subprocess.CompletedProcess[str]:
 def pinwarden_without_hook(tmp_path: Path, exclusive: str) -> Iterator[Pinwarden]:
     """The CLI with a private state dir and exclusive tree on a libvirt without
     pinwarden's hook; ``machine`` and the tree are put back afterwards."""
-    hooks = [HOOKS_DIR / d for d in ("qemu", "lxc")]
+    hooks = [HOOKS_DIR / f"{d}.d" / "pinwarden" for d in ("qemu", "lxc")]
     if any(h.exists() for h in hooks):
         pytest.fail(f"a libvirt hook is installed ({', '.join(map(str, hooks))}); this "
                     f"test exercises pinwarden without it")
@@ -442,4 +451,4 @@ def holder_names(pw: Pinwarden) -> tuple[str, ...]:
     if not (pw.state / DB_NAME).exists():
         return ()
     with Ledger(pw.state) as ledger:
-        return tuple(h.ref.name for h in ledger.holders(reap=False))
+        return tuple(h.ref.name for h in ledger.holders())

@@ -29,8 +29,7 @@ from pinwarden.config import load_config
 from pinwarden.cpuset import CpuSet
 from pinwarden.enforce.backend import CgroupOpError
 from pinwarden.enforce.v1 import CpusetV1
-from pinwarden.ledger import Ledger
-from pinwarden.runner import Context, sync_layout
+from pinwarden.manager import Manager
 
 pytestmark = pytest.mark.kernel
 
@@ -67,8 +66,9 @@ class Sandbox:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def leases(self) -> list[tuple[int, str]]:
-        with Ledger(self.state) as ledger:
-            return [(lease.cpu, lease.holder.name) for lease in ledger.leases()]
+        """Leases of live holders (a dead owner's lease is free, reaped or not)."""
+        with Manager(load_config(self.config), Path("/"), self.state) as manager:
+            return [(lease.cpu, lease.holder.name) for lease in manager.leases()]
 
     def exists(self, rel: str) -> bool:
         return (self.mount / self.base / rel).is_dir()
@@ -135,11 +135,11 @@ def test_command_runs_in_an_exclusive_cpuset_with_matching_affinity(sandbox: San
     assert seen["cpu_exclusive"] == "1"
     assert seen["cpus"] == str(sandbox.last) == seen["env"]
     assert seen["affinity"] == [sandbox.last]
-    # afterwards: lease released, job cgroup gone, shared partition got the CPU back
+    # afterwards: lease released, job cgroup gone, the host as found: the shared partition
+    # pinwarden had to create is gone again, and so is the exclusive tree
     assert sandbox.leases() == []
-    assert not sandbox.exists("pinwarden.partition/run-pwtest-probe.partition")
-    assert sandbox.backend.read_group(f"{sandbox.base}/machine").cpus \
-        == CpuSet.of([sandbox.last])
+    assert not sandbox.exists("pinwarden.partition")
+    assert not sandbox.exists("machine")
 
 
 @pytest.mark.parametrize(("script", "status"), [
@@ -235,10 +235,9 @@ def test_killed_supervisor_frees_the_lease_when_the_command_ends(
         os.kill(command, signal.SIGKILL)
     _wait_for(lambda: command not in sandbox.backend.tasks(group), "the command to exit")
     assert sandbox.leases() == []  # reaped: the owner is gone
-    # the next layout sync (any reserve or status) removes the stale cgroup
-    ctx = Context.load(load_config(sandbox.config), Path("/"), sandbox.state)
-    with Ledger(sandbox.state) as ledger:
-        sync_layout(ctx, ledger)
+    # the next sync (any change, the daemon, or 'pinwarden sync') removes the stale cgroup
+    with Manager(load_config(sandbox.config), Path("/"), sandbox.state) as manager:
+        manager.sync()
     assert not sandbox.exists("pinwarden.partition/run-pwtest-orphan.partition")
 
 

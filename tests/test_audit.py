@@ -22,7 +22,7 @@ from pinwarden.cli.audit import render
 from pinwarden.cpuset import CpuSet
 from pinwarden.errors import HostError
 from pinwarden.ledger import HolderRecord, Ledger
-from pinwarden.model import HolderRef, Lease, Plan
+from pinwarden.model import HolderRef, Lease, Plan, domain_holder, job_holder
 
 pytest.register_assert_rewrite("libvirt_env")
 
@@ -30,9 +30,9 @@ import libvirt_env as env  # noqa: E402
 
 pytest_plugins = ["libvirt_env"]
 
-A = HolderRef("qemu", "aaaaaaaa-0000-0000-0000-000000000001", "vm-a")
-B = HolderRef("qemu", "bbbbbbbb-0000-0000-0000-000000000002", "web")
-J = HolderRef("run", "job1", "job1")
+A = domain_holder("qemu", "vm-a", "aaaaaaaa-0000-0000-0000-000000000001")
+B = domain_holder("qemu", "web", "bbbbbbbb-0000-0000-0000-000000000002")
+J = job_holder("job1")
 
 
 def cs(text: str) -> CpuSet:
@@ -522,7 +522,7 @@ def test_real_intruder_found_then_moved_off(
     intruder = spawn(other, {1})          # another VM's thread on A's CPU
     host = spawn(None, {0, 1})            # an ordinary host task allowed on A's CPU
     state = tmp_path / "state"
-    a = HolderRef("qemu", "pwtest-a", "pwtest-a")
+    a = domain_holder("qemu", "pwtest-a", None)
     with Ledger(state) as ledger:
         ledger.reserve(a, lambda _: Plan("pwtest-a", None, True, {0: cs("1")}, cs("1"),
                                          leases={1: "vcpu0"}))
@@ -578,7 +578,7 @@ def test_real_libvirt_vm_on_a_leased_cpu(tmp_path: Path, domains: env.Domains) -
     if 1 not in env.vm_affinity(name):
         pytest.fail(f"{name} cannot run on CPU 1 (machine is {env.read_cpus('machine')}): "
                     f"another test left the VM partition narrowed")
-    holder = HolderRef("qemu", "cccccccc-0000-0000-0000-00000000000c", "pwtest-audit-owner")
+    holder = domain_holder("qemu", "pwtest-audit-owner", "cccccccc-0000-0000-0000-00000000000c")
     with Ledger(tmp_path / "state") as ledger:
         ledger.reserve(holder, lambda _: Plan(holder.name, holder.key, True, {0: cs("1")},
                                               cs("1"), leases={1: "vcpu0"}))

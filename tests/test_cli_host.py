@@ -17,7 +17,7 @@ from hostroot import HostSpec, build_host, make_cgroup, mount_cgroups, write
 from pinwarden.cli import main
 from pinwarden.config import Config
 from pinwarden.cpuset import CpuSet
-from pinwarden.model import HolderRef, Lease
+from pinwarden.model import Lease, domain_holder
 from pinwarden.partition import load_host
 from pinwarden.view import render_cpu_map
 
@@ -37,7 +37,7 @@ def config_file(tmp_path: Path) -> Path:
 
 
 def lease(cpu: int, name: str, role: str = "vcpu0") -> Lease:
-    return Lease(cpu, HolderRef("qemu", name, name), role, 0.0)
+    return Lease(cpu, domain_holder("qemu", name, None), role, 0.0)
 
 
 # -- --json ---------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def test_leases_from_the_ledger(tmp_path: Path, config_file: Path,
     plan = Plan("web", None, True, {0: CpuSet.of([4]), 1: CpuSet.of([5])}, CpuSet.of([4]),
                 leases={4: "vcpu0", 5: "vcpu1"})
     with Ledger(state) as ledger:
-        ledger.reserve(HolderRef("qemu", "web", "web"), lambda leases: plan)
+        ledger.reserve(domain_holder("qemu", "web", None), lambda leases: plan)
     argv = ["host", "--root", str(root), "--state-dir", str(state), "--config", str(config_file)]
     assert main(argv) == 0
     out = capsys.readouterr().out

@@ -20,6 +20,8 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "src" / "pinwarden" / "data" 
 
 SEED = SEED_XML
 SHARED = "<domain type='kvm'><name>web</name><vcpu>2</vcpu></domain>"
+#: Whole cores by default: the seed's CPUs 4-6 hold their SMT siblings 12-14 on this host.
+HOLDS = "12 sibling-hold, 13 sibling-hold, 14 sibling-hold"
 UNPINNED = (f"<domain type='kvm'><name>db</name><uuid>{'ab' * 16}</uuid><vcpu>2</vcpu>"
             f"<metadata><pw:cpu xmlns:pw='{PW_NS}' exclusive='yes' threads='isolate'/>"
             "</metadata></domain>")
@@ -61,7 +63,9 @@ def test_plan_seed_json(env: dict[str, Path], capsys: pytest.CaptureFixture[str]
     assert {k: out[k] for k in ("domain", "exclusive", "vcpus", "emulator", "iothreads")} == {
         "domain": "vm1", "exclusive": True, "vcpus": {"0": "5", "1": "6"}, "emulator": "4",
         "iothreads": {}}
-    assert out["leases"] == {"4": "emulator", "5": "vcpu0", "6": "vcpu1"}
+    # whole cores by default: the siblings of CPUs 4-6 (12-14 on this host) are held empty
+    assert out["leases"] == {"4": "emulator", "5": "vcpu0", "6": "vcpu1", "12": "sibling-hold",
+                             "13": "sibling-hold", "14": "sibling-hold"}
     assert out["recorded"] is False
     assert not (env["state"] / DB_NAME).exists()  # a dry run records nothing
     status, st, _ = run(env, capsys, "status")
@@ -75,7 +79,7 @@ def test_plan_human_output(env: dict[str, Path], capsys: pytest.CaptureFixture[s
     assert lines[0].startswith("domain vm1 (exclusive); partition isolcpus")
     assert [line.split() for line in lines[1:4]] == [["vcpu0", "5"], ["vcpu1", "6"],
                                                      ["emulator", "4"]]
-    assert "would lease 4-6 (4 emulator, 5 vcpu0, 6 vcpu1)" in out
+    assert f"would lease 4-6,12-14 (4 emulator, 5 vcpu0, 6 vcpu1, {HOLDS})" in out
 
 
 def test_emit_xml_applies_plan_and_keeps_the_rest(env: dict[str, Path],
@@ -103,11 +107,12 @@ def test_reserve_status_conflict_release(env: dict[str, Path],
     status, st, _ = run(env, capsys, "status")
     assert status == 0
     (entry,) = st["leases"]
-    assert (entry["domain"], entry["driver"], entry["cpus"]) == ("vm1", "qemu", "4-6")
-    assert entry["roles"] == {"4": "emulator", "5": "vcpu0", "6": "vcpu1"}
+    assert (entry["domain"], entry["driver"], entry["cpus"]) == ("vm1", "qemu", "4-6,12-14")
+    assert entry["roles"] == {"4": "emulator", "5": "vcpu0", "6": "vcpu1", "12": "sibling-hold",
+                              "13": "sibling-hold", "14": "sibling-hold"}
     assert entry["uuid"] is None and isinstance(entry["created"], float)
     assert st["partition"]["mode"] == "isolcpus"
-    assert CpuSet.parse(st["shared"]) == CpuSet.parse("2-3,7,10-15")
+    assert CpuSet.parse(st["shared"]) == CpuSet.parse("2-3,7,10-11,15")
 
     # a second domain on the same CPUs is refused, naming CPU and holder; nothing changes
     twin = write(env, "vm2.xml", SEED.replace("<name>vm1</name>", "<name>vm2</name>"))
@@ -121,10 +126,10 @@ def test_reserve_status_conflict_release(env: dict[str, Path],
     # a shared domain never gets the leased CPUs
     status, out, _ = run(env, capsys, "reserve", write(env, "web.xml", SHARED))
     assert status == 0 and out["exclusive"] is False and out["leases"] == {}
-    assert CpuSet.parse(out["default_cpus"]) == CpuSet.parse("2-3,7,10-15")
+    assert CpuSet.parse(out["default_cpus"]) == CpuSet.parse("2-3,7,10-11,15")
 
     status, out, _ = run(env, capsys, "release", "vm1")
-    assert status == 0 and out["released"]["cpus"] == "4-6"
+    assert status == 0 and out["released"]["cpus"] == "4-6,12-14"
     status, out, _ = run(env, capsys, "reserve", twin)
     assert status == 0 and out["domain"] == "vm2"
 
@@ -147,7 +152,7 @@ def test_status_human_has_cpu_map(env: dict[str, Path],
     run(env, capsys, "reserve", write(env, "vm1.xml", SEED))
     status, out, _ = run(env, capsys, "status", json_out=False)
     assert status == 0
-    assert "qemu domain 'vm1': 4-6 (4 emulator, 5 vcpu0, 6 vcpu1)" in out
+    assert f"qemu domain 'vm1': 4-6,12-14 (4 emulator, 5 vcpu0, 6 vcpu1, {HOLDS})" in out
     assert "partition isolcpus" in out
 
 
@@ -243,7 +248,7 @@ def test_racing_reserves_of_one_cpu_have_exactly_one_winner(env: dict[str, Path]
     status = subprocess.run([*base, "status", *common], capture_output=True, text=True,
                             check=True, timeout=60)
     (entry,) = json.loads(status.stdout)["leases"]
-    assert entry["domain"] == winners[0] and entry["cpus"] == "4-6"
+    assert entry["domain"] == winners[0] and entry["cpus"] == "4-6,12-14"
 
 
 def test_plan_and_reserve_on_this_real_host(tmp_path: Path,
@@ -287,9 +292,10 @@ def test_status_flags_a_leased_cpu_that_went_offline(
     capsys.readouterr()
     assert main(["status", "--json", "--root", str(root), "--state-dir", state]) == 0
     (holder,) = json.loads(capsys.readouterr().out)["leases"]
-    assert holder["cpus"] == "4-6" and holder["offline"] == "5"
+    assert holder["cpus"] == "4-6,12-14" and holder["offline"] == "5"
     assert main(["status", "--root", str(root), "--state-dir", state]) == 0
-    assert "vm1': 4-6 (4 emulator, 5 vcpu0, 6 vcpu1); since" in (text := capsys.readouterr().out)
+    text = capsys.readouterr().out
+    assert f"vm1': 4-6,12-14 (4 emulator, 5 vcpu0, 6 vcpu1, {HOLDS}); since" in text
     assert "CPU 5 OFFLINE (lease kept" in text
     (cpu / "cpu5" / "online").write_text("1\n")
     (cpu / "online").write_text("0-15\n")

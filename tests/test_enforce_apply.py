@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from enforce_helpers import FailingBackend, build, lease, make_host, whole
+from enforce_helpers import FailingBackend, build, lease, make_host, sync_leases, whole
 from pinwarden.cpuset import CpuSet
-from pinwarden.enforce.apply import apply_layout, execute, sync
+from pinwarden.enforce.apply import apply_layout, execute
 from pinwarden.enforce.backend import (
     CgroupOpError,
     GroupState,
@@ -34,7 +34,7 @@ def busy_host() -> FakeCpusetV1:
           tasks={f"{VM}/vcpu0": [10], f"{VM}/emulator": [11]})
     # a job already holds CPU 1; the next step gives CPUs 2-3 to another one and moves
     # job "old" away, so the plan has removals, narrowing, bridging and creation
-    sync(fake, make_host(), [lease(1, "old")])
+    sync_leases(fake, make_host(), [lease(1, "old")])
     return fake
 
 
@@ -83,7 +83,7 @@ def test_cpu_held_by_another_exclusive_group_names_it() -> None:
     fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"))
     build(fake, {"other": ("2", True)})
     with pytest.raises(EnforceError) as info:
-        sync(fake, make_host(), [lease(2, "J")])
+        sync_leases(fake, make_host(), [lease(2, "J")])
     assert "CPU 2" in info.value.message and "/other" in info.value.message
     assert "exclusively" in info.value.message
     assert set(whole(fake)) == {"", "other"}
@@ -103,7 +103,7 @@ def test_missing_parent_is_a_clear_error() -> None:
     fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"))
     names = LayoutNames(shared="nowhere/machine", exclusive="nowhere/pinwarden.partition")
     with pytest.raises(EnforceError) as info:
-        sync(fake, make_host(), [lease(2, "J")], names)
+        sync_leases(fake, make_host(), [lease(2, "J")], names)
     assert "nowhere" in info.value.message and "does not exist" in info.value.message
 
 
@@ -125,14 +125,14 @@ def test_effective_cpus_mismatch_rolls_back() -> None:
     build(fake, {"machine": ("0-3", False)})
     before = FakeCpusetV1.read_state(fake, [""])
     with pytest.raises(EnforceError) as info:
-        sync(fake, make_host(), [lease(3, "J")])
+        sync_leases(fake, make_host(), [lease(3, "J")])
     assert "effective cpus" in info.value.message and "rolled back" in info.value.message
     assert FakeCpusetV1.read_state(fake, [""]) == before
 
 
 def test_no_leases_and_no_tree_means_no_change() -> None:
     fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"))
-    result = sync(fake, make_host(), [])
+    result = sync_leases(fake, make_host(), [])
     assert result.ops == () and set(whole(fake)) == {""}
 
 
@@ -162,7 +162,7 @@ class RacingFake(FakeCpusetV1):
 def test_a_concurrent_mkdir_is_re_planned() -> None:
     fake = RacingFake(CpuSet.parse_kernel("0-3"))
     build(fake, {"machine": ("0-3", False)})
-    sync(fake, make_host(), [lease(3, "J")])
+    sync_leases(fake, make_host(), [lease(3, "J")])
     assert fake.raced
     assert whole(fake)["pinwarden.partition/run-J.partition"].cpus == CpuSet.of([3])
 
@@ -173,9 +173,9 @@ def test_exclusive_groups_stay_changeable_under_deadline_servers() -> None:
     fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"), deadline_servers=True)
     build(fake, {"machine": ("0-3", False)})
     host = make_host()
-    sync(fake, host, [lease(2, "A"), lease(3, "B")])
-    sync(fake, host, [lease(2, "A")])
-    sync(fake, host, [])
+    sync_leases(fake, host, [lease(2, "A"), lease(3, "B")])
+    sync_leases(fake, host, [lease(2, "A")])
+    sync_leases(fake, host, [])
     assert "pinwarden.partition" not in whole(fake)
     # a group made exclusive the plain way (load balancing on) is frozen once emptied
     build(fake, {"legacy": ("0", True)})
@@ -218,7 +218,7 @@ def test_refusal_carries_the_backends_own_reason(error: CgroupOpError,
     build(fake, {"machine": ("0-3", False)})
     before = whole(fake)
     with pytest.raises(EnforceError) as info:
-        sync(fake, make_host(), [lease(3, "J")])
+        sync_leases(fake, make_host(), [lease(3, "J")])
     message = info.value.message
     assert "\n" not in message and "nothing was changed" in message
     for word in words:
@@ -253,7 +253,7 @@ def test_an_invalid_partition_fails_verification_and_rolls_back() -> None:
     build(fake, {"machine": ("0-3", False)})
     before = whole(fake)
     with pytest.raises(EnforceError) as info:
-        sync(fake, make_host(), [lease(3, "J")])
+        sync_leases(fake, make_host(), [lease(3, "J")])
     message = info.value.message
     assert "\n" not in message and "rolled back" in message
     assert "pinwarden.partition/run-J.partition" in message and reason in message

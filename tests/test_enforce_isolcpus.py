@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from enforce_helpers import build, lease, make_host, whole
+from enforce_helpers import build, lease, make_host, sync_leases, whole
 from pinwarden.cpuset import CpuSet
-from pinwarden.enforce.apply import sync
 from pinwarden.enforce.backend import PartitionKind
 from pinwarden.enforce.fake import FakeCpusetV1
 from pinwarden.enforce.layout import desired_layout, without_partitions_over
@@ -66,18 +65,18 @@ def _check_member_tree(fake: Kernel612, notes: tuple[str, ...]) -> None:
 def test_known_rule_builds_a_member_tree_with_a_note() -> None:
     fake = Kernel612(known=True)
     build(fake, {"machine": ("1-3", False)})
-    result = sync(fake, make_host(), [lease(3, "A", "qemu", "vcpu0")])
+    result = sync_leases(fake, make_host(), [lease(3, "A", "qemu", "vcpu0")])
     assert result.desired is not None
     _check_member_tree(fake, result.desired.notes)
     assert not fake.refused  # never tried a partition
-    sync(fake, make_host(), [])
+    sync_leases(fake, make_host(), [])
     assert "pinwarden.partition" not in whole(fake)
 
 
 def test_unexpected_refusal_is_rolled_back_and_re_planned_once() -> None:
     fake = Kernel612(known=False)
     build(fake, {"machine": ("1-3", False)})
-    result = sync(fake, make_host(), [lease(3, "A", "qemu", "vcpu0")])
+    result = sync_leases(fake, make_host(), [lease(3, "A", "qemu", "vcpu0")])
     assert fake.refused and result.desired is not None
     _check_member_tree(fake, result.desired.notes)
 
@@ -85,7 +84,7 @@ def test_unexpected_refusal_is_rolled_back_and_re_planned_once() -> None:
 def test_partitions_outside_isolcpus_stay_partitions() -> None:
     fake = Kernel612(known=True)
     build(fake, {"machine": ("1-3", False)})
-    sync(fake, make_host(), [lease(1, "J")])
+    sync_leases(fake, make_host(), [lease(1, "J")])
     assert whole(fake)["pinwarden.partition/run-J.partition"].partition == "exclusive"
 
 

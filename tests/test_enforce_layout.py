@@ -29,24 +29,25 @@ from pinwarden.enforce.layout import (
     libvirt_partition,
     plan,
 )
-from pinwarden.model import HolderRef, Lease
+from pinwarden.model import Lease, domain_holder, job_holder
 
 VM = "machine/qemu-1-B.libvirt-qemu"
 
 
 def test_holder_group_names_are_libvirt_safe() -> None:
-    assert holder_group_name(HolderRef("qemu", "u-1", "web01")) == "vm-web01.partition"
-    assert holder_group_name(HolderRef("run", "J", "J")) == "run-J.partition"
+    assert holder_group_name(domain_holder("qemu", "web01", None)) == "vm-web01.partition"
+    assert holder_group_name(job_holder("J")) == "run-J.partition"
     uuid = "c7a5fdbd-cdaf-9455-926a-d65c16db1809"
     # a dot would stop libvirt from adding ".partition": the UUID is used instead
-    assert holder_group_name(HolderRef("qemu", uuid, "a.b")) == f"vm-{uuid}.partition"
-    hostile = holder_group_name(HolderRef("run", "../../x y", "../../x y"))
+    assert holder_group_name(domain_holder("qemu", "a.b", uuid)) == f"vm-{uuid}.partition"
+    hostile = holder_group_name(job_holder("../../x y"))
     assert hostile.startswith("run-") and hostile.endswith(".partition")
     assert "/" not in hostile and " " not in hostile and ".." not in hostile
     names = LayoutNames()
-    assert libvirt_partition(names, HolderRef("qemu", "u", "A")) == "/pinwarden/vm-A"
+    assert libvirt_partition(names, domain_holder("qemu", "A", None)) == "/pinwarden/vm-A"
     with pytest.raises(ValueError):
-        libvirt_partition(LayoutNames(exclusive="pwtest/excl"), HolderRef("qemu", "u", "A"))
+        libvirt_partition(LayoutNames(exclusive="pwtest/excl"),
+                          domain_holder("qemu", "A", None))
 
 
 def test_layout_names_must_not_nest() -> None:

@@ -28,9 +28,8 @@ from jeepney.bus_messages import MatchRule, Monitoring, message_bus
 from jeepney.io.blocking import DBusConnection, Proxy, open_dbus_connection
 from jeepney.low_level import HeaderFields
 
-from enforce_helpers import lease, make_host
+from enforce_helpers import lease, make_host, sync_leases
 from pinwarden.cpuset import CpuSet
-from pinwarden.enforce.apply import sync
 from pinwarden.enforce.backend import CgroupBackend, CgroupOpError, GroupState, PartitionKind
 from pinwarden.enforce.layout import LayoutNames, holder_group_path, libvirt_partition
 from pinwarden.enforce.systemd import (
@@ -50,7 +49,7 @@ from pinwarden.enforce.systemd import (
 )
 from pinwarden.enforce.v2 import CgroupV2Backend
 from pinwarden.errors import EnforceError
-from pinwarden.model import HolderRef, Lease
+from pinwarden.model import Lease, domain_holder
 from pinwarden.mounts import read_mounts
 
 STANDIN = Path(__file__).parent / "dbus_standin" / "systemd1.py"
@@ -288,7 +287,7 @@ def test_holder_groups_are_the_slices_libvirt_uses(name: str) -> None:
     pinwarden-vm\\x2dA.slice (each component escaped, joined by "-"): the same unit as the
     layout's holder group path."""
     names = LayoutNames()
-    holder = HolderRef("qemu", "9a2b6b40-1b7a-4c1e-8f67-1d2c3b4a5e6f", name)
+    holder = domain_holder("qemu", name, "9a2b6b40-1b7a-4c1e-8f67-1d2c3b4a5e6f")
     partition = libvirt_partition(names, holder)
     libvirt_slice = "-".join(escape_unit_name(p) for p in partition.strip("/").split("/"))
     assert unit_for_path(holder_group_path(names, holder)) == f"{libvirt_slice}.slice"
@@ -736,9 +735,9 @@ def test_sync_drives_systemd_and_releases(old_standin: Standin) -> None:
     bus, backend = _backend(old_standin, kernel=kernel)
     host = make_host("0-7", "1-7")
     try:
-        sync(backend, host, _leases_for_a())
+        sync_leases(backend, host, _leases_for_a())
         leased = backend.read_state(["machine", "pinwarden.partition/vm-A.partition"])
-        sync(backend, host, [])
+        sync_leases(backend, host, [])
         released = backend.read_state(["machine", "pinwarden.partition"])
     finally:
         bus.close()
@@ -761,7 +760,7 @@ def test_sync_failure_is_rolled_back_through_systemd(old_standin: Standin) -> No
     bus, backend = _backend(old_standin)  # no CPUSetPartition, no kernel backend
     try:
         with pytest.raises(EnforceError, match=r"pinwarden\.partition exclusive"):
-            sync(backend, make_host("0-7", "1-7"), _leases_for_a())
+            sync_leases(backend, make_host("0-7", "1-7"), _leases_for_a())
         after = backend.read_state(["machine", "pinwarden.partition"])
     finally:
         bus.close()
@@ -776,9 +775,9 @@ def test_sync_with_cpusetpartition(new_standin: Standin) -> None:
     bus, backend = _backend(new_standin)
     host = make_host("0-7", "1-7")
     try:
-        sync(backend, host, _leases_for_a())
+        sync_leases(backend, host, _leases_for_a())
         leased = backend.read_state(["machine", "pinwarden.partition/vm-A.partition"])
-        sync(backend, host, [])
+        sync_leases(backend, host, [])
         released = backend.read_state(["machine", "pinwarden.partition"])
     finally:
         bus.close()

@@ -9,20 +9,22 @@ from pathlib import Path
 
 import pytest
 
+from enforce_helpers import lease, make_host
 from pinwarden.config import Config
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import parse_domain
-from pinwarden.errors import PinwardenError, Refusal
+from pinwarden.errors import LedgerError, Refusal
 from pinwarden.ledger import HolderRecord, Ledger
 from pinwarden.libvirt import hook
-from pinwarden.libvirt.context import Context
 from pinwarden.libvirt.reconcile import Adopt, Drift, Free, Report, reconcile
 from pinwarden.libvirt.repin import repins
 from pinwarden.libvirt.start import libvirt_failure, with_pinwarden_metadata
 from pinwarden.libvirt.state import Affinity, DomainInfo
-from pinwarden.model import HolderRef, Plan
+from pinwarden.manager import Manager
+from pinwarden.model import HolderRef, Plan, domain_holder, job_holder
 
-A = HolderRef("qemu", "aaaaaaaa-0000-0000-0000-000000000001", "a")
+UUID_A = "aaaaaaaa-0000-0000-0000-000000000001"
+A = domain_holder("qemu", "a", UUID_A)
 
 
 def cs(text: str) -> CpuSet:
@@ -37,7 +39,8 @@ def xml(name: str, body: str = "") -> str:
 def running(name: str, body: str = "", *, vcpus: str = "0-3", emulator: str = "0-3",
             uuid: str | None = None) -> DomainInfo:
     spec = parse_domain(xml(name, body))
-    return DomainInfo("qemu", name, uuid or f"uuid-{name}", True, live=spec, persistent=spec,
+    uuid = uuid or f"{abs(hash(name)) % 10**12:08d}-0000-0000-0000-000000000000"[-36:]
+    return DomainInfo("qemu", name, uuid, True, live=spec, persistent=spec,
                       affinity=Affinity({0: cs(vcpus), 1: cs(vcpus)}, cs(emulator)), pid=1)
 
 
@@ -66,9 +69,9 @@ def test_a_domain_pinned_only_onto_the_lease_is_refused_by_name() -> None:
 
 
 def test_holders_and_the_domain_itself_are_left_alone() -> None:
-    me = running("a", vcpus="2", uuid=A.key)
+    me = running("a", vcpus="2", uuid=UUID_A)
     other = running("x", vcpus="2")
-    held = HolderRef("qemu", other.uuid, "x")
+    held = other.holder
     assert repins([me, other], A, cs("2"), pool=cs("0"), holders=[held]) == ()
 
 
@@ -76,7 +79,7 @@ def test_holders_and_the_domain_itself_are_left_alone() -> None:
 
 def record(ref: HolderRef, vcpus: dict[int, str], leases: dict[int, str], *,
            created: float = 0.0, owner: int | None = None) -> HolderRecord:
-    plan = Plan(ref.name, ref.key, True, {v: cs(c) for v, c in vcpus.items()}, cs("3"),
+    plan = Plan(ref.name, ref.uuid, True, {v: cs(c) for v, c in vcpus.items()}, cs("3"),
                 leases=leases)
     return HolderRecord(ref, created, owner, None, plan)
 
@@ -84,10 +87,10 @@ def record(ref: HolderRef, vcpus: dict[int, str], leases: dict[int, str], *,
 def test_reconcile_frees_adopts_and_reports_drift() -> None:
     exclusive = "<metadata><pw:cpu xmlns:pw='urn:pinwarden:domain:1' exclusive='yes'/>" \
                 "</metadata>"
-    gone = HolderRef("qemu", "uuid-gone", "gone")
-    job = HolderRef("run", "job", "job")
+    gone = domain_holder("qemu", "gone", "99999999-0000-0000-0000-000000000000")
+    job = job_holder("job")
     held = running("held", vcpus="2", emulator="3")
-    held_ref = HolderRef("qemu", held.uuid, "held")
+    held_ref = held.holder
     drifted = DomainInfo("qemu", "held", held.uuid, True, held.live, held.persistent,
                          Affinity({0: cs("2"), 1: cs("1-2")}, cs("3")), 1)
     stray = running("stray", exclusive + "<resource><partition>/pw/vm-stray</partition>"
@@ -125,48 +128,107 @@ def test_hook_acts_only_at_prepare_started_and_release() -> None:
         == ["admit", "ignore", "own", "ignore", "free", "ignore", "ignore", "ignore"]
 
 
-def test_hook_install_writes_executable_scripts_and_keeps_foreign_hooks(tmp_path: Path) -> None:
-    foreign = tmp_path / "lxc"
-    foreign.write_text("#!/bin/sh\necho mine\n")
-    with pytest.raises(Refusal):
-        hook.install(tmp_path, exe="/opt/pw bin/pinwarden", state_dir=Path("/s d"),
-                     config=None)
-    assert not (tmp_path / "qemu").exists() or hook.MARKER in (tmp_path / "qemu").read_text()
+EXCLUSIVE_META = "<metadata><pw:cpu xmlns:pw='urn:pinwarden:domain:1' exclusive='yes'/>" \
+                 "</metadata>"
+
+
+def script(path: Path, body: str) -> str:
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def call(hook_file: Path, *args: str, stdin: str = "<domain/>",
+         ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(hook_file), *args], input=stdin, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_hook_install_writes_drop_ins_and_never_touches_another_hook(tmp_path: Path) -> None:
+    foreign = tmp_path / "qemu"
+    foreign.write_text("#!/bin/sh\necho vfio\n")  # another tool's hook (VFIO set-ups)
+    legacy = tmp_path / "lxc"
+    legacy.write_text(f"#!/bin/sh\n{hook.MARKER} (lxc)\n")  # pinwarden's old-style hook
     done = hook.install(tmp_path, exe="/bin/echo", state_dir=Path("/s d"), config=None,
-                        force=True)
-    assert [p.name for p in done.paths] == ["qemu", "lxc"]
+                        check=False)
+    assert done.paths == (tmp_path / "qemu.d" / "pinwarden", tmp_path / "lxc.d" / "pinwarden")
+    assert done.removed == (legacy,) and not legacy.exists() and done.created_dirs
+    assert foreign.read_text() == "#!/bin/sh\necho vfio\n"
     for path in done.paths:
         assert path.stat().st_mode & stat.S_IXUSR
+    qemu = done.paths[0]
     # the script passes libvirt's arguments through, after our options
-    out = subprocess.run([str(tmp_path / "qemu"), "vm1", "prepare", "begin", "-"],
-                         capture_output=True, text=True, check=True).stdout
+    out = call(qemu, "vm1", "prepare", "begin", "-").stdout
     assert out.split() == ["hook", "run", "--state-dir", "/s", "d", "qemu", "vm1",
                            "prepare", "begin", "-"]
-    # later steps: only for domains with pinwarden's metadata, XML passed through
-    meta = "<domain><metadata><pw:cpu xmlns:pw='urn:pinwarden:domain:1'/></metadata></domain>"
-    hook.install(tmp_path, exe=str(tmp_path / "cat-args"), state_dir=None, config=None)
-    (tmp_path / "cat-args").write_text("#!/bin/sh\necho \"$@\"; cat\n")
-    (tmp_path / "cat-args").chmod(0o755)
-    for op in ("started", "release"):
-        seen = subprocess.run([str(tmp_path / "qemu"), "vm1", op, "-", "-"], input=meta,
-                              capture_output=True, text=True, check=True).stdout
-        assert seen == f"hook run qemu vm1 {op} - -\n{meta}\n"
-        plain = subprocess.run([str(tmp_path / "qemu"), "vm1", op, "-", "-"],
-                               input="<domain/>", capture_output=True, text=True, check=True)
-        assert plain.stdout == ""
-    # after prepare, even a pinwarden that cannot run does not fail the step
-    for op in ("started", "release"):
-        hook.install(tmp_path, exe="/bin/false", state_dir=None, config=None)
-        subprocess.run([str(tmp_path / "qemu"), "vm1", op, "-", "-"], input=meta,
-                       text=True, check=True)
-    failed = subprocess.run([str(tmp_path / "qemu"), "vm1", "prepare", "begin", "-"],
-                            input="<domain/>", text=True)
-    assert failed.returncode == 1
-    # steps pinwarden ignores never reach it (no Python start-up inside libvirtd's start)
-    skipped = subprocess.run([str(tmp_path / "qemu"), "vm1", "start", "begin", "-"],
-                             input="<domain/>", capture_output=True, text=True, check=True)
-    assert skipped.stdout == ""
     assert hook.uninstall(tmp_path) == done.paths
+    assert foreign.exists() and not qemu.exists()
+
+
+def test_hook_later_steps_only_for_pinwarden_domains(tmp_path: Path) -> None:
+    meta = "<domain><metadata><pw:cpu xmlns:pw='urn:pinwarden:domain:1'/></metadata></domain>"
+    exe = script(tmp_path / "cat-args", 'echo "$@"; cat')
+    (qemu, _) = hook.install(tmp_path, exe=exe, state_dir=None, config=None,
+                             check=False).paths
+    for op in ("started", "release"):
+        seen = call(qemu, "vm1", op, "-", "-", stdin=meta)
+        assert seen.returncode == 0 and seen.stdout == f"hook run qemu vm1 {op} - -\n{meta}\n"
+        assert call(qemu, "vm1", op, "-", "-").stdout == ""
+    # steps pinwarden ignores never reach it (no Python start-up inside libvirtd's start)
+    skipped = call(qemu, "vm1", "start", "begin", "-")
+    assert skipped.returncode == 0 and skipped.stdout == ""
+
+
+@pytest.mark.parametrize("broken", ["missing", "import-error", "crash"])
+def test_a_broken_pinwarden_never_blocks_a_shared_domain(tmp_path: Path, broken: str) -> None:
+    """The venv was removed (127), pinwarden cannot be imported, or it crashed: shared
+    domains start (the reason is logged), exclusive ones are refused with how to repair."""
+    state = tmp_path / "state"
+    state.mkdir()
+    exe = {"missing": str(tmp_path / "gone" / "python3"),
+           "import-error": script(tmp_path / "py", "echo 'ModuleNotFoundError: pinwarden' >&2;"
+                                                   " exit 1"),
+           "crash": script(tmp_path / "py", "exit 70")}[broken]
+    (qemu, _) = hook.install(tmp_path / "hooks", exe=exe, state_dir=state, config=None,
+                             check=False).paths
+    shared = call(qemu, "web", "prepare", "begin", "-", stdin=xml("web"))
+    assert shared.returncode == 0, shared.stderr
+    logged = (state / hook.HOOK_LOG).read_text()
+    assert "domain 'web' asks for no exclusive CPUs and was let through" in logged
+    refused = call(qemu, "db", "prepare", "begin", "-", stdin=xml("db", EXCLUSIVE_META))
+    assert refused.returncode == 1
+    assert "exclusive domain 'db' cannot get its CPUs" in refused.stderr
+    assert "pinwarden hook check" in refused.stderr
+    # later steps never fail, whatever state pinwarden is in
+    for op in ("started", "release"):
+        assert call(qemu, "db", op, "-", "-", stdin=xml("db", EXCLUSIVE_META)).returncode == 0
+
+
+def test_a_refusal_blocks_and_shows_pinwardens_words(tmp_path: Path) -> None:
+    exe = script(tmp_path / "refuse", f"echo 'pinwarden: error: CPU 1 is leased' >&2; "
+                                      f"exit {hook.REFUSED}")
+    (qemu, _) = hook.install(tmp_path, exe=exe, state_dir=None, config=None,
+                             check=False).paths
+    refused = call(qemu, "web", "prepare", "begin", "-", stdin=xml("web"))
+    assert refused.returncode == 1 and refused.stderr == "pinwarden: error: CPU 1 is leased\n"
+
+
+def test_install_refuses_a_pinwarden_that_does_not_run(tmp_path: Path) -> None:
+    with pytest.raises(Refusal, match="does not work") as err:
+        hook.install(tmp_path, exe="/bin/false", state_dir=None, config=None)
+    assert err.value.code == "hook-broken"
+    assert not (tmp_path / "qemu.d").exists()
+
+
+def test_hook_check_reports_each_hook(tmp_path: Path) -> None:
+    states = {s.driver: s for s in hook.check_installed(tmp_path)}
+    assert not states["qemu"].installed and "not installed" in (states["qemu"].problem or "")
+    ok = script(tmp_path / "ok", 'echo "pinwarden hook ok 1"')
+    hook.install(tmp_path, exe=ok, state_dir=None, config=None)
+    assert all(s.problem is None for s in hook.check_installed(tmp_path))
+    (tmp_path / "ok").unlink()  # the venv went away
+    states = {s.driver: s for s in hook.check_installed(tmp_path)}
+    assert "cannot run" in (states["qemu"].problem or "")
 
 
 def test_hook_refusal_is_shown_as_the_hooks_own_line() -> None:
@@ -197,8 +259,8 @@ def test_define_stores_metadata_and_the_partition() -> None:
 
 
 def test_a_start_in_progress_is_not_freed() -> None:
-    starting = HolderRef("qemu", "uuid-new", "new")
-    ran = HolderRef("qemu", "uuid-ran", "ran")
+    starting = domain_holder("qemu", "new", "11111111-0000-0000-0000-000000000000")
+    ran = domain_holder("qemu", "ran", "22222222-0000-0000-0000-000000000000")
     holders = [record(starting, {0: "1"}, {1: "vcpu0"}, created=990.0),
                record(ran, {0: "2"}, {2: "vcpu0"}, created=990.0, owner=4242)]
     actions = reconcile([], holders, lambda h: "/pw", now=1000.0, grace=60.0)
@@ -207,23 +269,42 @@ def test_a_start_in_progress_is_not_freed() -> None:
     assert [a.holder for a in later if isinstance(a, Free)] == [starting, ran]
 
 
-class _BrokenContext(Context):
+class _BrokenManager(Manager):
+    def reader(self) -> Ledger | None:
+        raise LedgerError("lease database is corrupt")
+
     def ledger(self) -> Ledger:
         raise RuntimeError("boom")
 
 
-def test_a_hook_bug_never_kills_a_running_domain(tmp_path: Path) -> None:
-    ctx = _BrokenContext(Config(), Path("/"), tmp_path, "qemu:///system")
-    exclusive = xml("v", "<metadata><pw:cpu xmlns:pw='urn:pinwarden:domain:1' "
-                         "exclusive='yes'/></metadata>")
+def test_hook_failures_fail_safe_in_python_too(tmp_path: Path) -> None:
+    manager = _BrokenManager(Config(), Path("/"), tmp_path, enforce=False,
+                             host=make_host("0-3", "1-3"))
+    exclusive = xml("v", EXCLUSIVE_META)
     # started / release: reported (stderr and state_dir/hook.log), exit 0
-    assert hook.main_run(ctx, "qemu", ["v", "started", "begin", "-"], exclusive) == 0
-    assert hook.main_run(ctx, "qemu", ["v", "release", "end", "-"], exclusive) == 0
+    assert hook.main_run(manager, "qemu", ["v", "started", "begin", "-"], exclusive) == 0
+    assert hook.main_run(manager, "qemu", ["v", "release", "end", "-"], exclusive) == 0
     logged = (tmp_path / hook.HOOK_LOG).read_text().splitlines()
-    assert len(logged) == 2 and all("RuntimeError: boom" in line for line in logged)
-    # prepare: refused in one line, saying how to bypass the hook
-    with pytest.raises(PinwardenError) as err:
-        hook.main_run(ctx, "qemu", ["v", "prepare", "begin", "-"], exclusive)
-    assert err.value.code == "hook-bug" and "hook uninstall" in err.value.message
+    assert len(logged) == 2 and all("lease database is corrupt" in line for line in logged)
+    # prepare of an exclusive domain: refused (fail closed), in one line
+    assert hook.main_run(manager, "qemu", ["v", "prepare", "begin", "-"], exclusive) \
+        == hook.REFUSED
+    # prepare of a shared domain: let through (fail safe), the reason logged
+    assert hook.main_run(manager, "qemu", ["w", "prepare", "begin", "-"], xml("w")) == 0
+    assert "was let through unchecked" in (tmp_path / hook.HOOK_LOG).read_text()
+    # XML pinwarden cannot read: a shared domain still starts
+    assert hook.main_run(manager, "qemu", ["x", "prepare", "begin", "-"], "<dom") == 0
     # steps the hook ignores do nothing at all
-    assert hook.main_run(ctx, "qemu", ["v", "reconnect", "begin", "-"], "not xml") == 0
+    assert hook.main_run(manager, "qemu", ["v", "reconnect", "begin", "-"], "not xml") == 0
+
+
+def test_hook_refuses_a_shared_domain_pinned_onto_a_lease(tmp_path: Path) -> None:
+    manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
+                      host=make_host("0-3", "1-3"))
+    holder = lease(2, "db", "qemu").holder
+    manager.reserve(holder, lambda host, leases: Plan(
+        "db", None, True, {0: cs("2")}, cs("2"), leases={2: "vcpu0"}))
+    pinned = xml("web", "<cputune><vcpupin vcpu='0' cpuset='2'/></cputune>")
+    assert hook.main_run(manager, "qemu", ["web", "prepare", "begin", "-"], pinned) \
+        == hook.REFUSED
+    assert hook.main_run(manager, "qemu", ["web2", "prepare", "begin", "-"], xml("web2")) == 0

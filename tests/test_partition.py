@@ -10,14 +10,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hostroot import HostSpec, build_host, make_cgroup, mount_cgroups, write
 from pinwarden.config import Config
 from pinwarden.cpuset import CpuSet
 from pinwarden.errors import HostError
-from pinwarden.model import HolderRef, Lease
 from pinwarden.mounts import parse_mountinfo, read_mounts
 from pinwarden.partition import (
     VmCgroup,
@@ -25,7 +24,6 @@ from pinwarden.partition import (
     default_reserve,
     load_host,
     read_partition,
-    read_vm_cgroup,
 )
 from pinwarden.topology import Topology, read_topology
 
@@ -123,55 +121,22 @@ def test_cgroup_with_empty_cpuset_restricts_nothing(host8: Path) -> None:
     assert part.mode == "none" and "empty cpuset" in part.reason
 
 
-def test_cgroup_union_with_pinwarden_partition(host8: Path) -> None:
-    """pinwarden narrowed machine by the CPUs it leased: they are still VM CPUs."""
-    make_cgroup(host8, V1, "machine", "2-5")
-    make_cgroup(host8, V1, "pinwarden.partition", "6-7")
-    part = load_host(host8, Config()).partition
-    assert (part.mode, part.vm_cpus, part.host_cpus) == ("cgroup", cs("2-7"), cs("0-1"))
-    assert part.reason == ("cpuset of cgroup machine (v1) is 2-5, plus 6-7 leased in "
-                           "pinwarden.partition")
-
-
-def test_every_vm_cpu_leased(host8: Path) -> None:
-    make_cgroup(host8, V1, "machine", "")
-    make_cgroup(host8, V1, "pinwarden.partition", "2-7")
-    part = load_host(host8, Config()).partition
-    assert (part.mode, part.vm_cpus) == ("cgroup", cs("2-7"))
-
-
-def test_none_mode_stays_none_after_pinwarden_narrows_machine(host8: Path) -> None:
-    """In none mode pinwarden shrinks machine to VM CPUs − leased; that is no cgroup mode."""
-    make_cgroup(host8, V1, "machine", "1-5")
-    make_cgroup(host8, V1, "pinwarden.partition", "6-7")
-    part = load_host(host8, Config()).partition
-    assert (part.mode, part.vm_cpus, part.host_cpus) == ("none", cs("1-7"), cs("0"))
-    assert "pinwarden's own shared pool" in part.reason
-
-
-def test_cgroup_mode_stays_cgroup_when_every_vm_cpu_is_leased(host8: Path) -> None:
-    """pinwarden's fallback: machine keeps only the housekeeping CPUs, leases hold the rest."""
-    make_cgroup(host8, V1, "machine", "0-2")
-    make_cgroup(host8, V1, "pinwarden.partition", "3-7")
-    part = load_host(host8, Config()).partition
-    assert (part.mode, part.vm_cpus, part.host_cpus) == ("cgroup", cs("3-7"), cs("0-2"))
-    assert "every VM CPU (3-7) is leased in pinwarden.partition" in part.reason
-
-
-def test_none_mode_fallback_stays_none(host8: Path) -> None:
-    """The same fallback in none mode leaves the host reserve in machine: still none."""
-    make_cgroup(host8, V1, "machine", "0")
-    make_cgroup(host8, V1, "pinwarden.partition", "1-7")
-    part = load_host(host8, Config()).partition
-    assert (part.mode, part.vm_cpus, part.host_cpus) == ("none", cs("1-7"), cs("0"))
-
-
 def test_custom_cgroup_names(host8: Path) -> None:
     make_cgroup(host8, V1, "vms", "4-7")
-    make_cgroup(host8, V1, "vms-leased", "3")
+    make_cgroup(host8, V1, "vms-leased", "3")  # another tree's CPUs are not the partition's
     config = Config(cgroup_v1="vms", exclusive_cgroup="vms-leased")
     part = load_host(host8, config).partition
-    assert (part.mode, part.vm_cpus, part.cgroup) == ("cgroup", cs("3-7"), "vms")
+    assert (part.mode, part.vm_cpus, part.cgroup) == ("cgroup", cs("4-7"), "vms")
+
+
+def test_found_cgroup_decides_instead_of_the_live_one(host8: Path) -> None:
+    """While leases are kept the lease manager passes the VM partition cgroup as it was
+    found at the first lease: pinwarden's own narrowing never changes the rules."""
+    make_cgroup(host8, V1, "machine", "2")  # narrowed by pinwarden, say
+    found = VmCgroup("machine", 1, cs("0-7"))
+    part = load_host(host8, Config(), found).partition
+    assert (part.mode, part.vm_cpus, part.host_cpus) == ("none", cs("1-7"), cs("0"))
+    assert load_host(host8, Config()).partition.mode == "cgroup"  # the live reading
 
 
 def test_cgroup_mode_is_honoured_even_when_covering_all(host8: Path) -> None:
@@ -226,9 +191,8 @@ def test_cgroup_v2_machine_slice(host8v2: Path) -> None:
 
 def test_cgroup_v2_falls_back_to_machine(host8v2: Path) -> None:
     make_cgroup(host8v2, V2, "machine", "3-7", v2=True)
-    make_cgroup(host8v2, V2, "pinwarden.partition", "1", v2=True)
     part = load_host(host8v2, Config()).partition
-    assert (part.mode, part.vm_cpus, part.cgroup) == ("cgroup", cs("1,3-7"), "machine")
+    assert (part.mode, part.vm_cpus, part.cgroup) == ("cgroup", cs("3-7"), "machine")
 
 
 def test_cgroup_v2_without_cpuset_controller_is_ignored(tmp_path: Path) -> None:
@@ -280,7 +244,7 @@ def test_none_mode_is_honoured(tmp_path: Path) -> None:
 def test_decide_partition_is_pure(tmp_path: Path) -> None:
     build_host(tmp_path, HostSpec(cpus=4))
     topo = read_topology(tmp_path)
-    cg = VmCgroup("machine", 1, cs("2-3"), CpuSet(), exclusive=None)
+    cg = VmCgroup("machine", 1, cs("2-3"))
     part = decide_partition(topo, Config(), cg)
     assert (part.mode, part.vm_cpus) == ("cgroup", cs("2-3"))
 
@@ -387,7 +351,6 @@ def test_real_cgroup_v1_partition(real_tree: Path) -> None:
                                                   exclusive_cgroup=config.exclusive_cgroup))
     assert part.mode == "cgroup" and part.vm_cpus == CpuSet.of([last])
     assert part.host_cpus == online - CpuSet.of([last])
-    assert read_vm_cgroup(Path("/"), config).exclusive is None
     # the kernel's effective_cpus, not the configured cpus, counts
     assert cs((machine / "cpuset.effective_cpus").read_text()) == CpuSet.of([last])
     # once the whole set is in machine, auto mode sees nothing restricted
@@ -412,20 +375,17 @@ sets16 = st.frozensets(st.integers(0, 15)).map(CpuSet)
 
 
 @settings(deadline=None, max_examples=300)
-@given(online=sets16.filter(bool), isolated=sets16, cg_cpus=sets16, leased=sets16,
-       found=st.booleans(), exclusive=st.booleans(), reserve=st.none() | sets16,
+@given(online=sets16.filter(bool), isolated=sets16, cg_cpus=sets16,
+       found=st.booleans(), reserve=st.none() | sets16,
        mode=st.sampled_from(["auto", "isolcpus", "cgroup", "none"]))
 def test_decide_partition_properties(tmp_path_factory: pytest.TempPathFactory,
                                      online: CpuSet, isolated: CpuSet, cg_cpus: CpuSet,
-                                     leased: CpuSet, found: bool, exclusive: bool,
-                                     reserve: CpuSet | None, mode: str) -> None:
+                                     found: bool, reserve: CpuSet | None, mode: str) -> None:
     """Whatever the host says: VM and housekeeping CPUs split the online CPUs, the mode
     follows the documented order, and impossible explicit modes are a one-line HostError."""
     topo = replace(base_topology(tmp_path_factory), online=online, isolated=isolated)
     cg = VmCgroup("machine" if found else None, 1 if found else None,
-                  cg_cpus if found else CpuSet(), leased if found else CpuSet(),
-                  ("/sys/fs/cgroup/cpuset/machine",),
-                  "pinwarden.partition" if found and exclusive else None)
+                  cg_cpus if found else CpuSet(), ("/sys/fs/cgroup/cpuset/machine",))
     config = Config(mode=mode, host_reserve=reserve)  # type: ignore[arg-type]
     try:
         part = decide_partition(topo, config, cg)
@@ -440,45 +400,8 @@ def test_decide_partition_properties(tmp_path_factory: pytest.TempPathFactory,
         assert part.mode == mode
     elif isolated & online:
         assert part.mode == "isolcpus" and part.vm_cpus == isolated & online
-    if part.mode == "cgroup":  # the partition cgroup plus leases, or (every VM CPU leased)
-        assert part.cgroup == "machine"  # the leases alone
-        assert part.vm_cpus in ((cg_cpus | leased) & online, leased & online)
+    if part.mode == "cgroup":
+        assert part.cgroup == "machine" and part.vm_cpus == cg_cpus & online
     if part.mode == "none":
         kept = reserve & online if reserve is not None else default_reserve(topo)
         assert part.host_cpus == kept
-
-
-# -- the partition survives pinwarden's own enforcement ------------------------------------------
-
-
-@pytest.mark.parametrize("setup", ["isolcpus", "cgroup", "none", "none-smt"])
-@settings(deadline=None, max_examples=25,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(picks=st.lists(st.integers(0, 15), max_size=16, unique=True),
-       holders=st.integers(1, 3))
-def test_mode_survives_enforced_layout(tmp_path_factory: pytest.TempPathFactory, setup: str,
-                                       picks: list[int], holders: int) -> None:
-    """Lease any VM CPUs, write the cgroup layout enforcement wants (machine = shared pool,
-    pinwarden.partition = leases; layout from pinwarden.enforce.layout), read the host
-    again: same mode, same VM CPUs.  Auto mode must not flip because pinwarden acted."""
-    from pinwarden.enforce.layout import desired_layout
-
-    root = tmp_path_factory.mktemp(f"survive-{setup}")
-    threads = 2 if setup == "none-smt" else 1
-    build_host(root, HostSpec(cpus=16 if threads == 2 else 8, threads=threads,
-                              isolated="4-7" if setup == "isolcpus" else ""))
-    mount_cgroups(root, cpus="0-15" if threads == 2 else "0-7")
-    make_cgroup(root, V1, "machine", "2-7" if setup == "cgroup" else
-                ("0-15" if threads == 2 else "0-7"))
-    before = load_host(root, Config())
-    vm = before.partition.vm_cpus.as_list()
-    chosen = [vm[i % len(vm)] for i in picks]
-    leases = [Lease(cpu, HolderRef("qemu", f"vm{n % holders}", f"vm{n % holders}"), "vcpu0",
-                    0.0) for n, cpu in enumerate(dict.fromkeys(chosen))]
-    layout = desired_layout(before, leases)
-    make_cgroup(root, V1, layout.shared.path, str(layout.shared.cpus))
-    make_cgroup(root, V1, layout.exclusive.path, str(layout.exclusive.cpus))
-    after = load_host(root, Config()).partition
-    assert (after.mode, after.vm_cpus, after.host_cpus) == \
-        (before.partition.mode, before.partition.vm_cpus, before.partition.host_cpus), \
-        (layout.shared.cpus, layout.exclusive.cpus, after.reason)

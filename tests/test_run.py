@@ -21,21 +21,27 @@ import pytest
 from enforce_helpers import build, lease, make_host
 from guest import guest_run
 from pinwarden.cli import main
+from pinwarden.config import Config
 from pinwarden.cpuset import CpuSet
 from pinwarden.enforce.fake import FakeCpusetV1
-from pinwarden.enforce.layout import LayoutNames
 from pinwarden.errors import InputError, Refusal
-from pinwarden.jobs import JobRequest, check_name, decide_job, job_holder
 from pinwarden.ledger import Ledger
-from pinwarden.model import Lease, Plan
-from pinwarden.runner import Context, sweep, sync_layout
+from pinwarden.manager import Manager
+from pinwarden.model import Lease, Plan, job_holder
+from pinwarden.partition import Host
+from pinwarden.policy import JobSpec, decide
+from pinwarden.runner import check_name
+
+
+def decide_job(job: JobSpec, host: Host, leases: list[Lease]) -> Plan:
+    return decide(job, host, leases)
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_job_gets_free_vm_cpus_only() -> None:
     host = make_host("0-3", vm="1-3")
-    plan = decide_job(JobRequest("J", count=2), host, [lease(1, "other")])
+    plan = decide_job(JobSpec("J", count=2), host, [lease(1, "other")])
     assert plan.leased() == CpuSet.of([2, 3])
     assert set(plan.leases.values()) == {"task"}
     assert plan.emulator == CpuSet.of([2, 3])
@@ -44,29 +50,46 @@ def test_job_gets_free_vm_cpus_only() -> None:
 def test_second_job_refused_naming_the_holder() -> None:
     host = make_host("0-1", vm="1")
     with pytest.raises(Refusal) as info:
-        decide_job(JobRequest("B", count=1), host, [lease(1, "A")])
+        decide_job(JobSpec("B", count=1), host, [lease(1, "A")])
     message = info.value.message
-    assert "CPU 1 is leased to job 'A'" in message
-    assert "host CPUs 0 are never leased" in message
+    assert "CPU 1 to job 'A' — release one of them" in message
+    assert "housekeeping CPUs 0 are never leased" in message
     assert info.value.code == "insufficient-cpus"
 
 
 def test_explicit_cpus_rules() -> None:
+    """The same checks, codes and wording as for domains (one policy)."""
     host = make_host("0-3", vm="1-3")
-    with pytest.raises(Refusal, match=r"CPU 0 belongs to the host and is never leased"):
-        decide_job(JobRequest("J", cpus=CpuSet.of([0])), host, [])
-    with pytest.raises(Refusal, match=r"CPU 2 is leased to job 'X'"):
-        decide_job(JobRequest("J", cpus=CpuSet.of([2, 3])), host, [lease(2, "X")])
-    with pytest.raises(Refusal, match=r"CPU 9 is not online"):
-        decide_job(JobRequest("J", cpus=CpuSet.of([9])), host, [])
-    plan = decide_job(JobRequest("J", cpus=CpuSet.of([3])), host, [lease(2, "X")])
+    with pytest.raises(Refusal, match=r"CPU 0 for --cpus 0 of exclusive job 'J' is a "
+                                      r"housekeeping CPU") as info:
+        decide_job(JobSpec("J", cpus=CpuSet.of([0])), host, [])
+    assert info.value.code == "host-cpu"
+    with pytest.raises(Refusal, match=r"CPU 2 for --cpus 2-3 of job 'J' is leased "
+                                      r"exclusively to job 'X'") as info:
+        decide_job(JobSpec("J", cpus=CpuSet.of([2, 3])), host, [lease(2, "X")])
+    assert info.value.code == "conflict"
+    with pytest.raises(Refusal, match=r"CPU 9 in --cpus 9 of job 'J' does not exist") as info:
+        decide_job(JobSpec("J", cpus=CpuSet.of([9])), host, [])
+    assert info.value.code == "unknown-cpu"
+    plan = decide_job(JobSpec("J", cpus=CpuSet.of([3])), host, [lease(2, "X")])
     assert plan.leased() == CpuSet.of([3])
+
+
+def test_offline_cpu_is_offline_cpu_for_jobs_as_for_domains() -> None:
+    from dataclasses import replace
+
+    host = make_host("0-3", vm="1-3")
+    host = replace(host, topology=replace(host.topology, online=CpuSet.of([0, 1, 2])))
+    with pytest.raises(Refusal) as info:
+        decide_job(JobSpec("J", cpus=CpuSet.of([3])), host, [])
+    assert info.value.code == "offline-cpu"
 
 
 def test_job_name_must_be_unique_and_safe() -> None:
     host = make_host()
-    with pytest.raises(Refusal, match="already holds CPU 2"):
-        decide_job(JobRequest("J", count=1), host, [lease(2, "J")])
+    with pytest.raises(Refusal, match="already holds CPUs 2") as info:
+        decide_job(JobSpec("J", count=1), host, [lease(2, "J")])
+    assert info.value.code == "job-exists"
     for bad in ("", "../x", "a b", "-x", "x" * 65):
         with pytest.raises(InputError):
             check_name(bad)
@@ -92,17 +115,18 @@ SUPERVISOR = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     from enforce_helpers import make_host
+    from pinwarden.config import Config
     from pinwarden.cpuset import CpuSet
     from pinwarden.enforce.fake import FakeCpusetV1
-    from pinwarden.enforce.layout import LayoutNames
-    from pinwarden.jobs import JobRequest
-    from pinwarden.runner import Context, run_job
+    from pinwarden.manager import Manager
+    from pinwarden.policy import JobSpec
+    from pinwarden.runner import run_job
     online = CpuSet.parse_kernel(Path("/sys/devices/system/cpu/online").read_text())
     last = CpuSet.of([max(online.cpus)])
     fake = FakeCpusetV1(online, real_pids=True)
-    ctx = Context(make_host(online.to_list(), vm=last.to_list()), fake, LayoutNames(),
-                  Path(sys.argv[1]))
-    status = run_job(ctx, JobRequest(sys.argv[2], count=int(sys.argv[3])), sys.argv[4:])
+    manager = Manager(Config(), Path("/"), Path(sys.argv[1]), backend=fake,
+                      host=make_host(online.to_list(), vm=last.to_list()))
+    status = run_job(manager, JobSpec(sys.argv[2], count=int(sys.argv[3])), sys.argv[4:])
     print("LAYOUT", sorted(fake.read_state([""]).groups), file=sys.stderr)
     sys.exit(status)
 """)
@@ -185,30 +209,25 @@ def test_real_kernel_cases_in_a_fresh_guest() -> None:
         .splitlines()[-1]
 
 
-def test_sweep_removes_groups_of_dead_jobs_and_nothing_else(tmp_path: Path) -> None:
+def test_reap_removes_groups_of_dead_jobs_and_nothing_else(tmp_path: Path) -> None:
     fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"), real_pids=True)
     build(fake, {"machine": ("0-3", False)})
-    ctx = Context(make_host("0-3", vm="1-3"), fake, LayoutNames(), tmp_path)
-    with Ledger(tmp_path) as ledger:
-        writes = fake.writes
-        assert sweep(ctx, ledger) is None  # nothing leased: nothing written
-        assert fake.writes == writes
-        for name in ("gone", "alive"):
-            request = JobRequest(name, count=1)
-
-            def decide(leases: tuple[Lease, ...], request: JobRequest = request) -> Plan:
-                return decide_job(request, ctx.host, leases)
-
-            ledger.reserve(job_holder(name), decide)
-        sync_layout(ctx, ledger)
-        writes = fake.writes
-        assert sweep(ctx, ledger) is None and fake.writes == writes  # in order: no write
-        command = subprocess.Popen(["sleep", "600"])
-        ledger.set_owner(job_holder("gone"), command.pid)
-        command.kill()  # the command of a job whose supervisor was SIGKILLed ends
-        command.wait()
-        assert sweep(ctx, ledger) is not None
-        groups = set(fake.read_state([""]).groups)
+    manager = Manager(Config(), Path("/"), tmp_path, backend=fake,
+                      host=make_host("0-3", vm="1-3"))
+    writes = fake.writes
+    assert manager.reap() == ()  # nothing leased: nothing written
+    assert fake.writes == writes
+    for name in ("gone", "alive"):
+        manager.reserve_request(JobSpec(name, count=1))
+    writes = fake.writes
+    assert manager.reap() == () and fake.writes == writes  # in order: no write
+    command = subprocess.Popen(["sleep", "600"])
+    manager.set_owner(job_holder("gone"), command.pid)
+    command.kill()  # the command of a job whose supervisor was SIGKILLed ends
+    command.wait()
+    assert [r.ref.name for r in manager.reap()] == ["gone"]
+    groups = set(fake.read_state([""]).groups)
+    manager.close()
     assert "pinwarden.partition/run-gone.partition" not in groups
     assert "pinwarden.partition/run-alive.partition" in groups
 
@@ -217,16 +236,16 @@ def test_isolate_holds_the_sibling_and_the_job_group_excludes_it() -> None:
     from dataclasses import replace
 
     from pinwarden.enforce.layout import desired_layout
-    from pinwarden.model import HolderRef
 
     host = make_host("0-3", vm="2-3")
     smt = {cpu: replace(c, core=cpu // 2, siblings=CpuSet.of([cpu // 2 * 2, cpu // 2 * 2 + 1]))
            for cpu, c in host.topology.cpus.items()}
     host = replace(host, topology=replace(host.topology, cpus=smt))
-    plan = decide_job(JobRequest("J", count=1, threads="isolate"), host, [])
+    plan = decide_job(JobSpec("J", count=1, threads="isolate"), host, [])
     assert sorted(plan.leases.items()) == [(2, "task"), (3, "sibling-hold")]
-    leases = [Lease(cpu, HolderRef("run", "J", "J"), role, 0.0)
-              for cpu, role in plan.leases.items()]
+    explicit = decide_job(JobSpec("J", cpus=CpuSet.of([2]), threads="isolate"), host, [])
+    assert explicit.leases == plan.leases  # --cpus holds the sibling too
+    leases = [Lease(cpu, job_holder("J"), role, 0.0) for cpu, role in plan.leases.items()]
     desired = desired_layout(host, leases)
     assert desired.exclusive.cpus == CpuSet.of([2, 3])
     assert desired.holders[0].cpus == CpuSet.of([2])

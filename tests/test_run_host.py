@@ -75,7 +75,7 @@ def test_second_exclusive_job_is_refused_naming_the_first(pw: Pinwarden) -> None
         second = run(pw, "--exclusive", "1", "--name", "pwtest-second", "--", "true")
         assert second.returncode == 1
         assert second.stderr.startswith("pinwarden: error: ")
-        assert "CPU 1 is leased to job 'pwtest-first'" in second.stderr
+        assert "CPU 1 to job 'pwtest-first'" in second.stderr
         assert len(second.stderr.strip().splitlines()) == 1
     finally:
         first.send_signal(signal.SIGTERM)

@@ -12,16 +12,14 @@ Modes (``config.mode``; ``auto`` takes the first that applies):
 ``cgroup``
     VM CPUs = effective cpuset of the VM partition cgroup (v1: ``<cpuset>/machine``; v2:
     ``<unified>/machine.slice``, else ``<unified>/machine``, when cgroup2 has the cpuset
-    controller) plus the CPUs pinwarden leased into its exclusive tree
-    (``config.exclusive_cgroup``, default ``pinwarden.partition`` at the cpuset root):
-    pinwarden narrows ``machine`` by what it leases, see DEVELOPERS.md.  In ``auto`` a
-    cgroup that covers every online CPU (or none) restricts nothing and is skipped, and so
-    is a ``machine`` that pinwarden itself narrowed to the ``none`` pool (its exclusive tree
-    exists and ``machine`` plus leases is exactly online minus the host reserve): the mode
-    must not flip from ``none`` to ``cgroup`` after the first lease.  Conversely, when every
-    VM CPU is leased pinwarden leaves only the housekeeping CPUs in ``machine``; a
-    ``machine`` disjoint from the leases that together cover every CPU (and is not the
-    ``none`` host reserve) is read as that state: cgroup mode, VM CPUs = the leases.
+    controller).  In ``auto`` a cgroup that covers every online CPU (or none) restricts
+    nothing and is skipped.
+
+    pinwarden itself narrows that cgroup while it leases CPUs.  So the partition is always
+    decided from the cgroup *as pinwarden found it*: the lease manager records it with the
+    first lease (:class:`~pinwarden.ledger.HostRecord`) and passes it as ``found`` until the
+    last lease is gone and the host is put back — the placement rules never change behind
+    the user's back.
 ``none``
     VM CPUs = online CPUs minus the host reserve (``host_reserve``, default the first
     physical core: the siblings of the lowest online CPU).
@@ -67,9 +65,7 @@ class VmCgroup:
     name: str | None  # path relative to the cpuset mount ("machine"); None: not found
     version: int | None  # 1 or 2
     cpus: CpuSet  # its effective CPUs
-    leased: CpuSet  # CPUs of pinwarden's exclusive tree (empty when absent)
     looked_for: tuple[str, ...] = ()  # directories tried, for messages
-    exclusive: str | None = None  # pinwarden's exclusive tree, when it exists
 
     @property
     def found(self) -> bool:
@@ -108,38 +104,34 @@ def read_vm_cgroup(root: Path, config: Config, mounts: CgroupMounts | None = Non
         directory = v1 / config.cgroup_v1
         looked.append(str(directory))
         if directory.is_dir():
-            tree = v1 / config.exclusive_cgroup
             return VmCgroup(config.cgroup_v1, 1,
-                            _first_cpus(directory, effective, cpus) or EMPTY,
-                            _first_cpus(tree, cpus, effective) or EMPTY, tuple(looked),
-                            config.exclusive_cgroup if tree.is_dir() else None)
+                            _first_cpus(directory, effective, cpus) or EMPTY, tuple(looked))
     v2 = mounts.v2
     if v2 is not None and mounts.v2_has("cpuset"):
         for name in dict.fromkeys((config.cgroup_v2, "machine")):
             directory = v2 / name
             looked.append(str(directory))
             if directory.is_dir():
-                tree = v2 / config.exclusive_cgroup
                 return VmCgroup(name, 2,
                                 _first_cpus(directory, "cpuset.cpus.effective", "cpuset.cpus")
-                                or EMPTY,
-                                _first_cpus(tree, "cpuset.cpus", "cpuset.cpus.effective")
-                                or EMPTY, tuple(looked),
-                                config.exclusive_cgroup if tree.is_dir() else None)
-    return VmCgroup(None, None, EMPTY, EMPTY, tuple(looked))
+                                or EMPTY, tuple(looked))
+    return VmCgroup(None, None, EMPTY, tuple(looked))
 
 
-def read_partition(root: Path, topology: Topology, config: Config) -> Partition:
-    """Read the VM partition of the host at ``root`` (see the module docstring)."""
-    cgroup = read_vm_cgroup(root, config) if config.mode in ("auto", "cgroup") \
-        else VmCgroup(None, None, EMPTY, EMPTY)
-    return decide_partition(topology, config, cgroup)
+def read_partition(root: Path, topology: Topology, config: Config,
+                   found: VmCgroup | None = None) -> Partition:
+    """The VM partition of the host at ``root`` (see the module docstring); ``found``: the
+    VM partition cgroup as recorded at the first lease, instead of reading it now."""
+    if found is None:
+        found = read_vm_cgroup(root, config) if config.mode in ("auto", "cgroup") \
+            else VmCgroup(None, None, EMPTY)
+    return decide_partition(topology, config, found)
 
 
-def load_host(root: Path, config: Config) -> Host:
+def load_host(root: Path, config: Config, found: VmCgroup | None = None) -> Host:
     """Topology and partition of the host at ``root``: the snapshot every command uses."""
     topology = read_topology(root)
-    return Host(topology, read_partition(root, topology, config))
+    return Host(topology, read_partition(root, topology, config, found))
 
 
 # -- pure core ----------------------------------------------------------------------------
@@ -161,13 +153,10 @@ def _isolcpus(topology: Topology) -> Partition:
 
 
 def _cgroup(topology: Topology, cg: VmCgroup) -> Partition:
-    vm = (cg.cpus | cg.leased) & topology.online
-    leased = cg.leased - cg.cpus
-    extra = f", plus {leased} leased in {cg.exclusive}" if leased else ""
+    vm = cg.cpus & topology.online
     version = "v1" if cg.version == 1 else "v2"
     return Partition("cgroup", vm, topology.online - vm,
-                     f"cpuset of cgroup {cg.name} ({version}) is {cg.cpus or 'empty'}{extra}",
-                     cg.name)
+                     f"cpuset of cgroup {cg.name} ({version}) is {cg.cpus or 'empty'}", cg.name)
 
 
 def _none(topology: Topology, config: Config, why: str) -> Partition:
@@ -186,16 +175,6 @@ def _none(topology: Topology, config: Config, why: str) -> Partition:
         what = f"host reserve is {label} (CPUs {reserve})"
     vm = topology.online - reserve
     return Partition("none", vm, topology.online - vm, f"{why}; {what}")
-
-
-def _every_vm_cpu_leased(cgroup: VmCgroup, online: CpuSet, own: Partition) -> bool:
-    """pinwarden's fallback in cgroup mode: with every VM CPU leased, the shared pool (the
-    partition cgroup) holds the housekeeping CPUs, so partition cgroup plus leases cover
-    every CPU.  (The same fallback in ``none`` mode leaves exactly the host reserve there.)
-    """
-    machine, leased = cgroup.cpus & online, cgroup.leased & online
-    return (cgroup.exclusive is not None and bool(leased) and bool(machine)
-            and machine.isdisjoint(leased) and machine != own.host_cpus)
 
 
 def decide_partition(topology: Topology, config: Config, cgroup: VmCgroup) -> Partition:
@@ -225,24 +204,11 @@ def decide_partition(topology: Topology, config: Config, cgroup: VmCgroup) -> Pa
     if topology.isolated & topology.online:
         return _isolcpus(topology)
     if cgroup.found:
-        online = topology.online
-        vm = (cgroup.cpus | cgroup.leased) & online
-        own = _none(topology, config, "no isolcpus and no restricting VM cgroup")
-        if vm and vm != online:
-            if cgroup.exclusive is None or vm != own.vm_cpus:
-                return _cgroup(topology, cgroup)
-            why = (f"no isolcpus and cgroup {cgroup.name} is pinwarden's own shared pool "
-                   f"(its leases are in {cgroup.exclusive})")
-        elif vm and _every_vm_cpu_leased(cgroup, online, own):
-            machine, leased = cgroup.cpus & online, cgroup.leased & online
-            return Partition("cgroup", leased, online - leased,
-                             f"cpuset of cgroup {cgroup.name} holds only the housekeeping "
-                             f"CPUs {machine}: every VM CPU ({leased}) is leased in "
-                             f"{cgroup.exclusive}", cgroup.name)
-        elif vm:
-            why = f"no isolcpus and cgroup {cgroup.name} covers every online CPU"
-        else:
-            why = f"no isolcpus and cgroup {cgroup.name} has an empty cpuset"
+        vm = cgroup.cpus & topology.online
+        if vm and vm != topology.online:
+            return _cgroup(topology, cgroup)
+        why = (f"no isolcpus and cgroup {cgroup.name} covers every online CPU" if vm else
+               f"no isolcpus and cgroup {cgroup.name} has an empty cpuset")
         return _none(topology, config, why)
     return _none(topology, config, "no isolcpus and no restricting VM cgroup")
 

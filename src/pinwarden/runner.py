@@ -1,116 +1,80 @@
 """``pinwarden run``: lease CPUs, run a command in an exclusive cpuset, give them back.
 
-This is the adapter: it reads the host, talks to the ledger, the cgroup backend and the
-process.  Deciding which CPUs is :func:`pinwarden.jobs.decide_job` (pure); the cgroup
-layout is :mod:`pinwarden.enforce`.
+This is the process adapter: it forks, places and supervises the command.  Deciding which
+CPUs is :func:`pinwarden.policy.decide` (a :class:`~pinwarden.policy.JobSpec`); recording
+and enforcing them is the :class:`~pinwarden.manager.Manager`'s.
 
 Lifecycle of a job J:
 
-1. ``reserve`` in the ledger with the supervisor (this process) as owner, so a crash before
-   the command starts frees the CPUs;
-2. layout sync: ``<exclusive>/run-J.partition`` is created with J's CPUs (the shared
-   partition shrinks first);
-3. fork; the child waits on a pipe; the parent moves it into the cgroup, pins its affinity
-   and makes it the lease *owner* (``ledger.set_owner``) before letting it ``exec`` —
-   if the supervisor is killed, even by SIGKILL, the lease lives exactly as long as the
-   command and is reaped by the next ledger user;
-4. the supervisor forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to
+1. the manager reserves and enforces J's CPUs with the supervisor (this process) as owner,
+   so a crash before the command starts frees them;
+   ``<exclusive>/run-J.partition`` is created with J's CPUs (the shared partition
+   shrinks first);
+2. fork; the child waits on a pipe; the parent moves it into the cgroup, pins its affinity
+   and makes it the lease *owner* before letting it ``exec`` — if the supervisor is
+   killed, even by SIGKILL, the lease lives exactly as long as the command and is reaped
+   by the next reservation (or the daemon);
+3. the supervisor forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to
    it (signals the terminal sends to the whole foreground group reach the command
    directly and are not sent twice);
-5. when the command exits: release the lease, sync the layout (removes the group), and exit
-   with the command's status (``128 + N`` when killed by signal N).
+4. when the command exits: the manager releases the lease and shrinks the layout (removes
+   the group), and the supervisor exits with the command's status (``128 + N`` when killed
+   by signal N).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
-from pinwarden.config import Config
+from pinwarden.cpuset import CpuSet
 from pinwarden.enforce.affinity import pin
-from pinwarden.enforce.apply import Result, locked, sync
 from pinwarden.enforce.backend import CgroupBackend, CgroupOpError
-from pinwarden.enforce.layout import LayoutNames, holder_group_path
-from pinwarden.enforce.select import layout_names, open_backend
-from pinwarden.errors import EnforceError, LedgerError, PinwardenError
-from pinwarden.jobs import JobRequest, decide_job, job_holder
-from pinwarden.ledger import Ledger
-from pinwarden.model import Plan
-from pinwarden.partition import Host, load_host
+from pinwarden.errors import EnforceError, InputError, PinwardenError
+from pinwarden.manager import Manager
+from pinwarden.model import job_holder
+from pinwarden.policy import JobSpec
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
              signal.SIGUSR2)
 SI_KERNEL = 0x80  # siginfo si_code of signals the kernel (e.g. the terminal) generated
-LOCK_NAME = "enforce.lock"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@:+-]{0,63}")
 
 
-@dataclass(frozen=True)
-class Context:
-    """Everything a job needs, read once."""
+def check_name(name: str) -> str:
+    """A job name: 1-64 letters, digits and ``_.@:+-``, starting with a letter or digit."""
+    if not _NAME.fullmatch(name):
+        from pinwarden.errors import shorten
 
-    host: Host
-    backend: CgroupBackend
-    names: LayoutNames
-    state_dir: Path
-
-    @classmethod
-    def load(cls, config: Config, root: Path, state_dir: Path,
-             backend: CgroupBackend | None = None) -> Context:
-        backend = backend if backend is not None else open_backend(root)
-        return cls(load_host(root, config), backend, layout_names(config, backend),
-                   state_dir)
-
-
-def sync_layout(ctx: Context, ledger: Ledger) -> Result:
-    """Make the cgroups match the ledger (reaping dead owners first); serialised."""
-    with locked(ctx.state_dir / LOCK_NAME):
-        leases = ledger.leases()
-        return sync(ctx.backend, ctx.host, leases, ctx.names)
-
-
-def sweep(ctx: Context, ledger: Ledger) -> Result | None:
-    """Reap holders whose owner died and, if that freed anything or a holder group has no
-    lease any more (a job whose supervisor was killed), sync the layout.  For ``status``
-    and other read-mostly commands: no cgroup write when everything is in order."""
-    reaped = ledger.reap()
-    tree = ctx.names.exclusive
-    state = ctx.backend.read_state([tree])
-    if tree not in state and not reaped:
-        return None
-    wanted = {holder_group_path(ctx.names, r.ref) for r in ledger.holders(reap=False)}
-    stale = [p for p in state.children(tree) if p not in wanted]
-    if not reaped and not stale:
-        return None
-    return sync_layout(ctx, ledger)
+        raise InputError(f"invalid job name {shorten(name)}: use 1-64 letters, digits and "
+                         "_.@:+- (starting with a letter or digit)")
+    return name
 
 
 def _warn(message: str) -> None:
     print(f"pinwarden: warning: {message}", file=sys.stderr)
 
 
-def _release(ctx: Context, ledger: Ledger, name: str) -> None:
+def _release(manager: Manager, name: str) -> None:
     """Give the job's CPUs back and remove its cgroup; problems become warnings."""
+    holder = job_holder(name)
     try:
-        ledger.release(name, driver="run")
-    except LedgerError as exc:
-        if exc.code != "unknown-holder":  # already reaped: fine
-            _warn(exc.message)
-    try:
-        result = sync_layout(ctx, ledger)
+        manager.drop(holder)
     except PinwardenError as exc:
-        _warn(f"the CPUs of job {name!r} are released but its cgroup could not be "
-              f"removed: {exc.message}")
+        _warn(exc.message)
         return
-    group = holder_group_path(ctx.names, job_holder(name))
-    left = [p for p in result.after.groups if p == group]
-    if left:
-        _warn(f"processes started by job {name!r} still run in cgroup /{left[0]}; it is "
-              f"removed once they exit (next pinwarden run or status)")
+    try:
+        group = manager.holder_group(holder)
+        left = manager.backend().read_state([group]).get(group)
+    except (PinwardenError, CgroupOpError):
+        return
+    if left is not None:
+        _warn(f"processes started by job {name!r} still run in cgroup /{group}; it is "
+              f"removed once they exit (at the next change pinwarden makes)")
 
 
 def _child(read_fd: int, command: Sequence[str], env: dict[str, str]) -> None:
@@ -131,11 +95,10 @@ def _child(read_fd: int, command: Sequence[str], env: dict[str, str]) -> None:
         os._exit(127)
 
 
-def supervise(ctx: Context, ledger: Ledger, name: str, group: str, plan: Plan,
-              command: Sequence[str]) -> int:
-    """Fork, place and run ``command``; forward signals; return its exit status."""
-    holder = job_holder(name)
-    cpus = plan.emulator
+def supervise(backend: CgroupBackend, name: str, group: str, cpus: CpuSet,
+              command: Sequence[str], set_owner: Callable[[int], None]) -> int:
+    """Fork, place and run ``command``; forward signals; return its exit status.
+    ``set_owner(pid)`` makes the command the lease's owner before it runs."""
     env = dict(os.environ, PINWARDEN_JOB=name, PINWARDEN_CPUS=cpus.to_list())
     watched = {*FORWARDED, signal.SIGCHLD}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
@@ -149,9 +112,9 @@ def supervise(ctx: Context, ledger: Ledger, name: str, group: str, plan: Plan,
             _child(read_fd, command, env)
         os.close(read_fd)
         try:
-            ctx.backend.attach_process(group, pid)
+            backend.attach_process(group, pid)
             pin({pid: cpus})
-            ledger.set_owner(holder, pid)
+            set_owner(pid)
         except (CgroupOpError, PinwardenError) as exc:
             os.close(write_fd)
             with contextlib.suppress(ProcessLookupError):
@@ -185,21 +148,18 @@ def _wait(pid: int, watched: set[signal.Signals]) -> int:
             os.kill(pid, info.si_signo)
 
 
-def run_job(ctx: Context, request: JobRequest, command: Sequence[str]) -> int:
-    """Run ``command`` as job ``request.name`` on exclusive CPUs; return its exit status."""
+def run_job(manager: Manager, job: JobSpec, command: Sequence[str]) -> int:
+    """Run ``command`` as ``job`` on exclusive CPUs; return its exit status."""
     if not command:
-        raise PinwardenError("no command given: pinwarden run [OPTIONS] -- COMMAND [ARG...]",
-                             code="bad-input")
-    holder = job_holder(request.name)
-    with Ledger(ctx.state_dir) as ledger:
-        plan = ledger.reserve(holder, lambda leases: decide_job(request, ctx.host, leases),
-                              owner_pid=os.getpid())
-        try:
-            result = sync_layout(ctx, ledger)
-            spec = result.desired.group_of(holder) if result.desired else None
-            if spec is None:
-                raise EnforceError(f"no cgroup was planned for job {request.name!r}")
-            ledger.set_cgroup(holder, spec.path)
-            return supervise(ctx, ledger, request.name, spec.path, plan, command)
-        finally:
-            _release(ctx, ledger, request.name)
+        raise InputError("no command given: pinwarden run [OPTIONS] -- COMMAND [ARG...]")
+    holder = job_holder(job.name)
+    reserved = manager.reserve_request(job, owner_pid=os.getpid())
+    try:
+        if reserved.group is None:
+            raise EnforceError(f"no cgroup was planned for job {job.name!r}")
+        manager.set_cgroup(holder, reserved.group)
+        cpus = reserved.plan.emulator
+        return supervise(manager.backend(), job.name, reserved.group, cpus, command,
+                         lambda pid: manager.set_owner(holder, pid))
+    finally:
+        _release(manager, job.name)

@@ -214,7 +214,7 @@ def ledger_leases() -> list[Data]:
         return []
     with Ledger(STATE) as ledger:
         return [{"cpu": lease.cpu, "holder": str(lease.holder), "role": lease.role,
-                 "owner_pid": lease.owner_pid} for lease in ledger.leases(reap=False)]
+                 "owner_pid": lease.owner_pid} for lease in ledger.leases()]
 
 
 def load_host() -> Any:

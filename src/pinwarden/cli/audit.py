@@ -12,8 +12,8 @@ from typing import Any
 
 from pinwarden import audit
 from pinwarden.cli import print_json
-from pinwarden.cli.common import config_of, root_of, state_dir_of
-from pinwarden.ledger import DB_NAME, HolderRecord, Ledger
+from pinwarden.cli.common import config_of, manager_of, root_of
+from pinwarden.ledger import DB_NAME, HolderRecord
 from pinwarden.model import HolderRef, Lease
 
 #: Warning rows shown without --all.
@@ -35,13 +35,14 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 def load_ledger(args: argparse.Namespace) -> tuple[tuple[Lease, ...], tuple[HolderRecord, ...],
                                                     tuple[str, ...]]:
-    """Leases and holders (dead owners reaped); no database yet means no leases."""
-    state = state_dir_of(args)
-    if not (state / DB_NAME).exists():
-        return (), (), (f"no lease database at {state / DB_NAME}: nothing is leased",)
-    with Ledger(state) as ledger:
-        holders = ledger.holders()
-        return ledger.leases(reap=False), holders, ()
+    """Leases and holders of live owners; no database yet means no leases (read only)."""
+    with manager_of(args) as manager:
+        if manager.reader() is None:
+            return (), (), (f"no lease database at {manager.state_dir / DB_NAME}: nothing "
+                            f"is leased",)
+        dead = {(r.ref.driver, r.ref.key) for r in manager.dead()}
+        holders = tuple(h for h in manager.holders() if (h.ref.driver, h.ref.key) not in dead)
+        return manager.leases(), holders, ()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,11 +20,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from pinwarden.cli.common import config_of, root_of
-from pinwarden.config import state_dir
+from pinwarden.cli.common import manager_of, root_of
 from pinwarden.errors import LedgerError
+from pinwarden.manager import Manager
 from pinwarden.model import Lease
-from pinwarden.partition import Host, load_host
+from pinwarden.partition import Host, Partition
 from pinwarden.topology import Topology
 from pinwarden.view import render_cpu_map
 
@@ -82,30 +82,47 @@ def summary(topo: Topology) -> str:
             f"{len(cores)} cores, {threads}")
 
 
-def _leases(args: argparse.Namespace, root: Path) -> tuple[tuple[Lease, ...], str | None]:
-    """Leases of the lease database, when one exists for this host (read-only look)."""
+def _from_ledger(args: argparse.Namespace, root: Path, manager: Manager,
+                 ) -> tuple[Host, tuple[Lease, ...], str | None, Partition | None]:
+    """The host (its partition as recorded at the first lease, while leases are kept), the
+    leases, a ledger problem (the host is then read as it is now), and the partition the
+    host reads as now when the configuration no longer gives the recorded one."""
     if root != Path("/") and not args.state_dir:
-        return (), None  # a dump has no lease database of ours
-    from pinwarden.ledger import DB_NAME, Ledger
-
-    directory = state_dir(Path(args.state_dir) if args.state_dir else None, config_of(args))
-    if not (directory / DB_NAME).exists():
-        return (), None
+        return manager.live_host(), (), None, None  # a dump has no lease database of ours
     try:
-        with Ledger(directory, busy_timeout=2.0) as ledger:  # a glance, never a wait
-            return ledger.leases(reap=False), None
+        host = manager.host()
+        leases = manager.leases()
     except LedgerError as exc:
-        return (), f"leases unavailable: {exc.message}"
+        return manager.live_host(), (), f"leases unavailable: {exc.message}", None
+    record = manager.record()
+    differs: Partition | None = None
+    if record is not None:
+        recorded = record.partition
+        if (recorded.mode, recorded.vm_cpus) != (host.partition.mode, host.partition.vm_cpus):
+            differs = recorded
+    return host, leases, None, differs
+
+
+def _disagreement(now: Partition, recorded: Partition) -> str:
+    return (f"note: the configuration now gives partition {now.mode} (VM CPUs {now.vm_cpus});"
+            f" at the first lease the host was recorded as {recorded.mode} (VM CPUs "
+            f"{recorded.vm_cpus}): the leases made then stay, and the host is put back as "
+            f"found when the last one goes")
 
 
 def run(args: argparse.Namespace) -> int:
     from pinwarden.cli import print_json
 
     root = root_of(args)
-    host = load_host(root, config_of(args))
-    leases, note = _leases(args, root)
+    with manager_of(args) as manager:
+        host, leases, problem, recorded = _from_ledger(args, root, manager)
     if args.json:
-        print_json(host_json(host, leases))
+        data = host_json(host, leases)
+        data["ledger_error"] = problem
+        data["recorded_partition"] = None if recorded is None else {
+            "mode": recorded.mode, "vm_cpus": str(recorded.vm_cpus),
+            "host_cpus": str(recorded.host_cpus), "reason": recorded.reason}
+        print_json(data)
         return 0
     part = host.partition
     lines = [
@@ -116,8 +133,10 @@ def run(args: argparse.Namespace) -> int:
     ]
     if host.topology.nohz_full:
         lines.append(f"  nohz_full={host.topology.nohz_full}")
-    if note:
-        lines.append(note)
+    if recorded is not None:
+        lines.append(_disagreement(part, recorded))
+    if problem:
+        lines.append(problem)
     lines.append("")
     lines.append(render_cpu_map(host, leases))
     print("\n".join(lines))

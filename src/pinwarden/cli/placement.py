@@ -19,16 +19,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pinwarden import policy
 from pinwarden.cli import print_json
-from pinwarden.cli.common import config_of, root_of, state_dir_of
+from pinwarden.cli.common import manager_of
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import MAX_XML_BYTES, DomainSpec, parse_domain, render_plan
-from pinwarden.enforce.layout import LayoutNames, libvirt_partition
-from pinwarden.errors import InputError
-from pinwarden.ledger import DB_NAME, HolderRecord, Ledger
-from pinwarden.model import HolderRef, Lease, Plan
-from pinwarden.partition import Host, Partition, load_host, shared_pool
+from pinwarden.errors import HostError, InputError
+from pinwarden.ledger import DB_NAME, HolderRecord
+from pinwarden.manager import Manager
+from pinwarden.model import HolderRef, Plan
+from pinwarden.partition import Host, Partition, shared_pool
+from pinwarden.policy import holder_of
 from pinwarden.view import render_cpu_map
 
 
@@ -53,9 +53,17 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
     parser = subparsers.add_parser(
         "status", parents=[common], help="show leases, the partition and a CPU map",
-        description="List every holder's leases (dead owners reaped), the host partition "
-                    "and which CPU is used how.")
+        description="List every holder's leases, the host partition and which CPU is used "
+                    "how. Read only: holders whose owner process died are shown as such "
+                    "(their CPUs are free; the next change removes them).")
     parser.set_defaults(handler=run_status)
+
+    parser = subparsers.add_parser(
+        "sync", parents=[common], help="free dead holders and re-apply the cgroup layout",
+        description="Free the leases of holders whose owner process is gone and make the "
+                    "kernel's cgroups match the leases again (or put the host back as "
+                    "found when nothing is leased).")
+    parser.set_defaults(handler=run_sync)
 
 
 # -- input --------------------------------------------------------------------------------
@@ -65,25 +73,17 @@ def read_xml(source: str) -> bytes:
     """The XML document at ``source`` (``-``: stdin), at most one byte over the limit."""
     try:
         if source == "-":
-            return sys.stdin.buffer.read(MAX_XML_BYTES + 1)
+            stdin = sys.stdin
+            if stdin is None or getattr(stdin, "buffer", None) is None:
+                raise InputError("cannot read domain XML from stdin: it is closed")
+            return stdin.buffer.read(MAX_XML_BYTES + 1)
         with Path(source).open("rb") as handle:
             return handle.read(MAX_XML_BYTES + 1)
     except OSError as exc:
         raise InputError(f"cannot read domain XML {source}: "
                          f"{exc.strerror or exc}") from None
-
-
-def holder_of(spec: DomainSpec) -> HolderRef:
-    driver = "lxc" if spec.domain_type == "lxc" else "qemu"
-    return HolderRef(driver=driver, key=spec.key, name=spec.name)
-
-
-def _ledger_leases(state: Path) -> tuple[Lease, ...]:
-    """Current leases (dead owners reaped); no database yet means none."""
-    if not (state / DB_NAME).exists():
-        return ()
-    with Ledger(state) as ledger:
-        return ledger.leases()
+    except ValueError as exc:  # I/O on a closed file
+        raise InputError(f"cannot read domain XML {source}: {exc}") from None
 
 
 # -- output -------------------------------------------------------------------------------
@@ -129,23 +129,21 @@ def render_plan_text(plan: Plan, host: Host, *, recorded: bool) -> str:
     return "\n".join(lines)
 
 
-def _emit_partition(args: argparse.Namespace, plan: Plan, holder: HolderRef) -> str | None:
+def _emit_partition(manager: Manager, plan: Plan, holder: HolderRef) -> str | None:
     """The libvirt ``<partition>`` of an exclusive domain's cgroup, per the config."""
     if not plan.exclusive:
         return None
-    config = config_of(args)
     try:
-        return libvirt_partition(LayoutNames(shared=config.cgroup_v1,
-                                             exclusive=config.exclusive_cgroup), holder)
-    except ValueError:
+        return manager.libvirt_partition(holder)
+    except HostError:
         return None
 
 
-def _report(args: argparse.Namespace, xml: bytes, spec: DomainSpec, plan: Plan, host: Host,
-            holder: HolderRef, *, recorded: bool) -> int:
+def _report(args: argparse.Namespace, manager: Manager, xml: bytes, spec: DomainSpec,
+            plan: Plan, host: Host, holder: HolderRef, *, recorded: bool) -> int:
     rendered = None
     if args.emit_xml:
-        rendered = render_plan(xml, plan, partition=_emit_partition(args, plan, holder))
+        rendered = render_plan(xml, plan, partition=_emit_partition(manager, plan, holder))
     if args.json:
         data = plan_json(plan, spec, holder)
         data["recorded"] = recorded
@@ -167,28 +165,27 @@ def run_plan(args: argparse.Namespace) -> int:
     xml = read_xml(args.xml)
     spec = parse_domain(xml)
     holder = holder_of(spec)
-    host = load_host(root_of(args), config_of(args))
-    leases = _ledger_leases(state_dir_of(args))
-    plan = policy.decide(spec, host, leases, driver=holder.driver)
-    return _report(args, xml, spec, plan, host, holder, recorded=False)
+    with manager_of(args) as manager:
+        host = manager.host()
+        plan = manager.plan(spec, holder=holder)
+        return _report(args, manager, xml, spec, plan, host, holder, recorded=False)
 
 
 def run_reserve(args: argparse.Namespace) -> int:
     xml = read_xml(args.xml)
     spec = parse_domain(xml)
     holder = holder_of(spec)
-    host = load_host(root_of(args), config_of(args))
-    with Ledger(state_dir_of(args)) as ledger:
-        plan = ledger.reserve(
-            holder, lambda leases: policy.decide(spec, host, leases, driver=holder.driver))
-    return _report(args, xml, spec, plan, host, holder, recorded=True)
+    with manager_of(args) as manager:
+        reserved = manager.reserve_request(spec, holder=holder)
+        return _report(args, manager, xml, spec, reserved.plan, manager.host(), holder,
+                       recorded=True)
 
 
 def holder_json(record: HolderRecord) -> dict[str, Any]:
     plan = record.plan
     return {
         "domain": record.ref.name,
-        "uuid": plan.uuid,
+        "uuid": record.ref.uuid,
         "driver": record.ref.driver,
         "key": record.ref.key,
         "exclusive": plan.exclusive,
@@ -202,26 +199,41 @@ def holder_json(record: HolderRecord) -> dict[str, Any]:
 
 
 def run_release(args: argparse.Namespace) -> int:
-    with Ledger(state_dir_of(args)) as ledger:
-        record = ledger.release(args.selector, driver=args.driver)
+    with manager_of(args) as manager:
+        record = manager.release(args.selector, driver=args.driver)
     if args.json:
         print_json({"released": holder_json(record)})
     else:
         cpus = record.plan.leased()
         what = f"CPUs {cpus} freed" if cpus else "it held no CPUs"
-        print(f"released {record.ref}: {what}")
+        print(f"released {record.ref.describe()}: {what}")
+    return 0
+
+
+def run_sync(args: argparse.Namespace) -> int:
+    with manager_of(args) as manager:
+        reaped = manager.reap()
+        result = manager.sync()
+    if args.json:
+        print_json({"reaped": [holder_json(r) for r in reaped],
+                    "operations": len(result.ops) if result is not None else 0})
+        return 0
+    for record in reaped:
+        print(f"freed {record.ref.describe()}: its owner process {record.owner_pid} is gone")
+    if result is None:
+        print("nothing enforced: pinwarden only changes the cgroups of the host it runs on")
+    else:
+        print(f"cgroup layout in place ({len(result.ops)} changes)")
     return 0
 
 
 def run_status(args: argparse.Namespace) -> int:
-    host = load_host(root_of(args), config_of(args))
-    state = state_dir_of(args)
-    records: tuple[HolderRecord, ...] = ()
-    leases: tuple[Lease, ...] = ()
-    if (state / DB_NAME).exists():
-        with Ledger(state) as ledger:
-            records = ledger.holders()
-            leases = ledger.leases(reap=False)
+    with manager_of(args) as manager:
+        host = manager.host()
+        records = manager.holders()
+        dead = {(r.ref.driver, r.ref.key) for r in manager.dead()}
+        leases = manager.leases()
+        database = manager.state_dir / DB_NAME
     part = host.partition
     leased = CpuSet.of(lease.cpu for lease in leases)
     shared, fallback = shared_pool(host, leased)
@@ -230,15 +242,19 @@ def run_status(args: argparse.Namespace) -> int:
     def offline(record: HolderRecord) -> CpuSet:
         return record.plan.leased() - online
 
+    def gone(record: HolderRecord) -> bool:
+        return (record.ref.driver, record.ref.key) in dead
+
     if args.json:
         print_json({
-            "leases": [{**holder_json(r), "offline": str(offline(r))} for r in records],
+            "leases": [{**holder_json(r), "offline": str(offline(r)),
+                        "owner_gone": gone(r)} for r in records],
             "partition": _partition_json(part),
             "online": str(host.topology.online),
             "leased": str(leased),
             "shared": str(shared),
             "notes": list(fallback),
-            "database": str(state / DB_NAME),
+            "database": str(database),
             "time": time.time(),
         })
         return 0
@@ -252,12 +268,13 @@ def run_status(args: argparse.Namespace) -> int:
         owner = f", owner pid {record.owner_pid}" if record.owner_pid is not None else ""
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
         desc = f"{cpus} ({_roles(dict(record.plan.leases))})" if cpus else "no leases (shared)"
-        gone = offline(record)
-        warn = (f"; CPU {gone} OFFLINE (lease kept; bring it online with "
-                f"'echo 1 > /sys/devices/system/cpu/cpu{gone.first()}/online')") if gone else ""
+        off = offline(record)
+        warn = (f"; CPU {off} OFFLINE (lease kept; bring it online with "
+                f"'echo 1 > /sys/devices/system/cpu/cpu{off.first()}/online')") if off else ""
+        if gone(record):
+            warn += ("; OWNER GONE: its CPUs are free, the record goes at the next change "
+                     "('pinwarden sync')")
         lines.append(f"  {record.ref}: {desc}; since {since}{owner}{warn}")
     lines.append(render_cpu_map(host, leases))
     print("\n".join(lines))
     return 0
-
-

@@ -15,11 +15,12 @@ import re
 from pathlib import Path
 
 from pinwarden.cli import print_json
-from pinwarden.cli.common import config_of, root_of, state_dir_of
+from pinwarden.cli.common import manager_of
 from pinwarden.cpuset import CpuSet
+from pinwarden.domain import DEFAULT_THREADS
 from pinwarden.errors import InputError
-from pinwarden.jobs import JobRequest, check_name
-from pinwarden.runner import Context, run_job
+from pinwarden.policy import JobSpec
+from pinwarden.runner import check_name, run_job
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -30,23 +31,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
         description="Lease exclusive CPUs, run COMMAND in a cpuset cgroup that owns them, "
                     "and give them back when it exits.  The exit status is COMMAND's.",
         usage="pinwarden run (--exclusive N | --cpus LIST) [--name J] "
-              "[--threads prefer|isolate|require] -- COMMAND [ARG...]")
+              "[--threads whole|prefer|isolate|require] -- COMMAND [ARG...]")
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--exclusive", metavar="N", type=int,
                       help="lease N CPUs chosen by topology (default 1)")
     what.add_argument("--cpus", metavar="LIST", help="lease exactly these CPUs (0-3,8)")
     parser.add_argument("--name", metavar="J",
                         help="job name (default: COMMAND-PID); unique among running jobs")
-    parser.add_argument("--threads", choices=("prefer", "isolate", "require"),
-                        default="prefer",
-                        help="SMT siblings: prefer whole cores (default), isolate (one "
-                             "thread per core, siblings held empty), require (whole cores)")
+    parser.add_argument("--threads", choices=("whole", "prefer", "isolate", "require"),
+                        default=DEFAULT_THREADS,
+                        help="SMT siblings: whole cores, the spare sibling held empty "
+                             "(default); prefer (may share a core with another holder); "
+                             "isolate (one thread per core, siblings held empty); require "
+                             "(SMT siblings only)")
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
                         help="the command and its arguments (after --)")
     parser.set_defaults(handler=handle)
 
 
-def request_of(args: argparse.Namespace, command: list[str]) -> JobRequest:
+def request_of(args: argparse.Namespace, command: list[str]) -> JobSpec:
     if args.name:
         name = args.name
     else:  # COMMAND-PID, made a valid job name
@@ -55,8 +58,8 @@ def request_of(args: argparse.Namespace, command: list[str]) -> JobRequest:
     cpus = CpuSet.parse(args.cpus) if args.cpus is not None else None
     if args.exclusive is not None and args.exclusive < 1:
         raise InputError(f"--exclusive needs at least 1 CPU, not {args.exclusive}")
-    return JobRequest(name=check_name(name), count=args.exclusive, cpus=cpus,
-                      threads=args.threads)
+    return JobSpec(name=check_name(name), count=args.exclusive, cpus=cpus,
+                   threads=args.threads)
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -66,9 +69,8 @@ def handle(args: argparse.Namespace) -> int:
     if not command:
         raise InputError("no command given: pinwarden run --exclusive N -- COMMAND [ARG...]")
     request = request_of(args, command)
-    config = config_of(args)
-    ctx = Context.load(config, root_of(args), state_dir_of(args))
-    status = run_job(ctx, request, command)
+    with manager_of(args) as manager:
+        status = run_job(manager, request, command)
     if args.json:
         print_json({"job": request.name, "exit_status": status})
     return status

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pinwarden.cli import print_json
-from pinwarden.cli.common import config_of, root_of, state_dir_of
+from pinwarden.cli.common import config_of, manager_of
 
 if TYPE_CHECKING:
-    from pinwarden.libvirt.context import Context
+    pass
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -57,9 +57,12 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     hook_sub = hook.add_subparsers(dest="hook_command", metavar="ACTION", required=True)
     p = hook_sub.add_parser(
         "install", parents=[common],
-        help="write /etc/libvirt/hooks/qemu and lxc",
-        description="Write small hook scripts that exec this pinwarden. libvirtd looks for "
-                    "hook scripts only when it starts: restart it afterwards.")
+        help="write the drop-ins /etc/libvirt/hooks/qemu.d/pinwarden and lxc.d/pinwarden",
+        description="Check that this pinwarden runs, then write small drop-in hook scripts "
+                    "that exec it (libvirt >= 6.5 runs every script in "
+                    "/etc/libvirt/hooks/qemu.d/). Another tool's hook is never touched. "
+                    "libvirtd notices a hook directory that did not exist only when it "
+                    "starts or reloads: 'systemctl reload libvirtd' afterwards.")
     p.add_argument("--hooks-dir", type=Path, default=None, metavar="DIR",
                    help="default /etc/libvirt/hooks (or PREFIX/etc/libvirt/hooks)")
     p.add_argument("--prefix", type=Path, default=None, metavar="DIR",
@@ -67,12 +70,22 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--exe", default=None, metavar="PATH",
                    help="pinwarden executable the hooks run (default: this Python with "
                         "-m pinwarden.cli.vm, which loads only what the hook needs)")
-    p.add_argument("--force", action="store_true", help="replace hooks that are not ours")
+    p.add_argument("--dry-run", action="store_true",
+                   help="say what would be written, write nothing")
     p.set_defaults(handler=cmd_hook_install)
     p = hook_sub.add_parser("uninstall", parents=[common], help="remove pinwarden's hooks")
     p.add_argument("--hooks-dir", type=Path, default=None, metavar="DIR")
     p.add_argument("--prefix", type=Path, default=None, metavar="DIR")
     p.set_defaults(handler=cmd_hook_uninstall)
+    p = hook_sub.add_parser(
+        "check", parents=[common], help="report the state of the installed hooks",
+        description="For each driver: is pinwarden's hook installed, and does the command "
+                    "it runs work. Exit 0 when every hook works, 1 otherwise.")
+    p.add_argument("--hooks-dir", type=Path, default=None, metavar="DIR")
+    p.add_argument("--prefix", type=Path, default=None, metavar="DIR")
+    p.set_defaults(handler=cmd_hook_check)
+    p = hook_sub.add_parser("ping", help="answer that this pinwarden runs (used by check)")
+    p.set_defaults(handler=cmd_hook_ping)
     p = hook_sub.add_parser(
         "run", parents=[common], help="called by libvirtd (domain XML on stdin)",
         description="Entry point for libvirtd: DRIVER NAME OPERATION SUBOPERATION EXTRA.")
@@ -95,18 +108,15 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=cmd_daemon)
 
 
-def context(args: argparse.Namespace) -> Context:
-    from pinwarden.libvirt.context import Context
-
-    config = config_of(args)
-    uri = getattr(args, "connect", None) or config.libvirt_uri
-    return Context(config=config, root=root_of(args), state_dir=state_dir_of(args), uri=uri)
+def uri_of(args: argparse.Namespace) -> str:
+    return getattr(args, "connect", None) or config_of(args).libvirt_uri
 
 
 def cmd_start(args: argparse.Namespace) -> int:
     from pinwarden.libvirt.start import start
 
-    result = start(context(args), args.name)
+    with manager_of(args) as manager:
+        result = start(manager, uri_of(args), args.name)
     if args.json:
         print_json(result.to_json())
         return 0
@@ -124,7 +134,9 @@ def cmd_start(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     from pinwarden.libvirt.start import stop
 
-    result = stop(context(args), args.name, graceful=args.graceful, timeout=args.timeout)
+    with manager_of(args) as manager:
+        result = stop(manager, uri_of(args), args.name, graceful=args.graceful,
+                      timeout=args.timeout)
     if args.json:
         print_json(result.to_json())
         return 0
@@ -137,7 +149,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_define(args: argparse.Namespace) -> int:
     from pinwarden.libvirt.start import define
 
-    result = define(context(args), args.file)
+    with manager_of(args) as manager:
+        result = define(manager, uri_of(args), args.file)
     if args.json:
         print_json(result.to_json())
         return 0
@@ -162,26 +175,33 @@ def _hooks_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_hook_install(args: argparse.Namespace) -> int:
+    import os
+
     from pinwarden.libvirt import hook
 
     state = Path(args.state_dir) if args.state_dir else None
     if state is None:
-        import os
-
         env = os.environ.get("PINWARDEN_STATE_DIR")
         state = Path(env) if env else None
     config = Path(args.config) if args.config else None
-    done = hook.install(_hooks_dir(args), exe=args.exe or hook.default_executable(),
-                       state_dir=state.resolve() if state else None,
-                       config=config.resolve() if config else None, force=args.force)
+    exe = args.exe or hook.default_executable()
+    done = hook.install(_hooks_dir(args), exe=exe,
+                        state_dir=state.resolve() if state else None,
+                        config=config.resolve() if config else None, dry_run=args.dry_run)
     if args.json:
         print_json({"installed": [str(p) for p in done.paths], "exec": done.command,
-                    "restart_needed": True})
-    else:
-        for path in done.paths:
-            print(f"installed {path} (runs {done.command} hook run)")
-        print("libvirtd reads its hook directory only at start-up: restart libvirtd "
-              "(e.g. 'systemctl restart libvirtd') for the hooks to take effect")
+                    "replaced": [str(p) for p in done.removed],
+                    "reload_needed": done.created_dirs, "dry_run": args.dry_run})
+        return 0
+    verb = "would install" if args.dry_run else "installed"
+    for path in done.paths:
+        print(f"{verb} {path} (runs {done.command} hook run)")
+    for path in done.removed:
+        print(f"{'would replace' if args.dry_run else 'replaced'} pinwarden's old hook {path}")
+    if done.created_dirs:
+        print("libvirtd looks for a new hook directory only when it starts or reloads: "
+              "'systemctl reload libvirtd' (or send libvirtd SIGHUP) for the hooks to take "
+              "effect")
     return 0
 
 
@@ -194,22 +214,47 @@ def cmd_hook_uninstall(args: argparse.Namespace) -> int:
     else:
         for path in removed:
             print(f"removed {path}")
-        if removed:
-            print("restart libvirtd: it still expects the hook scripts until then")
+        if not removed:
+            print("no pinwarden hook was installed")
+    return 0
+
+
+def cmd_hook_check(args: argparse.Namespace) -> int:
+    from pinwarden.libvirt import hook
+
+    states = hook.check_installed(_hooks_dir(args))
+    if args.json:
+        print_json({"hooks": [{"driver": s.driver, "path": str(s.path),
+                               "installed": s.installed, "problem": s.problem,
+                               "command": s.command} for s in states]})
+    else:
+        for s in states:
+            state = "ok" if s.problem is None else s.problem
+            print(f"{s.driver}: {s.path}: {state}")
+    return 0 if all(s.problem is None for s in states) else 1
+
+
+def cmd_hook_ping(args: argparse.Namespace) -> int:
+    from pinwarden import __version__
+
+    print(f"pinwarden hook ok {__version__}")
     return 0
 
 
 def cmd_hook_run(args: argparse.Namespace) -> int:
     from pinwarden.libvirt import hook
 
-    return hook.main_run(context(args), args.driver, list(args.hook_args), sys.stdin.read())
+    stdin = sys.stdin.read() if sys.stdin is not None else ""
+    with manager_of(args) as manager:
+        return hook.main_run(manager, args.driver, list(args.hook_args), stdin)
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     from pinwarden.libvirt.daemon import main
 
-    return main(context(args), interval=args.interval, restore=args.restore_drift,
-                       once=args.once, verbose=args.verbose)
+    with manager_of(args) as manager:
+        return main(manager, uri_of(args), interval=args.interval,
+                    restore=args.restore_drift, once=args.once, verbose=args.verbose)
 
 
 def hook_main(argv: list[str] | None = None) -> int:

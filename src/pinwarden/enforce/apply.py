@@ -7,18 +7,15 @@ line: which CPU, which cgroup holds it, what to do.  After the last operation th
 groups are read back; a mismatch (effective CPUs not what was asked) is rolled back too.
 
 :func:`sync` is the entry point the rest of pinwarden uses: read, plan, apply, verify,
-serialised between pinwarden processes by an ``flock`` on a lock file.
+serialised between pinwarden processes by the lease manager's lock.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno as errno_mod
-import fcntl
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from pinwarden.cpuset import CpuSet
 from pinwarden.enforce.backend import (
@@ -39,18 +36,14 @@ from pinwarden.enforce.backend import (
 )
 from pinwarden.enforce.layout import (
     DesiredLayout,
-    LayoutNames,
     PlanError,
     Targets,
-    desired_layout,
     order,
     targets,
     verify,
     without_partitions_over,
 )
 from pinwarden.errors import EnforceError
-from pinwarden.model import Lease
-from pinwarden.partition import Host
 
 
 @dataclass
@@ -247,21 +240,6 @@ def execute(backend: CgroupBackend, before: Snapshot, ops: Sequence[Op], *,
     return after
 
 
-@contextlib.contextmanager
-def locked(lock_file: Path | None) -> Iterator[None]:
-    """Serialise enforcement between pinwarden processes (``flock`` on ``lock_file``)."""
-    if lock_file is None:
-        yield
-        return
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def owner_names(desired: DesiredLayout) -> dict[str, str]:
     """Human names of the groups pinwarden owns, for error messages."""
     names = {desired.shared.path: f"the shared partition {_show(desired.shared.path)}",
@@ -307,19 +285,18 @@ def _apply_layout(backend: CgroupBackend, desired: DesiredLayout) -> Result:
     return Result(tuple(ops), before, after, desired)
 
 
-def sync(backend: CgroupBackend, host: Host, leases: Sequence[Lease],
-         names: LayoutNames | None = None, *, lock_file: Path | None = None) -> Result:
-    """Make the cgroups match ``leases``: the one call the ledger users need."""
-    desired = desired_layout(host, leases, names or LayoutNames())
-    with locked(lock_file):
-        for attempt in range(RACE_RETRIES + 1):
-            try:
-                return apply_layout(backend, desired)
-            except EnforceError as exc:
-                cause = exc.__cause__
-                raced = isinstance(cause, CgroupOpError) and cause.errno in RACE_ERRNOS
-                if not raced or attempt == RACE_RETRIES:
-                    raise
+def sync(backend: CgroupBackend, desired: DesiredLayout) -> Result:
+    """Make the cgroups match ``desired``, re-reading and re-planning when another tool
+    (libvirt starting or stopping a VM) created or removed a group between our read and
+    our write.  The caller (the lease manager) serialises it with every other change."""
+    for attempt in range(RACE_RETRIES + 1):
+        try:
+            return apply_layout(backend, desired)
+        except EnforceError as exc:
+            cause = exc.__cause__
+            raced = isinstance(cause, CgroupOpError) and cause.errno in RACE_ERRNOS
+            if not raced or attempt == RACE_RETRIES:
+                raise
     raise AssertionError("unreachable")
 
 

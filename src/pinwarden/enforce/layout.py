@@ -102,6 +102,12 @@ class DesiredLayout:
     exclusive: GroupSpec
     holders: tuple[GroupSpec, ...] = ()
     notes: tuple[str, ...] = ()
+    #: Nothing is leased and the shared group goes back to exactly these CPUs (what
+    #: pinwarden found there; empty on cgroup v2: "inherit"), the exclusive tree removed.
+    restore_shared: CpuSet | None = None
+    #: Nothing is leased and pinwarden created the shared group: remove it when nothing
+    #: lives there (else it keeps ``restore_shared``, its parent's CPUs).
+    drop_shared: bool = False
 
     def groups(self) -> tuple[GroupSpec, ...]:
         return (self.shared, self.exclusive, *self.holders)
@@ -120,17 +126,19 @@ def _digest(text: str) -> str:
 
 
 def holder_group_name(holder: HolderRef) -> str:
-    """``vm-NAME.partition`` / ``run-NAME.partition``.
+    """``vm-NAME.partition`` (qemu), ``lxc-NAME.partition``, ``run-NAME.partition`` (jobs).
 
     NAME is kept when it is made of ``[A-Za-z0-9_-]`` (at most 64 characters; no dot, so
-    libvirt maps ``/pinwarden/vm-NAME`` to exactly this directory); otherwise the holder's
-    key (a domain UUID) when that is safe, otherwise a digest of the name.
+    libvirt maps ``/pinwarden/vm-NAME`` to exactly this directory); otherwise the domain's
+    UUID, otherwise a digest of the holder's identity.  Names are unique per driver (the
+    ledger refuses a second holder of one name), and the prefix tells drivers apart.
     """
-    prefix = "run" if holder.driver == "run" else "vm"
+    prefix = {"run": "run", "lxc": "lxc"}.get(holder.driver, "vm")
+    uuid = holder.uuid
     if _SAFE_NAME.fullmatch(holder.name):
         tail = holder.name
-    elif holder.driver != "run" and _SAFE_KEY.fullmatch(holder.key):
-        tail = holder.key
+    elif uuid is not None and _SAFE_KEY.fullmatch(uuid):
+        tail = uuid
     else:
         tail = _digest(f"{holder.driver}:{holder.key}")
     return f"{prefix}-{tail}{PARTITION_SUFFIX}"
@@ -160,9 +168,15 @@ def libvirt_partition(names: LayoutNames, holder: HolderRef) -> str:
 # -- desired layout ---------------------------------------------------------------------
 
 def desired_layout(host: Host, leases: Sequence[Lease], names: LayoutNames = LayoutNames(),
-                   *, shared_extra: CpuSet = _NONE) -> DesiredLayout:
+                   *, shared_extra: CpuSet = _NONE,
+                   restore_shared: CpuSet | None = None,
+                   drop_shared: bool = False) -> DesiredLayout:
     """The layout for ``leases``.  ``shared_extra``: CPUs outside the pool that shared VMs are
-    pinned to by their XML (honoured in ``none``/``isolcpus`` modes) — never leased ones."""
+    pinned to by their XML (honoured in ``none``/``isolcpus`` modes) — never leased ones.
+    ``restore_shared`` (only without leases): the shared group's CPUs as pinwarden found
+    them, put back exactly."""
+    if (restore_shared is not None or drop_shared) and leases:
+        raise ValueError("the shared group is restored only once nothing is leased")
     by_holder: dict[HolderRef, set[int]] = defaultdict(set)
     held: dict[HolderRef, set[int]] = defaultdict(set)
     for lease in leases:
@@ -187,6 +201,8 @@ def desired_layout(host: Host, leases: Sequence[Lease], names: LayoutNames = Lay
         exclusive=GroupSpec(names.exclusive, leased, "exclusive"),
         holders=tuple(specs),
         notes=notes,
+        restore_shared=restore_shared,
+        drop_shared=drop_shared,
     )
 
 
@@ -240,16 +256,24 @@ def _populated(snapshot: Snapshot, path: str) -> bool:
 
 def _follow(child: GroupState, parent_before: GroupState | None, parent_target: Target,
             ) -> Target:
-    """Target of a group we do not own, given its parent's target."""
-    if parent_before is not None and child.cpus == parent_before.cpus:
+    """Target of a group we do not own, given its parent's target.  Empty CPUs or memory
+    nodes mean "inherit" (cgroup v2): such a group is left so, and a parent going back to
+    "inherit" leaves its children's own lists as they are (they only gain room)."""
+    partition = child.partition if parent_target.partition != "member" else "member"
+    if not parent_target.cpus:
+        return Target(child.cpus, child.mems, partition)
+    if not child.cpus:
+        cpus = child.cpus
+    elif parent_before is not None and child.cpus == parent_before.cpus:
         cpus = parent_target.cpus
     else:
         cpus = child.cpus & parent_target.cpus or parent_target.cpus
-    if parent_before is not None and child.mems == parent_before.mems:
+    if not child.mems or not parent_target.mems:
+        mems = child.mems
+    elif parent_before is not None and child.mems == parent_before.mems:
         mems = parent_target.mems
     else:
         mems = child.mems & parent_target.mems or parent_target.mems
-    partition = child.partition if parent_target.partition != "member" else "member"
     return Target(cpus, mems, partition)
 
 
@@ -259,7 +283,9 @@ def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
     want: dict[str, Target] = {}
     remove: set[str] = set()
     kept: list[str] = []
-    needed = bool(desired.holders) or names.exclusive in current
+    restore = desired.restore_shared
+    needed = bool(desired.holders) or names.exclusive in current or \
+        ((restore is not None or desired.drop_shared) and names.shared in current)
     if not needed:  # pinwarden never leased anything here: touch nothing
         return Targets({})
     for top in (names.shared, names.exclusive):
@@ -315,11 +341,18 @@ def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
     in_use = union(current[p].cpus for p in current.subtree(names.shared)
                    if p != names.shared) if names.shared in current else CpuSet()
     shared_cpus = (desired.shared.cpus | in_use) - kept_cpus - exclusive_cpus
-    if not shared_cpus:  # everything else is leased or kept: whatever the parent has left
+    shared_now = current.get(names.shared)
+    if desired.drop_shared and not kept_cpus and not exclusive_cpus and \
+            shared_now is not None and not shared_now.children and not shared_now.populated:
+        remove.add(names.shared)  # pinwarden made it, nothing lives there: gone again
+    if restore is not None and not kept_cpus and not exclusive_cpus:
+        shared_cpus = restore  # back as found, exactly (empty: inherit, on cgroup v2)
+    elif not shared_cpus:  # everything else is leased or kept: whatever the parent has left
         parent = parent_of(names.shared)
         assert parent is not None
         shared_cpus = current[parent].cpus - exclusive_cpus or desired.shared.cpus
-    own(names.shared, shared_cpus, "member")
+    if names.shared not in remove:
+        own(names.shared, shared_cpus, "member")
     if not drop_tree and names.exclusive not in kept:
         own(names.exclusive, exclusive_cpus, desired.exclusive.partition)
     for spec in desired.holders:
@@ -371,6 +404,8 @@ def order(current: Snapshot, goal: Targets) -> list[Op]:
         target = goal.want[path]
         if state.exclusive and target.partition == "member":
             ops.append(SetPartition(path, "member"))
+        if not target.cpus and state.cpus:  # back to "inherit" (v2): the widest; phase 3
+            continue
         mid = (state.cpus & target.cpus) | children_now(path)
         if not mid and _populated(current, path):
             mid = state.cpus  # stuck: bridged below
@@ -382,7 +417,8 @@ def order(current: Snapshot, goal: Targets) -> list[Op]:
             ops.append(SetMems(path, mems_mid))
             mems_now[path] = mems_mid
     # phase 2: bridge stuck groups (and their ancestors) top-down, then narrow them
-    stuck = [p for p in top_down if p in current and not cpus_now[p] <= goal.want[p].cpus]
+    stuck = [p for p in top_down if p in current and goal.want[p].cpus
+             and not cpus_now[p] <= goal.want[p].cpus]
     bridge = {a for p in stuck for a in [*ancestors(p), p] if a in goal.want and a in current}
     for path in sorted(bridge, key=lambda p: (depth(p), p)):
         now, target_cpus = cpus_now[path], goal.want[path].cpus

@@ -56,5 +56,6 @@ def open_backend(root: Path, *, systemd_address: str = "SYSTEM") -> CgroupBacken
 def layout_names(config: Config, backend: CgroupBackend) -> LayoutNames:
     """The shared partition (``machine`` on v1, ``machine.slice`` on v2 and systemd) and the
     exclusive tree, from the config."""
-    shared = config.cgroup_v1 if backend.kind == "v1" else config.cgroup_v2
+    # the fake models a cgroup v1 hierarchy
+    shared = config.cgroup_v1 if backend.kind in ("v1", "fake") else config.cgroup_v2
     return LayoutNames(shared=shared, exclusive=config.exclusive_cgroup)

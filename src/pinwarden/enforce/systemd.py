@@ -568,6 +568,10 @@ class SystemdBackend:
     def kind(self) -> str:
         return "systemd"
 
+    def close(self) -> None:
+        """Close the D-Bus connection (the lease manager does, once, when it is done)."""
+        self._bus.close()
+
     def partition_forbidden_cpus(self) -> CpuSet:
         """The kernel's rule for cgroup v2 partitions, whoever writes them (systemd's
         ``CPUSetPartition=`` or the kernel backend): ``isolcpus=`` CPUs on 6.12+."""

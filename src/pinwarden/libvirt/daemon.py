@@ -18,9 +18,8 @@ from typing import Any
 
 from pinwarden.errors import PinwardenError
 from pinwarden.libvirt import connect as lv
-from pinwarden.libvirt.context import Context
 from pinwarden.libvirt.reconcile import Adopt, Drift, Free, Report, reconcile
-from pinwarden.model import HolderRef
+from pinwarden.manager import Manager
 
 log = logging.getLogger("pinwarden.daemon")
 
@@ -29,78 +28,68 @@ _LOST = "connection-lost"
 _EVENT = "event"
 
 
-def reconcile_once(ctx: Context, conn: Any, *, restore: bool,
+def reconcile_once(manager: Manager, conn: Any, *, restore: bool,
                    seen: set[str] | None = None) -> int:
     """One full pass; returns the number of actions taken or reported.  ``seen``: problems
     reported by earlier passes, not repeated (the set is updated)."""
     seen = set() if seen is None else seen
     reported: set[str] = set()
     domains = lv.list_domains(conn, active_only=True)
-    host = ctx.host()
-    with ctx.ledger() as ledger:
-        changed = False
-        for record in ledger.reap():  # owner process gone: the domain died
-            log.info("freed the leases of %s: its process %s exited", record.ref,
-                     record.owner_pid)
-            changed = True
-        actions = reconcile(domains, ledger.holders(reap=False), ctx.partition_of,
-                            now=time.time())
-        for action in actions:
-            try:
-                if isinstance(action, Free):
-                    ledger.release(action.holder.key, driver=action.holder.driver)
-                    log.info("freed the leases of %s: %s", action.holder, action.reason)
-                    changed = True
-                elif isinstance(action, Adopt):
-                    _adopt(ctx, ledger, host, action)
-                    changed = True
-                elif isinstance(action, Report):
-                    reported.add(action.message)
-                    if action.message not in seen:
-                        log.warning("%s", action.message)
-                elif isinstance(action, Drift):
-                    if restore and action.repin.after:
-                        lv.apply_repin(conn, action.repin)
-                        log.warning("restored %s (%s)", action.repin, action.reason)
-                    else:
-                        reported.add(action.reason)
-                        if action.reason not in seen:
-                            log.warning("drift: %s", action.reason)
-            except PinwardenError as exc:
-                log.error("%s", exc.message)
-        if changed:
-            try:
-                ctx.sync(host, ledger.leases())
-            except PinwardenError as exc:
-                log.error("cannot enforce the cgroup layout: %s", exc.message)
+    for record in manager.reap():  # owner process gone: the domain died
+        log.info("freed the leases of %s: its process %s exited", record.ref,
+                 record.owner_pid)
+    actions = reconcile(domains, manager.holders(), manager.libvirt_partition,
+                        now=time.time())
+    for action in actions:
+        try:
+            if isinstance(action, Free):
+                manager.drop(action.holder)
+                log.info("freed the leases of %s: %s", action.holder, action.reason)
+            elif isinstance(action, Adopt):
+                _adopt(manager, action)
+            elif isinstance(action, Report):
+                reported.add(action.message)
+                if action.message not in seen:
+                    log.warning("%s", action.message)
+            elif isinstance(action, Drift):
+                if restore and action.repin.after:
+                    lv.apply_repin(conn, action.repin)
+                    log.warning("restored %s (%s)", action.repin, action.reason)
+                else:
+                    reported.add(action.reason)
+                    if action.reason not in seen:
+                        log.warning("drift: %s", action.reason)
+        except PinwardenError as exc:
+            log.error("%s", exc.message)
+    try:
+        manager.sync()  # a layout changed behind pinwarden's back is put back
+    except PinwardenError as exc:
+        log.error("cannot enforce the cgroup layout: %s", exc.message)
     seen.clear()
     seen.update(reported)
     return len(actions)
 
 
-def _adopt(ctx: Context, ledger: Any, host: Any, action: Adopt) -> None:
-    from pinwarden.policy import decide
-
+def _adopt(manager: Manager, action: Adopt) -> None:
     dom = action.domain
     spec = dom.live
     if spec is None:
         log.error("cannot adopt %s: %s", dom.name, dom.problem or "no live XML")
         return
-    holder = HolderRef(dom.driver, dom.uuid, dom.name)
-    ledger.reserve(holder, lambda leases: decide(spec, host, leases, driver=dom.driver),
-                   owner_pid=dom.pid)
-    log.info("adopted running exclusive domain %s (CPUs %s)", dom.name, spec.vcpupins)
+    reserved = manager.reserve_request(spec, holder=dom.holder, owner_pid=dom.pid)
+    log.info("adopted running exclusive domain %s (CPUs %s)", dom.name,
+             reserved.plan.leased())
 
 
-def main(ctx: Context, *, interval: float = 30.0, restore: bool = False, once: bool = False,
-         verbose: bool = False) -> int:
+def main(manager: Manager, uri: str, *, interval: float = 30.0, restore: bool = False,
+         once: bool = False, verbose: bool = False) -> int:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     b = lv.binding()
     if once:
-        conn = lv.open_connection(ctx.uri)
+        conn = lv.open_connection(uri)
         try:
-            reconcile_once(ctx, conn, restore=restore)
+            reconcile_once(manager, conn, restore=restore)
         finally:
             conn.close()
         return 0
@@ -120,16 +109,16 @@ def main(ctx: Context, *, interval: float = 30.0, restore: bool = False, once: b
     backoff = 1.0
     while not stop.is_set():
         try:
-            conn = lv.open_connection(ctx.uri)
+            conn = lv.open_connection(uri)
         except PinwardenError as exc:
             log.warning("%s; retrying in %.0f s", exc.message, backoff)
             stop.wait(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
             continue
         backoff = 1.0
-        log.info("connected to %s", ctx.uri)
+        log.info("connected to %s", uri)
         try:
-            _serve(ctx, conn, b, wake, stop, interval=interval, restore=restore)
+            _serve(manager, uri, conn, b, wake, stop, interval=interval, restore=restore)
         finally:
             with contextlib.suppress(Exception):
                 conn.close()
@@ -142,8 +131,8 @@ def _event_loop(b: Any, stop: threading.Event) -> None:
         b.virEventRunDefaultImpl()
 
 
-def _serve(ctx: Context, conn: Any, b: Any, wake: queue.Queue[str], stop: threading.Event,
-           *, interval: float, restore: bool) -> None:
+def _serve(manager: Manager, uri: str, conn: Any, b: Any, wake: queue.Queue[str],
+           stop: threading.Event, *, interval: float, restore: bool) -> None:
     def on_lifecycle(_conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
         log.debug("lifecycle event %s/%s of %s", event, detail, dom.name())
         wake.put(_EVENT)
@@ -164,7 +153,7 @@ def _serve(ctx: Context, conn: Any, b: Any, wake: queue.Queue[str], stop: thread
     try:
         while not stop.is_set():
             try:
-                reconcile_once(ctx, conn, restore=restore, seen=seen)
+                reconcile_once(manager, conn, restore=restore, seen=seen)
             except PinwardenError as exc:
                 log.error("%s", exc.message)
                 if not conn.isAlive():
@@ -177,7 +166,7 @@ def _serve(ctx: Context, conn: Any, b: Any, wake: queue.Queue[str], stop: thread
                 more = wake.get_nowait()
                 what = _LOST if more == _LOST else what
             if what == _LOST or not conn.isAlive():
-                log.warning("lost the connection to %s; reconnecting", ctx.uri)
+                log.warning("lost the connection to %s; reconnecting", uri)
                 return
     finally:
         for cb in ids:

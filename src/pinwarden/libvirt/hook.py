@@ -1,19 +1,29 @@
-"""The libvirt hook: ``/etc/libvirt/hooks/{qemu,lxc}`` → ``pinwarden hook run DRIVER …``.
+"""The libvirt hook: ``/etc/libvirt/hooks/{qemu,lxc}.d/pinwarden`` → ``pinwarden hook run``.
 
-libvirtd runs the hook for each lifecycle step of each domain, with the domain XML on stdin
-and ``NAME OP SUBOP EXTRA`` as arguments (https://libvirt.org/hooks.html).  A non-zero exit
-at ``prepare`` aborts the start and libvirt shows our stderr to the user — this is how a
-plain ``virsh start`` is held to the leases:
+libvirtd (≥ 6.5) runs every executable in ``/etc/libvirt/hooks/qemu.d/`` (and ``lxc.d/``)
+for each lifecycle step of each domain, with the domain XML on stdin and ``NAME OP SUBOP
+EXTRA`` as arguments (https://libvirt.org/hooks.html).  pinwarden installs one drop-in
+there and never touches another tool's hook (``/etc/libvirt/hooks/qemu`` is often a VFIO
+script).  A non-zero exit at ``prepare`` aborts the start and libvirt shows our stderr to
+the user — this is how a plain ``virsh start`` is held to the leases:
 
 * ``prepare``: shared domain → admitted only if its pins avoid every CPU leased to someone
-  else (else exit 1 naming the holder); exclusive domain → its CPUs are leased (the same
-  transaction as ``pinwarden start``, idempotent for a start pinwarden already planned) and
-  the cgroup layout enforced *before* libvirt creates the domain's cgroup;
+  else (else a refusal naming the holder); exclusive domain → its CPUs are leased (the
+  same transaction as ``pinwarden start``, idempotent for a start pinwarden already
+  planned) and the cgroup layout enforced *before* libvirt creates the domain's cgroup;
 * ``started``: the QEMU process becomes the owner of the domain's leases;
-* ``release``: the domain's leases are freed and the layout shrunk back.
-* every other operation (``start``, ``stopped``, ``migrate``, ``restore``, ``reconnect``…)
-  is let through untouched; nothing is ever written on stdout (libvirt would read it as
-  replacement XML for ``migrate``/``restore``).
+* ``release``: the domain's leases are freed and the layout shrunk back;
+* every other operation is let through untouched; nothing is ever written on stdout
+  (libvirt would read it as replacement XML for ``migrate``/``restore``).
+
+**Fail safe.**  A broken pinwarden must never block a domain that asks for nothing
+exclusive.  The drop-in script tells three outcomes apart by exit status: 0 (admitted),
+:data:`REFUSED` (a placement rule refused the domain: libvirt shows why) and anything else
+— the interpreter or pinwarden is gone (127), cannot be imported, crashed.  In that last
+case it lets a shared domain through (logging why to syslog and the state directory) and
+refuses an exclusive one with how to repair the installation.  The Python side does the
+same for its own failures: only a :class:`~pinwarden.errors.Refusal` blocks a shared
+domain; a broken ledger, host or cgroup tree lets it through with a warning.
 
 The hook never calls back into libvirt (libvirtd holds the domain lock while it runs) and
 imports only what the operation needs.
@@ -21,8 +31,13 @@ imports only what the operation needs.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
+import subprocess
 import sys
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -30,22 +45,21 @@ from typing import TYPE_CHECKING, Literal
 from pinwarden.errors import InputError, PinwardenError, Refusal
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from pinwarden.domain import DomainSpec
-    from pinwarden.libvirt.context import Context
-    from pinwarden.model import HolderRef, Lease, Plan
-    from pinwarden.partition import Host
+    from pinwarden.manager import Manager
+    from pinwarden.model import HolderRef
 
 DRIVERS = ("qemu", "lxc")
 MARKER = "# pinwarden libvirt hook"
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
+DROP_IN = "pinwarden"
 HOOK_LOG = "hook.log"
+#: Exit status of ``hook run`` when a placement rule refuses the domain at ``prepare``.
+REFUSED = 3
 #: pinwarden's metadata namespace (pinwarden.domain.PW_NS, not imported: the hook is lean).
-PW_NAMESPACE = "urn:pinwarden:domain:1"  # warnings of hook runs libvirtd would not show anywhere
+PW_NAMESPACE = "urn:pinwarden:domain:1"
 
 Action = Literal["admit", "own", "free", "ignore"]
-
 
 _ACTIONS: dict[str, Action] = {"prepare": "admit", "started": "own", "release": "free"}
 
@@ -55,16 +69,26 @@ def action_for(op: str) -> Action:
     return _ACTIONS.get(op, "ignore")
 
 
+def asks_exclusive(xml: str) -> bool:
+    """Whether domain XML asks for exclusive CPUs, judged without parsing it (what the
+    fail-safe path uses when pinwarden itself cannot): pinwarden's metadata namespace and
+    ``exclusive='yes'``.  libvirt keeps no other ``exclusive`` attribute."""
+    return PW_NAMESPACE in xml and ("exclusive='yes'" in xml or 'exclusive="yes"' in xml)
+
+
 # -- install ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Installed:
     paths: tuple[Path, ...]
     command: str  # what the scripts exec (before "hook run")
+    removed: tuple[Path, ...] = ()  # pinwarden's own legacy hooks (hooks/qemu) replaced
+    created_dirs: bool = False  # a qemu.d/lxc.d was created: libvirtd must reload to look
 
 
 def hook_script(driver: str, exe: str | Sequence[str], *, state_dir: Path | None,
                 config: Path | None) -> str:
+    """The drop-in script for ``driver`` (see the module docstring for the exit codes)."""
     args = [*([exe] if isinstance(exe, str) else exe), "hook", "run"]
     if config is not None:
         args += ["--config", str(config)]
@@ -72,24 +96,50 @@ def hook_script(driver: str, exe: str | Sequence[str], *, state_dir: Path | None
         args += ["--state-dir", str(state_dir)]
     args.append(driver)
     command = " ".join(shlex.quote(a) for a in args)
-    after = "|".join(op for op, action in sorted(_ACTIONS.items()) if action != "admit")
-    return (f"#!/bin/sh\n{MARKER} ({driver}); written by 'pinwarden hook install'.\n"
-            f"# libvirtd runs it at every domain lifecycle step (domain XML on stdin);\n"
-            f"# pinwarden admits or refuses the domain against the exclusive CPU leases.\n"
-            f"# Only 'prepare' may fail (it refuses the start); a failure at a later step\n"
-            f"# would make libvirt kill the domain, so those always exit 0.  Later steps\n"
-            f"# concern exclusive domains only (they carry pinwarden's metadata), and\n"
-            f"# steps pinwarden ignores end here: no Python start-up for them.\n"
-            f"case \"$2\" in\n"
-            f"  prepare) exec {command} \"$@\" ;;\n"
-            f"  {after})\n"
-            f"    xml=$(cat)\n"
-            f"    case \"$xml\" in\n"
-            f"      *{PW_NAMESPACE}*) printf '%s\\n' \"$xml\" | {command} \"$@\" || true ;;\n"
-            f"    esac\n"
-            f"    exit 0 ;;\n"
-            f"  *) cat >/dev/null; exit 0 ;;\n"
-            f"esac\n")
+    log = shlex.quote(str((state_dir or Path("/var/lib/pinwarden")) / HOOK_LOG))
+    return f"""#!/bin/sh
+{MARKER} ({driver}); written by 'pinwarden hook install'.
+# libvirtd runs it at every domain lifecycle step (domain XML on stdin).  pinwarden admits
+# or refuses the domain against the exclusive CPU leases at 'prepare' (exit {REFUSED}: refused,
+# libvirt shows why), takes the QEMU process as the leases' owner at 'started' and frees
+# them at 'release'.  Later steps never fail (libvirt would kill the domain), and steps
+# pinwarden ignores end here: no Python start-up for them.
+# Fail safe: if pinwarden itself is broken or gone, a domain that asks for nothing
+# exclusive is let through (logged to syslog and {log}); an exclusive one is refused.
+case "$2" in
+  prepare) ;;
+  started|release) ;;
+  *) cat >/dev/null; exit 0 ;;
+esac
+xml=$(cat)
+case "$2" in
+  started|release)
+    case "$xml" in *{PW_NAMESPACE}*) ;; *) exit 0 ;; esac ;;
+esac
+printf '%s\\n' "$xml" | {command} "$@"
+rc=$?
+[ "$rc" -eq 0 ] && exit 0
+[ "$2" = prepare ] || exit 0
+[ "$rc" -eq {REFUSED} ] && exit 1
+say() {{
+  command -v logger >/dev/null 2>&1 && logger -t pinwarden-hook -p daemon.warning -- "$1"
+  printf '%s pinwarden: warning: %s\\n' "$(date +%Y-%m-%dT%H:%M:%S)" "$1" >>{log} 2>/dev/null
+  return 0
+}}
+case "$xml" in
+  *{PW_NAMESPACE}*exclusive=\\"yes\\"*|*{PW_NAMESPACE}*exclusive=\\'yes\\'*|\\
+  *exclusive=\\"yes\\"*{PW_NAMESPACE}*|*exclusive=\\'yes\\'*{PW_NAMESPACE}*)
+    msg="pinwarden is broken or missing (the hook's command exited $rc), so exclusive"
+    msg="$msg domain '$1' cannot get its CPUs: repair the installation ('pinwarden hook"
+    msg="$msg check' tells what is wrong) or remove it with 'pinwarden hook uninstall'"
+    say "$msg"
+    echo "pinwarden: error: $msg" >&2
+    exit 1 ;;
+esac
+say "pinwarden is broken or missing (the hook's command exited $rc); domain '$1' asks\
+ for no exclusive CPUs and was let through unchecked: run 'pinwarden hook check'"
+exit 0
+"""
 
 
 def default_executable() -> tuple[str, ...]:
@@ -98,51 +148,128 @@ def default_executable() -> tuple[str, ...]:
     return (sys.executable, "-m", "pinwarden.cli.vm")
 
 
-def install(hooks_dir: Path, *, exe: str | Sequence[str], state_dir: Path | None,
-            config: Path | None,
-            drivers: tuple[str, ...] = DRIVERS, force: bool = False) -> Installed:
-    """Write the hook scripts atomically; refuse to replace a hook that is not ours."""
+def _runs(exe: Sequence[str]) -> str | None:
+    """Why ``exe`` (what the hook will exec) does not run, or None."""
     try:
-        hooks_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create {hooks_dir}: {exc.strerror}") from None
+        done = subprocess.run([*exe, "hook", "ping"], capture_output=True, text=True,
+                              timeout=60, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{shlex.join(exe)} cannot run: {exc}"
+    if done.returncode != 0 or "pinwarden hook ok" not in done.stdout:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"{shlex.join(exe)} hook ping exited {done.returncode}: {tail}"
+    return None
+
+
+def install(hooks_dir: Path, *, exe: str | Sequence[str], state_dir: Path | None,
+            config: Path | None, drivers: tuple[str, ...] = DRIVERS,
+            check: bool = True, dry_run: bool = False) -> Installed:
+    """Write ``DRIVER.d/pinwarden`` atomically for each driver, after checking that what
+    it execs runs.  Another tool's hook is never touched; pinwarden's own legacy
+    ``hooks/DRIVER`` script (earlier versions) is replaced by the drop-in."""
+    argv = [exe] if isinstance(exe, str) else list(exe)
+    if check:
+        problem = _runs(argv)
+        if problem is not None:
+            raise Refusal(f"the hook would run a pinwarden that does not work ({problem}); "
+                          f"nothing installed", code="hook-broken")
     written: list[Path] = []
+    removed: list[Path] = []
+    created = False
     for driver in drivers:
-        path = hooks_dir / driver
-        if path.exists() and not force:
-            try:
-                current = path.read_text(errors="replace")
-            except OSError as exc:
-                raise InputError(f"cannot read {path}: {exc.strerror}") from None
-            if MARKER not in current:
-                raise Refusal(f"{path} exists and is not pinwarden's hook; merge it by hand "
-                              f"or pass --force to replace it", code="foreign-hook")
-        tmp = path.with_name(f".{driver}.pinwarden-tmp")
+        directory = hooks_dir / f"{driver}.d"
+        path = directory / DROP_IN
+        legacy = hooks_dir / driver
+        ours = _is_ours(legacy)
+        if dry_run:
+            written.append(path)
+            if ours:
+                removed.append(legacy)
+            continue
         try:
+            if not directory.is_dir():
+                directory.mkdir(parents=True, exist_ok=True)
+                created = True
+            tmp = directory / f".{DROP_IN}.tmp"
             tmp.write_text(hook_script(driver, exe, state_dir=state_dir, config=config))
             tmp.chmod(0o755)
             tmp.replace(path)
+            if ours:
+                legacy.unlink()
+                removed.append(legacy)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (directory / f".{DROP_IN}.tmp").unlink()
             raise InputError(f"cannot write {path}: {exc.strerror}") from None
         written.append(path)
-    return Installed(tuple(written),
-                     exe if isinstance(exe, str) else " ".join(shlex.quote(a) for a in exe))
+    return Installed(tuple(written), shlex.join(argv), tuple(removed), created)
+
+
+def _is_ours(path: Path) -> bool:
+    try:
+        return MARKER in path.read_text(errors="replace")
+    except OSError:
+        return False
 
 
 def uninstall(hooks_dir: Path, drivers: tuple[str, ...] = DRIVERS) -> tuple[Path, ...]:
+    """Remove pinwarden's drop-ins (and legacy scripts); nothing else."""
     removed = []
     for driver in drivers:
-        path = hooks_dir / driver
-        try:
-            if MARKER in path.read_text(errors="replace"):
+        for path in (hooks_dir / f"{driver}.d" / DROP_IN, hooks_dir / driver):
+            if not _is_ours(path):
+                continue
+            try:
                 path.unlink()
-                removed.append(path)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise InputError(f"cannot remove {path}: {exc.strerror}") from None
+            except OSError as exc:
+                raise InputError(f"cannot remove {path}: {exc.strerror}") from None
+            removed.append(path)
     return tuple(removed)
+
+
+@dataclass(frozen=True)
+class HookState:
+    driver: str
+    path: Path
+    installed: bool
+    problem: str | None  # None: installed and working
+    command: str | None = None
+
+
+def check_installed(hooks_dir: Path, drivers: tuple[str, ...] = DRIVERS) -> list[HookState]:
+    """The state of pinwarden's hooks: present, and does the command they exec run."""
+    states = []
+    problem: str | None
+    for driver in drivers:
+        path = hooks_dir / f"{driver}.d" / DROP_IN
+        legacy = hooks_dir / driver
+        if not _is_ours(path):
+            problem = "not installed ('pinwarden hook install')"
+            if _is_ours(legacy):
+                problem = (f"installed the old way as {legacy}; 'pinwarden hook install' "
+                           f"moves it to {path}")
+            states.append(HookState(driver, path, False, problem))
+            continue
+        command = _exec_line(path.read_text(errors="replace"))
+        if command is None:
+            problem = f"{path} has no pinwarden command line: reinstall it"
+        elif not os.access(path, os.X_OK):
+            problem = f"{path} is not executable: libvirt skips it"
+        else:
+            problem = _runs(command)
+        states.append(HookState(driver, path, True, problem,
+                                None if command is None else shlex.join(command)))
+    return states
+
+
+def _exec_line(script: str) -> list[str] | None:
+    for line in script.splitlines():
+        text = line.strip()
+        if text.startswith("printf '%s\\n' \"$xml\" | "):
+            words = shlex.split(text.split("| ", 1)[1])
+            if "hook" in words:
+                return words[:words.index("hook")]
+    return None
 
 
 # -- run ----------------------------------------------------------------------------------
@@ -153,17 +280,18 @@ def _pid_file(driver: str, name: str) -> int | None:
     return read_pid(driver, name)
 
 
-def run(ctx: Context, driver: str, name: str, op: str, xml: str) -> None:
+def run(manager: Manager, driver: str, name: str, op: str, xml: str) -> None:
     """Handle one hook call; raise a :class:`PinwardenError` to refuse (``prepare`` only)."""
     action = action_for(op)
     if action == "ignore":
         return
+    spec = _spec(xml, name)
     if action == "admit":
-        _prepare(ctx, driver, name, xml)
+        _prepare(manager, driver, name, spec)
     elif action == "own":
-        _started(ctx, driver, name, xml)
+        _started(manager, driver, name, spec)
     elif action == "free":
-        _release(ctx, driver, name, xml)
+        _release(manager, driver, name, spec)
 
 
 def _spec(xml: str, name: str) -> DomainSpec:
@@ -177,82 +305,76 @@ def _spec(xml: str, name: str) -> DomainSpec:
 
 
 def _holder(driver: str, name: str, spec: DomainSpec) -> HolderRef:
-    from pinwarden.model import HolderRef
+    from pinwarden.model import domain_holder
 
-    return HolderRef(driver, spec.uuid or name, name)
+    return domain_holder(driver, name, spec.uuid)
 
 
-def _prepare(ctx: Context, driver: str, name: str, xml: str) -> None:
+def _prepare(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None:
     from pinwarden.policy import decide
 
-    spec = _spec(xml, name)
     holder = _holder(driver, name, spec)
-    host = ctx.host()
-    with ctx.ledger() as ledger:
-        if not spec.exclusive:
-            leases = ledger.leases()
-            plan = decide(spec, host, leases, driver=driver)
-            _widen_for_pins(ctx, host, leases, plan)
-            return
-        expected = ctx.partition_of(holder)
-        if spec.partition != expected:
-            raise Refusal(
-                f"exclusive domain {name!r} would start in partition "
-                f"{spec.partition or '/machine'}, where its CPUs cannot be exclusive; "
-                f"start it with 'pinwarden start {name}', or store partition {expected} "
-                f"with 'pinwarden define'", code="bad-partition")
-        ledger.reserve(holder, lambda leases: decide(spec, host, leases, driver=driver))
-        try:
-            ctx.sync(host, ledger.leases())
-        except PinwardenError:
-            ledger.release(holder.key, driver=driver)
-            raise
-
-
-def _widen_for_pins(ctx: Context, host: Host, leases: Sequence[Lease], plan: Plan) -> None:
-    """A shared domain pinned (by its XML) outside the shared pool — honoured in ``none`` /
-    ``isolcpus`` modes — needs those CPUs in ``machine`` before libvirt writes its pins."""
-    from pinwarden.cpuset import CpuSet
-
-    leased = CpuSet.of(lease.cpu for lease in leases)
-    extra = plan.cpus() - ctx.pool(host, leased)
-    if not extra:
+    if not spec.exclusive:
+        admit_shared(manager, spec, holder)
         return
-    from pinwarden.enforce.apply import apply_layout, locked
-    from pinwarden.enforce.layout import desired_layout
+    expected = manager.libvirt_partition(holder)
+    if spec.partition != expected:
+        raise Refusal(
+            f"exclusive domain {name!r} would start in partition "
+            f"{spec.partition or '/machine'}, where its CPUs cannot be exclusive; "
+            f"start it with 'pinwarden start {name}', or store partition {expected} "
+            f"with 'pinwarden define'", code="bad-partition")
+    manager.reserve(holder, lambda host, leases: decide(spec, host, leases, holder=holder))
 
-    with locked(ctx.lock_file):
-        apply_layout(ctx.backend(), desired_layout(host, leases, ctx.names,
-                                                   shared_extra=extra))
+
+def admit_shared(manager: Manager, spec: DomainSpec, holder: HolderRef) -> None:
+    """Admit a shared domain: its pins must avoid every leased CPU (else a Refusal).  A
+    domain pinned (by its XML) outside the shared pool — honoured in ``none`` /
+    ``isolcpus`` modes — needs those CPUs in the shared cgroup before libvirt writes its
+    pins: the manager widens it (only while something is leased: otherwise pinwarden has
+    changed nothing that could be in the way)."""
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.partition import shared_pool
+
+    host = manager.host()
+    leases = manager.leases()
+    from pinwarden.policy import decide
+
+    plan = decide(spec, host, leases, holder=holder)
+    if not leases:
+        return
+    extra = plan.cpus() - shared_pool(host, CpuSet.of(le.cpu for le in leases))[0]
+    if extra:
+        manager.sync(shared_extra=extra)
 
 
-def _started(ctx: Context, driver: str, name: str, xml: str) -> None:
-    spec = _spec(xml, name)
+def _started(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None:
     if not spec.exclusive:
         return
     holder = _holder(driver, name, spec)
     pid = _pid_file(driver, name)
-    with ctx.ledger() as ledger:
-        if pid is not None and ledger.find(holder.key, driver=driver) is not None:
-            ledger.set_owner(holder, pid)
+    reader = manager.reader()
+    if pid is not None and reader is not None and reader.get(holder) is not None:
+        manager.set_owner(holder, pid)
 
 
-def _release(ctx: Context, driver: str, name: str, xml: str) -> None:
-    spec = _spec(xml, name)
+def _release(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None:
+    reader = manager.reader()
+    if reader is None:
+        return
     holder = _holder(driver, name, spec)
-    with ctx.ledger() as ledger:
-        if ledger.find(holder.key, driver=driver) is None:
-            return
-        ledger.release(holder.key, driver=driver)
-        ctx.sync(ctx.host(), ledger.leases())
+    if reader.get(holder) is not None:
+        manager.drop(holder)
 
 
-def main_run(ctx: Context, driver: str, argv: Sequence[str], stdin: str) -> int:
+def main_run(manager: Manager, driver: str, argv: Sequence[str], stdin: str) -> int:
     """``pinwarden hook run DRIVER NAME OP SUBOP EXTRA``: the exit status for libvirt.
 
-    Only ``prepare`` may refuse (exit 1, reason on stderr).  A failure at any other step
-    would not undo it — at ``started`` libvirt would kill the domain, at ``reconnect`` too —
-    so it is reported on stderr as a warning and the hook exits 0.
+    Only ``prepare`` may refuse: exit :data:`REFUSED` with the reason on stderr — for a
+    placement refusal of any domain, and for any failure of an exclusive one (fail closed).
+    A shared domain is never blocked by pinwarden's own failures (fail safe: a warning is
+    logged).  A failure at any other step would not undo it — at ``started`` libvirt would
+    kill the domain — so it is logged and the hook exits 0.
     """
     if driver not in DRIVERS:
         raise InputError(f"unknown hook driver {driver!r} (qemu or lxc)")
@@ -260,34 +382,38 @@ def main_run(ctx: Context, driver: str, argv: Sequence[str], stdin: str) -> int:
         raise InputError("the hook needs at least NAME and OPERATION (libvirt passes "
                          "NAME OP SUBOP EXTRA)")
     name, op = argv[0], argv[1]
+    admit = action_for(op) == "admit"
     try:
-        run(ctx, driver, name, op, stdin)
-    except PinwardenError as exc:
-        if action_for(op) == "admit":
-            raise
-        _warn(ctx, f"hook {op} of {driver} domain {name!r}: {exc.message}")
-    except Exception as exc:  # a bug: never let it kill a running domain
-        what = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-        if action_for(op) == "admit":
-            _warn(ctx, f"hook {op} of {driver} domain {name!r} failed: {what}")
-            raise PinwardenError(
-                f"pinwarden's hook failed on domain {name!r} ({what}); this is a bug — "
-                f"'pinwarden hook uninstall' and a libvirtd restart bypass the hook",
-                code="hook-bug") from None
-        _warn(ctx, f"hook {op} of {driver} domain {name!r} failed: {what}")
+        run(manager, driver, name, op, stdin)
+        return 0
+    except Refusal as exc:
+        if admit:
+            _refuse(manager, exc.message)
+            return REFUSED
+        _warn(manager, f"hook {op} of {driver} domain {name!r}: {exc.message}")
+    except Exception as exc:  # a broken pinwarden (PinwardenError) or a bug
+        what = exc.message if isinstance(exc, PinwardenError) else \
+            f"{type(exc).__name__}: {exc}".replace("\n", " ")
+        if admit and asks_exclusive(stdin):
+            _refuse(manager, f"exclusive domain {name!r} cannot get its CPUs: {what}")
+            return REFUSED
+        tail = " and was let through unchecked" if admit else ""
+        _warn(manager, f"hook {op} of {driver} domain {name!r} failed: {what}{tail}")
     return 0
 
 
-def _warn(ctx: Context, text: str) -> None:
+def _refuse(manager: Manager, message: str) -> None:
+    print(f"pinwarden: error: {message}", file=sys.stderr)
+    _log(manager, f"pinwarden: refused: {message}")
+
+
+def _warn(manager: Manager, text: str) -> None:
     line = f"pinwarden: warning: {text}"
     print(line, file=sys.stderr)
-    _log(ctx, line)
+    _log(manager, line)
 
 
-def _log(ctx: Context, line: str) -> None:
+def _log(manager: Manager, line: str) -> None:
     """libvirtd drops the stderr of a hook that exits 0: keep warnings in the state dir."""
-    import contextlib
-    import time
-
-    with contextlib.suppress(OSError), (ctx.state_dir / HOOK_LOG).open("a") as log:
+    with contextlib.suppress(OSError), (manager.state_dir / HOOK_LOG).open("a") as log:
         log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")

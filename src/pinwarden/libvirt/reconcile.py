@@ -72,7 +72,7 @@ def reconcile(domains: Sequence[DomainInfo], holders: Sequence[HolderRecord],
     domain outside its partition is reported, not adopted: leasing its CPUs would make the
     layout pull the shared pool — and the domain with it — off them.
     """
-    running = {(d.driver, d.uuid): d for d in domains if d.active}
+    running = {(d.holder.driver, d.holder.key): d for d in domains if d.active}
     by_key = {(h.ref.driver, h.ref.key): h for h in holders}
     actions: list[Action] = []
     for gone in holders:

@@ -52,7 +52,8 @@ def repins(domains: Sequence[DomainInfo], holder: HolderRef, leased: CpuSet,
     skip = {(h.driver, h.key) for h in (*holders, holder)}
     out: list[Repin] = []
     for dom in domains:
-        if not dom.active or dom.affinity is None or (dom.driver, dom.uuid) in skip:
+        if not dom.active or dom.affinity is None or \
+                (dom.holder.driver, dom.holder.key) in skip:
             continue
         for thread, ident, cpus in dom.affinity.threads():
             clash = cpus & leased

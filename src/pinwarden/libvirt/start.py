@@ -2,11 +2,11 @@
 
 Start of an exclusive domain, in order (each step undone if a later one fails):
 
-1. plan and lease in one ledger transaction (``policy.decide`` inside ``Ledger.reserve``),
-   which also computes the live re-pins of running shared domains (:mod:`.repin`) and
-   refuses when a domain's own pins would be left without a CPU;
-2. enforce the cgroup layout (``<exclusive>/vm-NAME.partition`` exclusive with the lease,
-   ``machine`` and the shared domains' groups moved to the shared pool);
+1. the lease manager plans and leases in one transaction (``policy.decide``), which also
+   computes the live re-pins of running shared domains (:mod:`.repin`) and refuses when a
+   domain's own pins would be left without a CPU, then enforces the cgroup layout
+   (``<exclusive>/vm-NAME.partition`` exclusive with the lease, ``machine`` and the shared
+   domains' groups moved to the shared pool);
 3. re-pin those domains live (``virDomainPinVcpuFlags``/``PinEmulator``/``PinIOThread``)
    so libvirt's view and the threads' affinity match the cgroups;
 4. start the domain with ``virDomainCreateXML(render_plan(persistent XML, plan,
@@ -37,18 +37,15 @@ import defusedxml.ElementTree as SafeET
 
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import PW_NS, DomainSpec, parse_domain, render_plan
-from pinwarden.enforce.apply import Result
-from pinwarden.enforce.backend import CgroupOpError
-from pinwarden.enforce.layout import holder_group_path
 from pinwarden.errors import InputError, LedgerError, LibvirtError, PinwardenError, Refusal
-from pinwarden.ledger import Ledger
 from pinwarden.libvirt import connect as lv
 from pinwarden.libvirt import kernel
-from pinwarden.libvirt.context import Context
+from pinwarden.libvirt.hook import admit_shared
 from pinwarden.libvirt.repin import repins
 from pinwarden.libvirt.state import Repin
-from pinwarden.model import HolderRef, Lease, Plan
-from pinwarden.partition import Host
+from pinwarden.manager import Manager
+from pinwarden.model import HolderRef, Lease, Plan, domain_holder
+from pinwarden.partition import Host, shared_pool
 from pinwarden.policy import decide
 
 _HOOK_FAILURE = re.compile(r"unexpected exit status \d+: (.*)$")
@@ -83,47 +80,46 @@ def libvirt_failure(what: str, exc: BaseException) -> LibvirtError:
     return LibvirtError(f"{what}: {text}")
 
 
-def _holder(ctx: Context, dom: Any) -> HolderRef:
-    return HolderRef(lv.driver_of(ctx.uri), str(dom.UUIDString()), str(dom.name()))
+def _holder(uri: str, dom: Any) -> HolderRef:
+    return domain_holder(lv.driver_of(uri), str(dom.name()), str(dom.UUIDString()).lower())
 
 
 # -- start --------------------------------------------------------------------------------
 
-def start(ctx: Context, name: str) -> Started:
-    conn = lv.open_connection(ctx.uri)
+def start(manager: Manager, uri: str, name: str) -> Started:
+    conn = lv.open_connection(uri)
     try:
-        return _start(ctx, conn, name)
+        return _start(manager, uri, conn, name)
     finally:
         with contextlib.suppress(Exception):
             conn.close()
 
 
-def _start(ctx: Context, conn: Any, name: str) -> Started:
+def _start(manager: Manager, uri: str, conn: Any, name: str) -> Started:
     dom = lv.lookup(conn, name)
     if dom.isActive():
         raise Refusal(f"domain {name!r} is already running; 'pinwarden stop {name}' first",
                       code="running")
-    holder = _holder(ctx, dom)
-    with _domain_lock(ctx, holder):
+    holder = _holder(uri, dom)
+    with _domain_lock(manager.state_dir, holder):
         if dom.isActive():  # started by a racing 'pinwarden start' while we waited
             raise Refusal(f"domain {name!r} is already running", code="running")
         xml = lv.xml_of(dom, inactive=True)
         spec = parse_domain(xml)
-        host = ctx.host()
-        with ctx.ledger() as ledger:
-            if spec.exclusive:
-                return _start_exclusive(ctx, conn, ledger, host, holder, spec, xml)
-            return _start_shared(ctx, conn, ledger, host, holder, spec, xml)
+        if spec.exclusive:
+            return _start_exclusive(manager, conn, holder, spec, xml)
+        return _start_shared(manager, conn, holder, spec, xml)
 
 
 @contextlib.contextmanager
-def _domain_lock(ctx: Context, holder: HolderRef) -> Iterator[None]:
+def _domain_lock(state_dir: Path, holder: HolderRef) -> Iterator[None]:
     """Serialise pinwarden start/stop of one domain: two racing starts would otherwise
-    share one lease and the loser's rollback would free the winner's CPUs."""
-    locks = ctx.state_dir / "locks"
+    share one lease and the loser's rollback would free the winner's CPUs.  (Not the
+    manager's lock: the hook, run by libvirtd inside the start, takes that one.)"""
+    locks = state_dir / "locks"
     try:
         locks.mkdir(parents=True, exist_ok=True)
-        fd = os.open(locks / f"{holder.driver}-{holder.key}.lock",
+        fd = os.open(locks / f"{holder.driver}-{holder.key.replace(':', '-')}.lock",
                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise LedgerError(f"cannot create a lock in {locks}: {exc.strerror} (run as root "
@@ -135,9 +131,10 @@ def _domain_lock(ctx: Context, holder: HolderRef) -> Iterator[None]:
         os.close(fd)
 
 
-def _start_shared(ctx: Context, conn: Any, ledger: Ledger, host: Host, holder: HolderRef,
-                  spec: DomainSpec, xml: str) -> Started:
-    plan = decide(spec, host, ledger.leases(), driver=holder.driver)
+def _start_shared(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSpec,
+                  xml: str) -> Started:
+    admit_shared(manager, spec, holder)
+    plan = manager.plan(spec, holder=holder)
     live_xml = render_plan(xml, plan)
     dom = _create(conn, holder, live_xml)
     try:
@@ -150,36 +147,35 @@ def _start_shared(ctx: Context, conn: Any, ledger: Ledger, host: Host, holder: H
         with contextlib.suppress(PinwardenError):
             lv.destroy(conn, holder.name)
         raise
-    return Started(holder.name, holder.key, plan, pid, kernel.domain_cgroup(pid),
+    return Started(holder.name, holder.uuid or "", plan, pid, kernel.domain_cgroup(pid),
                    notes=plan.notes)
 
 
-def _start_exclusive(ctx: Context, conn: Any, ledger: Ledger, host: Host, holder: HolderRef,
-                     spec: DomainSpec, xml: str) -> Started:
-    partition = ctx.partition_of(holder)
+def _start_exclusive(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSpec,
+                     xml: str) -> Started:
+    partition = manager.libvirt_partition(holder)
     running = lv.list_domains(conn, active_only=True)
     moves: tuple[Repin, ...] = ()
 
-    def plan_and_check(leases: tuple[Lease, ...]) -> Plan:
+    def plan_and_check(host: Host, leases: tuple[Lease, ...]) -> Plan:
         nonlocal moves
-        plan = decide(spec, host, leases, driver=holder.driver)
-        others = [le for le in leases if le.holder.key != holder.key
-                  or le.holder.driver != holder.driver]
+        plan = decide(spec, host, leases, holder=holder)
+        others = [le for le in leases if (le.holder.driver, le.holder.key)
+                  != (holder.driver, holder.key)]
         taken = CpuSet.of(le.cpu for le in others) | plan.leased()
-        moves = repins(running, holder, plan.cpus(), ctx.pool(host, taken),
+        moves = repins(running, holder, plan.cpus(), shared_pool(host, taken)[0],
                        holders=[le.holder for le in others])
         return plan
 
-    plan = ledger.reserve(holder, plan_and_check)
+    # The manager enforces the layout before returning: the kernel moves every shared
+    # domain's cgroups off the lease (and may need to widen machine before, e.g. from the
+    # pool to the fallback CPUs); then libvirt's live pins follow, so its view and the
+    # threads' own affinity agree with the cgroups.
+    reserved = manager.reserve(holder, plan_and_check)
+    plan = reserved.plan
     done: list[Repin] = []
     started = False
-    enforced: Result | None = None
     try:
-        # The layout first: the kernel moves every shared domain's cgroups off the lease
-        # (and may need to widen machine before, e.g. from the pool to the fallback
-        # CPUs); then libvirt's live pins follow, so its view and the threads' own
-        # affinity agree with the cgroups.
-        enforced = ctx.sync(host, ledger.leases())
         for move in moves:
             lv.apply_repin(conn, move)
             done.append(move)
@@ -188,38 +184,34 @@ def _start_exclusive(ctx: Context, conn: Any, ledger: Ledger, host: Host, holder
         pid = lv.read_pid(holder.driver, holder.name)
         if pid is not None:
             with contextlib.suppress(LedgerError):  # the QEMU may already have died
-                ledger.set_owner(holder, pid)
-        group = holder_group_path(ctx.names, holder)
-        ledger.set_cgroup(holder, group)
+                manager.set_owner(holder, pid)
+        group = reserved.group or manager.holder_group(holder)
+        manager.set_cgroup(holder, group)
         problems = kernel.check_domain(dom, pid, plan)
-        problems += kernel.check_group(ctx.backend(), group, plan.cpus())
+        if manager.enforcing:
+            problems += kernel.check_group(manager.backend(), group, plan.cpus())
         if problems:
             raise Refusal(f"domain {holder.name!r} started but the kernel does not give it "
                           f"its CPUs exclusively: {problems[0]}; stopped it and freed the "
                           f"lease", code="verify")
-        return Started(holder.name, holder.key, plan, pid, kernel.domain_cgroup(pid),
+        return Started(holder.name, holder.uuid or "", plan, pid, kernel.domain_cgroup(pid),
                        tuple(done), plan.notes)
     except BaseException:
-        _rollback(ctx, conn, ledger, host, holder, started, done, enforced)
+        _rollback(manager, conn, holder, started, done)
         raise
 
 
-def _rollback(ctx: Context, conn: Any, ledger: Ledger, host: Host, holder: HolderRef,
-              started: bool, done: Sequence[Repin], enforced: Result | None) -> None:
+def _rollback(manager: Manager, conn: Any, holder: HolderRef, started: bool,
+              done: Sequence[Repin]) -> None:
     """Best effort, every step attempted: the caller re-raises the original error.
-    Order: domain, lease, cgroups (back to the state read before), then the re-pins
-    (which need the restored cgroups to allow their old CPUs again)."""
+    Order: domain, lease and cgroups (the manager shrinks the layout back — to the host
+    as found when nothing else is leased), then the re-pins (which need the restored
+    cgroups to allow their old CPUs again)."""
     if started:
         with contextlib.suppress(PinwardenError):
             lv.destroy(conn, holder.name)
     with contextlib.suppress(PinwardenError):
-        ledger.release(holder.key, driver=holder.driver)
-    try:
-        if enforced is not None:
-            ctx.restore(enforced)
-    except (PinwardenError, CgroupOpError):
-        with contextlib.suppress(PinwardenError):
-            ctx.sync(host, ledger.leases())
+        manager.drop(holder)
     for move in reversed(done):
         with contextlib.suppress(PinwardenError):
             lv.apply_repin(conn, move, undo=True)
@@ -247,25 +239,20 @@ class Stopped:
                 "released": str(self.released)}
 
 
-def stop(ctx: Context, name: str, *, graceful: bool = False, timeout: float = 60.0) -> Stopped:
-    conn = lv.open_connection(ctx.uri)
+def stop(manager: Manager, uri: str, name: str, *, graceful: bool = False,
+         timeout: float = 60.0) -> Stopped:
+    conn = lv.open_connection(uri)
     try:
         dom = lv.lookup(conn, name)
-        holder = _holder(ctx, dom)
-        with _domain_lock(ctx, holder):
+        holder = _holder(uri, dom)
+        with _domain_lock(manager.state_dir, holder):
             was_running = _stop_domain(dom, name, graceful=graceful, timeout=timeout)
-            host = ctx.host()
-            with ctx.ledger() as ledger:
-                released = CpuSet()
-                record = ledger.find(holder.key, driver=holder.driver)
-                if record is not None:
-                    ledger.release(holder.key, driver=holder.driver)
-                    released = record.plan.leased()
-                ctx.sync(host, ledger.leases())
+            record = manager.drop(holder)
+            released = record.plan.leased() if record is not None else CpuSet()
     finally:
         with contextlib.suppress(Exception):
             conn.close()
-    return Stopped(name, holder.key, was_running, released)
+    return Stopped(name, holder.uuid or "", was_running, released)
 
 
 def _stop_domain(dom: Any, name: str, *, graceful: bool, timeout: float) -> bool:
@@ -345,25 +332,24 @@ def with_pinwarden_metadata(xml: str, spec: DomainSpec, uuid: str,
     return ET.tostring(root, encoding="unicode")
 
 
-def define(ctx: Context, path: Path) -> Defined:
+def define(manager: Manager, uri: str, path: Path) -> Defined:
     try:
         xml = path.read_text()
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+        raise InputError(f"cannot read {path}: {why}") from None
     spec = parse_domain(xml)
     uuid = spec.uuid or str(uuidlib.uuid4())
     spec = dataclasses.replace(spec, uuid=uuid)
-    holder = HolderRef(lv.driver_of(ctx.uri), uuid, spec.name)
-    host = ctx.host()
-    with ctx.ledger() as ledger:
-        plan = decide(spec, host, ledger.leases(), driver=holder.driver)
-    partition = ctx.partition_of(holder) if spec.exclusive else None
+    holder = domain_holder(lv.driver_of(uri), spec.name, uuid)
+    plan = manager.plan(spec, holder=holder)
+    partition = manager.libvirt_partition(holder) if spec.exclusive else None
     if spec.exclusive and spec.partition not in (None, "/machine", partition):
         raise Refusal(f"exclusive domain {spec.name!r} asks for partition "
                       f"{spec.partition}, but its leased CPUs live in {partition}; remove "
                       f"<resource><partition> from the XML", code="bad-partition")
     stored = with_pinwarden_metadata(xml, spec, uuid, partition)
-    conn = lv.open_connection(ctx.uri)
+    conn = lv.open_connection(uri)
     try:
         b = lv.binding()
         try:
@@ -374,4 +360,3 @@ def define(ctx: Context, path: Path) -> Defined:
     finally:
         with contextlib.suppress(Exception):
             conn.close()
-

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from pinwarden.cpuset import EMPTY, CpuSet
 from pinwarden.domain import DomainSpec
-from pinwarden.model import HolderRef
+from pinwarden.model import HolderRef, domain_holder
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class DomainInfo:
 
     @property
     def holder(self) -> HolderRef:
-        return HolderRef(self.driver, self.uuid, self.name)
+        return domain_holder(self.driver, self.name, self.uuid.lower())
 
     @property
     def request(self) -> DomainSpec | None:

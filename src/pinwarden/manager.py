@@ -1,0 +1,415 @@
+"""The lease manager: the one path for reserve, enforce, release and sync.
+
+In the role of kubelet's ``cpu_manager.go``: one object owns
+
+* the **ledger** (opened once; read-only commands never create it),
+* the **cgroup backend** (opened once — on systemd hosts one D-Bus connection — and closed
+  with the manager),
+* the **lock** (an ``flock`` on ``STATE_DIR/manager.lock``) that serialises every change.
+
+Every change reads the leases *under the lock*: reserve + enforce, release + shrink, sync
+and reap.  ``pinwarden run``, ``pinwarden start/stop``, the libvirt hook and the event
+daemon only call the manager; none of them touches the ledger or the cgroups itself.
+
+The manager also keeps the promise to leave the host as it found it: the first lease
+records the host's partition and the VM partition cgroup as found
+(:class:`~pinwarden.ledger.HostRecord`; placement keeps using them while anything is
+leased, so pinwarden's own narrowing of ``machine`` never changes the rules), the first
+change of a host setting records its original value, and when the last lease goes the
+settings are put back and the records forgotten — also after a crash, by the next sync.
+
+Reads (:meth:`Manager.host`, :meth:`Manager.leases`, :meth:`Manager.plan` …) never write:
+leases of owners that died are left out of what they return, and removed by the explicit
+:meth:`Manager.reap` (and by every reservation, before it decides).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pinwarden.config import Config
+from pinwarden.cpuset import EMPTY, CpuSet
+from pinwarden.errors import EnforceError, HostError, LedgerError, PinwardenError
+from pinwarden.ledger import HolderRecord, HostRecord, Ledger
+from pinwarden.model import HolderRef, Lease, Plan
+from pinwarden.partition import Host, VmCgroup, load_host, read_vm_cgroup
+
+if TYPE_CHECKING:
+    from pinwarden.enforce.apply import Result
+    from pinwarden.enforce.backend import CgroupBackend
+    from pinwarden.enforce.layout import LayoutNames
+    from pinwarden.policy import Request
+
+LOCK_NAME = "manager.lock"
+#: Change-record key of the shared VM partition cgroup's CPUs (``cgroup:machine``).
+SHARED_KEY = "cgroup:{path}"
+
+#: ``decide(host, leases) -> Plan`` — the placement decision of one reservation.
+Decide = Callable[[Host, tuple[Lease, ...]], Plan]
+
+
+@dataclass(frozen=True)
+class Reserved:
+    """A reservation the kernel enforces: the plan, and the holder's cgroup (None when the
+    plan leases nothing or the manager does not enforce, e.g. on a ``--root`` dump)."""
+
+    plan: Plan
+    group: str | None
+    result: Result | None
+
+
+class Manager:
+    """Owns the ledger, the cgroup backend and the lock of one state directory.
+
+    ``enforce``: whether changes are applied to the kernel (default: when ``root`` is this
+    host's ``/`` or a ``backend`` is given; never for a dump read with ``--root``).
+    ``host``: a fixed host snapshot instead of reading ``root`` (simulations and tests).
+    """
+
+    def __init__(self, config: Config, root: Path, state_dir: Path, *,
+                 backend: CgroupBackend | None = None, enforce: bool | None = None,
+                 host: Host | None = None, lock_timeout: float = 120.0) -> None:
+        self.config = config
+        self.root = root
+        self.state_dir = state_dir
+        self.lock_timeout = lock_timeout
+        self._fixed_host = host
+        self._backend = backend
+        self._own_backend = backend is None
+        if enforce is None:
+            enforce = backend is not None or _is_live_root(root)
+        self.enforcing = enforce
+        self._ledger: Ledger | None = None
+        self._reader: Ledger | None = None
+        self._lock_fd: int | None = None
+        self._depth = 0
+        self._names: LayoutNames | None = None
+
+    # -- resources ----------------------------------------------------------------------
+
+    def __enter__(self) -> Manager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the ledger and, if the manager opened it, the backend (its D-Bus
+        connection)."""
+        for ledger in {id(x): x for x in (self._ledger, self._reader) if x}.values():
+            with contextlib.suppress(Exception):
+                ledger.close()
+        self._ledger = self._reader = None
+        if self._backend is not None and self._own_backend:
+            closer = getattr(self._backend, "close", None)
+            if callable(closer):
+                with contextlib.suppress(Exception):
+                    closer()
+            self._backend = None
+
+    def ledger(self) -> Ledger:
+        """The ledger, created if needed (for changes)."""
+        if self._ledger is None:
+            self._ledger = self._reader if self._reader is not None else Ledger(self.state_dir)
+            self._reader = self._ledger
+        return self._ledger
+
+    def reader(self) -> Ledger | None:
+        """The ledger if it exists (None: nothing was ever leased here).  Never creates
+        it; an unusable location is a :class:`LedgerError`."""
+        if self._reader is None:
+            self._reader = Ledger.existing(self.state_dir)
+        return self._reader
+
+    def backend(self) -> CgroupBackend:
+        """The host's cpuset backend, opened once (:mod:`pinwarden.enforce.select`)."""
+        if self._backend is None:
+            from pinwarden.enforce.select import open_backend
+
+            self._backend = open_backend(self.root)
+            self._own_backend = True
+        return self._backend
+
+    def names(self) -> LayoutNames:
+        """``machine`` (v1) or ``machine.slice`` (v2, systemd) and the exclusive tree."""
+        if self._names is None:
+            from pinwarden.enforce.select import layout_names
+
+            self._names = layout_names(self.config, self.backend())
+        return self._names
+
+    def libvirt_partition(self, holder: HolderRef) -> str:
+        """The libvirt ``<resource><partition>`` of an exclusive holder's cgroup."""
+        from pinwarden.enforce.layout import LayoutNames, libvirt_partition
+
+        try:
+            return libvirt_partition(LayoutNames(exclusive=self.config.exclusive_cgroup),
+                                     holder)
+        except ValueError as exc:
+            raise HostError(f"[partition] exclusive = {self.config.exclusive_cgroup!r}: "
+                            f"{exc}") from None
+
+    def holder_group(self, holder: HolderRef) -> str:
+        """The cgroup (backend path) of an exclusive holder."""
+        from pinwarden.enforce.layout import holder_group_path
+
+        return holder_group_path(self.names(), holder)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the manager lock (re-entrant within this object).  Waits up to
+        ``lock_timeout`` seconds for another pinwarden, then a :class:`LedgerError`."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self.ledger()  # the state directory exists from here on
+        path = self.state_dir / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise LedgerError(f"cannot open the lock {path}: {exc.strerror} (run as root or "
+                              f"choose another --state-dir)") from None
+        try:
+            deadline = time.monotonic() + self.lock_timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise LedgerError(f"cannot lock {path}: {exc.strerror}") from None
+                    if time.monotonic() > deadline:
+                        raise LedgerError(
+                            f"another pinwarden held {path} for {self.lock_timeout:g} s; "
+                            f"retry, or find it with 'fuser {path}'",
+                            code="ledger-busy") from None
+                    time.sleep(0.02)
+            self._lock_fd, self._depth = fd, 1
+            yield
+        finally:
+            self._lock_fd, self._depth = None, 0
+            os.close(fd)
+
+    # -- reads (never write) --------------------------------------------------------------
+
+    def record(self) -> HostRecord | None:
+        """The host as found at the first lease, while one is kept."""
+        reader = self.reader()
+        return reader.host_record() if reader is not None else None
+
+    def host(self) -> Host:
+        """Topology and partition — the partition decided from the VM partition cgroup
+        as found at the first lease while a lease is kept, so pinwarden's own changes
+        never change the placement rules."""
+        record = self.record()
+        return self._load_host(record.found if record else None)
+
+    def live_host(self) -> Host:
+        """Topology and partition as the host reads *now*, ignoring the record."""
+        return self._load_host(None)
+
+    def _load_host(self, found: VmCgroup | None) -> Host:
+        if self._fixed_host is not None:
+            return self._fixed_host
+        return load_host(self.root, self.config, found)
+
+    def holders(self) -> tuple[HolderRecord, ...]:
+        reader = self.reader()
+        return reader.holders() if reader is not None else ()
+
+    def dead(self) -> tuple[HolderRecord, ...]:
+        """Holders whose owner process is gone (freed by the next :meth:`reap`)."""
+        reader = self.reader()
+        return reader.dead() if reader is not None else ()
+
+    def leases(self) -> tuple[Lease, ...]:
+        """Every lease whose holder lives (dead owners' leases are already free)."""
+        reader = self.reader()
+        if reader is None:
+            return ()
+        dead = {(r.ref.driver, r.ref.key) for r in reader.dead()}
+        return tuple(lease for lease in reader.leases()
+                     if (lease.holder.driver, lease.holder.key) not in dead)
+
+    def plan(self, request: Request, *, holder: HolderRef | None = None) -> Plan:
+        """Where ``request`` would run now (dry run, nothing recorded)."""
+        from pinwarden.policy import decide
+
+        return decide(request, self.host(), self.leases(), holder=holder)
+
+    # -- changes (under the lock) ---------------------------------------------------------
+
+    def reserve_request(self, request: Request, *, holder: HolderRef | None = None,
+                        owner_pid: int | None = None, enforce: bool = True) -> Reserved:
+        """:meth:`reserve` with :func:`pinwarden.policy.decide` as the decision."""
+        from pinwarden.policy import decide, holder_of
+
+        who = holder if holder is not None else holder_of(request)
+        return self.reserve(who, lambda host, leases: decide(request, host, leases,
+                                                             holder=who),
+                            owner_pid=owner_pid, enforce=enforce)
+
+    def reserve(self, holder: HolderRef, decide: Decide, *, owner_pid: int | None = None,
+                enforce: bool = True) -> Reserved:
+        """Decide and record ``holder``'s leases in one transaction, then make the kernel
+        enforce them.  If enforcement fails, the holder's previous leases are put back
+        (a new holder is removed), the layout re-synced and the error raised."""
+        with self.locked():
+            ledger = self.ledger()
+            record = ledger.host_record()
+            host = self._load_host(record.found if record else None)
+            first = None if record is not None else self._found(host)
+            plan = ledger.reserve(holder, lambda leases: decide(host, leases),
+                                  owner_pid=owner_pid, host=first)
+            previous = ledger.last_replaced
+            if not (enforce and self.enforcing):
+                return Reserved(plan, None, None)
+            try:
+                result = self._sync()
+            except BaseException:
+                with contextlib.suppress(PinwardenError):
+                    ledger.put_back(holder, previous)
+                with contextlib.suppress(PinwardenError):
+                    self._sync()
+                raise
+            group = None
+            if result is not None and result.desired is not None:
+                spec = result.desired.group_of(holder)
+                group = spec.path if spec is not None else None
+            return Reserved(plan, group, result)
+
+    def release(self, selector: str, *, driver: str | None = None) -> HolderRecord:
+        """Free the holder named ``selector`` (name, UUID or key) and shrink the layout.
+        The release is durable even when the kernel refuses the shrink: that is raised
+        as an :class:`EnforceError` saying so."""
+        with self.locked():
+            record = self.ledger().release(selector, driver=driver)
+            self._sync_after_release(record.ref)
+            return record
+
+    def drop(self, holder: HolderRef) -> HolderRecord | None:
+        """Free exactly ``holder`` if recorded (idempotent) and shrink the layout."""
+        with self.locked():
+            record = self.ledger().drop(holder)
+            if record is not None:
+                self._sync_after_release(holder)
+            return record
+
+    def _sync_after_release(self, holder: HolderRef) -> None:
+        try:
+            self._sync()
+        except PinwardenError as exc:
+            raise EnforceError(f"released the leases of {holder}, but the cgroup layout could "
+                               f"not shrink: {exc.message}; 'pinwarden sync' retries") from None
+
+    def reap(self) -> tuple[HolderRecord, ...]:
+        """Free the holders whose owner process is gone, and shrink the layout."""
+        with self.locked():
+            reaped = self.ledger().reap()
+            if reaped:
+                self._sync()
+            return reaped
+
+    def sync(self, *, shared_extra: CpuSet = EMPTY) -> Result | None:
+        """Make the kernel match the ledger (and put the host back as found once nothing
+        is leased).  ``shared_extra``: CPUs outside the shared pool that a shared domain
+        about to start is pinned to (honoured in ``none``/``isolcpus`` modes)."""
+        with self.locked():
+            return self._sync(shared_extra=shared_extra)
+
+    def set_owner(self, holder: HolderRef, pid: int | None) -> None:
+        with self.locked():
+            self.ledger().set_owner(holder, pid)
+
+    def set_cgroup(self, holder: HolderRef, path: str | None) -> None:
+        with self.locked():
+            self.ledger().set_cgroup(holder, path)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _found(self, host: Host) -> HostRecord:
+        """The host as found now, before the first lease changes anything."""
+        found = read_vm_cgroup(self.root, self.config) \
+            if self.config.mode in ("auto", "cgroup") and self._fixed_host is None \
+            else VmCgroup(None, None, EMPTY)
+        return HostRecord(time.time(), host.partition, found)
+
+    def _sync(self, *, shared_extra: CpuSet = EMPTY) -> Result | None:
+        """The sync itself; the caller holds the lock."""
+        if not self.enforcing:
+            return None
+        from pinwarden.enforce.apply import sync
+        from pinwarden.enforce.layout import desired_layout
+
+        ledger = self.ledger()
+        leases = ledger.leases()
+        record = ledger.host_record()
+        host = self._load_host(record.found if record else None)
+        backend, names = self.backend(), self.names()
+        key = SHARED_KEY.format(path=names.shared)
+        changes = ledger.changes()
+        restore: CpuSet | None = None
+        drop = False
+        if leases and key not in changes:
+            ledger.record_changes({key: self._shared_original(backend, names.shared)})
+        elif not leases and key in changes:
+            restore, drop = self._restore_value(backend, names.shared, changes[key])
+        desired = desired_layout(host, leases, names, shared_extra=shared_extra,
+                                 restore_shared=restore, drop_shared=drop)
+        result = sync(backend, desired)
+        if not leases:
+            ledger.forget_changes([key] if key in changes else [])
+            ledger.clear_host_record()
+        return result
+
+    @staticmethod
+    def _shared_original(backend: CgroupBackend, path: str) -> str:
+        """The shared group's configured CPUs as found, as a change record."""
+        from pinwarden.enforce.backend import CgroupOpError
+
+        try:
+            cpus = backend.read_group(path).cpus
+        except CgroupOpError as exc:
+            if exc.errno != errno.ENOENT:
+                raise EnforceError(f"cannot read cgroup {path}: {exc}") from None
+            return json.dumps({"absent": True})
+        return json.dumps({"cpus": cpus.to_list()})
+
+    @staticmethod
+    def _restore_value(backend: CgroupBackend, path: str, original: str,
+                       ) -> tuple[CpuSet, bool]:
+        """What the shared group goes back to: its recorded CPUs; a group pinwarden
+        created (it was absent) is removed when nothing lives there, else it gets its
+        parent's CPUs, as libvirt would have made it.  (CPUs, remove if empty)"""
+        from pinwarden.enforce.backend import CgroupOpError, parent_of
+
+        try:
+            data = json.loads(original)
+            if data.get("absent"):
+                parent = parent_of(path)
+                cpus = backend.read_group(parent).cpus if parent is not None else EMPTY
+                return cpus, True
+            return CpuSet.parse_kernel(str(data["cpus"])), False
+        except (ValueError, KeyError, AttributeError, PinwardenError, CgroupOpError) as exc:
+            raise LedgerError(f"the recorded original CPUs of cgroup {path} are unreadable "
+                              f"({exc}); set them by hand and 'pinwarden sync'") from None
+
+
+def _is_live_root(root: Path) -> bool:
+    try:
+        return root.resolve() == Path("/")
+    except OSError:
+        return False
