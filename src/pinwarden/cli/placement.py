@@ -26,6 +26,7 @@ from pinwarden.cpuset import CpuSet
 from pinwarden.domain import MAX_XML_BYTES, DomainSpec, parse_domain, render_plan
 from pinwarden.enforce.layout import LayoutNames, libvirt_partition
 from pinwarden.errors import InputError
+from pinwarden.jsonout import timestamp
 from pinwarden.ledger import DB_NAME, HolderRecord, Ledger
 from pinwarden.model import HolderRef, Lease, Plan
 from pinwarden.partition import Host, Partition, load_host, shared_pool
@@ -195,7 +196,7 @@ def holder_json(record: HolderRecord) -> dict[str, Any]:
         "cpus": str(plan.leased()),
         "roles": {str(cpu): role for cpu, role in sorted(plan.leases.items())},
         "owner_pid": record.owner_pid,
-        "created": record.created,
+        "created": timestamp(record.created),
         "cgroup": record.cgroup,
         "plan": plan.to_json(),
     }
@@ -239,7 +240,7 @@ def run_status(args: argparse.Namespace) -> int:
             "shared": str(shared),
             "notes": list(fallback),
             "database": str(state / DB_NAME),
-            "time": time.time(),
+            "time": timestamp(time.time()),
         })
         return 0
     lines = [f"partition {part.mode}: VM CPUs {part.vm_cpus}, housekeeping {part.host_cpus}"

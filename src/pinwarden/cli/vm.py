@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     virt = argparse.ArgumentParser(add_help=False)
     virt.add_argument("--connect", "-c", metavar="URI", default=None,
-                      help="libvirt URI (default: [libvirt] uri, qemu:///system)")
+                      help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, [libvirt] uri, "
+                           "qemu:///system)")
 
     p = subparsers.add_parser(
         "start", parents=[common, virt], help="start a libvirt domain with its planned CPUs",
@@ -96,10 +97,11 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def context(args: argparse.Namespace) -> Context:
+    from pinwarden.config import libvirt_uri
     from pinwarden.libvirt.context import Context
 
     config = config_of(args)
-    uri = getattr(args, "connect", None) or config.libvirt_uri
+    uri = libvirt_uri(getattr(args, "connect", None), config)
     return Context(config=config, root=root_of(args), state_dir=state_dir_of(args), uri=uri)
 
 
