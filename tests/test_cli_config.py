@@ -154,3 +154,12 @@ def test_sample_config_documents_every_setting() -> None:
         if setting.default_text:
             assert setting.default_text in SAMPLE.read_text()
     assert len(where) == len(SETTINGS)  # and nothing config.py does not know
+
+
+def test_every_config_field_is_a_setting() -> None:
+    """A key added to Config without its row in config.SETTINGS would be invisible to
+    `pinwarden config`, the sample and the docs."""
+    import dataclasses
+
+    assert [s.field for s in SETTINGS] == [f.name for f in dataclasses.fields(Config)]
+    assert len({(s.section, s.key) for s in SETTINGS}) == len(SETTINGS)
