@@ -3,12 +3,15 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-config \
-	linux-image-amd64 busybox-static dbus sqlite3
+	linux-image-amd64 busybox-static dbus sqlite3 \
+	zsh systemd man-db groff-base
+# (zsh: `zsh -n` of the generated completion; systemd: `systemd-analyze verify` of the units,
+# which needs no systemd as PID 1; man-db, groff-base: rendering the generated man page.)
 
 # libvirt-python is built against the system's libvirt: take the binding of the same version.
 LIBVIRT_PY = libvirt-python$$(v=$$(pkg-config --modversion libvirt 2>/dev/null) && echo "==$$v")
 
-.PHONY: demo test lint bench bench-quick bench-host deps-system venv clean
+.PHONY: demo test lint bench bench-quick bench-host deps-system venv clean man install-man
 
 $(BIN)/pinwarden: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -53,6 +56,23 @@ lint: $(VENV)/.test-deps
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy --strict src/pinwarden
 
+## The man page, generated from the argument parser by argparse-manpage (scripts/manpage).
+MAN := build/man/pinwarden.1
+PREFIX ?= /usr/local
+man: $(MAN)
+
+$(MAN): $(VENV)/.docs-deps scripts/manpage man/pinwarden.1.include $(wildcard src/pinwarden/cli/*.py)
+	mkdir -p $(dir $@)
+	BIN=$(abspath $(BIN)) scripts/manpage $@
+
+$(VENV)/.docs-deps: pyproject.toml | venv
+	$(BIN)/pip install -q -e '.[docs]'
+	touch $@
+
+## man pinwarden (and systemd's Documentation=man:pinwarden(1)) finds it there.
+install-man: $(MAN)
+	install -D -m 644 $(MAN) $(DESTDIR)$(PREFIX)/share/man/man1/pinwarden.1
+
 ## Allocator benchmark (bench/README.md): pinwarden vs Nova's own code vs a k8s baseline.
 BENCH_VENV := bench/.venv
 $(BENCH_VENV)/.deps: bench/requirements.txt pyproject.toml
@@ -81,4 +101,4 @@ bench-quick: $(BENCH_VENV)/.deps bench-host
 	cd bench && .venv/bin/python -m pwbench quick
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build

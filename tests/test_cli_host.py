@@ -54,11 +54,12 @@ def test_json_shape(tmp_path: Path, config_file: Path, capsys: pytest.CaptureFix
     assert {"cpu", "online", "package", "die", "core", "siblings", "node", "isolated",
             "kind", "nohz_full", "reason"} - set(first) == {"reason"}
     assert first == {**first, "cpu": 0, "online": True, "package": 0, "die": 0, "core": 0,
-                     "siblings": [0, 8], "node": 0, "isolated": False, "nohz_full": False}
-    assert cpus[13]["siblings"] == [5, 13] and cpus[13]["package"] == 1
+                     "siblings": "0,8", "node": 0, "isolated": False, "nohz_full": False}
+    assert cpus[13]["siblings"] == "5,13" and cpus[13]["package"] == 1
     assert cpus[13]["node"] == 1 and cpus[13]["isolated"] is True
     assert cpus[5]["nohz_full"] is True and cpus[13]["nohz_full"] is False
-    assert all(isinstance(s, int) for c in cpus for s in c["siblings"])
+    assert all(isinstance(c["siblings"], str) for c in cpus)  # CPU lists: kernel list text
+    assert data["schema"] == 1 and next(iter(data)) == "schema"
     assert data["partition"] == {"mode": "isolcpus", "vm_cpus": "4-7,12-15",
                                  "host_cpus": "0-3,8-11", "cgroup": None,
                                  "reason": "isolcpus=4-7,12-15 on the kernel command line"}
@@ -98,9 +99,9 @@ def test_json_of_an_hwloc_dump_matches_topology(tmp_path: Path, config_file: Pat
     data = json.loads(capsys.readouterr().out)
     host = load_host(root, Config())
     for c in data["cpus"]:
-        assert c["siblings"] == host.topology.siblings(c["cpu"]).as_list()
+        assert c["siblings"] == str(host.topology.siblings(c["cpu"]))
         assert c["package"] == host.topology.cpu(c["cpu"]).package
-    assert data["cpus"][0]["siblings"] == [0, 8]  # lstopo: Core L#0 holds PU P#0 and P#8
+    assert data["cpus"][0]["siblings"] == "0,8"  # lstopo: Core L#0 holds PU P#0 and P#8
 
 
 # -- human output ------------------------------------------------------------------------------

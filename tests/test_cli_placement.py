@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +112,11 @@ def test_reserve_status_conflict_release(env: dict[str, Path],
     assert (entry["domain"], entry["driver"], entry["cpus"]) == ("vm1", "qemu", "4-6,12-14")
     assert entry["roles"] == {"4": "emulator", "5": "vcpu0", "6": "vcpu1", "12": "sibling-hold",
                               "13": "sibling-hold", "14": "sibling-hold"}
-    assert entry["uuid"] is None and isinstance(entry["created"], float)
+    assert entry["uuid"] is None
+    created = datetime.fromisoformat(entry["created"])  # ISO 8601 with its timezone
+    assert created.utcoffset() == timedelta(0)
+    assert abs(created.timestamp() - time.time()) < 600
+    assert datetime.fromisoformat(st["time"]) >= created
     assert st["partition"]["mode"] == "isolcpus"
     assert CpuSet.parse(st["shared"]) == CpuSet.parse("2-3,7,10-11,15")
 

@@ -13,6 +13,9 @@ Example (every key optional)::
 
     [libvirt]
     uri = "qemu:///system"
+
+Every key with its default and what overrides it: :data:`SETTINGS`, the commented sample
+``contrib/pinwarden.toml``, and ``pinwarden config`` (effective values and their sources).
 """
 
 from __future__ import annotations
@@ -43,6 +46,51 @@ class Config:
     libvirt_uri: str = "qemu:///system"
 
 
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One configuration key: its ``Config`` field, where it lives in the file and what may
+    override it (for ``pinwarden config``, the sample config and the docs).
+
+    Precedence, highest first: the command-line ``option``, the environment variable
+    ``env``, the file's ``[section] key``, the default (``Config()``'s field, or
+    ``default_text`` where the default is decided at run time).
+    """
+
+    field: str
+    section: str
+    key: str
+    help: str
+    env: str | None = None
+    option: str | None = None
+    default_text: str | None = None
+
+
+#: Every setting, in the order ``pinwarden config`` and the sample config list them. A new
+#: key is one row here (plus its parsing in :func:`parse_config`).
+SETTINGS: tuple[Setting, ...] = (
+    Setting("mode", "partition", "mode",
+            "how CPUs are split between VMs and the host: auto, isolcpus, cgroup or none"),
+    Setting("host_reserve", "partition", "host_reserve",
+            "none mode: CPUs kept for the OS", default_text="the first physical core"),
+    Setting("cgroup_v1", "partition", "cgroup", "cgroup v1 VM partition (libvirt's)"),
+    Setting("cgroup_v2", "partition", "cgroup_v2", "cgroup v2 VM partition (libvirt's)"),
+    Setting("exclusive_cgroup", "partition", "exclusive",
+            "cgroup tree holding every leased CPU (libvirt partition /pinwarden/vm-NAME)"),
+    Setting("state_dir", "ledger", "state_dir", "directory of the lease database",
+            env="PINWARDEN_STATE_DIR", option="--state-dir"),
+    Setting("libvirt_uri", "libvirt", "uri", "libvirt connection URI",
+            env="LIBVIRT_DEFAULT_URI", option="--connect"),
+)
+
+
+def known_keys() -> dict[str, set[str]]:
+    """``{section: {key, …}}`` of :data:`SETTINGS`."""
+    known: dict[str, set[str]] = {}
+    for setting in SETTINGS:
+        known.setdefault(setting.section, set()).add(setting.key)
+    return known
+
+
 def _table(data: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
     value = data.get(name, {})
     if not isinstance(value, dict):
@@ -65,8 +113,7 @@ def parse_config(text: str, path: Path = DEFAULT_CONFIG) -> Config:
     part = _table(data, "partition", path)
     ledger = _table(data, "ledger", path)
     virt = _table(data, "libvirt", path)
-    known = {"partition": {"mode", "host_reserve", "cgroup", "cgroup_v2", "exclusive"},
-             "ledger": {"state_dir"}, "libvirt": {"uri"}}
+    known = known_keys()
     for section, keys in known.items():
         for key in _table(data, section, path):
             if key not in keys:
@@ -118,3 +165,15 @@ def state_dir(cli_value: Path | None, config: Config) -> Path:
     if env:
         return Path(env)
     return config.state_dir
+
+
+def libvirt_uri(cli_value: str | None, config: Config) -> str:
+    """``--connect`` beats ``LIBVIRT_DEFAULT_URI`` beats the config file beats
+    ``qemu:///system`` (virsh: ``-c`` beats ``LIBVIRT_DEFAULT_URI`` beats libvirt.conf's
+    ``uri_default``; an empty variable counts as unset, as in libvirt)."""
+    if cli_value:
+        return cli_value
+    env = os.environ.get("LIBVIRT_DEFAULT_URI")
+    if env:
+        return env
+    return config.libvirt_uri

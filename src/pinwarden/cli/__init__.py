@@ -1,11 +1,19 @@
-"""Command line: ``pinwarden COMMAND [--root DIR] [--state-dir DIR] [--json] ...``.
+"""Command line: ``pinwarden [GLOBAL OPTIONS] COMMAND [OPTIONS]``.
 
 Conventions every command follows:
 
-* ``--json`` prints machine output on stdout;
-* refusals and bad input exit 1 with ``pinwarden: error: …`` on stderr (and, with ``--json``,
-  ``{"error": {"code": …, "message": …}}`` on stdout);
-* usage errors exit 2; a user error never produces a traceback.
+* the global options (``--root``, ``--state-dir``, ``--config``, ``--json``) are accepted
+  before *or* after the command name; given twice, the later one wins;
+* ``--json`` prints machine output on stdout, one document in the style of
+  :mod:`pinwarden.jsonout` (``"schema": 1`` first, CPU lists as ``"0-3,8"``, ISO 8601 times);
+* exit status (:data:`EXIT_OK` …): 0 success; 1 refusal or error, with
+  ``pinwarden: error: …`` on stderr (and, with ``--json``, ``{"schema": 1, "error":
+  {"code": …, "message": …}}`` on stdout); 2 usage error, with the command's own usage;
+  ``audit`` 0 clean, 1 intruders, 2 could not check; ``run`` passes its command's status
+  through; 70 an internal error (a bug: one line on stderr, ``PINWARDEN_DEBUG=1`` shows the
+  traceback) — a user error never produces a traceback;
+* a reader that closes the pipe early (``pinwarden status | head -1``) is not an error: exit 0
+  (or the command's status when it had finished), nothing on stderr.
 
 Each command lives in its own module exposing ``register(subparsers, common)``; the module
 list below is the only place that knows them all.
@@ -15,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
+import os
+import select
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pinwarden import __version__, jsonout
 from pinwarden.errors import PinwardenError
 
 #: Command modules, in the order ``--help`` lists them.
@@ -29,30 +39,76 @@ COMMAND_MODULES = (
     "pinwarden.cli.run",
     "pinwarden.cli.vm",
     "pinwarden.cli.audit",
+    "pinwarden.cli.config",
+    "pinwarden.cli.metrics",
+    "pinwarden.cli.completion",
     "pinwarden.cli.demo",
 )
 
+EXIT_OK = 0
+EXIT_ERROR = 1  # a refusal, bad input, a host or ledger that cannot be used
+EXIT_USAGE = 2  # argparse's own status for a usage error
+EXIT_INTERNAL = os.EX_SOFTWARE  # 70: a bug
 
-def common_parser() -> argparse.ArgumentParser:
-    """Options every command accepts (also after the command name)."""
+#: Set (to anything but "" or "0") to see the traceback of an internal error.
+DEBUG_ENV = "PINWARDEN_DEBUG"
+
+EPILOG = """\
+exit status: 0 success; 1 refusal or error; 2 usage error; audit: 0 clean,
+1 intruders, 2 could not check; run: the command's own; 70 internal error (a bug).
+Global options work before or after COMMAND; see "pinwarden COMMAND --help" for each
+command and "pinwarden config" for the effective settings and their sources."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose unknown-argument errors name the (sub)command they are in.
+
+    argparse leaves arguments a subcommand does not know for the top-level parser, which then
+    complains with the top-level usage; here the parser that met them does.
+    """
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None,
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
+def common_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
+    """Options every command accepts, before or after the command name.
+
+    The top-level parser gets them with their defaults; the commands get them with
+    ``defaults=False`` (``argparse.SUPPRESS``): a command's parser then sets only what was
+    given after the command name, and never overwrites a value given before it with its
+    default.
+    """
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--root", metavar="DIR", default="/",
-                        help="read the host below DIR (a sysfs dump), default /")
-    common.add_argument("--state-dir", metavar="DIR", default=None,
-                        help="lease database directory (default $PINWARDEN_STATE_DIR or "
-                             "/var/lib/pinwarden)")
-    common.add_argument("--config", metavar="FILE", default=None,
-                        help="configuration file (default /etc/pinwarden/pinwarden.toml)")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
+    group = common.add_argument_group("global options")
+    group.add_argument("--root", metavar="DIR", default=default("/"),
+                       help="read the host below DIR (a sysfs dump), default /")
+    group.add_argument("--state-dir", metavar="DIR", default=default(None),
+                       help="lease database directory (default $PINWARDEN_STATE_DIR, "
+                            "[ledger] state_dir, /var/lib/pinwarden)")
+    group.add_argument("--config", metavar="FILE", default=default(None),
+                       help="configuration file (default /etc/pinwarden/pinwarden.toml)")
+    group.add_argument("--json", action="store_true", default=default(False),
+                       help="machine-readable output (one JSON document, \"schema\": 1)")
     return common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = common_parser()
-    parser = argparse.ArgumentParser(
-        prog="pinwarden",
+    parser = Parser(
+        prog="pinwarden", parents=[common_parser()], epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Exclusive physical CPUs for virtual machines and processes.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = common_parser(defaults=False)
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
@@ -64,32 +120,110 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2, sort_keys=False)
+def print_json(data: Mapping[str, Any]) -> None:
+    """Print one ``--json`` document (``"schema"`` added, see :mod:`pinwarden.jsonout`)."""
+    sys.stdout.write(jsonout.dumps(data))
     sys.stdout.write("\n")
 
 
 def fail(args: argparse.Namespace | None, exc: PinwardenError) -> int:
     message = exc.message.replace("\n", " ")
+    print(f"pinwarden: error: {message}", file=sys.stderr)  # first: stdout may be closed
     if args is not None and getattr(args, "json", False):
         print_json({"error": {"code": exc.code, "message": message}})
-    print(f"pinwarden: error: {message}", file=sys.stderr)
-    return 1
+    return EXIT_ERROR
+
+
+def internal_error(args: argparse.Namespace | None, exc: BaseException) -> int:
+    """The last resort: one line naming the exception, exit 70."""
+    text = " ".join(str(exc).split())
+    what = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    print(f"pinwarden: internal error: {what} (a bug: please report it; {DEBUG_ENV}=1 shows "
+          f"the traceback)", file=sys.stderr)
+    if args is not None and getattr(args, "json", False):
+        try:
+            print_json({"error": {"code": "internal", "message": what}})
+            sys.stdout.flush()
+        except OSError:  # stdout itself may be what broke
+            _drop_stdout()
+    return EXIT_INTERNAL
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _stdout_fd() -> int | None:
+    try:
+        return sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a non-file (tests, capture)
+        return None
+
+
+def _stdout_closed() -> bool:
+    """Whether our stdout is a pipe (or socket) whose reader went away."""
+    fd = _stdout_fd()
+    if fd is None:
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _fd, events in poller.poll(0))
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush cannot fail too."""
+    fd = _stdout_fd()
+    if fd is None:
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    try:
+        return parser.parse_args(argv)
+    except SystemExit:  # --help, --version and usage errors print, then exit
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            if not _stdout_closed():
+                raise
+            _drop_stdout()
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
+    status: int | None = None
+    try:
+        try:
+            status = int(args.handler(args) or 0)
+        except PinwardenError as exc:
+            status = EXIT_ERROR
+            fail(args, exc)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not at exit
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # some other pipe or socket: not the reader of our output
+        _drop_stdout()
+        return EXIT_OK if status is None else status
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args: argparse.Namespace | None = None
     try:
-        status = args.handler(args)
-    except PinwardenError as exc:
-        return fail(args, exc)
+        args = _parse(build_parser(), argv)
+        return _run(args)
     except KeyboardInterrupt:
         print("pinwarden: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 1
-    return int(status or 0)
+    except Exception as exc:
+        if _debug():
+            raise
+        return internal_error(args, exc)
 
 
 def entry() -> None:

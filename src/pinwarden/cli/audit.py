@@ -1,7 +1,9 @@
 """``pinwarden audit``: can anything else run on an exclusively leased CPU?
 
 Exit status: 0 clean (or warnings only), 1 when another VM's thread or VM cgroup can run on a
-CPU leased to someone else (with ``--strict`` also on host tasks and IRQs).
+CPU leased to someone else (with ``--strict`` also on host tasks and IRQs), 2 when the audit
+could not be made (no /proc, an unreadable lease database, a bad configuration: the error
+on stderr, and as a JSON error object with ``--json``) or the command line is wrong.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ import dataclasses
 from typing import Any
 
 from pinwarden import audit
-from pinwarden.cli import print_json
+from pinwarden.cli import fail, print_json
 from pinwarden.cli.common import config_of, manager_of, root_of
+from pinwarden.errors import PinwardenError
 from pinwarden.ledger import DB_NAME, HolderRecord
 from pinwarden.model import HolderRef, Lease
 
 #: Warning rows shown without --all.
 WARNING_ROWS = 20
+#: Exit status when the audit could not be made (1 means intruders).
+EXIT_NOT_CHECKED = 2
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -25,7 +30,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "audit", parents=[common],
         help="find threads, VM cgroups and IRQs that can run on leased CPUs",
         description="Check every thread, cpuset cgroup and IRQ on the host against the "
-                    "exclusive leases. Exit 1 when another VM can run on a leased CPU.")
+                    "exclusive leases. Exit 0 clean, 1 when another VM can run on a leased "
+                    "CPU, 2 when the audit could not be made.")
     parser.add_argument("--strict", action="store_true",
                         help="also exit 1 on host tasks and IRQs allowed on leased CPUs")
     parser.add_argument("--all", action="store_true",
@@ -46,6 +52,14 @@ def load_ledger(args: argparse.Namespace) -> tuple[tuple[Lease, ...], tuple[Hold
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _audit(args)
+    except PinwardenError as exc:  # could not check: not the same as "intruders found"
+        fail(args, exc)
+        return EXIT_NOT_CHECKED
+
+
+def _audit(args: argparse.Namespace) -> int:
     config = config_of(args)
     leases, holders, notes = load_ledger(args)
     snapshot = audit.scan(root_of(args))

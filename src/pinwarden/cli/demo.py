@@ -57,7 +57,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
              "an example host when libvirt is not available)",
         description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--connect", "-c", metavar="URI", default=None,
-                   help="libvirt URI (default: [libvirt] uri, qemu:///system)")
+                   help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, [libvirt] uri, "
+                        "qemu:///system)")
     p.add_argument("--offline", action="store_true",
                    help="plan on the bundled example host even where libvirt is available")
     p.add_argument("--keep", action="store_true",
@@ -104,8 +105,9 @@ def _virt_type() -> str:
 
 def run(args: argparse.Namespace) -> int:
     from pinwarden.cli.common import config_of
+    from pinwarden.config import libvirt_uri
 
-    uri = args.connect or config_of(args).libvirt_uri
+    uri = libvirt_uri(args.connect, config_of(args))
     why = "--offline given" if args.offline else _libvirt_unavailable(uri)
     if why is None:
         return _live(args, uri)

@@ -4,8 +4,9 @@ Human output: a summary, the partition with its reason, and the CPU map
 (:func:`pinwarden.view.render_cpu_map`), with leases when a lease database exists.
 ``--json``::
 
-    {"cpus": [{"cpu": 0, "online": true, "package": 0, "die": 0, "cluster": null,
-               "core": 0, "siblings": [0, 8], "package_cpus": "0-7", "node": 0,
+    {"schema": 1,
+     "cpus": [{"cpu": 0, "online": true, "package": 0, "die": 0, "cluster": null,
+               "core": 0, "siblings": "0,8", "package_cpus": "0-7", "node": 0,
                "node_known": true, "isolated": false, "nohz_full": false,
                "kind": null}, …],
      "partition": {"mode": "none", "vm_cpus": "1-7,9-15", "host_cpus": "0,8",
@@ -47,7 +48,7 @@ def host_json(host: Host, leases: tuple[Lease, ...] = ()) -> dict[str, Any]:
         "die": c.die,
         "cluster": c.cluster,
         "core": c.core,
-        "siblings": c.siblings.as_list(),
+        "siblings": str(c.siblings),
         "package_cpus": str(c.package_cpus),
         "node": c.node,
         "node_known": topo.node_known(c.id),

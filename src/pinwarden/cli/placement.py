@@ -24,6 +24,7 @@ from pinwarden.cli.common import manager_of
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import MAX_XML_BYTES, DomainSpec, parse_domain, render_plan
 from pinwarden.errors import HostError, InputError
+from pinwarden.jsonout import timestamp
 from pinwarden.ledger import DB_NAME, HolderRecord
 from pinwarden.manager import Manager
 from pinwarden.model import HolderRef, Plan
@@ -192,7 +193,7 @@ def holder_json(record: HolderRecord) -> dict[str, Any]:
         "cpus": str(plan.leased()),
         "roles": {str(cpu): role for cpu, role in sorted(plan.leases.items())},
         "owner_pid": record.owner_pid,
-        "created": record.created,
+        "created": timestamp(record.created),
         "cgroup": record.cgroup,
         "plan": plan.to_json(),
     }
@@ -255,7 +256,7 @@ def run_status(args: argparse.Namespace) -> int:
             "shared": str(shared),
             "notes": list(fallback),
             "database": str(database),
-            "time": time.time(),
+            "time": timestamp(time.time()),
         })
         return 0
     lines = [f"partition {part.mode}: VM CPUs {part.vm_cpus}, housekeeping {part.host_cpus}"

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     virt = argparse.ArgumentParser(add_help=False)
     virt.add_argument("--connect", "-c", metavar="URI", default=None,
-                      help="libvirt URI (default: [libvirt] uri, qemu:///system)")
+                      help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, [libvirt] uri, "
+                           "qemu:///system)")
 
     p = subparsers.add_parser(
         "start", parents=[common, virt], help="start a libvirt domain with its planned CPUs",
@@ -109,7 +110,10 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def uri_of(args: argparse.Namespace) -> str:
-    return getattr(args, "connect", None) or config_of(args).libvirt_uri
+    """--connect, else LIBVIRT_DEFAULT_URI, else [libvirt] uri, else qemu:///system."""
+    from pinwarden.config import libvirt_uri
+
+    return libvirt_uri(getattr(args, "connect", None), config_of(args))
 
 
 def cmd_start(args: argparse.Namespace) -> int:

@@ -1,0 +1,152 @@
+"""The effective configuration and where each value came from (``pinwarden config``).
+
+Driven by :data:`pinwarden.config.SETTINGS`: for every setting the source is, highest first,
+its command-line option, its environment variable, the configuration file's
+``[section] key``, or the default — the same precedence :func:`pinwarden.config.state_dir`
+and :func:`pinwarden.config.libvirt_uri` apply for the commands.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pinwarden.config import DEFAULT_CONFIG, SETTINGS, Config, Setting, load_config
+from pinwarden.cpuset import CpuSet
+
+SourceKind = Literal["option", "env", "file", "default"]
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    kind: SourceKind
+    #: ``--state-dir``, ``PINWARDEN_STATE_DIR``, ``/etc/pinwarden/pinwarden.toml [ledger]
+    #: state_dir``; None for a default.
+    detail: str | None = None
+
+    def __str__(self) -> str:
+        words = {"option": "command-line option", "env": "environment variable",
+                 "file": "config file", "default": "default"}
+        return words[self.kind] if self.detail is None else f"{words[self.kind]} {self.detail}"
+
+
+@dataclass(frozen=True, slots=True)
+class Value:
+    setting: Setting
+    value: Any  # str, Path, CpuSet, or None (a default decided at run time)
+    default: Any
+    source: Source
+
+
+@dataclass(frozen=True, slots=True)
+class Effective:
+    config_file: Path
+    config_given: bool  # --config named it (else the default location)
+    config_exists: bool
+    values: tuple[Value, ...]
+
+    def get(self, field: str) -> Any:
+        for item in self.values:
+            if item.setting.field == field:
+                return item.value
+        raise KeyError(field)
+
+
+def _keys_in(path: Path) -> set[tuple[str, str]]:
+    """``(section, key)`` pairs the file sets (it was validated by :func:`load_config`)."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return set()
+    return {(section, key) for section, table in data.items() if isinstance(table, dict)
+            for key in table}
+
+
+def _convert(default: Any, text: str) -> Any:
+    """An option's or variable's text as the type of the setting's default."""
+    if isinstance(default, Path):
+        return Path(text)
+    if isinstance(default, CpuSet):
+        return CpuSet.parse(text)
+    return text
+
+
+def resolve(config_path: Path | None, options: Mapping[str, str | None],
+            environ: Mapping[str, str]) -> Effective:
+    """The effective settings.  ``options`` maps option names (``--state-dir``) to the values
+    given on the command line (None: not given); ``environ`` is the environment."""
+    target = config_path if config_path is not None else DEFAULT_CONFIG
+    config = load_config(config_path)  # refuses a bad file with a one-line error
+    exists = target.is_file()
+    in_file = _keys_in(target) if exists else set()
+    defaults = Config()
+    values = []
+    for setting in SETTINGS:
+        default = getattr(defaults, setting.field)
+        given = options.get(setting.option) if setting.option else None
+        env = environ.get(setting.env) if setting.env else None
+        if given:
+            value, source = _convert(default, given), Source("option", setting.option)
+        elif env:
+            value, source = _convert(default, env), Source("env", setting.env)
+        elif (setting.section, setting.key) in in_file:
+            value = getattr(config, setting.field)
+            source = Source("file", f"{target} [{setting.section}] {setting.key}")
+        else:
+            value, source = default, Source("default")
+        values.append(Value(setting, value, default, source))
+    return Effective(target, config_path is not None, exists, tuple(values))
+
+
+def shown(value: Any, setting: Setting) -> str:
+    """A value for people: lists and paths as text, a run-time default in words."""
+    if value is None:
+        return f"({setting.default_text})" if setting.default_text else "-"
+    return str(value)
+
+
+def to_json(effective: Effective) -> dict[str, Any]:
+    def plain(value: Any) -> Any:
+        return None if value is None else str(value)
+
+    return {
+        "config_file": {"path": str(effective.config_file),
+                        "source": "option --config" if effective.config_given else "default",
+                        "exists": effective.config_exists},
+        "settings": [{
+            "section": v.setting.section,
+            "key": v.setting.key,
+            "value": plain(v.value),
+            "default": plain(v.default),
+            "default_text": v.setting.default_text,
+            "source": v.source.kind,
+            "from": v.source.detail,
+            "env": v.setting.env,
+            "option": v.setting.option,
+            "help": v.setting.help,
+        } for v in effective.values],
+    }
+
+
+def render(effective: Effective) -> str:
+    if effective.config_given:
+        where = "given with --config"
+    elif effective.config_exists:
+        where = "the default location"
+    else:
+        where = "the default location, absent: every setting not overridden has its default"
+    lines = [f"config file {effective.config_file} ({where})"]
+    rows = [(f"[{v.setting.section}] {v.setting.key}", shown(v.value, v.setting), str(v.source))
+            for v in effective.values]
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    for name, value, source in rows:
+        lines.append(f"  {name:<{widths[0]}}  {value:<{widths[1]}}  {source}")
+    overridable = [v.setting for v in effective.values if v.setting.env or v.setting.option]
+    lines.append("precedence: command-line option > environment variable > config file > "
+                 "default (" + "; ".join(
+                     f"{s.key}: {' > '.join(x for x in (s.option, s.env) if x)}"
+                     for s in overridable) + ")")
+    return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""``pinwarden config`` (values and their sources) and the commented sample configuration
+contrib/pinwarden.toml (in sync with config.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pinwarden import provenance
+from pinwarden.cli import main
+from pinwarden.config import SETTINGS, Config, libvirt_uri, load_config, parse_config, state_dir
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "contrib" / "pinwarden.toml"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for setting in SETTINGS:
+        if setting.env:
+            monkeypatch.delenv(setting.env, raising=False)
+
+
+def config_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
+    assert main(["config", "--json", *argv]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["schema"] == 1
+    return {f"{s['section']}.{s['key']}": s for s in data["settings"]} | {
+        "_file": data["config_file"]}
+
+
+def test_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    got = config_json(capsys, "--config", str(empty))
+    assert got["_file"] == {"path": str(empty), "source": "option --config", "exists": True}
+    assert set(got) - {"_file"} == {f"{s.section}.{s.key}" for s in SETTINGS}
+    assert all(got[f"{s.section}.{s.key}"]["source"] == "default" for s in SETTINGS)
+    assert got["ledger.state_dir"]["value"] == "/var/lib/pinwarden"
+    assert got["libvirt.uri"]["value"] == "qemu:///system"
+    assert got["partition.host_reserve"]["value"] is None
+    assert got["partition.host_reserve"]["default_text"] == "the first physical core"
+
+
+def test_every_source(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "pw.toml"
+    config.write_text('[partition]\nmode = "none"\nhost_reserve = "0-1"\n'
+                      '[ledger]\nstate_dir = "/from/file"\n[libvirt]\nuri = "qemu+ssh://h/system"\n')
+    got = config_json(capsys, "--config", str(config))
+    assert (got["partition.mode"]["value"], got["partition.mode"]["source"],
+            got["partition.mode"]["from"]) == ("none", "file", f"{config} [partition] mode")
+    assert got["partition.host_reserve"]["value"] == "0-1"  # a CPU list string
+    assert got["partition.cgroup"]["source"] == "default"
+    assert (got["ledger.state_dir"]["value"], got["ledger.state_dir"]["source"]) == \
+        ("/from/file", "file")
+
+    monkeypatch.setenv("PINWARDEN_STATE_DIR", "/from/env")
+    monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "qemu:///session")
+    got = config_json(capsys, "--config", str(config))
+    assert (got["ledger.state_dir"]["value"], got["ledger.state_dir"]["source"],
+            got["ledger.state_dir"]["from"]) == ("/from/env", "env", "PINWARDEN_STATE_DIR")
+    assert (got["libvirt.uri"]["value"], got["libvirt.uri"]["from"]) == \
+        ("qemu:///session", "LIBVIRT_DEFAULT_URI")
+
+    # options, given before or after the command
+    assert main(["--state-dir", "/from/option", "--json", "config", "--config", str(config),
+                 "-c", "test:///default"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    by_key = {s["key"]: s for s in data["settings"]}
+    assert (by_key["state_dir"]["value"], by_key["state_dir"]["from"]) == \
+        ("/from/option", "--state-dir")
+    assert (by_key["uri"]["value"], by_key["uri"]["from"]) == ("test:///default", "--connect")
+
+
+def test_human_output(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "pw.toml"
+    config.write_text('[partition]\nexclusive = "pw.partition"\n')
+    monkeypatch.setenv("PINWARDEN_STATE_DIR", "/srv/pw")
+    assert main(["config", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"config file {config} (given with --config)\n")
+    assert re.search(rf"\[partition\] exclusive +pw\.partition +config file {config} "
+                     rf"\[partition\] exclusive\n", out)
+    assert re.search(r"\[ledger\] state_dir +/srv/pw +environment variable PINWARDEN_STATE_DIR",
+                     out)
+    assert re.search(r"\[partition\] host_reserve +\(the first physical core\) +default", out)
+    assert "precedence: command-line option > environment variable > config file > default" \
+        in out
+
+
+def test_bad_config_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "pw.toml"
+    config.write_text('[partition]\nmode = "fast"\n')
+    assert main(["config", "--config", str(config), "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out)["error"]["code"] == "bad-input"
+    assert err.startswith("pinwarden: error: ") and "partition.mode must be" in err
+    assert main(["config", "--config", str(tmp_path / "missing.toml")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_provenance_agrees_with_what_the_commands_use(tmp_path: Path) -> None:
+    """The table-driven resolution gives the values state_dir() and libvirt_uri() give."""
+    config = tmp_path / "pw.toml"
+    config.write_text('[ledger]\nstate_dir = "/f"\n[libvirt]\nuri = "qemu+ssh://f/system"\n')
+    loaded = load_config(config)
+    for env in ({}, {"PINWARDEN_STATE_DIR": "/e", "LIBVIRT_DEFAULT_URI": "qemu:///session"}):
+        for state_opt, uri_opt in ((None, None), ("/o", "test:///default")):
+            result = provenance.resolve(config, {"--state-dir": state_opt,
+                                                 "--connect": uri_opt}, env)
+            with pytest.MonkeyPatch.context() as mp:
+                for name, value in env.items():
+                    mp.setenv(name, value)
+                expected_state = state_dir(Path(state_opt) if state_opt else None, loaded)
+                expected_uri = libvirt_uri(uri_opt, loaded)
+            assert result.get("state_dir") == expected_state
+            assert result.get("libvirt_uri") == expected_uri
+
+
+# -- the sample configuration -----------------------------------------------------------------
+
+
+def test_sample_config_is_all_defaults() -> None:
+    """contrib/pinwarden.toml as shipped changes nothing."""
+    assert parse_config(SAMPLE.read_text(), SAMPLE) == Config()
+
+
+def test_sample_config_documents_every_setting() -> None:
+    """Every key of config.SETTINGS appears in its section, set or (when its default is decided
+    at run time) as a commented example, with a comment above it."""
+    lines = SAMPLE.read_text().splitlines()
+    section = None
+    where: dict[tuple[str, str], int] = {}
+    for number, line in enumerate(lines):
+        header = re.fullmatch(r"\[(\w+)\]", line)
+        if header:
+            section = header.group(1)
+            continue
+        key = re.fullmatch(r"(?:# )?(\w+) = .+", line)
+        if key and section is not None:
+            where.setdefault((section, key.group(1)), number)
+    for setting in SETTINGS:
+        number = where.get((setting.section, setting.key))
+        assert number is not None, f"[{setting.section}] {setting.key} missing from {SAMPLE}"
+        commented = lines[number].startswith("#")
+        assert commented == (setting.default_text is not None), lines[number]
+        assert lines[number - 1].startswith("#"), f"{setting.key}: no comment above it"
+        if setting.default_text:
+            assert setting.default_text in SAMPLE.read_text()
+    assert len(where) == len(SETTINGS)  # and nothing config.py does not know
+
+
+def test_every_config_field_is_a_setting() -> None:
+    """A key added to Config without its row in config.SETTINGS would be invisible to
+    `pinwarden config`, the sample and the docs."""
+    import dataclasses
+
+    assert [s.field for s in SETTINGS] == [f.name for f in dataclasses.fields(Config)]
+    assert len({(s.section, s.key) for s in SETTINGS}) == len(SETTINGS)

@@ -1,0 +1,349 @@
+"""CLI conventions every command shares: --version, global options on either side of the
+command, the command's own usage on a bad option, exit codes, closed pipes, the last-resort
+handler, LIBVIRT_DEFAULT_URI, and one JSON style."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import SEED_XML
+from hostroot import HostSpec, build_host
+from pinwarden import __version__
+from pinwarden.cli import build_parser, main
+from pinwarden.config import Config, libvirt_uri
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "src" / "pinwarden" / "data" / "example-host"
+
+
+def cli(*argv: str, stdout: Any = subprocess.PIPE, env: dict[str, str] | None = None,
+        ) -> subprocess.CompletedProcess[str]:
+    """``pinwarden ARGV`` as an admin runs it: the installed console script's code path."""
+    code = "from pinwarden.cli import entry; entry()"
+    return subprocess.run([sys.executable, "-c", code, *argv], stdout=stdout,
+                          stderr=subprocess.PIPE, text=True, timeout=120, check=False,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def empty_config(tmp_path: Path) -> str:
+    path = tmp_path / "empty.toml"
+    path.write_text("")
+    return str(path)
+
+
+# -- --version ------------------------------------------------------------------------------
+
+
+def test_version_is_the_package_metadata() -> None:
+    proc = cli("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"pinwarden {importlib.metadata.version('pinwarden')}\n"
+    assert importlib.metadata.version("pinwarden") == __version__
+
+
+# -- global options before or after the command ---------------------------------------------
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(list(argv))
+
+
+@pytest.mark.parametrize("argv", [
+    ("--json", "host"), ("host", "--json"), ("--json", "host", "--json")])
+def test_json_on_either_side(argv: tuple[str, ...]) -> None:
+    assert parse(*argv).json is True
+    assert parse("host").json is False
+
+
+def test_value_after_the_command_is_not_clobbered_by_the_default_before_it() -> None:
+    """argparse's trap: a subparser default overwriting what the top level parsed."""
+    args = parse("--root", "/a", "--state-dir", "/s", "--config", "/c.toml", "status")
+    assert (args.root, args.state_dir, args.config) == ("/a", "/s", "/c.toml")
+    args = parse("status", "--root", "/a", "--state-dir", "/s", "--config", "/c.toml")
+    assert (args.root, args.state_dir, args.config) == ("/a", "/s", "/c.toml")
+    args = parse("--root", "/a", "--json", "status", "--state-dir", "/s")  # mixed
+    assert (args.root, args.state_dir, args.config, args.json) == ("/a", "/s", None, True)
+    args = parse("--root", "/a", "status", "--root", "/b")  # given twice: the later wins
+    assert args.root == "/b"
+    args = parse("status")
+    assert (args.root, args.state_dir, args.config, args.json) == ("/", None, None, False)
+
+
+def test_nested_command_takes_global_options_too() -> None:
+    args = parse("--state-dir", "/s", "hook", "install", "--prefix", "/p", "--json")
+    assert (args.state_dir, args.json, str(args.prefix)) == ("/s", True, "/p")
+
+
+def test_json_before_the_command_end_to_end(empty_config: str) -> None:
+    before = cli("--json", "--root", str(EXAMPLE), "host", "--config", empty_config)
+    after = cli("host", "--json", "--root", str(EXAMPLE), "--config", empty_config)
+    assert before.returncode == after.returncode == 0, before.stderr + after.stderr
+    assert json.loads(before.stdout) == json.loads(after.stdout)
+    assert json.loads(before.stdout)["partition"]["mode"] == "isolcpus"
+
+
+# -- usage errors -----------------------------------------------------------------------------
+
+
+def test_bad_option_shows_the_commands_usage() -> None:
+    proc = cli("status", "--frobnicate")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("usage: pinwarden status ")
+    assert "pinwarden status: error: unrecognized arguments: --frobnicate" in proc.stderr
+    proc = cli("hook", "install", "--frobnicate")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("usage: pinwarden hook install ")
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_value_and_unknown_command_exit_2() -> None:
+    proc = cli("stop", "x", "--timeout", "soon")
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: pinwarden stop ")
+    proc = cli("frobnicate")
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: pinwarden ")
+    assert "invalid choice: 'frobnicate'" in proc.stderr
+    proc = cli("--frobnicate", "host")  # before the command: the top level's usage
+    assert proc.returncode == 2 and "pinwarden: error: unrecognized arguments" in proc.stderr
+
+
+def test_help_lists_exit_codes() -> None:
+    proc = cli("--help")
+    assert proc.returncode == 0
+    assert "exit status: 0 success; 1 refusal or error; 2 usage error" in proc.stdout
+    assert "70 internal error" in proc.stdout
+
+
+# -- audit: 0 clean, 1 intruders, 2 could not check ---------------------------------------
+
+
+def test_audit_that_cannot_check_exits_2(tmp_path: Path, empty_config: str) -> None:
+    root = build_host(tmp_path / "root", HostSpec(cpus=4))  # sysfs only: no /proc
+    proc = cli("audit", "--root", str(root), "--state-dir", str(tmp_path / "s"),
+               "--config", empty_config, "--json")
+    assert proc.returncode == 2
+    error = json.loads(proc.stdout)
+    assert error["schema"] == 1 and error["error"]["code"] == "host"
+    assert proc.stderr.startswith("pinwarden: error: no processes under ")
+    assert proc.stderr.count("\n") == 1
+
+
+def test_audit_exit_codes_clean_and_intruders(tmp_path: Path, empty_config: str) -> None:
+    """The same fake host: 0 before a lease, 1 once another VM's thread can run on it."""
+    from fakeproc import fake_proc, reserve
+
+    root = build_host(tmp_path / "root", HostSpec(cpus=4))
+    fake_proc(root, intruder_on="0-3")
+    state = tmp_path / "state"
+    argv = ("audit", "--root", str(root), "--state-dir", str(state), "--config", empty_config)
+    proc = cli(*argv)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("audit: clean")
+    reserve(state, "vm-a", "2-3")
+    proc = cli(*argv)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("audit: INTRUDERS")
+
+
+# -- a reader that closes the pipe ------------------------------------------------------------
+
+
+def closed_pipe() -> int:
+    """The write end of a pipe whose reader is already gone (``| head -1`` having exited)."""
+    read, write = os.pipe()
+    os.close(read)
+    return write
+
+
+#: EPIPE shows at the first write (unbuffered) or at the final flush (buffered).
+BUFFERING = pytest.mark.parametrize("unbuffered", ["", "1"], ids=["buffered", "unbuffered"])
+
+
+@BUFFERING
+@pytest.mark.parametrize("argv", [
+    ("status", "--root", str(EXAMPLE)),       # small output
+    ("completion", "bash"),                   # ~15 kB: more than a buffer
+    ("--help",),                              # argparse prints, then exits
+    ("--version",),
+])
+def test_closed_pipe_exits_0_quietly(tmp_path: Path, argv: tuple[str, ...],
+                                     unbuffered: str) -> None:
+    write = closed_pipe()
+    try:
+        proc = cli(*argv, stdout=write, env={"PINWARDEN_STATE_DIR": str(tmp_path / "s"),
+                                             "PYTHONUNBUFFERED": unbuffered})
+    finally:
+        os.close(write)
+    assert proc.returncode == 0
+    assert proc.stderr == ""  # no traceback, no "Exception ignored", no error line
+
+
+@BUFFERING
+def test_closed_pipe_keeps_a_finished_commands_status(tmp_path: Path, unbuffered: str) -> None:
+    write = closed_pipe()
+    try:
+        proc = cli("host", "--root", str(tmp_path / "nope"), "--json", stdout=write,
+                   env={"PYTHONUNBUFFERED": unbuffered})
+    finally:
+        os.close(write)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("pinwarden: error: ") and proc.stderr.count("\n") == 1
+
+
+def test_status_piped_into_head(tmp_path: Path) -> None:
+    """The admin's own pipeline, through a real shell."""
+    exe = Path(sys.executable).parent / "pinwarden"
+    proc = subprocess.run(
+        ["bash", "-c", 'set -o pipefail; "$0" status --root "$1" --state-dir "$2" | head -1; '
+                       'echo "status ${PIPESTATUS[0]}" >&2',
+         str(exe), str(EXAMPLE), str(tmp_path / "s")],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("partition isolcpus") and proc.stdout.count("\n") == 1
+    assert proc.stderr == "status 0\n"
+
+
+# -- the last resort ---------------------------------------------------------------------------
+
+BOOM = ("import sys, pinwarden.cli.host as h\n"
+        "def boom(args):\n"
+        "    raise ZeroDivisionError('the\\nbug')\n"
+        "h.run = boom\n"
+        "from pinwarden.cli import entry\n"
+        "sys.argv[0] = 'pinwarden'\n"
+        "entry()\n")
+
+
+def test_internal_error_is_one_line_and_exit_70() -> None:
+    proc = subprocess.run([sys.executable, "-c", BOOM, "host"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PINWARDEN_DEBUG": ""})
+    assert proc.returncode == 70
+    assert proc.stderr == ("pinwarden: internal error: ZeroDivisionError: the bug (a bug: please "
+                           "report it; PINWARDEN_DEBUG=1 shows the traceback)\n")
+    proc = subprocess.run([sys.executable, "-c", BOOM, "host", "--json"], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PINWARDEN_DEBUG": ""})
+    assert proc.returncode == 70
+    assert json.loads(proc.stdout) == {"schema": 1, "error": {
+        "code": "internal", "message": "ZeroDivisionError: the bug"}}
+
+
+def test_pinwarden_debug_shows_the_traceback() -> None:
+    proc = subprocess.run([sys.executable, "-c", BOOM, "host"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PINWARDEN_DEBUG": "1"})
+    assert proc.returncode == 1  # Python's own status for an uncaught exception
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "ZeroDivisionError: the\nbug" in proc.stderr
+
+
+def test_internal_error_in_process(monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import pinwarden.cli.host as host
+
+    def boom(args: argparse.Namespace) -> int:
+        raise KeyError("cpu")
+
+    monkeypatch.setattr(host, "run", boom)
+    monkeypatch.delenv("PINWARDEN_DEBUG", raising=False)
+    assert main(["host"]) == 70
+    assert capsys.readouterr().err.startswith("pinwarden: internal error: KeyError: 'cpu' (")
+    monkeypatch.setenv("PINWARDEN_DEBUG", "1")
+    with pytest.raises(KeyError):
+        main(["host"])
+
+
+# -- LIBVIRT_DEFAULT_URI ----------------------------------------------------------------------
+
+
+def test_libvirt_uri_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--connect > LIBVIRT_DEFAULT_URI > [libvirt] uri > qemu:///system (virsh's order)."""
+    configured = Config(libvirt_uri="qemu+ssh://h/system")
+    monkeypatch.delenv("LIBVIRT_DEFAULT_URI", raising=False)
+    assert libvirt_uri(None, Config()) == "qemu:///system"
+    assert libvirt_uri(None, configured) == "qemu+ssh://h/system"
+    monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "")  # empty: unset, as in libvirt
+    assert libvirt_uri(None, configured) == "qemu+ssh://h/system"
+    monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "qemu:///session")
+    assert libvirt_uri(None, configured) == "qemu:///session"
+    assert libvirt_uri("test:///default", configured) == "test:///default"
+
+
+def test_libvirt_commands_use_libvirt_default_uri(monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path) -> None:
+    from pinwarden.cli.vm import uri_of
+
+    config = tmp_path / "pw.toml"
+    config.write_text('[libvirt]\nuri = "qemu+ssh://h/system"\n')
+    monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "qemu:///session")
+    assert uri_of(parse("start", "vm", "--config", str(config))) == "qemu:///session"
+    assert uri_of(parse("start", "vm", "-c", "test:///default")) == "test:///default"
+    monkeypatch.delenv("LIBVIRT_DEFAULT_URI")
+    assert uri_of(parse("start", "vm", "--config", str(config))) == "qemu+ssh://h/system"
+
+
+# -- one JSON style ---------------------------------------------------------------------------
+
+#: Keys whose values are CPU lists wherever they appear.
+CPU_LIST_KEYS = {"cpus", "siblings", "package_cpus", "vm_cpus", "host_cpus", "online",
+                 "present", "isolated", "nohz_full", "leased", "shared", "default_cpus",
+                 "emulator", "offline", "released"}
+TIME_KEYS = {"created", "time"}
+
+
+def check_style(value: Any, path: str = "$") -> int:
+    """Assert the JSON style below ``value``; returns how many CPU lists and times it saw."""
+    seen = 0
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}"
+            table = isinstance(item, dict | bool) or (
+                isinstance(item, list) and item and all(isinstance(v, dict) for v in item))
+            if key in CPU_LIST_KEYS and not table:  # (host's "cpus" is a table of CPUs)
+                assert isinstance(item, str), f"{where}: CPU list {item!r} is not a string"
+                seen += 1
+            if key in TIME_KEYS:
+                assert isinstance(item, str), f"{where}: time {item!r} is not a string"
+                moment = datetime.fromisoformat(item)
+                assert moment.utcoffset() == timedelta(0), f"{where}: {item} has no UTC offset"
+                seen += 1
+            seen += check_style(item, where)
+    elif isinstance(value, list):
+        assert not (value and all(isinstance(v, int) and not isinstance(v, bool)
+                                  for v in value)), f"{path}: a list of numbers {value}"
+        for i, item in enumerate(value):
+            seen += check_style(item, f"{path}[{i}]")
+    return seen
+
+
+def test_every_json_document_has_the_same_style(tmp_path: Path, empty_config: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    vm1 = tmp_path / "vm1.xml"
+    vm1.write_text(SEED_XML)
+    vm2 = tmp_path / "vm2.xml"
+    vm2.write_text(SEED_XML.replace("<name>vm1</name>", "<name>vm2</name>"))
+    where = ["--root", str(EXAMPLE), "--state-dir", str(tmp_path / "s"), "--config",
+             empty_config]
+    runs: list[tuple[list[str], list[str]]] = [  # (command, options after the common ones)
+        (["host"], []), (["plan", str(vm1)], []), (["reserve", str(vm1)], []), (["status"], []),
+        (["config"], []),
+        (["reserve", str(vm2)], []),  # refused: an error object
+        (["release", "vm1"], []), (["release", "vm1"], []),  # the second: unknown holder
+        (["host"], ["--root", str(tmp_path)]),  # not a host root: an error object
+    ]
+    seen = 0
+    for command, extra in runs:
+        status = main(["--json", *command, *where, *extra])
+        document = json.loads(capsys.readouterr().out)
+        assert next(iter(document)) == "schema" and document["schema"] == 1, command
+        assert ("error" in document) == (status != 0), (command, document)
+        seen += check_style(document)
+    assert seen > 50  # the walk did look at CPU lists and times
