@@ -34,7 +34,7 @@ MAX_XML_BYTES = 1 << 20
 #: Largest vCPU / iothread count accepted (QEMU's limit is far lower).
 MAX_VCPUS = 8192
 
-ThreadPolicy = Literal["prefer", "isolate", "require"]
+ThreadPolicy = Literal["prefer", "isolate", "require", "whole"]
 EmulatorPolicy = Literal["float", "isolate", "shared"]
 
 _THREAD_POLICIES: tuple[ThreadPolicy, ...] = ("prefer", "isolate", "require")
