@@ -25,7 +25,9 @@ and timed apart from the decided ones.
 Host usage is recorded as ``numa_usage_from_instance_numa`` does (vCPU pins plus
 ``cpuset_reserved``, with siblings under ``isolate``), in place.  When that claim fails
 (Nova chose a reserved CPU whose sibling is pinned: ``CPUPinningInvalid``), the VM is
-refused, as Nova's resource tracker would fail its claim.
+refused, as Nova's resource tracker would fail its claim; the same when the fitted cell's
+pins are not CPUs of its host cell (``CPUPinningUnknown``: on a cached pair Nova reuses a
+guest cell object that a later attempt re-pinned on another host cell).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import warnings
 from types import FrameType
 from typing import Any
 
-from pwbench.allocators import Decision, Placement, timed
+from pwbench.allocators import REPEATS, Decision, Placement, timed
 from pwbench.hosts import Host
 from pwbench.layout import Layout
 from pwbench.workload import Vm
@@ -150,10 +152,12 @@ class Nova:
         sizes = self.cells_for(vm)
         if sizes is None:  # no flavor can express it: refused before any decision
             return Decision(None, 0, decided=False)
-        instance = self._instance(vm, sizes)
+        # One fresh request per run: Nova mutates the guest cells it fits (their ids become
+        # host cell ids, which its pair caches then key on).
+        instances = [self._instance(vm, sizes) for _ in range(REPEATS)]
         start = time.perf_counter_ns()
         try:
-            fitted, elapsed = timed(lambda: self._fit(instance), once_above_ns=SLOW_NS)
+            fitted, elapsed = timed(lambda: self._fit(instances.pop()), once_above_ns=SLOW_NS)
         except _OutOfTime:
             return Decision(None, time.perf_counter_ns() - start, decided=False)
         if fitted is None:
@@ -189,8 +193,8 @@ class Nova:
             pins = set(inst.cpu_pinning.values()) | set(inst.cpuset_reserved or ())
             if inst.cpu_thread_policy == fields.CPUThreadAllocationPolicy.ISOLATE:
                 pins = pins.union(*(sib for sib in cell.siblings if sib & pins))
-            if pins & cell.pinned_cpus:
-                return None
+            if pins & cell.pinned_cpus or not pins <= cell.pcpuset:
+                return None  # CPUPinningInvalid / CPUPinningUnknown in Nova's claim
             claim.append((cell, pins))
         for cell, pins in claim:
             cell.pin_cpus(pins)
