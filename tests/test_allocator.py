@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,7 @@ def test_respects_the_numatune_nodeset() -> None:
 
 def test_prefer_takes_whole_cores_with_siblings_adjacent() -> None:
     topo = build(cores=4, threads=2)  # cores (0,4) (1,5) (2,6) (3,7)
-    got = allocate(topo, S("0-7"), S("0-7"), Request(4))
+    got = allocate(topo, S("0-7"), S("0-7"), Request(4, "prefer"))
     assert got.cpus == (0, 4, 1, 5)
     assert got.holds == CpuSet()
 
@@ -115,20 +116,20 @@ def test_prefer_takes_whole_cores_with_siblings_adjacent() -> None:
 def test_prefer_fills_a_partly_used_core_before_breaking_a_whole_one() -> None:
     topo = build(cores=4, threads=2)
     free = S("0-7") - S("1")  # core (1,5) is half used
-    assert allocate(topo, S("0-7"), free, Request(1)).cpus == (5,)
+    assert allocate(topo, S("0-7"), free, Request(1, "prefer")).cpus == (5,)
     # Three CPUs: one whole core, then the lone thread of the half-used core.
-    assert allocate(topo, S("0-7"), free, Request(3)).cpus == (0, 4, 5)
+    assert allocate(topo, S("0-7"), free, Request(3, "prefer")).cpus == (0, 4, 5)
 
 
 def test_prefer_without_whole_cores_uses_partial_ones() -> None:
     topo = build(cores=4, threads=2)
     free = S("4-7")  # every core half used
-    assert allocate(topo, S("0-7"), free, Request(3)).cpus == (4, 5, 6)
+    assert allocate(topo, S("0-7"), free, Request(3, "prefer")).cpus == (4, 5, 6)
 
 
 def test_prefer_on_adjacent_numbering() -> None:
     topo = build(cores=4, threads=2, adjacent=True)  # cores (0,1) (2,3) ...
-    got = allocate(topo, S("0-7"), S("1-7"), Request(3))
+    got = allocate(topo, S("0-7"), S("1-7"), Request(3, "prefer"))
     assert got.cpus == (1, 2, 3)  # whole core 2-3 plus the lone 1
 
 
@@ -180,6 +181,83 @@ def test_require_refused_without_smt() -> None:
     assert err.value.code == "no-smt"
 
 
+# -- whole (the default) -------------------------------------------------------------------
+
+def test_whole_is_the_default() -> None:
+    assert Request(2).threads == "whole"
+
+
+def test_whole_takes_whole_cores_and_holds_the_spare_sibling() -> None:
+    topo = build(cores=4, threads=2)  # cores (0,4) (1,5) (2,6) (3,7)
+    got = allocate(topo, S("0-7"), S("0-7"), Request(3))
+    assert got.cpus == (0, 4, 1)
+    assert got.holds == S("5")  # the odd vCPU holds its core's other thread
+    got = allocate(topo, S("0-7"), S("0-7"), Request(4))
+    assert got.cpus == (0, 4, 1, 5) and got.holds == EMPTY
+
+
+def test_whole_never_uses_a_part_used_core() -> None:
+    topo = build(cores=4, threads=2)
+    free = S("0-7") - S("4,5,6")  # only core (3,7) is whole
+    assert allocate(topo, S("0-7"), free, Request(2)).cpus == (3, 7)
+    with pytest.raises(Refusal) as err:
+        allocate(topo, S("0-7"), free, Request(3))
+    assert "only 2 CPUs on whole free cores" in err.value.message
+    assert "'prefer'" in err.value.message
+
+
+def test_whole_without_smt_is_one_cpu_per_core() -> None:
+    topo = build(cores=4, threads=1)
+    got = allocate(topo, S("0-3"), S("1-3"), Request(3))
+    assert got.cpus == (1, 2, 3) and got.holds == EMPTY
+
+
+def test_whole_stays_on_one_node_and_spans_when_it_must() -> None:
+    topo = build(nodes=2, cores=2, threads=2)  # node 0: (0,4) (1,5); node 1: (2,6) (3,7)
+    free = S("0-7") - S("5")
+    assert allocate(topo, S("0-7"), free, Request(3)).cpus == (2, 6, 3)  # node 1: 4 free
+    got = allocate(topo, S("0-7"), free, Request(5))  # 2 + 4 whole-core threads: spans
+    assert got.cpus == (0, 2, 6, 3, 7) and got.holds == S("4")  # node 1 whole, 1 more
+
+
+def hybrid() -> Topology:
+    """One node: P-cores (0,1) (2,3), E-cores 4 and 5 (one thread each)."""
+    shapes = [(0, 1), (2, 3), (4,), (5,)]
+    cpus = {c: Cpu(id=c, online=True, package=0, die=0, cluster=None, core=i,
+                   siblings=CpuSet.of(core), node=0)
+            for i, core in enumerate(shapes) for c in core}
+    every = CpuSet.of(cpus)
+    return Topology(cpus=cpus, present=every, online=every, isolated=CpuSet(),
+                    nohz_full=CpuSet(), nodes={0: every})
+
+
+def test_mixed_core_sizes() -> None:
+    topo = hybrid()
+    every = S("0-5")
+    # whole: larger cores first, the odd remainder on a one-thread core: nothing held.
+    assert allocate(topo, every, every, Request(3)) == Allocation((0, 1, 4))
+    assert allocate(topo, every, every, Request(5)) == Allocation((0, 1, 2, 3, 4))
+    # isolate: the cores with the fewest threads first (least held).
+    assert allocate(topo, every, every, Request(3, "isolate")) == \
+        Allocation((0, 4, 5), holds=S("1"))
+    # require: SMT cores only.
+    assert allocate(topo, every, every, Request(3, "require")) == \
+        Allocation((0, 1, 2), holds=S("3"))
+    with pytest.raises(Refusal):
+        allocate(topo, every, every - S("0"), Request(3, "require"))
+
+
+# -- prefer keeps whole cores for those who need them --------------------------------------
+
+def test_prefer_odd_remainder_goes_to_a_half_used_core_on_another_node() -> None:
+    topo = build(nodes=2, cores=3, threads=2)  # node 0: (0,6) (1,7) (2,8); 1: (3,9) (4,10) (5,11)
+    free = S("0,6,3-5,9-10")  # node 0: one whole core; node 1: two whole, (5,11) half used
+    # Best fit alone would take node 0 (2 free) and break its last whole core.
+    assert allocate(topo, S("0-11"), free, Request(1, "prefer")).cpus == (5,)
+    # An even request breaks nothing: best fit stays.
+    assert allocate(topo, S("0-11"), free, Request(2, "prefer")).cpus == (0, 6)
+
+
 # -- edges -------------------------------------------------------------------------------
 
 def test_zero_and_negative_counts() -> None:
@@ -192,7 +270,7 @@ def test_zero_and_negative_counts() -> None:
 def test_refusal_is_one_line_and_names_the_numbers() -> None:
     topo = build(cores=2, threads=2)
     with pytest.raises(Refusal) as err:
-        allocate(topo, S("0-3"), S("0-2"), Request(4))
+        allocate(topo, S("0-3"), S("0-2"), Request(4, "prefer"))
     msg = err.value.message
     assert "\n" not in msg
     assert "4 CPUs" in msg and "only 3 free CPUs" in msg
@@ -205,6 +283,9 @@ def test_free_outside_the_pool_is_ignored() -> None:
 
 # -- properties --------------------------------------------------------------------------
 
+POLICIES: list[ThreadPolicy] = ["prefer", "isolate", "require", "whole"]
+
+
 @st.composite
 def scenarios(draw: st.DrawFn) -> tuple[Topology, CpuSet, CpuSet, Request]:
     topo = build(sockets=draw(st.integers(1, 2)), nodes=draw(st.integers(1, 3)),
@@ -215,7 +296,7 @@ def scenarios(draw: st.DrawFn) -> tuple[Topology, CpuSet, CpuSet, Request]:
     free = CpuSet.of(draw(st.sets(st.sampled_from(sorted(pool)))))
     nodes = draw(st.none() | st.sets(st.sampled_from(sorted(topo.nodes)), min_size=1))
     request = Request(count=draw(st.integers(1, len(everything))),
-                      threads=draw(st.sampled_from(["prefer", "isolate", "require"])),
+                      threads=draw(st.sampled_from(POLICIES)),
                       nodes=None if nodes is None else CpuSet.of(nodes))
     return topo, pool, free, request
 
@@ -322,7 +403,7 @@ def test_every_hwloc_dump_is_read(hwloc_topologies: dict[str, Topology]) -> None
 
 
 @pytest.mark.parametrize("dump", HWLOC_DUMPS)
-@pytest.mark.parametrize("threads", ["prefer", "isolate", "require"])
+@pytest.mark.parametrize("threads", POLICIES)
 def test_filling_a_real_host(hwloc_topologies: dict[str, Topology], dump: str,
                              threads: ThreadPolicy) -> None:
     """Place 1-, 2- and 3-CPU VMs until the host is full: every placement is valid, stays
@@ -368,3 +449,89 @@ def test_filling_a_real_host(hwloc_topologies: dict[str, Topology], dump: str,
         free = free - chosen - got.holds
         placed += 1
     assert placed > 0
+
+
+# -- admission: refused only when no placement exists (exact brute force) ------------------
+
+@st.composite
+def small_hosts(draw: st.DrawFn) -> Topology:
+    """Up to 12 CPUs: cores of 1-3 threads with arbitrary CPU numbers (so sibling offsets
+    differ from core to core), spread over 1-3 nodes, some CPUs offline."""
+    sizes = draw(st.lists(st.integers(1, 3), min_size=1, max_size=6))
+    total = sum(sizes)
+    if total > 12:
+        sizes, total = sizes[:2], sum(sizes[:2])
+    ids = draw(st.permutations(range(total)))
+    nodes = draw(st.integers(1, 3))
+    offline = set(draw(st.sets(st.sampled_from(ids), max_size=2)))
+    cpus: dict[int, Cpu] = {}
+    node_cpus: dict[int, set[int]] = {}
+    start = 0
+    for i, size in enumerate(sizes):
+        core = ids[start:start + size]
+        start += size
+        node = i * nodes // len(sizes)
+        for cpu in core:
+            cpus[cpu] = Cpu(id=cpu, online=cpu not in offline, package=node // 2, die=0,
+                            cluster=None, core=i, siblings=CpuSet.of(core), node=node)
+            node_cpus.setdefault(node, set()).add(cpu)
+    present = CpuSet.of(cpus)
+    online = present - CpuSet.of(offline)
+    if not online:
+        online = present
+    return Topology(cpus=cpus, present=present, online=online, isolated=CpuSet(),
+                    nohz_full=CpuSet(), nodes={n: CpuSet.of(c) for n, c in node_cpus.items()})
+
+
+def placement_ok(topo: Topology, usable: CpuSet, chosen: frozenset[int],
+                 policy: ThreadPolicy) -> bool:
+    """Does this set of CPUs satisfy the thread policy, given the usable (free, in the pool,
+    online) CPUs?  Written from the policies' definitions, not from the allocator."""
+    cores = [topo.siblings(c) & topo.online for c in chosen]
+    if policy == "prefer":
+        return True
+    if any(not core <= usable for core in cores):
+        return False  # every other policy takes whole free cores only
+    if policy == "isolate":
+        return len(set(cores)) == len(cores)  # one CPU per core
+    if policy == "require":
+        return all(len(core) > 1 for core in cores)
+    return True  # whole
+
+
+def feasible(topo: Topology, pool: CpuSet, free: CpuSet, request: Request) -> bool:
+    """Is there any set of ``request.count`` CPUs that the policy allows?  Brute force."""
+    usable = free & pool & topo.online
+    allowed = sorted(c for c in usable
+                     if request.nodes is None or topo.node_of(c) in request.nodes)
+    return any(placement_ok(topo, usable, frozenset(chosen), request.threads)
+               for chosen in itertools.combinations(allowed, request.count))
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.data())
+def test_refused_only_when_no_placement_exists(data: st.DataObject) -> None:
+    topo = data.draw(small_hosts())
+    cpus = sorted(topo.present)
+    pool = CpuSet.of(data.draw(st.sets(st.sampled_from(cpus), min_size=1)))
+    free = CpuSet.of(data.draw(st.sets(st.sampled_from(sorted(pool)))))
+    nodes = data.draw(st.none() | st.sets(st.sampled_from(sorted(topo.nodes)), min_size=1))
+    request = Request(data.draw(st.integers(1, len(cpus))), data.draw(st.sampled_from(POLICIES)),
+                      None if nodes is None else CpuSet.of(nodes))
+    exists = feasible(topo, pool, free, request)
+    try:
+        got = allocate(topo, pool, free, request)
+    except Refusal:
+        assert not exists, "refused although a placement exists"
+        return
+    assert exists
+    usable = free & pool & topo.online
+    chosen = frozenset(got.cpus)
+    assert len(chosen) == len(got.cpus) == request.count
+    assert placement_ok(topo, usable, chosen, request.threads)
+    if request.nodes is not None:
+        assert {topo.node_of(c) for c in chosen} <= set(request.nodes)
+    # Holds: exactly the rest of the cores used, under every policy but prefer.
+    touched = CpuSet.of(t for c in chosen for t in topo.siblings(c) & topo.online)
+    assert got.holds == (EMPTY if request.threads == "prefer" else touched - CpuSet.of(chosen))
+    assert got.holds <= usable

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -13,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from pwbench.allocators import Allocator, Kubernetes, Pinwarden
+from pwbench.bound import offline_bound
+from pwbench.decide import measure
 from pwbench.hosts import SYNTHETIC, Host, hwloc_host, synthetic_host
-from pwbench.metrics import upper_bound
-from pwbench.report import markdown, plot_acceptance, verdicts
+from pwbench.metrics import admit_all
+from pwbench.report import markdown, plot_acceptance, plot_comparison, verdicts
 from pwbench.sim import simulate
 from pwbench.workload import Mix, generate
 
@@ -28,7 +31,7 @@ CACHE = BENCH / ".cache" / "hwloc"
 class Config:
     hosts: tuple[str, ...]  # "hwloc:NAME" or a synthetic name
     mixes: tuple[Mix, ...]
-    mixed_only: tuple[str, ...]  # hosts run with the "mixed" workload only
+    limited: dict[str, tuple[Mix, ...]]  # hosts run with these mixes only
     loads: tuple[float, ...]
     sweep_hosts: tuple[str, ...]  # hosts whose "mixed" workload is run at sweep_loads
     sweep_loads: tuple[float, ...]
@@ -43,15 +46,18 @@ HWLOC_FULL = (*HWLOC_QUICK, "hwloc:64amd64-4s2n4ca2co", "hwloc:32intel64-2p8co2t
               "hwloc:256ia64-64n2s2c", "hwloc:20em64t-hybrid-1p6c2t+2ca4co1t",
               "hwloc:8em64t-2s2ca2c")
 
+MIXES: tuple[Mix, ...] = ("prefer", "isolate", "require", "whole", "mixed", "mixed+emu")
+#: The host of the speed goal (1,024 CPUs, 8 nodes).
+BIG = "syn-4s2n64c2t"
+
 CONFIGS = {
-    "quick": Config(hosts=(*HWLOC_QUICK, *SYNTHETIC), mixes=("prefer", "isolate", "mixed"),
-                    mixed_only=("syn-4s2n64c2t",),
+    "quick": Config(hosts=(*HWLOC_QUICK, *SYNTHETIC), mixes=MIXES,
+                    limited={BIG: ("whole", "mixed")},
                     loads=(0.8, 1.2), sweep_hosts=("syn-2s64c2t",
                                                    "hwloc:fakecpuid1f-64intel64-2p4d2n2c2t"),
                     sweep_loads=(0.6, 1.0, 1.5), seeds=(1,), lifetimes=6.0,
                     min_arrivals=150),
-    "full": Config(hosts=(*HWLOC_FULL, *SYNTHETIC), mixes=("prefer", "isolate", "mixed"),
-                   mixed_only=(),
+    "full": Config(hosts=(*HWLOC_FULL, *SYNTHETIC), mixes=MIXES, limited={},
                    loads=(0.6, 0.8, 1.0, 1.2, 1.5), sweep_hosts=(), sweep_loads=(),
                    seeds=(1, 2), lifetimes=10.0, min_arrivals=300),
 }
@@ -73,9 +79,8 @@ def allocator_factories(with_nova: bool) -> list[Callable[[Host], Allocator]]:
 
 
 def workloads(config: Config) -> list[tuple[str, Mix, float, int]]:
-    out = [(h, m, load, s) for h in config.hosts for m in config.mixes
-           for load in config.loads for s in config.seeds
-           if m == "mixed" or h not in config.mixed_only]
+    out = [(h, m, load, s) for h in config.hosts for m in config.limited.get(h, config.mixes)
+           for load in config.loads for s in config.seeds]
     out += [(h, "mixed", load, s) for h in config.sweep_hosts for load in config.sweep_loads
             for s in config.seeds]
     return out
@@ -89,9 +94,12 @@ def run(config: Config, *, with_nova: bool, log: Callable[[str], None]) -> list[
         host = hosts.get(spec) or hosts.setdefault(spec, load_host(spec))
         pool = len(host.pool)
         tpc = host.threads_per_core
+        if mix == "require" and tpc < 2:
+            continue  # 'require' on a host without SMT: every allocator refuses every VM
         events = generate(seed=seed, pool=pool, threads_per_core=tpc, mix=mix, load=load,
                           lifetimes=config.lifetimes, min_arrivals=config.min_arrivals)
-        ub_vms, ub_vcpus = upper_bound(events, pool, tpc)
+        all_vms, all_vcpus = admit_all(events, pool, tpc)
+        bound = offline_bound(events, pool, tpc)
         name = f"{host.name}/{mix}/load{load:.1f}" + (f"/seed{seed}" if len(config.seeds) > 1
                                                        else "")
         started = time.monotonic()
@@ -102,7 +110,9 @@ def run(config: Config, *, with_nova: bool, log: Callable[[str], None]) -> list[
                          "nodes": len({host.topology.node_of(c) for c in host.pool}),
                          "threads_per_core": tpc, "mix": mix, "load": load, "seed": seed,
                          "allocator": allocator.name, **result.as_dict(),
-                         "upper_bound": ub_vcpus, "upper_bound_vms": ub_vms})
+                         "bound_vms": bound.vms, "bound_vcpus": bound.vcpus,
+                         "bound_exact": bound.exact, "admit_all_vms": all_vms,
+                         "admit_all_vcpus": all_vcpus})
         log(f"{name}: {len(events) // 2} VMs, {time.monotonic() - started:.1f}s")
     verdicts(rows)
     return rows
@@ -110,9 +120,18 @@ def run(config: Config, *, with_nova: bool, log: Callable[[str], None]) -> list[
 
 def write_reports(out: Path, mode: str, rows: list[dict[str, Any]],
                   meta: dict[str, Any]) -> None:
+    suffix = "" if mode == "quick" else f"-{mode}"
     (out / f"{mode}.md").write_text(markdown(rows, meta))
-    plot_acceptance(rows, out / ("acceptance.png" if mode == "quick"
-                                 else f"acceptance-{mode}.png"))
+    plot_acceptance(rows, out / f"acceptance{suffix}.png")
+    plot_comparison(rows, out / f"comparison{suffix}.png")
+
+
+def nova_budget() -> float | None:
+    try:
+        from pwbench.nova_adapter import BUDGET_S
+    except ImportError:  # no Nova in this environment
+        return None
+    return BUDGET_S
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,15 +150,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     config = CONFIGS[args.mode]
     started = time.monotonic()
-    rows = run(config, with_nova=not args.no_nova,
-               log=lambda s: print(s, file=sys.stderr, flush=True))
+    load_before = os.getloadavg()
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    big = load_host(BIG)
+    decisions = measure(big, generate(seed=1, pool=len(big.pool),
+                                      threads_per_core=big.threads_per_core, mix="mixed+emu",
+                                      load=1.0, lifetimes=config.lifetimes,
+                                      min_arrivals=config.min_arrivals))
+    log(f"in-process decisions on {BIG}: {decisions}")
+    rows = run(config, with_nova=not args.no_nova, log=log)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"mode": args.mode, "python": platform.python_version(),
-            "machine": platform.machine(), "seconds": round(time.monotonic() - started, 1)}
+            "machine": platform.machine(), "cpus": os.cpu_count(),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+            "nova_budget_s": nova_budget(), "decide_host": BIG, "decide": decisions,
+            "seconds": round(time.monotonic() - started, 1)}
     (args.out / f"{args.mode}.json").write_text(
         json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     write_reports(args.out, args.mode, rows, meta)
-    print(f"wrote {args.out}/{args.mode}.json, .md and the acceptance plot "
+    print(f"wrote {args.out}/{args.mode}.json, .md and the plots "
           f"in {meta['seconds']}s", file=sys.stderr)
     return 0
 

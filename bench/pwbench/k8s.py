@@ -6,7 +6,10 @@ CPUs, filling partly used cores on the sockets already used), without the Topolo
 Manager (its default policy is ``none``).  ``isolate`` VMs are modelled as the
 ``full-pcpus-only`` policy option: the request is rounded to whole cores (vCPUs × threads
 per core), refused unless that many CPUs are free in whole free cores; each vCPU runs on
-the first thread of one core and the other threads are held empty.
+the first thread of one core and the other threads are held empty.  ``whole`` and
+``require`` VMs use the same option with the request rounded up to whole cores (kubelet
+refuses a count that is not a multiple of the threads per core; rounding up is what a
+user does): the vCPUs take the first threads in core order, the spare threads are held.
 """
 
 from __future__ import annotations
@@ -104,6 +107,22 @@ def place(layout: Layout, available: Iterable[int], vcpus: int,
         keys = keys[:vcpus]
         cpus = tuple(min(layout.core_cpus[k]) for k in keys)
         return cpus, frozenset(got) - frozenset(cpus)
+    if threads in ("whole", "require"):
+        per_core = layout.threads_per_core
+        if threads == "require" and per_core < 2:
+            return None
+        want = -(-vcpus // per_core) * per_core
+        whole = [k for k, cpus in layout.core_cpus.items() if cpus <= avail]
+        if want > sum(len(layout.core_cpus[k]) for k in whole):
+            return None
+        got = take_by_topology(layout, avail, want)
+        if got is None:
+            return None
+        used = {layout.core[c] for c in got}
+        if any(not layout.core_cpus[k] <= set(got) for k in used):
+            return None  # not whole cores (possible only on hosts with mixed core sizes)
+        ordered = sorted(got, key=lambda c: (layout.node[c], layout.core[c], c))
+        return tuple(ordered[:vcpus]), frozenset(ordered[vcpus:])
     got = take_by_topology(layout, avail, vcpus)
     if got is None:
         return None

@@ -15,6 +15,7 @@ class Layout:
     socket: dict[int, int]  # cpu -> package
     core: dict[int, int]  # cpu -> core key (its first online thread)
     core_cpus: dict[int, frozenset[int]]  # core key -> online threads in the pool
+    core_online: dict[int, frozenset[int]]  # core key -> every online thread (pool or not)
     node_cpus: dict[int, frozenset[int]]  # node -> its CPUs in the pool
     socket_cpus: dict[int, frozenset[int]]  # package -> its CPUs in the pool
     # Host-wide averages over every online CPU (not only the pool), as kubelet computes
@@ -46,8 +47,10 @@ class Layout:
         all_nodes = {topology.cpus[c].node for c in online}
         all_sockets = {_socket(topology, c) for c in online}
         all_cores = {min((topology.cpus[c].siblings.cpus & online) | {c}) for c in online}
+        core_online = {k: frozenset((topology.cpu(k).siblings.cpus & online) | {k})
+                       for k in core_cpus}
         return cls(cpus, node, socket, core,
-                   {k: frozenset(v) for k, v in core_cpus.items()},
+                   {k: frozenset(v) for k, v in core_cpus.items()}, core_online,
                    {k: frozenset(v) for k, v in node_cpus.items()},
                    {k: frozenset(v) for k, v in socket_cpus.items()},
                    len(online) // max(1, len(all_nodes)),

@@ -1,33 +1,51 @@
-"""Metric computations, pure: NUMA splits, cross-VM core sharing, latency percentiles and
-the fragmentation-free reference ("upper_bound")."""
+"""Metric computations, pure: room (exact), NUMA splits, cross-VM core sharing, latency
+percentiles and the admit-all ceiling.  The offline bound is in :mod:`pwbench.bound`."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Set
 
 from pwbench.layout import Layout
 from pwbench.workload import Event, footprint
 
 
-def one_node_fits(layout: Layout, free: frozenset[int] | set[int], vcpus: int,
-                  threads: str) -> bool:
+def capacities(layout: Layout, free: Set[int], threads: str) -> dict[int, int]:
+    """Node -> how many of a VM's CPUs its free CPUs can take under the VM's thread policy:
+    ``prefer`` any free CPU; ``isolate`` one CPU per core whose every online thread is free;
+    ``whole`` every thread of such cores; ``require`` the same on SMT cores only."""
+    if threads == "prefer":
+        return {n: len(cpus & free) for n, cpus in layout.node_cpus.items()}
+    out = dict.fromkeys(layout.node_cpus, 0)
+    for key, cpus in layout.core_online.items():
+        if cpus <= free and (threads != "require" or len(cpus) > 1):
+            out[layout.node[key]] += 1 if threads == "isolate" else len(cpus)
+    return out
+
+
+def has_room(layout: Layout, free: Set[int], cpus: int, threads: str) -> bool:
+    """Room, exactly: is there a set of ``cpus`` free CPUs (vCPUs plus an isolated emulator)
+    that satisfies the VM's thread policy, on any NUMA nodes (the VMs ask for none)?
+
+    The policies' definitions make this a count: ``prefer`` needs ``cpus`` free CPUs,
+    ``isolate`` ``cpus`` cores whose every thread is free (one CPU each, the siblings held),
+    ``whole`` whole free cores with ``cpus`` threads in all (the last one's spare threads
+    held), ``require`` the same on cores with two threads or more.  Any such cores can be
+    combined, so the count is necessary and sufficient (tests/test_bench_harness.py checks
+    it against a brute-force search over every set of CPUs on small hosts)."""
+    return sum(capacities(layout, free, threads).values()) >= cpus
+
+
+def one_node_fits(layout: Layout, free: Set[int], cpus: int, threads: str) -> bool:
     """Could a single NUMA node hold the VM right now (under its thread policy)?"""
-    if threads == "isolate":
-        whole: dict[int, int] = {}
-        for key, cpus in layout.core_cpus.items():
-            if cpus <= free:
-                node = layout.node[key]
-                whole[node] = whole.get(node, 0) + 1
-        return any(n >= vcpus for n in whole.values())
-    return any(len(cpus & free) >= vcpus for cpus in layout.node_cpus.values())
+    return max(capacities(layout, free, threads).values(), default=0) >= cpus
 
 
-def has_room(free: frozenset[int] | set[int], vcpus: int, threads: str,
-             threads_per_core: int) -> bool:
-    """Were enough CPUs free for the VM's footprint (ignoring where they are)?  A refusal
-    with room is a refusal caused by fragmentation or by the allocator's own limits."""
-    return len(free) >= footprint(vcpus, threads, threads_per_core)
+def enough_cpus(free: Set[int], cpus: int, threads: str, threads_per_core: int) -> bool:
+    """Were enough CPUs free for the VM's footprint, wherever they are?  A refusal without
+    room but with enough CPUs is a refusal caused by fragmentation (free CPUs on broken
+    cores that a whole-core policy cannot use)."""
+    return len(free) >= footprint(cpus, threads, threads_per_core)
 
 
 def is_numa_split(layout: Layout, cpus: Iterable[int], one_node_would_fit: bool) -> bool:
@@ -36,11 +54,11 @@ def is_numa_split(layout: Layout, cpus: Iterable[int], one_node_would_fit: bool)
 
 
 class CoreSharing:
-    """Which VMs ever ran a vCPU on a physical core where another VM ran one."""
+    """Which VMs ever ran on a physical core where another VM ran (vCPUs or emulator)."""
 
     def __init__(self, layout: Layout) -> None:
         self._layout = layout
-        self._owner: dict[int, int] = {}  # cpu -> vm running a vCPU there
+        self._owner: dict[int, int] = {}  # cpu -> vm running there
         self.shared: set[int] = set()
 
     def place(self, vm: int, cpus: Iterable[int]) -> None:
@@ -67,19 +85,20 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(ordered[rank - 1])
 
 
-def upper_bound(events: Sequence[Event], pool: int, threads_per_core: int) -> tuple[int, int]:
-    """(VMs, vCPUs) accepted by a fragmentation-free allocator on the same events.
+def admit_all(events: Sequence[Event], pool: int, threads_per_core: int) -> tuple[int, int]:
+    """(VMs, vCPUs) accepted by the *admit-all* rule: the pool as one bag of CPUs (no NUMA
+    nodes, no cores), each VM accepted when its footprint fits in the CPUs not in use.
 
-    It treats the pool as one bag of CPUs (no NUMA nodes, no cores): a VM fits when its
-    footprint (vCPUs; whole cores for isolate) is at most the CPUs not in use.  A reference
-    for what fragmentation costs, not a strict bound on every online policy.
+    A ceiling for "every VM placed while there is room", not a bound: refusing a large VM
+    can leave room for several small ones later (Nova exceeds it on some workloads).  The
+    bound is :func:`pwbench.bound.offline_bound`.
     """
     used = 0
     live: dict[int, int] = {}
     vms = vcpus = 0
     for event in events:
         vm = event.vm
-        size = footprint(vm.vcpus, vm.threads, threads_per_core)
+        size = footprint(vm.cpus, vm.threads, threads_per_core)
         if event.kind == "arrive":
             if used + size <= pool:
                 used += size

@@ -8,7 +8,7 @@ from typing import Any
 from pwbench.allocators import Allocator, Placement
 from pwbench.hosts import Host
 from pwbench.layout import Layout
-from pwbench.metrics import CoreSharing, has_room, is_numa_split, one_node_fits, percentile
+from pwbench.metrics import CoreSharing, capacities, enough_cpus, is_numa_split, percentile
 from pwbench.workload import Event
 
 
@@ -22,10 +22,15 @@ class Result:
     accepted: int
     offered_vcpus: int
     accepted_vcpus: int
-    refused_with_room: int
+    refused_with_room: int  # decided refusals although a placement existed (metrics.has_room)
+    refused_fragmented: int  # refusals without room but with enough free CPUs in number
+    no_decision: int  # refusals without a decision (the allocator's time budget ran out)
+    no_decision_s: float  # time spent on those before giving up
+    claim_failed: int  # decided, but recording the placement failed (Nova's claim)
     numa_split_vms: int
     smt_shared_vms: int
     isolate_shared_vms: int
+    whole_shared_vms: int
     p50_us: float
     p99_us: float
     max_us: float
@@ -34,10 +39,10 @@ class Result:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def check(layout: Layout, vcpus: int, free: set[int], got: Placement) -> None:
+def check(layout: Layout, cpus: int, free: set[int], got: Placement) -> None:
     chosen = set(got.cpus)
-    if len(got.cpus) != vcpus or len(chosen) != vcpus:
-        raise HarnessError(f"asked {vcpus} CPUs, got {got.cpus}")
+    if len(got.cpus) != cpus or len(chosen) != cpus:
+        raise HarnessError(f"asked {cpus} CPUs, got {got.cpus}")
     if not chosen <= free or not got.holds <= free or chosen & got.holds:
         raise HarnessError(f"placement {got} is not within the free CPUs")
 
@@ -47,9 +52,11 @@ def simulate(host: Host, events: list[Event], allocator: Allocator) -> Result:
     free = set(layout.cpus)
     live: dict[int, Placement] = {}
     sharing = CoreSharing(layout)
-    isolate_vms: set[int] = set()
+    policy_vms: dict[str, set[int]] = {"isolate": set(), "whole": set()}
     times: list[float] = []
     offered = accepted = offered_vcpus = accepted_vcpus = splits = with_room = 0
+    fragmented = undecided = claim_failed = 0
+    undecided_ns = 0
     tpc = layout.threads_per_core
     for event in events:
         vm = event.vm
@@ -62,24 +69,34 @@ def simulate(host: Host, events: list[Event], allocator: Allocator) -> Result:
             continue
         offered += 1
         offered_vcpus += vm.vcpus
-        fits_one = one_node_fits(layout, free, vm.vcpus, vm.threads)
-        placement, ns = allocator.place(vm, frozenset(free))
-        if ns >= 0:
-            times.append(ns / 1000)
-        if placement is None:
-            with_room += has_room(free, vm.vcpus, vm.threads, tpc)
+        caps = capacities(layout, free, vm.threads)
+        decision = allocator.place(vm, frozenset(free))
+        placement = decision.placement
+        if not decision.decided:
+            undecided += 1
+            undecided_ns += decision.ns
             continue
-        check(layout, vm.vcpus, free, placement)
+        times.append(decision.ns / 1000)
+        claim_failed += decision.claim_failed
+        if placement is None:
+            if sum(caps.values()) >= vm.cpus:
+                with_room += 1
+            elif enough_cpus(free, vm.cpus, vm.threads, tpc):
+                fragmented += 1
+            continue
+        check(layout, vm.cpus, free, placement)
         accepted += 1
         accepted_vcpus += vm.vcpus
         live[vm.id] = placement
         free -= set(placement.cpus) | placement.holds
         sharing.place(vm.id, placement.cpus)
-        if vm.threads == "isolate":
-            isolate_vms.add(vm.id)
-        if is_numa_split(layout, placement.cpus, fits_one):
+        if vm.threads in policy_vms:
+            policy_vms[vm.threads].add(vm.id)
+        if is_numa_split(layout, placement.cpus, max(caps.values(), default=0) >= vm.cpus):
             splits += 1
-    return Result(offered, accepted, offered_vcpus, accepted_vcpus, with_room, splits,
-                  len(sharing.shared), len(sharing.shared & isolate_vms),
+    return Result(offered, accepted, offered_vcpus, accepted_vcpus, with_room, fragmented,
+                  undecided, round(undecided_ns / 1e9, 2), claim_failed, splits,
+                  len(sharing.shared), len(sharing.shared & policy_vms["isolate"]),
+                  len(sharing.shared & policy_vms["whole"]),
                   round(percentile(times, 50), 1), round(percentile(times, 99), 1),
                   round(max(times, default=0.0), 1))

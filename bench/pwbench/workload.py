@@ -12,10 +12,13 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
-Policy = Literal["prefer", "isolate"]
-Mix = Literal["prefer", "isolate", "mixed"]
+Policy = Literal["prefer", "isolate", "require", "whole"]
+#: One thread policy for every VM, or ``mixed`` (prefer with MIXED_ISOLATE isolate), or
+#: ``mixed+emu``: the same mix, every VM with ``emulator='isolate'`` (one more exclusive CPU
+#: for QEMU's emulator threads; Nova's ``hw:emulator_threads_policy=isolate``).
+Mix = Literal["prefer", "isolate", "require", "whole", "mixed", "mixed+emu"]
 
 #: vCPU count → weight: mostly 1, 2, 4, 8; some 16 and 32.
 SIZE_MIX: dict[int, float] = {1: 0.25, 2: 0.25, 4: 0.20, 8: 0.15, 16: 0.10, 32: 0.05}
@@ -30,6 +33,12 @@ class Vm:
     threads: Policy
     arrive: float
     depart: float
+    emulator: bool = False  # emulator='isolate': one more exclusive CPU
+
+    @property
+    def cpus(self) -> int:
+        """Exclusive CPUs the VM runs on: its vCPUs, plus one for an isolated emulator."""
+        return self.vcpus + self.emulator
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,15 +55,25 @@ def sizes_for(pool: int) -> dict[int, float]:
     return {s: w / total for s, w in mix.items()}
 
 
-def footprint(vcpus: int, threads: str, threads_per_core: int) -> int:
-    """CPUs a VM takes off the host: an isolate VM holds whole cores."""
-    return vcpus * threads_per_core if threads == "isolate" else vcpus
+def footprint(cpus: int, threads: str, threads_per_core: int) -> int:
+    """CPUs a VM with ``cpus`` exclusive CPUs takes off a host whose cores all have
+    ``threads_per_core`` threads: an isolate VM holds whole cores, a whole or require VM
+    rounds up to whole cores (the spare threads are held), a prefer VM takes its CPUs."""
+    if threads == "isolate":
+        return cpus * threads_per_core
+    if threads in ("whole", "require"):
+        return -(-cpus // threads_per_core) * threads_per_core
+    return cpus
 
 
 def mean_footprint(sizes: dict[int, float], mix: Mix, threads_per_core: int) -> float:
-    iso = {"prefer": 0.0, "isolate": 1.0, "mixed": MIXED_ISOLATE}[mix]
-    mean_size = sum(s * w for s, w in sizes.items())
-    return mean_size * ((1 - iso) + iso * threads_per_core)
+    extra = 1 if mix == "mixed+emu" else 0
+    if mix in ("mixed", "mixed+emu"):
+        shares: dict[str, float] = {"prefer": 1 - MIXED_ISOLATE, "isolate": MIXED_ISOLATE}
+    else:
+        shares = {mix: 1.0}
+    return sum(w * share * footprint(s + extra, policy, threads_per_core)
+               for s, w in sizes.items() for policy, share in shares.items())
 
 
 def generate(*, seed: int, pool: int, threads_per_core: int, mix: Mix, load: float,
@@ -73,11 +92,12 @@ def generate(*, seed: int, pool: int, threads_per_core: int, mix: Mix, load: flo
     for i in range(count):
         now += rng.expovariate(rate)
         vcpus = rng.choices(values, weights)[0]
-        if mix == "mixed":
+        if mix in ("mixed", "mixed+emu"):
             threads: Policy = "isolate" if rng.random() < MIXED_ISOLATE else "prefer"
         else:
-            threads = mix
-        vm = Vm(i, vcpus, threads, now, now + rng.expovariate(1.0))
+            threads = cast(Policy, mix)
+        vm = Vm(i, vcpus, threads, now, now + rng.expovariate(1.0),
+                emulator=mix == "mixed+emu")
         events.append(Event(vm.arrive, "arrive", vm))
         events.append(Event(vm.depart, "depart", vm))
     events.sort(key=lambda e: (e.time, e.kind != "depart", e.vm.id))

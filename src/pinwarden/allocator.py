@@ -6,13 +6,23 @@ the online CPUs of the pool, and decides in two steps:
 1. **Nodes.**  Each allowed node (``Request.nodes``, the numatune nodeset) gets a capacity:
    how many CPUs it could give under the thread policy.  If one node can hold the whole
    request, the *best-fit* node is used: the one with the smallest capacity that still
-   fits (ties: lowest number), so big holes stay open for big VMs.  Otherwise the request
-   spans the fewest nodes: the largest nodes are taken whole until the rest fits in one
-   node, which is again chosen by best fit; at equal capacity, nodes in a package already
-   used come first.
-2. **Cores within a node**, by thread policy, with Nova's meaning:
+   fits (ties: lowest number), so big holes stay open for big VMs; under ``prefer`` a node
+   where the request breaks no whole core comes before a better-fitting one where it
+   would (whole cores are what ``whole``, ``isolate`` and ``require`` holders need).
+   Otherwise the request spans the fewest nodes: the largest nodes are taken whole until
+   the rest fits in one node, which is again chosen by best fit; at equal capacity, nodes
+   in a package already used come first.  A request is refused only when the allowed
+   nodes together cannot give it (the sum of their capacities is too small): whenever
+   some set of free CPUs satisfies the thread policy, the allocator finds one.
+2. **Cores within a node**, by thread policy:
 
-   ``prefer`` (default)
+   ``whole`` (the default, issue #11)
+       whole free cores only, every thread used, so no core is ever split between two
+       holders; when the count does not fill the last core, its spare threads go to
+       ``holds`` (kept empty).  Larger cores first (siblings together), the remainder on
+       the smallest core that holds it.  On a host without SMT: one CPU per core, nothing
+       held.  Capacity of a node: the threads of its whole free cores.
+   ``prefer`` (opt-in to sharing a core with another holder; Nova's meaning)
        whole free cores first (siblings together), lowest number first; what is left
        (fewer CPUs than a core) goes to the core with the fewest free threads that still
        holds it (best fit: partly used cores are filled before whole ones are broken).
@@ -28,13 +38,18 @@ the online CPUs of the pool, and decides in two steps:
 ``Allocation.cpus`` lists the CPUs node by node (ascending), core by core (ascending first
 CPU), siblings adjacent: give them to vCPUs 0, 1, 2, … in this order and consecutive vCPUs
 share cores, as a guest topology with ``threads=2`` expects.
+
+Speed: the host's layout (nodes of cores, each core a bitmask) is built once per
+:class:`Topology` object; a decision turns the free CPUs into one integer bitmask and works
+on masks of nodes and cores (about 0.1 ms on a 1,024-CPU host, see bench/README.md).
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 
 from pinwarden.cpuset import EMPTY, CpuSet
 from pinwarden.domain import ThreadPolicy
@@ -45,27 +60,18 @@ from pinwarden.topology import Topology
 @dataclass(frozen=True, slots=True)
 class Request:
     count: int  # CPUs wanted (vCPUs, plus one for an isolated emulator)
-    threads: ThreadPolicy = "prefer"
+    threads: ThreadPolicy = "whole"
     nodes: CpuSet | None = None  # allowed host NUMA nodes (numatune nodeset); None: any
 
 
 @dataclass(frozen=True, slots=True)
 class Allocation:
     cpus: tuple[int, ...]  # chosen CPUs, in the order they should be given to vCPUs
-    holds: CpuSet = EMPTY  # sibling threads held empty (threads="isolate")
+    holds: CpuSet = EMPTY  # threads held empty (siblings under isolate; spares under whole/require)
 
 
-@dataclass(frozen=True, slots=True)
-class _Core:
-    """A physical core as the allocator sees it: its online threads and the free ones."""
-
-    first: int
-    threads: tuple[int, ...]  # every online thread, ascending
-    free: tuple[int, ...]  # the free ones (in the pool and not in use), ascending
-
-    @property
-    def whole(self) -> bool:
-        return len(self.free) == len(self.threads)
+#: Thread policies that take whole free cores only (every thread of a core used or held).
+_WHOLE_CORES = ("whole", "require")
 
 
 def allocate(topology: Topology, pool: CpuSet, free: CpuSet, request: Request) -> Allocation:
@@ -87,48 +93,59 @@ def allocate(topology: Topology, pool: CpuSet, free: CpuSet, request: Request) -
             f"threads; use thread policy 'prefer' or 'isolate' for these {count} CPUs",
             code="no-smt")
 
-    usable = free.cpus & pool.cpus
-    node_free = {node: layout.cpus & usable for node, layout in host.nodes.items()
-                 if request.nodes is None or node in request.nodes}
+    usable = free.cpus & pool.cpus & host.online
+    bit = host.bit
+    mask = sum(map(bit.__getitem__, usable))  # distinct powers of two: sum == or
+    wanted = request.nodes
+    states: dict[int, _NodeState] = {}
     capacity: dict[int, int] = {}
-    for node, cpus in node_free.items():
-        cap = _capacity(host.nodes[node].cores, cpus, policy) if cpus else 0
-        if cap > 0:
-            capacity[node] = cap
-    packages = {node: layout.package for node, layout in host.nodes.items()}
-    plan = _choose_nodes(capacity, count, packages)
+    for node_id, node in host.nodes.items():
+        if wanted is not None and node_id not in wanted:
+            continue
+        nfree = mask & node.mask
+        if not nfree:
+            continue
+        state = _node_state(node, nfree, policy)
+        if state.capacity > 0:
+            states[node_id] = state
+            capacity[node_id] = state.capacity
+    plan = _choose_nodes(host, states, count, policy)
     if plan is None:
         raise Refusal(_refusal_message(request, sum(capacity.values())),
                       code="insufficient-cpus")
 
     chosen: list[int] = []
     holds: list[int] = []
-    for node in sorted(plan):
-        cores = _free_cores(host.nodes[node].cores, node_free[node])
-        taken, held = _pick(cores, plan[node], policy)
+    for node_id in sorted(plan):
+        taken, held = _pick(host.nodes[node_id], states[node_id], plan[node_id], policy)
         chosen.extend(taken)
         holds.extend(held)
-    return Allocation(cpus=tuple(chosen), holds=CpuSet.of(holds))
+    return Allocation(cpus=tuple(chosen), holds=CpuSet(frozenset(holds)) if holds else EMPTY)
 
 
 # -- the host as nodes of cores ------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
-class _HostCore:
-    threads: tuple[int, ...]  # every online thread of the core, ascending
-    cpus: frozenset[int]  # the same, as a set
-
-
-@dataclass(frozen=True, slots=True)
 class _HostNode:
-    cpus: frozenset[int]  # its online CPUs (a thread whose core starts on another node: not)
+    mask: int  # its online threads (every thread of the cores whose first thread is here)
+    firsts: int  # the first thread of each of its cores
     package: int  # first CPU of the package of its first CPU (package ids can repeat)
-    cores: tuple[_HostCore, ...]  # cores whose first thread is on this node, by first CPU
+    cores: tuple[int, ...]  # core masks, by first CPU
+    threads: tuple[tuple[int, ...], ...]  # each core's online threads, ascending
+    index: dict[int, int]  # first thread -> core index
+    #: When every core of the node is ``first + offsets`` (the same offsets, e.g. (0, 64) on
+    #: Linux's numbering or (0, 1) with adjacent siblings): whole cores are found with a few
+    #: shifts of the free mask instead of a loop over cores.
+    offsets: tuple[int, ...] | None
+    uniform: int  # threads per core when every core of the node has as many, else 0
 
 
 @dataclass(frozen=True, slots=True)
 class _HostLayout:
-    nodes: dict[int, _HostNode]
+    nodes: dict[int, _HostNode]  # by node number, ascending
+    package: dict[int, int]  # node -> package key
+    online: frozenset[int]  # every online CPU (each belongs to exactly one core here)
+    bit: tuple[int, ...]  # bit[cpu] == 1 << cpu, for every cpu up to the largest online one
     smt: bool
 
 
@@ -136,31 +153,14 @@ def _host_layout(topology: Topology) -> _HostLayout:
     """The host as nodes of cores, computed once per :class:`Topology` object.
 
     Topologies are immutable, so the layout is cached (keyed by identity, with a weak
-    reference proving the object is still the same one): a decision then costs set
-    operations on the free CPUs only, well under a millisecond on a 1,024-CPU host.
+    reference proving the object is still the same one).  A core belongs to the node of its
+    first online thread.
     """
     key = id(topology)
     hit = _LAYOUTS.get(key)
     if hit is not None and hit[0]() is topology:
         return hit[1]
-    online = topology.online.cpus & topology.cpus.keys()
-    seen: set[int] = set()
-    node_cpus: dict[int, set[int]] = {}
-    node_cores: dict[int, list[_HostCore]] = {}
-    for cpu in sorted(online):
-        if cpu in seen:
-            continue
-        threads = tuple(sorted((topology.cpus[cpu].siblings.cpus & online) | {cpu}))
-        seen.update(threads)
-        node = topology.cpus[threads[0]].node
-        node_cores.setdefault(node, []).append(_HostCore(threads, frozenset(threads)))
-        node_cpus.setdefault(node, set()).update(
-            t for t in threads if topology.cpus[t].node == node)
-    layout = _HostLayout(
-        nodes={n: _HostNode(frozenset(node_cpus[n]), _package(topology, min(node_cpus[n])),
-                            tuple(node_cores[n]))
-               for n in sorted(node_cores)},
-        smt=any(len(c.threads) > 1 for cores in node_cores.values() for c in cores))
+    layout = _build_layout(topology)
     try:
         ref = weakref.ref(topology)
     except TypeError:  # pragma: no cover - a Topology without weak references: no cache
@@ -169,6 +169,62 @@ def _host_layout(topology: Topology) -> _HostLayout:
         _LAYOUTS.clear()
     _LAYOUTS[key] = (ref, layout)
     return layout
+
+
+def _cores_of(topology: Topology, online: frozenset[int]) -> list[tuple[int, ...]]:
+    """The online threads of every core, ascending, cores by first thread."""
+    cpus = topology.cpus
+    distinct = {cpus[cpu].siblings.cpus for cpu in online}
+    if sum(map(len, distinct)) == len(online) and frozenset().union(*distinct) == online:
+        # The common, consistent case: the sibling lists partition the online CPUs.
+        return sorted(map(tuple, map(sorted, distinct)), key=itemgetter(0))
+    # Offline siblings, or inconsistent sibling lists (a CPU missing from its own list, or
+    # in two lists): each online CPU goes to the first core that claims it.
+    seen: set[int] = set()
+    out: list[tuple[int, ...]] = []
+    for cpu in sorted(online):
+        if cpu not in seen:
+            threads = tuple(sorted(((cpus[cpu].siblings.cpus & online) | {cpu}) - seen))
+            seen.update(threads)
+            out.append(threads)
+    return out
+
+
+def _build_layout(topology: Topology) -> _HostLayout:
+    cpus = topology.cpus
+    online = topology.online.cpus
+    if not online.issubset(cpus):
+        online = online & cpus.keys()
+    top = max(online, default=-1)
+    bit = [1 << c for c in range(top + 1)]
+    node_cores: dict[int, list[tuple[int, ...]]] = {}
+    for threads in _cores_of(topology, online):
+        node_cores.setdefault(cpus[threads[0]].node, []).append(threads)
+    nodes: dict[int, _HostNode] = {}
+    smt = False
+    for node_id in sorted(node_cores):
+        cores = node_cores[node_id]
+        sizes = set(map(len, cores))
+        offsets: tuple[int, ...] | None = None
+        if sizes == {1}:
+            masks = [bit[t[0]] for t in cores]
+            offsets = (0,)
+        elif sizes == {2}:
+            masks = [bit[a] | bit[b] for a, b in cores]
+            gaps = {b - a for a, b in cores}
+            offsets = (0, gaps.pop()) if len(gaps) == 1 else None
+        else:
+            masks = [sum([bit[t] for t in threads]) for threads in cores]
+            shapes = {tuple([t - threads[0] for t in threads]) for threads in cores}
+            offsets = shapes.pop() if len(shapes) == 1 else None
+        smt = smt or max(sizes) > 1
+        nodes[node_id] = _HostNode(
+            mask=sum(masks), firsts=sum([bit[t[0]] for t in cores]),
+            package=_package(topology, cores[0][0]), cores=tuple(masks), threads=tuple(cores),
+            index={t[0]: i for i, t in enumerate(cores)}, offsets=offsets,
+            uniform=sizes.pop() if len(sizes) == 1 else 0)
+    return _HostLayout(nodes=nodes, package={n: node.package for n, node in nodes.items()},
+                       online=frozenset(online), bit=tuple(bit), smt=smt)
 
 
 def _package(topology: Topology, cpu: int) -> int:
@@ -182,48 +238,98 @@ _LAYOUT_CACHE_SIZE = 16
 _LAYOUTS: dict[int, tuple[weakref.ref[Topology], _HostLayout]] = {}
 
 
-def _capacity(cores: Sequence[_HostCore], free: frozenset[int], policy: ThreadPolicy) -> int:
-    """How many CPUs a node can give under ``policy``; ``free``: its free CPUs.
+# -- one node under one request --------------------------------------------------------------
 
-    A thread counts as used when it is not in ``free``, whoever uses it (another VM, the
+@dataclass(frozen=True, slots=True)
+class _NodeState:
+    free: int  # mask of its free threads
+    capacity: int  # CPUs it can give under the policy
+    whole: int  # first threads of its whole free cores eligible under the policy
+    partial: int  # first threads of the cores with some but not all threads free (prefer)
+
+
+def _node_state(node: _HostNode, free: int, policy: ThreadPolicy) -> _NodeState:
+    """Capacity (how many CPUs the node can give under ``policy``) and its free cores.
+
+    A thread counts as used when it is not free, whoever uses it (another holder, the
     host's housekeeping CPUs outside the pool): such a core is never whole.
     """
+    offsets = node.offsets
+    partial = 0
+    if offsets is not None:
+        whole = free & node.firsts
+        for o in offsets[1:]:
+            whole &= free >> o
+        if policy == "prefer" and len(offsets) > 1:
+            some = free
+            for o in offsets[1:]:
+                some |= free >> o
+            partial = some & node.firsts & ~whole
+    else:
+        whole = 0
+        for first, core in zip(node.index, node.cores, strict=True):
+            f = free & core
+            if f == core:
+                whole |= 1 << first
+            elif f and policy == "prefer":
+                partial |= 1 << first
     if policy == "prefer":
-        return len(free)
+        return _NodeState(free, free.bit_count(), whole, partial)
     if policy == "isolate":
-        return sum(1 for c in cores if c.cpus <= free)
-    if policy == "whole":
-        return sum(len(c.threads) for c in cores if c.cpus <= free)
-    return sum(len(c.threads) for c in cores if len(c.threads) > 1 and c.cpus <= free)
+        return _NodeState(free, whole.bit_count(), whole, 0)
+    if node.uniform:
+        if policy == "require" and node.uniform < 2:
+            return _NodeState(free, 0, 0, 0)
+        return _NodeState(free, whole.bit_count() * node.uniform, whole, 0)
+    threads, index = node.threads, node.index
+    capacity = 0
+    for i in _indexes(whole, index):
+        size = len(threads[i])
+        if policy == "require" and size < 2:
+            whole &= ~(1 << threads[i][0])
+        else:
+            capacity += size
+    return _NodeState(free, capacity, whole, 0)
 
 
-def _free_cores(cores: Sequence[_HostCore], free: frozenset[int]) -> list[_Core]:
-    """The node's cores with at least one free thread, by first CPU."""
-    out: list[_Core] = []
-    for core in cores:
-        if core.cpus.isdisjoint(free):
-            continue
-        out.append(_Core(core.threads[0], core.threads,
-                         tuple(t for t in core.threads if t in free)))
-    return out
+def _indexes(mask: int, index: dict[int, int]) -> Iterator[int]:
+    """Core indexes of the first threads in ``mask``, ascending."""
+    while mask:
+        low = mask & -mask
+        yield index[low.bit_length() - 1]
+        mask ^= low
 
 
-def _eligible(cores: Iterable[_Core], policy: ThreadPolicy) -> list[_Core]:
-    if policy == "prefer":
-        return list(cores)
-    if policy in ("isolate", "whole"):
-        return [c for c in cores if c.whole]
-    return [c for c in cores if c.whole and len(c.threads) > 1]
+def _breaks_a_whole_core(node: _HostNode, state: _NodeState, count: int) -> bool:
+    """Would ``prefer`` placing ``count`` CPUs on this node leave a whole core part-used?
+
+    Counted from the node's state where all its cores have the same number of threads
+    (every host the benchmark knows); elsewhere answered by a trial pick."""
+    size = node.uniform
+    if not size:
+        return _pick_prefer(node, state, count)[1]
+    whole = state.whole.bit_count()
+    taken = min(whole, count // size)
+    rest = count - taken * size
+    if rest == 0 or rest >= size or taken == whole:
+        return False  # no remainder, or no whole core left to break
+    if size == 2:
+        return not state.partial
+    free = state.free
+    return not any((free & node.cores[i]).bit_count() >= rest
+                   for i in _indexes(state.partial, node.index))
 
 
-def _choose_nodes(capacity: dict[int, int], count: int,
-                  package: dict[int, int]) -> dict[int, int] | None:
+def _choose_nodes(host: _HostLayout, states: dict[int, _NodeState], count: int,
+                  policy: ThreadPolicy) -> dict[int, int] | None:
     """Node → how many CPUs to take there: one best-fit node, else the fewest nodes.
 
     Spanning, the largest nodes are taken whole until the rest fits in one node, chosen by
     best fit; at equal capacity a node in a package already used comes first (a hop
     within a package is shorter than one across packages).
     """
+    capacity = {n: s.capacity for n, s in states.items()}
+    package = host.package
     if sum(capacity.values()) < count:
         return None
     plan: dict[int, int] = {}
@@ -231,10 +337,13 @@ def _choose_nodes(capacity: dict[int, int], count: int,
     rest = set(capacity)
     while need > 0:
         used = {package[n] for n in plan}
-        fits = [n for n in rest if capacity[n] >= need]
+        fits = sorted((n for n in rest if capacity[n] >= need),
+                      key=lambda n: (capacity[n], bool(plan) and package[n] not in used, n))
         if fits:
-            best = min(fits, key=lambda n: (capacity[n], bool(plan) and package[n] not in used,
-                                            n))
+            best = fits[0]
+            if policy == "prefer" and len(fits) > 1:
+                best = next((n for n in fits if not _breaks_a_whole_core(
+                    host.nodes[n], states[n], need)), best)
             plan[best] = need
             return plan
         biggest = min(rest, key=lambda n: (-capacity[n], bool(plan) and package[n] not in used,
@@ -247,57 +356,86 @@ def _choose_nodes(capacity: dict[int, int], count: int,
 
 # -- cores within one node -----------------------------------------------------------------
 
-def _pick(cores: Sequence[_Core], count: int,
+def _pick(node: _HostNode, state: _NodeState, count: int,
           policy: ThreadPolicy) -> tuple[list[int], list[int]]:
-    """Choose ``count`` CPUs among ``cores`` of one node: (CPUs in vCPU order, holds)."""
-    taken: dict[int, tuple[_Core, tuple[int, ...]]] = {}
-    holds: list[int] = []
+    """Choose ``count`` CPUs on one node: (CPUs in vCPU order, holds)."""
     if policy == "prefer":
-        _pick_prefer(cores, count, taken)
-    else:
+        return _pick_prefer(node, state, count)[0], []
+    threads = node.threads
+    chosen: dict[int, tuple[int, ...]] = {}  # core index -> threads used
+    holds: list[int] = []
+    if policy == "isolate":
+        # Cores with the fewest threads first (as little held as possible), lowest first.
+        order: Iterable[int] = _indexes(state.whole, node.index)
+        if not node.uniform:
+            order = sorted(order, key=lambda i: len(threads[i]))
+        for i in order:
+            if len(chosen) == count:
+                break
+            chosen[i] = threads[i][:1]
+            holds.extend(threads[i][1:])
+    elif node.uniform:  # whole, require: whole cores, lowest first; the last one's spare held
         need = count
-        ordered = sorted(_eligible(cores, policy), key=lambda c: (len(c.threads), c.first))
-        for core in ordered:
+        for i in _indexes(state.whole, node.index):
+            use = threads[i][:need]
+            chosen[i] = use
+            holds.extend(threads[i][len(use):])
+            need -= len(use)
             if need == 0:
                 break
-            use = 1 if policy == "isolate" else min(need, len(core.threads))
-            taken[core.first] = (core, core.threads[:use])
-            holds.extend(core.threads[use:])
-            need -= use
-    cpus = [cpu for first in sorted(taken) for cpu in taken[first][1]]
+    else:  # whole, require, mixed core sizes: larger cores first, the rest best fit
+        need = count
+        left = sorted(_indexes(state.whole, node.index), key=lambda i: -len(threads[i]))
+        rest: list[int] = []
+        for i in left:
+            if need == 0 or len(threads[i]) > need:
+                rest.append(i)
+            else:
+                chosen[i] = threads[i]
+                need -= len(threads[i])
+        while need > 0:
+            fits = [i for i in rest if len(threads[i]) >= need]
+            i = min(fits, key=lambda i: (len(threads[i]), i)) if fits else rest[0]
+            rest.remove(i)
+            use = threads[i][:need]
+            chosen[i] = use
+            holds.extend(threads[i][len(use):])
+            need -= len(use)
+    cpus = [cpu for i in sorted(chosen) for cpu in chosen[i]]
     return cpus, holds
 
 
-def _pick_prefer(cores: Sequence[_Core], count: int,
-                 taken: dict[int, tuple[_Core, tuple[int, ...]]]) -> None:
+def _pick_prefer(node: _HostNode, state: _NodeState, count: int) -> tuple[list[int], bool]:
+    """``prefer`` on one node: (CPUs in vCPU order, whether a whole core was broken)."""
+    threads, index = node.threads, node.index
     need = count
+    chosen: dict[int, tuple[int, ...]] = {}
     # Whole free cores first, lowest first, while a whole core is not more than needed.
-    for core in cores:
-        if core.whole and len(core.free) <= need:
-            taken[core.first] = (core, core.free)
-            need -= len(core.free)
+    for i in _indexes(state.whole, index):
+        size = len(threads[i])
+        if size <= need:
+            chosen[i] = threads[i]
+            need -= size
             if need == 0:
-                return
+                return [c for k in sorted(chosen) for c in chosen[k]], False
     # The rest: best fit, the core with the fewest free threads that still holds what is
     # left (partly used cores before whole ones at equal size); when none holds it, the
     # core with the most free threads, to keep the VM's threads on as few cores as possible.
-    buckets: dict[int, list[_Core]] = {}  # number of free threads -> cores, by first CPU
-    for core in cores:
-        if core.first not in taken:
-            buckets.setdefault(len(core.free), []).append(core)
-    sizes = sorted(buckets)
-    used = dict.fromkeys(sizes, 0)  # how many of each bucket (its first ones) are taken
+    free = state.free
+    left = [((free & node.cores[i]).bit_count(), 1, i) for i in _indexes(state.partial, index)]
+    left += [(len(threads[i]), 2, i) for i in _indexes(state.whole, index) if i not in chosen]
+    broken = False
     while need > 0:
-        fit = next((k for k in sizes if k >= need and used[k] < len(buckets[k])), None)
-        if fit is not None:
-            core = min(buckets[fit][used[fit]:], key=lambda c: (c.whole, c.first))
-            taken[core.first] = (core, core.free[:need])
-            return
-        largest = max(k for k in sizes if used[k] < len(buckets[k]))
-        core = buckets[largest][used[largest]]
-        used[largest] += 1
-        taken[core.first] = (core, core.free)
-        need -= largest
+        fit = min((c for c in left if c[0] >= need), default=None)
+        if fit is None:
+            fit = min(left, key=lambda c: (-c[0], c[2]))
+        left.remove(fit)
+        n, kind, i = fit
+        use = min(need, n)
+        chosen[i] = tuple(t for t in threads[i] if free >> t & 1)[:use]
+        broken = broken or (kind == 2 and use < n)
+        need -= use
+    return [c for k in sorted(chosen) for c in chosen[k]], broken
 
 
 def _refusal_message(request: Request, available: int) -> str:
@@ -310,7 +448,7 @@ def _refusal_message(request: Request, available: int) -> str:
         relax = "use thread policy 'prefer'"
     elif request.threads == "whole":
         what = f"{available} CPUs on whole free cores (thread policy 'whole')"
-        relax = "share cores with thread policy 'prefer'"
+        relax = "use thread policy 'prefer' to share cores with other holders"
     else:
         what = f"{available} free CPUs"
         relax = "lower the vCPU count"
