@@ -123,10 +123,10 @@ def test_plan_apply_restore_on_a_fake_tree(tmp_path: Path) -> None:
 
 def test_refused_irq_is_an_outcome_and_then_unmovable(tmp_path: Path) -> None:
     root = make_tree(tmp_path)
+    snap = read_noise(root)
     target = root / "proc/irq/25/smp_affinity_list"
     target.unlink()
     target.mkdir()  # opening it for writing fails (EISDIR) like the kernel's EIO would
-    snap = read_noise(root)
     outcomes = apply(root, [Write("irq:4", L("0-1")), Write("kthread:999:1", L("0")),
                             Write("bogus", L("0"))], set_affinity=lambda p, c: None)
     assert [o.ok for o in outcomes] == [True, False, False]
@@ -137,6 +137,12 @@ def test_refused_irq_is_an_outcome_and_then_unmovable(tmp_path: Path) -> None:
     assert next(i for i in marked.irqs if i.irq == 24).writable is False
     assert "irq:24" not in marked.values()
     assert refused([*outcomes]) == {"bogus"}  # EINVAL; ESRCH is not "for good"
+    plan = plan_isolation(snap, L("2-3"), L("0-1"), {})
+    failed = {o.key for o in apply(root, plan.writes, set_affinity=lambda p, c: None)
+              if not o.ok}  # EISDIR here; the kernel says EIO (noise.refused)
+    assert failed == {"irq:25"}
+    assert "irq:25" in {r.key for r in plan.records}
+    assert "irq:25" not in {r.key for r in plan.settled(failed)}
 
 
 def test_unmovable_names_the_boot_parameters() -> None:

@@ -20,8 +20,10 @@ the writes.  The manager's side:
 
 * on a lease: ``plan = plan_isolation(snap, leased_by_all, housekeeping, recorded)``;
   store ``plan.records`` in the ledger *before* performing ``plan.writes`` (a crash in
-  between then restores values that were never changed, which is harmless); keys whose
-  write failed (EIO: managed/per-CPU IRQ) are reported with :func:`unmovable`;
+  between then restores values that were never changed, which is harmless); then store
+  ``plan.settled(noise.refused(outcomes))`` instead: keys whose write failed (EIO:
+  managed/per-CPU IRQ) lose their record and are reported with
+  ``unmovable(with_refusals(snapshot, refused), leased)``;
 * on a release, and at start-up after a crash: ``r = plan_restore(snap, recorded,
   still_leased, housekeeping)``; perform ``r.writes``, then drop ``r.forget`` from the
   ledger and store ``r.keep`` (records still needed because some original CPUs are still
@@ -172,6 +174,12 @@ class Plan:
     writes: tuple[Write, ...]
     records: tuple[Record, ...]
     stuck: tuple[str, ...] = ()
+
+    def settled(self, refused: Iterable[str]) -> tuple[Record, ...]:
+        """The records to keep once the writes are done: those of keys whose write the
+        kernel refused (``noise.refused``: EIO …) are dropped — nothing changed there."""
+        bad = frozenset(refused)
+        return tuple(r for r in self.records if r.key not in bad)
 
 
 @dataclass(frozen=True, slots=True)
