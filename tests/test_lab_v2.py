@@ -497,7 +497,10 @@ def test_noise_moves_off_leased_cpus_and_eio_is_an_outcome(lab: LabRun) -> None:
     outcomes = {o["key"]: o for o in data["isolate_outcomes"]}
     assert outcomes["irq-default"]["ok"] and outcomes["workqueue"]["ok"], outcomes
     failed = {k: o["errno"] for k, o in outcomes.items() if not o["ok"]}
-    assert failed and set(failed.values()) == {"EIO"}, failed  # the timer and cascade IRQs
+    # the timer and cascade IRQs; write_irq_affinity() says EIO on 6.1, EPERM on 6.12
+    refusal = "EPERM" if kernel_version(lab) >= (6, 12) else "EIO"
+    assert failed and set(failed.values()) == {refusal}, failed
+    assert sorted(data["dropped_records"]) == sorted(failed), data["dropped_records"]
     assert all(k.startswith("irq:") for k in failed), failed
     assert any(k.startswith("kthread:") and o["ok"] for k, o in outcomes.items())
     assert data["still_on_leased"] == [], data["still_on_leased"]
@@ -560,3 +563,33 @@ def test_isolated_partition_has_no_sched_domain_and_may_hold_any_cpu(lab: LabRun
     assert four["domains"]["4"] == [], four["domains"]
     assert data["after"]["domains"] == data["baseline"]["domains"]
     assert all(err is None for err in data.get("given_back", {}).values()), data
+
+
+def test_isolated_partition_leaves_the_workqueue_mask_from_6_7(lab: LabRun) -> None:
+    data = lab.check("partition_isolated_vs_root")
+    base = CpuSet.from_mask(data["baseline"]["workqueue"])
+    iso, four = data["isolated_2_3"], data["isolated_4"]
+    if kernel_version(lab) >= (6, 7):
+        assert CpuSet.from_mask(iso["workqueue"]) == base - CpuSet.of([2, 3]), iso
+        assert CpuSet.from_mask(four["workqueue"]) == base - CpuSet.of([4]), four
+        assert cpus(iso["root_isolated"]) == CpuSet.of([2, 3, 6, 7]), iso
+        assert cpus(data["root_2_3"]["root_isolated"]) == CpuSet.of([6, 7])
+    else:  # 6.1: only the scheduler is told
+        assert iso["workqueue"] == data["baseline"]["workqueue"], iso
+        assert iso["root_isolated"] is None
+
+
+def test_partitions_over_isolcpus_cpus(lab: LabRun) -> None:
+    data = lab.check("partition_isolated_vs_root")
+    assert data["lent_errors"] == {"machine.slice": None}, data  # nobody else names CPU 6
+    root6, iso6 = data["root_6"]["group"], data["isolated_6"]["group"]
+    if kernel_version(lab) >= (6, 12):
+        # both refused, although prstate_housekeeping_conflict() means to let `isolated`
+        # through: update_parent_effective_cpumask() asks it with the old (member) state
+        reason = "(partition config conflicts with housekeeping setup)"
+        assert root6["cpuset.cpus.partition"] == f"root invalid {reason}", root6
+        assert iso6["cpuset.cpus.partition"] == f"isolated invalid {reason}", iso6
+    else:
+        assert root6["cpuset.cpus.partition"] == "root", root6
+        assert iso6["cpuset.cpus.partition"] == "isolated", iso6
+        assert data["root_6"]["domains"]["6"] == [], data["root_6"]  # isolcpus: no domain
