@@ -619,6 +619,453 @@ def cli_plan_numa() -> Data:
     return out
 
 
+# -- issue #14: cgroups created beside a holder partition (late_cgroup_*) -----------------
+
+LEASED = "1-2"  # the issue's example: `pinwarden run --exclusive 2` holding CPUs 1-2
+HOLD = "pwtest-hold"
+JOB = "pwtest-hold/run-L.partition"
+_TASKS: list[subprocess.Popen[bytes]] = []
+
+
+def task_in(path: str) -> Data:
+    """A ``sleep`` in its own session, moved into cgroup ``path``; its pid, cgroup and
+    ``Cpus_allowed_list`` (or the error of the move)."""
+    proc = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    _TASKS.append(proc)
+    out: Data = {"pid": proc.pid}
+    try:
+        write_raw(path, "cgroup.procs", str(proc.pid))
+    except OSError as exc:
+        out["move_error"] = errno.errorcode.get(exc.errno or 0, str(exc))
+    out["cgroup"] = cgroup_of(proc.pid)
+    out["allowed"] = allowed_of(proc.pid)
+    return out
+
+
+def allowed_of(pid: int) -> str | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return next((ln.split(":", 1)[1].strip() for ln in status.splitlines()
+                 if ln.startswith("Cpus_allowed_list:")), None)
+
+
+def kill_tasks() -> None:
+    while _TASKS:
+        proc = _TASKS.pop()
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+
+
+def try_write(path: str, name: str, value: str) -> str | None:
+    """Write; ``None`` or the errno name."""
+    try:
+        write_raw(path, name, value)
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno or 0, str(exc))
+    return None
+
+
+def make_group(path: str, cpus: str | None = None, *, exclusive: str | None = None,
+               partition: str | None = None) -> Data:
+    """mkdir (the backend enables +cpuset above it), then raw writes; each write's error."""
+    backend().mkdir(path)
+    out: Data = {}
+    if cpus is not None:
+        out["cpus"] = try_write(path, "cpuset.cpus", cpus)
+    if exclusive is not None:
+        out["exclusive"] = try_write(path, "cpuset.cpus.exclusive", exclusive)
+    if partition is not None:
+        out["partition"] = try_write(path, "cpuset.cpus.partition", partition)
+    return out
+
+
+def setup_holder(*, exclusive: bool = False) -> Data:
+    """The issue's lease by hand: HOLD (root partition, CPUs 1-2) / run-L.partition (root
+    partition, CPUs 1-2) with a task; ``exclusive``: also write cpuset.cpus.exclusive on
+    both (6.7+)."""
+    xcpus = LEASED if exclusive else None
+    out: Data = {"hold_writes": make_group(HOLD, LEASED, exclusive=xcpus, partition="root"),
+                 "job_writes": make_group(JOB, LEASED, exclusive=xcpus, partition="root")}
+    out["job_task"] = task_in(JOB)
+    out["state"] = holder_state()
+    return out
+
+
+def holder_state() -> Data:
+    job_pid = next((t.pid for t in _TASKS if cgroup_of(t.pid) == JOB), None)
+    return {"hold": group_data(HOLD), "job": group_data(JOB),
+            "root_effective": raw("", "cpuset.cpus.effective"),
+            "job_allowed": allowed_of(job_pid) if job_pid else None}
+
+
+def clean_late() -> Data:
+    kill_tasks()
+    return {"teardown": [teardown("pwtest-late"), teardown("pwtest-old"), teardown(HOLD)],
+            "root_effective": raw("", "cpuset.cpus.effective")}
+
+
+def late_case(action: Callable[[], Data], *, exclusive: bool = False,
+              old: bool = False) -> Data:
+    """Set up the holder (and ``pwtest-old``, made before the lease, when ``old``), run
+    ``action``, record the holder after it, clean up."""
+    out: Data = {"has_exclusive_file": False}
+    try:
+        if old:
+            out["old_writes"] = make_group("pwtest-old")
+        out["setup"] = setup_holder(exclusive=exclusive)
+        out["has_exclusive_file"] = (cgroup_root() / HOLD / "cpuset.cpus.exclusive").exists()
+        out.update(action())
+        out["holder_after"] = holder_state()
+    finally:
+        out["cleanup"] = clean_late()
+    return out
+
+
+@check("late_cgroup_explicit")
+def late_cgroup_explicit() -> Data:
+    """The issue: a top-level cgroup made after the lease writes 0-7."""
+    def act() -> Data:
+        writes = make_group("pwtest-late", "0-7")
+        return {"writes": writes, "late": group_data("pwtest-late"),
+                "task": task_in("pwtest-late")}
+    return late_case(act)
+
+
+@check("late_cgroup_no_cpus")
+def late_cgroup_no_cpus() -> Data:
+    """A top-level cgroup made after the lease that never writes cpuset.cpus."""
+    def act() -> Data:
+        make_group("pwtest-late")
+        return {"late": group_data("pwtest-late"), "task": task_in("pwtest-late")}
+    return late_case(act)
+
+
+@check("late_cgroup_partition")
+def late_cgroup_partition() -> Data:
+    """A late cgroup naming CPUs 2-3 (one leased) that then makes itself a partition."""
+    def act() -> Data:
+        writes = make_group("pwtest-late", "2-3")
+        after_cpus = {"late": group_data("pwtest-late"), "holder": holder_state()}
+        writes["partition"] = try_write("pwtest-late", "cpuset.cpus.partition", "root")
+        return {"writes": writes, "after_cpus": after_cpus,
+                "late": group_data("pwtest-late"), "task": task_in("pwtest-late")}
+    return late_case(act)
+
+
+@check("late_cgroup_old_explicit")
+def late_cgroup_old_explicit() -> Data:
+    """Is 'late' what matters?  A top-level cgroup made BEFORE the lease writes 0-7 after."""
+    def act() -> Data:
+        err = try_write("pwtest-old", "cpuset.cpus", "0-7")
+        return {"write": err, "old": group_data("pwtest-old"), "task": task_in("pwtest-old")}
+    return late_case(act, old=True)
+
+
+@check("late_cgroup_nested")
+def late_cgroup_nested() -> Data:
+    """A cgroup made after the lease inside one made before it, writing 0-7."""
+    def act() -> Data:
+        writes = make_group("pwtest-old/late", "0-7")
+        return {"writes": writes, "nested": group_data("pwtest-old/late"),
+                "old": group_data("pwtest-old"), "task": task_in("pwtest-old/late")}
+    return late_case(act, old=True)
+
+
+@check("late_cgroup_exclusive")
+def late_cgroup_exclusive() -> Data:
+    """6.7+: the holder sets cpuset.cpus.exclusive; does a late 0-7 write still get in?
+    And may the late cgroup claim leased CPUs in its own cpuset.cpus.exclusive?"""
+    def act() -> Data:
+        writes = make_group("pwtest-late", "0-7")
+        out: Data = {"writes": writes, "late": group_data("pwtest-late"),
+                     "task": task_in("pwtest-late"), "holder_mid": holder_state()}
+        make_group("pwtest-late2")
+        out["late2_exclusive_write"] = try_write("pwtest-late2", "cpuset.cpus.exclusive",
+                                                 LEASED)
+        out["late2"] = group_data("pwtest-late2")
+        return out
+    if not (cgroup_root() / "pwtest-bystander" / "cpuset.cpus.exclusive").exists():
+        return {"has_exclusive_file": False, "kernel": platform.release()}
+    return late_case(act, exclusive=True)
+
+
+@check("late_cgroup_inotify")
+def late_cgroup_inotify() -> Data:
+    """Which inotify events kernfs delivers: mkdir of a cgroup (IN_CREATE), a write to its
+    cpuset.cpus (IN_MODIFY), the kernel invalidating a partition (IN_MODIFY on
+    cpuset.cpus.partition, from kernfs_notify)."""
+    from pinwarden.enforce.watch import CgroupWatcher
+
+    out: Data = {}
+    try:
+        out["setup"] = setup_holder()
+        with CgroupWatcher(cgroup_root(), parents=("", HOLD)) as w:
+            out["watched_hold"] = HOLD in w.watched() and JOB in w.watched()
+            w.read_pending()
+            steps: dict[str, list[Data]] = {}
+            subprocess.run(["mkdir", str(cgroup_root() / "pwtest-late")], check=True)
+            steps["mkdir"] = [vars_of(e) for e in w.poll(5.0)]
+            subprocess.run(["sh", "-c", f"echo 4-5 > {cgroup_root()}/pwtest-late/cpuset.cpus"],
+                           check=True)
+            steps["write_disjoint"] = [vars_of(e) for e in w.poll(5.0)]
+            subprocess.run(["sh", "-c", f"echo 0-7 > {cgroup_root()}/pwtest-late/cpuset.cpus"],
+                           check=True)
+            time.sleep(0.5)  # kernfs_notify runs from a work item
+            steps["write_overlap"] = [vars_of(e) for e in w.poll(5.0)]
+            subprocess.run(["rmdir", str(cgroup_root() / "pwtest-late")], check=True)
+            steps["rmdir"] = [vars_of(e) for e in w.poll(5.0)]
+            out["steps"] = steps
+        out["holder_after"] = holder_state()
+    finally:
+        out["cleanup"] = clean_late()
+    return out
+
+
+def vars_of(event: Any) -> Data:
+    return {"kind": event.kind, "path": event.path, "name": event.name}
+
+
+@check("late_cgroup_watch")
+def late_cgroup_watch() -> Data:
+    """The fix on the real kernel: the watcher sees another process make a top-level
+    cgroup and write leased CPUs into it; close_escapes narrows it and re-validates the
+    holder.  Round 1 writes 0-7, round 2 only leased CPUs (→ the shared pool), round 3
+    makes a partition over 2-3."""
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.enforce.watch import CgroupWatcher, close_escapes
+
+    leased = CpuSet.parse_kernel(LEASED)
+    pool = CpuSet.parse_kernel("0,3-5")  # online − leased − isolcpus
+    holders = {HOLD, JOB}
+    mount = cgroup_root()
+    late = mount / "pwtest-late"
+    rounds = {
+        "wide": f"mkdir {late} && echo 0-7 > {late}/cpuset.cpus",
+        "only_leased": f"echo {LEASED} > {late}/cpuset.cpus",
+        "partition": f"echo 2-3 > {late}/cpuset.cpus && echo root > "
+                     f"{late}/cpuset.cpus.partition",
+    }
+    out: Data = {"rounds": {}}
+    try:
+        out["setup"] = setup_holder()
+        with CgroupWatcher(mount, parents=("", HOLD)) as w:
+            first = close_escapes(mount, ("", HOLD), leased, holders, pool)
+            out["initial_clean"] = first.narrowing.clean
+            for name, script in rounds.items():
+                w.read_pending()
+                start = time.monotonic()
+                actor = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
+                written = time.monotonic()
+                rnd: Data = {"actor_rc": actor.returncode, "actor_err": actor.stderr,
+                             "events": [], "fixes": []}
+                fixed_at = None
+                deadline = written + 20.0
+                while time.monotonic() < deadline:
+                    events = w.poll(0.5)
+                    rnd["events"] += [vars_of(e) for e in events]
+                    if not events and fixed_at is not None:
+                        break
+                    res = close_escapes(mount, ("", HOLD), leased, holders, pool)
+                    if res.narrowing.ops and all(o.ok for o in res.outcomes):
+                        rnd.setdefault("seconds_to_fix", round(time.monotonic() - written, 3))
+                    if res.narrowing.ops:
+                        rnd["fixes"].append({
+                            "escapes": [{"path": e.path, "reach": e.reach.to_list(),
+                                         "configured": e.configured.to_list()}
+                                        for e in res.narrowing.escapes],
+                            "ops": [repr(op) for op in res.narrowing.ops],
+                            "outcomes": [{"op": repr(o.op), "ok": o.ok, "after": o.after,
+                                          "errno": o.errno, "error": o.error,
+                                          "skipped": o.skipped} for o in res.outcomes],
+                            "notes": list(res.narrowing.notes)})
+                    elif res.narrowing.clean and rnd["fixes"]:
+                        fixed_at = fixed_at or time.monotonic()
+                rnd["seconds_to_fixed"] = None if fixed_at is None else \
+                    round(fixed_at - written, 3)
+                rnd["actor_seconds"] = round(written - start, 3)
+                rnd["late"] = group_data("pwtest-late")
+                rnd["holder"] = holder_state()
+                rnd["task"] = task_in("pwtest-late")
+                out["rounds"][name] = rnd
+    finally:
+        out["cleanup"] = clean_late()
+    return out
+
+
+# -- issue #11 part 2: host noise off leased CPUs (noise_*) -------------------------------
+
+def noise_files() -> dict[str, str]:
+    """Raw contents of every file pinwarden may write, keyed like isolation's keys."""
+    out: dict[str, str] = {}
+    for d in sorted(Path("/proc/irq").iterdir(), key=lambda p: p.name):
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                out[f"irq:{d.name}"] = (d / "smp_affinity_list").read_text().strip()
+    out["irq-default"] = Path("/proc/irq/default_smp_affinity").read_text().strip()
+    out["workqueue"] = Path("/sys/devices/virtual/workqueue/cpumask").read_text().strip()
+    return out
+
+
+def kthread_affinities(keys: list[str]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for key in keys:
+        _, pid, _start = key.split(":")
+        stat = Path(f"/proc/{pid}/stat")
+        out[key] = allowed_of(int(pid)) if stat.exists() else None
+    return out
+
+
+def snapshot_data(snap: Any) -> Data:
+    return {
+        "online": snap.online.to_list(),
+        "irqs": [{"irq": i.irq, "affinity": i.affinity.to_list(),
+                  "effective": None if i.effective is None else i.effective.to_list(),
+                  "actions": list(i.actions)} for i in snap.irqs],
+        "default": None if snap.default_affinity is None else snap.default_affinity.to_list(),
+        "workqueue": None if snap.workqueue is None else snap.workqueue.to_list(),
+        "kthreads": len(snap.kthreads),
+        "movable": [{"comm": k.comm, "pid": k.pid, "affinity": k.affinity.to_list(),
+                     "flags": hex(k.flags)} for k in snap.kthreads if k.movable],
+        "nohz_full": snap.nohz_full.to_list(), "rcu_nocbs": snap.rcu_nocbs.to_list(),
+        "isolated": snap.isolated.to_list(),
+    }
+
+
+def on_leased(snap: Any, leased: Any) -> list[str]:
+    return sorted(k for k, v in snap.values().items() if not v.isdisjoint(leased))
+
+
+def outcome_data(outcomes: Any) -> list[Data]:
+    return [{"key": o.key, "value": o.value.to_list(), "ok": o.ok,
+             "errno": None if o.errno is None else errno.errorcode.get(o.errno, o.errno),
+             "after": o.after} for o in outcomes]
+
+
+@check("noise_isolate_restore")
+def noise_isolate_restore() -> Data:
+    """Lease CPUs 2-3: IRQs, the default IRQ affinity, the unbound workqueue mask and
+    movable kernel threads leave them; release 2 (3 still leased); release 3 after a
+    simulated crash (records through JSON, fresh snapshot): everything is back."""
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.isolation import (
+        Record,
+        plan_isolation,
+        plan_restore,
+        unmovable,
+        with_refusals,
+    )
+    from pinwarden.noise import apply, read_noise, refused
+
+    leased = CpuSet.of([2, 3])
+    hk = CpuSet.of([0, 1])
+    out: Data = {}
+    before = read_noise(Path("/"))
+    out["snapshot"] = snapshot_data(before)
+    movable_keys = [k.key for k in before.kthreads if k.movable]
+    out["files_before"] = noise_files()
+    out["kthreads_before"] = kthread_affinities(movable_keys)
+    plan = plan_isolation(before, leased, hk, {})
+    out["plan"] = {"writes": len(plan.writes), "records": len(plan.records),
+                   "stuck": list(plan.stuck)}
+    outcomes = apply(Path("/"), plan.writes)
+    out["isolate_outcomes"] = outcome_data(outcomes)
+    records = {r.key: r for r in plan.settled(refused(outcomes))}
+    out["dropped_records"] = sorted(refused(outcomes))
+    isolated = with_refusals(read_noise(Path("/")), refused(outcomes))
+    out["files_isolated"] = noise_files()
+    out["kthreads_isolated"] = kthread_affinities(movable_keys)
+    out["still_on_leased"] = on_leased(isolated, leased)
+    out["replan_writes"] = len(plan_isolation(isolated, leased, hk, records).writes)
+    out["unmovable"] = [{"kind": f.kind, "key": f.key, "cpus": f.cpus.to_list(),
+                         "what": f.what, "boot_param": f.boot_param}
+                        for f in unmovable(isolated, leased)]
+    # CPU 2 released, CPU 3 still leased
+    part = plan_restore(read_noise(Path("/")), records, CpuSet.of([3]), hk)
+    out["partial_outcomes"] = outcome_data(apply(Path("/"), part.writes))
+    out["files_partial"] = noise_files()
+    out["partial_on_3"] = on_leased(read_noise(Path("/")), CpuSet.of([3]))
+    kept = {r.key: r for r in part.keep}
+    out["partial_keep"] = len(kept)
+    # "crash": the ledger's JSON is all that survives; a fresh snapshot
+    stored = json.loads(json.dumps([r.to_json() for r in kept.values()]))
+    final = plan_restore(read_noise(Path("/")), [Record.from_json(d) for d in stored],
+                         CpuSet(), hk)
+    out["restore_outcomes"] = outcome_data(apply(Path("/"), final.writes))
+    out["restore"] = {"forget": len(final.forget), "keep": len(final.keep),
+                      "conflicts": list(final.conflicts)}
+    out["files_after"] = noise_files()
+    out["kthreads_after"] = kthread_affinities(movable_keys)
+    out["touched"] = sorted(records)
+    return out
+
+
+def schedstat_domains() -> dict[str, list[str]]:
+    """CPU → the CPU lists of its scheduling domains, innermost first (/proc/schedstat)."""
+    from pinwarden.cpuset import CpuSet
+
+    out: dict[str, list[str]] = {}
+    cpu = None
+    for line in Path("/proc/schedstat").read_text().splitlines():
+        parts = line.split()
+        if parts and parts[0].startswith("cpu") and parts[0][3:].isdigit():
+            cpu = parts[0][3:]
+            out[cpu] = []
+        elif parts and parts[0].startswith("domain") and cpu is not None:
+            out[cpu].append(CpuSet.from_mask(parts[1]).to_list())
+    return out
+
+
+@check("partition_isolated_vs_root")
+def partition_isolated_vs_root() -> Data:
+    """What an `isolated` partition changes over `root`: sched domains (/proc/schedstat),
+    the workqueue mask, cpuset.cpus.isolated (6.7+); and which CPUs each may hold (4 is not
+    an isolcpus CPU, 6 is)."""
+    from pinwarden.cpuset import CpuSet
+
+    out: Data = {"baseline": {"domains": schedstat_domains(),
+                              "workqueue": Path("/sys/devices/virtual/workqueue/cpumask")
+                              .read_text().strip()}}
+    cases = [("root_2_3", "2-3", "root"), ("isolated_2_3", "2-3", "isolated"),
+             ("isolated_4", "4", "isolated"), ("root_6", "6", "root"),
+             ("isolated_6", "6", "isolated")]
+    # a member sibling naming CPU 6 (pinwarden's machine.slice = 6-7 after cli.run) would
+    # invalidate any partition over it: empty it (it has no task) for the check
+    lent: dict[str, str] = {}
+    for child in sorted(cgroup_root().iterdir()):
+        text = raw(child.name, "cpuset.cpus") if child.is_dir() else None
+        if text and "pwtest" not in child.name and 6 in CpuSet.parse_kernel(text):
+            lent[child.name] = text
+            out.setdefault("lent_errors", {})[child.name] = try_write(
+                child.name, "cpuset.cpus", "")
+    out["lent"] = lent
+    try:
+        for name, cpus, word in cases:
+            path = "pwtest-sd"
+            try:
+                writes = make_group(path, cpus, partition=word)
+                out[name] = {
+                    "writes": writes, "group": group_data(path),
+                    "domains": schedstat_domains(),
+                    "root_isolated": raw("", "cpuset.cpus.isolated"),
+                    "workqueue": Path("/sys/devices/virtual/workqueue/cpumask")
+                    .read_text().strip(),
+                }
+            finally:
+                out.setdefault("teardown", []).append(teardown(path))
+    finally:
+        for name, text in lent.items():
+            out.setdefault("given_back", {})[name] = try_write(name, "cpuset.cpus", text)
+    out["after"] = {"domains": schedstat_domains()}
+    return out
+
+
 @check("kernel.partition_cpus")
 def kernel_partition_cpus() -> Data:
     """Kernel facts for the layout: do CPUs come back to the parent when a root partition is

@@ -1,0 +1,214 @@
+"""Read and write the host's noise sources (the adapter of :mod:`pinwarden.isolation`).
+
+:func:`read_noise` reads everything below ``root`` (``/`` on a host, a fake tree in tests)
+into a :class:`~pinwarden.isolation.NoiseSnapshot`; :func:`apply` performs
+:class:`~pinwarden.isolation.Write` values and reports each one's outcome — the kernel
+refusing a write (``EIO`` for a managed or per-CPU IRQ, ``EINVAL`` for a mask it does not
+accept, ``ESRCH`` for a thread that exited) is an outcome, never an exception.
+
+Files: ``proc/irq/N/{smp_affinity_list,effective_affinity_list}`` and the handler
+subdirectories of ``proc/irq/N``; ``proc/irq/default_smp_affinity`` and
+``sys/devices/virtual/workqueue/cpumask`` (hex masks); ``proc/PID/{stat,status}`` of kernel
+threads (``Cpus_allowed_list``); ``sys/devices/system/cpu/{online,isolated,nohz_full}``.
+Kernel-thread affinity is set with ``sched_setaffinity`` (injectable for tests), after
+checking that ``PID`` still has the recorded start time.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pinwarden.cpuset import CpuSet, CpuSetError
+from pinwarden.isolation import (
+    IRQ_DEFAULT,
+    WORKQUEUE,
+    IrqInfo,
+    KthreadInfo,
+    NoiseSnapshot,
+    Write,
+)
+from pinwarden.procs import parse_stat, read_stat
+
+IRQ_DIR = "proc/irq"
+DEFAULT_FILE = "proc/irq/default_smp_affinity"
+WORKQUEUE_FILE = "sys/devices/virtual/workqueue/cpumask"
+CPU_DIR = "sys/devices/system/cpu"
+_RCU_OFFLOAD = re.compile(r"rcuo[ps]/(\d+)$")
+
+SetAffinity = Callable[[int, Iterable[int]], None]
+
+
+def _text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _list(path: Path) -> CpuSet | None:
+    text = _text(path)
+    if text is None:
+        return None
+    try:
+        return CpuSet.parse_kernel(text)
+    except CpuSetError:  # "(null)" in nohz_full without nohz_full=
+        return None
+
+
+def _mask(path: Path) -> CpuSet | None:
+    text = _text(path)
+    if text is None:
+        return None
+    try:
+        return CpuSet.from_mask(text)
+    except CpuSetError:
+        return None
+
+
+def read_irqs(root: Path) -> tuple[IrqInfo, ...]:
+    base = root / IRQ_DIR
+    out: list[IrqInfo] = []
+    try:
+        entries = [e for e in base.iterdir() if e.name.isdigit()]
+    except OSError:
+        return ()
+    for d in sorted(entries, key=lambda e: int(e.name)):
+        affinity = _list(d / "smp_affinity_list")
+        if affinity is None:
+            continue
+        try:
+            actions = tuple(sorted(a.name for a in d.iterdir() if a.is_dir()))
+        except OSError:
+            actions = ()
+        out.append(IrqInfo(int(d.name), affinity, _list(d / "effective_affinity_list"),
+                           actions))
+    return tuple(out)
+
+
+def read_kthreads(root: Path) -> tuple[KthreadInfo, ...]:
+    """Every kernel thread (``PF_KTHREAD``) with its affinity."""
+    out: list[KthreadInfo] = []
+    try:
+        pids = sorted(int(p.name) for p in (root / "proc").iterdir() if p.name.isdigit())
+    except OSError:
+        return ()
+    for pid in pids:
+        text = _text(root / "proc" / str(pid) / "stat")
+        if text is None:
+            continue
+        try:
+            stat = parse_stat(text)
+        except ValueError:
+            continue
+        if not stat.kernel_thread:
+            continue
+        status = _text(root / "proc" / str(pid) / "status") or ""
+        allowed = next((ln.split(":", 1)[1].strip() for ln in status.splitlines()
+                        if ln.startswith("Cpus_allowed_list:")), None)
+        if allowed is None:
+            continue
+        try:
+            affinity = CpuSet.parse_kernel(allowed)
+        except CpuSetError:
+            continue
+        out.append(KthreadInfo(pid, stat.start_time, stat.comm, stat.flags, affinity))
+    return tuple(out)
+
+
+def read_noise(root: Path = Path("/")) -> NoiseSnapshot:
+    """Snapshot of every noise source below ``root``."""
+    cpu = root / CPU_DIR
+    kthreads = read_kthreads(root)
+    nocbs = CpuSet.of(int(m[1]) for kt in kthreads
+                      if (m := _RCU_OFFLOAD.match(kt.comm)) is not None)
+    return NoiseSnapshot(
+        online=_list(cpu / "online") or CpuSet(),
+        irqs=read_irqs(root),
+        default_affinity=_mask(root / DEFAULT_FILE),
+        workqueue=_mask(root / WORKQUEUE_FILE),
+        kthreads=kthreads,
+        nohz_full=_list(cpu / "nohz_full") or CpuSet(),
+        rcu_nocbs=nocbs,
+        isolated=_list(cpu / "isolated") or CpuSet(),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One write: ``ok``; else ``errno``/``error`` (``EIO``: the kernel does not let this
+    IRQ move).  ``after`` is the file read back (``Cpus_allowed_list`` for a thread)."""
+
+    key: str
+    value: CpuSet
+    ok: bool
+    errno: int | None = None
+    error: str | None = None
+    after: str | None = None
+
+
+def _write_file(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)  # as `echo >` does
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def target_file(key: str) -> tuple[str, bool] | None:
+    """``(path below root, hex mask?)`` of a key's file; ``None`` for a kernel thread."""
+    if key == IRQ_DEFAULT:
+        return DEFAULT_FILE, True
+    if key == WORKQUEUE:
+        return WORKQUEUE_FILE, True
+    kind, _, rest = key.partition(":")
+    if kind == "irq" and rest.isdigit():
+        return f"{IRQ_DIR}/{rest}/smp_affinity_list", False
+    return None
+
+
+def _apply_one(root: Path, write: Write, set_affinity: SetAffinity) -> Outcome:
+    key, value = write.key, write.value
+    found = target_file(key)
+    if found is not None:
+        rel, mask = found
+        path = root / rel
+        _write_file(path, (value.to_mask() if mask else value.to_list()) + "\n")
+        return Outcome(key, value, True, after=(_text(path) or "").strip())
+    kind, _, rest = key.partition(":")
+    pid_s, _, start_s = rest.partition(":")
+    if kind != "kthread" or not pid_s.isdigit() or not start_s.isdigit():
+        return Outcome(key, value, False, errno.EINVAL, f"unknown key {key!r}")
+    pid = int(pid_s)
+    stat = read_stat(pid, root=root)
+    if stat is None or stat.start_time != int(start_s):
+        return Outcome(key, value, False, errno.ESRCH, "the thread is gone")
+    set_affinity(pid, value.as_list())
+    status = _text(root / "proc" / pid_s / "status") or ""
+    after = next((ln.split(":", 1)[1].strip() for ln in status.splitlines()
+                  if ln.startswith("Cpus_allowed_list:")), None)
+    return Outcome(key, value, True, after=after)
+
+
+def apply(root: Path, writes: Iterable[Write], *,
+          set_affinity: SetAffinity = os.sched_setaffinity) -> tuple[Outcome, ...]:
+    """Perform ``writes`` below ``root`` in order; each one's :class:`Outcome`."""
+    out: list[Outcome] = []
+    for write in writes:
+        try:
+            out.append(_apply_one(root, write, set_affinity))
+        except OSError as exc:
+            code = exc.errno if exc.errno is not None else errno.EIO
+            out.append(Outcome(write.key, write.value, False, code,
+                               exc.strerror or os.strerror(code)))
+    return tuple(out)
+
+
+def refused(outcomes: Iterable[Outcome]) -> frozenset[str]:
+    """Keys whose write the kernel refused for good (``EIO``, ``EINVAL``, ``EPERM``)."""
+    return frozenset(o.key for o in outcomes
+                     if not o.ok and o.errno in (errno.EIO, errno.EINVAL, errno.EPERM))

@@ -1,0 +1,289 @@
+"""Issue #11 part 2: host noise off leased CPUs and back (pinwarden.isolation, pure) and its
+adapter pinwarden.noise on fake /proc and /sys trees.  The real kernel: the lab's
+``noise_isolate_restore`` check (tests/test_lab_v2.py)."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pinwarden.cpuset import CpuSet
+from pinwarden.isolation import (
+    IRQ_DEFAULT,
+    PF_KTHREAD,
+    PF_NO_SETAFFINITY,
+    WORKQUEUE,
+    IrqInfo,
+    KthreadInfo,
+    NoiseSnapshot,
+    Record,
+    Write,
+    kernel_cmdline,
+    plan_isolation,
+    plan_restore,
+    unmovable,
+    with_refusals,
+)
+from pinwarden.noise import apply, read_noise, refused
+
+L = CpuSet.parse_kernel
+ALL = L("0-7")
+
+
+# -- fake trees ---------------------------------------------------------------------------
+
+def stat_line(pid: int, comm: str, flags: int, start: int) -> str:
+    # fields 3.. : state ppid pgrp session tty tpgid flags(9) ... starttime(22) ... cpu(39)
+    rest = ["S", "2", "0", "0", "0", "-1", str(flags)] + ["0"] * 12 + [str(start)] + \
+        ["0"] * 16 + ["3"] + ["0"] * 13
+    return f"{pid} ({comm}) " + " ".join(rest) + "\n"
+
+
+def make_tree(root: Path) -> Path:
+    irq = root / "proc/irq"
+    for n, aff, eff, actions in ((0, "0", "0", ["timer"]), (4, "0-7", "0", ["ttyS0"]),
+                                 (24, "0-7", "5", ["virtio0-config"]),
+                                 (25, "2-3", "2", ["virtio1-req.0"]), (9, "0-7", None, [])):
+        d = irq / str(n)
+        d.mkdir(parents=True)
+        (d / "smp_affinity_list").write_text(aff + "\n")
+        if eff is not None:
+            (d / "effective_affinity_list").write_text(eff + "\n")
+        for a in actions:
+            (d / a).mkdir()
+    (irq / "default_smp_affinity").write_text("ff\n")
+    wq = root / "sys/devices/virtual/workqueue"
+    wq.mkdir(parents=True)
+    (wq / "cpumask").write_text("ff\n")
+    cpu = root / "sys/devices/system/cpu"
+    cpu.mkdir(parents=True)
+    (cpu / "online").write_text("0-7\n")
+    (cpu / "isolated").write_text("6-7\n")
+    (cpu / "nohz_full").write_text("(null)\n")
+    for pid, comm, flags, aff in (
+            (2, "kthreadd", PF_KTHREAD, "0-7"),
+            (14, "rcu_preempt", PF_KTHREAD, "0-7"),
+            (20, "ksoftirqd/3", PF_KTHREAD | PF_NO_SETAFFINITY, "3"),
+            (30, "kworker/u16:1", PF_KTHREAD | PF_NO_SETAFFINITY, "0-7"),
+            (40, "irq/25-virtio1", PF_KTHREAD, "2-3"),
+            (41, "rcuop/2", PF_KTHREAD, "0-7"),
+            (50, "pinned-by-driver", PF_KTHREAD, "2"),
+            (100, "bash", 0x400000, "0-7")):
+        d = root / "proc" / str(pid)
+        d.mkdir(parents=True)
+        (d / "stat").write_text(stat_line(pid, comm, flags, 1000 + pid))
+        (d / "status").write_text(f"Name:\t{comm}\nCpus_allowed_list:\t{aff}\n")
+    return root
+
+
+def test_read_noise_reads_every_source(tmp_path: Path) -> None:
+    snap = read_noise(make_tree(tmp_path))
+    assert snap.online == ALL and snap.isolated == L("6-7")
+    assert snap.nohz_full == L("")  # "(null)" when nohz_full= is not set
+    assert [i.irq for i in snap.irqs] == [0, 4, 9, 24, 25]
+    irq24 = next(i for i in snap.irqs if i.irq == 24)
+    assert irq24.effective == L("5") and irq24.actions == ("virtio0-config",)
+    assert snap.default_affinity == ALL and snap.workqueue == ALL
+    assert snap.rcu_nocbs == L("2")
+    movable = sorted(k.comm for k in snap.kthreads if k.movable)
+    # per-CPU, unbound kworkers (follow the wq mask), IRQ threads, single-CPU: never moved
+    assert movable == ["kthreadd", "rcu_preempt", "rcuop/2"]
+    assert "bash" not in [k.comm for k in snap.kthreads]
+
+
+def test_plan_apply_restore_on_a_fake_tree(tmp_path: Path) -> None:
+    root = make_tree(tmp_path)
+    before = read_noise(root)
+    plan = plan_isolation(before, L("2-3"), L("0-1"), {})
+    by = {w.key: w.value for w in plan.writes}
+    assert by["irq:4"] == L("0-1,4-7") and by[IRQ_DEFAULT] == L("0-1,4-7")
+    assert by["irq:25"] == L("0-1")  # entirely leased → housekeeping
+    assert "irq:0" not in by  # already off the leased CPUs
+    moved: dict[int, list[int]] = {}
+    outcomes = apply(root, plan.writes, set_affinity=lambda pid, cpus: moved.update(
+        {pid: sorted(cpus)}))
+    assert all(o.ok for o in outcomes), outcomes
+    assert (root / "proc/irq/4/smp_affinity_list").read_text() == "0-1,4-7\n"
+    assert (root / "proc/irq/default_smp_affinity").read_text() == "000000f3\n"
+    assert (root / "sys/devices/virtual/workqueue/cpumask").read_text() == "000000f3\n"
+    assert moved == {2: [0, 1, 4, 5, 6, 7], 14: [0, 1, 4, 5, 6, 7], 41: [0, 1, 4, 5, 6, 7]}
+    # restore (the fake thread status does not follow sched_setaffinity: the snapshot
+    # still shows the original, which restore leaves alone)
+    back = plan_restore(read_noise(root), plan.records, L(""), L("0-1"))
+    apply(root, back.writes, set_affinity=lambda pid, cpus: None)
+    assert (root / "proc/irq/4/smp_affinity_list").read_text() == "0-7\n"
+    assert (root / "proc/irq/25/smp_affinity_list").read_text() == "2-3\n"
+    assert CpuSet.from_mask((root / "proc/irq/default_smp_affinity").read_text()) == ALL
+    assert set(back.forget) == {r.key for r in plan.records} and back.keep == ()
+
+
+def test_refused_irq_is_an_outcome_and_then_unmovable(tmp_path: Path) -> None:
+    root = make_tree(tmp_path)
+    snap = read_noise(root)
+    target = root / "proc/irq/25/smp_affinity_list"
+    target.unlink()
+    target.mkdir()  # opening it for writing fails (EISDIR) like the kernel's EIO would
+    outcomes = apply(root, [Write("irq:4", L("0-1")), Write("kthread:999:1", L("0")),
+                            Write("bogus", L("0"))], set_affinity=lambda p, c: None)
+    assert [o.ok for o in outcomes] == [True, False, False]
+    assert outcomes[1].errno == errno.ESRCH
+    eio = [o for o in apply(root, [Write("irq:25", L("0"))])]
+    assert not eio[0].ok and eio[0].errno == errno.EISDIR
+    marked = with_refusals(snap, {"irq:24"})
+    assert next(i for i in marked.irqs if i.irq == 24).writable is False
+    assert "irq:24" not in marked.values()
+    assert refused([*outcomes]) == {"bogus"}  # EINVAL; ESRCH is not "for good"
+    plan = plan_isolation(snap, L("2-3"), L("0-1"), {})
+    failed = {o.key for o in apply(root, plan.writes, set_affinity=lambda p, c: None)
+              if not o.ok}  # EISDIR here; the kernel says EIO (noise.refused)
+    assert failed == {"irq:25"}
+    assert "irq:25" in {r.key for r in plan.records}
+    assert "irq:25" not in {r.key for r in plan.settled(failed)}
+
+
+def test_unmovable_names_the_boot_parameters() -> None:
+    snap = NoiseSnapshot(online=ALL, irqs=(IrqInfo(30, L("2"), L("2"), ("nvme0q1",), False),),
+                         kthreads=(KthreadInfo(20, 1, "ksoftirqd/2",
+                                               PF_KTHREAD | PF_NO_SETAFFINITY, L("2")),),
+                         nohz_full=L("3"), rcu_nocbs=L("3"), isolated=L("6-7"))
+    found = {f.kind: f for f in unmovable(snap, L("2-3"))}
+    assert found["irq"].boot_param == "isolcpus=managed_irq,domain,2-3"
+    assert found["irq"].cpus == L("2") and "nvme0q1" in found["irq"].what
+    assert found["tick"].cpus == L("2") and found["tick"].boot_param == "nohz_full=2-3"
+    assert found["rcu"].boot_param == "rcu_nocbs=2-3"
+    assert found["kthreads"].cpus == L("2") and "ksoftirqd/2" in found["kthreads"].what
+    assert found["new-kthreads"].boot_param == "nohz_full=2-3"
+    assert found["scheduler"].boot_param == "isolcpus=domain,2-3"
+    assert unmovable(snap, L("")) == []
+
+
+def test_kernel_cmdline() -> None:
+    assert kernel_cmdline(L("2-7"), L("0-1")) == (
+        "isolcpus=managed_irq,domain,2-7 nohz_full=2-7 rcu_nocbs=2-7 irqaffinity=0-1")
+    with pytest.raises(ValueError, match="both"):
+        kernel_cmdline(L("1-7"), L("0-1"))
+    with pytest.raises(ValueError):
+        kernel_cmdline(L("1-7"), L(""))
+
+
+def test_record_json_round_trip() -> None:
+    rec = Record("kthread:14:1014", L("0-7"), L("0-1,4-7"))
+    assert Record.from_json(rec.to_json()) == rec
+
+
+# -- partial releases, crashes, someone else's changes --------------------------------------
+
+def snap_with(values: dict[str, CpuSet]) -> NoiseSnapshot:
+    irqs = tuple(IrqInfo(int(k[4:]), v) for k, v in values.items() if k.startswith("irq:"))
+    return NoiseSnapshot(online=ALL, irqs=irqs, default_affinity=values.get(IRQ_DEFAULT),
+                         workqueue=values.get(WORKQUEUE))
+
+
+def applied(snap: dict[str, CpuSet], writes: tuple[Write, ...]) -> dict[str, CpuSet]:
+    out = dict(snap)
+    out.update({w.key: w.value for w in writes})
+    return out
+
+
+def test_second_lease_keeps_the_first_original_and_partial_release() -> None:
+    vals = {"irq:4": ALL, WORKQUEUE: ALL}
+    p1 = plan_isolation(snap_with(vals), L("2"), L("0"), {})
+    vals = applied(vals, p1.writes)
+    rec = {r.key: r for r in p1.records}
+    p2 = plan_isolation(snap_with(vals), L("2-3"), L("0"), rec)
+    assert {r.original for r in p2.records} == {ALL}  # never the already-changed value
+    vals = applied(vals, p2.writes)
+    rec.update({r.key: r for r in p2.records})
+    # the first lease ends, CPU 3 still leased: 2 comes back, 3 does not
+    r1 = plan_restore(snap_with(vals), rec, L("3"))
+    vals = applied(vals, r1.writes)
+    assert vals["irq:4"] == L("0-2,4-7") and r1.forget == ()
+    rec = {r.key: r for r in r1.keep}
+    r2 = plan_restore(snap_with(vals), rec, L(""))
+    assert applied(vals, r2.writes) == {"irq:4": ALL, WORKQUEUE: ALL}
+    assert set(r2.forget) == {"irq:4", WORKQUEUE} and r2.keep == ()
+
+
+def test_value_changed_by_someone_else_is_left_alone() -> None:
+    rec = {"irq:4": Record("irq:4", ALL, L("0-1,4-7"))}
+    r = plan_restore(snap_with({"irq:4": L("5")}), rec, L(""))
+    assert r.writes == () and r.conflicts == ("irq:4",) and r.forget == ("irq:4",)
+
+
+def test_crash_before_the_write_restores_nothing() -> None:
+    # the record was stored, the write never happened: current == original
+    rec = {"irq:4": Record("irq:4", ALL, L("0-1,4-7"))}
+    r = plan_restore(snap_with({"irq:4": ALL}), rec, L(""))
+    assert r.writes == () and r.forget == ("irq:4",)
+
+
+def test_gone_sources_are_forgotten() -> None:
+    rec = {"irq:99": Record("irq:99", ALL, L("0")),
+           "kthread:5:7": Record("kthread:5:7", ALL, L("0"))}
+    r = plan_restore(snap_with({}), rec, L(""))
+    assert r.writes == () and set(r.forget) == set(rec)
+
+
+def test_original_entirely_still_leased_gets_housekeeping() -> None:
+    rec = {"irq:25": Record("irq:25", L("2-3"), L("0-1"))}
+    r = plan_restore(snap_with({"irq:25": L("0-1")}), rec, L("2-3"), L("0-1"))
+    assert r.writes == ()  # already on housekeeping
+    assert r.keep == (Record("irq:25", L("2-3"), L("0-1")),)
+    r = plan_restore(snap_with({"irq:25": L("0-1")}), rec, L("3"), L("0-1"))
+    assert r.writes == (Write("irq:25", L("2")),)
+
+
+def test_nothing_outside_leased_is_stuck() -> None:
+    p = plan_isolation(snap_with({"irq:4": L("0-1")}), L("0-7"), L(""), {})
+    assert p.writes == () and p.stuck == ("irq:4",)
+
+
+# -- properties ---------------------------------------------------------------------------
+
+cpu_sets = st.frozensets(st.integers(0, 7), min_size=1).map(CpuSet.of)
+keys = st.sampled_from(["irq:1", "irq:2", "irq:30", IRQ_DEFAULT, WORKQUEUE])
+
+
+@settings(max_examples=300)
+@given(st.dictionaries(keys, cpu_sets, min_size=1), cpu_sets, cpu_sets)
+def test_plan_then_restore_is_the_original(values: dict[str, CpuSet], leased: CpuSet,
+                                           hk: CpuSet) -> None:
+    hk = hk - leased
+    snap = snap_with(values)
+    plan = plan_isolation(snap, leased, hk, {})
+    after = applied(values, plan.writes)
+    for w in plan.writes:  # never a leased CPU in a planned value, never empty
+        assert w.value and w.value.isdisjoint(leased)
+    if plan.stuck:  # only when nothing outside the leased CPUs is online
+        assert leased == ALL
+    # idempotent: planning again on the result writes nothing
+    rec = {r.key: r for r in plan.records}
+    assert plan_isolation(snap_with(after), leased, hk, rec).writes == ()
+    restore = plan_restore(snap_with(after), rec, CpuSet(), hk)
+    assert applied(after, restore.writes) == values
+    assert set(restore.forget) == set(rec) and restore.keep == ()
+
+
+@settings(max_examples=300)
+@given(st.dictionaries(keys, cpu_sets, min_size=1), cpu_sets, cpu_sets, cpu_sets)
+def test_two_leases_released_in_any_order_give_the_original_back(
+        values: dict[str, CpuSet], a: CpuSet, b: CpuSet, hk: CpuSet) -> None:
+    hk = hk - a - b
+    cur = dict(values)
+    rec: dict[str, Record] = {}
+    for leased in (a, a | b):
+        plan = plan_isolation(snap_with(cur), leased, hk, rec)
+        cur = applied(cur, plan.writes)
+        rec.update({r.key: r for r in plan.records})
+        assert all(v.isdisjoint(leased) for k, v in cur.items() if k not in plan.stuck)
+    r1 = plan_restore(snap_with(cur), rec, b, hk)  # a released first
+    cur = applied(cur, r1.writes)
+    for w in r1.writes:  # never hands back a CPU still leased
+        assert w.value.isdisjoint(b)
+    rec = {r.key: r for r in r1.keep}
+    r2 = plan_restore(snap_with(cur), rec, CpuSet(), hk)
+    assert applied(cur, r2.writes) == values
