@@ -82,7 +82,7 @@ class FailingBackend:
 
     @property
     def kind(self) -> str:
-        return "failing"
+        return self.inner.kind  # the same cgroup model (v1), failing on purpose
 
     def _tick(self, action: str, path: str) -> None:
         n = self.calls

@@ -148,6 +148,9 @@ def load_config(path: Path | None) -> Config:
     target = path if path is not None else DEFAULT_CONFIG
     try:
         text = target.read_text()
+    except UnicodeDecodeError as exc:
+        raise InputError(f"config file {target} is not UTF-8 text (byte {exc.start}); TOML "
+                         f"files are UTF-8") from None
     except FileNotFoundError:
         if explicit:
             raise InputError(f"config file {target} does not exist") from None

@@ -14,6 +14,8 @@ bind mounts of the same tree).  A legacy ``-t cpuset`` mount (or cgroup v1 with
 
 from __future__ import annotations
 
+import os
+import posixpath
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -98,6 +100,22 @@ def parse_proc_mounts(text: str) -> list[Mount]:
     return out
 
 
+def below(root: Path, point: str) -> Path | None:
+    """``point`` (an absolute path of the host at ``root``) joined below ``root``, never
+    outside it: ``..`` components are resolved as the kernel would at ``/`` (``/../x`` is
+    ``/x``), and for a root other than this host's ``/`` a path whose symbolic links lead
+    out of the root is refused (None)."""
+    where = root / posixpath.normpath("/" + point).lstrip("/")
+    if root == Path("/"):
+        return where
+    try:
+        inside = os.path.realpath(where)
+        top = os.path.realpath(root)
+    except (OSError, ValueError):
+        return None
+    return where if inside == top or inside.startswith(top.rstrip("/") + "/") else None
+
+
 def cgroup_mounts(mounts: Iterable[Mount], root: Path,
                   controllers_of: Mapping[Path, str] | None = None) -> CgroupMounts:
     """Pick the cgroup mounts out of a mount table.
@@ -109,7 +127,9 @@ def cgroup_mounts(mounts: Iterable[Mount], root: Path,
     noprefix: set[str] = set()
     unified: Path | None = None
     for m in mounts:
-        where = root / m.point.lstrip("/")
+        where = below(root, m.point)
+        if where is None:
+            continue
         if m.fstype == "cgroup2":
             if unified is None:
                 unified = where
@@ -143,7 +163,7 @@ def read_mounts(root: Path) -> CgroupMounts:
     if found.unified is None:
         return found
     try:
-        text = (found.unified / "cgroup.controllers").read_text()
+        text = (found.unified / "cgroup.controllers").read_text(errors="replace")
     except OSError:
         text = ""
     return cgroup_mounts(table, root, {found.unified: text})

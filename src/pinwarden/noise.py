@@ -45,7 +45,7 @@ SetAffinity = Callable[[int, Iterable[int]], None]
 
 def _text(path: Path) -> str | None:
     try:
-        return path.read_text()
+        return path.read_text(errors="replace")
     except OSError:
         return None
 

@@ -59,7 +59,7 @@ def _keys_in(path: Path) -> set[tuple[str, str]]:
     """``(section, key)`` pairs the file sets (it was validated by :func:`load_config`)."""
     try:
         data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError):
+    except (OSError, ValueError):  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
         return set()
     return {(section, key) for section, table in data.items() if isinstance(table, dict)
             for key in table}

@@ -70,7 +70,7 @@ class CpusetV1:
 
     def _read(self, path: str, name: str) -> str:
         try:
-            return self._file(path, name).read_text()
+            return self._file(path, name).read_text(errors="replace")
         except OSError as exc:
             raise CgroupOpError("read", path, exc.errno or errno.EIO,
                                 detail=name) from None

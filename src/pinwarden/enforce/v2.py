@@ -121,7 +121,7 @@ HOUSEKEEPING_RULE_SINCE = (6, 12)
 def kernel_version(root: Path = Path("/")) -> tuple[int, int]:
     """``(major, minor)`` of the running kernel (``(0, 0)`` when unreadable)."""
     try:
-        text = (root / "proc/sys/kernel/osrelease").read_text()
+        text = (root / "proc/sys/kernel/osrelease").read_text(errors="replace")
     except OSError:
         return (0, 0)
     match = re.match(r"(\d+)\.(\d+)", text.strip())
@@ -135,7 +135,8 @@ def forbidden_partition_cpus(root: Path = Path("/"), *, refused: bool = False) -
     if not refused and kernel_version(root) < HOUSEKEEPING_RULE_SINCE:
         return CpuSet()
     try:
-        return CpuSet.parse_kernel((root / "sys/devices/system/cpu/isolated").read_text())
+        text = (root / "sys/devices/system/cpu/isolated").read_text(errors="replace")
+        return CpuSet.parse_kernel(text)
     except (OSError, CpuSetError):
         return CpuSet()
 
@@ -193,14 +194,14 @@ class CgroupV2Backend:
 
     def _read(self, path: str, name: str) -> str:
         try:
-            return (self._dir(path) / name).read_text()
+            return (self._dir(path) / name).read_text(errors="replace")
         except OSError as exc:
             raise CgroupOpError("read", path, exc.errno or errno.EIO,
                                 detail=name) from None
 
     def _read_opt(self, path: str, name: str) -> str | None:
         try:
-            return (self._dir(path) / name).read_text()
+            return (self._dir(path) / name).read_text(errors="replace")
         except FileNotFoundError:
             if not self._dir(path).is_dir():
                 raise CgroupOpError("read", path, errno.ENOENT, detail=name) from None

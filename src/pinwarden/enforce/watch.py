@@ -264,7 +264,7 @@ class CgroupWatcher:
 
 def _read(d: Path, name: str) -> str | None:
     try:
-        return (d / name).read_text().strip()
+        return (d / name).read_text(errors="replace").strip()
     except FileNotFoundError:
         return None
 

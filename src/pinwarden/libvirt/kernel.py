@@ -17,7 +17,7 @@ PROC = Path("/proc")
 
 def thread_affinity(tid: int, *, proc: Path = PROC) -> CpuSet | None:
     try:
-        text = (proc / str(tid) / "status").read_text()
+        text = (proc / str(tid) / "status").read_text(errors="replace")
     except OSError:
         return None
     for line in text.splitlines():
@@ -43,7 +43,7 @@ def process_threads(pid: int, *, proc: Path = PROC) -> dict[int, CpuSet]:
 def cpuset_cgroup(tid: int, *, proc: Path = PROC) -> str | None:
     """The v1 cpuset cgroup of a task (or its v2 cgroup), relative, no leading slash."""
     try:
-        lines = (proc / str(tid) / "cgroup").read_text().splitlines()
+        lines = (proc / str(tid) / "cgroup").read_text(errors="replace").splitlines()
     except OSError:
         return None
     unified = None

@@ -1,0 +1,318 @@
+"""The lease manager: the one path for reserve/enforce/release/sync (issue #10).
+
+Logic on a synthetic host root read through the real readers, with the in-memory cpuset
+fake (checked against real kernels by the differential test) as the cgroup backend; the
+same promises on this host's real cgroup v1 hierarchy at the end (marker ``kernel``).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from enforce_helpers import FailingBackend, build
+from hostroot import HostSpec, build_host, make_cgroup, mount_cgroups
+from libvirt_env import CPUSET, PINWARDEN, machine_restored, remove_tree
+from pinwarden.config import Config
+from pinwarden.cpuset import CpuSet
+from pinwarden.enforce.fake import FakeCpusetV1
+from pinwarden.errors import EnforceError, Refusal
+from pinwarden.ledger import Ledger
+from pinwarden.manager import Manager
+from pinwarden.model import Plan, domain_holder, job_holder
+from pinwarden.policy import JobSpec
+
+V1 = "sys/fs/cgroup/cpuset"
+C = CpuSet.parse
+
+
+@pytest.fixture
+def host4(tmp_path: Path) -> Path:
+    """A 4-CPU host (no SMT) with libvirt's ``machine`` holding every CPU: mode none."""
+    root = tmp_path / "root"
+    build_host(root, HostSpec(cpus=4))
+    mount_cgroups(root, cpus="0-3")
+    make_cgroup(root, V1, "machine", "0-3")
+    return root
+
+
+def fake4() -> FakeCpusetV1:
+    fake = FakeCpusetV1(C("0-3"))
+    build(fake, {"machine": ("0-3", False)})
+    return fake
+
+
+def manager(root: Path, state: Path, backend: object) -> Manager:
+    return Manager(Config(), root, state, backend=backend)  # type: ignore[arg-type]
+
+
+def narrow_in_root(root: Path, fake: FakeCpusetV1) -> None:
+    """Show the fake's ``machine`` in the host root's files, as the kernel would."""
+    cpus = str(fake.read_group("machine").cpus)
+    make_cgroup(root, V1, "machine", cpus)
+
+
+def test_first_lease_records_the_host_and_the_last_puts_it_back(host4: Path,
+                                                                tmp_path: Path) -> None:
+    fake = fake4()
+    with manager(host4, tmp_path / "state", fake) as m:
+        assert m.host().partition.mode == "none"
+        reserved = m.reserve_request(JobSpec("J", count=1))
+        assert reserved.group == "pinwarden.partition/run-J.partition"
+        leased = reserved.plan.leased()
+        assert fake.read_group("machine").cpus == C("1-3") - leased  # narrowed
+        narrow_in_root(host4, fake)
+        # the placement rules do not change because pinwarden narrowed machine
+        assert (m.host().partition.mode, m.host().partition.vm_cpus) == ("none", C("1-3"))
+        assert m.live_host().partition.mode == "cgroup"  # what a naive reading says
+        record = m.record()
+        assert record is not None and record.found.cpus == C("0-3")
+        assert m.ledger().changes() == {"cgroup:machine": json.dumps({"cpus": "0-3"})}
+        m.drop(job_holder("J"))
+        # the host as found: machine's CPUs back, no tree, nothing recorded
+        assert fake.read_group("machine").cpus == C("0-3")
+        assert "pinwarden.partition" not in fake.read_state([""]).groups
+        assert m.record() is None and m.ledger().changes() == {}
+
+
+def test_a_domain_pinned_to_cpu_0_plans_the_same_before_during_and_after(
+        host4: Path, tmp_path: Path) -> None:
+    fake = fake4()
+    pinned = "<domain><name>p</name><vcpu>1</vcpu><cputune><vcpupin vcpu='0' " \
+             "cpuset='0'/></cputune></domain>"
+    from pinwarden.domain import parse_domain
+
+    spec = parse_domain(pinned)
+    with manager(host4, tmp_path / "state", fake) as m:
+        before = m.plan(spec)
+        assert before.vcpus == {0: C("0")}
+        m.reserve_request(JobSpec("J", count=1))
+        narrow_in_root(host4, fake)
+        during = m.plan(spec)  # not refused as "outside the partition" (cgroup mode)
+        assert during.vcpus == before.vcpus and m.host().partition.mode == "none"
+        m.drop(job_holder("J"))
+        narrow_in_root(host4, fake)
+        assert m.plan(spec) == before
+
+
+def test_a_mode_change_is_the_users_and_host_says_so(host4: Path, tmp_path: Path) -> None:
+    fake = fake4()
+    with manager(host4, tmp_path / "state", fake) as m:
+        m.reserve_request(JobSpec("J", count=1))
+    config = tmp_path / "pw.toml"
+    config.write_text('[partition]\nhost_reserve = "0-1"\n')  # the user changes the rules
+    out = subprocess.run([sys.executable, "-c", "from pinwarden.cli import entry; entry()",
+                          "host", "--root", str(host4), "--state-dir", str(tmp_path / "state"),
+                          "--config", str(config)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "the configuration now gives partition none (VM CPUs 2-3)" in out.stdout
+    assert "recorded as none (VM CPUs 1-3)" in out.stdout
+    data = json.loads(subprocess.run(
+        [sys.executable, "-c", "from pinwarden.cli import entry; entry()", "host", "--json",
+         "--root", str(host4), "--state-dir", str(tmp_path / "state"), "--config",
+         str(config)], capture_output=True, text=True).stdout)
+    assert data["partition"]["vm_cpus"] == "2-3"
+    assert data["recorded_partition"]["vm_cpus"] == "1-3"
+
+
+def test_enforcement_failure_puts_the_previous_leases_back(host4: Path,
+                                                          tmp_path: Path) -> None:
+    fake = fake4()
+    with manager(host4, tmp_path / "state", fake) as m:
+        m.reserve_request(JobSpec("A", cpus=C("3")))
+    failing = FailingBackend(fake, fail_at=1, err=errno.EIO)
+    with manager(host4, tmp_path / "state", failing) as m:
+        holder = domain_holder("qemu", "web", None)
+        with pytest.raises(EnforceError):
+            m.reserve(holder, lambda host, leases: Plan(
+                "web", None, True, {0: C("2")}, C("2"), leases={2: "vcpu0"}))
+        assert [(le.cpu, le.holder.name) for le in m.leases()] == [(3, "A")]
+    # and the kernel's layout is back to what the ledger says
+    assert fake.read_group("pinwarden.partition").cpus == C("3")
+    assert "pinwarden.partition/vm-web.partition" not in fake.read_state([""]).groups
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_reads_never_write(host4: Path, tmp_path: Path) -> None:
+    """status, plan and host on a ledger with a dead owner leave the database as it was;
+    the dead holder's CPUs are free for them; an explicit reap removes it."""
+    fake = fake4()
+    state = tmp_path / "state"
+    sleeper = subprocess.Popen(["sleep", "60"])
+    with manager(host4, state, fake) as m:
+        m.reserve_request(JobSpec("dead", cpus=C("3")), owner_pid=sleeper.pid)
+    sleeper.kill()
+    sleeper.wait()
+    db = state / "leases.db"
+    before = _digest(db)
+    from pinwarden.cli import main
+
+    xml = tmp_path / "d.xml"
+    xml.write_text("<domain><name>d</name><vcpu>1</vcpu><cputune><vcpupin vcpu='0' "
+                   "cpuset='3'/></cputune></domain>")
+    for argv in (["status"], ["plan", str(xml)], ["host"], ["audit"], ["metrics"]):
+        assert main([*argv, "--root", str(host4), "--state-dir", str(state)]) in (0, 1, 2)
+    assert _digest(db) == before
+    assert not (state / "leases.db-wal").exists() or \
+        (state / "leases.db-wal").stat().st_size == 0
+    with manager(host4, state, fake) as m:
+        assert m.leases() == ()  # the dead owner's CPU is free for reads
+        assert [r.ref.name for r in m.dead()] == ["dead"]
+        assert [r.ref.name for r in m.reap()] == ["dead"]
+        assert m.holders() == ()
+
+
+def test_the_backend_is_opened_once_and_closed(host4: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = fake4()
+    opened: list[object] = []
+    closed: list[object] = []
+
+    class Counting(FailingBackend):
+        def close(self) -> None:
+            closed.append(self)
+
+    def open_backend(root: Path) -> object:
+        backend = Counting(fake, fail_at=10**9)
+        opened.append(backend)
+        return backend
+
+    monkeypatch.setattr("pinwarden.enforce.select.open_backend", open_backend)
+    with Manager(Config(), host4, tmp_path / "state", enforce=True) as m:
+        for name in ("a", "b", "c"):
+            m.reserve_request(JobSpec(name, count=1))
+        m.sync()
+        m.release("b")
+        m.reap()
+    assert len(opened) == 1 and closed == opened
+
+
+def test_every_change_reads_the_leases_under_the_lock(host4: Path, tmp_path: Path) -> None:
+    """A sync may never work from leases read before another holder's reservation: it
+    would remove that holder's fresh, still empty group.  Racing processes each reserve
+    and check their own group exists right after (a cgroup v1 hierarchy on disk below the
+    test directory stands in for the kernel: every process sees the same groups)."""
+    state = tmp_path / "state"
+    checks = tmp_path / "checks"
+    checks.mkdir()
+    code = f"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from disk_cpuset import DiskCpuset
+from pinwarden.config import Config
+from pinwarden.manager import Manager
+from pinwarden.model import job_holder
+from pinwarden.policy import JobSpec
+name = sys.argv[1]
+backend = DiskCpuset(Path({str(tmp_path / 'cgroup')!r}))
+with Manager(Config(), Path({str(host4)!r}), Path({str(state)!r}), backend=backend) as m:
+    for i in range(15):
+        got = m.reserve_request(JobSpec(name, count=1))
+        assert got.group is not None
+        assert backend.read_group(got.group).cpus == got.plan.leased(), (name, i)
+        m.drop(job_holder(name))
+print("ok", name)
+"""
+    from disk_cpuset import DiskCpuset
+
+    DiskCpuset.create(tmp_path / "cgroup", C("0-3"), {"machine": C("0-3")})
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"r{n}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for n in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for proc, (out, err) in zip(procs, outs, strict=True):
+        assert proc.returncode == 0, err[-2000:]
+        assert out.startswith("ok")
+    with Ledger(state) as ledger:
+        assert ledger.leases() == () and ledger.host_record() is None
+
+
+def test_a_refusal_changes_nothing(host4: Path, tmp_path: Path) -> None:
+    fake = fake4()
+    with manager(host4, tmp_path / "state", fake) as m:
+        m.reserve_request(JobSpec("A", cpus=C("1-3")))
+        writes = fake.writes
+        rows = _rows(tmp_path / "state")
+        with pytest.raises(Refusal):
+            m.reserve_request(JobSpec("B", count=1))
+        assert fake.writes == writes
+        assert _rows(tmp_path / "state") == rows
+
+
+def _rows(state: Path) -> list[object]:
+    """Every row of every table of the ledger."""
+    import sqlite3
+
+    db = sqlite3.connect(state / "leases.db")
+    try:
+        return [(table, db.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall())
+                for table in ("holders", "leases", "host", "changes")]
+    finally:
+        db.close()
+
+
+# -- the real host (cgroup v1) -------------------------------------------------------------
+
+
+@pytest.fixture
+def real_machine() -> Iterator[None]:
+    if os.geteuid() != 0 or not (CPUSET / "cpuset.cpus").exists():
+        pytest.fail(f"needs root and the cgroup v1 cpuset hierarchy at {CPUSET}")
+    machine = CPUSET / "machine"
+    created = not machine.exists()
+    if created:
+        machine.mkdir()
+        (machine / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+    online = (CPUSET / "cpuset.cpus").read_text().strip()
+    with machine_restored():
+        (machine / "cpuset.cpus").write_text(online)  # a fresh host: machine has every CPU
+        try:
+            yield
+        finally:
+            if created:
+                remove_tree("machine")
+
+
+@pytest.mark.kernel
+def test_a_fresh_host_is_left_as_found_by_a_job(real_machine: None, tmp_path: Path) -> None:
+    """Issue #10's case: mode ``none`` on a fresh cgroup v1 host; one ``pinwarden run
+    --exclusive 1 -- true`` must leave ``machine`` as it was and the mode unchanged."""
+    exclusive = f"pwtest-asfound-{os.getpid()}.partition"
+    config = tmp_path / "pw.toml"
+    config.write_text(f'[partition]\nexclusive = "{exclusive}"\n')  # mode auto, as installed
+    base = [PINWARDEN, "--state-dir", str(tmp_path / "state"), "--config", str(config)]
+    machine = (CPUSET / "machine" / "cpuset.cpus").read_text()
+
+    def host() -> dict[str, str]:
+        out = subprocess.run([*base, "host", "--json"], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return dict(json.loads(out.stdout)["partition"])
+
+    before = host()
+    assert before["mode"] == "none"
+    probe = ("import json, subprocess, sys; "
+             f"out = subprocess.run({[*base, 'host', '--json']!r}, capture_output=True, "
+             "text=True).stdout; print(json.dumps(json.loads(out)['partition']))")
+    try:
+        done = subprocess.run([*base, "run", "--exclusive", "1", "--", sys.executable, "-c",
+                               probe], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == before  # the rules did not change meanwhile
+        assert (CPUSET / "machine" / "cpuset.cpus").read_text() == machine
+        assert host() == before
+        assert not (CPUSET / exclusive).exists()
+        with Ledger(tmp_path / "state") as ledger:
+            assert ledger.host_record() is None and ledger.changes() == {}
+    finally:
+        remove_tree(exclusive)
