@@ -33,7 +33,7 @@ from pinwarden import procs
 from pinwarden.cpuset import CpuSet
 from pinwarden.errors import LedgerError, PinwardenError, Refusal
 from pinwarden.ledger import SCHEMA_VERSION, Ledger, plan_from_text, plan_to_text
-from pinwarden.model import HolderRef, Lease, Plan, domain_holder
+from pinwarden.model import HolderRef, Lease, Plan, domain_holder, job_holder
 
 FORK = multiprocessing.get_context("fork")
 
@@ -785,3 +785,181 @@ def test_cli_subprocess_sees_same_ledger(state: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code, str(state)], capture_output=True,
                          text=True, check=True).stdout
     assert out.strip() == "[(6, 'vm1')]"
+
+
+# -- identity, schema migration, hostile places (issue #10) --------------------------------
+
+_SCHEMA_V1 = """
+CREATE TABLE holders (driver TEXT NOT NULL, key TEXT NOT NULL, name TEXT NOT NULL,
+    created REAL NOT NULL, owner_pid INTEGER CHECK (owner_pid IS NULL OR owner_pid > 0),
+    owner_start INTEGER, plan TEXT NOT NULL, cgroup TEXT, PRIMARY KEY (driver, key)) STRICT;
+CREATE TABLE leases (cpu INTEGER PRIMARY KEY CHECK (cpu >= 0), driver TEXT NOT NULL,
+    key TEXT NOT NULL, role TEXT NOT NULL, created REAL NOT NULL,
+    FOREIGN KEY (driver, key) REFERENCES holders (driver, key) ON DELETE CASCADE) STRICT;
+CREATE INDEX leases_by_holder ON leases (driver, key);
+"""
+
+
+def _v1_database(state: Path) -> None:
+    """A ledger as pinwarden 0.1 wrote it: untyped keys (UUID, name, job name)."""
+    state.mkdir(parents=True)
+    raw = sqlite3.connect(state / "leases.db")
+    raw.executescript(_SCHEMA_V1 + "PRAGMA application_id = 1347898417;"
+                      "PRAGMA user_version = 1;")
+    uuid = "00000000-0000-0000-0000-000000000007"
+    rows = [("qemu", uuid, "vm7", plan_to_text(plan_for(vm(7), [1]))),
+            ("qemu", "nouuid", "nouuid", plan_to_text(
+                plan_for(domain_holder("qemu", "nouuid", None), [2]))),
+            ("run", "J", "J", plan_to_text(plan_for(job_holder("J"), [3])))]
+    for driver, key, name, plan in rows:
+        raw.execute("INSERT INTO holders VALUES (?, ?, ?, 1.0, NULL, NULL, ?, NULL)",
+                    (driver, key, name, plan))
+    for cpu, (driver, key, _name, _plan) in zip((1, 2, 3), rows, strict=True):
+        raw.execute("INSERT INTO leases VALUES (?, ?, ?, 'vcpu0', 1.0)", (cpu, driver, key))
+    raw.execute("INSERT INTO leases VALUES (99999, 'run', 'J', 'task', 1.0)")  # beyond MAX_CPU
+    raw.commit()
+    raw.close()
+
+
+def test_schema_1_is_migrated_in_one_transaction(state: Path) -> None:
+    _v1_database(state)
+    with Ledger(state) as ledger:
+        assert lease_map(ledger) == {1: vm(7), 2: domain_holder("qemu", "nouuid", None),
+                                     3: job_holder("J")}
+        assert ledger.find("00000000-0000-0000-0000-000000000007") is not None
+        assert ledger.find("nouuid") is not None and ledger.host_record() is None
+    raw = sqlite3.connect(state / "leases.db")
+    try:
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        keys = sorted(k for (k,) in raw.execute("SELECT key FROM holders"))
+        assert keys == ["job:J", "name:nouuid", "uuid:00000000-0000-0000-0000-000000000007"]
+    finally:
+        raw.close()
+
+
+def test_keys_of_different_kinds_never_collide(state: Path) -> None:
+    """A domain without <uuid> named like another domain's UUID is another holder."""
+    text = "11111111-2222-3333-4444-555555555555"
+    named = domain_holder("qemu", text, None)
+    other = domain_holder("qemu", "real", text)
+    with Ledger(state) as ledger:
+        ledger.reserve(named, take(named, [1]))
+        ledger.reserve(other, take(other, [2]))
+        assert lease_map(ledger) == {1: named, 2: other}
+        assert ledger.find(text) == ledger.get(other)  # the UUID wins for a selector...
+        assert ledger.find(f"name:{text}") == ledger.get(named)  # ...the typed key is exact
+
+
+def test_two_holders_of_one_name_are_refused_naming_both(state: Path) -> None:
+    first = domain_holder("qemu", "web", "aaaaaaaa-0000-0000-0000-000000000001")
+    second = domain_holder("qemu", "web", "bbbbbbbb-0000-0000-0000-000000000002")
+    with Ledger(state) as ledger:
+        ledger.reserve(first, take(first, [1]))
+        with pytest.raises(Refusal) as err:
+            ledger.reserve(second, take(second, [2]))
+        assert err.value.code == "conflict"
+        assert "aaaaaaaa" in err.value.message and "bbbbbbbb" in err.value.message
+        assert lease_map(ledger) == {1: first}
+        ledger.release("aaaaaaaa-0000-0000-0000-000000000001")
+        ledger.reserve(second, take(second, [2]))  # now unambiguous
+        assert lease_map(ledger) == {2: second}
+
+
+def test_a_lease_beyond_the_largest_cpu_is_a_clear_error(state: Path) -> None:
+    with Ledger(state) as ledger:
+        ledger.reserve(vm(1), take(vm(1), [1]))
+    raw = sqlite3.connect(state / "leases.db")
+    raw.execute("PRAGMA ignore_check_constraints = ON")
+    raw.execute("INSERT INTO leases VALUES (9999999, 'qemu', ?, 'vcpu9', 1.0)", (vm(1).key,))
+    raw.commit()
+    raw.close()
+    with pytest.raises(LedgerError, match=r"is corrupt \(CHECK constraint failed"):
+        Ledger(state)  # refused at open, in one line, untouched
+
+
+@pytest.fixture
+def tiny_fs() -> Iterator[Path]:
+    """A small tmpfs of our own (root), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.fail("needs root to mount a small tmpfs")
+    mount = Path(tempfile.mkdtemp(prefix="pwtest-fullfs-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "pwtest", str(mount)],
+                   check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+        mount.rmdir()
+
+
+def _fill(mount: Path, leave_kib: int) -> None:
+    for entry in mount.iterdir():
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    st = os.statvfs(mount)
+    pad = st.f_bavail * st.f_frsize - leave_kib * 1024
+    if pad > 0:
+        (mount / "pad").write_bytes(b"\0" * pad)
+
+
+@pytest.mark.parametrize("free_kib", [96, 80, 72, 68, 64, 56, 48, 32, 16, 4])
+def test_a_nearly_full_filesystem_never_leaves_a_broken_ledger(tiny_fs: Path,
+                                                               free_kib: int) -> None:
+    """Creation is all or nothing: a usable database or a clear error and no file at all;
+    once space is freed the ledger works (it is never called corrupt)."""
+    _fill(tiny_fs, free_kib)
+    state = tiny_fs / "state"
+    try:
+        with Ledger(state) as ledger:
+            ledger.reserve(vm(1), take(vm(1), [1]))
+    except LedgerError as exc:
+        assert "\n" not in exc.message and "corrupt" not in exc.message, exc.message
+        assert "full" in exc.message or "space" in exc.message, exc.message
+    if state.exists():
+        left = sorted(p.name for p in state.iterdir() if p.name != "leases.db")
+        assert all(not name.endswith(".tmp") and ".tmp-" not in name for name in left), left
+    (tiny_fs / "pad").unlink()
+    with Ledger(state) as ledger:  # space is back: whatever happened, the ledger works
+        ledger.reserve(vm(2), take(vm(2), [2]))
+        assert 2 in lease_map(ledger)
+        check_consistent(ledger)
+
+
+def test_an_interrupted_creation_leaves_no_temporary_files(state: Path) -> None:
+    state.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = state / f".leases.db.{dead.pid}.12345.tmp"
+    stale.write_bytes(b"half")
+    Path(f"{stale}-journal").write_bytes(b"half")
+    with Ledger(state):
+        pass
+    assert sorted(p.name for p in state.iterdir() if not p.name.startswith("leases.db")) == []
+
+
+def test_unusable_locations_are_errors_even_for_reads(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    dangling = tmp_path / "dangling"
+    dangling.mkdir()
+    (dangling / "leases.db").symlink_to(tmp_path / "nowhere.db")
+    gone_dir = tmp_path / "gone-dir"
+    gone_dir.symlink_to(tmp_path / "nowhere")
+    for state, why in ((blocker, "is not a directory"),
+                       (dangling, "dangling symbolic link"),
+                       (gone_dir, "dangling symbolic link")):
+        with pytest.raises(LedgerError, match=why):
+            Ledger.existing(state)
+        with pytest.raises(LedgerError, match=why):
+            Ledger(state)
+    assert Ledger.existing(tmp_path / "never-used") is None  # nothing was ever leased
+
+
+def test_a_read_only_state_directory_is_an_error(tiny_fs: Path) -> None:
+    state = tiny_fs / "state"
+    state.mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
+    try:
+        with pytest.raises(LedgerError, match="read-only file system"):
+            Ledger.existing(state)
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(tiny_fs)], check=True)

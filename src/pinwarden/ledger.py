@@ -329,6 +329,8 @@ class Ledger:
                 os.close(dir_fd)
         except (OSError, sqlite3.Error) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if isinstance(exc, sqlite3.Error) and _kind(exc) == "full" or self._nearly_full():
+                why = f"the file system is full ({why}); free some space and retry"
             raise LedgerError(f"cannot create lease database {self.path}: {why}") from None
         finally:
             for leftover in (tmp, *(Path(f"{tmp}-{s}") for s in ("journal", "wal", "shm"))):
@@ -483,6 +485,8 @@ class Ledger:
 
     def _error(self, exc: sqlite3.Error) -> LedgerError:
         kind = _kind(exc)
+        if kind == "other" and "disk I/O error" in str(exc) and self._nearly_full():
+            kind = "full"  # SQLite reports a failed WAL or shm allocation as an I/O error
         if kind == "busy":
             return self._locked()
         if kind == "readonly":
@@ -494,6 +498,13 @@ class Ledger:
         if kind == "corrupt":
             return self._refuse(f"is corrupt ({str(exc).splitlines()[0]})")
         return LedgerError(f"lease database {self.path}: {str(exc).splitlines()[0]}")
+
+    def _nearly_full(self) -> bool:
+        try:
+            st = os.statvfs(self.state_dir)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < 1 << 20
 
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         try:
