@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-config \
+	python3-defusedxml python3-jeepney python3-prometheus-client \
 	linux-image-amd64 busybox-static dbus sqlite3 \
 	zsh systemd man-db groff-base
 # (zsh: `zsh -n` of the generated completion; systemd: `systemd-analyze verify` of the units,
