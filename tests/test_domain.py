@@ -356,6 +356,106 @@ def test_render_then_parse_round_trips_the_plan(vcpus: list[CpuSet], emulator: C
     assert (spec.emulatorpin or spec.cpuset) == emulator
 
 
+# -- faithful rendering (issue #10) ------------------------------------------------------------
+
+HOST16 = None
+
+
+def _host16() -> Any:
+    """16 CPUs, 2-way SMT (siblings n, n+8), 2 nodes, isolcpus 2-7,10-15."""
+    from pinwarden.partition import Host, Partition
+    from pinwarden.topology import Cpu, Topology
+
+    cpus = {c: Cpu(id=c, online=True, package=0, die=0, cluster=None, core=c % 8,
+                   siblings=CpuSet.of([c % 8, c % 8 + 8]), node=(c % 8) // 4)
+            for c in range(16)}
+    every = CpuSet.range(0, 15)
+    vm = CpuSet.parse("2-7,10-15")
+    topo = Topology(cpus=cpus, present=every, online=every, isolated=vm, nohz_full=CpuSet(),
+                    nodes={n: CpuSet.of(c for c in cpus if cpus[c].node == n) for n in (0, 1)})
+    return Host(topo, Partition("isolcpus", vm, every - vm, "test"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(vcpus=st.integers(1, 5), threads=st.sampled_from(["whole", "prefer", "isolate",
+                                                          "require"]),
+       emulator=st.sampled_from(["float", "isolate", "shared"]), iothreads=st.integers(0, 2),
+       held=st.sets(st.integers(2, 15), max_size=4), exclusive=st.booleans())
+def test_emitted_xml_plans_again_to_the_same_leases(vcpus: int, threads: str, emulator: str,
+                                                    iothreads: int, held: set[int],
+                                                    exclusive: bool) -> None:
+    """``plan --emit-xml`` is faithful: planning its output again gives the same leases and
+    the same placement, whatever the thread and emulator policies."""
+    from pinwarden.errors import Refusal
+    from pinwarden.model import Lease, domain_holder
+    from pinwarden.policy import decide
+
+    host = _host16()
+    other = domain_holder("qemu", "other", None)
+    leases = [Lease(c, other, "vcpu0", 0.0) for c in held]
+    xml = (f"<domain><name>vm</name><vcpu>{vcpus}</vcpu><iothreads>{iothreads}</iothreads>"
+           f"<metadata><pw:cpu xmlns:pw='{PW_NS}' exclusive='{'yes' if exclusive else 'no'}' "
+           f"threads='{threads}' emulator='{emulator}'/></metadata></domain>")
+    try:
+        plan = decide(parse_domain(xml), host, leases)
+    except Refusal:
+        return
+    again = decide(parse_domain(render_plan(xml, plan, partition="/pinwarden/vm-vm")), host,
+                   leases)
+    assert again.leases == plan.leases
+    assert (again.vcpus, again.emulator, again.iothreads) == \
+        (plan.vcpus, plan.emulator, plan.iothreads)
+
+
+def test_elements_of_other_namespaces_are_never_edited() -> None:
+    foreign = ("<domain><name>f</name><vcpu>2</vcpu>"
+               "<x:vcpu xmlns:x='urn:other'>7</x:vcpu>"
+               "<cputune xmlns='urn:other'><vcpupin vcpu='0' cpuset='9'/></cputune>"
+               "<metadata><pw:cpu xmlns:pw='urn:pinwarden:domain:1' exclusive='yes'/>"
+               "</metadata></domain>")
+    plan = Plan("f", None, True, {0: CpuSet.of([2]), 1: CpuSet.of([3])}, CpuSet.of([2, 3]),
+                leases={2: "vcpu0", 3: "vcpu1"}, default_cpus=CpuSet.of([2, 3]))
+    out = render_plan(foreign, plan)
+    assert "<x:vcpu xmlns:x='urn:other'>7</x:vcpu>" in out
+    assert "<cputune xmlns='urn:other'><vcpupin vcpu='0' cpuset='9'/></cputune>" in out
+    spec = parse_domain(out)  # libvirt's own <cputune> was added beside the foreign one
+    assert spec.vcpupins == {0: CpuSet.of([2]), 1: CpuSet.of([3])}
+    assert spec.cpuset == CpuSet.of([2, 3])
+
+
+@pytest.mark.parametrize("namespace", ["urn:pinwarden:domain", "urn:pinwarden:domain:2",
+                                       "URN:PINWARDEN:domain:1"])
+def test_a_near_miss_pinwarden_namespace_is_refused(namespace: str) -> None:
+    with pytest.raises(InputError, match="not pinwarden's 'urn:pinwarden:domain:1'"):
+        parse_domain(f"<domain><name>n</name><metadata><pw:cpu xmlns:pw='{namespace}' "
+                     f"exclusive='yes'/></metadata></domain>")
+
+
+def test_hostile_sizes_stay_linear() -> None:
+    """8,192 iothread pins: planning time grows linearly (a quadratic check took 1.5 s).
+    The ratio of two sizes, measured side by side, says it: ×8 work may take ~×8 time,
+    never ~×64."""
+    import time
+
+    from pinwarden.policy import decide
+
+    host = _host16()
+
+    def seconds(n: int) -> float:
+        pins = "".join(f"<iothreadpin iothread='{i}' cpuset='2'/>" for i in range(1, n + 1))
+        spec = parse_domain(f"<domain><name>h</name><vcpu>1</vcpu><iothreads>{n}</iothreads>"
+                            f"<cputune>{pins}</cputune></domain>")
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            decide(spec, host, [])
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    small, big = seconds(1024), seconds(8192)
+    assert big / small < 16, (small, big)  # linear: ~8; the quadratic check: ~30
+
+
 # -- against the real libvirt parser ---------------------------------------------------------
 
 

@@ -382,8 +382,8 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
         if spec.cpuset is not None:
             _no_housekeeping(ctx, f"<vcpu cpuset='{spec.cpuset}'>", spec.cpuset)
         count = spec.vcpus + (1 if isolate_emulator else 0)
-        pinned = union([EMPTY if shared_emulator else spec.emulatorpin or EMPTY,
-                        *spec.iothreadpins.values()])
+        pinned = EMPTY if shared_emulator else \
+            union([spec.emulatorpin or EMPTY, *spec.iothreadpins.values()])
         got = _allocate(ctx, within - pinned, allocator.Request(
             count=count, threads=spec.threads, nodes=spec.numa_nodeset))
         chosen = list(got.cpus)
@@ -409,9 +409,9 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
     if shared_emulator:
         if spec.emulatorpin is not None:
             _conflict(ctx, f"<emulatorpin cpuset='{spec.emulatorpin}'>", emulator)
-        notes.append(f"the emulator threads of exclusive {ctx.who} share CPUs {emulator} "
-                     "with other domains (emulator='shared'): the kernel cannot enforce "
-                     "the domain's exclusivity for them")
+        notes.append(f"the emulator and I/O threads of exclusive {ctx.who} share CPUs "
+                     f"{emulator} with other domains (emulator='shared'): the kernel cannot "
+                     "enforce the domain's exclusivity for them")
     elif spec.emulatorpin is not None or isolate_emulator:
         own.add("<emulatorpin>", emulator, "emulator")
 
@@ -420,6 +420,9 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
         pin = spec.iothreadpins.get(ident)
         if pin is None:
             iothreads[ident] = emulator  # float like the emulator
+        elif shared_emulator:  # the domain's helper threads run shared: honoured, not leased
+            iothreads[ident] = pin
+            _conflict(ctx, f"<iothreadpin iothread='{ident}'>", pin)
         else:
             iothreads[ident] = pin
             own.add(f"<iothreadpin iothread='{ident}'>", pin, f"iothread{ident}")
