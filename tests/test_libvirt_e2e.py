@@ -156,3 +156,36 @@ def test_plain_virsh_start_of_an_exclusive_domain(hooked: env.Pinwarden,
         assert ledger.holders() == ()
     assert not (env.CPUSET / group).exists()
     assert_no_hook_warnings(hooked)
+
+
+def test_a_broken_pinwarden_never_blocks_a_shared_domain(hooked: env.Pinwarden,
+                                                         domains: env.Domains,
+                                                         tmp_path: Path) -> None:
+    """The pinwarden the hook runs is gone (its venv removed): plain ``virsh start`` of a
+    shared domain still works (the reason is logged), an exclusive one is refused with how
+    to repair, and ``pinwarden hook check`` says what is wrong."""
+    from pinwarden.libvirt import hook
+
+    drop_in = env.HOOKS_DIR / "qemu.d" / "pinwarden"
+    good = drop_in.read_text()
+    gone = tmp_path / "venv-removed" / "bin" / "python3"
+    try:
+        drop_in.write_text(hook.hook_script("qemu", [str(gone), "-m", "pinwarden.cli.vm"],
+                                            state_dir=hooked.state, config=hooked.config))
+        s, x = "pwtest-e2e-s", "pwtest-e2e-x"
+        domains.define(s)
+        source = tmp_path / "x.xml"
+        source.write_text(env.tiny_domain_xml(x, exclusive=True, vcpupins={0: "1"}))
+        domains.track(x)
+        hooked.run("define", str(source), check=True)
+
+        started = virsh("start", s)
+        assert started.returncode == 0, started.stderr
+        assert "was let through unchecked" in (hooked.state / "hook.log").read_text()
+        refused = virsh("start", x)
+        assert refused.returncode != 0
+        assert "cannot get its CPUs" in refused.stderr and "hook check" in refused.stderr
+        check = hooked.run("hook", "check", "--hooks-dir", str(env.HOOKS_DIR))
+        assert check.returncode == 1 and "cannot run" in check.stdout, check.stdout
+    finally:
+        drop_in.write_text(good)
