@@ -329,7 +329,7 @@ class Ledger:
                 os.close(dir_fd)
         except (OSError, sqlite3.Error) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            if isinstance(exc, sqlite3.Error) and _kind(exc) == "full" or self._nearly_full():
+            if (isinstance(exc, sqlite3.Error) and _kind(exc) == "full") or self._nearly_full():
                 why = f"the file system is full ({why}); free some space and retry"
             raise LedgerError(f"cannot create lease database {self.path}: {why}") from None
         finally:
