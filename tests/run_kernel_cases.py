@@ -204,7 +204,7 @@ def test_second_job_is_refused_naming_the_holder(sandbox: Sandbox, tmp_path: Pat
         second = sandbox.run("--exclusive", "1", "--name", "pwtest-second", "--", "true")
         assert second.returncode == 1
         assert second.stderr.startswith("pinwarden: error: ")
-        assert f"CPU {sandbox.last} is leased to job 'pwtest-first'" in second.stderr
+        assert f"CPU {sandbox.last} to job 'pwtest-first'" in second.stderr
         assert "never leased" in second.stderr
         explicit = sandbox.run("--cpus", str(sandbox.last), "--", "true")
         assert explicit.returncode == 1 and "pwtest-first" in explicit.stderr

@@ -324,10 +324,12 @@ class Manager:
             return reaped
 
     def sync(self, *, shared_extra: CpuSet = EMPTY) -> Result | None:
-        """Make the kernel match the ledger (and put the host back as found once nothing
-        is leased).  ``shared_extra``: CPUs outside the shared pool that a shared domain
-        about to start is pinned to (honoured in ``none``/``isolcpus`` modes)."""
+        """Free the holders whose owner is gone, then make the kernel match the ledger
+        (and put the host back as found once nothing is leased).  ``shared_extra``: CPUs
+        outside the shared pool that a shared domain about to start is pinned to
+        (honoured in ``none``/``isolcpus`` modes)."""
         with self.locked():
+            self.ledger().reap()
             return self._sync(shared_extra=shared_extra)
 
     def set_owner(self, holder: HolderRef, pid: int | None) -> None:

@@ -494,14 +494,14 @@ def layout_sync() -> Data:
     """E1's sync() on the v2 backend: the documented tree, partitions valid, and the kernel
     itself removes leased CPUs from every other group (pwtest-bystander has no cpus set)."""
     from pinwarden.enforce.apply import sync
-    from pinwarden.enforce.layout import LayoutNames
-    from pinwarden.model import HolderRef, Lease
+    from pinwarden.enforce.layout import LayoutNames, desired_layout
+    from pinwarden.model import Lease, domain_holder, job_holder
 
     b = backend()
     host = load_host()
     names = LayoutNames(shared="pwtest-machine", exclusive="pwtest-pinwarden.partition")
-    job = HolderRef("run", "J", "J")
-    vm = HolderRef("qemu", "0b3a8a2e-0000-4000-8000-00000000000a", "A")
+    job = job_holder("J")
+    vm = domain_holder("qemu", "A", "0b3a8a2e-0000-4000-8000-00000000000a")
     out: Data = {"vm_cpus": host.partition.vm_cpus.to_list()}
     steps = {"one": [Lease(6, job, "task", 0.0)],
              "two": [Lease(6, job, "task", 0.0), Lease(7, vm, "vcpu0", 0.0)],
@@ -509,7 +509,7 @@ def layout_sync() -> Data:
     for step, leases in steps.items():
         entry: Data = {}
         try:
-            result = sync(b, host, leases, names)
+            result = sync(b, desired_layout(host, leases, names))
             entry["ops"] = len(result.ops)
         except Exception as exc:
             entry["error"] = exc_data(exc)
