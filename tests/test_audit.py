@@ -106,6 +106,50 @@ def test_own_threads_are_not_intruders_but_another_holders_are() -> None:
     assert report.intruders[0].holders == (B,)
 
 
+def test_a_task_that_escaped_into_leased_cpus_is_an_error() -> None:
+    """Issue #14: any task outside the holders allowed on a leased CPU is an error naming
+    the task, its cgroup and the fix — except in the cgroup v1 root cpuset, where the kernel
+    gives pinwarden no way to act (a warning: boot with isolcpus=)."""
+    late = thread(700, "0-7", "/late", comm="sleep")
+    root = thread(710, "0-7", "/", comm="sshd")
+    kthread = thread(720, "0-7", "/", comm="kworker/u8:1", kernel=True)
+    for version, expect in ((2, {"late": "escaped-task", "/": "escaped-task"}),
+                            (1, {"late": "escaped-task", "/": "host-task"})):
+        snap = HostSnapshot(threads=(late, root, kthread), cgroup_version=version)
+        report = audit.audit(snap, leases(c3=A), [record(A, cpus="3")])
+        got = {(i.cgroup or "").strip("/") or "/": (i.kind, i.severity)
+               for i in report.intruders if not i.kernel}
+        assert got == {"late": (expect["late"], "error"),
+                       "/": (expect["/"], "error" if version == 2 else "warning")}
+        assert [i.kind for i in report.intruders if i.kernel] == ["host-task"]
+        assert report.exit_status() == 1
+        text = render(report)
+        assert "escaped-task" in text and "pinwarden sync" in text
+
+
+def test_noise_pinwarden_moves_is_an_error_when_found_on_a_leased_cpu() -> None:
+    from pinwarden.isolation import NoiseSnapshot
+
+    noise = NoiseSnapshot(online=cs("0-7"), default_affinity=cs("0-7"), workqueue=cs("0-2"))
+    snap = HostSnapshot(irqs=(IrqInfo(24, cs("0-7"), cs("3"), ("eth0",)),
+                              IrqInfo(25, cs("3"), cs("3"), ("nvme0q3",))),
+                        cgroup_version=2, noise=noise)
+    isolating = audit.audit(snap, leases(c3=A), [record(A, cpus="3")], isolating=True,
+                            refused={"irq:25"})
+    by = {(i.kind, i.irq, i.name): i.severity for i in isolating.intruders}
+    assert by == {("irq", 24, "eth0"): "error",  # pinwarden should have moved it
+                  ("irq", 25, "nvme0q3"): "warning",  # the kernel refused: boot parameter
+                  ("workqueue", None, "new IRQs (default affinity)"): "error"}
+    findings = {f.kind: f.boot_param for f in isolating.unmovable}
+    assert findings["irq"].startswith("isolcpus=managed_irq,domain,")
+    assert findings["tick"] == "nohz_full=3" and findings["rcu"] == "rcu_nocbs=3"
+    data = isolating.to_json()
+    assert {u["boot_parameter"] for u in data["unmovable"]} >= {"nohz_full=3", "rcu_nocbs=3"}
+    assert "boot with nohz_full=3" in render(isolating)
+    hands_off = audit.audit(snap, leases(c3=A), [record(A, cpus="3")], isolating=False)
+    assert {i.severity for i in hands_off.intruders} == {"warning"}
+
+
 def test_a_holder_recorded_in_the_root_cgroup_owns_nothing() -> None:
     snap = HostSnapshot(threads=(thread(330, "6", "/", comm="bash"),))
     report = audit.audit(snap, leases(c6=A), [record(A, cgroup="/", cpus="6")])
@@ -235,7 +279,7 @@ def test_report_json_and_render() -> None:
     assert lines[2].split()[:2] == ["SEVERITY", "KIND"]
     assert "CPU 0/KVM" in lines[3] and "qemu:vm-a" in lines[3]
     hints = [line for line in lines if line.startswith("hint: ")]
-    assert [h.split(":")[1].split()[0] for h in hints] == ["another", "host", "IRQs"]
+    assert [h.split(":")[1].split()[0] for h in hints] == ["another", "tasks", "IRQs"]
     assert lines[-1 - len(hints)] == "… 11 more warnings (--all or --json lists them)"
     assert len(render(report, show_all=True).splitlines()) == 3 + 1 + 31 + len(hints)
     clean = audit.audit(HostSnapshot(threads=(thread(9, "0"),)), leases(c3=A), [])
@@ -345,7 +389,7 @@ def test_scanner_on_a_proc_tree(tmp_path: Path) -> None:
     assert [(i.kind, i.tid or i.irq or i.cgroup) for i in report.intruders] == [
         ("other-vm-thread", 700), ("other-vm-thread", 701),
         ("vm-cgroup", "/machine"), ("vm-cgroup", vm_cg),  # not the empty qemu-1-web group
-        ("host-task", 2), ("host-task", 9), ("irq", 24)]
+        ("irq", 24), ("host-task", 2), ("host-task", 9)]  # v1 root cpuset: warnings
 
 
 def test_scanner_without_cpuset_mount_says_so(tmp_path: Path) -> None:

@@ -35,7 +35,9 @@ def test_offline_demo_plans_on_the_example_host(tmp_path: Path) -> None:
     # the exclusive VM (4 vCPUs, threads=isolate) fits one NUMA node: cores 4-7 of node 1,
     # siblings 12-15 held empty; the shared VM gets what is left of the VM CPUs
     assert "leased 4-7,12-15" in out
-    assert "A leased to qemu domain 'pwdemo-exclusive' (4-7,12-15)" in out
+    assert "A leased to qemu domain 'pwdemo-exclusive' (4-7)" in out
+    assert "a held empty for qemu domain 'pwdemo-exclusive': sibling threads of its cores " \
+           "(12-15)" in out
     shared = out[out.index("pwdemo-shared (shared)"):]
     assert "vcpu0      2-3,10-11" in shared
     assert not state.exists(), "the offline demo must use a throw-away ledger"

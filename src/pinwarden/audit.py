@@ -20,10 +20,25 @@ Kinds of intruders:
     holder's cgroup) whose CPUs include a CPU leased to someone else, if it has tasks (every
     thread they start may land there) or is a partition new VMs are created in (libvirt
     copies its CPUs into them); empty intermediate groups are not reported;
+``escaped-task`` (error)
+    any other user-space thread allowed on the CPU from a cgroup pinwarden can narrow —
+    on cgroup v2 every cgroup, the root included (a cgroup that writes leased CPUs into its
+    ``cpuset.cpus`` takes them and invalidates the holder's partition, Linux 6.1–6.12+);
+    on cgroup v1 every cgroup but the root cpuset (``cpu_exclusive`` keeps its siblings
+    off);
 ``host-task`` (warning)
-    any other user-space thread, or an unbound kernel thread, allowed on the CPU;
-``irq`` (warning)
-    an interrupt (with a handler) whose affinity includes the CPU.
+    a thread in the cgroup v1 root cpuset (the kernel gives pinwarden no way to keep it off
+    without moving it: boot with ``isolcpus=``), or an unbound kernel thread;
+``irq`` (error, or warning)
+    an interrupt (with a handler) whose affinity includes the CPU: an error when pinwarden
+    isolates host noise and the kernel lets the IRQ move (pinwarden should have moved it),
+    a warning for IRQs the kernel refused to move (managed, per-CPU: fixed only at boot);
+``workqueue`` (error, or warning)
+    the unbound-workqueue mask or the default affinity of new IRQs includes the CPU.
+
+What cannot move at run time (refused IRQs, the tick, RCU callbacks, per-CPU kernel threads)
+is listed apart with the boot parameter that would fix it
+(:func:`pinwarden.isolation.unmovable`).
 
 Per-CPU kernel threads (bound to a single CPU: ``ksoftirqd/N``, ``migration/N``,
 ``kworker/N:M`` …) are part of every CPU and never intruders.  A CPU held empty under the
@@ -38,6 +53,7 @@ holder's domain name (``qemu-3-NAME.libvirt-qemu``, ``machine-qemu\\x2d3\\x2dNAM
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -48,18 +64,22 @@ from typing import Any, Literal
 
 from pinwarden.cpuset import CpuSet, CpuSetError
 from pinwarden.errors import HostError
+from pinwarden.isolation import Finding, IrqInfo, NoiseSnapshot
 from pinwarden.ledger import HolderRecord
 from pinwarden.model import SIBLING_HOLD, HolderRef, Lease
 from pinwarden.mounts import read_mounts
 from pinwarden.procs import parse_stat
 
-Kind = Literal["other-vm-thread", "vm-cgroup", "host-task", "irq"]
+Kind = Literal["other-vm-thread", "vm-cgroup", "escaped-task", "host-task", "irq",
+               "workqueue"]
 Severity = Literal["error", "warning"]
 SEVERITY: Mapping[Kind, Severity] = {
-    "other-vm-thread": "error", "vm-cgroup": "error", "host-task": "warning", "irq": "warning",
+    "other-vm-thread": "error", "vm-cgroup": "error", "escaped-task": "error",
+    "host-task": "warning", "irq": "warning", "workqueue": "warning",
 }
 #: Order of kinds in reports: errors first.
-KIND_ORDER: tuple[Kind, ...] = ("other-vm-thread", "vm-cgroup", "host-task", "irq")
+KIND_ORDER: tuple[Kind, ...] = ("other-vm-thread", "vm-cgroup", "escaped-task", "irq",
+                                "workqueue", "host-task")
 
 #: cgroups (relative to the cpuset root) whose descendants are VMs.
 DEFAULT_VM_PARTITIONS = ("machine", "machine.slice")
@@ -88,20 +108,16 @@ class CgroupInfo:
     populated: bool  # has tasks of its own
 
 
-@dataclass(frozen=True, slots=True)
-class IrqInfo:
-    irq: int
-    affinity: CpuSet  # smp_affinity_list
-    effective: CpuSet | None  # effective_affinity_list, where the kernel has it
-    actions: tuple[str, ...]  # handler names (empty: unused)
-
-
 @dataclass(frozen=True)
 class HostSnapshot:
     threads: tuple[ThreadInfo, ...] = ()
     cgroups: tuple[CgroupInfo, ...] = ()
     irqs: tuple[IrqInfo, ...] = ()
     notes: tuple[str, ...] = ()  # what could not be read
+    cgroup_version: int | None = None  # of the cpuset hierarchy (None: no cpuset mounted)
+    #: the rest of the host's noise (workqueue mask, default IRQ affinity, kernel threads,
+    #: nohz_full, rcu_nocbs, isolcpus), for what pinwarden moves or cannot move
+    noise: NoiseSnapshot | None = None
 
 
 # -- report values -----------------------------------------------------------------------
@@ -118,10 +134,12 @@ class Intruder:
     irq: int | None = None
     owner: HolderRef | None = None  # the holder the intruder itself belongs to, if any
     kernel: bool = False  # an (unbound) kernel thread
+    #: pinwarden moves this noise source off leased CPUs: finding it there is an error
+    moved_by_pinwarden: bool = False
 
     @property
     def severity(self) -> Severity:
-        return SEVERITY[self.kind]
+        return "error" if self.moved_by_pinwarden else SEVERITY[self.kind]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -153,6 +171,9 @@ class Report:
     per_cpu_kthreads: int  # per-CPU kernel threads on leased CPUs (never intruders)
     notes: tuple[str, ...] = ()
     roles: Mapping[int, str] = field(default_factory=dict)  # cpu -> lease role
+    #: noise on leased CPUs nothing can move at run time, each with the boot parameter
+    #: that would (never a failure: the admin's choice of kernel command line)
+    unmovable: tuple[Finding, ...] = ()
 
     @property
     def errors(self) -> tuple[Intruder, ...]:
@@ -198,6 +219,9 @@ class Report:
             "checked": {"threads": self.threads, "cgroups": self.cgroups, "irqs": self.irqs,
                         "per_cpu_kernel_threads": self.per_cpu_kthreads},
             "notes": list(self.notes),
+            "unmovable": [{"kind": f.kind, "key": f.key, "cpus": str(f.cpus),
+                           "what": f.what, "boot_parameter": f.boot_param}
+                          for f in self.unmovable],
         }
 
 
@@ -293,8 +317,13 @@ class _Context:
 
 def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[HolderRecord], *,
           vm_partitions: Sequence[str] = DEFAULT_VM_PARTITIONS,
-          exclusive_roots: Sequence[str] = DEFAULT_EXCLUSIVE_ROOTS) -> Report:
-    """Every intruder on a leased CPU.  Pure."""
+          exclusive_roots: Sequence[str] = DEFAULT_EXCLUSIVE_ROOTS,
+          isolating: bool = False, refused: AbstractSet[str] = frozenset()) -> Report:
+    """Every intruder on a leased CPU.  Pure.
+
+    ``isolating``: pinwarden moves host noise off leased CPUs (``[isolation] noise``), so a
+    movable IRQ, the workqueue mask or the default IRQ affinity found there is an error;
+    ``refused``: noise keys the kernel refused to move (their IRQs stay warnings)."""
     lease_list = list(leases)
     lease_of = {lease.cpu: lease.holder for lease in lease_list}
     records = list(holders)
@@ -368,8 +397,15 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
             if not cpus:
                 continue
             vm = bool(owners) or in_vm_cgroup
+            if vm and not t.kernel:
+                kind: Kind = "other-vm-thread"
+            elif t.kernel or snapshot.cgroup_version is None or \
+                    (snapshot.cgroup_version == 1 and _norm(t.cgroup) in ("", None)):
+                kind = "host-task"  # unbound kthreads; v1 root cpuset: no way to act
+            else:
+                kind = "escaped-task"
             intruders.append(Intruder(
-                kind="other-vm-thread" if vm and not t.kernel else "host-task",
+                kind=kind,
                 cpus=cpus, holders=victims, name=t.comm, pid=t.pid, tid=t.tid,
                 cgroup=t.cgroup, owner=min(owners, key=_ref_key) if owners else None,
                 kernel=t.kernel))
@@ -391,16 +427,35 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
                 continue  # no handler: never fires
             cpus, victims = foreign(irq.affinity, frozenset())
             if cpus:
+                movable = isolating and irq.key not in refused and irq.writable is not False
                 intruders.append(Intruder(kind="irq", cpus=cpus, holders=victims,
-                                          name=",".join(irq.actions), irq=irq.irq))
+                                          name=",".join(irq.actions), irq=irq.irq,
+                                          moved_by_pinwarden=movable))
+        noise = snapshot.noise
+        for name, mask in (("unbound workqueues", noise.workqueue if noise else None),
+                           ("new IRQs (default affinity)",
+                            noise.default_affinity if noise else None)):
+            if mask is None:
+                continue
+            cpus, victims = foreign(mask, frozenset())
+            if cpus:
+                intruders.append(Intruder(kind="workqueue", cpus=cpus, holders=victims,
+                                          name=name, moved_by_pinwarden=isolating))
 
+    findings: tuple[Finding, ...] = ()
+    if leased and snapshot.noise is not None:
+        from pinwarden.isolation import unmovable, with_refusals
+
+        noise_all = dataclasses.replace(snapshot.noise, irqs=snapshot.irqs)
+        findings = tuple(unmovable(with_refusals(noise_all, refused), leased))
     rank = {kind: n for n, kind in enumerate(KIND_ORDER)}
     intruders.sort(key=lambda i: (rank[i.kind], i.pid or 0, i.tid or 0, i.cgroup or "",
                                   i.irq or 0))
     return Report(leases=dict(sorted(lease_of.items())), intruders=tuple(intruders),
                   roles={x.cpu: x.role for x in lease_list},
                   threads=len(snapshot.threads), cgroups=len(snapshot.cgroups),
-                  irqs=len(snapshot.irqs), per_cpu_kthreads=per_cpu, notes=snapshot.notes)
+                  irqs=len(snapshot.irqs), per_cpu_kthreads=per_cpu, notes=snapshot.notes,
+                  unmovable=findings)
 
 
 def _ref_key(ref: HolderRef) -> tuple[str, str, str]:
@@ -574,33 +629,6 @@ def scan_cgroups(mount: Path, *, v2: bool = False,
     return out, members
 
 
-def scan_irqs(proc: Path) -> list[IrqInfo]:
-    """Every IRQ under ``proc/irq``: affinity, effective affinity, handler names."""
-    out: list[IrqInfo] = []
-    cpus_of = _CpuCache()
-    base = f"{proc}/irq"
-    try:
-        entries = [e for e in os.scandir(base) if e.name.isdigit()]
-    except OSError:
-        return out
-    for entry in entries:
-        d = f"{base}/{entry.name}"
-        affinity = _read(f"{d}/smp_affinity_list")
-        if affinity is None:
-            continue
-        effective = _read(f"{d}/effective_affinity_list")
-        try:
-            actions = tuple(sorted(e.name for e in os.scandir(d) if e.is_dir()))
-            out.append(IrqInfo(
-                irq=int(entry.name), affinity=cpus_of(affinity.strip()),
-                effective=None if effective is None else cpus_of(effective.strip()),
-                actions=actions))
-        except (OSError, CpuSetError):
-            continue
-    out.sort(key=lambda i: i.irq)
-    return out
-
-
 def _has_processes(proc: Path) -> bool:
     try:
         return any(e.name.isdigit() for e in os.scandir(proc))
@@ -633,14 +661,17 @@ def scan(root: Path = Path("/")) -> HostSnapshot:
         notes.append(f"{vanished} threads exited while being read")
     if not threads:
         notes.append(f"no threads found under {proc}")
-    irqs = scan_irqs(proc)
-    if not irqs:
+    from pinwarden.noise import read_noise
+
+    noise = read_noise(root)
+    if not noise.irqs:
         notes.append(f"no IRQs found under {proc}/irq")
-    return HostSnapshot(threads=tuple(threads), cgroups=tuple(cgroups), irqs=tuple(irqs),
-                        notes=tuple(notes))
+    version = 1 if v1 is not None else 2 if v2 is not None else None
+    return HostSnapshot(threads=tuple(threads), cgroups=tuple(cgroups), irqs=noise.irqs,
+                        notes=tuple(notes), cgroup_version=version, noise=noise)
 
 
 __all__ = [
     "CgroupInfo", "HostSnapshot", "Intruder", "IrqInfo", "Report", "ThreadInfo", "audit",
-    "machine_name", "scan", "scan_cgroups", "scan_irqs", "scan_threads",
+    "machine_name", "scan", "scan_cgroups", "scan_threads",
 ]

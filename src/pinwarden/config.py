@@ -44,6 +44,7 @@ class Config:
     exclusive_cgroup: str = "pinwarden.partition"  # tree holding every leased CPU
     state_dir: Path = DEFAULT_STATE_DIR
     libvirt_uri: str = "qemu:///system"
+    isolate_noise: bool = True  # steer IRQs, unbound work and kthreads off leased CPUs
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,9 @@ SETTINGS: tuple[Setting, ...] = (
             env="PINWARDEN_STATE_DIR", option="--state-dir"),
     Setting("libvirt_uri", "libvirt", "uri", "libvirt connection URI",
             env="LIBVIRT_DEFAULT_URI", option="--connect"),
+    Setting("isolate_noise", "isolation", "noise",
+            "while CPUs are leased, move IRQs, unbound kernel work and movable kernel "
+            "threads off them (put back when the last lease goes): true or false"),
 )
 
 
@@ -105,6 +109,13 @@ def _str(table: dict[str, Any], key: str, default: str, path: Path) -> str:
     return value
 
 
+def _bool(table: dict[str, Any], key: str, default: bool, path: Path) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise InputError(f"{path}: {key} must be true or false, not {type(value).__name__}")
+    return value
+
+
 def parse_config(text: str, path: Path = DEFAULT_CONFIG) -> Config:
     try:
         data = tomllib.loads(text)
@@ -113,6 +124,7 @@ def parse_config(text: str, path: Path = DEFAULT_CONFIG) -> Config:
     part = _table(data, "partition", path)
     ledger = _table(data, "ledger", path)
     virt = _table(data, "libvirt", path)
+    isolation = _table(data, "isolation", path)
     known = known_keys()
     for section, keys in known.items():
         for key in _table(data, section, path):
@@ -139,6 +151,7 @@ def parse_config(text: str, path: Path = DEFAULT_CONFIG) -> Config:
         exclusive_cgroup=_str(part, "exclusive", "pinwarden.partition", path).strip("/"),
         state_dir=Path(_str(ledger, "state_dir", str(DEFAULT_STATE_DIR), path)),
         libvirt_uri=_str(virt, "uri", "qemu:///system", path),
+        isolate_noise=_bool(isolation, "noise", True, path),
     )
 
 

@@ -793,6 +793,17 @@ class Ledger:
             db.executemany("INSERT OR IGNORE INTO changes (key, original, created) "
                            "VALUES (?, ?, ?)", [(k, v, now) for k, v in originals.items()])
 
+    def put_changes(self, values: Mapping[str, str]) -> None:
+        """Set change records outright (a record whose bookkeeping moves on: the value
+        pinwarden last wrote; its original is the caller's to keep)."""
+        if not values:
+            return
+        now = time.time()
+        with self._write() as db:
+            db.executemany("INSERT INTO changes (key, original, created) VALUES (?, ?, ?) "
+                           "ON CONFLICT (key) DO UPDATE SET original = excluded.original",
+                           [(k, v, now) for k, v in values.items()])
+
     def forget_changes(self, keys: Iterable[str]) -> None:
         """The settings ``keys`` are back as found: forget their originals."""
         wanted = list(keys)

@@ -73,11 +73,16 @@ class Manager:
     ``enforce``: whether changes are applied to the kernel (default: when ``root`` is this
     host's ``/`` or a ``backend`` is given; never for a dump read with ``--root``).
     ``host``: a fixed host snapshot instead of reading ``root`` (simulations and tests).
+    ``noise``: move host noise (IRQs, unbound work, kernel threads) off leased CPUs
+    (default: when enforcing on this host with the backend it opens itself, unless the
+    configuration turns it off — tests that bring their own backend never touch this
+    host's IRQs unless they ask).
     """
 
     def __init__(self, config: Config, root: Path, state_dir: Path, *,
                  backend: CgroupBackend | None = None, enforce: bool | None = None,
-                 host: Host | None = None, lock_timeout: float = 120.0) -> None:
+                 host: Host | None = None, noise: bool | None = None,
+                 lock_timeout: float = 120.0) -> None:
         self.config = config
         self.root = root
         self.state_dir = state_dir
@@ -88,6 +93,9 @@ class Manager:
         if enforce is None:
             enforce = backend is not None or _is_live_root(root)
         self.enforcing = enforce
+        if noise is None:
+            noise = enforce and backend is None and config.isolate_noise
+        self.isolating = noise
         self._ledger: Ledger | None = None
         self._reader: Ledger | None = None
         self._lock_fd: int | None = None
@@ -244,6 +252,14 @@ class Manager:
         return tuple(lease for lease in reader.leases()
                      if (lease.holder.driver, lease.holder.key) not in dead)
 
+    def refused_noise(self) -> frozenset[str]:
+        """Noise sources the kernel refused to move (managed or per-CPU IRQs)."""
+        reader = self.reader()
+        if reader is None:
+            return frozenset()
+        return frozenset(key for key, value in reader.changes().items()
+                         if _is_noise_key(key) and '"refused"' in value)
+
     def plan(self, request: Request, *, holder: HolderRef | None = None) -> Plan:
         """Where ``request`` would run now (dry run, nothing recorded)."""
         from pinwarden.policy import decide
@@ -369,13 +385,59 @@ class Manager:
             ledger.record_changes({key: self._shared_original(backend, names.shared)})
         elif not leases and key in changes:
             restore, drop = self._restore_value(backend, names.shared, changes[key])
+        isolated = frozenset(h.ref for h in ledger.holders() if h.plan.isolated) \
+            if backend.kind in ("v2", "systemd") else frozenset()
         desired = desired_layout(host, leases, names, shared_extra=shared_extra,
-                                 restore_shared=restore, drop_shared=drop)
+                                 restore_shared=restore, drop_shared=drop, isolated=isolated)
         result = sync(backend, desired)
         if not leases:
             ledger.forget_changes([key] if key in changes else [])
+        self._isolate(ledger, host, CpuSet.of(lease.cpu for lease in leases))
+        if not leases:
             ledger.clear_host_record()
         return result
+
+    def _isolate(self, ledger: Ledger, host: Host, leased: CpuSet) -> None:
+        """Host noise off ``leased`` (every CPU leased to anyone), and back where it was
+        for CPUs no longer leased.  Each original value is recorded in the ledger before
+        the first write to it, so a crash never loses one: the next sync puts it back."""
+        if not self.isolating:
+            return
+        from pinwarden import isolation, noise
+
+        def recorded() -> tuple[dict[str, isolation.Record], frozenset[str]]:
+            records: dict[str, isolation.Record] = {}
+            refused: set[str] = set()
+            for key, value in ledger.changes().items():
+                if not _is_noise_key(key):
+                    continue
+                data = json.loads(value)
+                if data.get("refused"):
+                    refused.add(key)
+                else:
+                    records[key] = isolation.Record.from_json(data)
+            return records, frozenset(refused)
+
+        housekeeping = host.partition.host_cpus
+        records, refused = recorded()
+        if records or (refused and not leased):
+            back = isolation.plan_restore(noise.read_noise(self.root), records, leased,
+                                          housekeeping)
+            noise.apply(self.root, back.writes)
+            ledger.forget_changes([*back.forget, *(refused if not leased else ())])
+            ledger.put_changes({r.key: json.dumps(r.to_json()) for r in back.keep})
+        if not leased:
+            return
+        records, refused = recorded()
+        snapshot = isolation.with_refusals(noise.read_noise(self.root), refused)
+        plan = isolation.plan_isolation(snapshot, leased, housekeeping, records)
+        ledger.put_changes({r.key: json.dumps(r.to_json()) for r in plan.records})
+        bad = noise.refused(noise.apply(self.root, plan.writes))
+        if bad:  # the kernel keeps these (managed or per-CPU IRQs): remember not to retry
+            ledger.put_changes({key: json.dumps({"refused": True}) for key in bad
+                                if key not in records})
+            ledger.put_changes({key: json.dumps(records[key].to_json()) for key in bad
+                                if key in records})
 
     @staticmethod
     def _shared_original(backend: CgroupBackend, path: str) -> str:
@@ -408,6 +470,12 @@ class Manager:
         except (ValueError, KeyError, AttributeError, PinwardenError, CgroupOpError) as exc:
             raise LedgerError(f"the recorded original CPUs of cgroup {path} are unreadable "
                               f"({exc}); set them by hand and 'pinwarden sync'") from None
+
+
+def _is_noise_key(key: str) -> bool:
+    """Change records of :mod:`pinwarden.isolation` (``irq:N``, ``irq-default``,
+    ``workqueue``, ``kthread:PID:START``), not the cgroup ones."""
+    return key in ("irq-default", "workqueue") or key.startswith(("irq:", "kthread:"))
 
 
 def _is_live_root(root: Path) -> bool:

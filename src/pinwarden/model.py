@@ -90,6 +90,9 @@ class Plan:
     leases: Mapping[int, str] = field(default_factory=dict)  # cpu -> role (exclusive only)
     default_cpus: CpuSet | None = None  # <vcpu cpuset=...> for the whole domain, if set
     notes: tuple[str, ...] = ()  # warnings to show the user (one line each)
+    #: The holder's cgroup is an ``isolated`` partition (no scheduler load balancing) where
+    #: the kernel has them: domains whose vCPUs are pinned one to one, jobs that ask.
+    isolated: bool = False
 
     def cpus(self) -> CpuSet:
         """Every CPU any thread of the domain may run on."""
@@ -108,6 +111,7 @@ class Plan:
             "iothreads": {str(i): str(c) for i, c in sorted(self.iothreads.items())},
             "leases": {str(cpu): role for cpu, role in sorted(self.leases.items())},
             "notes": list(self.notes),
+            "isolated": self.isolated,
         }
 
     @classmethod
@@ -151,4 +155,5 @@ class Plan:
             leases=leases,
             default_cpus=None if default is None else cpus(default),
             notes=tuple(notes),
+            isolated=data.get("isolated") is True,
         )

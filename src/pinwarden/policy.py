@@ -60,6 +60,7 @@ class JobSpec:
     count: int | None = None  # --exclusive N (default 1)
     cpus: CpuSet | None = None  # --cpus LIST
     threads: ThreadPolicy = DEFAULT_THREADS
+    isolated: bool = False  # --isolated: no scheduler load balancing on its CPUs
 
 
 Request = DomainSpec | JobSpec
@@ -432,9 +433,12 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
     leases = dict(own.roles)
     leases.update(dict.fromkeys(holds, SIBLING_HOLD))
     every = union([*vcpus.values(), emulator, *iothreads.values()])
+    # vCPUs pinned one to one need no load balancing between them: an isolated partition
+    one_to_one = all(len(c) == 1 for c in vcpus.values()) and \
+        len(union(vcpus.values())) == len(vcpus)
     return Plan(domain=spec.name, uuid=spec.uuid, exclusive=True, vcpus=vcpus,
                 emulator=emulator, iothreads=iothreads, leases=dict(sorted(leases.items())),
-                default_cpus=every, notes=tuple(notes))
+                default_cpus=every, notes=tuple(notes), isolated=one_to_one)
 
 
 def _held_now(ctx: _Ctx, own: _Leases, threads: ThreadPolicy) -> CpuSet:
@@ -469,4 +473,5 @@ def _job(ctx: _Ctx, job: JobSpec) -> Plan:
     leases = dict(own.roles)
     leases.update(dict.fromkeys(holds, SIBLING_HOLD))
     return Plan(domain=job.name, uuid=None, exclusive=True, vcpus={}, emulator=own.cpus,
-                leases=dict(sorted(leases.items())), notes=tuple(notes))
+                leases=dict(sorted(leases.items())), notes=tuple(notes),
+                isolated=job.isolated)

@@ -5,6 +5,7 @@ Each CPU is one character::
     h  housekeeping (the OS's CPUs)       v  VM CPU, shared pool
     i  VM CPU isolated by isolcpus=      .  offline
     A…Z  leased to the holder named in the legend (# when there are more than 26)
+    a…z  held empty for that holder: the sibling thread of a core it uses (whole cores)
 
 Small hosts (≤ 64 present CPUs) get one line per physical core naming every thread; larger
 ones get compact rows of up to 16 cores (one character per thread, cores separated by a
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pinwarden.cpuset import CpuSet
-from pinwarden.model import HolderRef, Lease
+from pinwarden.model import SIBLING_HOLD, HolderRef, Lease
 from pinwarden.partition import Host
 
 HOUSEKEEPING, SHARED, ISOLATED, OFFLINE, MORE = "h", "v", "i", ".", "#"
@@ -77,7 +78,8 @@ def _marks(host: Host, leases: Sequence[Lease]) -> tuple[dict[int, str], dict[st
         if lease.holder not in holders:
             n = len(holders)
             holders[lease.holder] = HOLDER_MARKS[n] if n < len(HOLDER_MARKS) else MORE
-        leased[lease.cpu] = holders[lease.holder]
+        mark = holders[lease.holder]
+        leased[lease.cpu] = mark.lower() if lease.role == SIBLING_HOLD else mark
     marks: dict[int, str] = {}
     for cpu in topo.cpus:
         if cpu in leased:
@@ -152,6 +154,10 @@ def _legend(host: Host, marks: dict[int, str], holders: dict[str, HolderRef],
     lines = [("legend: " if i == 0 else "        ") + part for i, part in enumerate(parts)]
     for mark, holder in sorted(holders.items()):
         lines.append(f"        {mark} leased to {holder} ({cpus_with(mark)})")
+        held = cpus_with(mark.lower())
+        if held:
+            lines.append(f"        {mark.lower()} held empty for {holder}: sibling threads "
+                         f"of its cores ({held})")
     more = cpus_with(MORE)
     if more:
         count = len({lease.holder for lease in leases if lease.cpu in more})

@@ -40,15 +40,16 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def load_ledger(args: argparse.Namespace) -> tuple[tuple[Lease, ...], tuple[HolderRecord, ...],
-                                                    tuple[str, ...]]:
-    """Leases and holders of live owners; no database yet means no leases (read only)."""
+                                                    tuple[str, ...], frozenset[str]]:
+    """Leases and holders of live owners, the noise the kernel refused to move; no database
+    yet means no leases (read only)."""
     with manager_of(args) as manager:
         if manager.reader() is None:
             return (), (), (f"no lease database at {manager.state_dir / DB_NAME}: nothing "
-                            f"is leased",)
+                            f"is leased",), frozenset()
         dead = {(r.ref.driver, r.ref.key) for r in manager.dead()}
         holders = tuple(h for h in manager.holders() if (h.ref.driver, h.ref.key) not in dead)
-        return manager.leases(), holders, ()
+        return manager.leases(), holders, (), manager.refused_noise()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,14 +62,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     config = config_of(args)
-    leases, holders, notes = load_ledger(args)
+    leases, holders, notes, refused = load_ledger(args)
     snapshot = audit.scan(root_of(args))
     partitions = tuple(dict.fromkeys((config.cgroup_v1, config.cgroup_v2,
                                       *audit.DEFAULT_VM_PARTITIONS)))
     exclusive = tuple(dict.fromkeys((config.exclusive_cgroup,
                                      *audit.DEFAULT_EXCLUSIVE_ROOTS)))
     report = audit.audit(snapshot, leases, holders, vm_partitions=partitions,
-                         exclusive_roots=exclusive)
+                         exclusive_roots=exclusive, isolating=config.isolate_noise,
+                         refused=refused)
     if notes:
         report = dataclasses.replace(report, notes=(*report.notes, *notes))
     if args.json:
@@ -109,7 +111,17 @@ def render(report: audit.Report, *, show_all: bool = False) -> str:
     kernel = any(i.kernel for i in report.intruders)
     lines += [f"hint: {text}" for kind, text in HINTS if kind in present
               or (kind == "kernel" and kernel)]
-    return "\n".join(lines)
+    return "\n".join([*lines, *render_unmovable(report)])
+
+
+def render_unmovable(report: audit.Report) -> list[str]:
+    """Noise nothing can move at run time, and the boot parameter that would."""
+    if not report.unmovable:
+        return []
+    lines = ["noise on leased CPUs that cannot move at run time (fixed at boot):"]
+    for f in report.unmovable:
+        lines.append(f"  CPUs {f.cpus}: {f.what} — boot with {f.boot_param}")
+    return lines
 
 
 #: What to do about each kind of intruder (shown once per kind present).
@@ -119,8 +131,17 @@ HINTS = (
                         "re-apply the layout with 'pinwarden daemon --once'"),
     ("vm-cgroup", "a VM cgroup includes leased CPUs: the shared VM partition must be "
                   "'VM CPUs − leased' (see DEVELOPERS.md, cgroup layout)"),
-    ("host-task", "host tasks may use leased CPUs: use partition mode isolcpus or cgroup "
-                  "to keep the OS on its housekeeping CPUs"),
+    ("escaped-task", "tasks outside the holders can run on leased CPUs: their cgroup names "
+                     "leased CPUs in its cpuset.cpus (on cgroup v2 that also invalidates the "
+                     "holder's partition); 'pinwarden sync' narrows it, and 'pinwarden "
+                     "daemon' does so as soon as it happens"),
+    ("host-task", "tasks in the cgroup v1 root cpuset may use leased CPUs: boot with "
+                  "isolcpus= (partition mode isolcpus) to keep the OS on its housekeeping "
+                  "CPUs"),
+    ("workqueue", "unbound kernel work or new IRQs may use leased CPUs: 'pinwarden sync' "
+                  "moves them ([isolation] noise = true), or write the housekeeping CPUs' "
+                  "mask to /sys/devices/virtual/workqueue/cpumask and "
+                  "/proc/irq/default_smp_affinity"),
     ("kernel", "unbound kernel workers: write the housekeeping CPUs' mask to "
                "/sys/devices/virtual/workqueue/cpumask"),
     ("irq", "IRQs: write the housekeeping CPUs to /proc/irq/*/smp_affinity_list and "

@@ -104,6 +104,19 @@ def _from_ledger(args: argparse.Namespace, root: Path, manager: Manager,
     return host, leases, None, differs
 
 
+def _cmdline(host: Host) -> str | None:
+    """Boot parameters that take the VM CPUs away from the kernel's own noise (IRQs,
+    ticks, RCU callbacks, load balancing) — when some of it is not done yet."""
+    from pinwarden.isolation import kernel_cmdline
+
+    part, topo = host.partition, host.topology
+    if not part.vm_cpus or not part.host_cpus:
+        return None
+    if part.vm_cpus <= topo.isolated and part.vm_cpus <= topo.nohz_full:
+        return None
+    return kernel_cmdline(part.vm_cpus, part.host_cpus)
+
+
 def _disagreement(now: Partition, recorded: Partition) -> str:
     return (f"note: the configuration now gives partition {now.mode} (VM CPUs {now.vm_cpus});"
             f" at the first lease the host was recorded as {recorded.mode} (VM CPUs "
@@ -120,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         data = host_json(host, leases)
         data["ledger_error"] = problem
+        data["suggested_cmdline"] = _cmdline(host)
         data["recorded_partition"] = None if recorded is None else {
             "mode": recorded.mode, "vm_cpus": str(recorded.vm_cpus),
             "host_cpus": str(recorded.host_cpus), "reason": recorded.reason}
@@ -134,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
     ]
     if host.topology.nohz_full:
         lines.append(f"  nohz_full={host.topology.nohz_full}")
+    suggested = _cmdline(host)
+    if suggested:
+        lines.append(f"  to keep kernel noise off the VM CPUs too, boot with: {suggested}")
     if recorded is not None:
         lines.append(_disagreement(part, recorded))
     if problem:

@@ -170,11 +170,13 @@ def libvirt_partition(names: LayoutNames, holder: HolderRef) -> str:
 def desired_layout(host: Host, leases: Sequence[Lease], names: LayoutNames = LayoutNames(),
                    *, shared_extra: CpuSet = _NONE,
                    restore_shared: CpuSet | None = None,
-                   drop_shared: bool = False) -> DesiredLayout:
+                   drop_shared: bool = False,
+                   isolated: frozenset[HolderRef] = frozenset()) -> DesiredLayout:
     """The layout for ``leases``.  ``shared_extra``: CPUs outside the pool that shared VMs are
     pinned to by their XML (honoured in ``none``/``isolcpus`` modes) — never leased ones.
     ``restore_shared`` (only without leases): the shared group's CPUs as pinwarden found
-    them, put back exactly."""
+    them, put back exactly.  ``isolated``: holders whose group is an ``isolated`` partition
+    (no scheduler load balancing; the same as exclusive on cgroup v1)."""
     if (restore_shared is not None or drop_shared) and leases:
         raise ValueError("the shared group is restored only once nothing is leased")
     by_holder: dict[HolderRef, set[int]] = defaultdict(set)
@@ -194,7 +196,8 @@ def desired_layout(host: Host, leases: Sequence[Lease], names: LayoutNames = Lay
                         f"{_digest(holder.driver + ':' + holder.key)}{PARTITION_SUFFIX}")
         taken[path] = holder
         cpus = CpuSet.of(by_holder[holder]) or CpuSet.of(held[holder])
-        specs.append(GroupSpec(path, cpus, "exclusive", holder))
+        specs.append(GroupSpec(path, cpus, "isolated" if holder in isolated else "exclusive",
+                               holder))
     return DesiredLayout(
         names=names,
         shared=GroupSpec(names.shared, pool, "member"),
