@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from libvirt_env import CPUSET, PINWARDEN, Pinwarden, machine_restored
+from pinwarden.ledger import Ledger
 
 pytestmark = pytest.mark.kernel
 
@@ -83,3 +84,33 @@ def test_second_exclusive_job_is_refused_naming_the_first(pw: Pinwarden) -> None
     # SIGTERM was forwarded: sleep died of it, and the supervisor passed that on
     assert first.returncode == 128 + signal.SIGTERM
     assert "no holders" in pw.run("status", check=True).stdout
+
+
+NOISE = ("for i in /proc/irq/*/smp_affinity_list; do printf '%s=%s ' \"$i\" \"$(cat $i)\"; "
+         "done; echo; echo default=$(cat /proc/irq/default_smp_affinity); "
+         "echo workqueue=$(cat /sys/devices/virtual/workqueue/cpumask)")
+
+
+def _noise() -> str:
+    return subprocess.run(["sh", "-c", NOISE], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_host_noise_leaves_the_leased_cpu_and_comes_back(pw: Pinwarden) -> None:
+    """Issue #11 on this host's real /proc/irq and workqueue mask: while the job holds CPU
+    1, every IRQ the kernel lets move, the default IRQ affinity and the unbound-workqueue
+    mask are off it; afterwards every file reads exactly as before."""
+    before = _noise()
+    done = run(pw, "--exclusive", "1", "--", "sh", "-c", NOISE)
+    assert done.returncode == 0, done.stderr
+    during = dict(line.split("=", 1) for line in done.stdout.splitlines()[1:] if "=" in line)
+    assert int(during["default"], 16) & 0b10 == 0, during
+    assert int(during["workqueue"], 16) & 0b10 == 0, during
+    irqs = dict(item.split("=", 1) for item in done.stdout.splitlines()[0].split())
+    moved = [irq for irq, cpus in irqs.items() if cpus == "0"]
+    kept = {irq: cpus for irq, cpus in irqs.items() if cpus != "0"}
+    assert moved, irqs  # most IRQs here can move
+    with Ledger(pw.state) as ledger:  # the last lease went: nothing is left to put back
+        assert ledger.changes() == {} and ledger.host_record() is None
+    assert _noise() == before
+    assert all("1" in cpus for cpus in kept.values())  # the kernel refused those (managed)

@@ -44,6 +44,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                              "(default); prefer (may share a core with another holder); "
                              "isolate (one thread per core, siblings held empty); require "
                              "(SMT siblings only)")
+    parser.add_argument("--isolated", action="store_true",
+                        help="an isolated cpuset partition (cgroup v2): no scheduler load "
+                             "balancing across the job's CPUs (the job places its own "
+                             "threads)")
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
                         help="the command and its arguments (after --)")
     parser.set_defaults(handler=handle)
@@ -59,7 +63,7 @@ def request_of(args: argparse.Namespace, command: list[str]) -> JobSpec:
     if args.exclusive is not None and args.exclusive < 1:
         raise InputError(f"--exclusive needs at least 1 CPU, not {args.exclusive}")
     return JobSpec(name=check_name(name), count=args.exclusive, cpus=cpus,
-                   threads=args.threads)
+                   threads=args.threads, isolated=args.isolated)
 
 
 def handle(args: argparse.Namespace) -> int:
