@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-config \
-	linux-image-amd64 busybox-static dbus sqlite3
+	linux-image-amd64 busybox-static dbus sqlite3 mmdebstrap qemu-utils e2fsprogs
 
 # libvirt-python is built against the system's libvirt: take the binding of the same version.
 LIBVIRT_PY = libvirt-python$$(v=$$(pkg-config --modversion libvirt 2>/dev/null) && echo "==$$v")
