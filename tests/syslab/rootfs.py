@@ -53,11 +53,13 @@ PACKAGES = (
 )
 
 #: libvirtd logs its cgroup, systemd (machined) and hook decisions at debug level into a
-#: file of its own: the checks quote what libvirt wrote where.
+#: file of its own: the checks quote what libvirt wrote where.  In /run, because
+#: virtme-ng-init mounts tmpfs over /var/log (and /var/cache, /var/tmp) after systemd has
+#: started libvirtd.
 LIBVIRTD_CONF_APPEND = """
 # pinwarden syslab: libvirt's cgroup, machined and hook decisions, at debug level
 log_filters="1:util.cgroup 1:util.systemd 1:util.hook 1:util.command"
-log_outputs="1:file:/var/log/libvirt/libvirtd-debug.log"
+log_outputs="1:file:/run/libvirt/libvirtd-debug.log"
 """
 
 

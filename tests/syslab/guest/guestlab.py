@@ -45,7 +45,7 @@ LXC_URI = "lxc:///system"
 QEMU = "/usr/bin/qemu-system-x86_64"
 VENV = Path("/opt/pinwarden")
 PINWARDEN = VENV / "bin" / "pinwarden"
-LIBVIRT_DEBUG_LOG = Path("/var/log/libvirt/libvirtd-debug.log")
+LIBVIRT_DEBUG_LOG = Path("/run/libvirt/libvirtd-debug.log")
 PREFIX = "pwtest"
 CPUSET_FILES = ("cpuset.cpus", "cpuset.cpus.effective", "cpuset.cpus.partition",
                 "cpuset.cpus.exclusive", "cpuset.mems", "cpuset.mems.effective",
