@@ -146,6 +146,22 @@ def test_libvirt_writes_no_cpuset_cpus_for_an_unpinned_domain(lab: LabRun) -> No
     assert "cpuset" in tree[scope]["cgroup.subtree_control"].split()
 
 
+def test_libvirt_writes_only_procs_and_threaded_groups_in_the_scope(lab: LabRun) -> None:
+    """libvirtd's own debug log (util.cgroup): what it writes below the machined scope."""
+    log = lab.check("domain_layout")["libvirt_log"]
+    writes = []
+    for line in log:
+        m = re.search(r"Set path '/sys/fs/cgroup/machine\.slice/[^/]+\.scope/(.*)' to value", line)
+        if m:
+            writes.append(m.group(1))
+    assert writes, f"no 'Set path' lines in libvirtd's debug log: {log[:20]}"
+    assert set(writes) == {"libvirt/cgroup.procs", "libvirt/emulator/cgroup.type",
+                           "libvirt/emulator/cgroup.threads", "libvirt/vcpu0/cgroup.type",
+                           "libvirt/vcpu0/cgroup.threads", "libvirt/vcpu1/cgroup.type",
+                           "libvirt/vcpu1/cgroup.threads"}, writes
+    assert any("Attempting to create machine via systemd" in line for line in log), log
+
+
 def test_unpinned_domain_affinity_against_isolcpus(lab: LabRun) -> None:
     """libvirt 9.0 pins an unpinned domain to every online CPU, isolcpus ones included;
     libvirt >= 10.4 leaves the isolated CPUs out."""
