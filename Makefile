@@ -5,9 +5,12 @@ BIN := $(VENV)/bin
 APT_PACKAGES := qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-config \
 	python3-defusedxml python3-jeepney python3-prometheus-client \
 	linux-image-amd64 busybox-static dbus sqlite3 \
-	zsh systemd man-db groff-base
+	zsh systemd man-db groff-base \
+	mmdebstrap qemu-utils e2fsprogs
 # (zsh: `zsh -n` of the generated completion; systemd: `systemd-analyze verify` of the units,
-# which needs no systemd as PID 1; man-db, groff-base: rendering the generated man page.)
+# which needs no systemd as PID 1; man-db, groff-base: rendering the generated man page;
+# mmdebstrap, qemu-utils, e2fsprogs: the systemd lab's Debian root images; python3-*: the
+# unprivileged-user tests run the system interpreter on our sources.)
 
 # libvirt-python is built against the system's libvirt: take the binding of the same version.
 LIBVIRT_PY = libvirt-python$$(v=$$(pkg-config --modversion libvirt 2>/dev/null) && echo "==$$v")

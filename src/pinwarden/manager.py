@@ -378,6 +378,8 @@ class Manager:
         host = self._load_host(record.found if record else None)
         backend, names = self.backend(), self.names()
         key = SHARED_KEY.format(path=names.shared)
+        if leases:  # before the layout: an escaped cgroup invalidates holder partitions
+            self._close_escapes(ledger, host, leases, backend, names)
         changes = ledger.changes()
         restore: CpuSet | None = None
         drop = False
@@ -392,10 +394,80 @@ class Manager:
         result = sync(backend, desired)
         if not leases:
             ledger.forget_changes([key] if key in changes else [])
+            self._restore_cgroups(ledger, backend, {k: v for k, v in changes.items()
+                                                    if k != key})
         self._isolate(ledger, host, CpuSet.of(lease.cpu for lease in leases))
         if not leases:
             ledger.clear_host_record()
         return result
+
+    def _close_escapes(self, ledger: Ledger, host: Host, leases: tuple[Lease, ...],
+                       backend: CgroupBackend, names: LayoutNames) -> None:
+        """cgroup v2: a cgroup beside a holder partition that names leased CPUs in its
+        ``cpuset.cpus`` takes them, and the kernel invalidates the partition (Linux 6.1 to
+        6.12+, DEVELOPERS.md "Escapes from partitions").  Narrow every such cgroup to its
+        CPUs minus the leased ones (recording what it had, to put back when the leases
+        end) and switch the holder partitions back on."""
+        if backend.kind not in ("v2", "systemd"):
+            return  # cgroup v1 refuses such a write (cpu_exclusive): nothing escapes
+        from pinwarden.enforce import watch
+        from pinwarden.enforce.layout import holder_group_path
+        from pinwarden.escape import SetCpus, SetPartition, plan_narrowing
+        from pinwarden.mounts import read_mounts
+        from pinwarden.partition import shared_pool
+
+        mount = read_mounts(self.root).v2
+        if mount is None:
+            return
+        groups = {names.exclusive} | {holder_group_path(names, lease.holder)
+                                      for lease in leases}
+        views = watch.read_views(mount, ("", names.exclusive), sorted(groups))
+        leased = CpuSet.of(lease.cpu for lease in leases)
+        pool = shared_pool(host, leased)[0]
+        plan = plan_narrowing(views, leased, groups, pool)
+        if not plan.ops:
+            return
+        before = {view.path: view for view in views}
+        ledger.record_changes({
+            SHARED_KEY.format(path=op.path): json.dumps(
+                {"cpus": before[op.path].cpus.to_list(),
+                 "partition": before[op.path].partition})
+            for op in plan.ops if isinstance(op, SetCpus | SetPartition)})
+        units = backend.kind == "systemd"
+        for op in plan.ops:
+            if units and isinstance(op, SetCpus) and _is_unit(op.path):
+                with contextlib.suppress(Exception):  # reported by the verify that follows
+                    backend.set_cpus(op.path, op.cpus)
+            else:
+                watch.apply_narrowing(mount, [op])
+
+    def _restore_cgroups(self, ledger: Ledger, backend: CgroupBackend,
+                         changes: dict[str, str]) -> None:
+        """Nothing is leased: cgroups pinwarden narrowed because they named leased CPUs
+        get what they had back."""
+        from pinwarden.enforce.backend import CgroupOpError
+        from pinwarden.mounts import read_mounts
+
+        done: list[str] = []
+        mount = read_mounts(self.root).v2
+        for key, value in changes.items():
+            if not key.startswith("cgroup:"):
+                continue
+            path = key.removeprefix("cgroup:")
+            try:
+                data = json.loads(value)
+                cpus = CpuSet.parse_kernel(str(data["cpus"]))
+                if backend.kind == "systemd" and _is_unit(path):
+                    backend.set_cpus(path, cpus)
+                elif mount is not None and (mount / path).is_dir():
+                    (mount / path / "cpuset.cpus").write_text(cpus.to_list() + "\n")
+                    word = data.get("partition", "member")
+                    if word in ("root", "isolated"):
+                        (mount / path / "cpuset.cpus.partition").write_text(word + "\n")
+            except (OSError, ValueError, KeyError, PinwardenError, CgroupOpError):
+                pass  # gone meanwhile, or refused: nothing left of ours to put back
+            done.append(key)
+        ledger.forget_changes(done)
 
     def _isolate(self, ledger: Ledger, host: Host, leased: CpuSet) -> None:
         """Host noise off ``leased`` (every CPU leased to anyone), and back where it was
@@ -470,6 +542,11 @@ class Manager:
         except (ValueError, KeyError, AttributeError, PinwardenError, CgroupOpError) as exc:
             raise LedgerError(f"the recorded original CPUs of cgroup {path} are unreadable "
                               f"({exc}); set them by hand and 'pinwarden sync'") from None
+
+
+def _is_unit(path: str) -> bool:
+    """A cgroup systemd owns (its last component names a unit)."""
+    return path.rpartition("/")[2].endswith((".slice", ".scope", ".service"))
 
 
 def _is_noise_key(key: str) -> bool:

@@ -26,6 +26,7 @@ log = logging.getLogger("pinwarden.daemon")
 MAX_BACKOFF = 60.0
 _LOST = "connection-lost"
 _EVENT = "event"
+_CGROUP = "cgroup"
 
 
 def reconcile_once(manager: Manager, conn: Any, *, restore: bool,
@@ -106,13 +107,14 @@ def main(manager: Manager, uri: str, *, interval: float = 30.0, restore: bool = 
     loop = threading.Thread(target=_event_loop, args=(b, stop), name="libvirt-events",
                             daemon=True)
     loop.start()
+    _start_cgroup_watch(manager, wake, stop)
     backoff = 1.0
     while not stop.is_set():
         try:
             conn = lv.open_connection(uri)
         except PinwardenError as exc:
             log.warning("%s; retrying in %.0f s", exc.message, backoff)
-            stop.wait(backoff)
+            _wait_without_libvirt(manager, wake, stop, backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
             continue
         backoff = 1.0
@@ -124,6 +126,62 @@ def main(manager: Manager, uri: str, *, interval: float = 30.0, restore: bool = 
                 conn.close()
     log.info("stopped")
     return 0
+
+
+def _start_cgroup_watch(manager: Manager, wake: queue.Queue[str],
+                        stop: threading.Event) -> None:
+    """On cgroup v2, watch the cgroup root and the exclusive tree (inotify): a cgroup that
+    writes leased CPUs into its ``cpuset.cpus`` takes them from the holders' partitions
+    (issue #14); every such event wakes the main loop, whose sync narrows it back within
+    milliseconds."""
+    from pinwarden.enforce.watch import CgroupWatcher
+    from pinwarden.mounts import read_mounts
+
+    try:
+        if manager.backend().kind not in ("v2", "systemd"):
+            return
+        mount = read_mounts(manager.root).v2
+        if mount is None:
+            return
+        watcher = CgroupWatcher(mount, ("", manager.names().exclusive))
+    except (PinwardenError, OSError) as exc:
+        log.warning("cannot watch the cgroup tree for escapes: %s",
+                    getattr(exc, "message", exc))
+        return
+
+    def run() -> None:
+        with watcher:
+            while not stop.is_set():
+                try:
+                    if watcher.poll(timeout=1.0):
+                        wake.put(_CGROUP)
+                except OSError as exc:
+                    log.error("cgroup watch stopped: %s", exc)
+                    return
+
+    threading.Thread(target=run, name="cgroup-watch", daemon=True).start()
+    log.info("watching %s for cgroups that reach leased CPUs", mount)
+
+
+def _sync(manager: Manager) -> None:
+    try:
+        manager.sync()
+    except PinwardenError as exc:
+        log.error("cannot enforce the cgroup layout: %s", exc.message)
+
+
+def _wait_without_libvirt(manager: Manager, wake: queue.Queue[str], stop: threading.Event,
+                          seconds: float) -> None:
+    """Wait for libvirt to come back, still answering cgroup events (jobs need no
+    libvirt)."""
+    deadline = time.monotonic() + seconds
+    while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+        try:
+            what = wake.get(timeout=left)
+        except queue.Empty:
+            return
+        if what == _CGROUP:
+            _sync(manager)
 
 
 def _event_loop(b: Any, stop: threading.Event) -> None:

@@ -1,0 +1,278 @@
+"""Host side of the systemd host lab: boot a suite's root once, read its results.
+
+``lab_run(suite)`` (cached per process, a failure too) does, for one suite:
+
+1. :func:`syslab.rootfs.ensure_root` — the cached root image (built on first use);
+2. a wheelhouse: pinwarden's wheel built from this checkout plus its dependencies'
+   wheels (``pip wheel``), built once per session — the guest is offline and installs
+   with ``pip install --no-index --find-links``;
+3. an output directory ``/tmp/pwtest-syslab-<suite>-*`` holding ``console.log``, a qcow2
+   overlay over the cached image (deleted after the boot) and ``share/`` — shared with the
+   guest read-write at ``/srv/syslab`` (``--rwdir``): the guest scripts, the wheelhouse,
+   ``config.json`` and the ``results.json`` the guest rewrites after every check;
+4. ``vng --systemd --rw --disable-kvm --root-disk OVERLAY --run KERNEL --cpus 4
+   --memory 3G --append isolcpus=3 --exec 'python3 /srv/syslab/guest/run.py /srv/syslab'``:
+   systemd is PID 1; virtme-ng runs the script from serial-getty@ttyS0.service once the
+   console is up and powers the guest off when it returns.  The whole boot is bounded by
+   ``PINWARDEN_SYSLAB_TIMEOUT`` seconds (then the process group is killed).
+
+A guest that leaves no results raises :class:`LabError` with the console tail; the tests
+turn that into failures, never skips.
+
+Environment: ``PINWARDEN_SYSLAB_SUITES`` (default ``bookworm,trixie``),
+``PINWARDEN_SYSLAB_CHECKS`` (comma list of check names or ``prefix*``: run only those),
+``PINWARDEN_SYSLAB_REUSE_<SUITE>=DIR`` (assert on an earlier boot's output directory),
+``PINWARDEN_SYSLAB_KERNEL_<SUITE>`` (another kernel), ``PINWARDEN_SYSLAB_QEMU_OPTS_<SUITE>``,
+``PINWARDEN_SYSLAB_CACHE`` (see rootfs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from syslab.rootfs import RECIPES, BuildError, BuiltRoot, ensure_root
+
+REPO = Path(__file__).resolve().parents[2]
+GUEST = Path(__file__).resolve().parent / "guest"
+GUEST_SHARE = "/srv/syslab"
+RESULT_FILE = "results.json"
+TIMEOUT = float(os.environ.get("PINWARDEN_SYSLAB_TIMEOUT", "1200"))
+CPUS = 4
+MEMORY = "3G"
+#: One isolated CPU: the default affinity of unpinned domains is visible (FACTS 5) while
+#: CPUs 1-2 stay usable for partitions (6.12 refuses partitions over isolcpus CPUs).
+APPEND = "isolcpus=3"
+SUITES = tuple(s for s in os.environ.get("PINWARDEN_SYSLAB_SUITES",
+                                         ",".join(RECIPES)).split(",") if s)
+
+
+class LabError(Exception):
+    """No results from the guest (or no guest at all); the message says why."""
+
+
+@dataclass
+class LabRun:
+    suite: str
+    results: dict[str, Any]
+    console: str
+    seconds: float
+    outdir: Path
+    command: list[str] = field(default_factory=list)
+    kernel: str = ""
+
+    def tail(self, lines: int = 80) -> str:
+        return "\n".join(self.console.splitlines()[-lines:])
+
+    def check(self, name: str) -> dict[str, Any]:
+        """One check's data; fails (AssertionError) with the guest's traceback, or the
+        console tail when the check never ran."""
+        entry = self.results.get("checks", {}).get(name)
+        if entry is None:
+            done = self.results.get("done", False)
+            notes = "\n".join(self.results.get("notes", []))
+            raise AssertionError(
+                f"[{self.suite}] check {name!r} has no result "
+                f"({'the guest script finished without it' if done else 'the guest stopped first'}"
+                f"); {notes}\nconsole tail ({self.outdir}/console.log):\n{self.tail()}")
+        if not entry.get("ok"):
+            raise AssertionError(f"[{self.suite}] check {name!r} failed in the guest:\n"
+                                 f"{entry.get('error')}")
+        data = entry.get("data")
+        assert isinstance(data, dict), entry
+        return data
+
+
+def _env_key(suite: str) -> str:
+    return re.sub(r"\W", "_", suite.upper())
+
+
+def _version_key(path: Path) -> list[int | str]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"[.+-]", path.name)]
+
+
+def suite_kernel(suite: str, root: BuiltRoot) -> Path:
+    env = os.environ.get(f"PINWARDEN_SYSLAB_KERNEL_{_env_key(suite)}")
+    if env:
+        return Path(env)
+    if root.recipe.kernel == "root":
+        kernel = root.kernel()
+        if kernel is None:
+            raise LabError(f"{root.path} has no kernel/boot/vmlinuz-* (rebuild: remove it)")
+        return kernel
+    found = sorted(Path("/boot").glob("vmlinuz-6.1.*"), key=_version_key)
+    if not found:
+        raise LabError("the bookworm lab boots the host's Debian 6.1 kernel: no "
+                       "/boot/vmlinuz-6.1.* (apt-get install linux-image-amd64 on bookworm)")
+    return found[-1]
+
+
+def vng_binary() -> Path:
+    vng = Path(sys.executable).parent / "vng"
+    if vng.exists():
+        return vng
+    which = shutil.which("vng")
+    if which is None:
+        raise LabError(f"virtme-ng is not installed ({Path(sys.executable).parent}/pip "
+                       f"install virtme-ng)")
+    return Path(which)
+
+
+_WHEELHOUSE: list[Path | LabError] = []
+
+
+def wheelhouse() -> Path:
+    """pinwarden's wheel from this checkout and its dependencies' wheels, once a session.
+    The checkout is copied first, so the build writes nothing into the work tree."""
+    if not _WHEELHOUSE:
+        base = Path(tempfile.mkdtemp(prefix="pwtest-syslab-wheels-"))
+        src = base / "src"
+        src.mkdir()
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
+            if (REPO / name).exists():
+                shutil.copy2(REPO / name, src / name)
+        shutil.copytree(REPO / "src", src / "src",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc"))
+        out = base / "wheelhouse"
+        proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir",
+                               str(out), str(src)], capture_output=True, text=True,
+                              check=False, stdin=subprocess.DEVNULL, timeout=900)
+        if proc.returncode != 0:
+            _WHEELHOUSE.append(LabError(f"pip wheel of the checkout failed (rc "
+                                        f"{proc.returncode}):\n{proc.stderr[-3000:]}"))
+        else:
+            _WHEELHOUSE.append(out)
+    got = _WHEELHOUSE[0]
+    if isinstance(got, LabError):
+        raise got
+    return got
+
+
+def vng_command(kernel: Path, overlay: Path, share: Path, qemu_opts: str) -> list[str]:
+    inner = f"python3 {GUEST_SHARE}/guest/run.py {GUEST_SHARE}"
+    cmd = [str(vng_binary()), "--systemd", "--rw", "--disable-kvm", "--verbose",
+           "--root-disk", str(overlay), "--root-fstype", "ext4",
+           "--run", str(kernel), "--cpus", str(CPUS), "--memory", MEMORY,
+           "--append", APPEND, "--rwdir", f"{GUEST_SHARE}={share}"]
+    if qemu_opts:
+        cmd.append(f"--qemu-opts={qemu_opts}")
+    return [*cmd, "--exec", inner]
+
+
+def prepare(suite: str, root: BuiltRoot, outdir: Path) -> Path:
+    """The guest's share: scripts, wheelhouse, config."""
+    share = outdir / "share"
+    share.mkdir()
+    shutil.copytree(GUEST, share / "guest",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(wheelhouse(), share / "wheelhouse")
+    (share / "config.json").write_text(json.dumps({
+        "suite": suite, "recipe": root.recipe.name,
+        "checks": os.environ.get("PINWARDEN_SYSLAB_CHECKS", ""),
+    }))
+    return share
+
+
+def boot(suite: str, root: BuiltRoot, outdir: Path, timeout: float = TIMEOUT) -> LabRun:
+    kernel = suite_kernel(suite, root)
+    share = prepare(suite, root, outdir)
+    overlay = outdir / "overlay.qcow2"
+    made = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                           str(root.image), str(overlay)], capture_output=True, text=True,
+                          check=False)
+    if made.returncode != 0:
+        raise LabError(f"qemu-img create failed: {made.stderr}")
+    qemu_opts = os.environ.get(f"PINWARDEN_SYSLAB_QEMU_OPTS_{_env_key(suite)}", "")
+    cmd = vng_command(kernel, overlay, share, qemu_opts)
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(cmd[0]).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+    env.pop("PINWARDEN_REQUIRE_ALL", None)
+    console_file = outdir / "console.log"
+    start = time.monotonic()
+    try:
+        with console_file.open("wb") as console:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console,
+                                    stderr=subprocess.STDOUT, env=env, cwd=outdir,
+                                    start_new_session=True)
+            try:
+                rc: int | None = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)  # our own session: vng, virtme-run, qemu
+                proc.wait()
+                rc = None
+    finally:
+        overlay.unlink(missing_ok=True)
+    seconds = time.monotonic() - start
+    text = console_file.read_text(errors="replace")
+    run = LabRun(suite, {}, text, seconds, outdir, cmd, kernel.name)
+    result = share / RESULT_FILE
+    if not result.exists():
+        why = f"timed out after {timeout:.0f} s" if rc is None else f"exited {rc}"
+        raise LabError(f"the {suite} lab guest ({kernel.name}) {why} without results; "
+                       f"command: {shlex.join(cmd)}\nconsole tail ({console_file}):\n"
+                       f"{run.tail()}")
+    try:
+        run.results = json.loads(result.read_text())
+    except json.JSONDecodeError as exc:
+        raise LabError(f"unreadable {result}: {exc}\nconsole tail:\n{run.tail()}") from None
+    run.results.setdefault("notes", [])
+    if rc is None:
+        run.results["notes"].append(f"timed out after {timeout:.0f} s")
+    run.results["host"] = {"seconds": round(seconds, 1), "rc": rc, "kernel": kernel.name,
+                           "root": str(root.path)}
+    (outdir / "host.json").write_text(json.dumps(run.results["host"], indent=1))
+    return run
+
+
+def load(suite: str, outdir: Path) -> LabRun:
+    try:
+        results = json.loads((outdir / "share" / RESULT_FILE).read_text())
+        console = (outdir / "console.log").read_text(errors="replace")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LabError(f"cannot reuse {suite} lab results in {outdir}: {exc}") from None
+    host = results.get("host", {})
+    return LabRun(suite, results, console, float(host.get("seconds", 0.0)), outdir,
+                  kernel=str(host.get("kernel", "")))
+
+
+_RUNS: dict[str, LabRun | LabError] = {}
+
+
+def lab_run(suite: str) -> LabRun:
+    """The session's one boot of ``suite`` (cached; a failure is re-raised to every caller)."""
+    if suite not in _RUNS:
+        try:
+            reuse = os.environ.get(f"PINWARDEN_SYSLAB_REUSE_{_env_key(suite)}")
+            if reuse:
+                _RUNS[suite] = load(suite, Path(reuse))
+            else:
+                try:
+                    root = ensure_root(suite)
+                except BuildError as exc:
+                    raise LabError(f"the {suite} lab root could not be built: {exc}") from None
+                outdir = Path(tempfile.mkdtemp(prefix=f"pwtest-syslab-{suite}-"))
+                _RUNS[suite] = boot(suite, root, outdir)
+        except LabError as exc:
+            _RUNS[suite] = exc
+    got = _RUNS[suite]
+    if isinstance(got, LabError):
+        raise got
+    return got
+
+
+if __name__ == "__main__":  # by hand: cd tests && ../.venv/bin/python -m syslab.vm [SUITE…]
+    for name in sys.argv[1:] or SUITES:
+        r = lab_run(name)
+        ok = sum(1 for c in r.results["checks"].values() if c.get("ok"))
+        print(f"{name}: {ok}/{len(r.results['checks'])} checks ok, {r.seconds:.0f} s, "
+              f"{r.outdir}")

@@ -1,0 +1,474 @@
+"""pinwarden on real systemd hosts: the systemd host lab (tests/syslab, FACTS.md there).
+
+One virtme-ng boot per Debian suite and session (bookworm: libvirt 9.0, systemd 252, Linux
+6.1; trixie: libvirt 11, systemd 257, Linux 6.12), 4 CPUs, ``isolcpus=3``, systemd as PID 1,
+libvirtd.service and systemd-machined.  The guest runs every check of
+``tests/syslab/guest/checks_*.py`` and records observations; each test here asserts one
+fact, so a failure names what systemd, libvirt or the kernel did differently.
+
+Run: ``.venv/bin/pytest -m systemd tests/test_syslab.py`` (first run builds the roots, about
+3 minutes, cached in /var/cache/pinwarden-syslab; then 5-10 minutes per suite under TCG).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from syslab.vm import SUITES, LabError, LabRun, lab_run
+
+pytestmark = [pytest.mark.systemd, pytest.mark.slow]
+
+Data = dict[str, Any]
+
+
+@pytest.fixture(scope="session", params=SUITES)
+def lab(request: pytest.FixtureRequest) -> LabRun:
+    try:
+        return lab_run(str(request.param))
+    except LabError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+def rc0(result: Data) -> Data:
+    assert result["rc"] == 0, (f"{' '.join(result['cmd'])} exited {result['rc']}:\n"
+                               f"{result['stderr']}{result['stdout']}")
+    return result
+
+
+def suite_is(lab: LabRun, name: str) -> bool:
+    return lab.suite == name
+
+
+# -- the lab itself -----------------------------------------------------------------------
+
+def test_guest_ran_every_check_to_the_end(lab: LabRun) -> None:
+    assert lab.results.get("done"), (f"[{lab.suite}] the guest script did not finish; "
+                                     f"console tail:\n{lab.tail()}")
+    failed = {n: c.get("error", "")[-600:] for n, c in lab.results["checks"].items()
+              if not c.get("ok")}
+    assert not failed, failed
+    assert not lab.results.get("notes"), lab.results["notes"]
+
+
+def test_systemd_is_pid1_and_libvirtd_a_running_unit(lab: LabRun) -> None:
+    boot = lab.check("boot")
+    assert boot["is_system_running"] in ("running", "degraded"), boot
+    assert boot["libvirt"]["up"], boot
+    env = lab.check("env")
+    assert env["libvirtd"]["cgroup"] == "/system.slice/libvirtd.service", env["libvirtd"]
+    assert env["libvirtd_unit"]["ActiveState"] == "active"
+    expected = {"bookworm": ("systemd 252", "libvirt 9.0.0", "6.1."),
+                "trixie": ("systemd 257", "libvirt 11.", "6.12.")}[lab.suite]
+    assert env["systemd_version"].startswith(expected[0]), env["systemd_version"]
+    assert expected[1] in env["libvirt_version"], env["libvirt_version"]
+    assert env["kernel"].startswith(expected[2]), env["kernel"]
+
+
+def test_guest_boots_with_one_isolated_cpu(lab: LabRun) -> None:
+    env = lab.check("env")
+    assert env["online"] == "0-3"
+    assert env["isolated"] == "3"
+    # the kernel keeps init (and so every service) off isolcpus CPUs
+    assert env["pid1_cpus_allowed"] == "0-2"
+    assert env["libvirtd"]["cpus_allowed"] == "0-2"
+
+
+def test_pinwarden_installs_from_a_wheel_in_a_venv_over_python3_libvirt(lab: LabRun) -> None:
+    data = lab.check("install")
+    for step in data["steps"]:
+        rc0(step)
+    assert any(w.startswith("pinwarden-") for w in data["wheels"]), data["wheels"]
+    libvirt_file, _libvirt_version, pinwarden_file, python = data["probe"][:4]
+    # import libvirt comes from the distribution (system site packages), pinwarden from the venv
+    assert libvirt_file.startswith("/usr/lib/python3/dist-packages/"), libvirt_file
+    assert pinwarden_file.startswith("/opt/pinwarden/lib/python3."), pinwarden_file
+    assert python.startswith({"bookworm": "3.11.", "trixie": "3.13."}[lab.suite]), python
+    rc0(data["help"])
+
+
+# -- FACTS 8: cgroup controllers ----------------------------------------------------------
+
+def test_systemd_enables_cpuset_only_while_a_unit_needs_it(lab: LabRun) -> None:
+    env = lab.check("env")
+    # at boot, nobody asked for cpuset: neither the root nor machine.slice delegate it
+    assert "cpuset" in env["root"]["cgroup.controllers"].split()
+    assert "cpuset" not in env["root"]["cgroup.subtree_control"].split(), env["root"]
+    assert env["machine_slice"]["cpuset.cpus"] is None, env["machine_slice"]
+    dbus = lab.check("dbus_set")
+    # AllowedCPUs on machine.slice turns cpuset on top-down ...
+    assert "cpuset" in dbus["root_after"]["cgroup.subtree_control"].split()
+    assert dbus["machine_after"]["cpuset.cpus"] == "0-1"
+    # ... and resetting it turns the controller off again (6.1: the cpuset files vanish;
+    # 6.12: they stay, cpuset.cpus.partition answering ENODEV)
+    reset = dbus["machine_after_reset"]
+    assert "cpuset" not in reset["cgroup.controllers"].split(), reset
+    assert reset["cpuset.cpus"] in (None, ""), reset
+    final = lab.check("partition_write")["final"]["groups"]
+    if suite_is(lab, "bookworm"):  # 252 turns it off at the root once nothing needs it
+        assert "cpuset" not in final["/"]["cgroup.subtree_control"].split(), final["/"]
+
+
+# -- FACTS 1 and 5: a domain's cgroups and affinity ---------------------------------------
+
+def _threads(obs: Data) -> dict[str, list[Data]]:
+    out: dict[str, list[Data]] = {}
+    for t in obs["threads"]:
+        out.setdefault(t["cgroup"].rsplit("/", 1)[-1], []).append(t)
+    return out
+
+
+def test_domain_lives_in_a_machined_scope_with_libvirt_subgroups(lab: LabRun) -> None:
+    data = lab.check("domain_layout")
+    obs = data["observed"]
+    scope = r"/machine\.slice/machine-qemu\\x2d\d+\\x2dpwtest\\x2da\.scope"
+    assert re.fullmatch(scope + "/libvirt/emulator", obs["cgroup"]), obs["cgroup"]
+    groups = _threads(obs)
+    assert set(groups) == {"emulator", "vcpu0", "vcpu1"}, groups
+    assert [t["comm"] for t in groups["vcpu0"]] == ["CPU 0/TCG"]
+    assert [t["comm"] for t in groups["vcpu1"]] == ["CPU 1/TCG"]
+    unit = data["scope_unit"]
+    assert unit["Slice"] == "machine.slice" and unit["Delegate"] == "yes", unit
+    assert unit["Transient"] == "yes"
+    assert "qemu-" in data["machinectl"]["stdout"]
+
+
+def test_libvirt_writes_no_cpuset_cpus_for_an_unpinned_domain(lab: LabRun) -> None:
+    tree = lab.check("domain_layout")["observed"]["tree"]
+    assert tree, "no cgroup tree recorded"
+    for path, files in tree.items():
+        assert files["cpuset.cpus"] == "", (path, files)
+        assert files["cpuset.cpus.effective"] == "0-3", (path, files)
+    # the scope delegates cpuset to libvirt's subgroups
+    scope = min(tree, key=len)
+    assert "cpuset" in tree[scope]["cgroup.subtree_control"].split()
+
+
+def test_libvirt_writes_only_procs_and_threaded_groups_in_the_scope(lab: LabRun) -> None:
+    """libvirtd's own debug log (util.cgroup): what it writes below the machined scope."""
+    log = lab.check("domain_layout")["libvirt_log"]
+    writes = []
+    for line in log:
+        m = re.search(r"Set path '/sys/fs/cgroup/machine\.slice/[^/]+\.scope/(.*)' to value", line)
+        if m:
+            writes.append(m.group(1))
+    assert writes, f"no 'Set path' lines in libvirtd's debug log: {log[:20]}"
+    assert set(writes) == {"libvirt/cgroup.procs", "libvirt/emulator/cgroup.type",
+                           "libvirt/emulator/cgroup.threads", "libvirt/vcpu0/cgroup.type",
+                           "libvirt/vcpu0/cgroup.threads", "libvirt/vcpu1/cgroup.type",
+                           "libvirt/vcpu1/cgroup.threads"}, writes
+    assert any("Attempting to create machine via systemd" in line for line in log), log
+
+
+def test_unpinned_domain_affinity_against_isolcpus(lab: LabRun) -> None:
+    """libvirt 9.0 pins an unpinned domain to every online CPU, isolcpus ones included;
+    libvirt >= 10.4 leaves the isolated CPUs out."""
+    obs = lab.check("domain_layout")["observed"]
+    expected = {"bookworm": "0-3", "trixie": "0-2"}[lab.suite]
+    assert {t["cpus_allowed"] for t in obs["threads"]} == {expected}, obs["threads"]
+
+
+# -- FACTS 2: <partition> on a systemd host -----------------------------------------------
+
+def test_partition_maps_to_an_escaped_nested_slice_made_on_demand(lab: LabRun) -> None:
+    data = lab.check("partition_domain")
+    assert data["before"]["pinwarden.slice"]["ActiveState"] == "inactive"
+    implicit = data["implicit"]
+    rc0(implicit["start"])
+    assert implicit["observed"]["cgroup"].startswith(
+        "/pinwarden.slice/pinwarden-vm\\x2dA.slice/machine-qemu\\x2d"), implicit["observed"]
+    assert implicit["scope_unit"]["Slice"] == "pinwarden-vm\\x2dA.slice"
+    running = implicit["slices_while_running"]
+    for unit in ("pinwarden.slice", "pinwarden-vm\\x2dA.slice"):
+        # systemd creates the slices itself: no unit file, not transient
+        assert running[unit]["ActiveState"] == "active", running
+        assert running[unit]["FragmentPath"] == "" and running[unit]["Transient"] == "no"
+    # and keeps them after the domain is gone
+    assert implicit["slices_after_destroy"]["pinwarden-vm\\x2dA.slice"]["ActiveState"] == \
+        "active"
+
+
+def test_domain_in_a_transient_slice_inherits_its_allowed_cpus(lab: LabRun) -> None:
+    data = lab.check("partition_domain")["transient"]
+    for made in data["make"].values():
+        rc0(made["call"])
+        assert made["active"] and made["show"]["Transient"] == "yes", made
+    rc0(data["start"])
+    assert data["groups"]["pinwarden.slice/pinwarden-vm\\x2dA.slice"]["cpuset.cpus"] == "2"
+    assert {t["cpus_allowed"] for t in data["observed"]["threads"]} == {"2"}
+
+
+def test_dotted_partition_names_become_dotted_slices(lab: LabRun) -> None:
+    data = lab.check("partition_domain")["dotted"]
+    rc0(data["start"])
+    assert data["observed"]["cgroup"].startswith(
+        "/pinwarden.partition.slice/pinwarden.partition-vm\\x2dA.partition.slice/"), data
+
+
+# -- FACTS 3: systemd's D-Bus API for cpusets ---------------------------------------------
+
+def test_systemd_has_no_cpuset_partition_property(lab: LabRun) -> None:
+    data = lab.check("dbus_api")
+    assert data["introspect_rc"] == 0, data["introspect_error"]
+    props = data["cpu_properties"]
+    for name in ("AllowedCPUs", "StartupAllowedCPUs", "EffectiveCPUs", "AllowedMemoryNodes",
+                 "StartupAllowedMemoryNodes", "EffectiveMemoryNodes"):
+        assert props[name].startswith("ay"), (name, props)
+    assert not [p for p in data["slice_properties"] if "Partition" in p], data
+    assert data["binaries_with_CPUSetPartition"] == []
+    assert data["binaries_with_cpuset_cpus_partition"] == []
+    assert data["get_partition"]["rc"] != 0
+    assert data["set_partition"]["rc"] != 0
+    assert "Cannot set property CPUSetPartition, or unknown property" in \
+        data["set_partition"]["stderr"]
+    assert "Unknown assignment" in data["set_property_cli"]["stderr"]
+    names = rc0(data["dbus_error_names"])["json"]
+    assert names["Get(Slice.CPUSetPartition)"]["error"] == \
+        "org.freedesktop.DBus.Error.UnknownProperty", names
+    assert names["SetUnitProperties(CPUSetPartition=root)"]["error"] == \
+        "org.freedesktop.DBus.Error.PropertyReadOnly", names
+
+
+def test_set_unit_properties_allowed_cpus_runtime(lab: LabRun) -> None:
+    data = lab.check("dbus_set")
+    rc0(data["set_machine"])
+    assert data["machine_show"]["AllowedCPUs"] == "0-1"
+    assert data["machine_show"]["EffectiveCPUs"] == "0-1"
+    # EffectiveCPUs on the bus: systemd's byte array (CPUs 0-1 = 0x03), 8 bytes wide
+    assert data["machine_effective_dbus"]["stdout"].split()[:3] == ["ay", "8", "3"]
+    assert data["dropins"]["50-AllowedCPUs.conf"].endswith("AllowedCPUs=\nAllowedCPUs=0-1")
+    # StartupAllowedCPUs only applies while booting or shutting down
+    assert data["machine_after_startup"]["cpuset.cpus"] == "0-1"
+    assert "Removed" in data["revert"]["stderr"]
+
+
+def test_transient_slices_take_allowed_cpus(lab: LabRun) -> None:
+    data = lab.check("dbus_set")
+    for made in (data["make_pw"], data["make_vm_a"]):
+        assert rc0(made["call"])["stdout"].startswith('o "/org/freedesktop/systemd1/job/')
+        assert made["active"], made
+    groups = data["pw_groups"]
+    assert groups["pinwarden.slice"]["cpuset.cpus"] == "1-2"
+    assert groups["pinwarden.slice/pinwarden-vm\\x2dA.slice"]["cpuset.cpus"] == "2"
+    assert data["vm_a_after_set"]["cpuset.cpus"] == "1"
+    # CPUs outside the parent are accepted and simply not effective
+    assert data["vm_a_outside"]["cpuset.cpus"] == "3"
+    assert data["vm_a_outside"]["cpuset.cpus.effective"] == "1-2"
+    assert data["vm_a_outside_show"] == {"AllowedCPUs": "3", "EffectiveCPUs": "1-2"}
+    assert data["pw_mems"]["cpuset.mems"] == "0"
+
+
+# -- FACTS 4: a partition written behind systemd's back -----------------------------------
+
+def _steps(lab: LabRun) -> dict[str, Data]:
+    return {s["step"]: s for s in lab.check("partition_write")["steps"]}
+
+
+PW = "pinwarden.slice"
+VM_A = "pinwarden.slice/pinwarden-vm\\x2dA.slice"
+
+
+def test_inotify_sees_cgroup_file_writes(lab: LabRun) -> None:
+    data = lab.check("partition_write")
+    assert data["selftest_write"]["ok"]
+    events = data["selftest_events"]
+    assert events and set(events) == {"/sys/fs/cgroup/pinwarden.slice/cpuset.mems"}, events
+
+
+def test_partition_root_on_a_systemd_slice_is_valid(lab: LabRun) -> None:
+    step = _steps(lab)["write_root"]
+    g = step["groups"]
+    assert g[PW]["cpuset.cpus.partition"] == "root"
+    assert g[PW]["cpuset.cpus.effective"] == "1-2"
+    for other in ("system.slice", "user.slice", "init.scope"):
+        assert g[other]["cpuset.cpus.effective"] == "0,3", (other, g[other])
+    assert g["/"]["cpuset.cpus.effective"] == "0,3"
+    assert g["machine.slice"]["cpuset.cpus.effective"] == "0"
+
+
+@pytest.mark.parametrize("event", ["daemon_reload", "restart_unrelated_service",
+                                   "set_property_user_slice_cpuweight",
+                                   "set_property_system_slice_allowedcpus",
+                                   "set_property_same_slice_same_cpus", "restart_libvirtd",
+                                   "daemon_reload_2", "domain_running", "domain_gone"])
+def test_partition_survives_systemd(lab: LabRun, event: str) -> None:
+    step = _steps(lab)[event]
+    assert step["groups"][PW]["cpuset.cpus.partition"] == "root", step
+    assert step["groups"][PW]["cpuset.cpus"] == "1-2", step
+    # systemd never writes the partition file, only cpus/mems with the values it was told
+    assert not [w for w in step.get("writes", []) if w.endswith("cpuset.cpus.partition")]
+
+
+def test_when_systemd_rewrites_allowed_cpus(lab: LabRun) -> None:
+    """252 rewrites cpuset.cpus of every slice with AllowedCPUs on daemon-reload; 257 does
+    not, but does on the restart of an unrelated service.  Both on set-property of another
+    slice's CPUWeight, and of the slice itself."""
+    steps = _steps(lab)
+    reload = set(steps["daemon_reload"]["writes"])
+    restart = set(steps["restart_unrelated_service"]["writes"])
+    if suite_is(lab, "bookworm"):
+        for group in (PW, VM_A, "machine.slice"):
+            assert f"/sys/fs/cgroup/{group}/cpuset.cpus" in reload, reload
+        assert restart == set(), restart
+    else:
+        assert reload == set(), reload
+        for group in (PW, "machine.slice"):
+            assert f"/sys/fs/cgroup/{group}/cpuset.cpus" in restart, restart
+    weight = set(steps["set_property_user_slice_cpuweight"]["writes"])
+    assert f"/sys/fs/cgroup/{PW}/cpuset.cpus" in weight, weight
+    same = set(steps["set_property_same_slice_same_cpus"]["writes"])
+    assert f"/sys/fs/cgroup/{PW}/cpuset.cpus" in same, same
+
+
+def test_sibling_allowed_cpus_overlapping_invalidates_the_partition_for_good(
+        lab: LabRun) -> None:
+    steps = _steps(lab)
+    overlap = steps["machine_slice_overlaps"]["groups"][PW]["cpuset.cpus.partition"]
+    assert overlap.startswith("root invalid"), overlap
+    back = steps["machine_slice_back"]["groups"][PW]["cpuset.cpus.partition"]
+    assert back.startswith("root invalid"), back
+    assert steps["rewrite_member_root"]["groups"][PW]["cpuset.cpus.partition"] == "root"
+
+
+def test_parent_of_a_partition_holding_all_its_cpus_reads_empty(lab: LabRun) -> None:
+    data = lab.check("partition_write")
+    step = _steps(lab)["child_root"]
+    assert step["groups"][VM_A]["cpuset.cpus.partition"] == "root"
+    assert step["groups"][VM_A]["cpuset.cpus.effective"] == "1-2"
+    assert step["groups"][PW]["cpuset.cpus.effective"] == ""
+    assert step["dbus"]["pinwarden.slice"]["EffectiveCPUs"] == ""
+    assert data["effective_dbus_child_all"]["pinwarden.slice"]["stdout"].strip() == "ay 0"
+
+
+def test_systemd_consists_of_does_not_list_child_slices(lab: LabRun) -> None:
+    """pinwarden's backend adds child partitions' CPUs from ConsistsOf; systemd lists a
+    slice's children elsewhere, so the read-back of a parent sees no CPU."""
+    data = lab.check("partition_write")
+    assert data["slice_relations"].get("ConsistsOf", "") == "", data["slice_relations"]
+    read = rc0(data["pinwarden_read"])["json"]
+    assert read[PW]["children"] == [], read
+    assert read[PW]["effective"] == "", read
+
+
+def test_domain_in_a_child_partition_runs_on_its_cpus(lab: LabRun) -> None:
+    data = lab.check("partition_write")["domain_in_child"]
+    rc0(data["start"])
+    assert {t["cpus_allowed"] for t in data["observed"]["threads"]} == {"1-2"}
+
+
+# -- FACTS 6: LXC -------------------------------------------------------------------------
+
+def test_libvirt_lxc_runs_a_container(lab: LabRun) -> None:
+    data = lab.check("lxc")
+    rc0(data["define"])
+    rc0(data["start"])
+    assert "State:          running" in data["dominfo"]["stdout"]
+    cgroups = [p["cgroup"] for p in data["libvirt_lxc"]]
+    assert any(re.match(r"/machine\.slice/machine-lxc\\x2d\d+\\x2dpwtest\\x2dlxc\.scope",
+                        c or "") for c in cgroups), cgroups
+
+
+# -- FACTS 7: hooks -----------------------------------------------------------------------
+
+def _calls(entry: Data) -> list[tuple[str, str]]:
+    """(script, "NAME OP SUBOP EXTRA") of each logged hook call."""
+    out = []
+    for line in entry["calls"]:
+        script, args, _size, _head = line.split("|", 3)
+        out.append((script, args))
+    return out
+
+
+MAIN = "/etc/libvirt/hooks/qemu"
+DROPIN = "/etc/libvirt/hooks/qemu.d/pwtest-log"
+
+
+def _release_extra(lab: LabRun, reason: str) -> str:
+    """libvirt 9.0 passes ``-`` as EXTRA of ``release end``; libvirt 11 the reason."""
+    return "-" if suite_is(lab, "bookworm") else reason
+
+
+def test_a_new_main_hook_needs_a_reload_of_libvirtd(lab: LabRun) -> None:
+    data = lab.check("hooks")
+    fresh = data["main_without_restart"]
+    assert fresh["calls"] == [] and fresh["start"]["rc"] == 0, fresh
+    rc0(data["reload"]["reload"])
+    reloaded = data["main_after_reload"]
+    assert reloaded["start"]["rc"] != 0, reloaded
+    assert _calls(reloaded)[0] == (MAIN, "pwtest-h2 prepare begin -")
+
+
+def test_a_refused_start_still_gets_stopped_and_release(lab: LabRun) -> None:
+    calls = _calls(lab.check("hooks")["main_after_reload"])
+    assert calls == [(MAIN, "pwtest-h2 prepare begin -"), (MAIN, "pwtest-h2 stopped end -"),
+                     (MAIN, f"pwtest-h2 release end {_release_extra(lab, 'failed')}")], calls
+
+
+def test_dropins_run_after_the_main_script_without_restart(lab: LabRun) -> None:
+    data = lab.check("hooks")
+    dropin = data["dropin_without_restart"]
+    assert dropin["start"]["rc"] != 0, dropin
+    assert _calls(dropin)[:2] == [(MAIN, "pwtest-h3 prepare begin -"),
+                                  (DROPIN, "pwtest-h3 prepare begin -")]
+
+
+def test_hook_lifecycle_arguments_and_stdin(lab: LabRun) -> None:
+    data = lab.check("hooks")["lifecycle"]
+    rc0(data["start"])
+    calls = _calls(data)
+    ops = [args.split()[1:] for script, args in calls if script == DROPIN]
+    assert ops == [["prepare", "begin", "-"], ["start", "begin", "-"],
+                   ["started", "begin", "-"], ["stopped", "end", "-"],
+                   ["release", "end", _release_extra(lab, "destroyed")]], ops
+    # the main script runs first at every step
+    assert [s for s, _ in calls] == [MAIN, DROPIN] * 5, calls
+    for line in data["calls"]:
+        _script, _args, size, head = line.split("|", 3)
+        assert int(size) > 200 and head.startswith("<domain type='qemu'"), line
+
+
+@pytest.mark.parametrize("code", ["127", "1"])
+def test_a_failing_prepare_hook_refuses_the_start(lab: LabRun, code: str) -> None:
+    data = lab.check("hooks")[f"prepare_exit_{code}"]
+    assert data["start"]["rc"] != 0
+    err = data["start"]["stderr"]
+    assert "Hook script execution failed" in err, err
+    assert f"unexpected exit status {code}: pwtest hook {DROPIN} refuses pwtest-hx" in err, err
+    assert data["state"] == "shut off"
+
+
+def test_a_hook_whose_interpreter_is_gone_refuses_every_start(lab: LabRun) -> None:
+    data = lab.check("hooks")["missing_interpreter"]
+    assert data["start"]["rc"] != 0, data
+    err = data["start"]["stderr"]
+    assert "unexpected exit status 127" in err and "cannot execute binary" in err, err
+
+
+def test_lxc_dropins_need_a_reload_too(lab: LabRun) -> None:
+    data = lab.check("hooks")
+    before = data["lxc"]
+    rc0(before["start"])
+    assert before["calls"] == [] and before["calls_after_destroy"] == [], before
+    after = data["lxc_after_reload"]
+    assert after["start"]["rc"] != 0, after
+    assert ("/etc/libvirt/hooks/lxc.d/pwtest-log", "pwtest-hl prepare begin -") in \
+        _calls(after), after
+
+
+# -- pinwarden as installed ---------------------------------------------------------------
+
+def test_pinwarden_reads_the_systemd_host(lab: LabRun) -> None:
+    data = lab.check("pinwarden_host")
+    rc0(data["host"])
+    rc0(data["status"])
+
+
+def test_plain_virsh_start_goes_through_pinwardens_hook(lab: LabRun) -> None:
+    data = lab.check("pinwarden_hook_shared_start")
+    rc0(data["install"]["install"])
+    assert data["install"]["up"]
+    assert "pinwarden libvirt hook" in (data["hook_script"] or "")
+    rc0(data["domain"]["start"])
+    rc0(data["uninstall"]["uninstall"])
