@@ -329,7 +329,8 @@ class Systemd:
             return {
                 "Id": ("s", unit.name), "LoadState": ("s", unit.load_state),
                 "ActiveState": ("s", unit.active_state), "Description": ("s", unit.description),
-                "ConsistsOf": ("as", sorted(c.name for c in self.children(unit))
+                "ConsistsOf": ("as", []),  # as on systemd 252/257: a slice's units are SliceOf
+                "SliceOf": ("as", sorted(c.name for c in self.children(unit))
                                if unit.type == "slice" else []),
                 "Transient": ("b", unit.transient),
             }

@@ -17,7 +17,7 @@ primitive              D-Bus
 ``set_partition``      ``SetUnitProperties(unit, true, [CPUSetPartition s])`` (see below)
 ``attach_process``     ``StartTransientUnit(scope, "fail", [Slice s, PIDs au], [])``
 reads                  ``GetUnit`` → object path; ``org.freedesktop.DBus.Properties.Get``
-                       of ``ActiveState``/``ConsistsOf`` (``…systemd1.Unit``) and
+                       of ``ActiveState``/``SliceOf`` (``…systemd1.Unit``) and
                        ``AllowedCPUs``/``EffectiveCPUs``/``AllowedMemoryNodes``/
                        ``EffectiveMemoryNodes``/``ControlGroup`` (``…systemd1.Slice``,
                        ``.Scope`` or ``.Service``)
@@ -48,23 +48,22 @@ What exclusivity systemd can express — honestly:
   still run on leased CPUs unless the layout narrows them too (the planner decides; this
   backend performs ``set_cpus`` on whatever paths it is given).
 * Real exclusivity on v2 is ``cpuset.cpus.partition`` (``root``/``isolated``): the kernel then
-  removes the CPUs from every other cgroup's effective set.  systemd exposes it only as
-  ``CPUSetPartition=`` (D-Bus ``s``: ``member``/``root``/``isolated``), added upstream in 2026
-  (systemd PR #42013); systemd 252 (Debian 12) up to that release has no such property and
-  answers ``org.freedesktop.DBus.Error.PropertyReadOnly``.  This backend asks systemd first
-  (``Properties.Get(CPUSetPartition)`` tells whether it knows the property).  Where it does
-  not, **``cpuset.cpus.partition`` must still be written directly**: ``set_partition`` hands
-  that single write to the optional ``kernel`` backend (the v2 backend on the unified mount)
-  at the unit's ``ControlGroup`` path.  This is the one cgroupfs write pinwarden does on a
-  systemd host, and it bends systemd's delegation rule (only delegated subtrees are the
-  caller's to write): it is tolerable because such a systemd neither writes nor resets that
-  file, but the partition is lost when the slice is stopped and restarted, and the
-  transactional core must re-apply it.  Without a ``kernel`` backend the call fails with
-  ``EOPNOTSUPP`` and says so.  systemd only logs a warning when the kernel refuses a
-  ``CPUSetPartition=`` value and never reports a partition's validity, so the partition
-  state (and the kernel's "invalid" reason) is read from the kernel whenever a ``kernel``
-  backend is given — production code should always give one; without it the state read is
-  merely what systemd was told.
+  removes the CPUs from every other cgroup's effective set.  **systemd 252 and 257 (Debian
+  12 and 13) have no unit property for it** (tests/syslab/FACTS.md 3: reading
+  ``CPUSetPartition`` answers ``UnknownProperty``, setting it ``PropertyReadOnly``, the
+  string is in no systemd binary).  This backend still asks once
+  (``Properties.Get(CPUSetPartition)``), so that a systemd that grows such a property is
+  used; where it answers ``UnknownProperty``, **``cpuset.cpus.partition`` is written
+  directly**: ``set_partition`` hands that single write to the ``kernel`` backend (the v2
+  backend on the unified mount) at the unit's ``ControlGroup`` path.  This is the one
+  cgroupfs write pinwarden does on a systemd host.  It is safe because systemd never writes
+  or resets that file — the lab watched it through ``daemon-reload``, restarts of unrelated
+  services, ``set-property`` of the same and other slices, a libvirtd restart and domains
+  starting and stopping inside (FACTS.md 4) — but a partition lives only while systemd
+  keeps the cpuset controller enabled on its path, that is while the slice and its parents
+  have ``AllowedCPUs`` (the layout always gives them one), and the partition is lost when
+  the slice is stopped.  systemd never reports a partition's validity, so the partition
+  state (and the kernel's "invalid" reason) is always read from the kernel.
 * Reads follow the v2 backend's convention: a valid partition's ``effective_cpus`` is what
   its subtree may use (systemd's ``EffectiveCPUs``, from which the kernel removed the CPUs
   given to child partitions, plus those), and ``-.slice`` is an exclusive group whose cpus
@@ -648,7 +647,9 @@ class SystemdBackend:
 
         consists: tuple[str, ...] = ()
         if unit_type(unit) == "slice":
-            consists = tuple(str(n) for n in get(obj, UNIT_IFACE, "ConsistsOf")[1])
+            # the units a slice contains: ``SliceOf`` (a slice's ``ConsistsOf`` is empty on
+            # systemd 252 and 257 — FACTS.md 4, the cause of a failed read-back)
+            consists = tuple(str(n) for n in get(obj, UNIT_IFACE, "SliceOf")[1])
         partition = None
         if unit_type(unit) == "slice" and self._supports_partition():
             partition = str(get(obj, iface, "CPUSetPartition")[1])
