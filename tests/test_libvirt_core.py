@@ -98,7 +98,7 @@ def test_reconcile_frees_adopts_and_reports_drift() -> None:
     outside = running("outside", exclusive, vcpus="0")
     intruder = running("intruder", vcpus="0-2", emulator="0")
     actions = reconcile([drifted, stray, outside, intruder],
-                        [record(gone, {0: "1"}, {1: "vcpu0"}),
+                        [record(gone, {0: "1"}, {1: "vcpu0"}, owner=4242),
                          record(job, {}, {0: "task"}),
                          record(held_ref, {0: "2", 1: "2"}, {2: "vcpu0", 3: "emulator"})],
                         lambda h: f"/pw/vm-{h.name}", now=1000.0)
@@ -258,15 +258,18 @@ def test_define_stores_metadata_and_the_partition() -> None:
     assert "exclusive='yes'><vcpupin" not in stored  # libvirt would drop it anyway
 
 
-def test_a_start_in_progress_is_not_freed() -> None:
+def test_a_start_in_progress_is_not_freed_and_a_reservation_never() -> None:
     starting = domain_holder("qemu", "new", "11111111-0000-0000-0000-000000000000")
     ran = domain_holder("qemu", "ran", "22222222-0000-0000-0000-000000000000")
-    holders = [record(starting, {0: "1"}, {1: "vcpu0"}, created=990.0),
-               record(ran, {0: "2"}, {2: "vcpu0"}, created=990.0, owner=4242)]
+    reserved = domain_holder("qemu", "kept", "33333333-0000-0000-0000-000000000000")
+    holders = [record(starting, {0: "1"}, {1: "vcpu0"}, created=990.0, owner=4242),
+               record(ran, {0: "2"}, {2: "vcpu0"}, created=900.0, owner=4343),
+               record(reserved, {0: "3"}, {3: "vcpu0"}, created=0.0)]
     actions = reconcile([], holders, lambda h: "/pw", now=1000.0, grace=60.0)
     assert actions == [Free(ran, f"{ran} is not running")]
     later = reconcile([], holders, lambda h: "/pw", now=1100.0, grace=60.0)
     assert [a.holder for a in later if isinstance(a, Free)] == [starting, ran]
+    # an explicit reservation (no owner: 'pinwarden reserve') is never the daemon's to free
 
 
 class _BrokenManager(Manager):

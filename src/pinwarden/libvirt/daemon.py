@@ -36,9 +36,7 @@ def reconcile_once(manager: Manager, conn: Any, *, restore: bool,
     seen = set() if seen is None else seen
     reported: set[str] = set()
     domains = lv.list_domains(conn, active_only=True)
-    for record in manager.reap():  # owner process gone: the domain died
-        log.info("freed the leases of %s: its process %s exited", record.ref,
-                 record.owner_pid)
+    _reap(manager)
     actions = reconcile(domains, manager.holders(), manager.libvirt_partition,
                         now=time.time())
     for action in actions:
@@ -62,10 +60,7 @@ def reconcile_once(manager: Manager, conn: Any, *, restore: bool,
                         log.warning("drift: %s", action.reason)
         except PinwardenError as exc:
             log.error("%s", exc.message)
-    try:
-        manager.sync()  # a layout changed behind pinwarden's back is put back
-    except PinwardenError as exc:
-        log.error("cannot enforce the cgroup layout: %s", exc.message)
+    _sync(manager)  # a layout changed behind pinwarden's back is put back
     seen.clear()
     seen.update(reported)
     return len(actions)
@@ -163,8 +158,16 @@ def _start_cgroup_watch(manager: Manager, wake: queue.Queue[str],
     log.info("watching %s for cgroups that reach leased CPUs", mount)
 
 
+def _reap(manager: Manager) -> None:
+    for record in manager.reap():  # owner process gone: the domain (or job) died
+        log.info("freed the leases of %s: its process %s exited", record.ref,
+                 record.owner_pid)
+
+
 def _sync(manager: Manager) -> None:
+    """Reap (logged), then make the kernel match the ledger."""
     try:
+        _reap(manager)
         manager.sync()
     except PinwardenError as exc:
         log.error("cannot enforce the cgroup layout: %s", exc.message)

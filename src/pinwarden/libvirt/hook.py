@@ -324,7 +324,27 @@ def _prepare(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None
             f"{spec.partition or '/machine'}, where its CPUs cannot be exclusive; "
             f"start it with 'pinwarden start {name}', or store partition {expected} "
             f"with 'pinwarden define'", code="bad-partition")
-    manager.reserve(holder, lambda host, leases: decide(spec, host, leases, holder=holder))
+    # A reservation the hook makes itself is owned by libvirtd (our parent) until QEMU runs
+    # (``started``): if libvirtd dies during the start it is reaped, and a ``release``
+    # after a refused or failed start frees it.  One made before (``pinwarden start``, in
+    # progress; ``pinwarden reserve``) keeps its owner.
+    reader = manager.reader()
+    existing = reader.get(holder) if reader is not None else None
+    owner = None if existing is not None else _libvirtd_pid()
+    manager.reserve(holder, lambda host, leases: decide(spec, host, leases, holder=holder),
+                    owner_pid=owner)
+
+
+def _libvirtd_pid() -> int | None:
+    """The process that runs the hook (libvirtd or virtqemud): our parent, past the shell
+    of the drop-in script."""
+    from pinwarden import procs
+
+    pid = os.getppid()
+    stat = procs.read_stat(pid)
+    if stat is not None and stat.comm in ("sh", "dash", "bash"):
+        pid = stat.ppid  # the drop-in script's shell
+    return pid if pid > 1 and procs.start_time(pid) is not None else None
 
 
 def admit_shared(manager: Manager, spec: DomainSpec, holder: HolderRef) -> None:
@@ -359,11 +379,21 @@ def _started(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None
 
 
 def _release(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None:
+    """Free the domain's leases when it is gone: its owner (QEMU) exited, or it is still
+    libvirtd's (a start the hook reserved was refused or failed: libvirt calls ``release``
+    then too).  A holder owned by another live process — ``pinwarden start`` rolling back
+    its own start — or by nobody (``pinwarden reserve``) is not the hook's to free."""
+    from pinwarden import procs
+
     reader = manager.reader()
     if reader is None:
         return
     holder = _holder(driver, name, spec)
-    if reader.get(holder) is not None:
+    record = reader.get(holder)
+    if record is None or record.owner_pid is None:
+        return
+    alive = procs.alive(record.owner_pid, record.owner_start)
+    if not alive or record.owner_pid == _libvirtd_pid():
         manager.drop(holder)
 
 

@@ -79,9 +79,11 @@ def reconcile(domains: Sequence[DomainInfo], holders: Sequence[HolderRecord],
         ref = gone.ref
         if ref.driver not in drivers or (ref.driver, ref.key) in running:
             continue
-        # A holder without an owner is being started (leased before virDomainCreateXML,
-        # owner recorded once QEMU runs): leave it alone for ``grace`` seconds.
-        if gone.owner_pid is not None or now - gone.created > grace:
+        # A holder without an owner is an explicit reservation (``pinwarden reserve``):
+        # not the daemon's to free.  One owned by a live process that is not the domain
+        # (libvirtd or ``pinwarden start`` between the lease and QEMU) is a start in
+        # progress: left alone for ``grace`` seconds.  (Dead owners were reaped already.)
+        if gone.owner_pid is not None and now - gone.created > grace:
             actions.append(Free(ref, f"{ref} is not running"))
     leased_to: dict[int, HolderRef] = {}
     for held in holders:

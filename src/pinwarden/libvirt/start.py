@@ -171,7 +171,9 @@ def _start_exclusive(manager: Manager, conn: Any, holder: HolderRef, spec: Domai
     # domain's cgroups off the lease (and may need to widen machine before, e.g. from the
     # pool to the fallback CPUs); then libvirt's live pins follow, so its view and the
     # threads' own affinity agree with the cgroups.
-    reserved = manager.reserve(holder, plan_and_check)
+    # Owned by this process until QEMU runs: if pinwarden start dies half-way, the lease
+    # is reaped; the hook's ``started`` (inside createXML) hands it to QEMU.
+    reserved = manager.reserve(holder, plan_and_check, owner_pid=os.getpid())
     plan = reserved.plan
     done: list[Repin] = []
     started = False
