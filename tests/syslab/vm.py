@@ -176,6 +176,7 @@ def prepare(suite: str, root: BuiltRoot, outdir: Path) -> Path:
     shutil.copytree(GUEST, share / "guest",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copytree(wheelhouse(), share / "wheelhouse")
+    shutil.copytree(REPO / "contrib", share / "contrib")  # the unit the story enables
     (share / "config.json").write_text(json.dumps({
         "suite": suite, "recipe": root.recipe.name,
         "checks": os.environ.get("PINWARDEN_SYSLAB_CHECKS", ""),

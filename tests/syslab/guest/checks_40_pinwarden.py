@@ -26,7 +26,7 @@ def pinwarden_hook_shared_start() -> Data:
     """``pinwarden hook install`` + restart, then an unpinned domain by plain virsh start."""
     out: Data = {"install": install_hook()}
     try:
-        out["hook_script"] = read("/etc/libvirt/hooks/qemu")
+        out["hook_script"] = read("/etc/libvirt/hooks/qemu.d/pinwarden")
         with Domain("pwtest-shared", vcpus=1) as dom:
             out["domain"] = dom.data
             out["status"] = pinwarden("status", "--json")

@@ -1,0 +1,287 @@
+"""The seed's story on the real systemd host (issue #9), every step observed in the kernel's
+own files: pinwarden as installed (venv + wheel), its hook as a qemu.d drop-in, the event
+daemon as the shipped systemd unit.
+
+Partition for the story: mode ``none`` with host reserve CPU 0 (VM CPUs 1-3; CPU 3 is also
+``isolcpus=``).  Exclusive domain A by ``pinwarden start``, exclusive E by ``pinwarden
+define`` + plain ``virsh start`` (through the hook), unpinned B by plain ``virsh start``
+and C by ``pinwarden start``, D pinned onto A's CPU refused; audit; ``daemon-reload`` and
+an unrelated restart; a libvirtd restart with domains running, E dying meanwhile; the
+daemon unit putting back a layout changed behind its back; then everything destroyed and
+the host back as found.  Afterwards the libvirt-11-and-isolcpus observation (mode auto =
+isolcpus, VM CPUs 3) and LXC against QEMU on one CPU (across drivers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+from guestlab import (
+    CG,
+    LXC_URI,
+    Data,
+    affinity,
+    cg_files,
+    check,
+    observe_domain,
+    pinwarden,
+    qemu_pid,
+    read,
+    remove_domain,
+    restart_libvirtd,
+    run,
+    systemctl,
+    tiny_domain_xml,
+    unit_show,
+    virsh,
+    wait_for,
+)
+
+CONFIG = Path("/etc/pinwarden/pinwarden.toml")
+STATE = Path("/var/lib/pinwarden")
+EXCLUSIVE_META = "<pw:cpu xmlns:pw='urn:pinwarden:domain:1' exclusive='yes'/>"
+UNIT = Path("/etc/systemd/system/pinwarden.service")
+
+
+def write_xml(name: str, **kw: object) -> str:
+    path = Path(f"/run/{name}.xml")
+    path.write_text(tiny_domain_xml(name, **kw))  # type: ignore[arg-type]
+    return str(path)
+
+
+def effective_everywhere() -> dict[str, str]:
+    """``cpuset.cpus.effective`` of every cgroup that has one (threaded vcpu groups too)."""
+    out: dict[str, str] = {}
+    for directory, _dirs, files in os.walk(CG):
+        if "cpuset.cpus.effective" in files:
+            rel = directory[len(str(CG)):].strip("/") or "/"
+            out[rel] = read(Path(directory) / "cpuset.cpus.effective") or ""
+    return out
+
+
+def partitions() -> dict[str, Data]:
+    """pinwarden's tree: every group below pinwarden.slice with its cpuset files."""
+    out: dict[str, Data] = {}
+    base = CG / "pinwarden.slice"
+    if not base.is_dir():
+        return out
+    for directory, dirs, _files in os.walk(base):
+        rel = directory[len(str(CG)):].strip("/")
+        if rel.endswith(".slice") or rel == "pinwarden.slice":
+            out[rel] = cg_files(rel)
+        dirs[:] = [d for d in dirs if d.endswith(".slice")]
+    return out
+
+
+def layout() -> Data:
+    return {"partitions": partitions(), "machine": cg_files("machine.slice"),
+            "machine_unit": unit_show("machine.slice", "AllowedCPUs", "EffectiveCPUs"),
+            "effective": effective_everywhere()}
+
+
+def domain(name: str) -> Data:
+    data = observe_domain(name)
+    data["allowed"] = sorted({t["cpus_allowed"] for t in data.get("threads", [])
+                              if t.get("cpus_allowed")})
+    return data
+
+
+def noise() -> Data:
+    irqs = {p.parent.name: read(p) for p in Path("/proc/irq").glob("*/smp_affinity_list")}
+    return {"irqs": irqs, "default": read("/proc/irq/default_smp_affinity"),
+            "workqueue": read("/sys/devices/virtual/workqueue/cpumask")}
+
+
+def holders() -> list[Data]:
+    status = pinwarden("status", "--json").get("json") or {}
+    return [{"name": h["domain"], "cpus": h["cpus"], "owner": h.get("owner_pid"),
+             "cgroup": h.get("cgroup")} for h in status.get("leases", [])]
+
+
+@check("story", needs=["install", "boot"])
+def story() -> Data:
+    out: Data = {"as_found": {"layout": layout(), "noise": noise(),
+                              "machine_unit": unit_show("machine.slice", "AllowedCPUs")}}
+    CONFIG.parent.mkdir(parents=True, exist_ok=True)
+    CONFIG.write_text('[partition]\nmode = "none"\nhost_reserve = "0"\n')
+    out["host"] = pinwarden("host", "--json")
+    out["hook_install"] = pinwarden("hook", "install")
+    out["reload"] = systemctl("reload", "libvirtd.service")
+    names = ("pwtest-a", "pwtest-e", "pwtest-b", "pwtest-c", "pwtest-d")
+    try:
+        # (1) A, exclusive, by pinwarden start
+        out["define_a"] = pinwarden("define", write_xml("pwtest-a", metadata=EXCLUSIVE_META))
+        out["start_a"] = pinwarden("start", "pwtest-a", "--json")
+        out["a"] = domain("pwtest-a")
+        out["after_a"] = layout()
+        # (2) E, exclusive, defined by pinwarden, started by plain virsh through the hook
+        out["define_e"] = pinwarden("define", write_xml("pwtest-e", metadata=EXCLUSIVE_META))
+        out["start_e"] = virsh("start", "pwtest-e")
+        out["e"] = domain("pwtest-e")
+        out["holders_ae"] = holders()
+        out["after_ae"] = layout()
+        out["noise_leased"] = noise()
+        # (3) unpinned B by plain virsh start, C by pinwarden start
+        out["define_b"] = virsh("define", write_xml("pwtest-b"))
+        out["start_b"] = virsh("start", "pwtest-b")
+        out["b"] = domain("pwtest-b")
+        out["define_c"] = virsh("define", write_xml("pwtest-c"))
+        out["start_c"] = pinwarden("start", "pwtest-c", "--json")
+        out["c"] = domain("pwtest-c")
+        # (4) D pinned onto A's CPU: refused before QEMU runs
+        leased_a = (out["start_a"].get("json") or {}).get("plan", {}).get("leases", {})
+        cpu_a = next(iter(leased_a), "1")
+        out["cpu_a"] = cpu_a
+        out["define_d"] = virsh("define", write_xml(
+            "pwtest-d", cputune=f"<vcpupin vcpu='0' cpuset='{cpu_a}'/>"))
+        out["start_d"] = virsh("start", "pwtest-d")
+        out["d_pid"] = qemu_pid("pwtest-d")
+        # (5) audit
+        out["audit"] = pinwarden("audit", "--json")
+        # systemd doing its own thing leaves the layout alone
+        out["daemon_reload"] = systemctl("daemon-reload")
+        out["restart_unrelated"] = systemctl("restart", "systemd-journald.service")
+        out["after_systemd"] = layout()
+        # (7) libvirtd restarts with A, E, B, C running; E dies meanwhile
+        out["stop_libvirtd"] = systemctl("stop", "libvirtd.service", "libvirtd.socket",
+                                         "libvirtd-ro.socket", "libvirtd-admin.socket")
+        pid_e = qemu_pid("pwtest-e")
+        out["kill_e"] = run(["kill", "-KILL", str(pid_e)]) if pid_e else {"rc": None}
+        with contextlib.suppress(Exception):
+            wait_for(lambda: not Path(f"/proc/{pid_e}").exists(), 30)
+        out["start_libvirtd"] = restart_libvirtd()
+        out["after_restart"] = {"holders": holders(), "a": domain("pwtest-a"),
+                                "layout": layout(),
+                                "running": virsh("list", "--name")["stdout"].split()}
+        # (8) the event daemon as the shipped unit: reaps E, puts back a changed layout
+        unit = Path("/srv/syslab/contrib/pinwarden.service")
+        shutil.copy(unit, UNIT)
+        out["unit"] = {"verify": run(["systemd-analyze", "verify", str(UNIT)]),
+                       "reload": systemctl("daemon-reload"),
+                       "enable": systemctl("enable", "--now", "pinwarden.service")}
+        wait_for(lambda: "connected to" in run(["journalctl", "-u", "pinwarden.service",
+                                                "-o", "cat"])["stdout"], 120)
+        wait_for(lambda: [h["name"] for h in holders()] == ["pwtest-a"], 120)
+        out["daemon_reaped"] = holders()
+        out["behind_its_back"] = systemctl("set-property", "--runtime", "machine.slice",
+                                           "AllowedCPUs=0-3")
+        time.sleep(1.0)
+        out["just_after_change"] = layout()
+        wait_for(lambda: unit_show("machine.slice", "AllowedCPUs")["AllowedCPUs"]
+                 != "0-3", 120)
+        time.sleep(2.0)
+        out["put_back"] = layout()
+        out["journal"] = run(["journalctl", "-u", "pinwarden.service", "-o", "cat"])["stdout"]
+        # (6) A destroyed: its lease freed, the layout shrinks
+        out["destroy_a"] = virsh("destroy", "pwtest-a")
+        wait_for(lambda: holders() == [], 60)
+        out["after_destroy"] = {"holders": holders(), "layout": layout()}
+        for name in names:
+            remove_domain(name)
+        time.sleep(2.0)
+        out["as_left"] = {"layout": layout(), "noise": noise(),
+                          "machine_unit": unit_show("machine.slice", "AllowedCPUs"),
+                          "record": pinwarden("host", "--json").get("json", {})
+                          .get("recorded_partition")}
+        out["hook_log"] = read(STATE / "hook.log")
+    finally:
+        for name in names:
+            remove_domain(name)
+        systemctl("disable", "--now", "pinwarden.service")
+        UNIT.unlink(missing_ok=True)
+        systemctl("daemon-reload")
+        pinwarden("hook", "uninstall")
+        CONFIG.unlink(missing_ok=True)
+        pinwarden("sync")
+    return out
+
+
+@check("story_isolcpus", needs=["install", "boot"])
+def story_isolcpus() -> Data:
+    """Mode auto on the isolcpus=3 guest: VM CPUs 3.  Where unpinned domains run when
+    started by pinwarden and by plain virsh (libvirt >= 10.4 defaults to online minus
+    isolated), with nothing leased and beside an exclusive domain."""
+    out: Data = {"host": pinwarden("host", "--json")}
+    out["hook_install"] = pinwarden("hook", "install")
+    out["reload"] = systemctl("reload", "libvirtd.service")
+    names = ("pwtest-ip", "pwtest-iv", "pwtest-ix", "pwtest-iv2")
+    try:
+        out["define_p"] = virsh("define", write_xml("pwtest-ip"))
+        out["start_p"] = pinwarden("start", "pwtest-ip", "--json")
+        out["p"] = domain("pwtest-ip")
+        out["define_v"] = virsh("define", write_xml("pwtest-iv"))
+        out["start_v"] = virsh("start", "pwtest-iv")
+        out["v"] = domain("pwtest-iv")
+        remove_domain("pwtest-ip")
+        remove_domain("pwtest-iv")
+        # beside an exclusive domain on CPU 3 (every VM CPU leased: shared ones fall back
+        # to the housekeeping CPUs, with a note)
+        out["define_x"] = pinwarden("define", write_xml("pwtest-ix",
+                                                        metadata=EXCLUSIVE_META))
+        out["start_x"] = pinwarden("start", "pwtest-ix", "--json")
+        out["x"] = domain("pwtest-ix")
+        out["define_v2"] = virsh("define", write_xml("pwtest-iv2"))
+        out["start_v2"] = virsh("start", "pwtest-iv2")
+        out["v2"] = domain("pwtest-iv2")
+        out["layout"] = layout()
+        out["audit"] = pinwarden("audit", "--json")
+    finally:
+        for name in names:
+            remove_domain(name)
+        pinwarden("hook", "uninstall")
+        pinwarden("sync")
+    out["as_left"] = {"layout": layout(), "holders": holders()}
+    return out
+
+
+LXC_XML = """<domain type='lxc'>
+  <name>{name}</name>
+  <metadata>{meta}</metadata>
+  <memory unit='MiB'>64</memory>
+  <vcpu placement='static' cpuset='{cpus}'>1</vcpu>
+  <os><type>exe</type><init>/bin/sh</init></os>
+  <devices>
+    <filesystem type='mount'><source dir='/'/><target dir='/'/></filesystem>
+    <console type='pty'/>
+  </devices>
+</domain>"""
+
+
+@check("story_lxc", needs=["install", "boot"])
+def story_lxc() -> Data:
+    """Across drivers: an exclusive LXC container holds CPU 2; a QEMU domain pinned to CPU 2
+    is refused naming the container, and a QEMU exclusive one gets another CPU."""
+    CONFIG.parent.mkdir(parents=True, exist_ok=True)
+    CONFIG.write_text('[partition]\nmode = "none"\nhost_reserve = "0"\n')
+    out: Data = {"hook_install": pinwarden("hook", "install"),
+                 "reload": systemctl("reload", "libvirtd.service")}
+    xml = Path("/run/pwtest-lx.xml")
+    xml.write_text(LXC_XML.format(name="pwtest-lx", meta=EXCLUSIVE_META, cpus="2"))
+    try:
+        out["define_lx"] = pinwarden("define", "-c", LXC_URI, str(xml))
+        out["start_lx"] = virsh("start", "pwtest-lx", uri=LXC_URI)
+        out["holders"] = holders()
+        out["define_q"] = virsh("define", write_xml(
+            "pwtest-lq", cputune="<vcpupin vcpu='0' cpuset='2'/>"))
+        out["start_q"] = virsh("start", "pwtest-lq")
+        out["define_qx"] = pinwarden("define", write_xml("pwtest-lqx",
+                                                         metadata=EXCLUSIVE_META))
+        out["start_qx"] = pinwarden("start", "pwtest-lqx", "--json")
+        out["holders_both"] = holders()
+        pid = next((int(p) for p in run(["pgrep", "-x", "libvirt_lxc"])["stdout"].split()),
+                   None)
+        out["lxc_allowed"] = affinity(pid) if pid else None
+        out["layout"] = layout()
+    finally:
+        for name in ("pwtest-lq", "pwtest-lqx"):
+            remove_domain(name)
+        remove_domain("pwtest-lx", uri=LXC_URI)
+        pinwarden("hook", "uninstall")
+        CONFIG.unlink(missing_ok=True)
+        pinwarden("sync")
+    out["as_left"] = {"holders": holders(), "layout": layout()}
+    return out
