@@ -352,8 +352,9 @@ PINWARDEN = os.environ.get("PINWARDEN_EXE") or str(Path(sys.executable).with_nam
 
 @dataclass
 class Pinwarden:
-    """The CLI with a private state dir and config (``none`` mode, host reserve CPU 0, the
-    exclusive tree at ``exclusive`` so tests never touch a real ``pinwarden.partition``)."""
+    """The CLI with a private state dir and config (``none`` mode, host reserve CPU 0, holder
+    groups named after ``exclusive`` — ``pwtest-….partition`` gives
+    ``pwtest-…-vm-NAME.partition`` — so tests never touch a real pinwarden's groups)."""
 
     state: Path
     config: Path
@@ -362,7 +363,7 @@ class Pinwarden:
     @classmethod
     def make(cls, base: Path, exclusive: str) -> Pinwarden:
         if not exclusive.startswith("pwtest") or not exclusive.endswith(".partition"):
-            raise ValueError(f"test exclusive trees are pwtest….partition, not {exclusive!r}")
+            raise ValueError(f"test holder stems are pwtest….partition, not {exclusive!r}")
         config = base / "pinwarden.toml"
         config.write_text(f'[partition]\nmode = "none"\nhost_reserve = "0"\n'
                           f'exclusive = "{exclusive}"\n')
@@ -378,12 +379,22 @@ class Pinwarden:
                         f"{proc.stderr.strip()}")
         return proc
 
-    def holder_group(self, name: str) -> str:
-        return f"{self.exclusive}/vm-{name}.partition"
+    @property
+    def stem(self) -> str:
+        return self.exclusive.removesuffix(".partition")
+
+    def holder_group(self, name: str, kind: str = "vm") -> str:
+        """The holder group of domain (``vm``, ``lxc``) or job (``run``) ``name``: beside
+        ``machine``, ``STEM-vm-NAME.partition``."""
+        return f"{self.stem}-{kind}-{name}.partition"
 
     def cleanup(self) -> None:
-        """Remove the exclusive tree (every hierarchy, bottom-up) once its VMs are gone."""
-        remove_tree(self.exclusive)
+        """Remove this test's holder groups (every hierarchy, bottom-up) once its VMs are
+        gone."""
+        for hierarchy in Path("/sys/fs/cgroup").iterdir():
+            with contextlib.suppress(OSError):
+                for d in hierarchy.glob(f"{self.stem}-*.partition"):
+                    remove_tree(str(d.relative_to(hierarchy)))
 
 
 def remove_tree(top: str) -> None:

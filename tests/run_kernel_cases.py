@@ -111,7 +111,7 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
         config.write_text(
             "[partition]\nmode = \"none\"\n"
             f"host_reserve = \"{(online - CpuSet.of([last])).to_list()}\"\n"
-            f"cgroup = \"{base}/machine\"\nexclusive = \"{base}/pinwarden.partition\"\n"
+            f"cgroup = \"{base}/machine\"\nexclusive = \"pinwarden.partition\"\n"
             f"[ledger]\nstate_dir = \"{state}\"\n")
         yield Sandbox(base, backend.root, backend, config, state, last)
     finally:
@@ -131,14 +131,14 @@ def test_command_runs_in_an_exclusive_cpuset_with_matching_affinity(sandbox: San
                        sys.executable, "-c", PROBE, str(sandbox.mount))
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
-    assert seen["cgroup"] == f"/{sandbox.base}/pinwarden.partition/run-pwtest-probe.partition"
+    assert seen["cgroup"] == f"/{sandbox.base}/pinwarden-run-pwtest-probe.partition"
     assert seen["cpu_exclusive"] == "1"
     assert seen["cpus"] == str(sandbox.last) == seen["env"]
     assert seen["affinity"] == [sandbox.last]
     # afterwards: lease released, job cgroup gone, the host as found: the shared partition
-    # pinwarden had to create is gone again, and so is the exclusive tree
+    # pinwarden had to create is gone again, and so is the job's group
     assert sandbox.leases() == []
-    assert not sandbox.exists("pinwarden.partition")
+    assert not sandbox.exists("pinwarden-run-pwtest-probe.partition")
     assert not sandbox.exists("machine")
 
 
@@ -229,7 +229,7 @@ def test_killed_supervisor_frees_the_lease_when_the_command_ends(
     try:
         # the command still runs: its lease holds
         assert sandbox.leases() == [(sandbox.last, "pwtest-orphan")]
-        group = f"{sandbox.base}/pinwarden.partition/run-pwtest-orphan.partition"
+        group = f"{sandbox.base}/pinwarden-run-pwtest-orphan.partition"
         assert command in sandbox.backend.tasks(group)
     finally:
         os.kill(command, signal.SIGKILL)
@@ -238,7 +238,7 @@ def test_killed_supervisor_frees_the_lease_when_the_command_ends(
     # the next sync (any change, the daemon, or 'pinwarden sync') removes the stale cgroup
     with Manager(load_config(sandbox.config), Path("/"), sandbox.state) as manager:
         manager.sync()
-    assert not sandbox.exists("pinwarden.partition/run-pwtest-orphan.partition")
+    assert not sandbox.exists("pinwarden-run-pwtest-orphan.partition")
 
 
 def test_running_vm_cgroup_under_the_shared_partition_is_narrowed(

@@ -238,6 +238,29 @@ def test_vm_cgroups() -> None:
     assert report.exit_status() == 1
 
 
+def test_vm_cgroups_of_the_flat_layout_on_systemd_and_cgroupfs_hosts() -> None:
+    """Holder groups sit beside the VM partition: recognised by their recorded cgroup, by
+    name (``pinwarden-vm-NAME.partition``, its slice ``pinwarden\\x2dvm\\x2dNAME.slice``)
+    while none is recorded, and a stale one holding a leased CPU is an error."""
+    a_slice = "/pinwarden\\x2dvm\\x2da.slice"
+    snap = HostSnapshot(
+        threads=(thread(300, "3", f"{a_slice}/machine-qemu\\x2d1\\x2da.scope/libvirt/vcpu0"),
+                 thread(301, "4", "/pinwarden-vm-web.partition/qemu-2-web.libvirt-qemu"),
+                 thread(302, "3", "/pinwarden-vmx.partition", comm="intruder")),
+        cgroups=(
+            CgroupInfo("/machine.slice", cs("0-2,5-7"), cs("0-2,5-7"), False),
+            CgroupInfo(a_slice, cs("3"), cs("3"), False),                       # A's own
+            CgroupInfo("/pinwarden-vm-web.partition", cs("4"), cs("4"), False),   # B's, by name
+            CgroupInfo("/pinwarden\\x2dvm\\x2dgone.slice", cs("3"), None, False),  # stale
+        ))
+    holders = [record(A, cgroup=a_slice, cpus="3"), record(B, cpus="4")]
+    report = audit.audit(snap, leases(c3=A, c4=B), holders)
+    assert [(i.kind, i.pid, i.cgroup, str(i.cpus)) for i in report.intruders] == [
+        ("vm-cgroup", None, "/pinwarden\\x2dvm\\x2dgone.slice", "3"),
+        ("host-task", 302, "/pinwarden-vmx.partition", "3"),
+    ]
+
+
 def test_holder_without_cgroup_recognised_by_libvirt_machine_name() -> None:
     scope = "/machine.slice/machine-qemu\\x2d3\\x2dweb.scope/libvirt/vcpu0"
     legacy = "/machine/qemu-4-web.libvirt-qemu/vcpu1"

@@ -291,17 +291,11 @@ def expected_partition() -> dict[str, Any]:
     machine = _cpus(CPUSET / "machine/cpuset.effective_cpus")
     if machine is None:
         return none
-    leased = (_cpus(CPUSET / "pinwarden.partition/cpuset.cpus") or CpuSet()) & online
-    machine = machine & online
-    ours = (CPUSET / "pinwarden.partition").is_dir()
-    vm = machine | leased
-    if ours and vm == online and leased and machine and machine.isdisjoint(leased) \
-            and machine != reserve:  # pinwarden's fallback: every VM CPU leased
-        return {"mode": "cgroup", "vm_cpus": str(leased), "host_cpus": str(machine)}
+    # what the kernel says, nothing more: pinwarden reads its own narrowing of machine
+    # from its ledger (the host record), never by guessing from the cgroups
+    vm = machine & online
     if not vm or vm == online:
         return none
-    if ours and vm == online - reserve:
-        return none  # pinwarden's own shared pool
     return {"mode": "cgroup", "vm_cpus": str(vm), "host_cpus": str(online - vm)}
 
 

@@ -91,7 +91,7 @@ def test_emit_xml_applies_plan_and_keeps_the_rest(env: dict[str, Path],
     assert status == 0
     spec = parse_domain(out)  # stdout is only the XML; the plan went to stderr
     assert spec.exclusive and spec.threads == "isolate" and len(spec.vcpupins) == 2
-    assert spec.partition == "/pinwarden/vm-db"
+    assert spec.partition == "/pinwarden-vm-db"
     assert "vcpu0" in err
     status, out, _ = run(env, capsys, "plan", write(env, "vm1.xml", SEED), "--emit-xml",
                          json_out=False)

@@ -64,7 +64,7 @@ def test_failure_at_any_step_restores_the_state_read_before(k: int) -> None:
     assert "\n" not in info.value.message
     # and the same layout then applies cleanly
     apply_layout(fake, next_layout())
-    assert whole(fake)["pinwarden.partition/run-new.partition"].cpus == CpuSet.of([2, 3])
+    assert whole(fake)["pinwarden-run-new.partition"].cpus == CpuSet.of([2, 3])
 
 
 def test_foreign_sibling_holding_a_cpu_is_named_and_nothing_changes() -> None:
@@ -101,7 +101,7 @@ def test_populated_group_cannot_lose_all_cpus_enospc() -> None:
 
 def test_missing_parent_is_a_clear_error() -> None:
     fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"))
-    names = LayoutNames(shared="nowhere/machine", exclusive="nowhere/pinwarden.partition")
+    names = LayoutNames(shared="nowhere/machine")
     with pytest.raises(EnforceError) as info:
         sync_leases(fake, make_host(), [lease(2, "J")], names)
     assert "nowhere" in info.value.message and "does not exist" in info.value.message
@@ -151,7 +151,7 @@ class RacingFake(FakeCpusetV1):
     raced = False
 
     def mkdir(self, path: str) -> None:
-        if not self.raced and path == "pinwarden.partition":
+        if not self.raced and path == "pinwarden-run-J.partition":
             self.raced = True
             super().mkdir(path)
             super().set_mems(path, CpuSet.of([0]))
@@ -164,7 +164,7 @@ def test_a_concurrent_mkdir_is_re_planned() -> None:
     build(fake, {"machine": ("0-3", False)})
     sync_leases(fake, make_host(), [lease(3, "J")])
     assert fake.raced
-    assert whole(fake)["pinwarden.partition/run-J.partition"].cpus == CpuSet.of([3])
+    assert whole(fake)["pinwarden-run-J.partition"].cpus == CpuSet.of([3])
 
 
 def test_exclusive_groups_stay_changeable_under_deadline_servers() -> None:
@@ -176,7 +176,7 @@ def test_exclusive_groups_stay_changeable_under_deadline_servers() -> None:
     sync_leases(fake, host, [lease(2, "A"), lease(3, "B")])
     sync_leases(fake, host, [lease(2, "A")])
     sync_leases(fake, host, [])
-    assert "pinwarden.partition" not in whole(fake)
+    assert set(whole(fake)) == {"", "machine"}
     # a group made exclusive the plain way (load balancing on) is frozen once emptied
     build(fake, {"legacy": ("0", True)})
     fake.set_flag("legacy", "sched_load_balance", True)
@@ -186,7 +186,7 @@ def test_exclusive_groups_stay_changeable_under_deadline_servers() -> None:
 
 
 class RefusingFake(FakeCpusetV1):
-    """Refuses to make ``pinwarden.partition`` a partition with ``error`` (after the write
+    """Refuses to make ``pinwarden-run-J.partition`` a partition with ``error`` (after the write
     was undone, as the v2 and systemd backends do)."""
 
     def __init__(self, error: CgroupOpError) -> None:
@@ -194,21 +194,22 @@ class RefusingFake(FakeCpusetV1):
         self.error = error
 
     def set_partition(self, path: str, kind: PartitionKind) -> None:
-        if path == "pinwarden.partition" and kind != "member":
+        if path == "pinwarden-run-J.partition" and kind != "member":
             raise self.error
         super().set_partition(path, kind)
 
 
 @pytest.mark.parametrize("error, words", [
-    (PartitionInvalidError("partition", "pinwarden.partition", value="root",
-                           group="pinwarden.partition", kind="exclusive",
+    (PartitionInvalidError("partition", "pinwarden-run-J.partition", value="root",
+                           group="pinwarden-run-J.partition", kind="exclusive",
                            reason="Cpu list in cpuset.cpus not exclusive"),
      ["Cpu list in cpuset.cpus not exclusive", "EINVAL"]),
-    (SystemdOpError("partition", "pinwarden.partition", "pinwarden.slice",
+    (SystemdOpError("partition", "pinwarden-run-J.partition",
+                    "pinwarden\\x2drun\\x2dJ.slice",
                     "org.freedesktop.DBus.Error.AccessDenied",
                     "Access denied\nby policy", value="root", prop="CPUSetPartition"),
      ["Access denied by policy", "org.freedesktop.DBus.Error.AccessDenied",
-      "pinwarden.slice"]),
+      "pinwarden\\x2drun\\x2dJ.slice"]),
 ])
 def test_refusal_carries_the_backends_own_reason(error: CgroupOpError,
                                                  words: list[str]) -> None:
@@ -249,12 +250,12 @@ class InvalidatingFake(FakeCpusetV1):
 
 def test_an_invalid_partition_fails_verification_and_rolls_back() -> None:
     reason = "Cpu list in cpuset.cpus not exclusive"
-    fake = InvalidatingFake("pinwarden.partition/run-J.partition", reason)
+    fake = InvalidatingFake("pinwarden-run-J.partition", reason)
     build(fake, {"machine": ("0-3", False)})
     before = whole(fake)
     with pytest.raises(EnforceError) as info:
         sync_leases(fake, make_host(), [lease(3, "J")])
     message = info.value.message
     assert "\n" not in message and "rolled back" in message
-    assert "pinwarden.partition/run-J.partition" in message and reason in message
+    assert "pinwarden-run-J.partition" in message and reason in message
     assert whole(fake) == before

@@ -1,5 +1,5 @@
 """Linux 6.12+: no cgroup partition may hold ``isolcpus=`` CPUs.  In isolcpus mode the
-exclusive tree is then made of plain cpusets with explicit CPUs, with a note — checked here
+holder groups over them are then plain cpusets with explicit CPUs, with a note — checked here
 on the fake (the lab boots 6.1 only; DEVELOPERS.md, "Kernel test lab", has the 6.12 facts)."""
 
 from __future__ import annotations
@@ -45,18 +45,19 @@ class Kernel612(FakeCpusetV1):
 def test_layout_without_partitions_over_isolcpus_cpus() -> None:
     desired = desired_layout(make_host(), [lease(3, "A", "qemu", "vcpu0"), lease(1, "J")])
     member = without_partitions_over(desired, ISOLATED)
-    assert member.exclusive.partition == "member"
-    assert {h.partition for h in member.holders} == {"member"}
+    # only the holder over an isolcpus CPU becomes a plain cpuset; the job keeps its partition
+    assert {(h.path, h.partition) for h in member.holders} == {
+        ("pinwarden-vm-A.partition", "member"), ("pinwarden-run-J.partition", "exclusive")}
     assert [h.cpus for h in member.holders] == [h.cpus for h in desired.holders]
-    assert any("isolcpus CPUs (3)" in n for n in member.notes), member.notes
-    # a tree without isolcpus CPUs keeps its partitions
+    assert any("isolcpus CPUs (3)" in n and "pinwarden-vm-A.partition is a plain" in n
+               for n in member.notes), member.notes
+    # holders without isolcpus CPUs keep their partitions
     assert without_partitions_over(desired, CpuSet.of([0])) == desired
 
 
 def _check_member_tree(fake: Kernel612, notes: tuple[str, ...]) -> None:
     state = whole(fake)
-    tree, group = state["pinwarden.partition"], state["pinwarden.partition/vm-A.partition"]
-    assert (tree.partition, tree.cpus) == ("member", CpuSet.of([3]))
+    group = state["pinwarden-vm-A.partition"]
     assert (group.partition, group.cpus) == ("member", CpuSet.of([3]))
     assert state["machine"].cpus == CpuSet.of([1, 2])  # disjoint: explicit cpuset.cpus
     assert any("cannot enforce exclusivity" in n for n in notes), notes
@@ -70,7 +71,7 @@ def test_known_rule_builds_a_member_tree_with_a_note() -> None:
     _check_member_tree(fake, result.desired.notes)
     assert not fake.refused  # never tried a partition
     sync_leases(fake, make_host(), [])
-    assert "pinwarden.partition" not in whole(fake)
+    assert "pinwarden-vm-A.partition" not in whole(fake)
 
 
 def test_unexpected_refusal_is_rolled_back_and_re_planned_once() -> None:
@@ -85,7 +86,7 @@ def test_partitions_outside_isolcpus_stay_partitions() -> None:
     fake = Kernel612(known=True)
     build(fake, {"machine": ("1-3", False)})
     sync_leases(fake, make_host(), [lease(1, "J")])
-    assert whole(fake)["pinwarden.partition/run-J.partition"].partition == "exclusive"
+    assert whole(fake)["pinwarden-run-J.partition"].partition == "exclusive"
 
 
 def _host_files(root: Path, release: str, isolated: str) -> None:

@@ -26,6 +26,7 @@ from pinwarden.enforce.layout import (
     LayoutNames,
     desired_layout,
     holder_group_name,
+    is_holder_component,
     libvirt_partition,
     plan,
 )
@@ -35,26 +36,50 @@ VM = "machine/qemu-1-B.libvirt-qemu"
 
 
 def test_holder_group_names_are_libvirt_safe() -> None:
-    assert holder_group_name(domain_holder("qemu", "web01", None)) == "vm-web01.partition"
-    assert holder_group_name(job_holder("J")) == "run-J.partition"
+    assert holder_group_name(domain_holder("qemu", "web01", None)) == \
+        "pinwarden-vm-web01.partition"
+    assert holder_group_name(job_holder("J"), "pw") == "pw-run-J.partition"
+    assert holder_group_name(domain_holder("lxc", "c1", None)) == "pinwarden-lxc-c1.partition"
     uuid = "c7a5fdbd-cdaf-9455-926a-d65c16db1809"
     # a dot would stop libvirt from adding ".partition": the UUID is used instead
-    assert holder_group_name(domain_holder("qemu", "a.b", uuid)) == f"vm-{uuid}.partition"
+    assert holder_group_name(domain_holder("qemu", "a.b", uuid)) == \
+        f"pinwarden-vm-{uuid}.partition"
     hostile = holder_group_name(job_holder("../../x y"))
-    assert hostile.startswith("run-") and hostile.endswith(".partition")
+    assert hostile.startswith("pinwarden-run-") and hostile.endswith(".partition")
     assert "/" not in hostile and " " not in hostile and ".." not in hostile
     names = LayoutNames()
-    assert libvirt_partition(names, domain_holder("qemu", "A", None)) == "/pinwarden/vm-A"
-    with pytest.raises(ValueError):
-        libvirt_partition(LayoutNames(exclusive="pwtest/excl"),
+    assert libvirt_partition(names, domain_holder("qemu", "A", None)) == "/pinwarden-vm-A"
+    nested = LayoutNames(shared="pwtest.partition/machine", exclusive="pw.partition")
+    assert libvirt_partition(nested, domain_holder("qemu", "A", None)) == "/pwtest/pw-vm-A"
+    with pytest.raises(ValueError):  # libvirt cannot name a group below "pwtest"
+        libvirt_partition(LayoutNames(shared="pwtest/machine"),
                           domain_holder("qemu", "A", None))
 
 
-def test_layout_names_must_not_nest() -> None:
-    with pytest.raises(ValueError):
+def test_holder_groups_are_recognised_by_name() -> None:
+    names = LayoutNames(shared="machine.slice")
+    assert names.parent == "" and names.stem == "pinwarden"
+    assert names.is_holder("pinwarden-vm-A.partition")
+    assert names.is_holder("pinwarden-run-x_1.partition")
+    assert not names.is_holder("pinwarden.partition")  # the old tree: legacy, not a holder
+    assert not names.is_holder("pinwarden-other-A.partition")
+    assert not names.is_holder("machine.slice")
+    assert not names.is_holder("sub/pinwarden-vm-A.partition")  # not beside the shared group
+    assert is_holder_component("pinwarden-vm-A.partition")
+    assert is_holder_component("pinwarden\\x2dvm\\x2dA\\x2db.slice")  # its systemd slice
+    assert not is_holder_component("pinwarden-vm\\x2dA.slice")  # below a pinwarden.slice
+    assert not is_holder_component("machine-qemu\\x2d1\\x2dA.scope")
+
+
+def test_layout_names_are_checked() -> None:
+    with pytest.raises(ValueError, match="one name"):
         LayoutNames(shared="a", exclusive="a/b")
     with pytest.raises(ValueError):
         LayoutNames(shared="/machine")
+    with pytest.raises(ValueError):
+        LayoutNames(shared="pinwarden-vm-x.partition")
+    with pytest.raises(ValueError):
+        LayoutNames(exclusive="")
 
 
 def test_desired_layout_pools_and_holders() -> None:
@@ -62,10 +87,14 @@ def test_desired_layout_pools_and_holders() -> None:
     leases = [lease(2, "J"), lease(3, "V", driver="qemu", role="vcpu0")]
     desired = desired_layout(host, leases)
     assert desired.shared.cpus == CpuSet.of([1])
-    assert desired.exclusive.cpus == CpuSet.of([2, 3])
+    assert desired.leased == CpuSet.of([2, 3])
     assert {(s.path, str(s.cpus)) for s in desired.holders} == {
-        ("pinwarden.partition/run-J.partition", "2"),
-        ("pinwarden.partition/vm-V.partition", "3")}
+        ("pinwarden-run-J.partition", "2"),
+        ("pinwarden-vm-V.partition", "3")}
+    nested = desired_layout(host, leases, LayoutNames(shared="pwtest/machine",
+                                                      exclusive="pw"))
+    assert {s.path for s in nested.holders} == {"pwtest/pw-run-J.partition",
+                                                "pwtest/pw-vm-V.partition"}
     # everything leased: the shared pool falls back to the housekeeping CPUs
     full = desired_layout(host, [lease(1, "A"), lease(2, "A"), lease(3, "A")])
     assert full.shared.cpus == CpuSet.of([0]) and full.notes
@@ -75,8 +104,8 @@ def test_sibling_holds_are_leased_but_outside_the_holder_group() -> None:
     host = make_host("0-3", vm="1-3")
     desired = desired_layout(host, [lease(2, "V", "qemu", "vcpu0"),
                                     lease(3, "V", "qemu", "sibling-hold")])
-    assert desired.exclusive.cpus == CpuSet.of([2, 3])
     assert desired.holders[0].cpus == CpuSet.of([2])
+    assert desired.shared.cpus == CpuSet.of([1])  # the held sibling is nobody's
 
 
 def vm_fake() -> FakeCpusetV1:
@@ -101,18 +130,16 @@ def test_plan_narrows_vm_cgroups_bottom_up_before_machine_shrinks() -> None:
     for path in (f"{VM}/vcpu0", f"{VM}/vcpu1", f"{VM}/emulator"):
         assert index[SetCpus(path, rest)] < index[SetCpus(VM, rest)]
     assert index[SetCpus(VM, rest)] < narrow_machine
-    # the exclusive tree is created after machine shrank, parent before child
-    exclusive_on = index[SetPartition("pinwarden.partition", "exclusive")]
-    assert narrow_machine < index[Mkdir("pinwarden.partition")] < exclusive_on
-    assert exclusive_on < index[SetPartition("pinwarden.partition/run-J.partition",
-                                             "exclusive")]
+    # the holder group is created beside machine after machine shrank
+    group = "pinwarden-run-J.partition"
+    assert narrow_machine < index[Mkdir(group)] < index[SetPartition(group, "exclusive")]
     # and the kernel (fake) accepts the sequence as is
     for op in ops:
         perform(fake, op)
     state = whole(fake)
     assert state[f"{VM}/vcpu0"].cpus == rest  # its pinned CPU 3 was leased away
-    assert state["pinwarden.partition/run-J.partition"].exclusive
-    assert state["pinwarden.partition/run-J.partition"].mems == CpuSet.of([0])
+    assert state["pinwarden-run-J.partition"].exclusive
+    assert state["pinwarden-run-J.partition"].mems == CpuSet.of([0])
 
 
 def test_nothing_is_touched_before_pinwarden_leases_anything() -> None:
@@ -125,9 +152,9 @@ def test_release_widens_parents_first_and_removes_empty_groups() -> None:
     host = make_host()
     apply_layout(fake, desired_layout(host, [lease(2, "J"), lease(3, "J")]))
     ops = plan(whole(fake), desired_layout(host, []))
-    assert ops.index(Rmdir("pinwarden.partition/run-J.partition")) \
-        < ops.index(Rmdir("pinwarden.partition"))
     everything = CpuSet.parse_kernel("0-3")
+    assert ops.index(Rmdir("pinwarden-run-J.partition")) \
+        < ops.index(SetCpus("machine", everything))
     assert ops.index(SetCpus("machine", everything)) < ops.index(SetCpus(VM, everything))
     for op in ops:
         perform(fake, op)
@@ -135,8 +162,7 @@ def test_release_widens_parents_first_and_removes_empty_groups() -> None:
     # groups that followed machine follow it back, the moved vCPU with them
     assert state[VM].cpus == everything
     assert state[f"{VM}/vcpu1"].cpus == everything
-    assert "pinwarden.partition/run-J.partition" not in state
-    assert "pinwarden.partition" not in state
+    assert "pinwarden-run-J.partition" not in state
     # and with nothing leased, nothing more to do
     assert plan(state, desired_layout(host, [])) == []
 
@@ -158,8 +184,8 @@ def _partition_emptied(ops: list[Op], before: Snapshot) -> list[Op]:
 @pytest.mark.parametrize("last", [[], [lease(2, "K", "qemu", "vcpu0")]])
 def test_a_partition_is_never_emptied(last: list[Lease]) -> None:
     """Emptying a partition root loses its CPUs until reboot (v2, 6.1: the v2 backend
-    refuses it, EBUSY) or is refused by the kernel (6.12+): the last release removes the
-    exclusive tree, children first, and the shared partition gets every CPU back."""
+    refuses it, EBUSY) or is refused by the kernel (6.12+): a holder whose last lease goes
+    is removed, and the shared partition gets its CPUs back."""
     fake = vm_fake()
     host = make_host()
     apply_layout(fake, desired_layout(host, [lease(2, "J"), lease(3, "J")]))
@@ -168,18 +194,19 @@ def test_a_partition_is_never_emptied(last: list[Lease]) -> None:
     assert _partition_emptied(ops, before) == []
     apply_layout(fake, desired_layout(host, last))
     state = whole(fake)
+    assert "pinwarden-run-J.partition" not in state
     if last:
-        assert state["pinwarden.partition"].cpus == CpuSet.of([2])
+        assert state["pinwarden-vm-K.partition"].cpus == CpuSet.of([2])
         assert state["machine"].cpus == CpuSet.of([0, 1, 3])
     else:
-        assert "pinwarden.partition" not in state
         assert state["machine"].cpus == CpuSet.parse_kernel("0-3")
 
 
 def test_last_release_of_a_load_balanced_exclusive_tree_on_6_12() -> None:
     """v1, Linux 6.12+: an exclusive, load-balanced cpuset (made by an older pinwarden, or
-    by hand) cannot be emptied (EBUSY).  The planner removes the tree instead, so the
-    release needs no flag juggling by its callers."""
+    by hand) cannot be emptied (EBUSY).  The planner removes it instead, so the release
+    needs no flag juggling by its callers — the one exclusive tree older pinwardens made
+    (``pinwarden.partition/vm-A.partition``) too."""
     fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"), deadline_servers=True)
     build(fake, {"machine": ("0-1", False), "pinwarden.partition": ("2-3", False),
                  "pinwarden.partition/vm-A.partition": ("2-3", False)})
@@ -194,31 +221,38 @@ def test_last_release_of_a_load_balanced_exclusive_tree_on_6_12() -> None:
     assert state["machine"].cpus == CpuSet.parse_kernel("1-3")  # the VM CPUs, all back
 
 
-def test_a_tree_with_foreign_tasks_in_itself_is_kept() -> None:
-    fake = vm_fake()
-    host = make_host()
-    apply_layout(fake, desired_layout(host, [lease(3, "J")]))
-    fake.attach_thread("pinwarden.partition", 77)
-    result = apply_layout(fake, desired_layout(host, []))
+def test_an_old_tree_with_foreign_tasks_in_itself_is_kept() -> None:
+    fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"))  # as an older pinwarden left it:
+    build(fake, {"machine": ("0-2", False), "pinwarden.partition": ("3", True)},
+          tasks={"pinwarden.partition": [77]})
+    result = apply_layout(fake, desired_layout(make_host(), [lease(2, "J")]))
     state = result.after
-    assert state["pinwarden.partition"].cpus == CpuSet.of([3])
+    assert state["pinwarden.partition"].cpus == CpuSet.of([3])  # kept, as it is
     assert state["pinwarden.partition"].exclusive
-    assert "pinwarden.partition/run-J.partition" not in whole(fake)
-    assert state["machine"].cpus == CpuSet.of([0, 1, 2])
+    assert state["machine"].cpus == CpuSet.of([1])  # the VM CPUs neither leased nor kept
+    fake.exit(77)
+    apply_layout(fake, desired_layout(make_host(), []))
+    assert "pinwarden.partition" not in whole(fake)
+    assert whole(fake)["machine"].cpus == CpuSet.parse_kernel("1-3")
 
 
 def test_stale_group_with_tasks_is_kept() -> None:
     fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"))
     host = make_host()
     apply_layout(fake, desired_layout(host, [lease(3, "old")]))
-    fake.attach_thread("pinwarden.partition/run-old.partition", 55)
+    fake.attach_thread("pinwarden-run-old.partition", 55)
     result = apply_layout(fake, desired_layout(host, [lease(2, "new")]))
     state = result.after
-    assert state["pinwarden.partition/run-old.partition"].cpus == CpuSet.of([3])
-    assert state["pinwarden.partition"].cpus == CpuSet.of([2, 3])
+    assert state["pinwarden-run-old.partition"].cpus == CpuSet.of([3])
+    assert state["pinwarden-run-new.partition"].cpus == CpuSet.of([2])
+    assert state["machine"].cpus == CpuSet.of([1])
     fake.exit(55)
     apply_layout(fake, desired_layout(host, [lease(2, "new")]))
-    assert "pinwarden.partition/run-old.partition" not in whole(fake)
+    assert "pinwarden-run-old.partition" not in whole(fake)
+    # groups that only look alike are not pinwarden's: never touched
+    build(fake, {"pinwarden-run-x": ("1", False), "other-vm-A.partition": ("1", False)})
+    apply_layout(fake, desired_layout(host, []))
+    assert {"pinwarden-run-x", "other-vm-A.partition"} <= set(whole(fake))
 
 
 holders = st.sampled_from(["a", "b", "c"])

@@ -729,6 +729,10 @@ def _leases_for_a() -> list[Lease]:
     return [lease(2, "A", "qemu", "vcpu0"), lease(3, "A", "qemu", "vcpu1")]
 
 
+H = "pinwarden-vm-A.partition"  # the holder group of domain A: a slice beside machine.slice
+H_UNIT = "pinwarden\\x2dvm\\x2dA.slice"
+
+
 def test_sync_drives_systemd_and_releases(old_standin: Standin) -> None:
     """apply.sync (another helper's core) over this backend: lease, then release."""
     kernel = KernelRecorder()
@@ -736,38 +740,36 @@ def test_sync_drives_systemd_and_releases(old_standin: Standin) -> None:
     host = make_host("0-7", "1-7")
     try:
         sync_leases(backend, host, _leases_for_a())
-        leased = backend.read_state(["machine", "pinwarden.partition/vm-A.partition"])
+        leased = backend.read_state(["machine", H])
+        assert backend.kernel_path(H) == H_UNIT
         sync_leases(backend, host, [])
-        released = backend.read_state(["machine", "pinwarden.partition"])
+        released = backend.read_state(["machine"])
     finally:
         bus.close()
     assert leased["machine"].cpus == CpuSet.parse("1,4-7")
-    assert leased["pinwarden.partition/vm-A.partition"].cpus == CpuSet.parse("2-3")
-    assert leased["pinwarden.partition"].partition == "exclusive"
-    assert set(leased) >= {"", "machine", "system", "user", "init.scope",
-                           "pinwarden.partition", "pinwarden.partition/vm-A.partition"}
-    assert kernel.writes[:2] == [("pinwarden.slice", "exclusive"),
-                                 ("pinwarden.slice/pinwarden-vm\\x2dA.slice", "exclusive")]
+    assert leased[H].cpus == CpuSet.parse("2-3")
+    assert leased[H].partition == "exclusive"
+    assert set(leased) >= {"", "machine", "system", "user", "init.scope", H}
+    assert kernel.writes[:1] == [(H_UNIT, "exclusive")]
     starts = [c["body"][0] for c in old_standin.calls("StartTransientUnit")]
     stops = [c["body"][0] for c in old_standin.calls("StopUnit")]
-    assert starts == ["pinwarden.slice", "pinwarden-vm\\x2dA.slice"]
-    assert "pinwarden-vm\\x2dA.slice" in stops
+    assert starts == [H_UNIT]
+    assert H_UNIT in stops
     assert released["machine"].cpus in (CpuSet(), CpuSet.parse("1-7"))
-    assert "pinwarden.partition/vm-A.partition" not in released
+    assert H not in released
 
 
 def test_sync_failure_is_rolled_back_through_systemd(old_standin: Standin) -> None:
     bus, backend = _backend(old_standin)  # no CPUSetPartition, no kernel backend
     try:
-        with pytest.raises(EnforceError, match=r"pinwarden\.partition exclusive"):
+        with pytest.raises(EnforceError, match=r"pinwarden-vm-A\.partition exclusive"):
             sync_leases(backend, make_host("0-7", "1-7"), _leases_for_a())
-        after = backend.read_state(["machine", "pinwarden.partition"])
+        after = backend.read_state(["machine"])
     finally:
         bus.close()
     assert after["machine"].cpus == CpuSet()  # as before
-    assert "pinwarden.partition" not in after
-    assert [c["body"][0] for c in old_standin.calls("StopUnit")] == \
-        ["pinwarden-vm\\x2dA.slice", "pinwarden.slice"]
+    assert H not in after
+    assert [c["body"][0] for c in old_standin.calls("StopUnit")] == [H_UNIT]
 
 
 def test_sync_with_cpusetpartition(new_standin: Standin) -> None:
@@ -776,18 +778,17 @@ def test_sync_with_cpusetpartition(new_standin: Standin) -> None:
     host = make_host("0-7", "1-7")
     try:
         sync_leases(backend, host, _leases_for_a())
-        leased = backend.read_state(["machine", "pinwarden.partition/vm-A.partition"])
+        leased = backend.read_state(["machine", H])
         sync_leases(backend, host, [])
-        released = backend.read_state(["machine", "pinwarden.partition"])
+        released = backend.read_state(["machine"])
     finally:
         bus.close()
-    holder = leased["pinwarden.partition/vm-A.partition"]
+    holder = leased[H]
     assert (holder.partition, holder.effective_cpus) == ("exclusive", CpuSet.parse("2-3"))
-    assert leased["pinwarden.partition"].partition == "exclusive"
     assert leased["machine"].effective_cpus == CpuSet.parse("1,4-7")
     assert leased["system"].effective_cpus == CpuSet.parse("0-1,4-7")  # partitions at work
     assert released["system"].effective_cpus == CpuSet.parse("0-7")
-    assert "pinwarden.partition/vm-A.partition" not in released
+    assert H not in released
 
 
 def _cgroup_dir(root: Path, path: str, cpus: str) -> None:

@@ -219,18 +219,13 @@ def test_backend_groups_removed_cleanly(lab: LabRun) -> None:
 
 # -- the enforcement core on v2 -----------------------------------------------------------
 
-def _holder_groups(tree: dict[str, Any]) -> dict[str, Any]:
-    return {p: g for p, g in tree.items() if p.count("/") == 1}
-
-
-def test_sync_builds_the_partition_tree(lab: LabRun) -> None:
+def test_sync_builds_the_holder_partitions(lab: LabRun) -> None:
     data = lab.check("layout.sync")
     one = data["one"]
     assert "error" not in one, one["error"]
-    assert one["exclusive"]["cpuset.cpus.partition"] == "root", one["exclusive"]
-    holders = _holder_groups(one["tree"])
-    assert list(holders) == ["pwtest-pinwarden.partition/run-J.partition"], holders
-    job = holders["pwtest-pinwarden.partition/run-J.partition"]
+    # the holder group is a partition root beside the shared group, not in a tree
+    assert list(one["holders"]) == ["pwtest-pinwarden-run-J.partition"], one["holders"]
+    job = one["holders"]["pwtest-pinwarden-run-J.partition"]
     assert job["cpuset.cpus.partition"] == "root", job
     assert job["cpuset.cpus.effective"] == "6"
     # the shared pool is VM CPUs − leased; a group that never set CPUs loses 6 as well
@@ -241,9 +236,9 @@ def test_sync_builds_the_partition_tree(lab: LabRun) -> None:
 def test_sync_second_holder_and_fallback_pool(lab: LabRun) -> None:
     two = lab.check("layout.sync")["two"]
     assert "error" not in two, two["error"]
-    holders = _holder_groups(two["tree"])
-    parts = {p.rsplit("/", 1)[1]: g["cpuset.cpus.partition"] for p, g in holders.items()}
-    assert parts == {"run-J.partition": "root", "vm-A.partition": "root"}, parts
+    parts = {p: g["cpuset.cpus.partition"] for p, g in two["holders"].items()}
+    assert parts == {"pwtest-pinwarden-run-J.partition": "root",
+                     "pwtest-pinwarden-vm-A.partition": "root"}, parts
     assert two["shared"]["cpuset.cpus.effective"] == "0-5"  # every VM CPU leased
     assert cpus(two["bystander_effective"]).isdisjoint(CpuSet.of([6, 7]))
 
@@ -252,9 +247,8 @@ def test_sync_without_leases_gives_cpus_back(lab: LabRun) -> None:
     data = lab.check("layout.sync")
     none = data["none"]
     assert "error" not in none, none["error"]
-    assert _holder_groups(none["tree"]) == {}
-    # the emptied tree is removed (a partition root is never emptied), its CPUs are back
-    assert none["exclusive"]["exists"] is False, none["exclusive"]
+    # the holder groups are removed (a partition root is never emptied), their CPUs back
+    assert none["holders"] == {}
     assert cpus(none["bystander_effective"]) >= CpuSet.of([6, 7])
     for td in data["teardown"]:
         assert td["errors"] == [] and td["left"] == [], td
@@ -267,7 +261,7 @@ def test_run_executes_the_command_in_a_partition_root(lab: LabRun) -> None:
     assert data["has_run"], "`pinwarden run` is not registered yet (src/pinwarden/cli/run.py)"
     show = data["show"]
     line = next((ln for ln in show["stdout"].splitlines() if ln.startswith("0::")), "")
-    assert ".partition/run-" in line, show  # cat /proc/self/cgroup inside the job
+    assert "/pinwarden-run-" in line and line.endswith(".partition"), show  # its group
     assert show["rc"] == 7, show  # the command's own status
     out = dict(ln.split("=", 1) for ln in show["stdout"].splitlines() if "=" in ln)
     assert out.get("partition") == "root", show

@@ -250,10 +250,10 @@ def test_define_stores_metadata_and_the_partition() -> None:
     source = xml("v", "<cputune exclusive='yes'><vcpupin vcpu='0' cpuset='1'/></cputune>")
     spec = parse_domain(source)
     stored = with_pinwarden_metadata(source, spec, "11111111-2222-3333-4444-555555555555",
-                                     "/pinwarden/vm-v")
+                                     "/pinwarden-vm-v")
     again = parse_domain(stored)
     assert again.exclusive and again.uuid == "11111111-2222-3333-4444-555555555555"
-    assert again.partition == "/pinwarden/vm-v"
+    assert again.partition == "/pinwarden-vm-v"
     assert again.vcpupins == spec.vcpupins
     assert "exclusive='yes'><vcpupin" not in stored  # libvirt would drop it anyway
 

@@ -1,8 +1,9 @@
 """The seed's story, end to end, on the real libvirtd + QEMU + cgroup v1 of this host.
 
 Partition here: ``none`` mode, host reserve CPU 0, VM CPUs {1}; while CPU 1 is leased the
-shared VMs fall back to CPU 0.  The exclusive tree is ``pwtest-e2e.partition`` (libvirt
-partition ``/pwtest-e2e/vm-NAME``) so the test never touches a real ``pinwarden.partition``.
+shared VMs fall back to CPU 0.  Holder groups are ``pwtest-e2e-vm-NAME.partition`` beside
+``machine`` (libvirt partition ``/pwtest-e2e-vm-NAME``) so the test never touches a real
+pinwarden's groups.
 
 1. VM A, exclusive on CPU 1, started by ``pinwarden start``;
 2. VM B, unpinned, started by ``pinwarden start``;
@@ -83,9 +84,9 @@ def test_seed_story(hooked: env.Pinwarden, domains: env.Domains) -> None:
     # (1) A exclusive on CPU 1
     hooked.run("start", a, check=True)
     group_a = env.domain_cgroup(a)
-    assert group_a.startswith(f"{EXCLUSIVE}/vm-{a}.partition/"), group_a
-    holder_group = f"{EXCLUSIVE}/vm-{a}.partition"
-    assert env.cpu_exclusive(EXCLUSIVE) and env.cpu_exclusive(holder_group)
+    holder_group = hooked.holder_group(a)
+    assert group_a.startswith(f"{holder_group}/"), group_a
+    assert env.cpu_exclusive(holder_group)
     assert env.read_cpus(holder_group, "effective_cpus") == {1}
     assert env.vm_affinity(a) == {1}
     assert 1 not in env.read_cpus("machine", "effective_cpus")

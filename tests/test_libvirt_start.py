@@ -36,9 +36,10 @@ def pw(libvirt_daemons: env.Daemons, tmp_path: Path) -> Iterator[env.Pinwarden]:
 
 
 def tree_state(pw: env.Pinwarden) -> dict[str, str]:
-    """cpus and exclusive flag of every group of the exclusive tree and of machine."""
+    """cpus and exclusive flag of every holder group of ``pw`` and of machine."""
     out: dict[str, str] = {}
-    for top in (pw.exclusive, "machine"):
+    tops = sorted(p.name for p in env.CPUSET.glob(f"{pw.stem}-*.partition"))
+    for top in (*tops, "machine"):
         base = env.CPUSET / top
         if not base.is_dir():
             continue
@@ -135,7 +136,7 @@ def test_define_stores_metadata_and_refuses_bad_input(pw: env.Pinwarden,
     assert "exclusive" in out and "would lease CPUs 1" in out
     stored = parse_domain(domains.conn.lookupByName(name).XMLDesc(0))
     assert stored.exclusive
-    assert stored.partition == f"/{EXCLUSIVE.removesuffix('.partition')}/vm-{name}"
+    assert stored.partition == f"/{EXCLUSIVE.removesuffix('.partition')}-vm-{name}"
 
     for text, why in (("<domain><name>x</name", "malformed"),
                       (env.tiny_domain_xml("pwtest-start-bad", vcpupins={0: "7"}), "7")):

@@ -66,7 +66,8 @@ def test_first_lease_records_the_host_and_the_last_puts_it_back(host4: Path,
     with manager(host4, tmp_path / "state", fake) as m:
         assert m.host().partition.mode == "none"
         reserved = m.reserve_request(JobSpec("J", count=1))
-        assert reserved.group == "pinwarden.partition/run-J.partition"
+        assert reserved.group == "pinwarden-run-J.partition"
+        assert m.ledger().get(job_holder("J")).cgroup == "pinwarden-run-J.partition"
         leased = reserved.plan.leased()
         assert fake.read_group("machine").cpus == C("1-3") - leased  # narrowed
         narrow_in_root(host4, fake)
@@ -77,9 +78,9 @@ def test_first_lease_records_the_host_and_the_last_puts_it_back(host4: Path,
         assert record is not None and record.found.cpus == C("0-3")
         assert m.ledger().changes() == {"cgroup:machine": json.dumps({"cpus": "0-3"})}
         m.drop(job_holder("J"))
-        # the host as found: machine's CPUs back, no tree, nothing recorded
+        # the host as found: machine's CPUs back, no holder group, nothing recorded
         assert fake.read_group("machine").cpus == C("0-3")
-        assert "pinwarden.partition" not in fake.read_state([""]).groups
+        assert set(fake.read_state([""]).groups) == {"", "machine"}
         assert m.record() is None and m.ledger().changes() == {}
 
 
@@ -136,8 +137,8 @@ def test_enforcement_failure_puts_the_previous_leases_back(host4: Path,
                 "web", None, True, {0: C("2")}, C("2"), leases={2: "vcpu0"}))
         assert [(le.cpu, le.holder.name) for le in m.leases()] == [(3, "A")]
     # and the kernel's layout is back to what the ledger says
-    assert fake.read_group("pinwarden.partition").cpus == C("3")
-    assert "pinwarden.partition/vm-web.partition" not in fake.read_state([""]).groups
+    assert fake.read_group("pinwarden-run-A.partition").cpus == C("3")
+    assert "pinwarden-vm-web.partition" not in fake.read_state([""]).groups
 
 
 def _digest(path: Path) -> str:

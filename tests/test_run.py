@@ -153,7 +153,7 @@ def test_supervisor_places_runs_and_releases(tmp_path: Path) -> None:
     with Ledger(tmp_path) as ledger:
         assert ledger.leases() == ()
     # the job group was created and is gone again; the shared pool got its CPUs back
-    assert "pinwarden.partition/run-pwtest-fake.partition" not in err.split("LAYOUT")[1]
+    assert "pinwarden-run-pwtest-fake.partition" not in err.split("LAYOUT")[1]
 
 
 def test_supervisor_reports_death_by_signal(tmp_path: Path) -> None:
@@ -228,8 +228,8 @@ def test_reap_removes_groups_of_dead_jobs_and_nothing_else(tmp_path: Path) -> No
     assert [r.ref.name for r in manager.reap()] == ["gone"]
     groups = set(fake.read_state([""]).groups)
     manager.close()
-    assert "pinwarden.partition/run-gone.partition" not in groups
-    assert "pinwarden.partition/run-alive.partition" in groups
+    assert "pinwarden-run-gone.partition" not in groups
+    assert "pinwarden-run-alive.partition" in groups
 
 
 def test_isolate_holds_the_sibling_and_the_job_group_excludes_it() -> None:
@@ -247,5 +247,6 @@ def test_isolate_holds_the_sibling_and_the_job_group_excludes_it() -> None:
     assert explicit.leases == plan.leases  # --cpus holds the sibling too
     leases = [Lease(cpu, job_holder("J"), role, 0.0) for cpu, role in plan.leases.items()]
     desired = desired_layout(host, leases)
-    assert desired.exclusive.cpus == CpuSet.of([2, 3])
+    assert desired.leased == CpuSet.of([2, 3])
+    assert desired.shared.cpus.isdisjoint(desired.leased)
     assert desired.holders[0].cpus == CpuSet.of([2])

@@ -54,12 +54,12 @@ def test_job_runs_in_an_exclusive_cpuset_and_passes_its_status(pw: Pinwarden) ->
                PROBE + "; exit 7")
     assert done.returncode == 7, done.stderr
     out = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
-    assert out["group"] == f"/{pw.exclusive}/run-pwtest-job.partition"
+    assert out["group"] == f"/{pw.holder_group('pwtest-job', 'run')}"
     assert out["exclusive"] == "1"
     assert out["cpus"] == "1"  # CPU 0 is the host reserve, never leased
     assert "Cpus_allowed_list:\t1" in done.stdout
     # released and removed when the command ended
-    assert not (CPUSET / pw.exclusive / "run-pwtest-job.partition").exists()
+    assert not (CPUSET / pw.holder_group("pwtest-job", "run")).exists()
     assert "no holders" in pw.run("status", check=True).stdout
 
 

@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pinwarden.cpuset import CpuSet, CpuSetError
+from pinwarden.enforce.layout import holder_component, holder_group_name, is_holder_component
 from pinwarden.errors import HostError
 from pinwarden.isolation import Finding, IrqInfo, NoiseSnapshot
 from pinwarden.ledger import HolderRecord
@@ -83,8 +84,9 @@ KIND_ORDER: tuple[Kind, ...] = ("other-vm-thread", "vm-cgroup", "escaped-task", 
 
 #: cgroups (relative to the cpuset root) whose descendants are VMs.
 DEFAULT_VM_PARTITIONS = ("machine", "machine.slice")
-#: The exclusive tree: each child is one holder's partition.
-DEFAULT_EXCLUSIVE_ROOTS = ("pinwarden.partition",)
+#: The holder groups' stem (``[partition] exclusive``): ``pinwarden-vm-NAME.partition``,
+#: ``pinwarden\x2dvm\x2dNAME.slice`` … each one holder's partition.
+DEFAULT_HOLDER_STEMS = ("pinwarden.partition",)
 
 
 # -- snapshot values ---------------------------------------------------------------------
@@ -266,7 +268,7 @@ class _Context:
     holder_cgroups: Sequence[tuple[str, HolderRef]]  # (normalised path, holder)
     owner_pids: Mapping[int, HolderRef]
     vm_partitions: tuple[str, ...]
-    exclusive_roots: tuple[str, ...]
+    holder_stems: tuple[str, ...]
     holders: Sequence[HolderRef]
 
     def by_machine_name(self, path: str) -> set[HolderRef]:
@@ -280,24 +282,45 @@ class _Context:
                       _name_matches(name, h.name)}
         return found
 
+    def by_holder_group(self, path: str) -> set[HolderRef]:
+        """Holders whose group (``pinwarden-vm-NAME.partition``, or its systemd slice) is
+        ``path`` or one of its ancestors."""
+        found: set[HolderRef] = set()
+        for component in path.split("/"):
+            for stem in self.holder_stems:
+                name = holder_component(component, stem)
+                if name is not None:
+                    found |= {h for h in self.holders
+                              if holder_group_name(h, stem.removesuffix(".partition")) == name}
+        return found
+
     def cgroup_owners(self, path: str) -> frozenset[HolderRef]:
         owners = frozenset(h for top, h in self.holder_cgroups if _within(path, top))
         if owners:
             return owners
-        # A holder without a recorded cgroup: recognise its libvirt machine cgroup.
+        # A holder without a recorded cgroup: recognise its group or libvirt machine cgroup.
         recorded = {h for _, h in self.holder_cgroups}
-        return frozenset(h for h in self.by_machine_name(path) if h not in recorded)
+        return frozenset(h for h in self.by_holder_group(path) | self.by_machine_name(path)
+                         if h not in recorded)
 
     def is_partition(self, path: str) -> bool:
         """A cgroup new VMs are created in (``<partition>``): libvirt copies its CPUs into
         each new VM's group, so its CPUs matter even while it has no tasks."""
-        head = path.rpartition("/")[0]
-        return path in self.vm_partitions or head in self.exclusive_roots
+        return path in self.vm_partitions or self.is_holder_group(path)
+
+    def is_holder_group(self, path: str) -> bool:
+        """A holder group of pinwarden's layout (recognised by name, recorded or not); a
+        child of the tree of pinwarden ≤ 0.x (``pinwarden.partition/vm-NAME.partition``)
+        too."""
+        head, _, last = path.rpartition("/")
+        return any(is_holder_component(last, stem) or head == stem
+                   for stem in self.holder_stems)
 
     def is_vm_cgroup(self, path: str) -> bool:
         if any(_within(path, top) for top in self.vm_partitions):
             return True  # the VM partition itself: every new VM starts with its CPUs
-        if any(_within(path, top) and path != top for top in self.exclusive_roots):
+        parts = path.split("/")
+        if any(self.is_holder_group("/".join(parts[:i + 1])) for i in range(len(parts))):
             return True
         if any(_within(path, top) for top, _ in self.holder_cgroups):
             return True
@@ -317,7 +340,7 @@ class _Context:
 
 def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[HolderRecord], *,
           vm_partitions: Sequence[str] = DEFAULT_VM_PARTITIONS,
-          exclusive_roots: Sequence[str] = DEFAULT_EXCLUSIVE_ROOTS,
+          holder_stems: Sequence[str] = DEFAULT_HOLDER_STEMS,
           isolating: bool = False, refused: AbstractSet[str] = frozenset()) -> Report:
     """Every intruder on a leased CPU.  Pure.
 
@@ -335,7 +358,7 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
         holder_cgroups=[(c, r.ref) for r in records if (c := _norm(r.cgroup))],
         owner_pids={r.owner_pid: r.ref for r in records if r.owner_pid is not None},
         vm_partitions=tuple(p.strip("/") for p in vm_partitions),
-        exclusive_roots=tuple(p.strip("/") for p in exclusive_roots),
+        holder_stems=tuple(p.strip("/") for p in holder_stems),
         holders=refs,
     )
     leased = CpuSet(frozenset(lease_of))

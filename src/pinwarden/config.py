@@ -76,7 +76,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cgroup_v1", "partition", "cgroup", "cgroup v1 VM partition (libvirt's)"),
     Setting("cgroup_v2", "partition", "cgroup_v2", "cgroup v2 VM partition (libvirt's)"),
     Setting("exclusive_cgroup", "partition", "exclusive",
-            "cgroup tree holding every leased CPU (libvirt partition /pinwarden/vm-NAME)"),
+            "name the holder cgroups start with, beside the VM partition: "
+            "pinwarden.partition gives pinwarden-vm-NAME.partition (libvirt partition "
+            "/pinwarden-vm-NAME; systemd slice pinwarden\\x2dvm\\x2dNAME.slice)"),
     Setting("state_dir", "ledger", "state_dir", "directory of the lease database",
             env="PINWARDEN_STATE_DIR", option="--state-dir"),
     Setting("libvirt_uri", "libvirt", "uri", "libvirt connection URI",
@@ -143,7 +145,7 @@ def parse_config(text: str, path: Path = DEFAULT_CONFIG) -> Config:
         if not isinstance(reserve_text, str):
             raise InputError(f"{path}: host_reserve must be a CPU list string like \"0-1\"")
         reserve = CpuSet.parse(reserve_text)
-    return Config(
+    config = Config(
         mode=cast(ModeSetting, mode),
         host_reserve=reserve,
         cgroup_v1=_str(part, "cgroup", "machine", path).strip("/"),
@@ -153,6 +155,14 @@ def parse_config(text: str, path: Path = DEFAULT_CONFIG) -> Config:
         libvirt_uri=_str(virt, "uri", "qemu:///system", path),
         isolate_noise=_bool(isolation, "noise", True, path),
     )
+    from pinwarden.enforce.layout import LayoutNames
+
+    for shared in (config.cgroup_v1, config.cgroup_v2):
+        try:
+            LayoutNames(shared=shared, exclusive=config.exclusive_cgroup)
+        except ValueError as exc:
+            raise InputError(f"{path}: [partition] {exc}") from None
+    return config
 
 
 def load_config(path: Path | None) -> Config:

@@ -59,8 +59,10 @@ Decide = Callable[[Host, tuple[Lease, ...]], Plan]
 
 @dataclass(frozen=True)
 class Reserved:
-    """A reservation the kernel enforces: the plan, and the holder's cgroup (None when the
-    plan leases nothing or the manager does not enforce, e.g. on a ``--root`` dump)."""
+    """A reservation the kernel enforces: the plan, and the holder's cgroup as a backend
+    path (None when the plan leases nothing or the manager does not enforce, e.g. on a
+    ``--root`` dump).  The ledger records the same cgroup as the kernel names it (on
+    systemd hosts its slice's directory), which is what ``audit`` and ``status`` show."""
 
     plan: Plan
     group: str | None
@@ -148,7 +150,7 @@ class Manager:
         return self._backend
 
     def names(self) -> LayoutNames:
-        """``machine`` (v1) or ``machine.slice`` (v2, systemd) and the exclusive tree."""
+        """``machine`` (v1) or ``machine.slice`` (v2, systemd) and the holder groups' stem."""
         if self._names is None:
             from pinwarden.enforce.select import layout_names
 
@@ -157,11 +159,10 @@ class Manager:
 
     def libvirt_partition(self, holder: HolderRef) -> str:
         """The libvirt ``<resource><partition>`` of an exclusive holder's cgroup."""
-        from pinwarden.enforce.layout import LayoutNames, libvirt_partition
+        from pinwarden.enforce.layout import libvirt_partition
 
         try:
-            return libvirt_partition(LayoutNames(exclusive=self.config.exclusive_cgroup),
-                                     holder)
+            return libvirt_partition(self.names(), holder)
         except ValueError as exc:
             raise HostError(f"[partition] exclusive = {self.config.exclusive_cgroup!r}: "
                             f"{exc}") from None
@@ -305,6 +306,14 @@ class Manager:
             if result is not None and result.desired is not None:
                 spec = result.desired.group_of(holder)
                 group = spec.path if spec is not None else None
+            if group is not None:
+                from pinwarden.enforce.backend import kernel_path
+
+                try:
+                    cgroup = kernel_path(self.backend(), group)
+                except ValueError:  # no unit for it: the backend path is the best name
+                    cgroup = group
+                ledger.set_cgroup(holder, cgroup)
             return Reserved(plan, group, result)
 
     def release(self, selector: str, *, driver: str | None = None) -> HolderRecord:
@@ -351,10 +360,6 @@ class Manager:
     def set_owner(self, holder: HolderRef, pid: int | None) -> None:
         with self.locked():
             self.ledger().set_owner(holder, pid)
-
-    def set_cgroup(self, holder: HolderRef, path: str | None) -> None:
-        with self.locked():
-            self.ledger().set_cgroup(holder, path)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -411,6 +416,7 @@ class Manager:
         if backend.kind not in ("v2", "systemd"):
             return  # cgroup v1 refuses such a write (cpu_exclusive): nothing escapes
         from pinwarden.enforce import watch
+        from pinwarden.enforce.backend import kernel_path, parent_of
         from pinwarden.enforce.layout import holder_group_path
         from pinwarden.escape import SetCpus, SetPartition, plan_narrowing
         from pinwarden.mounts import read_mounts
@@ -419,9 +425,10 @@ class Manager:
         mount = read_mounts(self.root).v2
         if mount is None:
             return
-        groups = {names.exclusive} | {holder_group_path(names, lease.holder)
-                                      for lease in leases}
-        views = watch.read_views(mount, ("", names.exclusive), sorted(groups))
+        groups = {kernel_path(backend, holder_group_path(names, lease.holder))
+                  for lease in leases}
+        parents = sorted({"", *(parent_of(g) or "" for g in groups)})
+        views = watch.read_views(mount, parents, sorted(groups))
         leased = CpuSet.of(lease.cpu for lease in leases)
         pool = shared_pool(host, leased)[0]
         plan = plan_narrowing(views, leased, groups, pool)

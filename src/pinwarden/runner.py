@@ -157,7 +157,6 @@ def run_job(manager: Manager, job: JobSpec, command: Sequence[str]) -> int:
     try:
         if reserved.group is None:
             raise EnforceError(f"no cgroup was planned for job {job.name!r}")
-        manager.set_cgroup(holder, reserved.group)
         cpus = reserved.plan.emulator
         return supervise(manager.backend(), job.name, reserved.group, cpus, command,
                          lambda pid: manager.set_owner(holder, pid))

@@ -513,11 +513,10 @@ def layout_sync() -> Data:
             entry["ops"] = len(result.ops)
         except Exception as exc:
             entry["error"] = exc_data(exc)
-        entry["tree"] = {str(p.relative_to(cgroup_root())): group_data(
-            str(p.relative_to(cgroup_root())))
-            for p in sorted((cgroup_root() / names.exclusive).rglob("*"))
-            if p.is_dir()} if (cgroup_root() / names.exclusive).is_dir() else {}
-        entry["exclusive"] = group_data(names.exclusive)
+        # the holder groups: beside the shared group, named after the stem
+        entry["holders"] = {p.name: group_data(p.name)
+                            for p in sorted(cgroup_root().glob(f"{names.stem}-*.partition"))
+                            if p.is_dir()}
         entry["shared"] = group_data(names.shared)
         entry["bystander_effective"] = raw("pwtest-bystander", "cpuset.cpus.effective")
         entry["root_effective"] = raw("", "cpuset.cpus.effective")
@@ -592,7 +591,7 @@ def cli_offline() -> Data:
             out["rc"] = None
         out["leases_after_exit"] = ledger_leases()
         out["group_after_exit"] = group_data(group)
-        out["tree_after_exit"] = {n: group_data(n) for n in ("pinwarden.partition",
+        out["tree_after_exit"] = {n: group_data(n) for n in (group.lstrip("/"),
                                                              "machine.slice")}
     return out
 

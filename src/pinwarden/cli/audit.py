@@ -67,9 +67,9 @@ def _audit(args: argparse.Namespace) -> int:
     partitions = tuple(dict.fromkeys((config.cgroup_v1, config.cgroup_v2,
                                       *audit.DEFAULT_VM_PARTITIONS)))
     exclusive = tuple(dict.fromkeys((config.exclusive_cgroup,
-                                     *audit.DEFAULT_EXCLUSIVE_ROOTS)))
+                                     *audit.DEFAULT_HOLDER_STEMS)))
     report = audit.audit(snapshot, leases, holders, vm_partitions=partitions,
-                         exclusive_roots=exclusive, isolating=config.isolate_noise,
+                         holder_stems=exclusive, isolating=config.isolate_noise,
                          refused=refused)
     if notes:
         report = dataclasses.replace(report, notes=(*report.notes, *notes))

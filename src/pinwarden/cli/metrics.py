@@ -94,9 +94,9 @@ def gather(args: argparse.Namespace, *, with_audit: bool = True) -> metrics.Snap
             partitions = tuple(dict.fromkeys((config.cgroup_v1, config.cgroup_v2,
                                               *audit.DEFAULT_VM_PARTITIONS)))
             exclusive = tuple(dict.fromkeys((config.exclusive_cgroup,
-                                             *audit.DEFAULT_EXCLUSIVE_ROOTS)))
+                                             *audit.DEFAULT_HOLDER_STEMS)))
             report = audit.audit(scanned, leases, holders, vm_partitions=partitions,
-                                 exclusive_roots=exclusive)
+                                 holder_stems=exclusive)
     return metrics.Snapshot(taken=taken, host=host, leases=leases, holders=holders,
                             audit=report, errors=errors)
 

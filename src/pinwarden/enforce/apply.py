@@ -242,8 +242,7 @@ def execute(backend: CgroupBackend, before: Snapshot, ops: Sequence[Op], *,
 
 def owner_names(desired: DesiredLayout) -> dict[str, str]:
     """Human names of the groups pinwarden owns, for error messages."""
-    names = {desired.shared.path: f"the shared partition {_show(desired.shared.path)}",
-             desired.exclusive.path: f"the exclusive tree {_show(desired.exclusive.path)}"}
+    names = {desired.shared.path: f"the shared partition {_show(desired.shared.path)}"}
     for spec in desired.holders:
         if spec.holder is not None:
             names[spec.path] = f"{spec.holder} ({_show(spec.path)})"
@@ -272,8 +271,17 @@ def apply_layout(backend: CgroupBackend, desired: DesiredLayout) -> Result:
         return _apply_layout(backend, again)
 
 
+def read_current(backend: CgroupBackend, desired: DesiredLayout) -> Snapshot:
+    """What planning ``desired`` needs: the shared group, the holder groups and the stale
+    holder groups beside them, each with its subtree."""
+    paths = desired.read_paths()
+    before = backend.read_state(paths)
+    stale = desired.stale_paths(before)
+    return backend.read_state((*paths, *stale)) if stale else before
+
+
 def _apply_layout(backend: CgroupBackend, desired: DesiredLayout) -> Result:
-    before = backend.read_state(desired.names.paths())
+    before = read_current(backend, desired)
     try:
         goal = targets(before, desired)
     except PlanError as exc:

@@ -288,6 +288,17 @@ def partition_forbidden_cpus(backend: CgroupBackend) -> CpuSet:
     return cpus if isinstance(cpus, CpuSet) else CpuSet()
 
 
+def kernel_path(backend: CgroupBackend, path: str) -> str:
+    """The cgroup directory, relative to the backend's mount, that the backend path ``path``
+    stands for (optional capability ``kernel_path()``: the systemd backend maps
+    ``pinwarden-vm-A.partition`` to ``pinwarden\\x2dvm\\x2dA.slice``).  Backends without
+    it (v1, v2, fake) use the path itself."""
+    probe = getattr(backend, "kernel_path", None)
+    if probe is None:
+        return path
+    return str(probe(path))
+
+
 def perform(backend: CgroupBackend, op: Op) -> None:
     """Execute one operation on ``backend``."""
     match op:

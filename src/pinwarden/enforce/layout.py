@@ -1,15 +1,25 @@
 """The desired cgroup layout and the planner that reaches it.  Pure: no I/O here.
 
-Layout (see DEVELOPERS.md, "cgroup layout")::
+Layout (see DEVELOPERS.md, "cgroup layout"), every group a child of one parent (the
+cpuset root on real hosts)::
 
-    <shared>                    member, cpus = shared pool (VM CPUs − leased; fallback host
-                                CPUs) plus unleased CPUs its VMs use now
-    <exclusive>                 exclusive, cpus = every leased CPU
-    ├── vm-NAME.partition       exclusive, cpus = the domain's leased CPUs (sibling holds excluded)
-    └── run-NAME.partition      exclusive, cpus = the job's leased CPUs
+    <shared>                         member, cpus = shared pool (VM CPUs − leased; fallback
+                                     host CPUs) plus unleased CPUs its VMs use now
+    <stem>-vm-NAME.partition         exclusive, cpus = the domain's leased CPUs (sibling
+                                     holds excluded)
+    <stem>-lxc-NAME.partition        the same for an LXC domain
+    <stem>-run-NAME.partition        exclusive, cpus = the job's leased CPUs
 
-``<shared>`` defaults to ``machine`` and ``<exclusive>`` to ``pinwarden.partition``; both are
-paths relative to the cpuset root and may be nested (tests use ``pwtest-…/…``).
+``<shared>`` defaults to ``machine`` and ``<stem>`` to ``pinwarden`` (the configured
+``exclusive = "pinwarden.partition"`` without its suffix).  The holder groups are *siblings*
+of the shared group, not children of one exclusive tree: the kernel then enforces their
+exclusivity against the shared group directly (v1 ``cpu_exclusive`` is checked between
+siblings; a v2 partition root takes its CPUs from the parent every sibling draws on), and
+no partition ever sits below a partition whose CPUs change while VMs run — Linux 6.1 and
+6.12 cannot keep such a child valid (``partition_is_populated()`` skips the child but not
+its descendants, so the VM's own tasks count as the parent's; DEVELOPERS.md, "cgroup
+layout").  Tests nest the whole
+layout under a ``pwtest-…`` parent.
 
 The planner, :func:`plan`, turns (current snapshot, desired layout) into an ordered list of
 primitive operations (:mod:`~pinwarden.enforce.backend`) that never passes through a state
@@ -50,7 +60,6 @@ from pinwarden.enforce.backend import (
     Snapshot,
     ancestors,
     depth,
-    is_within,
     join,
     parent_of,
 )
@@ -64,25 +73,53 @@ PARTITION_SUFFIX = ".partition"
 _NONE = CpuSet()
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SAFE_KEY = re.compile(r"[A-Za-z0-9-]{1,64}")
+_STEM = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+#: What follows ``STEM-`` in a holder group's name (see :func:`holder_group_name`).
+_HOLDER = re.compile(r"(?:vm|lxc|run)-[A-Za-z0-9_-]{1,64}\.partition")
 
 
 @dataclass(frozen=True, slots=True)
 class LayoutNames:
-    """Where the two trees live, relative to the cpuset root."""
+    """Where the groups live, relative to the cpuset root: the shared group's path and the
+    name every holder group's name starts with (``exclusive``: ``STEM.partition``; the
+    holders are ``STEM-vm-NAME.partition`` … beside the shared group)."""
 
     shared: str = DEFAULT_SHARED
     exclusive: str = DEFAULT_EXCLUSIVE
 
     def __post_init__(self) -> None:
-        for value in (self.shared, self.exclusive):
-            if value != value.strip("/") or not value or "//" in value \
-                    or any(part in (".", "..") for part in value.split("/")):
-                raise ValueError(f"invalid cgroup path {value!r}")
-        if is_within(self.shared, self.exclusive) or is_within(self.exclusive, self.shared):
-            raise ValueError(f"cgroups {self.shared!r} and {self.exclusive!r} must not nest")
+        value = self.shared
+        if value != value.strip("/") or not value or "//" in value \
+                or any(part in (".", "..") for part in value.split("/")):
+            raise ValueError(f"invalid cgroup path {value!r}")
+        if not _STEM.fullmatch(self.stem):
+            raise ValueError(f"invalid exclusive name {self.exclusive!r}: holder groups are "
+                             f"named after it beside the shared group, so it must be one "
+                             f"name such as 'pinwarden.partition' (letters, digits, '_' "
+                             f"and '-')")
+        if self.is_holder(self.shared) or self.shared == self.legacy:
+            raise ValueError(f"the shared group {self.shared!r} would be taken for a holder "
+                             f"group of {self.exclusive!r}")
 
-    def paths(self) -> tuple[str, str]:
-        return (self.shared, self.exclusive)
+    @property
+    def parent(self) -> str:
+        """The group the shared and the holder groups live in (``""``: the root)."""
+        return self.shared.rpartition("/")[0]
+
+    @property
+    def stem(self) -> str:
+        return self.exclusive.removesuffix(PARTITION_SUFFIX)
+
+    @property
+    def legacy(self) -> str:
+        """Where pinwarden ≤ 0.x kept every holder (one exclusive tree): removed when empty."""
+        return join(self.parent, f"{self.stem}{PARTITION_SUFFIX}")
+
+    def is_holder(self, path: str) -> bool:
+        """``path`` is a holder group of this layout (by name, whoever the holder is)."""
+        parent, _, name = path.rpartition("/")
+        return parent == self.parent and name.startswith(self.stem + "-") and \
+            _HOLDER.fullmatch(name.removeprefix(self.stem + "-")) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,24 +136,38 @@ class GroupSpec:
 class DesiredLayout:
     names: LayoutNames
     shared: GroupSpec
-    exclusive: GroupSpec
     holders: tuple[GroupSpec, ...] = ()
+    #: Every leased CPU: the holders' CPUs and the siblings they hold empty (in no group
+    #: but kept out of the shared one).
+    leased: CpuSet = _NONE
     notes: tuple[str, ...] = ()
     #: Nothing is leased and the shared group goes back to exactly these CPUs (what
-    #: pinwarden found there; empty on cgroup v2: "inherit"), the exclusive tree removed.
+    #: pinwarden found there; empty on cgroup v2: "inherit").
     restore_shared: CpuSet | None = None
     #: Nothing is leased and pinwarden created the shared group: remove it when nothing
     #: lives there (else it keeps ``restore_shared``, its parent's CPUs).
     drop_shared: bool = False
 
     def groups(self) -> tuple[GroupSpec, ...]:
-        return (self.shared, self.exclusive, *self.holders)
+        return (self.shared, *self.holders)
 
     def group_of(self, holder: HolderRef) -> GroupSpec | None:
         for spec in self.holders:
             if spec.holder == holder:
                 return spec
         return None
+
+    def read_paths(self) -> tuple[str, ...]:
+        """The groups a backend reads to plan this layout (each with its subtree; the
+        parent's other children come along shallowly, which is how stale holders are
+        found)."""
+        return (self.names.shared, *(spec.path for spec in self.holders))
+
+    def stale_paths(self, current: Snapshot) -> list[str]:
+        """Holder groups (and the old exclusive tree) in ``current`` that no lease wants."""
+        wanted = {spec.path for spec in self.holders}
+        return [p for p in current.children(self.names.parent)
+                if p not in wanted and (self.names.is_holder(p) or p == self.names.legacy)]
 
 
 # -- names ------------------------------------------------------------------------------
@@ -125,11 +176,12 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def holder_group_name(holder: HolderRef) -> str:
-    """``vm-NAME.partition`` (qemu), ``lxc-NAME.partition``, ``run-NAME.partition`` (jobs).
+def holder_group_name(holder: HolderRef, stem: str = "pinwarden") -> str:
+    """``STEM-vm-NAME.partition`` (qemu), ``STEM-lxc-NAME.partition``,
+    ``STEM-run-NAME.partition`` (jobs).
 
     NAME is kept when it is made of ``[A-Za-z0-9_-]`` (at most 64 characters; no dot, so
-    libvirt maps ``/pinwarden/vm-NAME`` to exactly this directory); otherwise the domain's
+    libvirt maps ``/STEM-vm-NAME`` to exactly this directory); otherwise the domain's
     UUID, otherwise a digest of the holder's identity.  Names are unique per driver (the
     ledger refuses a second holder of one name), and the prefix tells drivers apart.
     """
@@ -141,21 +193,21 @@ def holder_group_name(holder: HolderRef) -> str:
         tail = uuid
     else:
         tail = _digest(f"{holder.driver}:{holder.key}")
-    return f"{prefix}-{tail}{PARTITION_SUFFIX}"
+    return f"{stem}-{prefix}-{tail}{PARTITION_SUFFIX}"
 
 
 def holder_group_path(names: LayoutNames, holder: HolderRef) -> str:
-    return join(names.exclusive, holder_group_name(holder))
+    return join(names.parent, holder_group_name(holder, names.stem))
 
 
 def libvirt_partition(names: LayoutNames, holder: HolderRef) -> str:
     """The ``<resource><partition>`` value libvirt maps to the holder's group.
 
     libvirt appends ``.partition`` to every path component without a dot, so every
-    component of the exclusive tree must end in ``.partition`` (the default
-    ``pinwarden.partition`` does); otherwise :class:`ValueError`.
+    component of the holder's path must be ``NAME.partition`` with no other dot (the
+    default layout at the root is: ``/pinwarden-vm-NAME``); otherwise :class:`ValueError`.
     """
-    parts = [*names.exclusive.split("/"), holder_group_name(holder)]
+    parts = holder_group_path(names, holder).split("/")
     out = []
     for part in parts:
         if not part.endswith(PARTITION_SUFFIX) or "." in part[:-len(PARTITION_SUFFIX)]:
@@ -163,6 +215,31 @@ def libvirt_partition(names: LayoutNames, holder: HolderRef) -> str:
                              "partition (it must be NAME.partition with no other dot)")
         out.append(part[:-len(PARTITION_SUFFIX)])
     return "/" + "/".join(out)
+
+
+def holder_component(component: str, exclusive: str = DEFAULT_EXCLUSIVE) -> str | None:
+    """The holder group name (``STEM-vm-NAME.partition``) that ``component`` (one cgroup
+    directory name, as the kernel shows it) stands for in the layout named ``exclusive`` —
+    the group itself on cgroupfs hosts, its slice ``STEM\\x2dvm\\x2dNAME.slice`` on
+    systemd hosts — else ``None``."""
+    stem = exclusive.removesuffix(PARTITION_SUFFIX)
+    if component.endswith(".slice"):
+        component = _unescape_dashes(component.removesuffix(".slice")) + PARTITION_SUFFIX
+    if component.startswith(stem + "-") and \
+            _HOLDER.fullmatch(component.removeprefix(stem + "-")) is not None:
+        return component
+    return None
+
+
+def is_holder_component(component: str, exclusive: str = DEFAULT_EXCLUSIVE) -> bool:
+    """``component`` is a holder group (see :func:`holder_component`)."""
+    return holder_component(component, exclusive) is not None
+
+
+def _unescape_dashes(text: str) -> str:
+    """A top-level slice's name back to the partition name libvirt escaped (only the
+    characters a holder name can hold: ``\\x2d`` is ``-``)."""
+    return text.replace("\\x2d", "-") if "-" not in text else ""
 
 
 # -- desired layout ---------------------------------------------------------------------
@@ -192,7 +269,8 @@ def desired_layout(host: Host, leases: Sequence[Lease], names: LayoutNames = Lay
     for holder in sorted(by_holder, key=lambda h: (h.driver, h.name, h.key)):
         path = holder_group_path(names, holder)
         if path in taken:  # two holders sanitise to one name: fall back to digests
-            path = join(names.exclusive, f"{holder_group_name(holder).split('-')[0]}-"
+            kind = holder_group_name(holder, names.stem).removeprefix(names.stem + "-")
+            path = join(names.parent, f"{names.stem}-{kind.split('-')[0]}-"
                         f"{_digest(holder.driver + ':' + holder.key)}{PARTITION_SUFFIX}")
         taken[path] = holder
         cpus = CpuSet.of(by_holder[holder]) or CpuSet.of(held[holder])
@@ -201,8 +279,8 @@ def desired_layout(host: Host, leases: Sequence[Lease], names: LayoutNames = Lay
     return DesiredLayout(
         names=names,
         shared=GroupSpec(names.shared, pool, "member"),
-        exclusive=GroupSpec(names.exclusive, leased, "exclusive"),
         holders=tuple(specs),
+        leased=leased,
         notes=notes,
         restore_shared=restore_shared,
         drop_shared=drop_shared,
@@ -212,22 +290,23 @@ def desired_layout(host: Host, leases: Sequence[Lease], names: LayoutNames = Lay
 def without_partitions_over(desired: DesiredLayout, forbidden: CpuSet) -> DesiredLayout:
     """``desired`` for a kernel on which no partition may hold the ``forbidden`` CPUs
     (Linux 6.12+: ``isolcpus=`` CPUs, "partition config conflicts with housekeeping
-    setup").  When the exclusive tree holds any of them, the tree and every holder group
-    become plain ``member`` cpusets with explicit, disjoint CPUs, with a note saying so:
-    isolcpus already keeps the scheduler's load balancing (the OS's tasks) off those CPUs
-    and the layout keeps VMs and jobs off each other's, but the kernel does not enforce it.
-    (A partition below a member is invalid, so the whole tree changes, not single groups.)
-    """
-    clash = desired.exclusive.cpus & forbidden
+    setup").  Every holder group holding any of them becomes a plain ``member`` cpuset
+    with explicit, disjoint CPUs, with a note saying so: isolcpus already keeps the
+    scheduler's load balancing (the OS's tasks) off those CPUs and the layout keeps VMs and
+    jobs off each other's, but the kernel does not enforce it.  The other holders stay
+    partitions."""
+    clash = union(h.cpus for h in desired.holders) & forbidden
     if not clash:
         return desired
+    plain = [h for h in desired.holders if h.cpus & forbidden]
     note = (f"this kernel refuses cgroup partitions holding isolcpus CPUs "
-            f"({clash.to_list()}), so the exclusive tree {desired.exclusive.path} is a plain "
-            f"cpuset: the kernel cannot enforce exclusivity with partitions for them; "
-            f"isolcpus already keeps the OS's tasks off them")
+            f"({clash.to_list()}), so {', '.join(h.path for h in plain)} "
+            f"{'is a plain cpuset' if len(plain) == 1 else 'are plain cpusets'}: the kernel "
+            f"cannot enforce exclusivity with partitions for them; isolcpus already keeps "
+            f"the OS's tasks off them")
     return replace(desired,
-                   exclusive=replace(desired.exclusive, partition="member"),
-                   holders=tuple(replace(h, partition="member") for h in desired.holders),
+                   holders=tuple(replace(h, partition="member") if h in plain else h
+                                 for h in desired.holders),
                    notes=(*desired.notes, note))
 
 
@@ -281,45 +360,32 @@ def _follow(child: GroupState, parent_before: GroupState | None, parent_target: 
 
 
 def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
-    """Compute the wanted state of every affected group (pure)."""
+    """Compute the wanted state of every affected group (pure).  ``current`` must hold
+    :meth:`DesiredLayout.read_paths` with their subtrees and the stale holders' subtrees."""
     names = desired.names
     want: dict[str, Target] = {}
     remove: set[str] = set()
     kept: list[str] = []
     restore = desired.restore_shared
-    needed = bool(desired.holders) or names.exclusive in current or \
+    stale = desired.stale_paths(current)
+    needed = bool(desired.holders) or bool(stale) or \
         ((restore is not None or desired.drop_shared) and names.shared in current)
     if not needed:  # pinwarden never leased anything here: touch nothing
         return Targets({})
-    for top in (names.shared, names.exclusive):
-        parent = parent_of(top)
-        assert parent is not None
-        if parent not in current:
-            raise PlanError(f"parent cgroup {parent or '/'} of {top} does not exist")
-    holder_paths = {spec.path for spec in desired.holders}
-    exclusive_cpus = desired.exclusive.cpus
-    tree = current.get(names.exclusive)
-    # stale children of the exclusive tree: remove when empty, keep (as they are) otherwise
-    if tree is not None:
-        for child in current.children(names.exclusive):
-            if child in holder_paths:
-                continue
-            if _populated(current, child):
-                kept.append(child)
-                exclusive_cpus = exclusive_cpus | current[child].cpus
-            else:
-                remove.update(current.subtree(child))
-    # No CPU left for the exclusive tree: remove it (children first) rather than empty it.
-    # An emptied partition root keeps its CPUs from every cgroup until reboot (v2, 6.1)
-    # or is refused (v2 6.12+; v1 6.12+ when load-balanced, EBUSY); rmdir hands them back
-    # to the parent in every case, and the next lease starts from a fresh tree.
-    drop_tree = tree is not None and not exclusive_cpus and not tree.populated
-    if drop_tree:
-        remove.update(current.subtree(names.exclusive))
-    elif tree is not None and not exclusive_cpus:
-        # someone else's tasks live in the tree itself: keep it as it is, like a kept group
-        kept.append(names.exclusive)
-        exclusive_cpus = tree.cpus
+    if names.parent not in current:
+        raise PlanError(f"parent cgroup {names.parent or '/'} of {names.shared} does not "
+                        f"exist")
+    # stale holder groups (and the old exclusive tree): remove when empty, keep (as they
+    # are) while someone else's tasks live there.  Removal hands a partition's CPUs back
+    # to the parent on every kernel; an emptied partition root would keep them until
+    # reboot (v2, 6.1) or be refused (6.12+).
+    exclusive_cpus = desired.leased
+    for path in stale:
+        if _populated(current, path):
+            kept.append(path)
+            exclusive_cpus = exclusive_cpus | current[path].cpus
+        else:
+            remove.update(current.subtree(path))
 
     def mems_for(path: str) -> CpuSet:
         parent = parent_of(path)
@@ -356,8 +422,6 @@ def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
         shared_cpus = current[parent].cpus - exclusive_cpus or desired.shared.cpus
     if names.shared not in remove:
         own(names.shared, shared_cpus, "member")
-    if not drop_tree and names.exclusive not in kept:
-        own(names.exclusive, exclusive_cpus, desired.exclusive.partition)
     for spec in desired.holders:
         own(spec.path, spec.cpus, spec.partition)
     for path in kept:

@@ -812,6 +812,14 @@ class SystemdBackend:
             raise self._fail(exc, "partition", path, unit, value=value) from None
         self._kernel.set_partition(cgroup.strip("/"), kind)
 
+    def kernel_path(self, path: str) -> str:
+        """The cgroup directory (relative to the v2 mount) of the unit ``path`` names:
+        ``pinwarden-vm-A.partition`` → ``pinwarden\\x2dvm\\x2dA.slice``."""
+        unit = unit_for_path(path)
+        if unit_type(unit) == "slice":
+            return slice_cgroup_path(unit)
+        return join(self.kernel_path(path.rpartition("/")[0]), unit)
+
     def attach_process(self, path: str, pid: int) -> None:
         unit = self._unit("attach", path)
         if unit_type(unit) != "slice":

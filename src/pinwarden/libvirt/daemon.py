@@ -125,7 +125,7 @@ def main(manager: Manager, uri: str, *, interval: float = 30.0, restore: bool = 
 
 def _start_cgroup_watch(manager: Manager, wake: queue.Queue[str],
                         stop: threading.Event) -> None:
-    """On cgroup v2, watch the cgroup root and the exclusive tree (inotify): a cgroup that
+    """On cgroup v2, watch the cgroup root (inotify), where the holder groups live: a cgroup that
     writes leased CPUs into its ``cpuset.cpus`` takes them from the holders' partitions
     (issue #14); every such event wakes the main loop, whose sync narrows it back within
     milliseconds."""
@@ -138,8 +138,12 @@ def _start_cgroup_watch(manager: Manager, wake: queue.Queue[str],
         mount = read_mounts(manager.root).v2
         if mount is None:
             return
-        watcher = CgroupWatcher(mount, ("", manager.names().exclusive))
-    except (PinwardenError, OSError) as exc:
+        from pinwarden.enforce.backend import kernel_path
+
+        names = manager.names()  # the holders live beside the shared group
+        watcher = CgroupWatcher(mount, tuple(dict.fromkeys(
+            ("", kernel_path(manager.backend(), names.parent)))))
+    except (PinwardenError, OSError, ValueError) as exc:
         log.warning("cannot watch the cgroup tree for escapes: %s",
                     getattr(exc, "message", exc))
         return

@@ -188,7 +188,6 @@ def _start_exclusive(manager: Manager, conn: Any, holder: HolderRef, spec: Domai
             with contextlib.suppress(LedgerError):  # the QEMU may already have died
                 manager.set_owner(holder, pid)
         group = reserved.group or manager.holder_group(holder)
-        manager.set_cgroup(holder, group)
         problems = kernel.check_domain(dom, pid, plan)
         if manager.enforcing:
             problems += kernel.check_group(manager.backend(), group, plan.cpus())

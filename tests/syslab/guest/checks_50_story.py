@@ -64,17 +64,10 @@ def effective_everywhere() -> dict[str, str]:
 
 
 def partitions() -> dict[str, Data]:
-    """pinwarden's tree: every group below pinwarden.slice with its cpuset files."""
-    out: dict[str, Data] = {}
-    base = CG / "pinwarden.slice"
-    if not base.is_dir():
-        return out
-    for directory, dirs, _files in os.walk(base):
-        rel = directory[len(str(CG)):].strip("/")
-        if rel.endswith(".slice") or rel == "pinwarden.slice":
-            out[rel] = cg_files(rel)
-        dirs[:] = [d for d in dirs if d.endswith(".slice")]
-    return out
+    """pinwarden's holder groups: every ``pinwarden\\x2d….slice`` beside machine.slice (the
+    slices libvirt makes of ``/pinwarden-vm-NAME``) with its cpuset files."""
+    return {d.name: cg_files(d.name) for d in sorted(CG.iterdir())
+            if d.is_dir() and d.name.startswith("pinwarden\\x2d") and d.name.endswith(".slice")}
 
 
 def layout() -> Data:
