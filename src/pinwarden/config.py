@@ -6,7 +6,7 @@ Example (every key optional)::
     mode = "auto"          # auto | isolcpus | cgroup | none
     host_reserve = "0"     # none mode: CPUs kept for the OS; default: the first physical core
     cgroup = "machine"     # cgroup-v1 VM partition; v2 default "machine.slice"
-    exclusive = "pinwarden.partition"  # cgroup tree of leased CPUs (libvirt /pinwarden/vm-N)
+    exclusive = "pinwarden.partition"  # holder groups: pinwarden-vm-NAME.partition …
 
     [ledger]
     state_dir = "/var/lib/pinwarden"

@@ -9,7 +9,7 @@ kernel error, read-back verification) is :mod:`pinwarden.enforce.apply`.
 Paths
     Every path is relative to the backend's cpuset root, ``/``-separated, without leading or
     trailing slash; ``""`` is the root itself.  Examples: ``"machine"``,
-    ``"pinwarden.partition/run-J.partition"``.  A systemd backend maps them to units
+    ``"pinwarden-run-J.partition"``.  A systemd backend maps them to units
     (``machine.slice`` …) itself; the core never builds filesystem paths.
 
 Partition kinds

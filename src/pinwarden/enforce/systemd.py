@@ -30,11 +30,13 @@ like an empty ``cpuset.cpus`` on cgroup v2.  ``runtime=true`` puts the settings 
 cpusets.
 
 Paths.  Backend paths are the cgroup v2 paths systemd uses, ``"machine.slice"``,
-``"pinwarden.slice/pinwarden-vm\\x2dA.slice"``; the unit is the last component.  libvirt
-partition paths are accepted too and mapped the way libvirt maps ``<partition>`` on systemd
-hosts: ``"pinwarden.partition/vm-A.partition"`` (partition ``/pinwarden/vm-A``) is
-``pinwarden-vm\\x2dA.slice``, each component escaped with :func:`escape_unit_name` (what
-``systemd-escape`` prints) and joined by ``-``.  ``""`` is ``-.slice``.
+``"pinwarden\\x2dvm\\x2dA.slice"``; the unit is the last component.  libvirt partition
+paths are accepted too and mapped the way libvirt maps ``<partition>`` on systemd hosts:
+``"pinwarden-vm-A.partition"`` (partition ``/pinwarden-vm-A``) is
+``pinwarden\\x2dvm\\x2dA.slice``, and ``"a.partition/b.partition"`` (``/a/b``) is
+``a-b.slice``: each component escaped with :func:`escape_unit_name` (what
+``systemd-escape`` prints) and joined by ``-``.  ``""`` is ``-.slice``;
+:meth:`SystemdBackend.kernel_path` gives the cgroup directory of any such path.
 
 What exclusivity systemd can express — honestly:
 
@@ -224,8 +226,8 @@ def unit_for_path(path: str) -> str:
     must sit where systemd puts it; any other component is a libvirt partition name,
     ``NAME.partition`` or ``NAME``, the slice ``<parent prefix>-<escaped NAME>.slice``.
 
-    >>> unit_for_path("pinwarden.partition/vm-A.partition")
-    'pinwarden-vm\\\\x2dA.slice'
+    >>> unit_for_path("pinwarden-vm-A.partition")
+    'pinwarden\\\\x2dvm\\\\x2dA.slice'
     """
     if path == "":
         return ROOT_SLICE

@@ -4,7 +4,7 @@ Thin adapter, no decisions.  Each write is a single ``write(2)`` of the kernel's
 format, and its errno is reported as :class:`~pinwarden.enforce.backend.CgroupOpError`.
 
 libvirt (``virCgroupNewPartition`` with ``create=false``) requires a non-default partition
-such as ``/pinwarden/vm-A`` to exist as ``pinwarden.partition/vm-A.partition`` in *every*
+such as ``/pinwarden-vm-A`` to exist as ``pinwarden-vm-A.partition`` in *every*
 hierarchy it uses, so :meth:`CpusetV1.mkdir` creates the same directory (and missing parents)
 in every other mounted cgroup hierarchy (``mirrors``) and :meth:`CpusetV1.rmdir` removes
 those twins again when they are empty.
