@@ -286,3 +286,28 @@ def test_any_sequence_of_layouts_is_reached_without_kernel_refusal(
         for path in state.subtree("machine"):
             assert state[path].cpus.isdisjoint(leased)
             assert state[path].cpus  # populated VM groups never end up empty
+
+
+def test_a_deferred_holder_becomes_a_partition_once_something_runs_there() -> None:
+    """libvirt's LXC controller pins itself to the domain's CPUs before it joins its
+    cgroup: on cgroup v2 its group is a member with explicit CPUs until the container runs
+    in it (the shared group excludes those CPUs all along)."""
+    fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"))
+    build(fake, {"machine": ("0-3", False)})
+    ct = domain_holder("lxc", "ct", None)
+    leases = [Lease(2, ct, "vcpu0", 0.0)]
+    desired = desired_layout(make_host(), leases, deferred=frozenset({ct}))
+    group = "pinwarden-lxc-ct.partition"
+    assert desired.holders[0].when_populated
+    apply_layout(fake, desired)
+    state = whole(fake)
+    assert (state[group].partition, state[group].cpus) == ("member", CpuSet.of([2]))
+    assert state["machine"].cpus == CpuSet.of([1, 3])
+    build(fake, {f"{group}/ct.libvirt-lxc": ("2", False)},
+          tasks={f"{group}/ct.libvirt-lxc": [42]})
+    apply_layout(fake, desired)
+    assert whole(fake)[group].partition == "exclusive"
+    # and an undeferred holder is a partition from the start
+    apply_layout(fake, desired_layout(make_host(), [*leases, lease(3, "J")],
+                                      deferred=frozenset({ct})))
+    assert whole(fake)["pinwarden-run-J.partition"].partition == "exclusive"

@@ -168,12 +168,20 @@ def test_hook_install_writes_drop_ins_and_never_touches_another_hook(tmp_path: P
 def test_hook_later_steps_only_for_pinwarden_domains(tmp_path: Path) -> None:
     meta = "<domain><metadata><pw:cpu xmlns:pw='urn:pinwarden:domain:1'/></metadata></domain>"
     exe = script(tmp_path / "cat-args", 'echo "$@"; cat')
-    (qemu, _) = hook.install(tmp_path, exe=exe, state_dir=None, config=None,
-                             check=False).paths
+    (qemu, lxc) = hook.install(tmp_path, exe=exe, state_dir=None, config=None,
+                               check=False).paths
+    pinned = "<domain><vcpu cpuset='1'>1</vcpu></domain>"
     for op in ("started", "release"):
         seen = call(qemu, "vm1", op, "-", "-", stdin=meta)
         assert seen.returncode == 0 and seen.stdout == f"hook run qemu vm1 {op} - -\n{meta}\n"
-        assert call(qemu, "vm1", op, "-", "-").stdout == ""
+        assert call(qemu, "vm1", op, "-", "-", stdin=pinned).stdout == ""
+    # a QEMU domain that names no CPUs reaches pinwarden at 'started' (it gets the VM CPUs),
+    # not at 'release'; an LXC one never
+    unpinned = "<domain><vcpu>1</vcpu></domain>"
+    assert call(qemu, "vm1", "started", "-", "-", stdin=unpinned).stdout == \
+        f"hook run qemu vm1 started - -\n{unpinned}\n"
+    assert call(qemu, "vm1", "release", "-", "-", stdin=unpinned).stdout == ""
+    assert call(lxc, "ct1", "started", "-", "-", stdin=unpinned).stdout == ""
     # steps pinwarden ignores never reach it (no Python start-up inside libvirtd's start)
     skipped = call(qemu, "vm1", "start", "begin", "-")
     assert skipped.returncode == 0 and skipped.stdout == ""

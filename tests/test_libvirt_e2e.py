@@ -190,3 +190,22 @@ def test_a_broken_pinwarden_never_blocks_a_shared_domain(hooked: env.Pinwarden,
         assert check.returncode == 1 and "cannot run" in check.stdout, check.stdout
     finally:
         drop_in.write_text(good)
+
+
+def test_plain_virsh_start_of_an_unpinned_domain_runs_on_the_vm_cpus(
+        hooked: env.Pinwarden, domains: env.Domains) -> None:
+    """Nothing in the XML means the VM CPUs, never every CPU: libvirt itself would let an
+    unpinned domain run on the housekeeping CPU 0 too; the hook's ``started`` step gives its
+    threads the VM CPUs less the leased ones ({1} here, nothing leased), the same CPUs
+    ``pinwarden start`` writes into ``<vcpu cpuset>``."""
+    u = "pwtest-e2e-u"
+    domains.define(u)
+    with Ledger(hooked.state) as ledger:
+        assert ledger.leases() == ()
+    started = virsh("start", u)
+    assert started.returncode == 0, started.stderr
+    assert env.vm_affinity(u) == {1}
+    assert env.domain_cgroup(u).startswith("machine/")
+    vcpuinfo = virsh("vcpuinfo", u)  # libvirt reads the affinity back from the kernel
+    assert "CPU Affinity:   -y" in vcpuinfo.stdout, vcpuinfo.stdout
+    assert_no_hook_warnings(hooked)

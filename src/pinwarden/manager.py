@@ -392,10 +392,16 @@ class Manager:
             ledger.record_changes({key: self._shared_original(backend, names.shared)})
         elif not leases and key in changes:
             restore, drop = self._restore_value(backend, names.shared, changes[key])
-        isolated = frozenset(h.ref for h in ledger.holders() if h.plan.isolated) \
-            if backend.kind in ("v2", "systemd") else frozenset()
+        v2 = backend.kind in ("v2", "systemd")
+        holders = ledger.holders()
+        isolated = frozenset(h.ref for h in holders if h.plan.isolated) if v2 else frozenset()
+        # libvirt_lxc pins itself before it joins its cgroup: on v2 its group becomes a
+        # partition once the container runs there (the ``started`` hook syncs)
+        deferred = frozenset(h.ref for h in holders if h.ref.driver == "lxc") if v2 \
+            else frozenset()
         desired = desired_layout(host, leases, names, shared_extra=shared_extra,
-                                 restore_shared=restore, drop_shared=drop, isolated=isolated)
+                                 restore_shared=restore, drop_shared=drop, isolated=isolated,
+                                 deferred=deferred)
         result = sync(backend, desired)
         if not leases:
             ledger.forget_changes([key] if key in changes else [])

@@ -130,6 +130,11 @@ class GroupSpec:
     cpus: CpuSet
     partition: PartitionKind
     holder: HolderRef | None = None
+    #: The group becomes a partition only once something runs in it (until then a member
+    #: with the same explicit CPUs): libvirt's LXC controller pins itself to the domain's
+    #: CPUs *before* it joins its cgroup, which a v2 partition would already have taken
+    #: from the cgroup it starts in (EINVAL).
+    when_populated: bool = False
 
 
 @dataclass(frozen=True)
@@ -248,12 +253,15 @@ def desired_layout(host: Host, leases: Sequence[Lease], names: LayoutNames = Lay
                    *, shared_extra: CpuSet = _NONE,
                    restore_shared: CpuSet | None = None,
                    drop_shared: bool = False,
-                   isolated: frozenset[HolderRef] = frozenset()) -> DesiredLayout:
+                   isolated: frozenset[HolderRef] = frozenset(),
+                   deferred: frozenset[HolderRef] = frozenset()) -> DesiredLayout:
     """The layout for ``leases``.  ``shared_extra``: CPUs outside the pool that shared VMs are
     pinned to by their XML (honoured in ``none``/``isolcpus`` modes) — never leased ones.
     ``restore_shared`` (only without leases): the shared group's CPUs as pinwarden found
     them, put back exactly.  ``isolated``: holders whose group is an ``isolated`` partition
-    (no scheduler load balancing; the same as exclusive on cgroup v1)."""
+    (no scheduler load balancing; the same as exclusive on cgroup v1).  ``deferred``:
+    holders whose group is a partition only once something runs in it
+    (:attr:`GroupSpec.when_populated`)."""
     if (restore_shared is not None or drop_shared) and leases:
         raise ValueError("the shared group is restored only once nothing is leased")
     by_holder: dict[HolderRef, set[int]] = defaultdict(set)
@@ -275,7 +283,7 @@ def desired_layout(host: Host, leases: Sequence[Lease], names: LayoutNames = Lay
         taken[path] = holder
         cpus = CpuSet.of(by_holder[holder]) or CpuSet.of(held[holder])
         specs.append(GroupSpec(path, cpus, "isolated" if holder in isolated else "exclusive",
-                               holder))
+                               holder, when_populated=holder in deferred))
     return DesiredLayout(
         names=names,
         shared=GroupSpec(names.shared, pool, "member"),
@@ -423,7 +431,9 @@ def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
     if names.shared not in remove:
         own(names.shared, shared_cpus, "member")
     for spec in desired.holders:
-        own(spec.path, spec.cpus, spec.partition)
+        waiting = spec.when_populated and not (spec.path in current
+                                               and _populated(current, spec.path))
+        own(spec.path, spec.cpus, "member" if waiting else spec.partition)
     for path in kept:
         state = current[path]
         want[path] = Target(state.cpus, state.mems, state.partition)

@@ -97,13 +97,17 @@ def hook_script(driver: str, exe: str | Sequence[str], *, state_dir: Path | None
     args.append(driver)
     command = " ".join(shlex.quote(a) for a in args)
     log = shlex.quote(str((state_dir or Path("/var/lib/pinwarden")) / HOOK_LOG))
+    # at 'started' a QEMU domain whose XML names no CPUs at all (no cpuset= anywhere) gets
+    # the VM CPUs (see _place_unpinned); any other shared domain ends here
+    unpinned = "*cpuset=*) exit 0 ;; *) ;;" if driver == "qemu" else "*) exit 0 ;;"
     return f"""#!/bin/sh
 {MARKER} ({driver}); written by 'pinwarden hook install'.
 # libvirtd runs it at every domain lifecycle step (domain XML on stdin).  pinwarden admits
 # or refuses the domain against the exclusive CPU leases at 'prepare' (exit {REFUSED}: refused,
-# libvirt shows why), takes the QEMU process as the leases' owner at 'started' and frees
-# them at 'release'.  Later steps never fail (libvirt would kill the domain), and steps
-# pinwarden ignores end here: no Python start-up for them.
+# libvirt shows why), takes the QEMU process as the leases' owner at 'started' (and gives
+# a domain that names no CPUs the VM CPUs) and frees them at 'release'.  Later steps never
+# fail (libvirt would kill the domain), and steps pinwarden ignores end here: no Python
+# start-up for them.
 # Fail safe: if pinwarden itself is broken or gone, a domain that asks for nothing
 # exclusive is let through (logged to syslog and {log}); an exclusive one is refused.
 case "$2" in
@@ -113,7 +117,9 @@ case "$2" in
 esac
 xml=$(cat)
 case "$2" in
-  started|release)
+  started)
+    case "$xml" in *{PW_NAMESPACE}*) ;; {unpinned} esac ;;
+  release)
     case "$xml" in *{PW_NAMESPACE}*) ;; *) exit 0 ;; esac ;;
 esac
 printf '%s\\n' "$xml" | {command} "$@"
@@ -370,12 +376,35 @@ def admit_shared(manager: Manager, spec: DomainSpec, holder: HolderRef) -> None:
 
 def _started(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None:
     if not spec.exclusive:
+        if driver == "qemu" and not spec.has_affinity:
+            _place_unpinned(manager, name, spec)
         return
     holder = _holder(driver, name, spec)
     pid = _pid_file(driver, name)
     reader = manager.reader()
     if pid is not None and reader is not None and reader.get(holder) is not None:
         manager.set_owner(holder, pid)
+        if driver == "lxc":  # now that the container runs there: its group a partition
+            manager.sync()
+
+
+def _place_unpinned(manager: Manager, name: str, spec: DomainSpec) -> None:
+    """A shared domain whose XML says nothing about CPUs, started by plain ``virsh
+    start``: libvirt lets it run on every online CPU (libvirt < 10.4) or every CPU but the
+    isolated ones (≥ 10.4), housekeeping CPUs included.  The hook cannot change the XML,
+    so once QEMU runs its threads get the CPUs ``pinwarden start`` would have written into
+    ``<vcpu cpuset>`` — the VM CPUs less the leased ones (threads QEMU starts later
+    inherit them).  libvirt reads affinity back from the kernel (``virsh vcpuinfo``)."""
+    from pinwarden.enforce.affinity import pin, threads_of
+    from pinwarden.policy import decide
+
+    pid = _pid_file("qemu", name)
+    if pid is None:
+        return
+    plan = decide(spec, manager.host(), manager.leases(), holder=_holder("qemu", name, spec))
+    cpus = plan.cpus()
+    if cpus:
+        pin({tid: cpus for tid in threads_of(pid)})
 
 
 def _release(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None:
