@@ -590,3 +590,35 @@ def test_partitions_over_isolcpus_cpus(lab: LabRun) -> None:
         assert root6["cpuset.cpus.partition"] == "root", root6
         assert iso6["cpuset.cpus.partition"] == "isolated", iso6
         assert data["root_6"]["domains"]["6"] == [], data["root_6"]  # isolcpus: no domain
+
+
+# -- issue #14 through the command line ---------------------------------------------------
+
+def test_a_late_cgroup_escape_is_an_audit_error_and_sync_closes_it(lab: LabRun) -> None:
+    data = lab.check("cli.escape")
+    (lease,) = data["leases"]
+    cpu = CpuSet.of([lease["cpu"]])
+    assert data["holder_before"]["cpuset.cpus.partition"] == "root", data["holder_before"]
+    assert data["late_write"] == 0
+    # the kernel lets the late cgroup onto the leased CPU and invalidates the partition
+    escaped = data["escaped"]
+    assert cpu <= cpus(escaped["task_allowed"]), escaped
+    assert escaped["holder"]["cpuset.cpus.partition"].startswith("root invalid"), escaped
+    audit = data["audit_before"]
+    assert audit["rc"] != 0, audit
+    errors = [i for i in audit["json"]["intruders"] if i["severity"] == "error"]
+    assert any(i["kind"] == "escaped-task" and i["cgroup"] == "/pwtest-esc"
+               for i in errors), errors
+    # pinwarden sync narrows it, says so, and the partition is valid again
+    sync = data["sync"]
+    assert sync["rc"] == 0, sync
+    assert "cgroup /pwtest-esc named leased CPUs" in sync["stderr"], sync
+    fixed = data["fixed"]
+    assert cpus(fixed["late"]["cpuset.cpus"]).isdisjoint(cpu), fixed
+    assert cpus(fixed["task_allowed"]).isdisjoint(cpu), fixed
+    assert fixed["holder"]["cpuset.cpus.partition"] == "root", fixed
+    assert data["audit_after"]["rc"] == 0, data["audit_after"]
+    # the job's end: the late cgroup has exactly what it wrote back
+    after = data["after_job"]
+    assert after["leases"] == [] and after["late"]["cpuset.cpus"] == "0-7", after
+    assert data["cleanup"] == {"late_left": False, "holder_left": False}

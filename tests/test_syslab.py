@@ -472,3 +472,199 @@ def test_plain_virsh_start_goes_through_pinwardens_hook(lab: LabRun) -> None:
     assert "pinwarden libvirt hook" in (data["hook_script"] or "")
     rc0(data["domain"]["start"])
     rc0(data["uninstall"]["uninstall"])
+
+
+# -- the story on a real systemd host (checks_50_story.py) --------------------------------
+
+def _slice(name: str) -> str:
+    """The holder slice libvirt and machined make of ``<partition>/pinwarden-vm-NAME``."""
+    return "pinwarden\\x2dvm\\x2d" + name.replace("-", "\\x2d") + ".slice"
+
+
+def _errors(audit: Data) -> list[Data]:
+    return [i for i in (audit.get("json") or {}).get("intruders", [])
+            if i["severity"] == "error"]
+
+
+def _cpus_of(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in filter(None, text.split(",")):
+        a, _, b = part.partition("-")
+        out |= set(range(int(a), int(b or a) + 1))
+    return out
+
+
+def test_story_exclusive_domain_started_by_pinwarden(lab: LabRun) -> None:
+    s = lab.check("story")
+    rc0(s["start_a"])
+    cpu_a, slice_a = s["cpu_a"], _slice("pwtest-a")
+    assert s["a"]["allowed"] == [cpu_a], s["a"]
+    assert all(t["cgroup"].startswith(f"/{slice_a}/") for t in s["a"]["threads"]), s["a"]
+    group = s["after_a"]["partitions"][slice_a]
+    # 1:1 pins: an isolated partition, beside machine.slice (not below another partition)
+    assert group["cpuset.cpus.partition"] == "isolated", group
+    assert group["cpuset.cpus.effective"] == cpu_a, group
+    assert cpu_a not in s["after_a"]["machine_unit"]["AllowedCPUs"], s["after_a"]
+
+
+def test_story_exclusive_domain_started_by_plain_virsh(lab: LabRun) -> None:
+    s = lab.check("story")
+    rc0(s["start_e"])
+    holders = {h["name"]: h for h in s["holders_ae"]}
+    assert set(holders) == {"pwtest-a", "pwtest-e"}, holders
+    # the ledger records each holder's cgroup as the kernel names it
+    assert {n: h["cgroup"] for n, h in holders.items()} == {
+        n: _slice(n) for n in holders}, holders
+    cpu_e = holders["pwtest-e"]["cpus"]
+    assert cpu_e != s["cpu_a"] and s["e"]["allowed"] == [cpu_e], s["e"]
+    assert s["after_ae"]["partitions"][_slice("pwtest-e")]["cpuset.cpus.effective"] == cpu_e
+
+
+def test_story_unpinned_domains_run_beside_them_on_the_rest(lab: LabRun) -> None:
+    s = lab.check("story")
+    rc0(s["start_b"])
+    rc0(s["start_c"])
+    leased = {int(h["cpus"]) for h in s["holders_ae"]}
+    rest = sorted({1, 2, 3} - leased)  # mode none, host reserve 0: VM CPUs 1-3
+    for name in ("b", "c"):
+        dom = s[name]
+        assert dom["cgroup"].startswith("/machine.slice/"), dom
+        assert [_cpus_of(c) for c in dom["allowed"]] == [set(rest)], (name, dom["allowed"])
+
+
+def test_story_a_domain_pinned_to_a_leased_cpu_is_refused_naming_the_holder(
+        lab: LabRun) -> None:
+    s = lab.check("story")
+    err = s["start_d"]["stderr"]
+    assert s["start_d"]["rc"] != 0 and s["d_pid"] is None, s["start_d"]
+    assert "pwtest-a" in err and f"CPU {s['cpu_a']}" in err, err
+    assert "pinwarden release pwtest-a" in err, err
+
+
+def test_story_audit_is_clean_and_systemd_leaves_the_layout_alone(lab: LabRun) -> None:
+    s = lab.check("story")
+    assert _errors(s["audit"]) == [], s["audit"]
+    rc0(s["daemon_reload"])
+    assert s["after_systemd"]["partitions"] == s["after_ae"]["partitions"]
+    assert s["after_systemd"]["machine_unit"] == s["after_ae"]["machine_unit"]
+
+
+def test_story_libvirtd_restart_keeps_the_running_holder(lab: LabRun) -> None:
+    s = lab.check("story")
+    after = s["after_restart"]
+    assert after["a"]["allowed"] == [s["cpu_a"]], after["a"]
+    group = after["layout"]["partitions"][_slice("pwtest-a")]
+    assert group["cpuset.cpus.partition"] == "isolated", group
+    assert "pwtest-a" in after["running"]
+
+
+def test_story_the_event_daemon_reaps_and_puts_the_layout_back(lab: LabRun) -> None:
+    s = lab.check("story")
+    for step in ("verify", "reload", "enable"):
+        rc0(s["unit"][step])
+    assert "cannot watch" not in s["journal"], s["journal"]
+    assert [h["name"] for h in s["daemon_reaped"]] == ["pwtest-a"]
+    rc0(s["behind_its_back"])
+    allowed = _cpus_of(s["put_back"]["machine_unit"]["AllowedCPUs"])
+    assert int(s["cpu_a"]) not in allowed and allowed, s["put_back"]["machine_unit"]
+    assert s["put_back"]["partitions"][_slice("pwtest-a")]["cpuset.cpus.partition"] == \
+        "isolated"
+
+
+def test_story_the_host_is_left_as_found(lab: LabRun) -> None:
+    s = lab.check("story")
+    assert s["after_destroy"]["holders"] == []
+    found, left = s["as_found"], s["as_left"]
+    assert left["layout"]["partitions"] == {}, left["layout"]["partitions"]
+    assert left["layout"]["machine"] == found["layout"]["machine"]
+    assert left["machine_unit"] == found["machine_unit"]
+    assert left["noise"] == found["noise"]
+    assert left["record"] is None
+    assert "warning" not in (s["hook_log"] or ""), s["hook_log"]
+
+
+def _mask(text: str) -> set[int]:
+    """CPUs of a kernel hex mask (``/proc/irq/default_smp_affinity``, ``…/cpumask``)."""
+    value = int(text.replace(",", "").strip() or "0", 16)
+    return {cpu for cpu in range(value.bit_length()) if value >> cpu & 1}
+
+
+def test_story_noise_leaves_the_leased_cpus(lab: LabRun) -> None:
+    """While CPUs are leased ([isolation] noise, on by default) the default IRQ affinity,
+    the unbound workqueue mask and every IRQ the kernel lets move are off them; IRQs it
+    keeps (the timer, the cascade) are left as they were."""
+    s = lab.check("story")
+    leased = {int(h["cpus"]) for h in s["holders_ae"]}
+    found, during = s["as_found"]["noise"], s["noise_leased"]
+    assert not _mask(during["default"]) & leased, during["default"]
+    assert not _mask(during["workqueue"]) & leased, during["workqueue"]
+    stayed = {irq for irq, cpus in during["irqs"].items() if cpus and _cpus_of(cpus) & leased}
+    assert all(during["irqs"][irq] == found["irqs"].get(irq) for irq in stayed), stayed
+    assert len(stayed) < len(during["irqs"]) / 2, stayed
+
+
+def test_story_isolcpus_unpinned_domains_run_on_the_isolated_cpus(lab: LabRun) -> None:
+    """Mode auto on the isolcpus=3 guest: VM CPU 3.  An unpinned domain runs there whether
+    started by pinwarden or by plain virsh (libvirt alone gives 0-3 on 9.0, 0-2 on 11)."""
+    s = lab.check("story_isolcpus")
+    host = (s["host"].get("json") or {}).get("partition", {})
+    assert (host.get("mode"), host.get("vm_cpus")) == ("isolcpus", "3"), host
+    for name in ("p", "v"):
+        assert s[name]["allowed"] == ["3"], (name, s[name])
+        assert s[name]["cgroup"].startswith("/machine.slice/"), s[name]
+
+
+def test_story_isolcpus_exclusive_domain_and_the_fallback(lab: LabRun) -> None:
+    s = lab.check("story_isolcpus")
+    rc0(s["start_x"])
+    assert s["x"]["allowed"] == ["3"], s["x"]
+    group = s["layout"]["partitions"][_slice("pwtest-ix")]
+    notes = (s["start_x"].get("json") or {}).get("notes", [])
+    if lab.suite == "trixie":  # 6.12: no partition may hold isolcpus CPUs
+        assert group["cpuset.cpus.partition"] == "member", group
+        assert any("isolcpus" in n for n in notes), notes
+    else:
+        assert group["cpuset.cpus.partition"] in ("root", "isolated"), group
+    # every VM CPU leased: a shared domain falls back to the housekeeping CPUs
+    rc0(s["start_v2"])
+    assert s["v2"]["allowed"] == ["0-2"], s["v2"]
+    assert _errors(s["audit"]) == [], s["audit"]
+    assert s["as_left"] == {"layout": s["as_left"]["layout"], "holders": []}
+    assert s["as_left"]["layout"]["partitions"] == {}
+
+
+def test_story_lxc_and_qemu_share_one_ledger(lab: LabRun) -> None:
+    s = lab.check("story_lxc")
+    rc0(s["define_lx"])
+    rc0(s["start_lx"])
+    assert [(h["name"], h["cpus"]) for h in s["holders"]] == [("pwtest-lx", "2")]
+    refused = s["start_q"]
+    assert refused["rc"] != 0 and "pwtest-lx" in refused["stderr"], refused
+    rc0(s["start_qx"])
+    both = {h["name"]: h["cpus"] for h in s["holders_both"]}
+    assert both.keys() == {"pwtest-lx", "pwtest-lqx"} and both["pwtest-lqx"] != "2", both
+    group = s["layout"]["partitions"]["pinwarden\\x2dlxc\\x2dpwtest\\x2dlx.slice"]
+    assert group["cpuset.cpus.effective"] == "2", group
+    assert group["cpuset.cpus.partition"] in ("root", "isolated"), group
+    assert s["as_left"]["holders"] == [] and s["as_left"]["layout"]["partitions"] == {}
+
+
+def test_story_a_late_top_level_cgroup_is_narrowed_off_the_leased_cpu(lab: LabRun) -> None:
+    """Issue #14 on the systemd host (6.1 and 6.12): a cgroup made at the root after the
+    lease writes every CPU; the kernel lets it through and invalidates the holder's
+    partition.  The daemon narrows it (recording what it had), revalidates the partition,
+    and gives the CPUs back when the last lease goes."""
+    s = lab.check("story")
+    rc0(s["late_write"])
+    cpu_a = int(s["cpu_a"])
+    late = s["late"]["files"]
+    assert cpu_a not in _cpus_of(late["cpuset.cpus"]), late
+    assert cpu_a not in _cpus_of(late["cpuset.cpus.effective"]), late
+    assert cpu_a not in _cpus_of(s["late"]["task_allowed"]), s["late"]
+    assert s["late_seconds"] < 10.0, s["late_seconds"]
+    holder = s["late"]["holder"]
+    assert holder["cpuset.cpus.partition"] == "isolated", holder
+    assert _errors(s["late"]["audit"]) == [], s["late"]["audit"]
+    assert "narrowed" in s["journal"] or "pwtest-late" in s["journal"], s["journal"]
+    after = s["after_destroy"]
+    assert after["late"]["cpuset.cpus"] == "0-3", after["late"]  # what it had, exactly

@@ -84,7 +84,8 @@ class Manager:
     def __init__(self, config: Config, root: Path, state_dir: Path, *,
                  backend: CgroupBackend | None = None, enforce: bool | None = None,
                  host: Host | None = None, noise: bool | None = None,
-                 lock_timeout: float = 120.0) -> None:
+                 lock_timeout: float = 120.0,
+                 warn: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.root = root
         self.state_dir = state_dir
@@ -103,6 +104,9 @@ class Manager:
         self._lock_fd: int | None = None
         self._depth = 0
         self._names: LayoutNames | None = None
+        #: Where the manager reports what it did on its own (a cgroup narrowed off leased
+        #: CPUs): the command line prints it, the daemon logs it.  Default: ignored.
+        self.warn: Callable[[str], None] = warn or (lambda _message: None)
 
     # -- resources ----------------------------------------------------------------------
 
@@ -453,6 +457,12 @@ class Manager:
                     backend.set_cpus(op.path, op.cpus)
             else:
                 watch.apply_narrowing(mount, [op])
+            if isinstance(op, SetCpus):
+                was = before[op.path].cpus
+                self.warn(f"cgroup /{op.path} named leased CPUs {(was & leased).to_list()} "
+                          f"in its cpuset.cpus ({was.to_list()}), which the kernel lets it "
+                          f"use: narrowed to {op.cpus.to_list() or '(none)'}; it gets "
+                          f"{was.to_list()} back when the last lease goes")
 
     def _restore_cgroups(self, ledger: Ledger, backend: CgroupBackend,
                          changes: dict[str, str]) -> None:

@@ -596,6 +596,56 @@ def cli_offline() -> Data:
     return out
 
 
+@check("cli.escape")
+def cli_escape() -> Data:
+    """Issue #14 through the command line: a job holds a CPU in a partition; a cgroup made
+    at the root afterwards writes every CPU into its cpuset.cpus and runs a task.  The
+    kernel lets it onto the leased CPU and invalidates the partition; ``pinwarden audit``
+    says error; ``pinwarden sync`` (what the daemon runs on every cgroup event) narrows it
+    and revalidates the partition; the job's end gives the cgroup its CPUs back."""
+    out: Data = {}
+    late = cgroup_root() / "pwtest-esc"
+    holder = "pinwarden-run-pwtest-esc.partition"
+    cmd = [PINWARDEN, "run", "--exclusive", "1", "--name", "pwtest-esc", "--",
+           "sleep", "600"]
+    state = ["--state-dir", str(STATE)]
+
+    def look(task: subprocess.Popen[bytes]) -> Data:
+        return {"late": group_data("pwtest-esc"), "task_allowed": allowed_of(task.pid),
+                "holder": group_data(holder)}
+
+    try:
+        with started(cmd) as job:
+            out["leases"] = wait_for(ledger_leases, 90)
+            out["holder_before"] = wait_for(
+                lambda: (g := group_data(holder))["exists"] and g, 60)
+            out["late_write"] = subprocess.run(
+                ["sh", "-c", f"mkdir {late} && echo 0-7 > {late}/cpuset.cpus"],
+                capture_output=True, text=True).returncode
+            task = subprocess.Popen(["sh", "-c", f"echo $$ > {late}/cgroup.procs; "
+                                                 "exec sleep 600"], start_new_session=True)
+            try:
+                time.sleep(1.0)
+                out["escaped"] = look(task)
+                out["audit_before"] = cli_here("audit", "--json", *state)
+                out["sync"] = cli_here("sync", *state)
+                out["fixed"] = look(task)
+                out["audit_after"] = cli_here("audit", "--json", *state)
+                os.killpg(job.pid, signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    job.wait(timeout=120)
+                out["after_job"] = {**look(task), "leases": ledger_leases()}
+            finally:
+                task.kill()
+                task.wait()
+    finally:
+        with contextlib.suppress(OSError):
+            late.rmdir()
+        out["cleanup"] = {"late_left": late.exists(),
+                          "holder_left": (cgroup_root() / holder).exists()}
+    return out
+
+
 @check("cli.plan_numa")
 def cli_plan_numa() -> Data:
     """``pinwarden plan`` in ``none`` mode: a 2-vCPU exclusive domain stays on one node."""

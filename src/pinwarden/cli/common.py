@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,4 +34,8 @@ def manager_of(args: argparse.Namespace) -> Manager:
     """The lease manager of this command (close it: ``with manager_of(args) as m``)."""
     from pinwarden.manager import Manager
 
-    return Manager(config_of(args), root_of(args), state_dir_of(args))
+    return Manager(config_of(args), root_of(args), state_dir_of(args), warn=_warn)
+
+
+def _warn(message: str) -> None:
+    print(f"pinwarden: warning: {message}", file=sys.stderr)

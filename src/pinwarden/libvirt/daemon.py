@@ -80,7 +80,8 @@ def _adopt(manager: Manager, action: Adopt) -> None:
 def main(manager: Manager, uri: str, *, interval: float = 30.0, restore: bool = False,
          once: bool = False, verbose: bool = False) -> int:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+    manager.warn = log.warning
     b = lv.binding()
     if once:
         conn = lv.open_connection(uri)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -68,6 +69,10 @@ def partitions() -> dict[str, Data]:
     slices libvirt makes of ``/pinwarden-vm-NAME``) with its cpuset files."""
     return {d.name: cg_files(d.name) for d in sorted(CG.iterdir())
             if d.is_dir() and d.name.startswith("pinwarden\\x2d") and d.name.endswith(".slice")}
+
+
+def _slice_of(name: str) -> str:
+    return "pinwarden\\x2dvm\\x2d" + name.replace("-", "\\x2d") + ".slice"
 
 
 def layout() -> Data:
@@ -170,11 +175,38 @@ def story() -> Data:
                  != "0-3", 120)
         time.sleep(2.0)
         out["put_back"] = layout()
-        out["journal"] = run(["journalctl", "-u", "pinwarden.service", "-o", "cat"])["stdout"]
-        # (6) A destroyed: its lease freed, the layout shrinks
-        out["destroy_a"] = virsh("destroy", "pwtest-a")
-        wait_for(lambda: holders() == [], 60)
-        out["after_destroy"] = {"holders": holders(), "layout": layout()}
+        # (9) issue #14: a cgroup made at the root after the lease (systemd makes slices
+        # there, container runtimes their groups) writes every CPU and runs a task: the
+        # kernel lets it onto the leased CPU; the daemon narrows it within seconds
+        late = CG / "pwtest-late"
+        out["late_write"] = run(["sh", "-c", f"mkdir {late} && echo 0-3 > {late}/cpuset.cpus"])
+        sleeper = subprocess.Popen(["sh", "-c", f"echo $$ > {late}/cgroup.procs; "
+                                                "exec sleep 600"])
+        try:
+            written = time.monotonic()
+            with contextlib.suppress(Exception):
+                wait_for(lambda: str(read(late / "cpuset.cpus")) != "0-3", 30)
+            out["late_seconds"] = round(time.monotonic() - written, 3)
+            time.sleep(1.0)
+            out["late"] = {"files": cg_files("pwtest-late"),
+                           "task_allowed": affinity(sleeper.pid),
+                           "holder": cg_files(_slice_of("pwtest-a")),
+                           "audit": pinwarden("audit", "--json")}
+            out["journal"] = run(["journalctl", "-u", "pinwarden.service", "-o",
+                                  "cat"])["stdout"]
+            # (6) A destroyed: its lease freed, the layout shrinks, the late cgroup gets
+            # its CPUs back
+            out["destroy_a"] = virsh("destroy", "pwtest-a")
+            wait_for(lambda: holders() == [], 60)
+            time.sleep(1.0)
+            out["after_destroy"] = {"holders": holders(), "layout": layout(),
+                                    "late": cg_files("pwtest-late"),
+                                    "late_task_allowed": affinity(sleeper.pid)}
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+            with contextlib.suppress(OSError):
+                late.rmdir()
         for name in names:
             remove_domain(name)
         time.sleep(2.0)
