@@ -28,8 +28,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "completion", parents=[common],
         help="print the bash or zsh completion script",
         description="Print a completion script for SHELL, generated from pinwarden's own "
-                    "argument parser (needs the 'shtab' package: pip install "
-                    "'pinwarden[docs]'). bash: save it as "
+                    "argument parser (needs the 'shtab' package in pinwarden's "
+                    "environment: the 'docs' extra). bash: save it as "
                     "/etc/bash_completion.d/pinwarden; zsh: as _pinwarden in a directory "
                     "of $fpath.")
     parser.add_argument("shell", choices=SHELLS, metavar="SHELL",
@@ -50,8 +50,9 @@ def script(shell: str, parser: argparse.ArgumentParser | None = None) -> str:
     try:
         import shtab
     except ImportError:
-        raise PinwardenError("shell completion needs the 'shtab' package: pip install "
-                             "'pinwarden[docs]' (or pip install shtab)",
+        raise PinwardenError("shell completion needs the 'shtab' package in pinwarden's "
+                             "environment: install pinwarden with its 'docs' extra, or "
+                             f"{sys.executable} -m pip install shtab",
                              code="missing-package") from None
     if parser is None:
         from pinwarden.cli import build_parser

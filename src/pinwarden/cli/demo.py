@@ -89,7 +89,9 @@ def _libvirt_unavailable(uri: str) -> str | None:
     try:
         import libvirt
     except ImportError:
-        return "the libvirt Python binding is not installed (pip install libvirt-python)"
+        return ("the libvirt Python binding is not installed (the distribution's "
+                "python3-libvirt in a venv with --system-site-packages, or pip install "
+                "libvirt-python)")
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     try:
         conn = libvirt.open(uri)

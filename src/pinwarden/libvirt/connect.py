@@ -30,8 +30,10 @@ def binding() -> ModuleType:
             _module = importlib.import_module("libvirt")
         except ImportError:
             raise LibvirtError(
-                "the libvirt Python binding is not installed: pip install "
-                "'pinwarden[libvirt]' (builds against libvirt-dev with pkg-config)",
+                "the libvirt Python binding is not installed here: install the "
+                "distribution's (apt install python3-libvirt; dnf install python3-libvirt) "
+                "and give pinwarden's venv --system-site-packages, or pip install "
+                "libvirt-python into it (builds against libvirt's development files)",
                 code="no-libvirt-binding") from None
         # libvirt prints every error to stderr by default; we report them ourselves.
         _module.registerErrorHandler(lambda _ctx, _err: None, None)
