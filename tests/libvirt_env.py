@@ -397,6 +397,31 @@ class Pinwarden:
                     remove_tree(str(d.relative_to(hierarchy)))
 
 
+class Daemon:
+    """`pinwarden daemon -v` of ``pw`` (its stderr in ``log``), stopped with SIGTERM."""
+
+    def __init__(self, pw: Pinwarden, log: Path) -> None:
+        self.log = log
+        self._file = log.open("w")
+        self.proc = subprocess.Popen(
+            [PINWARDEN, "daemon", "--interval", "3", "-v", "--state-dir", str(pw.state),
+             "--config", str(pw.config)], stdout=subprocess.DEVNULL, stderr=self._file)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._file.close()
+        return self.proc.returncode
+
+
 def remove_tree(top: str) -> None:
     """rmdir ``top`` and its (empty) subgroups in every mounted hierarchy, bottom-up."""
     for hierarchy in Path("/sys/fs/cgroup").iterdir():

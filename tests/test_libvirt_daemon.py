@@ -4,8 +4,6 @@ partition, survives a libvirtd restart, and stops cleanly on SIGTERM."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,27 +28,7 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> Non
         time.sleep(0.2)
 
 
-class Daemon:
-    def __init__(self, pw: env.Pinwarden, log: Path) -> None:
-        self.log = log
-        self._file = log.open("w")
-        self.proc = subprocess.Popen(
-            [env.PINWARDEN, "daemon", "--interval", "3", "-v", "--state-dir", str(pw.state),
-             "--config", str(pw.config)], stdout=subprocess.DEVNULL, stderr=self._file)
-
-    def text(self) -> str:
-        return self.log.read_text()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._file.close()
-        return self.proc.returncode
+Daemon = env.Daemon
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -202,10 +203,56 @@ def test_plain_virsh_start_of_an_unpinned_domain_runs_on_the_vm_cpus(
     domains.define(u)
     with Ledger(hooked.state) as ledger:
         assert ledger.leases() == ()
+    log = hooked.state / "hook.log"
+    before = log.read_text().splitlines() if log.exists() else []
     started = virsh("start", u)
     assert started.returncode == 0, started.stderr
     assert env.vm_affinity(u) == {1}
     assert env.domain_cgroup(u).startswith("machine/")
     vcpuinfo = virsh("vcpuinfo", u)  # libvirt reads the affinity back from the kernel
     assert "CPU Affinity:   -y" in vcpuinfo.stdout, vcpuinfo.stdout
-    assert_no_hook_warnings(hooked)
+    new = log.read_text().splitlines()[len(before):] if log.exists() else []
+    assert not [line for line in new if "warning" in line], new
+
+
+def test_with_the_daemon_running_it_answers_the_hook(
+        hooked: env.Pinwarden, domains: env.Domains, tmp_path: Path) -> None:
+    """With ``pinwarden daemon`` running, the hook's calls go to it over its socket (the
+    fast path, issue #12) and get the same answers: a lease for the exclusive domain, a
+    refusal naming it for one pinned onto its CPU, the remaining CPU for an unpinned one,
+    and the release when it goes."""
+    e, u, p = "pwtest-e2e-he", "pwtest-e2e-hu", "pwtest-e2e-hp"
+    source = tmp_path / "he.xml"
+    source.write_text(env.tiny_domain_xml(e, exclusive=True, vcpupins={0: "1"}))
+    domains.track(e)
+    hooked.run("define", str(source), check=True)
+    domains.define(u)
+    domains.define(p, vcpupins={0: "1"})
+    daemon = env.Daemon(hooked, tmp_path / "daemon.log")
+    try:
+        deadline = time.monotonic() + 60
+        while "answering libvirt hook calls" not in daemon.text():
+            assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+            time.sleep(0.2)
+        assert (hooked.state / "hook.sock").is_socket()
+
+        started = virsh("start", e)
+        assert started.returncode == 0, started.stderr
+        assert env.vm_affinity(e) == {1}
+        refused = virsh("start", p)
+        assert refused.returncode != 0 and e in refused.stderr, refused.stderr
+        started = virsh("start", u)
+        assert started.returncode == 0, started.stderr
+        assert env.vm_affinity(u) == {0}  # the VM CPU is leased: the housekeeping CPU
+        gone = virsh("destroy", e)
+        assert gone.returncode == 0, gone.stderr
+        with Ledger(hooked.state) as ledger:
+            assert ledger.holders() == ()
+        text = daemon.text()
+        for op, name in (("prepare", e), ("started", e), ("prepare", p), ("prepare", u),
+                         ("started", u), ("release", e)):
+            assert f"hook {op} of qemu domain {name}: exit" in text, (op, name, text)
+    finally:
+        status = daemon.stop()
+    assert status == 0 and "Traceback" not in daemon.text(), daemon.text()
+    assert not (hooked.state / "hook.sock").exists()

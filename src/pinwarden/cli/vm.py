@@ -189,9 +189,13 @@ def cmd_hook_install(args: argparse.Namespace) -> int:
         state = Path(env) if env else None
     config = Path(args.config) if args.config else None
     exe = args.exe or hook.default_executable()
+    # the hook hands its calls to the daemon of the state directory it will use
+    daemon_state = state if state is not None else config_of(args).state_dir
     done = hook.install(_hooks_dir(args), exe=exe,
                         state_dir=state.resolve() if state else None,
-                        config=config.resolve() if config else None, dry_run=args.dry_run)
+                        config=config.resolve() if config else None, dry_run=args.dry_run,
+                        client=hook.default_client(),
+                        socket=daemon_state.resolve() / hook.SOCKET_NAME)
     if args.json:
         print_json({"installed": [str(p) for p in done.paths], "exec": done.command,
                     "replaced": [str(p) for p in done.removed],

@@ -99,6 +99,18 @@ def main(manager: Manager, uri: str, *, interval: float = 30.0, restore: bool = 
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    from pinwarden.libvirt import hookserver
+
+    server = hookserver.serve(manager)
+    try:
+        return _run(manager, uri, b, stop, wake, interval=interval, restore=restore)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _run(manager: Manager, uri: str, b: Any, stop: threading.Event,
+         wake: queue.Queue[str], *, interval: float, restore: bool) -> int:
     b.virEventRegisterDefaultImpl()
     loop = threading.Thread(target=_event_loop, args=(b, stop), name="libvirt-events",
                             daemon=True)

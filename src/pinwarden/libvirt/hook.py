@@ -37,11 +37,12 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TextIO
 
+from pinwarden.config import DEFAULT_STATE_DIR
 from pinwarden.errors import InputError, PinwardenError, Refusal
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ MARKER = "# pinwarden libvirt hook"
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
 DROP_IN = "pinwarden"
 HOOK_LOG = "hook.log"
+#: The daemon's socket for hook calls, in its state directory (see hookclient).
+SOCKET_NAME = "hook.sock"
 #: Exit status of ``hook run`` when a placement rule refuses the domain at ``prepare``.
 REFUSED = 3
 #: pinwarden's metadata namespace (pinwarden.domain.PW_NS, not imported: the hook is lean).
@@ -87,16 +90,26 @@ class Installed:
 
 
 def hook_script(driver: str, exe: str | Sequence[str], *, state_dir: Path | None,
-                config: Path | None) -> str:
-    """The drop-in script for ``driver`` (see the module docstring for the exit codes)."""
+                config: Path | None, client: Sequence[str] | None = None,
+                socket: Path | None = None) -> str:
+    """The drop-in script for ``driver`` (see the module docstring for the exit codes).
+
+    ``client``: the hook client to run (:mod:`pinwarden.libvirt.hookclient`, handing the
+    call to the running daemon at ``socket``, default ``STATE_DIR/hook.sock``), with the
+    full command as its fallback; None: the full command itself."""
     args = [*([exe] if isinstance(exe, str) else exe), "hook", "run"]
     if config is not None:
         args += ["--config", str(config)]
     if state_dir is not None:
         args += ["--state-dir", str(state_dir)]
     args.append(driver)
+    state = state_dir or DEFAULT_STATE_DIR
+    if client is not None:
+        where = socket or state / SOCKET_NAME
+        args = [*client, str(where), str(config) if config else "-", driver,
+                str(len(args)), *args]
     command = " ".join(shlex.quote(a) for a in args)
-    log = shlex.quote(str((state_dir or Path("/var/lib/pinwarden")) / HOOK_LOG))
+    log = shlex.quote(str(state / HOOK_LOG))
     # at 'started' a QEMU domain whose XML names no CPUs at all (no cpuset= anywhere) gets
     # the VM CPUs (see _place_unpinned); any other shared domain ends here
     unpinned = "*cpuset=*) exit 0 ;; *) ;;" if driver == "qemu" else "*) exit 0 ;;"
@@ -148,6 +161,14 @@ exit 0
 """
 
 
+def default_client() -> tuple[str, ...]:
+    """This interpreter running the hook client alone, without site-packages: a start
+    of a few milliseconds, where the full pinwarden takes a hundred."""
+    from pinwarden.libvirt import hookclient
+
+    return (sys.executable, "-I", "-S", str(Path(hookclient.__file__).resolve()))
+
+
 def default_executable() -> tuple[str, ...]:
     """This interpreter running the vm commands alone (``-m pinwarden.cli.vm``): the
     installed pinwarden, without loading every other command on each hook call."""
@@ -169,7 +190,8 @@ def _runs(exe: Sequence[str]) -> str | None:
 
 def install(hooks_dir: Path, *, exe: str | Sequence[str], state_dir: Path | None,
             config: Path | None, drivers: tuple[str, ...] = DRIVERS,
-            check: bool = True, dry_run: bool = False) -> Installed:
+            check: bool = True, dry_run: bool = False,
+            client: Sequence[str] | None = None, socket: Path | None = None) -> Installed:
     """Write ``DRIVER.d/pinwarden`` atomically for each driver, after checking that what
     it execs runs.  Another tool's hook is never touched; pinwarden's own legacy
     ``hooks/DRIVER`` script (earlier versions) is replaced by the drop-in."""
@@ -197,7 +219,8 @@ def install(hooks_dir: Path, *, exe: str | Sequence[str], state_dir: Path | None
                 directory.mkdir(parents=True, exist_ok=True)
                 created = True
             tmp = directory / f".{DROP_IN}.tmp"
-            tmp.write_text(hook_script(driver, exe, state_dir=state_dir, config=config))
+            tmp.write_text(hook_script(driver, exe, state_dir=state_dir, config=config,
+                                       client=client, socket=socket))
             tmp.chmod(0o755)
             tmp.replace(path)
             if ours:
@@ -286,18 +309,29 @@ def _pid_file(driver: str, name: str) -> int | None:
     return read_pid(driver, name)
 
 
-def run(manager: Manager, driver: str, name: str, op: str, xml: str) -> None:
-    """Handle one hook call; raise a :class:`PinwardenError` to refuse (``prepare`` only)."""
+def run(manager: Manager, driver: str, name: str, op: str, xml: str, *,
+        caller: int | None = None) -> None:
+    """Handle one hook call; raise a :class:`PinwardenError` to refuse (``prepare`` only).
+    ``caller``: the libvirtd (or virtqemud) that runs the hook, when the call comes from
+    the hook client (default: found from this process's parents)."""
     action = action_for(op)
     if action == "ignore":
         return
     spec = _spec(xml, name)
+    who = caller if caller is not None else _libvirtd_pid
     if action == "admit":
-        _prepare(manager, driver, name, spec)
+        _prepare(manager, driver, name, spec, who)
     elif action == "own":
         _started(manager, driver, name, spec)
     elif action == "free":
-        _release(manager, driver, name, spec)
+        _release(manager, driver, name, spec, who)
+
+
+Caller = int | Callable[[], int | None]
+
+
+def _caller(who: Caller) -> int | None:
+    return who if isinstance(who, int) else who()
 
 
 def _spec(xml: str, name: str) -> DomainSpec:
@@ -316,7 +350,8 @@ def _holder(driver: str, name: str, spec: DomainSpec) -> HolderRef:
     return domain_holder(driver, name, spec.uuid)
 
 
-def _prepare(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None:
+def _prepare(manager: Manager, driver: str, name: str, spec: DomainSpec,
+             who: Caller) -> None:
     from pinwarden.policy import decide
 
     holder = _holder(driver, name, spec)
@@ -336,20 +371,19 @@ def _prepare(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None
     # progress; ``pinwarden reserve``) keeps its owner.
     reader = manager.reader()
     existing = reader.get(holder) if reader is not None else None
-    owner = None if existing is not None else _libvirtd_pid()
+    owner = None if existing is not None else _caller(who)
     manager.reserve(holder, lambda host, leases: decide(spec, host, leases, holder=holder),
                     owner_pid=owner)
 
 
 def _libvirtd_pid() -> int | None:
-    """The process that runs the hook (libvirtd or virtqemud): our parent, past the shell
-    of the drop-in script."""
+    """The process that runs the hook (libvirtd or virtqemud): the parent of the drop-in
+    script, whose shell is our parent (it forks us as the last command of its pipeline;
+    its process is named after the script, not the shell)."""
     from pinwarden import procs
 
-    pid = os.getppid()
-    stat = procs.read_stat(pid)
-    if stat is not None and stat.comm in ("sh", "dash", "bash"):
-        pid = stat.ppid  # the drop-in script's shell
+    stat = procs.read_stat(os.getppid())
+    pid = stat.ppid if stat is not None else 0
     return pid if pid > 1 and procs.start_time(pid) is not None else None
 
 
@@ -407,7 +441,8 @@ def _place_unpinned(manager: Manager, name: str, spec: DomainSpec) -> None:
         pin({tid: cpus for tid in threads_of(pid)})
 
 
-def _release(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None:
+def _release(manager: Manager, driver: str, name: str, spec: DomainSpec,
+             who: Caller) -> None:
     """Free the domain's leases when it is gone: its owner (QEMU) exited, or it is still
     libvirtd's (a start the hook reserved was refused or failed: libvirt calls ``release``
     then too).  A holder owned by another live process — ``pinwarden start`` rolling back
@@ -422,11 +457,12 @@ def _release(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None
     if record is None or record.owner_pid is None:
         return
     alive = procs.alive(record.owner_pid, record.owner_start)
-    if not alive or record.owner_pid == _libvirtd_pid():
+    if not alive or record.owner_pid == _caller(who):
         manager.drop(holder)
 
 
-def main_run(manager: Manager, driver: str, argv: Sequence[str], stdin: str) -> int:
+def main_run(manager: Manager, driver: str, argv: Sequence[str], stdin: str, *,
+             caller: int | None = None, err: TextIO | None = None) -> int:
     """``pinwarden hook run DRIVER NAME OP SUBOP EXTRA``: the exit status for libvirt.
 
     Only ``prepare`` may refuse: exit :data:`REFUSED` with the reason on stderr — for a
@@ -442,33 +478,34 @@ def main_run(manager: Manager, driver: str, argv: Sequence[str], stdin: str) -> 
                          "NAME OP SUBOP EXTRA)")
     name, op = argv[0], argv[1]
     admit = action_for(op) == "admit"
+    out = err if err is not None else sys.stderr
     try:
-        run(manager, driver, name, op, stdin)
+        run(manager, driver, name, op, stdin, caller=caller)
         return 0
     except Refusal as exc:
         if admit:
-            _refuse(manager, exc.message)
+            _refuse(manager, exc.message, out)
             return REFUSED
-        _warn(manager, f"hook {op} of {driver} domain {name!r}: {exc.message}")
+        _warn(manager, f"hook {op} of {driver} domain {name!r}: {exc.message}", out)
     except Exception as exc:  # a broken pinwarden (PinwardenError) or a bug
         what = exc.message if isinstance(exc, PinwardenError) else \
             f"{type(exc).__name__}: {exc}".replace("\n", " ")
         if admit and asks_exclusive(stdin):
-            _refuse(manager, f"exclusive domain {name!r} cannot get its CPUs: {what}")
+            _refuse(manager, f"exclusive domain {name!r} cannot get its CPUs: {what}", out)
             return REFUSED
         tail = " and was let through unchecked" if admit else ""
-        _warn(manager, f"hook {op} of {driver} domain {name!r} failed: {what}{tail}")
+        _warn(manager, f"hook {op} of {driver} domain {name!r} failed: {what}{tail}", out)
     return 0
 
 
-def _refuse(manager: Manager, message: str) -> None:
-    print(f"pinwarden: error: {message}", file=sys.stderr)
+def _refuse(manager: Manager, message: str, out: TextIO) -> None:
+    print(f"pinwarden: error: {message}", file=out)
     _log(manager, f"pinwarden: refused: {message}")
 
 
-def _warn(manager: Manager, text: str) -> None:
+def _warn(manager: Manager, text: str, out: TextIO) -> None:
     line = f"pinwarden: warning: {text}"
-    print(line, file=sys.stderr)
+    print(line, file=out)
     _log(manager, line)
 
 

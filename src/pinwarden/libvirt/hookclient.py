@@ -1,0 +1,124 @@
+"""The libvirt hook's thin client: hand one hook call to the running pinwarden daemon.
+
+libvirtd waits for its hooks on every domain start.  Starting pinwarden in a fresh Python
+(imports, reading the host, opening the ledger) costs far more than the decision, so the
+drop-in script runs this file instead, with ``python3 -I -S`` and nothing but the standard
+library: it sends the call to the daemon's socket (``STATE_DIR/hook.sock``), where a warm
+pinwarden answers, and exits with the daemon's status and message.  Where no daemon
+answers (not running, another state directory or configuration) it runs the full hook
+command given to it, so the result is the same either way, only slower.
+
+    python3 -I -S hookclient.py SOCKET CONFIG DRIVER N FALLBACK_1 … FALLBACK_N NAME OP …
+
+``CONFIG`` is the configuration file the hook was installed with (``-``: the default);
+the daemon answers only when it runs with the same configuration.  The protocol, one
+request and one answer per connection, each a JSON object followed by end of stream:
+
+    request  {"v": 1, "driver": D, "args": [NAME, OP, SUBOP, EXTRA], "stdin": XML,
+              "caller": PID-of-libvirtd-or-null, "config": CONFIG}
+    answer   {"rc": STATUS, "stderr": TEXT}  or  {"fallback": REASON}
+
+This module must import nothing from pinwarden (it runs without site-packages).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import sys
+
+#: How long a daemon may take to answer (it may wait for the lease lock, as the in-process
+#: hook would); then the call fails like a broken pinwarden (the drop-in's fail-safe).
+TIMEOUT = 150.0
+#: Exit status for "pinwarden did not work" (the drop-in lets shared domains through).
+EX_SOFTWARE = 70
+#: Where the daemon cannot be reached and the full hook must run instead.
+_UNREACHABLE = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK, errno.EACCES,
+                          errno.EPERM})
+
+
+def caller_pid() -> int | None:
+    """libvirtd (or virtqemud): the parent of the drop-in script, our parent (the script's
+    shell forks us as the last command of its pipeline; its name is the script's)."""
+    try:
+        with open(f"/proc/{os.getppid()}/stat", "rb") as f:
+            stat = f.read().decode("utf-8", "replace")
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return ppid if ppid > 1 else None
+
+
+def ask(path: str, request: dict[str, object],
+        timeout: float = TIMEOUT) -> dict[str, object] | None:
+    """The daemon's answer, or None when no daemon listens at ``path``."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(timeout)
+        try:
+            conn.connect(path)
+        except OSError as exc:
+            if exc.errno in _UNREACHABLE:
+                return None
+            raise
+        conn.sendall(json.dumps(request).encode())
+        conn.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    finally:
+        conn.close()
+    answer = json.loads(b"".join(chunks) or b"null")
+    if not isinstance(answer, dict):
+        raise ValueError("the daemon's answer is not an object")
+    return answer
+
+
+def run_instead(command: list[str], data: bytes) -> None:
+    """Become ``command`` with ``data`` as its stdin: the same process, so it sees the
+    drop-in's shell as its parent, exactly as when the shell runs it itself."""
+    fd = os.memfd_create("pinwarden-hook-stdin")
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.dup2(fd, 0)
+    os.close(fd)
+    os.execv(command[0], command)
+
+
+def main(argv: list[str]) -> int:
+    sock, config, driver, count = argv[0], argv[1], argv[2], int(argv[3])
+    fallback, args = argv[4:4 + count], argv[4 + count:]
+    data = sys.stdin.buffer.read()
+    request = {"v": 1, "driver": driver, "args": args,
+               "stdin": data.decode("utf-8", "surrogateescape"),
+               "caller": caller_pid(), "config": config}
+    try:
+        answer = ask(sock, request)
+    except (OSError, ValueError) as exc:
+        print(f"pinwarden: error: the pinwarden daemon did not answer the hook "
+              f"({type(exc).__name__}: {exc})", file=sys.stderr)
+        return EX_SOFTWARE
+    if answer is None or "fallback" in answer:
+        try:
+            run_instead([*fallback, *args], data)
+        except OSError as exc:  # as the shell would say: the command cannot run
+            print(f"pinwarden: error: {fallback[0]}: {exc.strerror}", file=sys.stderr)
+            return 127
+        return EX_SOFTWARE  # not reached: run_instead replaces this process
+    message = answer.get("stderr")
+    if isinstance(message, str) and message:
+        sys.stderr.write(message)
+    rc = answer.get("rc")
+    return rc if isinstance(rc, int) else EX_SOFTWARE
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (IndexError, ValueError) as exc:  # called wrongly: say so, fail like a bug
+        print(f"pinwarden: error: hook client: {exc}", file=sys.stderr)
+        sys.exit(EX_SOFTWARE)

@@ -1,0 +1,199 @@
+"""The daemon's end of the hook client: answer libvirt hook calls with a warm pinwarden.
+
+:mod:`pinwarden.libvirt.hookclient` (run by the drop-in script) sends each hook call to
+``STATE_DIR/hook.sock``; this server runs it exactly as ``pinwarden hook run`` would
+(:func:`pinwarden.libvirt.hook.main_run`, same exit status, same message) with a manager of
+its own that stays open — topology, backend and ledger already read — so a hook call costs
+a few milliseconds instead of a Python start of pinwarden.  One call at a time, in one
+thread (the lease lock serialises changes with every other pinwarden anyway).
+
+Only root may call (``SO_PEERCRED``).  A call made with another configuration than the
+daemon's (the hook installed with ``--config`` for another file) is answered with
+``fallback``: the client then runs the full hook command itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pinwarden.config import Config, load_config
+from pinwarden.errors import PinwardenError
+from pinwarden.libvirt import hook
+from pinwarden.manager import Manager
+
+log = logging.getLogger("pinwarden.daemon")
+
+#: The largest request read (a domain XML with thousands of devices is a few MB).
+MAX_REQUEST = 64 << 20
+#: How long a client may take to send its request.
+READ_TIMEOUT = 10.0
+#: Settings that change a hook decision: a hook installed with a configuration that differs
+#: in any of them must not be answered by this daemon.
+#: (The state directory matches by construction: the socket lives in it.)
+_RULES = ("mode", "host_reserve", "cgroup_v1", "cgroup_v2", "exclusive_cgroup",
+          "isolate_noise")
+
+
+def same_rules(a: Config, b: Config) -> bool:
+    return all(getattr(a, name) == getattr(b, name) for name in _RULES)
+
+
+class HookServer:
+    """Serve hook calls on ``path`` until :meth:`close`."""
+
+    def __init__(self, manager: Manager, path: Path) -> None:
+        self.manager = manager
+        self.path = path
+        self._sock: socket.socket | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._configs: dict[str, Config | None] = {}
+
+    def start(self) -> bool:
+        """Bind and serve in a thread; False (logged) when another daemon already serves
+        this state directory or the socket cannot be made."""
+        try:
+            if _answers(self.path):
+                log.warning("another pinwarden daemon already answers hook calls at %s",
+                            self.path)
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(self.path.lstat().st_mode):
+                    self.path.unlink()  # left by a daemon that died
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old = os.umask(0o177)
+            try:
+                sock.bind(str(self.path))
+            finally:
+                os.umask(old)
+            sock.listen(16)
+            sock.settimeout(1.0)
+        except OSError as exc:
+            log.warning("cannot answer hook calls at %s (%s): every hook call starts "
+                        "pinwarden itself", self.path, exc.strerror or exc)
+            return False
+        self._sock = sock
+        self._thread = threading.Thread(target=self._serve, name="hook-server", daemon=True)
+        self._thread.start()
+        log.info("answering libvirt hook calls at %s", self.path)
+        return True
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        if self._sock is not None:
+            self._sock.close()
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        self.manager.close()
+
+    def _serve(self) -> None:
+        assert self._sock is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if self._stop.is_set():
+                    return
+                log.error("hook server: %s", exc)
+                continue
+            with conn:
+                try:
+                    self._answer(conn)
+                except Exception as exc:  # never let one call stop the server
+                    log.error("hook server: %s: %s", type(exc).__name__, exc)
+
+    def _answer(self, conn: socket.socket) -> None:
+        pid, uid, _gid = struct.unpack("3i", conn.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        if uid != os.geteuid():
+            log.warning("hook server: refused a call from uid %s (pid %s)", uid, pid)
+            return
+        conn.settimeout(READ_TIMEOUT)
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := conn.recv(65536):
+            size += len(chunk)
+            if size > MAX_REQUEST:
+                raise ValueError(f"request larger than {MAX_REQUEST} bytes")
+            chunks.append(chunk)
+        conn.settimeout(None)
+        answer = self.call(json.loads(b"".join(chunks)))
+        conn.sendall(json.dumps(answer).encode())
+
+    def call(self, request: Any) -> dict[str, Any]:
+        """One hook call, as the hook client sends it; the answer it expects."""
+        if not isinstance(request, dict) or request.get("v") != 1:
+            return {"fallback": "unknown request"}
+        driver, args, stdin = request.get("driver"), request.get("args"), request.get("stdin")
+        caller, config = request.get("caller"), request.get("config")
+        if not (isinstance(driver, str) and isinstance(args, list)
+                and all(isinstance(a, str) for a in args) and isinstance(stdin, str)
+                and (caller is None or isinstance(caller, int)) and isinstance(config, str)):
+            return {"fallback": "malformed request"}
+        theirs = self._config(config)
+        if theirs is None or not same_rules(theirs, self.manager.config):
+            return {"fallback": "the hook uses another configuration than the daemon"}
+        err = io.StringIO()
+        start = time.perf_counter()
+        try:
+            rc = hook.main_run(self.manager, driver, args, stdin, caller=caller, err=err)
+        except PinwardenError as exc:  # a usage error of the hook call itself
+            return {"rc": 1, "stderr": f"pinwarden: error: {exc.message}\n"}
+        log.debug("hook %s of %s domain %s: exit %s after %.1f ms", " ".join(args[1:2]),
+                  driver, args[0] if args else "?", rc, (time.perf_counter() - start) * 1e3)
+        return {"rc": rc, "stderr": err.getvalue()}
+
+    def _config(self, path: str) -> Config | None:
+        key = path
+        with contextlib.suppress(OSError):
+            key = f"{path}\0{os.stat(path).st_mtime_ns}" if path != "-" else path
+        if key not in self._configs:
+            try:
+                self._configs[key] = load_config(None if path == "-" else Path(path))
+            except PinwardenError:
+                self._configs[key] = None
+        return self._configs[key]
+
+
+def _answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def serve(manager: Manager) -> HookServer | None:
+    """Answer hook calls for ``manager``'s state directory with a manager of its own."""
+    try:
+        manager.ledger()  # the state directory exists from here on
+    except PinwardenError as exc:
+        log.warning("cannot answer hook calls: %s", exc.message)
+        return None
+    # its own manager, used only in the server's thread (a ledger connection stays in the
+    # thread that opened it)
+    own = Manager(manager.config, manager.root, manager.state_dir, warn=log.warning)
+    server = HookServer(own, manager.state_dir / hook.SOCKET_NAME)
+    if not server.start():
+        own.close()
+        return None
+    return server

@@ -1,0 +1,120 @@
+"""The hook as a thin client of the daemon (issue #12): the real drop-in script, the real
+client (``python3 -I -S``) and the daemon's server over a real unix socket give the same
+answers as the in-process hook, and fall back to it when no daemon answers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from enforce_helpers import lease, make_host
+from pinwarden.config import Config
+from pinwarden.cpuset import CpuSet
+from pinwarden.libvirt import hook
+from pinwarden.libvirt.hookserver import HookServer
+from pinwarden.manager import Manager
+from pinwarden.model import Plan, domain_holder
+
+
+def xml(name: str, body: str = "") -> str:
+    return f"<domain type='kvm'><name>{name}</name><vcpu>1</vcpu>{body}</domain>"
+
+
+EXCLUSIVE = ("<metadata><pw:cpu xmlns:pw='urn:pinwarden:domain:1' exclusive='yes'/>"
+             "</metadata>")
+
+
+def run(drop_in: Path, *args: str, stdin: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(drop_in), *args], input=stdin, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[Path, Path, Manager, HookServer]]:
+    """A drop-in whose fallback only records that it ran; a server with a manager of its
+    own (no kernel writes) on the state directory's socket."""
+    state = tmp_path / "state"
+    state.mkdir()
+    marker = tmp_path / "fallback-ran"
+    fallback = tmp_path / "fallback"
+    fallback.write_text(f"#!/bin/sh\necho \"$@\" >> {marker}\ncat >> {marker}\nexit 0\n")
+    fallback.chmod(0o755)
+    done = hook.install(tmp_path / "hooks", exe=str(fallback), state_dir=state, config=None,
+                        check=False, client=hook.default_client())
+    def make() -> Manager:
+        return Manager(Config(), Path("/"), state, enforce=False, host=make_host("0-3", "1-3"))
+
+    # the server's manager is its own (one per thread, as in the daemon); the test's too
+    server = HookServer(make(), state / hook.SOCKET_NAME)
+    assert server.start()
+    try:
+        with make() as manager:
+            yield done.paths[0], marker, manager, server
+    finally:
+        server.close()
+
+
+def test_the_daemon_answers_refusals_and_admissions(
+        setup: tuple[Path, Path, Manager, HookServer]) -> None:
+    drop_in, marker, manager, _server = setup
+    manager.reserve(lease(2, "db", "qemu").holder, lambda host, leases: Plan(
+        "db", None, True, {0: CpuSet.of([2])}, CpuSet.of([2]), leases={2: "vcpu0"}))
+    pinned = xml("web", "<cputune><vcpupin vcpu='0' cpuset='2'/></cputune>")
+    refused = run(drop_in, "web", "prepare", "begin", "-", stdin=pinned)
+    assert refused.returncode == 1, refused.stderr
+    assert "CPU 2" in refused.stderr and "'db'" in refused.stderr, refused.stderr
+    admitted = run(drop_in, "web2", "prepare", "begin", "-", stdin=xml("web2"))
+    assert admitted.returncode == 0 and admitted.stderr == "", admitted.stderr
+    assert not marker.exists()  # answered by the server, never by the full command
+    assert "refused: CPU 2" in (manager.state_dir / hook.HOOK_LOG).read_text()
+
+
+def test_a_reservation_is_owned_by_the_libvirtd_that_runs_the_hook(
+        setup: tuple[Path, Path, Manager, HookServer]) -> None:
+    """The client tells the daemon who ran the hook (here: this test process, the drop-in's
+    shell's parent), so a start the hook reserved is libvirtd's until QEMU runs."""
+    drop_in, marker, manager, _server = setup
+    name = "pwtest-x"
+    holder = domain_holder("qemu", name, None)
+    partition = manager.libvirt_partition(holder)
+    body = f"{EXCLUSIVE}<resource><partition>{partition}</partition></resource>"
+    done = run(drop_in, name, "prepare", "begin", "-", stdin=xml(name, body))
+    assert done.returncode == 0, done.stderr
+    record = manager.ledger().get(holder)
+    assert record is not None and record.owner_pid == os.getpid()
+    # release after a failed start: still libvirtd's, so freed
+    assert run(drop_in, name, "release", "end", "-", stdin=xml(name, body)).returncode == 0
+    assert manager.ledger().get(holder) is None
+    assert not marker.exists()
+
+
+def test_without_a_daemon_the_full_command_runs_with_the_same_arguments(
+        setup: tuple[Path, Path, Manager, HookServer]) -> None:
+    drop_in, marker, _manager, server = setup
+    server.close()
+    big = xml("web", "<description>" + "x" * 300_000 + "</description>")  # > a pipe
+    done = run(drop_in, "web", "prepare", "begin", "-", stdin=big)
+    assert done.returncode == 0, done.stderr
+    text = marker.read_text()
+    assert text.startswith("hook run --state-dir ") and " qemu web prepare begin -\n" in text
+    assert text.endswith(big + "\n")
+
+
+def test_a_hook_with_another_configuration_is_not_answered_by_this_daemon(
+        tmp_path: Path, setup: tuple[Path, Path, Manager, HookServer]) -> None:
+    _drop_in, _marker, _manager, server = setup
+    other = tmp_path / "other.toml"
+    other.write_text('[partition]\nmode = "none"\nhost_reserve = "0-1"\n')
+    request = {"v": 1, "driver": "qemu", "args": ["web", "prepare", "begin", "-"],
+               "stdin": xml("web"), "caller": None, "config": str(other)}
+    assert "fallback" in server.call(request)
+    assert "fallback" in server.call({**request, "config": str(tmp_path / "missing.toml")})
+    same = tmp_path / "same.toml"
+    same.write_text("")  # every default, like the daemon's
+    assert server.call({**request, "config": str(same)}) == {"rc": 0, "stderr": ""}
+    for broken in ({}, {"v": 2}, {**request, "args": "web"}, {**request, "caller": "1"}, []):
+        assert "fallback" in server.call(broken)
