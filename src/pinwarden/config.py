@@ -21,7 +21,6 @@ Every key with its default and what overrides it: :data:`SETTINGS`, the commente
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -117,6 +116,8 @@ def _bool(table: dict[str, Any], key: str, default: bool, path: Path) -> bool:
 
 
 def parse_config(text: str, path: Path = DEFAULT_CONFIG) -> Config:
+    import tomllib  # here: most hosts have no configuration file, and it is slow to load
+
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -12,7 +12,6 @@ exactly as the user wrote them.
 from __future__ import annotations
 
 import re
-import uuid as uuidlib
 import xml.parsers.expat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -180,7 +179,8 @@ def _uuid(value: str) -> str:
     digits = text.replace("-", "")
     if len(digits) != 32 or not all(_UUID_HEX.fullmatch(c) for c in digits):
         _bad("<uuid>", value, "not a UUID (32 hex digits)")
-    return str(uuidlib.UUID(hex=digits))
+    hexa = digits.lower()  # str(uuid.UUID(hex=digits)), without loading uuid (and platform)
+    return f"{hexa[:8]}-{hexa[8:12]}-{hexa[12:16]}-{hexa[16:20]}-{hexa[20:]}"
 
 
 _SCALE = {"": 1024, "b": 1, "byte": 1, "bytes": 1}

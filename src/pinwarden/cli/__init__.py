@@ -29,7 +29,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pinwarden import __version__, jsonout
+from pinwarden import __version__
 from pinwarden.errors import PinwardenError
 
 #: Command modules, in the order ``--help`` lists them.
@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def print_json(data: Mapping[str, Any]) -> None:
     """Print one ``--json`` document (``"schema"`` added, see :mod:`pinwarden.jsonout`)."""
+    from pinwarden import jsonout
+
     sys.stdout.write(jsonout.dumps(data))
     sys.stdout.write("\n")
 
