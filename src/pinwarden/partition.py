@@ -128,9 +128,13 @@ def read_partition(root: Path, topology: Topology, config: Config,
     return decide_partition(topology, config, found)
 
 
-def load_host(root: Path, config: Config, found: VmCgroup | None = None) -> Host:
-    """Topology and partition of the host at ``root``: the snapshot every command uses."""
-    topology = read_topology(root)
+def load_host(root: Path, config: Config, found: VmCgroup | None = None, *,
+              topology: Topology | None = None) -> Host:
+    """Topology and partition of the host at ``root``: the snapshot every command uses.
+    ``topology``: the host's topology when the caller has it already (a cached snapshot,
+    :mod:`pinwarden.topocache`), else it is read."""
+    if topology is None:
+        topology = read_topology(root)
     return Host(topology, read_partition(root, topology, config, found))
 
 
