@@ -65,3 +65,57 @@ def test_run_default_threads_is_the_domain_default() -> None:
     from pinwarden.domain import DEFAULT_THREADS
 
     assert run.DEFAULT_THREADS == DEFAULT_THREADS
+
+
+# -- the parser of the named command only ---------------------------------------------------
+
+SAMPLES = [
+    ["host"], ["--json", "host", "--root", "/r"], ["plan", "d.xml", "--emit-xml"],
+    ["--root", "/r", "reserve", "-"], ["release", "vm", "--driver", "qemu"],
+    ["--state-dir", "status", "status"], ["--state", "plan", "status"],  # abbreviation
+    ["--root=/r", "sync"], ["run", "--exclusive", "2", "--", "sleep", "1"],
+    ["start", "-c", "test:///default", "vm"], ["stop", "vm", "--graceful"],
+    ["define", "f.xml"], ["hook", "run", "qemu", "vm", "prepare", "begin", "-"],
+    ["hook", "install", "--dry-run"], ["daemon", "--once"], ["audit", "--strict"],
+    ["config", "--connect", "x"], ["metrics", "--no-audit"], ["completion", "bash"],
+    ["demo", "--offline"],
+]
+
+
+def _parsed(parser: object, argv: list[str]) -> dict[str, object]:
+    import argparse
+
+    assert isinstance(parser, argparse.ArgumentParser)
+    data = vars(parser.parse_args(argv))
+    handler = data.pop("handler")
+    data["handler"] = getattr(handler, "__qualname__", handler)
+    return data
+
+
+@pytest.mark.parametrize("argv", SAMPLES, ids=" ".join)
+def test_one_command_parser_parses_like_the_whole(argv: list[str]) -> None:
+    """What main() parses (the named command's parser, or the whole one when the guess of
+    the command was wrong) is what the whole parser parses."""
+    from pinwarden.cli import _parse_args, build_parser
+
+    data = vars(_parse_args(argv))
+    handler = data.pop("handler")
+    data["handler"] = getattr(handler, "__qualname__", handler)
+    assert data == _parsed(build_parser(), argv)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["plan", "--help"], ["hook", "--help"],
+                                  ["hook", "run", "--help"], ["bogus"], [], ["--version"],
+                                  ["status", "--bogus"], ["run", "--exclusive"]],
+                         ids=lambda a: " ".join(a) or "nothing")
+def test_one_command_parser_helps_and_fails_like_the_whole(
+        argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from pinwarden.cli import _parse, _parse_args, build_parser
+
+    outputs = []
+    for parse in (lambda: _parse_args(argv), lambda: _parse(build_parser(), argv)):
+        with pytest.raises(SystemExit) as exit_info:
+            parse()
+        out, err = capsys.readouterr()
+        outputs.append((exit_info.value.code, out, err))
+    assert outputs[0] == outputs[1]

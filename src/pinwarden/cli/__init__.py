@@ -101,13 +101,57 @@ def common_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
     return common
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Unbuilt(Exception):
+    """The command line names a command whose parser :func:`build_parser` left out."""
+
+
+class _StandIn:
+    """Takes the place of a command's parser that was not built: whatever ``register()``
+    does to it is ignored, and parsing with it asks for the whole parser instead."""
+
+    def __getattr__(self, name: str) -> Any:
+        def ignored(*args: Any, **kwargs: Any) -> _StandIn:
+            return self
+        return ignored
+
+    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
+        raise _Unbuilt
+
+
+class _OneCommand(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """Subcommands of which only ``only``'s parser is built; every other command is listed
+    (``--help``, the choices of a usage error) exactly as usual, with a :class:`_StandIn`
+    for its parser.  Building the parsers of every command (about 25 parsers and 80
+    options) is most of what the command line costs before a command runs."""
+
+    def __init__(self, *args: Any, only: str | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._only = only
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        if name == self._only:
+            return super().add_parser(name, **kwargs)
+        aliases = kwargs.pop("aliases", ())
+        if "help" in kwargs:
+            self._choices_actions.append(
+                self._ChoicesPseudoAction(name, aliases, kwargs.pop("help")))
+        stand_in = _StandIn()
+        for key in (name, *aliases):
+            self._name_parser_map[key] = stand_in
+        return stand_in
+
+
+def build_parser(*, whole: bool = True, only: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser: with every command's parser (``whole``), or with only the
+    parser of the command ``only`` (None: none), the others listed but not built — enough
+    for that command, and for ``pinwarden --help``."""
     parser = Parser(
         prog="pinwarden", parents=[common_parser()], epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Exclusive physical CPUs for virtual machines and processes.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    lazy: dict[str, Any] = {} if whole else {"action": _OneCommand, "only": only}
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, **lazy)
     common = common_parser(defaults=False)
     for name in COMMAND_MODULES:
         try:
@@ -214,10 +258,37 @@ def _run(args: argparse.Namespace) -> int:
     return status
 
 
+#: Global options that take a value (``--root DIR``): the word after them is no command.
+_VALUE_OPTIONS = ("--root", "--state-dir", "--config")
+
+
+def _command_word(argv: Sequence[str]) -> str | None:
+    """The command the arguments name, as far as a quick look tells (a wrong guess only
+    costs building the whole parser: :func:`_parse_args`)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            return None
+        if word in _VALUE_OPTIONS:
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse with the parser of the command named alone, else with the whole parser."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _parse(build_parser(whole=False, only=_command_word(words)), words)
+    except _Unbuilt:
+        return _parse(build_parser(), words)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args: argparse.Namespace | None = None
     try:
-        args = _parse(build_parser(), argv)
+        args = _parse_args(argv)
         return _run(args)
     except KeyboardInterrupt:
         print("pinwarden: interrupted", file=sys.stderr)
