@@ -123,29 +123,39 @@ def allocate(topology: Topology, pool: CpuSet, free: CpuSet, request: Request) -
 
 
 # -- the host as nodes of cores ------------------------------------------------------------
+# Plain classes, not dataclasses, for these private records: a dataclass costs about a
+# millisecond to define at import, and every command pays it (issue #12).
 
-@dataclass(frozen=True, slots=True)
 class _HostNode:
-    mask: int  # its online threads (every thread of the cores whose first thread is here)
-    firsts: int  # the first thread of each of its cores
-    package: int  # first CPU of the package of its first CPU (package ids can repeat)
-    cores: tuple[int, ...]  # core masks, by first CPU
-    threads: tuple[tuple[int, ...], ...]  # each core's online threads, ascending
-    index: dict[int, int]  # first thread -> core index
-    #: When every core of the node is ``first + offsets`` (the same offsets, e.g. (0, 64) on
-    #: Linux's numbering or (0, 1) with adjacent siblings): whole cores are found with a few
-    #: shifts of the free mask instead of a loop over cores.
-    offsets: tuple[int, ...] | None
-    uniform: int  # threads per core when every core of the node has as many, else 0
+    __slots__ = ("cores", "firsts", "index", "mask", "offsets", "package", "threads",
+                 "uniform")
+
+    def __init__(self, *, mask: int, firsts: int, package: int, cores: tuple[int, ...],
+                 threads: tuple[tuple[int, ...], ...], index: dict[int, int],
+                 offsets: tuple[int, ...] | None, uniform: int) -> None:
+        self.mask = mask  # its online threads (every thread of the cores whose first is here)
+        self.firsts = firsts  # the first thread of each of its cores
+        self.package = package  # first CPU of the package of its first CPU (ids can repeat)
+        self.cores = cores  # core masks, by first CPU
+        self.threads = threads  # each core's online threads, ascending
+        self.index = index  # first thread -> core index
+        #: When every core of the node is ``first + offsets`` (the same offsets, e.g.
+        #: (0, 64) on Linux's numbering or (0, 1) with adjacent siblings): whole cores are
+        #: found with a few shifts of the free mask instead of a loop over cores.
+        self.offsets = offsets
+        self.uniform = uniform  # threads per core when every core has as many, else 0
 
 
-@dataclass(frozen=True, slots=True)
 class _HostLayout:
-    nodes: dict[int, _HostNode]  # by node number, ascending
-    package: dict[int, int]  # node -> package key
-    online: frozenset[int]  # every online CPU (each belongs to exactly one core here)
-    bit: tuple[int, ...]  # bit[cpu] == 1 << cpu, for every cpu up to the largest online one
-    smt: bool
+    __slots__ = ("bit", "nodes", "online", "package", "smt")
+
+    def __init__(self, *, nodes: dict[int, _HostNode], package: dict[int, int],
+                 online: frozenset[int], bit: tuple[int, ...], smt: bool) -> None:
+        self.nodes = nodes  # by node number, ascending
+        self.package = package  # node -> package key
+        self.online = online  # every online CPU (each belongs to exactly one core here)
+        self.bit = bit  # bit[cpu] == 1 << cpu, for every cpu up to the largest online one
+        self.smt = smt
 
 
 def _host_layout(topology: Topology) -> _HostLayout:
@@ -267,12 +277,14 @@ def _pool_mask(host: _HostLayout, pool: CpuSet) -> int:
 
 # -- one node under one request --------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
 class _NodeState:
-    free: int  # mask of its free threads
-    capacity: int  # CPUs it can give under the policy
-    whole: int  # first threads of its whole free cores eligible under the policy
-    partial: int  # first threads of the cores with some but not all threads free (prefer)
+    __slots__ = ("capacity", "free", "partial", "whole")
+
+    def __init__(self, free: int, capacity: int, whole: int, partial: int) -> None:
+        self.free = free  # mask of its free threads
+        self.capacity = capacity  # CPUs it can give under the policy
+        self.whole = whole  # first threads of its whole free cores eligible under the policy
+        self.partial = partial  # first threads of the cores partly free (prefer)
 
 
 def _node_state(node: _HostNode, free: int, policy: ThreadPolicy) -> _NodeState:

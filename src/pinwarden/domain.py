@@ -369,19 +369,22 @@ def parse_domain(xml: str | bytes) -> DomainSpec:
 # -- rendering -----------------------------------------------------------------------------
 
 
-@dataclass
 class _Node:
     """An element located in the document by byte offsets (UTF-8).  ``tag`` is the local
-    name, ``ns`` its namespace URI ("" for libvirt's own, un-namespaced elements)."""
+    name, ``ns`` its namespace URI ("" for libvirt's own, un-namespaced elements).  (A plain
+    class: a dataclass costs about a millisecond to define at import.)"""
 
-    tag: str
-    ns: str
-    attrs: dict[str, str]
-    start: int  # offset of '<'
-    head_end: int = 0  # offset just past the start tag's '>'
-    tail_start: int = 0  # offset of the end tag's '<' (== head_end for <x/>)
-    end: int = 0  # offset just past the element
-    children: list[_Node] = field(default_factory=list)
+    __slots__ = ("attrs", "children", "end", "head_end", "ns", "start", "tag", "tail_start")
+
+    def __init__(self, tag: str, ns: str, attrs: dict[str, str], start: int) -> None:
+        self.tag = tag
+        self.ns = ns
+        self.attrs = attrs
+        self.start = start  # offset of '<'
+        self.head_end = 0  # offset just past the start tag's '>'
+        self.tail_start = 0  # offset of the end tag's '<' (== head_end for <x/>)
+        self.end = 0  # offset just past the element
+        self.children: list[_Node] = []
 
     @property
     def empty(self) -> bool:

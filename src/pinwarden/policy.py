@@ -28,7 +28,7 @@ Refusal codes: ``no-vcpus``, ``bad-pin``, ``unknown-cpu``, ``unknown-node``,
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from pinwarden.cpuset import EMPTY, CpuSet, union
@@ -73,17 +73,21 @@ def holder_of(request: Request) -> HolderRef:
     return domain_holder(driver_of_type(request.domain_type), request.name, request.uuid)
 
 
-@dataclass(frozen=True, slots=True)
 class _Ctx:
-    """Everything one decision looks at, computed once."""
+    """Everything one decision looks at, computed once.  (A plain class: a dataclass costs
+    about a millisecond to define at import, and every command pays it.)"""
 
-    name: str
-    who: str  # "domain 'x'" / "job 'x'"
-    host: Host
-    others: Mapping[int, Lease]  # cpu -> lease of another holder
-    mine: CpuSet  # CPUs the holder itself already leases (replaced by this plan)
-    leased: CpuSet = field(default=EMPTY)  # every CPU of ``others``
-    vm_cpus: CpuSet = field(default=EMPTY)  # online VM CPUs
+    __slots__ = ("host", "leased", "mine", "name", "others", "vm_cpus", "who")
+
+    def __init__(self, name: str, who: str, host: Host, others: Mapping[int, Lease],
+                 mine: CpuSet, leased: CpuSet = EMPTY, vm_cpus: CpuSet = EMPTY) -> None:
+        self.name = name
+        self.who = who  # "domain 'x'" / "job 'x'"
+        self.host = host
+        self.others = others  # cpu -> lease of another holder
+        self.mine = mine  # CPUs the holder itself already leases (replaced by this plan)
+        self.leased = leased  # every CPU of ``others``
+        self.vm_cpus = vm_cpus  # online VM CPUs
 
     @property
     def part(self) -> Partition:

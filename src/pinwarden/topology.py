@@ -218,17 +218,23 @@ def _cmdline_cpus(cmdline: str | None, key: str) -> CpuSet | None:
 # -- the reader -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
 class _Raw:
-    """What sysfs says about one CPU, before cores are reconciled."""
+    """What sysfs says about one CPU, before cores are reconciled.  (A plain class: a
+    dataclass costs about a millisecond to define at import, and every command pays it.)"""
 
-    has_topology: bool
-    package: int | None
-    die: int | None
-    cluster: int | None
-    core: int | None
-    thread_mask: CpuSet | None
-    package_mask: CpuSet | None
+    __slots__ = ("cluster", "core", "die", "has_topology", "package", "package_mask",
+                 "thread_mask")
+
+    def __init__(self, *, has_topology: bool, package: int | None, die: int | None,
+                 cluster: int | None, core: int | None, thread_mask: CpuSet | None,
+                 package_mask: CpuSet | None) -> None:
+        self.has_topology = has_topology
+        self.package = package
+        self.die = die
+        self.cluster = cluster
+        self.core = core
+        self.thread_mask = thread_mask
+        self.package_mask = package_mask
 
 
 def _read_raw(cpu_dir: Path) -> _Raw:
