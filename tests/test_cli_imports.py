@@ -19,7 +19,7 @@ EXCLUSIVE = ("<domain type='kvm'><name>db</name><vcpu>2</vcpu><metadata>"
 HEAVY = ("prometheus_client", "pinwarden.metrics", "pinwarden.audit", "pinwarden.isolation",
          "pinwarden.noise", "pinwarden.runner", "pinwarden.provenance", "pinwarden.enforce",
          "pinwarden.libvirt", "libvirt", "jeepney", "dbus_fast", "tomllib", "shtab", "tempfile",
-         "uuid", "pinwarden.jsonout")
+         "uuid", "pinwarden.jsonout", "shutil", "pinwarden.procs")
 
 PROBE = ("import json, sys\n"
          "from pinwarden.cli import main\n"
@@ -119,3 +119,18 @@ def test_one_command_parser_helps_and_fails_like_the_whole(
         out, err = capsys.readouterr()
         outputs.append((exit_info.value.code, out, err))
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("columns", [None, "", "0", "-3", "abc", "40", "132"])
+def test_help_width_is_argparse_default(columns: str | None,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's parsers find the terminal width without loading shutil, with its rule."""
+    import shutil
+
+    from pinwarden.cli import help_width
+
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert help_width() == shutil.get_terminal_size().columns - 2

@@ -60,6 +60,8 @@ from pinwarden.topology import Topology
 
 @dataclass(frozen=True, slots=True)
 class Request:
+    """What to allocate: how many CPUs, under which thread policy, on which nodes."""
+
     count: int  # CPUs wanted (vCPUs, plus one for an isolated emulator)
     threads: ThreadPolicy = "whole"
     nodes: CpuSet | None = None  # allowed host NUMA nodes (numatune nodeset); None: any
@@ -67,6 +69,8 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class Allocation:
+    """The CPUs chosen, in vCPU order, and the threads held empty."""
+
     cpus: tuple[int, ...]  # chosen CPUs, in the order they should be given to vCPUs
     holds: CpuSet = EMPTY  # threads held empty (siblings under isolate; spares under whole/require)
 

@@ -36,6 +36,8 @@ ModeSetting = Literal["auto", "isolcpus", "cgroup", "none"]
 
 @dataclass(frozen=True, slots=True)
 class Config:
+    """The settings (:data:`SETTINGS` says where each comes from)."""
+
     mode: ModeSetting = "auto"
     host_reserve: CpuSet | None = None  # None: the first physical core
     cgroup_v1: str = "machine"

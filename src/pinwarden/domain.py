@@ -59,6 +59,8 @@ class GuestCell:
 
 @dataclass(frozen=True)
 class DomainSpec:
+    """What placement needs of one libvirt domain's XML."""
+
     name: str
     uuid: str | None
     vcpus: int  # <vcpu> maximum

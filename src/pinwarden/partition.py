@@ -43,6 +43,8 @@ PartitionMode = Literal["isolcpus", "cgroup", "none"]
 
 @dataclass(frozen=True, slots=True)
 class Partition:
+    """Which online CPUs are for VMs and which for the host, and why."""
+
     mode: PartitionMode
     vm_cpus: CpuSet  # CPUs for VMs (isolated set, partition cgroup's cpuset, or online - reserve)
     host_cpus: CpuSet  # housekeeping CPUs: online - vm_cpus

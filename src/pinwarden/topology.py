@@ -61,6 +61,8 @@ class Cpu:
 
 @dataclass(frozen=True)
 class Topology:
+    """The host's CPUs, NUMA nodes and kernel CPU lists (a snapshot, no I/O)."""
+
     cpus: Mapping[int, Cpu]  # every present CPU by id
     present: CpuSet
     online: CpuSet

@@ -75,6 +75,28 @@ class Parser(argparse.ArgumentParser):
             self.error(f"unrecognized arguments: {' '.join(extras)}")
         return parsed, extras
 
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        # argparse makes a formatter for every option added (to check its metavar), and the
+        # default one loads shutil (with bz2, lzma, fnmatch) for the terminal width: the
+        # same width, found the way shutil finds it.
+        return self.formatter_class(prog=self.prog, width=help_width())  # type: ignore[call-arg]
+
+
+def help_width() -> int:
+    """argparse's default width, ``shutil.get_terminal_size().columns - 2``, without
+    loading shutil: ``$COLUMNS`` when positive, else the terminal's, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+        columns = columns or 80
+    return columns - 2
+
 
 def common_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
     """Options every command accepts, before or after the command name.
