@@ -14,7 +14,10 @@ Measured, each a fresh process started the same way (``subprocess.run``, output 
                       the first command after a boot or a CPU hotplug);
 * ``status``          ``pinwarden status`` on the bundled 16-CPU example host with three
                       holders;
-* ``help``            ``pinwarden --help``.
+* ``help``            ``pinwarden --help``;
+* ``stdlib_floor``    ``python -c 'import json, sqlite3, argparse, pathlib, typing,
+                      dataclasses'`` (information only): what every command imports from
+                      the standard library before any pinwarden code runs.
 
 Goals (ratios of medians to ``bare``): ``plan`` ≤ 3, ``status`` ≤ 2.5; and
 ``policy.decide`` p99 < 1 ms on the 1,024-CPU host (``pwbench.decide``: 300 states of
@@ -60,6 +63,8 @@ BIG = "syn-4s2n64c2t"  # 4 sockets × 2 nodes × 64 cores × 2 threads: 1,024 CP
 EXAMPLE = Path(pinwarden.__file__).resolve().parent / "data" / "example-host"
 GOALS = {"plan": 3.0, "status": 2.5}
 DECIDE_GOAL_US = 1000.0
+#: The standard library every command loads (information only): the floor under its ratio.
+FLOOR = "json, sqlite3, argparse, pathlib, typing, dataclasses"
 #: 19 domains of 32 vCPUs (whole cores): 608 CPUs leased on the big host.
 LEASED_DOMAINS, LEASED_VCPUS = 19, 32
 
@@ -103,6 +108,7 @@ def hosts() -> Iterator[dict[str, list[str]]]:
         plan_cmd = [*pw, "plan", "--root", str(big), "--state-dir", str(big_state), str(plan)]
         yield {
             "bare": [sys.executable, "-c", "import json, sqlite3"],
+            "stdlib_floor": [sys.executable, "-c", f"import {FLOOR}"],
             "plan": plan_cmd,
             "plan_uncached": plan_cmd,
             "status": [*pw, "status", "--root", str(EXAMPLE), "--state-dir", str(small_state)],

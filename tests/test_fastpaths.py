@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pinwarden import allocator, policy
-from pinwarden.cpuset import CpuSet
+from pinwarden.cpuset import CpuSet, union
 from pinwarden.domain import DomainSpec
 from pinwarden.errors import PinwardenError
 from pinwarden.model import HolderRef, Lease, Plan, domain_holder, job_holder
@@ -49,12 +49,33 @@ def plain_add_all(self: policy._Leases, items: Sequence[tuple[str, CpuSet, str]]
         self.add(label, cpus, role)
 
 
+def plain_holders_of(ctx: policy._Ctx, cpus: CpuSet) -> str:
+    by: dict[HolderRef, list[int]] = {}
+    for cpu in cpus:
+        lease = ctx.others.get(cpu)
+        if lease is not None:
+            by.setdefault(lease.holder, []).append(cpu)
+    return "; ".join(f"{'CPU' if len(c) == 1 else 'CPUs'} {CpuSet.of(c)} to {h}"
+                     for h, c in by.items())
+
+
+def plain_ranges(cpus: CpuSet) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for cpu in sorted(cpus.cpus):
+        if out and out[-1][1] == cpu - 1:
+            out[-1] = (out[-1][0], cpu)
+        else:
+            out.append((cpu, cpu))
+    return out
+
+
 @contextlib.contextmanager
 def plain_code() -> Iterator[None]:
     """The plain versions in place of the fast ones (put back afterwards)."""
     swaps = [(policy, "_split", plain_split), (policy, "_online_vm_cpus", plain_online_vm_cpus),
              (allocator, "_free_mask", plain_free_mask),
-             (policy._Leases, "add_all", plain_add_all)]
+             (policy._Leases, "add_all", plain_add_all),
+             (policy, "_holders_of", plain_holders_of), (CpuSet, "ranges", plain_ranges)]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in swaps]
     try:
         for owner, name, value in swaps:
@@ -176,3 +197,15 @@ def test_split_equals_the_plain_split(data: st.DataObject) -> None:
     leases = data.draw(lease_lists(host))
     holder = data.draw(st.sampled_from(HOLDERS))
     assert policy._split(leases, holder) == plain_split(leases, holder)
+
+
+@given(st.lists(st.sets(st.integers(0, 80), max_size=40), max_size=6))
+def test_ranges_and_union_equal_the_plain_ones(sets: list[set[int]]) -> None:
+    cpusets = [CpuSet.of(s) for s in sets]
+    for cpus in cpusets:
+        assert cpus.ranges() == plain_ranges(cpus)
+    plain: frozenset[int] = frozenset()
+    for cpus in cpusets:
+        plain = plain | cpus.cpus
+    assert union(cpusets) == CpuSet(plain)
+    assert union(iter(cpusets)) == CpuSet(plain)

@@ -231,12 +231,20 @@ def _conflict(ctx: _Ctx, label: str, cpus: CpuSet, *, advice: str = "") -> None:
 
 
 def _holders_of(ctx: _Ctx, cpus: CpuSet) -> str:
-    """``CPUs 1-2 to job 'A'; CPU 3 to qemu domain 'x'``."""
-    by: dict[HolderRef, list[int]] = {}
-    for cpu in cpus:
-        lease = ctx.others.get(cpu)
+    """``CPUs 1-2 to job 'A'; CPU 3 to qemu domain 'x'`` (holders in the order of their
+    lowest CPU)."""
+    others = ctx.others
+    by_object: dict[int, tuple[HolderRef, list[int]]] = {}  # grouped first by identity:
+    for cpu in cpus:  # leases of one holder share its HolderRef, so few hashes below
+        lease = others.get(cpu)
         if lease is not None:
-            by.setdefault(lease.holder, []).append(cpu)
+            entry = by_object.get(id(lease.holder))
+            if entry is None:
+                entry = by_object[id(lease.holder)] = (lease.holder, [])
+            entry[1].append(cpu)
+    by: dict[HolderRef, list[int]] = {}
+    for holder, held in by_object.values():
+        by.setdefault(holder, []).extend(held)
     return "; ".join(f"{'CPU' if len(c) == 1 else 'CPUs'} {CpuSet.of(c)} to {h}"
                      for h, c in by.items())
 
