@@ -22,6 +22,7 @@ list below is the only place that knows them all.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import select
@@ -322,4 +323,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        status = main()
+    finally:
+        # The process ends here (also after --help: argparse exits).  The interpreter's
+        # last garbage collection would walk every object the imports made (several
+        # milliseconds, most of a short command's exit); whatever pinwarden opened is
+        # closed by now, so it is skipped.
+        gc.freeze()
+    sys.exit(status)
