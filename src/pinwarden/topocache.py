@@ -127,7 +127,7 @@ def _store(path: Path, real_root: str, prints: dict[str, str | None],
     """Write atomically; any failure leaves no file behind and is not an error."""
     text = json.dumps({"root": real_root, "fingerprint": prints,
                        "topology": encode_topology(topology)}, separators=(",", ":"))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(topology):x}.tmp")  # per writer
     try:
         path.parent.mkdir(mode=0o755, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
