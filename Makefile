@@ -15,7 +15,7 @@ APT_PACKAGES := qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-de
 # libvirt-python is built against the system's libvirt: take the binding of the same version.
 LIBVIRT_PY = libvirt-python$$(v=$$(pkg-config --modversion libvirt 2>/dev/null) && echo "==$$v")
 
-.PHONY: demo test lint bench bench-quick bench-host deps-system venv clean man install-man
+.PHONY: demo test lint bench bench-quick bench-host bench-cli deps-system venv clean man install-man
 
 $(BIN)/pinwarden: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -93,6 +93,12 @@ bench-host: $(VENV)/.test-deps
 		$(BIN)/python bench/audit_scale.py --threads $$n --repeat 3 >> bench/results/audit_scale.jsonl; done
 	$(BIN)/python bench/start_overhead.py --runs $(START_RUNS) > bench/results/start_overhead.json
 	cat bench/results/audit_scale.jsonl bench/results/start_overhead.json
+
+## Command-line speed (issue #12, bench/README.md): pinwarden plan, status and --help against
+## a bare Python, side by side, and policy.decide in process; no root, libvirt or VM needed.
+CLI_RUNS ?= 21
+bench-cli: venv
+	$(BIN)/python bench/cli_speed.py --runs $(CLI_RUNS) --out bench/results/cli.json
 
 bench: AUDIT_THREADS = 1000 5000 20000
 bench: START_RUNS = 9

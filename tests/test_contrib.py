@@ -94,7 +94,7 @@ def test_daemon_unit_as_the_readme_installs_it() -> None:
     assert "/var/lib/pinwarden" not in service.get("Service", "ReadWritePaths", fallback="")
     assert service.get("Unit", "Documentation") == "man:pinwarden(1)"
     readme = (REPO / "README.md").read_text()
-    assert f"python3 -m venv {Path(EXE).parent.parent}" in readme
+    assert f"python3 -m venv --system-site-packages {Path(EXE).parent.parent}" in readme
     assert "contrib/pinwarden.service" in readme and "make install-man" in readme
 
 

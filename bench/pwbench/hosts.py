@@ -82,3 +82,39 @@ SYNTHETIC: dict[str, tuple[int, int, int, int]] = {
 
 def synthetic_host(name: str) -> Host:
     return make_host(name, synthetic(*SYNTHETIC[name]))
+
+
+def write_root(topology: Topology, root: Path, *, cmdline: str = "ro quiet") -> Path:
+    """A sysfs root (``sys/devices/system/{cpu,node}``, ``proc/cmdline``) that
+    :func:`~pinwarden.topology.read_topology` reads as ``topology``'s CPUs, cores, packages
+    (by ``package`` id) and nodes: what the command-line benchmark runs ``pinwarden`` on."""
+    def put(rel: str, text: str) -> None:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+
+    base = "sys/devices/system/cpu"
+    for name, cpus in (("online", topology.online), ("present", topology.present),
+                       ("possible", topology.present), ("isolated", topology.isolated),
+                       ("nohz_full", topology.nohz_full)):
+        put(f"{base}/{name}", str(cpus))
+    packages: dict[int | None, set[int]] = {}
+    for cpu in topology.cpus.values():
+        packages.setdefault(cpu.package, set()).add(cpu.id)
+    for cpu in topology.cpus.values():
+        package = CpuSet.of(packages[cpu.package])
+        files = {"physical_package_id": cpu.package, "die_id": cpu.die, "core_id": cpu.core,
+                 "core_cpus_list": cpu.siblings, "thread_siblings_list": cpu.siblings,
+                 "package_cpus_list": package, "core_siblings_list": package}
+        for name, value in files.items():
+            if value is not None:
+                put(f"{base}/cpu{cpu.id}/topology/{name}", str(value))
+        if cpu.id:
+            put(f"{base}/cpu{cpu.id}/online", "1" if cpu.online else "0")
+    nodes = CpuSet.of(topology.nodes)
+    put("sys/devices/system/node/online", str(nodes))
+    put("sys/devices/system/node/possible", str(nodes))
+    for node, cpus in topology.nodes.items():
+        put(f"sys/devices/system/node/node{node}/cpulist", str(cpus))
+    put("proc/cmdline", cmdline)
+    return root

@@ -40,7 +40,8 @@ CPU), siblings adjacent: give them to vCPUs 0, 1, 2, … in this order and conse
 share cores, as a guest topology with ``threads=2`` expects.
 
 Speed: the host's layout (nodes of cores, each core a bitmask) is built once per
-:class:`Topology` object; a decision turns the free CPUs into one integer bitmask and works
+:class:`Topology` object, and the mask of the pool once per pool object; a decision turns
+the free CPUs into one integer bitmask (from the taken ones when most are free) and works
 on masks of nodes and cores (about 0.1 ms on a 1,024-CPU host, see bench/README.md).
 """
 
@@ -59,6 +60,8 @@ from pinwarden.topology import Topology
 
 @dataclass(frozen=True, slots=True)
 class Request:
+    """What to allocate: how many CPUs, under which thread policy, on which nodes."""
+
     count: int  # CPUs wanted (vCPUs, plus one for an isolated emulator)
     threads: ThreadPolicy = "whole"
     nodes: CpuSet | None = None  # allowed host NUMA nodes (numatune nodeset); None: any
@@ -66,6 +69,8 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class Allocation:
+    """The CPUs chosen, in vCPU order, and the threads held empty."""
+
     cpus: tuple[int, ...]  # chosen CPUs, in the order they should be given to vCPUs
     holds: CpuSet = EMPTY  # threads held empty (siblings under isolate; spares under whole/require)
 
@@ -93,9 +98,7 @@ def allocate(topology: Topology, pool: CpuSet, free: CpuSet, request: Request) -
             f"threads; use thread policy 'prefer' or 'isolate' for these {count} CPUs",
             code="no-smt")
 
-    usable = free.cpus & pool.cpus & host.online
-    bit = host.bit
-    mask = sum(map(bit.__getitem__, usable))  # distinct powers of two: sum == or
+    mask = _free_mask(host, pool, free)
     wanted = request.nodes
     states: dict[int, _NodeState] = {}
     capacity: dict[int, int] = {}
@@ -124,29 +127,39 @@ def allocate(topology: Topology, pool: CpuSet, free: CpuSet, request: Request) -
 
 
 # -- the host as nodes of cores ------------------------------------------------------------
+# Plain classes, not dataclasses, for these private records: a dataclass costs about a
+# millisecond to define at import, and every command pays it (issue #12).
 
-@dataclass(frozen=True, slots=True)
 class _HostNode:
-    mask: int  # its online threads (every thread of the cores whose first thread is here)
-    firsts: int  # the first thread of each of its cores
-    package: int  # first CPU of the package of its first CPU (package ids can repeat)
-    cores: tuple[int, ...]  # core masks, by first CPU
-    threads: tuple[tuple[int, ...], ...]  # each core's online threads, ascending
-    index: dict[int, int]  # first thread -> core index
-    #: When every core of the node is ``first + offsets`` (the same offsets, e.g. (0, 64) on
-    #: Linux's numbering or (0, 1) with adjacent siblings): whole cores are found with a few
-    #: shifts of the free mask instead of a loop over cores.
-    offsets: tuple[int, ...] | None
-    uniform: int  # threads per core when every core of the node has as many, else 0
+    __slots__ = ("cores", "firsts", "index", "mask", "offsets", "package", "threads",
+                 "uniform")
+
+    def __init__(self, *, mask: int, firsts: int, package: int, cores: tuple[int, ...],
+                 threads: tuple[tuple[int, ...], ...], index: dict[int, int],
+                 offsets: tuple[int, ...] | None, uniform: int) -> None:
+        self.mask = mask  # its online threads (every thread of the cores whose first is here)
+        self.firsts = firsts  # the first thread of each of its cores
+        self.package = package  # first CPU of the package of its first CPU (ids can repeat)
+        self.cores = cores  # core masks, by first CPU
+        self.threads = threads  # each core's online threads, ascending
+        self.index = index  # first thread -> core index
+        #: When every core of the node is ``first + offsets`` (the same offsets, e.g.
+        #: (0, 64) on Linux's numbering or (0, 1) with adjacent siblings): whole cores are
+        #: found with a few shifts of the free mask instead of a loop over cores.
+        self.offsets = offsets
+        self.uniform = uniform  # threads per core when every core has as many, else 0
 
 
-@dataclass(frozen=True, slots=True)
 class _HostLayout:
-    nodes: dict[int, _HostNode]  # by node number, ascending
-    package: dict[int, int]  # node -> package key
-    online: frozenset[int]  # every online CPU (each belongs to exactly one core here)
-    bit: tuple[int, ...]  # bit[cpu] == 1 << cpu, for every cpu up to the largest online one
-    smt: bool
+    __slots__ = ("bit", "nodes", "online", "package", "smt")
+
+    def __init__(self, *, nodes: dict[int, _HostNode], package: dict[int, int],
+                 online: frozenset[int], bit: tuple[int, ...], smt: bool) -> None:
+        self.nodes = nodes  # by node number, ascending
+        self.package = package  # node -> package key
+        self.online = online  # every online CPU (each belongs to exactly one core here)
+        self.bit = bit  # bit[cpu] == 1 << cpu, for every cpu up to the largest online one
+        self.smt = smt
 
 
 def _host_layout(topology: Topology) -> _HostLayout:
@@ -237,15 +250,45 @@ def _package(topology: Topology, cpu: int) -> int:
 _LAYOUT_CACHE_SIZE = 16
 _LAYOUTS: dict[int, tuple[weakref.ref[Topology], _HostLayout]] = {}
 
+#: The last (layout, pool, mask of the pool's online CPUs), by identity (both immutable):
+#: decisions on one host share one pool.
+_POOL_MASKS: list[tuple[_HostLayout, frozenset[int], int]] = []
+
+
+def _free_mask(host: _HostLayout, pool: CpuSet, free: CpuSet) -> int:
+    """The mask of the usable CPUs: free, in the pool, online.  Masks are sums of distinct
+    powers of two; the fewer CPUs summed the better, so a mostly free pool is the pool's
+    mask without the taken CPUs."""
+    bit = host.bit
+    try:
+        if 2 * len(free.cpus) > len(pool.cpus):
+            return _pool_mask(host, pool) & ~sum(map(bit.__getitem__, pool.cpus - free.cpus))
+        return _pool_mask(host, pool) & sum(map(bit.__getitem__, free.cpus))
+    except IndexError:  # a CPU above the last online one
+        return sum(map(bit.__getitem__, free.cpus & pool.cpus & host.online))
+
+
+def _pool_mask(host: _HostLayout, pool: CpuSet) -> int:
+    """The mask of the online CPUs of ``pool``."""
+    cpus = pool.cpus
+    for layout, seen, mask in _POOL_MASKS:
+        if layout is host and seen is cpus:
+            return mask
+    mask = sum(map(host.bit.__getitem__, cpus & host.online))
+    _POOL_MASKS[:] = [(host, cpus, mask)]
+    return mask
+
 
 # -- one node under one request --------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
 class _NodeState:
-    free: int  # mask of its free threads
-    capacity: int  # CPUs it can give under the policy
-    whole: int  # first threads of its whole free cores eligible under the policy
-    partial: int  # first threads of the cores with some but not all threads free (prefer)
+    __slots__ = ("capacity", "free", "partial", "whole")
+
+    def __init__(self, free: int, capacity: int, whole: int, partial: int) -> None:
+        self.free = free  # mask of its free threads
+        self.capacity = capacity  # CPUs it can give under the policy
+        self.whole = whole  # first threads of its whole free cores eligible under the policy
+        self.partial = partial  # first threads of the cores partly free (prefer)
 
 
 def _node_state(node: _HostNode, free: int, policy: ThreadPolicy) -> _NodeState:

@@ -21,7 +21,6 @@ Every key with its default and what overrides it: :data:`SETTINGS`, the commente
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -37,6 +36,8 @@ ModeSetting = Literal["auto", "isolcpus", "cgroup", "none"]
 
 @dataclass(frozen=True, slots=True)
 class Config:
+    """The settings (:data:`SETTINGS` says where each comes from)."""
+
     mode: ModeSetting = "auto"
     host_reserve: CpuSet | None = None  # None: the first physical core
     cgroup_v1: str = "machine"
@@ -119,6 +120,8 @@ def _bool(table: dict[str, Any], key: str, default: bool, path: Path) -> bool:
 
 
 def parse_config(text: str, path: Path = DEFAULT_CONFIG) -> Config:
+    import tomllib  # here: most hosts have no configuration file, and it is slow to load
+
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

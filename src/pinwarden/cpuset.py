@@ -180,11 +180,16 @@ class CpuSet:
     def ranges(self) -> list[tuple[int, int]]:
         """Maximal runs of consecutive members, in order."""
         out: list[tuple[int, int]] = []
-        for cpu in sorted(self.cpus):
-            if out and out[-1][1] == cpu - 1:
-                out[-1] = (out[-1][0], cpu)
-            else:
-                out.append((cpu, cpu))
+        members = sorted(self.cpus)
+        if not members:
+            return out
+        start = last = members[0]
+        for cpu in members:
+            if cpu > last + 1:
+                out.append((start, last))
+                start = cpu
+            last = cpu
+        out.append((start, last))
         return out
 
     def to_list(self) -> str:
@@ -265,7 +270,4 @@ EMPTY = CpuSet()
 
 
 def union(sets: Iterable[CpuSet]) -> CpuSet:
-    out: frozenset[int] = frozenset()
-    for s in sets:
-        out = out | s.cpus
-    return CpuSet(out)
+    return CpuSet(frozenset().union(*[s.cpus for s in sets]))

@@ -12,7 +12,6 @@ exactly as the user wrote them.
 from __future__ import annotations
 
 import re
-import uuid as uuidlib
 import xml.parsers.expat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -60,6 +59,8 @@ class GuestCell:
 
 @dataclass(frozen=True)
 class DomainSpec:
+    """What placement needs of one libvirt domain's XML."""
+
     name: str
     uuid: str | None
     vcpus: int  # <vcpu> maximum
@@ -180,7 +181,8 @@ def _uuid(value: str) -> str:
     digits = text.replace("-", "")
     if len(digits) != 32 or not all(_UUID_HEX.fullmatch(c) for c in digits):
         _bad("<uuid>", value, "not a UUID (32 hex digits)")
-    return str(uuidlib.UUID(hex=digits))
+    hexa = digits.lower()  # str(uuid.UUID(hex=digits)), without loading uuid (and platform)
+    return f"{hexa[:8]}-{hexa[8:12]}-{hexa[12:16]}-{hexa[16:20]}-{hexa[20:]}"
 
 
 _SCALE = {"": 1024, "b": 1, "byte": 1, "bytes": 1}
@@ -369,19 +371,22 @@ def parse_domain(xml: str | bytes) -> DomainSpec:
 # -- rendering -----------------------------------------------------------------------------
 
 
-@dataclass
 class _Node:
     """An element located in the document by byte offsets (UTF-8).  ``tag`` is the local
-    name, ``ns`` its namespace URI ("" for libvirt's own, un-namespaced elements)."""
+    name, ``ns`` its namespace URI ("" for libvirt's own, un-namespaced elements).  (A plain
+    class: a dataclass costs about a millisecond to define at import.)"""
 
-    tag: str
-    ns: str
-    attrs: dict[str, str]
-    start: int  # offset of '<'
-    head_end: int = 0  # offset just past the start tag's '>'
-    tail_start: int = 0  # offset of the end tag's '<' (== head_end for <x/>)
-    end: int = 0  # offset just past the element
-    children: list[_Node] = field(default_factory=list)
+    __slots__ = ("attrs", "children", "end", "head_end", "ns", "start", "tag", "tail_start")
+
+    def __init__(self, tag: str, ns: str, attrs: dict[str, str], start: int) -> None:
+        self.tag = tag
+        self.ns = ns
+        self.attrs = attrs
+        self.start = start  # offset of '<'
+        self.head_end = 0  # offset just past the start tag's '>'
+        self.tail_start = 0  # offset of the end tag's '<' (== head_end for <x/>)
+        self.end = 0  # offset just past the element
+        self.children: list[_Node] = []
 
     @property
     def empty(self) -> bool:

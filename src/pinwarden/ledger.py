@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pinwarden import procs
 from pinwarden.cpuset import MAX_CPU, CpuSet
 from pinwarden.errors import LedgerError, PinwardenError, Refusal, shorten
 from pinwarden.model import (
@@ -101,6 +100,8 @@ Liveness = Callable[[int, int | None], bool]
 
 @dataclass(frozen=True, slots=True)
 class HolderRecord:
+    """One holder as recorded: its plan, owner process and cgroup."""
+
     ref: HolderRef
     created: float
     owner_pid: int | None  # process whose death frees the holder's leases
@@ -227,6 +228,14 @@ def location_problem(state_dir: Path) -> str | None:
     return None
 
 
+def _alive(pid: int, start: int | None) -> bool:
+    """Whether process ``pid`` (started at ``start``, when known) still runs.  (procs is
+    loaded here, when some holder has an owner process: most reads need none of it.)"""
+    from pinwarden import procs
+
+    return procs.alive(pid, start)
+
+
 class Ledger:
     """The lease database of one state directory.  One instance per process (the SQLite
     connection is not shared across ``fork``); use it as a context manager or call
@@ -237,7 +246,7 @@ class Ledger:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / DB_NAME
         self.busy_timeout = busy_timeout
-        self._alive: Liveness = liveness or (lambda pid, start: procs.alive(pid, start))
+        self._alive: Liveness = liveness or _alive
         #: Holders reaped by the last :meth:`reserve` or :meth:`reap`: their cgroups may
         #: need removing.
         self.last_reaped: tuple[HolderRecord, ...] = ()
@@ -292,7 +301,7 @@ class Ledger:
             for entry in os.scandir(self.state_dir):
                 base = entry.name.split("-")[0] if "-" in entry.name else entry.name
                 m = _TMP.fullmatch(base)
-                if m and not procs.alive(int(m["pid"]), None):
+                if m and not _alive(int(m["pid"]), None):
                     with contextlib.suppress(OSError):
                         os.unlink(entry.path)
 
@@ -648,6 +657,8 @@ class Ledger:
         """
         owner_start: int | None = None
         if owner_pid is not None:
+            from pinwarden import procs
+
             owner_start = procs.start_time(owner_pid)
             if owner_start is None:
                 raise LedgerError(f"cannot reserve CPUs for {holder}: owner process "
@@ -771,6 +782,8 @@ class Ledger:
         death frees the holder.  ``None`` clears the owner."""
         start: int | None = None
         if pid is not None:
+            from pinwarden import procs
+
             start = procs.start_time(pid)
             if start is None:
                 raise LedgerError(f"cannot make process {pid} the owner of {holder}: "

@@ -237,7 +237,11 @@ class Manager:
     def _load_host(self, found: VmCgroup | None) -> Host:
         if self._fixed_host is not None:
             return self._fixed_host
-        return load_host(self.root, self.config, found)
+        # The topology from its snapshot cache while sysfs says nothing changed (issue #12).
+        from pinwarden.topocache import cached_topology
+
+        return load_host(self.root, self.config, found,
+                         topology=cached_topology(self.root, self.state_dir))
 
     def holders(self) -> tuple[HolderRecord, ...]:
         reader = self.reader()

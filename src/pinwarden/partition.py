@@ -43,6 +43,8 @@ PartitionMode = Literal["isolcpus", "cgroup", "none"]
 
 @dataclass(frozen=True, slots=True)
 class Partition:
+    """Which online CPUs are for VMs and which for the host, and why."""
+
     mode: PartitionMode
     vm_cpus: CpuSet  # CPUs for VMs (isolated set, partition cgroup's cpuset, or online - reserve)
     host_cpus: CpuSet  # housekeeping CPUs: online - vm_cpus
@@ -128,9 +130,13 @@ def read_partition(root: Path, topology: Topology, config: Config,
     return decide_partition(topology, config, found)
 
 
-def load_host(root: Path, config: Config, found: VmCgroup | None = None) -> Host:
-    """Topology and partition of the host at ``root``: the snapshot every command uses."""
-    topology = read_topology(root)
+def load_host(root: Path, config: Config, found: VmCgroup | None = None, *,
+              topology: Topology | None = None) -> Host:
+    """Topology and partition of the host at ``root``: the snapshot every command uses.
+    ``topology``: the host's topology when the caller has it already (a cached snapshot,
+    :mod:`pinwarden.topocache`), else it is read."""
+    if topology is None:
+        topology = read_topology(root)
     return Host(topology, read_partition(root, topology, config, found))
 
 

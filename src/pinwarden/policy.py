@@ -28,7 +28,7 @@ Refusal codes: ``no-vcpus``, ``bad-pin``, ``unknown-cpu``, ``unknown-node``,
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from pinwarden.cpuset import EMPTY, CpuSet, union
@@ -73,17 +73,21 @@ def holder_of(request: Request) -> HolderRef:
     return domain_holder(driver_of_type(request.domain_type), request.name, request.uuid)
 
 
-@dataclass(frozen=True, slots=True)
 class _Ctx:
-    """Everything one decision looks at, computed once."""
+    """Everything one decision looks at, computed once.  (A plain class: a dataclass costs
+    about a millisecond to define at import, and every command pays it.)"""
 
-    name: str
-    who: str  # "domain 'x'" / "job 'x'"
-    host: Host
-    others: Mapping[int, Lease]  # cpu -> lease of another holder
-    mine: CpuSet  # CPUs the holder itself already leases (replaced by this plan)
-    leased: CpuSet = field(default=EMPTY)  # every CPU of ``others``
-    vm_cpus: CpuSet = field(default=EMPTY)  # online VM CPUs
+    __slots__ = ("host", "leased", "mine", "name", "others", "vm_cpus", "who")
+
+    def __init__(self, name: str, who: str, host: Host, others: Mapping[int, Lease],
+                 mine: CpuSet, leased: CpuSet = EMPTY, vm_cpus: CpuSet = EMPTY) -> None:
+        self.name = name
+        self.who = who  # "domain 'x'" / "job 'x'"
+        self.host = host
+        self.others = others  # cpu -> lease of another holder
+        self.mine = mine  # CPUs the holder itself already leases (replaced by this plan)
+        self.leased = leased  # every CPU of ``others``
+        self.vm_cpus = vm_cpus  # online VM CPUs
 
     @property
     def part(self) -> Partition:
@@ -108,20 +112,50 @@ def decide(request: Request, host: Host, leases: Sequence[Lease], *,
     among running jobs (``job-exists``).
     """
     holder = holder if holder is not None else holder_of(request)
-    others: dict[int, Lease] = {}
-    mine: list[int] = []
-    for lease in leases:
-        if lease.holder.driver == holder.driver and lease.holder.key == holder.key:
-            mine.append(lease.cpu)
-        else:
-            others[lease.cpu] = lease
+    others, mine = _split(leases, holder)
     who = f"job {request.name!r}" if isinstance(request, JobSpec) else \
         f"domain {request.name!r}"
     ctx = _Ctx(request.name, who, host, others, CpuSet(frozenset(mine)),
-               CpuSet(frozenset(others)), host.partition.vm_cpus & host.topology.online)
+               CpuSet(frozenset(others)), _online_vm_cpus(host))
     if isinstance(request, JobSpec):
         return _job(ctx, request)
     return _domain(ctx, request)
+
+
+def _split(leases: Sequence[Lease], holder: HolderRef) -> tuple[dict[int, Lease], list[int]]:
+    """(CPU → lease of another holder, CPUs leased to ``holder``).  A lease is the
+    holder's when driver and key agree (whatever the name); consecutive leases of one
+    holder usually share one ``HolderRef``, compared once."""
+    driver, key = holder.driver, holder.key
+    others: dict[int, Lease] = {}
+    mine: list[int] = []
+    last: HolderRef | None = None
+    ours = False
+    for lease in leases:
+        ref = lease.holder
+        if ref is not last:
+            last, ours = ref, ref.key == key and ref.driver == driver
+        if ours:
+            mine.append(lease.cpu)
+        else:
+            others[lease.cpu] = lease
+    return others, mine
+
+
+#: The last (VM CPUs, online CPUs, their intersection), by the identity of the two
+#: (immutable) sets: a process deciding again on the same host computes it once.
+_VM_ONLINE: list[tuple[frozenset[int], frozenset[int], CpuSet]] = []
+
+
+def _online_vm_cpus(host: Host) -> CpuSet:
+    """The partition's VM CPUs that are online."""
+    vm, online = host.partition.vm_cpus.cpus, host.topology.online.cpus
+    for seen_vm, seen_online, result in _VM_ONLINE:
+        if seen_vm is vm and seen_online is online:
+            return result
+    result = CpuSet(vm & online)
+    _VM_ONLINE[:] = [(vm, online, result)]
+    return result
 
 
 # -- validation ----------------------------------------------------------------------------
@@ -197,12 +231,20 @@ def _conflict(ctx: _Ctx, label: str, cpus: CpuSet, *, advice: str = "") -> None:
 
 
 def _holders_of(ctx: _Ctx, cpus: CpuSet) -> str:
-    """``CPUs 1-2 to job 'A'; CPU 3 to qemu domain 'x'``."""
-    by: dict[HolderRef, list[int]] = {}
-    for cpu in cpus:
-        lease = ctx.others.get(cpu)
+    """``CPUs 1-2 to job 'A'; CPU 3 to qemu domain 'x'`` (holders in the order of their
+    lowest CPU)."""
+    others = ctx.others
+    by_object: dict[int, tuple[HolderRef, list[int]]] = {}  # grouped first by identity:
+    for cpu in cpus:  # leases of one holder share its HolderRef, so few hashes below
+        lease = others.get(cpu)
         if lease is not None:
-            by.setdefault(lease.holder, []).append(cpu)
+            entry = by_object.get(id(lease.holder))
+            if entry is None:
+                entry = by_object[id(lease.holder)] = (lease.holder, [])
+            entry[1].append(cpu)
+    by: dict[HolderRef, list[int]] = {}
+    for holder, held in by_object.values():
+        by.setdefault(holder, []).extend(held)
     return "; ".join(f"{'CPU' if len(c) == 1 else 'CPUs'} {CpuSet.of(c)} to {h}"
                      for h, c in by.items())
 
@@ -298,6 +340,20 @@ class _Leases:
         for cpu in cpus:
             self.roles.setdefault(cpu, role)
 
+    def add_all(self, items: Sequence[tuple[str, CpuSet, str]]) -> None:
+        """:meth:`add` of every ``(label, cpus, role)`` in order.  The checks are made once
+        on all the CPUs; only when they fail is each item checked (and refused) in turn."""
+        every = union(cpus for _label, cpus, _role in items).cpus
+        ctx = self.ctx
+        if every <= ctx.part.vm_cpus.cpus and every.isdisjoint(ctx.leased.cpus):
+            roles = self.roles
+            for _label, cpus, role in items:
+                for cpu in sorted(cpus.cpus):
+                    roles.setdefault(cpu, role)
+            return
+        for label, cpus, role in items:
+            self.add(label, cpus, role)
+
     @property
     def cpus(self) -> CpuSet:
         return CpuSet(frozenset(self.roles))
@@ -333,11 +389,13 @@ def _sibling_holds(ctx: _Ctx, own: _Leases, threads: ThreadPolicy) -> tuple[CpuS
                       f"online threads; use thread policy 'whole' or 'isolate' for "
                       f"{ctx.who}", code="no-smt")
     if threads == "isolate":
+        members = cpus.cpus
         for cpu in cpus:
-            pair = topo.siblings(cpu) & cpus - CpuSet.of([cpu]) if cpu in topo.cpus else EMPTY
+            info = topo.cpus.get(cpu)
+            pair = (info.siblings.cpus & members) - {cpu} if info is not None else None
             if pair:
                 raise Refusal(f"thread policy 'isolate' gives {ctx.who} one thread per core, "
-                              f"but CPUs {cpu} and {pair.first()} are siblings of one core: "
+                              f"but CPUs {cpu} and {min(pair)} are siblings of one core: "
                               f"pin them to different cores, or use thread policy 'whole'",
                               code="bad-pin")
     siblings = union(topo.siblings(c) for c in cpus if c in topo.cpus)
@@ -376,8 +434,8 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
             raise Refusal(f"exclusive {ctx.who} pins some vCPUs but not vCPU {missing[0]}: pin "
                           "every vCPU, or none and let pinwarden choose", code="bad-pin")
         vcpus = dict(sorted(spec.vcpupins.items()))
-        for vcpu, cpus in vcpus.items():
-            own.add(f"<vcpupin vcpu='{vcpu}'>", cpus, f"vcpu{vcpu}")
+        own.add_all([(f"<vcpupin vcpu='{vcpu}'>", cpus, f"vcpu{vcpu}")
+                     for vcpu, cpus in vcpus.items()])
     else:
         within = ctx.vm_cpus if spec.cpuset is None else spec.cpuset & ctx.vm_cpus
         if spec.cpuset is not None:
@@ -387,12 +445,11 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
             union([spec.emulatorpin or EMPTY, *spec.iothreadpins.values()])
         got = _allocate(ctx, within - pinned, allocator.Request(
             count=count, threads=spec.threads, nodes=spec.numa_nodeset))
-        chosen = list(got.cpus)
+        chosen = list(got.cpus)  # CPU numbers the allocator took from ``within``
         if isolate_emulator:
-            emulator = CpuSet.of([chosen.pop()])
-        vcpus = {v: CpuSet.of([cpu]) for v, cpu in enumerate(chosen)}
-        for vcpu, cpus in vcpus.items():
-            own.add(f"vCPU {vcpu}", cpus, f"vcpu{vcpu}")
+            emulator = CpuSet(frozenset((chosen.pop(),)))
+        vcpus = {v: CpuSet(frozenset((cpu,))) for v, cpu in enumerate(chosen)}
+        own.add_all([(f"vCPU {vcpu}", cpus, f"vcpu{vcpu}") for vcpu, cpus in vcpus.items()])
 
     if emulator is None:
         if isolate_emulator:  # explicit vCPU pins: one more CPU, near the vCPUs

@@ -1,6 +1,8 @@
 """Host CPU topology, read from a root directory (``/`` or a sysfs dump).
 
 Value types are frozen dataclasses; :func:`read_topology` is the only function doing I/O.
+:func:`encode_topology` / :func:`decode_topology` turn a ``Topology`` into JSON data and
+back (pure; :mod:`pinwarden.topocache` stores it).
 
 How the kernel files are read, and why (the result agrees with hwloc's ``lstopo``):
 
@@ -27,6 +29,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pinwarden.cpuset import EMPTY, MAX_CPU, CpuSet, CpuSetError
 from pinwarden.errors import HostError
@@ -58,6 +61,8 @@ class Cpu:
 
 @dataclass(frozen=True)
 class Topology:
+    """The host's CPUs, NUMA nodes and kernel CPU lists (a snapshot, no I/O)."""
+
     cpus: Mapping[int, Cpu]  # every present CPU by id
     present: CpuSet
     online: CpuSet
@@ -215,17 +220,23 @@ def _cmdline_cpus(cmdline: str | None, key: str) -> CpuSet | None:
 # -- the reader -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
 class _Raw:
-    """What sysfs says about one CPU, before cores are reconciled."""
+    """What sysfs says about one CPU, before cores are reconciled.  (A plain class: a
+    dataclass costs about a millisecond to define at import, and every command pays it.)"""
 
-    has_topology: bool
-    package: int | None
-    die: int | None
-    cluster: int | None
-    core: int | None
-    thread_mask: CpuSet | None
-    package_mask: CpuSet | None
+    __slots__ = ("cluster", "core", "die", "has_topology", "package", "package_mask",
+                 "thread_mask")
+
+    def __init__(self, *, has_topology: bool, package: int | None, die: int | None,
+                 cluster: int | None, core: int | None, thread_mask: CpuSet | None,
+                 package_mask: CpuSet | None) -> None:
+        self.has_topology = has_topology
+        self.package = package
+        self.die = die
+        self.cluster = cluster
+        self.core = core
+        self.thread_mask = thread_mask
+        self.package_mask = package_mask
 
 
 def _read_raw(cpu_dir: Path) -> _Raw:
@@ -365,3 +376,78 @@ def _read_nodes(root: Path, present: CpuSet) -> tuple[dict[int, CpuSet], dict[in
             linked = _numbered(root / CPU_DIR / f"cpu{c}", _NODE_ENTRY)
             node_of[c] = linked[0] if linked else fallback
     return nodes, node_of
+
+
+# -- snapshots (pure) -----------------------------------------------------------------------
+
+#: Layout of :func:`encode_topology`'s data; a snapshot of another version is not used.
+SNAPSHOT_VERSION = 1
+
+
+def encode_topology(topology: Topology) -> dict[str, Any]:
+    """``topology`` as JSON data: every distinct CPU set once (``sets``, lists of CPUs),
+    referred to by index; one row per CPU, in the order of ``topology.cpus``."""
+    index: dict[frozenset[int], int] = {}
+
+    def ref(cpus: CpuSet) -> int:
+        found = index.get(cpus.cpus)
+        if found is None:
+            found = index[cpus.cpus] = len(index)
+        return found
+
+    rows = [[key, c.id, c.online, c.package, c.die, c.cluster, c.core, ref(c.siblings),
+             c.node, c.kind, ref(c.package_cpus)] for key, c in topology.cpus.items()]
+    return {
+        "version": SNAPSHOT_VERSION,
+        "present": ref(topology.present),
+        "online": ref(topology.online),
+        "isolated": ref(topology.isolated),
+        "nohz_full": ref(topology.nohz_full),
+        "nodes": [[node, ref(cpus)] for node, cpus in topology.nodes.items()],
+        "cpus": rows,
+        "sets": [sorted(cpus) for cpus in index],
+    }
+
+
+def decode_topology(data: Mapping[str, Any]) -> Topology:
+    """The ``Topology`` :func:`encode_topology` gave ``data`` for; ``ValueError`` when
+    ``data`` is not such a snapshot (another version, a wrong shape, a CPU out of range)."""
+    try:
+        if data["version"] != SNAPSHOT_VERSION:
+            raise ValueError(f"snapshot version {data['version']!r}")
+        sets: list[CpuSet] = []
+        for members in data["sets"]:
+            cpus = frozenset(members)
+            if cpus and not (all(type(c) is int for c in cpus)
+                             and min(cpus) >= 0 and max(cpus) <= MAX_CPU):
+                raise ValueError("a CPU set holds something else than CPU numbers")
+            sets.append(CpuSet(cpus) if cpus else EMPTY)
+        ints = (int, type(None))
+        table: dict[int, Cpu] = {}
+        for key, ident, online, package, die, cluster, core, siblings, node, kind, \
+                package_cpus in data["cpus"]:
+            if not (type(key) is int and type(ident) is int and type(node) is int
+                    and type(online) is bool and type(package) in ints
+                    and type(die) in ints and type(cluster) in ints and type(core) in ints
+                    and (kind is None or type(kind) is str)
+                    and type(siblings) is int and type(package_cpus) is int
+                    and siblings >= 0 and package_cpus >= 0):
+                raise ValueError(f"bad CPU row for {key!r}")
+            table[key] = Cpu(ident, online, package, die, cluster, core, sets[siblings], node,
+                             kind, sets[package_cpus])
+
+        def cpuset(ref: Any) -> CpuSet:
+            if type(ref) is not int or ref < 0:
+                raise ValueError(f"bad CPU set reference {ref!r}")
+            return sets[ref]
+
+        nodes: dict[int, CpuSet] = {}
+        for node, ref in data["nodes"]:
+            if type(node) is not int:
+                raise ValueError(f"bad node {node!r}")
+            nodes[node] = cpuset(ref)
+        return Topology(cpus=table, present=cpuset(data["present"]),
+                        online=cpuset(data["online"]), isolated=cpuset(data["isolated"]),
+                        nohz_full=cpuset(data["nohz_full"]), nodes=nodes)
+    except (KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise ValueError(f"not a topology snapshot: {exc!r}") from None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from pinwarden.cpuset import CpuSet
 from pinwarden.model import SIBLING_HOLD, HolderRef, Lease
@@ -28,12 +27,17 @@ DETAILED_LIMIT = 64  # present CPUs up to which every core gets a line of its ow
 ROW_WIDTH = 64  # characters of thread marks per compact row
 
 
-@dataclass(frozen=True, slots=True)
 class _Group:
-    package: int | None
-    node: int | None
-    cores: tuple[tuple[int, ...], ...]  # threads of each core, cores ordered by first CPU
-    offline: bool = False  # offline CPUs of unknown place
+    """(A plain class: a dataclass costs about a millisecond to define at import.)"""
+
+    __slots__ = ("cores", "node", "offline", "package")
+
+    def __init__(self, package: int | None, node: int | None,
+                 cores: tuple[tuple[int, ...], ...], offline: bool = False) -> None:
+        self.package = package
+        self.node = node
+        self.cores = cores  # threads of each core, cores ordered by first CPU
+        self.offline = offline  # offline CPUs of unknown place
 
 
 def _groups(host: Host) -> list[_Group]:

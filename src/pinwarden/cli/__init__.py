@@ -22,6 +22,7 @@ list below is the only place that knows them all.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import select
@@ -29,7 +30,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pinwarden import __version__, jsonout
+from pinwarden import __version__
 from pinwarden.errors import PinwardenError
 
 #: Command modules, in the order ``--help`` lists them.
@@ -75,6 +76,28 @@ class Parser(argparse.ArgumentParser):
             self.error(f"unrecognized arguments: {' '.join(extras)}")
         return parsed, extras
 
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        # argparse makes a formatter for every option added (to check its metavar), and the
+        # default one loads shutil (with bz2, lzma, fnmatch) for the terminal width: the
+        # same width, found the way shutil finds it.
+        return self.formatter_class(prog=self.prog, width=help_width())  # type: ignore[call-arg]
+
+
+def help_width() -> int:
+    """argparse's default width, ``shutil.get_terminal_size().columns - 2``, without
+    loading shutil: ``$COLUMNS`` when positive, else the terminal's, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+        columns = columns or 80
+    return columns - 2
+
 
 def common_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
     """Options every command accepts, before or after the command name.
@@ -101,13 +124,57 @@ def common_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
     return common
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Unbuilt(Exception):
+    """The command line names a command whose parser :func:`build_parser` left out."""
+
+
+class _StandIn:
+    """Takes the place of a command's parser that was not built: whatever ``register()``
+    does to it is ignored, and parsing with it asks for the whole parser instead."""
+
+    def __getattr__(self, name: str) -> Any:
+        def ignored(*args: Any, **kwargs: Any) -> _StandIn:
+            return self
+        return ignored
+
+    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
+        raise _Unbuilt
+
+
+class _OneCommand(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """Subcommands of which only ``only``'s parser is built; every other command is listed
+    (``--help``, the choices of a usage error) exactly as usual, with a :class:`_StandIn`
+    for its parser.  Building the parsers of every command (about 25 parsers and 80
+    options) is most of what the command line costs before a command runs."""
+
+    def __init__(self, *args: Any, only: str | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._only = only
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        if name == self._only:
+            return super().add_parser(name, **kwargs)
+        aliases = kwargs.pop("aliases", ())
+        if "help" in kwargs:
+            self._choices_actions.append(
+                self._ChoicesPseudoAction(name, aliases, kwargs.pop("help")))
+        stand_in = _StandIn()
+        for key in (name, *aliases):
+            self._name_parser_map[key] = stand_in
+        return stand_in
+
+
+def build_parser(*, whole: bool = True, only: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser: with every command's parser (``whole``), or with only the
+    parser of the command ``only`` (None: none), the others listed but not built — enough
+    for that command, and for ``pinwarden --help``."""
     parser = Parser(
         prog="pinwarden", parents=[common_parser()], epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Exclusive physical CPUs for virtual machines and processes.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    lazy: dict[str, Any] = {} if whole else {"action": _OneCommand, "only": only}
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, **lazy)
     common = common_parser(defaults=False)
     for name in COMMAND_MODULES:
         try:
@@ -122,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def print_json(data: Mapping[str, Any]) -> None:
     """Print one ``--json`` document (``"schema"`` added, see :mod:`pinwarden.jsonout`)."""
+    from pinwarden import jsonout
+
     sys.stdout.write(jsonout.dumps(data))
     sys.stdout.write("\n")
 
@@ -212,10 +281,37 @@ def _run(args: argparse.Namespace) -> int:
     return status
 
 
+#: Global options that take a value (``--root DIR``): the word after them is no command.
+_VALUE_OPTIONS = ("--root", "--state-dir", "--config")
+
+
+def _command_word(argv: Sequence[str]) -> str | None:
+    """The command the arguments name, as far as a quick look tells (a wrong guess only
+    costs building the whole parser: :func:`_parse_args`)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            return None
+        if word in _VALUE_OPTIONS:
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse with the parser of the command named alone, else with the whole parser."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _parse(build_parser(whole=False, only=_command_word(words)), words)
+    except _Unbuilt:
+        return _parse(build_parser(), words)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args: argparse.Namespace | None = None
     try:
-        args = _parse(build_parser(), argv)
+        args = _parse_args(argv)
         return _run(args)
     except KeyboardInterrupt:
         print("pinwarden: interrupted", file=sys.stderr)
@@ -227,4 +323,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        status = main()
+    finally:
+        # The process ends here (also after --help: argparse exits).  The interpreter's
+        # last garbage collection would walk every object the imports made (several
+        # milliseconds, most of a short command's exit); whatever pinwarden opened is
+        # closed by now, so it is skipped.
+        gc.freeze()
+    sys.exit(status)

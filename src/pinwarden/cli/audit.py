@@ -9,15 +9,16 @@ on stderr, and as a JSON error object with ``--json``) or the command line is wr
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pinwarden import audit
 from pinwarden.cli import fail, print_json
 from pinwarden.cli.common import config_of, manager_of, root_of
 from pinwarden.errors import PinwardenError
-from pinwarden.ledger import DB_NAME, HolderRecord
-from pinwarden.model import HolderRef, Lease
+
+if TYPE_CHECKING:  # the handler imports what it uses: the parser of every command is cheap
+    from pinwarden import audit
+    from pinwarden.ledger import HolderRecord
+    from pinwarden.model import HolderRef, Lease
 
 #: Warning rows shown without --all.
 WARNING_ROWS = 20
@@ -43,6 +44,8 @@ def load_ledger(args: argparse.Namespace) -> tuple[tuple[Lease, ...], tuple[Hold
                                                     tuple[str, ...], frozenset[str]]:
     """Leases and holders of live owners, the noise the kernel refused to move; no database
     yet means no leases (read only)."""
+    from pinwarden.ledger import DB_NAME
+
     with manager_of(args) as manager:
         if manager.reader() is None:
             return (), (), (f"no lease database at {manager.state_dir / DB_NAME}: nothing "
@@ -61,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from pinwarden import audit
+
     config = config_of(args)
     leases, holders, notes, refused = load_ledger(args)
     snapshot = audit.scan(root_of(args))

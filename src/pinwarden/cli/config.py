@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pinwarden import provenance
 from pinwarden.cli import print_json
+
+if TYPE_CHECKING:  # the handler imports what it uses: the parser of every command is cheap
+    from pinwarden import provenance
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -38,11 +40,15 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def effective(args: argparse.Namespace) -> provenance.Effective:
+    from pinwarden import provenance
+
     options = {"--state-dir": args.state_dir, "--connect": args.connect}
     return provenance.resolve(Path(args.config) if args.config else None, options, os.environ)
 
 
 def run(args: argparse.Namespace) -> int:
+    from pinwarden import provenance
+
     result = effective(args)
     if args.json:
         print_json(provenance.to_json(result))

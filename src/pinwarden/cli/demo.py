@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shlex
 import sys
-import tempfile
 from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +66,15 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 @contextlib.contextmanager
 def example_host() -> Iterator[Path]:
     """The bundled example root, as a real directory."""
+    from importlib import resources
+
     with resources.as_file(resources.files("pinwarden") / "data" / "example-host") as path:
         yield path
 
 
 def _step(*argv: str) -> int:
+    import shlex
+
     from pinwarden.cli import main
 
     print(f"\n$ pinwarden {shlex.join(argv)}", flush=True)
@@ -127,6 +128,8 @@ def _common(args: argparse.Namespace) -> list[str]:
 
 
 def _offline(args: argparse.Namespace) -> int:
+    import tempfile
+
     with contextlib.ExitStack() as stack:
         root = stack.enter_context(example_host())
         state = stack.enter_context(tempfile.TemporaryDirectory(prefix="pinwarden-demo-"))
@@ -149,6 +152,8 @@ def _offline(args: argparse.Namespace) -> int:
 
 
 def _live(args: argparse.Namespace, uri: str) -> int:
+    import tempfile
+
     import libvirt
 
     conn = libvirt.open(uri)

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pinwarden.cli.common import manager_of, root_of
 from pinwarden.errors import LedgerError
-from pinwarden.manager import Manager
-from pinwarden.model import Lease
-from pinwarden.partition import Host, Partition
-from pinwarden.topology import Topology
-from pinwarden.view import render_cpu_map
+
+if TYPE_CHECKING:  # the handler imports what it uses: the parser of every command is cheap
+    from pinwarden.manager import Manager
+    from pinwarden.model import Lease
+    from pinwarden.partition import Host, Partition
+    from pinwarden.topology import Topology
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -126,6 +127,7 @@ def _disagreement(now: Partition, recorded: Partition) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from pinwarden.cli import print_json
+    from pinwarden.view import render_cpu_map
 
     root = root_of(args)
     with manager_of(args) as manager:

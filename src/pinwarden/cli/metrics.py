@@ -16,15 +16,17 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pinwarden import audit, metrics
 from pinwarden.cli.common import config_of, manager_of, root_of
 from pinwarden.errors import InputError, PinwardenError
-from pinwarden.ledger import HolderRecord
-from pinwarden.manager import Manager
-from pinwarden.model import Lease
-from pinwarden.partition import Host
+
+if TYPE_CHECKING:  # the handler imports what it uses (prometheus_client is slow to load)
+    from pinwarden import metrics
+    from pinwarden.ledger import HolderRecord
+    from pinwarden.manager import Manager
+    from pinwarden.model import Lease
+    from pinwarden.partition import Host
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -65,6 +67,8 @@ def _ledger(manager: Manager) -> tuple[tuple[Lease, ...], tuple[HolderRecord, ..
 def gather(args: argparse.Namespace, *, with_audit: bool = True) -> metrics.Snapshot:
     """Read the host, the ledger and (optionally) the audit into a snapshot; whatever cannot
     be read is named in ``errors`` instead."""
+    from pinwarden import audit, metrics
+
     config = config_of(args)  # a bad configuration is the caller's error: it propagates
     root = root_of(args)
     taken = time.time()
@@ -104,6 +108,8 @@ def gather(args: argparse.Namespace, *, with_audit: bool = True) -> metrics.Snap
 def write_textfile(path: Path, snapshot: metrics.Snapshot) -> None:
     from prometheus_client import write_to_textfile
 
+    from pinwarden import metrics
+
     if path.suffix != ".prom":
         raise InputError(f"--textfile {path}: node_exporter's textfile collector reads only "
                          f"files named *.prom")
@@ -114,6 +120,8 @@ def write_textfile(path: Path, snapshot: metrics.Snapshot) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pinwarden import metrics
+
     snapshot = gather(args, with_audit=not args.no_audit)
     for source, message in snapshot.errors.items():
         print(f"pinwarden: warning: could not read {source}: {message}", file=sys.stderr)

@@ -17,20 +17,21 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pinwarden.cli import print_json
 from pinwarden.cli.common import manager_of
-from pinwarden.cpuset import CpuSet
-from pinwarden.domain import MAX_XML_BYTES, DomainSpec, parse_domain, render_plan
 from pinwarden.errors import HostError, InputError
-from pinwarden.jsonout import timestamp
-from pinwarden.ledger import DB_NAME, HolderRecord
-from pinwarden.manager import Manager
-from pinwarden.model import HolderRef, Plan
-from pinwarden.partition import Host, Partition, shared_pool
-from pinwarden.policy import holder_of
-from pinwarden.view import render_cpu_map
+
+# Everything else is imported by the handler that needs it: building the parser (every
+# command, on every run) must stay cheap, and ``plan`` loads neither the CPU map nor
+# the XML renderer it does not use.
+if TYPE_CHECKING:
+    from pinwarden.domain import DomainSpec
+    from pinwarden.ledger import HolderRecord
+    from pinwarden.manager import Manager
+    from pinwarden.model import HolderRef, Plan
+    from pinwarden.partition import Host, Partition
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -72,6 +73,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 def read_xml(source: str) -> bytes:
     """The XML document at ``source`` (``-``: stdin), at most one byte over the limit."""
+    from pinwarden.domain import MAX_XML_BYTES
+
     try:
         if source == "-":
             stdin = sys.stdin
@@ -144,6 +147,8 @@ def _report(args: argparse.Namespace, manager: Manager, xml: bytes, spec: Domain
             plan: Plan, host: Host, holder: HolderRef, *, recorded: bool) -> int:
     rendered = None
     if args.emit_xml:
+        from pinwarden.domain import render_plan
+
         rendered = render_plan(xml, plan, partition=_emit_partition(manager, plan, holder))
     if args.json:
         data = plan_json(plan, spec, holder)
@@ -163,6 +168,9 @@ def _report(args: argparse.Namespace, manager: Manager, xml: bytes, spec: Domain
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    from pinwarden.domain import parse_domain
+    from pinwarden.policy import holder_of
+
     xml = read_xml(args.xml)
     spec = parse_domain(xml)
     holder = holder_of(spec)
@@ -173,6 +181,9 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_reserve(args: argparse.Namespace) -> int:
+    from pinwarden.domain import parse_domain
+    from pinwarden.policy import holder_of
+
     xml = read_xml(args.xml)
     spec = parse_domain(xml)
     holder = holder_of(spec)
@@ -183,6 +194,8 @@ def run_reserve(args: argparse.Namespace) -> int:
 
 
 def holder_json(record: HolderRecord) -> dict[str, Any]:
+    from pinwarden.jsonout import timestamp
+
     plan = record.plan
     return {
         "domain": record.ref.name,
@@ -229,6 +242,11 @@ def run_sync(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.ledger import DB_NAME
+    from pinwarden.partition import shared_pool
+    from pinwarden.view import render_cpu_map
+
     with manager_of(args) as manager:
         host = manager.host()
         records = manager.holders()
@@ -247,6 +265,8 @@ def run_status(args: argparse.Namespace) -> int:
         return (record.ref.driver, record.ref.key) in dead
 
     if args.json:
+        from pinwarden.jsonout import timestamp
+
         print_json({
             "leases": [{**holder_json(r), "offline": str(offline(r)),
                         "owner_gone": gone(r)} for r in records],

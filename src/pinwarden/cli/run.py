@@ -13,14 +13,17 @@ import argparse
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pinwarden.cli import print_json
 from pinwarden.cli.common import manager_of
-from pinwarden.cpuset import CpuSet
-from pinwarden.domain import DEFAULT_THREADS
 from pinwarden.errors import InputError
-from pinwarden.policy import JobSpec
-from pinwarden.runner import check_name, run_job
+
+if TYPE_CHECKING:  # the handler imports what it uses: the parser of every command is cheap
+    from pinwarden.policy import JobSpec
+
+#: The default thread policy (``pinwarden.domain.DEFAULT_THREADS``, checked by a test).
+DEFAULT_THREADS = "whole"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -54,6 +57,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def request_of(args: argparse.Namespace, command: list[str]) -> JobSpec:
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.policy import JobSpec
+    from pinwarden.runner import check_name
+
     if args.name:
         name = args.name
     else:  # COMMAND-PID, made a valid job name
@@ -72,6 +79,8 @@ def handle(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise InputError("no command given: pinwarden run --exclusive N -- COMMAND [ARG...]")
+    from pinwarden.runner import run_job
+
     request = request_of(args, command)
     with manager_of(args) as manager:
         status = run_job(manager, request, command)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pinwarden.cli import print_json
+from pinwarden.cli import Parser, print_json
 from pinwarden.cli.common import config_of, manager_of
 
 if TYPE_CHECKING:
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
-    virt = argparse.ArgumentParser(add_help=False)
+    virt = Parser(add_help=False)
     virt.add_argument("--connect", "-c", metavar="URI", default=None,
                       help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, [libvirt] uri, "
                            "qemu:///system)")
