@@ -52,11 +52,25 @@ def test_live_demo_starts_exclusive_and_shared_vms(virt: Any, tmp_path: Path) ->
 
 def _live_demo(pw: Pinwarden, conn: Any) -> None:
     try:
+        # --dry-run says what it would do and changes nothing: no domain, no state
+        dry = subprocess.run(
+            [PINWARDEN, "demo", "--dry-run", "--state-dir", str(pw.state), "--config",
+             str(pw.config)], capture_output=True, text=True, timeout=300)
+        assert dry.returncode == 0, f"{dry.stdout}\n{dry.stderr}"
+        assert dry.stdout.startswith("pinwarden demo: libvirt answers at ")
+        assert "would change this host" in dry.stdout and "nothing was changed" in dry.stdout
+        assert [line.split()[2] for line in dry.stdout.splitlines()
+                if line.startswith("$ pinwarden ")] == ["host", "plan", "plan"]
+        assert not {d.name() for d in conn.listAllDomains()} & {DEMO_EXCLUSIVE, DEMO_SHARED}
+        assert not pw.state.exists()
         proc = subprocess.run(
             [PINWARDEN, "demo", "--state-dir", str(pw.state), "--config", str(pw.config)],
             capture_output=True, text=True, timeout=300)
         out = proc.stdout
         assert proc.returncode == 0, f"{out}\n{proc.stderr}"
+        # it says what it will change before changing anything
+        assert out.startswith("pinwarden demo: libvirt answers at ") and \
+            out.index("changes this host") < out.index("$ pinwarden define")
         steps = [line.split()[2] for line in out.splitlines() if line.startswith("$ pinwarden ")]
         assert steps == ["host", "define", "define", "start", "start", "status", "audit",
                          "stop", "stop"]

@@ -66,6 +66,18 @@ def test_exclusive_start_repins_a_running_shared_domain(pw: env.Pinwarden,
     assert 1 in env.vm_affinity(s)
     domains.define(a, exclusive=True, vcpupins={0: "1"})
 
+    # --dry-run: the same decisions, in order, and nothing changes
+    before = tree_state(pw)
+    dry = pw.run("start", a, "--dry-run", check=True).stdout
+    group = pw.holder_group(a)
+    assert dry.startswith(f"dry run: {a} would lease CPUs 1 exclusively"), dry
+    assert f"would create {group}" in dry and f"would make {group} exclusive" in dry, dry
+    assert f"would re-pin running domain {s} vcpu0" in dry, dry
+    assert f"in partition /{group.removesuffix('.partition')}" in dry, dry
+    assert dry.rstrip().endswith("nothing was changed")
+    assert tree_state(pw) == before and env.holder_names(pw) == ()
+    assert not domains.conn.lookupByName(a).isActive() and 1 in env.vm_affinity(s)
+
     out = pw.run("start", a, check=True).stdout
     assert f"re-pinned {s}" in out
     assert env.vm_affinity(a) == {1}
@@ -75,7 +87,6 @@ def test_exclusive_start_repins_a_running_shared_domain(pw: env.Pinwarden,
     assert env.vm_affinity(a) == {1}
     bits = shared.vcpuPinInfo(env.libvirt.VIR_DOMAIN_AFFECT_LIVE)[0]
     assert [i for i, on in enumerate(bits) if on] == [0]  # libvirt's own view agrees
-    group = pw.holder_group(a)
     assert env.cpu_exclusive(group) and env.read_cpus(group, "effective_cpus") == {1}
     assert env.holder_names(pw) == (a,)
 

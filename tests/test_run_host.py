@@ -114,3 +114,20 @@ def test_host_noise_leaves_the_leased_cpu_and_comes_back(pw: Pinwarden) -> None:
         assert ledger.changes() == {} and ledger.host_record() is None
     assert _noise() == before
     assert all("1" in cpus for cpus in kept.values())  # the kernel refused those (managed)
+
+
+def test_dry_run_says_what_a_job_would_change_and_changes_nothing(pw: Pinwarden) -> None:
+    machine = (CPUSET / "machine" / "cpuset.cpus").read_text()
+    done = run(pw, "--dry-run", "--exclusive", "1", "--name", "pwtest-dry", "--",
+               "touch", str(pw.state.parent / "ran"))
+    assert done.returncode == 0, done.stderr
+    group = pw.holder_group("pwtest-dry", "run")
+    lines = done.stdout.splitlines()
+    assert lines[0] == "dry run: pwtest-dry would lease CPUs 1 exclusively", done.stdout
+    assert f"  would create {group}" in lines and f"  would make {group} exclusive" in lines
+    assert lines.index("  would set cpus of machine to 0") < lines.index(f"  would create {group}")
+    assert f"in cgroup /{group}" in done.stdout and lines[-1] == "nothing was changed"
+    assert not (pw.state.parent / "ran").exists() and not pw.state.exists()
+    assert not (CPUSET / group).exists()
+    assert (CPUSET / "machine" / "cpuset.cpus").read_text() == machine
+

@@ -69,6 +69,16 @@ class Reserved:
     result: Result | None
 
 
+@dataclass(frozen=True)
+class Preview:
+    """What a reservation would do (:meth:`Manager.preview`): its plan and the cgroup
+    writes, in order, as one-line descriptions."""
+
+    plan: Plan
+    writes: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+
+
 class Manager:
     """Owns the ledger, the cgroup backend and the lock of one state directory.
 
@@ -274,6 +284,51 @@ class Manager:
         from pinwarden.policy import decide
 
         return decide(request, self.host(), self.leases(), holder=holder)
+
+    def preview(self, holder: HolderRef, decide: Decide) -> Preview:
+        """What :meth:`reserve` would do (``--dry-run``): the plan, and the cgroup writes
+        in the order the manager would make them.  Nothing is recorded, written or
+        created (not even the state directory)."""
+        from pinwarden.enforce.apply import read_current
+        from pinwarden.enforce.backend import describe, partition_forbidden_cpus
+        from pinwarden.enforce.layout import (
+            PlanError,
+            desired_layout,
+            order,
+            targets,
+            without_partitions_over,
+        )
+
+        reader = self.reader()
+        leases = reader.leases() if reader is not None else ()
+        record = reader.host_record() if reader is not None else None
+        host = self._load_host(record.found if record else None)
+        plan = decide(host, leases)
+        mine = (holder.driver, holder.key)
+        others = tuple(le for le in leases if (le.holder.driver, le.holder.key) != mine)
+        new = (*others, *(Lease(cpu, holder, role, 0.0) for cpu, role in plan.leases.items()))
+        if not self.enforcing or not plan.leases:
+            return Preview(plan, ())
+        backend, names = self.backend(), self.names()
+        v2 = backend.kind in ("v2", "systemd")
+        holders = reader.holders() if reader is not None else ()
+        isolated = frozenset([h.ref for h in holders if h.plan.isolated]
+                             + ([holder] if plan.isolated else [])) if v2 else frozenset()
+        deferred = frozenset({le.holder for le in new if le.holder.driver == "lxc"}) \
+            if v2 else frozenset()
+        desired = without_partitions_over(
+            desired_layout(host, new, names, isolated=isolated, deferred=deferred),
+            partition_forbidden_cpus(backend))
+        current = read_current(backend, desired)
+        try:
+            writes = [describe(op) for op in order(current, targets(current, desired))]
+        except PlanError as exc:
+            raise EnforceError(str(exc)) from None
+        fresh = plan.leased() - CpuSet.of(le.cpu for le in others)
+        if self.isolating and fresh:
+            writes.append(f"move movable IRQs, the default IRQ affinity, unbound workqueues "
+                          f"and movable kernel threads off CPUs {fresh}")
+        return Preview(plan, tuple(writes), desired.notes)
 
     # -- changes (under the lock) ---------------------------------------------------------
 

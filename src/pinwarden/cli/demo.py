@@ -60,6 +60,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
                    help="plan on the bundled example host even where libvirt is available")
     p.add_argument("--keep", action="store_true",
                    help="leave the demo domains defined and running")
+    p.add_argument("--dry-run", action="store_true",
+                   help="say what the demo would do and plan its domains, changing nothing")
     p.set_defaults(handler=run)
 
 
@@ -156,9 +158,17 @@ def _live(args: argparse.Namespace, uri: str) -> int:
 
     import libvirt
 
-    conn = libvirt.open(uri)
     virt_type = _virt_type()
     common = [*_common(args), "--connect", uri]
+    steps = ("define", "define", "start", "start", "status", "audit")
+    verb = "would change" if args.dry_run else "changes"
+    end = " (--keep: it leaves them running)" if args.keep else ""
+    print(f"pinwarden demo: libvirt answers at {uri}, so the demo {verb} this host: it "
+          f"defines two tiny diskless domains, {DEMO_EXCLUSIVE} (exclusive) and "
+          f"{DEMO_SHARED} (shared), starts them through pinwarden (leasing a CPU: cpuset "
+          f"cgroups and IRQ affinities change while it runs), shows status and audit, then "
+          f"stops and undefines them{end}; 'pinwarden demo --offline' plans on an example "
+          f"host instead", flush=True)
     with tempfile.TemporaryDirectory(prefix="pinwarden-demo-") as tmp:
         files = {}
         for name, exclusive in ((DEMO_EXCLUSIVE, True), (DEMO_SHARED, False)):
@@ -166,6 +176,16 @@ def _live(args: argparse.Namespace, uri: str) -> int:
             path.write_text(domain_xml(name, exclusive=exclusive, vcpus=1,
                                        virt_type=virt_type))
             files[name] = path
+        if args.dry_run:  # read-only steps only; the others are listed
+            status = 0
+            for argv in (["host", *_common(args)],
+                         ["plan", *_common(args), str(files[DEMO_EXCLUSIVE])],
+                         ["plan", *_common(args), str(files[DEMO_SHARED])]):
+                status = status or _step(*argv)
+            print(f"\ndry run: would then run pinwarden {', '.join(steps)} and remove the "
+                  f"domains; nothing was changed")
+            return status
+        conn = libvirt.open(uri)
         for name in files:  # a previous --keep run: start from scratch
             _remove(conn, name, common)
         try:

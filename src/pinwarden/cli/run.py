@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                         help="an isolated cpuset partition (cgroup v2): no scheduler load "
                              "balancing across the job's CPUs (the job places its own "
                              "threads)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan and the cgroup writes the job would make, in "
+                             "order, and change nothing (the command does not run)")
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
                         help="the command and its arguments (after --)")
     parser.set_defaults(handler=handle)
@@ -82,8 +85,34 @@ def handle(args: argparse.Namespace) -> int:
     from pinwarden.runner import run_job
 
     request = request_of(args, command)
+    if args.dry_run:
+        return _dry_run(args, request, command)
     with manager_of(args) as manager:
         status = run_job(manager, request, command)
     if args.json:
         print_json({"job": request.name, "exit_status": status})
     return status
+
+
+def _dry_run(args: argparse.Namespace, request: JobSpec, command: list[str]) -> int:
+    import shlex
+
+    from pinwarden.cli.vm import print_preview
+    from pinwarden.enforce.layout import holder_group_path
+    from pinwarden.model import job_holder
+    from pinwarden.policy import decide
+
+    holder = job_holder(request.name)
+    with manager_of(args) as manager:
+        seen = manager.preview(holder, lambda host, leases: decide(request, host, leases,
+                                                                    holder=holder))
+        group = holder_group_path(manager.names(), holder) if manager.enforcing else None
+    call = f"run {shlex.join(command)} in cgroup /{group}" if group else \
+        f"run {shlex.join(command)}"
+    if args.json:
+        print_json({"job": request.name, "dry_run": True, "plan": seen.plan.to_json(),
+                    "cgroup_writes": list(seen.writes), "command": command,
+                    "cgroup": group, "notes": [*seen.plan.notes, *seen.notes]})
+        return 0
+    print_preview(seen.plan, seen.writes, [call], (*seen.plan.notes, *seen.notes))
+    return 0

@@ -15,7 +15,7 @@ from pinwarden.cli import Parser, print_json
 from pinwarden.cli.common import config_of, manager_of
 
 if TYPE_CHECKING:
-    pass
+    from collections.abc import Sequence
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -30,6 +30,9 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
                     "running shared domains away), enforce the cgroups and start it with "
                     "the plan as its live definition. The stored definition is untouched.")
     p.add_argument("name", metavar="NAME", help="defined (persistent) domain")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan, the cgroup writes and the libvirt calls the start "
+                        "would make, in order, and change nothing")
     p.set_defaults(handler=cmd_start)
 
     p = subparsers.add_parser(
@@ -117,8 +120,16 @@ def uri_of(args: argparse.Namespace) -> str:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from pinwarden.libvirt.start import start
+    from pinwarden.libvirt.start import preview_start, start
 
+    if args.dry_run:
+        with manager_of(args) as manager:
+            seen = preview_start(manager, uri_of(args), args.name)
+        if args.json:
+            print_json(seen.to_json())
+            return 0
+        print_preview(seen.plan, seen.cgroup_writes, seen.libvirt_calls, seen.notes)
+        return 0
     with manager_of(args) as manager:
         result = start(manager, uri_of(args), args.name)
     if args.json:
@@ -133,6 +144,21 @@ def cmd_start(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"note: {note}")
     return 0
+
+
+def print_preview(plan: Any, writes: Sequence[str], calls: Sequence[str],
+                  notes: Sequence[str]) -> None:
+    """``--dry-run``: what would happen, in order (shared with ``run`` and ``demo``)."""
+    where = f"lease CPUs {plan.leased()} exclusively" if plan.exclusive else \
+        f"run on CPUs {plan.cpus()}, leasing nothing"
+    print(f"dry run: {plan.domain} would {where}")
+    for line in writes:
+        print(f"  would {line}")
+    for line in calls:
+        print(f"  would {line}")
+    for note in notes:
+        print(f"note: {note}")
+    print("nothing was changed")
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

@@ -111,6 +111,63 @@ def _start(manager: Manager, uri: str, conn: Any, name: str) -> Started:
         return _start_shared(manager, conn, holder, spec, xml)
 
 
+@dataclass(frozen=True)
+class StartPreview:
+    """What ``pinwarden start NAME`` would do (``--dry-run``)."""
+
+    name: str
+    plan: Plan
+    cgroup_writes: tuple[str, ...]
+    libvirt_calls: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"domain": self.name, "dry_run": True, "plan": self.plan.to_json(),
+                "cgroup_writes": list(self.cgroup_writes),
+                "libvirt_calls": list(self.libvirt_calls), "notes": list(self.notes)}
+
+
+def preview_start(manager: Manager, uri: str, name: str) -> StartPreview:
+    """The plan, the cgroup writes and the libvirt calls of ``pinwarden start NAME``, in
+    order; nothing is recorded, written or started."""
+    conn = lv.open_connection(uri)
+    try:
+        dom = lv.lookup(conn, name)
+        if dom.isActive():
+            raise Refusal(f"domain {name!r} is already running; 'pinwarden stop {name}' "
+                          f"first", code="running")
+        holder = _holder(uri, dom)
+        spec = parse_domain(lv.xml_of(dom, inactive=True))
+        if not spec.exclusive:
+            plan = manager.plan(spec, holder=holder)
+            return StartPreview(name, plan, (), (
+                f"create domain {name} from its definition with every thread on CPUs "
+                f"{plan.cpus()} (<vcpu cpuset>)",), plan.notes)
+        partition = manager.libvirt_partition(holder)
+        running = lv.list_domains(conn, active_only=True)
+        moves: tuple[Repin, ...] = ()
+
+        def plan_and_check(host: Host, leases: tuple[Lease, ...]) -> Plan:
+            nonlocal moves
+            plan = decide(spec, host, leases, holder=holder)
+            others = [le for le in leases if (le.holder.driver, le.holder.key)
+                      != (holder.driver, holder.key)]
+            taken = CpuSet.of(le.cpu for le in others) | plan.leased()
+            moves = repins(running, holder, plan.cpus(), shared_pool(host, taken)[0],
+                           holders=[le.holder for le in others])
+            return plan
+
+        seen = manager.preview(holder, plan_and_check)
+        calls = [f"re-pin running domain {move} (live)" for move in moves]
+        calls.append(f"create domain {name} from its definition with its plan "
+                     f"(CPUs {seen.plan.cpus()}) in partition {partition}")
+        return StartPreview(name, seen.plan, seen.writes, tuple(calls),
+                            (*seen.plan.notes, *seen.notes))
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
 @contextlib.contextmanager
 def _domain_lock(state_dir: Path, holder: HolderRef) -> Iterator[None]:
     """Serialise pinwarden start/stop of one domain: two racing starts would otherwise
