@@ -759,6 +759,31 @@ def test_sync_drives_systemd_and_releases(old_standin: Standin) -> None:
     assert H not in released
 
 
+def test_a_stale_holder_slice_is_found_by_its_unit_name(old_standin: Standin) -> None:
+    """With the shared group named by its unit (``machine.slice``, as on real hosts), a
+    backend lists the top-level groups it was not asked for by unit name too: the holder
+    slice of a domain that died while no pinwarden ran (a new pinwarden process, a new
+    backend) is still recognised as pinwarden's, and removed."""
+    names = LayoutNames(shared="machine.slice")
+    host = make_host("0-7", "1-7")
+    e_unit = "pinwarden\\x2dvm\\x2dE.slice"
+    bus, backend = _backend(old_standin, kernel=KernelRecorder())
+    try:
+        sync_leases(backend, host, [*_leases_for_a(), lease(4, "E", "qemu", "vcpu0")], names)
+    finally:
+        bus.close()
+    bus, backend = _backend(old_standin, kernel=KernelRecorder())
+    try:
+        listed = backend.read_state(["machine.slice"])
+        assert e_unit in listed.children("")  # by unit name: nobody asked for it by path
+        sync_leases(backend, host, _leases_for_a(), names)
+        after = backend.read_state(["machine.slice"])
+    finally:
+        bus.close()
+    assert e_unit in [c["body"][0] for c in old_standin.calls("StopUnit")]
+    assert e_unit not in after and after["machine.slice"].cpus == CpuSet.parse("1,4-7")
+
+
 def test_sync_failure_is_rolled_back_through_systemd(old_standin: Standin) -> None:
     bus, backend = _backend(old_standin)  # no CPUSetPartition, no kernel backend
     try:

@@ -116,10 +116,11 @@ class LayoutNames:
         return join(self.parent, f"{self.stem}{PARTITION_SUFFIX}")
 
     def is_holder(self, path: str) -> bool:
-        """``path`` is a holder group of this layout (by name, whoever the holder is)."""
+        """``path`` is a holder group of this layout (by name, whoever the holder is),
+        named as a partition or — as a systemd backend lists the groups it was not asked
+        for — as its slice (``pinwarden\\x2dvm\\x2dNAME.slice``)."""
         parent, _, name = path.rpartition("/")
-        return parent == self.parent and name.startswith(self.stem + "-") and \
-            _HOLDER.fullmatch(name.removeprefix(self.stem + "-")) is not None
+        return parent == self.parent and holder_component(name, self.exclusive) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,8 +172,9 @@ class DesiredLayout:
     def stale_paths(self, current: Snapshot) -> list[str]:
         """Holder groups (and the old exclusive tree) in ``current`` that no lease wants."""
         wanted = {spec.path for spec in self.holders}
+        legacy = {self.names.legacy, join(self.names.parent, f"{self.names.stem}.slice")}
         return [p for p in current.children(self.names.parent)
-                if p not in wanted and (self.names.is_holder(p) or p == self.names.legacy)]
+                if p not in wanted and (self.names.is_holder(p) or p in legacy)]
 
 
 # -- names ------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ The ``libvirt`` binding is imported on first use, so modules importing this one 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -100,14 +102,30 @@ def cpumap(cpus: CpuSet, size: int) -> tuple[bool, ...]:
 
 
 def read_affinity(dom: Any) -> Affinity | None:
-    """libvirt's live view of where every thread of a running domain may run; ``None``
-    for drivers that have no such threads or API (lxc)."""
+    """Where every thread of a running domain may run, as the kernel says; ``None`` for
+    drivers that have no such threads or API (lxc).
+
+    libvirt's *pin info* (``vcpuPinInfo``, ``emulatorPinInfo``) is its configuration —
+    every CPU for a thread the XML does not pin — not what the kernel allows, so a shared
+    domain confined by its cgroup, or pinned by the hook, would look as if it could run on
+    leased CPUs.  The vCPUs' masks come from ``virDomainGetVcpus`` (the kernel's affinity
+    of each vCPU thread), the emulator's from QEMU's main thread; I/O threads' from
+    ``virDomainGetIOThreadInfo``, which asks the kernel too."""
     lv = binding()
     live = lv.VIR_DOMAIN_AFFECT_LIVE
     unsupported = (lv.VIR_ERR_NO_SUPPORT, lv.VIR_ERR_OPERATION_UNSUPPORTED)
     try:
-        vcpus = {i: _cpus(bits) for i, bits in enumerate(dom.vcpuPinInfo(live))}
+        try:
+            vcpus = {i: _cpus(bits) for i, bits in enumerate(dom.vcpus()[1])}
+        except lv.libvirtError as exc:
+            if exc.get_error_code() not in unsupported:
+                raise
+            vcpus = {i: _cpus(bits) for i, bits in enumerate(dom.vcpuPinInfo(live))}
         emulator = _cpus(dom.emulatorPinInfo(live))
+        pid = read_pid("qemu", str(dom.name()))
+        if pid is not None:
+            with contextlib.suppress(OSError):
+                emulator = CpuSet.of(os.sched_getaffinity(pid))
         try:
             iothreads = {int(i): _cpus(bits) for i, bits in dom.ioThreadInfo(live)}
         except lv.libvirtError as exc:
