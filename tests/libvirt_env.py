@@ -400,12 +400,13 @@ class Pinwarden:
 class Daemon:
     """`pinwarden daemon -v` of ``pw`` (its stderr in ``log``), stopped with SIGTERM."""
 
-    def __init__(self, pw: Pinwarden, log: Path) -> None:
+    def __init__(self, pw: Pinwarden, log: Path, *extra: str) -> None:
         self.log = log
         self._file = log.open("w")
         self.proc = subprocess.Popen(
             [PINWARDEN, "daemon", "--interval", "3", "-v", "--state-dir", str(pw.state),
-             "--config", str(pw.config)], stdout=subprocess.DEVNULL, stderr=self._file)
+             "--config", str(pw.config), *extra], stdout=subprocess.DEVNULL,
+            stderr=self._file)
 
     def text(self) -> str:
         return self.log.read_text()

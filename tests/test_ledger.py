@@ -963,3 +963,30 @@ def test_a_read_only_state_directory_is_an_error(tiny_fs: Path) -> None:
             Ledger.existing(state)
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(tiny_fs)], check=True)
+
+
+def test_a_second_ledger_in_one_process_never_costs_the_first_its_commits(
+        tmp_path: Path) -> None:
+    """The daemon keeps several ledgers open at once (its own, its hook server's, a metrics
+    scrape's).  Opening and closing one must not drop the POSIX locks the others hold
+    (closing any descriptor of a file drops them all): another process closing its own
+    connection would then believe itself the last, checkpoint and delete the WAL the first
+    still writes to, and every later commit of the first would be lost to everyone else."""
+    state = tmp_path / "state"
+    main = Ledger(state)
+    try:
+        a, b = vm(1), vm(2)
+        main.reserve(a, take(a, [1]))
+        with Ledger(state):  # a second ledger in this process, opened and closed
+            pass
+        probe = [sys.executable, "-c",
+                 "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); "
+                 "print(db.execute('SELECT count(*) FROM leases').fetchone()[0]); db.close()",
+                 str(state / "leases.db")]
+        assert subprocess.run(probe, capture_output=True, text=True,
+                              check=True).stdout.strip() == "1"
+        main.reserve(b, take(b, [2]))  # after the other process closed its connection
+        seen = subprocess.run(probe, capture_output=True, text=True, check=True)
+        assert seen.stdout.strip() == "2", "a commit went to a deleted WAL"
+    finally:
+        main.close()

@@ -4,7 +4,9 @@ partition, survives a libvirtd restart, and stops cleanly on SIGTERM."""
 
 from __future__ import annotations
 
+import re
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -45,9 +47,17 @@ def test_daemon_frees_reports_and_reconnects(pw: env.Pinwarden, domains: env.Dom
     domains.define(a, exclusive=True, vcpupins={0: "1"})
     pw.run("start", a, check=True)
     assert env.holder_names(pw) == (a,)
-    daemon = Daemon(pw, tmp_path / "daemon.log")
+    daemon = Daemon(pw, tmp_path / "daemon.log", "--metrics", "127.0.0.1:0")
     try:
         wait_for("the daemon to connect", lambda: "connected to" in daemon.text())
+        # the same metrics as 'pinwarden metrics', over HTTP for Prometheus to scrape
+        url = re.search(r"serving metrics at (http://\S+/metrics)", daemon.text())
+        assert url is not None, daemon.text()
+        with urllib.request.urlopen(url.group(1), timeout=30) as response:
+            scraped = response.read().decode()
+        assert re.search(r'pinwarden_holder_leased_cpus\{[^}]*name="pwtest-daemon-a"[^}]*\} '
+                         r'1\.0', scraped), scraped
+        assert 'pinwarden_read_error{source="ledger"} 0.0' in scraped, scraped
 
         # an exclusive domain started behind pinwarden's back, outside its partition
         domains.create(stray, exclusive=True, vcpupins={0: "0"})

@@ -187,3 +187,14 @@ def test_registries_are_independent() -> None:
     assert a.get_sample_value("pinwarden_read_error", {"source": "ledger"}) == 1
     assert b.get_sample_value("pinwarden_read_error", {"source": "ledger"}) == 0
     assert a is not REGISTRY and b is not REGISTRY
+
+
+def test_metrics_addresses() -> None:
+    from pinwarden.metrics import parse_address
+
+    assert parse_address("127.0.0.1:9848") == ("127.0.0.1", 9848)
+    assert parse_address(":9848") == ("127.0.0.1", 9848)
+    assert parse_address("[::1]:0") == ("::1", 0)
+    for bad in ("9848", "host:", "host:port", "h:70000"):
+        with pytest.raises(ValueError):
+            parse_address(bad)

@@ -58,7 +58,6 @@ SCHEMA_VERSION = 2
 #: ``PRAGMA application_id``: "PWL1", marks the file as a pinwarden ledger.
 APPLICATION_ID = 0x50574C31
 DB_NAME = "leases.db"
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 _TMP = re.compile(re.escape(f".{DB_NAME}.") + r"(?P<pid>[0-9]+)\.[0-9]+\.tmp")
 
 _SCHEMA = f"""
@@ -366,17 +365,21 @@ class Ledger:
             f"backup or move it aside (every lease it records is then forgotten)")
 
     def _open(self) -> sqlite3.Connection:
-        # Check the file header before SQLite sees it: SQLite happily treats an empty file
-        # as a new database, and we never create one.
+        # Judge the file before SQLite writes anything: SQLite happily treats an empty file
+        # as a new database, and we never create one.  Never open() and close() the file
+        # ourselves: closing any descriptor of it drops every POSIX lock this *process*
+        # holds on it, those of its other SQLite connections included (the daemon runs
+        # several: a hook server's, a metrics scrape's), and another process would then
+        # delete the WAL they still write to — their commits lost (sqlite.org/howtocorrupt
+        # 2.2).  stat() takes no lock; SQLite reads the header itself.
         try:
-            with open(self.path, "rb") as f:
-                header = f.read(100)
+            size = self.path.stat().st_size
         except OSError as exc:
             raise LedgerError(f"cannot read lease database {self.path}: {exc.strerror} "
                               f"(run as root or choose another --state-dir)") from None
-        if not header:
+        if size == 0:
             raise self._refuse("is empty")
-        if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        if size < 100:
             raise self._refuse("is not an SQLite database")
         try:
             db = sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, isolation_level=None,
@@ -384,7 +387,12 @@ class Ledger:
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot open lease database {self.path}: {exc}") from None
         try:
-            app_id = db.execute("PRAGMA application_id").fetchone()[0]
+            try:
+                app_id = db.execute("PRAGMA application_id").fetchone()[0]
+            except sqlite3.DatabaseError as exc:
+                if "not a database" in str(exc):
+                    raise self._refuse("is not an SQLite database") from None
+                raise
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if app_id != APPLICATION_ID:
                 raise self._refuse(f"is not a pinwarden ledger (application_id {app_id:#x})")

@@ -182,3 +182,35 @@ def render(snapshot: Snapshot, *, openmetrics_format: bool = False) -> bytes:
         generate: Callable[[CollectorRegistry], bytes] = openmetrics.generate_latest  # untyped
         return generate(reg)
     return generate_latest(reg)
+
+
+class LiveCollector:
+    """A fresh :class:`Snapshot` at every scrape (the daemon's ``--metrics`` endpoint)."""
+
+    def __init__(self, gather: Callable[[], Snapshot]) -> None:
+        self.gather = gather
+
+    def collect(self) -> Iterable[Metric]:
+        return SnapshotCollector(self.gather()).collect()
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``:PORT`` (localhost) → (host, port); ``ValueError`` otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9848)")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def serve(address: str, gather: Callable[[], Snapshot]) -> tuple[str, int]:
+    """Serve ``/metrics`` over HTTP at ``address`` in a background thread (prometheus_client's
+    server), a fresh snapshot per scrape; returns the address bound (port 0: the one the
+    kernel chose)."""
+    from prometheus_client import start_http_server
+
+    host, port = parse_address(address)
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(LiveCollector(gather))
+    server, _thread = start_http_server(port, addr=host, registry=reg)
+    bound = server.server_address
+    return str(bound[0]), int(bound[1])

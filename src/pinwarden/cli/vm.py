@@ -108,6 +108,9 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
                    help="re-pin domains whose live affinity drifted off their plan "
                         "(default: report only)")
     p.add_argument("--once", action="store_true", help="reconcile once and exit")
+    p.add_argument("--metrics", metavar="HOST:PORT", default=None,
+                   help="also serve the Prometheus metrics of 'pinwarden metrics' over HTTP "
+                        "at HOST:PORT/metrics (e.g. 127.0.0.1:9848), fresh at every scrape")
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(handler=cmd_daemon)
 
@@ -286,9 +289,27 @@ def cmd_hook_run(args: argparse.Namespace) -> int:
 def cmd_daemon(args: argparse.Namespace) -> int:
     from pinwarden.libvirt.daemon import main
 
+    if args.metrics is not None:
+        _serve_metrics(args)
     with manager_of(args) as manager:
         return main(manager, uri_of(args), interval=args.interval,
                     restore=args.restore_drift, once=args.once, verbose=args.verbose)
+
+
+def _serve_metrics(args: argparse.Namespace) -> None:
+    from pinwarden import metrics
+    from pinwarden.cli.metrics import gather
+    from pinwarden.errors import InputError
+
+    try:
+        host, port = metrics.serve(args.metrics, lambda: gather(args))
+    except ValueError as exc:
+        raise InputError(f"--metrics: {exc}") from None
+    except OSError as exc:
+        raise InputError(f"--metrics {args.metrics}: cannot listen there: "
+                         f"{exc.strerror or exc}") from None
+    print(f"pinwarden: serving metrics at http://{host}:{port}/metrics", file=sys.stderr,
+          flush=True)
 
 
 def hook_main(argv: list[str] | None = None) -> int:
