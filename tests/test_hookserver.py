@@ -118,3 +118,33 @@ def test_a_hook_with_another_configuration_is_not_answered_by_this_daemon(
     assert server.call({**request, "config": str(same)}) == {"rc": 0, "stderr": ""}
     for broken in ({}, {"v": 2}, {**request, "args": "web"}, {**request, "caller": "1"}, []):
         assert "fallback" in server.call(broken)
+
+
+def test_the_client_knows_pinwardens_namespace() -> None:
+    """The client (standard library only) spells the metadata namespace itself."""
+    from pinwarden.libvirt import hookclient
+
+    assert hookclient.PW_NAMESPACE.decode() == hook.PW_NAMESPACE
+
+
+def test_a_daemon_that_does_not_answer_fails_safe(tmp_path: Path) -> None:
+    """A wedged daemon (it accepts, never answers): the client gives up and exits like a
+    broken pinwarden, so the drop-in lets a shared domain start."""
+    import socket
+    import threading
+
+    from pinwarden.libvirt import hookclient
+
+    path = tmp_path / "hook.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(server.accept()[0]), daemon=True).start()
+    try:
+        with pytest.raises(TimeoutError):
+            hookclient.ask(str(path), {"v": 1}, timeout=0.5)
+    finally:
+        for conn in held:
+            conn.close()
+        server.close()

@@ -30,8 +30,12 @@ import socket
 import sys
 
 #: How long a daemon may take to answer (it may wait for the lease lock, as the in-process
-#: hook would); then the call fails like a broken pinwarden (the drop-in's fail-safe).
+#: hook would); then the call fails like a broken pinwarden (the drop-in's fail-safe: a
+#: domain that asks for nothing exclusive starts, an exclusive one is refused).  A domain
+#: without pinwarden's metadata waits less: a wedged daemon must not hold its start long.
 TIMEOUT = 150.0
+SHARED_TIMEOUT = 30.0
+PW_NAMESPACE = b"urn:pinwarden:domain:1"
 #: Exit status for "pinwarden did not work" (the drop-in lets shared domains through).
 EX_SOFTWARE = 70
 #: Where the daemon cannot be reached and the full hook must run instead.
@@ -97,7 +101,7 @@ def main(argv: list[str]) -> int:
                "stdin": data.decode("utf-8", "surrogateescape"),
                "caller": caller_pid(), "config": config}
     try:
-        answer = ask(sock, request)
+        answer = ask(sock, request, TIMEOUT if PW_NAMESPACE in data else SHARED_TIMEOUT)
     except (OSError, ValueError) as exc:
         print(f"pinwarden: error: the pinwarden daemon did not answer the hook "
               f"({type(exc).__name__}: {exc})", file=sys.stderr)
