@@ -90,14 +90,17 @@ def check_domain(dom: Any, pid: int | None, plan: Plan) -> list[str]:
     return problems
 
 
-def check_group(backend: CgroupBackend, path: str, cpus: CpuSet) -> list[str]:
-    """The holder's group is exclusive and its effective CPUs are within ``cpus``."""
+def check_group(backend: CgroupBackend, path: str, cpus: CpuSet, *,
+                exclusive: bool = True) -> list[str]:
+    """The holder's group is exclusive (unless the layout made it a plain cpuset:
+    ``exclusive=False``, Linux 6.12+ over isolcpus CPUs) and its effective CPUs are within
+    ``cpus``."""
     try:
         group = backend.read_group(path)
     except CgroupOpError as exc:
         return [f"cannot read cgroup {path}: {exc}"]
     problems = []
-    if not group.exclusive:
+    if exclusive and not group.exclusive:
         problems.append(f"cgroup {path} is not cpu_exclusive")
     if not group.effective_cpus or not group.effective_cpus <= cpus:
         problems.append(f"cgroup {path} has effective CPUs {group.effective_cpus or '(none)'}"

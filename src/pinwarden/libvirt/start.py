@@ -247,13 +247,19 @@ def _start_exclusive(manager: Manager, conn: Any, holder: HolderRef, spec: Domai
         group = reserved.group or manager.holder_group(holder)
         problems = kernel.check_domain(dom, pid, plan)
         if manager.enforcing:
-            problems += kernel.check_group(manager.backend(), group, plan.cpus())
+            planned = None if reserved.result is None or reserved.result.desired is None \
+                else reserved.result.desired.group_of(holder)
+            problems += kernel.check_group(  # a plain cpuset where partitions cannot be
+                manager.backend(), group, plan.cpus(),
+                exclusive=planned is None or planned.partition != "member")
         if problems:
             raise Refusal(f"domain {holder.name!r} started but the kernel does not give it "
                           f"its CPUs exclusively: {problems[0]}; stopped it and freed the "
                           f"lease", code="verify")
+        layout_notes = () if reserved.result is None or reserved.result.desired is None \
+            else reserved.result.desired.notes
         return Started(holder.name, holder.uuid or "", plan, pid, kernel.domain_cgroup(pid),
-                       tuple(done), plan.notes)
+                       tuple(done), (*plan.notes, *layout_notes))
     except BaseException:
         _rollback(manager, conn, holder, started, done)
         raise
