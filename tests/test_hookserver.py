@@ -148,3 +148,23 @@ def test_a_daemon_that_does_not_answer_fails_safe(tmp_path: Path) -> None:
         for conn in held:
             conn.close()
         server.close()
+
+
+def test_hook_check_says_whether_the_daemon_answers(
+        setup: tuple[Path, Path, Manager, HookServer]) -> None:
+    drop_in, _marker, _manager, server = setup
+    hooks_dir = drop_in.parent.parent
+    ok = hooks_dir.parent / "fallback"  # the full command: now it answers "hook ping"
+    ok.write_text('#!/bin/sh\necho "pinwarden hook ok 1"\n')
+    states = {s.driver: s for s in hook.check_installed(hooks_dir)}
+    assert states["qemu"].problem is None, states["qemu"]
+    assert (states["qemu"].daemon or "").startswith("answered by the daemon at ")
+    server.close()
+    states = {s.driver: s for s in hook.check_installed(hooks_dir)}
+    assert states["qemu"].problem is None
+    assert "no daemon answers" in (states["qemu"].daemon or "")
+    # a client file that went away (pinwarden reinstalled elsewhere) is a problem
+    script = drop_in.read_text()
+    drop_in.write_text(script.replace("hookclient.py", "gone/hookclient.py"))
+    states = {s.driver: s for s in hook.check_installed(hooks_dir)}
+    assert "hookclient.py exited 2" in (states["qemu"].problem or ""), states["qemu"]

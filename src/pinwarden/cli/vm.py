@@ -263,11 +263,11 @@ def cmd_hook_check(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"hooks": [{"driver": s.driver, "path": str(s.path),
                                "installed": s.installed, "problem": s.problem,
-                               "command": s.command} for s in states]})
+                               "command": s.command, "daemon": s.daemon} for s in states]})
     else:
         for s in states:
             state = "ok" if s.problem is None else s.problem
-            print(f"{s.driver}: {s.path}: {state}")
+            print(f"{s.driver}: {s.path}: {state}" + (f" ({s.daemon})" if s.daemon else ""))
     return 0 if all(s.problem is None for s in states) else 1
 
 

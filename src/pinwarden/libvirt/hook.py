@@ -263,10 +263,12 @@ class HookState:
     installed: bool
     problem: str | None  # None: installed and working
     command: str | None = None
+    daemon: str | None = None  # whether the daemon answers the hook's calls
 
 
 def check_installed(hooks_dir: Path, drivers: tuple[str, ...] = DRIVERS) -> list[HookState]:
-    """The state of pinwarden's hooks: present, and does the command they exec run."""
+    """The state of pinwarden's hooks: present, does what they exec run, and does a daemon
+    answer their calls (else each call starts pinwarden: slower, same result)."""
     states = []
     problem: str | None
     for driver in drivers:
@@ -279,25 +281,65 @@ def check_installed(hooks_dir: Path, drivers: tuple[str, ...] = DRIVERS) -> list
                            f"moves it to {path}")
             states.append(HookState(driver, path, False, problem))
             continue
-        command = _exec_line(path.read_text(errors="replace"))
+        line = _exec_line(path.read_text(errors="replace"))
+        command, client, sock = _split(line) if line is not None else (None, None, None)
+        daemon = None
         if command is None:
             problem = f"{path} has no pinwarden command line: reinstall it"
         elif not os.access(path, os.X_OK):
             problem = f"{path} is not executable: libvirt skips it"
         else:
             problem = _runs(command)
+            if problem is None and client is not None:
+                problem = _client_runs(client)
+                if problem is None and sock is not None:
+                    from pinwarden.libvirt.hookclient import ask
+
+                    try:
+                        answered = ask(sock, {"v": 1, "ping": True}, timeout=10.0) is not None
+                    except (OSError, ValueError):
+                        answered = False
+                    daemon = f"answered by the daemon at {sock}" if answered else \
+                        f"no daemon answers at {sock}: each call starts pinwarden"
         states.append(HookState(driver, path, True, problem,
-                                None if command is None else shlex.join(command)))
+                                None if command is None else shlex.join(command), daemon))
     return states
 
 
 def _exec_line(script: str) -> list[str] | None:
+    """The words of the drop-in's command line (client and fallback, or the command)."""
     for line in script.splitlines():
         text = line.strip()
         if text.startswith("printf '%s\\n' \"$xml\" | "):
             words = shlex.split(text.split("| ", 1)[1])
             if "hook" in words:
-                return words[:words.index("hook")]
+                return words
+    return None
+
+
+def _split(words: list[str]) -> tuple[list[str] | None, list[str] | None, str | None]:
+    """(the pinwarden command before ``hook run``, the hook client's command or None, its
+    socket or None) of a drop-in's command line."""
+    client: list[str] | None = None
+    sock: str | None = None
+    if len(words) > 7 and words[3].endswith("hookclient.py"):
+        client, sock = words[:4], words[4]
+        words = words[8:]
+    if "hook" not in words:
+        return None, client, sock
+    return words[:words.index("hook")], client, sock
+
+
+def _client_runs(client: Sequence[str]) -> str | None:
+    """Why the hook client (``python3 -I -S hookclient.py``) does not run, or None."""
+    try:
+        done = subprocess.run([*client, "--ping"], capture_output=True, text=True,
+                              timeout=60, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{shlex.join(client)} cannot run: {exc}"
+    if done.returncode != 0 or "pinwarden hook client ok" not in done.stdout:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"{shlex.join(client)} exited {done.returncode}: {tail}"
     return None
 
 

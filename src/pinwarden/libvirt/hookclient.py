@@ -94,6 +94,9 @@ def run_instead(command: list[str], data: bytes) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv == ["--ping"]:  # 'pinwarden hook check': this interpreter runs this file
+        print("pinwarden hook client ok")
+        return 0
     sock, config, driver, count = argv[0], argv[1], argv[2], int(argv[3])
     fallback, args = argv[4:4 + count], argv[4 + count:]
     data = sys.stdin.buffer.read()

@@ -139,6 +139,8 @@ class HookServer:
         """One hook call, as the hook client sends it; the answer it expects."""
         if not isinstance(request, dict) or request.get("v") != 1:
             return {"fallback": "unknown request"}
+        if request.get("ping") is True:  # 'pinwarden hook check'
+            return {"pong": True}
         driver, args, stdin = request.get("driver"), request.get("args"), request.get("stdin")
         caller, config = request.get("caller"), request.get("config")
         if not (isinstance(driver, str) and isinstance(args, list)
