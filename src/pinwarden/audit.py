@@ -310,8 +310,8 @@ class _Context:
 
     def is_holder_group(self, path: str) -> bool:
         """A holder group of pinwarden's layout (recognised by name, recorded or not); a
-        child of the tree of pinwarden ≤ 0.x (``pinwarden.partition/vm-NAME.partition``)
-        too."""
+        child of the one tree an earlier pinwarden kept
+        (``pinwarden.partition/vm-NAME.partition``) too."""
         head, _, last = path.rpartition("/")
         return any(is_holder_component(last, stem) or head == stem
                    for stem in self.holder_stems)

@@ -112,7 +112,8 @@ class LayoutNames:
 
     @property
     def legacy(self) -> str:
-        """Where pinwarden ≤ 0.x kept every holder (one exclusive tree): removed when empty."""
+        """Where an earlier pinwarden kept every holder (one exclusive tree): removed when
+        empty."""
         return join(self.parent, f"{self.stem}{PARTITION_SUFFIX}")
 
     def is_holder(self, path: str) -> bool:
