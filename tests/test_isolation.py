@@ -287,3 +287,23 @@ def test_two_leases_released_in_any_order_give_the_original_back(
     rec = {r.key: r for r in r1.keep}
     r2 = plan_restore(snap_with(cur), rec, CpuSet(), hk)
     assert applied(cur, r2.writes) == values
+
+
+def test_a_thread_narrowed_to_the_one_housekeeping_cpu_goes_back() -> None:
+    """On a host with one housekeeping CPU pinwarden moves a kernel thread to that CPU
+    alone, which makes it look per-CPU; its recorded original still comes back (the
+    2-CPU test host lost kthreadd's 0-1 this way)."""
+    thread = KthreadInfo(2, 30, "kthreadd", PF_KTHREAD, L("0-1"))
+    snap = NoiseSnapshot(online=L("0-1"), kthreads=(thread,))
+    plan = plan_isolation(snap, L("1"), L("0"), {})
+    assert plan.writes == (Write(thread.key, L("0")),)
+    moved = NoiseSnapshot(online=L("0-1"),
+                          kthreads=(KthreadInfo(2, 30, "kthreadd", PF_KTHREAD, L("0")),))
+    assert not moved.kthreads[0].movable  # one CPU: would never be moved now
+    restore = plan_restore(moved, {r.key: r for r in plan.records}, CpuSet(), L("0"))
+    assert restore.writes == (Write(thread.key, L("0-1")),)
+    assert restore.forget == (thread.key,)
+    bound = NoiseSnapshot(online=L("0-1"), kthreads=(
+        KthreadInfo(2, 30, "kthreadd", PF_KTHREAD | PF_NO_SETAFFINITY, L("0")),))
+    assert plan_restore(bound, {r.key: r for r in plan.records}, CpuSet(), L("0")).writes \
+        == ()  # bound meanwhile: not pinwarden's to write

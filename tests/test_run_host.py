@@ -131,3 +131,20 @@ def test_dry_run_says_what_a_job_would_change_and_changes_nothing(pw: Pinwarden)
     assert not (CPUSET / group).exists()
     assert (CPUSET / "machine" / "cpuset.cpus").read_text() == machine
 
+
+
+def test_a_kernel_thread_moved_to_the_one_housekeeping_cpu_comes_back(pw: Pinwarden) -> None:
+    """kthreadd (movable) may run on both CPUs; while CPU 1 is leased pinwarden moves it to
+    CPU 0 alone — which makes it look per-CPU — and puts it back afterwards."""
+    kthreadd = 2
+    found = os.sched_getaffinity(kthreadd)
+    online = os.sched_getaffinity(0) | found
+    try:
+        os.sched_setaffinity(kthreadd, online)
+        done = run(pw, "--exclusive", "1", "--", "grep", "Cpus_allowed_list",
+                   f"/proc/{kthreadd}/status")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split()[-1] == "0", done.stdout  # off the leased CPU
+        assert os.sched_getaffinity(kthreadd) == online  # and back, exactly
+    finally:
+        os.sched_setaffinity(kthreadd, found)

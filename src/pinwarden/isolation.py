@@ -36,7 +36,7 @@ written once, the first time pinwarden touches it, and the value pinwarden last 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -102,7 +102,13 @@ class KthreadInfo:
 
     @property
     def movable(self) -> bool:
-        return bool(self.flags & PF_KTHREAD) and not self.per_cpu and not self.irq_thread
+        return self.settable and len(self.affinity) > 1
+
+    @property
+    def settable(self) -> bool:
+        """A kernel thread the kernel lets pinwarden move (not bound, not an IRQ's)."""
+        return bool(self.flags & PF_KTHREAD) and not self.flags & PF_NO_SETAFFINITY \
+            and not self.irq_thread
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +127,11 @@ class NoiseSnapshot:
     rcu_nocbs: CpuSet = field(default_factory=CpuSet)
     isolated: CpuSet = field(default_factory=CpuSet)
 
-    def values(self) -> dict[str, CpuSet]:
+    def values(self, recorded: Collection[str] = ()) -> dict[str, CpuSet]:
         """Current value of every key pinwarden may move (unwritable IRQs and unmovable
-        threads left out)."""
+        threads left out).  A kernel thread in ``recorded`` counts whatever its affinity:
+        pinwarden itself may have narrowed it to one CPU (one housekeeping CPU left), which
+        makes it look per-CPU, and it must still go back."""
         out: dict[str, CpuSet] = {}
         for irq in self.irqs:
             if irq.writable is not False:
@@ -133,7 +141,7 @@ class NoiseSnapshot:
         if self.workqueue is not None:
             out[WORKQUEUE] = self.workqueue
         for kt in self.kthreads:
-            if kt.movable:
+            if kt.movable or (kt.key in recorded and kt.settable):
                 out[kt.key] = kt.affinity
         return out
 
@@ -245,7 +253,7 @@ def plan_restore(snapshot: NoiseSnapshot, recorded: Mapping[str, Record] | Itera
     changed by someone else: left alone and forgotten (``conflicts``)."""
     records = dict(recorded) if isinstance(recorded, Mapping) else \
         {r.key: r for r in recorded}
-    values = snapshot.values()
+    values = snapshot.values(records)
     fallback = _fallback(housekeeping if housekeeping is not None else snapshot.online,
                          snapshot.online, still_leased)
     writes: list[Write] = []
