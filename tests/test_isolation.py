@@ -5,6 +5,8 @@ adapter pinwarden.noise on fake /proc and /sys trees.  The real kernel: the lab'
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from pinwarden.isolation import (
     KthreadInfo,
     NoiseSnapshot,
     Record,
+    TaskInfo,
     Write,
     kernel_cmdline,
     plan_isolation,
@@ -28,7 +31,7 @@ from pinwarden.isolation import (
     unmovable,
     with_refusals,
 )
-from pinwarden.noise import apply, read_noise, refused
+from pinwarden.noise import apply, read_noise, read_tasks, refused
 
 L = CpuSet.parse_kernel
 ALL = L("0-7")
@@ -307,3 +310,47 @@ def test_a_thread_narrowed_to_the_one_housekeeping_cpu_goes_back() -> None:
         KthreadInfo(2, 30, "kthreadd", PF_KTHREAD | PF_NO_SETAFFINITY, L("0")),))
     assert plan_restore(bound, {r.key: r for r in plan.records}, CpuSet(), L("0")).writes \
         == ()  # bound meanwhile: not pinwarden's to write
+
+
+def test_user_threads_are_moved_and_put_back_like_kernel_threads() -> None:
+    """``task:TID:START`` keys (user threads the manager moves off CPUs the kernel cannot
+    guard): narrowed to what they had minus the leased CPUs, back exactly afterwards, and
+    left alone when someone else set them meanwhile."""
+    libvirtd = TaskInfo(1974, 500, "vm-pwtest-ix", L("0-3"))
+    pinned = TaskInfo(2384, 900, "bench", L("3"))  # only the leased CPU: the housekeeping
+    snap = NoiseSnapshot(online=L("0-3"), tasks=(libvirtd, pinned))
+    plan = plan_isolation(snap, L("3"), L("0"), {})
+    assert plan.writes == (Write("task:1974:500", L("0-2")), Write("task:2384:900", L("0")))
+    records = {r.key: r for r in plan.records}
+    assert records["task:1974:500"].original == L("0-3")
+    moved = NoiseSnapshot(online=L("0-3"), tasks=(
+        TaskInfo(1974, 500, "vm-pwtest-ix", L("0-2")), TaskInfo(2384, 900, "bench", L("1"))))
+    back = plan_restore(moved, records, CpuSet(), L("0"))
+    assert back.writes == (Write("task:1974:500", L("0-3")),)  # 2384 was changed meanwhile
+    assert back.conflicts == ("task:2384:900",)
+    assert set(back.forget) == {"task:1974:500", "task:2384:900"} and back.keep == ()
+
+
+def test_user_threads_are_read_and_set_on_this_host() -> None:
+    """``noise.read_tasks`` and ``noise.apply`` on a real thread of our own: its affinity is
+    read from ``/proc/TID``, set by sched_setaffinity, and a stale start time (a reused
+    thread id) is never written."""
+    online = os.sched_getaffinity(0)
+    if len(online) < 2:
+        pytest.fail("needs at least 2 CPUs")
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        (task,) = read_tasks(Path("/"), [child.pid])
+        assert task.affinity == CpuSet.of(online) and task.comm == "sleep"
+        one = CpuSet.of([min(online)])
+        (done,) = apply(Path("/"), [Write(task.key, one)])
+        assert done.ok and done.after == one.to_list()
+        assert os.sched_getaffinity(child.pid) == set(one)
+        stale = f"task:{child.pid}:{task.start_time + 1}"
+        (refused_write,) = apply(Path("/"), [Write(stale, CpuSet.of(online))])
+        assert not refused_write.ok and refused_write.errno == errno.ESRCH
+        assert os.sched_getaffinity(child.pid) == set(one)
+        assert read_tasks(Path("/"), [os.getpid() + 10**7]) == ()  # no such thread
+    finally:
+        child.kill()
+        child.wait()

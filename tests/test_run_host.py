@@ -148,3 +148,51 @@ def test_a_kernel_thread_moved_to_the_one_housekeeping_cpu_comes_back(pw: Pinwar
         assert os.sched_getaffinity(kthreadd) == online  # and back, exactly
     finally:
         os.sched_setaffinity(kthreadd, found)
+
+
+def test_threads_outside_the_holders_leave_an_unguarded_leased_cpu_and_come_back(
+        pw: Pinwarden) -> None:
+    """The manager's step for CPUs the kernel cannot guard (Linux 6.12 refuses partitions
+    over isolcpus CPUs, so holder groups there are plain cpusets): a thread of another
+    cgroup that may run on the leased CPU is moved off it, its affinity recorded, and put
+    back exactly when the CPU is free.  Real threads, /proc and sched_setaffinity; the
+    story on 6.12 itself is the trixie lab's ``story_isolcpus``."""
+    from pinwarden.config import load_config
+    from pinwarden.cpuset import EMPTY, CpuSet
+    from pinwarden.manager import Manager
+    from pinwarden.policy import JobSpec
+
+    group = CPUSET / f"pwtest-keepoff-{os.getpid()}"
+    group.mkdir()
+    child = None
+    try:
+        (group / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+        (group / "cpuset.cpus").write_text("0-1")
+        child = subprocess.Popen(["sleep", "120"])
+        (group / "tasks").write_text(str(child.pid))
+        assert os.sched_getaffinity(child.pid) == {0, 1}
+        with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
+            # no owner process: the sleeper, our child, must not count as the holder's
+            reserved = manager.reserve_request(JobSpec(name="pwtest-keepoff", count=1),
+                                               owner_pid=None, enforce=False)
+            assert reserved.plan.cpus() == CpuSet.of([1])
+            with manager.locked():
+                ledger = manager.ledger()
+                manager._keep_off(ledger, manager.host(), ledger.leases(), CpuSet.of([1]))
+                keys = [k for k in ledger.changes() if k.startswith(f"task:{child.pid}:")]
+            assert os.sched_getaffinity(child.pid) == {0}
+            assert len(keys) == 1, keys
+            with manager.locked():  # the CPU is free again
+                manager._keep_off(ledger, manager.host(), (), EMPTY)
+                assert not [k for k in ledger.changes() if k.startswith("task:")]
+            assert os.sched_getaffinity(child.pid) == {0, 1}
+    finally:
+        if child is not None:
+            child.kill()
+            child.wait()
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)

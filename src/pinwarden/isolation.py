@@ -7,7 +7,12 @@ Noise sources pinwarden can move at run time, each under a stable *key*:
 ``irq-default``             ``/proc/irq/default_smp_affinity`` (IRQs set up later)
 ``workqueue``               ``/sys/devices/virtual/workqueue/cpumask`` (unbound work)
 ``kthread:PID:STARTTIME``   ``sched_setaffinity`` of an unbound kernel thread
+``task:TID:STARTTIME``      ``sched_setaffinity`` of a user thread outside every holder
 ==========================  ==========================================================
+
+Task keys are not host noise: the manager moves a user thread only off leased CPUs the
+kernel cannot guard (a holder group that may not be a partition: ``isolcpus=`` CPUs on
+Linux 6.12+), whatever ``[isolation] noise`` says, and puts it back the same way.
 
 A kernel thread is *movable* when it has ``PF_KTHREAD`` and not ``PF_NO_SETAFFINITY``
 (``/proc/PID/stat`` field 9; per-CPU threads — ``ksoftirqd/N``, ``migration/N``,
@@ -51,6 +56,10 @@ WORKQUEUE = "workqueue"
 
 def irq_key(irq: int) -> str:
     return f"irq:{irq}"
+
+
+def task_key(tid: int, start_time: int) -> str:
+    return f"task:{tid}:{start_time}"
 
 
 def kthread_key(pid: int, start_time: int) -> str:
@@ -112,6 +121,21 @@ class KthreadInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """A user thread: its id, start time (``/proc/TID/stat`` field 22), name and CPU
+    affinity."""
+
+    tid: int
+    start_time: int
+    comm: str
+    affinity: CpuSet
+
+    @property
+    def key(self) -> str:
+        return task_key(self.tid, self.start_time)
+
+
+@dataclass(frozen=True, slots=True)
 class NoiseSnapshot:
     """Every noise source at one moment.  ``default_affinity``/``workqueue`` are ``None``
     where the file is absent.  ``nohz_full`` (``/sys/devices/system/cpu/nohz_full``),
@@ -126,6 +150,8 @@ class NoiseSnapshot:
     nohz_full: CpuSet = field(default_factory=CpuSet)
     rcu_nocbs: CpuSet = field(default_factory=CpuSet)
     isolated: CpuSet = field(default_factory=CpuSet)
+    #: user threads (only those the caller chose: see :class:`TaskInfo`)
+    tasks: tuple[TaskInfo, ...] = ()
 
     def values(self, recorded: Collection[str] = ()) -> dict[str, CpuSet]:
         """Current value of every key pinwarden may move (unwritable IRQs and unmovable
@@ -143,6 +169,8 @@ class NoiseSnapshot:
         for kt in self.kthreads:
             if kt.movable or (kt.key in recorded and kt.settable):
                 out[kt.key] = kt.affinity
+        for task in self.tasks:
+            out[task.key] = task.affinity
         return out
 
 
@@ -210,7 +238,7 @@ def _fallback(housekeeping: CpuSet, online: CpuSet, leased: CpuSet) -> CpuSet:
 
 def _key_order(key: str) -> tuple[int, int, str]:
     kind, _, rest = key.partition(":")
-    rank = {"irq-default": 0, "workqueue": 1, "irq": 2, "kthread": 3}.get(kind, 4)
+    rank = {"irq-default": 0, "workqueue": 1, "irq": 2, "kthread": 3, "task": 4}.get(kind, 5)
     num = rest.split(":", 1)[0]
     return (rank, int(num) if num.isdigit() else 0, key)
 

@@ -471,6 +471,7 @@ class Manager:
             self._restore_cgroups(ledger, backend, {k: v for k, v in changes.items()
                                                     if k != key})
         self._isolate(ledger, host, CpuSet.of(lease.cpu for lease in leases))
+        self._keep_off(ledger, host, leases, _unguarded(result) if v2 else EMPTY)
         if not leases:
             ledger.clear_host_record()
         return result
@@ -593,6 +594,62 @@ class Manager:
             ledger.put_changes({key: json.dumps(records[key].to_json()) for key in bad
                                 if key in records})
 
+    def _keep_off(self, ledger: Ledger, host: Host, leases: tuple[Lease, ...],
+                  unguarded: CpuSet) -> None:
+        """User threads outside every holder off the leased CPUs the kernel does not guard
+        (``unguarded``: CPUs of holder groups that may not be partitions — ``isolcpus=``
+        CPUs on Linux 6.12+), and back as they were once those CPUs are free.
+
+        isolcpus keeps new tasks off such a CPU, but the kernel resets a task's affinity to
+        its cpuset's CPUs whenever that cpuset changes (``systemctl set-property`` of a
+        slice, a cgroup made or moved), and nothing then keeps it off a leased CPU.  Each
+        thread's original affinity is recorded in the ledger before the first write; a
+        thread whose affinity someone else changed meanwhile is left alone."""
+        if self._fixed_host is not None or not _is_live_root(self.root):
+            return
+        from pinwarden import audit, isolation, noise
+
+        records = {key: isolation.Record.from_json(json.loads(value))
+                   for key, value in ledger.changes().items() if _is_task_key(key)}
+        housekeeping = host.partition.host_cpus
+        online = host.topology.online
+        if records:
+            tids = [int(key.split(":")[1]) for key in records]
+            snapshot = isolation.NoiseSnapshot(online, tasks=noise.read_tasks(self.root, tids))
+            back = isolation.plan_restore(snapshot, records, unguarded, housekeeping)
+            noise.apply(self.root, back.writes)
+            ledger.forget_changes(back.forget)
+            ledger.put_changes({r.key: json.dumps(r.to_json()) for r in back.keep})
+        if not unguarded:
+            return
+        config = self.config
+        report = audit.audit(
+            audit.scan(self.root), leases, ledger.holders(),
+            vm_partitions=tuple(dict.fromkeys((config.cgroup_v1, config.cgroup_v2,
+                                               *audit.DEFAULT_VM_PARTITIONS))),
+            holder_stems=tuple(dict.fromkeys((config.exclusive_cgroup,
+                                              *audit.DEFAULT_HOLDER_STEMS))))
+        strays = {i.tid: i for i in report.intruders
+                  if i.kind == "escaped-task" and i.tid is not None and i.cpus & unguarded}
+        if not strays:
+            return
+        records = {key: isolation.Record.from_json(json.loads(value))
+                   for key, value in ledger.changes().items() if _is_task_key(key)}
+        snapshot = isolation.NoiseSnapshot(online,
+                                           tasks=noise.read_tasks(self.root, strays))
+        plan = isolation.plan_isolation(snapshot, unguarded, housekeeping, records)
+        ledger.put_changes({r.key: json.dumps(r.to_json()) for r in plan.records})
+        outcomes = noise.apply(self.root, plan.writes)
+        failed = [o.key for o in outcomes if not o.ok]
+        ledger.forget_changes([key for key in failed if key not in records])
+        moved = sorted({strays[int(o.key.split(":")[1])].name or "?" for o in outcomes
+                        if o.ok and int(o.key.split(":")[1]) in strays})
+        if moved:
+            self.warn(f"moved {sum(o.ok for o in outcomes)} thread(s) outside the holders "
+                      f"off leased CPUs {unguarded.to_list()} (this kernel cannot make them "
+                      f"a partition): {', '.join(moved[:8])}"
+                      f"{' …' if len(moved) > 8 else ''}; they go back when the lease ends")
+
     @staticmethod
     def _shared_original(backend: CgroupBackend, path: str) -> str:
         """The shared group's configured CPUs as found, as a change record."""
@@ -635,6 +692,22 @@ def _is_noise_key(key: str) -> bool:
     """Change records of :mod:`pinwarden.isolation` (``irq:N``, ``irq-default``,
     ``workqueue``, ``kthread:PID:START``), not the cgroup ones."""
     return key in ("irq-default", "workqueue") or key.startswith(("irq:", "kthread:"))
+
+
+def _is_task_key(key: str) -> bool:
+    """Change records of user threads pinwarden moved off unguarded leased CPUs."""
+    return key.startswith("task:")
+
+
+def _unguarded(result: Result | None) -> CpuSet:
+    """CPUs of holder groups the layout had to make plain cpusets on cgroup v2 (no
+    partition may hold them: ``isolcpus=`` CPUs on Linux 6.12+): nothing in the kernel
+    keeps other tasks' affinity off them."""
+    if result is None or result.desired is None:
+        return EMPTY
+    return CpuSet.of(cpu for spec in result.desired.holders
+                     if spec.partition == "member" and not spec.when_populated
+                     for cpu in spec.cpus)
 
 
 def _is_live_root(root: Path) -> bool:

@@ -10,8 +10,9 @@ Files: ``proc/irq/N/{smp_affinity_list,effective_affinity_list}`` and the handle
 subdirectories of ``proc/irq/N``; ``proc/irq/default_smp_affinity`` and
 ``sys/devices/virtual/workqueue/cpumask`` (hex masks); ``proc/PID/{stat,status}`` of kernel
 threads (``Cpus_allowed_list``); ``sys/devices/system/cpu/{online,isolated,nohz_full}``.
-Kernel-thread affinity is set with ``sched_setaffinity`` (injectable for tests), after
-checking that ``PID`` still has the recorded start time.
+Thread affinity (kernel threads, and the user threads :func:`read_tasks` reads) is set with
+``sched_setaffinity`` (injectable for tests), after checking that the thread still has the
+recorded start time.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pinwarden.isolation import (
     IrqInfo,
     KthreadInfo,
     NoiseSnapshot,
+    TaskInfo,
     Write,
 )
 from pinwarden.procs import parse_stat, read_stat
@@ -120,6 +122,27 @@ def read_kthreads(root: Path) -> tuple[KthreadInfo, ...]:
     return tuple(out)
 
 
+def read_tasks(root: Path, tids: Iterable[int]) -> tuple[TaskInfo, ...]:
+    """The user threads ``tids`` (``/proc/TID`` reaches any thread by its id), with their
+    start time and affinity; threads gone meanwhile are left out."""
+    out: list[TaskInfo] = []
+    for tid in sorted(set(tids)):
+        stat = read_stat(tid, root=root)
+        if stat is None or stat.kernel_thread:
+            continue
+        status = _text(root / "proc" / str(tid) / "status") or ""
+        allowed = next((ln.split(":", 1)[1].strip() for ln in status.splitlines()
+                        if ln.startswith("Cpus_allowed_list:")), None)
+        if allowed is None:
+            continue
+        try:
+            out.append(TaskInfo(tid, stat.start_time, stat.comm,
+                                CpuSet.parse_kernel(allowed)))
+        except CpuSetError:
+            continue
+    return tuple(out)
+
+
 def read_noise(root: Path = Path("/")) -> NoiseSnapshot:
     """Snapshot of every noise source below ``root``."""
     cpu = root / CPU_DIR
@@ -181,7 +204,7 @@ def _apply_one(root: Path, write: Write, set_affinity: SetAffinity) -> Outcome:
         return Outcome(key, value, True, after=(_text(path) or "").strip())
     kind, _, rest = key.partition(":")
     pid_s, _, start_s = rest.partition(":")
-    if kind != "kthread" or not pid_s.isdigit() or not start_s.isdigit():
+    if kind not in ("kthread", "task") or not pid_s.isdigit() or not start_s.isdigit():
         return Outcome(key, value, False, errno.EINVAL, f"unknown key {key!r}")
     pid = int(pid_s)
     stat = read_stat(pid, root=root)

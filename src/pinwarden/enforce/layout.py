@@ -302,10 +302,10 @@ def without_partitions_over(desired: DesiredLayout, forbidden: CpuSet) -> Desire
     """``desired`` for a kernel on which no partition may hold the ``forbidden`` CPUs
     (Linux 6.12+: ``isolcpus=`` CPUs, "partition config conflicts with housekeeping
     setup").  Every holder group holding any of them becomes a plain ``member`` cpuset
-    with explicit, disjoint CPUs, with a note saying so: isolcpus already keeps the
-    scheduler's load balancing (the OS's tasks) off those CPUs and the layout keeps VMs and
-    jobs off each other's, but the kernel does not enforce it.  The other holders stay
-    partitions."""
+    with explicit, disjoint CPUs, with a note saying so: isolcpus keeps the scheduler's
+    load balancing (the OS's new tasks) off those CPUs and the layout keeps VMs and jobs off
+    each other's, but the kernel does not enforce it (the manager moves the threads whose
+    affinity still reaches them).  The other holders stay partitions."""
     clash = union(h.cpus for h in desired.holders) & forbidden
     if not clash:
         return desired
@@ -313,8 +313,9 @@ def without_partitions_over(desired: DesiredLayout, forbidden: CpuSet) -> Desire
     note = (f"this kernel refuses cgroup partitions holding isolcpus CPUs "
             f"({clash.to_list()}), so {', '.join(h.path for h in plain)} "
             f"{'is a plain cpuset' if len(plain) == 1 else 'are plain cpusets'}: the kernel "
-            f"cannot enforce exclusivity with partitions for them; isolcpus already keeps "
-            f"the OS's tasks off them")
+            f"cannot enforce exclusivity with partitions for them; isolcpus keeps new tasks "
+            f"off them, and pinwarden moves threads whose affinity still reaches them "
+            f"until the lease ends")
     return replace(desired,
                    holders=tuple(replace(h, partition="member") if h in plain else h
                                  for h in desired.holders),
