@@ -440,7 +440,17 @@ def remove_tree(top: str) -> None:
 
 @contextlib.contextmanager
 def machine_restored() -> Iterator[None]:
-    """Put ``machine``'s cpuset back as it was (pinwarden narrows it while CPUs are leased)."""
+    """Put ``machine``'s cpuset back as it was (pinwarden narrows it while CPUs are leased).
+
+    Fails at once, naming them, when ``machine`` holds groups no libvirt domain owns (a
+    killed benchmark's ``pwtest-noise-…-tenants`` did): the tests rewrite ``machine``'s
+    CPUs and flags, which such a child blocks (EBUSY, or EINVAL for cpu_exclusive)."""
+    foreign = sorted(c.name for c in (CPUSET / "machine").glob("*")
+                     if c.is_dir() and not c.name.endswith((".libvirt-qemu", ".libvirt-lxc")))
+    if foreign:
+        pytest.fail(f"{CPUSET / 'machine'} holds groups that are not libvirt domains' "
+                    f"({', '.join(foreign)}): something left them behind; remove them "
+                    f"(rmdir, once empty) and rerun")
     path = CPUSET / "machine" / "cpuset.cpus"
     before = path.read_text().strip() if path.exists() else None
     try:

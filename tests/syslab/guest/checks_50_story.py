@@ -245,6 +245,13 @@ def story_isolcpus() -> Data:
         out["v"] = domain("pwtest-iv")
         remove_domain("pwtest-ip")
         remove_domain("pwtest-iv")
+        # what an admin's `systemctl set-property` of a slice does: the kernel resets the
+        # affinity of every task in it to the slice's CPUs, isolated ones included (a
+        # change of its effective CPUs: 0, then 0-3)
+        out["reset_system"] = [systemctl("set-property", "--runtime", "system.slice",
+                                         f"AllowedCPUs={cpus}") for cpus in ("0", "0-3")]
+        libvirtd = int(unit_show("libvirtd.service", "MainPID").get("MainPID", "0"))
+        out["libvirtd_before"] = affinity(libvirtd) if libvirtd else None
         # beside an exclusive domain on CPU 3 (every VM CPU leased: shared ones fall back
         # to the housekeeping CPUs, with a note)
         out["define_x"] = pinwarden("define", write_xml("pwtest-ix",
@@ -256,12 +263,15 @@ def story_isolcpus() -> Data:
         out["v2"] = domain("pwtest-iv2")
         out["layout"] = layout()
         out["audit"] = pinwarden("audit", "--json")
+        out["libvirtd_leased"] = affinity(libvirtd) if libvirtd else None
     finally:
         for name in names:
             remove_domain(name)
         pinwarden("hook", "uninstall")
         pinwarden("sync")
     out["as_left"] = {"layout": layout(), "holders": holders()}
+    out["libvirtd_after"] = affinity(libvirtd) if libvirtd else None
+    out["revert_system"] = systemctl("revert", "system.slice")
     return out
 
 
