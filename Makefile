@@ -118,7 +118,7 @@ bench-quick: $(BENCH_VENV)/.deps bench-host
 ## on an exclusive one, and on an exclusive one with host noise moved off, side by side; on
 ## this host and in the kernel lab (root, virtme-ng; about 13 minutes).
 bench-noise: deps-system $(VENV)/.test-deps
-	$(BIN)/python bench/noise.py all --out bench/results/noise.json --md bench/results/noise.md
+	$(BIN)/python bench/noise.py all --spread --out bench/results/noise.json --md bench/results/noise.md
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build

@@ -477,6 +477,7 @@ class Bench:
     start_timeout_s: float
     spread: bool = False
     steer_io: bool = True
+    baseline: dict[str, str] = field(default_factory=dict)
     cpu: int = -1
     results: Data = field(default_factory=dict)
     histograms: dict[str, list[latency.Histogram]] = field(default_factory=dict)
@@ -533,6 +534,11 @@ class Bench:
         """One cyclictest run in ``config``; its histogram and what was seen around it."""
         out = self.work / f"{config}-{index}.json"
         ct = self.cyclictest(out)
+        # every run starts from the same noise placement: what an earlier run left
+        # different (see not_restored) is set back first
+        drift = differences(self.baseline, noise_state())
+        if drift:
+            put_back({k: self.baseline[k] for k in drift})
         noise_before = noise_state()
         if config == "shared":
             cmd = [*self.cgroups.join_tenants_sh(), *ct]
@@ -545,7 +551,7 @@ class Bench:
         try:
             pid = self.wait_measuring(proc)
             started = time.monotonic() - t0
-            seen: Data = {"start_s": round(started, 2)}
+            seen: Data = {"start_s": round(started, 2), "baseline_reapplied": sorted(drift)}
             tids = threads(pid)
             seen["thread"] = thread_view(pid, tids[-1])
             seen["tenants_effective"] = self.cgroups.read(self.cgroups.tenants,
@@ -668,11 +674,11 @@ class Bench:
             res["probe"] = self.probe()
             res["cpu"] = self.cpu
             res["noise_found"]["on_cpu"] = noise_on(found, self.cpu)
+            res["checks"]["noise_after_probe"] = differences(found, noise_state())
             if self.spread:
                 put_back_later = spread_noise(found, read_noise(Path("/")).online)
                 res["noise_spread"] = {"keys": len(put_back_later),
                                        "on_cpu": noise_on(noise_state(), self.cpu)}
-            res["checks"]["noise_after_probe"] = differences(found, noise_state())
             self.cgroups.make_tenants(self.stem)
             res["tenants"] = self.cgroups.tenants
             hogs.start(self.work)
@@ -685,7 +691,7 @@ class Bench:
                 put_back_later.update({k: before_steer[k] for k, v in steered.items()
                                if v["ok"] and k in before_steer and k not in put_back_later})
             res["noise_baseline_on_cpu"] = noise_on(noise_state(), self.cpu)
-            baseline = noise_state()
+            self.baseline = baseline = noise_state()
             for index in range(self.rounds):
                 order = latency.CONFIGS[index % 3:] + latency.CONFIGS[:index % 3]
                 for config in order:
@@ -713,6 +719,27 @@ class Bench:
             res["checks"]["ledger_empty"] = (not ledger.leases() and not ledger.changes()
                                              and ledger.host_record() is None)
         self.summarise()
+        probe = res["checks"].get("noise_after_probe") or {}
+        if probe:
+            res["notes"].append(
+                "after the probe lease (noise = false: pinwarden moves no noise source) "
+                + ", ".join(f"{v[2] if len(v) > 2 else k} {v[0]} → {v[1]}"
+                            for k, v in sorted(probe.items()))
+                + (": the kernel's doing — a v2 partition that comes or goes makes "
+                   "cpuset update_tasks_cpumask() reset every unbound task of the root "
+                   "cgroup, kernel threads included, to the root's effective CPUs"
+                   if self.cgroups.version == "v2" else ""))
+        left: dict[str, str] = {}
+        for r in res["runs"]:
+            for key, values in r["not_restored"].items():
+                left[key] = values[2] if len(values) > 2 else key
+        if left:
+            kinds = sorted({k.split(":")[0] for k in left})
+            res["notes"].append(
+                f"pinwarden did not put back {len(left)} noise source(s) when its lease ended "
+                f"({', '.join(kinds)}: {', '.join(sorted(set(left.values()))[:8])}"
+                f"{'…' if len(set(left.values())) > 8 else ''}; see runs[].not_restored); "
+                "each run starts from the same placement again (runs[].baseline_reapplied)")
         return res
 
     def summarise(self) -> None:

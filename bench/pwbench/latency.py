@@ -246,6 +246,28 @@ def on_cpu(before: str, after: str, cpu: int) -> dict[str, int]:
     return out
 
 
+def irq_totals(before: str, after: str) -> dict[str, int]:
+    """Per row of ``/proc/interrupts``: the increase summed over every CPU."""
+    rows_b, rows_a = parse_interrupts(before), parse_interrupts(after)
+    return {name: sum(counts) - sum(rows_b[name]) for name, counts in rows_a.items()
+            if name in rows_b}
+
+
+def irq_names(text: str) -> dict[str, str]:
+    """Numbered rows of ``/proc/interrupts`` → their description (chip, hardware IRQ and
+    the handlers' names, e.g. ``PCI-MSIX-0000:00:02.0 1-edge virtio1-req.0``)."""
+    lines = text.splitlines()
+    if not lines:
+        return {}
+    ncpu = len(lines[0].split())
+    out: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, rest = line.partition(":")
+        if sep and name.strip().isdigit():
+            out[name.strip()] = " ".join(rest.split()[ncpu:])
+    return out
+
+
 def per_second(counts: Mapping[str, int], seconds: float) -> dict[str, float]:
     return {k: round(v / seconds, 1) for k, v in counts.items()} if seconds > 0 else {}
 
@@ -305,6 +327,11 @@ def markdown_section(title: str, env: Mapping[str, Any]) -> list[str]:
         for name, values in rat.items():
             lines.append(f"| {name} | {_fmt(values.get('p50'))} | {_fmt(values.get('p99'))} "
                          f"| {_fmt(values.get('p99.9'))} | {_fmt(values.get('max'))} |")
+    checks = env.get("checks", {})
+    if checks:
+        said = [f"{name} {'ok' if value is True or value in ({}, []) else 'NO'}"
+                for name, value in checks.items()]
+        lines += ["", f"Checks: {', '.join(said)}."]
     for note in env.get("notes", []):
         lines += ["", f"* {note}"]
     return [*lines, ""]
