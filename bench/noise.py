@@ -28,9 +28,9 @@ pinwarden runs through its own CLI with a private ``--state-dir`` and ``--config
 cgroups and every noise source must read as found (checked, reported under ``checks``).
 This process keeps to CPU 0 (the host reserve) while it polls.
 
-    .venv/bin/python bench/noise.py host --rounds 6 --duration 15   # this machine
+    .venv/bin/python bench/noise.py host --rounds 5 --duration 12   # this machine
     .venv/bin/python bench/noise.py host-fifo                       # the same, SCHED_FIFO 95
-    .venv/bin/python bench/noise.py lab --lab-rounds 3              # the kernel lab (TCG)
+    .venv/bin/python bench/noise.py lab --lab-rounds 2              # the kernel lab (TCG)
     .venv/bin/python bench/noise.py all                             # all three: make bench-noise
     .venv/bin/python bench/noise.py render                          # noise.md from noise.json
 
@@ -691,7 +691,7 @@ class Bench:
                 put_back_later.update({k: before_steer[k] for k, v in steered.items()
                                if v["ok"] and k in before_steer and k not in put_back_later})
             res["noise_baseline_on_cpu"] = noise_on(noise_state(), self.cpu)
-            self.baseline = baseline = noise_state()
+            self.baseline = noise_state()
             for index in range(self.rounds):
                 order = latency.CONFIGS[index % 3:] + latency.CONFIGS[:index % 3]
                 for config in order:
@@ -703,7 +703,6 @@ class Bench:
                         self.on_progress(res)
             res["checks"]["noise_between_runs_as_before"] = all(
                 not r["not_restored"] for r in res["runs"])
-            res["checks"]["noise_before_put_back"] = differences(baseline, noise_state())
         finally:
             hogs.stop()
             res["checks"]["tenants_removed"] = self.cgroups.remove_tenants()
@@ -985,13 +984,13 @@ def main() -> int:
     parser.add_argument("what", choices=("host", "host-fifo", "lab", "all", "render", "guest"))
     parser.add_argument("--out", type=Path, default=RESULTS / "noise.json")
     parser.add_argument("--md", type=Path, default=RESULTS / "noise.md")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--duration", type=int, default=15, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=int, default=12, help="seconds per measurement")
     parser.add_argument("--interval", type=int, default=500, help="cyclictest interval, µs")
-    parser.add_argument("--fifo-rounds", type=int, default=4,
+    parser.add_argument("--fifo-rounds", type=int, default=3,
                         help="host-fifo (part of all): rounds of the SCHED_FIFO series")
     parser.add_argument("--fifo-duration", type=int, default=10)
-    parser.add_argument("--lab-rounds", type=int, default=3)
+    parser.add_argument("--lab-rounds", type=int, default=2)
     parser.add_argument("--lab-duration", type=int, default=15)
     parser.add_argument("--lab-interval", type=int, default=1000)
     parser.add_argument("--lab-timeout", type=float, default=900.0)
