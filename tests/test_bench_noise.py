@@ -43,6 +43,22 @@ def test_json_of_a_real_run_is_read_completely() -> None:
     assert max(hist.buckets) < 400
 
 
+def test_histfile_of_a_real_run_read_by_hand() -> None:
+    # the figures below are read off cyclictest-2.4-h400.hist itself: rows 000000-000399,
+    # "# Total: 000001807", "# Min Latencies: 00028", "# Max Latencies: 60010",
+    # "# Histogram Overflows: 00532"; the "# Thread 0: …" cycle numbers are not buckets
+    (hist,) = latency.parse_histfile((DATA / "cyclictest-2.4-h400.hist").read_text())
+    assert len(hist.buckets) == 181  # rows with a count other than 000000
+    assert sum(hist.buckets.values()) == 1807 and hist.overflow == 532
+    assert hist.samples == 2339
+    assert (min(hist.buckets), max(hist.buckets)) == (28, 395)
+    assert hist.buckets[28] == 2 and hist.buckets[80] == 125 and hist.buckets[395] == 1
+    assert max(hist.buckets.values()) == 125  # 000080 000125, the fullest bucket
+    assert (hist.min_us, hist.max_us) == (28, 60010)
+    # p50 is rank 1,170 of 2,339: the running count is 1,138 at 87 µs and 1,196 at 88 µs
+    assert hist.percentile(0.5) == 88
+
+
 def test_json_and_histfile_of_one_run_agree() -> None:
     (from_json,) = latency.parse_cyclictest_json(
         (DATA / "cyclictest-2.4-h400.json").read_text())
