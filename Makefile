@@ -6,16 +6,20 @@ APT_PACKAGES := qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-de
 	python3-defusedxml python3-jeepney python3-prometheus-client \
 	linux-image-amd64 busybox-static dbus sqlite3 \
 	zsh systemd man-db groff-base \
-	mmdebstrap qemu-utils e2fsprogs
+	mmdebstrap qemu-utils e2fsprogs \
+	rt-tests stress-ng
 # (zsh: `zsh -n` of the generated completion; systemd: `systemd-analyze verify` of the units,
 # which needs no systemd as PID 1; man-db, groff-base: rendering the generated man page;
 # mmdebstrap, qemu-utils, e2fsprogs: the systemd lab's Debian root images; python3-*: the
-# unprivileged-user tests run the system interpreter on our sources.)
+# unprivileged-user tests run the system interpreter on our sources; rt-tests (cyclictest,
+# the standard wake-up latency probe) and stress-ng (the neighbours' CPU, timer and I/O
+# load): make bench-noise.)
 
 # libvirt-python is built against the system's libvirt: take the binding of the same version.
 LIBVIRT_PY = libvirt-python$$(v=$$(pkg-config --modversion libvirt 2>/dev/null) && echo "==$$v")
 
-.PHONY: demo test lint bench bench-quick bench-host bench-cli deps-system venv clean man install-man
+.PHONY: demo test lint bench bench-quick bench-host bench-cli bench-noise deps-system venv \
+	clean man install-man
 
 $(BIN)/pinwarden: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -109,6 +113,12 @@ bench-quick: AUDIT_THREADS = 2000
 bench-quick: START_RUNS = 3
 bench-quick: $(BENCH_VENV)/.deps bench-host
 	cd bench && .venv/bin/python -m pwbench quick
+
+## Wake-up latency under load (bench/README.md, "bench-noise"): cyclictest on a shared CPU,
+## on an exclusive one, and on an exclusive one with host noise moved off, side by side; on
+## this host and in the kernel lab (root, virtme-ng; sized for about 15 minutes).
+bench-noise: deps-system $(VENV)/.test-deps
+	$(BIN)/python bench/noise.py all --spread --out bench/results/noise.json --md bench/results/noise.md
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build
