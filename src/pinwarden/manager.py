@@ -604,8 +604,11 @@ class Manager:
         its cpuset's CPUs whenever that cpuset changes (``systemctl set-property`` of a
         slice, a cgroup made or moved), and nothing then keeps it off a leased CPU.  Each
         thread's original affinity is recorded in the ledger before the first write; a
-        thread whose affinity someone else changed meanwhile is left alone."""
-        if self._fixed_host is not None or not _is_live_root(self.root):
+        thread whose affinity someone else changed meanwhile is left alone.  Only for the
+        backend the manager opened on this host: a test's stand-in never moves its
+        threads."""
+        if not self._own_backend or self._fixed_host is not None \
+                or not _is_live_root(self.root):
             return
         from pinwarden import audit, isolation, noise
 
