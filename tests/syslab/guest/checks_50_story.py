@@ -245,11 +245,14 @@ def story_isolcpus() -> Data:
         out["v"] = domain("pwtest-iv")
         remove_domain("pwtest-ip")
         remove_domain("pwtest-iv")
-        # what an admin's `systemctl set-property` of a slice does: the kernel resets the
-        # affinity of every task in it to the slice's CPUs, isolated ones included (a
-        # change of its effective CPUs: 0, then 0-3)
-        out["reset_system"] = [systemctl("set-property", "--runtime", "system.slice",
-                                         f"AllowedCPUs={cpus}") for cpus in ("0", "0-3")]
+        # what an admin's `systemctl set-property` of a slice, then `systemctl revert`,
+        # does: the kernel resets the affinity of every task in it to the slice's effective
+        # CPUs each time, isolated ones included (0, then every CPU, inherited: its
+        # cpuset.cpus is empty again, so nothing names the leased CPU there)
+        out["reset_system"] = [
+            systemctl("set-property", "--runtime", "system.slice", "AllowedCPUs=0"),
+            systemctl("revert", "system.slice")]
+        out["system_cpus"] = cg_files("system.slice")
         libvirtd = int(unit_show("libvirtd.service", "MainPID").get("MainPID", "0"))
         out["libvirtd_before"] = affinity(libvirtd) if libvirtd else None
         # beside an exclusive domain on CPU 3 (every VM CPU leased: shared ones fall back
