@@ -116,7 +116,7 @@ bench-quick: $(BENCH_VENV)/.deps bench-host
 
 ## Wake-up latency under load (bench/README.md, "bench-noise"): cyclictest on a shared CPU,
 ## on an exclusive one, and on an exclusive one with host noise moved off, side by side; on
-## this host and in the kernel lab (root, virtme-ng; sized for about 15 minutes).
+## this host and in the kernel lab (root, virtme-ng; 17 minutes here).
 bench-noise: deps-system $(VENV)/.test-deps
 	$(BIN)/python bench/noise.py all --spread --out bench/results/noise.json --md bench/results/noise.md
 
