@@ -120,8 +120,9 @@ def main(argv: Sequence[str]) -> int:
         except Exception:
             RESULTS["notes"].append(f"{module.name} did not import:\n{traceback.format_exc()}")
     patterns = [p for p in config.get("checks", "").split(",") if p]
+    skip = set(config.get("skip", []))  # a resumed boot: these have results already
     for name, run in CHECKS:
-        if selected(name, patterns):
+        if selected(name, patterns) and name not in skip:
             run()
     RESULTS["done"] = True
     RESULTS["uptime_at_end"] = _uptime()

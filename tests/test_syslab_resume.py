@@ -1,0 +1,43 @@
+"""The systemd lab survives one emulator race and nothing else: a guest whose kernel
+stopped on ``Oops: int3`` (TCG cross-modifying code; the console captured from a trixie run
+in tests/data/syslab) is booted again for the checks without a result, and the results of
+both boots are merged.  Pure: no guest is booted here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from syslab.vm import SETUP_CHECKS, LabRun, merged, resumable
+
+DATA = Path(__file__).resolve().parent / "data" / "syslab"
+
+
+def _run(console: str, checks: dict[str, object], done: bool, outdir: str) -> LabRun:
+    return LabRun("trixie", {"checks": checks, "done": done, "notes": []}, console, 600.0,
+                  Path(outdir))
+
+
+def test_a_guest_that_stopped_on_the_int3_race_runs_the_remaining_checks_again() -> None:
+    console = (DATA / "trixie-int3-oops.console").read_text()
+    assert "Kernel panic" in console  # what the captured guest really did
+    ok = {"ok": True, "data": {}}
+    first = _run(console, {"boot": ok, "env": ok, "install": ok, "story": ok}, False, "/a")
+    assert resumable(first) == ["story"]  # set-up checks run again, story does not
+    second = _run("… done", {"boot": ok, "env": ok, "install": ok,
+                             "story_isolcpus": ok, "story_lxc": ok}, True, "/a/resumed")
+    both = merged(first, second)
+    assert set(both.results["checks"]) == {"boot", "env", "install", "story",
+                                           "story_isolcpus", "story_lxc"}
+    assert both.results["done"] and both.results["notes"] == []
+    assert both.results["resumed"]["kept"] == ["story"]
+    assert both.results["resumed"]["first_console"] == "/a/console.log"
+    assert both.seconds == 1200.0
+    assert set(SETUP_CHECKS) == {"boot", "env", "install"}
+
+
+def test_any_other_stop_is_not_resumed() -> None:
+    ok = {"ok": True, "data": {}}
+    panic = "[  827.1] Kernel panic - not syncing: Fatal exception\n"
+    assert resumable(_run(panic, {"boot": ok}, False, "/b")) is None  # another crash
+    oops = (DATA / "trixie-int3-oops.console").read_text()
+    assert resumable(_run(oops, {"boot": ok}, True, "/c")) is None  # it finished anyway
