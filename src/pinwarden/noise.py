@@ -109,16 +109,9 @@ def read_kthreads(root: Path) -> tuple[KthreadInfo, ...]:
             continue
         if not stat.kernel_thread:
             continue
-        status = _text(root / "proc" / str(pid) / "status") or ""
-        allowed = next((ln.split(":", 1)[1].strip() for ln in status.splitlines()
-                        if ln.startswith("Cpus_allowed_list:")), None)
-        if allowed is None:
-            continue
-        try:
-            affinity = CpuSet.parse_kernel(allowed)
-        except CpuSetError:
-            continue
-        out.append(KthreadInfo(pid, stat.start_time, stat.comm, stat.flags, affinity))
+        affinity = _affinity(root, pid)
+        if affinity is not None:
+            out.append(KthreadInfo(pid, stat.start_time, stat.comm, stat.flags, affinity))
     return tuple(out)
 
 
@@ -130,17 +123,21 @@ def read_tasks(root: Path, tids: Iterable[int]) -> tuple[TaskInfo, ...]:
         stat = read_stat(tid, root=root)
         if stat is None or stat.kernel_thread:
             continue
-        status = _text(root / "proc" / str(tid) / "status") or ""
-        allowed = next((ln.split(":", 1)[1].strip() for ln in status.splitlines()
-                        if ln.startswith("Cpus_allowed_list:")), None)
-        if allowed is None:
-            continue
-        try:
-            out.append(TaskInfo(tid, stat.start_time, stat.comm,
-                                CpuSet.parse_kernel(allowed)))
-        except CpuSetError:
-            continue
+        affinity = _affinity(root, tid)
+        if affinity is not None:
+            out.append(TaskInfo(tid, stat.start_time, stat.comm, affinity))
     return tuple(out)
+
+
+def _affinity(root: Path, tid: int) -> CpuSet | None:
+    """``Cpus_allowed_list`` of ``/proc/TID/status``; ``None`` if gone or unreadable."""
+    status = _text(root / "proc" / str(tid) / "status") or ""
+    allowed = next((ln.split(":", 1)[1].strip() for ln in status.splitlines()
+                    if ln.startswith("Cpus_allowed_list:")), None)
+    try:
+        return CpuSet.parse_kernel(allowed) if allowed is not None else None
+    except CpuSetError:
+        return None
 
 
 def read_noise(root: Path = Path("/")) -> NoiseSnapshot:
