@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tarfile
 from pathlib import Path
 
@@ -65,3 +66,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"skipped under PINWARDEN_REQUIRE_ALL=1 (make test): {reason}"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Boot the systemd lab suites the selected tests use (tests/test_syslab.py) in the
+    background now: each takes 15-20 minutes of TCG, which then overlaps the other tests
+    instead of following them."""
+    suites = sorted({item.callspec.params["lab"] for item in session.items
+                     if item.path.name == "test_syslab.py" and hasattr(item, "callspec")
+                     and "lab" in item.callspec.params})
+    if suites and not session.config.option.collectonly:
+        from syslab import vm
+
+        vm.start(suites)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    vm = sys.modules.get("syslab.vm")
+    if vm is not None:
+        vm.stop()

@@ -27,6 +27,13 @@ more and runs only the checks without a result (the set-up checks ``boot``, ``en
 ``install`` again); ``results["resumed"]`` says so, with the first console kept in the
 output directory.  Any other stop, or a second one, fails as above.
 
+Boots run in background threads: :func:`start` (the test session calls it once it has
+collected, for the suites its selected tests use) boots every suite side by side while the
+rest of the suite runs; ``lab_run`` waits for its own.  A TCG guest keeps one or two host
+CPUs busy, so the boots overlap the host's other work instead of queueing behind it;
+``PINWARDEN_SYSLAB_TIMEOUT`` allows for that.  :func:`stop` kills what still runs when the
+session ends (the tests that wanted it were deselected or the run was cut short).
+
 Environment: ``PINWARDEN_SYSLAB_SUITES`` (default ``bookworm,trixie``),
 ``PINWARDEN_SYSLAB_CHECKS`` (comma list of check names or ``prefix*``: run only those),
 ``PINWARDEN_SYSLAB_REUSE_<SUITE>=DIR`` (assert on an earlier boot's output directory),
@@ -36,6 +43,7 @@ Environment: ``PINWARDEN_SYSLAB_SUITES`` (default ``bookworm,trixie``),
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -44,6 +52,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,7 +65,9 @@ REPO = Path(__file__).resolve().parents[2]
 GUEST = Path(__file__).resolve().parent / "guest"
 GUEST_SHARE = "/srv/syslab"
 RESULT_FILE = "results.json"
-TIMEOUT = float(os.environ.get("PINWARDEN_SYSLAB_TIMEOUT", "1200"))
+#: Alone a suite's boot takes 15-20 minutes here; beside the other suite and the rest of
+#: the tests (other TCG guests among them) up to about twice that.
+TIMEOUT = float(os.environ.get("PINWARDEN_SYSLAB_TIMEOUT", "3000"))
 CPUS = 4
 MEMORY = "3G"
 #: One isolated CPU: the default affinity of unpinned domains is visible (FACTS 5) while
@@ -140,9 +151,17 @@ def vng_binary() -> Path:
 _WHEELHOUSE: list[Path | LabError] = []
 
 
+_WHEELHOUSE_LOCK = threading.Lock()
+
+
 def wheelhouse() -> Path:
     """pinwarden's wheel from this checkout and its dependencies' wheels, once a session.
     The checkout is copied first, so the build writes nothing into the work tree."""
+    with _WHEELHOUSE_LOCK:
+        return _wheelhouse()
+
+
+def _wheelhouse() -> Path:
     if not _WHEELHOUSE:
         base = Path(tempfile.mkdtemp(prefix="pwtest-syslab-wheels-"))
         src = base / "src"
@@ -257,12 +276,15 @@ def _boot_once(suite: str, root: BuiltRoot, outdir: Path, timeout: float,
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console,
                                     stderr=subprocess.STDOUT, env=env, cwd=outdir,
                                     start_new_session=True)
+            _LIVE.add(proc.pid)
             try:
                 rc: int | None = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)  # our own session: vng, virtme-run, qemu
+                _kill(proc.pid)
                 proc.wait()
                 rc = None
+            finally:
+                _LIVE.discard(proc.pid)
     finally:
         overlay.unlink(missing_ok=True)
     seconds = time.monotonic() - start
@@ -298,25 +320,62 @@ def load(suite: str, outdir: Path) -> LabRun:
                   kernel=str(host.get("kernel", "")))
 
 
+#: Process groups of the guests running now (vng's own session: vng, virtme-run, qemu).
+_LIVE: set[int] = set()
 _RUNS: dict[str, LabRun | LabError] = {}
+_BOOTS: dict[str, threading.Thread] = {}
+_BOOTS_LOCK = threading.Lock()
+
+
+def _kill(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, 9)
+
+
+def _run_suite(suite: str) -> LabRun:
+    reuse = os.environ.get(f"PINWARDEN_SYSLAB_REUSE_{_env_key(suite)}")
+    if reuse:
+        return load(suite, Path(reuse))
+    try:
+        root = ensure_root(suite)
+    except BuildError as exc:
+        raise LabError(f"the {suite} lab root could not be built: {exc}") from None
+    outdir = Path(tempfile.mkdtemp(prefix=f"pwtest-syslab-{suite}-"))
+    return boot(suite, root, outdir)
+
+
+def _fill(suite: str) -> None:
+    try:
+        _RUNS[suite] = _run_suite(suite)
+    except LabError as exc:
+        _RUNS[suite] = exc
+    except Exception as exc:  # a bug here must reach the tests, not die with the thread
+        _RUNS[suite] = LabError(f"the {suite} lab run failed on the host: {exc!r}")
+
+
+def start(suites: Sequence[str]) -> None:
+    """Boot each of ``suites`` in a background thread, once a session (no-op for one that
+    is booting or done)."""
+    with _BOOTS_LOCK:
+        for suite in suites:
+            if suite not in _BOOTS:
+                thread = threading.Thread(target=_fill, args=(suite,), daemon=True,
+                                          name=f"syslab-{suite}")
+                _BOOTS[suite] = thread
+                thread.start()
+
+
+def stop() -> None:
+    """Kill the guests still running (end of session)."""
+    for pgid in list(_LIVE):
+        _kill(pgid)
 
 
 def lab_run(suite: str) -> LabRun:
-    """The session's one boot of ``suite`` (cached; a failure is re-raised to every caller)."""
-    if suite not in _RUNS:
-        try:
-            reuse = os.environ.get(f"PINWARDEN_SYSLAB_REUSE_{_env_key(suite)}")
-            if reuse:
-                _RUNS[suite] = load(suite, Path(reuse))
-            else:
-                try:
-                    root = ensure_root(suite)
-                except BuildError as exc:
-                    raise LabError(f"the {suite} lab root could not be built: {exc}") from None
-                outdir = Path(tempfile.mkdtemp(prefix=f"pwtest-syslab-{suite}-"))
-                _RUNS[suite] = boot(suite, root, outdir)
-        except LabError as exc:
-            _RUNS[suite] = exc
+    """The session's one boot of ``suite`` (cached; a failure is re-raised to every caller):
+    started now unless :func:`start` did already, then waited for."""
+    start([suite])
+    _BOOTS[suite].join()
     got = _RUNS[suite]
     if isinstance(got, LabError):
         raise got
@@ -324,6 +383,7 @@ def lab_run(suite: str) -> LabRun:
 
 
 if __name__ == "__main__":  # by hand: cd tests && ../.venv/bin/python -m syslab.vm [SUITE…]
+    start(sys.argv[1:] or SUITES)
     for name in sys.argv[1:] or SUITES:
         r = lab_run(name)
         ok = sum(1 for c in r.results["checks"].values() if c.get("ok"))
