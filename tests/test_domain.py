@@ -434,7 +434,8 @@ def test_a_near_miss_pinwarden_namespace_is_refused(namespace: str) -> None:
 def test_hostile_sizes_stay_linear() -> None:
     """8,192 iothread pins: planning time grows linearly (a quadratic check took 1.5 s).
     The ratio of two sizes, measured side by side, says it: ×8 work may take ~×8 time,
-    never ~×64."""
+    never ~×64.  CPU time of this thread, best of five: other processes busy on the same
+    CPUs (the test session's VM guests run meanwhile) slow the wall clock, not the work."""
     import time
 
     from pinwarden.policy import decide
@@ -446,10 +447,10 @@ def test_hostile_sizes_stay_linear() -> None:
         spec = parse_domain(f"<domain><name>h</name><vcpu>1</vcpu><iothreads>{n}</iothreads>"
                             f"<cputune>{pins}</cputune></domain>")
         best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
+        for _ in range(5):
+            start = time.thread_time()
             decide(spec, host, [])
-            best = min(best, time.perf_counter() - start)
+            best = min(best, time.thread_time() - start)
         return best
 
     small, big = seconds(1024), seconds(8192)
