@@ -74,6 +74,9 @@ def install() -> Data:
 
 @check("env", needs=["boot"])
 def env() -> Data:
+    # Debian's libvirtd.service runs with --timeout 120: idle that long (a slow install
+    # check before this one) it exits, and its sockets start it again on the next call
+    version = virsh("version")["stdout"]
     libvirtd = pids_named("libvirtd")
     machine = cg_files("machine.slice")
     return {
@@ -84,7 +87,7 @@ def env() -> Data:
         "python": platform.python_version(),
         "os_release": read("/etc/os-release"),
         "systemd_version": run(["systemctl", "--version"])["stdout"].split("\n")[0],
-        "libvirt_version": virsh("version")["stdout"],
+        "libvirt_version": version,
         "qemu_version": run(["/usr/bin/qemu-system-x86_64", "--version"])["stdout"],
         "pid1_cpus_allowed": affinity(1),
         "libvirtd": {"pids": libvirtd,
