@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,13 +26,14 @@ from pinwarden.isolation import (
     Record,
     TaskInfo,
     Write,
+    inherited,
     kernel_cmdline,
     plan_isolation,
     plan_restore,
     unmovable,
     with_refusals,
 )
-from pinwarden.noise import apply, read_noise, read_tasks, refused
+from pinwarden.noise import apply, read_noise, read_tasks, refused, threads_of
 
 L = CpuSet.parse_kernel
 ALL = L("0-7")
@@ -331,6 +333,29 @@ def test_user_threads_are_moved_and_put_back_like_kernel_threads() -> None:
     assert set(back.forget) == {"task:1974:500", "task:2384:900"} and back.keep == ()
 
 
+def test_threads_a_moved_process_started_meanwhile_go_back_with_it() -> None:
+    """A new thread gets its creator's affinity: libvirtd's workers started while its
+    threads were narrowed are narrowed too, and go back with their process — only a
+    thread of that process, holding exactly what pinwarden wrote, unrecorded itself."""
+    records = {"task:1974:500": Record("task:1974:500", L("0-3"), L("0-2")),
+               "task:1975:501": Record("task:1975:501", L("0-3"), L("0-2"))}
+    tasks = (TaskInfo(1974, 500, "libvirtd", L("0-2"), 1974),
+             TaskInfo(1975, 501, "rpc-worker", L("0-2"), 1974),
+             TaskInfo(2001, 900, "rpc-worker", L("0-2"), 1974),  # started meanwhile
+             TaskInfo(2002, 901, "prio-rpc", L("0"), 1974),  # set by libvirtd itself
+             TaskInfo(3000, 950, "bash", L("0-2"), 3000))  # another process
+    extra = inherited(tasks, records)
+    assert extra == {"task:2001:900": Record("task:2001:900", L("0-3"), L("0-2"))}
+    back = plan_restore(NoiseSnapshot(online=L("0-3"), tasks=tasks), {**records, **extra},
+                        CpuSet(), L("0"))
+    assert {w.key for w in back.writes} == {"task:1974:500", "task:1975:501",
+                                           "task:2001:900"}
+    assert all(w.value == L("0-3") for w in back.writes)
+    # siblings moved from different originals to one value: nothing says which it had
+    split = {**records, "task:1975:501": Record("task:1975:501", L("0-2,4"), L("0-2"))}
+    assert inherited(tasks, split) == {}
+
+
 def test_user_threads_are_read_and_set_on_this_host() -> None:
     """``noise.read_tasks`` and ``noise.apply`` on a real thread of our own: its affinity is
     read from ``/proc/TID``, set by sched_setaffinity, and a stale start time (a reused
@@ -342,6 +367,9 @@ def test_user_threads_are_read_and_set_on_this_host() -> None:
     try:
         (task,) = read_tasks(Path("/"), [child.pid])
         assert task.affinity == CpuSet.of(online) and task.comm == "sleep"
+        assert task.tgid == child.pid and threads_of(Path("/"), [child.pid]) == {child.pid}
+        ours = threads_of(Path("/"), [os.getpid()])
+        assert os.getpid() in ours and threading.get_native_id() in ours
         one = CpuSet.of([min(online)])
         (done,) = apply(Path("/"), [Write(task.key, one)])
         assert done.ok and done.after == one.to_list()

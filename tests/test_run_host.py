@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,11 +169,18 @@ def test_threads_outside_the_holders_leave_an_unguarded_leased_cpu_and_come_back
     try:
         (group / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
         (group / "cpuset.cpus").write_text("0-1")
-        child = subprocess.Popen(["sleep", "120"])
+        # a process that starts a thread when told to (as libvirtd starts workers)
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import sys, threading, time\n"
+             "sys.stdin.readline()\n"
+             "t = threading.Thread(target=time.sleep, args=(120,), daemon=True)\n"
+             "t.start()\nprint(t.native_id, flush=True)\ntime.sleep(120)\n"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         (group / "tasks").write_text(str(child.pid))
         assert os.sched_getaffinity(child.pid) == {0, 1}
+        assert child.stdin is not None and child.stdout is not None
         with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
-            # no owner process: the sleeper, our child, must not count as the holder's
+            # no owner process: the child must not count as the holder's
             reserved = manager.reserve_request(JobSpec(name="pwtest-keepoff", count=1),
                                                owner_pid=None, enforce=False)
             assert reserved.plan.cpus() == CpuSet.of([1])
@@ -182,10 +190,16 @@ def test_threads_outside_the_holders_leave_an_unguarded_leased_cpu_and_come_back
                 keys = [k for k in ledger.changes() if k.startswith(f"task:{child.pid}:")]
             assert os.sched_getaffinity(child.pid) == {0}
             assert len(keys) == 1, keys
+            # a thread started now inherits the narrowed affinity and is not recorded
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            worker = int(child.stdout.readline())
+            assert os.sched_getaffinity(worker) == {0}
             with manager.locked():  # the CPU is free again
                 manager._keep_off(ledger, manager.host(), (), EMPTY)
                 assert not [k for k in ledger.changes() if k.startswith("task:")]
             assert os.sched_getaffinity(child.pid) == {0, 1}
+            assert os.sched_getaffinity(worker) == {0, 1}  # back with its process
     finally:
         if child is not None:
             child.kill()

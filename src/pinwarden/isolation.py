@@ -122,13 +122,14 @@ class KthreadInfo:
 
 @dataclass(frozen=True, slots=True)
 class TaskInfo:
-    """A user thread: its id, start time (``/proc/TID/stat`` field 22), name and CPU
-    affinity."""
+    """A user thread: its id, start time (``/proc/TID/stat`` field 22), name, CPU affinity
+    and process (``Tgid``; 0 when unknown)."""
 
     tid: int
     start_time: int
     comm: str
     affinity: CpuSet
+    tgid: int = 0
 
     @property
     def key(self) -> str:
@@ -268,6 +269,29 @@ def plan_isolation(snapshot: NoiseSnapshot, leased: CpuSet, housekeeping: CpuSet
         records.append(Record(key, old.original if old else current, new))
         writes.append(Write(key, new))
     return Plan(tuple(writes), tuple(records), tuple(stuck))
+
+
+def inherited(tasks: Iterable[TaskInfo], records: Mapping[str, Record]) -> dict[str, Record]:
+    """Records for the threads a moved thread's process started while it was moved: they
+    inherited the narrowed affinity (a new thread gets its creator's), so they go back with
+    their process.  A thread of such a process, not recorded itself, whose affinity is
+    exactly what pinwarden wrote to a recorded sibling gets that sibling's record; where
+    siblings were given different values the thread is left alone (nothing says which)."""
+    tasks = tuple(tasks)
+    by_process: dict[int, set[tuple[CpuSet, CpuSet]]] = {}
+    for task in tasks:
+        rec = records.get(task.key)
+        if rec is not None and task.tgid:
+            by_process.setdefault(task.tgid, set()).add((rec.original, rec.applied))
+    out: dict[str, Record] = {}
+    for task in tasks:
+        if task.key in records or not task.tgid:
+            continue
+        matches = {(o, a) for o, a in by_process.get(task.tgid, ()) if a == task.affinity}
+        if len({o for o, _ in matches}) == 1:
+            original, applied = next(iter(matches))
+            out[task.key] = Record(task.key, original, applied)
+    return out
 
 
 def plan_restore(snapshot: NoiseSnapshot, recorded: Mapping[str, Record] | Iterable[Record],

@@ -617,8 +617,13 @@ class Manager:
         housekeeping = host.partition.host_cpus
         online = host.topology.online
         if records:
-            tids = [int(key.split(":")[1]) for key in records]
-            snapshot = isolation.NoiseSnapshot(online, tasks=noise.read_tasks(self.root, tids))
+            tids = {int(key.split(":")[1]) for key in records}
+            tasks = noise.read_tasks(self.root, tids)
+            # threads their processes started meanwhile inherited the narrowed affinity
+            tasks += noise.read_tasks(self.root, noise.threads_of(
+                self.root, {t.tgid for t in tasks if t.tgid}) - tids)
+            records.update(isolation.inherited(tasks, records))
+            snapshot = isolation.NoiseSnapshot(online, tasks=tasks)
             back = isolation.plan_restore(snapshot, records, unguarded, housekeeping)
             noise.apply(self.root, back.writes)
             ledger.forget_changes(back.forget)

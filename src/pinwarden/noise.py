@@ -17,6 +17,7 @@ recorded start time.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -123,21 +124,43 @@ def read_tasks(root: Path, tids: Iterable[int]) -> tuple[TaskInfo, ...]:
         stat = read_stat(tid, root=root)
         if stat is None or stat.kernel_thread:
             continue
-        affinity = _affinity(root, tid)
+        status = _status(root, tid)
+        affinity = _allowed(status)
         if affinity is not None:
-            out.append(TaskInfo(tid, stat.start_time, stat.comm, affinity))
+            tgid = status.get("Tgid", "")
+            out.append(TaskInfo(tid, stat.start_time, stat.comm, affinity,
+                                int(tgid) if tgid.isdigit() else 0))
     return tuple(out)
 
 
-def _affinity(root: Path, tid: int) -> CpuSet | None:
-    """``Cpus_allowed_list`` of ``/proc/TID/status``; ``None`` if gone or unreadable."""
-    status = _text(root / "proc" / str(tid) / "status") or ""
-    allowed = next((ln.split(":", 1)[1].strip() for ln in status.splitlines()
-                    if ln.startswith("Cpus_allowed_list:")), None)
+def threads_of(root: Path, tgids: Iterable[int]) -> set[int]:
+    """Every thread id of the processes ``tgids`` (those gone are left out)."""
+    out: set[int] = set()
+    for tgid in set(tgids):
+        with contextlib.suppress(OSError):
+            out.update(int(t.name) for t in (root / "proc" / str(tgid) / "task").iterdir()
+                       if t.name.isdigit())
+    return out
+
+
+def _status(root: Path, tid: int) -> dict[str, str]:
+    """``/proc/TID/status`` as name → value; empty if gone or unreadable."""
+    text = _text(root / "proc" / str(tid) / "status") or ""
+    return {name: value.strip() for name, sep, value
+            in (ln.partition(":") for ln in text.splitlines()) if sep}
+
+
+def _allowed(status: dict[str, str]) -> CpuSet | None:
+    allowed = status.get("Cpus_allowed_list")
     try:
         return CpuSet.parse_kernel(allowed) if allowed is not None else None
     except CpuSetError:
         return None
+
+
+def _affinity(root: Path, tid: int) -> CpuSet | None:
+    """``Cpus_allowed_list`` of ``/proc/TID/status``; ``None`` if gone or unreadable."""
+    return _allowed(_status(root, tid))
 
 
 def read_noise(root: Path = Path("/")) -> NoiseSnapshot:
