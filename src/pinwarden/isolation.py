@@ -276,7 +276,8 @@ def inherited(tasks: Iterable[TaskInfo], records: Mapping[str, Record]) -> dict[
     inherited the narrowed affinity (a new thread gets its creator's), so they go back with
     their process.  A thread of such a process, not recorded itself, whose affinity is
     exactly what pinwarden wrote to a recorded sibling gets that sibling's record; where
-    siblings were given different values the thread is left alone (nothing says which)."""
+    siblings were given different values the thread is left alone (nothing says which).
+    Processes are known by their recorded threads still alive in ``tasks``."""
     tasks = tuple(tasks)
     by_process: dict[int, set[tuple[CpuSet, CpuSet]]] = {}
     for task in tasks:
