@@ -1,11 +1,15 @@
 """The systemd lab survives one emulator race and nothing else: a guest whose kernel
 stopped on ``Oops: int3`` (TCG cross-modifying code; the console captured from a trixie run
 in tests/data/syslab) is booted again for the checks without a result, and the results of
-both boots are merged.  Pure: no guest is booted here."""
+both boots are merged; the suites boot in background threads.  Pure: no guest is booted
+here."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+
+import pytest
 
 from syslab.vm import SETUP_CHECKS, LabRun, merged, resumable
 
@@ -41,3 +45,34 @@ def test_any_other_stop_is_not_resumed() -> None:
     assert resumable(_run(panic, {"boot": ok}, False, "/b")) is None  # another crash
     oops = (DATA / "trixie-int3-oops.console").read_text()
     assert resumable(_run(oops, {"boot": ok}, True, "/c")) is None  # it finished anyway
+
+
+def test_background_boots_run_once_and_hand_their_result_or_failure_to_the_tests(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``vm.start`` boots each suite once in a thread (the session calls it after
+    collection); ``lab_run`` waits for it and returns the run, or raises a LabError — also
+    for a host-side bug, which must not die silently with its thread."""
+    from syslab import vm
+
+    monkeypatch.setattr(vm, "_BOOTS", {})
+    monkeypatch.setattr(vm, "_RUNS", {})
+    calls: list[str] = []
+    release = threading.Event()
+
+    def fake(suite: str) -> LabRun:
+        calls.append(suite)
+        release.wait(10)
+        if suite == "trixie":
+            raise RuntimeError("a bug on the host side")
+        return _run("done", {}, True, f"/{suite}")
+
+    monkeypatch.setattr(vm, "_run_suite", fake)
+    vm.start(["bookworm", "trixie"])
+    vm.start(["bookworm"])  # already booting: not again
+    assert all(vm._BOOTS[s].is_alive() for s in ("bookworm", "trixie"))  # in the background
+    release.set()
+    assert vm.lab_run("bookworm").outdir == Path("/bookworm")
+    assert vm.lab_run("bookworm") is vm.lab_run("bookworm")
+    with pytest.raises(vm.LabError, match="trixie lab run failed on the host: RuntimeError"):
+        vm.lab_run("trixie")
+    assert sorted(calls) == ["bookworm", "trixie"]
