@@ -382,7 +382,8 @@ def lab_run(suite: str) -> LabRun:
     """The session's one boot of ``suite`` (cached; a failure is re-raised to every caller):
     started now unless :func:`start` did already, then waited for."""
     start([suite])
-    _BOOTS[suite].join()
+    while _BOOTS[suite].is_alive():  # a bounded join, so that Ctrl-C gets through
+        _BOOTS[suite].join(1.0)
     got = _RUNS[suite]
     if isinstance(got, LabError):
         raise got

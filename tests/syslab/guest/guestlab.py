@@ -503,8 +503,11 @@ def observe_domain(name: str) -> Data:
 
 
 def libvirtd_active() -> bool:
-    return bool(systemctl("is-active", "libvirtd.service")["stdout"].strip() == "active"
-                and virsh("version", timeout=30)["rc"] == 0)
+    """libvirtd answers and its unit is active.  The call comes first: Debian runs
+    libvirtd.service with --timeout 120 and socket activation, so one idle that long (a
+    slow boot, a busy host) has exited, and only a connection starts it again."""
+    return bool(virsh("version", timeout=30)["rc"] == 0
+                and systemctl("is-active", "libvirtd.service")["stdout"].strip() == "active")
 
 
 def wait_libvirt(timeout: float = 300.0) -> Data:
