@@ -159,7 +159,7 @@ def test_sample_config_documents_every_setting() -> None:
 def test_every_config_field_is_a_setting() -> None:
     """A key added to Config without its row in config.SETTINGS would be invisible to
     `pinwarden config`, the sample and the docs."""
-    import dataclasses
+    from pinwarden.record import fields
 
-    assert [s.field for s in SETTINGS] == [f.name for f in dataclasses.fields(Config)]
+    assert [s.field for s in SETTINGS] == list(fields(Config))
     assert len({(s.section, s.key) for s in SETTINGS}) == len(SETTINGS)

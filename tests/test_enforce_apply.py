@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterable
-from dataclasses import replace
 
 import pytest
 
@@ -23,6 +22,7 @@ from pinwarden.enforce.layout import DesiredLayout, LayoutNames, desired_layout,
 from pinwarden.enforce.systemd import SystemdOpError
 from pinwarden.enforce.v2 import PartitionInvalidError
 from pinwarden.errors import EnforceError
+from pinwarden.record import replace
 
 VM = "machine/qemu-1-B.libvirt-qemu"
 

@@ -5,7 +5,6 @@ batched lease checks, each against a plain version, on random hosts, leases and 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import random
 from collections.abc import Callable, Iterator, Sequence
 
@@ -18,6 +17,7 @@ from pinwarden.domain import DomainSpec
 from pinwarden.errors import PinwardenError
 from pinwarden.model import HolderRef, Lease, Plan, domain_holder, job_holder
 from pinwarden.partition import Host, Partition, PartitionMode
+from pinwarden.record import replace
 from pinwarden.topology import Topology
 from test_allocator import POLICIES, build
 
@@ -95,7 +95,7 @@ def outcome(call: Callable[[], Plan]) -> tuple[object, ...]:
 
 def fresh(topology: Topology) -> Topology:
     """An equal topology made of new objects (no memo or layout cache knows it)."""
-    return dataclasses.replace(topology, cpus=dict(topology.cpus),
+    return replace(topology, cpus=dict(topology.cpus),
                                online=CpuSet(frozenset(topology.online.cpus)))
 
 
@@ -113,7 +113,7 @@ def hosts(draw: st.DrawFn) -> Host:
                  adjacent=draw(st.booleans()), offline=CpuSet.of(offline))
     online = sorted(topo.online)
     if not online:
-        topo = dataclasses.replace(topo, online=topo.present)
+        topo = replace(topo, online=topo.present)
         online = sorted(topo.present)
     vm = CpuSet.of(draw(st.sets(st.sampled_from(online), min_size=1)))
     modes: list[PartitionMode] = ["none", "isolcpus", "cgroup"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from pinwarden.partition import (
     load_host,
     read_partition,
 )
+from pinwarden.record import replace
 from pinwarden.topology import Topology, read_topology
 
 V1 = "sys/fs/cgroup/cpuset"

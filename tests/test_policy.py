@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from pinwarden.errors import Refusal
 from pinwarden.model import SIBLING_HOLD, HolderRef, Lease, Plan, domain_holder
 from pinwarden.partition import Host, Partition, PartitionMode
 from pinwarden.policy import decide, holder_of
+from pinwarden.record import replace
 from pinwarden.topology import Cpu, Topology
 
 C = CpuSet.parse
@@ -157,7 +157,7 @@ def test_cgroup_mode_affinity_outside_is_refused(field: str) -> None:
     changes: dict[str, Any] = {field: C("0-3")}
     if field in ("vcpupins", "iothreadpins"):
         changes = {field: {1: C("0-3")}}
-    s = dataclasses.replace(spec(iothreads=1), **changes)
+    s = replace(spec(iothreads=1), **changes)
     refused("outside-partition", "CPUs 0-1", "/machine", "2-13",
             spec=s, host=host("cgroup", "2-13"), leases=[])
 

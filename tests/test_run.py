@@ -76,7 +76,7 @@ def test_explicit_cpus_rules() -> None:
 
 
 def test_offline_cpu_is_offline_cpu_for_jobs_as_for_domains() -> None:
-    from dataclasses import replace
+    from pinwarden.record import replace
 
     host = make_host("0-3", vm="1-3")
     host = replace(host, topology=replace(host.topology, online=CpuSet.of([0, 1, 2])))
@@ -233,9 +233,8 @@ def test_reap_removes_groups_of_dead_jobs_and_nothing_else(tmp_path: Path) -> No
 
 
 def test_isolate_holds_the_sibling_and_the_job_group_excludes_it() -> None:
-    from dataclasses import replace
-
     from pinwarden.enforce.layout import desired_layout
+    from pinwarden.record import replace
 
     host = make_host("0-3", vm="2-3")
     smt = {cpu: replace(c, core=cpu // 2, siblings=CpuSet.of([cpu // 2 * 2, cpu // 2 * 2 + 1]))

@@ -6,7 +6,6 @@ object (the first decision of a process), on states taken from a replayed worklo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Any
 
 from pinwarden.allocator import Request, allocate
@@ -17,6 +16,7 @@ from pinwarden.model import HolderRef, Lease
 from pinwarden.partition import Host as PwHost
 from pinwarden.partition import Partition
 from pinwarden.policy import decide
+from pinwarden.record import replace
 from pinwarden.topology import Topology
 from pwbench.allocators import timed
 from pwbench.hosts import Host
@@ -57,7 +57,7 @@ def _time_one(host: Host, partition: Partition, vm: Vm, free: CpuSet) -> dict[st
                       threads=vm.threads, emulator="isolate" if vm.emulator else "float")
     leases = [Lease(cpu, OTHER, "vcpu0", 0.0) for cpu in pool - free]
     # Fresh Topology objects (equal, not identical): the layout is built again each run.
-    fresh = [dataclasses.replace(topology) for _ in range(6)]
+    fresh = [replace(topology) for _ in range(6)]
 
     def run_allocate(topo: Topology) -> None:
         with contextlib.suppress(Refusal):

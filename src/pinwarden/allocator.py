@@ -49,16 +49,16 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from operator import itemgetter
 
 from pinwarden.cpuset import EMPTY, CpuSet
 from pinwarden.domain import ThreadPolicy
 from pinwarden.errors import InputError, Refusal
+from pinwarden.record import record
 from pinwarden.topology import Topology
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Request:
     """What to allocate: how many CPUs, under which thread policy, on which nodes."""
 
@@ -67,7 +67,7 @@ class Request:
     nodes: CpuSet | None = None  # allowed host NUMA nodes (numatune nodeset); None: any
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Allocation:
     """The CPUs chosen, in vCPU order, and the threads held empty."""
 

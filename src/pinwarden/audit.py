@@ -53,12 +53,10 @@ holder's domain name (``qemu-3-NAME.libvirt-qemu``, ``machine-qemu\\x2d3\\x2dNAM
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,6 +68,7 @@ from pinwarden.ledger import HolderRecord
 from pinwarden.model import SIBLING_HOLD, HolderRef, Lease
 from pinwarden.mounts import read_mounts
 from pinwarden.procs import parse_stat
+from pinwarden.record import field, record, replace
 
 Kind = Literal["other-vm-thread", "vm-cgroup", "escaped-task", "host-task", "irq",
                "workqueue"]
@@ -91,7 +90,7 @@ DEFAULT_HOLDER_STEMS = ("pinwarden.partition",)
 
 # -- snapshot values ---------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@record
 class ThreadInfo:
     pid: int  # thread group (process) id
     tid: int
@@ -102,7 +101,7 @@ class ThreadInfo:
     kernel: bool  # PF_KTHREAD
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CgroupInfo:
     path: str  # relative to the cpuset mount, with a leading "/" ("/" is the root)
     cpus: CpuSet  # cpuset.cpus
@@ -110,7 +109,7 @@ class CgroupInfo:
     populated: bool  # has tasks of its own
 
 
-@dataclass(frozen=True)
+@record
 class HostSnapshot:
     threads: tuple[ThreadInfo, ...] = ()
     cgroups: tuple[CgroupInfo, ...] = ()
@@ -124,7 +123,7 @@ class HostSnapshot:
 
 # -- report values -----------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@record
 class Intruder:
     kind: Kind
     cpus: CpuSet  # leased CPUs (of other holders) it can run on
@@ -163,7 +162,7 @@ def _ref_json(ref: HolderRef) -> dict[str, str]:
     return {"driver": ref.driver, "key": ref.key, "name": ref.name}
 
 
-@dataclass(frozen=True)
+@record
 class Report:
     leases: Mapping[int, HolderRef]  # cpu -> holder
     intruders: tuple[Intruder, ...]
@@ -259,7 +258,7 @@ def _name_matches(machine: str, holder_name: str) -> bool:
     return machine == clean or (len(machine) >= 40 and clean.startswith(machine))
 
 
-@dataclass(frozen=True)
+@record
 class _Context:
     """Lookups derived from the leases and holders, shared by every check."""
 
@@ -469,7 +468,7 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
     if leased and snapshot.noise is not None:
         from pinwarden.isolation import unmovable, with_refusals
 
-        noise_all = dataclasses.replace(snapshot.noise, irqs=snapshot.irqs)
+        noise_all = replace(snapshot.noise, irqs=snapshot.irqs)
         findings = tuple(unmovable(with_refusals(noise_all, refused), leased))
     rank = {kind: n for n, kind in enumerate(KIND_ORDER)}
     intruders.sort(key=lambda i: (rank[i.kind], i.pid or 0, i.tid or 0, i.cgroup or "",

@@ -21,12 +21,12 @@ Every key with its default and what overrides it: :data:`SETTINGS`, the commente
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
 from pinwarden.cpuset import CpuSet
 from pinwarden.errors import InputError
+from pinwarden.record import record
 
 DEFAULT_CONFIG = Path("/etc/pinwarden/pinwarden.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/pinwarden")
@@ -34,7 +34,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/pinwarden")
 ModeSetting = Literal["auto", "isolcpus", "cgroup", "none"]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Config:
     """The settings (:data:`SETTINGS` says where each comes from)."""
 
@@ -48,7 +48,7 @@ class Config:
     isolate_noise: bool = True  # steer IRQs, unbound work and kthreads off leased CPUs
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Setting:
     """One configuration key: its ``Config`` field, where it lives in the file and what may
     override it (for ``pinwarden config``, the sample config and the docs).

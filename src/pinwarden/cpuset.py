@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 from pinwarden.errors import PinwardenError
+from pinwarden.record import record
 
 #: Largest CPU number accepted from text.  Linux's NR_CPUS tops out at 8192; anything
 #: above is a typo or hostile input, and refusing it keeps masks and arrays small.
@@ -43,7 +43,7 @@ class CpuSetError(PinwardenError):
 _NUMBER = re.compile(r"[0-9]+")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CpuSet:
     """An immutable, ordered set of non-negative integers (CPU or node numbers)."""
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 import xml.parsers.expat
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Literal, NoReturn
 from xml.etree.ElementTree import Element
 
@@ -24,6 +23,7 @@ from defusedxml import DefusedXmlException
 from pinwarden.cpuset import CpuSet, CpuSetError
 from pinwarden.errors import InputError, shorten
 from pinwarden.model import Plan
+from pinwarden.record import field, record
 
 PW_NS = "urn:pinwarden:domain:1"
 #: Namespaces that look like pinwarden's but are not it (a typo or another version):
@@ -48,7 +48,7 @@ _THREAD_POLICIES: tuple[ThreadPolicy, ...] = ("whole", "prefer", "isolate", "req
 _EMULATOR_POLICIES: tuple[EmulatorPolicy, ...] = ("float", "isolate", "shared")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GuestCell:
     """``<cpu><numa><cell id cpus memory/>``."""
 
@@ -57,7 +57,7 @@ class GuestCell:
     memory_kib: int
 
 
-@dataclass(frozen=True)
+@record
 class DomainSpec:
     """What placement needs of one libvirt domain's XML."""
 

@@ -27,17 +27,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
 from typing import Literal
 
 from pinwarden.cpuset import CpuSet
 from pinwarden.enforce.backend import depth, is_within
+from pinwarden.record import record
 
 #: ``cpuset.cpus.partition`` without the validity suffix.
 PartitionWord = Literal["member", "root", "isolated"]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CgroupView:
     """One cgroup as read from its cpuset files.
 
@@ -55,7 +55,7 @@ class CgroupView:
     exclusive: CpuSet | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Escape:
     """A cgroup that can run on (``reach``) leased CPUs, or will as soon as the kernel
     re-evaluates it (``configured``: its own ``cpuset.cpus`` names leased CPUs)."""
@@ -66,7 +66,7 @@ class Escape:
     why: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SetPartition:
     """Write ``word`` to ``path``/cpuset.cpus.partition."""
 
@@ -74,7 +74,7 @@ class SetPartition:
     word: PartitionWord
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SetCpus:
     """Write ``cpus`` to ``path``/cpuset.cpus."""
 
@@ -82,7 +82,7 @@ class SetCpus:
     cpus: CpuSet
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Revalidate:
     """Switch the holder partition ``path`` back on: when the kernel reads it as invalid,
     write ``member`` then ``word`` (and read it back).  Emitted top-down."""
@@ -94,7 +94,7 @@ class Revalidate:
 NarrowOp = SetPartition | SetCpus | Revalidate
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Narrowing:
     """What :func:`plan_narrowing` found and the writes, in the order to perform them."""
 

@@ -42,10 +42,10 @@ written once, the first time pinwarden touches it, and the value pinwarden last 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from pinwarden.cpuset import CpuSet
+from pinwarden.record import field, record, replace
 
 PF_KTHREAD = 0x00200000
 PF_NO_SETAFFINITY = 0x04000000
@@ -68,7 +68,7 @@ def kthread_key(pid: int, start_time: int) -> str:
 
 # -- snapshot ---------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@record
 class IrqInfo:
     """One ``/proc/irq/N``: its affinity, the effective affinity where the kernel shows it,
     the names of its handlers (the subdirectories), and whether user space may set its
@@ -85,7 +85,7 @@ class IrqInfo:
         return irq_key(self.irq)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class KthreadInfo:
     """A kernel thread: pid, start time (``/proc/PID/stat`` field 22), name, ``PF_*``
     flags (field 9) and its CPU affinity (``Cpus_allowed_list``)."""
@@ -120,7 +120,7 @@ class KthreadInfo:
             and not self.irq_thread
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TaskInfo:
     """A user thread: its id, start time (``/proc/TID/stat`` field 22), name, CPU affinity
     and process (``Tgid``; 0 when unknown)."""
@@ -136,7 +136,7 @@ class TaskInfo:
         return task_key(self.tid, self.start_time)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class NoiseSnapshot:
     """Every noise source at one moment.  ``default_affinity``/``workqueue`` are ``None``
     where the file is absent.  ``nohz_full`` (``/sys/devices/system/cpu/nohz_full``),
@@ -177,7 +177,7 @@ class NoiseSnapshot:
 
 # -- plans ------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@record
 class Record:
     """What the ledger keeps per key: the value before pinwarden first touched it, and the
     value pinwarden last wrote."""
@@ -196,13 +196,13 @@ class Record:
                    CpuSet.parse_kernel(data["applied"]))
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Write:
     key: str
     value: CpuSet
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Plan:
     """``writes`` to perform; ``records`` to store first (new keys, and existing records
     with their new ``applied`` value — the ``original`` of an existing record is never
@@ -219,7 +219,7 @@ class Plan:
         return tuple(r for r in self.records if r.key not in bad)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Restore:
     """``writes`` to perform; ``forget``: records to drop (back to the original, gone, or
     changed by someone else); ``keep``: records still needed, with their new ``applied``;
@@ -343,7 +343,7 @@ def plan_restore(snapshot: NoiseSnapshot, recorded: Mapping[str, Record] | Itera
 FindingKind = Literal["irq", "tick", "rcu", "kthreads", "scheduler", "new-kthreads"]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Finding:
     """Noise on ``cpus`` (leased) that pinwarden cannot remove at run time, and the boot
     parameter that would."""

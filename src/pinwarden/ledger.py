@@ -35,7 +35,6 @@ import sqlite3
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ from pinwarden.model import (
     Plan,
 )
 from pinwarden.partition import Partition, VmCgroup
+from pinwarden.record import record
 
 #: Schema version (``PRAGMA user_version``).  Older files are migrated in one transaction
 #: on open; an older pinwarden refuses a newer file.
@@ -97,7 +97,7 @@ CREATE TABLE changes (
 Liveness = Callable[[int, int | None], bool]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HolderRecord:
     """One holder as recorded: its plan, owner process and cgroup."""
 
@@ -109,7 +109,7 @@ class HolderRecord:
     cgroup: str | None = None  # enforced cgroup path, once enforcement has placed it
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HostRecord:
     """The host as pinwarden found it when the first lease was taken."""
 

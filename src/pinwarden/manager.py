@@ -32,7 +32,6 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +41,7 @@ from pinwarden.errors import EnforceError, HostError, LedgerError, PinwardenErro
 from pinwarden.ledger import HolderRecord, HostRecord, Ledger
 from pinwarden.model import HolderRef, Lease, Plan
 from pinwarden.partition import Host, VmCgroup, load_host, read_vm_cgroup
+from pinwarden.record import record
 
 if TYPE_CHECKING:
     from pinwarden.enforce.apply import Result
@@ -57,7 +57,7 @@ SHARED_KEY = "cgroup:{path}"
 Decide = Callable[[Host, tuple[Lease, ...]], Plan]
 
 
-@dataclass(frozen=True)
+@record
 class Reserved:
     """A reservation the kernel enforces: the plan, and the holder's cgroup as a backend
     path (None when the plan leases nothing or the manager does not enforce, e.g. on a
@@ -69,7 +69,7 @@ class Reserved:
     result: Result | None
 
 
-@dataclass(frozen=True)
+@record
 class Preview:
     """What a reservation would do (:meth:`Manager.preview`): its plan and the cgroup
     writes, in order, as one-line descriptions."""

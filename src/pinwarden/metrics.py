@@ -32,7 +32,6 @@ Metrics (every name starts with ``pinwarden_``):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
@@ -45,13 +44,14 @@ from pinwarden.cpuset import CpuSet
 from pinwarden.ledger import HolderRecord
 from pinwarden.model import Lease
 from pinwarden.partition import Host
+from pinwarden.record import field, record
 
 #: What a snapshot reads, each reported by ``pinwarden_read_error``.
 SOURCES = ("host", "ledger", "proc", "cgroups")
 UNKNOWN_NODE = "unknown"
 
 
-@dataclass(frozen=True)
+@record
 class Snapshot:
     taken: float  # Unix time of the snapshot (holder ages are relative to it)
     host: Host | None = None  # None: could not be read (see errors)
@@ -143,12 +143,12 @@ class SnapshotCollector:
         for lease in self.snapshot.leases:
             key = (lease.holder.driver, lease.holder.key)
             count[key] = count.get(key, 0) + 1
-        for record in self.snapshot.holders:
-            ref = record.ref
+        for held in self.snapshot.holders:
+            ref = held.ref
             values = [ref.driver, ref.name, ref.key]
             cpus.add_metric(values, float(count.get((ref.driver, ref.key), 0)))
-            created.add_metric(values, record.created)
-            age.add_metric(values, max(0.0, self.snapshot.taken - record.created))
+            created.add_metric(values, held.created)
+            age.add_metric(values, max(0.0, self.snapshot.taken - held.created))
         yield from (cpus, created, age)
 
     def _audit(self, report: Report) -> Iterator[Metric]:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from pinwarden.cpuset import CpuSet, union
+from pinwarden.record import field, record
 
 #: Lease roles: ``vcpuN``, ``emulator``, ``iothreadN``, ``sibling-hold`` (a thread held
 #: empty under the ``isolate`` thread policy), ``task`` (``pinwarden run``).
@@ -20,7 +20,7 @@ JOB_DRIVER = "run"
 VM_DRIVERS = ("qemu", "lxc")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HolderRef:
     """Who holds leases: a libvirt domain (driver ``qemu``/``lxc``) or a ``run`` job.
 
@@ -66,7 +66,7 @@ def driver_of_type(domain_type: str | None) -> str:
     return "lxc" if domain_type == "lxc" else "qemu"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Lease:
     """One CPU leased exclusively to one holder."""
 
@@ -77,7 +77,7 @@ class Lease:
     owner_pid: int | None = None  # process whose death frees the lease, where there is one
 
 
-@dataclass(frozen=True)
+@record
 class Plan:
     """Where every thread of one domain (or job) may run, and which CPUs it leases."""
 

@@ -18,8 +18,9 @@ import os
 import posixpath
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from pinwarden.record import field, record
 
 #: cgroup v1 controllers the kernel knows; other mount options are flags.
 V1_CONTROLLERS = frozenset({
@@ -28,7 +29,7 @@ V1_CONTROLLERS = frozenset({
 })
 
 
-@dataclass(frozen=True)
+@record
 class CgroupMounts:
     """cgroup mount points of one host (paths joined below its root)."""
 
@@ -55,7 +56,7 @@ class CgroupMounts:
         return name if "cpuset" in self.v1_noprefix else f"cpuset.{name}"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Mount:
     """One mount entry: where, which filesystem, and its options (mount + super)."""
 

@@ -22,7 +22,6 @@ import errno
 import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from pinwarden.cpuset import CpuSet, CpuSetError
@@ -36,6 +35,7 @@ from pinwarden.isolation import (
     Write,
 )
 from pinwarden.procs import parse_stat, read_stat
+from pinwarden.record import record
 
 IRQ_DIR = "proc/irq"
 DEFAULT_FILE = "proc/irq/default_smp_affinity"
@@ -181,7 +181,7 @@ def read_noise(root: Path = Path("/")) -> NoiseSnapshot:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Outcome:
     """One write: ``ok``; else ``errno``/``error`` (``EIO``: the kernel does not let this
     IRQ move).  ``after`` is the file read back (``Cpus_allowed_list`` for a thread)."""

@@ -27,7 +27,6 @@ Modes (``config.mode``; ``auto`` takes the first that applies):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -35,13 +34,14 @@ from pinwarden.config import Config
 from pinwarden.cpuset import EMPTY, CpuSet, CpuSetError
 from pinwarden.errors import HostError
 from pinwarden.mounts import CgroupMounts, read_mounts
+from pinwarden.record import record
 from pinwarden.topology import Topology, read_topology
 
 PartitionMode = Literal["isolcpus", "cgroup", "none"]
 
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Partition:
     """Which online CPUs are for VMs and which for the host, and why."""
 
@@ -52,7 +52,7 @@ class Partition:
     cgroup: str | None = None  # partition cgroup path (relative to the cpuset mount), if any
 
 
-@dataclass(frozen=True)
+@record
 class Host:
     """Everything placement needs to know about the host: a snapshot, no I/O."""
 
@@ -60,7 +60,7 @@ class Host:
     partition: Partition
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class VmCgroup:
     """What the VM partition cgroup says, or where it was looked for in vain."""
 

@@ -28,7 +28,6 @@ Refusal codes: ``no-vcpus``, ``bad-pin``, ``unknown-cpu``, ``unknown-node``,
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from pinwarden.cpuset import EMPTY, CpuSet, union
@@ -44,6 +43,7 @@ from pinwarden.model import (
     job_holder,
 )
 from pinwarden.partition import Host, Partition, shared_pool
+from pinwarden.record import record, replace
 
 if TYPE_CHECKING:
     from pinwarden import allocator
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 TASK_ROLE = "task"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class JobSpec:
     """``pinwarden run``: ``count`` CPUs chosen by topology, or exactly ``cpus``."""
 

@@ -10,8 +10,9 @@ that happens to get the same pid.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+
+from pinwarden.record import record
 
 #: ``task_struct.flags`` bit of kernel threads (include/linux/sched.h).
 PF_KTHREAD = 0x00200000
@@ -20,7 +21,7 @@ PF_KTHREAD = 0x00200000
 _DEAD_STATES = frozenset("ZXx")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ProcStat:
     """The fields of ``/proc/PID/stat`` (or ``/proc/PID/task/TID/stat``) pinwarden uses."""
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pinwarden.config import DEFAULT_CONFIG, SETTINGS, Config, Setting, load_config
 from pinwarden.cpuset import CpuSet
+from pinwarden.record import record
 
 SourceKind = Literal["option", "env", "file", "default"]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Source:
     kind: SourceKind
     #: ``--state-dir``, ``PINWARDEN_STATE_DIR``, ``/etc/pinwarden/pinwarden.toml [ledger]
@@ -33,7 +33,7 @@ class Source:
         return words[self.kind] if self.detail is None else f"{words[self.kind]} {self.detail}"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Value:
     setting: Setting
     value: Any  # str, Path, CpuSet, or None (a default decided at run time)
@@ -41,7 +41,7 @@ class Value:
     source: Source
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Effective:
     config_file: Path
     config_given: bool  # --config named it (else the default location)

@@ -1,6 +1,7 @@
 """Host CPU topology, read from a root directory (``/`` or a sysfs dump).
 
-Value types are frozen dataclasses; :func:`read_topology` is the only function doing I/O.
+Value types are frozen records (:mod:`pinwarden.record`); :func:`read_topology` is the only
+function doing I/O.
 :func:`encode_topology` / :func:`decode_topology` turn a ``Topology`` into JSON data and
 back (pure; :mod:`pinwarden.topocache` stores it).
 
@@ -27,12 +28,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pinwarden.cpuset import EMPTY, MAX_CPU, CpuSet, CpuSetError
 from pinwarden.errors import HostError
+from pinwarden.record import field, record
 
 CPU_DIR = Path("sys/devices/system/cpu")
 NODE_DIR = Path("sys/devices/system/node")
@@ -41,7 +42,7 @@ NODE_DIR = Path("sys/devices/system/node")
 HYBRID_KINDS = (("cpu_core", "intel_core"), ("cpu_atom", "intel_atom"))
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Cpu:
     """One logical CPU (hwloc's PU)."""
 
@@ -59,7 +60,7 @@ class Cpu:
     package_cpus: CpuSet = EMPTY
 
 
-@dataclass(frozen=True)
+@record(weakref=True)
 class Topology:
     """The host's CPUs, NUMA nodes and kernel CPU lists (a snapshot, no I/O)."""
 

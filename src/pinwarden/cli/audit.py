@@ -64,9 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from pinwarden import audit
+    from pinwarden.record import replace
 
     config = config_of(args)
     leases, holders, notes, refused = load_ledger(args)
@@ -79,7 +78,7 @@ def _audit(args: argparse.Namespace) -> int:
                          holder_stems=exclusive, isolating=config.isolate_noise,
                          refused=refused)
     if notes:
-        report = dataclasses.replace(report, notes=(*report.notes, *notes))
+        report = replace(report, notes=(*report.notes, *notes))
     if args.json:
         print_json(report.to_json())
     else:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno as errno_mod
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from pinwarden.cpuset import CpuSet
 from pinwarden.enforce.backend import (
@@ -44,16 +43,17 @@ from pinwarden.enforce.layout import (
     without_partitions_over,
 )
 from pinwarden.errors import EnforceError
+from pinwarden.record import record
 
 
-@dataclass
+@record(frozen=False)
 class _Tracked:
     cpus: CpuSet
     mems: CpuSet
     partition: PartitionKind
 
 
-@dataclass(frozen=True)
+@record
 class Result:
     ops: tuple[Op, ...]
     before: Snapshot

@@ -33,10 +33,10 @@ from __future__ import annotations
 import errno as errno_mod
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 from pinwarden.cpuset import CpuSet
+from pinwarden.record import field, record
 
 PartitionKind = Literal["member", "exclusive", "isolated"]
 PARTITION_KINDS: tuple[PartitionKind, ...] = ("member", "exclusive", "isolated")
@@ -77,7 +77,7 @@ def is_within(path: str, top: str) -> bool:
 
 # -- state ------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@record
 class GroupState:
     """One cpuset group as read from the kernel."""
 
@@ -96,7 +96,7 @@ class GroupState:
         return self.partition != "member"
 
 
-@dataclass(frozen=True)
+@record
 class Snapshot:
     """Groups read at one moment, by path.  Absent path = the group did not exist."""
 
@@ -161,29 +161,29 @@ def collect_snapshot(read_group: Callable[[str], GroupState],
 
 # -- operations -------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@record
 class Mkdir:
     path: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Rmdir:
     path: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SetCpus:
     path: str
     cpus: CpuSet
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SetMems:
     path: str
     mems: CpuSet
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SetPartition:
     path: str
     kind: PartitionKind

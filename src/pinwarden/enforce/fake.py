@@ -31,7 +31,6 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from pinwarden.cpuset import CpuSet
 from pinwarden.enforce.backend import (
@@ -43,6 +42,7 @@ from pinwarden.enforce.backend import (
     join,
     parent_of,
 )
+from pinwarden.record import field, record
 
 _NONE = CpuSet()
 # sched_rt_runtime_us / period = 950000 / 1000000 and the fair server's 50 ms / 1 s, both
@@ -52,7 +52,7 @@ _FAIR_SERVER_BW = (50_000_000 << 20) // 1_000_000_000
 _NODE0 = CpuSet(frozenset({0}))
 
 
-@dataclass
+@record(frozen=False)
 class _Node:
     cpus: CpuSet = _NONE
     mems: CpuSet = _NONE

@@ -45,7 +45,6 @@ import hashlib
 import re
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
 
 from pinwarden.cpuset import CpuSet, union
 from pinwarden.enforce.backend import (
@@ -65,6 +64,7 @@ from pinwarden.enforce.backend import (
 )
 from pinwarden.model import SIBLING_HOLD, HolderRef, Lease
 from pinwarden.partition import Host, shared_pool
+from pinwarden.record import field, record, replace
 
 DEFAULT_SHARED = "machine"
 DEFAULT_EXCLUSIVE = "pinwarden.partition"
@@ -78,7 +78,7 @@ _STEM = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
 _HOLDER = re.compile(r"(?:vm|lxc|run)-[A-Za-z0-9_-]{1,64}\.partition")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class LayoutNames:
     """Where the groups live, relative to the cpuset root: the shared group's path and the
     name every holder group's name starts with (``exclusive``: ``STEM.partition``; the
@@ -124,7 +124,7 @@ class LayoutNames:
         return parent == self.parent and holder_component(name, self.exclusive) is not None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GroupSpec:
     """One group pinwarden owns: its path, CPUs and partition kind."""
 
@@ -139,7 +139,7 @@ class GroupSpec:
     when_populated: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class DesiredLayout:
     names: LayoutNames
     shared: GroupSpec
@@ -324,14 +324,14 @@ def without_partitions_over(desired: DesiredLayout, forbidden: CpuSet) -> Desire
 
 # -- planning ---------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@record
 class Target:
     cpus: CpuSet
     mems: CpuSet
     partition: PartitionKind
 
 
-@dataclass(frozen=True)
+@record
 class Targets:
     """Every group the plan touches: wanted state, and groups to remove."""
 

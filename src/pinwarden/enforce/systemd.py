@@ -90,7 +90,6 @@ import os
 import string
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -111,6 +110,7 @@ from pinwarden.enforce.backend import (
 )
 from pinwarden.enforce.v2 import CgroupV2Backend, forbidden_partition_cpus
 from pinwarden.errors import EnforceError, HostError
+from pinwarden.record import record
 
 # -- names ------------------------------------------------------------------------------
 
@@ -534,7 +534,7 @@ _PARTITION_VALUE: Final[dict[PartitionKind, str]] = {
 _PARTITION_KIND: Final[dict[str, PartitionKind]] = {v: k for k, v in _PARTITION_VALUE.items()}
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class UnitInfo:
     """One unit as systemd reports it (the backend's raw read, before :class:`GroupState`)."""
 

@@ -39,7 +39,6 @@ import struct
 import time
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
@@ -57,6 +56,7 @@ from pinwarden.escape import (
     SetPartition,
     plan_narrowing,
 )
+from pinwarden.record import record
 
 # <sys/inotify.h>
 IN_MODIFY = 0x00000002
@@ -84,7 +84,7 @@ _WORD: dict[PartitionKind, PartitionWord] = {
 EventKind = Literal["created", "removed", "cpus", "partition", "overflow"]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CgroupEvent:
     """``created``/``removed``: a child directory ``path`` of a watched parent; ``cpus``:
     a write to ``path``/``name`` (``cpuset.cpus`` or ``cpuset.cpus.exclusive``);
@@ -317,7 +317,7 @@ def read_views(mount: Path, parents: Iterable[str] = ("",),
     return tuple(out)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class OpOutcome:
     """What happened to one op: ``ok``; ``errno``/``error`` when the kernel refused;
     ``after`` is the partition file (``Revalidate``/``SetPartition``) or ``cpuset.cpus``
@@ -371,7 +371,7 @@ def apply_narrowing(mount: Path, ops: Sequence[NarrowOp]) -> tuple[OpOutcome, ..
     return tuple(out)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Closed:
     """One :func:`close_escapes` round."""
 

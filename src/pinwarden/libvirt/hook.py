@@ -38,12 +38,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TextIO
 
 from pinwarden.config import DEFAULT_STATE_DIR
 from pinwarden.errors import InputError, PinwardenError, Refusal
+from pinwarden.record import record
 
 if TYPE_CHECKING:
     from pinwarden.domain import DomainSpec
@@ -81,7 +81,7 @@ def asks_exclusive(xml: str) -> bool:
 
 # -- install ------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@record
 class Installed:
     paths: tuple[Path, ...]
     command: str  # what the scripts exec (before "hook run")
@@ -256,7 +256,7 @@ def uninstall(hooks_dir: Path, drivers: tuple[str, ...] = DRIVERS) -> tuple[Path
     return tuple(removed)
 
 
-@dataclass(frozen=True)
+@record
 class HookState:
     driver: str
     path: Path

@@ -12,33 +12,33 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from pinwarden.cpuset import CpuSet
 from pinwarden.ledger import HolderRecord
 from pinwarden.libvirt.state import DomainInfo, Repin
 from pinwarden.model import HolderRef, Plan
+from pinwarden.record import record
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Free:
     holder: HolderRef
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Adopt:
     domain: DomainInfo
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Report:
     """Something wrong that the daemon cannot fix by itself."""
 
     message: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Drift:
     repin: Repin  # before = live affinity, after = what it should be
     reason: str

@@ -21,14 +21,12 @@ plan's pins in their usual partition; nothing is leased.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import os
 import re
 import time
 import uuid as uuidlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
@@ -47,11 +45,12 @@ from pinwarden.manager import Manager
 from pinwarden.model import HolderRef, Lease, Plan, domain_holder
 from pinwarden.partition import Host, shared_pool
 from pinwarden.policy import decide
+from pinwarden.record import field, record, replace
 
 _HOOK_FAILURE = re.compile(r"unexpected exit status \d+: (.*)$")
 
 
-@dataclass(frozen=True)
+@record
 class Started:
     name: str
     uuid: str
@@ -111,7 +110,7 @@ def _start(manager: Manager, uri: str, conn: Any, name: str) -> Started:
         return _start_shared(manager, conn, holder, spec, xml)
 
 
-@dataclass(frozen=True)
+@record
 class StartPreview:
     """What ``pinwarden start NAME`` would do (``--dry-run``)."""
 
@@ -291,7 +290,7 @@ def _create(conn: Any, holder: HolderRef, xml: str) -> Any:
 
 # -- stop ---------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@record
 class Stopped:
     name: str
     uuid: str
@@ -348,7 +347,7 @@ def _wait_inactive(dom: Any, name: str, timeout: float) -> None:
 
 # -- define -------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@record
 class Defined:
     name: str
     uuid: str
@@ -404,7 +403,7 @@ def define(manager: Manager, uri: str, path: Path) -> Defined:
         raise InputError(f"cannot read {path}: {why}") from None
     spec = parse_domain(xml)
     uuid = spec.uuid or str(uuidlib.uuid4())
-    spec = dataclasses.replace(spec, uuid=uuid)
+    spec = replace(spec, uuid=uuid)
     holder = domain_holder(lv.driver_of(uri), spec.name, uuid)
     plan = manager.plan(spec, holder=holder)
     partition = manager.libvirt_partition(holder) if spec.exclusive else None

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 from pinwarden.cpuset import EMPTY, CpuSet
 from pinwarden.domain import DomainSpec
 from pinwarden.model import HolderRef, domain_holder
+from pinwarden.record import field, record
 
 
-@dataclass(frozen=True)
+@record
 class Affinity:
     """Where each thread of a running domain may run (libvirt's live pin info)."""
 
@@ -28,7 +28,7 @@ class Affinity:
         return out
 
 
-@dataclass(frozen=True)
+@record
 class DomainInfo:
     """One libvirt domain at one moment."""
 
@@ -57,7 +57,7 @@ class DomainInfo:
         return bool(spec and spec.exclusive)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Repin:
     """Move one thread group of a running domain from ``before`` to ``after`` CPUs."""
 
