@@ -19,7 +19,10 @@ EXCLUSIVE = ("<domain type='kvm'><name>db</name><vcpu>2</vcpu><metadata>"
 HEAVY = ("prometheus_client", "pinwarden.metrics", "pinwarden.audit", "pinwarden.isolation",
          "pinwarden.noise", "pinwarden.runner", "pinwarden.provenance", "pinwarden.enforce",
          "pinwarden.libvirt", "libvirt", "jeepney", "dbus_fast", "tomllib", "shtab", "tempfile",
-         "uuid", "pinwarden.jsonout", "shutil", "pinwarden.procs")
+         "uuid", "pinwarden.jsonout", "shutil", "pinwarden.procs",
+         # pinwarden.record stands in for dataclasses, which costs a millisecond a class
+         # and loads inspect (with ast, dis and tokenize)
+         "dataclasses", "inspect")
 
 PROBE = ("import json, sys\n"
          "from pinwarden.cli import main\n"
