@@ -4,12 +4,16 @@ answers as the in-process hook, and fall back to it when no daemon answers."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from enforce_helpers import lease, make_host
 from pinwarden.config import Config
@@ -168,3 +172,50 @@ def test_hook_check_says_whether_the_daemon_answers(
     drop_in.write_text(script.replace("hookclient.py", "gone/hookclient.py"))
     states = {s.driver: s for s in hook.check_installed(hooks_dir)}
     assert "hookclient.py exited 2" in (states["qemu"].problem or ""), states["qemu"]
+
+
+# -- the client's JSON, against json itself ------------------------------------------------
+
+#: with lone surrogates (the client decodes libvirt's XML with surrogateescape) and the
+#: characters JSON escapes
+_text = st.text(alphabet=st.characters(exclude_categories=()) | st.sampled_from(
+    ["\udc80", "\udcff", "\ud800", "\x00", "\x1f", '"', "\\", "/", "é", "\u2028", "😀"]),
+    max_size=40)
+_leaf = st.none() | st.booleans() | st.integers(-2**70, 2**70) | _text
+_requests = st.recursive(_leaf, lambda inner: st.lists(inner, max_size=4)
+                         | st.dictionaries(_text, inner, max_size=4), max_leaves=12)
+
+
+@given(_requests)
+def test_the_clients_encoding_is_json_dumps(value: object) -> None:
+    """The client writes what ``json.dumps`` would (it speaks through ``_json``)."""
+    from pinwarden.libvirt import hookclient
+
+    assert hookclient.encode(value) == json.dumps(value)
+
+
+@given(_requests)
+def test_the_clients_decoding_is_json_loads(value: object) -> None:
+    """... and reads what ``json.loads`` would (whitespace around, nothing after)."""
+    from pinwarden.libvirt import hookclient
+
+    text = json.dumps(value)  # ASCII: json.dumps escapes everything else
+    for framed in (text, f" \n{text}\t "):
+        assert hookclient.decode(framed.encode()) == value
+    for bad in (b"", b"{", b'{"rc": 0} x', b"nul"):
+        with pytest.raises(ValueError):
+            hookclient.decode(bad)
+
+
+def test_the_client_loads_no_enum_re_or_json_module() -> None:
+    """What the client exists for: a start of a few milliseconds (no enum, re, socket or
+    json module behind its C halves), checked in the interpreter the drop-in runs."""
+    from pinwarden.libvirt import hookclient
+
+    done = subprocess.run([sys.executable, "-I", "-S", "-X", "importtime",
+                           hookclient.__file__, "--ping"],
+                          capture_output=True, text=True, check=True)
+    assert "pinwarden hook client ok" in done.stdout
+    loaded = {line.split("|")[-1].strip() for line in done.stderr.splitlines()
+              if line.startswith("import time:")}
+    assert loaded and not loaded & {"enum", "re", "socket", "json", "typing"}, loaded

@@ -18,16 +18,27 @@ request and one answer per connection, each a JSON object followed by end of str
               "caller": PID-of-libvirtd-or-null, "config": CONFIG}
     answer   {"rc": STATUS, "stderr": TEXT}  or  {"fallback": REASON}
 
-This module must import nothing from pinwarden (it runs without site-packages).
+This module must import nothing from pinwarden (it runs without site-packages), and as
+little as it can: it speaks through the C halves of ``socket`` and ``json`` (``_socket``,
+``_json``), because the modules around them load ``enum`` and ``re``, which took two thirds
+of this client's start (about 20 ms a hook call; issue #12). The bytes on the wire are
+those ``json.dumps`` and ``json.loads`` give and take (tests/test_hookserver.py checks).
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
-import socket
 import sys
+
+try:
+    import _json
+    import _socket as _net
+except ImportError:  # an interpreter without CPython's C modules: the whole ones
+    import json as _json_module
+    import socket as _net  # type: ignore[no-redef]
+
+    _json = None  # type: ignore[assignment]
 
 #: How long a daemon may take to answer (it may wait for the lease lock, as the in-process
 #: hook would); then the call fails like a broken pinwarden (the drop-in's fail-safe: a
@@ -55,10 +66,59 @@ def caller_pid() -> int | None:
     return ppid if ppid > 1 else None
 
 
+def encode(value: object) -> str:
+    """``json.dumps(value)`` for what a request holds (objects with string keys, lists,
+    strings, integers, None, booleans)."""
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, str):
+        if _json is None:
+            return str(_json_module.dumps(value))
+        return _json.encode_basestring_ascii(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(encode, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{encode(str(k))}: {encode(v)}" for k, v in value.items()) \
+            + "}"
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+class _Rules:
+    """What ``_json``'s scanner reads from its context (``json.JSONDecoder``'s defaults)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = float  # NaN, Infinity, -Infinity
+
+
+def decode(data: bytes) -> object:
+    """``json.loads(data)`` for UTF-8 text."""
+    text = data.decode("utf-8")
+    if _json is None:
+        return _json_module.loads(text)
+    start = len(text) - len(text.lstrip(" \t\n\r"))
+    try:
+        found = _json.make_scanner(_Rules())(text, start)  # type: ignore[arg-type]
+    except StopIteration as stop:
+        raise ValueError(f"not JSON at character {stop.value}") from None
+    value: object = found[0]
+    end: int = found[1]
+    if text[end:].strip(" \t\n\r"):
+        raise ValueError(f"extra data at character {end}")
+    return value
+
+
 def ask(path: str, request: dict[str, object],
         timeout: float = TIMEOUT) -> dict[str, object] | None:
     """The daemon's answer, or None when no daemon listens at ``path``."""
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn = _net.socket(_net.AF_UNIX, _net.SOCK_STREAM)
     try:
         conn.settimeout(timeout)
         try:
@@ -67,14 +127,14 @@ def ask(path: str, request: dict[str, object],
             if exc.errno in _UNREACHABLE:
                 return None
             raise
-        conn.sendall(json.dumps(request).encode())
-        conn.shutdown(socket.SHUT_WR)
+        conn.sendall(encode(request).encode())
+        conn.shutdown(_net.SHUT_WR)
         chunks = []
         while chunk := conn.recv(65536):
             chunks.append(chunk)
     finally:
         conn.close()
-    answer = json.loads(b"".join(chunks) or b"null")
+    answer = decode(b"".join(chunks) or b"null")
     if not isinstance(answer, dict):
         raise ValueError("the daemon's answer is not an object")
     return answer
