@@ -221,6 +221,24 @@ def test_a_refusal_blocks_and_shows_pinwardens_words(tmp_path: Path) -> None:
     assert refused.returncode == 1 and refused.stderr == "pinwarden: error: CPU 1 is leased\n"
 
 
+def test_install_never_overwrites_another_file_at_its_own_path(tmp_path: Path) -> None:
+    """A file at lxc.d/pinwarden that pinwarden did not write (an operator's wrapper):
+    install refuses, naming it, and writes nothing at all (qemu.d included)."""
+    wrapper = tmp_path / "lxc.d" / "pinwarden"
+    wrapper.parent.mkdir()
+    wrapper.write_text('#!/bin/sh\nexec /opt/site/pinwarden-wrapper "$@"\n')
+    with pytest.raises(Refusal, match=r"lxc\.d/pinwarden exists and pinwarden did not "
+                                      r"write it") as err:
+        hook.install(tmp_path, exe="/bin/echo", state_dir=None, config=None, check=False)
+    assert err.value.code == "hook-foreign"
+    assert wrapper.read_text().startswith("#!/bin/sh\nexec /opt/site/")
+    assert not (tmp_path / "qemu.d").exists()
+    assert hook.uninstall(tmp_path) == () and wrapper.exists()  # nor removes it
+    wrapper.unlink()  # moved away: installs
+    assert len(hook.install(tmp_path, exe="/bin/echo", state_dir=None, config=None,
+                            check=False).paths) == 2
+
+
 def test_install_refuses_a_pinwarden_that_does_not_run(tmp_path: Path) -> None:
     with pytest.raises(Refusal, match="does not work") as err:
         hook.install(tmp_path, exe="/bin/false", state_dir=None, config=None)

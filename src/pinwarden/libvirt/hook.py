@@ -193,9 +193,17 @@ def install(hooks_dir: Path, *, exe: str | Sequence[str], state_dir: Path | None
             check: bool = True, dry_run: bool = False,
             client: Sequence[str] | None = None, socket: Path | None = None) -> Installed:
     """Write ``DRIVER.d/pinwarden`` atomically for each driver, after checking that what
-    it execs runs.  Another tool's hook is never touched; pinwarden's own legacy
+    it execs runs.  Another tool's hook is never touched, even one at pinwarden's own
+    path (an operator's wrapper, say: refused, nothing written); pinwarden's own legacy
     ``hooks/DRIVER`` script (earlier versions) is replaced by the drop-in."""
     argv = [exe] if isinstance(exe, str) else list(exe)
+    for driver in drivers:
+        path = hooks_dir / f"{driver}.d" / DROP_IN
+        if (path.exists() or path.is_symlink()) and not _is_ours(path):
+            raise Refusal(f"{path} exists and pinwarden did not write it (it has no "
+                          f"'{MARKER}' line); nothing installed: move it away (if it wraps "
+                          f"pinwarden's hook, give it another name and have it call the "
+                          f"one pinwarden writes)", code="hook-foreign")
     if check:
         problem = _runs(argv)
         if problem is not None:
