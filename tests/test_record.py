@@ -167,6 +167,13 @@ def test_mutable_records_and_weakrefs() -> None:
         weakref.ref(REC(1))  # without the flag, slots leave no room for it (as dataclasses)
 
 
+def test_names_the_generated_methods_use_are_refused() -> None:
+    with pytest.raises(TypeError, match="reserved"):
+        @record
+        class Bad:
+            self: int
+
+
 def test_mutable_defaults_are_refused_like_dataclasses() -> None:
     with pytest.raises(ValueError, match="default_factory"):
         @record

@@ -88,6 +88,8 @@ def _build(cls: type[T], frozen: bool, weakref: bool) -> type[T]:
     body: list[str] = []
     seen_default = False
     for name in names:
+        if name in ("self", "_set", "_MISSING") or name.startswith(("_f_", "_d_")):
+            raise TypeError(f"field name {name!r} is reserved by pinwarden.record")
         given = own.get(name, _MISSING)
         if isinstance(given, _Field):
             given = given.default if given.factory is _MISSING else given
@@ -138,7 +140,6 @@ def _build(cls: type[T], frozen: bool, weakref: bool) -> type[T]:
             made["__hash__"] = env["__hash__"]
     elif "__eq__" not in own:
         made["__hash__"] = None
-    made["__record_frozen__"] = frozen
     built: type[T] = type(cls.__name__, cls.__bases__, made)
     return built
 
