@@ -127,8 +127,8 @@ def allocate(topology: Topology, pool: CpuSet, free: CpuSet, request: Request) -
 
 
 # -- the host as nodes of cores ------------------------------------------------------------
-# Plain classes, not dataclasses, for these private records: a dataclass costs about a
-# millisecond to define at import, and every command pays it (issue #12).
+# Plain classes, not records, for these private ones: defining even a record (one compile)
+# costs every command something at import (issue #12).
 
 class _HostNode:
     __slots__ = ("cores", "firsts", "index", "mask", "offsets", "package", "threads",

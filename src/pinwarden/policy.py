@@ -74,8 +74,8 @@ def holder_of(request: Request) -> HolderRef:
 
 
 class _Ctx:
-    """Everything one decision looks at, computed once.  (A plain class: a dataclass costs
-    about a millisecond to define at import, and every command pays it.)"""
+    """Everything one decision looks at, computed once.  (A plain class: a record costs a
+    compile at import, and every command pays it.)"""
 
     __slots__ = ("host", "leased", "mine", "name", "others", "vm_cpus", "who")
 

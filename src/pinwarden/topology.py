@@ -223,7 +223,7 @@ def _cmdline_cpus(cmdline: str | None, key: str) -> CpuSet | None:
 
 class _Raw:
     """What sysfs says about one CPU, before cores are reconciled.  (A plain class: a
-    dataclass costs about a millisecond to define at import, and every command pays it.)"""
+    record costs a compile at import, and every command pays it.)"""
 
     __slots__ = ("cluster", "core", "die", "has_topology", "package", "package_mask",
                  "thread_mask")

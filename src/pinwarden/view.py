@@ -28,7 +28,7 @@ ROW_WIDTH = 64  # characters of thread marks per compact row
 
 
 class _Group:
-    """(A plain class: a dataclass costs about a millisecond to define at import.)"""
+    """(A plain class: a record costs a compile at import.)"""
 
     __slots__ = ("cores", "node", "offline", "package")
 
