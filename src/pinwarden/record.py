@@ -111,7 +111,7 @@ def _build(cls: type[T], frozen: bool, weakref: bool) -> type[T]:
             params.append(f"{name}=_d_{name}")
     store = "_set(self, {0!r}, {0})" if frozen else "self.{0} = {0}"
     body += [" " + store.format(name) for name in names]
-    if "__post_init__" in own or hasattr(cls, "__post_init__"):
+    if hasattr(cls, "__post_init__"):
         body.append(" self.__post_init__()")
     fields_of = "".join(f"self.{n}," for n in names)
     others = "".join(f"other.{n}," for n in names)
