@@ -617,8 +617,10 @@ def cli_escape() -> Data:
     try:
         with started(cmd) as job:
             out["leases"] = wait_for(ledger_leases, 90)
+            # the job runs once its command is in the holder: the partition is set up
+            # before the command is moved in (``runner.supervise``)
             out["holder_before"] = wait_for(
-                lambda: (g := group_data(holder))["exists"] and g, 60)
+                lambda: (g := group_data(holder))["exists"] and g["cgroup.procs"] and g, 60)
             out["late_write"] = subprocess.run(
                 ["sh", "-c", f"mkdir {late} && echo 0-7 > {late}/cpuset.cpus"],
                 capture_output=True, text=True).returncode
