@@ -158,7 +158,7 @@ def parse_config(text: str, path: Path = DEFAULT_CONFIG) -> Config:
         libvirt_uri=_str(virt, "uri", "qemu:///system", path),
         isolate_noise=_bool(isolation, "noise", True, path),
     )
-    from pinwarden.enforce.layout import LayoutNames
+    from pinwarden.enforce.names import LayoutNames
 
     for shared in (config.cgroup_v1, config.cgroup_v2):
         try:

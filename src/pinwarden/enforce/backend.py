@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Literal, Protocol, runtime_checkable
 
 from pinwarden.cpuset import CpuSet
+from pinwarden.enforce.names import join as join
 from pinwarden.record import field, record
 
 PartitionKind = Literal["member", "exclusive", "isolated"]
@@ -50,10 +51,6 @@ def parent_of(path: str) -> str | None:
         return None
     head, _, _ = path.rpartition("/")
     return head
-
-
-def join(parent: str, name: str) -> str:
-    return f"{parent}/{name}" if parent else name
 
 
 def ancestors(path: str) -> list[str]:
