@@ -5,6 +5,7 @@ answers as the in-process hook, and fall back to it when no daemon answers."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -219,3 +220,130 @@ def test_the_client_loads_no_enum_re_or_json_module() -> None:
     loaded = {line.split("|")[-1].strip() for line in done.stderr.splitlines()
               if line.startswith("import time:")}
     assert loaded and not loaded & {"enum", "re", "socket", "json", "typing"}, loaded
+
+
+# -- 'pinwarden start' handed to the daemon (libvirt.startserver) -------------------------
+
+def start_request(state: Path, *, config: Config | None = None, root: str = "/",
+                  uri: str = "qemu+unix:///system?socket=/nonexistent/pwtest.sock",
+                  ) -> dict[str, object]:
+    return {"v": 1, "start": {"name": "pwtest-s", "uri": uri, "json": False},
+            "rules": repr(config or Config()), "root": root, "state_dir": str(state)}
+
+
+def test_a_start_is_served_only_for_the_daemons_rules_root_and_state(
+        setup: tuple[Path, Path, Manager, HookServer], tmp_path: Path) -> None:
+    """The daemon stands in for ``pinwarden start`` only where the command would do the
+    same: same configuration, host root and state directory; anything else is left to the
+    command (``fallback``), and nothing is started."""
+    from pinwarden.libvirt import hookclient
+
+    _drop_in, _marker, manager, _server = setup
+    sock = str(manager.state_dir / hook.SOCKET_NAME)
+    other = tmp_path / "other"
+    other.mkdir()
+    for request, why in (
+            (start_request(manager.state_dir, config=Config(mode="none")),
+             "another configuration"),
+            (start_request(manager.state_dir, root=str(tmp_path)), "another host root"),
+            (start_request(other), "another state directory"),
+            ({**start_request(manager.state_dir), "start": {"name": 1}}, "malformed")):
+        answer = hookclient.ask(sock, request, timeout=30)
+        assert answer is not None and why in str(answer.get("fallback")), (why, answer)
+    # the same rules: served (here the libvirt connection fails, as the command's would)
+    answer = hookclient.ask(sock, start_request(manager.state_dir), timeout=60)
+    assert answer is not None and answer["rc"] == 1, answer
+    assert str(answer["stderr"]).startswith("pinwarden: error: cannot connect to qemu+unix"), \
+        answer
+    assert answer["stdout"] == ""
+
+
+def test_pinwarden_start_prints_what_it_would_have_printed_itself(
+        setup: tuple[Path, Path, Manager, HookServer], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The command line against the daemon's socket: the served start's exit status,
+    stderr and ``--json`` document are those of the same start run in the command
+    (``--no-daemon``), byte for byte."""
+    _drop_in, _marker, manager, _server = setup
+    config = tmp_path / "empty.toml"
+    config.write_text("")
+    exe = str(Path(sys.executable).with_name("pinwarden"))
+    base = [exe, "start", "--state-dir", str(manager.state_dir), "--config", str(config),
+            "-c", "qemu+unix:///system?socket=/nonexistent/pwtest.sock", "pwtest-s"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PINWARDEN_")}
+    caplog.set_level(logging.INFO, logger="pinwarden.daemon")
+    for extra in ((), ("--json",)):
+        served = subprocess.run([*base, *extra], capture_output=True, text=True, env=env,
+                                timeout=120)
+        alone = subprocess.run([*base, *extra, "--no-daemon"], capture_output=True,
+                               text=True, env=env, timeout=120)
+        assert served.returncode == alone.returncode == 1, (served, alone)
+        assert served.stderr == alone.stderr and "cannot connect" in served.stderr, \
+            (served.stderr, alone.stderr)
+        assert served.stdout == alone.stdout, (served.stdout, alone.stdout)
+        if extra:
+            assert json.loads(served.stdout)["error"]["code"] == "libvirt-connect"
+    # the daemon did serve both (the --no-daemon runs never reached it)
+    served_lines = [r.getMessage() for r in caplog.records
+                    if r.getMessage().startswith("served 'pinwarden start pwtest-s': exit 1")]
+    assert len(served_lines) == 2, caplog.text
+
+
+def test_a_stopping_daemon_finishes_its_starts_and_answers_their_hook_calls(
+        setup: tuple[Path, Path, Manager, HookServer],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """libvirtd runs the hook inside a served start, and that call comes back to the same
+    daemon: told to stop, the daemon keeps answering hook calls until its starts are done
+    (else the start would wait for the hook client's timeout), and leaves new starts to
+    their commands."""
+    import threading
+    import time
+
+    from pinwarden.libvirt import hookclient, startserver
+
+    drop_in, marker, manager, server = setup
+    sock = str(manager.state_dir / hook.SOCKET_NAME)
+    seen: dict[str, object] = {}
+
+    def libvirt_start(*_args: object) -> dict[str, object]:  # stands in for the real one
+        deadline = time.monotonic() + 30
+        while not server._closing and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen["late"] = hookclient.ask(sock, start_request(manager.state_dir), timeout=30)
+        done = run(drop_in, "web", "prepare", "begin", "-", stdin=xml("web"))
+        return {"rc": done.returncode, "stdout": "started web\n", "stderr": done.stderr}
+
+    monkeypatch.setattr(startserver, "_serve", libvirt_start)
+    client = threading.Thread(target=lambda: seen.update(
+        answer=hookclient.ask(sock, start_request(manager.state_dir), timeout=60)))
+    client.start()
+    deadline = time.monotonic() + 30
+    while server._starts is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    server.close()
+    client.join(timeout=60)
+    assert seen["answer"] == {"rc": 0, "stdout": "started web\n", "stderr": ""}, seen
+    assert seen["late"] == {"fallback": "the daemon is stopping"}, seen
+    assert not marker.exists()  # the hook call was the daemon's, not the full command's
+
+
+def test_a_served_start_loads_neither_libvirt_nor_the_manager(
+        setup: tuple[Path, Path, Manager, HookServer], tmp_path: Path) -> None:
+    """What makes the served start cheap (issue #12): the command that hands it over never
+    loads the start itself, the libvirt binding, the ledger or the layout planner."""
+    from test_cli_imports import PROBE
+
+    _drop_in, _marker, manager, _server = setup
+    config = tmp_path / "empty.toml"
+    config.write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PINWARDEN_")}
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, "start", "--state-dir", str(manager.state_dir),
+         "--config", str(config), "-c", "qemu+unix:///system?socket=/nonexistent/pw.sock",
+         "pwtest-s"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1 and "cannot connect" in proc.stderr, proc.stderr
+    modules = set(json.loads(proc.stderr.strip().splitlines()[-1]))
+    assert "pinwarden.libvirt.hookclient" in modules  # it did talk to the daemon
+    assert not {"libvirt", "libvirtmod", "pinwarden.libvirt.start", "pinwarden.manager",
+                "pinwarden.ledger", "sqlite3", "pinwarden.enforce.layout",
+                "pinwarden.domain"} & modules, sorted(modules)

@@ -256,3 +256,56 @@ def test_with_the_daemon_running_it_answers_the_hook(
         status = daemon.stop()
     assert status == 0 and "Traceback" not in daemon.text(), daemon.text()
     assert not (hooked.state / "hook.sock").exists()
+
+
+def test_with_the_daemon_running_pinwarden_start_is_served_by_it(
+        hooked: env.Pinwarden, domains: env.Domains, tmp_path: Path) -> None:
+    """With ``pinwarden daemon`` running, ``pinwarden start`` hands the start to it (issue
+    #12): the same lease, owner, pins, output and refusals as the command's own start
+    (``--no-daemon``), and the hook calls that start causes are answered meanwhile."""
+    import json
+
+    e, s = "pwtest-e2e-se", "pwtest-e2e-ss"
+    source = tmp_path / "se.xml"
+    source.write_text(env.tiny_domain_xml(e, exclusive=True, vcpupins={0: "1"}))
+    domains.track(e)
+    hooked.run("define", str(source), check=True)
+    domains.define(s)
+    daemon = env.Daemon(hooked, tmp_path / "daemon.log")
+    try:
+        deadline = time.monotonic() + 60
+        while "answering libvirt hook calls" not in daemon.text():
+            assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+            time.sleep(0.2)
+        started = hooked.run("start", e)
+        assert started.returncode == 0, started.stderr
+        assert started.stdout.startswith(f"started {e} (exclusive on CPUs 1), pid "), \
+            started.stdout
+        assert f"pid {env.qemu_pid(e)}, cgroup /" in started.stdout, started.stdout
+        with Ledger(hooked.state) as ledger:
+            (record,) = ledger.holders()
+        assert record.ref.name == e and record.owner_pid == env.qemu_pid(e)
+        assert env.vm_affinity(e) == {1}
+        # a refusal reads the same from the daemon as from the command itself
+        again, alone = hooked.run("start", e), hooked.run("start", e, "--no-daemon")
+        assert again.returncode == alone.returncode == 1, (again, alone)
+        assert again.stderr == alone.stderr and "already running" in again.stderr, \
+            (again.stderr, alone.stderr)
+        shared = hooked.run("start", s, "--json")
+        assert shared.returncode == 0, shared.stderr
+        doc = json.loads(shared.stdout)
+        assert doc["domain"] == s and doc["pid"] == env.qemu_pid(s), doc
+        assert env.vm_affinity(s) == {0}  # CPU 1 is leased: the housekeeping CPU
+        for name in (s, e):
+            hooked.run("stop", name, check=True)
+        with Ledger(hooked.state) as ledger:
+            assert ledger.holders() == ()
+        text = daemon.text()
+        for name, rc, times in ((e, 0, 1), (e, 1, 1), (s, 0, 1)):
+            line = f"served 'pinwarden start {name}': exit {rc} after"
+            assert text.count(line) == times, (line, text)
+        # the hook calls of those starts were answered by the same daemon meanwhile
+        assert f"hook prepare of qemu domain {e}: exit 0" in text, text
+    finally:
+        status = daemon.stop()
+    assert status == 0 and "Traceback" not in daemon.text(), daemon.text()

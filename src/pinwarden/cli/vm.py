@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pinwarden.cli import Parser, print_json
-from pinwarden.cli.common import config_of, manager_of
+from pinwarden.cli import EXIT_INTERNAL, Parser, print_json
+from pinwarden.cli.common import config_of, manager_of, root_of, state_dir_of
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from pinwarden.libvirt.start import Started
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -33,6 +35,9 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan, the cgroup writes and the libvirt calls the start "
                         "would make, in order, and change nothing")
+    p.add_argument("--no-daemon", action="store_true",
+                   help="start the domain from this process even when a pinwarden daemon "
+                        "runs (default: the daemon, warm, does the same start)")
     p.set_defaults(handler=cmd_start)
 
     p = subparsers.add_parser(
@@ -123,6 +128,10 @@ def uri_of(args: argparse.Namespace) -> str:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    if not (args.dry_run or args.no_daemon):
+        served = _served_start(args)
+        if served is not None:
+            return served
     from pinwarden.libvirt.start import preview_start, start
 
     if args.dry_run:
@@ -135,18 +144,58 @@ def cmd_start(args: argparse.Namespace) -> int:
         return 0
     with manager_of(args) as manager:
         result = start(manager, uri_of(args), args.name)
-    if args.json:
-        print_json(result.to_json())
-        return 0
+    sys.stdout.write(start_report(result, args.json))
+    return 0
+
+
+def start_report(result: Started, as_json: bool) -> str:
+    """What ``pinwarden start`` prints on success (also when the daemon did the start)."""
+    if as_json:
+        from pinwarden import jsonout
+
+        return jsonout.dumps(result.to_json()) + "\n"
     plan = result.plan
     kind = f"exclusive on CPUs {plan.leased()}" if plan.exclusive else \
         f"shared on CPUs {plan.cpus()}"
-    print(f"started {result.name} ({kind}), pid {result.pid}, cgroup /{result.cgroup}")
-    for move in result.repins:
-        print(f"  re-pinned {move}")
-    for note in result.notes:
-        print(f"note: {note}")
-    return 0
+    lines = [f"started {result.name} ({kind}), pid {result.pid}, cgroup /{result.cgroup}",
+             *(f"  re-pinned {move}" for move in result.repins),
+             *(f"note: {note}" for note in result.notes)]
+    return "".join(f"{line}\n" for line in lines)
+
+
+def _served_start(args: argparse.Namespace) -> int | None:
+    """Hand the start to the daemon of this state directory, if one runs with this
+    configuration and host root (:mod:`pinwarden.libvirt.startserver`): its exit status,
+    after printing what it said; None when no daemon takes it (the command starts the
+    domain itself).  Once the request is sent, the daemon owns the start: a lost answer is
+    an error, never a second start."""
+    from pinwarden.errors import LibvirtError
+    from pinwarden.libvirt import hookclient
+
+    config = config_of(args)
+    state = state_dir_of(args)
+    request = {"v": 1, "start": {"name": args.name, "uri": uri_of(args),
+                                 "json": bool(args.json)},
+               "rules": repr(config), "root": str(root_of(args)), "state_dir": str(state)}
+    try:
+        conn = hookclient.connect(str(state / hookclient.SOCKET_NAME), timeout=None)
+    except OSError:  # nothing was sent: the command starts the domain itself
+        return None
+    if conn is None:
+        return None
+    try:
+        answer = hookclient.exchange(conn, request)
+    except (OSError, ValueError) as exc:
+        raise LibvirtError(
+            f"the pinwarden daemon did not finish starting {args.name!r} ({exc}); "
+            f"'virsh domstate {args.name}' tells whether it runs", code="daemon-lost") \
+            from None
+    if "fallback" in answer:
+        return None
+    out, err, rc = answer.get("stdout"), answer.get("stderr"), answer.get("rc")
+    sys.stdout.write(out if isinstance(out, str) else "")
+    sys.stderr.write(err if isinstance(err, str) else "")
+    return rc if isinstance(rc, int) else EXIT_INTERNAL
 
 
 def print_preview(plan: Any, writes: Sequence[str], calls: Sequence[str],

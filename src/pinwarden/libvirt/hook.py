@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Literal, TextIO
 
 from pinwarden.config import DEFAULT_STATE_DIR
 from pinwarden.errors import InputError, PinwardenError, Refusal
+from pinwarden.libvirt import hookclient
 from pinwarden.record import record
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
 DROP_IN = "pinwarden"
 HOOK_LOG = "hook.log"
 #: The daemon's socket for hook calls, in its state directory (see hookclient).
-SOCKET_NAME = "hook.sock"
+SOCKET_NAME = hookclient.SOCKET_NAME
 #: Exit status of ``hook run`` when a placement rule refuses the domain at ``prepare``.
 REFUSED = 3
 #: pinwarden's metadata namespace (pinwarden.domain.PW_NS, not imported: the hook is lean).
@@ -164,8 +165,6 @@ exit 0
 def default_client() -> tuple[str, ...]:
     """This interpreter running the hook client alone, without site-packages: a start
     of a few milliseconds, where the full pinwarden takes a hundred."""
-    from pinwarden.libvirt import hookclient
-
     return (sys.executable, "-I", "-S", str(Path(hookclient.__file__).resolve()))
 
 

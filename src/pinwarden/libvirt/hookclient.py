@@ -47,6 +47,8 @@ except ImportError:  # an interpreter without CPython's C modules: the whole one
 TIMEOUT = 150.0
 SHARED_TIMEOUT = 30.0
 PW_NAMESPACE = b"urn:pinwarden:domain:1"
+#: The daemon's socket, in its state directory.
+SOCKET_NAME = "hook.sock"
 #: Exit status for "pinwarden did not work" (the drop-in lets shared domains through).
 EX_SOFTWARE = 70
 #: Where the daemon cannot be reached and the full hook must run instead.
@@ -116,17 +118,30 @@ def decode(data: bytes) -> object:
 
 
 def ask(path: str, request: dict[str, object],
-        timeout: float = TIMEOUT) -> dict[str, object] | None:
-    """The daemon's answer, or None when no daemon listens at ``path``."""
+        timeout: float | None = TIMEOUT) -> dict[str, object] | None:
+    """The daemon's answer, or None when no daemon listens at ``path`` (``timeout``:
+    for the whole exchange; None: wait as long as the daemon takes)."""
+    conn = connect(path, timeout)
+    return None if conn is None else exchange(conn, request)
+
+
+def connect(path: str, timeout: float | None = TIMEOUT) -> _net.socket | None:
+    """A connection to the daemon at ``path``, or None when none listens there."""
     conn = _net.socket(_net.AF_UNIX, _net.SOCK_STREAM)
     try:
         conn.settimeout(timeout)
-        try:
-            conn.connect(path)
-        except OSError as exc:
-            if exc.errno in _UNREACHABLE:
-                return None
-            raise
+        conn.connect(path)
+    except OSError as exc:
+        conn.close()
+        if exc.errno in _UNREACHABLE:
+            return None
+        raise
+    return conn
+
+
+def exchange(conn: _net.socket, request: dict[str, object]) -> dict[str, object]:
+    """Send ``request`` on ``conn``, read the answer, close it."""
+    try:
         conn.sendall(encode(request).encode())
         conn.shutdown(_net.SHUT_WR)
         chunks = []

@@ -5,7 +5,10 @@
 (:func:`pinwarden.libvirt.hook.main_run`, same exit status, same message) with a manager of
 its own that stays open — topology, backend and ledger already read — so a hook call costs
 a few milliseconds instead of a Python start of pinwarden.  One call at a time, in one
-thread (the lease lock serialises changes with every other pinwarden anyway).
+thread (the lease lock serialises changes with every other pinwarden anyway).  The same
+socket takes ``pinwarden start`` handed over by the command line; those run in workers of
+their own (:mod:`pinwarden.libvirt.startserver`), since the hook calls they cause come
+back here.
 
 Only root may call (``SO_PEERCRED``).  A call made with another configuration than the
 daemon's (the hook installed with ``--config`` for another file) is answered with
@@ -25,12 +28,15 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pinwarden.config import Config, load_config
 from pinwarden.errors import PinwardenError
 from pinwarden.libvirt import hook
 from pinwarden.manager import Manager
+
+if TYPE_CHECKING:
+    from pinwarden.libvirt.startserver import StartWorkers
 
 log = logging.getLogger("pinwarden.daemon")
 
@@ -38,6 +44,8 @@ log = logging.getLogger("pinwarden.daemon")
 MAX_REQUEST = 64 << 20
 #: How long a client may take to send its request.
 READ_TIMEOUT = 10.0
+#: How long a stopping daemon waits for the starts it is running (libvirt's own start).
+STOP_TIMEOUT = 60.0
 #: Settings that change a hook decision: a hook installed with a configuration that differs
 #: in any of them must not be answered by this daemon.
 #: (The state directory matches by construction: the socket lives in it.)
@@ -59,6 +67,8 @@ class HookServer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._configs: dict[str, Config | None] = {}
+        self._starts: StartWorkers | None = None
+        self._closing = False
 
     def start(self) -> bool:
         """Bind and serve in a thread; False (logged) when another daemon already serves
@@ -90,6 +100,11 @@ class HookServer:
         return True
 
     def close(self) -> None:
+        # starts in progress first, while this thread still answers the hook calls they
+        # make; new ones are left to their commands meanwhile
+        self._closing = True
+        if self._starts is not None:
+            self._starts.close(timeout=STOP_TIMEOUT)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
@@ -111,18 +126,23 @@ class HookServer:
                     return
                 log.error("hook server: %s", exc)
                 continue
-            with conn:
-                try:
-                    self._answer(conn)
-                except Exception as exc:  # never let one call stop the server
-                    log.error("hook server: %s: %s", type(exc).__name__, exc)
+            handed = False
+            try:
+                handed = self._answer(conn)
+            except Exception as exc:  # never let one call stop the server
+                log.error("hook server: %s: %s", type(exc).__name__, exc)
+            finally:
+                if not handed:
+                    conn.close()
 
-    def _answer(self, conn: socket.socket) -> None:
+    def _answer(self, conn: socket.socket) -> bool:
+        """Answer one connection; True when it was handed to a start worker (which answers
+        and closes it)."""
         pid, uid, _gid = struct.unpack("3i", conn.getsockopt(
             socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
         if uid != os.geteuid():
             log.warning("hook server: refused a call from uid %s (pid %s)", uid, pid)
-            return
+            return False
         conn.settimeout(READ_TIMEOUT)
         chunks: list[bytes] = []
         size = 0
@@ -132,8 +152,28 @@ class HookServer:
                 raise ValueError(f"request larger than {MAX_REQUEST} bytes")
             chunks.append(chunk)
         conn.settimeout(None)
-        answer = self.call(json.loads(b"".join(chunks)))
-        conn.sendall(json.dumps(answer).encode())
+        request = json.loads(b"".join(chunks))
+        if isinstance(request, dict) and request.get("v") == 1 and "start" in request:
+            return self._start(conn, request, pid)
+        _send(conn, self.call(request))
+        return False
+
+    def _start(self, conn: socket.socket, request: dict[str, Any], pid: int) -> bool:
+        """A ``pinwarden start`` handed over by the command (:mod:`.startserver`): run in a
+        worker, never here, where the hook calls it makes are answered."""
+        from pinwarden.libvirt import startserver
+
+        reason = "the daemon is stopping" if self._closing else \
+            startserver.why_not(request, self.manager)
+        if reason is not None:
+            log.debug("start from pid %s left to the command: %s", pid, reason)
+            _send(conn, {"fallback": reason})
+            return False
+        if self._starts is None:
+            self._starts = startserver.StartWorkers(self.manager.config, self.manager.root,
+                                                    self.manager.state_dir)
+        self._starts.submit(request, startserver.reply_to(conn, _send))
+        return True
 
     def call(self, request: Any) -> dict[str, Any]:
         """One hook call, as the hook client sends it; the answer it expects."""
@@ -170,6 +210,10 @@ class HookServer:
             except PinwardenError:
                 self._configs[key] = None
         return self._configs[key]
+
+
+def _send(conn: socket.socket, answer: dict[str, Any]) -> None:
+    conn.sendall(json.dumps(answer).encode())
 
 
 def _answers(path: Path) -> bool:

@@ -85,7 +85,11 @@ def _holder(uri: str, dom: Any) -> HolderRef:
 
 # -- start --------------------------------------------------------------------------------
 
-def start(manager: Manager, uri: str, name: str) -> Started:
+def start(manager: Manager, uri: str, name: str, *, conn: Any = None) -> Started:
+    """Start domain ``name``; ``conn``: an open connection to ``uri`` to use (kept open),
+    else one is opened and closed."""
+    if conn is not None:
+        return _start(manager, uri, conn, name)
     conn = lv.open_connection(uri)
     try:
         return _start(manager, uri, conn, name)
