@@ -13,14 +13,19 @@ interleaved with every other, round by round, in one run (so load changes hit th
 * ``virsh_start_hooked_exclusive``  plain ``virsh start`` of a domain exclusive on one CPU,
                                     hook and daemon (the hook leases its CPU);
 * ``pinwarden_start_shared``        ``pinwarden start`` of the unpinned domain (hook and
-                                    daemon installed, as deployed);
+                                    daemon installed, as deployed: the daemon does the
+                                    start, see libvirt/startserver.py);
+* ``pinwarden_start_shared_no_daemon``  the same with ``--no-daemon`` (the command starts
+                                    the domain itself; the hook still goes to the daemon);
 * ``pinwarden_start_exclusive``     ``pinwarden start`` of the exclusive domain;
 * ``hook_prepare``                  one full ``pinwarden hook run … prepare`` by itself,
   ``hook_prepare_client``           and the same call through the client and the daemon.
 
 Each start is followed by a stop that is not timed.  The hook is switched off for the
 plain case by moving the drop-in out of ``qemu.d`` (libvirt lists that directory at every
-call), the daemon by renaming its socket.  Ratios are against ``virsh_start``.  Needs root
+call), the daemon by renaming its socket.  Ratios are against ``virsh_start``: the ratio of
+the medians (what the goals judge), and the median of each round's own ratio (a round runs
+every case back to back, so this one cancels load that drifts between rounds).  Needs root
 and a libvirtd this script starts itself (it restarts it to make libvirtd notice the hook,
 and again at the end to forget it).
 
@@ -144,8 +149,8 @@ def main() -> int:
             def virsh_destroy(name: str) -> Callable[[], None]:
                 return lambda: must(env.virsh("destroy", name))
 
-            def pw_start(name: str) -> Callable[[], None]:
-                return lambda: must(pw.run("start", name))
+            def pw_start(name: str, *extra: str) -> Callable[[], None]:
+                return lambda: must(pw.run("start", name, *extra))
 
             def pw_stop(name: str) -> Callable[[], None]:
                 return lambda: must(pw.run("stop", name))
@@ -167,6 +172,8 @@ def main() -> int:
                 ("virsh_start_hooked_exclusive", deployed, virsh_start(EXCLUSIVE_VM),
                  virsh_destroy(EXCLUSIVE_VM)),
                 ("pinwarden_start_shared", deployed, pw_start(SHARED), pw_stop(SHARED)),
+                ("pinwarden_start_shared_no_daemon", deployed,
+                 pw_start(SHARED, "--no-daemon"), pw_stop(SHARED)),
                 ("pinwarden_start_exclusive", deployed, pw_start(EXCLUSIVE_VM),
                  pw_stop(EXCLUSIVE_VM)),
                 ("hook_prepare", deployed, run_hook(prepare), lambda: None),
@@ -189,11 +196,19 @@ def main() -> int:
             daemons.stop(daemon)
     medians = {k: round(statistics.median(v), 4) for k, v in times.items()}
     base_time = medians["virsh_start"]
+    starts = [k for k in medians if not k.startswith("hook_")]
     report = {
         "runs": args.runs,
         "median_s": medians,
-        "ratio_vs_virsh_start": {k: round(v / base_time, 2) for k, v in medians.items()
-                                 if not k.startswith("hook_")},
+        "quartiles_s": {k: [round(q, 4) for q in statistics.quantiles(v, n=4)[::2]]
+                        for k, v in times.items()},
+        "ratio_vs_virsh_start": {k: round(medians[k] / base_time, 2) for k in starts},
+        # each round runs every case back to back: the median of the rounds' own ratios
+        # cancels what drifts between rounds (the goals stay on the ratio of medians)
+        "paired_ratio_vs_virsh_start": {
+            k: round(statistics.median(t / b for t, b in zip(times[k], times["virsh_start"],
+                                                              strict=True)), 2)
+            for k in starts},
         "goals": {"virsh_start_hooked <= 1.10": medians["virsh_start_hooked"]
                   <= 1.10 * base_time,
                   "pinwarden_start_shared <= 1.15": medians["pinwarden_start_shared"]
