@@ -268,15 +268,17 @@ def test_pinwarden_start_prints_what_it_would_have_printed_itself(
     config = tmp_path / "empty.toml"
     config.write_text("")
     exe = str(Path(sys.executable).with_name("pinwarden"))
-    base = [exe, "start", "--state-dir", str(manager.state_dir), "--config", str(config),
+    # the state directory relative to the command's working directory (not the daemon's)
+    assert manager.state_dir.parent == tmp_path
+    base = [exe, "start", "--state-dir", manager.state_dir.name, "--config", str(config),
             "-c", "qemu+unix:///system?socket=/nonexistent/pwtest.sock", "pwtest-s"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PINWARDEN_")}
     caplog.set_level(logging.INFO, logger="pinwarden.daemon")
     for extra in ((), ("--json",)):
         served = subprocess.run([*base, *extra], capture_output=True, text=True, env=env,
-                                timeout=120)
+                                timeout=120, cwd=tmp_path)
         alone = subprocess.run([*base, *extra, "--no-daemon"], capture_output=True,
-                               text=True, env=env, timeout=120)
+                               text=True, env=env, timeout=120, cwd=tmp_path)
         assert served.returncode == alone.returncode == 1, (served, alone)
         assert served.stderr == alone.stderr and "cannot connect" in served.stderr, \
             (served.stderr, alone.stderr)

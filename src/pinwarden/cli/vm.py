@@ -7,6 +7,7 @@ inside libvirtd's start path and must be quick.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -176,7 +177,9 @@ def _served_start(args: argparse.Namespace) -> int | None:
     state = state_dir_of(args)
     request = {"v": 1, "start": {"name": args.name, "uri": uri_of(args),
                                  "json": bool(args.json)},
-               "rules": repr(config), "root": str(root_of(args)), "state_dir": str(state)}
+               # paths absolute: the daemon has another working directory
+               "rules": repr(config), "root": os.path.abspath(root_of(args)),
+               "state_dir": os.path.abspath(state)}
     try:
         conn = hookclient.connect(str(state / hookclient.SOCKET_NAME), timeout=None)
     except OSError:  # nothing was sent: the command starts the domain itself

@@ -59,7 +59,7 @@ def why_not(request: dict[str, Any], manager: Manager) -> str | None:
         return "malformed start request"
     if request.get("rules") != repr(manager.config):
         return "the command uses another configuration than the daemon"
-    if request.get("root") != str(manager.root):
+    if request.get("root") != os.path.abspath(manager.root):
         return "the command uses another host root than the daemon"
     state = request.get("state_dir")
     if not isinstance(state, str) or not _same_dir(Path(state), manager.state_dir):
