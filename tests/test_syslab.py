@@ -578,6 +578,27 @@ def test_story_the_event_daemon_reaps_and_puts_the_layout_back(lab: LabRun) -> N
         "isolated"
 
 
+def test_story_with_the_daemon_running_pinwarden_start_is_the_daemons(lab: LabRun) -> None:
+    """The shipped unit runs the daemon; ``pinwarden start`` hands it the start, which it
+    runs in a worker thread: the lease and its partition made through systemd's D-Bus API
+    from there, owned by the QEMU process, exactly as the command would have done."""
+    s = lab.check("story")
+    rc0(s["start_f"])
+    doc = s["start_f"]["json"]
+    holders = {h["name"]: h for h in s["holders_af"]}
+    assert set(holders) == {"pwtest-a", "pwtest-f"}, holders
+    cpu_f = holders["pwtest-f"]["cpus"]
+    assert cpu_f != s["cpu_a"] and s["f"]["allowed"] == [cpu_f], (cpu_f, s["f"])
+    assert holders["pwtest-f"]["owner"] == doc["pid"], (holders, doc)
+    group = s["f_layout"]["partitions"][_slice("pwtest-f")]
+    assert group["cpuset.cpus.partition"] == "isolated", group
+    assert group["cpuset.cpus.effective"] == cpu_f, group
+    assert int(cpu_f) not in _cpus_of(s["f_layout"]["machine_unit"]["AllowedCPUs"])
+    assert [line[line.index("served"):].split(" after ")[0] for line in s["served"]] == [
+        "served 'pinwarden start pwtest-f': exit 0"], s["served"]
+    rc0(s["stop_f"])
+
+
 def test_story_the_host_is_left_as_found(lab: LabRun) -> None:
     s = lab.check("story")
     assert s["after_destroy"]["holders"] == []

@@ -109,7 +109,7 @@ def story() -> Data:
     out["host"] = pinwarden("host", "--json")
     out["hook_install"] = pinwarden("hook", "install")
     out["reload"] = systemctl("reload", "libvirtd.service")
-    names = ("pwtest-a", "pwtest-e", "pwtest-b", "pwtest-c", "pwtest-d")
+    names = ("pwtest-a", "pwtest-e", "pwtest-b", "pwtest-c", "pwtest-d", "pwtest-f")
     try:
         # (1) A, exclusive, by pinwarden start
         out["define_a"] = pinwarden("define", write_xml("pwtest-a", metadata=EXCLUSIVE_META))
@@ -175,6 +175,20 @@ def story() -> Data:
                  != "0-3", 120)
         time.sleep(2.0)
         out["put_back"] = layout()
+        # (8b) with the daemon running, 'pinwarden start' is the daemon's (issue #12): an
+        # exclusive domain, leased through systemd's D-Bus API from a worker thread of the
+        # unit, B and C re-pinned off its CPU; then stopped, A alone again
+        out["define_f"] = pinwarden("define", write_xml("pwtest-f", metadata=EXCLUSIVE_META))
+        out["start_f"] = pinwarden("start", "pwtest-f", "--json")
+        out["f"] = domain("pwtest-f")
+        out["holders_af"] = holders()
+        out["f_layout"] = layout()
+        out["served"] = [line for line in run(["journalctl", "-u", "pinwarden.service", "-o",
+                                               "cat"])["stdout"].splitlines()
+                         if "served 'pinwarden start" in line]
+        out["stop_f"] = pinwarden("stop", "pwtest-f")
+        with contextlib.suppress(Exception):
+            wait_for(lambda: [h["name"] for h in holders()] == ["pwtest-a"], 60)
         # (9) issue #14: a cgroup made at the root after the lease (systemd makes slices
         # there, container runtimes their groups) writes every CPU and runs a task: the
         # kernel lets it onto the leased CPU; the daemon narrows it within seconds
