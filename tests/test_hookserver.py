@@ -349,3 +349,32 @@ def test_a_served_start_loads_neither_libvirt_nor_the_manager(
     assert not {"libvirt", "libvirtmod", "pinwarden.libvirt.start", "pinwarden.manager",
                 "pinwarden.ledger", "sqlite3", "pinwarden.enforce.layout",
                 "pinwarden.domain"} & modules, sorted(modules)
+
+
+def test_a_bug_in_a_served_start_is_one_line_and_the_worker_goes_on(
+        setup: tuple[Path, Path, Manager, HookServer],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected exception in the daemon's start: the command gets the one-line
+    internal error (exit 70) it would have printed itself, and the next start is served."""
+    from pinwarden.libvirt import hookclient, startserver
+
+    _drop_in, _marker, manager, _server = setup
+    sock = str(manager.state_dir / hook.SOCKET_NAME)
+    calls: list[str] = []
+
+    def broken(_manager: Manager, _conns: object, start: dict[str, object],
+               _said: list[str]) -> dict[str, object]:
+        calls.append(str(start["name"]))
+        if len(calls) == 1:
+            raise RuntimeError("boom\nsecond line")
+        return {"rc": 0, "stdout": "ok\n", "stderr": ""}
+
+    monkeypatch.setattr(startserver, "_serve", broken)
+    first = hookclient.ask(sock, start_request(manager.state_dir), timeout=60)
+    assert first is not None and first["rc"] == 70, first
+    assert first["stderr"] == ("pinwarden: internal error: RuntimeError: boom second line "
+                               "(a bug: please report it; 'pinwarden daemon -v' logs the "
+                               "traceback)\n"), first
+    second = hookclient.ask(sock, start_request(manager.state_dir), timeout=60)
+    assert second == {"rc": 0, "stdout": "ok\n", "stderr": ""}
+    assert calls == ["pwtest-s", "pwtest-s"]

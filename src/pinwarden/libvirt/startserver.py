@@ -113,7 +113,7 @@ class StartWorkers:
 
     def _work(self) -> None:
         said: list[str] = []
-        manager = Manager(self.config, self.root, self.state_dir, warn=said.append)
+        manager: Manager | None = None
         conns: dict[str, Any] = {}
         try:
             while (job := self._jobs.get()) is not None:
@@ -123,14 +123,19 @@ class StartWorkers:
                 request, reply = job
                 said.clear()
                 try:
+                    if manager is None:
+                        manager = Manager(self.config, self.root, self.state_dir,
+                                          warn=said.append)
                     answer = _serve(manager, conns, request["start"], said)
                 except Exception as exc:  # a bug: the command's own last resort, in one line
                     text = " ".join(str(exc).split())
                     what = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-                    log.error("served start: %s", what)
+                    log.error("served start: internal error: %s", what)
+                    log.debug("the traceback:", exc_info=True)
                     answer = {"rc": os.EX_SOFTWARE, "stdout": "",
                               "stderr": f"pinwarden: internal error: {what} (a bug: please "
-                                        f"report it; the daemon's log has more)\n"}
+                                        f"report it; 'pinwarden daemon -v' logs the "
+                                        f"traceback)\n"}
                 with contextlib.suppress(OSError):
                     reply(answer)
                 with self._lock:
@@ -141,7 +146,8 @@ class StartWorkers:
             for conn in conns.values():
                 with contextlib.suppress(Exception):
                     conn.close()
-            manager.close()
+            if manager is not None:
+                manager.close()
 
 
 def _serve(manager: Manager, conns: dict[str, Any], start: dict[str, Any],
