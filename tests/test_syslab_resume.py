@@ -1,8 +1,8 @@
 """The systemd lab survives one emulator race and nothing else: a guest whose kernel
 stopped on ``Oops: int3`` (TCG cross-modifying code; the console captured from a trixie run
-in tests/data/syslab) is booted again for the checks without a result, and the results of
-both boots are merged; the suites boot in background threads.  Pure: no guest is booted
-here."""
+in tests/data/syslab), or that stalled (no check finished for a long time), is booted again
+for the checks without a result, and the results of both boots are merged; the suites boot
+in background threads.  No guest is booted here (the stall watchdog waits for a ``sleep``)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,39 @@ def test_any_other_stop_is_not_resumed() -> None:
     assert resumable(_run(panic, {"boot": ok}, False, "/b")) is None  # another crash
     oops = (DATA / "trixie-int3-oops.console").read_text()
     assert resumable(_run(oops, {"boot": ok}, True, "/c")) is None  # it finished anyway
+
+
+def test_a_stalled_guest_is_stopped_and_resumed_once(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A guest whose results file stops changing is stopped (its whole process group) and,
+    having results, resumed with the same skips as after the race; the merged results say
+    why."""
+    import subprocess
+    import time
+
+    from syslab import vm
+
+    monkeypatch.setattr(vm, "STALL", 1.0)
+    result = tmp_path / "results.json"
+    result.write_text("{}")
+    proc = subprocess.Popen(["sh", "-c", "sleep 600 & wait"], start_new_session=True)
+    began = time.monotonic()
+    rc, stalled = vm._wait(proc, result, began + 120, poll=0.1)
+    assert (rc, stalled) == (None, True) and time.monotonic() - began < 30
+    assert proc.poll() is not None  # killed, with its child (the process group)
+    ok = {"ok": True, "data": {}}
+    first = _run("[  99.0] systemd[1]: Started …\n", {"boot": ok, "env": ok, "install": ok,
+                                                      "hooks": ok}, False, "/s")
+    first.results["stalled"] = True
+    assert resumable(first) == ["hooks"]
+    second = _run("… done", {"boot": ok, "env": ok, "install": ok, "story": ok}, True,
+                  "/s/resumed")
+    assert "stalled" in merged(first, second).results["resumed"]["why"]
+    # a guest that keeps finishing checks is left alone until it ends
+    proc = subprocess.Popen(["sh", "-c", f"for i in 1 2 3 4 5 6; do sleep 0.4; "
+                                         f"touch -d @$i {result}; done"],
+                            start_new_session=True)
+    assert vm._wait(proc, result, time.monotonic() + 120, poll=0.1) == (0, False)
 
 
 def test_background_boots_run_once_and_hand_their_result_or_failure_to_the_tests(

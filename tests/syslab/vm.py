@@ -27,9 +27,13 @@ more and runs only the checks without a result (the set-up checks ``boot``, ``en
 ``install`` again); ``results["resumed"]`` says so, with the first console kept in the
 output directory.  Any other stop, or a second one, fails as above.  Trixie's Linux 6.12
 met the race in two of the last full runs (once in CI), both times with the other guests
-busy beside it; it boots with single-threaded TCG by default (:data:`QEMU_OPTS`: one host
-thread runs every vCPU, so each sees the patch at once), which costs it about a third more
-time alone and removes the race; bookworm's 6.1 never met it and keeps MTTCG.
+busy beside it; bookworm's 6.1, under MTTCG, once stopped silently instead (no console
+output, no check finished for 40 minutes, right after ``install``).  Both boot with
+single-threaded TCG by default (:data:`QEMU_OPTS`: one host thread runs every vCPU, so each
+sees the patch at once), which costs a guest about a third more time alone and removes the
+race.  A guest that finishes no check for :data:`STALL` seconds
+(``PINWARDEN_SYSLAB_STALL``) is stopped and, when it has results, resumed once in the same
+way: a stall that comes back is a failure.
 
 Boots run in background threads: :func:`start` (the test session calls it once it has
 collected, for the suites its selected tests use) boots every suite side by side while the
@@ -78,7 +82,10 @@ MEMORY = "3G"
 #: CPUs 1-2 stay usable for partitions (6.12 refuses partitions over isolcpus CPUs).
 APPEND = "isolcpus=3"
 #: Extra QEMU options per suite (``PINWARDEN_SYSLAB_QEMU_OPTS_<SUITE>`` replaces them).
-QEMU_OPTS = {"trixie": "-accel tcg,thread=single"}
+QEMU_OPTS = {"trixie": "-accel tcg,thread=single", "bookworm": "-accel tcg,thread=single"}
+#: A guest that finishes no check for this long has stalled (the longest check takes about
+#: six minutes beside the other guest): it is stopped, and resumed once like the race.
+STALL = float(os.environ.get("PINWARDEN_SYSLAB_STALL", "1200"))
 SUITES = tuple(s for s in os.environ.get("PINWARDEN_SYSLAB_SUITES",
                                          ",".join(RECIPES)).split(",") if s)
 
@@ -210,9 +217,10 @@ SETUP_CHECKS = ("boot", "env", "install")
 
 
 def resumable(run: LabRun) -> list[str] | None:
-    """The checks to skip in a second boot when ``run`` stopped on the TCG race (those with
-    a result, set-up checks excepted); ``None`` when it did not."""
-    if run.results.get("done") or not TCG_RACE.search(run.console):
+    """The checks to skip in a second boot when ``run`` stopped on the TCG race or stalled
+    (those with a result, set-up checks excepted); ``None`` when it did not."""
+    if run.results.get("done") or not (TCG_RACE.search(run.console)
+                                       or run.results.get("stalled")):
         return None
     return [n for n in run.results.get("checks", {}) if n not in SETUP_CHECKS]
 
@@ -222,8 +230,11 @@ def merged(first: LabRun, second: LabRun) -> LabRun:
     checks = dict(first.results.get("checks", {}))
     checks.update(second.results.get("checks", {}))
     second.results["checks"] = checks
+    why = "the guest kernel stopped on 'Oops: int3' (TCG cross-modifying code race)" \
+        if TCG_RACE.search(first.console) else \
+        f"the guest stalled (no check finished for {STALL:.0f} s)"
     second.results["resumed"] = {
-        "why": "the guest kernel stopped on 'Oops: int3' (TCG cross-modifying code race)",
+        "why": why,
         "first_console": str(first.outdir / "console.log"),
         "first_seconds": round(first.seconds, 1),
         "kept": sorted(n for n in first.results.get("checks", {}) if n not in SETUP_CHECKS)}
@@ -253,8 +264,9 @@ def boot(suite: str, root: BuiltRoot, outdir: Path, timeout: float = TIMEOUT, *,
     again = resumable(run) if resume else None
     if again is None:
         return run
-    print(f"syslab: the {suite} guest stopped on the TCG int3 race; booting it again for "
-          f"the checks after {', '.join(again) or 'the set-up'}", file=sys.stderr)
+    what = "stalled" if run.results.get("stalled") else "stopped on the TCG int3 race"
+    print(f"syslab: the {suite} guest {what}; booting it again for the checks after "
+          f"{', '.join(again) or 'the set-up'}", file=sys.stderr)
     second = outdir / "resumed"
     second.mkdir()
     return merged(run, boot(suite, root, second, timeout, skip=again, resume=False))
@@ -285,11 +297,7 @@ def _boot_once(suite: str, root: BuiltRoot, outdir: Path, timeout: float,
                                     start_new_session=True)
             _LIVE.add(proc.pid)
             try:
-                rc: int | None = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                _kill(proc.pid)
-                proc.wait()
-                rc = None
+                rc, stalled = _wait(proc, share / RESULT_FILE, start + timeout)
             finally:
                 _LIVE.discard(proc.pid)
     finally:
@@ -299,7 +307,8 @@ def _boot_once(suite: str, root: BuiltRoot, outdir: Path, timeout: float,
     run = LabRun(suite, {}, text, seconds, outdir, cmd, kernel.name)
     result = share / RESULT_FILE
     if not result.exists():
-        why = f"timed out after {timeout:.0f} s" if rc is None else f"exited {rc}"
+        why = (f"stalled for {STALL:.0f} s" if stalled else f"timed out after {timeout:.0f} s") \
+            if rc is None else f"exited {rc}"
         raise LabError(f"the {suite} lab guest ({kernel.name}) {why} without results; "
                        f"command: {shlex.join(cmd)}\nconsole tail ({console_file}):\n"
                        f"{run.tail()}")
@@ -308,12 +317,39 @@ def _boot_once(suite: str, root: BuiltRoot, outdir: Path, timeout: float,
     except json.JSONDecodeError as exc:
         raise LabError(f"unreadable {result}: {exc}\nconsole tail:\n{run.tail()}") from None
     run.results.setdefault("notes", [])
-    if rc is None:
+    if stalled:
+        run.results["stalled"] = True
+        run.results["notes"].append(f"stalled: no check finished for {STALL:.0f} s")
+    elif rc is None:
         run.results["notes"].append(f"timed out after {timeout:.0f} s")
     run.results["host"] = {"seconds": round(seconds, 1), "rc": rc, "kernel": kernel.name,
                            "root": str(root.path)}
     (outdir / "host.json").write_text(json.dumps(run.results["host"], indent=1))
     return run
+
+
+def _wait(proc: subprocess.Popen[bytes], result: Path, deadline: float,
+          poll: float = 10.0) -> tuple[int | None, bool]:
+    """(exit status or None when stopped, whether it was stopped for a stall): wait for the
+    guest until ``deadline``, stopping it when ``result`` (rewritten after every check)
+    has not changed for :data:`STALL` seconds."""
+    seen: float | None = None
+    changed = time.monotonic()
+    while True:
+        try:
+            return proc.wait(timeout=poll), False
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        with contextlib.suppress(OSError):
+            mtime = result.stat().st_mtime
+            if mtime != seen:
+                seen, changed = mtime, now
+        stalled = now - changed >= STALL
+        if stalled or now >= deadline:
+            _kill(proc.pid)
+            proc.wait()
+            return None, stalled
 
 
 def load(suite: str, outdir: Path) -> LabRun:
