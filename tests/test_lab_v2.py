@@ -594,6 +594,17 @@ def test_partitions_over_isolcpus_cpus(lab: LabRun) -> None:
 
 # -- issue #14 through the command line ---------------------------------------------------
 
+def test_a_second_lease_narrows_the_shared_group_without_a_warning(lab: LabRun) -> None:
+    data = lab.check("cli.second")
+    assert data["first"], data
+    second = data["second"]
+    assert second["rc"] == 0, second
+    assert "warning" not in second["stderr"], second["stderr"]
+    assert second["stdout"].strip() and second["stdout"].strip() != \
+        data["first"]["cpuset.cpus"], (second, data["first"])
+    assert data["leases_after"] == [], data
+
+
 def test_a_late_cgroup_escape_is_an_audit_error_and_sync_closes_it(lab: LabRun) -> None:
     data = lab.check("cli.escape")
     (lease,) = data["leases"]

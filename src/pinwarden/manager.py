@@ -511,13 +511,17 @@ class Manager:
                  "partition": before[op.path].partition})
             for op in plan.ops if isinstance(op, SetCpus | SetPartition)})
         units = backend.kind == "systemd"
+        # The shared group is pinwarden's own: a new lease always finds it still naming
+        # the CPU (it was in the shared pool until now), and the layout narrows it next.
+        # Only a foreign cgroup is worth a warning.
+        shared = kernel_path(backend, names.shared)
         for op in plan.ops:
             if units and isinstance(op, SetCpus) and _is_unit(op.path):
                 with contextlib.suppress(Exception):  # reported by the verify that follows
                     backend.set_cpus(op.path, op.cpus)
             else:
                 watch.apply_narrowing(mount, [op])
-            if isinstance(op, SetCpus):
+            if isinstance(op, SetCpus) and op.path != shared:
                 was = before[op.path].cpus
                 self.warn(f"cgroup /{op.path} named leased CPUs {(was & leased).to_list()} "
                           f"in its cpuset.cpus ({was.to_list()}), which the kernel lets it "
