@@ -411,6 +411,13 @@ class Daemon:
     def text(self) -> str:
         return self.log.read_text()
 
+    def wait_answering(self, timeout: float = 60.0) -> None:
+        """Until the daemon answers hook calls (its log says so); fails if it exits."""
+        deadline = time.monotonic() + timeout
+        while "answering libvirt hook calls" not in self.text():
+            assert time.monotonic() < deadline and self.proc.poll() is None, self.text()
+            time.sleep(0.2)
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -230,10 +229,7 @@ def test_with_the_daemon_running_it_answers_the_hook(
     domains.define(p, vcpupins={0: "1"})
     daemon = env.Daemon(hooked, tmp_path / "daemon.log")
     try:
-        deadline = time.monotonic() + 60
-        while "answering libvirt hook calls" not in daemon.text():
-            assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
-            time.sleep(0.2)
+        daemon.wait_answering()
         assert (hooked.state / "hook.sock").is_socket()
 
         started = virsh("start", e)
@@ -273,10 +269,7 @@ def test_with_the_daemon_running_pinwarden_start_is_served_by_it(
     domains.define(s)
     daemon = env.Daemon(hooked, tmp_path / "daemon.log")
     try:
-        deadline = time.monotonic() + 60
-        while "answering libvirt hook calls" not in daemon.text():
-            assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
-            time.sleep(0.2)
+        daemon.wait_answering()
         started = hooked.run("start", e)
         assert started.returncode == 0, started.stderr
         assert started.stdout.startswith(f"started {e} (exclusive on CPUs 1), pid "), \
