@@ -292,3 +292,18 @@ def test_vs_nova_says_what_goes_with_a_difference() -> None:
     nova = row(12, vcpus=40, room=3, no_decision=1)
     assert vs_nova(ours, {"nova": nova, "nova-pack": row(10)}) == \
         "nova +2 VMs (it refused 3 with room, 1 undecided, pinwarden +10 vCPUs); nova-pack ="
+
+
+def test_the_benchmark_finds_its_hwloc_hosts_in_the_repository(tmp_path: Path) -> None:
+    """`make bench*` reads the repository's own copy of the dumps, through a fresh cache
+    (it once looked beside the repository and ran only from a stale cache)."""
+    from pwbench.__main__ import HWLOC, HWLOC_FULL
+    from pwbench.hosts import hwloc_host
+
+    repo = Path(__file__).resolve().parent / "data" / "hwloc"
+    assert HWLOC.resolve() == repo.resolve()
+    for spec in HWLOC_FULL:
+        assert (HWLOC / f"{spec.removeprefix('hwloc:')}.tar.bz2").is_file(), spec
+    host = hwloc_host(HWLOC / "16em64t-4s2c2t.tar.bz2", tmp_path)
+    assert len(host.topology.online) == 16
+    assert host.pool == host.topology.online - host.topology.siblings(0)

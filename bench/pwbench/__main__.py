@@ -23,7 +23,7 @@ from pwbench.sim import simulate
 from pwbench.workload import Mix, generate
 
 BENCH = Path(__file__).resolve().parent.parent
-HWLOC = BENCH.parent.parent / "tests" / "data" / "hwloc"
+HWLOC = BENCH.parent / "tests" / "data" / "hwloc"  # the repository's copy
 CACHE = BENCH / ".cache" / "hwloc"
 
 
