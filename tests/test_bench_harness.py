@@ -278,6 +278,10 @@ def test_verdict_judges_the_targets_not_the_vm_count() -> None:
     assert verdict(row(splits=2), {"nova": row(splits=1, p99=40.0)}) == \
         "MISSES: splits 2 > nova 1"
     assert verdict(row(vcpus=30), {"k8s": row(vcpus=31)}) == "MISSES: vCPUs 30 < k8s 31"
+    # The shortfall is still a miss; what goes with it is said beside it.
+    assert verdict(row(vcpus=30, admit_all_vcpus=30),
+                   {"k8s": row(vcpus=31, refused_fragmented=1)}) == \
+        "MISSES: vCPUs 30 < k8s 31 (admit-all 30, k8s refused 1 fragmented)"
     # Speed: 3x the faster Nova configuration, 10x on hosts with 8 nodes or more.
     assert verdict(row(p99=10.0), {"nova": row(p99=25.0), "nova-pack": row(p99=90.0)}) == \
         "MISSES: p99 only 2.5x faster than Nova (goal 3x)"
