@@ -372,28 +372,30 @@ def _choose_nodes(host: _HostLayout, states: dict[int, _NodeState], count: int,
     within a package is shorter than one across packages).
     """
     capacity = {n: s.capacity for n, s in states.items()}
-    package = host.package
     if sum(capacity.values()) < count:
         return None
+    package = host.package
     plan: dict[int, int] = {}
     need = count
-    rest = set(capacity)
+    used: set[int] = set()  # packages of the nodes taken whole so far
     while need > 0:
-        used = {package[n] for n in plan}
-        fits = sorted((n for n in rest if capacity[n] >= need),
-                      key=lambda n: (capacity[n], bool(plan) and package[n] not in used, n))
+        fits = [n for n, c in capacity.items() if c >= need]
         if fits:
-            best = fits[0]
+            def fit_key(n: int) -> tuple[int, bool, int]:
+                return capacity[n], bool(used) and package[n] not in used, n
             if policy == "prefer" and len(fits) > 1:
+                fits.sort(key=fit_key)
                 best = next((n for n in fits if not _breaks_a_whole_core(
-                    host.nodes[n], states[n], need)), best)
+                    host.nodes[n], states[n], need)), fits[0])
+            else:
+                best = min(fits, key=fit_key)
             plan[best] = need
             return plan
-        biggest = min(rest, key=lambda n: (-capacity[n], bool(plan) and package[n] not in used,
-                                           n))
-        rest.remove(biggest)
-        plan[biggest] = capacity[biggest]
-        need -= capacity[biggest]
+        biggest = min(capacity, key=lambda n: (-capacity[n],
+                                               bool(used) and package[n] not in used, n))
+        plan[biggest] = capacity.pop(biggest)
+        need -= plan[biggest]
+        used.add(package[biggest])
     return plan  # pragma: no cover - the loop returns once the rest fits
 
 
@@ -418,14 +420,20 @@ def _pick(node: _HostNode, state: _NodeState, count: int,
             chosen[i] = threads[i][:1]
             holds.extend(threads[i][1:])
     elif node.uniform:  # whole, require: whole cores, lowest first; the last one's spare held
-        need = count
+        # Cores come in ascending order, so the CPUs are already in vCPU order.
+        cpus: list[int] = []
+        full, part = divmod(count, node.uniform)
         for i in _indexes(state.whole, node.index):
-            use = threads[i][:need]
-            chosen[i] = use
-            holds.extend(threads[i][len(use):])
-            need -= len(use)
-            if need == 0:
+            if full:
+                cpus.extend(threads[i])
+                full -= 1
+            else:
+                cpus.extend(threads[i][:part])
+                holds.extend(threads[i][part:])
+                part = 0
+            if not full and not part:
                 break
+        return cpus, holds
     else:  # whole, require, mixed core sizes: larger cores first, the rest best fit
         need = count
         left = sorted(_indexes(state.whole, node.index), key=lambda i: -len(threads[i]))
