@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -238,12 +239,23 @@ def plot_comparison(rows: list[Row], path: Path) -> None:
     top.grid(alpha=0.3, axis="y")
     bottom.set_ylabel("refusals with room (solid)\n+ without a decision (hatched)")
     bottom.set_xticks(range(len(hosts)))
-    bottom.set_xticklabels([f"{h}\n{size[h]} CPUs" for h in hosts], fontsize=7)
+    bottom.set_xticklabels([f"{_wrap(h)}\n{size[h]} CPUs" for h in hosts], fontsize=7)
     bottom.grid(alpha=0.3, axis="y")
     fig.suptitle("pinwarden vs Nova vs k8s: decision time and refusals, all workloads per host")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _wrap(name: str, width: int = 22) -> str:
+    """A host name broken after a '-' or '+' so that neighbouring tick labels do not run
+    into each other."""
+    lines = [""]
+    for part in re.split(r"(?<=[-+])", name):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)
 
 
 def plot_acceptance(rows: list[Row], path: Path) -> None:
