@@ -378,3 +378,44 @@ def test_a_bug_in_a_served_start_is_one_line_and_the_worker_goes_on(
     second = hookclient.ask(sock, start_request(manager.state_dir), timeout=60)
     assert second == {"rc": 0, "stdout": "ok\n", "stderr": ""}
     assert calls == ["pwtest-s", "pwtest-s"]
+
+
+def test_starts_beyond_the_limit_are_left_to_their_commands(
+        setup: tuple[Path, Path, Manager, HookServer],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon serves at most MAX_STARTS starts at once: one more gets ``fallback``
+    (its command starts the domain itself) instead of another thread and manager, and once
+    a start is answered the next one is served again."""
+    import threading
+
+    from pinwarden.libvirt import hookclient, startserver
+
+    _drop_in, _marker, manager, _server = setup
+    sock = str(manager.state_dir / hook.SOCKET_NAME)
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def slow(_manager: Manager, _conns: object, start: dict[str, object],
+             _said: list[str]) -> dict[str, object]:
+        entered.release()
+        assert release.wait(60)
+        return {"rc": 0, "stdout": f"started {start['name']}\n", "stderr": ""}
+
+    monkeypatch.setattr(startserver, "_serve", slow)
+    monkeypatch.setattr(startserver, "MAX_STARTS", 2)
+    answers: list[object] = []
+    clients = [threading.Thread(target=lambda: answers.append(
+        hookclient.ask(sock, start_request(manager.state_dir), timeout=60)))
+        for _ in range(2)]
+    for client in clients:
+        client.start()
+    for _ in clients:
+        assert entered.acquire(timeout=60)
+    busy = hookclient.ask(sock, start_request(manager.state_dir), timeout=30)
+    assert busy == {"fallback": "the daemon runs 2 starts already"}, busy
+    release.set()
+    for client in clients:
+        client.join(timeout=60)
+    assert answers == [{"rc": 0, "stdout": "started pwtest-s\n", "stderr": ""}] * 2, answers
+    again = hookclient.ask(sock, start_request(manager.state_dir), timeout=60)
+    assert again == {"rc": 0, "stdout": "started pwtest-s\n", "stderr": ""}, again

@@ -172,7 +172,11 @@ class HookServer:
         if self._starts is None:
             self._starts = startserver.StartWorkers(self.manager.config, self.manager.root,
                                                     self.manager.state_dir)
-        self._starts.submit(request, startserver.reply_to(conn, _send))
+        busy = self._starts.submit(request, startserver.reply_to(conn, _send))
+        if busy is not None:
+            log.info("start from pid %s left to the command: %s", pid, busy)
+            _send(conn, {"fallback": busy})
+            return False
         return True
 
     def call(self, request: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ The request (besides the hook client's ``"v": 1``)::
 
 and the answer ``{"rc": STATUS, "stdout": TEXT, "stderr": TEXT}``, or ``{"fallback":
 REASON}`` when this daemon cannot stand in for the command (it then runs the start itself).
+At most :data:`MAX_STARTS` run at once; the daemon leaves one more to its command.
 Once the daemon has the request the start is the daemon's: interrupting the command does
 not stop it (the domain starts, and ``virsh domstate`` says so), and a daemon told to stop
 finishes the starts it runs first.
@@ -47,6 +48,9 @@ log = logging.getLogger("pinwarden.daemon")
 
 #: Idle workers kept warm for the next starts.
 WORKERS = 4
+#: Starts served at once; a start beyond them is left to its command (``fallback``), so
+#: that a burst of starts cannot grow the daemon by a thread and a manager each.
+MAX_STARTS = 16
 
 Reply = Callable[[dict[str, Any]], None]
 
@@ -85,11 +89,16 @@ class StartWorkers:
         self._threads: list[threading.Thread] = []
         self._idle = 0  # workers waiting for a job
         self._queued = 0  # jobs no worker has taken yet
+        self._running = 0  # starts submitted and not yet answered
         self._lock = threading.Lock()
 
-    def submit(self, request: dict[str, Any], reply: Reply) -> None:
-        """Queue one start; ``reply(answer)`` is called from the worker when it is done."""
+    def submit(self, request: dict[str, Any], reply: Reply) -> str | None:
+        """Queue one start; ``reply(answer)`` is called from the worker when it is done.
+        Returns why the start was not taken (:data:`MAX_STARTS` run already), else None."""
         with self._lock:
+            if self._running >= MAX_STARTS:
+                return f"the daemon runs {self._running} starts already"
+            self._running += 1
             self._queued += 1
             if self._queued > self._idle:
                 self._threads = [t for t in self._threads if t.is_alive()]
@@ -99,6 +108,7 @@ class StartWorkers:
                 self._idle += 1
                 thread.start()
         self._jobs.put((request, reply))
+        return None
 
     def close(self, timeout: float = 5.0) -> None:
         """Let the starts in progress finish (at most ``timeout`` seconds in all), then end
@@ -136,6 +146,8 @@ class StartWorkers:
                               "stderr": f"pinwarden: internal error: {what} (a bug: please "
                                         f"report it; 'pinwarden daemon -v' logs the "
                                         f"traceback)\n"}
+                with self._lock:
+                    self._running -= 1  # before the answer: its command may start another
                 with contextlib.suppress(OSError):
                     reply(answer)
                 with self._lock:
