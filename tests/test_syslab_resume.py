@@ -6,6 +6,7 @@ in background threads.  No guest is booted here (the stall watchdog waits for a 
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -64,7 +65,15 @@ def test_a_stalled_guest_is_stopped_and_resumed_once(
     began = time.monotonic()
     rc, stalled = vm._wait(proc, result, began + 120, poll=0.1)
     assert (rc, stalled) == (None, True) and time.monotonic() - began < 30
-    assert proc.poll() is not None  # killed, with its child (the process group)
+    assert proc.poll() is not None  # killed, with its child (the process group):
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "the guest's 'sleep 600' outlived the stall"
+        time.sleep(0.1)
     ok = {"ok": True, "data": {}}
     first = _run("[  99.0] systemd[1]: Started …\n", {"boot": ok, "env": ok, "install": ok,
                                                       "hooks": ok}, False, "/s")
