@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -170,9 +171,17 @@ def test_hook_check_says_whether_the_daemon_answers(
     assert "no daemon answers" in (states["qemu"].daemon or "")
     # a client file that went away (pinwarden reinstalled elsewhere) is a problem
     script = drop_in.read_text()
-    drop_in.write_text(script.replace("hookclient.py", "gone/hookclient.py"))
+    assert f"/{hook.CLIENT_MAIN} " in script
+    drop_in.write_text(script.replace(hook.CLIENT_MAIN, f"gone/{hook.CLIENT_MAIN}"))
     states = {s.driver: s for s in hook.check_installed(hooks_dir)}
-    assert "hookclient.py exited 2" in (states["qemu"].problem or ""), states["qemu"]
+    assert f"{hook.CLIENT_MAIN} exited 2" in (states["qemu"].problem or ""), states["qemu"]
+    # a drop-in written before hookclient_main.py (it ran hookclient.py) is still read
+    from pinwarden.libvirt import hookclient
+
+    drop_in.write_text(script.replace(hook.default_client()[-1], hookclient.__file__))
+    states = {s.driver: s for s in hook.check_installed(hooks_dir)}
+    assert states["qemu"].problem is None, states["qemu"]
+    assert "no daemon answers" in (states["qemu"].daemon or "")
 
 
 # -- the client's JSON, against json itself ------------------------------------------------
@@ -209,17 +218,52 @@ def test_the_clients_decoding_is_json_loads(value: object) -> None:
 
 
 def test_the_client_loads_no_enum_re_or_json_module() -> None:
-    """What the client exists for: a start of a few milliseconds (no enum, re, socket or
-    json module behind its C halves), checked in the interpreter the drop-in runs."""
+    """What the client exists for: a start of a few milliseconds (no enum, re, socket, json
+    or os module behind its C halves), checked in the interpreter the drop-in runs, as the
+    drop-in runs it and as older drop-ins did (the client file itself)."""
     from pinwarden.libvirt import hookclient
 
-    done = subprocess.run([sys.executable, "-I", "-S", "-X", "importtime",
-                           hookclient.__file__, "--ping"],
-                          capture_output=True, text=True, check=True)
-    assert "pinwarden hook client ok" in done.stdout
-    loaded = {line.split("|")[-1].strip() for line in done.stderr.splitlines()
-              if line.startswith("import time:")}
-    assert loaded and not loaded & {"enum", "re", "socket", "json", "typing"}, loaded
+    python, *flags, main = hook.default_client()
+    assert python == sys.executable and flags == ["-I", "-S"]
+    for script in (main, hookclient.__file__):
+        done = subprocess.run([python, *flags, "-X", "importtime", script, "--ping"],
+                              capture_output=True, text=True, check=True)
+        assert "pinwarden hook client ok" in done.stdout
+        loaded = {line.split("|")[-1].strip() for line in done.stderr.splitlines()
+                  if line.startswith("import time:")}
+        assert loaded, done.stderr
+        assert not loaded & {"enum", "re", "socket", "json", "typing", "os",
+                             "__future__"}, loaded
+
+
+def test_the_drop_in_loads_the_client_from_bytecode_and_never_a_stale_one(
+        tmp_path: Path) -> None:
+    """``hookclient_main.py`` imports the client, so it comes from ``__pycache__`` (the
+    client file is not compiled on each hook call) and is recompiled when it changes."""
+    from pinwarden.libvirt import hookclient
+
+    python, *flags, main = hook.default_client()
+    home = tmp_path / "libvirt"
+    home.mkdir()
+    shutil.copy(main, home)
+    shutil.copy(hookclient.__file__, home)
+
+    def ping() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([python, *flags, "-v", str(home / hook.CLIENT_MAIN), "--ping"],
+                              capture_output=True, text=True, check=True)
+
+    first = ping()
+    assert "pinwarden hook client ok" in first.stdout
+    cached = home / "__pycache__" / f"hookclient.{sys.implementation.cache_tag}.pyc"
+    assert cached.is_file()
+    second = ping()
+    assert f"code object from '{cached}'" in second.stderr, second.stderr[-2000:]
+    assert "pinwarden hook client ok" in second.stdout
+    # a changed client (pinwarden upgraded in place) is what runs, not its old bytecode
+    client = home / "hookclient.py"
+    client.write_text(client.read_text().replace("pinwarden hook client ok",
+                                                 "pinwarden hook client ok, upgraded"))
+    assert "pinwarden hook client ok, upgraded" in ping().stdout
 
 
 # -- 'pinwarden start' handed to the daemon (libvirt.startserver) -------------------------

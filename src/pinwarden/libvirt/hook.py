@@ -58,6 +58,10 @@ DROP_IN = "pinwarden"
 HOOK_LOG = "hook.log"
 #: The daemon's socket for hook calls, in its state directory (see hookclient).
 SOCKET_NAME = hookclient.SOCKET_NAME
+#: What the drop-in runs (imports the client, which then loads from its bytecode) ...
+CLIENT_MAIN = "hookclient_main.py"
+#: ... and what it ran before (the client itself, compiled on every call): still read.
+CLIENT_FILES = (CLIENT_MAIN, "hookclient.py")
 #: Exit status of ``hook run`` when a placement rule refuses the domain at ``prepare``.
 REFUSED = 3
 #: pinwarden's metadata namespace (pinwarden.domain.PW_NS, not imported: the hook is lean).
@@ -163,9 +167,11 @@ exit 0
 
 
 def default_client() -> tuple[str, ...]:
-    """This interpreter running the hook client alone, without site-packages: a start
-    of a few milliseconds, where the full pinwarden takes a hundred."""
-    return (sys.executable, "-I", "-S", str(Path(hookclient.__file__).resolve()))
+    """This interpreter running the hook client alone, without site-packages, from its
+    cached bytecode (``hookclient_main.py``): a start of a few milliseconds, where the full
+    pinwarden takes a hundred."""
+    return (sys.executable, "-I", "-S",
+            str(Path(hookclient.__file__).resolve().with_name(CLIENT_MAIN)))
 
 
 def default_executable() -> tuple[str, ...]:
@@ -329,7 +335,7 @@ def _split(words: list[str]) -> tuple[list[str] | None, list[str] | None, str | 
     socket or None) of a drop-in's command line."""
     client: list[str] | None = None
     sock: str | None = None
-    if len(words) > 7 and words[3].endswith("hookclient.py"):
+    if len(words) > 7 and words[3].endswith(CLIENT_FILES):
         client, sock = words[:4], words[4]
         words = words[8:]
     if "hook" not in words:
@@ -338,7 +344,8 @@ def _split(words: list[str]) -> tuple[list[str] | None, list[str] | None, str | 
 
 
 def _client_runs(client: Sequence[str]) -> str | None:
-    """Why the hook client (``python3 -I -S hookclient.py``) does not run, or None."""
+    """Why the hook client (``python3 -I -S hookclient_main.py``) does not run, or
+    None."""
     try:
         done = subprocess.run([*client, "--ping"], capture_output=True, text=True,
                               timeout=60, stdin=subprocess.DEVNULL)

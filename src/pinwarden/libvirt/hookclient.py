@@ -8,7 +8,10 @@ pinwarden answers, and exits with the daemon's status and message.  Where no dae
 answers (not running, another state directory or configuration) it runs the full hook
 command given to it, so the result is the same either way, only slower.
 
-    python3 -I -S hookclient.py SOCKET CONFIG DRIVER N FALLBACK_1 … FALLBACK_N NAME OP …
+    python3 -I -S hookclient_main.py SOCKET CONFIG DRIVER N FALLBACK_1 … FALLBACK_N NAME OP …
+
+(``hookclient_main.py`` imports this module, so that it loads from its cached bytecode;
+``python3 -I -S hookclient.py …`` does the same, compiling this file first.)
 
 ``CONFIG`` is the configuration file the hook was installed with (``-``: the default);
 the daemon answers only when it runs with the same configuration.  The protocol, one
@@ -21,14 +24,14 @@ request and one answer per connection, each a JSON object followed by end of str
 This module must import nothing from pinwarden (it runs without site-packages), and as
 little as it can: it speaks through the C halves of ``socket`` and ``json`` (``_socket``,
 ``_json``), because the modules around them load ``enum`` and ``re``, which took two thirds
-of this client's start (about 20 ms a hook call; issue #12). The bytes on the wire are
-those ``json.dumps`` and ``json.loads`` give and take (tests/test_hookserver.py checks).
+of this client's start (about 20 ms a hook call; issue #12); for the same reason it calls
+the system through ``posix`` (built in) rather than ``os``, and has no ``__future__``
+import.  The bytes on the wire are those ``json.dumps`` and ``json.loads`` give and take
+(tests/test_hookserver.py checks).
 """
 
-from __future__ import annotations
-
 import errno
-import os
+import posix
 import sys
 
 try:
@@ -60,7 +63,7 @@ def caller_pid() -> int | None:
     """libvirtd (or virtqemud): the parent of the drop-in script, our parent (the script's
     shell forks us as the last command of its pipeline; its name is the script's)."""
     try:
-        with open(f"/proc/{os.getppid()}/stat", "rb") as f:
+        with open(f"/proc/{posix.getppid()}/stat", "rb") as f:
             stat = f.read().decode("utf-8", "replace")
         ppid = int(stat[stat.rindex(")") + 2:].split()[1])
     except (OSError, ValueError, IndexError):
@@ -158,14 +161,14 @@ def exchange(conn: _net.socket, request: dict[str, object]) -> dict[str, object]
 def run_instead(command: list[str], data: bytes) -> None:
     """Become ``command`` with ``data`` as its stdin: the same process, so it sees the
     drop-in's shell as its parent, exactly as when the shell runs it itself."""
-    fd = os.memfd_create("pinwarden-hook-stdin")
+    fd = posix.memfd_create("pinwarden-hook-stdin")
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.dup2(fd, 0)
-    os.close(fd)
-    os.execv(command[0], command)
+        view = view[posix.write(fd, view):]
+    posix.lseek(fd, 0, 0)  # SEEK_SET (os.SEEK_SET; posix does not name it)
+    posix.dup2(fd, 0)
+    posix.close(fd)
+    posix.execv(command[0], command)
 
 
 def main(argv: list[str]) -> int:
@@ -198,9 +201,14 @@ def main(argv: list[str]) -> int:
     return rc if isinstance(rc, int) else EX_SOFTWARE
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The client as a program: exit with what :func:`main` returns."""
     try:
         sys.exit(main(sys.argv[1:]))
     except (IndexError, ValueError) as exc:  # called wrongly: say so, fail like a bug
         print(f"pinwarden: error: hook client: {exc}", file=sys.stderr)
         sys.exit(EX_SOFTWARE)
+
+
+if __name__ == "__main__":
+    run()
