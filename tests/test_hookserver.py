@@ -264,6 +264,10 @@ def test_the_drop_in_loads_the_client_from_bytecode_and_never_a_stale_one(
     client.write_text(client.read_text().replace("pinwarden hook client ok",
                                                  "pinwarden hook client ok, upgraded"))
     assert "pinwarden hook client ok, upgraded" in ping().stdout
+    # imported rather than run (a tool walking the package), it does nothing
+    import importlib
+
+    importlib.import_module("pinwarden.libvirt.hookclient_main")
 
 
 # -- 'pinwarden start' handed to the daemon (libvirt.startserver) -------------------------

@@ -11,8 +11,8 @@ of each hook call, a quarter of it (issue #12).  ``-I`` leaves this file's direc
 
 import sys
 
-sys.path.append(__file__.rpartition("/")[0])
+if __name__ == "__main__":  # imported (a tool walking the package), it does nothing
+    sys.path.append(__file__.rpartition("/")[0])
+    import hookclient  # type: ignore[import-not-found]  # found through the line above
 
-import hookclient  # type: ignore[import-not-found]  # found through the line above
-
-hookclient.run()
+    hookclient.run()
