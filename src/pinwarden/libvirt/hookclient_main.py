@@ -5,7 +5,7 @@ a script named on its command line from source on every run, but loads a module 
 script imports from ``__pycache__`` (checked against the source like any import, and
 written there on the first run where the directory is writable).  So this file is all
 that is compiled per hook call, and the client itself comes from bytecode: about 5 ms less
-of each hook call, a quarter of it (issue #12).  ``-I`` leaves this file's directory off
+of each hook call, a fifth of it (issue #12).  ``-I`` leaves this file's directory off
 ``sys.path``, so it adds it, last, and imports the client by its file name.
 """
 
