@@ -302,9 +302,10 @@ def test_partition_survives_systemd(lab: LabRun, event: str) -> None:
 
 
 def test_when_systemd_rewrites_allowed_cpus(lab: LabRun) -> None:
-    """252 rewrites cpuset.cpus of every slice with AllowedCPUs on daemon-reload; 257 does
-    not, but does on the restart of an unrelated service.  Both on set-property of another
-    slice's CPUWeight, and of the slice itself."""
+    """252 rewrites cpuset.cpus of every slice with AllowedCPUs on daemon-reload; 257
+    rewrites them after a daemon-reload too, but lazily: with the next job (the restart of
+    an unrelated service) in most runs, within the reload's own 1.5 s in some (1 of 8 lab
+    runs).  Both on set-property of another slice's CPUWeight, and of the slice itself."""
     steps = _steps(lab)
     reload = set(steps["daemon_reload"]["writes"])
     restart = set(steps["restart_unrelated_service"]["writes"])
@@ -313,9 +314,8 @@ def test_when_systemd_rewrites_allowed_cpus(lab: LabRun) -> None:
             assert f"/sys/fs/cgroup/{group}/cpuset.cpus" in reload, reload
         assert restart == set(), restart
     else:
-        assert reload == set(), reload
         for group in (PW, "machine.slice"):
-            assert f"/sys/fs/cgroup/{group}/cpuset.cpus" in restart, restart
+            assert f"/sys/fs/cgroup/{group}/cpuset.cpus" in reload | restart, (reload, restart)
     weight = set(steps["set_property_user_slice_cpuweight"]["writes"])
     assert f"/sys/fs/cgroup/{PW}/cpuset.cpus" in weight, weight
     same = set(steps["set_property_same_slice_same_cpus"]["writes"])
