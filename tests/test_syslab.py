@@ -303,9 +303,10 @@ def test_partition_survives_systemd(lab: LabRun, event: str) -> None:
 
 def test_when_systemd_rewrites_allowed_cpus(lab: LabRun) -> None:
     """252 rewrites cpuset.cpus of every slice with AllowedCPUs on daemon-reload; 257
-    rewrites them after a daemon-reload too, but lazily: with the next job (the restart of
-    an unrelated service) in most runs, within the reload's own 1.5 s in some (1 of 8 lab
-    runs).  Both on set-property of another slice's CPUWeight, and of the slice itself."""
+    rewrites pinwarden.slice and machine.slice once over a reload and the restart of an
+    unrelated service that follows it: at the restart in most lab runs, within the
+    reload's 1.5 s in one of 8.  Both on set-property of another slice's CPUWeight, and of
+    the slice itself."""
     steps = _steps(lab)
     reload = set(steps["daemon_reload"]["writes"])
     restart = set(steps["restart_unrelated_service"]["writes"])
