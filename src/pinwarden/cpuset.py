@@ -41,6 +41,7 @@ class CpuSetError(PinwardenError):
 
 
 _NUMBER = re.compile(r"[0-9]+")
+_SPACES = " \t\n\v\f\r"  # libvirt's virSkipSpaces: g_ascii_isspace
 
 
 @record
@@ -66,7 +67,10 @@ class CpuSet:
 
     @classmethod
     def parse(cls, text: str) -> CpuSet:
-        """Parse libvirt syntax: ``0-3,^2,8`` (exclusions apply to the whole list)."""
+        """Parse libvirt syntax (``0-3,^2,8``) as libvirt's ``virBitmapParse`` does: items
+        apply in order (``^1,0-2`` is 0-2: a later range adds back what an earlier ``^``
+        took), ``^`` comes right before its number, a trailing comma is allowed, and spaces
+        are any ASCII white space around numbers, ``-`` and ``,``."""
         return cls._parse(text, allow_negation=True, allow_spaces=True)
 
     @classmethod
@@ -80,13 +84,12 @@ class CpuSet:
 
     @classmethod
     def _parse(cls, text: str, *, allow_negation: bool, allow_spaces: bool) -> CpuSet:
-        include: set[int] = set()
-        exclude: set[int] = set()
+        cpus: set[int] = set()
         pos = 0
         n = len(text)
 
         def skip_spaces(i: int) -> int:
-            while allow_spaces and i < n and text[i] in " \t\n":
+            while allow_spaces and i < n and text[i] in _SPACES:
                 i += 1
             return i
 
@@ -116,7 +119,7 @@ class CpuSet:
                 if not allow_negation:
                     raise CpuSetError(text, pos, "'^' exclusions are not allowed here")
                 negate = True
-                pos = skip_spaces(pos + 1)
+                pos += 1  # libvirt: the number follows the '^' at once
             start_pos = pos
             first, pos = number(pos)
             last = first
@@ -129,16 +132,20 @@ class CpuSet:
                 if last < first:
                     raise CpuSetError(text, start_pos, f"range {first}-{last} is reversed")
                 pos = skip_spaces(pos)
-            (exclude if negate else include).update(range(first, last + 1))
+            if negate:
+                cpus.discard(first)
+            else:
+                cpus.update(range(first, last + 1))
             if pos == n:
                 break
             if text[pos] != ",":
                 raise CpuSetError(text, pos, f"expected ',' or '-', found {text[pos]!r}")
             pos += 1
-        result = include - exclude
-        if allow_negation and not result:
+            if allow_negation and skip_spaces(pos) == n:
+                break  # libvirt: a trailing comma ends the list
+        if allow_negation and not cpus:
             raise CpuSetError(text, 0, "the list selects no CPU")
-        return cls(frozenset(result))
+        return cls(frozenset(cpus))
 
     @classmethod
     def from_mask(cls, text: str) -> CpuSet:
