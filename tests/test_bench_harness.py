@@ -311,3 +311,40 @@ def test_the_benchmark_finds_its_hwloc_hosts_in_the_repository(tmp_path: Path) -
     host = hwloc_host(HWLOC / "16em64t-4s2c2t.tar.bz2", tmp_path)
     assert len(host.topology.online) == 16
     assert host.pool == host.topology.online - host.topology.siblings(0)
+
+
+def test_k8s_sweep_counts_what_simulate_gives() -> None:
+    """The pinwarden-against-k8s sweep of `make bench-quick` (context for the vCPU target):
+    its counts are those of simulating each workload with both allocators, the 1,024-CPU
+    host is left out, and its paragraph says them."""
+    from pwbench.__main__ import BIG, Config, k8s_sweep, load_host
+    from pwbench.report import k8s_sweep_text
+
+    config = Config(hosts=("syn-2s4n8c2t", BIG), mixes=("mixed+emu", "isolate"), limited={},
+                    loads=(), sweep_hosts=(), sweep_loads=(), seeds=(), lifetimes=6.0,
+                    min_arrivals=150, k8s_seeds=(1, 2), k8s_loads=(1.2,))
+    got = k8s_sweep(config, lambda line: None)
+    host = load_host("syn-2s4n8c2t")
+    want = {"above": 0, "below": 0, "at_admit_all": 0, "pw": 0, "k8s": 0, "frag": 0}
+    for mix in config.mixes:
+        for seed in config.k8s_seeds:
+            events = generate(seed=seed, pool=len(host.pool), threads_per_core=2, mix=mix,
+                              load=1.2, lifetimes=6.0, min_arrivals=150)
+            ours = simulate(host, events, Pinwarden(host)).accepted_vcpus
+            base = simulate(host, events, Kubernetes(host))
+            want["pw"] += ours
+            want["k8s"] += base.accepted_vcpus
+            want["frag"] += base.refused_fragmented
+            want["above"] += ours > base.accepted_vcpus
+            want["below"] += ours < base.accepted_vcpus
+            want["at_admit_all"] += ours < base.accepted_vcpus and \
+                ours >= admit_all(events, len(host.pool), 2)[1]
+    assert got["workloads"] == 4  # the 1,024-CPU host is not swept
+    assert (got["above_k8s"], got["below_k8s"], got["below_k8s_at_admit_all"]) == \
+        (want["above"], want["below"], want["at_admit_all"])
+    assert got["vcpus"] == {"pinwarden": want["pw"], "k8s": want["k8s"]}
+    assert got["refused_fragmented"]["k8s"] == want["frag"]
+    assert got["refused_with_room"]["pinwarden"] == 0
+    text = k8s_sweep_text(got)[0]
+    assert f"In total pinwarden placed {want['pw']} vCPUs and k8s {want['k8s']}" in text
+    assert f"fewer on {want['below']} (" in text

@@ -38,6 +38,8 @@ class Config:
     seeds: tuple[int, ...]
     lifetimes: float
     min_arrivals: int
+    k8s_seeds: tuple[int, ...] = ()  # the seeds of the pinwarden-against-k8s sweep
+    k8s_loads: tuple[float, ...] = ()
 
 
 HWLOC_QUICK = ("hwloc:16em64t-4s2c2t", "hwloc:fakecpuid1f-64intel64-2p4d2n2c2t",
@@ -56,7 +58,8 @@ CONFIGS = {
                     loads=(0.8, 1.2), sweep_hosts=("syn-2s64c2t",
                                                    "hwloc:fakecpuid1f-64intel64-2p4d2n2c2t"),
                     sweep_loads=(0.6, 1.0, 1.5), seeds=(1,), lifetimes=6.0,
-                    min_arrivals=150),
+                    min_arrivals=150, k8s_seeds=(1, 2, 3, 4, 5),
+                    k8s_loads=(0.8, 1.0, 1.2, 1.5)),
     "full": Config(hosts=(*HWLOC_FULL, *SYNTHETIC), mixes=MIXES, limited={},
                    loads=(0.6, 0.8, 1.0, 1.2, 1.5), sweep_hosts=(), sweep_loads=(),
                    seeds=(1, 2), lifetimes=10.0, min_arrivals=300),
@@ -118,6 +121,52 @@ def run(config: Config, *, with_nova: bool, log: Callable[[str], None]) -> list[
     return rows
 
 
+def k8s_sweep(config: Config, log: Callable[[str], None]) -> dict[str, Any]:
+    """pinwarden against the k8s baseline on many more workloads than the table (every
+    host but the 1,024-CPU one, every mix, ``k8s_loads`` × ``k8s_seeds``; no Nova, so it
+    takes seconds): how often pinwarden places fewer vCPUs, and of those how often it
+    already placed as many as admit-all (where k8s was ahead only by refusing a VM
+    without room that a never-fragmenting rule would have taken — only a refusal with
+    room could match it).  Context for the per-workload vCPU target, which stays judged
+    row by row."""
+    started = time.monotonic()
+    out: dict[str, Any] = {"seeds": list(config.k8s_seeds), "loads": list(config.k8s_loads),
+                           "workloads": 0, "above_k8s": 0, "below_k8s": 0,
+                           "below_k8s_at_admit_all": 0,
+                           "deficit_vcpus": 0, "vcpus": {"pinwarden": 0, "k8s": 0},
+                           "refused_fragmented": {"pinwarden": 0, "k8s": 0},
+                           "refused_with_room": {"pinwarden": 0, "k8s": 0}}
+    for spec in config.hosts:
+        if spec == BIG:
+            continue
+        host = load_host(spec)
+        tpc = host.threads_per_core
+        for mix in config.mixes:
+            if mix == "require" and tpc < 2:
+                continue
+            for load in config.k8s_loads:
+                for seed in config.k8s_seeds:
+                    events = generate(seed=seed, pool=len(host.pool), threads_per_core=tpc,
+                                      mix=mix, load=load, lifetimes=config.lifetimes,
+                                      min_arrivals=config.min_arrivals)
+                    ours = simulate(host, events, Pinwarden(host))
+                    base = simulate(host, events, Kubernetes(host))
+                    out["workloads"] += 1
+                    for name, result in (("pinwarden", ours), ("k8s", base)):
+                        out["vcpus"][name] += result.accepted_vcpus
+                        out["refused_fragmented"][name] += result.refused_fragmented
+                        out["refused_with_room"][name] += result.refused_with_room
+                    out["above_k8s"] += ours.accepted_vcpus > base.accepted_vcpus
+                    if ours.accepted_vcpus < base.accepted_vcpus:
+                        out["below_k8s"] += 1
+                        out["deficit_vcpus"] += base.accepted_vcpus - ours.accepted_vcpus
+                        if ours.accepted_vcpus >= admit_all(events, len(host.pool), tpc)[1]:
+                            out["below_k8s_at_admit_all"] += 1
+    out["seconds"] = round(time.monotonic() - started, 1)
+    log(f"k8s sweep: {out}")
+    return out
+
+
 def write_reports(out: Path, mode: str, rows: list[dict[str, Any]],
                   meta: dict[str, Any]) -> None:
     suffix = "" if mode == "quick" else f"-{mode}"
@@ -162,12 +211,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       min_arrivals=config.min_arrivals))
     log(f"in-process decisions on {BIG}: {decisions}")
     rows = run(config, with_nova=not args.no_nova, log=log)
+    sweep = k8s_sweep(config, log) if config.k8s_seeds else None
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"mode": args.mode, "python": platform.python_version(),
             "machine": platform.machine(), "cpus": os.cpu_count(),
             "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             "nova_budget_s": nova_budget(), "decide_host": BIG, "decide": decisions,
+            "k8s_sweep": sweep,
             "seconds": round(time.monotonic() - started, 1)}
     (args.out / f"{args.mode}.json").write_text(
         json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

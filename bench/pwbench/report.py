@@ -190,6 +190,9 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         lines += ["", "Targets missed:", ""]
         lines += [f"* `{r['workload']}`: {r['verdict'].removeprefix('MISSES: ')}"
                   for r in missing]
+    sweep = meta.get("k8s_sweep")
+    if sweep:
+        lines += ["", *k8s_sweep_text(sweep)]
     more = [r for r in ours if any(f"{n} +" in r["vs_nova"] for n in NOVAS)]
     lines += ["", f"VM counts (not judged): a Nova configuration accepted more VMs than "
               f"pinwarden on {len(more)} of {len(ours)} workloads; the vs_nova column says "
@@ -200,6 +203,26 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         lines.append("| " + " | ".join("" if r.get(c) is None else str(r.get(c, ""))
                                        for c in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
+
+
+def k8s_sweep_text(sweep: dict[str, Any]) -> list[str]:
+    """The paragraph on the pinwarden-against-k8s sweep (``__main__.k8s_sweep``)."""
+    v, frag, room = sweep["vcpus"], sweep["refused_fragmented"], sweep["refused_with_room"]
+    seeds, loads = sweep["seeds"], sweep["loads"]
+    return [
+        f"Against k8s on more workloads (not judged; context for the vCPU target, which "
+        f"stays judged row by row above): every host but the 1,024-CPU one, every mix, "
+        f"loads {', '.join(map(str, loads))}, seeds {seeds[0]}–{seeds[-1]} "
+        f"({sweep['workloads']} workloads, {sweep['seconds']} s, no Nova). pinwarden placed "
+        f"more vCPUs than k8s on {sweep['above_k8s']} of them and fewer on "
+        f"{sweep['below_k8s']} ({sweep['deficit_vcpus']} "
+        f"vCPUs in all); on {sweep['below_k8s_at_admit_all']} of those it had already "
+        "placed as many as admit-all, so only a refusal with room could have matched k8s. "
+        f"In total pinwarden placed {v['pinwarden']} vCPUs and k8s {v['k8s']}; refusals "
+        f"without room although enough CPUs were free in number: pinwarden "
+        f"{frag['pinwarden']}, k8s {frag['k8s']}; refusals with room: pinwarden "
+        f"{room['pinwarden']}, k8s {room['k8s']}.",
+    ]
 
 
 def _pyplot() -> Any:
