@@ -495,3 +495,68 @@ def test_libvirt_accepts_rendered_xml_and_keeps_pins_and_metadata(domains: Any) 
     spec = parse_domain(domains.conn.lookupByName(name).XMLDesc(0))
     assert spec.vcpupins == {0: CpuSet.of([1]), 1: CpuSet.of([1])}
     assert spec.emulatorpin == CpuSet.of([1]) and "<shares>512</shares>" in again
+
+
+@pytest.mark.parametrize(("count", "ids"), [(4, (1, 5)), (1, (3, 7)), (3, (2,)), (3, (3, 1))])
+def test_iothread_ids_match_libvirts(count: int, ids: tuple[int, ...]) -> None:
+    """The I/O thread ids pinwarden plans for are the ones libvirt gives the domain (its
+    test driver, no daemon): the <iothreadids> given, filled with the lowest free ids."""
+    import re
+
+    import libvirt
+
+    listed = "".join(f"<iothread id='{i}'/>" for i in ids)
+    xml = (f"<domain type='test'><name>pw-iothread-oracle</name><memory>1024</memory>"
+           f"<vcpu>1</vcpu><iothreads>{count}</iothreads>"
+           f"<iothreadids>{listed}</iothreadids><os><type>hvm</type></os></domain>")
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    conn = libvirt.open("test:///default")
+    try:
+        dom = conn.defineXML(xml)
+        try:
+            theirs = sorted(int(i) for i in re.findall(r"<iothread id='(\d+)'", dom.XMLDesc()))
+        finally:
+            dom.undefine()
+    finally:
+        conn.close()
+    assert list(parse_domain(xml).iothread_id_set) == theirs
+
+
+@pytest.mark.parametrize("inner", [
+    "<vcpu placement='auto' cpuset='2-3'>2</vcpu>",
+    "<vcpu>2</vcpu><numatune><memory mode='strict' placement='auto'/></numatune>",
+    "<vcpu placement='static'>2</vcpu>"
+    "<numatune><memory mode='strict' placement='auto' nodeset='0'/></numatune>",
+    "<vcpu cpuset='1'>2</vcpu><numatune><memory placement='auto'/></numatune>",
+    "<vcpu>2</vcpu><cputune><vcpupin vcpu='0' cpuset='1'/></cputune>"
+    "<numatune><memory placement='auto'/></numatune>",
+    "<vcpu>2</vcpu><cputune><emulatorpin cpuset='1'/></cputune>"
+    "<numatune><memory placement='auto'/></numatune>",
+    "<vcpu>2</vcpu><numatune><memory mode='strict' nodeset='0'/></numatune>",
+    "<vcpu cpuset='^1,0-2'>2</vcpu><iothreads>3</iothreads>"
+    "<iothreadids><iothread id='4'/></iothreadids>",
+])
+def test_placement_is_read_as_libvirt_reads_it(inner: str) -> None:
+    """What pinwarden reads from a domain XML equals what it reads from the XML libvirt
+    makes of it (its test driver, no daemon; libvirt's own form is what the hook gets):
+    numad placement drops the cpuset and nodeset, and turns on for the vCPUs when a
+    memory placement='auto' meets an XML that pins nothing."""
+    import libvirt
+
+    xml = (f"<domain type='test'><name>pw-placement-oracle</name><memory>1024</memory>"
+           f"{inner}<os><type>hvm</type></os></domain>")
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    conn = libvirt.open("test:///default")
+    try:
+        dom = conn.defineXML(xml)
+        try:
+            theirs = parse_domain(dom.XMLDesc())
+        finally:
+            dom.undefine()
+    finally:
+        conn.close()
+    ours = parse_domain(xml)
+    assert (ours.placement == "auto", ours.cpuset, ours.numa_nodeset, ours.vcpupins,
+            ours.emulatorpin, ours.iothread_id_set) == \
+        (theirs.placement == "auto", theirs.cpuset, theirs.numa_nodeset, theirs.vcpupins,
+         theirs.emulatorpin, theirs.iothread_id_set)

@@ -78,7 +78,7 @@ class DomainSpec:
     numa_nodeset: CpuSet | None = None  # host NUMA nodes from <numatune><memory nodeset>
     guest_cells: tuple[GuestCell, ...] = ()
     partition: str | None = None  # <resource><partition>
-    # additive: explicit <iothreadids><iothread id=N/> (empty: ids are 1..iothreads)
+    # additive: explicit <iothreadids><iothread id=N/> (libvirt fills up to iothreads)
     iothread_ids: tuple[int, ...] = ()
     domain_type: str | None = None  # <domain type=kvm|qemu|lxc|...>
 
@@ -90,10 +90,16 @@ class DomainSpec:
 
     @property
     def iothread_id_set(self) -> tuple[int, ...]:
-        """The domain's iothread ids, sorted (``<iothreadids>`` or 1..``<iothreads>``)."""
-        if self.iothread_ids:
-            return tuple(sorted(self.iothread_ids))
-        return tuple(range(1, self.iothreads + 1))
+        """The domain's iothread ids, sorted, as libvirt numbers them: the ``<iothreadids>``
+        given, then the lowest free ids until there are ``<iothreads>``
+        (``<iothreads>4</iothreads>`` with ids 1 and 5 is 1, 2, 3, 5)."""
+        ids = set(self.iothread_ids)
+        ident = 1
+        while len(ids) < self.iothreads:
+            if ident not in ids:
+                ids.add(ident)
+            ident += 1
+        return tuple(sorted(ids))
 
 
 # -- safe loading --------------------------------------------------------------------------
@@ -242,7 +248,8 @@ def parse_domain(xml: str | bytes) -> DomainSpec:
         placement = vcpu_el.get("placement")
         if placement is not None and placement not in ("static", "auto"):
             _bad("<vcpu placement>", placement, "must be 'static' or 'auto'")
-        if vcpu_el.get("cpuset") is not None:
+        if vcpu_el.get("cpuset") is not None and placement != "auto":
+            # libvirt ignores the cpuset of placement='auto' (numad chooses)
             cpuset = _cpus("<vcpu cpuset>", vcpu_el.get("cpuset"))
 
     vcpupins: dict[int, CpuSet] = {}
@@ -294,7 +301,13 @@ def parse_domain(xml: str | bytes) -> DomainSpec:
             if numa_mode not in ("strict", "preferred", "interleave", "restrictive"):
                 _bad("<numatune><memory mode>", numa_mode,
                      "must be strict, preferred, interleave or restrictive")
-            if memory.get("nodeset") is not None:
+            if memory.get("placement") == "auto":
+                # libvirt drops the nodeset (numad chooses) and, when the XML pins nothing,
+                # places the vCPUs by numad too
+                if cpuset is None and not vcpupins and emulatorpin is None \
+                        and not iothreadpins:
+                    placement = "auto"
+            elif memory.get("nodeset") is not None:
                 nodeset = _cpus("<numatune><memory nodeset>", memory.get("nodeset"))
 
     cells: list[GuestCell] = []
