@@ -468,3 +468,52 @@ def test_exclusive_without_vcpu_pins_keeps_vcpus_off_the_pinned_emulator() -> No
              iothreadpins={1: C("5")})
     plan = decide(s, host("isolcpus", "4-7", nodes=1), [])
     assert plan.leases == {4: "emulator", 5: "iothread1", 6: "vcpu0", 7: "vcpu1"}
+
+
+# -- what libvirt does with threads that have no pin of their own ----------------------------
+
+
+def test_pinned_exclusive_vcpu_cpuset_is_where_unpinned_threads_run() -> None:
+    """libvirt runs the emulator without <emulatorpin> (and I/O threads without
+    <iothreadpin>) on <vcpu cpuset>: for an exclusive domain with pinned vCPUs that cpuset
+    must lie within its pinned CPUs (else those threads would run on housekeeping or other
+    holders' CPUs), and is where the plan puts them."""
+    wide = spec(exclusive=True, cpuset=C("0-15"), vcpupins={0: C("5"), 1: C("6")})
+    refused("bad-pin", "<vcpu cpuset='0-15'>", "CPUs 0-4,7-15", "<emulatorpin>",
+            spec=wide, host=host(), leases=[])
+    narrow = decide(spec(exclusive=True, cpuset=C("5"), vcpupins={0: C("5"), 1: C("6")}),
+                    host(), [])
+    assert narrow.emulator == C("5") and narrow.leases == {5: "vcpu0", 6: "vcpu1"}
+    # every thread pinned: libvirt uses the cpuset for nothing, any cpuset is fine
+    pinned = decide(spec(exclusive=True, cpuset=C("0-15"), vcpupins={0: C("5"), 1: C("6")},
+                         emulatorpin=C("7")), host(), [])
+    assert pinned.emulator == C("7")
+    # an unpinned I/O thread runs on the cpuset, which the emulatorpin may cover
+    io = decide(spec(exclusive=True, cpuset=C("5-7"), iothreads=1, emulatorpin=C("7"),
+                     vcpupins={0: C("5"), 1: C("6")}), host(), [])
+    assert io.iothreads == {1: C("5-7")} and io.emulator == C("7")
+    refused("bad-pin", "CPUs 8", spec=spec(exclusive=True, cpuset=C("5-8"), iothreads=1,
+                                           emulatorpin=C("7"), vcpupins={0: C("5"), 1: C("6")}),
+            host=host(), leases=[])
+
+
+def test_iothread_ids_are_filled_up_to_the_count_as_libvirt_does() -> None:
+    s = spec(iothreads=4, iothread_ids=(1, 5), iothreadpins={2: C("9")})
+    assert s.iothread_id_set == (1, 2, 3, 5)
+    assert decide(s, host(), []).iothreads == {1: C("4-15"), 2: C("9"), 3: C("4-15"),
+                                               5: C("4-15")}
+    assert spec(iothreads=1, iothread_ids=(3, 7)).iothread_id_set == (3, 7)
+
+
+def test_lxc_pins_are_ignored_like_libvirt_does() -> None:
+    """libvirt's LXC driver runs a container on <vcpu cpuset> and ignores vcpupin,
+    emulatorpin and iothreadpin: a shared container is planned without them (with a note),
+    an exclusive one that relies on them is refused."""
+    lxc = {"domain_type": "lxc", "vcpupins": {0: C("5")}, "emulatorpin": C("6")}
+    plan = decide(spec(**lxc), host(), lease("4"))
+    assert plan.vcpus == {0: C("5-15"), 1: C("5-15")} and plan.emulator == C("5-15")
+    assert any("LXC" in note and "ignores" in note for note in plan.notes)
+    refused("bad-pin", "LXC", "<vcpu cpuset>", spec=spec(exclusive=True, **lxc),
+            host=host(), leases=[])
+    # a QEMU domain keeps its pins
+    assert decide(spec(domain_type="kvm", vcpupins={0: C("5")}), host(), []).vcpus[0] == C("5")

@@ -271,6 +271,10 @@ def _shared_pool(ctx: _Ctx, exclude: CpuSet, notes: list[str]) -> CpuSet:
 
 def _domain(ctx: _Ctx, spec: DomainSpec) -> Plan:
     _check_shape(spec)
+    lxc_note = None
+    if driver_of_type(spec.domain_type) == "lxc" and (
+            spec.vcpupins or spec.emulatorpin is not None or spec.iothreadpins):
+        spec, lxc_note = _lxc_pins(ctx, spec)
     _check_nodes(ctx, spec)
     for label, cpus in _affinity(spec):
         _check_exists(ctx, label, cpus)
@@ -282,11 +286,29 @@ def _domain(ctx: _Ctx, spec: DomainSpec) -> Plan:
                     f"pin it inside {ctx.part.vm_cpus} or widen the partition",
                     code="outside-partition")
     plan = _exclusive(ctx, spec) if spec.exclusive else _shared(ctx, spec)
+    if lxc_note is not None:
+        plan = replace(plan, notes=(lxc_note, *plan.notes))
     if spec.placement == "auto" and plan.default_cpus is not None:
         plan = replace(plan, notes=(*plan.notes, (
             f"{ctx.who} asks for <vcpu placement='auto'> (numad); pinwarden places it "
             f"statically on {plan.default_cpus} instead, so that no leased CPU is used")))
     return plan
+
+
+def _lxc_pins(ctx: _Ctx, spec: DomainSpec) -> tuple[DomainSpec, str]:
+    """libvirt's LXC driver ignores ``<vcpupin>``, ``<emulatorpin>`` and ``<iothreadpin>``:
+    a container runs on ``<vcpu cpuset>``, or on every CPU its cgroup allows
+    (``virLXCControllerSetupCpuAffinity``).  An exclusive container pinned that way would
+    not run where its leases say: refused.  A shared one is planned without them (as
+    libvirt runs it), with a note."""
+    if spec.exclusive:
+        raise Refusal(f"exclusive {ctx.who} is an LXC container with <vcpupin>, "
+                      "<emulatorpin> or <iothreadpin>, which libvirt's LXC driver ignores "
+                      "(it runs the container on <vcpu cpuset>): remove the pins and let "
+                      "pinwarden choose, or name the CPUs in <vcpu cpuset>", code="bad-pin")
+    return (replace(spec, vcpupins={}, emulatorpin=None, iothreadpins={}),
+            f"{ctx.who} is an LXC container: libvirt ignores its <vcpupin>, <emulatorpin> "
+            "and <iothreadpin> and runs it on <vcpu cpuset> (planned so)")
 
 
 def _shared(ctx: _Ctx, spec: DomainSpec) -> Plan:
@@ -436,7 +458,9 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
         vcpus = dict(sorted(spec.vcpupins.items()))
         own.add_all([(f"<vcpupin vcpu='{vcpu}'>", cpus, f"vcpu{vcpu}")
                      for vcpu, cpus in vcpus.items()])
+        fallback = _pinned_fallback(ctx, spec, vcpus)
     else:
+        fallback = None
         within = ctx.vm_cpus if spec.cpuset is None else spec.cpuset & ctx.vm_cpus
         if spec.cpuset is not None:
             _no_housekeeping(ctx, f"<vcpu cpuset='{spec.cpuset}'>", spec.cpuset)
@@ -462,6 +486,8 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
             emulator = CpuSet.of(got.cpus)
         elif shared_emulator:
             emulator = _shared_pool(ctx, own.cpus | _held_now(ctx, own, spec.threads), notes)
+        elif fallback is not None:  # libvirt runs an unpinned emulator on <vcpu cpuset>
+            emulator = fallback
         else:  # float over the domain's own vCPU CPUs
             emulator = union(vcpus.values())
     if shared_emulator:
@@ -476,8 +502,8 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
     iothreads: dict[int, CpuSet] = {}
     for ident in spec.iothread_id_set:
         pin = spec.iothreadpins.get(ident)
-        if pin is None:
-            iothreads[ident] = emulator  # float like the emulator
+        if pin is None:  # on <vcpu cpuset> (libvirt), else float like the emulator
+            iothreads[ident] = emulator if fallback is None or shared_emulator else fallback
         elif shared_emulator:  # the domain's helper threads run shared: honoured, not leased
             iothreads[ident] = pin
             _conflict(ctx, f"<iothreadpin iothread='{ident}'>", pin)
@@ -496,6 +522,29 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
     return Plan(domain=spec.name, uuid=spec.uuid, exclusive=True, vcpus=vcpus,
                 emulator=emulator, iothreads=iothreads, leases=dict(sorted(leases.items())),
                 default_cpus=every, notes=tuple(notes), isolated=one_to_one)
+
+
+def _pinned_fallback(ctx: _Ctx, spec: DomainSpec,
+                     vcpus: Mapping[int, CpuSet]) -> CpuSet | None:
+    """Where libvirt runs the threads of an exclusive domain with pinned vCPUs that have no
+    pin of their own (the emulator without ``<emulatorpin>``, I/O threads without
+    ``<iothreadpin>``): its ``<vcpu cpuset>``, which must then lie within the domain's
+    pinned CPUs (None: no cpuset, or no such thread)."""
+    if spec.cpuset is None or spec.emulator == "shared":
+        return None
+    unpinned_io = any(i not in spec.iothreadpins for i in spec.iothread_id_set)
+    emulator_falls_back = spec.emulatorpin is None and spec.emulator == "float"
+    if not (emulator_falls_back or unpinned_io):
+        return None
+    beyond = spec.cpuset - union(vcpus.values()) - union(spec.iothreadpins.values()) - (
+        spec.emulatorpin or EMPTY)
+    if beyond:
+        raise Refusal(f"<vcpu cpuset='{spec.cpuset}'> of exclusive {ctx.who} reaches CPUs "
+                      f"{beyond} beyond its pinned CPUs, and libvirt runs its emulator and "
+                      "unpinned I/O threads there: remove the cpuset, narrow it to the pinned "
+                      "CPUs, or pin those threads (<emulatorpin>, <iothreadpin>)",
+                      code="bad-pin")
+    return spec.cpuset
 
 
 def _held_now(ctx: _Ctx, own: _Leases, threads: ThreadPolicy) -> CpuSet:
