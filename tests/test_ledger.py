@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import multiprocessing.synchronize
 import os
@@ -990,3 +991,52 @@ def test_a_second_ledger_in_one_process_never_costs_the_first_its_commits(
         assert seen.stdout.strip() == "2", "a commit went to a deleted WAL"
     finally:
         main.close()
+
+
+_HOST_TEXT = json.dumps({
+    "partition": {"mode": "none", "vm_cpus": "1-3", "host_cpus": "0", "reason": "test",
+                  "cgroup": None},
+    "found": {"name": None, "version": None, "cpus": "", "looked_for": []}})
+
+
+@pytest.mark.parametrize(("sql", "match"), [
+    ("UPDATE holders SET created = 1e300", r"holder .*vm1.* was created at '1e\+300', not"),
+    ("UPDATE holders SET created = -1e18", "not a time"),
+    ("UPDATE leases SET created = 1e300", r"the lease of CPU 1 was created at '1e\+300'"),
+    ("UPDATE holders SET plan = '" + "[" * 100_000 + "'", "nested too deeply"),
+    ("UPDATE holders SET plan = '{\"domain\": 5, \"vcpus\": []}'", "corrupt plan recorded"),
+    (f"INSERT INTO host (id, created, record) VALUES (1, 1e300, '{_HOST_TEXT}')",
+     "the host record was created at"),
+    ("INSERT INTO host (id, created, record) VALUES (1, 0, '"
+     + _HOST_TEXT.replace('"1-3"', "5") + "')", r"is corrupt \(host record"),
+])
+def test_damaged_rows_are_a_clear_error_and_left_alone(state: Path, sql: str,
+                                                      match: str) -> None:
+    """Rows no pinwarden writes (times no clock shows, values of the wrong type, a plan
+    nested beyond Python's recursion limit) are a one-line refusal naming the damage —
+    never a crash — and the file is not changed."""
+    with Ledger(state) as ledger:
+        ledger.reserve(vm(1), take(vm(1), [1]))
+    raw = sqlite3.connect(state / "leases.db")
+    raw.execute(sql)
+    raw.commit()
+    raw.close()
+    before = (state / "leases.db").read_bytes()
+    with Ledger(state) as ledger, pytest.raises(LedgerError, match=match) as info:
+        ledger.holders()
+        ledger.leases()
+        ledger.host_record()
+    assert "\n" not in info.value.message
+    assert (state / "leases.db").read_bytes() == before
+
+
+def test_schema_text_that_is_not_utf8_is_refused_untouched(state: Path) -> None:
+    """A damaged byte in the schema's SQL text: SQLite hands Python bytes it cannot
+    decode; a refusal like any corrupt file, and no -wal/-shm left beside it."""
+    data = bytearray(_populated(state, holders=2))
+    at = data.find(b"CREATE TABLE leases")
+    assert at > 0
+    data[at + 10] = 0xFF
+    (state / "leases.db").write_bytes(bytes(data))
+    _assert_refused(state, "is corrupt")
+    assert not (state / "leases.db-wal").exists() and not (state / "leases.db-shm").exists()

@@ -159,8 +159,17 @@ def plan_from_text(text: str, where: str) -> Plan:
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         return Plan.from_json(data)
-    except (ValueError, TypeError, KeyError, PinwardenError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, PinwardenError) as exc:
         raise LedgerError(f"corrupt plan recorded for {where}: {shorten(str(exc))}") from None
+    except RecursionError:
+        raise LedgerError(f"corrupt plan recorded for {where}: nested too deeply") from None
+
+
+def _sane_time(value: object) -> bool:
+    """A recorded creation time: seconds since the epoch that a clock can show (years 1970
+    to 9999), so that formatting it never fails."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and \
+        0 <= value < 253402300800
 
 
 def _kind(exc: sqlite3.Error) -> str:
@@ -415,6 +424,9 @@ class Ledger:
             if version < SCHEMA_VERSION:
                 self._migrate(db, version)
             db.execute("PRAGMA foreign_keys = ON")
+        except UnicodeDecodeError:  # a damaged schema text (sqlite3 decodes it as UTF-8)
+            db.close()
+            raise self._refuse("is corrupt (its schema is not text)") from None
         except sqlite3.DatabaseError as exc:
             db.close()
             kind = _kind(exc)
@@ -538,6 +550,9 @@ class Ledger:
     def _holder(self, row: Any) -> HolderRecord:
         driver, key, name, created, owner_pid, owner_start, plan, cgroup = row
         ref = HolderRef(driver, key, name)
+        if not _sane_time(created):
+            raise self._refuse(f"is corrupt (holder {shorten(str(ref))} was created at "
+                               f"{shorten(str(created))}, not a time)")
         return HolderRecord(ref=ref, created=created, owner_pid=owner_pid,
                             owner_start=owner_start, plan=plan_from_text(plan, str(ref)),
                             cgroup=cgroup)
@@ -547,6 +562,9 @@ class Ledger:
         if not isinstance(cpu, int) or not 0 <= cpu <= MAX_CPU:
             raise self._refuse(f"is corrupt (a lease names CPU {shorten(str(cpu))}, beyond "
                                f"the largest possible CPU {MAX_CPU})")
+        if not _sane_time(created):
+            raise self._refuse(f"is corrupt (the lease of CPU {cpu} was created at "
+                               f"{shorten(str(created))}, not a time)")
         return Lease(cpu=cpu, holder=HolderRef(driver, key, name), role=role,
                      created=created, owner_pid=owner_pid)
 
@@ -628,10 +646,15 @@ class Ledger:
         rows = self._read("SELECT created, record FROM host WHERE id = 1")
         if not rows:
             return None
+        if not _sane_time(rows[0][0]):
+            raise self._refuse(f"is corrupt (the host record was created at "
+                               f"{shorten(str(rows[0][0]))}, not a time)")
         try:
             return HostRecord.from_text(rows[0][0], rows[0][1])
-        except (ValueError, TypeError, KeyError, PinwardenError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, PinwardenError) as exc:
             raise self._refuse(f"is corrupt (host record: {shorten(str(exc))})") from None
+        except RecursionError:
+            raise self._refuse("is corrupt (host record: nested too deeply)") from None
 
     def changes(self) -> dict[str, str]:
         """Host settings pinwarden changed: key → original value."""
