@@ -13,6 +13,7 @@ import pytest
 from pinwarden import provenance
 from pinwarden.cli import main
 from pinwarden.config import SETTINGS, Config, libvirt_uri, load_config, parse_config, state_dir
+from pinwarden.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "contrib" / "pinwarden.toml"
@@ -163,3 +164,33 @@ def test_every_config_field_is_a_setting() -> None:
 
     assert [s.field for s in SETTINGS] == list(fields(Config))
     assert len({(s.section, s.key) for s in SETTINGS}) == len(SETTINGS)
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ('[partition]\nhost_reserve = "x"\n', "[partition] host_reserve: invalid CPU list 'x'"),
+    ('[ledger]\nstate_dir = ""\n', "state_dir is empty"),
+    ('[ledger]\nstate_dir = "  "\n', "state_dir is empty"),
+    ("a = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+])
+def test_bad_config_values_name_the_file_and_setting(tmp_path: Path, text: str,
+                                                     needle: str) -> None:
+    """Every configuration error says which file and what is wrong, on one line (an empty
+    state_dir once put the ledger in the current directory; a deeply nested value
+    crashed tomllib)."""
+    config = tmp_path / "pw.toml"
+    config.write_text(text)
+    with pytest.raises(InputError) as info:
+        load_config(config)
+    assert info.value.message.startswith(f"{config}: ")
+    assert needle in info.value.message and "\n" not in info.value.message
+
+
+@pytest.mark.parametrize("option", ["--state-dir", "--config", "--root"])
+def test_an_empty_path_option_is_a_usage_error(option: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`--state-dir "$UNSET"` must not fall back to the host's own ledger (or config, or
+    root): it is refused before anything is read."""
+    with pytest.raises(SystemExit) as info:
+        main([option, "", "status"])
+    assert info.value.code == 2
+    assert f"argument {option}: empty path" in capsys.readouterr().err

@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from pinwarden.cpuset import CpuSet
+from pinwarden.cpuset import CpuSet, CpuSetError
 from pinwarden.errors import InputError
 from pinwarden.record import record
 
@@ -112,6 +112,14 @@ def _str(table: dict[str, Any], key: str, default: str, path: Path) -> str:
     return value
 
 
+def _nonempty(table: dict[str, Any], key: str, default: str, path: Path) -> str:
+    value = _str(table, key, default, path)
+    if not value.strip():
+        raise InputError(f"{path}: {key} is empty: give a directory, or remove the setting "
+                         f"for the default {default}")
+    return value
+
+
 def _bool(table: dict[str, Any], key: str, default: bool, path: Path) -> bool:
     value = table.get(key, default)
     if not isinstance(value, bool):
@@ -126,6 +134,9 @@ def parse_config(text: str, path: Path = DEFAULT_CONFIG) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"{path}: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise InputError(f"{path}: values nested too deeply to be a pinwarden "
+                         "configuration") from None
     part = _table(data, "partition", path)
     ledger = _table(data, "ledger", path)
     virt = _table(data, "libvirt", path)
@@ -147,14 +158,17 @@ def parse_config(text: str, path: Path = DEFAULT_CONFIG) -> Config:
     if reserve_text is not None:
         if not isinstance(reserve_text, str):
             raise InputError(f"{path}: host_reserve must be a CPU list string like \"0-1\"")
-        reserve = CpuSet.parse(reserve_text)
+        try:
+            reserve = CpuSet.parse(reserve_text)
+        except CpuSetError as exc:
+            raise InputError(f"{path}: [partition] host_reserve: {exc.message}") from None
     config = Config(
         mode=cast(ModeSetting, mode),
         host_reserve=reserve,
         cgroup_v1=_str(part, "cgroup", "machine", path).strip("/"),
         cgroup_v2=_str(part, "cgroup_v2", "machine.slice", path).strip("/"),
         exclusive_cgroup=_str(part, "exclusive", "pinwarden.partition", path).strip("/"),
-        state_dir=Path(_str(ledger, "state_dir", str(DEFAULT_STATE_DIR), path)),
+        state_dir=Path(_nonempty(ledger, "state_dir", str(DEFAULT_STATE_DIR), path)),
         libvirt_uri=_str(virt, "uri", "qemu:///system", path),
         isolate_noise=_bool(isolation, "noise", True, path),
     )

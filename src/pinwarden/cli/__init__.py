@@ -99,6 +99,15 @@ def help_width() -> int:
     return columns - 2
 
 
+def _path(text: str) -> str:
+    """A path option's value: never empty (an empty variable in a script would otherwise
+    fall back to the default: the host's own lease database or configuration)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path: give a path, or leave the option out "
+                                         "for the default")
+    return text
+
+
 def common_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
     """Options every command accepts, before or after the command name.
 
@@ -112,12 +121,12 @@ def common_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("global options")
-    group.add_argument("--root", metavar="DIR", default=default("/"),
+    group.add_argument("--root", metavar="DIR", default=default("/"), type=_path,
                        help="read the host below DIR (a sysfs dump), default /")
-    group.add_argument("--state-dir", metavar="DIR", default=default(None),
+    group.add_argument("--state-dir", metavar="DIR", default=default(None), type=_path,
                        help="lease database directory (default $PINWARDEN_STATE_DIR, "
                             "[ledger] state_dir, /var/lib/pinwarden)")
-    group.add_argument("--config", metavar="FILE", default=default(None),
+    group.add_argument("--config", metavar="FILE", default=default(None), type=_path,
                        help="configuration file (default /etc/pinwarden/pinwarden.toml)")
     group.add_argument("--json", action="store_true", default=default(False),
                        help="machine-readable output (one JSON document, \"schema\": 1)")
