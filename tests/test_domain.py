@@ -503,22 +503,14 @@ def test_iothread_ids_match_libvirts(count: int, ids: tuple[int, ...]) -> None:
     test driver, no daemon): the <iothreadids> given, filled with the lowest free ids."""
     import re
 
-    import libvirt
+    from libvirt_form import domain_xml, libvirt_form
 
     listed = "".join(f"<iothread id='{i}'/>" for i in ids)
-    xml = (f"<domain type='test'><name>pw-iothread-oracle</name><memory>1024</memory>"
-           f"<vcpu>1</vcpu><iothreads>{count}</iothreads>"
-           f"<iothreadids>{listed}</iothreadids><os><type>hvm</type></os></domain>")
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    conn = libvirt.open("test:///default")
-    try:
-        dom = conn.defineXML(xml)
-        try:
-            theirs = sorted(int(i) for i in re.findall(r"<iothread id='(\d+)'", dom.XMLDesc()))
-        finally:
-            dom.undefine()
-    finally:
-        conn.close()
+    inner = f"<vcpu>1</vcpu><iothreads>{count}</iothreads><iothreadids>{listed}</iothreadids>"
+    xml = domain_xml(inner, "pw-iothread-oracle")
+    form = libvirt_form(inner, "pw-iothread-oracle")
+    assert form is not None
+    theirs = sorted(int(i) for i in re.findall(r"<iothread id='(\d+)'", form))
     assert list(parse_domain(xml).iothread_id_set) == theirs
 
 
@@ -541,20 +533,12 @@ def test_placement_is_read_as_libvirt_reads_it(inner: str) -> None:
     makes of it (its test driver, no daemon; libvirt's own form is what the hook gets):
     numad placement drops the cpuset and nodeset, and turns on for the vCPUs when a
     memory placement='auto' meets an XML that pins nothing."""
-    import libvirt
+    from libvirt_form import domain_xml, libvirt_form
 
-    xml = (f"<domain type='test'><name>pw-placement-oracle</name><memory>1024</memory>"
-           f"{inner}<os><type>hvm</type></os></domain>")
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    conn = libvirt.open("test:///default")
-    try:
-        dom = conn.defineXML(xml)
-        try:
-            theirs = parse_domain(dom.XMLDesc())
-        finally:
-            dom.undefine()
-    finally:
-        conn.close()
+    xml = domain_xml(inner, "pw-placement-oracle")
+    form = libvirt_form(inner, "pw-placement-oracle")
+    assert form is not None
+    theirs = parse_domain(form)
     ours = parse_domain(xml)
     assert (ours.placement == "auto", ours.cpuset, ours.numa_nodeset, ours.vcpupins,
             ours.emulatorpin, ours.iothread_id_set) == \
