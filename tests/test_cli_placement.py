@@ -84,6 +84,20 @@ def test_plan_human_output(env: dict[str, Path], capsys: pytest.CaptureFixture[s
     assert f"would lease 4-6,12-14 (4 emulator, 5 vcpu0, 6 vcpu1, {HOLDS})" in out
 
 
+def test_plan_quotes_a_name_with_control_characters(
+        env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """A domain name holding a carriage return (legal in XML, and libvirt keeps it) is
+    shown quoted with its escapes, as ``status`` shows it, not written raw to the
+    terminal; a plain name is shown as it is."""
+    xml = SHARED.replace("<name>web</name>", "<name>a&#13;b&#x85;c</name>")
+    status, out, _ = run(env, capsys, "plan", write(env, "cr.xml", xml), json_out=False)
+    assert status == 0
+    assert out.splitlines()[0].startswith("domain 'a\\rb\\x85c' (shared); partition ")
+    assert "\r" not in out and "\x85" not in out
+    status, out, _ = run(env, capsys, "plan", write(env, "web.xml", SHARED), json_out=False)
+    assert out.startswith("domain web (shared); ")
+
+
 def test_emit_xml_applies_plan_and_keeps_the_rest(env: dict[str, Path],
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = run(env, capsys, "plan", write(env, "db.xml", UNPINNED), "--emit-xml",

@@ -204,6 +204,13 @@ def print_json(data: Mapping[str, Any]) -> None:
     sys.stdout.write("\n")
 
 
+def printable(text: str) -> str:
+    """``text`` as it is when it prints as plain text, else quoted with its control
+    characters escaped (as ``status`` shows names): a domain name may hold a carriage
+    return or an escape sequence that would rewrite the terminal."""
+    return text if text.isprintable() else repr(text)
+
+
 def fail(args: argparse.Namespace | None, exc: PinwardenError) -> int:
     message = exc.message.replace("\n", " ")
     print(f"pinwarden: error: {message}", file=sys.stderr)  # first: stdout may be closed

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pinwarden.cli import print_json
+from pinwarden.cli import print_json, printable
 from pinwarden.cli.common import manager_of
 from pinwarden.errors import HostError, InputError
 
@@ -115,8 +115,8 @@ def _roles(leases: dict[int, str]) -> str:
 def render_plan_text(plan: Plan, host: Host, *, recorded: bool) -> str:
     kind = "exclusive" if plan.exclusive else "shared"
     part = host.partition
-    lines = [f"domain {plan.domain} ({kind}); partition {part.mode}: VM CPUs {part.vm_cpus}, "
-             f"housekeeping {part.host_cpus}"]
+    lines = [f"domain {printable(plan.domain)} ({kind}); partition {part.mode}: "
+             f"VM CPUs {part.vm_cpus}, housekeeping {part.host_cpus}"]
     width = max(len(f"iothread{i}") for i in [*plan.iothreads, 0]) + 2
     width = max(width, len("emulator") + 2)
     for vcpu, cpus in sorted(plan.vcpus.items()):

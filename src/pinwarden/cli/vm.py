@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pinwarden.cli import EXIT_INTERNAL, Parser, print_json
+from pinwarden.cli import EXIT_INTERNAL, Parser, print_json, printable
 from pinwarden.cli.common import config_of, manager_of, root_of, state_dir_of
 
 if TYPE_CHECKING:
@@ -206,7 +206,7 @@ def print_preview(plan: Any, writes: Sequence[str], calls: Sequence[str],
     """``--dry-run``: what would happen, in order (shared with ``run`` and ``demo``)."""
     where = f"lease CPUs {plan.leased()} exclusively" if plan.exclusive else \
         f"run on CPUs {plan.cpus()}, leasing nothing"
-    print(f"dry run: {plan.domain} would {where}")
+    print(f"dry run: {printable(plan.domain)} would {where}")
     for line in writes:
         print(f"  would {line}")
     for line in calls:
@@ -227,7 +227,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
         return 0
     what = "stopped" if result.was_running else "was not running"
     freed = f"; freed CPUs {result.released}" if result.released else ""
-    print(f"{result.name} {what}{freed}")
+    print(f"{printable(result.name)} {what}{freed}")
     return 0
 
 
@@ -242,7 +242,7 @@ def cmd_define(args: argparse.Namespace) -> int:
     plan = result.plan
     where = f"would lease CPUs {plan.leased()}" if result.exclusive else \
         f"would run on CPUs {plan.cpus()}"
-    print(f"defined {result.name} ({'exclusive' if result.exclusive else 'shared'}; "
+    print(f"defined {printable(result.name)} ({'exclusive' if result.exclusive else 'shared'}; "
           f"{where} now)")
     for note in plan.notes:
         print(f"note: {note}")
