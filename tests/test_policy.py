@@ -315,6 +315,20 @@ def test_exclusive_without_pins_honours_numatune_and_cpuset() -> None:
     assert plan.leased() == C("5,7")
 
 
+def test_a_cpuset_without_room_is_named_in_the_refusal() -> None:
+    """When the VM CPUs have room but ``<vcpu cpuset>`` does not (here: one thread of each
+    of two cores, under whole cores), the refusal names the cpuset and what to do; without a
+    cpuset the refusal does not mention one."""
+    h = host(vm="2-7,10-15", threads=2)
+    refused("insufficient-cpus", "<vcpu cpuset='2,11'> limits it to CPUs 2,11", "widen it",
+            "nothing else is leased",
+            spec=spec(vcpus=2, exclusive=True, cpuset=C("2,11")), host=h, leases=[])
+    assert decide(spec(vcpus=2, exclusive=True, cpuset=C("2,10")), h, []).leased() == C("2,10")
+    message = refused("insufficient-cpus", spec=spec(vcpus=13, exclusive=True), host=h,
+                      leases=[]).message
+    assert "cpuset" not in message
+
+
 def test_exclusive_without_room_is_refused() -> None:
     refused("insufficient-cpus", "vm1", spec=spec(vcpus=4, exclusive=True), host=host(),
             leases=lease("4-13"))

@@ -381,7 +381,10 @@ class _Leases:
         return CpuSet(frozenset(self.roles))
 
 
-def _allocate(ctx: _Ctx, within: CpuSet, request: allocator.Request) -> allocator.Allocation:
+def _allocate(ctx: _Ctx, within: CpuSet, request: allocator.Request, *,
+              limit: str | None = None) -> allocator.Allocation:
+    """``limit``: what in the XML narrowed ``within`` below the VM CPUs (named in a
+    refusal for want of CPUs: that is what the user can widen)."""
     from pinwarden import allocator
 
     try:
@@ -390,9 +393,12 @@ def _allocate(ctx: _Ctx, within: CpuSet, request: allocator.Request) -> allocato
         taken = ctx.vm_cpus & ctx.leased
         if exc.code != "insufficient-cpus":
             raise Refusal(f"exclusive {ctx.who}: {exc.message}", code=exc.code) from None
+        narrowed = (f"; {limit} limits it to CPUs {within or '(none)'}: widen it (whole "
+                    "cores under thread policies other than 'prefer') or remove it"
+                    if limit is not None else "")
         held = (f"; leased now: {_holders_of(ctx, taken)} — release one of them" if taken
                 else "; nothing else is leased")
-        raise Refusal(f"exclusive {ctx.who}: {exc.message}{held}; housekeeping CPUs "
+        raise Refusal(f"exclusive {ctx.who}: {exc.message}{narrowed}{held}; housekeeping CPUs "
                       f"{ctx.part.host_cpus or '(none)'} are never leased",
                       code=exc.code) from None
 
@@ -468,7 +474,8 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
         pinned = EMPTY if shared_emulator else \
             union([spec.emulatorpin or EMPTY, *spec.iothreadpins.values()])
         got = _allocate(ctx, within - pinned, allocator.Request(
-            count=count, threads=spec.threads, nodes=spec.numa_nodeset))
+            count=count, threads=spec.threads, nodes=spec.numa_nodeset),
+            limit=None if spec.cpuset is None else f"<vcpu cpuset='{spec.cpuset}'>")
         chosen = list(got.cpus)  # CPU numbers the allocator took from ``within``
         if isolate_emulator:
             emulator = CpuSet(frozenset((chosen.pop(),)))
