@@ -378,6 +378,42 @@ def test_unprivileged_user_gets_one_line_errors(open_tmp: Path) -> None:
                                   f"is read-only for this user (run as root or choose another "
                                   f"--state-dir)\n")
     assert (shared / "leases.db").read_bytes() == before
+    # the file writable, its directory not: SQLite cannot create the -wal and -shm files
+    closed = tmp_path / "closed"
+    Ledger(closed).close()
+    closed.chmod(0o755)
+    (closed / "leases.db").chmod(0o666)
+    before = (closed / "leases.db").read_bytes()
+    assert _as_nobody(closed) == (f"error ledger lease database {closed}/leases.db cannot be "
+                                  f"opened: its directory {closed} is not writable for this "
+                                  "user (SQLite writes its -wal and -shm files beside it, even "
+                                  "to read); make it writable or choose another --state-dir\n")
+    assert (closed / "leases.db").read_bytes() == before
+
+
+def test_a_read_only_state_dir_is_named(tmp_path: Path) -> None:
+    """A state directory on a read-only mount (a read-only bind mount of a real one, made
+    and unmade here) is one line naming it, for reading commands too."""
+    if os.geteuid() != 0:
+        pytest.fail("needs root to make a read-only bind mount")
+    real, view = tmp_path / "real", tmp_path / "view"
+    with Ledger(real) as ledger:
+        ledger.reserve(HolderRef("qemu", "k", "n"), lambda _: Plan(
+            "n", "k", True, {0: CpuSet.of([1])}, CpuSet.of([1]), leases={1: "vcpu0"}))
+    view.mkdir()
+    subprocess.run(["mount", "--bind", str(real), str(view)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
+        with pytest.raises(LedgerError) as info:
+            Ledger(view).leases()
+        assert info.value.message == (
+            f"lease database {view}/leases.db cannot be opened: its directory {view} is on a "
+            "read-only file system (SQLite writes its -wal and -shm files beside it, even to "
+            "read); make it writable or choose another --state-dir")
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+    with Ledger(real) as ledger:
+        assert [le.cpu for le in ledger.leases()] == [1]
 
 
 # -- owner liveness ----------------------------------------------------------------------

@@ -518,6 +518,11 @@ class Ledger:
             kind = "full"  # SQLite reports a failed WAL or shm allocation as an I/O error
         if kind == "busy":
             return self._locked()
+        if (kind == "readonly" or "unable to open" in str(exc)) and \
+                (why := self._unwritable()) is not None:
+            return LedgerError(f"lease database {self.path} cannot be opened: {why} (SQLite "
+                               "writes its -wal and -shm files beside it, even to read); "
+                               "make it writable or choose another --state-dir")
         if kind == "readonly":
             return LedgerError(f"lease database {self.path} is read-only for this user "
                                f"(run as root or choose another --state-dir)")
@@ -527,6 +532,17 @@ class Ledger:
         if kind == "corrupt":
             return self._refuse(f"is corrupt ({str(exc).splitlines()[0]})")
         return LedgerError(f"lease database {self.path}: {str(exc).splitlines()[0]}")
+
+    def _unwritable(self) -> str | None:
+        """Why this process cannot write the state directory, or None."""
+        try:
+            if os.statvfs(self.state_dir).f_flag & os.ST_RDONLY:
+                return f"its directory {self.state_dir} is on a read-only file system"
+        except OSError:
+            return None
+        if not os.access(self.state_dir, os.W_OK):
+            return f"its directory {self.state_dir} is not writable for this user"
+        return None
 
     def _nearly_full(self) -> bool:
         try:
