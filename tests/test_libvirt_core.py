@@ -182,9 +182,30 @@ def test_hook_later_steps_only_for_pinwarden_domains(tmp_path: Path) -> None:
         f"hook run qemu vm1 started - -\n{unpinned}\n"
     assert call(qemu, "vm1", "release", "-", "-", stdin=unpinned).stdout == ""
     assert call(lxc, "ct1", "started", "-", "-", stdin=unpinned).stdout == ""
+    # pinned in double quotes too; a cpuset= in text (libvirt writes its quotes as entities:
+    # test_libvirt_writes_quotes_in_text_as_entities checks that against libvirt) is no pin
+    double = '<domain><vcpu cpuset="1">1</vcpu></domain>'
+    assert call(qemu, "vm1", "started", "-", "-", stdin=double).stdout == ""
+    told = ("<domain><description>pin with cpuset=&apos;1&apos; or cpuset=&quot;1&quot;"
+            "</description><vcpu>1</vcpu></domain>")
+    assert call(qemu, "vm1", "started", "-", "-", stdin=told).stdout == \
+        f"hook run qemu vm1 started - -\n{told}\n"
     # steps pinwarden ignores never reach it (no Python start-up inside libvirtd's start)
     skipped = call(qemu, "vm1", "start", "begin", "-")
     assert skipped.returncode == 0 and skipped.stdout == ""
+
+
+def test_libvirt_writes_quotes_in_text_as_entities() -> None:
+    """What the drop-in's 'started' shortcut relies on: in libvirt's form of a domain XML
+    (its test driver, no daemon) ``cpuset='`` and ``cpuset="`` appear only as attributes."""
+    from libvirt_form import libvirt_form
+
+    form = libvirt_form("<title>cpuset='3'</title><description>cpuset=\"2\" cpuset='1'"
+                        "</description><vcpu>1</vcpu>", "pw-quote-oracle")
+    assert form is not None
+    assert "cpuset=" in form and " cpuset='" not in form and "cpuset=\"" not in form
+    pinned = libvirt_form("<vcpu cpuset='1'>1</vcpu>", "pw-quote-oracle")
+    assert pinned is not None and " cpuset='1'" in pinned
 
 
 @pytest.mark.parametrize("broken", ["missing", "import-error", "crash"])

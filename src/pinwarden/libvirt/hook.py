@@ -115,9 +115,12 @@ def hook_script(driver: str, exe: str | Sequence[str], *, state_dir: Path | None
                 str(len(args)), *args]
     command = " ".join(shlex.quote(a) for a in args)
     log = shlex.quote(str(state / HOOK_LOG))
-    # at 'started' a QEMU domain whose XML names no CPUs at all (no cpuset= anywhere) gets
-    # the VM CPUs (see _place_unpinned); any other shared domain ends here
-    unpinned = "*cpuset=*) exit 0 ;; *) ;;" if driver == "qemu" else "*) exit 0 ;;"
+    # at 'started' a QEMU domain whose XML names no CPUs at all (no cpuset attribute) gets
+    # the VM CPUs (see _place_unpinned); any other shared domain ends here.  In libvirt's
+    # form of the XML (what the hook gets) a quote in text is &apos; or &quot;: a
+    # <description> or <title> that mentions cpuset='…' is not taken for a pin.
+    unpinned = ("*\" cpuset='\"*|*' cpuset=\"'*) exit 0 ;; *) ;;" if driver == "qemu"
+                else "*) exit 0 ;;")
     return f"""#!/bin/sh
 {MARKER} ({driver}); written by 'pinwarden hook install'.
 # libvirtd runs it at every domain lifecycle step (domain XML on stdin).  pinwarden admits
