@@ -260,6 +260,37 @@ def test_emulator_isolate_with_pins_leases_one_more_cpu_near_the_vcpus() -> None
     assert emu in C("14-15")  # node 1, like the vCPUs; not the leased CPUs
 
 
+def test_an_isolated_emulator_goes_elsewhere_when_the_vcpus_node_is_full() -> None:
+    """Near the pinned vCPUs when their node has a free CPU, else on another node (noted):
+    not a refusal while a VM CPU is free."""
+    s = spec(exclusive=True, emulator="isolate", vcpupins={0: C("12"), 1: C("13")})
+    plan = decide(s, host(), lease("8-11,14-15"))  # node 1 (CPUs 8-15) is full
+    (emu,) = plan.emulator
+    assert emu in C("4-7")
+    assert plan.leases == {12: "vcpu0", 13: "vcpu1", emu: "emulator"}
+    assert any("no CPU of NUMA node 1" in n and "runs on node 0" in n for n in plan.notes)
+    assert not decide(s, host(), lease("8-11")).notes  # room near: nothing to say
+    refused("insufficient-cpus", spec=s, host=host(), leases=lease("4-11,14-15"))
+
+
+def test_a_preferred_nodeset_is_left_only_when_it_has_no_room() -> None:
+    """<numatune> mode='preferred': the CPUs come from its nodes while they have room, else
+    from any node (noted), as the memory would; 'strict' (the default) stays a limit."""
+    h = host()
+    preferred = spec(vcpus=2, exclusive=True, numa_mode="preferred", numa_nodeset=C("1"))
+    assert decide(preferred, h, []).leased() <= C("8-15")
+    plan = decide(preferred, h, lease("8-14"))
+    assert plan.leased() <= C("4-7") | C("15") and len(plan.leased()) == 2
+    assert any("NUMA node 1 (preferred by <numatune>) had no room" in n for n in plan.notes)
+    strict = spec(vcpus=2, exclusive=True, numa_mode="strict", numa_nodeset=C("1"))
+    refused("insufficient-cpus", spec=strict, host=h, leases=lease("8-14"))
+    emulator = spec(vcpus=2, exclusive=True, emulator="isolate", numa_mode="preferred",
+                    numa_nodeset=C("1"), vcpupins={0: C("14"), 1: C("15")})
+    plan = decide(emulator, h, lease("8-13"))
+    assert plan.emulator <= C("4-7")
+    assert any("preferred by <numatune>" in n for n in plan.notes)
+
+
 def test_emulator_shared_runs_on_the_shared_pool_with_a_note() -> None:
     s = spec(exclusive=True, emulator="shared", vcpupins={0: C("5"), 1: C("6")})
     plan = decide(s, host(), lease("10-15"))

@@ -403,6 +403,37 @@ def _allocate(ctx: _Ctx, within: CpuSet, request: allocator.Request, *,
                       code=exc.code) from None
 
 
+def _allocate_or_none(ctx: _Ctx, within: CpuSet,
+                      request: allocator.Request) -> allocator.Allocation | None:
+    """:func:`_allocate`, or None where it is refused for want of CPUs."""
+    try:
+        return _allocate(ctx, within, request)
+    except Refusal as exc:
+        if exc.code != "insufficient-cpus":
+            raise
+        return None
+
+
+def _allocate_on_nodes(ctx: _Ctx, spec: DomainSpec, within: CpuSet,
+                       request: allocator.Request, notes: list[str], *,
+                       limit: str | None = None) -> allocator.Allocation:
+    """:func:`_allocate` on the request's nodes (the ``<numatune>`` nodeset).  That is a
+    hard limit but for ``mode='preferred'``, whose memory may come from other nodes too:
+    with no room on the preferred nodes the CPUs come from any node (noted), as its
+    memory would."""
+    if spec.numa_mode != "preferred" or request.nodes is None:
+        return _allocate(ctx, within, request, limit=limit)
+    got = _allocate_or_none(ctx, within, request)
+    if got is not None:
+        return got
+    got = _allocate(ctx, within, replace(request, nodes=None), limit=limit)
+    topo = ctx.host.topology
+    notes.append(f"NUMA node {request.nodes} (preferred by <numatune>) had no room for "
+                 f"{ctx.who}: CPUs {CpuSet.of(got.cpus)} on node "
+                 f"{CpuSet.of(topo.node_of(c) for c in got.cpus)}")
+    return got
+
+
 def _sibling_holds(ctx: _Ctx, own: _Leases, threads: ThreadPolicy) -> tuple[CpuSet, list[str]]:
     """The other threads of every core ``own`` uses, held empty under ``whole``, ``isolate``
     and ``require`` (none under ``prefer``): the same rule for allocated and pinned CPUs.
@@ -473,9 +504,10 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
         count = spec.vcpus + (1 if isolate_emulator else 0)
         pinned = EMPTY if shared_emulator else \
             union([spec.emulatorpin or EMPTY, *spec.iothreadpins.values()])
-        got = _allocate(ctx, within - pinned, allocator.Request(
-            count=count, threads=spec.threads, nodes=spec.numa_nodeset),
-            limit=None if spec.cpuset is None else f"<vcpu cpuset='{spec.cpuset}'>")
+        got = _allocate_on_nodes(
+            ctx, spec, within - pinned,
+            allocator.Request(count=count, threads=spec.threads, nodes=spec.numa_nodeset),
+            notes, limit=None if spec.cpuset is None else f"<vcpu cpuset='{spec.cpuset}'>")
         chosen = list(got.cpus)  # CPU numbers the allocator took from ``within``
         if isolate_emulator:
             emulator = CpuSet(frozenset((chosen.pop(),)))
@@ -485,11 +517,20 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
     if emulator is None:
         if isolate_emulator:  # explicit vCPU pins: one more CPU, near the vCPUs
             near = CpuSet.of(topo.node_of(c) for c in own.cpus if c in topo.cpus)
-            got = _allocate(ctx, ctx.vm_cpus - own.cpus - _held_now(ctx, own, spec.threads),
-                            allocator.Request(
-                                count=1,
-                                threads="whole" if spec.threads == "require" else spec.threads,
-                                nodes=spec.numa_nodeset or near or None))
+            free = ctx.vm_cpus - own.cpus - _held_now(ctx, own, spec.threads)
+            request = allocator.Request(
+                count=1, threads="whole" if spec.threads == "require" else spec.threads,
+                nodes=spec.numa_nodeset or near or None)
+            if spec.numa_nodeset is None and near:  # near the vCPUs if it can, else anywhere
+                near_got = _allocate_or_none(ctx, free, request)
+                got = near_got if near_got is not None else \
+                    _allocate(ctx, free, replace(request, nodes=None))
+                if near_got is None:
+                    notes.append(f"no CPU of NUMA node {near} (where the vCPUs of {ctx.who} "
+                                 f"run) was free for its isolated emulator: it runs on node "
+                                 f"{CpuSet.of(topo.node_of(c) for c in got.cpus)}")
+            else:
+                got = _allocate_on_nodes(ctx, spec, free, request, notes)
             emulator = CpuSet.of(got.cpus)
         elif shared_emulator:
             emulator = _shared_pool(ctx, own.cpus | _held_now(ctx, own, spec.threads), notes)
