@@ -251,6 +251,26 @@ def test_a_refusal_changes_nothing(host4: Path, tmp_path: Path) -> None:
         assert _rows(tmp_path / "state") == rows
 
 
+def test_a_refusal_that_reaps_a_dead_holder_shrinks_its_group(host4: Path,
+                                                            tmp_path: Path) -> None:
+    """A refused reserve keeps the reaping it did (a dead owner's holder is gone for good)
+    and the kernel follows: the dead holder's group goes and, with the last lease gone,
+    the host is as found; the refused plan itself is not recorded."""
+    fake = fake4()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    with manager(host4, tmp_path / "state", fake) as m:
+        m.reserve_request(JobSpec("dead", cpus=C("3")), owner_pid=sleeper.pid)
+        assert "pinwarden-run-dead.partition" in fake.read_state([""]).groups
+    sleeper.kill()
+    sleeper.wait()
+    with manager(host4, tmp_path / "state", fake) as m:
+        with pytest.raises(Refusal):
+            m.reserve_request(JobSpec("B", count=9))
+        assert m.holders() == () and m.record() is None
+    assert set(fake.read_state([""]).groups) == {"", "machine"}
+    assert fake.read_group("machine").cpus == C("0-3")
+
+
 def _rows(state: Path) -> list[object]:
     """Every row of every table of the ledger."""
     import sqlite3

@@ -352,8 +352,17 @@ class Manager:
             record = ledger.host_record()
             host = self._load_host(record.found if record else None)
             first = None if record is not None else self._found(host)
-            plan = ledger.reserve(holder, lambda leases: decide(host, leases),
-                                  owner_pid=owner_pid, host=first)
+            try:
+                plan = ledger.reserve(holder, lambda leases: decide(host, leases),
+                                      owner_pid=owner_pid, host=first)
+            except BaseException:
+                # A refused plan still reaps the dead holders it found (committed): the
+                # kernel follows, so their groups do not outlive them (and the host is put
+                # back as found if theirs were the last leases).
+                if ledger.last_reaped and enforce and self.enforcing:
+                    with contextlib.suppress(PinwardenError):
+                        self._sync()
+                raise
             previous = ledger.last_replaced
             if not (enforce and self.enforcing):
                 return Reserved(plan, None, None)
