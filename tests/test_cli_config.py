@@ -171,6 +171,9 @@ def test_every_config_field_is_a_setting() -> None:
     ('[ledger]\nstate_dir = ""\n', "state_dir is empty"),
     ('[ledger]\nstate_dir = "  "\n', "state_dir is empty"),
     ("a = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    ('[partition]\ncgroup_v2 = "machine\\nx.slice"\n',
+     "[partition] invalid cgroup path 'machine\\nx.slice': it holds a control"),
+    ('[partition]\ncgroup = "a\\tb"\n', "invalid cgroup path 'a\\tb'"),
 ])
 def test_bad_config_values_name_the_file_and_setting(tmp_path: Path, text: str,
                                                      needle: str) -> None:

@@ -38,6 +38,9 @@ class LayoutNames:
         if value != value.strip("/") or not value or "//" in value \
                 or any(part in (".", "..") for part in value.split("/")):
             raise ValueError(f"invalid cgroup path {value!r}")
+        if not value.isprintable():  # /proc/PID/cgroup lists paths one a line, unescaped
+            raise ValueError(f"invalid cgroup path {value!r}: it holds a control or "
+                             "separator character")
         if not _STEM.fullmatch(self.stem):
             raise ValueError(f"invalid exclusive name {self.exclusive!r}: holder groups are "
                              f"named after it beside the shared group, so it must be one "
