@@ -273,6 +273,19 @@ def test_hook_check_reports_each_hook(tmp_path: Path) -> None:
     ok = script(tmp_path / "ok", 'echo "pinwarden hook ok 1"')
     hook.install(tmp_path, exe=ok, state_dir=None, config=None)
     assert all(s.problem is None for s in hook.check_installed(tmp_path))
+    # a drop-in an older pinwarden wrote (no version line, or another number)
+    drop_in = tmp_path / "qemu.d" / hook.DROP_IN
+    current = drop_in.read_text()
+    assert f"\n# script version {hook.SCRIPT_VERSION}\n" in current
+    for old, said in (("", "script version 1"), ("# script version 1\n", "script version 1"),
+                      ("# script version x\n", "script version -1")):
+        drop_in.write_text(current.replace(f"# script version {hook.SCRIPT_VERSION}\n", old))
+        states = {s.driver: s for s in hook.check_installed(tmp_path)}
+        assert states["qemu"].problem == (
+            f"{drop_in} was written by another pinwarden ({said}, this one writes "
+            f"{hook.SCRIPT_VERSION}): run 'pinwarden hook install' again")
+        assert states["lxc"].problem is None
+    drop_in.write_text(current)
     (tmp_path / "ok").unlink()  # the venv went away
     states = {s.driver: s for s in hook.check_installed(tmp_path)}
     assert "cannot run" in (states["qemu"].problem or "")

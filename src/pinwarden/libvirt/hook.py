@@ -53,6 +53,10 @@ if TYPE_CHECKING:
 
 DRIVERS = ("qemu", "lxc")
 MARKER = "# pinwarden libvirt hook"
+#: The drop-in's own version (its line ``# script version N``): raised whenever what the
+#: script does changes, so that ``hook check`` tells a drop-in an older pinwarden wrote.
+SCRIPT_VERSION = 2
+_VERSION_LINE = "# script version "
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
 DROP_IN = "pinwarden"
 HOOK_LOG = "hook.log"
@@ -123,6 +127,7 @@ def hook_script(driver: str, exe: str | Sequence[str], *, state_dir: Path | None
                 else "*) exit 0 ;;")
     return f"""#!/bin/sh
 {MARKER} ({driver}); written by 'pinwarden hook install'.
+{_VERSION_LINE}{SCRIPT_VERSION}
 # libvirtd runs it at every domain lifecycle step (domain XML on stdin).  pinwarden admits
 # or refuses the domain against the exclusive CPU leases at 'prepare' (exit {REFUSED}: refused,
 # libvirt shows why), takes the QEMU process as the leases' owner at 'started' (and gives
@@ -297,11 +302,17 @@ def check_installed(hooks_dir: Path, drivers: tuple[str, ...] = DRIVERS) -> list
                            f"moves it to {path}")
             states.append(HookState(driver, path, False, problem))
             continue
-        line = _exec_line(path.read_text(errors="replace"))
+        text = path.read_text(errors="replace")
+        line = _exec_line(text)
         command, client, sock = _split(line) if line is not None else (None, None, None)
         daemon = None
+        version = _script_version(text)
         if command is None:
             problem = f"{path} has no pinwarden command line: reinstall it"
+        elif version != SCRIPT_VERSION:
+            problem = (f"{path} was written by another pinwarden (script version "
+                       f"{version if version is not None else 1}, this one writes "
+                       f"{SCRIPT_VERSION}): run 'pinwarden hook install' again")
         elif not os.access(path, os.X_OK):
             problem = f"{path} is not executable: libvirt skips it"
         else:
@@ -320,6 +331,15 @@ def check_installed(hooks_dir: Path, drivers: tuple[str, ...] = DRIVERS) -> list
         states.append(HookState(driver, path, True, problem,
                                 None if command is None else shlex.join(command), daemon))
     return states
+
+
+def _script_version(script: str) -> int | None:
+    """The drop-in's ``# script version N`` (None: before there was one)."""
+    for line in script.splitlines()[:3]:
+        if line.startswith(_VERSION_LINE):
+            number = line.removeprefix(_VERSION_LINE).strip()
+            return int(number) if number.isdigit() and len(number) < 6 else -1
+    return None
 
 
 def _exec_line(script: str) -> list[str] | None:
