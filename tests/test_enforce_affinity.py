@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from pinwarden.cpuset import CpuSet
-from pinwarden.enforce.affinity import get_affinity, pin, threads_of
+from pinwarden.enforce.affinity import get_affinity, pin, pin_each, threads_of
 from pinwarden.errors import EnforceError
 
 
@@ -46,3 +46,17 @@ def test_gone_thread_is_named(sleepers: list[int]) -> None:
     proc.wait()
     with pytest.raises(EnforceError, match="has exited"):
         pin({proc.pid: get_affinity(sleepers[0])})
+
+
+def test_pin_each_places_what_it_can_and_says_what_it_could_not(sleepers: list[int]) -> None:
+    """Not transactional: a thread that cannot take the CPUs (none such online: EINVAL, as
+    when its cgroup forbids them) or is gone (ESRCH) is reported; the others are set."""
+    import errno
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    last = CpuSet.of([max(get_affinity(sleepers[0]).cpus)])
+    before = get_affinity(sleepers[1])
+    failed = pin_each({sleepers[0]: last, sleepers[1]: CpuSet.of([4000]), proc.pid: last})
+    assert failed == {sleepers[1]: errno.EINVAL, proc.pid: errno.ESRCH}
+    assert get_affinity(sleepers[0]) == last and get_affinity(sleepers[1]) == before

@@ -170,42 +170,62 @@ def test_hook_later_steps_only_for_pinwarden_domains(tmp_path: Path) -> None:
     exe = script(tmp_path / "cat-args", 'echo "$@"; cat')
     (qemu, lxc) = hook.install(tmp_path, exe=exe, state_dir=None, config=None,
                                check=False).paths
-    pinned = "<domain><vcpu cpuset='1'>1</vcpu></domain>"
+    pinned = "<domain><vcpu placement='static' cpuset='1'>1</vcpu></domain>"  # libvirt's form
     for op in ("started", "release"):
         seen = call(qemu, "vm1", op, "-", "-", stdin=meta)
         assert seen.returncode == 0 and seen.stdout == f"hook run qemu vm1 {op} - -\n{meta}\n"
         assert call(qemu, "vm1", op, "-", "-", stdin=pinned).stdout == ""
-    # a QEMU domain that names no CPUs reaches pinwarden at 'started' (it gets the VM CPUs),
-    # not at 'release'; an LXC one never
-    unpinned = "<domain><vcpu>1</vcpu></domain>"
-    assert call(qemu, "vm1", "started", "-", "-", stdin=unpinned).stdout == \
-        f"hook run qemu vm1 started - -\n{unpinned}\n"
-    assert call(qemu, "vm1", "release", "-", "-", stdin=unpinned).stdout == ""
-    assert call(lxc, "ct1", "started", "-", "-", stdin=unpinned).stdout == ""
-    # pinned in double quotes too; a cpuset= in text (libvirt writes its quotes as entities:
-    # test_libvirt_writes_quotes_in_text_as_entities checks that against libvirt) is no pin
-    double = '<domain><vcpu cpuset="1">1</vcpu></domain>'
-    assert call(qemu, "vm1", "started", "-", "-", stdin=double).stdout == ""
+    # a QEMU domain without <vcpu cpuset> reaches pinwarden at 'started' (its threads
+    # without a pin get the VM CPUs) — naming no CPUs, pinning some threads, or mentioning
+    # a cpuset in its text — not at 'release'; an LXC one never
+    unpinned = "<domain><vcpu placement='static'>1</vcpu></domain>"
+    partly = ("<domain><vcpu placement='static'>2</vcpu><cputune><vcpupin vcpu='0' "
+              "cpuset='1'/></cputune></domain>")
     told = ("<domain><description>pin with cpuset=&apos;1&apos; or cpuset=&quot;1&quot;"
-            "</description><vcpu>1</vcpu></domain>")
-    assert call(qemu, "vm1", "started", "-", "-", stdin=told).stdout == \
-        f"hook run qemu vm1 started - -\n{told}\n"
+            "</description><vcpu placement='static'>1</vcpu></domain>")
+    for placed in (unpinned, partly, told):
+        assert call(qemu, "vm1", "started", "-", "-", stdin=placed).stdout == \
+            f"hook run qemu vm1 started - -\n{placed}\n"
+        assert call(qemu, "vm1", "release", "-", "-", stdin=placed).stdout == ""
+        assert call(lxc, "ct1", "started", "-", "-", stdin=placed).stdout == ""
     # steps pinwarden ignores never reach it (no Python start-up inside libvirtd's start)
     skipped = call(qemu, "vm1", "start", "begin", "-")
     assert skipped.returncode == 0 and skipped.stdout == ""
 
 
-def test_libvirt_writes_quotes_in_text_as_entities() -> None:
+def test_libvirt_writes_the_vcpu_cpuset_right_after_placement() -> None:
     """What the drop-in's 'started' shortcut relies on: in libvirt's form of a domain XML
-    (its test driver, no daemon) ``cpuset='`` and ``cpuset="`` appear only as attributes."""
+    (its test driver, no daemon) a <vcpu cpuset> is written ``<vcpu placement='static'
+    cpuset='…'``, whatever order it was given in, and text that mentions one is escaped."""
     from libvirt_form import libvirt_form
 
-    form = libvirt_form("<title>cpuset='3'</title><description>cpuset=\"2\" cpuset='1'"
-                        "</description><vcpu>1</vcpu>", "pw-quote-oracle")
-    assert form is not None
-    assert "cpuset=" in form and " cpuset='" not in form and "cpuset=\"" not in form
-    pinned = libvirt_form("<vcpu cpuset='1'>1</vcpu>", "pw-quote-oracle")
-    assert pinned is not None and " cpuset='1'" in pinned
+    for given in ("<vcpu cpuset='1'>1</vcpu>", "<vcpu current='1' cpuset='1-2'>2</vcpu>",
+                  "<vcpu cpuset='0-1' placement='static'>2</vcpu>"):
+        form = libvirt_form(given, "pw-quote-oracle")
+        assert form is not None and "<vcpu placement='static' cpuset='" in form, form
+    form = libvirt_form("<title>cpuset='3'</title><description>&lt;vcpu placement='static' "
+                        "cpuset='1'&gt;</description><vcpu>1</vcpu>", "pw-quote-oracle")
+    assert form is not None and "cpuset=" in form
+    assert "<vcpu placement='static' cpuset='" not in form, form
+
+
+def test_unpinned_threads_are_known_by_their_names() -> None:
+    """Which threads of a running QEMU the 'started' step moves to the VM CPUs: those whose
+    role (QEMU's thread name) has no pin in the XML."""
+    from pinwarden.libvirt.hook import unpinned_thread
+
+    partly = parse_domain(xml("p", "<iothreads>2</iothreads><cputune><vcpupin vcpu='0' "
+                                   "cpuset='1'/><iothreadpin iothread='2' cpuset='1'/>"
+                                   "</cputune>"))
+    assert [unpinned_thread(partly, comm) for comm in (
+        "CPU 0/KVM", "CPU 1/KVM", "CPU 1/TCG", "IO iothread2", "IO iothread1",
+        "qemu-system-x86", "IO mon_iothread", "worker", "ALL CPUs/TCG",
+        "IO iothread1234", None)] == [  # (a name the kernel may have cut short)
+        False, True, True, False, True, True, True, True, False, False, False]
+    emulator = parse_domain(xml("e", "<cputune><emulatorpin cpuset='1'/></cputune>"))
+    assert [unpinned_thread(emulator, comm) for comm in (
+        "qemu-system-x86", "CPU 0/KVM", "ALL CPUs/TCG", "IO iothread1")] == [
+        False, True, True, True]
 
 
 @pytest.mark.parametrize("broken", ["missing", "import-error", "crash"])

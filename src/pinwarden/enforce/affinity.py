@@ -59,3 +59,17 @@ def pin(plan: Mapping[int, CpuSet]) -> dict[int, CpuSet]:
             raise EnforceError(_explain(tid, cpus, exc)) from None
         done[tid] = old
     return done
+
+
+def pin_each(plan: Mapping[int, CpuSet]) -> dict[int, int]:
+    """Set every thread's affinity, each on its own (not transactional: what can be placed
+    is); returns the threads that could not be, with the errno (``ESRCH``: gone,
+    ``EINVAL``: its cpuset cgroup does not allow those CPUs)."""
+    failed: dict[int, int] = {}
+    for tid, cpus in plan.items():
+        try:
+            os.sched_setaffinity(tid, cpus.cpus)
+        except OSError as exc:
+            failed[tid] = exc.errno or 0
+    return failed
+

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TextIO
 
 from pinwarden.config import DEFAULT_STATE_DIR
-from pinwarden.errors import InputError, PinwardenError, Refusal
+from pinwarden.errors import EnforceError, InputError, PinwardenError, Refusal
 from pinwarden.libvirt import hookclient
 from pinwarden.record import record
 
@@ -119,12 +119,12 @@ def hook_script(driver: str, exe: str | Sequence[str], *, state_dir: Path | None
                 str(len(args)), *args]
     command = " ".join(shlex.quote(a) for a in args)
     log = shlex.quote(str(state / HOOK_LOG))
-    # at 'started' a QEMU domain whose XML names no CPUs at all (no cpuset attribute) gets
-    # the VM CPUs (see _place_unpinned); any other shared domain ends here.  In libvirt's
-    # form of the XML (what the hook gets) a quote in text is &apos; or &quot;: a
-    # <description> or <title> that mentions cpuset='…' is not taken for a pin.
-    unpinned = ("*\" cpuset='\"*|*' cpuset=\"'*) exit 0 ;; *) ;;" if driver == "qemu"
-                else "*) exit 0 ;;")
+    # at 'started' the threads of a QEMU domain without <vcpu cpuset> that have no pin of
+    # their own get the VM CPUs (see _place_default); any other shared domain ends here.
+    # libvirt's form of the XML (what the hook gets) writes the attribute right after
+    # placement='static' (tests check that against libvirt).
+    unpinned = ("*\"<vcpu placement='static' cpuset='\"*) exit 0 ;; *) ;;"
+                if driver == "qemu" else "*) exit 0 ;;")
     return f"""#!/bin/sh
 {MARKER} ({driver}); written by 'pinwarden hook install'.
 {_VERSION_LINE}{SCRIPT_VERSION}
@@ -489,8 +489,8 @@ def admit_shared(manager: Manager, spec: DomainSpec, holder: HolderRef) -> None:
 
 def _started(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None:
     if not spec.exclusive:
-        if driver == "qemu" and not spec.has_affinity:
-            _place_unpinned(manager, name, spec)
+        if driver == "qemu" and spec.cpuset is None:
+            _place_default(manager, name, spec)
         return
     holder = _holder(driver, name, spec)
     pid = _pid_file(driver, name)
@@ -501,23 +501,71 @@ def _started(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None
             manager.sync()
 
 
-def _place_unpinned(manager: Manager, name: str, spec: DomainSpec) -> None:
-    """A shared domain whose XML says nothing about CPUs, started by plain ``virsh
-    start``: libvirt lets it run on every online CPU (libvirt < 10.4) or every CPU but the
-    isolated ones (≥ 10.4), housekeeping CPUs included.  The hook cannot change the XML,
-    so once QEMU runs its threads get the CPUs ``pinwarden start`` would have written into
-    ``<vcpu cpuset>`` — the VM CPUs less the leased ones (threads QEMU starts later
-    inherit them).  libvirt reads affinity back from the kernel (``virsh vcpuinfo``)."""
-    from pinwarden.enforce.affinity import pin, threads_of
+def _place_default(manager: Manager, name: str, spec: DomainSpec) -> None:
+    """A shared QEMU domain without ``<vcpu cpuset>``, started by plain ``virsh start``:
+    libvirt lets each thread without a pin of its own (every thread, when the XML names no
+    CPUs) run on every online CPU (libvirt < 10.4) or every CPU but the isolated ones
+    (≥ 10.4), housekeeping CPUs included.  The hook cannot change the XML, so once QEMU
+    runs those threads get the CPUs ``pinwarden start`` would have written into ``<vcpu
+    cpuset>`` — the VM CPUs less the leased ones (threads QEMU starts later inherit them
+    from the thread that starts them); the pinned ones keep their pins.  libvirt reads
+    affinity back from the kernel (``virsh vcpuinfo``)."""
+    import errno
+
+    from pinwarden.enforce.affinity import pin_each, threads_of
     from pinwarden.policy import decide
 
     pid = _pid_file("qemu", name)
     if pid is None:
         return
     plan = decide(spec, manager.host(), manager.leases(), holder=_holder("qemu", name, spec))
-    cpus = plan.cpus()
-    if cpus:
-        pin({tid: cpus for tid in threads_of(pid)})
+    cpus = plan.default_cpus
+    if not cpus:  # every thread is pinned
+        return
+    failed = pin_each({tid: cpus for tid in threads_of(pid)
+                       if unpinned_thread(spec, _comm(pid, tid))})
+    # A thread that exited meanwhile, or one whose cpuset cgroup does not allow the CPUs —
+    # KVM's NX huge page recovery worker (kvm-nx-lpage-re) may start in the cgroup of a
+    # pinned vCPU, and keeps its pin — is left as it is; anything else is reported (the
+    # domain keeps running either way).
+    other = {tid: code for tid, code in failed.items()
+             if code not in (errno.ESRCH, errno.EINVAL)}
+    if other:
+        tid, code = next(iter(other.items()))
+        raise EnforceError(f"could not give thread {tid} of domain {name!r} CPUs {cpus}: "
+                           f"{os.strerror(code)}")
+
+
+def _comm(pid: int, tid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/task/{tid}/comm").read_text().rstrip("\n")
+    except OSError:
+        return None
+
+
+_COMM_MAX = 15  # the kernel keeps a thread's name to 15 bytes
+
+
+def unpinned_thread(spec: DomainSpec, comm: str | None) -> bool:
+    """Whether the QEMU thread named ``comm`` has no pin of its own in ``spec`` (pure).
+    QEMU names its threads (libvirt passes ``debug-threads=on``): ``CPU N/KVM`` (or
+    ``/TCG`` …) is vCPU N, ``ALL CPUs/TCG`` every vCPU (single-threaded TCG), ``IO
+    iothreadN`` libvirt's I/O thread N; every other thread — the main loop, workers, the
+    monitor's I/O thread — is the emulator's.  A name cut short by the kernel, or a
+    thread gone, is left alone."""
+    if comm is None:
+        return False
+    if comm.startswith("ALL CPUs/"):
+        return not spec.vcpupins
+    if comm.startswith("CPU ") and "/" in comm:
+        number = comm[4:].partition("/")[0]
+        if number.isdigit():
+            return int(number) not in spec.vcpupins
+    if comm.startswith("IO iothread") and comm[11:].isdigit():
+        if len(comm) >= _COMM_MAX:
+            return False
+        return int(comm[11:]) not in spec.iothreadpins
+    return spec.emulatorpin is None
 
 
 def _release(manager: Manager, driver: str, name: str, spec: DomainSpec,
