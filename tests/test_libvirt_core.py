@@ -3,8 +3,12 @@ dispatch, the stored metadata of ``pinwarden define``.  (The real thing: test_li
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -175,9 +179,10 @@ def test_hook_later_steps_only_for_pinwarden_domains(tmp_path: Path) -> None:
         seen = call(qemu, "vm1", op, "-", "-", stdin=meta)
         assert seen.returncode == 0 and seen.stdout == f"hook run qemu vm1 {op} - -\n{meta}\n"
         assert call(qemu, "vm1", op, "-", "-", stdin=pinned).stdout == ""
-    # a QEMU domain without <vcpu cpuset> reaches pinwarden at 'started' (its threads
-    # without a pin get the VM CPUs) — naming no CPUs, pinning some threads, or mentioning
-    # a cpuset in its text — not at 'release'; an LXC one never
+        assert call(lxc, "ct1", op, "-", "-", stdin=pinned).stdout == ""
+    # a domain without <vcpu cpuset> reaches pinwarden at 'started' (its threads without a
+    # pin get the VM CPUs; a container's processes all) — naming no CPUs, pinning some
+    # threads, or mentioning a cpuset in its text — not at 'release'
     unpinned = "<domain><vcpu placement='static'>1</vcpu></domain>"
     partly = ("<domain><vcpu placement='static'>2</vcpu><cputune><vcpupin vcpu='0' "
               "cpuset='1'/></cputune></domain>")
@@ -187,7 +192,8 @@ def test_hook_later_steps_only_for_pinwarden_domains(tmp_path: Path) -> None:
         assert call(qemu, "vm1", "started", "-", "-", stdin=placed).stdout == \
             f"hook run qemu vm1 started - -\n{placed}\n"
         assert call(qemu, "vm1", "release", "-", "-", stdin=placed).stdout == ""
-        assert call(lxc, "ct1", "started", "-", "-", stdin=placed).stdout == ""
+        assert call(lxc, "ct1", "started", "-", "-", stdin=placed).stdout == \
+            f"hook run lxc ct1 started - -\n{placed}\n"
     # steps pinwarden ignores never reach it (no Python start-up inside libvirtd's start)
     skipped = call(qemu, "vm1", "start", "begin", "-")
     assert skipped.returncode == 0 and skipped.stdout == ""
@@ -226,6 +232,26 @@ def test_unpinned_threads_are_known_by_their_names() -> None:
     assert [unpinned_thread(emulator, comm) for comm in (
         "qemu-system-x86", "CPU 0/KVM", "ALL CPUs/TCG", "IO iothread1")] == [
         False, True, True, True]
+
+
+def test_a_containers_processes_are_found_below_its_controller() -> None:
+    """What the 'started' step of a shared LXC container places: the controller's process
+    and every process below it (a real process tree: a shell, its children and theirs)."""
+    from pinwarden.libvirt.hook import _descendants
+
+    top = subprocess.Popen(["sh", "-c", "sleep 60 & (sleep 60 & wait) & wait"])
+    try:
+        deadline = time.monotonic() + 10
+        while len(found := _descendants(top.pid)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert found[0] == top.pid and len(found) == 4, found  # sh, sleep, (sh, sleep)
+        assert os.getpid() not in found
+    finally:
+        top.kill()
+        top.wait()
+        for pid in found[1:]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("broken", ["missing", "import-error", "crash"])

@@ -523,8 +523,7 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
                 nodes=spec.numa_nodeset or near or None)
             if spec.numa_nodeset is None and near:  # near the vCPUs if it can, else anywhere
                 near_got = _allocate_or_none(ctx, free, request)
-                got = near_got if near_got is not None else \
-                    _allocate(ctx, free, replace(request, nodes=None))
+                got = near_got or _allocate(ctx, free, replace(request, nodes=None))
                 if near_got is None:
                     notes.append(f"no CPU of NUMA node {near} (where the vCPUs of {ctx.who} "
                                  f"run) was free for its isolated emulator: it runs on node "

@@ -72,4 +72,3 @@ def pin_each(plan: Mapping[int, CpuSet]) -> dict[int, int]:
         except OSError as exc:
             failed[tid] = exc.errno or 0
     return failed
-

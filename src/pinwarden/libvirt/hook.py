@@ -120,20 +120,20 @@ def hook_script(driver: str, exe: str | Sequence[str], *, state_dir: Path | None
     command = " ".join(shlex.quote(a) for a in args)
     log = shlex.quote(str(state / HOOK_LOG))
     # at 'started' the threads of a QEMU domain without <vcpu cpuset> that have no pin of
-    # their own get the VM CPUs (see _place_default); any other shared domain ends here.
+    # their own get the VM CPUs (see _place_default), and so does every process of such an
+    # LXC container (_place_container); any other shared domain ends here.
     # libvirt's form of the XML (what the hook gets) writes the attribute right after
     # placement='static' (tests check that against libvirt).
-    unpinned = ("*\"<vcpu placement='static' cpuset='\"*) exit 0 ;; *) ;;"
-                if driver == "qemu" else "*) exit 0 ;;")
+    unpinned = "*\"<vcpu placement='static' cpuset='\"*) exit 0 ;; *) ;;"
     return f"""#!/bin/sh
 {MARKER} ({driver}); written by 'pinwarden hook install'.
 {_VERSION_LINE}{SCRIPT_VERSION}
 # libvirtd runs it at every domain lifecycle step (domain XML on stdin).  pinwarden admits
 # or refuses the domain against the exclusive CPU leases at 'prepare' (exit {REFUSED}: refused,
 # libvirt shows why), takes the QEMU process as the leases' owner at 'started' (and gives
-# a domain that names no CPUs the VM CPUs) and frees them at 'release'.  Later steps never
-# fail (libvirt would kill the domain), and steps pinwarden ignores end here: no Python
-# start-up for them.
+# a shared domain's threads that have no pin the VM CPUs) and frees them at 'release'.
+# Later steps never fail (libvirt would kill the domain), and steps pinwarden ignores end
+# here: no Python start-up for them.
 # Fail safe: if pinwarden itself is broken or gone, a domain that asks for nothing
 # exclusive is let through (logged to syslog and {log}); an exclusive one is refused.
 case "$2" in
@@ -489,8 +489,11 @@ def admit_shared(manager: Manager, spec: DomainSpec, holder: HolderRef) -> None:
 
 def _started(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None:
     if not spec.exclusive:
-        if driver == "qemu" and spec.cpuset is None:
-            _place_default(manager, name, spec)
+        if spec.cpuset is None:
+            if driver == "qemu":
+                _place_default(manager, name, spec)
+            else:
+                _place_container(manager, name, spec)
         return
     holder = _holder(driver, name, spec)
     pid = _pid_file(driver, name)
@@ -534,6 +537,51 @@ def _place_default(manager: Manager, name: str, spec: DomainSpec) -> None:
         tid, code = next(iter(other.items()))
         raise EnforceError(f"could not give thread {tid} of domain {name!r} CPUs {cpus}: "
                            f"{os.strerror(code)}")
+
+
+def _place_container(manager: Manager, name: str, spec: DomainSpec) -> None:
+    """A shared LXC container without ``<vcpu cpuset>`` (libvirt's LXC driver ignores
+    pins): its controller (``libvirt_lxc``) gives itself every online CPU, and the
+    container inherits them.  Once it runs, the controller and every process below it get
+    the VM CPUs less the leased ones, as a QEMU domain's threads do (what they start later
+    inherits them); a process forked meanwhile is caught by looking again."""
+    from pinwarden.enforce.affinity import pin_each, threads_of
+    from pinwarden.policy import decide
+
+    pid = _pid_file("lxc", name)
+    if pid is None:
+        return
+    plan = decide(spec, manager.host(), manager.leases(), holder=_holder("lxc", name, spec))
+    cpus = plan.default_cpus
+    if not cpus:
+        return
+    done: set[int] = set()
+    for _ in range(3):
+        todo = {tid for proc in _descendants(pid) for tid in threads_of(proc)} - done
+        if not todo:
+            break
+        pin_each({tid: cpus for tid in sorted(todo)})  # (gone or refused: left as it is)
+        done |= todo
+
+
+def _descendants(pid: int, proc: Path = Path("/proc")) -> list[int]:
+    """``pid`` and every process below it (one reading of ``/proc``)."""
+    from pinwarden import procs
+
+    children: dict[int, list[int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(proc):
+            if entry.name.isdigit():
+                stat = procs.read_stat(int(entry.name), root=proc.parent)
+                if stat is not None:
+                    children.setdefault(stat.ppid, []).append(stat.pid)
+    seen, queue = {pid}, [pid]
+    while queue:
+        for child in children.get(queue.pop(), ()):
+            if child not in seen:
+                seen.add(child)
+                queue.append(child)
+    return sorted(seen)
 
 
 def _comm(pid: int, tid: int) -> str | None:

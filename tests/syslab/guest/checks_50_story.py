@@ -305,6 +305,33 @@ LXC_XML = """<domain type='lxc'>
 </domain>"""
 
 
+def container_affinity(name: str) -> list[Data]:
+    """The affinity of every thread of a running container: its controller (the pid file)
+    and every process below it."""
+    try:
+        top = int(Path(f"/run/libvirt/lxc/{name}.pid").read_text().strip())
+    except (OSError, ValueError):
+        return []
+    parent: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(AttributeError, ValueError, IndexError):
+                parent[int(entry.name)] = int(
+                    str(read(entry / "stat")).rsplit(")", 1)[1].split()[1])
+    members, grew = {top}, True
+    while grew:
+        more = {pid for pid, ppid in parent.items() if ppid in members} - members
+        grew = bool(more)
+        members |= more
+    out: list[Data] = []
+    for pid in sorted(members):
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                out.append({"pid": pid, "tid": int(task.name), "comm": read(task / "comm"),
+                            "cpus_allowed": affinity(pid, int(task.name))})
+    return out
+
+
 @check("story_lxc", needs=["install", "boot"])
 def story_lxc() -> Data:
     """Across drivers: an exclusive LXC container holds CPU 2; a QEMU domain pinned to CPU 2
@@ -319,6 +346,15 @@ def story_lxc() -> Data:
         out["define_lx"] = pinwarden("define", "-c", LXC_URI, str(xml))
         out["start_lx"] = virsh("start", "pwtest-lx", uri=LXC_URI)
         out["holders"] = holders()
+        # a shared container that names no CPUs, by plain virsh start: every process of it
+        # gets the VM CPUs less the leased one (the hook's 'started' step)
+        plain = Path("/run/pwtest-lxs.xml")
+        plain.write_text(LXC_XML.format(name="pwtest-lxs", meta="", cpus="0-3").replace(
+            "<vcpu placement='static' cpuset='0-3'>", "<vcpu>"))
+        out["define_lxs"] = virsh("define", str(plain), uri=LXC_URI)
+        out["start_lxs"] = virsh("start", "pwtest-lxs", uri=LXC_URI)
+        out["lxs_allowed"] = container_affinity("pwtest-lxs")
+        out["destroy_lxs"] = virsh("destroy", "pwtest-lxs", uri=LXC_URI)
         out["define_q"] = virsh("define", write_xml(
             "pwtest-lq", cputune="<vcpupin vcpu='0' cpuset='2'/>"))
         out["start_q"] = virsh("start", "pwtest-lq")
@@ -334,6 +370,7 @@ def story_lxc() -> Data:
         for name in ("pwtest-lq", "pwtest-lqx"):
             remove_domain(name)
         remove_domain("pwtest-lx", uri=LXC_URI)
+        remove_domain("pwtest-lxs", uri=LXC_URI)
         pinwarden("hook", "uninstall")
         CONFIG.unlink(missing_ok=True)
         pinwarden("sync")
