@@ -81,7 +81,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         vm.start(suites)
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     vm = sys.modules.get("syslab.vm")
     if vm is not None:
-        vm.stop()
+        kept = vm.stop(keep=exitstatus != 0)
+        if kept:
+            print(f"\nsystemd lab output kept: {' '.join(map(str, kept))}", file=sys.stderr)
