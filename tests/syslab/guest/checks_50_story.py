@@ -334,8 +334,9 @@ def container_affinity(name: str) -> list[Data]:
 
 @check("story_lxc", needs=["install", "boot"])
 def story_lxc() -> Data:
-    """Across drivers: an exclusive LXC container holds CPU 2; a QEMU domain pinned to CPU 2
-    is refused naming the container, and a QEMU exclusive one gets another CPU."""
+    """A shared LXC container naming no CPUs gets the VM CPUs; across drivers: an exclusive
+    LXC container holds CPU 2; a QEMU domain pinned to CPU 2 is refused naming the
+    container, and a QEMU exclusive one gets another CPU."""
     CONFIG.parent.mkdir(parents=True, exist_ok=True)
     CONFIG.write_text('[partition]\nmode = "none"\nhost_reserve = "0"\n')
     out: Data = {"hook_install": pinwarden("hook", "install"),
@@ -343,11 +344,9 @@ def story_lxc() -> Data:
     xml = Path("/run/pwtest-lx.xml")
     xml.write_text(LXC_XML.format(name="pwtest-lx", meta=EXCLUSIVE_META, cpus="2"))
     try:
-        out["define_lx"] = pinwarden("define", "-c", LXC_URI, str(xml))
-        out["start_lx"] = virsh("start", "pwtest-lx", uri=LXC_URI)
-        out["holders"] = holders()
-        # a shared container that names no CPUs, by plain virsh start: every process of it
-        # gets the VM CPUs less the leased one (the hook's 'started' step)
+        # first, with nothing leased (machine.slice as found: every CPU), a shared container
+        # that names no CPUs, by plain virsh start: the hook's 'started' step gives its
+        # controller and every process below it the VM CPUs, not libvirt_lxc's every CPU
         plain = Path("/run/pwtest-lxs.xml")
         plain.write_text(LXC_XML.format(name="pwtest-lxs", meta="", cpus="0-3").replace(
             "<vcpu placement='static' cpuset='0-3'>", "<vcpu>"))
@@ -355,6 +354,9 @@ def story_lxc() -> Data:
         out["start_lxs"] = virsh("start", "pwtest-lxs", uri=LXC_URI)
         out["lxs_allowed"] = container_affinity("pwtest-lxs")
         out["destroy_lxs"] = virsh("destroy", "pwtest-lxs", uri=LXC_URI)
+        out["define_lx"] = pinwarden("define", "-c", LXC_URI, str(xml))
+        out["start_lx"] = virsh("start", "pwtest-lx", uri=LXC_URI)
+        out["holders"] = holders()
         out["define_q"] = virsh("define", write_xml(
             "pwtest-lq", cputune="<vcpupin vcpu='0' cpuset='2'/>"))
         out["start_q"] = virsh("start", "pwtest-lq")
