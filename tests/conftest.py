@@ -82,8 +82,14 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    vm = sys.modules.get("syslab.vm")
-    if vm is not None:
-        kept = vm.stop(keep=exitstatus != 0)
-        if kept:
-            print(f"\nsystemd lab output kept: {' '.join(map(str, kept))}", file=sys.stderr)
+    """Stop the lab guests still running; remove the labs' output directories when the
+    session passed (a failed one keeps them, and says where)."""
+    kept: list[Path] = []
+    syslab = sys.modules.get("syslab.vm")
+    if syslab is not None:
+        kept += syslab.stop(keep=exitstatus != 0)
+    lab = sys.modules.get("lab.vm")
+    if lab is not None:
+        kept += lab.finish(keep=exitstatus != 0)
+    if kept:
+        print(f"\nlab output kept: {' '.join(map(str, kept))}", file=sys.stderr)
