@@ -240,6 +240,7 @@ def test_a_containers_processes_are_found_below_its_controller() -> None:
     from pinwarden.libvirt.hook import _descendants
 
     top = subprocess.Popen(["sh", "-c", "sleep 60 & (sleep 60 & wait) & wait"])
+    found: list[int] = []
     try:
         deadline = time.monotonic() + 10
         while len(found := _descendants(top.pid)) < 4 and time.monotonic() < deadline:
