@@ -82,14 +82,19 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Stop the lab guests still running; remove the labs' output directories when the
-    session passed (a failed one keeps them, and says where)."""
-    kept: list[Path] = []
+    """Stop the lab guests still running; remove the directories the labs made when the
+    session passed (a failed one, or ``PINWARDEN_LAB_KEEP=1``, keeps them and says where:
+    for ``PINWARDEN_LAB_REUSE`` / ``PINWARDEN_SYSLAB_REUSE_<SUITE>``)."""
+    import shutil
+
     syslab = sys.modules.get("syslab.vm")
     if syslab is not None:
-        kept += syslab.stop(keep=exitstatus != 0)
-    lab = sys.modules.get("lab.vm")
-    if lab is not None:
-        kept += lab.finish(keep=exitstatus != 0)
-    if kept:
-        print(f"\nlab output kept: {' '.join(map(str, kept))}", file=sys.stderr)
+        syslab.stop()
+    made = [path for name in ("syslab.vm", "lab.vm")
+            if (module := sys.modules.get(name)) is not None for path in module.MADE]
+    if exitstatus != 0 or os.environ.get("PINWARDEN_LAB_KEEP"):
+        if made:
+            print(f"\nlab output kept: {' '.join(map(str, made))}", file=sys.stderr)
+        return
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)

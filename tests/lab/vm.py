@@ -161,19 +161,8 @@ def load(outdir: Path) -> LabRun:
 
 
 _RUN: list[LabRun | LabError] = []
-_MADE: list[Path] = []  # the output directory this session made (removed by finish())
-
-
-def finish(*, keep: bool = False) -> list[Path]:
-    """End of session: remove the output directory this session made — unless ``keep`` (a
-    failed session) or ``PINWARDEN_LAB_KEEP``: then it is returned, to be named."""
-    made = list(_MADE)
-    if keep or os.environ.get("PINWARDEN_LAB_KEEP"):
-        return made
-    for path in made:
-        shutil.rmtree(path, ignore_errors=True)
-    _MADE.clear()
-    return []
+#: The output directory this session made (conftest removes it when the session passed).
+MADE: list[Path] = []
 
 
 def lab_run() -> LabRun:
@@ -185,7 +174,7 @@ def lab_run() -> LabRun:
                 _RUN.append(load(Path(reuse)))
             else:
                 outdir = Path(tempfile.mkdtemp(prefix="pwtest-lab-"))
-                _MADE.append(outdir)
+                MADE.append(outdir)
                 _RUN.append(boot(lab_kernel(), outdir))
         except LabError as exc:
             _RUN.append(exc)

@@ -46,9 +46,9 @@ Environment: ``PINWARDEN_SYSLAB_SUITES`` (default ``bookworm,trixie``),
 ``PINWARDEN_SYSLAB_CHECKS`` (comma list of check names or ``prefix*``: run only those),
 ``PINWARDEN_SYSLAB_REUSE_<SUITE>=DIR`` (assert on an earlier boot's output directory),
 ``PINWARDEN_SYSLAB_KERNEL_<SUITE>`` (another kernel), ``PINWARDEN_SYSLAB_QEMU_OPTS_<SUITE>``,
-``PINWARDEN_SYSLAB_CACHE`` (see rootfs), ``PINWARDEN_SYSLAB_KEEP=1`` (keep the output
-directories and the wheelhouse of a session that passed too: :func:`stop` removes them
-otherwise, and keeps them, saying where, when the session failed).
+``PINWARDEN_SYSLAB_CACHE`` (see rootfs), ``PINWARDEN_LAB_KEEP=1`` (keep the output
+directories and the wheelhouse of a session that passed too: the session removes them
+otherwise, and keeps them, saying where, when it failed).
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def wheelhouse() -> Path:
 def _wheelhouse() -> Path:
     if not _WHEELHOUSE:
         base = Path(tempfile.mkdtemp(prefix="pwtest-syslab-wheels-"))
-        _MADE.append(base)
+        MADE.append(base)
         src = base / "src"
         src.mkdir()
         for name in ("pyproject.toml", "README.md", "LICENSE"):
@@ -368,7 +368,8 @@ def load(suite: str, outdir: Path) -> LabRun:
 
 #: Process groups of the guests running now (vng's own session: vng, virtme-run, qemu).
 _LIVE: set[int] = set()
-_MADE: list[Path] = []  # directories this session made (removed by stop())
+#: Directories this session made (conftest removes them when the session passed).
+MADE: list[Path] = []
 _RUNS: dict[str, LabRun | LabError] = {}
 _BOOTS: dict[str, threading.Thread] = {}
 _BOOTS_LOCK = threading.Lock()
@@ -388,7 +389,7 @@ def _run_suite(suite: str) -> LabRun:
     except BuildError as exc:
         raise LabError(f"the {suite} lab root could not be built: {exc}") from None
     outdir = Path(tempfile.mkdtemp(prefix=f"pwtest-syslab-{suite}-"))
-    _MADE.append(outdir)
+    MADE.append(outdir)
     return boot(suite, root, outdir)
 
 
@@ -413,21 +414,13 @@ def start(suites: Sequence[str]) -> None:
                 thread.start()
 
 
-def stop(*, keep: bool = False) -> list[Path]:
-    """Kill the guests still running (end of session), then remove the directories this
-    session made — unless ``keep`` (a failed session) or ``PINWARDEN_SYSLAB_KEEP``: then
-    they are returned, for the session to say where they are."""
+def stop() -> None:
+    """Kill the guests still running (end of session) and let their threads finish, so
+    that :data:`MADE` can be removed."""
     for pgid in list(_LIVE):
         _kill(pgid)
     for thread in list(_BOOTS.values()):
         thread.join(timeout=60)  # (a killed guest's thread returns at once)
-    made = sorted(set(_MADE))
-    if keep or os.environ.get("PINWARDEN_SYSLAB_KEEP"):
-        return made
-    for path in made:
-        shutil.rmtree(path, ignore_errors=True)
-    _MADE.clear()
-    return []
 
 
 def lab_run(suite: str) -> LabRun:
