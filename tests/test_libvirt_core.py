@@ -237,13 +237,13 @@ def test_unpinned_threads_are_known_by_their_names() -> None:
 def test_a_containers_processes_are_found_below_its_controller() -> None:
     """What the 'started' step of a shared LXC container places: the controller's process
     and every process below it (a real process tree: a shell, its children and theirs)."""
-    from pinwarden.libvirt.hook import _descendants
+    from pinwarden.procs import descendants
 
     top = subprocess.Popen(["sh", "-c", "sleep 60 & (sleep 60 & wait) & wait"])
     found: list[int] = []
     try:
         deadline = time.monotonic() + 10
-        while len(found := _descendants(top.pid)) < 4 and time.monotonic() < deadline:
+        while len(found := descendants(top.pid)) < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert found[0] == top.pid and len(found) == 4, found  # sh, sleep, (sh, sleep)
         assert os.getpid() not in found

@@ -97,3 +97,32 @@ def alive(pid: int, start: int | None, *, root: Path = Path("/")) -> bool:
     if stat is None or stat.dead:
         return False
     return start is None or stat.start_time == start
+
+
+def descendants(pid: int, *, root: Path = Path("/")) -> list[int]:
+    """``pid`` and every process below it, ascending (one reading of ``/proc``)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e.name for e in (root / "proc").iterdir() if e.name.isdigit()]
+    except OSError:
+        entries = []
+    for name in entries:
+        stat = read_stat(int(name), root=root)
+        if stat is not None:
+            children.setdefault(stat.ppid, []).append(stat.pid)
+    seen, queue = {pid}, [pid]
+    while queue:
+        for child in children.get(queue.pop(), ()):
+            if child not in seen:
+                seen.add(child)
+                queue.append(child)
+    return sorted(seen)
+
+
+def thread_comm(pid: int, tid: int, *, root: Path = Path("/")) -> str | None:
+    """The name of thread ``tid`` of process ``pid`` (``None``: gone)."""
+    try:
+        return (root / "proc" / str(pid) / "task" / str(tid) / "comm").read_text(
+            errors="replace").rstrip("\n")
+    except OSError:
+        return None

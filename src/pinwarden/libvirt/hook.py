@@ -47,6 +47,7 @@ from pinwarden.libvirt import hookclient
 from pinwarden.record import record
 
 if TYPE_CHECKING:
+    from pinwarden.cpuset import CpuSet
     from pinwarden.domain import DomainSpec
     from pinwarden.manager import Manager
     from pinwarden.model import HolderRef
@@ -504,6 +505,19 @@ def _started(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None
             manager.sync()
 
 
+def _default_cpus(manager: Manager, driver: str, name: str,
+                  spec: DomainSpec) -> tuple[int, CpuSet] | None:
+    """The running shared domain's process and the CPUs its threads without a pin get
+    (its plan's default placement), or None: not running, or every thread pinned."""
+    from pinwarden.policy import decide
+
+    pid = _pid_file(driver, name)
+    if pid is None:
+        return None
+    plan = decide(spec, manager.host(), manager.leases(), holder=_holder(driver, name, spec))
+    return (pid, plan.default_cpus) if plan.default_cpus else None
+
+
 def _place_default(manager: Manager, name: str, spec: DomainSpec) -> None:
     """A shared QEMU domain without ``<vcpu cpuset>``, started by plain ``virsh start``:
     libvirt lets each thread without a pin of its own (every thread, when the XML names no
@@ -516,17 +530,14 @@ def _place_default(manager: Manager, name: str, spec: DomainSpec) -> None:
     import errno
 
     from pinwarden.enforce.affinity import pin_each, threads_of
-    from pinwarden.policy import decide
+    from pinwarden.procs import thread_comm
 
-    pid = _pid_file("qemu", name)
-    if pid is None:
+    found = _default_cpus(manager, "qemu", name, spec)
+    if found is None:
         return
-    plan = decide(spec, manager.host(), manager.leases(), holder=_holder("qemu", name, spec))
-    cpus = plan.default_cpus
-    if not cpus:  # every thread is pinned
-        return
+    pid, cpus = found
     failed = pin_each({tid: cpus for tid in threads_of(pid)
-                       if unpinned_thread(spec, _comm(pid, tid))})
+                       if unpinned_thread(spec, thread_comm(pid, tid))})
     # A thread that exited meanwhile, or one whose cpuset cgroup does not allow the CPUs —
     # KVM's NX huge page recovery worker (kvm-nx-lpage-re) may start in the cgroup of a
     # pinned vCPU, and keeps its pin — is left as it is; anything else is reported (the
@@ -546,49 +557,19 @@ def _place_container(manager: Manager, name: str, spec: DomainSpec) -> None:
     the VM CPUs less the leased ones, as a QEMU domain's threads do (what they start later
     inherits them); a process forked meanwhile is caught by looking again."""
     from pinwarden.enforce.affinity import pin_each, threads_of
-    from pinwarden.policy import decide
+    from pinwarden.procs import descendants
 
-    pid = _pid_file("lxc", name)
-    if pid is None:
+    found = _default_cpus(manager, "lxc", name, spec)
+    if found is None:
         return
-    plan = decide(spec, manager.host(), manager.leases(), holder=_holder("lxc", name, spec))
-    cpus = plan.default_cpus
-    if not cpus:
-        return
+    pid, cpus = found
     done: set[int] = set()
     for _ in range(3):
-        todo = {tid for proc in _descendants(pid) for tid in threads_of(proc)} - done
+        todo = {tid for proc in descendants(pid) for tid in threads_of(proc)} - done
         if not todo:
             break
         pin_each({tid: cpus for tid in sorted(todo)})  # (gone or refused: left as it is)
         done |= todo
-
-
-def _descendants(pid: int, proc: Path = Path("/proc")) -> list[int]:
-    """``pid`` and every process below it (one reading of ``/proc``)."""
-    from pinwarden import procs
-
-    children: dict[int, list[int]] = {}
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(proc):
-            if entry.name.isdigit():
-                stat = procs.read_stat(int(entry.name), root=proc.parent)
-                if stat is not None:
-                    children.setdefault(stat.ppid, []).append(stat.pid)
-    seen, queue = {pid}, [pid]
-    while queue:
-        for child in children.get(queue.pop(), ()):
-            if child not in seen:
-                seen.add(child)
-                queue.append(child)
-    return sorted(seen)
-
-
-def _comm(pid: int, tid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/task/{tid}/comm").read_text().rstrip("\n")
-    except OSError:
-        return None
 
 
 _COMM_MAX = 15  # the kernel keeps a thread's name to 15 bytes
