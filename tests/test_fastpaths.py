@@ -209,3 +209,28 @@ def test_ranges_and_union_equal_the_plain_ones(sets: list[set[int]]) -> None:
         plain = plain | cpus.cpus
     assert union(cpusets) == CpuSet(plain)
     assert union(iter(cpusets)) == CpuSet(plain)
+
+
+def test_a_layout_lives_as_long_as_its_topology_and_the_cache_stays_bounded() -> None:
+    """The layout cache by identity: a hit is the same layout, an entry goes with its
+    topology, and past the cache's size only the oldest entries are dropped, one at a time
+    (a whole cache of big layouts freed at once took milliseconds of one decision)."""
+    base = build(sockets=2, nodes=2, cores=8)
+    first = fresh(base)
+    layout = allocator._host_layout(first)
+    assert allocator._host_layout(first) is layout
+    assert id(first) in allocator._LAYOUTS
+    key = id(first)
+    del first
+    assert key not in allocator._LAYOUTS
+    size = allocator._LAYOUT_CACHE_SIZE
+    alive = [fresh(base) for _ in range(size + 5)]
+    for topology in alive:
+        allocator._host_layout(topology)
+    assert len(allocator._LAYOUTS) == size
+    assert [id(t) in allocator._LAYOUTS for t in alive] == [False] * 5 + [True] * size
+    # An evicted topology still gets a correct (rebuilt) layout.
+    again = allocator._host_layout(alive[0])
+    assert again.nodes.keys() == layout.nodes.keys()
+    assert [n.cores for n in again.nodes.values()] == [n.cores for n in layout.nodes.values()]
+    assert allocator._host_layout(alive[0]) is again

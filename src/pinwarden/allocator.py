@@ -158,7 +158,7 @@ class _HostLayout:
         self.nodes = nodes  # by node number, ascending
         self.package = package  # node -> package key
         self.online = online  # every online CPU (each belongs to exactly one core here)
-        self.bit = bit  # bit[cpu] == 1 << cpu, for every cpu up to the largest online one
+        self.bit = bit  # bit[cpu] == 1 << cpu, for every cpu up to at least the last online
         self.smt = smt
 
 
@@ -175,11 +175,14 @@ def _host_layout(topology: Topology) -> _HostLayout:
         return hit[1]
     layout = _build_layout(topology)
     try:
-        ref = weakref.ref(topology)
+        # The entry goes with its topology; dropping the oldest one at a time keeps the
+        # cost of freeing layouts out of any one decision (a whole cache of 1,024-CPU
+        # layouts takes milliseconds to free).
+        ref = weakref.ref(topology, lambda _dead: _LAYOUTS.pop(key, None))
     except TypeError:  # pragma: no cover - a Topology without weak references: no cache
         return layout
-    if len(_LAYOUTS) >= _LAYOUT_CACHE_SIZE:
-        _LAYOUTS.clear()
+    while len(_LAYOUTS) >= _LAYOUT_CACHE_SIZE:
+        _LAYOUTS.pop(next(iter(_LAYOUTS)), None)
     _LAYOUTS[key] = (ref, layout)
     return layout
 
@@ -208,8 +211,7 @@ def _build_layout(topology: Topology) -> _HostLayout:
     online = topology.online.cpus
     if not online.issubset(cpus):
         online = online & cpus.keys()
-    top = max(online, default=-1)
-    bit = [1 << c for c in range(top + 1)]
+    bit = _bits(max(online, default=-1) + 1)
     node_cores: dict[int, list[tuple[int, ...]]] = {}
     for threads in _cores_of(topology, online):
         node_cores.setdefault(cpus[threads[0]].node, []).append(threads)
@@ -237,7 +239,18 @@ def _build_layout(topology: Topology) -> _HostLayout:
             index={t[0]: i for i, t in enumerate(cores)}, offsets=offsets,
             uniform=sizes.pop() if len(sizes) == 1 else 0)
     return _HostLayout(nodes=nodes, package={n: node.package for n, node in nodes.items()},
-                       online=frozenset(online), bit=tuple(bit), smt=smt)
+                       online=frozenset(online), bit=bit, smt=smt)
+
+
+def _bits(count: int) -> tuple[int, ...]:
+    """``(1 << 0, 1 << 1, …)``, at least ``count`` long: one table shared by every layout."""
+    global _BITS
+    if len(_BITS) < count:
+        _BITS = tuple([1 << c for c in range(count)])
+    return _BITS
+
+
+_BITS: tuple[int, ...] = ()
 
 
 def _package(topology: Topology, cpu: int) -> int:
