@@ -19,7 +19,7 @@ from pinwarden.model import HolderRef, Lease, Plan, domain_holder, job_holder
 from pinwarden.partition import Host, Partition, PartitionMode
 from pinwarden.record import replace
 from pinwarden.topology import Topology
-from test_allocator import POLICIES, build
+from test_allocator import POLICIES, build, small_hosts
 
 # -- plain versions ------------------------------------------------------------------------
 
@@ -42,6 +42,20 @@ def plain_online_vm_cpus(host: Host) -> CpuSet:
 
 def plain_free_mask(host: allocator._HostLayout, pool: CpuSet, free: CpuSet) -> int:
     return sum(1 << cpu for cpu in free.cpus & pool.cpus & host.online)
+
+
+def plain_layout(topology: Topology) -> dict[int, tuple[int, list[int], list[tuple[int, ...]]]]:
+    """Node -> (mask of its online CPUs, its cores' masks, its cores' threads): every
+    online CPU on the core of its online siblings, a core on the node of its first thread."""
+    online = topology.online & CpuSet.of(topology.cpus)
+    cores = sorted({tuple(sorted((topology.siblings(cpu) & online) | CpuSet.of([cpu])))
+                    for cpu in online})
+    out: dict[int, tuple[int, list[int], list[tuple[int, ...]]]] = {}
+    for threads in cores:
+        mask = sum(1 << cpu for cpu in threads)
+        all_of, masks, listed = out.get(topology.node_of(threads[0]), (0, [], []))
+        out[topology.node_of(threads[0])] = (all_of | mask, [*masks, mask], [*listed, threads])
+    return out
 
 
 def plain_add_all(self: policy._Leases, items: Sequence[tuple[str, CpuSet, str]]) -> None:
@@ -234,3 +248,16 @@ def test_a_layout_lives_as_long_as_its_topology_and_the_cache_stays_bounded() ->
     assert again.nodes.keys() == layout.nodes.keys()
     assert [n.cores for n in again.nodes.values()] == [n.cores for n in layout.nodes.values()]
     assert allocator._host_layout(alive[0]) is again
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(hosts().map(lambda host: host.topology), small_hosts()))
+def test_layout_equals_the_plain_layout(topology: Topology) -> None:
+    """Nodes of cores as masks (fast: pairs ordered without sorting, a node of one core
+    shape from its first threads) against a plain build, on regular hosts and on small ones
+    with cores of mixed sizes, arbitrary numbering and offline siblings."""
+    layout = allocator._host_layout(fresh(topology))
+    got = {n: (node.mask, list(node.cores), list(node.threads))
+           for n, node in layout.nodes.items()}
+    assert got == plain_layout(topology)
+    assert layout.mask == sum(node.mask for node in layout.nodes.values())

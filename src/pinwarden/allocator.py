@@ -151,13 +151,14 @@ class _HostNode:
 
 
 class _HostLayout:
-    __slots__ = ("bit", "nodes", "online", "package", "smt")
+    __slots__ = ("bit", "mask", "nodes", "online", "package", "smt")
 
     def __init__(self, *, nodes: dict[int, _HostNode], package: dict[int, int],
                  online: frozenset[int], bit: tuple[int, ...], smt: bool) -> None:
         self.nodes = nodes  # by node number, ascending
         self.package = package  # node -> package key
         self.online = online  # every online CPU (each belongs to exactly one core here)
+        self.mask = sum([node.mask for node in nodes.values()])  # of every online CPU
         self.bit = bit  # bit[cpu] == 1 << cpu, for every cpu up to at least the last online
         self.smt = smt
 
@@ -193,6 +194,10 @@ def _cores_of(topology: Topology, online: frozenset[int]) -> list[tuple[int, ...
     distinct = {cpus[cpu].siblings.cpus for cpu in online}
     if sum(map(len, distinct)) == len(online) and frozenset().union(*distinct) == online:
         # The common, consistent case: the sibling lists partition the online CPUs.
+        if len(online) == 2 * len(distinct) and set(map(len, distinct)) == {2}:
+            # Two threads a core (most hosts): ordered without sorting each pair.
+            return sorted([(a, b) if a < b else (b, a) for a, b in distinct],
+                          key=itemgetter(0))
         return sorted(map(tuple, map(sorted, distinct)), key=itemgetter(0))
     # Offline siblings, or inconsistent sibling lists (a CPU missing from its own list, or
     # in two lists): each online CPU goes to the first core that claims it.
@@ -233,8 +238,11 @@ def _build_layout(topology: Topology) -> _HostLayout:
             shapes = {tuple([t - threads[0] for t in threads]) for threads in cores}
             offsets = shapes.pop() if len(shapes) == 1 else None
         smt = smt or max(sizes) > 1
+        firsts = sum([bit[t[0]] for t in cores])
+        # Cores of one shape: the node is its first threads shifted by the offsets.
+        mask = sum([firsts << o for o in offsets]) if offsets is not None else sum(masks)
         nodes[node_id] = _HostNode(
-            mask=sum(masks), firsts=sum([bit[t[0]] for t in cores]),
+            mask=mask, firsts=firsts,
             package=_package(topology, cores[0][0]), cores=tuple(masks), threads=tuple(cores),
             index={t[0]: i for i, t in enumerate(cores)}, offsets=offsets,
             uniform=sizes.pop() if len(sizes) == 1 else 0)
@@ -287,7 +295,11 @@ def _pool_mask(host: _HostLayout, pool: CpuSet) -> int:
     for layout, seen, mask in _POOL_MASKS:
         if layout is host and seen is cpus:
             return mask
-    mask = sum(map(host.bit.__getitem__, cpus & host.online))
+    online = host.online
+    if 2 * len(cpus) > len(online):  # the pool names most online CPUs: the mask less the others
+        mask = host.mask & ~sum(map(host.bit.__getitem__, online - cpus))
+    else:
+        mask = sum(map(host.bit.__getitem__, cpus & online))
     _POOL_MASKS[:] = [(host, cpus, mask)]
     return mask
 
