@@ -182,8 +182,10 @@ def _host_layout(topology: Topology) -> _HostLayout:
         ref = weakref.ref(topology, lambda _dead: _LAYOUTS.pop(key, None))
     except TypeError:  # pragma: no cover - a Topology without weak references: no cache
         return layout
-    while len(_LAYOUTS) >= _LAYOUT_CACHE_SIZE:
-        _LAYOUTS.pop(next(iter(_LAYOUTS)), None)
+    # The daemon decides in more than one thread: a copy of the keys (taken whole, under
+    # the GIL) and pop() with a default never see the dict change underneath them.
+    for old in list(_LAYOUTS)[:max(0, len(_LAYOUTS) + 1 - _LAYOUT_CACHE_SIZE)]:
+        _LAYOUTS.pop(old, None)
     _LAYOUTS[key] = (ref, layout)
     return layout
 
