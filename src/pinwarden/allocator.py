@@ -255,9 +255,10 @@ def _build_layout(topology: Topology) -> _HostLayout:
 def _bits(count: int) -> tuple[int, ...]:
     """``(1 << 0, 1 << 1, …)``, at least ``count`` long: one table shared by every layout."""
     global _BITS
-    if len(_BITS) < count:
-        _BITS = tuple([1 << c for c in range(count)])
-    return _BITS
+    table = _BITS  # read once: another thread may replace it meanwhile, with a shorter one
+    if len(table) < count:
+        table = _BITS = tuple([1 << c for c in range(count)])
+    return table
 
 
 _BITS: tuple[int, ...] = ()
