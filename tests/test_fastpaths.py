@@ -260,6 +260,8 @@ def test_layout_equals_the_plain_layout(topology: Topology) -> None:
     got = {n: (node.mask, list(node.cores), list(node.threads))
            for n, node in layout.nodes.items()}
     assert got == plain_layout(topology)
+    for node in layout.nodes.values():  # the tables a decision builds when it needs them
+        assert node.index == {threads[0]: i for i, threads in enumerate(node.threads)}
     assert layout.mask == sum(1 << cpu for cpu in topology.online & CpuSet.of(topology.cpus))
 
 

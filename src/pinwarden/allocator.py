@@ -40,9 +40,11 @@ CPU), siblings adjacent: give them to vCPUs 0, 1, 2, … in this order and conse
 share cores, as a guest topology with ``threads=2`` expects.
 
 Speed: the host's layout (nodes of cores, each core a bitmask) is built once per
-:class:`Topology` object, and the mask of the pool once per pool object; a decision turns
-the free CPUs into one integer bitmask (from the taken ones when most are free) and works
-on masks of nodes and cores (about 0.1 ms on a 1,024-CPU host, see bench/README.md).
+:class:`Topology` object (a node's table of core masks and index of cores only when a
+decision first needs them: most decisions look at one node), and the mask of the pool
+once per pool object; a decision turns the free CPUs into one integer bitmask (from the
+taken ones when most are free) and works on masks of nodes and cores (about 0.1 ms on a
+1,024-CPU host, see bench/README.md).
 """
 
 from __future__ import annotations
@@ -131,23 +133,44 @@ def allocate(topology: Topology, pool: CpuSet, free: CpuSet, request: Request) -
 # costs every command something at import (issue #12).
 
 class _HostNode:
-    __slots__ = ("cores", "firsts", "index", "mask", "offsets", "package", "threads",
+    __slots__ = ("_bit", "_cores", "_index", "firsts", "mask", "offsets", "package", "threads",
                  "uniform")
 
-    def __init__(self, *, mask: int, firsts: int, package: int, cores: tuple[int, ...],
-                 threads: tuple[tuple[int, ...], ...], index: dict[int, int],
-                 offsets: tuple[int, ...] | None, uniform: int) -> None:
+    def __init__(self, *, mask: int, firsts: int, package: int,
+                 threads: tuple[tuple[int, ...], ...], offsets: tuple[int, ...] | None,
+                 uniform: int, bit: tuple[int, ...], cores: tuple[int, ...] | None) -> None:
         self.mask = mask  # its online threads (every thread of the cores whose first is here)
         self.firsts = firsts  # the first thread of each of its cores
         self.package = package  # first CPU of the package of its first CPU (ids can repeat)
-        self.cores = cores  # core masks, by first CPU
-        self.threads = threads  # each core's online threads, ascending
-        self.index = index  # first thread -> core index
+        self.threads = threads  # each core's online threads, ascending, cores by first CPU
         #: When every core of the node is ``first + offsets`` (the same offsets, e.g.
         #: (0, 64) on Linux's numbering or (0, 1) with adjacent siblings): whole cores are
         #: found with a few shifts of the free mask instead of a loop over cores.
         self.offsets = offsets
         self.uniform = uniform  # threads per core when every core has as many, else 0
+        # Built when a decision first needs them (most need them on one node only): a
+        # host's first decision does not pay for the tables of every node.
+        self._bit = bit  # the layout's bit table (covers every thread here)
+        self._cores = cores
+        self._index: dict[int, int] | None = None
+
+    @property
+    def cores(self) -> tuple[int, ...]:
+        """Core masks, by first CPU."""
+        cores = self._cores
+        if cores is None:
+            bit = self._bit
+            cores = self._cores = tuple([sum([bit[t] for t in threads])
+                                         for threads in self.threads])
+        return cores
+
+    @property
+    def index(self) -> dict[int, int]:
+        """First thread -> core index."""
+        index = self._index
+        if index is None:
+            index = self._index = {t[0]: i for i, t in enumerate(self.threads)}
+        return index
 
 
 class _HostLayout:
@@ -190,8 +213,10 @@ def _host_layout(topology: Topology) -> _HostLayout:
     return layout
 
 
-def _cores_of(topology: Topology, online: frozenset[int]) -> list[tuple[int, ...]]:
-    """The online threads of every core, ascending, cores by first thread."""
+def _cores_of(topology: Topology,
+              online: frozenset[int]) -> tuple[list[tuple[int, ...]], bool]:
+    """The online threads of every core, ascending, cores by first thread; and whether
+    every core has two online threads."""
     cpus = topology.cpus
     distinct = {cpus[cpu].siblings.cpus for cpu in online}
     if sum(map(len, distinct)) == len(online) and frozenset().union(*distinct) == online:
@@ -199,8 +224,8 @@ def _cores_of(topology: Topology, online: frozenset[int]) -> list[tuple[int, ...
         if len(online) == 2 * len(distinct) and set(map(len, distinct)) == {2}:
             # Two threads a core (most hosts): ordered without sorting each pair.
             return sorted([(a, b) if a < b else (b, a) for a, b in distinct],
-                          key=itemgetter(0))
-        return sorted(map(tuple, map(sorted, distinct)), key=itemgetter(0))
+                          key=itemgetter(0)), True
+        return sorted(map(tuple, map(sorted, distinct)), key=itemgetter(0)), False
     # Offline siblings, or inconsistent sibling lists (a CPU missing from its own list, or
     # in two lists): each online CPU goes to the first core that claims it.
     seen: set[int] = set()
@@ -210,7 +235,7 @@ def _cores_of(topology: Topology, online: frozenset[int]) -> list[tuple[int, ...
             threads = tuple(sorted(((cpus[cpu].siblings.cpus & online) | {cpu}) - seen))
             seen.update(threads)
             out.append(threads)
-    return out
+    return out, False
 
 
 def _build_layout(topology: Topology) -> _HostLayout:
@@ -220,34 +245,35 @@ def _build_layout(topology: Topology) -> _HostLayout:
         online = online & cpus.keys()
     bit = _bits(max(online, default=-1) + 1)
     node_cores: dict[int, list[tuple[int, ...]]] = {}
-    for threads in _cores_of(topology, online):
+    every_core, pairs = _cores_of(topology, online)
+    for threads in every_core:
         node_cores.setdefault(cpus[threads[0]].node, []).append(threads)
     nodes: dict[int, _HostNode] = {}
     smt = False
     for node_id in sorted(node_cores):
         cores = node_cores[node_id]
-        sizes = set(map(len, cores))
+        sizes = {2} if pairs else set(map(len, cores))
         offsets: tuple[int, ...] | None = None
+        masks: tuple[int, ...] | None = None
         if sizes == {1}:
-            masks = [bit[t[0]] for t in cores]
             offsets = (0,)
         elif sizes == {2}:
-            masks = [bit[a] | bit[b] for a, b in cores]
             gaps = {b - a for a, b in cores}
             offsets = (0, gaps.pop()) if len(gaps) == 1 else None
         else:
-            masks = [sum([bit[t] for t in threads]) for threads in cores]
             shapes = {tuple([t - threads[0] for t in threads]) for threads in cores}
             offsets = shapes.pop() if len(shapes) == 1 else None
         smt = smt or max(sizes) > 1
         firsts = sum([bit[t[0]] for t in cores])
-        # Cores of one shape: the node is its first threads shifted by the offsets.
-        mask = sum([firsts << o for o in offsets]) if offsets is not None else sum(masks)
+        if offsets is None:
+            masks = tuple([sum([bit[t] for t in threads]) for threads in cores])
+            mask = sum(masks)
+        else:  # cores of one shape: the node is its first threads shifted by the offsets
+            mask = sum([firsts << o for o in offsets])
         nodes[node_id] = _HostNode(
-            mask=mask, firsts=firsts,
-            package=_package(topology, cores[0][0]), cores=tuple(masks), threads=tuple(cores),
-            index={t[0]: i for i, t in enumerate(cores)}, offsets=offsets,
-            uniform=sizes.pop() if len(sizes) == 1 else 0)
+            mask=mask, firsts=firsts, package=_package(topology, cores[0][0]),
+            threads=tuple(cores), offsets=offsets,
+            uniform=sizes.pop() if len(sizes) == 1 else 0, bit=bit, cores=masks)
     return _HostLayout(nodes=nodes, package={n: node.package for n, node in nodes.items()},
                        online=frozenset(online), bit=bit, smt=smt)
 
