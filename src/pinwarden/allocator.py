@@ -412,8 +412,8 @@ def _breaks_a_whole_core(node: _HostNode, state: _NodeState, count: int) -> bool
         return False  # no remainder, or no whole core left to break
     if size == 2:
         return not state.partial
-    free = state.free
-    return not any((free & node.cores[i]).bit_count() >= rest
+    free, cores = state.free, node.cores
+    return not any((free & cores[i]).bit_count() >= rest
                    for i in _indexes(state.partial, node.index))
 
 
@@ -526,8 +526,8 @@ def _pick_prefer(node: _HostNode, state: _NodeState, count: int) -> tuple[list[i
     # The rest: best fit, the core with the fewest free threads that still holds what is
     # left (partly used cores before whole ones at equal size); when none holds it, the
     # core with the most free threads, to keep the VM's threads on as few cores as possible.
-    free = state.free
-    left = [((free & node.cores[i]).bit_count(), 1, i) for i in _indexes(state.partial, index)]
+    free, cores = state.free, node.cores
+    left = [((free & cores[i]).bit_count(), 1, i) for i in _indexes(state.partial, index)]
     left += [(len(threads[i]), 2, i) for i in _indexes(state.whole, index) if i not in chosen]
     broken = False
     while need > 0:
