@@ -4,16 +4,19 @@ dispatch, the stored metadata of ``pinwarden define``.  (The real thing: test_li
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from enforce_helpers import lease, make_host
+from pinwarden import procs
 from pinwarden.config import Config
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import parse_domain
@@ -167,6 +170,66 @@ def test_hook_install_writes_drop_ins_and_never_touches_another_hook(tmp_path: P
                            "prepare", "begin", "-"]
     assert hook.uninstall(tmp_path) == done.paths
     assert foreign.exists() and not qemu.exists()
+
+
+def test_reload_advice_names_the_daemons_that_run_the_hooks() -> None:
+    # monolithic libvirtd, or the drivers' modular daemons (Fedora, the RHEL 9 family)
+    assert hook.daemons_to_reload(frozenset({"libvirtd", "sshd"})) == ("libvirtd",)
+    assert hook.daemons_to_reload(frozenset({"virtqemud", "virtlxcd", "virtnetworkd"})) \
+        == ("virtlxcd", "virtqemud")
+    assert hook.daemons_to_reload(frozenset({"virtlxcd"}), ("qemu",)) == ()
+    advice = hook.reload_advice(frozenset({"virtqemud"}))
+    assert "'systemctl reload virtqemud'" in advice and "libvirtd" not in advice
+    idle = hook.reload_advice(frozenset())
+    assert "none runs now (libvirtd, virtlxcd, virtqemud)" in idle and "systemctl" not in idle
+
+
+def test_hook_install_names_a_running_modular_daemon(tmp_path: Path) -> None:
+    """Against the real /proc: a process named virtlxcd (a copy of sleep, ours) is found,
+    and ``hook install`` tells to reload it."""
+    daemon = tmp_path / "virtlxcd"
+    daemon.write_bytes(Path("/bin/sleep").read_bytes())
+    daemon.chmod(0o755)
+    proc = subprocess.Popen([str(daemon), "60"])
+    try:
+        assert _wait_for_comm(proc.pid, "virtlxcd")
+        assert "virtlxcd" in procs.running_named(frozenset({"virtlxcd", "virtqemud"}))
+        out = subprocess.run(
+            [sys.executable, "-c", "from pinwarden.cli import entry; entry()",
+             "--state-dir", str(tmp_path / "state"), "hook", "install", "--hooks-dir",
+             str(tmp_path / "hooks"), "--json"], capture_output=True, text=True,
+            timeout=120, check=False)
+        assert out.returncode == 0, out.stderr
+        done = json.loads(out.stdout)
+        assert done["reload_needed"] is True and "virtlxcd" in done["reload"], done
+        again = subprocess.run(
+            [sys.executable, "-c", "from pinwarden.cli import entry; entry()",
+             "--state-dir", str(tmp_path / "state"), "hook", "install", "--hooks-dir",
+             str(tmp_path / "hooks"), "--json"], capture_output=True, text=True,
+            timeout=120, check=False)
+        assert json.loads(again.stdout)["reload"] == []  # the directories were there
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "virtlxcd" not in procs.running_named(frozenset({"virtlxcd"})) or \
+        _other_named("virtlxcd", proc.pid)
+
+
+def _wait_for_comm(pid: int, name: str) -> bool:
+    """The copy's name shows in /proc/PID/comm once it has exec'd."""
+    for _ in range(250):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == name:
+                return True
+        time.sleep(0.02)
+    return False
+
+
+def _other_named(name: str, ours: int) -> bool:
+    """Some process other than ours has that name (a real daemon on this host)."""
+    return any(entry.name != str(ours) and (entry / "comm").exists()
+               and (entry / "comm").read_text(errors="replace").strip() == name
+               for entry in Path("/proc").iterdir() if entry.name.isdigit())
 
 
 def test_hook_later_steps_only_for_pinwarden_domains(tmp_path: Path) -> None:

@@ -126,3 +126,20 @@ def thread_comm(pid: int, tid: int, *, root: Path = Path("/")) -> str | None:
             errors="replace").rstrip("\n")
     except OSError:
         return None
+
+
+def running_named(names: frozenset[str], *, root: Path = Path("/")) -> frozenset[str]:
+    """Which of ``names`` (process names, ``/proc/PID/comm``) some running process has."""
+    found: set[str] = set()
+    try:
+        entries = [e for e in (root / "proc").iterdir() if e.name.isdigit()]
+    except OSError:
+        return frozenset()
+    for entry in entries:
+        try:
+            comm = (entry / "comm").read_text(errors="replace").rstrip("\n")
+        except OSError:
+            continue
+        if comm in names:
+            found.add(comm)
+    return frozenset(found)

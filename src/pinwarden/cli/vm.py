@@ -71,8 +71,9 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         description="Check that this pinwarden runs, then write small drop-in hook scripts "
                     "that exec it (libvirt >= 6.5 runs every script in "
                     "/etc/libvirt/hooks/qemu.d/). Another tool's hook is never touched. "
-                    "libvirtd notices a hook directory that did not exist only when it "
-                    "starts or reloads: 'systemctl reload libvirtd' afterwards.")
+                    "libvirt notices a hook directory that did not exist only when its "
+                    "daemon starts or reloads: 'systemctl reload libvirtd' afterwards "
+                    "(modular daemons: virtqemud virtlxcd; install names those running).")
     p.add_argument("--hooks-dir", type=Path, default=None, metavar="DIR",
                    help="default /etc/libvirt/hooks (or PREFIX/etc/libvirt/hooks)")
     p.add_argument("--prefix", type=Path, default=None, metavar="DIR",
@@ -262,6 +263,7 @@ def _hooks_dir(args: argparse.Namespace) -> Path:
 def cmd_hook_install(args: argparse.Namespace) -> int:
     import os
 
+    from pinwarden import procs
     from pinwarden.libvirt import hook
 
     state = Path(args.state_dir) if args.state_dir else None
@@ -277,10 +279,15 @@ def cmd_hook_install(args: argparse.Namespace) -> int:
                         config=config.resolve() if config else None, dry_run=args.dry_run,
                         client=hook.default_client(),
                         socket=daemon_state.resolve() / hook.SOCKET_NAME)
+    running = procs.running_named(
+        frozenset(d for names in hook.HOOK_DAEMONS.values() for d in names)) \
+        if done.created_dirs else frozenset()
     if args.json:
         print_json({"installed": [str(p) for p in done.paths], "exec": done.command,
                     "replaced": [str(p) for p in done.removed],
-                    "reload_needed": done.created_dirs, "dry_run": args.dry_run})
+                    "reload_needed": done.created_dirs,
+                    "reload": list(hook.daemons_to_reload(running)) if done.created_dirs
+                    else [], "dry_run": args.dry_run})
         return 0
     verb = "would install" if args.dry_run else "installed"
     for path in done.paths:
@@ -288,9 +295,7 @@ def cmd_hook_install(args: argparse.Namespace) -> int:
     for path in done.removed:
         print(f"{'would replace' if args.dry_run else 'replaced'} pinwarden's old hook {path}")
     if done.created_dirs:
-        print("libvirtd looks for a new hook directory only when it starts or reloads: "
-              "'systemctl reload libvirtd' (or send libvirtd SIGHUP) for the hooks to take "
-              "effect")
+        print(hook.reload_advice(running))
     return 0
 
 

@@ -263,6 +263,33 @@ def _is_ours(path: Path) -> bool:
         return False
 
 
+#: The libvirt daemons that run a driver's hooks: the monolithic libvirtd, or the driver's
+#: own modular daemon (the default on Fedora and the RHEL 9 family).
+HOOK_DAEMONS = {"qemu": ("libvirtd", "virtqemud"), "lxc": ("libvirtd", "virtlxcd")}
+
+
+def daemons_to_reload(running: frozenset[str],
+                      drivers: tuple[str, ...] = DRIVERS) -> tuple[str, ...]:
+    """Of the libvirt daemons ``running`` (process names), those that must reload to see
+    a new hook directory of ``drivers`` (pure; libvirt looks for hook directories when its
+    daemon starts or reloads)."""
+    wanted = {d for driver in drivers for d in HOOK_DAEMONS.get(driver, ())}
+    return tuple(sorted(wanted & running))
+
+
+def reload_advice(running: frozenset[str], drivers: tuple[str, ...] = DRIVERS) -> str:
+    """What to tell the operator after a hook directory was created (pure)."""
+    daemons = daemons_to_reload(running, drivers)
+    if not daemons:
+        known = sorted({d for driver in drivers for d in HOOK_DAEMONS.get(driver, ())})
+        return (f"libvirt looks for a new hook directory only when its daemon starts or "
+                f"reloads; none runs now ({', '.join(known)}), so the next one to start "
+                f"finds the hooks")
+    return (f"libvirt looks for a new hook directory only when its daemon starts or "
+            f"reloads: 'systemctl reload {' '.join(daemons)}' (without systemd: send "
+            f"{' and '.join(daemons)} SIGHUP) for the hooks to take effect")
+
+
 def uninstall(hooks_dir: Path, drivers: tuple[str, ...] = DRIVERS) -> tuple[Path, ...]:
     """Remove pinwarden's drop-ins (and legacy scripts); nothing else."""
     removed = []
