@@ -4,6 +4,7 @@ dispatch, the stored metadata of ``pinwarden define``.  (The real thing: test_li
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ from pinwarden.cpuset import CpuSet
 from pinwarden.domain import parse_domain
 from pinwarden.errors import LedgerError, Refusal
 from pinwarden.ledger import HolderRecord, Ledger
-from pinwarden.libvirt import hook
+from pinwarden.libvirt import hook, hookclient
 from pinwarden.libvirt.reconcile import Adopt, Drift, Free, Report, reconcile
 from pinwarden.libvirt.repin import repins
 from pinwarden.libvirt.start import libvirt_failure, with_pinwarden_metadata
@@ -469,6 +470,54 @@ def test_hook_failures_fail_safe_in_python_too(tmp_path: Path) -> None:
     assert hook.main_run(manager, "qemu", ["x", "prepare", "begin", "-"], "<dom") == 0
     # steps the hook ignores do nothing at all
     assert hook.main_run(manager, "qemu", ["v", "reconnect", "begin", "-"], "not xml") == 0
+
+
+def test_a_wedged_pinwarden_holds_a_shared_start_for_seconds_not_minutes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process (flock(1), not pinwarden) holds the manager lock and never lets go.
+    A shared domain whose pins need the lock (its housekeeping CPU must join the shared
+    group while something is leased) waits SHARED_LOCK_WAIT, then is let through; an
+    exclusive one still waits the manager's whole lock timeout, then is refused."""
+    manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
+                      host=make_host("0-3", "1-3"), lock_timeout=2.0)
+    manager.reserve(lease(2, "db", "qemu").holder, lambda host, leases: Plan(
+        "db", None, True, {0: cs("2")}, cs("2"), leases={2: "vcpu0"}))
+    # the daemon's answer (let through) reaches the hook client before it stops waiting
+    assert hook.SHARED_LOCK_WAIT < hookclient.SHARED_TIMEOUT
+    monkeypatch.setattr(hook, "SHARED_LOCK_WAIT", 0.2)
+    lock = tmp_path / "manager.lock"
+    holder = subprocess.Popen(["flock", str(lock), "sleep", "60"])
+    try:
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            for _ in range(250):  # until flock(1) has it
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    time.sleep(0.02)
+                except BlockingIOError:
+                    break
+            else:
+                pytest.fail("flock(1) never took the lock")
+        finally:
+            os.close(fd)
+        on_host = xml("web", "<cputune><vcpupin vcpu='0' cpuset='0'/></cputune>")
+        began = time.monotonic()
+        assert hook.main_run(manager, "qemu", ["web", "prepare", "begin", "-"], on_host) == 0
+        assert time.monotonic() - began < 1.5
+        logged = (tmp_path / hook.HOOK_LOG).read_text()
+        assert "held" in logged and "was let through unchecked" in logged, logged
+        assert manager.lock_timeout == 2.0  # the shared call's wait was its own
+        began = time.monotonic()
+        defined = xml("v", EXCLUSIVE_META + "<resource><partition>/pinwarden-vm-v"
+                                           "</partition></resource>")
+        assert hook.main_run(manager, "qemu", ["v", "prepare", "begin", "-"], defined) \
+            == hook.REFUSED
+        assert time.monotonic() - began >= 2.0
+        assert "held" in (tmp_path / hook.HOOK_LOG).read_text().splitlines()[-1]
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_hook_refuses_a_shared_domain_pinned_onto_a_lease(tmp_path: Path) -> None:

@@ -23,7 +23,9 @@ exclusive.  The drop-in script tells three outcomes apart by exit status: 0 (adm
 case it lets a shared domain through (logging why to syslog and the state directory) and
 refuses an exclusive one with how to repair the installation.  The Python side does the
 same for its own failures: only a :class:`~pinwarden.errors.Refusal` blocks a shared
-domain; a broken ledger, host or cgroup tree lets it through with a warning.
+domain; a broken ledger, host or cgroup tree lets it through with a warning, and so does
+another pinwarden that holds the lock longer than :data:`SHARED_LOCK_WAIT` (an exclusive
+domain waits the manager's whole lock timeout).
 
 The hook never calls back into libvirt (libvirtd holds the domain lock while it runs) and
 imports only what the operation needs.
@@ -69,6 +71,11 @@ CLIENT_MAIN = "hookclient_main.py"
 CLIENT_FILES = (CLIENT_MAIN, "hookclient.py")
 #: Exit status of ``hook run`` when a placement rule refuses the domain at ``prepare``.
 REFUSED = 3
+#: How long a hook call of a domain that asks for nothing exclusive waits for another
+#: pinwarden's lock (a wedged one must not hold the start for the manager's two minutes;
+#: then it is let through, as on any failure of pinwarden's) — less than the client's wait
+#: for the daemon (hookclient.SHARED_TIMEOUT), so that the daemon's answer comes first.
+SHARED_LOCK_WAIT = 20.0
 #: pinwarden's metadata namespace (pinwarden.domain.PW_NS, not imported: the hook is lean).
 PW_NAMESPACE = "urn:pinwarden:domain:1"
 
@@ -662,6 +669,10 @@ def main_run(manager: Manager, driver: str, argv: Sequence[str], stdin: str, *,
     name, op = argv[0], argv[1]
     admit = action_for(op) == "admit"
     out = err if err is not None else sys.stderr
+    exclusive = asks_exclusive(stdin)
+    waits = manager.lock_timeout
+    if not exclusive:
+        manager.lock_timeout = min(waits, SHARED_LOCK_WAIT)
     try:
         run(manager, driver, name, op, stdin, caller=caller)
         return 0
@@ -673,11 +684,13 @@ def main_run(manager: Manager, driver: str, argv: Sequence[str], stdin: str, *,
     except Exception as exc:  # a broken pinwarden (PinwardenError) or a bug
         what = exc.message if isinstance(exc, PinwardenError) else \
             f"{type(exc).__name__}: {exc}".replace("\n", " ")
-        if admit and asks_exclusive(stdin):
+        if admit and exclusive:
             _refuse(manager, f"exclusive domain {name!r} cannot get its CPUs: {what}", out)
             return REFUSED
         tail = " and was let through unchecked" if admit else ""
         _warn(manager, f"hook {op} of {driver} domain {name!r} failed: {what}{tail}", out)
+    finally:
+        manager.lock_timeout = waits
     return 0
 
 
