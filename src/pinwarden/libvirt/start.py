@@ -40,7 +40,7 @@ from pinwarden.libvirt import connect as lv
 from pinwarden.libvirt import kernel
 from pinwarden.libvirt.hook import admit_shared
 from pinwarden.libvirt.repin import repins
-from pinwarden.libvirt.state import Repin
+from pinwarden.libvirt.state import DomainInfo, Repin
 from pinwarden.manager import Manager
 from pinwarden.model import HolderRef, Lease, Plan, domain_holder
 from pinwarden.partition import Host, shared_pool
@@ -147,21 +147,9 @@ def preview_start(manager: Manager, uri: str, name: str) -> StartPreview:
                 f"create domain {name} from its definition with every thread on CPUs "
                 f"{plan.cpus()} (<vcpu cpuset>)",), plan.notes)
         partition = manager.libvirt_partition(holder)
-        running = lv.list_domains(conn, active_only=True)
-        moves: tuple[Repin, ...] = ()
-
-        def plan_and_check(host: Host, leases: tuple[Lease, ...]) -> Plan:
-            nonlocal moves
-            plan = decide(spec, host, leases, holder=holder)
-            others = [le for le in leases if (le.holder.driver, le.holder.key)
-                      != (holder.driver, holder.key)]
-            taken = CpuSet.of(le.cpu for le in others) | plan.leased()
-            moves = repins(running, holder, plan.cpus(), shared_pool(host, taken)[0],
-                           holders=[le.holder for le in others])
-            return plan
-
-        seen = manager.preview(holder, plan_and_check)
-        calls = [f"re-pin running domain {move} (live)" for move in moves]
+        planner = _ExclusivePlanner(spec, holder, lv.list_domains(conn, active_only=True))
+        seen = manager.preview(holder, planner)
+        calls = [f"re-pin running domain {move} (live)" for move in planner.moves]
         calls.append(f"create domain {name} from its definition with its plan "
                      f"(CPUs {seen.plan.cpus()}) in partition {partition}")
         return StartPreview(name, seen.plan, seen.writes, tuple(calls),
@@ -169,6 +157,29 @@ def preview_start(manager: Manager, uri: str, name: str) -> StartPreview:
     finally:
         with contextlib.suppress(Exception):
             conn.close()
+
+
+class _ExclusivePlanner:
+    """What ``pinwarden start`` of an exclusive domain decides under the manager's lock,
+    for the start and for its preview alike: the domain's plan (:func:`decide`), and the
+    live re-pins that take the running shared domains off its CPUs, kept in ``moves`` for
+    the caller to apply after the lease."""
+
+    def __init__(self, spec: DomainSpec, holder: HolderRef, running: Sequence[DomainInfo]) -> None:
+        self.spec = spec
+        self.holder = holder
+        self.running = running
+        self.moves: tuple[Repin, ...] = ()
+
+    def __call__(self, host: Host, leases: tuple[Lease, ...]) -> Plan:
+        holder = self.holder
+        plan = decide(self.spec, host, leases, holder=holder)
+        others = [le for le in leases if (le.holder.driver, le.holder.key)
+                  != (holder.driver, holder.key)]
+        taken = CpuSet.of(le.cpu for le in others) | plan.leased()
+        self.moves = repins(self.running, holder, plan.cpus(), shared_pool(host, taken)[0],
+                            holders=[le.holder for le in others])
+        return plan
 
 
 @contextlib.contextmanager
@@ -214,31 +225,19 @@ def _start_shared(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSp
 def _start_exclusive(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSpec,
                      xml: str) -> Started:
     partition = manager.libvirt_partition(holder)
-    running = lv.list_domains(conn, active_only=True)
-    moves: tuple[Repin, ...] = ()
-
-    def plan_and_check(host: Host, leases: tuple[Lease, ...]) -> Plan:
-        nonlocal moves
-        plan = decide(spec, host, leases, holder=holder)
-        others = [le for le in leases if (le.holder.driver, le.holder.key)
-                  != (holder.driver, holder.key)]
-        taken = CpuSet.of(le.cpu for le in others) | plan.leased()
-        moves = repins(running, holder, plan.cpus(), shared_pool(host, taken)[0],
-                       holders=[le.holder for le in others])
-        return plan
-
+    planner = _ExclusivePlanner(spec, holder, lv.list_domains(conn, active_only=True))
     # The manager enforces the layout before returning: the kernel moves every shared
     # domain's cgroups off the lease (and may need to widen machine before, e.g. from the
     # pool to the fallback CPUs); then libvirt's live pins follow, so its view and the
     # threads' own affinity agree with the cgroups.
     # Owned by this process until QEMU runs: if pinwarden start dies half-way, the lease
     # is reaped; the hook's ``started`` (inside createXML) hands it to QEMU.
-    reserved = manager.reserve(holder, plan_and_check, owner_pid=os.getpid())
+    reserved = manager.reserve(holder, planner, owner_pid=os.getpid())
     plan = reserved.plan
     done: list[Repin] = []
     started = False
     try:
-        for move in moves:
+        for move in planner.moves:
             lv.apply_repin(conn, move)
             done.append(move)
         dom = _create(conn, holder, render_plan(xml, plan, partition=partition))
