@@ -296,7 +296,7 @@ def libvirt_cpuset(text: str) -> frozenset[int] | None:
 
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.sampled_from(["0", "1", "2", "3", "5", "12", "40", "-", ",", "^", " ",
-                                 "  "]), min_size=1, max_size=12).map("".join))
+                                 "  ", "+"]), min_size=1, max_size=12).map("".join))
 @example("^1,0-2")
 @example("0-3,^1,1")
 @example("2-5,")
@@ -307,6 +307,11 @@ def libvirt_cpuset(text: str) -> frozenset[int] | None:
 @example("1,,2")
 @example("0,^0")
 @example("3-1")
+@example("0--0")  # the end of a range is read with strtol: a sign may come first
+@example("0- +1")
+@example("0-- 0")
+@example("2--1")
+@example("+1")
 def test_libvirt_syntax_is_what_libvirt_parses(text: str) -> None:
     """CpuSet.parse accepts exactly the cpusets libvirt's own parser (virBitmapParse,
     through the domain XML of libvirt's test driver: no daemon) accepts, with the same

@@ -70,7 +70,8 @@ class CpuSet:
         """Parse libvirt syntax (``0-3,^2,8``) as libvirt's ``virBitmapParse`` does: items
         apply in order (``^1,0-2`` is 0-2: a later range adds back what an earlier ``^``
         took), ``^`` comes right before its number, a trailing comma is allowed, and spaces
-        are any ASCII white space around numbers, ``-`` and ``,``."""
+        are any ASCII white space around numbers, ``-`` and ``,``; a range's end may carry a
+        sign (``0-+1``; ``0--0`` is CPU 0)."""
         return cls._parse(text, allow_negation=True, allow_spaces=True)
 
     @classmethod
@@ -128,7 +129,15 @@ class CpuSet:
                 if negate:
                     raise CpuSetError(text, pos, "a '^' exclusion takes a single CPU")
                 pos = skip_spaces(pos + 1)
+                sign = ""
+                if allow_spaces and pos < n and text[pos] in "+-":
+                    # libvirt reads the range's end with strtol: a sign may come first
+                    # ('0-+1' is 0-1, '0--0' is 0; '2--1' ends below its start)
+                    sign, pos = text[pos], pos + 1
                 last, pos = number(pos)
+                if sign == "-" and last:
+                    raise CpuSetError(text, start_pos, f"range {first}--{last} ends below "
+                                                       "its start")
                 if last < first:
                     raise CpuSetError(text, start_pos, f"range {first}-{last} is reversed")
                 pos = skip_spaces(pos)
