@@ -43,6 +43,7 @@ RICH = """<?xml version="1.0" encoding="UTF-8"?>
   </cputune>
   <numatune>
     <memory mode="strict" nodeset="1"/>
+    <memnode cellid="1" mode="preferred" nodeset="0"/>
   </numatune>
   <os><type arch="x86_64" machine="pc-q35-7.2">hvm</type></os>
   <cpu mode="host-passthrough">
@@ -83,6 +84,7 @@ def test_rich_domain_parses_everything_cpu_related() -> None:
     assert (spec.numa_mode, spec.numa_nodeset) == ("strict", CpuSet.of([1]))
     assert spec.guest_cells == (GuestCell(0, CpuSet.parse("0-1"), 2 * 1024 * 1024),
                                 GuestCell(1, CpuSet.parse("2-3"), 2097152))
+    assert spec.memnodes == {1: CpuSet.of([0])}
     assert spec.partition is None and not spec.vcpupins
 
 
@@ -150,6 +152,15 @@ META = f"<metadata><pw:cpu xmlns:pw='{PW_NS}' %s/></metadata>"
      "vCPU 2 does not exist"),
     ("<cpu><numa><cell id='0' cpus='0' memory='1' unit='parsecs'/></numa></cpu>",
      "unit='parsecs'"),
+    ("<numatune><memnode cellid='1' nodeset='0'/></numatune><cpu><numa><cell id='0' "
+     "cpus='0' memory='1'/></numa></cpu>", "cellid>='1': names no guest NUMA cell"),
+    ("<numatune><memnode cellid='0' nodeset='0'/><memnode cellid='0' nodeset='1'/>"
+     "</numatune><cpu><numa><cell id='0' cpus='0' memory='1'/></numa></cpu>",
+     "duplicate cellid"),
+    ("<numatune><memnode cellid='0' mode='sticky' nodeset='0'/></numatune><cpu><numa>"
+     "<cell id='0' cpus='0' memory='1'/></numa></cpu>", "<memnode mode>='sticky'"),
+    ("<numatune><memnode cellid='0'/></numatune><cpu><numa><cell id='0' cpus='0' "
+     "memory='1'/></numa></cpu>", "<memnode cellid='0' nodeset> is missing"),
     ("<resource><partition>machine</partition></resource>", "<resource><partition>='machine'"),
     ("<uuid>not-a-uuid</uuid>", "<uuid>='not-a-uuid'"),
     (META % "threads='never'", "<pw:cpu threads>='never'"),

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from conftest import HWLOC_DUMPS
 from pinwarden.cpuset import CpuSet
-from pinwarden.domain import PW_NS, DomainSpec, parse_domain
+from pinwarden.domain import PW_NS, DomainSpec, GuestCell, parse_domain
 from pinwarden.errors import Refusal
 from pinwarden.model import SIBLING_HOLD, HolderRef, Lease, Plan, domain_holder
 from pinwarden.partition import Host, Partition, PartitionMode
@@ -291,6 +291,54 @@ def test_a_preferred_nodeset_is_left_only_when_it_has_no_room() -> None:
     assert any("preferred by <numatune>" in n for n in plan.notes)
 
 
+def cells(*groups: str) -> tuple[GuestCell, ...]:
+    return tuple(GuestCell(i, C(g), 1024) for i, g in enumerate(groups))
+
+
+def nodes_of(h: Host, cpus: CpuSet) -> CpuSet:
+    return CpuSet.of(h.topology.node_of(c) for c in cpus)
+
+
+def test_guest_numa_cells_are_placed_cell_by_cell_on_their_memory_nodes() -> None:
+    """Each guest cell's vCPUs on one host node, the node of its memory (<memnode>) when
+    that has room; an isolated emulator goes with cell 0."""
+    h = host()  # node 0: CPUs 0-7, node 1: 8-15; VM CPUs 4-15
+    crossed = spec(vcpus=4, exclusive=True, guest_cells=cells("0-1", "2-3"),
+                   memnodes={0: C("1"), 1: C("0")}, emulator="isolate")
+    plan = decide(crossed, h, [])
+    assert nodes_of(h, plan.vcpus[0] | plan.vcpus[1]) == C("1")
+    assert nodes_of(h, plan.vcpus[2] | plan.vcpus[3]) == C("0")
+    assert nodes_of(h, plan.emulator) == C("1") and plan.emulator not in plan.vcpus.values()
+    assert len(plan.leased()) == 5 and not plan.notes
+    # without <memnode>: no cell split over two nodes, where placing the domain as one
+    # would (node 0 has 2 CPUs free, node 1 three)
+    taken = lease("4-5,8-12")
+    split = decide(spec(vcpus=4, exclusive=True), h, taken)
+    assert len(nodes_of(h, split.vcpus[0] | split.vcpus[1])) == 2  # what it was
+    plan = decide(spec(vcpus=4, exclusive=True, guest_cells=cells("0-1", "2-3")), h, taken)
+    for pair in ((0, 1), (2, 3)):
+        assert len(nodes_of(h, plan.vcpus[pair[0]] | plan.vcpus[pair[1]])) == 1, plan.vcpus
+    # a memory node without room: the cell's vCPUs go elsewhere, noted
+    full = decide(crossed, h, lease("4-7"))
+    assert nodes_of(h, full.leased()) == C("1")
+    assert any("guest NUMA cell 1" in n and "node 0 (<memnode>)" in n for n in full.notes)
+    # cells that leave a vCPU out (or overlap): the domain is placed as one, as before
+    partial = spec(vcpus=4, exclusive=True, guest_cells=cells("0-1", "2"))
+    assert decide(partial, h, taken) == split
+
+
+def test_guest_cells_that_cannot_be_placed_one_by_one_are_placed_together() -> None:
+    """Cells of 3 vCPUs under 'whole' on two-thread cores take two cores each; where the
+    four cores are not free but three are, the domain still gets its six CPUs, as one."""
+    h = host("isolcpus", "4-15,20-31", cpus=32, threads=2)  # core k: CPUs k and k+16
+    s = spec(vcpus=6, exclusive=True, guest_cells=cells("0-2", "3-5"))
+    apart = decide(s, h, [])
+    assert len(apart.leased()) == 8 and not apart.notes  # a spare thread held per cell
+    together = decide(s, h, lease("4-12,20-28"))  # three whole cores left: 13-15
+    assert len(together.vcpus) == 6 and together.leased() == C("13-15,29-31")
+    assert any("could not be placed one by one" in n for n in together.notes)
+
+
 def test_emulator_shared_runs_on_the_shared_pool_with_a_note() -> None:
     s = spec(exclusive=True, emulator="shared", vcpupins={0: C("5"), 1: C("6")})
     plan = decide(s, host(), lease("10-15"))
@@ -446,7 +494,13 @@ def domain_specs(draw: st.DrawFn) -> DomainSpec:
     pins = draw(st.one_of(st.just({}), st.fixed_dictionaries(
         {v: cpu_sets for v in range(vcpus)})))
     iothreads = draw(st.integers(0, 2))
+    split = draw(st.integers(0, vcpus - 1))  # guest NUMA cells: none, or two (0-k, k+1-)
+    guest = () if split == 0 else cells(f"0-{split - 1}", f"{split}-{vcpus - 1}")
+    memnodes = draw(st.dictionaries(st.sampled_from([c.id for c in guest] or [0]),
+                                    st.sampled_from([C("0"), C("1")]), max_size=2)) \
+        if guest else {}
     return DomainSpec(
+        guest_cells=guest, memnodes=memnodes,
         name=draw(st.sampled_from(NAMES)), uuid=None, vcpus=vcpus, vcpupins=pins,
         emulatorpin=draw(st.none() | cpu_sets), cpuset=draw(st.none() | cpu_sets),
         exclusive=exclusive, iothreads=iothreads,

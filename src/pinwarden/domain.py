@@ -77,6 +77,8 @@ class DomainSpec:
     numa_mode: str | None = None  # <numatune><memory mode=...>
     numa_nodeset: CpuSet | None = None  # host NUMA nodes from <numatune><memory nodeset>
     guest_cells: tuple[GuestCell, ...] = ()
+    # <numatune><memnode cellid nodeset>: guest cell -> the host nodes of its memory
+    memnodes: Mapping[int, CpuSet] = field(default_factory=dict)
     partition: str | None = None  # <resource><partition>
     # additive: explicit <iothreadids><iothread id=N/> (libvirt fills up to iothreads)
     iothread_ids: tuple[int, ...] = ()
@@ -293,8 +295,10 @@ def parse_domain(xml: str | bytes) -> DomainSpec:
 
     numa_mode: str | None = None
     nodeset: CpuSet | None = None
+    memnode_els: list[Element] = []
     numatune = _only(root, "numatune", "<domain>")
     if numatune is not None:
+        memnode_els = numatune.findall("memnode")
         memory = _only(numatune, "memory", "<numatune>")
         if memory is not None:
             numa_mode = memory.get("mode", "strict")
@@ -325,6 +329,21 @@ def parse_domain(xml: str | bytes) -> DomainSpec:
             cells.append(GuestCell(ident, cell_cpus,
                                    _memory_kib(f"<cell id='{ident}' memory>",
                                                cell.get("memory"), cell.get("unit"))))
+
+    memnodes: dict[int, CpuSet] = {}
+    for memnode in memnode_els:
+        ident = _int("<numatune><memnode cellid>", memnode.get("cellid"), maximum=MAX_VCPUS)
+        if ident not in {cell.id for cell in cells}:
+            _bad("<numatune><memnode cellid>", str(ident), "names no guest NUMA cell "
+                 "(<cpu><numa><cell id>)")
+        if ident in memnodes:
+            _bad("<numatune><memnode cellid>", str(ident), "duplicate cellid")
+        mode = memnode.get("mode", "strict")
+        if mode not in ("strict", "preferred", "interleave", "restrictive"):
+            _bad("<numatune><memnode mode>", mode,
+                 "must be strict, preferred, interleave or restrictive")
+        memnodes[ident] = _cpus(f"<numatune><memnode cellid='{ident}' nodeset>",
+                                memnode.get("nodeset"))
 
     partition: str | None = None
     resource = _only(root, "resource", "<domain>")
@@ -377,7 +396,8 @@ def parse_domain(xml: str | bytes) -> DomainSpec:
         cpuset=cpuset, vcpupins=vcpupins, emulatorpin=emulatorpin, iothreads=iothreads,
         iothreadpins=iothreadpins, exclusive=bool(exclusive), threads=threads,
         emulator=emulator, numa_mode=numa_mode, numa_nodeset=nodeset,
-        guest_cells=tuple(cells), partition=partition, iothread_ids=tuple(ids),
+        guest_cells=tuple(cells), memnodes=memnodes, partition=partition,
+        iothread_ids=tuple(ids),
         domain_type=domain_type)
 
 

@@ -504,14 +504,19 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
         count = spec.vcpus + (1 if isolate_emulator else 0)
         pinned = EMPTY if shared_emulator else \
             union([spec.emulatorpin or EMPTY, *spec.iothreadpins.values()])
-        got = _allocate_on_nodes(
-            ctx, spec, within - pinned,
-            allocator.Request(count=count, threads=spec.threads, nodes=spec.numa_nodeset),
-            notes, limit=None if spec.cpuset is None else f"<vcpu cpuset='{spec.cpuset}'>")
-        chosen = list(got.cpus)  # CPU numbers the allocator took from ``within``
-        if isolate_emulator:
-            emulator = CpuSet(frozenset((chosen.pop(),)))
-        vcpus = {v: CpuSet(frozenset((cpu,))) for v, cpu in enumerate(chosen)}
+        by_cell = _place_cells(ctx, spec, within - pinned, isolate_emulator, notes)
+        if by_cell is not None:
+            vcpus, placed_emulator = by_cell
+            emulator = placed_emulator or emulator
+        else:
+            got = _allocate_on_nodes(
+                ctx, spec, within - pinned,
+                allocator.Request(count=count, threads=spec.threads, nodes=spec.numa_nodeset),
+                notes, limit=None if spec.cpuset is None else f"<vcpu cpuset='{spec.cpuset}'>")
+            chosen = list(got.cpus)  # CPU numbers the allocator took from ``within``
+            if isolate_emulator:
+                emulator = CpuSet(frozenset((chosen.pop(),)))
+            vcpus = {v: CpuSet(frozenset((cpu,))) for v, cpu in enumerate(chosen)}
         own.add_all([(f"vCPU {vcpu}", cpus, f"vcpu{vcpu}") for vcpu, cpus in vcpus.items()])
 
     if emulator is None:
@@ -569,6 +574,71 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
     return Plan(domain=spec.name, uuid=spec.uuid, exclusive=True, vcpus=vcpus,
                 emulator=emulator, iothreads=iothreads, leases=dict(sorted(leases.items())),
                 default_cpus=every, notes=tuple(notes), isolated=one_to_one)
+
+
+def _guest_cells(spec: DomainSpec) -> list[tuple[int, list[int]]] | None:
+    """(cell id, its vCPUs) of a domain whose guest NUMA cells are worth placing one by
+    one — two cells or more, or a cell with a ``<memnode>`` — and divide its vCPUs between
+    them (each vCPU in exactly one cell); else None (placed as one)."""
+    cells = [(cell.id, sorted(cell.cpus)) for cell in spec.guest_cells if cell.cpus]
+    if not cells or (len(cells) < 2 and not spec.memnodes):
+        return None
+    if sorted(v for _, members in cells for v in members) != list(range(spec.vcpus)):
+        return None
+    return cells
+
+
+def _place_cells(ctx: _Ctx, spec: DomainSpec, within: CpuSet, isolate_emulator: bool,
+                 notes: list[str]) -> tuple[dict[int, CpuSet], CpuSet | None] | None:
+    """The vCPUs of an exclusive domain with guest NUMA cells, placed cell by cell (what a
+    guest cell means: its vCPUs share a host node when one can hold them), each on the
+    host nodes of its memory (``<memnode>``) when they have room, else where the domain's
+    ``<numatune>`` allows (noted); an isolated emulator goes with cell 0 (as Nova's
+    reserved CPU does).  None: no such cells, or they cannot be placed one by one (the
+    domain is then placed as one, noted) — never a refusal of its own."""
+    from pinwarden import allocator
+
+    cells = _guest_cells(spec)
+    if cells is None:
+        return None
+    topo = ctx.host.topology
+    free = within
+    vcpus: dict[int, CpuSet] = {}
+    emulator: CpuSet | None = None
+    cell_notes: list[str] = []
+    for n, (ident, members) in enumerate(cells):
+        extra = 1 if isolate_emulator and n == 0 else 0
+        request = allocator.Request(count=len(members) + extra, threads=spec.threads)
+        memnode = spec.memnodes.get(ident)
+        tries: list[CpuSet | None] = []
+        if memnode is not None:
+            tries.append(memnode if spec.numa_nodeset is None or spec.numa_mode == "preferred"
+                         else memnode & spec.numa_nodeset)
+        tries.append(spec.numa_nodeset)
+        if spec.numa_mode == "preferred" and spec.numa_nodeset is not None:
+            tries.append(None)
+        got = None
+        for nodes in dict.fromkeys(tries):
+            got = _allocate_or_none(ctx, free, replace(request, nodes=nodes))
+            if got is not None:
+                if memnode is not None and nodes != tries[0]:
+                    cell_notes.append(
+                        f"guest NUMA cell {ident} of {ctx.who} has its memory on node "
+                        f"{memnode} (<memnode>), which had no room for its vCPUs: they run "
+                        f"on node {CpuSet.of(topo.node_of(c) for c in got.cpus)}")
+                break
+        if got is None:
+            notes.append(f"the guest NUMA cells of {ctx.who} could not be placed one by one "
+                         f"(cell {ident} found no room): its vCPUs were placed together")
+            return None
+        chosen = list(got.cpus)
+        if extra:
+            emulator = CpuSet(frozenset((chosen.pop(),)))
+        vcpus.update((v, CpuSet(frozenset((cpu,)))) for v, cpu in zip(members, chosen,
+                                                                      strict=True))
+        free = free - CpuSet.of(got.cpus) - got.holds
+    notes.extend(cell_notes)
+    return dict(sorted(vcpus.items())), emulator
 
 
 def _pinned_fallback(ctx: _Ctx, spec: DomainSpec,
