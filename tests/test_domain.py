@@ -555,3 +555,30 @@ def test_placement_is_read_as_libvirt_reads_it(inner: str) -> None:
             ours.emulatorpin, ours.iothread_id_set) == \
         (theirs.placement == "auto", theirs.cpuset, theirs.numa_nodeset, theirs.vcpupins,
          theirs.emulatorpin, theirs.iothread_id_set)
+
+
+_CELLS = ("<cpu><numa><cell id='0' cpus='0' memory='512'/><cell id='1' cpus='1' "
+          "memory='512'/></numa></cpu>")
+
+
+@pytest.mark.parametrize("memnodes", [
+    "<memnode cellid='1' mode='preferred' nodeset='0'/>",
+    "<memnode cellid='0' mode='restrictive' nodeset='0-1'/><memnode cellid='1' nodeset='1'/>",
+    "<memnode cellid='2' nodeset='0'/>",  # no such cell
+    "<memnode cellid='0' nodeset='0'/><memnode cellid='0' nodeset='1'/>",
+    "<memnode cellid='0' mode='sticky' nodeset='0'/>",
+    "<memnode cellid='0'/>",
+])
+def test_memnodes_are_read_as_libvirt_reads_them(memnodes: str) -> None:
+    """pinwarden refuses the <memnode>s libvirt refuses (its test driver, no daemon) and
+    reads the same cells' nodes from the rest, in the XML as written and in libvirt's."""
+    from libvirt_form import domain_xml, libvirt_form
+
+    inner = f"<vcpu>2</vcpu><numatune>{memnodes}</numatune>{_CELLS}"
+    form = libvirt_form(inner, "pw-memnode-oracle")
+    try:
+        ours = parse_domain(domain_xml(inner, "pw-memnode-oracle")).memnodes
+    except InputError:
+        assert form is None
+        return
+    assert form is not None and ours and parse_domain(form).memnodes == ours
