@@ -331,9 +331,10 @@ def parse_domain(xml: str | bytes) -> DomainSpec:
                                                cell.get("memory"), cell.get("unit"))))
 
     memnodes: dict[int, CpuSet] = {}
+    cell_ids = {cell.id for cell in cells}
     for memnode in memnode_els:
         ident = _int("<numatune><memnode cellid>", memnode.get("cellid"), maximum=MAX_VCPUS)
-        if ident not in {cell.id for cell in cells}:
+        if ident not in cell_ids:
             _bad("<numatune><memnode cellid>", str(ident), "names no guest NUMA cell "
                  "(<cpu><numa><cell id>)")
         if ident in memnodes:

@@ -188,6 +188,18 @@ class Manager:
         return holder_group_path(self.names(), holder)
 
     @contextlib.contextmanager
+    def waiting_at_most(self, seconds: float) -> Iterator[None]:
+        """Within the block, wait at most ``seconds`` (never more than ``lock_timeout``)
+        for another pinwarden's lock.  One thread uses a manager at a time (the daemon's
+        hook server has its own)."""
+        before = self.lock_timeout
+        self.lock_timeout = min(before, seconds)
+        try:
+            yield
+        finally:
+            self.lock_timeout = before
+
+    @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the manager lock (re-entrant within this object).  Waits up to
         ``lock_timeout`` seconds for another pinwarden, then a :class:`LedgerError`."""

@@ -279,9 +279,8 @@ def cmd_hook_install(args: argparse.Namespace) -> int:
                         config=config.resolve() if config else None, dry_run=args.dry_run,
                         client=hook.default_client(),
                         socket=daemon_state.resolve() / hook.SOCKET_NAME)
-    running = procs.running_named(
-        frozenset(d for names in hook.HOOK_DAEMONS.values() for d in names)) \
-        if done.created_dirs else frozenset()
+    running = procs.running_named(hook.HOOK_DAEMON_NAMES) if done.created_dirs \
+        else frozenset()
     if args.json:
         print_json({"installed": [str(p) for p in done.paths], "exec": done.command,
                     "replaced": [str(p) for p in done.removed],

@@ -273,6 +273,8 @@ def _is_ours(path: Path) -> bool:
 #: The libvirt daemons that run a driver's hooks: the monolithic libvirtd, or the driver's
 #: own modular daemon (the default on Fedora and the RHEL 9 family).
 HOOK_DAEMONS = {"qemu": ("libvirtd", "virtqemud"), "lxc": ("libvirtd", "virtlxcd")}
+#: Every one of them (the process names to look for).
+HOOK_DAEMON_NAMES = frozenset(d for names in HOOK_DAEMONS.values() for d in names)
 
 
 def daemons_to_reload(running: frozenset[str],
@@ -670,11 +672,10 @@ def main_run(manager: Manager, driver: str, argv: Sequence[str], stdin: str, *,
     admit = action_for(op) == "admit"
     out = err if err is not None else sys.stderr
     exclusive = asks_exclusive(stdin)
-    waits = manager.lock_timeout
-    if not exclusive:
-        manager.lock_timeout = min(waits, SHARED_LOCK_WAIT)
     try:
-        run(manager, driver, name, op, stdin, caller=caller)
+        with contextlib.nullcontext() if exclusive else \
+                manager.waiting_at_most(SHARED_LOCK_WAIT):
+            run(manager, driver, name, op, stdin, caller=caller)
         return 0
     except Refusal as exc:
         if admit:
@@ -689,8 +690,6 @@ def main_run(manager: Manager, driver: str, argv: Sequence[str], stdin: str, *,
             return REFUSED
         tail = " and was let through unchecked" if admit else ""
         _warn(manager, f"hook {op} of {driver} domain {name!r} failed: {what}{tail}", out)
-    finally:
-        manager.lock_timeout = waits
     return 0
 
 
