@@ -206,6 +206,32 @@ def test_whole_never_uses_a_part_used_core() -> None:
     assert "'prefer'" in err.value.message
 
 
+@pytest.mark.parametrize("threads", ["whole", "isolate", "require"])
+def test_a_thread_policy_is_advised_away_only_when_prefer_would_place_it(
+        threads: str) -> None:
+    """Too few free CPUs: the thread policy is not what refuses, so relaxing it is not the
+    advice (it was: 'use thread policy prefer', which then refused too)."""
+    topo = build(cores=2, threads=2)  # (0,2) (1,3)
+    with pytest.raises(Refusal) as err:
+        allocate(topo, S("0-3"), S("0-1,3"), Request(4, threads))
+    msg = err.value.message
+    assert msg == "cannot place 4 CPUs: only 3 free CPUs; lower the vCPU count"
+    with pytest.raises(Refusal):
+        allocate(topo, S("0-3"), S("0-1,3"), Request(4, "prefer"))
+    # Enough free CPUs, too few whole cores: relaxing the policy is the advice, and works.
+    with pytest.raises(Refusal) as err:
+        allocate(topo, S("0-3"), S("0-1,3"), Request(3, threads))
+    assert "'prefer'" in err.value.message and "lower" not in err.value.message
+    assert len(allocate(topo, S("0-3"), S("0-1,3"), Request(3, "prefer")).cpus) == 3
+
+
+def test_a_host_without_smt_is_refused_for_want_of_cpus_not_for_whole_cores() -> None:
+    topo = build(cores=2, threads=1)
+    with pytest.raises(Refusal) as err:
+        allocate(topo, S("0-1"), S("1"), Request(2))
+    assert err.value.message == "cannot place 2 CPUs: only 1 free CPU; lower the vCPU count"
+
+
 def test_whole_without_smt_is_one_cpu_per_core() -> None:
     topo = build(cores=4, threads=1)
     got = allocate(topo, S("0-3"), S("1-3"), Request(3))

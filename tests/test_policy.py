@@ -273,6 +273,20 @@ def test_an_isolated_emulator_goes_elsewhere_when_the_vcpus_node_is_full() -> No
     refused("insufficient-cpus", spec=s, host=host(), leases=lease("4-11,14-15"))
 
 
+def test_a_refusal_counting_an_isolated_emulator_says_so() -> None:
+    """'cannot place 3 CPUs' for a 2-vCPU domain: the third is its isolated emulator, and
+    emulator='float' is what would fit."""
+    s = spec(exclusive=True, emulator="isolate")
+    message = refused("insufficient-cpus", spec=s, host=host(), leases=lease("4-13")).message
+    assert "cannot place 3 CPUs" in message
+    assert "the 3 CPUs are 2 vCPUs and one for the isolated emulator" in message
+    assert "emulator='float'" in message
+    assert decide(replace(s, emulator="float"), host(), lease("4-13")).leased() == C("14-15")
+    plain = refused("insufficient-cpus", spec=spec(exclusive=True, vcpus=3), host=host(),
+                    leases=lease("4-13")).message
+    assert "emulator" not in plain
+
+
 def test_a_preferred_nodeset_is_left_only_when_it_has_no_room() -> None:
     """<numatune> mode='preferred': the CPUs come from its nodes while they have room, else
     from any node (noted), as the memory would; 'strict' (the default) stays a limit."""

@@ -53,7 +53,7 @@ def test_second_job_refused_naming_the_holder() -> None:
         decide_job(JobSpec("B", count=1), host, [lease(1, "A")])
     message = info.value.message
     assert "CPU 1 to job 'A' — release one of them" in message
-    assert "housekeeping CPUs 0 are never leased" in message
+    assert "housekeeping CPU 0 is never leased" in message
     assert info.value.code == "insufficient-cpus"
 
 

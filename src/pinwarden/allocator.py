@@ -97,7 +97,8 @@ def allocate(topology: Topology, pool: CpuSet, free: CpuSet, request: Request) -
     if policy == "require" and not host.smt:
         raise Refusal(
             f"thread policy 'require' needs SMT, but no core of this host has two online "
-            f"threads; use thread policy 'prefer' or 'isolate' for these {count} CPUs",
+            f"threads; use thread policy 'prefer' or 'isolate' for "
+            f"{'this CPU' if count == 1 else f'these {count} CPUs'}",
             code="no-smt")
 
     mask = _free_mask(host, pool, free)
@@ -116,7 +117,9 @@ def allocate(topology: Topology, pool: CpuSet, free: CpuSet, request: Request) -
             capacity[node_id] = state.capacity
     plan = _choose_nodes(host, states, count, policy)
     if plan is None:
-        raise Refusal(_refusal_message(request, sum(capacity.values())),
+        nodes = [n for i, n in host.nodes.items() if wanted is None or i in wanted]
+        free_cpus = sum((mask & n.mask).bit_count() for n in nodes)
+        raise Refusal(_refusal_message(request, sum(capacity.values()), free_cpus),
                       code="insufficient-cpus")
 
     chosen: list[int] = []
@@ -543,19 +546,30 @@ def _pick_prefer(node: _HostNode, state: _NodeState, count: int) -> tuple[list[i
     return [c for k in sorted(chosen) for c in chosen[k]], broken
 
 
-def _refusal_message(request: Request, available: int) -> str:
+def _count(n: int, what: str) -> str:
+    """``1 CPU``, ``2 CPUs``."""
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+def _refusal_message(request: Request, available: int, free_cpus: int) -> str:
+    """``available``: what the request's thread policy can use; ``free_cpus``: every free
+    CPU there.  A thread policy is named, and relaxing it advised, only when the free CPUs
+    would hold the request without it: on a host without SMT, or with too few free CPUs,
+    the thread policy is not what refuses."""
     where = f" on NUMA nodes {request.nodes.to_list()}" if request.nodes is not None else ""
-    if request.threads == "isolate":
-        what = f"{available} whole free cores (one CPU each under thread policy 'isolate')"
+    count = request.count
+    if request.threads == "prefer" or free_cpus < count:
+        what = f"{_count(free_cpus, 'free CPU')}"
+        relax = "lower the vCPU count"
+    elif request.threads == "isolate":
+        what = f"{_count(available, 'whole free core')} (one CPU each under thread policy " \
+               "'isolate')"
         relax = "use thread policy 'prefer'"
     elif request.threads == "require":
-        what = f"{available} CPUs on whole free SMT cores (thread policy 'require')"
+        what = f"{_count(available, 'CPU')} on whole free SMT cores (thread policy 'require')"
         relax = "use thread policy 'prefer'"
-    elif request.threads == "whole":
-        what = f"{available} CPUs on whole free cores (thread policy 'whole')"
-        relax = "use thread policy 'prefer' to share cores with other holders"
     else:
-        what = f"{available} free CPUs"
-        relax = "lower the vCPU count"
+        what = f"{_count(available, 'CPU')} on whole free cores (thread policy 'whole')"
+        relax = "use thread policy 'prefer' to share cores with other holders"
     widen = "widen the numatune nodeset or " if request.nodes is not None else ""
-    return f"cannot place {request.count} CPUs: only {what}{where}; {widen}{relax}"
+    return f"cannot place {_count(count, 'CPU')}: only {what}{where}; {widen}{relax}"

@@ -398,9 +398,11 @@ def _allocate(ctx: _Ctx, within: CpuSet, request: allocator.Request, *,
                     if limit is not None else "")
         held = (f"; leased now: {_holders_of(ctx, taken)} — release one of them" if taken
                 else "; nothing else is leased")
-        raise Refusal(f"exclusive {ctx.who}: {exc.message}{narrowed}{held}; housekeeping CPUs "
-                      f"{ctx.part.host_cpus or '(none)'} are never leased",
-                      code=exc.code) from None
+        host = ctx.part.host_cpus
+        never = (f"housekeeping CPU {host} is" if len(host) == 1 else
+                 f"housekeeping CPUs {host or '(none)'} are")
+        raise Refusal(f"exclusive {ctx.who}: {exc.message}{narrowed}{held}; {never} never "
+                      "leased", code=exc.code) from None
 
 
 def _allocate_or_none(ctx: _Ctx, within: CpuSet,
@@ -509,10 +511,19 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
             vcpus, placed_emulator = by_cell
             emulator = placed_emulator or emulator
         else:
-            got = _allocate_on_nodes(
-                ctx, spec, within - pinned,
-                allocator.Request(count=count, threads=spec.threads, nodes=spec.numa_nodeset),
-                notes, limit=None if spec.cpuset is None else f"<vcpu cpuset='{spec.cpuset}'>")
+            try:
+                got = _allocate_on_nodes(
+                    ctx, spec, within - pinned,
+                    allocator.Request(count=count, threads=spec.threads,
+                                      nodes=spec.numa_nodeset),
+                    notes,
+                    limit=None if spec.cpuset is None else f"<vcpu cpuset='{spec.cpuset}'>")
+            except Refusal as exc:
+                if not isolate_emulator or exc.code != "insufficient-cpus":
+                    raise
+                raise Refusal(f"{exc.message}; the {count} CPUs are {spec.vcpus} vCPUs and "
+                              "one for the isolated emulator (emulator='float' runs it on "
+                              "the vCPUs' CPUs)", code=exc.code) from None
             chosen = list(got.cpus)  # CPU numbers the allocator took from ``within``
             if isolate_emulator:
                 emulator = CpuSet(frozenset((chosen.pop(),)))
