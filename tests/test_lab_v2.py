@@ -338,6 +338,30 @@ def test_plan_keeps_exclusive_domains_inside_one_numa_node(lab: LabRun) -> None:
     assert _plan_cpus(data["plan4"]["json"]) <= CpuSet.range(4, 7)
 
 
+def _cell_cpus(out: dict[str, Any], vcpus: range) -> CpuSet:
+    assert out["rc"] == 0 and "json" in out, out
+    pins = out["json"]["vcpus"]
+    return CpuSet.of(c for v in vcpus for c in CpuSet.parse(pins[str(v)]))
+
+
+def test_plan_places_guest_numa_cells_on_the_host_nodes_of_the_kernel(lab: LabRun) -> None:
+    """Guest cells on this kernel's two nodes (CPU 0 the host reserve): each cell's vCPUs
+    on the node of its memory (<memnode>), and, without <memnode>, each cell on one node
+    (node 0's three free CPUs hold a cell of three; as one domain the six would split)."""
+    data = lab.check("cli.plan_numa")
+    node0, node1 = CpuSet.range(1, 3), CpuSet.range(4, 7)
+    memnode = data["memnode"]
+    assert _cell_cpus(memnode, range(0, 2)) <= node1, memnode  # cell 0: memory on node 1
+    assert _cell_cpus(memnode, range(2, 4)) <= node0, memnode  # cell 1: memory on node 0
+    assert not memnode["json"]["notes"], memnode
+    cells3 = data["cells3"]
+    first, second = _cell_cpus(cells3, range(0, 3)), _cell_cpus(cells3, range(3, 6))
+    assert len(first) == len(second) == 3, cells3
+    assert first <= node0 or first <= node1, f"cell 0 spans nodes: {cells3}"
+    assert second <= node0 or second <= node1, f"cell 1 spans nodes: {cells3}"
+    assert not first & second, cells3
+
+
 # -- issue #14: cgroups made beside a holder partition (late_cgroup_* checks) -------------
 #
 # The holder: pwtest-hold (root partition, CPUs 1-2) / run-L.partition (root partition,

@@ -688,6 +688,25 @@ def cli_plan_numa() -> Data:
             f"<os><type arch='x86_64'>hvm</type></os></domain>")
         out[f"plan{vcpus}"] = cli_here("plan", "--config", str(config), "--state-dir",
                                        str(STATE), "--json", str(xml))
+    # Guest NUMA cells: cell 0's memory on host node 1, cell 1's on node 0 (<memnode>);
+    # then two cells of three vCPUs and no <memnode> (node 0 has three free CPUs).
+    cells = {
+        "memnode": ("<numatune><memnode cellid='0' mode='strict' nodeset='1'/>"
+                    "<memnode cellid='1' mode='strict' nodeset='0'/></numatune>",
+                    ((0, "0-1"), (1, "2-3")), 4),
+        "cells3": ("", ((0, "0-2"), (1, "3-5")), 6),
+    }
+    for name, (numatune, layout, vcpus) in cells.items():
+        numa = "".join(f"<cell id='{i}' cpus='{c}' memory='128' unit='MiB'/>"
+                       for i, c in layout)
+        xml = CONFIG_DIR / f"{name}.xml"
+        xml.write_text(
+            f"<domain type='kvm'><name>pwtest-{name}</name>"
+            f"<memory unit='MiB'>256</memory><vcpu placement='static'>{vcpus}</vcpu>"
+            f"<cputune exclusive='yes'/>{numatune}<cpu><numa>{numa}</numa></cpu>"
+            f"<os><type arch='x86_64'>hvm</type></os></domain>")
+        out[name] = cli_here("plan", "--config", str(config), "--state-dir", str(STATE),
+                             "--json", str(xml))
     return out
 
 
