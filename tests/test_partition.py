@@ -214,6 +214,9 @@ def test_none_default_reserve_is_first_core(tmp_path: Path) -> None:
     assert part.reason == ("no isolcpus and no restricting VM cgroup; host reserve is core 0 "
                            "(CPUs 0,8)")
     check_invariants(tmp_path)
+    build_host(tmp_path / "nosmt", HostSpec(cpus=4))
+    part = load_host(tmp_path / "nosmt", Config()).partition
+    assert part.reason.endswith("host reserve is core 0 (CPU 0)")
 
 
 def test_none_reserve_skips_offline_cpu0(tmp_path: Path) -> None:

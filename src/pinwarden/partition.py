@@ -178,7 +178,7 @@ def _none(topology: Topology, config: Config, why: str) -> Partition:
         reserve = default_reserve(topology)
         core = topology.cpu(reserve.first()).core if reserve else None
         label = f"core {core}" if core is not None else "the first core"
-        what = f"host reserve is {label} (CPUs {reserve})"
+        what = f"host reserve is {label} (CPU{'' if len(reserve) == 1 else 's'} {reserve})"
     vm = topology.online - reserve
     return Partition("none", vm, topology.online - vm, f"{why}; {what}")
 
