@@ -100,8 +100,9 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert "no command given" in capsys.readouterr().err
     assert main(["run", "--exclusive", "0", "--", "true"]) == 1
     assert "at least 1 CPU" in capsys.readouterr().err
-    assert main(["run", "--name", "../x", "--", "true"]) == 1
-    assert "invalid job name" in capsys.readouterr().err
+    for name in ("../x", ""):  # an empty name is refused too, not replaced by the default
+        assert main(["run", "--name", name, "--", "true"]) == 1
+        assert f"invalid job name {name!r}" in capsys.readouterr().err
     for argv in (["run", "--exclusive", "x", "--", "true"],
                  ["run", "--exclusive", "1", "--cpus", "1", "--", "true"],
                  ["run", "--threads", "maybe", "--", "true"]):

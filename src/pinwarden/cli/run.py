@@ -64,7 +64,7 @@ def request_of(args: argparse.Namespace, command: list[str]) -> JobSpec:
     from pinwarden.policy import JobSpec
     from pinwarden.runner import check_name
 
-    if args.name:
+    if args.name is not None:  # as given: an empty one is refused, not replaced
         name = args.name
     else:  # COMMAND-PID, made a valid job name
         base = re.sub(r"[^A-Za-z0-9_.@:+-]", "_", Path(command[0]).name)[:48].lstrip("._@:+-")
