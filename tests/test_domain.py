@@ -184,6 +184,8 @@ def test_bad_values_are_one_line_input_errors(body: str, needle: str) -> None:
     ("<domain><name> </name></domain>", "<name> is missing"),
     ("<domain><name>a/b</name></domain>", "may not contain '/'"),
     (b"<domain><name>\xff</name></domain>", "not UTF-8"),
+    # as the hook reads stdin ('surrogateescape'): a one-line error, not UnicodeEncodeError
+    (b"<domain><name>\xff</name></domain>".decode("utf-8", "surrogateescape"), "not UTF-8"),
 ])
 def test_malformed_documents(xml: str | bytes, needle: str) -> None:
     with pytest.raises(InputError, match=re.escape(needle)):

@@ -119,7 +119,11 @@ def _as_text(xml: str | bytes) -> str:
             raise InputError(f"domain XML is not UTF-8 (byte {exc.start})") from None
     else:
         text = xml.removeprefix("\ufeff")
-    if len(text.encode("utf-8")) > MAX_XML_BYTES:
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:  # bytes read with 'surrogateescape' (stdin, hook)
+        raise InputError(f"domain XML is not UTF-8 (character {exc.start})") from None
+    if size > MAX_XML_BYTES:
         raise InputError(f"domain XML is more than the {MAX_XML_BYTES} bytes accepted")
     return text
 
