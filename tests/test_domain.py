@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 
 from conftest import SEED_XML
 from pinwarden.cpuset import CpuSet
-from pinwarden.domain import MAX_XML_BYTES, PW_NS, GuestCell, parse_domain, render_plan
+from pinwarden.domain import (
+    BAD_METADATA,
+    MAX_XML_BYTES,
+    PW_NS,
+    GuestCell,
+    parse_domain,
+    render_plan,
+)
 from pinwarden.errors import InputError
 from pinwarden.model import Plan
 
@@ -163,10 +170,6 @@ META = f"<metadata><pw:cpu xmlns:pw='{PW_NS}' %s/></metadata>"
      "memory='1'/></numa></cpu>", "<memnode cellid='0' nodeset> is missing"),
     ("<resource><partition>machine</partition></resource>", "<resource><partition>='machine'"),
     ("<uuid>not-a-uuid</uuid>", "<uuid>='not-a-uuid'"),
-    (META % "threads='never'", "<pw:cpu threads>='never'"),
-    (META % "emulator='pinned'", "<pw:cpu emulator>='pinned'"),
-    (META % "exclusive='si'", "<pw:cpu exclusive>='si'"),
-    (META % "exclsive='yes'", "<pw:cpu exclsive>='yes'"),
 ])
 def test_bad_values_are_one_line_input_errors(body: str, needle: str) -> None:
     with pytest.raises(InputError) as info:
@@ -174,6 +177,33 @@ def test_bad_values_are_one_line_input_errors(body: str, needle: str) -> None:
     assert needle in info.value.message
     assert "\n" not in info.value.message
     assert info.value.code == "bad-input"
+
+
+@pytest.mark.parametrize(("body", "needle", "asked"), [
+    (META % "exclusive='si'", "<pw:cpu exclusive>='si'", True),
+    (META % "exclusive='YES'", "<pw:cpu exclusive>='YES'", True),
+    (META % "exclsive='yes'", "<pw:cpu exclsive>='yes'", True),  # a misspelt 'exclusive'
+    (META % "exclusive='yes' threads='never'", "<pw:cpu threads>='never'", True),
+    (META % "exclusive='yes' emulator='pinned'", "<pw:cpu emulator>='pinned'", True),
+    (f"<metadata><pw:cpu xmlns:pw='{PW_NS}'/><pw:cpu xmlns:pw='{PW_NS}'/></metadata>",
+     "more than one pinwarden", True),
+    ("<cputune exclusive='yes'/>" + META % "exclusive='no'", "contradicts", True),
+    ("<metadata><pw:cpu xmlns:pw='urn:pinwarden:domain:2' exclusive='yes'/></metadata>",
+     "not pinwarden's", True),
+    # what asks for nothing exclusive stays a plain input error
+    (META % "threads='never'", "<pw:cpu threads>='never'", False),
+    (META % "emulator='pinned'", "<pw:cpu emulator>='pinned'", False),
+    (META % "exclusive='no' threads='never'", "<pw:cpu threads>='never'", False),
+    (META % "exclusive='no' exclsive='yes'", "<pw:cpu exclsive>='yes'", False),
+])
+def test_invalid_pinwarden_metadata_that_may_ask_for_exclusive_cpus_says_so(
+        body: str, needle: str, asked: bool) -> None:
+    """The code BAD_METADATA (the libvirt hook refuses such a domain instead of running it
+    shared) unless the element says exclusive='no' or asks nothing exclusive."""
+    with pytest.raises(InputError) as info:
+        parse_domain(_domain(body))
+    assert needle in info.value.message and "\n" not in info.value.message
+    assert info.value.code == (BAD_METADATA if asked else "bad-input")
 
 
 @pytest.mark.parametrize(("xml", "needle"), [

@@ -514,6 +514,31 @@ def test_a_wedged_pinwarden_holds_a_shared_start_for_seconds_not_minutes(
         holder.wait()
 
 
+def test_hook_refuses_a_domain_whose_pinwarden_metadata_may_ask_for_exclusive_cpus(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """exclusive='YES' (or a misspelt attribute): the domain may have asked for exclusive
+    CPUs, so it is refused at prepare with how to fix it, not run shared with a warning;
+    an element that says exclusive='no' or asks nothing exclusive is still let through."""
+    manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
+                      host=make_host("0-3", "1-3"))
+    meta = "<metadata><pw:cpu xmlns:pw='urn:pinwarden:domain:1' %s/></metadata>"
+    for attrs in ("exclusive='YES'", "exclsive='yes'", "exclusive='yes' threads='all'"):
+        assert hook.main_run(manager, "qemu", ["v", "prepare", "begin", "-"],
+                             xml("v", meta % attrs)) == hook.REFUSED, attrs
+        err = capsys.readouterr().err
+        assert err.startswith("pinwarden: error: domain 'v' has invalid pinwarden metadata")
+        assert "virsh edit v" in err and err.count("\n") == 1, err
+    with Ledger(tmp_path) as ledger:
+        assert ledger.holders() == ()
+    for attrs in ("exclusive='no' threads='all'", "threads='all'"):
+        assert hook.main_run(manager, "qemu", ["w", "prepare", "begin", "-"],
+                             xml("w", meta % attrs)) == 0, attrs
+        assert "let through unchecked" in capsys.readouterr().err
+    # at later steps it is only reported: libvirt would kill a running domain
+    assert hook.main_run(manager, "qemu", ["v", "started", "begin", "-"],
+                         xml("v", meta % "exclusive='YES'")) == 0
+
+
 def test_hook_refuses_a_shared_domain_pinned_onto_a_lease(tmp_path: Path) -> None:
     manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
                       host=make_host("0-3", "1-3"))

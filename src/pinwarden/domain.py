@@ -29,6 +29,10 @@ PW_NS = "urn:pinwarden:domain:1"
 #: Namespaces that look like pinwarden's but are not it (a typo or another version):
 #: refused, so that a near miss never silently makes an exclusive domain shared.
 _PW_NS_LIKE = re.compile(r"urn:pinwarden\b.*", re.I)
+#: Error code of invalid pinwarden metadata that does not say exclusive='no': the domain
+#: may have asked for exclusive CPUs (the libvirt hook refuses it instead of running it
+#: shared).
+BAD_METADATA = "bad-metadata"
 
 #: Largest domain XML accepted (libvirt's own domain documents are a few KiB).
 MAX_XML_BYTES = 1 << 20
@@ -225,6 +229,60 @@ def _only(parent: Element, tag: str, where: str) -> Element | None:
 # -- parse_domain --------------------------------------------------------------------------
 
 
+def _pw_metadata(metadata: Element | None, exclusive: bool | None,
+                 ) -> tuple[bool | None, ThreadPolicy, EmulatorPolicy]:
+    """(exclusive, threads, emulator) from pinwarden's ``<metadata>`` element, given
+    ``<cputune exclusive>`` (None: absent).  An error that leaves open whether the domain
+    asks for exclusive CPUs has the code :data:`BAD_METADATA`."""
+    threads: ThreadPolicy = DEFAULT_THREADS
+    emulator: EmulatorPolicy = "float"
+    if metadata is not None:
+        for child in metadata:
+            namespace = child.tag[1:].partition("}")[0] if child.tag.startswith("{") else ""
+            if namespace != PW_NS and _PW_NS_LIKE.fullmatch(namespace):
+                raise InputError(
+                    f"<metadata> element {shorten(child.tag)} is in namespace "
+                    f"{shorten(namespace)}, not pinwarden's {PW_NS!r}: pinwarden would "
+                    f"ignore it (an exclusive domain would run shared); use {PW_NS!r}",
+                    code=BAD_METADATA)
+    pw = metadata.findall(f"{{{PW_NS}}}cpu") if metadata is not None else []
+    if len(pw) > 1:
+        raise InputError("<metadata>: more than one pinwarden <cpu> element",
+                         code=BAD_METADATA)
+    if not pw:
+        return exclusive, threads, emulator
+    meta = pw[0]
+    says = meta.get("exclusive")
+
+    def bad(attr: str, why: str, *, asked: bool) -> NoReturn:
+        raise InputError(f"<pw:cpu {attr}>={shorten(meta.get(attr, ''))}: {why}",
+                         code=BAD_METADATA if asked else None)
+
+    unknown = sorted(set(meta.keys()) - {"exclusive", "threads", "emulator"})
+    if unknown:  # a misspelt 'exclusive', maybe
+        bad(unknown[0], "unknown attribute (exclusive, threads, emulator are understood)",
+            asked=says != "no")
+    if says is not None:
+        if says not in ("yes", "no"):
+            bad("exclusive", "must be 'yes' or 'no'", asked=True)
+        if exclusive is not None and exclusive != (says == "yes"):
+            raise InputError(
+                f"<cputune exclusive={'yes' if exclusive else 'no'!r}> contradicts "
+                f"<pw:cpu exclusive={says!r}>: make them agree", code=BAD_METADATA)
+        exclusive = says == "yes"
+    value = meta.get("threads")
+    if value is not None:
+        if value not in _THREAD_POLICIES:
+            bad("threads", "must be whole, prefer, isolate or require", asked=bool(exclusive))
+        threads = value
+    value = meta.get("emulator")
+    if value is not None:
+        if value not in _EMULATOR_POLICIES:
+            bad("emulator", "must be float, isolate or shared", asked=bool(exclusive))
+        emulator = value
+    return exclusive, threads, emulator
+
+
 def parse_domain(xml: str | bytes) -> DomainSpec:
     """Parse the CPU-relevant parts of a libvirt domain XML document."""
     root = _load(_as_text(xml))
@@ -358,43 +416,8 @@ def parse_domain(xml: str | bytes) -> DomainSpec:
         if not partition.startswith("/") or "//" in partition or "\n" in partition:
             _bad("<resource><partition>", partition, "must be an absolute path like /machine")
 
-    threads: ThreadPolicy = DEFAULT_THREADS
-    emulator: EmulatorPolicy = "float"
     metadata = _only(root, "metadata", "<domain>")
-    if metadata is not None:
-        for child in metadata:
-            namespace = child.tag[1:].partition("}")[0] if child.tag.startswith("{") else ""
-            if namespace != PW_NS and _PW_NS_LIKE.fullmatch(namespace):
-                raise InputError(
-                    f"<metadata> element {shorten(child.tag)} is in namespace "
-                    f"{shorten(namespace)}, not pinwarden's {PW_NS!r}: pinwarden would "
-                    f"ignore it (an exclusive domain would run shared); use {PW_NS!r}")
-    pw = metadata.findall(f"{{{PW_NS}}}cpu") if metadata is not None else []
-    if len(pw) > 1:
-        raise InputError("<metadata>: more than one pinwarden <cpu> element")
-    if pw:
-        meta = pw[0]
-        unknown = sorted(set(meta.keys()) - {"exclusive", "threads", "emulator"})
-        if unknown:
-            _bad(f"<pw:cpu {unknown[0]}>", meta.get(unknown[0], ""),
-                 "unknown attribute (exclusive, threads, emulator are understood)")
-        if meta.get("exclusive") is not None:
-            meta_exclusive = _yes_no("<pw:cpu exclusive>", meta.get("exclusive", ""))
-            if exclusive is not None and exclusive != meta_exclusive:
-                raise InputError(
-                    f"<cputune exclusive={'yes' if exclusive else 'no'!r}> contradicts "
-                    f"<pw:cpu exclusive={meta.get('exclusive')!r}>: make them agree")
-            exclusive = meta_exclusive
-        value = meta.get("threads")
-        if value is not None:
-            if value not in _THREAD_POLICIES:
-                _bad("<pw:cpu threads>", value, "must be whole, prefer, isolate or require")
-            threads = value
-        value = meta.get("emulator")
-        if value is not None:
-            if value not in _EMULATOR_POLICIES:
-                _bad("<pw:cpu emulator>", value, "must be float, isolate or shared")
-            emulator = value
+    exclusive, threads, emulator = _pw_metadata(metadata, exclusive)
 
     return DomainSpec(
         name=name, uuid=uuid, vcpus=vcpus, current=current, placement=placement,

@@ -23,7 +23,9 @@ exclusive.  The drop-in script tells three outcomes apart by exit status: 0 (adm
 case it lets a shared domain through (logging why to syslog and the state directory) and
 refuses an exclusive one with how to repair the installation.  The Python side does the
 same for its own failures: only a :class:`~pinwarden.errors.Refusal` blocks a shared
-domain; a broken ledger, host or cgroup tree lets it through with a warning, and so does
+domain (invalid pinwarden metadata that does not say ``exclusive='no'`` is one: the domain
+may have asked for exclusive CPUs); a broken ledger, host or cgroup tree lets it through
+with a warning, and so does
 another pinwarden that holds the lock longer than :data:`SHARED_LOCK_WAIT` (an exclusive
 domain waits the manager's whole lock timeout).
 
@@ -451,11 +453,15 @@ def _caller(who: Caller) -> int | None:
 
 
 def _spec(xml: str, name: str) -> DomainSpec:
-    from pinwarden.domain import parse_domain
+    from pinwarden.domain import BAD_METADATA, parse_domain
 
     try:
         return parse_domain(xml)
     except PinwardenError as exc:
+        if exc.code == BAD_METADATA:  # it may ask for exclusive CPUs: never run it shared
+            raise Refusal(f"domain {name!r} has invalid pinwarden metadata: {exc.message}; "
+                          f"fix it with 'virsh edit {name}' (exclusive='no' asks for "
+                          "shared CPUs)", code=BAD_METADATA) from None
         raise InputError(f"pinwarden cannot read the XML of domain {name!r}: "
                          f"{exc.message}") from None
 
