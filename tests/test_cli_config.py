@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from hostroot import HostSpec, build_host
 from pinwarden import provenance
 from pinwarden.cli import main
 from pinwarden.config import SETTINGS, Config, libvirt_uri, load_config, parse_config, state_dir
@@ -104,6 +105,31 @@ def test_bad_config_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert err.startswith("pinwarden: error: ") and "partition.mode must be" in err
     assert main(["config", "--config", str(tmp_path / "missing.toml")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_host_reserve_this_host_lacks_is_refused(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Every command would refuse it (partition mode none): so does config, after showing
+    the settings; the same host_reserve on a host that has the CPU is fine."""
+    small, big = build_host(tmp_path / "small", HostSpec(cpus=4)), \
+        build_host(tmp_path / "big", HostSpec(cpus=16))
+    config = tmp_path / "pw.toml"
+    config.write_text('[partition]\nmode = "none"\nhost_reserve = "0,9"\n')
+    argv = ["config", "--config", str(config), "--json"]
+    assert main([*argv, "--root", str(small)]) == 1
+    out, err = capsys.readouterr()
+    problem = "host_reserve 0,9 names CPU 9 which this host does not have (present: 0-3)"
+    assert json.loads(out)["problems"] == [f"{problem}; fix [partition] host_reserve in the "
+                                           "configuration"]
+    assert err.startswith(f"pinwarden: error: {problem}") and err.count("\n") == 1
+    domain = tmp_path / "d.xml"
+    domain.write_text("<domain type='kvm'><name>d</name><memory>1024</memory><vcpu>1</vcpu>"
+                      "<os><type>hvm</type></os></domain>")
+    assert main(["plan", "--config", str(config), "--root", str(small), "--state-dir",
+                 str(tmp_path / "state"), str(domain)]) == 1
+    assert problem in capsys.readouterr().err  # what the commands say, word for word
+    assert main([*argv, "--root", str(big)]) == 0
+    assert json.loads(capsys.readouterr().out)["problems"] == []
 
 
 def test_provenance_agrees_with_what_the_commands_use(tmp_path: Path) -> None:

@@ -165,13 +165,21 @@ def _cgroup(topology: Topology, cg: VmCgroup) -> Partition:
                      f"cpuset of cgroup {cg.name} ({version}) is {cg.cpus or 'empty'}", cg.name)
 
 
+def host_reserve_problem(reserve: CpuSet, topology: Topology) -> str | None:
+    """What is wrong with a configured ``host_reserve`` on this host, or None."""
+    unknown = reserve - topology.present
+    if not unknown:
+        return None
+    return (f"host_reserve {reserve} names CPU {unknown} which this host does not have "
+            f"(present: {topology.present}); fix [partition] host_reserve in the "
+            "configuration")
+
+
 def _none(topology: Topology, config: Config, why: str) -> Partition:
     if config.host_reserve is not None:
-        unknown = config.host_reserve - topology.present
-        if unknown:
-            raise HostError(f"host_reserve {config.host_reserve} names CPU {unknown} which "
-                            f"this host does not have (present: {topology.present}); fix "
-                            "[partition] host_reserve in the configuration")
+        problem = host_reserve_problem(config.host_reserve, topology)
+        if problem is not None:
+            raise HostError(problem)
         reserve = config.host_reserve & topology.online
         what = f"host reserve is {reserve or 'empty'} (host_reserve in the configuration)"
     else:

@@ -10,13 +10,18 @@ default.  ``--json``::
                      "exists": false},
      "settings": [{"section": "ledger", "key": "state_dir", "value": "/srv/pw",
                    "default": "/var/lib/pinwarden", "source": "env",
-                   "from": "PINWARDEN_STATE_DIR", …}, …]}
+                   "from": "PINWARDEN_STATE_DIR", …}, …],
+     "problems": []}
+
+``problems``: values naming what the host (``--root``) does not have, which every other
+command would refuse (exit 1 then, each also on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +37,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         help="show the effective configuration and where each value comes from",
         description="Show every setting's effective value and its source: command-line "
                     "option, environment variable, configuration file (with the key) or "
-                    "default. A configuration file with errors is refused (exit 1).")
+                    "default. A configuration file with errors is refused (exit 1), and so "
+                    "is a value naming what this host does not have (host_reserve CPUs).")
     parser.add_argument("--connect", "-c", metavar="URI", default=None,
                         help="a libvirt URI, as the libvirt commands take it (shows what "
                              "they would use)")
@@ -46,12 +52,33 @@ def effective(args: argparse.Namespace) -> provenance.Effective:
     return provenance.resolve(Path(args.config) if args.config else None, options, os.environ)
 
 
+def host_problems(args: argparse.Namespace, result: provenance.Effective) -> list[str]:
+    """Values that name what this host (``--root``) does not have: every other command
+    would refuse them.  Nothing when the host cannot be read (config is about the file)."""
+    from pinwarden.errors import HostError
+    from pinwarden.partition import host_reserve_problem
+    from pinwarden.topology import read_topology
+
+    reserve = result.get("host_reserve")
+    if reserve is None:
+        return []
+    try:
+        topology = read_topology(Path(args.root))
+    except HostError:
+        return []
+    problem = host_reserve_problem(reserve, topology)
+    return [problem] if problem is not None else []
+
+
 def run(args: argparse.Namespace) -> int:
     from pinwarden import provenance
 
     result = effective(args)
+    problems = host_problems(args, result)
     if args.json:
-        print_json(provenance.to_json(result))
+        print_json({**provenance.to_json(result), "problems": problems})
     else:
         print(provenance.render(result))
-    return 0
+    for problem in problems:
+        print(f"pinwarden: error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
