@@ -559,7 +559,7 @@ def _refusal_message(request: Request, available: int, free_cpus: int) -> str:
     where = f" on NUMA nodes {request.nodes.to_list()}" if request.nodes is not None else ""
     count = request.count
     if request.threads == "prefer" or free_cpus < count:
-        what = f"{_count(free_cpus, 'free CPU')}"
+        what = _count(free_cpus, 'free CPU')
         relax = "lower the vCPU count"
     elif request.threads == "isolate":
         what = f"{_count(available, 'whole free core')} (one CPU each under thread policy " \
