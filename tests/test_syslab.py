@@ -715,3 +715,37 @@ def test_story_a_late_top_level_cgroup_is_narrowed_off_the_leased_cpu(lab: LabRu
     assert "narrowed" in s["journal"] or "pwtest-late" in s["journal"], s["journal"]
     after = s["after_destroy"]
     assert after["late"]["cpuset.cpus"] == "0-3", after["late"]  # what it had, exactly
+
+
+def test_guest_numa_cells_run_on_the_nodes_of_their_memory(lab: LabRun) -> None:
+    """Two NUMA nodes (CPUs 0-1, 2-3; CPU 0 the host reserve): an exclusive domain whose
+    cell 0 keeps its memory on node 1 and cell 1 on node 0 gets vCPU 0 on node 1 and vCPU
+    1 on node 0 from ``pinwarden start``; libvirt starts it under the holder partition and
+    binds each vCPU's memory to its cell's node (cpuset.mems of the vCPU's cgroup)."""
+    s = lab.check("numa_cells")
+    assert s["nodes"] == {"node0": "0-1", "node1": "2-3"}, s["nodes"]
+    rc0(s["plan"])
+    assert s["plan"]["json"]["notes"] == [], s["plan"]["json"]
+    rc0(s["define"])
+    rc0(s["start"])
+    pins = {int(v): c for v, c in s["start"]["json"]["plan"]["vcpus"].items()}
+    assert _cpus_of(pins[0]) <= {2, 3} and _cpus_of(pins[1]) == {1}, pins
+    threads = {t["comm"]: t for t in s["domain"]["threads"]}
+    for vcpu in (0, 1):
+        thread = next(t for comm, t in threads.items() if comm.startswith(f"CPU {vcpu}/"))
+        assert _cpus_of(thread["cpus_allowed"]) == _cpus_of(pins[vcpu]), thread
+        assert thread["cgroup"].startswith("/pinwarden\\x2dvm\\x2dpwtest\\x2dcells.slice/"), \
+            thread
+    # QEMU was told to bind cell 0's memory to node 1 and cell 1's to node 0; the kernel
+    # shows both policies on its mappings
+    backends = s["memory_backends"]  # -object key=value (old) or JSON (libvirt 9+)
+    for cell, node in ((0, 1), (1, 0)):
+        assert any(re.search(rf"""\bram-node{cell}\b""", b) and "bind" in b and
+                   re.search(rf"""host-nodes(=|":\[){node}\b""", b) for b in backends), \
+            (cell, backends)
+    binds = " ".join(s["numa_maps_bind"])
+    assert "bind:1" in binds and "bind:0" in binds, s["numa_maps_bind"]
+    leases = s["status"]["json"]["leases"]
+    assert [h["domain"] for h in leases] == ["pwtest-cells"], leases
+    rc0(s["sync"])
+    assert s["status_after"]["json"]["leases"] == [], s["status_after"]

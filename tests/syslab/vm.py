@@ -11,7 +11,8 @@
    guest read-write at ``/srv/syslab`` (``--rwdir``): the guest scripts, the wheelhouse,
    ``config.json`` and the ``results.json`` the guest rewrites after every check;
 4. ``vng --systemd --rw --disable-kvm --root-disk OVERLAY --run KERNEL --cpus 4
-   --memory 3G --append isolcpus=3 --exec 'python3 /srv/syslab/guest/run.py /srv/syslab'``:
+   --memory 3G --numa 1536M,cpus=0-1 --numa 1536M,cpus=2-3 --append isolcpus=3
+   --exec 'python3 /srv/syslab/guest/run.py /srv/syslab'``:
    systemd is PID 1; virtme-ng runs the script from serial-getty@ttyS0.service once the
    console is up and powers the guest off when it returns.  The whole boot is bounded by
    ``PINWARDEN_SYSLAB_TIMEOUT`` seconds (then the process group is killed).
@@ -83,6 +84,9 @@ MEMORY = "3G"
 #: One isolated CPU: the default affinity of unpinned domains is visible (FACTS 5) while
 #: CPUs 1-2 stay usable for partitions (6.12 refuses partitions over isolcpus CPUs).
 APPEND = "isolcpus=3"
+#: Two NUMA nodes (CPUs 0-1 and 2-3, half the memory each): guest cells and their memory
+#: (<numatune><memnode>) meet real nodes (checks_60_numa).
+NUMA = ("1536M,cpus=0-1", "1536M,cpus=2-3")
 #: Extra QEMU options per suite (``PINWARDEN_SYSLAB_QEMU_OPTS_<SUITE>`` replaces them).
 QEMU_OPTS = {"trixie": "-accel tcg,thread=single", "bookworm": "-accel tcg,thread=single"}
 #: A guest that finishes no check for this long has stalled (the longest check takes about
@@ -208,6 +212,8 @@ def vng_command(kernel: Path, overlay: Path, share: Path, qemu_opts: str) -> lis
            "--root-disk", str(overlay), "--root-fstype", "ext4",
            "--run", str(kernel), "--cpus", str(CPUS), "--memory", MEMORY,
            "--append", APPEND, "--rwdir", f"{GUEST_SHARE}={share}"]
+    for node in NUMA:
+        cmd += ["--numa", node]
     if qemu_opts:
         cmd.append(f"--qemu-opts={qemu_opts}")
     return [*cmd, "--exec", inner]

@@ -25,9 +25,8 @@ refuses an exclusive one with how to repair the installation.  The Python side d
 same for its own failures: only a :class:`~pinwarden.errors.Refusal` blocks a shared
 domain (invalid pinwarden metadata that does not say ``exclusive='no'`` is one: the domain
 may have asked for exclusive CPUs); a broken ledger, host or cgroup tree lets it through
-with a warning, and so does
-another pinwarden that holds the lock longer than :data:`SHARED_LOCK_WAIT` (an exclusive
-domain waits the manager's whole lock timeout).
+with a warning, and so does another pinwarden that holds the lock longer than
+:data:`SHARED_LOCK_WAIT` (an exclusive domain waits the manager's whole lock timeout).
 
 The hook never calls back into libvirt (libvirtd holds the domain lock while it runs) and
 imports only what the operation needs.
