@@ -1,8 +1,9 @@
 """pinwarden on real systemd hosts: the systemd host lab (tests/syslab, FACTS.md there).
 
 One virtme-ng boot per Debian suite and session (bookworm: libvirt 9.0, systemd 252, Linux
-6.1; trixie: libvirt 11, systemd 257, Linux 6.12), 4 CPUs, ``isolcpus=3``, systemd as PID 1,
-libvirtd.service and systemd-machined.  The guest runs every check of
+6.1; trixie: libvirt 11, systemd 257, Linux 6.12), 4 CPUs in two NUMA nodes (0-1, 2-3),
+``isolcpus=3``, systemd as PID 1, libvirtd.service and systemd-machined.  The guest runs
+every check of
 ``tests/syslab/guest/checks_*.py`` and records observations; each test here asserts one
 fact, so a failure names what systemd, libvirt or the kernel did differently.
 
