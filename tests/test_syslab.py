@@ -3,9 +3,8 @@
 One virtme-ng boot per Debian suite and session (bookworm: libvirt 9.0, systemd 252, Linux
 6.1; trixie: libvirt 11, systemd 257, Linux 6.12), 4 CPUs in two NUMA nodes (0-1, 2-3),
 ``isolcpus=3``, systemd as PID 1, libvirtd.service and systemd-machined.  The guest runs
-every check of
-``tests/syslab/guest/checks_*.py`` and records observations; each test here asserts one
-fact, so a failure names what systemd, libvirt or the kernel did differently.
+every check of ``tests/syslab/guest/checks_*.py`` and records observations; each test here
+asserts one fact, so a failure names what systemd, libvirt or the kernel did differently.
 
 Run: ``.venv/bin/pytest -m systemd tests/test_syslab.py`` (first run builds the roots, about
 3 minutes, cached in /var/cache/pinwarden-syslab; then 5-10 minutes per suite under TCG).
