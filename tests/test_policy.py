@@ -273,6 +273,20 @@ def test_an_isolated_emulator_goes_elsewhere_when_the_vcpus_node_is_full() -> No
     refused("insufficient-cpus", spec=s, host=host(), leases=lease("4-11,14-15"))
 
 
+def test_a_domain_no_one_node_can_hold_is_split_and_the_plan_says_so() -> None:
+    """Four free CPUs on each node (4-7, 12-15): six vCPUs span both nodes, noted with
+    why and what lets the guest see it; four fit on one node, and nothing is said."""
+    big = decide(spec(vcpus=6, exclusive=True), host(), lease("8-11"))
+    assert len(big.leased()) == 6 and big.leased() <= C("4-7,12-15")
+    (note,) = big.notes
+    assert note.startswith("the vCPUs of domain 'vm1' span NUMA nodes 0-1: no one node had "
+                           "room for its 6 vCPUs (thread policy 'whole')"), note
+    assert "<cpu><numa><cell>" in note
+    small = decide(spec(vcpus=4, exclusive=True), host(), lease("8-11"))
+    assert small.notes == () and len(small.leased()) == 4
+    assert small.leased() <= C("4-7") or small.leased() <= C("12-15")
+
+
 def test_a_refusal_counting_an_isolated_emulator_says_so() -> None:
     """'cannot place 3 CPUs' for a 2-vCPU domain: the third is its isolated emulator, and
     emulator='float' is what would fit."""

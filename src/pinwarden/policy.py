@@ -528,6 +528,12 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
             if isolate_emulator:
                 emulator = CpuSet(frozenset((chosen.pop(),)))
             vcpus = {v: CpuSet(frozenset((cpu,))) for v, cpu in enumerate(chosen)}
+            spread = CpuSet.of(topo.node_of(c) for c in chosen if c in topo.cpus)
+            if len(spread) > 1:  # one node when one has room: none had
+                notes.append(f"the vCPUs of {ctx.who} span NUMA nodes {spread}: no one node "
+                             f"had room for its {spec.vcpus} vCPUs (thread policy "
+                             f"{spec.threads!r}); guest NUMA cells (<cpu><numa><cell>) let "
+                             "the guest see the split")
         own.add_all([(f"vCPU {vcpu}", cpus, f"vcpu{vcpu}") for vcpu, cpus in vcpus.items()])
 
     if emulator is None:
