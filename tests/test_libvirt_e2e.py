@@ -193,6 +193,34 @@ def test_a_broken_pinwarden_never_blocks_a_shared_domain(hooked: env.Pinwarden,
         drop_in.write_text(good)
 
 
+def test_invalid_pinwarden_metadata_is_refused_not_run_shared(hooked: env.Pinwarden,
+                                                              domains: env.Domains) -> None:
+    """libvirt keeps pinwarden's element as written; ``exclusive='YES'`` may have asked for
+    exclusive CPUs, so plain ``virsh start`` is refused, saying what to fix, and nothing is
+    leased; with ``exclusive='no'`` beside the same typo elsewhere it starts shared."""
+    name = "pwtest-e2e-m"
+    meta = "<metadata><pw:cpu xmlns:pw='urn:pinwarden:domain:1' %s/></metadata><memory"
+    domains.track(name)
+    env.cleanup_domain(domains.conn, name)
+    domains.conn.defineXML(env.tiny_domain_xml(name).replace(
+        "<memory", meta % "exclusive='YES'", 1))
+    assert "exclusive='YES'" in virsh("dumpxml", name).stdout.replace('"', "'")
+    refused = virsh("start", name)
+    assert refused.returncode != 0
+    assert "has invalid pinwarden metadata" in refused.stderr, refused.stderr
+    assert "exclusive>='YES'" in refused.stderr and f"virsh edit {name}" in refused.stderr
+    assert virsh("domstate", name).stdout.strip() == "shut off"
+    with Ledger(hooked.state) as ledger:
+        assert ledger.holders() == ()
+    env.cleanup_domain(domains.conn, name)
+    domains.conn.defineXML(env.tiny_domain_xml(name).replace(
+        "<memory", meta % "exclusive='no' threads='all'", 1))
+    started = virsh("start", name)
+    assert started.returncode == 0, started.stderr
+    assert "let through unchecked" in (hooked.state / "hook.log").read_text()
+    assert virsh("destroy", name).returncode == 0
+
+
 def test_plain_virsh_start_of_an_unpinned_domain_runs_on_the_vm_cpus(
         hooked: env.Pinwarden, domains: env.Domains) -> None:
     """Nothing in the XML means the VM CPUs, never every CPU: libvirt itself would let an
