@@ -10,7 +10,6 @@ from pathlib import Path
 
 from guestlab import (
     Data,
-    cg_tree,
     check,
     observe_domain,
     pinwarden,
@@ -52,9 +51,6 @@ def numa_cells() -> Data:
         out["start"] = pinwarden("start", *conf, NAME, "--json")
         dom = observe_domain(NAME)
         out["domain"] = dom
-        cgroup = str(dom.get("cgroup") or "").strip("/")
-        scope = cgroup.split("/libvirt")[0]
-        out["tree"] = cg_tree(scope) if scope else {}
         pid = dom.get("pid")
         if pid:  # QEMU binds each cell's memory (mbind): its command line, the kernel's view
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
