@@ -74,8 +74,8 @@ def _live_demo(pw: Pinwarden, conn: Any) -> None:
         steps = [line.split()[2] for line in out.splitlines() if line.startswith("$ pinwarden ")]
         assert steps == ["host", "define", "define", "start", "start", "status", "audit",
                          "stop", "stop"]
-        assert f"started {DEMO_EXCLUSIVE} (exclusive on CPUs 1)" in out
-        assert f"started {DEMO_SHARED} (shared on CPUs 0)" in out
+        assert f"started {DEMO_EXCLUSIVE} (exclusive on CPU 1)" in out
+        assert f"started {DEMO_SHARED} (shared on CPU 0)" in out
         assert f"A leased to qemu domain '{DEMO_EXCLUSIVE}'" in out
         # and the demo cleaned up: no domain, no lease
         names = {d.name() for d in conn.listAllDomains()}

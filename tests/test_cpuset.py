@@ -11,7 +11,7 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from pinwarden.cpuset import MAX_CPU, CpuSet, CpuSetError, union
+from pinwarden.cpuset import MAX_CPU, CpuSet, CpuSetError, plural, union
 
 cpus = st.integers(min_value=0, max_value=MAX_CPU)
 small_cpus = st.integers(min_value=0, max_value=300)
@@ -338,3 +338,12 @@ def test_libvirt_takes_cpus_past_the_kernel_limit_pinwarden_does_not() -> None:
     assert form is not None and "cpuset='1,9000'" in form
     with pytest.raises(CpuSetError, match="CPU 9000 exceeds the maximum 8191"):
         CpuSet.parse("1,9000")
+
+
+def test_named_and_plural_agree_in_number() -> None:
+    """One wording for a set in a sentence, used by every message that names CPUs."""
+    assert CpuSet.parse("3").named() == "CPU 3"
+    assert CpuSet.parse("2-3,8").named() == "CPUs 2-3,8"
+    assert CpuSet().named() == "no CPU"
+    assert [plural(n, "whole free core") for n in (0, 1, 2)] == [
+        "0 whole free cores", "1 whole free core", "2 whole free cores"]

@@ -330,7 +330,7 @@ def test_with_the_daemon_running_pinwarden_start_is_served_by_it(
         daemon.wait_answering()
         started = hooked.run("start", e)
         assert started.returncode == 0, started.stderr
-        assert started.stdout.startswith(f"started {e} (exclusive on CPUs 1), pid "), \
+        assert started.stdout.startswith(f"started {e} (exclusive on CPU 1), pid "), \
             started.stdout
         assert f"pid {env.qemu_pid(e)}, cgroup /" in started.stdout, started.stdout
         with Ledger(hooked.state) as ledger:

@@ -70,7 +70,7 @@ def test_exclusive_start_repins_a_running_shared_domain(pw: env.Pinwarden,
     before = tree_state(pw)
     dry = pw.run("start", a, "--dry-run", check=True).stdout
     group = pw.holder_group(a)
-    assert dry.startswith(f"dry run: {a} would lease CPUs 1 exclusively"), dry
+    assert dry.startswith(f"dry run: {a} would lease CPU 1 exclusively"), dry
     assert f"would create {group}" in dry and f"would make {group} exclusive" in dry, dry
     assert f"would re-pin running domain {s} vcpu0" in dry, dry
     assert f"in partition /{group.removesuffix('.partition')}" in dry, dry
@@ -91,7 +91,7 @@ def test_exclusive_start_repins_a_running_shared_domain(pw: env.Pinwarden,
     assert env.holder_names(pw) == (a,)
 
     stopped = pw.run("stop", a, check=True).stdout
-    assert "freed CPUs 1" in stopped
+    assert "freed CPU 1" in stopped
     assert env.holder_names(pw) == ()
     assert not (env.CPUSET / group).exists()
     assert not domains.conn.lookupByName(a).isActive()
@@ -144,7 +144,7 @@ def test_define_stores_metadata_and_refuses_bad_input(pw: env.Pinwarden,
         "<cputune>", "<cputune exclusive='yes'>"))
     domains.track(name)
     out = pw.run("define", str(source), check=True).stdout
-    assert "exclusive" in out and "would lease CPUs 1" in out
+    assert "exclusive" in out and "would lease CPU 1" in out
     stored = parse_domain(domains.conn.lookupByName(name).XMLDesc(0))
     assert stored.exclusive
     assert stored.partition == f"/{EXCLUSIVE.removesuffix('.partition')}-vm-{name}"

@@ -132,6 +132,8 @@ def test_affinity_is_honoured_outside_the_vm_cpus(mode: PartitionMode) -> None:
     assert plan.vcpus == {0: C("1"), 1: C("2-3")} and plan.emulator == C("0")
     assert plan.default_cpus is None and not plan.leases
     assert any("housekeeping CPUs 0-3" in n for n in plan.notes)
+    one = decide(spec(vcpupins={0: C("1"), 1: C("1")}), host(mode, "4-15"), [])
+    assert any("pinned onto housekeeping CPU 1 outside" in n for n in one.notes), one.notes
 
 
 def test_vcpu_cpuset_applies_to_unpinned_threads() -> None:
@@ -619,8 +621,9 @@ def test_pinned_exclusive_vcpu_cpuset_is_where_unpinned_threads_run() -> None:
     io = decide(spec(exclusive=True, cpuset=C("5-7"), iothreads=1, emulatorpin=C("7"),
                      vcpupins={0: C("5"), 1: C("6")}), host(), [])
     assert io.iothreads == {1: C("5-7")} and io.emulator == C("7")
-    refused("bad-pin", "CPUs 8", spec=spec(exclusive=True, cpuset=C("5-8"), iothreads=1,
-                                           emulatorpin=C("7"), vcpupins={0: C("5"), 1: C("6")}),
+    refused("bad-pin", "reaches CPU 8 beyond",
+            spec=spec(exclusive=True, cpuset=C("5-8"), iothreads=1, emulatorpin=C("7"),
+                      vcpupins={0: C("5"), 1: C("6")}),
             host=host(), leases=[])
 
 

@@ -87,7 +87,7 @@ def test_offline_cpu_is_offline_cpu_for_jobs_as_for_domains() -> None:
 
 def test_job_name_must_be_unique_and_safe() -> None:
     host = make_host()
-    with pytest.raises(Refusal, match="already holds CPUs 2") as info:
+    with pytest.raises(Refusal, match="already holds CPU 2;") as info:
         decide_job(JobSpec("J", count=1), host, [lease(2, "J")])
     assert info.value.code == "job-exists"
     for bad in ("", "../x", "a b", "-x", "x" * 65):

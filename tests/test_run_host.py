@@ -124,7 +124,7 @@ def test_dry_run_says_what_a_job_would_change_and_changes_nothing(pw: Pinwarden)
     assert done.returncode == 0, done.stderr
     group = pw.holder_group("pwtest-dry", "run")
     lines = done.stdout.splitlines()
-    assert lines[0] == "dry run: pwtest-dry would lease CPUs 1 exclusively", done.stdout
+    assert lines[0] == "dry run: pwtest-dry would lease CPU 1 exclusively", done.stdout
     assert f"  would create {group}" in lines and f"  would make {group} exclusive" in lines
     assert lines.index("  would set cpus of machine to 0") < lines.index(f"  would create {group}")
     assert f"in cgroup /{group}" in done.stdout and lines[-1] == "nothing was changed"

@@ -53,7 +53,7 @@ import weakref
 from collections.abc import Iterable, Iterator
 from operator import itemgetter
 
-from pinwarden.cpuset import EMPTY, CpuSet
+from pinwarden.cpuset import EMPTY, CpuSet, plural
 from pinwarden.domain import ThreadPolicy
 from pinwarden.errors import InputError, Refusal
 from pinwarden.record import record
@@ -546,30 +546,25 @@ def _pick_prefer(node: _HostNode, state: _NodeState, count: int) -> tuple[list[i
     return [c for k in sorted(chosen) for c in chosen[k]], broken
 
 
-def _count(n: int, what: str) -> str:
-    """``1 CPU``, ``2 CPUs``."""
-    return f"{n} {what}" if n == 1 else f"{n} {what}s"
-
-
 def _refusal_message(request: Request, available: int, free_cpus: int) -> str:
     """``available``: what the request's thread policy can use; ``free_cpus``: every free
     CPU there.  A thread policy is named, and relaxing it advised, only when the free CPUs
     would hold the request without it: on a host without SMT, or with too few free CPUs,
     the thread policy is not what refuses."""
     where = f" on NUMA nodes {request.nodes.to_list()}" if request.nodes is not None else ""
-    count = request.count
-    if request.threads == "prefer" or free_cpus < count:
-        what = _count(free_cpus, 'free CPU')
+    wanted = request.count
+    if request.threads == "prefer" or free_cpus < wanted:
+        what = plural(free_cpus, 'free CPU')
         relax = "lower the vCPU count"
     elif request.threads == "isolate":
-        what = f"{_count(available, 'whole free core')} (one CPU each under thread policy " \
+        what = f"{plural(available, 'whole free core')} (one CPU each under thread policy " \
                "'isolate')"
         relax = "use thread policy 'prefer'"
     elif request.threads == "require":
-        what = f"{_count(available, 'CPU')} on whole free SMT cores (thread policy 'require')"
+        what = f"{plural(available, 'CPU')} on whole free SMT cores (thread policy 'require')"
         relax = "use thread policy 'prefer'"
     else:
-        what = f"{_count(available, 'CPU')} on whole free cores (thread policy 'whole')"
+        what = f"{plural(available, 'CPU')} on whole free cores (thread policy 'whole')"
         relax = "use thread policy 'prefer' to share cores with other holders"
     widen = "widen the numatune nodeset or " if request.nodes is not None else ""
-    return f"cannot place {_count(count, 'CPU')}: only {what}{where}; {widen}{relax}"
+    return f"cannot place {plural(wanted, 'CPU')}: only {what}{where}; {widen}{relax}"

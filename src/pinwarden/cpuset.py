@@ -232,6 +232,12 @@ class CpuSet:
             out[cpu // 8] |= 1 << (cpu % 8)
         return bytes(out)
 
+    def named(self) -> str:
+        """The set in a sentence: ``CPU 3``, ``CPUs 2-3,8``, ``no CPU``."""
+        if not self.cpus:
+            return "no CPU"
+        return f"{'CPU' if len(self.cpus) == 1 else 'CPUs'} {self.to_list()}"
+
     def __str__(self) -> str:
         return self.to_list()
 
@@ -283,6 +289,11 @@ class CpuSet:
 
 
 EMPTY = CpuSet()
+
+
+def plural(n: int, noun: str) -> str:
+    """``n`` of ``noun`` in a sentence: ``1 CPU``, ``2 CPUs``, ``0 whole free cores``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def union(sets: Iterable[CpuSet]) -> CpuSet:

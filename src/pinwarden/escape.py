@@ -128,10 +128,10 @@ def find_escapes(groups: Iterable[CgroupView], leased: CpuSet,
         if not reach and not configured:
             continue
         if configured:
-            why = (f"its cpuset.cpus names leased CPUs {configured.to_list()}: the kernel "
+            why = (f"its cpuset.cpus names leased {configured.named()}: the kernel "
                    f"accepts the write and invalidates the sibling partition")
         else:
-            why = (f"inherits leased CPUs {reach.to_list()} from its parent: a holder "
+            why = (f"inherits leased {reach.named()} from its parent: a holder "
                    f"partition is no longer valid")
         out.append(Escape(g.path, reach, configured, why))
     return sorted(out, key=lambda e: e.path)
@@ -178,8 +178,8 @@ def plan_narrowing(groups: Sequence[CgroupView], leased: CpuSet, holders: Abstra
                          f"{pool.to_list()}")
         ops.append(SetCpus(g.path, target))
         if g.exclusive is not None and g.exclusive & leased:
-            notes.append(f"{g.path}: cpuset.cpus.exclusive names leased CPUs "
-                         f"{(g.exclusive & leased).to_list()}")
+            notes.append(f"{g.path}: cpuset.cpus.exclusive names leased "
+                         f"{(g.exclusive & leased).named()}")
     words = holder_words or {}
     invalid = [g for g in groups if g.path in holders and not g.valid]
     for g in sorted(invalid, key=lambda g: (depth(g.path), g.path)):

@@ -339,7 +339,7 @@ class Manager:
         fresh = plan.leased() - CpuSet.of(le.cpu for le in others)
         if self.isolating and fresh:
             writes.append(f"move movable IRQs, the default IRQ affinity, unbound workqueues "
-                          f"and movable kernel threads off CPUs {fresh}")
+                          f"and movable kernel threads off {fresh.named()}")
         return Preview(plan, tuple(writes), desired.notes)
 
     # -- changes (under the lock) ---------------------------------------------------------
@@ -544,7 +544,7 @@ class Manager:
                 watch.apply_narrowing(mount, [op])
             if isinstance(op, SetCpus) and op.path != shared:
                 was = before[op.path].cpus
-                self.warn(f"cgroup /{op.path} named leased CPUs {(was & leased).to_list()} "
+                self.warn(f"cgroup /{op.path} named leased {(was & leased).named()} "
                           f"in its cpuset.cpus ({was.to_list()}), which the kernel lets it "
                           f"use: narrowed to {op.cpus.to_list() or '(none)'}; it gets "
                           f"{was.to_list()} back when the last lease goes")
@@ -679,7 +679,7 @@ class Manager:
                         if o.ok and int(o.key.split(":")[1]) in strays})
         if moved:
             self.warn(f"moved {sum(o.ok for o in outcomes)} thread(s) outside the holders "
-                      f"off leased CPUs {unguarded.to_list()} (this kernel cannot make them "
+                      f"off leased {unguarded.named()} (this kernel cannot make them "
                       f"a partition): {', '.join(moved[:8])}"
                       f"{' …' if len(moved) > 8 else ''}; they go back when the lease ends")
 

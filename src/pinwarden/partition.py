@@ -186,7 +186,7 @@ def _none(topology: Topology, config: Config, why: str) -> Partition:
         reserve = default_reserve(topology)
         core = topology.cpu(reserve.first()).core if reserve else None
         label = f"core {core}" if core is not None else "the first core"
-        what = f"host reserve is {label} (CPU{'' if len(reserve) == 1 else 's'} {reserve})"
+        what = f"host reserve is {label} ({reserve.named()})"
     vm = topology.online - reserve
     return Partition("none", vm, topology.online - vm, f"{why}; {what}")
 

@@ -198,7 +198,7 @@ def _check_exists(ctx: _Ctx, label: str, cpus: CpuSet) -> None:
     unknown = cpus - topo.present
     if unknown:
         raise Refusal(f"CPU {unknown.first()} in {label} of {ctx.who} does not exist on this "
-                      f"host (CPUs {topo.present}): pin to existing CPUs", code="unknown-cpu")
+                      f"host ({topo.present.named()}): pin to existing CPUs", code="unknown-cpu")
     offline = cpus - topo.online
     if offline:
         raise Refusal(f"CPU {offline.first()} in {label} of {ctx.who} is offline (online: "
@@ -245,7 +245,7 @@ def _holders_of(ctx: _Ctx, cpus: CpuSet) -> str:
     by: dict[HolderRef, list[int]] = {}
     for holder, held in by_object.values():
         by.setdefault(holder, []).extend(held)
-    return "; ".join(f"{'CPU' if len(c) == 1 else 'CPUs'} {CpuSet.of(c)} to {h}"
+    return "; ".join(f"{CpuSet.of(c).named()} to {h}"
                      for h, c in by.items())
 
 
@@ -282,7 +282,7 @@ def _domain(ctx: _Ctx, spec: DomainSpec) -> Plan:
             outside = cpus - ctx.part.vm_cpus
             if outside:
                 raise Refusal(
-                    f"{label} of {ctx.who} uses CPUs {outside} outside the {ctx.where()}: "
+                    f"{label} of {ctx.who} uses {outside.named()} outside the {ctx.where()}: "
                     f"pin it inside {ctx.part.vm_cpus} or widen the partition",
                     code="outside-partition")
     plan = _exclusive(ctx, spec) if spec.exclusive else _shared(ctx, spec)
@@ -330,7 +330,7 @@ def _shared(ctx: _Ctx, spec: DomainSpec) -> Plan:
         used = union([*vcpus.values(), emulator, *iothreads.values()])
         outside = used & ctx.part.host_cpus
         if outside:
-            notes.append(f"{ctx.who} is pinned onto housekeeping CPUs {outside} outside the "
+            notes.append(f"{ctx.who} is pinned onto housekeeping {outside.named()} outside the "
                          f"{ctx.where()} (affinity in the XML is honoured)")
     return Plan(domain=spec.name, uuid=spec.uuid, exclusive=False, vcpus=vcpus,
                 emulator=emulator, iothreads=iothreads, leases={}, default_cpus=pool,
@@ -399,8 +399,8 @@ def _allocate(ctx: _Ctx, within: CpuSet, request: allocator.Request, *,
         held = (f"; leased now: {_holders_of(ctx, taken)} — release one of them" if taken
                 else "; nothing else is leased")
         host = ctx.part.host_cpus
-        never = (f"housekeeping CPU {host} is" if len(host) == 1 else
-                 f"housekeeping CPUs {host or '(none)'} are")
+        never = (f"housekeeping {host.named()} {'is' if len(host) == 1 else 'are'}" if host
+                 else "housekeeping CPUs (none) are")
         raise Refusal(f"exclusive {ctx.who}: {exc.message}{narrowed}{held}; {never} never "
                       "leased", code=exc.code) from None
 
@@ -431,7 +431,7 @@ def _allocate_on_nodes(ctx: _Ctx, spec: DomainSpec, within: CpuSet,
     got = _allocate(ctx, within, replace(request, nodes=None), limit=limit)
     topo = ctx.host.topology
     notes.append(f"NUMA node {request.nodes} (preferred by <numatune>) had no room for "
-                 f"{ctx.who}: CPUs {CpuSet.of(got.cpus)} on node "
+                 f"{ctx.who}: {CpuSet.of(got.cpus).named()} on node "
                  f"{CpuSet.of(topo.node_of(c) for c in got.cpus)}")
     return got
 
@@ -562,9 +562,9 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
     if shared_emulator:
         if spec.emulatorpin is not None:
             _conflict(ctx, f"<emulatorpin cpuset='{spec.emulatorpin}'>", emulator)
-        notes.append(f"the emulator and I/O threads of exclusive {ctx.who} share CPUs "
-                     f"{emulator} with other domains (emulator='shared'): the kernel cannot "
-                     "enforce the domain's exclusivity for them")
+        notes.append(f"the emulator and I/O threads of exclusive {ctx.who} share "
+                     f"{emulator.named()} with other domains (emulator='shared'): the kernel "
+                     "cannot enforce the domain's exclusivity for them")
     elif spec.emulatorpin is not None or isolate_emulator:
         own.add("<emulatorpin>", emulator, "emulator")
 
@@ -673,8 +673,8 @@ def _pinned_fallback(ctx: _Ctx, spec: DomainSpec,
     beyond = spec.cpuset - union(vcpus.values()) - union(spec.iothreadpins.values()) - (
         spec.emulatorpin or EMPTY)
     if beyond:
-        raise Refusal(f"<vcpu cpuset='{spec.cpuset}'> of exclusive {ctx.who} reaches CPUs "
-                      f"{beyond} beyond its pinned CPUs, and libvirt runs its emulator and "
+        raise Refusal(f"<vcpu cpuset='{spec.cpuset}'> of exclusive {ctx.who} reaches "
+                      f"{beyond.named()} beyond its pinned CPUs, and libvirt runs its emulator and "
                       "unpinned I/O threads there: remove the cpuset, narrow it to the pinned "
                       "CPUs, or pin those threads (<emulatorpin>, <iothreadpin>)",
                       code="bad-pin")
@@ -693,7 +693,7 @@ def _job(ctx: _Ctx, job: JobSpec) -> Plan:
     from pinwarden import allocator
 
     if ctx.mine:
-        raise Refusal(f"a job named {job.name!r} already holds CPUs {ctx.mine}; choose "
+        raise Refusal(f"a job named {job.name!r} already holds {ctx.mine.named()}; choose "
                       f"another --name or release it with `pinwarden release {job.name}`",
                       code="job-exists")
     own = _Leases(ctx)

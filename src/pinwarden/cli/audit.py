@@ -126,7 +126,7 @@ def render_unmovable(report: audit.Report) -> list[str]:
         return []
     lines = ["noise on leased CPUs that cannot move at run time (fixed at boot):"]
     for f in report.unmovable:
-        lines.append(f"  CPUs {f.cpus}: {f.what} — boot with {f.boot_param}")
+        lines.append(f"  {f.cpus.named()}: {f.what} — boot with {f.boot_param}")
     return lines
 
 

@@ -219,7 +219,7 @@ def run_release(args: argparse.Namespace) -> int:
         print_json({"released": holder_json(record)})
     else:
         cpus = record.plan.leased()
-        what = f"CPUs {cpus} freed" if cpus else "it held no CPUs"
+        what = f"{cpus.named()} freed" if cpus else "it held no CPUs"
         print(f"released {record.ref.describe()}: {what}")
     return 0
 

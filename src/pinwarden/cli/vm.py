@@ -157,8 +157,8 @@ def start_report(result: Started, as_json: bool) -> str:
 
         return jsonout.dumps(result.to_json()) + "\n"
     plan = result.plan
-    kind = f"exclusive on CPUs {plan.leased()}" if plan.exclusive else \
-        f"shared on CPUs {plan.cpus()}"
+    kind = f"exclusive on {plan.leased().named()}" if plan.exclusive else \
+        f"shared on {plan.cpus().named()}"
     lines = [f"started {result.name} ({kind}), pid {result.pid}, cgroup /{result.cgroup}",
              *(f"  re-pinned {move}" for move in result.repins),
              *(f"note: {note}" for note in result.notes)]
@@ -205,8 +205,8 @@ def _served_start(args: argparse.Namespace) -> int | None:
 def print_preview(plan: Any, writes: Sequence[str], calls: Sequence[str],
                   notes: Sequence[str]) -> None:
     """``--dry-run``: what would happen, in order (shared with ``run`` and ``demo``)."""
-    where = f"lease CPUs {plan.leased()} exclusively" if plan.exclusive else \
-        f"run on CPUs {plan.cpus()}, leasing nothing"
+    where = f"lease {plan.leased().named()} exclusively" if plan.exclusive else \
+        f"run on {plan.cpus().named()}, leasing nothing"
     print(f"dry run: {printable(plan.domain)} would {where}")
     for line in writes:
         print(f"  would {line}")
@@ -227,7 +227,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
         print_json(result.to_json())
         return 0
     what = "stopped" if result.was_running else "was not running"
-    freed = f"; freed CPUs {result.released}" if result.released else ""
+    freed = f"; freed {result.released.named()}" if result.released else ""
     print(f"{printable(result.name)} {what}{freed}")
     return 0
 
@@ -241,8 +241,8 @@ def cmd_define(args: argparse.Namespace) -> int:
         print_json(result.to_json())
         return 0
     plan = result.plan
-    where = f"would lease CPUs {plan.leased()}" if result.exclusive else \
-        f"would run on CPUs {plan.cpus()}"
+    where = f"would lease {plan.leased().named()}" if result.exclusive else \
+        f"would run on {plan.cpus().named()}"
     print(f"defined {printable(result.name)} ({'exclusive' if result.exclusive else 'shared'}; "
           f"{where} now)")
     for note in plan.notes:

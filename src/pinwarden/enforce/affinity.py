@@ -35,13 +35,13 @@ def threads_of(pid: int, proc: Path = Path("/proc")) -> tuple[int, ...]:
 
 def _explain(tid: int, cpus: CpuSet, exc: OSError) -> str:
     if exc.errno == errno.EINVAL:
-        return (f"cannot pin thread {tid} to CPU {cpus}: outside its cpuset cgroup "
+        return (f"cannot pin thread {tid} to {cpus.named()}: outside its cpuset cgroup "
                 f"(or offline); widen the cgroup first")
     if exc.errno == errno.ESRCH:
-        return f"cannot pin thread {tid} to CPU {cpus}: the thread has exited"
+        return f"cannot pin thread {tid} to {cpus.named()}: the thread has exited"
     if exc.errno == errno.EPERM:
-        return f"cannot pin thread {tid} to CPU {cpus}: permission denied (run as root)"
-    return f"cannot pin thread {tid} to CPU {cpus}: {exc.strerror}"
+        return f"cannot pin thread {tid} to {cpus.named()}: permission denied (run as root)"
+    return f"cannot pin thread {tid} to {cpus.named()}: {exc.strerror}"
 
 
 def pin(plan: Mapping[int, CpuSet]) -> dict[int, CpuSet]:

@@ -104,12 +104,6 @@ def _show(path: str) -> str:
     return "/" + path
 
 
-def _cpus(cpus: CpuSet) -> str:
-    if not cpus:
-        return "no CPU"
-    return f"CPU {cpus.to_list()}" if len(cpus) == 1 else f"CPUs {cpus.to_list()}"
-
-
 def explain(exc: CgroupOpError, op: Op, state: Mapping[str, _Tracked],
             owners: Mapping[str, str]) -> str:
     """One line: what the kernel refused and why, from the state at the moment of failure,
@@ -148,14 +142,14 @@ def _explain(exc: CgroupOpError, op: Op, state: Mapping[str, _Tracked],
             other = state[sib]
             clash = wanted & other.cpus
             if clash and (exclusive or other.partition != "member"):
-                return (f"cannot give {_cpus(clash)} to {who}: {owner(sib)} holds "
-                        f"{_cpus(other.cpus)}"
+                return (f"cannot give {clash.named()} to {who}: {owner(sib)} holds "
+                        f"{other.cpus.named()}"
                         f"{' exclusively' if other.partition != 'member' else ''}; "
                         f"free {'it' if len(clash) == 1 else 'them'} there first "
                         f"(kernel said EINVAL; nothing was changed)")
         if exc.detail:  # the backend knows why (appended by explain): no guessing
             return f"the kernel refused to {describe(op)} (EINVAL); nothing was changed"
-        return (f"the kernel refused to {describe(op)} (EINVAL): {_cpus(wanted)} "
+        return (f"the kernel refused to {describe(op)} (EINVAL): {wanted.named()} "
                 f"not online or not usable; nothing was changed")
     if err == errno_mod.ERANGE and wanted is not None:
         return f"cannot {describe(op)}: no such CPU on this host (ERANGE); nothing was changed"
@@ -163,8 +157,8 @@ def _explain(exc: CgroupOpError, op: Op, state: Mapping[str, _Tracked],
             and not isinstance(op, (Mkdir, Rmdir)):
         par = state[parent]
         if wanted is not None and not wanted <= par.cpus:
-            return (f"cannot {describe(op)}: {_cpus(wanted - par.cpus)} not in parent "
-                    f"{_show(parent)} ({_cpus(par.cpus)}); widen the parent first "
+            return (f"cannot {describe(op)}: {(wanted - par.cpus).named()} not in parent "
+                    f"{_show(parent)} ({par.cpus.named()}); widen the parent first "
                     f"(EACCES; nothing was changed)")
         if exclusive and par.partition == "member":
             return (f"cannot make {who} exclusive: its parent {_show(parent)} is not "
@@ -179,7 +173,7 @@ def _explain(exc: CgroupOpError, op: Op, state: Mapping[str, _Tracked],
         for child in sorted(p for p in state if parent_of(p) == path):
             if wanted is not None and not state[child].cpus <= wanted:
                 return (f"cannot {describe(op)}: child {owner(child)} still uses "
-                        f"{_cpus(state[child].cpus - wanted)} (EBUSY; nothing was changed)")
+                        f"{(state[child].cpus - wanted).named()} (EBUSY; nothing was changed)")
         return f"the kernel refused to {describe(op)}: busy (EBUSY); nothing was changed"
     if err == errno_mod.ENOSPC:
         return (f"cannot {describe(op)}: {who} has tasks, which would be left without "

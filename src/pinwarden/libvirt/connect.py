@@ -222,8 +222,8 @@ def apply_repin(conn: Any, repin: Repin, *, undo: bool = False) -> None:
         else:
             dom.pinIOThread(repin.ident, bits, live)
     except lv.libvirtError as exc:
-        raise error(f"cannot re-pin {repin.label} of domain {repin.domain!r} to CPUs "
-                    f"{cpus}", exc) from None
+        raise error(f"cannot re-pin {repin.label} of domain {repin.domain!r} to "
+                    f"{cpus.named()}", exc) from None
 
 
 def pins_of(info: DomainInfo) -> Mapping[str, CpuSet]:

@@ -587,7 +587,7 @@ def _place_default(manager: Manager, name: str, spec: DomainSpec) -> None:
              if code not in (errno.ESRCH, errno.EINVAL)}
     if other:
         tid, code = next(iter(other.items()))
-        raise EnforceError(f"could not give thread {tid} of domain {name!r} CPUs {cpus}: "
+        raise EnforceError(f"could not give thread {tid} of domain {name!r} {cpus.named()}: "
                            f"{os.strerror(code)}")
 
 

@@ -74,7 +74,7 @@ def check_domain(dom: Any, pid: int | None, plan: Plan) -> list[str]:
     allowed = plan.cpus()
     for tid, cpus in sorted(process_threads(pid).items()):
         if not cpus <= allowed:
-            problems.append(f"thread {tid} may run on CPUs {cpus}, outside {allowed}")
+            problems.append(f"thread {tid} may run on {cpus.named()}, outside {allowed}")
     try:
         _info, maps = dom.vcpus()
     except Exception as exc:  # libvirtError; the binding is not imported here
@@ -86,7 +86,7 @@ def check_domain(dom: Any, pid: int | None, plan: Plan) -> list[str]:
         cpus = CpuSet.of(i for i, on in enumerate(bits) if on)
         want = plan.vcpus.get(vcpu)
         if want is not None and not cpus <= want:
-            problems.append(f"vCPU {vcpu} may run on CPUs {cpus}, not only {want}")
+            problems.append(f"vCPU {vcpu} may run on {cpus.named()}, not only {want}")
     return problems
 
 

@@ -110,7 +110,7 @@ def reconcile(domains: Sequence[DomainInfo], holders: Sequence[HolderRecord],
                 want = _planned(record.plan, thread, ident)
                 if want is not None and cpus != want:
                     actions.append(Drift(Repin(dom.name, dom.uuid, thread, ident, cpus, want),
-                                         f"{dom.name} {label} runs on CPUs {cpus}, its plan "
+                                         f"{dom.name} {label} runs on {cpus.named()}, its plan "
                                          f"says {want}"))
                 continue
             foreign = CpuSet.of(c for c in cpus if c in leased_to)
@@ -118,6 +118,6 @@ def reconcile(domains: Sequence[DomainInfo], holders: Sequence[HolderRecord],
                 owner = leased_to[foreign.first()]
                 actions.append(Drift(
                     Repin(dom.name, dom.uuid, thread, ident, cpus, cpus - foreign),
-                    f"shared domain {dom.name} {label} may run on CPUs {foreign} leased to "
+                    f"shared domain {dom.name} {label} may run on {foreign.named()} leased to "
                     f"{owner}"))
     return actions

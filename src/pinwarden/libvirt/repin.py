@@ -35,10 +35,6 @@ def _floating(spec: DomainSpec | None, thread: str, ident: int | None) -> bool:
     return ident not in spec.iothreadpins
 
 
-def _cpus_word(cpus: CpuSet) -> str:
-    return f"CPU {cpus}" if len(cpus) == 1 else f"CPUs {cpus}"
-
-
 def repins(domains: Sequence[DomainInfo], holder: HolderRef, leased: CpuSet,
            pool: CpuSet, holders: Sequence[HolderRef] = ()) -> tuple[Repin, ...]:
     """Live re-pins that clear ``leased`` (the CPUs about to be leased to ``holder``).
@@ -64,13 +60,13 @@ def repins(domains: Sequence[DomainInfo], holder: HolderRef, leased: CpuSet,
             if not after:
                 if not _floating(dom.request, thread, ident):
                     raise Refusal(
-                        f"cannot lease {_cpus_word(clash)} to {holder}: running domain "
-                        f"{dom.name!r} pins {label} to {_cpus_word(cpus)} only; re-pin it "
+                        f"cannot lease {clash.named()} to {holder}: running domain "
+                        f"{dom.name!r} pins {label} to {cpus.named()} only; re-pin it "
                         f"('virsh vcpupin/emulatorpin {dom.name} … --live') or stop it first",
                         code="pinned-elsewhere")
                 after = pool - leased
                 if not after:
-                    raise Refusal(f"cannot lease {_cpus_word(clash)} to {holder}: no CPU "
+                    raise Refusal(f"cannot lease {clash.named()} to {holder}: no CPU "
                                   f"would be left for {label} of running domain "
                                   f"{dom.name!r}", code="insufficient-cpus")
             out.append(Repin(dom.name, dom.uuid, thread, ident, cpus, after))

@@ -144,14 +144,14 @@ def preview_start(manager: Manager, uri: str, name: str) -> StartPreview:
         if not spec.exclusive:
             plan = manager.plan(spec, holder=holder)
             return StartPreview(name, plan, (), (
-                f"create domain {name} from its definition with every thread on CPUs "
-                f"{plan.cpus()} (<vcpu cpuset>)",), plan.notes)
+                f"create domain {name} from its definition with every thread on "
+                f"{plan.cpus().named()} (<vcpu cpuset>)",), plan.notes)
         partition = manager.libvirt_partition(holder)
         planner = _ExclusivePlanner(spec, holder, lv.list_domains(conn, active_only=True))
         seen = manager.preview(holder, planner)
         calls = [f"re-pin running domain {move} (live)" for move in planner.moves]
         calls.append(f"create domain {name} from its definition with its plan "
-                     f"(CPUs {seen.plan.cpus()}) in partition {partition}")
+                     f"({seen.plan.cpus().named()}) in partition {partition}")
         return StartPreview(name, seen.plan, seen.writes, tuple(calls),
                             (*seen.plan.notes, *seen.notes))
     finally:
