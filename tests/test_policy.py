@@ -294,10 +294,20 @@ def test_a_refusal_counting_an_isolated_emulator_says_so() -> None:
     emulator='float' is what would fit."""
     s = spec(exclusive=True, emulator="isolate")
     message = refused("insufficient-cpus", spec=s, host=host(), leases=lease("4-13")).message
-    assert "cannot place 3 CPUs" in message
-    assert "the 3 CPUs are 2 vCPUs and one for the isolated emulator" in message
+    assert "cannot place 3 CPUs (2 vCPUs and one for the isolated emulator)" in message
     assert "emulator='float'" in message
     assert decide(replace(s, emulator="float"), host(), lease("4-13")).leased() == C("14-15")
+
+
+def test_a_refused_isolated_emulator_beside_pinned_vcpus_is_named_as_such() -> None:
+    """Pinned vCPUs that fit, and no CPU left for the isolated emulator: the refusal says
+    the emulator is what lacks a CPU and that emulator='float' starts the domain; it does
+    not tell the user to lower the vCPU count."""
+    s = spec(exclusive=True, emulator="isolate", vcpupins={0: C("4"), 1: C("5")})
+    message = refused("insufficient-cpus", spec=s, host=host(), leases=lease("6-15")).message
+    assert "cannot place a CPU for the isolated emulator: only 0 free CPUs" in message
+    assert "use emulator='float'" in message and "vCPU count" not in message
+    assert decide(replace(s, emulator="float"), host(), lease("6-15")).leased() == C("4-5")
     plain = refused("insufficient-cpus", spec=spec(exclusive=True, vcpus=3), host=host(),
                     leases=lease("4-13")).message
     assert "emulator" not in plain

@@ -55,6 +55,9 @@ def test_second_job_refused_naming_the_holder() -> None:
     assert "CPU 1 to job 'A' — release one of them" in message
     assert "housekeeping CPU 0 is never leased" in message
     assert info.value.code == "insufficient-cpus"
+    # a job has no vCPUs: it is told to ask for fewer CPUs (--exclusive N)
+    assert "cannot place 1 CPU: only 0 free CPUs; ask for fewer CPUs" in message
+    assert "vCPU" not in message
 
 
 def test_explicit_cpus_rules() -> None:

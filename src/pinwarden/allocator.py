@@ -52,6 +52,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterable, Iterator
 from operator import itemgetter
+from typing import Literal
 
 from pinwarden.cpuset import EMPTY, CpuSet, plural
 from pinwarden.domain import ThreadPolicy
@@ -67,6 +68,10 @@ class Request:
     count: int  # CPUs wanted (vCPUs, plus one for an isolated emulator)
     threads: ThreadPolicy = "whole"
     nodes: CpuSet | None = None  # allowed host NUMA nodes (numatune nodeset); None: any
+    #: what the CPUs are for, so that a refusal says what to change: a VM's vCPUs, its
+    #: vCPUs and (the last CPU) its isolated emulator, the isolated emulator alone (the
+    #: vCPUs are pinned), or a job's tasks (``pinwarden run --exclusive N``)
+    purpose: Literal["vcpus", "vcpus+emulator", "emulator", "job"] = "vcpus"
 
 
 @record
@@ -555,7 +560,8 @@ def _refusal_message(request: Request, available: int, free_cpus: int) -> str:
     wanted = request.count
     if request.threads == "prefer" or free_cpus < wanted:
         what = plural(free_cpus, 'free CPU')
-        relax = "lower the vCPU count"
+        relax = {"vcpus": "lower the vCPU count", "job": "ask for fewer CPUs",
+                 "vcpus+emulator": "lower the vCPU count", "emulator": ""}[request.purpose]
     elif request.threads == "isolate":
         what = f"{plural(available, 'whole free core')} (one CPU each under thread policy " \
                "'isolate')"
@@ -567,4 +573,14 @@ def _refusal_message(request: Request, available: int, free_cpus: int) -> str:
         what = f"{plural(available, 'CPU')} on whole free cores (thread policy 'whole')"
         relax = "use thread policy 'prefer' to share cores with other holders"
     widen = "widen the numatune nodeset or " if request.nodes is not None else ""
-    return f"cannot place {plural(wanted, 'CPU')}: only {what}{where}; {widen}{relax}"
+    if request.purpose == "vcpus+emulator":
+        asked = f"{plural(wanted, 'CPU')} ({plural(wanted - 1, 'vCPU')} and one for the " \
+                "isolated emulator)"
+    elif request.purpose == "emulator":
+        asked = "a CPU for the isolated emulator"
+    else:
+        asked = plural(wanted, 'CPU')
+    if request.purpose in ("vcpus+emulator", "emulator"):
+        relax = f"{relax} or " if relax else ""
+        relax += "use emulator='float' (the emulator then runs on the vCPUs' CPUs)"
+    return f"cannot place {asked}: only {what}{where}; {widen}{relax}"

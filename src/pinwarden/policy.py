@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from pinwarden.cpuset import EMPTY, CpuSet, union
+from pinwarden.cpuset import EMPTY, CpuSet, plural, union
 from pinwarden.domain import DEFAULT_THREADS, DomainSpec, ThreadPolicy
 from pinwarden.errors import InputError, Refusal
 from pinwarden.model import (
@@ -511,19 +511,12 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
             vcpus, placed_emulator = by_cell
             emulator = placed_emulator or emulator
         else:
-            try:
-                got = _allocate_on_nodes(
-                    ctx, spec, within - pinned,
-                    allocator.Request(count=count, threads=spec.threads,
-                                      nodes=spec.numa_nodeset),
-                    notes,
-                    limit=None if spec.cpuset is None else f"<vcpu cpuset='{spec.cpuset}'>")
-            except Refusal as exc:
-                if not isolate_emulator or exc.code != "insufficient-cpus":
-                    raise
-                raise Refusal(f"{exc.message}; the {count} CPUs are {spec.vcpus} vCPUs and "
-                              "one for the isolated emulator (emulator='float' runs it on "
-                              "the vCPUs' CPUs)", code=exc.code) from None
+            got = _allocate_on_nodes(
+                ctx, spec, within - pinned,
+                allocator.Request(count=count, threads=spec.threads, nodes=spec.numa_nodeset,
+                                  purpose="vcpus+emulator" if isolate_emulator else "vcpus"),
+                notes,
+                limit=None if spec.cpuset is None else f"<vcpu cpuset='{spec.cpuset}'>")
             chosen = list(got.cpus)  # CPU numbers the allocator took from ``within``
             if isolate_emulator:
                 emulator = CpuSet(frozenset((chosen.pop(),)))
@@ -542,7 +535,7 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
             free = ctx.vm_cpus - own.cpus - _held_now(ctx, own, spec.threads)
             request = allocator.Request(
                 count=1, threads="whole" if spec.threads == "require" else spec.threads,
-                nodes=spec.numa_nodeset or near or None)
+                nodes=spec.numa_nodeset or near or None, purpose="emulator")
             if spec.numa_nodeset is None and near:  # near the vCPUs if it can, else anywhere
                 near_got = _allocate_or_none(ctx, free, request)
                 got = near_got or _allocate(ctx, free, replace(request, nodes=None))
@@ -705,8 +698,9 @@ def _job(ctx: _Ctx, job: JobSpec) -> Plan:
         count = job.count if job.count is not None else 1
         if count < 1:
             raise InputError(f"--exclusive needs at least 1 CPU, not {count}")
-        got = _allocate(ctx, ctx.vm_cpus, allocator.Request(count, job.threads))
-        own.add(f"{count} CPUs", CpuSet.of(got.cpus), TASK_ROLE)
+        got = _allocate(ctx, ctx.vm_cpus, allocator.Request(count, job.threads,
+                                                            purpose="job"))
+        own.add(plural(count, "CPU"), CpuSet.of(got.cpus), TASK_ROLE)
     holds, notes = _sibling_holds(ctx, own, job.threads)
     if holds:
         notes.append(f"sibling threads {holds} are held empty")
