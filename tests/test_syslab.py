@@ -89,6 +89,35 @@ def test_pinwarden_installs_from_a_wheel_in_a_venv_over_python3_libvirt(lab: Lab
     rc0(data["help"])
 
 
+#: AppArmor's label of a QEMU domain libvirt confined: the profile virt-aa-helper wrote
+QEMU_PROFILE = re.compile(r"libvirt-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-"
+                          r"[0-9a-f]{12} \(enforce\)")
+
+
+def test_trixie_confines_libvirtd_and_qemu_with_apparmor(lab: LabRun) -> None:
+    """trixie runs AppArmor as a Debian install does: libvirtd under its enforced profile
+    (the hook's shell runs inside it) and every QEMU under its own; every check of the
+    lab (plain ``virsh start`` of exclusive domains through the hook, ``pinwarden start``,
+    the event daemon) runs on it.  bookworm loads no profile: the same checks unconfined."""
+    env = lab.check("env")
+    story = lab.check("story")
+    labels = {name: story[name]["label"] for name in ("a", "e", "b")}
+    if suite_is(lab, "trixie"):
+        assert "apparmor" in (env["lsm"] or "").split(","), env["lsm"]
+        assert env["libvirtd"]["label"] == "libvirtd (enforce)", env["libvirtd"]
+        assert "libvirtd (enforce)" in env["apparmor_profiles"], env["apparmor_profiles"]
+        assert "apparmor" in env["secmodels"], env["secmodels"]
+        # A by pinwarden start, E by plain virsh through the hook, B unpinned: all confined
+        assert all(QEMU_PROFILE.fullmatch(str(v)) for v in labels.values()), labels
+        assert story['start_e']["rc"] == 0 and {h["name"] for h in story["holders_ae"]} == \
+            {"pwtest-a", "pwtest-e"}, story["holders_ae"]
+    else:
+        assert env["apparmor_profiles"] == [], env["apparmor_profiles"]
+        assert env["libvirtd"]["label"] in (None, "unconfined"), env["libvirtd"]
+        assert "apparmor" not in env["secmodels"], env["secmodels"]
+        assert set(labels.values()) <= {None, "unconfined"}, labels
+
+
 # -- FACTS 8: cgroup controllers ----------------------------------------------------------
 
 def test_systemd_enables_cpuset_only_while_a_unit_needs_it(lab: LabRun) -> None:

@@ -100,9 +100,11 @@ _REMOVE = ("etc/libvirt/qemu/networks/autostart/default.xml",)
 RECIPES: dict[str, Recipe] = {
     # libvirt 9.0, systemd 252, Python 3.11; the host's Debian 6.1 kernel
     "bookworm": Recipe("bookworm", _sources("bookworm"), PACKAGES, "host", _APPEND, _REMOVE),
-    # libvirt 11.x, systemd 257, Python 3.13; its own 6.12 kernel
-    "trixie": Recipe("trixie", _sources("trixie"), (*PACKAGES, "linux-image-amd64"), "root",
-                     _APPEND, _REMOVE),
+    # libvirt 11.x, systemd 257, Python 3.13; its own 6.12 kernel; AppArmor as a Debian
+    # install has it (the kernel enables the LSM, the apparmor package loads the profiles):
+    # libvirtd runs confined, and so does each QEMU (libvirt-UUID, from virt-aa-helper)
+    "trixie": Recipe("trixie", _sources("trixie"),
+                     (*PACKAGES, "linux-image-amd64", "apparmor"), "root", _APPEND, _REMOVE),
 }
 
 

@@ -26,6 +26,7 @@ from guestlab import (
     pw_python,
     read,
     run,
+    security_label,
     set_unit_property,
     systemctl,
     unit_show,
@@ -92,7 +93,16 @@ def env() -> Data:
         "pid1_cpus_allowed": affinity(1),
         "libvirtd": {"pids": libvirtd,
                      "cpus_allowed": affinity(libvirtd[0]) if libvirtd else None,
-                     "cgroup": proc_cgroup(libvirtd[0]) if libvirtd else None},
+                     "cgroup": proc_cgroup(libvirtd[0]) if libvirtd else None,
+                     "label": security_label(libvirtd[0]) if libvirtd else None},
+        # the LSMs the kernel runs, the AppArmor profiles loaded (trixie installs apparmor,
+        # bookworm does not) and the security driver libvirt's QEMU driver chose
+        "lsm": read("/sys/kernel/security/lsm"),
+        "apparmor_profiles": sorted(
+            line for line in (read("/sys/kernel/security/apparmor/profiles") or "")
+            .splitlines() if "libvirt" in line or "virt-aa-helper" in line),
+        "secmodels": re.findall(r"<secmodel>\s*<model>([^<]*)</model>",
+                                virsh("capabilities")["stdout"]),
         "root": cg_files(""),
         "machine_slice": machine,
         "system_slice": cg_files("system.slice"),

@@ -358,6 +358,17 @@ def affinity(pid: int, tid: int | None = None) -> str | None:
     return status_field(f"{base}/status", "Cpus_allowed_list")
 
 
+def security_label(pid: int) -> str | None:
+    """The LSM label of a process: AppArmor's ``PROFILE (MODE)`` or ``unconfined``
+    (``/proc/PID/attr/apparmor/current``, the generic ``attr/current`` on older kernels);
+    None when it is gone or no LSM labels processes."""
+    for name in ("attr/apparmor/current", "attr/current"):
+        text = read(f"/proc/{pid}/{name}")
+        if text is not None and not text.startswith("<"):  # "<Invalid argument>": no LSM
+            return text.strip("\0\n ")
+    return None
+
+
 def threads(pid: int) -> list[Data]:
     """Every thread of ``pid``: tid, comm, cgroup, Cpus_allowed_list."""
     out: list[Data] = []
@@ -497,6 +508,7 @@ def observe_domain(name: str) -> Data:
     cgroup = proc_cgroup(pid) or ""
     scope = cgroup.strip("/").split("/libvirt")[0]
     return {"pid": pid, "cgroup": cgroup, "threads": threads(pid),
+            "label": security_label(pid),
             "tree": cg_tree(scope) if scope else {},
             "vcpupin": virsh("vcpupin", name)["stdout"],
             "emulatorpin": virsh("emulatorpin", name)["stdout"]}
