@@ -372,6 +372,53 @@ def test_install_refuses_a_pinwarden_that_does_not_run(tmp_path: Path) -> None:
     assert not (tmp_path / "qemu.d").exists()
 
 
+def test_enforcing_profile_reads_the_label_of_a_running_libvirt_daemon(tmp_path: Path) -> None:
+    """The AppArmor label of libvirtd/virtqemud/virtlxcd in a /proc tree: the new per-LSM
+    file first, the shared ``attr/current`` on older kernels; only enforce mode counts."""
+    def proc(pid: int, comm: str, **attrs: str) -> None:
+        base = tmp_path / "proc" / str(pid)
+        (base / "attr" / "apparmor").mkdir(parents=True)
+        (base / "comm").write_text(comm + "\n")
+        for name, text in attrs.items():
+            (base / "attr" / name.replace("_", "/")).write_text(text)
+
+    proc(1, "systemd", apparmor_current="unconfined\n")
+    proc(40, "virtqemud", current="virtqemud (complain)\n")
+    assert hook.enforcing_profile(tmp_path) is None  # complain mode denies nothing
+    proc(41, "libvirtd", apparmor_current="libvirtd (enforce)\n")
+    assert hook.enforcing_profile(tmp_path) == ("libvirtd", "libvirtd")
+    assert procs.named(frozenset({"libvirtd", "virtqemud"}), root=tmp_path) == [
+        (40, "virtqemud"), (41, "libvirtd")]
+    assert procs.security_label(40, root=tmp_path) == "virtqemud (complain)"
+    assert procs.security_label(99, root=tmp_path) is None
+
+
+def test_install_under_an_apparmor_confined_libvirtd(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where libvirtd runs confined, the ping runs again from a shell under its profile,
+    as libvirt runs the hook.  A host that cannot confine the check (no AppArmor, or no
+    such profile: this one) installs; a profile that forbids the exec refuses the
+    install, naming the profile and both ways out.  The real profile is the trixie lab's
+    (test_syslab)."""
+    ok = script(tmp_path / "ok", 'echo "pinwarden hook ok 1"')
+    confined = ("libvirtd", "libvirtd")
+    assert hook._runs([ok], confined=confined) is None
+    # what dash says when the profile forbids the exec
+    monkeypatch.setattr(hook, "_CONFINED", 'shift; echo "sh: 1: exec: $1: Permission '
+                        'denied" >&2; exit 126')
+    problem = hook._runs([ok], confined=confined) or ""
+    assert problem.startswith("libvirtd runs under the AppArmor profile 'libvirtd' "
+                              "(enforce)"), problem
+    assert "exited 126 (sh: 1: exec: " in problem and "Permission denied" in problem
+    assert f"'{os.path.realpath(ok)} PUx,' to /etc/apparmor.d/local/usr.sbin.libvirtd" \
+        in problem and "apparmor_parser -r /etc/apparmor.d/usr.sbin.libvirtd" in problem
+    monkeypatch.setattr(hook, "enforcing_profile", lambda root=None: confined)
+    with pytest.raises(Refusal, match="AppArmor profile 'libvirtd'") as err:
+        hook.install(tmp_path / "hooks", exe=ok, state_dir=None, config=None)
+    assert err.value.code == "hook-broken"
+    assert not (tmp_path / "hooks").exists()
+
+
 def test_hook_check_reports_each_hook(tmp_path: Path) -> None:
     states = {s.driver: s for s in hook.check_installed(tmp_path)}
     assert not states["qemu"].installed and "not installed" in (states["qemu"].problem or "")

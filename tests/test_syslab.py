@@ -118,6 +118,44 @@ def test_trixie_confines_libvirtd_and_qemu_with_apparmor(lab: LabRun) -> None:
         assert set(labels.values()) <= {None, "unconfined"}, labels
 
 
+def test_hook_install_refuses_a_command_libvirtds_apparmor_profile_forbids(
+        lab: LabRun) -> None:
+    """``hook install --exe /usr/local/bin/pinwarden`` (a link to the venv's console
+    script, which libvirtd's profile may not execute): refused on trixie, naming the
+    profile and the ways out, nothing written.  The same hook forced in shows the refusal
+    is right: plain ``virsh start`` of an exclusive domain fails through the hook's
+    fail-safe path, a shared one starts with a warning, ``hook check`` names the profile.
+    On bookworm (no profile) the command runs and both domains start."""
+    a = lab.check("hook_apparmor")
+    assert a["exe_target"] == "/opt/pinwarden/bin/pinwarden", a["exe_target"]
+    rc0(a["forced"])
+    rc0(a["define"])
+    rc0(a["start_shared"])
+    checked = {h["driver"]: h for h in a["check"]["json"]["hooks"]}
+    if suite_is(lab, "trixie"):
+        assert a["install"]["rc"] == 1, a["install"]
+        err = a["install"]["stderr"]
+        assert "libvirtd runs under the AppArmor profile 'libvirtd' (enforce)" in err, err
+        assert "'/opt/pinwarden/bin/pinwarden PUx,' to /etc/apparmor.d/local/usr.sbin." \
+            "libvirtd" in err, err
+        assert a["hooks_after_refusal"] == [], a["hooks_after_refusal"]
+        assert a["check"]["rc"] == 1 and "AppArmor profile 'libvirtd'" in (
+            checked["qemu"]["problem"] or ""), checked
+        start = a["start_exclusive"]
+        assert start["rc"] != 0 and "pinwarden is broken or missing" in start["stderr"], start
+        assert "domain 'pwtest-aa-shared' asks for no exclusive CPUs and was let through " \
+            "unchecked" in a["syslog"], a["syslog"]
+        assert a["status"]["json"]["leases"] == [], a["status"]["json"]
+    else:
+        rc0(a["install"])
+        rc0(a["check"])
+        rc0(a["start_exclusive"])
+        assert [h["domain"] for h in a["status"]["json"]["leases"]] == ["pwtest-aa"], \
+            a["status"]["json"]
+    rc0(a["uninstall"])
+    rc0(a["sync"])
+
+
 # -- FACTS 8: cgroup controllers ----------------------------------------------------------
 
 def test_systemd_enables_cpuset_only_while_a_unit_needs_it(lab: LabRun) -> None:

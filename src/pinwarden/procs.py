@@ -128,18 +128,37 @@ def thread_comm(pid: int, tid: int, *, root: Path = Path("/")) -> str | None:
         return None
 
 
-def running_named(names: frozenset[str], *, root: Path = Path("/")) -> frozenset[str]:
-    """Which of ``names`` (process names, ``/proc/PID/comm``) some running process has."""
-    found: set[str] = set()
+def named(names: frozenset[str], *, root: Path = Path("/")) -> list[tuple[int, str]]:
+    """(pid, name) of every running process whose name (``/proc/PID/comm``) is in
+    ``names``, by pid."""
     try:
         entries = [e for e in (root / "proc").iterdir() if e.name.isdigit()]
     except OSError:
-        return frozenset()
+        return []
+    found: list[tuple[int, str]] = []
     for entry in entries:
         try:
             comm = (entry / "comm").read_text(errors="replace").rstrip("\n")
         except OSError:
             continue
         if comm in names:
-            found.add(comm)
-    return frozenset(found)
+            found.append((int(entry.name), comm))
+    return sorted(found)
+
+
+def running_named(names: frozenset[str], *, root: Path = Path("/")) -> frozenset[str]:
+    """Which of ``names`` (process names, ``/proc/PID/comm``) some running process has."""
+    return frozenset(comm for _, comm in named(names, root=root))
+
+
+def security_label(pid: int, *, root: Path = Path("/")) -> str | None:
+    """The AppArmor label of a process (``PROFILE (MODE)``, ``unconfined``): the
+    ``apparmor`` attribute directory of Linux ≥ 5.8, else the shared ``attr/current``;
+    None when it is gone or no LSM labels processes (the kernel answers EINVAL)."""
+    for name in ("attr/apparmor/current", "attr/current"):
+        try:
+            return (root / "proc" / str(pid) / name).read_text(errors="replace") \
+                .strip("\0\n ")
+        except OSError:
+            continue
+    return None

@@ -197,17 +197,62 @@ def default_executable() -> tuple[str, ...]:
     return (sys.executable, "-m", "pinwarden.cli.vm")
 
 
-def _runs(exe: Sequence[str]) -> str | None:
-    """Why ``exe`` (what the hook will exec) does not run, or None."""
+#: Runs ``"$@"`` from a shell confined by AppArmor profile ``$1``, as libvirtd runs its
+#: hooks (the drop-in inherits the daemon's profile: ``/etc/libvirt/hooks/** rmix``).
+#: The outer shell asks for the profile at its next exec; exit 125: it could not.
+_CONFINED = ('p=$1; shift; { printf "exec %s" "$p" >/proc/self/attr/apparmor/exec || '
+             'printf "exec %s" "$p" >/proc/self/attr/exec; } 2>/dev/null || exit 125; '
+             'exec /bin/sh -c \'exec "$@"\' sh "$@"')
+_NOT_CONFINED = 125
+
+
+def enforcing_profile(root: Path = Path("/")) -> tuple[str, str] | None:
+    """(daemon, AppArmor profile) of a running libvirt daemon confined in enforce mode —
+    its hooks run under that profile, and it may forbid exec'ing pinwarden — or None."""
+    from pinwarden import procs
+
+    for pid, daemon in procs.named(HOOK_DAEMON_NAMES, root=root):
+        label = procs.security_label(pid, root=root) or ""
+        if label.endswith(" (enforce)"):
+            return daemon, label.removesuffix(" (enforce)")
+    return None
+
+
+def _ping(argv: Sequence[str]) -> tuple[int, str] | str:
+    """(exit status, last line of stderr) of ``argv hook ping``, or why it cannot run."""
     try:
-        done = subprocess.run([*exe, "hook", "ping"], capture_output=True, text=True,
+        done = subprocess.run([*argv, "hook", "ping"], capture_output=True, text=True,
                               timeout=60, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"{shlex.join(exe)} cannot run: {exc}"
-    if done.returncode != 0 or "pinwarden hook ok" not in done.stdout:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return f"{shlex.join(exe)} hook ping exited {done.returncode}: {tail}"
-    return None
+        return f"cannot run: {exc}"
+    if done.returncode == 0 and "pinwarden hook ok" not in done.stdout:
+        return 1, f"no 'pinwarden hook ok' in its output: {done.stdout.strip()[:200]!r}"
+    return done.returncode, (done.stderr.strip().splitlines() or ["no output"])[-1]
+
+
+def _runs(exe: Sequence[str], *, confined: tuple[str, str] | None = None) -> str | None:
+    """Why ``exe`` (what the hook will exec) does not run, or None.  ``confined``: the
+    (daemon, AppArmor profile) the hooks run under (:func:`enforcing_profile`) — the
+    command is then run again from a shell under that profile, as libvirt runs it."""
+    got = _ping(exe)
+    if isinstance(got, str):
+        return f"{shlex.join(exe)} {got}"
+    if got[0] != 0:
+        return f"{shlex.join(exe)} hook ping exited {got[0]}: {got[1]}"
+    if confined is None:
+        return None
+    daemon, profile = confined
+    got = _ping(["/bin/sh", "-c", _CONFINED, "sh", profile, *exe])
+    if isinstance(got, str) or got[0] in (0, _NOT_CONFINED):
+        return None  # runs confined, or the check itself could not confine (not a verdict)
+    real = os.path.realpath(exe[0])
+    local = f"/etc/apparmor.d/local/usr.sbin.{daemon}"
+    return (f"{daemon} runs under the AppArmor profile {profile!r} (enforce), and so do its "
+            f"hooks: from there {shlex.join(exe)} hook ping exited {got[0]} ({got[1]}), so "
+            f"every hook call would fail; make pinwarden's venv from the distribution's "
+            f"/usr/bin/python3 (its profile lets hooks run /usr/bin/*), or add the line "
+            f"'{real} PUx,' to {local} and reload the profile "
+            f"(apparmor_parser -r /etc/apparmor.d/usr.sbin.{daemon})")
 
 
 def install(hooks_dir: Path, *, exe: str | Sequence[str], state_dir: Path | None,
@@ -227,7 +272,7 @@ def install(hooks_dir: Path, *, exe: str | Sequence[str], state_dir: Path | None
                           f"pinwarden's hook, give it another name and have it call the "
                           f"one pinwarden writes)", code="hook-foreign")
     if check:
-        problem = _runs(argv)
+        problem = _runs(argv, confined=enforcing_profile())
         if problem is not None:
             raise Refusal(f"the hook would run a pinwarden that does not work ({problem}); "
                           f"nothing installed", code="hook-broken")
@@ -330,6 +375,7 @@ def check_installed(hooks_dir: Path, drivers: tuple[str, ...] = DRIVERS) -> list
     answer their calls (else each call starts pinwarden: slower, same result)."""
     states = []
     problem: str | None
+    confined = enforcing_profile()
     for driver in drivers:
         path = hooks_dir / f"{driver}.d" / DROP_IN
         legacy = hooks_dir / driver
@@ -354,7 +400,7 @@ def check_installed(hooks_dir: Path, drivers: tuple[str, ...] = DRIVERS) -> list
         elif not os.access(path, os.X_OK):
             problem = f"{path} is not executable: libvirt skips it"
         else:
-            problem = _runs(command)
+            problem = _runs(command, confined=confined)
             if problem is None and client is not None:
                 problem = _client_runs(client)
                 if problem is None and sock is not None:

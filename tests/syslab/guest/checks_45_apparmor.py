@@ -1,0 +1,76 @@
+"""The hook under libvirtd's AppArmor profile (trixie enforces it; bookworm loads none).
+
+libvirtd runs its hooks inside its own profile, which lets them execute ``/usr/bin/*``
+and a few other paths only.  The venv's Python (a link to ``/usr/bin/python3``) passes; a
+command elsewhere — ``/usr/local/bin/pinwarden``, a link to the venv's console script —
+does not.  ``pinwarden hook install --exe /usr/local/bin/pinwarden`` must refuse that
+where the profile is enforced (the ping runs again under the profile), and the same hook
+written without the check shows why: a plain ``virsh start`` of an exclusive domain is
+refused by the hook's fail-safe path, and ``pinwarden hook check`` names the profile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from guestlab import (
+    Data,
+    check,
+    define,
+    pinwarden,
+    pw_python,
+    read,
+    reload_libvirtd,
+    remove_domain,
+    run,
+    systemctl,
+    tiny_domain_xml,
+    virsh,
+)
+
+CONFIG = Path("/etc/pinwarden/pinwarden.toml")
+NAME = "pwtest-aa"
+SHARED = "pwtest-aa-shared"
+META = "<pw:cpu xmlns:pw='urn:pinwarden:domain:1' exclusive='yes'/>"
+EXE = "/usr/local/bin/pinwarden"  # the install check's link to the venv's console script
+HOOK_LOG = Path("/var/lib/pinwarden/hook.log")
+
+
+@check("hook_apparmor", needs=["install", "boot"])
+def hook_apparmor() -> Data:
+    CONFIG.parent.mkdir(parents=True, exist_ok=True)
+    CONFIG.write_text('[partition]\nmode = "none"\nhost_reserve = "0"\n')
+    out: Data = {"exe_target": str(Path(EXE).resolve())}
+    # journald opened /var/log/journal before virtme-ng's tmpfs hid it: a restart makes
+    # what it logs from now on readable (the story's journal reads rely on the same)
+    out["journald"] = systemctl("restart", "systemd-journald.service")
+    try:
+        out["install"] = pinwarden("hook", "install", "--exe", EXE)
+        out["hooks_after_refusal"] = sorted(
+            str(p) for p in Path("/etc/libvirt/hooks").glob("*.d/pinwarden"))
+        # the same hook written without the check, as an older pinwarden would have
+        out["forced"] = pw_python(
+            "from pathlib import Path; from pinwarden.libvirt import hook; "
+            f"print(hook.install(Path('/etc/libvirt/hooks'), exe={EXE!r}, state_dir=None, "
+            "config=None, check=False).command)")
+        out["reload"] = reload_libvirtd()
+        out["check"] = pinwarden("hook", "check", "--json")
+        source = Path(f"/run/{NAME}.xml")
+        source.write_text(tiny_domain_xml(NAME, metadata=META))
+        out["define"] = pinwarden("define", str(source))  # stores its holder partition
+        out["start_exclusive"] = virsh("start", NAME)
+        out["define_shared"] = define(tiny_domain_xml(SHARED))
+        out["start_shared"] = virsh("start", SHARED)
+        out["status"] = pinwarden("status", "--json")
+        # the fail-safe path logs to syslog (and to hook.log once the state directory
+        # exists: nothing has made it yet when this check runs alone)
+        out["syslog"] = run(["journalctl", "-b", "-t", "pinwarden-hook", "-o", "cat",
+                             "--no-pager"])["stdout"][-2000:]
+        out["hook_log"] = (read(HOOK_LOG) or "")[-2000:]
+    finally:
+        remove_domain(NAME)
+        remove_domain(SHARED)
+        out["uninstall"] = pinwarden("hook", "uninstall")
+        reload_libvirtd()
+        out["sync"] = pinwarden("sync")
+        CONFIG.unlink(missing_ok=True)
+    return out
