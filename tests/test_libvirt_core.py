@@ -370,6 +370,11 @@ def test_install_refuses_a_pinwarden_that_does_not_run(tmp_path: Path) -> None:
         hook.install(tmp_path, exe="/bin/false", state_dir=None, config=None)
     assert err.value.code == "hook-broken"
     assert not (tmp_path / "qemu.d").exists()
+    other = script(tmp_path / "other", "echo hello")  # runs, but is not pinwarden
+    with pytest.raises(Refusal, match="hook ping exited 0 without 'pinwarden hook ok' in "
+                       "its output: 'hello'"):
+        hook.install(tmp_path, exe=other, state_dir=None, config=None)
+    assert not (tmp_path / "qemu.d").exists()
 
 
 def test_enforcing_profile_reads_the_label_of_a_running_libvirt_daemon(tmp_path: Path) -> None:

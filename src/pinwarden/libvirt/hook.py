@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -226,7 +227,8 @@ def _ping(argv: Sequence[str]) -> tuple[int, str] | str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"cannot run: {exc}"
     if done.returncode == 0 and "pinwarden hook ok" not in done.stdout:
-        return 1, f"no 'pinwarden hook ok' in its output: {done.stdout.strip()[:200]!r}"
+        return (f"hook ping exited 0 without 'pinwarden hook ok' in its output: "
+                f"{done.stdout.strip()[:200]!r}")
     return done.returncode, (done.stderr.strip().splitlines() or ["no output"])[-1]
 
 
@@ -245,7 +247,7 @@ def _runs(exe: Sequence[str], *, confined: tuple[str, str] | None = None) -> str
     got = _ping(["/bin/sh", "-c", _CONFINED, "sh", profile, *exe])
     if isinstance(got, str) or got[0] in (0, _NOT_CONFINED):
         return None  # runs confined, or the check itself could not confine (not a verdict)
-    real = os.path.realpath(exe[0])
+    real = os.path.realpath(shutil.which(exe[0]) or exe[0])  # what the profile matches
     local = f"/etc/apparmor.d/local/usr.sbin.{daemon}"
     return (f"{daemon} runs under the AppArmor profile {profile!r} (enforce), and so do its "
             f"hooks: from there {shlex.join(exe)} hook ping exited {got[0]} ({got[1]}), so "
