@@ -647,7 +647,7 @@ def test_a_late_cgroup_escape_is_an_audit_error_and_sync_closes_it(lab: LabRun) 
     # pinwarden sync narrows it, says so, and the partition is valid again
     sync = data["sync"]
     assert sync["rc"] == 0, sync
-    assert "cgroup /pwtest-esc named leased CPUs" in sync["stderr"], sync
+    assert f"cgroup /pwtest-esc named leased {cpu.named()} in" in sync["stderr"], sync
     fixed = data["fixed"]
     assert cpus(fixed["late"]["cpuset.cpus"]).isdisjoint(cpu), fixed
     assert cpus(fixed["task_allowed"]).isdisjoint(cpu), fixed
