@@ -377,9 +377,10 @@ def test_install_refuses_a_pinwarden_that_does_not_run(tmp_path: Path) -> None:
     assert not (tmp_path / "qemu.d").exists()
 
 
-def test_enforcing_profile_reads_the_label_of_a_running_libvirt_daemon(tmp_path: Path) -> None:
-    """The AppArmor label of libvirtd/virtqemud/virtlxcd in a /proc tree: the new per-LSM
-    file first, the shared ``attr/current`` on older kernels; only enforce mode counts."""
+def test_enforcing_profile_of_a_libvirt_daemon_running_or_idle(tmp_path: Path) -> None:
+    """The AppArmor label of a running libvirtd/virtqemud/virtlxcd (the per-LSM file
+    first, the shared ``attr/current`` on older kernels); with none running, the loaded
+    profiles of those daemons (named, or by path).  Only enforce mode counts."""
     def proc(pid: int, comm: str, **attrs: str) -> None:
         base = tmp_path / "proc" / str(pid)
         (base / "attr" / "apparmor").mkdir(parents=True)
@@ -388,7 +389,22 @@ def test_enforcing_profile_reads_the_label_of_a_running_libvirt_daemon(tmp_path:
             (base / "attr" / name.replace("_", "/")).write_text(text)
 
     proc(1, "systemd", apparmor_current="unconfined\n")
+    # no daemon runs (Debian's libvirtd exits when idle): the loaded profiles tell
+    profiles = tmp_path / "sys/kernel/security/apparmor/profiles"
+    profiles.parent.mkdir(parents=True)
+    profiles.write_text("virt-aa-helper (enforce)\nlibvirtd//qemu_bridge_helper (enforce)\n"
+                        "/usr/sbin/virtlxcd (complain)\n")
+    assert hook.enforcing_profile(tmp_path) is None
+    profiles.write_text("virt-aa-helper (enforce)\n/usr/sbin/virtqemud (enforce)\n"
+                        "libvirtd (enforce)\n")
+    assert hook.enforcing_profile(tmp_path) == ("libvirtd", "libvirtd")
+    profiles.write_text("/usr/sbin/virtqemud (enforce)\n")
+    assert hook.enforcing_profile(tmp_path) == ("virtqemud", "/usr/sbin/virtqemud")
+    profiles.write_text("libvirtd (complain)\n")
+    assert hook.enforcing_profile(tmp_path) is None
+    # a running daemon's own label decides
     proc(40, "virtqemud", current="virtqemud (complain)\n")
+    profiles.write_text("libvirtd (enforce)\n")
     assert hook.enforcing_profile(tmp_path) is None  # complain mode denies nothing
     proc(41, "libvirtd", apparmor_current="libvirtd (enforce)\n")
     assert hook.enforcing_profile(tmp_path) == ("libvirtd", "libvirtd")

@@ -139,6 +139,9 @@ def test_hook_install_refuses_a_command_libvirtds_apparmor_profile_forbids(
         assert "'/opt/pinwarden/bin/pinwarden PUx,' to /etc/apparmor.d/local/usr.sbin." \
             "libvirtd" in err, err
         assert a["hooks_after_refusal"] == [], a["hooks_after_refusal"]
+        rc0(a["stop_libvirtd"])  # with libvirtd stopped, its loaded profile decides
+        assert a["install_idle"]["rc"] == 1 and "libvirtd runs under the AppArmor " \
+            "profile 'libvirtd' (enforce)" in a["install_idle"]["stderr"], a["install_idle"]
         assert a["check"]["rc"] == 1 and "AppArmor profile 'libvirtd'" in (
             checked["qemu"]["problem"] or ""), checked
         start = a["start_exclusive"]
@@ -147,6 +150,7 @@ def test_hook_install_refuses_a_command_libvirtds_apparmor_profile_forbids(
             "unchecked" in a["syslog"], a["syslog"]
         assert a["status"]["json"]["leases"] == [], a["status"]["json"]
     else:
+        rc0(a["install_idle"])
         rc0(a["install"])
         rc0(a["check"])
         rc0(a["start_exclusive"])

@@ -208,14 +208,32 @@ _NOT_CONFINED = 125
 
 
 def enforcing_profile(root: Path = Path("/")) -> tuple[str, str] | None:
-    """(daemon, AppArmor profile) of a running libvirt daemon confined in enforce mode —
-    its hooks run under that profile, and it may forbid exec'ing pinwarden — or None."""
+    """(daemon, AppArmor profile) the hooks run under where AppArmor enforces one — a
+    running libvirt daemon's label, else (Debian's libvirtd exits when idle, to start
+    again on the next connection) a loaded profile of a libvirt daemon in enforce mode —
+    or None.  Such a profile may forbid exec'ing pinwarden."""
     from pinwarden import procs
 
-    for pid, daemon in procs.named(HOOK_DAEMON_NAMES, root=root):
+    running = procs.named(HOOK_DAEMON_NAMES, root=root)
+    for pid, daemon in running:
         label = procs.security_label(pid, root=root) or ""
         if label.endswith(" (enforce)"):
             return daemon, label.removesuffix(" (enforce)")
+    if running:  # what runs the hooks now is not confined
+        return None
+    try:
+        loaded = (root / "sys/kernel/security/apparmor/profiles").read_text(errors="replace")
+    except OSError:
+        return None
+    found: dict[str, str] = {}
+    for line in loaded.splitlines():
+        profile, _, mode = line.rpartition(" (")
+        daemon = profile.rpartition("/")[2]  # named 'libvirtd', or by path (older profiles)
+        if mode == "enforce)" and daemon in HOOK_DAEMON_NAMES:
+            found.setdefault(daemon, profile)
+    for daemon in ("libvirtd", *sorted(HOOK_DAEMON_NAMES - {"libvirtd"})):
+        if daemon in found:
+            return daemon, found[daemon]
     return None
 
 

@@ -44,6 +44,11 @@ def hook_apparmor() -> Data:
     # what it logs from now on readable (the story's journal reads rely on the same)
     out["journald"] = systemctl("restart", "systemd-journald.service")
     try:
+        # libvirtd idle and gone (Debian's exits after 2 minutes; its socket starts it on
+        # the next connection): the loaded profile still tells
+        out["stop_libvirtd"] = systemctl("stop", "libvirtd.service")
+        out["install_idle"] = pinwarden("hook", "install", "--exe", EXE)
+        out["start_libvirtd"] = systemctl("start", "libvirtd.service")
         out["install"] = pinwarden("hook", "install", "--exe", EXE)
         out["hooks_after_refusal"] = sorted(
             str(p) for p in Path("/etc/libvirt/hooks").glob("*.d/pinwarden"))
