@@ -43,6 +43,7 @@ def hook_apparmor() -> Data:
     # journald opened /var/log/journal before virtme-ng's tmpfs hid it: a restart makes
     # what it logs from now on readable (the story's journal reads rely on the same)
     out["journald"] = systemctl("restart", "systemd-journald.service")
+    source = Path(f"/run/{NAME}.xml")
     try:
         # libvirtd idle and gone (Debian's exits after 2 minutes; its socket starts it on
         # the next connection): the loaded profile still tells
@@ -59,7 +60,6 @@ def hook_apparmor() -> Data:
             "config=None, check=False).command)")
         out["reload"] = reload_libvirtd()
         out["check"] = pinwarden("hook", "check", "--json")
-        source = Path(f"/run/{NAME}.xml")
         source.write_text(tiny_domain_xml(NAME, metadata=META))
         out["define"] = pinwarden("define", str(source))  # stores its holder partition
         out["start_exclusive"] = virsh("start", NAME)
@@ -78,4 +78,5 @@ def hook_apparmor() -> Data:
         reload_libvirtd()
         out["sync"] = pinwarden("sync")
         CONFIG.unlink(missing_ok=True)
+        source.unlink(missing_ok=True)
     return out
