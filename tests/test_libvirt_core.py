@@ -338,6 +338,24 @@ def test_a_broken_pinwarden_never_blocks_a_shared_domain(tmp_path: Path, broken:
         assert call(qemu, "db", op, "-", "-", stdin=xml("db", EXCLUSIVE_META)).returncode == 0
 
 
+def test_the_fail_safe_path_is_quiet_where_it_cannot_write_its_log(tmp_path: Path) -> None:
+    """A host where nothing has made the state directory yet (pinwarden broken from its
+    first call): the refusal shows pinwarden's words only, not the shell's complaint that
+    it cannot create hook.log (syslog still gets the warning)."""
+    exe = str(tmp_path / "gone" / "python3")
+    (qemu, _) = hook.install(tmp_path / "hooks", exe=exe, state_dir=tmp_path / "no-state",
+                             config=None, check=False).paths
+    shared = call(qemu, "web", "prepare", "begin", "-", stdin=xml("web"))
+    assert shared.returncode == 0 and "hook.log" not in shared.stderr, shared.stderr
+    refused = call(qemu, "db", "prepare", "begin", "-", stdin=xml("db", EXCLUSIVE_META))
+    assert refused.returncode == 1, refused.stderr
+    assert "hook.log" not in refused.stderr and "cannot create" not in refused.stderr, \
+        refused.stderr
+    assert refused.stderr.splitlines()[-1].startswith(
+        "pinwarden: error: pinwarden is broken or missing"), refused.stderr
+    assert not (tmp_path / "no-state").exists()
+
+
 def test_a_refusal_blocks_and_shows_pinwardens_words(tmp_path: Path) -> None:
     exe = script(tmp_path / "refuse", f"echo 'pinwarden: error: CPU 1 is leased' >&2; "
                                       f"exit {hook.REFUSED}")

@@ -60,7 +60,7 @@ DRIVERS = ("qemu", "lxc")
 MARKER = "# pinwarden libvirt hook"
 #: The drop-in's own version (its line ``# script version N``): raised whenever what the
 #: script does changes, so that ``hook check`` tells a drop-in an older pinwarden wrote.
-SCRIPT_VERSION = 2
+SCRIPT_VERSION = 3
 _VERSION_LINE = "# script version "
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
 DROP_IN = "pinwarden"
@@ -165,7 +165,7 @@ rc=$?
 [ "$rc" -eq {REFUSED} ] && exit 1
 say() {{
   command -v logger >/dev/null 2>&1 && logger -t pinwarden-hook -p daemon.warning -- "$1"
-  printf '%s pinwarden: warning: %s\\n' "$(date +%Y-%m-%dT%H:%M:%S)" "$1" >>{log} 2>/dev/null
+  printf '%s pinwarden: warning: %s\\n' "$(date +%Y-%m-%dT%H:%M:%S)" "$1" 2>/dev/null >>{log}
   return 0
 }}
 case "$xml" in
