@@ -149,6 +149,17 @@ def test_hook_install_refuses_a_command_libvirtds_apparmor_profile_forbids(
         assert "domain 'pwtest-aa-shared' asks for no exclusive CPUs and was let through " \
             "unchecked" in a["syslog"], a["syslog"]
         assert a["status"]["json"]["leases"] == [], a["status"]["json"]
+        # the rule the refusal advises, added as it says, lets the hook run
+        assert a["advice"] == ["/opt/pinwarden/bin/pinwarden PUx,",
+                               "/etc/apparmor.d/local/usr.sbin.libvirtd",
+                               "/etc/apparmor.d/usr.sbin.libvirtd"], a["advice"]
+        ruled = a["ruled"]
+        rc0(ruled["reload_profile"])
+        rc0(ruled["install"])
+        rc0(ruled["start_exclusive"])
+        assert [h["domain"] for h in ruled["status"]["json"]["leases"]] == ["pwtest-aa"], \
+            ruled["status"]["json"]
+        rc0(ruled["restore_profile"])
     else:
         rc0(a["install_idle"])
         rc0(a["install"])

@@ -10,6 +10,7 @@ refused by the hook's fail-safe path, and ``pinwarden hook check`` names the pro
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from guestlab import (
@@ -33,6 +34,28 @@ SHARED = "pwtest-aa-shared"
 META = "<pw:cpu xmlns:pw='urn:pinwarden:domain:1' exclusive='yes'/>"
 EXE = "/usr/local/bin/pinwarden"  # the install check's link to the venv's console script
 HOOK_LOG = Path("/var/lib/pinwarden/hook.log")
+
+
+def with_rule(rule: str, local: str, profile: str) -> Data:
+    """``rule`` added to ``local`` and ``profile`` reloaded; the hook installed again, the
+    exclusive domain started through it; the local file and the profile put back."""
+    path = Path(local)
+    before = path.read_text() if path.exists() else None
+    out: Data = {}
+    try:
+        path.write_text((before or "") + rule + "\n")
+        out["reload_profile"] = run(["apparmor_parser", "-r", profile])
+        out["install"] = pinwarden("hook", "install", "--exe", EXE)
+        out["start_exclusive"] = virsh("start", NAME)
+        out["status"] = pinwarden("status", "--json")
+    finally:
+        virsh("destroy", NAME)
+        if before is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(before)
+        out["restore_profile"] = run(["apparmor_parser", "-r", profile])
+    return out
 
 
 @check("hook_apparmor", needs=["install", "boot"])
@@ -71,6 +94,13 @@ def hook_apparmor() -> Data:
         out["syslog"] = run(["journalctl", "-b", "-t", "pinwarden-hook", "-o", "cat",
                              "--no-pager"])["stdout"][-2000:]
         out["hook_log"] = (read(HOOK_LOG) or "")[-2000:]
+        advice = re.search(r"add the line '([^']+)' to (\S+) and reload the profile "
+                           r"\(apparmor_parser -r ([^\s)]+)\)", out["install"]["stderr"])
+        if advice:  # the rule the refusal advises, added as it says: the hook then works
+            out["advice"] = list(advice.groups())
+            remove_domain(SHARED)
+            virsh("destroy", NAME)
+            out["ruled"] = with_rule(*advice.groups())
     finally:
         remove_domain(NAME)
         remove_domain(SHARED)
