@@ -432,6 +432,48 @@ def test_enforcing_profile_of_a_libvirt_daemon_running_or_idle(tmp_path: Path) -
     assert procs.security_label(99, root=tmp_path) is None
 
 
+def test_decide_enforcing_profile_from_labels_and_loaded_profiles() -> None:
+    """The pure half of enforcing_profile: a running daemon's enforce label decides (the
+    first such), a running daemon in complain mode or unconfined means no confinement
+    whatever is loaded, and with none running the loaded profiles decide, libvirtd's
+    before the modular daemons' (sorted); nested profiles and other programs never
+    count, nor a profile text that could not be read."""
+    decide = hook.decide_enforcing_profile
+    loaded = ("virt-aa-helper (enforce)\nlibvirtd//qemu_bridge_helper (enforce)\n"
+              "/usr/sbin/virtqemud (enforce)\nvirtlxcd (enforce)\nlibvirtd (enforce)\n")
+    assert decide([], loaded) == ("libvirtd", "libvirtd")
+    assert decide([], loaded.replace("libvirtd (enforce)\n", "")) == (
+        "virtlxcd", "virtlxcd")  # virtlxcd sorts before virtqemud
+    assert decide([], "libvirtd//qemu_bridge_helper (enforce)\n") is None
+    assert decide([], "libvirtd (complain)\n/usr/sbin/virtqemud (kill)\n") is None
+    assert decide([], None) is None
+    assert decide([], "") is None
+    assert decide([("virtqemud", "virtqemud (enforce)"), ("libvirtd", "libvirtd (enforce)")],
+                  None) == ("virtqemud", "virtqemud")
+    assert decide([("libvirtd", "unconfined"), ("virtqemud", "/usr/sbin/virtqemud (enforce)")],
+                  None) == ("virtqemud", "/usr/sbin/virtqemud")
+    for label in (None, "unconfined", "libvirtd (complain)"):
+        assert decide([("libvirtd", label)], loaded) is None
+
+
+def test_ping_tells_status_last_line_and_failure(tmp_path: Path) -> None:
+    """_ping's record: the exit status and the last line of stderr; a command that cannot
+    run, or exits 0 without pinwarden's answer, is a failure named as such."""
+    ok = script(tmp_path / "ok", 'echo "pinwarden hook ok 1"')
+    assert hook._ping([ok]) == hook.Ping(0, "no output")
+    bad = script(tmp_path / "bad", 'echo one >&2; echo "two: broken" >&2; exit 3')
+    assert hook._ping([bad]) == hook.Ping(3, "two: broken")
+    quiet = script(tmp_path / "quiet", "echo something else")
+    got = hook._ping([quiet])
+    assert got.status == 0 and (got.failed or "").startswith(
+        "hook ping exited 0 without 'pinwarden hook ok' in its output: 'something else'")
+    got = hook._ping([str(tmp_path / "absent")])
+    assert got.status is None and (got.failed or "").startswith("cannot run: ")
+    assert hook._runs([str(tmp_path / "absent")]) == (
+        f"{tmp_path / 'absent'} {got.failed}")
+    assert hook._runs([bad]) == f"{bad} hook ping exited 3: two: broken"
+
+
 def test_install_under_an_apparmor_confined_libvirtd(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Where libvirtd runs confined, the ping runs again from a shell under its profile,

@@ -208,22 +208,37 @@ _NOT_CONFINED = 125
 
 
 def enforcing_profile(root: Path = Path("/")) -> tuple[str, str] | None:
-    """(daemon, AppArmor profile) the hooks run under where AppArmor enforces one — a
-    running libvirt daemon's label, else (Debian's libvirtd exits when idle, to start
-    again on the next connection) a loaded profile of a libvirt daemon in enforce mode —
-    or None.  Such a profile may forbid exec'ing pinwarden."""
+    """(daemon, AppArmor profile) the hooks run under where AppArmor enforces one, or
+    None: reads the running libvirt daemons' labels and the loaded profiles below
+    ``root`` for :func:`decide_enforcing_profile`.  Such a profile may forbid exec'ing
+    pinwarden."""
     from pinwarden import procs
 
-    running = procs.named(HOOK_DAEMON_NAMES, root=root)
-    for pid, daemon in running:
-        label = procs.security_label(pid, root=root) or ""
-        if label.endswith(" (enforce)"):
+    running = [(daemon, procs.security_label(pid, root=root))
+               for pid, daemon in procs.named(HOOK_DAEMON_NAMES, root=root)]
+    loaded: str | None = None
+    if not running:  # only read where no daemon's own label decides
+        try:
+            loaded = (root / "sys/kernel/security/apparmor/profiles").read_text(
+                errors="replace")
+        except OSError:
+            loaded = None
+    return decide_enforcing_profile(running, loaded)
+
+
+def decide_enforcing_profile(running: Sequence[tuple[str, str | None]],
+                             loaded: str | None) -> tuple[str, str] | None:
+    """The (daemon, profile) pair of :func:`enforcing_profile`, decided from ``running``
+    (each running libvirt daemon and its security label, None where it has none) and
+    ``loaded`` (the text of ``/sys/kernel/security/apparmor/profiles``, None where it
+    cannot be read).  A running daemon's label decides; with none running (Debian's
+    libvirtd exits when idle, to start again on the next connection) a loaded profile of
+    a libvirt daemon does, libvirtd's first.  Only enforce mode counts: complain mode
+    denies nothing."""
+    for daemon, label in running:
+        if label is not None and label.endswith(" (enforce)"):
             return daemon, label.removesuffix(" (enforce)")
-    if running:  # what runs the hooks now is not confined
-        return None
-    try:
-        loaded = (root / "sys/kernel/security/apparmor/profiles").read_text(errors="replace")
-    except OSError:
+    if running or loaded is None:  # what runs the hooks now is not confined
         return None
     found: dict[str, str] = {}
     for line in loaded.splitlines():
@@ -237,17 +252,27 @@ def enforcing_profile(root: Path = Path("/")) -> tuple[str, str] | None:
     return None
 
 
-def _ping(argv: Sequence[str]) -> tuple[int, str] | str:
-    """(exit status, last line of stderr) of ``argv hook ping``, or why it cannot run."""
+@record
+class Ping:
+    """What ``COMMAND hook ping`` did: its exit status and the last line of its stderr,
+    or (``failed``) why it did not answer as pinwarden does."""
+
+    status: int | None = None
+    last_line: str = ""
+    failed: str | None = None  # cannot run, or exit 0 without pinwarden's answer
+
+
+def _ping(argv: Sequence[str]) -> Ping:
+    """Run ``argv hook ping``."""
     try:
         done = subprocess.run([*argv, "hook", "ping"], capture_output=True, text=True,
                               timeout=60, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"cannot run: {exc}"
+        return Ping(failed=f"cannot run: {exc}")
     if done.returncode == 0 and "pinwarden hook ok" not in done.stdout:
-        return (f"hook ping exited 0 without 'pinwarden hook ok' in its output: "
-                f"{done.stdout.strip()[:200]!r}")
-    return done.returncode, (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return Ping(done.returncode, failed=f"hook ping exited 0 without 'pinwarden hook ok' "
+                                            f"in its output: {done.stdout.strip()[:200]!r}")
+    return Ping(done.returncode, (done.stderr.strip().splitlines() or ["no output"])[-1])
 
 
 def _runs(exe: Sequence[str], *, confined: tuple[str, str] | None = None) -> str | None:
@@ -255,22 +280,23 @@ def _runs(exe: Sequence[str], *, confined: tuple[str, str] | None = None) -> str
     (daemon, AppArmor profile) the hooks run under (:func:`enforcing_profile`) — the
     command is then run again from a shell under that profile, as libvirt runs it."""
     got = _ping(exe)
-    if isinstance(got, str):
-        return f"{shlex.join(exe)} {got}"
-    if got[0] != 0:
-        return f"{shlex.join(exe)} hook ping exited {got[0]}: {got[1]}"
+    if got.failed is not None:
+        return f"{shlex.join(exe)} {got.failed}"
+    if got.status != 0:
+        return f"{shlex.join(exe)} hook ping exited {got.status}: {got.last_line}"
     if confined is None:
         return None
     daemon, profile = confined
     got = _ping(["/bin/sh", "-c", _CONFINED, "sh", profile, *exe])
-    if isinstance(got, str) or got[0] in (0, _NOT_CONFINED):
+    if got.failed is not None or got.status in (0, _NOT_CONFINED):
         return None  # runs confined, or the check itself could not confine (not a verdict)
     real = os.path.realpath(shutil.which(exe[0]) or exe[0])  # what the profile matches
     local = f"/etc/apparmor.d/local/usr.sbin.{daemon}"
     return (f"{daemon} runs under the AppArmor profile {profile!r} (enforce), and so do its "
-            f"hooks: from there {shlex.join(exe)} hook ping exited {got[0]} ({got[1]}), so "
-            f"every hook call would fail; make pinwarden's venv from the distribution's "
-            f"/usr/bin/python3 (its profile lets hooks run /usr/bin/*), or add the line "
+            f"hooks: from there {shlex.join(exe)} hook ping exited {got.status} "
+            f"({got.last_line}), so every hook call would fail; make pinwarden's venv from "
+            f"the distribution's /usr/bin/python3 (its profile lets hooks run /usr/bin/*), "
+            f"or add the line "
             f"'{real} PUx,' to {local} and reload the profile "
             f"(apparmor_parser -r /etc/apparmor.d/usr.sbin.{daemon})")
 
