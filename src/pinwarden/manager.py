@@ -301,15 +301,9 @@ class Manager:
         """What :meth:`reserve` would do (``--dry-run``): the plan, and the cgroup writes
         in the order the manager would make them.  Nothing is recorded, written or
         created (not even the state directory)."""
-        from pinwarden.enforce.apply import read_current
-        from pinwarden.enforce.backend import describe, partition_forbidden_cpus
-        from pinwarden.enforce.layout import (
-            PlanError,
-            desired_layout,
-            order,
-            targets,
-            without_partitions_over,
-        )
+        from pinwarden.enforce.apply import adapt_to_kernel, read_current
+        from pinwarden.enforce.backend import describe
+        from pinwarden.enforce.layout import PlanError, desired_layout, order, targets
 
         reader = self.reader()
         leases = reader.leases() if reader is not None else ()
@@ -328,9 +322,8 @@ class Manager:
                              + ([holder] if plan.isolated else [])) if v2 else frozenset()
         deferred = frozenset({le.holder for le in new if le.holder.driver == "lxc"}) \
             if v2 else frozenset()
-        desired = without_partitions_over(
-            desired_layout(host, new, names, isolated=isolated, deferred=deferred),
-            partition_forbidden_cpus(backend))
+        desired = adapt_to_kernel(
+            backend, desired_layout(host, new, names, isolated=isolated, deferred=deferred))
         current = read_current(backend, desired)
         try:
             writes = [describe(op) for op in order(current, targets(current, desired))]

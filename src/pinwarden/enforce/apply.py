@@ -29,6 +29,7 @@ from pinwarden.enforce.backend import (
     SetPartition,
     Snapshot,
     describe,
+    isolated_forbidden_cpus,
     parent_of,
     partition_forbidden_cpus,
     perform,
@@ -246,23 +247,34 @@ def owner_names(desired: DesiredLayout) -> dict[str, str]:
 def apply_layout(backend: CgroupBackend, desired: DesiredLayout) -> Result:
     """Read the current state, plan towards ``desired``, execute and verify.
 
-    On a kernel where no partition may hold some CPUs (``isolcpus=`` CPUs on Linux 6.12+,
-    see :func:`~pinwarden.enforce.layout.without_partitions_over`) the exclusive tree is
-    built of plain cpusets; ``Result.desired.notes`` says so.  A kernel that refuses such a
-    partition without the backend expecting it (a backport) gets the same, re-planned once.
+    On a kernel where no ``root`` partition may hold some CPUs (``isolcpus=`` CPUs on Linux
+    6.12+, see :func:`~pinwarden.enforce.layout.without_partitions_over`) the holder groups
+    over them are ``isolated`` partitions (7.3) or plain cpusets (6.12);
+    ``Result.desired.notes`` says so.  A kernel that refuses such a partition without the
+    backend expecting it (a backport, or a kernel between those) is re-planned the same
+    way, at most twice.
     """
-    adapted = without_partitions_over(desired, partition_forbidden_cpus(backend))
-    try:
-        return _apply_layout(backend, adapted)
-    except EnforceError as exc:
-        cause = exc.__cause__
-        if not (isinstance(cause, CgroupOpError) and cause.detail
-                and "housekeeping" in cause.detail.lower()):
-            raise
-        again = without_partitions_over(desired, partition_forbidden_cpus(backend))
-        if again == adapted:
-            raise
-        return _apply_layout(backend, again)
+    adapted = adapt_to_kernel(backend, desired)
+    for _ in range(2):  # root refused, then (a kernel that refuses that too) isolated
+        try:
+            return _apply_layout(backend, adapted)
+        except EnforceError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, CgroupOpError) and cause.detail
+                    and "housekeeping" in cause.detail.lower()):
+                raise
+            again = adapt_to_kernel(backend, desired)
+            if again == adapted:
+                raise
+            adapted = again
+    return _apply_layout(backend, adapted)
+
+
+def adapt_to_kernel(backend: CgroupBackend, desired: DesiredLayout) -> DesiredLayout:
+    """``desired`` with the holder groups the backend's kernel would refuse as partitions
+    made what it takes (:func:`~pinwarden.enforce.layout.without_partitions_over`)."""
+    return without_partitions_over(desired, partition_forbidden_cpus(backend),
+                                   isolated_forbidden_cpus(backend))
 
 
 def read_current(backend: CgroupBackend, desired: DesiredLayout) -> Snapshot:

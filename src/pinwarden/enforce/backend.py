@@ -285,6 +285,18 @@ def partition_forbidden_cpus(backend: CgroupBackend) -> CpuSet:
     return cpus if isinstance(cpus, CpuSet) else CpuSet()
 
 
+def isolated_forbidden_cpus(backend: CgroupBackend) -> CpuSet:
+    """CPUs no ``isolated`` partition may hold on the backend's kernel (optional capability
+    ``isolated_forbidden_cpus()``; the v2 backend: ``isolcpus=`` CPUs on Linux 6.12, none
+    on 7.3, which takes an isolated partition where it refuses a ``root`` one).  Backends
+    without it forbid what :func:`partition_forbidden_cpus` forbids."""
+    probe = getattr(backend, "isolated_forbidden_cpus", None)
+    if probe is None:
+        return partition_forbidden_cpus(backend)
+    cpus = probe()
+    return cpus if isinstance(cpus, CpuSet) else partition_forbidden_cpus(backend)
+
+
 def kernel_path(backend: CgroupBackend, path: str) -> str:
     """The cgroup directory, relative to the backend's mount, that the backend path ``path``
     stands for (optional capability ``kernel_path()``: the systemd backend maps

@@ -226,28 +226,51 @@ def desired_layout(host: Host, leases: Sequence[Lease], names: LayoutNames = Lay
     )
 
 
-def without_partitions_over(desired: DesiredLayout, forbidden: CpuSet) -> DesiredLayout:
-    """``desired`` for a kernel on which no partition may hold the ``forbidden`` CPUs
-    (Linux 6.12+: ``isolcpus=`` CPUs, "partition config conflicts with housekeeping
-    setup").  Every holder group holding any of them becomes a plain ``member`` cpuset
-    with explicit, disjoint CPUs, with a note saying so: isolcpus keeps the scheduler's
-    load balancing (the OS's new tasks) off those CPUs and the layout keeps VMs and jobs off
-    each other's, but the kernel does not enforce it (the manager moves the threads whose
-    affinity still reaches them).  The other holders stay partitions."""
-    clash = union(h.cpus for h in desired.holders) & forbidden
+def without_partitions_over(desired: DesiredLayout, forbidden: CpuSet,
+                            isolated_forbidden: CpuSet | None = None) -> DesiredLayout:
+    """``desired`` for a kernel on which no ``root`` partition may hold the ``forbidden``
+    CPUs (Linux 6.12+: ``isolcpus=`` CPUs, "partition config conflicts with housekeeping
+    setup") and no ``isolated`` one the ``isolated_forbidden`` CPUs (default: the same).
+
+    A holder group holding any forbidden CPU becomes an ``isolated`` partition where the
+    kernel takes one (7.3: no scheduler load balancing, which isolcpus CPUs have not
+    either, and the kernel still keeps every other cgroup off them), else a plain
+    ``member`` cpuset with explicit, disjoint CPUs (6.12): isolcpus keeps the scheduler's
+    load balancing (the OS's new tasks) off those CPUs and the layout keeps VMs and jobs
+    off each other's, but the kernel does not enforce it (the manager moves the threads
+    whose affinity still reaches them).  Each change comes with a note; the other
+    holders stay as they were."""
+    isolated_forbidden = forbidden if isolated_forbidden is None else isolated_forbidden
+    clash = union(h.cpus for h in desired.holders if h.partition != "member") & forbidden
     if not clash:
         return desired
-    plain = [h for h in desired.holders if h.cpus & forbidden]
-    note = (f"this kernel refuses cgroup partitions holding isolcpus CPUs "
-            f"({clash.to_list()}), so {', '.join(h.path for h in plain)} "
+    changed = [h for h in desired.holders if h.partition != "member" and h.cpus & forbidden]
+    plain = [h for h in changed if h.cpus & isolated_forbidden]
+    isolated = [h for h in changed if h not in plain and h.partition != "isolated"]
+    notes = list(desired.notes)
+    if isolated:
+        cpus = union(h.cpus for h in isolated) & forbidden
+        notes.append(
+            f"this kernel refuses root partitions holding isolcpus CPUs ({cpus.to_list()}), "
+            f"so {', '.join(h.path for h in isolated)} "
+            f"{'is an isolated partition' if len(isolated) == 1 else 'are isolated partitions'}"
+            f": no scheduler load balancing there, as isolcpus already has it, and the kernel "
+            f"keeps every other cgroup off them")
+    if plain:
+        cpus = union(h.cpus for h in plain) & isolated_forbidden
+        notes.append(
+            f"this kernel refuses cgroup partitions holding isolcpus CPUs "
+            f"({cpus.to_list()}), so {', '.join(h.path for h in plain)} "
             f"{'is a plain cpuset' if len(plain) == 1 else 'are plain cpusets'}: the kernel "
             f"cannot enforce exclusivity with partitions for them; isolcpus keeps new tasks "
             f"off them, and pinwarden moves threads whose affinity still reaches them "
             f"until the lease ends")
+    kinds: dict[str, PartitionKind] = {h.path: "member" for h in plain}
+    kinds.update((h.path, "isolated") for h in isolated)
     return replace(desired,
-                   holders=tuple(replace(h, partition="member") if h in plain else h
+                   holders=tuple(replace(h, partition=kinds[h.path]) if h.path in kinds else h
                                  for h in desired.holders),
-                   notes=(*desired.notes, note))
+                   notes=tuple(notes))
 
 
 # -- planning ---------------------------------------------------------------------------

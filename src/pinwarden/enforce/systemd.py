@@ -108,7 +108,11 @@ from pinwarden.enforce.backend import (
     collect_snapshot,
     join,
 )
-from pinwarden.enforce.v2 import CgroupV2Backend, forbidden_partition_cpus
+from pinwarden.enforce.v2 import (
+    CgroupV2Backend,
+    forbidden_isolated_cpus,
+    forbidden_partition_cpus,
+)
 from pinwarden.errors import EnforceError, HostError
 from pinwarden.record import record
 
@@ -579,6 +583,13 @@ class SystemdBackend:
         if isinstance(self._kernel, CgroupV2Backend):
             return self._kernel.partition_forbidden_cpus()
         return forbidden_partition_cpus()
+
+    def isolated_forbidden_cpus(self) -> CpuSet:
+        """The same rule for ``isolated`` partitions (6.12 refuses them over ``isolcpus=``
+        CPUs too, 7.3 does not)."""
+        if isinstance(self._kernel, CgroupV2Backend):
+            return self._kernel.isolated_forbidden_cpus()
+        return forbidden_isolated_cpus()
 
     # -- helpers
 

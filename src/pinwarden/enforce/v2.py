@@ -114,8 +114,14 @@ class PartitionInvalidError(CgroupOpError):
                          detail=f"the kernel{where} reports {invalid_text(kind, reason)!r}")
 
 
-#: First kernel that refuses any partition holding ``isolcpus=`` CPUs (lab, DEVELOPERS.md).
+#: First kernel that refuses a ``root`` partition holding ``isolcpus=`` CPUs (lab,
+#: DEVELOPERS.md).
 HOUSEKEEPING_RULE_SINCE = (6, 12)
+#: Kernels that refuse an ``isolated`` partition over them too, although the rule means to
+#: let it through (6.12: ``prstate_housekeeping_conflict()`` is asked with the old, member
+#: state); the lab's 7.3 accepts it.  Kernels in between are tried, and a refusal is
+#: remembered (:attr:`CgroupV2Backend.isolated_refused`).
+ISOLATED_REFUSED_IN = ((6, 12),)
 
 
 def kernel_version(root: Path = Path("/")) -> tuple[int, int]:
@@ -128,17 +134,30 @@ def kernel_version(root: Path = Path("/")) -> tuple[int, int]:
     return (int(match[1]), int(match[2])) if match else (0, 0)
 
 
-def forbidden_partition_cpus(root: Path = Path("/"), *, refused: bool = False) -> CpuSet:
-    """The ``isolcpus=`` CPUs (``/sys/devices/system/cpu/isolated``) when the kernel at
-    ``root`` refuses partitions holding them (6.12+, or ``refused``: it was seen doing so);
-    else none."""
-    if not refused and kernel_version(root) < HOUSEKEEPING_RULE_SINCE:
-        return CpuSet()
+def _isolcpus(root: Path) -> CpuSet:
     try:
         text = (root / "sys/devices/system/cpu/isolated").read_text(errors="replace")
         return CpuSet.parse_kernel(text)
     except (OSError, CpuSetError):
         return CpuSet()
+
+
+def forbidden_partition_cpus(root: Path = Path("/"), *, refused: bool = False) -> CpuSet:
+    """The ``isolcpus=`` CPUs (``/sys/devices/system/cpu/isolated``) when the kernel at
+    ``root`` refuses ``root`` partitions holding them (6.12+, or ``refused``: it was seen
+    doing so); else none."""
+    if not refused and kernel_version(root) < HOUSEKEEPING_RULE_SINCE:
+        return CpuSet()
+    return _isolcpus(root)
+
+
+def forbidden_isolated_cpus(root: Path = Path("/"), *, refused: bool = False) -> CpuSet:
+    """The ``isolcpus=`` CPUs when the kernel at ``root`` refuses ``isolated`` partitions
+    holding them as well (:data:`ISOLATED_REFUSED_IN`, or ``refused``: it was seen doing
+    so); else none — 6.1 takes any partition over them, 7.3 an ``isolated`` one."""
+    if not refused and kernel_version(root) not in ISOLATED_REFUSED_IN:
+        return CpuSet()
+    return _isolcpus(root)
 
 
 def is_housekeeping_conflict(reason: str) -> bool:
@@ -161,13 +180,20 @@ class CgroupV2Backend:
         self.mount = mount
         self.root = root  # for /proc/sys/kernel/osrelease and /sys/devices/system/cpu
         self.housekeeping_refused = False  # the kernel refused a partition over isolcpus
+        self.isolated_refused = False  # ... an isolated one among them
 
     def partition_forbidden_cpus(self) -> CpuSet:
-        """CPUs no partition may hold here: the ``isolcpus=`` CPUs
+        """CPUs no ``root`` partition may hold here: the ``isolcpus=`` CPUs
         (``/sys/devices/system/cpu/isolated``) on Linux 6.12+, or on any kernel once it
         refused a partition with "partition config conflicts with housekeeping setup";
         else none.  (6.1 accepts partitions over isolcpus CPUs; see DEVELOPERS.md.)"""
         return forbidden_partition_cpus(self.root, refused=self.housekeeping_refused)
+
+    def isolated_forbidden_cpus(self) -> CpuSet:
+        """CPUs no ``isolated`` partition may hold here: the ``isolcpus=`` CPUs on 6.12
+        (:data:`ISOLATED_REFUSED_IN`), or once the kernel refused an isolated partition
+        over them; else none."""
+        return forbidden_isolated_cpus(self.root, refused=self.isolated_refused)
 
     @classmethod
     def from_mounts(cls, root: Path = Path("/")) -> CgroupV2Backend:
@@ -427,6 +453,7 @@ class CgroupV2Backend:
             group, bad_kind, reason = broken
             if is_housekeeping_conflict(reason):
                 self.housekeeping_refused = True
+                self.isolated_refused = self.isolated_refused or bad_kind == "isolated"
             raise PartitionInvalidError("cpus", path, value=value, group=group,
                                         kind=bad_kind, reason=reason)
 
@@ -454,7 +481,7 @@ class CgroupV2Backend:
         errno is ``EACCES`` whatever the kernel's words (6.1: "Parent is not a partition
         root"; 6.12: "Invalid cpu list in cpuset.cpus.exclusive").  Linux 6.12 refuses any
         partition holding ``isolcpus=`` CPUs ("partition config conflicts with housekeeping
-        setup"); 6.1 accepts them."""
+        setup"), 7.3 a ``root`` one only; 6.1 accepts them."""
         word = PARTITION_WORD[kind]
         if path == "":
             if kind == "exclusive":
@@ -494,6 +521,7 @@ class CgroupV2Backend:
         group, bad_kind, reason = broken
         if is_housekeeping_conflict(reason):
             self.housekeeping_refused = True
+            self.isolated_refused = self.isolated_refused or bad_kind == "isolated"
         parent = parent_of(path)
         orphan = False
         if group == path and parent is not None:
