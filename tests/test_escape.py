@@ -63,6 +63,23 @@ def test_inheriting_cgroup_kept_off_by_a_valid_partition_is_clean() -> None:
     assert plan_narrowing(groups, LEASED, HOLDERS, POOL).clean
 
 
+def test_named_but_kept_off_by_the_kernel_is_narrowed_and_said_so() -> None:
+    """Linux 7.3 keeps a cgroup that writes leased CPUs into its cpuset.cpus off them while
+    the holder partitions stay valid (lab: late_cgroup_explicit); 6.1-6.12 hand them over.
+    Still narrowed (a partition that becomes invalid later would hand them over), and the
+    reason says which of the two it is."""
+    kept = [*holder(), CgroupView("late", L("0-7"), L("0,3-7"))]
+    plan = plan_narrowing(kept, LEASED, HOLDERS, POOL)
+    assert plan.ops == (SetCpus("late", L("0,3-7")),)
+    assert plan.escapes[0].why == ("its cpuset.cpus names leased CPUs 1-2: the kernel keeps "
+                                   "it off them only while every holder partition stays "
+                                   "valid")
+    broken = [*holder(valid=False), CgroupView("late", L("0-7"), L("0-7"))]
+    assert plan_narrowing(broken, LEASED, HOLDERS, POOL).escapes[0].why == (
+        "its cpuset.cpus names leased CPUs 1-2: the kernel accepted the write and "
+        "invalidated the sibling partition")
+
+
 def test_only_leased_cpus_configured_gets_the_shared_pool() -> None:
     groups = [*holder(False), CgroupView("late", L("1-2"), L("1-2"))]
     plan = plan_narrowing(groups, LEASED, HOLDERS, POOL)

@@ -127,9 +127,12 @@ def find_escapes(groups: Iterable[CgroupView], leased: CpuSet,
             configured = configured | (g.exclusive & leased)
         if not reach and not configured:
             continue
-        if configured:
+        if configured and reach:
             why = (f"its cpuset.cpus names leased {configured.named()}: the kernel "
-                   f"accepts the write and invalidates the sibling partition")
+                   f"accepted the write and invalidated the sibling partition")
+        elif configured:  # Linux 7.3 keeps it off a valid partition's CPUs (6.1-6.12 do not)
+            why = (f"its cpuset.cpus names leased {configured.named()}: the kernel keeps "
+                   f"it off them only while every holder partition stays valid")
         else:
             why = (f"inherits leased {reach.named()} from its parent: a holder "
                    f"partition is no longer valid")

@@ -537,10 +537,13 @@ class Manager:
                 watch.apply_narrowing(mount, [op])
             if isinstance(op, SetCpus) and op.path != shared:
                 was = before[op.path].cpus
+                kernel = ("which the kernel lets it use" if before[op.path].effective & leased
+                          else "which the kernel keeps it off only while every holder "
+                               "partition stays valid")
                 self.warn(f"cgroup /{op.path} named leased {(was & leased).named()} "
-                          f"in its cpuset.cpus ({was.to_list()}), which the kernel lets it "
-                          f"use: narrowed to {op.cpus.to_list() or '(none)'}; it gets "
-                          f"{was.to_list()} back when the last lease goes")
+                          f"in its cpuset.cpus ({was.to_list()}), {kernel}: narrowed to "
+                          f"{op.cpus.to_list() or '(none)'}; it gets {was.to_list()} back "
+                          f"when the last lease goes")
 
     def _restore_cgroups(self, ledger: Ledger, backend: CgroupBackend,
                          changes: dict[str, str]) -> None:
