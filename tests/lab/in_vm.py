@@ -1109,7 +1109,10 @@ def schedstat_domains() -> dict[str, list[str]]:
             cpu = parts[0][3:]
             out[cpu] = []
         elif parts and parts[0].startswith("domain") and cpu is not None:
-            out[cpu].append(CpuSet.from_mask(parts[1]).to_list())
+            # schedstat version 17 (7.3 has it) names the domain level first: "domain0 MC 0f …"
+            mask = parts[1] if all(c in "0123456789abcdefABCDEF," for c in parts[1]) \
+                else parts[2]
+            out[cpu].append(CpuSet.from_mask(mask).to_list())
     return out
 
 

@@ -3,7 +3,8 @@
 The VM (TCG, 8 CPUs, NUMA nodes 0-3 and 4-7, ``isolcpus=6-7``) shares this filesystem read
 only; the in-VM script writes its results into a host directory passed with ``--rwdir``.
 Every check's result is written as soon as it is known, so a VM that dies half-way still
-reports what it saw.  :func:`lab_run` boots at most once per process (pytest session).
+reports what it saw.  :func:`lab_run` boots each kernel (:func:`kernel_ids`) at most once per
+process (pytest session).
 """
 
 from __future__ import annotations
@@ -30,9 +31,20 @@ TIMEOUT = float(os.environ.get("PINWARDEN_LAB_TIMEOUT", "1200"))
 CPUS = 8
 NUMA = ("1G,cpus=0-3", "1G,cpus=4-7")
 APPEND = "isolcpus=6-7"
-#: Extra QEMU options, e.g. ``-accel tcg,thread=single``: Debian's 6.12 panics during boot
-#: under multi-threaded TCG (int3 while patching code), single-threaded TCG boots it.
-QEMU_OPTS = os.environ.get("PINWARDEN_LAB_QEMU_OPTS", "")
+#: Extra QEMU options (``$PINWARDEN_LAB_QEMU_OPTS``), by default :data:`SINGLE_TCG` for
+#: kernels from 6.12 on: Debian's 6.12 and 7.3 panic now and then during boot under
+#: multi-threaded TCG (int3 in ``sched_clock_cpu`` while patching code), single-threaded
+#: TCG boots them (and is no slower here).
+QEMU_OPTS = os.environ.get("PINWARDEN_LAB_QEMU_OPTS")
+SINGLE_TCG = "-accel tcg,thread=single"
+
+
+def qemu_opts(kernel: Path) -> str:
+    """The extra QEMU options for booting ``kernel`` (see :data:`QEMU_OPTS`)."""
+    if QEMU_OPTS is not None:
+        return QEMU_OPTS
+    match = re.search(r"vmlinuz-(\d+)\.(\d+)", kernel.name)
+    return SINGLE_TCG if match and (int(match[1]), int(match[2])) >= (6, 12) else ""
 
 
 class LabError(Exception):
@@ -102,8 +114,9 @@ def vng_command(kernel: Path, outdir: Path) -> list[str]:
     for node in NUMA:
         cmd += ["--numa", node]
     cmd += ["--append", APPEND, "--rwdir", str(outdir), "--cwd", str(REPO)]
-    if QEMU_OPTS:
-        cmd += [f"--qemu-opts={QEMU_OPTS}"]
+    opts = qemu_opts(kernel)
+    if opts:
+        cmd += [f"--qemu-opts={opts}"]
     cmd += ["--exec", inner]
     return cmd
 
@@ -160,25 +173,50 @@ def load(outdir: Path) -> LabRun:
     return LabRun(lab_kernel(), results, console, 0.0, outdir)
 
 
-_RUN: list[LabRun | LabError] = []
-#: The output directory this session made (conftest removes it when the session passed).
+def kernel_ids() -> list[str]:
+    """The kernels a session boots, by id: ``debian`` (the newest ``/boot/vmlinuz-*``, the
+    host's Debian 12 kernel) and ``backports`` (the newest Debian kernel, 7.3 when this was
+    written: :mod:`lab.kernels`) — or the one ``$PINWARDEN_LAB_KERNEL`` names, or the one
+    boot ``$PINWARDEN_LAB_REUSE`` kept."""
+    if os.environ.get("PINWARDEN_LAB_REUSE"):
+        return ["reuse"]
+    if os.environ.get("PINWARDEN_LAB_KERNEL"):
+        return ["given"]
+    return ["debian", "backports"]
+
+
+def _kernel(kernel_id: str) -> Path:
+    if kernel_id != "backports":
+        return lab_kernel()
+    from lab.kernels import KernelFetchError, backports_kernel
+
+    try:
+        return backports_kernel()
+    except KernelFetchError as exc:
+        raise LabError(f"cannot fetch the backports kernel: {exc}") from None
+
+
+_RUN: dict[str, LabRun | LabError] = {}
+#: The output directories this session made (conftest removes them when the session passed).
 MADE: list[Path] = []
 
 
-def lab_run() -> LabRun:
-    """The session's one VM boot (cached; a failed boot is re-raised to every caller)."""
-    if not _RUN:
+def lab_run(kernel_id: str = "debian") -> LabRun:
+    """The session's VM boot with kernel ``kernel_id`` (:func:`kernel_ids`; cached, a failed
+    boot is re-raised to every caller)."""
+    if kernel_id not in _RUN:
         try:
             reuse = os.environ.get("PINWARDEN_LAB_REUSE")
             if reuse:
-                _RUN.append(load(Path(reuse)))
+                _RUN[kernel_id] = load(Path(reuse))
             else:
+                kernel = _kernel(kernel_id)
                 outdir = Path(tempfile.mkdtemp(prefix="pwtest-lab-"))
                 MADE.append(outdir)
-                _RUN.append(boot(lab_kernel(), outdir))
+                _RUN[kernel_id] = boot(kernel, outdir)
         except LabError as exc:
-            _RUN.append(exc)
-    got = _RUN[0]
+            _RUN[kernel_id] = exc
+    got = _RUN[kernel_id]
     if isinstance(got, LabError):
         raise got
     return got
