@@ -101,7 +101,24 @@ def test_respects_the_numatune_nodeset() -> None:
     with pytest.raises(Refusal) as err:
         allocate(topo, S("0-7"), S("0-5"), Request(3, nodes=S("1")))
     assert err.value.code == "insufficient-cpus"
-    assert "NUMA nodes 1" in err.value.message and "3 CPUs" in err.value.message
+    assert "only 2 free CPUs on NUMA node 1;" in err.value.message
+    assert "3 CPUs" in err.value.message
+    with pytest.raises(Refusal) as err:  # several nodes: "nodes"
+        allocate(build(nodes=3, cores=2, threads=1), S("0-5"), S("0-2"),
+                 Request(3, nodes=S("1-2")))
+    assert "only 1 free CPU on NUMA nodes 1-2;" in err.value.message
+
+
+def test_a_job_is_told_its_option_for_sharing_cores() -> None:
+    """A job asks for thread policy 'prefer' with ``--threads prefer``; a domain with its
+    thread policy (``<pw:cpu threads>``)."""
+    topo = build(cores=2, threads=2)  # cores (0,2) (1,3); CPU 2 taken: one whole core left
+    for purpose, advice in (("job", "use --threads prefer to share cores"),
+                            ("vcpus", "use thread policy 'prefer' to share cores")):
+        with pytest.raises(Refusal) as err:
+            allocate(topo, S("0-3"), S("0-1,3"), Request(3, purpose=purpose))
+        assert err.value.message == ("cannot place 3 CPUs: only 2 CPUs on whole free cores "
+                                     f"(thread policy 'whole'); {advice} with other holders")
 
 
 # -- prefer ------------------------------------------------------------------------------

@@ -321,3 +321,25 @@ def test_status_flags_a_leased_cpu_that_went_offline(
     (cpu / "online").write_text("0-15\n")
     assert main(["status", "--json", "--root", str(root), "--state-dir", state]) == 0
     assert json.loads(capsys.readouterr().out)["leases"][0]["offline"] == ""
+    # several CPUs offline: each named, and a command for each
+    for n in (5, 13):
+        (cpu / f"cpu{n}" / "online").write_text("0\n")
+    (cpu / "online").write_text("0-4,6-12,14-15\n")
+    assert main(["status", "--root", str(root), "--state-dir", state]) == 0
+    text = capsys.readouterr().out
+    assert "; CPUs 5,13 OFFLINE (lease kept; bring them online with 'for c in 5 13; do echo 1 " \
+        "> /sys/devices/system/cpu/cpu$c/online; done')\n" in text, text
+
+
+def test_one_vm_cpu_and_one_housekeeping_cpu_are_named_as_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``host``, ``status`` and ``plan`` on a 2-CPU host: CPU 0 housekeeping, CPU 1 for VMs."""
+    from hostroot import HostSpec, build_host
+
+    root = build_host(tmp_path / "host", HostSpec(cpus=2))
+    args = ["--root", str(root), "--state-dir", str(tmp_path / "state")]
+    xml = tmp_path / "web.xml"
+    xml.write_text(SHARED)
+    for argv in (["host"], ["status"], ["plan", str(xml)]):
+        assert main([*argv, *args]) == 0
+        assert "partition none: VM CPU 1, housekeeping CPU 0" in capsys.readouterr().out

@@ -345,5 +345,9 @@ def test_named_and_plural_agree_in_number() -> None:
     assert CpuSet.parse("3").named() == "CPU 3"
     assert CpuSet.parse("2-3,8").named() == "CPUs 2-3,8"
     assert CpuSet().named() == "no CPU"
+    assert CpuSet().named(empty="CPUs -") == "CPUs -"  # where a header wants a dash
+    assert CpuSet.parse("1").named("node") == "node 1"  # sets of NUMA nodes too
+    assert CpuSet.parse("0-1").named("node") == "nodes 0-1"
+    assert CpuSet().named("node") == "no node"
     assert [plural(n, "whole free core") for n in (0, 1, 2)] == [
         "0 whole free cores", "1 whole free core", "2 whole free cores"]

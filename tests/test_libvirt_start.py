@@ -13,10 +13,13 @@ import contextlib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pinwarden.domain import parse_domain
+from pinwarden.errors import LibvirtError, Refusal
+from pinwarden.libvirt import start
 
 pytest.register_assert_rewrite("libvirt_env")
 
@@ -193,3 +196,41 @@ def test_graceful_stop_that_times_out_keeps_domain_and_lease(pw: env.Pinwarden,
     assert env.vm_affinity(a) == {1}
     pw.run("stop", a, check=True)
     assert env.holder_names(pw) == ()
+
+
+# -- messages (fakes: no libvirtd needed, though the module's mark still applies) -----------
+
+
+class _RunningDomain:
+    """A running libvirt domain as far as the refusals before any lease look at it."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def isActive(self) -> bool:
+        return True
+
+    def name(self) -> str:
+        return self._name
+
+
+class _Connection:
+    def lookupByName(self, name: str) -> _RunningDomain:
+        return _RunningDomain(name)
+
+
+@pytest.mark.parametrize(("name", "command"), [("my vm", "pinwarden stop 'my vm'"),
+                                               ("web", "pinwarden stop web"),
+                                               ("-x", "pinwarden stop -- -x")])
+def test_suggested_stop_commands_work_as_typed(name: str, command: str) -> None:
+    """The domain's name quoted for the shell (after '--' when it looks like an option)."""
+    manager: Any = None  # refused before the manager is used
+    with pytest.raises(Refusal) as info:
+        start.start(manager, "qemu:///system", name, conn=_Connection())
+    assert info.value.message == f"domain {name!r} is already running; stop it first " \
+        f"({command})"
+    with pytest.raises(LibvirtError) as failed:
+        start._wait_inactive(_RunningDomain(name), name, 0)
+    assert failed.value.message == f"domain {name!r} did not shut down within 0 s; destroy " \
+        f"it with {command} (without --graceful)"
+

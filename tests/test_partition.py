@@ -23,6 +23,7 @@ from pinwarden.partition import (
     default_reserve,
     load_host,
     read_partition,
+    shared_pool,
 )
 from pinwarden.record import replace
 from pinwarden.topology import Topology, read_topology
@@ -235,6 +236,20 @@ def test_none_configured_reserve(host8: Path) -> None:
 def test_none_reserve_naming_unknown_cpu_is_an_error(host8: Path) -> None:
     with pytest.raises(HostError, match=r"host_reserve 0,9 names CPU 9 .*\(present: 0-7\)"):
         load_host(host8, Config(host_reserve=cs("0,9")))
+    with pytest.raises(HostError) as info:  # several: "CPUs", the range as given
+        load_host(host8, Config(host_reserve=cs("0,8-9")))
+    assert info.value.message.startswith("host_reserve 0,8-9 names CPUs 8-9 which this host "
+                                         "does not have (present: 0-7)")
+
+
+def test_shared_fallback_names_one_housekeeping_cpu_as_one(tmp_path: Path) -> None:
+    build_host(tmp_path, HostSpec(cpus=4))  # none: CPU 0 housekeeping, 1-3 VM CPUs
+    host = load_host(tmp_path, Config())
+    assert shared_pool(host, cs("1-3")) == (cs("0"), (
+        "every VM CPU (1-3) is leased exclusively; shared VMs run on the housekeeping CPU 0 "
+        "until a lease is released",))
+    host = load_host(tmp_path, Config(host_reserve=cs("0-1")))
+    assert "shared VMs run on the housekeeping CPUs 0-1 until" in shared_pool(host, cs("2-3"))[1][0]
 
 
 def test_none_mode_is_honoured(tmp_path: Path) -> None:

@@ -13,9 +13,9 @@ from conftest import HWLOC_DUMPS
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import PW_NS, DomainSpec, GuestCell, parse_domain
 from pinwarden.errors import Refusal
-from pinwarden.model import SIBLING_HOLD, HolderRef, Lease, Plan, domain_holder
+from pinwarden.model import SIBLING_HOLD, HolderRef, Lease, Plan, domain_holder, job_holder
 from pinwarden.partition import Host, Partition, PartitionMode
-from pinwarden.policy import decide, holder_of
+from pinwarden.policy import JobSpec, decide, holder_of
 from pinwarden.record import replace
 from pinwarden.topology import Cpu, Topology
 
@@ -465,6 +465,123 @@ def test_metadata_form_from_xml() -> None:
       <pw:cpu xmlns:pw="{PW_NS}" exclusive="yes" emulator="isolate"/></metadata></domain>"""
     plan = decide(parse_domain(xml), host(), [])
     assert sorted(plan.leases.values()) == ["emulator", "vcpu0", "vcpu1"]
+
+
+# -- wording of refusals and notes ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("holder", "command"), [
+    (domain_holder("qemu", "my vm", None), "(pinwarden release 'my vm' --driver qemu)"),
+    (domain_holder("lxc", "web", None), "(pinwarden release web --driver lxc)"),
+    (job_holder("web"), "(pinwarden release web --driver run)"),
+    (domain_holder("qemu", "-x", None), "(pinwarden release --driver qemu -- -x)"),
+    (domain_holder("qemu", "a\x1bb", "6f" * 16), f"(pinwarden release {'6f' * 16})"),
+])
+def test_conflict_suggests_a_release_command_that_works_as_typed(holder: HolderRef,
+                                                                 command: str) -> None:
+    """The name quoted for the shell, the driver given (a job and a domain may share a
+    name: a bare name is then ambiguous), a name starting with '-' after '--', and a name
+    the terminal would mangle replaced by the UUID."""
+    held = [Lease(cpu, holder, "vcpu0", 0.0) for cpu in C("5-6")]
+    err = refused("conflict", spec=spec(vcpupins={0: C("5-6")}), host=host(), leases=held)
+    assert err.message.endswith(f"or release it first {command}"), err.message
+    assert "(and 1 more leased CPU)" in err.message
+
+
+def test_one_vm_cpu_is_named_as_one() -> None:
+    err = refused("host-cpu", spec=spec(vcpus=1, exclusive=True, vcpupins={0: C("2")}),
+                  host=host("none", "1", cpus=4), leases=[])
+    assert "outside the VM CPU 1 (online minus host reserve)" in err.message
+    assert err.message.endswith("housekeeping CPUs are never leased: pick from CPU 1")
+    err = refused("host-cpu", spec=spec(vcpus=1, exclusive=True, vcpupins={0: C("2")}),
+                  host=host("isolcpus", "1", cpus=4), leases=[])
+    assert "outside the isolated CPU 1;" in err.message
+
+
+def test_a_cpuset_of_one_cpu_is_named_as_one() -> None:
+    refused("insufficient-cpus", "<vcpu cpuset='3'> limits it to CPU 3: widen it",
+            spec=spec(vcpus=2, exclusive=True, cpuset=C("3")), host=host("none", "1-15"),
+            leases=[])
+
+
+def test_housekeeping_siblings_are_worded_for_one_or_several() -> None:
+    h = host("none", "1-15", threads=2)  # cores {k, k + 8}: CPU 0 is housekeeping
+    err = refused("host-cpu", spec=spec("p4", 1, exclusive=True, vcpupins={0: C("8")},
+                                        threads="isolate"), host=h, leases=[])
+    assert err.message.startswith(
+        "CPU 0 is a sibling thread of the CPUs of domain 'p4', which thread policy "
+        "'isolate' must hold empty, but it is a housekeeping CPU"), err.message
+    plan = decide(spec("p4", 1, exclusive=True, vcpupins={0: C("8")}), h, [])
+    assert plan.notes == ("housekeeping CPU 0 shares a core with the CPUs of domain 'p4'; it "
+                          "stays the host's (housekeeping CPUs are never leased)",)
+    plan = decide(spec("p4", 2, exclusive=True, vcpupins={0: C("8"), 1: C("9")}),
+                  host("none", "2-15", threads=2), [])
+    assert plan.notes[0].startswith("housekeeping CPUs 0-1 share cores with the CPUs of "
+                                    "domain 'p4'; they stay the host's")
+
+
+def test_sharing_cores_is_advised_as_each_holder_asks_for_it() -> None:
+    """A job opts in with ``--threads prefer``, a domain in its ``<pw:cpu>`` metadata."""
+    h = host("none", "1-15", threads=2)
+    held = lease("9", "p4")  # the sibling of CPU 1
+    job = refused("conflict", "CPU 9 for the sibling threads held empty (thread policy "
+                  "'whole') of job 'J'", spec=JobSpec("J", cpus=C("1")), host=h, leases=held)
+    assert "choose other CPUs on whole free cores, opt in to sharing cores with --threads " \
+        "prefer, or release it first (pinwarden release p4 --driver qemu)" in job.message
+    assert "threads='prefer'" not in job.message
+    dom = refused("conflict", spec=spec("d", 1, exclusive=True, vcpupins={0: C("1")}),
+                  host=h, leases=held)
+    assert "opt in to sharing cores with <pw:cpu threads='prefer'>, or release" in dom.message
+
+
+def test_held_siblings_of_a_job_are_worded_for_one_or_several() -> None:
+    h = host("none", "1-15", threads=2)
+    assert decide(JobSpec("J", count=1), h, []).notes == ("sibling thread 9 is held empty",)
+    assert decide(JobSpec("J", cpus=C("1-2")), h, []).notes == \
+        ("sibling threads 9-10 are held empty",)
+
+
+def test_a_running_job_is_told_how_to_release_it() -> None:
+    held = [Lease(5, job_holder("J"), "task", 0.0)]
+    refused("job-exists", "release it with `pinwarden release J --driver run`",
+            spec=JobSpec("J", count=1), host=host(), leases=held)
+
+
+def test_only_holders_of_cpus_the_request_may_use_are_advised_to_release() -> None:
+    """Releasing a holder whose CPUs lie outside the ``<numatune>`` nodes or the ``<vcpu
+    cpuset>`` frees nothing the request could use: it is not advised."""
+    h = host("none", "1-15")  # node 0: CPUs 0-7, node 1: 8-15
+    on_node_1 = spec(vcpus=8, exclusive=True, numa_nodeset=C("1"))
+    err = refused("insufficient-cpus", "only 6 free CPUs on NUMA node 1;",
+                  "leased now: CPUs 8-9 to qemu domain 'near' — release one of them",
+                  spec=on_node_1, host=h, leases=lease("1-3", "far") + lease("8-9", "near"))
+    assert "'far'" not in err.message
+    err = refused("insufficient-cpus", "no CPU it may use is leased to another holder",
+                  spec=replace(on_node_1, vcpus=9), host=h, leases=lease("1-3", "far"))
+    assert "'far'" not in err.message and "release one of them" not in err.message
+    in_cpuset = spec(vcpus=3, exclusive=True, cpuset=C("8-9"))
+    err = refused("insufficient-cpus", "leased now: CPU 9 to qemu domain 'near' —",
+                  spec=in_cpuset, host=h, leases=lease("1-3", "far") + lease("9", "near"))
+    assert "'far'" not in err.message
+    err = refused("insufficient-cpus", "no CPU it may use is leased to another holder",
+                  spec=in_cpuset, host=h, leases=lease("1-3", "far"))
+    assert "'far'" not in err.message
+    # nothing narrows a request without nodeset or cpuset: every holder is named
+    refused("insufficient-cpus", "leased now: CPUs 1-3 to qemu domain 'far'",
+            spec=spec(vcpus=13, exclusive=True), host=h, leases=lease("1-3", "far"))
+
+
+def test_preferred_nodes_are_named_as_one_or_several() -> None:
+    h = host("none", "1-15", nodes=4)  # nodes of 4 CPUs: 0-3, 4-7, 8-11, 12-15
+    plan = decide(spec(vcpus=4, exclusive=True, numa_nodeset=C("1"), numa_mode="preferred"),
+                  h, lease("5"))
+    assert any(n.startswith("NUMA node 1 (preferred by <numatune>) had no room for domain "
+                            "'vm1': CPUs ") and n.endswith(" on node 2") for n in plan.notes), \
+        plan.notes
+    plan = decide(spec(vcpus=7, exclusive=True, numa_nodeset=C("1-2"), numa_mode="preferred"),
+                  h, lease("5,9"))
+    assert any(n.startswith("NUMA nodes 1-2 (preferred by <numatune>)") and
+               n.endswith(" on nodes 0,3") for n in plan.notes), plan.notes
 
 
 # -- real topologies (hwloc sysfs dumps) -------------------------------------------------

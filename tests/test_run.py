@@ -60,6 +60,18 @@ def test_second_job_refused_naming_the_holder() -> None:
     assert "vCPU" not in message
 
 
+def test_a_job_is_told_to_share_cores_with_its_own_option(tmp_path: Path) -> None:
+    """``--threads prefer`` (the option of ``pinwarden run``), not a domain's wording."""
+    from hostroot import HostSpec, build_host
+    from pinwarden.partition import load_host
+
+    host = load_host(build_host(tmp_path, HostSpec(cpus=8, threads=2)), Config())
+    with pytest.raises(Refusal) as info:  # cores {k, k+4}; CPU 5 taken: 2 whole cores
+        decide_job(JobSpec("J", count=5), host, [lease(5, "A")])
+    assert "only 4 CPUs on whole free cores (thread policy 'whole'); use --threads prefer " \
+        "to share cores with other holders" in info.value.message
+
+
 def test_explicit_cpus_rules() -> None:
     """The same checks, codes and wording as for domains (one policy)."""
     host = make_host("0-3", vm="1-3")
@@ -112,6 +124,27 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
+
+
+def test_run_on_a_dump_says_why_and_runs_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--root DUMP``: pinwarden enforces nothing there, so the job is refused before
+    anything is leased, saying why and pointing at --dry-run."""
+    from hostroot import HostSpec, build_host
+
+    root = build_host(tmp_path / "dump", HostSpec(cpus=8, threads=2))
+    state, ran = tmp_path / "state", tmp_path / "ran"
+    # global options before 'run': after it they would be the command's arguments
+    assert main(["--root", str(root), "--state-dir", str(state), "run", "--name", "vmA",
+                 "--", "touch", str(ran)]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"pinwarden: error: job 'vmA' not run: pinwarden enforces CPUs only on the "
+                   f"host it runs on (--root /), and --root {root} is a host dump, so nothing "
+                   "would keep other tasks off its CPUs; --dry-run shows the job's plan and "
+                   "cgroup writes without running it\n")
+    assert not ran.exists()
+    with Ledger(state) as ledger:
+        assert ledger.leases() == () and ledger.host_record() is None
 
 
 SUPERVISOR = textwrap.dedent("""

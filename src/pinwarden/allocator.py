@@ -556,8 +556,11 @@ def _refusal_message(request: Request, available: int, free_cpus: int) -> str:
     CPU there.  A thread policy is named, and relaxing it advised, only when the free CPUs
     would hold the request without it: on a host without SMT, or with too few free CPUs,
     the thread policy is not what refuses."""
-    where = f" on NUMA nodes {request.nodes.to_list()}" if request.nodes is not None else ""
+    nodes = request.nodes
+    where = "" if nodes is None else f" on NUMA {nodes.named('node')}"
     wanted = request.count
+    # how the holder asks for it: a job's option, a domain's thread policy
+    prefer = "--threads prefer" if request.purpose == "job" else "thread policy 'prefer'"
     if request.threads == "prefer" or free_cpus < wanted:
         what = plural(free_cpus, 'free CPU')
         relax = {"vcpus": "lower the vCPU count", "job": "ask for fewer CPUs",
@@ -565,14 +568,14 @@ def _refusal_message(request: Request, available: int, free_cpus: int) -> str:
     elif request.threads == "isolate":
         what = f"{plural(available, 'whole free core')} (one CPU each under thread policy " \
                "'isolate')"
-        relax = "use thread policy 'prefer'"
+        relax = f"use {prefer}"
     elif request.threads == "require":
         what = f"{plural(available, 'CPU')} on whole free SMT cores (thread policy 'require')"
-        relax = "use thread policy 'prefer'"
+        relax = f"use {prefer}"
     else:
         what = f"{plural(available, 'CPU')} on whole free cores (thread policy 'whole')"
-        relax = "use thread policy 'prefer' to share cores with other holders"
-    widen = "widen the numatune nodeset or " if request.nodes is not None else ""
+        relax = f"use {prefer} to share cores with other holders"
+    widen = "widen the numatune nodeset or " if nodes is not None else ""
     if request.purpose == "vcpus+emulator":
         asked = f"{plural(wanted, 'CPU')} ({plural(wanted - 1, 'vCPU')} and one for the " \
                 "isolated emulator)"

@@ -232,11 +232,12 @@ class CpuSet:
             out[cpu // 8] |= 1 << (cpu % 8)
         return bytes(out)
 
-    def named(self) -> str:
-        """The set in a sentence: ``CPU 3``, ``CPUs 2-3,8``, ``no CPU``."""
+    def named(self, noun: str = "CPU", *, empty: str | None = None) -> str:
+        """The set in a sentence: ``CPU 3``, ``CPUs 2-3,8``, ``no CPU`` (or ``empty``);
+        ``noun`` for sets of other things: ``node 1``, ``nodes 0-1``."""
         if not self.cpus:
-            return "no CPU"
-        return f"{'CPU' if len(self.cpus) == 1 else 'CPUs'} {self.to_list()}"
+            return f"no {noun}" if empty is None else empty
+        return f"{noun if len(self.cpus) == 1 else noun + 's'} {self.to_list()}"
 
     def __str__(self) -> str:
         return self.to_list()

@@ -170,7 +170,7 @@ def host_reserve_problem(reserve: CpuSet, topology: Topology) -> str | None:
     unknown = reserve - topology.present
     if not unknown:
         return None
-    return (f"host_reserve {reserve} names CPU {unknown} which this host does not have "
+    return (f"host_reserve {reserve} names {unknown.named()} which this host does not have "
             f"(present: {topology.present}); fix [partition] host_reserve in the "
             "configuration")
 
@@ -239,5 +239,5 @@ def shared_pool(host: Host, taken: CpuSet) -> tuple[CpuSet, tuple[str, ...]]:
     if not fallback:
         return fallback, ()
     return fallback, (f"every VM CPU ({host.partition.vm_cpus}) is leased exclusively; "
-                      f"shared VMs run on the housekeeping CPUs {fallback} until a lease is "
+                      f"shared VMs run on the housekeeping {fallback.named()} until a lease is "
                       "released",)

@@ -27,6 +27,7 @@ Refusal codes: ``no-vcpus``, ``bad-pin``, ``unknown-cpu``, ``unknown-node``,
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -98,8 +99,21 @@ class _Ctx:
         if self.part.mode == "cgroup":
             return f"partition cgroup {self.part.cgroup or '?'} (cpus {self.part.vm_cpus})"
         if self.part.mode == "isolcpus":
-            return f"isolated CPUs {self.part.vm_cpus}"
-        return f"VM CPUs {self.part.vm_cpus} (online minus host reserve)"
+            return f"isolated {self.part.vm_cpus.named(empty='CPUs (none)')}"
+        return f"VM {self.part.vm_cpus.named(empty='CPUs (none)')} (online minus host reserve)"
+
+
+def release_command(holder: HolderRef) -> str:
+    """The command that frees ``holder``: ``pinwarden release 'my vm' --driver qemu``, its
+    name quoted for the shell and its driver given (a job and a domain may share a name).
+    A name the terminal would not show as typed is replaced by the domain's UUID."""
+    uuid = holder.uuid
+    if uuid is not None and not holder.name.isprintable():
+        return f"pinwarden release {uuid}"
+    word = shlex.quote(holder.name)
+    if holder.name.startswith("-"):  # not an option: after '--'
+        return f"pinwarden release --driver {holder.driver} -- {word}"
+    return f"pinwarden release {word} --driver {holder.driver}"
 
 
 def decide(request: Request, host: Host, leases: Sequence[Lease], *,
@@ -223,11 +237,11 @@ def _conflict(ctx: _Ctx, label: str, cpus: CpuSet, *, advice: str = "") -> None:
         return
     cpu = taken.first()
     lease = ctx.others[cpu]
-    more = f" (and {len(taken) - 1} more leased CPUs)" if len(taken) > 1 else ""
+    more = f" (and {plural(len(taken) - 1, 'more leased CPU')})" if len(taken) > 1 else ""
     raise Refusal(
         f"CPU {cpu}{more} for {label} of {ctx.who} is leased exclusively to {lease.holder} "
         f"({lease.role}): choose other CPUs{advice} or release it first "
-        f"(pinwarden release {lease.holder.name})", code="conflict")
+        f"({release_command(lease.holder)})", code="conflict")
 
 
 def _holders_of(ctx: _Ctx, cpus: CpuSet) -> str:
@@ -346,7 +360,7 @@ def _no_housekeeping(ctx: _Ctx, label: str, cpus: CpuSet) -> None:
         raise Refusal(
             f"CPU {housekeeping.first()} for {label} of exclusive {ctx.who} is a "
             f"housekeeping CPU, outside the {ctx.where()}; housekeeping CPUs are never "
-            f"leased: use CPUs from {ctx.part.vm_cpus}", code="host-cpu")
+            f"leased: pick from {ctx.part.vm_cpus.named(empty='CPUs (none)')}", code="host-cpu")
 
 
 class _Leases:
@@ -393,11 +407,22 @@ def _allocate(ctx: _Ctx, within: CpuSet, request: allocator.Request, *,
         taken = ctx.vm_cpus & ctx.leased
         if exc.code != "insufficient-cpus":
             raise Refusal(f"exclusive {ctx.who}: {exc.message}", code=exc.code) from None
-        narrowed = (f"; {limit} limits it to CPUs {within or '(none)'}: widen it (whole "
+        narrowed = (f"; {limit} limits it to {within.named(empty='CPUs (none)')}: widen it (whole "
                     "cores under thread policies other than 'prefer') or remove it"
                     if limit is not None else "")
-        held = (f"; leased now: {_holders_of(ctx, taken)} — release one of them" if taken
-                else "; nothing else is leased")
+        # Only a holder of a CPU the request may use (``within``, on its nodes) frees
+        # room for it when released.
+        reachable = taken & within
+        if request.nodes is not None:
+            topo, nodes = ctx.host.topology, request.nodes
+            reachable = CpuSet.of(c for c in reachable
+                                  if c in topo.cpus and topo.node_of(c) in nodes)
+        if reachable:
+            held = f"; leased now: {_holders_of(ctx, reachable)} — release one of them"
+        elif taken:
+            held = "; no CPU it may use is leased to another holder"
+        else:
+            held = "; nothing else is leased"
         host = ctx.part.host_cpus
         never = (f"housekeeping {host.named()} {'is' if len(host) == 1 else 'are'}" if host
                  else "housekeeping CPUs (none) are")
@@ -430,17 +455,19 @@ def _allocate_on_nodes(ctx: _Ctx, spec: DomainSpec, within: CpuSet,
         return got
     got = _allocate(ctx, within, replace(request, nodes=None), limit=limit)
     topo = ctx.host.topology
-    notes.append(f"NUMA node {request.nodes} (preferred by <numatune>) had no room for "
-                 f"{ctx.who}: {CpuSet.of(got.cpus).named()} on node "
-                 f"{CpuSet.of(topo.node_of(c) for c in got.cpus)}")
+    notes.append(f"NUMA {request.nodes.named('node')} (preferred by <numatune>) had no room for "
+                 f"{ctx.who}: {CpuSet.of(got.cpus).named()} on "
+                 f"{CpuSet.of(topo.node_of(c) for c in got.cpus).named('node')}")
     return got
 
 
-def _sibling_holds(ctx: _Ctx, own: _Leases, threads: ThreadPolicy) -> tuple[CpuSet, list[str]]:
+def _sibling_holds(ctx: _Ctx, own: _Leases, threads: ThreadPolicy, *,
+                   prefer: str) -> tuple[CpuSet, list[str]]:
     """The other threads of every core ``own`` uses, held empty under ``whole``, ``isolate``
     and ``require`` (none under ``prefer``): the same rule for allocated and pinned CPUs.
     A sibling that is a housekeeping CPU cannot be held (noted); one leased to another
-    holder is a conflict: that core would be split between two holders."""
+    holder is a conflict: that core would be split between two holders.  ``prefer``: how
+    this kind of holder asks for thread policy ``prefer`` (advised in that conflict)."""
     if threads == "prefer":
         return EMPTY, []
     topo = ctx.host.topology
@@ -465,16 +492,19 @@ def _sibling_holds(ctx: _Ctx, own: _Leases, threads: ThreadPolicy) -> tuple[CpuS
     housekeeping = holds - ctx.part.vm_cpus
     if housekeeping and threads != "whole":
         raise Refusal(
-            f"CPU {housekeeping.first()} is a sibling thread of {ctx.who}'s CPUs that "
-            f"threads={threads!r} must hold empty, but it is a housekeeping CPU, outside the "
-            f"{ctx.where()}; housekeeping CPUs are never leased: use cores whose every "
-            f"thread is a VM CPU", code="host-cpu")
+            f"CPU {housekeeping.first()} is a sibling thread of the CPUs of {ctx.who}, which "
+            f"thread policy {threads!r} must hold empty, but it is a housekeeping CPU, "
+            f"outside the {ctx.where()}; housekeeping CPUs are never leased: use cores whose "
+            f"every thread is a VM CPU", code="host-cpu")
     if housekeeping:
-        notes.append(f"housekeeping CPUs {housekeeping} share cores with {ctx.who}'s CPUs; "
-                     f"they stay the host's (housekeeping CPUs are never leased)")
+        one = len(housekeeping) == 1
+        notes.append(f"housekeeping {housekeeping.named()} "
+                     f"{'shares a core' if one else 'share cores'} with the CPUs of "
+                     f"{ctx.who}; {'it stays' if one else 'they stay'} the host's "
+                     "(housekeeping CPUs are never leased)")
         holds = holds - housekeeping
-    _conflict(ctx, f"the sibling threads held empty (threads={threads!r})", holds,
-              advice=" on whole free cores, or opt in to sharing cores with threads='prefer'")
+    _conflict(ctx, f"the sibling threads held empty (thread policy {threads!r})", holds,
+              advice=f" on whole free cores, opt in to sharing cores with {prefer},")
     return holds, notes
 
 
@@ -523,8 +553,8 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
             vcpus = {v: CpuSet(frozenset((cpu,))) for v, cpu in enumerate(chosen)}
             spread = CpuSet.of(topo.node_of(c) for c in chosen if c in topo.cpus)
             if len(spread) > 1:  # one node when one has room: none had
-                notes.append(f"the vCPUs of {ctx.who} span NUMA nodes {spread}: no one node "
-                             f"had room for its {spec.vcpus} vCPUs (thread policy "
+                notes.append(f"the vCPUs of {ctx.who} span NUMA {spread.named('node')}: no one "
+                             f"node had room for its {spec.vcpus} vCPUs (thread policy "
                              f"{spec.threads!r}); guest NUMA cells (<cpu><numa><cell>) let "
                              "the guest see the split")
         own.add_all([(f"vCPU {vcpu}", cpus, f"vcpu{vcpu}") for vcpu, cpus in vcpus.items()])
@@ -540,9 +570,9 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
                 near_got = _allocate_or_none(ctx, free, request)
                 got = near_got or _allocate(ctx, free, replace(request, nodes=None))
                 if near_got is None:
-                    notes.append(f"no CPU of NUMA node {near} (where the vCPUs of {ctx.who} "
-                                 f"run) was free for its isolated emulator: it runs on node "
-                                 f"{CpuSet.of(topo.node_of(c) for c in got.cpus)}")
+                    notes.append(f"no CPU of NUMA {near.named('node')} (where the vCPUs of "
+                                 f"{ctx.who} run) was free for its isolated emulator: it runs "
+                                 f"on {CpuSet.of(topo.node_of(c) for c in got.cpus).named('node')}")
             else:
                 got = _allocate_on_nodes(ctx, spec, free, request, notes)
             emulator = CpuSet.of(got.cpus)
@@ -573,7 +603,7 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
             iothreads[ident] = pin
             own.add(f"<iothreadpin iothread='{ident}'>", pin, f"iothread{ident}")
 
-    holds, more = _sibling_holds(ctx, own, spec.threads)
+    holds, more = _sibling_holds(ctx, own, spec.threads, prefer="<pw:cpu threads='prefer'>")
     notes.extend(more)
     leases = dict(own.roles)
     leases.update(dict.fromkeys(holds, SIBLING_HOLD))
@@ -633,9 +663,9 @@ def _place_cells(ctx: _Ctx, spec: DomainSpec, within: CpuSet, isolate_emulator: 
             if got is not None:
                 if memnode is not None and nodes != tries[0]:
                     cell_notes.append(
-                        f"guest NUMA cell {ident} of {ctx.who} has its memory on node "
-                        f"{memnode} (<memnode>), which had no room for its vCPUs: they run "
-                        f"on node {CpuSet.of(topo.node_of(c) for c in got.cpus)}")
+                        f"guest NUMA cell {ident} of {ctx.who} has its memory on "
+                        f"{memnode.named('node')} (<memnode>), which had no room for its vCPUs: "
+                        f"they run on {CpuSet.of(topo.node_of(c) for c in got.cpus).named('node')}")
                 break
         if got is None:
             notes.append(f"the guest NUMA cells of {ctx.who} could not be placed one by one "
@@ -687,8 +717,8 @@ def _job(ctx: _Ctx, job: JobSpec) -> Plan:
 
     if ctx.mine:
         raise Refusal(f"a job named {job.name!r} already holds {ctx.mine.named()}; choose "
-                      f"another --name or release it with `pinwarden release {job.name}`",
-                      code="job-exists")
+                      f"another --name or release it with "
+                      f"`{release_command(job_holder(job.name))}`", code="job-exists")
     own = _Leases(ctx)
     if job.cpus is not None:
         label = f"--cpus {job.cpus}"
@@ -701,9 +731,10 @@ def _job(ctx: _Ctx, job: JobSpec) -> Plan:
         got = _allocate(ctx, ctx.vm_cpus, allocator.Request(count, job.threads,
                                                             purpose="job"))
         own.add(plural(count, "CPU"), CpuSet.of(got.cpus), TASK_ROLE)
-    holds, notes = _sibling_holds(ctx, own, job.threads)
+    holds, notes = _sibling_holds(ctx, own, job.threads, prefer="--threads prefer")
     if holds:
-        notes.append(f"sibling threads {holds} are held empty")
+        notes.append(f"sibling {'thread' if len(holds) == 1 else 'threads'} {holds} "
+                     f"{'is' if len(holds) == 1 else 'are'} held empty")
     leases = dict(own.roles)
     leases.update(dict.fromkeys(holds, SIBLING_HOLD))
     return Plan(domain=job.name, uuid=None, exclusive=True, vcpus={}, emulator=own.cpus,

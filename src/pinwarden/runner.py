@@ -30,6 +30,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from pinwarden.cpuset import CpuSet
 from pinwarden.enforce.affinity import pin
@@ -148,11 +149,30 @@ def _wait(pid: int, watched: set[signal.Signals]) -> int:
             os.kill(pid, info.si_signo)
 
 
+def _not_enforcing(manager: Manager, name: str) -> str:
+    """Why job ``name`` cannot run under ``manager``, which does not enforce (a ``--root``
+    dump: pinwarden changes the cgroups of the host it runs on only)."""
+    import shlex
+
+    root = manager.root
+    try:
+        live = root.resolve() == Path("/")
+    except OSError:
+        live = False
+    why = ("this manager does not enforce CPUs" if live else
+           f"pinwarden enforces CPUs only on the host it runs on (--root /), and --root "
+           f"{shlex.quote(str(root))} is a host dump")
+    return (f"job {name!r} not run: {why}, so nothing would keep other tasks off its CPUs; "
+            "--dry-run shows the job's plan and cgroup writes without running it")
+
+
 def run_job(manager: Manager, job: JobSpec, command: Sequence[str]) -> int:
     """Run ``command`` as ``job`` on exclusive CPUs; return its exit status."""
     if not command:
         raise InputError("no command given: pinwarden run [OPTIONS] -- COMMAND [ARG...]")
     holder = job_holder(job.name)
+    if not manager.enforcing:  # refused before anything is leased
+        raise EnforceError(_not_enforcing(manager, job.name))
     reserved = manager.reserve_request(job, owner_pid=os.getpid())
     try:
         if reserved.group is None:

@@ -119,10 +119,10 @@ def _cmdline(host: Host) -> str | None:
 
 
 def _disagreement(now: Partition, recorded: Partition) -> str:
-    return (f"note: the configuration now gives partition {now.mode} (VM CPUs {now.vm_cpus});"
-            f" at the first lease the host was recorded as {recorded.mode} (VM CPUs "
-            f"{recorded.vm_cpus}): the leases made then stay, and the host is put back as "
-            f"found when the last one goes")
+    return (f"note: the configuration now gives partition {now.mode} (VM "
+            f"{now.vm_cpus.named(empty='CPUs -')}); at the first lease the host was recorded "
+            f"as {recorded.mode} (VM {recorded.vm_cpus.named(empty='CPUs -')}): the leases "
+            f"made then stay, and the host is put back as found when the last one goes")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
     part = host.partition
     lines = [
         f"host {root}: {summary(host.topology)}",
-        f"partition {part.mode}: VM CPUs {part.vm_cpus or '-'}, "
-        f"housekeeping CPUs {part.host_cpus or '-'}",
+        f"partition {part.mode}: VM {part.vm_cpus.named(empty='CPUs -')}, "
+        f"housekeeping {part.host_cpus.named(empty='CPUs -')}",
         f"  because {part.reason}",
     ]
     if host.topology.nohz_full:

@@ -27,6 +27,7 @@ from pinwarden.errors import HostError, InputError
 # command, on every run) must stay cheap, and ``plan`` loads neither the CPU map nor
 # the XML renderer it does not use.
 if TYPE_CHECKING:
+    from pinwarden.cpuset import CpuSet
     from pinwarden.domain import DomainSpec
     from pinwarden.ledger import HolderRecord
     from pinwarden.manager import Manager
@@ -108,6 +109,14 @@ def plan_json(plan: Plan, spec: DomainSpec, holder: HolderRef) -> dict[str, Any]
     return data
 
 
+def _online_hint(cpus: CpuSet) -> str:
+    """The command (one line) that brings ``cpus`` online."""
+    if len(cpus) == 1:
+        return f"echo 1 > /sys/devices/system/cpu/cpu{cpus.first()}/online"
+    return (f"for c in {' '.join(map(str, cpus))}; do echo 1 > "
+            "/sys/devices/system/cpu/cpu$c/online; done")
+
+
 def _roles(leases: dict[int, str]) -> str:
     return ", ".join(f"{cpu} {role}" for cpu, role in sorted(leases.items()))
 
@@ -116,7 +125,8 @@ def render_plan_text(plan: Plan, host: Host, *, recorded: bool) -> str:
     kind = "exclusive" if plan.exclusive else "shared"
     part = host.partition
     lines = [f"domain {printable(plan.domain)} ({kind}); partition {part.mode}: "
-             f"VM CPUs {part.vm_cpus}, housekeeping {part.host_cpus}"]
+             f"VM {part.vm_cpus.named(empty='CPUs -')}, "
+             f"housekeeping {part.host_cpus.named(empty='CPUs -')}"]
     width = max(len(f"iothread{i}") for i in [*plan.iothreads, 0]) + 2
     width = max(width, len("emulator") + 2)
     for vcpu, cpus in sorted(plan.vcpus.items()):
@@ -279,8 +289,9 @@ def run_status(args: argparse.Namespace) -> int:
             "time": timestamp(time.time()),
         })
         return 0
-    lines = [f"partition {part.mode}: VM CPUs {part.vm_cpus}, housekeeping {part.host_cpus}"
-             f" ({part.reason})", f"leased {leased or '-'}; shared VM pool {shared or '-'}",
+    lines = [f"partition {part.mode}: VM {part.vm_cpus.named(empty='CPUs -')}, housekeeping "
+             f"{part.host_cpus.named(empty='CPUs -')} ({part.reason})",
+             f"leased {leased or '-'}; shared VM pool {shared or '-'}",
              *(f"note: {note}" for note in fallback)]
     if not records:
         lines.append("no holders")
@@ -290,8 +301,9 @@ def run_status(args: argparse.Namespace) -> int:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
         desc = f"{cpus} ({_roles(dict(record.plan.leases))})" if cpus else "no leases (shared)"
         off = offline(record)
-        warn = (f"; CPU {off} OFFLINE (lease kept; bring it online with "
-                f"'echo 1 > /sys/devices/system/cpu/cpu{off.first()}/online')") if off else ""
+        warn = (f"; {off.named()} OFFLINE (lease kept; bring "
+                f"{'it' if len(off) == 1 else 'them'} online with '{_online_hint(off)}')"
+                if off else "")
         if gone(record):
             warn += ("; OWNER GONE: its CPUs are free, the record goes at the next change "
                      "('pinwarden sync')")

@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import os
 import re
+import shlex
 import time
 import uuid as uuidlib
 from collections.abc import Iterator, Sequence
@@ -79,6 +80,13 @@ def libvirt_failure(what: str, exc: BaseException) -> LibvirtError:
     return LibvirtError(f"{what}: {text}")
 
 
+def _stop_command(name: str) -> str:
+    """``pinwarden stop 'my vm'``: the name quoted for the shell (after ``--`` when it
+    would read as an option)."""
+    word = shlex.quote(name)
+    return f"pinwarden stop -- {word}" if name.startswith("-") else f"pinwarden stop {word}"
+
+
 def _holder(uri: str, dom: Any) -> HolderRef:
     return domain_holder(lv.driver_of(uri), str(dom.name()), str(dom.UUIDString()).lower())
 
@@ -101,8 +109,8 @@ def start(manager: Manager, uri: str, name: str, *, conn: Any = None) -> Started
 def _start(manager: Manager, uri: str, conn: Any, name: str) -> Started:
     dom = lv.lookup(conn, name)
     if dom.isActive():
-        raise Refusal(f"domain {name!r} is already running; 'pinwarden stop {name}' first",
-                      code="running")
+        raise Refusal(f"domain {name!r} is already running; stop it first "
+                      f"({_stop_command(name)})", code="running")
     holder = _holder(uri, dom)
     with _domain_lock(manager.state_dir, holder):
         if dom.isActive():  # started by a racing 'pinwarden start' while we waited
@@ -137,8 +145,8 @@ def preview_start(manager: Manager, uri: str, name: str) -> StartPreview:
     try:
         dom = lv.lookup(conn, name)
         if dom.isActive():
-            raise Refusal(f"domain {name!r} is already running; 'pinwarden stop {name}' "
-                          f"first", code="running")
+            raise Refusal(f"domain {name!r} is already running; stop it first "
+                          f"({_stop_command(name)})", code="running")
         holder = _holder(uri, dom)
         spec = parse_domain(lv.xml_of(dom, inactive=True))
         if not spec.exclusive:
@@ -343,7 +351,7 @@ def _wait_inactive(dom: Any, name: str, timeout: float) -> None:
     while dom.isActive():
         if time.monotonic() > deadline:
             raise LibvirtError(f"domain {name!r} did not shut down within {timeout:g} s; "
-                               f"'pinwarden stop {name}' without --graceful destroys it",
+                               f"destroy it with {_stop_command(name)} (without --graceful)",
                                code="timeout")
         time.sleep(0.2)
 
