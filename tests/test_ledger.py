@@ -1076,3 +1076,64 @@ def test_schema_text_that_is_not_utf8_is_refused_untouched(state: Path) -> None:
     (state / "leases.db").write_bytes(bytes(data))
     _assert_refused(state, "is corrupt")
     assert not (state / "leases.db-wal").exists() and not (state / "leases.db-shm").exists()
+
+
+def _crash_after_commit(state: str) -> None:
+    """Commit a lease and die with the connection open: the commit stays in the WAL."""
+    ledger = Ledger(Path(state))
+    ledger.reserve(vm(5), take(vm(5), [7]))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_log_left_without_its_database_is_never_taken_into_a_new_one(state: Path) -> None:
+    """A crash leaves leases.db-wal; the operator moves leases.db aside (as a refusal
+    once said, without its log).  A new database would replay the old log: the old
+    holders back, or a lease row without its holder that no command clears.  Every
+    command refuses instead, naming the log and what to do; nothing is created."""
+    with Ledger(state) as ledger:
+        ledger.reserve(vm(1), take(vm(1), [1]))
+    child = FORK.Process(target=_crash_after_commit, args=(str(state),))
+    child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    wal = state / "leases.db-wal"
+    assert wal.stat().st_size > 0, "the crash left no log to test with"
+    aside = state.parent / "aside"
+    aside.mkdir()
+    (state / "leases.db").rename(aside / "leases.db")
+    for opener in (lambda: Ledger(state), lambda: Ledger.existing(state)):
+        with pytest.raises(LedgerError) as err:
+            opener()
+        message = str(err.value)
+        assert "\n" not in message
+        assert f"{state} holds leases.db-wal but no leases.db" in message, message
+        assert "move leases.db-wal and leases.db-shm beside that database" in message
+    assert not (state / "leases.db").exists()
+    # put beside the moved database, the log gives it back its last commit
+    for name in ("leases.db-wal", "leases.db-shm"):
+        if (state / name).exists():
+            (state / name).rename(aside / name)
+    with Ledger(aside) as old:
+        assert lease_map(old) == {1: vm(1), 7: vm(5)}
+        check_consistent(old)
+    with Ledger(state) as fresh:  # and the state directory starts afresh
+        assert not fresh.holders() and not fresh.leases()
+
+
+def test_an_empty_stray_log_replays_nothing_and_is_no_obstacle(state: Path) -> None:
+    state.mkdir(parents=True)
+    (state / "leases.db-wal").write_bytes(b"")
+    with Ledger(state) as ledger:
+        assert ledger.leases() == ()
+
+
+def test_two_holders_of_one_name_refusal_gives_a_release_command_that_works(
+        state: Path) -> None:
+    first = HolderRef("qemu", "name:my vm", "my vm")
+    with Ledger(state) as ledger:
+        ledger.reserve(first, take(first, [1]))
+        second = domain_holder("qemu", "my vm", "00000000-0000-0000-0000-000000000009")
+        with pytest.raises(Refusal) as err:
+            ledger.reserve(second, take(second, [2]))
+        assert "(pinwarden release 'name:my vm' --driver qemu)" in str(err.value), err.value
+        assert ledger.release("name:my vm", driver="qemu") is not None

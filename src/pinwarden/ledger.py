@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import sqlite3
 import stat
 import time
@@ -220,6 +221,9 @@ def location_problem(state_dir: Path) -> str | None:
     except FileNotFoundError:
         if db.is_symlink():
             return f"lease database {db} is a dangling symbolic link"
+        stray = _stray_wal(state_dir)
+        if stray is not None:
+            return stray
         try:
             if os.statvfs(state_dir).f_flag & os.ST_RDONLY:
                 return (f"state directory {state_dir} is on a read-only file system: no "
@@ -234,6 +238,25 @@ def location_problem(state_dir: Path) -> str | None:
     if not stat.S_ISREG(db_st.st_mode):
         return f"lease database {db} is not a regular file"
     return None
+
+
+def _stray_wal(state_dir: Path) -> str | None:
+    """Why a new database must not be made in ``state_dir``: a write-ahead log is there
+    without its database (moved or removed after a crash left the log behind), and SQLite
+    would replay that log into the new file — leases and holders of the old one, or a
+    lease row whose holder is not in it, which no command could clear."""
+    wal = state_dir / f"{DB_NAME}-wal"
+    try:
+        if wal.stat().st_size == 0:  # an empty log replays nothing
+            return None
+    except OSError:
+        return None
+    if os.path.lexists(state_dir / DB_NAME):  # looked at after the log: a database made
+        return None  # meanwhile by another pinwarden had no log before it was in place
+    return (f"state directory {state_dir} holds {wal.name} but no {DB_NAME}: the log of a "
+            f"lease database that was moved or removed (it holds that database's last "
+            f"commits), which a new database would take in; move {wal.name} and "
+            f"{DB_NAME}-shm beside that database, or remove them to start afresh")
 
 
 def _alive(pid: int, start: int | None) -> bool:
@@ -337,6 +360,9 @@ class Ledger:
             self._check_created(tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+            stray = _stray_wal(self.state_dir)
+            if stray is not None:
+                raise LedgerError(stray)
             with contextlib.suppress(FileExistsError):  # lost a creation race: use theirs
                 os.link(tmp, self.path)
             dir_fd = os.open(self.state_dir, os.O_RDONLY)
@@ -371,7 +397,8 @@ class Ledger:
     def _refuse(self, why: str) -> LedgerError:
         return LedgerError(
             f"lease database {self.path} {why}; it was left untouched — restore it from a "
-            f"backup or move it aside (every lease it records is then forgotten)")
+            f"backup or move it aside together with its -wal and -shm files (every lease it "
+            f"records is then forgotten)")
 
     def _open(self) -> sqlite3.Connection:
         # Judge the file before SQLite writes anything: SQLite happily treats an empty file
@@ -747,7 +774,8 @@ class Ledger:
             raise Refusal(
                 f"{holder.describe()} and the recorded {other.describe()} share a name: "
                 f"pinwarden would not tell them apart; release the recorded one first "
-                f"(pinwarden release {twin[0]}) or rename the domain", code="conflict")
+                f"(pinwarden release {shlex.quote(twin[0])} --driver {holder.driver}) or "
+                f"rename the domain", code="conflict")
         now = time.time()
         db.execute("DELETE FROM leases WHERE driver = ? AND key = ?", (holder.driver, holder.key))
         db.execute(
