@@ -347,3 +347,27 @@ def test_every_json_document_has_the_same_style(tmp_path: Path, empty_config: st
         assert ("error" in document) == (status != 0), (command, document)
         seen += check_style(document)
     assert seen > 50  # the walk did look at CPU lists and times
+
+
+def test_output_the_terminal_cannot_encode_is_escaped_not_an_internal_error(
+        tmp_path: Path, empty_config: str) -> None:
+    """A domain named in Unicode under an ASCII (or Latin-1) terminal: the reserve is made
+    and said, status shows it; the character comes out as an escape.  It was exit 70 after
+    the lease was committed (and status always failed on the CPU map's '·')."""
+    xml = tmp_path / "snow.xml"
+    xml.write_text("<domain type='kvm'><name>vm-\u00e9\u2603</name><vcpu>1</vcpu><metadata>"
+                   "<pw:cpu xmlns:pw='urn:pinwarden:domain:1' exclusive='yes'/></metadata>"
+                   "</domain>")
+    common = ("--root", str(EXAMPLE), "--state-dir", str(tmp_path / "state"),
+              "--config", empty_config)
+    ascii_out = {"PYTHONIOENCODING": "ascii"}
+    done = cli("reserve", str(xml), *common, env=ascii_out)
+    assert done.returncode == 0, done.stderr
+    assert "vm-\\xe9\\u2603" in done.stdout, done.stdout
+    status = cli("status", *common, env=ascii_out)
+    assert status.returncode == 0, status.stderr
+    assert "vm-\\xe9\\u2603" in status.stdout and "\\xb7" in status.stdout, status.stdout
+    bad = cli("release", "nobody", *common, env=ascii_out)
+    assert bad.returncode == 1 and "internal error" not in bad.stderr, bad.stderr
+    gone = cli("release", "vm-\u00e9\u2603", *common, env=ascii_out)
+    assert gone.returncode == 0, gone.stderr

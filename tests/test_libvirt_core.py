@@ -677,3 +677,19 @@ def test_hook_refuses_a_shared_domain_pinned_onto_a_lease(tmp_path: Path) -> Non
     assert hook.main_run(manager, "qemu", ["web", "prepare", "begin", "-"], pinned) \
         == hook.REFUSED
     assert hook.main_run(manager, "qemu", ["web2", "prepare", "begin", "-"], xml("web2")) == 0
+
+
+def test_a_bug_in_a_hook_command_is_one_line_and_exit_70(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The hook scripts run ``python -m pinwarden.cli.vm``: a bug there is pinwarden's
+    one-line internal error (exit 70: the script lets shared domains through, as for any
+    broken pinwarden), not a traceback in libvirt's error."""
+    from pinwarden.cli import vm as vm_cli
+
+    def broken(args: object) -> int:
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(vm_cli, "cmd_hook_ping", broken)
+    assert vm_cli.hook_main(["hook", "ping"]) == 70
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error: RuntimeError: boom second line" in err

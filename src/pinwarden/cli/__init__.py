@@ -324,8 +324,23 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         return _parse(build_parser(), words)
 
 
+def safe_streams() -> None:
+    """Printing never fails for the terminal's encoding: a character the locale cannot show
+    (a domain named in Unicode under ``LANG=en_US.ISO-8859-1`` or ``PYTHONIOENCODING=ascii``;
+    the ``·`` of the CPU map) is written as an escape (``\\u2603``).  Else the error came
+    after the change was made, and a committed reserve or release read as a bug (exit 70)."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:  # noqa: SIM105 (contextlib is one import more on every command)
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a detached or closed stream: nothing to print
+                pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args: argparse.Namespace | None = None
+    safe_streams()
     try:
         args = _parse_args(argv)
         return _run(args)

@@ -374,9 +374,10 @@ def hook_main(argv: list[str] | None = None) -> int:
     The same commands as ``pinwarden``, but only this module's: libvirtd waits for the hook
     on every start, and loading every other command would be most of its run time.
     """
-    from pinwarden.cli import common_parser, fail
+    from pinwarden.cli import common_parser, fail, internal_error, safe_streams
     from pinwarden.errors import PinwardenError
 
+    safe_streams()
     parser = argparse.ArgumentParser(prog="pinwarden")
     register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True),
              common_parser())
@@ -385,6 +386,8 @@ def hook_main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except PinwardenError as exc:
         return fail(args, exc)
+    except Exception as exc:  # a bug: one line, exit 70 (the hook script lets shared
+        return internal_error(args, exc)  # domains through, as for any broken pinwarden)
 
 
 if __name__ == "__main__":
