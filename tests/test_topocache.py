@@ -153,7 +153,7 @@ def test_a_snapshot_of_another_root_is_not_used(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("garbage", [b"", b"{", b"[]", b'{"root": 1}',
-                                     b"\xff\xfe", "version"])
+                                     b"\xff\xfe", "version", b"[" * 200_000, "online"])
 def test_a_bad_cache_file_is_ignored_and_replaced(garbage: bytes | str,
                                                   tmp_path: Path) -> None:
     root = build_host(tmp_path / "root", HostSpec(cpus=8, threads=2))
@@ -165,6 +165,11 @@ def test_a_bad_cache_file_is_ignored_and_replaced(garbage: bytes | str,
     if garbage == "version":  # a well-formed snapshot of another layout version
         data = json.loads(path.read_text())
         data["topology"]["version"] = SNAPSHOT_VERSION + 1
+        path.write_text(json.dumps(data))
+    elif garbage == "online":  # well formed, but online names a CPU it has no row for
+        data = json.loads(path.read_text())
+        data["topology"]["sets"].append([99])
+        data["topology"]["online"] = len(data["topology"]["sets"]) - 1
         path.write_text(json.dumps(data))
     else:
         assert isinstance(garbage, bytes)
@@ -187,6 +192,20 @@ def test_decode_refuses_bad_rows(row: list[object]) -> None:
             "nohz_full": 1, "nodes": [[0, 0]], "cpus": [row], "sets": [[0], []]}
     with pytest.raises(ValueError):
         decode_topology(data)
+
+
+def test_decode_refuses_lists_naming_cpus_without_a_row() -> None:
+    """What the rest looks up by CPU number must have a row: an online CPU (a cache that
+    said so was a KeyError, exit 70, in every command), a present one, a sibling."""
+    base = {"version": SNAPSHOT_VERSION, "present": 0, "online": 0, "isolated": 2,
+            "nohz_full": 2, "nodes": [[0, 0]], "sets": [[0], [0, 1], []],
+            "cpus": [[0, 0, True, 0, 0, None, 0, 0, 0, None, 0]]}
+    assert decode_topology(base).online == CpuSet.of([0])
+    for change in ({"online": 1}, {"present": 1},
+                   {"cpus": [[0, 0, True, 0, 0, None, 0, 1, 0, None, 0]]},
+                   {"cpus": [[0, 1, True, 0, 0, None, 0, 0, 0, None, 0]]}):
+        with pytest.raises(ValueError):
+            decode_topology({**base, **change})
 
 
 @pytest.mark.parametrize("sets", [[[-1]], [["0"]], [[8192]], [5]])

@@ -118,7 +118,7 @@ def _load(path: Path, real_root: str, prints: dict[str, str | None]) -> Topology
         if data["root"] != real_root or data["fingerprint"] != prints:
             return None
         return decode_topology(data["topology"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # read afresh
         return None
 
 

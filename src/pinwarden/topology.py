@@ -447,8 +447,16 @@ def decode_topology(data: Mapping[str, Any]) -> Topology:
             if type(node) is not int:
                 raise ValueError(f"bad node {node!r}")
             nodes[node] = cpuset(ref)
-        return Topology(cpus=table, present=cpuset(data["present"]),
-                        online=cpuset(data["online"]), isolated=cpuset(data["isolated"]),
-                        nohz_full=cpuset(data["nohz_full"]), nodes=nodes)
+        topology = Topology(cpus=table, present=cpuset(data["present"]),
+                            online=cpuset(data["online"]), isolated=cpuset(data["isolated"]),
+                            nohz_full=cpuset(data["nohz_full"]), nodes=nodes)
+        # what the rest looks up by CPU number must be there (read_topology: every present
+        # CPU is a row, online ones among them, and so are their siblings)
+        known = CpuSet.of(table)
+        if not (topology.online <= topology.present <= known
+                and all(key == cpu.id and cpu.siblings <= known and cpu.package_cpus <= known
+                        for key, cpu in table.items())):
+            raise ValueError("the CPU lists name CPUs the snapshot has no row for")
+        return topology
     except (KeyError, TypeError, IndexError, AttributeError) as exc:
         raise ValueError(f"not a topology snapshot: {exc!r}") from None
