@@ -223,3 +223,13 @@ def test_an_empty_path_option_is_a_usage_error(option: str,
         main([option, "", "status"])
     assert info.value.code == 2
     assert f"argument {option}: empty path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("table,key", [("ledger", "state_dir"), ("partition", "cgroup"),
+                                       ("libvirt", "uri")])
+def test_a_nul_in_a_setting_is_refused_in_one_line(table: str, key: str) -> None:
+    """TOML lets a string hold \\u0000; no path, cgroup or URI may (the state directory's
+    was an internal error, exit 70, in every ledger command and the hook)."""
+    with pytest.raises(InputError) as err:
+        parse_config(f'[{table}]\n{key} = "/tmp/x\\u0000y"\n', Path("/etc/pw.toml"))
+    assert str(err.value) == f"/etc/pw.toml: {key} holds a NUL character (\\u0000); remove it"

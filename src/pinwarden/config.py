@@ -109,6 +109,8 @@ def _str(table: dict[str, Any], key: str, default: str, path: Path) -> str:
     value = table.get(key, default)
     if not isinstance(value, str):
         raise InputError(f"{path}: {key} must be a string, not {type(value).__name__}")
+    if "\x00" in value:  # TOML's \u0000: no path, cgroup or URI holds one
+        raise InputError(f"{path}: {key} holds a NUL character (\\u0000); remove it")
     return value
 
 
