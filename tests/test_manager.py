@@ -84,6 +84,35 @@ def test_first_lease_records_the_host_and_the_last_puts_it_back(host4: Path,
         assert m.record() is None and m.ledger().changes() == {}
 
 
+def test_a_group_kept_for_its_tasks_keeps_the_record_until_it_is_gone(
+        host4: Path, tmp_path: Path) -> None:
+    """The last lease goes while its group still has a task (a job's child outliving its
+    owner, a release of a running domain): the group is kept, and so is machine's narrowing
+    — and so must be what machine was, and the host as found, until a sync finds the group
+    gone and puts machine back.  Forgotten, machine stayed narrowed for good and the next
+    reading took the narrowed cgroup for the placement rules (mode none → cgroup)."""
+    fake = fake4()
+    state = tmp_path / "state"
+    with manager(host4, state, fake) as m:
+        reserved = m.reserve_request(JobSpec("J", cpus=C("3")))
+        fake.attach_thread(reserved.group, 777)  # the job's child lives on in its group
+        narrow_in_root(host4, fake)
+        m.drop(job_holder("J"))
+        narrow_in_root(host4, fake)
+        assert reserved.group in fake.read_state([""]).groups  # kept for its task
+        assert fake.read_group("machine").cpus == C("1-2")
+        assert m.ledger().changes() == {"cgroup:machine": json.dumps({"cpus": "0-3"})}
+        record = m.record()
+        assert record is not None and record.found.cpus == C("0-3")
+        assert (m.host().partition.mode, m.host().partition.vm_cpus) == ("none", C("1-3"))
+    fake.exit(777)  # the last task exits
+    with manager(host4, state, fake) as m:
+        m.sync()
+        assert set(fake.read_state([""]).groups) == {"", "machine"}
+        assert fake.read_group("machine").cpus == C("0-3")  # back as found
+        assert m.record() is None and m.ledger().changes() == {}
+
+
 def test_a_domain_pinned_to_cpu_0_plans_the_same_before_during_and_after(
         host4: Path, tmp_path: Path) -> None:
     fake = fake4()

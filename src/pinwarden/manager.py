@@ -480,13 +480,18 @@ class Manager:
                                  restore_shared=restore, drop_shared=drop, isolated=isolated,
                                  deferred=deferred)
         result = sync(backend, desired)
-        if not leases:
+        # A holder group that still has tasks is kept (a job's children outliving their
+        # owner, a release of a running domain), and with it the shared group stays as
+        # narrowed: the record of both is kept until a sync finds the group gone.
+        kept = not leases and result.desired is not None and \
+            bool(result.desired.stale_paths(result.after))
+        if not leases and not kept:
             ledger.forget_changes([key] if key in changes else [])
             self._restore_cgroups(ledger, backend, {k: v for k, v in changes.items()
                                                     if k != key})
         self._isolate(ledger, host, CpuSet.of(lease.cpu for lease in leases))
         self._keep_off(ledger, host, leases, _unguarded(result) if v2 else EMPTY)
-        if not leases:
+        if not leases and not kept:
             ledger.clear_host_record()
         return result
 
