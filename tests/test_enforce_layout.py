@@ -13,10 +13,12 @@ from pinwarden.cpuset import CpuSet
 from pinwarden.enforce.apply import apply_layout
 from pinwarden.enforce.backend import (
     CgroupOpError,
+    GroupState,
     Mkdir,
     Op,
     Rmdir,
     SetCpus,
+    SetMems,
     SetPartition,
     Snapshot,
     perform,
@@ -28,7 +30,9 @@ from pinwarden.enforce.layout import (
     holder_group_name,
     is_holder_component,
     libvirt_partition,
+    order,
     plan,
+    targets,
 )
 from pinwarden.model import Lease, domain_holder, job_holder
 
@@ -311,3 +315,21 @@ def test_a_deferred_holder_becomes_a_partition_once_something_runs_there() -> No
     apply_layout(fake, desired_layout(make_host(), [*leases, lease(3, "J")],
                                       deferred=frozenset({ct})))
     assert whole(fake)["pinwarden-run-J.partition"].partition == "exclusive"
+
+
+def test_shared_group_that_inherits_its_memory_nodes_keeps_inheriting() -> None:
+    """cgroup v2: libvirt's machine (and systemd's machine.slice) name no memory nodes —
+    empty means the parent's.  Leasing and releasing leave that as found: pinwarden's own
+    holder group gets explicit nodes, the shared group is never given any (it was written
+    the root's nodes at the first lease and kept them after the last)."""
+    def group(path: str, cpus: str, mems: str, children: tuple[str, ...] = ()) -> GroupState:
+        return GroupState(path, CpuSet.parse_kernel(cpus), CpuSet.parse_kernel(mems),
+                          "member", CpuSet.parse_kernel(cpus or "0-3"), CpuSet.of([0]),
+                          False, children)
+    current = Snapshot({"": group("", "0-3", "0", ("machine",)),
+                        "machine": group("machine", "", "")})
+    goal = targets(current, desired_layout(make_host(), [lease(3, "J")]))
+    assert goal.want["machine"].mems == CpuSet()
+    assert goal.want["pinwarden-run-J.partition"].mems == CpuSet.of([0])
+    assert not any(isinstance(op, SetMems) for op in order(current, goal)
+                   if getattr(op, "path", "") == "machine")

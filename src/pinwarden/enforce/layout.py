@@ -357,13 +357,16 @@ def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
             return want[parent].mems
         return current[parent].mems
 
-    def own(spec_path: str, cpus: CpuSet, partition: PartitionKind) -> None:
+    def own(spec_path: str, cpus: CpuSet, partition: PartitionKind, *,
+            inherit: bool = False) -> None:
+        """``inherit``: an existing group whose memory nodes are empty keeps them so (the
+        shared group on cgroup v2, where empty means the parent's: libvirt's and systemd's
+        ``machine``/``machine.slice`` — written, it stayed so after the last lease)."""
         existing = current.get(spec_path)
         parent_mems = mems_for(spec_path)
-        if existing is not None and existing.mems and existing.mems <= parent_mems:
-            mems = existing.mems
-        else:
-            mems = parent_mems
+        keep = existing is not None and (existing.mems <= parent_mems if existing.mems
+                                         else inherit)
+        mems = existing.mems if keep and existing is not None else parent_mems
         want[spec_path] = Target(cpus, mems, partition)
 
     # CPUs still used by a kept stale group stay out of the shared pool
@@ -384,7 +387,7 @@ def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
         assert parent is not None
         shared_cpus = current[parent].cpus - exclusive_cpus or desired.shared.cpus
     if names.shared not in remove:
-        own(names.shared, shared_cpus, "member")
+        own(names.shared, shared_cpus, "member", inherit=True)
     for spec in desired.holders:
         waiting = spec.when_populated and not (spec.path in current
                                                and _populated(current, spec.path))
