@@ -366,3 +366,42 @@ def test_a_fresh_host_is_left_as_found_by_a_job(real_machine: None, tmp_path: Pa
             assert ledger.host_record() is None and ledger.changes() == {}
     finally:
         remove_tree(exclusive)
+
+
+def test_a_restore_the_kernel_refuses_for_the_moment_is_kept_and_tried_again(
+        host4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """x86 refuses to move an IRQ while its previous move is pending (EBUSY): the write
+    that puts it back at the last release fails.  Its record stays (it was forgotten, and
+    the IRQ stayed off the formerly leased CPU for good), the release says so, and the
+    next sync puts it back."""
+    import errno
+
+    from pinwarden import noise
+
+    irq = host4 / "proc/irq/24"
+    (irq / "nvme0q1").mkdir(parents=True)
+    (irq / "smp_affinity_list").write_text("0-3\n")
+    fake = fake4()
+    state = tmp_path / "state"
+    real = noise._apply_one
+    said: list[str] = []
+    with Manager(Config(), host4, state, backend=fake, noise=True, warn=said.append) as m:
+        m.reserve_request(JobSpec("J", cpus=C("3")))
+        assert (irq / "smp_affinity_list").read_text().strip() == "0-2"
+
+        def busy(root: Path, write: noise.Write, set_affinity: object) -> noise.Outcome:
+            if write.key == "irq:24":
+                raise OSError(errno.EBUSY, "Device or resource busy")
+            return real(root, write, set_affinity)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(noise, "_apply_one", busy)
+        m.drop(job_holder("J"))
+        monkeypatch.setattr(noise, "_apply_one", real)
+        assert (irq / "smp_affinity_list").read_text().strip() == "0-2"
+        assert "irq:24" in m.ledger().changes()
+    assert any(w.startswith("could not put back irq:24 (") and "pinwarden sync" in w
+               for w in said), said
+    with Manager(Config(), host4, state, backend=fake, noise=True) as m:
+        m.sync()
+        assert (irq / "smp_affinity_list").read_text().strip() == "0-3"
+        assert "irq:24" not in m.ledger().changes()

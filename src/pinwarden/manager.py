@@ -31,7 +31,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from pinwarden.enforce.apply import Result
     from pinwarden.enforce.backend import CgroupBackend
     from pinwarden.enforce.layout import LayoutNames
+    from pinwarden.noise import Outcome
     from pinwarden.policy import Request
 
 LOCK_NAME = "manager.lock"
@@ -604,8 +605,10 @@ class Manager:
         if records or (refused and not leased):
             back = isolation.plan_restore(noise.read_noise(self.root), records, leased,
                                           housekeeping)
-            noise.apply(self.root, back.writes)
-            ledger.forget_changes([*back.forget, *(refused if not leased else ())])
+            later = self._retry_later(noise.apply(self.root, back.writes))
+            ledger.forget_changes([key for key in (*back.forget,
+                                                   *(refused if not leased else ()))
+                                   if key not in later])
             ledger.put_changes({r.key: json.dumps(r.to_json()) for r in back.keep})
         if not leased:
             return
@@ -651,8 +654,8 @@ class Manager:
             records.update(isolation.inherited(tasks, records))
             snapshot = isolation.NoiseSnapshot(online, tasks=tasks)
             back = isolation.plan_restore(snapshot, records, unguarded, housekeeping)
-            noise.apply(self.root, back.writes)
-            ledger.forget_changes(back.forget)
+            later = self._retry_later(noise.apply(self.root, back.writes))
+            ledger.forget_changes([key for key in back.forget if key not in later])
             ledger.put_changes({r.key: json.dumps(r.to_json()) for r in back.keep})
         if not unguarded:
             return
@@ -683,6 +686,18 @@ class Manager:
                       f"off leased {unguarded.named()} (this kernel cannot make them "
                       f"a partition): {', '.join(moved[:8])}"
                       f"{' …' if len(moved) > 8 else ''}; they go back when the lease ends")
+
+    def _retry_later(self, outcomes: Sequence[Outcome]) -> dict[str, str]:
+        """Restores that failed for the moment (:func:`noise.retry_later`): their records
+        stay, and the next sync tries again; said once here."""
+        from pinwarden import noise
+
+        later = noise.retry_later(outcomes)
+        if later:
+            shown = ", ".join(f"{key} ({why})" for key, why in list(later.items())[:4])
+            self.warn(f"could not put back {shown}{' …' if len(later) > 4 else ''} yet: "
+                      f"the record is kept and 'pinwarden sync' tries again")
+        return later
 
     @staticmethod
     def _shared_original(backend: CgroupBackend, path: str) -> str:

@@ -251,6 +251,13 @@ def apply(root: Path, writes: Iterable[Write], *,
     return tuple(out)
 
 
+def retry_later(outcomes: Iterable[Outcome]) -> dict[str, str]:
+    """Keys whose write failed for the moment (``EBUSY``: x86 refuses to move an IRQ while
+    its previous move is pending; ``EAGAIN``, ``EINTR``), with why: worth another try."""
+    return {o.key: o.error or errno.errorcode.get(o.errno or 0, "failed") for o in outcomes
+            if not o.ok and o.errno in (errno.EBUSY, errno.EAGAIN, errno.EINTR)}
+
+
 def refused(outcomes: Iterable[Outcome]) -> frozenset[str]:
     """Keys whose write the kernel refused for good (``EIO``, ``EINVAL``, ``EPERM``)."""
     return frozenset(o.key for o in outcomes
