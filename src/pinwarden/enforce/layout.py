@@ -247,24 +247,25 @@ def without_partitions_over(desired: DesiredLayout, forbidden: CpuSet,
     changed = [h for h in desired.holders if h.partition != "member" and h.cpus & forbidden]
     plain = [h for h in changed if h.cpus & isolated_forbidden]
     isolated = [h for h in changed if h not in plain and h.partition != "isolated"]
+    def note(groups: list[GroupSpec], refused: CpuSet, what: str, one: str, many: str,
+             then: str) -> str:
+        cpus = union(h.cpus for h in groups) & refused
+        return (f"this kernel refuses {what} holding isolcpus CPUs ({cpus.to_list()}), so "
+                f"{', '.join(h.path for h in groups)} {one if len(groups) == 1 else many}"
+                f"{then}")
+
     notes = list(desired.notes)
     if isolated:
-        cpus = union(h.cpus for h in isolated) & forbidden
-        notes.append(
-            f"this kernel refuses root partitions holding isolcpus CPUs ({cpus.to_list()}), "
-            f"so {', '.join(h.path for h in isolated)} "
-            f"{'is an isolated partition' if len(isolated) == 1 else 'are isolated partitions'}"
-            f": no scheduler load balancing there, as isolcpus already has it, and the kernel "
-            f"keeps every other cgroup off them")
+        notes.append(note(isolated, forbidden, "root partitions", "is an isolated partition",
+                          "are isolated partitions", ": no scheduler load balancing there, as "
+                          "isolcpus already has it, and the kernel keeps every other cgroup "
+                          "off them"))
     if plain:
-        cpus = union(h.cpus for h in plain) & isolated_forbidden
-        notes.append(
-            f"this kernel refuses cgroup partitions holding isolcpus CPUs "
-            f"({cpus.to_list()}), so {', '.join(h.path for h in plain)} "
-            f"{'is a plain cpuset' if len(plain) == 1 else 'are plain cpusets'}: the kernel "
-            f"cannot enforce exclusivity with partitions for them; isolcpus keeps new tasks "
-            f"off them, and pinwarden moves threads whose affinity still reaches them "
-            f"until the lease ends")
+        notes.append(note(plain, isolated_forbidden, "cgroup partitions", "is a plain cpuset",
+                          "are plain cpusets", ": the kernel cannot enforce exclusivity with "
+                          "partitions for them; isolcpus keeps new tasks off them, and "
+                          "pinwarden moves threads whose affinity still reaches them until "
+                          "the lease ends"))
     kinds: dict[str, PartitionKind] = {h.path: "member" for h in plain}
     kinds.update((h.path, "isolated") for h in isolated)
     return replace(desired,
