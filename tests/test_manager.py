@@ -405,3 +405,21 @@ def test_a_restore_the_kernel_refuses_for_the_moment_is_kept_and_tried_again(
         m.sync()
         assert (irq / "smp_affinity_list").read_text().strip() == "0-3"
         assert "irq:24" not in m.ledger().changes()
+
+
+def test_a_v2_shared_group_without_cpuset_files_is_recorded_as_inheriting(
+        tmp_path: Path) -> None:
+    """cgroup v2 without systemd: libvirt's ``machine`` exists, but the root does not enable
+    the cpuset controller yet, so it has no cpuset files.  It is recorded as inheriting
+    (no CPUs of its own), not as absent — absent, it was removed at the last release."""
+    from pinwarden.enforce.v2 import CgroupV2Backend
+
+    root = tmp_path / "root"
+    build_host(root, HostSpec(cpus=4))
+    mount_cgroups(root, v1=False, v2_controllers="cpuset cpu memory pids",
+                  v2_at="sys/fs/cgroup", cpus="0-3")
+    (root / "sys/fs/cgroup/machine").mkdir()
+    backend = CgroupV2Backend(root / "sys/fs/cgroup", root=root)
+    m = Manager(Config(), root, tmp_path / "state", backend=backend)
+    assert json.loads(m._shared_original(backend, "machine")) == {"cpus": ""}
+    assert json.loads(m._shared_original(backend, "elsewhere")) == {"absent": True}

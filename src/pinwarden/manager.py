@@ -699,16 +699,23 @@ class Manager:
                       f"the record is kept and 'pinwarden sync' tries again")
         return later
 
-    @staticmethod
-    def _shared_original(backend: CgroupBackend, path: str) -> str:
-        """The shared group's configured CPUs as found, as a change record."""
-        from pinwarden.enforce.backend import CgroupOpError
+    def _shared_original(self, backend: CgroupBackend, path: str) -> str:
+        """The shared group's configured CPUs as found, as a change record: absent (the
+        group does not exist: pinwarden makes it, and removes it again), or its CPUs —
+        none (inherit) for a cgroup v2 directory that has no cpuset files yet because its
+        parent does not enable the controller (libvirt's ``machine`` on a host without
+        systemd): recorded as absent, it was removed at the last release."""
+        from pinwarden.enforce.backend import CgroupOpError, kernel_path
+        from pinwarden.mounts import read_mounts
 
         try:
             cpus = backend.read_group(path).cpus
         except CgroupOpError as exc:
             if exc.errno != errno.ENOENT:
                 raise EnforceError(f"cannot read cgroup {path}: {exc}") from None
+            mount = read_mounts(self.root).v2 if backend.kind == "v2" else None
+            if mount is not None and (mount / kernel_path(backend, path)).is_dir():
+                return json.dumps({"cpus": ""})
             return json.dumps({"absent": True})
         return json.dumps({"cpus": cpus.to_list()})
 
