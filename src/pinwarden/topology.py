@@ -425,6 +425,7 @@ def decode_topology(data: Mapping[str, Any]) -> Topology:
             sets.append(CpuSet(cpus) if cpus else EMPTY)
         ints = (int, type(None))
         table: dict[int, Cpu] = {}
+        referenced: set[int] = set()  # the sets CPU rows use (each checked once below)
         for key, ident, online, package, die, cluster, core, siblings, node, kind, \
                 package_cpus in data["cpus"]:
             if not (type(key) is int and type(ident) is int and type(node) is int
@@ -436,6 +437,9 @@ def decode_topology(data: Mapping[str, Any]) -> Topology:
                 raise ValueError(f"bad CPU row for {key!r}")
             table[key] = Cpu(ident, online, package, die, cluster, core, sets[siblings], node,
                              kind, sets[package_cpus])
+            if key != ident:
+                raise ValueError(f"CPU row {key} says it is CPU {ident}")
+            referenced.update((siblings, package_cpus))
 
         def cpuset(ref: Any) -> CpuSet:
             if type(ref) is not int or ref < 0:
@@ -454,8 +458,7 @@ def decode_topology(data: Mapping[str, Any]) -> Topology:
         # CPU is a row, online ones among them, and so are their siblings)
         known = CpuSet.of(table)
         if not (topology.online <= topology.present <= known
-                and all(key == cpu.id and cpu.siblings <= known and cpu.package_cpus <= known
-                        for key, cpu in table.items())):
+                and all(sets[ref] <= known for ref in referenced)):
             raise ValueError("the CPU lists name CPUs the snapshot has no row for")
         return topology
     except (KeyError, TypeError, IndexError, AttributeError) as exc:
