@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import re
-import shlex
 import sqlite3
 import stat
 import time
@@ -49,6 +48,7 @@ from pinwarden.model import (
     HolderRef,
     Lease,
     Plan,
+    command_line,
 )
 from pinwarden.partition import Partition, VmCgroup
 from pinwarden.record import record
@@ -774,8 +774,8 @@ class Ledger:
             raise Refusal(
                 f"{holder.describe()} and the recorded {other.describe()} share a name: "
                 f"pinwarden would not tell them apart; release the recorded one first "
-                f"(pinwarden release {shlex.quote(twin[0])} --driver {holder.driver}) or "
-                f"rename the domain", code="conflict")
+                f"({command_line('pinwarden release', twin[0], '--driver', holder.driver)}) "
+                f"or rename the domain", code="conflict")
         now = time.time()
         db.execute("DELETE FROM leases WHERE driver = ? AND key = ?", (holder.driver, holder.key))
         db.execute(

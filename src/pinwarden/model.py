@@ -157,3 +157,23 @@ class Plan:
             notes=tuple(notes),
             isolated=data.get("isolated") is True,
         )
+
+
+def command_line(command: str, operand: str, *options: str) -> str:
+    """A command a message advises, working as typed: ``pinwarden stop 'my vm'`` —
+    ``operand`` quoted for the shell, after ``--`` where it would read as an option."""
+    import shlex  # only when a message needs it: model is on every command's path
+
+    word = shlex.quote(operand)
+    if operand.startswith("-"):
+        return " ".join((command, *options, "--", word))
+    return " ".join((command, word, *options))
+
+
+def release_command(holder: HolderRef) -> str:
+    """The command that frees ``holder``: ``pinwarden release 'my vm' --driver qemu`` (a
+    job and a domain may share a name).  A name the terminal would not show as typed is
+    replaced by the domain's UUID."""
+    if holder.uuid is not None and not holder.name.isprintable():
+        return f"pinwarden release {holder.uuid}"
+    return command_line("pinwarden release", holder.name, "--driver", holder.driver)

@@ -27,7 +27,6 @@ Refusal codes: ``no-vcpus``, ``bad-pin``, ``unknown-cpu``, ``unknown-node``,
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -42,6 +41,7 @@ from pinwarden.model import (
     domain_holder,
     driver_of_type,
     job_holder,
+    release_command,
 )
 from pinwarden.partition import Host, Partition, shared_pool
 from pinwarden.record import record, replace
@@ -101,19 +101,6 @@ class _Ctx:
         if self.part.mode == "isolcpus":
             return f"isolated {self.part.vm_cpus.named(empty='CPUs (none)')}"
         return f"VM {self.part.vm_cpus.named(empty='CPUs (none)')} (online minus host reserve)"
-
-
-def release_command(holder: HolderRef) -> str:
-    """The command that frees ``holder``: ``pinwarden release 'my vm' --driver qemu``, its
-    name quoted for the shell and its driver given (a job and a domain may share a name).
-    A name the terminal would not show as typed is replaced by the domain's UUID."""
-    uuid = holder.uuid
-    if uuid is not None and not holder.name.isprintable():
-        return f"pinwarden release {uuid}"
-    word = shlex.quote(holder.name)
-    if holder.name.startswith("-"):  # not an option: after '--'
-        return f"pinwarden release --driver {holder.driver} -- {word}"
-    return f"pinwarden release {word} --driver {holder.driver}"
 
 
 def decide(request: Request, host: Host, leases: Sequence[Lease], *,

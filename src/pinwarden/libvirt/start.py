@@ -24,7 +24,6 @@ import contextlib
 import fcntl
 import os
 import re
-import shlex
 import time
 import uuid as uuidlib
 from collections.abc import Iterator, Sequence
@@ -43,7 +42,7 @@ from pinwarden.libvirt.hook import admit_shared
 from pinwarden.libvirt.repin import repins
 from pinwarden.libvirt.state import DomainInfo, Repin
 from pinwarden.manager import Manager
-from pinwarden.model import HolderRef, Lease, Plan, domain_holder
+from pinwarden.model import HolderRef, Lease, Plan, command_line, domain_holder
 from pinwarden.partition import Host, shared_pool
 from pinwarden.policy import decide
 from pinwarden.record import field, record, replace
@@ -80,13 +79,6 @@ def libvirt_failure(what: str, exc: BaseException) -> LibvirtError:
     return LibvirtError(f"{what}: {text}")
 
 
-def _stop_command(name: str) -> str:
-    """``pinwarden stop 'my vm'``: the name quoted for the shell (after ``--`` when it
-    would read as an option)."""
-    word = shlex.quote(name)
-    return f"pinwarden stop -- {word}" if name.startswith("-") else f"pinwarden stop {word}"
-
-
 def _holder(uri: str, dom: Any) -> HolderRef:
     return domain_holder(lv.driver_of(uri), str(dom.name()), str(dom.UUIDString()).lower())
 
@@ -110,7 +102,7 @@ def _start(manager: Manager, uri: str, conn: Any, name: str) -> Started:
     dom = lv.lookup(conn, name)
     if dom.isActive():
         raise Refusal(f"domain {name!r} is already running; stop it first "
-                      f"({_stop_command(name)})", code="running")
+                      f"({command_line('pinwarden stop', name)})", code="running")
     holder = _holder(uri, dom)
     with _domain_lock(manager.state_dir, holder):
         if dom.isActive():  # started by a racing 'pinwarden start' while we waited
@@ -146,7 +138,7 @@ def preview_start(manager: Manager, uri: str, name: str) -> StartPreview:
         dom = lv.lookup(conn, name)
         if dom.isActive():
             raise Refusal(f"domain {name!r} is already running; stop it first "
-                          f"({_stop_command(name)})", code="running")
+                          f"({command_line('pinwarden stop', name)})", code="running")
         holder = _holder(uri, dom)
         spec = parse_domain(lv.xml_of(dom, inactive=True))
         if not spec.exclusive:
@@ -351,7 +343,8 @@ def _wait_inactive(dom: Any, name: str, timeout: float) -> None:
     while dom.isActive():
         if time.monotonic() > deadline:
             raise LibvirtError(f"domain {name!r} did not shut down within {timeout:g} s; "
-                               f"destroy it with {_stop_command(name)} (without --graceful)",
+                               f"destroy it with {command_line('pinwarden stop', name)} "
+                               f"(without --graceful)",
                                code="timeout")
         time.sleep(0.2)
 
