@@ -105,7 +105,7 @@ class Manager:
         self._backend = backend
         self._own_backend = backend is None
         if enforce is None:
-            enforce = backend is not None or _is_live_root(root)
+            enforce = backend is not None or is_live_root(root)
         self.enforcing = enforce
         if noise is None:
             noise = enforce and backend is None and config.isolate_noise
@@ -637,7 +637,7 @@ class Manager:
         backend the manager opened on this host: a test's stand-in never moves its
         threads."""
         if not self._own_backend or self._fixed_host is not None \
-                or not _is_live_root(self.root):
+                or not is_live_root(self.root):
             return
         from pinwarden import audit, isolation, noise
 
@@ -766,7 +766,8 @@ def _unguarded(result: Result | None) -> CpuSet:
                      for cpu in spec.cpus)
 
 
-def _is_live_root(root: Path) -> bool:
+def is_live_root(root: Path) -> bool:
+    """``root`` is this host (``/``): the only host pinwarden changes."""
     try:
         return root.resolve() == Path("/")
     except OSError:

@@ -30,7 +30,6 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from pinwarden.cpuset import CpuSet
 from pinwarden.enforce.affinity import pin
@@ -154,12 +153,10 @@ def _not_enforcing(manager: Manager, name: str) -> str:
     dump: pinwarden changes the cgroups of the host it runs on only)."""
     import shlex
 
+    from pinwarden.manager import is_live_root
+
     root = manager.root
-    try:
-        live = root.resolve() == Path("/")
-    except OSError:
-        live = False
-    why = ("this manager does not enforce CPUs" if live else
+    why = ("this manager does not enforce CPUs" if is_live_root(root) else
            f"pinwarden enforces CPUs only on the host it runs on (--root /), and --root "
            f"{shlex.quote(str(root))} is a host dump")
     return (f"job {name!r} not run: {why}, so nothing would keep other tasks off its CPUs; "

@@ -255,7 +255,7 @@ def apply_layout(backend: CgroupBackend, desired: DesiredLayout) -> Result:
     way, at most twice.
     """
     adapted = adapt_to_kernel(backend, desired)
-    for _ in range(2):  # root refused, then (a kernel that refuses that too) isolated
+    while True:  # each refusal the backend remembers forbids more: root, then isolated
         try:
             return _apply_layout(backend, adapted)
         except EnforceError as exc:
@@ -264,10 +264,9 @@ def apply_layout(backend: CgroupBackend, desired: DesiredLayout) -> Result:
                     and "housekeeping" in cause.detail.lower()):
                 raise
             again = adapt_to_kernel(backend, desired)
-            if again == adapted:
+            if again == adapted:  # nothing learnt: the same plan would fail the same way
                 raise
             adapted = again
-    return _apply_layout(backend, adapted)
 
 
 def adapt_to_kernel(backend: CgroupBackend, desired: DesiredLayout) -> DesiredLayout:

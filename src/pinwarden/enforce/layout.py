@@ -241,10 +241,9 @@ def without_partitions_over(desired: DesiredLayout, forbidden: CpuSet,
     whose affinity still reaches them).  Each change comes with a note; the other
     holders stay as they were."""
     isolated_forbidden = forbidden if isolated_forbidden is None else isolated_forbidden
-    clash = union(h.cpus for h in desired.holders if h.partition != "member") & forbidden
-    if not clash:
-        return desired
     changed = [h for h in desired.holders if h.partition != "member" and h.cpus & forbidden]
+    if not changed:
+        return desired
     plain = [h for h in changed if h.cpus & isolated_forbidden]
     isolated = [h for h in changed if h not in plain and h.partition != "isolated"]
     def note(groups: list[GroupSpec], refused: CpuSet, what: str, one: str, many: str,
