@@ -371,3 +371,24 @@ def test_output_the_terminal_cannot_encode_is_escaped_not_an_internal_error(
     assert bad.returncode == 1 and "internal error" not in bad.stderr, bad.stderr
     gone = cli("release", "vm-\u00e9\u2603", *common, env=ascii_out)
     assert gone.returncode == 0, gone.stderr
+
+
+@pytest.mark.parametrize("exc, said", [
+    (KeyboardInterrupt(), "pinwarden: interrupted\n"),
+    (None, "pinwarden: interrupted after completing the change it had begun ('pinwarden "
+           "status' shows the leases)\n")])
+def test_an_interrupt_says_whether_the_change_was_made(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        exc: KeyboardInterrupt | None, said: str) -> None:
+    """Ctrl-C: exit 130 and one line; one held back until a change under the lock was
+    complete (:mod:`pinwarden.interrupts`) says the change was made."""
+    import pinwarden.cli as cli
+    from pinwarden.interrupts import InterruptedAfterChange
+
+    def handler(_args: argparse.Namespace) -> int:
+        raise exc if exc is not None else InterruptedAfterChange()
+
+    monkeypatch.setattr(cli, "_parse_args",
+                        lambda _argv: argparse.Namespace(handler=handler, json=False))
+    assert main(["status"]) == 130
+    assert capsys.readouterr().err == said

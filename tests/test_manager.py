@@ -423,3 +423,56 @@ def test_a_v2_shared_group_without_cpuset_files_is_recorded_as_inheriting(
     m = Manager(Config(), root, tmp_path / "state", backend=backend)
     assert json.loads(m._shared_original(backend, "machine")) == {"cpus": ""}
     assert json.loads(m._shared_original(backend, "elsewhere")) == {"absent": True}
+
+
+INTERRUPTED = '''
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from enforce_helpers import build
+from pinwarden.config import Config
+from pinwarden.cpuset import CpuSet
+from pinwarden.enforce.fake import FakeCpusetV1
+from pinwarden.manager import Manager
+from pinwarden.model import job_holder
+from pinwarden.policy import JobSpec, decide
+
+fake = FakeCpusetV1(CpuSet.parse("0-3"))
+build(fake, {{"machine": ("0-3", False)}})
+
+def interrupted(request, host, leases):
+    os.kill(os.getpid(), signal.{signal})  # lands while the lock is held
+    return decide(request, host, leases)
+
+with Manager(Config(), Path({root!r}), Path({state!r}), backend=fake) as m:
+    request = JobSpec("J", cpus=CpuSet.parse("3"))
+    try:
+        m.reserve(job_holder("J"), lambda host, leases: interrupted(request, host, leases))
+    except KeyboardInterrupt as exc:
+        print(type(exc).__name__, str(fake.read_group("machine").cpus), exc)
+        sys.exit(130)
+print("not interrupted")
+'''
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_under_the_lock_waits_until_the_change_is_made(
+        host4: Path, tmp_path: Path, sig: str) -> None:
+    """Ctrl-C (or a SIGTERM) that lands while a reservation holds the lock does not cut it
+    in half: the lease is recorded and the cgroups are written, then SIGINT is reported as
+    an interruption after the change (before, it said "interrupted" although the lease was
+    made) and SIGTERM ends the process as it would have."""
+    state = tmp_path / "state"
+    script = INTERRUPTED.format(tests=str(Path(__file__).parent), signal=sig,
+                                root=str(host4), state=str(state))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    leases = Ledger(state).leases()
+    assert [(le.cpu, le.holder) for le in leases] == [(3, job_holder("J"))]
+    if sig == "SIGINT":
+        assert proc.returncode == 130, proc.stderr
+        assert proc.stdout.startswith("InterruptedAfterChange 1-2 after completing the "
+                                      "change"), proc.stdout
+    else:
+        assert proc.returncode == -15, (proc.stdout, proc.stderr)
+        assert proc.stdout == ""

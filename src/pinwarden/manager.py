@@ -203,7 +203,10 @@ class Manager:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the manager lock (re-entrant within this object).  Waits up to
-        ``lock_timeout`` seconds for another pinwarden, then a :class:`LedgerError`."""
+        ``lock_timeout`` seconds for another pinwarden, then a :class:`LedgerError`.
+        While it is held, SIGINT, SIGTERM and SIGHUP wait (:mod:`pinwarden.interrupts`)."""
+        from pinwarden.interrupts import held
+
         if self._depth:
             self._depth += 1
             try:
@@ -234,7 +237,8 @@ class Manager:
                             code="ledger-busy") from None
                     time.sleep(0.02)
             self._lock_fd, self._depth = fd, 1
-            yield
+            with held():  # a Ctrl-C waits until the change under the lock is made
+                yield
         finally:
             self._lock_fd, self._depth = None, 0
             os.close(fd)

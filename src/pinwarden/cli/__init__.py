@@ -344,8 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parse_args(argv)
         return _run(args)
-    except KeyboardInterrupt:
-        print("pinwarden: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"pinwarden: interrupted {exc}".rstrip(), file=sys.stderr)
         return 130
     except Exception as exc:
         if _debug():
