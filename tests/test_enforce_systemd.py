@@ -970,3 +970,81 @@ def test_systemd_host_is_driven_over_dbus(tmp_path: Path, old_standin: Standin) 
     backend.set_cpus("machine.slice", CpuSet.parse("0-3"))
     (call,) = old_standin.calls("SetUnitProperties")
     assert call["body"] == ["machine.slice", True, [["AllowedCPUs", ["ay", [0b1111]]]]]
+
+
+# -- the drop-ins SetUnitProperties(runtime=true) leaves --------------------------------
+
+def _dropins(root: Path, unit: str) -> dict[str, str]:
+    folder = root / "run/systemd/system.control" / f"{unit}.d"
+    return {p.name: p.read_text().splitlines()[-1] for p in sorted(folder.glob("*"))}
+
+
+@pytest.mark.parametrize("before", ["none", "operator-cpus"])
+def test_the_last_release_removes_the_drop_ins_pinwarden_made(
+        bus_address: str, tmp_path: Path, before: str) -> None:
+    """systemd keeps every ``SetUnitProperties(runtime=true)`` in a drop-in
+    (``/run/systemd/system.control/machine.slice.d/50-AllowedCPUs.conf``, FACTS.md 3) that
+    outlives the restore and, until the next boot, overrides an operator's drop-in sorting
+    before it at every ``daemon-reload``.  The last release puts machine.slice's CPUs back
+    and removes the drop-in the first lease made; the operator's drop-ins stay: another
+    property's, and an ``AllowedCPUs`` one that was there before the first lease."""
+    from pinwarden.config import Config
+    from pinwarden.manager import Manager
+    from pinwarden.model import job_holder
+    from pinwarden.policy import JobSpec
+
+    root = tmp_path / "root"
+    with _running_standin(bus_address, tmp_path / "standin.log", "--root", str(root)) as s:
+        operator = SystemdBus.connect(s.address, timeout=10)
+        try:  # systemctl set-property --runtime machine.slice CPUWeight=200 [AllowedCPUs=1-7]
+            operator.set_unit_properties("machine.slice", True, [("CPUWeight", ("t", 200))])
+            if before == "operator-cpus":
+                operator.set_unit_properties("machine.slice", True, [
+                    ("AllowedCPUs", ("ay", CpuSet.parse("1-7").to_dbus()))])
+        finally:
+            operator.close()
+        found = _dropins(root, "machine.slice")
+        bus = SystemdBus.connect(s.address, timeout=10)
+        backend = SystemdBackend(bus, kernel=KernelRecorder(), root=root)
+        said: list[str] = []
+        try:
+            with Manager(Config(), root, tmp_path / "state", backend=backend,
+                         host=make_host("0-7", "1-7"), warn=said.append) as m:
+                m.reserve_request(JobSpec("J", cpus=CpuSet.parse("3")))
+                leased = _dropins(root, "machine.slice")
+                recorded = json.loads(m.ledger().changes()["cgroup:machine.slice"])
+                m.drop(job_holder("J"))
+                machine = backend.read_group("machine.slice")
+        finally:
+            bus.close()
+    assert leased["50-AllowedCPUs.conf"] == "AllowedCPUs=1-2,4-7"
+    assert _dropins(root, "machine.slice") == found
+    assert said == []
+    if before == "none":
+        assert recorded == {"cpus": "", "dropins": []}
+        assert machine.cpus == CpuSet()
+    else:
+        assert recorded == {"cpus": "1-7", "dropins": [
+            "/run/systemd/system.control/machine.slice.d/50-AllowedCPUs.conf"]}
+        assert machine.cpus == CpuSet.parse("1-7")
+        assert found["50-AllowedCPUs.conf"] == "AllowedCPUs=1-7"
+
+
+def test_setting_files_lists_only_the_runtime_drop_ins_of_pinwardens_settings(
+        old_standin: Standin) -> None:
+    """Persistent drop-ins (``/etc/systemd/system.control``) and other properties' are
+    never pinwarden's: not listed, so never removed."""
+    bus, backend = _backend(old_standin)
+    try:
+        assert backend.setting_files("nothing.slice") == ()  # not loaded
+        bus.set_unit_properties("machine.slice", False, [
+            ("AllowedCPUs", ("ay", CpuSet.parse("1-7").to_dbus()))])
+        bus.set_unit_properties("machine.slice", True, [("CPUWeight", ("t", 50))])
+        assert backend.setting_files("machine.slice") == ()
+        backend.set_mems("machine.slice", CpuSet.parse("0"))
+        backend.set_cpus("machine.slice", CpuSet.parse("1-7"))
+        assert backend.setting_files("machine.slice") == (
+            "/run/systemd/system.control/machine.slice.d/50-AllowedCPUs.conf",
+            "/run/systemd/system.control/machine.slice.d/50-AllowedMemoryNodes.conf")
+    finally:
+        bus.close()

@@ -714,6 +714,26 @@ def test_story_the_host_is_left_as_found(lab: LabRun) -> None:
     assert "warning" not in (s["hook_log"] or ""), s["hook_log"]
 
 
+def test_story_leaves_no_drop_in_of_its_own(lab: LabRun) -> None:
+    """Every lease narrowed machine.slice with ``SetUnitProperties(runtime=true)``, which
+    writes ``/run/systemd/system.control/machine.slice.d/50-AllowedCPUs.conf``; left there
+    after the restore, it would override an operator's drop-in sorting before it at every
+    ``daemon-reload`` until the next boot.  The last release removes it: systemd keeps the
+    restored value loaded and lists the file until the next ``daemon-reload``
+    (``NeedDaemonReload=yes``, FACTS.md 10), which then reads the unit's own configuration."""
+    s = lab.check("story")
+    found, left, reloaded = s["as_found"], s["as_left"], s["after_reload"]
+    assert found["dropins"]["files"] == {}, found["dropins"]
+    assert found["dropins"]["NeedDaemonReload"] == "no", found["dropins"]
+    assert s["after_a"]["machine_unit"]["AllowedCPUs"] != ""  # narrowed: the drop-in existed
+    assert left["dropins"]["files"] == {}, left["dropins"]
+    assert left["dropins"]["NeedDaemonReload"] == "yes", left["dropins"]
+    assert left["machine_unit"] == found["machine_unit"]
+    rc0(s["reload_after"])
+    assert reloaded["machine_unit"] == found["machine_unit"]
+    assert reloaded["dropins"] == found["dropins"], reloaded
+
+
 def _mask(text: str) -> set[int]:
     """CPUs of a kernel hex mask (``/proc/irq/default_smp_affinity``, ``…/cpumask``)."""
     value = int(text.replace(",", "").strip() or "0", 16)

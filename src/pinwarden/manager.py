@@ -491,6 +491,8 @@ class Manager:
         kept = not leases and result.desired is not None and \
             bool(result.desired.stale_paths(result.after))
         if not leases and not kept:
+            if key in changes:
+                self._remove_setting_files(backend, names.shared, changes[key])
             ledger.forget_changes([key] if key in changes else [])
             self._restore_cgroups(ledger, backend, {k: v for k, v in changes.items()
                                                     if k != key})
@@ -529,12 +531,14 @@ class Manager:
         if not plan.ops:
             return
         before = {view.path: view for view in views}
+        units = backend.kind == "systemd"
         ledger.record_changes({
             SHARED_KEY.format(path=op.path): json.dumps(
                 {"cpus": before[op.path].cpus.to_list(),
-                 "partition": before[op.path].partition})
+                 "partition": before[op.path].partition,
+                 **(self._setting_files(backend, op.path) if units and _is_unit(op.path)
+                    else {})})
             for op in plan.ops if isinstance(op, SetCpus | SetPartition)})
-        units = backend.kind == "systemd"
         # The shared group is pinwarden's own: a new lease always finds it still naming
         # the CPU (it was in the shared pool until now), and the layout narrows it next.
         # Only a foreign cgroup is worth a warning.
@@ -573,6 +577,7 @@ class Manager:
                 cpus = CpuSet.parse_kernel(str(data["cpus"]))
                 if backend.kind == "systemd" and _is_unit(path):
                     backend.set_cpus(path, cpus)
+                    self._remove_setting_files(backend, path, value)
                 elif mount is not None and (mount / path).is_dir():
                     (mount / path / "cpuset.cpus").write_text(cpus.to_list() + "\n")
                     word = data.get("partition", "member")
@@ -721,7 +726,38 @@ class Manager:
             if mount is not None and (mount / kernel_path(backend, path)).is_dir():
                 return json.dumps({"cpus": ""})
             return json.dumps({"absent": True})
-        return json.dumps({"cpus": cpus.to_list()})
+        return json.dumps({"cpus": cpus.to_list(), **self._setting_files(backend, path)})
+
+    def _setting_files(self, backend: CgroupBackend, path: str) -> dict[str, list[str]]:
+        """The backend's setting files of ``path`` before pinwarden writes, for the change
+        record (``{"dropins": [...]}`` on systemd hosts; nothing where the settings live in
+        the cgroup alone, or where they cannot be read: then none is ever removed)."""
+        from pinwarden.enforce.backend import CgroupOpError, setting_files
+
+        try:
+            files = setting_files(backend, path)
+        except CgroupOpError as exc:
+            self.warn(f"cannot list the drop-ins of {path} ({exc}): those pinwarden's "
+                      f"settings make stay after the last release")
+            return {}
+        return {} if files is None else {"dropins": list(files)}
+
+    def _remove_setting_files(self, backend: CgroupBackend, path: str, record: str) -> None:
+        """The original value of ``path`` is back: remove the setting files pinwarden's
+        writes added (those not in the change ``record``)."""
+        from pinwarden.enforce.backend import CgroupOpError, remove_setting_files
+
+        try:
+            keep = json.loads(record).get("dropins")
+        except (ValueError, AttributeError):
+            return
+        if not isinstance(keep, list):
+            return  # recorded by an older pinwarden, or not listable: leave them
+        try:
+            remove_setting_files(backend, path, [str(k) for k in keep])
+        except CgroupOpError as exc:
+            self.warn(f"{path} has its CPUs back, but pinwarden {exc.detail or exc}: "
+                      f"remove it by hand, then 'systemctl daemon-reload'")
 
     @staticmethod
     def _restore_value(backend: CgroupBackend, path: str, original: str,

@@ -20,7 +20,10 @@ of org.freedesktop.systemd1(5) pinwarden uses, answering the way systemd's sourc
   %s, or unknown property."; a value of the wrong D-Bus type fails reading (``-ENXIO``),
   sent by sd-bus as ``System.Error.ENXIO`` "Failed to set unit properties: Unexpected
   message contents".  ``AllowedCPUs``/``AllowedMemoryNodes`` must be ``ay``
-  (dbus-cgroup.c ``sd_bus_message_read_array(message, 'y', …)``).
+  (dbus-cgroup.c ``sd_bus_message_read_array(message, 'y', …)``).  Each property set lands
+  in a drop-in, ``/run/systemd/system.control/UNIT.d/50-NAME.conf`` for ``runtime=true``
+  (unit.c ``unit_write_setting``), listed in the unit's ``DropInPaths`` from then on; with
+  ``--root DIR`` the file is written under ``DIR``, as systemd writes it.
 * ``Manager.StartTransientUnit(ssa(sv)a(sa(sv))) → o``: bad job mode → InvalidArgs "Job mode
   %s invalid."; a unit that is not pristine → ``org.freedesktop.systemd1.UnitExists``
   (``transient_unit_from_message``); properties as above; then a job whose ``JobRemoved``
@@ -141,6 +144,18 @@ def to_bytes(cpus: frozenset[int]) -> bytes:
     return bytes(out)
 
 
+def cpu_list(data: bytes | list[int]) -> str:
+    """A byte array as systemd prints a CPU list (``0-1,4``)."""
+    cpus = sorted(cpus_of(bytes(data)))
+    runs: list[str] = []
+    for c in cpus:
+        if runs and int(runs[-1].rpartition("-")[2]) == c - 1:
+            runs[-1] = f"{runs[-1].partition('-')[0]}-{c}"
+        else:
+            runs.append(str(c))
+    return ",".join(runs)
+
+
 def parse_list(text: str) -> frozenset[int]:
     out: set[int] = set()
     for part in filter(None, text.split(",")):
@@ -162,6 +177,7 @@ class Unit:
     description: str = ""
     slice: str = ""  # scopes and services: their slice
     pids: list[int] = field(default_factory=list)
+    dropins: list[str] = field(default_factory=list)  # DropInPaths
 
     @property
     def type(self) -> str:
@@ -177,8 +193,9 @@ class Unit:
 
 class Systemd:
     def __init__(self, conn: DBusConnection, online: frozenset[int], mems: frozenset[int],
-                 partition: bool) -> None:
+                 partition: bool, root: str | None = None) -> None:
         self.conn = conn
+        self.root = root
         self.online = online
         self.mems = mems
         self.partition_supported = partition
@@ -301,6 +318,26 @@ class Systemd:
             case "PIDs":
                 unit.pids = list(value)
 
+    def write_dropins(self, unit: Unit, props: list[Any], *, runtime: bool) -> None:
+        """unit_write_setting: each property set on a unit that exists lands in
+        ``50-<Name>.conf`` of the unit's drop-in directory, ``/run/systemd/system.control``
+        (runtime) or ``/etc/systemd/system.control``, and joins ``DropInPaths``.  Files are
+        written only with ``--root`` (under it); the paths are listed either way."""
+        base = "/run/systemd/system.control" if runtime else "/etc/systemd/system.control"
+        for name, (_sig, value) in props:
+            path = f"{base}/{unit.name}.d/50-{name}.conf"
+            if self.root is not None:
+                shown = cpu_list(value) if isinstance(value, (bytes, list)) else value
+                target = os.path.join(self.root, path.lstrip("/"))
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "w") as out:
+                    out.write("# This is a drop-in unit file extension, created via "
+                              "\"systemctl set-property\"\n# or an equivalent operation. "
+                              f"Do not edit.\n[{unit.type.capitalize()}]\n{name}=\n"
+                              f"{name}={shown}\n")
+            if path not in unit.dropins:
+                unit.dropins.append(path)
+
     def run_job(self, unit: Unit, kind: str) -> tuple[str, str]:
         job_id = next(self.job_ids)
         result = self.fail_next.pop(unit.name, "done")
@@ -333,6 +370,7 @@ class Systemd:
                 "SliceOf": ("as", sorted(c.name for c in self.children(unit))
                                if unit.type == "slice" else []),
                 "Transient": ("b", unit.transient),
+                "DropInPaths": ("as", list(unit.dropins)),
             }
         if iface == TYPE_IFACE.get(unit.type):
             props: dict[str, tuple[str, Any]] = {
@@ -400,6 +438,7 @@ class Systemd:
             if unit.load_state != "loaded":
                 raise BusError(NO_SUCH_UNIT, f"Unit {name} not found.")
             self.set_properties(unit, props, transient=False)
+            self.write_dropins(unit, props, runtime=bool(_runtime))
             return "", ()
         if member == "StartTransientUnit":
             name, mode, props, _aux = body
@@ -488,6 +527,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--mems", default="0")
     parser.add_argument("--partition", action="store_true",
                         help="know CPUSetPartition (systemd with PR #42013)")
+    parser.add_argument("--root", help="write the drop-ins of SetUnitProperties under "
+                                       "this directory (run/systemd/system.control/...)")
     args = parser.parse_args(argv)
     conn = open_dbus_connection(bus=args.address)
     reply = Proxy(message_bus, conn).RequestName("org.freedesktop.systemd1", 4)  # DO_NOT_QUEUE
@@ -495,7 +536,8 @@ def main(argv: list[str]) -> int:
         print(f"could not own org.freedesktop.systemd1: {reply[0]}", flush=True)
         return 1
     print("READY", flush=True)
-    Systemd(conn, parse_list(args.online), parse_list(args.mems), args.partition).serve()
+    Systemd(conn, parse_list(args.online), parse_list(args.mems), args.partition,
+            args.root).serve()
     return 0
 
 

@@ -297,6 +297,22 @@ def isolated_forbidden_cpus(backend: CgroupBackend) -> CpuSet:
     return cpus if isinstance(cpus, CpuSet) else partition_forbidden_cpus(backend)
 
 
+def setting_files(backend: CgroupBackend, path: str) -> tuple[str, ...] | None:
+    """The files outside the cgroup tree in which the backend's writes keep settings of
+    ``path`` (optional capability ``setting_files()``: systemd's runtime drop-ins).  None
+    for backends whose settings live in the cgroup alone (v1, v2, fake)."""
+    probe = getattr(backend, "setting_files", None)
+    return None if probe is None else tuple(str(f) for f in probe(path))
+
+
+def remove_setting_files(backend: CgroupBackend, path: str,
+                         keep: Iterable[str]) -> tuple[str, ...]:
+    """Remove the setting files of ``path`` that ``keep`` (:func:`setting_files` before the
+    first write) does not name: the backend's writes made them.  The files removed."""
+    probe = getattr(backend, "remove_setting_files", None)
+    return () if probe is None else tuple(str(f) for f in probe(path, keep))
+
+
 def kernel_path(backend: CgroupBackend, path: str) -> str:
     """The cgroup directory, relative to the backend's mount, that the backend path ``path``
     stands for (optional capability ``kernel_path()``: the systemd backend maps

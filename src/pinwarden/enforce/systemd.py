@@ -23,6 +23,13 @@ reads                  ``GetUnit`` → object path; ``org.freedesktop.DBus.Prope
                        ``.Scope`` or ``.Service``)
 =====================  ==================================================================
 
+``runtime=true`` leaves a drop-in per setting, ``/run/systemd/system.control/UNIT.d/
+50-AllowedCPUs.conf``, that outlives the restore of the original value and overrides the
+operator's own drop-ins that sort before it, at every ``daemon-reload`` until the next boot.
+So the drop-ins listed in ``DropInPaths`` before pinwarden's first write are recorded
+(:meth:`SystemdBackend.setting_files`), and the ones its writes added are removed again
+once the original value is back (:meth:`SystemdBackend.remove_setting_files`).
+
 CPU sets travel as systemd's byte arrays (CPU *i* is bit ``i % 8`` of byte ``i // 8``,
 :meth:`CpuSet.to_dbus`); an empty array means "no restriction" (inherit the parent), exactly
 like an empty ``cpuset.cpus`` on cgroup v2.  ``runtime=true`` puts the settings in
@@ -90,7 +97,7 @@ import os
 import string
 from collections import deque
 from collections.abc import Iterable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
 from jeepney import DBusAddress, DBusErrorResponse, MessageType, new_method_call
@@ -407,6 +414,12 @@ Property = tuple[str, Variant]
 
 _ACTIVE_STATES: Final = frozenset({"active", "activating", "reloading", "deactivating"})
 
+#: Where ``SetUnitProperties(runtime=true)`` keeps the settings of a unit that is not
+#: transient: ``UNIT.d/50-PROPERTY.conf`` (systemd's ``unit_write_setting``; FACTS.md 3).
+RUNTIME_CONTROL: Final = PurePosixPath("/run/systemd/system.control")
+#: The drop-ins pinwarden's own writes make there.
+SETTING_DROPINS: Final = frozenset({"50-AllowedCPUs.conf", "50-AllowedMemoryNodes.conf"})
+
 
 class SystemdBus:
     """The few systemd Manager calls pinwarden needs, over one jeepney connection.
@@ -562,9 +575,11 @@ class SystemdBackend:
     not be able to express: ``cpuset.cpus.partition`` (see the module docstring).
     """
 
-    def __init__(self, bus: SystemdBus, *, kernel: CgroupBackend | None = None) -> None:
+    def __init__(self, bus: SystemdBus, *, kernel: CgroupBackend | None = None,
+                 root: Path = Path("/")) -> None:
         self._bus = bus
         self._kernel = kernel
+        self._root = root
         self._partition_supported: bool | None = None
         self._scope_serial = itertools.count(1)
         self._names: dict[tuple[str, str], str] = {}  # (parent path, unit) -> name used
@@ -825,6 +840,52 @@ class SystemdBackend:
             raise self._fail(exc, "partition", path, unit, value=value) from None
         self._kernel.set_partition(cgroup.strip("/"), kind)
 
+    def setting_files(self, path: str) -> tuple[str, ...]:
+        """The runtime drop-ins of ``path``'s unit that hold a setting pinwarden writes
+        (``50-AllowedCPUs.conf``, ``50-AllowedMemoryNodes.conf`` in
+        ``/run/systemd/system.control/UNIT.d``), as systemd lists them (``DropInPaths``).
+        A unit not in memory has none."""
+        unit = self._unit("read", path)
+        try:
+            obj = self._bus.get_unit(unit)
+            sig, value = self._bus.get_property(obj, UNIT_IFACE, "DropInPaths")
+        except DBusCallError as exc:
+            if exc.name == "org.freedesktop.systemd1.NoSuchUnit":
+                return ()
+            raise self._fail(exc, "read", path, unit) from None
+        if sig != "as":
+            raise CgroupOpError("read", path, errno.EPROTO,
+                                detail=f"{unit}: DropInPaths has type {sig!r}, expected 'as'")
+        folder = RUNTIME_CONTROL / f"{unit}.d"
+        return tuple(sorted({str(p) for p in value
+                             if PurePosixPath(str(p)).parent == folder
+                             and PurePosixPath(str(p)).name in SETTING_DROPINS}))
+
+    def remove_setting_files(self, path: str, keep: Iterable[str]) -> tuple[str, ...]:
+        """Remove the drop-ins :meth:`setting_files` lists now that ``keep`` (what it listed
+        before pinwarden's first write) does not name: pinwarden's writes made them.
+
+        Called once the original value is back.  The setting systemd has loaded stays as it
+        is; the next ``daemon-reload`` reads the unit's own configuration, with no drop-in
+        of pinwarden's overriding an operator's later one.  Until then systemd reports
+        ``NeedDaemonReload=yes`` for the unit (its list of drop-ins names a file that is
+        gone; FACTS.md 10).  Returns the files removed."""
+        keep = frozenset(keep)
+        removed: list[str] = []
+        for name in self.setting_files(path):
+            if name in keep:
+                continue
+            try:
+                (self._root / name.lstrip("/")).unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise CgroupOpError("cpus", path, exc.errno or errno.EIO,
+                                    detail=f"cannot remove {name}: "
+                                           f"{exc.strerror or exc}") from None
+            removed.append(name)
+        return tuple(removed)
+
     def kernel_path(self, path: str) -> str:
         """The cgroup directory (relative to the v2 mount) of the unit ``path`` names:
         ``pinwarden-vm-A.partition`` → ``pinwarden\\x2dvm\\x2dA.slice``."""
@@ -878,4 +939,5 @@ def open_backend(address: str = "SYSTEM", *, root: Path = Path("/"),
     except HostError as exc:
         raise EnforceError(f"systemd cannot manage cpusets on this host: {exc}; use the "
                            f"cgroup v1 backend") from None
-    return SystemdBackend(SystemdBus.connect(address, timeout=timeout), kernel=kernel)
+    return SystemdBackend(SystemdBus.connect(address, timeout=timeout), kernel=kernel,
+                          root=root)

@@ -94,6 +94,15 @@ def noise() -> Data:
             "workqueue": read("/sys/devices/virtual/workqueue/cpumask")}
 
 
+def dropins() -> Data:
+    """The runtime drop-ins of machine.slice (``SetUnitProperties(runtime=true)``'s), each
+    file's last line, and whether systemd says the unit needs a ``daemon-reload``."""
+    folder = Path("/run/systemd/system.control/machine.slice.d")
+    files = {p.name: (read(p) or "").splitlines()[-1:] for p in sorted(folder.glob("*"))} \
+        if folder.is_dir() else {}
+    return {"files": files, **unit_show("machine.slice", "NeedDaemonReload", "DropInPaths")}
+
+
 def holders() -> list[Data]:
     status = pinwarden("status", "--json").get("json") or {}
     return [{"name": h["domain"], "cpus": h["cpus"], "owner": h.get("owner_pid"),
@@ -103,7 +112,8 @@ def holders() -> list[Data]:
 @check("story", needs=["install", "boot"])
 def story() -> Data:
     out: Data = {"as_found": {"layout": layout(), "noise": noise(),
-                              "machine_unit": unit_show("machine.slice", "AllowedCPUs")}}
+                              "machine_unit": unit_show("machine.slice", "AllowedCPUs"),
+                              "dropins": dropins()}}
     CONFIG.parent.mkdir(parents=True, exist_ok=True)
     CONFIG.write_text('[partition]\nmode = "none"\nhost_reserve = "0"\n')
     out["host"] = pinwarden("host", "--json")
@@ -226,8 +236,13 @@ def story() -> Data:
         time.sleep(2.0)
         out["as_left"] = {"layout": layout(), "noise": noise(),
                           "machine_unit": unit_show("machine.slice", "AllowedCPUs"),
+                          "dropins": dropins(),
                           "record": pinwarden("host", "--json").get("json", {})
                           .get("recorded_partition")}
+        # what the next daemon-reload makes of it: the unit's own configuration
+        out["reload_after"] = systemctl("daemon-reload")
+        out["after_reload"] = {"machine_unit": unit_show("machine.slice", "AllowedCPUs"),
+                               "dropins": dropins()}
         out["hook_log"] = read(STATE / "hook.log")
     finally:
         for name in names:
