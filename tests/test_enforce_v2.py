@@ -121,3 +121,25 @@ def test_from_mounts_without_cgroup2(tmp_path: Path) -> None:
     _mountinfo(tmp_path, "25 22 0:22 / /proc rw - proc proc rw", None)
     with pytest.raises(HostError, match="no cgroup2 hierarchy"):
         CgroupV2Backend.from_mounts(tmp_path)
+
+
+def test_turning_the_cpuset_controller_off_loses_no_setting() -> None:
+    """The root's ``-cpuset`` takes every child's ``cpuset.*`` files with it: only where
+    each child just inherits, as a member, and none enables it further down (the kernel
+    would refuse with EBUSY, and libvirt's groups below rely on it)."""
+    from pinwarden.enforce.v2 import cpuset_setting_lost
+
+    plain = {"cgroup.subtree_control": "memory pids\n", "cpuset.cpus": "\n",
+             "cpuset.mems": "\n", "cpuset.cpus.exclusive": "\n",
+             "cpuset.cpus.partition": "member\n"}
+    assert cpuset_setting_lost({}) is None
+    assert cpuset_setting_lost({"machine": plain, "old": {**plain, "cpuset.cpus.exclusive":
+                                                           None}}) is None
+    assert cpuset_setting_lost({"machine": {**plain, "cgroup.subtree_control": "cpuset"}}) \
+        == "/machine enables it for its own children"
+    assert cpuset_setting_lost({"a": plain, "b": {**plain, "cpuset.cpus": "0-1\n"}}) == \
+        "/b has cpuset.cpus 0-1"
+    assert cpuset_setting_lost({"b": {**plain, "cpuset.mems": "0\n"}}) == \
+        "/b has cpuset.mems 0"
+    assert cpuset_setting_lost({"b": {**plain, "cpuset.cpus.partition": "isolated invalid"}}) \
+        == "/b is a partition (isolated)"

@@ -317,6 +317,16 @@ def test_run_executes_the_command_in_a_partition_root(lab: LabRun) -> None:
     assert data["machine"] == {}, data["machine"]
 
 
+def test_run_turns_the_cpuset_controller_off_again(lab: LabRun) -> None:
+    """The root enabled no cpuset controller before the lease (as a host without systemd
+    boots); pinwarden's group needed it, and the last release turns it off again."""
+    data = lab.check("cli.run")
+    assert data["root_off"] is None, data
+    assert "cpuset" not in data["root_before"].split(), data
+    assert data["show"]["rc"] == 7, data["show"]
+    assert data["root_after"] == data["root_before"], data
+
+
 def test_offline_leased_cpu_keeps_lease_and_partition_recovers(lab: LabRun) -> None:
     data = lab.check("cli.offline")
     assert data["has_run"], "`pinwarden run` is not registered yet"

@@ -476,3 +476,51 @@ def test_a_signal_under_the_lock_waits_until_the_change_is_made(
     else:
         assert proc.returncode == -15, (proc.stdout, proc.stderr)
         assert proc.stdout == ""
+
+
+class ControllerFake(FakeCpusetV1):
+    """The fake with cgroup v2's switch of the cpuset controller in the root (a host
+    without systemd boots with it off; the first group pinwarden makes turns it on)."""
+
+    def __init__(self) -> None:
+        super().__init__(C("0-3"))
+        build(self, {"machine": ("0-3", False)})
+        self.enabled = False
+        self.calls: list[str] = []
+
+    def mkdir(self, path: str) -> None:
+        self.enabled = True
+        super().mkdir(path)
+
+    def cpuset_enabled(self, path: str) -> bool:
+        assert path == ""
+        self.calls.append(f"enabled? {self.enabled}")
+        return self.enabled
+
+    def disable_cpuset(self, path: str) -> str | None:
+        self.calls.append("disable")
+        self.enabled = False
+        return None
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_the_cpuset_controller_goes_off_again_if_it_was(host4: Path, tmp_path: Path,
+                                                        before: bool) -> None:
+    """cgroup v2 without systemd: whether the root enabled the controller is recorded
+    before the first lease's first write; the last release turns it off again only if it
+    was off, and only once the holder group is gone (a group kept for its task keeps it)."""
+    fake = ControllerFake()
+    fake.enabled = before
+    with manager(host4, tmp_path / "state", fake) as m:
+        reserved = m.reserve_request(JobSpec("J", cpus=C("3")))
+        assert json.loads(m.ledger().changes()["controller:cpuset"]) == {"enabled": before}
+        assert fake.enabled
+        fake.attach_thread(reserved.group, 777)  # outlives the lease
+        narrow_in_root(host4, fake)
+        m.drop(job_holder("J"))
+        assert fake.enabled and "disable" not in fake.calls
+        fake.exit(777)
+        m.sync()
+        assert fake.enabled is before
+        assert fake.calls == [f"enabled? {before}"] + ([] if before else ["disable"])
+        assert m.ledger().changes() == {}

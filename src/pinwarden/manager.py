@@ -53,6 +53,9 @@ if TYPE_CHECKING:
 LOCK_NAME = "manager.lock"
 #: Change-record key of the shared VM partition cgroup's CPUs (``cgroup:machine``).
 SHARED_KEY = "cgroup:{path}"
+#: Change record: whether the root enabled the cpuset controller before the first lease
+#: (cgroup v2 without systemd, where pinwarden's first group turns it on).
+CONTROLLER_KEY = "controller:cpuset"
 
 #: ``decide(host, leases) -> Plan`` — the placement decision of one reservation.
 Decide = Callable[[Host, tuple[Lease, ...]], Plan]
@@ -470,6 +473,8 @@ class Manager:
         changes = ledger.changes()
         restore: CpuSet | None = None
         drop = False
+        if leases and CONTROLLER_KEY not in changes:
+            self._record_controller(ledger, backend)
         if leases and key not in changes:
             ledger.record_changes({key: self._shared_original(backend, names.shared)})
         elif not leases and key in changes:
@@ -496,6 +501,9 @@ class Manager:
             ledger.forget_changes([key] if key in changes else [])
             self._restore_cgroups(ledger, backend, {k: v for k, v in changes.items()
                                                     if k != key})
+            if CONTROLLER_KEY in changes:  # last: the cgroups above no longer need it
+                self._restore_controller(backend, changes[CONTROLLER_KEY])
+                ledger.forget_changes([CONTROLLER_KEY])
         self._isolate(ledger, host, CpuSet.of(lease.cpu for lease in leases))
         self._keep_off(ledger, host, leases, _unguarded(result) if v2 else EMPTY)
         if not leases and not kept:
@@ -727,6 +735,37 @@ class Manager:
                 return json.dumps({"cpus": ""})
             return json.dumps({"absent": True})
         return json.dumps({"cpus": cpus.to_list(), **self._setting_files(backend, path)})
+
+    @staticmethod
+    def _record_controller(ledger: Ledger, backend: CgroupBackend) -> None:
+        """Before the first lease's writes: does the root enable the cpuset controller
+        already (cgroup v2 without systemd)?  Nothing to record on other backends."""
+        from pinwarden.enforce.backend import CgroupOpError, cpuset_enabled
+
+        try:
+            enabled = cpuset_enabled(backend, "")
+        except CgroupOpError:
+            return  # unreadable: the mkdir that needs it says why
+        if enabled is not None:
+            ledger.record_changes({CONTROLLER_KEY: json.dumps({"enabled": enabled})})
+
+    def _restore_controller(self, backend: CgroupBackend, record: str) -> None:
+        """The last lease is gone: the cpuset controller pinwarden's first group turned on
+        in the root's ``cgroup.subtree_control`` goes off again, unless somebody relies on
+        it by now (libvirt's groups, a cpuset somebody set): then it is theirs."""
+        from pinwarden.enforce.backend import CgroupOpError, disable_cpuset
+
+        try:
+            if json.loads(record).get("enabled") is not False:
+                return
+        except (ValueError, AttributeError):
+            return
+        try:
+            disable_cpuset(backend, "")
+        except CgroupOpError as exc:
+            self.warn(f"could not turn the cpuset controller off again in the root's "
+                      f"cgroup.subtree_control ({exc}); 'echo -cpuset > "
+                      f"/sys/fs/cgroup/cgroup.subtree_control' does it")
 
     def _setting_files(self, backend: CgroupBackend, path: str) -> dict[str, list[str]]:
         """The backend's setting files of ``path`` before pinwarden writes, for the change

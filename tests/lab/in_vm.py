@@ -536,8 +536,13 @@ def cli_run() -> Data:
     out: Data = {"has_run": command_exists("run")}
     if not out["has_run"]:
         return out
+    # the root as a host without systemd boots: the cpuset controller off (the checks
+    # before turned it on; what they left only inherits, so nothing is lost)
+    out["root_off"] = try_write("", "cgroup.subtree_control", "-cpuset")
+    out["root_before"] = raw("", "cgroup.subtree_control")
     # one invocation (each costs 20-30 s under TCG): cat /proc/self/cgroup and more
     out["show"] = cli("run", "--exclusive", "1", "--", "sh", "-c", SHOW + "; exit 7")
+    out["root_after"] = raw("", "cgroup.subtree_control")
     out["leases_after"] = ledger_leases()
     out["machine"] = {n: group_data(n) for n in ("machine", "machine.slice")
                       if (cgroup_root() / n).is_dir()}

@@ -313,6 +313,23 @@ def remove_setting_files(backend: CgroupBackend, path: str,
     return () if probe is None else tuple(str(f) for f in probe(path, keep))
 
 
+def cpuset_enabled(backend: CgroupBackend, path: str) -> bool | None:
+    """Whether ``path`` enables the cpuset controller for its children (optional
+    capability ``cpuset_enabled()``: cgroup v2 without systemd, where pinwarden's first
+    group turns it on).  None where the backend never switches controllers (v1; systemd,
+    which switches them itself)."""
+    probe = getattr(backend, "cpuset_enabled", None)
+    return None if probe is None else bool(probe(path))
+
+
+def disable_cpuset(backend: CgroupBackend, path: str) -> str | None:
+    """Turn the cpuset controller off again below ``path`` where that loses no setting
+    (optional capability ``disable_cpuset()``); None once off, else what keeps it on."""
+    probe = getattr(backend, "disable_cpuset", None)
+    kept = None if probe is None else probe(path)
+    return None if kept is None else str(kept)
+
+
 def kernel_path(backend: CgroupBackend, path: str) -> str:
     """The cgroup directory, relative to the backend's mount, that the backend path ``path``
     stands for (optional capability ``kernel_path()``: the systemd backend maps

@@ -124,6 +124,25 @@ HOUSEKEEPING_RULE_SINCE = (6, 12)
 ISOLATED_REFUSED_IN = ((6, 12),)
 
 
+def cpuset_setting_lost(children: dict[str, dict[str, str | None]]) -> str | None:
+    """What turning the cpuset controller off above ``children`` (each child's
+    ``cgroup.subtree_control``, ``cpuset.cpus``, ``cpuset.mems``, ``cpuset.cpus.exclusive``
+    and ``cpuset.cpus.partition``, None where absent) would take from somebody, in words;
+    None when nothing: no child enables it for its own children (the kernel would refuse,
+    and libvirt's groups below need it) and every child only inherits, as a member."""
+    for path, files in sorted(children.items()):
+        if "cpuset" in (files.get("cgroup.subtree_control") or "").split():
+            return f"/{path} enables it for its own children"
+        for name in ("cpuset.cpus", "cpuset.mems", EXCLUSIVE_FILE):
+            value = (files.get(name) or "").strip()
+            if value:
+                return f"/{path} has {name} {value}"
+        word = (files.get(PARTITION_FILE) or "member").split()[0]
+        if word != "member":
+            return f"/{path} is a partition ({word})"
+    return None
+
+
 def kernel_version(root: Path = Path("/")) -> tuple[int, int]:
     """``(major, minor)`` of the running kernel (``(0, 0)`` when unreadable)."""
     try:
@@ -342,6 +361,32 @@ class CgroupV2Backend:
         return tuple(int(t) for t in text.split())
 
     # -- writing -----------------------------------------------------------------------
+
+    def cpuset_enabled(self, path: str) -> bool:
+        """``path`` enables the cpuset controller for its children (its
+        ``cgroup.subtree_control`` names ``cpuset``)."""
+        return "cpuset" in self._read(path, "cgroup.subtree_control").split()
+
+    def disable_cpuset(self, path: str) -> str | None:
+        """Turn the cpuset controller off again for the children of ``path`` — only where
+        that loses nobody's setting (:func:`cpuset_setting_lost`): it takes every child's
+        ``cpuset.*`` files with it.  None once it is off; else what keeps it on, in words.
+        :class:`CgroupOpError` when the kernel refuses the write."""
+        if not self.cpuset_enabled(path):
+            return None
+        try:
+            names = sorted(e.name for e in os.scandir(self._dir(path)) if e.is_dir())
+        except OSError as exc:
+            raise CgroupOpError("read", path, exc.errno or errno.EIO) from None
+        files = {join(path, name): {f: self._read_opt(join(path, name), f) for f in
+                                    ("cgroup.subtree_control", "cpuset.cpus", "cpuset.mems",
+                                     EXCLUSIVE_FILE, PARTITION_FILE)}
+                 for name in names}
+        lost = cpuset_setting_lost(files)
+        if lost is not None:
+            return lost
+        self._write("cpus", path, "cgroup.subtree_control", "-cpuset")
+        return None
 
     def _enable_cpuset(self, path: str, for_child: str) -> None:
         controls = self._read(path, "cgroup.subtree_control").split()
