@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ from pinwarden import procs
 from pinwarden.config import Config
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import parse_domain
-from pinwarden.errors import LedgerError, Refusal
+from pinwarden.errors import LedgerError, LibvirtError, Refusal
 from pinwarden.ledger import HolderRecord, Ledger
 from pinwarden.libvirt import hook, hookclient
 from pinwarden.libvirt.reconcile import Adopt, Drift, Free, Report, reconcile
@@ -693,3 +694,39 @@ def test_a_bug_in_a_hook_command_is_one_line_and_exit_70(
     assert vm_cli.hook_main(["hook", "ping"]) == 70
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "internal error: RuntimeError: boom second line" in err
+
+
+def test_a_domain_between_states_has_no_affinity_yet() -> None:
+    """libvirt answers OPERATION_INVALID ("cpu affinity is not supported") for a domain
+    whose QEMU runs before libvirt knows its vCPU threads (seen on libvirt 11 while a
+    domain starts): no affinity yet, not an error.  Before, it failed every listing of
+    domains, and with it the daemon's whole pass, at every start."""
+    from pinwarden.libvirt import connect
+
+    lv = connect.binding()
+
+    class Starting:
+        def vcpus(self) -> Any:
+            raise FakeError(lv.VIR_ERR_OPERATION_INVALID, "cpu affinity is not supported")
+
+        def name(self) -> str:
+            return "f"
+
+    class Broken(Starting):
+        def vcpus(self) -> Any:
+            raise FakeError(lv.VIR_ERR_INTERNAL_ERROR, "something else")
+
+    class FakeError(lv.libvirtError):  # type: ignore[misc, name-defined]
+        def __init__(self, code: int, text: str) -> None:
+            Exception.__init__(self, text)
+            self.code = code
+
+        def get_error_code(self) -> int:
+            return self.code
+
+        def get_error_message(self) -> str:
+            return str(self)
+
+    assert connect.read_affinity(Starting()) is None
+    with pytest.raises(LibvirtError, match="cannot read the CPU affinity of domain 'f'"):
+        connect.read_affinity(Broken())

@@ -103,7 +103,7 @@ def cpumap(cpus: CpuSet, size: int) -> tuple[bool, ...]:
 
 def read_affinity(dom: Any) -> Affinity | None:
     """Where every thread of a running domain may run, as the kernel says; ``None`` for
-    drivers that have no such threads or API (lxc).
+    drivers that have no such threads or API (lxc), and for a domain between states.
 
     libvirt's *pin info* (``vcpuPinInfo``, ``emulatorPinInfo``) is its configuration —
     every CPU for a thread the XML does not pin — not what the kernel allows, so a shared
@@ -133,7 +133,11 @@ def read_affinity(dom: Any) -> Affinity | None:
                 raise
             iothreads = {}
     except lv.libvirtError as exc:
-        if exc.get_error_code() in unsupported:
+        # OPERATION_INVALID: a domain between states — QEMU runs but libvirt does not know
+        # its vCPU threads yet ("cpu affinity is not supported" while it starts), or it is
+        # stopping.  Nothing to read now; the next look sees it settled.  Before, one such
+        # domain failed every listing, and with it the daemon's whole pass.
+        if exc.get_error_code() in (*unsupported, lv.VIR_ERR_OPERATION_INVALID):
             return None
         raise error(f"cannot read the CPU affinity of domain {dom.name()!r}", exc) from None
     return Affinity(vcpus=vcpus, emulator=emulator, iothreads=iothreads)
