@@ -84,6 +84,94 @@ def test_holders_and_the_domain_itself_are_left_alone() -> None:
     assert repins([me, other], A, cs("2"), pool=cs("0"), holders=[held]) == ()
 
 
+def live_pinned(name: str, uuid: str, vcpus: str, emulator: str) -> DomainInfo:
+    """A running domain after live re-pins: its running definition pins every thread."""
+    return running(name, f"<cputune><vcpupin vcpu='0' cpuset='{vcpus}'/><vcpupin vcpu='1' "
+                         f"cpuset='{vcpus}'/><emulatorpin cpuset='{emulator}'/></cputune>",
+                   vcpus=vcpus, emulator=emulator, uuid=uuid)
+
+
+def test_narrowed_pins_are_given_back_as_the_leases_go() -> None:
+    """A shared domain's pins narrowed by two leases (first CPU 2, then 3) get CPU 2 back
+    once its lease goes (3 is still leased), then everything; the record keeps the pin as
+    it was before the *first* narrowing."""
+    from pinwarden.libvirt.repin import give_back, record_moves
+
+    s = running("s", vcpus="0-3", emulator="0-3")
+    first = repins([s], A, cs("2"), pool=cs("0-1,3"))
+    records = record_moves(first, {})
+    assert json.loads(records[f"repin:{s.uuid}:vcpu0"]) == {
+        "domain": "s", "before": "0-3", "after": "0-1,3"}
+    s = live_pinned("s", s.uuid, "0-1,3", "0-1,3")
+    second = repins([s], domain_holder("qemu", "b", "b" * 8), cs("3"), pool=cs("0-1"))
+    records = {**records, **record_moves(second, records)}
+    assert json.loads(records[f"repin:{s.uuid}:vcpu1"]) == {
+        "domain": "s", "before": "0-3", "after": "0-1"}
+
+    s = live_pinned("s", s.uuid, "0-1", "0-1")
+    nothing = give_back([s], records, leased=cs("2-3"))  # both still leased
+    assert nothing.moves == () and nothing.forget == () and nothing.records == {}
+    partly = give_back([s], records, leased=cs("3"))
+    assert {(m.label, str(m.before), str(m.after)) for m in partly.moves} == {
+        ("vcpu0", "0-1", "0-2"), ("vcpu1", "0-1", "0-2"), ("emulator", "0-1", "0-2")}
+    assert partly.forget == ()
+    assert {json.loads(v)["after"] for v in partly.records.values()} == {"0-2"}
+    s = live_pinned("s", s.uuid, "0-2", "0-2")
+    whole = give_back([s], {**records, **partly.records}, leased=CpuSet())
+    assert {str(m.after) for m in whole.moves} == {"0-3"}
+    assert sorted(whole.forget) == sorted(records) and whole.records == {}
+
+
+def test_a_shared_start_records_the_threads_placed_off_leased_cpus() -> None:
+    """``pinwarden start`` of a shared domain while CPUs are leased: the thread groups its
+    definition leaves to default placement are recorded as narrowed from the pool with
+    nothing leased; a thread its definition pins is its own."""
+    from pinwarden.libvirt.repin import placed_narrower
+
+    spec = parse_domain(xml("s", "<cputune><vcpupin vcpu='1' cpuset='1'/></cputune>"))
+    plan = Plan("s", "u", False, {0: cs("1,3"), 1: cs("1")}, cs("1,3"), default_cpus=cs("1,3"))
+    moves = placed_narrower(spec, plan, "s", "u", base=cs("1-3"))
+    assert [(m.label, str(m.before), str(m.after)) for m in moves] == [
+        ("vcpu0", "1-3", "1,3"), ("emulator", "1-3", "1,3")]
+    assert placed_narrower(spec, plan, "s", "u", base=cs("1,3")) == ()
+    fallback = Plan("s", "u", False, {0: cs("0"), 1: cs("1")}, cs("0"))
+    assert [m.label for m in placed_narrower(spec, fallback, "s", "u", cs("2-3"))] == [
+        "vcpu0", "emulator"]
+
+
+def test_a_pin_changed_since_or_a_domain_gone_is_forgotten_not_given_back() -> None:
+    """``virsh vcpupin --live`` by somebody after pinwarden narrowed the pin makes it
+    theirs; a domain that no longer runs has nothing to get back."""
+    from pinwarden.libvirt.repin import give_back, record_moves
+
+    s = running("s", vcpus="0-3", emulator="0-3")
+    records = record_moves(repins([s], A, cs("2"), pool=cs("0-1,3")), {})
+    # vCPUs re-pinned by somebody; the kernel's affinity is no guide (it follows cgroups)
+    changed = live_pinned("s", s.uuid, "1", "0-1,3")
+    out = give_back([changed], records, leased=CpuSet())
+    assert [m.label for m in out.moves] == ["emulator"]
+    assert sorted(out.forget) == sorted(records)
+    gone = give_back([], records, leased=CpuSet())
+    assert gone.moves == () and sorted(gone.forget) == sorted(records)
+    moved_by_the_kernel = running("s", "<cputune><vcpupin vcpu='0' cpuset='0-1,3'/>"
+                                       "</cputune>", vcpus="1", uuid=s.uuid)
+    kernel = give_back([moved_by_the_kernel], records, leased=CpuSet())
+    assert [(m.label, str(m.after)) for m in kernel.moves] == [("vcpu0", "0-3")]
+    # a new lease of CPU 0 before its start re-pinned the domain: not a give-back's to
+    # narrow (the start does, and records it); CPU 2 comes back once the pin is off 0
+    s2 = live_pinned("s", s.uuid, "0-1,3", "0-1,3")
+    taking = give_back([s2], records, leased=cs("0"))
+    assert taking.moves == () and taking.forget == () and taking.records == {}
+    # a pin moved to the housekeeping CPUs (every CPU it had was leased) comes back to
+    # the first of its CPUs that is free again
+    fallback = {f"repin:{s.uuid}:vcpu0": json.dumps({"domain": "s", "before": "2-3",
+                                                      "after": "0"})}
+    home = give_back([live_pinned("s", s.uuid, "0", "0")], fallback, leased=cs("3"))
+    assert [(m.label, str(m.after)) for m in home.moves] == [("vcpu0", "2")]
+    broken = give_back([s], {f"repin:{s.uuid}:vcpu0": "{"}, leased=CpuSet())
+    assert broken.moves == () and broken.forget == (f"repin:{s.uuid}:vcpu0",)
+
+
 # -- reconcile ----------------------------------------------------------------------------
 
 def record(ref: HolderRef, vcpus: dict[int, str], leases: dict[int, str], *,

@@ -1,6 +1,7 @@
 """``pinwarden daemon`` against the real libvirtd: it frees the lease of a domain that dies
-(lifecycle event, no hook installed), reports an exclusive domain running outside its
-partition, survives a libvirtd restart, and stops cleanly on SIGTERM."""
+(lifecycle event, no hook installed) and gives the shared domain its start re-pinned the
+freed CPU back, reports an exclusive domain running outside its partition, survives a
+libvirtd restart, and stops cleanly on SIGTERM."""
 
 from __future__ import annotations
 
@@ -43,10 +44,14 @@ def pw(libvirt_daemons: env.Daemons, tmp_path: Path) -> Iterator[env.Pinwarden]:
 def test_daemon_frees_reports_and_reconnects(pw: env.Pinwarden, domains: env.Domains,
                                             libvirt_daemons: env.Daemons,
                                             tmp_path: Path) -> None:
-    a, stray = "pwtest-daemon-a", "pwtest-daemon-x"
+    a, stray, shared = "pwtest-daemon-a", "pwtest-daemon-x", "pwtest-daemon-s"
+    domains.create(shared)  # unpinned, before the lease: A's start re-pins it off CPU 1
+    as_found = env.vm_affinity(shared)
+    assert 1 in as_found
     domains.define(a, exclusive=True, vcpupins={0: "1"})
     pw.run("start", a, check=True)
     assert env.holder_names(pw) == (a,)
+    assert 1 not in env.vm_affinity(shared)
     daemon = Daemon(pw, tmp_path / "daemon.log", "--metrics", "127.0.0.1:0")
     try:
         wait_for("the daemon to connect", lambda: "connected to" in daemon.text())
@@ -81,6 +86,10 @@ def test_daemon_frees_reports_and_reconnects(pw: env.Pinwarden, domains: env.Dom
                  lambda: f"freed the leases of qemu domain '{a}'" in daemon.text())
         wait_for("A's cgroup to be removed",
                  lambda: not (env.CPUSET / pw.holder_group(a)).exists())
+        # the shared domain gets CPU 1 back: the daemon gives back what A's start took
+        wait_for("the daemon to give back CPU 1",
+                 lambda: f"gave back {shared} vcpu0" in daemon.text())
+        assert env.vm_affinity(shared) == as_found
         assert daemon.proc.poll() is None, daemon.text()
     finally:
         status = daemon.stop()

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from pinwarden.cpuset import CpuSet
 from pinwarden.domain import parse_domain
 from pinwarden.errors import LibvirtError, Refusal
 from pinwarden.libvirt import start
@@ -67,6 +68,7 @@ def test_exclusive_start_repins_a_running_shared_domain(pw: env.Pinwarden,
     (env.CPUSET / "machine" / "cpuset.cpus").write_text(machine)
     shared = domains.create(s)  # unpinned, started before any lease: runs on CPU 1 too
     assert 1 in env.vm_affinity(s)
+    as_found = env.vm_affinity(s)
     domains.define(a, exclusive=True, vcpupins={0: "1"})
 
     # --dry-run: the same decisions, in order, and nothing changes
@@ -98,6 +100,36 @@ def test_exclusive_start_repins_a_running_shared_domain(pw: env.Pinwarden,
     assert env.holder_names(pw) == ()
     assert not (env.CPUSET / group).exists()
     assert not domains.conn.lookupByName(a).isActive()
+    # the shared domain gets back the CPU the lease took from it (before, it stayed on CPU
+    # 0 until it was restarted), in the kernel and in libvirt's own view
+    assert f"gave back {s} vcpu0: 0 -> {CpuSet.of(as_found)}" in stopped, stopped
+    assert env.vm_affinity(s) == as_found
+    bits = shared.vcpuPinInfo(env.libvirt.VIR_DOMAIN_AFFECT_LIVE)[0]
+    assert {i for i, on in enumerate(bits) if on} == as_found
+    again = pw.run("stop", a, check=True).stdout  # nothing left to give back
+    assert "gave back" not in again, again
+
+
+def test_a_shared_start_beside_a_lease_gets_the_cpu_when_it_ends(pw: env.Pinwarden,
+                                                                 domains: env.Domains) -> None:
+    """``pinwarden start`` of a shared domain while the only VM CPU is leased places it on
+    the housekeeping CPU (the fallback); once the lease ends it gets the VM CPU, as a
+    domain started by plain ``virsh start`` does through its cgroup alone.  Before, it
+    stayed on the housekeeping CPU until it was restarted."""
+    a, s = "pwtest-start-a4", "pwtest-start-s4"
+    if not (env.CPUSET / "machine").is_dir():
+        domains.create("pwtest-start-warm").destroy()
+    (env.CPUSET / "machine" / "cpuset.cpus").write_text("1")  # VM CPU 1
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    domains.define(s)
+    pw.run("start", a, check=True)
+    out = pw.run("start", s, check=True).stdout
+    assert f"started {s} (shared on CPU 0)" in out, out
+    assert env.vm_affinity(s) == {0}
+    stopped = pw.run("stop", a, check=True).stdout
+    assert f"gave back {s} vcpu0: 0 -> 1" in stopped, stopped
+    assert f"gave back {s} emulator: 0 -> 1" in stopped, stopped
+    assert env.vm_affinity(s) == {1}
 
 
 def test_start_refused_by_a_domain_pinned_onto_the_cpu(pw: env.Pinwarden,

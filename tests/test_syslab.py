@@ -702,6 +702,29 @@ def test_story_with_the_daemon_running_pinwarden_start_is_the_daemons(lab: LabRu
     rc0(s["stop_f"])
 
 
+def test_story_stop_gives_the_shared_domains_their_cpus_back(lab: LabRun) -> None:
+    """F's start re-pinned the running shared domains off its CPU; when F stops, they get it
+    back (before, they stayed off it until they were restarted)."""
+    s = lab.check("story")
+    cpu = int(next(iter((s["start_f"].get("json") or {})["plan"]["leases"])))
+    took = []
+    for name in ("pwtest-b", "pwtest-c"):
+        before, during = s["bc_before_f"][name], s["bc_with_f"][name]
+        assert before and not any(cpu in _cpus_of(a) for a in during), (name, before, during)
+        assert s["bc_after_f"][name] == before, (name, s["bc_after_f"][name], before)
+        if any(cpu in _cpus_of(a) for a in before):
+            took.append(name)
+    # C was started by 'pinwarden start' while A and E held their CPUs, and placed on what
+    # was left; E died meanwhile, and the daemon gave C E's CPU back before F started
+    cpu_e = next(int(h["cpus"]) for h in s["holders_ae"] if h["name"] == "pwtest-e")
+    assert any(cpu_e in _cpus_of(a) for a in s["bc_before_f"]["pwtest-c"]), s["bc_before_f"]
+    assert "pwtest-c" in took or cpu != cpu_e, (cpu, cpu_e)
+    # by 'pinwarden stop' itself, or by the daemon when F's end reached it first
+    said = s["stop_f"]["stdout"] + s["journal"]
+    for name in took:
+        assert f"gave back {name} " in said, (s["stop_f"], s["journal"])
+
+
 def test_story_the_host_is_left_as_found(lab: LabRun) -> None:
     s = lab.check("story")
     assert s["after_destroy"]["holders"] == []

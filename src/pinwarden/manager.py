@@ -31,7 +31,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -290,6 +290,26 @@ class Manager:
         dead = {(r.ref.driver, r.ref.key) for r in reader.dead()}
         return tuple(lease for lease in reader.leases()
                      if (lease.holder.driver, lease.holder.key) not in dead)
+
+    def change_records(self, prefix: str) -> dict[str, str]:
+        """The change records under ``prefix`` that an adapter keeps of what it changed
+        on the host, to give back later (``repin:``: live pins of running domains)."""
+        reader = self.reader()
+        if reader is None:
+            return {}
+        return {k: v for k, v in reader.changes().items() if k.startswith(prefix)}
+
+    def put_change_records(self, records: Mapping[str, str],
+                           forget: Iterable[str] = ()) -> None:
+        """Write (``records``) and forget (``forget``) such change records, under the
+        lock."""
+        forget = list(forget)
+        if not records and not forget:
+            return
+        with self.locked():
+            ledger = self.ledger()
+            ledger.put_changes(records)
+            ledger.forget_changes(forget)
 
     def refused_noise(self) -> frozenset[str]:
         """Noise sources the kernel refused to move (managed or per-CPU IRQs)."""

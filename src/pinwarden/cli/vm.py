@@ -229,6 +229,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
     what = "stopped" if result.was_running else "was not running"
     freed = f"; freed {result.released.named()}" if result.released else ""
     print(f"{printable(result.name)} {what}{freed}")
+    for move in result.given_back:
+        print(f"  gave back {printable(str(move))}")
+    for note in result.notes:
+        print(f"note: {printable(note)}")
     return 0
 
 

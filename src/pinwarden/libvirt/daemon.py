@@ -18,6 +18,7 @@ from typing import Any
 
 from pinwarden.errors import PinwardenError
 from pinwarden.libvirt import connect as lv
+from pinwarden.libvirt import pins
 from pinwarden.libvirt.reconcile import Adopt, Drift, Free, Report, reconcile
 from pinwarden.manager import Manager
 
@@ -52,7 +53,10 @@ def reconcile_once(manager: Manager, conn: Any, *, restore: bool,
                     log.warning("%s", action.message)
             elif isinstance(action, Drift):
                 if restore and action.repin.after:
-                    lv.apply_repin(conn, action.repin)
+                    with pins.locked(manager):
+                        lv.apply_repin(conn, action.repin)
+                        if action.narrows:
+                            pins.note_moves(manager, [action.repin])
                     log.warning("restored %s (%s)", action.repin, action.reason)
                 else:
                     reported.add(action.reason)
@@ -61,6 +65,11 @@ def reconcile_once(manager: Manager, conn: Any, *, restore: bool,
         except PinwardenError as exc:
             log.error("%s", exc.message)
     _sync(manager)  # a layout changed behind pinwarden's back is put back
+    try:  # pins pinwarden narrowed get back the CPUs no longer leased
+        for move in pins.give_back(manager, conn):
+            log.info("gave back %s", move)
+    except PinwardenError as exc:
+        log.error("%s", exc.message)
     seen.clear()
     seen.update(reported)
     return len(actions)

@@ -42,6 +42,9 @@ class Report:
 class Drift:
     repin: Repin  # before = live affinity, after = what it should be
     reason: str
+    #: A shared domain's pin taken off leased CPUs (given back when they are free), not an
+    #: exclusive domain's put back to its plan.
+    narrows: bool = False
 
 
 Action = Free | Adopt | Drift | Report
@@ -119,5 +122,5 @@ def reconcile(domains: Sequence[DomainInfo], holders: Sequence[HolderRecord],
                 actions.append(Drift(
                     Repin(dom.name, dom.uuid, thread, ident, cpus, cpus - foreign),
                     f"shared domain {dom.name} {label} may run on {foreign.named()} leased to "
-                    f"{owner}"))
+                    f"{owner}", narrows=True))
     return actions

@@ -9,17 +9,23 @@ live affinity covers them is re-pinned live (what oVirt does): each thread group
 * *floating* — its definition does not pin it (libvirt's default placement, or pinwarden's
   default placement rendered at start) — moves to the shared pool;
 * *pinned* by its definition — the lease is refused, naming the domain and the pin.
+
+Each narrowing is recorded (:func:`record_moves`, in the ledger's change records); once the
+leases that caused it are gone, :func:`give_back` returns the CPUs to the pin.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import json
+from collections.abc import Mapping, Sequence
 
-from pinwarden.cpuset import CpuSet
+from pinwarden.cpuset import CpuSet, CpuSetError
 from pinwarden.domain import DomainSpec
 from pinwarden.errors import Refusal
 from pinwarden.libvirt.state import DomainInfo, Repin
-from pinwarden.model import HolderRef
+from pinwarden.model import HolderRef, Plan
+from pinwarden.record import record
 
 
 def _floating(spec: DomainSpec | None, thread: str, ident: int | None) -> bool:
@@ -71,3 +77,131 @@ def repins(domains: Sequence[DomainInfo], holder: HolderRef, leased: CpuSet,
                                   f"{dom.name!r}", code="insufficient-cpus")
             out.append(Repin(dom.name, dom.uuid, thread, ident, cpus, after))
     return tuple(out)
+
+
+# -- giving narrowed pins back ---------------------------------------------------------------
+
+#: Change records of live pins pinwarden narrowed: ``repin:UUID:LABEL`` (``vcpu0``,
+#: ``emulator``, ``iothread1``) → :func:`narrowed_json`.
+NARROWED_PREFIX = "repin:"
+
+
+def narrowed_key(uuid: str, label: str) -> str:
+    return f"{NARROWED_PREFIX}{uuid}:{label}"
+
+
+def narrowed_json(move: Repin, earlier: str | None) -> str:
+    """The record of ``move``: the pin it had before pinwarden's *first* narrowing
+    (``earlier``'s, when one is recorded) and the one pinwarden set last."""
+    before = move.before
+    if earlier is not None:
+        with contextlib.suppress(ValueError, KeyError, TypeError, CpuSetError):
+            before = CpuSet.parse_kernel(str(json.loads(earlier)["before"]))
+    return json.dumps({"domain": move.domain, "before": before.to_list(),
+                       "after": move.after.to_list()})
+
+
+def record_moves(moves: Sequence[Repin], recorded: Mapping[str, str]) -> dict[str, str]:
+    """The change records to write once ``moves`` are applied (``recorded``: those kept
+    now).  A pin narrowed again keeps its first ``before``."""
+    out: dict[str, str] = {}
+    for move in moves:
+        key = narrowed_key(move.uuid, move.label)
+        out[key] = narrowed_json(move, out.get(key, recorded.get(key)))
+    return out
+
+
+def placed_narrower(spec: DomainSpec, plan: Plan, name: str, uuid: str,
+                    base: CpuSet) -> tuple[Repin, ...]:
+    """A shared domain just started by ``pinwarden start``: the thread groups its own
+    definition leaves to default placement, which pinwarden placed elsewhere than
+    ``base`` (the shared pool with nothing leased) because of the leases held now — on
+    fewer CPUs, or on the housekeeping CPUs when every VM CPU is leased — as narrowings
+    from ``base``, to give back when those leases end (as the kernel does for a domain
+    started by plain ``virsh start``, whose threads may use every VM CPU and are kept off
+    leased ones by their cgroup alone)."""
+    threads: list[tuple[str, int | None, CpuSet]] = [
+        ("vcpu", v, c) for v, c in sorted(plan.vcpus.items())]
+    threads.append(("emulator", None, plan.emulator))
+    threads.extend(("iothread", i, c) for i, c in sorted(plan.iothreads.items()))
+    return tuple(Repin(name, uuid, thread, ident, base, cpus)
+                 for thread, ident, cpus in threads
+                 if cpus and cpus != base and _floating(spec, thread, ident))
+
+
+@record
+class GiveBack:
+    """What to do with the recorded narrowed pins: the re-pins that give CPUs back, the
+    records to write (still narrowed, by less) and the records to forget."""
+
+    moves: tuple[Repin, ...]
+    records: Mapping[str, str]
+    forget: tuple[str, ...]
+
+
+def give_back(domains: Sequence[DomainInfo], recorded: Mapping[str, str],
+              leased: CpuSet) -> GiveBack:
+    """Live pins pinwarden narrowed off CPUs that are no longer leased (``leased``: every
+    CPU leased now) get them back: each thread group returns to what it had before the
+    first narrowing, minus what is still leased.
+
+    A record is forgotten once its pin is whole again, when its domain no longer runs, or
+    when the domain's live pin (its running definition's ``<vcpupin>``/``<emulatorpin>``/
+    ``<iothreadpin>``) is no longer the one pinwarden set (``virsh vcpupin --live`` by
+    somebody since: theirs to keep).
+    """
+    by_uuid = {d.uuid: d for d in domains if d.active}
+    moves: list[Repin] = []
+    records: dict[str, str] = {}
+    forget: list[str] = []
+    for key, value in sorted(recorded.items()):
+        uuid, _, label = key.removeprefix(NARROWED_PREFIX).rpartition(":")
+        dom = by_uuid.get(uuid)
+        try:
+            data = json.loads(value)
+            before = CpuSet.parse_kernel(str(data["before"]))
+            after = CpuSet.parse_kernel(str(data["after"]))
+        except (ValueError, KeyError, TypeError, CpuSetError):
+            forget.append(key)  # unreadable: nothing can be given back from it
+            continue
+        live = _live_pin(dom, label)
+        if dom is None or live is None or live != after:
+            forget.append(key)
+            continue
+        want = before - leased
+        if not want or want == after or after & leased:
+            # nothing free to give back yet — or a new lease takes CPUs of the pin: the
+            # start that leased them re-pins it (and records that), never a give-back
+            continue
+        thread, ident = _split_label(label)
+        moves.append(Repin(dom.name, uuid, thread, ident, after, want))
+        if want == before:
+            forget.append(key)
+        else:
+            records[key] = json.dumps({"domain": dom.name, "before": before.to_list(),
+                                       "after": want.to_list()})
+    return GiveBack(tuple(moves), records, tuple(forget))
+
+
+def _split_label(label: str) -> tuple[str, int | None]:
+    for thread in ("vcpu", "iothread"):
+        if label.startswith(thread) and label[len(thread):].isdigit():
+            return thread, int(label[len(thread):])
+    return label, None
+
+
+def _live_pin(dom: DomainInfo | None, label: str) -> CpuSet | None:
+    """The thread group's pin in the running definition: what the last ``virsh vcpupin
+    --live`` (pinwarden's or somebody's) set.  Not the kernel's affinity, which follows
+    the cgroups on its own (a ``machine`` put back to its CPUs moves the threads inside)."""
+    spec = dom.live if dom is not None else None
+    if spec is None:
+        return None
+    thread, ident = _split_label(label)
+    if thread == "vcpu":
+        own = spec.vcpupins.get(ident if ident is not None else -1)
+    elif thread == "emulator":
+        own = spec.emulatorpin
+    else:
+        own = spec.iothreadpins.get(ident if ident is not None else -1)
+    return own if own is not None else spec.cpuset  # <vcpu cpuset> for the unpinned

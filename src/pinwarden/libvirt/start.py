@@ -21,12 +21,11 @@ plan's pins in their usual partition; nothing is leased.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import time
 import uuid as uuidlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
@@ -37,9 +36,9 @@ from pinwarden.cpuset import CpuSet
 from pinwarden.domain import PW_NS, DomainSpec, parse_domain, render_plan
 from pinwarden.errors import InputError, LedgerError, LibvirtError, PinwardenError, Refusal
 from pinwarden.libvirt import connect as lv
-from pinwarden.libvirt import kernel
+from pinwarden.libvirt import kernel, pins
 from pinwarden.libvirt.hook import admit_shared
-from pinwarden.libvirt.repin import repins
+from pinwarden.libvirt.repin import placed_narrower, repins
 from pinwarden.libvirt.state import DomainInfo, Repin
 from pinwarden.manager import Manager
 from pinwarden.model import HolderRef, Lease, Plan, command_line, domain_holder
@@ -182,24 +181,11 @@ class _ExclusivePlanner:
         return plan
 
 
-@contextlib.contextmanager
-def _domain_lock(state_dir: Path, holder: HolderRef) -> Iterator[None]:
+def _domain_lock(state_dir: Path, holder: HolderRef) -> contextlib.AbstractContextManager[None]:
     """Serialise pinwarden start/stop of one domain: two racing starts would otherwise
     share one lease and the loser's rollback would free the winner's CPUs.  (Not the
     manager's lock: the hook, run by libvirtd inside the start, takes that one.)"""
-    locks = state_dir / "locks"
-    try:
-        locks.mkdir(parents=True, exist_ok=True)
-        fd = os.open(locks / f"{holder.driver}-{holder.key.replace(':', '-')}.lock",
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise LedgerError(f"cannot create a lock in {locks}: {exc.strerror} (run as root "
-                          f"or choose another --state-dir)") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    return pins.state_lock(state_dir, f"{holder.driver}-{holder.key.replace(':', '-')}")
 
 
 def _start_shared(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSpec,
@@ -218,6 +204,12 @@ def _start_shared(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSp
         with contextlib.suppress(PinwardenError):
             lv.destroy(conn, holder.name)
         raise
+    with contextlib.suppress(PinwardenError):  # the CPUs leased now, given back later
+        if manager.leases():
+            base = shared_pool(manager.host(), CpuSet())[0]
+            with pins.locked(manager):
+                pins.note_moves(manager, placed_narrower(spec, plan, holder.name,
+                                                         holder.uuid or "", base))
     return Started(holder.name, holder.uuid or "", plan, pid, kernel.domain_cgroup(pid),
                    notes=plan.notes)
 
@@ -235,11 +227,14 @@ def _start_exclusive(manager: Manager, conn: Any, holder: HolderRef, spec: Domai
     reserved = manager.reserve(holder, planner, owner_pid=os.getpid())
     plan = reserved.plan
     done: list[Repin] = []
+    replaced: dict[str, str | None] = {}
     started = False
     try:
-        for move in planner.moves:
-            lv.apply_repin(conn, move)
-            done.append(move)
+        with pins.locked(manager):
+            for move in planner.moves:
+                lv.apply_repin(conn, move)
+                done.append(move)
+            replaced = pins.note_moves(manager, done)  # given back when the CPUs are free
         dom = _create(conn, holder, render_plan(xml, plan, partition=partition))
         started = True
         pid = lv.read_pid(holder.driver, holder.name)
@@ -264,6 +259,8 @@ def _start_exclusive(manager: Manager, conn: Any, holder: HolderRef, spec: Domai
                        tuple(done), (*plan.notes, *layout_notes))
     except BaseException:
         _rollback(manager, conn, holder, started, done)
+        with contextlib.suppress(PinwardenError):
+            pins.unnote(manager, replaced)
         raise
 
 
@@ -299,10 +296,16 @@ class Stopped:
     uuid: str
     was_running: bool
     released: CpuSet
+    #: Running domains whose live pins got back CPUs leases had taken from them.
+    given_back: tuple[Repin, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"domain": self.name, "uuid": self.uuid, "was_running": self.was_running,
-                "released": str(self.released)}
+                "released": str(self.released),
+                "given_back": [{"domain": m.domain, "thread": m.label,
+                                "cpus": m.after.to_list()} for m in self.given_back],
+                "notes": list(self.notes)}
 
 
 def stop(manager: Manager, uri: str, name: str, *, graceful: bool = False,
@@ -315,10 +318,16 @@ def stop(manager: Manager, uri: str, name: str, *, graceful: bool = False,
             was_running = _stop_domain(dom, name, graceful=graceful, timeout=timeout)
             record = manager.drop(holder)
             released = record.plan.leased() if record is not None else CpuSet()
+        given: tuple[Repin, ...] = ()
+        notes: tuple[str, ...] = ()
+        try:
+            given = pins.give_back(manager, conn)
+        except PinwardenError as exc:  # the stop is done; the next give-back tries again
+            notes = (f"{exc.message}; 'pinwarden stop' or the daemon tries again",)
     finally:
         with contextlib.suppress(Exception):
             conn.close()
-    return Stopped(name, holder.uuid or "", was_running, released)
+    return Stopped(name, holder.uuid or "", was_running, released, given, notes)
 
 
 def _stop_domain(dom: Any, name: str, *, graceful: bool, timeout: float) -> bool:

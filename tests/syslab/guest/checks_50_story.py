@@ -103,6 +103,18 @@ def dropins() -> Data:
     return {"files": files, **unit_show("machine.slice", "NeedDaemonReload", "DropInPaths")}
 
 
+def pin_records() -> Data:
+    """The narrowed live pins pinwarden keeps to give back (``repin:`` change records), and
+    the running definitions' ``<cputune>`` of B and C."""
+    code = ("import json; from pinwarden.ledger import Ledger; "
+            "print(json.dumps({k: v for k, v in Ledger('/var/lib/pinwarden').changes()"
+            ".items() if k.startswith('repin:')}))")
+    records = run(["/opt/pinwarden/bin/python", "-c", code])
+    tunes = {n: [line.strip() for line in virsh("dumpxml", n)["stdout"].splitlines()
+                 if "pin " in line or "<vcpu " in line] for n in ("pwtest-b", "pwtest-c")}
+    return {"records": records, "cputune": tunes}
+
+
 def holders() -> list[Data]:
     status = pinwarden("status", "--json").get("json") or {}
     return [{"name": h["domain"], "cpus": h["cpus"], "owner": h.get("owner_pid"),
@@ -189,7 +201,10 @@ def story() -> Data:
         # exclusive domain, leased through systemd's D-Bus API from a worker thread of the
         # unit, B and C re-pinned off its CPU; then stopped, A alone again
         out["define_f"] = pinwarden("define", write_xml("pwtest-f", metadata=EXCLUSIVE_META))
+        out["bc_before_f"] = {n: domain(n)["allowed"] for n in ("pwtest-b", "pwtest-c")}
         out["start_f"] = pinwarden("start", "pwtest-f", "--json")
+        out["bc_with_f"] = {n: domain(n)["allowed"] for n in ("pwtest-b", "pwtest-c")}
+        out["pins_with_f"] = pin_records()
         out["f"] = domain("pwtest-f")
         out["holders_af"] = holders()
         out["f_layout"] = layout()
@@ -197,6 +212,8 @@ def story() -> Data:
                                                "cat"])["stdout"].splitlines()
                          if "served 'pinwarden start" in line]
         out["stop_f"] = pinwarden("stop", "pwtest-f")
+        out["bc_after_f"] = {n: domain(n)["allowed"] for n in ("pwtest-b", "pwtest-c")}
+        out["pins_after_f"] = pin_records()
         with contextlib.suppress(Exception):
             wait_for(lambda: [h["name"] for h in holders()] == ["pwtest-a"], 60)
         # (9) issue #14: a cgroup made at the root after the lease (systemd makes slices
