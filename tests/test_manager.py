@@ -524,3 +524,20 @@ def test_the_cpuset_controller_goes_off_again_if_it_was(host4: Path, tmp_path: P
         assert fake.enabled is before
         assert fake.calls == [f"enabled? {before}"] + ([] if before else ["disable"])
         assert m.ledger().changes() == {}
+
+
+def test_a_narrowed_pin_kept_to_give_back_does_not_keep_the_host_record(
+        host4: Path, tmp_path: Path) -> None:
+    """A shared domain's live pin pinwarden narrowed (``repin:`` record) outlives the last
+    lease until a libvirt adapter gives it back; the host record does not wait for it —
+    kept, a later reading would take ``machine`` as found then for the placement rules."""
+    fake = fake4()
+    with manager(host4, tmp_path / "state", fake) as m:
+        m.reserve_request(JobSpec("J", cpus=C("3")))
+        m.put_change_records({"repin:u:vcpu0": '{"before": "1-3", "after": "1-2"}'})
+        m.drop(job_holder("J"))
+        assert m.record() is None
+        assert m.change_records("repin:") == {"repin:u:vcpu0": '{"before": "1-3", "after": '
+                                                               '"1-2"}'}
+        m.put_change_records({}, forget=iter(["repin:u:vcpu0"]))
+        assert m.ledger().changes() == {}
