@@ -52,13 +52,16 @@ def pw(tmp_path: Path) -> Iterator[Pinwarden]:
 
 def test_job_runs_in_an_exclusive_cpuset_and_passes_its_status(pw: Pinwarden) -> None:
     done = run(pw, "--exclusive", "1", "--name", "pwtest-job", "--", "sh", "-c",
-               PROBE + "; exit 7")
+               PROBE + "; sleep 0.5; echo supervisor=$(sed -n 's/^Cpus_allowed_list:\t//p' "
+               "/proc/$PPID/status); exit 7")
     assert done.returncode == 7, done.stderr
     out = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
     assert out["group"] == f"/{pw.holder_group('pwtest-job', 'run')}"
     assert out["exclusive"] == "1"
     assert out["cpus"] == "1"  # CPU 0 is the host reserve, never leased
     assert "Cpus_allowed_list:\t1" in done.stdout
+    # the supervisor (the job's parent, in the root cpuset) waits off the job's CPU
+    assert "supervisor=0\n" in done.stdout, done.stdout
     # released and removed when the command ended
     assert not (CPUSET / pw.holder_group("pwtest-job", "run")).exists()
     assert "no holders" in pw.run("status", check=True).stdout

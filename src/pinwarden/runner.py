@@ -13,7 +13,7 @@ Lifecycle of a job J:
 2. fork; the child waits on a pipe; the parent moves it into the cgroup, pins its affinity
    and makes it the lease *owner* before letting it ``exec`` — if the supervisor is
    killed, even by SIGKILL, the lease lives exactly as long as the command and is reaped
-   by the next reservation (or the daemon);
+   by the next reservation (or the daemon); the supervisor then leaves the job's CPUs;
 3. the supervisor forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to
    it (signals the terminal sends to the whole foreground group reach the command
    directly and are not sent twice);
@@ -126,9 +126,22 @@ def supervise(backend: CgroupBackend, name: str, group: str, cpus: CpuSet,
             raise
         os.write(write_fd, b"1")
         os.close(write_fd)
+        _leave(cpus)
         return _wait(pid, watched)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def _leave(cpus: CpuSet) -> None:
+    """The supervisor waits off its job's CPUs.  Where the job's group is a partition the
+    kernel keeps it off already; a plain cpuset (cgroup v1's root cpuset, where it stays;
+    a holder over ``isolcpus=`` CPUs on Linux 6.12) does not, and the audit rightly counted
+    the supervisor among the tasks that may run on the lease (6.12 lab)."""
+    with contextlib.suppress(OSError):
+        mine = os.sched_getaffinity(0)
+        rest = mine - set(cpus)
+        if rest and rest != mine:
+            os.sched_setaffinity(0, rest)
 
 
 def _wait(pid: int, watched: set[signal.Signals]) -> int:
