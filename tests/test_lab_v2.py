@@ -720,7 +720,12 @@ def test_a_second_lease_narrows_the_shared_group_without_a_warning(lab: LabRun) 
     assert data["first"], data
     second = data["second"]
     assert second["rc"] == 0, second
-    assert "warning" not in second["stderr"], second["stderr"]
+    warnings = [line for line in second["stderr"].splitlines() if "warning" in line]
+    if holder_word(lab) == "member":
+        # 6.12: threads outside the holders that may run on the new lease (the first job's
+        # supervisor, off its own job's CPU only) are moved off it, which run says
+        warnings = [w for w in warnings if not w.startswith("pinwarden: warning: moved ")]
+    assert warnings == [], second["stderr"]
     assert second["stdout"].strip() and second["stdout"].strip() != \
         data["first"]["cpuset.cpus"], (second, data["first"])
     assert data["leases_after"] == [], data
@@ -752,14 +757,26 @@ def test_a_late_cgroup_escape_is_an_audit_error_and_sync_closes_it(lab: LabRun) 
         assert after["leases"] == [] and after["late"]["cpuset.cpus"] == "0-7", after
         assert data["cleanup"] == {"late_left": False, "holder_left": False}
         return
-    # the kernel lets the late cgroup onto the leased CPU and invalidates the partition
-    assert cpu <= cpus(escaped["task_allowed"]), escaped
-    assert escaped["holder"]["cpuset.cpus.partition"].startswith(f"{word} invalid"), escaped
     audit = data["audit_before"]
-    assert audit["rc"] != 0, audit
     errors = [i for i in audit["json"]["intruders"] if i["severity"] == "error"]
-    assert any(i["kind"] == "escaped-task" and i["cgroup"] == "/pwtest-esc"
-               for i in errors), errors
+    if word == "member":
+        # 6.12: no partition to invalidate, and the late cgroup keeps the leased CPU in its
+        # effective set; its task does not get it: it inherits the affinity pinwarden gave
+        # the threads outside the holders (the lab's own process) when the job started
+        assert cpu <= cpus(escaped["late"]["cpuset.cpus.effective"]), escaped
+        assert cpus(escaped["task_allowed"]).isdisjoint(cpu), escaped
+        assert escaped["holder"]["cpuset.cpus.partition"] == "member", escaped
+        assert not [i for i in errors if i["cgroup"] == "/pwtest-esc"], errors
+        # nor is the job's supervisor (outside the holders) an intruder: it left the CPU
+        assert not [i for i in errors if i["name"] == "pinwarden"], errors
+    else:
+        # the kernel lets the late cgroup onto the leased CPU, invalidates the partition
+        assert cpu <= cpus(escaped["task_allowed"]), escaped
+        assert escaped["holder"]["cpuset.cpus.partition"].startswith(f"{word} invalid"), \
+            escaped
+        assert audit["rc"] != 0, audit
+        assert any(i["kind"] == "escaped-task" and i["cgroup"] == "/pwtest-esc"
+                   for i in errors), errors
     # pinwarden sync narrows it, says so, and the partition is valid again
     sync = data["sync"]
     assert sync["rc"] == 0, sync
