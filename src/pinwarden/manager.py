@@ -796,8 +796,8 @@ class Manager:
         try:
             files = setting_files(backend, path)
         except CgroupOpError as exc:
-            self.warn(f"cannot list the drop-ins of {path} ({exc}): those pinwarden's "
-                      f"settings make stay after the last release")
+            self.warn(f"cannot list the drop-ins of {path} ({exc}): the ones pinwarden's "
+                      f"settings add will stay after the last release")
             return {}
         return {} if files is None else {"dropins": list(files)}
 
