@@ -439,6 +439,8 @@ from pinwarden.policy import JobSpec, decide
 
 fake = FakeCpusetV1(CpuSet.parse("0-3"))
 build(fake, {{"machine": ("0-3", False)}})
+# as in a terminal: a test run started in the background inherits SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def interrupted(request, host, leases):
     os.kill(os.getpid(), signal.{signal})  # lands while the lock is held
