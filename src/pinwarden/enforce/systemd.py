@@ -843,8 +843,8 @@ class SystemdBackend:
     def setting_files(self, path: str) -> tuple[str, ...]:
         """The runtime drop-ins of ``path``'s unit that hold a setting pinwarden writes
         (``50-AllowedCPUs.conf``, ``50-AllowedMemoryNodes.conf`` in
-        ``/run/systemd/system.control/UNIT.d``), as systemd lists them (``DropInPaths``).
-        A unit not in memory has none."""
+        ``/run/systemd/system.control/UNIT.d``) that systemd lists (``DropInPaths``) and
+        that exist.  A unit not in memory has none."""
         unit = self._unit("read", path)
         try:
             obj = self._bus.get_unit(unit)
@@ -857,9 +857,12 @@ class SystemdBackend:
             raise CgroupOpError("read", path, errno.EPROTO,
                                 detail=f"{unit}: DropInPaths has type {sig!r}, expected 'as'")
         folder = RUNTIME_CONTROL / f"{unit}.d"
+        # systemd lists a removed drop-in until the next daemon-reload (FACTS.md 10): only
+        # the files that are there count
         return tuple(sorted({str(p) for p in value
                              if PurePosixPath(str(p)).parent == folder
-                             and PurePosixPath(str(p)).name in SETTING_DROPINS}))
+                             and PurePosixPath(str(p)).name in SETTING_DROPINS
+                             and (self._root / str(p).lstrip("/")).is_file()}))
 
     def remove_setting_files(self, path: str, keep: Iterable[str]) -> tuple[str, ...]:
         """Remove the drop-ins :meth:`setting_files` lists now that ``keep`` (what it listed
