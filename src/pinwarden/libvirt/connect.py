@@ -103,7 +103,8 @@ def cpumap(cpus: CpuSet, size: int) -> tuple[bool, ...]:
 
 def read_affinity(dom: Any) -> Affinity | None:
     """Where every thread of a running domain may run, as the kernel says; ``None`` for
-    drivers that have no such threads or API (lxc), and for a domain between states.
+    drivers that have no such threads or API (lxc); :class:`Settling` for a domain between
+    states.
 
     libvirt's *pin info* (``vcpuPinInfo``, ``emulatorPinInfo``) is its configuration —
     every CPU for a thread the XML does not pin — not what the kernel allows, so a shared
@@ -133,14 +134,19 @@ def read_affinity(dom: Any) -> Affinity | None:
                 raise
             iothreads = {}
     except lv.libvirtError as exc:
-        # OPERATION_INVALID: a domain between states — QEMU runs but libvirt does not know
-        # its vCPU threads yet ("cpu affinity is not supported" while it starts), or it is
-        # stopping.  Nothing to read now; the next look sees it settled.  Before, one such
-        # domain failed every listing, and with it the daemon's whole pass.
-        if exc.get_error_code() in (*unsupported, lv.VIR_ERR_OPERATION_INVALID):
+        if exc.get_error_code() in unsupported:
             return None
+        if exc.get_error_code() == lv.VIR_ERR_OPERATION_INVALID:
+            raise Settling() from None
         raise error(f"cannot read the CPU affinity of domain {dom.name()!r}", exc) from None
     return Affinity(vcpus=vcpus, emulator=emulator, iothreads=iothreads)
+
+
+class Settling(Exception):
+    """libvirt answered OPERATION_INVALID for a running domain's threads: it is between
+    states — QEMU runs but libvirt does not know its vCPU threads yet ("cpu affinity is not
+    supported" while it starts, libvirt 11), or it is stopping.  Before, one such domain
+    failed every listing of domains, and with it the daemon's whole pass."""
 
 
 def read_pid(driver: str, name: str) -> int | None:
@@ -175,10 +181,15 @@ def domain_info(dom: Any, driver: str) -> DomainInfo:
     if persistent:
         persistent_spec, p2 = _spec(xml_of(dom, inactive=True))
         problem = problem or p2
-    affinity = read_affinity(dom) if active else None
+    settling = False
+    try:
+        affinity = read_affinity(dom) if active else None
+    except Settling:
+        affinity, settling = None, True
     return DomainInfo(driver=driver, name=name, uuid=uuid, active=active,
                       live=live_spec, persistent=persistent_spec, affinity=affinity,
-                      pid=read_pid(driver, name) if active else None, problem=problem)
+                      pid=read_pid(driver, name) if active else None, problem=problem,
+                      settling=settling)
 
 
 def list_domains(conn: Any, *, active_only: bool = False) -> tuple[DomainInfo, ...]:

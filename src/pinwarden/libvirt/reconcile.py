@@ -94,6 +94,8 @@ def reconcile(domains: Sequence[DomainInfo], holders: Sequence[HolderRecord],
             for cpu in held.plan.leases:
                 leased_to[cpu] = held.ref
     for key, dom in sorted(running.items(), key=lambda kv: kv[1].name):
+        if dom.settling:  # starting or stopping: its own start/stop (and hook) decide
+            continue
         record = by_key.get(key)
         if record is None and dom.exclusive:
             where = (dom.live.partition if dom.live else None) or "/machine"

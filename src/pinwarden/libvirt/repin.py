@@ -157,6 +157,8 @@ def give_back(domains: Sequence[DomainInfo], recorded: Mapping[str, str],
     for key, value in sorted(recorded.items()):
         uuid, _, label = key.removeprefix(NARROWED_PREFIX).rpartition(":")
         dom = by_uuid.get(uuid)
+        if dom is not None and dom.settling:
+            continue  # starting or stopping: its record waits until it settles
         try:
             data = json.loads(value)
             before = CpuSet.parse_kernel(str(data["before"]))

@@ -41,6 +41,9 @@ class DomainInfo:
     affinity: Affinity | None = None  # live affinity (active domains)
     pid: int | None = None  # QEMU / libvirt_lxc process (active domains)
     problem: str | None = None  # why a spec is missing (XML pinwarden cannot parse)
+    #: Active but between states (starting, or stopping): libvirt cannot say where its
+    #: threads run yet.  Nobody adopts, re-pins or gives back to it until it settles.
+    settling: bool = False
 
     @property
     def holder(self) -> HolderRef:
