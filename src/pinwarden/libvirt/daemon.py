@@ -81,8 +81,8 @@ def _adopt(manager: Manager, action: Adopt) -> None:
     if spec is None:
         log.error("cannot adopt %s: %s", dom.name, dom.problem or "no live XML")
         return
-    if dom.pid is None:  # an ownerless lease would outlive the domain: the next pass
-        return
+    if dom.pid is None:  # no process known (yet): an ownerless lease would outlive the
+        return           # domain; a later pass adopts it
     reserved = manager.reserve_request(spec, holder=dom.holder, owner_pid=dom.pid)
     log.info("adopted running exclusive domain %s (CPUs %s)", dom.name,
              reserved.plan.leased())
