@@ -543,3 +543,70 @@ def test_a_narrowed_pin_kept_to_give_back_does_not_keep_the_host_record(
                                                                '"1-2"}'}
         m.put_change_records({}, forget=iter(["repin:u:vcpu0"]))
         assert m.ledger().changes() == {}
+
+
+@pytest.mark.parametrize(("exclusive", "balanced"), [(True, True), (True, False),
+                                                      (False, False)])
+def test_an_exclusive_machine_gets_its_flags_back_exactly(
+        host4: Path, tmp_path: Path, exclusive: bool, balanced: bool) -> None:
+    """An administrator made cgroup v1's ``machine`` ``cpu_exclusive``, or turned its
+    ``sched_load_balance`` off (libvirt does neither).  A lease makes it a plain member
+    while it narrows it; the last release puts both flags back as found —
+    ``sched_load_balance`` included, which ``exclusive`` alone does not tell (it stayed a
+    plain member for good before)."""
+    fake = fake4()
+    fake.set_flag("machine", "cpu_exclusive", exclusive)
+    if not balanced:
+        fake.set_flag("machine", "sched_load_balance", False)
+    found = fake.flags("machine")
+    with manager(host4, tmp_path / "state", fake) as m:
+        m.reserve_request(JobSpec("J", cpus=C("3")))
+        assert fake.read_group("machine").cpus == C("1-2")  # mode none: 0 is the host's
+        assert fake.flags("machine")["cpu_exclusive"] is False  # a member meanwhile
+        record = json.loads(m.ledger().changes()["cgroup:machine"])
+        assert record["flags"] == {"cpu_exclusive": exclusive, "sched_load_balance": balanced}
+        m.drop(job_holder("J"))
+        assert fake.read_group("machine").cpus == C("0-3")
+        assert fake.flags("machine") == found
+        assert m.ledger().changes() == {}
+
+
+def test_flags_nobody_can_put_back_are_said_and_the_rest_is_as_found(
+        host4: Path, tmp_path: Path) -> None:
+    fake = fake4()
+    fake.set_flag("machine", "cpu_exclusive", True)
+    said: list[str] = []
+    with Manager(Config(), host4, tmp_path / "state", backend=fake, warn=said.append) as m:
+        m.reserve_request(JobSpec("J", cpus=C("3")))
+        fake.fail_at[("cpu_exclusive", "machine")] = errno.EBUSY
+        m.drop(job_holder("J"))
+        assert fake.read_group("machine").cpus == C("0-3")
+        assert m.record() is None and m.ledger().changes() == {}
+    assert len(said) == 1 and "cpu_exclusive=1" in said[0] and "machine" in said[0], said
+
+
+@pytest.mark.kernel
+def test_an_exclusive_machine_is_left_as_found_by_a_job(real_machine: None,
+                                                         tmp_path: Path) -> None:
+    """The same on this host's cgroup v1 hierarchy: ``machine`` with ``cpu_exclusive=1``
+    keeps both of its flags through a ``pinwarden run --exclusive 1``."""
+    exclusive = f"pwtest-exclmachine-{os.getpid()}.partition"
+    config = tmp_path / "pw.toml"
+    config.write_text(f'[partition]\nexclusive = "{exclusive}"\n')
+    base = [PINWARDEN, "--state-dir", str(tmp_path / "state"), "--config", str(config)]
+    flags = [CPUSET / "machine" / f"cpuset.{f}" for f in ("cpu_exclusive",
+                                                           "sched_load_balance")]
+    flags[0].write_text("1")
+    try:
+        before = [f.read_text() for f in flags]
+        assert before[0].strip() == "1"
+        done = subprocess.run([*base, "run", "--exclusive", "1", "--", "true"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert [f.read_text() for f in flags] == before
+        assert not (CPUSET / exclusive).exists()
+        with Ledger(tmp_path / "state") as ledger:
+            assert ledger.host_record() is None and ledger.changes() == {}
+    finally:
+        flags[0].write_text("0")
+        remove_tree(exclusive)

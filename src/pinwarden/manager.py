@@ -517,6 +517,7 @@ class Manager:
             bool(result.desired.stale_paths(result.after))
         if not leases and not kept:
             if key in changes:
+                self._put_flags_back(backend, names.shared, changes[key])
                 self._remove_setting_files(backend, names.shared, changes[key])
             ledger.forget_changes([key] if key in changes else [])
             self._restore_cgroups(ledger, backend, {k: v for k, v in changes.items()
@@ -742,7 +743,7 @@ class Manager:
         none (inherit) for a cgroup v2 directory that has no cpuset files yet because its
         parent does not enable the controller (libvirt's ``machine`` on a host without
         systemd): recorded as absent, it was removed at the last release."""
-        from pinwarden.enforce.backend import CgroupOpError, kernel_path
+        from pinwarden.enforce.backend import CgroupOpError, kernel_path, partition_flags
         from pinwarden.mounts import read_mounts
 
         try:
@@ -754,7 +755,11 @@ class Manager:
             if mount is not None and (mount / kernel_path(backend, path)).is_dir():
                 return json.dumps({"cpus": ""})
             return json.dumps({"absent": True})
-        return json.dumps({"cpus": cpus.to_list(), **self._setting_files(backend, path)})
+        # cgroup v1 flags other than a plain member's, which a lease would change
+        flags = partition_flags(backend, path)
+        plain = {"cpu_exclusive": False, "sched_load_balance": True}
+        return json.dumps({"cpus": cpus.to_list(), **self._setting_files(backend, path),
+                           **({"flags": flags} if flags not in (None, plain) else {})})
 
     @staticmethod
     def _record_controller(ledger: Ledger, backend: CgroupBackend) -> None:
@@ -786,6 +791,27 @@ class Manager:
             self.warn(f"could not turn the cpuset controller off again in the root's "
                       f"cgroup.subtree_control ({exc}); 'echo -cpuset > "
                       f"/sys/fs/cgroup/cgroup.subtree_control' does it")
+
+    def _put_flags_back(self, backend: CgroupBackend, path: str, record: str) -> None:
+        """cgroup v1: the shared group's CPUs are back; its ``cpu_exclusive`` and
+        ``sched_load_balance`` go back to what the change ``record`` says they were (a lease
+        makes it a plain member, which an administrator's ``cpu_exclusive`` ``machine`` was
+        not)."""
+        from pinwarden.enforce.backend import CgroupOpError, put_flags
+
+        try:
+            flags = json.loads(record).get("flags")
+        except (ValueError, AttributeError):
+            return
+        if not isinstance(flags, dict):
+            return  # another backend, or recorded by an older pinwarden
+        wanted = {str(k): bool(v) for k, v in flags.items()}
+        try:
+            put_flags(backend, path, wanted)
+        except CgroupOpError as exc:
+            said = " ".join(f"{k}={int(v)}" for k, v in wanted.items())
+            self.warn(f"cgroup {path} has its CPUs back, but not its flags as found "
+                      f"({said}): {exc}; write them by hand")
 
     def _setting_files(self, backend: CgroupBackend, path: str) -> dict[str, list[str]]:
         """The backend's setting files of ``path`` before pinwarden writes, for the change

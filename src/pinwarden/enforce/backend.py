@@ -313,6 +313,38 @@ def remove_setting_files(backend: CgroupBackend, path: str,
     return () if probe is None else tuple(str(f) for f in probe(path, keep))
 
 
+#: The cgroup v1 flag files behind a partition kind, in the order they are put back when
+#: ``sched_load_balance`` goes back on (the reverse when it goes back off).
+PARTITION_FLAGS = ("cpu_exclusive", "sched_load_balance")
+
+
+def partition_flags(backend: CgroupBackend, path: str) -> dict[str, bool] | None:
+    """The raw flags behind ``path``'s partition kind (optional capability ``flags()``:
+    cgroup v1, where ``exclusive`` reads the same with and without ``sched_load_balance``,
+    so only the flags themselves can be put back exactly).  None on other backends."""
+    probe = getattr(backend, "flags", None)
+    if probe is None:
+        return None
+    flags = probe(path)
+    return {name: bool(flags[name]) for name in PARTITION_FLAGS}
+
+
+def put_flags(backend: CgroupBackend, path: str, flags: Mapping[str, bool]) -> None:
+    """Write back the :func:`partition_flags` that differ now (``set_flag()``, cgroup v1):
+    ``sched_load_balance`` off before ``cpu_exclusive`` goes on — the order the kernel's
+    deadline check lets through (see :meth:`~pinwarden.enforce.v1.CpusetV1.
+    set_partition`).  :class:`CgroupOpError` on the first refusal."""
+    now = partition_flags(backend, path)
+    setter = getattr(backend, "set_flag", None)
+    if now is None or setter is None:
+        return
+    names = PARTITION_FLAGS if flags.get("sched_load_balance", True) \
+        else PARTITION_FLAGS[::-1]
+    for name in names:
+        if name in flags and bool(flags[name]) != now[name]:
+            setter(path, name, bool(flags[name]))
+
+
 def cpuset_enabled(backend: CgroupBackend, path: str) -> bool | None:
     """Whether ``path`` enables the cpuset controller for its children (optional
     capability ``cpuset_enabled()``: cgroup v2 without systemd, where pinwarden's first

@@ -124,6 +124,12 @@ class CpusetV1:
     def read_state(self, paths: Iterable[str]) -> Snapshot:
         return collect_snapshot(self.read_group, paths)
 
+    def flags(self, path: str) -> dict[str, bool]:
+        """``cpu_exclusive`` and ``sched_load_balance`` as they are (optional capability,
+        see :func:`~pinwarden.enforce.backend.partition_flags`)."""
+        return {name: self._flag(path, name)
+                for name in ("cpu_exclusive", "sched_load_balance")}
+
     def tasks(self, path: str) -> tuple[int, ...]:
         text = self._read(path, "tasks")
         return tuple(int(t) for t in text.split())
