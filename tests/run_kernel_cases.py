@@ -274,3 +274,44 @@ def test_running_vm_cgroup_under_the_shared_partition_is_narrowed(
         for p in (vcpu, emulator):
             p.kill()
             p.wait()
+
+
+def test_an_edit_of_the_vm_partition_while_leased_is_kept(sandbox: Sandbox,
+                                                            tmp_path: Path) -> None:
+    """An administrator takes a CPU from the VM partition cgroup while a job holds one of
+    its CPUs.  The next sync said nothing and put pinwarden's value back, and the job's end
+    put back what was found before it: the edit was lost.  Now it stays, is said, and is
+    part of what the job's end puts back."""
+    b, base, last = sandbox.backend, sandbox.base, sandbox.last
+    online = b.read_group("").cpus
+    machine = f"{base}/machine"
+    b.mkdir(machine)
+    b.set_mems(machine, b.read_group("").mems)
+    vm = online - CpuSet.of([online.first()])  # mode cgroup: the VM CPUs are 1-3
+    assert len(vm) >= 3, f"needs 4 CPUs, the guest has {online}"
+    b.set_cpus(machine, vm)
+    config = tmp_path / "edit.toml"
+    config.write_text(f"[partition]\ncgroup = \"{machine}\"\nexclusive = "
+                      f"\"pinwarden.partition\"\n[ledger]\nstate_dir = \"{sandbox.state}\"\n")
+    taken = vm.first()  # the CPU the administrator takes from the VMs
+    edit = (
+        "import pathlib, subprocess, sys; "
+        f"f = pathlib.Path({str(sandbox.mount / machine / 'cpuset.cpus')!r}); "
+        "before = f.read_text().strip(); "
+        f"f.write_text({(vm - CpuSet.of([last, taken])).to_list()!r}); "
+        f"s = subprocess.run({[*PINWARDEN, 'sync', '--config', str(config)]!r}, "
+        "capture_output=True, text=True); "
+        "print(before, f.read_text().strip(), s.returncode, s.stderr.strip(), sep='|')")
+    done = subprocess.run([*PINWARDEN, "run", "--config", str(config), "--cpus", str(last),
+                           "--", sys.executable, "-c", edit],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    before, during, rc, said = done.stdout.strip().split("|", 3)
+    assert CpuSet.parse_kernel(before) == vm - CpuSet.of([last])  # narrowed by the job
+    assert CpuSet.parse_kernel(during) == vm - CpuSet.of([last, taken])  # the edit stays
+    assert rc == "0" and f"removed CPU {taken}" in said and machine in said, said
+    # the job's end: the partition as found, with the edit
+    assert b.read_group(machine).cpus == vm - CpuSet.of([taken])
+    with Manager(load_config(config), Path("/"), sandbox.state) as manager:
+        assert manager.record() is None
+        assert manager.host().partition.vm_cpus == vm - CpuSet.of([taken])

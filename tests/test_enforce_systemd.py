@@ -1025,11 +1025,12 @@ def test_the_last_release_removes_the_drop_ins_pinwarden_made(
     assert _dropins(root, "machine.slice") == found
     assert said == []
     if before == "none":
-        assert recorded == {"cpus": "", "dropins": []}
+        assert recorded == {"cpus": "", "dropins": [], "set": "1-2,4-7"}
         assert machine.cpus == CpuSet()
     else:
         assert recorded == {"cpus": "1-7", "dropins": [
-            "/run/systemd/system.control/machine.slice.d/50-AllowedCPUs.conf"]}
+            "/run/systemd/system.control/machine.slice.d/50-AllowedCPUs.conf"],
+            "set": "1-2,4-7"}
         assert machine.cpus == CpuSet.parse("1-7")
         assert found["50-AllowedCPUs.conf"] == "AllowedCPUs=1-7"
 

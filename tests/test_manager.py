@@ -76,7 +76,9 @@ def test_first_lease_records_the_host_and_the_last_puts_it_back(host4: Path,
         assert m.live_host().partition.mode == "cgroup"  # what a naive reading says
         record = m.record()
         assert record is not None and record.found.cpus == C("0-3")
-        assert m.ledger().changes() == {"cgroup:machine": json.dumps({"cpus": "0-3"})}
+        # what machine was, and what pinwarden left it with (to tell somebody's edit)
+        assert m.ledger().changes() == {"cgroup:machine": json.dumps(
+            {"cpus": "0-3", "set": (C("1-3") - leased).to_list()})}
         m.drop(job_holder("J"))
         # the host as found: machine's CPUs back, no holder group, nothing recorded
         assert fake.read_group("machine").cpus == C("0-3")
@@ -101,7 +103,8 @@ def test_a_group_kept_for_its_tasks_keeps_the_record_until_it_is_gone(
         narrow_in_root(host4, fake)
         assert reserved.group in fake.read_state([""]).groups  # kept for its task
         assert fake.read_group("machine").cpus == C("1-2")
-        assert m.ledger().changes() == {"cgroup:machine": json.dumps({"cpus": "0-3"})}
+        assert m.ledger().changes() == {"cgroup:machine": json.dumps({"cpus": "0-3",
+                                                                      "set": "1-2"})}
         record = m.record()
         assert record is not None and record.found.cpus == C("0-3")
         assert (m.host().partition.mode, m.host().partition.vm_cpus) == ("none", C("1-3"))
@@ -610,3 +613,107 @@ def test_an_exclusive_machine_is_left_as_found_by_a_job(real_machine: None,
     finally:
         flags[0].write_text("0")
         remove_tree(exclusive)
+
+
+@pytest.fixture
+def host4_cgroup(tmp_path: Path) -> Path:
+    """The 4-CPU host in mode cgroup: ``machine`` holds CPUs 1-2."""
+    root = tmp_path / "root"
+    build_host(root, HostSpec(cpus=4))
+    mount_cgroups(root, cpus="0-3")
+    make_cgroup(root, V1, "machine", "1-2")
+    return root
+
+
+def test_an_edit_of_machine_while_leased_is_kept_and_put_back(host4_cgroup: Path,
+                                                              tmp_path: Path) -> None:
+    """An administrator widens ``machine`` while pinwarden keeps it narrowed (CPU 2
+    leased).  The next sync used to overwrite it, silently, and the last release put back
+    what was found before the first lease: the edit was lost.  Now it is said, it stays,
+    the partition planned against takes it, and the last release puts back the edited
+    value."""
+    fake = FakeCpusetV1(C("0-3"))
+    build(fake, {"machine": ("1-2", False)})
+    said: list[str] = []
+    with Manager(Config(), host4_cgroup, tmp_path / "state", backend=fake,
+                 warn=said.append) as m:
+        assert (m.host().partition.mode, m.host().partition.vm_cpus) == ("cgroup", C("1-2"))
+        m.reserve_request(JobSpec("J", cpus=C("2")))
+        assert fake.read_group("machine").cpus == C("1")
+        m.sync()
+        assert said == []  # pinwarden's own narrowing is no edit
+        fake.set_cpus("machine", C("1,3"))  # the administrator adds CPU 3
+        narrow_in_root(host4_cgroup, fake)
+        m.sync()
+        assert fake.read_group("machine").cpus == C("1,3")  # not overwritten
+        assert len(said) == 1 and "machine" in said[0] and "added CPU 3" in said[0], said
+        assert m.host().partition.vm_cpus == C("1-3")
+        record = m.record()
+        assert record is not None and record.found.cpus == C("1-3")
+        assert record.partition.vm_cpus == C("1-3")
+        assert json.loads(m.ledger().changes()["cgroup:machine"])["cpus"] == "1-3"
+        m.sync()
+        assert len(said) == 1  # said once
+        # a new lease may take the added CPU
+        m.reserve_request(JobSpec("K", cpus=C("3")))
+        assert fake.read_group("machine").cpus == C("1")
+        m.drop(job_holder("J"))
+        m.drop(job_holder("K"))
+        assert fake.read_group("machine").cpus == C("1-3")  # as found, with the edit
+        assert m.record() is None and m.ledger().changes() == {}
+        narrow_in_root(host4_cgroup, fake)
+        assert m.host().partition.vm_cpus == C("1-3")
+    assert len(said) == 1, said
+
+
+def test_a_narrowing_edit_is_kept_and_taken_from_the_partition(host4_cgroup: Path,
+                                                               tmp_path: Path) -> None:
+    fake = FakeCpusetV1(C("0-3"))
+    build(fake, {"machine": ("1-3", False)})
+    make_cgroup(host4_cgroup, V1, "machine", "1-3")
+    said: list[str] = []
+    with Manager(Config(), host4_cgroup, tmp_path / "state", backend=fake,
+                 warn=said.append) as m:
+        m.reserve_request(JobSpec("J", cpus=C("3")))
+        assert fake.read_group("machine").cpus == C("1-2")
+        fake.set_cpus("machine", C("1"))  # the administrator takes CPU 2 from the VMs
+        m.sync()
+        assert fake.read_group("machine").cpus == C("1")
+        assert "removed CPU 2" in said[0], said
+        assert m.host().partition.vm_cpus == C("1,3")
+        with pytest.raises(Refusal):  # CPU 2 is no VM CPU any more
+            m.reserve_request(JobSpec("K", cpus=C("2")))
+        m.drop(job_holder("J"))
+        assert fake.read_group("machine").cpus == C("1,3")
+        assert m.record() is None and m.ledger().changes() == {}
+
+
+def test_a_failed_sync_is_no_edit(host4_cgroup: Path, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sync that fails may leave the shared group as a partial rollback left it: the
+    next sync must not take that for somebody else's edit."""
+    from pinwarden.enforce import apply
+
+    fake = FakeCpusetV1(C("0-3"))
+    build(fake, {"machine": ("1-3", False)})
+    make_cgroup(host4_cgroup, V1, "machine", "1-3")
+    said: list[str] = []
+    real = apply.sync
+
+    def half_done(backend: object, desired: object) -> object:
+        fake.set_cpus("machine", C("1"))
+        raise EnforceError("the rollback failed too")
+
+    with Manager(Config(), host4_cgroup, tmp_path / "state", backend=fake,
+                 warn=said.append) as m:
+        m.reserve_request(JobSpec("J", cpus=C("3")))
+        assert json.loads(m.ledger().changes()["cgroup:machine"])["set"] == "1-2"
+        monkeypatch.setattr(apply, "sync", half_done)
+        with pytest.raises(EnforceError):
+            m.sync()
+        monkeypatch.setattr(apply, "sync", real)
+        assert "set" not in json.loads(m.ledger().changes()["cgroup:machine"])
+        m.sync()
+        assert said == [], said
+        assert fake.read_group("machine").cpus == C("1-2")
+        assert m.host().partition.vm_cpus == C("1-3")

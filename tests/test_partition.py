@@ -423,3 +423,17 @@ def test_decide_partition_properties(tmp_path_factory: pytest.TempPathFactory,
     if part.mode == "none":
         kept = reserve & online if reserve is not None else default_reserve(topo)
         assert part.host_cpus == kept
+
+
+def test_shared_edit_is_what_somebody_else_changed_against_pinwardens_write() -> None:
+    from pinwarden.partition import SharedEdit, shared_edit
+
+    P = CpuSet.parse_kernel
+    assert shared_edit(P("1-2"), P("1-2"), P("3")) is None
+    assert shared_edit(P("1-2"), P("1-2,4"), P("3")) == SharedEdit(P("4"), P(""))
+    assert shared_edit(P("1-2"), P("1"), P("3")) == SharedEdit(P(""), P("2"))
+    # leased CPUs are VM CPUs already: written into the group (cgroup v2) is no edit
+    assert shared_edit(P("1-2"), P("1-3"), P("3")) is None
+    edit = shared_edit(P("1-2"), P("2,5"), P("3"))
+    assert edit == SharedEdit(P("5"), P("1"))
+    assert edit.apply(P("1-3")) == P("2-3,5")

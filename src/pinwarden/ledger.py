@@ -892,6 +892,18 @@ class Ledger:
                            "ON CONFLICT (key) DO UPDATE SET original = excluded.original",
                            [(k, v, now) for k, v in values.items()])
 
+    def amend_host(self, host: HostRecord | None, values: Mapping[str, str]) -> None:
+        """In one transaction: replace the host record (if one exists and ``host`` is
+        given) and set the change records ``values`` outright (an edit somebody else made
+        while things are leased, taken into what is put back)."""
+        now = time.time()
+        with self._write() as db:
+            if host is not None:
+                db.execute("UPDATE host SET record = ? WHERE id = 1", (host.to_text(),))
+            db.executemany("INSERT INTO changes (key, original, created) VALUES (?, ?, ?) "
+                           "ON CONFLICT (key) DO UPDATE SET original = excluded.original",
+                           [(k, v, now) for k, v in values.items()])
+
     def forget_changes(self, keys: Iterable[str]) -> None:
         """The settings ``keys`` are back as found: forget their originals."""
         wanted = list(keys)

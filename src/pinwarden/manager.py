@@ -41,7 +41,7 @@ from pinwarden.errors import EnforceError, HostError, LedgerError, PinwardenErro
 from pinwarden.ledger import HolderRecord, HostRecord, Ledger
 from pinwarden.model import HolderRef, Lease, Plan
 from pinwarden.partition import Host, VmCgroup, load_host, read_vm_cgroup
-from pinwarden.record import record
+from pinwarden.record import record, replace
 
 if TYPE_CHECKING:
     from pinwarden.enforce.apply import Result
@@ -485,9 +485,13 @@ class Manager:
         ledger = self.ledger()
         leases = ledger.leases()
         record = ledger.host_record()
-        host = self._load_host(record.found if record else None)
         backend, names = self.backend(), self.names()
         key = SHARED_KEY.format(path=names.shared)
+        shared_record = ledger.changes().get(key)
+        if shared_record is not None:  # before anything is planned against the record
+            record = self._take_edit(ledger, backend, names.shared, shared_record, record,
+                                     CpuSet.of(lease.cpu for lease in leases))
+        host = self._load_host(record.found if record else None)
         if leases:  # before the layout: an escaped cgroup invalidates holder partitions
             self._close_escapes(ledger, host, leases, backend, names)
         changes = ledger.changes()
@@ -509,12 +513,20 @@ class Manager:
         desired = desired_layout(host, leases, names, shared_extra=shared_extra,
                                  restore_shared=restore, drop_shared=drop, isolated=isolated,
                                  deferred=deferred)
-        result = sync(backend, desired)
+        try:
+            result = sync(backend, desired)
+        except PinwardenError:
+            # rolled back, or not quite: what the shared group holds now is no edit of
+            # anybody else's, and the next sync must not take it for one
+            self._note_written(ledger, backend, names.shared, key, None)
+            raise
         # A holder group that still has tasks is kept (a job's children outliving their
         # owner, a release of a running domain), and with it the shared group stays as
         # narrowed: the record of both is kept until a sync finds the group gone.
         kept = not leases and result.desired is not None and \
             bool(result.desired.stale_paths(result.after))
+        if leases or kept:
+            self._note_written(ledger, backend, names.shared, key, result)
         if not leases and not kept:
             if key in changes:
                 self._put_flags_back(backend, names.shared, changes[key])
@@ -791,6 +803,71 @@ class Manager:
             self.warn(f"could not turn the cpuset controller off again in the root's "
                       f"cgroup.subtree_control ({exc}); 'echo -cpuset > "
                       f"/sys/fs/cgroup/cgroup.subtree_control' does it")
+
+    def _take_edit(self, ledger: Ledger, backend: CgroupBackend, path: str, value: str,
+                   record: HostRecord | None, leased: CpuSet) -> HostRecord | None:
+        """Somebody else wrote the shared group's CPUs while pinwarden kept it narrowed
+        (an administrator's ``echo``, a ``systemctl set-property``): the edit is made to
+        what pinwarden puts back at the last release, and — when that group is the VM
+        partition cgroup pinwarden found — to the partition it plans against.  Overwritten
+        silently, it was lost, and the last release undid it.  The host record as it is
+        now."""
+        from pinwarden.enforce.backend import CgroupOpError, kernel_path
+        from pinwarden.partition import shared_edit
+
+        try:
+            data = json.loads(value)
+            written = CpuSet.parse_kernel(str(data["set"]))
+            now = backend.read_group(path).cpus
+        except (ValueError, KeyError, TypeError, AttributeError, PinwardenError,
+                CgroupOpError):
+            return record  # nothing written yet, or the group is gone: nothing to take
+        edit = shared_edit(written, now, leased)
+        if edit is None:
+            return record
+        data["set"] = now.to_list()
+        if "cpus" in data:  # (a group pinwarden created stays its own: removed at the end)
+            own = CpuSet.parse_kernel(str(data["cpus"]))
+            if not own and record is not None:
+                own = record.found.cpus  # "inherit" (cgroup v2): its parent's, as found
+            data["cpus"] = edit.apply(own).to_list()
+        amended = record
+        if record is not None and record.found.name == kernel_path(backend, path):
+            found = replace(record.found, cpus=edit.apply(record.found.cpus))
+            amended = replace(record, partition=self._load_host(found).partition,
+                              found=found)
+        ledger.amend_host(amended, {SHARED_KEY.format(path=path): json.dumps(data)})
+        change = ", ".join(f"{word} {cpus.named()}" for word, cpus in
+                           (("added", edit.added), ("removed", edit.removed)) if cpus)
+        vm = f"; VM CPUs now {amended.partition.vm_cpus.named(empty='none')}" \
+            if amended is not None and amended is not record else ""
+        self.warn(f"cgroup {path} was changed by someone else while CPUs are leased "
+                  f"(pinwarden had set {written.to_list() or '(none)'}, it is "
+                  f"{now.to_list() or '(none)'}: {change}): taken as a change of its own "
+                  f"CPUs, which it gets back when the last lease goes"
+                  f"{' (' + str(data['cpus']) + ')' if 'cpus' in data else ''}{vm}")
+        return amended
+
+    @staticmethod
+    def _note_written(ledger: Ledger, backend: CgroupBackend, path: str, key: str,
+                      result: Result | None) -> None:
+        """Keep, with the shared group's change record, the CPUs pinwarden left it with —
+        how the next sync tells somebody else's edit (:meth:`_take_edit`); ``result``
+        None: a sync failed, and they are not known."""
+        try:
+            data = json.loads(ledger.changes().get(key) or "")
+        except ValueError:
+            return
+        if not isinstance(data, dict):
+            return
+        written = result.after[path].cpus.to_list() \
+            if result is not None and path in result.after else None
+        if data.get("set") != written:
+            if written is None:  # a failed sync: not known
+                del data["set"]
+            else:
+                data["set"] = written
+            ledger.put_changes({key: json.dumps(data)})
 
     def _put_flags_back(self, backend: CgroupBackend, path: str, record: str) -> None:
         """cgroup v1: the shared group's CPUs are back; its ``cpu_exclusive`` and

@@ -227,6 +227,28 @@ def decide_partition(topology: Topology, config: Config, cgroup: VmCgroup) -> Pa
     return _none(topology, config, "no isolcpus and no restricting VM cgroup")
 
 
+@record
+class SharedEdit:
+    """Someone else's write to the shared group (``machine``) while pinwarden keeps it
+    narrowed: the CPUs it added and removed, against what pinwarden last wrote there."""
+
+    added: CpuSet
+    removed: CpuSet
+
+    def apply(self, cpus: CpuSet) -> CpuSet:
+        """``cpus`` (the group's own value under pinwarden's narrowing, or the partition
+        cgroup as found) with the edit made to it."""
+        return (cpus | self.added) - self.removed
+
+
+def shared_edit(written: CpuSet, now: CpuSet, leased: CpuSet) -> SharedEdit | None:
+    """The edit that turned ``written`` (pinwarden's last write) into ``now``, or None.
+    Leased CPUs are no edit of the VM CPUs either way: they are VM CPUs already, and the
+    group stays off them (someone wrote them into it: cgroup v2 lets them)."""
+    added, removed = now - written - leased, written - now - leased
+    return SharedEdit(added, removed) if added or removed else None
+
+
 def shared_pool(host: Host, taken: CpuSet) -> tuple[CpuSet, tuple[str, ...]]:
     """Where VMs without affinity run beside ``taken`` (CPUs leased to others): the online
     VM CPUs left over; when none is, the housekeeping CPUs, with a note saying so (empty
