@@ -717,3 +717,26 @@ def test_a_failed_sync_is_no_edit(host4_cgroup: Path, tmp_path: Path,
         assert said == [], said
         assert fake.read_group("machine").cpus == C("1-2")
         assert m.host().partition.vm_cpus == C("1-3")
+
+
+def test_a_controller_that_stays_on_is_said_with_the_mount_it_is_on(tmp_path: Path) -> None:
+    """The hint names the cgroup2 mount of this host (here a hybrid host's
+    ``/sys/fs/cgroup/unified``), not the usual place."""
+    from pinwarden.enforce.backend import CgroupOpError
+
+    root = tmp_path / "root"
+    build_host(root, HostSpec(cpus=4))
+    mount_cgroups(root, cpus="0-3", v2_controllers="cpuset cpu")
+    make_cgroup(root, V1, "machine", "0-3")
+
+    class Refusing(ControllerFake):
+        def disable_cpuset(self, path: str) -> str | None:
+            raise CgroupOpError("subtree_control", "", errno.EBUSY)
+
+    said: list[str] = []
+    with Manager(Config(), root, tmp_path / "state", backend=Refusing(),
+                 warn=said.append) as m:
+        m.reserve_request(JobSpec("J", cpus=C("3")))
+        m.drop(job_holder("J"))
+    hint = f"'echo -cpuset > {root}/sys/fs/cgroup/unified/cgroup.subtree_control'"
+    assert len(said) == 1 and hint in said[0], said

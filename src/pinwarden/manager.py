@@ -800,9 +800,12 @@ class Manager:
         try:
             disable_cpuset(backend, "")
         except CgroupOpError as exc:
+            from pinwarden.mounts import read_mounts
+
+            mount = read_mounts(self.root).v2 or Path("/sys/fs/cgroup")
             self.warn(f"could not turn the cpuset controller off again in the root's "
                       f"cgroup.subtree_control ({exc}); 'echo -cpuset > "
-                      f"/sys/fs/cgroup/cgroup.subtree_control' does it")
+                      f"{mount / 'cgroup.subtree_control'}' does it")
 
     def _take_edit(self, ledger: Ledger, backend: CgroupBackend, path: str, value: str,
                    record: HostRecord | None, leased: CpuSet) -> HostRecord | None:
@@ -939,6 +942,25 @@ class Manager:
         except (ValueError, KeyError, AttributeError, PinwardenError, CgroupOpError) as exc:
             raise LedgerError(f"the recorded original CPUs of cgroup {path} are unreadable "
                               f"({exc}); set them by hand and 'pinwarden sync'") from None
+
+
+@contextlib.contextmanager
+def state_lock(state_dir: Path, name: str) -> Iterator[None]:
+    """Hold the lock file ``locks/NAME.lock`` of the state directory (waiting for it): the
+    locks beside the manager's that adapters take around libvirt calls, which must not
+    hold the manager's own (libvirtd's hook, which takes it, may be what they wait for)."""
+    locks = state_dir / "locks"
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise LedgerError(f"cannot create a lock in {locks}: {exc.strerror} (run as root "
+                          f"or choose another --state-dir)") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _is_unit(path: str) -> bool:

@@ -10,36 +10,15 @@ they had (``pinwarden stop``, and every pass of the event daemon).
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from pinwarden.cpuset import CpuSet
-from pinwarden.errors import LedgerError
 from pinwarden.libvirt import connect as lv
 from pinwarden.libvirt.repin import NARROWED_PREFIX, narrowed_key, record_moves
 from pinwarden.libvirt.repin import give_back as decide_give_back
 from pinwarden.libvirt.state import DomainInfo, Repin
-from pinwarden.manager import Manager
-
-
-@contextlib.contextmanager
-def state_lock(state_dir: Path, name: str) -> Iterator[None]:
-    """Hold the lock file ``locks/NAME.lock`` of the state directory (waiting for it)."""
-    locks = state_dir / "locks"
-    try:
-        locks.mkdir(parents=True, exist_ok=True)
-        fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise LedgerError(f"cannot create a lock in {locks}: {exc.strerror} (run as root "
-                          f"or choose another --state-dir)") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+from pinwarden.manager import Manager, state_lock
 
 
 def locked(manager: Manager) -> contextlib.AbstractContextManager[None]:

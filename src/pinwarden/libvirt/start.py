@@ -40,7 +40,7 @@ from pinwarden.libvirt import kernel, pins
 from pinwarden.libvirt.hook import admit_shared
 from pinwarden.libvirt.repin import placed_narrower, repins
 from pinwarden.libvirt.state import DomainInfo, Repin
-from pinwarden.manager import Manager
+from pinwarden.manager import Manager, state_lock
 from pinwarden.model import HolderRef, Lease, Plan, command_line, domain_holder
 from pinwarden.partition import Host, shared_pool
 from pinwarden.policy import decide
@@ -185,7 +185,7 @@ def _domain_lock(state_dir: Path, holder: HolderRef) -> contextlib.AbstractConte
     """Serialise pinwarden start/stop of one domain: two racing starts would otherwise
     share one lease and the loser's rollback would free the winner's CPUs.  (Not the
     manager's lock: the hook, run by libvirtd inside the start, takes that one.)"""
-    return pins.state_lock(state_dir, f"{holder.driver}-{holder.key.replace(':', '-')}")
+    return state_lock(state_dir, f"{holder.driver}-{holder.key.replace(':', '-')}")
 
 
 def _start_shared(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSpec,
