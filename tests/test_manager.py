@@ -740,3 +740,30 @@ def test_a_controller_that_stays_on_is_said_with_the_mount_it_is_on(tmp_path: Pa
         m.drop(job_holder("J"))
     hint = f"'echo -cpuset > {root}/sys/fs/cgroup/unified/cgroup.subtree_control'"
     assert len(said) == 1 and hint in said[0], said
+
+
+def test_an_edit_in_mode_none_is_made_to_the_vm_cpus_the_administrator_saw(
+        host4: Path, tmp_path: Path) -> None:
+    """Mode none: ``machine`` had every CPU, and pinwarden keeps it off the host reserve
+    (CPU 0) as well as the leased CPU.  Taking CPU 2 away leaves VM CPUs 1 and 3 — not CPU 0,
+    which ``machine`` had as found but nobody saw there; writing CPU 0 back in changes no
+    VM CPU, and is set back."""
+    fake = fake4()
+    said: list[str] = []
+    with Manager(Config(), host4, tmp_path / "state", backend=fake, warn=said.append) as m:
+        m.reserve_request(JobSpec("J", cpus=C("3")))
+        assert fake.read_group("machine").cpus == C("1-2")
+        fake.set_cpus("machine", C("0-2"))  # the reserve written back in: no VM CPU
+        m.sync()
+        assert fake.read_group("machine").cpus == C("1-2")
+        assert "added CPU 0" in said[-1] and "stays none" in said[-1], said
+        assert "gets 0-3 back" in said[-1], said
+        fake.set_cpus("machine", C("1"))  # CPU 2 taken from the VMs
+        m.sync()
+        assert "removed CPU 2" in said[-1] and "now cgroup (VM CPUs 1,3)" in said[-1], said
+        assert fake.read_group("machine").cpus == C("1")
+        assert (m.host().partition.mode, m.host().partition.vm_cpus) == ("cgroup", C("1,3"))
+        m.drop(job_holder("J"))
+        assert fake.read_group("machine").cpus == C("1,3")
+        assert m.record() is None and m.ledger().changes() == {}
+    assert len(said) == 2, said

@@ -437,3 +437,32 @@ def test_shared_edit_is_what_somebody_else_changed_against_pinwardens_write() ->
     edit = shared_edit(P("1-2"), P("2,5"), P("3"))
     assert edit == SharedEdit(P("5"), P("1"))
     assert edit.apply(P("1-3")) == P("2-3,5")
+
+
+@pytest.mark.parametrize(("mode", "decides", "edit", "found", "own"), [
+    # mode cgroup, the group decides: both take the edit
+    ("cgroup", True, ("4", ""), "1-4", "1-4"),
+    ("cgroup", True, ("", "2"), "1,3", "1,3"),
+    # mode none (every CPU, reserve 0): the VM CPUs the administrator saw take it
+    ("none", True, ("", "2"), "1,3", "1,3"),
+    ("none", True, ("0", ""), "0-3", "0-3"),  # the reserve written back: no change
+    # the partition comes from elsewhere: only the group's own value takes it
+    ("isolcpus", True, ("", "2"), "0-3", "0-1,3"),
+    ("none", False, ("", "2"), "0-3", "0-1,3"),
+])
+def test_an_edit_is_made_where_the_administrator_meant_it(
+        mode: str, decides: bool, edit: tuple[str, str], found: str, own: str) -> None:
+    from pinwarden.partition import Partition, SharedEdit, VmCgroup, edited_partition
+
+    P = CpuSet.parse_kernel
+    cpus = "1-3" if mode == "cgroup" else "0-3"
+    partition = Partition(mode, P("1-3"), P("0"), "test", "machine")  # type: ignore[arg-type]
+    cgroup = VmCgroup("machine", 1, P(cpus))
+    got_found, got_own = edited_partition(partition, cgroup, P(cpus),
+                                          SharedEdit(P(edit[0]), P(edit[1])),
+                                          decides=decides)
+    assert (got_found.cpus, got_own) == (P(found), P(own))
+    assert got_found.name == "machine"
+    # a group pinwarden made has no own value to put back, edited or not
+    assert edited_partition(partition, cgroup, None, SharedEdit(P(edit[0]), P(edit[1])),
+                            decides=decides)[1] is None

@@ -811,44 +811,51 @@ class Manager:
                    record: HostRecord | None, leased: CpuSet) -> HostRecord | None:
         """Somebody else wrote the shared group's CPUs while pinwarden kept it narrowed
         (an administrator's ``echo``, a ``systemctl set-property``): the edit is made to
-        what pinwarden puts back at the last release, and — when that group is the VM
-        partition cgroup pinwarden found — to the partition it plans against.  Overwritten
-        silently, it was lost, and the last release undid it.  The host record as it is
-        now."""
+        what pinwarden puts back at the last release, and to the partition it plans
+        against where the group decides it (:func:`~pinwarden.partition.edited_partition`).
+        Overwritten silently, it was lost, and the last release undid it.  The host record
+        as it is now."""
         from pinwarden.enforce.backend import CgroupOpError, kernel_path
-        from pinwarden.partition import shared_edit
+        from pinwarden.partition import edited_partition, shared_edit
 
         try:
             data = json.loads(value)
             written = CpuSet.parse_kernel(str(data["set"]))
             now = backend.read_group(path).cpus
+            own = CpuSet.parse_kernel(str(data["cpus"])) if "cpus" in data else None
         except (ValueError, KeyError, TypeError, AttributeError, PinwardenError,
                 CgroupOpError):
             return record  # nothing written yet, or the group is gone: nothing to take
         edit = shared_edit(written, now, leased)
-        if edit is None:
+        if edit is None or record is None:
             return record
+        if own is not None and not own:
+            own = record.found.cpus  # "inherit" (cgroup v2): its parent's, as found
+        decides = self.config.mode in ("auto", "cgroup") and self._fixed_host is None \
+            and record.found.name == kernel_path(backend, path)
+        found, own = edited_partition(record.partition, record.found, own, edit,
+                                      decides=decides)
         data["set"] = now.to_list()
-        if "cpus" in data:  # (a group pinwarden created stays its own: removed at the end)
-            own = CpuSet.parse_kernel(str(data["cpus"]))
-            if not own and record is not None:
-                own = record.found.cpus  # "inherit" (cgroup v2): its parent's, as found
-            data["cpus"] = edit.apply(own).to_list()
-        amended = record
-        if record is not None and record.found.name == kernel_path(backend, path):
-            found = replace(record.found, cpus=edit.apply(record.found.cpus))
-            amended = replace(record, partition=self._load_host(found).partition,
-                              found=found)
+        if own is not None:  # (a group pinwarden made stays its own: removed at the end)
+            data["cpus"] = own.to_list()
+        amended = record if found == record.found else \
+            replace(record, partition=self._load_host(found).partition, found=found)
         ledger.amend_host(amended, {SHARED_KEY.format(path=path): json.dumps(data)})
         change = ", ".join(f"{word} {cpus.named()}" for word, cpus in
                            (("added", edit.added), ("removed", edit.removed)) if cpus)
-        vm = f"; VM CPUs now {amended.partition.vm_cpus.named(empty='none')}" \
-            if amended is not None and amended is not record else ""
+        before, after = record.partition, amended.partition
+        back = f"; it gets {own.to_list() or '(none)'} back when the last lease goes" \
+            if own is not None else ""
+        if (after.mode, after.vm_cpus) != (before.mode, before.vm_cpus):
+            outcome = (f"taken as your change of the VM partition, now {after.mode} (VM "
+                       f"{after.vm_cpus.named(empty='CPUs -')})")
+        else:
+            outcome = (f"the VM partition stays {before.mode} (VM "
+                       f"{before.vm_cpus.named(empty='CPUs -')}), and the group is set "
+                       f"back to its share of it while CPUs are leased")
         self.warn(f"cgroup {path} was changed by someone else while CPUs are leased "
                   f"(pinwarden had set {written.to_list() or '(none)'}, it is "
-                  f"{now.to_list() or '(none)'}: {change}): taken as a change of its own "
-                  f"CPUs, which it gets back when the last lease goes"
-                  f"{' (' + str(data['cpus']) + ')' if 'cpus' in data else ''}{vm}")
+                  f"{now.to_list() or '(none)'}: {change}): {outcome}{back}")
         return amended
 
     @staticmethod

@@ -34,7 +34,7 @@ from pinwarden.config import Config
 from pinwarden.cpuset import EMPTY, CpuSet, CpuSetError
 from pinwarden.errors import HostError
 from pinwarden.mounts import CgroupMounts, read_mounts
-from pinwarden.record import record
+from pinwarden.record import record, replace
 from pinwarden.topology import Topology, read_topology
 
 PartitionMode = Literal["isolcpus", "cgroup", "none"]
@@ -247,6 +247,31 @@ def shared_edit(written: CpuSet, now: CpuSet, leased: CpuSet) -> SharedEdit | No
     group stays off them (someone wrote them into it: cgroup v2 lets them)."""
     added, removed = now - written - leased, written - now - leased
     return SharedEdit(added, removed) if added or removed else None
+
+
+def edited_partition(partition: Partition, found: VmCgroup, own: CpuSet | None,
+                     edit: SharedEdit, *, decides: bool) -> tuple[VmCgroup, CpuSet | None]:
+    """What an edit of the shared group makes of the VM partition cgroup as recorded
+    (``found``) and of the group's own value put back at the last release (``own``; None:
+    pinwarden made the group, and removes it).  ``decides``: that group is the cgroup the
+    partition is read from (mode ``auto`` or ``cgroup`` and the group found there).
+
+    * mode ``cgroup``: its CPUs are the VM CPUs, and the edit is made to both;
+    * mode ``none`` read from a group that had every CPU: what the administrator saw there
+      were the VM CPUs, the host reserve left out by pinwarden.  An edit that changes them
+      makes the group a restricting one of exactly the edited VM CPUs (mode ``cgroup`` from
+      then on); one that does not (the reserve written back in) changes nothing;
+    * otherwise (``isolcpus``, or a partition the configuration fixes) the partition does
+      not come from the group: only its own value takes the edit."""
+    if decides and partition.mode == "cgroup":
+        return replace(found, cpus=edit.apply(found.cpus)), \
+            edit.apply(own) if own is not None else None
+    if decides and partition.mode == "none":
+        vm = edit.apply(partition.vm_cpus)
+        if vm == partition.vm_cpus:
+            return found, own
+        return replace(found, cpus=vm), vm if own is not None else None
+    return found, edit.apply(own) if own is not None else None
 
 
 def shared_pool(host: Host, taken: CpuSet) -> tuple[CpuSet, tuple[str, ...]]:
