@@ -1063,3 +1063,44 @@ def test_setting_files_lists_only_the_runtime_drop_ins_of_pinwardens_settings(
                 "/run/systemd/system.control/machine.slice.d/50-AllowedMemoryNodes.conf",)
         finally:
             bus.close()
+
+
+def test_an_edit_while_leased_keeps_its_drop_in(bus_address: str, tmp_path: Path) -> None:
+    """The administrator configured ``AllowedCPUs=0-7`` for machine.slice (``systemctl
+    set-property``, kept in ``/etc/systemd/system.control``), then, while a CPU is
+    leased, takes CPU 2 away with ``systemctl set-property --runtime``.  The last release
+    puts back the value found with the edit made to it — and keeps the runtime drop-in
+    that now holds it, as their own set-property would have (removed as pinwarden's, the
+    next ``daemon-reload`` undid the edit)."""
+    from pinwarden.config import Config
+    from pinwarden.manager import Manager
+    from pinwarden.model import job_holder
+    from pinwarden.policy import JobSpec
+
+    root = tmp_path / "root"
+    with _running_standin(bus_address, tmp_path / "standin.log", "--root", str(root)) as s:
+        bus = SystemdBus.connect(s.address, timeout=10)
+        backend = SystemdBackend(bus, kernel=KernelRecorder(), root=root)
+        operator = SystemdBus.connect(s.address, timeout=10)
+        said: list[str] = []
+        try:
+            operator.set_unit_properties("machine.slice", False, [
+                ("AllowedCPUs", ("ay", CpuSet.parse("0-7").to_dbus()))])
+            with Manager(Config(), root, tmp_path / "state", backend=backend,
+                         host=make_host("0-7", "1-7"), warn=said.append) as m:
+                m.reserve_request(JobSpec("J", cpus=CpuSet.parse("3")))
+                assert _dropins(root, "machine.slice") == {
+                    "50-AllowedCPUs.conf": "AllowedCPUs=1-2,4-7"}
+                operator.set_unit_properties("machine.slice", True, [
+                    ("AllowedCPUs", ("ay", CpuSet.parse("1,4-7").to_dbus()))])
+                m.sync()  # (the partition is this test's, fixed: the slice is set back)
+                assert backend.read_group("machine.slice").cpus == CpuSet.parse("1-2,4-7")
+                m.drop(job_holder("J"))
+                machine = backend.read_group("machine.slice")
+        finally:
+            operator.close()
+            bus.close()
+    assert len(said) == 1 and "removed CPU 2" in said[0], said
+    assert "gets 0-1,3-7 back" in said[0], said
+    assert machine.cpus == CpuSet.parse("0-1,3-7")  # as found, CPU 2 taken
+    assert _dropins(root, "machine.slice") == {"50-AllowedCPUs.conf": "AllowedCPUs=0-1,3-7"}

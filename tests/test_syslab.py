@@ -675,6 +675,12 @@ def test_story_the_event_daemon_reaps_and_puts_the_layout_back(lab: LabRun) -> N
     rc0(s["behind_its_back"])
     allowed = _cpus_of(s["put_back"]["machine_unit"]["AllowedCPUs"])
     assert int(s["cpu_a"]) not in allowed and allowed, s["put_back"]["machine_unit"]
+    # the set-property is said, as an edit that changes no VM CPU (mode none is configured,
+    # and CPU 0 its host reserve): the slice is set back; the leased CPU was no edit at all
+    said = [line for line in s["journal"].splitlines()
+            if "cgroup machine.slice was changed by someone else" in line]
+    assert len(said) == 1, s["journal"]
+    assert "added CPU 0)" in said[0] and "stays none (VM CPUs 1-3)" in said[0], said
     assert s["put_back"]["partitions"][_slice("pwtest-a")]["cpuset.cpus.partition"] == \
         "isolated"
 

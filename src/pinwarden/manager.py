@@ -831,13 +831,19 @@ class Manager:
             return record
         if own is not None and not own:
             own = record.found.cpus  # "inherit" (cgroup v2): its parent's, as found
+        was = own
         decides = self.config.mode in ("auto", "cgroup") and self._fixed_host is None \
             and record.found.name == kernel_path(backend, path)
         found, own = edited_partition(record.partition, record.found, own, edit,
                                       decides=decides)
         data["set"] = now.to_list()
-        if own is not None:  # (a group pinwarden made stays its own: removed at the end)
+        # (a group pinwarden made stays its own, removed at the end; one that inherited
+        # its CPUs goes on inheriting them unless the edit changed them)
+        if own is not None and own != was:
             data["cpus"] = own.to_list()
+            if "dropins" in data:  # systemd: the setting is the administrator's now, and
+                # so is its drop-in (as after their own set-property): kept at the release
+                data.update(self._setting_files(backend, path))
         amended = record if found == record.found else \
             replace(record, partition=self._load_host(found).partition, found=found)
         ledger.amend_host(amended, {SHARED_KEY.format(path=path): json.dumps(data)})
@@ -845,7 +851,7 @@ class Manager:
                            (("added", edit.added), ("removed", edit.removed)) if cpus)
         before, after = record.partition, amended.partition
         back = f"; it gets {own.to_list() or '(none)'} back when the last lease goes" \
-            if own is not None else ""
+            if own is not None and own != was else ""
         if (after.mode, after.vm_cpus) != (before.mode, before.vm_cpus):
             outcome = (f"taken as your change of the VM partition, now {after.mode} (VM "
                        f"{after.vm_cpus.named(empty='CPUs -')})")
