@@ -1104,3 +1104,40 @@ def test_an_edit_while_leased_keeps_its_drop_in(bus_address: str, tmp_path: Path
     assert "gets 0-1,3-7 back" in said[0], said
     assert machine.cpus == CpuSet.parse("0-1,3-7")  # as found, CPU 2 taken
     assert _dropins(root, "machine.slice") == {"50-AllowedCPUs.conf": "AllowedCPUs=0-1,3-7"}
+
+
+def test_an_edit_that_adds_to_an_inheriting_slice_leaves_it_inheriting(
+        bus_address: str, tmp_path: Path) -> None:
+    """machine.slice inherits its CPUs (no ``AllowedCPUs``, as systemd ships it).  A
+    ``systemctl set-property --runtime machine.slice AllowedCPUs=0-7`` while CPU 3 is
+    leased adds CPU 0 (the host reserve here) and the leased CPU: nothing an inheriting
+    slice lacked.  The last release leaves it inheriting, without a drop-in — the
+    systemd story found it put back as ``AllowedCPUs=0`` (an empty "as found" taken as
+    no CPUs, plus the one added)."""
+    from pinwarden.config import Config
+    from pinwarden.manager import Manager
+    from pinwarden.model import job_holder
+    from pinwarden.policy import JobSpec
+
+    root = tmp_path / "root"
+    with _running_standin(bus_address, tmp_path / "standin.log", "--root", str(root)) as s:
+        bus = SystemdBus.connect(s.address, timeout=10)
+        backend = SystemdBackend(bus, kernel=KernelRecorder(), root=root)
+        operator = SystemdBus.connect(s.address, timeout=10)
+        said: list[str] = []
+        try:
+            with Manager(Config(), root, tmp_path / "state", backend=backend,
+                         host=make_host("0-7", "1-7"), warn=said.append) as m:
+                m.reserve_request(JobSpec("J", cpus=CpuSet.parse("3")))
+                operator.set_unit_properties("machine.slice", True, [
+                    ("AllowedCPUs", ("ay", CpuSet.parse("0-7").to_dbus()))])
+                m.sync()
+                assert backend.read_group("machine.slice").cpus == CpuSet.parse("1-2,4-7")
+                m.drop(job_holder("J"))
+                machine = backend.read_group("machine.slice")
+        finally:
+            operator.close()
+            bus.close()
+    assert len(said) == 1 and "added CPU 0)" in said[0] and "back when" not in said[0], said
+    assert machine.cpus == CpuSet()  # inheriting, as found
+    assert _dropins(root, "machine.slice") == {}

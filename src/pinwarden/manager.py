@@ -815,7 +815,7 @@ class Manager:
         against where the group decides it (:func:`~pinwarden.partition.edited_partition`).
         Overwritten silently, it was lost, and the last release undid it.  The host record
         as it is now."""
-        from pinwarden.enforce.backend import CgroupOpError, kernel_path
+        from pinwarden.enforce.backend import CgroupOpError, kernel_path, parent_of
         from pinwarden.partition import edited_partition, shared_edit
 
         try:
@@ -823,14 +823,16 @@ class Manager:
             written = CpuSet.parse_kernel(str(data["set"]))
             now = backend.read_group(path).cpus
             own = CpuSet.parse_kernel(str(data["cpus"])) if "cpus" in data else None
+            edit = shared_edit(written, now, leased)
+            if edit is None or record is None:
+                return record
+            if own is not None and not own:  # "inherit" (cgroup v2): its parent's CPUs
+                parent = parent_of(path)
+                own = record.found.cpus if record.found.name == kernel_path(backend, path) \
+                    else backend.read_group(parent).cpus if parent is not None else EMPTY
         except (ValueError, KeyError, TypeError, AttributeError, PinwardenError,
                 CgroupOpError):
             return record  # nothing written yet, or the group is gone: nothing to take
-        edit = shared_edit(written, now, leased)
-        if edit is None or record is None:
-            return record
-        if own is not None and not own:
-            own = record.found.cpus  # "inherit" (cgroup v2): its parent's, as found
         was = own
         decides = self.config.mode in ("auto", "cgroup") and self._fixed_host is None \
             and record.found.name == kernel_path(backend, path)
