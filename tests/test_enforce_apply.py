@@ -127,6 +127,7 @@ def test_effective_cpus_mismatch_rolls_back() -> None:
     with pytest.raises(EnforceError) as info:
         sync_leases(fake, make_host(), [lease(3, "J")])
     assert "effective cpus" in info.value.message and "rolled back" in info.value.message
+    assert not info.value.partial
     assert FakeCpusetV1.read_state(fake, [""]) == before
 
 
@@ -259,3 +260,27 @@ def test_an_invalid_partition_fails_verification_and_rolls_back() -> None:
     assert "\n" not in message and "rolled back" in message
     assert "pinwarden-run-J.partition" in message and reason in message
     assert whole(fake) == before
+
+
+def test_a_failed_rollback_is_said_and_marked_partial() -> None:
+    """The write fails, and so does the rollback: the message says so, and the error is
+    marked ``partial`` (the manager then no longer trusts what it last wrote to the shared
+    group to tell somebody else's edit)."""
+
+    class Stuck(FailingBackend):
+        def _tick(self, action: str, path: str) -> None:
+            n = self.calls
+            self.calls += 1
+            if n >= self.fail_at:  # this write and every one after it
+                raise CgroupOpError(action, path, self.err, detail="injected")
+
+    fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"))
+    build(fake, {"machine": ("0-3", False)})
+    with pytest.raises(EnforceError) as info:
+        sync_leases(Stuck(fake, 1), make_host(), [lease(3, "J")])
+    assert "ROLLBACK FAILED" in info.value.message and info.value.partial
+    fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"))
+    build(fake, {"machine": ("0-3", False)})
+    with pytest.raises(EnforceError) as info:
+        sync_leases(FailingBackend(fake, 1), make_host(), [lease(3, "J")])
+    assert "nothing was changed" in info.value.message and not info.value.partial

@@ -702,7 +702,7 @@ def test_a_failed_sync_is_no_edit(host4_cgroup: Path, tmp_path: Path,
 
     def half_done(backend: object, desired: object) -> object:
         fake.set_cpus("machine", C("1"))
-        raise EnforceError("the rollback failed too")
+        raise EnforceError("...; ROLLBACK FAILED: ...", partial=True)
 
     with Manager(Config(), host4_cgroup, tmp_path / "state", backend=fake,
                  warn=said.append) as m:
@@ -768,3 +768,37 @@ def test_an_edit_in_mode_none_is_made_to_the_vm_cpus_the_administrator_saw(
         assert fake.read_group("machine").cpus == C("1,3")
         assert m.record() is None and m.ledger().changes() == {}
     assert len(said) == 2, said
+
+
+def test_an_edit_that_made_a_sync_fail_is_taken_by_the_next(host4_cgroup: Path,
+                                                            tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """The administrator's write lands while a sync runs: its read-back finds the group
+    not as planned and the sync fails, rolled back (the systemd story saw it with the
+    event daemon).  What pinwarden had set stays the yardstick, and the next sync takes
+    the edit — forgotten, the edit was overwritten silently."""
+    from pinwarden.enforce import apply
+
+    fake = FakeCpusetV1(C("0-3"))
+    build(fake, {"machine": ("1-3", False)})
+    make_cgroup(host4_cgroup, V1, "machine", "1-3")
+    said: list[str] = []
+    real = apply.sync
+
+    def raced(backend: object, desired: object) -> object:
+        fake.set_cpus("machine", C("1"))  # the administrator, meanwhile
+        raise EnforceError("the kernel did not apply the layout: machine has cpus 1, "
+                           "expected 1-2; rolled back")
+
+    with Manager(Config(), host4_cgroup, tmp_path / "state", backend=fake,
+                 warn=said.append) as m:
+        m.reserve_request(JobSpec("J", cpus=C("3")))
+        monkeypatch.setattr(apply, "sync", raced)
+        with pytest.raises(EnforceError):
+            m.sync()
+        monkeypatch.setattr(apply, "sync", real)
+        m.sync()
+        assert len(said) == 1 and "removed CPU 2" in said[0], said
+        assert fake.read_group("machine").cpus == C("1")
+        assert m.host().partition.vm_cpus == C("1,3")

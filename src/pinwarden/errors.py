@@ -64,6 +64,13 @@ class EnforceError(PinwardenError):
 
     code = "enforce"
 
+    def __init__(self, message: str, *, code: str | None = None,
+                 partial: bool = False) -> None:
+        super().__init__(message, code=code)
+        #: The rollback failed too: the groups written hold neither what they had nor
+        #: what was wanted.
+        self.partial = partial
+
 
 class LibvirtError(PinwardenError):
     """libvirt refused or failed an operation."""

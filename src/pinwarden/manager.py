@@ -515,10 +515,13 @@ class Manager:
                                  deferred=deferred)
         try:
             result = sync(backend, desired)
-        except PinwardenError:
-            # rolled back, or not quite: what the shared group holds now is no edit of
-            # anybody else's, and the next sync must not take it for one
-            self._note_written(ledger, backend, names.shared, key, None)
+        except EnforceError as exc:
+            # Rolled back: the shared group holds what it held before, and what pinwarden
+            # had set there stays the yardstick (a set-property that raced this sync made
+            # it fail — the systemd story saw it).  Not quite rolled back: what it holds
+            # now is pinwarden's, half-way, and the next sync must not take it for an edit.
+            if exc.partial:
+                self._note_written(ledger, backend, names.shared, key, None)
             raise
         # A holder group that still has tasks is kept (a job's children outliving their
         # owner, a release of a running domain), and with it the shared group stays as

@@ -220,7 +220,7 @@ def execute(backend: CgroupBackend, before: Snapshot, ops: Sequence[Op], *,
             if failures:
                 message = message.replace("nothing was changed",
                                           "ROLLBACK FAILED: " + "; ".join(failures))
-            raise EnforceError(message) from exc
+            raise EnforceError(message, partial=bool(failures)) from exc
         undo.append(inverse)
         _advance(op, state)
     roots = [p for p in check if p in state]
@@ -231,7 +231,8 @@ def execute(backend: CgroupBackend, before: Snapshot, ops: Sequence[Op], *,
             failures = _rollback(backend, undo)
             tail = "; rolled back" if not failures else \
                 "; ROLLBACK FAILED: " + "; ".join(failures)
-            raise EnforceError(f"the kernel did not apply the layout: {problems[0]}{tail}")
+            raise EnforceError(f"the kernel did not apply the layout: {problems[0]}{tail}",
+                               partial=bool(failures))
     return after
 
 
