@@ -1065,13 +1065,24 @@ def test_setting_files_lists_only_the_runtime_drop_ins_of_pinwardens_settings(
             bus.close()
 
 
-def test_an_edit_while_leased_keeps_its_drop_in(bus_address: str, tmp_path: Path) -> None:
-    """The administrator configured ``AllowedCPUs=0-7`` for machine.slice (``systemctl
-    set-property``, kept in ``/etc/systemd/system.control``), then, while a CPU is
-    leased, takes CPU 2 away with ``systemctl set-property --runtime``.  The last release
-    puts back the value found with the edit made to it — and keeps the runtime drop-in
-    that now holds it, as their own set-property would have (removed as pinwarden's, the
-    next ``daemon-reload`` undid the edit)."""
+@pytest.mark.parametrize(("configured", "edit", "change", "after", "dropins"), [
+    # configured AllowedCPUs=0-7 (kept in /etc/systemd/system.control); CPU 2 taken away:
+    # back as found with the edit made, and the runtime drop-in holding that is kept, as
+    # the administrator's own set-property would have left it (removed as pinwarden's,
+    # the next daemon-reload undid the edit)
+    ("0-7", "1,4-7", "removed CPU 2", "0-1,3-7", {"50-AllowedCPUs.conf":
+                                                  "AllowedCPUs=0-1,3-7"}),
+    # inheriting (no AllowedCPUs, as systemd ships it); CPU 0 and the leased CPU 3 written
+    # in: nothing an inheriting slice lacked, so it goes on inheriting, without a drop-in
+    # (the systemd story found it put back as AllowedCPUs=0: an empty "as found" taken
+    # as no CPUs, plus the one added)
+    (None, "0-7", "added CPU 0)", "", {}),
+], ids=["configured", "inheriting"])
+def test_an_edit_while_leased_is_put_back_with_its_drop_in(
+        bus_address: str, tmp_path: Path, configured: str | None, edit: str, change: str,
+        after: str, dropins: dict[str, str]) -> None:
+    """``systemctl set-property --runtime machine.slice AllowedCPUs=EDIT`` while CPU 3 is
+    leased.  (The partition is this test's, fixed: the slice is set back meanwhile.)"""
     from pinwarden.config import Config
     from pinwarden.manager import Manager
     from pinwarden.model import job_holder
@@ -1084,53 +1095,16 @@ def test_an_edit_while_leased_keeps_its_drop_in(bus_address: str, tmp_path: Path
         operator = SystemdBus.connect(s.address, timeout=10)
         said: list[str] = []
         try:
-            operator.set_unit_properties("machine.slice", False, [
-                ("AllowedCPUs", ("ay", CpuSet.parse("0-7").to_dbus()))])
+            if configured is not None:
+                operator.set_unit_properties("machine.slice", False, [
+                    ("AllowedCPUs", ("ay", CpuSet.parse(configured).to_dbus()))])
             with Manager(Config(), root, tmp_path / "state", backend=backend,
                          host=make_host("0-7", "1-7"), warn=said.append) as m:
                 m.reserve_request(JobSpec("J", cpus=CpuSet.parse("3")))
                 assert _dropins(root, "machine.slice") == {
                     "50-AllowedCPUs.conf": "AllowedCPUs=1-2,4-7"}
                 operator.set_unit_properties("machine.slice", True, [
-                    ("AllowedCPUs", ("ay", CpuSet.parse("1,4-7").to_dbus()))])
-                m.sync()  # (the partition is this test's, fixed: the slice is set back)
-                assert backend.read_group("machine.slice").cpus == CpuSet.parse("1-2,4-7")
-                m.drop(job_holder("J"))
-                machine = backend.read_group("machine.slice")
-        finally:
-            operator.close()
-            bus.close()
-    assert len(said) == 1 and "removed CPU 2" in said[0], said
-    assert "gets 0-1,3-7 back" in said[0], said
-    assert machine.cpus == CpuSet.parse("0-1,3-7")  # as found, CPU 2 taken
-    assert _dropins(root, "machine.slice") == {"50-AllowedCPUs.conf": "AllowedCPUs=0-1,3-7"}
-
-
-def test_an_edit_that_adds_to_an_inheriting_slice_leaves_it_inheriting(
-        bus_address: str, tmp_path: Path) -> None:
-    """machine.slice inherits its CPUs (no ``AllowedCPUs``, as systemd ships it).  A
-    ``systemctl set-property --runtime machine.slice AllowedCPUs=0-7`` while CPU 3 is
-    leased adds CPU 0 (the host reserve here) and the leased CPU: nothing an inheriting
-    slice lacked.  The last release leaves it inheriting, without a drop-in — the
-    systemd story found it put back as ``AllowedCPUs=0`` (an empty "as found" taken as
-    no CPUs, plus the one added)."""
-    from pinwarden.config import Config
-    from pinwarden.manager import Manager
-    from pinwarden.model import job_holder
-    from pinwarden.policy import JobSpec
-
-    root = tmp_path / "root"
-    with _running_standin(bus_address, tmp_path / "standin.log", "--root", str(root)) as s:
-        bus = SystemdBus.connect(s.address, timeout=10)
-        backend = SystemdBackend(bus, kernel=KernelRecorder(), root=root)
-        operator = SystemdBus.connect(s.address, timeout=10)
-        said: list[str] = []
-        try:
-            with Manager(Config(), root, tmp_path / "state", backend=backend,
-                         host=make_host("0-7", "1-7"), warn=said.append) as m:
-                m.reserve_request(JobSpec("J", cpus=CpuSet.parse("3")))
-                operator.set_unit_properties("machine.slice", True, [
-                    ("AllowedCPUs", ("ay", CpuSet.parse("0-7").to_dbus()))])
+                    ("AllowedCPUs", ("ay", CpuSet.parse(edit).to_dbus()))])
                 m.sync()
                 assert backend.read_group("machine.slice").cpus == CpuSet.parse("1-2,4-7")
                 m.drop(job_holder("J"))
@@ -1138,6 +1112,7 @@ def test_an_edit_that_adds_to_an_inheriting_slice_leaves_it_inheriting(
         finally:
             operator.close()
             bus.close()
-    assert len(said) == 1 and "added CPU 0)" in said[0] and "back when" not in said[0], said
-    assert machine.cpus == CpuSet()  # inheriting, as found
-    assert _dropins(root, "machine.slice") == {}
+    assert len(said) == 1 and change in said[0], said
+    assert (f"gets {after} back" in said[0]) == bool(after), said
+    assert machine.cpus == CpuSet.parse_kernel(after)
+    assert _dropins(root, "machine.slice") == dropins

@@ -34,14 +34,18 @@ V1 = "sys/fs/cgroup/cpuset"
 C = CpuSet.parse
 
 
-@pytest.fixture
-def host4(tmp_path: Path) -> Path:
-    """A 4-CPU host (no SMT) with libvirt's ``machine`` holding every CPU: mode none."""
+def _host4(tmp_path: Path, machine: str) -> Path:
     root = tmp_path / "root"
     build_host(root, HostSpec(cpus=4))
     mount_cgroups(root, cpus="0-3")
-    make_cgroup(root, V1, "machine", "0-3")
+    make_cgroup(root, V1, "machine", machine)
     return root
+
+
+@pytest.fixture
+def host4(tmp_path: Path) -> Path:
+    """A 4-CPU host (no SMT) with libvirt's ``machine`` holding every CPU: mode none."""
+    return _host4(tmp_path, "0-3")
 
 
 def fake4() -> FakeCpusetV1:
@@ -618,11 +622,7 @@ def test_an_exclusive_machine_is_left_as_found_by_a_job(real_machine: None,
 @pytest.fixture
 def host4_cgroup(tmp_path: Path) -> Path:
     """The 4-CPU host in mode cgroup: ``machine`` holds CPUs 1-2."""
-    root = tmp_path / "root"
-    build_host(root, HostSpec(cpus=4))
-    mount_cgroups(root, cpus="0-3")
-    make_cgroup(root, V1, "machine", "1-2")
-    return root
+    return _host4(tmp_path, "1-2")
 
 
 def test_an_edit_of_machine_while_leased_is_kept_and_put_back(host4_cgroup: Path,
@@ -688,37 +688,6 @@ def test_a_narrowing_edit_is_kept_and_taken_from_the_partition(host4_cgroup: Pat
         assert m.record() is None and m.ledger().changes() == {}
 
 
-def test_a_failed_sync_is_no_edit(host4_cgroup: Path, tmp_path: Path,
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """A sync that fails may leave the shared group as a partial rollback left it: the
-    next sync must not take that for somebody else's edit."""
-    from pinwarden.enforce import apply
-
-    fake = FakeCpusetV1(C("0-3"))
-    build(fake, {"machine": ("1-3", False)})
-    make_cgroup(host4_cgroup, V1, "machine", "1-3")
-    said: list[str] = []
-    real = apply.sync
-
-    def half_done(backend: object, desired: object) -> object:
-        fake.set_cpus("machine", C("1"))
-        raise EnforceError("...; ROLLBACK FAILED: ...", partial=True)
-
-    with Manager(Config(), host4_cgroup, tmp_path / "state", backend=fake,
-                 warn=said.append) as m:
-        m.reserve_request(JobSpec("J", cpus=C("3")))
-        assert json.loads(m.ledger().changes()["cgroup:machine"])["set"] == "1-2"
-        monkeypatch.setattr(apply, "sync", half_done)
-        with pytest.raises(EnforceError):
-            m.sync()
-        monkeypatch.setattr(apply, "sync", real)
-        assert "set" not in json.loads(m.ledger().changes()["cgroup:machine"])
-        m.sync()
-        assert said == [], said
-        assert fake.read_group("machine").cpus == C("1-2")
-        assert m.host().partition.vm_cpus == C("1-3")
-
-
 def test_a_controller_that_stays_on_is_said_with_the_mount_it_is_on(tmp_path: Path) -> None:
     """The hint names the cgroup2 mount of this host (here a hybrid host's
     ``/sys/fs/cgroup/unified``), not the usual place."""
@@ -770,14 +739,16 @@ def test_an_edit_in_mode_none_is_made_to_the_vm_cpus_the_administrator_saw(
     assert len(said) == 2, said
 
 
-def test_an_edit_that_made_a_sync_fail_is_taken_by_the_next(host4_cgroup: Path,
-                                                            tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch
-                                                            ) -> None:
-    """The administrator's write lands while a sync runs: its read-back finds the group
-    not as planned and the sync fails, rolled back (the systemd story saw it with the
-    event daemon).  What pinwarden had set stays the yardstick, and the next sync takes
-    the edit — forgotten, the edit was overwritten silently."""
+@pytest.mark.parametrize("partial", [False, True], ids=["rolled-back", "rollback-failed"])
+def test_a_failed_sync_keeps_its_yardstick_only_if_rolled_back(
+        host4_cgroup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        partial: bool) -> None:
+    """``machine`` reads CPU 1 after a failed sync.  Rolled back, the failure was the
+    administrator's write landing while the sync ran (its read-back found the group not
+    as planned; the systemd story saw it with the event daemon): what pinwarden had set
+    stays the yardstick and the next sync takes the edit — forgotten, it was overwritten
+    silently.  Not rolled back (``partial``), the value may be pinwarden's own, half-way:
+    the next sync must not take it for an edit."""
     from pinwarden.enforce import apply
 
     fake = FakeCpusetV1(C("0-3"))
@@ -786,19 +757,27 @@ def test_an_edit_that_made_a_sync_fail_is_taken_by_the_next(host4_cgroup: Path,
     said: list[str] = []
     real = apply.sync
 
-    def raced(backend: object, desired: object) -> object:
-        fake.set_cpus("machine", C("1"))  # the administrator, meanwhile
-        raise EnforceError("the kernel did not apply the layout: machine has cpus 1, "
-                           "expected 1-2; rolled back")
+    def failing(backend: object, desired: object) -> object:
+        fake.set_cpus("machine", C("1"))
+        raise EnforceError("...", partial=partial)
 
     with Manager(Config(), host4_cgroup, tmp_path / "state", backend=fake,
                  warn=said.append) as m:
         m.reserve_request(JobSpec("J", cpus=C("3")))
-        monkeypatch.setattr(apply, "sync", raced)
+        assert json.loads(m.ledger().changes()["cgroup:machine"])["set"] == "1-2"
+        monkeypatch.setattr(apply, "sync", failing)
         with pytest.raises(EnforceError):
             m.sync()
         monkeypatch.setattr(apply, "sync", real)
+        kept = json.loads(m.ledger().changes()["cgroup:machine"]).get("set")
+        assert kept == (None if partial else "1-2")
         m.sync()
-        assert len(said) == 1 and "removed CPU 2" in said[0], said
-        assert fake.read_group("machine").cpus == C("1")
-        assert m.host().partition.vm_cpus == C("1,3")
+        if partial:
+            assert said == [], said
+            assert fake.read_group("machine").cpus == C("1-2")
+            assert m.host().partition.vm_cpus == C("1-3")
+        else:
+            assert len(said) == 1 and "removed CPU 2" in said[0], said
+            assert fake.read_group("machine").cpus == C("1")
+            assert m.host().partition.vm_cpus == C("1,3")
+        assert "set" in json.loads(m.ledger().changes()["cgroup:machine"])

@@ -884,13 +884,8 @@ class Ledger:
     def put_changes(self, values: Mapping[str, str]) -> None:
         """Set change records outright (a record whose bookkeeping moves on: the value
         pinwarden last wrote; its original is the caller's to keep)."""
-        if not values:
-            return
-        now = time.time()
-        with self._write() as db:
-            db.executemany("INSERT INTO changes (key, original, created) VALUES (?, ?, ?) "
-                           "ON CONFLICT (key) DO UPDATE SET original = excluded.original",
-                           [(k, v, now) for k, v in values.items()])
+        if values:
+            self.amend_host(None, values)
 
     def amend_host(self, host: HostRecord | None, values: Mapping[str, str]) -> None:
         """In one transaction: replace the host record (if one exists and ``host`` is
