@@ -170,6 +170,38 @@ def test_failed_start_is_rolled_back(pw: env.Pinwarden, domains: env.Domains,
     assert tree_state(pw) == before  # every cgroup back as it was (the tree removed)
 
 
+def test_a_failed_start_gives_the_repinned_domain_its_cpu_back(
+        pw: env.Pinwarden, domains: env.Domains, tmp_path: Path) -> None:
+    """The exclusive start re-pins running shared S off CPU 1 (recording it), then libvirt
+    fails to start A: S gets CPU 1 back, in the kernel and in libvirt's own view, and no
+    record of the re-pin is left to give back later."""
+    from pinwarden.ledger import Ledger
+
+    a, s = "pwtest-start-a5", "pwtest-start-s5"
+    if not (env.CPUSET / "machine").is_dir():
+        domains.create("pwtest-start-warm").destroy()
+    (env.CPUSET / "machine" / "cpuset.cpus").write_text("1")  # VM CPU 1
+    shared = domains.create(s)
+    assert env.vm_affinity(s) == {1}
+    missing = tmp_path / "no-such-disk.img"
+    xml = env.tiny_domain_xml(a, exclusive=True, vcpupins={0: "1"}).replace(
+        "</emulator>", f"</emulator><disk type='file' device='disk'><source "
+                       f"file='{missing}'/><target dev='vda' bus='virtio'/></disk>")
+    domains.track(a)
+    domains.conn.defineXML(xml)
+
+    failed = pw.run("start", a)
+    assert failed.returncode == 1 and "libvirt could not start domain" in failed.stderr
+    assert env.holder_names(pw) == ()
+    assert env.vm_affinity(s) == {1}
+    bits = shared.vcpuPinInfo(env.libvirt.VIR_DOMAIN_AFFECT_LIVE)[0]
+    assert {i for i, on in enumerate(bits) if on} == {1}
+    with Ledger(pw.state) as ledger:
+        assert ledger.changes() == {} and ledger.host_record() is None
+    stopped = pw.run("stop", a, check=True).stdout  # nothing to give back
+    assert "gave back" not in stopped, stopped
+
+
 def test_define_stores_metadata_and_refuses_bad_input(pw: env.Pinwarden,
                                                       domains: env.Domains,
                                                       tmp_path: Path) -> None:

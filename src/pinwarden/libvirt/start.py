@@ -258,26 +258,33 @@ def _start_exclusive(manager: Manager, conn: Any, holder: HolderRef, spec: Domai
         return Started(holder.name, holder.uuid or "", plan, pid, kernel.domain_cgroup(pid),
                        tuple(done), (*plan.notes, *layout_notes))
     except BaseException:
-        _rollback(manager, conn, holder, started, done)
-        with contextlib.suppress(PinwardenError):
-            pins.unnote(manager, replaced)
+        _rollback(manager, conn, holder, started, done, replaced)
         raise
 
 
 def _rollback(manager: Manager, conn: Any, holder: HolderRef, started: bool,
-              done: Sequence[Repin]) -> None:
+              done: Sequence[Repin], replaced: dict[str, str | None]) -> None:
     """Best effort, every step attempted: the caller re-raises the original error.
     Order: domain, lease and cgroups (the manager shrinks the layout back — to the host
     as found when nothing else is leased), then the re-pins (which need the restored
-    cgroups to allow their old CPUs again)."""
+    cgroups to allow their old CPUs again) and their records, together under the pins
+    lock, as they were made: a daemon pass giving CPUs back in between would see the
+    one undone and not the other."""
     if started:
         with contextlib.suppress(PinwardenError):
             lv.destroy(conn, holder.name)
     with contextlib.suppress(PinwardenError):
         manager.drop(holder)
-    for move in reversed(done):
+    if not done and not replaced:
+        return
+    with contextlib.ExitStack() as stack:
+        with contextlib.suppress(PinwardenError):  # not to be had: undone without it
+            stack.enter_context(pins.locked(manager))
+        for move in reversed(done):
+            with contextlib.suppress(PinwardenError):
+                lv.apply_repin(conn, move, undo=True)
         with contextlib.suppress(PinwardenError):
-            lv.apply_repin(conn, move, undo=True)
+            pins.unnote(manager, replaced)
 
 
 def _create(conn: Any, holder: HolderRef, xml: str) -> Any:
