@@ -45,7 +45,7 @@ from pinwarden.record import record, replace
 
 if TYPE_CHECKING:
     from pinwarden.enforce.apply import Result
-    from pinwarden.enforce.backend import CgroupBackend
+    from pinwarden.enforce.backend import CgroupBackend, GroupState
     from pinwarden.enforce.layout import LayoutNames
     from pinwarden.noise import Outcome
     from pinwarden.policy import Request
@@ -487,9 +487,9 @@ class Manager:
         record = ledger.host_record()
         backend, names = self.backend(), self.names()
         key = SHARED_KEY.format(path=names.shared)
-        shared_record = ledger.changes().get(key)
-        if shared_record is not None:  # before anything is planned against the record
-            record = self._take_edit(ledger, backend, names.shared, shared_record, record,
+        kept_record = ledger.changes().get(key)
+        if kept_record is not None:  # before anything is planned against the record
+            record = self._take_edit(ledger, backend, names.shared, kept_record, record,
                                      CpuSet.of(lease.cpu for lease in leases))
         host = self._load_host(record.found if record else None)
         if leases:  # before the layout: an escaped cgroup invalidates holder partitions
@@ -499,8 +499,10 @@ class Manager:
         drop = False
         if leases and CONTROLLER_KEY not in changes:
             self._record_controller(ledger, backend)
-        if leases and key not in changes:
-            ledger.record_changes({key: self._shared_original(backend, names.shared)})
+        shared_record = changes.get(key)
+        if leases and shared_record is None:
+            shared_record = self._shared_original(backend, names.shared)
+            ledger.record_changes({key: shared_record})
         elif not leases and key in changes:
             restore, drop = self._restore_value(backend, names.shared, changes[key])
         v2 = backend.kind in ("v2", "systemd")
@@ -520,16 +522,16 @@ class Manager:
             # had set there stays the yardstick (a set-property that raced this sync made
             # it fail — the systemd story saw it).  Not quite rolled back: what it holds
             # now is pinwarden's, half-way, and the next sync must not take it for an edit.
-            if exc.partial:
-                self._note_written(ledger, backend, names.shared, key, None)
+            if exc.partial and shared_record is not None:
+                self._note_written(ledger, key, shared_record, None)
             raise
         # A holder group that still has tasks is kept (a job's children outliving their
         # owner, a release of a running domain), and with it the shared group stays as
         # narrowed: the record of both is kept until a sync finds the group gone.
         kept = not leases and result.desired is not None and \
             bool(result.desired.stale_paths(result.after))
-        if leases or kept:
-            self._note_written(ledger, backend, names.shared, key, result)
+        if (leases or kept) and shared_record is not None:
+            self._note_written(ledger, key, shared_record, result.after.get(names.shared))
         if not leases and not kept:
             if key in changes:
                 self._put_flags_back(backend, names.shared, changes[key])
@@ -870,21 +872,20 @@ class Manager:
         return amended
 
     @staticmethod
-    def _note_written(ledger: Ledger, backend: CgroupBackend, path: str, key: str,
-                      result: Result | None) -> None:
-        """Keep, with the shared group's change record, the CPUs pinwarden left it with —
-        how the next sync tells somebody else's edit (:meth:`_take_edit`); ``result``
-        None: a sync failed, and they are not known."""
+    def _note_written(ledger: Ledger, key: str, value: str, after: GroupState | None) -> None:
+        """Keep, in the shared group's change record (``key``, now ``value``), the CPUs
+        pinwarden left the group with (``after``, as read back) — how the next sync tells
+        somebody else's edit (:meth:`_take_edit`); ``after`` None: a sync failed, and they
+        are not known."""
         try:
-            data = json.loads(ledger.changes().get(key) or "")
+            data = json.loads(value)
         except ValueError:
             return
         if not isinstance(data, dict):
             return
-        written = result.after[path].cpus.to_list() \
-            if result is not None and path in result.after else None
+        written = after.cpus.to_list() if after is not None else None
         if data.get("set") != written:
-            if written is None:  # a failed sync: not known
+            if written is None:
                 del data["set"]
             else:
                 data["set"] = written
