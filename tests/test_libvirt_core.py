@@ -840,3 +840,56 @@ def test_a_settling_domain_is_neither_adopted_nor_given_back_to() -> None:
     records = record_moves(repins([s], A, cs("2"), pool=cs("0-1,3")), {})
     assert give_back([replace(s, settling=True)], records, leased=CpuSet()) == \
         give_back([], {}, leased=CpuSet())
+
+
+def test_a_listing_cut_short_by_libvirtd_going_away_fails_rather_than_drop_domains() -> None:
+    """libvirtd stopping (a restart, a package upgrade) while the daemon lists domains:
+    each domain's calls fail, and so does looking the domain up again.  The listing used
+    to skip such a domain as one that vanished meanwhile, and a pass then took running
+    domains for gone: it forgot the records of the pins it was to give back (seen in the
+    daemon's real-libvirt test on a loaded machine) and would free the lease of a running
+    exclusive domain.  Only libvirt's "no such domain" means gone."""
+    from pinwarden.libvirt import connect
+
+    lv = connect.binding()
+
+    class FakeError(lv.libvirtError):  # type: ignore[misc, name-defined]
+        def __init__(self, code: int, text: str) -> None:
+            Exception.__init__(self, text)
+            self.code = code
+
+        def get_error_code(self) -> int:
+            return self.code
+
+        def get_error_message(self) -> str:
+            return str(self)
+
+    class Unreadable:
+        def __init__(self, uuid: str) -> None:
+            self.uuid = uuid
+
+        def name(self) -> str:
+            raise FakeError(lv.VIR_ERR_SYSTEM_ERROR, "Cannot recv data: Connection reset")
+
+        def UUIDString(self) -> str:
+            return self.uuid
+
+    class Conn:
+        def __init__(self, lookup_error: int) -> None:
+            self.lookup_error = lookup_error
+
+        def getURI(self) -> str:
+            return "qemu:///system"
+
+        def listAllDomains(self, _flags: int) -> list[Any]:
+            return [Unreadable(UUID_A)]
+
+        def lookupByUUIDString(self, _uuid: str) -> Any:
+            raise FakeError(self.lookup_error, "lookup failed")
+
+    # the domain is really gone: skipped
+    assert connect.list_domains(Conn(lv.VIR_ERR_NO_DOMAIN), active_only=True) == ()
+    # libvirt cannot say (its connection is going away): the listing fails as a whole
+    for code in (lv.VIR_ERR_SYSTEM_ERROR, lv.VIR_ERR_RPC, lv.VIR_ERR_INTERNAL_ERROR):
+        with pytest.raises(LibvirtError, match="cannot read a domain"):
+            connect.list_domains(Conn(code), active_only=True)

@@ -5,6 +5,7 @@ libvirtd restart, and stops cleanly on SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import urllib.request
@@ -23,11 +24,14 @@ pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
 EXCLUSIVE = "pwtest-daemon.partition"
 
 
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0,
+             log: Callable[[], str] | None = None) -> None:
+    """Wait for ``check``; a timeout fails with ``log()`` (the daemon's output) attached."""
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+            shown = f"\n--- daemon log ---\n{log()}" if log is not None else ""
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}{shown}")
         time.sleep(0.2)
 
 
@@ -53,8 +57,12 @@ def test_daemon_frees_reports_and_reconnects(pw: env.Pinwarden, domains: env.Dom
     assert env.holder_names(pw) == (a,)
     assert 1 not in env.vm_affinity(shared)
     daemon = Daemon(pw, tmp_path / "daemon.log", "--metrics", "127.0.0.1:0")
+
+    def wait(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
+        wait_for(what, check, timeout, log=daemon.text)
+
     try:
-        wait_for("the daemon to connect", lambda: "connected to" in daemon.text())
+        wait("the daemon to connect", lambda: "connected to" in daemon.text())
         # the same metrics as 'pinwarden metrics', over HTTP for Prometheus to scrape
         url = re.search(r"serving metrics at (http://\S+/metrics)", daemon.text())
         assert url is not None, daemon.text()
@@ -66,7 +74,7 @@ def test_daemon_frees_reports_and_reconnects(pw: env.Pinwarden, domains: env.Dom
 
         # an exclusive domain started behind pinwarden's back, outside its partition
         domains.create(stray, exclusive=True, vcpupins={0: "0"})
-        wait_for("the stray domain to be reported",
+        wait("the stray domain to be reported",
                  lambda: f"exclusive domain {stray} runs in partition /machine"
                          in daemon.text())
         assert env.holder_names(pw) == (a,)  # reported, not adopted
@@ -74,20 +82,20 @@ def test_daemon_frees_reports_and_reconnects(pw: env.Pinwarden, domains: env.Dom
         # libvirtd restarts: the daemon reconnects
         if libvirt_daemons.owns("libvirtd"):
             libvirt_daemons.restart_libvirtd()
-            wait_for("the daemon to reconnect",
+            wait("the daemon to reconnect",
                      lambda: daemon.text().count("connected to") >= 2, timeout=120)
 
         # A dies without pinwarden stop and without a hook: the daemon frees its lease
         gone = env.virsh("destroy", a)
         assert gone.returncode == 0, gone.stderr
-        wait_for("the lease of A to be freed", lambda: env.holder_names(pw) == ())
+        wait("the lease of A to be freed", lambda: env.holder_names(pw) == ())
         # the daemon logs a free after committing it: the line may trail the ledger
-        wait_for("the daemon to say it freed A",
+        wait("the daemon to say it freed A",
                  lambda: f"freed the leases of qemu domain '{a}'" in daemon.text())
-        wait_for("A's cgroup to be removed",
+        wait("A's cgroup to be removed",
                  lambda: not (env.CPUSET / pw.holder_group(a)).exists())
         # the shared domain gets CPU 1 back: the daemon gives back what A's start took
-        wait_for("the daemon to give back CPU 1",
+        wait("the daemon to give back CPU 1",
                  lambda: f"gave back {shared} vcpu0" in daemon.text())
         assert env.vm_affinity(shared) == as_found
         assert daemon.proc.poll() is None, daemon.text()
@@ -95,3 +103,61 @@ def test_daemon_frees_reports_and_reconnects(pw: env.Pinwarden, domains: env.Dom
         status = daemon.stop()
     assert status == 0, daemon.text()
     assert "Traceback" not in daemon.text()
+
+
+def test_a_listing_while_libvirtd_restarts_is_whole_or_fails(
+        domains: env.Domains, libvirt_daemons: env.Daemons) -> None:
+    """What the daemon's pass reads while libvirtd stops (a restart, a package upgrade):
+    every listing of running domains has them all, or fails.  One that left a running
+    domain out made the pass take it for gone — it forgot the pins it was to give back
+    (this module's first test, on a loaded machine) and could free a running domain's
+    lease."""
+    import threading
+
+    from pinwarden.errors import LibvirtError
+    from pinwarden.libvirt import connect
+
+    names = {"pwtest-daemon-l1", "pwtest-daemon-l2"}
+    for name in sorted(names):
+        domains.create(name)
+    if not libvirt_daemons.owns("libvirtd"):
+        pytest.skip("libvirtd was running before the tests: not ours to restart")
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def listing() -> None:
+        while not stop.is_set():
+            try:
+                conn = connect.open_connection(env.URI)
+            except LibvirtError:
+                time.sleep(0.01)
+                continue
+            try:
+                while not stop.is_set():
+                    try:
+                        seen = {d.name for d in connect.list_domains(conn, active_only=True)}
+                    except LibvirtError:
+                        outcomes.append("failed")
+                        break
+                    outcomes.append("whole" if names <= seen else f"short: {sorted(seen)}")
+            finally:
+                with contextlib.suppress(Exception):
+                    conn.close()
+
+    readers = [threading.Thread(target=listing) for _ in range(3)]
+    for reader in readers:
+        reader.start()
+    try:
+        def whole_since(mark: int) -> Callable[[], bool]:
+            return lambda: outcomes[mark:].count("whole") >= 3
+
+        for _ in range(3):
+            wait_for("whole listings", whole_since(len(outcomes)))
+            libvirt_daemons.restart_libvirtd()
+        wait_for("whole listings after the restarts", whole_since(len(outcomes)))
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join(timeout=60)
+    assert "failed" in outcomes  # the readers did list across the restarts
+    assert [o for o in outcomes if o.startswith("short")] == []

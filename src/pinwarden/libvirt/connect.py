@@ -194,7 +194,8 @@ def domain_info(dom: Any, driver: str) -> DomainInfo:
 
 def list_domains(conn: Any, *, active_only: bool = False) -> tuple[DomainInfo, ...]:
     """Snapshot every domain (active ones only with ``active_only``).  Domains that vanish
-    while being read are skipped."""
+    while being read are skipped; a domain that cannot be read for another reason fails
+    the whole listing (:func:`_still_there`)."""
     lv = binding()
     driver = driver_of(str(conn.getURI()))
     flags = lv.VIR_CONNECT_LIST_DOMAINS_ACTIVE if active_only else 0
@@ -213,12 +214,16 @@ def list_domains(conn: Any, *, active_only: bool = False) -> tuple[DomainInfo, .
 
 
 def _still_there(conn: Any, dom: Any) -> bool:
+    """False only when libvirt says the domain is gone.  Any other failure (libvirtd
+    stopping, its connection reset) cannot tell: the domain counts as there, and the
+    listing fails rather than leave out a running domain — a pass taking it for gone
+    would free its lease and forget the pins it is to give back."""
     lv = binding()
     try:
         conn.lookupByUUIDString(dom.UUIDString())
         return True
-    except lv.libvirtError:
-        return False
+    except lv.libvirtError as exc:
+        return bool(exc.get_error_code() != lv.VIR_ERR_NO_DOMAIN)
 
 
 def apply_repin(conn: Any, repin: Repin, *, undo: bool = False) -> None:
