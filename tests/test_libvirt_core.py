@@ -893,3 +893,32 @@ def test_a_listing_cut_short_by_libvirtd_going_away_fails_rather_than_drop_domai
     for code in (lv.VIR_ERR_SYSTEM_ERROR, lv.VIR_ERR_RPC, lv.VIR_ERR_INTERNAL_ERROR):
         with pytest.raises(LibvirtError, match="cannot read a domain"):
             connect.list_domains(Conn(code), active_only=True)
+
+
+def test_the_daemon_frees_only_holders_of_the_driver_it_watches(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon connected to qemu:///system sees no container: an LXC domain's lease (its
+    libvirt_lxc process alive) is not its to free.  It freed every one once its start
+    grace was over."""
+    from pinwarden.libvirt import daemon
+
+    manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
+                      host=make_host("0-3", "1-3"))
+    container = domain_holder("lxc", "ct", "cccccccc-0000-0000-0000-000000000001")
+    gone = domain_holder("qemu", "gone", "99999999-0000-0000-0000-000000000000")
+    for cpu, ref in ((2, container), (3, gone)):
+        manager.reserve(ref, lambda _host, _leases, ref=ref, cpu=cpu: Plan(
+            ref.name, ref.uuid, True, {0: cs(str(cpu))}, cs(str(cpu)),
+            leases={cpu: "vcpu0"}), owner_pid=os.getpid())
+
+    class Conn:  # a qemu:///system with no domain running
+        def getURI(self) -> str:
+            return "qemu:///system"
+
+        def listAllDomains(self, _flags: int) -> list[Any]:
+            return []
+
+    later = time.time() + 10 * 3600  # long past every start's grace
+    monkeypatch.setattr(daemon.time, "time", lambda: later)
+    daemon.reconcile_once(manager, Conn(), restore=False)
+    assert [h.ref for h in manager.holders()] == [container]

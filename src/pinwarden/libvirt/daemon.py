@@ -38,8 +38,10 @@ def reconcile_once(manager: Manager, conn: Any, *, restore: bool,
     reported: set[str] = set()
     domains = lv.list_domains(conn, active_only=True)
     _reap(manager)
+    # only the holders of the connection's driver: the domains of another (containers,
+    # for a daemon on qemu:///system) are not in the listing, and not gone
     actions = reconcile(domains, manager.holders(), manager.libvirt_partition,
-                        now=time.time())
+                        now=time.time(), drivers=(lv.driver_of(str(conn.getURI())),))
     for action in actions:
         try:
             if isinstance(action, Free):
