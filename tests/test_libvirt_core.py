@@ -922,3 +922,29 @@ def test_the_daemon_frees_only_holders_of_the_driver_it_watches(
     monkeypatch.setattr(daemon.time, "time", lambda: later)
     daemon.reconcile_once(manager, Conn(), restore=False)
     assert [h.ref for h in manager.holders()] == [container]
+
+
+def test_a_give_back_over_a_container_connection_keeps_the_vms_pins(tmp_path: Path) -> None:
+    """Only QEMU domains have threads pinwarden re-pins.  ``pinwarden stop`` of an LXC
+    container (or a daemon on lxc:///) gives back over the lxc connection, whose listing
+    has no VM in it: it forgot every narrowed pin of the running VMs, which then never got
+    their CPUs back."""
+    from pinwarden.libvirt import pins
+    from pinwarden.libvirt.repin import NARROWED_PREFIX, record_moves
+
+    manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
+                      host=make_host("0-3", "1-3"))
+    s = running("s", vcpus="0-3", emulator="0-3")
+    records = record_moves(repins([s], A, cs("2"), pool=cs("0-1,3")), {})
+    assert records
+    manager.put_change_records(records)
+
+    class Conn:  # lxc:/// with no container running
+        def getURI(self) -> str:
+            return "lxc:///"
+
+        def listAllDomains(self, _flags: int) -> list[Any]:
+            return []
+
+    assert pins.give_back(manager, Conn()) == ()
+    assert manager.change_records(NARROWED_PREFIX) == records

@@ -53,6 +53,10 @@ def give_back(manager: Manager, conn: Any,
     """Re-pin running domains to the CPUs pinwarden took from their pins and no longer
     leases; returns the moves made.  A move libvirt refuses keeps its record (the next
     call tries again) and is raised as the :class:`~pinwarden.errors.LibvirtError`."""
+    if lv.driver_of(str(conn.getURI())) != "qemu":
+        # only QEMU domains have threads pinwarden re-pins (a container has no affinity
+        # to read): another driver's listing holds none of the domains the records name
+        return ()
     if not manager.change_records(NARROWED_PREFIX):
         return ()  # the common case, without a lock
     with locked(manager):
