@@ -392,16 +392,26 @@ def story_lxc() -> Data:
         out["define_q"] = virsh("define", write_xml(
             "pwtest-lq", cputune="<vcpupin vcpu='0' cpuset='2'/>"))
         out["start_q"] = virsh("start", "pwtest-lq")
+        # a running shared VM: the exclusive VM's start below re-pins it off its CPU
+        out["define_qs"] = virsh("define", write_xml("pwtest-lqs"))
+        out["start_qs"] = virsh("start", "pwtest-lqs")
+        out["qs_before"] = virsh("vcpupin", "pwtest-lqs")["stdout"]
         out["define_qx"] = pinwarden("define", write_xml("pwtest-lqx",
                                                          metadata=EXCLUSIVE_META))
         out["start_qx"] = pinwarden("start", "pwtest-lqx", "--json")
+        out["qs_narrowed"] = virsh("vcpupin", "pwtest-lqs")["stdout"]
         out["holders_both"] = holders()
         pid = next((int(p) for p in run(["pgrep", "-x", "libvirt_lxc"])["stdout"].split()),
                    None)
         out["lxc_allowed"] = affinity(pid) if pid else None
         out["layout"] = layout()
+        # the container stops first, over its own (lxc) connection; then the VM: the shared
+        # VM gets back what the VM's start took
+        out["stop_lx"] = pinwarden("stop", "-c", LXC_URI, "pwtest-lx")
+        out["stop_qx"] = pinwarden("stop", "pwtest-lqx")
+        out["qs_after"] = virsh("vcpupin", "pwtest-lqs")["stdout"]
     finally:
-        for name in ("pwtest-lq", "pwtest-lqx"):
+        for name in ("pwtest-lq", "pwtest-lqx", "pwtest-lqs"):
             remove_domain(name)
         remove_domain("pwtest-lx", uri=LXC_URI)
         remove_domain("pwtest-lxs", uri=LXC_URI)
