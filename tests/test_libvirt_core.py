@@ -784,6 +784,23 @@ def test_a_bug_in_a_hook_command_is_one_line_and_exit_70(
     assert err.count("\n") == 1 and "internal error: RuntimeError: boom second line" in err
 
 
+def libvirt_error(code: int, text: str) -> Exception:
+    """A ``libvirtError`` as libvirt raises it, with error code ``code``."""
+    from pinwarden.libvirt import connect
+
+    class FakeError(connect.binding().libvirtError):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            Exception.__init__(self, text)
+
+        def get_error_code(self) -> int:
+            return code
+
+        def get_error_message(self) -> str:
+            return str(self)
+
+    return FakeError()
+
+
 def test_a_domain_between_states_has_no_affinity_yet() -> None:
     """libvirt answers OPERATION_INVALID ("cpu affinity is not supported") for a domain
     whose QEMU runs before libvirt knows its vCPU threads (seen on libvirt 11 while a
@@ -795,25 +812,14 @@ def test_a_domain_between_states_has_no_affinity_yet() -> None:
 
     class Starting:
         def vcpus(self) -> Any:
-            raise FakeError(lv.VIR_ERR_OPERATION_INVALID, "cpu affinity is not supported")
+            raise libvirt_error(lv.VIR_ERR_OPERATION_INVALID, "cpu affinity is not supported")
 
         def name(self) -> str:
             return "f"
 
     class Broken(Starting):
         def vcpus(self) -> Any:
-            raise FakeError(lv.VIR_ERR_INTERNAL_ERROR, "something else")
-
-    class FakeError(lv.libvirtError):  # type: ignore[misc, name-defined]
-        def __init__(self, code: int, text: str) -> None:
-            Exception.__init__(self, text)
-            self.code = code
-
-        def get_error_code(self) -> int:
-            return self.code
-
-        def get_error_message(self) -> str:
-            return str(self)
+            raise libvirt_error(lv.VIR_ERR_INTERNAL_ERROR, "something else")
 
     with pytest.raises(connect.Settling):
         connect.read_affinity(Starting())
@@ -853,23 +859,12 @@ def test_a_listing_cut_short_by_libvirtd_going_away_fails_rather_than_drop_domai
 
     lv = connect.binding()
 
-    class FakeError(lv.libvirtError):  # type: ignore[misc, name-defined]
-        def __init__(self, code: int, text: str) -> None:
-            Exception.__init__(self, text)
-            self.code = code
-
-        def get_error_code(self) -> int:
-            return self.code
-
-        def get_error_message(self) -> str:
-            return str(self)
-
     class Unreadable:
         def __init__(self, uuid: str) -> None:
             self.uuid = uuid
 
         def name(self) -> str:
-            raise FakeError(lv.VIR_ERR_SYSTEM_ERROR, "Cannot recv data: Connection reset")
+            raise libvirt_error(lv.VIR_ERR_SYSTEM_ERROR, "Cannot recv data: Connection reset")
 
         def UUIDString(self) -> str:
             return self.uuid
@@ -885,7 +880,7 @@ def test_a_listing_cut_short_by_libvirtd_going_away_fails_rather_than_drop_domai
             return [Unreadable(UUID_A)]
 
         def lookupByUUIDString(self, _uuid: str) -> Any:
-            raise FakeError(self.lookup_error, "lookup failed")
+            raise libvirt_error(self.lookup_error, "lookup failed")
 
     # the domain is really gone: skipped
     assert connect.list_domains(Conn(lv.VIR_ERR_NO_DOMAIN), active_only=True) == ()
