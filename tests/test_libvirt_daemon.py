@@ -75,15 +75,15 @@ def test_daemon_frees_reports_and_reconnects(pw: env.Pinwarden, domains: env.Dom
         # an exclusive domain started behind pinwarden's back, outside its partition
         domains.create(stray, exclusive=True, vcpupins={0: "0"})
         wait("the stray domain to be reported",
-                 lambda: f"exclusive domain {stray} runs in partition /machine"
-                         in daemon.text())
+             lambda: f"exclusive domain {stray} runs in partition /machine"
+                     in daemon.text())
         assert env.holder_names(pw) == (a,)  # reported, not adopted
 
         # libvirtd restarts: the daemon reconnects
         if libvirt_daemons.owns("libvirtd"):
             libvirt_daemons.restart_libvirtd()
             wait("the daemon to reconnect",
-                     lambda: daemon.text().count("connected to") >= 2, timeout=120)
+                 lambda: daemon.text().count("connected to") >= 2, timeout=120)
 
         # A dies without pinwarden stop and without a hook: the daemon frees its lease
         gone = env.virsh("destroy", a)
@@ -91,12 +91,12 @@ def test_daemon_frees_reports_and_reconnects(pw: env.Pinwarden, domains: env.Dom
         wait("the lease of A to be freed", lambda: env.holder_names(pw) == ())
         # the daemon logs a free after committing it: the line may trail the ledger
         wait("the daemon to say it freed A",
-                 lambda: f"freed the leases of qemu domain '{a}'" in daemon.text())
+             lambda: f"freed the leases of qemu domain '{a}'" in daemon.text())
         wait("A's cgroup to be removed",
-                 lambda: not (env.CPUSET / pw.holder_group(a)).exists())
+             lambda: not (env.CPUSET / pw.holder_group(a)).exists())
         # the shared domain gets CPU 1 back: the daemon gives back what A's start took
         wait("the daemon to give back CPU 1",
-                 lambda: f"gave back {shared} vcpu0" in daemon.text())
+             lambda: f"gave back {shared} vcpu0" in daemon.text())
         assert env.vm_affinity(shared) == as_found
         assert daemon.proc.poll() is None, daemon.text()
     finally:
