@@ -52,7 +52,7 @@ def test_every_source(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                       monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "pw.toml"
     config.write_text('[partition]\nmode = "none"\nhost_reserve = "0-1"\n'
-                      '[ledger]\nstate_dir = "/from/file"\n[libvirt]\nuri = "qemu+ssh://h/system"\n')
+                      '[ledger]\nstate_dir = "/from/file"\n[libvirt]\nuri = "qemu+unix:///system?socket=/from/file"\n')
     got = config_json(capsys, "--config", str(config))
     assert (got["partition.mode"]["value"], got["partition.mode"]["source"],
             got["partition.mode"]["from"]) == ("none", "file", f"{config} [partition] mode")
@@ -62,21 +62,21 @@ def test_every_source(tmp_path: Path, capsys: pytest.CaptureFixture[str],
         ("/from/file", "file")
 
     monkeypatch.setenv("PINWARDEN_STATE_DIR", "/from/env")
-    monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "qemu:///session")
+    monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "qemu+unix:///system?socket=/from/env")
     got = config_json(capsys, "--config", str(config))
     assert (got["ledger.state_dir"]["value"], got["ledger.state_dir"]["source"],
             got["ledger.state_dir"]["from"]) == ("/from/env", "env", "PINWARDEN_STATE_DIR")
     assert (got["libvirt.uri"]["value"], got["libvirt.uri"]["from"]) == \
-        ("qemu:///session", "LIBVIRT_DEFAULT_URI")
+        ("qemu+unix:///system?socket=/from/env", "LIBVIRT_DEFAULT_URI")
 
     # options, given before or after the command
     assert main(["--state-dir", "/from/option", "--json", "config", "--config", str(config),
-                 "-c", "test:///default"]) == 0
+                 "-c", "lxc:///"]) == 0
     data = json.loads(capsys.readouterr().out)
     by_key = {s["key"]: s for s in data["settings"]}
     assert (by_key["state_dir"]["value"], by_key["state_dir"]["from"]) == \
         ("/from/option", "--state-dir")
-    assert (by_key["uri"]["value"], by_key["uri"]["from"]) == ("test:///default", "--connect")
+    assert (by_key["uri"]["value"], by_key["uri"]["from"]) == ("lxc:///", "--connect")
 
 
 def test_human_output(tmp_path: Path, capsys: pytest.CaptureFixture[str],

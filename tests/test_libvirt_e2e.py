@@ -360,3 +360,40 @@ def test_with_the_daemon_running_pinwarden_start_is_served_by_it(
     finally:
         status = daemon.stop()
     assert status == 0 and "Traceback" not in daemon.text(), daemon.text()
+
+
+def test_a_connection_to_another_host_is_refused_before_dialling(
+        hooked: env.Pinwarden, domains: env.Domains) -> None:
+    """A URI naming another host or another driver is refused in one line before libvirt
+    is asked: nothing dialled or spawned, nothing recorded, the domain not started.  The
+    system daemon is taken in every form root may name it: another transport, and
+    ``qemu:///session``, which libvirt gives root as the system daemon (its client dials the
+    system socket; libvirtd's QEMU driver takes both paths when privileged)."""
+    import subprocess
+
+    name = "pwtest-e2e-uri"
+    dom = domains.define(name, exclusive=True, vcpupins={0: "1"})
+
+    def daemons() -> set[str]:
+        ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True,
+                            check=True).stdout
+        return {line.strip() for line in ps.splitlines()
+                if "libvirtd" in line or "virtqemud" in line or " ssh " in line}
+
+    before = daemons()
+    for uri, says in (("qemu+ssh://pwtest.invalid/system", "names host 'pwtest.invalid'"),
+                      ("test:///default", "uses the 'test' driver")):
+        for argv in (("start", name), ("start", name, "--no-daemon"),
+                     ("start", name, "--dry-run"), ("stop", name)):
+            got = hooked.run(*argv, "-c", uri)
+            assert got.returncode == 1 and got.stderr.count("\n") == 1, (argv, got)
+            assert says in got.stderr and "use qemu:///system or lxc:///" in got.stderr, \
+                got.stderr
+    assert daemons() == before and not dom.isActive()
+    with Ledger(hooked.state) as ledger:
+        assert ledger.holders() == ()
+    for uri in ("qemu+unix:///system", "qemu:///session"):
+        plan = hooked.run("start", name, "--dry-run", "-c", uri)
+        assert plan.returncode == 0, (uri, plan.stderr)
+        assert f"dry run: {name} would lease CPU 1 exclusively" in plan.stdout, plan.stdout
+    assert daemons() == before

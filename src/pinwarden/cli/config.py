@@ -13,8 +13,9 @@ default.  ``--json``::
                    "from": "PINWARDEN_STATE_DIR", …}, …],
      "problems": []}
 
-``problems``: values naming what the host (``--root``) does not have, which every other
-command would refuse (exit 1 then, each also on stderr).
+``problems``: values every other command would refuse: a libvirt URI pinwarden cannot work
+through (another host, another driver, a user's ``qemu:///session``), CPUs the host
+(``--root``) does not have (exit 1 then, each also on stderr).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         description="Show every setting's effective value and its source: command-line "
                     "option, environment variable, configuration file (with the key) or "
                     "default. A configuration file with errors is refused (exit 1), and so "
-                    "is a value naming what this host does not have (host_reserve CPUs).")
+                    "is a value every other command would refuse: a libvirt URI pinwarden cannot "
+                    "work through, host_reserve CPUs this host does not have.")
     parser.add_argument("--connect", "-c", metavar="URI", default=None,
                         help="a libvirt URI, as the libvirt commands take it (shows what "
                              "they would use)")
@@ -53,21 +55,25 @@ def effective(args: argparse.Namespace) -> provenance.Effective:
 
 
 def host_problems(args: argparse.Namespace, result: provenance.Effective) -> list[str]:
-    """Values that name what this host (``--root``) does not have: every other command
-    would refuse them.  Nothing when the host cannot be read (config is about the file)."""
+    """Values that every other command would refuse: a libvirt URI pinwarden cannot work
+    through, CPUs this host (``--root``) does not have.  No CPU check when the host cannot
+    be read (config is about the file)."""
     from pinwarden.errors import HostError
+    from pinwarden.libvirt.uri import uri_problem
     from pinwarden.partition import host_reserve_problem
     from pinwarden.topology import read_topology
 
+    bad_uri = uri_problem(str(result.get("libvirt_uri")), root=os.geteuid() == 0)
+    problems = [bad_uri] if bad_uri is not None else []
     reserve = result.get("host_reserve")
     if reserve is None:
-        return []
+        return problems
     try:
         topology = read_topology(Path(args.root))
     except HostError:
-        return []
+        return problems
     problem = host_reserve_problem(reserve, topology)
-    return [problem] if problem is not None else []
+    return problems + ([problem] if problem is not None else [])
 
 
 def run(args: argparse.Namespace) -> int:

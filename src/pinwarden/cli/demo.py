@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator
@@ -89,17 +90,17 @@ def _libvirt_unavailable(uri: str) -> str | None:
     """Why the live demo cannot run here, or None when it can."""
     if os.geteuid() != 0:
         return "not running as root"
-    try:
-        import libvirt
-    except ImportError:
+    if importlib.util.find_spec("libvirt") is None:
         return ("the libvirt Python binding is not installed (the distribution's "
                 "python3-libvirt in a venv with --system-site-packages, or pip install "
                 "libvirt-python)")
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    from pinwarden.errors import PinwardenError
+    from pinwarden.libvirt import connect
+
     try:
-        conn = libvirt.open(uri)
-    except libvirt.libvirtError as exc:
-        return f"libvirt at {uri} does not answer ({exc.get_error_message()})"
+        conn = connect.open_connection(uri)
+    except PinwardenError as exc:
+        return exc.message
     conn.close()
     return None
 

@@ -173,10 +173,13 @@ def _served_start(args: argparse.Namespace) -> int | None:
     an error, never a second start."""
     from pinwarden.errors import LibvirtError
     from pinwarden.libvirt import hookclient
+    from pinwarden.libvirt.uri import check_uri
 
     config = config_of(args)
     state = state_dir_of(args)
-    request = {"v": 1, "start": {"name": args.name, "uri": uri_of(args),
+    uri = uri_of(args)
+    check_uri(uri, root=os.geteuid() == 0)  # as this user means it, not as the daemon would
+    request = {"v": 1, "start": {"name": args.name, "uri": uri,
                                  "json": bool(args.json)},
                # paths absolute: the daemon has another working directory
                "rules": repr(config), "root": os.path.abspath(root_of(args)),

@@ -18,6 +18,8 @@ from pinwarden.cpuset import CpuSet
 from pinwarden.domain import DomainSpec, parse_domain
 from pinwarden.errors import LibvirtError, PinwardenError
 from pinwarden.libvirt.state import Affinity, DomainInfo, Repin
+from pinwarden.libvirt.uri import check_uri
+from pinwarden.libvirt.uri import driver_of as driver_of  # re-exported: lv.driver_of
 
 RUN_DIRS = {"qemu": Path("/run/libvirt/qemu"), "lxc": Path("/run/libvirt/lxc")}
 
@@ -53,19 +55,29 @@ def error(what: str, exc: BaseException, *, code: str = "libvirt") -> LibvirtErr
     return LibvirtError(f"{what}: {message_of(exc)}", code=code)
 
 
-def driver_of(uri: str) -> str:
-    """``qemu`` or ``lxc`` from a connection URI (``qemu:///system``, ``lxc:///``)."""
-    scheme = uri.split(":", 1)[0].split("+", 1)[0]
-    return "lxc" if scheme == "lxc" else "qemu"
-
-
 def open_connection(uri: str) -> Any:
+    """An open connection to the local system daemon ``uri`` names; a one-line error for a
+    URI pinwarden cannot work through (:mod:`pinwarden.libvirt.uri`), checked before
+    connecting and again on the URI libvirt resolved (an alias, the default)."""
+    root = os.geteuid() == 0
+    check_uri(uri, root=root)
     lv = binding()
     try:
-        return lv.open(uri)
+        conn = lv.open(uri)
     except lv.libvirtError as exc:
         raise error(f"cannot connect to {uri} (is libvirtd running?)", exc,
                     code="libvirt-connect") from None
+    try:
+        check_uri(str(conn.getURI()), root=root)
+    except PinwardenError:
+        with contextlib.suppress(Exception):
+            conn.close()
+        raise
+    except lv.libvirtError as exc:
+        with contextlib.suppress(Exception):
+            conn.close()
+        raise error(f"cannot connect to {uri}", exc, code="libvirt-connect") from None
+    return conn
 
 
 def lookup(conn: Any, name: str) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import signal
 import threading
@@ -20,6 +21,7 @@ from pinwarden.errors import PinwardenError
 from pinwarden.libvirt import connect as lv
 from pinwarden.libvirt import pins
 from pinwarden.libvirt.reconcile import Adopt, Drift, Free, Report, reconcile
+from pinwarden.libvirt.uri import check_uri
 from pinwarden.manager import Manager
 
 log = logging.getLogger("pinwarden.daemon")
@@ -95,6 +97,8 @@ def main(manager: Manager, uri: str, *, interval: float = 30.0, restore: bool = 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     manager.warn = log.warning
+    # a URI it could never work through ends the daemon at once, not in a retry loop
+    check_uri(uri, root=os.geteuid() == 0)
     b = lv.binding()
     if once:
         conn = lv.open_connection(uri)
@@ -134,6 +138,8 @@ def _run(manager: Manager, uri: str, b: Any, stop: threading.Event,
         try:
             conn = lv.open_connection(uri)
         except PinwardenError as exc:
+            if exc.code == "uri":  # an alias libvirt resolved to a URI it cannot use
+                raise
             log.warning("%s; retrying in %.0f s", exc.message, backoff)
             _wait_without_libvirt(manager, wake, stop, backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)

@@ -78,8 +78,10 @@ def libvirt_failure(what: str, exc: BaseException) -> LibvirtError:
     return LibvirtError(f"{what}: {text}")
 
 
-def _holder(uri: str, dom: Any) -> HolderRef:
-    return domain_holder(lv.driver_of(uri), str(dom.name()), str(dom.UUIDString()).lower())
+def _holder(conn: Any, dom: Any) -> HolderRef:
+    """The holder of ``dom``, by the driver of the URI libvirt resolved for ``conn``."""
+    return domain_holder(lv.driver_of(str(conn.getURI())), str(dom.name()),
+                         str(dom.UUIDString()).lower())
 
 
 # -- start --------------------------------------------------------------------------------
@@ -102,7 +104,7 @@ def _start(manager: Manager, uri: str, conn: Any, name: str) -> Started:
     if dom.isActive():
         raise Refusal(f"domain {name!r} is already running; stop it first "
                       f"({command_line('pinwarden stop', name)})", code="running")
-    holder = _holder(uri, dom)
+    holder = _holder(conn, dom)
     with _domain_lock(manager.state_dir, holder):
         if dom.isActive():  # started by a racing 'pinwarden start' while we waited
             raise Refusal(f"domain {name!r} is already running", code="running")
@@ -138,7 +140,7 @@ def preview_start(manager: Manager, uri: str, name: str) -> StartPreview:
         if dom.isActive():
             raise Refusal(f"domain {name!r} is already running; stop it first "
                           f"({command_line('pinwarden stop', name)})", code="running")
-        holder = _holder(uri, dom)
+        holder = _holder(conn, dom)
         spec = parse_domain(lv.xml_of(dom, inactive=True))
         if not spec.exclusive:
             plan = manager.plan(spec, holder=holder)
@@ -320,7 +322,7 @@ def stop(manager: Manager, uri: str, name: str, *, graceful: bool = False,
     conn = lv.open_connection(uri)
     try:
         dom = lv.lookup(conn, name)
-        holder = _holder(uri, dom)
+        holder = _holder(conn, dom)
         with _domain_lock(manager.state_dir, holder):
             was_running = _stop_domain(dom, name, graceful=graceful, timeout=timeout)
             record = manager.drop(holder)
