@@ -890,6 +890,81 @@ def test_a_listing_cut_short_by_libvirtd_going_away_fails_rather_than_drop_domai
             connect.list_domains(Conn(code), active_only=True)
 
 
+def test_a_domain_stopping_during_a_listing_is_left_out_not_a_failure(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A running domain being destroyed fails its reads ("Unable to read from monitor",
+    "No such process") until libvirt marks it shut off.  It failed the whole listing, and
+    with it 'pinwarden start' of an exclusive domain and the daemon's pass, whenever any
+    domain was stopping (test_libvirt_daemon shows it on libvirtd).  Now the domain is
+    looked at again: stopped → left out; read → kept; running and unreadable through every
+    pause → the listing fails, as a running domain must never be left out."""
+    from pinwarden.libvirt import connect
+
+    lv = connect.binding()
+    pauses: list[float] = []
+    monkeypatch.setattr(connect.time, "sleep", pauses.append)
+    monkeypatch.setattr(connect, "read_pid", lambda _driver, _name: None)
+    xml = "<domain type='kvm'><name>p</name><uuid>" + UUID_A + "</uuid><vcpu>1</vcpu></domain>"
+
+    class Dom:
+        """Running until ``reads`` failed reads are spent; then shut off (``stops``) or
+        readable again."""
+
+        def __init__(self, reads: int, *, stops: bool) -> None:
+            self.failing, self.stops = reads, stops
+
+        def name(self) -> str:
+            return "p"
+
+        def UUIDString(self) -> str:
+            return UUID_A
+
+        def isActive(self) -> bool:
+            return not (self.stops and self.failing <= 0)
+
+        def isPersistent(self) -> bool:
+            return True
+
+        def XMLDesc(self, _flags: int = 0) -> str:
+            return xml
+
+        def vcpus(self) -> Any:
+            if self.failing > 0:
+                self.failing -= 1
+                raise libvirt_error(lv.VIR_ERR_OPERATION_FAILED,
+                                    "Unable to read from monitor: Connection reset by peer")
+            return ([], [(True,)])
+
+        def emulatorPinInfo(self, _flags: int) -> Any:
+            return (True,)
+
+        def ioThreadInfo(self, _flags: int) -> Any:
+            return []
+
+    class Conn:
+        def __init__(self, dom: Dom) -> None:
+            self.dom = dom
+
+        def getURI(self) -> str:
+            return "qemu:///system"
+
+        def listAllDomains(self, _flags: int) -> list[Any]:
+            return [self.dom]
+
+        def lookupByUUIDString(self, _uuid: str) -> Any:
+            return self.dom
+
+    assert connect.list_domains(Conn(Dom(2, stops=True)), active_only=True) == ()
+    (shut_off,) = connect.list_domains(Conn(Dom(2, stops=True)))
+    assert not shut_off.active and shut_off.affinity is None
+    (read,) = connect.list_domains(Conn(Dom(3, stops=False)), active_only=True)
+    assert read.active and read.affinity is not None
+    pauses.clear()
+    with pytest.raises(LibvirtError, match="Unable to read from monitor"):
+        connect.list_domains(Conn(Dom(99, stops=False)), active_only=True)
+    assert pauses == list(connect.STOPPING_WAITS) and sum(pauses) < 2
+
+
 def test_the_daemon_frees_only_holders_of_the_driver_it_watches(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A daemon connected to qemu:///system sees no container: an LXC domain's lease (its

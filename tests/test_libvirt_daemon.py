@@ -105,6 +105,52 @@ def test_daemon_frees_reports_and_reconnects(pw: env.Pinwarden, domains: env.Dom
     assert "Traceback" not in daemon.text()
 
 
+def test_a_listing_while_domains_stop_never_fails(domains: env.Domains) -> None:
+    """Listing the running domains while another one is destroyed (a persistent domain,
+    which libvirt still knows once it is shut off) or shut down: libvirt can fail the read
+    of the stopping domain ("Unable to read from monitor", "domain is not running").  That
+    domain is going, not unreadable: the listing leaves it out, or has it, and never
+    fails — the failure failed 'pinwarden start' of an exclusive domain (it lists the
+    shared domains to re-pin) and the daemon's pass, whenever any domain was stopping."""
+    import threading
+
+    from pinwarden.errors import LibvirtError
+    from pinwarden.libvirt import connect
+
+    steady = domains.create("pwtest-daemon-s1").name()
+    going = domains.define("pwtest-daemon-p1")
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def listing() -> None:
+        conn = connect.open_connection(env.URI)
+        try:
+            while not stop.is_set():
+                try:
+                    seen = {d.name for d in connect.list_domains(conn, active_only=True)}
+                except LibvirtError as exc:
+                    outcomes.append(f"failed: {exc.message}")
+                    continue
+                outcomes.append("whole" if steady in seen else f"short: {sorted(seen)}")
+        finally:
+            conn.close()
+
+    readers = [threading.Thread(target=listing) for _ in range(3)]
+    for reader in readers:
+        reader.start()
+    try:
+        for _ in range(12):
+            going.create()
+            time.sleep(0.3)
+            going.destroy()
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join(timeout=60)
+    assert outcomes.count("whole") > 100, len(outcomes)  # the readers did list meanwhile
+    assert [o for o in outcomes if o != "whole"] == []
+
+
 def test_a_listing_while_libvirtd_restarts_is_whole_or_fails(
         domains: env.Domains, libvirt_daemons: env.Daemons) -> None:
     """What the daemon's pass reads while libvirtd stops (a restart, a package upgrade):

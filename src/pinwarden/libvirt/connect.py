@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -205,9 +206,10 @@ def domain_info(dom: Any, driver: str) -> DomainInfo:
 
 
 def list_domains(conn: Any, *, active_only: bool = False) -> tuple[DomainInfo, ...]:
-    """Snapshot every domain (active ones only with ``active_only``).  Domains that vanish
-    while being read are skipped; a domain that cannot be read for another reason fails
-    the whole listing (:func:`_still_there`)."""
+    """Snapshot every domain (active ones only with ``active_only``).  A domain whose read
+    fails is looked at again (:func:`_read_or_gone`): one that vanished, or stopped while
+    only active ones are listed, is left out; one that stays running and unreadable fails
+    the whole listing."""
     lv = binding()
     driver = driver_of(str(conn.getURI()))
     flags = lv.VIR_CONNECT_LIST_DOMAINS_ACTIVE if active_only else 0
@@ -219,23 +221,44 @@ def list_domains(conn: Any, *, active_only: bool = False) -> tuple[DomainInfo, .
     for dom in doms:
         try:
             out.append(domain_info(dom, driver))
-        except LibvirtError:
-            if _still_there(conn, dom):
-                raise
+        except LibvirtError as exc:
+            info = _read_or_gone(conn, dom, driver, active_only=active_only, failure=exc)
+            if info is not None:
+                out.append(info)
     return tuple(sorted(out, key=lambda d: d.name))
 
 
-def _still_there(conn: Any, dom: Any) -> bool:
-    """False only when libvirt says the domain is gone.  Any other failure (libvirtd
-    stopping, its connection reset) cannot tell: the domain counts as there, and the
-    listing fails rather than leave out a running domain — a pass taking it for gone
-    would free its lease and forget the pins it is to give back."""
+#: Pauses (s) before each new look at a domain whose read failed: a stopping domain fails
+#: its reads ("Unable to read from monitor", "No such process") until libvirt has marked
+#: it shut off, a few hundred milliseconds after QEMU died.
+STOPPING_WAITS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8)
+
+
+def _read_or_gone(conn: Any, dom: Any, driver: str, *, active_only: bool,
+                  failure: LibvirtError) -> DomainInfo | None:
+    """A domain whose read failed with ``failure``: None when libvirt says it is gone, or
+    (``active_only``) no longer running — it was stopping; its snapshot when a new read
+    succeeds; ``failure`` when it stays running and unreadable, or when libvirt cannot
+    answer at all (libvirtd stopping, its connection reset): the listing fails rather than
+    leave out a running domain, which a pass would take for gone, freeing its lease and
+    forgetting the pins it is to give back."""
     lv = binding()
-    try:
-        conn.lookupByUUIDString(dom.UUIDString())
-        return True
-    except lv.libvirtError as exc:
-        return bool(exc.get_error_code() != lv.VIR_ERR_NO_DOMAIN)
+    for pause in STOPPING_WAITS:
+        time.sleep(pause)
+        try:
+            fresh = conn.lookupByUUIDString(dom.UUIDString())
+            active = bool(fresh.isActive())
+        except lv.libvirtError as exc:
+            if exc.get_error_code() == lv.VIR_ERR_NO_DOMAIN:
+                return None
+            raise failure from None
+        if active_only and not active:
+            return None
+        try:
+            return domain_info(fresh, driver)
+        except LibvirtError as exc:
+            failure = exc
+    raise failure
 
 
 def apply_repin(conn: Any, repin: Repin, *, undo: bool = False) -> None:
