@@ -50,6 +50,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1  # a refusal, bad input, a host or ledger that cannot be used
 EXIT_USAGE = 2  # argparse's own status for a usage error
 EXIT_INTERNAL = os.EX_SOFTWARE  # 70: a bug
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as a shell reports it
 
 #: Set (to anything but "" or "0") to see the traceback of an internal error.
 DEBUG_ENV = "PINWARDEN_DEBUG"
@@ -346,11 +347,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
     except KeyboardInterrupt as exc:
         print(f"pinwarden: interrupted {exc}".rstrip(), file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:
+        if _interrupted(exc):  # Ctrl-C inside a class body Python wraps (__set_name__)
+            print("pinwarden: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
         if _debug():
             raise
         return internal_error(args, exc)
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether a ``KeyboardInterrupt`` is what ``exc`` wraps (its causes and contexts):
+    Python turns one raised while it creates a class (``__set_name__``, as a lazily
+    imported command module is loaded) into a ``RuntimeError``."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def entry() -> None:
