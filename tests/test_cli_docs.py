@@ -89,7 +89,7 @@ def test_bash_completion_completes(tmp_path: Path) -> None:
     (work / "vm.xml").write_text("<domain/>")
     assert complete_bash(script, work, "st") == ["status", "start", "stop"]
     assert complete_bash(script, work, "hook", "") == ["install", "uninstall", "check", "ping",
-                                                       "run"]
+                                                       "run", "give-back"]
     assert complete_bash(script, work, "audit", "--s") == ["--state-dir", "--strict"]
     assert complete_bash(script, work, "--js") == ["--json"]  # before the command too
     assert complete_bash(script, work, "host", "--root", "") == ["subdir"]  # directories only

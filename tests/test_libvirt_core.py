@@ -683,6 +683,120 @@ def test_hook_failures_fail_safe_in_python_too(tmp_path: Path) -> None:
     assert hook.main_run(manager, "qemu", ["v", "reconnect", "begin", "-"], "not xml") == 0
 
 
+def test_release_leaves_a_give_back_only_when_narrowed_pins_wait(tmp_path: Path) -> None:
+    """The hook may not call libvirt, so a lease it frees while running shared domains
+    wait for its CPUs (pins 'pinwarden start' narrowed) is handed to the process it leaves
+    behind; with no such pin, or no lease freed, nothing is started.  (The real thing:
+    test_libvirt_e2e, a plain 'virsh destroy' without the daemon.)"""
+    manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
+                      host=make_host("0-3", "1-3"))
+    doc = xml("a", f"<uuid>{UUID_A}</uuid>{EXCLUSIVE_META}")
+    holder = domain_holder("qemu", "a", UUID_A)
+    started: list[HolderRef] = []
+
+    def leased(owner: int) -> None:
+        manager.reserve(holder, lambda host, leases: Plan(
+            "a", UUID_A, True, {0: cs("2")}, cs("2"), leases={2: "vcpu0"}), owner_pid=owner)
+
+    def release(*, caller: int) -> None:
+        assert hook.main_run(manager, "qemu", ["a", "release", "end", "-"], doc,
+                             caller=caller, after_release=started.append) == 0
+
+    leased(os.getpid())
+    release(caller=os.getpid())  # freed, but no pin waits
+    assert manager.leases() == () and started == []
+    manager.put_change_records({"repin:" + "b" * 8 + ":vcpu0": "0-3"})
+    leased(os.getpid())
+    release(caller=1)  # its owner (this process) lives and is not libvirtd: not freed
+    assert manager.leases() != () and started == []
+    release(caller=os.getpid())
+    assert manager.leases() == () and started == [holder]
+
+
+def test_the_give_back_after_a_release_waits_for_the_domain_and_retries(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It waits for a 'pinwarden stop' or start of the released domain (which gives back
+    itself and says so), tries again while libvirt fails, and logs what it did."""
+    import threading
+
+    from pinwarden.libvirt import pins
+    from pinwarden.manager import domain_lock
+
+    manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
+                      host=make_host("0-3", "1-3"))
+    released = domain_holder("qemu", "a", UUID_A)
+
+    class Conn:
+        closed = 0
+
+        def close(self) -> None:
+            Conn.closed += 1
+
+    outcomes: list[Any] = []
+
+    def give_back(_manager: Manager, _conn: Any) -> Any:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(pins.lv, "open_connection", lambda _uri: Conn())
+    monkeypatch.setattr(pins, "give_back", give_back)
+    logged: list[str] = []
+    outcomes[:] = [("b vcpu0: 0 -> 0-1",)]
+    with domain_lock(tmp_path, released):
+        worker = threading.Thread(target=pins.give_back_after_release,
+                                  args=(manager, "qemu:///system", released, logged.append))
+        worker.start()
+        worker.join(0.5)
+        assert worker.is_alive() and outcomes  # waits for the stop that holds the lock
+    worker.join(10)
+    assert logged == ["gave back b vcpu0: 0 -> 0-1"] and Conn.closed == 1
+
+    pauses: list[float] = []
+    monkeypatch.setattr(pins.time, "sleep", pauses.append)
+    logged.clear()
+    outcomes[:] = [LibvirtError("cannot re-pin b"), ()]
+    assert pins.give_back_after_release(manager, "qemu:///system", released,
+                                        logged.append) == ()
+    assert logged == [] and pauses == list(pins.RELEASE_RETRIES[:2])
+    outcomes[:] = [LibvirtError("cannot re-pin b")] * len(pins.RELEASE_RETRIES)
+    pins.give_back_after_release(manager, "qemu:///system", released, logged.append)
+    assert logged == ["warning: cannot give back the CPUs of narrowed pins: cannot re-pin "
+                      "b; 'pinwarden stop' or the daemon tries again"]
+
+
+def test_the_hook_command_leaves_the_give_back_detached(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its own session, no stdio of libvirtd's (which waits for the hook's output to end),
+    the hook's state directory, configuration and root; a failure to start it is logged."""
+    import argparse
+
+    from pinwarden.cli import vm
+
+    manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
+                      host=make_host("0-3", "1-3"))
+    spawned: list[tuple[list[str], dict[str, Any]]] = []
+    monkeypatch.setattr(subprocess, "Popen",
+                        lambda argv, **kw: spawned.append((argv, kw)))
+    args = argparse.Namespace(root="/r", config="pw.toml")
+    vm._leave_give_back(args, manager, domain_holder("qemu", "a", UUID_A))
+    ((argv, kw),) = spawned
+    assert argv[:5] == [sys.executable, "-m", "pinwarden.cli.vm", "hook", "give-back"]
+    assert argv[5:] == ["--root", "/r", "--state-dir", str(tmp_path), "--config",
+                        os.path.abspath("pw.toml"), "qemu", "a", UUID_A]
+    assert kw["start_new_session"] and kw["cwd"] == "/"
+    assert kw["stdin"] == kw["stdout"] == kw["stderr"] == subprocess.DEVNULL
+
+    def broken(_argv: list[str], **_kw: Any) -> None:
+        raise OSError(7, "Argument list too long")
+
+    monkeypatch.setattr(subprocess, "Popen", broken)
+    vm._leave_give_back(args, manager, domain_holder("qemu", "a", UUID_A))
+    assert "warning: cannot start the give-back of the CPUs 'a' held (Argument list too " \
+           "long)" in (tmp_path / hook.HOOK_LOG).read_text()
+
+
 def test_a_wedged_pinwarden_holds_a_shared_start_for_seconds_not_minutes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another process (flock(1), not pinwarden) holds the manager lock and never lets go.

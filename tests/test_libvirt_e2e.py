@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -397,3 +398,67 @@ def test_a_connection_to_another_host_is_refused_before_dialling(
         assert plan.returncode == 0, (uri, plan.stderr)
         assert f"dry run: {name} would lease CPU 1 exclusively" in plan.stdout, plan.stdout
     assert daemons() == before
+
+
+def _give_backs_of(pw: env.Pinwarden) -> list[int]:
+    """Pids of the 'hook give-back' processes the hook left behind for ``pw``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"give-back" in argv and str(pw.state).encode() in argv:
+                found.append(int(proc.name))
+    return found
+
+
+def _wait(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_a_lease_that_ends_through_the_hook_gives_the_cpu_back_without_the_daemon(
+        hooked: env.Pinwarden, domains: env.Domains) -> None:
+    """An exclusive domain started by 'pinwarden start' re-pins a running shared domain
+    off its CPU.  When it ends another way than 'pinwarden stop' (a plain 'virsh destroy',
+    a guest powering off) and no daemon runs, the process the hook's 'release' leaves
+    behind gives the CPU back.  Before, the shared domain kept one CPU fewer until the next
+    'pinwarden stop' of some domain.  A 'pinwarden stop' still gives back itself and says
+    so: that process waits for the stop, and finds nothing left."""
+    a, s = "pwtest-e2e-ga", "pwtest-e2e-gs"
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    domains.define(s)
+    started = virsh("start", s)
+    assert started.returncode == 0, started.stderr
+    as_found = env.vm_affinity(s)
+    assert 1 in as_found, as_found  # the hook's 'started' gives it the VM CPUs
+    log = hooked.state / "hook.log"
+    start = len(log.read_text()) if log.exists() else 0
+
+    def said() -> str:  # what the hook logged during this test (the module shares the log)
+        return log.read_text()[start:]
+
+    out = hooked.run("start", a, "--no-daemon", check=True).stdout
+    assert f"re-pinned {s} vcpu0" in out and env.vm_affinity(s) == {0}, out
+    gone = virsh("destroy", a)
+    assert gone.returncode == 0, gone.stderr
+    _wait(f"{s} to get CPU 1 back", lambda: env.vm_affinity(s) == as_found)
+    _wait("the give-back to end", lambda: not _give_backs_of(hooked))
+    assert f"pinwarden: gave back {s} vcpu0: 0 -> " in said(), said()
+    with Ledger(hooked.state) as ledger:
+        assert ledger.holders() == ()
+        assert [k for k in ledger.changes() if k.startswith("repin:")] == []
+    assert "warning" not in said(), said()
+    given = said().count("gave back")
+
+    out = hooked.run("start", a, "--no-daemon", check=True).stdout
+    assert f"re-pinned {s} vcpu0" in out and env.vm_affinity(s) == {0}, out
+    stopped = hooked.run("stop", a, check=True).stdout
+    assert f"gave back {s} vcpu0: 0 -> " in stopped, stopped
+    assert env.vm_affinity(s) == as_found
+    _wait("the give-back to end", lambda: not _give_backs_of(hooked))
+    assert said().count("gave back") == given and "warning" not in said(), said()

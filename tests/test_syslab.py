@@ -848,15 +848,19 @@ def test_story_lxc_and_qemu_share_one_ledger(lab: LabRun) -> None:
     assert group["cpuset.cpus.partition"] in ("root", "isolated"), group
     # the shared VM ran on the VM CPUs the container left it (1,3; libvirt's pin: none,
     # 0-3); the exclusive VM's start re-pinned it off one of them.  The container's stop
-    # (over the lxc connection) kept that record, and the VM's stop gave the CPU back:
-    # the VM is pinned to 1,3 again (without the fix it stayed on one CPU)
+    # (over the lxc connection) kept that record (without that fix it was forgotten), and
+    # the VM's end by plain 'virsh destroy', no daemon running, gave the CPU back through
+    # the process the hook's 'release' left behind (before, only a later 'pinwarden stop'
+    # did): the VM is pinned to 1,3 again
     rc0(s["start_qs"])
     assert s["qs_before"].split()[-1] == "0-3", s["qs_before"]
     lqx = both["pwtest-lqx"]
     assert lqx in ("1", "3") and s["qs_narrowed"].split()[-1] == ({"1", "3"} - {lqx}).pop(), s
     rc0(s["stop_lx"])
-    rc0(s["stop_qx"])
+    rc0(s["destroy_qx"])
     assert s["qs_after"].split()[-1] == "1,3", s["qs_after"]
+    log = s["hook_log"] or ""
+    assert "pinwarden: gave back pwtest-lqs vcpu0: " in log and "warning" not in log, log
     assert s["as_left"]["holders"] == [] and s["as_left"]["layout"]["partitions"] == {}
 
 

@@ -982,6 +982,15 @@ def state_lock(state_dir: Path, name: str) -> Iterator[None]:
         os.close(fd)
 
 
+def domain_lock(state_dir: Path, holder: HolderRef) -> contextlib.AbstractContextManager[None]:
+    """Serialise pinwarden start/stop of one domain: two racing starts would otherwise
+    share one lease and the loser's rollback would free the winner's CPUs; and the
+    give-back a ``release`` of the domain leaves behind waits for the start or stop that
+    caused it.  (Not the manager's lock: the hook, run by libvirtd inside the start, takes
+    that one.)"""
+    return state_lock(state_dir, f"{holder.driver}-{holder.key.replace(':', '-')}")
+
+
 def _is_unit(path: str) -> bool:
     """A cgroup systemd owns (its last component names a unit)."""
     return path.rpartition("/")[2].endswith((".slice", ".scope", ".service"))

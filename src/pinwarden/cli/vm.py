@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from pinwarden.libvirt.start import Started
+    from pinwarden.manager import Manager
+    from pinwarden.model import HolderRef
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -103,6 +105,18 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("driver", choices=("qemu", "lxc"))
     p.add_argument("hook_args", nargs=argparse.REMAINDER, metavar="ARGS")
     p.set_defaults(handler=cmd_hook_run)
+    p = hook_sub.add_parser(
+        "give-back", parents=[common],
+        help="give running shared domains back the CPUs a released lease took (the hook "
+             "starts it)",
+        description="Started by the hook when a domain's lease ended at 'release' while "
+                    "running shared domains were re-pinned off its CPUs: waits for a "
+                    "'pinwarden start' or 'stop' of that domain to finish, then re-pins them "
+                    "to what they had, over the QEMU connection (logged to hook.log).")
+    p.add_argument("driver", choices=("qemu", "lxc"), help="the released domain's driver")
+    p.add_argument("name", help="the released domain's name")
+    p.add_argument("uuid", help="the released domain's UUID ('' if it had none)")
+    p.set_defaults(handler=cmd_hook_give_back)
 
     p = subparsers.add_parser(
         "daemon", parents=[common, virt],
@@ -346,7 +360,47 @@ def cmd_hook_run(args: argparse.Namespace) -> int:
 
     stdin = sys.stdin.read() if sys.stdin is not None else ""
     with manager_of(args) as manager:
-        return hook.main_run(manager, args.driver, list(args.hook_args), stdin)
+        return hook.main_run(manager, args.driver, list(args.hook_args), stdin,
+                             after_release=lambda holder: _leave_give_back(args, manager,
+                                                                           holder))
+
+
+def _leave_give_back(args: argparse.Namespace, manager: Manager, holder: HolderRef) -> None:
+    """Start ``pinwarden hook give-back`` for the lease of ``holder`` that this ``release``
+    freed, detached (its own session, no stdio of libvirtd's), and return at once: libvirtd
+    waits for the hook, and the give-back calls libvirt, which waits for the domain the hook
+    runs for."""
+    import subprocess
+
+    from pinwarden.libvirt import hook
+
+    argv = [sys.executable, "-m", "pinwarden.cli.vm", "hook", "give-back",
+            "--root", os.path.abspath(root_of(args)),
+            "--state-dir", os.path.abspath(manager.state_dir),
+            *(["--config", os.path.abspath(args.config)] if args.config else []),
+            holder.driver, holder.name, holder.uuid or ""]
+    try:
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True, cwd="/")
+    except OSError as exc:
+        hook.log_line(manager, f"pinwarden: warning: cannot start the give-back of the CPUs "
+                               f"{holder.name!r} held ({exc.strerror or exc}); 'pinwarden "
+                               f"stop' or the daemon gives them back")
+
+
+def cmd_hook_give_back(args: argparse.Namespace) -> int:
+    from pinwarden.libvirt import hook, pins
+    from pinwarden.libvirt.uri import driver_of, uri_problem
+    from pinwarden.model import domain_holder
+
+    uri = uri_of(args)
+    if driver_of(uri) != "qemu" or uri_problem(uri, root=os.geteuid() == 0) is not None:
+        uri = "qemu:///system"  # only QEMU domains have pins pinwarden narrowed
+    with manager_of(args) as manager:
+        released = domain_holder(args.driver, args.name, args.uuid or None)
+        pins.give_back_after_release(manager, uri, released,
+                                     lambda line: hook.log_line(manager, f"pinwarden: {line}"))
+    return 0
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:

@@ -12,7 +12,10 @@ the user — this is how a plain ``virsh start`` is held to the leases:
   same transaction as ``pinwarden start``, idempotent for a start pinwarden already
   planned) and the cgroup layout enforced *before* libvirt creates the domain's cgroup;
 * ``started``: the QEMU process becomes the owner of the domain's leases;
-* ``release``: the domain's leases are freed and the layout shrunk back;
+* ``release``: the domain's leases are freed and the layout shrunk back; running shared
+  domains that an exclusive start re-pinned off those CPUs get them back from a process
+  the hook leaves behind (``pinwarden hook give-back``: it calls libvirt, which the hook
+  may not), unless the event daemon answered the hook (its own pass gives them back);
 * every other operation is let through untouched; nothing is ever written on stdout
   (libvirt would read it as replacement XML for ``migrate``/``restore``).
 
@@ -518,11 +521,17 @@ def _pid_file(driver: str, name: str) -> int | None:
     return read_pid(driver, name)
 
 
+#: Called with the holder whose lease a ``release`` freed while live pins pinwarden
+#: narrowed are waiting for CPUs (:func:`pinwarden.libvirt.pins.give_back_after_release`).
+AfterRelease = Callable[["HolderRef"], None]
+
+
 def run(manager: Manager, driver: str, name: str, op: str, xml: str, *,
-        caller: int | None = None) -> None:
+        caller: int | None = None, after_release: AfterRelease | None = None) -> None:
     """Handle one hook call; raise a :class:`PinwardenError` to refuse (``prepare`` only).
     ``caller``: the libvirtd (or virtqemud) that runs the hook, when the call comes from
-    the hook client (default: found from this process's parents)."""
+    the hook client (default: found from this process's parents).  ``after_release``: see
+    :data:`AfterRelease` (None: nothing is started; the daemon gives back itself)."""
     action = action_for(op)
     if action == "ignore":
         return
@@ -533,7 +542,7 @@ def run(manager: Manager, driver: str, name: str, op: str, xml: str, *,
     elif action == "own":
         _started(manager, driver, name, spec)
     elif action == "free":
-        _release(manager, driver, name, spec, who)
+        _release(manager, driver, name, spec, who, after_release)
 
 
 Caller = int | Callable[[], int | None]
@@ -731,11 +740,12 @@ def unpinned_thread(spec: DomainSpec, comm: str | None) -> bool:
 
 
 def _release(manager: Manager, driver: str, name: str, spec: DomainSpec,
-             who: Caller) -> None:
+             who: Caller, after_release: AfterRelease | None = None) -> None:
     """Free the domain's leases when it is gone: its owner (QEMU) exited, or it is still
     libvirtd's (a start the hook reserved was refused or failed: libvirt calls ``release``
     then too).  A holder owned by another live process — ``pinwarden start`` rolling back
-    its own start — or by nobody (``pinwarden reserve``) is not the hook's to free."""
+    its own start — or by nobody (``pinwarden reserve``) is not the hook's to free.  Once
+    freed, ``after_release`` is called if narrowed pins wait for CPUs."""
     from pinwarden import procs
 
     reader = manager.reader()
@@ -748,10 +758,16 @@ def _release(manager: Manager, driver: str, name: str, spec: DomainSpec,
     alive = procs.alive(record.owner_pid, record.owner_start)
     if not alive or record.owner_pid == _caller(who):
         manager.drop(holder)
+        if after_release is not None:
+            from pinwarden.libvirt.repin import NARROWED_PREFIX
+
+            if manager.change_records(NARROWED_PREFIX):
+                after_release(holder)
 
 
 def main_run(manager: Manager, driver: str, argv: Sequence[str], stdin: str, *,
-             caller: int | None = None, err: TextIO | None = None) -> int:
+             caller: int | None = None, err: TextIO | None = None,
+             after_release: AfterRelease | None = None) -> int:
     """``pinwarden hook run DRIVER NAME OP SUBOP EXTRA``: the exit status for libvirt.
 
     Only ``prepare`` may refuse: exit :data:`REFUSED` with the reason on stderr — for a
@@ -772,7 +788,7 @@ def main_run(manager: Manager, driver: str, argv: Sequence[str], stdin: str, *,
     try:
         with contextlib.nullcontext() if exclusive else \
                 manager.waiting_at_most(SHARED_LOCK_WAIT):
-            run(manager, driver, name, op, stdin, caller=caller)
+            run(manager, driver, name, op, stdin, caller=caller, after_release=after_release)
         return 0
     except Refusal as exc:
         if admit:
@@ -792,16 +808,16 @@ def main_run(manager: Manager, driver: str, argv: Sequence[str], stdin: str, *,
 
 def _refuse(manager: Manager, message: str, out: TextIO) -> None:
     print(f"pinwarden: error: {message}", file=out)
-    _log(manager, f"pinwarden: refused: {message}")
+    log_line(manager, f"pinwarden: refused: {message}")
 
 
 def _warn(manager: Manager, text: str, out: TextIO) -> None:
     line = f"pinwarden: warning: {text}"
     print(line, file=out)
-    _log(manager, line)
+    log_line(manager, line)
 
 
-def _log(manager: Manager, line: str) -> None:
+def log_line(manager: Manager, line: str) -> None:
     """libvirtd drops the stderr of a hook that exits 0: keep warnings in the state dir."""
     with contextlib.suppress(OSError), (manager.state_dir / HOOK_LOG).open("a") as log:
         log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")

@@ -4,21 +4,26 @@
 An exclusive start (or the daemon, for a shared domain found on leased CPUs) re-pins
 running shared domains off the CPUs it leases.  Each applied move is recorded through the
 manager; when those CPUs are free again, :func:`give_back` re-pins the domains to what
-they had (``pinwarden stop``, and every pass of the event daemon).
+they had: ``pinwarden stop``, every pass of the event daemon, and — for a lease that ends
+another way (a plain ``virsh destroy``, a guest powering off) — the process the hook's
+``release`` leaves behind (:func:`give_back_after_release`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pinwarden.cpuset import CpuSet
+from pinwarden.errors import PinwardenError
 from pinwarden.libvirt import connect as lv
 from pinwarden.libvirt.repin import NARROWED_PREFIX, narrowed_key, record_moves
 from pinwarden.libvirt.repin import give_back as decide_give_back
 from pinwarden.libvirt.state import DomainInfo, Repin
-from pinwarden.manager import Manager, state_lock
+from pinwarden.manager import Manager, domain_lock, state_lock
+from pinwarden.model import HolderRef
 
 
 def locked(manager: Manager) -> contextlib.AbstractContextManager[None]:
@@ -78,3 +83,41 @@ def give_back(manager: Manager, conn: Any,
                 {k: v for k, v in plan.records.items() if k not in failed},
                 forget=[k for k in plan.forget if k not in failed])
     return tuple(done)
+
+
+#: Pauses (s) before each new try of :func:`give_back_after_release` when libvirt fails.
+RELEASE_RETRIES = (0.0, 1.0, 2.0, 4.0)
+
+
+def give_back_after_release(manager: Manager, uri: str, released: HolderRef,
+                            log: Callable[[str], None]) -> tuple[Repin, ...]:
+    """What the hook leaves behind when the lease of ``released`` ended at ``release``
+    while narrowed pins wait for CPUs (the hook itself may not call libvirt):
+    :func:`give_back` over ``uri``, tried again while libvirt fails; each move and the last
+    failure go to ``log``.  It first waits for the domain's lock: a ``pinwarden stop`` (or
+    failed ``pinwarden start``) that caused the release gives back itself, and says so, and
+    this finds nothing left then."""
+    with domain_lock(manager.state_dir, released):
+        pass
+    failure = ""
+    for pause in RELEASE_RETRIES:
+        time.sleep(pause)
+        try:
+            conn = lv.open_connection(uri)
+        except PinwardenError as exc:
+            failure = exc.message
+            continue
+        try:
+            given = give_back(manager, conn)
+        except PinwardenError as exc:
+            failure = exc.message
+            continue
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+        for move in given:
+            log(f"gave back {move}")
+        return given
+    log(f"warning: cannot give back the CPUs of narrowed pins: {failure}; 'pinwarden stop' "
+        f"or the daemon tries again")
+    return ()

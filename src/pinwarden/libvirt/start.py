@@ -40,7 +40,7 @@ from pinwarden.libvirt import kernel, pins
 from pinwarden.libvirt.hook import admit_shared
 from pinwarden.libvirt.repin import placed_narrower, repins
 from pinwarden.libvirt.state import DomainInfo, Repin
-from pinwarden.manager import Manager, state_lock
+from pinwarden.manager import Manager, domain_lock
 from pinwarden.model import HolderRef, Lease, Plan, command_line, domain_holder
 from pinwarden.partition import Host, shared_pool
 from pinwarden.policy import decide
@@ -184,10 +184,7 @@ class _ExclusivePlanner:
 
 
 def _domain_lock(state_dir: Path, holder: HolderRef) -> contextlib.AbstractContextManager[None]:
-    """Serialise pinwarden start/stop of one domain: two racing starts would otherwise
-    share one lease and the loser's rollback would free the winner's CPUs.  (Not the
-    manager's lock: the hook, run by libvirtd inside the start, takes that one.)"""
-    return state_lock(state_dir, f"{holder.driver}-{holder.key.replace(':', '-')}")
+    return domain_lock(state_dir, holder)
 
 
 def _start_shared(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSpec,
@@ -323,16 +320,18 @@ def stop(manager: Manager, uri: str, name: str, *, graceful: bool = False,
     try:
         dom = lv.lookup(conn, name)
         holder = _holder(conn, dom)
+        given: tuple[Repin, ...] = ()
+        notes: tuple[str, ...] = ()
+        # the give-back inside the domain lock: the one the hook's 'release' leaves behind
+        # waits for it (pins.give_back_after_release), so this stop says what it gave back
         with _domain_lock(manager.state_dir, holder):
             was_running = _stop_domain(dom, name, graceful=graceful, timeout=timeout)
             record = manager.drop(holder)
             released = record.plan.leased() if record is not None else CpuSet()
-        given: tuple[Repin, ...] = ()
-        notes: tuple[str, ...] = ()
-        try:
-            given = pins.give_back(manager, conn)
-        except PinwardenError as exc:  # the stop is done; the next give-back tries again
-            notes = (f"{exc.message}; 'pinwarden stop' or the daemon tries again",)
+            try:
+                given = pins.give_back(manager, conn)
+            except PinwardenError as exc:  # the stop is done; the next give-back tries again
+                notes = (f"{exc.message}; 'pinwarden stop' or the daemon tries again",)
     finally:
         with contextlib.suppress(Exception):
             conn.close()
