@@ -743,10 +743,19 @@ def test_the_give_back_after_a_release_waits_for_the_domain_and_retries(
     monkeypatch.setattr(pins.lv, "open_connection", lambda _uri: Conn())
     monkeypatch.setattr(pins, "give_back", give_back)
     logged: list[str] = []
+    # no pin waits (run by hand, say): nothing is locked, opened or created
+    assert pins.give_back_after_release(manager, "qemu:///system", released,
+                                        logged.append) == ()
+    assert not (tmp_path / "locks").exists() and Conn.closed == 0
+    manager.put_change_records({"repin:" + "b" * 8 + ":vcpu0": "0-3"})
     outcomes[:] = [("b vcpu0: 0 -> 0-1",)]
     with domain_lock(tmp_path, released):
-        worker = threading.Thread(target=pins.give_back_after_release,
-                                  args=(manager, "qemu:///system", released, logged.append))
+        def in_thread() -> None:  # a manager of its own: SQLite stays in its thread
+            with Manager(Config(), Path("/"), tmp_path, enforce=False,
+                         host=make_host("0-3", "1-3")) as own:
+                pins.give_back_after_release(own, "qemu:///system", released, logged.append)
+
+        worker = threading.Thread(target=in_thread)
         worker.start()
         worker.join(0.5)
         assert worker.is_alive() and outcomes  # waits for the stop that holds the lock

@@ -97,6 +97,8 @@ def give_back_after_release(manager: Manager, uri: str, released: HolderRef,
     failure go to ``log``.  It first waits for the domain's lock: a ``pinwarden stop`` (or
     failed ``pinwarden start``) that caused the release gives back itself, and says so, and
     this finds nothing left then."""
+    if not manager.change_records(NARROWED_PREFIX):
+        return ()  # nothing waits (or no ledger at all): nothing to lock or create
     with domain_lock(manager.state_dir, released):
         pass
     failure = ""
