@@ -176,6 +176,34 @@ def test_status_human_has_cpu_map(env: dict[str, Path],
     assert "partition isolcpus" in out
 
 
+def test_status_shows_the_pins_it_narrowed_and_what_waits_to_go_back(
+        env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """Running shared domains an exclusive start re-pinned: while the lease holds, their
+    pin and what they had; once it ends, the CPUs free again that no give-back has
+    returned yet (libvirt refused it, or nothing ran one: no daemon, no hook)."""
+    from pinwarden.ledger import Ledger
+    from pinwarden.libvirt.repin import narrowed_key
+
+    run(env, capsys, "reserve", write(env, "vm1.xml", SEED))  # leases 4-6,12-14
+    web = "cd" * 16
+    with Ledger(env["state"]) as ledger:
+        ledger.record_changes({
+            narrowed_key(web, "vcpu0"): json.dumps({"domain": "web", "before": "3-5",
+                                                    "after": "3"}),
+            narrowed_key(web, "emulator"): "not json"})  # unreadable: left out
+    status, out, _ = run(env, capsys, "status", json_out=False)
+    assert status == 0
+    assert "  web vcpu0: pinned to 3 (had 3-5)\n" in out, out
+    doc = run(env, capsys, "status")[1]
+    assert doc["narrowed"] == [{"domain": "web", "uuid": web, "thread": "vcpu0", "pin": "3",
+                                "had": "3-5", "waiting": ""}]
+    run(env, capsys, "release", "vm1")
+    status, out, _ = run(env, capsys, "status", json_out=False)
+    assert "  web vcpu0: pinned to 3 (had 3-5); CPUs 4-5 free again, not given back yet " \
+           "(the daemon's next pass or 'pinwarden stop' gives them back)" in out, out
+    assert run(env, capsys, "status")[1]["narrowed"][0]["waiting"] == "4-5"
+
+
 @pytest.mark.parametrize("text", [BILLION_LAUGHS, XXE, EXTERNAL_DTD])
 def test_hostile_xml_refused_with_exit_1_and_nothing_recorded(
         env: dict[str, Path], capsys: pytest.CaptureFixture[str], text: str) -> None:

@@ -254,6 +254,7 @@ def run_sync(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     from pinwarden.cpuset import CpuSet
     from pinwarden.ledger import DB_NAME
+    from pinwarden.narrowed import NARROWED_PREFIX, narrowed
     from pinwarden.partition import shared_pool
     from pinwarden.view import render_cpu_map
 
@@ -263,8 +264,10 @@ def run_status(args: argparse.Namespace) -> int:
         dead = {(r.ref.driver, r.ref.key) for r in manager.dead()}
         leases = manager.leases()
         database = manager.state_dir / DB_NAME
+        narrowed_records = manager.change_records(NARROWED_PREFIX)
     part = host.partition
     leased = CpuSet.of(lease.cpu for lease in leases)
+    pins = narrowed(narrowed_records, leased)
     shared, fallback = shared_pool(host, leased)
     online = host.topology.online
 
@@ -285,6 +288,9 @@ def run_status(args: argparse.Namespace) -> int:
             "leased": str(leased),
             "shared": str(shared),
             "notes": list(fallback),
+            "narrowed": [{"domain": n.domain, "uuid": n.uuid, "thread": n.label,
+                          "pin": str(n.pin), "had": str(n.had), "waiting": str(n.waiting)}
+                         for n in pins],
             "database": str(database),
             "time": timestamp(time.time()),
         })
@@ -308,6 +314,15 @@ def run_status(args: argparse.Namespace) -> int:
             warn += ("; OWNER GONE: its CPUs are free, the record goes at the next change "
                      "('pinwarden sync')")
         lines.append(f"  {record.ref}: {desc}; since {since}{owner}{warn}")
+    if pins:
+        lines.append("running shared domains re-pinned off leased CPUs (each gets its CPUs "
+                     "back once they are free):")
+    for n in pins:
+        wait = (f"; {n.waiting.named()} free again, not given back yet (the daemon's next "
+                f"pass or 'pinwarden stop' gives {'it' if len(n.waiting) == 1 else 'them'} "
+                f"back)" if n.waiting else "")
+        lines.append(f"  {printable(n.domain)} {n.label}: pinned to {n.pin} (had {n.had})"
+                     f"{wait}")
     lines.append(render_cpu_map(host, leases))
     print("\n".join(lines))
     return 0

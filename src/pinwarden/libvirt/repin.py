@@ -25,6 +25,7 @@ from pinwarden.domain import DomainSpec
 from pinwarden.errors import Refusal
 from pinwarden.libvirt.state import DomainInfo, Repin
 from pinwarden.model import HolderRef, Plan
+from pinwarden.narrowed import NARROWED_PREFIX as NARROWED
 from pinwarden.record import record
 
 
@@ -82,8 +83,9 @@ def repins(domains: Sequence[DomainInfo], holder: HolderRef, leased: CpuSet,
 # -- giving narrowed pins back ---------------------------------------------------------------
 
 #: Change records of live pins pinwarden narrowed: ``repin:UUID:LABEL`` (``vcpu0``,
-#: ``emulator``, ``iothread1``) → :func:`narrowed_json`.
-NARROWED_PREFIX = "repin:"
+#: ``emulator``, ``iothread1``) → :func:`narrowed_json` (read by ``status`` through
+#: :mod:`pinwarden.narrowed`, which loads no libvirt adapter).
+NARROWED_PREFIX = NARROWED
 
 
 def narrowed_key(uuid: str, label: str) -> str:

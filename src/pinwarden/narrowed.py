@@ -1,0 +1,49 @@
+"""The live pins pinwarden narrowed, as ``status`` shows them.  Pure.
+
+:mod:`pinwarden.libvirt.repin` writes the records (``repin:UUID:LABEL`` change records,
+JSON ``{"domain", "before", "after"}``) and gives the pins back; this reads them without
+loading any libvirt adapter, so ``status`` stays as light as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pinwarden.cpuset import CpuSet, CpuSetError
+
+NARROWED_PREFIX = "repin:"
+
+
+class Narrowed:
+    """One live pin pinwarden narrowed, as its record says (``status``): the domain and
+    thread group, the pin pinwarden set, the one it had before, and the CPUs of that one
+    free again (not leased now) that it has not got back yet — the daemon's next pass,
+    ``pinwarden stop`` or the hook's give-back returns them; a give-back libvirt refused
+    leaves them waiting.  (A plain class: a record costs a compile at import, on every
+    ``status``.)"""
+
+    __slots__ = ("domain", "had", "label", "pin", "uuid", "waiting")
+
+    def __init__(self, domain: str, uuid: str, label: str, pin: CpuSet, had: CpuSet,
+                 waiting: CpuSet) -> None:
+        self.domain, self.uuid, self.label = domain, uuid, label
+        self.pin, self.had, self.waiting = pin, had, waiting
+
+
+def narrowed(recorded: Mapping[str, str], leased: CpuSet) -> tuple[Narrowed, ...]:
+    """The narrowed pins ``recorded`` (``repin:`` change records) with ``leased`` the CPUs
+    leased now; unreadable records are left out (the next give-back forgets them)."""
+    import json  # only when there are records
+
+    out: list[Narrowed] = []
+    for key, value in sorted(recorded.items()):
+        uuid, _, label = key.removeprefix(NARROWED_PREFIX).rpartition(":")
+        try:
+            data = json.loads(value)
+            had = CpuSet.parse_kernel(str(data["before"]))
+            pin = CpuSet.parse_kernel(str(data["after"]))
+            domain = str(data["domain"])
+        except (ValueError, KeyError, TypeError, CpuSetError):
+            continue
+        out.append(Narrowed(domain, uuid, label, pin, had, had - leased - pin))
+    return tuple(sorted(out, key=lambda n: (n.domain, n.uuid, n.label)))
