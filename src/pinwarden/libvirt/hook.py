@@ -759,7 +759,7 @@ def _release(manager: Manager, driver: str, name: str, spec: DomainSpec,
     if not alive or record.owner_pid == _caller(who):
         manager.drop(holder)
         if after_release is not None:
-            from pinwarden.libvirt.repin import NARROWED_PREFIX
+            from pinwarden.narrowed import NARROWED_PREFIX
 
             if manager.change_records(NARROWED_PREFIX):
                 after_release(holder)
