@@ -806,6 +806,43 @@ def test_the_hook_command_leaves_the_give_back_detached(
            "long)" in (tmp_path / hook.HOOK_LOG).read_text()
 
 
+def test_define_names_the_driver_from_the_xml_not_the_uri(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exclusive container defined through a libvirt.conf alias of ``lxc:///`` (``-c
+    box``): its partition is the LXC holder's, the one the hook and 'pinwarden start' use.
+    The driver was taken from the URI string, where an alias reads as qemu: the stored
+    partition was the VM holder's."""
+    from pinwarden.libvirt import start as start_mod
+
+    manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
+                      host=make_host("0-3", "1-3"))
+    stored: list[str] = []
+
+    class Dom:
+        def name(self) -> str:
+            return "box"
+
+        def UUIDString(self) -> str:
+            return UUID_A
+
+    class Conn:
+        def defineXML(self, text: str) -> Dom:
+            stored.append(text)
+            return Dom()
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(start_mod.lv, "open_connection", lambda _uri: Conn())
+    path = tmp_path / "box.xml"
+    path.write_text(f"<domain type='lxc'><name>box</name><uuid>{UUID_A}</uuid><memory>65536"
+                    f"</memory><vcpu>1</vcpu>{EXCLUSIVE_META}<os><type>exe</type><init>"
+                    "/bin/sh</init></os></domain>")
+    start_mod.define(manager, "box", path)
+    (text,) = stored
+    assert "<partition>/pinwarden-lxc-box</partition>" in text, text
+
+
 def test_a_wedged_pinwarden_holds_a_shared_start_for_seconds_not_minutes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another process (flock(1), not pinwarden) holds the manager lock and never lets go.

@@ -41,7 +41,14 @@ from pinwarden.libvirt.hook import admit_shared
 from pinwarden.libvirt.repin import placed_narrower, repins
 from pinwarden.libvirt.state import DomainInfo, Repin
 from pinwarden.manager import Manager, domain_lock
-from pinwarden.model import HolderRef, Lease, Plan, command_line, domain_holder
+from pinwarden.model import (
+    HolderRef,
+    Lease,
+    Plan,
+    command_line,
+    domain_holder,
+    driver_of_type,
+)
 from pinwarden.partition import Host, shared_pool
 from pinwarden.policy import decide
 from pinwarden.record import field, record, replace
@@ -425,7 +432,8 @@ def define(manager: Manager, uri: str, path: Path) -> Defined:
     spec = parse_domain(xml)
     uuid = spec.uuid or str(uuidlib.uuid4())
     spec = replace(spec, uuid=uuid)
-    holder = domain_holder(lv.driver_of(uri), spec.name, uuid)
+    # the XML's <domain type> names the driver (a URI may be an alias libvirt resolves)
+    holder = domain_holder(driver_of_type(spec.domain_type), spec.name, uuid)
     plan = manager.plan(spec, holder=holder)
     partition = manager.libvirt_partition(holder) if spec.exclusive else None
     if spec.exclusive and spec.partition not in (None, "/machine", partition):
