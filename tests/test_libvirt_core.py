@@ -1008,6 +1008,25 @@ def test_a_settling_domain_is_neither_adopted_nor_given_back_to() -> None:
         give_back([], {}, leased=CpuSet())
 
 
+class Listing:
+    """A ``qemu:///system`` connection listing ``domains``; looking one up again gives
+    ``lookup``: a domain, or a libvirt error code to raise."""
+
+    def __init__(self, domains: list[Any], lookup: Any) -> None:
+        self.domains, self.lookup = domains, lookup
+
+    def getURI(self) -> str:
+        return "qemu:///system"
+
+    def listAllDomains(self, _flags: int) -> list[Any]:
+        return list(self.domains)
+
+    def lookupByUUIDString(self, _uuid: str) -> Any:
+        if isinstance(self.lookup, int):
+            raise libvirt_error(self.lookup, "lookup failed")
+        return self.lookup
+
+
 def test_a_listing_cut_short_by_libvirtd_going_away_fails_rather_than_drop_domains() -> None:
     """libvirtd stopping (a restart, a package upgrade) while the daemon lists domains:
     each domain's calls fail, and so does looking the domain up again.  The listing used
@@ -1029,25 +1048,13 @@ def test_a_listing_cut_short_by_libvirtd_going_away_fails_rather_than_drop_domai
         def UUIDString(self) -> str:
             return self.uuid
 
-    class Conn:
-        def __init__(self, lookup_error: int) -> None:
-            self.lookup_error = lookup_error
-
-        def getURI(self) -> str:
-            return "qemu:///system"
-
-        def listAllDomains(self, _flags: int) -> list[Any]:
-            return [Unreadable(UUID_A)]
-
-        def lookupByUUIDString(self, _uuid: str) -> Any:
-            raise libvirt_error(self.lookup_error, "lookup failed")
-
     # the domain is really gone: skipped
-    assert connect.list_domains(Conn(lv.VIR_ERR_NO_DOMAIN), active_only=True) == ()
+    gone = Listing([Unreadable(UUID_A)], lv.VIR_ERR_NO_DOMAIN)
+    assert connect.list_domains(gone, active_only=True) == ()
     # libvirt cannot say (its connection is going away): the listing fails as a whole
     for code in (lv.VIR_ERR_SYSTEM_ERROR, lv.VIR_ERR_RPC, lv.VIR_ERR_INTERNAL_ERROR):
         with pytest.raises(LibvirtError, match="cannot read a domain"):
-            connect.list_domains(Conn(code), active_only=True)
+            connect.list_domains(Listing([Unreadable(UUID_A)], code), active_only=True)
 
 
 def test_a_domain_stopping_during_a_listing_is_left_out_not_a_failure(
@@ -1101,27 +1108,17 @@ def test_a_domain_stopping_during_a_listing_is_left_out_not_a_failure(
         def ioThreadInfo(self, _flags: int) -> Any:
             return []
 
-    class Conn:
-        def __init__(self, dom: Dom) -> None:
-            self.dom = dom
+    def conn(dom: Dom) -> Listing:
+        return Listing([dom], dom)
 
-        def getURI(self) -> str:
-            return "qemu:///system"
-
-        def listAllDomains(self, _flags: int) -> list[Any]:
-            return [self.dom]
-
-        def lookupByUUIDString(self, _uuid: str) -> Any:
-            return self.dom
-
-    assert connect.list_domains(Conn(Dom(2, stops=True)), active_only=True) == ()
-    (shut_off,) = connect.list_domains(Conn(Dom(2, stops=True)))
+    assert connect.list_domains(conn(Dom(2, stops=True)), active_only=True) == ()
+    (shut_off,) = connect.list_domains(conn(Dom(2, stops=True)))
     assert not shut_off.active and shut_off.affinity is None
-    (read,) = connect.list_domains(Conn(Dom(3, stops=False)), active_only=True)
+    (read,) = connect.list_domains(conn(Dom(3, stops=False)), active_only=True)
     assert read.active and read.affinity is not None
     pauses.clear()
     with pytest.raises(LibvirtError, match="Unable to read from monitor"):
-        connect.list_domains(Conn(Dom(99, stops=False)), active_only=True)
+        connect.list_domains(conn(Dom(99, stops=False)), active_only=True)
     assert pauses == list(connect.STOPPING_WAITS) and sum(pauses) < 2
 
 
