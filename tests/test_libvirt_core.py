@@ -777,8 +777,9 @@ def test_the_give_back_after_a_release_waits_for_the_domain_and_retries(
 
 def test_the_hook_command_leaves_the_give_back_detached(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Its own session, no stdio of libvirtd's (which waits for the hook's output to end),
-    the hook's state directory, configuration and root; a failure to start it is logged."""
+    """Its own session, no stdio of libvirtd's (which waits for the hook's output to end;
+    stderr goes to hook.log), the hook's state directory, configuration and root, this
+    pinwarden first on its path; a failure to start it is logged."""
     import argparse
 
     from pinwarden.cli import vm
@@ -795,7 +796,12 @@ def test_the_hook_command_leaves_the_give_back_detached(
     assert argv[5:] == ["--root", "/r", "--state-dir", str(tmp_path), "--config",
                         os.path.abspath("pw.toml"), "qemu", "a", UUID_A]
     assert kw["start_new_session"] and kw["cwd"] == "/"
-    assert kw["stdin"] == kw["stdout"] == kw["stderr"] == subprocess.DEVNULL
+    assert kw["stdin"] == kw["stdout"] == subprocess.DEVNULL
+    assert kw["stderr"].name == str(tmp_path / hook.HOOK_LOG)
+    import pinwarden
+
+    top = kw["env"]["PYTHONPATH"].split(os.pathsep)[0]
+    assert Path(top, "pinwarden", "__init__.py") == Path(pinwarden.__file__).resolve()
 
     def broken(_argv: list[str], **_kw: Any) -> None:
         raise OSError(7, "Argument list too long")

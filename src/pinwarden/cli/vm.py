@@ -369,9 +369,12 @@ def _leave_give_back(args: argparse.Namespace, manager: Manager, holder: HolderR
     """Start ``pinwarden hook give-back`` for the lease of ``holder`` that this ``release``
     freed, detached (its own session, no stdio of libvirtd's), and return at once: libvirtd
     waits for the hook, and the give-back calls libvirt, which waits for the domain the hook
-    runs for."""
+    runs for.  It runs this interpreter with this pinwarden first on its path (whatever
+    installed it: a venv, a zipapp), and whatever it cannot say in ``hook.log`` itself (an
+    interpreter that fails) goes there as its stderr."""
     import subprocess
 
+    import pinwarden
     from pinwarden.libvirt import hook
 
     argv = [sys.executable, "-m", "pinwarden.cli.vm", "hook", "give-back",
@@ -379,9 +382,13 @@ def _leave_give_back(args: argparse.Namespace, manager: Manager, holder: HolderR
             "--state-dir", os.path.abspath(manager.state_dir),
             *(["--config", os.path.abspath(args.config)] if args.config else []),
             holder.driver, holder.name, holder.uuid or ""]
+    top = os.path.dirname(os.path.dirname(os.path.abspath(pinwarden.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [top, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])}
     try:
-        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True, cwd="/")
+        with open(manager.state_dir / hook.HOOK_LOG, "ab") as log:
+            subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=log, start_new_session=True, cwd="/", env=env)
     except OSError as exc:
         hook.log_line(manager, f"pinwarden: warning: cannot start the give-back of the CPUs "
                                f"{holder.name!r} held ({exc.strerror or exc}); 'pinwarden "
