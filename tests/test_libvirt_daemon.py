@@ -142,7 +142,12 @@ def test_a_listing_while_domains_stop_never_fails(domains: env.Domains) -> None:
         for _ in range(12):
             going.create()
             time.sleep(0.3)
-            going.destroy()
+            try:
+                going.destroy()
+            except env.libvirt.libvirtError as exc:  # it ended on its own meanwhile (the
+                # firmware-only guest was seen to crash at start on a loaded machine)
+                if exc.get_error_code() != env.libvirt.VIR_ERR_OPERATION_INVALID:
+                    raise
     finally:
         stop.set()
         for reader in readers:
