@@ -139,19 +139,25 @@ def test_a_listing_while_domains_stop_never_fails(domains: env.Domains) -> None:
     for reader in readers:
         reader.start()
     try:
+        destroyed = 0
         for _ in range(12):
-            going.create()
-            time.sleep(0.3)
+            # QEMU was seen to fail at start here, or the firmware-only guest to crash
+            # right after ("reason=failed", "reason=crashed" in its log): such a round
+            # stops no running domain, and only rounds that did count
             try:
+                going.create()
+                time.sleep(0.3)
                 going.destroy()
-            except env.libvirt.libvirtError as exc:  # it ended on its own meanwhile (the
-                # firmware-only guest was seen to crash at start on a loaded machine)
-                if exc.get_error_code() != env.libvirt.VIR_ERR_OPERATION_INVALID:
+                destroyed += 1
+            except env.libvirt.libvirtError as exc:
+                if exc.get_error_code() not in (env.libvirt.VIR_ERR_OPERATION_INVALID,
+                                                env.libvirt.VIR_ERR_INTERNAL_ERROR):
                     raise
     finally:
         stop.set()
         for reader in readers:
             reader.join(timeout=60)
+    assert destroyed >= 6, destroyed  # the listings did meet domains being destroyed
     assert outcomes.count("whole") > 100, len(outcomes)  # the readers did list meanwhile
     assert [o for o in outcomes if o != "whole"] == []
 
