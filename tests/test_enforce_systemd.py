@@ -121,6 +121,9 @@ def bus_address(tmp_path: Path) -> Iterator[str]:
 class Standin:
     address: str
     proc: subprocess.Popen[str]
+    #: the host root a backend beside it uses (its ``--root``, else a directory of the
+    #: test's): where pinwarden's own drop-ins go, never the build host's /run
+    root: Path
     conn: DBusConnection = field(init=False)
 
     def __post_init__(self) -> None:
@@ -157,7 +160,8 @@ def _running_standin(address: str, log: Path, *extra: str) -> Iterator[Standin]:
         line = _read_line(proc, "the systemd stand-in")
         if line != "READY":
             raise AssertionError(f"systemd stand-in: {line}")
-        handle = Standin(address, proc)
+        given = [extra[i + 1] for i, arg in enumerate(extra[:-1]) if arg == "--root"]
+        handle = Standin(address, proc, Path(given[0]) if given else log.parent / "host")
         yield handle
     finally:
         if handle is not None:
@@ -194,7 +198,7 @@ def new_standin(bus_address: str, tmp_path: Path) -> Iterator[Standin]:
 def _backend(s: Standin, kernel: CgroupBackend | None = None) -> tuple[SystemdBus,
                                                                       SystemdBackend]:
     bus = SystemdBus.connect(s.address, timeout=10)
-    return bus, SystemdBackend(bus, kernel=kernel)
+    return bus, SystemdBackend(bus, kernel=kernel, root=s.root)
 
 
 @pytest.fixture
@@ -917,7 +921,7 @@ def test_lost_bus_is_a_clear_error(tmp_path: Path) -> None:
     assert info.value.errno == errno.ECONNRESET
     assert str(_one_line(info.value)).startswith(
         "could not reach systemd to set AllowedCPUs of machine.slice = 1: D-Bus connection "
-        "lost during SetUnitProperties")
+        "lost during LoadUnit")
     assert str(_one_line(info.value)).endswith(
         "[org.freedesktop.DBus.Error.Disconnected]; the system bus went away (dbus "
         "restarted?); run the command again")
@@ -1035,6 +1039,61 @@ def test_the_last_release_removes_the_drop_ins_pinwarden_made(
         assert found["50-AllowedCPUs.conf"] == "AllowedCPUs=1-7"
 
 
+@pytest.mark.parametrize("how", ["set-property", "edit"])
+def test_a_daemon_reload_keeps_the_leased_cpu_out_of_the_operators_partition(
+        bus_address: str, tmp_path: Path, how: str) -> None:
+    """The operator set machine.slice's CPUs in a file: a persistent ``systemctl
+    set-property machine.slice AllowedCPUs=1-7`` (``/etc/systemd/system.control/…/
+    50-AllowedCPUs.conf``, which masks the runtime drop-in of the same name), or ``systemctl
+    edit`` (``override.conf``, which sorts after it).  While CPU 3 is leased, a
+    ``daemon-reload`` reads the unit's drop-ins again: machine.slice must stay without CPU 3
+    (the lab's ``story_reload`` shows the same on systemd 252 and 257).  After the last
+    release the reload gives back the operator's value, and no file of pinwarden's is left."""
+    from pinwarden.config import Config
+    from pinwarden.enforce.systemd import MANAGER_IFACE, MANAGER_PATH
+    from pinwarden.manager import Manager
+    from pinwarden.model import job_holder
+    from pinwarden.policy import JobSpec
+
+    root = tmp_path / "root"
+    with _running_standin(bus_address, tmp_path / "standin.log", "--root", str(root)) as s:
+        operator = SystemdBus.connect(s.address, timeout=10)
+        bus = SystemdBus.connect(s.address, timeout=10)
+        backend = SystemdBackend(bus, kernel=KernelRecorder(), root=root)
+
+        def reload() -> CpuSet:
+            operator.call(MANAGER_PATH, MANAGER_IFACE, "Reload", "", ())
+            return backend.read_group("machine.slice").cpus
+
+        said: list[str] = []
+        try:
+            if how == "set-property":
+                operator.set_unit_properties("machine.slice", False, [
+                    ("AllowedCPUs", ("ay", CpuSet.parse("1-7").to_dbus()))])
+            else:
+                edit = root / "etc/systemd/system/machine.slice.d/override.conf"
+                edit.parent.mkdir(parents=True)
+                edit.write_text("[Slice]\nAllowedCPUs=1-7\n")
+                assert reload() == CpuSet.parse("1-7")
+            found = _dropins(root, "machine.slice")
+            with Manager(Config(), root, tmp_path / "state", backend=backend,
+                         host=make_host("0-7", "1-7"), warn=said.append) as m:
+                m.reserve_request(JobSpec("J", cpus=CpuSet.parse("3")))
+                assert backend.read_group("machine.slice").cpus == CpuSet.parse("1-2,4-7")
+                reloaded = reload()
+                m.drop(job_holder("J"))
+                released = backend.read_group("machine.slice").cpus
+            left = _dropins(root, "machine.slice")
+            after = reload()
+        finally:
+            bus.close()
+            operator.close()
+    assert reloaded == CpuSet.parse("1-2,4-7")
+    assert released == after == CpuSet.parse("1-7")
+    assert left == found
+    assert said == []
+
+
 def test_setting_files_lists_only_the_runtime_drop_ins_of_pinwardens_settings(
         bus_address: str, tmp_path: Path) -> None:
     """Persistent drop-ins (``/etc/systemd/system.control``) and other properties' are
@@ -1102,7 +1161,8 @@ def test_an_edit_while_leased_is_put_back_with_its_drop_in(
                          host=make_host("0-7", "1-7"), warn=said.append) as m:
                 m.reserve_request(JobSpec("J", cpus=CpuSet.parse("3")))
                 assert _dropins(root, "machine.slice") == {
-                    "50-AllowedCPUs.conf": "AllowedCPUs=1-2,4-7"}
+                    "50-AllowedCPUs.conf": "AllowedCPUs=1-2,4-7",
+                    "zz-pinwarden-AllowedCPUs.conf": "AllowedCPUs=1-2,4-7"}
                 operator.set_unit_properties("machine.slice", True, [
                     ("AllowedCPUs", ("ay", CpuSet.parse(edit).to_dbus()))])
                 m.sync()

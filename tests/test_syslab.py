@@ -864,6 +864,47 @@ def test_story_lxc_and_qemu_share_one_ledger(lab: LabRun) -> None:
     assert s["as_left"]["holders"] == [] and s["as_left"]["layout"]["partitions"] == {}
 
 
+def test_a_daemon_reload_keeps_the_leased_cpu_out_of_the_operators_partition(
+        lab: LabRun) -> None:
+    """The README's partition: ``systemctl set-property machine.slice AllowedCPUs=1-2``,
+    persistent, so in /etc/systemd/system.control.  A same-named drop-in there outranks
+    the one ``SetUnitProperties(runtime=true)`` writes in /run, so a ``daemon-reload``
+    gave machine.slice the leased CPU back (with no pinwarden daemon to repair it), and the
+    kernel invalidated the holder's partition.  pinwarden's own drop-in, which sorts after
+    every usual name, keeps it out; the last release removes it, and the operator's value
+    is what systemd has, before the next reload and after it."""
+    s = lab.check("story_reload")
+    rc0(s["set_property"])
+    assert s["operator"]["unit"]["AllowedCPUs"] == "1-2", s["operator"]
+    assert (s["operator"]["etc"] or "").endswith("AllowedCPUs=1-2"), s["operator"]
+    rc0(s["define_x"])
+    rc0(s["start_x"])
+    [holder] = s["holders"]
+    leased = int(holder["cpus"])
+    rest = str(({1, 2} - {leased}).pop())
+    assert s["leased"]["unit"]["AllowedCPUs"] == rest, s["leased"]
+    rc0(s["reload"])
+    after = s["after_reload"]
+    assert after["unit"]["AllowedCPUs"] == rest, after["unit"]
+    machine = after["layout"]["machine"]
+    assert leased not in _cpus_of(machine["cpuset.cpus"]), machine
+    assert leased not in _cpus_of(machine["cpuset.cpus.effective"]), machine
+    [group] = after["layout"]["partitions"].values()
+    assert group["cpuset.cpus.partition"] in ("root", "isolated"), group
+    assert _errors(after["audit"]) == [], after["audit"]
+    rc0(s["stop_x"])
+    left = s["as_left"]
+    assert left["holders"] == [] and left["unit"]["AllowedCPUs"] == "1-2", left
+    assert left["dropins"]["files"] == {}, left["dropins"]
+    rc0(s["reload_left"])
+    reloaded = s["reloaded_left"]
+    assert reloaded["unit"]["AllowedCPUs"] == "1-2", reloaded
+    assert reloaded["unit"]["NeedDaemonReload"] == "no", reloaded
+    assert reloaded["dropins"]["files"] == {}, reloaded["dropins"]
+    rc0(s["revert"])
+    assert s["final"]["AllowedCPUs"] == s["as_found"]["AllowedCPUs"], s
+
+
 def test_story_a_late_top_level_cgroup_is_narrowed_off_the_leased_cpu(lab: LabRun) -> None:
     """Issue #14 on the systemd host (6.1 and 6.12): a cgroup made at the root after the
     lease writes every CPU; the kernel lets it through and invalidates the holder's

@@ -934,11 +934,12 @@ class Manager:
         try:
             keep = json.loads(record).get("dropins")
         except (ValueError, AttributeError):
-            return
-        if not isinstance(keep, list):
-            return  # recorded by an older pinwarden, or not listable: leave them
+            keep = None
+        # not a list (recorded by an older pinwarden, or not listable): only the files
+        # the backend names as its own go
         try:
-            remove_setting_files(backend, path, [str(k) for k in keep])
+            remove_setting_files(backend, path,
+                                 [str(k) for k in keep] if isinstance(keep, list) else None)
         except CgroupOpError as exc:
             self.warn(f"{path} has its CPUs back, but pinwarden {exc.detail or exc}: "
                       f"remove it by hand, then 'systemctl daemon-reload'")

@@ -28,6 +28,9 @@ of org.freedesktop.systemd1(5) pinwarden uses, answering the way systemd's sourc
   %s invalid."; a unit that is not pristine → ``org.freedesktop.systemd1.UnitExists``
   (``transient_unit_from_message``); properties as above; then a job whose ``JobRemoved``
   signal follows the reply.
+* ``Manager.Reload()`` (``daemon-reload``), with ``--root`` only: the settings of units
+  that are not transient are read again from their drop-ins, as systemd orders them
+  (:meth:`Systemd.reload`).
 * ``Manager.StopUnit(ss) → o``, ``Manager.Subscribe()``: signals are only emitted while some
   client has subscribed ("Signals are only sent out if at least one client invoked this
   method", org.freedesktop.systemd1(5)).
@@ -87,7 +90,14 @@ UNKNOWN_OBJECT = "org.freedesktop.DBus.Error.UnknownObject"
 METHODS = {  # member -> input signature, from org.freedesktop.systemd1(5)
     "GetUnit": "s", "LoadUnit": "s", "SetUnitProperties": "sba(sv)",
     "StartTransientUnit": "ssa(sv)a(sa(sv))", "StopUnit": "ss", "Subscribe": "",
+    "Reload": "",
 }
+#: Where ``daemon-reload`` finds a unit's drop-ins (``UNIT.d/*.conf``), highest priority
+#: first (systemd.unit(5), "Unit File Load Path"; path-lookup.c ``lookup_paths_init``): of
+#: files with one name the first wins, and all are applied in the order of their names.
+DROPIN_DIRS = ("/etc/systemd/system.control", "/run/systemd/system.control",
+               "/run/systemd/transient", "/etc/systemd/system", "/run/systemd/system",
+               "/usr/lib/systemd/system")
 JOB_MODES = {"replace", "fail", "isolate", "ignore-dependencies", "ignore-requirements",
              "flush", "replace-irreversibly", "triggering", "restart-dependencies"}
 ACTIVE = {"active", "activating", "reloading", "deactivating"}
@@ -157,8 +167,9 @@ def cpu_list(data: bytes | list[int]) -> str:
 
 
 def parse_list(text: str) -> frozenset[int]:
+    """A CPU list as unit files give it: ranges separated by commas or whitespace."""
     out: set[int] = set()
-    for part in filter(None, text.split(",")):
+    for part in filter(None, text.replace(",", " ").split()):
         a, _, b = part.partition("-")
         out.update(range(int(a), int(b or a) + 1))
     return frozenset(out)
@@ -338,6 +349,42 @@ class Systemd:
             if path not in unit.dropins:
                 unit.dropins.append(path)
 
+    def reload(self) -> None:
+        """``Manager.Reload`` (``systemctl daemon-reload``), for the drop-ins of units that
+        are not transient (the stand-in's units have no settings in a unit file): each
+        unit's ``AllowedCPUs``/``AllowedMemoryNodes`` are read again from its drop-ins under
+        ``--root`` (see :data:`DROPIN_DIRS`), an empty assignment resetting the list, and
+        ``DropInPaths`` lists the files read."""
+        if self.root is None:
+            raise BusError("org.freedesktop.DBus.Error.NotSupported",
+                           "the stand-in reloads drop-ins only with --root")
+        for unit in self.units.values():
+            if unit.transient:
+                continue
+            found: dict[str, str] = {}
+            for base in DROPIN_DIRS:
+                folder = os.path.join(self.root, base.lstrip("/"), f"{unit.name}.d")
+                names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+                for name in names:
+                    if name.endswith(".conf"):
+                        found.setdefault(name, f"{base}/{unit.name}.d/{name}")
+            cpus, mems = b"", b""
+            for name in sorted(found):
+                section = ""
+                with open(os.path.join(self.root, found[name].lstrip("/"))) as text:
+                    for line in text.read().splitlines():
+                        line = line.strip()
+                        if line.startswith("[") and line.endswith("]"):
+                            section = line[1:-1]
+                        elif section == unit.type.capitalize() and "=" in line:
+                            key, _, value = line.partition("=")
+                            if key.strip() == "AllowedCPUs":
+                                cpus = to_bytes(parse_list(value))
+                            elif key.strip() == "AllowedMemoryNodes":
+                                mems = to_bytes(parse_list(value))
+            unit.allowed_cpus, unit.allowed_mems = cpus, mems
+            unit.dropins = [found[name] for name in sorted(found)]
+
     def run_job(self, unit: Unit, kind: str) -> tuple[str, str]:
         job_id = next(self.job_ids)
         result = self.fail_next.pop(unit.name, "done")
@@ -431,6 +478,9 @@ class Systemd:
             return "o", (self.path_of(self.load(body[0])),)
         if member == "Subscribe":
             self.subscribers.add(sender)
+            return "", ()
+        if member == "Reload":
+            self.reload()
             return "", ()
         if member == "SetUnitProperties":
             name, _runtime, props = body

@@ -306,9 +306,10 @@ def setting_files(backend: CgroupBackend, path: str) -> tuple[str, ...] | None:
 
 
 def remove_setting_files(backend: CgroupBackend, path: str,
-                         keep: Iterable[str]) -> tuple[str, ...]:
+                         keep: Iterable[str] | None) -> tuple[str, ...]:
     """Remove the setting files of ``path`` that ``keep`` (:func:`setting_files` before the
-    first write) does not name: the backend's writes made them.  The files removed."""
+    first write) does not name: the backend's writes made them (``keep`` None, not known:
+    only the files the backend writes under names of its own).  The files removed."""
     probe = getattr(backend, "remove_setting_files", None)
     return () if probe is None else tuple(str(f) for f in probe(path, keep))
 

@@ -30,6 +30,17 @@ So the drop-ins listed in ``DropInPaths`` before pinwarden's first write are rec
 (:meth:`SystemdBackend.setting_files`), and the ones its writes added are removed again
 once the original value is back (:meth:`SystemdBackend.remove_setting_files`).
 
+That drop-in does not hold the setting across a ``daemon-reload`` either: a drop-in of the
+same name in ``/etc/systemd/system.control`` (a persistent ``systemctl set-property
+machine.slice AllowedCPUs=…``, the way the README sets the VM partition) masks it, and one
+sorting after it (``override.conf`` of ``systemctl edit``) overrides it.  The reload gave
+machine.slice the leased CPUs back, and the kernel invalidated the holder partitions
+(tests/test_syslab.py, ``story_reload``).  So the CPUs pinwarden sets on a unit that is not
+transient are also written to a drop-in of its own, :data:`OWN_DROPIN` (``zz-pinwarden-
+AllowedCPUs.conf``), whose name sorts after every usual one; it goes with the others once
+the original value is back.  systemd reports ``NeedDaemonReload=yes`` for the unit while
+that file exists and it has not reloaded (the file is not in its list).
+
 CPU sets travel as systemd's byte arrays (CPU *i* is bit ``i % 8`` of byte ``i // 8``,
 :meth:`CpuSet.to_dbus`); an empty array means "no restriction" (inherit the parent), exactly
 like an empty ``cpuset.cpus`` on cgroup v2.  ``runtime=true`` puts the settings in
@@ -91,6 +102,7 @@ Failing to reach systemd at all is an :class:`EnforceError` from :meth:`SystemdB
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -419,6 +431,16 @@ _ACTIVE_STATES: Final = frozenset({"active", "activating", "reloading", "deactiv
 RUNTIME_CONTROL: Final = PurePosixPath("/run/systemd/system.control")
 #: The drop-ins pinwarden's own writes make there.
 SETTING_DROPINS: Final = frozenset({"50-AllowedCPUs.conf", "50-AllowedMemoryNodes.conf"})
+#: pinwarden's own drop-in there for each setting it makes on a unit that is not transient:
+#: the same value, under a name that sorts after every usual drop-in name (systemd applies
+#: drop-ins in the order of their file names, and one in /etc masks one of the same name
+#: in /run), so that a ``daemon-reload`` keeps it.
+OWN_DROPIN: Final = "zz-pinwarden-{prop}.conf"
+_OWN_DROPIN_PROPS: Final = ("AllowedCPUs", "AllowedMemoryNodes")
+_OWN_DROPIN_HEADER: Final = (
+    "# Written by pinwarden while CPUs are leased ('pinwarden status'), and removed when the\n"
+    "# last lease ends: it keeps the leased CPUs out of this unit across a daemon-reload,\n"
+    "# which would otherwise load the unit's own setting again.  Do not edit.\n")
 
 
 class SystemdBus:
@@ -583,6 +605,7 @@ class SystemdBackend:
         self._partition_supported: bool | None = None
         self._scope_serial = itertools.count(1)
         self._names: dict[tuple[str, str], str] = {}  # (parent path, unit) -> name used
+        self._transient: dict[str, bool] = {}  # unit -> made by StartTransientUnit
 
     @property
     def kind(self) -> str:
@@ -782,6 +805,7 @@ class SystemdBackend:
             raise SystemdOpError("mkdir", path, unit, "",
                                  f"the start job of {unit} ended with result {result!r}",
                                  job_result=result)
+        self._transient[unit] = True
 
     def rmdir(self, path: str) -> None:
         unit = self._unit("rmdir", path)
@@ -813,11 +837,64 @@ class SystemdBackend:
         except DBusCallError as exc:
             raise self._fail(exc, action, path, unit, value=shown, prop=prop) from None
 
+    def _set_kept(self, action: str, path: str, prop: str, value: CpuSet) -> None:
+        """``SetUnitProperties(runtime=true)`` of a CPU or node set; on a unit that is not
+        transient the value goes to :data:`OWN_DROPIN` first (put back as it was if systemd
+        refuses the setting), so that a ``daemon-reload`` keeps it."""
+        unit = self._unit(action, path)
+        shown = value.to_list()
+        transient = self._transient.get(unit)
+        if transient is None:
+            try:
+                transient = bool(self._bus.get_property(self._bus.load_unit(unit),
+                                                        UNIT_IFACE, "Transient")[1])
+            except DBusCallError as exc:
+                raise self._fail(exc, action, path, unit, value=shown, prop=prop) from None
+            self._transient[unit] = transient
+        if transient:  # pinwarden's own slices: systemd keeps their settings itself
+            self._set(action, path, prop, ("ay", value.to_dbus()), shown)
+            return
+        file = self._root / RUNTIME_CONTROL.relative_to("/") / f"{unit}.d" / \
+            OWN_DROPIN.format(prop=prop)
+        try:
+            before: str | None = file.read_text()
+        except FileNotFoundError:
+            before = None
+        except OSError as exc:
+            raise CgroupOpError(action, path, exc.errno or errno.EIO, value=shown,
+                                detail=f"cannot read {file}: {exc.strerror or exc}") from None
+        section = unit_type(unit).capitalize()
+        self._write_own(action, path, file,
+                        f"{_OWN_DROPIN_HEADER}[{section}]\n{prop}=\n{prop}={shown}\n", shown)
+        try:
+            self._set(action, path, prop, ("ay", value.to_dbus()), shown)
+        except CgroupOpError:
+            with contextlib.suppress(OSError, CgroupOpError):
+                if before is None:
+                    file.unlink(missing_ok=True)
+                else:
+                    self._write_own(action, path, file, before, shown)
+            raise
+
+    @staticmethod
+    def _write_own(action: str, path: str, file: Path, text: str, shown: str) -> None:
+        """Write pinwarden's drop-in whole or not at all (systemd reads only ``*.conf``)."""
+        temporary = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(text)
+            os.replace(temporary, file)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+            raise CgroupOpError(action, path, exc.errno or errno.EIO, value=shown,
+                                detail=f"cannot write {file}: {exc.strerror or exc}") from None
+
     def set_cpus(self, path: str, cpus: CpuSet) -> None:
-        self._set("cpus", path, "AllowedCPUs", ("ay", cpus.to_dbus()), cpus.to_list())
+        self._set_kept("cpus", path, "AllowedCPUs", cpus)
 
     def set_mems(self, path: str, mems: CpuSet) -> None:
-        self._set("mems", path, "AllowedMemoryNodes", ("ay", mems.to_dbus()), mems.to_list())
+        self._set_kept("mems", path, "AllowedMemoryNodes", mems)
 
     def set_partition(self, path: str, kind: PartitionKind) -> None:
         value = _PARTITION_VALUE[kind]
@@ -864,20 +941,26 @@ class SystemdBackend:
                              and PurePosixPath(str(p)).name in SETTING_DROPINS
                              and (self._root / str(p).lstrip("/")).is_file()}))
 
-    def remove_setting_files(self, path: str, keep: Iterable[str]) -> tuple[str, ...]:
+    def remove_setting_files(self, path: str,
+                             keep: Iterable[str] | None) -> tuple[str, ...]:
         """Remove the drop-ins :meth:`setting_files` lists now that ``keep`` (what it listed
-        before pinwarden's first write) does not name: pinwarden's writes made them.
+        before pinwarden's first write) does not name: pinwarden's writes made them; and
+        pinwarden's own (:data:`OWN_DROPIN`), always.  ``keep`` None (not known): only
+        pinwarden's own.
 
         Called once the original value is back.  The setting systemd has loaded stays as it
         is; the next ``daemon-reload`` reads the unit's own configuration, with no drop-in
         of pinwarden's overriding an operator's later one.  Until then systemd reports
         ``NeedDaemonReload=yes`` for the unit (its list of drop-ins names a file that is
         gone; FACTS.md 10).  Returns the files removed."""
-        keep = frozenset(keep)
         removed: list[str] = []
-        for name in self.setting_files(path):
-            if name in keep:
-                continue
+        unit = self._unit("cpus", path)
+        folder = RUNTIME_CONTROL / f"{unit}.d"
+        own = [str(folder / OWN_DROPIN.format(prop=prop)) for prop in _OWN_DROPIN_PROPS]
+        keep = frozenset(keep) if keep is not None else None
+        theirs = [] if keep is None else [n for n in self.setting_files(path)
+                                          if n not in keep]
+        for name in [*theirs, *own]:
             try:
                 (self._root / name.lstrip("/")).unlink()
             except FileNotFoundError:

@@ -426,3 +426,46 @@ def story_lxc() -> Data:
         pinwarden("sync")
     out["as_left"] = {"holders": holders(), "layout": layout()}
     return out
+
+
+@check("story_reload", needs=["install", "boot"])
+def story_reload() -> Data:
+    """The VM partition set the way the README says, by a persistent ``systemctl
+    set-property machine.slice AllowedCPUs=1-2`` (a drop-in in /etc/systemd/system.control,
+    which outranks the runtime ones in /run): an exclusive domain's CPU stays out of
+    machine.slice through a ``daemon-reload`` with no pinwarden daemon running, and the last
+    release leaves the operator's setting as it was, before and after the next reload."""
+    CONFIG.parent.mkdir(parents=True, exist_ok=True)
+    CONFIG.write_text('[partition]\nmode = "cgroup"\n')
+    unit = ("machine.slice", "AllowedCPUs", "EffectiveCPUs", "NeedDaemonReload")
+    out: Data = {"as_found": unit_show(*unit)}
+    out["set_property"] = systemctl("set-property", "machine.slice", "AllowedCPUs=1-2")
+    try:
+        out["operator"] = {"unit": unit_show(*unit),
+                           "etc": read("/etc/systemd/system.control/machine.slice.d/"
+                                       "50-AllowedCPUs.conf")}
+        out["define_x"] = pinwarden("define", write_xml("pwtest-rx", metadata=EXCLUSIVE_META))
+        out["start_x"] = pinwarden("start", "pwtest-rx", "--json")
+        out["holders"] = holders()
+        out["leased"] = {"unit": unit_show(*unit), "layout": layout(), "dropins": dropins()}
+        # systemd reads every unit's configuration again: 252 realises machine.slice at
+        # once, 257 at the next unrelated unit change (FACTS.md 4)
+        out["reload"] = systemctl("daemon-reload")
+        out["restart_unrelated"] = systemctl("restart", "systemd-journald.service")
+        time.sleep(1.5)
+        out["after_reload"] = {"unit": unit_show(*unit), "layout": layout(),
+                               "audit": pinwarden("audit", "--json")}
+        out["stop_x"] = pinwarden("stop", "pwtest-rx")
+        out["as_left"] = {"unit": unit_show(*unit), "dropins": dropins(),
+                          "holders": holders()}
+        out["reload_left"] = systemctl("daemon-reload")
+        out["reloaded_left"] = {"unit": unit_show(*unit), "dropins": dropins()}
+    finally:
+        remove_domain("pwtest-rx")
+        CONFIG.unlink(missing_ok=True)
+        pinwarden("sync")
+        # the operator's setting goes, as it came: systemctl's own undo, then a reload
+        out["revert"] = systemctl("revert", "machine.slice")
+        out["reload_final"] = systemctl("daemon-reload")
+        out["final"] = unit_show(*unit)
+    return out
