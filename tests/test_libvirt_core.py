@@ -775,6 +775,35 @@ def test_the_give_back_after_a_release_waits_for_the_domain_and_retries(
                       "b; 'pinwarden stop' or the daemon tries again"]
 
 
+def test_the_give_back_after_a_release_gives_up_on_a_hung_start_or_stop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 'pinwarden start' or 'stop' of the released domain that never ends (hung) holds
+    the domain's lock: the process the hook left behind gives up after its wait, says so
+    in one line, and neither calls libvirt nor stays in libvirtd's cgroup for ever."""
+    from pinwarden.libvirt import pins
+    from pinwarden.manager import domain_lock
+
+    manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
+                      host=make_host("0-3", "1-3"))
+    released = domain_holder("qemu", "a", UUID_A)
+    manager.put_change_records({"repin:" + "b" * 8 + ":vcpu0": "0-3"})
+    opened: list[str] = []
+    monkeypatch.setattr(pins.lv, "open_connection", opened.append)
+    monkeypatch.setattr(pins, "RELEASE_LOCK_WAIT", 0.3)
+    logged: list[str] = []
+    with domain_lock(tmp_path, released):
+        began = time.monotonic()
+        assert pins.give_back_after_release(manager, "qemu:///system", released,
+                                            logged.append) == ()
+        waited = time.monotonic() - began
+    assert 0.3 <= waited < 5.0, waited
+    assert opened == []
+    assert logged == [f"warning: a 'pinwarden start' or 'stop' of {released.describe()} "
+                      f"still runs after 0.3 s: the CPUs of narrowed pins are not given "
+                      f"back now; 'pinwarden stop' or the daemon gives them back"]
+    assert manager.change_records("repin:")  # kept for whoever gives back later
+
+
 def test_the_hook_command_leaves_the_give_back_detached(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Its own session, no stdio of libvirtd's (which waits for the hook's output to end;

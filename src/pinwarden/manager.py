@@ -965,10 +965,11 @@ class Manager:
 
 
 @contextlib.contextmanager
-def state_lock(state_dir: Path, name: str) -> Iterator[None]:
+def state_lock(state_dir: Path, name: str, *, wait: float | None = None) -> Iterator[None]:
     """Hold the lock file ``locks/NAME.lock`` of the state directory (waiting for it): the
     locks beside the manager's that adapters take around libvirt calls, which must not
-    hold the manager's own (libvirtd's hook, which takes it, may be what they wait for)."""
+    hold the manager's own (libvirtd's hook, which takes it, may be what they wait for).
+    ``wait``: at most that many seconds, then :class:`TimeoutError`."""
     locks = state_dir / "locks"
     try:
         locks.mkdir(parents=True, exist_ok=True)
@@ -977,19 +978,34 @@ def state_lock(state_dir: Path, name: str) -> Iterator[None]:
         raise LedgerError(f"cannot create a lock in {locks}: {exc.strerror} (run as root "
                           f"or choose another --state-dir)") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if wait is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"{name} is still locked after {wait:g} s") \
+                            from None
+                    time.sleep(min(0.2, left))
         yield
     finally:
         os.close(fd)
 
 
-def domain_lock(state_dir: Path, holder: HolderRef) -> contextlib.AbstractContextManager[None]:
+def domain_lock(state_dir: Path, holder: HolderRef, *, wait: float | None = None,
+                ) -> contextlib.AbstractContextManager[None]:
     """Serialise pinwarden start/stop of one domain: two racing starts would otherwise
     share one lease and the loser's rollback would free the winner's CPUs; and the
     give-back a ``release`` of the domain leaves behind waits for the start or stop that
     caused it.  (Not the manager's lock: the hook, run by libvirtd inside the start, takes
-    that one.)"""
-    return state_lock(state_dir, f"{holder.driver}-{holder.key.replace(':', '-')}")
+    that one.)  ``wait``: as for :func:`state_lock`."""
+    return state_lock(state_dir, f"{holder.driver}-{holder.key.replace(':', '-')}",
+                      wait=wait)
 
 
 def _is_unit(path: str) -> bool:

@@ -87,6 +87,11 @@ def give_back(manager: Manager, conn: Any,
 
 #: Pauses (s) before each new try of :func:`give_back_after_release` when libvirt fails.
 RELEASE_RETRIES = (0.0, 1.0, 2.0, 4.0)
+#: How long (s) :func:`give_back_after_release` waits for a ``pinwarden start`` or ``stop``
+#: of the released domain to end (a start waits for QEMU, which can take minutes for a
+#: guest with much preallocated memory).  A command still running then is hung: the
+#: process gives up rather than live on in libvirtd's cgroup.
+RELEASE_LOCK_WAIT = 900.0
 
 
 def give_back_after_release(manager: Manager, uri: str, released: HolderRef,
@@ -96,11 +101,17 @@ def give_back_after_release(manager: Manager, uri: str, released: HolderRef,
     :func:`give_back` over ``uri``, tried again while libvirt fails; each move and the last
     failure go to ``log``.  It first waits for the domain's lock: a ``pinwarden stop`` (or
     failed ``pinwarden start``) that caused the release gives back itself, and says so, and
-    this finds nothing left then."""
+    this finds nothing left then.  It gives up after :data:`RELEASE_LOCK_WAIT`."""
     if not manager.change_records(NARROWED_PREFIX):
         return ()  # nothing waits (or no ledger at all): nothing to lock or create
-    with domain_lock(manager.state_dir, released):
-        pass
+    try:
+        with domain_lock(manager.state_dir, released, wait=RELEASE_LOCK_WAIT):
+            pass
+    except TimeoutError:
+        log(f"warning: a 'pinwarden start' or 'stop' of {released.describe()} still runs "
+            f"after {RELEASE_LOCK_WAIT:g} s: the CPUs of narrowed pins are not given back "
+            f"now; 'pinwarden stop' or the daemon gives them back")
+        return ()
     failure = ""
     for pause in RELEASE_RETRIES:
         time.sleep(pause)
