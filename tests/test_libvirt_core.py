@@ -1192,7 +1192,8 @@ def test_a_give_back_over_a_container_connection_keeps_the_vms_pins(tmp_path: Pa
     has no VM in it: it forgot every narrowed pin of the running VMs, which then never got
     their CPUs back."""
     from pinwarden.libvirt import pins
-    from pinwarden.libvirt.repin import NARROWED_PREFIX, record_moves
+    from pinwarden.libvirt.repin import record_moves
+    from pinwarden.narrowed import NARROWED_PREFIX
 
     manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
                       host=make_host("0-3", "1-3"))

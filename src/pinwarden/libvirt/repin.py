@@ -25,7 +25,7 @@ from pinwarden.domain import DomainSpec
 from pinwarden.errors import Refusal
 from pinwarden.libvirt.state import DomainInfo, Repin
 from pinwarden.model import HolderRef, Plan
-from pinwarden.narrowed import NARROWED_PREFIX as NARROWED
+from pinwarden.narrowed import NARROWED_PREFIX
 from pinwarden.record import record
 
 
@@ -82,13 +82,11 @@ def repins(domains: Sequence[DomainInfo], holder: HolderRef, leased: CpuSet,
 
 # -- giving narrowed pins back ---------------------------------------------------------------
 
-#: Change records of live pins pinwarden narrowed: ``repin:UUID:LABEL`` (``vcpu0``,
-#: ``emulator``, ``iothread1``) → :func:`narrowed_json` (read by ``status`` through
-#: :mod:`pinwarden.narrowed`, which loads no libvirt adapter).
-NARROWED_PREFIX = NARROWED
-
-
 def narrowed_key(uuid: str, label: str) -> str:
+    """The change record of a live pin pinwarden narrowed: ``repin:UUID:LABEL``
+    (:data:`pinwarden.narrowed.NARROWED_PREFIX`; label ``vcpu0``, ``emulator``,
+    ``iothread1``) → :func:`narrowed_json` (read by ``status`` through
+    :mod:`pinwarden.narrowed`, which loads no libvirt adapter)."""
     return f"{NARROWED_PREFIX}{uuid}:{label}"
 
 

@@ -112,7 +112,7 @@ def _start(manager: Manager, uri: str, conn: Any, name: str) -> Started:
         raise Refusal(f"domain {name!r} is already running; stop it first "
                       f"({command_line('pinwarden stop', name)})", code="running")
     holder = _holder(conn, dom)
-    with _domain_lock(manager.state_dir, holder):
+    with domain_lock(manager.state_dir, holder):
         if dom.isActive():  # started by a racing 'pinwarden start' while we waited
             raise Refusal(f"domain {name!r} is already running", code="running")
         xml = lv.xml_of(dom, inactive=True)
@@ -188,10 +188,6 @@ class _ExclusivePlanner:
         self.moves = repins(self.running, holder, plan.cpus(), shared_pool(host, taken)[0],
                             holders=[le.holder for le in others])
         return plan
-
-
-def _domain_lock(state_dir: Path, holder: HolderRef) -> contextlib.AbstractContextManager[None]:
-    return domain_lock(state_dir, holder)
 
 
 def _start_shared(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSpec,
@@ -331,7 +327,7 @@ def stop(manager: Manager, uri: str, name: str, *, graceful: bool = False,
         notes: tuple[str, ...] = ()
         # the give-back inside the domain lock: the one the hook's 'release' leaves behind
         # waits for it (pins.give_back_after_release), so this stop says what it gave back
-        with _domain_lock(manager.state_dir, holder):
+        with domain_lock(manager.state_dir, holder):
             was_running = _stop_domain(dom, name, graceful=graceful, timeout=timeout)
             record = manager.drop(holder)
             released = record.plan.leased() if record is not None else CpuSet()
