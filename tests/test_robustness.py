@@ -344,3 +344,11 @@ def test_ctrl_c_wrapped_by_python_is_an_interruption(capsys: pytest.CaptureFixtu
     monkeypatch.setattr(cli.importlib, "import_module", wrapped)
     assert cli.main(["host"]) == 130
     assert capsys.readouterr().err == "pinwarden: interrupted\n"
+
+
+def test_the_console_script_exits_as_the_command_line_does_on_ctrl_c() -> None:
+    """``pinwarden.console`` may not import the command line for its exit status: its copy
+    stays the command line's."""
+    from pinwarden import cli, console
+
+    assert console.EXIT_INTERRUPTED == cli.EXIT_INTERRUPTED == 130
