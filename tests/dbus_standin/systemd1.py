@@ -332,9 +332,12 @@ class Systemd:
     def write_dropins(self, unit: Unit, props: list[Any], *, runtime: bool) -> None:
         """unit_write_setting: each property set on a unit that exists lands in
         ``50-<Name>.conf`` of the unit's drop-in directory, ``/run/systemd/system.control``
-        (runtime) or ``/etc/systemd/system.control``, and joins ``DropInPaths``.  Files are
+        (runtime) or ``/etc/systemd/system.control`` (``/run/systemd/transient`` for a
+        transient unit), and joins ``DropInPaths``.  Files are
         written only with ``--root`` (under it); the paths are listed either way."""
-        base = "/run/systemd/system.control" if runtime else "/etc/systemd/system.control"
+        # unit.c unit_drop_in_dir: a transient unit's settings go with its definition
+        base = "/run/systemd/transient" if unit.transient else \
+            "/run/systemd/system.control" if runtime else "/etc/systemd/system.control"
         for name, (_sig, value) in props:
             path = f"{base}/{unit.name}.d/50-{name}.conf"
             if self.root is not None:
