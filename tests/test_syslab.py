@@ -757,6 +757,8 @@ def test_story_leaves_no_drop_in_of_its_own(lab: LabRun) -> None:
     assert found["dropins"]["files"] == {}, found["dropins"]
     assert s["after_a"]["machine_unit"]["AllowedCPUs"] != ""  # narrowed: the drop-in existed
     assert left["dropins"]["files"] == {}, left["dropins"]
+    # nor of the holder slices' (pinwarden\x2dvm\x2d….slice)
+    assert not [f for f in left["control"] if "pinwarden" in f], left["control"]
     assert left["dropins"]["NeedDaemonReload"] == "yes", left["dropins"]
     assert left["machine_unit"] == found["machine_unit"]
     rc0(s["reload_after"])
@@ -903,6 +905,7 @@ def test_a_daemon_reload_keeps_the_leased_cpu_out_of_the_operators_partition(
     assert reloaded["dropins"]["files"] == {}, reloaded["dropins"]
     rc0(s["revert"])
     assert s["final"]["AllowedCPUs"] == s["as_found"]["AllowedCPUs"], s
+    assert not [f for f in s["control_left"] if "pinwarden" in f], s["control_left"]
 
 
 def test_story_a_late_top_level_cgroup_is_narrowed_off_the_leased_cpu(lab: LabRun) -> None:

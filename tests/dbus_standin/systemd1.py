@@ -349,7 +349,11 @@ class Systemd:
                               "\"systemctl set-property\"\n# or an equivalent operation. "
                               f"Do not edit.\n[{unit.type.capitalize()}]\n{name}=\n"
                               f"{name}={shown}\n")
-            if path not in unit.dropins:
+            # systemd 257 (the trixie lab, FACTS.md 11) does not list a runtime drop-in
+            # that one of the same name in /etc/systemd/system.control masks
+            masked = runtime and self.root is not None and os.path.exists(os.path.join(
+                self.root, "etc/systemd/system.control", f"{unit.name}.d", f"50-{name}.conf"))
+            if path not in unit.dropins and not masked:
                 unit.dropins.append(path)
 
     def reload(self) -> None:

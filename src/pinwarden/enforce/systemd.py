@@ -26,9 +26,9 @@ reads                  ``GetUnit`` → object path; ``org.freedesktop.DBus.Prope
 ``runtime=true`` leaves a drop-in per setting, ``/run/systemd/system.control/UNIT.d/
 50-AllowedCPUs.conf``, that outlives the restore of the original value and overrides the
 operator's own drop-ins that sort before it, at every ``daemon-reload`` until the next boot.
-So the drop-ins listed in ``DropInPaths`` before pinwarden's first write are recorded
-(:meth:`SystemdBackend.setting_files`), and the ones its writes added are removed again
-once the original value is back (:meth:`SystemdBackend.remove_setting_files`).
+So the runtime drop-ins of its settings that exist before pinwarden's first write are
+recorded (:meth:`SystemdBackend.setting_files`), and the ones its writes added are removed
+again once the original value is back (:meth:`SystemdBackend.remove_setting_files`).
 
 That drop-in does not hold the setting across a ``daemon-reload`` either: a drop-in of the
 same name in ``/etc/systemd/system.control`` (a persistent ``systemctl set-property
@@ -920,26 +920,25 @@ class SystemdBackend:
     def setting_files(self, path: str) -> tuple[str, ...]:
         """The runtime drop-ins of ``path``'s unit that hold a setting pinwarden writes
         (``50-AllowedCPUs.conf``, ``50-AllowedMemoryNodes.conf`` in
-        ``/run/systemd/system.control/UNIT.d``) that systemd lists (``DropInPaths``) and
-        that exist.  A unit not in memory has none."""
+        ``/run/systemd/system.control/UNIT.d``) that exist.
+
+        Read from the directory, not from systemd's ``DropInPaths``: that list names a
+        removed drop-in until the next ``daemon-reload`` (FACTS.md 10), and systemd 257
+        leaves out a runtime drop-in that one of the same name in
+        ``/etc/systemd/system.control`` masks (a persistent ``set-property``; FACTS.md 11),
+        which pinwarden's write made all the same."""
         unit = self._unit("read", path)
-        try:
-            obj = self._bus.get_unit(unit)
-            sig, value = self._bus.get_property(obj, UNIT_IFACE, "DropInPaths")
-        except DBusCallError as exc:
-            if exc.name == "org.freedesktop.systemd1.NoSuchUnit":
-                return ()
-            raise self._fail(exc, "read", path, unit) from None
-        if sig != "as":
-            raise CgroupOpError("read", path, errno.EPROTO,
-                                detail=f"{unit}: DropInPaths has type {sig!r}, expected 'as'")
         folder = RUNTIME_CONTROL / f"{unit}.d"
-        # systemd lists a removed drop-in until the next daemon-reload (FACTS.md 10): only
-        # the files that are there count
-        return tuple(sorted({str(p) for p in value
-                             if PurePosixPath(str(p)).parent == folder
-                             and PurePosixPath(str(p)).name in SETTING_DROPINS
-                             and (self._root / str(p).lstrip("/")).is_file()}))
+        found: list[str] = []
+        for name in sorted(SETTING_DROPINS):
+            try:
+                if (self._root / folder.relative_to("/") / name).is_file():
+                    found.append(str(folder / name))
+            except OSError as exc:
+                raise CgroupOpError("read", path, exc.errno or errno.EIO,
+                                    detail=f"cannot read {folder / name}: "
+                                           f"{exc.strerror or exc}") from None
+        return tuple(found)
 
     def remove_setting_files(self, path: str,
                              keep: Iterable[str] | None) -> tuple[str, ...]:

@@ -253,7 +253,7 @@ def story() -> Data:
         time.sleep(2.0)
         out["as_left"] = {"layout": layout(), "noise": noise(),
                           "machine_unit": unit_show("machine.slice", "AllowedCPUs"),
-                          "dropins": dropins(),
+                          "dropins": dropins(), "control": control_files(),
                           "record": pinwarden("host", "--json").get("json", {})
                           .get("recorded_partition")}
         # what the next daemon-reload makes of it: the unit's own configuration
@@ -468,4 +468,12 @@ def story_reload() -> Data:
         out["revert"] = systemctl("revert", "machine.slice")
         out["reload_final"] = systemctl("daemon-reload")
         out["final"] = unit_show(*unit)
+        out["control_left"] = control_files()
     return out
+
+
+def control_files() -> list[str]:
+    """Every file and folder under /run/systemd/system.control (the runtime settings of
+    units that are not transient), relative to it."""
+    base = Path("/run/systemd/system.control")
+    return sorted(str(p.relative_to(base)) for p in base.rglob("*")) if base.is_dir() else []
