@@ -79,6 +79,11 @@ def env() -> Data:
     # check before this one) it exits, and its sockets start it again on the next call
     version = virsh("version")["stdout"]
     libvirtd = pids_named("libvirtd")
+    if not libvirtd:
+        # it was on its way out as virsh connected (the bookworm lab found no libvirtd
+        # once, in a full run): the next call starts it again
+        version = virsh("version")["stdout"]
+        libvirtd = wait_for(lambda: pids_named("libvirtd"), 30) or []
     machine = cg_files("machine.slice")
     return {
         "kernel": platform.release(),
