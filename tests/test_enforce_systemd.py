@@ -1090,8 +1090,24 @@ def test_a_daemon_reload_keeps_the_leased_cpu_out_of_the_operators_partition(
             operator.close()
     assert reloaded == CpuSet.parse("1-2,4-7")
     assert released == after == CpuSet.parse("1-7")
-    assert left == found
+    assert left == found == {}
+    # not even the folder systemd's runtime drop-in needed
+    assert not (root / "run/systemd/system.control/machine.slice.d").exists()
     assert said == []
+
+
+def test_a_setting_systemd_refuses_leaves_no_file_of_pinwardens(old_standin: Standin) -> None:
+    """A unit that is gone (an escaped cgroup's, restored at the last release): systemd
+    answers NoSuchUnit, and pinwarden's own drop-in, written first, goes again with the
+    folder it made."""
+    bus, backend = _backend(old_standin)
+    try:
+        with pytest.raises(SystemdOpError, match=r"gone\.service"):
+            backend.set_cpus("gone.service", CpuSet.parse("1"))
+    finally:
+        bus.close()
+    control = old_standin.root / "run/systemd/system.control"
+    assert control.is_dir() and list(control.iterdir()) == []
 
 
 def test_setting_files_lists_only_the_runtime_drop_ins_of_pinwardens_settings(

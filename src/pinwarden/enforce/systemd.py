@@ -864,14 +864,17 @@ class SystemdBackend:
             raise CgroupOpError(action, path, exc.errno or errno.EIO, value=shown,
                                 detail=f"cannot read {file}: {exc.strerror or exc}") from None
         section = unit_type(unit).capitalize()
+        made = not file.parent.exists()
         self._write_own(action, path, file,
                         f"{_OWN_DROPIN_HEADER}[{section}]\n{prop}=\n{prop}={shown}\n", shown)
         try:
             self._set(action, path, prop, ("ay", value.to_dbus()), shown)
-        except CgroupOpError:
+        except CgroupOpError:  # (a unit that is gone, say): the file and folder as they were
             with contextlib.suppress(OSError, CgroupOpError):
                 if before is None:
                     file.unlink(missing_ok=True)
+                    if made:
+                        file.parent.rmdir()
                 else:
                     self._write_own(action, path, file, before, shown)
             raise
@@ -969,6 +972,8 @@ class SystemdBackend:
                                     detail=f"cannot remove {name}: "
                                            f"{exc.strerror or exc}") from None
             removed.append(name)
+        with contextlib.suppress(OSError):  # left empty (not empty: somebody else's files)
+            (self._root / folder.relative_to("/")).rmdir()
         return tuple(removed)
 
     def kernel_path(self, path: str) -> str:
