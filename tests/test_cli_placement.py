@@ -182,7 +182,7 @@ def test_status_shows_the_pins_it_narrowed_and_what_waits_to_go_back(
     pin and what they had; once it ends, the CPUs free again that no give-back has
     returned yet (libvirt refused it, or nothing ran one: no daemon, no hook)."""
     from pinwarden.ledger import Ledger
-    from pinwarden.libvirt.repin import narrowed_key
+    from pinwarden.narrowed import narrowed_key
 
     run(env, capsys, "reserve", write(env, "vm1.xml", SEED))  # leases 4-6,12-14
     web = "cd" * 16

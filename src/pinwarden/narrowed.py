@@ -14,6 +14,18 @@ from pinwarden.cpuset import CpuSet, CpuSetError
 NARROWED_PREFIX = "repin:"
 
 
+def narrowed_key(uuid: str, label: str) -> str:
+    """The change record of a live pin pinwarden narrowed: ``repin:UUID:LABEL`` (label
+    ``vcpu0``, ``emulator``, ``iothread1``)."""
+    return f"{NARROWED_PREFIX}{uuid}:{label}"
+
+
+def key_parts(key: str) -> tuple[str, str]:
+    """(uuid, label) of a :func:`narrowed_key` (a UUID holds no ``:``)."""
+    uuid, _, label = key.removeprefix(NARROWED_PREFIX).rpartition(":")
+    return uuid, label
+
+
 class Narrowed:
     """One live pin pinwarden narrowed, as its record says (``status``): the domain and
     thread group, the pin pinwarden set, the one it had before, and the CPUs of that one
@@ -37,7 +49,7 @@ def narrowed(recorded: Mapping[str, str], leased: CpuSet) -> tuple[Narrowed, ...
 
     out: list[Narrowed] = []
     for key, value in sorted(recorded.items()):
-        uuid, _, label = key.removeprefix(NARROWED_PREFIX).rpartition(":")
+        uuid, label = key_parts(key)
         try:
             data = json.loads(value)
             had = CpuSet.parse_kernel(str(data["before"]))

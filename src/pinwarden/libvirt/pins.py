@@ -20,11 +20,11 @@ from pinwarden.cpuset import CpuSet
 from pinwarden.errors import PinwardenError
 from pinwarden.libvirt import connect as lv
 from pinwarden.libvirt.repin import give_back as decide_give_back
-from pinwarden.libvirt.repin import narrowed_key, record_moves
+from pinwarden.libvirt.repin import record_moves
 from pinwarden.libvirt.state import DomainInfo, Repin
 from pinwarden.manager import Manager, domain_lock, state_lock
 from pinwarden.model import HolderRef
-from pinwarden.narrowed import NARROWED_PREFIX
+from pinwarden.narrowed import NARROWED_PREFIX, narrowed_key
 
 
 def locked(manager: Manager) -> contextlib.AbstractContextManager[None]:

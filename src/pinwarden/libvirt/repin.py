@@ -25,7 +25,7 @@ from pinwarden.domain import DomainSpec
 from pinwarden.errors import Refusal
 from pinwarden.libvirt.state import DomainInfo, Repin
 from pinwarden.model import HolderRef, Plan
-from pinwarden.narrowed import NARROWED_PREFIX
+from pinwarden.narrowed import key_parts, narrowed_key
 from pinwarden.record import record
 
 
@@ -81,14 +81,6 @@ def repins(domains: Sequence[DomainInfo], holder: HolderRef, leased: CpuSet,
 
 
 # -- giving narrowed pins back ---------------------------------------------------------------
-
-def narrowed_key(uuid: str, label: str) -> str:
-    """The change record of a live pin pinwarden narrowed: ``repin:UUID:LABEL``
-    (:data:`pinwarden.narrowed.NARROWED_PREFIX`; label ``vcpu0``, ``emulator``,
-    ``iothread1``) → :func:`narrowed_json` (read by ``status`` through
-    :mod:`pinwarden.narrowed`, which loads no libvirt adapter)."""
-    return f"{NARROWED_PREFIX}{uuid}:{label}"
-
 
 def narrowed_json(move: Repin, earlier: str | None) -> str:
     """The record of ``move``: the pin it had before pinwarden's *first* narrowing
@@ -155,7 +147,7 @@ def give_back(domains: Sequence[DomainInfo], recorded: Mapping[str, str],
     records: dict[str, str] = {}
     forget: list[str] = []
     for key, value in sorted(recorded.items()):
-        uuid, _, label = key.removeprefix(NARROWED_PREFIX).rpartition(":")
+        uuid, label = key_parts(key)
         dom = by_uuid.get(uuid)
         if dom is not None and dom.settling:
             continue  # starting or stopping: its record waits until it settles
