@@ -172,6 +172,32 @@ def test_a_pin_changed_since_or_a_domain_gone_is_forgotten_not_given_back() -> N
     assert broken.moves == () and broken.forget == (f"repin:{s.uuid}:vcpu0",)
 
 
+def test_threads_the_hook_placed_get_the_cpus_back_by_their_affinity() -> None:
+    """A shared domain started by plain ``virsh start`` while CPUs were leased: its
+    definition pins nothing, and the hook gave its threads the pool with ``sched_setaffinity``
+    (recorded from the pool with nothing leased).  Linux keeps such an affinity across cpuset
+    changes since 6.2, so when the lease ends the threads are still on the pool: their
+    kernel affinity is the pin to compare, and they get the CPUs back.  A kernel that
+    widened them itself (before 6.2: affinity = the cgroup's CPUs again) leaves nothing to
+    give back."""
+    from pinwarden.libvirt.repin import give_back, placed_narrower, record_moves
+
+    spec = parse_domain(xml("s"))
+    plan = Plan("s", "u", False, {0: cs("0"), 1: cs("0")}, cs("0"), default_cpus=cs("0"))
+    s = running("s", vcpus="0", emulator="0")
+    records = record_moves(placed_narrower(spec, plan, "s", s.uuid, base=cs("1-3")), {})
+    assert sorted(records) == [f"repin:{s.uuid}:{label}"
+                               for label in ("emulator", "vcpu0", "vcpu1")]
+    out = give_back([s], records, leased=cs("3"))
+    assert {(m.label, str(m.before), str(m.after)) for m in out.moves} == {
+        ("vcpu0", "0", "1-2"), ("vcpu1", "0", "1-2"), ("emulator", "0", "1-2")}
+    assert out.forget == () and {json.loads(v)["after"] for v in out.records.values()} \
+        == {"1-2"}
+    widened = running("s", vcpus="1-3", emulator="1-3", uuid=s.uuid)
+    assert give_back([widened], records, leased=CpuSet()).moves == ()
+    assert sorted(give_back([widened], records, leased=CpuSet()).forget) == sorted(records)
+
+
 # -- reconcile ----------------------------------------------------------------------------
 
 def record(ref: HolderRef, vcpus: dict[int, str], leases: dict[int, str], *,
@@ -949,6 +975,34 @@ def test_hook_refuses_a_domain_whose_pinwarden_metadata_may_ask_for_exclusive_cp
     # at later steps it is only reported: libvirt would kill a running domain
     assert hook.main_run(manager, "qemu", ["v", "started", "begin", "-"],
                          xml("v", meta % "exclusive='YES'")) == 0
+
+
+def test_the_hook_records_the_threads_it_placed_off_leased_cpus(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``started`` of a shared domain that pins nothing: the hook gives its threads the
+    VM CPUs less the leased ones.  With nothing leased that is the whole pool, and nothing
+    is recorded; while CPU 2 is leased every thread group is recorded as narrowed from the
+    pool (as ``pinwarden start`` records its placement), to get CPU 2 back later."""
+    from pinwarden.enforce import affinity
+
+    manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
+                      host=make_host("0-3", "1-3"))
+    placed: list[dict[int, CpuSet]] = []
+    monkeypatch.setattr(hook, "_pid_file", lambda _driver, _name: os.getpid())
+    monkeypatch.setattr(affinity, "pin_each",
+                        lambda wanted: placed.append(dict(wanted)) or {})
+    uuid = "3c0ffee0-0000-4000-8000-000000000001"
+    web = xml("web", f"<uuid>{uuid}</uuid>")
+    assert hook.main_run(manager, "qemu", ["web", "started", "begin", "-"], web) == 0
+    assert placed and set(placed[-1].values()) == {cs("1-3")}
+    assert manager.change_records("repin:") == {}
+    manager.reserve(lease(2, "db", "qemu").holder, lambda host, leases: Plan(
+        "db", None, True, {0: cs("2")}, cs("2"), leases={2: "vcpu0"}))
+    assert hook.main_run(manager, "qemu", ["web", "started", "begin", "-"], web) == 0
+    assert set(placed[-1].values()) == {cs("1,3")}
+    assert {k: json.loads(v) for k, v in manager.change_records("repin:").items()} == {
+        f"repin:{uuid}:{label}": {"domain": "web", "before": "1-3", "after": "1,3"}
+        for label in ("vcpu0", "vcpu1", "emulator")}
 
 
 def test_hook_refuses_a_shared_domain_pinned_onto_a_lease(tmp_path: Path) -> None:

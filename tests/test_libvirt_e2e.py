@@ -462,3 +462,45 @@ def test_a_lease_that_ends_through_the_hook_gives_the_cpu_back_without_the_daemo
     assert env.vm_affinity(s) == as_found
     _wait("the give-back to end", lambda: not _give_backs_of(hooked))
     assert said().count("gave back") == given and "warning" not in said(), said()
+
+
+def test_a_shared_domain_the_hook_placed_off_a_lease_gets_the_cpu_back(
+        hooked: env.Pinwarden, domains: env.Domains) -> None:
+    """A shared domain that pins nothing, started by plain 'virsh start' while the VM CPU
+    1 is leased: the hook's 'started' gives its threads the housekeeping CPU 0.  That is
+    their own affinity (sched_setaffinity), which the kernel keeps when the cgroup widens
+    (Linux 6.2 and later, cgroup v1 too): before, the domain stayed on CPU 0 after the
+    lease ended — the trixie lab's shared domain B kept one CPU the same way.  Now the
+    hook records the placement, and the lease's end gives CPU 1 back: from 'pinwarden
+    stop', and from the process the hook's 'release' leaves behind."""
+    a, s = "pwtest-e2e-pa", "pwtest-e2e-ps"
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    domains.define(s)
+    log = hooked.state / "hook.log"
+    start = len(log.read_text()) if log.exists() else 0
+
+    def said() -> str:  # what the hook logged during this test (the module shares the log)
+        return log.read_text()[start:] if log.exists() else ""
+
+    hooked.run("start", a, "--no-daemon", check=True)
+    started = virsh("start", s)
+    assert started.returncode == 0, started.stderr
+    assert env.vm_affinity(s) == {0}
+    stopped = hooked.run("stop", a, check=True).stdout
+    assert env.vm_affinity(s) == {1}
+    assert f"gave back {s} vcpu0: 0 -> 1" in stopped, stopped
+    with Ledger(hooked.state) as ledger:
+        assert [k for k in ledger.changes() if k.startswith("repin:")] == []
+
+    # again, the lease ending by a plain 'virsh destroy' with no daemon running
+    virsh("destroy", s)
+    hooked.run("start", a, "--no-daemon", check=True)
+    started = virsh("start", s)
+    assert started.returncode == 0, started.stderr
+    assert env.vm_affinity(s) == {0}
+    gone = virsh("destroy", a)
+    assert gone.returncode == 0, gone.stderr
+    _wait(f"{s} to get CPU 1 back", lambda: env.vm_affinity(s) == {1})
+    _wait("the give-back to end", lambda: not _give_backs_of(hooked))
+    assert f"pinwarden: gave back {s} vcpu0: 0 -> 1" in said(), said()
+    assert "warning" not in said(), said()

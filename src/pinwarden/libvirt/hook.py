@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from pinwarden.cpuset import CpuSet
     from pinwarden.domain import DomainSpec
     from pinwarden.manager import Manager
-    from pinwarden.model import HolderRef
+    from pinwarden.model import HolderRef, Plan
 
 DRIVERS = ("qemu", "lxc")
 MARKER = "# pinwarden libvirt hook"
@@ -648,16 +648,39 @@ def _started(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None
 
 
 def _default_cpus(manager: Manager, driver: str, name: str,
-                  spec: DomainSpec) -> tuple[int, CpuSet] | None:
-    """The running shared domain's process and the CPUs its threads without a pin get
-    (its plan's default placement), or None: not running, or every thread pinned."""
+                  spec: DomainSpec) -> tuple[int, CpuSet, Plan] | None:
+    """The running shared domain's process, the CPUs its threads without a pin get (its
+    plan's default placement) and that plan; None: not running, or every thread pinned."""
     from pinwarden.policy import decide
 
     pid = _pid_file(driver, name)
     if pid is None:
         return None
     plan = decide(spec, manager.host(), manager.leases(), holder=_holder(driver, name, spec))
-    return (pid, plan.default_cpus) if plan.default_cpus else None
+    return (pid, plan.default_cpus, plan) if plan.default_cpus else None
+
+
+def _note_placed_narrower(manager: Manager, name: str, spec: DomainSpec, plan: Plan) -> None:
+    """The hook gave the unpinned threads fewer CPUs than the shared pool with nothing
+    leased, because of the leases held now: recorded as narrowings, as ``pinwarden start``
+    records its placement, so that they get those CPUs back when the leases end.  The
+    kernel does not widen them itself: a thread's affinity set by ``sched_setaffinity``
+    stays its own across cpuset changes since Linux 6.2 (the trixie lab's shared domain
+    B kept CPU 3; this host's kernel keeps it on cgroup v1 too).  Written without the
+    pins lock, which the hook must never wait for (libvirt calls are made under it); a
+    give-back that read the records before sees none of these."""
+    if not manager.leases():
+        return  # (nothing to import then: the common case stays light)
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.libvirt.repin import placed_narrower, record_moves
+    from pinwarden.narrowed import NARROWED_PREFIX
+    from pinwarden.partition import shared_pool
+
+    base = shared_pool(manager.host(), CpuSet())[0]
+    moves = placed_narrower(spec, plan, name, _holder("qemu", name, spec).uuid or "", base)
+    if moves:
+        manager.put_change_records(record_moves(moves,
+                                                manager.change_records(NARROWED_PREFIX)))
 
 
 def _place_default(manager: Manager, name: str, spec: DomainSpec) -> None:
@@ -668,7 +691,8 @@ def _place_default(manager: Manager, name: str, spec: DomainSpec) -> None:
     runs those threads get the CPUs ``pinwarden start`` would have written into ``<vcpu
     cpuset>`` — the VM CPUs less the leased ones (threads QEMU starts later inherit them
     from the thread that starts them); the pinned ones keep their pins.  libvirt reads
-    affinity back from the kernel (``virsh vcpuinfo``)."""
+    affinity back from the kernel (``virsh vcpuinfo``).  A placement narrowed by leases
+    held now is recorded, to be given back when they end (:func:`_note_placed_narrower`)."""
     import errno
 
     from pinwarden.enforce.affinity import pin_each, threads_of
@@ -677,9 +701,10 @@ def _place_default(manager: Manager, name: str, spec: DomainSpec) -> None:
     found = _default_cpus(manager, "qemu", name, spec)
     if found is None:
         return
-    pid, cpus = found
+    pid, cpus, plan = found
     failed = pin_each({tid: cpus for tid in threads_of(pid)
                        if unpinned_thread(spec, thread_comm(pid, tid))})
+    _note_placed_narrower(manager, name, spec, plan)
     # A thread that exited meanwhile, or one whose cpuset cgroup does not allow the CPUs —
     # KVM's NX huge page recovery worker (kvm-nx-lpage-re) may start in the cgroup of a
     # pinned vCPU, and keeps its pin — is left as it is; anything else is reported (the
@@ -704,7 +729,7 @@ def _place_container(manager: Manager, name: str, spec: DomainSpec) -> None:
     found = _default_cpus(manager, "lxc", name, spec)
     if found is None:
         return
-    pid, cpus = found
+    pid, cpus, _plan = found
     done: set[int] = set()
     for _ in range(3):
         todo = {tid for proc in descendants(pid) for tid in threads_of(proc)} - done

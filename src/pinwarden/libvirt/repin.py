@@ -105,13 +105,13 @@ def record_moves(moves: Sequence[Repin], recorded: Mapping[str, str]) -> dict[st
 
 def placed_narrower(spec: DomainSpec, plan: Plan, name: str, uuid: str,
                     base: CpuSet) -> tuple[Repin, ...]:
-    """A shared domain just started by ``pinwarden start``: the thread groups its own
-    definition leaves to default placement, which pinwarden placed elsewhere than
-    ``base`` (the shared pool with nothing leased) because of the leases held now — on
-    fewer CPUs, or on the housekeeping CPUs when every VM CPU is leased — as narrowings
-    from ``base``, to give back when those leases end (as the kernel does for a domain
-    started by plain ``virsh start``, whose threads may use every VM CPU and are kept off
-    leased ones by their cgroup alone)."""
+    """A shared domain just started by ``pinwarden start``, or by plain ``virsh start``
+    (the hook's ``started`` step placed its threads): the thread groups its own definition
+    leaves to default placement, which pinwarden placed elsewhere than ``base`` (the shared
+    pool with nothing leased) because of the leases held now — on fewer CPUs, or on the
+    housekeeping CPUs when every VM CPU is leased — as narrowings from ``base``, to give
+    back when those leases end.  (The kernel keeps the affinity the hook gives a thread
+    across cgroup changes since Linux 6.2: nothing widens it but a give-back.)"""
     threads: list[tuple[str, int | None, CpuSet]] = [
         ("vcpu", v, c) for v, c in sorted(plan.vcpus.items())]
     threads.append(("emulator", None, plan.emulator))
@@ -186,16 +186,29 @@ def _split_label(label: str) -> tuple[str, int | None]:
 
 def _live_pin(dom: DomainInfo | None, label: str) -> CpuSet | None:
     """The thread group's pin in the running definition: what the last ``virsh vcpupin
-    --live`` (pinwarden's or somebody's) set.  Not the kernel's affinity, which follows
-    the cgroups on its own (a ``machine`` put back to its CPUs moves the threads inside)."""
+    --live`` (pinwarden's or somebody's) set.  A group the definition does not pin at all
+    (a domain started by plain ``virsh start``, whose threads the hook placed with
+    ``sched_setaffinity``): its affinity, as the kernel has it (``dom.affinity``) — the
+    hook's placement while nobody changed it; widened by the kernel on Linux before 6.2,
+    which gave a thread its cgroup's CPUs again when those changed."""
     spec = dom.live if dom is not None else None
-    if spec is None:
+    if dom is None or spec is None:
         return None
     thread, ident = _split_label(label)
+    key = ident if ident is not None else -1
     if thread == "vcpu":
-        own = spec.vcpupins.get(ident if ident is not None else -1)
+        own = spec.vcpupins.get(key)
     elif thread == "emulator":
         own = spec.emulatorpin
     else:
-        own = spec.iothreadpins.get(ident if ident is not None else -1)
-    return own if own is not None else spec.cpuset  # <vcpu cpuset> for the unpinned
+        own = spec.iothreadpins.get(key)
+    if own is not None or spec.cpuset is not None:
+        return own if own is not None else spec.cpuset  # <vcpu cpuset> for the unpinned
+    affinity = dom.affinity
+    if affinity is None:
+        return None
+    if thread == "vcpu":
+        return affinity.vcpus.get(key)
+    if thread == "emulator":
+        return affinity.emulator or None
+    return affinity.iothreads.get(key)
