@@ -429,14 +429,15 @@ _ACTIVE_STATES: Final = frozenset({"active", "activating", "reloading", "deactiv
 #: Where ``SetUnitProperties(runtime=true)`` keeps the settings of a unit that is not
 #: transient: ``UNIT.d/50-PROPERTY.conf`` (systemd's ``unit_write_setting``; FACTS.md 3).
 RUNTIME_CONTROL: Final = PurePosixPath("/run/systemd/system.control")
+#: The properties pinwarden sets on units.
+_SETTINGS: Final = ("AllowedCPUs", "AllowedMemoryNodes")
 #: The drop-ins pinwarden's own writes make there.
-SETTING_DROPINS: Final = frozenset({"50-AllowedCPUs.conf", "50-AllowedMemoryNodes.conf"})
+SETTING_DROPINS: Final = frozenset(f"50-{prop}.conf" for prop in _SETTINGS)
 #: pinwarden's own drop-in there for each setting it makes on a unit that is not transient:
 #: the same value, under a name that sorts after every usual drop-in name (systemd applies
 #: drop-ins in the order of their file names, and one in /etc masks one of the same name
 #: in /run), so that a ``daemon-reload`` keeps it.
 OWN_DROPIN: Final = "zz-pinwarden-{prop}.conf"
-_OWN_DROPIN_PROPS: Final = ("AllowedCPUs", "AllowedMemoryNodes")
 _OWN_DROPIN_HEADER: Final = (
     "# Written by pinwarden while CPUs are leased ('pinwarden status'), and removed when the\n"
     "# last lease ends: it keeps the leased CPUs out of this unit across a daemon-reload,\n"
@@ -958,7 +959,7 @@ class SystemdBackend:
         removed: list[str] = []
         unit = self._unit("cpus", path)
         folder = RUNTIME_CONTROL / f"{unit}.d"
-        own = [str(folder / OWN_DROPIN.format(prop=prop)) for prop in _OWN_DROPIN_PROPS]
+        own = [str(folder / OWN_DROPIN.format(prop=prop)) for prop in _SETTINGS]
         keep = frozenset(keep) if keep is not None else None
         theirs = [] if keep is None else [n for n in self.setting_files(path)
                                           if n not in keep]

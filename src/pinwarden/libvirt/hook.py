@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from pinwarden.domain import DomainSpec
     from pinwarden.manager import Manager
     from pinwarden.model import HolderRef, Plan
+    from pinwarden.partition import Host
 
 DRIVERS = ("qemu", "lxc")
 MARKER = "# pinwarden libvirt hook"
@@ -648,19 +649,24 @@ def _started(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None
 
 
 def _default_cpus(manager: Manager, driver: str, name: str,
-                  spec: DomainSpec) -> tuple[int, CpuSet, Plan] | None:
+                  spec: DomainSpec) -> tuple[int, CpuSet, Plan, Host | None] | None:
     """The running shared domain's process, the CPUs its threads without a pin get (its
-    plan's default placement) and that plan; None: not running, or every thread pinned."""
+    plan's default placement), that plan, and the host it was decided on while something
+    is leased (None: nothing is); None: not running, or every thread pinned."""
     from pinwarden.policy import decide
 
     pid = _pid_file(driver, name)
     if pid is None:
         return None
-    plan = decide(spec, manager.host(), manager.leases(), holder=_holder(driver, name, spec))
-    return (pid, plan.default_cpus, plan) if plan.default_cpus else None
+    host, leases = manager.host(), manager.leases()
+    plan = decide(spec, host, leases, holder=_holder(driver, name, spec))
+    if not plan.default_cpus:
+        return None
+    return pid, plan.default_cpus, plan, host if leases else None
 
 
-def _note_placed_narrower(manager: Manager, name: str, spec: DomainSpec, plan: Plan) -> None:
+def _note_placed_narrower(manager: Manager, name: str, spec: DomainSpec, plan: Plan,
+                          host: Host) -> None:
     """The hook gave the unpinned threads fewer CPUs than the shared pool with nothing
     leased, because of the leases held now: recorded as narrowings, as ``pinwarden start``
     records its placement, so that they get those CPUs back when the leases end.  The
@@ -669,14 +675,12 @@ def _note_placed_narrower(manager: Manager, name: str, spec: DomainSpec, plan: P
     B kept CPU 3; this host's kernel keeps it on cgroup v1 too).  Written without the
     pins lock, which the hook must never wait for (libvirt calls are made under it); a
     give-back that read the records before sees none of these."""
-    if not manager.leases():
-        return  # (nothing to import then: the common case stays light)
     from pinwarden.cpuset import CpuSet
     from pinwarden.libvirt.repin import placed_narrower, record_moves
     from pinwarden.narrowed import NARROWED_PREFIX
     from pinwarden.partition import shared_pool
 
-    base = shared_pool(manager.host(), CpuSet())[0]
+    base = shared_pool(host, CpuSet())[0]
     moves = placed_narrower(spec, plan, name, _holder("qemu", name, spec).uuid or "", base)
     if moves:
         manager.put_change_records(record_moves(moves,
@@ -701,10 +705,11 @@ def _place_default(manager: Manager, name: str, spec: DomainSpec) -> None:
     found = _default_cpus(manager, "qemu", name, spec)
     if found is None:
         return
-    pid, cpus, plan = found
+    pid, cpus, plan, leased_host = found
     failed = pin_each({tid: cpus for tid in threads_of(pid)
                        if unpinned_thread(spec, thread_comm(pid, tid))})
-    _note_placed_narrower(manager, name, spec, plan)
+    if leased_host is not None:  # (nothing leased, nothing narrower: no import either)
+        _note_placed_narrower(manager, name, spec, plan, leased_host)
     # A thread that exited meanwhile, or one whose cpuset cgroup does not allow the CPUs —
     # KVM's NX huge page recovery worker (kvm-nx-lpage-re) may start in the cgroup of a
     # pinned vCPU, and keeps its pin — is left as it is; anything else is reported (the
@@ -729,7 +734,7 @@ def _place_container(manager: Manager, name: str, spec: DomainSpec) -> None:
     found = _default_cpus(manager, "lxc", name, spec)
     if found is None:
         return
-    pid, cpus, _plan = found
+    pid, cpus, _plan, _host = found
     done: set[int] = set()
     for _ in range(3):
         todo = {tid for proc in descendants(pid) for tid in threads_of(proc)} - done
