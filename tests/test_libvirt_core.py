@@ -1097,6 +1097,34 @@ def test_a_settling_domain_is_neither_adopted_nor_given_back_to() -> None:
         give_back([], {}, leased=CpuSet())
 
 
+def test_a_domain_that_stops_before_its_adoption_is_no_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The daemon adopts from a listing: a domain that stops between the listing and its
+    adoption is not adopted (the ledger refuses an owner that has exited) and is no error;
+    one that runs is adopted."""
+    from pinwarden.libvirt import daemon
+    from pinwarden.record import replace
+
+    manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
+                      host=make_host("0-3", "1-3"))
+    dom = running("x", "<metadata><pw:cpu xmlns:pw='urn:pinwarden:domain:1' "
+                       "exclusive='yes'/></metadata><cputune><vcpupin vcpu='0' cpuset='2'/>"
+                       "<vcpupin vcpu='1' cpuset='3'/></cputune>")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    with caplog.at_level("INFO", logger="pinwarden.daemon"):
+        daemon._adopt(manager, Adopt(replace(dom, pid=gone.pid)))
+    assert manager.holders() == ()
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == \
+        [("INFO", "did not adopt x: it stopped meanwhile")]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pinwarden.daemon"):
+        daemon._adopt(manager, Adopt(replace(dom, pid=os.getpid())))
+    assert [h.ref.name for h in manager.holders()] == ["x"]
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    assert "adopted running exclusive domain x" in caplog.records[0].getMessage()
+
+
 class Listing:
     """A ``qemu:///system`` connection listing ``domains``; looking one up again gives
     ``lookup``: a domain, or a libvirt error code to raise."""

@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Any
 
+from pinwarden import procs
 from pinwarden.errors import PinwardenError
 from pinwarden.libvirt import connect as lv
 from pinwarden.libvirt import pins
@@ -87,7 +88,15 @@ def _adopt(manager: Manager, action: Adopt) -> None:
         return
     if dom.pid is None:  # no process known (yet): an ownerless lease would outlive the
         return           # domain; a later pass adopts it
-    reserved = manager.reserve_request(spec, holder=dom.holder, owner_pid=dom.pid)
+    try:
+        reserved = manager.reserve_request(spec, holder=dom.holder, owner_pid=dom.pid)
+    except PinwardenError:
+        if procs.start_time(dom.pid) is not None:
+            raise
+        # stopped between the listing and now: nothing to adopt (the ledger refuses an
+        # owner that has exited; a reservation that failed is undone whole)
+        log.info("did not adopt %s: it stopped meanwhile", dom.name)
+        return
     log.info("adopted running exclusive domain %s (CPUs %s)", dom.name,
              reserved.plan.leased())
 
