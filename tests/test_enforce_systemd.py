@@ -1140,6 +1140,52 @@ def test_setting_files_lists_only_the_runtime_drop_ins_of_pinwardens_settings(
             bus.close()
 
 
+def test_a_drop_in_of_its_own_left_with_nothing_leased_is_removed(
+        bus_address: str, tmp_path: Path) -> None:
+    """``zz-pinwarden-AllowedCPUs.conf`` of machine.slice with nothing leased and no record
+    of it (an older pinwarden, which did not know the file, released the last lease):
+    every ``daemon-reload`` until the next boot narrowed the slice again.  A sync removes
+    it, says so once, and leaves the operator's drop-ins beside it; while a lease is held
+    the file is pinwarden's and stays."""
+    from pinwarden.config import Config
+    from pinwarden.manager import Manager
+    from pinwarden.model import job_holder
+    from pinwarden.policy import JobSpec
+
+    root = tmp_path / "root"
+    folder = root / "run/systemd/system.control/machine.slice.d"
+    folder.mkdir(parents=True)
+    (folder / "zz-pinwarden-AllowedCPUs.conf").write_text(
+        "[Slice]\nAllowedCPUs=\nAllowedCPUs=1-2,4-7\n")
+    (folder / "50-CPUWeight.conf").write_text("[Slice]\nCPUWeight=50\n")
+    with _running_standin(bus_address, tmp_path / "standin.log", "--root", str(root)) as s:
+        bus = SystemdBus.connect(s.address, timeout=10)
+        backend = SystemdBackend(bus, kernel=KernelRecorder(), root=root)
+        said: list[str] = []
+        try:
+            with Manager(Config(), root, tmp_path / "state", backend=backend,
+                         host=make_host("0-7", "1-7"), warn=said.append) as m:
+                m.sync()
+                assert _dropins(root, "machine.slice") == {"50-CPUWeight.conf": "CPUWeight=50"}
+                assert len(said) == 1, said
+                assert said[0].startswith(
+                    "removed /run/systemd/system.control/machine.slice.d/"
+                    "zz-pinwarden-AllowedCPUs.conf: pinwarden's drop-in"), said
+                assert "machine.slice gets its own setting back at the next " \
+                       "'systemctl daemon-reload'" in said[0], said
+                m.sync()
+                assert len(said) == 1, said
+                m.reserve_request(JobSpec("J", cpus=CpuSet.parse("3")))
+                m.sync()
+                assert _dropins(root, "machine.slice")["zz-pinwarden-AllowedCPUs.conf"] == \
+                    "AllowedCPUs=1-2,4-7"
+                m.drop(job_holder("J"))
+        finally:
+            bus.close()
+    assert len(said) == 1, said
+    assert _dropins(root, "machine.slice") == {"50-CPUWeight.conf": "CPUWeight=50"}
+
+
 @pytest.mark.parametrize(("configured", "edit", "change", "after", "dropins"), [
     # configured AllowedCPUs=0-7 (kept in /etc/systemd/system.control); CPU 2 taken away:
     # back as found with the edit made, and the runtime drop-in holding that is kept, as

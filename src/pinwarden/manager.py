@@ -32,7 +32,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from pinwarden.config import Config
@@ -536,6 +536,8 @@ class Manager:
             if key in changes:
                 self._put_flags_back(backend, names.shared, changes[key])
                 self._remove_setting_files(backend, names.shared, changes[key])
+            else:
+                self._remove_left_own_files(backend, names.shared)
             ledger.forget_changes([key] if key in changes else [])
             self._restore_cgroups(ledger, backend, {k: v for k, v in changes.items()
                                                     if k != key})
@@ -943,6 +945,27 @@ class Manager:
         except CgroupOpError as exc:
             self.warn(f"{path} has its CPUs back, but pinwarden {exc.detail or exc}: "
                       f"remove it by hand, then 'systemctl daemon-reload'")
+
+    def _remove_left_own_files(self, backend: CgroupBackend, path: str) -> None:
+        """Nothing is leased and pinwarden has no record of changing ``path``: a drop-in of
+        its own still there (``zz-pinwarden-AllowedCPUs.conf`` on systemd hosts) was left
+        by a pinwarden that did not know the file — a downgrade while CPUs were leased —
+        or whose records were lost, and would narrow the unit again at every
+        ``daemon-reload`` until the next boot.  Removed, and said."""
+        from pinwarden.enforce.backend import CgroupOpError, remove_setting_files
+
+        try:
+            removed = remove_setting_files(backend, path, None)
+        except CgroupOpError as exc:
+            self.warn(f"nothing is leased, but pinwarden {exc.detail or exc}: remove it by "
+                      f"hand, then 'systemctl daemon-reload'")
+            return
+        if removed:
+            unit = PurePosixPath(removed[0]).parent.name.removesuffix(".d")
+            self.warn(f"removed {', '.join(removed)}: pinwarden's drop-in, left from "
+                      f"CPUs leased earlier (nothing is leased now, and no record of it "
+                      f"was kept); if systemd loaded it, {unit} gets its own setting back "
+                      f"at the next 'systemctl daemon-reload'")
 
     @staticmethod
     def _restore_value(backend: CgroupBackend, path: str, original: str,
