@@ -880,7 +880,8 @@ def test_a_daemon_reload_keeps_the_leased_cpu_out_of_the_operators_partition(
     gave machine.slice the leased CPU back (with no pinwarden daemon to repair it), and the
     kernel invalidated the holder's partition.  pinwarden's own drop-in, which sorts after
     every usual name, keeps it out; the last release removes it, and the operator's value
-    is what systemd has, before the next reload and after it."""
+    is what systemd has, before the next reload and after it.  Where an older pinwarden
+    left the drop-in (a downgrade), the next sync removes it."""
     s = lab.check("story_reload")
     rc0(s["set_property"])
     assert s["operator"]["unit"]["AllowedCPUs"] == "1-2", s["operator"]
@@ -891,9 +892,17 @@ def test_a_daemon_reload_keeps_the_leased_cpu_out_of_the_operators_partition(
     leased = int(holder["cpus"])
     rest = str(({1, 2} - {leased}).pop())
     assert s["leased"]["unit"]["AllowedCPUs"] == rest, s["leased"]
+    # pinwarden's drop-in (README, "Where systemd owns the hierarchy"): 252 has not read it
+    # and says a reload is due; 257 reads the unit's drop-in folders again when it writes a
+    # runtime setting, and lists it (FACTS.md 11)
+    leased_unit, listed = s["leased"]["unit"], s["leased"]["dropins"]["DropInPaths"]
+    assert leased_unit["NeedDaemonReload"] == {"bookworm": "yes", "trixie": "no"}[lab.suite], \
+        leased_unit
+    assert ("/zz-pinwarden-AllowedCPUs.conf" in listed) == suite_is(lab, "trixie"), listed
     rc0(s["reload"])
     after = s["after_reload"]
     assert after["unit"]["AllowedCPUs"] == rest, after["unit"]
+    assert after["unit"]["NeedDaemonReload"] == "no", after["unit"]
     machine = after["layout"]["machine"]
     assert leased not in _cpus_of(machine["cpuset.cpus"]), machine
     assert leased not in _cpus_of(machine["cpuset.cpus.effective"]), machine
@@ -904,11 +913,25 @@ def test_a_daemon_reload_keeps_the_leased_cpu_out_of_the_operators_partition(
     left = s["as_left"]
     assert left["holders"] == [] and left["unit"]["AllowedCPUs"] == "1-2", left
     assert left["dropins"]["files"] == {}, left["dropins"]
+    # systemd's list still names the drop-in that is gone, until the operator's next reload
+    assert left["unit"]["NeedDaemonReload"] == "yes", left["unit"]
     rc0(s["reload_left"])
     reloaded = s["reloaded_left"]
     assert reloaded["unit"]["AllowedCPUs"] == "1-2", reloaded
     assert reloaded["unit"]["NeedDaemonReload"] == "no", reloaded
     assert reloaded["dropins"]["files"] == {}, reloaded["dropins"]
+    # a downgrade while leased left pinwarden's drop-in (the older one did not know it):
+    # the reload narrowed the slice again; the next sync removes the file, and the next
+    # reload gives the operator's setting back
+    rc0(s["reload_leftover"])
+    assert s["leftover"]["unit"]["AllowedCPUs"] == "2", s["leftover"]
+    synced = rc0(s["sync_leftover"])
+    assert "removed /run/systemd/system.control/machine.slice.d/zz-pinwarden-AllowedCPUs" \
+           ".conf: pinwarden's drop-in, left from CPUs leased earlier" in synced["stderr"], synced
+    assert s["leftover_synced"]["dropins"]["files"] == {}, s["leftover_synced"]
+    rc0(s["reload_synced"])
+    assert s["leftover_reloaded"]["unit"]["AllowedCPUs"] == "1-2", s["leftover_reloaded"]
+    assert s["leftover_reloaded"]["unit"]["NeedDaemonReload"] == "no", s["leftover_reloaded"]
     rc0(s["revert"])
     assert s["final"]["AllowedCPUs"] == s["as_found"]["AllowedCPUs"], s
     assert not [f for f in s["control_left"] if "pinwarden" in f], s["control_left"]

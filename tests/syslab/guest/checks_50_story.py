@@ -428,6 +428,10 @@ def story_lxc() -> Data:
     return out
 
 
+#: pinwarden's own drop-in of machine.slice
+OWN_DROPIN = Path("/run/systemd/system.control/machine.slice.d/zz-pinwarden-AllowedCPUs.conf")
+
+
 @check("story_reload", needs=["install", "boot"])
 def story_reload() -> Data:
     """The VM partition set the way the README says, by a persistent ``systemctl
@@ -460,7 +464,20 @@ def story_reload() -> Data:
                           "holders": holders()}
         out["reload_left"] = systemctl("daemon-reload")
         out["reloaded_left"] = {"unit": unit_show(*unit), "dropins": dropins()}
+        # a downgrade while CPU 1 was leased: the older pinwarden, which does not know its
+        # own drop-in, released the lease and left the file; a reload loads it again
+        OWN_DROPIN.parent.mkdir(parents=True, exist_ok=True)
+        OWN_DROPIN.write_text("[Slice]\nAllowedCPUs=\nAllowedCPUs=2\n")
+        out["reload_leftover"] = systemctl("daemon-reload")
+        out["leftover"] = {"unit": unit_show(*unit), "dropins": dropins()}
+        out["sync_leftover"] = pinwarden("sync")
+        out["leftover_synced"] = {"unit": unit_show(*unit), "dropins": dropins()}
+        out["reload_synced"] = systemctl("daemon-reload")
+        out["leftover_reloaded"] = {"unit": unit_show(*unit), "dropins": dropins()}
     finally:
+        OWN_DROPIN.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            OWN_DROPIN.parent.rmdir()
         remove_domain("pwtest-rx")
         CONFIG.unlink(missing_ok=True)
         pinwarden("sync")
