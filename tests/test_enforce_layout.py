@@ -333,3 +333,25 @@ def test_shared_group_that_inherits_its_memory_nodes_keeps_inheriting() -> None:
     assert goal.want["pinwarden-run-J.partition"].mems == CpuSet.of([0])
     assert not any(isinstance(op, SetMems) for op in order(current, goal)
                    if getattr(op, "path", "") == "machine")
+
+
+def test_an_inheriting_group_that_holds_what_it_inherits_verifies() -> None:
+    """cgroup v2: the shared group set back to inherit (no CPUs of its own) while VMs run
+    below it holds its parent's CPUs instead (the kernel refuses the empty value:
+    test_lab_v2); that is what was asked.  A group left with CPUs it does not use all of,
+    or with CPUs where CPUs were asked, is not."""
+    from pinwarden.enforce.layout import Target, Targets, verify
+
+    def state(cpus: str, effective: str) -> Snapshot:
+        return Snapshot({"machine": GroupState(
+            path="machine", cpus=CpuSet.parse_kernel(cpus), mems=CpuSet.parse("0"),
+            partition="member", effective_cpus=CpuSet.parse_kernel(effective),
+            effective_mems=CpuSet.parse("0"), populated=False)})
+
+    inherit = Targets({"machine": Target(CpuSet(), CpuSet.parse("0"), "member")})
+    assert verify(state("", "0-3"), inherit) == []
+    assert verify(state("0-3", "0-3"), inherit) == []
+    assert verify(state("1-5", "1-3"), inherit) == [
+        "machine has cpus 1-5, expected (none)"]
+    narrow = Targets({"machine": Target(CpuSet.parse("1-3"), CpuSet.parse("0"), "member")})
+    assert verify(state("0-3", "0-3"), narrow) == ["machine has cpus 0-3, expected 1-3"]

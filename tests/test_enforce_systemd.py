@@ -538,6 +538,56 @@ class KernelRecorder:
         raise AssertionError(f"the systemd backend must not call kernel.{name}")
 
 
+@dataclass
+class StaleKernel(KernelRecorder):
+    """The kernel files systemd left: ``cpuset.cpus``/``cpuset.mems`` per cgroup (absent:
+    no cpuset files), and the writes made to them."""
+
+    files: dict[str, tuple[str, str]] = field(default_factory=dict)
+    cpuset_writes: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def read_group(self, path: str) -> GroupState:
+        if path not in self.files:
+            raise CgroupOpError("read", path, errno.ENOENT, detail="no cpuset.cpus")
+        cpus, mems = (CpuSet.parse_kernel(v) for v in self.files[path])
+        return GroupState(path=path, cpus=cpus, mems=mems, partition="member",
+                          effective_cpus=cpus, effective_mems=mems, populated=False)
+
+    def set_cpus(self, path: str, cpus: CpuSet) -> None:
+        self.cpuset_writes.append((path, "cpuset.cpus", cpus.to_list()))
+        self.files[path] = (cpus.to_list(), self.files[path][1])
+
+    def set_mems(self, path: str, mems: CpuSet) -> None:
+        self.cpuset_writes.append((path, "cpuset.mems", mems.to_list()))
+        self.files[path] = (self.files[path][0], mems.to_list())
+
+
+def test_an_emptied_setting_empties_the_kernel_file_systemd_leaves(
+        old_standin: Standin) -> None:
+    """``AllowedCPUs=`` (no restriction) set back on machine.slice after the last lease:
+    the kernel file kept the narrowed value (252 and 257, story_lxc).  The backend empties
+    it through the cgroup v2 backend (which writes what the slice inherits where the kernel
+    refuses the empty value: test_lab_v2).  A file already empty, or none (the controller
+    off), is left alone."""
+    kernel = StaleKernel(files={"machine.slice": ("2-3", "0")})
+    bus, backend = _backend(old_standin, kernel=kernel)
+    try:
+        backend.set_cpus("machine.slice", CpuSet.parse("2-3"))
+        assert kernel.cpuset_writes == []
+        backend.set_cpus("machine.slice", CpuSet())
+        backend.set_mems("machine.slice", CpuSet())
+        assert kernel.cpuset_writes == [("machine.slice", "cpuset.cpus", ""),
+                                        ("machine.slice", "cpuset.mems", "")]
+        backend.set_cpus("machine.slice", CpuSet())
+        assert len(kernel.cpuset_writes) == 2
+        del kernel.files["machine.slice"]
+        backend.set_cpus("machine.slice", CpuSet())
+        assert len(kernel.cpuset_writes) == 2
+        assert backend.read_group("machine.slice").cpus == CpuSet()
+    finally:
+        bus.close()
+
+
 def test_partition_without_cpusetpartition_is_written_to_the_slice_cgroup(
         old_standin: Standin) -> None:
     kernel = KernelRecorder()

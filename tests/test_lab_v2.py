@@ -249,6 +249,30 @@ def test_narrowing_a_partition_root_gives_the_cpu_back(lab: LabRun) -> None:
     assert CpuSet.of([4, 5]) <= cpus(narrow["root_removed"]), narrow
 
 
+def test_an_inheriting_group_with_tasks_below_gets_what_it_inherits(lab: LabRun) -> None:
+    """The kernel refuses to empty the ``cpuset.cpus`` of a group with tasks below it
+    (``ENOSPC``): the shared group set back to inherit after the last lease while VMs run
+    there.  The backend writes what the group inherits, its parent's CPUs, so the tasks
+    get every CPU back; with no task left, the empty value itself."""
+    data = lab.check("v2.inherit_populated")
+    assert data["found"]["cpuset.cpus"] == "", data["found"]
+    kernel = data["kernel"]
+    assert data["set_inherit"] == {"raised": False}, data["set_inherit"]
+    root = data["root_effective"]
+    if kernel_version(lab) < (7, 0):  # 6.1 (and 6.12: the systemd lab's story_lxc)
+        assert kernel["raised"] and kernel["errno_name"] == "ENOSPC", kernel
+        assert data["populated"]["cpuset.cpus"] == root, (data["populated"], root)
+    else:  # 7.3 lets it inherit again
+        assert kernel == {"raised": False}, kernel
+        assert data["populated"]["cpuset.cpus"] == "", data["populated"]
+    assert data["populated"]["cpuset.cpus.effective"] == root, (data["populated"], root)
+    assert data["sleeper_allowed"] == root, (data["sleeper_allowed"], root)
+    assert data["set_inherit_empty"] == {"raised": False}, data["set_inherit_empty"]
+    assert data["unpopulated"]["cpuset.cpus"] == "", data["unpopulated"]
+    assert data["teardown"]["errors"] == [] and data["teardown"]["left"] == [], \
+        data["teardown"]
+
+
 def test_backend_groups_removed_cleanly(lab: LabRun) -> None:
     data = lab.check("v2.cleanup")
     assert data["errors"] == [] and data["left"] == [], data

@@ -482,6 +482,51 @@ def v2_apply_errors() -> Data:
     return out
 
 
+@check("v2.inherit_populated")
+def v2_inherit_populated() -> Data:
+    """A group that inherits its CPUs (empty ``cpuset.cpus``, as libvirt's ``machine`` and
+    systemd's ``machine.slice`` are found), narrowed, then set back to inherit while a task
+    lives below it — the shared group after the last lease while VMs run."""
+    b = backend()
+    b.mkdir("pwtest-inh")
+    b.mkdir("pwtest-inh/c")
+    out: Data = {"found": group_data("pwtest-inh")}
+    try:
+        _inherit_populated(b, out)
+    finally:
+        out["teardown"] = teardown("pwtest-inh")
+    return out
+
+
+def _inherit_populated(b: Any, out: Data) -> None:
+    from pinwarden.cpuset import CpuSet
+
+    b.set_cpus("pwtest-inh", CpuSet.parse_kernel("0-1"))  # (pwtest-v2 holds 2-3)
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        (cgroup_root() / "pwtest-inh/c/cgroup.procs").write_text(f"{sleeper.pid}\n")
+
+        def empty() -> None:
+            with open(cgroup_root() / "pwtest-inh/cpuset.cpus", "w") as f:
+                f.write("\n")
+
+        out["kernel"] = expect_error(empty)
+        out["set_inherit"] = expect_error(lambda: b.set_cpus("pwtest-inh", CpuSet()))
+        out["populated"] = group_data("pwtest-inh")
+        out["sleeper_allowed"] = (Path(f"/proc/{sleeper.pid}/status").read_text()
+                                  .split("Cpus_allowed_list:")[1].split()[0])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    deadline = time.monotonic() + 5
+    while raw("pwtest-inh/c", "cgroup.procs") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    b.set_cpus("pwtest-inh", CpuSet.parse_kernel("0-1"))
+    out["set_inherit_empty"] = expect_error(lambda: b.set_cpus("pwtest-inh", CpuSet()))
+    out["unpopulated"] = group_data("pwtest-inh")
+    out["root_effective"] = raw("", "cpuset.cpus.effective")
+
+
 @check("v2.cleanup")
 def v2_cleanup() -> Data:
     got = teardown("pwtest-v2")

@@ -896,9 +896,42 @@ class SystemdBackend:
 
     def set_cpus(self, path: str, cpus: CpuSet) -> None:
         self._set_kept("cpus", path, "AllowedCPUs", cpus)
+        if not cpus:
+            self._emptied("cpus", path)
 
     def set_mems(self, path: str, mems: CpuSet) -> None:
         self._set_kept("mems", path, "AllowedMemoryNodes", mems)
+        if not mems:
+            self._emptied("mems", path)
+
+    def _emptied(self, action: str, path: str) -> None:
+        """systemd took an empty ``AllowedCPUs``/``AllowedMemoryNodes`` (no restriction: the
+        parent's), but the kernel file kept the last value systemd wrote, and the slice
+        stayed narrowed: machine.slice after the last lease while VMs ran in it, on 252 and
+        257 alike (story_lxc).  The kernel refuses to empty the ``cpuset.cpus`` of a group
+        with tasks below it (``ENOSPC``), systemd's write included.  So the kernel file is
+        emptied here through the cgroup v2 backend, which writes what the group inherits,
+        its parent's CPUs, where the kernel refuses the empty value; systemd's setting
+        stays empty, as found."""
+        if self._kernel is None:
+            return
+        unit = self._unit(action, path)
+        try:
+            cgroup = self.unit_info(unit).control_group.strip("/")
+        except DBusCallError as exc:
+            raise self._fail(exc, action, path, unit) from None
+        if not cgroup:
+            return
+        try:
+            state = self._kernel.read_group(cgroup)
+        except CgroupOpError as exc:
+            if exc.errno == errno.ENOENT:  # no cpuset files (the controller is off): as found
+                return
+            raise
+        if action == "cpus" and state.cpus:
+            self._kernel.set_cpus(cgroup, CpuSet())
+        elif action == "mems" and state.mems:
+            self._kernel.set_mems(cgroup, CpuSet())
 
     def set_partition(self, path: str, kind: PartitionKind) -> None:
         value = _PARTITION_VALUE[kind]

@@ -480,6 +480,9 @@ class CgroupV2Backend:
             raise CgroupOpError("cpus", path, errno.EBUSY, value="",
                                 detail=f"emptying a {PARTITION_WORD[kind]} partition would "
                                        f"lose its CPUs in the kernel; make it member first")
+        if not cpus:  # (a member: inherit)
+            self._inherit(path, "cpuset.cpus", "cpus")
+            return
         exclusive = kind != "member" and self._uses_exclusive(path)
         old_excl = self._read(path, EXCLUSIVE_FILE).strip() if exclusive else None
         narrowing = exclusive and not CpuSet.parse_kernel(old) <= cpus
@@ -516,7 +519,26 @@ class CgroupV2Backend:
         if path == "":
             raise CgroupOpError("mems", path, errno.EACCES, value=mems.to_list(),
                                 detail="the root group's memory nodes cannot be set")
+        if not mems:
+            self._inherit(path, "cpuset.mems", "mems")
+            return
         self._write("mems", path, "cpuset.mems", mems.to_list())
+
+    def _inherit(self, path: str, name: str, action: str) -> None:
+        """Empty ``name`` (``cpuset.cpus``/``cpuset.mems``): the group inherits its parent's.
+        The kernel refuses that while tasks live in the group or below it and it has some
+        (``ENOSPC``; ``validate_change``): the shared group set back as found after the
+        last lease while VMs run there (lab: ``v2.inherit_populated``).  What it would
+        inherit is written then, its parent's effective set, which the kernel takes, and
+        which is what the tasks get either way."""
+        try:
+            self._write(action, path, name, "")
+        except CgroupOpError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            parent = path.rpartition("/")[0]
+            self._write(action, path, name,
+                        self._cpus_file(parent, f"{name}.effective").to_list())
 
     def set_partition(self, path: str, kind: PartitionKind) -> None:
         """``member``, ``exclusive`` (``root``) or ``isolated``.
