@@ -196,6 +196,17 @@ def test_threads_the_hook_placed_get_the_cpus_back_by_their_affinity() -> None:
     widened = running("s", vcpus="1-3", emulator="1-3", uuid=s.uuid)
     assert give_back([widened], records, leased=CpuSet()).moves == ()
     assert sorted(give_back([widened], records, leased=CpuSet()).forget) == sorted(records)
+    # a later lease of CPU 0 (a plain 'virsh start' of an exclusive domain, whose hook
+    # narrows the cgroup): the kernel takes it from the affinity; still the hook's
+    # placement, kept until both leases end
+    narrowed = running("s", vcpus="0-1", emulator="0-1", uuid=s.uuid)
+    later = give_back([narrowed], {k: json.dumps({**json.loads(v), "after": "0-1"})
+                                   for k, v in records.items()}, leased=cs("0"))
+    taken = running("s", vcpus="1", emulator="1", uuid=s.uuid)
+    kept = give_back([taken], {k: json.dumps({**json.loads(v), "after": "0-1"})
+                               for k, v in records.items()}, leased=cs("0,3"))
+    assert later.moves == () and later.forget == () and later.records == {}
+    assert kept.moves == () and kept.forget == () and kept.records == {}
 
 
 # -- reconcile ----------------------------------------------------------------------------
@@ -420,6 +431,91 @@ def test_a_containers_processes_are_found_below_its_controller() -> None:
             time.sleep(0.05)
         assert found[0] == top.pid and len(found) == 4, found  # sh, sleep, (sh, sleep)
         assert os.getpid() not in found
+    finally:
+        top.kill()
+        top.wait()
+        for pid in found[1:]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_container_the_hook_placed_off_a_lease_gets_the_cpus_back_by_its_process() -> None:
+    """A shared LXC container started while CPUs were leased: the hook gave its processes
+    the pool with ``sched_setaffinity``, which Linux keeps across cpuset changes since 6.2.
+    Its record names the controller process (a container has no libvirt pin); when the
+    leases end its threads that still have the hook's CPUs get the pool back.  A
+    controller that exited, or an unreadable record, is forgotten."""
+    from pinwarden.libvirt.repin import CONTAINER, container_json, give_back_container
+
+    key = f"repin:{UUID_A}:{CONTAINER}"
+    records = {key: container_json("ct", cs("1-3"), cs("1"), 4242, 17, None)}
+    assert json.loads(records[key]) == {"domain": "ct", "before": "1-3", "after": "1",
+                                        "pid": 4242, "start": 17}
+    # placed again (a second start meanwhile): the first "before" is kept
+    again = container_json("ct", cs("1,3"), cs("1"), 4343, 18, records[key])
+    assert json.loads(again)["before"] == "1-3"
+    waiting = give_back_container(records, {key: cs("1")}, leased=cs("2-3"))
+    assert waiting.moves == () and waiting.forget == () and waiting.records == {}
+    partly = give_back_container(records, {key: cs("1")}, leased=cs("3"))
+    assert [(m.domain, m.label, str(m.before), str(m.after)) for m in partly.moves] == [
+        ("ct", CONTAINER, "1", "1-2")]
+    assert json.loads(partly.records[key]) == {"domain": "ct", "before": "1-3",
+                                               "after": "1-2", "pid": 4242, "start": 17}
+    whole = give_back_container(partly.records, {key: cs("1-2")}, leased=CpuSet())
+    assert [str(m.after) for m in whole.moves] == ["1-3"] and whole.forget == (key,)
+    # a later lease took CPU 2 through the cgroup: still the hook's placement, waits
+    later = give_back_container(partly.records, {key: cs("1")}, leased=cs("2"))
+    assert later.moves == () and later.forget == ()
+    assert give_back_container(records, {key: None}, leased=CpuSet()).forget == (key,)
+    assert give_back_container(records, {key: cs("2")}, leased=CpuSet()).forget == (key,)
+    assert give_back_container({key: "{"}, {key: cs("1")}, leased=CpuSet()).forget == (key,)
+    # QEMU's give-back leaves containers' records alone, and the other way round
+    from pinwarden.libvirt.repin import give_back
+    assert give_back([], records, leased=CpuSet()) == give_back([], {}, leased=CpuSet())
+
+
+def test_the_hook_records_a_container_it_placed_off_a_lease_and_it_gets_the_cpu_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real thing, on this host's kernel, with a process tree standing in for
+    ``libvirt_lxc`` and its container: CPU 0 leased, the hook's ``started`` step gives
+    every thread CPU 1 and records it; a process that set its own affinity since keeps
+    it; once the lease ends every other thread gets CPUs 0-1 back and the record goes."""
+    from pinwarden.libvirt import pins
+    from pinwarden.narrowed import NARROWED_PREFIX
+
+    if not {0, 1} <= os.sched_getaffinity(0):
+        pytest.fail("this test needs CPUs 0 and 1 (every machine pinwarden is tested on "
+                    "has them)")
+    manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
+                      host=make_host("0-1", "0-1"))
+    job = job_holder("pwtest-lease")
+    manager.reserve(job, lambda host, leases: Plan(
+        "pwtest-lease", None, True, {0: cs("0")}, cs("0"), leases={0: "task"}),
+        owner_pid=os.getpid())
+    top = subprocess.Popen(["sh", "-c", "sleep 60 & (sleep 60 & wait) & wait"])
+    found: list[int] = []
+    try:
+        deadline = time.monotonic() + 10
+        while len(found := procs.descendants(top.pid)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(found) == 4, found
+        monkeypatch.setattr(hook, "_pid_file", lambda driver, name: top.pid)
+        doc = (f"<domain type='lxc'><name>ct</name><uuid>{UUID_A}</uuid><memory>32768"
+               f"</memory><vcpu>1</vcpu><os><type>exe</type><init>/bin/sh</init></os>"
+               f"</domain>")
+        assert hook.main_run(manager, "lxc", ["ct", "started", "begin", "-"], doc) == 0
+        assert {pid: os.sched_getaffinity(pid) for pid in found} == \
+            {pid: {1} for pid in found}
+        [(key, value)] = manager.change_records(NARROWED_PREFIX).items()
+        assert key.endswith(":container") and json.loads(value)["after"] == "1"
+        assert pins.give_back_containers(manager) == ()  # CPU 0 is still leased
+        os.sched_setaffinity(found[-1], {0})  # its own choice since: kept
+        manager.drop(job)
+        given = pins.give_back_containers(manager)
+        assert [str(m) for m in given] == ["ct container: 1 -> 0-1"]
+        assert {pid: os.sched_getaffinity(pid) for pid in found} == \
+            {**{pid: {0, 1} for pid in found[:-1]}, found[-1]: {0}}
+        assert manager.change_records(NARROWED_PREFIX) == {}
     finally:
         top.kill()
         top.wait()

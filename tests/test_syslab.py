@@ -867,6 +867,26 @@ def test_story_lxc_and_qemu_share_one_ledger(lab: LabRun) -> None:
     rc0(s["stop_lx"])
     rc0(s["destroy_qx"])
     assert s["qs_after"].split()[-1] == "1-3", s["qs_after"]
+    # the shared container started while both leases held: the hook gave it the one VM
+    # CPU left and recorded that; the stop of the exclusive container gave it CPU 2 too
+    # (pinwarden stop), the VM's end the last one (the hook's give-back), by its processes
+    rc0(s["start_lxs_leased"])
+    one = ({"1", "3"} - {lqx}).pop()
+    assert {t["cpus_allowed"] for t in s["lxs_leased"]} == {one}, s["lxs_leased"]
+    assert {t["cpus_allowed"] for t in s["lxs_one_left"]} == \
+        {"1-2" if one == "1" else "2-3"}, s["lxs_one_left"]
+    # ... on 6.12; 6.1 gives a thread its cgroup's CPUs whenever those change, so there the
+    # container followed machine.slice all along, to every CPU as found (README, "Limits")
+    after_cpus = {t["cpus_allowed"] for t in s["lxs_after"]}
+    assert after_cpus == ({"0-3"} if suite_is(lab, "bookworm") else {"1-3"}), s["lxs_after"]
+    # machine.slice as found (AllowedCPUs empty: every CPU), in systemd and in the kernel.
+    # The kernel refuses to empty the cpuset.cpus of a group with tasks below it, systemd's
+    # write included: it stayed "2-3" (252 and 257) until pinwarden wrote what the slice
+    # inherits, the root's CPUs
+    after = s["layout_after"]
+    assert after["machine_unit"]["AllowedCPUs"] == "", after["machine_unit"]
+    assert after["machine"]["cpuset.cpus"] == "0-3", after["machine"]
+    assert after["machine"]["cpuset.cpus.effective"] == "0-3", after["machine"]
     log = s["hook_log"] or ""
     assert "pinwarden: gave back pwtest-lqs vcpu0: " in log and "warning" not in log, log
     assert s["as_left"]["holders"] == [] and s["as_left"]["layout"]["partitions"] == {}

@@ -727,14 +727,17 @@ def _place_container(manager: Manager, name: str, spec: DomainSpec) -> None:
     pins): its controller (``libvirt_lxc``) gives itself every online CPU, and the
     container inherits them.  Once it runs, the controller and every process below it get
     the VM CPUs less the leased ones, as a QEMU domain's threads do (what they start later
-    inherits them); a process forked meanwhile is caught by looking again."""
+    inherits them); a process forked meanwhile is caught by looking again.  A placement
+    narrowed by leases held now is recorded, to be given back when they end, as for QEMU
+    domains (:func:`_note_placed_narrower`): by the controller's process, which a
+    container's record names instead of libvirt pins."""
     from pinwarden.enforce.affinity import pin_each, threads_of
     from pinwarden.procs import descendants
 
     found = _default_cpus(manager, "lxc", name, spec)
     if found is None:
         return
-    pid, cpus, _plan, _host = found
+    pid, cpus, _plan, leased_host = found
     done: set[int] = set()
     for _ in range(3):
         todo = {tid for proc in descendants(pid) for tid in threads_of(proc)} - done
@@ -742,6 +745,28 @@ def _place_container(manager: Manager, name: str, spec: DomainSpec) -> None:
             break
         pin_each({tid: cpus for tid in sorted(todo)})  # (gone or refused: left as it is)
         done |= todo
+    if leased_host is not None:
+        _note_container_placed(manager, name, spec, pid, cpus, leased_host)
+
+
+def _note_container_placed(manager: Manager, name: str, spec: DomainSpec, pid: int,
+                           cpus: CpuSet, host: Host) -> None:
+    """The container's placement ``cpus``, narrower than the shared pool with nothing
+    leased because of the leases held now, recorded for the give-back
+    (:func:`pinwarden.libvirt.pins.give_back_containers`)."""
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.libvirt.repin import CONTAINER, container_json
+    from pinwarden.narrowed import narrowed_key
+    from pinwarden.partition import shared_pool
+    from pinwarden.procs import start_time
+
+    base = shared_pool(host, CpuSet())[0]
+    start = start_time(pid)
+    if cpus == base or start is None:
+        return
+    key = narrowed_key(_holder("lxc", name, spec).uuid or "", CONTAINER)
+    earlier = manager.change_records(key).get(key)
+    manager.put_change_records({key: container_json(name, base, cpus, pid, start, earlier)})
 
 
 _COMM_MAX = 15  # the kernel keeps a thread's name to 15 bytes

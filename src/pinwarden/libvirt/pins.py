@@ -12,6 +12,7 @@ another way (a plain ``virsh destroy``, a guest powering off) — the process th
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,12 +20,13 @@ from typing import Any
 from pinwarden.cpuset import CpuSet
 from pinwarden.errors import PinwardenError
 from pinwarden.libvirt import connect as lv
+from pinwarden.libvirt.repin import CONTAINER, container_owner, record_moves
 from pinwarden.libvirt.repin import give_back as decide_give_back
-from pinwarden.libvirt.repin import record_moves
+from pinwarden.libvirt.repin import give_back_container as decide_container_give_back
 from pinwarden.libvirt.state import DomainInfo, Repin
 from pinwarden.manager import Manager, domain_lock, state_lock
 from pinwarden.model import HolderRef
-from pinwarden.narrowed import NARROWED_PREFIX, narrowed_key
+from pinwarden.narrowed import NARROWED_PREFIX, key_parts, narrowed_key
 
 
 def locked(manager: Manager) -> contextlib.AbstractContextManager[None]:
@@ -57,14 +59,17 @@ def unnote(manager: Manager, replaced: dict[str, str | None]) -> None:
 def give_back(manager: Manager, conn: Any,
               domains: Sequence[DomainInfo] | None = None) -> tuple[Repin, ...]:
     """Re-pin running domains to the CPUs pinwarden took from their pins and no longer
-    leases; returns the moves made.  A move libvirt refuses keeps its record (the next
-    call tries again) and is raised as the :class:`~pinwarden.errors.LibvirtError`."""
-    if lv.driver_of(str(conn.getURI())) != "qemu":
-        # only QEMU domains have threads pinwarden re-pins (a container has no affinity
-        # to read): another driver's listing holds none of the domains the records name
-        return ()
+    leases, and give shared containers the hook placed narrower back theirs
+    (:func:`give_back_containers`, whatever the connection's driver); returns the moves
+    made.  A move libvirt refuses keeps its record (the next call tries again) and is
+    raised as the :class:`~pinwarden.errors.LibvirtError`."""
     if not manager.change_records(NARROWED_PREFIX):
         return ()  # the common case, without a lock
+    given = give_back_containers(manager)
+    if lv.driver_of(str(conn.getURI())) != "qemu":
+        # only QEMU domains have threads pinwarden re-pins through libvirt: another
+        # driver's listing holds none of the domains the records name
+        return given
     with locked(manager):
         recorded = manager.change_records(NARROWED_PREFIX)
         if domains is None:
@@ -83,7 +88,54 @@ def give_back(manager: Manager, conn: Any,
             manager.put_change_records(
                 {k: v for k, v in plan.records.items() if k not in failed},
                 forget=[k for k in plan.forget if k not in failed])
-    return tuple(done)
+    return given + tuple(done)
+
+
+def give_back_containers(manager: Manager) -> tuple[Repin, ...]:
+    """Shared LXC containers the hook placed on fewer CPUs because of leases held then
+    (``container`` records, :func:`pinwarden.libvirt.repin.container_json`) get the CPUs
+    no longer leased back: every thread of the controller and of the processes below it
+    that still has the CPUs the hook gave gets the new ones with ``sched_setaffinity``
+    (a thread given others since, by the container itself say, keeps them).  No libvirt
+    call: the record names the controller process.  Returns the moves made."""
+    from pinwarden import procs
+    from pinwarden.enforce.affinity import pin_each, threads_of
+
+    if not any(key_parts(k)[1] == CONTAINER for k in manager.change_records(NARROWED_PREFIX)):
+        return ()
+    with locked(manager):
+        recorded = {k: v for k, v in manager.change_records(NARROWED_PREFIX).items()
+                    if key_parts(k)[1] == CONTAINER}
+        owners = {k: container_owner(v) for k, v in recorded.items()}
+        live: dict[str, CpuSet | None] = {}
+        for key, owner in owners.items():
+            live[key] = None
+            if owner is not None and procs.alive(*owner):
+                with contextlib.suppress(OSError):
+                    live[key] = CpuSet.of(os.sched_getaffinity(owner[0]))
+        leased = CpuSet.of(lease.cpu for lease in manager.leases())
+        plan = decide_container_give_back(recorded, live, leased)
+        for move in plan.moves:
+            owner = owners[narrowed_key(move.uuid, CONTAINER)]
+            assert owner is not None  # (a move names a live controller)
+            done: set[int] = set()
+            for _ in range(3):  # a process forked meanwhile is caught by looking again
+                todo = {tid for proc in procs.descendants(owner[0])
+                        for tid in threads_of(proc)} - done
+                if not todo:
+                    break
+                pin_each({tid: move.after for tid in sorted(todo)
+                          if _affinity(tid) == move.before})
+                done |= todo
+        manager.put_change_records(dict(plan.records), forget=list(plan.forget))
+    return plan.moves
+
+
+def _affinity(tid: int) -> CpuSet | None:
+    try:
+        return CpuSet.of(os.sched_getaffinity(tid))
+    except OSError:
+        return None
 
 
 #: Pauses (s) before each new try of :func:`give_back_after_release` when libvirt fails.
@@ -99,10 +151,11 @@ def give_back_after_release(manager: Manager, uri: str, released: HolderRef,
                             log: Callable[[str], None]) -> tuple[Repin, ...]:
     """What the hook leaves behind when the lease of ``released`` ended at ``release``
     while narrowed pins wait for CPUs (the hook itself may not call libvirt):
-    :func:`give_back` over ``uri``, tried again while libvirt fails; each move and the last
-    failure go to ``log``.  It first waits for the domain's lock: a ``pinwarden stop`` (or
-    failed ``pinwarden start``) that caused the release gives back itself, and says so, and
-    this finds nothing left then.  It gives up after :data:`RELEASE_LOCK_WAIT`."""
+    :func:`give_back_containers` (no libvirt call), then :func:`give_back` over ``uri``,
+    tried again while libvirt fails; each move and the last failure go to ``log``.  It
+    first waits for the domain's lock: a ``pinwarden stop`` (or failed ``pinwarden
+    start``) that caused the release gives back itself, and says so, and this finds
+    nothing left then.  It gives up after :data:`RELEASE_LOCK_WAIT`."""
     if not manager.change_records(NARROWED_PREFIX):
         return ()  # nothing waits (or no ledger at all): nothing to lock or create
     try:
@@ -113,6 +166,9 @@ def give_back_after_release(manager: Manager, uri: str, released: HolderRef,
             f"after {RELEASE_LOCK_WAIT:g} s: the CPUs of narrowed pins are not given back "
             f"now; 'pinwarden stop' or the daemon gives them back")
         return ()
+    containers = give_back_containers(manager)  # (no libvirt call: whatever it answers)
+    for move in containers:
+        log(f"gave back {move}")
     failure = ""
     for pause in RELEASE_RETRIES:
         time.sleep(pause)
@@ -131,7 +187,7 @@ def give_back_after_release(manager: Manager, uri: str, released: HolderRef,
                 conn.close()
         for move in given:
             log(f"gave back {move}")
-        return given
+        return containers + given
     log(f"warning: cannot give back the CPUs of narrowed pins: {failure}; 'pinwarden stop' "
         f"or the daemon tries again")
     return ()

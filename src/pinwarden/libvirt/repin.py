@@ -140,7 +140,10 @@ def give_back(domains: Sequence[DomainInfo], recorded: Mapping[str, str],
     A record is forgotten once its pin is whole again, when its domain no longer runs, or
     when the domain's live pin (its running definition's ``<vcpupin>``/``<emulatorpin>``/
     ``<iothreadpin>``) is no longer the one pinwarden set (``virsh vcpupin --live`` by
-    somebody since: theirs to keep).
+    somebody since: theirs to keep).  A thread group without a pin of its own is read as
+    the kernel has it, which a later lease narrows through the cgroup: that is still
+    pinwarden's placement.  Containers' records (label :data:`CONTAINER`) are left to
+    :func:`give_back_container`.
     """
     by_uuid = {d.uuid: d for d in domains if d.active}
     moves: list[Repin] = []
@@ -148,6 +151,8 @@ def give_back(domains: Sequence[DomainInfo], recorded: Mapping[str, str],
     forget: list[str] = []
     for key, value in sorted(recorded.items()):
         uuid, label = key_parts(key)
+        if label == CONTAINER:
+            continue
         dom = by_uuid.get(uuid)
         if dom is not None and dom.settling:
             continue  # starting or stopping: its record waits until it settles
@@ -158,8 +163,8 @@ def give_back(domains: Sequence[DomainInfo], recorded: Mapping[str, str],
         except (ValueError, KeyError, TypeError, CpuSetError):
             forget.append(key)  # unreadable: nothing can be given back from it
             continue
-        live = _live_pin(dom, label)
-        if dom is None or live is None or live != after:
+        live, kernel = _live_pin(dom, label)
+        if dom is None or live is None or not _still_placed(live, after, leased, kernel):
             forget.append(key)
             continue
         want = before - leased
@@ -184,16 +189,24 @@ def _split_label(label: str) -> tuple[str, int | None]:
     return label, None
 
 
-def _live_pin(dom: DomainInfo | None, label: str) -> CpuSet | None:
+def _still_placed(live: CpuSet, after: CpuSet, leased: CpuSet, kernel: bool) -> bool:
+    """Whether a thread group whose record says pinwarden set ``after`` still has that
+    placement: ``live`` is it — or, read from the kernel (``kernel``), it less CPUs leased
+    since, which the cgroup took away (a later exclusive start)."""
+    return live == after or (kernel and live == after - leased and bool(live))
+
+
+def _live_pin(dom: DomainInfo | None, label: str) -> tuple[CpuSet | None, bool]:
     """The thread group's pin in the running definition: what the last ``virsh vcpupin
     --live`` (pinwarden's or somebody's) set.  A group the definition does not pin at all
     (a domain started by plain ``virsh start``, whose threads the hook placed with
     ``sched_setaffinity``): its affinity, as the kernel has it (``dom.affinity``) — the
     hook's placement while nobody changed it; widened by the kernel on Linux before 6.2,
-    which gave a thread its cgroup's CPUs again when those changed."""
+    which gave a thread its cgroup's CPUs again when those changed.  (CPUs, whether read
+    from the kernel)"""
     spec = dom.live if dom is not None else None
     if dom is None or spec is None:
-        return None
+        return None, False
     thread, ident = _split_label(label)
     key = ident if ident is not None else -1
     if thread == "vcpu":
@@ -203,12 +216,83 @@ def _live_pin(dom: DomainInfo | None, label: str) -> CpuSet | None:
     else:
         own = spec.iothreadpins.get(key)
     if own is not None or spec.cpuset is not None:
-        return own if own is not None else spec.cpuset  # <vcpu cpuset> for the unpinned
+        # (<vcpu cpuset> for the unpinned)
+        return (own if own is not None else spec.cpuset), False
     affinity = dom.affinity
     if affinity is None:
-        return None
+        return None, True
     if thread == "vcpu":
-        return affinity.vcpus.get(key)
+        return affinity.vcpus.get(key), True
     if thread == "emulator":
-        return affinity.emulator or None
-    return affinity.iothreads.get(key)
+        return affinity.emulator or None, True
+    return affinity.iothreads.get(key), True
+
+
+# -- containers -------------------------------------------------------------------------------
+
+#: The label of a shared LXC container's record: the CPUs the hook gave its controller
+#: (``libvirt_lxc``) and every process below it, which a container has no libvirt pin for.
+CONTAINER = "container"
+
+
+def container_json(name: str, base: CpuSet, placed: CpuSet, pid: int, start: int,
+                   earlier: str | None) -> str:
+    """The record of a shared container the hook placed on ``placed`` rather than ``base``
+    (the shared pool with nothing leased) because of leases held now: its controller
+    ``(pid, start)`` — a container has no libvirt pin to read, so the give-back finds it
+    by its process — and ``before`` kept from ``earlier``'s record, if any."""
+    before = base
+    if earlier is not None:
+        with contextlib.suppress(ValueError, KeyError, TypeError, CpuSetError):
+            before = CpuSet.parse_kernel(str(json.loads(earlier)["before"]))
+    return json.dumps({"domain": name, "before": before.to_list(), "after": placed.to_list(),
+                       "pid": pid, "start": start})
+
+
+def container_owner(value: str) -> tuple[int, int] | None:
+    """``(pid, start)`` of the controller a container record names (None: unreadable)."""
+    try:
+        data = json.loads(value)
+        pid, start = data["pid"], data["start"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if type(pid) is not int or type(start) is not int or pid <= 0:
+        return None
+    return pid, start
+
+
+def give_back_container(recorded: Mapping[str, str], live: Mapping[str, CpuSet | None],
+                        leased: CpuSet) -> GiveBack:
+    """Containers' records (label :data:`CONTAINER`) give their CPUs back as
+    :func:`give_back` does for QEMU thread groups: ``live`` maps each record to its
+    controller's affinity now (None: that process has exited; the container stopped).
+    Each move is ``Repin(domain, uuid, CONTAINER, None, placed, want)``: every thread of
+    the container that still has ``placed`` gets ``want``."""
+    moves: list[Repin] = []
+    records: dict[str, str] = {}
+    forget: list[str] = []
+    for key, value in sorted(recorded.items()):
+        uuid, label = key_parts(key)
+        if label != CONTAINER:
+            continue
+        owner = container_owner(value)
+        try:
+            data = json.loads(value)
+            before = CpuSet.parse_kernel(str(data["before"]))
+            after = CpuSet.parse_kernel(str(data["after"]))
+            name = str(data["domain"])
+        except (ValueError, KeyError, TypeError, CpuSetError):
+            owner = None
+        now = live.get(key)
+        if owner is None or now is None or not _still_placed(now, after, leased, True):
+            forget.append(key)
+            continue
+        want = before - leased
+        if not want or want == after or after & leased:
+            continue
+        moves.append(Repin(name, uuid, CONTAINER, None, after, want))
+        if want == before:
+            forget.append(key)
+        else:
+            records[key] = container_json(name, before, want, *owner, value)
+    return GiveBack(tuple(moves), records, tuple(forget))

@@ -405,10 +405,15 @@ def story_lxc() -> Data:
                    None)
         out["lxc_allowed"] = affinity(pid) if pid else None
         out["layout"] = layout()
+        # the shared container again, now that CPU 2 and the VM's are leased: the hook gives
+        # it the one VM CPU left, and records that
+        out["start_lxs_leased"] = virsh("start", "pwtest-lxs", uri=LXC_URI)
+        out["lxs_leased"] = container_affinity("pwtest-lxs")
         # the container stops first, over its own (lxc) connection; then the VM, by a plain
         # 'virsh destroy' with no daemon running: the process the hook's 'release' leaves
         # behind gives the shared VM back what the VM's start took
         out["stop_lx"] = pinwarden("stop", "-c", LXC_URI, "pwtest-lx")
+        out["lxs_one_left"] = container_affinity("pwtest-lxs")
         out["destroy_qx"] = virsh("destroy", "pwtest-lqx")
 
         # it logs once every move is made
@@ -416,6 +421,8 @@ def story_lxc() -> Data:
             read(STATE / "hook.log") or "") and read(STATE / "hook.log"), timeout=60) or \
             read(STATE / "hook.log")
         out["qs_after"] = virsh("vcpupin", "pwtest-lqs")["stdout"]
+        out["lxs_after"] = container_affinity("pwtest-lxs")
+        out["layout_after"] = layout()
     finally:
         for name in ("pwtest-lq", "pwtest-lqx", "pwtest-lqs"):
             remove_domain(name)
