@@ -1033,6 +1033,24 @@ def _dropins(root: Path, unit: str) -> dict[str, str]:
     return {p.name: p.read_text().splitlines()[-1] for p in sorted(folder.glob("*"))}
 
 
+@contextlib.contextmanager
+def _standin_manager(address: str, root: Path, state: Path,
+                     said: list[str]) -> Iterator[tuple[Any, SystemdBackend]]:
+    """A manager over the systemd backend on the stand-in at ``address`` (a host of CPUs
+    0-7, VM CPUs 1-7), its warnings to ``said``; and that backend."""
+    from pinwarden.config import Config
+    from pinwarden.manager import Manager
+
+    bus = SystemdBus.connect(address, timeout=10)
+    backend = SystemdBackend(bus, kernel=KernelRecorder(), root=root)
+    try:
+        with Manager(Config(), root, state, backend=backend, host=make_host("0-7", "1-7"),
+                     warn=said.append) as m:
+            yield m, backend
+    finally:
+        bus.close()
+
+
 @pytest.mark.parametrize("before", ["none", "operator-cpus"])
 def test_the_last_release_removes_the_drop_ins_pinwarden_made(
         bus_address: str, tmp_path: Path, before: str) -> None:
@@ -1042,8 +1060,6 @@ def test_the_last_release_removes_the_drop_ins_pinwarden_made(
     before it at every ``daemon-reload``.  The last release puts machine.slice's CPUs back
     and removes the drop-in the first lease made; the operator's drop-ins stay: another
     property's, and an ``AllowedCPUs`` one that was there before the first lease."""
-    from pinwarden.config import Config
-    from pinwarden.manager import Manager
     from pinwarden.model import job_holder
     from pinwarden.policy import JobSpec
 
@@ -1058,23 +1074,17 @@ def test_the_last_release_removes_the_drop_ins_pinwarden_made(
         finally:
             operator.close()
         found = _dropins(root, "machine.slice")
-        bus = SystemdBus.connect(s.address, timeout=10)
-        backend = SystemdBackend(bus, kernel=KernelRecorder(), root=root)
         said: list[str] = []
-        try:
-            with Manager(Config(), root, tmp_path / "state", backend=backend,
-                         host=make_host("0-7", "1-7"), warn=said.append) as m:
-                # twice: systemd still lists the drop-in the first release removed (until
-                # a daemon-reload), which must not pass for the operator's the second time
-                for _ in range(2):
-                    m.reserve_request(JobSpec("J", cpus=CpuSet.parse("3")))
-                    leased = _dropins(root, "machine.slice")
-                    recorded = json.loads(m.ledger().changes()["cgroup:machine.slice"])
-                    m.drop(job_holder("J"))
-                    assert _dropins(root, "machine.slice") == found
-                machine = backend.read_group("machine.slice")
-        finally:
-            bus.close()
+        with _standin_manager(s.address, root, tmp_path / "state", said) as (m, backend):
+            # twice: systemd still lists the drop-in the first release removed (until a
+            # daemon-reload), which must not pass for the operator's the second time
+            for _ in range(2):
+                m.reserve_request(JobSpec("J", cpus=CpuSet.parse("3")))
+                leased = _dropins(root, "machine.slice")
+                recorded = json.loads(m.ledger().changes()["cgroup:machine.slice"])
+                m.drop(job_holder("J"))
+                assert _dropins(root, "machine.slice") == found
+            machine = backend.read_group("machine.slice")
     assert leased["50-AllowedCPUs.conf"] == "AllowedCPUs=1-2,4-7"
     assert _dropins(root, "machine.slice") == found
     assert said == []
@@ -1197,8 +1207,6 @@ def test_a_drop_in_of_its_own_left_with_nothing_leased_is_removed(
     every ``daemon-reload`` until the next boot narrowed the slice again.  A sync removes
     it, says so once, and leaves the operator's drop-ins beside it; while a lease is held
     the file is pinwarden's and stays."""
-    from pinwarden.config import Config
-    from pinwarden.manager import Manager
     from pinwarden.model import job_holder
     from pinwarden.policy import JobSpec
 
@@ -1208,30 +1216,22 @@ def test_a_drop_in_of_its_own_left_with_nothing_leased_is_removed(
     (folder / "zz-pinwarden-AllowedCPUs.conf").write_text(
         "[Slice]\nAllowedCPUs=\nAllowedCPUs=1-2,4-7\n")
     (folder / "50-CPUWeight.conf").write_text("[Slice]\nCPUWeight=50\n")
-    with _running_standin(bus_address, tmp_path / "standin.log", "--root", str(root)) as s:
-        bus = SystemdBus.connect(s.address, timeout=10)
-        backend = SystemdBackend(bus, kernel=KernelRecorder(), root=root)
-        said: list[str] = []
-        try:
-            with Manager(Config(), root, tmp_path / "state", backend=backend,
-                         host=make_host("0-7", "1-7"), warn=said.append) as m:
-                m.sync()
-                assert _dropins(root, "machine.slice") == {"50-CPUWeight.conf": "CPUWeight=50"}
-                assert len(said) == 1, said
-                assert said[0].startswith(
-                    "removed /run/systemd/system.control/machine.slice.d/"
-                    "zz-pinwarden-AllowedCPUs.conf: pinwarden's drop-in"), said
-                assert "machine.slice gets its own setting back at the next " \
-                       "'systemctl daemon-reload'" in said[0], said
-                m.sync()
-                assert len(said) == 1, said
-                m.reserve_request(JobSpec("J", cpus=CpuSet.parse("3")))
-                m.sync()
-                assert _dropins(root, "machine.slice")["zz-pinwarden-AllowedCPUs.conf"] == \
-                    "AllowedCPUs=1-2,4-7"
-                m.drop(job_holder("J"))
-        finally:
-            bus.close()
+    said: list[str] = []
+    with _running_standin(bus_address, tmp_path / "standin.log", "--root", str(root)) as s, \
+            _standin_manager(s.address, root, tmp_path / "state", said) as (m, _backend):
+        m.sync()
+        assert _dropins(root, "machine.slice") == {"50-CPUWeight.conf": "CPUWeight=50"}
+        assert len(said) == 1, said
+        assert said[0].startswith("removed /run/systemd/system.control/machine.slice.d/"
+                                  "zz-pinwarden-AllowedCPUs.conf: pinwarden's drop-in"), said
+        assert "machine.slice gets its own setting back at the next 'systemctl " \
+               "daemon-reload'" in said[0], said
+        m.sync()  # said once
+        m.reserve_request(JobSpec("J", cpus=CpuSet.parse("3")))
+        m.sync()  # while leased the file is pinwarden's
+        assert _dropins(root, "machine.slice")["zz-pinwarden-AllowedCPUs.conf"] == \
+            "AllowedCPUs=1-2,4-7"
+        m.drop(job_holder("J"))
     assert len(said) == 1, said
     assert _dropins(root, "machine.slice") == {"50-CPUWeight.conf": "CPUWeight=50"}
 

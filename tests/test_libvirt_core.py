@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -418,25 +419,32 @@ def test_unpinned_threads_are_known_by_their_names() -> None:
         False, True, True, True]
 
 
-def test_a_containers_processes_are_found_below_its_controller() -> None:
-    """What the 'started' step of a shared LXC container places: the controller's process
-    and every process below it (a real process tree: a shell, its children and theirs)."""
-    from pinwarden.procs import descendants
-
+@contextlib.contextmanager
+def process_tree() -> Iterator[list[int]]:
+    """A real process tree of this test's own (a shell, its children and theirs; ended by
+    pid): its processes, the top one first."""
     top = subprocess.Popen(["sh", "-c", "sleep 60 & (sleep 60 & wait) & wait"])
     found: list[int] = []
     try:
         deadline = time.monotonic() + 10
-        while len(found := descendants(top.pid)) < 4 and time.monotonic() < deadline:
+        while len(found := procs.descendants(top.pid)) < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert found[0] == top.pid and len(found) == 4, found  # sh, sleep, (sh, sleep)
-        assert os.getpid() not in found
+        assert found[:1] == [top.pid], found
+        yield found
     finally:
         top.kill()
         top.wait()
         for pid in found[1:]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_containers_processes_are_found_below_its_controller() -> None:
+    """What the 'started' step of a shared LXC container places: the controller's process
+    and every process below it (a real process tree: a shell, its children and theirs)."""
+    with process_tree() as found:
+        assert len(found) == 4, found  # sh, sleep, (sh, sleep)
+        assert os.getpid() not in found
 
 
 def test_a_container_the_hook_placed_off_a_lease_gets_the_cpus_back_by_its_process() -> None:
@@ -492,14 +500,9 @@ def test_the_hook_records_a_container_it_placed_off_a_lease_and_it_gets_the_cpu_
     manager.reserve(job, lambda host, leases: Plan(
         "pwtest-lease", None, True, {0: cs("0")}, cs("0"), leases={0: "task"}),
         owner_pid=os.getpid())
-    top = subprocess.Popen(["sh", "-c", "sleep 60 & (sleep 60 & wait) & wait"])
-    found: list[int] = []
-    try:
-        deadline = time.monotonic() + 10
-        while len(found := procs.descendants(top.pid)) < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with process_tree() as found:
         assert len(found) == 4, found
-        monkeypatch.setattr(hook, "_pid_file", lambda driver, name: top.pid)
+        monkeypatch.setattr(hook, "_pid_file", lambda driver, name: found[0])
         doc = (f"<domain type='lxc'><name>ct</name><uuid>{UUID_A}</uuid><memory>32768"
                f"</memory><vcpu>1</vcpu><os><type>exe</type><init>/bin/sh</init></os>"
                f"</domain>")
@@ -516,12 +519,6 @@ def test_the_hook_records_a_container_it_placed_off_a_lease_and_it_gets_the_cpu_
         assert {pid: os.sched_getaffinity(pid) for pid in found} == \
             {**{pid: {0, 1} for pid in found[:-1]}, found[-1]: {0}}
         assert manager.change_records(NARROWED_PREFIX) == {}
-    finally:
-        top.kill()
-        top.wait()
-        for pid in found[1:]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("broken", ["missing", "import-error", "crash"])

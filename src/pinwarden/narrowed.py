@@ -42,20 +42,27 @@ class Narrowed:
         self.pin, self.had, self.waiting = pin, had, waiting
 
 
+def record_parts(value: str) -> tuple[str, CpuSet, CpuSet] | None:
+    """``(domain, before, after)`` of a narrowed pin's record; None: unreadable."""
+    import json  # only when there are records
+
+    try:
+        data = json.loads(value)
+        return (str(data["domain"]), CpuSet.parse_kernel(str(data["before"])),
+                CpuSet.parse_kernel(str(data["after"])))
+    except (ValueError, KeyError, TypeError, CpuSetError):
+        return None
+
+
 def narrowed(recorded: Mapping[str, str], leased: CpuSet) -> tuple[Narrowed, ...]:
     """The narrowed pins ``recorded`` (``repin:`` change records) with ``leased`` the CPUs
     leased now; unreadable records are left out (the next give-back forgets them)."""
-    import json  # only when there are records
-
     out: list[Narrowed] = []
     for key, value in sorted(recorded.items()):
         uuid, label = key_parts(key)
-        try:
-            data = json.loads(value)
-            had = CpuSet.parse_kernel(str(data["before"]))
-            pin = CpuSet.parse_kernel(str(data["after"]))
-            domain = str(data["domain"])
-        except (ValueError, KeyError, TypeError, CpuSetError):
+        parts = record_parts(value)
+        if parts is None:
             continue
+        domain, had, pin = parts
         out.append(Narrowed(domain, uuid, label, pin, had, had - leased - pin))
     return tuple(sorted(out, key=lambda n: (n.domain, n.uuid, n.label)))

@@ -25,7 +25,7 @@ from pinwarden.domain import DomainSpec
 from pinwarden.errors import Refusal
 from pinwarden.libvirt.state import DomainInfo, Repin
 from pinwarden.model import HolderRef, Plan
-from pinwarden.narrowed import key_parts, narrowed_key
+from pinwarden.narrowed import key_parts, narrowed_key, record_parts
 from pinwarden.record import record
 
 
@@ -156,21 +156,17 @@ def give_back(domains: Sequence[DomainInfo], recorded: Mapping[str, str],
         dom = by_uuid.get(uuid)
         if dom is not None and dom.settling:
             continue  # starting or stopping: its record waits until it settles
-        try:
-            data = json.loads(value)
-            before = CpuSet.parse_kernel(str(data["before"]))
-            after = CpuSet.parse_kernel(str(data["after"]))
-        except (ValueError, KeyError, TypeError, CpuSetError):
+        parts = record_parts(value)
+        if parts is None:
             forget.append(key)  # unreadable: nothing can be given back from it
             continue
+        _, before, after = parts
         live, kernel = _live_pin(dom, label)
         if dom is None or live is None or not _still_placed(live, after, leased, kernel):
             forget.append(key)
             continue
-        want = before - leased
-        if not want or want == after or after & leased:
-            # nothing free to give back yet — or a new lease takes CPUs of the pin: the
-            # start that leased them re-pins it (and records that), never a give-back
+        want = _wanted(before, after, leased)
+        if want is None:
             continue
         thread, ident = _split_label(label)
         moves.append(Repin(dom.name, uuid, thread, ident, after, want))
@@ -187,6 +183,15 @@ def _split_label(label: str) -> tuple[str, int | None]:
         if label.startswith(thread) and label[len(thread):].isdigit():
             return thread, int(label[len(thread):])
     return label, None
+
+
+def _wanted(before: CpuSet, after: CpuSet, leased: CpuSet) -> CpuSet | None:
+    """What a placement pinwarden narrowed from ``before`` to ``after`` gets now: ``before``
+    less what is leased.  None while nothing is free to give back — or while a new lease
+    takes CPUs of it: the start that leased them re-pins it (and records that), never a
+    give-back."""
+    want = before - leased
+    return None if not want or want == after or after & leased else want
 
 
 def _still_placed(live: CpuSet, after: CpuSet, leased: CpuSet, kernel: bool) -> bool:
@@ -275,20 +280,14 @@ def give_back_container(recorded: Mapping[str, str], live: Mapping[str, CpuSet |
         uuid, label = key_parts(key)
         if label != CONTAINER:
             continue
-        owner = container_owner(value)
-        try:
-            data = json.loads(value)
-            before = CpuSet.parse_kernel(str(data["before"]))
-            after = CpuSet.parse_kernel(str(data["after"]))
-            name = str(data["domain"])
-        except (ValueError, KeyError, TypeError, CpuSetError):
-            owner = None
-        now = live.get(key)
-        if owner is None or now is None or not _still_placed(now, after, leased, True):
+        owner, parts, now = container_owner(value), record_parts(value), live.get(key)
+        if owner is None or parts is None or now is None or \
+                not _still_placed(now, parts[2], leased, True):
             forget.append(key)
             continue
-        want = before - leased
-        if not want or want == after or after & leased:
+        name, before, after = parts
+        want = _wanted(before, after, leased)
+        if want is None:
             continue
         moves.append(Repin(name, uuid, CONTAINER, None, after, want))
         if want == before:
