@@ -210,6 +210,78 @@ def test_threads_the_hook_placed_get_the_cpus_back_by_their_affinity() -> None:
     assert kept.moves == () and kept.forget == () and kept.records == {}
 
 
+def test_on_a_kernel_that_resets_affinity_the_hooks_placement_is_put_back() -> None:
+    """Before Linux 6.2 the kernel gives every thread of a cpuset cgroup all of the
+    cgroup's CPUs whenever those change (Debian 12's 6.1): a shared domain the hook placed
+    on the VM CPUs 1-3 got every CPU, housekeeping CPU 0 included, when the last lease
+    ended (the shared group is every CPU again in mode none), and a record whose threads
+    the kernel had moved was forgotten (the trixie-vs-bookworm story: B kept 2-3).  There
+    the hook records its placement even on the whole pool, and the give-back takes what the
+    kernel reads as still pinwarden's placement, put back to what it had less the leased
+    CPUs whenever it differs."""
+    from pinwarden.libvirt.repin import give_back, placed_narrower, record_moves
+    from pinwarden.narrowed import narrowed
+
+    spec = parse_domain(xml("s"))
+    base = cs("1-3")
+    plan = Plan("s", "u", False, {0: base, 1: base}, base, default_cpus=base)
+    s = running("s", vcpus="1-3", emulator="1-3")
+    assert placed_narrower(spec, plan, "s", s.uuid, base=base) == ()
+    records = record_moves(placed_narrower(spec, plan, "s", s.uuid, base=base, every=True),
+                           {})
+    assert len(records) == 3 and narrowed(records, CpuSet()) == ()  # nothing narrowed
+
+    def back(vcpus: str, leased: str, recorded: dict[str, str] = records,
+             resets: bool = True) -> Any:
+        dom = running("s", vcpus=vcpus, emulator=vcpus, uuid=s.uuid)
+        return give_back([dom], recorded, cs(leased) if leased else CpuSet(),
+                         kernel_resets=resets)
+
+    # as placed; then a lease of CPU 3, whose cgroup write gave the threads the shared
+    # group's 1-2 (the VM CPUs less the leased): what they are to have, nothing to do
+    for vcpus, leased in (("1-3", ""), ("1-2", "3")):
+        out = back(vcpus, leased)
+        assert (out.moves, out.forget, out.records) == ((), (), {}), (vcpus, out)
+    # the last lease ended: the kernel gave them every CPU; they get the VM CPUs back
+    out = back("0-3", "")
+    assert {(m.label, str(m.before), str(m.after)) for m in out.moves} == {
+        ("vcpu0", "0-3", "1-3"), ("vcpu1", "0-3", "1-3"), ("emulator", "0-3", "1-3")}
+    assert sorted(out.forget) == sorted(records)
+    # a kernel that keeps affinity never reads that from the hook's placement: somebody's
+    assert back("0-3", "", resets=False).moves == ()
+    assert sorted(back("0-3", "", resets=False).forget) == sorted(records)
+    # placed on CPU 3 while 1-2 were leased; CPU 1 freed, and the kernel's reset already
+    # gave the threads 2-3: nothing to do, and the record is kept for CPU 1 (it was lost)
+    narrow = {k: json.dumps({**json.loads(v), "after": "3"}) for k, v in records.items()}
+    kept = back("2-3", "1", narrow)
+    assert (kept.moves, kept.forget, kept.records) == ((), (), {})
+    assert sorted(back("2-3", "1", narrow, resets=False).forget) == sorted(records)
+    # a CPU leased since that the threads still have: the start that leased it re-pins
+    assert back("1-3", "3", narrow).moves == ()
+    # a group with a live pin of its own (virsh vcpupin --live) is judged by that pin
+    pinned = DomainInfo("qemu", "s", s.uuid, True,
+                        live=parse_domain(xml("s", "<cputune><vcpupin vcpu='0' cpuset='0'/>"
+                                                   "</cputune>")),
+                        persistent=spec, affinity=Affinity({0: cs("0"), 1: cs("0-3")},
+                                                           cs("0-3")), pid=1)
+    out = give_back([pinned], records, CpuSet(), kernel_resets=True)
+    assert f"repin:{s.uuid}:vcpu0" in out.forget
+    assert {m.label for m in out.moves} == {"vcpu1", "emulator"}
+
+
+def test_cgroup_resets_affinity_before_linux_6_2(tmp_path: Path) -> None:
+    from pinwarden.enforce.affinity import cgroup_resets_affinity
+
+    release = tmp_path / "proc/sys/kernel/osrelease"
+    assert cgroup_resets_affinity(tmp_path)  # unreadable: records rather than lose
+    release.parent.mkdir(parents=True)
+    for text, resets in (("6.1.0-57-amd64\n", True), ("5.15.0-91-generic", True),
+                         ("6.2.0", False), ("6.12.48+deb13-amd64", False),
+                         ("7.3.0", False), ("garbage", True)):
+        release.write_text(text)
+        assert cgroup_resets_affinity(tmp_path) is resets, text
+
+
 # -- reconcile ----------------------------------------------------------------------------
 
 def record(ref: HolderRef, vcpus: dict[int, str], leases: dict[int, str], *,
@@ -480,6 +552,83 @@ def test_a_container_the_hook_placed_off_a_lease_gets_the_cpus_back_by_its_proce
     # QEMU's give-back leaves containers' records alone, and the other way round
     from pinwarden.libvirt.repin import give_back
     assert give_back([], records, leased=CpuSet()) == give_back([], {}, leased=CpuSet())
+
+
+def test_a_container_record_on_a_kernel_that_resets_affinity() -> None:
+    """Containers, as QEMU thread groups: on a kernel that resets affinity the
+    controller's affinity now is the hook's placement as the kernel left it."""
+    from pinwarden.libvirt.repin import CONTAINER, container_json, give_back_container
+
+    key = f"repin:{UUID_A}:{CONTAINER}"
+    placed = {key: container_json("ct", cs("1-3"), cs("1-3"), 4242, 17, None)}
+    every = give_back_container(placed, {key: cs("0-3")}, CpuSet(), kernel_resets=True)
+    assert [(str(m.before), str(m.after)) for m in every.moves] == [("0-3", "1-3")]
+    assert every.forget == (key,)
+    assert give_back_container(placed, {key: cs("1-2")}, cs("3"),
+                               kernel_resets=True).moves == ()
+    narrow = {key: container_json("ct", cs("1-3"), cs("3"), 4242, 17, None)}
+    kept = give_back_container(narrow, {key: cs("2-3")}, cs("1"), kernel_resets=True)
+    assert (kept.moves, kept.forget) == ((), ())
+    assert give_back_container(narrow, {key: cs("2-3")}, cs("1")).forget == (key,)
+
+
+def test_on_a_kernel_that_resets_affinity_the_hook_records_and_puts_back_a_container(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real thing with a kernel that resets affinity stood in for (this host's keeps
+    it): nothing leased, VM CPU 1, housekeeping CPU 0.  The hook gives every thread of the
+    container CPU 1 and, on such a kernel, records that; when a lease's end gave the
+    threads every CPU (what 6.1 does as the shared group widens back), the give-back puts
+    them back on CPU 1 and forgets the record.  On this host's own kernel nothing is
+    recorded."""
+    from pinwarden.enforce import affinity
+    from pinwarden.libvirt import pins
+    from pinwarden.narrowed import NARROWED_PREFIX
+
+    if not {0, 1} <= os.sched_getaffinity(0):
+        pytest.fail("this test needs CPUs 0 and 1 (every machine pinwarden is tested on "
+                    "has them)")
+    manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
+                      host=make_host("0-1", "1"))
+    doc = (f"<domain type='lxc'><name>ct</name><uuid>{UUID_A}</uuid><memory>32768"
+           f"</memory><vcpu>1</vcpu><os><type>exe</type><init>/bin/sh</init></os>"
+           f"</domain>")
+    with process_tree() as found:
+        monkeypatch.setattr(hook, "_pid_file", lambda driver, name: found[0])
+        if not affinity.cgroup_resets_affinity():
+            assert hook.main_run(manager, "lxc", ["ct", "started", "begin", "-"], doc) == 0
+            assert manager.change_records(NARROWED_PREFIX) == {}
+        monkeypatch.setattr(affinity, "cgroup_resets_affinity", lambda root=None: True)
+        monkeypatch.setattr(pins, "cgroup_resets_affinity", lambda root=None: True)
+        assert hook.main_run(manager, "lxc", ["ct", "started", "begin", "-"], doc) == 0
+        assert {pid: os.sched_getaffinity(pid) for pid in found} == \
+            {pid: {1} for pid in found}
+        [value] = manager.change_records(NARROWED_PREFIX).values()
+        assert json.loads(value)["before"] == json.loads(value)["after"] == "1"
+        assert pins.give_back_containers(manager) == ()  # as placed: nothing to do
+        # a lease whose owner is gone, not yet released: its CPU is still out of the
+        # shared group, whose widening at the release will reset the threads again — a
+        # give-back before it would be undone (story_lxc: another release's give-back ran
+        # in that window, and the container ended on every CPU)
+        owner = subprocess.Popen(["sleep", "60"])
+        job = job_holder("pwtest-gone")
+        try:
+            manager.reserve(job, lambda host, leases: Plan(
+                "pwtest-gone", None, True, {0: cs("1")}, cs("1"), leases={1: "task"}),
+                owner_pid=owner.pid)
+        finally:
+            owner.kill()
+            owner.wait()
+        for pid in found:  # the kernel's reset as the group narrowed
+            os.sched_setaffinity(pid, {0})
+        assert manager.leases() == () and pins.give_back_containers(manager) == ()
+        manager.drop(job)
+        for pid in found:  # the kernel's reset as the group widened back
+            os.sched_setaffinity(pid, {0, 1})
+        given = pins.give_back_containers(manager)
+        assert [str(m) for m in given] == ["ct container: 0-1 -> 1"]
+        assert {pid: os.sched_getaffinity(pid) for pid in found} == \
+            {pid: {1} for pid in found}
+        assert manager.change_records(NARROWED_PREFIX) == {}
 
 
 def test_the_hook_records_a_container_it_placed_off_a_lease_and_it_gets_the_cpu_back(

@@ -282,14 +282,18 @@ class Manager:
         reader = self.reader()
         return reader.dead() if reader is not None else ()
 
-    def leases(self) -> tuple[Lease, ...]:
-        """Every lease whose holder lives (dead owners' leases are already free)."""
+    def leases(self, *, dead: bool = False) -> tuple[Lease, ...]:
+        """Every lease whose holder lives (dead owners' leases are already free).
+        ``dead``: those too — free to decide on, but their CPUs stay out of the shared
+        group until a release or sync frees them."""
         reader = self.reader()
         if reader is None:
             return ()
-        dead = {(r.ref.driver, r.ref.key) for r in reader.dead()}
+        if dead:
+            return tuple(reader.leases())
+        dead_ones = {(r.ref.driver, r.ref.key) for r in reader.dead()}
         return tuple(lease for lease in reader.leases()
-                     if (lease.holder.driver, lease.holder.key) not in dead)
+                     if (lease.holder.driver, lease.holder.key) not in dead_ones)
 
     def change_records(self, prefix: str) -> dict[str, str]:
         """The change records under ``prefix`` that an adapter keeps of what it changed

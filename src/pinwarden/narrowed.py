@@ -56,7 +56,9 @@ def record_parts(value: str) -> tuple[str, CpuSet, CpuSet] | None:
 
 def narrowed(recorded: Mapping[str, str], leased: CpuSet) -> tuple[Narrowed, ...]:
     """The narrowed pins ``recorded`` (``repin:`` change records) with ``leased`` the CPUs
-    leased now; unreadable records are left out (the next give-back forgets them)."""
+    leased now; unreadable records are left out (the next give-back forgets them), and so
+    are placements recorded as they were made, on the whole shared pool, for a kernel that
+    loses them (before Linux 6.2): nothing of those is narrowed."""
     out: list[Narrowed] = []
     for key, value in sorted(recorded.items()):
         uuid, label = key_parts(key)
@@ -64,5 +66,7 @@ def narrowed(recorded: Mapping[str, str], leased: CpuSet) -> tuple[Narrowed, ...
         if parts is None:
             continue
         domain, had, pin = parts
+        if pin == had:
+            continue
         out.append(Narrowed(domain, uuid, label, pin, had, had - leased - pin))
     return tuple(sorted(out, key=lambda n: (n.domain, n.uuid, n.label)))

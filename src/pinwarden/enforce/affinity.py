@@ -16,6 +16,21 @@ from pathlib import Path
 from pinwarden.cpuset import CpuSet
 from pinwarden.errors import EnforceError
 
+#: The first kernel that keeps the affinity a thread asked for (``sched_setaffinity``) when
+#: its cpuset cgroup's CPUs change, giving it that less what the cgroup took ("sched:
+#: Enforce user requested affinity", Linux 6.2).  Before, every change gave each thread of
+#: the cgroup all of the cgroup's CPUs (Debian 12's 6.1 does; 6.12 keeps them).
+AFFINITY_KEPT_SINCE = (6, 2)
+
+
+def cgroup_resets_affinity(root: Path = Path("/")) -> bool:
+    """Whether the running kernel gives a thread its cpuset cgroup's CPUs whenever those
+    change, whatever affinity it was given (an unreadable version counts as such: the
+    records this asks for cost a little, missing ones lose placements)."""
+    from pinwarden.enforce.v2 import kernel_version
+
+    return kernel_version(root) < AFFINITY_KEPT_SINCE
+
 
 def get_affinity(tid: int) -> CpuSet:
     try:

@@ -649,10 +649,14 @@ def _started(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None
 
 
 def _default_cpus(manager: Manager, driver: str, name: str,
-                  spec: DomainSpec) -> tuple[int, CpuSet, Plan, Host | None] | None:
+                  spec: DomainSpec) -> tuple[int, CpuSet, Plan, Host | None, bool] | None:
     """The running shared domain's process, the CPUs its threads without a pin get (its
-    plan's default placement), that plan, and the host it was decided on while something
-    is leased (None: nothing is); None: not running, or every thread pinned."""
+    plan's default placement), that plan, the host it was decided on when the placement is
+    to be recorded (None: it is not), and whether every placement is (the kernel resets
+    the threads' affinity at each change of their cgroup, which loses it: before Linux
+    6.2).  A placement is recorded while something is leased, or on such a kernel; None:
+    not running, or every thread pinned."""
+    from pinwarden.enforce.affinity import cgroup_resets_affinity
     from pinwarden.policy import decide
 
     pid = _pid_file(driver, name)
@@ -662,11 +666,12 @@ def _default_cpus(manager: Manager, driver: str, name: str,
     plan = decide(spec, host, leases, holder=_holder(driver, name, spec))
     if not plan.default_cpus:
         return None
-    return pid, plan.default_cpus, plan, host if leases else None
+    every = cgroup_resets_affinity()
+    return pid, plan.default_cpus, plan, host if leases or every else None, every
 
 
 def _note_placed_narrower(manager: Manager, name: str, spec: DomainSpec, plan: Plan,
-                          host: Host) -> None:
+                          host: Host, *, every: bool = False) -> None:
     """The hook gave the unpinned threads fewer CPUs than the shared pool with nothing
     leased, because of the leases held now: recorded as narrowings, as ``pinwarden start``
     records its placement, so that they get those CPUs back when the leases end.  The
@@ -674,14 +679,19 @@ def _note_placed_narrower(manager: Manager, name: str, spec: DomainSpec, plan: P
     stays its own across cpuset changes since Linux 6.2 (the trixie lab's shared domain
     B kept CPU 3; this host's kernel keeps it on cgroup v1 too).  Written without the
     pins lock, which the hook must never wait for (libvirt calls are made under it); a
-    give-back that read the records before sees none of these."""
+    give-back that read the records before sees none of these.  ``every``: a placement on
+    the whole shared pool is recorded too — before Linux 6.2 the kernel gives the threads
+    their cgroup's CPUs at each change of it, and the record is how the give-back knows
+    the placement to put back (every CPU, when the last lease ends, in modes none and
+    isolcpus)."""
     from pinwarden.cpuset import CpuSet
     from pinwarden.libvirt.repin import placed_narrower, record_moves
     from pinwarden.narrowed import NARROWED_PREFIX
     from pinwarden.partition import shared_pool
 
     base = shared_pool(host, CpuSet())[0]
-    moves = placed_narrower(spec, plan, name, _holder("qemu", name, spec).uuid or "", base)
+    moves = placed_narrower(spec, plan, name, _holder("qemu", name, spec).uuid or "", base,
+                            every=every)
     if moves:
         manager.put_change_records(record_moves(moves,
                                                 manager.change_records(NARROWED_PREFIX)))
@@ -696,7 +706,8 @@ def _place_default(manager: Manager, name: str, spec: DomainSpec) -> None:
     cpuset>`` — the VM CPUs less the leased ones (threads QEMU starts later inherit them
     from the thread that starts them); the pinned ones keep their pins.  libvirt reads
     affinity back from the kernel (``virsh vcpuinfo``).  A placement narrowed by leases
-    held now is recorded, to be given back when they end (:func:`_note_placed_narrower`)."""
+    held now is recorded, to be given back when they end (:func:`_note_placed_narrower`),
+    and on a kernel before 6.2 any placement, to be put back after the kernel's resets."""
     import errno
 
     from pinwarden.enforce.affinity import pin_each, threads_of
@@ -705,11 +716,11 @@ def _place_default(manager: Manager, name: str, spec: DomainSpec) -> None:
     found = _default_cpus(manager, "qemu", name, spec)
     if found is None:
         return
-    pid, cpus, plan, leased_host = found
+    pid, cpus, plan, record_host, every = found
     failed = pin_each({tid: cpus for tid in threads_of(pid)
                        if unpinned_thread(spec, thread_comm(pid, tid))})
-    if leased_host is not None:  # (nothing leased, nothing narrower: no import either)
-        _note_placed_narrower(manager, name, spec, plan, leased_host)
+    if record_host is not None:  # (nothing leased, nothing narrower: no import either)
+        _note_placed_narrower(manager, name, spec, plan, record_host, every=every)
     # A thread that exited meanwhile, or one whose cpuset cgroup does not allow the CPUs —
     # KVM's NX huge page recovery worker (kvm-nx-lpage-re) may start in the cgroup of a
     # pinned vCPU, and keeps its pin — is left as it is; anything else is reported (the
@@ -737,7 +748,7 @@ def _place_container(manager: Manager, name: str, spec: DomainSpec) -> None:
     found = _default_cpus(manager, "lxc", name, spec)
     if found is None:
         return
-    pid, cpus, _plan, leased_host = found
+    pid, cpus, _plan, record_host, every = found
     done: set[int] = set()
     for _ in range(3):
         todo = {tid for proc in descendants(pid) for tid in threads_of(proc)} - done
@@ -745,14 +756,15 @@ def _place_container(manager: Manager, name: str, spec: DomainSpec) -> None:
             break
         pin_each({tid: cpus for tid in sorted(todo)})  # (gone or refused: left as it is)
         done |= todo
-    if leased_host is not None:
-        _note_container_placed(manager, name, spec, pid, cpus, leased_host)
+    if record_host is not None:
+        _note_container_placed(manager, name, spec, pid, cpus, record_host, every=every)
 
 
 def _note_container_placed(manager: Manager, name: str, spec: DomainSpec, pid: int,
-                           cpus: CpuSet, host: Host) -> None:
+                           cpus: CpuSet, host: Host, *, every: bool = False) -> None:
     """The container's placement ``cpus``, narrower than the shared pool with nothing
-    leased because of the leases held now, recorded for the give-back
+    leased because of the leases held now (or any, ``every``: see
+    :func:`_note_placed_narrower`), recorded for the give-back
     (:func:`pinwarden.libvirt.pins.give_back_containers`)."""
     from pinwarden.cpuset import CpuSet
     from pinwarden.libvirt.repin import CONTAINER, container_json
@@ -762,7 +774,7 @@ def _note_container_placed(manager: Manager, name: str, spec: DomainSpec, pid: i
 
     base = shared_pool(host, CpuSet())[0]
     start = start_time(pid)
-    if cpus == base or start is None:
+    if (cpus == base and not every) or start is None:
         return
     key = narrowed_key(_holder("lxc", name, spec).uuid or "", CONTAINER)
     earlier = manager.change_records(key).get(key)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pinwarden.cpuset import CpuSet
+from pinwarden.enforce.affinity import cgroup_resets_affinity
 from pinwarden.errors import PinwardenError
 from pinwarden.libvirt import connect as lv
 from pinwarden.libvirt.repin import CONTAINER, container_owner, record_moves
@@ -74,8 +75,9 @@ def give_back(manager: Manager, conn: Any,
         recorded = manager.change_records(NARROWED_PREFIX)
         if domains is None:
             domains = lv.list_domains(conn, active_only=True)
-        leased = CpuSet.of(lease.cpu for lease in manager.leases())
-        plan = decide_give_back(domains, recorded, leased)
+        resets = cgroup_resets_affinity()
+        plan = decide_give_back(domains, recorded, _leased(manager, resets),
+                                kernel_resets=resets)
         done: list[Repin] = []
         try:
             for move in plan.moves:
@@ -113,8 +115,9 @@ def give_back_containers(manager: Manager) -> tuple[Repin, ...]:
             if owner is not None and procs.alive(*owner):
                 with contextlib.suppress(OSError):
                     live[key] = CpuSet.of(os.sched_getaffinity(owner[0]))
-        leased = CpuSet.of(lease.cpu for lease in manager.leases())
-        plan = decide_container_give_back(recorded, live, leased)
+        resets = cgroup_resets_affinity()
+        plan = decide_container_give_back(recorded, live, _leased(manager, resets),
+                                          kernel_resets=resets)
         for move in plan.moves:
             owner = owners[narrowed_key(move.uuid, CONTAINER)]
             assert owner is not None  # (a move names a live controller)
@@ -129,6 +132,16 @@ def give_back_containers(manager: Manager) -> tuple[Repin, ...]:
                 done |= todo
         manager.put_change_records(dict(plan.records), forget=list(plan.forget))
     return plan.moves
+
+
+def _leased(manager: Manager, resets: bool) -> CpuSet:
+    """The CPUs a give-back keeps out: every lease — and, where the kernel gives threads
+    their cgroup's CPUs at each change (``resets``), the leases of holders whose owner is
+    gone too: their CPUs stay out of the shared group until the release (or sync) that
+    frees them writes it, and that write's reset would undo a give-back made before it.
+    (The release's own give-back comes after its write: the hook's, the daemon's, or
+    ``pinwarden stop``'s.)"""
+    return CpuSet.of(lease.cpu for lease in manager.leases(dead=resets))
 
 
 def _affinity(tid: int) -> CpuSet | None:

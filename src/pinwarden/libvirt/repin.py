@@ -104,21 +104,25 @@ def record_moves(moves: Sequence[Repin], recorded: Mapping[str, str]) -> dict[st
 
 
 def placed_narrower(spec: DomainSpec, plan: Plan, name: str, uuid: str,
-                    base: CpuSet) -> tuple[Repin, ...]:
+                    base: CpuSet, *, every: bool = False) -> tuple[Repin, ...]:
     """A shared domain just started by ``pinwarden start``, or by plain ``virsh start``
     (the hook's ``started`` step placed its threads): the thread groups its own definition
     leaves to default placement, which pinwarden placed elsewhere than ``base`` (the shared
     pool with nothing leased) because of the leases held now — on fewer CPUs, or on the
     housekeeping CPUs when every VM CPU is leased — as narrowings from ``base``, to give
     back when those leases end.  (The kernel keeps the affinity the hook gives a thread
-    across cgroup changes since Linux 6.2: nothing widens it but a give-back.)"""
+    across cgroup changes since Linux 6.2: nothing widens it but a give-back.)
+
+    ``every``: those placed on ``base`` itself too — on a kernel that gives a thread its
+    cgroup's CPUs whenever those change (before Linux 6.2), the hook's placement is lost
+    at the first change, and the record is what puts it back (:func:`give_back`)."""
     threads: list[tuple[str, int | None, CpuSet]] = [
         ("vcpu", v, c) for v, c in sorted(plan.vcpus.items())]
     threads.append(("emulator", None, plan.emulator))
     threads.extend(("iothread", i, c) for i, c in sorted(plan.iothreads.items()))
     return tuple(Repin(name, uuid, thread, ident, base, cpus)
                  for thread, ident, cpus in threads
-                 if cpus and cpus != base and _floating(spec, thread, ident))
+                 if cpus and (every or cpus != base) and _floating(spec, thread, ident))
 
 
 @record
@@ -132,7 +136,7 @@ class GiveBack:
 
 
 def give_back(domains: Sequence[DomainInfo], recorded: Mapping[str, str],
-              leased: CpuSet) -> GiveBack:
+              leased: CpuSet, *, kernel_resets: bool = False) -> GiveBack:
     """Live pins pinwarden narrowed off CPUs that are no longer leased (``leased``: every
     CPU leased now) get them back: each thread group returns to what it had before the
     first narrowing, minus what is still leased.
@@ -144,6 +148,13 @@ def give_back(domains: Sequence[DomainInfo], recorded: Mapping[str, str],
     the kernel has it, which a later lease narrows through the cgroup: that is still
     pinwarden's placement.  Containers' records (label :data:`CONTAINER`) are left to
     :func:`give_back_container`.
+
+    ``kernel_resets``: the kernel gives every thread of a cpuset cgroup all of the
+    cgroup's CPUs whenever those change (Linux before 6.2: :func:`pinwarden.enforce.
+    affinity.cgroup_resets_affinity`), so such a group reads whatever pinwarden's last
+    change of the shared group made of it — still pinwarden's placement, moved back to
+    what it had less what is leased whenever it differs from that (when the last lease
+    ends, the shared group is every CPU again, housekeeping ones included).
     """
     by_uuid = {d.uuid: d for d in domains if d.active}
     moves: list[Repin] = []
@@ -162,14 +173,16 @@ def give_back(domains: Sequence[DomainInfo], recorded: Mapping[str, str],
             continue
         _, before, after = parts
         live, kernel = _live_pin(dom, label)
-        if dom is None or live is None or not _still_placed(live, after, leased, kernel):
+        if dom is None or live is None or \
+                not _still_placed(live, after, leased, kernel, kernel_resets):
             forget.append(key)
             continue
-        want = _wanted(before, after, leased)
+        now = live if kernel and kernel_resets else after
+        want = _wanted(before, now, leased)
         if want is None:
             continue
         thread, ident = _split_label(label)
-        moves.append(Repin(dom.name, uuid, thread, ident, after, want))
+        moves.append(Repin(dom.name, uuid, thread, ident, now, want))
         if want == before:
             forget.append(key)
         else:
@@ -194,10 +207,14 @@ def _wanted(before: CpuSet, after: CpuSet, leased: CpuSet) -> CpuSet | None:
     return None if not want or want == after or after & leased else want
 
 
-def _still_placed(live: CpuSet, after: CpuSet, leased: CpuSet, kernel: bool) -> bool:
+def _still_placed(live: CpuSet, after: CpuSet, leased: CpuSet, kernel: bool,
+                  resets: bool = False) -> bool:
     """Whether a thread group whose record says pinwarden set ``after`` still has that
     placement: ``live`` is it — or, read from the kernel (``kernel``), it less CPUs leased
-    since, which the cgroup took away (a later exclusive start)."""
+    since, which the cgroup took away (a later exclusive start); or anything the kernel
+    reads, where it gives a thread its cgroup's CPUs at every change (``resets``)."""
+    if kernel and resets:
+        return bool(live)
     return live == after or (kernel and live == after - leased and bool(live))
 
 
@@ -267,12 +284,13 @@ def container_owner(value: str) -> tuple[int, int] | None:
 
 
 def give_back_container(recorded: Mapping[str, str], live: Mapping[str, CpuSet | None],
-                        leased: CpuSet) -> GiveBack:
+                        leased: CpuSet, *, kernel_resets: bool = False) -> GiveBack:
     """Containers' records (label :data:`CONTAINER`) give their CPUs back as
-    :func:`give_back` does for QEMU thread groups: ``live`` maps each record to its
-    controller's affinity now (None: that process has exited; the container stopped).
-    Each move is ``Repin(domain, uuid, CONTAINER, None, placed, want)``: every thread of
-    the container that still has ``placed`` gets ``want``."""
+    :func:`give_back` does for QEMU thread groups (``kernel_resets`` likewise): ``live``
+    maps each record to its controller's affinity now (None: that process has exited; the
+    container stopped).  Each move is ``Repin(domain, uuid, CONTAINER, None, placed,
+    want)``: every thread of the container that still has ``placed`` (what the hook gave,
+    or on a resetting kernel what the controller has now) gets ``want``."""
     moves: list[Repin] = []
     records: dict[str, str] = {}
     forget: list[str] = []
@@ -282,14 +300,15 @@ def give_back_container(recorded: Mapping[str, str], live: Mapping[str, CpuSet |
             continue
         owner, parts, now = container_owner(value), record_parts(value), live.get(key)
         if owner is None or parts is None or now is None or \
-                not _still_placed(now, parts[2], leased, True):
+                not _still_placed(now, parts[2], leased, True, kernel_resets):
             forget.append(key)
             continue
         name, before, after = parts
-        want = _wanted(before, after, leased)
+        placed = now if kernel_resets else after
+        want = _wanted(before, placed, leased)
         if want is None:
             continue
-        moves.append(Repin(name, uuid, CONTAINER, None, after, want))
+        moves.append(Repin(name, uuid, CONTAINER, None, placed, want))
         if want == before:
             forget.append(key)
         else:
