@@ -554,6 +554,64 @@ def test_a_container_the_hook_placed_off_a_lease_gets_the_cpus_back_by_its_proce
     assert give_back([], records, leased=CpuSet()) == give_back([], {}, leased=CpuSet())
 
 
+QEMU_LIKE = r"""
+import os, sys, threading
+names = sys.argv[1:]
+ready, done = threading.Barrier(len(names) + 1), threading.Event()
+def run(name):
+    with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
+        f.write(name)
+    ready.wait()
+    done.wait()
+for name in names:
+    threading.Thread(target=run, args=(name,), daemon=True).start()
+with open("/proc/self/comm", "w") as f:
+    f.write("qemu-system-x86")
+ready.wait()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_the_give_back_settles_qemus_other_emulator_threads() -> None:
+    """libvirt's live emulator pin moves QEMU's main thread (and the emulator cgroup), not
+    its other emulator threads; since Linux 6.2 they keep their own affinity as the cgroup
+    widens, so a give-back left them on the narrower CPUs (trixie's story: B kept a thread
+    on CPU 3).  The real thing on a process named as QEMU names its threads: the emulator's
+    threads still on the old CPUs get the new ones; vCPU and I/O threads (libvirt pins them
+    itself) and a thread given other CPUs since are left alone."""
+    from pinwarden.libvirt.pins import settle_emulator
+    from pinwarden.libvirt.repin import emulator_thread
+    from pinwarden.libvirt.state import Repin
+
+    assert [emulator_thread(c) for c in ("qemu-system-x86", "IO mon_iothread", "worker",
+                                         "CPU 0/KVM", "ALL CPUs/TCG", "IO iothread1",
+                                         "IO iothread12345", None)] == \
+        [True, True, True, False, False, False, False, False]
+    if not {0, 1} <= os.sched_getaffinity(0):
+        pytest.fail("this test needs CPUs 0 and 1 (every machine pinwarden is tested on "
+                    "has them)")
+    names = ["call_rcu", "IO mon_iothread", "CPU 0/KVM", "IO iothread1", "worker"]
+    proc = subprocess.Popen([sys.executable, "-c", QEMU_LIKE, *names],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        tids = {procs.thread_comm(proc.pid, t): t for t in os.listdir(f"/proc/{proc.pid}/task")
+                for t in [int(t)]}
+        assert set(tids) == {"qemu-system-x86", *names}, tids
+        for tid in tids.values():
+            os.sched_setaffinity(tid, {0})
+        os.sched_setaffinity(tids["worker"], {1})  # somebody's choice since
+        settle_emulator(proc.pid, Repin("s", "u", "emulator", None, cs("0"), cs("0-1")))
+        assert {name: os.sched_getaffinity(tid) for name, tid in tids.items()} == {
+            "qemu-system-x86": {0, 1}, "call_rcu": {0, 1}, "IO mon_iothread": {0, 1},
+            "CPU 0/KVM": {0},
+            "IO iothread1": {0}, "worker": {1}}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_container_record_on_a_kernel_that_resets_affinity() -> None:
     """Containers, as QEMU thread groups: on a kernel that resets affinity the
     controller's affinity now is the hook's placement as the kernel left it."""

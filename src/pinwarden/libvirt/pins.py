@@ -79,10 +79,13 @@ def give_back(manager: Manager, conn: Any,
         plan = decide_give_back(domains, recorded, _leased(manager, resets),
                                 kernel_resets=resets)
         done: list[Repin] = []
+        pids = {d.uuid: d.pid for d in domains}
         try:
             for move in plan.moves:
                 lv.apply_repin(conn, move)
                 done.append(move)
+                if move.thread == "emulator":
+                    settle_emulator(pids.get(move.uuid), move)
         finally:
             moved = {(m.uuid, m.label) for m in done}
             failed = {narrowed_key(m.uuid, m.label) for m in plan.moves
@@ -91,6 +94,24 @@ def give_back(manager: Manager, conn: Any,
                 {k: v for k, v in plan.records.items() if k not in failed},
                 forget=[k for k in plan.forget if k not in failed])
     return given + tuple(done)
+
+
+def settle_emulator(pid: int | None, move: Repin) -> None:
+    """libvirt's live emulator pin sets the emulator's cgroup and QEMU's main thread only;
+    QEMU's other emulator threads (RCU, the monitor's I/O thread, workers) keep their own
+    affinity, which the kernel keeps as the cgroup widens (since Linux 6.2): one placed by
+    the hook, or started while the pin was narrower, stayed there after the give-back (the
+    trixie story's B kept a thread on CPU 3).  Every such thread of process ``pid`` still
+    on ``move.before`` gets ``move.after`` too; a thread given other CPUs since keeps them,
+    and one the cgroup does not allow them (or gone) is left as it is."""
+    from pinwarden.enforce.affinity import pin_each, threads_of
+    from pinwarden.libvirt.repin import emulator_thread
+    from pinwarden.procs import thread_comm
+
+    if pid is None:
+        return
+    pin_each({tid: move.after for tid in threads_of(pid)
+              if emulator_thread(thread_comm(pid, tid)) and _affinity(tid) == move.before})
 
 
 def give_back_containers(manager: Manager) -> tuple[Repin, ...]:
