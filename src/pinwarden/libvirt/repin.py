@@ -180,6 +180,9 @@ def give_back(domains: Sequence[DomainInfo], recorded: Mapping[str, str],
         now = live if kernel and kernel_resets else after
         want = _wanted(before, now, leased)
         if want is None:
+            if now != after:  # where the kernel moved it: the record says so (status)
+                records[key] = json.dumps({"domain": dom.name, "before": before.to_list(),
+                                           "after": now.to_list()})
             continue
         thread, ident = _split_label(label)
         moves.append(Repin(dom.name, uuid, thread, ident, now, want))
@@ -319,6 +322,8 @@ def give_back_container(recorded: Mapping[str, str], live: Mapping[str, CpuSet |
         placed = now if kernel_resets else after
         want = _wanted(before, placed, leased)
         if want is None:
+            if placed != after:  # where the kernel moved it: the record says so (status)
+                records[key] = container_json(name, before, placed, *owner, value)
             continue
         moves.append(Repin(name, uuid, CONTAINER, None, placed, want))
         if want == before:
