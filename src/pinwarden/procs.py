@@ -162,3 +162,15 @@ def security_label(pid: int, *, root: Path = Path("/")) -> str | None:
         except OSError:
             continue
     return None
+
+
+def kernel_version(root: Path = Path("/")) -> tuple[int, int]:
+    """``(major, minor)`` of the running kernel (``(0, 0)`` when unreadable)."""
+    import re
+
+    try:
+        text = (root / "proc/sys/kernel/osrelease").read_text(errors="replace")
+    except OSError:
+        return (0, 0)
+    match = re.match(r"(\d+)\.(\d+)", text.strip())
+    return (int(match[1]), int(match[2])) if match else (0, 0)

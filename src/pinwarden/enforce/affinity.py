@@ -27,7 +27,7 @@ def cgroup_resets_affinity(root: Path = Path("/")) -> bool:
     """Whether the running kernel gives a thread its cpuset cgroup's CPUs whenever those
     change, whatever affinity it was given (an unreadable version counts as such: the
     records this asks for cost a little, missing ones lose placements)."""
-    from pinwarden.enforce.v2 import kernel_version
+    from pinwarden.procs import kernel_version
 
     return kernel_version(root) < AFFINITY_KEPT_SINCE
 

@@ -47,6 +47,7 @@ from pinwarden.enforce.backend import (
 )
 from pinwarden.errors import HostError
 from pinwarden.mounts import read_mounts
+from pinwarden.procs import kernel_version
 
 #: ``cpuset.cpus.partition`` words for each partition kind.
 PARTITION_WORD: dict[PartitionKind, str] = {
@@ -141,16 +142,6 @@ def cpuset_setting_lost(children: dict[str, dict[str, str | None]]) -> str | Non
         if word != "member":
             return f"/{path} is a partition ({word})"
     return None
-
-
-def kernel_version(root: Path = Path("/")) -> tuple[int, int]:
-    """``(major, minor)`` of the running kernel (``(0, 0)`` when unreadable)."""
-    try:
-        text = (root / "proc/sys/kernel/osrelease").read_text(errors="replace")
-    except OSError:
-        return (0, 0)
-    match = re.match(r"(\d+)\.(\d+)", text.strip())
-    return (int(match[1]), int(match[2])) if match else (0, 0)
 
 
 def _isolcpus(root: Path) -> CpuSet:
