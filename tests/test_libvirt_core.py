@@ -586,13 +586,13 @@ def test_the_give_back_settles_qemus_other_emulator_threads() -> None:
     threads still on the old CPUs get the new ones; vCPU and I/O threads (libvirt pins them
     itself) and a thread given other CPUs since are left alone."""
     from pinwarden.libvirt.pins import settle_emulator
-    from pinwarden.libvirt.repin import emulator_thread
-    from pinwarden.libvirt.state import Repin
+    from pinwarden.libvirt.state import Repin, qemu_thread
 
-    assert [emulator_thread(c) for c in ("qemu-system-x86", "IO mon_iothread", "worker",
-                                         "CPU 0/KVM", "ALL CPUs/TCG", "IO iothread1",
-                                         "IO iothread12345", None)] == \
-        [True, True, True, False, False, False, False, False]
+    assert [qemu_thread(c) for c in ("qemu-system-x86", "IO mon_iothread", "worker",
+                                     "CPU 0/KVM", "ALL CPUs/TCG", "IO iothread1",
+                                     "IO iothread12345", None)] == [
+        ("emulator", None), ("emulator", None), ("emulator", None), ("vcpu", 0),
+        ("vcpu", None), ("iothread", 1), None, None]
     if not {0, 1} <= os.sched_getaffinity(0):
         pytest.fail("this test needs CPUs 0 and 1 (every machine pinwarden is tested on "
                     "has them)")
@@ -601,8 +601,8 @@ def test_the_give_back_settles_qemus_other_emulator_threads() -> None:
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-        tids = {procs.thread_comm(proc.pid, t): t for t in os.listdir(f"/proc/{proc.pid}/task")
-                for t in [int(t)]}
+        tids = {procs.thread_comm(proc.pid, tid): tid
+                for tid in map(int, os.listdir(f"/proc/{proc.pid}/task"))}
         assert set(tids) == {"qemu-system-x86", *names}, tids
         for tid in tids.values():
             os.sched_setaffinity(tid, {0})

@@ -781,28 +781,20 @@ def _note_container_placed(manager: Manager, name: str, spec: DomainSpec, pid: i
     manager.put_change_records({key: container_json(name, base, cpus, pid, start, earlier)})
 
 
-_COMM_MAX = 15  # the kernel keeps a thread's name to 15 bytes
-
-
 def unpinned_thread(spec: DomainSpec, comm: str | None) -> bool:
-    """Whether the QEMU thread named ``comm`` has no pin of its own in ``spec`` (pure).
-    QEMU names its threads (libvirt passes ``debug-threads=on``): ``CPU N/KVM`` (or
-    ``/TCG`` …) is vCPU N, ``ALL CPUs/TCG`` every vCPU (single-threaded TCG), ``IO
-    iothreadN`` libvirt's I/O thread N; every other thread — the main loop, workers, the
-    monitor's I/O thread — is the emulator's.  A name cut short by the kernel, or a
-    thread gone, is left alone."""
-    if comm is None:
+    """Whether the QEMU thread named ``comm`` has no pin of its own in ``spec`` (pure; its
+    group by :func:`pinwarden.libvirt.state.qemu_thread`).  A name cut short by the kernel,
+    or a thread gone, is left alone."""
+    from pinwarden.libvirt.state import qemu_thread
+
+    group = qemu_thread(comm)
+    if group is None:
         return False
-    if comm.startswith("ALL CPUs/"):
-        return not spec.vcpupins
-    if comm.startswith("CPU ") and "/" in comm:
-        number = comm[4:].partition("/")[0]
-        if number.isdigit():
-            return int(number) not in spec.vcpupins
-    if comm.startswith("IO iothread") and comm[11:].isdigit():
-        if len(comm) >= _COMM_MAX:
-            return False
-        return int(comm[11:]) not in spec.iothreadpins
+    thread, ident = group
+    if thread == "vcpu":
+        return not spec.vcpupins if ident is None else ident not in spec.vcpupins
+    if thread == "iothread":
+        return ident not in spec.iothreadpins
     return spec.emulatorpin is None
 
 

@@ -105,13 +105,14 @@ def settle_emulator(pid: int | None, move: Repin) -> None:
     on ``move.before`` gets ``move.after`` too; a thread given other CPUs since keeps them,
     and one the cgroup does not allow them (or gone) is left as it is."""
     from pinwarden.enforce.affinity import pin_each, threads_of
-    from pinwarden.libvirt.repin import emulator_thread
+    from pinwarden.libvirt.state import qemu_thread
     from pinwarden.procs import thread_comm
 
     if pid is None:
         return
     pin_each({tid: move.after for tid in threads_of(pid)
-              if emulator_thread(thread_comm(pid, tid)) and _affinity(tid) == move.before})
+              if qemu_thread(thread_comm(pid, tid)) == ("emulator", None)
+              and _affinity(tid) == move.before})
 
 
 def give_back_containers(manager: Manager) -> tuple[Repin, ...]:

@@ -253,18 +253,6 @@ def _live_pin(dom: DomainInfo | None, label: str) -> tuple[CpuSet | None, bool]:
     return affinity.iothreads.get(key), True
 
 
-def emulator_thread(comm: str | None) -> bool:
-    """Whether the QEMU thread named ``comm`` belongs to the emulator's group: not a vCPU
-    (``CPU N/KVM``, ``ALL CPUs/TCG``) nor an I/O thread (``IO iothreadN``, however cut
-    short), as :func:`pinwarden.libvirt.hook.unpinned_thread` reads QEMU's names.  A
-    thread gone (None) is not."""
-    if comm is None:
-        return False
-    if comm.startswith(("CPU ", "ALL CPUs/")) and "/" in comm:
-        return False
-    return not comm.startswith("IO iothread")
-
-
 # -- containers -------------------------------------------------------------------------------
 
 #: The label of a shared LXC container's record: the CPUs the hook gave its controller

@@ -77,3 +77,27 @@ class Repin:
 
     def __str__(self) -> str:
         return f"{self.domain} {self.label}: {self.before} -> {self.after}"
+
+
+#: The kernel keeps a thread's name (``comm``) to 15 bytes.
+COMM_MAX = 15
+
+
+def qemu_thread(comm: str | None) -> tuple[str, int | None] | None:
+    """The thread group of the QEMU thread named ``comm`` (libvirt passes
+    ``debug-threads=on``): ``("vcpu", N)`` for ``CPU N/KVM`` (or ``/TCG`` …), ``("vcpu",
+    None)`` for ``ALL CPUs/TCG`` (every vCPU: single-threaded TCG), ``("iothread", N)``
+    for ``IO iothreadN``, and ``("emulator", None)`` for every other thread — the main
+    loop, workers, the monitor's I/O thread.  None: a thread gone, or an I/O thread's
+    name the kernel may have cut short."""
+    if comm is None:
+        return None
+    if comm.startswith("ALL CPUs/"):
+        return "vcpu", None
+    if comm.startswith("CPU ") and "/" in comm:
+        number = comm[4:].partition("/")[0]
+        if number.isdigit():
+            return "vcpu", int(number)
+    if comm.startswith("IO iothread") and comm[11:].isdigit():
+        return None if len(comm) >= COMM_MAX else ("iothread", int(comm[11:]))
+    return "emulator", None
