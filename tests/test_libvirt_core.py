@@ -617,6 +617,52 @@ def test_the_give_back_settles_qemus_other_emulator_threads() -> None:
         proc.wait()
 
 
+def test_a_failed_starts_undo_settles_qemus_other_emulator_threads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed exclusive start undoes its re-pins, the last first, each attempted though
+    libvirt refuses one; an undone emulator pin settles QEMU's other emulator threads as the
+    give-back does: one started while the pin was narrower (so on the narrower CPUs) gets
+    the CPUs back with it.  libvirt stood in for by what it would be asked; the threads are
+    a real process's, named as QEMU names them."""
+    from pinwarden.libvirt import connect as lv
+    from pinwarden.libvirt import pins
+    from pinwarden.libvirt.state import Repin
+
+    if not {0, 1} <= os.sched_getaffinity(0):
+        pytest.fail("this test needs CPUs 0 and 1 (every machine pinwarden is tested on "
+                    "has them)")
+    names = ["call_rcu", "worker", "CPU 0/KVM"]
+    proc = subprocess.Popen([sys.executable, "-c", QEMU_LIKE, *names],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    asked: list[tuple[str, str]] = []
+
+    def apply_repin(_conn: Any, move: Repin, *, undo: bool = False) -> None:
+        assert undo
+        asked.append((move.label, str(move.before)))
+        if move.thread == "vcpu":
+            raise LibvirtError("cannot re-pin vcpu0 (stand-in)")
+
+    monkeypatch.setattr(lv, "apply_repin", apply_repin)
+    monkeypatch.setattr(lv, "read_pid", lambda driver, name: (
+        proc.pid if (driver, name) == ("qemu", "s") else None))
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        tids = {procs.thread_comm(proc.pid, tid): tid
+                for tid in map(int, os.listdir(f"/proc/{proc.pid}/task"))}
+        for tid in tids.values():
+            os.sched_setaffinity(tid, {0})
+        pins.undo(object(), "qemu", [
+            Repin("s", "u", "emulator", None, cs("0-1"), cs("0")),
+            Repin("s", "u", "vcpu", 0, cs("0-1"), cs("0"))])
+        assert asked == [("vcpu0", "0-1"), ("emulator", "0-1")]
+        assert {name: os.sched_getaffinity(tid) for name, tid in tids.items()} == {
+            "qemu-system-x86": {0, 1}, "call_rcu": {0, 1}, "worker": {0, 1},
+            "CPU 0/KVM": {0}}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_container_record_on_a_kernel_that_resets_affinity() -> None:
     """Containers, as QEMU thread groups: on a kernel that resets affinity the
     controller's affinity now is the hook's placement as the kernel left it."""

@@ -96,6 +96,20 @@ def give_back(manager: Manager, conn: Any,
     return given + tuple(done)
 
 
+def undo(conn: Any, driver: str, moves: Sequence[Repin]) -> None:
+    """A failed exclusive start's re-pins undone through libvirt, the last first, every
+    one attempted (a libvirt refusal is not raised: the caller re-raises the start's own
+    error).  An undone emulator pin settles QEMU's other emulator threads as a give-back
+    does (:func:`settle_emulator`): one started while the pin was narrower kept it."""
+    for move in reversed(moves):
+        with contextlib.suppress(PinwardenError):
+            lv.apply_repin(conn, move, undo=True)
+            if move.thread == "emulator":
+                settle_emulator(lv.read_pid(driver, move.domain),
+                                Repin(move.domain, move.uuid, move.thread, move.ident,
+                                      move.after, move.before))
+
+
 def settle_emulator(pid: int | None, move: Repin) -> None:
     """libvirt's live emulator pin sets the emulator's cgroup and QEMU's main thread only;
     QEMU's other emulator threads (RCU, the monitor's I/O thread, workers) keep their own

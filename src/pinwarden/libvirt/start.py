@@ -282,9 +282,7 @@ def _rollback(manager: Manager, conn: Any, holder: HolderRef, started: bool,
     with contextlib.ExitStack() as stack:
         with contextlib.suppress(PinwardenError):  # not to be had: undone without it
             stack.enter_context(pins.locked(manager))
-        for move in reversed(done):
-            with contextlib.suppress(PinwardenError):
-                lv.apply_repin(conn, move, undo=True)
+        pins.undo(conn, holder.driver, done)
         with contextlib.suppress(PinwardenError):
             pins.unnote(manager, replaced)
 
