@@ -100,6 +100,39 @@ def test_read_noise_reads_every_source(tmp_path: Path) -> None:
     assert "bash" not in [k.comm for k in snap.kthreads]
 
 
+def test_read_noise_reads_this_hosts_kernel_as_the_kernel_says() -> None:
+    """The real /proc against what the kernel says by other means: the kernel threads are
+    kthreadd and its children (``/proc/2/task/2/children``), each thread's CPUs those
+    ``sched_getaffinity`` gives (every CPU being online here), the IRQs those with an
+    affinity file.  Threads come and go (kworkers): a few reads to see one quiet moment."""
+    children = Path("/proc/2/task/2/children")
+    if not children.exists():
+        pytest.fail("this test needs CONFIG_PROC_CHILDREN and the host's pid namespace "
+                    "(every machine pinwarden is tested on has them)")
+    online = CpuSet.parse_kernel(Path("/sys/devices/system/cpu/online").read_text())
+    assert online == CpuSet.parse_kernel(
+        Path("/sys/devices/system/cpu/possible").read_text()), "a CPU is offline"
+    for _ in range(5):
+        snap = read_noise(Path("/"))
+        kthreads = {2, *map(int, children.read_text().split())}
+        ours = {k.pid for k in snap.kthreads}
+        theirs = {}
+        for pid in sorted(ours):
+            try:
+                theirs[pid] = CpuSet.of(os.sched_getaffinity(pid))
+            except OSError:
+                break  # exited meanwhile: look again
+        else:
+            if ours == kthreads and {k.pid: k.affinity for k in snap.kthreads} == theirs:
+                break
+    else:
+        pytest.fail(f"kernel threads differ: {sorted(ours ^ kthreads)}")
+    assert [i.irq for i in snap.irqs] == sorted(
+        int(n) for n in os.listdir("/proc/irq")
+        if n.isdigit() and Path(f"/proc/irq/{n}/smp_affinity_list").exists())
+    assert snap.online == online
+
+
 def test_plan_apply_restore_on_a_fake_tree(tmp_path: Path) -> None:
     root = make_tree(tmp_path)
     before = read_noise(root)

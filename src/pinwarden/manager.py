@@ -663,9 +663,12 @@ class Manager:
 
         housekeeping = host.partition.host_cpus
         records, refused = recorded()
+        seen: isolation.NoiseSnapshot | None = None  # read again only after writing
         if records or (refused and not leased):
-            back = isolation.plan_restore(noise.read_noise(self.root), records, leased,
-                                          housekeeping)
+            seen = noise.read_noise(self.root)
+            back = isolation.plan_restore(seen, records, leased, housekeeping)
+            if back.writes:
+                seen = None
             later = self._retry_later(noise.apply(self.root, back.writes))
             ledger.forget_changes([key for key in (*back.forget,
                                                    *(refused if not leased else ()))
@@ -674,7 +677,8 @@ class Manager:
         if not leased:
             return
         records, refused = recorded()
-        snapshot = isolation.with_refusals(noise.read_noise(self.root), refused)
+        snapshot = isolation.with_refusals(
+            noise.read_noise(self.root) if seen is None else seen, refused)
         plan = isolation.plan_isolation(snapshot, leased, housekeeping, records)
         ledger.put_changes({r.key: json.dumps(r.to_json()) for r in plan.records})
         bad = noise.refused(noise.apply(self.root, plan.writes))
