@@ -589,6 +589,21 @@ def test_placement_is_read_as_libvirt_reads_it(inner: str) -> None:
          theirs.emulatorpin, theirs.iothread_id_set)
 
 
+def test_guest_cells_are_read_in_libvirts_order() -> None:
+    """Cells written out of order (libvirt's own tests' cpu-numa-disordered) are kept by
+    id, as libvirt keeps and writes them: the placement works through them in that order,
+    so ``plan FILE`` and the hook (which gets libvirt's form) place the vCPUs alike."""
+    from libvirt_form import domain_xml, libvirt_form
+
+    inner = ("<vcpu>4</vcpu><cpu><numa><cell id='1' cpus='2-3' memory='512'/>"
+             "<cell id='0' cpus='0-1' memory='512'/></numa></cpu>")
+    form = libvirt_form(inner, "pw-cell-order")
+    assert form is not None
+    ours, theirs = parse_domain(domain_xml(inner, "pw-cell-order")), parse_domain(form)
+    assert [c.id for c in ours.guest_cells] == [0, 1]
+    assert ours.guest_cells == theirs.guest_cells
+
+
 _CELLS = ("<cpu><numa><cell id='0' cpus='0' memory='512'/><cell id='1' cpus='1' "
           "memory='512'/></numa></cpu>")
 

@@ -424,7 +424,10 @@ def parse_domain(xml: str | bytes) -> DomainSpec:
         cpuset=cpuset, vcpupins=vcpupins, emulatorpin=emulatorpin, iothreads=iothreads,
         iothreadpins=iothreadpins, exclusive=bool(exclusive), threads=threads,
         emulator=emulator, numa_mode=numa_mode, numa_nodeset=nodeset,
-        guest_cells=tuple(cells), memnodes=memnodes, partition=partition,
+        # by id, as libvirt keeps and writes them: the placement works through the cells
+        # in this order, and the hook gets libvirt's form
+        guest_cells=tuple(sorted(cells, key=lambda cell: cell.id)), memnodes=memnodes,
+        partition=partition,
         iothread_ids=tuple(ids),
         domain_type=domain_type)
 
