@@ -329,6 +329,42 @@ def test_render_shared_default_placement_only_sets_vcpu_cpuset() -> None:
                    "  <vcpu placement='static' cpuset='2-3'>2</vcpu>\n</domain>")
 
 
+@pytest.mark.parametrize("memory", ["<memory mode='preferred'/>", "<memory/>",
+                                    "<memory mode='strict' placement='auto'/>",
+                                    "<memory mode='strict' nodeset='0'/>"])
+def test_render_off_numad_keeps_the_memory_placement_libvirt_accepts(memory: str) -> None:
+    """A <memory> with neither placement nor nodeset follows the vCPUs' placement: made
+    static by the render, libvirt refused the document ("nodeset for NUMA memory tuning
+    must be set if 'placement' is 'static'"; libvirt's own tests' numatune-auto-prefer).
+    Its memory stays numad's, as libvirt writes it out.  libvirt (its test driver) takes
+    the rendered XML, as written and from libvirt's own form, with the planned pins."""
+    import libvirt
+
+    from libvirt_form import domain_xml, libvirt_form
+
+    inner = f"<vcpu placement='auto'>2</vcpu><numatune>{memory}</numatune>"
+    plan = _plan({0: "2", 1: "3"}, "2-3", exclusive=True, default="2-3")
+    theirs = libvirt_form(inner, "pw-render-numad")
+    assert theirs is not None
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    conn = libvirt.open("test:///default")
+    try:
+        for source in (domain_xml(inner, "pw-render-numad"), theirs):
+            out = render_plan(source, plan)
+            dom = conn.defineXML(out)  # libvirtError (the test fails) if refused
+            try:
+                form = dom.XMLDesc()
+            finally:
+                dom.undefine()
+            assert parse_domain(form).vcpupins == plan.vcpus
+            assert parse_domain(form).cpuset == CpuSet.parse("2-3")
+            if source != theirs:  # the memory as asked: numad's, or the nodeset given
+                assert ("nodeset='0'" if "nodeset" in memory else "placement='auto'") \
+                    in form, form
+    finally:
+        conn.close()
+
+
 def test_render_creates_missing_elements() -> None:
     xml = "<domain>\n  <name>new</name>\n  <memory>1024</memory>\n</domain>\n"
     plan = _plan({0: "2", 1: "3"}, "2-3", exclusive=True, default="2-3")

@@ -653,6 +653,14 @@ def render_plan(xml: str | bytes, plan: Plan, *, partition: str | None = None) -
         else:
             if vcpu.attrs.get("placement") == "auto":  # numad would ignore our cpuset
                 attrs["placement"] = "static"
+                # a <memory> that names neither placement nor nodeset took the vCPUs'
+                # placement: numad's it stays (as libvirt writes it out), not static
+                # without a nodeset, which libvirt refuses
+                numatune = root.child("numatune")
+                memory = numatune.child("memory") if numatune is not None else None
+                if memory is not None and "placement" not in memory.attrs \
+                        and "nodeset" not in memory.attrs:
+                    ed.set_attrs(memory, {"placement": "auto"})
             if spec.cpuset != plan.default_cpus or "placement" in attrs:
                 ed.set_attrs(vcpu, attrs)
 
