@@ -26,11 +26,12 @@ import subprocess
 import sys
 import time
 import uuid as uuid_mod
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from xml.sax.saxutils import quoteattr
+from xml.sax.saxutils import escape, quoteattr
 
 import pytest
 
@@ -84,7 +85,7 @@ def tiny_domain_xml(name: str, *, vcpus: int = 1, uuid: str | None = None,
             if exclusive else "")
     resource = (f"<resource><partition>{partition}</partition></resource>"
                 if partition else "")
-    return (f"<domain type='{DOMAIN_TYPE}'><name>{name}</name>"
+    return (f"<domain type='{DOMAIN_TYPE}'><name>{escape(name)}</name>"
             f"<uuid>{uuid or uuid_mod.uuid4()}</uuid>{meta}"
             f"<memory unit='MiB'>{memory_mib}</memory><vcpu{vcpu_attr}>{vcpus}</vcpu>"
             f"{cputune}{resource}<os><type arch='x86_64'>hvm</type></os>"
@@ -248,6 +249,9 @@ class Domains:
         cleanup_domain(self.conn, name)
         return self.conn.defineXML(tiny_domain_xml(name, **kw))
 
+    def uuid(self, name: str) -> str:
+        return str(self.conn.lookupByName(name).UUIDString())
+
     def create(self, name: str, **kw: Any) -> Any:
         """A transient, running domain."""
         self.track(name)
@@ -284,7 +288,11 @@ def domains(libvirt_daemons: Daemons) -> Iterator[Domains]:
 # -- kernel views -------------------------------------------------------------------------
 
 def qemu_pid(name: str) -> int:
-    return int((RUN / "libvirt" / "qemu" / f"{name}.pid").read_text().strip())
+    """QEMU's pid as libvirt's status file (``NAME.xml``, the name as it is) records it:
+    not from the pid file, whose name libvirt escapes and pinwarden reads."""
+    status = ET.parse(RUN / "libvirt" / "qemu" / f"{name}.xml").getroot()
+    assert status.tag == "domstatus", status.tag
+    return int(status.attrib["pid"])
 
 
 def cpuset_cgroup_of(tid: int) -> str:

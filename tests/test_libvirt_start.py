@@ -202,6 +202,27 @@ def test_a_failed_start_gives_the_repinned_domain_its_cpu_back(
     assert "gave back" not in stopped, stopped
 
 
+def test_a_name_libvirt_escapes_in_its_pid_file(pw: env.Pinwarden,
+                                                domains: env.Domains) -> None:
+    """libvirt names the pid file after the XML-escaped domain name (``o&apos;q&amp;x.pid``):
+    ``pinwarden start`` finds QEMU there, hands it the lease and verifies it, and a sync
+    keeps the lease of the running domain."""
+    from pinwarden.ledger import Ledger
+
+    a = "pwtest-start-o'q&x"
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    started = pw.run("start", a, check=True).stdout
+    assert f"pid {env.qemu_pid(a)}, cgroup /" in started, started
+    with Ledger(pw.state) as ledger:
+        (record,) = ledger.holders()
+    assert record.ref.name == a and record.owner_pid == env.qemu_pid(a)
+    assert env.vm_affinity(a) == {1}
+    pw.run("sync", check=True)
+    assert env.holder_names(pw) == (a,)
+    pw.run("stop", a, check=True)
+    assert env.holder_names(pw) == ()
+
+
 def test_define_stores_metadata_and_refuses_bad_input(pw: env.Pinwarden,
                                                       domains: env.Domains,
                                                       tmp_path: Path) -> None:

@@ -162,10 +162,23 @@ class Settling(Exception):
     failed every listing of domains, and with it the daemon's whole pass."""
 
 
+#: What libvirt's virBufferEscapeString writes for the characters XML forbids in text.
+_PID_FILE_ESCAPES = {ord("<"): "&lt;", ord(">"): "&gt;", ord("&"): "&amp;",
+                     ord('"'): "&quot;", ord("'"): "&apos;",
+                     **{c: "" for c in range(1, 0x20) if chr(c) not in "\t\n\r"}}
+
+
+def pid_file_name(name: str) -> str:
+    """The file name libvirt gives a domain's pid file: virPidFileBuildPath escapes the
+    name for XML (``a'b`` -> ``a&apos;b.pid``) and drops control characters, while its
+    status file (``NAME.xml``) keeps the name as it is."""
+    return f"{name.translate(_PID_FILE_ESCAPES)}.pid"
+
+
 def read_pid(driver: str, name: str) -> int | None:
     """The main process of a running domain (QEMU, or libvirt_lxc), from libvirt's pid file."""
     try:
-        return int((RUN_DIRS[driver] / f"{name}.pid").read_text().strip())
+        return int((RUN_DIRS[driver] / pid_file_name(name)).read_text().strip())
     except (OSError, ValueError, KeyError):
         return None
 
