@@ -313,6 +313,28 @@ def test_a_refused_isolated_emulator_beside_pinned_vcpus_is_named_as_such() -> N
     assert "emulator" not in plain
 
 
+def test_a_refusal_for_cpus_the_domains_own_pins_keep_names_those_pins() -> None:
+    """An unpinned exclusive domain's vCPUs stay off the CPUs its own <emulatorpin> and
+    <iothreadpin> lease: with no other CPU free the refusal names those pins and the way
+    out (pin the vCPUs too, sharing them), not only 'only 0 free CPUs; lower the vCPU
+    count' — which read as if the host had nothing free."""
+    h = host(vm="4-5")  # VM CPUs 4-5; 5 leased below: only CPU 4 is free
+    for pins, what in [({"emulatorpin": C("4")}, "<emulatorpin>"),
+                       ({"iothreadpins": {1: C("4")}}, "<iothreadpin>"),
+                       ({"emulatorpin": C("4"), "iothreadpins": {1: C("4")}},
+                        "<emulatorpin> and <iothreadpin>")]:
+        s = spec(vcpus=1, exclusive=True, iothreads=1, **pins)
+        message = refused("insufficient-cpus", f"CPU 4 is kept for its own {what}, off its "
+                          "vCPUs: pin the vCPUs too (<vcpupin> may share it)",
+                          spec=s, host=h, leases=lease("5")).message
+        assert "CPU 5" in message and "other" in message, message  # who holds the rest
+        shared = decide(replace(s, vcpupins={0: C("4")}), h, lease("5"))
+        assert shared.vcpus == {0: C("4")} and shared.leased() == C("4")
+    plain = refused("insufficient-cpus", spec=spec(vcpus=2, exclusive=True), host=h,
+                    leases=lease("5")).message
+    assert "kept for" not in plain
+
+
 def test_a_preferred_nodeset_is_left_only_when_it_has_no_room() -> None:
     """<numatune> mode='preferred': the CPUs come from its nodes while they have room, else
     from any node (noted), as the memory would; 'strict' (the default) stays a limit."""

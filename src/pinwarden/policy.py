@@ -383,9 +383,11 @@ class _Leases:
 
 
 def _allocate(ctx: _Ctx, within: CpuSet, request: allocator.Request, *,
-              limit: str | None = None) -> allocator.Allocation:
+              limit: str | None = None,
+              kept: tuple[str, CpuSet] | None = None) -> allocator.Allocation:
     """``limit``: what in the XML narrowed ``within`` below the VM CPUs (named in a
-    refusal for want of CPUs: that is what the user can widen)."""
+    refusal for want of CPUs: that is what the user can widen).  ``kept``: the domain's
+    own pins (what, CPUs) taken out of ``within`` for its other threads (named too)."""
     from pinwarden import allocator
 
     try:
@@ -397,6 +399,12 @@ def _allocate(ctx: _Ctx, within: CpuSet, request: allocator.Request, *,
         narrowed = (f"; {limit} limits it to {within.named(empty='CPUs (none)')}: widen it (whole "
                     "cores under thread policies other than 'prefer') or remove it"
                     if limit is not None else "")
+        mine = EMPTY if kept is None else kept[1] & ctx.vm_cpus - ctx.leased
+        if kept is not None and mine:
+            one = len(mine) == 1
+            narrowed += (f"; {mine.named()} {'is' if one else 'are'} kept for its own "
+                         f"{kept[0]}, off its vCPUs: pin the vCPUs too (<vcpupin> may share "
+                         f"{'it' if one else 'them'}), or pin those threads elsewhere")
         # Only a holder of a CPU the request may use (``within``, on its nodes) frees
         # room for it when released.
         reachable = taken & within
@@ -430,17 +438,18 @@ def _allocate_or_none(ctx: _Ctx, within: CpuSet,
 
 def _allocate_on_nodes(ctx: _Ctx, spec: DomainSpec, within: CpuSet,
                        request: allocator.Request, notes: list[str], *,
-                       limit: str | None = None) -> allocator.Allocation:
+                       limit: str | None = None,
+                       kept: tuple[str, CpuSet] | None = None) -> allocator.Allocation:
     """:func:`_allocate` on the request's nodes (the ``<numatune>`` nodeset).  That is a
     hard limit but for ``mode='preferred'``, whose memory may come from other nodes too:
     with no room on the preferred nodes the CPUs come from any node (noted), as its
     memory would."""
     if spec.numa_mode != "preferred" or request.nodes is None:
-        return _allocate(ctx, within, request, limit=limit)
+        return _allocate(ctx, within, request, limit=limit, kept=kept)
     got = _allocate_or_none(ctx, within, request)
     if got is not None:
         return got
-    got = _allocate(ctx, within, replace(request, nodes=None), limit=limit)
+    got = _allocate(ctx, within, replace(request, nodes=None), limit=limit, kept=kept)
     topo = ctx.host.topology
     notes.append(f"NUMA {request.nodes.named('node')} (preferred by <numatune>) had no room for "
                  f"{ctx.who}: {CpuSet.of(got.cpus).named()} on "
@@ -523,6 +532,9 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
         count = spec.vcpus + (1 if isolate_emulator else 0)
         pinned = EMPTY if shared_emulator else \
             union([spec.emulatorpin or EMPTY, *spec.iothreadpins.values()])
+        pins = " and ".join(
+            (["<emulatorpin>"] if spec.emulatorpin is not None else [])
+            + (["<iothreadpin>"] if spec.iothreadpins else []))
         by_cell = _place_cells(ctx, spec, within - pinned, isolate_emulator, notes)
         if by_cell is not None:
             vcpus, placed_emulator = by_cell
@@ -533,7 +545,8 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
                 allocator.Request(count=count, threads=spec.threads, nodes=spec.numa_nodeset,
                                   purpose="vcpus+emulator" if isolate_emulator else "vcpus"),
                 notes,
-                limit=None if spec.cpuset is None else f"<vcpu cpuset='{spec.cpuset}'>")
+                limit=None if spec.cpuset is None else f"<vcpu cpuset='{spec.cpuset}'>",
+                kept=(pins, pinned & within) if pinned else None)
             chosen = list(got.cpus)  # CPU numbers the allocator took from ``within``
             if isolate_emulator:
                 emulator = CpuSet(frozenset((chosen.pop(),)))
