@@ -330,6 +330,18 @@ def vm_affinity(name: str) -> frozenset[int]:
     return frozenset(out)
 
 
+def thread_affinities(name: str) -> dict[str, frozenset[int]]:
+    """The CPUs each thread of the domain's QEMU may run on, by thread name (``CPU 0/KVM``,
+    ``call_rcu``, ``IO mon_iothread``...; threads of one name — QEMU's workers — merged)."""
+    pid = qemu_pid(name)
+    out: dict[str, set[int]] = {}
+    for tid in threads_of(pid):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            out.setdefault(comm, set()).update(thread_affinity(tid))
+    return {comm: frozenset(cpus) for comm, cpus in out.items()}
+
+
 def parse_list(text: str) -> frozenset[int]:
     out: set[int] = set()
     for part in text.strip().split(","):

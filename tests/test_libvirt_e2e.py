@@ -441,6 +441,8 @@ def test_a_lease_that_ends_through_the_hook_gives_the_cpu_back_without_the_daemo
     assert started.returncode == 0, started.stderr
     as_found = env.vm_affinity(s)
     assert 1 in as_found, as_found  # the hook's 'started' gives it the VM CPUs
+    threads = env.thread_affinities(s)
+    assert set(threads.values()) == {as_found}, threads
     log = hooked.state / "hook.log"
     start = len(log.read_text()) if log.exists() else 0
 
@@ -454,6 +456,10 @@ def test_a_lease_that_ends_through_the_hook_gives_the_cpu_back_without_the_daemo
     _wait(f"{s} to get CPU 1 back", lambda: env.vm_affinity(s) == as_found)
     _wait("the give-back to end", lambda: not _give_backs_of(hooked))
     assert f"pinwarden: gave back {s} vcpu0: 0 -> " in said(), said()
+    # every thread: QEMU's other emulator threads (call_rcu, the monitor's I/O thread)
+    # keep their own affinity when libvirt re-pins the emulator
+    assert env.thread_affinities(s) == {t: as_found for t in env.thread_affinities(s)}, \
+        (threads, env.thread_affinities(s))
     with Ledger(hooked.state) as ledger:
         assert ledger.holders() == ()
         assert [k for k in ledger.changes() if k.startswith("repin:")] == []
