@@ -1569,7 +1569,7 @@ def test_a_domain_stopping_during_a_listing_is_left_out_not_a_failure(
                 self.failing -= 1
                 raise libvirt_error(lv.VIR_ERR_OPERATION_FAILED,
                                     "Unable to read from monitor: Connection reset by peer")
-            return ([], [(True,)])
+            return ([(0, 1, 0, 0)], [(True,)])
 
         def emulatorPinInfo(self, _flags: int) -> Any:
             return (True,)

@@ -223,6 +223,31 @@ def test_a_name_libvirt_escapes_in_its_pid_file(pw: env.Pinwarden,
     assert env.holder_names(pw) == ()
 
 
+def test_a_vcpu_hot_plugged_while_leased_runs_off_the_lease_and_gets_its_cpus_back(
+        pw: env.Pinwarden, domains: env.Domains) -> None:
+    """A shared domain with an offline vCPU (<vcpu current='1'>2</vcpu>): libvirt keeps a
+    live pin for it, which a hot-plug ('virsh setvcpus --live') gives the new thread and
+    its cgroup.  The exclusive start re-pins it off the lease with the others: before, the
+    hot-plug failed while the CPU was leased (cgroup v1 refused the vCPU's cgroup CPU 1,
+    exclusive to the lease: 'Permission denied'); the lease's end gives it back."""
+    a, s = "pwtest-start-ha", "pwtest-start-hs"
+    domains.track(s)
+    domains.conn.defineXML(env.tiny_domain_xml(s, vcpus=2).replace(
+        "<vcpu>2</vcpu>", "<vcpu current='1'>2</vcpu>"))
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    pw.run("start", s, check=True)
+    assert env.vm_affinity(s) == {1}
+    out = pw.run("start", a, check=True).stdout
+    assert f"re-pinned {s} vcpu1: 1 -> 0" in out, out
+    plugged = env.virsh("setvcpus", s, "2", "--live")
+    assert plugged.returncode == 0, plugged.stderr
+    assert env.thread_affinities(s)["CPU 1/KVM"] == {0}
+    stopped = pw.run("stop", a, check=True).stdout
+    assert f"gave back {s} vcpu1: 0 -> 1" in stopped, stopped
+    assert set(env.thread_affinities(s).values()) == {frozenset({1})}, \
+        env.thread_affinities(s)
+
+
 def test_define_stores_metadata_and_refuses_bad_input(pw: env.Pinwarden,
                                                       domains: env.Domains,
                                                       tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import DomainSpec, parse_domain
 from pinwarden.errors import LibvirtError, PinwardenError
-from pinwarden.libvirt.state import Affinity, DomainInfo, Repin
+from pinwarden.libvirt.state import Affinity, DomainInfo, Repin, with_offline_vcpus
 from pinwarden.libvirt.uri import check_uri
 from pinwarden.libvirt.uri import driver_of as driver_of  # re-exported: lv.driver_of
 
@@ -130,7 +130,8 @@ def read_affinity(dom: Any) -> Affinity | None:
     unsupported = (lv.VIR_ERR_NO_SUPPORT, lv.VIR_ERR_OPERATION_UNSUPPORTED)
     try:
         try:
-            vcpus = {i: _cpus(bits) for i, bits in enumerate(dom.vcpus()[1])}
+            online, maps = dom.vcpus()  # the online vCPUs, by number
+            vcpus = {int(info[0]): _cpus(bits) for info, bits in zip(online, maps, strict=False)}
         except lv.libvirtError as exc:
             if exc.get_error_code() not in unsupported:
                 raise
@@ -183,6 +184,15 @@ def read_pid(driver: str, name: str) -> int | None:
         return None
 
 
+def _online_cpus(dom: Any) -> CpuSet:
+    """The host CPUs libvirt gives a thread nothing pins (what it calls available)."""
+    lv = binding()
+    try:
+        return _cpus(dom.connect().getCPUMap(0)[1])
+    except lv.libvirtError as exc:
+        raise error("cannot read the host's CPUs", exc) from None
+
+
 def _spec(xml: str) -> tuple[DomainSpec | None, str | None]:
     try:
         return parse_domain(xml), None
@@ -212,6 +222,9 @@ def domain_info(dom: Any, driver: str) -> DomainInfo:
         affinity = read_affinity(dom) if active else None
     except Settling:
         affinity, settling = None, True
+    if affinity is not None and live_spec is not None and \
+            len(affinity.vcpus) < live_spec.vcpus:
+        affinity = with_offline_vcpus(affinity, live_spec, _online_cpus(dom))
     return DomainInfo(driver=driver, name=name, uuid=uuid, active=active,
                       live=live_spec, persistent=persistent_spec, affinity=affinity,
                       pid=read_pid(driver, name) if active else None, problem=problem,

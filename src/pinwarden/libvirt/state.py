@@ -28,6 +28,19 @@ class Affinity:
         return out
 
 
+def with_offline_vcpus(affinity: Affinity, live: DomainSpec, online: CpuSet) -> Affinity:
+    """``affinity`` (of the online vCPUs' threads) with the domain's offline vCPUs — up to
+    its ``<vcpu>`` count — on the CPUs libvirt pins them to when they are hot-plugged
+    (``virsh setvcpus --live`` gives the new thread and its cgroup that pin): the live
+    ``<vcpupin>``, else a static ``<vcpu cpuset>``, else every CPU of the host (``online``).
+    An exclusive start clears those of its lease too — on cgroup v1 a hot-plug onto the
+    lease fails — and gives them back the same way."""
+    default = live.cpuset if live.cpuset is not None and live.placement != "auto" else online
+    offline = {v: live.vcpupins.get(v, default) for v in range(live.vcpus)
+               if v not in affinity.vcpus}
+    return Affinity({**affinity.vcpus, **offline}, affinity.emulator, affinity.iothreads)
+
+
 @record
 class DomainInfo:
     """One libvirt domain at one moment."""
