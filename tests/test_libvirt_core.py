@@ -1645,3 +1645,26 @@ def test_a_give_back_over_a_container_connection_keeps_the_vms_pins(tmp_path: Pa
 
     assert pins.give_back(manager, Conn()) == ()
     assert manager.change_records(NARROWED_PREFIX) == records
+
+
+def test_offline_vcpus_are_where_a_hot_plug_puts_them() -> None:
+    """libvirt gives a hot-plugged vCPU its live <vcpupin>, else a static <vcpu cpuset>,
+    else every host CPU; the online ones keep what the kernel says (checked against real
+    libvirt's hot-plug in test_libvirt_start)."""
+    from pinwarden.libvirt.state import with_offline_vcpus
+
+    def spec(vcpu: str, pins: str = "") -> Any:
+        return parse_domain(f"<domain type='kvm'><name>h</name>{vcpu}"
+                            f"<cputune>{pins}</cputune></domain>")
+
+    online = Affinity(vcpus={0: CpuSet.parse("0")}, emulator=CpuSet.parse("0"))
+    host = CpuSet.parse("0-7")
+    assert with_offline_vcpus(online, spec("<vcpu current='1'>3</vcpu>"), host).vcpus == {
+        0: CpuSet.parse("0"), 1: host, 2: host}
+    pinned = spec("<vcpu placement='static' cpuset='4-5' current='1'>3</vcpu>",
+                  "<vcpupin vcpu='2' cpuset='6'/>")
+    got = with_offline_vcpus(online, pinned, host)
+    assert got.vcpus == {0: CpuSet.parse("0"), 1: CpuSet.parse("4-5"), 2: CpuSet.parse("6")}
+    assert got.emulator == online.emulator
+    numad = spec("<vcpu placement='auto' current='1'>2</vcpu>")
+    assert with_offline_vcpus(online, numad, host).vcpus[1] == host
