@@ -248,6 +248,28 @@ def test_a_vcpu_hot_plugged_while_leased_runs_off_the_lease_and_gets_its_cpus_ba
         env.thread_affinities(s)
 
 
+@pytest.mark.parametrize("exclusive", [False, True], ids=["shared", "exclusive"])
+def test_a_domain_asking_numad_starts_placed_by_pinwarden_without_numad(
+        pw: env.Pinwarden, domains: env.Domains, exclusive: bool) -> None:
+    """<vcpu placement='auto'>: libvirt adds <numatune><memory placement='auto'> and asks
+    numad at the start.  pinwarden places the domain instead, its memory on the node of
+    its CPUs: it starts with or without numad — on a host without it (this one) it failed
+    with "Failed to query numad for the advisory nodeset", though 'define' said pinwarden
+    places it."""
+    a = "pwtest-start-numad"
+    domains.track(a)
+    domains.conn.defineXML(env.tiny_domain_xml(a, exclusive=exclusive).replace(
+        "<vcpu>1</vcpu>", "<vcpu placement='auto'>1</vcpu>"))
+    assert "placement='auto'" in domains.conn.lookupByName(a).XMLDesc(
+        env.libvirt.VIR_DOMAIN_XML_INACTIVE)
+    out = pw.run("start", a, check=True).stdout
+    assert "memory on NUMA node 0" in out, out
+    live = parse_domain(domains.conn.lookupByName(a).XMLDesc(0))
+    assert live.placement == "static" and live.cpuset == CpuSet.parse("1")
+    assert live.numa_nodeset == CpuSet.parse("0") and env.vm_affinity(a) == {1}
+    pw.run("stop", a, check=True)
+
+
 def test_define_stores_metadata_and_refuses_bad_input(pw: env.Pinwarden,
                                                       domains: env.Domains,
                                                       tmp_path: Path) -> None:

@@ -736,9 +736,15 @@ def union_of_vcpus(plan: Plan) -> CpuSet:
 
 
 def test_numad_placement_becomes_static_with_a_note() -> None:
+    """numad's placement of CPUs and memory taken over: the memory goes to the nodes of
+    the planned CPUs (rendered into <numatune><memory nodeset>), and the note says so."""
     plan = decide(spec(placement="auto"), host(), lease("4"))
-    assert plan.default_cpus == C("5-15")
-    assert any("placement='auto'" in n and "5-15" in n for n in plan.notes)
+    assert plan.default_cpus == C("5-15") and plan.memory_nodes == C("0-1")
+    assert any("placement='auto'" in n and "5-15" in n and "memory on NUMA nodes 0-1" in n
+               for n in plan.notes), plan.notes
+    one = decide(spec(vcpus=2, placement="auto", exclusive=True), host(), lease("4-11"))
+    assert one.cpus() == C("12-13") and one.memory_nodes == C("1")
+    assert decide(spec(), host(), []).memory_nodes is None  # not numad's: left alone
 
 
 def test_exclusive_without_vcpu_pins_keeps_vcpus_off_the_pinned_emulator() -> None:

@@ -623,6 +623,31 @@ def _pin_line(tag: str, key: str, ident: int, cpus: CpuSet) -> str:
     return f"<{tag} {key}='{ident}' cpuset='{cpus}'/>"
 
 
+def _memory_off_numad(ed: _Editor, root: _Node, nodes: CpuSet | None, unit: str,
+                      top_lines: list[str]) -> None:
+    """A domain numad was to place (``<vcpu placement='auto'>``, or a ``<numatune><memory
+    placement='auto'>`` that the vCPUs follow), placed statically by pinwarden: its memory
+    goes to ``nodes`` (the nodes of its CPUs, as numad's one advice places both), its mode
+    kept — numad's placement left would need numad at every start (libvirt fails without
+    it: "Failed to query numad") and could put the memory on other nodes than the CPUs.
+    A ``<memory>`` with a nodeset of its own is the user's and stays; with no ``nodes``
+    known, one that names neither placement nor nodeset keeps numad's placement, as libvirt
+    writes it out (static without a nodeset is refused)."""
+    numatune = root.child("numatune")
+    memory = numatune.child("memory") if numatune is not None else None
+    if memory is not None:
+        if "nodeset" in memory.attrs or memory.attrs.get("placement", "auto") != "auto":
+            return
+        ed.set_attrs(memory, {"placement": "static", "nodeset": str(nodes)} if nodes
+                     else {"placement": "auto"})
+    elif nodes is None:
+        return
+    elif numatune is not None:
+        ed.append_children(numatune, [f"<memory mode='strict' nodeset='{nodes}'/>"], unit)
+    else:
+        top_lines.append(f"<numatune><memory mode='strict' nodeset='{nodes}'/></numatune>")
+
+
 def render_plan(xml: str | bytes, plan: Plan, *, partition: str | None = None) -> str:
     """Return ``xml`` with the plan applied (``<vcpu cpuset>``, vcpupin, emulatorpin,
     iothreadpin; ``<resource><partition>`` when given), everything else unchanged.
@@ -653,16 +678,10 @@ def render_plan(xml: str | bytes, plan: Plan, *, partition: str | None = None) -
         else:
             if vcpu.attrs.get("placement") == "auto":  # numad would ignore our cpuset
                 attrs["placement"] = "static"
-                # a <memory> that names neither placement nor nodeset took the vCPUs'
-                # placement: numad's it stays (as libvirt writes it out), not static
-                # without a nodeset, which libvirt refuses
-                numatune = root.child("numatune")
-                memory = numatune.child("memory") if numatune is not None else None
-                if memory is not None and "placement" not in memory.attrs \
-                        and "nodeset" not in memory.attrs:
-                    ed.set_attrs(memory, {"placement": "auto"})
             if spec.cpuset != plan.default_cpus or "placement" in attrs:
                 ed.set_attrs(vcpu, attrs)
+        if spec.placement == "auto":
+            _memory_off_numad(ed, root, plan.memory_nodes, unit, top_lines)
 
     def wanted(cpus: CpuSet) -> bool:
         return plan.exclusive or plan.default_cpus is None or cpus != plan.default_cpus

@@ -89,6 +89,10 @@ class Plan:
     iothreads: Mapping[int, CpuSet] = field(default_factory=dict)  # iothread id -> CPUs
     leases: Mapping[int, str] = field(default_factory=dict)  # cpu -> role (exclusive only)
     default_cpus: CpuSet | None = None  # <vcpu cpuset=...> for the whole domain, if set
+    #: The NUMA nodes of the CPUs of a domain that asked numad to place it (``<vcpu
+    #: placement='auto'>``), taken off numad: its ``<numatune><memory>`` goes there too, as
+    #: numad's advice would (not stored: the render at start is its only use).
+    memory_nodes: CpuSet | None = None
     notes: tuple[str, ...] = ()  # warnings to show the user (one line each)
     #: The holder's cgroup is an ``isolated`` partition (no scheduler load balancing) where
     #: the kernel has them: domains whose vCPUs are pinned one to one, jobs that ask.

@@ -290,9 +290,14 @@ def _domain(ctx: _Ctx, spec: DomainSpec) -> Plan:
     if lxc_note is not None:
         plan = replace(plan, notes=(lxc_note, *plan.notes))
     if spec.placement == "auto" and plan.default_cpus is not None:
-        plan = replace(plan, notes=(*plan.notes, (
+        topo = ctx.host.topology
+        nodes = CpuSet.of(topo.node_of(c) for c in plan.cpus() if c in topo.cpus)
+        memory = f" and its memory on NUMA {nodes.named('node')}, where those CPUs are" \
+            if nodes else ""
+        plan = replace(plan, memory_nodes=nodes or None, notes=(*plan.notes, (
             f"{ctx.who} asks for <vcpu placement='auto'> (numad); pinwarden places it "
-            f"statically on {plan.default_cpus} instead, so that no leased CPU is used")))
+            f"statically on {plan.default_cpus}{memory} instead, so that no leased CPU is "
+            "used")))
     return plan
 
 
