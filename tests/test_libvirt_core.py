@@ -373,8 +373,12 @@ def test_hook_install_writes_drop_ins_and_never_touches_another_hook(tmp_path: P
     out = call(qemu, "vm1", "prepare", "begin", "-").stdout
     assert out.split() == ["hook", "run", "--state-dir", "/s", "d", "qemu", "vm1",
                            "prepare", "begin", "-"]
+    other = tmp_path / "lxc.d" / "50-other"  # another tool's drop-in beside ours
+    other.write_text("#!/bin/sh\n")
     assert hook.uninstall(tmp_path) == done.paths
     assert foreign.exists() and not qemu.exists()
+    # the directories it leaves empty go (as before the install), another's stays
+    assert not (tmp_path / "qemu.d").exists() and other.exists()
 
 
 def test_reload_advice_names_the_daemons_that_run_the_hooks() -> None:

@@ -396,7 +396,9 @@ def reload_advice(running: frozenset[str], drivers: tuple[str, ...] = DRIVERS) -
 
 
 def uninstall(hooks_dir: Path, drivers: tuple[str, ...] = DRIVERS) -> tuple[Path, ...]:
-    """Remove pinwarden's drop-ins (and legacy scripts); nothing else."""
+    """Remove pinwarden's drop-ins (and legacy scripts), and a ``DRIVER.d`` directory
+    left empty by that (``install`` creates it where there is none; an empty one runs no
+    hook either way); nothing else."""
     removed = []
     for driver in drivers:
         for path in (hooks_dir / f"{driver}.d" / DROP_IN, hooks_dir / driver):
@@ -407,6 +409,9 @@ def uninstall(hooks_dir: Path, drivers: tuple[str, ...] = DRIVERS) -> tuple[Path
             except OSError as exc:
                 raise InputError(f"cannot remove {path}: {exc.strerror}") from None
             removed.append(path)
+            if path.name == DROP_IN:
+                with contextlib.suppress(OSError):  # not empty: another tool's hooks
+                    path.parent.rmdir()
     return tuple(removed)
 
 
