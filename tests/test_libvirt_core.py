@@ -324,6 +324,24 @@ def test_reconcile_frees_adopts_and_reports_drift() -> None:
     assert len(reports) == 1 and "outside runs in partition /machine" in reports[0]
     assert drifts == {("held", "vcpu1"): cs("2"), ("intruder", "vcpu0"): cs("0-1"),
                       ("intruder", "vcpu1"): cs("0-1")}
+    why = {a.repin.label: a.reason for a in actions if isinstance(a, Drift)
+           and a.repin.domain == "intruder"}
+    assert why["vcpu1"] == "shared domain intruder vcpu1 may run on CPU 2 leased to " \
+        f"{held_ref}", why
+
+    # an offline vCPU (no thread): said as where a hot-plug would put it
+    plugged = DomainInfo("qemu", "intruder", intruder.uuid, True, intruder.live,
+                         intruder.persistent, Affinity({0: cs("0"), 1: cs("0-2")}, cs("0"),
+                                                       offline=frozenset({1})), 1)
+    held_alone = DomainInfo("qemu", "held", held.uuid, True, held.live, held.persistent,
+                            Affinity({0: cs("2")}, cs("2")), 1)
+    (drift,) = [a for a in reconcile([held_alone, plugged],
+                                     [record(held_ref, {0: "2"}, {2: "vcpu0"})],
+                                     lambda h: f"/pw/vm-{h.name}", now=1000.0)
+                if isinstance(a, Drift) and a.repin.domain == "intruder"]
+    assert drift.repin.after == cs("0-1") and drift.narrows
+    assert drift.reason == "shared domain intruder vcpu1 (offline) would be hot-plugged " \
+        f"onto CPU 2 leased to {held_ref}"
 
 
 # -- hook ---------------------------------------------------------------------------------
@@ -1669,6 +1687,6 @@ def test_offline_vcpus_are_where_a_hot_plug_puts_them() -> None:
                   "<vcpupin vcpu='2' cpuset='6'/>")
     got = with_offline_vcpus(online, pinned, host)
     assert got.vcpus == {0: CpuSet.parse("0"), 1: CpuSet.parse("4-5"), 2: CpuSet.parse("6")}
-    assert got.emulator == online.emulator
+    assert got.emulator == online.emulator and got.offline == frozenset({1, 2})
     numad = spec("<vcpu placement='auto' current='1'>2</vcpu>")
     assert with_offline_vcpus(online, numad, host).vcpus[1] == host

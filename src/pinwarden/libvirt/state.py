@@ -17,6 +17,8 @@ class Affinity:
     vcpus: Mapping[int, CpuSet] = field(default_factory=dict)
     emulator: CpuSet = EMPTY
     iothreads: Mapping[int, CpuSet] = field(default_factory=dict)
+    #: vCPUs not online (no thread): their CPUs are where a hot-plug would put them
+    offline: frozenset[int] = frozenset()
 
     def threads(self) -> list[tuple[str, int | None, CpuSet]]:
         """``(kind, ident, cpus)`` for every thread group: vcpu N, emulator, iothread N."""
@@ -38,7 +40,8 @@ def with_offline_vcpus(affinity: Affinity, live: DomainSpec, online: CpuSet) -> 
     default = live.cpuset if live.cpuset is not None and live.placement != "auto" else online
     offline = {v: live.vcpupins.get(v, default) for v in range(live.vcpus)
                if v not in affinity.vcpus}
-    return Affinity({**affinity.vcpus, **offline}, affinity.emulator, affinity.iothreads)
+    return Affinity({**affinity.vcpus, **offline}, affinity.emulator, affinity.iothreads,
+                    affinity.offline | frozenset(offline))
 
 
 @record
