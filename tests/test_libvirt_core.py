@@ -658,9 +658,8 @@ def test_a_failed_starts_undo_settles_qemus_other_emulator_threads(
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     asked: list[tuple[str, str]] = []
 
-    def apply_repin(_conn: Any, move: Repin, *, undo: bool = False) -> None:
-        assert undo
-        asked.append((move.label, str(move.before)))
+    def apply_repin(_conn: Any, move: Repin) -> None:
+        asked.append((move.label, str(move.after)))
         if move.thread == "vcpu":
             raise LibvirtError("cannot re-pin vcpu0 (stand-in)")
 

@@ -287,10 +287,11 @@ def _read_or_gone(conn: Any, dom: Any, driver: str, *, active_only: bool,
     raise failure
 
 
-def apply_repin(conn: Any, repin: Repin, *, undo: bool = False) -> None:
-    """Pin one thread of a running domain live (``VIR_DOMAIN_AFFECT_LIVE``)."""
+def apply_repin(conn: Any, repin: Repin) -> None:
+    """Pin one thread of a running domain live (``VIR_DOMAIN_AFFECT_LIVE``) to
+    ``repin.after``."""
     lv = binding()
-    cpus = repin.before if undo else repin.after
+    cpus = repin.after
     size = host_cpu_count(conn)
     live = lv.VIR_DOMAIN_AFFECT_LIVE
     try:

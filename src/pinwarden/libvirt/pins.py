@@ -103,11 +103,10 @@ def undo(conn: Any, driver: str, moves: Sequence[Repin]) -> None:
     does (:func:`settle_emulator`): one started while the pin was narrower kept it."""
     for move in reversed(moves):
         with contextlib.suppress(PinwardenError):
-            lv.apply_repin(conn, move, undo=True)
+            back = move.reversed()
+            lv.apply_repin(conn, back)
             if move.thread == "emulator":
-                settle_emulator(lv.read_pid(driver, move.domain),
-                                Repin(move.domain, move.uuid, move.thread, move.ident,
-                                      move.after, move.before))
+                settle_emulator(lv.read_pid(driver, move.domain), back)
 
 
 def settle_emulator(pid: int | None, move: Repin) -> None:

@@ -91,6 +91,10 @@ class Repin:
     def label(self) -> str:
         return self.thread if self.ident is None else f"{self.thread}{self.ident}"
 
+    def reversed(self) -> Repin:
+        """The move back, from ``after`` to ``before``."""
+        return Repin(self.domain, self.uuid, self.thread, self.ident, self.after, self.before)
+
     def __str__(self) -> str:
         return f"{self.domain} {self.label}: {self.before} -> {self.after}"
 
