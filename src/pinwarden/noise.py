@@ -138,10 +138,10 @@ def read_tasks(root: Path, tids: Iterable[int]) -> tuple[TaskInfo, ...]:
         stat = read_stat(tid, root=root)
         if stat is None or stat.kernel_thread:
             continue
-        status = _status(root, tid)
-        affinity = _allowed(status)
-        if affinity is not None:
-            tgid = status.get("Tgid", "")
+        status = _text(root / "proc" / str(tid) / "status")
+        affinity = _affinity(root, tid, status)
+        if status is not None and affinity is not None:
+            tgid = _field(status, "Tgid") or ""
             out.append(TaskInfo(tid, stat.start_time, stat.comm, affinity,
                                 int(tgid) if tgid.isdigit() else 0))
     return tuple(out)
@@ -157,34 +157,26 @@ def threads_of(root: Path, tgids: Iterable[int]) -> set[int]:
     return out
 
 
-def _status(root: Path, tid: int) -> dict[str, str]:
-    """``/proc/TID/status`` as name → value; empty if gone or unreadable."""
-    text = _text(root / "proc" / str(tid) / "status") or ""
-    return {name: value.strip() for name, sep, value
-            in (ln.partition(":") for ln in text.splitlines()) if sep}
-
-
-def _allowed(status: dict[str, str]) -> CpuSet | None:
-    allowed = status.get("Cpus_allowed_list")
-    try:
-        return CpuSet.parse_kernel(allowed) if allowed is not None else None
-    except CpuSetError:
-        return None
-
-
-def _affinity(root: Path, tid: int) -> CpuSet | None:
-    """``Cpus_allowed_list`` of ``/proc/TID/status``; ``None`` if gone or unreadable.
-    (That one line is looked for: a kernel thread's other fields are not needed.)"""
-    text = _text(root / "proc" / str(tid) / "status")
-    if text is None:
-        return None
-    at = text.find("\nCpus_allowed_list:")
+def _field(text: str, name: str) -> str | None:
+    """The value of field ``name`` of a ``/proc/TID/status`` text (that line is looked for,
+    not the whole file parsed: a kernel thread's other fields are not needed); never the
+    first field (``Name``)."""
+    key = f"\n{name}:"
+    at = text.find(key)
     if at < 0:
         return None
-    start = at + len("\nCpus_allowed_list:")
-    end = text.find("\n", start)
+    end = text.find("\n", at + len(key))
+    return text[at + len(key):end if end >= 0 else len(text)].strip()
+
+
+def _affinity(root: Path, tid: int, text: str | None = None) -> CpuSet | None:
+    """``Cpus_allowed_list`` of ``/proc/TID/status`` (``text``: that file, read already);
+    ``None`` if gone or unreadable."""
+    if text is None:
+        text = _text(root / "proc" / str(tid) / "status")
+    allowed = _field(text, "Cpus_allowed_list") if text is not None else None
     try:
-        return CpuSet.parse_kernel(text[start:end if end >= 0 else len(text)].strip())
+        return CpuSet.parse_kernel(allowed) if allowed is not None else None
     except CpuSetError:
         return None
 
