@@ -330,6 +330,31 @@ def test_render_shared_default_placement_only_sets_vcpu_cpuset() -> None:
                    "  <vcpu placement='static' cpuset='2-3'>2</vcpu>\n</domain>")
 
 
+def _defined_forms(inner: str, plan: Plan) -> list[tuple[str, str]]:
+    """``(source, form)`` for the domain ``inner`` as written and in libvirt's own form
+    (its test driver's): each rendered with ``plan`` and defined there (a libvirtError
+    fails the test if refused), ``form`` the XML libvirt keeps of it."""
+    import libvirt
+
+    from libvirt_form import domain_xml, libvirt_form
+
+    theirs = libvirt_form(inner, "pw-render-numad")
+    assert theirs is not None
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    conn = libvirt.open("test:///default")
+    out = []
+    try:
+        for source in (domain_xml(inner, "pw-render-numad"), theirs):
+            dom = conn.defineXML(render_plan(source, plan))
+            try:
+                out.append((source, str(dom.XMLDesc())))
+            finally:
+                dom.undefine()
+    finally:
+        conn.close()
+    return out
+
+
 @pytest.mark.parametrize("memory", ["<memory mode='preferred'/>", "<memory/>",
                                     "<memory mode='strict' placement='auto'/>",
                                     "<memory mode='strict' nodeset='0'/>"])
@@ -337,77 +362,45 @@ def test_render_off_numad_keeps_the_memory_placement_libvirt_accepts(memory: str
     """A <memory> with neither placement nor nodeset follows the vCPUs' placement: made
     static by the render, libvirt refused the document ("nodeset for NUMA memory tuning
     must be set if 'placement' is 'static'"; libvirt's own tests' numatune-auto-prefer).
-    Its memory stays numad's, as libvirt writes it out.  libvirt (its test driver) takes
-    the rendered XML, as written and from libvirt's own form, with the planned pins."""
-    import libvirt
-
-    from libvirt_form import domain_xml, libvirt_form
-
+    With no nodes planned for it, its memory stays numad's, as libvirt writes it out.
+    libvirt takes the rendered XML, as written and from libvirt's own form, with the
+    planned pins."""
     inner = f"<vcpu placement='auto'>2</vcpu><numatune>{memory}</numatune>"
     plan = _plan({0: "2", 1: "3"}, "2-3", exclusive=True, default="2-3")
-    theirs = libvirt_form(inner, "pw-render-numad")
-    assert theirs is not None
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    conn = libvirt.open("test:///default")
-    try:
-        for source in (domain_xml(inner, "pw-render-numad"), theirs):
-            out = render_plan(source, plan)
-            dom = conn.defineXML(out)  # libvirtError (the test fails) if refused
-            try:
-                form = dom.XMLDesc()
-            finally:
-                dom.undefine()
-            assert parse_domain(form).vcpupins == plan.vcpus
-            assert parse_domain(form).cpuset == CpuSet.parse("2-3")
-            if source != theirs:  # the memory as asked: numad's, or the nodeset given
-                assert ("nodeset='0'" if "nodeset" in memory else "placement='auto'") \
-                    in form, form
-    finally:
-        conn.close()
+    forms = _defined_forms(inner, plan)
+    for _source, form in forms:
+        assert parse_domain(form).vcpupins == plan.vcpus
+        assert parse_domain(form).cpuset == CpuSet.parse("2-3")
+    # the memory as asked: numad's, or the nodeset given
+    assert ("nodeset='0'" if "nodeset" in memory else "placement='auto'") in forms[0][1]
 
 
-@pytest.mark.parametrize("tune", ["", "<numatune><memory mode='preferred'/></numatune>",
-                                  "<numatune><memory mode='strict' placement='auto'/></numatune>",
-                                  "<numatune><memory mode='strict' nodeset='1'/></numatune>"],
-                         ids=["none", "mode-only", "auto", "nodeset"])
-@pytest.mark.parametrize("vcpu", ["<vcpu placement='auto'>2</vcpu>", "<vcpu>2</vcpu>"],
-                         ids=["vcpu-auto", "memory-auto"])
-def test_render_off_numad_puts_the_memory_on_the_nodes_of_the_cpus(vcpu: str,
-                                                                   tune: str) -> None:
-    """A domain numad was to place, placed statically by pinwarden: its memory goes to
-    the NUMA nodes of its CPUs (``plan.memory_nodes``), its mode kept, as numad's one
-    advice would place both.  Left numad's, libvirt queried numad at every start and
-    failed without it ("Failed to query numad for the advisory nodeset"), which 'pinwarden
-    define' did not foresee.  A nodeset the user gave stays.  libvirt (its test driver)
-    takes the rendered XML, from the document as written and from libvirt's own form."""
-    import libvirt
-
-    from libvirt_form import domain_xml, libvirt_form
-
-    if vcpu == "<vcpu>2</vcpu>" and "placement='auto'" not in tune:
-        tune = "<numatune><memory mode='interleave' placement='auto'/></numatune>"
-    inner = f"{vcpu}{tune}"
+@pytest.mark.parametrize(("inner", "memory"), [
+    ("<vcpu placement='auto'>2</vcpu>", "<memory mode='strict' nodeset='0'/>"),
+    ("<vcpu placement='auto'>2</vcpu><numatune><memory mode='preferred'/></numatune>",
+     "<memory mode='preferred' nodeset='0'/>"),
+    ("<vcpu placement='auto'>2</vcpu><numatune><memory mode='strict' placement='auto'/>"
+     "</numatune>", "<memory mode='strict' nodeset='0'/>"),
+    ("<vcpu placement='auto'>2</vcpu><numatune><memory mode='strict' nodeset='1'/>"
+     "</numatune>", "<memory mode='strict' nodeset='1'/>"),
+    ("<vcpu>2</vcpu><numatune><memory mode='interleave' placement='auto'/></numatune>",
+     "<memory mode='interleave' nodeset='0'/>"),
+], ids=["vcpu-auto", "mode-only", "memory-auto", "user-nodeset", "memory-auto-vcpus"])
+def test_render_off_numad_puts_the_memory_on_the_nodes_of_the_cpus(inner: str,
+                                                                   memory: str) -> None:
+    """A domain numad was to place (<vcpu placement='auto'>, or a <memory placement='auto'>
+    its vCPUs follow), placed statically by pinwarden: its memory goes to the NUMA nodes
+    of its CPUs (``plan.memory_nodes``), its mode kept, as numad's one advice would place
+    both.  Left numad's, libvirt queried numad at every start and failed without it
+    ("Failed to query numad for the advisory nodeset"), which 'pinwarden define' did not
+    foresee.  A nodeset the user gave stays.  libvirt (its test driver) takes the rendered
+    XML, from the document as written and from libvirt's own form."""
     plan = replace(_plan({0: "2", 1: "3"}, "2-3", exclusive=True, default="2-3"),
                    memory_nodes=CpuSet.parse("0"))
-    theirs = libvirt_form(inner, "pw-render-numad")
-    assert theirs is not None
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    conn = libvirt.open("test:///default")
-    try:
-        for source in (domain_xml(inner, "pw-render-numad"), theirs):
-            dom = conn.defineXML(render_plan(source, plan))  # libvirtError if refused
-            try:
-                form = dom.XMLDesc()
-            finally:
-                dom.undefine()
-            got = parse_domain(form)
-            assert got.vcpupins == plan.vcpus and got.placement == "static", form
-            assert "placement='auto'" not in form, form
-            mode = "strict" if "mode=" not in tune else tune.split("mode='")[1].split("'")[0]
-            nodeset = "1" if "nodeset=" in tune else "0"
-            assert f"<memory mode='{mode}' nodeset='{nodeset}'/>" in form, form
-    finally:
-        conn.close()
+    for _source, form in _defined_forms(inner, plan):
+        got = parse_domain(form)
+        assert got.vcpupins == plan.vcpus and got.placement == "static", form
+        assert "placement='auto'" not in form and memory in form, form
 
 
 def test_render_creates_missing_elements() -> None:
