@@ -475,6 +475,39 @@ def test_a_lease_that_ends_through_the_hook_gives_the_cpu_back_without_the_daemo
     assert said().count("gave back") == given and "warning" not in said(), said()
 
 
+def test_every_thread_of_a_shared_domain_gets_the_cpu_back_lease_after_lease(
+        hooked: env.Pinwarden, domains: env.Domains, tmp_path: Path) -> None:
+    """Plain 'virsh start' of an exclusive domain, then of a shared one (the hook places
+    its threads on the housekeeping CPU 0); 'virsh destroy' of the exclusive one, twice.
+    At the first lease's end libvirt's emulator pin gives the emulator's cgroup CPU 1,
+    where the kernel shows QEMU's other emulator threads though their own affinity is
+    still CPU 0: they were skipped by the give-back, and came back to CPU 0 at the second
+    lease's end (its cgroup narrowed and widened again) — call_rcu and the monitor's I/O
+    thread stayed on the housekeeping CPU for good (found by a real-libvirt hunt)."""
+    a, s = "pwtest-e2e-ca", "pwtest-e2e-cs"
+    source = tmp_path / "a.xml"
+    source.write_text(env.tiny_domain_xml(a, exclusive=True))
+    domains.track(a)
+    hooked.run("define", str(source), check=True)
+    domains.define(s)
+    started = virsh("start", a)
+    assert started.returncode == 0, started.stderr
+    started = virsh("start", s)
+    assert started.returncode == 0, started.stderr
+    for cycle in (1, 2):
+        threads = env.thread_affinities(s)
+        assert set(threads.values()) == {frozenset({0})}, (cycle, threads)
+        gone = virsh("destroy", a)
+        assert gone.returncode == 0, gone.stderr
+        _wait(f"{s} to get CPU 1 back", lambda: 1 in env.vm_affinity(s))
+        _wait("the give-back to end", lambda: not _give_backs_of(hooked))
+        threads = env.thread_affinities(s)
+        assert set(threads.values()) == {frozenset({1})}, (cycle, threads)
+        if cycle == 1:
+            started = virsh("start", a)  # the kernel narrows s through its cgroups
+            assert started.returncode == 0, started.stderr
+
+
 def test_a_shared_domain_the_hook_placed_off_a_lease_gets_the_cpu_back(
         hooked: env.Pinwarden, domains: env.Domains) -> None:
     """A shared domain that pins nothing, started by plain 'virsh start' while the VM CPU

@@ -115,8 +115,12 @@ def settle_emulator(pid: int | None, move: Repin) -> None:
     affinity, which the kernel keeps as the cgroup widens (since Linux 6.2): one placed by
     the hook, or started while the pin was narrower, stayed there after the give-back (the
     trixie story's B kept a thread on CPU 3).  Every such thread of process ``pid`` still
-    on ``move.before`` gets ``move.after`` too; a thread given other CPUs since keeps them,
-    and one the cgroup does not allow them (or gone) is left as it is."""
+    on ``move.before`` gets ``move.after`` too — and one on ``move.after`` already: the
+    kernel may show it there only because its cgroup (which libvirt's pin set to
+    ``move.after``) shares no CPU with its own affinity, still ``move.before``, which
+    comes back as soon as the cgroup widens (the next lease's end left a shared domain's
+    call_rcu and monitor I/O thread on the housekeeping CPU).  A thread given other CPUs
+    since keeps them, and one the cgroup does not allow them (or gone) is left as it is."""
     from pinwarden.enforce.affinity import pin_each, threads_of
     from pinwarden.libvirt.state import qemu_thread
     from pinwarden.procs import thread_comm
@@ -125,7 +129,7 @@ def settle_emulator(pid: int | None, move: Repin) -> None:
         return
     pin_each({tid: move.after for tid in threads_of(pid)
               if qemu_thread(thread_comm(pid, tid)) == ("emulator", None)
-              and _affinity(tid) == move.before})
+              and _affinity(tid) in (move.before, move.after)})
 
 
 def give_back_containers(manager: Manager) -> tuple[Repin, ...]:
