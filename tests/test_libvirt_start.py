@@ -248,6 +248,33 @@ def test_a_vcpu_hot_plugged_while_leased_runs_off_the_lease_and_gets_its_cpus_ba
         env.thread_affinities(s)
 
 
+def test_vcpus_online_out_of_order_are_known_by_number(pw: env.Pinwarden,
+                                                       domains: env.Domains) -> None:
+    """vCPUs 0 and 2 online, 1 offline (<vcpus><vcpu id='1' enabled='no'/>): libvirt
+    lists the online ones' affinity in order, each with its number.  Read by position,
+    vCPU 2's CPU was checked against vCPU 1's pin and 'pinwarden start' stopped the domain
+    ("the kernel does not confine it to its plan"); and the snapshot gave vCPU 2's CPUs
+    to vCPU 1."""
+    from pinwarden.libvirt import connect as lv
+
+    s = "pwtest-start-order"
+    domains.track(s)
+    xml = env.tiny_domain_xml(s, vcpus=3, vcpupins={0: "1", 1: "1", 2: "0"}).replace(
+        "<vcpu>3</vcpu>", "<vcpu placement='static' current='2'>3</vcpu><vcpus>"
+        "<vcpu id='0' enabled='yes' hotpluggable='no' order='1'/>"
+        "<vcpu id='1' enabled='no' hotpluggable='yes'/>"
+        "<vcpu id='2' enabled='yes' hotpluggable='yes' order='2'/></vcpus>")
+    domains.conn.defineXML(xml)
+    pw.run("start", s, check=True)
+    threads = env.thread_affinities(s)
+    assert threads["CPU 0/KVM"] == {1} and threads["CPU 2/KVM"] == {0}, threads
+    info = lv.domain_info(domains.conn.lookupByName(s), "qemu")
+    assert info.affinity is not None and info.affinity.offline == {1}
+    assert info.affinity.vcpus == {0: CpuSet.parse("1"), 1: CpuSet.parse("1"),
+                                   2: CpuSet.parse("0")}
+    pw.run("stop", s, check=True)
+
+
 @pytest.mark.parametrize("exclusive", [False, True], ids=["shared", "exclusive"])
 def test_a_domain_asking_numad_starts_placed_by_pinwarden_without_numad(
         pw: env.Pinwarden, domains: env.Domains, exclusive: bool) -> None:

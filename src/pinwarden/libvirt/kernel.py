@@ -76,13 +76,14 @@ def check_domain(dom: Any, pid: int | None, plan: Plan) -> list[str]:
         if not cpus <= allowed:
             problems.append(f"thread {tid} may run on {cpus.named()}, outside {allowed}")
     try:
-        _info, maps = dom.vcpus()
+        online, maps = dom.vcpus()  # the online vCPUs: numbered by their info, in order
     except Exception as exc:  # libvirtError; the binding is not imported here
         code = getattr(exc, "get_error_code", lambda: None)()
         if code in (3, 84):  # VIR_ERR_NO_SUPPORT, VIR_ERR_OPERATION_UNSUPPORTED (lxc)
             return problems
         return [*problems, f"cannot read vCPU affinity: {exc}"]
-    for vcpu, bits in enumerate(maps):
+    for info, bits in zip(online, maps, strict=False):
+        vcpu = int(info[0])
         cpus = CpuSet.of(i for i, on in enumerate(bits) if on)
         want = plan.vcpus.get(vcpu)
         if want is not None and not cpus <= want:
