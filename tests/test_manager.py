@@ -781,3 +781,38 @@ def test_a_failed_sync_keeps_its_yardstick_only_if_rolled_back(
             assert fake.read_group("machine").cpus == C("1")
             assert m.host().partition.vm_cpus == C("1,3")
         assert "set" in json.loads(m.ledger().changes()["cgroup:machine"])
+
+
+def test_release_of_a_holder_that_runs_is_refused_unless_forced(host4: Path,
+                                                                tmp_path: Path) -> None:
+    """'pinwarden release' of a holder whose owner runs (here a job's process; a domain's
+    QEMU alike) is refused, naming it, its CPUs and how to stop it; nothing changes.
+    Before, it freed the leases silently: the CPUs looked free while the holder used them,
+    its group stayed for its tasks, and the next lease of them failed, calling that group
+    'not managed by pinwarden' (found by a real-libvirt hunt).  --force frees them."""
+    fake = fake4()
+    state = tmp_path / "state"
+    runs = subprocess.Popen(["sleep", "60"])
+    try:
+        with manager(host4, state, fake) as m:
+            m.reserve_request(JobSpec("J", cpus=C("3")), owner_pid=runs.pid)
+            before = fake.read_state([""])
+            with pytest.raises(Refusal) as err:
+                m.release("J", running=False)
+            assert err.value.code == "holder-running"
+            assert err.value.message == (
+                f"job 'J' still runs (pid {runs.pid}) on CPU 3: stop it (end process "
+                f"{runs.pid}) and its leases go with it; 'pinwarden release --force' frees "
+                "them while it runs"), err.value.message
+            assert [h.ref.name for h in m.holders()] == ["J"]
+            assert fake.read_state([""]) == before
+            assert m.release("J").ref.name == "J"  # forced (every internal caller)
+            assert m.holders() == ()
+            m.reserve_request(JobSpec("K", cpus=C("3")), owner_pid=runs.pid)
+        runs.kill()
+        runs.wait()
+        with manager(host4, state, fake) as m:  # an owner that is gone: released as ever
+            assert m.release("K", running=False).ref.name == "K"
+    finally:
+        runs.kill()
+        runs.wait()

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from pinwarden.config import Config
 from pinwarden.cpuset import EMPTY, CpuSet
-from pinwarden.errors import EnforceError, HostError, LedgerError, PinwardenError
+from pinwarden.errors import EnforceError, HostError, LedgerError, PinwardenError, Refusal
 from pinwarden.ledger import HolderRecord, HostRecord, Ledger
 from pinwarden.model import HolderRef, Lease, Plan
 from pinwarden.partition import Host, VmCgroup, load_host, read_vm_cgroup
@@ -425,12 +425,29 @@ class Manager:
                 ledger.set_cgroup(holder, cgroup)
             return Reserved(plan, group, result)
 
-    def release(self, selector: str, *, driver: str | None = None) -> HolderRecord:
+    def release(self, selector: str, *, driver: str | None = None,
+                running: bool = True) -> HolderRecord:
         """Free the holder named ``selector`` (name, UUID or key) and shrink the layout.
         The release is durable even when the kernel refuses the shrink: that is raised
-        as an :class:`EnforceError` saying so."""
+        as an :class:`EnforceError` saying so.  ``running=False``: a holder whose owner
+        process runs (a domain's QEMU, a job) is refused instead — its group cannot go
+        while its tasks are in it, and its CPUs would look free while it uses them."""
+        from pinwarden import procs
+
         with self.locked():
-            record = self.ledger().release(selector, driver=driver)
+            ledger = self.ledger()
+            found = ledger.find(selector, driver=driver)
+            if not running and found is not None and found.owner_pid is not None \
+                    and procs.alive(found.owner_pid, found.owner_start):
+                ref = found.ref
+                stop = {"qemu": f"'pinwarden stop {ref.name}' or 'virsh destroy {ref.name}'",
+                        "lxc": f"'virsh -c lxc:/// destroy {ref.name}'"}.get(
+                            ref.driver, f"end process {found.owner_pid}")
+                raise Refusal(f"{ref} still runs (pid {found.owner_pid}) on "
+                              f"{found.plan.leased().named(empty='no CPUs')}: stop it "
+                              f"({stop}) and its leases go with it; 'pinwarden release "
+                              f"--force' frees them while it runs", code="holder-running")
+            record = ledger.release(selector, driver=driver)
             self._sync_after_release(record.ref)
             return record
 

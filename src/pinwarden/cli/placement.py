@@ -52,6 +52,9 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("selector", metavar="NAME|UUID", help="domain name or UUID, job name")
     parser.add_argument("--driver", choices=("qemu", "lxc", "run"), default=None,
                         help="only holders of this kind (when a name is ambiguous)")
+    parser.add_argument("--force", action="store_true",
+                        help="free the leases also while the holder runs (its domain or "
+                             "job keeps running on CPUs that look free)")
     parser.set_defaults(handler=run_release)
 
     parser = subparsers.add_parser(
@@ -224,7 +227,7 @@ def holder_json(record: HolderRecord) -> dict[str, Any]:
 
 def run_release(args: argparse.Namespace) -> int:
     with manager_of(args) as manager:
-        record = manager.release(args.selector, driver=args.driver)
+        record = manager.release(args.selector, driver=args.driver, running=args.force)
     if args.json:
         print_json({"released": holder_json(record)})
     else:
