@@ -55,9 +55,12 @@ def test_second_job_refused_naming_the_holder() -> None:
     assert "CPU 1 to job 'A' — release one of them" in message
     assert "housekeeping CPU 0 is never leased" in message
     assert info.value.code == "insufficient-cpus"
-    # a job has no vCPUs: it is told to ask for fewer CPUs (--exclusive N)
-    assert "cannot place 1 CPU: only 0 free CPUs; ask for fewer CPUs" in message
-    assert "vCPU" not in message
+    # one CPU is the least a job asks: not told to ask for fewer, nor about vCPUs
+    assert "cannot place 1 CPU: only 0 free CPUs; leased now" in message
+    assert "vCPU" not in message and "fewer" not in message
+    with pytest.raises(Refusal) as info:  # a job has no vCPUs: asked to ask for fewer CPUs
+        decide_job(JobSpec("B", count=2), host, [])
+    assert "cannot place 2 CPUs: only 1 free CPU; ask for fewer CPUs" in info.value.message
 
 
 def test_a_job_is_told_to_share_cores_with_its_own_option(tmp_path: Path) -> None:

@@ -565,6 +565,8 @@ def _refusal_message(request: Request, available: int, free_cpus: int) -> str:
         what = plural(free_cpus, 'free CPU')
         relax = {"vcpus": "lower the vCPU count", "job": "ask for fewer CPUs",
                  "vcpus+emulator": "lower the vCPU count", "emulator": ""}[request.purpose]
+        if request.purpose in ("vcpus", "job") and wanted <= 1:
+            relax = ""  # there is nothing lower to ask for
     elif request.threads == "isolate":
         what = f"{plural(available, 'whole free core')} (one CPU each under thread policy " \
                "'isolate')"
@@ -586,4 +588,5 @@ def _refusal_message(request: Request, available: int, free_cpus: int) -> str:
     if request.purpose in ("vcpus+emulator", "emulator"):
         relax = f"{relax} or " if relax else ""
         relax += "use emulator='float' (the emulator then runs on the vCPUs' CPUs)"
-    return f"cannot place {asked}: only {what}{where}; {widen}{relax}"
+    advice = f"; {widen}{relax}" if relax else f"; {widen[:-len(' or ')]}" if widen else ""
+    return f"cannot place {asked}: only {what}{where}{advice}"
