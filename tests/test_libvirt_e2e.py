@@ -155,7 +155,9 @@ def test_plain_virsh_start_of_an_exclusive_domain(hooked: env.Pinwarden,
     domains.define(f, exclusive=True, vcpupins={0: "0"})
     refused = virsh("start", f)
     assert refused.returncode != 0
-    assert "/machine" in refused.stderr and f"pinwarden start {f}" in refused.stderr, \
+    assert "/machine" in refused.stderr and f"pinwarden start {f}" in refused.stderr and \
+        f"<resource><partition>/{hooked.stem}-vm-{f}</partition></resource>" in \
+        refused.stderr, \
         refused.stderr
 
     gone = virsh("destroy", e)

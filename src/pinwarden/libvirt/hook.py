@@ -592,7 +592,8 @@ def _prepare(manager: Manager, driver: str, name: str, spec: DomainSpec,
             f"exclusive domain {name!r} would start in partition "
             f"{spec.partition or '/machine'}, where its CPUs cannot be exclusive; "
             f"start it with 'pinwarden start {name}', or store partition {expected} "
-            f"with 'pinwarden define'", code="bad-partition")
+            f"with 'pinwarden define' (a transient domain: put <resource><partition>"
+            f"{expected}</partition></resource> in its XML)", code="bad-partition")
     # A reservation the hook makes itself is owned by libvirtd (our parent) until QEMU runs
     # (``started``): if libvirtd dies during the start it is reaped, and a ``release``
     # after a refused or failed start frees it.  One made before (``pinwarden start``, in
