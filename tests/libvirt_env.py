@@ -228,8 +228,8 @@ def cleanup_domain(conn: Any, name: str) -> None:
         if dom.isActive():
             dom.destroy()
     with contextlib.suppress(libvirt.libvirtError):
-        if dom.isPersistent():
-            dom.undefine()
+        if dom.isPersistent():  # with its managed save image, if a test left one
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
 
 
 class Domains:

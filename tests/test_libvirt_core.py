@@ -352,10 +352,10 @@ def test_hook_namespace_is_the_domain_metadata_namespace() -> None:
     assert hook.PW_NAMESPACE == PW_NS
 
 
-def test_hook_acts_only_at_prepare_started_and_release() -> None:
+def test_hook_acts_only_at_prepare_started_release_and_restore() -> None:
     assert [hook.action_for(op) for op in ("prepare", "start", "started", "stopped",
                                            "release", "migrate", "restore", "reconnect")] \
-        == ["admit", "ignore", "own", "ignore", "free", "ignore", "ignore", "ignore"]
+        == ["admit", "ignore", "own", "ignore", "free", "ignore", "rewrite", "ignore"]
 
 
 EXCLUSIVE_META = "<metadata><pw:cpu xmlns:pw='urn:pinwarden:domain:1' exclusive='yes'/>" \
@@ -391,6 +391,14 @@ def test_hook_install_writes_drop_ins_and_never_touches_another_hook(tmp_path: P
     out = call(qemu, "vm1", "prepare", "begin", "-").stdout
     assert out.split() == ["hook", "run", "--state-dir", "/s", "d", "qemu", "vm1",
                            "prepare", "begin", "-"]
+    # restore: pinned domains go to the command, whose output libvirt restores; others
+    # end in the script, printing nothing (libvirt restores the saved XML)
+    out = call(qemu, "vm1", "restore", "begin", "-",
+               stdin="<domain><cputune><vcpupin vcpu='0' cpuset='1'/></cputune></domain>")
+    assert out.returncode == 0 and out.stdout.split() == [
+        "hook", "run", "--state-dir", "/s", "d", "qemu", "vm1", "restore", "begin", "-"]
+    out = call(qemu, "vm1", "restore", "begin", "-", stdin="<domain><vcpu>1</vcpu></domain>")
+    assert out.returncode == 0 and out.stdout == ""
     other = tmp_path / "lxc.d" / "50-other"  # another tool's drop-in beside ours
     other.write_text("#!/bin/sh\n")
     assert hook.uninstall(tmp_path) == done.paths
@@ -1689,3 +1697,51 @@ def test_offline_vcpus_are_where_a_hot_plug_puts_them() -> None:
     assert got.emulator == online.emulator and got.offline == frozenset({1, 2})
     numad = spec("<vcpu placement='auto' current='1'>2</vcpu>")
     assert with_offline_vcpus(online, numad, host).vcpus[1] == host
+
+
+def test_a_shared_domain_restored_onto_a_lease_gets_its_pins_off_it(tmp_path: Path) -> None:
+    """'restore': a shared domain's saved pins (here: written live by a give-back, which
+    the save image keeps) on a CPU leased now are moved off it in the XML libvirt restores
+    — each keeps what is not leased, or gets the shared pool — and recorded, so the
+    lease's end gives them back.  Before, 'prepare' refused them as the user's pins and
+    the domain could not be restored while the lease lasted (found by a real-libvirt
+    hunt; the real thing: test_libvirt_e2e).  Exclusive domains, a host with nothing
+    leased and pins off the leases are restored as saved (nothing printed)."""
+    import io
+
+    from pinwarden.narrowed import NARROWED_PREFIX
+
+    manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
+                      host=make_host("0-3", "1-3"))
+    uuid_s = "55555555-0000-0000-0000-000000000005"
+    saved = xml("s", f"<uuid>{uuid_s}</uuid><cputune><vcpupin vcpu='0' cpuset='1'/>"
+                     "<vcpupin vcpu='1' cpuset='3'/><emulatorpin cpuset='1-2'/></cputune>")
+
+    def restore(doc: str) -> str:
+        out = io.StringIO()
+        assert hook.main_run(manager, "qemu", ["s", "restore", "begin", "-"], doc,
+                             rewrite=out) == 0
+        return out.getvalue()
+
+    assert restore(saved) == ""  # nothing leased
+    manager.reserve(domain_holder("qemu", "a", UUID_A), lambda host, leases: Plan(
+        "a", UUID_A, True, {0: cs("1")}, cs("1"), leases={1: "vcpu0"}), owner_pid=os.getpid())
+    got = parse_domain(restore(saved))
+    assert got.vcpupins == {0: cs("2-3"), 1: cs("3")} and got.emulatorpin == cs("2")
+    assert {k.removeprefix(NARROWED_PREFIX): json.loads(v) for k, v in
+            manager.change_records(NARROWED_PREFIX).items()} == {
+        f"{uuid_s}:vcpu0": {"domain": "s", "before": "1", "after": "2-3"},
+        f"{uuid_s}:emulator": {"domain": "s", "before": "1-2", "after": "2"}}
+    assert "restoring s off leased CPU 1: vcpu0 1 -> 2-3, emulator 1-2 -> 2" in \
+        (tmp_path / hook.HOOK_LOG).read_text()
+    assert restore(xml("s", "<cputune><vcpupin vcpu='0' cpuset='2'/></cputune>")) == ""
+    assert restore(xml("x", f"{EXCLUSIVE_META}<cputune><vcpupin vcpu='0' cpuset='1'/>"
+                            "</cputune>")) == ""
+    cpuset = parse_domain(restore(xml("c", "").replace("<vcpu>2</vcpu>",
+                                                         "<vcpu cpuset='1-2'>2</vcpu>")))
+    assert cpuset.cpuset == cs("2") and cpuset.vcpupins == {}
+    # the daemon's hook server (no rewrite stream): left as saved, nothing recorded
+    before = manager.change_records(NARROWED_PREFIX)
+    assert hook.main_run(manager, "qemu", ["t", "restore", "begin", "-"],
+                         saved.replace("<name>s</name>", "<name>t</name>")) == 0
+    assert manager.change_records(NARROWED_PREFIX) == before

@@ -510,6 +510,39 @@ def test_every_thread_of_a_shared_domain_gets_the_cpu_back_lease_after_lease(
             assert started.returncode == 0, started.stderr
 
 
+def test_a_shared_domain_saved_with_pinwardens_pins_restores_beside_a_lease(
+        hooked: env.Pinwarden, domains: env.Domains, tmp_path: Path) -> None:
+    """A lease's end gives a shared domain its CPU back through libvirt's live pins
+    (vcpupin/emulatorpin 1), which a save image keeps.  Saved while CPU 1 is leased
+    again ('virsh managedsave'), it restores ('virsh start') off the lease: the hook's
+    'restore' moves those pins to CPU 0 in the XML libvirt restores, and the lease's end
+    gives CPU 1 back.  Before, 'prepare' refused the pins as the user's ('CPU 1 for
+    <vcpupin vcpu='0' cpuset='1'> … is leased exclusively') and the domain could not be
+    restored while the lease lasted (found by a real-libvirt hunt)."""
+    a, s = "pwtest-e2e-ra", "pwtest-e2e-rs"
+    source = tmp_path / "a.xml"
+    source.write_text(env.tiny_domain_xml(a, exclusive=True))
+    domains.track(a)
+    hooked.run("define", str(source), check=True)
+    domains.define(s)
+    for step in (("start", a), ("start", s), ("destroy", a)):
+        done = virsh(*step)
+        assert done.returncode == 0, (step, done.stderr)
+    _wait(f"{s} to get CPU 1 back", lambda: env.vm_affinity(s) == {1})
+    _wait("the give-back to end", lambda: not _give_backs_of(hooked))
+    assert "1" in virsh("vcpupin", s, "0", "--live").stdout  # libvirt's live pin now
+    for step in (("start", a), ("managedsave", s), ("start", s)):
+        done = virsh(*step)
+        assert done.returncode == 0, (step, done.stderr)
+    assert set(env.thread_affinities(s).values()) == {frozenset({0})}
+    done = virsh("destroy", a)
+    assert done.returncode == 0, done.stderr
+    _wait(f"{s} to get CPU 1 back", lambda: env.vm_affinity(s) == {1})
+    _wait("the give-back to end", lambda: not _give_backs_of(hooked))
+    assert set(env.thread_affinities(s).values()) == {frozenset({1})}, \
+        env.thread_affinities(s)
+
+
 def test_a_shared_domain_the_hook_placed_off_a_lease_gets_the_cpu_back(
         hooked: env.Pinwarden, domains: env.Domains) -> None:
     """A shared domain that pins nothing, started by plain 'virsh start' while the VM CPU

@@ -362,7 +362,8 @@ def cmd_hook_run(args: argparse.Namespace) -> int:
     with manager_of(args) as manager:
         return hook.main_run(manager, args.driver, list(args.hook_args), stdin,
                              after_release=lambda holder: _leave_give_back(args, manager,
-                                                                           holder))
+                                                                           holder),
+                             rewrite=sys.stdout)
 
 
 def _leave_give_back(args: argparse.Namespace, manager: Manager, holder: HolderRef) -> None:

@@ -64,7 +64,7 @@ DRIVERS = ("qemu", "lxc")
 MARKER = "# pinwarden libvirt hook"
 #: The drop-in's own version (its line ``# script version N``): raised whenever what the
 #: script does changes, so that ``hook check`` tells a drop-in an older pinwarden wrote.
-SCRIPT_VERSION = 3
+SCRIPT_VERSION = 4
 _VERSION_LINE = "# script version "
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
 DROP_IN = "pinwarden"
@@ -85,9 +85,10 @@ SHARED_LOCK_WAIT = 20.0
 #: pinwarden's metadata namespace (pinwarden.domain.PW_NS, not imported: the hook is lean).
 PW_NAMESPACE = "urn:pinwarden:domain:1"
 
-Action = Literal["admit", "own", "free", "ignore"]
+Action = Literal["admit", "own", "free", "rewrite", "ignore"]
 
-_ACTIONS: dict[str, Action] = {"prepare": "admit", "started": "own", "release": "free"}
+_ACTIONS: dict[str, Action] = {"prepare": "admit", "started": "own", "release": "free",
+                               "restore": "rewrite"}
 
 
 def action_for(op: str) -> Action:
@@ -127,6 +128,7 @@ def hook_script(driver: str, exe: str | Sequence[str], *, state_dir: Path | None
         args += ["--state-dir", str(state_dir)]
     args.append(driver)
     state = state_dir or DEFAULT_STATE_DIR
+    full = " ".join(shlex.quote(a) for a in args)
     if client is not None:
         where = socket or state / SOCKET_NAME
         args = [*client, str(where), str(config) if config else "-", driver,
@@ -152,11 +154,18 @@ def hook_script(driver: str, exe: str | Sequence[str], *, state_dir: Path | None
 # exclusive is let through (logged to syslog and {log}); an exclusive one is refused.
 case "$2" in
   prepare) ;;
-  started|release) ;;
+  started|release|restore) ;;
   *) cat >/dev/null; exit 0 ;;
 esac
 xml=$(cat)
 case "$2" in
+  restore)
+    # a shared domain's saved pins on CPUs leased now are moved off them: libvirt
+    # restores the XML printed here (nothing printed: the saved one); never fails
+    case "$xml" in *"<vcpupin "*|*"<emulatorpin "*|*"<iothreadpin "*|*" cpuset="*) ;;
+      *) exit 0 ;; esac
+    out=$(printf '%s\n' "$xml" | {full} "$@") && printf '%s\n' "$out"
+    exit 0 ;;
   started)
     case "$xml" in *{PW_NAMESPACE}*) ;; {unpinned} esac ;;
   release)
@@ -533,14 +542,16 @@ AfterRelease = Callable[["HolderRef"], None]
 
 
 def run(manager: Manager, driver: str, name: str, op: str, xml: str, *,
-        caller: int | None = None, after_release: AfterRelease | None = None) -> None:
+        caller: int | None = None, after_release: AfterRelease | None = None) -> str | None:
     """Handle one hook call; raise a :class:`PinwardenError` to refuse (``prepare`` only).
     ``caller``: the libvirtd (or virtqemud) that runs the hook, when the call comes from
     the hook client (default: found from this process's parents).  ``after_release``: see
-    :data:`AfterRelease` (None: nothing is started; the daemon gives back itself)."""
+    :data:`AfterRelease` (None: nothing is started; the daemon gives back itself).
+    Returns the domain XML libvirt is to use instead of ``xml`` (``restore`` only), or
+    None: ``xml`` as it is."""
     action = action_for(op)
     if action == "ignore":
-        return
+        return None
     spec = _spec(xml, name)
     who = caller if caller is not None else _libvirtd_pid
     if action == "admit":
@@ -549,6 +560,50 @@ def run(manager: Manager, driver: str, name: str, op: str, xml: str, *,
         _started(manager, driver, name, spec)
     elif action == "free":
         _release(manager, driver, name, spec, who, after_release)
+    elif action == "rewrite":
+        return _restore(manager, driver, name, spec, xml)
+    return None
+
+
+def _restore(manager: Manager, driver: str, name: str, spec: DomainSpec,
+             xml: str) -> str | None:
+    """``restore``: a shared QEMU domain about to be restored from a save image whose pins
+    touch CPUs leased now gets them off the leases in the XML libvirt restores
+    (:func:`pinwarden.libvirt.repin.restored_off_leases`), recorded as narrowings so
+    that the lease's end gives them back; anything else is restored as saved."""
+    from pinwarden.cpuset import EMPTY, CpuSet
+    from pinwarden.domain import render_plan
+    from pinwarden.libvirt.repin import record_moves, restored_off_leases
+    from pinwarden.model import Plan
+    from pinwarden.narrowed import NARROWED_PREFIX
+    from pinwarden.partition import shared_pool
+
+    if spec.exclusive or driver != "qemu":
+        return None
+    leased = CpuSet.of(lease.cpu for lease in manager.leases())
+    if not leased:
+        return None
+    uuid = spec.uuid or ""
+    moves, cpuset = restored_off_leases(spec, name, uuid, leased,
+                                        shared_pool(manager.host(), leased)[0])
+    if not moves and cpuset == spec.cpuset:
+        return None
+    moved = {(m.thread, m.ident): m.after for m in moves}
+    plan = Plan(name, spec.uuid, False,
+                vcpus={v: moved.get(("vcpu", v), c) for v, c in spec.vcpupins.items()},
+                emulator=moved.get(("emulator", None), spec.emulatorpin or EMPTY),
+                iothreads={i: moved.get(("iothread", i), c)
+                           for i, c in spec.iothreadpins.items()},
+                default_cpus=cpuset)
+    out = render_plan(xml, plan)
+    if moves and spec.uuid:
+        manager.put_change_records(record_moves(moves,
+                                                manager.change_records(NARROWED_PREFIX)))
+    log_line(manager, f"pinwarden: restoring {name} off leased {leased.named()}: "
+                      + ", ".join(f"{m.label} {m.before} -> {m.after}" for m in moves)
+                      + (f"{', ' if moves else ''}<vcpu cpuset> {spec.cpuset} -> {cpuset}"
+                         if cpuset != spec.cpuset else ""))
+    return out
 
 
 Caller = int | Callable[[], int | None]
@@ -832,8 +887,12 @@ def _release(manager: Manager, driver: str, name: str, spec: DomainSpec,
 
 def main_run(manager: Manager, driver: str, argv: Sequence[str], stdin: str, *,
              caller: int | None = None, err: TextIO | None = None,
-             after_release: AfterRelease | None = None) -> int:
+             after_release: AfterRelease | None = None,
+             rewrite: TextIO | None = None) -> int:
     """``pinwarden hook run DRIVER NAME OP SUBOP EXTRA``: the exit status for libvirt.
+    ``rewrite``: where the XML libvirt is to restore goes (``restore``), printed whole
+    or not at all; None: a ``restore`` is left as it is (the daemon's hook server, whose
+    client libvirt does not read for it).
 
     Only ``prepare`` may refuse: exit :data:`REFUSED` with the reason on stderr — for a
     placement refusal of any domain, and for any failure of an exclusive one (fail closed).
@@ -848,12 +907,17 @@ def main_run(manager: Manager, driver: str, argv: Sequence[str], stdin: str, *,
                          "NAME OP SUBOP EXTRA)")
     name, op = argv[0], argv[1]
     admit = action_for(op) == "admit"
+    if action_for(op) == "rewrite" and rewrite is None:
+        return 0
     out = err if err is not None else sys.stderr
     exclusive = asks_exclusive(stdin)
     try:
         with contextlib.nullcontext() if exclusive else \
                 manager.waiting_at_most(SHARED_LOCK_WAIT):
-            run(manager, driver, name, op, stdin, caller=caller, after_release=after_release)
+            xml = run(manager, driver, name, op, stdin, caller=caller,
+                      after_release=after_release)
+        if xml is not None and rewrite is not None:
+            rewrite.write(xml if xml.endswith("\n") else xml + "\n")
         return 0
     except Refusal as exc:
         if admit:

@@ -80,6 +80,33 @@ def repins(domains: Sequence[DomainInfo], holder: HolderRef, leased: CpuSet,
     return tuple(out)
 
 
+def restored_off_leases(spec: DomainSpec, name: str, uuid: str, leased: CpuSet,
+                        pool: CpuSet) -> tuple[tuple[Repin, ...], CpuSet | None]:
+    """A shared domain restored from a save image (``virsh restore``, ``managedsave``) whose
+    pins touch CPUs leased now: what its restored definition gets instead, as
+    :func:`repins` narrows a running one — each pin keeps what is not leased, or gets the
+    shared pool (``pool``) when nothing is left — and its ``<vcpu cpuset>`` alike.  Such
+    pins are mostly pinwarden's own: the live pins an earlier give-back wrote, which the
+    save image keeps; refused at ``prepare``, they blocked the domain for as long as the
+    lease lasted.  Returns the moves (recorded, given back when the leases end) and the
+    ``<vcpu cpuset>`` to write (None: none; not given back: a running domain's cannot
+    change)."""
+    def off(cpus: CpuSet) -> CpuSet:
+        return (cpus - leased) or pool
+
+    moves = [Repin(name, uuid, "vcpu", v, c, off(c))
+             for v, c in sorted(spec.vcpupins.items()) if c & leased]
+    if spec.emulatorpin is not None and spec.emulatorpin & leased:
+        moves.append(Repin(name, uuid, "emulator", None, spec.emulatorpin,
+                           off(spec.emulatorpin)))
+    moves.extend(Repin(name, uuid, "iothread", i, c, off(c))
+                 for i, c in sorted(spec.iothreadpins.items()) if c & leased)
+    cpuset = spec.cpuset
+    if cpuset is not None and cpuset & leased:
+        cpuset = off(cpuset)
+    return tuple(moves), cpuset
+
+
 # -- giving narrowed pins back ---------------------------------------------------------------
 
 def narrowed_json(move: Repin, earlier: str | None) -> str:
