@@ -436,8 +436,8 @@ class Manager:
 
         with self.locked():
             ledger = self.ledger()
-            found = ledger.find(selector, driver=driver)
-            if not running and found is not None and found.owner_pid is not None \
+            found = None if running else ledger.find(selector, driver=driver)
+            if found is not None and found.owner_pid is not None \
                     and procs.alive(found.owner_pid, found.owner_start):
                 ref = found.ref
                 stop = {"qemu": f"'pinwarden stop {ref.name}' or 'virsh destroy {ref.name}'",

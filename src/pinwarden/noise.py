@@ -139,8 +139,10 @@ def read_tasks(root: Path, tids: Iterable[int]) -> tuple[TaskInfo, ...]:
         if stat is None or stat.kernel_thread:
             continue
         status = _text(root / "proc" / str(tid) / "status")
+        if status is None:  # gone meanwhile
+            continue
         affinity = _affinity(root, tid, status)
-        if status is not None and affinity is not None:
+        if affinity is not None:
             tgid = _field(status, "Tgid") or ""
             out.append(TaskInfo(tid, stat.start_time, stat.comm, affinity,
                                 int(tgid) if tgid.isdigit() else 0))
