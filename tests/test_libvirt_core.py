@@ -11,6 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -1120,6 +1121,24 @@ def test_release_leaves_a_give_back_only_when_narrowed_pins_wait(tmp_path: Path)
     assert manager.leases() == () and started == [holder]
 
 
+def pauses_of_this_thread(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """``time.sleep`` of this (the test's) thread recorded instead of slept; any other
+    thread still sleeps.  (``time.sleep`` is one function for the whole process: the lab
+    VMs booting in the background wait for their QEMU with it — 0.05 s at a time, in
+    subprocess — and a plain patch both listed those pauses here and made them spin.)"""
+    pauses: list[float] = []
+    sleep, me = time.sleep, threading.get_ident()
+
+    def pause(seconds: float) -> None:
+        if threading.get_ident() == me:
+            pauses.append(seconds)
+        else:
+            sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", pause)
+    return pauses
+
+
 def test_the_give_back_after_a_release_waits_for_the_domain_and_retries(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """It waits for a 'pinwarden stop' or start of the released domain (which gives back
@@ -1169,8 +1188,7 @@ def test_the_give_back_after_a_release_waits_for_the_domain_and_retries(
     worker.join(10)
     assert logged == ["gave back b vcpu0: 0 -> 0-1"] and Conn.closed == 1
 
-    pauses: list[float] = []
-    monkeypatch.setattr(pins.time, "sleep", pauses.append)
+    pauses = pauses_of_this_thread(monkeypatch)
     logged.clear()
     outcomes[:] = [LibvirtError("cannot re-pin b"), ()]
     assert pins.give_back_after_release(manager, "qemu:///system", released,
@@ -1566,8 +1584,7 @@ def test_a_domain_stopping_during_a_listing_is_left_out_not_a_failure(
     from pinwarden.libvirt import connect
 
     lv = connect.binding()
-    pauses: list[float] = []
-    monkeypatch.setattr(connect.time, "sleep", pauses.append)
+    pauses = pauses_of_this_thread(monkeypatch)
     monkeypatch.setattr(connect, "read_pid", lambda _driver, _name: None)
     xml = "<domain type='kvm'><name>p</name><uuid>" + UUID_A + "</uuid><vcpu>1</vcpu></domain>"
 
