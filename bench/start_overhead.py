@@ -39,6 +39,7 @@ import contextlib
 import importlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -107,6 +108,7 @@ def main() -> int:
     times: dict[str, list[float]] = {}
     conn = env.libvirt.open(env.URI)
     pinwarden_daemon = None
+    measured = False
     try:
         with env.machine_restored():
             conn.defineXML(env.tiny_domain_xml(SHARED))
@@ -179,6 +181,7 @@ def main() -> int:
                 ("hook_prepare", deployed, run_hook(prepare), lambda: None),
                 ("hook_prepare_client", deployed, run_hook(client), lambda: None),
             ]))
+        measured = True
     finally:
         if parked.exists():
             parked.rename(drop_in)
@@ -194,6 +197,10 @@ def main() -> int:
         pw.cleanup()
         for daemon in reversed(env.DAEMONS):
             daemons.stop(daemon)
+        if measured:  # the daemons' logs and the state are kept only to see what failed
+            shutil.rmtree(base, ignore_errors=True)
+        else:
+            print(f"bench: logs and state kept in {base}", file=sys.stderr)
     medians = {k: round(statistics.median(v), 4) for k, v in times.items()}
     base_time = medians["virsh_start"]
     starts = [k for k in medians if not k.startswith("hook_")]
