@@ -477,6 +477,24 @@ def test_a_lease_that_ends_through_the_hook_gives_the_cpu_back_without_the_daemo
     assert said().count("gave back") == given and "warning" not in said(), said()
 
 
+def _define_pair(hooked: env.Pinwarden, domains: env.Domains, tmp_path: Path, a: str,
+                 s: str) -> None:
+    """Exclusive ``a``, defined by 'pinwarden define' (which stores its partition, for
+    plain 'virsh start'), and shared ``s``."""
+    source = tmp_path / f"{a}.xml"
+    source.write_text(env.tiny_domain_xml(a, exclusive=True))
+    domains.track(a)
+    hooked.run("define", str(source), check=True)
+    domains.define(s)
+
+
+def _virsh_ok(*steps: tuple[str, str]) -> None:
+    """Each ``virsh VERB DOMAIN`` in turn, every one succeeding."""
+    for step in steps:
+        done = virsh(*step)
+        assert done.returncode == 0, (step, done.stderr)
+
+
 def test_every_thread_of_a_shared_domain_gets_the_cpu_back_lease_after_lease(
         hooked: env.Pinwarden, domains: env.Domains, tmp_path: Path) -> None:
     """Plain 'virsh start' of an exclusive domain, then of a shared one (the hook places
@@ -487,15 +505,8 @@ def test_every_thread_of_a_shared_domain_gets_the_cpu_back_lease_after_lease(
     lease's end (its cgroup narrowed and widened again) — call_rcu and the monitor's I/O
     thread stayed on the housekeeping CPU for good (found by a real-libvirt hunt)."""
     a, s = "pwtest-e2e-ca", "pwtest-e2e-cs"
-    source = tmp_path / "a.xml"
-    source.write_text(env.tiny_domain_xml(a, exclusive=True))
-    domains.track(a)
-    hooked.run("define", str(source), check=True)
-    domains.define(s)
-    started = virsh("start", a)
-    assert started.returncode == 0, started.stderr
-    started = virsh("start", s)
-    assert started.returncode == 0, started.stderr
+    _define_pair(hooked, domains, tmp_path, a, s)
+    _virsh_ok(("start", a), ("start", s))
     for cycle in (1, 2):
         threads = env.thread_affinities(s)
         assert set(threads.values()) == {frozenset({0})}, (cycle, threads)
@@ -506,8 +517,7 @@ def test_every_thread_of_a_shared_domain_gets_the_cpu_back_lease_after_lease(
         threads = env.thread_affinities(s)
         assert set(threads.values()) == {frozenset({1})}, (cycle, threads)
         if cycle == 1:
-            started = virsh("start", a)  # the kernel narrows s through its cgroups
-            assert started.returncode == 0, started.stderr
+            _virsh_ok(("start", a))  # the kernel narrows s through its cgroups
 
 
 def test_a_shared_domain_saved_with_pinwardens_pins_restores_beside_a_lease(
@@ -520,23 +530,14 @@ def test_a_shared_domain_saved_with_pinwardens_pins_restores_beside_a_lease(
     <vcpupin vcpu='0' cpuset='1'> … is leased exclusively') and the domain could not be
     restored while the lease lasted (found by a real-libvirt hunt)."""
     a, s = "pwtest-e2e-ra", "pwtest-e2e-rs"
-    source = tmp_path / "a.xml"
-    source.write_text(env.tiny_domain_xml(a, exclusive=True))
-    domains.track(a)
-    hooked.run("define", str(source), check=True)
-    domains.define(s)
-    for step in (("start", a), ("start", s), ("destroy", a)):
-        done = virsh(*step)
-        assert done.returncode == 0, (step, done.stderr)
+    _define_pair(hooked, domains, tmp_path, a, s)
+    _virsh_ok(("start", a), ("start", s), ("destroy", a))
     _wait(f"{s} to get CPU 1 back", lambda: env.vm_affinity(s) == {1})
     _wait("the give-back to end", lambda: not _give_backs_of(hooked))
     assert "1" in virsh("vcpupin", s, "0", "--live").stdout  # libvirt's live pin now
-    for step in (("start", a), ("managedsave", s), ("start", s)):
-        done = virsh(*step)
-        assert done.returncode == 0, (step, done.stderr)
+    _virsh_ok(("start", a), ("managedsave", s), ("start", s))
     assert set(env.thread_affinities(s).values()) == {frozenset({0})}
-    done = virsh("destroy", a)
-    assert done.returncode == 0, done.stderr
+    _virsh_ok(("destroy", a))
     _wait(f"{s} to get CPU 1 back", lambda: env.vm_affinity(s) == {1})
     _wait("the give-back to end", lambda: not _give_backs_of(hooked))
     assert set(env.thread_affinities(s).values()) == {frozenset({1})}, \
