@@ -44,6 +44,7 @@ URI = "qemu:///system"
 QEMU = "/usr/bin/qemu-system-x86_64"
 CPUSET = Path("/sys/fs/cgroup/cpuset")
 HOOKS_DIR = Path("/etc/libvirt/hooks")
+QEMU_LOGS = Path("/var/log/libvirt/qemu")
 PW_NS = "urn:pinwarden:domain:1"
 RUN = Path("/run")
 DAEMONS = ("virtlogd", "virtlockd", "libvirtd")
@@ -219,17 +220,21 @@ def virt(libvirt_daemons: Daemons) -> Iterator[Any]:
 # -- domains ------------------------------------------------------------------------------
 
 def cleanup_domain(conn: Any, name: str) -> None:
-    """Destroy and undefine ``name`` if it exists; never raises for a missing domain."""
+    """Destroy and undefine ``name`` if it exists, and remove its log (libvirt keeps it
+    past the undefine); never raises for a missing domain."""
     try:
         dom = conn.lookupByName(name)
     except libvirt.libvirtError:
-        return
-    with contextlib.suppress(libvirt.libvirtError):
-        if dom.isActive():
-            dom.destroy()
-    with contextlib.suppress(libvirt.libvirtError):
-        if dom.isPersistent():  # with its managed save image, if a test left one
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+        dom = None
+    if dom is not None:
+        with contextlib.suppress(libvirt.libvirtError):
+            if dom.isActive():
+                dom.destroy()
+        with contextlib.suppress(libvirt.libvirtError):
+            if dom.isPersistent():  # with its managed save image, if a test left one
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+    with contextlib.suppress(OSError):
+        (QEMU_LOGS / f"{name}.log").unlink()
 
 
 class Domains:
