@@ -577,7 +577,7 @@ def _refusal_message(request: Request, available: int, free_cpus: int) -> str:
     else:
         what = f"{plural(available, 'CPU')} on whole free cores (thread policy 'whole')"
         relax = f"use {prefer} to share cores with other holders"
-    widen = "widen the numatune nodeset or " if nodes is not None else ""
+    widen = "widen the numatune nodeset" if nodes is not None else ""
     if request.purpose == "vcpus+emulator":
         asked = f"{plural(wanted, 'CPU')} ({plural(wanted - 1, 'vCPU')} and one for the " \
                 "isolated emulator)"
@@ -585,8 +585,7 @@ def _refusal_message(request: Request, available: int, free_cpus: int) -> str:
         asked = "a CPU for the isolated emulator"
     else:
         asked = plural(wanted, 'CPU')
-    if request.purpose in ("vcpus+emulator", "emulator"):
-        relax = f"{relax} or " if relax else ""
-        relax += "use emulator='float' (the emulator then runs on the vCPUs' CPUs)"
-    advice = f"; {widen}{relax}" if relax else f"; {widen[:-len(' or ')]}" if widen else ""
-    return f"cannot place {asked}: only {what}{where}{advice}"
+    floating = "use emulator='float' (the emulator then runs on the vCPUs' CPUs)" \
+        if request.purpose in ("vcpus+emulator", "emulator") else ""
+    advice = " or ".join(a for a in (widen, relax, floating) if a)
+    return f"cannot place {asked}: only {what}{where}{'; ' if advice else ''}{advice}"

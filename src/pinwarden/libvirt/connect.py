@@ -18,7 +18,13 @@ from typing import Any
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import DomainSpec, parse_domain
 from pinwarden.errors import LibvirtError, PinwardenError
-from pinwarden.libvirt.state import Affinity, DomainInfo, Repin, with_offline_vcpus
+from pinwarden.libvirt.state import (
+    Affinity,
+    DomainInfo,
+    Repin,
+    vcpus_by_number,
+    with_offline_vcpus,
+)
 from pinwarden.libvirt.uri import check_uri
 from pinwarden.libvirt.uri import driver_of as driver_of  # re-exported: lv.driver_of
 
@@ -130,8 +136,7 @@ def read_affinity(dom: Any) -> Affinity | None:
     unsupported = (lv.VIR_ERR_NO_SUPPORT, lv.VIR_ERR_OPERATION_UNSUPPORTED)
     try:
         try:
-            online, maps = dom.vcpus()  # the online vCPUs, by number
-            vcpus = {int(info[0]): _cpus(bits) for info, bits in zip(online, maps, strict=False)}
+            vcpus = vcpus_by_number(dom.vcpus())
         except lv.libvirtError as exc:
             if exc.get_error_code() not in unsupported:
                 raise

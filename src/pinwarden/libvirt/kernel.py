@@ -10,6 +10,7 @@ from typing import Any
 
 from pinwarden.cpuset import CpuSet, CpuSetError
 from pinwarden.enforce.backend import CgroupBackend, CgroupOpError
+from pinwarden.libvirt.state import vcpus_by_number
 from pinwarden.model import Plan
 
 PROC = Path("/proc")
@@ -76,15 +77,13 @@ def check_domain(dom: Any, pid: int | None, plan: Plan) -> list[str]:
         if not cpus <= allowed:
             problems.append(f"thread {tid} may run on {cpus.named()}, outside {allowed}")
     try:
-        online, maps = dom.vcpus()  # the online vCPUs: numbered by their info, in order
+        vcpus = vcpus_by_number(dom.vcpus())
     except Exception as exc:  # libvirtError; the binding is not imported here
         code = getattr(exc, "get_error_code", lambda: None)()
         if code in (3, 84):  # VIR_ERR_NO_SUPPORT, VIR_ERR_OPERATION_UNSUPPORTED (lxc)
             return problems
         return [*problems, f"cannot read vCPU affinity: {exc}"]
-    for info, bits in zip(online, maps, strict=False):
-        vcpu = int(info[0])
-        cpus = CpuSet.of(i for i, on in enumerate(bits) if on)
+    for vcpu, cpus in sorted(vcpus.items()):
         want = plan.vcpus.get(vcpu)
         if want is not None and not cpus <= want:
             problems.append(f"vCPU {vcpu} may run on {cpus.named()}, not only {want}")

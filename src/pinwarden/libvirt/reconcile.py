@@ -111,11 +111,12 @@ def reconcile(domains: Sequence[DomainInfo], holders: Sequence[HolderRecord],
             continue
         for thread, ident, cpus in dom.affinity.threads():
             label = thread if ident is None else f"{thread}{ident}"
-            offline = thread == "vcpu" and ident in dom.affinity.offline
+            hot_plug = "(offline) would be hot-plugged onto" \
+                if thread == "vcpu" and ident in dom.affinity.offline else ""
             if record is not None:
                 want = _planned(record.plan, thread, ident)
                 if want is not None and cpus != want:
-                    runs = "(offline) would be hot-plugged onto" if offline else "runs on"
+                    runs = hot_plug or "runs on"
                     actions.append(Drift(Repin(dom.name, dom.uuid, thread, ident, cpus, want),
                                          f"{dom.name} {label} {runs} {cpus.named()}, its plan "
                                          f"says {want}"))
@@ -123,7 +124,7 @@ def reconcile(domains: Sequence[DomainInfo], holders: Sequence[HolderRecord],
             foreign = CpuSet.of(c for c in cpus if c in leased_to)
             if foreign:
                 owner = leased_to[foreign.first()]
-                runs = "(offline) would be hot-plugged onto" if offline else "may run on"
+                runs = hot_plug or "may run on"
                 actions.append(Drift(
                     Repin(dom.name, dom.uuid, thread, ident, cpus, cpus - foreign),
                     f"shared domain {dom.name} {label} {runs} {foreign.named()} leased to "

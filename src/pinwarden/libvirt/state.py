@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from pinwarden.cpuset import EMPTY, CpuSet
 from pinwarden.domain import DomainSpec
@@ -28,6 +29,15 @@ class Affinity:
             out.append(("emulator", None, self.emulator))
         out.extend(("iothread", i, c) for i, c in sorted(self.iothreads.items()))
         return out
+
+
+def vcpus_by_number(answer: tuple[Any, Any]) -> dict[int, CpuSet]:
+    """libvirt's ``virDomainGetVcpus`` answer (``dom.vcpus()``: each online vCPU's info,
+    its number first, and its CPU map, in the same order) as vCPU number -> CPUs.  By
+    number, not position: with vCPU 1 offline and 2 online, the second map is vCPU 2's."""
+    infos, maps = answer
+    return {int(info[0]): CpuSet.of(i for i, on in enumerate(bits) if on)
+            for info, bits in zip(infos, maps, strict=False)}
 
 
 def with_offline_vcpus(affinity: Affinity, live: DomainSpec, online: CpuSet) -> Affinity:
