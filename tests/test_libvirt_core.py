@@ -27,7 +27,7 @@ from pinwarden.domain import parse_domain
 from pinwarden.errors import LedgerError, LibvirtError, Refusal
 from pinwarden.ledger import HolderRecord, Ledger
 from pinwarden.libvirt import hook, hookclient
-from pinwarden.libvirt.reconcile import Adopt, Drift, Free, Report, reconcile
+from pinwarden.libvirt.reconcile import Adopt, Drift, Free, Place, Report, reconcile
 from pinwarden.libvirt.repin import repins
 from pinwarden.libvirt.start import libvirt_failure, with_pinwarden_metadata
 from pinwarden.libvirt.state import Affinity, DomainInfo
@@ -343,6 +343,50 @@ def test_reconcile_frees_adopts_and_reports_drift() -> None:
     assert drift.repin.after == cs("0-1") and drift.narrows
     assert drift.reason == "shared domain intruder vcpu1 (offline) would be hot-plugged " \
         f"onto CPU 2 leased to {held_ref}"
+
+
+
+def test_reconcile_places_threads_the_xml_leaves_without_cpus_when_off_the_vm_cpus() -> None:
+    """VM CPUs 1-3, CPU 3 leased to ``held``.  A shared domain that names no CPUs gets the
+    VM CPUs from the hook at its start; threads libvirt adds later (a vCPU hot-plugged,
+    an I/O thread added live) get every CPU.  Those off the VM CPUs are placed (not also
+    narrowed off the lease: the placement is the VM CPUs less the leased ones); a thread
+    the user pinned, a domain with ``<vcpu cpuset>``, an offline vCPU (no thread to
+    place) and the threads already on VM CPUs are left to the other rules."""
+    held = running("held", vcpus="3", emulator="3")
+    lease_of_held = record(held.holder, {0: "3", 1: "3"}, {3: "vcpu0"})
+
+    def with_affinity(dom: DomainInfo, affinity: Affinity) -> DomainInfo:
+        return DomainInfo("qemu", dom.name, dom.uuid, True, dom.live, dom.persistent,
+                          affinity, 1)
+
+    hooked = with_affinity(running("hooked"), Affinity(
+        {0: cs("1-2"), 1: cs("0-3"), 2: cs("0-3")}, cs("1-2"), {1: cs("0-2")},
+        offline=frozenset({2})))
+    pinned = with_affinity(running("pinned", "<cputune><vcpupin vcpu='1' cpuset='0'/>"
+                                             "</cputune>"),
+                           Affinity({0: cs("0-2"), 1: cs("0")}, cs("1-2")))
+    spec = parse_domain(xml("withset").replace("<vcpu>2", "<vcpu cpuset='0-2'>2"))
+    withset = DomainInfo("qemu", "withset", "bbbbbbbb-0000-0000-0000-000000000001", True,
+                         spec, spec, Affinity({0: cs("0-2"), 1: cs("0-2")}, cs("0-2")), 1)
+
+    def actions(vm_cpus: CpuSet | None) -> list[object]:
+        return list(reconcile([held, hooked, pinned, withset], [lease_of_held],
+                              lambda h: "/machine", now=1000.0, vm_cpus=vm_cpus))
+
+    got = actions(cs("1-3"))
+    placed = {a.domain.name: a.threads for a in got if isinstance(a, Place)}
+    assert placed == {"hooked": ("vcpu1", "iothread1"), "pinned": ("vcpu0",)}, got
+    (why,) = [a.reason for a in got if isinstance(a, Place) and a.domain.name == "pinned"]
+    assert why == "shared domain pinned vcpu0 may run off the VM CPUs 1-3, though its XML " \
+        "names no CPUs for them"
+    drifts = {(a.repin.domain, a.repin.label): a.repin.after for a in got
+              if isinstance(a, Drift)}
+    # the offline vCPU keeps only the lease rule: a hot-plug would land off the lease
+    assert drifts == {("hooked", "vcpu2"): cs("0-2")}, got
+    # every VM CPU leased: shared domains run on the housekeeping CPUs, nothing to place
+    assert not [a for a in actions(cs("3")) if isinstance(a, Place)]
+    assert not [a for a in actions(None) if isinstance(a, Place)]
 
 
 # -- hook ---------------------------------------------------------------------------------

@@ -488,7 +488,7 @@ def _define_pair(hooked: env.Pinwarden, domains: env.Domains, tmp_path: Path, a:
     domains.define(s)
 
 
-def _virsh_ok(*steps: tuple[str, str]) -> None:
+def _virsh_ok(*steps: tuple[str, ...]) -> None:
     """Each ``virsh VERB DOMAIN`` in turn, every one succeeding."""
     for step in steps:
         done = virsh(*step)
@@ -584,3 +584,41 @@ def test_a_shared_domain_the_hook_placed_off_a_lease_gets_the_cpu_back(
     _wait("the give-back to end", lambda: not _give_backs_of(hooked))
     assert f"pinwarden: gave back {s} vcpu0: 0 -> 1" in said(), said()
     assert "warning" not in said(), said()
+
+
+def test_threads_added_live_to_a_domain_the_hook_placed_get_the_vm_cpus(
+        hooked: env.Pinwarden, domains: env.Domains, tmp_path: Path) -> None:
+    """A shared domain that pins nothing, started by plain 'virsh start': the hook's
+    'started' gives its threads the VM CPUs ({1}).  A vCPU hot-plugged later ('virsh
+    setvcpus --live') and an I/O thread added live ('virsh iothreadadd --live') get
+    libvirt's default instead — every CPU, the housekeeping CPU 0 too (libvirt 10.4 and
+    later: every CPU but the isolated ones, the VM CPUs) — and kept it: the hook cannot
+    see them, and the daemon looked only at leased CPUs (found by a real-libvirt hunt).
+    The event daemon's pass now gives them the VM CPUs, as the hook gave the others; a
+    thread the user pins ('virsh vcpupin --live') is theirs and stays."""
+    h = "pwtest-e2e-hot"
+    domains.track(h)
+    domains.conn.defineXML(env.tiny_domain_xml(h, vcpus=2).replace(
+        "<vcpu>2</vcpu>", "<vcpu current='1'>2</vcpu>"))
+    _virsh_ok(("start", h))
+    assert set(env.thread_affinities(h).values()) == {frozenset({1})}
+    daemon = env.Daemon(hooked, tmp_path / "daemon.log")
+    try:
+        daemon.wait_answering()
+        for step in (("setvcpus", h, "2", "--live"), ("iothreadadd", h, "1", "--live")):
+            done = virsh(*step)
+            assert done.returncode == 0, (step, done.stderr)
+        _wait("the added threads on the VM CPUs",
+              lambda: set(env.thread_affinities(h).values()) == {frozenset({1})}, 30)
+        assert {"CPU 1/KVM", "IO iothread1"} <= set(env.thread_affinities(h))
+        _virsh_ok(("vcpupin", h, "1", "0", "--live"))  # the user's pin: left alone
+        time.sleep(7)  # two of the daemon's passes (--interval 3)
+        assert env.thread_affinities(h)["CPU 1/KVM"] == {0}
+    finally:
+        status = daemon.stop()
+    text = daemon.text()
+    assert status == 0 and "Traceback" not in text, text
+    placed = " ".join(line.partition(f"placed {h} ")[2].partition(" on CPU 1:")[0]
+                      for line in text.splitlines() if f"placed {h} " in line)
+    assert set(placed.replace(",", " ").split()) == {"vcpu1", "iothread1"}, text
+

@@ -18,10 +18,11 @@ import time
 from typing import Any
 
 from pinwarden import procs
+from pinwarden.cpuset import CpuSet
 from pinwarden.errors import PinwardenError
 from pinwarden.libvirt import connect as lv
 from pinwarden.libvirt import pins
-from pinwarden.libvirt.reconcile import Adopt, Drift, Free, Report, reconcile
+from pinwarden.libvirt.reconcile import Adopt, Drift, Free, Place, Report, reconcile
 from pinwarden.libvirt.uri import check_uri
 from pinwarden.manager import Manager
 
@@ -44,7 +45,8 @@ def reconcile_once(manager: Manager, conn: Any, *, restore: bool,
     # only the holders of the connection's driver: the domains of another (containers,
     # for a daemon on qemu:///system) are not in the listing, and not gone
     actions = reconcile(domains, manager.holders(), manager.libvirt_partition,
-                        now=time.time(), drivers=(lv.driver_of(str(conn.getURI())),))
+                        now=time.time(), drivers=(lv.driver_of(str(conn.getURI())),),
+                        vm_cpus=_vm_cpus(manager))
     for action in actions:
         try:
             if isinstance(action, Free):
@@ -52,6 +54,8 @@ def reconcile_once(manager: Manager, conn: Any, *, restore: bool,
                 log.info("freed the leases of %s: %s", action.holder, action.reason)
             elif isinstance(action, Adopt):
                 _adopt(manager, action)
+            elif isinstance(action, Place):
+                _place(manager, action)
             elif isinstance(action, Report):
                 reported.add(action.message)
                 if action.message not in seen:
@@ -78,6 +82,30 @@ def reconcile_once(manager: Manager, conn: Any, *, restore: bool,
     seen.clear()
     seen.update(reported)
     return len(actions)
+
+
+def _vm_cpus(manager: Manager) -> CpuSet | None:
+    """The host's online VM CPUs (None: the host cannot be read; logged by the sync)."""
+    try:
+        host = manager.host()
+    except PinwardenError:
+        return None
+    return host.partition.vm_cpus & host.topology.online
+
+
+def _place(manager: Manager, action: Place) -> None:
+    """Give a shared domain's threads without CPUs of their own its default placement, as
+    the hook did at its start (the threads' own affinity; libvirt's XML is left alone)."""
+    from pinwarden.libvirt.hook import place_default
+
+    dom = action.domain
+    if dom.live is None:
+        return
+    with pins.locked(manager):  # (its placement narrowed by leases is recorded)
+        cpus = place_default(manager, dom.name, dom.live)
+    if cpus is not None:
+        log.info("placed %s %s on %s: %s", dom.name, ", ".join(action.threads), cpus.named(),
+                 action.reason)
 
 
 def _adopt(manager: Manager, action: Adopt) -> None:

@@ -136,7 +136,7 @@ def hook_script(driver: str, exe: str | Sequence[str], *, state_dir: Path | None
     command = " ".join(shlex.quote(a) for a in args)
     log = shlex.quote(str(state / HOOK_LOG))
     # at 'started' the threads of a QEMU domain without <vcpu cpuset> that have no pin of
-    # their own get the VM CPUs (see _place_default), and so does every process of such an
+    # their own get the VM CPUs (see place_default), and so does every process of such an
     # LXC container (_place_container); any other shared domain ends here.
     # libvirt's form of the XML (what the hook gets) writes the attribute right after
     # placement='static' (tests check that against libvirt).
@@ -696,7 +696,7 @@ def _started(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None
     if not spec.exclusive:
         if spec.cpuset is None:
             if driver == "qemu":
-                _place_default(manager, name, spec)
+                place_default(manager, name, spec)
             else:
                 _place_container(manager, name, spec)
         return
@@ -758,7 +758,7 @@ def _note_placed_narrower(manager: Manager, name: str, spec: DomainSpec, plan: P
                                                 manager.change_records(NARROWED_PREFIX)))
 
 
-def _place_default(manager: Manager, name: str, spec: DomainSpec) -> None:
+def place_default(manager: Manager, name: str, spec: DomainSpec) -> CpuSet | None:
     """A shared QEMU domain without ``<vcpu cpuset>``, started by plain ``virsh start``:
     libvirt lets each thread without a pin of its own (every thread, when the XML names no
     CPUs) run on every online CPU (libvirt < 10.4) or every CPU but the isolated ones
@@ -768,7 +768,10 @@ def _place_default(manager: Manager, name: str, spec: DomainSpec) -> None:
     from the thread that starts them); the pinned ones keep their pins.  libvirt reads
     affinity back from the kernel (``virsh vcpuinfo``).  A placement narrowed by leases
     held now is recorded, to be given back when they end (:func:`_note_placed_narrower`),
-    and on a kernel before 6.2 any placement, to be put back after the kernel's resets."""
+    and on a kernel before 6.2 any placement, to be put back after the kernel's resets.
+    The event daemon places the same way a thread libvirt added later with its default
+    (a vCPU hot-plugged, an I/O thread added live).  Returns the CPUs given (None: not
+    running, or every thread pinned)."""
     import errno
 
     from pinwarden.enforce.affinity import pin_each, threads_of
@@ -776,7 +779,7 @@ def _place_default(manager: Manager, name: str, spec: DomainSpec) -> None:
 
     found = _default_cpus(manager, "qemu", name, spec)
     if found is None:
-        return
+        return None
     pid, cpus, plan, record_host, every = found
     failed = pin_each({tid: cpus for tid in threads_of(pid)
                        if unpinned_thread(spec, thread_comm(pid, tid))})
@@ -792,6 +795,7 @@ def _place_default(manager: Manager, name: str, spec: DomainSpec) -> None:
         tid, code = next(iter(other.items()))
         raise EnforceError(f"could not give thread {tid} of domain {name!r} {cpus.named()}: "
                            f"{os.strerror(code)}")
+    return cpus
 
 
 def _place_container(manager: Manager, name: str, spec: DomainSpec) -> None:

@@ -6,14 +6,19 @@
   refuse — then it reports the conflict);
 * a running domain whose live affinity left its plan (``virsh vcpupin --live`` by someone)
   or, for shared domains, reaches onto CPUs leased to others → :class:`Drift` (the adapter
-  re-pins it when asked to restore, else reports it).
+  re-pins it when asked to restore, else reports it);
+* a running shared domain whose XML gives a thread no CPUs (no ``<vcpu cpuset>``, no pin
+  of its own), running off the VM CPUs — a vCPU hot-plugged or an I/O thread added live
+  into a domain the hook placed gets libvirt's default, every CPU → :class:`Place` (the
+  adapter gives it the VM CPUs less the leased ones, as the hook did at its start).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from pinwarden.cpuset import CpuSet
+from pinwarden.cpuset import EMPTY, CpuSet
+from pinwarden.domain import DomainSpec
 from pinwarden.ledger import HolderRecord
 from pinwarden.libvirt.state import DomainInfo, Repin
 from pinwarden.model import HolderRef, Plan
@@ -47,7 +52,17 @@ class Drift:
     narrows: bool = False
 
 
-Action = Free | Adopt | Drift | Report
+@record
+class Place:
+    """Threads of a shared domain that its XML leaves without CPUs, running off the VM
+    CPUs: they get its default placement (the VM CPUs less the leased ones)."""
+
+    domain: DomainInfo
+    threads: tuple[str, ...]  # labels: vcpu1, iothread2, emulator
+    reason: str
+
+
+Action = Free | Adopt | Drift | Report | Place
 
 VIRT_DRIVERS = ("qemu", "lxc")
 #: Seconds a holder without an owner process may wait for its domain to start.
@@ -62,10 +77,22 @@ def _planned(plan: Plan, thread: str, ident: int | None) -> CpuSet | None:
     return plan.iothreads.get(ident if ident is not None else -1)
 
 
+def _unpinned(spec: DomainSpec, thread: str, ident: int | None) -> bool:
+    """Whether ``spec`` leaves the thread group without CPUs of its own (libvirt then gives
+    it its default: every CPU)."""
+    if spec.cpuset is not None:
+        return False
+    if thread == "vcpu":
+        return ident not in spec.vcpupins
+    if thread == "iothread":
+        return ident not in spec.iothreadpins
+    return spec.emulatorpin is None
+
+
 def reconcile(domains: Sequence[DomainInfo], holders: Sequence[HolderRecord],
               partition_of: Callable[[HolderRef], str], *, now: float,
               grace: float = START_GRACE, drivers: Sequence[str] = VIRT_DRIVERS,
-              ) -> list[Action]:
+              vm_cpus: CpuSet | None = None) -> list[Action]:
     """Actions bringing the ledger and the running domains back in line (see module doc).
 
     ``domains``: every running domain of the connection's driver(s); ``holders``: every
@@ -73,7 +100,9 @@ def reconcile(domains: Sequence[DomainInfo], holders: Sequence[HolderRecord],
     is; ``now``: the time (holders of starts in progress get ``grace`` seconds).  Holders
     of other drivers (``run`` jobs) are never touched.  A running exclusive
     domain outside its partition is reported, not adopted: leasing its CPUs would make the
-    layout pull the shared pool — and the domain with it — off them.
+    layout pull the shared pool — and the domain with it — off them.  ``vm_cpus``: the
+    host's online VM CPUs, where a shared domain's threads without CPUs of their own
+    belong (None: not checked); while every one is leased they may run anywhere else.
     """
     running = {(d.holder.driver, d.holder.key): d for d in domains if d.active}
     by_key = {(h.ref.driver, h.ref.key): h for h in holders}
@@ -89,6 +118,8 @@ def reconcile(domains: Sequence[DomainInfo], holders: Sequence[HolderRecord],
         if gone.owner_pid is not None and now - gone.created > grace:
             actions.append(Free(ref, f"{ref} is not running"))
     leased_to: dict[int, HolderRef] = {}
+    leased = CpuSet.of(c for held in holders for c in held.plan.leases)
+    default = vm_cpus - leased if vm_cpus is not None else EMPTY
     for held in holders:
         if (held.ref.driver, held.ref.key) in running:
             for cpu in held.plan.leases:
@@ -109,6 +140,7 @@ def reconcile(domains: Sequence[DomainInfo], holders: Sequence[HolderRecord],
             continue
         if dom.affinity is None:
             continue
+        off: list[str] = []
         for thread, ident, cpus in dom.affinity.threads():
             label = thread if ident is None else f"{thread}{ident}"
             hot_plug = "(offline) would be hot-plugged onto" \
@@ -121,6 +153,10 @@ def reconcile(domains: Sequence[DomainInfo], holders: Sequence[HolderRecord],
                                          f"{dom.name} {label} {runs} {cpus.named()}, its plan "
                                          f"says {want}"))
                 continue
+            if (default and dom.live is not None and ident not in dom.affinity.offline
+                    and _unpinned(dom.live, thread, ident) and cpus - default - leased):
+                off.append(label)  # its placement takes it off leased CPUs too
+                continue
             foreign = CpuSet.of(c for c in cpus if c in leased_to)
             if foreign:
                 owner = leased_to[foreign.first()]
@@ -129,4 +165,8 @@ def reconcile(domains: Sequence[DomainInfo], holders: Sequence[HolderRecord],
                     Repin(dom.name, dom.uuid, thread, ident, cpus, cpus - foreign),
                     f"shared domain {dom.name} {label} {runs} {foreign.named()} leased to "
                     f"{owner}", narrows=True))
+        if off:
+            actions.append(Place(dom, tuple(off), f"shared domain {dom.name} {', '.join(off)} "
+                                 f"may run off the VM CPUs {vm_cpus}, though its XML names "
+                                 "no CPUs for them"))
     return actions
