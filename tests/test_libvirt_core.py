@@ -1806,3 +1806,47 @@ def test_a_shared_domain_restored_onto_a_lease_gets_its_pins_off_it(tmp_path: Pa
     assert hook.main_run(manager, "qemu", ["t", "restore", "begin", "-"],
                          saved.replace("<name>s</name>", "<name>t</name>")) == 0
     assert manager.change_records(NARROWED_PREFIX) == before
+
+
+def test_a_shared_domain_saved_while_narrowed_restores_with_the_cpus_freed_since(
+        tmp_path: Path) -> None:
+    """A shared domain saved while pinwarden had its pins narrowed, restored after the
+    lease ended: the pins that are still the ones pinwarden set get what they had before,
+    less what is leased now, and their records go once whole; a pin changed since is the
+    user's and restored as saved.  Before, the records of a domain that did not run were
+    forgotten by the lease's give-back, and the domain kept the narrowed pins for good
+    (the real thing: test_libvirt_e2e)."""
+    import io
+
+    from pinwarden.libvirt.repin import give_back, record_moves
+    from pinwarden.narrowed import NARROWED_PREFIX
+
+    manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
+                      host=make_host("0-3", "1-3"))
+    uuid_s = "66666666-0000-0000-0000-000000000006"
+    before = running("s", f"<uuid>{uuid_s}</uuid>", vcpus="1-3", emulator="1-3",
+                     uuid=uuid_s)
+    records = record_moves(repins([before], A, cs("1"), pool=cs("2-3")), {})
+    # the lease of CPU 1 ends while the domain is saved: kept, as it is still defined
+    gone = give_back([], records, leased=CpuSet(), defined=frozenset({uuid_s}))
+    assert gone == give_back([], {}, leased=CpuSet())
+    assert sorted(give_back([], records, leased=CpuSet()).forget) == sorted(records)
+    manager.put_change_records(records)
+    manager.reserve(domain_holder("qemu", "b", "b" * 8), lambda host, leases: Plan(
+        "b", "b" * 8, True, {0: cs("3")}, cs("3"), leases={3: "vcpu0"}),
+        owner_pid=os.getpid())
+    saved = xml("s", f"<uuid>{uuid_s}</uuid><cputune><vcpupin vcpu='0' cpuset='2-3'/>"
+                     "<vcpupin vcpu='1' cpuset='2'/><emulatorpin cpuset='2-3'/></cputune>")
+    out = io.StringIO()
+    assert hook.main_run(manager, "qemu", ["s", "restore", "begin", "-"], saved,
+                         rewrite=out) == 0
+    got = parse_domain(out.getvalue())
+    # vcpu1 (2, set by the user since) stays; the others get CPU 1 back, not the leased 3
+    assert got.vcpupins == {0: cs("1-2"), 1: cs("2")} and got.emulatorpin == cs("1-2")
+    assert {k.removeprefix(NARROWED_PREFIX): json.loads(v) for k, v in
+            manager.change_records(NARROWED_PREFIX).items()} == {
+        f"{uuid_s}:vcpu0": {"domain": "s", "before": "1-3", "after": "1-2"},
+        f"{uuid_s}:vcpu1": {"domain": "s", "before": "1-3", "after": "2-3"},
+        f"{uuid_s}:emulator": {"domain": "s", "before": "1-3", "after": "1-2"}}
+    assert "restoring s with the CPUs no longer leased: vcpu0 2-3 -> 1-2, emulator " \
+        "2-3 -> 1-2" in (tmp_path / hook.HOOK_LOG).read_text()

@@ -622,3 +622,28 @@ def test_threads_added_live_to_a_domain_the_hook_placed_get_the_vm_cpus(
                       for line in text.splitlines() if f"placed {h} " in line)
     assert set(placed.replace(",", " ").split()) == {"vcpu1", "iothread1"}, text
 
+
+def test_a_shared_domain_saved_while_narrowed_restores_with_its_cpus_back(
+        hooked: env.Pinwarden, domains: env.Domains) -> None:
+    """An exclusive start re-pins a running shared domain off CPU 1 (libvirt live pins,
+    recorded).  Saved meanwhile ('virsh managedsave'), the domain no longer ran when the
+    lease ended, and the give-back forgot its records: restored ('virsh start') after the
+    lease, it kept the narrowed pins, on the housekeeping CPU 0, for good (found by a
+    real-libvirt hunt).  The records of a domain that is defined but not running are kept
+    now, and the hook's 'restore' gives the pins back in the XML libvirt restores."""
+    a, s = "pwtest-e2e-na", "pwtest-e2e-ns"
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    domains.define(s)
+    _virsh_ok(("start", s))
+    assert set(env.thread_affinities(s).values()) == {frozenset({1})}
+    out = hooked.run("start", a, "--no-daemon", check=True).stdout
+    assert f"re-pinned {s} vcpu0: 1 -> 0" in out, out
+    _virsh_ok(("managedsave", s), ("destroy", a))
+    _wait("the give-back to end", lambda: not _give_backs_of(hooked))
+    _virsh_ok(("start", s))
+    assert set(env.thread_affinities(s).values()) == {frozenset({1})}, \
+        env.thread_affinities(s)
+    with Ledger(hooked.state) as ledger:
+        assert [k for k in ledger.changes() if k.startswith("repin:")] == []
+    log = (hooked.state / "hook.log").read_text()
+    assert f"pinwarden: restoring {s} with the CPUs no longer leased: vcpu0 0 -> 1" in log, log

@@ -259,6 +259,16 @@ def list_domains(conn: Any, *, active_only: bool = False) -> tuple[DomainInfo, .
     return tuple(sorted(out, key=lambda d: d.name))
 
 
+def inactive_uuids(conn: Any) -> frozenset[str]:
+    """The UUIDs (lowercase) of the connection's defined domains that do not run."""
+    lv = binding()
+    try:
+        doms = conn.listAllDomains(lv.VIR_CONNECT_LIST_DOMAINS_INACTIVE)
+        return frozenset(str(dom.UUIDString()).lower() for dom in doms)
+    except lv.libvirtError as exc:
+        raise error("cannot list domains", exc) from None
+
+
 #: Pauses (s) before each new look at a domain whose read failed: a stopping domain fails
 #: its reads ("Unable to read from monitor", "No such process") until libvirt has marked
 #: it shut off, a few hundred milliseconds after QEMU died.

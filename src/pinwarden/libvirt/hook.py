@@ -567,42 +567,50 @@ def run(manager: Manager, driver: str, name: str, op: str, xml: str, *,
 
 def _restore(manager: Manager, driver: str, name: str, spec: DomainSpec,
              xml: str) -> str | None:
-    """``restore``: a shared QEMU domain about to be restored from a save image whose pins
-    touch CPUs leased now gets them off the leases in the XML libvirt restores
-    (:func:`pinwarden.libvirt.repin.restored_off_leases`), recorded as narrowings so
-    that the lease's end gives them back; anything else is restored as saved."""
+    """``restore``: a shared QEMU domain about to be restored from a save image gets, in the
+    XML libvirt restores (:func:`pinwarden.libvirt.repin.restored`), the CPUs freed since
+    on the pins pinwarden narrowed (records of a domain that does not run are kept for
+    this), and its pins off the CPUs leased now, recorded as narrowings so that the
+    lease's end gives them back; anything else is restored as saved."""
     from pinwarden.cpuset import EMPTY, CpuSet
     from pinwarden.domain import render_plan
-    from pinwarden.libvirt.repin import record_moves, restored_off_leases
+    from pinwarden.libvirt.repin import restored
     from pinwarden.model import Plan
-    from pinwarden.narrowed import NARROWED_PREFIX
+    from pinwarden.narrowed import NARROWED_PREFIX, narrowed_key
     from pinwarden.partition import shared_pool
 
     if spec.exclusive or driver != "qemu":
         return None
-    leased = CpuSet.of(lease.cpu for lease in manager.leases())
-    if not leased:
-        return None
     uuid = spec.uuid or ""
-    moves, cpuset = restored_off_leases(spec, name, uuid, leased,
-                                        shared_pool(manager.host(), leased)[0])
-    if not moves and cpuset == spec.cpuset:
+    recorded = {k: v for k, v in manager.change_records(NARROWED_PREFIX).items()
+                if uuid and k.startswith(narrowed_key(uuid, ""))}
+    leased = CpuSet.of(lease.cpu for lease in manager.leases())
+    if not leased and not recorded:
         return None
-    moved = {(m.thread, m.ident): m.after for m in moves}
+    done = restored(spec, name, uuid, leased, shared_pool(manager.host(), leased)[0],
+                    recorded)
+    if not done.off and not done.given and done.cpuset == spec.cpuset:
+        if done.forget:
+            manager.put_change_records({}, forget=list(done.forget))
+        return None
+    moved = {(m.thread, m.ident): m.after for m in (*done.off, *done.given)}
     plan = Plan(name, spec.uuid, False,
                 vcpus={v: moved.get(("vcpu", v), c) for v, c in spec.vcpupins.items()},
                 emulator=moved.get(("emulator", None), spec.emulatorpin or EMPTY),
                 iothreads={i: moved.get(("iothread", i), c)
                            for i, c in spec.iothreadpins.items()},
-                default_cpus=cpuset)
+                default_cpus=done.cpuset)
     out = render_plan(xml, plan)
-    if moves and spec.uuid:
-        manager.put_change_records(record_moves(moves,
-                                                manager.change_records(NARROWED_PREFIX)))
-    log_line(manager, f"pinwarden: restoring {name} off leased {leased.named()}: "
-                      + ", ".join(f"{m.label} {m.before} -> {m.after}" for m in moves)
-                      + (f"{', ' if moves else ''}<vcpu cpuset> {spec.cpuset} -> {cpuset}"
-                         if cpuset != spec.cpuset else ""))
+    if uuid:
+        manager.put_change_records(dict(done.records), forget=list(done.forget))
+    if done.off or done.cpuset != spec.cpuset:
+        log_line(manager, f"pinwarden: restoring {name} off leased {leased.named()}: "
+                          + ", ".join(f"{m.label} {m.before} -> {m.after}" for m in done.off)
+                          + (f"{', ' if done.off else ''}<vcpu cpuset> {spec.cpuset} -> "
+                             f"{done.cpuset}" if done.cpuset != spec.cpuset else ""))
+    if done.given:
+        log_line(manager, f"pinwarden: restoring {name} with the CPUs no longer leased: "
+                          + ", ".join(f"{m.label} {m.before} -> {m.after}" for m in done.given))
     return out
 
 

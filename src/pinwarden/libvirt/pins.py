@@ -75,9 +75,12 @@ def give_back(manager: Manager, conn: Any,
         recorded = manager.change_records(NARROWED_PREFIX)
         if domains is None:
             domains = lv.list_domains(conn, active_only=True)
+        running = {d.uuid for d in domains if d.active}
+        stopped = any(key_parts(k)[0] not in running for k in recorded)
         resets = cgroup_resets_affinity()
         plan = decide_give_back(domains, recorded, _leased(manager, resets),
-                                kernel_resets=resets)
+                                kernel_resets=resets,
+                                defined=lv.inactive_uuids(conn) if stopped else frozenset())
         done: list[Repin] = []
         pids = {d.uuid: d.pid for d in domains}
         try:

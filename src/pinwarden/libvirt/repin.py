@@ -80,31 +80,62 @@ def repins(domains: Sequence[DomainInfo], holder: HolderRef, leased: CpuSet,
     return tuple(out)
 
 
-def restored_off_leases(spec: DomainSpec, name: str, uuid: str, leased: CpuSet,
-                        pool: CpuSet) -> tuple[tuple[Repin, ...], CpuSet | None]:
-    """A shared domain restored from a save image (``virsh restore``, ``managedsave``) whose
-    pins touch CPUs leased now: what its restored definition gets instead, as
-    :func:`repins` narrows a running one — each pin keeps what is not leased, or gets the
-    shared pool (``pool``) when nothing is left — and its ``<vcpu cpuset>`` alike.  Such
-    pins are mostly pinwarden's own: the live pins an earlier give-back wrote, which the
-    save image keeps; refused at ``prepare``, they blocked the domain for as long as the
-    lease lasted.  Returns the moves (recorded, given back when the leases end) and the
-    ``<vcpu cpuset>`` to write (None: none; not given back: a running domain's cannot
-    change)."""
+@record
+class Restored:
+    """What a shared domain restored from a save image gets instead of its saved pins."""
+
+    off: tuple[Repin, ...]  # pins on CPUs leased now, moved off them (narrowings)
+    given: tuple[Repin, ...]  # pins pinwarden narrowed, given back the CPUs freed since
+    cpuset: CpuSet | None  # the <vcpu cpuset> to write (None: none)
+    records: Mapping[str, str]  # narrowed-pin records to write ...
+    forget: tuple[str, ...]  # ... and to forget
+
+
+def restored(spec: DomainSpec, name: str, uuid: str, leased: CpuSet, pool: CpuSet,
+             recorded: Mapping[str, str]) -> Restored:
+    """A shared domain restored from a save image (``virsh restore``, ``managedsave``):
+    its saved pins are live pins, which a save image keeps — mostly pinwarden's own.
+
+    * A pin that is the one pinwarden set last (its narrowed-pin record in ``recorded``
+      says so) gets what it had before the first narrowing, less what is leased now: the
+      give-back the domain missed while it did not run (saved while narrowed, restored
+      after the lease ended, it kept the narrowed pins for good).
+    * Any other pin touching CPUs leased now keeps what is not leased, or gets the shared
+      pool (``pool``) when nothing is left, as :func:`repins` narrows a running domain —
+      and its ``<vcpu cpuset>`` alike.  Refused at ``prepare``, such pins blocked the
+      domain for as long as the lease lasted.  Those moves are recorded, to be given back
+      when the leases end; ``<vcpu cpuset>`` is not (a running domain's cannot change)."""
     def off(cpus: CpuSet) -> CpuSet:
         return (cpus - leased) or pool
 
-    moves = [Repin(name, uuid, "vcpu", v, c, off(c))
-             for v, c in sorted(spec.vcpupins.items()) if c & leased]
-    if spec.emulatorpin is not None and spec.emulatorpin & leased:
-        moves.append(Repin(name, uuid, "emulator", None, spec.emulatorpin,
-                           off(spec.emulatorpin)))
-    moves.extend(Repin(name, uuid, "iothread", i, c, off(c))
-                 for i, c in sorted(spec.iothreadpins.items()) if c & leased)
+    groups: list[tuple[str, int | None, CpuSet]] = [
+        ("vcpu", v, c) for v, c in sorted(spec.vcpupins.items())]
+    if spec.emulatorpin is not None:
+        groups.append(("emulator", None, spec.emulatorpin))
+    groups.extend(("iothread", i, c) for i, c in sorted(spec.iothreadpins.items()))
+    moved: list[Repin] = []
+    given: list[Repin] = []
+    records: dict[str, str] = {}
+    forget: list[str] = []
+    for thread, ident, cpus in groups:
+        move = Repin(name, uuid, thread, ident, cpus, cpus)
+        key = narrowed_key(uuid, move.label)
+        parts = record_parts(recorded[key]) if key in recorded else None
+        if parts is not None and parts[2] == cpus and (want := parts[1] - leased):
+            if want != cpus:
+                given.append(Repin(name, uuid, thread, ident, cpus, want))
+            if want == parts[1]:
+                forget.append(key)
+            else:
+                records[key] = json.dumps({"domain": name, "before": parts[1].to_list(),
+                                           "after": want.to_list()})
+        elif cpus & leased:
+            moved.append(Repin(name, uuid, thread, ident, cpus, off(cpus)))
     cpuset = spec.cpuset
     if cpuset is not None and cpuset & leased:
         cpuset = off(cpuset)
-    return tuple(moves), cpuset
+    records.update(record_moves(moved, recorded))
+    return Restored(tuple(moved), tuple(given), cpuset, records, tuple(forget))
 
 
 # -- giving narrowed pins back ---------------------------------------------------------------
@@ -163,18 +194,21 @@ class GiveBack:
 
 
 def give_back(domains: Sequence[DomainInfo], recorded: Mapping[str, str],
-              leased: CpuSet, *, kernel_resets: bool = False) -> GiveBack:
+              leased: CpuSet, *, kernel_resets: bool = False,
+              defined: frozenset[str] = frozenset()) -> GiveBack:
     """Live pins pinwarden narrowed off CPUs that are no longer leased (``leased``: every
     CPU leased now) get them back: each thread group returns to what it had before the
     first narrowing, minus what is still leased.
 
-    A record is forgotten once its pin is whole again, when its domain no longer runs, or
-    when the domain's live pin (its running definition's ``<vcpupin>``/``<emulatorpin>``/
-    ``<iothreadpin>``) is no longer the one pinwarden set (``virsh vcpupin --live`` by
-    somebody since: theirs to keep).  A thread group without a pin of its own is read as
-    the kernel has it, which a later lease narrows through the cgroup: that is still
-    pinwarden's placement.  Containers' records (label :data:`CONTAINER`) are left to
-    :func:`give_back_container`.
+    A record is forgotten once its pin is whole again, when its domain no longer runs and
+    is not defined either (``defined``: the UUIDs of defined domains that do not run — one
+    saved while narrowed keeps its records, which the hook's ``restore`` gives back from:
+    :func:`restored`), or when the domain's live pin (its running definition's
+    ``<vcpupin>``/``<emulatorpin>``/``<iothreadpin>``) is no longer the one pinwarden set
+    (``virsh vcpupin --live`` by somebody since: theirs to keep).  A thread group without
+    a pin of its own is read as the kernel has it, which a later lease narrows through the
+    cgroup: that is still pinwarden's placement.  Containers' records (label
+    :data:`CONTAINER`) are left to :func:`give_back_container`.
 
     ``kernel_resets``: the kernel gives every thread of a cpuset cgroup all of the
     cgroup's CPUs whenever those change (Linux before 6.2: :func:`pinwarden.enforce.
@@ -194,6 +228,8 @@ def give_back(domains: Sequence[DomainInfo], recorded: Mapping[str, str],
         dom = by_uuid.get(uuid)
         if dom is not None and dom.settling:
             continue  # starting or stopping: its record waits until it settles
+        if dom is None and uuid in defined:
+            continue  # not running, maybe saved with the pin: kept for its restore
         parts = record_parts(value)
         if parts is None:
             forget.append(key)  # unreadable: nothing can be given back from it
