@@ -798,7 +798,7 @@ def test_release_of_a_holder_that_runs_is_refused_unless_forced(host4: Path,
             m.reserve_request(JobSpec("J", cpus=C("3")), owner_pid=runs.pid)
             before = fake.read_state([""])
             with pytest.raises(Refusal) as err:
-                m.release("J", running=False)
+                m.release("J", force=False)
             assert err.value.code == "holder-running"
             assert err.value.message == (
                 f"job 'J' still runs (pid {runs.pid}) on CPU 3: stop it (end process "
@@ -812,7 +812,7 @@ def test_release_of_a_holder_that_runs_is_refused_unless_forced(host4: Path,
         runs.kill()
         runs.wait()
         with manager(host4, state, fake) as m:  # an owner that is gone: released as ever
-            assert m.release("K", running=False).ref.name == "K"
+            assert m.release("K", force=False).ref.name == "K"
     finally:
         runs.kill()
         runs.wait()

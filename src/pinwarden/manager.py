@@ -426,17 +426,17 @@ class Manager:
             return Reserved(plan, group, result)
 
     def release(self, selector: str, *, driver: str | None = None,
-                running: bool = True) -> HolderRecord:
+                force: bool = True) -> HolderRecord:
         """Free the holder named ``selector`` (name, UUID or key) and shrink the layout.
         The release is durable even when the kernel refuses the shrink: that is raised
-        as an :class:`EnforceError` saying so.  ``running=False``: a holder whose owner
+        as an :class:`EnforceError` saying so.  ``force=False``: a holder whose owner
         process runs (a domain's QEMU, a job) is refused instead — its group cannot go
         while its tasks are in it, and its CPUs would look free while it uses them."""
         from pinwarden import procs
 
         with self.locked():
             ledger = self.ledger()
-            found = None if running else ledger.find(selector, driver=driver)
+            found = None if force else ledger.find(selector, driver=driver)
             if found is not None and found.owner_pid is not None \
                     and procs.alive(found.owner_pid, found.owner_start):
                 ref = found.ref

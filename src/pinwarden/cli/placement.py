@@ -227,7 +227,7 @@ def holder_json(record: HolderRecord) -> dict[str, Any]:
 
 def run_release(args: argparse.Namespace) -> int:
     with manager_of(args) as manager:
-        record = manager.release(args.selector, driver=args.driver, running=args.force)
+        record = manager.release(args.selector, driver=args.driver, force=args.force)
     if args.json:
         print_json({"released": holder_json(record)})
     else:
