@@ -515,6 +515,23 @@ def test_conflict_suggests_a_release_command_that_works_as_typed(holder: HolderR
     assert "(and 1 more leased CPU)" in err.message
 
 
+
+@pytest.mark.parametrize(("holder", "command"), [
+    (domain_holder("qemu", "my vm", None), "(pinwarden stop 'my vm': its leases go with it)"),
+    (domain_holder("lxc", "web", None), "(virsh -c lxc:/// destroy web: its leases go"),
+    (job_holder("web"), "(kill 4242: its leases go with it)"),
+    (domain_holder("qemu", "a\x1bb", "6f" * 16), f"(virsh destroy {'6f' * 16}: its leases"),
+])
+def test_conflict_with_a_running_holder_says_to_stop_it(holder: HolderRef,
+                                                         command: str) -> None:
+    """A holder with an owner process runs (its QEMU, container, job): 'pinwarden release'
+    refuses it ("still runs"), so the refusal says how to stop it, which frees its leases.
+    Before, it said "release it first", whose own refusal then said to stop it."""
+    held = [Lease(5, holder, "vcpu0", 0.0, owner_pid=4242)]
+    err = refused("conflict", spec=spec(vcpupins={0: C("5")}), host=host(), leases=held)
+    assert f"choose other CPUs or stop it first {command}" in err.message, err.message
+
+
 def test_one_vm_cpu_is_named_as_one() -> None:
     err = refused("host-cpu", spec=spec(vcpus=1, exclusive=True, vcpupins={0: C("2")}),
                   host=host("none", "1", cpus=4), leases=[])

@@ -174,6 +174,20 @@ def command_line(command: str, operand: str, *options: str) -> str:
     return " ".join((command, word, *options))
 
 
+def stop_command(holder: HolderRef, pid: int | None) -> str:
+    """The command that ends ``holder``, whose process ``pid`` runs: its leases go with it
+    (``pinwarden release`` refuses a running holder).  A domain name the terminal would not
+    show as typed is replaced by its UUID, which ``virsh`` takes."""
+    unprintable = holder.uuid is not None and not holder.name.isprintable()
+    if holder.driver == "qemu":
+        return f"virsh destroy {holder.uuid}" if unprintable \
+            else command_line("pinwarden stop", holder.name)
+    if holder.driver == "lxc":
+        return f"virsh -c lxc:/// destroy {holder.uuid}" if unprintable \
+            else command_line("virsh -c lxc:/// destroy", holder.name)
+    return f"kill {pid}" if pid is not None else "end its process"
+
+
 def release_command(holder: HolderRef) -> str:
     """The command that frees ``holder``: ``pinwarden release 'my vm' --driver qemu`` (a
     job and a domain may share a name).  A name the terminal would not show as typed is

@@ -42,6 +42,7 @@ from pinwarden.model import (
     driver_of_type,
     job_holder,
     release_command,
+    stop_command,
 )
 from pinwarden.partition import Host, Partition, shared_pool
 from pinwarden.record import record, replace
@@ -225,10 +226,12 @@ def _conflict(ctx: _Ctx, label: str, cpus: CpuSet, *, advice: str = "") -> None:
     cpu = taken.first()
     lease = ctx.others[cpu]
     more = f" (and {plural(len(taken) - 1, 'more leased CPU')})" if len(taken) > 1 else ""
+    free = (f"stop it first ({stop_command(lease.holder, lease.owner_pid)}: its leases go "
+            "with it)" if lease.owner_pid is not None
+            else f"release it first ({release_command(lease.holder)})")
     raise Refusal(
         f"CPU {cpu}{more} for {label} of {ctx.who} is leased exclusively to {lease.holder} "
-        f"({lease.role}): choose other CPUs{advice} or release it first "
-        f"({release_command(lease.holder)})", code="conflict")
+        f"({lease.role}): choose other CPUs{advice} or {free}", code="conflict")
 
 
 def _holders_of(ctx: _Ctx, cpus: CpuSet) -> str:
