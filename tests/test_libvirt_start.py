@@ -323,6 +323,38 @@ def test_define_stores_metadata_and_refuses_bad_input(pw: env.Pinwarden,
             pytest.fail("a refused definition was stored")
 
 
+
+def test_define_while_the_cpus_are_leased_defines_and_says_it_cannot_start_now(
+        pw: env.Pinwarden, domains: env.Domains, tmp_path: Path) -> None:
+    """A definition is not a start: an exclusive domain this host can run is defined while
+    another holds every VM CPU, saying why it cannot start now (before, it was refused
+    with advice to release the other domain's CPUs, found on a real systemd host).  XML
+    this host could not run even with nothing leased (two exclusive vCPUs, one VM CPU) is
+    still refused, and nothing is defined."""
+    a, later, never = "pwtest-start-dfa", "pwtest-start-dfl", "pwtest-start-dfn"
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    pw.run("start", a, check=True)
+    source = tmp_path / "later.xml"
+    source.write_text(env.tiny_domain_xml(later, exclusive=True))
+    domains.track(later)
+    out = pw.run("define", str(source), check=True).stdout
+    assert out.startswith(f"defined {later} (exclusive; would lease CPU 1 with nothing "
+                          f"leased; it cannot start now: "), out
+    assert f"qemu domain '{a}'" in out, out
+    assert parse_domain(domains.conn.lookupByName(later).XMLDesc(0)).exclusive
+    refused = pw.run("start", later)
+    assert refused.returncode == 1 and a in refused.stderr, refused.stderr
+    source.write_text(env.tiny_domain_xml(never, exclusive=True, vcpus=2))
+    domains.track(never)
+    impossible = pw.run("define", str(source))
+    assert impossible.returncode == 1, impossible.stdout
+    assert "2" in impossible.stderr and len(impossible.stderr.strip().splitlines()) == 1
+    with pytest.raises(env.libvirt.libvirtError):
+        domains.conn.lookupByName(never)
+    assert env.holder_names(pw) == (a,)
+    pw.run("stop", a, check=True)
+
+
 def test_racing_starts_leave_one_running_domain_with_its_lease(pw: env.Pinwarden,
                                                               domains: env.Domains) -> None:
     a = "pwtest-start-race"

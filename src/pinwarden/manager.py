@@ -323,11 +323,13 @@ class Manager:
         return frozenset(key for key, value in reader.changes().items()
                          if _is_noise_key(key) and '"refused"' in value)
 
-    def plan(self, request: Request, *, holder: HolderRef | None = None) -> Plan:
-        """Where ``request`` would run now (dry run, nothing recorded)."""
+    def plan(self, request: Request, *, holder: HolderRef | None = None,
+             unleased: bool = False) -> Plan:
+        """Where ``request`` would run now (dry run, nothing recorded); ``unleased``: with
+        nothing leased (whether this host could ever run it)."""
         from pinwarden.policy import decide
 
-        return decide(request, self.host(), self.leases(), holder=holder)
+        return decide(request, self.host(), () if unleased else self.leases(), holder=holder)
 
     def preview(self, holder: HolderRef, decide: Decide) -> Preview:
         """What :meth:`reserve` would do (``--dry-run``): the plan, and the cgroup writes

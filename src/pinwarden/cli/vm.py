@@ -58,8 +58,10 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "define", parents=[common, virt], help="validate and define a domain from XML",
         description="Parse the XML, plan it against the current leases (dry run, nothing "
                     "leased) and define it with pinwarden's <metadata> (and, for exclusive "
-                    "domains, the partition of their cgroup). Invalid or impossible XML is "
-                    "refused and nothing is defined.")
+                    "domains, the partition of their cgroup). Invalid XML, and XML this host "
+                    "could not run even with nothing leased, is refused and nothing is "
+                    "defined; XML that only the current leases keep from starting is "
+                    "defined, saying why it cannot start now.")
     p.add_argument("file", metavar="FILE.xml", type=Path)
     p.set_defaults(handler=cmd_define)
 
@@ -265,7 +267,8 @@ def cmd_define(args: argparse.Namespace) -> int:
     where = f"would lease {plan.leased().named()}" if result.exclusive else \
         f"would run on {plan.cpus().named()}"
     print(f"defined {printable(result.name)} ({'exclusive' if result.exclusive else 'shared'}; "
-          f"{where} now)")
+          + (f"{where} now)" if result.not_now is None else
+             f"{where} with nothing leased; it cannot start now: {result.not_now})"))
     for note in plan.notes:
         print(f"note: {note}")
     return 0

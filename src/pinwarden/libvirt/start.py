@@ -374,11 +374,15 @@ class Defined:
     name: str
     uuid: str
     exclusive: bool
-    plan: Plan  # the dry-run plan against the current leases
+    plan: Plan  # the dry-run plan against the current leases (none: ``not_now``)
+    #: Why it would not start now (the refusal a start would get from the current leases),
+    #: though this host can run it; None: it would start
+    not_now: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"domain": self.name, "uuid": self.uuid, "exclusive": self.exclusive,
-                "plan": self.plan.to_json()}
+                "plan": self.plan.to_json(), "starts_now": self.not_now is None,
+                "not_now": self.not_now}
 
 
 def with_pinwarden_metadata(xml: str, spec: DomainSpec, uuid: str,
@@ -428,7 +432,12 @@ def define(manager: Manager, uri: str, path: Path) -> Defined:
     spec = replace(spec, uuid=uuid)
     # the XML's <domain type> names the driver (a URI may be an alias libvirt resolves)
     holder = domain_holder(driver_of_type(spec.domain_type), spec.name, uuid)
-    plan = manager.plan(spec, holder=holder)
+    not_now = None
+    try:
+        plan = manager.plan(spec, holder=holder)
+    except Refusal as exc:  # a definition is not a start: only what no lease explains is
+        plan = manager.plan(spec, holder=holder, unleased=True)  # refused (raised here)
+        not_now = exc.message
     partition = manager.libvirt_partition(holder) if spec.exclusive else None
     if spec.exclusive and spec.partition not in (None, "/machine", partition):
         raise Refusal(f"exclusive domain {spec.name!r} asks for partition "
@@ -442,7 +451,7 @@ def define(manager: Manager, uri: str, path: Path) -> Defined:
             dom = conn.defineXML(stored)
         except b.libvirtError as exc:
             raise libvirt_failure(f"libvirt refused to define {spec.name!r}", exc) from None
-        return Defined(str(dom.name()), str(dom.UUIDString()), spec.exclusive, plan)
+        return Defined(str(dom.name()), str(dom.UUIDString()), spec.exclusive, plan, not_now)
     finally:
         with contextlib.suppress(Exception):
             conn.close()
