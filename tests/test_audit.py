@@ -23,6 +23,7 @@ from pinwarden.cpuset import CpuSet
 from pinwarden.errors import HostError
 from pinwarden.ledger import HolderRecord, Ledger
 from pinwarden.model import HolderRef, Lease, Plan, domain_holder, job_holder
+from pinwarden.record import replace
 
 pytest.register_assert_rewrite("libvirt_env")
 
@@ -669,3 +670,47 @@ def test_real_libvirt_vm_on_a_leased_cpu(tmp_path: Path, domains: env.Domains) -
     dom.pinEmulator((True, False))
     assert env.vm_affinity(name) == frozenset({0})
     assert intruders_of_the_vm() == []
+
+
+def test_a_holder_group_the_kernel_marks_an_invalid_partition_is_an_error() -> None:
+    """cgroup v2: a sibling that wrote a leased CPU into its cpuset.cpus makes the holder's
+    partition invalid, and it stays so after the sibling lets go (the kernel checks it
+    again only when the holder's own cpuset changes): the root may run anything there
+    again.  Nothing else may show it, so the audit says so (it exited 0 on a real systemd
+    host); a valid partition, or a group that is not a holder's, is not reported."""
+    a_slice = "/pinwarden\\x2dvm\\x2da.slice"
+    reason = "isolated invalid (Cpu list in cpuset.cpus not exclusive)"
+    snap = HostSnapshot(cgroups=(
+        CgroupInfo("/", cs("0-7"), cs("0-7"), True),
+        CgroupInfo("/machine.slice", cs("4-7"), cs("4-7"), False, "member"),
+        CgroupInfo(a_slice, cs("3"), cs("3"), False, reason),
+        CgroupInfo("/pinwarden-vm-web.partition", cs("2"), cs("2"), False, "isolated"),
+        CgroupInfo("/other", cs("1"), cs("1"), False, "root invalid"),
+    ), cgroup_version=2)
+    holders = [record(A, cgroup=a_slice, cpus="3"), record(B, cpus="2")]
+    report = audit.audit(snap, leases(c3=A, c2=B), holders)
+    assert [(i.kind, i.cgroup, str(i.cpus), i.holders, i.severity)
+            for i in report.intruders] == [("invalid-partition", a_slice, "3", (A,), "error")]
+    assert report.exit_status() == 1
+    text = render(report)
+    assert "invalid-partition" in text and "'pinwarden sync' makes the partition valid" \
+        in text, text
+    valid = replace(snap, cgroups=tuple(replace(g, partition="isolated")
+                                        if g.path == a_slice else g for g in snap.cgroups))
+    assert audit.audit(valid, leases(c3=A, c2=B), holders).intruders == ()
+
+
+def test_the_scanner_reads_each_v2_groups_partition(tmp_path: Path) -> None:
+    """cpuset.cpus.partition as the kernel reads it; the root has none (None), nor has v1."""
+    for path, cpus, partition in (("", "0-3", None), ("pw.partition", "3",
+                                                      "root invalid (Parent is not a root)")):
+        d = tmp_path / path
+        d.mkdir(exist_ok=True)
+        (d / "cpuset.cpus").write_text(cpus + "\n")
+        (d / "cpuset.cpus.effective").write_text(cpus + "\n")
+        (d / "cgroup.threads").write_text("")
+        if partition is not None:
+            (d / "cpuset.cpus.partition").write_text(partition + "\n")
+    groups, _ = audit.scan_cgroups(tmp_path, v2=True)
+    assert {g.path: g.partition for g in groups} == {
+        "/": None, "/pw.partition": "root invalid (Parent is not a root)"}

@@ -323,3 +323,33 @@ def test_this_machine(config_file: Path) -> None:
     assert human.returncode == 0 and "legend:" in human.stdout
     for cpu in online:
         assert re.search(rf"core \S+\s+{cpu} [hvi]", human.stdout)
+
+
+def test_status_reads_each_holders_partition_from_the_kernel(tmp_path: Path) -> None:
+    """A holder group the kernel marks an invalid partition (cgroup v2) is not exclusive,
+    which the ledger cannot tell: status reads ``cpuset.cpus.partition`` of each recorded
+    group.  A valid one, a group gone, a v1 host and a v2 mount without cpuset say
+    nothing.  (The real kernel: test_lab_v2's invalid-partition test.)"""
+    from pinwarden.cli.placement import invalid_partitions
+    from pinwarden.ledger import HolderRecord
+    from pinwarden.model import Plan
+
+    a, b, c = (domain_holder("qemu", n, None) for n in "abc")
+
+    def held(ref: Any, cgroup: str | None) -> HolderRecord:
+        return HolderRecord(ref, 0.0, None, None, Plan(ref.name, None, True, {}, CpuSet()),
+                            cgroup=cgroup)
+
+    records = [held(a, "/pw-a.partition"), held(b, "/pw-b.partition"),
+               held(c, "/gone.partition"), held(domain_holder("qemu", "d", None), None)]
+    reason = "isolated invalid (Cpu list in cpuset.cpus not exclusive)"
+    mount_cgroups(tmp_path, v1=False, v2_controllers="cpuset cpu", v2_at="sys/fs/cgroup",
+                  cpus="0-3")
+    write(tmp_path, "sys/fs/cgroup/pw-a.partition/cpuset.cpus.partition", reason + "\n")
+    write(tmp_path, "sys/fs/cgroup/pw-b.partition/cpuset.cpus.partition", "isolated\n")
+    assert invalid_partitions(tmp_path, records) == {("qemu", a.key): reason}
+    v2_without_cpuset = tmp_path / "nocpuset"
+    mount_cgroups(v2_without_cpuset, v1=True, v2_controllers="cpu memory")
+    write(v2_without_cpuset, "sys/fs/cgroup/unified/pw-a.partition/cpuset.cpus.partition",
+          reason + "\n")
+    assert invalid_partitions(v2_without_cpuset, records) == {}

@@ -755,6 +755,39 @@ def test_a_second_lease_narrows_the_shared_group_without_a_warning(lab: LabRun) 
     assert data["leases_after"] == [], data
 
 
+
+def test_a_holder_partition_left_invalid_is_an_audit_error_until_sync(lab: LabRun) -> None:
+    """A late cgroup takes the leased CPU and gives it back: the kernel leaves the holder's
+    partition invalid (it checks it again only when the holder's own cpuset changes), and
+    the root may run anything on the CPU.  The audit said nothing of it (exit 0: a real
+    systemd host's operator AllowedCPUs, undone by a daemon-reload, left it so); now it is
+    an error naming the holder's group until 'pinwarden sync' makes it valid."""
+    data = lab.check("cli.invalid")
+    (lease,) = data["leases"]
+    cpu = CpuSet.of([lease["cpu"]])
+    word = holder_word(lab)
+    holder = "/pinwarden-run-pwtest-inv.partition"
+    assert data["holder_before"]["cpuset.cpus.partition"] == word, data["holder_before"]
+    assert data["late_write"] == 0
+    state = data["holder_let_go"]["cpuset.cpus.partition"]
+    invalid = [(i["cgroup"], i["cpus"], i["severity"]) for i in data["audit"]["json"][
+        "intruders"] if i["kind"] == "invalid-partition"]
+    said = [lease["partition_invalid"] for lease in data["status"]["json"]["leases"]]
+    if word == "member" or escape_closed(lab):
+        assert state == word and invalid == [] and said == [None], (state, invalid, said)
+    else:
+        assert state.startswith(f"{word} invalid"), state
+        assert data["audit"]["rc"] == 1, data["audit"]
+        assert invalid == [(holder, str(cpu), "error")], data["audit"]
+        assert said == [state], data["status"]  # status shows it too
+    assert [lease["partition_invalid"] for lease in data["status_synced"]["json"]["leases"]] \
+        == [None], data["status_synced"]
+    assert data["sync"]["rc"] == 0, data["sync"]
+    assert data["holder_synced"]["cpuset.cpus.partition"] == word, data["holder_synced"]
+    assert data["audit_after"]["rc"] == 0, data["audit_after"]
+    assert data["cleanup"] == {"late_left": False, "holder_left": False}
+
+
 def test_a_late_cgroup_escape_is_an_audit_error_and_sync_closes_it(lab: LabRun) -> None:
     data = lab.check("cli.escape")
     (lease,) = data["leases"]

@@ -34,7 +34,13 @@ Kinds of intruders:
     isolates host noise and the kernel lets the IRQ move (pinwarden should have moved it),
     a warning for IRQs the kernel refused to move (managed, per-CPU: fixed only at boot);
 ``workqueue`` (error, or warning)
-    the unbound-workqueue mask or the default affinity of new IRQs includes the CPU.
+    the unbound-workqueue mask or the default affinity of new IRQs includes the CPU;
+``invalid-partition`` (error)
+    on cgroup v2, a holder's group that the kernel marks an *invalid* partition
+    (``cpuset.cpus.partition`` reads ``isolated invalid (…)``): it no longer keeps the
+    holder's CPUs to itself, and its parent may run anything there again.  A sibling that
+    wrote leased CPUs into its ``cpuset.cpus`` makes it so, and the kernel does not make
+    it valid again when the sibling lets go (``pinwarden sync`` does).
 
 What cannot move at run time (refused IRQs, the tick, RCU callbacks, per-CPU kernel threads)
 is listed apart with the boot parameter that would fix it
@@ -71,15 +77,16 @@ from pinwarden.procs import parse_stat
 from pinwarden.record import field, record, replace
 
 Kind = Literal["other-vm-thread", "vm-cgroup", "escaped-task", "host-task", "irq",
-               "workqueue"]
+               "workqueue", "invalid-partition"]
 Severity = Literal["error", "warning"]
 SEVERITY: Mapping[Kind, Severity] = {
     "other-vm-thread": "error", "vm-cgroup": "error", "escaped-task": "error",
     "host-task": "warning", "irq": "warning", "workqueue": "warning",
+    "invalid-partition": "error",
 }
 #: Order of kinds in reports: errors first.
-KIND_ORDER: tuple[Kind, ...] = ("other-vm-thread", "vm-cgroup", "escaped-task", "irq",
-                                "workqueue", "host-task")
+KIND_ORDER: tuple[Kind, ...] = ("invalid-partition", "other-vm-thread", "vm-cgroup",
+                                "escaped-task", "irq", "workqueue", "host-task")
 
 #: cgroups (relative to the cpuset root) whose descendants are VMs.
 DEFAULT_VM_PARTITIONS = ("machine", "machine.slice")
@@ -107,6 +114,9 @@ class CgroupInfo:
     cpus: CpuSet  # cpuset.cpus
     effective: CpuSet | None  # cpuset.effective_cpus (v1) / cpuset.cpus.effective (v2)
     populated: bool  # has tasks of its own
+    #: v2: ``cpuset.cpus.partition`` as the kernel reads it (``member``, ``isolated``,
+    #: ``isolated invalid (…)``); None where there is none (v1, the root)
+    partition: str | None = None
 
 
 @record
@@ -435,6 +445,15 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
         for g in snapshot.cgroups:
             path = g.path.strip("/")
             owners, in_vm_cgroup = cgroup_facts(path)
+            if g.partition is not None and " invalid" in g.partition \
+                    and ctx.is_holder_group(path):
+                mine = CpuSet.of(c for c, h in lease_of.items() if h in owners)
+                intruders.append(Intruder(
+                    kind="invalid-partition", cpus=mine & g.cpus or mine,
+                    holders=tuple(sorted(owners, key=_ref_key)),
+                    name=path.rsplit("/", 1)[-1], cgroup=g.path,
+                    owner=min(owners, key=_ref_key) if owners else None))
+                continue
             if not in_vm_cgroup or not (g.populated or ctx.is_partition(path)):
                 continue  # an empty intermediate group (qemu-N…/ above vcpuN/) runs nothing
             cpus, victims = foreign(g.effective if g.effective is not None else g.cpus, owners)
@@ -624,6 +643,7 @@ def scan_cgroups(mount: Path, *, v2: bool = False,
     prefix = "" if noprefix else "cpuset."
     cpus_name = f"{prefix}cpus"
     effective_name = "cpuset.cpus.effective" if v2 else f"{prefix}effective_cpus"
+    partition_name = "cpuset.cpus.partition" if v2 else None
     tasks_name = "cgroup.threads" if v2 else "tasks"
     out: list[CgroupInfo] = []
     members: dict[int, str] = {}
@@ -636,6 +656,8 @@ def scan_cgroups(mount: Path, *, v2: bool = False,
         if cpus_text is None:
             continue
         effective_text = _read(f"{dirpath}/{effective_name}")
+        partition_text = _read(f"{dirpath}/{partition_name}") \
+            if partition_name is not None and partition_name in files else None
         path = "/" + dirpath[len(base):].strip("/")
         tasks = _read_all(f"{dirpath}/{tasks_name}") or b""
         tids = tasks.split()
@@ -645,7 +667,9 @@ def scan_cgroups(mount: Path, *, v2: bool = False,
             out.append(CgroupInfo(
                 path=path, cpus=cpus_of(cpus_text.strip()),
                 effective=None if effective_text is None else cpus_of(effective_text.strip()),
-                populated=bool(tids)))
+                populated=bool(tids),
+                partition=None if partition_text is None
+                else partition_text.decode(errors="replace").strip()))
         except CpuSetError:
             continue
     return out, members

@@ -698,6 +698,45 @@ def cli_escape() -> Data:
     return out
 
 
+@check("cli.invalid")
+def cli_invalid() -> Data:
+    """A holder partition the kernel invalidated stays invalid after the cgroup that took
+    its CPU lets go of it (the kernel does not check it again): the audit says so — it
+    exited 0 then, the root's CPUs including the leased one again (found on a real
+    systemd host: an operator's AllowedCPUs, undone by a daemon-reload); ``pinwarden
+    sync`` makes it valid."""
+    out: Data = {}
+    late = cgroup_root() / "pwtest-inv"
+    holder = "pinwarden-run-pwtest-inv.partition"
+    cmd = [PINWARDEN, "run", "--exclusive", "1", "--name", "pwtest-inv", "--",
+           "sleep", "600"]
+    state = ["--state-dir", str(STATE)]
+    try:
+        with started(cmd) as job:
+            out["leases"] = wait_for(ledger_leases, 90)
+            out["holder_before"] = wait_for(
+                lambda: (g := group_data(holder))["exists"] and g["cgroup.procs"] and g, 60)
+            out["late_write"] = subprocess.run(
+                ["sh", "-c", f"mkdir {late} && echo 0-7 > {late}/cpuset.cpus && "
+                             f"echo 0 > {late}/cpuset.cpus"],
+                capture_output=True, text=True).returncode
+            out["holder_let_go"] = group_data(holder)
+            out["audit"] = cli_here("audit", "--json", *state)
+            out["status"] = cli_here("status", "--json", *state)
+            out["sync"] = cli_here("sync", *state)
+            out["holder_synced"] = group_data(holder)
+            out["status_synced"] = cli_here("status", "--json", *state)
+            out["audit_after"] = cli_here("audit", "--json", *state)
+            os.killpg(job.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                job.wait(timeout=120)
+    finally:
+        with contextlib.suppress(OSError):
+            late.rmdir()
+        out["cleanup"] = {"late_left": late.exists(),
+                          "holder_left": (cgroup_root() / holder).exists()}
+    return out
+
 @check("cli.second")
 def cli_second() -> Data:
     """A second exclusive job while a first one runs: the shared group still names the

@@ -132,6 +132,10 @@ def render_unmovable(report: audit.Report) -> list[str]:
 
 #: What to do about each kind of intruder (shown once per kind present).
 HINTS = (
+    ("invalid-partition", "the kernel no longer keeps a holder's CPUs exclusive (a sibling "
+                          "cgroup took its CPUs, maybe given back since): 'pinwarden sync' "
+                          "makes the partition valid again, and 'pinwarden daemon' does so "
+                          "as soon as it happens"),
     ("other-vm-thread", "another VM can run on a leased CPU: start VMs through "
                         "'pinwarden start' or the libvirt hook ('pinwarden hook install'), or "
                         "re-apply the layout with 'pinwarden daemon --once'"),

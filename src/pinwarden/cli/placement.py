@@ -27,6 +27,8 @@ from pinwarden.errors import HostError, InputError
 # command, on every run) must stay cheap, and ``plan`` loads neither the CPU map nor
 # the XML renderer it does not use.
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from pinwarden.cpuset import CpuSet
     from pinwarden.domain import DomainSpec
     from pinwarden.ledger import HolderRecord
@@ -206,6 +208,33 @@ def run_reserve(args: argparse.Namespace) -> int:
                        recorded=True)
 
 
+def invalid_partitions(root: Path, records: Sequence[HolderRecord]) -> dict[tuple[str, str],
+                                                                           str]:
+    """Holders whose group the kernel marks an invalid partition (cgroup v2: a sibling took
+    its CPUs, and the kernel does not check it again when the sibling lets go), by
+    ``(driver, key)``: what ``cpuset.cpus.partition`` reads.  The CPUs are not exclusive
+    then, which the ledger cannot tell."""
+    from pinwarden.mounts import read_mounts
+
+    if not any(r.cgroup for r in records):
+        return {}
+    mounts = read_mounts(root)
+    if mounts.unified is None or not mounts.v2_has("cpuset"):
+        return {}
+    out: dict[tuple[str, str], str] = {}
+    for record in records:
+        if not record.cgroup:
+            continue
+        try:
+            text = (mounts.unified / record.cgroup.strip("/") /
+                    "cpuset.cpus.partition").read_text().strip()
+        except OSError:
+            continue
+        if " invalid" in text:
+            out[(record.ref.driver, record.ref.key)] = text
+    return out
+
+
 def holder_json(record: HolderRecord) -> dict[str, Any]:
     from pinwarden.jsonout import timestamp
 
@@ -268,6 +297,7 @@ def run_status(args: argparse.Namespace) -> int:
         leases = manager.leases()
         database = manager.state_dir / DB_NAME
         narrowed_records = manager.change_records(NARROWED_PREFIX)
+        invalid = invalid_partitions(manager.root, records)
     part = host.partition
     leased = CpuSet.of(lease.cpu for lease in leases)
     pins = narrowed(narrowed_records, leased)
@@ -285,7 +315,9 @@ def run_status(args: argparse.Namespace) -> int:
 
         print_json({
             "leases": [{**holder_json(r), "offline": str(offline(r)),
-                        "owner_gone": gone(r)} for r in records],
+                        "owner_gone": gone(r),
+                        "partition_invalid": invalid.get((r.ref.driver, r.ref.key))}
+                       for r in records],
             "partition": _partition_json(part),
             "online": str(host.topology.online),
             "leased": str(leased),
@@ -316,6 +348,10 @@ def run_status(args: argparse.Namespace) -> int:
         if gone(record):
             warn += ("; OWNER GONE: its CPUs are free, the record goes at the next change "
                      "('pinwarden sync')")
+        reason = invalid.get((record.ref.driver, record.ref.key))
+        if reason is not None:
+            warn += (f"; PARTITION INVALID (the kernel reads {reason!r}): its CPUs are not "
+                     "kept exclusive; 'pinwarden sync' makes it valid again")
         lines.append(f"  {record.ref}: {desc}; since {since}{owner}{warn}")
     if pins:
         lines.append("running shared domains re-pinned off leased CPUs (each gets its CPUs "
