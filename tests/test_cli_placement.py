@@ -176,6 +176,20 @@ def test_status_human_has_cpu_map(env: dict[str, Path],
     assert "partition isolcpus" in out
 
 
+
+def test_status_with_no_lease_database_says_where_it_looked(
+        env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """A state directory nothing ever leased through (a typo in --state-dir, say) reads as
+    an empty ledger: status says which database it did not find, not just "no holders"."""
+    status, out, _ = run(env, capsys, "status", json_out=False)
+    assert status == 0
+    assert "no holders: no lease database at " in out, out
+    run(env, capsys, "reserve", write(env, "vm1.xml", SEED))
+    run(env, capsys, "release", "vm1")
+    status, out, _ = run(env, capsys, "status", json_out=False)
+    assert status == 0 and "\nno holders\n" in out, out
+
+
 def test_status_shows_the_pins_it_narrowed_and_what_waits_to_go_back(
         env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     """Running shared domains an exclusive start re-pinned: while the lease holds, their

@@ -335,7 +335,9 @@ def run_status(args: argparse.Namespace) -> int:
              f"leased {leased or '-'}; shared VM pool {shared or '-'}",
              *(f"note: {note}" for note in fallback)]
     if not records:
-        lines.append("no holders")
+        lines.append("no holders" if database.exists() else
+                     f"no holders: no lease database at {database} (nothing was ever leased "
+                     "with this state directory: is it the one pinwarden uses?)")
     for record in records:
         cpus = record.plan.leased()
         owner = f", owner pid {record.owner_pid}" if record.owner_pid is not None else ""
