@@ -117,6 +117,18 @@ def test_bad_value_and_unknown_command_exit_2() -> None:
     assert proc.returncode == 2 and "pinwarden: error: unrecognized arguments" in proc.stderr
 
 
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf"])
+def test_durations_are_positive_seconds(value: str) -> None:
+    """``daemon --interval -1`` ended in an internal error once connected, ``--interval 0``
+    spun a CPU (real-libvirt hunt): both are refused before anything starts, as is a
+    ``stop --timeout`` that is not a positive number of seconds."""
+    for argv in (("daemon", "--once", "--interval", value), ("stop", "x", "--timeout", value)):
+        proc = cli(*argv)
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert f"'{value}': give a positive number of seconds" in proc.stderr, proc.stderr
+
+
 def test_help_lists_exit_codes() -> None:
     proc = cli("--help")
     assert proc.returncode == 0

@@ -109,6 +109,20 @@ def _path(text: str) -> str:
     return text
 
 
+def seconds(text: str) -> float:
+    """A duration option's value: a positive number of seconds (``--interval 0`` made the
+    daemon spin, a negative one ended it with an internal error)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return value
+
+
 def common_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
     """Options every command accepts, before or after the command name.
 

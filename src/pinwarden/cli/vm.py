@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pinwarden.cli import EXIT_INTERNAL, Parser, print_json, printable
+from pinwarden.cli import EXIT_INTERNAL, Parser, print_json, printable, seconds
 from pinwarden.cli.common import config_of, manager_of, root_of, state_dir_of
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME")
     p.add_argument("--graceful", action="store_true",
                    help="ACPI shutdown and wait, instead of destroying")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=seconds, default=60.0, metavar="SECONDS",
                    help="how long --graceful waits (default 60)")
     p.set_defaults(handler=cmd_stop)
 
@@ -125,7 +125,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         help="follow libvirt events: free leases of dead domains, adopt, report drift",
         description="Subscribe to libvirt lifecycle events and reconcile the leases with "
                     "the running domains; reconnects when libvirtd restarts. Logs to stderr.")
-    p.add_argument("--interval", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--interval", type=seconds, default=30.0, metavar="SECONDS",
                    help="full reconcile period besides events (default 30)")
     p.add_argument("--restore-drift", action="store_true",
                    help="re-pin domains whose live affinity drifted off their plan "
