@@ -647,3 +647,28 @@ def test_a_shared_domain_saved_while_narrowed_restores_with_its_cpus_back(
         assert [k for k in ledger.changes() if k.startswith("repin:")] == []
     log = (hooked.state / "hook.log").read_text()
     assert f"pinwarden: restoring {s} with the CPUs no longer leased: vcpu0 0 -> 1" in log, log
+
+
+def test_a_forced_release_of_a_running_domain_puts_the_layout_back_when_it_stops(
+        hooked: env.Pinwarden, domains: env.Domains) -> None:
+    """'pinwarden release --force' of a running exclusive domain frees the lease, but its
+    holder group (cpu_exclusive) stays while its QEMU is in it, and machine stays narrowed
+    with it.  When the domain then stopped, the hook's 'release' found no lease and left
+    both in place — CPU 1 fenced off from every VM, 'status' and 'audit' saying it was
+    free — until somebody's sync (real-libvirt hunt).  Now that 'release' puts the layout
+    back; the forced release says what stays meanwhile."""
+    a = "pwtest-e2e-fr"
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    machine = env.read_cpus("machine")
+    hooked.run("start", a, "--no-daemon", check=True)
+    group = hooked.holder_group(a)
+    assert env.cpu_exclusive(group) and 1 not in env.read_cpus("machine")
+    out = hooked.run("release", a, "--force", check=True).stdout
+    assert out.startswith(f"released qemu domain '{a}'") and \
+        f"note: it still runs (pid {env.qemu_pid(a)}): its cgroup keeps CPU 1 until it " \
+        "stops" in out, out
+    _virsh_ok(("destroy", a))
+    assert env.read_cpus("machine") == machine
+    assert not (env.CPUSET / group).exists()
+    with Ledger(hooked.state) as ledger:
+        assert ledger.holders() == () and ledger.host_record() is None

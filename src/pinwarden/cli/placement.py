@@ -56,7 +56,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
                         help="only holders of this kind (when a name is ambiguous)")
     parser.add_argument("--force", action="store_true",
                         help="free the leases also while the holder runs (its domain or "
-                             "job keeps running on CPUs that look free)")
+                             "job keeps running on CPUs that look free, its cgroup in place "
+                             "until it stops; a running daemon leases a domain's again)")
     parser.set_defaults(handler=run_release)
 
     parser = subparsers.add_parser(
@@ -255,6 +256,8 @@ def holder_json(record: HolderRecord) -> dict[str, Any]:
 
 
 def run_release(args: argparse.Namespace) -> int:
+    from pinwarden import procs
+
     with manager_of(args) as manager:
         record = manager.release(args.selector, driver=args.driver, force=args.force)
     if args.json:
@@ -263,6 +266,11 @@ def run_release(args: argparse.Namespace) -> int:
         cpus = record.plan.leased()
         what = f"{cpus.named()} freed" if cpus else "it held no CPUs"
         print(f"released {record.ref.describe()}: {what}")
+        if cpus and record.owner_pid is not None and \
+                procs.alive(record.owner_pid, record.owner_start):
+            print(f"note: it still runs (pid {record.owner_pid}): its cgroup keeps "
+                  f"{cpus.named()} until it stops, and a running 'pinwarden daemon' leases "
+                  "them to it again")
     return 0
 
 

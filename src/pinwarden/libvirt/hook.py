@@ -885,6 +885,12 @@ def _release(manager: Manager, driver: str, name: str, spec: DomainSpec,
         return
     holder = _holder(driver, name, spec)
     record = reader.get(holder)
+    if record is None and spec.exclusive and reader.host_record() is not None:
+        # released while it ran ('pinwarden release --force'): its holder group was kept,
+        # and the shared group narrowed with it, while its tasks were there; now they are
+        # gone, so the layout goes back (before, it stayed until somebody's sync)
+        manager.sync()
+        return
     if record is None or record.owner_pid is None:
         return
     alive = procs.alive(record.owner_pid, record.owner_start)
