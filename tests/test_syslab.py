@@ -903,6 +903,28 @@ def test_story_lxc_and_qemu_share_one_ledger(lab: LabRun) -> None:
     assert s["as_left"]["holders"] == [] and s["as_left"]["layout"]["partitions"] == {}
 
 
+
+def test_story_a_second_lease_beside_a_shared_domain_leaves_the_slice_as_found(
+        lab: LabRun) -> None:
+    """Two leases in a row beside a running shared domain: each release gives machine.slice
+    the AllowedCPUs found (empty: every CPU), not its cgroup file's every CPU, which the
+    second lease's escape check took for what it had (see story_two_leases)."""
+    s = lab.check("story_two_leases")
+    found = s["as_found"]["AllowedCPUs"]
+    for step in ("define_s", "start_s", "define_x", "start_1", "stop_1", "start_2", "stop_2",
+                 "stop_s"):
+        rc0(s[step])
+    for n in (1, 2):
+        [holder] = s[f"leased_{n}"]["holders"]
+        assert holder["name"] == "pwtest-tx", holder
+        assert int(holder["cpus"]) not in _cpus_of(s[f"leased_{n}"]["unit"]["AllowedCPUs"]), s
+        released = s[f"released_{n}"]
+        assert released["holders"] == [] and released["unit"]["AllowedCPUs"] == found, \
+            (n, released, found)
+        assert released["dropins"] == {}, (n, released)
+    assert s["as_left"]["unit"]["AllowedCPUs"] == found, s["as_left"]
+
+
 def test_a_daemon_reload_keeps_the_leased_cpu_out_of_the_operators_partition(
         lab: LabRun) -> None:
     """The README's partition: ``systemctl set-property machine.slice AllowedCPUs=1-2``,

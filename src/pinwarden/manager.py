@@ -515,6 +515,13 @@ class Manager:
             record = self._take_edit(ledger, backend, names.shared, kept_record, record,
                                      CpuSet.of(lease.cpu for lease in leases))
         host = self._load_host(record.found if record else None)
+        if leases and kept_record is None:
+            # the shared group as found, before anything of this sync writes to it: the
+            # escape check next narrows it when its cgroup file names a CPU about to be
+            # leased, and that file is not what it was configured with on systemd hosts
+            # (an empty AllowedCPUs, after an earlier release, reads every CPU there while
+            # VMs run below: recorded so, the second release left AllowedCPUs=0-3)
+            ledger.record_changes({key: self._shared_original(backend, names.shared)})
         if leases:  # before the layout: an escaped cgroup invalidates holder partitions
             self._close_escapes(ledger, host, leases, backend, names)
         changes = ledger.changes()
@@ -523,10 +530,7 @@ class Manager:
         if leases and CONTROLLER_KEY not in changes:
             self._record_controller(ledger, backend)
         shared_record = changes.get(key)
-        if leases and shared_record is None:
-            shared_record = self._shared_original(backend, names.shared)
-            ledger.record_changes({key: shared_record})
-        elif not leases and key in changes:
+        if not leases and key in changes:
             restore, drop = self._restore_value(backend, names.shared, changes[key])
         v2 = backend.kind in ("v2", "systemd")
         holders = ledger.holders()

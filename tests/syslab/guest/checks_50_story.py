@@ -451,6 +451,40 @@ def story_lxc() -> Data:
 OWN_DROPIN = Path("/run/systemd/system.control/machine.slice.d/zz-pinwarden-AllowedCPUs.conf")
 
 
+
+@check("story_two_leases", needs=["install", "boot"])
+def story_two_leases() -> Data:
+    """An unpinned domain runs while an exclusive one is started and stopped twice (mode
+    none, host reserve CPU 0).  The first release gives machine.slice its empty
+    AllowedCPUs back, but its cgroup file keeps every CPU (the kernel refuses to empty it
+    while the domain runs below: pinwarden writes what it inherits).  The second lease
+    found that file naming the CPU it leases, and its escape check recorded the file's
+    0-3 as what machine.slice had: the second release left AllowedCPUs=0-3, and the root
+    enabling cpuset (systemd-lab hunt)."""
+    CONFIG.parent.mkdir(parents=True, exist_ok=True)
+    CONFIG.write_text('[partition]\nmode = "none"\nhost_reserve = "0"\n')
+    unit = ("machine.slice", "AllowedCPUs")
+    out: Data = {"as_found": unit_show(*unit)}
+    names = ("pwtest-ts", "pwtest-tx")
+    try:
+        out["define_s"] = virsh("define", write_xml("pwtest-ts"))
+        out["start_s"] = pinwarden("start", "pwtest-ts")
+        out["define_x"] = pinwarden("define", write_xml("pwtest-tx", metadata=EXCLUSIVE_META))
+        for n in (1, 2):
+            out[f"start_{n}"] = pinwarden("start", "pwtest-tx")
+            out[f"leased_{n}"] = {"unit": unit_show(*unit), "holders": holders()}
+            out[f"stop_{n}"] = pinwarden("stop", "pwtest-tx")
+            out[f"released_{n}"] = {"unit": unit_show(*unit), "holders": holders(),
+                                    "dropins": dropins()["files"]}
+        out["stop_s"] = pinwarden("stop", "pwtest-ts")
+        out["as_left"] = {"unit": unit_show(*unit), "dropins": dropins()["files"]}
+    finally:
+        for name in names:
+            remove_domain(name)
+        CONFIG.unlink(missing_ok=True)
+        pinwarden("sync")
+    return out
+
 @check("story_reload", needs=["install", "boot"])
 def story_reload() -> Data:
     """The VM partition set the way the README says, by a persistent ``systemctl
