@@ -70,6 +70,27 @@ def test_floating_threads_move_to_the_pool_and_pinned_ones_keep_the_rest() -> No
     assert all(m.before != m.after for m in moves)
 
 
+
+def test_a_pin_for_the_next_boot_only_does_not_hold_a_running_domain() -> None:
+    """'virsh vcpupin --config' pinned a running shared domain's vCPU 0 to CPU 2 in its
+    stored definition only: the running one leaves it floating (the hook placed it on 2).
+    The exclusive start leasing CPU 2 refused ("pins vcpu0 to CPU 2 only") where the hook
+    let the same start through (real-libvirt hunt): it is re-pinned now.  Pinned in both
+    definitions, it is still refused."""
+    pin = "<cputune><vcpupin vcpu='0' cpuset='2'/></cputune>"
+    stored, live = parse_domain(xml("next", pin)), parse_domain(xml("next"))
+    nextboot = DomainInfo("qemu", "next", "cccccccc-0000-0000-0000-000000000003", True,
+                          live=live, persistent=stored,
+                          affinity=Affinity({0: cs("2"), 1: cs("2")}, cs("2")), pid=1)
+    moves = repins([nextboot], A, cs("2"), pool=cs("0-1"))
+    assert {(m.label, str(m.after)) for m in moves} == {
+        ("vcpu0", "0-1"), ("vcpu1", "0-1"), ("emulator", "0-1")}
+    both = DomainInfo("qemu", "next", nextboot.uuid, True, live=stored, persistent=stored,
+                      affinity=nextboot.affinity, pid=1)
+    with pytest.raises(Refusal, match="pins vcpu0 to CPU 2 only"):
+        repins([both], A, cs("2"), pool=cs("0-1"))
+
+
 def test_a_domain_pinned_only_onto_the_lease_is_refused_by_name() -> None:
     pinned = running("pinned", "<cputune><vcpupin vcpu='0' cpuset='2'/></cputune>",
                      vcpus="2")

@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from pinwarden.cpuset import EMPTY, CpuSet
-from pinwarden.domain import DomainSpec
 from pinwarden.ledger import HolderRecord
+from pinwarden.libvirt.repin import floating
 from pinwarden.libvirt.state import DomainInfo, Repin
 from pinwarden.model import HolderRef, Plan
 from pinwarden.record import record
@@ -75,18 +75,6 @@ def _planned(plan: Plan, thread: str, ident: int | None) -> CpuSet | None:
     if thread == "emulator":
         return plan.emulator or None
     return plan.iothreads.get(ident if ident is not None else -1)
-
-
-def _unpinned(spec: DomainSpec, thread: str, ident: int | None) -> bool:
-    """Whether ``spec`` leaves the thread group without CPUs of its own (libvirt then gives
-    it its default: every CPU)."""
-    if spec.cpuset is not None:
-        return False
-    if thread == "vcpu":
-        return ident not in spec.vcpupins
-    if thread == "iothread":
-        return ident not in spec.iothreadpins
-    return spec.emulatorpin is None
 
 
 def reconcile(domains: Sequence[DomainInfo], holders: Sequence[HolderRecord],
@@ -154,7 +142,7 @@ def reconcile(domains: Sequence[DomainInfo], holders: Sequence[HolderRecord],
                                          f"says {want}"))
                 continue
             if (default and dom.live is not None and ident not in dom.affinity.offline
-                    and _unpinned(dom.live, thread, ident) and cpus - default - leased):
+                    and floating(dom.live, thread, ident) and cpus - default - leased):
                 off.append(label)  # its placement takes it off leased CPUs too
                 continue
             foreign = CpuSet.of(c for c in cpus if c in leased_to)

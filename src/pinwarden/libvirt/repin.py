@@ -29,8 +29,9 @@ from pinwarden.narrowed import key_parts, narrowed_key, record_parts
 from pinwarden.record import record
 
 
-def _floating(spec: DomainSpec | None, thread: str, ident: int | None) -> bool:
-    """The definition leaves this thread group to default placement."""
+def floating(spec: DomainSpec | None, thread: str, ident: int | None) -> bool:
+    """The definition leaves this thread group to default placement (libvirt gives such a
+    thread every CPU; pinwarden places it)."""
     if spec is None:
         return False
     if spec.cpuset is not None:
@@ -65,7 +66,11 @@ def repins(domains: Sequence[DomainInfo], holder: HolderRef, leased: CpuSet,
             after = cpus - leased
             label = thread if ident is None else f"{thread}{ident}"
             if not after:
-                if not _floating(dom.request, thread, ident):
+                # pinned only if both definitions pin it: the running one may hold
+                # pinwarden's own placement (the <vcpu cpuset> 'pinwarden start' wrote),
+                # the stored one a pin for the next boot ('virsh vcpupin --config')
+                if not (floating(dom.request, thread, ident)
+                        or floating(dom.live, thread, ident)):
                     raise Refusal(
                         f"cannot lease {clash.named()} to {holder}: running domain "
                         f"{dom.name!r} pins {label} to {cpus.named()} only; re-pin it "
@@ -180,7 +185,7 @@ def placed_narrower(spec: DomainSpec, plan: Plan, name: str, uuid: str,
     threads.extend(("iothread", i, c) for i, c in sorted(plan.iothreads.items()))
     return tuple(Repin(name, uuid, thread, ident, base, cpus)
                  for thread, ident, cpus in threads
-                 if cpus and (every or cpus != base) and _floating(spec, thread, ident))
+                 if cpus and (every or cpus != base) and floating(spec, thread, ident))
 
 
 @record
