@@ -355,6 +355,32 @@ def test_define_while_the_cpus_are_leased_defines_and_says_it_cannot_start_now(
     pw.run("stop", a, check=True)
 
 
+
+def test_an_exclusive_domain_asking_for_a_shared_emulator_starts_with_it_floating(
+        pw: env.Pinwarden, domains: env.Domains) -> None:
+    """emulator='shared' planned the emulator on the shared CPUs, which its cgroup — a
+    child of the holder partition — can never have: beside a shared VM the start was
+    refused ("no CPU would be left for vcpu0 of running domain …"), alone libvirt failed
+    ("Permission denied" on the emulator's cpuset.cpus) (real-libvirt hunt).  It is
+    planned floating on the domain's CPU now, says so, and starts either way."""
+    e, s = "pwtest-start-shem", "pwtest-start-shs"
+    domains.track(e)
+    domains.conn.defineXML(env.tiny_domain_xml(e, exclusive=True).replace(
+        "exclusive='yes'/>", "exclusive='yes' emulator='shared'/>"))
+    for beside in (False, True):
+        if beside:
+            domains.define(s)
+            pw.run("start", s, check=True)
+        out = pw.run("start", e, check=True).stdout
+        assert "emulator='shared' of exclusive domain" in out and "cannot be honoured" in out, out
+        assert set(env.thread_affinities(e).values()) == {frozenset({1})}, \
+            env.thread_affinities(e)
+        if beside:
+            assert f"re-pinned {s} vcpu0: 1 -> 0" in out, out
+        pw.run("stop", e, check=True)
+    pw.run("stop", s, check=True)
+
+
 def test_racing_starts_leave_one_running_domain_with_its_lease(pw: env.Pinwarden,
                                                               domains: env.Domains) -> None:
     a = "pwtest-start-race"

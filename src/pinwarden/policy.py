@@ -518,6 +518,15 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
 
     topo = ctx.host.topology
     notes: list[str] = []
+    if spec.emulator == "shared":
+        # A domain's threads live in its cgroup, the partition of its leased CPUs: the
+        # kernel refuses its emulator's group any other CPU (cgroup v1: libvirt's start
+        # failed, "Permission denied"; through the hook the emulator ran on the lease,
+        # not where the plan said).  Planned as what the kernel does: floating.
+        notes.append(f"emulator='shared' of exclusive {ctx.who} cannot be honoured: its "
+                     "emulator and I/O threads live in its cgroup, the partition of its "
+                     "leased CPUs, and run there (as emulator='float')")
+        spec = replace(spec, emulator="float")
     own = _Leases(ctx)
     isolate_emulator = spec.emulatorpin is None and spec.emulator == "isolate"
     shared_emulator = spec.emulator == "shared"
