@@ -51,12 +51,12 @@ def test_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_every_source(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                       monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "pw.toml"
-    config.write_text('[partition]\nmode = "none"\nhost_reserve = "0-1"\n'
+    config.write_text('[partition]\nmode = "none"\nhost_reserve = "0"\n'
                       '[ledger]\nstate_dir = "/from/file"\n[libvirt]\nuri = "qemu+unix:///system?socket=/from/file"\n')
     got = config_json(capsys, "--config", str(config))
     assert (got["partition.mode"]["value"], got["partition.mode"]["source"],
             got["partition.mode"]["from"]) == ("none", "file", f"{config} [partition] mode")
-    assert got["partition.host_reserve"]["value"] == "0-1"  # a CPU list string
+    assert got["partition.host_reserve"]["value"] == "0"  # a CPU list string
     assert got["partition.cgroup"]["source"] == "default"
     assert (got["ledger.state_dir"]["value"], got["ledger.state_dir"]["source"]) == \
         ("/from/file", "file")
@@ -130,6 +130,26 @@ def test_a_host_reserve_this_host_lacks_is_refused(tmp_path: Path,
     assert problem in capsys.readouterr().err  # what the commands say, word for word
     assert main([*argv, "--root", str(big)]) == 0
     assert json.loads(capsys.readouterr().out)["problems"] == []
+
+
+
+def test_a_host_reserve_of_every_cpu_is_refused(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A host_reserve that keeps every online CPU for the host leaves no VM CPU: it was
+    taken, and status then said "every VM CPU () is leased exclusively" with nothing
+    leased (real-libvirt hunt).  Config and every command refuse it, in one line."""
+    small = build_host(tmp_path / "small", HostSpec(cpus=4))
+    config = tmp_path / "pw.toml"
+    config.write_text('[partition]\nmode = "none"\nhost_reserve = "0-3"\n')
+    problem = "host_reserve 0-3 keeps every online CPU (0-3) for the host, which leaves none " \
+        "for VMs; fix [partition] host_reserve in the configuration"
+    assert main(["config", "--config", str(config), "--json", "--root", str(small)]) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out)["problems"] == [problem]
+    assert main(["status", "--config", str(config), "--root", str(small), "--state-dir",
+                 str(tmp_path / "state")]) == 1
+    out, err = capsys.readouterr()
+    assert err == f"pinwarden: error: {problem}\n" and out == ""
 
 
 def test_provenance_agrees_with_what_the_commands_use(tmp_path: Path) -> None:

@@ -416,7 +416,7 @@ def test_emulator_shared_is_planned_as_float_with_a_note() -> None:
     floating = decide(replace(s, emulator="float"), host(), lease("10-15"))
     assert plan.emulator == floating.emulator == C("5-6")
     assert plan.leases == floating.leases == {5: "vcpu0", 6: "vcpu1"}
-    assert plan.notes == (f"emulator='shared' of exclusive domain 'vm1' cannot be honoured: "
+    assert plan.notes == ("emulator='shared' of exclusive domain 'vm1' cannot be honoured: "
                           "its emulator and I/O threads live in its cgroup, the partition of "
                           "its leased CPUs, and run there (as emulator='float')",
                           *floating.notes)

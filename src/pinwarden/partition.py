@@ -168,11 +168,15 @@ def _cgroup(topology: Topology, cg: VmCgroup) -> Partition:
 def host_reserve_problem(reserve: CpuSet, topology: Topology) -> str | None:
     """What is wrong with a configured ``host_reserve`` on this host, or None."""
     unknown = reserve - topology.present
-    if not unknown:
-        return None
-    return (f"host_reserve {reserve} names {unknown.named()} which this host does not have "
-            f"(present: {topology.present}); fix [partition] host_reserve in the "
-            "configuration")
+    if unknown:
+        return (f"host_reserve {reserve} names {unknown.named()} which this host does not "
+                f"have (present: {topology.present}); fix [partition] host_reserve in the "
+                "configuration")
+    if topology.online and not topology.online - reserve:
+        return (f"host_reserve {reserve} keeps every online CPU ({topology.online}) for the "
+                "host, which leaves none for VMs; fix [partition] host_reserve in the "
+                "configuration")
+    return None
 
 
 def _none(topology: Topology, config: Config, why: str) -> Partition:
