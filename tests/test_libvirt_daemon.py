@@ -79,6 +79,17 @@ def test_daemon_frees_reports_and_reconnects(pw: env.Pinwarden, domains: env.Dom
                      in daemon.text())
         assert env.holder_names(pw) == (a,)  # reported, not adopted
 
+        # somebody opens CPU 1 to every VM: the daemon puts the layout back, and says so
+        # (it used to, without a word: real-libvirt hunt)
+        group = pw.holder_group(a)
+        env.set_cpu_exclusive(group, False)
+        (env.CPUSET / "machine" / "cpuset.cpus").write_text("0-1")
+        wait("the layout to be put back", lambda: env.cpu_exclusive(group)
+             and env.read_cpus("machine") == {0})
+        wait("the daemon to say so",
+             lambda: "put the cgroup layout back (changed since pinwarden set it): " in
+             daemon.text())
+
         # libvirtd restarts: the daemon reconnects
         if libvirt_daemons.owns("libvirtd"):
             libvirt_daemons.restart_libvirtd()

@@ -238,12 +238,20 @@ def _reap(manager: Manager) -> None:
 
 
 def _sync(manager: Manager) -> None:
-    """Reap (logged), then make the kernel match the ledger."""
+    """Reap (logged), then make the kernel match the ledger; what that changed is logged:
+    the layout was changed behind pinwarden's back (an operator, another tool), which the
+    operator should know even though it is put back."""
+    from pinwarden.enforce.backend import describe
+
     try:
         _reap(manager)
-        manager.sync()
+        result = manager.sync()
     except PinwardenError as exc:
         log.error("cannot enforce the cgroup layout: %s", exc.message)
+        return
+    if result is not None and result.ops:
+        log.warning("put the cgroup layout back (changed since pinwarden set it): %s",
+                    "; ".join(describe(op) for op in result.ops))
 
 
 def _wait_without_libvirt(manager: Manager, wake: queue.Queue[str], stop: threading.Event,
