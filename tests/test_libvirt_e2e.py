@@ -672,3 +672,19 @@ def test_a_forced_release_of_a_running_domain_puts_the_layout_back_when_it_stops
     assert not (env.CPUSET / group).exists()
     with Ledger(hooked.state) as ledger:
         assert ledger.holders() == () and ledger.host_record() is None
+
+
+def test_a_shared_domain_left_in_its_exclusive_partition_is_refused_saying_why(
+        hooked: env.Pinwarden, domains: env.Domains) -> None:
+    """An exclusive domain made shared by removing only pinwarden's metadata keeps the
+    <resource><partition> 'pinwarden define' gave it, whose cgroup exists only while it is
+    exclusive: libvirt failed the start with "Failed to create v2 cgroup …" (real-libvirt
+    hunt).  The hook and 'pinwarden start' say what to remove instead."""
+    s = "pwtest-e2e-left"
+    domains.define(s, partition=f"/pwtest-e2e-vm-{s}")
+    for refused in (virsh("start", s), hooked.run("start", s)):
+        assert refused.returncode != 0, refused.stdout
+        assert f"shared domain '{s}' keeps <resource><partition>/pwtest-e2e-vm-{s}" \
+               "</partition>" in refused.stderr and "remove <resource>" in refused.stderr, \
+            refused.stderr
+    assert not domains.conn.lookupByName(s).isActive()

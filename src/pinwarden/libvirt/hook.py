@@ -688,6 +688,14 @@ def admit_shared(manager: Manager, spec: DomainSpec, holder: HolderRef) -> None:
     from pinwarden.cpuset import CpuSet
     from pinwarden.partition import shared_pool
 
+    if spec.partition is not None and spec.partition.endswith(f"-{holder.name}") and \
+            spec.partition == manager.libvirt_partition(holder):
+        # what an exclusive domain gets from 'pinwarden define': made shared by removing
+        # only the metadata, its start failed in libvirt ("Failed to create v2 cgroup …")
+        raise Refusal(f"shared domain {spec.name!r} keeps <resource><partition>"
+                      f"{spec.partition}</partition>, the partition pinwarden makes for it "
+                      "only while it is exclusive: remove <resource> ('virsh edit "
+                      f"{spec.name}'), or make it exclusive again", code="bad-partition")
     host = manager.host()
     leases = manager.leases()
     from pinwarden.policy import decide
