@@ -780,6 +780,8 @@ def test_a_holder_partition_left_invalid_is_an_audit_error_until_sync(lab: LabRu
         assert data["audit"]["rc"] == 1, data["audit"]
         assert invalid == [(holder, str(cpu), "error")], data["audit"]
         assert said == [state], data["status"]  # status shows it too
+        # and sync says it made it valid (it said "0 changes" and nothing else)
+        assert f"holder partition {holder} was invalid" in data["sync"]["stderr"], data["sync"]
     assert [lease["partition_invalid"] for lease in data["status_synced"]["json"]["leases"]] \
         == [None], data["status_synced"]
     assert data["sync"]["rc"] == 0, data["sync"]

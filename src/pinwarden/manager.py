@@ -589,7 +589,7 @@ class Manager:
         from pinwarden.enforce import watch
         from pinwarden.enforce.backend import kernel_path, parent_of
         from pinwarden.enforce.layout import holder_group_path
-        from pinwarden.escape import SetCpus, SetPartition, plan_narrowing
+        from pinwarden.escape import Revalidate, SetCpus, SetPartition, plan_narrowing
         from pinwarden.mounts import read_mounts
         from pinwarden.partition import shared_pool
 
@@ -623,7 +623,11 @@ class Manager:
                 with contextlib.suppress(Exception):  # reported by the verify that follows
                     backend.set_cpus(op.path, op.cpus)
             else:
-                watch.apply_narrowing(mount, [op])
+                done = watch.apply_narrowing(mount, [op])
+                if isinstance(op, Revalidate) and done and done[0].ok and not done[0].skipped:
+                    self.warn(f"holder partition /{op.path} was invalid (a cgroup beside it "
+                              f"had taken its CPUs; the kernel does not check it again by "
+                              f"itself): made a valid {op.word} partition again")
             if isinstance(op, SetCpus) and op.path != shared:
                 was = before[op.path].cpus
                 kernel = ("which the kernel lets it use" if before[op.path].effective & leased
