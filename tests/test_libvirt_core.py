@@ -1871,3 +1871,48 @@ def test_a_shared_domain_saved_while_narrowed_restores_with_the_cpus_freed_since
         f"{uuid_s}:emulator": {"domain": "s", "before": "1-3", "after": "1-2"}}
     assert "restoring s with the CPUs no longer leased: vcpu0 2-3 -> 1-2, emulator " \
         "2-3 -> 1-2" in (tmp_path / hook.HOOK_LOG).read_text()
+
+
+def test_a_give_back_libvirt_refuses_is_tried_again_after_a_sync_before_an_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A lease the daemon's hook server frees in another thread (QEMU killed: libvirt's
+    'release') is out of the ledger before its cgroups are widened: a give-back of that
+    CPU read at that moment is refused by libvirt ("failed to set cpuset.cpus"), and the
+    daemon logged an ERROR for a state it put right 30 ms later (real-libvirt hunt).  It
+    tries once more after a sync; a refusal that stays is still an error."""
+    import logging
+
+    from pinwarden.libvirt import daemon, pins
+
+    manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
+                      host=make_host("0-3", "1-3"))
+    answers: list[Exception | None] = [LibvirtError("failed to set cpuset.cpus"), None]
+    calls: list[str] = []
+
+    def give_back(_manager: Manager, _conn: Any) -> tuple[Any, ...]:
+        calls.append("give_back")
+        answer = answers.pop(0) if answers else LibvirtError("still refused")
+        if answer is not None:
+            raise answer
+        return ()
+
+    class Conn:
+        def getURI(self) -> str:
+            return "qemu:///system"
+
+        def listAllDomains(self, _flags: int) -> list[Any]:
+            return []
+
+    monkeypatch.setattr(pins, "give_back", give_back)
+    monkeypatch.setattr(daemon, "_sync", lambda _m: calls.append("sync"))
+    with caplog.at_level(logging.INFO, logger="pinwarden.daemon"):
+        daemon.reconcile_once(manager, Conn(), restore=False)
+    assert calls == ["sync", "give_back", "sync", "give_back"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    calls.clear()
+    with caplog.at_level(logging.INFO, logger="pinwarden.daemon"):
+        daemon.reconcile_once(manager, Conn(), restore=False)
+    assert calls == ["sync", "give_back", "sync", "give_back"]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "still refused"]

@@ -74,11 +74,16 @@ def reconcile_once(manager: Manager, conn: Any, *, restore: bool,
         except PinwardenError as exc:
             log.error("%s", exc.message)
     _sync(manager)  # a layout changed behind pinwarden's back is put back
-    try:  # pins pinwarden narrowed get back the CPUs no longer leased
-        for move in pins.give_back(manager, conn):
-            log.info("gave back %s", move)
-    except PinwardenError as exc:
-        log.error("%s", exc.message)
+    for attempt in (1, 2):
+        try:  # pins pinwarden narrowed get back the CPUs no longer leased
+            for move in pins.give_back(manager, conn):
+                log.info("gave back %s", move)
+            break
+        except PinwardenError as exc:
+            if attempt == 2:
+                log.error("%s", exc.message)
+            else:  # a lease this daemon's hook server freed meanwhile, in another thread,
+                _sync(manager)  # may not have widened its cgroups yet: again after a sync
     seen.clear()
     seen.update(reported)
     return len(actions)
