@@ -388,6 +388,7 @@ class Manager:
         (a new holder is removed), the layout re-synced and the error raised."""
         with self.locked():
             ledger = self.ledger()
+            self._hand_on_jobs()  # before the reserve reaps dead owners
             record = ledger.host_record()
             host = self._load_host(record.found if record else None)
             first = None if record is not None else self._found(host)
@@ -471,6 +472,7 @@ class Manager:
     def reap(self) -> tuple[HolderRecord, ...]:
         """Free the holders whose owner process is gone, and shrink the layout."""
         with self.locked():
+            self._hand_on_jobs()
             reaped = self.ledger().reap()
             if reaped:
                 self._sync()
@@ -482,12 +484,59 @@ class Manager:
         outside the shared pool that a shared domain about to start is pinned to
         (honoured in ``none``/``isolcpus`` modes)."""
         with self.locked():
+            self._hand_on_jobs()
             self.ledger().reap()
             return self._sync(shared_extra=shared_extra)
 
     def set_owner(self, holder: HolderRef, pid: int | None) -> None:
         with self.locked():
             self.ledger().set_owner(holder, pid)
+
+    def hand_on(self, holder: HolderRef) -> int | None:
+        """A job whose command (the lease's owner) exited while processes it started still
+        run in its group: the lease goes to one of them (returned), for as long as they
+        run.  Freed instead, it left the kernel holding the CPUs exclusively for them while
+        status and audit said free and shared VMs were planned there (real-libvirt hunt).
+        None: nothing of the job runs (or nothing is enforced)."""
+        with self.locked():
+            return self._hand_on(holder)
+
+    def _hand_on(self, holder: HolderRef) -> int | None:
+        from pinwarden import procs
+
+        if not self.enforcing:
+            return None
+        left = sorted(pid for pid in self._group_tasks(self.holder_group(holder))
+                      if procs.start_time(pid) is not None)
+        if not left:
+            return None
+        with contextlib.suppress(LedgerError):  # exited meanwhile: the next one, next time
+            self.ledger().set_owner(holder, left[0])
+            return left[0]
+        return None
+
+    def _hand_on_jobs(self) -> None:
+        """:meth:`hand_on` for every job whose owner is gone, before dead owners are
+        reaped (the caller holds the lock)."""
+        from pinwarden.model import JOB_DRIVER
+
+        for gone in self.ledger().dead():
+            if gone.ref.driver == JOB_DRIVER:
+                self._hand_on(gone.ref)
+
+    def _group_tasks(self, path: str) -> set[int]:
+        """Thread ids in cgroup ``path`` and below (none when it is gone)."""
+        from pinwarden.enforce.backend import CgroupOpError, join
+
+        backend = self.backend()
+        try:
+            state = backend.read_group(path)
+            out = set(backend.tasks(path))
+        except CgroupOpError:
+            return set()
+        for child in state.children:
+            out |= self._group_tasks(join(path, child))
+        return out
 
     # -- internals ------------------------------------------------------------------------
 

@@ -60,9 +60,17 @@ def _warn(message: str) -> None:
 
 
 def _release(manager: Manager, name: str) -> None:
-    """Give the job's CPUs back and remove its cgroup; problems become warnings."""
+    """Give the job's CPUs back and remove its cgroup; problems become warnings.  Processes
+    the command started that still run in the job's group keep the lease (one of them
+    owns it now): the kernel keeps the CPUs theirs anyway."""
     holder = job_holder(name)
     try:
+        heir = manager.hand_on(holder)
+        if heir is not None:
+            _warn(f"processes started by job {name!r} still run in its cgroup: its CPUs "
+                  f"stay leased to them (process {heir} owns the lease now) until they "
+                  f"exit; 'pinwarden release {name} --driver run --force' frees them now")
+            return
         manager.drop(holder)
     except PinwardenError as exc:
         _warn(exc.message)
