@@ -646,6 +646,37 @@ def cli_offline() -> Data:
     return out
 
 
+@contextlib.contextmanager
+def job_beside_a_late_cgroup(name: str, out: Data) -> Iterator[
+        tuple[subprocess.Popen[str], Path, str]]:
+    """A job holding one CPU (``pinwarden run --exclusive 1 --name NAME``) once its
+    partition is set up, with the path of a late cgroup ``NAME`` at the root (for the
+    caller to make; removed after) and the holder group's name.  ``out`` gets the leases,
+    the holder group before, and what the cleanup left."""
+    late = cgroup_root() / name
+    holder = f"pinwarden-run-{name}.partition"
+    cmd = [PINWARDEN, "run", "--exclusive", "1", "--name", name, "--", "sleep", "600"]
+    try:
+        with started(cmd) as job:
+            out["leases"] = wait_for(ledger_leases, 90)
+            # the job runs once its command is in the holder: the partition is set up
+            # before the command is moved in (``runner.supervise``)
+            out["holder_before"] = wait_for(
+                lambda: (g := group_data(holder))["exists"] and g["cgroup.procs"] and g, 60)
+            yield job, late, holder
+    finally:
+        with contextlib.suppress(OSError):
+            late.rmdir()
+        out["cleanup"] = {"late_left": late.exists(),
+                          "holder_left": (cgroup_root() / holder).exists()}
+
+
+def end_job(job: subprocess.Popen[str]) -> None:
+    os.killpg(job.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        job.wait(timeout=120)
+
+
 @check("cli.escape")
 def cli_escape() -> Data:
     """Issue #14 through the command line: a job holds a CPU in a partition; a cgroup made
@@ -654,47 +685,30 @@ def cli_escape() -> Data:
     says error; ``pinwarden sync`` (what the daemon runs on every cgroup event) narrows it
     and revalidates the partition; the job's end gives the cgroup its CPUs back."""
     out: Data = {}
-    late = cgroup_root() / "pwtest-esc"
-    holder = "pinwarden-run-pwtest-esc.partition"
-    cmd = [PINWARDEN, "run", "--exclusive", "1", "--name", "pwtest-esc", "--",
-           "sleep", "600"]
     state = ["--state-dir", str(STATE)]
+    with job_beside_a_late_cgroup("pwtest-esc", out) as (job, late, holder):
 
-    def look(task: subprocess.Popen[bytes]) -> Data:
-        return {"late": group_data("pwtest-esc"), "task_allowed": allowed_of(task.pid),
-                "holder": group_data(holder)}
+        def look(task: subprocess.Popen[bytes]) -> Data:
+            return {"late": group_data("pwtest-esc"), "task_allowed": allowed_of(task.pid),
+                    "holder": group_data(holder)}
 
-    try:
-        with started(cmd) as job:
-            out["leases"] = wait_for(ledger_leases, 90)
-            # the job runs once its command is in the holder: the partition is set up
-            # before the command is moved in (``runner.supervise``)
-            out["holder_before"] = wait_for(
-                lambda: (g := group_data(holder))["exists"] and g["cgroup.procs"] and g, 60)
-            out["late_write"] = subprocess.run(
-                ["sh", "-c", f"mkdir {late} && echo 0-7 > {late}/cpuset.cpus"],
-                capture_output=True, text=True).returncode
-            task = subprocess.Popen(["sh", "-c", f"echo $$ > {late}/cgroup.procs; "
-                                                 "exec sleep 600"], start_new_session=True)
-            try:
-                time.sleep(1.0)
-                out["escaped"] = look(task)
-                out["audit_before"] = cli_here("audit", "--json", *state)
-                out["sync"] = cli_here("sync", *state)
-                out["fixed"] = look(task)
-                out["audit_after"] = cli_here("audit", "--json", *state)
-                os.killpg(job.pid, signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    job.wait(timeout=120)
-                out["after_job"] = {**look(task), "leases": ledger_leases()}
-            finally:
-                task.kill()
-                task.wait()
-    finally:
-        with contextlib.suppress(OSError):
-            late.rmdir()
-        out["cleanup"] = {"late_left": late.exists(),
-                          "holder_left": (cgroup_root() / holder).exists()}
+        out["late_write"] = subprocess.run(
+            ["sh", "-c", f"mkdir {late} && echo 0-7 > {late}/cpuset.cpus"],
+            capture_output=True, text=True).returncode
+        task = subprocess.Popen(["sh", "-c", f"echo $$ > {late}/cgroup.procs; "
+                                             "exec sleep 600"], start_new_session=True)
+        try:
+            time.sleep(1.0)
+            out["escaped"] = look(task)
+            out["audit_before"] = cli_here("audit", "--json", *state)
+            out["sync"] = cli_here("sync", *state)
+            out["fixed"] = look(task)
+            out["audit_after"] = cli_here("audit", "--json", *state)
+            end_job(job)
+            out["after_job"] = {**look(task), "leases": ledger_leases()}
+        finally:
+            task.kill()
+            task.wait()
     return out
 
 
@@ -706,36 +720,22 @@ def cli_invalid() -> Data:
     systemd host: an operator's AllowedCPUs, undone by a daemon-reload); ``pinwarden
     sync`` makes it valid."""
     out: Data = {}
-    late = cgroup_root() / "pwtest-inv"
-    holder = "pinwarden-run-pwtest-inv.partition"
-    cmd = [PINWARDEN, "run", "--exclusive", "1", "--name", "pwtest-inv", "--",
-           "sleep", "600"]
     state = ["--state-dir", str(STATE)]
-    try:
-        with started(cmd) as job:
-            out["leases"] = wait_for(ledger_leases, 90)
-            out["holder_before"] = wait_for(
-                lambda: (g := group_data(holder))["exists"] and g["cgroup.procs"] and g, 60)
-            out["late_write"] = subprocess.run(
-                ["sh", "-c", f"mkdir {late} && echo 0-7 > {late}/cpuset.cpus && "
-                             f"echo 0 > {late}/cpuset.cpus"],
-                capture_output=True, text=True).returncode
-            out["holder_let_go"] = group_data(holder)
-            out["audit"] = cli_here("audit", "--json", *state)
-            out["status"] = cli_here("status", "--json", *state)
-            out["sync"] = cli_here("sync", *state)
-            out["holder_synced"] = group_data(holder)
-            out["status_synced"] = cli_here("status", "--json", *state)
-            out["audit_after"] = cli_here("audit", "--json", *state)
-            os.killpg(job.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                job.wait(timeout=120)
-    finally:
-        with contextlib.suppress(OSError):
-            late.rmdir()
-        out["cleanup"] = {"late_left": late.exists(),
-                          "holder_left": (cgroup_root() / holder).exists()}
+    with job_beside_a_late_cgroup("pwtest-inv", out) as (job, late, holder):
+        out["late_write"] = subprocess.run(
+            ["sh", "-c", f"mkdir {late} && echo 0-7 > {late}/cpuset.cpus && "
+                         f"echo 0 > {late}/cpuset.cpus"],
+            capture_output=True, text=True).returncode
+        out["holder_let_go"] = group_data(holder)
+        out["audit"] = cli_here("audit", "--json", *state)
+        out["status"] = cli_here("status", "--json", *state)
+        out["sync"] = cli_here("sync", *state)
+        out["holder_synced"] = group_data(holder)
+        out["status_synced"] = cli_here("status", "--json", *state)
+        out["audit_after"] = cli_here("audit", "--json", *state)
+        end_job(job)
     return out
+
 
 @check("cli.second")
 def cli_second() -> Data:
