@@ -1481,6 +1481,25 @@ def test_hook_refuses_a_shared_domain_pinned_onto_a_lease(tmp_path: Path) -> Non
     assert hook.main_run(manager, "qemu", ["web2", "prepare", "begin", "-"], xml("web2")) == 0
 
 
+
+def test_hook_refuses_an_unplaceable_exclusive_domain_for_that_reason_first(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An exclusive domain defined behind pinwarden's back (no partition) is refused with
+    the way in: 'pinwarden define' or 'pinwarden start'.  One that no start could place
+    (more vCPUs than VM CPUs) was told the same, and both then refused it for the reason
+    the hook never gave (real-libvirt hunt): that reason comes first now."""
+    manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
+                      host=make_host("0-3", "1-3"))
+    big = xml("big", EXCLUSIVE_META).replace("<vcpu>2</vcpu>", "<vcpu>4</vcpu>")
+    assert hook.main_run(manager, "qemu", ["big", "prepare", "begin", "-"], big) \
+        == hook.REFUSED
+    err = capsys.readouterr().err
+    assert "cannot place 4 CPUs" in err and "partition" not in err, err
+    assert hook.main_run(manager, "qemu", ["fits", "prepare", "begin", "-"],
+                         xml("fits", EXCLUSIVE_META)) == hook.REFUSED
+    assert "would start in partition /machine" in capsys.readouterr().err
+
+
 def test_a_bug_in_a_hook_command_is_one_line_and_exit_70(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """The hook scripts run ``python -m pinwarden.cli.vm``: a bug there is pinwarden's
