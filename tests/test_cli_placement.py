@@ -214,7 +214,8 @@ def test_status_shows_the_pins_it_narrowed_and_what_waits_to_go_back(
     run(env, capsys, "release", "vm1")
     status, out, _ = run(env, capsys, "status", json_out=False)
     assert "  web vcpu0: pinned to 3 (had 3-5); CPUs 4-5 free again, not given back yet " \
-           "(the daemon's next pass or 'pinwarden stop' gives them back)" in out, out
+           "(the daemon's next pass, 'pinwarden sync' or 'pinwarden stop' gives them back)" \
+        in out, out
     assert run(env, capsys, "status")[1]["narrowed"][0]["waiting"] == "4-5"
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -688,3 +689,38 @@ def test_a_shared_domain_left_in_its_exclusive_partition_is_refused_saying_why(
                "</partition>" in refused.stderr and "remove <resource>" in refused.stderr, \
             refused.stderr
     assert not domains.conn.lookupByName(s).isActive()
+
+
+@pytest.mark.parametrize("libvirt_reachable", [True, False], ids=["job", "sync"])
+def test_a_shared_domain_placed_off_a_jobs_cpu_gets_it_back_when_the_job_ends(
+        hooked: env.Pinwarden, domains: env.Domains, libvirt_reachable: bool) -> None:
+    """A shared domain started by plain 'virsh start' while a 'pinwarden run' job holds
+    the VM CPU: the hook places it on the housekeeping CPU 0.  No libvirt hook sees the
+    job end, and without the daemon the domain stayed on CPU 0 — 'pinwarden sync' did not
+    help either (real-libvirt hunt).  The job's end gives the CPU back now; when it cannot
+    reach libvirt it says so, and 'pinwarden sync' gives it back."""
+    s = "pwtest-e2e-js"
+    domains.define(s)
+    job_env = dict(os.environ) if libvirt_reachable else \
+        dict(os.environ, LIBVIRT_DEFAULT_URI="qemu:///system?socket=/nonexistent/sock")
+    job = subprocess.Popen(
+        [env.PINWARDEN, "run", "--state-dir", str(hooked.state), "--config",
+         str(hooked.config), "--exclusive", "1", "--name", "pwtest-e2e-job", "--",
+         "sleep", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=job_env)
+    try:
+        _wait("the job's lease", lambda: "pwtest-e2e-job" in hooked.run("status").stdout)
+        _virsh_ok(("start", s))
+        assert set(env.thread_affinities(s).values()) == {frozenset({0})}
+    finally:
+        job.terminate()
+        _, err = job.communicate(timeout=60)
+    if libvirt_reachable:
+        assert f"pinwarden: gave back {s} " in err, err
+    else:
+        assert "shared VMs kept off job 'pwtest-e2e-job''s CPUs do not have them back" in err, err
+        assert set(env.thread_affinities(s).values()) == {frozenset({0})}
+        synced = hooked.run("sync", check=True).stdout
+        assert f"gave back {s} " in synced, synced
+    assert set(env.thread_affinities(s).values()) == {frozenset({1})}, \
+        env.thread_affinities(s)

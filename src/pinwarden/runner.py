@@ -75,6 +75,7 @@ def _release(manager: Manager, name: str) -> None:
     except PinwardenError as exc:
         _warn(exc.message)
         return
+    _give_back(manager, name)
     try:
         group = manager.holder_group(holder)
         left = manager.backend().read_state([group]).get(group)
@@ -83,6 +84,28 @@ def _release(manager: Manager, name: str) -> None:
     if left is not None:
         _warn(f"processes started by job {name!r} still run in cgroup /{group}; it is "
               f"removed once they exit (at the next change pinwarden makes)")
+
+
+def _give_back(manager: Manager, name: str) -> None:
+    """Shared VMs placed or re-pinned off the job's CPUs get them back (no libvirt hook
+    sees a job end: they stayed on fewer CPUs until a daemon's pass or a domain's lease
+    ended); said on stderr, which the job's output does not use."""
+    from pinwarden.narrowed import NARROWED_PREFIX
+
+    try:
+        if not manager.change_records(NARROWED_PREFIX):
+            return
+        from pinwarden.config import libvirt_uri
+        from pinwarden.libvirt import pins
+
+        given, failure = pins.give_back_now(manager, libvirt_uri(None, manager.config))
+    except (PinwardenError, ImportError) as exc:
+        given, failure = (), str(getattr(exc, "message", exc))
+    for move in given:
+        print(f"pinwarden: gave back {move}", file=sys.stderr)
+    if failure is not None:
+        _warn(f"shared VMs kept off job {name!r}'s CPUs do not have them back ({failure}): "
+              "'pinwarden sync' or the daemon's next pass gives them back")
 
 
 def _child(read_fd: int, command: Sequence[str], env: dict[str, str]) -> None:

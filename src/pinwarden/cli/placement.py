@@ -275,15 +275,31 @@ def run_release(args: argparse.Namespace) -> int:
 
 
 def run_sync(args: argparse.Namespace) -> int:
+    from pinwarden.narrowed import NARROWED_PREFIX
+
+    given: tuple[Any, ...] = ()
+    failure = None
     with manager_of(args) as manager:
         reaped = manager.reap()
         result = manager.sync()
+        if result is not None and manager.change_records(NARROWED_PREFIX):
+            # shared VMs kept off CPUs no longer leased (a job's end: no hook sees it)
+            from pinwarden.config import libvirt_uri
+            from pinwarden.libvirt import pins
+
+            given, failure = pins.give_back_now(manager, libvirt_uri(None, manager.config))
     if args.json:
         print_json({"reaped": [holder_json(r) for r in reaped],
-                    "operations": len(result.ops) if result is not None else 0})
+                    "operations": len(result.ops) if result is not None else 0,
+                    "given_back": [str(m) for m in given]})
         return 0
     for record in reaped:
         print(f"freed {record.ref.describe()}: its owner process {record.owner_pid} is gone")
+    for move in given:
+        print(f"gave back {move}")
+    if failure is not None:
+        print(f"pinwarden: warning: shared VMs kept off CPUs no longer leased do not have "
+              f"them back: {failure}", file=sys.stderr)
     if result is None:
         print("nothing enforced: pinwarden only changes the cgroups of the host it runs on")
     else:
@@ -368,7 +384,8 @@ def run_status(args: argparse.Namespace) -> int:
                      "back once they are free):")
     for n in pins:
         wait = (f"; {n.waiting.named()} free again, not given back yet (the daemon's next "
-                f"pass or 'pinwarden stop' gives {'it' if len(n.waiting) == 1 else 'them'} "
+                f"pass, 'pinwarden sync' or 'pinwarden stop' gives "
+                f"{'it' if len(n.waiting) == 1 else 'them'} "
                 f"back)" if n.waiting else "")
         lines.append(f"  {printable(n.domain)} {n.label}: pinned to {n.pin} (had {n.had})"
                      f"{wait}")

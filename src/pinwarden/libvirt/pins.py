@@ -202,6 +202,29 @@ RELEASE_RETRIES = (0.0, 1.0, 2.0, 4.0)
 RELEASE_LOCK_WAIT = 900.0
 
 
+def give_back_now(manager: Manager, uri: str) -> tuple[tuple[Repin, ...], str | None]:
+    """Narrowed pins and placements get the CPUs no longer leased, once, over ``uri``:
+    the moves made, and why libvirt could not be asked (None: it was, or nothing waits).
+    For the ends of leases no hook sees — a ``pinwarden run`` job's — and ``pinwarden
+    sync``."""
+    if not manager.change_records(NARROWED_PREFIX):
+        return (), None
+    given = give_back_containers(manager)
+    if lv.driver_of(uri) != "qemu":
+        uri = "qemu:///system"  # only QEMU domains have pins pinwarden narrowed
+    try:
+        conn = lv.open_connection(uri)
+    except PinwardenError as exc:
+        return given, exc.message
+    try:
+        return given + give_back(manager, conn), None
+    except PinwardenError as exc:
+        return given, exc.message
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
 def give_back_after_release(manager: Manager, uri: str, released: HolderRef,
                             log: Callable[[str], None]) -> tuple[Repin, ...]:
     """What the hook leaves behind when the lease of ``released`` ended at ``release``
