@@ -380,8 +380,8 @@ def run_status(args: argparse.Namespace) -> int:
                      "kept exclusive; 'pinwarden sync' makes it valid again")
         lines.append(f"  {record.ref}: {desc}; since {since}{owner}{warn}")
     if pins:
-        lines.append("running shared domains re-pinned off leased CPUs (each gets its CPUs "
-                     "back once they are free):")
+        lines.append("shared domains re-pinned off leased CPUs (each gets its CPUs back once "
+                     "they are free; one saved meanwhile, when it is restored):")
     for n in pins:
         wait = (f"; {n.waiting.named()} free again, not given back yet (the daemon's next "
                 f"pass, 'pinwarden sync' or 'pinwarden stop' gives "
