@@ -136,7 +136,7 @@ META = f"<metadata><pw:cpu xmlns:pw='{PW_NS}' %s/></metadata>"
 @pytest.mark.parametrize(("body", "needle"), [
     ("<vcpu>two</vcpu>", "<vcpu>='two'"),
     ("<vcpu>-1</vcpu>", "<vcpu>='-1'"),
-    ("<vcpu>99999</vcpu>", "<vcpu>='99999'"),
+    ("<vcpu>99999</vcpu>", "<vcpu>='99999': must be at most 8192"),  # 0 is no bound
     ("<vcpu current='3'>2</vcpu>", "<vcpu current>='3'"),
     ("<vcpu placement='magic'>2</vcpu>", "<vcpu placement>='magic'"),
     ("<vcpu cpuset='4-x'>2</vcpu>", "<vcpu cpuset>='4-x'"),

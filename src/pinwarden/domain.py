@@ -165,11 +165,13 @@ def _int(where: str, value: str | None, *, minimum: int = 0, maximum: int = MAX_
     if not text.isascii() or not text.isdigit():
         _bad(where, value, "not a non-negative integer")
     digits = text.lstrip("0") or "0"
+    bounds = f"must be at most {maximum}" if minimum == 0 else \
+        f"must be between {minimum} and {maximum}"
     if len(digits) > len(str(maximum)):  # also keeps int() off hostile digit runs
-        _bad(where, value, f"must be between {minimum} and {maximum}")
+        _bad(where, value, bounds)
     number = int(digits)
     if not minimum <= number <= maximum:
-        _bad(where, value, f"must be between {minimum} and {maximum}")
+        _bad(where, value, bounds)
     return number
 
 
