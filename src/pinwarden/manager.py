@@ -522,7 +522,8 @@ class Manager:
 
         for gone in self.ledger().dead():
             if gone.ref.driver == JOB_DRIVER:
-                self._hand_on(gone.ref)
+                with contextlib.suppress(PinwardenError):  # (unreadable: reaped as before)
+                    self._hand_on(gone.ref)
 
     def _group_tasks(self, path: str) -> set[int]:
         """Thread ids in cgroup ``path`` and below (none when it is gone)."""
