@@ -93,6 +93,12 @@ def test_daemon_unit_as_the_readme_installs_it() -> None:
     assert service.get("Service", "StateDirectory") == "pinwarden"  # created before the start
     assert "/var/lib/pinwarden" not in service.get("Service", "ReadWritePaths", fallback="")
     assert service.get("Unit", "Documentation") == "man:pinwarden(1)"
+    # after the libvirt daemons, pulling none in: 'Wants=libvirtd.service' started the
+    # libvirtd an operator had disabled for virtqemud (trixie lab)
+    assert set(service.get("Unit", "After").split()) == {
+        "libvirtd.service", "virtqemud.service", "virtlxcd.service"}
+    for key in ("Wants", "Requires", "BindsTo", "Requisite"):
+        assert not service.has_option("Unit", key), key
     readme = (REPO / "README.md").read_text()
     assert f"python3 -m venv --system-site-packages {Path(EXE).parent.parent}" in readme
     assert "contrib/pinwarden.service" in readme and "make install-man" in readme

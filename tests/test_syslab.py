@@ -1044,3 +1044,16 @@ def test_guest_numa_cells_run_on_the_nodes_of_their_memory(lab: LabRun) -> None:
     assert [h["domain"] for h in leases] == ["pwtest-cells"], leases
     rc0(s["sync"])
     assert s["status_after"]["json"]["leases"] == [], s["status_after"]
+
+
+def test_the_daemon_unit_leaves_a_libvirtd_the_operator_turned_off_alone(
+        lab: LabRun) -> None:
+    """pinwarden.service is ordered after the libvirt daemons and pulls none in: its
+    'Wants=libvirtd.service' started the libvirtd an operator had turned off for the
+    modular daemons (virtqemud conflicts with it)."""
+    s = lab.check("unit_pulls_in_no_libvirtd")
+    for step in ("stop", "reload", "start", "restart"):
+        rc0(s[step])
+    assert s["pinwarden"]["ActiveState"] == "active", s  # waiting for libvirt
+    assert s["libvirtd"]["ActiveState"] == "inactive", s
+    assert s["libvirt_back"]["up"], s  # the checks after this one need it
