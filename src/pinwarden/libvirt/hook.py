@@ -651,9 +651,10 @@ def _prepare(manager: Manager, driver: str, name: str, spec: DomainSpec,
         return
     expected = manager.libvirt_partition(holder)
     if spec.partition != expected:
-        # a domain no start could place gets that reason first: the advice below would
-        # only lead to the same refusal from 'pinwarden define' or 'pinwarden start'
-        decide(spec, manager.host(), manager.leases(), holder=holder)
+        # a domain no start could place (even with nothing leased) gets that reason
+        # first: the advice below would lead to that refusal from 'pinwarden define' or
+        # 'pinwarden start'
+        decide(spec, manager.host(), (), holder=holder)
         raise Refusal(
             f"exclusive domain {name!r} would start in partition "
             f"{spec.partition or '/machine'}, where its CPUs cannot be exclusive; "
