@@ -1855,7 +1855,8 @@ def test_a_shared_domain_saved_while_narrowed_restores_with_the_cpus_freed_since
     less what is leased now, and their records go once whole; a pin changed since is the
     user's and restored as saved.  Before, the records of a domain that did not run were
     forgotten by the lease's give-back, and the domain kept the narrowed pins for good
-    (the real thing: test_libvirt_e2e)."""
+    (the real thing: test_libvirt_e2e).  Kept for a domain with a managed save image; one
+    merely shut off has its records forgotten, as before."""
     import io
 
     from pinwarden.libvirt.repin import give_back, record_moves
@@ -1867,8 +1868,8 @@ def test_a_shared_domain_saved_while_narrowed_restores_with_the_cpus_freed_since
     before = running("s", f"<uuid>{uuid_s}</uuid>", vcpus="1-3", emulator="1-3",
                      uuid=uuid_s)
     records = record_moves(repins([before], A, cs("1"), pool=cs("2-3")), {})
-    # the lease of CPU 1 ends while the domain is saved: kept, as it is still defined
-    gone = give_back([], records, leased=CpuSet(), defined=frozenset({uuid_s}))
+    # the lease of CPU 1 ends while the domain is saved: kept, for its restore
+    gone = give_back([], records, leased=CpuSet(), saved=frozenset({uuid_s}))
     assert gone == give_back([], {}, leased=CpuSet())
     assert sorted(give_back([], records, leased=CpuSet()).forget) == sorted(records)
     manager.put_change_records(records)

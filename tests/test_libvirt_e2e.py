@@ -630,8 +630,8 @@ def test_a_shared_domain_saved_while_narrowed_restores_with_its_cpus_back(
     recorded).  Saved meanwhile ('virsh managedsave'), the domain no longer ran when the
     lease ended, and the give-back forgot its records: restored ('virsh start') after the
     lease, it kept the narrowed pins, on the housekeeping CPU 0, for good (found by a
-    real-libvirt hunt).  The records of a domain that is defined but not running are kept
-    now, and the hook's 'restore' gives the pins back in the XML libvirt restores."""
+    real-libvirt hunt).  The records of a domain with a managed save image are kept now,
+    and the hook's 'restore' gives the pins back in the XML libvirt restores."""
     a, s = "pwtest-e2e-na", "pwtest-e2e-ns"
     domains.define(a, exclusive=True, vcpupins={0: "1"})
     domains.define(s)

@@ -259,11 +259,13 @@ def list_domains(conn: Any, *, active_only: bool = False) -> tuple[DomainInfo, .
     return tuple(sorted(out, key=lambda d: d.name))
 
 
-def inactive_uuids(conn: Any) -> frozenset[str]:
-    """The UUIDs (lowercase) of the connection's defined domains that do not run."""
+def saved_uuids(conn: Any) -> frozenset[str]:
+    """The UUIDs (lowercase) of the connection's domains that do not run and have a managed
+    save image (``virsh managedsave``: the next start restores it)."""
     lv = binding()
     try:
-        doms = conn.listAllDomains(lv.VIR_CONNECT_LIST_DOMAINS_INACTIVE)
+        doms = conn.listAllDomains(lv.VIR_CONNECT_LIST_DOMAINS_INACTIVE
+                                   | lv.VIR_CONNECT_LIST_DOMAINS_MANAGEDSAVE)
         return frozenset(str(dom.UUIDString()).lower() for dom in doms)
     except lv.libvirtError as exc:
         raise error("cannot list domains", exc) from None

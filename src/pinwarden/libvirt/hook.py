@@ -569,8 +569,8 @@ def _restore(manager: Manager, driver: str, name: str, spec: DomainSpec,
              xml: str) -> str | None:
     """``restore``: a shared QEMU domain about to be restored from a save image gets, in the
     XML libvirt restores (:func:`pinwarden.libvirt.repin.restored`), the CPUs freed since
-    on the pins pinwarden narrowed (records of a domain that does not run are kept for
-    this), and its pins off the CPUs leased now, recorded as narrowings so that the
+    on the pins pinwarden narrowed (records of a domain with a managed save image are
+    kept for this), and its pins off the CPUs leased now, recorded as narrowings so that the
     lease's end gives them back; anything else is restored as saved."""
     from pinwarden.cpuset import EMPTY, CpuSet
     from pinwarden.domain import render_plan

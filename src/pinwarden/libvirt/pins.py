@@ -80,7 +80,7 @@ def give_back(manager: Manager, conn: Any,
         resets = cgroup_resets_affinity()
         plan = decide_give_back(domains, recorded, _leased(manager, resets),
                                 kernel_resets=resets,
-                                defined=lv.inactive_uuids(conn) if stopped else frozenset())
+                                saved=lv.saved_uuids(conn) if stopped else frozenset())
         done: list[Repin] = []
         pids = {d.uuid: d.pid for d in domains}
         try:

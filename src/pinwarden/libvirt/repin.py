@@ -200,14 +200,14 @@ class GiveBack:
 
 def give_back(domains: Sequence[DomainInfo], recorded: Mapping[str, str],
               leased: CpuSet, *, kernel_resets: bool = False,
-              defined: frozenset[str] = frozenset()) -> GiveBack:
+              saved: frozenset[str] = frozenset()) -> GiveBack:
     """Live pins pinwarden narrowed off CPUs that are no longer leased (``leased``: every
     CPU leased now) get them back: each thread group returns to what it had before the
     first narrowing, minus what is still leased.
 
     A record is forgotten once its pin is whole again, when its domain no longer runs and
-    is not defined either (``defined``: the UUIDs of defined domains that do not run — one
-    saved while narrowed keeps its records, which the hook's ``restore`` gives back from:
+    has no managed save image either (``saved``: the UUIDs of those that have one — saved
+    while narrowed, it keeps its records, which the hook's ``restore`` gives back from:
     :func:`restored`), or when the domain's live pin (its running definition's
     ``<vcpupin>``/``<emulatorpin>``/``<iothreadpin>``) is no longer the one pinwarden set
     (``virsh vcpupin --live`` by somebody since: theirs to keep).  A thread group without
@@ -233,8 +233,8 @@ def give_back(domains: Sequence[DomainInfo], recorded: Mapping[str, str],
         dom = by_uuid.get(uuid)
         if dom is not None and dom.settling:
             continue  # starting or stopping: its record waits until it settles
-        if dom is None and uuid in defined:
-            continue  # not running, maybe saved with the pin: kept for its restore
+        if dom is None and uuid in saved:
+            continue  # saved with the pin: kept for its restore
         parts = record_parts(value)
         if parts is None:
             forget.append(key)  # unreadable: nothing can be given back from it
