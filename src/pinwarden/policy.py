@@ -529,7 +529,6 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
         spec = replace(spec, emulator="float")
     own = _Leases(ctx)
     isolate_emulator = spec.emulatorpin is None and spec.emulator == "isolate"
-    shared_emulator = spec.emulator == "shared"
     emulator: CpuSet | None = spec.emulatorpin
 
     if spec.vcpupins:
@@ -547,8 +546,7 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
         if spec.cpuset is not None:
             _no_housekeeping(ctx, f"<vcpu cpuset='{spec.cpuset}'>", spec.cpuset)
         count = spec.vcpus + (1 if isolate_emulator else 0)
-        pinned = EMPTY if shared_emulator else \
-            union([spec.emulatorpin or EMPTY, *spec.iothreadpins.values()])
+        pinned = union([spec.emulatorpin or EMPTY, *spec.iothreadpins.values()])
         pins = " and ".join(
             (["<emulatorpin>"] if spec.emulatorpin is not None else [])
             + (["<iothreadpin>"] if spec.iothreadpins else []))
@@ -593,29 +591,18 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
             else:
                 got = _allocate_on_nodes(ctx, spec, free, request, notes)
             emulator = CpuSet.of(got.cpus)
-        elif shared_emulator:
-            emulator = _shared_pool(ctx, own.cpus | _held_now(ctx, own, spec.threads), notes)
         elif fallback is not None:  # libvirt runs an unpinned emulator on <vcpu cpuset>
             emulator = fallback
         else:  # float over the domain's own vCPU CPUs
             emulator = union(vcpus.values())
-    if shared_emulator:
-        if spec.emulatorpin is not None:
-            _conflict(ctx, f"<emulatorpin cpuset='{spec.emulatorpin}'>", emulator)
-        notes.append(f"the emulator and I/O threads of exclusive {ctx.who} share "
-                     f"{emulator.named()} with other domains (emulator='shared'): the kernel "
-                     "cannot enforce the domain's exclusivity for them")
-    elif spec.emulatorpin is not None or isolate_emulator:
+    if spec.emulatorpin is not None or isolate_emulator:
         own.add("<emulatorpin>", emulator, "emulator")
 
     iothreads: dict[int, CpuSet] = {}
     for ident in spec.iothread_id_set:
         pin = spec.iothreadpins.get(ident)
         if pin is None:  # on <vcpu cpuset> (libvirt), else float like the emulator
-            iothreads[ident] = emulator if fallback is None or shared_emulator else fallback
-        elif shared_emulator:  # the domain's helper threads run shared: honoured, not leased
-            iothreads[ident] = pin
-            _conflict(ctx, f"<iothreadpin iothread='{ident}'>", pin)
+            iothreads[ident] = emulator if fallback is None else fallback
         else:
             iothreads[ident] = pin
             own.add(f"<iothreadpin iothread='{ident}'>", pin, f"iothread{ident}")
@@ -704,7 +691,7 @@ def _pinned_fallback(ctx: _Ctx, spec: DomainSpec,
     pin of their own (the emulator without ``<emulatorpin>``, I/O threads without
     ``<iothreadpin>``): its ``<vcpu cpuset>``, which must then lie within the domain's
     pinned CPUs (None: no cpuset, or no such thread)."""
-    if spec.cpuset is None or spec.emulator == "shared":
+    if spec.cpuset is None:
         return None
     unpinned_io = any(i not in spec.iothreadpins for i in spec.iothread_id_set)
     emulator_falls_back = spec.emulatorpin is None and spec.emulator == "float"
