@@ -520,10 +520,9 @@ class Manager:
         reaped (the caller holds the lock)."""
         from pinwarden.model import JOB_DRIVER
 
-        for gone in self.ledger().dead():
-            if gone.ref.driver == JOB_DRIVER:
-                with contextlib.suppress(PinwardenError):  # (unreadable: reaped as before)
-                    self._hand_on(gone.ref)
+        for gone in self.ledger().dead(driver=JOB_DRIVER):
+            with contextlib.suppress(PinwardenError):  # (unreadable: reaped as before)
+                self._hand_on(gone.ref)
 
     def _group_tasks(self, path: str) -> set[int]:
         """Thread ids in cgroup ``path`` and below (none when it is gone)."""
