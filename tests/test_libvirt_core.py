@@ -26,7 +26,7 @@ from pinwarden.cpuset import CpuSet
 from pinwarden.domain import parse_domain
 from pinwarden.errors import LedgerError, LibvirtError, Refusal
 from pinwarden.ledger import HolderRecord, Ledger
-from pinwarden.libvirt import hook, hookclient
+from pinwarden.libvirt import hook, hookclient, place
 from pinwarden.libvirt.reconcile import Adopt, Drift, Free, Place, Report, reconcile
 from pinwarden.libvirt.repin import repins
 from pinwarden.libvirt.start import libvirt_failure, with_pinwarden_metadata
@@ -576,7 +576,7 @@ def test_libvirt_writes_the_vcpu_cpuset_right_after_placement() -> None:
 def test_unpinned_threads_are_known_by_their_names() -> None:
     """Which threads of a running QEMU the 'started' step moves to the VM CPUs: those whose
     role (QEMU's thread name) has no pin in the XML."""
-    from pinwarden.libvirt.hook import unpinned_thread
+    from pinwarden.libvirt.place import unpinned_thread
 
     partly = parse_domain(xml("p", "<iothreads>2</iothreads><cputune><vcpupin vcpu='0' "
                                    "cpuset='1'/><iothreadpin iothread='2' cpuset='1'/>"
@@ -798,7 +798,7 @@ def test_on_a_kernel_that_resets_affinity_the_hook_records_and_puts_back_a_conta
            f"</memory><vcpu>1</vcpu><os><type>exe</type><init>/bin/sh</init></os>"
            f"</domain>")
     with process_tree() as found:
-        monkeypatch.setattr(hook, "_pid_file", lambda driver, name: found[0])
+        monkeypatch.setattr(place, "running_pid", lambda driver, name: found[0])
         if not affinity.cgroup_resets_affinity():
             assert hook.main_run(manager, "lxc", ["ct", "started", "begin", "-"], doc) == 0
             assert manager.change_records(NARROWED_PREFIX) == {}
@@ -856,7 +856,7 @@ def test_the_hook_records_a_container_it_placed_off_a_lease_and_it_gets_the_cpu_
         owner_pid=os.getpid())
     with process_tree() as found:
         assert len(found) == 4, found
-        monkeypatch.setattr(hook, "_pid_file", lambda driver, name: found[0])
+        monkeypatch.setattr(place, "running_pid", lambda driver, name: found[0])
         doc = (f"<domain type='lxc'><name>ct</name><uuid>{UUID_A}</uuid><memory>32768"
                f"</memory><vcpu>1</vcpu><os><type>exe</type><init>/bin/sh</init></os>"
                f"</domain>")
@@ -1452,7 +1452,7 @@ def test_the_hook_records_the_threads_it_placed_off_leased_cpus(
     manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
                       host=make_host("0-3", "1-3"))
     placed: list[dict[int, CpuSet]] = []
-    monkeypatch.setattr(hook, "_pid_file", lambda _driver, _name: os.getpid())
+    monkeypatch.setattr(place, "running_pid", lambda _driver, _name: os.getpid())
     monkeypatch.setattr(affinity, "pin_each",
                         lambda wanted: placed.append(dict(wanted)) or {})
     uuid = "3c0ffee0-0000-4000-8000-000000000001"

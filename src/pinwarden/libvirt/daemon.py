@@ -101,7 +101,7 @@ def _vm_cpus(manager: Manager) -> CpuSet | None:
 def _place(manager: Manager, action: Place) -> None:
     """Give a shared domain's threads without CPUs of their own its default placement, as
     the hook did at its start (the threads' own affinity; libvirt's XML is left alone)."""
-    from pinwarden.libvirt.hook import place_default
+    from pinwarden.libvirt.place import place_default
 
     dom = action.domain
     if dom.live is None:

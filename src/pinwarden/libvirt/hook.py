@@ -49,16 +49,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TextIO
 
 from pinwarden.config import DEFAULT_STATE_DIR
-from pinwarden.errors import EnforceError, InputError, PinwardenError, Refusal
+from pinwarden.errors import InputError, PinwardenError, Refusal
 from pinwarden.libvirt import hookclient
 from pinwarden.record import record
 
 if TYPE_CHECKING:
-    from pinwarden.cpuset import CpuSet
     from pinwarden.domain import DomainSpec
     from pinwarden.manager import Manager
-    from pinwarden.model import HolderRef, Plan
-    from pinwarden.partition import Host
+    from pinwarden.model import HolderRef
 
 DRIVERS = ("qemu", "lxc")
 MARKER = "# pinwarden libvirt hook"
@@ -136,8 +134,8 @@ def hook_script(driver: str, exe: str | Sequence[str], *, state_dir: Path | None
     command = " ".join(shlex.quote(a) for a in args)
     log = shlex.quote(str(state / HOOK_LOG))
     # at 'started' the threads of a QEMU domain without <vcpu cpuset> that have no pin of
-    # their own get the VM CPUs (see place_default), and so does every process of such an
-    # LXC container (_place_container); any other shared domain ends here.
+    # their own get the VM CPUs (pinwarden.libvirt.place), and so does every process of
+    # such an LXC container; any other shared domain ends here.
     # libvirt's form of the XML (what the hook gets) writes the attribute right after
     # placement='static' (tests check that against libvirt).
     unpinned = "*\"<vcpu placement='static' cpuset='\"*) exit 0 ;; *) ;;"
@@ -530,12 +528,6 @@ def _client_runs(client: Sequence[str]) -> str | None:
 
 # -- run ----------------------------------------------------------------------------------
 
-def _pid_file(driver: str, name: str) -> int | None:
-    from pinwarden.libvirt.connect import read_pid
-
-    return read_pid(driver, name)
-
-
 #: Called with the holder whose lease a ``release`` freed while live pins pinwarden
 #: narrowed are waiting for CPUs (:func:`pinwarden.libvirt.pins.give_back_after_release`).
 AfterRelease = Callable[["HolderRef"], None]
@@ -713,174 +705,22 @@ def admit_shared(manager: Manager, spec: DomainSpec, holder: HolderRef) -> None:
 
 
 def _started(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None:
+    from pinwarden.libvirt import place
+
     if not spec.exclusive:
         if spec.cpuset is None:
             if driver == "qemu":
-                place_default(manager, name, spec)
+                place.place_default(manager, name, spec)
             else:
-                _place_container(manager, name, spec)
+                place.place_container(manager, name, spec)
         return
     holder = _holder(driver, name, spec)
-    pid = _pid_file(driver, name)
+    pid = place.running_pid(driver, name)
     reader = manager.reader()
     if pid is not None and reader is not None and reader.get(holder) is not None:
         manager.set_owner(holder, pid)
         if driver == "lxc":  # now that the container runs there: its group a partition
             manager.sync()
-
-
-def _default_cpus(manager: Manager, driver: str, name: str,
-                  spec: DomainSpec) -> tuple[int, CpuSet, Plan, Host | None, bool] | None:
-    """The running shared domain's process, the CPUs its threads without a pin get (its
-    plan's default placement), that plan, the host it was decided on when the placement is
-    to be recorded (None: it is not), and whether every placement is (the kernel resets
-    the threads' affinity at each change of their cgroup, which loses it: before Linux
-    6.2).  A placement is recorded while something is leased, or on such a kernel; None:
-    not running, or every thread pinned."""
-    from pinwarden.enforce.affinity import cgroup_resets_affinity
-    from pinwarden.policy import decide
-
-    pid = _pid_file(driver, name)
-    if pid is None:
-        return None
-    host, leases = manager.host(), manager.leases()
-    plan = decide(spec, host, leases, holder=_holder(driver, name, spec))
-    if not plan.default_cpus:
-        return None
-    every = cgroup_resets_affinity()
-    return pid, plan.default_cpus, plan, host if leases or every else None, every
-
-
-def _note_placed_narrower(manager: Manager, name: str, spec: DomainSpec, plan: Plan,
-                          host: Host, *, every: bool = False) -> None:
-    """The hook gave the unpinned threads fewer CPUs than the shared pool with nothing
-    leased, because of the leases held now: recorded as narrowings, as ``pinwarden start``
-    records its placement, so that they get those CPUs back when the leases end.  The
-    kernel does not widen them itself: a thread's affinity set by ``sched_setaffinity``
-    stays its own across cpuset changes since Linux 6.2 (the trixie lab's shared domain
-    B kept CPU 3; this host's kernel keeps it on cgroup v1 too).  Written without the
-    pins lock, which the hook must never wait for (libvirt calls are made under it); a
-    give-back that read the records before sees none of these.  ``every``: a placement on
-    the whole shared pool is recorded too — before Linux 6.2 the kernel gives the threads
-    their cgroup's CPUs at each change of it, and the record is how the give-back knows
-    the placement to put back (every CPU, when the last lease ends, in modes none and
-    isolcpus)."""
-    from pinwarden.cpuset import CpuSet
-    from pinwarden.libvirt.repin import placed_narrower, record_moves
-    from pinwarden.narrowed import NARROWED_PREFIX
-    from pinwarden.partition import shared_pool
-
-    base = shared_pool(host, CpuSet())[0]
-    moves = placed_narrower(spec, plan, name, _holder("qemu", name, spec).uuid or "", base,
-                            every=every)
-    if moves:
-        manager.put_change_records(record_moves(moves,
-                                                manager.change_records(NARROWED_PREFIX)))
-
-
-def place_default(manager: Manager, name: str, spec: DomainSpec) -> CpuSet | None:
-    """A shared QEMU domain without ``<vcpu cpuset>``, started by plain ``virsh start``:
-    libvirt lets each thread without a pin of its own (every thread, when the XML names no
-    CPUs) run on every online CPU (libvirt < 10.4) or every CPU but the isolated ones
-    (≥ 10.4), housekeeping CPUs included.  The hook cannot change the XML, so once QEMU
-    runs those threads get the CPUs ``pinwarden start`` would have written into ``<vcpu
-    cpuset>`` — the VM CPUs less the leased ones (threads QEMU starts later inherit them
-    from the thread that starts them); the pinned ones keep their pins.  libvirt reads
-    affinity back from the kernel (``virsh vcpuinfo``).  A placement narrowed by leases
-    held now is recorded, to be given back when they end (:func:`_note_placed_narrower`),
-    and on a kernel before 6.2 any placement, to be put back after the kernel's resets.
-    The event daemon places the same way a thread libvirt added later with its default
-    (a vCPU hot-plugged, an I/O thread added live).  Returns the CPUs given (None: not
-    running, or every thread pinned)."""
-    import errno
-
-    from pinwarden.enforce.affinity import pin_each, threads_of
-    from pinwarden.procs import thread_comm
-
-    found = _default_cpus(manager, "qemu", name, spec)
-    if found is None:
-        return None
-    pid, cpus, plan, record_host, every = found
-    failed = pin_each({tid: cpus for tid in threads_of(pid)
-                       if unpinned_thread(spec, thread_comm(pid, tid))})
-    if record_host is not None:  # (nothing leased, nothing narrower: no import either)
-        _note_placed_narrower(manager, name, spec, plan, record_host, every=every)
-    # A thread that exited meanwhile, or one whose cpuset cgroup does not allow the CPUs —
-    # KVM's NX huge page recovery worker (kvm-nx-lpage-re) may start in the cgroup of a
-    # pinned vCPU, and keeps its pin — is left as it is; anything else is reported (the
-    # domain keeps running either way).
-    other = {tid: code for tid, code in failed.items()
-             if code not in (errno.ESRCH, errno.EINVAL)}
-    if other:
-        tid, code = next(iter(other.items()))
-        raise EnforceError(f"could not give thread {tid} of domain {name!r} {cpus.named()}: "
-                           f"{os.strerror(code)}")
-    return cpus
-
-
-def _place_container(manager: Manager, name: str, spec: DomainSpec) -> None:
-    """A shared LXC container without ``<vcpu cpuset>`` (libvirt's LXC driver ignores
-    pins): its controller (``libvirt_lxc``) gives itself every online CPU, and the
-    container inherits them.  Once it runs, the controller and every process below it get
-    the VM CPUs less the leased ones, as a QEMU domain's threads do (what they start later
-    inherits them); a process forked meanwhile is caught by looking again.  A placement
-    narrowed by leases held now is recorded, to be given back when they end, as for QEMU
-    domains (:func:`_note_placed_narrower`): by the controller's process, which a
-    container's record names instead of libvirt pins."""
-    from pinwarden.enforce.affinity import pin_each, threads_of
-    from pinwarden.procs import descendants
-
-    found = _default_cpus(manager, "lxc", name, spec)
-    if found is None:
-        return
-    pid, cpus, _plan, record_host, every = found
-    done: set[int] = set()
-    for _ in range(3):
-        todo = {tid for proc in descendants(pid) for tid in threads_of(proc)} - done
-        if not todo:
-            break
-        pin_each({tid: cpus for tid in sorted(todo)})  # (gone or refused: left as it is)
-        done |= todo
-    if record_host is not None:
-        _note_container_placed(manager, name, spec, pid, cpus, record_host, every=every)
-
-
-def _note_container_placed(manager: Manager, name: str, spec: DomainSpec, pid: int,
-                           cpus: CpuSet, host: Host, *, every: bool = False) -> None:
-    """The container's placement ``cpus``, narrower than the shared pool with nothing
-    leased because of the leases held now (or any, ``every``: see
-    :func:`_note_placed_narrower`), recorded for the give-back
-    (:func:`pinwarden.libvirt.pins.give_back_containers`)."""
-    from pinwarden.cpuset import CpuSet
-    from pinwarden.libvirt.repin import CONTAINER, container_json
-    from pinwarden.narrowed import narrowed_key
-    from pinwarden.partition import shared_pool
-    from pinwarden.procs import start_time
-
-    base = shared_pool(host, CpuSet())[0]
-    start = start_time(pid)
-    if (cpus == base and not every) or start is None:
-        return
-    key = narrowed_key(_holder("lxc", name, spec).uuid or "", CONTAINER)
-    earlier = manager.change_records(key).get(key)
-    manager.put_change_records({key: container_json(name, base, cpus, pid, start, earlier)})
-
-
-def unpinned_thread(spec: DomainSpec, comm: str | None) -> bool:
-    """Whether the QEMU thread named ``comm`` has no pin of its own in ``spec`` (pure; its
-    group by :func:`pinwarden.libvirt.state.qemu_thread`).  A name cut short by the kernel,
-    or a thread gone, is left alone."""
-    from pinwarden.libvirt.state import qemu_thread
-
-    group = qemu_thread(comm)
-    if group is None:
-        return False
-    thread, ident = group
-    if thread == "vcpu":
-        return not spec.vcpupins if ident is None else ident not in spec.vcpupins
-    if thread == "iothread":
-        return ident not in spec.iothreadpins
-    return spec.emulatorpin is None
 
 
 def _release(manager: Manager, driver: str, name: str, spec: DomainSpec,

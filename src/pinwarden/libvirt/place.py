@@ -1,0 +1,203 @@
+"""Where a shared domain's threads run when its XML names no CPUs (the I/O adapter).
+
+libvirt lets a QEMU thread without a pin of its own run on every online CPU (every CPU but
+the isolated ones since libvirt 10.4), housekeeping CPUs included, and an LXC container's
+controller gives itself every online CPU.  Once such a domain runs, its threads (an LXC
+container's processes) get the CPUs ``pinwarden start`` would have written into ``<vcpu
+cpuset>``: the VM CPUs less the leased ones.  The libvirt hook places them at
+``started`` and the event daemon places threads libvirt adds later (a vCPU hot-plugged,
+an I/O thread added live); a placement narrowed by leases is recorded for the give-back
+(:mod:`pinwarden.libvirt.pins`).  The decisions are :func:`pinwarden.policy.decide`'s and
+:mod:`pinwarden.libvirt.repin`'s; this module reads the process and applies them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from pinwarden.errors import EnforceError
+from pinwarden.model import domain_holder
+from pinwarden.record import record
+
+if TYPE_CHECKING:
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.domain import DomainSpec
+    from pinwarden.manager import Manager
+    from pinwarden.model import Plan
+    from pinwarden.partition import Host
+
+
+def running_pid(driver: str, name: str) -> int | None:
+    """The running domain's process (QEMU; an LXC container's controller), from libvirt's
+    pid file; None: not running."""
+    from pinwarden.libvirt.connect import read_pid
+
+    return read_pid(driver, name)
+
+
+def unpinned_thread(spec: DomainSpec, comm: str | None) -> bool:
+    """Whether the QEMU thread named ``comm`` has no pin of its own in ``spec`` (pure; its
+    group by :func:`pinwarden.libvirt.state.qemu_thread`).  A name cut short by the kernel,
+    or a thread gone, is left alone."""
+    from pinwarden.libvirt.state import qemu_thread
+
+    group = qemu_thread(comm)
+    if group is None:
+        return False
+    thread, ident = group
+    if thread == "vcpu":
+        return not spec.vcpupins if ident is None else ident not in spec.vcpupins
+    if thread == "iothread":
+        return ident not in spec.iothreadpins
+    return spec.emulatorpin is None
+
+
+@record
+class Default:
+    """Where a running shared domain's threads without a pin go."""
+
+    pid: int  # its process (QEMU; an LXC container's controller)
+    cpus: CpuSet  # its plan's default placement
+    plan: Plan
+    #: the host the plan was decided on, when the placement is to be recorded (None: not)
+    record_host: Host | None
+    #: every placement is recorded: the kernel resets the threads' affinity at each change
+    #: of their cgroup, which loses it (before Linux 6.2)
+    every: bool
+
+
+def default_cpus(manager: Manager, driver: str, name: str,
+                 spec: DomainSpec) -> Default | None:
+    """Where the running shared domain ``name``'s threads without a pin go.  A placement
+    is recorded while something is leased, or on a kernel that resets affinity; None: not
+    running, or every thread pinned."""
+    from pinwarden.enforce.affinity import cgroup_resets_affinity
+    from pinwarden.policy import decide
+
+    pid = running_pid(driver, name)
+    if pid is None:
+        return None
+    host, leases = manager.host(), manager.leases()
+    plan = decide(spec, host, leases, holder=domain_holder(driver, name, spec.uuid))
+    if not plan.default_cpus:
+        return None
+    every = cgroup_resets_affinity()
+    return Default(pid, plan.default_cpus, plan, host if leases or every else None, every)
+
+
+def note_placed_narrower(manager: Manager, name: str, spec: DomainSpec, plan: Plan,
+                          host: Host, *, every: bool = False) -> None:
+    """The hook gave the unpinned threads fewer CPUs than the shared pool with nothing
+    leased, because of the leases held now: recorded as narrowings, as ``pinwarden start``
+    records its placement, so that they get those CPUs back when the leases end.  The
+    kernel does not widen them itself: a thread's affinity set by ``sched_setaffinity``
+    stays its own across cpuset changes since Linux 6.2 (the trixie lab's shared domain
+    B kept CPU 3; this host's kernel keeps it on cgroup v1 too).  Written without the
+    pins lock, which the hook must never wait for (libvirt calls are made under it); a
+    give-back that read the records before sees none of these.  ``every``: a placement on
+    the whole shared pool is recorded too — before Linux 6.2 the kernel gives the threads
+    their cgroup's CPUs at each change of it, and the record is how the give-back knows
+    the placement to put back (every CPU, when the last lease ends, in modes none and
+    isolcpus)."""
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.libvirt.repin import placed_narrower, record_moves
+    from pinwarden.narrowed import NARROWED_PREFIX
+    from pinwarden.partition import shared_pool
+
+    base = shared_pool(host, CpuSet())[0]
+    uuid = domain_holder("qemu", name, spec.uuid).uuid or ""
+    moves = placed_narrower(spec, plan, name, uuid, base, every=every)
+    if moves:
+        manager.put_change_records(record_moves(moves,
+                                                manager.change_records(NARROWED_PREFIX)))
+
+
+def place_default(manager: Manager, name: str, spec: DomainSpec) -> CpuSet | None:
+    """A shared QEMU domain without ``<vcpu cpuset>``, started by plain ``virsh start``:
+    libvirt lets each thread without a pin of its own (every thread, when the XML names no
+    CPUs) run on every online CPU (libvirt < 10.4) or every CPU but the isolated ones
+    (≥ 10.4), housekeeping CPUs included.  The hook cannot change the XML, so once QEMU
+    runs those threads get the CPUs ``pinwarden start`` would have written into ``<vcpu
+    cpuset>`` — the VM CPUs less the leased ones (threads QEMU starts later inherit them
+    from the thread that starts them); the pinned ones keep their pins.  libvirt reads
+    affinity back from the kernel (``virsh vcpuinfo``).  A placement narrowed by leases
+    held now is recorded, to be given back when they end (:func:`note_placed_narrower`),
+    and on a kernel before 6.2 any placement, to be put back after the kernel's resets.
+    The event daemon places the same way a thread libvirt added later with its default
+    (a vCPU hot-plugged, an I/O thread added live).  Returns the CPUs given (None: not
+    running, or every thread pinned)."""
+    import errno
+
+    from pinwarden.enforce.affinity import pin_each, threads_of
+    from pinwarden.procs import thread_comm
+
+    found = default_cpus(manager, "qemu", name, spec)
+    if found is None:
+        return None
+    pid, cpus = found.pid, found.cpus
+    failed = pin_each({tid: cpus for tid in threads_of(pid)
+                       if unpinned_thread(spec, thread_comm(pid, tid))})
+    if found.record_host is not None:  # (nothing leased, nothing narrower: no import)
+        note_placed_narrower(manager, name, spec, found.plan, found.record_host,
+                             every=found.every)
+    # A thread that exited meanwhile, or one whose cpuset cgroup does not allow the CPUs —
+    # KVM's NX huge page recovery worker (kvm-nx-lpage-re) may start in the cgroup of a
+    # pinned vCPU, and keeps its pin — is left as it is; anything else is reported (the
+    # domain keeps running either way).
+    other = {tid: code for tid, code in failed.items()
+             if code not in (errno.ESRCH, errno.EINVAL)}
+    if other:
+        tid, code = next(iter(other.items()))
+        raise EnforceError(f"could not give thread {tid} of domain {name!r} {cpus.named()}: "
+                           f"{os.strerror(code)}")
+    return cpus
+
+
+def place_container(manager: Manager, name: str, spec: DomainSpec) -> None:
+    """A shared LXC container without ``<vcpu cpuset>`` (libvirt's LXC driver ignores
+    pins): its controller (``libvirt_lxc``) gives itself every online CPU, and the
+    container inherits them.  Once it runs, the controller and every process below it get
+    the VM CPUs less the leased ones, as a QEMU domain's threads do (what they start later
+    inherits them); a process forked meanwhile is caught by looking again.  A placement
+    narrowed by leases held now is recorded, to be given back when they end, as for QEMU
+    domains (:func:`note_placed_narrower`): by the controller's process, which a
+    container's record names instead of libvirt pins."""
+    from pinwarden.enforce.affinity import pin_each, threads_of
+    from pinwarden.procs import descendants
+
+    found = default_cpus(manager, "lxc", name, spec)
+    if found is None:
+        return
+    pid, cpus = found.pid, found.cpus
+    done: set[int] = set()
+    for _ in range(3):
+        todo = {tid for proc in descendants(pid) for tid in threads_of(proc)} - done
+        if not todo:
+            break
+        pin_each({tid: cpus for tid in sorted(todo)})  # (gone or refused: left as it is)
+        done |= todo
+    if found.record_host is not None:
+        note_container_placed(manager, name, spec, pid, cpus, found.record_host,
+                              every=found.every)
+
+
+def note_container_placed(manager: Manager, name: str, spec: DomainSpec, pid: int,
+                           cpus: CpuSet, host: Host, *, every: bool = False) -> None:
+    """The container's placement ``cpus``, narrower than the shared pool with nothing
+    leased because of the leases held now (or any, ``every``: see
+    :func:`note_placed_narrower`), recorded for the give-back
+    (:func:`pinwarden.libvirt.pins.give_back_containers`)."""
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.libvirt.repin import CONTAINER, container_json
+    from pinwarden.narrowed import narrowed_key
+    from pinwarden.partition import shared_pool
+    from pinwarden.procs import start_time
+
+    base = shared_pool(host, CpuSet())[0]
+    start = start_time(pid)
+    if (cpus == base and not every) or start is None:
+        return
+    key = narrowed_key(domain_holder("lxc", name, spec.uuid).uuid or "", CONTAINER)
+    earlier = manager.change_records(key).get(key)
+    manager.put_change_records({key: container_json(name, base, cpus, pid, start, earlier)})
