@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pinwarden.cpuset import CpuSet, CpuSetError
 from pinwarden.domain import DomainSpec
 from pinwarden.errors import Refusal
-from pinwarden.libvirt.state import DomainInfo, Repin
+from pinwarden.libvirt.state import DomainInfo, Repin, group_label
 from pinwarden.model import HolderRef, Plan
 from pinwarden.narrowed import key_parts, narrowed_key, record_parts
 from pinwarden.record import record
@@ -123,8 +123,7 @@ def restored(spec: DomainSpec, name: str, uuid: str, leased: CpuSet, pool: CpuSe
     records: dict[str, str] = {}
     forget: list[str] = []
     for thread, ident, cpus in groups:
-        move = Repin(name, uuid, thread, ident, cpus, cpus)
-        key = narrowed_key(uuid, move.label)
+        key = narrowed_key(uuid, group_label(thread, ident))
         parts = record_parts(recorded[key]) if key in recorded else None
         if parts is not None and parts[2] == cpus and (want := parts[1] - leased):
             if want != cpus:

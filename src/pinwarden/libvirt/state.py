@@ -99,7 +99,7 @@ class Repin:
 
     @property
     def label(self) -> str:
-        return self.thread if self.ident is None else f"{self.thread}{self.ident}"
+        return group_label(self.thread, self.ident)
 
     def reversed(self) -> Repin:
         """The move back, from ``after`` to ``before``."""
@@ -107,6 +107,12 @@ class Repin:
 
     def __str__(self) -> str:
         return f"{self.domain} {self.label}: {self.before} -> {self.after}"
+
+
+def group_label(thread: str, ident: int | None) -> str:
+    """A thread group's name in records and messages: ``vcpu2``, ``emulator``,
+    ``iothread1``."""
+    return thread if ident is None else f"{thread}{ident}"
 
 
 #: The kernel keeps a thread's name (``comm``) to 15 bytes.
