@@ -467,3 +467,25 @@ def test_starts_beyond_the_limit_are_left_to_their_commands(
     assert answers == [{"rc": 0, "stdout": "started pwtest-s\n", "stderr": ""}] * 2, answers
     again = hookclient.ask(sock, start_request(manager.state_dir), timeout=60)
     assert again == {"rc": 0, "stdout": "started pwtest-s\n", "stderr": ""}, again
+
+
+def test_the_default_configuration_is_read_again_when_it_changes(
+        setup: tuple[Path, Path, Manager, HookServer], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hook call or start made with the default configuration file is judged against
+    that file as it is now: an edit after the daemon read it is seen (the daemon used to
+    keep its first reading of the default file for good, and answered for rules the
+    command no longer had)."""
+    from pinwarden import config as config_module
+    from pinwarden.libvirt import hookserver
+
+    _drop_in, _marker, _manager, server = setup
+    default = tmp_path / "pinwarden.toml"
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG", default)
+    monkeypatch.setattr(hookserver, "DEFAULT_CONFIG", default)
+    assert server._config("-") == Config()  # no file: the defaults
+    default.write_text('[partition]\nmode = "none"\n')
+    assert server._config("-") == Config(mode="none")
+    default.write_text('[partition]\nmode = "cgroup"\n')
+    os.utime(default, ns=(1, 10**18))  # a new modification time, whatever the clock
+    assert server._config("-") == Config(mode="cgroup")

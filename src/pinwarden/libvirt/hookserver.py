@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pinwarden.config import Config, load_config
+from pinwarden.config import DEFAULT_CONFIG, Config, load_config
 from pinwarden.errors import PinwardenError
 from pinwarden.libvirt import hook
 from pinwarden.manager import Manager
@@ -205,9 +205,11 @@ class HookServer:
         return {"rc": rc, "stderr": err.getvalue()}
 
     def _config(self, path: str) -> Config | None:
+        """The configuration file ``path`` (``-``: the default one) as the command would
+        read it now: cached until the file changes."""
         key = path
         with contextlib.suppress(OSError):
-            key = f"{path}\0{os.stat(path).st_mtime_ns}" if path != "-" else path
+            key = f"{path}\0{os.stat(DEFAULT_CONFIG if path == '-' else path).st_mtime_ns}"
         if key not in self._configs:
             try:
                 self._configs[key] = load_config(None if path == "-" else Path(path))
