@@ -469,6 +469,211 @@ def test_starts_beyond_the_limit_are_left_to_their_commands(
     assert again == {"rc": 0, "stdout": "started pwtest-s\n", "stderr": ""}, again
 
 
+# -- the console script's plain 'pinwarden start NAME' (pinwarden.quickstart) -------------
+
+CONSOLE_PROBE = ("import json, sys\n"
+                 "from pinwarden.console import entry\n"
+                 "try:\n"
+                 "    entry()\n"
+                 "finally:\n"
+                 "    sys.stdout.flush()\n"
+                 "    print(json.dumps(sorted(sys.modules)), file=sys.stderr)\n")
+
+
+def console(*argv: str, cwd: Path, env: dict[str, str]) -> tuple[
+        subprocess.CompletedProcess[str], set[str]]:
+    """The console script's entry with ``argv``: the result (stderr without the probe's
+    last line) and the modules it loaded."""
+    proc = subprocess.run([sys.executable, "-c", CONSOLE_PROBE, *argv], capture_output=True,
+                          text=True, env=env, timeout=120, cwd=cwd)
+    *lines, last = proc.stderr.splitlines(keepends=True)
+    proc.stderr = "".join(lines)
+    return proc, set(json.loads(last))
+
+
+@pytest.mark.parametrize("argv, form", [
+    (["start", "db"], {"name": "db", "json": False, "config": None, "state_dir": None}),
+    (["start", "--json", "--config", "c.toml", "--state-dir=s", "db"],
+     {"name": "db", "json": True, "config": "c.toml", "state_dir": "s"}),
+    (["start", "db", "--config=/c", "--json"],
+     {"name": "db", "json": True, "config": "/c", "state_dir": None}),
+    (["start"], None), (["stop", "db"], None), (["start", "a", "b"], None),
+    (["start", "--dry-run", "db"], None), (["start", "--no-daemon", "db"], None),
+    (["start", "-c", "qemu:///system", "db"], None), (["start", "--js", "db"], None),
+    (["start", "--json", "--json", "db"], None), (["start", "--config", "db"], None),
+    (["start", "--config", "--json", "db"], None), (["start", "--config="], None),
+    (["start", "--state-dir", "a", "--state-dir", "b", "db"], None),
+    (["start", "--", "db"], None), (["start", "-h"], None), (["--json", "start", "db"], None),
+])
+def test_quick_start_takes_only_the_plain_form(argv: list[str],
+                                               form: dict[str, object] | None) -> None:
+    """Only what the command line would read as a plain start goes to the daemon first;
+    anything else (another option, an abbreviation argparse would accept, a usage error) is
+    the command line's to read and report."""
+    from pinwarden import quickstart
+
+    assert quickstart.parse(argv) == form
+
+
+def test_quick_start_agrees_with_the_command_line() -> None:
+    """Its copies of the defaults and exit statuses (it must not import their modules)."""
+    from pinwarden import cli, config, quickstart
+
+    assert str(config.DEFAULT_CONFIG) == quickstart.DEFAULT_CONFIG
+    assert str(config.DEFAULT_STATE_DIR) == quickstart.DEFAULT_STATE_DIR
+    assert (quickstart.EXIT_ERROR, quickstart.EXIT_INTERNAL) == (cli.EXIT_ERROR,
+                                                                cli.EXIT_INTERNAL)
+
+
+def test_quick_start_finds_the_socket_only_where_it_is_sure(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state directory: ``--state-dir``, else ``PINWARDEN_STATE_DIR``, else the
+    configuration file's — read, not parsed: a file that may name one (``state_dir``
+    anywhere, or an escape that could spell it) leaves the start to the command line."""
+    from pinwarden import quickstart
+    from pinwarden.config import DEFAULT_STATE_DIR, load_config
+
+    def form(config: Path | None = None, state: str | None = None) -> dict[str, object]:
+        return {"name": "db", "json": False, "config": None if config is None else str(config),
+                "state_dir": state}
+
+    monkeypatch.delenv("PINWARDEN_STATE_DIR", raising=False)
+    plain, named, escaped = (tmp_path / n for n in ("plain.toml", "named.toml", "esc.toml"))
+    plain.write_text('[partition]\nmode = "none"\n')
+    named.write_text('[ledger]\nstate_dir = "/srv/pw"\n')
+    escaped.write_text('[ledger]\n"st\\u0061te_dir" = "/srv/pw"\n')
+    assert load_config(escaped).state_dir == Path("/srv/pw")  # what the escape hides
+    assert quickstart.state_dir(form(plain)) == str(DEFAULT_STATE_DIR) == \
+        str(load_config(plain).state_dir)
+    assert quickstart.state_dir(form(named)) is None
+    assert quickstart.state_dir(form(escaped)) is None
+    assert quickstart.state_dir(form(tmp_path / "missing.toml")) is None  # the CLI's error
+    assert quickstart.state_dir(form(named, state="s")) == "s"
+    monkeypatch.setenv("PINWARDEN_STATE_DIR", "/run/pw")
+    assert quickstart.state_dir(form(named)) == "/run/pw"
+
+
+def test_pinwarden_start_goes_to_the_daemon_before_the_command_line_loads(
+        setup: tuple[Path, Path, Manager, HookServer], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The plain form reaches the daemon without argparse or the configuration's parser
+    (issue #12), and prints byte for byte what the command prints starting the domain
+    itself (``--no-daemon``): the state directory given relative to the command's working
+    directory, the configuration file by option, the URI by ``LIBVIRT_DEFAULT_URI``."""
+    _drop_in, _marker, manager, _server = setup
+    config = tmp_path / "empty.toml"
+    config.write_text("")
+    assert manager.state_dir.parent == tmp_path
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PINWARDEN_")}
+    env["LIBVIRT_DEFAULT_URI"] = "qemu+unix:///system?socket=/nonexistent/pwtest.sock"
+    base = ["start", "--state-dir", manager.state_dir.name, "--config", str(config),
+            "pwtest-s"]
+    caplog.set_level(logging.INFO, logger="pinwarden.daemon")
+    for extra in ((), ("--json",)):
+        served, modules = console(*base, *extra, cwd=tmp_path, env=env)
+        alone, _ = console(*base, *extra, "--no-daemon", cwd=tmp_path, env=env)
+        assert served.returncode == alone.returncode == 1, (served, alone)
+        assert served.stderr == alone.stderr and "cannot connect" in served.stderr, \
+            (served.stderr, alone.stderr)
+        assert served.stdout == alone.stdout, (served.stdout, alone.stdout)
+        assert "pinwarden.quickstart" in modules
+        assert not {"argparse", "pinwarden.cli", "pinwarden.config", "tomllib",
+                    "pathlib"} & modules, sorted(modules)
+    served_lines = [r.getMessage() for r in caplog.records
+                    if r.getMessage().startswith("served 'pinwarden start pwtest-s': exit 1")]
+    assert len(served_lines) == 2, caplog.text
+    # by the environment alone (no option): the same
+    env["PINWARDEN_STATE_DIR"] = str(manager.state_dir)
+    served, modules = console("start", "--config", str(config), "pwtest-s", cwd=tmp_path,
+                              env=env)
+    assert served.returncode == 1 and "cannot connect" in served.stderr, served
+    assert "argparse" not in modules
+
+
+def test_a_start_the_daemon_declines_is_the_command_lines(
+        setup: tuple[Path, Path, Manager, HookServer], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A daemon with other rules than the command's configuration, a configuration file
+    the command would refuse, a URI it would refuse: the command line runs (and says what
+    it says without a daemon); nothing is served from another configuration."""
+    _drop_in, _marker, manager, _server = setup
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PINWARDEN_")}
+    env["LIBVIRT_DEFAULT_URI"] = "qemu+unix:///system?socket=/nonexistent/pwtest.sock"
+    other = tmp_path / "other.toml"
+    other.write_text('[partition]\nmode = "none"\n')
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[partition\n")
+    state = str(manager.state_dir)
+    caplog.set_level(logging.DEBUG, logger="pinwarden.daemon")
+    for argv, said in ((["--config", str(other)], "cannot connect"),
+                       (["--config", str(broken)], "broken.toml"),
+                       (["--config", str(tmp_path / "missing.toml")], "does not exist")):
+        proc, modules = console("start", "--state-dir", state, *argv, "pwtest-s",
+                                cwd=tmp_path, env=env)
+        alone, _ = console("start", "--state-dir", state, *argv, "pwtest-s", "--no-daemon",
+                           cwd=tmp_path, env=env)
+        assert (proc.returncode, proc.stdout, proc.stderr) == \
+            (alone.returncode, alone.stdout, alone.stderr), (proc, alone)
+        assert proc.returncode in (1, 2) and said in proc.stderr, proc.stderr
+        assert "argparse" in modules  # the command line's own run
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    env["LIBVIRT_DEFAULT_URI"] = "nosuch:///system"
+    proc, modules = console("start", "--state-dir", state, "--config", str(empty),
+                            "pwtest-s", cwd=tmp_path, env=env)
+    assert proc.returncode == 1 and "nosuch:///system" in proc.stderr, proc.stderr
+    assert "argparse" in modules
+    declined = [r.getMessage() for r in caplog.records if "left to the command" in
+                r.getMessage()]
+    assert len(declined) == 5, declined  # the plain form asked first every time
+    assert sum("another configuration" in line for line in declined) == 2, declined
+    assert sum("cannot be used" in line for line in declined) == 2, declined
+
+
+def test_a_quick_start_whose_answer_is_lost_is_not_started_again(tmp_path: Path) -> None:
+    """Once the request is sent the start is the daemon's: no answer is an error naming
+    what to check (as the command line's own served start says), never a second start."""
+    import socket
+    import threading
+
+    state = tmp_path / "state"
+    state.mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(state / hook.SOCKET_NAME))
+    listener.listen(4)
+    got: list[bytes] = []
+
+    def accept_and_drop() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while chunk := conn.recv(65536):
+                got.append(chunk)
+
+    server = threading.Thread(target=accept_and_drop)
+    server.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PINWARDEN_")}
+    env["PINWARDEN_STATE_DIR"] = str(state)
+    try:
+        for extra in ((), ("--json",)):
+            if extra:
+                server = threading.Thread(target=accept_and_drop)
+                server.start()
+            proc, modules = console("start", "pwtest-s", *extra, cwd=tmp_path, env=env)
+            server.join(timeout=60)
+            assert proc.returncode == 1, proc
+            assert proc.stderr.startswith("pinwarden: error: the pinwarden daemon did not "
+                                          "finish starting 'pwtest-s'"), proc.stderr
+            assert "virsh domstate pwtest-s" in proc.stderr
+            if extra:
+                assert json.loads(proc.stdout)["error"]["code"] == "daemon-lost"
+            else:
+                assert proc.stdout == ""
+            assert "pinwarden.libvirt.start" not in modules  # no start of its own
+    finally:
+        listener.close()
+    assert b'"quick_start"' in b"".join(got)
+
+
 def test_the_default_configuration_is_read_again_when_it_changes(
         setup: tuple[Path, Path, Manager, HookServer], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -204,9 +204,14 @@ def load_config(path: Path | None) -> Config:
 
 def state_dir(cli_value: Path | None, config: Config) -> Path:
     """``--state-dir`` beats ``PINWARDEN_STATE_DIR`` beats the config file."""
+    return state_dir_from(cli_value, os.environ.get("PINWARDEN_STATE_DIR"), config)
+
+
+def state_dir_from(cli_value: Path | None, env: str | None, config: Config) -> Path:
+    """:func:`state_dir` with ``env`` for the environment variable (the daemon resolves
+    a command's: :func:`pinwarden.libvirt.startserver.resolve`)."""
     if cli_value is not None:
         return cli_value
-    env = os.environ.get("PINWARDEN_STATE_DIR")
     if env:
         return Path(env)
     return config.state_dir
@@ -216,9 +221,13 @@ def libvirt_uri(cli_value: str | None, config: Config) -> str:
     """``--connect`` beats ``LIBVIRT_DEFAULT_URI`` beats the config file beats
     ``qemu:///system`` (virsh: ``-c`` beats ``LIBVIRT_DEFAULT_URI`` beats libvirt.conf's
     ``uri_default``; an empty variable counts as unset, as in libvirt)."""
+    return libvirt_uri_from(cli_value, os.environ.get("LIBVIRT_DEFAULT_URI"), config)
+
+
+def libvirt_uri_from(cli_value: str | None, env: str | None, config: Config) -> str:
+    """:func:`libvirt_uri` with ``env`` for the environment variable."""
     if cli_value:
         return cli_value
-    env = os.environ.get("LIBVIRT_DEFAULT_URI")
     if env:
         return env
     return config.libvirt_uri

@@ -6,6 +6,9 @@ not with an import traceback.  Nothing has been read or changed by then, so the 
 simply ends.  This module imports only what Python's start-up already loaded (``os``; the
 built-in ``_signal``, not ``signal``, which imports ``enum`` and more), so the window left
 is Python's own start-up.
+
+``pinwarden start NAME`` in its plain form goes to a running daemon from here, before the
+command line loads (:mod:`pinwarden.quickstart`).
 """
 
 import os
@@ -27,6 +30,14 @@ def entry() -> None:
     python_own = _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler
     if python_own:
         _signal.signal(_signal.SIGINT, _interrupted_early)
+    import sys
+
+    if sys.argv[1:2] == ["start"]:  # handed to a running daemon, when it takes it
+        from pinwarden.quickstart import run as quick
+
+        status = quick(sys.argv[1:])
+        if status is not None:
+            sys.exit(status)
     from pinwarden.cli import entry as run
 
     if python_own:  # main() reports a Ctrl-C from here on (and undoes what it began)

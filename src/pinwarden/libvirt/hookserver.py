@@ -153,6 +153,15 @@ class HookServer:
             chunks.append(chunk)
         conn.settimeout(None)
         request = json.loads(b"".join(chunks))
+        if isinstance(request, dict) and request.get("v") == 1 and "quick_start" in request:
+            from pinwarden.libvirt import startserver
+
+            resolved = startserver.resolve(request["quick_start"], self._config)
+            if isinstance(resolved, str):
+                log.debug("start from pid %s left to the command: %s", pid, resolved)
+                _send(conn, {"fallback": resolved})
+                return False
+            request = resolved
         if isinstance(request, dict) and request.get("v") == 1 and "start" in request:
             return self._start(conn, request, pid)
         _send(conn, self.call(request))

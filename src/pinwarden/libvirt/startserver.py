@@ -55,6 +55,36 @@ MAX_STARTS = 16
 Reply = Callable[[dict[str, Any]], None]
 
 
+def resolve(quick: Any, load: Callable[[str], Config | None]) -> dict[str, Any] | str:
+    """The start request the command line would send for the plain form the console script
+    sent as given (:mod:`pinwarden.quickstart`), resolved as the command line resolves it;
+    or why it cannot be (the command line then runs, and says so itself).  ``load``: the
+    daemon's cached reading of a configuration file (``-``: the default one; None: it
+    cannot be read)."""
+    from pinwarden.config import libvirt_uri_from, state_dir_from
+    from pinwarden.libvirt.uri import check_uri
+
+    if not isinstance(quick, dict):
+        return "malformed start request"
+    name, as_json = quick.get("name"), quick.get("json")
+    fields = [quick.get(k) for k in ("config", "state_dir", "env_state_dir", "env_uri")]
+    if not (isinstance(name, str) and isinstance(as_json, bool)
+            and all(f is None or (isinstance(f, str) and f) for f in fields)):
+        return "malformed start request"
+    config_path, given_state, env_state, env_uri = fields
+    config = load(config_path if isinstance(config_path, str) else "-")
+    if config is None:
+        return "the command's configuration file cannot be used"
+    state = state_dir_from(Path(given_state) if given_state else None, env_state, config)
+    uri = libvirt_uri_from(None, env_uri, config)
+    try:
+        check_uri(uri, root=True)  # (only root's calls are answered)
+    except PinwardenError as exc:
+        return exc.message
+    return {"v": 1, "start": {"name": name, "uri": uri, "json": as_json},
+            "rules": repr(config), "root": "/", "state_dir": str(state)}
+
+
 def why_not(request: dict[str, Any], manager: Manager) -> str | None:
     """Why this daemon (running ``manager``) cannot serve the start ``request``, or None."""
     start = request.get("start")
