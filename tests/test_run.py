@@ -238,6 +238,37 @@ def test_supervisor_forwards_signals(tmp_path: Path) -> None:
     assert proc.returncode == 42
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_during_the_reservation_frees_it_and_runs_nothing(
+        tmp_path: Path, sig: signal.Signals) -> None:
+    """A Ctrl-C or SIGTERM that lands while the job's CPUs are being reserved (held until
+    the reservation is made) ends the job before its command runs, as it would have ended
+    pinwarden, and the CPUs are free again: the process used to end with the lease
+    recorded and the host narrowed for a command that never ran (hunt)."""
+    marker = tmp_path / "ran"
+    code = SUPERVISOR.format(tests=str(REPO / "tests")).replace(
+        "status = run_job(", textwrap.dedent(f"""\
+            import os, signal
+            sync = Manager._sync
+            def _sync(self, **kw):
+                os.kill(os.getpid(), {int(sig)})  # lands inside the reservation's lock
+                return sync(self, **kw)
+            Manager._sync = _sync
+            status = run_job(""").replace("\n", "\n    ", 0))
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), "pwtest-sig", "1",
+                           "touch", str(marker)], capture_output=True, text=True,
+                          timeout=120)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 1 or "KeyboardInterrupt" in proc.stderr, proc.stderr
+        assert "before job 'pwtest-sig' ran (its CPUs are free again)" in proc.stderr
+    else:
+        assert proc.returncode == -sig, (proc.returncode, proc.stderr)
+    assert not marker.exists()  # the command never ran
+    with Ledger(tmp_path) as ledger:
+        assert ledger.holders() == () and ledger.leases() == ()
+        assert ledger.host_record() is None  # the host as found again
+
+
 @pytest.mark.kernel
 @pytest.mark.slow
 def test_real_kernel_cases_in_a_fresh_guest() -> None:

@@ -16,6 +16,13 @@ was in fact made.  So, in the main thread, while the lock is held, SIGINT, SIGTE
 Handlers someone installed (the event daemon's, ``pinwarden run``'s forwarding) and ignored
 signals are left alone, and so is every thread but the main one (Python runs signal
 handlers there only).
+
+A caller whose change must be undone before the process may end (``pinwarden run``: a
+signal that lands while its CPUs are reserved must not leave them reserved for a command
+that never ran) wraps it in :func:`ending_raises`: there a held SIGTERM or SIGHUP raises
+:class:`EndedAfterChange` too, and the held signals stay blocked when the section ends, so
+that the caller undoes its change and then unblocks them (they act then: the process ends
+as it would have).
 """
 
 from __future__ import annotations
@@ -41,6 +48,32 @@ class InterruptedAfterChange(KeyboardInterrupt):
                 "leases)")
 
 
+class EndedAfterChange(InterruptedAfterChange):
+    """SIGTERM or SIGHUP (``signum``) arrived while the host was being changed within
+    :func:`ending_raises`; the change was completed first."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__()
+        self.signum = signum
+
+
+_raising: list[bool] = []
+
+
+@contextlib.contextmanager
+def ending_raises() -> Iterator[None]:
+    """Within the block, a held signal is raised after the change (SIGINT as
+    :class:`InterruptedAfterChange`, SIGTERM and SIGHUP as :class:`EndedAfterChange`)
+    instead of ending the process, and the held signals stay blocked from the end of a
+    held section on: the caller unblocks them (``signal.pthread_sigmask``) once it has
+    undone its change."""
+    _raising.append(True)
+    try:
+        yield
+    finally:
+        _raising.pop()
+
+
 def _default(sig: int, handler: Handler) -> bool:
     return handler is signal.SIG_DFL or (sig == signal.SIGINT
                                           and handler is signal.default_int_handler)
@@ -60,14 +93,21 @@ def held() -> Iterator[None]:
                 break
             previous[sig] = handler
     failed = True
+    raising = bool(_raising) and bool(previous)
     try:
         yield
         failed = False
     finally:
+        if raising:  # from here the caller decides when they act (ending_raises)
+            signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
         for number, handler in previous.items():
             signal.signal(number, handler)
         ending = [sig for sig in pending if sig != signal.SIGINT]
-        if ending:
+        if ending and not raising:
             os.kill(os.getpid(), ending[0])  # the default action: the process ends here
+        if ending and not failed:
+            raise EndedAfterChange(ending[0])
         if pending and not failed:
             raise InterruptedAfterChange()
+        if ending:  # the change failed: its error goes on; the signal waits, blocked
+            os.kill(os.getpid(), ending[0])

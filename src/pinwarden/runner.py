@@ -214,12 +214,30 @@ def run_job(manager: Manager, job: JobSpec, command: Sequence[str]) -> int:
     holder = job_holder(job.name)
     if not manager.enforcing:  # refused before anything is leased
         raise EnforceError(_not_enforcing(manager, job.name))
-    reserved = manager.reserve_request(job, owner_pid=os.getpid())
+    from pinwarden.interrupts import EndedAfterChange, InterruptedAfterChange, ending_raises
+
+    # A SIGINT, SIGTERM or SIGHUP while the CPUs are reserved waits for the reservation, is
+    # raised here, and stays blocked until the job is released: a command that never ran
+    # must not keep them (it used to: the process ended with the lease recorded and the
+    # host narrowed).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())
     try:
-        if reserved.group is None:
-            raise EnforceError(f"no cgroup was planned for job {job.name!r}")
-        cpus = reserved.plan.emulator
-        return supervise(manager.backend(), job.name, reserved.group, cpus, command,
-                         lambda pid: manager.set_owner(holder, pid))
+        try:
+            with ending_raises():
+                reserved = manager.reserve_request(job, owner_pid=os.getpid())
+        except InterruptedAfterChange as exc:
+            _release(manager, job.name)
+            if isinstance(exc, EndedAfterChange):
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # ends here, released
+            raise KeyboardInterrupt(f"before job {job.name!r} ran (its CPUs are free "
+                                    "again)") from None
+        try:
+            if reserved.group is None:
+                raise EnforceError(f"no cgroup was planned for job {job.name!r}")
+            cpus = reserved.plan.emulator
+            return supervise(manager.backend(), job.name, reserved.group, cpus, command,
+                             lambda pid: manager.set_owner(holder, pid))
+        finally:
+            _release(manager, job.name)
     finally:
-        _release(manager, job.name)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # what waited acts now
