@@ -246,3 +246,85 @@ def test_processes_a_job_leaves_behind_keep_its_lease_until_they_exit(pw: Pinwar
     pw.run("sync", check=True)
     assert "no holders" in pw.run("status", check=True).stdout
     assert not (CPUSET / group).exists()
+
+
+def test_a_job_whose_command_exited_is_held_by_what_it_left_until_that_exits(
+        pw: Pinwarden) -> None:
+    """The process that took the lease at the job's end exits too, while another the
+    command started runs on.  ``status``, ``audit`` and ``metrics`` said the CPU free
+    ("OWNER GONE"), and a plain ``release`` freed it while the kernel kept it exclusive for
+    that process (hunt).  Now the read-only commands count the job as running, and the
+    release is refused naming the process that runs, which owns the lease from then on."""
+    import json
+
+    group = pw.holder_group("pwtest-left", "run")
+    done = run(pw, "--exclusive", "1", "--name", "pwtest-left", "--", "sh", "-c",
+               "sleep 1 </dev/null >/dev/null 2>&1 & sleep 60 </dev/null >/dev/null 2>&1 & "
+               "echo heir=$!; exit 0")
+    assert done.returncode == 0, done.stderr
+    heir = int(done.stdout.split("heir=")[1].split()[0])
+    try:
+        with Ledger(pw.state) as ledger:
+            (record,) = ledger.holders()
+        first = record.owner_pid
+        assert first is not None and first != heir  # the lowest pid: 'sleep 1'
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{first}").exists():
+            assert time.monotonic() < deadline, "'sleep 1' did not exit"
+            time.sleep(0.1)
+        status = json.loads(pw.run("status", "--json", check=True).stdout)
+        (lease,) = status["leases"]
+        assert lease["owner_gone"] is False and heir in lease["left_running"], lease
+        assert status["leased"] == "1"
+        text = pw.run("status", check=True).stdout
+        assert "OWNER GONE" not in text and f"pid {heir}" in text, text
+        metrics = pw.run("metrics", "--no-audit", check=True).stdout
+        assert 'pinwarden_vm_cpus{node="0",state="leased"} 1.0' in metrics, metrics
+        audit = pw.run("audit", "--json")
+        assert [le["cpu"] for le in json.loads(audit.stdout)["leases"]] == [1], audit.stdout
+        refused = pw.run("release", "pwtest-left", "--driver", "run")
+        assert refused.returncode == 1, refused
+        assert f"still runs (pid {heir}) on CPU 1" in refused.stderr, refused.stderr
+        with Ledger(pw.state) as ledger:
+            assert [h.owner_pid for h in ledger.holders()] == [heir]
+        assert (CPUSET / group / "cpuset.cpu_exclusive").read_text().strip() == "1"
+    finally:
+        os.kill(heir, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{heir}").exists():
+        assert time.monotonic() < deadline, "the heir did not exit"
+        time.sleep(0.1)
+    pw.run("sync", check=True)
+    assert "no holders" in pw.run("status", check=True).stdout
+    assert not (CPUSET / group).exists()
+
+
+def test_a_job_released_by_force_while_it_ran_puts_the_host_back_when_it_ends(
+        pw: Pinwarden) -> None:
+    """``release --force`` of a running job: its group stays while the command runs in
+    it (the kernel keeps its tasks there).  At the command's end the group went only at
+    the next change pinwarden made, ``machine`` stayed narrowed meanwhile, and the job
+    warned of processes that did not exist (hunt)."""
+    machine = CPUSET / "machine" / "cpuset.cpus"
+    before = machine.read_text().strip()
+    group = pw.holder_group("pwtest-forced", "run")
+    job = subprocess.Popen(run_cmd(pw, "--exclusive", "1", "--name", "pwtest-forced", "--",
+                                   "sleep", "3"), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (CPUSET / group / "tasks").exists() or \
+                not (CPUSET / group / "tasks").read_text().strip():
+            assert time.monotonic() < deadline and job.poll() is None, job.stderr
+            time.sleep(0.05)
+        pw.run("release", "pwtest-forced", "--driver", "run", "--force", check=True)
+        _out, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert job.returncode == 0, err
+    assert "still run" not in err, err
+    assert not (CPUSET / group).exists()
+    assert machine.read_text().strip() == before
+    assert "no holders" in pw.run("status", check=True).stdout

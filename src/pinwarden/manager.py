@@ -278,9 +278,38 @@ class Manager:
         return reader.holders() if reader is not None else ()
 
     def dead(self) -> tuple[HolderRecord, ...]:
-        """Holders whose owner process is gone (freed by the next :meth:`reap`)."""
+        """Holders whose owner process is gone (freed by the next :meth:`reap`).  A job
+        whose command exited while processes it started still run in its group is not:
+        the next change hands its lease on to them (:meth:`hand_on`)."""
         reader = self.reader()
-        return reader.dead() if reader is not None else ()
+        if reader is None:
+            return ()
+        return tuple(r for r in reader.dead() if not self.left_running(r.ref))
+
+    def heirs(self) -> dict[HolderRef, tuple[int, ...]]:
+        """Jobs whose command exited while processes it started still run in the job's
+        group: those processes (the lease is theirs, handed on at the next change)."""
+        from pinwarden.model import JOB_DRIVER
+
+        reader = self.reader()
+        if reader is None:
+            return {}
+        found = {r.ref: self.left_running(r.ref) for r in reader.dead(driver=JOB_DRIVER)}
+        return {ref: pids for ref, pids in found.items() if pids}
+
+    def left_running(self, holder: HolderRef) -> tuple[int, ...]:
+        """The live tasks in job ``holder``'s group (none for a domain, or when nothing
+        is enforced or the group cannot be read)."""
+        from pinwarden import procs
+        from pinwarden.model import JOB_DRIVER
+
+        if holder.driver != JOB_DRIVER or not self.enforcing:
+            return ()
+        try:
+            tasks = self._group_tasks(self.holder_group(holder))
+        except PinwardenError:
+            return ()
+        return tuple(sorted(t for t in tasks if procs.start_time(t) is not None))
 
     def leases(self, *, dead: bool = False) -> tuple[Lease, ...]:
         """Every lease whose holder lives (dead owners' leases are already free).
@@ -291,7 +320,7 @@ class Manager:
             return ()
         if dead:
             return tuple(reader.leases())
-        dead_ones = {(r.ref.driver, r.ref.key) for r in reader.dead()}
+        dead_ones = {(r.ref.driver, r.ref.key) for r in self.dead()}
         return tuple(lease for lease in reader.leases()
                      if (lease.holder.driver, lease.holder.key) not in dead_ones)
 
@@ -440,6 +469,11 @@ class Manager:
         with self.locked():
             ledger = self.ledger()
             found = None if force else ledger.find(selector, driver=driver)
+            if found is not None and (found.owner_pid is None or not procs.alive(
+                    found.owner_pid, found.owner_start)) and self._hand_on(found.ref):
+                # a job's command exited, processes it started still run on the CPUs:
+                # the lease is theirs (it used to be freed while they ran)
+                found = ledger.get(found.ref)
             if found is not None and found.owner_pid is not None \
                     and procs.alive(found.owner_pid, found.owner_start):
                 ref = found.ref
@@ -502,12 +536,7 @@ class Manager:
             return self._hand_on(holder)
 
     def _hand_on(self, holder: HolderRef) -> int | None:
-        from pinwarden import procs
-
-        if not self.enforcing:
-            return None
-        left = sorted(pid for pid in self._group_tasks(self.holder_group(holder))
-                      if procs.start_time(pid) is not None)
+        left = self.left_running(holder)
         if not left:
             return None
         with contextlib.suppress(LedgerError):  # exited meanwhile: the next one, next time

@@ -71,18 +71,18 @@ def _release(manager: Manager, name: str) -> None:
                   f"stay leased to them (process {heir} owns the lease now) until they "
                   f"exit; 'pinwarden release {name} --driver run --force' frees them now")
             return
-        manager.drop(holder)
+        if manager.drop(holder) is None:
+            # released already ('release --force' while it ran): the group the kernel
+            # kept for its tasks goes now, and the shared group gets its CPUs back
+            manager.sync()
     except PinwardenError as exc:
         _warn(exc.message)
         return
     _give_back(manager, name)
-    try:
-        group = manager.holder_group(holder)
-        left = manager.backend().read_state([group]).get(group)
-    except (PinwardenError, CgroupOpError):
-        return
-    if left is not None:
-        _warn(f"processes started by job {name!r} still run in cgroup /{group}; it is "
+    left = manager.left_running(holder)
+    if left:
+        _warn(f"processes started by job {name!r} still run in cgroup "
+              f"/{manager.holder_group(holder)} (pid {', '.join(map(str, left))}); it is "
               f"removed once they exit (at the next change pinwarden makes)")
 
 

@@ -318,6 +318,7 @@ def run_status(args: argparse.Namespace) -> int:
         host = manager.host()
         records = manager.holders()
         dead = {(r.ref.driver, r.ref.key) for r in manager.dead()}
+        heirs = manager.heirs()
         leases = manager.leases()
         database = manager.state_dir / DB_NAME
         narrowed_records = manager.change_records(NARROWED_PREFIX)
@@ -340,6 +341,7 @@ def run_status(args: argparse.Namespace) -> int:
         print_json({
             "leases": [{**holder_json(r), "offline": str(offline(r)),
                         "owner_gone": gone(r),
+                        "left_running": list(heirs.get(r.ref, ())),
                         "partition_invalid": invalid.get((r.ref.driver, r.ref.key))}
                        for r in records],
             "partition": _partition_json(part),
@@ -374,6 +376,10 @@ def run_status(args: argparse.Namespace) -> int:
         if gone(record):
             warn += ("; OWNER GONE: its CPUs are free, the record goes at the next change "
                      "('pinwarden sync')")
+        left = heirs.get(record.ref)
+        if left:
+            warn += (f"; its command exited, processes it started still run there (pid "
+                     f"{', '.join(map(str, left))}): the lease is theirs until they exit")
         reason = invalid.get((record.ref.driver, record.ref.key))
         if reason is not None:
             warn += (f"; PARTITION INVALID (the kernel reads {reason!r}): its CPUs are not "
