@@ -118,15 +118,21 @@ def test_bad_value_and_unknown_command_exit_2() -> None:
 
 
 
-@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf"])
-def test_durations_are_positive_seconds(value: str) -> None:
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "1e300", "1e-300", "0.001",
+                                   "31536001"])
+def test_durations_are_sane_numbers_of_seconds(value: str) -> None:
     """``daemon --interval -1`` ended in an internal error once connected, ``--interval 0``
-    spun a CPU (real-libvirt hunt): both are refused before anything starts, as is a
-    ``stop --timeout`` that is not a positive number of seconds."""
+    spun a CPU (real-libvirt hunt), ``1e300`` overflowed the clock (internal error) and
+    ``1e-300`` spun it again (hunt): refused before anything starts, as is such a
+    ``stop --timeout``; from 10 ms to a year."""
     for argv in (("daemon", "--once", "--interval", value), ("stop", "x", "--timeout", value)):
         proc = cli(*argv)
         assert proc.returncode == 2, (argv, proc.stderr)
-        assert f"'{value}': give a positive number of seconds" in proc.stderr, proc.stderr
+        assert f"'{value}': give a number of seconds from 0.01 to 31536000 (a year)" in \
+            proc.stderr, proc.stderr
+    from pinwarden.cli import seconds
+
+    assert (seconds("0.01"), seconds("31536000"), seconds("2.5")) == (0.01, 31536000, 2.5)
 
 
 def test_help_lists_exit_codes() -> None:

@@ -109,17 +109,23 @@ def _path(text: str) -> str:
     return text
 
 
-def seconds(text: str) -> float:
-    """A duration option's value: a positive number of seconds (``--interval 0`` made the
-    daemon spin, a negative one ended it with an internal error)."""
-    import math
+#: The shortest and longest durations an option takes (a year: ``--interval 1e300``
+#: overflowed the clock and ended the daemon with an internal error; ``1e-300`` spun it).
+MIN_SECONDS, MAX_SECONDS = 0.01, 365 * 86400
 
+
+def seconds(text: str) -> float:
+    """A duration option's value: a number of seconds from :data:`MIN_SECONDS` to
+    :data:`MAX_SECONDS` (``--interval 0`` made the daemon spin, a negative one ended it
+    with an internal error)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    if not MIN_SECONDS <= value <= MAX_SECONDS:  # (NaN fails both)
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a number of seconds from {MIN_SECONDS:g} to {MAX_SECONDS} "
+            "(a year)")
     return value
 
 
