@@ -485,6 +485,27 @@ def test_reload_advice_names_the_daemons_that_run_the_hooks() -> None:
     assert "none runs now (libvirtd, virtlxcd, virtqemud)" in idle and "systemctl" not in idle
 
 
+def test_hook_install_quotes_every_path_it_writes(tmp_path: Path) -> None:
+    """Paths with newlines, quotes and ``$(…)`` stay data in the drop-in: a state
+    directory with a newline broke out of a comment line of the script, and the line
+    after it ran as a command at every hook call (hunt)."""
+    pwned = tmp_path / "PWNED"
+    for state in (f"/s\ntouch {pwned}\n", f"/s'$(touch {pwned})'", f"/s\n`touch {pwned}`"):
+        hooks = tmp_path / "hooks"
+        done = hook.install(hooks, exe="/bin/echo", state_dir=Path(state), config=None,
+                            check=False)
+        for op in ("prepare", "started", "stopped", "release", "restore"):
+            out = call(done.paths[0], "vm1", op, "begin", "-",
+                       stdin="<domain><cputune><vcpupin vcpu='0' cpuset='1'/></cputune>"
+                             "<metadata><pw:cpu xmlns:pw='urn:pinwarden:domain:1'/>"
+                             "</metadata></domain>")
+            assert out.returncode == 0, (state, op, out.stderr)
+            if op == "prepare":
+                assert state in out.stdout, (state, out.stdout)  # one argument, as given
+        assert not pwned.exists(), state
+        hook.uninstall(hooks)
+
+
 def test_hook_install_names_a_running_modular_daemon(tmp_path: Path) -> None:
     """Against the real /proc: a process named virtlxcd (a copy of sleep, ours) is found,
     and ``hook install`` tells to reload it."""

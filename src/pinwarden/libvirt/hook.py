@@ -149,7 +149,8 @@ def hook_script(driver: str, exe: str | Sequence[str], *, state_dir: Path | None
 # Later steps never fail (libvirt would kill the domain), and steps pinwarden ignores end
 # here: no Python start-up for them.
 # Fail safe: if pinwarden itself is broken or gone, a domain that asks for nothing
-# exclusive is let through (logged to syslog and {log}); an exclusive one is refused.
+# exclusive is let through (logged to syslog and the state directory's {HOOK_LOG}); an
+# exclusive one is refused.
 case "$2" in
   prepare) ;;
   started|release|restore) ;;
