@@ -107,6 +107,25 @@ def test_bad_config_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_an_endless_or_huge_config_file_is_refused_at_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--config /dev/zero`` read without end (gigabytes in seconds, hunt); a file over
+    1 MiB is refused in one line, and a big valid one below that is read."""
+    import time
+
+    started = time.monotonic()
+    assert main(["config", "--config", "/dev/zero"]) == 1
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert err.startswith("pinwarden: error: config file /dev/zero is larger than the "
+                          "1048576 characters accepted") and err.count("\n") == 1, err
+    big = tmp_path / "big.toml"
+    big.write_text("# padding\n" * 100_000 + '[partition]\nmode = "none"\n')
+    assert main(["config", "--config", str(big), "--json"]) == 0
+    settings = json.loads(capsys.readouterr().out)["settings"]
+    assert [x["value"] for x in settings if x["key"] == "mode"] == ["none"]
+
+
 def test_a_host_reserve_this_host_lacks_is_refused(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """Every command would refuse it (partition mode none): so does config, after showing

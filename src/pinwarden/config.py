@@ -184,12 +184,21 @@ def parse_config(text: str, path: Path = DEFAULT_CONFIG) -> Config:
     return config
 
 
+#: The most characters of a configuration file read (``--config /dev/zero`` grew without
+#: end).
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_config(path: Path | None) -> Config:
     """Read the config file; a missing default file means all defaults."""
     explicit = path is not None
     target = path if path is not None else DEFAULT_CONFIG
     try:
-        text = target.read_text()
+        with target.open(encoding="utf-8") as f:
+            text = f.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise InputError(f"config file {target} is larger than the {MAX_CONFIG_BYTES} "
+                             f"characters accepted: is it the configuration file?")
     except UnicodeDecodeError as exc:
         raise InputError(f"config file {target} is not UTF-8 text (byte {exc.start}); TOML "
                          f"files are UTF-8") from None
