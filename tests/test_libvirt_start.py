@@ -451,3 +451,45 @@ def test_suggested_stop_commands_work_as_typed(name: str, command: str) -> None:
     assert failed.value.message == f"domain {name!r} did not shut down within 0 s; destroy " \
         f"it with {command} (without --graceful)"
 
+
+
+def test_a_running_domain_whose_first_owner_died_keeps_its_lease(pw: env.Pinwarden,
+                                                                 domains: env.Domains) -> None:
+    """The lease's owner until QEMU takes it over (libvirtd at the hook's ``prepare``, a
+    ``pinwarden start``) ends before it does — libvirtd restarted while the ``started`` hook
+    was killed, a ``pinwarden start --no-daemon`` killed after libvirt's call: the domain
+    runs on, in its holder group.  ``status`` and ``audit`` called its CPU free, and the
+    next change freed the lease while the kernel kept CPU 1 exclusive for the domain; a
+    shared domain pinned there then failed in libvirt (hunt).  Now the reads count it as
+    running and the next change hands the lease on to QEMU."""
+    import json
+    import signal
+
+    from pinwarden.ledger import Ledger
+
+    a = "pwtest-start-heir"
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    pw.run("start", a, "--no-daemon", check=True)
+    qemu = env.qemu_pid(a)
+    stand_in = subprocess.Popen(["sleep", "600"])
+    try:
+        with Ledger(pw.state) as ledger:
+            (record,) = ledger.holders()
+            assert record.owner_pid == qemu
+            ledger.set_owner(record.ref, stand_in.pid)
+    finally:
+        stand_in.send_signal(signal.SIGKILL)
+        stand_in.wait()
+    status = json.loads(pw.run("status", "--json", check=True).stdout)
+    (lease,) = status["leases"]
+    assert lease["owner_gone"] is False and qemu in lease["left_running"], lease
+    assert status["leased"] == "1"
+    audit = pw.run("audit", "--json")
+    assert [le["cpu"] for le in json.loads(audit.stdout)["leases"]] == [1], audit.stdout
+    pw.run("sync", check=True)  # the next change: the lease is QEMU's again
+    with Ledger(pw.state) as ledger:
+        assert [(h.ref.name, h.owner_pid) for h in ledger.holders()] == [(a, qemu)]
+    assert env.cpu_exclusive(pw.holder_group(a))
+    refused = pw.run("release", a)
+    assert refused.returncode == 1 and f"still runs (pid {qemu})" in refused.stderr, \
+        refused.stderr

@@ -278,38 +278,39 @@ class Manager:
         return reader.holders() if reader is not None else ()
 
     def dead(self) -> tuple[HolderRecord, ...]:
-        """Holders whose owner process is gone (freed by the next :meth:`reap`).  A job
-        whose command exited while processes it started still run in its group is not:
-        the next change hands its lease on to them (:meth:`hand_on`)."""
+        """Holders whose owner process is gone (freed by the next :meth:`reap`).  One
+        whose group still has processes is not: a job whose command exited while
+        processes it started run on, a domain whose first owner (libvirtd, a ``pinwarden
+        start``) ended before QEMU took the lease over — the next change hands the lease
+        on to them (:meth:`hand_on`)."""
         reader = self.reader()
         if reader is None:
             return ()
         return tuple(r for r in reader.dead() if not self.left_running(r.ref))
 
     def heirs(self) -> dict[HolderRef, tuple[int, ...]]:
-        """Jobs whose command exited while processes it started still run in the job's
-        group: those processes (the lease is theirs, handed on at the next change)."""
-        from pinwarden.model import JOB_DRIVER
-
+        """Holders whose owner process is gone while processes run in their group: those
+        processes (the lease is theirs, handed on at the next change)."""
         reader = self.reader()
         if reader is None:
             return {}
-        found = {r.ref: self.left_running(r.ref) for r in reader.dead(driver=JOB_DRIVER)}
+        found = {r.ref: self.left_running(r.ref) for r in reader.dead()}
         return {ref: pids for ref, pids in found.items() if pids}
 
     def left_running(self, holder: HolderRef) -> tuple[int, ...]:
-        """The live tasks in job ``holder``'s group (none for a domain, or when nothing
-        is enforced or the group cannot be read)."""
+        """The live processes with a task in ``holder``'s group, lowest first (none when
+        nothing is enforced or the group cannot be read)."""
         from pinwarden import procs
-        from pinwarden.model import JOB_DRIVER
 
-        if holder.driver != JOB_DRIVER or not self.enforcing:
+        if not self.enforcing:
             return ()
         try:
             tasks = self._group_tasks(self.holder_group(holder))
         except PinwardenError:
             return ()
-        return tuple(sorted(t for t in tasks if procs.start_time(t) is not None))
+        found = {procs.process_of(t) for t in tasks}
+        return tuple(sorted(p for p in found if p is not None
+                            and procs.start_time(p) is not None))
 
     def leases(self, *, dead: bool = False) -> tuple[Lease, ...]:
         """Every lease whose holder lives (dead owners' leases are already free).
@@ -417,7 +418,7 @@ class Manager:
         (a new holder is removed), the layout re-synced and the error raised."""
         with self.locked():
             ledger = self.ledger()
-            self._hand_on_jobs()  # before the reserve reaps dead owners
+            self._hand_on_dead()  # before the reserve reaps dead owners
             record = ledger.host_record()
             host = self._load_host(record.found if record else None)
             first = None if record is not None else self._found(host)
@@ -506,7 +507,7 @@ class Manager:
     def reap(self) -> tuple[HolderRecord, ...]:
         """Free the holders whose owner process is gone, and shrink the layout."""
         with self.locked():
-            self._hand_on_jobs()
+            self._hand_on_dead()
             reaped = self.ledger().reap()
             if reaped:
                 self._sync()
@@ -518,7 +519,7 @@ class Manager:
         outside the shared pool that a shared domain about to start is pinned to
         (honoured in ``none``/``isolcpus`` modes)."""
         with self.locked():
-            self._hand_on_jobs()
+            self._hand_on_dead()
             self.ledger().reap()
             return self._sync(shared_extra=shared_extra)
 
@@ -527,11 +528,13 @@ class Manager:
             self.ledger().set_owner(holder, pid)
 
     def hand_on(self, holder: HolderRef) -> int | None:
-        """A job whose command (the lease's owner) exited while processes it started still
-        run in its group: the lease goes to one of them (returned), for as long as they
-        run.  Freed instead, it left the kernel holding the CPUs exclusively for them while
-        status and audit said free and shared VMs were planned there (real-libvirt hunt).
-        None: nothing of the job runs (or nothing is enforced)."""
+        """A holder whose owner process is gone while processes still run in its group —
+        a job's command exited, processes it started run on; a domain's first owner
+        (libvirtd at ``prepare``, a ``pinwarden start``) ended before QEMU took the lease
+        over at ``started`` — the lease goes to the lowest of them (returned), for as long
+        as they run.  Freed instead, it left the kernel holding the CPUs exclusively for
+        them while status and audit said free, and a running VM lost its lease (hunts).
+        None: nothing runs there (or nothing is enforced)."""
         with self.locked():
             return self._hand_on(holder)
 
@@ -544,12 +547,10 @@ class Manager:
             return left[0]
         return None
 
-    def _hand_on_jobs(self) -> None:
-        """:meth:`hand_on` for every job whose owner is gone, before dead owners are
+    def _hand_on_dead(self) -> None:
+        """:meth:`hand_on` for every holder whose owner is gone, before dead owners are
         reaped (the caller holds the lock)."""
-        from pinwarden.model import JOB_DRIVER
-
-        for gone in self.ledger().dead(driver=JOB_DRIVER):
+        for gone in self.ledger().dead():
             with contextlib.suppress(PinwardenError):  # (unreadable: reaped as before)
                 self._hand_on(gone.ref)
 

@@ -76,6 +76,21 @@ def read_stat(pid: int, *, root: Path = Path("/")) -> ProcStat | None:
         return None
 
 
+def process_of(tid: int, *, root: Path = Path("/")) -> int | None:
+    """The process (thread group) thread ``tid`` belongs to, ``None`` when it is gone."""
+    try:
+        text = (root / "proc" / str(tid) / "status").read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("Tgid:"):
+            try:
+                return int(line.split()[1])
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
 def start_time(pid: int, *, root: Path = Path("/")) -> int | None:
     """The start time of process ``pid`` (clock ticks after boot), ``None`` if it is gone
     or is a zombie."""
