@@ -126,6 +126,40 @@ def test_a_hook_with_another_configuration_is_not_answered_by_this_daemon(
         assert "fallback" in server.call(broken)
 
 
+def test_an_exclusive_start_whose_libvirt_daemon_is_unknown_is_refused(
+        tmp_path: Path, setup: tuple[Path, Path, Manager, HookServer]) -> None:
+    """The hook client could not tell which daemon runs the hook (libvirtd was killed
+    during the start: the drop-in's shell was orphaned).  The daemon took its own
+    parents' for libvirtd's, and the lease was recorded with no owner at all: nothing ever
+    freed it once the start failed (hunt).  Now such an exclusive start is refused, and
+    nothing is recorded; a shared one is admitted as before."""
+    _drop_in, _marker, manager, server = setup
+    same = tmp_path / "same.toml"
+    same.write_text("")
+    where = f"<resource><partition>{manager.libvirt_partition(domain_holder('qemu', 'db', None))}" \
+        "</partition></resource>"
+    request = {"v": 1, "driver": "qemu", "args": ["db", "prepare", "begin", "-"],
+               "stdin": xml("db", EXCLUSIVE + where), "caller": None, "config": str(same)}
+    answer = server.call(request)
+    assert answer["rc"] == hook.REFUSED, answer
+    assert "cannot tell which libvirt daemon runs the hook for exclusive domain 'db'" in \
+        str(answer["stderr"]), answer
+    assert manager.holders() == ()
+    shared = {**request, "args": ["web", "prepare", "begin", "-"], "stdin": xml("web")}
+    assert server.call(shared) == {"rc": 0, "stderr": ""}
+    # a caller the client knew: the start's reservation is libvirtd's until QEMU runs
+    known = {**request, "caller": os.getpid()}
+    assert server.call(known) == {"rc": 0, "stderr": ""}
+    (record,) = manager.holders()
+    assert record.ref.name == "db" and record.owner_pid == os.getpid()
+
+
+def test_the_client_knows_the_daemons_that_run_hooks() -> None:
+    from pinwarden.libvirt import hookclient
+
+    assert {n.decode() for n in hookclient.DAEMON_NAMES} == hook.HOOK_DAEMON_NAMES
+
+
 def test_the_client_knows_pinwardens_namespace() -> None:
     """The client (standard library only) spells the metadata namespace itself."""
     from pinwarden.libvirt import hookclient

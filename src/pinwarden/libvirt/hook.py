@@ -608,10 +608,14 @@ def _restore(manager: Manager, driver: str, name: str, spec: DomainSpec,
 
 
 Caller = int | Callable[[], int | None]
+#: ``caller`` of a hook call whose client could not tell which daemon runs the hook (its
+#: shell's parent had gone): not to be looked for among this process's parents (the event
+#: daemon's, when it answers the call).
+UNKNOWN_CALLER = 0
 
 
 def _caller(who: Caller) -> int | None:
-    return who if isinstance(who, int) else who()
+    return (who or None) if isinstance(who, int) else who()
 
 
 def _spec(xml: str, name: str) -> DomainSpec:
@@ -661,6 +665,13 @@ def _prepare(manager: Manager, driver: str, name: str, spec: DomainSpec,
     reader = manager.reader()
     existing = reader.get(holder) if reader is not None else None
     owner = None if existing is not None else _caller(who)
+    if existing is None and owner is None:
+        # no owner to reap it by: a start that fails now (libvirtd killed, as here its
+        # parent is gone) would have kept the lease for good (hunt)
+        raise Refusal(f"pinwarden cannot tell which libvirt daemon runs the hook for "
+                      f"exclusive domain {name!r} (the hook's parent process is gone: is "
+                      f"libvirtd stopping?), so the lease could not end with a failed start; "
+                      f"start it again once libvirtd runs", code="no-caller")
     manager.reserve(holder, lambda host, leases: decide(spec, host, leases, holder=holder),
                     owner_pid=owner)
 
@@ -673,6 +684,9 @@ def _libvirtd_pid() -> int | None:
 
     stat = procs.read_stat(os.getppid())
     pid = stat.ppid if stat is not None else 0
+    if pid == 1:  # a libvirt daemon that is PID 1 (a container), or the shell's orphaned
+        init = procs.read_stat(1)
+        return 1 if init is not None and init.comm in HOOK_DAEMON_NAMES else None
     return pid if pid > 1 and procs.start_time(pid) is not None else None
 
 

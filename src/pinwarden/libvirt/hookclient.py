@@ -54,6 +54,8 @@ PW_NAMESPACE = b"urn:pinwarden:domain:1"
 SOCKET_NAME = "hook.sock"
 #: Exit status for "pinwarden did not work" (the drop-in lets shared domains through).
 EX_SOFTWARE = 70
+#: The libvirt daemons that run hooks (``pinwarden.libvirt.hook.HOOK_DAEMON_NAMES``).
+DAEMON_NAMES = (b"libvirtd", b"virtqemud", b"virtlxcd")
 #: Where the daemon cannot be reached and the full hook must run instead.
 _UNREACHABLE = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK, errno.EACCES,
                           errno.EPERM})
@@ -68,6 +70,12 @@ def caller_pid() -> int | None:
         ppid = int(stat[stat.rindex(")") + 2:].split()[1])
     except (OSError, ValueError, IndexError):
         return None
+    if ppid == 1:  # a libvirt daemon that is PID 1 (a container), or the shell orphaned
+        try:
+            with open("/proc/1/comm", "rb") as f:
+                return 1 if f.read().strip() in DAEMON_NAMES else None
+        except OSError:
+            return None
     return ppid if ppid > 1 else None
 
 

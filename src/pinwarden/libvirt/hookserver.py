@@ -206,7 +206,8 @@ class HookServer:
         err = io.StringIO()
         start = time.perf_counter()
         try:
-            rc = hook.main_run(self.manager, driver, args, stdin, caller=caller, err=err)
+            rc = hook.main_run(self.manager, driver, args, stdin, err=err,
+                               caller=hook.UNKNOWN_CALLER if caller is None else caller)
         except PinwardenError as exc:  # a usage error of the hook call itself
             return {"rc": 1, "stderr": f"pinwarden: error: {exc.message}\n"}
         log.debug("hook %s of %s domain %s: exit %s after %.1f ms", " ".join(args[1:2]),
