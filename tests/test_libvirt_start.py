@@ -484,6 +484,9 @@ def test_a_running_domain_whose_first_owner_died_keeps_its_lease(pw: env.Pinward
     (lease,) = status["leases"]
     assert lease["owner_gone"] is False and qemu in lease["left_running"], lease
     assert status["leased"] == "1"
+    text = pw.run("status", check=True).stdout
+    assert "OWNER GONE" not in text and "but the domain still runs in its group (pid " \
+        f"{qemu})" in text, text
     audit = pw.run("audit", "--json")
     assert [le["cpu"] for le in json.loads(audit.stdout)["leases"]] == [1], audit.stdout
     pw.run("sync", check=True)  # the next change: the lease is QEMU's again

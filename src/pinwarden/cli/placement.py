@@ -310,6 +310,7 @@ def run_sync(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     from pinwarden.cpuset import CpuSet
     from pinwarden.ledger import DB_NAME
+    from pinwarden.model import JOB_DRIVER
     from pinwarden.narrowed import NARROWED_PREFIX, narrowed
     from pinwarden.partition import shared_pool
     from pinwarden.view import render_cpu_map
@@ -378,8 +379,12 @@ def run_status(args: argparse.Namespace) -> int:
                      "('pinwarden sync')")
         left = heirs.get(record.ref)
         if left:
+            pids = ", ".join(map(str, left))
             warn += (f"; its command exited, processes it started still run there (pid "
-                     f"{', '.join(map(str, left))}): the lease is theirs until they exit")
+                     f"{pids}): the lease is theirs until they exit"
+                     if record.ref.driver == JOB_DRIVER else
+                     f"; owner pid {record.owner_pid} is gone, but the domain still runs in "
+                     f"its group (pid {pids}): the lease is its own again at the next change")
         reason = invalid.get((record.ref.driver, record.ref.key))
         if reason is not None:
             warn += (f"; PARTITION INVALID (the kernel reads {reason!r}): its CPUs are not "
