@@ -728,3 +728,96 @@ def test_the_default_configuration_is_read_again_when_it_changes(
     default.write_text('[partition]\nmode = "cgroup"\n')
     os.utime(default, ns=(1, 10**18))  # a new modification time, whatever the clock
     assert server._config("-") == Config(mode="cgroup")
+
+
+# -- a daemon that does not take the call (hookclient.ACK_TIMEOUT) --------------------------
+
+def test_a_daemon_that_takes_no_call_is_passed_over_in_seconds(
+        setup: tuple[Path, Path, Manager, HookServer]) -> None:
+    """A stopped daemon (SIGSTOP) still has its socket: the kernel queues the call and
+    nobody reads it.  Exclusive starts waited 5 minutes for it and shared ones a minute,
+    then failed (hunt); now the full command answers once the daemon has not taken the
+    call within ``ACK_TIMEOUT``."""
+    import socket
+    import time
+
+    from pinwarden.libvirt import hookclient
+
+    drop_in, marker, manager, server = setup
+    server.close()
+    frozen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # listens, never accepts
+    frozen.bind(str(manager.state_dir / hook.SOCKET_NAME))
+    frozen.listen(8)
+    try:
+        started = time.monotonic()
+        done = run(drop_in, "web", "prepare", "begin", "-", stdin=xml("web", EXCLUSIVE))
+        took = time.monotonic() - started
+    finally:
+        frozen.close()
+    assert done.returncode == 0, done.stderr
+    assert " qemu web prepare begin -\n" in marker.read_text()  # the full command ran
+    assert hookclient.ACK_TIMEOUT <= took < hookclient.ACK_TIMEOUT + 20, took
+
+
+def test_a_call_the_daemon_took_is_waited_for(
+        setup: tuple[Path, Path, Manager, HookServer],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Taken (acknowledged), a call may take longer than ``ACK_TIMEOUT`` (it waits for the
+    lease lock as the full command would): its answer is the daemon's."""
+    import time
+
+    from pinwarden.libvirt import hookclient
+
+    drop_in, marker, _manager, _server = setup
+    main_run = hook.main_run
+
+    def slow(*args: object, **kw: object) -> int:
+        time.sleep(hookclient.ACK_TIMEOUT + 1)
+        return main_run(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hook, "main_run", slow)
+    done = run(drop_in, "web", "prepare", "begin", "-", stdin=xml("web"))
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert not marker.exists()
+
+
+def test_a_call_whose_client_went_to_the_full_command_is_not_answered_again(
+        setup: tuple[Path, Path, Manager, HookServer],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The daemon, busy with one call, takes the next only after its client gave up and
+    had the full command answer it: the daemon does not run that call a second time (a
+    late 'release' could free the lease of the domain's next start)."""
+    import threading
+
+    drop_in, marker, _manager, _server = setup
+    main_run = hook.main_run
+    busy, seen = threading.Event(), []
+
+    def first_waits(manager: Manager, driver: str, args: list[str], *rest: object,
+                    **kw: object) -> int:
+        seen.append(args[0])
+        if args[0] == "first":
+            busy.wait(timeout=120)
+        return main_run(manager, driver, args, *rest, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hook, "main_run", first_waits)
+    caplog.set_level(logging.INFO, logger="pinwarden.daemon")
+    first = threading.Thread(target=lambda: run(drop_in, "first", "prepare", "begin", "-",
+                                                stdin=xml("first")))
+    first.start()
+    try:
+        while not seen:
+            threading.Event().wait(0.01)
+        done = run(drop_in, "second", "release", "end", "-", stdin=xml("second", EXCLUSIVE))
+        assert done.returncode == 0, done.stderr
+        assert " qemu second release end -\n" in marker.read_text()  # the full command
+    finally:
+        busy.set()
+        first.join(timeout=120)
+    import time
+
+    deadline = time.monotonic() + 60
+    while "its client had gone to the full command" not in caplog.text:
+        assert time.monotonic() < deadline, caplog.text  # it takes the second one, drops it
+        time.sleep(0.05)
+    assert seen == ["first"], seen

@@ -18,8 +18,12 @@ the daemon answers only when it runs with the same configuration.  The protocol,
 request and one answer per connection, each a JSON object followed by end of stream:
 
     request  {"v": 1, "driver": D, "args": [NAME, OP, SUBOP, EXTRA], "stdin": XML,
-              "caller": PID-of-libvirtd-or-null, "config": CONFIG}
-    answer   {"rc": STATUS, "stderr": TEXT}  or  {"fallback": REASON}
+              "caller": PID-of-libvirtd-or-null, "config": CONFIG, "ack": true}
+    answer   ACK, then {"rc": STATUS, "stderr": TEXT}  or  {"fallback": REASON}
+
+The daemon sends the byte :data:`ACK` as soon as it has read a call that asks for it; a
+call not taken within :data:`ACK_TIMEOUT` seconds (a daemon stopped, stuck or busy) goes
+to the full command, and the daemon answers no call whose client has gone.
 
 This module must import nothing from pinwarden (it runs without site-packages), and as
 little as it can: it speaks through the C halves of ``socket`` and ``json`` (``_socket``,
@@ -49,6 +53,14 @@ except ImportError:  # an interpreter without CPython's C modules: the whole one
 #: without pinwarden's metadata waits less: a wedged daemon must not hold its start long.
 TIMEOUT = 150.0
 SHARED_TIMEOUT = 30.0
+#: How long a daemon may take to take a call — to read it and say so (:data:`ACK`) —
+#: before the call goes to the full command instead: a daemon stopped (SIGSTOP), stuck,
+#: or busy with a call that waits for the lease lock held 5 minutes of exclusive starts
+#: and one of shared ones (the whole timeouts above, then failure; hunt).  The daemon
+#: answers no call whose client has gone meanwhile.
+ACK_TIMEOUT = 3.0
+#: The byte a daemon sends once it has read a call that asked for it (``"ack": true``).
+ACK = b"\x06"
 PW_NAMESPACE = b"urn:pinwarden:domain:1"
 #: The daemon's socket, in its state directory.
 SOCKET_NAME = "hook.sock"
@@ -150,13 +162,32 @@ def connect(path: str, timeout: float | None = TIMEOUT) -> _net.socket | None:
     return conn
 
 
-def exchange(conn: _net.socket, request: dict[str, object]) -> dict[str, object]:
-    """Send ``request`` on ``conn``, read the answer, close it."""
+class NotTaken(Exception):
+    """The daemon did not take the call within :data:`ACK_TIMEOUT`."""
+
+
+def exchange(conn: _net.socket, request: dict[str, object], *,
+             ack_timeout: float | None = None) -> dict[str, object]:
+    """Send ``request`` on ``conn``, read the answer, close it.  ``ack_timeout``: the
+    daemon is asked to say when it has taken the call (:data:`ACK`), and must within that
+    many seconds (else :class:`NotTaken`); a daemon that does not know the request's
+    ``ack`` answers instead, which counts as taken too."""
     try:
+        if ack_timeout is not None:
+            request = {**request, "ack": True}
         conn.sendall(encode(request).encode())
         conn.shutdown(_net.SHUT_WR)
         chunks = []
-        while chunk := conn.recv(65536):
+        if ack_timeout is not None:
+            whole = conn.gettimeout()
+            conn.settimeout(ack_timeout)
+            try:
+                first = conn.recv(65536)
+            except TimeoutError:
+                raise NotTaken() from None
+            conn.settimeout(whole)
+            chunks.append(first[1:] if first.startswith(ACK) else first)
+        while chunk := conn.recv(65536):  # (after an end of stream: another one)
             chunks.append(chunk)
     finally:
         conn.close()
@@ -190,7 +221,10 @@ def main(argv: list[str]) -> int:
                "stdin": data.decode("utf-8", "surrogateescape"),
                "caller": caller_pid(), "config": config}
     try:
-        answer = ask(sock, request, TIMEOUT if PW_NAMESPACE in data else SHARED_TIMEOUT)
+        conn = connect(sock, TIMEOUT if PW_NAMESPACE in data else SHARED_TIMEOUT)
+        answer = None if conn is None else exchange(conn, request, ack_timeout=ACK_TIMEOUT)
+    except NotTaken:  # the full command answers as the daemon would have
+        answer = None
     except (OSError, ValueError) as exc:
         print(f"pinwarden: error: the pinwarden daemon did not answer the hook "
               f"({type(exc).__name__}: {exc})", file=sys.stderr)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from pinwarden.config import DEFAULT_CONFIG, Config, load_config
 from pinwarden.errors import PinwardenError
-from pinwarden.libvirt import hook
+from pinwarden.libvirt import hook, hookclient
 from pinwarden.manager import Manager
 
 if TYPE_CHECKING:
@@ -164,6 +164,12 @@ class HookServer:
             request = resolved
         if isinstance(request, dict) and request.get("v") == 1 and "start" in request:
             return self._start(conn, request, pid)
+        if isinstance(request, dict) and request.get("ack") is True:
+            if _gone(conn):  # it waited too long for us, and asked the full command
+                log.info("hook call from pid %s not answered: its client had gone to the "
+                         "full command", pid)
+                return False
+            conn.sendall(hookclient.ACK)
         _send(conn, self.call(request))
         return False
 
@@ -226,6 +232,15 @@ class HookServer:
             except PinwardenError:
                 self._configs[key] = None
         return self._configs[key]
+
+
+def _gone(conn: socket.socket) -> bool:
+    """Whether the client closed its end of ``conn`` (it stopped waiting for us)."""
+    import select
+
+    poller = select.poll()
+    poller.register(conn, select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(0))
 
 
 def _send(conn: socket.socket, answer: dict[str, Any]) -> None:
