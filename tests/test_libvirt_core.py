@@ -1490,6 +1490,71 @@ def test_the_hook_records_the_threads_it_placed_off_leased_cpus(
         for label in ("vcpu0", "vcpu1", "emulator")}
 
 
+NAMED_THREADS = """
+import os, sys, threading, time
+def name(text):
+    with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
+        f.write(text)
+def vcpu(n):
+    name(f"CPU {n}/TCG")
+    time.sleep(600)
+name("qemu-system-x86")
+for n in (0, 1):
+    threading.Thread(target=vcpu, args=(n,), daemon=True).start()
+threading.Thread(target=lambda: (name("IO iothread1"), time.sleep(600)), daemon=True).start()
+time.sleep(0.5)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_plain_virsh_start_of_an_exclusive_domain_pins_each_thread_as_planned(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``started`` of an exclusive domain libvirt started without pins (plain ``virsh
+    start`` of a domain 'pinwarden define' stored): each thread gets the CPUs of its plan,
+    as ``pinwarden start`` writes them.  libvirt >= 10.4 leaves them on the holder's CPUs
+    that are not isolated: with one leased CPU in isolcpus=, every thread of a 2-vCPU
+    domain ran on the other (trixie lab hunt).  Real threads, real affinity."""
+    if not {0, 1} <= os.sched_getaffinity(0):
+        pytest.fail("this test needs CPUs 0 and 1 (every machine pinwarden is tested on "
+                    "has them)")
+    manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
+                      host=make_host("0-1", "0-1"))
+    holder = lease(0, "db", "qemu").holder
+    manager.reserve(holder, lambda host, leases: Plan(
+        "db", None, True, {0: cs("0"), 1: cs("1")}, cs("0-1"), iothreads={1: cs("1")},
+        leases={0: "vcpu0", 1: "vcpu1"}), owner_pid=os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", NAMED_THREADS], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        monkeypatch.setattr(place, "running_pid", lambda _driver, _name: child.pid)
+        meta = ("<metadata><pw:cpu xmlns:pw='urn:pinwarden:domain:1' exclusive='yes'/>"
+                "</metadata>")
+        assert hook.main_run(manager, "qemu", ["db", "started", "begin", "-"],
+                             xml("db", meta)) == 0
+        by_name = {procs.thread_comm(child.pid, tid): os.sched_getaffinity(tid)
+                   for tid in map(int, os.listdir(f"/proc/{child.pid}/task"))}
+        assert by_name == {"qemu-system-x86": {0, 1}, "CPU 0/TCG": {0}, "CPU 1/TCG": {1},
+                           "IO iothread1": {1}}, by_name
+        (record,) = manager.holders()
+        assert record.owner_pid == child.pid  # and QEMU owns the lease, as before
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_threads_as_planned_follow_libvirts_thread_names() -> None:
+    plan = Plan("db", None, True, {0: cs("2"), 1: cs("3")}, cs("2-3"),
+                iothreads={1: cs("3")})
+    comms: dict[int, str | None] = {
+        10: "qemu-system-x86", 11: "CPU 0/KVM", 12: "CPU 1/KVM", 13: "IO iothread1",
+        14: "IO iothread2", 15: "ALL CPUs/TCG", 16: None, 17: "CPU 7/KVM"}
+    assert place.threads_as_planned(plan, comms) == {
+        10: cs("2-3"), 11: cs("2"), 12: cs("3"), 13: cs("3"), 14: cs("2-3"),
+        15: cs("2-3")}
+
+
 def test_hook_refuses_a_shared_domain_pinned_onto_a_lease(tmp_path: Path) -> None:
     manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
                       host=make_host("0-3", "1-3"))

@@ -925,6 +925,29 @@ def test_story_a_second_lease_beside_a_shared_domain_leaves_the_slice_as_found(
     assert s["as_left"]["unit"]["AllowedCPUs"] == found, s["as_left"]
 
 
+def test_story_plain_virsh_start_of_an_exclusive_domain_runs_each_vcpu_on_its_cpu(
+        lab: LabRun) -> None:
+    """A domain 'pinwarden define' stored, started by plain ``virsh start`` (hook, no
+    daemon), leases 2-3 with CPU 3 isolated: each vCPU runs on its own leased CPU as
+    planned, and nothing but the domain may run there (audit clean at once).  On
+    libvirt 11.3 every thread ran on CPU 2, and libvirtd stayed on the leased CPUs until the
+    next change (see story_plain_exclusive)."""
+    s = lab.check("story_plain_exclusive")
+    assert s["daemon"] != "active", s["daemon"]
+    for step in ("hook_install", "reload", "define", "start"):
+        rc0(s[step])
+    [holder] = s["holders"]
+    assert _cpus_of(holder["cpus"]) == {2, 3}, holder
+    by_comm = {t["comm"]: t["cpus_allowed"] for t in s["x"]["threads"]}
+    vcpus = {by_comm.get("CPU 0/TCG"), by_comm.get("CPU 1/TCG")}
+    assert vcpus == {"2", "3"}, by_comm
+    assert by_comm.get("qemu-system-x86") == "2-3", by_comm
+    audit = s["audit"]
+    assert audit["rc"] == 0 and _errors(audit) == [], audit
+    assert s["libvirtd"] is not None and not _cpus_of(s["libvirtd"]) & {2, 3}, s["libvirtd"]
+    assert s["as_left"]["holders"] == [] and s["as_left"]["layout"]["partitions"] == {}
+
+
 def test_a_daemon_reload_keeps_the_leased_cpu_out_of_the_operators_partition(
         lab: LabRun) -> None:
     """The README's partition: ``systemctl set-property machine.slice AllowedCPUs=1-2``,

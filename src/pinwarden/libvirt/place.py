@@ -201,3 +201,51 @@ def note_container_placed(manager: Manager, name: str, spec: DomainSpec, pid: in
     key = narrowed_key(domain_holder("lxc", name, spec.uuid).uuid or "", CONTAINER)
     earlier = manager.change_records(key).get(key)
     manager.put_change_records({key: container_json(name, base, cpus, pid, start, earlier)})
+
+
+def threads_as_planned(plan: Plan, comms: dict[int, str | None]) -> dict[int, CpuSet]:
+    """Pure: the CPUs each QEMU thread (id → name) gets under ``plan`` — a vCPU its own,
+    single-threaded TCG's one thread every vCPU's, an I/O thread its own (else the
+    emulator's), every other thread the emulator's.  Threads the kernel cut the name of,
+    or that the plan gives nothing, are left out."""
+    from pinwarden.cpuset import union
+    from pinwarden.libvirt.state import qemu_thread
+
+    out: dict[int, CpuSet] = {}
+    for tid, comm in comms.items():
+        group = qemu_thread(comm)
+        if group is None:
+            continue
+        thread, ident = group
+        if thread == "vcpu":
+            cpus = union(plan.vcpus.values()) if ident is None else plan.vcpus.get(ident)
+        elif thread == "iothread":
+            cpus = plan.iothreads.get(ident) if ident is not None else None
+            cpus = cpus or plan.emulator
+        else:
+            cpus = plan.emulator
+        if cpus:
+            out[tid] = cpus
+    return out
+
+
+def pin_exclusive(name: str, pid: int, plan: Plan) -> None:
+    """An exclusive QEMU domain started by plain ``virsh start`` (the hook's ``started``):
+    each thread gets the CPUs its plan names, as ``pinwarden start`` writes them into the
+    XML.  libvirt gives threads without a pin its default — every CPU of the holder's
+    group (libvirt < 10.4), or those of them not isolated (≥ 10.4): with a leased CPU in
+    ``isolcpus=``, every thread of a 2-vCPU domain ran on the other one while its second
+    CPU stayed idle (trixie lab hunt).  A thread gone, or that its cgroup does not allow
+    the CPUs, is left as it is; anything else is reported (the domain runs either way)."""
+    import errno
+
+    from pinwarden.enforce.affinity import pin_each, threads_of
+    from pinwarden.procs import thread_comm
+
+    wanted = threads_as_planned(plan, {tid: thread_comm(pid, tid) for tid in threads_of(pid)})
+    failed = {tid: code for tid, code in pin_each(wanted).items()
+              if code not in (errno.ESRCH, errno.EINVAL)}
+    if failed:
+        tid, code = next(iter(failed.items()))
+        raise EnforceError(f"could not give thread {tid} of exclusive domain {name!r} "
+                           f"{wanted[tid].named()}: {os.strerror(code)}")

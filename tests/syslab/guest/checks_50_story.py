@@ -485,6 +485,37 @@ def story_two_leases() -> Data:
         pinwarden("sync")
     return out
 
+@check("story_plain_exclusive", needs=["install", "boot"])
+def story_plain_exclusive() -> Data:
+    """A 2-vCPU exclusive domain stored by ``pinwarden define`` and started by plain
+    ``virsh start`` through the hook, no daemon (mode none, host reserve CPU 0: it leases
+    2-3, CPU 3 in isolcpus=).  libvirt >= 10.4 gives threads without a pin the CPUs not
+    isolated: every thread ran on CPU 2 and CPU 3 stayed idle, and libvirtd's own threads,
+    exempt as the lease's owner until QEMU ran, stayed allowed on the leased CPUs (audit
+    exit 1) until the next change (systemd-lab hunt)."""
+    CONFIG.parent.mkdir(parents=True, exist_ok=True)
+    CONFIG.write_text('[partition]\nmode = "none"\nhost_reserve = "0"\n')
+    out: Data = {"daemon": systemctl("is-active", "pinwarden.service")["stdout"].strip()}
+    out["hook_install"] = pinwarden("hook", "install")
+    out["reload"] = systemctl("reload", "libvirtd.service")
+    try:
+        out["define"] = pinwarden("define", write_xml("pwtest-px", vcpus=2,
+                                                      metadata=EXCLUSIVE_META))
+        out["start"] = virsh("start", "pwtest-px")
+        out["x"] = domain("pwtest-px")
+        out["holders"] = holders()
+        out["audit"] = pinwarden("audit", "--json")
+        libvirtd = int(unit_show("libvirtd.service", "MainPID").get("MainPID", "0"))
+        out["libvirtd"] = affinity(libvirtd) if libvirtd else None
+    finally:
+        remove_domain("pwtest-px")
+        pinwarden("hook", "uninstall")
+        CONFIG.unlink(missing_ok=True)
+        pinwarden("sync")
+    out["as_left"] = {"holders": holders(), "layout": layout()}
+    return out
+
+
 @check("story_reload", needs=["install", "boot"])
 def story_reload() -> Data:
     """The VM partition set the way the README says, by a persistent ``systemctl
