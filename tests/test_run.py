@@ -122,6 +122,7 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
         assert main(["run", "--name", name, "--", "true"]) == 1
         assert f"invalid job name {name!r}" in capsys.readouterr().err
     for argv in (["run", "--exclusive", "x", "--", "true"],
+                 ["run", "--exclusive", "\u0661", "--", "true"],  # an Arabic-Indic 1 (hunt)
                  ["run", "--exclusive", "1", "--cpus", "1", "--", "true"],
                  ["run", "--threads", "maybe", "--", "true"]):
         with pytest.raises(SystemExit) as exit_info:

@@ -34,9 +34,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
         description="Lease exclusive CPUs, run COMMAND in a cpuset cgroup that owns them, "
                     "and give them back when it exits.  The exit status is COMMAND's.",
         usage="pinwarden run (--exclusive N | --cpus LIST) [--name J] "
-              "[--threads whole|prefer|isolate|require] -- COMMAND [ARG...]")
+              "[--threads whole|prefer|isolate|require] [--isolated] [--dry-run] "
+              "-- COMMAND [ARG...]")
     what = parser.add_mutually_exclusive_group()
-    what.add_argument("--exclusive", metavar="N", type=int,
+    what.add_argument("--exclusive", metavar="N", type=_count,
                       help="lease N CPUs chosen by topology (default 1)")
     what.add_argument("--cpus", metavar="LIST", help="lease exactly these CPUs (0-3,8)")
     parser.add_argument("--name", metavar="J",
@@ -57,6 +58,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
                         help="the command and its arguments (after --)")
     parser.set_defaults(handler=handle)
+
+
+def _count(text: str) -> int:
+    """A number of CPUs in ASCII digits (``int`` took ``١`` for 1, where CPU lists refuse
+    it; hunt)."""
+    if not (text.isascii() and text.strip().lstrip("+-").isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of CPUs")
+    return int(text)
 
 
 def request_of(args: argparse.Namespace, command: list[str]) -> JobSpec:
