@@ -235,6 +235,7 @@ def test_every_config_field_is_a_setting() -> None:
     ('[partition]\nhost_reserve = "x"\n', "[partition] host_reserve: invalid CPU list 'x'"),
     ('[ledger]\nstate_dir = ""\n', "state_dir is empty"),
     ('[ledger]\nstate_dir = "  "\n', "state_dir is empty"),
+    ('[ledger]\nstate_dir = "var/pw"\n', "state_dir must be an absolute path, not 'var/pw'"),
     ("a = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
     ('[partition]\ncgroup_v2 = "machine\\nx.slice"\n',
      "[partition] invalid cgroup path 'machine\\nx.slice': it holds a control"),

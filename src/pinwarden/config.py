@@ -122,6 +122,17 @@ def _nonempty(table: dict[str, Any], key: str, default: str, path: Path) -> str:
     return value
 
 
+def _absolute(table: dict[str, Any], key: str, default: str, path: Path) -> Path:
+    """A directory setting: an absolute path (a relative one named another directory for
+    each working directory — the hook's, the daemon's, the operator's: several ledgers)."""
+    value = Path(_nonempty(table, key, default, path))
+    if not value.is_absolute():
+        raise InputError(f"{path}: {key} must be an absolute path, not {str(value)!r} (a "
+                         f"relative one names another directory for each command's "
+                         f"working directory)")
+    return value
+
+
 def _bool(table: dict[str, Any], key: str, default: bool, path: Path) -> bool:
     value = table.get(key, default)
     if not isinstance(value, bool):
@@ -170,7 +181,7 @@ def parse_config(text: str, path: Path = DEFAULT_CONFIG) -> Config:
         cgroup_v1=_str(part, "cgroup", "machine", path).strip("/"),
         cgroup_v2=_str(part, "cgroup_v2", "machine.slice", path).strip("/"),
         exclusive_cgroup=_str(part, "exclusive", "pinwarden.partition", path).strip("/"),
-        state_dir=Path(_nonempty(ledger, "state_dir", str(DEFAULT_STATE_DIR), path)),
+        state_dir=_absolute(ledger, "state_dir", str(DEFAULT_STATE_DIR), path),
         libvirt_uri=_str(virt, "uri", "qemu:///system", path),
         isolate_noise=_bool(isolation, "noise", True, path),
     )
