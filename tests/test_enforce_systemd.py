@@ -1236,24 +1236,28 @@ def test_a_drop_in_of_its_own_left_with_nothing_leased_is_removed(
     assert _dropins(root, "machine.slice") == {"50-CPUWeight.conf": "CPUWeight=50"}
 
 
-@pytest.mark.parametrize(("configured", "edit", "change", "after", "dropins"), [
+@pytest.mark.parametrize(("configured", "edit", "runtime", "change", "after", "dropins"), [
     # configured AllowedCPUs=0-7 (kept in /etc/systemd/system.control); CPU 2 taken away:
     # back as found with the edit made, and the runtime drop-in holding that is kept, as
     # the administrator's own set-property would have left it (removed as pinwarden's,
     # the next daemon-reload undid the edit)
-    ("0-7", "1,4-7", "removed CPU 2", "0-1,3-7", {"50-AllowedCPUs.conf":
-                                                  "AllowedCPUs=0-1,3-7"}),
+    ("0-7", "1,4-7", True, "removed CPU 2", "0-1,3-7", {"50-AllowedCPUs.conf":
+                                                        "AllowedCPUs=0-1,3-7"}),
+    # the same edit made persistent (in /etc/systemd/system.control, as the README's
+    # set-property is): the runtime drop-in is pinwarden's own write, and goes (it was kept
+    # as the administrator's, and held their old value once they removed their own; hunt)
+    ("0-7", "1,4-7", False, "removed CPU 2", "0-1,3-7", {}),
     # inheriting (no AllowedCPUs, as systemd ships it); CPU 0 and the leased CPU 3 written
     # in: nothing an inheriting slice lacked, so it goes on inheriting, without a drop-in
     # (the systemd story found it put back as AllowedCPUs=0: an empty "as found" taken
     # as no CPUs, plus the one added)
-    (None, "0-7", "added CPU 0)", "", {}),
-], ids=["configured", "inheriting"])
+    (None, "0-7", True, "added CPU 0)", "", {}),
+], ids=["configured", "configured-persistent", "inheriting"])
 def test_an_edit_while_leased_is_put_back_with_its_drop_in(
-        bus_address: str, tmp_path: Path, configured: str | None, edit: str, change: str,
-        after: str, dropins: dict[str, str]) -> None:
-    """``systemctl set-property --runtime machine.slice AllowedCPUs=EDIT`` while CPU 3 is
-    leased.  (The partition is this test's, fixed: the slice is set back meanwhile.)"""
+        bus_address: str, tmp_path: Path, configured: str | None, edit: str, runtime: bool,
+        change: str, after: str, dropins: dict[str, str]) -> None:
+    """``systemctl set-property [--runtime] machine.slice AllowedCPUs=EDIT`` while CPU 3
+    is leased.  (The partition is this test's, fixed: the slice is set back meanwhile.)"""
     from pinwarden.config import Config
     from pinwarden.manager import Manager
     from pinwarden.model import job_holder
@@ -1275,7 +1279,7 @@ def test_an_edit_while_leased_is_put_back_with_its_drop_in(
                 assert _dropins(root, "machine.slice") == {
                     "50-AllowedCPUs.conf": "AllowedCPUs=1-2,4-7",
                     "zz-pinwarden-AllowedCPUs.conf": "AllowedCPUs=1-2,4-7"}
-                operator.set_unit_properties("machine.slice", True, [
+                operator.set_unit_properties("machine.slice", runtime, [
                     ("AllowedCPUs", ("ay", CpuSet.parse(edit).to_dbus()))])
                 m.sync()
                 assert backend.read_group("machine.slice").cpus == CpuSet.parse("1-2,4-7")

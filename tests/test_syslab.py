@@ -1013,6 +1013,27 @@ def test_a_daemon_reload_keeps_the_leased_cpu_out_of_the_operators_partition(
     assert not [f for f in s["control_left"] if "pinwarden" in f], s["control_left"]
 
 
+def test_an_operators_persistent_edit_while_leased_leaves_no_drop_in_of_pinwardens(
+        lab: LabRun) -> None:
+    """A persistent ``set-property`` while a CPU is leased is taken as the operator's new
+    partition; at the last release pinwarden's runtime drop-in goes, so that what systemd
+    has after the operator's ``systemctl revert`` and a reload is what it had before (see
+    story_operator_edit)."""
+    s = lab.check("story_operator_edit")
+    for step in ("configure", "define_x", "start_x", "edit", "sync", "stop_x", "revert",
+                 "reload"):
+        rc0(s[step])
+    [holder] = s["holders"]
+    assert int(holder["cpus"]) in {1, 2, 3}, holder
+    assert "taken as your change of the VM partition" in s["sync"]["stderr"] or \
+        "was changed by someone else" in s["sync"]["stderr"], s["sync"]
+    released = s["released"]
+    assert released["unit"]["AllowedCPUs"] == "1-2", released
+    assert released["dropins"]["files"] == {}, released["dropins"]
+    assert s["reverted"]["unit"]["AllowedCPUs"] == s["as_found"]["AllowedCPUs"], s
+    assert not [f for f in s["control_left"] if "machine.slice" in f], s["control_left"]
+
+
 def test_story_a_late_top_level_cgroup_is_narrowed_off_the_leased_cpu(lab: LabRun) -> None:
     """Issue #14 on the systemd host (6.1 and 6.12): a cgroup made at the root after the
     lease writes every CPU; the kernel lets it through and invalidates the holder's

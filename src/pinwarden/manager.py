@@ -965,8 +965,16 @@ class Manager:
         if own is not None and own != was:
             data["cpus"] = own.to_list()
             if "dropins" in data:  # systemd: the setting is the administrator's now, and
-                # so is its drop-in (as after their own set-property): kept at the release
-                data.update(self._setting_files(backend, path))
+                # so is the runtime drop-in of a 'set-property --runtime' (kept at the
+                # release, as after their own); one that still holds pinwarden's last write
+                # is pinwarden's (their edit is persistent, in /etc): it goes (hunt)
+                from pinwarden.enforce.backend import setting_file_cpus
+
+                kept = [str(f) for f in data.get("dropins") or ()]
+                theirs = setting_file_cpus(backend, path)
+                if theirs is not None and theirs[1] != written and theirs[0] not in kept:
+                    kept.append(theirs[0])
+                data["dropins"] = kept
         amended = record if found == record.found else \
             replace(record, partition=self._load_host(found).partition, found=found)
         ledger.amend_host(amended, {SHARED_KEY.format(path=path): json.dumps(data)})

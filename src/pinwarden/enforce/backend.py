@@ -305,6 +305,15 @@ def setting_files(backend: CgroupBackend, path: str) -> tuple[str, ...] | None:
     return None if probe is None else tuple(str(f) for f in probe(path))
 
 
+def setting_file_cpus(backend: CgroupBackend, path: str) -> tuple[str, CpuSet] | None:
+    """The backend's setting file of ``path``'s CPUs and the CPUs it holds (optional
+    capability ``setting_file_cpus()``: systemd's runtime ``50-AllowedCPUs.conf``); None
+    where there is none."""
+    probe = getattr(backend, "setting_file_cpus", None)
+    found = None if probe is None else probe(path)
+    return None if found is None else (str(found[0]), found[1])
+
+
 def remove_setting_files(backend: CgroupBackend, path: str,
                          keep: Iterable[str] | None) -> tuple[str, ...]:
     """Remove the setting files of ``path`` that ``keep`` (:func:`setting_files` before the

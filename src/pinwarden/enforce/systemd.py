@@ -977,6 +977,23 @@ class SystemdBackend:
                                            f"{exc.strerror or exc}") from None
         return tuple(found)
 
+    def setting_file_cpus(self, path: str) -> tuple[str, CpuSet] | None:
+        """The runtime ``50-AllowedCPUs.conf`` of ``path``'s unit and the CPUs its last
+        ``AllowedCPUs=`` names (None: no such file, or none readable)."""
+        unit = self._unit("read", path)
+        name = RUNTIME_CONTROL / f"{unit}.d" / "50-AllowedCPUs.conf"
+        try:
+            lines = (self._root / name.relative_to("/")).read_text().splitlines()
+        except (OSError, UnicodeDecodeError):
+            return None
+        values = [line.partition("=")[2].strip() for line in lines
+                  if line.strip().startswith("AllowedCPUs=")]
+        try:
+            return (str(name), CpuSet.parse_kernel(",".join(values[-1].split()))) \
+                if values else None
+        except ValueError:
+            return None
+
     def remove_setting_files(self, path: str,
                              keep: Iterable[str] | None) -> tuple[str, ...]:
         """Remove the drop-ins :meth:`setting_files` lists now that ``keep`` (what it listed

@@ -573,6 +573,37 @@ def story_reload() -> Data:
     return out
 
 
+@check("story_operator_edit", needs=["install", "boot"])
+def story_operator_edit() -> Data:
+    """The operator changes the VM partition persistently while a CPU is leased (``systemctl
+    set-property machine.slice AllowedCPUs=1-2``, mode cgroup, found at 1-3).  pinwarden
+    takes the edit; at the last release the runtime drop-in its own writes made went on as
+    the operator's, so once they removed their setting (``systemctl revert``) systemd kept
+    pinwarden's last value (systemd-lab hunt)."""
+    CONFIG.parent.mkdir(parents=True, exist_ok=True)
+    CONFIG.write_text('[partition]\nmode = "cgroup"\n')
+    unit = ("machine.slice", "AllowedCPUs")
+    out: Data = {"as_found": unit_show(*unit)}
+    out["configure"] = systemctl("set-property", "machine.slice", "AllowedCPUs=1-3")
+    try:
+        out["define_x"] = pinwarden("define", write_xml("pwtest-ox", metadata=EXCLUSIVE_META))
+        out["start_x"] = pinwarden("start", "pwtest-ox")
+        out["holders"] = holders()
+        out["edit"] = systemctl("set-property", "machine.slice", "AllowedCPUs=1-2")
+        out["sync"] = pinwarden("sync")
+        out["stop_x"] = pinwarden("stop", "pwtest-ox")
+        out["released"] = {"unit": unit_show(*unit), "dropins": dropins()}
+    finally:
+        remove_domain("pwtest-ox")
+        CONFIG.unlink(missing_ok=True)
+        pinwarden("sync")
+        out["revert"] = systemctl("revert", "machine.slice")
+        out["reload"] = systemctl("daemon-reload")
+        out["reverted"] = {"unit": unit_show(*unit), "dropins": dropins()}
+        out["control_left"] = control_files()
+    return out
+
+
 def control_files() -> list[str]:
     """Every file and folder under /run/systemd/system.control (the runtime settings of
     units that are not transient), relative to it."""
