@@ -1139,3 +1139,12 @@ def test_two_holders_of_one_name_refusal_gives_a_release_command_that_works(
             ledger.reserve(second, take(second, [2]))
         assert "(pinwarden release 'name:my vm' --driver qemu)" in str(err.value), err.value
         assert ledger.release("name:my vm", driver="qemu") is not None
+
+
+def test_a_full_file_system_is_named_for_reads_too(state: Path) -> None:
+    """SQLite needs room beside a WAL database even to read it: on a full file system
+    ``status`` failed with "nothing was recorded", which reads oddly for a read (hunt)."""
+    with Ledger(state) as ledger:
+        error = ledger._error(sqlite3.OperationalError("database or disk is full"))
+    assert "the file system is full (SQLite needs room beside the database even to read " \
+        "it); nothing was changed: free some space and retry" in error.message

@@ -554,8 +554,9 @@ class Ledger:
             return LedgerError(f"lease database {self.path} is read-only for this user "
                                f"(run as root or choose another --state-dir)")
         if kind == "full":
-            return LedgerError(f"lease database {self.path}: the file system is full; "
-                               f"nothing was recorded (free some space and retry)")
+            return LedgerError(f"lease database {self.path}: the file system is full "
+                               f"(SQLite needs room beside the database even to read it); "
+                               f"nothing was changed: free some space and retry")
         if kind == "corrupt":
             return self._refuse(f"is corrupt ({str(exc).splitlines()[0]})")
         return LedgerError(f"lease database {self.path}: {str(exc).splitlines()[0]}")
