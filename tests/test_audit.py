@@ -714,3 +714,31 @@ def test_the_scanner_reads_each_v2_groups_partition(tmp_path: Path) -> None:
     groups, _ = audit.scan_cgroups(tmp_path, v2=True)
     assert {g.path: g.partition for g in groups} == {
         "/": None, "/pw.partition": "root invalid (Parent is not a root)"}
+
+
+def test_a_holder_group_no_holder_has_is_a_warning() -> None:
+    """A release interrupted between the ledger's commit and the layout's shrink (the hook
+    killed at 'release', hunt) leaves the holder's group, keeping its CPU from the VMs;
+    status said 'no holders' and 'audit --strict' passed.  Now a warning, leases or not; a
+    holder's own group, and a group that is not a holder's, are not."""
+    snap = HostSnapshot(cgroups=(
+        CgroupInfo("/", cs("0-7"), cs("0-7"), True),
+        CgroupInfo("/machine", cs("0,3-7"), cs("0,3-7"), True),
+        CgroupInfo("/pinwarden-vm-gone.partition", cs("1"), cs("1"), False),
+        CgroupInfo("/pinwarden-vm-gone.partition/qemu-1-gone.libvirt-qemu", cs("1"), cs("1"),
+                   False),
+        CgroupInfo("/pinwarden-vm-web.partition", cs("2"), cs("2"), False),
+        CgroupInfo("/other", cs("3"), cs("3"), False),
+    ), cgroup_version=1)
+    web = domain_holder("qemu", "web", None)
+    report = audit.audit(snap, leases(c2=web), [record(web, cpus="2")])
+    assert [(i.kind, i.cgroup, str(i.cpus), i.severity) for i in report.intruders] == [
+        ("stale-holder-group", "/pinwarden-vm-gone.partition", "1", "warning")]
+    assert report.exit_status() == 0 and report.exit_status(strict=True) == 1
+    text = render(report)
+    assert "'pinwarden sync' removes it" in text, text
+    alone = audit.audit(snap, (), ())  # nothing leased at all: still said
+    assert [i.kind for i in alone.intruders] == ["stale-holder-group"] * 2
+    assert alone.verdict().startswith("warnings (no CPU is leased exclusively): "
+                                      "2 stale-holder-groups"), alone.verdict()
+    assert alone.exit_status(strict=True) == 1

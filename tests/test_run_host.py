@@ -328,3 +328,38 @@ def test_a_job_released_by_force_while_it_ran_puts_the_host_back_when_it_ends(
     assert not (CPUSET / group).exists()
     assert machine.read_text().strip() == before
     assert "no holders" in pw.run("status", check=True).stdout
+
+
+def test_a_holder_group_an_interrupted_release_left_is_reported_and_synced_away(
+        pw: Pinwarden) -> None:
+    """A release killed between the ledger's commit and the layout's shrink (the hook at
+    'release', hunt) leaves the holder's group on CPU 1 and ``machine`` narrowed: status
+    said 'no holders' and 'audit --strict' passed.  Now audit warns, naming the group and
+    what to do, and ``sync`` removes it."""
+    import json
+
+    from pinwarden.config import load_config
+    from pinwarden.manager import Manager
+    from pinwarden.model import job_holder
+    from pinwarden.policy import JobSpec
+
+    machine = CPUSET / "machine" / "cpuset.cpus"
+    before = machine.read_text().strip()
+    group = pw.holder_group("pwtest-stale", "run")
+    with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
+        manager.reserve_request(JobSpec("pwtest-stale", count=1), owner_pid=os.getpid())
+    assert (CPUSET / group / "cpuset.cpu_exclusive").read_text().strip() == "1"
+    with Ledger(pw.state) as ledger:  # the release's commit, and no shrink after it
+        assert ledger.drop(job_holder("pwtest-stale")) is not None
+    assert "no holders" in pw.run("status", check=True).stdout
+    strict = pw.run("audit", "--strict", "--json")
+    assert strict.returncode == 1, strict
+    found = [i for i in json.loads(strict.stdout)["intruders"]
+             if i["kind"] == "stale-holder-group"]
+    assert [(i["cgroup"], i["cpus"], i["severity"]) for i in found] == [
+        (f"/{group}", "1", "warning")], found
+    assert "'pinwarden sync' removes it" in pw.run("audit").stdout
+    pw.run("sync", check=True)
+    assert not (CPUSET / group).exists()
+    assert machine.read_text().strip() == before
+    assert pw.run("audit", "--strict").returncode == 0

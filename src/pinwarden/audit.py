@@ -35,6 +35,12 @@ Kinds of intruders:
     a warning for IRQs the kernel refused to move (managed, per-CPU: fixed only at boot);
 ``workqueue`` (error, or warning)
     the unbound-workqueue mask or the default affinity of new IRQs includes the CPU;
+``stale-holder-group`` (warning)
+    a holder's group (by its name) that no holder has: a release interrupted between the
+    ledger's commit and the layout's shrink left it, keeping its CPUs out of the shared
+    group (and, on cgroup v1, exclusive) until the next change; ``pinwarden sync``
+    removes it.  Its ``cpus`` are the group's that no lease names (one on a leased CPU
+    is a ``vm-cgroup`` error);
 ``invalid-partition`` (error)
     on cgroup v2, a holder's group that the kernel marks an *invalid* partition
     (``cpuset.cpus.partition`` reads ``isolated invalid (…)``): it no longer keeps the
@@ -77,16 +83,17 @@ from pinwarden.procs import parse_stat
 from pinwarden.record import field, record, replace
 
 Kind = Literal["other-vm-thread", "vm-cgroup", "escaped-task", "host-task", "irq",
-               "workqueue", "invalid-partition"]
+               "workqueue", "invalid-partition", "stale-holder-group"]
 Severity = Literal["error", "warning"]
 SEVERITY: Mapping[Kind, Severity] = {
     "other-vm-thread": "error", "vm-cgroup": "error", "escaped-task": "error",
     "host-task": "warning", "irq": "warning", "workqueue": "warning",
-    "invalid-partition": "error",
+    "invalid-partition": "error", "stale-holder-group": "warning",
 }
 #: Order of kinds in reports: errors first.
 KIND_ORDER: tuple[Kind, ...] = ("invalid-partition", "other-vm-thread", "vm-cgroup",
-                                "escaped-task", "irq", "workqueue", "host-task")
+                                "escaped-task", "irq", "workqueue", "host-task",
+                                "stale-holder-group")
 
 #: cgroups (relative to the cpuset root) whose descendants are VMs.
 DEFAULT_VM_PARTITIONS = ("machine", "machine.slice")
@@ -205,7 +212,7 @@ class Report:
         holders = {h for h in self.leases.values()}
         checked = (f"{self.threads} threads, {self.cgroups} cpuset cgroups, "
                    f"{self.irqs} IRQs checked")
-        if not self.leases:
+        if not self.leases and not self.intruders:
             return f"clean: no CPU is leased exclusively, nothing can intrude ({checked})"
         scope = (f"{len(self.leases)} leased CPU{'s' if len(self.leases) != 1 else ''} "
                  f"({self.leased}) of {len(holders)} holder{'s' if len(holders) != 1 else ''}")
@@ -217,6 +224,8 @@ class Report:
             if n:
                 parts.append(f"{n} {kind}{'s' if n != 1 else ''}")
         level = "INTRUDERS" if self.errors else "warnings"
+        if not self.leases:
+            return f"{level} (no CPU is leased exclusively): {', '.join(parts)} ({checked})"
         return f"{level} on the {scope}: {', '.join(parts)} ({checked})"
 
     def to_json(self) -> dict[str, Any]:
@@ -482,6 +491,13 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
             if cpus:
                 intruders.append(Intruder(kind="workqueue", cpus=cpus, holders=victims,
                                           name=name, moved_by_pinwarden=isolating))
+
+    for g in snapshot.cgroups:  # a holder's group left behind by an interrupted release
+        path = g.path.strip("/")  # (one on a leased CPU is a vm-cgroup error already)
+        if (kept := g.cpus - leased) and ctx.is_holder_group(path) \
+                and not cgroup_facts(path)[0]:
+            intruders.append(Intruder(kind="stale-holder-group", cpus=kept, holders=(),
+                                      name=path.rsplit("/", 1)[-1], cgroup=g.path))
 
     findings: tuple[Finding, ...] = ()
     if leased and snapshot.noise is not None:

@@ -136,6 +136,8 @@ HINTS = (
                           "cgroup took its CPUs, maybe given back since): 'pinwarden sync' "
                           "makes the partition valid again, and 'pinwarden daemon' does so "
                           "as soon as it happens"),
+    ("stale-holder-group", "a holder group no holder has (a release was interrupted) keeps "
+                           "its CPUs from the VMs: 'pinwarden sync' removes it"),
     ("other-vm-thread", "another VM can run on a leased CPU: start VMs through "
                         "'pinwarden start' or the libvirt hook ('pinwarden hook install'), or "
                         "re-apply the layout with 'pinwarden daemon --once'"),
