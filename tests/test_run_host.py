@@ -215,6 +215,18 @@ def test_threads_outside_the_holders_leave_an_unguarded_leased_cpu_and_come_back
                 time.sleep(0.1)
 
 
+def _gone_and_synced(pw: Pinwarden, heir: int, group: str) -> None:
+    """Once the process a job left has exited, the next change frees the lease and removes
+    the job's group."""
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{heir}").exists():
+        assert time.monotonic() < deadline, "the heir did not exit"
+        time.sleep(0.1)
+    pw.run("sync", check=True)
+    assert "no holders" in pw.run("status", check=True).stdout
+    assert not (CPUSET / group).exists()
+
+
 def test_processes_a_job_leaves_behind_keep_its_lease_until_they_exit(pw: Pinwarden) -> None:
     """The command exits, a process it started runs on in the job's group.  The lease was
     freed all the same while the kernel kept CPU 1 exclusive for that process: status and
@@ -239,13 +251,7 @@ def test_processes_a_job_leaves_behind_keep_its_lease_until_they_exit(pw: Pinwar
             assert [h.owner_pid for h in ledger.holders()] == [heir]
     finally:
         os.kill(heir, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while Path(f"/proc/{heir}").exists():
-        assert time.monotonic() < deadline, "the heir did not exit"
-        time.sleep(0.1)
-    pw.run("sync", check=True)
-    assert "no holders" in pw.run("status", check=True).stdout
-    assert not (CPUSET / group).exists()
+    _gone_and_synced(pw, heir, group)
 
 
 def test_a_job_whose_command_exited_is_held_by_what_it_left_until_that_exits(
@@ -290,13 +296,7 @@ def test_a_job_whose_command_exited_is_held_by_what_it_left_until_that_exits(
         assert (CPUSET / group / "cpuset.cpu_exclusive").read_text().strip() == "1"
     finally:
         os.kill(heir, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while Path(f"/proc/{heir}").exists():
-        assert time.monotonic() < deadline, "the heir did not exit"
-        time.sleep(0.1)
-    pw.run("sync", check=True)
-    assert "no holders" in pw.run("status", check=True).stdout
-    assert not (CPUSET / group).exists()
+    _gone_and_synced(pw, heir, group)
 
 
 def test_a_job_released_by_force_while_it_ran_puts_the_host_back_when_it_ends(
