@@ -467,8 +467,6 @@ def test_zombie_owner_and_status_listing_reap(
         before = ledger.path.read_bytes()
         assert [r.ref for r in ledger.holders()] == [a, b]  # reads never reap...
         assert [r.ref for r in ledger.dead()] == [a]  # ...they tell who is dead
-        assert [r.ref for r in ledger.dead(driver=a.driver)] == [a]
-        assert ledger.dead(driver="job") == ()  # only the driver asked for
         assert ledger.path.read_bytes() == before
         assert [r.ref for r in ledger.reap()] == [a]  # reaping is an explicit step
         assert [r.ref for r in ledger.last_reaped] == [a]

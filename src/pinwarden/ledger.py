@@ -617,10 +617,9 @@ class Ledger:
                           f"ORDER BY driver, name, key").fetchall()
         return tuple(self._holder(r) for r in rows)
 
-    def _dead_in(self, db: sqlite3.Connection, driver: str | None = None) -> list[Any]:
-        where, args = ("", ()) if driver is None else (" AND driver = ?", (driver,))
+    def _dead_in(self, db: sqlite3.Connection) -> list[Any]:
         rows = db.execute(f"SELECT {self._HOLDER_COLS} FROM holders "
-                          f"WHERE owner_pid IS NOT NULL{where}", args).fetchall()
+                          f"WHERE owner_pid IS NOT NULL").fetchall()
         return [r for r in rows if not self._alive(r[4], r[5])]
 
     def _reap_in(self, db: sqlite3.Connection) -> tuple[HolderRecord, ...]:
@@ -642,11 +641,10 @@ class Ledger:
         except sqlite3.Error as exc:
             raise self._error(exc) from None
 
-    def dead(self, *, driver: str | None = None) -> tuple[HolderRecord, ...]:
-        """Holders whose owner process is gone (what :meth:`reap` would remove); only
-        ``driver``'s when given (the others' owners are not looked up)."""
+    def dead(self) -> tuple[HolderRecord, ...]:
+        """Holders whose owner process is gone (what :meth:`reap` would remove)."""
         try:
-            return tuple(self._holder(r) for r in self._dead_in(self._db, driver))
+            return tuple(self._holder(r) for r in self._dead_in(self._db))
         except sqlite3.Error as exc:
             raise self._error(exc) from None
 

@@ -472,8 +472,9 @@ class Manager:
             found = None if force else ledger.find(selector, driver=driver)
             if found is not None and (found.owner_pid is None or not procs.alive(
                     found.owner_pid, found.owner_start)) and self._hand_on(found.ref):
-                # a job's command exited, processes it started still run on the CPUs:
-                # the lease is theirs (it used to be freed while they ran)
+                # its owner is gone while processes run in its group (a job's command
+                # exited, its children run on; a domain's first owner ended before QEMU
+                # took over): the lease is theirs (it used to be freed while they ran)
                 found = ledger.get(found.ref)
             if found is not None and found.owner_pid is not None \
                     and procs.alive(found.owner_pid, found.owner_start):
