@@ -1,4 +1,4 @@
-"""Where a shared domain's threads run when its XML names no CPUs (the I/O adapter).
+"""Where a domain's threads run when its XML names no CPUs (the I/O adapter).
 
 libvirt lets a QEMU thread without a pin of its own run on every online CPU (every CPU but
 the isolated ones since libvirt 10.4), housekeeping CPUs included, and an LXC container's
@@ -9,6 +9,9 @@ cpuset>``: the VM CPUs less the leased ones.  The libvirt hook places them at
 an I/O thread added live); a placement narrowed by leases is recorded for the give-back
 (:mod:`pinwarden.libvirt.pins`).  The decisions are :func:`pinwarden.policy.decide`'s and
 :mod:`pinwarden.libvirt.repin`'s; this module reads the process and applies them.
+
+An exclusive domain started by plain ``virsh start`` gets, at ``started``, each thread on
+the CPUs of its plan (:func:`pin_exclusive`), as ``pinwarden start`` writes them.
 """
 
 from __future__ import annotations
