@@ -624,6 +624,39 @@ def test_pinwarden_start_goes_to_the_daemon_before_the_command_line_loads(
     assert "argparse" not in modules
 
 
+@pytest.mark.parametrize("unbuffered", ["", "1"], ids=["buffered", "unbuffered"])
+def test_a_quick_start_printed_into_a_closed_pipe_keeps_its_status(
+        setup: tuple[Path, Path, Manager, HookServer], tmp_path: Path,
+        unbuffered: str) -> None:
+    """``pinwarden start --json db | head -0``: the served start's answer printed into a
+    pipe whose reader is gone is no error of its own (the command line's rule: the start's
+    status and its one error line, no traceback), the same as without the daemon."""
+    _drop_in, _marker, manager, _server = setup
+    config = tmp_path / "empty.toml"
+    config.write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PINWARDEN_")}
+    env["LIBVIRT_DEFAULT_URI"] = "qemu+unix:///system?socket=/nonexistent/pwtest.sock"
+    env["PYTHONUNBUFFERED"] = unbuffered
+    argv = ["start", "--json", "--state-dir", str(manager.state_dir), "--config", str(config),
+            "pwtest-s"]
+    entry = "from pinwarden.console import entry\nentry()\n"
+    results = []
+    for extra in ((), ("--no-daemon",)):
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            results.append(subprocess.run([sys.executable, "-c", entry, *argv, *extra],
+                                          stdout=write, stderr=subprocess.PIPE, text=True,
+                                          env=env, timeout=120, cwd=tmp_path))
+        finally:
+            os.close(write)
+    served, alone = results
+    assert served.returncode == alone.returncode == 1, (served, alone)
+    assert served.stderr == alone.stderr, (served.stderr, alone.stderr)
+    assert served.stderr.startswith("pinwarden: error: ") and served.stderr.count("\n") == 1, \
+        served.stderr
+
+
 def test_a_start_the_daemon_declines_is_the_command_lines(
         setup: tuple[Path, Path, Manager, HookServer], tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:

@@ -30,6 +30,7 @@ is the daemon's: an answer lost on the way is an error, never a second start.
 import os
 import sys
 
+from pinwarden import streams
 from pinwarden.libvirt import hookclient
 
 #: ``pinwarden.config.DEFAULT_CONFIG`` and ``DEFAULT_STATE_DIR`` (tests check they agree;
@@ -141,22 +142,14 @@ def _lost(name: str, as_json: bool, exc: BaseException) -> int:
 
 
 def _print(out: str, err: str) -> None:
-    """Print as the command line prints a served start: stdout, then stderr; a character
-    the terminal's encoding lacks as an escape; a reader of stdout gone is no error."""
-    for stream in (sys.stdout, sys.stderr):
-        reconfigure = getattr(stream, "reconfigure", None)
-        if reconfigure is not None:
-            try:  # noqa: SIM105 (no contextlib here)
-                reconfigure(errors="backslashreplace")
-            except (ValueError, OSError):
-                pass
+    """Print as the command line prints a served start: stdout, then stderr."""
+    streams.safe_streams()
     try:
         sys.stdout.write(out)
-        sys.stdout.flush()
-    except BrokenPipeError:  # the interpreter's last flush must not fail again
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, sys.stdout.fileno())
-        finally:
-            os.close(devnull)
+    except BrokenPipeError:
+        if not streams.stdout_closed():
+            raise
+        streams.drop_stdout()
+    else:
+        streams.flush_or_drop()
     sys.stderr.write(err)

@@ -25,13 +25,13 @@ import argparse
 import gc
 import importlib
 import os
-import select
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pinwarden import __version__
 from pinwarden.errors import PinwardenError
+from pinwarden.streams import drop_stdout, safe_streams, stdout_closed
 
 #: Command modules, in the order ``--help`` lists them.
 COMMAND_MODULES = (
@@ -251,41 +251,12 @@ def internal_error(args: argparse.Namespace | None, exc: BaseException) -> int:
             print_json({"error": {"code": "internal", "message": what}})
             sys.stdout.flush()
         except OSError:  # stdout itself may be what broke
-            _drop_stdout()
+            drop_stdout()
     return EXIT_INTERNAL
 
 
 def _debug() -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
-def _stdout_fd() -> int | None:
-    try:
-        return sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # replaced by a non-file (tests, capture)
-        return None
-
-
-def _stdout_closed() -> bool:
-    """Whether our stdout is a pipe (or socket) whose reader went away."""
-    fd = _stdout_fd()
-    if fd is None:
-        return False
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    return any(events & select.POLLERR for _fd, events in poller.poll(0))
-
-
-def _drop_stdout() -> None:
-    """Point stdout at /dev/null, so that the interpreter's final flush cannot fail too."""
-    fd = _stdout_fd()
-    if fd is None:
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -295,9 +266,9 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
         try:
             sys.stdout.flush()
         except BrokenPipeError:
-            if not _stdout_closed():
+            if not stdout_closed():
                 raise
-            _drop_stdout()
+            drop_stdout()
         raise
 
 
@@ -311,9 +282,9 @@ def _run(args: argparse.Namespace) -> int:
             fail(args, exc)
         sys.stdout.flush()  # inside the try: a closed pipe shows here, not at exit
     except BrokenPipeError:
-        if not _stdout_closed():
+        if not stdout_closed():
             raise  # some other pipe or socket: not the reader of our output
-        _drop_stdout()
+        drop_stdout()
         return EXIT_OK if status is None else status
     return status
 
@@ -343,20 +314,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         return _parse(build_parser(whole=False, only=_command_word(words)), words)
     except _Unbuilt:
         return _parse(build_parser(), words)
-
-
-def safe_streams() -> None:
-    """Printing never fails for the terminal's encoding: a character the locale cannot show
-    (a domain named in Unicode under ``LANG=en_US.ISO-8859-1`` or ``PYTHONIOENCODING=ascii``;
-    the ``·`` of the CPU map) is written as an escape (``\\u2603``).  Else the error came
-    after the change was made, and a committed reserve or release read as a bug (exit 70)."""
-    for stream in (sys.stdout, sys.stderr):
-        reconfigure = getattr(stream, "reconfigure", None)
-        if reconfigure is not None:
-            try:  # noqa: SIM105 (contextlib is one import more on every command)
-                reconfigure(errors="backslashreplace")
-            except (ValueError, OSError):  # a detached or closed stream: nothing to print
-                pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -446,8 +446,9 @@ def hook_main(argv: list[str] | None = None) -> int:
     The same commands as ``pinwarden``, but only this module's: libvirtd waits for the hook
     on every start, and loading every other command would be most of its run time.
     """
-    from pinwarden.cli import common_parser, fail, internal_error, safe_streams
+    from pinwarden.cli import common_parser, fail, internal_error
     from pinwarden.errors import PinwardenError
+    from pinwarden.streams import safe_streams
 
     safe_streams()
     parser = argparse.ArgumentParser(prog="pinwarden")

@@ -1,0 +1,68 @@
+"""Standard output and error as the command line uses them: printing never fails for the
+terminal's encoding, and a reader of stdout that went away is no error.
+
+Only modules Python's start loaded (``select`` once a write failed): the quick path of
+``pinwarden start`` (:mod:`pinwarden.quickstart`) prints through this module without
+loading the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def safe_streams() -> None:
+    """Printing never fails for the terminal's encoding: a character the locale cannot show
+    (a domain named in Unicode under ``LANG=en_US.ISO-8859-1`` or ``PYTHONIOENCODING=ascii``;
+    the ``·`` of the CPU map) is written as an escape (``\\u2603``).  Else the error came
+    after the change was made, and a committed reserve or release read as a bug (exit 70)."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:  # noqa: SIM105 (contextlib is one import more on every command)
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a detached or closed stream: nothing to print
+                pass
+
+
+def stdout_fd() -> int | None:
+    try:
+        return sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a non-file (tests, capture)
+        return None
+
+
+def stdout_closed() -> bool:
+    """Whether our stdout is a pipe (or socket) whose reader went away."""
+    import select  # only once a write failed: the quick start path loads no more modules
+
+    fd = stdout_fd()
+    if fd is None:
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _fd, events in poller.poll(0))
+
+
+def drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush cannot fail too."""
+    fd = stdout_fd()
+    if fd is None:
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def flush_or_drop() -> None:
+    """Flush stdout; a reader that went away is no error (stdout is dropped), a broken
+    pipe that is not our stdout's is raised."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        if not stdout_closed():
+            raise  # some other pipe or socket: not the reader of our output
+        drop_stdout()
