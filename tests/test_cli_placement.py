@@ -314,6 +314,7 @@ def test_racing_reserves_of_one_cpu_have_exactly_one_winner(env: dict[str, Path]
     assert entry["domain"] == winners[0] and entry["cpus"] == "4-6,12-14"
 
 
+@pytest.mark.kernel  # the reservation is enforced in this host's real cgroups
 def test_plan_and_reserve_on_this_real_host(tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     """--root / : the machine's own sysfs and cgroups decide the partition."""

@@ -27,7 +27,7 @@ from pinwarden.enforce.fake import FakeCpusetV1
 from pinwarden.errors import EnforceError, Refusal
 from pinwarden.ledger import Ledger
 from pinwarden.manager import Manager
-from pinwarden.model import Plan, domain_holder, job_holder
+from pinwarden.model import HolderRef, Plan, domain_holder, job_holder
 from pinwarden.policy import JobSpec
 
 V1 = "sys/fs/cgroup/cpuset"
@@ -208,6 +208,42 @@ def test_reads_never_write(host4: Path, tmp_path: Path) -> None:
         assert [r.ref.name for r in m.dead()] == ["dead"]
         assert [r.ref.name for r in m.reap()] == ["dead"]
         assert m.holders() == ()
+
+
+def test_reads_look_at_a_dead_owners_group_once(host4: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """status, audit and metrics read the group of a holder whose owner is gone once per
+    command (its tasks decide both 'owner gone' and who runs on: one reading, so the two
+    cannot disagree), and show processes running on there as the lease's."""
+    fake = fake4()
+    state = tmp_path / "state"
+    sleeper = subprocess.Popen(["sleep", "60"])
+    with manager(host4, state, fake) as m:
+        m.reserve_request(JobSpec("gone", cpus=C("2")), owner_pid=sleeper.pid)
+        m.reserve_request(JobSpec("heir", cpus=C("3")), owner_pid=sleeper.pid)
+    sleeper.kill()
+    sleeper.wait()
+    looked: list[str] = []
+
+    def left_running(self: Manager, holder: HolderRef) -> tuple[int, ...]:
+        looked.append(holder.name)
+        return (4242,) if holder.name == "heir" else ()
+
+    monkeypatch.setattr(Manager, "left_running", left_running)
+    from pinwarden.cli import main
+
+    base = ["--root", str(host4), "--state-dir", str(state)]
+    assert main(["status", "--json", *base]) == 0
+    leases = {lease["domain"]: lease for lease in json.loads(capsys.readouterr().out)["leases"]}
+    assert (leases["heir"]["owner_gone"], leases["heir"]["left_running"]) == (False, [4242])
+    assert (leases["gone"]["owner_gone"], leases["gone"]["left_running"]) == (True, [])
+    assert sorted(looked) == ["gone", "heir"], looked
+    for argv in (["audit", "--json"], ["metrics"]):
+        looked.clear()
+        assert main([*argv, *base]) in (0, 1, 2)  # (audit: this dump has no /proc)
+        capsys.readouterr()
+        assert sorted(looked) == ["gone", "heir"], (argv, looked)
 
 
 def test_the_backend_is_opened_once_and_closed(host4: Path, tmp_path: Path,

@@ -83,6 +83,19 @@ class Preview:
     notes: tuple[str, ...] = ()
 
 
+@record
+class OwnersGone:
+    """Holders whose owner process is gone, from one reading of their groups: ``dead``,
+    nothing runs in the group (freed by the next reap); ``heirs``, the processes that run
+    on there, lowest pid first (the lease is theirs, handed on at the next change)."""
+
+    dead: tuple[HolderRecord, ...]
+    heirs: Mapping[HolderRef, tuple[int, ...]]
+
+    def dead_keys(self) -> frozenset[tuple[str, str]]:
+        return frozenset((r.ref.driver, r.ref.key) for r in self.dead)
+
+
 class Manager:
     """Owns the ledger, the cgroup backend and the lock of one state directory.
 
@@ -277,25 +290,28 @@ class Manager:
         reader = self.reader()
         return reader.holders() if reader is not None else ()
 
+    def owners_gone(self) -> OwnersGone:
+        """Holders whose owner process is gone, from one reading of their groups."""
+        reader = self.reader()
+        if reader is None:
+            return OwnersGone((), {})
+        dead: list[HolderRecord] = []
+        heirs: dict[HolderRef, tuple[int, ...]] = {}
+        for gone in reader.dead():
+            left = self.left_running(gone.ref)
+            if left:
+                heirs[gone.ref] = left
+            else:
+                dead.append(gone)
+        return OwnersGone(tuple(dead), heirs)
+
     def dead(self) -> tuple[HolderRecord, ...]:
         """Holders whose owner process is gone (freed by the next :meth:`reap`).  One
         whose group still has processes is not: a job whose command exited while
         processes it started run on, a domain whose first owner (libvirtd, a ``pinwarden
         start``) ended before QEMU took the lease over — the next change hands the lease
         on to them (:meth:`hand_on`)."""
-        reader = self.reader()
-        if reader is None:
-            return ()
-        return tuple(r for r in reader.dead() if not self.left_running(r.ref))
-
-    def heirs(self) -> dict[HolderRef, tuple[int, ...]]:
-        """Holders whose owner process is gone while processes run in their group: those
-        processes (the lease is theirs, handed on at the next change)."""
-        reader = self.reader()
-        if reader is None:
-            return {}
-        found = {r.ref: self.left_running(r.ref) for r in reader.dead()}
-        return {ref: pids for ref, pids in found.items() if pids}
+        return self.owners_gone().dead
 
     def left_running(self, holder: HolderRef) -> tuple[int, ...]:
         """The live processes with a task in ``holder``'s group, lowest first (none when
@@ -312,18 +328,25 @@ class Manager:
         return tuple(sorted(p for p in found if p is not None
                             and procs.start_time(p) is not None))
 
-    def leases(self, *, dead: bool = False) -> tuple[Lease, ...]:
+    def leases(self, *, dead: bool = False,
+               owners: OwnersGone | None = None) -> tuple[Lease, ...]:
         """Every lease whose holder lives (dead owners' leases are already free).
         ``dead``: those too — free to decide on, but their CPUs stay out of the shared
-        group until a release or sync frees them."""
+        group until a release or sync frees them.  ``owners``: the caller's reading of
+        :meth:`owners_gone`, not read again."""
         reader = self.reader()
         if reader is None:
             return ()
         if dead:
             return tuple(reader.leases())
-        dead_ones = {(r.ref.driver, r.ref.key) for r in self.dead()}
+        gone = (owners or self.owners_gone()).dead_keys()
         return tuple(lease for lease in reader.leases()
-                     if (lease.holder.driver, lease.holder.key) not in dead_ones)
+                     if (lease.holder.driver, lease.holder.key) not in gone)
+
+    def live_holders(self, owners: OwnersGone | None = None) -> tuple[HolderRecord, ...]:
+        """The holders whose owner lives, or whose group's processes took the lease on."""
+        gone = (owners or self.owners_gone()).dead_keys()
+        return tuple(h for h in self.holders() if (h.ref.driver, h.ref.key) not in gone)
 
     def change_records(self, prefix: str) -> dict[str, str]:
         """The change records under ``prefix`` that an adapter keeps of what it changed

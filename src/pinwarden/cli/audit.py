@@ -50,9 +50,9 @@ def load_ledger(args: argparse.Namespace) -> tuple[tuple[Lease, ...], tuple[Hold
         if manager.reader() is None:
             return (), (), (f"no lease database at {manager.state_dir / DB_NAME}: nothing "
                             f"is leased",), frozenset()
-        dead = {(r.ref.driver, r.ref.key) for r in manager.dead()}
-        holders = tuple(h for h in manager.holders() if (h.ref.driver, h.ref.key) not in dead)
-        return manager.leases(), holders, (), manager.refused_noise()
+        owners = manager.owners_gone()
+        return (manager.leases(owners=owners), manager.live_holders(owners), (),
+                manager.refused_noise())
 
 
 def run(args: argparse.Namespace) -> int:

@@ -59,9 +59,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 def _ledger(manager: Manager) -> tuple[tuple[Lease, ...], tuple[HolderRecord, ...]]:
     """Leases and holders of live owners (read only: reads never reap)."""
-    dead = {(r.ref.driver, r.ref.key) for r in manager.dead()}
-    holders = tuple(h for h in manager.holders() if (h.ref.driver, h.ref.key) not in dead)
-    return manager.leases(), holders
+    owners = manager.owners_gone()
+    return manager.leases(owners=owners), manager.live_holders(owners)
 
 
 def gather(args: argparse.Namespace, *, with_audit: bool = True) -> metrics.Snapshot:

@@ -318,9 +318,9 @@ def run_status(args: argparse.Namespace) -> int:
     with manager_of(args) as manager:
         host = manager.host()
         records = manager.holders()
-        dead = {(r.ref.driver, r.ref.key) for r in manager.dead()}
-        heirs = manager.heirs()
-        leases = manager.leases()
+        owners = manager.owners_gone()
+        dead, heirs = owners.dead_keys(), owners.heirs
+        leases = manager.leases(owners=owners)
         database = manager.state_dir / DB_NAME
         narrowed_records = manager.change_records(NARROWED_PREFIX)
         invalid = invalid_partitions(manager.root, records)
