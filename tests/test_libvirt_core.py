@@ -30,7 +30,7 @@ from pinwarden.libvirt import hook, hookclient, place
 from pinwarden.libvirt.reconcile import Adopt, Drift, Free, Place, Report, reconcile
 from pinwarden.libvirt.repin import repins
 from pinwarden.libvirt.start import libvirt_failure, with_pinwarden_metadata
-from pinwarden.libvirt.state import Affinity, DomainInfo
+from pinwarden.libvirt.state import Affinity, DomainInfo, threads_as_planned
 from pinwarden.manager import Manager
 from pinwarden.model import HolderRef, Plan, domain_holder, job_holder
 
@@ -1550,7 +1550,7 @@ def test_threads_as_planned_follow_libvirts_thread_names() -> None:
     comms: dict[int, str | None] = {
         10: "qemu-system-x86", 11: "CPU 0/KVM", 12: "CPU 1/KVM", 13: "IO iothread1",
         14: "IO iothread2", 15: "ALL CPUs/TCG", 16: None, 17: "CPU 7/KVM"}
-    assert place.threads_as_planned(plan, comms) == {
+    assert threads_as_planned(plan, comms) == {
         10: cs("2-3"), 11: cs("2"), 12: cs("3"), 13: cs("3"), 14: cs("2-3"),
         15: cs("2-3")}
 

@@ -206,32 +206,6 @@ def note_container_placed(manager: Manager, name: str, spec: DomainSpec, pid: in
     manager.put_change_records({key: container_json(name, base, cpus, pid, start, earlier)})
 
 
-def threads_as_planned(plan: Plan, comms: dict[int, str | None]) -> dict[int, CpuSet]:
-    """Pure: the CPUs each QEMU thread (id → name) gets under ``plan`` — a vCPU its own,
-    single-threaded TCG's one thread every vCPU's, an I/O thread its own (else the
-    emulator's), every other thread the emulator's.  Threads the kernel cut the name of,
-    or that the plan gives nothing, are left out."""
-    from pinwarden.cpuset import union
-    from pinwarden.libvirt.state import qemu_thread
-
-    out: dict[int, CpuSet] = {}
-    for tid, comm in comms.items():
-        group = qemu_thread(comm)
-        if group is None:
-            continue
-        thread, ident = group
-        if thread == "vcpu":
-            cpus = union(plan.vcpus.values()) if ident is None else plan.vcpus.get(ident)
-        elif thread == "iothread":
-            cpus = plan.iothreads.get(ident) if ident is not None else None
-            cpus = cpus or plan.emulator
-        else:
-            cpus = plan.emulator
-        if cpus:
-            out[tid] = cpus
-    return out
-
-
 def pin_exclusive(name: str, pid: int, plan: Plan) -> None:
     """An exclusive QEMU domain started by plain ``virsh start`` (the hook's ``started``):
     each thread gets the CPUs its plan names, as ``pinwarden start`` writes them into the
@@ -243,6 +217,7 @@ def pin_exclusive(name: str, pid: int, plan: Plan) -> None:
     import errno
 
     from pinwarden.enforce.affinity import pin_each, threads_of
+    from pinwarden.libvirt.state import threads_as_planned
     from pinwarden.procs import thread_comm
 
     wanted = threads_as_planned(plan, {tid: thread_comm(pid, tid) for tid in threads_of(pid)})

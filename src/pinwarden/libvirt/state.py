@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pinwarden.cpuset import EMPTY, CpuSet
+from pinwarden.cpuset import EMPTY, CpuSet, union
 from pinwarden.domain import DomainSpec
-from pinwarden.model import HolderRef, domain_holder
+from pinwarden.model import HolderRef, Plan, domain_holder
 from pinwarden.record import field, record
 
 
@@ -137,3 +137,26 @@ def qemu_thread(comm: str | None) -> tuple[str, int | None] | None:
     if comm.startswith("IO iothread") and comm[11:].isdigit():
         return None if len(comm) >= COMM_MAX else ("iothread", int(comm[11:]))
     return "emulator", None
+
+
+def threads_as_planned(plan: Plan, comms: dict[int, str | None]) -> dict[int, CpuSet]:
+    """The CPUs each QEMU thread (id → name) gets under ``plan`` — a vCPU its own,
+    single-threaded TCG's one thread every vCPU's, an I/O thread its own (else the
+    emulator's), every other thread the emulator's.  Threads the kernel cut the name of,
+    or that the plan gives nothing, are left out."""
+    out: dict[int, CpuSet] = {}
+    for tid, comm in comms.items():
+        group = qemu_thread(comm)
+        if group is None:
+            continue
+        thread, ident = group
+        if thread == "vcpu":
+            cpus = union(plan.vcpus.values()) if ident is None else plan.vcpus.get(ident)
+        elif thread == "iothread":
+            cpus = plan.iothreads.get(ident) if ident is not None else None
+            cpus = cpus or plan.emulator
+        else:
+            cpus = plan.emulator
+        if cpus:
+            out[tid] = cpus
+    return out
