@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,39 @@ def test_value_after_the_command_is_not_clobbered_by_the_default_before_it() -> 
 def test_nested_command_takes_global_options_too() -> None:
     args = parse("--state-dir", "/s", "hook", "install", "--prefix", "/p", "--json")
     assert (args.state_dir, args.json, str(args.prefix)) == ("/s", True, "/p")
+
+
+def _leaf_commands(parser: argparse.ArgumentParser,
+                   path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...],
+                                                               argparse.ArgumentParser]]:
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+    for action in subs:
+        for name, sub in action.choices.items():
+            yield from _leaf_commands(sub, (*path, name))
+
+
+def test_every_command_takes_the_common_options_after_its_name() -> None:
+    """Each command, down to ``hook ping``, takes ``--json`` (and the other common
+    options) after its name as before it: it honours it or says why it does not apply;
+    never 'unrecognized arguments' for one command only."""
+    leaves = dict(_leaf_commands(build_parser()))
+    assert ("hook", "ping") in leaves and len(leaves) > 20, sorted(leaves)
+    for path, sub in leaves.items():
+        options = {o for a in sub._actions for o in a.option_strings}
+        assert {"--json", "--root", "--state-dir", "--config"} <= options, path
+
+
+def test_json_that_does_not_apply_is_refused_and_hook_ping_answers_in_json() -> None:
+    done = cli("hook", "ping", "--json")
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["schema"] == 1 and answer["ok"] is True and answer["version"]
+    for argv in (("completion", "bash", "--json"), ("--json", "completion", "bash")):
+        done = cli(*argv)
+        assert done.returncode == 2 and done.stdout == "", done
+        assert "--json does not apply: the completion script is shell code" in done.stderr
 
 
 def test_json_before_the_command_end_to_end(empty_config: str) -> None:

@@ -34,7 +34,13 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
                     "of $fpath.")
     parser.add_argument("shell", choices=SHELLS, metavar="SHELL",
                         help="bash or zsh")
-    parser.set_defaults(handler=run)
+
+    def handler(args: argparse.Namespace) -> int:
+        if args.json:
+            parser.error("--json does not apply: the completion script is shell code")
+        return run(args)
+
+    parser.set_defaults(handler=handler)
 
 
 def _walk(parser: argparse.ArgumentParser) -> Any:

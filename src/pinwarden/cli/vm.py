@@ -99,7 +99,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--hooks-dir", type=Path, default=None, metavar="DIR")
     p.add_argument("--prefix", type=Path, default=None, metavar="DIR")
     p.set_defaults(handler=cmd_hook_check)
-    p = hook_sub.add_parser("ping", help="answer that this pinwarden runs (used by check)")
+    p = hook_sub.add_parser("ping", parents=[common],
+                            help="answer that this pinwarden runs (used by check)")
     p.set_defaults(handler=cmd_hook_ping)
     p = hook_sub.add_parser(
         "run", parents=[common], help="called by libvirtd (domain XML on stdin)",
@@ -354,7 +355,12 @@ def cmd_hook_check(args: argparse.Namespace) -> int:
 def cmd_hook_ping(args: argparse.Namespace) -> int:
     from pinwarden import __version__
 
-    print(f"pinwarden hook ok {__version__}")
+    if args.json:
+        from pinwarden.cli import print_json
+
+        print_json({"ok": True, "version": __version__})
+    else:
+        print(f"pinwarden hook ok {__version__}")
     return 0
 
 
