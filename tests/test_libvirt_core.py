@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -24,7 +25,7 @@ from pinwarden import procs
 from pinwarden.config import Config
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import parse_domain
-from pinwarden.errors import LedgerError, LibvirtError, Refusal
+from pinwarden.errors import InputError, LedgerError, LibvirtError, Refusal
 from pinwarden.ledger import HolderRecord, Ledger
 from pinwarden.libvirt import hook, hookclient, place
 from pinwarden.libvirt.reconcile import Adopt, Drift, Free, Place, Report, reconcile
@@ -964,6 +965,27 @@ def test_install_never_overwrites_another_file_at_its_own_path(tmp_path: Path) -
     wrapper.unlink()  # moved away: installs
     assert len(hook.install(tmp_path, exe="/bin/echo", state_dir=None, config=None,
                             check=False).paths) == 2
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["install", "dry-run"])
+def test_install_into_a_file_says_so_and_writes_nothing(tmp_path: Path, dry_run: bool) -> None:
+    """``--hooks-dir`` naming a file, or a ``lxc.d`` that is a file: one line naming it,
+    and nothing written — not the qemu.d hook either (it was installed before the lxc.d
+    write failed), and no "would install" from a dry run."""
+    afile = tmp_path / "hooks-file"
+    afile.write_text("")
+    with pytest.raises(InputError, match=re.escape(
+            f"cannot install into {afile}/qemu.d: {afile} is not a directory; nothing "
+            f"installed")):
+        hook.install(afile, exe="/bin/echo", state_dir=None, config=None, check=False,
+                     dry_run=dry_run)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "lxc.d").write_text("")
+    with pytest.raises(InputError, match=r"lxc\.d is not a directory; nothing installed"):
+        hook.install(hooks, exe="/bin/echo", state_dir=None, config=None, check=False,
+                     dry_run=dry_run)
+    assert sorted(p.name for p in hooks.iterdir()) == ["lxc.d"]
 
 
 def test_install_refuses_a_pinwarden_that_does_not_run(tmp_path: Path) -> None:

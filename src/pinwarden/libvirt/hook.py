@@ -329,6 +329,11 @@ def install(hooks_dir: Path, *, exe: str | Sequence[str], state_dir: Path | None
                           f"'{MARKER}' line); nothing installed: move it away (if it wraps "
                           f"pinwarden's hook, give it another name and have it call the "
                           f"one pinwarden writes)", code="hook-foreign")
+    for driver in drivers:  # before anything is written (a dry run says it too)
+        blocked = _not_a_directory(hooks_dir / f"{driver}.d")
+        if blocked is not None:
+            raise InputError(f"cannot install into {hooks_dir / f'{driver}.d'}: {blocked} is "
+                             f"not a directory; nothing installed")
     if check:
         problem = _runs(argv, confined=enforcing_profile())
         if problem is not None:
@@ -365,6 +370,17 @@ def install(hooks_dir: Path, *, exe: str | Sequence[str], state_dir: Path | None
             raise InputError(f"cannot write {path}: {exc.strerror}") from None
         written.append(path)
     return Installed(tuple(written), shlex.join(argv), tuple(removed), created)
+
+
+def _not_a_directory(directory: Path) -> Path | None:
+    """``directory``, or the nearest of its parents that exists, when that is no directory
+    (a file given as ``--hooks-dir``): nothing could be written there."""
+    for path in (directory, *directory.parents):
+        if path.exists():
+            return None if path.is_dir() else path
+        if path.is_symlink():  # dangling
+            return path
+    return None
 
 
 def _is_ours(path: Path) -> bool:
