@@ -246,6 +246,54 @@ def test_reads_look_at_a_dead_owners_group_once(host4: Path, tmp_path: Path,
         assert sorted(looked) == ["gone", "heir"], (argv, looked)
 
 
+def test_a_new_owner_of_isolcpus_cpus_moves_the_previous_owners_threads_off(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lease's owner is exempt from 'keep everything else off'; when it changes
+    (libvirtd until QEMU's 'started') the previous one, still running, is not: where the
+    kernel may not guard the CPUs (isolcpus=) the change syncs, which moves its threads
+    off (Manager._keep_off).  Not where the CPUs are guarded, nor when the previous owner
+    is gone or stays the owner."""
+    root = tmp_path / "root"
+    build_host(root, HostSpec(cpus=4, isolated="3"))
+    mount_cgroups(root, cpus="0-3")
+    make_cgroup(root, V1, "machine", "0-3")
+    synced: list[str] = []
+    real_sync = Manager.sync
+
+    def sync(self: Manager, **kwargs: CpuSet) -> object:
+        synced.append("sync")
+        return real_sync(self, **kwargs)
+
+    monkeypatch.setattr(Manager, "sync", sync)
+    first, second, third = (subprocess.Popen(["sleep", "60"]) for _ in range(3))
+    try:
+        with manager(root, tmp_path / "state", fake4()) as m:
+            holder = job_holder("iso")
+            m.reserve_request(JobSpec("iso", cpus=C("3")), owner_pid=first.pid, holder=holder)
+            synced.clear()
+            m.set_owner(holder, first.pid)
+            assert synced == []  # the same owner
+            m.set_owner(holder, second.pid)
+            assert synced == ["sync"]  # the first owner runs on, no longer exempt
+            second.kill()
+            second.wait()
+            m.set_owner(holder, third.pid)
+            assert synced == ["sync"]  # the previous owner is gone: nothing of it to move
+            assert [(r.ref.name, r.owner_pid) for r in m.holders()] == [("iso", third.pid)]
+        with manager(_host4(tmp_path / "plain", "0-3"), tmp_path / "plain" / "state",
+                     fake4()) as m:  # no isolcpus=: the kernel guards every leased CPU
+            holder = job_holder("plain")
+            m.reserve_request(JobSpec("plain", cpus=C("3")), owner_pid=first.pid,
+                              holder=holder)
+            synced.clear()
+            m.set_owner(holder, third.pid)
+            assert synced == []
+    finally:
+        for proc in (first, second, third):
+            proc.kill()
+            proc.wait()
+
+
 def test_the_backend_is_opened_once_and_closed(host4: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     fake = fake4()

@@ -548,8 +548,23 @@ class Manager:
             return self._sync(shared_extra=shared_extra)
 
     def set_owner(self, holder: HolderRef, pid: int | None) -> None:
+        """Make process ``pid`` the lease's owner (QEMU at ``started``, a job's command).
+
+        The owner's threads are the lease's own; those of the owner before it (libvirtd
+        until ``started``), still running, are not any more.  Where the kernel may not guard
+        the leased CPUs (``isolcpus=`` CPUs: no partition on Linux 6.12+) a sync moves them
+        off, as it moves any other thread there (:meth:`_keep_off`); before, they stayed
+        until the next change, and audit failed after a plain ``virsh start`` (lab hunt)."""
+        from pinwarden import procs
+
         with self.locked():
-            self.ledger().set_owner(holder, pid)
+            ledger = self.ledger()
+            before = ledger.get(holder)
+            ledger.set_owner(holder, pid)
+            if before is not None and before.owner_pid not in (None, pid) \
+                    and procs.alive(before.owner_pid, before.owner_start) \
+                    and before.plan.leased() & self.host().topology.isolated:
+                self.sync()
 
     def hand_on(self, holder: HolderRef) -> int | None:
         """A holder whose owner process is gone while processes still run in its group —

@@ -753,13 +753,7 @@ def _started(manager: Manager, driver: str, name: str, spec: DomainSpec) -> None
         manager.set_owner(holder, pid)
         if driver == "lxc":  # now that the container runs there: its group a partition
             manager.sync()
-        else:
-            if record.plan.leased() & manager.host().topology.isolated:
-                # CPUs the kernel may not guard (isolcpus= on Linux 6.12+): libvirtd's own
-                # threads, exempt as the lease's owner until now, go off them (README step
-                # 5: audit is clean after 'virsh start'; they stayed until the next change)
-                manager.sync()
-            # each thread on the CPUs of its plan, not libvirt's default
+        else:  # each thread on the CPUs of its plan, not libvirt's default
             place.pin_exclusive(name, pid, record.plan)
 
 
