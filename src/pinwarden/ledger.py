@@ -166,6 +166,14 @@ def plan_from_text(text: str, where: str) -> Plan:
         raise LedgerError(f"corrupt plan recorded for {where}: nested too deeply") from None
 
 
+def _lease_text(leases: Mapping[int, str]) -> str:
+    """``CPUs 2,10 as 'vcpu0', 'sibling-hold'``, or ``no CPU``."""
+    if not leases:
+        return "no CPU"
+    roles = ", ".join(shorten(str(role), 40) for _cpu, role in sorted(leases.items()))
+    return f"{CpuSet.of(leases).named()} as {roles}"
+
+
 def _sane_time(value: object) -> bool:
     """A recorded creation time: seconds since the epoch that a clock can show (years 1970
     to 9999), so that formatting it never fails."""
@@ -589,7 +597,7 @@ class Ledger:
 
     _HOLDER_COLS = "driver, key, name, created, owner_pid, owner_start, plan, cgroup"
     _LEASE_SQL = ("SELECT l.cpu, l.driver, l.key, h.name, l.role, l.created, h.owner_pid "
-                  "FROM leases l JOIN holders h USING (driver, key) ORDER BY l.cpu")
+                  "FROM leases l LEFT JOIN holders h USING (driver, key) ORDER BY l.cpu")
 
     def _holder(self, row: Any) -> HolderRecord:
         driver, key, name, created, owner_pid, owner_start, plan, cgroup = row
@@ -612,6 +620,33 @@ class Ledger:
         return Lease(cpu=cpu, holder=HolderRef(driver, key, name), role=role,
                      created=created, owner_pid=owner_pid)
 
+    def _leases_in(self, db: sqlite3.Connection) -> tuple[Lease, ...]:
+        """Every lease, checked against the plans of their holders: a lease row is written
+        only with its holder's plan, so rows that disagree with it (a hand edit moving a
+        lease to another CPU, an orphan row) are corruption — taken as they are, the CPU
+        the holder's cgroup uses would be handed out twice."""
+        rows = db.execute(self._LEASE_SQL).fetchall()
+        for row in rows:
+            if row[3] is None:  # no holder row: LEFT JOIN
+                raise self._refuse(f"is corrupt (the lease of CPU {shorten(str(row[0]))} "
+                                   f"names holder {shorten(str(row[2]))}, which is not "
+                                   f"recorded)")
+        leases = tuple(self._lease(r) for r in rows)
+        by_holder: dict[tuple[str, str], dict[int, str]] = {}
+        for lease in leases:
+            by_holder.setdefault((lease.holder.driver, lease.holder.key), {})[lease.cpu] = \
+                lease.role
+        for driver, key, name, plan_text in db.execute(
+                "SELECT driver, key, name, plan FROM holders"):
+            ref = HolderRef(driver, key, name)
+            planned = dict(plan_from_text(plan_text, str(ref)).leases)
+            got = by_holder.get((driver, key), {})
+            if got != planned:
+                raise self._refuse(
+                    f"is corrupt (holder {shorten(str(ref))} leases {_lease_text(got)}, its "
+                    f"recorded plan {_lease_text(planned)})")
+        return leases
+
     def _holders_in(self, db: sqlite3.Connection) -> tuple[HolderRecord, ...]:
         rows = db.execute(f"SELECT {self._HOLDER_COLS} FROM holders "
                           f"ORDER BY driver, name, key").fetchall()
@@ -632,7 +667,10 @@ class Ledger:
 
     def leases(self) -> tuple[Lease, ...]:
         """Every lease, by CPU (dead owners' included: see :meth:`dead`)."""
-        return tuple(self._lease(r) for r in self._read(self._LEASE_SQL))
+        try:
+            return self._leases_in(self._db)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
 
     def holders(self) -> tuple[HolderRecord, ...]:
         """Every holder, by driver and name."""
@@ -748,7 +786,7 @@ class Ledger:
                 rows = db.execute(f"SELECT {self._HOLDER_COLS} FROM holders WHERE driver = ? "
                                   f"AND key = ?", (holder.driver, holder.key)).fetchall()
                 previous = self._holder(rows[0]) if rows else None
-                leases = tuple(self._lease(r) for r in db.execute(self._LEASE_SQL))
+                leases = self._leases_in(db)
                 plan = decide(leases)
                 self._record(db, holder, plan, owner_pid, owner_start)
                 if host is not None and plan.leases:
