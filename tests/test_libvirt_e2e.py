@@ -321,6 +321,57 @@ def test_with_the_daemon_running_it_answers_the_hook(
     assert not (hooked.state / "hook.sock").exists()
 
 
+def test_a_stopped_daemon_is_passed_over_by_the_hook(
+        hooked: env.Pinwarden, domains: env.Domains, tmp_path: Path) -> None:
+    """A real ``pinwarden daemon`` stopped (SIGSTOP: a debugger, a frozen cgroup) keeps its
+    socket, and the kernel queues the hook's call where nobody reads it.  ``virsh start``
+    of an exclusive and of a shared domain still goes through: the hook has the full
+    command answer once the daemon has not taken the call within ACK_TIMEOUT, and the
+    daemon, continued, neither answers those calls again nor keeps a stale lease."""
+    import signal
+    import time
+
+    from pinwarden.libvirt.hookclient import ACK_TIMEOUT
+
+    e, u = "pwtest-e2e-fe", "pwtest-e2e-fu"
+    source = tmp_path / "fe.xml"
+    source.write_text(env.tiny_domain_xml(e, exclusive=True, vcpupins={0: "1"}))
+    domains.track(e)
+    hooked.run("define", str(source), check=True)
+    domains.define(u)
+    daemon = env.Daemon(hooked, tmp_path / "daemon.log")
+    try:
+        daemon.wait_answering()
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            for name in (e, u):
+                began = time.monotonic()
+                started = virsh("start", name)
+                took = time.monotonic() - began
+                assert started.returncode == 0, started.stderr
+                # each hook call passed over after ACK_TIMEOUT: seconds, not the minutes
+                # an exclusive start waited before (5) nor the shared one's (1)
+                assert ACK_TIMEOUT <= took < 50, (name, took)
+            assert env.vm_affinity(e) == {1}
+            assert env.vm_affinity(u) == {0}  # CPU 1 is leased: the housekeeping CPU
+            with Ledger(hooked.state) as ledger:
+                (record,) = ledger.holders()
+            assert record.ref.name == e and record.owner_pid == env.qemu_pid(e)
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+        time.sleep(2)  # the queued calls, now read: their clients are gone
+        with Ledger(hooked.state) as ledger:
+            (record,) = ledger.holders()
+        assert record.ref.name == e and record.owner_pid == env.qemu_pid(e)
+        for name in (u, e):
+            assert virsh("destroy", name).returncode == 0
+        with Ledger(hooked.state) as ledger:
+            assert ledger.holders() == ()
+    finally:
+        status = daemon.stop()
+    assert status == 0 and "Traceback" not in daemon.text(), daemon.text()
+
+
 def test_with_the_daemon_running_pinwarden_start_is_served_by_it(
         hooked: env.Pinwarden, domains: env.Domains, tmp_path: Path) -> None:
     """With ``pinwarden daemon`` running, ``pinwarden start`` hands the start to it (issue
