@@ -250,11 +250,12 @@ def test_a_new_owner_of_isolcpus_cpus_moves_the_previous_owners_threads_off(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The lease's owner is exempt from 'keep everything else off'; when it changes
     (libvirtd until QEMU's 'started') the previous one, still running, is not: where the
-    kernel may not guard the CPUs (isolcpus=) the change syncs, which moves its threads
-    off (Manager._keep_off).  Not where the CPUs are guarded, nor when the previous owner
-    is gone or stays the owner."""
+    kernel may not guard the CPUs (isolcpus=) and a thread of it may run there, the change
+    syncs, which moves it off (Manager._keep_off).  Not where the CPUs are guarded, nor
+    when the previous owner is gone, stays the owner, or may not run there anyway."""
+    assert {0, 1} <= os.sched_getaffinity(0)  # (this machine's CPUs 0-1: real affinities)
     root = tmp_path / "root"
-    build_host(root, HostSpec(cpus=4, isolated="3"))
+    build_host(root, HostSpec(cpus=4, isolated="1"))
     mount_cgroups(root, cpus="0-3")
     make_cgroup(root, V1, "machine", "0-3")
     synced: list[str] = []
@@ -266,10 +267,11 @@ def test_a_new_owner_of_isolcpus_cpus_moves_the_previous_owners_threads_off(
 
     monkeypatch.setattr(Manager, "sync", sync)
     first, second, third = (subprocess.Popen(["sleep", "60"]) for _ in range(3))
+    elsewhere = subprocess.Popen(["taskset", "-c", "0", "sleep", "60"])
     try:
         with manager(root, tmp_path / "state", fake4()) as m:
             holder = job_holder("iso")
-            m.reserve_request(JobSpec("iso", cpus=C("3")), owner_pid=first.pid, holder=holder)
+            m.reserve_request(JobSpec("iso", cpus=C("1")), owner_pid=first.pid, holder=holder)
             synced.clear()
             m.set_owner(holder, first.pid)
             assert synced == []  # the same owner
@@ -277,19 +279,21 @@ def test_a_new_owner_of_isolcpus_cpus_moves_the_previous_owners_threads_off(
             assert synced == ["sync"]  # the first owner runs on, no longer exempt
             second.kill()
             second.wait()
-            m.set_owner(holder, third.pid)
+            m.set_owner(holder, elsewhere.pid)
             assert synced == ["sync"]  # the previous owner is gone: nothing of it to move
+            m.set_owner(holder, third.pid)
+            assert synced == ["sync"]  # the previous one may only run on CPU 0
             assert [(r.ref.name, r.owner_pid) for r in m.holders()] == [("iso", third.pid)]
         with manager(_host4(tmp_path / "plain", "0-3"), tmp_path / "plain" / "state",
                      fake4()) as m:  # no isolcpus=: the kernel guards every leased CPU
             holder = job_holder("plain")
-            m.reserve_request(JobSpec("plain", cpus=C("3")), owner_pid=first.pid,
+            m.reserve_request(JobSpec("plain", cpus=C("1")), owner_pid=first.pid,
                               holder=holder)
             synced.clear()
             m.set_owner(holder, third.pid)
             assert synced == []
     finally:
-        for proc in (first, second, third):
+        for proc in (first, second, third, elsewhere):
             proc.kill()
             proc.wait()
 

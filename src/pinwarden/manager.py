@@ -552,18 +552,21 @@ class Manager:
 
         The owner's threads are the lease's own; those of the owner before it (libvirtd
         until ``started``), still running, are not any more.  Where the kernel may not guard
-        the leased CPUs (``isolcpus=`` CPUs: no partition on Linux 6.12+) a sync moves them
-        off, as it moves any other thread there (:meth:`_keep_off`); before, they stayed
-        until the next change, and audit failed after a plain ``virsh start`` (lab hunt)."""
+        the leased CPUs (``isolcpus=`` CPUs: no partition on Linux 6.12+) and a thread of
+        the previous owner may run there, a sync moves it off, as it moves any other thread
+        there (:meth:`_keep_off`); before, they stayed until the next change, and audit
+        failed after a plain ``virsh start`` (lab hunt)."""
         from pinwarden import procs
 
         with self.locked():
             ledger = self.ledger()
             before = ledger.get(holder)
             ledger.set_owner(holder, pid)
-            if before is not None and before.owner_pid not in (None, pid) \
-                    and procs.alive(before.owner_pid, before.owner_start) \
-                    and before.plan.leased() & self.host().topology.isolated:
+            if before is None or before.owner_pid in (None, pid) \
+                    or not procs.alive(before.owner_pid, before.owner_start):
+                return
+            unguarded = before.plan.leased() & self.host().topology.isolated
+            if unguarded and _may_run_on(before.owner_pid, unguarded):
                 self.sync()
 
     def hand_on(self, holder: HolderRef) -> int | None:
@@ -1201,6 +1204,19 @@ def _is_noise_key(key: str) -> bool:
     """Change records of :mod:`pinwarden.isolation` (``irq:N``, ``irq-default``,
     ``workqueue``, ``kthread:PID:START``), not the cgroup ones."""
     return key in ("irq-default", "workqueue") or key.startswith(("irq:", "kthread:"))
+
+
+def _may_run_on(pid: int, cpus: CpuSet) -> bool:
+    """Whether a thread of process ``pid`` may run on one of ``cpus`` (its affinity)."""
+    from pinwarden.enforce.affinity import threads_of
+
+    for tid in threads_of(pid):
+        try:
+            if not cpus.cpus.isdisjoint(os.sched_getaffinity(tid)):
+                return True
+        except OSError:  # exited meanwhile
+            continue
+    return False
 
 
 def _is_task_key(key: str) -> bool:
