@@ -442,9 +442,15 @@ def lab_run(suite: str) -> LabRun:
 
 
 if __name__ == "__main__":  # by hand: cd tests && ../.venv/bin/python -m syslab.vm [SUITE…]
-    start(sys.argv[1:] or SUITES)
-    for name in sys.argv[1:] or SUITES:
-        r = lab_run(name)
-        ok = sum(1 for c in r.results["checks"].values() if c.get("ok"))
-        print(f"{name}: {ok}/{len(r.results['checks'])} checks ok, {r.seconds:.0f} s, "
-              f"{r.outdir}")
+    try:
+        start(sys.argv[1:] or SUITES)
+        for name in sys.argv[1:] or SUITES:
+            r = lab_run(name)
+            ok = sum(1 for c in r.results["checks"].values() if c.get("ok"))
+            print(f"{name}: {ok}/{len(r.results['checks'])} checks ok, {r.seconds:.0f} s, "
+                  f"{r.outdir}")
+    finally:  # the output directories printed are kept; the wheels are not
+        stop()
+        for made in MADE:
+            if made.name.startswith("pwtest-syslab-wheels-"):
+                shutil.rmtree(made, ignore_errors=True)
