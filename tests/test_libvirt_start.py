@@ -397,6 +397,64 @@ def test_racing_starts_leave_one_running_domain_with_its_lease(pw: env.Pinwarden
     assert env.cpu_exclusive(group) and env.read_cpus(group, "effective_cpus") == {1}
 
 
+#: ``pinwarden ARGV`` whose call to libvirt starts the domain and then fails as libvirt
+#: reports it when another call won the race (``virsh start`` of the same domain) or when
+#: libvirtd restarted during the call and completed the start after it.
+_START_THEN_FAIL = """
+import sys
+from pinwarden.libvirt import start
+from pinwarden.errors import LibvirtError
+
+real = start._create
+
+def create(conn, holder, xml):
+    if sys.argv[1] == "raced":  # another call starts it first: libvirt's own refusal
+        conn.createXML(xml, 0)
+        return real(conn, holder, xml)
+    real(conn, holder, xml)
+    raise LibvirtError(f"libvirt could not start domain {holder.name!r}: End of file while "
+                       f"reading data: Input/output error")
+
+start._create = create
+from pinwarden.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("how", ["raced", "lost"])
+def test_a_start_that_fails_while_the_domain_runs_keeps_its_lease(
+        pw: env.Pinwarden, domains: env.Domains, how: str) -> None:
+    """libvirt reports the start failed although the domain runs: another call started it
+    first ("already active"), or libvirtd restarted during the call and completed it ("End
+    of file while reading data").  The rollback dropped the lease of the running domain —
+    status and audit said its CPU free, the next exclusive start blamed pinwarden's own
+    group as "not managed by pinwarden" (hunt).  Now the lease stays, handed on to QEMU,
+    and the error says the domain runs."""
+    import json
+    import sys
+
+    from pinwarden.ledger import Ledger
+
+    a = f"pwtest-start-{how}"
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    done = subprocess.run([sys.executable, "-c", _START_THEN_FAIL, how,
+                           *pw.cmd("start", a, "--no-daemon")[1:]],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    qemu = env.qemu_pid(a)
+    said = "already active" if how == "raced" else "End of file while reading data"
+    assert said in done.stderr and f"but domain '{a}' runs (process {qemu}" in done.stderr \
+        and "keeps its lease" in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    with Ledger(pw.state) as ledger:
+        assert [(h.ref.name, h.owner_pid) for h in ledger.holders()] == [(a, qemu)]
+    status = json.loads(pw.run("status", "--json", check=True).stdout)
+    assert status["leased"] == "1", status
+    assert env.cpu_exclusive(pw.holder_group(a)) and env.vm_affinity(a) == {1}
+    pw.run("stop", a, check=True)
+    assert env.holder_names(pw) == ()
+
+
 def test_graceful_stop_that_times_out_keeps_domain_and_lease(pw: env.Pinwarden,
                                                              domains: env.Domains) -> None:
     """The firmware-only guest ignores ACPI shutdown: --graceful gives up after --timeout,

@@ -521,6 +521,31 @@ class Manager:
                 self._sync_after_release(holder)
             return record
 
+    def drop_failed(self, holder: HolderRef, owner: int) -> int | None:
+        """Free ``holder``, reserved by process ``owner`` for a start that failed — unless
+        the domain runs anyway: the lease was taken over by another live owner (a racing
+        ``virsh start`` of the same domain: its hook's ``started`` hands it to QEMU), or
+        processes run in its group (libvirtd restarted during the call and completed the
+        start).  Then the lease is kept, handed on to those processes if still ``owner``'s,
+        and the process it is kept for returned; None when it was freed."""
+        from pinwarden import procs
+
+        with self.locked():
+            record = self.ledger().get(holder)
+            if record is None:
+                return None
+            if record.owner_pid is not None and record.owner_pid != owner \
+                    and procs.alive(record.owner_pid, record.owner_start):
+                return record.owner_pid
+            left = self.left_running(holder)
+            if left:
+                with contextlib.suppress(LedgerError):  # exited meanwhile: freed below
+                    self.ledger().set_owner(holder, left[0])
+                    return left[0]
+            if self.ledger().drop(holder) is not None:
+                self._sync_after_release(holder)
+            return None
+
     def _sync_after_release(self, holder: HolderRef) -> None:
         try:
             self._sync()

@@ -259,32 +259,53 @@ def _start_exclusive(manager: Manager, conn: Any, holder: HolderRef, spec: Domai
             else reserved.result.desired.notes
         return Started(holder.name, holder.uuid or "", plan, pid, kernel.domain_cgroup(pid),
                        tuple(done), (*plan.notes, *layout_notes))
+    except PinwardenError as exc:
+        kept = _rollback(manager, conn, holder, started, done, replaced)
+        if kept is None:
+            raise
+        raise LibvirtError(
+            f"{exc.message}; but domain {holder.name!r} runs (process {kept}: started by "
+            f"another call, or by libvirtd after it lost this one) and keeps its lease "
+            f"('pinwarden status' shows it)", code=exc.code) from None
     except BaseException:
         _rollback(manager, conn, holder, started, done, replaced)
         raise
 
 
 def _rollback(manager: Manager, conn: Any, holder: HolderRef, started: bool,
-              done: Sequence[Repin], replaced: dict[str, str | None]) -> None:
+              done: Sequence[Repin], replaced: dict[str, str | None]) -> int | None:
     """Best effort, every step attempted: the caller re-raises the original error.
     Order: domain, lease and cgroups (the manager shrinks the layout back — to the host
     as found when nothing else is leased), then the re-pins (which need the restored
     cgroups to allow their old CPUs again) and their records, together under the pins
     lock, as they were made: a daemon pass giving CPUs back in between would see the
-    one undone and not the other."""
+    one undone and not the other.
+
+    A domain this call did not start may run anyway — started by a racing ``virsh
+    start``, or by libvirtd after a restart lost this call's connection: its lease, and
+    the re-pins that keep the others off it, stay (:meth:`Manager.drop_failed`); the
+    process it is kept for is returned."""
     if started:
         with contextlib.suppress(PinwardenError):
             lv.destroy(conn, holder.name)
-    with contextlib.suppress(PinwardenError):
-        manager.drop(holder)
+        with contextlib.suppress(PinwardenError):
+            manager.drop(holder)
+    else:
+        try:
+            kept = manager.drop_failed(holder, os.getpid())
+        except PinwardenError:
+            kept = None
+        if kept is not None:
+            return kept
     if not done and not replaced:
-        return
+        return None
     with contextlib.ExitStack() as stack:
         with contextlib.suppress(PinwardenError):  # not to be had: undone without it
             stack.enter_context(pins.locked(manager))
         pins.undo(conn, holder.driver, done)
         with contextlib.suppress(PinwardenError):
             pins.unnote(manager, replaced)
+    return None
 
 
 def _create(conn: Any, holder: HolderRef, xml: str) -> Any:
