@@ -754,10 +754,11 @@ def test_a_failed_starts_undo_settles_qemus_other_emulator_threads(
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     asked: list[tuple[str, str]] = []
 
-    def apply_repin(_conn: Any, move: Repin) -> None:
+    def apply_repin(_conn: Any, move: Repin) -> bool:
         asked.append((move.label, str(move.after)))
         if move.thread == "vcpu":
             raise LibvirtError("cannot re-pin vcpu0 (stand-in)")
+        return True
 
     monkeypatch.setattr(lv, "apply_repin", apply_repin)
     monkeypatch.setattr(lv, "read_pid", lambda driver, name: (

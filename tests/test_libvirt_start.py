@@ -397,6 +397,34 @@ def test_racing_starts_leave_one_running_domain_with_its_lease(pw: env.Pinwarden
     assert env.cpu_exclusive(group) and env.read_cpus(group, "effective_cpus") == {1}
 
 
+def test_a_repin_of_a_domain_that_stopped_meanwhile_is_nothing_to_do(
+        pw: env.Pinwarden, domains: env.Domains) -> None:
+    """An exclusive start (or a daemon pass) re-pins the running shared domains it listed;
+    one that stops before its turn failed the whole start: "cannot re-pin vcpu0 of domain
+    's1' to CPU 0: … domain is not running" (hunt).  Now its re-pin is nothing to do."""
+    from pinwarden.libvirt import connect as lv
+    from pinwarden.libvirt.state import Repin
+
+    persistent, transient = "pwtest-start-gone1", "pwtest-start-gone2"
+    domains.define(persistent)
+    dom = domains.conn.lookupByName(persistent)
+    dom.create()
+    domains.create(transient)
+    moves = {name: Repin(name, domains.uuid(name), "vcpu", 0, CpuSet.parse("0-1"),
+                         CpuSet.parse("0")) for name in (persistent, transient)}
+    assert lv.apply_repin(domains.conn, moves[persistent]) is True  # running: done
+    bits = dom.vcpuPinInfo(env.libvirt.VIR_DOMAIN_AFFECT_LIVE)[0]
+    assert {i for i, on in enumerate(bits) if on} == {0}
+    for name in (persistent, transient):
+        domains.conn.lookupByName(name).destroy()  # (the transient one is gone for good)
+        assert lv.apply_repin(domains.conn, moves[name]) is False
+    bad = Repin(persistent, domains.uuid(persistent), "vcpu", 7, CpuSet.parse("0-1"),
+                CpuSet.parse("0"))
+    dom.create()  # a running domain's refusal still is one (it has no vCPU 7)
+    with pytest.raises(LibvirtError, match=f"cannot re-pin vcpu7 of domain '{persistent}'"):
+        lv.apply_repin(domains.conn, bad)
+
+
 #: ``pinwarden ARGV`` whose call to libvirt starts the domain and then fails as libvirt
 #: reports it when another call won the race (``virsh start`` of the same domain) or when
 #: libvirtd restarted during the call and completed the start after it.

@@ -304,13 +304,16 @@ def _read_or_gone(conn: Any, dom: Any, driver: str, *, active_only: bool,
     raise failure
 
 
-def apply_repin(conn: Any, repin: Repin) -> None:
+def apply_repin(conn: Any, repin: Repin) -> bool:
     """Pin one thread of a running domain live (``VIR_DOMAIN_AFFECT_LIVE``) to
-    ``repin.after``."""
+    ``repin.after``.  False, and nothing done, when the domain stopped (or went) since it
+    was listed: a stopped domain has no thread to move, and an exclusive start re-pinning
+    it, or a daemon pass, must not fail for it (hunt)."""
     lv = binding()
     cpus = repin.after
     size = host_cpu_count(conn)
     live = lv.VIR_DOMAIN_AFFECT_LIVE
+    dom = None
     try:
         dom = conn.lookupByUUIDString(repin.uuid)
         bits = cpumap(cpus, size)
@@ -321,8 +324,21 @@ def apply_repin(conn: Any, repin: Repin) -> None:
         else:
             dom.pinIOThread(repin.ident, bits, live)
     except lv.libvirtError as exc:
+        if exc.get_error_code() == lv.VIR_ERR_NO_DOMAIN or not _still_active(dom):
+            return False
         raise error(f"cannot re-pin {repin.label} of domain {repin.domain!r} to "
                     f"{cpus.named()}", exc) from None
+    return True
+
+
+def _still_active(dom: Any) -> bool:
+    """Whether ``dom`` runs (True when that cannot be told: the original error stands)."""
+    if dom is None:
+        return True
+    try:
+        return bool(dom.isActive())
+    except binding().libvirtError as exc:
+        return bool(exc.get_error_code() != binding().VIR_ERR_NO_DOMAIN)
 
 
 def pins_of(info: DomainInfo) -> Mapping[str, CpuSet]:

@@ -85,7 +85,8 @@ def give_back(manager: Manager, conn: Any,
         pids = {d.uuid: d.pid for d in domains}
         try:
             for move in plan.moves:
-                lv.apply_repin(conn, move)
+                if not lv.apply_repin(conn, move):
+                    continue  # stopped meanwhile: its record goes at the next pass
                 done.append(move)
                 if move.thread == "emulator":
                     settle_emulator(pids.get(move.uuid), move)

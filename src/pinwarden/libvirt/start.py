@@ -234,8 +234,8 @@ def _start_exclusive(manager: Manager, conn: Any, holder: HolderRef, spec: Domai
     try:
         with pins.locked(manager):
             for move in planner.moves:
-                lv.apply_repin(conn, move)
-                done.append(move)
+                if lv.apply_repin(conn, move):  # (False: that domain stopped meanwhile)
+                    done.append(move)
             replaced = pins.note_moves(manager, done)  # given back when the CPUs are free
         dom = _create(conn, holder, render_plan(xml, plan, partition=partition))
         started = True
