@@ -425,6 +425,43 @@ def test_a_repin_of_a_domain_that_stopped_meanwhile_is_nothing_to_do(
         lv.apply_repin(domains.conn, bad)
 
 
+@pytest.mark.parametrize("exclusive", [False, True], ids=["shared", "exclusive"])
+def test_a_domain_with_a_managed_save_image_is_not_cold_booted(
+        pw: env.Pinwarden, domains: env.Domains, exclusive: bool) -> None:
+    """``pinwarden start`` boots from the definition: a domain with a managed save image
+    was cold-booted, its saved state thrown away and the image kept (a later 'virsh start'
+    would restore it over disks changed meanwhile) (hunt).  Now it is refused before
+    anything is reserved, saying how to restore or discard the image; 'virsh start'
+    restores it."""
+    a = f"pwtest-start-saved-{'x' if exclusive else 's'}"
+    kw: dict[str, Any] = {"exclusive": True, "vcpupins": {0: "1"}} if exclusive else {}
+    dom = domains.define(a, **kw)
+    pw.run("start", a, "--no-daemon", check=True)
+    qemu = env.qemu_pid(a)
+    assert dom.managedSave(0) == 0 and dom.hasManagedSaveImage(0)
+    pw.run("sync", check=True)  # (its QEMU gone: an exclusive lease is freed)
+    assert env.holder_names(pw) == ()
+    for extra in ((), ("--dry-run",), ("--json",)):
+        refused = pw.run("start", a, "--no-daemon", *extra)
+        assert refused.returncode == 1, refused
+        assert f"domain '{a}' has a managed save image" in refused.stderr and \
+            f"virsh start {a} restores it" in refused.stderr and \
+            f"virsh managedsave-remove {a}" in refused.stderr, refused.stderr
+        assert refused.stderr.count("\n") == 1, refused.stderr
+        assert ("with pinwarden's hook installed" in refused.stderr) == exclusive
+    assert env.holder_names(pw) == () and dom.hasManagedSaveImage(0) and not dom.isActive()
+    if exclusive:  # (restored without the hook, its holder group is gone: test_libvirt_e2e)
+        dom.managedSaveRemove(0)
+        pw.run("start", a, "--no-daemon", check=True)  # as the message says
+        assert env.vm_affinity(a) == {1}
+        pw.run("stop", a, check=True)
+        return
+    dom.create()  # what the message says: libvirt restores the saved state
+    assert dom.isActive() and not dom.hasManagedSaveImage(0)
+    assert env.qemu_pid(a) != qemu
+    dom.destroy()
+
+
 #: ``pinwarden ARGV`` whose call to libvirt starts the domain and then fails as libvirt
 #: reports it when another call won the race (``virsh start`` of the same domain) or when
 #: libvirtd restarted during the call and completed the start after it.

@@ -117,9 +117,32 @@ def _start(manager: Manager, uri: str, conn: Any, name: str) -> Started:
             raise Refusal(f"domain {name!r} is already running", code="running")
         xml = lv.xml_of(dom, inactive=True)
         spec = parse_domain(xml)
+        _no_managed_save(dom, name, exclusive=spec.exclusive)
         if spec.exclusive:
             return _start_exclusive(manager, conn, holder, spec, xml)
         return _start_shared(manager, conn, holder, spec, xml)
+
+
+def _no_managed_save(dom: Any, name: str, *, exclusive: bool) -> None:
+    """``pinwarden start`` boots a domain from its definition (``createXML``): one with a
+    managed save image was cold-booted, its saved guest state thrown away and the image
+    kept, for a later ``virsh start`` to restore over disks that changed meanwhile (hunt).
+    Refused instead, before anything is reserved, saying how to restore or discard it."""
+    b = lv.binding()
+    try:
+        saved = bool(dom.hasManagedSaveImage(0))
+    except b.libvirtError as exc:
+        raise libvirt_failure(f"cannot tell whether domain {name!r} has a managed save "
+                              f"image", exc) from None
+    if saved:
+        hook = " (with pinwarden's hook installed: it leases its CPUs again)" \
+            if exclusive else ""
+        raise Refusal(
+            f"domain {name!r} has a managed save image (its saved running state): "
+            f"{command_line('virsh start', name)} restores it{hook}, or "
+            f"{command_line('virsh managedsave-remove', name)} discards it and "
+            f"{command_line('pinwarden start', name)} then boots it afresh",
+            code="managed-save")
 
 
 @record
@@ -149,6 +172,7 @@ def preview_start(manager: Manager, uri: str, name: str) -> StartPreview:
                           f"({command_line('pinwarden stop', name)})", code="running")
         holder = _holder(conn, dom)
         spec = parse_domain(lv.xml_of(dom, inactive=True))
+        _no_managed_save(dom, name, exclusive=spec.exclusive)
         if not spec.exclusive:
             plan = manager.plan(spec, holder=holder)
             return StartPreview(name, plan, (), (
