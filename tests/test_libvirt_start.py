@@ -462,6 +462,83 @@ def test_a_domain_with_a_managed_save_image_is_not_cold_booted(
     dom.destroy()
 
 
+#: ``pinwarden ARGV`` (after the first two words) whose call to libvirt is raced by an
+#: exclusive start (``sys.argv[2]``, run as its own command) just before (``before``) or just
+#: after (``after``) libvirt creates the domain.
+_RACED_BY_AN_EXCLUSIVE_START = """
+import subprocess, sys
+from pinwarden.libvirt import start
+
+real, when, other = start._create, sys.argv[1], sys.argv[2].split()
+calls = []
+
+def create(conn, holder, xml):
+    calls.append(xml)
+    if when in ("before", "ended") and len(calls) == 1:
+        subprocess.run(other, check=True, stdout=subprocess.DEVNULL)
+    dom = real(conn, holder, xml)
+    if when == "after" and len(calls) == 1:
+        subprocess.run(other, check=True, stdout=subprocess.DEVNULL)
+    return dom
+
+start._create = create
+from pinwarden.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after", "ended"])
+def test_a_shared_start_raced_by_an_exclusive_one_starts_on_what_is_left(
+        pw: env.Pinwarden, domains: env.Domains, when: str) -> None:
+    """A shared 'pinwarden start' plans CPU 1 (nothing leased); an exclusive start takes
+    CPU 1 before libvirt writes that plan into the new domain's cgroups (the kernel refuses:
+    'Unable to write … cpuset.cpus: Permission denied') or right after the domain started
+    (it runs confined to CPU 0, outside its plan).  The shared start failed, or pinwarden
+    stopped the domain it had started (hunt).  Now it is planned again and starts on CPU 0,
+    libvirt's pins saying so, and gets CPU 1 back when the lease ends.
+
+    ``ended``: the lease ends between the plan (CPU 0) and the start; the give-back of its
+    end has run, and nothing recorded the domain as placed narrower, so it stayed on CPU 0
+    for good (hunt).  Now it gets CPU 1 at once."""
+    import sys
+
+    x, s = f"pwtest-start-rx-{when}", f"pwtest-start-rs-{when}"
+    if not (env.CPUSET / "machine").is_dir():
+        domains.create("pwtest-start-warm").destroy()
+    # nothing leased: VM CPU 1 (as pinwarden keeps machine), or every CPU (as libvirt
+    # makes it: the plan's CPU 0 stays allowed after the lease ended)
+    machine = "0-1" if when == "ended" else "1"
+    (env.CPUSET / "machine" / "cpuset.cpus").write_text(machine)
+    domains.define(x, exclusive=True, vcpupins={0: "1"})
+    dom = domains.define(s)
+    other = " ".join(pw.cmd("start", x, "--no-daemon"))
+    if when == "ended":
+        subprocess.run(other.split(), check=True, stdout=subprocess.DEVNULL)
+        other = " ".join(pw.cmd("stop", x))
+    done = subprocess.run([sys.executable, "-c", _RACED_BY_AN_EXCLUSIVE_START, when, other,
+                           *pw.cmd("start", s, "--no-daemon")[1:]],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert done.stdout.startswith(f"started {s} (shared on CPU 0)"), done.stdout
+    if when == "ended":
+        assert env.holder_names(pw) == ()
+        assert env.vm_affinity(s) == {1}  # given back at once
+        bits = dom.vcpuPinInfo(env.libvirt.VIR_DOMAIN_AFFECT_LIVE)[0]
+        assert {i for i, on in enumerate(bits) if on} == {1}
+        status = pw.run("status", "--json", check=True).stdout
+        assert '"narrowed": []' in status, status
+        pw.run("stop", s, check=True)
+        return
+    assert env.vm_affinity(x) == {1} and env.vm_affinity(s) == {0}
+    bits = dom.vcpuPinInfo(env.libvirt.VIR_DOMAIN_AFFECT_LIVE)[0]
+    assert {i for i, on in enumerate(bits) if on} == {0}
+    assert env.holder_names(pw) == (x,)
+    stopped = pw.run("stop", x, check=True).stdout
+    assert f"gave back {s}" in stopped, stopped
+    assert env.vm_affinity(s) == {1}
+    pw.run("stop", s, check=True)
+
+
 #: ``pinwarden ARGV`` whose call to libvirt starts the domain and then fails as libvirt
 #: reports it when another call won the race (``virsh start`` of the same domain) or when
 #: libvirtd restarted during the call and completed the start after it.

@@ -214,15 +214,36 @@ class _ExclusivePlanner:
         return plan
 
 
+#: Times a shared start is planned again when an exclusive reservation took CPUs of its
+#: plan while libvirt created it.
+SHARED_ATTEMPTS = 3
+
+
 def _start_shared(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSpec,
                   xml: str) -> Started:
-    admit_shared(manager, spec, holder)
-    plan = manager.plan(spec, holder=holder)
-    live_xml = render_plan(xml, plan)
-    dom = _create(conn, holder, live_xml)
+    """A shared domain on the CPUs not leased now.  Nothing holds that plan until the domain
+    runs: an exclusive reservation made meanwhile (another 'pinwarden start', a plain
+    'virsh start' through the hook) narrows the VM partition, and libvirt's write of the
+    plan into the new domain's cgroups fails (cgroup v1: EACCES), or the domain starts
+    confined to fewer CPUs than planned.  The start failed, or pinwarden stopped the domain
+    it had just started (hunt): a shared domain must start while there are CPUs for it.
+    Now it is planned again from the leases of that moment: a failed create is retried,
+    and a running domain's pins follow the new plan."""
+    for attempt in range(1, SHARED_ATTEMPTS + 1):
+        admit_shared(manager, spec, holder)
+        plan = manager.plan(spec, holder=holder)
+        try:
+            dom = _create(conn, holder, render_plan(xml, plan))
+            break
+        except LibvirtError:
+            if attempt == SHARED_ATTEMPTS or manager.plan(spec, holder=holder) == plan:
+                raise  # (the leases did not change: the failure is the domain's own)
     try:
         pid = lv.read_pid(holder.driver, holder.name)
         problems = kernel.check_domain(dom, pid, plan)
+        if problems:
+            plan, problems = _follow_the_leases(manager, conn, holder, spec, dom, pid, plan,
+                                                problems)
         if problems:
             raise Refusal(f"domain {holder.name!r} started but the kernel does not confine "
                           f"it to its plan: {problems[0]}; stopped it", code="verify")
@@ -231,13 +252,41 @@ def _start_shared(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSp
             lv.destroy(conn, holder.name)
         raise
     with contextlib.suppress(PinwardenError):  # the CPUs leased now, given back later
-        if manager.leases():
-            base = shared_pool(manager.host(), CpuSet())[0]
+        base = shared_pool(manager.host(), CpuSet())[0]
+        narrower = placed_narrower(spec, plan, holder.name, holder.uuid or "", base)
+        if narrower:
+            # recorded whatever the leases are now: one that ended since the plan was made
+            # (its give-back already ran) left the domain narrowed for good (hunt)
             with pins.locked(manager):
-                pins.note_moves(manager, placed_narrower(spec, plan, holder.name,
-                                                         holder.uuid or "", base))
+                pins.note_moves(manager, narrower)
+            if not manager.leases():
+                pins.give_back(manager, conn)
     return Started(holder.name, holder.uuid or "", plan, pid, kernel.domain_cgroup(pid),
                    notes=plan.notes)
+
+
+def _follow_the_leases(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSpec,
+                       dom: Any, pid: int | None, plan: Plan,
+                       problems: list[str]) -> tuple[Plan, list[str]]:
+    """A shared domain whose threads are not within its plan: when the leases changed
+    since the plan was made (an exclusive reservation narrowed the VM partition under the
+    starting domain), its live pins follow the plan of now, and it is checked against that;
+    else the problems stand."""
+    now = manager.plan(spec, holder=holder)
+    if now == plan:
+        return plan, problems
+    moves = [Repin(holder.name, holder.uuid or "", "vcpu", v, plan.vcpus.get(v, CpuSet()), c)
+             for v, c in sorted(now.vcpus.items()) if c and c != plan.vcpus.get(v)]
+    if now.emulator and now.emulator != plan.emulator:
+        moves.append(Repin(holder.name, holder.uuid or "", "emulator", None, plan.emulator,
+                           now.emulator))
+    moves.extend(Repin(holder.name, holder.uuid or "", "iothread", i,
+                       plan.iothreads.get(i, CpuSet()), c)
+                 for i, c in sorted(now.iothreads.items()) if c and c != plan.iothreads.get(i))
+    with pins.locked(manager):
+        for move in moves:
+            lv.apply_repin(conn, move)
+    return now, kernel.check_domain(dom, pid, now)
 
 
 def _start_exclusive(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSpec,
