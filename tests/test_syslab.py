@@ -900,6 +900,11 @@ def test_story_lxc_and_qemu_share_one_ledger(lab: LabRun) -> None:
     assert after["machine"]["cpuset.cpus.effective"] == "0-3", after["machine"]
     log = s["hook_log"] or ""
     assert "pinwarden: gave back pwtest-lqs vcpu0: " in log and "warning" not in log, log
+    # 'pinwarden start' of the exclusive container: the hook admits the XML it renders
+    # (without the fix: "… is an LXC container with <vcpupin> …", refused at 'prepare')
+    rc0(s["pwstart_lx"])
+    assert [(h["name"], h["cpus"]) for h in s["holders_pwstart_lx"]] == [("pwtest-lx", "2")]
+    rc0(s["pwstop_lx"])
     assert s["as_left"]["holders"] == [] and s["as_left"]["layout"]["partitions"] == {}
 
 

@@ -672,21 +672,30 @@ def render_plan(xml: str | bytes, plan: Plan, *, partition: str | None = None) -
 
     # <vcpu>
     vcpu = root.child("vcpu")
-    if plan.default_cpus is not None:
-        attrs = {"cpuset": str(plan.default_cpus)}
+    cpuset = plan.default_cpus
+    if spec.domain_type == "lxc" and plan.exclusive and plan.leases:
+        # a container runs on <vcpu cpuset> alone (no pins): its leases, the sibling
+        # threads held empty included, so that it plans again to the same leases (its
+        # holder group, without the held threads, confines it to the others)
+        cpuset = plan.leased()
+    if cpuset is not None:
+        attrs = {"cpuset": str(cpuset)}
         if vcpu is None:
-            top_lines.append(f"<vcpu placement='static' cpuset='{plan.default_cpus}'>"
+            top_lines.append(f"<vcpu placement='static' cpuset='{cpuset}'>"
                              f"{len(plan.vcpus) or spec.vcpus}</vcpu>")
         else:
             if vcpu.attrs.get("placement") == "auto":  # numad would ignore our cpuset
                 attrs["placement"] = "static"
-            if spec.cpuset != plan.default_cpus or "placement" in attrs:
+            if spec.cpuset != cpuset or "placement" in attrs:
                 ed.set_attrs(vcpu, attrs)
         if spec.placement == "auto":
             _memory_off_numad(ed, root, plan.memory_nodes, unit, top_lines)
 
     def wanted(cpus: CpuSet) -> bool:
-        return plan.exclusive or plan.default_cpus is None or cpus != plan.default_cpus
+        # An LXC container runs on <vcpu cpuset> and libvirt ignores its pins: none is
+        # written (an exclusive one with pins is refused, by the hook at its start too)
+        return spec.domain_type != "lxc" and (
+            plan.exclusive or plan.default_cpus is None or cpus != plan.default_cpus)
 
     # <cputune>
     tune = root.child("cputune")
