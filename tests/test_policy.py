@@ -677,6 +677,28 @@ def test_rules_on_real_topologies(hwloc_roots: dict[str, Path], dump: str) -> No
             host=h, leases=held)
 
 
+def test_a_memory_only_numa_node_is_one_the_host_has(hwloc_roots: dict[str, Path]) -> None:
+    """A GPU's memory as NUMA nodes without CPUs (250-255 on this dump): a <numatune>
+    naming one was refused as "a node this host does not have" (hunt), shared domains
+    too.  Now the CPUs go to the nodeset's nodes that have CPUs, or anywhere when it names
+    none, with a note; a node the host really lacks is still refused."""
+    h = _real_host(hwloc_roots["nvidiagpunumanodes"])
+    memory_only = CpuSet.of(n for n, cpus in h.topology.nodes.items() if not cpus)
+    assert CpuSet.parse("250-255") <= memory_only, h.topology.nodes
+    with_cpus = sorted(n for n, cpus in h.topology.nodes.items() if cpus)
+    shared = decide(spec("gpu", numa_nodeset=C("250")), h, [])
+    assert shared.default_cpus == h.partition.vm_cpus, shared
+    assert any("memory-only NUMA node 250" in n for n in shared.notes), shared.notes
+    last = with_cpus[-1]
+    exclusive = decide(spec("gpux", vcpus=2, exclusive=True,
+                            numa_nodeset=CpuSet.of([last, 251])), h, [])
+    assert {h.topology.node_of(c) for c in exclusive.leased()} == {last}, exclusive
+    assert any(f"its CPUs are placed on node {last}" in n for n in exclusive.notes), \
+        exclusive.notes
+    refused("unknown-node", "NUMA node 249", spec=spec("x", numa_nodeset=C("249")), host=h,
+            leases=[])
+
+
 def test_offline_cpu_dump_refuses_the_offline_cpu(hwloc_roots: dict[str, Path]) -> None:
     h = _real_host(hwloc_roots["offline-cpu0-node0"])
     offline = h.topology.present - h.topology.online

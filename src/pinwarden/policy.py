@@ -207,15 +207,30 @@ def _check_exists(ctx: _Ctx, label: str, cpus: CpuSet) -> None:
                       f"{topo.online}): bring it online or pin elsewhere", code="offline-cpu")
 
 
-def _check_nodes(ctx: _Ctx, spec: DomainSpec) -> None:
+def _check_nodes(ctx: _Ctx, spec: DomainSpec) -> tuple[DomainSpec, str | None]:
+    """The ``<numatune>`` nodeset names nodes this host has — memory-only ones too (GPU
+    memory, CXL: libvirt puts the memory there; they were refused as nodes the host lacks,
+    hunt).  The CPUs are placed on the nodeset's nodes that have CPUs; when it names none,
+    anywhere, with a note."""
     if spec.numa_nodeset is None:
-        return
-    nodes = CpuSet.of(n for n, cpus in ctx.host.topology.nodes.items() if cpus)
-    unknown = spec.numa_nodeset - nodes
+        return spec, None
+    every = ctx.host.topology.nodes
+    unknown = spec.numa_nodeset - CpuSet.of(every)
     if unknown:
         raise Refusal(f"<numatune> of {ctx.who} names NUMA node {unknown.first()}, which "
-                      f"this host does not have (nodes with CPUs: {nodes or 'none'}): fix "
+                      f"this host does not have (nodes: {CpuSet.of(every) or 'none'}): fix "
                       f"the nodeset", code="unknown-node")
+    with_cpus = CpuSet.of(n for n in spec.numa_nodeset if every.get(n))
+    if with_cpus == spec.numa_nodeset:
+        return spec, None
+    memory_only = spec.numa_nodeset - with_cpus
+    if with_cpus:
+        return replace(spec, numa_nodeset=with_cpus), (
+            f"{ctx.who}'s <numatune> names memory-only NUMA {memory_only.named('node')}: "
+            f"its CPUs are placed on {with_cpus.named('node')}")
+    return replace(spec, numa_nodeset=None), (
+        f"{ctx.who}'s <numatune> names only memory-only NUMA {memory_only.named('node')}: "
+        f"its CPUs are placed as if it named none")
 
 
 def _conflict(ctx: _Ctx, label: str, cpus: CpuSet, *, advice: str = "") -> None:
@@ -279,7 +294,7 @@ def _domain(ctx: _Ctx, spec: DomainSpec) -> Plan:
     if driver_of_type(spec.domain_type) == "lxc" and (
             spec.vcpupins or spec.emulatorpin is not None or spec.iothreadpins):
         spec, lxc_note = _lxc_pins(ctx, spec)
-    _check_nodes(ctx, spec)
+    spec, nodes_note = _check_nodes(ctx, spec)
     for label, cpus in _affinity(spec):
         _check_exists(ctx, label, cpus)
         if ctx.part.mode == "cgroup":
@@ -290,8 +305,9 @@ def _domain(ctx: _Ctx, spec: DomainSpec) -> Plan:
                     f"pin it inside {ctx.part.vm_cpus} or widen the partition",
                     code="outside-partition")
     plan = _exclusive(ctx, spec) if spec.exclusive else _shared(ctx, spec)
-    if lxc_note is not None:
-        plan = replace(plan, notes=(lxc_note, *plan.notes))
+    for note in (nodes_note, lxc_note):
+        if note is not None:
+            plan = replace(plan, notes=(note, *plan.notes))
     if spec.placement == "auto" and plan.default_cpus is not None:
         topo = ctx.host.topology
         nodes = CpuSet.of(topo.node_of(c) for c in plan.cpus() if c in topo.cpus)
