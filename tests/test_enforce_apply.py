@@ -168,6 +168,39 @@ def test_a_concurrent_mkdir_is_re_planned() -> None:
     assert whole(fake)["pinwarden-run-J.partition"].cpus == CpuSet.of([3])
 
 
+class StartingVmFake(FakeCpusetV1):
+    """libvirt creates a starting VM's cgroup below machine (every CPU, as it copies
+    machine's) between our read and our narrowing of machine (once): cgroup v1 refuses
+    to narrow a parent below a child's CPUs (EBUSY)."""
+
+    raced = False
+    armed = False
+
+    def set_cpus(self, path: str, cpus: CpuSet) -> None:
+        if self.armed and not self.raced and path == "machine":
+            self.raced = True
+            super().mkdir("machine/qemu-9-new.libvirt-qemu")
+            super().set_mems("machine/qemu-9-new.libvirt-qemu", CpuSet.of([0]))
+            super().set_cpus("machine/qemu-9-new.libvirt-qemu",
+                             self.read_group("machine").cpus)
+        super().set_cpus(path, cpus)
+
+
+def test_a_vm_cgroup_made_while_machine_narrows_is_re_planned() -> None:
+    """An exclusive start while a shared VM starts: its new cgroup made narrowing machine
+    fail with a bare "busy (EBUSY)" naming nobody, and the start was refused though the
+    CPU was free (hunt).  Now the layout is read and planned again, the new group
+    narrowed first."""
+    fake = StartingVmFake(CpuSet.parse_kernel("0-3"))
+    build(fake, {"machine": ("0-3", False)})
+    fake.armed = True
+    sync_leases(fake, make_host(), [lease(3, "J")])
+    assert fake.raced
+    tree = whole(fake)
+    assert tree["pinwarden-run-J.partition"].cpus == CpuSet.of([3])
+    assert 3 not in tree["machine/qemu-9-new.libvirt-qemu"].cpus
+
+
 def test_exclusive_groups_stay_changeable_under_deadline_servers() -> None:
     """6.12+: an exclusive load-balanced cpuset cannot be emptied (EBUSY); pinwarden's
     groups do not load-balance, so leasing and releasing keeps working."""

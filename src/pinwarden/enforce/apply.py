@@ -175,7 +175,8 @@ def _explain(exc: CgroupOpError, op: Op, state: Mapping[str, _Tracked],
             if wanted is not None and not state[child].cpus <= wanted:
                 return (f"cannot {describe(op)}: child {owner(child)} still uses "
                         f"{(state[child].cpus - wanted).named()} (EBUSY; nothing was changed)")
-        return f"the kernel refused to {describe(op)}: busy (EBUSY); nothing was changed"
+        return (f"the kernel refused to {describe(op)}: busy (EBUSY) — a VM starting or "
+                f"stopping meanwhile can cause it: try again; nothing was changed")
     if err == errno_mod.ENOSPC:
         return (f"cannot {describe(op)}: {who} has tasks, which would be left without "
                 f"CPUs or memory nodes (ENOSPC); nothing was changed")
@@ -315,6 +316,8 @@ def sync(backend: CgroupBackend, desired: DesiredLayout) -> Result:
 
 
 #: A group created or removed by someone else (libvirt starting or stopping a VM) between
-#: our read and our write: read again and re-plan, a few times.
-RACE_ERRNOS = frozenset({errno_mod.ENOENT, errno_mod.EEXIST})
+#: our read and our write: read again and re-plan, a few times.  EBUSY: cgroup v1 refuses
+#: to narrow a parent below the CPUs of a child made meanwhile (a starting VM's group,
+#: which libvirt fills with its parent's CPUs): the new snapshot narrows it first (hunt).
+RACE_ERRNOS = frozenset({errno_mod.ENOENT, errno_mod.EEXIST, errno_mod.EBUSY})
 RACE_RETRIES = 2
