@@ -169,6 +169,40 @@ def test_plain_virsh_start_of_an_exclusive_domain(hooked: env.Pinwarden,
     assert_no_hook_warnings(hooked)
 
 
+def test_plain_virsh_start_is_refused_over_a_running_domain_pinned_there(
+        hooked: env.Pinwarden, domains: env.Domains, tmp_path: Path) -> None:
+    """A running shared domain whose own XML pins vcpu0 to CPU 1 only: 'pinwarden start' of
+    an exclusive domain wanting CPU 1 is refused naming it; plain 'virsh start' leased the
+    CPU anyway and the layout moved the pinned VM to CPU 0, silently (hunt).  The hook now
+    refuses the same, from libvirt's status files, and the pinned VM stays on CPU 1.
+    Re-pinned live off CPU 1 (its user's choice), it no longer stands in the way."""
+    x, p = "pwtest-e2e-px", "pwtest-e2e-pp"
+    source = tmp_path / "px.xml"
+    source.write_text(env.tiny_domain_xml(x, exclusive=True, vcpupins={0: "1"}))
+    domains.track(x)
+    hooked.run("define", str(source), check=True)
+    pinned = domains.define(p, vcpupins={0: "1"})
+    assert virsh("start", p).returncode == 0
+    for how in (lambda: virsh("start", x), lambda: hooked.run("start", x, "--no-daemon")):
+        refused = how()
+        assert refused.returncode != 0, refused
+        assert f"running domain '{p}' pins vcpu0 to CPU 1 only" in refused.stderr, \
+            refused.stderr
+        with Ledger(hooked.state) as ledger:
+            assert ledger.holders() == ()
+        bits = pinned.vcpuPinInfo(env.libvirt.VIR_DOMAIN_AFFECT_LIVE)[0]
+        assert {i for i, on in enumerate(bits) if on} == {1}
+    assert virsh("vcpupin", p, "0", "0", "--live").returncode == 0
+    started = virsh("start", x)
+    assert started.returncode == 0, started.stderr
+    assert env.vm_affinity(x) == {1}
+    for name in (x, p):
+        assert virsh("destroy", name).returncode == 0
+    with Ledger(hooked.state) as ledger:
+        assert ledger.holders() == ()
+    assert_no_hook_warnings(hooked)
+
+
 def test_a_broken_pinwarden_never_blocks_a_shared_domain(hooked: env.Pinwarden,
                                                          domains: env.Domains,
                                                          tmp_path: Path) -> None:

@@ -56,7 +56,8 @@ from pinwarden.record import record
 if TYPE_CHECKING:
     from pinwarden.domain import DomainSpec
     from pinwarden.manager import Manager
-    from pinwarden.model import HolderRef
+    from pinwarden.model import HolderRef, Lease, Plan
+    from pinwarden.partition import Host
 
 DRIVERS = ("qemu", "lxc")
 MARKER = "# pinwarden libvirt hook"
@@ -688,8 +689,31 @@ def _prepare(manager: Manager, driver: str, name: str, spec: DomainSpec,
                       f"exclusive domain {name!r} (the hook's parent process is gone: is "
                       f"libvirtd stopping?), so the lease could not end with a failed start; "
                       f"start it again once libvirtd runs", code="no-caller")
-    manager.reserve(holder, lambda host, leases: decide(spec, host, leases, holder=holder),
-                    owner_pid=owner)
+    manager.reserve(holder, lambda host, leases: _decide_beside_running(
+        spec, holder, driver, host, leases), owner_pid=owner)
+
+
+def _decide_beside_running(spec: DomainSpec, holder: HolderRef, driver: str, host: Host,
+                           leases: tuple[Lease, ...]) -> Plan:
+    """The exclusive domain's plan, refused as 'pinwarden start' refuses it when a running
+    domain's own definition pins a thread onto those CPUs only (:func:`repins`): the hook
+    leased them anyway, and the layout moved that VM off the CPUs its user pinned, silently
+    (hunt).  The running domains come from libvirt's files (the hook may not call it)."""
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.libvirt.place import running_from_files
+    from pinwarden.libvirt.repin import repins
+    from pinwarden.partition import shared_pool
+    from pinwarden.policy import decide
+
+    plan = decide(spec, host, leases, holder=holder)
+    if driver != "qemu" or not plan.leases:  # (an LXC container's pins are ignored)
+        return plan
+    others = [le for le in leases
+              if (le.holder.driver, le.holder.key) != (holder.driver, holder.key)]
+    taken = CpuSet.of(le.cpu for le in others) | plan.leased()
+    repins(running_from_files(driver), holder, plan.cpus(), shared_pool(host, taken)[0],
+           holders=[le.holder for le in others])
+    return plan
 
 
 def _libvirtd_pid() -> int | None:

@@ -16,6 +16,7 @@ the CPUs of its plan (:func:`pin_exclusive`), as ``pinwarden start`` writes them
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ from pinwarden.record import record
 if TYPE_CHECKING:
     from pinwarden.cpuset import CpuSet
     from pinwarden.domain import DomainSpec
+    from pinwarden.libvirt.state import DomainInfo
     from pinwarden.manager import Manager
     from pinwarden.model import Plan
     from pinwarden.partition import Host
@@ -227,3 +229,49 @@ def pin_exclusive(name: str, pid: int, plan: Plan) -> None:
         tid, code = next(iter(failed.items()))
         raise EnforceError(f"could not give thread {tid} of exclusive domain {name!r} "
                            f"{wanted[tid].named()}: {os.strerror(code)}")
+
+
+#: Where the system daemon stores persistent definitions (``virsh define``).
+CONFIG_DIRS = {"qemu": "/etc/libvirt/qemu", "lxc": "/etc/libvirt/lxc"}
+
+
+def running_from_files(driver: str) -> tuple[DomainInfo, ...]:
+    """The running domains of ``driver`` as libvirt's own files tell — the hook may not
+    call libvirt: the live definition from the status file (``/run/libvirt/qemu/NAME.xml``,
+    ``<domstatus>``), the stored one from the configuration directory.  Affinity: the
+    threads the live definition pins (libvirt writes live pins there).  Files that cannot
+    be read or parsed are left out."""
+    from pathlib import Path
+    from xml.etree import ElementTree as ET
+
+    import defusedxml.ElementTree as SafeET
+
+    from pinwarden.cpuset import EMPTY
+    from pinwarden.domain import parse_domain
+    from pinwarden.errors import PinwardenError
+    from pinwarden.libvirt.connect import RUN_DIRS
+    from pinwarden.libvirt.state import Affinity, DomainInfo
+
+    out: list[DomainInfo] = []
+    base = RUN_DIRS.get(driver)
+    try:
+        names = sorted(base.glob("*.xml")) if base is not None else []
+    except OSError:
+        return ()
+    for path in names:
+        try:
+            root = SafeET.fromstring(path.read_bytes())
+            inner = root.find("domain") if root.tag == "domstatus" else None
+            if inner is None:
+                continue
+            live = parse_domain(ET.tostring(inner, encoding="unicode"))
+        except (OSError, ValueError, ET.ParseError, PinwardenError):
+            continue
+        stored = None
+        with contextlib.suppress(OSError, ValueError, ET.ParseError, PinwardenError):
+            stored = parse_domain(Path(CONFIG_DIRS[driver], f"{live.name}.xml").read_bytes())
+        affinity = Affinity(vcpus=dict(live.vcpupins), emulator=live.emulatorpin or EMPTY,
+                            iothreads=dict(live.iothreadpins))
+        out.append(DomainInfo(driver, live.name, (live.uuid or "").lower(), True, live=live,
+                              persistent=stored, affinity=affinity))
+    return tuple(out)
