@@ -133,6 +133,27 @@ def test_read_noise_reads_this_hosts_kernel_as_the_kernel_says() -> None:
     assert snap.online == online
 
 
+def test_the_workqueue_mask_asked_for_is_the_one_recorded(tmp_path: Path) -> None:
+    """Linux 6.7+ shows in ``cpumask`` the mask asked for less the CPUs of isolated
+    partitions, and keeps the mask asked for in ``cpumask_requested``.  Recorded from
+    ``cpumask`` while an exclusive VM was an isolated partition (CPU 1 out), a job's lease
+    put back the narrowed mask, which the kernel then kept when the partition went (CPU 1
+    out of the unbound workqueues for good: systemd-lab hunt).  The mask asked for is
+    recorded and put back."""
+    root = make_tree(tmp_path)
+    wq = root / "sys/devices/virtual/workqueue"
+    (wq / "cpumask_requested").write_text("000000ff\n")
+    (wq / "cpumask").write_text("000000fd\n")  # CPU 1 in an isolated partition
+    before = read_noise(root)
+    assert before.workqueue == ALL
+    plan = plan_isolation(before, L("2"), L("0"), {})
+    (record,) = [r for r in plan.records if r.key == "workqueue"]
+    assert record.original == ALL, record
+    # without the file (Linux < 6.7), cpumask is the mask asked for
+    (wq / "cpumask_requested").unlink()
+    assert read_noise(root).workqueue == L("0,2-7")
+
+
 def test_plan_apply_restore_on_a_fake_tree(tmp_path: Path) -> None:
     root = make_tree(tmp_path)
     before = read_noise(root)

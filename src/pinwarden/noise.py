@@ -40,6 +40,11 @@ from pinwarden.record import record
 IRQ_DIR = "proc/irq"
 DEFAULT_FILE = "proc/irq/default_smp_affinity"
 WORKQUEUE_FILE = "sys/devices/virtual/workqueue/cpumask"
+#: Linux 6.7+: the mask asked for (what a write to ``cpumask`` sets), of which ``cpumask``
+#: shows the effective part: the CPUs of isolated cpuset partitions are taken out while
+#: those exist.  Read as the value: recorded from ``cpumask`` while a holder was an isolated
+#: partition, the mask put back was the narrowed one, for good (systemd-lab hunt).
+WORKQUEUE_REQUESTED = "sys/devices/virtual/workqueue/cpumask_requested"
 CPU_DIR = "sys/devices/system/cpu"
 _RCU_OFFLOAD = re.compile(r"rcuo[ps]/(\d+)$")
 
@@ -193,7 +198,7 @@ def read_noise(root: Path = Path("/")) -> NoiseSnapshot:
         online=_list(cpu / "online") or CpuSet(),
         irqs=read_irqs(root),
         default_affinity=_mask(root / DEFAULT_FILE),
-        workqueue=_mask(root / WORKQUEUE_FILE),
+        workqueue=_mask(root / WORKQUEUE_REQUESTED) or _mask(root / WORKQUEUE_FILE),
         kthreads=kthreads,
         nohz_full=_list(cpu / "nohz_full") or CpuSet(),
         rcu_nocbs=nocbs,
