@@ -60,6 +60,27 @@ def test_holder_group_names_are_libvirt_safe() -> None:
                           domain_holder("qemu", "A", None))
 
 
+def test_holder_group_names_make_slices_systemd_takes() -> None:
+    """systemd escapes each '-' of a slice name to '\\x2d' and takes names up to 255
+    characters: a 64-character name of dashes passed define and plan, then every start
+    (hook, 'pinwarden start', 'pinwarden run') failed with an internal ValueError
+    (systemd-lab hunt).  Such a name falls back to the UUID, else a digest."""
+    from pinwarden.enforce.systemd import unit_for_path
+
+    uuid = "c7a5fdbd-cdaf-9455-926a-d65c16db1809"
+    dashes = "pwtest" + "-" * 57 + "x"
+    assert holder_group_name(domain_holder("qemu", dashes, uuid)) == \
+        f"pinwarden-vm-{uuid}.partition"
+    job = holder_group_name(job_holder("a" + "-" * 62 + "b"))
+    assert job.startswith("pinwarden-run-") and "--" not in job
+    for name in (dashes, "a" + "-" * 62 + "b", "x" * 64, "-" * 64):
+        for holder in (domain_holder("qemu", name, uuid), domain_holder("lxc", name, None),
+                       job_holder(name)):
+            group = holder_group_name(holder, "a-long-stem-of-dashes")
+            assert len(unit_for_path(group)) <= 255, group
+    assert holder_group_name(job_holder("x" * 64)) == f"pinwarden-run-{'x' * 64}.partition"
+
+
 def test_holder_groups_are_recognised_by_name() -> None:
     names = LayoutNames(shared="machine.slice")
     assert names.parent == "" and names.stem == "pinwarden"

@@ -148,13 +148,22 @@ def holder_group_name(holder: HolderRef, stem: str = "pinwarden") -> str:
     """
     prefix = {"run": "run", "lxc": "lxc"}.get(holder.driver, "vm")
     uuid = holder.uuid
-    if _SAFE_NAME.fullmatch(holder.name):
-        tail = holder.name
-    elif uuid is not None and _SAFE_KEY.fullmatch(uuid):
-        tail = uuid
-    else:
-        tail = _digest(f"{holder.driver}:{holder.key}")
-    return f"{stem}-{prefix}-{tail}{PARTITION_SUFFIX}"
+    for tail in (holder.name if _SAFE_NAME.fullmatch(holder.name) else None,
+                 uuid if uuid is not None and _SAFE_KEY.fullmatch(uuid) else None):
+        if tail is not None and _fits_a_unit_name(f"{stem}-{prefix}-{tail}"):
+            return f"{stem}-{prefix}-{tail}{PARTITION_SUFFIX}"
+    return f"{stem}-{prefix}-{_digest(f'{holder.driver}:{holder.key}')}{PARTITION_SUFFIX}"
+
+
+#: systemd's longest unit name (UNIT_NAME_MAX).
+_UNIT_NAME_MAX = 255
+
+
+def _fits_a_unit_name(group: str) -> bool:
+    """Whether the slice systemd makes of ``group`` keeps to its longest unit name: each
+    ``-`` is escaped to ``\\x2d`` there, so a 64-character name of dashes passed define and
+    plan and then failed every start with an internal error (systemd-lab hunt)."""
+    return len(group) + 3 * group.count("-") + len(".slice") <= _UNIT_NAME_MAX
 
 
 def holder_group_path(names: LayoutNames, holder: HolderRef) -> str:
