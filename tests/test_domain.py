@@ -530,6 +530,31 @@ def test_emitted_xml_plans_again_to_the_same_leases(vcpus: int, threads: str, em
         (plan.vcpus, plan.emulator, plan.iothreads)
 
 
+def test_the_partition_comes_first_in_resource() -> None:
+    """libvirt's schema has <partition> before <fibrechannel> in <resource>: appended after
+    it, 'virsh define --validate' refused what pinwarden rendered (corpus hunt)."""
+    from pinwarden.libvirt.start import with_pinwarden_metadata
+
+    for xml in ("<domain type='kvm'><name>f</name><vcpu>1</vcpu>\n  <resource>\n"
+                "    <fibrechannel appid='userid'/>\n  </resource>\n</domain>",
+                "<domain type='kvm'><name>f</name><vcpu>1</vcpu><resource>"
+                "<fibrechannel appid='userid'/></resource></domain>"):
+        plan = Plan("f", None, False, {0: CpuSet.parse("1")}, CpuSet.parse("1"),
+                    default_cpus=CpuSet.parse("1"))
+        out = render_plan(xml, plan, partition="/pinwarden-vm-f")
+        assert out.index("<partition>/pinwarden-vm-f</partition>") < out.index("<fibrechannel"), \
+            out
+        assert parse_domain(out).partition == "/pinwarden-vm-f"
+        stored = with_pinwarden_metadata(xml, parse_domain(xml), "u", "/pinwarden-vm-f")
+        assert stored.index("<partition>") < stored.index("<fibrechannel"), stored
+    indented = render_plan("<domain><name>f</name><vcpu>1</vcpu>\n  <resource>\n    "
+                           "<fibrechannel appid='u'/>\n  </resource>\n</domain>",
+                           Plan("f", None, False, {0: CpuSet.parse("1")}, CpuSet.parse("1"),
+                                default_cpus=CpuSet.parse("1")), partition="/p")
+    assert "  <resource>\n    <partition>/p</partition>\n    <fibrechannel appid='u'/>\n" \
+        "  </resource>" in indented, indented
+
+
 def test_elements_of_other_namespaces_are_never_edited() -> None:
     foreign = ("<domain><name>f</name><vcpu>2</vcpu>"
                "<x:vcpu xmlns:x='urn:other'>7</x:vcpu>"

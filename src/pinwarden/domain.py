@@ -620,6 +620,14 @@ class _Editor:
         anchor = node.children[-1].end if node.children else node.head_end
         self.insert(anchor, "".join(f"{self.nl(indent)}{line}" for line in lines))
 
+    def prepend_child(self, node: _Node, line: str, unit: str) -> None:
+        """Add ``line`` (one element) as the first child of ``node``."""
+        if not node.children:
+            self.append_children(node, [line], unit)
+            return
+        first = node.children[0]
+        self.insert(first.start, f"{line}{self.nl(self.indent_of(first))}")
+
 
 def _pin_line(tag: str, key: str, ident: int, cpus: CpuSet) -> str:
     return f"<{tag} {key}='{ident}' cpuset='{cpus}'/>"
@@ -740,9 +748,8 @@ def render_plan(xml: str | bytes, plan: Plan, *, partition: str | None = None) -
                            part.tail_start if not part.empty else part.end,
                            _text(partition) if not part.empty
                            else f"<partition>{_text(partition)}</partition>")
-        elif resource is not None:
-            ed.append_children(resource, [f"<partition>{_text(partition)}</partition>"],
-                               unit)
+        elif resource is not None:  # first: libvirt's schema wants it before <fibrechannel>
+            ed.prepend_child(resource, f"<partition>{_text(partition)}</partition>", unit)
         else:
             indent = ed.child_indent(root, unit)
             top_lines.append(f"<resource>{ed.nl(indent + unit)}<partition>"

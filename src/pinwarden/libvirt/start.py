@@ -510,7 +510,8 @@ def with_pinwarden_metadata(xml: str, spec: DomainSpec, uuid: str,
             resource = ET.SubElement(root, "resource")
         part = resource.find("partition")
         if part is None:
-            part = ET.SubElement(resource, "partition")
+            part = ET.Element("partition")  # first: libvirt's schema puts it before
+            resource.insert(0, part)            # <fibrechannel>
         part.text = partition
     return ET.tostring(root, encoding="unicode")
 
