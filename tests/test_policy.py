@@ -697,6 +697,13 @@ def test_a_memory_only_numa_node_is_one_the_host_has(hwloc_roots: dict[str, Path
         exclusive.notes
     refused("unknown-node", "NUMA node 249", spec=spec("x", numa_nodeset=C("249")), host=h,
             leases=[])
+    # a <memnode> naming a node the host lacks: refused as well (it got a plan with a
+    # note that the node "had no room", and libvirt failed the start: corpus hunt); one
+    # naming a memory-only node is fine
+    refused("unknown-node", "<memnode cellid='0'>", "NUMA node 7",
+            spec=spec("m", memnodes={0: C("7")}), host=h, leases=[])
+    assert decide(spec("m", memnodes={0: C("250")}), h, []).default_cpus == \
+        h.partition.vm_cpus
 
 
 def test_offline_cpu_dump_refuses_the_offline_cpu(hwloc_roots: dict[str, Path]) -> None:

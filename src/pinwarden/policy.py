@@ -212,9 +212,16 @@ def _check_nodes(ctx: _Ctx, spec: DomainSpec) -> tuple[DomainSpec, str | None]:
     memory, CXL: libvirt puts the memory there; they were refused as nodes the host lacks,
     hunt).  The CPUs are placed on the nodeset's nodes that have CPUs; when it names none,
     anywhere, with a note."""
+    every = ctx.host.topology.nodes
+    for cell, nodeset in sorted(spec.memnodes.items()):
+        missing = nodeset - CpuSet.of(every)
+        if missing:  # (libvirt fails the start writing it into the cell's cpuset.mems)
+            raise Refusal(f"<numatune><memnode cellid='{cell}'> of {ctx.who} names NUMA "
+                          f"node {missing.first()}, which this host does not have (nodes: "
+                          f"{CpuSet.of(every) or 'none'}): fix the nodeset",
+                          code="unknown-node")
     if spec.numa_nodeset is None:
         return spec, None
-    every = ctx.host.topology.nodes
     unknown = spec.numa_nodeset - CpuSet.of(every)
     if unknown:
         raise Refusal(f"<numatune> of {ctx.who} names NUMA node {unknown.first()}, which "
