@@ -706,6 +706,20 @@ def test_a_memory_only_numa_node_is_one_the_host_has(hwloc_roots: dict[str, Path
         h.partition.vm_cpus
 
 
+def test_a_domain_of_another_hypervisor_is_planned_saying_so(
+        hwloc_roots: dict[str, Path]) -> None:
+    """xen, vmware, bhyve … domains were planned and reserved as QEMU ones without a word
+    (corpus hunt): the plan says that nothing of pinwarden's runs for their driver."""
+    h = _real_host(hwloc_roots["nvidiagpunumanodes"])
+    for kind in ("xen", "vmware", "bhyve"):
+        plan = decide(replace(spec("other"), domain_type=kind), h, [])
+        assert any(f"is a '{kind}' domain: pinwarden places QEMU/KVM and LXC" in n
+                   for n in plan.notes), plan.notes
+    for kind in ("kvm", "qemu", None):
+        plan = decide(replace(spec("other"), domain_type=kind), h, [])
+        assert not any("pinwarden places QEMU/KVM" in n for n in plan.notes), plan.notes
+
+
 def test_offline_cpu_dump_refuses_the_offline_cpu(hwloc_roots: dict[str, Path]) -> None:
     h = _real_host(hwloc_roots["offline-cpu0-node0"])
     offline = h.topology.present - h.topology.online

@@ -312,7 +312,7 @@ def _domain(ctx: _Ctx, spec: DomainSpec) -> Plan:
                     f"pin it inside {ctx.part.vm_cpus} or widen the partition",
                     code="outside-partition")
     plan = _exclusive(ctx, spec) if spec.exclusive else _shared(ctx, spec)
-    for note in (nodes_note, lxc_note):
+    for note in (nodes_note, lxc_note, _other_hypervisor(ctx, spec)):
         if note is not None:
             plan = replace(plan, notes=(note, *plan.notes))
     if spec.placement == "auto" and plan.default_cpus is not None:
@@ -325,6 +325,20 @@ def _domain(ctx: _Ctx, spec: DomainSpec) -> Plan:
             f"statically on {plan.default_cpus}{memory} instead, so that no leased CPU is "
             "used")))
     return plan
+
+
+#: ``<domain type>`` values of the drivers pinwarden places (QEMU's, and LXC).
+PLACED_TYPES = frozenset({"kvm", "qemu", "lxc"})
+
+
+def _other_hypervisor(ctx: _Ctx, spec: DomainSpec) -> str | None:
+    """A domain of another hypervisor (xen, vmware, bhyve, …) is planned as a QEMU one,
+    saying so: nothing of pinwarden's — its hook, its start — runs for that driver."""
+    if spec.domain_type is None or spec.domain_type in PLACED_TYPES:
+        return None
+    return (f"{ctx.who} is a {spec.domain_type!r} domain: pinwarden places QEMU/KVM and LXC "
+            "domains, so this is what a QEMU domain of that XML would get; nothing of "
+            "pinwarden's runs when libvirt's other drivers start it")
 
 
 def _lxc_pins(ctx: _Ctx, spec: DomainSpec) -> tuple[DomainSpec, str]:
