@@ -239,6 +239,28 @@ def test_vm_cgroups() -> None:
     assert report.exit_status() == 1
 
 
+def test_a_vm_thread_cgroup_pinned_onto_a_leased_cpu_is_a_warning() -> None:
+    """cgroup v2: 'virsh vcpupin B 0 1 --live' onto leased CPU 1 fails in libvirt after it
+    wrote "1" into B's vcpu0 cgroup; the kernel keeps the thread off CPU 1 (effective 2-3)
+    until the lease ends, then it runs on CPU 1 alone while libvirt says 0-3.  Audit said
+    nothing (systemd-lab hunt); now a warning names the cgroup, the CPU and its holder.
+    A shared VM's cgroup naming the leased CPU among others (its placement before the
+    lease, given back when it ends) is nothing to report."""
+    scope = "/machine.slice/machine-qemu\\x2d2\\x2dB.scope/libvirt"
+    snap = HostSnapshot(cgroups=(
+        CgroupInfo("/machine.slice", cs("2-3"), cs("2-3"), False),
+        CgroupInfo(f"{scope}/vcpu0", cs("1"), cs("2-3"), True),
+        CgroupInfo(f"{scope}/vcpu1", cs("1-3"), cs("2-3"), True),
+        CgroupInfo(f"{scope}/emulator", CpuSet(), cs("2-3"), True),
+    ), cgroup_version=2)
+    report = audit.audit(snap, leases(c1=A), [record(A, cpus="1")],
+                         vm_partitions=("machine.slice",))
+    assert [(i.kind, i.cgroup, str(i.cpus), i.severity, [h.name for h in i.holders])
+            for i in report.intruders] == [
+        ("vm-cgroup-pin", f"{scope}/vcpu0", "1", "warning", [A.name])]
+    assert report.exit_status() == 0 and report.exit_status(strict=True) == 1
+
+
 def test_vm_cgroups_of_the_flat_layout_on_systemd_and_cgroupfs_hosts() -> None:
     """Holder groups sit beside the VM partition: recognised by their recorded cgroup, by
     name (``pinwarden-vm-NAME.partition``, its slice ``pinwarden\\x2dvm\\x2dNAME.slice``)

@@ -41,6 +41,12 @@ Kinds of intruders:
     group (and, on cgroup v1, exclusive) until the next change; ``pinwarden sync``
     removes it.  Its ``cpus`` are the group's that no lease names (one on a leased CPU
     is a ``vm-cgroup`` error);
+``vm-cgroup-pin`` (warning)
+    on cgroup v2, a shared VM's cgroup whose own ``cpuset.cpus`` names only CPUs leased
+    to others while the kernel keeps it off them (its effective CPUs do not): a ``virsh
+    vcpupin``/``emulatorpin --live`` onto the leased CPU that libvirt failed after writing
+    the cgroup.  Once the lease ends that thread runs on the named CPU alone, whatever
+    libvirt says its pin is;
 ``invalid-partition`` (error)
     on cgroup v2, a holder's group that the kernel marks an *invalid* partition
     (``cpuset.cpus.partition`` reads ``isolated invalid (…)``): it no longer keeps the
@@ -83,17 +89,18 @@ from pinwarden.procs import parse_stat
 from pinwarden.record import field, record, replace
 
 Kind = Literal["other-vm-thread", "vm-cgroup", "escaped-task", "host-task", "irq",
-               "workqueue", "invalid-partition", "stale-holder-group"]
+               "workqueue", "invalid-partition", "stale-holder-group", "vm-cgroup-pin"]
 Severity = Literal["error", "warning"]
 SEVERITY: Mapping[Kind, Severity] = {
     "other-vm-thread": "error", "vm-cgroup": "error", "escaped-task": "error",
     "host-task": "warning", "irq": "warning", "workqueue": "warning",
     "invalid-partition": "error", "stale-holder-group": "warning",
+    "vm-cgroup-pin": "warning",
 }
 #: Order of kinds in reports: errors first.
 KIND_ORDER: tuple[Kind, ...] = ("invalid-partition", "other-vm-thread", "vm-cgroup",
                                 "escaped-task", "irq", "workqueue", "host-task",
-                                "stale-holder-group")
+                                "vm-cgroup-pin", "stale-holder-group")
 
 #: cgroups (relative to the cpuset root) whose descendants are VMs.
 DEFAULT_VM_PARTITIONS = ("machine", "machine.slice")
@@ -471,6 +478,12 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
                     kind="vm-cgroup", cpus=cpus, holders=victims,
                     name=path.rsplit("/", 1)[-1], cgroup=g.path,
                     owner=min(owners, key=_ref_key) if owners else None))
+            elif g.effective is not None and g.populated and not owners and g.cpus:
+                named, victims = foreign(g.cpus, owners)  # asked for, kept off for now
+                if named == g.cpus:  # nowhere else: there alone once the lease ends
+                    intruders.append(Intruder(
+                        kind="vm-cgroup-pin", cpus=named, holders=victims,
+                        name=path.rsplit("/", 1)[-1], cgroup=g.path))
 
         for irq in snapshot.irqs:
             if not irq.actions:

@@ -136,6 +136,11 @@ HINTS = (
                           "cgroup took its CPUs, maybe given back since): 'pinwarden sync' "
                           "makes the partition valid again, and 'pinwarden daemon' does so "
                           "as soon as it happens"),
+    ("vm-cgroup-pin", "a shared VM's thread cgroup names a leased CPU the kernel keeps it "
+                      "off for now (a 'virsh vcpupin/emulatorpin --live' onto it that "
+                      "libvirt refused after writing the cgroup): once the lease ends that "
+                      "thread runs there alone; re-pin it where it may run ('virsh "
+                      "vcpupin DOMAIN VCPU CPUS --live')"),
     ("stale-holder-group", "a holder group no holder has (a release was interrupted) keeps "
                            "its CPUs from the VMs: 'pinwarden sync' removes it"),
     ("other-vm-thread", "another VM can run on a leased CPU: start VMs through "
