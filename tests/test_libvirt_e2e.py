@@ -315,6 +315,17 @@ def test_plain_virsh_start_keeps_pins_and_places_the_unpinned_threads(
     assert vcpuinfo.stdout.count("CPU Affinity:   -y") == 1, vcpuinfo.stdout
 
 
+def define_exclusive_and_shared(hooked: env.Pinwarden, domains: env.Domains, tmp_path: Path,
+                                exclusive: str, shared: str) -> None:
+    """``exclusive`` (vcpu0 pinned to CPU 1) stored by ``pinwarden define``, ``shared``
+    (no pins) by libvirt."""
+    source = tmp_path / f"{exclusive}.xml"
+    source.write_text(env.tiny_domain_xml(exclusive, exclusive=True, vcpupins={0: "1"}))
+    domains.track(exclusive)
+    hooked.run("define", str(source), check=True)
+    domains.define(shared)
+
+
 def test_with_the_daemon_running_it_answers_the_hook(
         hooked: env.Pinwarden, domains: env.Domains, tmp_path: Path) -> None:
     """With ``pinwarden daemon`` running, the hook's calls go to it over its socket (the
@@ -322,11 +333,7 @@ def test_with_the_daemon_running_it_answers_the_hook(
     refusal naming it for one pinned onto its CPU, the remaining CPU for an unpinned one,
     and the release when it goes."""
     e, u, p = "pwtest-e2e-he", "pwtest-e2e-hu", "pwtest-e2e-hp"
-    source = tmp_path / "he.xml"
-    source.write_text(env.tiny_domain_xml(e, exclusive=True, vcpupins={0: "1"}))
-    domains.track(e)
-    hooked.run("define", str(source), check=True)
-    domains.define(u)
+    define_exclusive_and_shared(hooked, domains, tmp_path, e, u)
     domains.define(p, vcpupins={0: "1"})
     daemon = env.Daemon(hooked, tmp_path / "daemon.log")
     try:
@@ -368,11 +375,7 @@ def test_a_stopped_daemon_is_passed_over_by_the_hook(
     from pinwarden.libvirt.hookclient import ACK_TIMEOUT
 
     e, u = "pwtest-e2e-fe", "pwtest-e2e-fu"
-    source = tmp_path / "fe.xml"
-    source.write_text(env.tiny_domain_xml(e, exclusive=True, vcpupins={0: "1"}))
-    domains.track(e)
-    hooked.run("define", str(source), check=True)
-    domains.define(u)
+    define_exclusive_and_shared(hooked, domains, tmp_path, e, u)
     daemon = env.Daemon(hooked, tmp_path / "daemon.log")
     try:
         daemon.wait_answering()
@@ -414,11 +417,7 @@ def test_with_the_daemon_running_pinwarden_start_is_served_by_it(
     import json
 
     e, s = "pwtest-e2e-se", "pwtest-e2e-ss"
-    source = tmp_path / "se.xml"
-    source.write_text(env.tiny_domain_xml(e, exclusive=True, vcpupins={0: "1"}))
-    domains.track(e)
-    hooked.run("define", str(source), check=True)
-    domains.define(s)
+    define_exclusive_and_shared(hooked, domains, tmp_path, e, s)
     daemon = env.Daemon(hooked, tmp_path / "daemon.log")
     try:
         daemon.wait_answering()
