@@ -1567,6 +1567,44 @@ def test_plain_virsh_start_of_an_exclusive_domain_pins_each_thread_as_planned(
         child.wait()
 
 
+def test_the_hook_reads_running_pins_from_libvirts_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hook may not call libvirt: the running domains whose own XML pins a thread onto
+    the CPUs an exclusive domain would lease come from libvirt's status files (the live
+    XML) and configuration files (the stored one).  Refused when both pin it there; a
+    transient domain (no stored XML: its live pins may be pinwarden's own narrowing) and
+    one pinned elsewhere are not; unreadable files are skipped."""
+    from pinwarden.libvirt import connect, place
+    from pinwarden.libvirt.hook import _decide_beside_running
+
+    run, etc = tmp_path / "run", tmp_path / "etc"
+    run.mkdir()
+    etc.mkdir()
+    monkeypatch.setitem(connect.RUN_DIRS, "qemu", run)
+    monkeypatch.setitem(place.CONFIG_DIRS, "qemu", str(etc))
+
+    def status_file(name: str, uuid: str, pin: str, *, stored: bool) -> None:
+        body = (f"<domain type='kvm'><name>{name}</name><uuid>{uuid}</uuid><vcpu>1</vcpu>"
+                f"<cputune><vcpupin vcpu='0' cpuset='{pin}'/></cputune></domain>")
+        (run / f"{name}.xml").write_text(f"<domstatus state='running' pid='1'>{body}"
+                                         f"</domstatus>")
+        if stored:
+            (etc / f"{name}.xml").write_text(body)
+
+    status_file("t", UUID_A, "3", stored=False)  # transient: not refused
+    status_file("q", "aaaaaaaa-0000-0000-0000-000000000002", "2", stored=True)  # elsewhere
+    (run / "broken.xml").write_text("<domstatus><domain>")  # skipped
+    spec = parse_domain(f"<domain type='kvm'><name>x</name><vcpu>1</vcpu>{EXCLUSIVE_META}"
+                        f"<cputune><vcpupin vcpu='0' cpuset='3'/></cputune></domain>")
+    holder = domain_holder("qemu", "x", None)
+    host = make_host("0-3", "1-3")
+    assert _decide_beside_running(spec, holder, "qemu", host, ()).leased().as_list() == [3]
+    status_file("p", "aaaaaaaa-0000-0000-0000-000000000003", "3", stored=True)
+    with pytest.raises(Refusal, match="running domain 'p' pins vcpu0 to CPU 3 only") as info:
+        _decide_beside_running(spec, holder, "qemu", host, ())
+    assert info.value.code == "pinned-elsewhere"
+
+
 def test_threads_as_planned_follow_libvirts_thread_names() -> None:
     plan = Plan("db", None, True, {0: cs("2"), 1: cs("3")}, cs("2-3"),
                 iothreads={1: cs("3")})

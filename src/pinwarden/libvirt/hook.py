@@ -711,7 +711,10 @@ def _decide_beside_running(spec: DomainSpec, holder: HolderRef, driver: str, hos
     others = [le for le in leases
               if (le.holder.driver, le.holder.key) != (holder.driver, holder.key)]
     taken = CpuSet.of(le.cpu for le in others) | plan.leased()
-    repins(running_from_files(driver), holder, plan.cpus(), shared_pool(host, taken)[0],
+    # only domains with a stored definition: a transient one's live pins may be the ones
+    # pinwarden narrowed it to, which its files cannot tell from its user's
+    running = [d for d in running_from_files(driver) if d.persistent is not None]
+    repins(running, holder, plan.cpus(), shared_pool(host, taken)[0],
            holders=[le.holder for le in others])
     return plan
 
