@@ -699,24 +699,16 @@ def _decide_beside_running(spec: DomainSpec, holder: HolderRef, driver: str, hos
     domain's own definition pins a thread onto those CPUs only (:func:`repins`): the hook
     leased them anyway, and the layout moved that VM off the CPUs its user pinned, silently
     (hunt).  The running domains come from libvirt's files (the hook may not call it)."""
-    from pinwarden.cpuset import CpuSet
     from pinwarden.libvirt.place import running_from_files
-    from pinwarden.libvirt.repin import repins
-    from pinwarden.partition import shared_pool
+    from pinwarden.libvirt.repin import ExclusivePlanner
     from pinwarden.policy import decide
 
-    plan = decide(spec, host, leases, holder=holder)
-    if driver != "qemu" or not plan.leases:  # (an LXC container's pins are ignored)
-        return plan
-    others = [le for le in leases
-              if (le.holder.driver, le.holder.key) != (holder.driver, holder.key)]
-    taken = CpuSet.of(le.cpu for le in others) | plan.leased()
+    if driver != "qemu":  # (an LXC container's pins are ignored)
+        return decide(spec, host, leases, holder=holder)
     # only domains with a stored definition: a transient one's live pins may be the ones
     # pinwarden narrowed it to, which its files cannot tell from its user's
     running = [d for d in running_from_files(driver) if d.persistent is not None]
-    repins(running, holder, plan.cpus(), shared_pool(host, taken)[0],
-           holders=[le.holder for le in others])
-    return plan
+    return ExclusivePlanner(spec, holder, running)(host, leases)  # (its moves: the layout's)
 
 
 def _libvirtd_pid() -> int | None:

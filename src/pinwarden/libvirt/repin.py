@@ -24,8 +24,10 @@ from pinwarden.cpuset import CpuSet, CpuSetError
 from pinwarden.domain import DomainSpec
 from pinwarden.errors import Refusal
 from pinwarden.libvirt.state import DomainInfo, Repin, group_label
-from pinwarden.model import HolderRef, Plan
+from pinwarden.model import HolderRef, Lease, Plan
 from pinwarden.narrowed import key_parts, narrowed_key, record_parts
+from pinwarden.partition import Host, shared_pool
+from pinwarden.policy import decide
 from pinwarden.record import record
 
 
@@ -386,3 +388,28 @@ def give_back_container(recorded: Mapping[str, str], live: Mapping[str, CpuSet |
         else:
             records[key] = container_json(name, before, want, *owner, value)
     return GiveBack(tuple(moves), records, tuple(forget))
+
+
+class ExclusivePlanner:
+    """What an exclusive start decides under the manager's lock — ``pinwarden start``, its
+    preview, and the hook's ``prepare`` (which takes only its refusals: the layout moves
+    the running domains there): the domain's plan (:func:`decide`), and the live re-pins
+    that take the running shared domains off its CPUs, kept in ``moves`` for the caller to
+    apply after the lease."""
+
+    def __init__(self, spec: DomainSpec, holder: HolderRef,
+                 running: Sequence[DomainInfo]) -> None:
+        self.spec = spec
+        self.holder = holder
+        self.running = running
+        self.moves: tuple[Repin, ...] = ()
+
+    def __call__(self, host: Host, leases: tuple[Lease, ...]) -> Plan:
+        holder = self.holder
+        plan = decide(self.spec, host, leases, holder=holder)
+        others = [le for le in leases if (le.holder.driver, le.holder.key)
+                  != (holder.driver, holder.key)]
+        taken = CpuSet.of(le.cpu for le in others) | plan.leased()
+        self.moves = repins(self.running, holder, plan.cpus(), shared_pool(host, taken)[0],
+                            holders=[le.holder for le in others])
+        return plan

@@ -38,19 +38,17 @@ from pinwarden.errors import InputError, LedgerError, LibvirtError, PinwardenErr
 from pinwarden.libvirt import connect as lv
 from pinwarden.libvirt import kernel, pins
 from pinwarden.libvirt.hook import admit_shared
-from pinwarden.libvirt.repin import placed_narrower, repins
-from pinwarden.libvirt.state import DomainInfo, Repin
+from pinwarden.libvirt.repin import ExclusivePlanner, placed_narrower
+from pinwarden.libvirt.state import Repin
 from pinwarden.manager import Manager, domain_lock
 from pinwarden.model import (
     HolderRef,
-    Lease,
     Plan,
     command_line,
     domain_holder,
     driver_of_type,
 )
-from pinwarden.partition import Host, shared_pool
-from pinwarden.policy import decide
+from pinwarden.partition import shared_pool
 from pinwarden.record import field, record, replace
 
 _HOOK_FAILURE = re.compile(r"unexpected exit status \d+: (.*)$")
@@ -179,7 +177,7 @@ def preview_start(manager: Manager, uri: str, name: str) -> StartPreview:
                 f"create domain {name} from its definition with every thread on "
                 f"{plan.cpus().named()} (<vcpu cpuset>)",), plan.notes)
         partition = manager.libvirt_partition(holder)
-        planner = _ExclusivePlanner(spec, holder, lv.list_domains(conn, active_only=True))
+        planner = ExclusivePlanner(spec, holder, lv.list_domains(conn, active_only=True))
         seen = manager.preview(holder, planner)
         calls = [f"re-pin running domain {move} (live)" for move in planner.moves]
         calls.append(f"create domain {name} from its definition with its plan "
@@ -189,29 +187,6 @@ def preview_start(manager: Manager, uri: str, name: str) -> StartPreview:
     finally:
         with contextlib.suppress(Exception):
             conn.close()
-
-
-class _ExclusivePlanner:
-    """What ``pinwarden start`` of an exclusive domain decides under the manager's lock,
-    for the start and for its preview alike: the domain's plan (:func:`decide`), and the
-    live re-pins that take the running shared domains off its CPUs, kept in ``moves`` for
-    the caller to apply after the lease."""
-
-    def __init__(self, spec: DomainSpec, holder: HolderRef, running: Sequence[DomainInfo]) -> None:
-        self.spec = spec
-        self.holder = holder
-        self.running = running
-        self.moves: tuple[Repin, ...] = ()
-
-    def __call__(self, host: Host, leases: tuple[Lease, ...]) -> Plan:
-        holder = self.holder
-        plan = decide(self.spec, host, leases, holder=holder)
-        others = [le for le in leases if (le.holder.driver, le.holder.key)
-                  != (holder.driver, holder.key)]
-        taken = CpuSet.of(le.cpu for le in others) | plan.leased()
-        self.moves = repins(self.running, holder, plan.cpus(), shared_pool(host, taken)[0],
-                            holders=[le.holder for le in others])
-        return plan
 
 
 #: Times a shared start is planned again when an exclusive reservation took CPUs of its
@@ -292,7 +267,7 @@ def _follow_the_leases(manager: Manager, conn: Any, holder: HolderRef, spec: Dom
 def _start_exclusive(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSpec,
                      xml: str) -> Started:
     partition = manager.libvirt_partition(holder)
-    planner = _ExclusivePlanner(spec, holder, lv.list_domains(conn, active_only=True))
+    planner = ExclusivePlanner(spec, holder, lv.list_domains(conn, active_only=True))
     # The manager enforces the layout before returning: the kernel moves every shared
     # domain's cgroups off the lease (and may need to widen machine before, e.g. from the
     # pool to the fallback CPUs); then libvirt's live pins follow, so its view and the
