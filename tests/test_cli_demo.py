@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from libvirt_env import PREFIX, Pinwarden, machine_restored
+from libvirt_env import PREFIX, QEMU_LOGS, Pinwarden, cleanup_domain, machine_restored
 from pinwarden.cli.demo import DEMO_EXCLUSIVE, DEMO_SHARED
 
 PINWARDEN = str(Path(sys.executable).with_name("pinwarden"))
@@ -84,7 +84,7 @@ def _live_demo(pw: Pinwarden, conn: Any) -> None:
                                 timeout=60)
         assert json.loads(status.stdout)["leases"] == []
     finally:
-        for name in (DEMO_SHARED, DEMO_EXCLUSIVE):
-            subprocess.run(["virsh", "destroy", name], capture_output=True)
-            subprocess.run(["virsh", "undefine", name], capture_output=True)
+        for name in (DEMO_SHARED, DEMO_EXCLUSIVE):  # with the logs libvirt keeps
+            cleanup_domain(conn, name)
         pw.cleanup()
+    assert not [n for n in (DEMO_SHARED, DEMO_EXCLUSIVE) if (QEMU_LOGS / f"{n}.log").exists()]
