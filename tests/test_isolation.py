@@ -20,6 +20,7 @@ from pinwarden.isolation import (
     PF_KTHREAD,
     PF_NO_SETAFFINITY,
     WORKQUEUE,
+    HostTask,
     IrqInfo,
     KthreadInfo,
     NoiseSnapshot,
@@ -29,11 +30,20 @@ from pinwarden.isolation import (
     inherited,
     kernel_cmdline,
     plan_isolation,
+    plan_keep_home,
     plan_restore,
     unmovable,
     with_refusals,
 )
-from pinwarden.noise import apply, read_noise, read_tasks, refused, threads_of
+from pinwarden.noise import (
+    apply,
+    read_host_tasks,
+    read_isolated,
+    read_noise,
+    read_tasks,
+    refused,
+    threads_of,
+)
 
 L = CpuSet.parse_kernel
 ALL = L("0-7")
@@ -436,3 +446,89 @@ def test_user_threads_are_read_and_set_on_this_host() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+# -- the host's own threads across a partition change (plan_keep_home) -------------------
+
+def host_task(tid: int, cpus: str, cgroup: str, start: int = 100) -> HostTask:
+    return HostTask(TaskInfo(tid, start, f"t{tid}", L(cpus), tid), L(cgroup))
+
+
+def test_threads_the_kernel_gave_isolated_cpus_lose_them_again() -> None:
+    """isolcpus=3 on 0-3: PID 1 and the services it started are on 0-2 (the kernel's
+    placement at boot, inherited).  A partition taking CPU 1 makes the kernel give every
+    task of init.scope its cgroup's CPUs, 0,2-3; the one that came back gives 0-3.  Each
+    time the isolated CPU goes away again, and what the partition took or gave back
+    stays as the kernel made it.  Once put back by pinwarden, a thread's mask counts as
+    its own, and the kernel keeps it narrowed when the partition goes: it is widened to its
+    cgroup's CPUs less the isolated ones."""
+    iso = L("3")
+    lease = plan_keep_home([host_task(1, "0-2", "0-3")], [host_task(1, "0,2-3", "0,2-3")], iso)
+    assert lease == (Write("task:1:100", L("0,2")),)
+    back = plan_keep_home([host_task(1, "0,2", "0,2-3")], [host_task(1, "0-3", "0-3")], iso)
+    assert back == (Write("task:1:100", L("0-2")),)
+    kept = plan_keep_home([host_task(1, "0,2", "0,2-3")], [host_task(1, "0,2", "0-3")], iso)
+    assert kept == (Write("task:1:100", L("0-2")),)
+    # a mask set at boot names offline CPUs too: compared within the cgroup's CPUs
+    offline = plan_keep_home([host_task(1, "0-2,4-7", "0-3")],
+                             [host_task(1, "0,2-3", "0,2-3")], iso)
+    assert offline == (Write("task:1:100", L("0,2")),)
+    assert plan_keep_home([host_task(1, "0-2,4-7", "0-3")], [host_task(1, "0-2,4-7", "0-3")],
+                          iso) == ()  # right already
+
+
+def test_threads_placed_by_someone_are_left_as_the_kernel_made_them() -> None:
+    """Threads that were not simply their cgroup's CPUs less the isolated ones, threads
+    not seen before, reused ids, threads already right and threads that would be left
+    without a CPU are not written."""
+    iso = L("3")
+    before = [host_task(10, "2", "0-3"),        # pinned by its user
+              host_task(11, "2-3", "0-3"),      # on the isolated CPU on purpose
+              host_task(12, "0-2", "0-3"),      # a follower the kernel gave no CPU 3
+              host_task(13, "0-2", "0-3", start=5),  # its id reused meanwhile
+              host_task(14, "0-2", "0-3")]      # follower: written
+    after = [host_task(10, "0-3", "0-3"), host_task(11, "0-3", "0-3"),
+             host_task(12, "0,2", "0,2-3"), host_task(13, "0-3", "0-3"),
+             host_task(14, "0,2-3", "0,2-3"), host_task(15, "0-3", "0-3")]
+    assert plan_keep_home(before, after, iso) == (Write("task:14:100", L("0,2")),)
+    # nothing isolated: every thread had its cgroup's CPUs or was placed; the kernel's
+    # changes stand
+    assert plan_keep_home([host_task(1, "0-3", "0-3")], [host_task(1, "0,2-3", "0,2-3")],
+                          L("")) == ()
+    assert plan_keep_home([host_task(16, "0", "0,3")], [host_task(16, "3", "3")],
+                          L("3")) == ()  # only isolated CPUs left in its cgroup
+
+
+def test_host_threads_are_read_with_their_cgroups_cpus_and_put_back_on_this_host(
+        tmp_path: Path) -> None:
+    """``noise.read_host_tasks`` on this host's /proc: a process of our own with its
+    cgroup2 path and the CPUs its cgroup gives (read from the nearest group with the file,
+    in a stand-in of the cgroup2 tree: this host's has no cpuset controller), VM groups
+    left out by the caller's choice.  Then the kernel's reset, played by
+    sched_setaffinity, is undone by the plan and ``noise.apply``."""
+    online = CpuSet.of(os.sched_getaffinity(0))
+    if len(online) < 2:
+        pytest.fail("needs at least 2 CPUs")
+    first, rest = min(online), online - CpuSet.of([min(online)])
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        os.sched_setaffinity(child.pid, {first})
+        cgroup = (Path("/proc") / str(child.pid) / "cgroup").read_text()
+        path = next(line[3:] for line in cgroup.splitlines() if line.startswith("0::"))
+        (tmp_path / "cpuset.cpus.effective").write_text(online.to_list() + "\n")
+        found = {t.task.tid: t for t in read_host_tasks(Path("/"), tmp_path, lambda p: False)}
+        mine = found[child.pid]
+        assert mine.task.affinity == CpuSet.of([first]) and mine.cgroup_cpus == online
+        assert os.getpid() in found
+        skipped = read_host_tasks(Path("/"), tmp_path, lambda p: p == path)
+        assert child.pid not in {t.task.tid for t in skipped}
+        os.sched_setaffinity(child.pid, online.cpus)  # the kernel's reset
+        now = [t for t in read_host_tasks(Path("/"), tmp_path, lambda p: False)
+               if t.task.tid == child.pid]
+        (write,) = plan_keep_home([mine], now, rest)
+        (done,) = apply(Path("/"), [write])
+        assert done.ok and os.sched_getaffinity(child.pid) == {first}
+    finally:
+        child.kill()
+        child.wait()
+    assert read_isolated(tmp_path) == CpuSet()  # no such file: nothing isolated

@@ -845,7 +845,7 @@ def test_a_failed_sync_keeps_its_yardstick_only_if_rolled_back(
     said: list[str] = []
     real = apply.sync
 
-    def failing(backend: object, desired: object) -> object:
+    def failing(backend: object, desired: object, **_: object) -> object:
         fake.set_cpus("machine", C("1"))
         raise EnforceError("...", partial=partial)
 
@@ -904,3 +904,21 @@ def test_release_of_a_holder_that_runs_is_refused_unless_forced(host4: Path,
     finally:
         runs.kill()
         runs.wait()
+
+
+def test_keep_home_leaves_out_the_vm_partition_and_the_holder_groups() -> None:
+    """The threads pinwarden keeps off the isolated CPUs across a partition change are the
+    host's own: those of the VM partition (a shared domain placed there by libvirt) and of
+    the holder groups (on systemd hosts their slices) are not read, so never written."""
+    from pinwarden.enforce.layout import LayoutNames
+    from pinwarden.manager import _KeepHome
+
+    keep = _KeepHome(Path("/"), Path("/sys/fs/cgroup"),
+                     LayoutNames(shared="machine.slice"), CpuSet.parse_kernel("3"))
+    vm = ("/machine.slice", "/machine.slice/machine-qemu\\x2d1\\x2dweb.scope/libvirt/vcpu0",
+          "/pinwarden\\x2dvm\\x2dweb.slice/machine-qemu\\x2d2\\x2dweb.scope/libvirt",
+          "/pinwarden-vm-web.partition/emulator")
+    host = ("/init.scope", "/system.slice/libvirtd.service", "/", "/machine.slice.d",
+            "/user.slice/user-0.slice/session-1.scope", "/pinwarden.slice/other")
+    assert [p for p in vm if not keep._vm_group(p)] == []
+    assert [p for p in host if keep._vm_group(p)] == []

@@ -271,6 +271,46 @@ def plan_isolation(snapshot: NoiseSnapshot, leased: CpuSet, housekeeping: CpuSet
     return Plan(tuple(writes), tuple(records), tuple(stuck))
 
 
+@record
+class HostTask:
+    """A user thread of the host's own (outside the VM partition and the holder groups)
+    and the CPUs its cpuset cgroup gives (``cpuset.cpus.effective``)."""
+
+    task: TaskInfo
+    cgroup_cpus: CpuSet
+
+
+def plan_keep_home(before: Iterable[HostTask], after: Iterable[HostTask],
+                   isolated: CpuSet) -> tuple[Write, ...]:
+    """Host threads back on their cgroup's CPUs less the ``isolated`` ones (``isolcpus=``)
+    after a cpuset change, where that is what they had before it.
+
+    The kernel gives every task of a cpuset cgroup whose CPUs change all of the cgroup's
+    CPUs, less only a mask the task asked for itself (Linux 6.2+).  PID 1's affinity is
+    the housekeeping CPUs, set by the kernel at boot rather than asked for, and every
+    service inherits it: a partition coming or going gave them the isolated CPUs too, and
+    nothing took those away again.  Once pinwarden has put such a thread back, its mask
+    counts as asked for, and the kernel then keeps it narrowed when the partition's CPUs
+    come back: so the target is always the cgroup's CPUs now, less the isolated ones.
+
+    A thread that had exactly its cgroup's CPUs less the isolated ones (``before``: just
+    before the change; CPUs outside its cgroup do not count, as a mask set at boot names
+    offline CPUs too) gets that again (``after``: its cgroup's CPUs now).  A thread placed
+    otherwise (narrower, or on isolated CPUs itself) is someone's choice, which the kernel
+    keeps or not: left alone.  A thread already right, or that would be left without a
+    CPU, is not written."""
+    was = {t.task.key: t for t in before}
+    writes: list[Write] = []
+    for now in after:
+        old = was.get(now.task.key)
+        if old is None or old.task.affinity & old.cgroup_cpus != old.cgroup_cpus - isolated:
+            continue
+        target = now.cgroup_cpus - isolated
+        if target and now.task.affinity & now.cgroup_cpus != target:
+            writes.append(Write(now.task.key, target))
+    return tuple(writes)
+
+
 def inherited(tasks: Iterable[TaskInfo], records: Mapping[str, Record]) -> dict[str, Record]:
     """Records for the threads a moved thread's process started while it was moved: they
     inherited the narrowed affinity (a new thread gets its creator's), so they go back with

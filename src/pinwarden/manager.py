@@ -44,6 +44,7 @@ from pinwarden.partition import Host, VmCgroup, load_host, read_vm_cgroup
 from pinwarden.record import record, replace
 
 if TYPE_CHECKING:
+    from pinwarden import isolation
     from pinwarden.enforce.apply import Result
     from pinwarden.enforce.backend import CgroupBackend, GroupState
     from pinwarden.enforce.layout import LayoutNames
@@ -688,8 +689,9 @@ class Manager:
         desired = desired_layout(host, leases, names, shared_extra=shared_extra,
                                  restore_shared=restore, drop_shared=drop, isolated=isolated,
                                  deferred=deferred)
+        keep = self._keep_home(names) if v2 else None
         try:
-            result = sync(backend, desired)
+            result = sync(backend, desired, before_move=keep.take if keep else None)
         except EnforceError as exc:
             # Rolled back: the shared group holds what it held before, and what pinwarden
             # had set there stays the yardstick (a set-property that raced this sync made
@@ -698,6 +700,9 @@ class Manager:
             if exc.partial and shared_record is not None:
                 self._note_written(ledger, key, shared_record, None)
             raise
+        finally:
+            if keep is not None:
+                keep.put_back()
         # A holder group that still has tasks is kept (a job's children outliving their
         # owner, a release of a running domain), and with it the shared group stays as
         # narrowed: the record of both is kept until a sync finds the group gone.
@@ -722,6 +727,21 @@ class Manager:
         if not leases and not kept:
             ledger.clear_host_record()
         return result
+
+    def _keep_home(self, names: LayoutNames) -> _KeepHome | None:
+        """cgroup v2 on a host with ``isolcpus=``: what keeps the host's own threads off the
+        isolated CPUs across this sync's partition writes (:class:`_KeepHome`); ``None``
+        where there is nothing to keep (no isolated CPUs, no cgroup2 tree, or not this
+        host's backend)."""
+        if not self._own_backend or self._fixed_host is not None \
+                or not is_live_root(self.root):
+            return None
+        from pinwarden import noise
+        from pinwarden.mounts import read_mounts
+
+        isolated = noise.read_isolated(self.root)
+        mount = read_mounts(self.root).v2 if isolated else None
+        return _KeepHome(self.root, mount, names, isolated) if mount is not None else None
 
     def _close_escapes(self, ledger: Ledger, host: Host, leases: tuple[Lease, ...],
                        backend: CgroupBackend, names: LayoutNames) -> None:
@@ -1174,6 +1194,45 @@ class Manager:
         except (ValueError, KeyError, AttributeError, PinwardenError, CgroupOpError) as exc:
             raise LedgerError(f"the recorded original CPUs of cgroup {path} are unreadable "
                               f"({exc}); set them by hand and 'pinwarden sync'") from None
+
+
+class _KeepHome:
+    """The host's own threads (outside the VM partition and the holder groups) where they
+    were across one sync: :meth:`take` reads them just before the first cgroup write that
+    moves CPUs between partitions, :meth:`put_back` reads them again and gives those that
+    had their cgroup's CPUs less the ``isolcpus=`` ones exactly that again
+    (:func:`~pinwarden.isolation.plan_keep_home`: the kernel hands every task of a cgroup
+    whose CPUs change all of them, and PID 1 with every service had been kept off the
+    isolated CPUs only by the mask the kernel gave PID 1 at boot)."""
+
+    def __init__(self, root: Path, mount: Path, names: LayoutNames, isolated: CpuSet) -> None:
+        self.root = root
+        self.mount = mount
+        self.names = names
+        self.isolated = isolated
+        self.before: tuple[isolation.HostTask, ...] | None = None
+
+    def _vm_group(self, path: str) -> bool:
+        """``path`` (as ``/proc/PID/cgroup`` shows it) is the VM partition, a holder group
+        or below one: their threads are placed by libvirt and pinwarden."""
+        parts = path.strip("/").split("/")
+        shared = self.names.shared
+        return any(p == shared or self.names.is_holder(p)
+                   for p in ("/".join(parts[:n]) for n in range(1, len(parts) + 1)))
+
+    def take(self) -> None:
+        from pinwarden import noise
+
+        if self.before is None:  # a sync attempted again keeps what the first one saw
+            self.before = noise.read_host_tasks(self.root, self.mount, self._vm_group)
+
+    def put_back(self) -> None:
+        from pinwarden import isolation, noise
+
+        if not self.before:
+            return
+        after = noise.read_host_tasks(self.root, self.mount, self._vm_group)
+        noise.apply(self.root, isolation.plan_keep_home(self.before, after, self.isolated))
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from pinwarden.cpuset import CpuSet, CpuSetError
 from pinwarden.isolation import (
     IRQ_DEFAULT,
     WORKQUEUE,
+    HostTask,
     IrqInfo,
     KthreadInfo,
     NoiseSnapshot,
@@ -154,6 +155,51 @@ def read_tasks(root: Path, tids: Iterable[int]) -> tuple[TaskInfo, ...]:
     return tuple(out)
 
 
+def _v2_cgroup(root: Path, pid: int) -> str | None:
+    """The cgroup2 path of process ``pid`` (``/proc/PID/cgroup``'s ``0::`` line), ``None``
+    when it is gone."""
+    text = _text(root / "proc" / str(pid) / "cgroup")
+    if text is None:
+        return None
+    return next((line[3:] for line in text.splitlines() if line.startswith("0::")), None)
+
+
+def read_host_tasks(root: Path, mount: Path,
+                    skip: Callable[[str], bool]) -> tuple[HostTask, ...]:
+    """Every user thread whose process's cgroup2 path (relative to ``mount``, the cgroup2
+    tree) ``skip`` does not exclude, with the CPUs that cgroup gives
+    (``cpuset.cpus.effective`` of it, or of the nearest group above with the file).
+    Processes and threads gone meanwhile are left out."""
+    cpus_of: dict[str, CpuSet | None] = {}
+
+    def cgroup_cpus(path: str) -> CpuSet | None:
+        if path not in cpus_of:
+            found: CpuSet | None = None
+            parts = path.strip("/").split("/") if path.strip("/") else []
+            while found is None:
+                found = _list(mount.joinpath(*parts) / "cpuset.cpus.effective")
+                if not parts:
+                    break
+                parts.pop()
+            cpus_of[path] = found
+        return cpus_of[path]
+
+    out: list[HostTask] = []
+    try:
+        pids = sorted(int(e.name) for e in os.scandir(root / "proc") if e.name.isdigit())
+    except OSError:
+        return ()
+    for pid in pids:
+        path = _v2_cgroup(root, pid)
+        if path is None or skip(path):
+            continue
+        cpus = cgroup_cpus(path)
+        if cpus is None:
+            continue
+        out.extend(HostTask(task, cpus) for task in read_tasks(root, threads_of(root, [pid])))
+    return tuple(out)
+
+
 def threads_of(root: Path, tgids: Iterable[int]) -> set[int]:
     """Every thread id of the processes ``tgids`` (those gone are left out)."""
     out: set[int] = set()
@@ -186,6 +232,11 @@ def _affinity(root: Path, tid: int, text: str | None = None) -> CpuSet | None:
         return CpuSet.parse_kernel(allowed) if allowed is not None else None
     except CpuSetError:
         return None
+
+
+def read_isolated(root: Path) -> CpuSet:
+    """The ``isolcpus=`` CPUs (``/sys/devices/system/cpu/isolated``; none when absent)."""
+    return _list(root / CPU_DIR / "isolated") or CpuSet()
 
 
 def read_noise(root: Path = Path("/")) -> NoiseSnapshot:

@@ -491,6 +491,63 @@ def story_two_leases() -> Data:
         pinwarden("sync")
     return out
 
+def host_threads() -> dict[str, str]:
+    """``Cpus_allowed_list`` of every user thread of the host's own processes (not below
+    machine.slice or a pinwarden slice: the VMs' threads are placed by libvirt and
+    pinwarden), keyed ``PID/TID COMM``."""
+    out: dict[str, str] = {}
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        cgroup = read(f"/proc/{pid}/cgroup") or ""
+        status = read(f"/proc/{pid}/status") or ""
+        if not cgroup or "machine.slice" in cgroup or "pinwarden\\x2d" in cgroup \
+                or "\nPPid:\t2\n" in status or pid == "2":  # kernel threads
+            continue
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                text = read(f"/proc/{pid}/task/{tid}/comm")
+                cpus = affinity(int(pid), int(tid))
+                if text is not None and cpus is not None:
+                    out[f"{pid}/{tid} {text.strip()}"] = cpus
+    return out
+
+
+@check("story_host_affinity", needs=["install", "boot"])
+def story_host_affinity() -> Data:
+    """The host's own processes where they were (isolcpus=3 keeps them on 0-2) while an
+    exclusive domain holds CPU 1 or 2 as a partition, and after (mode none, host reserve
+    CPU 0).  The kernel gives every task of a cpuset whose CPUs change all of that
+    cpuset's CPUs: a partition coming or going gave PID 1, journald and every service the
+    isolated CPU 3, for good (trixie-lab hunt)."""
+    CONFIG.parent.mkdir(parents=True, exist_ok=True)
+    CONFIG.write_text('[partition]\nmode = "none"\nhost_reserve = "0"\n')
+    # as booted first: the raw experiments of a whole lab run (partition_write, dbus_set)
+    # wrote partitions without pinwarden, and the kernel gave every host thread CPU 3
+    out: Data = {"put_back_first": {}}
+    for name, cpus in host_threads().items():
+        tid = int(name.split()[0].split("/")[1])
+        parts = [part.split("-") for part in cpus.split(",")]
+        if any(int(r[0]) <= 3 <= int(r[-1]) for r in parts):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, set(range(3)))
+                out["put_back_first"][name] = cpus
+    out["as_found"] = host_threads()
+    try:
+        out["define"] = pinwarden("define", write_xml("pwtest-hx", metadata=EXCLUSIVE_META))
+        out["start"] = pinwarden("start", "pwtest-hx")
+        out["holders"] = holders()
+        out["leased"] = host_threads()
+        out["audit"] = pinwarden("audit", "--json")
+        out["stop"] = pinwarden("stop", "pwtest-hx")
+        out["released"] = host_threads()
+        out["holders_released"] = holders()
+    finally:
+        remove_domain("pwtest-hx")
+        CONFIG.unlink(missing_ok=True)
+        pinwarden("sync")
+    out["as_left"] = host_threads()
+    return out
+
+
 @check("story_plain_exclusive", needs=["install", "boot"])
 def story_plain_exclusive() -> Data:
     """A 2-vCPU exclusive domain stored by ``pinwarden define`` and started by plain
