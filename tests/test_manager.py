@@ -284,6 +284,17 @@ def test_a_new_owner_of_isolcpus_cpus_moves_the_previous_owners_threads_off(
             m.set_owner(holder, third.pid)
             assert synced == ["sync"]  # the previous one may only run on CPU 0
             assert [(r.ref.name, r.owner_pid) for r in m.holders()] == [("iso", third.pid)]
+        # a lease of CPUs 0-1, 1 isolated: its group may be no partition at all, so the
+        # previous owner on CPU 0 alone is moved off too (libvirtd on 0-2 in the lab kept
+        # CPU 2 of a lease 2-3 with 3 isolated)
+        config = Config(mode="none", host_reserve=C("3"))
+        with Manager(config, root, tmp_path / "state-none", backend=fake4()) as m:
+            holder = job_holder("part")
+            m.reserve_request(JobSpec("part", cpus=C("0-1")), owner_pid=elsewhere.pid,
+                              holder=holder)
+            synced.clear()
+            m.set_owner(holder, first.pid)
+            assert synced == ["sync"]  # on CPU 0 only, which is not isolated
         with manager(_host4(tmp_path / "plain", "0-3"), tmp_path / "plain" / "state",
                      fake4()) as m:  # no isolcpus=: the kernel guards every leased CPU
             holder = job_holder("plain")

@@ -578,10 +578,12 @@ class Manager:
 
         The owner's threads are the lease's own; those of the owner before it (libvirtd
         until ``started``), still running, are not any more.  Where the kernel may not guard
-        the leased CPUs (``isolcpus=`` CPUs: no partition on Linux 6.12+) and a thread of
-        the previous owner may run there, a sync moves it off, as it moves any other thread
-        there (:meth:`_keep_off`); before, they stayed until the next change, and audit
-        failed after a plain ``virsh start`` (lab hunt)."""
+        the leased CPUs (a lease holding ``isolcpus=`` CPUs: no partition on Linux 6.12+,
+        for any of its CPUs) and a thread of the previous owner may run on one, a sync
+        moves it off, as it moves any other thread there (:meth:`_keep_off`); before, they
+        stayed until the next change, and audit failed after a plain ``virsh start`` (lab
+        hunt; and once host services were no longer given the isolated CPU, libvirtd on
+        0-2 stayed on the lease's other CPU, 2, of 2-3)."""
         from pinwarden import procs
 
         with self.locked():
@@ -591,8 +593,11 @@ class Manager:
             if before is None or before.owner_pid in (None, pid) \
                     or not procs.alive(before.owner_pid, before.owner_start):
                 return
-            unguarded = before.plan.leased() & self.host().topology.isolated
-            if unguarded and _may_run_on(before.owner_pid, unguarded):
+            # a holder group holding an isolated CPU may be a plain cpuset as a whole
+            # (its other CPUs too: no partition at all), so every leased CPU counts
+            leased = before.plan.leased()
+            if leased & self.host().topology.isolated \
+                    and _may_run_on(before.owner_pid, leased):
                 self.sync()
 
     def hand_on(self, holder: HolderRef) -> int | None:
