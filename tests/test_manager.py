@@ -933,3 +933,21 @@ def test_keep_home_leaves_out_the_vm_partition_and_the_holder_groups() -> None:
             "/user.slice/user-0.slice/session-1.scope", "/pinwarden.slice/other")
     assert [p for p in vm if not keep._vm_group(p)] == []
     assert [p for p in host if keep._vm_group(p)] == []
+
+
+def test_keep_home_never_fails_the_sync_it_runs_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It runs between two cgroup writes: a /proc it cannot read keeps nothing, and
+    raises nothing that would stop the sync half-way."""
+    from pinwarden import noise
+    from pinwarden.enforce.layout import LayoutNames
+    from pinwarden.manager import _KeepHome
+
+    def unreadable(*_: object) -> tuple[()]:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(noise, "read_host_tasks", unreadable)
+    keep = _KeepHome(Path("/"), Path("/sys/fs/cgroup"), LayoutNames(), CpuSet.parse_kernel("3"))
+    keep.take()
+    keep.take()
+    keep.put_back()
+    assert keep.before == ()

@@ -1229,14 +1229,20 @@ class _KeepHome:
         from pinwarden import noise
 
         if self.before is None:  # a sync attempted again keeps what the first one saw
-            self.before = noise.read_host_tasks(self.root, self.mount, self._vm_group)
+            try:  # between two cgroup writes: never fails the sync
+                self.before = noise.read_host_tasks(self.root, self.mount, self._vm_group)
+            except (OSError, ValueError):
+                self.before = ()
 
     def put_back(self) -> None:
         from pinwarden import isolation, noise
 
         if not self.before:
             return
-        after = noise.read_host_tasks(self.root, self.mount, self._vm_group)
+        try:
+            after = noise.read_host_tasks(self.root, self.mount, self._vm_group)
+        except (OSError, ValueError):
+            return
         noise.apply(self.root, isolation.plan_keep_home(self.before, after, self.isolated))
 
 
