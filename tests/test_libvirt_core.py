@@ -146,6 +146,20 @@ def test_narrowed_pins_are_given_back_as_the_leases_go() -> None:
     assert sorted(whole.forget) == sorted(records) and whole.records == {}
 
 
+def test_a_running_domain_replanned_moves_each_thread_group_placed_elsewhere() -> None:
+    """A shared start overtaken by an exclusive reservation follows the plan of now: each
+    thread group the new plan places elsewhere is moved from where the old one had it;
+    one placed the same, or left empty by the new plan, keeps its pin."""
+    from pinwarden.libvirt.repin import replanned
+
+    old = Plan("s", "u", False, {0: cs("1-3"), 1: cs("1")}, cs("1-3"), {7: cs("1-3")})
+    new = Plan("s", "u", False, {0: cs("1,3"), 1: cs("1"), 2: cs("3")}, cs("1,3"),
+               {7: CpuSet()})
+    assert [(m.label, str(m.before), str(m.after)) for m in replanned("s", "u", old, new)] == [
+        ("vcpu0", "1-3", "1,3"), ("vcpu2", "", "3"), ("emulator", "1-3", "1,3")]
+    assert replanned("s", "u", old, old) == ()
+
+
 def test_a_shared_start_records_the_threads_placed_off_leased_cpus() -> None:
     """``pinwarden start`` of a shared domain while CPUs are leased: the thread groups its
     definition leaves to default placement are recorded as narrowed from the pool with

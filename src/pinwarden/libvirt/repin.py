@@ -180,13 +180,28 @@ def placed_narrower(spec: DomainSpec, plan: Plan, name: str, uuid: str,
     ``every``: those placed on ``base`` itself too — on a kernel that gives a thread its
     cgroup's CPUs whenever those change (before Linux 6.2), the hook's placement is lost
     at the first change, and the record is what puts it back (:func:`give_back`)."""
-    threads: list[tuple[str, int | None, CpuSet]] = [
-        ("vcpu", v, c) for v, c in sorted(plan.vcpus.items())]
-    threads.append(("emulator", None, plan.emulator))
-    threads.extend(("iothread", i, c) for i, c in sorted(plan.iothreads.items()))
     return tuple(Repin(name, uuid, thread, ident, base, cpus)
-                 for thread, ident, cpus in threads
+                 for thread, ident, cpus in thread_groups(plan)
                  if cpus and (every or cpus != base) and floating(spec, thread, ident))
+
+
+def thread_groups(plan: Plan) -> list[tuple[str, int | None, CpuSet]]:
+    """Each thread group of ``plan`` as a pin names it — ``(thread, id, CPUs)``: the vCPUs,
+    the emulator, the I/O threads."""
+    out: list[tuple[str, int | None, CpuSet]] = [
+        ("vcpu", v, c) for v, c in sorted(plan.vcpus.items())]
+    out.append(("emulator", None, plan.emulator))
+    out.extend(("iothread", i, c) for i, c in sorted(plan.iothreads.items()))
+    return out
+
+
+def replanned(name: str, uuid: str, old: Plan, new: Plan) -> tuple[Repin, ...]:
+    """The live pins that take a running domain from ``old`` to ``new`` (each thread group
+    ``new`` places elsewhere; one it leaves empty keeps its pin)."""
+    was = {(thread, ident): cpus for thread, ident, cpus in thread_groups(old)}
+    return tuple(Repin(name, uuid, thread, ident, was.get((thread, ident), CpuSet()), cpus)
+                 for thread, ident, cpus in thread_groups(new)
+                 if cpus and cpus != was.get((thread, ident)))
 
 
 @record

@@ -38,7 +38,7 @@ from pinwarden.errors import InputError, LedgerError, LibvirtError, PinwardenErr
 from pinwarden.libvirt import connect as lv
 from pinwarden.libvirt import kernel, pins
 from pinwarden.libvirt.hook import admit_shared
-from pinwarden.libvirt.repin import ExclusivePlanner, placed_narrower
+from pinwarden.libvirt.repin import ExclusivePlanner, placed_narrower, replanned
 from pinwarden.libvirt.state import Repin
 from pinwarden.manager import Manager, domain_lock
 from pinwarden.model import (
@@ -250,16 +250,8 @@ def _follow_the_leases(manager: Manager, conn: Any, holder: HolderRef, spec: Dom
     now = manager.plan(spec, holder=holder)
     if now == plan:
         return plan, problems
-    moves = [Repin(holder.name, holder.uuid or "", "vcpu", v, plan.vcpus.get(v, CpuSet()), c)
-             for v, c in sorted(now.vcpus.items()) if c and c != plan.vcpus.get(v)]
-    if now.emulator and now.emulator != plan.emulator:
-        moves.append(Repin(holder.name, holder.uuid or "", "emulator", None, plan.emulator,
-                           now.emulator))
-    moves.extend(Repin(holder.name, holder.uuid or "", "iothread", i,
-                       plan.iothreads.get(i, CpuSet()), c)
-                 for i, c in sorted(now.iothreads.items()) if c and c != plan.iothreads.get(i))
     with pins.locked(manager):
-        for move in moves:
+        for move in replanned(holder.name, holder.uuid or "", plan, now):
             lv.apply_repin(conn, move)
     return now, kernel.check_domain(dom, pid, now)
 
