@@ -13,11 +13,8 @@ from pinwarden.enforce.apply import apply_layout, execute
 from pinwarden.enforce.backend import (
     CgroupOpError,
     GroupState,
-    Mkdir,
     PartitionKind,
-    Rmdir,
     SetCpus,
-    SetMems,
     Snapshot,
 )
 from pinwarden.enforce.fake import FakeCpusetV1
@@ -320,45 +317,3 @@ def test_a_failed_rollback_is_said_and_marked_partial() -> None:
     with pytest.raises(EnforceError) as info:
         sync_leases(FailingBackend(fake, 1), make_host(), [lease(3, "J")])
     assert "nothing was changed" in info.value.message and not info.value.partial
-
-
-class RecordingBackend(FailingBackend):
-    """Every mutating call in order, in ``log`` (never failing)."""
-
-    def __init__(self, inner: FakeCpusetV1) -> None:
-        super().__init__(inner, fail_at=-1)
-        self.log: list[tuple[str, str]] = []
-
-    def _tick(self, action: str, path: str) -> None:
-        self.log.append((action, path))
-
-
-def test_before_move_is_called_once_just_before_cpus_move_between_partitions() -> None:
-    """The manager reads the host's own threads just before the first write that can
-    take CPUs from (or give them back to) the cgroups beside the one written — a partition
-    switched, or a partition's CPUs changed or removed — and only then (writes to member
-    groups, the shared group's among them, leave the host's cgroups alone)."""
-    fake = busy_host()
-    before = whole(fake)
-    partitions = {p for p, g in before.groups.items() if g.partition != "member"}
-    assert partitions  # job "old"'s holder, which the next layout removes
-    recorder = RecordingBackend(fake)
-    apply_layout(recorder, next_layout(),
-                 before_move=lambda: recorder.log.append(("MOVE", "")))
-    log = recorder.log
-    assert log.count(("MOVE", "")) == 1, log
-    at = log.index(("MOVE", ""))
-    action, path = log[at + 1]
-    assert action == "partition" or (action in ("cpus", "rmdir") and path in partitions), log
-    assert all(a != "partition" and not (a in ("cpus", "rmdir") and p in partitions)
-               for a, p in log[:at]), log
-    assert any(a in ("mkdir", "cpus", "mems") for a, _ in log[:at]), log  # not at once
-
-    idle = FakeCpusetV1(CpuSet.parse_kernel("0-3"))
-    build(idle, {"machine": ("0-3", False), VM: ("0-3", False)})
-    called: list[str] = []
-    quiet = [Mkdir("machine/other"), SetMems("machine/other", CpuSet.parse_kernel("0")),
-             SetCpus("machine/other", CpuSet.parse_kernel("1-2")),
-             SetCpus(VM, CpuSet.parse_kernel("1-3")), Rmdir("machine/other")]
-    execute(idle, whole(idle), quiet, before_move=lambda: called.append("x"))
-    assert called == [] and whole(idle)[VM].cpus == CpuSet.parse_kernel("1-3")

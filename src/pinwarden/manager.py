@@ -651,16 +651,45 @@ class Manager:
         return HostRecord(time.time(), host.partition, found)
 
     def _sync(self, *, shared_extra: CpuSet = EMPTY) -> Result | None:
-        """The sync itself; the caller holds the lock."""
+        """The sync itself; the caller holds the lock.
+
+        On cgroup v2 with ``isolcpus=`` the host's own threads are read before its first
+        cgroup write and put back after its last (:class:`_KeepHome`): enabling the cpuset
+        controller, a partition coming or going, narrowing an escaped cgroup and restoring
+        the controller each make the kernel hand tasks all of their cgroup's CPUs.  Then
+        come host noise and the threads kept off unguarded leased CPUs, which must not be
+        undone by that."""
         if not self.enforcing:
             return None
+        ledger = self.ledger()
+        backend = self.backend()
+        v2 = backend.kind in ("v2", "systemd")
+        keep = self._keep_home(self.names()) \
+            if v2 and (ledger.leases() or ledger.changes()) else None
+        if keep is not None:
+            keep.take()
+        try:
+            result, host, leases, kept = self._sync_cgroups(ledger, backend, shared_extra)
+        finally:
+            if keep is not None:
+                keep.put_back()
+        self._isolate(ledger, host, CpuSet.of(lease.cpu for lease in leases))
+        self._keep_off(ledger, host, leases, _unguarded(result) if v2 else EMPTY)
+        if not leases and not kept:
+            ledger.clear_host_record()
+        return result
+
+    def _sync_cgroups(self, ledger: Ledger, backend: CgroupBackend, shared_extra: CpuSet
+                      ) -> tuple[Result, Host, tuple[Lease, ...], bool]:
+        """The cgroup side of :meth:`_sync`: the layout enforced, and the shared group and
+        the controller put back after the last lease.  Returns the result, the host it was
+        planned on, the leases and whether a holder group had to be kept."""
         from pinwarden.enforce.apply import sync
         from pinwarden.enforce.layout import desired_layout
 
-        ledger = self.ledger()
         leases = ledger.leases()
         record = ledger.host_record()
-        backend, names = self.backend(), self.names()
+        names = self.names()
         key = SHARED_KEY.format(path=names.shared)
         kept_record = ledger.changes().get(key)
         if kept_record is not None:  # before anything is planned against the record
@@ -694,9 +723,8 @@ class Manager:
         desired = desired_layout(host, leases, names, shared_extra=shared_extra,
                                  restore_shared=restore, drop_shared=drop, isolated=isolated,
                                  deferred=deferred)
-        keep = self._keep_home(names) if v2 else None
         try:
-            result = sync(backend, desired, before_move=keep.take if keep else None)
+            result = sync(backend, desired)
         except EnforceError as exc:
             # Rolled back: the shared group holds what it held before, and what pinwarden
             # had set there stays the yardstick (a set-property that raced this sync made
@@ -705,9 +733,6 @@ class Manager:
             if exc.partial and shared_record is not None:
                 self._note_written(ledger, key, shared_record, None)
             raise
-        finally:
-            if keep is not None:
-                keep.put_back()
         # A holder group that still has tasks is kept (a job's children outliving their
         # owner, a release of a running domain), and with it the shared group stays as
         # narrowed: the record of both is kept until a sync finds the group gone.
@@ -727,15 +752,11 @@ class Manager:
             if CONTROLLER_KEY in changes:  # last: the cgroups above no longer need it
                 self._restore_controller(backend, changes[CONTROLLER_KEY])
                 ledger.forget_changes([CONTROLLER_KEY])
-        self._isolate(ledger, host, CpuSet.of(lease.cpu for lease in leases))
-        self._keep_off(ledger, host, leases, _unguarded(result) if v2 else EMPTY)
-        if not leases and not kept:
-            ledger.clear_host_record()
-        return result
+        return result, host, leases, kept
 
     def _keep_home(self, names: LayoutNames) -> _KeepHome | None:
         """cgroup v2 on a host with ``isolcpus=``: what keeps the host's own threads off the
-        isolated CPUs across this sync's partition writes (:class:`_KeepHome`); ``None``
+        isolated CPUs across a sync's cgroup writes (:class:`_KeepHome`); ``None``
         where there is nothing to keep (no isolated CPUs, no cgroup2 tree, or not this
         host's backend)."""
         if not self._own_backend or self._fixed_host is not None \
@@ -1203,9 +1224,9 @@ class Manager:
 
 class _KeepHome:
     """The host's own threads (outside the VM partition and the holder groups) where they
-    were across one sync: :meth:`take` reads them just before the first cgroup write that
-    moves CPUs between partitions, :meth:`put_back` reads them again and gives those that
-    had their cgroup's CPUs less the ``isolcpus=`` ones exactly that again
+    were across one sync: :meth:`take` reads them before its first cgroup write,
+    :meth:`put_back` reads them again after its last and gives those that had their
+    cgroup's CPUs less the ``isolcpus=`` ones exactly that again
     (:func:`~pinwarden.isolation.plan_keep_home`: the kernel hands every task of a cgroup
     whose CPUs change all of them, and PID 1 with every service had been kept off the
     isolated CPUs only by the mask the kernel gave PID 1 at boot)."""
@@ -1228,8 +1249,8 @@ class _KeepHome:
     def take(self) -> None:
         from pinwarden import noise
 
-        if self.before is None:  # a sync attempted again keeps what the first one saw
-            try:  # between two cgroup writes: never fails the sync
+        if self.before is None:
+            try:  # never fails the sync
                 self.before = noise.read_host_tasks(self.root, self.mount, self._vm_group)
             except (OSError, ValueError):
                 self.before = ()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from pinwarden.cpuset import CpuSet
 from pinwarden.enforce.backend import (
@@ -200,29 +200,12 @@ def _rollback(backend: CgroupBackend, undo: list[list[Op]]) -> list[str]:
     return failures
 
 
-def moves_cpus(op: Op, state: Mapping[str, _Tracked]) -> bool:
-    """Whether ``op`` may change the CPUs of cgroups beside the ones it names: a partition
-    switched, or the CPUs of one changed or removed, take CPUs from (or give them back to)
-    the effective CPUs of its parent and every sibling, and with them of the host's own
-    cgroups (init.scope, system.slice …)."""
-    match op:
-        case SetPartition():
-            return True
-        case SetCpus(path) | Rmdir(path):
-            old = state.get(path)
-            return old is not None and old.partition != "member"
-    return False
-
-
 def execute(backend: CgroupBackend, before: Snapshot, ops: Sequence[Op], *,
             goal: Targets | None = None, check: Sequence[str] = (),
-            owners: Mapping[str, str] | None = None,
-            before_move: Callable[[], None] | None = None) -> Snapshot:
+            owners: Mapping[str, str] | None = None) -> Snapshot:
     """Perform ``ops`` (planned from ``before``); roll back and raise on any failure.
 
     ``check``: paths whose state is read back and compared with ``goal`` at the end.
-    ``before_move`` is called before the first op that may move CPUs between partitions
-    (:func:`moves_cpus`), once (a rollback undoes only what was done, after it).
     Returns the state read back (the paths in ``before``'s roots and ``check``).
     """
     owners = owners or {}
@@ -230,9 +213,6 @@ def execute(backend: CgroupBackend, before: Snapshot, ops: Sequence[Op], *,
     undo: list[list[Op]] = []
     for op in ops:
         inverse = _inverse(op, state)
-        if before_move is not None and moves_cpus(op, state):
-            before_move()
-            before_move = None
         try:
             perform(backend, op)
         except CgroupOpError as exc:
@@ -266,8 +246,7 @@ def owner_names(desired: DesiredLayout) -> dict[str, str]:
     return names
 
 
-def apply_layout(backend: CgroupBackend, desired: DesiredLayout, *,
-                 before_move: Callable[[], None] | None = None) -> Result:
+def apply_layout(backend: CgroupBackend, desired: DesiredLayout) -> Result:
     """Read the current state, plan towards ``desired``, execute and verify.
 
     On a kernel where no ``root`` partition may hold some CPUs (``isolcpus=`` CPUs on Linux
@@ -280,7 +259,7 @@ def apply_layout(backend: CgroupBackend, desired: DesiredLayout, *,
     adapted = adapt_to_kernel(backend, desired)
     while True:  # each refusal the backend remembers forbids more: root, then isolated
         try:
-            return _apply_layout(backend, adapted, before_move=before_move)
+            return _apply_layout(backend, adapted)
         except EnforceError as exc:
             cause = exc.__cause__
             if not (isinstance(cause, CgroupOpError) and cause.detail
@@ -308,8 +287,7 @@ def read_current(backend: CgroupBackend, desired: DesiredLayout) -> Snapshot:
     return backend.read_state((*paths, *stale)) if stale else before
 
 
-def _apply_layout(backend: CgroupBackend, desired: DesiredLayout, *,
-                  before_move: Callable[[], None] | None = None) -> Result:
+def _apply_layout(backend: CgroupBackend, desired: DesiredLayout) -> Result:
     before = read_current(backend, desired)
     try:
         goal = targets(before, desired)
@@ -318,20 +296,17 @@ def _apply_layout(backend: CgroupBackend, desired: DesiredLayout, *,
     ops = order(before, goal)
     owned = [spec.path for spec in desired.groups() if spec.path in goal.want]
     after = execute(backend, before, ops, goal=goal, check=owned,
-                    owners=owner_names(desired), before_move=before_move)
+                    owners=owner_names(desired))
     return Result(tuple(ops), before, after, desired)
 
 
-def sync(backend: CgroupBackend, desired: DesiredLayout, *,
-         before_move: Callable[[], None] | None = None) -> Result:
+def sync(backend: CgroupBackend, desired: DesiredLayout) -> Result:
     """Make the cgroups match ``desired``, re-reading and re-planning when another tool
     (libvirt starting or stopping a VM) created or removed a group between our read and
-    our write.  The caller (the lease manager) serialises it with every other change.
-    ``before_move``: see :func:`execute` (called again by each attempt that moves CPUs:
-    the caller keeps what the first call saw)."""
+    our write.  The caller (the lease manager) serialises it with every other change."""
     for attempt in range(RACE_RETRIES + 1):
         try:
-            return apply_layout(backend, desired, before_move=before_move)
+            return apply_layout(backend, desired)
         except EnforceError as exc:
             cause = exc.__cause__
             raced = isinstance(cause, CgroupOpError) and cause.errno in RACE_ERRNOS

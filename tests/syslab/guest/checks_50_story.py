@@ -513,14 +513,16 @@ def host_threads() -> dict[str, str]:
 
 @check("story_host_affinity", needs=["install", "boot"])
 def story_host_affinity() -> Data:
-    """The host's own processes where they were (isolcpus=3 keeps them on 0-2) while an
-    exclusive domain holds CPU 1 or 2 as a partition, and after (mode none, host reserve
-    CPU 0).  The kernel gives every task of a cpuset whose CPUs change all of that
-    cpuset's CPUs: a partition coming or going gave PID 1, journald and every service the
-    isolated CPU 3, for good (trixie-lab hunt)."""
+    """The host's own processes where they were, on 0-2 (isolcpus=3: Linux 6.12 puts PID 1
+    there at boot; 6.1 leaves it on every CPU, so the check puts them there as systemd's
+    CPUAffinity=0-2 would), while an exclusive domain holds CPU 1 or 2 as a partition,
+    and after (mode none, host reserve CPU 0).  The kernel gives every task of a cpuset
+    whose CPUs change all of that cpuset's CPUs: a partition coming or going gave PID 1,
+    journald and every service the isolated CPU 3, for good (trixie-lab hunt); on 6.1
+    enabling the cpuset controller did so first."""
     CONFIG.parent.mkdir(parents=True, exist_ok=True)
     CONFIG.write_text('[partition]\nmode = "none"\nhost_reserve = "0"\n')
-    # as booted first: the raw experiments of a whole lab run (partition_write, dbus_set)
+    # on 0-2 first: the raw experiments of a whole lab run (partition_write, dbus_set)
     # wrote partitions without pinwarden, and the kernel gave every host thread CPU 3
     out: Data = {"put_back_first": {}}
     for name, cpus in host_threads().items():
