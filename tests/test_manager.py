@@ -951,3 +951,47 @@ def test_keep_home_never_fails_the_sync_it_runs_in(monkeypatch: pytest.MonkeyPat
     keep.take()
     keep.put_back()
     assert keep.before == ()
+
+
+def test_keep_home_spans_every_cgroup_write_of_a_sync_and_ends_before_keep_off(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On cgroup v2 with isolcpus=, the host's threads are read before the sync's first
+    cgroup write (enabling the controller resets them on 6.1, before any partition write)
+    and put back after its last, before the threads kept off unguarded leased CPUs are
+    moved (which putting back must not undo); a sync with nothing leased and nothing to
+    put back reads nothing."""
+    log: list[str] = []
+
+    class Recorder(FailingBackend):
+        def _tick(self, action: str, path: str) -> None:
+            log.append(f"{action} {path}")
+
+    class Keep:
+        def take(self) -> None:
+            log.append("take")
+
+        def put_back(self) -> None:
+            log.append("put_back")
+
+    monkeypatch.setattr(Manager, "_keep_home", lambda self, backend: Keep())
+    real_keep_off = Manager._keep_off
+
+    def keep_off(self: Manager, *args: object) -> None:
+        log.append("keep_off")
+        real_keep_off(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Manager, "_keep_off", keep_off)
+    root = _host4(tmp_path, "0-3")
+    with manager(root, tmp_path / "state", Recorder(fake4(), fail_at=-1)) as m:
+        m.sync()
+        assert log == ["keep_off"]  # nothing leased, nothing recorded: nothing read
+        log.clear()
+        m.reserve_request(JobSpec("J", cpus=C("3")))
+        writes = [i for i, line in enumerate(log) if line not in ("take", "put_back",
+                                                                    "keep_off")]
+        assert writes and log[0] == "take", log
+        assert log.index("put_back") > max(writes) and \
+            log.index("keep_off") > log.index("put_back"), log
+        log.clear()
+        m.release("J")
+        assert log[0] == "take" and log[-2:] == ["put_back", "keep_off"], log

@@ -663,9 +663,7 @@ class Manager:
             return None
         ledger = self.ledger()
         backend = self.backend()
-        v2 = backend.kind in ("v2", "systemd")
-        keep = self._keep_home(self.names()) \
-            if v2 and (ledger.leases() or ledger.changes()) else None
+        keep = self._keep_home(backend) if ledger.leases() or ledger.changes() else None
         if keep is not None:
             keep.take()
         try:
@@ -674,6 +672,7 @@ class Manager:
             if keep is not None:
                 keep.put_back()
         self._isolate(ledger, host, CpuSet.of(lease.cpu for lease in leases))
+        v2 = backend.kind in ("v2", "systemd")
         self._keep_off(ledger, host, leases, _unguarded(result) if v2 else EMPTY)
         if not leases and not kept:
             ledger.clear_host_record()
@@ -754,20 +753,21 @@ class Manager:
                 ledger.forget_changes([CONTROLLER_KEY])
         return result, host, leases, kept
 
-    def _keep_home(self, names: LayoutNames) -> _KeepHome | None:
+    def _keep_home(self, backend: CgroupBackend) -> _KeepHome | None:
         """cgroup v2 on a host with ``isolcpus=``: what keeps the host's own threads off the
         isolated CPUs across a sync's cgroup writes (:class:`_KeepHome`); ``None``
-        where there is nothing to keep (no isolated CPUs, no cgroup2 tree, or not this
-        host's backend)."""
-        if not self._own_backend or self._fixed_host is not None \
-                or not is_live_root(self.root):
+        where there is nothing to keep (cgroup v1, no isolated CPUs, no cgroup2 tree, or
+        not this host's backend)."""
+        if backend.kind not in ("v2", "systemd") or not self._own_backend \
+                or self._fixed_host is not None or not is_live_root(self.root):
             return None
         from pinwarden import noise
         from pinwarden.mounts import read_mounts
 
         isolated = noise.read_isolated(self.root)
         mount = read_mounts(self.root).v2 if isolated else None
-        return _KeepHome(self.root, mount, names, isolated) if mount is not None else None
+        return _KeepHome(self.root, mount, self.names(), isolated) if mount is not None \
+            else None
 
     def _close_escapes(self, ledger: Ledger, host: Host, leases: tuple[Lease, ...],
                        backend: CgroupBackend, names: LayoutNames) -> None:
