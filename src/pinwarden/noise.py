@@ -155,48 +155,82 @@ def read_tasks(root: Path, tids: Iterable[int]) -> tuple[TaskInfo, ...]:
     return tuple(out)
 
 
-def _v2_cgroup(root: Path, pid: int) -> str | None:
-    """The cgroup2 path of process ``pid`` (``/proc/PID/cgroup``'s ``0::`` line), ``None``
-    when it is gone."""
-    text = _text(root / "proc" / str(pid) / "cgroup")
-    if text is None:
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+    except OSError:  # gone meanwhile (ENOENT, ESRCH), or unreadable
         return None
-    return next((line[3:] for line in text.splitlines() if line.startswith("0::")), None)
 
 
 def read_host_tasks(root: Path, mount: Path,
                     skip: Callable[[str], bool]) -> tuple[HostTask, ...]:
-    """Every user thread whose process's cgroup2 path (relative to ``mount``, the cgroup2
-    tree) ``skip`` does not exclude, with the CPUs that cgroup gives
-    (``cpuset.cpus.effective`` of it, or of the nearest group above with the file).
-    Processes and threads gone meanwhile are left out."""
-    cpus_of: dict[str, CpuSet | None] = {}
+    """Every user thread whose process's cgroup2 path (``/proc/PID/cgroup``'s ``0::`` line,
+    relative to ``mount``, the cgroup2 tree) ``skip`` does not exclude, with the CPUs that
+    cgroup gives (``cpuset.cpus.effective`` of it, or of the nearest group above with the
+    file).  Processes and threads gone meanwhile are left out.
 
-    def cgroup_cpus(path: str) -> CpuSet | None:
-        if path not in cpus_of:
+    In the start path of every VM on a host with ``isolcpus=``, twice a sync: one ``stat``
+    read and, on this host, one ``sched_getaffinity`` per thread (no ``status`` file)."""
+    live = root == Path("/")
+    proc = str(root / "proc")
+    cgroup_cpus: dict[str, CpuSet | None] = {}
+    masks: dict[frozenset[int], CpuSet] = {}
+
+    def cpus_of(path: str) -> CpuSet | None:
+        if path not in cgroup_cpus:
             found: CpuSet | None = None
-            parts = path.strip("/").split("/") if path.strip("/") else []
+            parts = [p for p in path.split("/") if p]
             while found is None:
                 found = _list(mount.joinpath(*parts) / "cpuset.cpus.effective")
                 if not parts:
                     break
                 parts.pop()
-            cpus_of[path] = found
-        return cpus_of[path]
+            cgroup_cpus[path] = found
+        return cgroup_cpus[path]
+
+    def affinity(tid: int) -> CpuSet | None:
+        if not live:
+            return _affinity(root, tid)
+        try:
+            key = frozenset(os.sched_getaffinity(tid))
+        except OSError:
+            return None
+        found = masks.get(key)
+        if found is None:
+            found = masks[key] = CpuSet.of(key)
+        return found
 
     out: list[HostTask] = []
     try:
-        pids = sorted(int(e.name) for e in os.scandir(root / "proc") if e.name.isdigit())
+        pids = [e.name for e in os.scandir(proc) if e.name.isdigit()]
     except OSError:
         return ()
     for pid in pids:
-        path = _v2_cgroup(root, pid)
+        text = _read_text(f"{proc}/{pid}/cgroup")
+        path = next((line[3:] for line in text.splitlines() if line.startswith("0::")),
+                    None) if text is not None else None
         if path is None or skip(path):
             continue
-        cpus = cgroup_cpus(path)
-        if cpus is None:
+        cpus = cpus_of(path)
+        try:
+            tids = os.listdir(f"{proc}/{pid}/task")
+        except OSError:
             continue
-        out.extend(HostTask(task, cpus) for task in read_tasks(root, threads_of(root, [pid])))
+        for tid in tids:
+            stat_text = _read_text(f"{proc}/{pid}/task/{tid}/stat")
+            try:
+                stat = parse_stat(stat_text) if stat_text is not None else None
+            except ValueError:
+                stat = None
+            if stat is None:
+                continue
+            if stat.kernel_thread:
+                break  # a kernel thread has no other threads
+            mask = affinity(stat.pid)
+            if cpus is not None and mask is not None:
+                out.append(HostTask(TaskInfo(stat.pid, stat.start_time, stat.comm, mask,
+                                             int(pid)), cpus))
     return tuple(out)
 
 
