@@ -213,6 +213,8 @@ def read_host_tasks(root: Path, mount: Path,
         if path is None or skip(path):
             continue
         cpus = cpus_of(path)
+        if cpus is None:
+            continue
         try:
             tids = os.listdir(f"{proc}/{pid}/task")
         except OSError:
@@ -228,7 +230,7 @@ def read_host_tasks(root: Path, mount: Path,
             if stat.kernel_thread:
                 break  # a kernel thread has no other threads
             mask = affinity(stat.pid)
-            if cpus is not None and mask is not None:
+            if mask is not None:
                 out.append(HostTask(TaskInfo(stat.pid, stat.start_time, stat.comm, mask,
                                              int(pid)), cpus))
     return tuple(out)
