@@ -24,6 +24,7 @@ from pinwarden.isolation import (
     IrqInfo,
     KthreadInfo,
     NoiseSnapshot,
+    Plan,
     Record,
     TaskInfo,
     Write,
@@ -31,6 +32,7 @@ from pinwarden.isolation import (
     kernel_cmdline,
     plan_isolation,
     plan_keep_home,
+    plan_kthreads_home,
     plan_restore,
     unmovable,
     with_refusals,
@@ -532,3 +534,44 @@ def test_host_threads_are_read_with_their_cgroups_cpus_and_put_back_on_this_host
         child.kill()
         child.wait()
     assert read_isolated(tmp_path) == CpuSet()  # no such file: nothing isolated
+
+
+def kthread(pid: int, cpus: str, start: int = 7) -> KthreadInfo:
+    return KthreadInfo(pid, start, f"kswapd{pid}", PF_KTHREAD, L(cpus))
+
+
+def test_kernel_threads_a_partition_moved_go_back_less_its_cpus_and_are_given_them_later(
+        ) -> None:
+    """A partition over CPU 3 coming and going (bookworm-lab hunt): the kernel gave the
+    root's unbound threads every CPU no partition held, NUMA-local kswapd1 on 2-3 went
+    to 0-2, then 0-3; kswapd0 on 0-1 went to 0-2, then 0-3.  Each gets what it had less
+    what the kernel took (kswapd1: 2, recorded with its original 2-3; kswapd0: 0-1, no
+    record needed), when the partition goes the narrowed value again, and the noise
+    restore then gives kswapd1 its 2-3 back."""
+    before = [kthread(61, "2-3"), kthread(60, "0-1"), kthread(5, "0-3")]
+    lease = plan_kthreads_home(before, [kthread(61, "0-2"), kthread(60, "0-2"),
+                                        kthread(5, "0-2")], {})
+    assert lease.writes == (Write("kthread:61:7", L("2")), Write("kthread:60:7", L("0-1")))
+    assert lease.records == (Record("kthread:61:7", L("2-3"), L("2")),
+                             Record("kthread:5:7", L("0-3"), L("0-2")))
+    recorded = {r.key: r for r in lease.records}
+    during = [kthread(61, "2"), kthread(60, "0-1"), kthread(5, "0-2")]
+    end = plan_kthreads_home(during, [kthread(61, "0-3"), kthread(60, "0-3"),
+                                      kthread(5, "0-3")], recorded)
+    assert end.writes == (Write("kthread:61:7", L("2")), Write("kthread:60:7", L("0-1")),
+                          Write("kthread:5:7", L("0-2")))
+    assert end.records == ()  # as recorded: the restore recognises what pinwarden wrote
+    back = plan_restore(NoiseSnapshot(ALL, kthreads=(kthread(61, "2"), kthread(60, "0-1"),
+                                                     kthread(5, "0-2"))), recorded, L(""))
+    assert back.writes == (Write("kthread:5:7", L("0-3")), Write("kthread:61:7", L("2-3")))
+    assert sorted(back.forget) == sorted(recorded)
+
+
+def test_kernel_threads_not_moved_or_not_settable_are_left_alone() -> None:
+    """Threads the change did not move, threads new since, bound ones and threads left no
+    CPU by what the kernel took are not written."""
+    bound = KthreadInfo(9, 7, "ksoftirqd/1", PF_KTHREAD | PF_NO_SETAFFINITY, L("0-3"))
+    before = [kthread(1, "0-1"), kthread(2, "3"), bound]
+    after = [kthread(1, "0-1"), kthread(2, "0-2"), kthread(3, "0-3"),
+             KthreadInfo(9, 7, "ksoftirqd/1", PF_KTHREAD | PF_NO_SETAFFINITY, L("1"))]
+    assert plan_kthreads_home(before, after, {}) == Plan((), ())

@@ -958,6 +958,14 @@ def test_story_a_lease_leaves_the_hosts_own_processes_off_the_isolated_cpu(
             assert after[name] == cpus, (name, cpus, after[name])
     assert compared >= 10, (compared, found)
     assert s["holders_released"] == [], s
+    # the kernel threads too: the root's tasks were given every CPU no partition held,
+    # NUMA-local kswapd1 on 2-3 went to 0,2-3 then 0-3 (bookworm-lab hunt)
+    kfound, kleased, kleft = s["kthreads_found"], s["kthreads_leased"], s["kthreads_left"]
+    numa = [k for k in kfound if k.split()[1].startswith(("kswapd", "kcompactd"))]
+    assert len(numa) >= 2 and {kfound[k] for k in numa} == {"0-1", "2-3"}, kfound
+    for name in numa:
+        assert _cpus_of(kleased[name]) == _cpus_of(kfound[name]) - leased, (name, kleased)
+        assert kleft[name] == kfound[name], (name, kfound[name], kleft[name])
 
 
 def test_story_plain_virsh_start_of_an_exclusive_domain_runs_each_vcpu_on_its_cpu(

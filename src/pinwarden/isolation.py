@@ -311,6 +311,38 @@ def plan_keep_home(before: Iterable[HostTask], after: Iterable[HostTask],
     return tuple(writes)
 
 
+def plan_kthreads_home(before: Iterable[KthreadInfo], after: Iterable[KthreadInfo],
+                       recorded: Mapping[str, Record]) -> Plan:
+    """Kernel threads back where they were before a cpuset change, less the CPUs it took.
+
+    The kernel gives every task of the root cpuset the CPUs no partition holds whenever a
+    partition comes or goes (unbound kernel threads among them): NUMA-local ``kswapd1``
+    on ``2-3`` went to ``0-2`` when CPU 3 became a partition and to ``0-3`` when it went
+    (bookworm-lab hunt).  Each settable thread the change moved gets what it had less what
+    the kernel no longer lets it have (``before ∩ after``; left alone where that is
+    empty).  Where that is narrower than what it had, a record keeps the original (an
+    existing record keeps its own), so that the noise restore gives the CPUs back when
+    the lease ends (:func:`plan_restore`; a thread already narrowed by pinwarden first
+    gets its narrowed value back, which the restore then recognises)."""
+    was = {k.key: k for k in before}
+    writes: list[Write] = []
+    records: list[Record] = []
+    for now in after:
+        old = was.get(now.key)
+        if old is None or not now.settable or now.affinity == old.affinity:
+            continue
+        target = old.affinity & now.affinity
+        if not target:
+            continue
+        if target != now.affinity:
+            writes.append(Write(now.key, target))
+        rec = recorded.get(now.key)
+        if target != (rec.applied if rec is not None else old.affinity):
+            records.append(Record(now.key, rec.original if rec is not None else old.affinity,
+                                  target))
+    return Plan(tuple(writes), tuple(records))
+
+
 def inherited(tasks: Iterable[TaskInfo], records: Mapping[str, Record]) -> dict[str, Record]:
     """Records for the threads a moved thread's process started while it was moved: they
     inherited the narrowed affinity (a new thread gets its creator's), so they go back with

@@ -670,7 +670,7 @@ class Manager:
             result, host, leases, kept = self._sync_cgroups(ledger, backend, shared_extra)
         finally:
             if keep is not None:
-                keep.put_back()
+                keep.put_back(ledger)
         self._isolate(ledger, host, CpuSet.of(lease.cpu for lease in leases))
         v2 = backend.kind in ("v2", "systemd")
         self._keep_off(ledger, host, leases, _unguarded(result) if v2 else EMPTY)
@@ -754,10 +754,10 @@ class Manager:
         return result, host, leases, kept
 
     def _keep_home(self, backend: CgroupBackend) -> _KeepHome | None:
-        """cgroup v2 on a host with ``isolcpus=``: what keeps the host's own threads off the
-        isolated CPUs across a sync's cgroup writes (:class:`_KeepHome`); ``None``
-        where there is nothing to keep (cgroup v1, no isolated CPUs, no cgroup2 tree, or
-        not this host's backend)."""
+        """cgroup v2: what keeps the host's own threads off the ``isolcpus=`` CPUs, and the
+        kernel threads where they were (with host noise isolation on), across a sync's
+        cgroup writes (:class:`_KeepHome`); ``None`` where there is nothing to keep
+        (cgroup v1, neither, no cgroup2 tree, or not this host's backend)."""
         if backend.kind not in ("v2", "systemd") or not self._own_backend \
                 or self._fixed_host is not None or not is_live_root(self.root):
             return None
@@ -765,9 +765,9 @@ class Manager:
         from pinwarden.mounts import read_mounts
 
         isolated = noise.read_isolated(self.root)
-        mount = read_mounts(self.root).v2 if isolated else None
-        return _KeepHome(self.root, mount, self.names(), isolated) if mount is not None \
-            else None
+        mount = read_mounts(self.root).v2 if isolated or self.isolating else None
+        return _KeepHome(self.root, mount, self.names(), isolated, kthreads=self.isolating) \
+            if mount is not None else None
 
     def _close_escapes(self, ledger: Ledger, host: Host, leases: tuple[Lease, ...],
                        backend: CgroupBackend, names: LayoutNames) -> None:
@@ -1229,14 +1229,20 @@ class _KeepHome:
     cgroup's CPUs less the ``isolcpus=`` ones exactly that again
     (:func:`~pinwarden.isolation.plan_keep_home`: the kernel hands every task of a cgroup
     whose CPUs change all of them, and PID 1 with every service had been kept off the
-    isolated CPUs only by the mask the kernel gave PID 1 at boot)."""
+    isolated CPUs only by the mask the kernel gave PID 1 at boot).  With ``kthreads`` the
+    kernel threads too: the root's tasks get every CPU no partition holds whenever one
+    comes or goes, NUMA-local ``kswapd1`` included
+    (:func:`~pinwarden.isolation.plan_kthreads_home`)."""
 
-    def __init__(self, root: Path, mount: Path, names: LayoutNames, isolated: CpuSet) -> None:
+    def __init__(self, root: Path, mount: Path, names: LayoutNames, isolated: CpuSet, *,
+                 kthreads: bool = False) -> None:
         self.root = root
         self.mount = mount
         self.names = names
         self.isolated = isolated
+        self.kthreads = kthreads
         self.before: tuple[isolation.HostTask, ...] | None = None
+        self.kthreads_before: tuple[isolation.KthreadInfo, ...] = ()
 
     def _vm_group(self, path: str) -> bool:
         """``path`` (as ``/proc/PID/cgroup`` shows it) is the VM partition, a holder group
@@ -1251,20 +1257,35 @@ class _KeepHome:
 
         if self.before is None:
             try:  # never fails the sync
-                self.before = noise.read_host_tasks(self.root, self.mount, self._vm_group)
+                self.before = noise.read_host_tasks(self.root, self.mount, self._vm_group) \
+                    if self.isolated else ()
+                if self.kthreads:
+                    self.kthreads_before = noise.read_kthreads(self.root)
             except (OSError, ValueError):
                 self.before = ()
 
-    def put_back(self) -> None:
+    def put_back(self, ledger: Ledger) -> None:
+        """The host's threads put back; with ``kthreads`` (host noise isolation on, whose
+        restore gives narrowed kernel threads their CPUs back when the lease ends) the
+        kernel threads too, each one narrowed recorded in ``ledger`` first."""
         from pinwarden import isolation, noise
 
-        if not self.before:
-            return
         try:
-            after = noise.read_host_tasks(self.root, self.mount, self._vm_group)
+            after = noise.read_host_tasks(self.root, self.mount, self._vm_group) \
+                if self.before else ()
+            kthreads = noise.read_kthreads(self.root) if self.kthreads_before else ()
         except (OSError, ValueError):
             return
-        noise.apply(self.root, isolation.plan_keep_home(self.before, after, self.isolated))
+        if self.before:
+            noise.apply(self.root, isolation.plan_keep_home(self.before, after, self.isolated))
+        if kthreads:
+            recorded = {key: isolation.Record.from_json(data)
+                        for key, data in ((k, json.loads(v)) for k, v in ledger.changes().items()
+                                          if k.startswith("kthread:"))
+                        if "original" in data}
+            plan = isolation.plan_kthreads_home(self.kthreads_before, kthreads, recorded)
+            ledger.put_changes({r.key: json.dumps(r.to_json()) for r in plan.records})
+            noise.apply(self.root, plan.writes)
 
 
 @contextlib.contextmanager

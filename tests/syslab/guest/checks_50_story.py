@@ -511,6 +511,19 @@ def host_threads() -> dict[str, str]:
     return out
 
 
+def kernel_threads() -> dict[str, str]:
+    """``Cpus_allowed_list`` of every kernel thread (children of kthreadd), keyed
+    ``PID COMM``."""
+    out: dict[str, str] = {}
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        status = read(f"/proc/{pid}/status") or ""
+        comm = read(f"/proc/{pid}/comm")
+        cpus = affinity(int(pid))
+        if "\nPPid:\t2\n" in status and comm is not None and cpus is not None:
+            out[f"{pid} {comm.strip()}"] = cpus
+    return out
+
+
 @check("story_host_affinity", needs=["install", "boot"])
 def story_host_affinity() -> Data:
     """The host's own processes where they were, on 0-2 (isolcpus=3: Linux 6.12 puts PID 1
@@ -533,11 +546,13 @@ def story_host_affinity() -> Data:
                 os.sched_setaffinity(tid, set(range(3)))
                 out["put_back_first"][name] = cpus
     out["as_found"] = host_threads()
+    out["kthreads_found"] = kernel_threads()
     try:
         out["define"] = pinwarden("define", write_xml("pwtest-hx", metadata=EXCLUSIVE_META))
         out["start"] = pinwarden("start", "pwtest-hx")
         out["holders"] = holders()
         out["leased"] = host_threads()
+        out["kthreads_leased"] = kernel_threads()
         out["audit"] = pinwarden("audit", "--json")
         out["stop"] = pinwarden("stop", "pwtest-hx")
         out["released"] = host_threads()
@@ -547,6 +562,7 @@ def story_host_affinity() -> Data:
         CONFIG.unlink(missing_ok=True)
         pinwarden("sync")
     out["as_left"] = host_threads()
+    out["kthreads_left"] = kernel_threads()
     return out
 
 
