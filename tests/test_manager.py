@@ -936,8 +936,8 @@ def test_keep_home_leaves_out_the_vm_partition_and_the_holder_groups() -> None:
 
 
 def test_keep_home_never_fails_the_sync_it_runs_in(monkeypatch: pytest.MonkeyPatch) -> None:
-    """It runs between two cgroup writes: a /proc it cannot read keeps nothing, and
-    raises nothing that would stop the sync half-way."""
+    """It runs around the sync's cgroup writes: a /proc it cannot read keeps nothing,
+    and raises nothing that would stop the sync half-way."""
     from pinwarden import noise
     from pinwarden.enforce.layout import LayoutNames
     from pinwarden.manager import _KeepHome

@@ -491,6 +491,7 @@ def story_two_leases() -> Data:
         pinwarden("sync")
     return out
 
+
 def host_threads() -> dict[str, str]:
     """``Cpus_allowed_list`` of every user thread of the host's own processes (not below
     machine.slice or a pinwarden slice: the VMs' threads are placed by libvirt and
