@@ -537,15 +537,27 @@ def story_host_affinity() -> Data:
     CONFIG.parent.mkdir(parents=True, exist_ok=True)
     CONFIG.write_text('[partition]\nmode = "none"\nhost_reserve = "0"\n')
     # on 0-2 first: the raw experiments of a whole lab run (partition_write, dbus_set)
-    # wrote partitions without pinwarden, and the kernel gave every host thread CPU 3
+    # wrote partitions without pinwarden, and the kernel gave every host thread what
+    # their cgroups had then (CPU 3, or CPU 0 alone)
     out: Data = {"put_back_first": {}}
     for name, cpus in host_threads().items():
         tid = int(name.split()[0].split("/")[1])
-        parts = [part.split("-") for part in cpus.split(",")]
-        if any(int(r[0]) <= 3 <= int(r[-1]) for r in parts):
+        if cpus != "0-2":
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(tid, set(range(3)))
                 out["put_back_first"][name] = cpus
+    # and the NUMA-local kernel threads on their node, as booted (those experiments gave
+    # them every CPU too)
+    for name in kernel_threads():
+        pid, _, comm = name.partition(" ")
+        node = comm.removeprefix("kswapd").removeprefix("kcompactd")
+        cpus_text = read(f"/sys/devices/system/node/node{node}/cpulist") \
+            if node != comm and node.isdigit() else None
+        if cpus_text:
+            wanted = {c for part in cpus_text.strip().split(",")
+                      for c in range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1)}
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(pid), wanted)
     out["as_found"] = host_threads()
     out["kthreads_found"] = kernel_threads()
     try:
