@@ -155,14 +155,6 @@ def read_tasks(root: Path, tids: Iterable[int]) -> tuple[TaskInfo, ...]:
     return tuple(out)
 
 
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-    except OSError:  # gone meanwhile (ENOENT, ESRCH), or unreadable
-        return None
-
-
 def read_host_tasks(root: Path, mount: Path,
                     skip: Callable[[str], bool]) -> tuple[HostTask, ...]:
     """Every user thread whose process's cgroup2 path (``/proc/PID/cgroup``'s ``0::`` line,
@@ -207,7 +199,7 @@ def read_host_tasks(root: Path, mount: Path,
     except OSError:
         return ()
     for pid in pids:
-        text = _read_text(f"{proc}/{pid}/cgroup")
+        text = _text(f"{proc}/{pid}/cgroup")
         path = next((line[3:] for line in text.splitlines() if line.startswith("0::")),
                     None) if text is not None else None
         if path is None or skip(path):
@@ -220,7 +212,7 @@ def read_host_tasks(root: Path, mount: Path,
         except OSError:
             continue
         for tid in tids:
-            stat_text = _read_text(f"{proc}/{pid}/task/{tid}/stat")
+            stat_text = _text(f"{proc}/{pid}/task/{tid}/stat")
             try:
                 stat = parse_stat(stat_text) if stat_text is not None else None
             except ValueError:
