@@ -39,7 +39,8 @@ from pinwarden.isolation import (
 )
 from pinwarden.noise import (
     apply,
-    read_host_tasks,
+    read_host_threads,
+    read_kthreads,
     read_isolated,
     read_noise,
     read_tasks,
@@ -503,7 +504,7 @@ def test_threads_placed_by_someone_are_left_as_the_kernel_made_them() -> None:
 
 def test_host_threads_are_read_with_their_cgroups_cpus_and_put_back_on_this_host(
         tmp_path: Path) -> None:
-    """``noise.read_host_tasks`` on this host's /proc: a process of our own with its
+    """``noise.read_host_threads`` on this host's /proc: a process of our own with its
     cgroup2 path and the CPUs its cgroup gives (read from the nearest group with the file,
     in a stand-in of the cgroup2 tree: this host's has no cpuset controller), VM groups
     left out by the caller's choice.  Then the kernel's reset, played by
@@ -518,14 +519,19 @@ def test_host_threads_are_read_with_their_cgroups_cpus_and_put_back_on_this_host
         cgroup = (Path("/proc") / str(child.pid) / "cgroup").read_text()
         path = next(line[3:] for line in cgroup.splitlines() if line.startswith("0::"))
         (tmp_path / "cpuset.cpus.effective").write_text(online.to_list() + "\n")
-        found = {t.task.tid: t for t in read_host_tasks(Path("/"), tmp_path, lambda p: False)}
+        read = read_host_threads(Path("/"), tmp_path, lambda p: False)
+        assert read.kthreads == ()  # not asked for
+        found = {t.task.tid: t for t in read.users}
         mine = found[child.pid]
         assert mine.task.affinity == CpuSet.of([first]) and mine.cgroup_cpus == online
+        assert mine.task.tgid == child.pid and mine.task.comm == "sleep"
         assert os.getpid() in found
-        skipped = read_host_tasks(Path("/"), tmp_path, lambda p: p == path)
+        kernel = {k.pid for k in read_kthreads(Path("/"))}
+        assert kernel and not kernel & found.keys()  # kernel threads are never user threads
+        skipped = read_host_threads(Path("/"), tmp_path, lambda p: p == path).users
         assert child.pid not in {t.task.tid for t in skipped}
         os.sched_setaffinity(child.pid, online.cpus)  # the kernel's reset
-        now = [t for t in read_host_tasks(Path("/"), tmp_path, lambda p: False)
+        now = [t for t in read_host_threads(Path("/"), tmp_path, lambda p: False).users
                if t.task.tid == child.pid]
         (write,) = plan_keep_home([mine], now, rest)
         (done,) = apply(Path("/"), [write])
@@ -534,6 +540,28 @@ def test_host_threads_are_read_with_their_cgroups_cpus_and_put_back_on_this_host
         child.kill()
         child.wait()
     assert read_isolated(tmp_path) == CpuSet()  # no such file: nothing isolated
+
+
+def test_one_pass_reads_the_kernel_threads_as_read_kthreads_does(tmp_path: Path) -> None:
+    """``read_host_threads(kthreads=True)`` reads this host's kernel threads in the same
+    pass as the user threads, each as :func:`read_kthreads` has it (``Cpus_allowed_list``,
+    what the noise records hold); with ``users=False`` no user thread is read."""
+    (tmp_path / "cpuset.cpus.effective").write_text(
+        CpuSet.of(os.sched_getaffinity(0)).to_list() + "\n")
+    both = read_host_threads(Path("/"), tmp_path, lambda p: False, kthreads=True)
+    alone = read_kthreads(Path("/"))
+    assert both.users and both.kthreads
+    kthreadd = next(k for k in both.kthreads if k.comm == "kthreadd")
+    assert kthreadd.flags & PF_KTHREAD and kthreadd.affinity
+    # kernel threads come and go (kworkers): those both passes saw agree in every field
+    mine = {k.key: k for k in both.kthreads}
+    common = [k for k in alone if k.key in mine]
+    assert len(common) >= len(alone) // 2, (len(common), len(alone))
+    assert all(mine[k.key] == k for k in common if k.comm == mine[k.key].comm)
+    assert not {k.pid for k in both.kthreads} & {t.task.tid for t in both.users}
+    only = read_host_threads(Path("/"), tmp_path, lambda p: False, users=False,
+                             kthreads=True)
+    assert only.users == () and only.kthreads
 
 
 def kthread(pid: int, cpus: str, start: int = 7) -> KthreadInfo:

@@ -942,15 +942,16 @@ def test_keep_home_never_fails_the_sync_it_runs_in(monkeypatch: pytest.MonkeyPat
     from pinwarden.enforce.layout import LayoutNames
     from pinwarden.manager import _KeepHome
 
-    def unreadable(*_: object) -> tuple[()]:
+    def unreadable(*_: object, **__: object) -> tuple[()]:
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(noise, "read_host_tasks", unreadable)
-    keep = _KeepHome(Path("/"), Path("/sys/fs/cgroup"), LayoutNames(), CpuSet.parse_kernel("3"))
+    monkeypatch.setattr(noise, "read_host_threads", unreadable)
+    keep = _KeepHome(Path("/"), Path("/sys/fs/cgroup"), LayoutNames(), CpuSet.parse_kernel("3"),
+                     kthreads=True)
     keep.take()
     keep.take()
     keep.put_back(None)  # type: ignore[arg-type]  # (nothing read: the ledger is not used)
-    assert keep.before == ()
+    assert keep.before == noise.HostThreads()
 
 
 def test_keep_home_spans_every_cgroup_write_of_a_sync_and_ends_before_keep_off(
@@ -995,3 +996,26 @@ def test_keep_home_spans_every_cgroup_write_of_a_sync_and_ends_before_keep_off(
         log.clear()
         m.release("J")
         assert log[0] == "take" and log[-2:] == ["put_back", "keep_off"], log
+
+
+def test_noise_records_are_read_one_way_for_the_restore_and_the_kernel_threads_put_back(
+        tmp_path: Path) -> None:
+    """The ledger's noise records, as both the noise restore and the kernel threads put
+    back after a cgroup change read them: a refused key is never a record (it has no
+    original to give back), cgroup records are not noise, and a prefix keeps only its
+    kind."""
+    from pinwarden.manager import _noise_records
+
+    kthread = {"key": "kthread:81:4", "original": "2-3", "applied": "2"}
+    irq = {"key": "irq:24", "original": "0-3", "applied": "0-1"}
+    with Ledger(tmp_path / "state") as ledger:
+        ledger.put_changes({"kthread:81:4": json.dumps(kthread), "irq:24": json.dumps(irq),
+                            "kthread:90:5": json.dumps({"refused": True}),
+                            "irq:25": json.dumps({"refused": True}),
+                            "cgroup:/machine.slice": json.dumps({"cpus": "0-3"})})
+        records, refused = _noise_records(ledger)
+        assert {k: r.to_json() for k, r in records.items()} == {
+            "kthread:81:4": kthread, "irq:24": irq}
+        assert refused == {"kthread:90:5", "irq:25"}
+        records, refused = _noise_records(ledger, prefix="kthread:")
+        assert list(records) == ["kthread:81:4"] and refused == {"kthread:90:5"}

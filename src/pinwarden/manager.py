@@ -44,7 +44,7 @@ from pinwarden.partition import Host, VmCgroup, load_host, read_vm_cgroup
 from pinwarden.record import record, replace
 
 if TYPE_CHECKING:
-    from pinwarden import isolation
+    from pinwarden import isolation, noise
     from pinwarden.enforce.apply import Result
     from pinwarden.enforce.backend import CgroupBackend, GroupState
     from pinwarden.enforce.layout import LayoutNames
@@ -663,11 +663,12 @@ class Manager:
             return None
         ledger = self.ledger()
         backend = self.backend()
-        keep = self._keep_home(backend) if ledger.leases() or ledger.changes() else None
+        leases = ledger.leases()
+        keep = self._keep_home(backend) if leases or ledger.changes() else None
         if keep is not None:
             keep.take()
         try:
-            result, host, leases, kept = self._sync_cgroups(ledger, backend, shared_extra)
+            result, host, kept = self._sync_cgroups(ledger, backend, leases, shared_extra)
         finally:
             if keep is not None:
                 keep.put_back(ledger)
@@ -678,15 +679,16 @@ class Manager:
             ledger.clear_host_record()
         return result
 
-    def _sync_cgroups(self, ledger: Ledger, backend: CgroupBackend, shared_extra: CpuSet
-                      ) -> tuple[Result, Host, tuple[Lease, ...], bool]:
-        """The cgroup side of :meth:`_sync`: the layout enforced, and the shared group and
-        the controller put back after the last lease.  Returns the result, the host it was
-        planned on, the leases and whether a holder group had to be kept."""
+    def _sync_cgroups(self, ledger: Ledger, backend: CgroupBackend,
+                      leases: tuple[Lease, ...], shared_extra: CpuSet
+                      ) -> tuple[Result, Host, bool]:
+        """The cgroup side of :meth:`_sync`: the layout of ``leases`` (the ledger's)
+        enforced, and the shared group and the controller put back after the last lease.
+        Returns the result, the host it was planned on and whether a holder group had to be
+        kept."""
         from pinwarden.enforce.apply import sync
         from pinwarden.enforce.layout import desired_layout
 
-        leases = ledger.leases()
         record = ledger.host_record()
         names = self.names()
         key = SHARED_KEY.format(path=names.shared)
@@ -751,7 +753,7 @@ class Manager:
             if CONTROLLER_KEY in changes:  # last: the cgroups above no longer need it
                 self._restore_controller(backend, changes[CONTROLLER_KEY])
                 ledger.forget_changes([CONTROLLER_KEY])
-        return result, host, leases, kept
+        return result, host, kept
 
     def _keep_home(self, backend: CgroupBackend) -> _KeepHome | None:
         """cgroup v2: what keeps the host's own threads off the ``isolcpus=`` CPUs, and the
@@ -867,21 +869,8 @@ class Manager:
             return
         from pinwarden import isolation, noise
 
-        def recorded() -> tuple[dict[str, isolation.Record], frozenset[str]]:
-            records: dict[str, isolation.Record] = {}
-            refused: set[str] = set()
-            for key, value in ledger.changes().items():
-                if not _is_noise_key(key):
-                    continue
-                data = json.loads(value)
-                if data.get("refused"):
-                    refused.add(key)
-                else:
-                    records[key] = isolation.Record.from_json(data)
-            return records, frozenset(refused)
-
         housekeeping = host.partition.host_cpus
-        records, refused = recorded()
+        records, refused = _noise_records(ledger)
         seen: isolation.NoiseSnapshot | None = None  # read again only after writing
         if records or (refused and not leased):
             seen = noise.read_noise(self.root)
@@ -895,7 +884,7 @@ class Manager:
             ledger.put_changes({r.key: json.dumps(r.to_json()) for r in back.keep})
         if not leased:
             return
-        records, refused = recorded()
+        records, refused = _noise_records(ledger)
         snapshot = isolation.with_refusals(
             noise.read_noise(self.root) if seen is None else seen, refused)
         plan = isolation.plan_isolation(snapshot, leased, housekeeping, records)
@@ -1241,8 +1230,7 @@ class _KeepHome:
         self.names = names
         self.isolated = isolated
         self.kthreads = kthreads
-        self.before: tuple[isolation.HostTask, ...] | None = None
-        self.kthreads_before: tuple[isolation.KthreadInfo, ...] = ()
+        self.before: noise.HostThreads | None = None
 
     def _vm_group(self, path: str) -> bool:
         """``path`` (as ``/proc/PID/cgroup`` shows it) is the VM partition, a holder group
@@ -1252,17 +1240,20 @@ class _KeepHome:
         return any(p == shared or self.names.is_holder(p)
                    for p in ("/".join(parts[:n]) for n in range(1, len(parts) + 1)))
 
+    def _read(self, *, users: bool, kthreads: bool) -> noise.HostThreads:
+        from pinwarden import noise
+
+        return noise.read_host_threads(self.root, self.mount, self._vm_group, users=users,
+                                       kthreads=kthreads)
+
     def take(self) -> None:
         from pinwarden import noise
 
         if self.before is None:
             try:  # never fails the sync
-                self.before = noise.read_host_tasks(self.root, self.mount, self._vm_group) \
-                    if self.isolated else ()
-                if self.kthreads:
-                    self.kthreads_before = noise.read_kthreads(self.root)
+                self.before = self._read(users=bool(self.isolated), kthreads=self.kthreads)
             except (OSError, ValueError):
-                self.before = ()
+                self.before = noise.HostThreads()
 
     def put_back(self, ledger: Ledger) -> None:
         """The host's threads put back; with ``kthreads`` (host noise isolation on, whose
@@ -1270,22 +1261,40 @@ class _KeepHome:
         kernel threads too, each one narrowed recorded in ``ledger`` first."""
         from pinwarden import isolation, noise
 
+        before = self.before
+        if before is None or not (before.users or before.kthreads):
+            return
         try:
-            after = noise.read_host_tasks(self.root, self.mount, self._vm_group) \
-                if self.before else ()
-            kthreads = noise.read_kthreads(self.root) if self.kthreads_before else ()
+            after = self._read(users=bool(before.users), kthreads=bool(before.kthreads))
         except (OSError, ValueError):
             return
-        if self.before:
-            noise.apply(self.root, isolation.plan_keep_home(self.before, after, self.isolated))
-        if kthreads:
-            recorded = {key: isolation.Record.from_json(data)
-                        for key, data in ((k, json.loads(v)) for k, v in ledger.changes().items()
-                                          if k.startswith("kthread:"))
-                        if "original" in data}
-            plan = isolation.plan_kthreads_home(self.kthreads_before, kthreads, recorded)
+        if before.users:
+            noise.apply(self.root, isolation.plan_keep_home(before.users, after.users,
+                                                            self.isolated))
+        if after.kthreads:
+            recorded, _refused = _noise_records(ledger, prefix="kthread:")
+            plan = isolation.plan_kthreads_home(before.kthreads, after.kthreads, recorded)
             ledger.put_changes({r.key: json.dumps(r.to_json()) for r in plan.records})
             noise.apply(self.root, plan.writes)
+
+
+def _noise_records(ledger: Ledger, prefix: str = ""
+                   ) -> tuple[dict[str, isolation.Record], frozenset[str]]:
+    """The ledger's records of :mod:`pinwarden.isolation` (those whose key starts with
+    ``prefix``), and the keys recorded as refused by the kernel (never retried)."""
+    from pinwarden import isolation
+
+    records: dict[str, isolation.Record] = {}
+    refused: set[str] = set()
+    for key, value in ledger.changes().items():
+        if not _is_noise_key(key) or not key.startswith(prefix):
+            continue
+        data = json.loads(value)
+        if data.get("refused"):
+            refused.add(key)
+        else:
+            records[key] = isolation.Record.from_json(data)
+    return records, frozenset(refused)
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ from pinwarden.isolation import (
     TaskInfo,
     Write,
 )
-from pinwarden.procs import parse_stat, read_stat
+from pinwarden.procs import ProcStat, parse_stat, read_stat
 from pinwarden.record import record
 
 IRQ_DIR = "proc/irq"
@@ -155,15 +155,28 @@ def read_tasks(root: Path, tids: Iterable[int]) -> tuple[TaskInfo, ...]:
     return tuple(out)
 
 
-def read_host_tasks(root: Path, mount: Path,
-                    skip: Callable[[str], bool]) -> tuple[HostTask, ...]:
-    """Every user thread whose process's cgroup2 path (``/proc/PID/cgroup``'s ``0::`` line,
-    relative to ``mount``, the cgroup2 tree) ``skip`` does not exclude, with the CPUs that
-    cgroup gives (``cpuset.cpus.effective`` of it, or of the nearest group above with the
-    file).  Processes and threads gone meanwhile are left out.
+@record
+class HostThreads:
+    """One pass of :func:`read_host_threads` over ``/proc``: the host's own user threads
+    with their cgroup's CPUs, and the kernel threads."""
 
-    In the start path of every VM on a host with ``isolcpus=``, twice a sync: one ``stat``
-    read and, on this host, one ``sched_getaffinity`` per thread (no ``status`` file)."""
+    users: tuple[HostTask, ...] = ()
+    kthreads: tuple[KthreadInfo, ...] = ()
+
+
+def read_host_threads(root: Path, mount: Path, skip: Callable[[str], bool], *,
+                      users: bool = True, kthreads: bool = False) -> HostThreads:
+    """In one pass over ``/proc``: with ``users``, every user thread whose process's
+    cgroup2 path (``/proc/PID/cgroup``'s ``0::`` line, relative to ``mount``, the cgroup2
+    tree) ``skip`` does not exclude, with the CPUs that cgroup gives
+    (``cpuset.cpus.effective`` of it, or of the nearest group above with the file); with
+    ``kthreads``, every kernel thread as :func:`read_kthreads` reads it.  Processes and
+    threads gone meanwhile are left out.
+
+    In the start path of every VM on a host with ``isolcpus=`` (or with host noise
+    isolation on), twice a sync: one ``stat`` read per process and, for user threads, one
+    ``cgroup`` read per process and per thread one more ``stat`` read and, on this host,
+    one ``sched_getaffinity`` (no ``status`` file)."""
     live = root == Path("/")
     proc = str(root / "proc")
     cgroup_cpus: dict[str, CpuSet | None] = {}
@@ -193,12 +206,34 @@ def read_host_tasks(root: Path, mount: Path,
             found = masks[key] = CpuSet.of(key)
         return found
 
-    out: list[HostTask] = []
+    def stat_of(path: str) -> ProcStat | None:
+        text = _text(path)
+        try:
+            return parse_stat(text) if text is not None else None
+        except ValueError:
+            return None
+
+    found_users: list[HostTask] = []
+    found_kthreads: list[KthreadInfo] = []
     try:
-        pids = [e.name for e in os.scandir(proc) if e.name.isdigit()]
+        pids = sorted(int(e.name) for e in os.scandir(proc) if e.name.isdigit())
     except OSError:
-        return ()
+        return HostThreads()
     for pid in pids:
+        leader = stat_of(f"{proc}/{pid}/stat")
+        if leader is None:
+            continue
+        if leader.kernel_thread:  # a kernel thread has no other threads
+            if kthreads:
+                # Cpus_allowed_list, as read_kthreads and the noise records have it
+                # (sched_getaffinity leaves out inactive CPUs)
+                mask = _affinity(root, pid)
+                if mask is not None:
+                    found_kthreads.append(KthreadInfo(pid, leader.start_time, leader.comm,
+                                                      leader.flags, mask))
+            continue
+        if not users:
+            continue
         text = _text(f"{proc}/{pid}/cgroup")
         path = next((line[3:] for line in text.splitlines() if line.startswith("0::")),
                     None) if text is not None else None
@@ -212,20 +247,14 @@ def read_host_tasks(root: Path, mount: Path,
         except OSError:
             continue
         for tid in tids:
-            stat_text = _text(f"{proc}/{pid}/task/{tid}/stat")
-            try:
-                stat = parse_stat(stat_text) if stat_text is not None else None
-            except ValueError:
-                stat = None
+            stat = leader if tid == str(pid) else stat_of(f"{proc}/{pid}/task/{tid}/stat")
             if stat is None:
                 continue
-            if stat.kernel_thread:
-                break  # a kernel thread has no other threads
             mask = affinity(stat.pid)
             if mask is not None:
-                out.append(HostTask(TaskInfo(stat.pid, stat.start_time, stat.comm, mask,
-                                             int(pid)), cpus))
-    return tuple(out)
+                found_users.append(HostTask(TaskInfo(stat.pid, stat.start_time, stat.comm,
+                                                     mask, pid), cpus))
+    return HostThreads(tuple(found_users), tuple(found_kthreads))
 
 
 def threads_of(root: Path, tgids: Iterable[int]) -> set[int]:
