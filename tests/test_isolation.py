@@ -40,8 +40,8 @@ from pinwarden.isolation import (
 from pinwarden.noise import (
     apply,
     read_host_threads,
-    read_kthreads,
     read_isolated,
+    read_kthreads,
     read_noise,
     read_tasks,
     refused,
