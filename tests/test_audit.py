@@ -261,6 +261,59 @@ def test_a_vm_thread_cgroup_pinned_onto_a_leased_cpu_is_a_warning() -> None:
     assert report.exit_status() == 0 and report.exit_status(strict=True) == 1
 
 
+def test_host_threads_given_the_isolated_cpus_back_are_a_warning_leases_or_not() -> None:
+    """isolcpus=2-3 keeps the host on 0-1 only through PID 1's boot affinity; a cpuset
+    change (Linux 6.1: the controller enabled or disabled) gives every task of a cgroup all
+    its CPUs, and they stay there.  Audit said nothing of it with nothing leased, and
+    nothing of the unleased isolated CPUs with a lease (bookworm-lab hunt).  Now each such
+    host thread is a warning naming the isolated CPUs no one leases; a thread on isolated
+    CPUs alone (put there on purpose), a VM's or a holder's thread, a kernel thread and a
+    host without isolcpus= are nothing to report; one on a leased CPU is an escaped-task
+    error besides."""
+    from pinwarden.isolation import NoiseSnapshot
+
+    vm = "/machine.slice/machine-qemu\\x2d2\\x2dB.scope/libvirt/vcpu0"
+    threads = (thread(1, "0-3", "/init.scope", comm="systemd"),
+               thread(300, "0-3", "/system.slice/libvirtd.service", comm="libvirtd"),
+               thread(300, "0-1", "/system.slice/libvirtd.service", tid=301, comm="pool"),
+               thread(400, "3", "/system.slice/dpdk.service", comm="placed"),
+               thread(500, "0-3", vm, comm="CPU 0/KVM"),
+               thread(600, "0-3", "/user.slice", comm="job", ppid=1),
+               thread(44, "0-3", "/", comm="kswapd0", kernel=True))
+    cgroups = (CgroupInfo("/machine.slice", cs("0-3"), cs("0-3"), False),)
+    noise = NoiseSnapshot(online=cs("0-3"), isolated=cs("2-3"))
+    snap = HostSnapshot(threads=threads, cgroups=cgroups, cgroup_version=2, noise=noise)
+
+    def found(report: audit.Report) -> list[tuple[str, int | None, str, str]]:
+        return [(i.kind, i.tid, i.name, str(i.cpus)) for i in report.intruders]
+
+    nothing = audit.audit(snap, [], [record(J, owner=600)], vm_partitions=("machine.slice",))
+    assert found(nothing) == [("isolcpus-host-task", 1, "systemd", "2-3"),
+                              ("isolcpus-host-task", 300, "libvirtd", "2-3")]
+    assert all(i.severity == "warning" and i.holders == () for i in nothing.intruders)
+    assert nothing.exit_status() == 0 and nothing.exit_status(strict=True) == 1
+    assert nothing.verdict().startswith(
+        "warnings (no CPU is leased exclusively): 2 isolcpus-host-tasks")
+    text = render(nothing)
+    assert "isolcpus-host-task" in text and "'taskset -a -p -c HOUSEKEEPING PID'" in text
+    assert nothing.to_json()["intruders"][0]["cpus"] == "2-3"
+    leased = audit.audit(snap, leases(c3=A), [record(A, cpus="3"), record(J, owner=600)],
+                         vm_partitions=("machine.slice",))
+    assert sorted(found(leased)) == sorted([
+        ("escaped-task", 1, "systemd", "3"), ("escaped-task", 300, "libvirtd", "3"),
+        ("escaped-task", 400, "placed", "3"), ("other-vm-thread", 500, "CPU 0/KVM", "3"),
+        ("other-vm-thread", 600, "job", "3"), ("host-task", 44, "kswapd0", "3"),
+        ("vm-cgroup", None, "machine.slice", "3"),
+        ("isolcpus-host-task", 1, "systemd", "2"),
+        ("isolcpus-host-task", 300, "libvirtd", "2")])
+    every = audit.audit(snap, leases(c2=A, c3=A), [record(A, cpus="2-3")],
+                        vm_partitions=("machine.slice",))
+    assert "isolcpus-host-task" not in {i.kind for i in every.intruders}
+    plain = audit.audit(replace(snap, noise=replace(noise, isolated=CpuSet())), [], [],
+                        vm_partitions=("machine.slice",))
+    assert plain.intruders == ()
+
+
 def test_vm_cgroups_of_the_flat_layout_on_systemd_and_cgroupfs_hosts() -> None:
     """Holder groups sit beside the VM partition: recognised by their recorded cgroup, by
     name (``pinwarden-vm-NAME.partition``, its slice ``pinwarden\\x2dvm\\x2dNAME.slice``)

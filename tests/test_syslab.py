@@ -968,6 +968,23 @@ def test_story_a_lease_leaves_the_hosts_own_processes_off_the_isolated_cpu(
         assert kleft[name] == kfound[name], (name, kfound[name], kleft[name])
 
 
+def test_audit_warns_of_a_host_process_given_the_isolated_cpu_back(lab: LabRun) -> None:
+    """After the story, a process of the host's own given every CPU (what a cpuset change
+    does to each task of the cgroup on Linux 6.1; played here by sched_setaffinity): the
+    audit, with nothing leased, warns of it by pid, naming the isolated CPU 3, and exits 0
+    (a warning); every thread it names in that kind really may run on CPU 3."""
+    s = lab.check("story_host_affinity")
+    audit = s["reset_audit"]
+    assert audit["rc"] == 0, audit
+    found = [i for i in audit["json"]["intruders"] if i["kind"] == "isolcpus-host-task"]
+    mine = [i for i in found if i["pid"] == s["reset_pid"]]
+    assert [(i["cpus"], i["severity"], i["name"]) for i in mine] == [
+        ("3", "warning", "sleep")], found
+    assert audit["json"]["leases"] == [] and audit["json"]["status"] == "warnings", audit
+    for tid, cpus in s["reset_affinities"].items():
+        assert cpus is None or 3 in _cpus_of(cpus), (tid, cpus)  # (None: exited since)
+
+
 def test_story_plain_virsh_start_of_an_exclusive_domain_runs_each_vcpu_on_its_cpu(
         lab: LabRun) -> None:
     """A domain 'pinwarden define' stored, started by plain ``virsh start`` (hook, no

@@ -47,6 +47,15 @@ Kinds of intruders:
     vcpupin``/``emulatorpin --live`` onto the leased CPU that libvirt failed after writing
     the cgroup.  Once the lease ends that thread runs on the named CPU alone, whatever
     libvirt says its pin is;
+``isolcpus-host-task`` (warning)
+    a user-space thread of the host's own (outside every VM cgroup and holder) allowed on
+    ``isolcpus=`` CPUs no one leases *and* on CPUs that are not isolated: the kernel keeps
+    the host off the isolated CPUs only through the affinity it gave PID 1 at boot, and a
+    cpuset change (Linux 6.1: the cpuset controller enabled or disabled, a partition made
+    by somebody else) gives every task of the cgroup all its CPUs again.  A thread on
+    isolated CPUs alone was put there on purpose and is left out; one on a leased CPU is
+    an ``escaped-task`` or ``host-task`` already.  Reported with or without leases: the
+    shared VMs run there;
 ``invalid-partition`` (error)
     on cgroup v2, a holder's group that the kernel marks an *invalid* partition
     (``cpuset.cpus.partition`` reads ``isolated invalid (…)``): it no longer keeps the
@@ -78,7 +87,7 @@ from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any, Literal
 
-from pinwarden.cpuset import CpuSet, CpuSetError
+from pinwarden.cpuset import EMPTY, CpuSet, CpuSetError
 from pinwarden.enforce.layout import holder_component, holder_group_name, is_holder_component
 from pinwarden.errors import HostError
 from pinwarden.isolation import Finding, IrqInfo, NoiseSnapshot
@@ -89,18 +98,19 @@ from pinwarden.procs import parse_stat
 from pinwarden.record import field, record, replace
 
 Kind = Literal["other-vm-thread", "vm-cgroup", "escaped-task", "host-task", "irq",
-               "workqueue", "invalid-partition", "stale-holder-group", "vm-cgroup-pin"]
+               "workqueue", "invalid-partition", "stale-holder-group", "vm-cgroup-pin",
+               "isolcpus-host-task"]
 Severity = Literal["error", "warning"]
 SEVERITY: Mapping[Kind, Severity] = {
     "other-vm-thread": "error", "vm-cgroup": "error", "escaped-task": "error",
     "host-task": "warning", "irq": "warning", "workqueue": "warning",
     "invalid-partition": "error", "stale-holder-group": "warning",
-    "vm-cgroup-pin": "warning",
+    "vm-cgroup-pin": "warning", "isolcpus-host-task": "warning",
 }
 #: Order of kinds in reports: errors first.
 KIND_ORDER: tuple[Kind, ...] = ("invalid-partition", "other-vm-thread", "vm-cgroup",
                                 "escaped-task", "irq", "workqueue", "host-task",
-                                "vm-cgroup-pin", "stale-holder-group")
+                                "vm-cgroup-pin", "stale-holder-group", "isolcpus-host-task")
 
 #: cgroups (relative to the cpuset root) whose descendants are VMs.
 DEFAULT_VM_PARTITIONS = ("machine", "machine.slice")
@@ -150,7 +160,8 @@ class HostSnapshot:
 @record
 class Intruder:
     kind: Kind
-    cpus: CpuSet  # leased CPUs (of other holders) it can run on
+    cpus: CpuSet  # leased CPUs (of other holders) it can run on (isolcpus-host-task:
+    #               the isolcpus= CPUs no one leases)
     holders: tuple[HolderRef, ...]  # who those CPUs are leased to
     name: str  # comm, cgroup name or IRQ handler names
     pid: int | None = None
@@ -504,6 +515,24 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
             if cpus:
                 intruders.append(Intruder(kind="workqueue", cpus=cpus, holders=victims,
                                           name=name, moved_by_pinwarden=isolating))
+
+    isolcpus = snapshot.noise.isolated if snapshot.noise is not None else EMPTY
+    if isolcpus - leased:  # host threads given isolcpus= CPUs back (by a cpuset change)
+        spread: dict[CpuSet, CpuSet] = {}
+        for t in snapshot.threads:
+            if t.kernel:
+                continue
+            on = spread.get(t.cpus)
+            if on is None:  # isolated CPUs no one leases, beside housekeeping ones
+                on = spread[t.cpus] = t.cpus & (isolcpus - leased) if t.cpus - isolcpus \
+                    else EMPTY
+            if not on:
+                continue
+            owners, in_vm_cgroup = cgroup_facts(_norm(t.cgroup))
+            if owners or in_vm_cgroup or owner_of_process(t.pid) is not None:
+                continue
+            intruders.append(Intruder(kind="isolcpus-host-task", cpus=on, holders=(),
+                                      name=t.comm, pid=t.pid, tid=t.tid, cgroup=t.cgroup))
 
     for g in snapshot.cgroups:  # a holder's group left behind by an interrupted release
         path = g.path.strip("/")  # (one on a leased CPU is a vm-cgroup error already)

@@ -155,6 +155,13 @@ HINTS = (
     ("host-task", "tasks in the cgroup v1 root cpuset may use leased CPUs: boot with "
                   "isolcpus= (partition mode isolcpus) to keep the OS on its housekeeping "
                   "CPUs"),
+    ("isolcpus-host-task", "host threads may run on isolcpus= CPUs besides the "
+                           "housekeeping ones (a cpuset change gave them their cgroup's "
+                           "CPUs, as Linux 6.1 does when the cpuset controller is enabled "
+                           "or disabled): 'taskset -a -p -c HOUSEKEEPING PID' (the CPUs not in "
+                           "/sys/devices/system/cpu/isolated) puts each "
+                           "process back; the shared VMs share those CPUs with them until "
+                           "then"),
     ("workqueue", "unbound kernel work or new IRQs may use leased CPUs: 'pinwarden sync' "
                   "moves them ([isolation] noise = true), or write the housekeeping CPUs' "
                   "mask to /sys/devices/virtual/workqueue/cpumask and "

@@ -576,6 +576,20 @@ def story_host_affinity() -> Data:
         pinwarden("sync")
     out["as_left"] = host_threads()
     out["kthreads_left"] = kernel_threads()
+    # what a cpuset change on 6.1 does to a host process, played by sched_setaffinity: the
+    # audit warns of it, with nothing leased
+    reset = subprocess.Popen(["sleep", "300"])
+    try:
+        os.sched_setaffinity(reset.pid, set(range(4)))
+        out["reset_pid"] = reset.pid
+        out["reset_audit"] = pinwarden("audit", "--json")
+        out["reset_affinities"] = {
+            str(i["tid"]): affinity(i["pid"], i["tid"])
+            for i in (out["reset_audit"].get("json") or {}).get("intruders", [])
+            if i["kind"] == "isolcpus-host-task"}
+    finally:
+        reset.kill()
+        reset.wait()
     return out
 
 
