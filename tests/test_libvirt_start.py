@@ -696,3 +696,34 @@ def test_a_running_domain_whose_first_owner_died_keeps_its_lease(pw: env.Pinward
     refused = pw.run("release", a)
     assert refused.returncode == 1 and f"still runs (pid {qemu})" in refused.stderr, \
         refused.stderr
+
+
+@pytest.mark.parametrize("exclusive", [False, True], ids=["shared", "exclusive"])
+def test_a_started_domain_keeps_its_console_password(
+        pw: env.Pinwarden, domains: env.Domains, exclusive: bool) -> None:
+    """``pinwarden start`` boots the domain from its definition, read without libvirt's
+    secure flag: the VNC password was left out and QEMU ran the console with no
+    authentication (``-vnc 127.0.0.1:0`` without ``password=on``) while a plain 'virsh
+    start' kept it (hunt).  Now the live domain has the password, and so has QEMU."""
+    import libvirt
+
+    a = f"pwtest-start-vnc-{'x' if exclusive else 's'}"
+    kw: dict[str, Any] = {"exclusive": True, "vcpupins": {0: "1"}} if exclusive else {}
+    xml = env.tiny_domain_xml(a, **kw).replace(
+        "</devices>", "<graphics type='vnc' port='-1' autoport='yes' listen='127.0.0.1' "
+                      "passwd='pwS3cret'/></devices>")
+    domains.track(a)
+    dom = domains.conn.defineXML(xml)
+    stored = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+    assert "passwd='pwS3cret'" in stored
+    pw.run("start", a, "--no-daemon", check=True)
+    live = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
+    assert "passwd='pwS3cret'" in live, live
+    qemu = env.qemu_pid(a)
+    assert qemu is not None
+    cmdline = Path(f"/proc/{qemu}/cmdline").read_bytes().split(b"\0")
+    vnc = cmdline[cmdline.index(b"-vnc") + 1].decode()
+    assert "password=on" in vnc, vnc
+    if exclusive:
+        assert env.vm_affinity(a) == {1}
+    pw.run("stop", a, check=True)

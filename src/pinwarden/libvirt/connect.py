@@ -98,9 +98,14 @@ def lookup(conn: Any, name: str) -> Any:
         raise error(f"cannot look up domain {name!r}", exc) from None
 
 
-def xml_of(dom: Any, *, inactive: bool = False) -> str:
+def xml_of(dom: Any, *, inactive: bool = False, secure: bool = False) -> str:
+    """The domain's XML (``inactive``: its definition).  ``secure``: with what libvirt
+    leaves out otherwise (``VIR_DOMAIN_XML_SECURE``: VNC and SPICE passwords): for a
+    document the domain is booted from (``createXML``), which without them started with an
+    open console (hunt)."""
     lv = binding()
-    flags = lv.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+    flags = (lv.VIR_DOMAIN_XML_INACTIVE if inactive else 0) | \
+        (lv.VIR_DOMAIN_XML_SECURE if secure else 0)
     try:
         return str(dom.XMLDesc(flags))
     except lv.libvirtError as exc:

@@ -113,7 +113,7 @@ def _start(manager: Manager, uri: str, conn: Any, name: str) -> Started:
     with domain_lock(manager.state_dir, holder):
         if dom.isActive():  # started by a racing 'pinwarden start' while we waited
             raise Refusal(f"domain {name!r} is already running", code="running")
-        xml = lv.xml_of(dom, inactive=True)
+        xml = lv.xml_of(dom, inactive=True, secure=True)  # booted from: passwords too
         spec = parse_domain(xml)
         _no_managed_save(dom, name, exclusive=spec.exclusive)
         if spec.exclusive:
