@@ -363,3 +363,36 @@ def test_a_holder_group_an_interrupted_release_left_is_reported_and_synced_away(
     assert not (CPUSET / group).exists()
     assert machine.read_text().strip() == before
     assert pw.run("audit", "--strict").returncode == 0
+
+
+def test_sync_counts_the_changes_freeing_a_dead_job_made(pw: Pinwarden) -> None:
+    """A job killed with SIGKILL (no release): 'pinwarden sync' freed it and shrank the
+    layout, then said "cgroup layout in place (0 changes)" — it counted only a second sync
+    after the one that did the work (hunt).  Now one sync frees it and counts what it
+    changed, and status no longer calls the dead job's CPUs free before that."""
+    import json
+
+    from pinwarden.config import load_config
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.manager import Manager
+    from pinwarden.policy import JobSpec
+
+    group = CPUSET / pw.holder_group("pwtest-killed", "run")
+    victim = subprocess.Popen(["sleep", "600"])
+    try:
+        with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
+            manager.reserve_request(JobSpec("pwtest-killed", cpus=CpuSet.of([1])),
+                                    owner_pid=victim.pid)
+    finally:
+        victim.kill()
+        victim.wait()
+    assert (group / "cpuset.cpu_exclusive").read_text().strip() == "1"
+    status = pw.run("status", check=True).stdout
+    assert "OWNER GONE: its CPUs are freed at the next start or change ('pinwarden sync' " \
+        "frees them now)" in status, status
+    synced = pw.run("sync", "--json", check=True)
+    data = json.loads(synced.stdout)
+    assert [r["domain"] for r in data["reaped"]] == ["pwtest-killed"], data
+    assert data["operations"] > 0, data
+    assert not group.exists()
+    assert "(0 changes)" in pw.run("sync", check=True).stdout

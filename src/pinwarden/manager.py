@@ -568,10 +568,16 @@ class Manager:
         (and put the host back as found once nothing is leased).  ``shared_extra``: CPUs
         outside the shared pool that a shared domain about to start is pinned to
         (honoured in ``none``/``isolcpus`` modes)."""
+        return self.reap_and_sync(shared_extra=shared_extra)[1]
+
+    def reap_and_sync(self, *, shared_extra: CpuSet = EMPTY
+                      ) -> tuple[tuple[HolderRecord, ...], Result | None]:
+        """:meth:`sync`, saying which holders it freed (one sync: the changes it reports
+        include those their end made)."""
         with self.locked():
             self._hand_on_dead()
-            self.ledger().reap()
-            return self._sync(shared_extra=shared_extra)
+            reaped = self.ledger().reap()
+            return reaped, self._sync(shared_extra=shared_extra)
 
     def set_owner(self, holder: HolderRef, pid: int | None) -> None:
         """Make process ``pid`` the lease's owner (QEMU at ``started``, a job's command).

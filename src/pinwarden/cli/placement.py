@@ -280,8 +280,7 @@ def run_sync(args: argparse.Namespace) -> int:
     given: tuple[Any, ...] = ()
     failure = None
     with manager_of(args) as manager:
-        reaped = manager.reap()
-        result = manager.sync()
+        reaped, result = manager.reap_and_sync()
         if result is not None and manager.change_records(NARROWED_PREFIX):
             # shared VMs kept off CPUs no longer leased (a job's end: no hook sees it)
             from pinwarden.config import libvirt_uri
@@ -375,8 +374,8 @@ def run_status(args: argparse.Namespace) -> int:
                 f"{'it' if len(off) == 1 else 'them'} online with '{_online_hint(off)}')"
                 if off else "")
         if gone(record):
-            warn += ("; OWNER GONE: its CPUs are free, the record goes at the next change "
-                     "('pinwarden sync')")
+            warn += ("; OWNER GONE: its CPUs are freed at the next start or change "
+                     "('pinwarden sync' frees them now)")
         left = heirs.get(record.ref)
         if left:
             pids = ", ".join(map(str, left))

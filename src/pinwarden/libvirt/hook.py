@@ -742,8 +742,15 @@ def admit_shared(manager: Manager, spec: DomainSpec, holder: HolderRef) -> None:
                       f"{spec.partition}</partition>, the partition pinwarden makes for it "
                       "only while it is exclusive: remove <resource> ('virsh edit "
                       f"{spec.name}'), or make it exclusive again", code="bad-partition")
+    if manager.enforcing and manager.owners_gone().dead:
+        # a holder whose owner died unreleased (a job's SIGKILL) is free in the ledger,
+        # but its group keeps the CPUs exclusive until a sync: decided on as free, the
+        # domain got them and libvirt failed "Permission denied" (hunt).  Freed first;
+        # where that fails, its CPUs count as leased below.
+        with contextlib.suppress(PinwardenError):
+            manager.reap()
     host = manager.host()
-    leases = manager.leases()
+    leases = manager.leases(dead=True)
     from pinwarden.policy import decide
 
     plan = decide(spec, host, leases, holder=holder)
