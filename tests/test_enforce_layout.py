@@ -192,6 +192,39 @@ def test_release_widens_parents_first_and_removes_empty_groups() -> None:
     assert plan(state, desired_layout(host, [])) == []
 
 
+def test_a_group_with_cpus_of_its_own_gets_them_back_from_its_record() -> None:
+    """vcpu0 pinned to CPU 3 and an operator's sub-partition on CPU 0: a lease of 2-3
+    moves vcpu0 onto what ``machine`` keeps, and at the release both were taken for
+    followers of ``machine`` (each had its narrowed CPUs) and given 0-3 (real-libvirt
+    hunt).  With the CPUs they had before the first lease (the manager's records) each
+    follows ``machine`` from those: vcpu0 gets 3 back, the sub-partition keeps 0; the
+    groups that had ``machine``'s CPUs follow it back as before."""
+    fake = vm_fake()
+    build(fake, {"machine/sub.partition": ("0", False)})
+    host = make_host()
+    originals = {f"{VM}/vcpu0": CpuSet.of([3]), "machine/sub.partition": CpuSet.of([0])}
+    apply_layout(fake, desired_layout(host, [lease(2, "J"), lease(3, "J")],
+                                      originals=originals))
+    during = whole(fake)
+    assert during[f"{VM}/vcpu0"].cpus == CpuSet.of([0, 1])  # 3 leased: machine's CPUs
+    assert during["machine/sub.partition"].cpus == CpuSet.of([0])
+    apply_layout(fake, desired_layout(host, [], originals=originals))
+    after = whole(fake)
+    assert after[f"{VM}/vcpu0"].cpus == CpuSet.of([3])
+    assert after["machine/sub.partition"].cpus == CpuSet.of([0])
+    assert after[f"{VM}/vcpu1"].cpus == after[VM].cpus == CpuSet.parse_kernel("0-3")
+    # without a record, one that has what the lease left machine is taken for a follower
+    # (the hunt's: a lease of 1-3 narrowed machine to 0, the sub-partition's own CPU)
+    leases = [lease(1, "J"), lease(2, "J"), lease(3, "J")]
+    for kept in ({}, {"machine/sub.partition": CpuSet.of([0])}):
+        fake = FakeCpusetV1(CpuSet.parse_kernel("0-3"))
+        build(fake, {"machine": ("0-3", False), "machine/sub.partition": ("0", False)})
+        apply_layout(fake, desired_layout(host, leases, originals=kept))
+        apply_layout(fake, desired_layout(host, [], originals=kept))
+        assert whole(fake)["machine/sub.partition"].cpus == \
+            (CpuSet.of([0]) if kept else CpuSet.parse_kernel("0-3"))
+
+
 def _partition_emptied(ops: list[Op], before: Snapshot) -> list[Op]:
     """Operations that set no CPU on a group that is a partition at that moment."""
     kind = {p: before[p].partition for p in before}

@@ -856,7 +856,7 @@ def test_a_failed_sync_keeps_its_yardstick_only_if_rolled_back(
     said: list[str] = []
     real = apply.sync
 
-    def failing(backend: object, desired: object) -> object:
+    def failing(backend: object, desired: object, **_: object) -> object:
         fake.set_cpus("machine", C("1"))
         raise EnforceError("...", partial=partial)
 

@@ -396,3 +396,46 @@ def test_sync_counts_the_changes_freeing_a_dead_job_made(pw: Pinwarden) -> None:
     assert data["operations"] > 0, data
     assert not group.exists()
     assert "(0 changes)" in pw.run("sync", check=True).stdout
+
+
+def test_groups_of_their_own_below_machine_get_their_cpus_back_after_the_last_lease(
+        pw: Pinwarden) -> None:
+    """An operator's sub-partitions of ``machine`` (``<partition>/machine/sub``) with CPUs
+    of their own: a lease of CPU 1 narrows ``machine`` to 0, so the one on CPU 1 must go to
+    0 meanwhile; after the release it went to 0-1 (taken for a follower of its parent), and
+    so did the one on CPU 0 that the lease never touched (real-libvirt hunt).  Now each
+    gets exactly its CPUs back; one that had ``machine``'s CPUs follows it as before."""
+    from pinwarden.config import load_config
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.manager import Manager
+    from pinwarden.policy import JobSpec
+
+    machine = CPUSET / "machine"
+    found = (machine / "cpuset.cpus").read_text().strip()
+    if found != "0-1":
+        pytest.fail(f"needs machine on CPUs 0-1 (this host's), not {found}")
+    subs = {name: machine / f"pwtest-sub-{name}-{os.getpid()}.partition"
+            for name in ("on1", "on0", "all")}
+    try:
+        for name, cpus in (("on1", "1"), ("on0", "0"), ("all", "0-1")):
+            subs[name].mkdir()
+            (subs[name] / "cpuset.mems").write_text("0\n")
+            (subs[name] / "cpuset.cpus").write_text(f"{cpus}\n")
+
+        def cpus() -> dict[str, str]:
+            return {n: (d / "cpuset.cpus").read_text().strip() for n, d in subs.items()}
+
+        with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
+            manager.reserve_request(JobSpec("pwtest-subs", cpus=CpuSet.of([1])),
+                                    owner_pid=os.getpid())
+            assert (machine / "cpuset.cpus").read_text().strip() == "0"
+            assert cpus() == {"on1": "0", "on0": "0", "all": "0"}
+            manager.release("pwtest-subs")
+        assert (machine / "cpuset.cpus").read_text().strip() == "0-1"
+        assert cpus() == {"on1": "1", "on0": "0", "all": "0-1"}
+        with Ledger(pw.state) as ledger:  # nothing of this lease is remembered
+            assert not [k for k in ledger.changes() if k.startswith("follower:")]
+    finally:
+        for d in subs.values():
+            if d.exists():
+                d.rmdir()

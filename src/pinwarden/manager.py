@@ -46,8 +46,8 @@ from pinwarden.record import record, replace
 if TYPE_CHECKING:
     from pinwarden import isolation, noise
     from pinwarden.enforce.apply import Result
-    from pinwarden.enforce.backend import CgroupBackend, GroupState
-    from pinwarden.enforce.layout import LayoutNames
+    from pinwarden.enforce.backend import CgroupBackend, GroupState, Snapshot
+    from pinwarden.enforce.layout import LayoutNames, Targets
     from pinwarden.noise import Outcome
     from pinwarden.policy import Request
 
@@ -57,6 +57,9 @@ SHARED_KEY = "cgroup:{path}"
 #: Change record: whether the root enabled the cpuset controller before the first lease
 #: (cgroup v2 without systemd, where pinwarden's first group turns it on).
 CONTROLLER_KEY = "controller:cpuset"
+#: Change records of groups below the shared one that pinwarden does not own and that had
+#: CPUs of their own when it first changed their parent (``follower:PATH``: ``{"cpus"}``).
+FOLLOWER_PREFIX = "follower:"
 
 #: ``decide(host, leases) -> Plan`` — the placement decision of one reservation.
 Decide = Callable[[Host, tuple[Lease, ...]], Plan]
@@ -693,6 +696,7 @@ class Manager:
         Returns the result, the host it was planned on and whether a holder group had to be
         kept."""
         from pinwarden.enforce.apply import sync
+        from pinwarden.enforce.backend import parent_of
         from pinwarden.enforce.layout import desired_layout
 
         record = ledger.host_record()
@@ -727,11 +731,30 @@ class Manager:
         # partition once the container runs there (the ``started`` hook syncs)
         deferred = frozenset(h.ref for h in holders if h.ref.driver == "lxc") if v2 \
             else frozenset()
+        originals = _follower_records(changes)
         desired = desired_layout(host, leases, names, shared_extra=shared_extra,
                                  restore_shared=restore, drop_shared=drop, isolated=isolated,
-                                 deferred=deferred)
+                                 deferred=deferred, originals=originals)
+
+        def record_followers(before: Snapshot, goal: Targets) -> None:
+            """Before the first write: the CPUs of each group below the shared one that has
+            CPUs of its own (not its parent's) and no record yet, so that it follows its
+            parent from them and gets them back (:func:`~pinwarden.enforce.layout._follow`);
+            records of groups gone are dropped."""
+            below = names.shared + "/"
+            found: dict[str, str] = {}
+            for path in goal.want if leases else ():
+                if not path.startswith(below) or path in originals:
+                    continue
+                state, above = before.get(path), before.get(parent_of(path) or "")
+                if state is not None and above is not None and state.cpus \
+                        and state.cpus != above.cpus:
+                    found[FOLLOWER_PREFIX + path] = json.dumps({"cpus": state.cpus.to_list()})
+            ledger.record_changes(found)
+            ledger.forget_changes([FOLLOWER_PREFIX + p for p in originals if p not in before])
+
         try:
-            result = sync(backend, desired)
+            result = sync(backend, desired, before_write=record_followers)
         except EnforceError as exc:
             # Rolled back: the shared group holds what it held before, and what pinwarden
             # had set there stays the yardstick (a set-property that raced this sync made
@@ -754,6 +777,7 @@ class Manager:
             else:
                 self._remove_left_own_files(backend, names.shared)
             ledger.forget_changes([key] if key in changes else [])
+            ledger.forget_changes([k for k in changes if k.startswith(FOLLOWER_PREFIX)])
             self._restore_cgroups(ledger, backend, {k: v for k, v in changes.items()
                                                     if k != key})
             if CONTROLLER_KEY in changes:  # last: the cgroups above no longer need it
@@ -1282,6 +1306,20 @@ class _KeepHome:
             plan = isolation.plan_kthreads_home(before.kthreads, after.kthreads, recorded)
             ledger.put_changes({r.key: json.dumps(r.to_json()) for r in plan.records})
             noise.apply(self.root, plan.writes)
+
+
+def _follower_records(changes: Mapping[str, str]) -> dict[str, CpuSet]:
+    """The originals of :data:`FOLLOWER_PREFIX` records, by path (an unreadable one is
+    left out: that group follows its parent as one without a record does)."""
+    out: dict[str, CpuSet] = {}
+    for key, value in changes.items():
+        if key.startswith(FOLLOWER_PREFIX):
+            try:
+                out[key.removeprefix(FOLLOWER_PREFIX)] = \
+                    CpuSet.parse_kernel(str(json.loads(value)["cpus"]))
+            except (ValueError, KeyError, TypeError, PinwardenError):
+                continue
+    return out
 
 
 def _noise_records(ledger: Ledger, prefix: str = ""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from pinwarden.cpuset import CpuSet
 from pinwarden.enforce.backend import (
@@ -246,7 +246,12 @@ def owner_names(desired: DesiredLayout) -> dict[str, str]:
     return names
 
 
-def apply_layout(backend: CgroupBackend, desired: DesiredLayout) -> Result:
+#: What :func:`sync` calls before its first write: the snapshot read and the plan's targets.
+BeforeWrite = Callable[[Snapshot, Targets], None]
+
+
+def apply_layout(backend: CgroupBackend, desired: DesiredLayout, *,
+                 before_write: BeforeWrite | None = None) -> Result:
     """Read the current state, plan towards ``desired``, execute and verify.
 
     On a kernel where no ``root`` partition may hold some CPUs (``isolcpus=`` CPUs on Linux
@@ -259,7 +264,7 @@ def apply_layout(backend: CgroupBackend, desired: DesiredLayout) -> Result:
     adapted = adapt_to_kernel(backend, desired)
     while True:  # each refusal the backend remembers forbids more: root, then isolated
         try:
-            return _apply_layout(backend, adapted)
+            return _apply_layout(backend, adapted, before_write)
         except EnforceError as exc:
             cause = exc.__cause__
             if not (isinstance(cause, CgroupOpError) and cause.detail
@@ -287,12 +292,15 @@ def read_current(backend: CgroupBackend, desired: DesiredLayout) -> Snapshot:
     return backend.read_state((*paths, *stale)) if stale else before
 
 
-def _apply_layout(backend: CgroupBackend, desired: DesiredLayout) -> Result:
+def _apply_layout(backend: CgroupBackend, desired: DesiredLayout,
+                  before_write: BeforeWrite | None = None) -> Result:
     before = read_current(backend, desired)
     try:
         goal = targets(before, desired)
     except PlanError as exc:
         raise EnforceError(str(exc)) from None
+    if before_write is not None:
+        before_write(before, goal)
     ops = order(before, goal)
     owned = [spec.path for spec in desired.groups() if spec.path in goal.want]
     after = execute(backend, before, ops, goal=goal, check=owned,
@@ -300,13 +308,16 @@ def _apply_layout(backend: CgroupBackend, desired: DesiredLayout) -> Result:
     return Result(tuple(ops), before, after, desired)
 
 
-def sync(backend: CgroupBackend, desired: DesiredLayout) -> Result:
+def sync(backend: CgroupBackend, desired: DesiredLayout, *,
+         before_write: BeforeWrite | None = None) -> Result:
     """Make the cgroups match ``desired``, re-reading and re-planning when another tool
     (libvirt starting or stopping a VM) created or removed a group between our read and
-    our write.  The caller (the lease manager) serialises it with every other change."""
+    our write.  The caller (the lease manager) serialises it with every other change.
+    ``before_write``: called with what was read and the plan, before the first write (to
+    record what the plan changes)."""
     for attempt in range(RACE_RETRIES + 1):
         try:
-            return apply_layout(backend, desired)
+            return apply_layout(backend, desired, before_write=before_write)
         except EnforceError as exc:
             cause = exc.__cause__
             raced = isinstance(cause, CgroupOpError) and cause.errno in RACE_ERRNOS

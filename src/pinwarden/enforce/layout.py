@@ -107,6 +107,11 @@ class DesiredLayout:
     #: Nothing is leased and pinwarden created the shared group: remove it when nothing
     #: lives there (else it keeps ``restore_shared``, its parent's CPUs).
     drop_shared: bool = False
+    #: Groups below the owned ones (an operator's partition inside the shared one, a pinned
+    #: VM's thread groups) whose CPUs differed from their parent's when pinwarden first
+    #: changed that parent: those CPUs (the manager's records).  Each follows its parent
+    #: from them, so it has them again once the parent has (:func:`_follow`).
+    originals: Mapping[str, CpuSet] = field(default_factory=dict)
 
     def groups(self) -> tuple[GroupSpec, ...]:
         return (self.shared, *self.holders)
@@ -194,14 +199,15 @@ def desired_layout(host: Host, leases: Sequence[Lease], names: LayoutNames = Lay
                    restore_shared: CpuSet | None = None,
                    drop_shared: bool = False,
                    isolated: frozenset[HolderRef] = frozenset(),
-                   deferred: frozenset[HolderRef] = frozenset()) -> DesiredLayout:
+                   deferred: frozenset[HolderRef] = frozenset(),
+                   originals: Mapping[str, CpuSet] | None = None) -> DesiredLayout:
     """The layout for ``leases``.  ``shared_extra``: CPUs outside the pool that shared VMs are
     pinned to by their XML (honoured in ``none``/``isolcpus`` modes) — never leased ones.
     ``restore_shared`` (only without leases): the shared group's CPUs as pinwarden found
     them, put back exactly.  ``isolated``: holders whose group is an ``isolated`` partition
     (no scheduler load balancing; the same as exclusive on cgroup v1).  ``deferred``:
     holders whose group is a partition only once something runs in it
-    (:attr:`GroupSpec.when_populated`)."""
+    (:attr:`GroupSpec.when_populated`).  ``originals``: :attr:`DesiredLayout.originals`."""
     if (restore_shared is not None or drop_shared) and leases:
         raise ValueError("the shared group is restored only once nothing is leased")
     by_holder: dict[HolderRef, set[int]] = defaultdict(set)
@@ -232,6 +238,7 @@ def desired_layout(host: Host, leases: Sequence[Lease], names: LayoutNames = Lay
         notes=notes,
         restore_shared=restore_shared,
         drop_shared=drop_shared,
+        originals=dict(originals or {}),
     )
 
 
@@ -309,15 +316,24 @@ def _populated(snapshot: Snapshot, path: str) -> bool:
 
 
 def _follow(child: GroupState, parent_before: GroupState | None, parent_target: Target,
-            ) -> Target:
+            original: CpuSet | None = None) -> Target:
     """Target of a group we do not own, given its parent's target.  Empty CPUs or memory
     nodes mean "inherit" (cgroup v2): such a group is left so, and a parent going back to
-    "inherit" leaves its children's own lists as they are (they only gain room)."""
+    "inherit" leaves its children's own lists as they are (they only gain room).
+
+    A group with the CPUs of its parent tracks it (libvirt copies a new VM group's CPUs
+    from its parent); one with CPUs of its own keeps those the parent still has, else takes
+    the parent's.  ``original``: the CPUs it had before pinwarden first changed its parent
+    (recorded): kept from those, so the last release gives them back.  Without a record an
+    operator's sub-partition on CPU 1 went to 0 during a lease and to 0-1 after it, and one
+    on CPU 0 to 0-1 (it had the narrowed parent's CPUs at the release: real-libvirt hunt)."""
     partition = child.partition if parent_target.partition != "member" else "member"
     if not parent_target.cpus:
         return Target(child.cpus, child.mems, partition)
     if not child.cpus:
         cpus = child.cpus
+    elif original is not None:
+        cpus = original & parent_target.cpus or parent_target.cpus
     elif parent_before is not None and child.cpus == parent_before.cpus:
         cpus = parent_target.cpus
     else:
@@ -414,7 +430,8 @@ def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
                 continue
             parent = parent_of(path)
             assert parent is not None
-            want[path] = _follow(current[path], current.get(parent), want[parent])
+            want[path] = _follow(current[path], current.get(parent), want[parent],
+                                 desired.originals.get(path))
     return Targets(want, frozenset(remove), tuple(kept))
 
 
