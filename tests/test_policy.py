@@ -176,6 +176,20 @@ def test_all_vm_cpus_leased_is_refused_in_cgroup_mode() -> None:
             spec=spec(), host=host("cgroup", "4-15"), leases=lease("4-15"))
 
 
+def test_nothing_is_leased_where_the_vm_partition_leaves_the_host_no_cpu() -> None:
+    """Mode cgroup with libvirt's ``machine`` as found (every CPU): the housekeeping CPUs,
+    never leased, were none — the first lease took CPU 0 and host noise moved onto the
+    other CPUs (real-libvirt hunt).  An exclusive domain or a job is refused naming the
+    cgroup and the CPUs to give it; a shared domain runs on the VM CPUs as ever."""
+    every = host("cgroup", "0-15", threads=2)
+    for request in (spec(exclusive=True), JobSpec("j", count=1)):
+        refused("no-housekeeping", "partition cgroup /machine (cpus 0-15) covers every "
+                "online CPU", "cpuset.cpus = 1-7,9-15", "CPUs 0,8 for the host",
+                "mode = \"auto\"", spec=request, host=every, leases=[])
+    assert decide(spec(), every, []).default_cpus == C("0-15")
+    assert decide(spec(exclusive=True), host("cgroup", "1-7,9-15", threads=2), []).leases
+
+
 def test_shared_domain_may_not_pin_onto_leased_cpus() -> None:
     s = spec(vcpupins={0: C("8"), 1: C("9-10")})
     refused("conflict", "CPU 9", "qemu domain 'db'", "<vcpupin vcpu='1'",

@@ -119,9 +119,27 @@ def decide(request: Request, host: Host, leases: Sequence[Lease], *,
         f"domain {request.name!r}"
     ctx = _Ctx(request.name, who, host, others, CpuSet(frozenset(mine)),
                CpuSet(frozenset(others)), _online_vm_cpus(host))
+    if (isinstance(request, JobSpec) or request.exclusive) and not host.partition.host_cpus:
+        _housekeeping_left(ctx)
     if isinstance(request, JobSpec):
         return _job(ctx, request)
     return _domain(ctx, request)
+
+
+def _housekeeping_left(ctx: _Ctx) -> None:
+    """Nothing is leased on a host whose VM CPUs are every online CPU (mode ``cgroup`` with
+    a partition cgroup that has them all, as libvirt's ``machine`` does by default): the
+    housekeeping CPUs, never leased, would be none — the first lease took CPU 0 and moved
+    the host's IRQs and unbound work onto the other CPUs (real-libvirt hunt)."""
+    online = ctx.host.topology.online
+    first = ctx.host.topology.siblings(online.first()) & online if online else EMPTY
+    raise Refusal(
+        f"cannot lease CPUs to {ctx.who}: the {ctx.where()} covers every online CPU, "
+        f"which leaves the host no housekeeping CPU; give "
+        f"{'cgroup ' + ctx.part.cgroup if ctx.part.cgroup else 'the VM partition'} the VM "
+        f"CPUs only (cpuset.cpus = {(online - first).to_list() or '…'}, keeping "
+        f"{first.named()} for the host) or set [partition] mode = \"auto\"",
+        code="no-housekeeping")
 
 
 def _split(leases: Sequence[Lease], holder: HolderRef) -> tuple[dict[int, Lease], list[int]]:
