@@ -579,6 +579,17 @@ def test_a_near_miss_pinwarden_namespace_is_refused(namespace: str) -> None:
                      f"exclusive='yes'/></metadata></domain>")
 
 
+@pytest.mark.parametrize("namespace", ["urn:pinwarden-ui:1", "urn:pinwarden.example:x",
+                                       "urn:pinwardenish"])
+def test_another_tools_namespace_that_starts_like_pinwardens_is_its_own(
+        namespace: str) -> None:
+    """Metadata of another tool whose namespace only starts with ``urn:pinwarden``: a
+    shared VM carrying it was refused as a near miss of pinwarden's (hunt)."""
+    spec = parse_domain(f"<domain><name>n</name><metadata><ui:x xmlns:ui='{namespace}' "
+                        f"a='b'/></metadata></domain>")
+    assert not spec.exclusive
+
+
 def test_hostile_sizes_stay_linear() -> None:
     """8,192 iothread pins: planning time grows linearly (a quadratic check took 1.5 s).
     The ratio of two sizes, measured side by side, says it: ×8 work may take ~×8 time,

@@ -27,8 +27,10 @@ from pinwarden.record import field, record
 
 PW_NS = "urn:pinwarden:domain:1"
 #: Namespaces that look like pinwarden's but are not it (a typo or another version):
-#: refused, so that a near miss never silently makes an exclusive domain shared.
-_PW_NS_LIKE = re.compile(r"urn:pinwarden\b.*", re.I)
+#: refused, so that a near miss never silently makes an exclusive domain shared.  Another
+#: tool's namespace that merely starts so (``urn:pinwarden-ui:1``) is not one: it blocked
+#: that tool's shared VMs (real-libvirt hunt).
+_PW_NS_LIKE = re.compile(r"urn:pinwarden(?::.*)?", re.I)
 #: Error code of invalid pinwarden metadata that does not say exclusive='no': the domain
 #: may have asked for exclusive CPUs (the libvirt hook refuses it instead of running it
 #: shared).
