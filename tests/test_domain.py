@@ -745,3 +745,17 @@ def test_memnodes_are_read_as_libvirt_reads_them(memnodes: str) -> None:
         assert form is None
         return
     assert form is not None and ours and parse_domain(form).memnodes == ours
+
+
+@pytest.mark.parametrize("name", ["web ", " web", "my vm"])
+def test_a_name_is_kept_exactly_as_libvirt_keeps_it(name: str) -> None:
+    """libvirt keeps a name's surrounding spaces ('virsh list' shows 'web '): stripped,
+    'pinwarden define' stored the partition of 'web' and the hook, given libvirt's name,
+    refused the domain's every start (hunt)."""
+    spec = parse_domain(f"<domain><name>{name}</name><metadata><pw:cpu "
+                        f"xmlns:pw='urn:pinwarden:domain:1' exclusive='yes'/></metadata>"
+                        f"</domain>")
+    assert spec.name == name
+    for empty in ("", "  "):
+        with pytest.raises(InputError, match="<name> is missing or empty"):
+            parse_domain(f"<domain><name>{empty}</name></domain>")

@@ -295,8 +295,10 @@ def parse_domain(xml: str | bytes) -> DomainSpec:
     domain_type = root.get("type")
 
     name_el = _only(root, "name", "<domain>")
-    name = (name_el.text or "").strip() if name_el is not None else ""
-    if not name:
+    # exactly as libvirt keeps it: stripped, 'pinwarden define' stored the partition of
+    # 'web' for a domain libvirt calls 'web ', which the hook then refused for good (hunt)
+    name = (name_el.text or "") if name_el is not None else ""
+    if not name.strip():
         raise InputError("<name> is missing or empty")
     if "/" in name or "\n" in name:
         _bad("<name>", name, "a domain name may not contain '/' or newlines")
