@@ -1619,6 +1619,48 @@ def test_the_hook_reads_running_pins_from_libvirts_files(
     assert info.value.code == "pinned-elsewhere"
 
 
+def test_the_hook_reads_a_running_domains_vcpu_cpuset_as_its_pins(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A running domain whose XML names CPU 3 only in ``<vcpu cpuset>`` (libvirt runs its
+    vCPUs and emulator there): the hook read only its <vcpupin>/<emulatorpin>, leased CPU
+    3 to an exclusive 'virsh start' and the layout moved that domain off it silently,
+    where 'pinwarden start' refused (hunt).  Now both refuse; a running domain whose live
+    <vcpu cpuset> is pinwarden's own placement (its stored XML names none: 'pinwarden
+    start' of a shared domain writes it) is re-pinned, as 'pinwarden start' does."""
+    from pinwarden.libvirt import connect, place
+    from pinwarden.libvirt.hook import _decide_beside_running
+
+    run, etc = tmp_path / "run", tmp_path / "etc"
+    run.mkdir()
+    etc.mkdir()
+    monkeypatch.setitem(connect.RUN_DIRS, "qemu", run)
+    monkeypatch.setitem(place.CONFIG_DIRS, "qemu", str(etc))
+
+    def status_file(name: str, uuid: str, live: str, stored: str) -> None:
+        def body(vcpu: str) -> str:
+            return (f"<domain type='kvm'><name>{name}</name><uuid>{uuid}</uuid>{vcpu}"
+                    f"</domain>")
+        (run / f"{name}.xml").write_text(f"<domstatus state='running' pid='1'>{body(live)}"
+                                         f"</domstatus>")
+        (etc / f"{name}.xml").write_text(body(stored))
+
+    spec = parse_domain(f"<domain type='kvm'><name>x</name><vcpu>1</vcpu>{EXCLUSIVE_META}"
+                        f"<cputune><vcpupin vcpu='0' cpuset='3'/></cputune></domain>")
+    holder = domain_holder("qemu", "x", None)
+    host = make_host("0-3", "1-3")
+    status_file("placed", "aaaaaaaa-0000-0000-0000-000000000004",
+                "<vcpu placement='static' cpuset='3'>2</vcpu>", "<vcpu>2</vcpu>")
+    plan = _decide_beside_running(spec, holder, "qemu", host, ())
+    assert plan.leased().as_list() == [3]
+    status_file("own", "aaaaaaaa-0000-0000-0000-000000000005",
+                "<vcpu placement='static' cpuset='3'>2</vcpu>",
+                "<vcpu placement='static' cpuset='3'>2</vcpu>")
+    with pytest.raises(Refusal, match="running domain 'own' pins vcpu0 to CPU 3 only") \
+            as info:
+        _decide_beside_running(spec, holder, "qemu", host, ())
+    assert info.value.code == "pinned-elsewhere"
+
+
 def test_threads_as_planned_follow_libvirts_thread_names() -> None:
     plan = Plan("db", None, True, {0: cs("2"), 1: cs("3")}, cs("2-3"),
                 iothreads={1: cs("3")})

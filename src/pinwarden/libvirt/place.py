@@ -270,8 +270,19 @@ def running_from_files(driver: str) -> tuple[DomainInfo, ...]:
         stored = None
         with contextlib.suppress(OSError, ValueError, ET.ParseError, PinwardenError):
             stored = parse_domain(Path(CONFIG_DIRS[driver], f"{live.name}.xml").read_bytes())
-        affinity = Affinity(vcpus=dict(live.vcpupins), emulator=live.emulatorpin or EMPTY,
-                            iothreads=dict(live.iothreadpins))
+        # <vcpu cpuset> is where libvirt runs every thread without a pin of its own: left
+        # out, a running domain's threads on a CPU it named only there were moved off it
+        # silently by an exclusive 'virsh start' ('pinwarden start' refused: hunt)
+        default = live.cpuset
+        vcpus = dict(live.vcpupins)
+        iothreads = dict(live.iothreadpins)
+        if default is not None:
+            for vcpu in range(live.current or live.vcpus):
+                vcpus.setdefault(vcpu, default)
+            for ident in live.iothread_id_set:
+                iothreads.setdefault(ident, default)
+        emulator = live.emulatorpin if live.emulatorpin is not None else default
+        affinity = Affinity(vcpus=vcpus, emulator=emulator or EMPTY, iothreads=iothreads)
         out.append(DomainInfo(driver, live.name, (live.uuid or "").lower(), True, live=live,
                               persistent=stored, affinity=affinity))
     return tuple(out)
