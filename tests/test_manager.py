@@ -1019,3 +1019,31 @@ def test_noise_records_are_read_one_way_for_the_restore_and_the_kernel_threads_p
         assert refused == {"kthread:90:5", "irq:25"}
         records, refused = _noise_records(ledger, prefix="kthread:")
         assert list(records) == ["kthread:81:4"] and refused == {"kthread:90:5"}
+
+
+def test_no_lease_on_a_systemd_host_that_runs_cgroup_v1(tmp_path: Path) -> None:
+    """systemd on cgroup v1 (``systemd.unified_cgroup_hierarchy=0``): libvirt's VMs live
+    in machine.slice and systemd has no cpuset there, so pinwarden's v1 layout keeps
+    nothing off a leased CPU; its first write was refused "cgroup /machine.slice (not
+    managed by pinwarden) holds CPUs 0-3; free it there first" (bookworm lab booted so).
+    Now the lease is refused saying what the host lacks, with nothing recorded; the same
+    host without systemd leases as ever."""
+    from pinwarden.errors import HostError
+
+    class V1(FakeCpusetV1):
+        kind = "v1"  # what the host's cgroup v1 backend says
+
+    root = _host4(tmp_path, "0-3")
+    (root / "run/systemd/system").mkdir(parents=True)
+    backend = V1(C("0-3"))
+    build(backend, {"machine": ("0-3", False)})
+    before = backend.read_state([""])
+    with manager(root, tmp_path / "state", backend) as m:
+        with pytest.raises(HostError, match=r"this host's systemd runs cgroup v1 .* boot "
+                                            r"with systemd.unified_cgroup_hierarchy=1"):
+            m.reserve_request(JobSpec("J", cpus=C("3")))
+        assert m.holders() == ()
+    assert backend.read_state([""]) == before
+    (root / "run/systemd/system").rmdir()
+    with manager(root, tmp_path / "state", backend) as m:
+        assert m.reserve_request(JobSpec("J", cpus=C("3"))).plan.leased() == C("3")

@@ -428,6 +428,21 @@ class Manager:
 
     # -- changes (under the lock) ---------------------------------------------------------
 
+    def _refuse_systemd_v1(self, backend: CgroupBackend) -> None:
+        """No lease on a host whose systemd runs cgroup v1 (``systemd.unified_cgroup_
+        hierarchy=0``, the hybrid layout of older distributions): libvirt puts its VMs in
+        ``machine.slice`` there and systemd has no cpuset on v1, so nothing pinwarden writes
+        keeps them off a leased CPU — its first write was refused, saying to free
+        machine.slice (bookworm lab booted so).  Shared VMs start as ever."""
+        from pinwarden.enforce.systemd import systemd_booted
+
+        if backend.kind == "v1" and systemd_booted(self.root):
+            raise HostError(
+                "this host's systemd runs cgroup v1 (the cpuset controller is not on the "
+                "unified cgroup2 tree): pinwarden leases CPUs on systemd hosts only with "
+                "cgroup v2 — boot with systemd.unified_cgroup_hierarchy=1 (systemd's "
+                "default); unpinned VMs start as ever")
+
     def reserve_request(self, request: Request, *, holder: HolderRef | None = None,
                         owner_pid: int | None = None, enforce: bool = True) -> Reserved:
         """:meth:`reserve` with :func:`pinwarden.policy.decide` as the decision."""
@@ -443,6 +458,8 @@ class Manager:
         """Decide and record ``holder``'s leases in one transaction, then make the kernel
         enforce them.  If enforcement fails, the holder's previous leases are put back
         (a new holder is removed), the layout re-synced and the error raised."""
+        if enforce and self.enforcing:
+            self._refuse_systemd_v1(self.backend())
         with self.locked():
             ledger = self.ledger()
             self._hand_on_dead()  # before the reserve reaps dead owners
