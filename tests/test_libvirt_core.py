@@ -58,6 +58,30 @@ def running(name: str, body: str = "", *, vcpus: str = "0-3", emulator: str = "0
 
 # -- repin --------------------------------------------------------------------------------
 
+def test_in_cgroup_mode_an_exclusive_start_never_moves_a_shared_domain_to_the_host() -> None:
+    """Mode cgroup, VM CPUs 1-2 (machine as the operator set it): an exclusive start taking
+    both re-pinned a running shared domain onto the housekeeping CPU 0, the one place
+    that mode keeps VMs off, while a new shared domain was refused "nowhere to run"
+    (real-libvirt hunt).  Now the start is refused, naming the running domain; in modes
+    none and isolcpus the housekeeping fallback stands."""
+    from pinwarden.libvirt.repin import ExclusivePlanner
+    from pinwarden.partition import Host, Partition
+
+    base = make_host("0-2", "1-2")
+    spec = parse_domain(xml("x", EXCLUSIVE_META))
+    shared = running("s", vcpus="1-2", emulator="1-2")
+    holder = domain_holder("qemu", "x", None)
+    cgroup = Host(base.topology, Partition(mode="cgroup", vm_cpus=cs("1-2"), host_cpus=cs("0"),
+                                           reason="test", cgroup="machine"))
+    with pytest.raises(Refusal, match="no CPU would be left for vcpu0 of running domain "
+                                      "'s'") as info:
+        ExclusivePlanner(spec, holder, [shared])(cgroup, ())
+    assert info.value.code == "insufficient-cpus"
+    planner = ExclusivePlanner(spec, holder, [shared])
+    assert planner(base, ()).leased() == cs("1-2")  # mode none: on the housekeeping CPU
+    assert {m.after for m in planner.moves} == {cs("0")}
+
+
 def test_floating_threads_move_to_the_pool_and_pinned_ones_keep_the_rest() -> None:
     floating = running("float", vcpus="2", emulator="0-3")
     pinned = running("pinned", "<cputune><vcpupin vcpu='0' cpuset='1-2'/>"

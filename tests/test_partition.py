@@ -250,6 +250,11 @@ def test_shared_fallback_names_one_housekeeping_cpu_as_one(tmp_path: Path) -> No
         "until a lease is released",))
     host = load_host(tmp_path, Config(host_reserve=cs("0-1")))
     assert "shared VMs run on the housekeeping CPUs 0-1 until" in shared_pool(host, cs("2-3"))[1][0]
+    # mode cgroup refuses new shared VMs there: status said they would run there (hunt)
+    cgroup = replace(host, partition=replace(host.partition, mode="cgroup"))
+    assert shared_pool(cgroup, cs("2-3"))[1] == (
+        "every VM CPU (2-3) is leased exclusively; no shared VM may start until a lease is "
+        "released (mode cgroup), and any running are kept on the housekeeping CPUs 0-1",)
 
 
 def test_none_mode_is_honoured(tmp_path: Path) -> None:

@@ -289,6 +289,10 @@ def shared_pool(host: Host, taken: CpuSet) -> tuple[CpuSet, tuple[str, ...]]:
     fallback = (host.partition.host_cpus & online) - taken
     if not fallback:
         return fallback, ()
+    if host.partition.mode == "cgroup":  # the policy refuses new shared VMs there
+        return fallback, (f"every VM CPU ({host.partition.vm_cpus}) is leased exclusively; "
+                          f"no shared VM may start until a lease is released (mode cgroup), "
+                          f"and any running are kept on the housekeeping {fallback.named()}",)
     return fallback, (f"every VM CPU ({host.partition.vm_cpus}) is leased exclusively; "
                       f"shared VMs run on the housekeeping {fallback.named()} until a lease is "
                       "released",)

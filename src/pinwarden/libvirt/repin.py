@@ -20,7 +20,7 @@ import contextlib
 import json
 from collections.abc import Mapping, Sequence
 
-from pinwarden.cpuset import CpuSet, CpuSetError
+from pinwarden.cpuset import EMPTY, CpuSet, CpuSetError
 from pinwarden.domain import DomainSpec
 from pinwarden.errors import Refusal
 from pinwarden.libvirt.state import DomainInfo, Repin, group_label
@@ -82,7 +82,8 @@ def repins(domains: Sequence[DomainInfo], holder: HolderRef, leased: CpuSet,
                 if not after:
                     raise Refusal(f"cannot lease {clash.named()} to {holder}: no CPU "
                                   f"would be left for {label} of running domain "
-                                  f"{dom.name!r}", code="insufficient-cpus")
+                                  f"{dom.name!r}; stop it first, or give the VMs more "
+                                  f"CPUs", code="insufficient-cpus")
             out.append(Repin(dom.name, dom.uuid, thread, ident, cpus, after))
     return tuple(out)
 
@@ -425,6 +426,11 @@ class ExclusivePlanner:
         others = [le for le in leases if (le.holder.driver, le.holder.key)
                   != (holder.driver, holder.key)]
         taken = CpuSet.of(le.cpu for le in others) | plan.leased()
-        self.moves = repins(self.running, holder, plan.cpus(), shared_pool(host, taken)[0],
+        pool, fallback = shared_pool(host, taken)
+        if fallback and host.partition.mode == "cgroup":
+            # no housekeeping fallback there: a running shared domain left without a VM
+            # CPU refuses the start (it was moved onto the host's CPU: real-libvirt hunt)
+            pool = EMPTY
+        self.moves = repins(self.running, holder, plan.cpus(), pool,
                             holders=[le.holder for le in others])
         return plan
