@@ -439,3 +439,46 @@ def test_groups_of_their_own_below_machine_get_their_cpus_back_after_the_last_le
         for d in subs.values():
             if d.exists():
                 d.rmdir()
+
+
+def test_a_group_kept_after_a_forced_release_keeps_new_plans_off_its_cpus(
+        pw: Pinwarden) -> None:
+    """``release --force`` of a holder whose processes run on: its group is kept, its CPUs
+    stay out of the shared pool — but the next exclusive start was offered them, and its
+    failed layout moved the running VM and a shared one (systemd-lab hunt).  Now a plan
+    keeps off them, a request for them is refused naming the holder and how to stop it,
+    and once its processes are gone the CPUs are free again and nothing is remembered."""
+    from pinwarden.config import load_config
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.errors import Refusal
+    from pinwarden.manager import Manager
+    from pinwarden.policy import JobSpec
+
+    group = CPUSET / pw.holder_group("pwtest-forced", "run")
+    child = subprocess.Popen(["sleep", "600"])
+    try:
+        with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
+            manager.reserve_request(JobSpec("pwtest-forced", cpus=CpuSet.of([1])),
+                                    owner_pid=child.pid)
+            (group / "cgroup.procs").write_text(f"{child.pid}\n")
+            manager.release("pwtest-forced", force=True)
+            assert (group / "cpuset.cpus").read_text().strip() == "1"  # kept: it runs
+            with pytest.raises(Refusal) as info:
+                manager.reserve_request(JobSpec("pwtest-next", count=1))
+            assert info.value.code == "insufficient-cpus", info.value.message
+            with pytest.raises(Refusal) as info:
+                manager.reserve_request(JobSpec("pwtest-next", cpus=CpuSet.of([1])))
+            assert info.value.code == "conflict"
+            assert "is leased exclusively to job 'pwtest-forced' (kept)" in \
+                info.value.message and f"(kill {child.pid}: " in info.value.message, \
+                info.value.message
+            assert manager.holders() == ()
+    finally:
+        child.kill()
+        child.wait()
+    with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
+        plan = manager.reserve_request(JobSpec("pwtest-next", count=1)).plan
+        assert plan.leased() == CpuSet.of([1])
+        assert not group.exists()
+        assert not [k for k in manager.ledger().changes() if k.startswith("kept:")]
+        manager.release("pwtest-next")

@@ -57,6 +57,10 @@ SHARED_KEY = "cgroup:{path}"
 #: Change record: whether the root enabled the cpuset controller before the first lease
 #: (cgroup v2 without systemd, where pinwarden's first group turns it on).
 CONTROLLER_KEY = "controller:cpuset"
+#: Change records of holder groups kept after their holder was freed while processes ran
+#: there (``release --force`` of a running domain): ``kept:PATH`` with the holder, its CPUs
+#: and a process that runs there.  New plans keep off those CPUs until the group is gone.
+KEPT_PREFIX = "kept:"
 #: Change records of groups below the shared one that pinwarden does not own and that had
 #: CPUs of their own when it first changed their parent (``follower:PATH``: ``{"cpus"}``).
 FOLLOWER_PREFIX = "follower:"
@@ -466,8 +470,9 @@ class Manager:
             record = ledger.host_record()
             host = self._load_host(record.found if record else None)
             first = None if record is not None else self._found(host)
+            kept = self._kept_leases(ledger)
             try:
-                plan = ledger.reserve(holder, lambda leases: decide(host, leases),
+                plan = ledger.reserve(holder, lambda leases: decide(host, (*leases, *kept)),
                                       owner_pid=owner_pid, host=first)
             except BaseException:
                 # A refused plan still reaps the dead holders it found (committed): the
@@ -531,7 +536,7 @@ class Manager:
                               f"({stop}) and its leases go with it; 'pinwarden release "
                               f"--force' frees them while it runs", code="holder-running")
             record = ledger.release(selector, driver=driver)
-            self._sync_after_release(record.ref)
+            self._sync_after_release(record)
             return record
 
     def drop(self, holder: HolderRef) -> HolderRecord | None:
@@ -539,7 +544,7 @@ class Manager:
         with self.locked():
             record = self.ledger().drop(holder)
             if record is not None:
-                self._sync_after_release(holder)
+                self._sync_after_release(record)
             return record
 
     def drop_failed(self, holder: HolderRef, owner: int) -> int | None:
@@ -563,16 +568,47 @@ class Manager:
                 with contextlib.suppress(LedgerError):  # exited meanwhile: freed below
                     self.ledger().set_owner(holder, left[0])
                     return left[0]
-            if self.ledger().drop(holder) is not None:
-                self._sync_after_release(holder)
+            dropped = self.ledger().drop(holder)
+            if dropped is not None:
+                self._sync_after_release(dropped)
             return None
 
-    def _sync_after_release(self, holder: HolderRef) -> None:
+    def _sync_after_release(self, record: HolderRecord) -> None:
+        """Shrink the layout after ``record`` was freed.  Where its group is kept because
+        processes run there (a forced release of a running domain), a ``kept:`` record
+        says whose CPUs those are: the next exclusive start was offered them, and its
+        failed layout moved that running VM and a shared one (systemd-lab hunt)."""
+        holder = record.ref
         try:
             self._sync()
         except PinwardenError as exc:
             raise EnforceError(f"released the leases of {holder}, but the cgroup layout could "
                                f"not shrink: {exc.message}; 'pinwarden sync' retries") from None
+        left = self.left_running(holder)
+        cpus = record.plan.leased()
+        if left and cpus:
+            self.ledger().put_changes({KEPT_PREFIX + self.holder_group(holder): json.dumps(
+                {"driver": holder.driver, "key": holder.key, "name": holder.name,
+                 "cpus": cpus.to_list(), "pid": left[0]})})
+
+    def _kept_leases(self, ledger: Ledger) -> tuple[Lease, ...]:
+        """The CPUs of holder groups kept after a forced release (``kept:`` records), as
+        leases of the holders freed there: a new plan keeps off them, and a refusal names
+        the domain that still runs there and how to stop it."""
+        out: list[Lease] = []
+        for key, value in ledger.changes().items():
+            if not key.startswith(KEPT_PREFIX):
+                continue
+            try:
+                data = json.loads(value)
+                ref = HolderRef(str(data["driver"]), str(data["key"]), str(data["name"]))
+                cpus = CpuSet.parse_kernel(str(data["cpus"]))
+                pid = int(data["pid"])
+            except (ValueError, KeyError, TypeError, PinwardenError):
+                continue
+            if self.left_running(ref):  # (gone since: the next sync removes the group)
+                out += [Lease(cpu, ref, "kept", 0.0, pid) for cpu in cpus]
+        return tuple(out)
 
     def reap(self) -> tuple[HolderRecord, ...]:
         """Free the holders whose owner process is gone, and shrink the layout."""
@@ -783,8 +819,10 @@ class Manager:
         # A holder group that still has tasks is kept (a job's children outliving their
         # owner, a release of a running domain), and with it the shared group stays as
         # narrowed: the record of both is kept until a sync finds the group gone.
-        kept = not leases and result.desired is not None and \
-            bool(result.desired.stale_paths(result.after))
+        still = result.desired.stale_paths(result.after) if result.desired is not None else []
+        kept = not leases and bool(still)
+        ledger.forget_changes([k for k in changes if k.startswith(KEPT_PREFIX)
+                               and k.removeprefix(KEPT_PREFIX) not in still])
         if (leases or kept) and shared_record is not None:
             self._note_written(ledger, key, shared_record, result.after.get(names.shared))
         if not leases and not kept:
