@@ -28,6 +28,7 @@ from pinwarden.isolation import (
     Record,
     TaskInfo,
     Write,
+    forked,
     inherited,
     kernel_cmdline,
     plan_isolation,
@@ -421,6 +422,29 @@ def test_threads_a_moved_process_started_meanwhile_go_back_with_it() -> None:
     # siblings moved from different originals to one value: nothing says which it had
     split = {**records, "task:1975:501": Record("task:1975:501", L("0-2,4"), L("0-2"))}
     assert inherited(tasks, split) == {}
+
+
+def test_processes_started_while_threads_were_moved_go_back_with_them() -> None:
+    """A service PID 1 restarts during the lease (journald, libvirtd) inherits PID 1's
+    narrowed affinity in a process of its own: it stayed off the freed CPUs for good after
+    the lease (systemd-lab hunt).  A thread started since the first move (``since``, clock
+    ticks) holding exactly a value pinwarden wrote, one original behind it, gets that
+    original back; older threads, other values and ambiguous ones are left alone."""
+    records = {"task:1:5": Record("task:1:5", L("0-2"), L("0-1")),
+               "task:700:90": Record("task:700:90", L("0-2"), L("0-1"))}
+    tasks = (TaskInfo(1, 5, "systemd", L("0-1"), 1),
+             TaskInfo(4100, 2000, "systemd-journal", L("0-1"), 4100),  # restarted
+             TaskInfo(4200, 2100, "sleep", L("0"), 4200),  # asked for CPU 0 itself
+             TaskInfo(800, 120, "cron", L("0-1"), 800))  # older than the first move
+    extra = forked(tasks, records, since=1500)
+    assert extra == {"task:4100:2000": Record("task:4100:2000", L("0-2"), L("0-1"))}
+    back = plan_restore(NoiseSnapshot(online=L("0-3"), tasks=tasks), {**records, **extra},
+                        CpuSet(), L("0"))
+    assert {w.key: w.value for w in back.writes} == {
+        "task:1:5": L("0-2"), "task:4100:2000": L("0-2")}
+    # two originals behind one written value: nothing says which it had
+    split = {**records, "task:700:90": Record("task:700:90", L("0-3"), L("0-1"))}
+    assert forked(tasks, split, since=1500) == {}
 
 
 def test_user_threads_are_read_and_set_on_this_host() -> None:

@@ -985,6 +985,22 @@ def test_audit_warns_of_a_host_process_given_the_isolated_cpu_back(lab: LabRun) 
         assert cpus is None or 3 in _cpus_of(cpus), (tid, cpus)  # (None: exited since)
 
 
+def test_a_service_restarted_during_a_lease_gets_the_freed_cpus_back(lab: LabRun) -> None:
+    """Linux 6.12, a lease of 2-3 (CPU 3 isolated: a plain cpuset, host threads moved off
+    it): journald restarted meanwhile is a new process PID 1 forked with its narrowed
+    affinity, and kept it after the lease (systemd-lab hunt: journald, libvirtd and udev
+    workers left on 0-1 for good).  Now it goes back with the threads pinwarden moved.
+    (Linux 6.1 makes such a holder a partition, and resets tasks itself: see
+    story_host_affinity.)"""
+    s = lab.check("story_plain_exclusive")
+    rc0(s["journald_restart"])
+    found, leased, left = s["journald_found"], s["journald_leased"], s["journald_left"]
+    assert found is not None and leased is not None and left is not None, s
+    assert not _cpus_of(leased) & {2, 3}, leased  # off the lease while it is held
+    if lab.suite == "trixie":
+        assert left == found, (found, leased, left)
+
+
 def test_story_plain_virsh_start_of_an_exclusive_domain_runs_each_vcpu_on_its_cpu(
         lab: LabRun) -> None:
     """A domain 'pinwarden define' stored, started by plain ``virsh start`` (hook, no

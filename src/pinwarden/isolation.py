@@ -367,6 +367,28 @@ def inherited(tasks: Iterable[TaskInfo], records: Mapping[str, Record]) -> dict[
     return out
 
 
+def forked(tasks: Iterable[TaskInfo], records: Mapping[str, Record], since: int
+           ) -> dict[str, Record]:
+    """Records for threads started while recorded threads were narrowed (``start_time``,
+    clock ticks after boot, not before ``since``) by processes other than theirs: a
+    service PID 1 (re)started then, a worker a daemon forked — each inherited its
+    creator's narrowed affinity, and kept it after the lease ended (systemd-lab hunt:
+    journald and libvirtd restarted during a lease stayed off the freed CPUs for good).
+    A thread whose affinity is exactly a value pinwarden wrote, where every record with
+    that value has one original, gets that original; anything else is left alone."""
+    by_applied: dict[CpuSet, set[CpuSet]] = {}
+    for rec in records.values():
+        by_applied.setdefault(rec.applied, set()).add(rec.original)
+    out: dict[str, Record] = {}
+    for task in tasks:
+        if task.key in records or task.start_time < since:
+            continue
+        originals = by_applied.get(task.affinity, set())
+        if len(originals) == 1:
+            out[task.key] = Record(task.key, next(iter(originals)), task.affinity)
+    return out
+
+
 def plan_restore(snapshot: NoiseSnapshot, recorded: Mapping[str, Record] | Iterable[Record],
                  still_leased: CpuSet, housekeeping: CpuSet | None = None) -> Restore:
     """Put recorded sources back: target = original − ``still_leased`` (CPUs leased to

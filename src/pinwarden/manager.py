@@ -61,6 +61,9 @@ CONTROLLER_KEY = "controller:cpuset"
 #: there (``release --force`` of a running domain): ``kept:PATH`` with the holder, its CPUs
 #: and a process that runs there.  New plans keep off those CPUs until the group is gone.
 KEPT_PREFIX = "kept:"
+#: When pinwarden first moved user threads off unguarded leased CPUs (``task:`` records):
+#: clock ticks after boot, as ``/proc/PID/stat`` counts a thread's start.
+TASKS_SINCE_KEY = "tasks-since"
 #: Change records of groups below the shared one that pinwarden does not own and that had
 #: CPUs of their own when it first changed their parent (``follower:PATH``: ``{"cpus"}``).
 FOLLOWER_PREFIX = "follower:"
@@ -1010,11 +1013,15 @@ class Manager:
             tasks += noise.read_tasks(self.root, noise.threads_of(
                 self.root, {t.tgid for t in tasks if t.tgid}) - tids)
             records.update(isolation.inherited(tasks, records))
+            if any(r.original - unguarded != r.applied for r in records.values()):
+                tasks += self._forked(ledger, records)  # CPUs go back: to them too
             snapshot = isolation.NoiseSnapshot(online, tasks=tasks)
             back = isolation.plan_restore(snapshot, records, unguarded, housekeeping)
             later = self._retry_later(noise.apply(self.root, back.writes))
             ledger.forget_changes([key for key in back.forget if key not in later])
             ledger.put_changes({r.key: json.dumps(r.to_json()) for r in back.keep})
+            if not any(_is_task_key(k) for k in ledger.changes()):
+                ledger.forget_changes([TASKS_SINCE_KEY])
         if not unguarded:
             return
         config = self.config
@@ -1033,6 +1040,10 @@ class Manager:
         snapshot = isolation.NoiseSnapshot(online,
                                            tasks=noise.read_tasks(self.root, strays))
         plan = isolation.plan_isolation(snapshot, unguarded, housekeeping, records)
+        with contextlib.suppress(OSError, ValueError):  # first: no thread can predate it
+            uptime = float((self.root / "proc/uptime").read_text().split()[0])
+            ledger.record_changes({TASKS_SINCE_KEY: str(int(
+                uptime * os.sysconf("SC_CLK_TCK")))})
         ledger.put_changes({r.key: json.dumps(r.to_json()) for r in plan.records})
         outcomes = noise.apply(self.root, plan.writes)
         failed = [o.key for o in outcomes if not o.ok]
@@ -1044,6 +1055,30 @@ class Manager:
                       f"off leased {unguarded.named()} (this kernel cannot make them "
                       f"a partition): {', '.join(moved[:8])}"
                       f"{' …' if len(moved) > 8 else ''}; they go back when the lease ends")
+
+    def _forked(self, ledger: Ledger, records: dict[str, isolation.Record]
+                ) -> tuple[isolation.TaskInfo, ...]:
+        """The host's threads started since pinwarden first moved threads off unguarded
+        leased CPUs that inherited a narrowed affinity (:func:`isolation.forked`): their
+        records are added to ``records``, their threads returned for the restore."""
+        from pinwarden import isolation, noise
+        from pinwarden.mounts import read_mounts
+
+        try:
+            since = int(ledger.changes()[TASKS_SINCE_KEY])
+        except (KeyError, ValueError):
+            return ()
+        mount = read_mounts(self.root).v2
+        if mount is None:
+            return ()
+        skip = _KeepHome(self.root, mount, self.names(), EMPTY)._vm_group
+        try:
+            host = noise.read_host_threads(self.root, mount, skip).users
+        except (OSError, ValueError):
+            return ()
+        found = isolation.forked((h.task for h in host), records, since)
+        records.update(found)
+        return tuple(h.task for h in host if h.task.key in found)
 
     def _retry_later(self, outcomes: Sequence[Outcome]) -> dict[str, str]:
         """Restores that failed for the moment (:func:`noise.retry_later`): their records

@@ -606,6 +606,12 @@ def story_plain_exclusive() -> Data:
     out: Data = {"daemon": systemctl("is-active", "pinwarden.service")["stdout"].strip()}
     out["hook_install"] = pinwarden("hook", "install")
     out["reload"] = systemctl("reload", "libvirtd.service")
+
+    def journald() -> str | None:
+        pid = int(unit_show("systemd-journald.service", "MainPID").get("MainPID", "0"))
+        return affinity(pid) if pid else None
+
+    out["journald_found"] = journald()
     try:
         out["define"] = pinwarden("define", write_xml("pwtest-px", vcpus=2,
                                                       metadata=EXCLUSIVE_META))
@@ -615,12 +621,17 @@ def story_plain_exclusive() -> Data:
         out["audit"] = pinwarden("audit", "--json")
         libvirtd = int(unit_show("libvirtd.service", "MainPID").get("MainPID", "0"))
         out["libvirtd"] = affinity(libvirtd) if libvirtd else None
+        # a service restarted during the lease: a process of its own, forked by PID 1 with
+        # its narrowed affinity (it kept it after the lease: systemd-lab hunt)
+        out["journald_restart"] = systemctl("restart", "systemd-journald.service")
+        out["journald_leased"] = journald()
     finally:
         remove_domain("pwtest-px")
         pinwarden("hook", "uninstall")
         CONFIG.unlink(missing_ok=True)
         pinwarden("sync")
     out["as_left"] = {"holders": holders(), "layout": layout()}
+    out["journald_left"] = journald()
     return out
 
 
