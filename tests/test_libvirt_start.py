@@ -760,3 +760,35 @@ def test_a_shared_start_frees_a_dead_jobs_cpu_before_taking_it(
     assert not group.exists() and env.holder_names(pw) == ()
     assert (env.CPUSET / "machine" / "cpuset.cpus").read_text().strip() == machine
     pw.run("stop", a, check=True)
+
+
+def test_a_stop_whose_lease_cannot_be_freed_says_the_domain_is_stopped(
+        pw: env.Pinwarden, domains: env.Domains, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lease database cannot be written (a full file system): 'pinwarden stop'
+    destroyed the domain, then said the ledger's "…; nothing was changed: free some space
+    and retry" (systemd-lab hunt).  Now it says the domain is stopped, why its lease is not
+    freed yet, and that 'pinwarden sync' frees it."""
+    from pinwarden.config import load_config
+    from pinwarden.errors import LedgerError
+    from pinwarden.manager import Manager
+
+    a = "pwtest-start-full"
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    pw.run("start", a, "--no-daemon", check=True)
+
+    def full(self: Manager, holder: object) -> None:
+        raise LedgerError("lease database /x/leases.db: the file system is full; nothing "
+                          "was changed: free some space and retry")
+
+    with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
+        monkeypatch.setattr(Manager, "drop", full)
+        with pytest.raises(LedgerError) as info:
+            start.stop(manager, env.URI, a)
+        monkeypatch.undo()
+    assert info.value.message == (
+        f"domain '{a}' is stopped, but its lease could not be freed: lease database "
+        "/x/leases.db: the file system is full; 'pinwarden sync' frees it once the lease "
+        "database can be written"), info.value.message
+    assert not domains.conn.lookupByName(a).isActive()
+    synced = pw.run("sync", check=True)
+    assert f"freed qemu domain '{a}'" in synced.stdout, synced.stdout

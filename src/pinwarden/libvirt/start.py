@@ -388,7 +388,14 @@ def stop(manager: Manager, uri: str, name: str, *, graceful: bool = False,
         # waits for it (pins.give_back_after_release), so this stop says what it gave back
         with domain_lock(manager.state_dir, holder):
             was_running = _stop_domain(dom, name, graceful=graceful, timeout=timeout)
-            record = manager.drop(holder)
+            try:
+                record = manager.drop(holder)
+            except LedgerError as exc:  # the domain is stopped: never "nothing was changed"
+                why = exc.message.split("; nothing was changed")[0]
+                raise LedgerError(
+                    f"domain {name!r} {'is stopped' if was_running else 'was not running'}, "
+                    f"but its lease could not be freed: {why}; 'pinwarden sync' frees it "
+                    f"once the lease database can be written", code=exc.code) from None
             released = record.plan.leased() if record is not None else CpuSet()
             try:
                 given = pins.give_back(manager, conn)
