@@ -381,6 +381,13 @@ def test_report_json_and_render() -> None:
     assert [h.split(":")[1].split()[0] for h in hints] == ["another", "tasks", "IRQs"]
     assert lines[-1 - len(hints)] == "… 11 more warnings (--all or --json lists them)"
     assert len(render(report, show_all=True).splitlines()) == 3 + 1 + 31 + len(hints)
+    # unbound kernel threads alone (a cgroup v2 host): the kernel hint, not the v1 one
+    kernel = audit.audit(HostSnapshot(threads=(thread(7, "0-7", comm="kworker/R-kblockd",
+                                                      kernel=True),), cgroup_version=2),
+                         leases(c3=A), [record(A, cpus="3")])
+    assert [i.kind for i in kernel.intruders] == ["host-task"]
+    kernel_hints = [ln for ln in render(kernel).splitlines() if ln.startswith("hint: ")]
+    assert [h.split()[1] for h in kernel_hints] == ["unbound"], kernel_hints
     clean = audit.audit(HostSnapshot(threads=(thread(9, "0"),)), leases(c3=A), [])
     assert render(clean) == ("audit: clean: nothing else can run on the 1 leased CPU (3) of 1 "
                              "holder (1 threads, 0 cpuset cgroups, 0 IRQs checked)")

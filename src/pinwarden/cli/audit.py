@@ -113,7 +113,9 @@ def render(report: audit.Report, *, show_all: bool = False) -> str:
     if len(shown) < len(warnings):
         lines.append(f"… {len(warnings) - len(shown)} more warnings (--all or --json lists "
                      f"them)")
-    present = {i.kind for i in report.intruders}
+    # (a host-task that is a kernel thread gets the "kernel" hint, not the cgroup v1 one:
+    # that advice was printed on cgroup v2 hosts booted with isolcpus= already — hunt)
+    present = {i.kind for i in report.intruders if not (i.kind == "host-task" and i.kernel)}
     kernel = any(i.kernel for i in report.intruders)
     lines += [f"hint: {text}" for kind, text in HINTS if kind in present
               or (kind == "kernel" and kernel)]
