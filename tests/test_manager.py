@@ -1047,3 +1047,23 @@ def test_no_lease_on_a_systemd_host_that_runs_cgroup_v1(tmp_path: Path) -> None:
     (root / "run/systemd/system").rmdir()
     with manager(root, tmp_path / "state", backend) as m:
         assert m.reserve_request(JobSpec("J", cpus=C("3"))).plan.leased() == C("3")
+
+
+def test_a_read_only_state_directory_is_not_told_to_run_as_root(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A state directory on a read-only file system: 'run as root or choose another
+    --state-dir' was beside the point (root it was: hunt).  Root helps only where
+    permission was denied."""
+    from pinwarden.errors import LedgerError, state_dir_advice
+    from pinwarden.manager import state_lock
+
+    def read_only(self: Path, *args: object, **kw: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(LedgerError) as info, state_lock(tmp_path / "state", "x"):
+        pass
+    assert info.value.message == (f"cannot create a lock in {tmp_path / 'state' / 'locks'}: "
+                                  "Read-only file system (choose another --state-dir)")
+    assert state_dir_advice(PermissionError(errno.EACCES, "no")) == \
+        "run as root or choose another --state-dir"

@@ -76,3 +76,13 @@ class LibvirtError(PinwardenError):
     """libvirt refused or failed an operation."""
 
     code = "libvirt"
+
+
+def state_dir_advice(exc: OSError) -> str:
+    """What to do about ``exc`` on the state directory: running as root helps only where
+    permission was denied (a read-only file system is read-only for root too: hunt)."""
+    import errno
+
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "run as root or choose another --state-dir"
+    return "choose another --state-dir"

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from pinwarden.cpuset import MAX_CPU, CpuSet
-from pinwarden.errors import LedgerError, PinwardenError, Refusal, shorten
+from pinwarden.errors import LedgerError, PinwardenError, Refusal, shorten, state_dir_advice
 from pinwarden.model import (
     JOB_DRIVER,
     KEY_JOB,
@@ -301,7 +301,7 @@ class Ledger:
             self._create()
         except OSError as exc:
             raise LedgerError(f"cannot access lease database {self.path}: {exc.strerror} "
-                              f"(run as root or choose another --state-dir)") from None
+                              f"({state_dir_advice(exc)})") from None
         self._db = self._open()
 
     @classmethod
@@ -318,8 +318,7 @@ class Ledger:
             return None
         except OSError as exc:
             raise LedgerError(f"cannot access lease database {state_dir / DB_NAME}: "
-                              f"{exc.strerror} (run as root or choose another --state-dir)"
-                              ) from None
+                              f"{exc.strerror} ({state_dir_advice(exc)})") from None
         return cls(state_dir, **kw)
 
     # -- opening ------------------------------------------------------------------------
@@ -330,7 +329,7 @@ class Ledger:
         except OSError as exc:
             raise LedgerError(
                 f"cannot use state directory {self.state_dir}: {exc.strerror} "
-                f"(run as root or choose another --state-dir)") from None
+                f"({state_dir_advice(exc)})") from None
         if not self.state_dir.is_dir():
             raise LedgerError(f"state directory {self.state_dir} is not a directory")
 
@@ -420,7 +419,7 @@ class Ledger:
             size = self.path.stat().st_size
         except OSError as exc:
             raise LedgerError(f"cannot read lease database {self.path}: {exc.strerror} "
-                              f"(run as root or choose another --state-dir)") from None
+                              f"({state_dir_advice(exc)})") from None
         if size == 0:
             raise self._refuse("is empty")
         if size < 100:

@@ -37,7 +37,14 @@ from typing import TYPE_CHECKING
 
 from pinwarden.config import Config
 from pinwarden.cpuset import EMPTY, CpuSet
-from pinwarden.errors import EnforceError, HostError, LedgerError, PinwardenError, Refusal
+from pinwarden.errors import (
+    EnforceError,
+    HostError,
+    LedgerError,
+    PinwardenError,
+    Refusal,
+    state_dir_advice,
+)
 from pinwarden.ledger import HolderRecord, HostRecord, Ledger
 from pinwarden.model import HolderRef, Lease, Plan
 from pinwarden.partition import Host, VmCgroup, load_host, read_vm_cgroup
@@ -246,8 +253,8 @@ class Manager:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise LedgerError(f"cannot open the lock {path}: {exc.strerror} (run as root or "
-                              f"choose another --state-dir)") from None
+            raise LedgerError(f"cannot open the lock {path}: {exc.strerror} "
+                              f"({state_dir_advice(exc)})") from None
         try:
             deadline = time.monotonic() + self.lock_timeout
             while True:
@@ -1442,8 +1449,8 @@ def state_lock(state_dir: Path, name: str, *, wait: float | None = None) -> Iter
         locks.mkdir(parents=True, exist_ok=True)
         fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise LedgerError(f"cannot create a lock in {locks}: {exc.strerror} (run as root "
-                          f"or choose another --state-dir)") from None
+        raise LedgerError(f"cannot create a lock in {locks}: {exc.strerror} "
+                          f"({state_dir_advice(exc)})") from None
     try:
         if wait is None:
             fcntl.flock(fd, fcntl.LOCK_EX)
