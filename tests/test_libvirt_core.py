@@ -2163,3 +2163,51 @@ def test_a_give_back_libvirt_refuses_is_tried_again_after_a_sync_before_an_error
     assert calls == ["sync", "give_back", "sync", "give_back"]
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
         "still refused"]
+
+
+def test_a_failing_sync_is_said_once_and_its_own_cgroup_events_wake_no_pass(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A layout the kernel cannot take (a leased CPU offline): the daemon's sync wrote,
+    rolled back and logged an ERROR, and its own writes woke the cgroup watch for the next
+    try — 15 times in 70 s (systemd-lab hunt).  Now the failure is said once (then at
+    debug level) and its recovery once; while it fails, cgroup events alone wake no pass:
+    a libvirt event does, or the interval."""
+    import logging
+    import queue
+    import threading
+
+    from pinwarden.errors import EnforceError
+    from pinwarden.libvirt import daemon
+
+    class Failing:
+        def __init__(self) -> None:
+            self.left = 2
+
+        def reap(self) -> tuple[()]:
+            return ()
+
+        def sync(self) -> None:
+            if self.left:
+                self.left -= 1
+                raise EnforceError("CPU 1 is offline")
+
+    manager = Failing()
+    with caplog.at_level(logging.DEBUG, logger="pinwarden.daemon"):
+        for _ in range(3):
+            daemon._sync(manager)  # type: ignore[arg-type]
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said == [
+        ("ERROR", "cannot enforce the cgroup layout: CPU 1 is offline (said once; tried "
+                  "again at each libvirt event and every interval)"),
+        ("DEBUG", "cannot enforce the cgroup layout: CPU 1 is offline"),
+        ("INFO", "the cgroup layout is enforced again")], said
+    assert daemon._FAILING == []
+    wake: queue.Queue[str] = queue.Queue()
+    for what in (daemon._CGROUP, daemon._CGROUP, daemon._EVENT):
+        wake.put(what)
+    stop = threading.Event()
+    assert daemon._past_cgroup_events(wake, stop, 5.0) == daemon._EVENT
+    wake.put(daemon._CGROUP)
+    began = time.monotonic()
+    assert daemon._past_cgroup_events(wake, stop, 0.3) == daemon._CGROUP
+    assert 0.25 < time.monotonic() - began < 3

@@ -32,6 +32,11 @@ MAX_BACKOFF = 60.0
 _LOST = "connection-lost"
 _EVENT = "event"
 _CGROUP = "cgroup"
+#: The last sync failed, with this message (said once): its own writes and rollback wake
+#: the cgroup watch, and a layout the kernel cannot take (a leased CPU offline) was tried,
+#: rolled back and logged every few seconds (systemd-lab hunt).  Until one succeeds,
+#: cgroup events alone wake no pass: libvirt events and the interval do.
+_FAILING: list[str] = []
 
 
 def reconcile_once(manager: Manager, conn: Any, *, restore: bool,
@@ -252,8 +257,16 @@ def _sync(manager: Manager) -> None:
         _reap(manager)
         result = manager.sync()
     except PinwardenError as exc:
-        log.error("cannot enforce the cgroup layout: %s", exc.message)
+        again = [exc.message] == _FAILING
+        (log.debug if again else log.error)("cannot enforce the cgroup layout: %s%s",
+                                            exc.message, "" if again else
+                                            " (said once; tried again at each libvirt "
+                                            "event and every interval)")
+        _FAILING[:] = [exc.message]
         return
+    if _FAILING:
+        log.info("the cgroup layout is enforced again")
+        _FAILING.clear()
     if result is not None and result.ops:
         log.warning("put the cgroup layout back (changed since pinwarden set it): %s",
                     "; ".join(describe(op) for op in result.ops))
@@ -271,6 +284,21 @@ def _wait_without_libvirt(manager: Manager, wake: queue.Queue[str], stop: thread
             return
         if what == _CGROUP:
             _sync(manager)
+
+
+def _past_cgroup_events(wake: queue.Queue[str], stop: threading.Event,
+                        seconds: float) -> str:
+    """Wait up to ``seconds`` for a wake that is not a cgroup event (which it returns),
+    swallowing cgroup events meanwhile; :data:`_CGROUP` when the time is up."""
+    deadline = time.monotonic() + seconds
+    while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+        try:
+            what = wake.get(timeout=left)
+        except queue.Empty:
+            break
+        if what != _CGROUP:
+            return what
+    return _CGROUP
 
 
 def _event_loop(b: Any, stop: threading.Event) -> None:
@@ -312,6 +340,8 @@ def _serve(manager: Manager, uri: str, conn: Any, b: Any, wake: queue.Queue[str]
             while not wake.empty():  # coalesce bursts of events
                 more = wake.get_nowait()
                 what = _LOST if more == _LOST else what
+            if what == _CGROUP and _FAILING:
+                what = _past_cgroup_events(wake, stop, interval)
             if what == _LOST or not conn.isAlive():
                 log.warning("lost the connection to %s; reconnecting", uri)
                 return
