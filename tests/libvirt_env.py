@@ -470,6 +470,26 @@ def remove_tree(top: str) -> None:
                 d.rmdir()
 
 
+def dead_job(pw: Pinwarden, name: str, cpu: int = 1) -> Path:
+    """A job of ``pw`` holding ``cpu`` whose owner was killed without a release (SIGKILL,
+    the OOM killer): the ledger calls it dead, its group stays exclusive until a sync.
+    Returns that group."""
+    from pinwarden.config import load_config
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.manager import Manager
+    from pinwarden.policy import JobSpec
+
+    victim = subprocess.Popen(["sleep", "600"])
+    try:
+        with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
+            manager.reserve_request(JobSpec(name, cpus=CpuSet.of([cpu])),
+                                    owner_pid=victim.pid)
+    finally:
+        victim.kill()
+        victim.wait()
+    return CPUSET / pw.holder_group(name, "run")
+
+
 @contextlib.contextmanager
 def machine_restored() -> Iterator[None]:
     """Put ``machine``'s cpuset back as it was (pinwarden narrows it while CPUs are leased).

@@ -736,22 +736,10 @@ def test_a_shared_start_frees_a_dead_jobs_cpu_before_taking_it(
     shared start decided on it as free, planned the domain there and libvirt failed
     ``Permission denied`` writing its cpuset (hunt).  Now the start frees the dead job
     first: the domain runs on the CPU, the job's group is gone."""
-    from pinwarden.config import load_config
-    from pinwarden.manager import Manager
-    from pinwarden.policy import JobSpec
-
     a = "pwtest-start-after-dead"
     domains.define(a)
     machine = (env.CPUSET / "machine" / "cpuset.cpus").read_text().strip()
-    group = env.CPUSET / pw.holder_group("pwtest-dead", "run")
-    victim = subprocess.Popen(["sleep", "600"])
-    try:
-        with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
-            manager.reserve_request(JobSpec("pwtest-dead", cpus=CpuSet.of([1])),
-                                    owner_pid=victim.pid)
-    finally:
-        victim.kill()
-        victim.wait()
+    group = env.dead_job(pw, "pwtest-dead")
     assert (group / "cpuset.cpu_exclusive").read_text().strip() == "1"
     assert (env.CPUSET / "machine" / "cpuset.cpus").read_text().strip() == "0"
     started = pw.run("start", a, "--no-daemon")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from libvirt_env import CPUSET, PINWARDEN, Pinwarden, machine_restored
+from libvirt_env import CPUSET, PINWARDEN, Pinwarden, dead_job, machine_restored
 from pinwarden.ledger import Ledger
 
 pytestmark = pytest.mark.kernel
@@ -372,20 +372,7 @@ def test_sync_counts_the_changes_freeing_a_dead_job_made(pw: Pinwarden) -> None:
     changed, and status no longer calls the dead job's CPUs free before that."""
     import json
 
-    from pinwarden.config import load_config
-    from pinwarden.cpuset import CpuSet
-    from pinwarden.manager import Manager
-    from pinwarden.policy import JobSpec
-
-    group = CPUSET / pw.holder_group("pwtest-killed", "run")
-    victim = subprocess.Popen(["sleep", "600"])
-    try:
-        with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
-            manager.reserve_request(JobSpec("pwtest-killed", cpus=CpuSet.of([1])),
-                                    owner_pid=victim.pid)
-    finally:
-        victim.kill()
-        victim.wait()
+    group = dead_job(pw, "pwtest-killed")
     assert (group / "cpuset.cpu_exclusive").read_text().strip() == "1"
     status = pw.run("status", check=True).stdout
     assert "OWNER GONE: its CPUs are freed at the next start or change ('pinwarden sync' " \
