@@ -1609,9 +1609,11 @@ def test_the_hook_reads_running_pins_from_libvirts_files(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The hook may not call libvirt: the running domains whose own XML pins a thread onto
     the CPUs an exclusive domain would lease come from libvirt's status files (the live
-    XML) and configuration files (the stored one).  Refused when both pin it there; a
-    transient domain (no stored XML: its live pins may be pinwarden's own narrowing) and
-    one pinned elsewhere are not; unreadable files are skipped."""
+    XML) and configuration files (the stored one).  Refused when both pin it there, and
+    for a transient domain (no stored XML) when its live XML does — unless pinwarden
+    narrowed that thread (its ``repin:`` record): it was left out whole, moved off its
+    user's pin silently where 'pinwarden start' refused (hunt).  One pinned elsewhere is
+    not refused; unreadable files are skipped."""
     from pinwarden.libvirt import connect, place
     from pinwarden.libvirt.hook import _decide_beside_running
 
@@ -1629,14 +1631,19 @@ def test_the_hook_reads_running_pins_from_libvirts_files(
         if stored:
             (etc / f"{name}.xml").write_text(body)
 
-    status_file("t", UUID_A, "3", stored=False)  # transient: not refused
+    status_file("t", UUID_A, "3", stored=False)  # transient, pinned there by pinwarden
     status_file("q", "aaaaaaaa-0000-0000-0000-000000000002", "2", stored=True)  # elsewhere
     (run / "broken.xml").write_text("<domstatus><domain>")  # skipped
     spec = parse_domain(f"<domain type='kvm'><name>x</name><vcpu>1</vcpu>{EXCLUSIVE_META}"
                         f"<cputune><vcpupin vcpu='0' cpuset='3'/></cputune></domain>")
     holder = domain_holder("qemu", "x", None)
     host = make_host("0-3", "1-3")
-    assert _decide_beside_running(spec, holder, "qemu", host, ()).leased().as_list() == [3]
+    ours = frozenset({(UUID_A, "vcpu0")})
+    assert _decide_beside_running(spec, holder, "qemu", host, (), ours).leased().as_list() \
+        == [3]
+    with pytest.raises(Refusal, match="running domain 't' pins vcpu0 to CPU 3 only"):
+        _decide_beside_running(spec, holder, "qemu", host, ())  # its user's pin
+    (run / "t.xml").unlink()
     status_file("p", "aaaaaaaa-0000-0000-0000-000000000003", "3", stored=True)
     with pytest.raises(Refusal, match="running domain 'p' pins vcpu0 to CPU 3 only") as info:
         _decide_beside_running(spec, holder, "qemu", host, ())

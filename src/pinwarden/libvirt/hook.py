@@ -689,25 +689,47 @@ def _prepare(manager: Manager, driver: str, name: str, spec: DomainSpec,
                       f"exclusive domain {name!r} (the hook's parent process is gone: is "
                       f"libvirtd stopping?), so the lease could not end with a failed start; "
                       f"start it again once libvirtd runs", code="no-caller")
+    from pinwarden.narrowed import NARROWED_PREFIX, key_parts
+
+    narrowed = frozenset(key_parts(k) for k in manager.change_records(NARROWED_PREFIX))
     manager.reserve(holder, lambda host, leases: _decide_beside_running(
-        spec, holder, driver, host, leases), owner_pid=owner)
+        spec, holder, driver, host, leases, narrowed), owner_pid=owner)
 
 
 def _decide_beside_running(spec: DomainSpec, holder: HolderRef, driver: str, host: Host,
-                           leases: tuple[Lease, ...]) -> Plan:
+                           leases: tuple[Lease, ...],
+                           narrowed: frozenset[tuple[str, str]] = frozenset()) -> Plan:
     """The exclusive domain's plan, refused as 'pinwarden start' refuses it when a running
     domain's own definition pins a thread onto those CPUs only (:func:`repins`): the hook
     leased them anyway, and the layout moved that VM off the CPUs its user pinned, silently
-    (hunt).  The running domains come from libvirt's files (the hook may not call it)."""
+    (hunt).  The running domains come from libvirt's files (the hook may not call it).
+
+    A transient domain has only its live definition, whose pins may be pinwarden's own
+    narrowing: those threads (``narrowed``: ``(uuid, label)`` of the ``repin:`` records)
+    are left out, the others' pins are its user's (left out whole, a transient domain
+    pinned onto the CPUs was moved off them silently where 'pinwarden start' refused:
+    hunt)."""
+    from pinwarden.cpuset import EMPTY
     from pinwarden.libvirt.place import running_from_files
     from pinwarden.libvirt.repin import ExclusivePlanner
+    from pinwarden.libvirt.state import Affinity, group_label
     from pinwarden.policy import decide
+    from pinwarden.record import replace
 
     if driver != "qemu":  # (an LXC container's pins are ignored)
         return decide(spec, host, leases, holder=holder)
-    # only domains with a stored definition: a transient one's live pins may be the ones
-    # pinwarden narrowed it to, which its files cannot tell from its user's
-    running = [d for d in running_from_files(driver) if d.persistent is not None]
+    running = []
+    for dom in running_from_files(driver):
+        mine = {label for uuid, label in narrowed if uuid == dom.uuid}
+        if dom.persistent is None and mine and dom.affinity is not None:
+            pins = dom.affinity
+            dom = replace(dom, affinity=Affinity(
+                vcpus={v: c for v, c in pins.vcpus.items()
+                       if group_label("vcpu", v) not in mine},
+                emulator=EMPTY if "emulator" in mine else pins.emulator,
+                iothreads={i: c for i, c in pins.iothreads.items()
+                           if group_label("iothread", i) not in mine}))
+        running.append(dom)
     return ExclusivePlanner(spec, holder, running)(host, leases)  # (its moves: the layout's)
 
 
