@@ -621,9 +621,26 @@ def test_kernel_threads_a_partition_moved_go_back_less_its_cpus_and_are_given_th
 
 def test_kernel_threads_not_moved_or_not_settable_are_left_alone() -> None:
     """Threads the change did not move, threads new since, bound ones and threads left no
-    CPU by what the kernel took are not written."""
+    CPU by what the kernel took are not written; the last are recorded (their original,
+    and the kernel's value as the one to recognise), so the restore gives them back."""
     bound = KthreadInfo(9, 7, "ksoftirqd/1", PF_KTHREAD | PF_NO_SETAFFINITY, L("0-3"))
     before = [kthread(1, "0-1"), kthread(2, "3"), bound]
     after = [kthread(1, "0-1"), kthread(2, "0-2"), kthread(3, "0-3"),
              KthreadInfo(9, 7, "ksoftirqd/1", PF_KTHREAD | PF_NO_SETAFFINITY, L("1"))]
-    assert plan_kthreads_home(before, after, {}) == Plan((), ())
+    assert plan_kthreads_home(before, after, {}) == Plan(
+        (), (Record("kthread:2:7", L("3"), L("0-2")),))
+
+
+def test_a_kernel_thread_whose_whole_node_is_leased_gets_it_back_after() -> None:
+    """A lease of 2-3, kswapd1's whole node, as a partition: the kernel gave it 0-1, and
+    when the partition went 0-3; keeping "what it had less what the kernel took" left
+    nothing, so it was not recorded, and the release put it on 0-1 — node 0 — for good
+    (bookworm-lab hunt).  Now its original is recorded with the kernel's value, the
+    release keeps 0-1 while the noise restore, last, gives it 2-3 back."""
+    lease = plan_kthreads_home([kthread(61, "2-3")], [kthread(61, "0-1")], {})
+    assert lease == Plan((), (Record("kthread:61:7", L("2-3"), L("0-1")),))
+    recorded = {r.key: r for r in lease.records}
+    end = plan_kthreads_home([kthread(61, "0-1")], [kthread(61, "0-3")], recorded)
+    assert end == Plan((Write("kthread:61:7", L("0-1")),), ())
+    back = plan_restore(NoiseSnapshot(ALL, kthreads=(kthread(61, "0-1"),)), recorded, L(""))
+    assert back.writes == (Write("kthread:61:7", L("2-3")),)

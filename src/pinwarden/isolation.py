@@ -333,6 +333,13 @@ def plan_kthreads_home(before: Iterable[KthreadInfo], after: Iterable[KthreadInf
             continue
         target = old.affinity & now.affinity
         if not target:
+            # the change took every CPU it had (a lease of kswapd1's whole node): the
+            # kernel's CPUs stand while it lasts, and a record keeps the original for the
+            # restore — without it kswapd1 was left on node 0 for good (bookworm-lab hunt)
+            rec = recorded.get(now.key)
+            if rec is None or rec.applied != now.affinity:
+                records.append(Record(now.key, rec.original if rec is not None
+                                      else old.affinity, now.affinity))
             continue
         if target != now.affinity:
             writes.append(Write(now.key, target))
