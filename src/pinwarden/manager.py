@@ -803,11 +803,19 @@ class Manager:
             """Before the first write: the CPUs of each group below the shared one that has
             CPUs of its own (not its parent's) and no record yet, so that it follows its
             parent from them and gets them back (:func:`~pinwarden.enforce.layout._follow`);
-            records of groups gone are dropped."""
+            records of groups gone are dropped.  Not a VM's own groups: libvirt and
+            pinwarden's re-pins change those while it runs (a record put a shared VM back
+            on what it had before a give-back: the systemd lab's LXC story), and they
+            follow their parent as before."""
+            from pinwarden.audit import machine_name
+
             below = names.shared + "/"
             found: dict[str, str] = {}
             for path in goal.want if leases else ():
-                if not path.startswith(below) or path in originals:
+                if not path.startswith(below) or path in originals or any(
+                        machine_name(c) is not None or c.endswith((".libvirt-qemu",
+                                                                   ".libvirt-lxc"))
+                        for c in path.split("/")):
                     continue
                 state, above = before.get(path), before.get(parent_of(path) or "")
                 if state is not None and above is not None and state.cpus \
