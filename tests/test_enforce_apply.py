@@ -15,6 +15,7 @@ from pinwarden.enforce.backend import (
     GroupState,
     PartitionKind,
     SetCpus,
+    SetPartition,
     Snapshot,
 )
 from pinwarden.enforce.fake import FakeCpusetV1
@@ -293,6 +294,57 @@ def test_an_invalid_partition_fails_verification_and_rolls_back() -> None:
     assert "\n" not in message and "rolled back" in message
     assert "pinwarden-run-J.partition" in message and reason in message
     assert whole(fake) == before
+
+
+class LeftInvalidFake(FakeCpusetV1):
+    """Linux 6.1: a partition a sibling's write made invalid stays invalid after the
+    conflict is gone, until its own ``cpuset.cpus.partition`` is written off and on again
+    (tests/lab ``cli.invalid``).  ``invalid`` holds such groups."""
+
+    reason = "Cpu list in cpuset.cpus not exclusive"
+
+    def __init__(self) -> None:
+        super().__init__(CpuSet.parse_kernel("0-3"))
+        self.invalid: set[str] = set()
+
+    def _mark(self, state: GroupState) -> GroupState:
+        if state.path in self.invalid and state.exclusive:
+            return replace(state, partition_error=self.reason)
+        return state
+
+    def read_group(self, path: str) -> GroupState:
+        return self._mark(super().read_group(path))
+
+    def read_state(self, paths: Iterable[str]) -> Snapshot:
+        snap = super().read_state(paths)
+        return Snapshot({p: self._mark(g) for p, g in snap.groups.items()})
+
+    def set_partition(self, path: str, kind: PartitionKind) -> None:
+        super().set_partition(path, kind)
+        if kind == "member":
+            self.invalid.discard(path)
+
+
+def test_a_holder_partition_left_invalid_is_switched_off_and_on_by_the_layout() -> None:
+    """The systemd story (bookworm, CI): machine.slice's AllowedCPUs, set through D-Bus,
+    reached the kernel after pinwarden had re-validated the holder partition beside it, so
+    the partition stayed invalid once the conflict was gone.  The layout found nothing to
+    do, its verify failed and its rollback gave machine.slice the leased CPU again.  Now
+    the plan switches a partition the kernel reads as invalid off and on again."""
+    fake = LeftInvalidFake()
+    build(fake, {"machine": ("0-3", False)})
+    group = "pinwarden-run-J.partition"
+    sync_leases(fake, make_host(), [lease(3, "J")])
+    fake.invalid.add(group)
+    assert whole(fake)[group].partition_error == LeftInvalidFake.reason
+    result = sync_leases(fake, make_host(), [lease(3, "J")])
+    assert [op for op in result.ops if op.path == group] == [
+        SetPartition(group, "member"), SetPartition(group, "exclusive")], result.ops
+    state = whole(fake)
+    assert (state[group].partition, state[group].partition_error) == ("exclusive", None)
+    assert state["machine"].cpus == CpuSet.parse_kernel("1-2")
+    # a valid partition is left alone
+    assert sync_leases(fake, make_host(), [lease(3, "J")]).ops == ()
 
 
 def test_a_failed_rollback_is_said_and_marked_partial() -> None:

@@ -309,6 +309,34 @@ def test_sync_second_holder_and_fallback_pool(lab: LabRun) -> None:
         assert cpus(two["bystander_effective"]).isdisjoint(CpuSet.of([6, 7]))
 
 
+def test_sync_makes_a_holder_partition_left_invalid_valid_again(lab: LabRun) -> None:
+    """A cgroup beside the holder takes its CPU and gives it up again (systemd applies an
+    AllowedCPUs set through D-Bus after answering: the bookworm story saw the holder stay
+    invalid so, and the layout's verify rolled machine.slice back onto the leased CPU).
+    The next sync of the same layout switches the partition off and on again (6.1, 6.12;
+    7.3 keeps the cgroup off the partition's CPU instead)."""
+    data = lab.check("layout.sync")["left_invalid"]
+    word = holder_word(lab)
+    assert data["valid_before"]["cpuset.cpus.partition"] == word, data["valid_before"]
+    assert data["intruder"] == {"cpus": None} and data["intruder_back"] is None, data
+    assert "error" not in data, data["error"]
+    assert data["synced"]["cpuset.cpus.partition"] == word, data
+    assert data["teardown"]["errors"] == [] and data["teardown"]["left"] == [], data
+    if word == "member" or escape_closed(lab):  # nothing breaks it (a plain cpuset, 7.3)
+        assert data["broken"]["cpuset.cpus.partition"] == word, data
+        assert data["ops"] == [], data
+        return
+    assert data["broken"]["cpuset.cpus.partition"].startswith(f"{word} invalid"), data
+    left = data["left"]["cpuset.cpus.partition"]
+    if kernel_version(lab) < (6, 7):  # 6.1 checks it again only when its own files change
+        assert left.startswith(f"{word} invalid"), data
+    if left != word:
+        holder = "pwtest-pinwarden-run-J.partition"
+        kind = "exclusive" if word == "root" else word
+        assert [op for op in data["ops"] if holder in op] == [
+            f"make {holder} member", f"make {holder} {kind}"], data["ops"]
+
+
 def test_sync_without_leases_gives_cpus_back(lab: LabRun) -> None:
     data = lab.check("layout.sync")
     none = data["none"]

@@ -566,7 +566,34 @@ def layout_sync() -> Data:
         entry["bystander_effective"] = raw("pwtest-bystander", "cpuset.cpus.effective")
         entry["root_effective"] = raw("", "cpuset.cpus.effective")
         out[step] = entry
+        if step == "two":
+            out["left_invalid"] = _left_invalid(b, desired_layout(host, leases, names),
+                                                f"{names.stem}-run-J.partition")
     out["teardown"] = [teardown("pwtest-pinwarden"), teardown("pwtest-machine")]
+    return out
+
+
+def _left_invalid(b: Any, desired: Any, holder: str) -> Data:
+    """A cgroup beside the holder names its CPU and gives it up again: the kernel leaves
+    the holder's partition invalid (6.1), and the next sync of the same layout — with
+    nothing else to change — makes it valid."""
+    from pinwarden.enforce.apply import sync
+    from pinwarden.enforce.backend import describe
+
+    cpus = raw(holder, "cpuset.cpus") or ""
+    out: Data = {"valid_before": group_data(holder)}
+    try:
+        out["intruder"] = make_group("pwtest-intruder", cpus)
+        out["broken"] = group_data(holder)
+        out["intruder_back"] = try_write("pwtest-intruder", "cpuset.cpus", "0")
+        out["left"] = group_data(holder)
+        try:
+            out["ops"] = [describe(op) for op in sync(b, desired).ops]
+        except Exception as exc:
+            out["error"] = exc_data(exc)
+        out["synced"] = group_data(holder)
+    finally:
+        out["teardown"] = teardown("pwtest-intruder")
     return out
 
 

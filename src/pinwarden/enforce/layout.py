@@ -25,7 +25,8 @@ The planner, :func:`plan`, turns (current snapshot, desired layout) into an orde
 primitive operations (:mod:`~pinwarden.enforce.backend`) that never passes through a state
 the kernel refuses:
 
-1. *bottom-up* (deepest first): remove stale unpopulated groups; switch exclusive flags off;
+1. *bottom-up* (deepest first): remove stale unpopulated groups; switch exclusive flags off
+   (also those of partitions the kernel reads as invalid, switched on again in step 4);
    narrow cpus (and mems) to ``current ∩ target`` — this includes groups we do not own, such
    as libvirt's ``machine/qemu-N-B.libvirt-qemu/{emulator,vcpuN}``, so a parent can shrink;
 2. groups that had to be *bridged* (see :func:`order`): widened top-down, then narrowed to
@@ -463,7 +464,7 @@ def order(current: Snapshot, goal: Targets) -> list[Op]:
             del cpus_now[path]
             continue
         target = goal.want[path]
-        if state.exclusive and target.partition == "member":
+        if state.exclusive and (target.partition == "member" or _left_invalid(state)):
             ops.append(SetPartition(path, "member"))
         if not target.cpus and state.cpus:  # back to "inherit" (v2): the widest; phase 3
             continue
@@ -511,7 +512,8 @@ def order(current: Snapshot, goal: Targets) -> list[Op]:
     for path in top_down:
         target = goal.want[path]
         before = current.get(path)
-        was = before.partition if before is not None else "member"
+        was = before.partition if before is not None and not _left_invalid(before) \
+            else "member"
         if target.partition != "member" and was != target.partition:
             ops.append(SetPartition(path, target.partition))
     return ops
@@ -534,6 +536,14 @@ def restore_targets(before: Snapshot, now: Snapshot, touched: Iterable[str]) -> 
         else:
             want[path] = Target(old.cpus, old.mems, old.partition)
     return Targets(want, frozenset(remove - set(want)))
+
+
+def _left_invalid(state: GroupState) -> bool:
+    """A partition the kernel reads as invalid (cgroup v2: a sibling's CPUs overlapped
+    it).  Linux 6.1 keeps it invalid after the conflict is gone, until its own partition
+    file is written off and on again: the plan does that (``member`` in phase 1, its word in
+    phase 4), which also re-checks it on kernels that would have by themselves."""
+    return state.exclusive and state.partition_error is not None
 
 
 def verify(after: Snapshot, goal: Targets, paths: Collection[str] | None = None) -> list[str]:
