@@ -2172,13 +2172,16 @@ def test_a_give_back_libvirt_refuses_is_tried_again_after_a_sync_before_an_error
         "still refused"]
 
 
-def test_a_failing_sync_is_said_once_and_its_own_cgroup_events_wake_no_pass(
+def test_a_failing_sync_is_said_once_and_cgroup_events_wake_it_less_and_less_often(
         caplog: pytest.LogCaptureFixture) -> None:
     """A layout the kernel cannot take (a leased CPU offline): the daemon's sync wrote,
     rolled back and logged an ERROR, and its own writes woke the cgroup watch for the next
-    try — 15 times in 70 s (systemd-lab hunt).  Now the failure is said once (then at
-    debug level) and its recovery once; while it fails, cgroup events alone wake no pass:
-    a libvirt event does, or the interval."""
+    try — 15 times in 70 s (systemd-lab hunt).  Then cgroup events woke no pass at all
+    while it failed, and a cgroup given every CPU while a pass ran (which made that pass
+    fail) was left on the leased CPU for the whole interval (the bookworm story).  Now the
+    failure is said once (then at debug level) and its recovery once; while it fails, a
+    cgroup event wakes the next pass after a pause that doubles with each failed pass, up
+    to the interval."""
     import logging
     import queue
     import threading
@@ -2188,7 +2191,7 @@ def test_a_failing_sync_is_said_once_and_its_own_cgroup_events_wake_no_pass(
 
     class Failing:
         def __init__(self) -> None:
-            self.left = 2
+            self.left = 3
 
         def reap(self) -> tuple[()]:
             return ()
@@ -2199,16 +2202,23 @@ def test_a_failing_sync_is_said_once_and_its_own_cgroup_events_wake_no_pass(
                 raise EnforceError("CPU 1 is offline")
 
     manager = Failing()
+    pauses = []
     with caplog.at_level(logging.DEBUG, logger="pinwarden.daemon"):
-        for _ in range(3):
+        for _ in range(4):
             daemon._sync(manager)  # type: ignore[arg-type]
+            pauses.append(daemon._FAILING.pause(30.0) if daemon._FAILING.message else None)
     said = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert said == [
         ("ERROR", "cannot enforce the cgroup layout: CPU 1 is offline (said once; tried "
-                  "again at each libvirt event and every interval)"),
+                  "again at each libvirt event, at cgroup changes less and less often, and "
+                  "every interval)"),
+        ("DEBUG", "cannot enforce the cgroup layout: CPU 1 is offline"),
         ("DEBUG", "cannot enforce the cgroup layout: CPU 1 is offline"),
         ("INFO", "the cgroup layout is enforced again")], said
-    assert daemon._FAILING == []
+    assert pauses == [daemon.FAILING_PAUSE, 2 * daemon.FAILING_PAUSE,
+                      4 * daemon.FAILING_PAUSE, None]
+    assert (daemon._FAILING.message, daemon._FAILING.passes) == (None, 0)
+    assert daemon._Failing(message="x", passes=60).pause(30.0) == 30.0  # up to the interval
     wake: queue.Queue[str] = queue.Queue()
     for what in (daemon._CGROUP, daemon._CGROUP, daemon._EVENT):
         wake.put(what)
@@ -2218,3 +2228,64 @@ def test_a_failing_sync_is_said_once_and_its_own_cgroup_events_wake_no_pass(
     began = time.monotonic()
     assert daemon._past_cgroup_events(wake, stop, 0.3) == daemon._CGROUP
     assert 0.25 < time.monotonic() - began < 3
+
+
+def test_a_cgroup_event_while_the_sync_fails_wakes_the_next_pass_after_a_pause(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's loop itself: a pass fails (a cgroup given every CPU while it ran broke
+    the holder partition), and the cgroup event that came meanwhile wakes the next pass
+    about FAILING_PAUSE later — not at the interval (30 s), when the escape had been open
+    all along (the bookworm story)."""
+    import queue
+    import threading
+    from types import SimpleNamespace
+
+    from pinwarden.errors import EnforceError
+    from pinwarden.libvirt import daemon
+
+    monkeypatch.setattr(daemon, "_FAILING", daemon._Failing())
+    wake: queue.Queue[str] = queue.Queue()
+    stop = threading.Event()
+    passes: list[float] = []
+
+    class Manager:
+        left = 1
+
+        def reap(self) -> tuple[()]:
+            return ()
+
+        def sync(self) -> None:
+            if self.left:
+                self.left -= 1
+                raise EnforceError("a holder partition is invalid")
+
+    def reconcile_once(manager: Manager, conn: object, *, restore: bool,
+                       seen: set[str]) -> int:
+        passes.append(time.monotonic())
+        daemon._sync(manager)  # type: ignore[arg-type]
+        if len(passes) == 1:
+            wake.put(daemon._CGROUP)  # the late cgroup's write, during the pass
+        else:
+            stop.set()
+            wake.put(daemon._EVENT)
+        return 0
+
+    class Conn:
+        def registerCloseCallback(self, *args: object) -> None: ...
+        def setKeepAlive(self, *args: object) -> None: ...
+        def domainEventRegisterAny(self, *args: object) -> int: return 1
+        def domainEventDeregisterAny(self, *args: object) -> None: ...
+        def isAlive(self) -> bool: return True
+
+    monkeypatch.setattr(daemon, "reconcile_once", reconcile_once)
+    b = SimpleNamespace(VIR_DOMAIN_EVENT_ID_LIFECYCLE=0, VIR_DOMAIN_EVENT_ID_TUNABLE=1)
+    loop = threading.Thread(target=daemon._serve, args=(Manager(), "qemu:///system", Conn(),
+                                                        b, wake, stop),
+                            kwargs={"interval": 30.0, "restore": False}, daemon=True)
+    loop.start()
+    loop.join(15.0)
+    stop.set()
+    wake.put(daemon._EVENT)
+    assert len(passes) == 2, passes
+    assert daemon.FAILING_PAUSE * 0.9 <= passes[1] - passes[0] < 5.0, passes
+    assert daemon._FAILING.message is None

@@ -25,6 +25,7 @@ from pinwarden.libvirt import pins
 from pinwarden.libvirt.reconcile import Adopt, Drift, Free, Place, Report, reconcile
 from pinwarden.libvirt.uri import check_uri
 from pinwarden.manager import Manager
+from pinwarden.record import record
 
 log = logging.getLogger("pinwarden.daemon")
 
@@ -32,11 +33,30 @@ MAX_BACKOFF = 60.0
 _LOST = "connection-lost"
 _EVENT = "event"
 _CGROUP = "cgroup"
-#: The last sync failed, with this message (said once): its own writes and rollback wake
-#: the cgroup watch, and a layout the kernel cannot take (a leased CPU offline) was tried,
-#: rolled back and logged every few seconds (systemd-lab hunt).  Until one succeeds,
-#: cgroup events alone wake no pass: libvirt events and the interval do.
-_FAILING: list[str] = []
+#: The first pause after a failed sync before a cgroup event wakes the next pass.
+FAILING_PAUSE = 1.0
+
+
+@record(frozen=False)
+class _Failing:
+    """The syncs failing now: the last one's message (said once) and how many failed in a
+    row.  A failing sync's own writes and rollback wake the cgroup watch: a layout the
+    kernel cannot take (a leased CPU offline) was tried, rolled back and logged every few
+    seconds (systemd-lab hunt).  But a cgroup event that finds the sync failing cannot
+    wait for the interval either: a cgroup made at the root and given every CPU while a
+    pass ran makes that pass fail (the holder partition it breaks is checked after the
+    escapes were), and the next cgroup event must close the escape (the bookworm story
+    waited 30 s).  So a cgroup event wakes the next pass :data:`FAILING_PAUSE` seconds
+    later, twice as late after each failed pass, up to the interval."""
+
+    message: str | None = None
+    passes: int = 0
+
+    def pause(self, longest: float) -> float:
+        return min(longest, FAILING_PAUSE * 2.0 ** min(max(self.passes - 1, 0), 30))
+
+
+_FAILING = _Failing()
 
 
 def reconcile_once(manager: Manager, conn: Any, *, restore: bool,
@@ -242,9 +262,9 @@ def _start_cgroup_watch(manager: Manager, wake: queue.Queue[str],
 
 
 def _reap(manager: Manager) -> None:
-    for record in manager.reap():  # owner process gone: the domain (or job) died
-        log.info("freed the leases of %s: its process %s exited", record.ref,
-                 record.owner_pid)
+    for freed in manager.reap():  # owner process gone: the domain (or job) died
+        log.info("freed the leases of %s: its process %s exited", freed.ref,
+                 freed.owner_pid)
 
 
 def _sync(manager: Manager) -> None:
@@ -257,16 +277,18 @@ def _sync(manager: Manager) -> None:
         _reap(manager)
         result = manager.sync()
     except PinwardenError as exc:
-        again = [exc.message] == _FAILING
+        again = exc.message == _FAILING.message
         (log.debug if again else log.error)("cannot enforce the cgroup layout: %s%s",
                                             exc.message, "" if again else
                                             " (said once; tried again at each libvirt "
-                                            "event and every interval)")
-        _FAILING[:] = [exc.message]
+                                            "event, at cgroup changes less and less often, "
+                                            "and every interval)")
+        _FAILING.message = exc.message
+        _FAILING.passes += 1
         return
-    if _FAILING:
+    if _FAILING.message is not None:
         log.info("the cgroup layout is enforced again")
-        _FAILING.clear()
+    _FAILING.message, _FAILING.passes = None, 0
     if result is not None and result.ops:
         log.warning("put the cgroup layout back (changed since pinwarden set it): %s",
                     "; ".join(describe(op) for op in result.ops))
@@ -283,6 +305,8 @@ def _wait_without_libvirt(manager: Manager, wake: queue.Queue[str], stop: thread
         except queue.Empty:
             return
         if what == _CGROUP:
+            if _FAILING.message is not None:
+                _past_cgroup_events(wake, stop, min(left, _FAILING.pause(MAX_BACKOFF)))
             _sync(manager)
 
 
@@ -340,8 +364,8 @@ def _serve(manager: Manager, uri: str, conn: Any, b: Any, wake: queue.Queue[str]
             while not wake.empty():  # coalesce bursts of events
                 more = wake.get_nowait()
                 what = _LOST if more == _LOST else what
-            if what == _CGROUP and _FAILING:
-                what = _past_cgroup_events(wake, stop, interval)
+            if what == _CGROUP and _FAILING.message is not None:
+                what = _past_cgroup_events(wake, stop, _FAILING.pause(interval))
             if what == _LOST or not conn.isAlive():
                 log.warning("lost the connection to %s; reconnecting", uri)
                 return
