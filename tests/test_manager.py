@@ -922,17 +922,16 @@ def test_keep_home_leaves_out_the_vm_partition_and_the_holder_groups() -> None:
     host's own: those of the VM partition (a shared domain placed there by libvirt) and of
     the holder groups (on systemd hosts their slices) are not read, so never written."""
     from pinwarden.enforce.layout import LayoutNames
-    from pinwarden.manager import _KeepHome
+    from pinwarden.manager import _vm_group
 
-    keep = _KeepHome(Path("/"), Path("/sys/fs/cgroup"),
-                     LayoutNames(shared="machine.slice"), CpuSet.parse_kernel("3"))
+    names = LayoutNames(shared="machine.slice")
     vm = ("/machine.slice", "/machine.slice/machine-qemu\\x2d1\\x2dweb.scope/libvirt/vcpu0",
           "/pinwarden\\x2dvm\\x2dweb.slice/machine-qemu\\x2d2\\x2dweb.scope/libvirt",
           "/pinwarden-vm-web.partition/emulator")
     host = ("/init.scope", "/system.slice/libvirtd.service", "/", "/machine.slice.d",
             "/user.slice/user-0.slice/session-1.scope", "/pinwarden.slice/other")
-    assert [p for p in vm if not keep._vm_group(p)] == []
-    assert [p for p in host if keep._vm_group(p)] == []
+    assert [p for p in vm if not _vm_group(names, p)] == []
+    assert [p for p in host if _vm_group(names, p)] == []
 
 
 def test_keep_home_never_fails_the_sync_it_runs_in(monkeypatch: pytest.MonkeyPatch) -> None:

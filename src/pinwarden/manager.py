@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import os
 import time
@@ -1086,9 +1087,9 @@ class Manager:
         mount = read_mounts(self.root).v2
         if mount is None:
             return ()
-        skip = _KeepHome(self.root, mount, self.names(), EMPTY)._vm_group
         try:
-            host = noise.read_host_threads(self.root, mount, skip).users
+            host = noise.read_host_threads(self.root, mount,
+                                           functools.partial(_vm_group, self.names())).users
         except (OSError, ValueError):
             return ()
         found = isolation.forked((h.task for h in host), records, since)
@@ -1346,6 +1347,14 @@ class Manager:
                               f"({exc}); set them by hand and 'pinwarden sync'") from None
 
 
+def _vm_group(names: LayoutNames, path: str) -> bool:
+    """``path`` (as ``/proc/PID/cgroup`` shows it) is the VM partition, a holder group or
+    below one: their threads are placed by libvirt and pinwarden, not the host's own."""
+    parts = path.strip("/").split("/")
+    return any(p == names.shared or names.is_holder(p)
+               for p in ("/".join(parts[:n]) for n in range(1, len(parts) + 1)))
+
+
 class _KeepHome:
     """The host's own threads (outside the VM partition and the holder groups) where they
     were across one sync: :meth:`take` reads them before its first cgroup write,
@@ -1367,19 +1376,12 @@ class _KeepHome:
         self.kthreads = kthreads
         self.before: noise.HostThreads | None = None
 
-    def _vm_group(self, path: str) -> bool:
-        """``path`` (as ``/proc/PID/cgroup`` shows it) is the VM partition, a holder group
-        or below one: their threads are placed by libvirt and pinwarden."""
-        parts = path.strip("/").split("/")
-        shared = self.names.shared
-        return any(p == shared or self.names.is_holder(p)
-                   for p in ("/".join(parts[:n]) for n in range(1, len(parts) + 1)))
-
     def _read(self, *, users: bool, kthreads: bool) -> noise.HostThreads:
         from pinwarden import noise
 
-        return noise.read_host_threads(self.root, self.mount, self._vm_group, users=users,
-                                       kthreads=kthreads)
+        return noise.read_host_threads(self.root, self.mount,
+                                       functools.partial(_vm_group, self.names),
+                                       users=users, kthreads=kthreads)
 
     def take(self) -> None:
         from pinwarden import noise
