@@ -35,7 +35,7 @@ from pinwarden.isolation import (
     TaskInfo,
     Write,
 )
-from pinwarden.procs import ProcStat, parse_stat, read_stat
+from pinwarden.procs import read_stat, read_stat_file
 from pinwarden.record import record
 
 IRQ_DIR = "proc/irq"
@@ -114,26 +114,8 @@ def read_irqs(root: Path) -> tuple[IrqInfo, ...]:
 
 def read_kthreads(root: Path) -> tuple[KthreadInfo, ...]:
     """Every kernel thread (``PF_KTHREAD``) with its affinity."""
-    out: list[KthreadInfo] = []
-    proc = os.fspath(root / "proc")
-    try:
-        pids = sorted(int(name) for name in os.listdir(proc) if name.isdigit())
-    except OSError:
-        return ()
-    for pid in pids:
-        text = _text(f"{proc}/{pid}/stat")
-        if text is None:
-            continue
-        try:
-            stat = parse_stat(text)
-        except ValueError:
-            continue
-        if not stat.kernel_thread:
-            continue
-        affinity = _affinity(root, pid)
-        if affinity is not None:
-            out.append(KthreadInfo(pid, stat.start_time, stat.comm, stat.flags, affinity))
-    return tuple(out)
+    return read_host_threads(root, root / "sys/fs/cgroup", lambda _path: True, users=False,
+                             kthreads=True).kthreads
 
 
 def read_tasks(root: Path, tids: Iterable[int]) -> tuple[TaskInfo, ...]:
@@ -170,8 +152,8 @@ def read_host_threads(root: Path, mount: Path, skip: Callable[[str], bool], *,
     cgroup2 path (``/proc/PID/cgroup``'s ``0::`` line, relative to ``mount``, the cgroup2
     tree) ``skip`` does not exclude, with the CPUs that cgroup gives
     (``cpuset.cpus.effective`` of it, or of the nearest group above with the file); with
-    ``kthreads``, every kernel thread as :func:`read_kthreads` reads it.  Processes and
-    threads gone meanwhile are left out.
+    ``kthreads``, every kernel thread with its ``Cpus_allowed_list`` (:func:`read_kthreads`:
+    these alone).  Processes and threads gone meanwhile are left out.
 
     In the start path of every VM on a host with ``isolcpus=`` (or with host noise
     isolation on), twice a sync: one ``stat`` read per process and, for user threads, one
@@ -206,13 +188,6 @@ def read_host_threads(root: Path, mount: Path, skip: Callable[[str], bool], *,
             found = masks[key] = CpuSet.of(key)
         return found
 
-    def stat_of(path: str) -> ProcStat | None:
-        text = _text(path)
-        try:
-            return parse_stat(text) if text is not None else None
-        except ValueError:
-            return None
-
     found_users: list[HostTask] = []
     found_kthreads: list[KthreadInfo] = []
     try:
@@ -220,7 +195,7 @@ def read_host_threads(root: Path, mount: Path, skip: Callable[[str], bool], *,
     except OSError:
         return HostThreads()
     for pid in pids:
-        leader = stat_of(f"{proc}/{pid}/stat")
+        leader = read_stat_file(f"{proc}/{pid}/stat")
         if leader is None:
             continue
         if leader.kernel_thread:  # a kernel thread has no other threads
@@ -247,7 +222,8 @@ def read_host_threads(root: Path, mount: Path, skip: Callable[[str], bool], *,
         except OSError:
             continue
         for tid in tids:
-            stat = leader if tid == str(pid) else stat_of(f"{proc}/{pid}/task/{tid}/stat")
+            stat = leader if tid == str(pid) else \
+                read_stat_file(f"{proc}/{pid}/task/{tid}/stat")
             if stat is None:
                 continue
             mask = affinity(stat.pid)

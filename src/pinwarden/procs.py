@@ -64,8 +64,15 @@ def parse_stat(text: str) -> ProcStat:
 
 def read_stat(pid: int, *, root: Path = Path("/")) -> ProcStat | None:
     """``/proc/PID/stat`` parsed, or ``None`` when there is no such process."""
+    return read_stat_file(root / "proc" / str(pid) / "stat")
+
+
+def read_stat_file(path: str | Path) -> ProcStat | None:
+    """A ``stat`` file of ``/proc`` (``/proc/PID/stat``, ``/proc/PID/task/TID/stat``)
+    parsed, or ``None`` when its task is gone."""
     try:
-        text = (root / "proc" / str(pid) / "stat").read_text(errors="replace")
+        with open(path, encoding="utf-8", errors="replace") as file:
+            text = file.read()
     except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
         return None
     except OSError:  # ESRCH while the task exits, EACCES in odd namespaces
