@@ -340,9 +340,14 @@ def test_plan_and_reserve_on_this_real_host(tmp_path: Path,
 
 
 def test_status_flags_a_leased_cpu_that_went_offline(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """CPU hot-unplug of a leased CPU: the lease is kept, status flags it (JSON and text)."""
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU hot-unplug of a leased CPU: the lease is kept, status flags it (JSON and text).
+    A holder partition the kernel marks invalid meanwhile is valid again once the CPU is
+    back (lab: cli.offline): status said 'pinwarden sync' would make it so (hunt)."""
     import shutil
+
+    from pinwarden.cli import placement
 
     root = tmp_path / "host"
     shutil.copytree(EXAMPLE, root)
@@ -361,10 +366,21 @@ def test_status_flags_a_leased_cpu_that_went_offline(
     text = capsys.readouterr().out
     assert f"vm1': 4-6,12-14 (4 emulator, 5 vcpu0, 6 vcpu1, {HOLDS}); since" in text
     assert "CPU 5 OFFLINE (lease kept" in text
+    reason = "root invalid (Cpu list in cpuset.cpus not exclusive)"
+    monkeypatch.setattr(placement, "invalid_partitions",
+                        lambda _root, records: {(r.ref.driver, r.ref.key): reason
+                                                for r in records})
+    assert main(["status", "--root", str(root), "--state-dir", state]) == 0
+    text = capsys.readouterr().out
+    assert f"; PARTITION INVALID (the kernel reads {reason!r}): its CPUs are not kept " \
+        "exclusive; the kernel makes it valid again once CPU 5 is online\n" in text, text
     (cpu / "cpu5" / "online").write_text("1\n")
     (cpu / "online").write_text("0-15\n")
     assert main(["status", "--json", "--root", str(root), "--state-dir", state]) == 0
     assert json.loads(capsys.readouterr().out)["leases"][0]["offline"] == ""
+    assert main(["status", "--root", str(root), "--state-dir", state]) == 0
+    assert "exclusive; 'pinwarden sync' makes it valid again\n" in capsys.readouterr().out
+    monkeypatch.undo()
     # several CPUs offline: each named, and a command for each
     for n in (5, 13):
         (cpu / f"cpu{n}" / "online").write_text("0\n")

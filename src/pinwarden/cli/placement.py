@@ -386,8 +386,13 @@ def run_status(args: argparse.Namespace) -> int:
                      f"its group (pid {pids}): the lease is its own again at the next change")
         reason = invalid.get((record.ref.driver, record.ref.key))
         if reason is not None:
+            # an offline leased CPU: the kernel makes it valid again itself once the CPU
+            # is back (lab: cli.offline), and a sync cannot before
+            fix = (f"the kernel makes it valid again once {off.named()} "
+                   f"{'is' if len(off) == 1 else 'are'} online" if off else
+                   "'pinwarden sync' makes it valid again")
             warn += (f"; PARTITION INVALID (the kernel reads {reason!r}): its CPUs are not "
-                     "kept exclusive; 'pinwarden sync' makes it valid again")
+                     f"kept exclusive; {fix}")
         lines.append(f"  {record.ref}: {desc}; since {since}{owner}{warn}")
     if pins:
         lines.append("shared domains re-pinned off leased CPUs (each gets its CPUs back once "
