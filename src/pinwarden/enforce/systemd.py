@@ -107,7 +107,6 @@ import errno
 import itertools
 import os
 import string
-import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
@@ -439,14 +438,6 @@ SETTING_DROPINS: Final = frozenset(f"50-{prop}.conf" for prop in _SETTINGS)
 #: drop-ins in the order of their file names, and one in /etc masks one of the same name
 #: in /run), so that a ``daemon-reload`` keeps it.
 OWN_DROPIN: Final = "zz-pinwarden-{prop}.conf"
-#: How long a setting given through ``SetUnitProperties`` may take to reach the kernel.
-#: systemd answers the call before it writes the cgroup (the write waits in its realise
-#: queue for the next turn of its main loop), and pinwarden's next write may be one that
-#: goes to the kernel directly and depends on it: a holder partition switched on beside
-#: machine.slice, which the kernel marks invalid while machine.slice still names its CPU
-#: (the bookworm story under load: the daemon re-validated the partition a moment too
-#: early, and the layout's verify rolled machine.slice back onto the leased CPU).
-SETTLE_SECONDS: Final = 2.0
 _OWN_DROPIN_HEADER: Final = (
     "# Written by pinwarden while CPUs are leased ('pinwarden status'), and removed when the\n"
     "# last lease ends: it keeps the leased CPUs out of this unit across a daemon-reload,\n"
@@ -863,7 +854,6 @@ class SystemdBackend:
             self._transient[unit] = transient
         if transient:  # pinwarden's own slices: systemd keeps their settings itself
             self._set(action, path, prop, ("ay", value.to_dbus()), shown)
-            self._until_in_kernel(action, unit, value)
             return
         file = self._root / RUNTIME_CONTROL.relative_to("/") / f"{unit}.d" / \
             OWN_DROPIN.format(prop=prop)
@@ -889,35 +879,6 @@ class SystemdBackend:
                 else:
                     self._write_own(action, path, file, before, shown)
             raise
-        self._until_in_kernel(action, unit, value)
-
-    def _until_in_kernel(self, action: str, unit: str, value: CpuSet) -> None:
-        """Return once the cgroup file of ``unit`` holds ``value`` (``cpuset.cpus`` or
-        ``cpuset.mems``), or after :data:`SETTLE_SECONDS` (the verify that follows reports a
-        value that never arrives).  Only with the cgroup v2 backend on the real mount: the
-        files are the kernel's.  An empty value (no restriction) is followed up by
-        :meth:`_emptied`; a cgroup without cpuset files has nothing to wait for."""
-        if not value or not isinstance(self._kernel, CgroupV2Backend):
-            return
-        try:
-            cgroup = str(self._bus.get_property(self._bus.get_unit(unit), self._iface(unit),
-                                                "ControlGroup")[1]).strip("/")
-        except DBusCallError:
-            return
-        if not cgroup:
-            return
-        deadline = time.monotonic() + SETTLE_SECONDS
-        pause = 0.002
-        while True:
-            try:
-                state = self._kernel.read_group(cgroup)
-            except CgroupOpError:
-                return
-            if (state.cpus if action == "cpus" else state.mems) == value \
-                    or time.monotonic() >= deadline:
-                return
-            time.sleep(pause)
-            pause = min(2 * pause, 0.05)
 
     @staticmethod
     def _write_own(action: str, path: str, file: Path, text: str, shown: str) -> None:
