@@ -339,6 +339,19 @@ def test_set_unit_properties_allowed_cpus_runtime(lab: LabRun) -> None:
     assert "Removed" in data["revert"]["stderr"]
 
 
+def test_a_slice_cgroup_holds_allowed_cpus_when_systemd_answers(lab: LabRun) -> None:
+    """FACTS 3b: pinwarden writes a holder partition straight to the kernel right after
+    narrowing the slice beside it through D-Bus; that is safe only while systemd writes the
+    slice's cgroup before it answers.  Were it to lag, the kernel would mark the partition
+    invalid (the bookworm story's first suspect)."""
+    data = lab.check("dbus_set_sync")
+    assert data["make"]["active"], data["make"]
+    probe = rc0(data["probe"])["json"]
+    assert probe["rounds"] == 100 and probe["late"] == 0, probe
+    rc0(data["stop"])
+    assert data["left"] is False
+
+
 def test_transient_slices_take_allowed_cpus(lab: LabRun) -> None:
     data = lab.check("dbus_set")
     for made in (data["make_pw"], data["make_vm_a"]):

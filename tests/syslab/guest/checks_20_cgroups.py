@@ -180,6 +180,47 @@ def dbus_set() -> Data:
     return out
 
 
+#: FACTS 3b: whether the kernel file holds a slice's AllowedCPUs as soon as systemd has
+#: answered SetUnitProperties (pinwarden's next write may go to the kernel directly and
+#: depend on it: a holder partition switched on beside the slice).
+SET_SYNC_PROBE = r"""
+import json, time
+from pathlib import Path
+from pinwarden.cpuset import CpuSet
+from pinwarden.enforce.systemd import SystemdBus
+bus = SystemdBus.connect()
+file = Path("/sys/fs/cgroup/UNIT/cpuset.cpus")
+def now():
+    return CpuSet.parse_kernel(file.read_text().strip())
+late, waits = 0, []
+for i in range(ROUNDS):
+    want = CpuSet.parse_kernel("0-2" if i % 2 else "0-3")
+    bus.set_unit_properties("UNIT", True, [("AllowedCPUs", ("ay", want.to_dbus()))])
+    began = time.monotonic()
+    if now() != want:
+        late += 1
+        while now() != want and time.monotonic() - began < 5:
+            time.sleep(0.0005)
+        waits.append(round(time.monotonic() - began, 6))
+print(json.dumps({"rounds": ROUNDS, "late": late, "waits": waits}))
+"""
+SYNC_SLICE = "pwtestsync.slice"
+
+
+@check("dbus_set_sync", needs=["install"])
+def dbus_set_sync() -> Data:
+    """FACTS 3b: systemd writes a slice's cgroup before it answers SetUnitProperties."""
+    out: Data = {}
+    try:
+        out["make"] = start_transient_slice(SYNC_SLICE, "0-3")
+        out["probe"] = pw_python(SET_SYNC_PROBE.replace("ROUNDS", "100")
+                                 .replace("UNIT", SYNC_SLICE))
+    finally:
+        out["stop"] = stop_unit(SYNC_SLICE)
+        out["left"] = (CG / SYNC_SLICE).exists()
+    return out
+
+
 WATCHED = ("cpuset.cpus", "cpuset.cpus.partition", "cpuset.mems")
 DUMMY = Path("/run/systemd/system/pwtest-dummy.service")
 
