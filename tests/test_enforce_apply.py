@@ -326,11 +326,12 @@ class LeftInvalidFake(FakeCpusetV1):
 
 
 def test_a_holder_partition_left_invalid_is_switched_off_and_on_by_the_layout() -> None:
-    """The systemd story (bookworm, CI): machine.slice's AllowedCPUs, set through D-Bus,
-    reached the kernel after pinwarden had re-validated the holder partition beside it, so
-    the partition stayed invalid once the conflict was gone.  The layout found nothing to
-    do, its verify failed and its rollback gave machine.slice the leased CPU again.  Now
-    the plan switches a partition the kernel reads as invalid off and on again."""
+    """The systemd story (bookworm, CI): machine.slice, set to every CPU behind pinwarden's
+    back between a pass's escape check and its layout, made the holder partition invalid.
+    The layout narrowed machine.slice again, but Linux 6.1 keeps a partition invalid after
+    the conflict is gone: the verify failed, and the rollback gave machine.slice the leased
+    CPU again.  Now the plan switches a partition the kernel reads as invalid off and on
+    again."""
     fake = LeftInvalidFake()
     build(fake, {"machine": ("0-3", False)})
     group = "pinwarden-run-J.partition"

@@ -310,11 +310,11 @@ def test_sync_second_holder_and_fallback_pool(lab: LabRun) -> None:
 
 
 def test_sync_makes_a_holder_partition_left_invalid_valid_again(lab: LabRun) -> None:
-    """A cgroup beside the holder takes its CPU and gives it up again (systemd applies an
-    AllowedCPUs set through D-Bus after answering: the bookworm story saw the holder stay
-    invalid so, and the layout's verify rolled machine.slice back onto the leased CPU).
-    The next sync of the same layout switches the partition off and on again (6.1, 6.12;
-    7.3 keeps the cgroup off the partition's CPU instead)."""
+    """A cgroup beside the holder takes its CPU and gives it up again (the bookworm story:
+    machine.slice set to every CPU during a daemon pass, and narrowed again by its layout,
+    which left the holder invalid, failed its verify and rolled machine.slice back onto
+    the leased CPU).  The next sync of the same layout switches the partition off and on
+    again (6.1, 6.12; 7.3 keeps the cgroup off the partition's CPU instead)."""
     data = lab.check("layout.sync")["left_invalid"]
     word = holder_word(lab)
     assert data["valid_before"]["cpuset.cpus.partition"] == word, data["valid_before"]
