@@ -597,6 +597,28 @@ def test_a_start_that_fails_while_the_domain_runs_keeps_its_lease(
     assert env.holder_names(pw) == ()
 
 
+def test_a_shared_start_that_fails_while_the_domain_runs_says_it_runs(
+        pw: env.Pinwarden, domains: env.Domains) -> None:
+    """The same race for a domain that asks for nothing exclusive: libvirtd restarted
+    during 'pinwarden start' and completed the start, and pinwarden said only "libvirt
+    could not start domain" — a user or a script retried ("already running") or took the
+    VM for down (concurrency hunt).  It has no lease to keep; the error says it runs."""
+    import sys
+
+    s = "pwtest-start-shared-lost"
+    domains.define(s)
+    done = subprocess.run([sys.executable, "-c", _START_THEN_FAIL, "lost",
+                           *pw.cmd("start", s, "--no-daemon")[1:]],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    qemu = env.qemu_pid(s)
+    assert "End of file while reading data" in done.stderr \
+        and f"but domain '{s}' runs (process {qemu}: " in done.stderr \
+        and "lease" not in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    pw.run("stop", s, check=True)
+
+
 def test_graceful_stop_that_times_out_keeps_domain_and_lease(pw: env.Pinwarden,
                                                              domains: env.Domains) -> None:
     """The firmware-only guest ignores ACPI shutdown: --graceful gives up after --timeout,
@@ -720,7 +742,6 @@ def test_a_started_domain_keeps_its_console_password(
     live = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
     assert "passwd='pwS3cret'" in live, live
     qemu = env.qemu_pid(a)
-    assert qemu is not None
     cmdline = Path(f"/proc/{qemu}/cmdline").read_bytes().split(b"\0")
     vnc = cmdline[cmdline.index(b"-vnc") + 1].decode()
     assert "password=on" in vnc, vnc

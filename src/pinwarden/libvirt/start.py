@@ -32,6 +32,7 @@ from xml.etree import ElementTree as ET
 
 import defusedxml.ElementTree as SafeET
 
+from pinwarden import procs
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import PW_NS, DomainSpec, parse_domain, render_plan
 from pinwarden.errors import InputError, LedgerError, LibvirtError, PinwardenError, Refusal
@@ -210,7 +211,13 @@ def _start_shared(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSp
         try:
             dom = _create(conn, holder, render_plan(xml, plan))
             break
-        except LibvirtError:
+        except LibvirtError as exc:
+            runs = _runs_anyway(holder)
+            if runs is not None:
+                raise LibvirtError(
+                    f"{exc.message}; but domain {holder.name!r} runs (process {runs}: "
+                    f"started by another call, or by libvirtd after it lost this one)",
+                    code=exc.code) from None
             if attempt == SHARED_ATTEMPTS or manager.plan(spec, holder=holder) == plan:
                 raise  # (the leases did not change: the failure is the domain's own)
     try:
@@ -346,6 +353,15 @@ def _rollback(manager: Manager, conn: Any, holder: HolderRef, started: bool,
         with contextlib.suppress(PinwardenError):
             pins.unnote(manager, replaced)
     return None
+
+
+def _runs_anyway(holder: HolderRef) -> int | None:
+    """The process of a shared domain this call failed to start that runs all the same
+    (libvirtd lost the call when it restarted and completed the start, or another call
+    started it first: the user was told it failed, concurrency hunt); None when it does
+    not run.  An exclusive one's lease tells (:meth:`Manager.drop_failed`)."""
+    pid = lv.read_pid(holder.driver, holder.name)
+    return pid if pid is not None and procs.alive(pid, None) else None
 
 
 def _create(conn: Any, holder: HolderRef, xml: str) -> Any:
