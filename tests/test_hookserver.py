@@ -854,3 +854,30 @@ def test_a_call_whose_client_went_to_the_full_command_is_not_answered_again(
         assert time.monotonic() < deadline, caplog.text  # it takes the second one, drops it
         time.sleep(0.05)
     assert seen == ["first"], seen
+
+
+def test_a_daemon_gone_mid_call_is_said_so() -> None:
+    """The daemon killed while it served a call closes the connection without a word: the
+    client said "the daemon's answer is not an object" (concurrency hunt)."""
+    import socket
+    import threading
+
+    from pinwarden.libvirt import hookclient
+
+    def daemon(conn: socket.socket, answer: bytes) -> None:
+        while conn.recv(65536):  # the whole request, then (killed) nothing, or an answer
+            pass
+        conn.sendall(answer)
+        conn.close()
+
+    for ack, answer in ((None, b""), (5.0, b""), (5.0, hookclient.ACK)):
+        client, server = socket.socketpair()
+        threading.Thread(target=daemon, args=(server, answer)).start()
+        with pytest.raises(ValueError) as info:
+            hookclient.exchange(client, {"start": "vm"}, ack_timeout=ack)
+        assert str(info.value) == ("the daemon closed the connection without an answer: "
+                                   "it stopped or crashed"), info.value
+    client, server = socket.socketpair()
+    threading.Thread(target=daemon, args=(server, b"[1]")).start()
+    with pytest.raises(ValueError, match="not an object"):
+        hookclient.exchange(client, {"start": "vm"})

@@ -191,7 +191,11 @@ def exchange(conn: _net.socket, request: dict[str, object], *,
             chunks.append(chunk)
     finally:
         conn.close()
-    answer = decode(b"".join(chunks) or b"null")
+    data = b"".join(chunks)
+    if not data:  # (killed mid-call: said as the daemon's answer "not an object", hunt)
+        raise ValueError("the daemon closed the connection without an answer: it stopped "
+                         "or crashed")
+    answer = decode(data)
     if not isinstance(answer, dict):
         raise ValueError("the daemon's answer is not an object")
     return answer
