@@ -296,28 +296,19 @@ def test_an_invalid_partition_fails_verification_and_rolls_back() -> None:
     assert whole(fake) == before
 
 
-class LeftInvalidFake(FakeCpusetV1):
+class LeftInvalidFake(InvalidatingFake):
     """Linux 6.1: a partition a sibling's write made invalid stays invalid after the
     conflict is gone, until its own ``cpuset.cpus.partition`` is written off and on again
     (tests/lab ``cli.invalid``).  ``invalid`` holds such groups."""
 
-    reason = "Cpu list in cpuset.cpus not exclusive"
-
     def __init__(self) -> None:
-        super().__init__(CpuSet.parse_kernel("0-3"))
+        super().__init__("", "Cpu list in cpuset.cpus not exclusive")
         self.invalid: set[str] = set()
 
     def _mark(self, state: GroupState) -> GroupState:
         if state.path in self.invalid and state.exclusive:
             return replace(state, partition_error=self.reason)
         return state
-
-    def read_group(self, path: str) -> GroupState:
-        return self._mark(super().read_group(path))
-
-    def read_state(self, paths: Iterable[str]) -> Snapshot:
-        snap = super().read_state(paths)
-        return Snapshot({p: self._mark(g) for p, g in snap.groups.items()})
 
     def set_partition(self, path: str, kind: PartitionKind) -> None:
         super().set_partition(path, kind)
@@ -337,7 +328,7 @@ def test_a_holder_partition_left_invalid_is_switched_off_and_on_by_the_layout() 
     group = "pinwarden-run-J.partition"
     sync_leases(fake, make_host(), [lease(3, "J")])
     fake.invalid.add(group)
-    assert whole(fake)[group].partition_error == LeftInvalidFake.reason
+    assert whole(fake)[group].partition_error == fake.reason
     result = sync_leases(fake, make_host(), [lease(3, "J")])
     assert [op for op in result.ops if op.path == group] == [
         SetPartition(group, "member"), SetPartition(group, "exclusive")], result.ops
