@@ -2289,3 +2289,25 @@ def test_a_cgroup_event_while_the_sync_fails_wakes_the_next_pass_after_a_pause(
     assert len(passes) == 2, passes
     assert daemon.FAILING_PAUSE * 0.9 <= passes[1] - passes[0] < 5.0, passes
     assert daemon._FAILING.message is None
+
+
+def test_without_libvirt_a_failing_sync_is_tried_again_after_the_pause_too(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """While libvirt is away the daemon still answers cgroup events; a failing sync is tried
+    again there after the same pause, not at once for each event its own writes made."""
+    import queue
+    import threading
+
+    from pinwarden.libvirt import daemon
+
+    monkeypatch.setattr(daemon, "_FAILING", daemon._Failing(message="broken", passes=1))
+    syncs: list[float] = []
+    monkeypatch.setattr(daemon, "_sync", lambda manager: syncs.append(time.monotonic()))
+    wake: queue.Queue[str] = queue.Queue()
+    for _ in range(3):  # one pass's own writes: a burst of events
+        wake.put(daemon._CGROUP)
+    began = time.monotonic()
+    daemon._wait_without_libvirt(object(), wake, threading.Event(),  # type: ignore[arg-type]
+                                 daemon.FAILING_PAUSE + 1.0)
+    assert len(syncs) == 1, syncs
+    assert syncs[0] - began >= daemon.FAILING_PAUSE * 0.9, (syncs, began)
