@@ -787,6 +787,51 @@ def test_a_narrowing_edit_is_kept_and_taken_from_the_partition(host4_cgroup: Pat
         assert m.record() is None and m.ledger().changes() == {}
 
 
+@pytest.mark.parametrize("after", ["_take_edit", "_shared_original"],
+                         ids=["while-leased", "during-the-first-lease"])
+def test_an_edit_that_lands_while_a_sync_runs_is_taken_not_overwritten(
+        host4_cgroup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        after: str) -> None:
+    """The administrator's write lands after the sync looked for an edit of ``machine``
+    (or, at the first lease, recorded what it had) and before the layout read the
+    cgroups: the layout narrowed it back to pinwarden's value without a word, and the last
+    release put back what it had before (the systemd story's ``set-property`` raced a pass
+    of the event daemon's).  Now the pass starts again, and takes the edit."""
+    fake = FakeCpusetV1(C("0-3"))
+    build(fake, {"machine": ("1-2", False)})
+    said: list[str] = []
+    with Manager(Config(), host4_cgroup, tmp_path / "state", backend=fake,
+                 warn=said.append) as m:
+        if after == "_take_edit":
+            m.reserve_request(JobSpec("J", cpus=C("2")))
+            assert fake.read_group("machine").cpus == C("1")
+        real = getattr(Manager, after)
+        landed: list[bool] = []
+
+        def then_the_edit(self: Manager, *args: object, **kwargs: object) -> object:
+            out = real(self, *args, **kwargs)
+            if not landed:
+                landed.append(True)
+                # the administrator adds CPU 3 (cgroup v1 refuses the leased CPU 2)
+                fake.set_cpus("machine", C("1,3" if after == "_take_edit" else "1-3"))
+            return out
+
+        monkeypatch.setattr(Manager, after, then_the_edit)
+        if after == "_take_edit":
+            m.sync()
+        else:
+            m.reserve_request(JobSpec("J", cpus=C("2")))
+        monkeypatch.undo()
+        assert landed == [True]
+        assert fake.read_group("machine").cpus == C("1,3")  # the edit stays, CPU 2 off it
+        assert len(said) == 1 and "added CPU 3" in said[0], said
+        assert m.host().partition.vm_cpus == C("1-3")
+        m.drop(job_holder("J"))
+        assert fake.read_group("machine").cpus == C("1-3")  # as found, with the edit
+        assert m.record() is None and m.ledger().changes() == {}
+    assert len(said) == 1, said
+
+
 def test_a_controller_that_stays_on_is_said_with_the_mount_it_is_on(tmp_path: Path) -> None:
     """The hint names the cgroup2 mount of this host (here a hybrid host's
     ``/sys/fs/cgroup/unified``), not the usual place."""

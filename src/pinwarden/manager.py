@@ -80,6 +80,16 @@ FOLLOWER_PREFIX = "follower:"
 Decide = Callable[[Host, tuple[Lease, ...]], Plan]
 
 
+#: Passes of a sync started again because the shared group was edited while one ran
+#: (:meth:`Manager._sync_cgroups`) before the last goes ahead as planned.
+EDIT_RETRIES = 2
+
+
+class _EditedMeanwhile(Exception):
+    """Somebody else wrote the shared group's CPUs after this pass of a sync looked for
+    an edit and before its layout's first write: the pass starts again."""
+
+
 @record
 class Reserved:
     """A reservation the kernel enforces: the plan, and the holder's cgroup as a backend
@@ -758,18 +768,40 @@ class Manager:
         """The cgroup side of :meth:`_sync`: the layout of ``leases`` (the ledger's)
         enforced, and the shared group and the controller put back after the last lease.
         Returns the result, the host it was planned on and whether a holder group had to be
-        kept."""
+        kept.  An edit of the shared group that lands after this pass looked for one and
+        before its layout read the cgroups is not overwritten: the pass starts again, and
+        takes it (the systemd story's ``set-property`` raced a pass of the daemon's and was
+        put back without a word); the last try goes ahead as planned."""
+        for attempt in range(EDIT_RETRIES + 1):
+            try:
+                return self._sync_cgroups_once(ledger, backend, leases, shared_extra,
+                                               watch_edits=attempt < EDIT_RETRIES)
+            except _EditedMeanwhile:
+                continue
+        raise AssertionError("unreachable")
+
+    def _sync_cgroups_once(self, ledger: Ledger, backend: CgroupBackend,
+                           leases: tuple[Lease, ...], shared_extra: CpuSet, *,
+                           watch_edits: bool) -> tuple[Result, Host, bool]:
+        """One try of :meth:`_sync_cgroups`; ``watch_edits``: raise
+        :class:`_EditedMeanwhile`, before the layout's first write, when the shared group's
+        CPUs are no longer those read at the start (leaving out leased CPUs, which the
+        escape check takes from it itself)."""
         from pinwarden.enforce.apply import sync
         from pinwarden.enforce.backend import parent_of
         from pinwarden.enforce.layout import desired_layout
+        from pinwarden.partition import shared_edit
 
         record = ledger.host_record()
         names = self.names()
         key = SHARED_KEY.format(path=names.shared)
         kept_record = ledger.changes().get(key)
+        leased = CpuSet.of(lease.cpu for lease in leases)
+        seen = self._read_cpus(backend, names.shared) \
+            if watch_edits and (leases or kept_record is not None) else None
         if kept_record is not None:  # before anything is planned against the record
             record = self._take_edit(ledger, backend, names.shared, kept_record, record,
-                                     CpuSet.of(lease.cpu for lease in leases))
+                                     leased)
         host = self._load_host(record.found if record else None)
         if leases and kept_record is None:
             # the shared group as found, before anything of this sync writes to it: the
@@ -810,6 +842,15 @@ class Manager:
             follow their parent as before."""
             from pinwarden.audit import machine_name
 
+            state = before.get(names.shared)
+            if seen is not None and state is not None \
+                    and shared_edit(seen, state.cpus, leased) is not None:
+                # what the group held at the start is the yardstick of the next try (a
+                # first lease recorded no write of pinwarden's yet, a failed sync forgot it)
+                value = ledger.changes().get(key)
+                if value is not None:
+                    self._note_written(ledger, key, value, replace(state, cpus=seen))
+                raise _EditedMeanwhile
             below = names.shared + "/"
             found: dict[str, str] = {}
             for path in goal.want if leases else ():
@@ -1232,6 +1273,16 @@ class Manager:
                   f"(pinwarden had set {written.to_list() or '(none)'}, it is "
                   f"{now.to_list() or '(none)'}: {change}): {outcome}{back}")
         return amended
+
+    @staticmethod
+    def _read_cpus(backend: CgroupBackend, path: str) -> CpuSet | None:
+        """The CPUs of group ``path`` (its cgroup file), or None: it cannot be read."""
+        from pinwarden.enforce.backend import CgroupOpError
+
+        try:
+            return backend.read_group(path).cpus
+        except (CgroupOpError, PinwardenError):
+            return None
 
     @staticmethod
     def _note_written(ledger: Ledger, key: str, value: str, after: GroupState | None) -> None:
