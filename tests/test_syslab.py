@@ -1123,6 +1123,30 @@ def test_an_operators_persistent_edit_while_leased_leaves_no_drop_in_of_pinwarde
     assert not [f for f in s["control_left"] if "machine.slice" in f], s["control_left"]
 
 
+def test_an_edit_landing_while_a_sync_runs_is_taken_not_overwritten(lab: LabRun) -> None:
+    """The operator's ``set-property`` lands after a sync looked for an edit of
+    machine.slice and before its layout read the cgroups (made certain by the check; the
+    story's event daemon met it by chance).  The sync set the slice back to pinwarden's
+    1,3 without a word, and the last release put back 1-3: the edit was lost."""
+    s = lab.check("story_edit_mid_sync")
+    for step in ("configure", "define_x", "start_x", "stop_x", "revert", "reload"):
+        rc0(s[step])
+    assert [(h["name"], h["cpus"]) for h in s["holders"]] == [("pwtest-mx", "2")], s
+    assert _cpus_of(s["narrowed"]["AllowedCPUs"]) == {1, 3}, s["narrowed"]
+    synced = rc0(s["sync"])
+    assert "landed: [0]" in synced["stderr"], synced  # the edit did land mid-sync
+    said = [line for line in synced["stderr"].splitlines()
+            if "cgroup machine.slice was changed by someone else" in line]
+    assert len(said) == 1 and "removed CPU 3" in said[0], synced["stderr"]
+    assert "now cgroup (VM CPUs 1-2)" in said[0], said
+    after = s["after_sync"]
+    assert _cpus_of(after["unit"]["AllowedCPUs"]) == {1}, after  # not overwritten
+    assert _cpus_of(after["machine"]["cpuset.cpus"]) == {1}, after
+    assert _cpus_of(s["released"]["AllowedCPUs"]) == {1, 2}, s["released"]  # the edit
+    assert s["reverted"]["AllowedCPUs"] == s["as_found"]["AllowedCPUs"], s
+    assert not [f for f in s["control_left"] if "machine.slice" in f], s["control_left"]
+
+
 def test_story_a_late_top_level_cgroup_is_narrowed_off_the_leased_cpu(lab: LabRun) -> None:
     """Issue #14 on the systemd host (6.1 and 6.12): a cgroup made at the root after the
     lease writes every CPU; the kernel lets it through and invalidates the holder's

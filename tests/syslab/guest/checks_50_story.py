@@ -24,6 +24,7 @@ from pathlib import Path
 from guestlab import (
     CG,
     LXC_URI,
+    VENV,
     Data,
     affinity,
     cg_files,
@@ -719,6 +720,64 @@ def story_operator_edit() -> Data:
         out["revert"] = systemctl("revert", "machine.slice")
         out["reload"] = systemctl("daemon-reload")
         out["reverted"] = {"unit": unit_show(*unit), "dropins": dropins()}
+        out["control_left"] = control_files()
+    return out
+
+
+#: ``pinwarden sync`` with the operator's ``set-property`` landing right after the sync
+#: looked for an edit of machine.slice (and before its layout reads the cgroups): the
+#: interleaving the story's event daemon met by chance, made certain
+EDIT_MID_SYNC = """
+import subprocess, sys
+import pinwarden.manager as manager
+real, landed = manager.Manager._take_edit, []
+def then_the_edit(self, *args, **kwargs):
+    out = real(self, *args, **kwargs)
+    if not landed:
+        landed.append(subprocess.run(["systemctl", "set-property", "--runtime",
+                                      "machine.slice", "AllowedCPUs=1"]).returncode)
+    return out
+manager.Manager._take_edit = then_the_edit
+from pinwarden.cli import entry
+sys.argv = ["pinwarden", "sync"]
+try:
+    entry()
+finally:
+    print("landed:", landed, file=sys.stderr)
+"""
+
+
+@check("story_edit_mid_sync", needs=["install", "boot"])
+def story_edit_mid_sync() -> Data:
+    """Mode cgroup, machine.slice found at 1-3, CPU 2 leased (so narrowed to 1,3); the
+    operator's ``set-property --runtime machine.slice AllowedCPUs=1`` lands while a sync
+    runs, after it looked for an edit.  The sync put 1,3 back without a word (the story's
+    daemon did so, CI of stop 40); now it starts again and takes the edit: VM CPUs 1-2
+    from then on, and what the last release puts back."""
+    CONFIG.parent.mkdir(parents=True, exist_ok=True)
+    CONFIG.write_text('[partition]\nmode = "cgroup"\n')
+    unit = ("machine.slice", "AllowedCPUs")
+    out: Data = {"as_found": unit_show(*unit)}
+    out["configure"] = systemctl("set-property", "--runtime", "machine.slice",
+                                 "AllowedCPUs=1-3")
+    try:
+        out["define_x"] = pinwarden("define", write_xml(
+            "pwtest-mx", metadata=EXCLUSIVE_META, cputune="<vcpupin vcpu='0' cpuset='2'/>"))
+        out["start_x"] = pinwarden("start", "pwtest-mx")
+        out["holders"] = holders()
+        out["narrowed"] = unit_show(*unit)
+        out["sync"] = run([str(VENV / "bin" / "python"), "-c", EDIT_MID_SYNC])
+        out["after_sync"] = {"unit": unit_show(*unit), "machine": cg_files("machine.slice"),
+                             "status": pinwarden("status", "--json").get("json")}
+        out["stop_x"] = pinwarden("stop", "pwtest-mx")
+        out["released"] = unit_show(*unit)
+    finally:
+        remove_domain("pwtest-mx")
+        CONFIG.unlink(missing_ok=True)
+        pinwarden("sync")
+        out["revert"] = systemctl("revert", "machine.slice")
+        out["reload"] = systemctl("daemon-reload")
+        out["reverted"] = unit_show(*unit)
         out["control_left"] = control_files()
     return out
 
