@@ -1489,8 +1489,10 @@ def test_a_wedged_pinwarden_holds_a_shared_start_for_seconds_not_minutes(
         began = time.monotonic()
         defined = xml("v", EXCLUSIVE_META + "<resource><partition>/pinwarden-vm-v"
                                            "</partition></resource>")
-        assert hook.main_run(manager, "qemu", ["v", "prepare", "begin", "-"], defined) \
-            == hook.REFUSED
+        # (the caller given: by default it is this process's grandparent, which a test run
+        # started in the background by a shell that has exited no longer has)
+        assert hook.main_run(manager, "qemu", ["v", "prepare", "begin", "-"], defined,
+                             caller=os.getpid()) == hook.REFUSED
         waited = time.monotonic() - began
         last = (tmp_path / hook.HOOK_LOG).read_text().splitlines()[-1]
         assert waited >= 2.0 and "held" in last, (waited, last, holder.poll())
