@@ -17,6 +17,7 @@ pinwarden's groups.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -780,6 +781,15 @@ def test_a_forced_release_of_a_running_domain_puts_the_layout_back_when_it_stops
     assert out.startswith(f"released qemu domain '{a}'") and \
         f"note: it still runs (pid {env.qemu_pid(a)}): its cgroup keeps CPU 1 until it " \
         "stops" in out, out
+    # meanwhile status and audit show CPU 1 kept by it (they showed it free, and audit a
+    # stale group that a sync would remove: it does not, the domain runs there)
+    status = json.loads(hooked.run("status", "--json", check=True).stdout)
+    assert [(k["domain"], k["cpus"]) for k in status["kept"]] == [(a, "1")], status
+    audited = json.loads(hooked.run("audit", "--json").stdout)
+    assert not [i for i in audited["intruders"] if i["kind"] == "stale-holder-group"], \
+        audited
+    assert [n for n in audited["notes"] if n.startswith(f"CPU 1 kept by qemu domain '{a}'")
+            and f"('pinwarden stop {a}' frees it)" in n], audited["notes"]
     _virsh_ok(("destroy", a))
     assert env.read_cpus("machine") == machine
     assert not (env.CPUSET / group).exists()

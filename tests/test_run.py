@@ -63,6 +63,30 @@ def test_second_job_refused_naming_the_holder() -> None:
     assert "cannot place 2 CPUs: only 1 free CPU; ask for fewer CPUs" in info.value.message
 
 
+def test_a_holder_a_forced_release_left_running_is_to_be_stopped_not_released() -> None:
+    """A group kept after ``release --force`` (its processes run on) takes part as leases
+    of role ``kept``: releasing it again frees nothing (the refusal said "release one of
+    them", which the operator had just done); stopping it does."""
+    from pinwarden.model import KEPT_ROLE, domain_holder
+
+    host = make_host("0-3", vm="1-3")
+    vm = domain_holder("qemu", "x", None)
+    held = [Lease(1, vm, KEPT_ROLE, 0.0, 4321), lease(2, "A"),
+            Lease(3, vm, KEPT_ROLE, 0.0, 4321)]
+    with pytest.raises(Refusal) as info:
+        decide_job(JobSpec("B", count=1), host, held)
+    message = info.value.message
+    assert "CPUs 1,3 to qemu domain 'x' (released with --force, it still runs there)" \
+        in message, message
+    assert "; CPU 2 to job 'A' — release one of them or stop qemu domain 'x' (pinwarden " \
+        "stop x);" in message, message
+    with pytest.raises(Refusal) as info:
+        decide_job(JobSpec("B", count=1), host,
+                   [Lease(c, vm, KEPT_ROLE, 0.0, 4321) for c in (1, 2, 3)])
+    assert "release one of them" not in info.value.message, info.value.message
+    assert "— stop qemu domain 'x' (pinwarden stop x);" in info.value.message
+
+
 def test_a_job_is_told_to_share_cores_with_its_own_option(tmp_path: Path) -> None:
     """``--threads prefer`` (the option of ``pinwarden run``), not a domain's wording."""
     from hostroot import HostSpec, build_host

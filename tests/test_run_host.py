@@ -7,6 +7,7 @@ narrows it) — an exclusive sibling is impossible otherwise — and the exclusi
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -462,6 +463,27 @@ def test_a_group_kept_after_a_forced_release_keeps_new_plans_off_its_cpus(
             with pytest.raises(Refusal) as info:
                 manager.reserve_request(JobSpec("pwtest-next", count=1))
             assert info.value.code == "insufficient-cpus", info.value.message
+            # releasing it again frees nothing: the refusal says to stop it (it said
+            # "release one of them"), status shows the CPU taken and by whom (it showed
+            # it free), audit finds no stale group (it advised a sync, which keeps it)
+            assert "CPU 1 to job 'pwtest-forced' (released with --force, it still runs " \
+                f"there) — stop job 'pwtest-forced' (kill {child.pid});" in \
+                info.value.message, info.value.message
+            doc = json.loads(pw.run("status", "--json", check=True).stdout)
+            assert doc["kept"] == [{"domain": "pwtest-forced", "driver": "run", "uuid": None,
+                                    "cpus": "1", "pid": child.pid}], doc
+            assert doc["leases"] == [] and "1" not in doc["shared"], doc
+            text = pw.run("status", check=True).stdout
+            assert f"  job 'pwtest-forced': CPU 1; pid {child.pid} runs there: 'kill " \
+                f"{child.pid}' frees it" in text, text
+            assert "kept by job 'pwtest-forced', released with --force: it still runs " \
+                "there (1)" in text, text
+            audited = json.loads(pw.run("audit", "--json").stdout)
+            assert not [i for i in audited["intruders"]
+                        if i["kind"] == "stale-holder-group"], audited
+            assert f"CPU 1 kept by job 'pwtest-forced' after 'release --force': pid " \
+                f"{child.pid} still runs there ('kill {child.pid}' frees it)" in \
+                audited["notes"], audited
             with pytest.raises(Refusal) as info:
                 manager.reserve_request(JobSpec("pwtest-next", cpus=CpuSet.of([1])))
             assert info.value.code == "conflict"

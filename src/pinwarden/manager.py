@@ -47,7 +47,7 @@ from pinwarden.errors import (
     state_dir_advice,
 )
 from pinwarden.ledger import HolderRecord, HostRecord, Ledger
-from pinwarden.model import HolderRef, Lease, Plan
+from pinwarden.model import KEPT_ROLE, HolderRef, Lease, Plan
 from pinwarden.partition import Host, VmCgroup, load_host, read_vm_cgroup
 from pinwarden.record import record, replace
 
@@ -612,6 +612,13 @@ class Manager:
                 {"driver": holder.driver, "key": holder.key, "name": holder.name,
                  "cpus": cpus.to_list(), "pid": left[0]})})
 
+    def kept_leases(self) -> tuple[Lease, ...]:
+        """The CPUs of holder groups kept after a forced release while their processes run
+        on, as leases of role :data:`~pinwarden.model.KEPT_ROLE` (read only: ``status``
+        and ``audit`` show them as taken, not free)."""
+        reader = self.reader()
+        return self._kept_leases(reader) if reader is not None else ()
+
     def _kept_leases(self, ledger: Ledger) -> tuple[Lease, ...]:
         """The CPUs of holder groups kept after a forced release (``kept:`` records), as
         leases of the holders freed there: a new plan keeps off them, and a refusal names
@@ -628,7 +635,7 @@ class Manager:
             except (ValueError, KeyError, TypeError, PinwardenError):
                 continue
             if self.left_running(ref):  # (gone since: the next sync removes the group)
-                out += [Lease(cpu, ref, "kept", 0.0, pid) for cpu in cpus]
+                out += [Lease(cpu, ref, KEPT_ROLE, 0.0, pid) for cpu in cpus]
         return tuple(out)
 
     def reap(self) -> tuple[HolderRecord, ...]:

@@ -66,6 +66,11 @@ def driver_of_type(domain_type: str | None) -> str:
     return "lxc" if domain_type == "lxc" else "qemu"
 
 
+#: The role of a CPU of a holder freed by a forced release while its processes run on in
+#: its group (a ``kept:`` record): no lease, but a new plan keeps off it until they end.
+KEPT_ROLE = "kept"
+
+
 @record
 class Lease:
     """One CPU leased exclusively to one holder."""

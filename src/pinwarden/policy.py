@@ -27,13 +27,14 @@ Refusal codes: ``no-vcpus``, ``bad-pin``, ``unknown-cpu``, ``unknown-node``,
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from pinwarden.cpuset import EMPTY, CpuSet, plural, union
 from pinwarden.domain import DEFAULT_THREADS, DomainSpec, ThreadPolicy
 from pinwarden.errors import InputError, Refusal
 from pinwarden.model import (
+    KEPT_ROLE,
     SIBLING_HOLD,
     HolderRef,
     Lease,
@@ -290,7 +291,28 @@ def _holders_of(ctx: _Ctx, cpus: CpuSet) -> str:
     for holder, held in by_object.values():
         by.setdefault(holder, []).extend(held)
     return "; ".join(f"{CpuSet.of(c).named()} to {h}"
+                     f"{' (released with --force, it still runs there)' if _kept(ctx, c) else ''}"
                      for h, c in by.items())
+
+
+def _kept(ctx: _Ctx, cpus: Iterable[int]) -> bool:
+    """``cpus`` are those of a holder freed by a forced release that runs on (no lease:
+    releasing it again frees nothing, stopping it does)."""
+    return all(ctx.others[c].role == KEPT_ROLE for c in cpus if c in ctx.others)
+
+
+def _free_advice(ctx: _Ctx, cpus: CpuSet) -> str:
+    """What frees one of ``cpus`` (leased to others): releasing a holder, or stopping one
+    a forced release left running there."""
+    kept: dict[HolderRef, Lease] = {}
+    for cpu in cpus:
+        lease = ctx.others.get(cpu)
+        if lease is not None and lease.role == KEPT_ROLE:
+            kept.setdefault(lease.holder, lease)
+    ways = ["release one of them"] if any(
+        c in ctx.others and ctx.others[c].role != KEPT_ROLE for c in cpus) else []
+    ways += [f"stop {h} ({stop_command(h, lease.owner_pid)})" for h, lease in kept.items()]
+    return " or ".join(ways)
 
 
 # -- shared domains ------------------------------------------------------------------------
@@ -476,7 +498,7 @@ def _allocate(ctx: _Ctx, within: CpuSet, request: allocator.Request, *,
             reachable = CpuSet.of(c for c in reachable
                                   if c in topo.cpus and topo.node_of(c) in nodes)
         if reachable:
-            held = f"; leased now: {_holders_of(ctx, reachable)} — release one of them"
+            held = f"; leased now: {_holders_of(ctx, reachable)} — {_free_advice(ctx, reachable)}"
         elif taken:
             held = "; no CPU it may use is leased to another holder"
         else:

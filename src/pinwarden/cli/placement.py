@@ -309,7 +309,7 @@ def run_sync(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     from pinwarden.cpuset import CpuSet
     from pinwarden.ledger import DB_NAME
-    from pinwarden.model import JOB_DRIVER
+    from pinwarden.model import JOB_DRIVER, Lease, stop_command
     from pinwarden.narrowed import NARROWED_PREFIX, narrowed
     from pinwarden.partition import shared_pool
     from pinwarden.view import render_cpu_map
@@ -320,13 +320,18 @@ def run_status(args: argparse.Namespace) -> int:
         owners = manager.owners_gone()
         dead, heirs = owners.dead_keys(), owners.heirs
         leases = manager.leases(owners=owners)
+        kept = manager.kept_leases()
         database = manager.state_dir / DB_NAME
         narrowed_records = manager.change_records(NARROWED_PREFIX)
         invalid = invalid_partitions(manager.root, records)
     part = host.partition
     leased = CpuSet.of(lease.cpu for lease in leases)
     pins = narrowed(narrowed_records, leased)
-    shared, fallback = shared_pool(host, leased)
+    # a holder freed by a forced release that runs on keeps its CPUs from the shared pool
+    shared, fallback = shared_pool(host, leased | CpuSet.of(lease.cpu for lease in kept))
+    kept_by: dict[HolderRef, list[Lease]] = {}
+    for lease in kept:
+        kept_by.setdefault(lease.holder, []).append(lease)
     online = host.topology.online
 
     def offline(record: HolderRecord) -> CpuSet:
@@ -348,6 +353,9 @@ def run_status(args: argparse.Namespace) -> int:
             "online": str(host.topology.online),
             "leased": str(leased),
             "shared": str(shared),
+            "kept": [{"domain": ref.name, "driver": ref.driver, "uuid": ref.uuid,
+                      "cpus": str(CpuSet.of(x.cpu for x in held)),
+                      "pid": held[0].owner_pid} for ref, held in kept_by.items()],
             "notes": list(fallback),
             "narrowed": [{"domain": n.domain, "uuid": n.uuid, "thread": n.label,
                           "pin": str(n.pin), "had": str(n.had), "waiting": str(n.waiting)}
@@ -394,6 +402,13 @@ def run_status(args: argparse.Namespace) -> int:
             warn += (f"; PARTITION INVALID (the kernel reads {reason!r}): its CPUs are not "
                      f"kept exclusive; {fix}")
         lines.append(f"  {record.ref}: {desc}; since {since}{owner}{warn}")
+    if kept_by:
+        lines.append("kept after 'release --force' (no lease, but their processes still run "
+                     "there and no plan may take the CPUs until they end):")
+    for ref, held in kept_by.items():
+        pid = held[0].owner_pid
+        lines.append(f"  {ref}: {CpuSet.of(x.cpu for x in held).named()}; pid {pid} runs there: "
+                     f"'{stop_command(ref, pid)}' frees it")
     if pins:
         lines.append("shared domains re-pinned off leased CPUs (each gets its CPUs back once "
                      "they are free; one saved meanwhile, when it is restored):")
@@ -404,6 +419,6 @@ def run_status(args: argparse.Namespace) -> int:
                 f"back)" if n.waiting else "")
         lines.append(f"  {printable(n.domain)} {n.label}: pinned to {n.pin} (had {n.had})"
                      f"{wait}")
-    lines.append(render_cpu_map(host, leases))
+    lines.append(render_cpu_map(host, (*leases, *kept)))
     print("\n".join(lines))
     return 0
