@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import defusedxml.ElementTree
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -569,6 +570,32 @@ def test_elements_of_other_namespaces_are_never_edited() -> None:
     spec = parse_domain(out)  # libvirt's own <cputune> was added beside the foreign one
     assert spec.vcpupins == {0: CpuSet.of([2]), 1: CpuSet.of([3])}
     assert spec.cpuset == CpuSet.of([2, 3])
+
+
+def test_other_tools_metadata_keeps_its_prefixes_when_pinwarden_adds_its_own() -> None:
+    """``pinwarden define`` of a domain carrying Nova's metadata stored it as
+    ``<ns0:instance xmlns:ns0=…>`` (ElementTree's own prefixes): equal XML, but what reads
+    the stored document by prefix no longer found it (hunt)."""
+    from pinwarden.libvirt.start import with_pinwarden_metadata
+
+    nova = "http://openstack.org/xmlns/libvirt/nova/1.1"
+    xml = (f"<domain type='kvm'><name>f</name><vcpu>1</vcpu><metadata>"
+           f"<nova:instance xmlns:nova='{nova}'><nova:name>f</nova:name>"
+           f"<nova:owner><nova:user uuid='u'>admin</nova:user></nova:owner></nova:instance>"
+           f"<app xmlns='urn:app'><ns1:x xmlns:ns1='urn:x'/></app>"
+           f"</metadata></domain>")
+    stored = with_pinwarden_metadata(xml, parse_domain(xml),
+                                     "11111111-2222-3333-4444-555555555555", None)
+    # (ElementTree declares every prefix on the root; libvirt puts each on its element)
+    assert f'xmlns:nova="{nova}"' in stored and "ns0" not in stored, stored
+    assert "<nova:instance><nova:name>f</nova:name>" in stored, stored
+    assert '<nova:user uuid="u">admin</nova:user>' in stored, stored
+    assert '<pw:cpu exclusive="no"' in stored, stored
+    # a default namespace and ElementTree's own nsN form are written as before, unchanged
+    # in meaning
+    again = defusedxml.ElementTree.fromstring(stored).find("metadata")
+    assert again is not None and again.find("{urn:app}app/{urn:x}x") is not None, stored
+    assert parse_domain(stored).exclusive is False
 
 
 @pytest.mark.parametrize("namespace", ["urn:pinwarden:domain", "urn:pinwarden:domain:2",

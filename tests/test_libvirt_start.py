@@ -302,12 +302,19 @@ def test_define_stores_metadata_and_refuses_bad_input(pw: env.Pinwarden,
                                                       tmp_path: Path) -> None:
     name = "pwtest-start-def"
     source = tmp_path / "def.xml"
+    nova = "<nova:instance xmlns:nova='http://openstack.org/xmlns/libvirt/nova/1.1'>" \
+        "<nova:name>def</nova:name></nova:instance>"
     source.write_text(env.tiny_domain_xml(name, vcpupins={0: "1"}).replace(
-        "<cputune>", "<cputune exclusive='yes'>"))
+        "<cputune>", "<cputune exclusive='yes'>").replace(
+        "</name>", f"</name><metadata>{nova}</metadata>", 1))
     domains.track(name)
     out = pw.run("define", str(source), check=True).stdout
     assert "exclusive" in out and "would lease CPU 1" in out
-    stored = parse_domain(domains.conn.lookupByName(name).XMLDesc(0))
+    xml = domains.conn.lookupByName(name).XMLDesc(0)
+    # another tool's metadata keeps its prefix (it was stored as ns0:instance)
+    assert 'xmlns:nova="http://openstack.org/xmlns/libvirt/nova/1.1"' in xml and \
+        "<nova:instance>" in xml and "ns0" not in xml, xml
+    stored = parse_domain(xml)
     assert stored.exclusive
     assert stored.partition == f"/{EXCLUSIVE.removesuffix('.partition')}-vm-{name}"
 

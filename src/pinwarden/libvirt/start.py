@@ -474,7 +474,11 @@ def with_pinwarden_metadata(xml: str, spec: DomainSpec, uuid: str,
     """The document libvirt should store: ``<uuid>`` present, pinwarden's request in
     ``<metadata><pw:cpu …/>`` (libvirt drops unknown attributes such as
     ``<cputune exclusive>``), and for exclusive domains the partition of their cgroup,
-    so that a plain ``virsh start`` lands there too.  libvirt reformats the XML anyway."""
+    so that a plain ``virsh start`` lands there too.  libvirt reformats the XML anyway,
+    but keeps the prefixes of other tools' metadata (``<nova:instance>``): so does this
+    (ElementTree wrote them ``ns0:``, and what read the stored XML by prefix missed it)."""
+    for prefix, uri in _prefixes(xml):
+        ET.register_namespace(prefix, uri)
     ET.register_namespace("pw", PW_NS)
     root = SafeET.fromstring(xml)
     if root.find("uuid") is None:
@@ -504,6 +508,23 @@ def with_pinwarden_metadata(xml: str, spec: DomainSpec, uuid: str,
             resource.insert(0, part)            # <fibrechannel>
         part.text = partition
     return ET.tostring(root, encoding="unicode")
+
+
+def _prefixes(xml: str) -> list[tuple[str, str]]:
+    """The namespace prefixes ``xml`` declares, with their URIs (not the default namespace,
+    and not the ``nsN`` form ElementTree keeps for its own)."""
+    import io
+    import re
+
+    out: list[tuple[str, str]] = []
+    try:
+        for _event, (prefix, uri) in SafeET.iterparse(io.StringIO(xml), events=("start-ns",)):
+            if prefix and not re.fullmatch(r"ns\d+", prefix) and prefix != "pw" \
+                    and (prefix, uri) not in out:
+                out.append((prefix, uri))
+    except ET.ParseError:
+        return []  # the parse that follows says why
+    return out
 
 
 def define(manager: Manager, uri: str, path: Path) -> Defined:
