@@ -1521,9 +1521,27 @@ def test_hook_refuses_a_domain_whose_pinwarden_metadata_may_ask_for_exclusive_cp
         assert hook.main_run(manager, "qemu", ["w", "prepare", "begin", "-"],
                              xml("w", meta % attrs)) == 0, attrs
         assert "let through unchecked" in capsys.readouterr().err
-    # at later steps it is only reported: libvirt would kill a running domain
-    assert hook.main_run(manager, "qemu", ["v", "started", "begin", "-"],
-                         xml("v", meta % "exclusive='YES'")) == 0
+    # at later steps it is neither refused (libvirt would kill a running domain) nor said
+    # again: hook.log had a warning of it at the release that follows every refused start
+    for op in ("started", "stopped", "release"):
+        assert hook.main_run(manager, "qemu", ["v", op, "end", "-"],
+                             xml("v", meta % "exclusive='YES'")) == 0, op
+        assert capsys.readouterr().err == "", op
+    assert not (tmp_path / hook.HOOK_LOG).exists() or "'v'" not in \
+        [line for line in (tmp_path / hook.HOOK_LOG).read_text().splitlines()
+         if "warning" in line]
+    # and a domain whose metadata went bad while it ran still has its leases freed
+    assert hook.main_run(manager, "qemu", ["x", "prepare", "begin", "-"],
+                         xml("x", meta % "exclusive='yes'" + "<resource><partition>"
+                             "/pinwarden-vm-x</partition></resource>"),
+                         caller=os.getpid()) == 0, capsys.readouterr().err
+    with Ledger(tmp_path) as ledger:
+        assert [h.ref.name for h in ledger.holders()] == ["x"]
+    assert hook.main_run(manager, "qemu", ["x", "release", "end", "-"],
+                         xml("x", meta % "exclusive='maybe'"), caller=os.getpid()) == 0
+    assert capsys.readouterr().err == ""
+    with Ledger(tmp_path) as ledger:
+        assert ledger.holders() == ()
 
 
 def test_the_hook_records_the_threads_it_placed_off_leased_cpus(

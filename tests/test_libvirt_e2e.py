@@ -256,6 +256,14 @@ def test_invalid_pinwarden_metadata_is_refused_not_run_shared(hooked: env.Pinwar
     assert virsh("domstate", name).stdout.strip() == "shut off"
     with Ledger(hooked.state) as ledger:
         assert ledger.holders() == ()
+    # the release libvirt calls after the refused start says nothing more (hook.log had a
+    # warning of the same metadata there)
+    log = hooked.state / "hook.log"
+    logged = log.read_text() if log.exists() else ""
+    assert [line for line in logged.splitlines() if "refused" in line and name in line], \
+        (logged, sorted(p.name for p in hooked.state.iterdir()))
+    assert not [line for line in logged.splitlines() if "warning" in line and name in line], \
+        logged
     env.cleanup_domain(domains.conn, name)
     domains.conn.defineXML(env.tiny_domain_xml(name).replace(
         "<memory", meta % "exclusive='no' threads='all'", 1))

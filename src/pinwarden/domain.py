@@ -287,8 +287,11 @@ def _pw_metadata(metadata: Element | None, exclusive: bool | None,
     return exclusive, threads, emulator
 
 
-def parse_domain(xml: str | bytes) -> DomainSpec:
-    """Parse the CPU-relevant parts of a libvirt domain XML document."""
+def parse_domain(xml: str | bytes, *, unclear_as_exclusive: bool = False) -> DomainSpec:
+    """Parse the CPU-relevant parts of a libvirt domain XML document.
+    ``unclear_as_exclusive``: pinwarden metadata that leaves open whether the domain asks
+    for exclusive CPUs (an error of code :data:`BAD_METADATA`) reads as asking for them,
+    with the default policies (what frees a domain's leases needs its identity only)."""
     root = _load(_as_text(xml))
     if root.tag != "domain":
         raise InputError(f"root element is <{root.tag}>, expected <domain>")
@@ -423,7 +426,12 @@ def parse_domain(xml: str | bytes) -> DomainSpec:
             _bad("<resource><partition>", partition, "must be an absolute path like /machine")
 
     metadata = _only(root, "metadata", "<domain>")
-    exclusive, threads, emulator = _pw_metadata(metadata, exclusive)
+    try:
+        exclusive, threads, emulator = _pw_metadata(metadata, exclusive)
+    except InputError as exc:
+        if not unclear_as_exclusive or exc.code != BAD_METADATA:
+            raise
+        exclusive, threads, emulator = True, DEFAULT_THREADS, "float"
 
     return DomainSpec(
         name=name, uuid=uuid, vcpus=vcpus, current=current, placement=placement,

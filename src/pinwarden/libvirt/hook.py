@@ -562,7 +562,10 @@ def run(manager: Manager, driver: str, name: str, op: str, xml: str, *,
     action = action_for(op)
     if action == "ignore":
         return None
-    spec = _spec(xml, name)
+    # the steps after prepare need only its identity: metadata prepare refused (or one
+    # edited since it started) does not keep them from freeing its leases, nor is it said
+    # a second time at each (hook.log had a warning of it at every release)
+    spec = _spec(xml, name, unclear_as_exclusive=action in ("own", "free"))
     who = caller if caller is not None else _libvirtd_pid
     if action == "admit":
         _prepare(manager, driver, name, spec, who)
@@ -635,11 +638,11 @@ def _caller(who: Caller) -> int | None:
     return (who or None) if isinstance(who, int) else who()
 
 
-def _spec(xml: str, name: str) -> DomainSpec:
+def _spec(xml: str, name: str, *, unclear_as_exclusive: bool = False) -> DomainSpec:
     from pinwarden.domain import BAD_METADATA, parse_domain
 
     try:
-        return parse_domain(xml)
+        return parse_domain(xml, unclear_as_exclusive=unclear_as_exclusive)
     except PinwardenError as exc:
         if exc.code == BAD_METADATA:  # it may ask for exclusive CPUs: never run it shared
             raise Refusal(f"domain {name!r} has invalid pinwarden metadata: {exc.message}; "
@@ -899,6 +902,10 @@ def _warn(manager: Manager, text: str, out: TextIO) -> None:
 
 
 def log_line(manager: Manager, line: str) -> None:
-    """libvirtd drops the stderr of a hook that exits 0: keep warnings in the state dir."""
-    with contextlib.suppress(OSError), (manager.state_dir / HOOK_LOG).open("a") as log:
-        log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
+    """libvirtd drops the stderr of a hook that exits 0: keep warnings in the state dir
+    (made here if nothing has made it yet: a refusal or warning of a host's first start
+    that leased nothing was not kept)."""
+    with contextlib.suppress(OSError):
+        manager.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with (manager.state_dir / HOOK_LOG).open("a") as log:
+            log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
