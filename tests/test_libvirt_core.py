@@ -961,6 +961,32 @@ def test_a_broken_pinwarden_never_blocks_a_shared_domain(tmp_path: Path, broken:
         assert call(qemu, "db", op, "-", "-", stdin=xml("db", EXCLUSIVE_META)).returncode == 0
 
 
+def test_a_broken_configuration_is_said_in_the_hook_log(tmp_path: Path) -> None:
+    """pinwarden itself runs, but its configuration does not load: a shared domain starts
+    and an exclusive one is refused, as for any broken pinwarden, and the hook log says
+    why beside the drop-in's 'broken or missing' (it said only 'exited 1'), at the steps
+    after prepare too (a release that could not run was not logged at all)."""
+    state = tmp_path / "state"
+    config = tmp_path / "pinwarden.toml"
+    config.write_text("[partition]\nmode = 'sometimes'\n")
+    (qemu, _) = hook.install(tmp_path / "hooks", exe=hook.default_executable(),
+                             state_dir=state, config=config, check=False).paths
+    shared = call(qemu, "web", "prepare", "begin", "-", stdin=xml("web"))
+    assert shared.returncode == 0, shared.stderr
+    refused = call(qemu, "db", "prepare", "begin", "-", stdin=xml("db", EXCLUSIVE_META))
+    assert refused.returncode == 1 and "exclusive domain 'db' cannot get its CPUs" in \
+        refused.stderr, refused.stderr
+    released = call(qemu, "db", "release", "end", "-", stdin=xml("db", EXCLUSIVE_META))
+    assert released.returncode == 0, released.stderr
+    lines = (state / hook.HOOK_LOG).read_text().splitlines()
+    errors = [line.split(" ", 1)[1] for line in lines if "pinwarden: error:" in line]
+    assert [e.split(":", 3)[2].strip() for e in errors] == [
+        "hook qemu web prepare", "hook qemu db prepare", "hook qemu db release"], lines
+    assert all("sometimes" in e and str(config) in e for e in errors), errors
+    assert len(errors[0].splitlines()) == 1
+    assert [line for line in lines if "broken or missing" in line and "'web'" in line]
+
+
 def test_the_fail_safe_path_is_quiet_where_it_cannot_write_its_log(tmp_path: Path) -> None:
     """A host where nothing has made the state directory yet (pinwarden broken from its
     first call): the refusal shows pinwarden's words only, not the shell's complaint that

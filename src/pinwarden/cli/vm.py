@@ -365,10 +365,21 @@ def cmd_hook_ping(args: argparse.Namespace) -> int:
 
 
 def cmd_hook_run(args: argparse.Namespace) -> int:
+    from pinwarden.config import DEFAULT_STATE_DIR
+    from pinwarden.errors import PinwardenError
     from pinwarden.libvirt import hook
 
     stdin = sys.stdin.read() if sys.stdin is not None else ""
-    with manager_of(args) as manager:
+    try:
+        manager = manager_of(args)
+    except PinwardenError as exc:
+        # the drop-in logs only that this command failed (at 'prepare'): why goes beside
+        # it, into the log the drop-in writes to (the configuration cannot say where)
+        step = " ".join(printable(a) for a in args.hook_args[:2])
+        hook.log_to(Path(args.state_dir) if args.state_dir else DEFAULT_STATE_DIR,
+                    f"pinwarden: error: hook {args.driver} {step}: {exc.message}")
+        raise
+    with manager:
         return hook.main_run(manager, args.driver, list(args.hook_args), stdin,
                              after_release=lambda holder: _leave_give_back(args, manager,
                                                                            holder),

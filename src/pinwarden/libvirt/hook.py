@@ -905,7 +905,13 @@ def log_line(manager: Manager, line: str) -> None:
     """libvirtd drops the stderr of a hook that exits 0: keep warnings in the state dir
     (made here if nothing has made it yet: a refusal or warning of a host's first start
     that leased nothing was not kept)."""
+    log_to(manager.state_dir, line)
+
+
+def log_to(state_dir: Path, line: str) -> None:
+    """:func:`log_line` to the hook log of ``state_dir`` (no manager: it could not be
+    made, its configuration is broken)."""
     with contextlib.suppress(OSError):
-        manager.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with (manager.state_dir / HOOK_LOG).open("a") as log:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with (state_dir / HOOK_LOG).open("a") as log:
             log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
