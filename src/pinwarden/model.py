@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pinwarden.cpuset import CpuSet, union
@@ -177,6 +177,14 @@ def command_line(command: str, operand: str, *options: str) -> str:
     if operand.startswith("-"):
         return " ".join((command, *options, "--", word))
     return " ".join((command, word, *options))
+
+
+def by_holder(leases: Iterable[Lease]) -> dict[HolderRef, list[Lease]]:
+    """``leases`` grouped by holder, in the order each holder first appears."""
+    out: dict[HolderRef, list[Lease]] = {}
+    for lease in leases:
+        out.setdefault(lease.holder, []).append(lease)
+    return out
 
 
 def stop_command(holder: HolderRef, pid: int | None) -> str:

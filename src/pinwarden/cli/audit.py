@@ -46,7 +46,7 @@ def load_ledger(args: argparse.Namespace) -> tuple[tuple[Lease, ...], tuple[Hold
     yet means no leases (read only)."""
     from pinwarden.cpuset import CpuSet
     from pinwarden.ledger import DB_NAME
-    from pinwarden.model import stop_command
+    from pinwarden.model import by_holder, stop_command
 
     with manager_of(args) as manager:
         if manager.reader() is None:
@@ -56,13 +56,10 @@ def load_ledger(args: argparse.Namespace) -> tuple[tuple[Lease, ...], tuple[Hold
         # a holder freed by 'release --force' that runs on keeps its CPUs: checked as
         # its (its group is no stale one, and whatever else runs there intrudes)
         kept = manager.kept_leases()
-        by: dict[HolderRef, list[Lease]] = {}
-        for lease in kept:
-            by.setdefault(lease.holder, []).append(lease)
         notes = tuple(f"{CpuSet.of(x.cpu for x in held).named()} kept by {ref} after 'release "
                       f"--force': pid {held[0].owner_pid} still runs there "
                       f"('{stop_command(ref, held[0].owner_pid)}' frees it)"
-                      for ref, held in by.items())
+                      for ref, held in by_holder(kept).items())
         return (*manager.leases(owners=owners), *kept), manager.live_holders(owners), \
             notes, manager.refused_noise()
 

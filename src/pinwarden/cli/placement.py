@@ -309,7 +309,7 @@ def run_sync(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     from pinwarden.cpuset import CpuSet
     from pinwarden.ledger import DB_NAME
-    from pinwarden.model import JOB_DRIVER, Lease, stop_command
+    from pinwarden.model import JOB_DRIVER, by_holder, stop_command
     from pinwarden.narrowed import NARROWED_PREFIX, narrowed
     from pinwarden.partition import shared_pool
     from pinwarden.view import render_cpu_map
@@ -329,9 +329,7 @@ def run_status(args: argparse.Namespace) -> int:
     pins = narrowed(narrowed_records, leased)
     # a holder freed by a forced release that runs on keeps its CPUs from the shared pool
     shared, fallback = shared_pool(host, leased | CpuSet.of(lease.cpu for lease in kept))
-    kept_by: dict[HolderRef, list[Lease]] = {}
-    for lease in kept:
-        kept_by.setdefault(lease.holder, []).append(lease)
+    kept_by = by_holder(kept)
     online = host.topology.online
 
     def offline(record: HolderRecord) -> CpuSet:
