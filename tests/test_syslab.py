@@ -1098,7 +1098,8 @@ def test_a_daemon_reload_keeps_the_leased_cpu_out_of_the_operators_partition(
     assert s["leftover_reloaded"]["unit"]["AllowedCPUs"] == "1-2", s["leftover_reloaded"]
     assert s["leftover_reloaded"]["unit"]["NeedDaemonReload"] == "no", s["leftover_reloaded"]
     rc0(s["revert"])
-    assert s["final"]["AllowedCPUs"] == s["as_found"]["AllowedCPUs"], s
+    rc0(s["revert_reload"])
+    assert s["reverted"]["unit"]["AllowedCPUs"] == s["as_found"]["AllowedCPUs"], s
     assert not [f for f in s["control_left"] if "pinwarden" in f], s["control_left"]
 
 
@@ -1110,7 +1111,7 @@ def test_an_operators_persistent_edit_while_leased_leaves_no_drop_in_of_pinwarde
     story_operator_edit)."""
     s = lab.check("story_operator_edit")
     for step in ("configure", "define_x", "start_x", "edit", "sync", "stop_x", "revert",
-                 "reload"):
+                 "revert_reload"):
         rc0(s[step])
     [holder] = s["holders"]
     assert int(holder["cpus"]) in {1, 2, 3}, holder
@@ -1129,7 +1130,7 @@ def test_an_edit_landing_while_a_sync_runs_is_taken_not_overwritten(lab: LabRun)
     story's event daemon met it by chance).  The sync set the slice back to pinwarden's
     1,3 without a word, and the last release put back 1-3: the edit was lost."""
     s = lab.check("story_edit_mid_sync")
-    for step in ("configure", "define_x", "start_x", "stop_x", "revert", "reload"):
+    for step in ("configure", "define_x", "start_x", "stop_x", "revert", "revert_reload"):
         rc0(s[step])
     assert [(h["name"], h["cpus"]) for h in s["holders"]] == [("pwtest-mx", "2")], s
     assert _cpus_of(s["narrowed"]["AllowedCPUs"]) == {1, 3}, s["narrowed"]
@@ -1143,7 +1144,7 @@ def test_an_edit_landing_while_a_sync_runs_is_taken_not_overwritten(lab: LabRun)
     assert _cpus_of(after["unit"]["AllowedCPUs"]) == {1}, after  # not overwritten
     assert _cpus_of(after["machine"]["cpuset.cpus"]) == {1}, after
     assert _cpus_of(s["released"]["AllowedCPUs"]) == {1, 2}, s["released"]  # the edit
-    assert s["reverted"]["AllowedCPUs"] == s["as_found"]["AllowedCPUs"], s
+    assert s["reverted"]["unit"]["AllowedCPUs"] == s["as_found"]["AllowedCPUs"], s
     assert not [f for f in s["control_left"] if "machine.slice" in f], s["control_left"]
 
 

@@ -682,14 +682,7 @@ def story_reload() -> Data:
         OWN_DROPIN.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             OWN_DROPIN.parent.rmdir()
-        remove_domain("pwtest-rx")
-        CONFIG.unlink(missing_ok=True)
-        pinwarden("sync")
-        # the operator's setting goes, as it came: systemctl's own undo, then a reload
-        out["revert"] = systemctl("revert", "machine.slice")
-        out["reload_final"] = systemctl("daemon-reload")
-        out["final"] = unit_show(*unit)
-        out["control_left"] = control_files()
+        out.update(undo_slice_setting("pwtest-rx"))
     return out
 
 
@@ -714,13 +707,7 @@ def story_operator_edit() -> Data:
         out["stop_x"] = pinwarden("stop", "pwtest-ox")
         out["released"] = {"unit": unit_show(*unit), "dropins": dropins()}
     finally:
-        remove_domain("pwtest-ox")
-        CONFIG.unlink(missing_ok=True)
-        pinwarden("sync")
-        out["revert"] = systemctl("revert", "machine.slice")
-        out["reload"] = systemctl("daemon-reload")
-        out["reverted"] = {"unit": unit_show(*unit), "dropins": dropins()}
-        out["control_left"] = control_files()
+        out.update(undo_slice_setting("pwtest-ox"))
     return out
 
 
@@ -772,14 +759,23 @@ def story_edit_mid_sync() -> Data:
         out["stop_x"] = pinwarden("stop", "pwtest-mx")
         out["released"] = unit_show(*unit)
     finally:
-        remove_domain("pwtest-mx")
-        CONFIG.unlink(missing_ok=True)
-        pinwarden("sync")
-        out["revert"] = systemctl("revert", "machine.slice")
-        out["reload"] = systemctl("daemon-reload")
-        out["reverted"] = unit_show(*unit)
-        out["control_left"] = control_files()
+        out.update(undo_slice_setting("pwtest-mx"))
     return out
+
+
+def undo_slice_setting(domain: str) -> Data:
+    """The end of a check that configured machine.slice's AllowedCPUs: its ``domain`` and
+    the configuration gone, pinwarden's layout with them, and the setting undone as it
+    came — systemctl's own ``revert``, then a reload (``revert_reload``).  What is left:
+    ``reverted`` (the slice and its drop-ins) and ``control_left``."""
+    remove_domain(domain)
+    CONFIG.unlink(missing_ok=True)
+    pinwarden("sync")
+    return {"revert": systemctl("revert", "machine.slice"),
+            "revert_reload": systemctl("daemon-reload"),
+            "reverted": {"unit": unit_show("machine.slice", "AllowedCPUs"),
+                         "dropins": dropins()},
+            "control_left": control_files()}
 
 
 def control_files() -> list[str]:
