@@ -107,6 +107,24 @@ def test_own_threads_are_not_intruders_but_another_holders_are() -> None:
     assert report.intruders[0].holders == (B,)
 
 
+def test_a_thread_written_alone_into_a_holders_cgroup_is_not_the_holders() -> None:
+    """Another VM's vCPU thread written into the holder's ``tasks`` runs on the leased CPU;
+    audit counted it the holder's for being in its cgroup (exit 0, hunt).  The holder's
+    own threads, in the same cgroup or its siblings, stay its own."""
+    a_cg = "/pinwarden.partition/vm-a.partition/qemu-1-vm-a.libvirt-qemu"
+    web = "/machine/qemu-2-web.libvirt-qemu"
+    snap = HostSnapshot(threads=(
+        thread(100, "3", f"{a_cg}/emulator", comm="qemu-system-x86"),   # A's leader
+        thread(100, "3", f"{a_cg}/vcpu0", tid=101, comm="CPU 0/KVM"),   # A's vCPU
+        thread(500, "0-1", f"{web}/emulator", comm="qemu-system-x86"),  # web's leader
+        thread(500, "3", f"{a_cg}/vcpu0", tid=502, comm="CPU 1/KVM"),   # web's, moved
+    ))
+    report = audit.audit(snap, leases(c3=A), [record(A, cgroup=a_cg, cpus="3")])
+    assert kinds(report) == [("other-vm-thread", 502, f"{a_cg}/vcpu0", "3")]
+    assert report.intruders[0].owner is None and report.intruders[0].holders == (A,)
+    assert report.exit_status() == 1
+
+
 def test_a_task_that_escaped_into_leased_cpus_is_an_error() -> None:
     """Issue #14: any task outside the holders allowed on a leased CPU is an error naming
     the task, its cgroup and the fix — except in the cgroup v1 root cpuset, where the kernel
@@ -715,6 +733,46 @@ def test_real_intruder_found_then_moved_off(
     status, out = run_audit_command("--json", "--state-dir", str(state))
     assert not [i for i in json.loads(out)["intruders"] if i["pid"] in mine or
                 (i["cgroup"] or "").startswith(f"/{rel}")]
+
+
+@pytest.mark.kernel
+def test_a_real_thread_written_alone_into_the_holders_group_is_found(
+        tmp_path: Path, cpuset_base: Path) -> None:
+    """The same on this host's cgroup v1 cpusets: one thread of a process of another
+    group written into the holder's ``tasks`` (the kernel moves that thread alone, onto
+    the leased CPU): an error naming it, where it was counted the holder's."""
+    rel = cpuset_base.relative_to(CPUSET)
+    own = _group(cpuset_base, "vm-a.partition", "1")
+    other = _group(cpuset_base, "qemu-7-pwtestb.libvirt-qemu", "0")
+    code = ("import threading, time, sys\n"
+            "t = threading.Thread(target=time.sleep, args=(300,), daemon=True)\n"
+            "t.start(); print(t.native_id, flush=True); time.sleep(300)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        tid = int(proc.stdout.readline())
+        _write(other / "tasks", str(proc.pid))  # the leader; the other thread follows it
+        _write(other / "tasks", str(tid))
+        _write(own / "tasks", str(tid))  # that thread alone, into the holder's group
+        assert (own / "tasks").read_text().split() == [str(tid)]
+        a = domain_holder("qemu", "pwtest-a", None)
+        with Ledger(tmp_path / "state") as ledger:
+            ledger.reserve(a, lambda _: Plan("pwtest-a", None, True, {0: cs("1")}, cs("1"),
+                                             leases={1: "vcpu0"}))
+            ledger.set_cgroup(a, f"{rel}/vm-a.partition")
+            holders, lease_list = ledger.holders(), ledger.leases()
+        snap = audit.scan(Path("/"))
+        mine = HostSnapshot(threads=tuple(t for t in snap.threads if t.pid == proc.pid),
+                            cgroups=tuple(c for c in snap.cgroups
+                                          if c.path.startswith(f"/{rel}")))
+        assert {t.tid for t in mine.threads} == {proc.pid, tid}
+        report = audit.audit(mine, lease_list, holders)
+        assert [(i.kind, i.pid, i.tid, str(i.cpus)) for i in report.intruders] == [
+            ("other-vm-thread", proc.pid, tid, "1")], report.intruders
+        assert report.exit_status() == 1
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.mark.libvirt

@@ -441,6 +441,11 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
             found = by_cpus[(cpus, owners)] = ctx.foreign(cpus, owners)
         return found
 
+    # Where each process's leader thread is: a thread alone in a holder's cgroup, its
+    # process elsewhere (another VM's vCPU thread written into the holder's tasks file),
+    # is not the holder's for being there (audit counted it so, and exited 0).
+    leader_cgroup = {t.pid: _norm(t.cgroup) for t in snapshot.threads if t.tid == t.pid}
+
     if leased:
         for t in snapshot.threads:
             if not (t.cpus & leased):
@@ -448,7 +453,11 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
             if t.kernel and len(t.cpus) == 1:
                 per_cpu += 1  # a per-CPU kernel thread: part of the CPU itself
                 continue
-            owners, in_vm_cgroup = cgroup_facts(_norm(t.cgroup))
+            path = _norm(t.cgroup)
+            owners, in_vm_cgroup = cgroup_facts(path)
+            lead = leader_cgroup.get(t.pid, path)
+            if owners and lead != path:
+                owners = owners & cgroup_facts(lead)[0]
             by_pid = owner_of_process(t.pid) if not t.kernel else None
             if by_pid is not None:
                 owners = owners | {by_pid}
