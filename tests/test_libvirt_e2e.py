@@ -805,6 +805,46 @@ def test_a_forced_release_of_a_running_domain_puts_the_layout_back_when_it_stops
         assert ledger.holders() == () and ledger.host_record() is None
 
 
+def test_a_cpu_a_forced_release_left_running_is_taken_for_every_plan(
+        hooked: env.Pinwarden, domains: env.Domains) -> None:
+    """After 'pinwarden release --force' of running exclusive A, CPU 1 stays A's (its group
+    keeps it).  Status and refusals of exclusive starts said so, but the shared side did
+    not (lifecycle hunt): an unpinned shared start was planned onto CPU 1 and failed in
+    libvirt ('Permission denied'), a shared domain pinned onto it was let through to the
+    same failure, every sync tried to give it to the shared domains, and when A stopped
+    they did not get it back.  Now every plan keeps off it; A's stop gives it back."""
+    a, s, n, p = "pwtest-e2e-fk", "pwtest-e2e-fks", "pwtest-e2e-fkn", "pwtest-e2e-fkp"
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    domains.define(s)
+    domains.define(n)
+    domains.define(p, vcpupins={0: "1"})
+
+    def cpus_of(name: str) -> set[int]:
+        return set().union(*env.thread_affinities(name).values())
+
+    hooked.run("start", a, "--no-daemon", check=True)
+    _virsh_ok(("start", s))
+    assert cpus_of(s) == {0}, cpus_of(s)  # off A's CPU
+    hooked.run("release", a, "--force", check=True)
+    started = hooked.run("start", n, "--no-daemon")
+    assert started.returncode == 0, started.stderr
+    assert cpus_of(n) == {0}, cpus_of(n)
+    refused = virsh("start", p)
+    assert refused.returncode != 0 and virsh("domstate", p).stdout.strip() == "shut off"
+    assert f"CPU 1 for <vcpupin vcpu='0' cpuset='1'> of domain '{p}' is kept by qemu " \
+        f"domain '{a}'" in refused.stderr and f"(pinwarden stop {a})" in refused.stderr, \
+        refused.stderr
+    synced = hooked.run("sync")
+    assert synced.returncode == 0 and "re-pin" not in synced.stderr, synced.stderr
+    assert cpus_of(s) == {0} and cpus_of(n) == {0}
+    _virsh_ok(("destroy", a))
+    _wait(f"{s} and {n} to get CPU 1 back", lambda: cpus_of(s) == {1} and cpus_of(n) == {1})
+    _wait("the give-back to end", lambda: not _give_backs_of(hooked))
+    with Ledger(hooked.state) as ledger:
+        assert ledger.holders() == () and ledger.host_record() is None
+        assert not [k for k in ledger.changes() if k.startswith(("kept:", "repin:"))]
+
+
 def test_a_shared_domain_left_in_its_exclusive_partition_is_refused_saying_why(
         hooked: env.Pinwarden, domains: env.Domains) -> None:
     """An exclusive domain made shared by removing only pinwarden's metadata keeps the

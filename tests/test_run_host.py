@@ -487,9 +487,10 @@ def test_a_group_kept_after_a_forced_release_keeps_new_plans_off_its_cpus(
             with pytest.raises(Refusal) as info:
                 manager.reserve_request(JobSpec("pwtest-next", cpus=CpuSet.of([1])))
             assert info.value.code == "conflict"
-            assert "is leased exclusively to job 'pwtest-forced' (kept)" in \
-                info.value.message and f"(kill {child.pid}: " in info.value.message, \
-                info.value.message
+            assert "CPU 1 for --cpus 1 of job 'pwtest-next' is kept by job " \
+                "'pwtest-forced', whose leases were released with --force while it runs " \
+                f"there: choose other CPUs or stop it first (kill {child.pid})" in \
+                info.value.message, info.value.message
             assert manager.holders() == ()
     finally:
         child.kill()

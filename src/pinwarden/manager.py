@@ -357,20 +357,24 @@ class Manager:
         return tuple(sorted(p for p in found if p is not None
                             and procs.start_time(p) is not None))
 
-    def leases(self, *, dead: bool = False,
+    def leases(self, *, dead: bool = False, kept: bool = False,
                owners: OwnersGone | None = None) -> tuple[Lease, ...]:
         """Every lease whose holder lives (dead owners' leases are already free).
         ``dead``: those too — free to decide on, but their CPUs stay out of the shared
-        group until a release or sync frees them.  ``owners``: the caller's reading of
-        :meth:`owners_gone`, not read again."""
+        group until a release or sync frees them.  ``kept``: and the CPUs a forced
+        release left to processes that run on (:meth:`kept_leases`): what every plan
+        keeps off — a shared domain planned onto one failed in libvirt ('Permission
+        denied'), a pin onto one was let through, a give-back handed one out (hunt).
+        ``owners``: the caller's reading of :meth:`owners_gone`, not read again."""
         reader = self.reader()
         if reader is None:
             return ()
+        extra = self._kept_leases(reader) if kept else ()
         if dead:
-            return tuple(reader.leases())
+            return (*reader.leases(), *extra)
         gone = (owners or self.owners_gone()).dead_keys()
-        return tuple(lease for lease in reader.leases()
-                     if (lease.holder.driver, lease.holder.key) not in gone)
+        return (*(lease for lease in reader.leases()
+                  if (lease.holder.driver, lease.holder.key) not in gone), *extra)
 
     def live_holders(self, owners: OwnersGone | None = None) -> tuple[HolderRecord, ...]:
         """The holders whose owner lives, or whose group's processes took the lease on."""
@@ -411,7 +415,8 @@ class Manager:
         nothing leased (whether this host could ever run it)."""
         from pinwarden.policy import decide
 
-        return decide(request, self.host(), () if unleased else self.leases(), holder=holder)
+        return decide(request, self.host(), () if unleased else self.leases(kept=True),
+                      holder=holder)
 
     def preview(self, holder: HolderRef, decide: Decide) -> Preview:
         """What :meth:`reserve` would do (``--dry-run``): the plan, and the cgroup writes
@@ -425,7 +430,8 @@ class Manager:
         leases = reader.leases() if reader is not None else ()
         record = reader.host_record() if reader is not None else None
         host = self._load_host(record.found if record else None)
-        plan = decide(host, leases)
+        # (as the reserve decides: off the CPUs a forced release left running)
+        plan = decide(host, (*leases, *(self._kept_leases(reader) if reader else ())))
         mine = (holder.driver, holder.key)
         others = tuple(le for le in leases if (le.holder.driver, le.holder.key) != mine)
         new = (*others, *(Lease(cpu, holder, role, 0.0) for cpu, role in plan.leases.items()))

@@ -267,6 +267,12 @@ def _conflict(ctx: _Ctx, label: str, cpus: CpuSet, *, advice: str = "") -> None:
     cpu = taken.first()
     lease = ctx.others[cpu]
     more = f" (and {plural(len(taken) - 1, 'more leased CPU')})" if len(taken) > 1 else ""
+    if lease.role == KEPT_ROLE:  # no lease to release: it runs on there
+        raise Refusal(
+            f"CPU {cpu}{more} for {label} of {ctx.who} is kept by {lease.holder}, whose "
+            f"leases were released with --force while it runs there: choose other "
+            f"CPUs{advice} or stop it first ({stop_command(lease.holder, lease.owner_pid)})",
+            code="conflict")
     free = (f"stop it first ({stop_command(lease.holder, lease.owner_pid)}: its leases go "
             "with it)" if lease.owner_pid is not None
             else f"release it first ({release_command(lease.holder)})")

@@ -597,7 +597,7 @@ def _restore(manager: Manager, driver: str, name: str, spec: DomainSpec,
     uuid = spec.uuid or ""
     recorded = {k: v for k, v in manager.change_records(NARROWED_PREFIX).items()
                 if uuid and k.startswith(narrowed_key(uuid, ""))}
-    leased = CpuSet.of(lease.cpu for lease in manager.leases())
+    leased = CpuSet.of(lease.cpu for lease in manager.leases(kept=True))
     if not leased and not recorded:
         return None
     done = restored(spec, name, uuid, leased, shared_pool(manager.host(), leased)[0],
@@ -775,7 +775,7 @@ def admit_shared(manager: Manager, spec: DomainSpec, holder: HolderRef) -> None:
         with contextlib.suppress(PinwardenError):
             manager.reap()
     host = manager.host()
-    leases = manager.leases(dead=True)
+    leases = manager.leases(dead=True, kept=True)
     from pinwarden.policy import decide
 
     plan = decide(spec, host, leases, holder=holder)
@@ -825,19 +825,26 @@ def _release(manager: Manager, driver: str, name: str, spec: DomainSpec,
     if record is None and spec.exclusive and reader.host_record() is not None:
         # released while it ran ('pinwarden release --force'): its holder group was kept,
         # and the shared group narrowed with it, while its tasks were there; now they are
-        # gone, so the layout goes back (before, it stayed until somebody's sync)
+        # gone, so the layout goes back (before, it stayed until somebody's sync), and so
+        # do the shared domains' CPUs (they stayed off them until the next release: hunt)
         manager.sync()
+        _after_release(manager, holder, after_release)
         return
     if record is None or record.owner_pid is None:
         return
     alive = procs.alive(record.owner_pid, record.owner_start)
     if not alive or record.owner_pid == _caller(who):
         manager.drop(holder)
-        if after_release is not None:
-            from pinwarden.narrowed import NARROWED_PREFIX
+        _after_release(manager, holder, after_release)
 
-            if manager.change_records(NARROWED_PREFIX):
-                after_release(holder)
+
+def _after_release(manager: Manager, holder: HolderRef,
+                   after_release: AfterRelease | None) -> None:
+    """``after_release(holder)`` if narrowed pins wait for the CPUs ``holder`` had."""
+    from pinwarden.narrowed import NARROWED_PREFIX
+
+    if after_release is not None and manager.change_records(NARROWED_PREFIX):
+        after_release(holder)
 
 
 def main_run(manager: Manager, driver: str, argv: Sequence[str], stdin: str, *,

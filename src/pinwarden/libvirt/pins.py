@@ -184,7 +184,7 @@ def _leased(manager: Manager, resets: bool) -> CpuSet:
     frees them writes it, and that write's reset would undo a give-back made before it.
     (The release's own give-back comes after its write: the hook's, the daemon's, or
     ``pinwarden stop``'s.)"""
-    return CpuSet.of(lease.cpu for lease in manager.leases(dead=resets))
+    return CpuSet.of(lease.cpu for lease in manager.leases(dead=resets, kept=True))
 
 
 def _affinity(tid: int) -> CpuSet | None:

@@ -83,7 +83,7 @@ def default_cpus(manager: Manager, driver: str, name: str,
     pid = running_pid(driver, name)
     if pid is None:
         return None
-    host, leases = manager.host(), manager.leases()
+    host, leases = manager.host(), manager.leases(kept=True)
     plan = decide(spec, host, leases, holder=domain_holder(driver, name, spec.uuid))
     if not plan.default_cpus:
         return None

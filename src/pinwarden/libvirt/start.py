@@ -241,7 +241,7 @@ def _start_shared(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSp
             # (its give-back already ran) left the domain narrowed for good (hunt)
             with pins.locked(manager):
                 pins.note_moves(manager, narrower)
-            if not manager.leases():
+            if not manager.leases(kept=True):
                 pins.give_back(manager, conn)
     return Started(holder.name, holder.uuid or "", plan, pid, kernel.domain_cgroup(pid),
                    notes=plan.notes)
