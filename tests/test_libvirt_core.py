@@ -2358,3 +2358,39 @@ def test_without_libvirt_a_failing_sync_is_tried_again_after_the_pause_too(
                                  daemon.FAILING_PAUSE + 1.0)
     assert len(syncs) == 1, syncs
     assert syncs[0] - began >= daemon.FAILING_PAUSE * 0.9, (syncs, began)
+
+
+def test_libvirt_failing_between_two_calls_is_an_error_not_a_bug(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """libvirtd gone between the lookup and the next call of 'pinwarden start' raised a
+    libvirtError no call site put words to: 'internal error … (a bug)', exit 70 (seen for
+    real when libvirtd was killed mid-start, lifecycle hunt).  It is libvirt's failure: one
+    line, exit 1, nothing recorded."""
+    import libvirt
+
+    from pinwarden.cli import EXIT_ERROR, main
+    from pinwarden.libvirt import start as start_mod
+
+    class Gone:
+        def isActive(self) -> bool:
+            raise libvirt.libvirtError("Cannot write data: Broken pipe")
+
+    class Conn:
+        def close(self) -> None:
+            pass
+
+        def getURI(self) -> str:
+            return "qemu:///system"
+
+    monkeypatch.setattr(start_mod.lv, "open_connection", lambda uri: Conn())
+    monkeypatch.setattr(start_mod.lv, "lookup", lambda conn, name: Gone())
+    config = tmp_path / "pw.toml"
+    config.write_text('[partition]\nmode = "none"\n')
+    rc = main(["start", "--no-daemon", "pwtest-gone", "--state-dir", str(tmp_path / "state"),
+               "--config", str(config)])
+    err = capsys.readouterr().err
+    assert rc == EXIT_ERROR, err
+    assert err == "pinwarden: error: libvirt failed: Cannot write data: Broken pipe (is " \
+        "libvirtd running? try again once it is)\n", err
+    assert not (tmp_path / "state" / "leases.db").exists()

@@ -241,7 +241,15 @@ def fail(args: argparse.Namespace | None, exc: PinwardenError) -> int:
 
 
 def internal_error(args: argparse.Namespace | None, exc: BaseException) -> int:
-    """The last resort: one line naming the exception, exit 70."""
+    """The last resort: one line naming the exception, exit 70.  A libvirt error no call
+    site put words to (libvirtd gone between two calls: "Cannot write data: Broken
+    pipe") is libvirt's failure, not pinwarden's: said as an error, exit 1 (hunt)."""
+    if type(exc).__name__ == "libvirtError" and type(exc).__module__ == "libvirt":
+        from pinwarden.errors import LibvirtError
+        from pinwarden.libvirt.connect import message_of
+
+        return fail(args, LibvirtError(f"libvirt failed: {message_of(exc)} (is libvirtd "
+                                       f"running? try again once it is)"))
     text = " ".join(str(exc).split())
     what = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     print(f"pinwarden: internal error: {what} (a bug: please report it; {DEBUG_ENV}=1 shows "
