@@ -233,6 +233,26 @@ def test_irqs() -> None:
     assert report.exit_status() == 0
 
 
+def test_noise_on_a_kept_cpu_is_a_warning_where_on_a_leased_one_it_is_an_error() -> None:
+    """A CPU a forced release left to its still-running domain is no lease: pinwarden put
+    the host's noise back there, so an IRQ or workqueue found there is no failure of
+    pinwarden's (audit called it an error, exit 1 — lifecycle hunt); on a leased CPU of a
+    host where pinwarden isolates noise it still is."""
+    from pinwarden.isolation import NoiseSnapshot
+    from pinwarden.model import KEPT_ROLE
+
+    snap = HostSnapshot(irqs=(IrqInfo(24, cs("0,3"), cs("3"), ("nvme0q1",)),
+                              IrqInfo(25, cs("0,4"), cs("4"), ("eth0",))),
+                        noise=NoiseSnapshot(online=cs("0-7"), workqueue=cs("0,3"),
+                                            default_affinity=cs("0,4")))
+    lease_list = [Lease(3, A, "vcpu0", 0.0), Lease(4, B, KEPT_ROLE, 0.0, 77)]
+    report = audit.audit(snap, lease_list, [record(A, cpus="3")], isolating=True)
+    found = {(i.kind, i.name, str(i.cpus), i.severity) for i in report.intruders}
+    assert found == {("irq", "nvme0q1", "3", "error"), ("irq", "eth0", "4", "warning"),
+                     ("workqueue", "unbound workqueues", "3", "error"),
+                     ("workqueue", "new IRQs (default affinity)", "4", "warning")}, found
+
+
 def test_vm_cgroups() -> None:
     snap = HostSnapshot(cgroups=(
         CgroupInfo("/", cs("0-7"), cs("0-7"), True),                       # host root: no

@@ -92,7 +92,7 @@ from pinwarden.enforce.layout import holder_component, holder_group_name, is_hol
 from pinwarden.errors import HostError
 from pinwarden.isolation import Finding, IrqInfo, NoiseSnapshot
 from pinwarden.ledger import HolderRecord
-from pinwarden.model import SIBLING_HOLD, HolderRef, Lease
+from pinwarden.model import KEPT_ROLE, SIBLING_HOLD, HolderRef, Lease
 from pinwarden.mounts import read_mounts
 from pinwarden.procs import parse_stat
 from pinwarden.record import field, record, replace
@@ -505,12 +505,16 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
                         kind="vm-cgroup-pin", cpus=named, holders=victims,
                         name=path.rsplit("/", 1)[-1], cgroup=g.path))
 
+        # CPUs a forced release left to a domain that runs on: no lease, so pinwarden
+        # put host noise back there — found there, it is a warning, not its own failure
+        isolated = leased - CpuSet.of(x.cpu for x in lease_list if x.role == KEPT_ROLE)
         for irq in snapshot.irqs:
             if not irq.actions:
                 continue  # no handler: never fires
             cpus, victims = foreign(irq.affinity, frozenset())
             if cpus:
-                movable = isolating and irq.key not in refused and irq.writable is not False
+                movable = isolating and bool(cpus & isolated) and irq.key not in refused \
+                    and irq.writable is not False
                 intruders.append(Intruder(kind="irq", cpus=cpus, holders=victims,
                                           name=",".join(irq.actions), irq=irq.irq,
                                           moved_by_pinwarden=movable))
@@ -523,7 +527,8 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
             cpus, victims = foreign(mask, frozenset())
             if cpus:
                 intruders.append(Intruder(kind="workqueue", cpus=cpus, holders=victims,
-                                          name=name, moved_by_pinwarden=isolating))
+                                          name=name,
+                                          moved_by_pinwarden=isolating and bool(cpus & isolated)))
 
     isolcpus = snapshot.noise.isolated if snapshot.noise is not None else EMPTY
     if isolcpus - leased:  # host threads given isolcpus= CPUs back (by a cpuset change)
