@@ -215,9 +215,9 @@ def _start_shared(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSp
             runs = _runs_anyway(holder)
             if runs is not None:
                 raise LibvirtError(
-                    f"{exc.message}; but domain {holder.name!r} runs (process {runs}: "
-                    f"started by another call, or by libvirtd after it lost this one)",
-                    code=exc.code) from None
+                    f"{exc.message}; but domain {holder.name!r} was running when it did "
+                    f"(process {runs}: started by another call, or by libvirtd after it "
+                    f"lost this one; {_still_runs(holder)})", code=exc.code) from None
             if attempt == SHARED_ATTEMPTS or manager.plan(spec, holder=holder) == plan:
                 raise  # (the leases did not change: the failure is the domain's own)
     try:
@@ -311,9 +311,10 @@ def _start_exclusive(manager: Manager, conn: Any, holder: HolderRef, spec: Domai
         if kept is None:
             raise
         raise LibvirtError(
-            f"{exc.message}; but domain {holder.name!r} runs (process {kept}: started by "
-            f"another call, or by libvirtd after it lost this one) and keeps its lease "
-            f"('pinwarden status' shows it)", code=exc.code) from None
+            f"{exc.message}; but domain {holder.name!r} was running when it did (process "
+            f"{kept}: started by another call, or by libvirtd after it lost this one), and "
+            f"keeps its lease while it runs ({_still_runs(holder)}, and 'pinwarden status' "
+            f"its lease)", code=exc.code) from None
     except BaseException:
         _rollback(manager, conn, holder, started, done, replaced)
         raise
@@ -353,6 +354,13 @@ def _rollback(manager: Manager, conn: Any, holder: HolderRef, started: bool,
         with contextlib.suppress(PinwardenError):
             pins.unnote(manager, replaced)
     return None
+
+
+def _still_runs(holder: HolderRef) -> str:
+    """How to tell whether a domain whose failed start left it running still runs: a
+    libvirtd that restarted meanwhile may also end it (lifecycle hunt: pinwarden said it
+    ran and kept its lease, and it had neither)."""
+    return f"'{command_line('virsh domstate', holder.name)}' shows whether it still does"
 
 
 def _runs_anyway(holder: HolderRef) -> int | None:
