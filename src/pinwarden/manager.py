@@ -824,7 +824,9 @@ class Manager:
             # VMs run below: recorded so, the second release left AllowedCPUs=0-3)
             ledger.record_changes({key: self._shared_original(backend, names.shared)})
         if leases:  # before the layout: an escaped cgroup invalidates holder partitions
-            self._close_escapes(ledger, host, leases, backend, names)
+            wrote = self._close_escapes(ledger, host, leases, backend, names)
+            if wrote is not None and seen is not None:
+                seen = wrote  # pinwarden's own write is no edit (v2 lab: it was taken)
         changes = ledger.changes()
         restore: CpuSet | None = None
         drop = False
@@ -930,14 +932,15 @@ class Manager:
             if mount is not None else None
 
     def _close_escapes(self, ledger: Ledger, host: Host, leases: tuple[Lease, ...],
-                       backend: CgroupBackend, names: LayoutNames) -> None:
+                       backend: CgroupBackend, names: LayoutNames) -> CpuSet | None:
         """cgroup v2: a cgroup beside a holder partition that names leased CPUs in its
         ``cpuset.cpus`` takes them, and the kernel invalidates the partition (Linux 6.1 to
         6.12+, DEVELOPERS.md "Escapes from partitions").  Narrow every such cgroup to its
         CPUs minus the leased ones (recording what it had, to put back when the leases
-        end) and switch the holder partitions back on."""
+        end) and switch the holder partitions back on.  Returns the CPUs written to the
+        shared group, if it was one of them (None: not written)."""
         if backend.kind not in ("v2", "systemd"):
-            return  # cgroup v1 refuses such a write (cpu_exclusive): nothing escapes
+            return None  # cgroup v1 refuses such a write (cpu_exclusive): nothing escapes
         from pinwarden.enforce import watch
         from pinwarden.enforce.backend import kernel_path, parent_of
         from pinwarden.enforce.layout import holder_group_path
@@ -947,7 +950,7 @@ class Manager:
 
         mount = read_mounts(self.root).v2
         if mount is None:
-            return
+            return None
         groups = {kernel_path(backend, holder_group_path(names, lease.holder))
                   for lease in leases}
         parents = sorted({"", *(parent_of(g) or "" for g in groups)})
@@ -956,7 +959,7 @@ class Manager:
         pool = shared_pool(host, leased)[0]
         plan = plan_narrowing(views, leased, groups, pool)
         if not plan.ops:
-            return
+            return None
         before = {view.path: view for view in views}
         units = backend.kind == "systemd"
         ledger.record_changes({
@@ -970,12 +973,17 @@ class Manager:
         # the CPU (it was in the shared pool until now), and the layout narrows it next.
         # Only a foreign cgroup is worth a warning.
         shared = kernel_path(backend, names.shared)
+        wrote: CpuSet | None = None
         for op in plan.ops:
             if units and isinstance(op, SetCpus) and _is_unit(op.path):
                 with contextlib.suppress(Exception):  # reported by the verify that follows
                     backend.set_cpus(op.path, op.cpus)
+                    if op.path == shared:
+                        wrote = op.cpus
             else:
                 done = watch.apply_narrowing(mount, [op])
+                if isinstance(op, SetCpus) and op.path == shared and done and done[0].ok:
+                    wrote = op.cpus
                 if isinstance(op, Revalidate) and done and done[0].ok and not done[0].skipped:
                     self.warn(f"holder partition /{op.path} was invalid (a cgroup beside it "
                               f"had taken its CPUs; the kernel does not check it again by "
@@ -989,6 +997,7 @@ class Manager:
                           f"in its cpuset.cpus ({was.to_list()}), {kernel}: narrowed to "
                           f"{op.cpus.to_list() or '(none)'}; it gets {was.to_list()} back "
                           f"when the last lease goes")
+        return wrote
 
     def _restore_cgroups(self, ledger: Ledger, backend: CgroupBackend,
                          changes: dict[str, str]) -> None:
