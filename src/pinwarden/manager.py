@@ -54,7 +54,7 @@ from pinwarden.record import record, replace
 if TYPE_CHECKING:
     from pinwarden import isolation, noise
     from pinwarden.enforce.apply import Result
-    from pinwarden.enforce.backend import CgroupBackend, GroupState, Snapshot
+    from pinwarden.enforce.backend import CgroupBackend, Snapshot
     from pinwarden.enforce.layout import LayoutNames, Targets
     from pinwarden.noise import Outcome
     from pinwarden.policy import Request
@@ -864,7 +864,7 @@ class Manager:
                 # first lease recorded no write of pinwarden's yet, a failed sync forgot it)
                 value = ledger.changes().get(key)
                 if value is not None:
-                    self._note_written(ledger, key, value, replace(state, cpus=seen))
+                    self._note_written(ledger, key, value, seen)
                 raise _EditedMeanwhile
             below = names.shared + "/"
             found: dict[str, str] = {}
@@ -899,7 +899,9 @@ class Manager:
         ledger.forget_changes([k for k in changes if k.startswith(KEPT_PREFIX)
                                and k.removeprefix(KEPT_PREFIX) not in still])
         if (leases or kept) and shared_record is not None:
-            self._note_written(ledger, key, shared_record, result.after.get(names.shared))
+            after = result.after.get(names.shared)
+            self._note_written(ledger, key, shared_record,
+                               after.cpus if after is not None else None)
         if not leases and not kept:
             if key in changes:
                 self._put_flags_back(backend, names.shared, changes[key])
@@ -1307,10 +1309,10 @@ class Manager:
             return None
 
     @staticmethod
-    def _note_written(ledger: Ledger, key: str, value: str, after: GroupState | None) -> None:
+    def _note_written(ledger: Ledger, key: str, value: str, cpus: CpuSet | None) -> None:
         """Keep, in the shared group's change record (``key``, now ``value``), the CPUs
-        pinwarden left the group with (``after``, as read back) — how the next sync tells
-        somebody else's edit (:meth:`_take_edit`); ``after`` None: a sync failed, and they
+        pinwarden left the group with (``cpus``, as read back) — how the next sync tells
+        somebody else's edit (:meth:`_take_edit`); ``cpus`` None: a sync failed, and they
         are not known."""
         try:
             data = json.loads(value)
@@ -1318,7 +1320,7 @@ class Manager:
             return
         if not isinstance(data, dict):
             return
-        written = after.cpus.to_list() if after is not None else None
+        written = cpus.to_list() if cpus is not None else None
         if data.get("set") != written:
             if written is None:
                 del data["set"]
