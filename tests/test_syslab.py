@@ -1213,5 +1213,8 @@ def test_the_daemon_unit_leaves_a_libvirtd_the_operator_turned_off_alone(
     for step in ("stop", "reload", "start", "restart"):
         rc0(s[step])
     assert s["pinwarden"]["ActiveState"] == "active", s  # waiting for libvirt
-    assert s["libvirtd"]["ActiveState"] == "inactive", s
+    # off as the operator left it: a libvirtd whose last run ended badly is "failed", not
+    # "inactive" (seen once on trixie), and is still off unless something started it again
+    assert s["stopped"]["ActiveState"] in ("inactive", "failed"), s
+    assert s["libvirtd"] == s["stopped"], s
     assert s["libvirt_back"]["up"], s  # the checks after this one need it
