@@ -253,6 +253,41 @@ def test_noise_on_a_kept_cpu_is_a_warning_where_on_a_leased_one_it_is_an_error()
                      ("workqueue", "new IRQs (default affinity)", "4", "warning")}, found
 
 
+def test_a_cgroup_v1_holder_group_whose_cpu_exclusive_was_turned_off_is_an_error() -> None:
+    """cgroup v1: with ``cpu_exclusive`` 0 the kernel no longer keeps the holder's siblings
+    off its CPUs (the next write of the VM partition's cpuset.cpus may take them) and the
+    group may be widened onto shared CPUs; nothing ran there yet, so audit exited 0
+    (lifecycle hunt F8).  An exclusive holder group, a group kept by a forced release, a
+    stale group and a group that is not a holder's are not reported so."""
+    from pinwarden.model import KEPT_ROLE
+
+    a_group = "/pinwarden-vm-vm-a.partition"
+    snap = HostSnapshot(cgroups=(
+        CgroupInfo("/", cs("0-7"), cs("0-7"), True, exclusive=True),
+        CgroupInfo("/machine", cs("0-2,6-7"), cs("0-2,6-7"), False, exclusive=False),
+        CgroupInfo(a_group, cs("2-3"), cs("2-3"), True, exclusive=False),  # widened, too
+        CgroupInfo("/pinwarden-vm-web.partition", cs("4"), cs("4"), True, exclusive=False),
+        CgroupInfo("/pinwarden-vm-gone.partition", cs("6"), cs("6"), False, exclusive=False),
+        CgroupInfo("/pinwarden-job-j.partition", cs("5"), cs("5"), True, exclusive=True),
+    ), cgroup_version=1)
+    holders = [record(A, cgroup=a_group.strip("/"), cpus="3"),
+               record(J, cgroup="pinwarden-job-j.partition", cpus="5")]
+    lease_list = [Lease(3, A, "vcpu0", 0.0), Lease(5, J, "vcpu0", 0.0),
+                  Lease(4, B, KEPT_ROLE, 0.0, 77)]
+    report = audit.audit(snap, lease_list, holders)
+    assert [(i.kind, i.cgroup, str(i.cpus), i.holders, i.owner, i.severity)
+            for i in report.intruders] == [
+        ("not-exclusive", a_group, "3", (A,), A, "error"),
+        ("stale-holder-group", "/pinwarden-vm-gone.partition", "6", (), None, "warning")]
+    assert report.exit_status() == 1
+    text = render(report)
+    assert "not-exclusive" in text and "'pinwarden sync' turns it on again" in text, text
+    fixed = replace(snap, cgroups=tuple(replace(g, exclusive=True, cpus=cs("3"))
+                                        if g.path == a_group else g for g in snap.cgroups))
+    assert [i.kind for i in audit.audit(fixed, lease_list, holders).intruders] == [
+        "stale-holder-group"]
+
+
 def test_vm_cgroups() -> None:
     snap = HostSnapshot(cgroups=(
         CgroupInfo("/", cs("0-7"), cs("0-7"), True),                       # host root: no

@@ -366,6 +366,46 @@ def test_a_holder_group_an_interrupted_release_left_is_reported_and_synced_away(
     assert pw.run("audit", "--strict").returncode == 0
 
 
+def test_a_holder_group_made_not_exclusive_and_widened_is_reported_and_synced_back(
+        pw: Pinwarden) -> None:
+    """Somebody turns the holder group's ``cpu_exclusive`` off and widens it onto the host's
+    CPU: nothing runs on the leased CPU yet, so audit exited 0 and status said nothing,
+    while the kernel no longer kept ``machine`` off it (lifecycle hunt F8).  Now audit
+    fails naming the group, status says so, and ``sync`` puts both back."""
+    from pinwarden.config import load_config
+    from pinwarden.manager import Manager
+    from pinwarden.policy import JobSpec
+
+    group = CPUSET / pw.holder_group("pwtest-noexcl", "run")
+    with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
+        manager.reserve_request(JobSpec("pwtest-noexcl", count=1), owner_pid=os.getpid())
+    try:
+        assert (group / "cpuset.cpu_exclusive").read_text().strip() == "1"
+        assert (group / "cpuset.cpus").read_text().strip() == "1"
+        assert pw.run("audit").returncode == 0
+        (group / "cpuset.cpu_exclusive").write_text("0")
+        (group / "cpuset.cpus").write_text("0-1")
+        audit = pw.run("audit", "--json")
+        assert audit.returncode == 1, audit
+        found = [(i["kind"], i["cgroup"], i["cpus"], i["severity"])
+                 for i in json.loads(audit.stdout)["intruders"] if i["severity"] == "error"]
+        assert found == [("not-exclusive", f"/{group.relative_to(CPUSET)}", "1", "error")]
+        status = pw.run("status", check=True).stdout
+        assert "NOT EXCLUSIVE" in status and "'pinwarden sync' turns it on again" in status, \
+            status
+        leases = json.loads(pw.run("status", "--json", check=True).stdout)["leases"]
+        assert [x["partition_invalid"] for x in leases] == ["cpu_exclusive 0"], leases
+        pw.run("sync", check=True)
+        assert (group / "cpuset.cpu_exclusive").read_text().strip() == "1"
+        assert (group / "cpuset.cpus").read_text().strip() == "1"
+        assert pw.run("audit").returncode == 0
+        assert "NOT EXCLUSIVE" not in pw.run("status", check=True).stdout
+    finally:
+        with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
+            manager.release("pwtest-noexcl")
+    assert not group.exists()
+
+
 def test_sync_counts_the_changes_freeing_a_dead_job_made(pw: Pinwarden) -> None:
     """A job killed with SIGKILL (no release): 'pinwarden sync' freed it and shrank the
     layout, then said "cgroup layout in place (0 changes)" — it counted only a second sync

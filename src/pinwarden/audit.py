@@ -62,6 +62,13 @@ Kinds of intruders:
     holder's CPUs to itself, and its parent may run anything there again.  A sibling that
     wrote leased CPUs into its ``cpuset.cpus`` makes it so, and the kernel does not make
     it valid again when the sibling lets go (``pinwarden sync`` does).
+``not-exclusive`` (error)
+    on cgroup v1, a holder's group whose ``cpuset.cpu_exclusive`` reads 0: the kernel no
+    longer keeps its siblings off the holder's CPUs, so the next write of a sibling's
+    ``cpuset.cpus`` (the VM partition's, a new cgroup's) may take them — nothing may run
+    there yet, but nothing enforces the lease (and the group may have been widened onto
+    shared CPUs).  ``pinwarden sync`` turns it on again.  A group kept by a forced release
+    is not pinwarden's to check.
 
 What cannot move at run time (refused IRQs, the tick, RCU callbacks, per-CPU kernel threads)
 is listed apart with the boot parameter that would fix it
@@ -98,17 +105,18 @@ from pinwarden.procs import parse_stat
 from pinwarden.record import field, record, replace
 
 Kind = Literal["other-vm-thread", "vm-cgroup", "escaped-task", "host-task", "irq",
-               "workqueue", "invalid-partition", "stale-holder-group", "vm-cgroup-pin",
-               "isolcpus-host-task"]
+               "workqueue", "invalid-partition", "not-exclusive", "stale-holder-group",
+               "vm-cgroup-pin", "isolcpus-host-task"]
 Severity = Literal["error", "warning"]
 SEVERITY: Mapping[Kind, Severity] = {
     "other-vm-thread": "error", "vm-cgroup": "error", "escaped-task": "error",
     "host-task": "warning", "irq": "warning", "workqueue": "warning",
-    "invalid-partition": "error", "stale-holder-group": "warning",
+    "invalid-partition": "error", "not-exclusive": "error", "stale-holder-group": "warning",
     "vm-cgroup-pin": "warning", "isolcpus-host-task": "warning",
 }
 #: Order of kinds in reports: errors first.
-KIND_ORDER: tuple[Kind, ...] = ("invalid-partition", "other-vm-thread", "vm-cgroup",
+KIND_ORDER: tuple[Kind, ...] = ("invalid-partition", "not-exclusive", "other-vm-thread",
+                                "vm-cgroup",
                                 "escaped-task", "irq", "workqueue", "host-task",
                                 "vm-cgroup-pin", "stale-holder-group", "isolcpus-host-task")
 
@@ -141,6 +149,8 @@ class CgroupInfo:
     #: v2: ``cpuset.cpus.partition`` as the kernel reads it (``member``, ``isolated``,
     #: ``isolated invalid (…)``); None where there is none (v1, the root)
     partition: str | None = None
+    #: v1: ``cpuset.cpu_exclusive`` reads 1; None where there is no such file (v2)
+    exclusive: bool | None = None
 
 
 @record
@@ -398,6 +408,7 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
         holders=refs,
     )
     leased = CpuSet(frozenset(lease_of))
+    kept = CpuSet.of(x.cpu for x in lease_list if x.role == KEPT_ROLE)
     intruders: list[Intruder] = []
     per_cpu = 0
 
@@ -490,6 +501,14 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
                     name=path.rsplit("/", 1)[-1], cgroup=g.path,
                     owner=min(owners, key=_ref_key) if owners else None))
                 continue
+            if g.exclusive is False and ctx.is_holder_group(path) and \
+                    (mine := CpuSet.of(c for c, h in lease_of.items()
+                                       if h in owners and c not in kept)):
+                intruders.append(Intruder(
+                    kind="not-exclusive", cpus=mine,
+                    holders=tuple(sorted(owners, key=_ref_key)),
+                    name=path.rsplit("/", 1)[-1], cgroup=g.path,
+                    owner=min(owners, key=_ref_key)))
             if not in_vm_cgroup or not (g.populated or ctx.is_partition(path)):
                 continue  # an empty intermediate group (qemu-N…/ above vcpuN/) runs nothing
             cpus, victims = foreign(g.effective if g.effective is not None else g.cpus, owners)
@@ -507,7 +526,7 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
 
         # CPUs a forced release left to a domain that runs on: no lease, so pinwarden
         # put host noise back there — found there, it is a warning, not its own failure
-        isolated = leased - CpuSet.of(x.cpu for x in lease_list if x.role == KEPT_ROLE)
+        isolated = leased - kept
         for irq in snapshot.irqs:
             if not irq.actions:
                 continue  # no handler: never fires
@@ -716,6 +735,7 @@ def scan_cgroups(mount: Path, *, v2: bool = False,
     cpus_name = f"{prefix}cpus"
     effective_name = "cpuset.cpus.effective" if v2 else f"{prefix}effective_cpus"
     partition_name = "cpuset.cpus.partition" if v2 else None
+    exclusive_name = None if v2 else f"{prefix}cpu_exclusive"
     tasks_name = "cgroup.threads" if v2 else "tasks"
     out: list[CgroupInfo] = []
     members: dict[int, str] = {}
@@ -730,6 +750,8 @@ def scan_cgroups(mount: Path, *, v2: bool = False,
         effective_text = _read(f"{dirpath}/{effective_name}")
         partition_text = _read(f"{dirpath}/{partition_name}") \
             if partition_name is not None and partition_name in files else None
+        exclusive_text = _read(f"{dirpath}/{exclusive_name}") \
+            if exclusive_name is not None and exclusive_name in files else None
         path = "/" + dirpath[len(base):].strip("/")
         tasks = _read_all(f"{dirpath}/{tasks_name}") or b""
         tids = tasks.split()
@@ -741,7 +763,8 @@ def scan_cgroups(mount: Path, *, v2: bool = False,
                 effective=None if effective_text is None else cpus_of(effective_text.strip()),
                 populated=bool(tids),
                 partition=None if partition_text is None
-                else partition_text.decode(errors="replace").strip()))
+                else partition_text.decode(errors="replace").strip(),
+                exclusive=None if exclusive_text is None else exclusive_text.strip() == b"1"))
         except CpuSetError:
             continue
     return out, members

@@ -147,6 +147,10 @@ HINTS = (
                           "cgroup took its CPUs, maybe given back since): 'pinwarden sync' "
                           "makes the partition valid again, and 'pinwarden daemon' does so "
                           "as soon as it happens"),
+    ("not-exclusive", "a holder's cgroup v1 group has cpu_exclusive 0 (somebody turned it "
+                      "off): the kernel no longer keeps other cgroups off its CPUs, and the "
+                      "next change of a sibling's cpuset.cpus may take them; 'pinwarden "
+                      "sync' turns it on again (and narrows the group if it was widened)"),
     ("vm-cgroup-pin", "a shared VM's thread cgroup names a leased CPU the kernel keeps it "
                       "off for now (a 'virsh vcpupin/emulatorpin --live' onto it that "
                       "libvirt refused after writing the cgroup): once the lease ends that "

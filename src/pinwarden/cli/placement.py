@@ -211,29 +211,40 @@ def run_reserve(args: argparse.Namespace) -> int:
 
 def invalid_partitions(root: Path, records: Sequence[HolderRecord]) -> dict[tuple[str, str],
                                                                            str]:
-    """Holders whose group the kernel marks an invalid partition (cgroup v2: a sibling took
-    its CPUs, and the kernel does not check it again when the sibling lets go), by
-    ``(driver, key)``: what ``cpuset.cpus.partition`` reads.  The CPUs are not exclusive
-    then, which the ledger cannot tell."""
+    """Holders whose group the kernel no longer keeps exclusive, by ``(driver, key)``: on
+    cgroup v2 an invalid partition (a sibling took its CPUs, and the kernel does not check
+    it again when the sibling lets go): what ``cpuset.cpus.partition`` reads; on cgroup v1
+    ``cpu_exclusive 0`` (somebody turned it off).  The ledger cannot tell either."""
     from pinwarden.mounts import read_mounts
 
     if not any(r.cgroup for r in records):
         return {}
     mounts = read_mounts(root)
-    if mounts.unified is None or not mounts.v2_has("cpuset"):
+    v1 = mounts.v1("cpuset")
+    if v1 is None and (mounts.unified is None or not mounts.v2_has("cpuset")):
         return {}
     out: dict[tuple[str, str], str] = {}
     for record in records:
         if not record.cgroup:
             continue
+        group = record.cgroup.strip("/")
         try:
-            text = (mounts.unified / record.cgroup.strip("/") /
-                    "cpuset.cpus.partition").read_text().strip()
+            if v1 is not None:
+                name = mounts.cpuset_file("cpu_exclusive")
+                if (v1 / group / name).read_text().strip() == "0":
+                    out[(record.ref.driver, record.ref.key)] = NOT_EXCLUSIVE
+                continue
+            assert mounts.unified is not None
+            text = (mounts.unified / group / "cpuset.cpus.partition").read_text().strip()
         except OSError:
             continue
         if " invalid" in text:
             out[(record.ref.driver, record.ref.key)] = text
     return out
+
+
+#: What :func:`invalid_partitions` says of a cgroup v1 holder group that is not exclusive.
+NOT_EXCLUSIVE = "cpu_exclusive 0"
 
 
 def holder_json(record: HolderRecord) -> dict[str, Any]:
@@ -397,7 +408,10 @@ def run_status(args: argparse.Namespace) -> int:
             fix = (f"the kernel makes it valid again once {off.named()} "
                    f"{'is' if len(off) == 1 else 'are'} online" if off else
                    "'pinwarden sync' makes it valid again")
-            warn += (f"; PARTITION INVALID (the kernel reads {reason!r}): its CPUs are not "
+            warn += ("; NOT EXCLUSIVE (its cpuset.cpu_exclusive reads 0, somebody turned "
+                     "it off): the kernel no longer keeps other cgroups off its CPUs; "
+                     "'pinwarden sync' turns it on again" if reason == NOT_EXCLUSIVE else
+                     f"; PARTITION INVALID (the kernel reads {reason!r}): its CPUs are not "
                      f"kept exclusive; {fix}")
         lines.append(f"  {record.ref}: {desc}; since {since}{owner}{warn}")
     if kept_by:
