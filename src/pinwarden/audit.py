@@ -116,8 +116,7 @@ SEVERITY: Mapping[Kind, Severity] = {
 }
 #: Order of kinds in reports: errors first.
 KIND_ORDER: tuple[Kind, ...] = ("invalid-partition", "not-exclusive", "other-vm-thread",
-                                "vm-cgroup",
-                                "escaped-task", "irq", "workqueue", "host-task",
+                                "vm-cgroup", "escaped-task", "irq", "workqueue", "host-task",
                                 "vm-cgroup-pin", "stale-holder-group", "isolcpus-host-task")
 
 #: cgroups (relative to the cpuset root) whose descendants are VMs.
