@@ -240,6 +240,11 @@ def test_every_config_field_is_a_setting() -> None:
     ('[partition]\ncgroup_v2 = "machine\\nx.slice"\n',
      "[partition] invalid cgroup path 'machine\\nx.slice': it holds a control"),
     ('[partition]\ncgroup = "a\\tb"\n', "invalid cgroup path 'a\\tb'"),
+    # a setting above every header: it was "unknown section [mode]" (input hunt)
+    ('mode = "none"\n[partition]\n', "setting mode is outside any section: put it under "
+                                     "[partition]"),
+    ('colour = 1\n', "setting colour is outside any section and no section has it"),
+    ('[colour]\nx = 1\n', "unknown section [colour]"),
 ])
 def test_bad_config_values_name_the_file_and_setting(tmp_path: Path, text: str,
                                                      needle: str) -> None:

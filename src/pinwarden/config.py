@@ -159,9 +159,16 @@ def parse_config(text: str, path: Path = DEFAULT_CONFIG) -> Config:
         for key in _table(data, section, path):
             if key not in keys:
                 raise InputError(f"{path}: unknown setting [{section}] {key}")
-    for section in data:
-        if section not in known:
+    for section, value in data.items():
+        if section in known:
+            continue
+        if isinstance(value, dict):
             raise InputError(f"{path}: unknown section [{section}]")
+        homes = [f"[{name}]" for name, keys in known.items() if section in keys]
+        raise InputError(f"{path}: setting {section} is outside any section"
+                         + (f": put it under {' or '.join(homes)}" if homes else
+                            f" and no section has it (sections: "
+                            f"{', '.join(f'[{name}]' for name in known)})"))
     mode = _str(part, "mode", "auto", path)
     if mode not in ("auto", "isolcpus", "cgroup", "none"):
         raise InputError(f"{path}: partition.mode must be auto, isolcpus, cgroup or none, "
