@@ -171,13 +171,24 @@ def test_a_host_reserve_of_every_cpu_is_refused(tmp_path: Path,
     assert err == f"pinwarden: error: {problem}\n" and out == ""
 
 
-def test_provenance_agrees_with_what_the_commands_use(tmp_path: Path) -> None:
-    """The table-driven resolution gives the values state_dir() and libvirt_uri() give."""
+def test_provenance_agrees_with_what_the_commands_use(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table-driven resolution gives the values state_dir() and libvirt_uri() give.  A
+    relative --state-dir or PINWARDEN_STATE_DIR is below the current directory, made
+    absolute: the hook script and the daemon use it from elsewhere (it was kept relative,
+    while a relative state_dir in the file is refused — input hunt)."""
     config = tmp_path / "pw.toml"
     config.write_text('[ledger]\nstate_dir = "/f"\n[libvirt]\nuri = "qemu+ssh://f/system"\n')
     loaded = load_config(config)
-    for env in ({}, {"PINWARDEN_STATE_DIR": "/e", "LIBVIRT_DEFAULT_URI": "qemu:///session"}):
-        for state_opt, uri_opt in ((None, None), ("/o", "test:///default")):
+    monkeypatch.chdir(tmp_path)
+    env_rel = {"PINWARDEN_STATE_DIR": "e"}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PINWARDEN_STATE_DIR", "e")
+        assert state_dir(Path("o"), loaded) == tmp_path / "o"
+        assert state_dir(None, loaded) == tmp_path / "e"
+    for env in ({}, {"PINWARDEN_STATE_DIR": "/e", "LIBVIRT_DEFAULT_URI": "qemu:///session"},
+                env_rel):
+        for state_opt, uri_opt in ((None, None), ("/o", "test:///default"), ("o", None)):
             result = provenance.resolve(config, {"--state-dir": state_opt,
                                                  "--connect": uri_opt}, env)
             with pytest.MonkeyPatch.context() as mp:

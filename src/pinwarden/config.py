@@ -230,8 +230,13 @@ def load_config(path: Path | None) -> Config:
 
 
 def state_dir(cli_value: Path | None, config: Config) -> Path:
-    """``--state-dir`` beats ``PINWARDEN_STATE_DIR`` beats the config file."""
-    return state_dir_from(cli_value, os.environ.get("PINWARDEN_STATE_DIR"), config)
+    """``--state-dir`` beats ``PINWARDEN_STATE_DIR`` beats the config file.  A relative
+    option or variable names a directory below the current one, made absolute here: the
+    hook script, the daemon and libvirt's hook calls use it from elsewhere (a relative
+    ``state_dir`` in the file is refused: it is relative to nothing)."""
+    env = os.environ.get("PINWARDEN_STATE_DIR")
+    return state_dir_from(None if cli_value is None else Path(os.path.abspath(cli_value)),
+                          os.path.abspath(env) if env else None, config)
 
 
 def state_dir_from(cli_value: Path | None, env: str | None, config: Config) -> Path:

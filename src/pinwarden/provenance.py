@@ -8,6 +8,7 @@ and :func:`pinwarden.config.libvirt_uri` apply for the commands.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -66,9 +67,10 @@ def _keys_in(path: Path) -> set[tuple[str, str]]:
 
 
 def _convert(default: Any, text: str) -> Any:
-    """An option's or variable's text as the type of the setting's default."""
+    """An option's or variable's text as the type of the setting's default (a path made
+    absolute, as :func:`pinwarden.config.state_dir` makes it)."""
     if isinstance(default, Path):
-        return Path(text)
+        return Path(os.path.abspath(text))
     if isinstance(default, CpuSet):
         return CpuSet.parse(text)
     return text

@@ -98,7 +98,8 @@ def request(form: dict[str, object]) -> dict[str, object]:
         "name": form["name"], "json": form["json"],
         "config": os.path.abspath(config) if isinstance(config, str) else None,
         "state_dir": os.path.abspath(state) if isinstance(state, str) else None,
-        "env_state_dir": os.environ.get("PINWARDEN_STATE_DIR") or None,
+        "env_state_dir": os.path.abspath(env) if (env := os.environ.get(
+            "PINWARDEN_STATE_DIR")) else None,
         "env_uri": os.environ.get("LIBVIRT_DEFAULT_URI") or None}}
 
 
