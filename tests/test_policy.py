@@ -190,6 +190,16 @@ def test_nothing_is_leased_where_the_vm_partition_leaves_the_host_no_cpu() -> No
     assert decide(spec(exclusive=True), host("cgroup", "1-7,9-15", threads=2), []).leases
 
 
+def test_an_isolcpus_list_of_every_online_cpu_is_refused_with_the_boot_fix() -> None:
+    """``isolcpus=`` naming every online CPU: the refusal told to give a cgroup the VM CPUs
+    or to set mode "auto" (the mode already in use), and said "the isolated CPUs … covers"
+    (input hunt).  It names the kernel's list and the command line that fixes it."""
+    every = host("isolcpus", "0-15", threads=2)
+    refused("no-housekeeping", "the isolated CPUs 0-15 (isolcpus=) cover every online CPU",
+            "boot with isolcpus= naming the VM CPUs only (isolcpus=1-7,9-15, keeping CPUs "
+            "0,8 for the host)", spec=spec(exclusive=True), host=every, leases=[])
+
+
 def test_shared_domain_may_not_pin_onto_leased_cpus() -> None:
     s = spec(vcpupins={0: C("8"), 1: C("9-10")})
     refused("conflict", "CPU 9", "qemu domain 'db'", "<vcpupin vcpu='1'",

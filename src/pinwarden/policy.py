@@ -134,12 +134,23 @@ def _housekeeping_left(ctx: _Ctx) -> None:
     the host's IRQs and unbound work onto the other CPUs (real-libvirt hunt)."""
     online = ctx.host.topology.online
     first = ctx.host.topology.siblings(online.first()) & online if online else EMPTY
+    rest, keep = (online - first).to_list() or "…", f"keeping {first.named()} for the host"
+    part = ctx.part
+    if part.mode == "isolcpus":  # the kernel's list: only the command line changes it
+        what = f"the isolated {part.vm_cpus.named()} (isolcpus=) cover"
+        fix = (f"boot with isolcpus= naming the VM CPUs only (isolcpus={rest}, {keep}), or "
+               f"set [partition] mode = \"none\" with a host_reserve")
+    elif part.mode == "cgroup":
+        what = f"the {ctx.where()} covers"
+        fix = (f"give {'cgroup ' + part.cgroup if part.cgroup else 'the VM partition'} the "
+               f"VM CPUs only (cpuset.cpus = {rest}, {keep}) or set [partition] mode = "
+               f"\"auto\"")
+    else:
+        what = f"the {ctx.where()} cover"
+        fix = f"set [partition] host_reserve = \"{first.to_list() or '0'}\""
     raise Refusal(
-        f"cannot lease CPUs to {ctx.who}: the {ctx.where()} covers every online CPU, "
-        f"which leaves the host no housekeeping CPU; give "
-        f"{'cgroup ' + ctx.part.cgroup if ctx.part.cgroup else 'the VM partition'} the VM "
-        f"CPUs only (cpuset.cpus = {(online - first).to_list() or '…'}, keeping "
-        f"{first.named()} for the host) or set [partition] mode = \"auto\"",
+        f"cannot lease CPUs to {ctx.who}: {what} every online CPU, which leaves the host "
+        f"no housekeeping CPU; {fix}",
         code="no-housekeeping")
 
 
