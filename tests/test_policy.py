@@ -413,9 +413,18 @@ def test_guest_numa_cells_are_placed_cell_by_cell_on_their_memory_nodes() -> Non
     full = decide(crossed, h, lease("4-7"))
     assert nodes_of(h, full.leased()) == C("1")
     assert any("guest NUMA cell 1" in n and "node 0 (<memnode>)" in n for n in full.notes)
-    # cells that leave a vCPU out (or overlap): the domain is placed as one, as before
-    partial = spec(vcpus=4, exclusive=True, guest_cells=cells("0-1", "2"))
-    assert decide(partial, h, taken) == split
+    # cells that leave a vCPU out, overlap or repeat an id: the domain is placed as one, as
+    # before, and says why (the README said "noted", and nothing was: input hunt)
+    for cell_list, why in ((cells("0-1", "2"), "vCPU 3 is in no cell"),
+                           (cells("0-2", "2-3"), "vCPU 2 is in cells 0, 1"),
+                           (cells("0-1", "2-4"), "cell 1 names vCPU 4 of 4"),
+                           ((GuestCell(0, C("0-1"), 1024), GuestCell(0, C("2-3"), 1024)),
+                            "cell id 0 is given twice")):
+        together = decide(spec(vcpus=4, exclusive=True, guest_cells=cell_list), h, taken)
+        assert replace(together, notes=split.notes) == split
+        assert [n for n in together.notes if n not in split.notes] == [
+            f"the guest NUMA cells of domain 'vm1' do not divide its 4 vCPUs between them "
+            f"({why}): its vCPUs were placed together"], together.notes
 
 
 def test_guest_cells_that_cannot_be_placed_one_by_one_are_placed_together() -> None:

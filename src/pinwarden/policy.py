@@ -714,14 +714,31 @@ def _exclusive(ctx: _Ctx, spec: DomainSpec) -> Plan:
                 default_cpus=every, notes=tuple(notes), isolated=one_to_one)
 
 
-def _guest_cells(spec: DomainSpec) -> list[tuple[int, list[int]]] | None:
+def _guest_cells(spec: DomainSpec, who: str,
+                 notes: list[str]) -> list[tuple[int, list[int]]] | None:
     """(cell id, its vCPUs) of a domain whose guest NUMA cells are worth placing one by
     one — two cells or more, or a cell with a ``<memnode>`` — and divide its vCPUs between
-    them (each vCPU in exactly one cell); else None (placed as one)."""
+    them (each vCPU in exactly one cell, each cell id once); else None (placed as one: noted
+    in ``notes`` when the cells do not divide the vCPUs)."""
     cells = [(cell.id, sorted(cell.cpus)) for cell in spec.guest_cells if cell.cpus]
     if not cells or (len(cells) < 2 and not spec.memnodes):
         return None
-    if sorted(v for _, members in cells for v in members) != list(range(spec.vcpus)):
+    where: dict[int, list[int]] = {}
+    for ident, members in cells:
+        for v in members:
+            where.setdefault(v, []).append(ident)
+    ids = [ident for ident, _ in cells]
+    problems = [f"cell id {i} is given twice" for i in sorted({i for i in ids
+                                                                 if ids.count(i) > 1})]
+    problems += [f"vCPU {v} is in cells {', '.join(map(str, c))}"
+                 for v, c in sorted(where.items()) if len(c) > 1]
+    problems += [f"vCPU {v} is in no cell" if v < spec.vcpus else
+                 f"cell {where[v][0]} names vCPU {v} of {spec.vcpus}"
+                 for v in sorted(set(range(spec.vcpus)) ^ set(where))]
+    if problems:
+        notes.append(f"the guest NUMA cells of {who} do not divide its {spec.vcpus} vCPUs "
+                     f"between them ({'; '.join(problems[:3])}"
+                     f"{'; …' if len(problems) > 3 else ''}): its vCPUs were placed together")
         return None
     return cells
 
@@ -736,7 +753,7 @@ def _place_cells(ctx: _Ctx, spec: DomainSpec, within: CpuSet, isolate_emulator: 
     domain is then placed as one, noted) — never a refusal of its own."""
     from pinwarden import allocator
 
-    cells = _guest_cells(spec)
+    cells = _guest_cells(spec, ctx.who, notes)
     if cells is None:
         return None
     topo = ctx.host.topology
