@@ -219,6 +219,29 @@ def test_status_shows_the_pins_it_narrowed_and_what_waits_to_go_back(
     assert run(env, capsys, "status")[1]["narrowed"][0]["waiting"] == "4-5"
 
 
+def test_a_refused_first_reserve_or_release_leaves_no_ledger_behind(
+        env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """A state directory nothing was ever leased through (a mistyped --state-dir): a
+    refused reserve or a release of an unknown name made the directory and an empty lease
+    database, which status then took for a real one, and the release's error named the
+    database it had just made itself (input hunt).  Now they leave nothing behind."""
+    huge = UNPINNED.replace("<vcpu>2</vcpu>", "<vcpu>300</vcpu>")
+    assert huge != UNPINNED
+    status, out, _ = run(env, capsys, "reserve", write(env, "huge.xml", huge))
+    assert status == 1 and out["error"]["code"] == "insufficient-cpus", out
+    status, out, _ = run(env, capsys, "release", "typo-name")
+    assert status == 1 and out["error"]["code"] == "unknown-holder", out
+    assert "no lease database at " in out["error"]["message"], out
+    assert not env["state"].exists()
+    status, text, _ = run(env, capsys, "status", json_out=False)
+    assert status == 0 and "no holders: no lease database at " in text, text
+    # the first reserve that is taken still makes them
+    status, out, _ = run(env, capsys, "reserve", write(env, "vm1.xml", SEED))
+    assert status == 0 and (env["state"] / DB_NAME).exists(), out
+    status, out, _ = run(env, capsys, "release", "typo-name")
+    assert status == 1 and "no lease database" not in out["error"]["message"], out
+
+
 @pytest.mark.parametrize("text", [BILLION_LAUGHS, XXE, EXTERNAL_DTD])
 def test_hostile_xml_refused_with_exit_1_and_nothing_recorded(
         env: dict[str, Path], capsys: pytest.CaptureFixture[str], text: str) -> None:

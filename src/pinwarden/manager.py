@@ -44,9 +44,10 @@ from pinwarden.errors import (
     LedgerError,
     PinwardenError,
     Refusal,
+    shorten,
     state_dir_advice,
 )
-from pinwarden.ledger import HolderRecord, HostRecord, Ledger
+from pinwarden.ledger import DB_NAME, HolderRecord, HostRecord, Ledger
 from pinwarden.model import KEPT_ROLE, HolderRef, Lease, Plan
 from pinwarden.partition import Host, VmCgroup, load_host, read_vm_cgroup
 from pinwarden.record import record, replace
@@ -480,6 +481,11 @@ class Manager:
         from pinwarden.policy import decide, holder_of
 
         who = holder if holder is not None else holder_of(request)
+        if self.reader() is None:
+            # nothing was ever leased here: a refusal needs no ledger, and leaves none
+            # behind (a mistyped --state-dir got a real-looking empty one: input hunt);
+            # with no leases and no holders, what this refuses the reserve would refuse
+            decide(request, self._load_host(None), (), holder=who)
         return self.reserve(who, lambda host, leases: decide(request, host, leases,
                                                              holder=who),
                             owner_pid=owner_pid, enforce=enforce)
@@ -543,6 +549,12 @@ class Manager:
         while its tasks are in it, and its CPUs would look free while it uses them."""
         from pinwarden import procs
 
+        if self.reader() is None:  # (refused without making the ledger it looked in)
+            scope = "" if driver is None else f" of driver {driver}"
+            raise LedgerError(f"no holder{scope} named {shorten(selector)}: no lease database "
+                              f"at {self.state_dir / DB_NAME} (nothing was ever leased with "
+                              f"this state directory: is it the one pinwarden uses?)",
+                              code="unknown-holder")
         with self.locked():
             ledger = self.ledger()
             found = None if force else ledger.find(selector, driver=driver)
