@@ -851,6 +851,15 @@ def test_numad_placement_becomes_static_with_a_note() -> None:
     one = decide(spec(vcpus=2, placement="auto", exclusive=True), host(), lease("4-11"))
     assert one.cpus() == C("12-13") and one.memory_nodes == C("1")
     assert decide(spec(), host(), []).memory_nodes is None  # not numad's: left alone
+    # a <numatune><memory nodeset> of the user's own stays (the XML keeps it), and the note
+    # said the memory went to the CPUs' nodes all the same (input hunt)
+    own = decide(spec(placement="auto", numa_mode="strict", numa_nodeset=C("1")), host(),
+                 lease("4"))
+    assert own.memory_nodes is None, own
+    assert [n for n in own.notes if "placement='auto'" in n] == [
+        "domain 'vm1' asks for <vcpu placement='auto'> (numad); pinwarden places it "
+        "statically on 5-15 (its memory stays on NUMA node 1, as its <numatune> says) "
+        "instead, so that no leased CPU is used"], own.notes
 
 
 def test_exclusive_without_vcpu_pins_keeps_vcpus_off_the_pinned_emulator() -> None:

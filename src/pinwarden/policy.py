@@ -375,8 +375,13 @@ def _domain(ctx: _Ctx, spec: DomainSpec) -> Plan:
     if spec.placement == "auto" and plan.default_cpus is not None:
         topo = ctx.host.topology
         nodes = CpuSet.of(topo.node_of(c) for c in plan.cpus() if c in topo.cpus)
-        memory = f" and its memory on NUMA {nodes.named('node')}, where those CPUs are" \
-            if nodes else ""
+        if spec.numa_nodeset is not None:  # the user's <numatune> nodeset: kept as it is
+            nodes = EMPTY
+            memory = (f" (its memory stays on NUMA {spec.numa_nodeset.named('node')}, as "
+                      f"its <numatune> says)")
+        else:
+            memory = f" and its memory on NUMA {nodes.named('node')}, where those CPUs are" \
+                if nodes else ""
         plan = replace(plan, memory_nodes=nodes or None, notes=(*plan.notes, (
             f"{ctx.who} asks for <vcpu placement='auto'> (numad); pinwarden places it "
             f"statically on {plan.default_cpus}{memory} instead, so that no leased CPU is "
