@@ -110,6 +110,22 @@ def test_without_a_daemon_the_full_command_runs_with_the_same_arguments(
     assert text.endswith(big + "\n")
 
 
+def test_a_state_directory_that_is_a_file_is_no_daemon_but_the_full_commands_to_say(
+        setup: tuple[Path, Path, Manager, HookServer], tmp_path: Path) -> None:
+    """The state directory replaced by a file: connecting to its socket fails ENOTDIR,
+    which the client took for a broken daemon ("the pinwarden daemon did not answer the
+    hook (NotADirectoryError …)", exit 70) — no daemon ran; the full command, which names
+    the state directory's problem, did not run (systemd lab hunt)."""
+    drop_in, marker, _manager, server = setup
+    server.close()
+    state = tmp_path / "state"
+    state.rename(tmp_path / "state-away")
+    state.write_text("not a directory\n")
+    done = run(drop_in, "web", "prepare", "begin", "-", stdin=xml("web"))
+    assert done.returncode == 0 and "daemon" not in done.stderr, done.stderr
+    assert " qemu web prepare begin -\n" in marker.read_text()
+
+
 def test_a_hook_with_another_configuration_is_not_answered_by_this_daemon(
         tmp_path: Path, setup: tuple[Path, Path, Manager, HookServer]) -> None:
     _drop_in, _marker, _manager, server = setup

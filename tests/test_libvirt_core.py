@@ -987,10 +987,13 @@ def test_a_broken_configuration_is_said_in_the_hook_log(tmp_path: Path) -> None:
     assert [line for line in lines if "broken or missing" in line and "'web'" in line]
 
 
-def test_the_fail_safe_path_is_quiet_where_it_cannot_write_its_log(tmp_path: Path) -> None:
+def test_the_fail_safe_path_logs_where_nothing_made_the_state_directory(
+        tmp_path: Path) -> None:
     """A host where nothing has made the state directory yet (pinwarden broken from its
     first call): the refusal shows pinwarden's words only, not the shell's complaint that
-    it cannot create hook.log (syslog still gets the warning)."""
+    it cannot create hook.log, and the warnings are in hook.log all the same — the drop-in
+    makes the directory, as pinwarden's own log does (they went to syslog alone, and
+    'let through unchecked' was found nowhere pinwarden looks: systemd lab hunt)."""
     exe = str(tmp_path / "gone" / "python3")
     (qemu, _) = hook.install(tmp_path / "hooks", exe=exe, state_dir=tmp_path / "no-state",
                              config=None, check=False).paths
@@ -1002,7 +1005,12 @@ def test_the_fail_safe_path_is_quiet_where_it_cannot_write_its_log(tmp_path: Pat
         refused.stderr
     assert refused.stderr.splitlines()[-1].startswith(
         "pinwarden: error: pinwarden is broken or missing"), refused.stderr
-    assert not (tmp_path / "no-state").exists()
+    state = tmp_path / "no-state"
+    assert state.stat().st_mode & 0o777 == 0o700
+    logged = (state / hook.HOOK_LOG).read_text().splitlines()
+    assert [("'web'" in line and "let through unchecked" in line,
+             "'db'" in line and "cannot get its CPUs" in line) for line in logged] == [
+        (True, False), (False, True)], logged
 
 
 def test_a_refusal_blocks_and_shows_pinwardens_words(tmp_path: Path) -> None:

@@ -63,7 +63,7 @@ DRIVERS = ("qemu", "lxc")
 MARKER = "# pinwarden libvirt hook"
 #: The drop-in's own version (its line ``# script version N``): raised whenever what the
 #: script does changes, so that ``hook check`` tells a drop-in an older pinwarden wrote.
-SCRIPT_VERSION = 4
+SCRIPT_VERSION = 5
 _VERSION_LINE = "# script version "
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
 DROP_IN = "pinwarden"
@@ -134,6 +134,7 @@ def hook_script(driver: str, exe: str | Sequence[str], *, state_dir: Path | None
                 str(len(args)), *args]
     command = " ".join(shlex.quote(a) for a in args)
     log = shlex.quote(str(state / HOOK_LOG))
+    state_q = shlex.quote(str(state))
     # at 'started' the threads of a QEMU domain without <vcpu cpuset> that have no pin of
     # their own get the VM CPUs (pinwarden.libvirt.place), and so does every process of
     # such an LXC container; any other shared domain ends here.
@@ -178,6 +179,7 @@ rc=$?
 [ "$rc" -eq {REFUSED} ] && exit 1
 say() {{
   command -v logger >/dev/null 2>&1 && logger -t pinwarden-hook -p daemon.warning -- "$1"
+  [ -d {state_q} ] || mkdir -p -m 0700 {state_q} 2>/dev/null
   printf '%s pinwarden: warning: %s\\n' "$(date +%Y-%m-%dT%H:%M:%S)" "$1" 2>/dev/null >>{log}
   return 0
 }}

@@ -68,9 +68,11 @@ SOCKET_NAME = "hook.sock"
 EX_SOFTWARE = 70
 #: The libvirt daemons that run hooks (``pinwarden.libvirt.hook.HOOK_DAEMON_NAMES``).
 DAEMON_NAMES = (b"libvirtd", b"virtqemud", b"virtlxcd")
-#: Where the daemon cannot be reached and the full hook must run instead.
+#: Where the daemon cannot be reached and the full hook must run instead (a socket path
+#: that cannot exist — the state directory a file, a loop, a name too long — is no daemon
+#: either: the full command says what is wrong with it; blamed on the daemon, it was not).
 _UNREACHABLE = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK, errno.EACCES,
-                          errno.EPERM})
+                          errno.EPERM, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG})
 
 
 def caller_pid() -> int | None:
