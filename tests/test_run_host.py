@@ -406,6 +406,64 @@ def test_a_holder_group_made_not_exclusive_and_widened_is_reported_and_synced_ba
     assert not group.exists()
 
 
+def test_a_holder_group_the_lost_lease_database_does_not_record_is_planned_around(
+        pw: Pinwarden) -> None:
+    """The lease database lost while a holder runs (a wiped /var/lib, another state_dir):
+    the next exclusive reservation was planned onto its CPU — on the systemd lab the
+    running domain lost its CPU and partition, and the shared VMs were put there (hunt).
+    Processes in a holder group no record names keep its CPUs: a plan is refused naming
+    them, the group is left as it is, status and audit say what runs there and why, and
+    once they end the next reservation gets the CPU."""
+    import shutil
+
+    from pinwarden.config import load_config
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.errors import Refusal
+    from pinwarden.manager import Manager
+    from pinwarden.policy import JobSpec
+
+    group = CPUSET / pw.holder_group("pwtest-lost", "run")
+    child = subprocess.Popen(["sleep", "600"])
+    try:
+        with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
+            manager.reserve_request(JobSpec("pwtest-lost", cpus=CpuSet.of([1])),
+                                    owner_pid=child.pid)
+        (group / "cgroup.procs").write_text(f"{child.pid}\n")
+        shutil.rmtree(pw.state)  # lost while it runs
+        with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
+            with pytest.raises(Refusal) as info:
+                manager.reserve_request(JobSpec("pwtest-next", count=1))
+            assert info.value.code == "insufficient-cpus", info.value.message
+            assert "CPU 1 to job 'pwtest-lost' (it runs in its holder group, which the " \
+                "lease database does not record)" in info.value.message, info.value.message
+            with pytest.raises(Refusal) as info:
+                manager.reserve_request(JobSpec("pwtest-next", cpus=CpuSet.of([1])))
+            assert info.value.code == "conflict"
+            assert "while the lease database records no lease for it" in \
+                info.value.message and f"kill {child.pid}" in info.value.message, \
+                info.value.message
+        assert (group / "cpuset.cpus").read_text().strip() == "1"
+        assert (group / "cpuset.cpu_exclusive").read_text().strip() == "1"
+        assert (group / "cgroup.procs").read_text().split() == [str(child.pid)]
+        text = pw.run("status", check=True).stdout
+        assert f"CPU 1 held by job 'pwtest-lost' in its holder group " \
+            f"{group.name}, pid {child.pid}, which the lease database does not record" \
+            in text, text
+        audited = json.loads(pw.run("audit", "--json").stdout)
+        assert not [i for i in audited["intruders"] if i["severity"] == "error"
+                    or i["kind"] == "stale-holder-group"], audited
+        assert any("which the lease database does not record" in n
+                   for n in audited["notes"]), audited
+    finally:
+        child.kill()
+        child.wait()
+    with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
+        plan = manager.reserve_request(JobSpec("pwtest-next", count=1)).plan
+        assert plan.leased() == CpuSet.of([1])
+        assert not group.exists()
+        manager.release("pwtest-next")
+
+
 def test_sync_counts_the_changes_freeing_a_dead_job_made(pw: Pinwarden) -> None:
     """A job killed with SIGKILL (no release): 'pinwarden sync' freed it and shrank the
     layout, then said "cgroup layout in place (0 changes)" — it counted only a second sync
@@ -514,9 +572,9 @@ def test_a_group_kept_after_a_forced_release_keeps_new_plans_off_its_cpus(
                                     "cpus": "1", "pid": child.pid}], doc
             assert doc["leases"] == [] and "1" not in doc["shared"], doc
             text = pw.run("status", check=True).stdout
-            assert f"  job 'pwtest-forced': CPU 1; pid {child.pid} runs there: 'kill " \
-                f"{child.pid}' frees it" in text, text
-            assert "kept by job 'pwtest-forced', released with --force: it still runs " \
+            assert f"  CPU 1 kept by job 'pwtest-forced' after 'release --force': pid " \
+                f"{child.pid} still runs there ('kill {child.pid}' frees it)" in text, text
+            assert "kept by job 'pwtest-forced', released with --force, it still runs " \
                 "there (1)" in text, text
             audited = json.loads(pw.run("audit", "--json").stdout)
             assert not [i for i in audited["intruders"]

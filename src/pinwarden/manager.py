@@ -432,7 +432,8 @@ class Manager:
         record = reader.host_record() if reader is not None else None
         host = self._load_host(record.found if record else None)
         # (as the reserve decides: off the CPUs a forced release left running)
-        plan = decide(host, (*leases, *(self._kept_leases(reader) if reader else ())))
+        plan = decide(host, (*leases, *(self._kept_leases(reader) if reader else ()),
+                             *self._unrecorded_leases(reader)))
         mine = (holder.driver, holder.key)
         others = tuple(le for le in leases if (le.holder.driver, le.holder.key) != mine)
         new = (*others, *(Lease(cpu, holder, role, 0.0) for cpu, role in plan.leases.items()))
@@ -503,7 +504,7 @@ class Manager:
             record = ledger.host_record()
             host = self._load_host(record.found if record else None)
             first = None if record is not None else self._found(host)
-            kept = self._kept_leases(ledger)
+            kept = (*self._kept_leases(ledger), *self._unrecorded_leases(ledger))
             try:
                 plan = ledger.reserve(holder, lambda leases: decide(host, (*leases, *kept)),
                                       owner_pid=owner_pid, host=first)
@@ -635,7 +636,8 @@ class Manager:
         on, as leases of role :data:`~pinwarden.model.KEPT_ROLE` (read only: ``status``
         and ``audit`` show them as taken, not free)."""
         reader = self.reader()
-        return self._kept_leases(reader) if reader is not None else ()
+        kept = self._kept_leases(reader) if reader is not None else ()
+        return (*kept, *self._unrecorded_leases(reader))
 
     def _kept_leases(self, ledger: Ledger) -> tuple[Lease, ...]:
         """The CPUs of holder groups kept after a forced release (``kept:`` records), as
@@ -655,6 +657,75 @@ class Manager:
             if self.left_running(ref):  # (gone since: the next sync removes the group)
                 out += [Lease(cpu, ref, KEPT_ROLE, 0.0, pid) for cpu in cpus]
         return tuple(out)
+
+    def _unrecorded_leases(self, ledger: Ledger | None) -> tuple[Lease, ...]:
+        """The CPUs of holder groups that processes run in while the ledger records no
+        holder there (and no forced release): its database was lost or replaced while a
+        domain ran (a wiped /var/lib, another ``state_dir``).  Planned over, a running
+        exclusive domain lost its CPU and its partition to the next exclusive start, as
+        "a cgroup that named leased CPUs", and the layout put the shared VMs on that CPU
+        (systemd lab hunt).  As leases of role ``kept``: no plan takes them, and status,
+        audit and every refusal name the domain that runs there.  Looked for on this host
+        only, by the names in the cgroup directory first (no backend opened for that)."""
+        if not (self.enforcing and self._own_backend and self._fixed_host is None
+                and is_live_root(self.root)):
+            return ()
+        holders = ledger.holders() if ledger is not None else ()
+        kept = [k.removeprefix(KEPT_PREFIX) for k in (ledger.changes() if ledger else ())
+                if k.startswith(KEPT_PREFIX)]
+        candidates = self._holder_dirs() - {h.cgroup.strip("/").rpartition("/")[2]
+                                            for h in holders if h.cgroup}
+        if not candidates:
+            return ()
+        from pinwarden import procs
+        from pinwarden.enforce.backend import CgroupOpError, join
+        from pinwarden.enforce.names import holder_component
+        from pinwarden.model import unrecorded_holder
+
+        try:
+            backend, names = self.backend(), self.names()
+        except PinwardenError:
+            return ()
+        known = {holder_component(self.holder_group(h.ref).rpartition("/")[2],
+                                  names.exclusive) for h in holders}
+        known |= {holder_component(path.rpartition("/")[2], names.exclusive) for path in kept}
+        out: list[Lease] = []
+        for child in sorted(candidates):
+            group = holder_component(child, names.exclusive)
+            ref = unrecorded_holder(group, names.stem) if group is not None else None
+            if ref is None or group in known:
+                continue
+            path = join(names.parent, child)
+            pids = sorted(p for p in {procs.process_of(t) for t in self._group_tasks(path)}
+                          if p is not None and procs.start_time(p) is not None)
+            if not pids:
+                continue  # (an empty one is stale: the next sync removes it)
+            try:
+                cpus = backend.read_group(path).cpus
+            except CgroupOpError:
+                continue
+            out += [Lease(cpu, ref, KEPT_ROLE, 0.0, pids[0]) for cpu in cpus]
+        return tuple(out)
+
+    def _holder_dirs(self) -> set[str]:
+        """The cgroup directories beside the VM partition named like holder groups
+        (``STEM-…``, or systemd's ``STEM\\x2d….slice``), read from the cpuset mount."""
+        from pinwarden.mounts import read_mounts
+
+        mounts = read_mounts(self.root)
+        v1 = mounts.v1("cpuset")
+        top, shared = (v1, self.config.cgroup_v1) if v1 is not None else \
+            (mounts.unified, self.config.cgroup_v2) if mounts.v2_has("cpuset") else (None, "")
+        if top is None:
+            return set()
+        stem = self.config.exclusive_cgroup.removesuffix(".partition")
+        escaped = stem.replace("-", "\\x2d") + "\\x2d"  # systemd's escape of "-"
+        prefixes = (f"{stem}-", escaped)
+        try:
+            with os.scandir(top / shared.rpartition("/")[0]) as entries:
+                return {e.name for e in entries if e.name.startswith(prefixes)}
+        except OSError:
+            return set()
 
     def reap(self) -> tuple[HolderRecord, ...]:
         """Free the holders whose owner process is gone, and shrink the layout."""

@@ -61,6 +61,26 @@ def job_holder(name: str) -> HolderRef:
     return HolderRef(JOB_DRIVER, f"{KEY_JOB}:{name}", name)
 
 
+#: The key kind of :func:`unrecorded_holder`.
+KEY_GROUP = "group"
+
+
+def unrecorded_holder(group: str, stem: str) -> HolderRef | None:
+    """Who runs in holder group ``group`` (``STEM-vm-NAME.partition``: NAME is the domain's
+    or job's name, or its UUID) when no record says it — the lease database lost or
+    replaced while it ran; None when ``group`` is not named so."""
+    kind, _, name = group.removeprefix(f"{stem}-").removesuffix(".partition").partition("-")
+    driver = {"vm": "qemu", "lxc": "lxc", "run": JOB_DRIVER}.get(kind)
+    if driver is None or not name or not group.startswith(f"{stem}-"):
+        return None
+    return HolderRef(driver, f"{KEY_GROUP}:{group}", name)
+
+
+def is_unrecorded(holder: HolderRef) -> bool:
+    """``holder`` comes from :func:`unrecorded_holder`."""
+    return holder.key.startswith(f"{KEY_GROUP}:")
+
+
 def driver_of_type(domain_type: str | None) -> str:
     """The libvirt driver of a domain XML's ``<domain type=…>``: ``lxc`` or ``qemu``."""
     return "lxc" if domain_type == "lxc" else "qemu"
@@ -199,6 +219,28 @@ def stop_command(holder: HolderRef, pid: int | None) -> str:
         return f"virsh -c lxc:/// destroy {holder.uuid}" if unprintable \
             else command_line("virsh -c lxc:/// destroy", holder.name)
     return f"kill {pid}" if pid is not None else "end its process"
+
+
+def kept_why(holder: HolderRef) -> str:
+    """Why ``holder`` keeps CPUs without a lease, in a few words."""
+    return ("it runs in its holder group, which the lease database does not record"
+            if is_unrecorded(holder) else "released with --force, it still runs there")
+
+
+def kept_text(holder: HolderRef, cpus: CpuSet, pid: int | None) -> str:
+    """What ``status`` and ``audit`` say of CPUs kept by ``holder`` without a lease (role
+    :data:`KEPT_ROLE`): a forced release while it ran, or a holder group the lease
+    database does not record (:func:`unrecorded_holder`)."""
+    if is_unrecorded(holder):
+        group = holder.key.partition(":")[2]
+        stop = (f"virsh{' -c lxc:///' if holder.driver == 'lxc' else ''} destroy "
+                f"{holder.name}" if holder.driver != JOB_DRIVER else f"kill {pid}")
+        return (f"{cpus.named()} held by {holder} in its holder group {group}, pid {pid}, "
+                f"which the lease database does not record (lost or replaced while it ran, "
+                f"or another state directory): no plan takes them; put the database back, "
+                f"or '{stop}' frees them")
+    return (f"{cpus.named()} kept by {holder} after 'release --force': pid {pid} still runs "
+            f"there ('{stop_command(holder, pid)}' frees it)")
 
 
 def release_command(holder: HolderRef) -> str:

@@ -41,7 +41,9 @@ from pinwarden.model import (
     Plan,
     domain_holder,
     driver_of_type,
+    is_unrecorded,
     job_holder,
+    kept_why,
     release_command,
     stop_command,
 )
@@ -280,9 +282,12 @@ def _conflict(ctx: _Ctx, label: str, cpus: CpuSet, *, advice: str = "") -> None:
     more = f" (and {plural(len(taken) - 1, 'more leased CPU')})" if len(taken) > 1 else ""
     if lease.role == KEPT_ROLE:  # no lease to release: it runs on there
         raise Refusal(
-            f"CPU {cpu}{more} for {label} of {ctx.who} is kept by {lease.holder}, whose "
-            f"leases were released with --force while it runs there: choose other "
-            f"CPUs{advice} or stop it first ({stop_command(lease.holder, lease.owner_pid)})",
+            f"CPU {cpu}{more} for {label} of {ctx.who} is kept by {lease.holder}, "
+            + ("which runs in its holder group there while the lease database records no "
+               "lease for it (lost or replaced): choose other " if is_unrecorded(lease.holder)
+               else "whose leases were released with --force while it runs there: choose "
+               "other ")
+            + f"CPUs{advice} or stop it first ({stop_command(lease.holder, lease.owner_pid)})",
             code="conflict")
     free = (f"stop it first ({stop_command(lease.holder, lease.owner_pid)}: its leases go "
             "with it)" if lease.owner_pid is not None
@@ -308,7 +313,7 @@ def _holders_of(ctx: _Ctx, cpus: CpuSet) -> str:
     for holder, held in by_object.values():
         by.setdefault(holder, []).extend(held)
     return "; ".join(f"{CpuSet.of(c).named()} to {h}"
-                     f"{' (released with --force, it still runs there)' if _kept(ctx, c) else ''}"
+                     f"{f' ({kept_why(h)})' if _kept(ctx, c) else ''}"
                      for h, c in by.items())
 
 

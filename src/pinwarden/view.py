@@ -18,7 +18,7 @@ import string
 from collections.abc import Sequence
 
 from pinwarden.cpuset import CpuSet
-from pinwarden.model import KEPT_ROLE, SIBLING_HOLD, HolderRef, Lease
+from pinwarden.model import KEPT_ROLE, SIBLING_HOLD, HolderRef, Lease, kept_why
 from pinwarden.partition import Host
 
 HOUSEKEEPING, SHARED, ISOLATED, OFFLINE, MORE = "h", "v", "i", ".", "#"
@@ -158,8 +158,8 @@ def _legend(host: Host, marks: dict[int, str], holders: dict[str, HolderRef],
     lines = [("legend: " if i == 0 else "        ") + part for i, part in enumerate(parts)]
     kept = {lease.holder for lease in leases if lease.role == KEPT_ROLE}
     for mark, holder in sorted(holders.items()):
-        lines.append(f"        {mark} kept by {holder}, released with --force: it still runs "
-                     f"there ({cpus_with(mark)})" if holder in kept else
+        lines.append(f"        {mark} kept by {holder}, {kept_why(holder)} "
+                     f"({cpus_with(mark)})" if holder in kept else
                      f"        {mark} leased to {holder} ({cpus_with(mark)})")
         held = cpus_with(mark.lower())
         if held:

@@ -46,20 +46,19 @@ def load_ledger(args: argparse.Namespace) -> tuple[tuple[Lease, ...], tuple[Hold
     yet means no leases (read only)."""
     from pinwarden.cpuset import CpuSet
     from pinwarden.ledger import DB_NAME
-    from pinwarden.model import by_holder, stop_command
+    from pinwarden.model import by_holder, kept_text
 
     with manager_of(args) as manager:
-        if manager.reader() is None:
-            return (), (), (f"no lease database at {manager.state_dir / DB_NAME}: nothing "
-                            f"is leased",), frozenset()
-        owners = manager.owners_gone()
-        # a holder freed by 'release --force' that runs on keeps its CPUs: checked as
-        # its (its group is no stale one, and whatever else runs there intrudes)
+        # a holder freed by 'release --force' that runs on keeps its CPUs, and so does a
+        # domain in a holder group the database does not record: checked as its (its
+        # group is no stale one, and whatever else runs there intrudes)
         kept = manager.kept_leases()
-        notes = tuple(f"{CpuSet.of(x.cpu for x in held).named()} kept by {ref} after 'release "
-                      f"--force': pid {held[0].owner_pid} still runs there "
-                      f"('{stop_command(ref, held[0].owner_pid)}' frees it)"
+        notes = tuple(kept_text(ref, CpuSet.of(x.cpu for x in held), held[0].owner_pid)
                       for ref, held in by_holder(kept).items())
+        if manager.reader() is None:
+            return kept, (), (f"no lease database at {manager.state_dir / DB_NAME}: nothing "
+                              f"is leased", *notes), frozenset()
+        owners = manager.owners_gone()
         return (*manager.leases(owners=owners), *kept), manager.live_holders(owners), \
             notes, manager.refused_noise()
 

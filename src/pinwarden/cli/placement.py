@@ -320,7 +320,7 @@ def run_sync(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     from pinwarden.cpuset import CpuSet
     from pinwarden.ledger import DB_NAME
-    from pinwarden.model import JOB_DRIVER, by_holder, stop_command
+    from pinwarden.model import JOB_DRIVER, by_holder, kept_text
     from pinwarden.narrowed import NARROWED_PREFIX, narrowed
     from pinwarden.partition import shared_pool
     from pinwarden.view import render_cpu_map
@@ -415,12 +415,11 @@ def run_status(args: argparse.Namespace) -> int:
                      f"kept exclusive; {fix}")
         lines.append(f"  {record.ref}: {desc}; since {since}{owner}{warn}")
     if kept_by:
-        lines.append("kept after 'release --force' (no lease, but their processes still run "
-                     "there and no plan may take the CPUs until they end):")
+        lines.append("kept without a lease (after 'release --force', or in a holder group the "
+                     "lease database does not record): their processes still run there, and "
+                     "no plan may take the CPUs until they end:")
     for ref, held in kept_by.items():
-        pid = held[0].owner_pid
-        lines.append(f"  {ref}: {CpuSet.of(x.cpu for x in held).named()}; pid {pid} runs there: "
-                     f"'{stop_command(ref, pid)}' frees it")
+        lines.append(f"  {kept_text(ref, CpuSet.of(x.cpu for x in held), held[0].owner_pid)}")
     if pins:
         lines.append("shared domains re-pinned off leased CPUs (each gets its CPUs back once "
                      "they are free; one saved meanwhile, when it is restored):")
