@@ -1037,6 +1037,42 @@ def test_story_plain_virsh_start_of_an_exclusive_domain_runs_each_vcpu_on_its_cp
     assert s["as_left"]["holders"] == [] and s["as_left"]["layout"]["partitions"] == {}
 
 
+def test_a_lost_lease_database_leaves_the_running_domain_its_cpu_and_partition(
+        lab: LabRun) -> None:
+    """The lease database lost while an exclusive domain runs: the next exclusive start
+    through the hook was planned onto its CPU, narrowed its partition off it (a member on
+    2-3), put machine.slice on it and was refused "CPU 1 not online or not usable; nothing
+    was changed" (systemd-lab hunt).  Now it goes beside it, the running domain keeps its
+    CPU and partition, status names it and audit finds no stale group and no error; with
+    the database back and both gone, the host is as found."""
+    s = lab.check("story_lost_database")
+    for step in ("hook_install", "define_a", "define_b", "start_a", "start_b"):
+        rc0(s[step])
+    [a] = s["holders_a"]
+    cpu_a = _cpus_of(a["cpus"])
+    assert len(cpu_a) == 1, a
+    a_slice = "pinwarden\\x2dvm\\x2dpwtest\\x2dla.slice"
+    before = s["layout_before"]["partitions"][a_slice]
+    after = s["layout_after"]["partitions"][a_slice]
+    kind = after.get("cpuset.cpus.partition") or "member"
+    assert after == before and kind in ("root", "isolated"), (before, after)
+    assert s["a_after"]["allowed"] == s["a_before"]["allowed"] == [a["cpus"]], s["a_after"]
+    b_cpus = {c for text in s["b"]["allowed"] for c in _cpus_of(text)}
+    assert b_cpus and not b_cpus & cpu_a and 0 not in b_cpus, s["b"]["allowed"]
+    machine = s["layout_after"]["machine_unit"]["AllowedCPUs"]
+    assert not _cpus_of(machine) & (cpu_a | b_cpus), s["layout_after"]["machine_unit"]
+    status = rc0(s["status"])["stdout"]
+    assert "which the lease database does not record" in status and "pwtest-la" in status, \
+        status
+    audit = s["audit"]
+    assert _errors(audit) == [] and not [
+        i for i in audit["json"]["intruders"] if i["kind"] == "stale-holder-group"], audit
+    rc0(s["sync_left"])
+    assert s["as_left"]["holders"] == [] and s["as_left"]["layout"]["partitions"] == {}, \
+        s["as_left"]
+    assert s["as_left"]["unit"] == s["as_found"], (s["as_found"], s["as_left"])
+
+
 def test_a_daemon_reload_keeps_the_leased_cpu_out_of_the_operators_partition(
         lab: LabRun) -> None:
     """The README's partition: ``systemctl set-property machine.slice AllowedCPUs=1-2``,

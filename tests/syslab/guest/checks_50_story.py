@@ -636,6 +636,48 @@ def story_plain_exclusive() -> Data:
     return out
 
 
+@check("story_lost_database", needs=["install", "boot"])
+def story_lost_database() -> Data:
+    """The lease database goes while an exclusive domain runs (a wiped /var/lib, another
+    state_dir), then a second exclusive domain starts through the hook (mode none, host
+    reserve CPU 0, no daemon).  It was planned onto the first one's CPU: the running
+    domain's partition was narrowed off it and made a member, machine.slice put on it,
+    and the start refused with a wrong reason (systemd-lab hunt).  Now the second one
+    goes beside it, and status and audit say what runs in the group no record names."""
+    CONFIG.parent.mkdir(parents=True, exist_ok=True)
+    CONFIG.write_text('[partition]\nmode = "none"\nhost_reserve = "0"\n')
+    away = Path("/run/pwtest-lost-state")
+    unit = ("machine.slice", "AllowedCPUs")
+    out: Data = {"as_found": unit_show(*unit)}
+    out["hook_install"] = pinwarden("hook", "install")
+    out["reload"] = systemctl("reload", "libvirtd.service")
+    try:
+        out["define_a"] = pinwarden("define", write_xml("pwtest-la", metadata=EXCLUSIVE_META))
+        out["define_b"] = pinwarden("define", write_xml("pwtest-lb", metadata=EXCLUSIVE_META))
+        out["start_a"] = virsh("start", "pwtest-la")
+        out["holders_a"] = holders()
+        out["a_before"] = domain("pwtest-la")
+        out["layout_before"] = layout()
+        shutil.move(str(STATE), str(away))  # lost while it runs
+        out["start_b"] = virsh("start", "pwtest-lb")
+        out["a_after"] = domain("pwtest-la")
+        out["b"] = domain("pwtest-lb")
+        out["layout_after"] = layout()
+        out["status"] = pinwarden("status")
+        out["audit"] = pinwarden("audit", "--json")
+    finally:
+        remove_domain("pwtest-lb")
+        remove_domain("pwtest-la")
+        if away.exists():  # the database back: its lease of the domain gone is freed
+            shutil.rmtree(STATE, ignore_errors=True)
+            shutil.move(str(away), str(STATE))
+        pinwarden("hook", "uninstall")
+        CONFIG.unlink(missing_ok=True)
+        out["sync_left"] = pinwarden("sync")
+    out["as_left"] = {"holders": holders(), "layout": layout(), "unit": unit_show(*unit)}
+    return out
+
+
 @check("story_reload", needs=["install", "boot"])
 def story_reload() -> Data:
     """The VM partition set the way the README says, by a persistent ``systemctl
