@@ -1292,3 +1292,41 @@ def test_an_edit_while_leased_is_put_back_with_its_drop_in(
     assert (f"gets {after} back" in said[0]) == bool(after), said
     assert machine.cpus == CpuSet.parse_kernel(after)
     assert _dropins(root, "machine.slice") == dropins
+
+
+def test_a_revert_of_the_setting_while_leased_is_inherit_not_no_cpus(
+        bus_address: str, tmp_path: Path) -> None:
+    """``systemctl revert machine.slice`` (AllowedCPUs empty: inherit every CPU) while CPU 3
+    is leased, machine.slice found inheriting: it was read as "removed CPUs 1-2,4-7", and
+    the last release left the slice on 0 for good (systemd-lab hunt).  It is the setting as
+    found: pinwarden keeps the slice off the lease meanwhile, says so, and the last release
+    leaves it inheriting, with no drop-in."""
+    from pinwarden.config import Config
+    from pinwarden.manager import Manager
+    from pinwarden.model import job_holder
+    from pinwarden.policy import JobSpec
+
+    root = tmp_path / "root"
+    with _running_standin(bus_address, tmp_path / "standin.log", "--root", str(root)) as s:
+        bus = SystemdBus.connect(s.address, timeout=10)
+        backend = SystemdBackend(bus, kernel=KernelRecorder(), root=root)
+        operator = SystemdBus.connect(s.address, timeout=10)
+        said: list[str] = []
+        try:
+            with Manager(Config(), root, tmp_path / "state", backend=backend,
+                         host=make_host("0-7", "1-7"), warn=said.append) as m:
+                m.reserve_request(JobSpec("J", cpus=CpuSet.parse("3")))
+                operator.set_unit_properties("machine.slice", True, [
+                    ("AllowedCPUs", ("ay", CpuSet().to_dbus()))])
+                assert backend.read_group("machine.slice").cpus == CpuSet()
+                m.sync()
+                assert backend.read_group("machine.slice").cpus == CpuSet.parse("1-2,4-7")
+                m.drop(job_holder("J"))
+                machine = backend.read_group("machine.slice")
+        finally:
+            operator.close()
+            bus.close()
+    assert len(said) == 1 and "set back to inherit its parent's CPUs" in said[0], said
+    assert "removed" not in said[0], said
+    assert machine.cpus == CpuSet()
+    assert _dropins(root, "machine.slice") == {}

@@ -1330,6 +1330,18 @@ class Manager:
             written = CpuSet.parse_kernel(str(data["set"]))
             now = backend.read_group(path).cpus
             own = CpuSet.parse_kernel(str(data["cpus"])) if "cpus" in data else None
+            if not now and written and backend.kind in ("v2", "systemd"):
+                # an empty setting is "inherit" there ('systemctl revert', 'AllowedCPUs='),
+                # not "no CPUs": read so, the revert was "removed" CPUs, and the last
+                # release left the group on the rest for good (systemd-lab hunt)
+                if own is not None and not own:  # inheriting, as found: no edit of CPUs
+                    self.warn(f"cgroup {path} was set back to inherit its parent's CPUs "
+                              f"while CPUs are leased: pinwarden keeps it on "
+                              f"{written.named()} until the last lease goes, and then it "
+                              f"inherits them again, as found")
+                    return record
+                parent = parent_of(path)
+                now = backend.read_group(parent).cpus if parent is not None else now
             edit = shared_edit(written, now, leased)
             if edit is None or record is None:
                 return record
