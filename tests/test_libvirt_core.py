@@ -2136,6 +2136,54 @@ def test_a_shared_domain_restored_onto_a_lease_gets_its_pins_off_it(tmp_path: Pa
     assert manager.change_records(NARROWED_PREFIX) == before
 
 
+def test_an_exclusive_domain_restored_while_its_saved_cpus_are_leased_gets_the_plan_of_now(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """'restore' of an exclusive domain 'pinwarden start' ran (its live definition, and so
+    its save image, pins the plan of then; its stored one pins nothing): another holder
+    leases CPU 1 now, so it gets a plan of now, which 'prepare' leases.  It was refused
+    "choose other CPUs or stop it first" with CPUs 2-3 free, and 'pinwarden start' sent the
+    user back to that restore (systemd-lab hunt).  Pins its stored definition names are its
+    user's, and with its CPUs free it is restored as saved (nothing printed)."""
+    import io
+
+    from pinwarden.libvirt import place
+    from pinwarden.policy import decide
+
+    configs = tmp_path / "etc"
+    configs.mkdir()
+    monkeypatch.setitem(place.CONFIG_DIRS, "qemu", str(configs))
+    manager = Manager(Config(), Path("/"), tmp_path / "state", enforce=False,
+                      host=make_host("0-3", "1-3"))
+    uuid_x = "77777777-0000-0000-0000-000000000007"
+    stored = xml("x", f"<uuid>{uuid_x}</uuid>{EXCLUSIVE_META}")
+    (configs / "x.xml").write_text(stored)
+    saved = stored.replace("<vcpu>2</vcpu>", "<vcpu placement='static' cpuset='1-2'>2</vcpu>")
+    saved = saved.replace("<os>", "<cputune><vcpupin vcpu='0' cpuset='1'/><vcpupin vcpu='1' "
+                                  "cpuset='2'/><emulatorpin cpuset='1-2'/></cputune><os>")
+
+    def restore(doc: str) -> str:
+        out = io.StringIO()
+        assert hook.main_run(manager, "qemu", ["x", "restore", "begin", "-"], doc,
+                             rewrite=out) == 0
+        return out.getvalue()
+
+    assert restore(saved) == ""  # its CPUs are free: as saved
+    manager.reserve(A, lambda host, leases: Plan("a", UUID_A, True, {0: cs("1")}, cs("1"),
+                                                 leases={1: "vcpu0"}), owner_pid=os.getpid())
+    got = parse_domain(restore(saved))
+    assert got.exclusive and len(got.vcpupins) == 2, got
+    placed = CpuSet.of(c for cpus in got.vcpupins.values() for c in cpus)
+    assert placed == cs("2-3") and not (got.emulatorpin or CpuSet()) & cs("0-1"), got
+    assert "restoring exclusive x on CPUs 2-3: its saved CPU 1 is leased to others now" in \
+        (tmp_path / "state" / hook.HOOK_LOG).read_text()
+    # what 'prepare' then decides on it: the restored pins, beside the other holder
+    again = decide(parse_domain(restore(saved)), manager.host(), manager.leases())
+    assert again.leased() == cs("2-3"), again
+    # the user's own pins (in the stored definition): as saved, refused at 'prepare'
+    (configs / "x.xml").write_text(saved)
+    assert restore(saved) == ""
+
+
 def test_a_shared_domain_saved_while_narrowed_restores_with_the_cpus_freed_since(
         tmp_path: Path) -> None:
     """A shared domain saved while pinwarden had its pins narrowed, restored after the

@@ -594,8 +594,10 @@ def _restore(manager: Manager, driver: str, name: str, spec: DomainSpec,
     from pinwarden.narrowed import NARROWED_PREFIX, narrowed_key
     from pinwarden.partition import shared_pool
 
-    if spec.exclusive or driver != "qemu":
+    if driver != "qemu":
         return None
+    if spec.exclusive:
+        return _restore_exclusive(manager, name, spec, xml)
     uuid = spec.uuid or ""
     recorded = {k: v for k, v in manager.change_records(NARROWED_PREFIX).items()
                 if uuid and k.startswith(narrowed_key(uuid, ""))}
@@ -627,6 +629,49 @@ def _restore(manager: Manager, driver: str, name: str, spec: DomainSpec,
         log_line(manager, f"pinwarden: restoring {name} with the CPUs no longer leased: "
                           + ", ".join(f"{m.label} {m.before} -> {m.after}" for m in done.given))
     return out
+
+
+def _restore_exclusive(manager: Manager, name: str, spec: DomainSpec,
+                       xml: str) -> str | None:
+    """``restore`` of an exclusive QEMU domain whose stored definition pins nothing: the
+    pins of its save image are the plan ``pinwarden start`` wrote into its live definition.
+    Where another holder leases one of those CPUs now, it gets the plan of now (``prepare``
+    then leases it); before, it was refused "choose other CPUs" with other CPUs free, and
+    could come back only once that holder stopped (systemd-lab hunt).  Pins its stored
+    definition names are its user's, and with every CPU free it comes back as saved."""
+    from pathlib import Path
+
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.domain import parse_domain, render_plan
+    from pinwarden.libvirt.place import CONFIG_DIRS
+    from pinwarden.policy import decide
+    from pinwarden.record import replace
+
+    try:
+        stored = parse_domain(Path(CONFIG_DIRS["qemu"], f"{name}.xml").read_bytes())
+    except (OSError, ValueError, PinwardenError):
+        return None  # (transient, or unreadable: its pins may be its user's)
+    if stored.vcpupins or stored.emulatorpin is not None or stored.iothreadpins \
+            or stored.cpuset is not None:
+        return None
+    holder = _holder("qemu", name, spec)
+    leases = manager.leases(kept=True)
+    others = CpuSet.of(le.cpu for le in leases
+                       if (le.holder.driver, le.holder.key) != (holder.driver, holder.key))
+    saved = CpuSet.of(c for pins in (spec.vcpupins.values(), spec.iothreadpins.values(),
+                                     [spec.emulatorpin or CpuSet(), spec.cpuset or CpuSet()])
+                      for cpus in pins for c in cpus)
+    if not saved & others:
+        return None
+    unpinned = replace(spec, vcpupins={}, emulatorpin=None, iothreadpins={}, cpuset=None)
+    try:
+        plan = decide(unpinned, manager.host(), leases, holder=holder)
+    except Refusal:
+        return None  # no room now: 'prepare' refuses the saved pins, naming the holder
+    log_line(manager, f"pinwarden: restoring exclusive {name} on {plan.leased().named()}: "
+                      f"its saved {(saved & others).named()} "
+                      f"{'is' if len(saved & others) == 1 else 'are'} leased to others now")
+    return render_plan(xml, plan)
 
 
 Caller = int | Callable[[], int | None]
