@@ -692,10 +692,12 @@ class Manager:
         out: list[Lease] = []
         for child in sorted(candidates):
             group = holder_component(child, names.exclusive)
-            ref = unrecorded_holder(group, names.stem) if group is not None else None
-            if ref is None or group in known:
+            if group is None or group in known:
                 continue
-            path = join(names.parent, child)
+            ref = unrecorded_holder(group, names.stem)
+            if ref is None:
+                continue
+            path = join(names.parent, group)  # (the backend's name: systemd's is the slice)
             pids = sorted(p for p in {procs.process_of(t) for t in self._group_tasks(path)}
                           if p is not None and procs.start_time(p) is not None)
             if not pids:
