@@ -809,10 +809,17 @@ class Manager:
                 self._hand_on(gone.ref)
 
     def _group_tasks(self, path: str) -> set[int]:
-        """Thread ids in cgroup ``path`` and below (none when it is gone)."""
+        """Thread ids in cgroup ``path`` and below (none when it is gone).  On this host,
+        from the kernel's tree: the systemd backend lists units only, and a domain's
+        threads live below its scope (``…scope/libvirt/vcpu0``), so a holder group with a
+        running domain read as empty there (systemd lab)."""
         from pinwarden.enforce.backend import CgroupOpError, join
 
         backend = self.backend()
+        if self._own_backend and is_live_root(self.root):
+            found = self._kernel_tasks(backend, path)
+            if found is not None:
+                return found
         try:
             state = backend.read_group(path)
             out = set(backend.tasks(path))
@@ -820,6 +827,24 @@ class Manager:
             return set()
         for child in state.children:
             out |= self._group_tasks(join(path, child))
+        return out
+
+    def _kernel_tasks(self, backend: CgroupBackend, path: str) -> set[int] | None:
+        """:meth:`_group_tasks` from the cpuset hierarchy's files (None: no such mount)."""
+        from pinwarden.enforce.backend import kernel_path
+        from pinwarden.mounts import read_mounts
+
+        mounts = read_mounts(self.root)
+        v1 = mounts.v1("cpuset")
+        top = v1 if v1 is not None else mounts.unified if mounts.v2_has("cpuset") else None
+        if top is None:
+            return None
+        name = "tasks" if v1 is not None else "cgroup.threads"
+        out: set[int] = set()
+        for directory, _dirs, files in os.walk(top / kernel_path(backend, path).strip("/")):
+            if name in files:
+                with contextlib.suppress(OSError, ValueError):
+                    out.update(int(t) for t in Path(directory, name).read_text().split())
         return out
 
     # -- internals ------------------------------------------------------------------------
