@@ -2088,6 +2088,17 @@ def test_offline_vcpus_are_where_a_hot_plug_puts_them() -> None:
     assert with_offline_vcpus(online, numad, host).vcpus[1] == host
 
 
+def restored(manager: Manager, name: str, doc: str) -> str:
+    """What the hook's ``restore`` step of domain ``name`` prints: the XML libvirt is to
+    restore instead of ``doc`` ("": as saved)."""
+    import io
+
+    out = io.StringIO()
+    assert hook.main_run(manager, "qemu", [name, "restore", "begin", "-"], doc,
+                         rewrite=out) == 0
+    return out.getvalue()
+
+
 def test_a_shared_domain_restored_onto_a_lease_gets_its_pins_off_it(tmp_path: Path) -> None:
     """'restore': a shared domain's saved pins (here: written live by a give-back, which
     the save image keeps) on a CPU leased now are moved off it in the XML libvirt restores
@@ -2096,7 +2107,6 @@ def test_a_shared_domain_restored_onto_a_lease_gets_its_pins_off_it(tmp_path: Pa
     the domain could not be restored while the lease lasted (found by a real-libvirt
     hunt; the real thing: test_libvirt_e2e).  Exclusive domains, a host with nothing
     leased and pins off the leases are restored as saved (nothing printed)."""
-    import io
 
     from pinwarden.narrowed import NARROWED_PREFIX
 
@@ -2107,10 +2117,7 @@ def test_a_shared_domain_restored_onto_a_lease_gets_its_pins_off_it(tmp_path: Pa
                      "<vcpupin vcpu='1' cpuset='3'/><emulatorpin cpuset='1-2'/></cputune>")
 
     def restore(doc: str) -> str:
-        out = io.StringIO()
-        assert hook.main_run(manager, "qemu", ["s", "restore", "begin", "-"], doc,
-                             rewrite=out) == 0
-        return out.getvalue()
+        return restored(manager, "s", doc)
 
     assert restore(saved) == ""  # nothing leased
     manager.reserve(domain_holder("qemu", "a", UUID_A), lambda host, leases: Plan(
@@ -2144,7 +2151,6 @@ def test_an_exclusive_domain_restored_while_its_saved_cpus_are_leased_gets_the_p
     "choose other CPUs or stop it first" with CPUs 2-3 free, and 'pinwarden start' sent the
     user back to that restore (systemd-lab hunt).  Pins its stored definition names are its
     user's, and with its CPUs free it is restored as saved (nothing printed)."""
-    import io
 
     from pinwarden.libvirt import place
     from pinwarden.policy import decide
@@ -2162,10 +2168,7 @@ def test_an_exclusive_domain_restored_while_its_saved_cpus_are_leased_gets_the_p
                                   "cpuset='2'/><emulatorpin cpuset='1-2'/></cputune><os>")
 
     def restore(doc: str) -> str:
-        out = io.StringIO()
-        assert hook.main_run(manager, "qemu", ["x", "restore", "begin", "-"], doc,
-                             rewrite=out) == 0
-        return out.getvalue()
+        return restored(manager, "x", doc)
 
     assert restore(saved) == ""  # its CPUs are free: as saved
     manager.reserve(A, lambda host, leases: Plan("a", UUID_A, True, {0: cs("1")}, cs("1"),

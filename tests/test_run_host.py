@@ -7,6 +7,7 @@ narrows it) — an exclusive sibling is impossible otherwise — and the exclusi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -406,6 +407,35 @@ def test_a_holder_group_made_not_exclusive_and_widened_is_reported_and_synced_ba
     assert not group.exists()
 
 
+@contextlib.contextmanager
+def _job_running_in_its_group(pw: Pinwarden,
+                              name: str) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+    """A job ``name`` leased CPU 1, a ``sleep`` of this test's its owner, in its group;
+    once the block is done and the sleep ended, CPU 1 is free again, the group gone, and
+    nothing is remembered of it."""
+    from pinwarden.config import load_config
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.manager import Manager
+    from pinwarden.policy import JobSpec
+
+    group = CPUSET / pw.holder_group(name, "run")
+    child = subprocess.Popen(["sleep", "600"])
+    try:
+        with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
+            manager.reserve_request(JobSpec(name, cpus=CpuSet.of([1])), owner_pid=child.pid)
+        (group / "cgroup.procs").write_text(f"{child.pid}\n")
+        yield group, child
+    finally:
+        child.kill()
+        child.wait()
+    with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
+        plan = manager.reserve_request(JobSpec("pwtest-next", count=1)).plan
+        assert plan.leased() == CpuSet.of([1])
+        assert not group.exists()
+        assert not [k for k in manager.ledger().changes() if k.startswith("kept:")]
+        manager.release("pwtest-next")
+
+
 def test_a_holder_group_the_lost_lease_database_does_not_record_is_planned_around(
         pw: Pinwarden) -> None:
     """The lease database lost while a holder runs (a wiped /var/lib, another state_dir):
@@ -422,13 +452,7 @@ def test_a_holder_group_the_lost_lease_database_does_not_record_is_planned_aroun
     from pinwarden.manager import Manager
     from pinwarden.policy import JobSpec
 
-    group = CPUSET / pw.holder_group("pwtest-lost", "run")
-    child = subprocess.Popen(["sleep", "600"])
-    try:
-        with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
-            manager.reserve_request(JobSpec("pwtest-lost", cpus=CpuSet.of([1])),
-                                    owner_pid=child.pid)
-        (group / "cgroup.procs").write_text(f"{child.pid}\n")
+    with _job_running_in_its_group(pw, "pwtest-lost") as (group, child):
         shutil.rmtree(pw.state)  # lost while it runs
         with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
             with pytest.raises(Refusal) as info:
@@ -454,14 +478,6 @@ def test_a_holder_group_the_lost_lease_database_does_not_record_is_planned_aroun
                     or i["kind"] == "stale-holder-group"], audited
         assert any("which the lease database does not record" in n
                    for n in audited["notes"]), audited
-    finally:
-        child.kill()
-        child.wait()
-    with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
-        plan = manager.reserve_request(JobSpec("pwtest-next", count=1)).plan
-        assert plan.leased() == CpuSet.of([1])
-        assert not group.exists()
-        manager.release("pwtest-next")
 
 
 def test_sync_counts_the_changes_freeing_a_dead_job_made(pw: Pinwarden) -> None:
@@ -549,53 +565,39 @@ def test_a_group_kept_after_a_forced_release_keeps_new_plans_off_its_cpus(
     from pinwarden.manager import Manager
     from pinwarden.policy import JobSpec
 
-    group = CPUSET / pw.holder_group("pwtest-forced", "run")
-    child = subprocess.Popen(["sleep", "600"])
-    try:
-        with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
-            manager.reserve_request(JobSpec("pwtest-forced", cpus=CpuSet.of([1])),
-                                    owner_pid=child.pid)
-            (group / "cgroup.procs").write_text(f"{child.pid}\n")
-            manager.release("pwtest-forced", force=True)
-            assert (group / "cpuset.cpus").read_text().strip() == "1"  # kept: it runs
-            with pytest.raises(Refusal) as info:
-                manager.reserve_request(JobSpec("pwtest-next", count=1))
-            assert info.value.code == "insufficient-cpus", info.value.message
-            # releasing it again frees nothing: the refusal says to stop it (it said
-            # "release one of them"), status shows the CPU taken and by whom (it showed
-            # it free), audit finds no stale group (it advised a sync, which keeps it)
-            assert "CPU 1 to job 'pwtest-forced' (released with --force, it still runs " \
-                f"there) — stop job 'pwtest-forced' (kill {child.pid});" in \
-                info.value.message, info.value.message
-            doc = json.loads(pw.run("status", "--json", check=True).stdout)
-            assert doc["kept"] == [{"domain": "pwtest-forced", "driver": "run", "uuid": None,
-                                    "cpus": "1", "pid": child.pid}], doc
-            assert doc["leases"] == [] and "1" not in doc["shared"], doc
-            text = pw.run("status", check=True).stdout
-            assert f"  CPU 1 kept by job 'pwtest-forced' after 'release --force': pid " \
-                f"{child.pid} still runs there ('kill {child.pid}' frees it)" in text, text
-            assert "kept by job 'pwtest-forced', released with --force, it still runs " \
-                "there (1)" in text, text
-            audited = json.loads(pw.run("audit", "--json").stdout)
-            assert not [i for i in audited["intruders"]
-                        if i["kind"] == "stale-holder-group"], audited
-            assert f"CPU 1 kept by job 'pwtest-forced' after 'release --force': pid " \
-                f"{child.pid} still runs there ('kill {child.pid}' frees it)" in \
-                audited["notes"], audited
-            with pytest.raises(Refusal) as info:
-                manager.reserve_request(JobSpec("pwtest-next", cpus=CpuSet.of([1])))
-            assert info.value.code == "conflict"
-            assert "CPU 1 for --cpus 1 of job 'pwtest-next' is kept by job " \
-                "'pwtest-forced', whose leases were released with --force while it runs " \
-                f"there: choose other CPUs or stop it first (kill {child.pid})" in \
-                info.value.message, info.value.message
-            assert manager.holders() == ()
-    finally:
-        child.kill()
-        child.wait()
-    with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
-        plan = manager.reserve_request(JobSpec("pwtest-next", count=1)).plan
-        assert plan.leased() == CpuSet.of([1])
-        assert not group.exists()
-        assert not [k for k in manager.ledger().changes() if k.startswith("kept:")]
-        manager.release("pwtest-next")
+    with _job_running_in_its_group(pw, "pwtest-forced") as (group, child), \
+            Manager(load_config(pw.config), Path("/"), pw.state) as manager:
+        manager.release("pwtest-forced", force=True)
+        assert (group / "cpuset.cpus").read_text().strip() == "1"  # kept: it runs
+        with pytest.raises(Refusal) as info:
+            manager.reserve_request(JobSpec("pwtest-next", count=1))
+        assert info.value.code == "insufficient-cpus", info.value.message
+        # releasing it again frees nothing: the refusal says to stop it (it said
+        # "release one of them"), status shows the CPU taken and by whom (it showed
+        # it free), audit finds no stale group (it advised a sync, which keeps it)
+        assert "CPU 1 to job 'pwtest-forced' (released with --force, it still runs " \
+            f"there) — stop job 'pwtest-forced' (kill {child.pid});" in \
+            info.value.message, info.value.message
+        doc = json.loads(pw.run("status", "--json", check=True).stdout)
+        assert doc["kept"] == [{"domain": "pwtest-forced", "driver": "run", "uuid": None,
+                                "cpus": "1", "pid": child.pid}], doc
+        assert doc["leases"] == [] and "1" not in doc["shared"], doc
+        text = pw.run("status", check=True).stdout
+        assert f"  CPU 1 kept by job 'pwtest-forced' after 'release --force': pid " \
+            f"{child.pid} still runs there ('kill {child.pid}' frees it)" in text, text
+        assert "kept by job 'pwtest-forced', released with --force, it still runs " \
+            "there (1)" in text, text
+        audited = json.loads(pw.run("audit", "--json").stdout)
+        assert not [i for i in audited["intruders"]
+                    if i["kind"] == "stale-holder-group"], audited
+        assert f"CPU 1 kept by job 'pwtest-forced' after 'release --force': pid " \
+            f"{child.pid} still runs there ('kill {child.pid}' frees it)" in \
+            audited["notes"], audited
+        with pytest.raises(Refusal) as info:
+            manager.reserve_request(JobSpec("pwtest-next", cpus=CpuSet.of([1])))
+        assert info.value.code == "conflict"
+        assert "CPU 1 for --cpus 1 of job 'pwtest-next' is kept by job " \
+            "'pwtest-forced', whose leases were released with --force while it runs " \
+            f"there: choose other CPUs or stop it first (kill {child.pid})" in \
+            info.value.message, info.value.message
+        assert manager.holders() == ()
