@@ -161,6 +161,10 @@ def test_hook_install_refuses_a_command_libvirtds_apparmor_profile_forbids(
         assert start["rc"] != 0 and "pinwarden is broken or missing" in start["stderr"], start
         assert "domain 'pwtest-aa-shared' asks for no exclusive CPUs and was let through " \
             "unchecked" in a["syslog"], a["syslog"]
+        # and in hook.log, where 'pinwarden hook check' users look (it went to syslog
+        # alone while nothing had made the state directory: systemd-lab hunt)
+        assert "domain 'pwtest-aa-shared' asks for no exclusive CPUs and was let through " \
+            "unchecked" in a["hook_log"], a["hook_log"]
         assert a["status"]["json"]["leases"] == [], a["status"]["json"]
         # the rule the refusal advises, added as it says, lets the hook run
         assert a["advice"] == ["/opt/pinwarden/bin/pinwarden PUx,",

@@ -67,6 +67,7 @@ def hook_apparmor() -> Data:
     # what it logs from now on readable (the story's journal reads rely on the same)
     out["journald"] = systemctl("restart", "systemd-journald.service")
     source = Path(f"/run/{NAME}.xml")
+    log_before = read(HOOK_LOG)  # put back at the end: the fail-safe warnings are this check's
     try:
         # libvirtd idle and gone (Debian's exits after 2 minutes; its socket starts it on
         # the next connection): the loaded profile still tells
@@ -89,8 +90,8 @@ def hook_apparmor() -> Data:
         out["define_shared"] = define(tiny_domain_xml(SHARED))
         out["start_shared"] = virsh("start", SHARED)
         out["status"] = pinwarden("status", "--json")
-        # the fail-safe path logs to syslog (and to hook.log once the state directory
-        # exists: nothing has made it yet when this check runs alone)
+        # the fail-safe path logs to syslog and to hook.log (the drop-in makes the state
+        # directory when nothing has yet, as when this check runs first)
         out["syslog"] = run(["journalctl", "-b", "-t", "pinwarden-hook", "-o", "cat",
                              "--no-pager"])["stdout"][-2000:]
         out["hook_log"] = (read(HOOK_LOG) or "")[-2000:]
@@ -109,4 +110,8 @@ def hook_apparmor() -> Data:
         out["sync"] = pinwarden("sync")
         CONFIG.unlink(missing_ok=True)
         source.unlink(missing_ok=True)
+        if log_before is None:
+            HOOK_LOG.unlink(missing_ok=True)
+        else:
+            HOOK_LOG.write_text(log_before)
     return out
