@@ -709,17 +709,23 @@ class Manager:
             out += [Lease(cpu, ref, KEPT_ROLE, 0.0, pids[0]) for cpu in cpus]
         return tuple(out)
 
-    def _holder_dirs(self) -> set[str]:
-        """The cgroup directories beside the VM partition named like holder groups
-        (``STEM-…``, or systemd's ``STEM\\x2d….slice``), read from the cpuset mount."""
+    def _cpuset_mount(self) -> tuple[Path | None, bool]:
+        """This host's cpuset hierarchy: its mount (None: none) and whether it is v1."""
         from pinwarden.mounts import read_mounts
 
         mounts = read_mounts(self.root)
         v1 = mounts.v1("cpuset")
-        top, shared = (v1, self.config.cgroup_v1) if v1 is not None else \
-            (mounts.unified, self.config.cgroup_v2) if mounts.v2_has("cpuset") else (None, "")
+        if v1 is not None:
+            return v1, True
+        return (mounts.unified if mounts.v2_has("cpuset") else None), False
+
+    def _holder_dirs(self) -> set[str]:
+        """The cgroup directories beside the VM partition named like holder groups
+        (``STEM-…``, or systemd's ``STEM\\x2d….slice``), read from the cpuset mount."""
+        top, v1 = self._cpuset_mount()
         if top is None:
             return set()
+        shared = self.config.cgroup_v1 if v1 else self.config.cgroup_v2
         stem = self.config.exclusive_cgroup.removesuffix(".partition")
         escaped = stem.replace("-", "\\x2d") + "\\x2d"  # systemd's escape of "-"
         prefixes = (f"{stem}-", escaped)
@@ -832,14 +838,11 @@ class Manager:
     def _kernel_tasks(self, backend: CgroupBackend, path: str) -> set[int] | None:
         """:meth:`_group_tasks` from the cpuset hierarchy's files (None: no such mount)."""
         from pinwarden.enforce.backend import kernel_path
-        from pinwarden.mounts import read_mounts
 
-        mounts = read_mounts(self.root)
-        v1 = mounts.v1("cpuset")
-        top = v1 if v1 is not None else mounts.unified if mounts.v2_has("cpuset") else None
+        top, v1 = self._cpuset_mount()
         if top is None:
             return None
-        name = "tasks" if v1 is not None else "cgroup.threads"
+        name = "tasks" if v1 else "cgroup.threads"
         out: set[int] = set()
         for directory, _dirs, files in os.walk(top / kernel_path(backend, path).strip("/")):
             if name in files:
