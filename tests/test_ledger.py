@@ -721,6 +721,79 @@ def test_sigkill_at_random_points_never_leaves_partial_state(state: Path) -> Non
             ledger.release(h.name)
 
 
+def test_a_reader_sees_one_state_while_another_process_writes(state: Path) -> None:
+    """The CI failure: a ``leases()`` reading the lease rows, then — after another
+    process committed a new holder — the holder rows, found a holder without its leases
+    and called the database corrupt (advising to move it aside, forgetting every lease).
+    A read is one snapshot: it sees the state before the write, whole."""
+    a, b = vm(1), vm(2)
+    with Ledger(state) as writer, Ledger(state) as reader:
+        writer.reserve(a, take(a, [1]))
+        first = reader._lease
+        wrote: list[bool] = []
+
+        def lease_then_write(row: Any) -> Lease:
+            if not wrote:  # between reading the lease rows and the holder rows
+                wrote.append(True)
+                writer.reserve(b, take(b, [6]))
+            return first(row)
+
+        reader._lease = lease_then_write  # type: ignore[method-assign]
+        assert lease_map(reader) == {1: a}
+        assert wrote
+        del reader._lease
+        assert lease_map(reader) == {1: a, 6: b}  # the next read sees the write
+        c = vm(3)
+        with reader.snapshot():  # several reads (status, audit, metrics): one state
+            holders = reader.holders()
+            writer.reserve(c, take(c, [7]))
+            assert lease_map(reader) == {1: a, 6: b}
+            assert reader.holders() == holders
+            with pytest.raises(RuntimeError, match="inside a read snapshot"):
+                reader.reserve(c, take(c, [8]))
+        assert lease_map(reader) == {1: a, 6: b, 7: c}
+
+
+def _reader(state: str, stop: Any, results: Any) -> None:
+    reads = 0
+    try:
+        with Ledger(Path(state)) as ledger:
+            while not stop.is_set():
+                ledger.leases()  # alone: one snapshot of its own
+                with ledger.snapshot():  # several reads: one state
+                    check_consistent(ledger)
+                reads += 1
+        results.put(("ok", reads))
+    except BaseException as exc:
+        results.put(("failed", f"after {reads} reads: {exc!r}"))
+
+
+def test_readers_never_see_a_half_state_while_writers_churn(state: Path) -> None:
+    """Real processes: readers (``status``, the hook's shared path) read while writers
+    reserve and release; every read is a whole state, never 'corrupt'."""
+    Ledger(state).close()
+    stop, results = FORK.Event(), FORK.Queue()
+    writers = [FORK.Process(target=_churn, args=(str(state), seed)) for seed in (1, 2)]
+    readers = [FORK.Process(target=_reader, args=(str(state), stop, results))
+               for _ in range(2)]
+    for p in (*writers, *readers):
+        p.start()
+    try:
+        time.sleep(3)
+        stop.set()
+        outcome = [results.get(timeout=60) for _ in readers]
+    finally:
+        stop.set()
+        for p in (*writers, *readers):
+            if p.is_alive() and p.pid is not None:
+                os.kill(p.pid, signal.SIGKILL)
+            p.join(30)
+    assert all(kind == "ok" for kind, _ in outcome), outcome
+    assert all(reads > 20 for _, reads in outcome), outcome
+    with Ledger(state) as ledger:
+        check_consistent(ledger)
+
+
 # -- model-based: random reserve/release sequences ----------------------------------------
 
 HOST_CPUS = frozenset({0, 1})

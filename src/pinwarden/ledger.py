@@ -291,6 +291,7 @@ class Ledger:
         self.last_reaped: tuple[HolderRecord, ...] = ()
         #: The holder's record before the last :meth:`reserve` replaced it (None: new).
         self.last_replaced: HolderRecord | None = None
+        self._snapshots = 0  # depth of :meth:`snapshot` blocks
         problem = location_problem(self.state_dir)
         if problem is not None:
             raise LedgerError(problem)
@@ -522,9 +523,37 @@ class Ledger:
     # -- transactions -------------------------------------------------------------------
 
     @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads within the block see one state of the database: a read transaction
+        (WAL: a snapshot; writers are not blocked and their commits stay unseen until the
+        block ends).  Without it every statement sees the latest commit, so two reads
+        can straddle another process's reserve — a holder without its leases, which
+        would read as corruption.  Re-entrant; no write may happen inside."""
+        if self._snapshots or self._db.in_transaction:  # (inside a write: that one)
+            self._snapshots += 1
+            try:
+                yield
+            finally:
+                self._snapshots -= 1
+            return
+        try:
+            self._db.execute("BEGIN DEFERRED")
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+        self._snapshots = 1
+        try:
+            yield
+        finally:
+            self._snapshots = 0
+            with contextlib.suppress(sqlite3.Error):  # nothing written: nothing to lose
+                self._db.execute("ROLLBACK")
+
+    @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on any
         exception (which is re-raised, SQLite errors as LedgerError)."""
+        if self._snapshots:
+            raise RuntimeError("a ledger write inside a read snapshot")
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -667,7 +696,8 @@ class Ledger:
     def leases(self) -> tuple[Lease, ...]:
         """Every lease, by CPU (dead owners' included: see :meth:`dead`)."""
         try:
-            return self._leases_in(self._db)
+            with self.snapshot():  # (the lease rows and the plans they are checked against)
+                return self._leases_in(self._db)
         except sqlite3.Error as exc:
             raise self._error(exc) from None
 
@@ -689,7 +719,8 @@ class Ledger:
         """The holder with key, UUID or else name ``selector``; ``None`` if none.
         A name shared by holders of several drivers → LedgerError listing them."""
         try:
-            return self._find_in(self._db, selector, driver)
+            with self.snapshot():
+                return self._find_in(self._db, selector, driver)
         except sqlite3.Error as exc:
             raise self._error(exc) from None
 

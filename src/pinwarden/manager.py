@@ -291,6 +291,16 @@ class Manager:
 
     # -- reads (never write) --------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """The ledger reads within the block see one state of the database
+        (:meth:`Ledger.snapshot`): for commands that read several things without the lock
+        (``status``, ``audit``, metrics, a dry run) while another pinwarden reserves or
+        releases.  Nothing may be changed inside."""
+        reader = self.reader()
+        with reader.snapshot() if reader is not None else contextlib.nullcontext():
+            yield
+
     def record(self) -> HostRecord | None:
         """The host as found at the first lease, while one is kept."""
         reader = self.reader()
@@ -428,12 +438,14 @@ class Manager:
         from pinwarden.enforce.layout import PlanError, desired_layout, order, targets
 
         reader = self.reader()
-        leases = reader.leases() if reader is not None else ()
-        record = reader.host_record() if reader is not None else None
+        with self.snapshot():
+            leases = reader.leases() if reader is not None else ()
+            record = reader.host_record() if reader is not None else None
+            holders = reader.holders() if reader is not None else ()
+            kept = self._kept_leases(reader) if reader is not None else ()
         host = self._load_host(record.found if record else None)
         # (as the reserve decides: off the CPUs a forced release left running)
-        plan = decide(host, (*leases, *(self._kept_leases(reader) if reader else ()),
-                             *self._unrecorded_leases(reader)))
+        plan = decide(host, (*leases, *kept, *self._unrecorded_leases(reader)))
         mine = (holder.driver, holder.key)
         others = tuple(le for le in leases if (le.holder.driver, le.holder.key) != mine)
         new = (*others, *(Lease(cpu, holder, role, 0.0) for cpu, role in plan.leases.items()))
@@ -441,7 +453,6 @@ class Manager:
             return Preview(plan, ())
         backend, names = self.backend(), self.names()
         v2 = backend.kind in ("v2", "systemd")
-        holders = reader.holders() if reader is not None else ()
         isolated = frozenset([h.ref for h in holders if h.plan.isolated]
                              + ([holder] if plan.isolated else [])) if v2 else frozenset()
         deferred = frozenset({le.holder for le in new if le.holder.driver == "lxc"}) \

@@ -48,7 +48,7 @@ def load_ledger(args: argparse.Namespace) -> tuple[tuple[Lease, ...], tuple[Hold
     from pinwarden.ledger import DB_NAME
     from pinwarden.model import by_holder, kept_text
 
-    with manager_of(args) as manager:
+    with manager_of(args) as manager, manager.snapshot():
         # a holder freed by 'release --force' that runs on keeps its CPUs, and so does a
         # domain in a holder group the database does not record: checked as its (its
         # group is no stale one, and whatever else runs there intrudes)

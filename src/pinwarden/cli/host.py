@@ -92,11 +92,12 @@ def _from_ledger(args: argparse.Namespace, root: Path, manager: Manager,
     if root != Path("/") and not args.state_dir:
         return manager.live_host(), (), None, None  # a dump has no lease database of ours
     try:
-        host = manager.host()
-        leases = manager.leases()
+        with manager.snapshot():  # (another pinwarden may reserve meanwhile)
+            record = manager.record()
+            host = manager.host()
+            leases = manager.leases()
     except LedgerError as exc:
         return manager.live_host(), (), f"leases unavailable: {exc.message}", None
-    record = manager.record()
     differs: Partition | None = None
     if record is not None:
         recorded = record.partition

@@ -58,9 +58,10 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _ledger(manager: Manager) -> tuple[tuple[Lease, ...], tuple[HolderRecord, ...]]:
-    """Leases and holders of live owners (read only: reads never reap)."""
-    owners = manager.owners_gone()
-    return manager.leases(owners=owners), manager.live_holders(owners)
+    """Leases and holders of live owners (read only: reads never reap), as one state."""
+    with manager.snapshot():
+        owners = manager.owners_gone()
+        return manager.leases(owners=owners), manager.live_holders(owners)
 
 
 def gather(args: argparse.Namespace, *, with_audit: bool = True) -> metrics.Snapshot:

@@ -325,7 +325,7 @@ def run_status(args: argparse.Namespace) -> int:
     from pinwarden.partition import shared_pool
     from pinwarden.view import render_cpu_map
 
-    with manager_of(args) as manager:
+    with manager_of(args) as manager, manager.snapshot():
         host = manager.host()
         records = manager.holders()
         owners = manager.owners_gone()
