@@ -500,6 +500,37 @@ def test_sync_counts_the_changes_freeing_a_dead_job_made(pw: Pinwarden) -> None:
     assert "(0 changes)" in pw.run("sync", check=True).stdout
 
 
+def test_the_daemon_frees_a_dead_job_while_libvirt_is_down(pw: Pinwarden,
+                                                          tmp_path: Path) -> None:
+    """While libvirtd is down (stopped for an upgrade, crashed) the daemon retries its
+    connection: it used to do nothing else meanwhile, so a job (or domain) that died kept
+    its CPUs and its exclusive group until libvirtd came back (systemd lab hunt, F6).
+    Jobs need no libvirt: each retry also frees the dead and puts the layout right."""
+    from libvirt_env import Daemon
+
+    group = dead_job(pw, "pwtest-downjob")
+    assert group.is_dir()
+    nowhere = f"qemu+unix:///system?socket={tmp_path / 'no-libvirtd.sock'}"
+    daemon = Daemon(pw, tmp_path / "daemon.log", "--connect", nowhere)
+    try:
+        deadline = time.monotonic() + 60
+        while "freed the leases of job 'pwtest-downjob'" not in daemon.text():
+            assert daemon.proc.poll() is None, daemon.text()
+            assert time.monotonic() < deadline, daemon.text()
+            time.sleep(0.2)
+        assert "retrying in" in daemon.text(), daemon.text()  # libvirt was down throughout
+        assert "connected to" not in daemon.text(), daemon.text()
+        with Ledger(pw.state) as ledger:
+            assert ledger.holders() == ()
+        while group.exists():
+            assert time.monotonic() < deadline, daemon.text()
+            time.sleep(0.2)
+    finally:
+        status = daemon.stop()
+    assert status == 0, daemon.text()
+    assert "Traceback" not in daemon.text()
+
+
 def test_groups_of_their_own_below_machine_get_their_cpus_back_after_the_last_lease(
         pw: Pinwarden) -> None:
     """An operator's sub-partitions of ``machine`` (``<partition>/machine/sub``) with CPUs

@@ -296,13 +296,15 @@ def _sync(manager: Manager) -> None:
 
 def _wait_without_libvirt(manager: Manager, wake: queue.Queue[str], stop: threading.Event,
                           seconds: float) -> None:
-    """Wait for libvirt to come back, still answering cgroup events (jobs need no
-    libvirt)."""
+    """Wait for libvirt to come back, still answering cgroup events and, once the wait is
+    over, freeing the holders that died meanwhile (jobs need no libvirt, and a domain
+    whose QEMU died holds nothing; that waited for libvirtd before: systemd lab hunt)."""
     deadline = time.monotonic() + seconds
     while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
         try:
             what = wake.get(timeout=left)
         except queue.Empty:
+            _sync(manager)
             return
         if what == _CGROUP:
             if _FAILING.message is not None:
