@@ -1,8 +1,8 @@
 """One virtme-ng guest boot (per test session) for the real-kernel enforcement checks.
 
-The guest runs the distribution kernel (``/boot/vmlinuz-*``) under TCG with 4 CPUs and a
-fresh cgroup v1 cpuset hierarchy mounted at ``/tmp/pwtest-cpuset``, where nothing else lives:
-exclusive cpusets can be created at will.  Inside it run
+The guest runs the distribution kernel (``/boot/vmlinuz-*``) under single-threaded TCG with
+4 CPUs and a fresh cgroup v1 cpuset hierarchy mounted at ``/tmp/pwtest-cpuset``, where
+nothing else lives: exclusive cpusets can be created at will.  Inside it run
 
 * ``tests/differential.py`` (random cpuset operations, real kernel vs. the fake);
 * ``pytest tests/run_kernel_cases.py`` (``pinwarden run`` end to end).
@@ -22,6 +22,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lab.vm import SINGLE_TCG  # (single-threaded TCG: see there)
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
@@ -65,8 +67,8 @@ def guest_run() -> GuestResult:
     try:
         done = subprocess.run(
             [str(vng), "--disable-kvm", "--run", kernel, "--cpus", "4", "--memory", "1G",
-             "--exec", script], capture_output=True, text=True, timeout=1500, env=env,
-            stdin=subprocess.DEVNULL)
+             f"--qemu-opts={SINGLE_TCG}", "--exec", script], capture_output=True, text=True,
+            timeout=1500, env=env, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         return GuestResult(False, "the virtme-ng guest timed out after 1500 s", out,

@@ -31,20 +31,20 @@ TIMEOUT = float(os.environ.get("PINWARDEN_LAB_TIMEOUT", "1200"))
 CPUS = 8
 NUMA = ("1G,cpus=0-3", "1G,cpus=4-7")
 APPEND = "isolcpus=6-7"
-#: Extra QEMU options (``$PINWARDEN_LAB_QEMU_OPTS``), by default :data:`SINGLE_TCG` for
-#: kernels from 6.12 on: Debian's 6.12 and 7.3 panic now and then during boot under
-#: multi-threaded TCG (int3 in ``sched_clock_cpu`` while patching code), single-threaded
-#: TCG boots them (and is no slower here).
+#: Extra QEMU options (``$PINWARDEN_LAB_QEMU_OPTS``), by default :data:`SINGLE_TCG`.
 QEMU_OPTS = os.environ.get("PINWARDEN_LAB_QEMU_OPTS")
+#: Single-threaded TCG: one host thread runs every vCPU.  Debian's 6.12 and 7.3 panic now
+#: and then during boot under multi-threaded TCG (int3 in ``sched_clock_cpu`` while
+#: patching code); and beside other guests on a host with fewer CPUs than vCPUs (the suite
+#: on two CPUs), multi-threaded TCG spends most of its time waiting for descheduled vCPU
+#: threads: the same guest work took 2.7 times as long side by side with a second guest,
+#: and 1.2 times alone (Python start-ups and forks in a 4-CPU 6.1 guest, this host).
 SINGLE_TCG = "-accel tcg,thread=single"
 
 
 def qemu_opts(kernel: Path) -> str:
     """The extra QEMU options for booting ``kernel`` (see :data:`QEMU_OPTS`)."""
-    if QEMU_OPTS is not None:
-        return QEMU_OPTS
-    match = re.search(r"vmlinuz-(\d+)\.(\d+)", kernel.name)
-    return SINGLE_TCG if match and (int(match[1]), int(match[2])) >= (6, 12) else ""
+    return SINGLE_TCG if QEMU_OPTS is None else QEMU_OPTS
 
 
 class LabError(Exception):
