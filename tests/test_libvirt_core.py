@@ -2418,6 +2418,32 @@ def test_without_libvirt_a_failing_sync_is_tried_again_after_the_pause_too(
     assert syncs[0] - began >= daemon.FAILING_PAUSE * 0.9, (syncs, began)
 
 
+def test_without_libvirt_each_wait_without_events_ends_in_a_pass(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """While libvirt is away nothing else wakes the daemon on a cgroup v1 host: each wait
+    between two connection attempts ends in a pass, which frees the holders that died
+    meanwhile (the real thing: test_run_host's daemon test); one that a cgroup event's
+    pass already ran does not run another, and a stop runs none."""
+    import queue
+    import threading
+
+    from pinwarden.libvirt import daemon
+
+    syncs: list[float] = []
+    monkeypatch.setattr(daemon, "_sync", lambda manager: syncs.append(time.monotonic()))
+    wake: queue.Queue[str] = queue.Queue()
+    began = time.monotonic()
+    daemon._wait_without_libvirt(object(), wake, threading.Event(), 0.3)  # type: ignore[arg-type]
+    assert len(syncs) == 1 and syncs[0] - began >= 0.3, (syncs, began)
+    wake.put(daemon._CGROUP)
+    daemon._wait_without_libvirt(object(), wake, threading.Event(), 0.3)  # type: ignore[arg-type]
+    assert len(syncs) == 2, syncs
+    stop = threading.Event()
+    stop.set()
+    daemon._wait_without_libvirt(object(), wake, stop, 0.3)  # type: ignore[arg-type]
+    assert len(syncs) == 2, syncs
+
+
 def test_libvirt_failing_between_two_calls_is_an_error_not_a_bug(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -296,20 +296,25 @@ def _sync(manager: Manager) -> None:
 
 def _wait_without_libvirt(manager: Manager, wake: queue.Queue[str], stop: threading.Event,
                           seconds: float) -> None:
-    """Wait for libvirt to come back, still answering cgroup events and, once the wait is
-    over, freeing the holders that died meanwhile (jobs need no libvirt, and a domain
-    whose QEMU died holds nothing; that waited for libvirtd before: systemd lab hunt)."""
+    """Wait for libvirt to come back, still answering cgroup events; a wait that no event
+    ended in a pass ends in one, which frees the holders that died meanwhile (jobs need no
+    libvirt, and a domain whose QEMU died holds nothing; they waited for libvirtd before:
+    systemd lab hunt).  A failing pass is so tried again no sooner than the connection
+    (the waits double up to a minute), or after its pause at a cgroup event."""
     deadline = time.monotonic() + seconds
+    synced = False
     while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
         try:
             what = wake.get(timeout=left)
         except queue.Empty:
-            _sync(manager)
-            return
+            break
         if what == _CGROUP:
             if _FAILING.message is not None:
                 _past_cgroup_events(wake, stop, min(left, _FAILING.pause(MAX_BACKOFF)))
             _sync(manager)
+            synced = True
+    if not synced and not stop.is_set():
+        _sync(manager)
 
 
 def _past_cgroup_events(wake: queue.Queue[str], stop: threading.Event,
