@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from libvirt_env import CPUSET, PINWARDEN, Pinwarden, dead_job, machine_restored
+from libvirt_env import CPUSET, PINWARDEN, Daemon, Pinwarden, dead_job, machine_restored
 from pinwarden.ledger import Ledger
 
 pytestmark = pytest.mark.kernel
@@ -506,8 +506,6 @@ def test_the_daemon_frees_a_dead_job_while_libvirt_is_down(pw: Pinwarden,
     connection: it used to do nothing else meanwhile, so a job (or domain) that died kept
     its CPUs and its exclusive group until libvirtd came back (systemd lab hunt, F6).
     Jobs need no libvirt: each retry also frees the dead and puts the layout right."""
-    from libvirt_env import Daemon
-
     group = dead_job(pw, "pwtest-downjob")
     assert group.is_dir()
     nowhere = f"qemu+unix:///system?socket={tmp_path / 'no-libvirtd.sock'}"

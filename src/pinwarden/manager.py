@@ -438,11 +438,14 @@ class Manager:
         from pinwarden.enforce.layout import PlanError, desired_layout, order, targets
 
         reader = self.reader()
-        with self.snapshot():
-            leases = reader.leases() if reader is not None else ()
-            record = reader.host_record() if reader is not None else None
-            holders = reader.holders() if reader is not None else ()
-            kept = self._kept_leases(reader) if reader is not None else ()
+        leases: tuple[Lease, ...] = ()
+        kept: tuple[Lease, ...] = ()
+        holders: tuple[HolderRecord, ...] = ()
+        record: HostRecord | None = None
+        if reader is not None:
+            with self.snapshot():
+                leases, record = reader.leases(), reader.host_record()
+                holders, kept = reader.holders(), self._kept_leases(reader)
         host = self._load_host(record.found if record else None)
         # (as the reserve decides: off the CPUs a forced release left running)
         plan = decide(host, (*leases, *kept, *self._unrecorded_leases(reader)))

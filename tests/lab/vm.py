@@ -42,8 +42,8 @@ QEMU_OPTS = os.environ.get("PINWARDEN_LAB_QEMU_OPTS")
 SINGLE_TCG = "-accel tcg,thread=single"
 
 
-def qemu_opts(kernel: Path) -> str:
-    """The extra QEMU options for booting ``kernel`` (see :data:`QEMU_OPTS`)."""
+def qemu_opts() -> str:
+    """The extra QEMU options for every lab boot (see :data:`QEMU_OPTS`)."""
     return SINGLE_TCG if QEMU_OPTS is None else QEMU_OPTS
 
 
@@ -114,7 +114,7 @@ def vng_command(kernel: Path, outdir: Path) -> list[str]:
     for node in NUMA:
         cmd += ["--numa", node]
     cmd += ["--append", APPEND, "--rwdir", str(outdir), "--cwd", str(REPO)]
-    opts = qemu_opts(kernel)
+    opts = qemu_opts()
     if opts:
         cmd += [f"--qemu-opts={opts}"]
     cmd += ["--exec", inner]
