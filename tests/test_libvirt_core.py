@@ -31,7 +31,7 @@ from pinwarden.libvirt import hook, hookclient, place
 from pinwarden.libvirt.reconcile import Adopt, Drift, Free, Place, Report, reconcile
 from pinwarden.libvirt.repin import repins
 from pinwarden.libvirt.start import libvirt_failure, with_pinwarden_metadata
-from pinwarden.libvirt.state import Affinity, DomainInfo, threads_as_planned
+from pinwarden.libvirt.state import Affinity, DomainInfo, group_affinity, threads_as_planned
 from pinwarden.manager import Manager
 from pinwarden.model import HolderRef, Plan, domain_holder, job_holder
 
@@ -1755,6 +1755,17 @@ def test_threads_as_planned_follow_libvirts_thread_names() -> None:
     assert threads_as_planned(plan, comms) == {
         10: cs("2-3"), 11: cs("2"), 12: cs("3"), 13: cs("3"), 14: cs("2-3"),
         15: cs("2-3")}
+
+
+def test_group_affinity_joins_each_thread_groups_masks_by_thread_name() -> None:
+    comms: dict[int, str | None] = {
+        10: "qemu-system-x86", 11: "CPU 0/KVM", 12: "CPU 1/KVM", 13: "IO iothread1",
+        14: "worker", 15: None, 16: "CPU 2/KVM", 17: "ALL CPUs/TCG"}
+    masks = {10: cs("1"), 11: cs("2"), 12: cs("3"), 13: cs("1-2"), 14: cs("4"), 15: cs("5"),
+             17: cs("6")}
+    assert group_affinity(comms, masks) == {
+        ("emulator", None): cs("1,4"), ("vcpu", 0): cs("2"), ("vcpu", 1): cs("3"),
+        ("iothread", 1): cs("1-2"), ("vcpu", None): cs("6")}
 
 
 def test_hook_refuses_a_shared_domain_pinned_onto_a_lease(tmp_path: Path) -> None:

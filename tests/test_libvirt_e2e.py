@@ -273,6 +273,50 @@ def test_invalid_pinwarden_metadata_is_refused_not_run_shared(hooked: env.Pinwar
     assert virsh("destroy", name).returncode == 0
 
 
+def test_in_cgroup_mode_plain_virsh_start_leaves_a_hook_placed_domain_a_vm_cpu(
+        hooked: env.Pinwarden, domains: env.Domains, tmp_path: Path) -> None:
+    """Cgroup mode, ``machine`` restricted to CPU 1: a shared domain without pins started
+    by plain ``virsh start`` runs there (the hook placed it at ``started``, which libvirt's
+    files do not say).  An exclusive start wanting CPU 1 would leave it no VM CPU:
+    ``pinwarden start`` refused, but plain ``virsh start`` leased it and moved the running
+    VM onto the host's CPU 0 (real-libvirt hunt).  Both refuse now, naming the domain, and
+    nothing changes."""
+    s, x = "pwtest-e2e-cgs", "pwtest-e2e-cgx"
+    config = hooked.config.read_text()
+    machine = env.CPUSET / "machine" / "cpuset.cpus"
+    before = machine.read_text().strip()
+    try:
+        machine.write_text("1")
+        hooked.config.write_text(config.replace('mode = "none"', 'mode = "cgroup"'))
+        source = tmp_path / "cgx.xml"
+        source.write_text(env.tiny_domain_xml(x, exclusive=True))
+        domains.track(x)
+        hooked.run("define", str(source), check=True)
+        domains.define(s)
+        started = virsh("start", s)
+        assert started.returncode == 0, started.stderr
+        assert env.vm_affinity(s) == {1}
+        for how in (lambda: virsh("start", x), lambda: hooked.run("start", x, "--no-daemon")):
+            refused = how()
+            assert refused.returncode != 0, refused
+            assert f"no CPU would be left for vcpu0 of running domain '{s}'" in \
+                refused.stderr, refused.stderr
+            assert not domains.conn.lookupByName(x).isActive()
+            with Ledger(hooked.state) as ledger:
+                assert ledger.holders() == ()
+            assert env.vm_affinity(s) == {1}
+            assert env.read_cpus("machine") == {1}
+            assert not (env.CPUSET / hooked.holder_group(x)).exists()
+        assert virsh("destroy", s).returncode == 0
+    finally:
+        for name in (s, x):
+            with contextlib.suppress(env.libvirt.libvirtError):
+                domains.conn.lookupByName(name).destroy()
+        hooked.config.write_text(config)
+        machine.write_text(before)
+    assert_no_hook_warnings(hooked)
+
+
 def test_plain_virsh_start_of_an_unpinned_domain_runs_on_the_vm_cpus(
         hooked: env.Pinwarden, domains: env.Domains) -> None:
     """Nothing in the XML means the VM CPUs, never every CPU: libvirt itself would let an

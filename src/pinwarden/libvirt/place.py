@@ -239,8 +239,13 @@ def running_from_files(driver: str) -> tuple[DomainInfo, ...]:
     """The running domains of ``driver`` as libvirt's own files tell — the hook may not
     call libvirt: the live definition from the status file (``/run/libvirt/qemu/NAME.xml``,
     ``<domstatus>``), the stored one from the configuration directory.  Affinity: the
-    threads the live definition pins (libvirt writes live pins there).  Files that cannot
-    be read or parsed are left out."""
+    threads the live definition pins (libvirt writes live pins there), and where the
+    kernel lets each thread group it pins nothing for run (QEMU's threads, by name: the
+    hook's own placement at ``started`` is not in the files; left out, a shared domain the
+    hook had placed on the last VM CPUs was moved onto the host's CPUs by a plain ``virsh
+    start`` of an exclusive domain in cgroup mode, where ``pinwarden start``, which asks
+    libvirt and so the kernel, refused: real-libvirt hunt).  Files that cannot be read or
+    parsed are left out."""
     from pathlib import Path
     from xml.etree import ElementTree as ET
 
@@ -249,7 +254,7 @@ def running_from_files(driver: str) -> tuple[DomainInfo, ...]:
     from pinwarden.cpuset import EMPTY
     from pinwarden.domain import parse_domain
     from pinwarden.errors import PinwardenError
-    from pinwarden.libvirt.connect import RUN_DIRS
+    from pinwarden.libvirt.connect import RUN_DIRS, read_pid
     from pinwarden.libvirt.state import Affinity, DomainInfo
 
     out: list[DomainInfo] = []
@@ -282,7 +287,36 @@ def running_from_files(driver: str) -> tuple[DomainInfo, ...]:
             for ident in live.iothread_id_set:
                 iothreads.setdefault(ident, default)
         emulator = live.emulatorpin if live.emulatorpin is not None else default
+        pid = read_pid(driver, live.name) if driver == "qemu" and default is None else None
+        kernel = _kernel_affinity(pid) if pid is not None else {}
+        if kernel:  # the floating groups, as the kernel has them
+            every = kernel.get(("vcpu", None))  # (single-threaded TCG: one thread for all)
+            for vcpu in range(live.current or live.vcpus):
+                got = kernel.get(("vcpu", vcpu), every)
+                if vcpu not in vcpus and got is not None:
+                    vcpus[vcpu] = got
+            for ident in live.iothread_id_set:
+                if ident not in iothreads and ("iothread", ident) in kernel:
+                    iothreads[ident] = kernel["iothread", ident]
+            if emulator is None:
+                emulator = kernel.get(("emulator", None))
         affinity = Affinity(vcpus=vcpus, emulator=emulator or EMPTY, iothreads=iothreads)
         out.append(DomainInfo(driver, live.name, (live.uuid or "").lower(), True, live=live,
                               persistent=stored, affinity=affinity))
     return tuple(out)
+
+
+def _kernel_affinity(pid: int) -> dict[tuple[str, int | None], CpuSet]:
+    """Where the kernel lets each thread group of QEMU process ``pid`` run (empty: gone)."""
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.enforce.affinity import threads_of
+    from pinwarden.libvirt.state import group_affinity
+    from pinwarden.procs import thread_comm
+
+    comms: dict[int, str | None] = {}
+    masks: dict[int, CpuSet] = {}
+    for tid in threads_of(pid):
+        with contextlib.suppress(OSError):  # (a thread that exited meanwhile)
+            masks[tid] = CpuSet.of(os.sched_getaffinity(tid))
+            comms[tid] = thread_comm(pid, tid)
+    return group_affinity(comms, masks)

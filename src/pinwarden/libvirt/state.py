@@ -139,6 +139,20 @@ def qemu_thread(comm: str | None) -> tuple[str, int | None] | None:
     return "emulator", None
 
 
+def group_affinity(comms: Mapping[int, str | None], masks: Mapping[int, CpuSet],
+                   ) -> dict[tuple[str, int | None], CpuSet]:
+    """Where each thread group of a QEMU process may run, as the kernel says (pure): the
+    union of the masks (thread id → CPUs) of the threads :func:`qemu_thread` puts in it,
+    by thread name (thread id → name).  Threads without a mask or a group are left out."""
+    out: dict[tuple[str, int | None], CpuSet] = {}
+    for tid, comm in comms.items():
+        group = qemu_thread(comm)
+        cpus = masks.get(tid)
+        if group is not None and cpus is not None:
+            out[group] = out[group] | cpus if group in out else cpus
+    return out
+
+
 def threads_as_planned(plan: Plan, comms: dict[int, str | None]) -> dict[int, CpuSet]:
     """The CPUs each QEMU thread (id → name) gets under ``plan`` — a vCPU its own,
     single-threaded TCG's one thread every vCPU's, an I/O thread its own (else the
