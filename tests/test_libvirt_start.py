@@ -627,6 +627,73 @@ def test_a_shared_start_that_fails_while_the_domain_runs_says_it_runs(
     pw.run("stop", s, check=True)
 
 
+#: ``pinwarden ARGV`` that sends itself signal ``argv[2]`` while it leases (``lease``: under
+#: the lock, in the planner) or once it has leased and re-pinned (``create``: just before
+#: libvirt starts the domain).
+_SIGNALLED_START = """
+import os, signal, sys
+from pinwarden.libvirt import repin, start
+
+# as in a terminal: a test run started in the background inherits SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
+where, sig = sys.argv[1], getattr(signal, sys.argv[2])
+if where == "lease":
+    decide = repin.ExclusivePlanner.__call__
+
+    def planned(self, host, leases):
+        os.kill(os.getpid(), sig)
+        return decide(self, host, leases)
+
+    repin.ExclusivePlanner.__call__ = planned
+else:
+    create = start._create
+
+    def created(conn, holder, xml):
+        os.kill(os.getpid(), sig)
+        return create(conn, holder, xml)
+
+    start._create = created
+from pinwarden.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize(("where", "sig"), [("lease", "SIGINT"), ("lease", "SIGTERM"),
+                                            ("create", "SIGTERM"), ("create", "SIGHUP")])
+def test_a_signalled_start_leaves_the_host_as_it_was(
+        pw: env.Pinwarden, domains: env.Domains, where: str, sig: str) -> None:
+    """Ctrl-C or SIGTERM of ``pinwarden start`` while it leased: the lease and the layout
+    were made, and stayed — ``machine`` narrowed, the holder group made, the running shared
+    domain on the housekeeping CPU — until some later command reaped the dead reservation
+    (real-libvirt hunt); a SIGTERM or SIGHUP later in the start ended the process at once,
+    with the same result.  Now each undoes the start (the re-pins too), and then Ctrl-C
+    says so and SIGTERM and SIGHUP end the process as they would have."""
+    import signal
+    import sys
+
+    a, s = f"pwtest-start-sig{where}", "pwtest-start-sigs"
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    domains.define(s)
+    pw.run("start", s, check=True)
+    before = (tree_state(pw), env.vm_affinity(s))
+    assert before[1] == {1}
+    done = subprocess.run([sys.executable, "-c", _SIGNALLED_START, where, sig,
+                           *pw.cmd("start", a, "--no-daemon")[1:]],
+                          capture_output=True, text=True, timeout=120)
+    if sig == "SIGINT":
+        assert done.returncode == 130, (done.stdout, done.stderr)
+        assert done.stderr == f"pinwarden: interrupted before domain '{a}' started (its " \
+            "CPUs are free again)\n", done.stderr
+    else:
+        assert done.returncode == -getattr(signal, sig), (done.stdout, done.stderr)
+        assert done.stderr == "", done.stderr
+    assert not domains.conn.lookupByName(a).isActive()
+    assert env.holder_names(pw) == ()
+    assert (tree_state(pw), env.vm_affinity(s)) == before
+    assert not (env.CPUSET / pw.holder_group(a)).exists()
+    pw.run("stop", s, check=True)
+
+
 def test_graceful_stop_that_times_out_keeps_domain_and_lease(pw: env.Pinwarden,
                                                              domains: env.Domains) -> None:
     """The firmware-only guest ignores ACPI shutdown: --graceful gives up after --timeout,

@@ -17,6 +17,12 @@ Handlers someone installed (the event daemon's, ``pinwarden run``'s forwarding) 
 signals are left alone, and so is every thread but the main one (Python runs signal
 handlers there only).
 
+A caller with more to undo than one held section (``pinwarden start``: a lease, then live
+re-pins, then the domain) runs all of it within :func:`ending_unwinds`: there SIGTERM and
+SIGHUP raise :class:`EndedAfterChange` wherever they land (after the change, in a held
+section), so that the caller's ``except`` and ``finally`` clauses undo what it began, and
+end the process as they would have once that is done.
+
 A caller whose change must be undone before the process may end (``pinwarden run``: a
 signal that lands while its CPUs are reserved must not leave them reserved for a command
 that never ran) wraps it in :func:`ending_raises`: there a held SIGTERM or SIGHUP raises
@@ -74,9 +80,44 @@ def ending_raises() -> Iterator[None]:
         _raising.pop()
 
 
+def _unwind(number: int, _frame: FrameType | None) -> None:
+    raise EndedAfterChange(number)
+
+
+@contextlib.contextmanager
+def ending_unwinds() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP whose action is the default raise
+    :class:`EndedAfterChange` (in a held section: once its change is made), and once the
+    block has unwound — its ``except`` and ``finally`` clauses have undone what it began —
+    end the process as they would have.  Only in the main thread (elsewhere, or with
+    handlers of someone else's, nothing changes)."""
+    previous: dict[signal.Signals, Handler] = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        handler = signal.getsignal(sig)
+        if handler is signal.SIG_DFL:
+            try:
+                signal.signal(sig, _unwind)
+            except ValueError:  # not the main thread
+                break
+            previous[sig] = handler
+    try:
+        yield
+    except EndedAfterChange as exc:
+        if exc.signum in previous:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+            previous.clear()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [exc.signum])
+            os.kill(os.getpid(), exc.signum)  # the default action: the process ends here
+        raise
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def _default(sig: int, handler: Handler) -> bool:
-    return handler is signal.SIG_DFL or (sig == signal.SIGINT
-                                          and handler is signal.default_int_handler)
+    return handler is signal.SIG_DFL or handler is _unwind or (
+        sig == signal.SIGINT and handler is signal.default_int_handler)
 
 
 @contextlib.contextmanager

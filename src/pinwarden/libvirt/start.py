@@ -36,6 +36,7 @@ from pinwarden import procs
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import PW_NS, DomainSpec, parse_domain, render_plan
 from pinwarden.errors import InputError, LedgerError, LibvirtError, PinwardenError, Refusal
+from pinwarden.interrupts import EndedAfterChange, InterruptedAfterChange, ending_unwinds
 from pinwarden.libvirt import connect as lv
 from pinwarden.libvirt import kernel, pins
 from pinwarden.libvirt.hook import admit_shared
@@ -118,7 +119,9 @@ def _start(manager: Manager, uri: str, conn: Any, name: str) -> Started:
         spec = parse_domain(xml)
         _no_managed_save(dom, name, exclusive=spec.exclusive)
         if spec.exclusive:
-            return _start_exclusive(manager, conn, holder, spec, xml)
+            # SIGTERM and SIGHUP undo the start as an error does, then end the process
+            with ending_unwinds():
+                return _start_exclusive(manager, conn, holder, spec, xml)
         return _start_shared(manager, conn, holder, spec, xml)
 
 
@@ -273,7 +276,17 @@ def _start_exclusive(manager: Manager, conn: Any, holder: HolderRef, spec: Domai
     # threads' own affinity agree with the cgroups.
     # Owned by this process until QEMU runs: if pinwarden start dies half-way, the lease
     # is reaped; the hook's ``started`` (inside createXML) hands it to QEMU.
-    reserved = manager.reserve(holder, planner, owner_pid=os.getpid())
+    try:
+        reserved = manager.reserve(holder, planner, owner_pid=os.getpid())
+    except InterruptedAfterChange as exc:
+        # Ctrl-C, SIGTERM or SIGHUP while it leased: the lease and the layout were made, and
+        # stayed — the host narrowed for a domain that never started — until the next
+        # command reaped the dead reservation (real-libvirt hunt)
+        _rollback(manager, conn, holder, False, (), {})
+        if isinstance(exc, EndedAfterChange):
+            raise
+        raise KeyboardInterrupt(f"before domain {holder.name!r} started (its CPUs are free "
+                                f"again)") from None
     plan = reserved.plan
     done: list[Repin] = []
     replaced: dict[str, str | None] = {}
