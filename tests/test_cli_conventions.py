@@ -240,6 +240,48 @@ def test_closed_pipe_exits_0_quietly(tmp_path: Path, argv: tuple[str, ...],
     assert proc.stderr == ""  # no traceback, no "Exception ignored", no error line
 
 
+def test_a_stream_closed_from_the_start_is_no_error(tmp_path: Path, empty_config: str) -> None:
+    """Started with stdout (or stderr, or stdin) closed (``>&-``), every command failed with
+    an internal error — after a reserve or release had been committed (hunt).  Now the
+    closed streams are /dev/null: the commands do what they do, and the lease database
+    does not take a standard descriptor."""
+    xml = tmp_path / "x.xml"
+    xml.write_text("<domain type='kvm'><name>vm-closed</name><vcpu>1</vcpu><metadata>"
+                   "<pw:cpu xmlns:pw='urn:pinwarden:domain:1' exclusive='yes'/></metadata>"
+                   "</domain>")
+    state = tmp_path / "state"
+    common = ("--root", str(EXAMPLE), "--state-dir", str(state), "--config", empty_config)
+    code = "from pinwarden.cli import entry; entry()"
+    probe = ("import os, sys\nfrom pinwarden.streams import safe_streams\n"
+             "from pinwarden.ledger import Ledger\nsafe_streams()\n"
+             "Ledger(sys.argv[1]).holders()\n"
+             "os.write(2, repr([os.readlink(f'/proc/self/fd/{fd}') for fd in (0, 1, 2)])"
+             ".encode())")
+
+    def run(closed: str, *argv: str) -> subprocess.CompletedProcess[str]:
+        """``pinwarden ARGV`` started with the descriptors ``closed`` closed (``1>&-``)."""
+        redirect = " ".join(f"{fd}>&-" for fd in closed.split(","))
+        return subprocess.run(["bash", "-c", f'exec "$@" {redirect}', "-", sys.executable,
+                               "-c", code, *argv], capture_output=True, text=True,
+                              timeout=120)
+
+    for closed in ("1", "2", "0,1,2"):
+        for argv in (("reserve", str(xml), *common), ("status", "--json", *common),
+                     ("release", "vm-closed", *common), ("--version",), ("host", "--help")):
+            done = run(closed, *argv)
+            assert done.returncode == 0, (closed, argv, done.stderr)
+            assert done.stderr == "", (closed, argv, done.stderr)
+            if closed == "2":
+                assert done.stdout, (closed, argv)
+    assert cli("status", *common).stdout.startswith("partition ")
+    refused = run("1", "release", "nobody", *common)
+    assert refused.returncode == 1 and refused.stderr.startswith("pinwarden: error: "), \
+        refused.stderr
+    fds = subprocess.run(["bash", "-c", 'exec "$@" <&- >&-', "-", sys.executable, "-c",
+                          probe, str(state)], capture_output=True, text=True, timeout=60)
+    assert fds.stderr.startswith(f"['{os.devnull}', '{os.devnull}', 'pipe:["), fds.stderr
+
+
 @BUFFERING
 def test_closed_pipe_keeps_a_finished_commands_status(tmp_path: Path, unbuffered: str) -> None:
     write = closed_pipe()

@@ -16,7 +16,21 @@ def safe_streams() -> None:
     """Printing never fails for the terminal's encoding: a character the locale cannot show
     (a domain named in Unicode under ``LANG=en_US.ISO-8859-1`` or ``PYTHONIOENCODING=ascii``;
     the ``·`` of the CPU map) is written as an escape (``\\u2603``).  Else the error came
-    after the change was made, and a committed reserve or release read as a bug (exit 70)."""
+    after the change was made, and a committed reserve or release read as a bug (exit 70).
+
+    A standard stream closed when the command started (``>&-``: Python then has None for
+    it) gets /dev/null: printing to it failed every command with an internal error, after
+    a reserve or release had been committed (hunt); and a file opened later, the lease
+    database, would have taken its descriptor, which ``pinwarden run``'s command and the
+    hook's helpers inherit as their standard output."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is None:
+            _devnull_on(fd)
+            try:  # noqa: SIM105 (contextlib is one import more on every command)
+                setattr(sys, name, open(fd, "r" if fd == 0 else "w",  # noqa: SIM115
+                                        closefd=False, errors="backslashreplace"))
+            except OSError:
+                pass
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
@@ -24,6 +38,19 @@ def safe_streams() -> None:
                 reconfigure(errors="backslashreplace")
             except (ValueError, OSError):  # a detached or closed stream: nothing to print
                 pass
+
+
+def _devnull_on(fd: int) -> None:
+    """/dev/null on descriptor ``fd`` if it is closed."""
+    try:
+        os.fstat(fd)
+        return  # open (something took it): left as it is
+    except OSError:
+        pass
+    devnull = os.open(os.devnull, os.O_RDWR)
+    if devnull != fd:
+        os.dup2(devnull, fd)
+        os.close(devnull)
 
 
 def stdout_fd() -> int | None:
