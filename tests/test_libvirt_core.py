@@ -1202,6 +1202,34 @@ def test_hook_check_reports_each_hook(tmp_path: Path) -> None:
     assert "cannot run" in (states["qemu"].problem or "")
 
 
+def test_hook_install_and_check_load_the_configuration_the_hook_will(tmp_path: Path) -> None:
+    """A configuration ``hook run`` cannot load (missing, invalid, a state directory that is
+    a file) fails every hook call: shared domains let through unchecked, exclusive ones
+    refused.  ``hook install`` wrote such a drop-in and ``hook check`` said "ok" (hunt):
+    now install refuses it, naming the problem, and check reports it once it appears."""
+    exe = hook.default_executable()
+    config, state = tmp_path / "pinwarden.toml", tmp_path / "state"
+    hooks = tmp_path / "hooks"
+    missing = tmp_path / "missing.toml"
+    with pytest.raises(Refusal, match=f"hook ping --config {missing} --state-dir {state} "
+                                      f"exited 1: pinwarden: error: config file {missing} "
+                                      f"does not exist\\); nothing installed"):
+        hook.install(hooks, exe=exe, state_dir=state, config=missing)
+    assert not hooks.exists()
+    config.write_text('[partition]\nmode = "none"\n')
+    hook.install(hooks, exe=exe, state_dir=state, config=config)
+    assert [s.problem for s in hook.check_installed(hooks)] == [None, None]
+    config.write_text('[partition]\nmode = "bogus"\n')  # edited later
+    problems = [s.problem or "" for s in hook.check_installed(hooks)]
+    assert all("partition.mode must be auto, isolcpus, cgroup or none, not 'bogus'" in p
+               for p in problems), problems
+    config.write_text('[partition]\nmode = "none"\n')
+    assert not state.exists()  # (nothing was leased: none was made)
+    state.write_text("")  # a file where the state directory should be
+    problems = [s.problem or "" for s in hook.check_installed(hooks)]
+    assert all(f"state directory {state} is not a directory" in p for p in problems), problems
+
+
 def test_hook_refusal_is_shown_as_the_hooks_own_line() -> None:
     class Err(Exception):
         def get_error_message(self) -> str:

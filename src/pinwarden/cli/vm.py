@@ -100,7 +100,9 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", type=Path, default=None, metavar="DIR")
     p.set_defaults(handler=cmd_hook_check)
     p = hook_sub.add_parser("ping", parents=[common],
-                            help="answer that this pinwarden runs (used by check)")
+                            help="answer that this pinwarden runs and loads its "
+                                 "configuration and state directory (used by install "
+                                 "and check)")
     p.set_defaults(handler=cmd_hook_ping)
     p = hook_sub.add_parser(
         "run", parents=[common], help="called by libvirtd (domain XML on stdin)",
@@ -355,6 +357,10 @@ def cmd_hook_check(args: argparse.Namespace) -> int:
 def cmd_hook_ping(args: argparse.Namespace) -> int:
     from pinwarden import __version__
 
+    # what 'hook run' loads with the same options: the configuration and the lease
+    # database's location (an error here is one every hook call would fail with)
+    with manager_of(args) as manager:
+        manager.reader()
     if args.json:
         from pinwarden.cli import print_json
 

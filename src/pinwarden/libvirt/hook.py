@@ -112,6 +112,12 @@ class Installed:
     created_dirs: bool = False  # a qemu.d/lxc.d was created: libvirtd must reload to look
 
 
+def hook_options(config: Path | None, state_dir: Path | None) -> list[str]:
+    """The options the drop-in passes to ``hook run`` (and ``hook ping`` checks)."""
+    return [*(["--config", str(config)] if config is not None else []),
+            *(["--state-dir", str(state_dir)] if state_dir is not None else [])]
+
+
 def hook_script(driver: str, exe: str | Sequence[str], *, state_dir: Path | None,
                 config: Path | None, client: Sequence[str] | None = None,
                 socket: Path | None = None) -> str:
@@ -120,12 +126,8 @@ def hook_script(driver: str, exe: str | Sequence[str], *, state_dir: Path | None
     ``client``: the hook client to run (:mod:`pinwarden.libvirt.hookclient`, handing the
     call to the running daemon at ``socket``, default ``STATE_DIR/hook.sock``), with the
     full command as its fallback; None: the full command itself."""
-    args = [*([exe] if isinstance(exe, str) else exe), "hook", "run"]
-    if config is not None:
-        args += ["--config", str(config)]
-    if state_dir is not None:
-        args += ["--state-dir", str(state_dir)]
-    args.append(driver)
+    args = [*([exe] if isinstance(exe, str) else exe), "hook", "run",
+            *hook_options(config, state_dir), driver]
     state = state_dir or DEFAULT_STATE_DIR
     full = " ".join(shlex.quote(a) for a in args)
     if client is not None:
@@ -277,10 +279,11 @@ class Ping:
     failed: str | None = None  # cannot run, or exit 0 without pinwarden's answer
 
 
-def _ping(argv: Sequence[str]) -> Ping:
-    """Run ``argv hook ping``."""
+def _ping(argv: Sequence[str], options: Sequence[str] = ()) -> Ping:
+    """Run ``argv hook ping OPTIONS``: ``options`` are the drop-in's ``--config`` and
+    ``--state-dir``, which the ping loads as ``hook run`` would."""
     try:
-        done = subprocess.run([*argv, "hook", "ping"], capture_output=True, text=True,
+        done = subprocess.run([*argv, "hook", "ping", *options], capture_output=True, text=True,
                               timeout=60, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return Ping(failed=f"cannot run: {exc}")
@@ -290,19 +293,24 @@ def _ping(argv: Sequence[str]) -> Ping:
     return Ping(done.returncode, (done.stderr.strip().splitlines() or ["no output"])[-1])
 
 
-def _runs(exe: Sequence[str], *, confined: tuple[str, str] | None = None) -> str | None:
-    """Why ``exe`` (what the hook will exec) does not run, or None.  ``confined``: the
-    (daemon, AppArmor profile) the hooks run under (:func:`enforcing_profile`) — the
-    command is then run again from a shell under that profile, as libvirt runs it."""
-    got = _ping(exe)
+def _runs(exe: Sequence[str], options: Sequence[str] = (), *,
+          confined: tuple[str, str] | None = None) -> str | None:
+    """Why ``exe`` (what the hook will exec) does not run, or None.  ``options``: the
+    drop-in's ``--config`` and ``--state-dir`` — a configuration ``hook run`` cannot load
+    fails every call (shared domains let through unchecked, exclusive ones refused), and
+    was installed and checked as "ok" (hunt).  ``confined``: the (daemon, AppArmor
+    profile) the hooks run under (:func:`enforcing_profile`) — the command is then run
+    again from a shell under that profile, as libvirt runs it."""
+    got = _ping(exe, options)
     if got.failed is not None:
         return f"{shlex.join(exe)} {got.failed}"
     if got.status != 0:
-        return f"{shlex.join(exe)} hook ping exited {got.status}: {got.last_line}"
+        return f"{shlex.join([*exe, 'hook', 'ping', *options])} exited {got.status}: " \
+               f"{got.last_line}"
     if confined is None:
         return None
     daemon, profile = confined
-    got = _ping(["/bin/sh", "-c", _CONFINED, "sh", profile, *exe])
+    got = _ping(["/bin/sh", "-c", _CONFINED, "sh", profile, *exe], options)
     if got.failed is not None or got.status in (0, _NOT_CONFINED):
         return None  # runs confined, or the check itself could not confine (not a verdict)
     real = os.path.realpath(shutil.which(exe[0]) or exe[0])  # what the profile matches
@@ -338,7 +346,7 @@ def install(hooks_dir: Path, *, exe: str | Sequence[str], state_dir: Path | None
             raise InputError(f"cannot install into {hooks_dir / f'{driver}.d'}: {blocked} is "
                              f"not a directory; nothing installed")
     if check:
-        problem = _runs(argv, confined=enforcing_profile())
+        problem = _runs(argv, hook_options(config, state_dir), confined=enforcing_profile())
         if problem is not None:
             raise Refusal(f"the hook would run a pinwarden that does not work ({problem}); "
                           f"nothing installed", code="hook-broken")
@@ -471,6 +479,7 @@ def check_installed(hooks_dir: Path, drivers: tuple[str, ...] = DRIVERS) -> list
         text = path.read_text(errors="replace")
         line = _exec_line(text)
         command, client, sock = _split(line) if line is not None else (None, None, None)
+        options = _options(line) if line is not None else []
         daemon = None
         version = _script_version(text)
         if command is None:
@@ -482,7 +491,7 @@ def check_installed(hooks_dir: Path, drivers: tuple[str, ...] = DRIVERS) -> list
         elif not os.access(path, os.X_OK):
             problem = f"{path} is not executable: libvirt skips it"
         else:
-            problem = _runs(command, confined=confined)
+            problem = _runs(command, options, confined=confined)
             if problem is None and client is not None:
                 problem = _client_runs(client)
                 if problem is None and sock is not None:
@@ -530,6 +539,19 @@ def _split(words: list[str]) -> tuple[list[str] | None, list[str] | None, str | 
     if "hook" not in words:
         return None, client, sock
     return words[:words.index("hook")], client, sock
+
+
+def _options(words: list[str]) -> list[str]:
+    """The ``--config`` and ``--state-dir`` a drop-in's command line passes to its
+    ``hook run`` (the full command's, after the client's words)."""
+    from itertools import pairwise
+
+    out: list[str] = []
+    rest = words[len(words) - words[::-1].index("run"):] if "run" in words else []
+    for option, value in pairwise(rest):
+        if option in ("--config", "--state-dir"):
+            out += [option, value]
+    return out
 
 
 def _client_runs(client: Sequence[str]) -> str | None:
