@@ -192,7 +192,17 @@ def test_bad_values_are_one_line_input_errors(body: str, needle: str) -> None:
     ("<cputune exclusive='yes'/>" + META % "exclusive='no'", "contradicts", True),
     ("<metadata><pw:cpu xmlns:pw='urn:pinwarden:domain:2' exclusive='yes'/></metadata>",
      "not pinwarden's", True),
+    # a misspelt element in pinwarden's namespace was ignored: the domain ran shared
+    (f"<metadata><pw:cpus xmlns:pw='{PW_NS}' exclusive='yes'/></metadata>",
+     "<metadata> element <cpus> in pinwarden's namespace 'urn:pinwarden:domain:1' is not "
+     "one pinwarden knows", True),
+    (f"<metadata><pw:CPU xmlns:pw='{PW_NS}'/></metadata>", "is not one pinwarden knows",
+     True),
+    (f"<metadata><pw:cpu xmlns:pw='{PW_NS}' exclusive='yes'/><pw:note xmlns:pw='{PW_NS}'/>"
+     "</metadata>", "<metadata> element <note> in pinwarden's", True),
     # what asks for nothing exclusive stays a plain input error
+    (f"<metadata><pw:cpus xmlns:pw='{PW_NS}' exclusive='no'/></metadata>",
+     "is not one pinwarden knows", False),
     (META % "threads='never'", "<pw:cpu threads>='never'", False),
     (META % "emulator='pinned'", "<pw:cpu emulator>='pinned'", False),
     (META % "exclusive='no' threads='never'", "<pw:cpu threads>='never'", False),

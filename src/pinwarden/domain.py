@@ -249,6 +249,17 @@ def _pw_metadata(metadata: Element | None, exclusive: bool | None,
                     f"{shorten(namespace)}, not pinwarden's {PW_NS!r}: pinwarden would "
                     f"ignore it (an exclusive domain would run shared); use {PW_NS!r}",
                     code=BAD_METADATA)
+            if namespace == PW_NS and child.tag != f"{{{PW_NS}}}cpu":
+                # a misspelt <pw:cpus>, <pw:CPU>: ignored, an exclusive domain ran shared
+                local = child.tag.partition("}")[2]
+                named = f"<{local}>" if len(local) < 40 and local.isprintable() \
+                    else shorten(local)
+                raise InputError(
+                    f"<metadata> element {named} "
+                    f"in pinwarden's namespace {PW_NS!r} is not one pinwarden knows: it "
+                    f"would be ignored (an exclusive domain would run shared); the element "
+                    f"is <cpu>",
+                    code=None if child.get("exclusive") == "no" else BAD_METADATA)
     pw = metadata.findall(f"{{{PW_NS}}}cpu") if metadata is not None else []
     if len(pw) > 1:
         raise InputError("<metadata>: more than one pinwarden <cpu> element",
