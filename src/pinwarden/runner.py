@@ -228,7 +228,10 @@ def run_job(manager: Manager, job: JobSpec, command: Sequence[str]) -> int:
         except InterruptedAfterChange as exc:
             _release(manager, job.name)
             if isinstance(exc, EndedAfterChange):
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # ends here, released
+                # ends here, released, by its signal (the held one was taken, not left
+                # pending: it ended as a Ctrl-C, exit 130, CLI hunt)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                os.kill(os.getpid(), exc.signum)
             raise KeyboardInterrupt(f"before job {job.name!r} ran (its CPUs are free "
                                     "again)") from None
         try:
