@@ -694,6 +694,80 @@ def test_a_signalled_start_leaves_the_host_as_it_was(
     pw.run("stop", s, check=True)
 
 
+#: ``pinwarden ARGV`` while libvirtd goes away: ``start`` — libvirt fails the start, and
+#: every call after it fails as a restarting libvirtd's do; ``stop`` — the destroy is done,
+#: then the connection breaks.
+_LIBVIRTD_GONE = """
+import sys
+import libvirt
+from pinwarden.libvirt import start
+from pinwarden.errors import LibvirtError
+
+def gone(*args, **kwargs):
+    raise libvirt.libvirtError("internal error: client socket is closed")
+
+if sys.argv[1] == "start":
+    def create(conn, holder, xml):
+        libvirt.virConnect.getCPUMap = gone
+        libvirt.virConnect.lookupByUUIDString = gone
+        raise LibvirtError(f"libvirt could not start domain {holder.name!r}: End of file "
+                           f"while reading data: Input/output error")
+
+    start._create = create
+else:
+    destroy = libvirt.virDomain.destroy
+
+    def destroyed(self):
+        destroy(self)
+        libvirt.virDomain.isActive = gone
+        raise libvirt.libvirtError("End of file while reading data: Input/output error")
+
+    libvirt.virDomain.destroy = destroyed
+from pinwarden.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_start_and_a_stop_while_libvirtd_goes_away_say_what_happened(
+        pw: env.Pinwarden, domains: env.Domains) -> None:
+    """libvirtd restarting during ``pinwarden start``: the start failed, and its rollback's
+    first call to libvirt (undoing a re-pin) raised libvirt's raw error — the rest of the
+    rollback was skipped and the command ended in "libvirt failed: … client socket is
+    closed (… try again once it is)" (real-libvirt hunt).  Now the start's own error is
+    said, the lease is freed, and a re-pin libvirt could not undo keeps its record, for the
+    next give-back.  The same during ``pinwarden stop``: the domain was stopped and the
+    command said it failed; now it is stopped, and said so."""
+    import sys
+
+    a, s = "pwtest-start-gone-a", "pwtest-start-gone-s"
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    domains.define(s)
+    pw.run("start", s, check=True)
+    done = subprocess.run([sys.executable, "-c", _LIBVIRTD_GONE, "start",
+                           *pw.cmd("start", a, "--no-daemon")[1:]],
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (1, (
+        f"pinwarden: error: libvirt could not start domain '{a}': End of file while reading "
+        f"data: Input/output error\n")), done.stderr
+    assert env.holder_names(pw) == () and not domains.conn.lookupByName(a).isActive()
+    live = env.libvirt.VIR_DOMAIN_AFFECT_LIVE
+    bits = domains.conn.lookupByName(s).vcpuPinInfo(live)[0]
+    assert {i for i, on in enumerate(bits) if on} == {0}  # the re-pin libvirt kept ...
+    status = pw.run("status", check=True).stdout
+    assert f"{s} vcpu0: pinned to 0 (had 1); CPU 1 free again, not given back yet" in \
+        status, status  # ... is recorded, and given back by the next sync
+    assert "gave back" in pw.run("sync", check=True).stdout
+    assert env.vm_affinity(s) == {1}
+    pw.run("start", a, check=True)
+    stopped = subprocess.run([sys.executable, "-c", _LIBVIRTD_GONE, "stop",
+                              *pw.cmd("stop", a)[1:]], capture_output=True, text=True,
+                             timeout=120)
+    assert stopped.returncode == 0 and stopped.stderr == "", stopped.stderr
+    assert stopped.stdout.startswith(f"{a} stopped; freed CPU 1"), stopped.stdout
+    assert env.holder_names(pw) == () and not domains.conn.lookupByName(a).isActive()
+    pw.run("stop", s, check=True)
+
+
 def test_graceful_stop_that_times_out_keeps_domain_and_lease(pw: env.Pinwarden,
                                                              domains: env.Domains) -> None:
     """The firmware-only guest ignores ACPI shutdown: --graceful gives up after --timeout,

@@ -114,7 +114,11 @@ def xml_of(dom: Any, *, inactive: bool = False, secure: bool = False) -> str:
 
 def host_cpu_count(conn: Any) -> int:
     """Number of host CPUs libvirt's cpumaps cover."""
-    return int(conn.getCPUMap(0)[0])
+    try:
+        return int(conn.getCPUMap(0)[0])
+    except binding().libvirtError as exc:
+        # (libvirtd restarting: a raw error skipped a start's rollback and read as a bug)
+        raise error("cannot read the host's CPU map", exc) from None
 
 
 def _cpus(bits: Iterable[bool]) -> CpuSet:

@@ -100,17 +100,25 @@ def give_back(manager: Manager, conn: Any,
     return given + tuple(done)
 
 
-def undo(conn: Any, driver: str, moves: Sequence[Repin]) -> None:
+def undo(conn: Any, driver: str, moves: Sequence[Repin]) -> tuple[Repin, ...]:
     """A failed exclusive start's re-pins undone through libvirt, the last first, every
     one attempted (a libvirt refusal is not raised: the caller re-raises the start's own
-    error).  An undone emulator pin settles QEMU's other emulator threads as a give-back
-    does (:func:`settle_emulator`): one started while the pin was narrower kept it."""
+    error); returns those libvirt refused (libvirtd restarted during the start, say),
+    whose records the caller keeps for a later give-back.  An undone emulator pin settles
+    QEMU's other emulator threads as a give-back does (:func:`settle_emulator`): one
+    started while the pin was narrower kept it."""
+    failed: list[Repin] = []
     for move in reversed(moves):
-        with contextlib.suppress(PinwardenError):
-            back = move.reversed()
+        back = move.reversed()
+        try:
             lv.apply_repin(conn, back)
-            if move.thread == "emulator":
+        except PinwardenError:
+            failed.append(move)
+            continue
+        if move.thread == "emulator":
+            with contextlib.suppress(PinwardenError):
                 settle_emulator(lv.read_pid(driver, move.domain), back)
+    return tuple(failed)
 
 
 def settle_emulator(pid: int | None, move: Repin) -> None:

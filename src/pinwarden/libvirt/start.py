@@ -50,6 +50,7 @@ from pinwarden.model import (
     domain_holder,
     driver_of_type,
 )
+from pinwarden.narrowed import narrowed_key
 from pinwarden.partition import shared_pool
 from pinwarden.record import field, record, replace
 
@@ -363,9 +364,12 @@ def _rollback(manager: Manager, conn: Any, holder: HolderRef, started: bool,
     with contextlib.ExitStack() as stack:
         with contextlib.suppress(PinwardenError):  # not to be had: undone without it
             stack.enter_context(pins.locked(manager))
-        pins.undo(conn, holder.driver, done)
+        refused = pins.undo(conn, holder.driver, done)
+        # a re-pin libvirt would not undo (libvirtd restarting) keeps its record: the next
+        # give-back returns the CPUs (forgotten, the domain kept the narrow pin for good)
+        keys = {narrowed_key(m.uuid, m.label) for m in refused}
         with contextlib.suppress(PinwardenError):
-            pins.unnote(manager, replaced)
+            pins.unnote(manager, {k: v for k, v in replaced.items() if k not in keys})
     return None
 
 
@@ -424,7 +428,7 @@ def stop(manager: Manager, uri: str, name: str, *, graceful: bool = False,
         # the give-back inside the domain lock: the one the hook's 'release' leaves behind
         # waits for it (pins.give_back_after_release), so this stop says what it gave back
         with domain_lock(manager.state_dir, holder):
-            was_running = _stop_domain(dom, name, graceful=graceful, timeout=timeout)
+            was_running = _stop_domain(dom, holder, graceful=graceful, timeout=timeout)
             try:
                 record = manager.drop(holder)
             except LedgerError as exc:  # the domain is stopped: never "nothing was changed"
@@ -444,9 +448,10 @@ def stop(manager: Manager, uri: str, name: str, *, graceful: bool = False,
     return Stopped(name, holder.uuid or "", was_running, released, given, notes)
 
 
-def _stop_domain(dom: Any, name: str, *, graceful: bool, timeout: float) -> bool:
+def _stop_domain(dom: Any, holder: HolderRef, *, graceful: bool, timeout: float) -> bool:
     """Destroy (or shut down and wait for) a domain; False if it was not running."""
     b = lv.binding()
+    name = holder.name
     if not dom.isActive():
         return False
     try:
@@ -456,9 +461,20 @@ def _stop_domain(dom: Any, name: str, *, graceful: bool, timeout: float) -> bool
         else:
             dom.destroy()
     except b.libvirtError as exc:
-        if dom.isActive():
+        if _still_running(dom, holder):
             raise libvirt_failure(f"cannot stop domain {name!r}", exc) from None
     return True
+
+
+def _still_running(dom: Any, holder: HolderRef) -> bool:
+    """Whether a domain a call failed on still runs: as libvirt says, or — libvirtd went
+    away during the call (restarted), and cannot say — as its process does (the domain
+    was stopped, and 'pinwarden stop' said it failed: "client socket is closed", its
+    lease left for the hook or a later sync: real-libvirt hunt)."""
+    try:
+        return bool(dom.isActive())
+    except lv.binding().libvirtError:
+        return _runs_anyway(holder) is not None
 
 
 def _wait_inactive(dom: Any, name: str, timeout: float) -> None:
