@@ -426,3 +426,27 @@ def test_one_vm_cpu_and_one_housekeeping_cpu_are_named_as_one(
     for argv in (["host"], ["status"], ["plan", str(xml)]):
         assert main([*argv, *args]) == 0
         assert "partition none: VM CPU 1, housekeeping CPU 0" in capsys.readouterr().out
+
+
+def test_a_reserve_on_a_host_dump_needs_a_state_directory_of_its_own(
+        env: dict[str, Path], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``reserve --root DUMP`` without ``--state-dir`` recorded the dump's CPUs into this
+    host's lease database (the configured one): its VMs were then refused CPUs the dump
+    leased, and ``host`` read the dump's host record as this host's (CLI hunt).  Refused
+    now, with nothing recorded; a state directory named on the command line or in
+    ``PINWARDEN_STATE_DIR`` is the dump's own."""
+    live = env["dir"] / "live-state"
+    config = write(env, "live.toml", f'[ledger]\nstate_dir = "{live}"\n')
+    xml = write(env, "vm1.xml", SEED)
+    monkeypatch.delenv("PINWARDEN_STATE_DIR", raising=False)
+    status = main(["reserve", xml, "--root", str(EXAMPLE), "--config", config])
+    _, err = capsys.readouterr()
+    assert status == 1
+    assert err == (f"pinwarden: error: reserve on the host dump {EXAMPLE} would record into "
+                   f"this host's lease database ({live}); give the dump one of its own with "
+                   f"--state-dir DIR\n")
+    assert not live.exists()
+    monkeypatch.setenv("PINWARDEN_STATE_DIR", str(env["state"]))
+    assert main(["reserve", xml, "--root", str(EXAMPLE), "--config", config]) == 0
+    assert (env["state"] / DB_NAME).exists() and not live.exists()

@@ -23,12 +23,14 @@ def safe_streams() -> None:
     a reserve or release had been committed (hunt); and a file opened later, the lease
     database, would have taken its descriptor, which ``pinwarden run``'s command and the
     hook's helpers inherit as their standard output."""
-    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+    if sys.stdin is None:  # (left None: reading it says it is closed)
+        _devnull_on(0)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
         if getattr(sys, name) is None:
             _devnull_on(fd)
             try:  # noqa: SIM105 (contextlib is one import more on every command)
-                setattr(sys, name, open(fd, "r" if fd == 0 else "w",  # noqa: SIM115
-                                        closefd=False, errors="backslashreplace"))
+                setattr(sys, name, open(fd, "w", closefd=False,  # noqa: SIM115
+                                        errors="backslashreplace"))
             except OSError:
                 pass
     for stream in (sys.stdout, sys.stderr):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pinwarden.cli import print_json, printable
-from pinwarden.cli.common import manager_of
+from pinwarden.cli.common import manager_of, state_dir_of
 from pinwarden.errors import HostError, InputError
 
 # Everything else is imported by the handler that needs it: building the parser (every
@@ -203,10 +203,26 @@ def run_reserve(args: argparse.Namespace) -> int:
     xml = read_xml(args.xml)
     spec = parse_domain(xml)
     holder = holder_of(spec)
+    _own_state_for_a_dump(args, "reserve")
     with manager_of(args) as manager:
         reserved = manager.reserve_request(spec, holder=holder)
         return _report(args, manager, xml, spec, reserved.plan, manager.host(), holder,
                        recorded=True)
+
+
+def _own_state_for_a_dump(args: argparse.Namespace, command: str) -> None:
+    """A lease on a host dump (``--root``) goes to a lease database of its own, named on
+    the command line or by ``PINWARDEN_STATE_DIR``: the configured one is this host's, and
+    a dump's CPUs leased there were refused to this host's VMs, and its host record read
+    as this host's (CLI hunt)."""
+    import os
+
+    if os.path.realpath(args.root) == "/" or args.state_dir or \
+            os.environ.get("PINWARDEN_STATE_DIR"):
+        return
+    raise InputError(f"{command} on the host dump {args.root} would record into this "
+                     f"host's lease database ({state_dir_of(args)}); give the dump one of "
+                     f"its own with --state-dir DIR")
 
 
 def invalid_partitions(root: Path, records: Sequence[HolderRecord]) -> dict[tuple[str, str],
