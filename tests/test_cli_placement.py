@@ -450,3 +450,20 @@ def test_a_reserve_on_a_host_dump_needs_a_state_directory_of_its_own(
     monkeypatch.setenv("PINWARDEN_STATE_DIR", str(env["state"]))
     assert main(["reserve", xml, "--root", str(EXAMPLE), "--config", config]) == 0
     assert (env["state"] / DB_NAME).exists() and not live.exists()
+
+
+def test_define_reads_at_most_the_size_it_accepts(env: dict[str, Path],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``define /dev/zero`` read without a limit (out of memory: exit 70), where ``plan``
+    and ``reserve`` read one byte over the limit and refuse (CLI hunt); ``define -`` reads
+    the XML from stdin, as ``plan -`` does."""
+    status = main(["define", "/dev/zero", "--state-dir", str(env["state"])])
+    _, err = capsys.readouterr()
+    assert status == 1 and err == ("pinwarden: error: domain XML is 1048577 bytes, more "
+                                   "than the 1048576 accepted\n"), err
+    done = subprocess.run(
+        [sys.executable, "-c", "from pinwarden.cli import entry; entry()", "define", "-",
+         "--state-dir", str(env["state"])], input="<domain><name>x</name></domian>",
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stderr.startswith("pinwarden: error: ") and \
+        "malformed" in done.stderr and "cannot read" not in done.stderr, done.stderr

@@ -1507,7 +1507,7 @@ def test_define_names_the_driver_from_the_xml_not_the_uri(
     path.write_text(f"<domain type='lxc'><name>box</name><uuid>{UUID_A}</uuid><memory>65536"
                     f"</memory><vcpu>1</vcpu>{EXCLUSIVE_META}<os><type>exe</type><init>"
                     "/bin/sh</init></os></domain>")
-    start_mod.define(manager, "box", path)
+    start_mod.define(manager, "box", path.read_bytes())
     (text,) = stored
     assert "<partition>/pinwarden-lxc-box</partition>" in text, text
 

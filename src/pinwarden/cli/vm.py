@@ -62,7 +62,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
                     "could not run even with nothing leased, is refused and nothing is "
                     "defined; XML that only the current leases keep from starting is "
                     "defined, saying why it cannot start now.")
-    p.add_argument("file", metavar="FILE.xml", type=Path)
+    p.add_argument("file", metavar="FILE.xml", help="the domain XML ('-': standard input)")
     p.set_defaults(handler=cmd_define)
 
     hook = subparsers.add_parser(
@@ -259,10 +259,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_define(args: argparse.Namespace) -> int:
+    from pinwarden.cli.placement import read_xml
     from pinwarden.libvirt.start import define
 
+    xml = read_xml(args.file)  # ('-': stdin; the size refused over the limit, not read)
     with manager_of(args) as manager:
-        result = define(manager, uri_of(args), args.file)
+        result = define(manager, uri_of(args), xml)
     if args.json:
         print_json(result.to_json())
         return 0

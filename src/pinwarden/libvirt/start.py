@@ -26,7 +26,6 @@ import re
 import time
 import uuid as uuidlib
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
 
@@ -35,7 +34,7 @@ import defusedxml.ElementTree as SafeET
 from pinwarden import procs
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import PW_NS, DomainSpec, parse_domain, render_plan
-from pinwarden.errors import InputError, LedgerError, LibvirtError, PinwardenError, Refusal
+from pinwarden.errors import LedgerError, LibvirtError, PinwardenError, Refusal
 from pinwarden.interrupts import EndedAfterChange, InterruptedAfterChange, ending_unwinds
 from pinwarden.libvirt import connect as lv
 from pinwarden.libvirt import kernel, pins
@@ -564,13 +563,11 @@ def _prefixes(xml: str) -> list[tuple[str, str]]:
     return out
 
 
-def define(manager: Manager, uri: str, path: Path) -> Defined:
-    try:
-        xml = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
-        raise InputError(f"cannot read {path}: {why}") from None
-    spec = parse_domain(xml)
+def define(manager: Manager, uri: str, data: bytes) -> Defined:
+    """Define the domain of XML document ``data`` (as read by the command line: at most
+    one byte over :data:`~pinwarden.domain.MAX_XML_BYTES`, which is refused)."""
+    spec = parse_domain(data)  # (too large or not UTF-8: refused here)
+    xml = data.decode("utf-8-sig")
     uuid = spec.uuid or str(uuidlib.uuid4())
     spec = replace(spec, uuid=uuid)
     # the XML's <domain type> names the driver (a URI may be an alias libvirt resolves)
