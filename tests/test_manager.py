@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -945,9 +946,18 @@ def test_release_of_a_holder_that_runs_is_refused_unless_forced(host4: Path,
                 m.release("J", force=False)
             assert err.value.code == "holder-running"
             assert err.value.message == (
-                f"job 'J' still runs (pid {runs.pid}) on CPU 3: stop it (end process "
-                f"{runs.pid}) and its leases go with it; 'pinwarden release --force' frees "
-                "them while it runs"), err.value.message
+                f"job 'J' still runs (pid {runs.pid}) on CPU 3: stop it (kill {runs.pid}) "
+                "and its leases go with it; 'pinwarden release --force' frees them while it "
+                "runs"), err.value.message
+            # a domain's name quoted for the shell, as typed (it was not: CLI hunt)
+            odd = domain_holder("qemu", "my vm $(id);x", "6f" * 16)
+            m.reserve(odd, lambda host, leases: Plan(odd.name, odd.uuid, True, {0: C("2")},
+                                                    C("2"), leases={2: "vcpu0"}),
+                      owner_pid=runs.pid)
+            with pytest.raises(Refusal, match=re.escape(
+                    "stop it (pinwarden stop 'my vm $(id);x') and its leases go")):
+                m.release("my vm $(id);x", force=False)
+            m.release("my vm $(id);x")
             assert [h.ref.name for h in m.holders()] == ["J"]
             assert fake.read_state([""]) == before
             assert m.release("J").ref.name == "J"  # forced (every internal caller)

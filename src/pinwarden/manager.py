@@ -48,7 +48,7 @@ from pinwarden.errors import (
     state_dir_advice,
 )
 from pinwarden.ledger import DB_NAME, HolderRecord, HostRecord, Ledger
-from pinwarden.model import KEPT_ROLE, HolderRef, Lease, Plan
+from pinwarden.model import KEPT_ROLE, HolderRef, Lease, Plan, stop_command
 from pinwarden.partition import Host, VmCgroup, load_host, read_vm_cgroup
 from pinwarden.record import record, replace
 
@@ -582,9 +582,8 @@ class Manager:
             if found is not None and found.owner_pid is not None \
                     and procs.alive(found.owner_pid, found.owner_start):
                 ref = found.ref
-                stop = {"qemu": f"'pinwarden stop {ref.name}' or 'virsh destroy {ref.name}'",
-                        "lxc": f"'virsh -c lxc:/// destroy {ref.name}'"}.get(
-                            ref.driver, f"end process {found.owner_pid}")
+                # (the name quoted for the shell, as every other refusal has it: hunt)
+                stop = stop_command(ref, found.owner_pid)
                 raise Refusal(f"{ref} still runs (pid {found.owner_pid}) on "
                               f"{found.plan.leased().named(empty='no CPUs')}: stop it "
                               f"({stop}) and its leases go with it; 'pinwarden release "
