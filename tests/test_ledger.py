@@ -1230,3 +1230,12 @@ def test_a_full_file_system_is_named_for_reads_too(state: Path) -> None:
         error = ledger._error(sqlite3.OperationalError("database or disk is full"))
     assert "the file system is full (SQLite needs room beside the database even to read " \
         "it); nothing was changed: free some space and retry" in error.message
+
+
+def test_a_pseudo_file_system_is_not_called_full() -> None:
+    """/proc has no blocks at all: a state directory there read as a full file system
+    ("the file system is full (No such file or directory)": CLI hunt)."""
+    with pytest.raises(LedgerError) as err:
+        Ledger(Path("/proc/self"))
+    assert "full" not in err.value.message, err.value.message
+    assert "cannot create lease database /proc/self/leases.db" in err.value.message

@@ -613,7 +613,8 @@ class Ledger:
             st = os.statvfs(self.state_dir)
         except OSError:
             return False
-        return st.f_bavail * st.f_frsize < 1 << 20
+        # (a pseudo file system — /proc, sysfs — has no blocks at all: not full)
+        return st.f_blocks > 0 and st.f_bavail * st.f_frsize < 1 << 20
 
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         try:
