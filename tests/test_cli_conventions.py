@@ -117,6 +117,9 @@ def test_json_that_does_not_apply_is_refused_and_hook_ping_answers_in_json() -> 
         done = cli(*argv)
         assert done.returncode == 2 and done.stdout == "", done
         assert "--json does not apply: the completion script is shell code" in done.stderr
+    done = cli("demo", "--offline", "--json")  # (it printed its text and exited 0: hunt)
+    assert done.returncode == 2 and done.stdout == "", done
+    assert "--json does not apply: the demo is a walk-through for people" in done.stderr
 
 
 def test_json_before_the_command_end_to_end(empty_config: str) -> None:

@@ -63,7 +63,14 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
                    help="leave the demo domains defined and running")
     p.add_argument("--dry-run", action="store_true",
                    help="say what the demo would do and plan its domains, changing nothing")
-    p.set_defaults(handler=run)
+
+    def handler(args: argparse.Namespace) -> int:
+        if args.json:  # (it printed its text and exited 0: CLI hunt)
+            p.error("--json does not apply: the demo is a walk-through for people; each "
+                    "of its commands takes --json")
+        return run(args)
+
+    p.set_defaults(handler=handler)
 
 
 @contextlib.contextmanager
