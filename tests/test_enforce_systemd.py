@@ -1256,7 +1256,12 @@ def test_a_drop_in_of_its_own_left_with_nothing_leased_is_removed(
     # the setting as found, not "removed CPUs 1-2,4-7" — the last release left the slice
     # on 0 for good (systemd-lab hunt)
     (None, "", True, "set back to inherit its parent's CPUs", "", {}),
-], ids=["configured", "configured-persistent", "inheriting", "reverted"])
+    # configured, and set back to inherit ('systemctl revert'): what goes back is
+    # "inherit", not the parent's CPUs of now — the last release set AllowedCPUs=0-7 and
+    # kept it in a runtime drop-in, the housekeeping CPU 0 a VM CPU (systemd-lab hunt)
+    ("0-7", "", True, "added CPU 0", "", {}),
+], ids=["configured", "configured-persistent", "inheriting", "reverted",
+        "configured-reverted"])
 def test_an_edit_while_leased_is_put_back_with_its_drop_in(
         bus_address: str, tmp_path: Path, configured: str | None, edit: str, runtime: bool,
         change: str, after: str, dropins: dict[str, str]) -> None:

@@ -1368,6 +1368,7 @@ class Manager:
         from pinwarden.enforce.backend import CgroupOpError, kernel_path, parent_of
         from pinwarden.partition import edited_partition, shared_edit
 
+        inherit = False  # set back to inherit its parent's CPUs ('systemctl revert')
         try:
             data = json.loads(value)
             written = CpuSet.parse_kernel(str(data["set"]))
@@ -1385,6 +1386,7 @@ class Manager:
                     return record
                 parent = parent_of(path)
                 now = backend.read_group(parent).cpus if parent is not None else now
+                inherit = own is not None
             edit = shared_edit(written, now, leased)
             if edit is None or record is None:
                 return record
@@ -1401,9 +1403,18 @@ class Manager:
         found, own = edited_partition(record.partition, record.found, own, edit,
                                       decides=decides)
         data["set"] = now.to_list()
+        if inherit:
+            # what goes back is "inherit", as the administrator set it: not the parent's
+            # CPUs of now, which the last release wrote and kept in a drop-in until the
+            # next boot, the housekeeping CPUs made VM CPUs (systemd-lab hunt); and the
+            # drop-ins that held their setting are gone ('systemctl revert' removed them)
+            own = EMPTY
+            data["cpus"] = ""
+            if "dropins" in data:
+                data["dropins"] = []
         # (a group pinwarden made stays its own, removed at the end; one that inherited
         # its CPUs goes on inheriting them unless the edit changed them)
-        if own is not None and own != was:
+        if own is not None and own != was and not inherit:
             data["cpus"] = own.to_list()
             if "dropins" in data:  # systemd: the setting is the administrator's now, and
                 # so is the runtime drop-in of a 'set-property --runtime' (kept at the
@@ -1422,8 +1433,9 @@ class Manager:
         change = ", ".join(f"{word} {cpus.named()}" for word, cpus in
                            (("added", edit.added), ("removed", edit.removed)) if cpus)
         before, after = record.partition, amended.partition
-        back = f"; it gets {own.to_list() or '(none)'} back when the last lease goes" \
-            if own is not None and own != was else ""
+        back = ("; it inherits its parent's CPUs again when the last lease goes" if inherit
+                else f"; it gets {own.to_list() or '(none)'} back when the last lease goes"
+                if own is not None and own != was else "")
         if (after.mode, after.vm_cpus) != (before.mode, before.vm_cpus):
             outcome = (f"taken as your change of the VM partition, now {after.mode} (VM "
                        f"{after.vm_cpus.named(empty='CPUs -')})")
