@@ -1099,6 +1099,31 @@ def test_the_last_release_removes_the_drop_ins_pinwarden_made(
         assert found["50-AllowedCPUs.conf"] == "AllowedCPUs=1-7"
 
 
+def test_a_stale_holder_slice_narrowed_meanwhile_is_not_set_again_once_gone(
+        bus_address: str, tmp_path: Path) -> None:
+    """A dead job's holder slice left behind (its supervisor and command killed together)
+    still named the CPU the next job leases: the escape check narrowed it, as anybody's,
+    recording what to put back, and the layout stopped it.  The last release then set its
+    properties again, and systemd created its cgroup again, which nothing removed
+    (systemd-lab hunt).  A holder group of pinwarden's own that is gone is not put back."""
+    from pinwarden.model import job_holder
+    from pinwarden.policy import JobSpec
+
+    root = tmp_path / "root"
+    stale = "pinwarden\\x2drun\\x2dgone.slice"
+    with _running_standin(bus_address, tmp_path / "standin.log", "--root", str(root)) as s:
+        said: list[str] = []
+        with _standin_manager(s.address, root, tmp_path / "state", said) as (m, _backend):
+            m.reserve_request(JobSpec("J", cpus=CpuSet.parse("3")))
+            m.ledger().put_changes({f"cgroup:{stale}": json.dumps(
+                {"cpus": "3", "partition": "root", "dropins": []})})
+            m.drop(job_holder("J"))
+            assert m.ledger().changes() == {}
+        set_on = [c["body"][0] for c in s.calls("SetUnitProperties")]
+    assert set_on and stale not in set_on, set_on
+    assert not (root / "run/systemd/system.control" / f"{stale}.d").exists()
+
+
 @pytest.mark.parametrize("how", ["set-property", "edit"])
 def test_a_daemon_reload_keeps_the_leased_cpu_out_of_the_operators_partition(
         bus_address: str, tmp_path: Path, how: str) -> None:

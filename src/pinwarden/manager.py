@@ -739,14 +739,17 @@ class Manager:
         if top is None:
             return set()
         shared = self.config.cgroup_v1 if v1 else self.config.cgroup_v2
-        stem = self.config.exclusive_cgroup.removesuffix(".partition")
-        escaped = stem.replace("-", "\\x2d") + "\\x2d"  # systemd's escape of "-"
-        prefixes = (f"{stem}-", escaped)
+        prefixes = self._holder_prefixes()
         try:
             with os.scandir(top / shared.rpartition("/")[0]) as entries:
                 return {e.name for e in entries if e.name.startswith(prefixes)}
         except OSError:
             return set()
+
+    def _holder_prefixes(self) -> tuple[str, str]:
+        """How the names of holder groups begin: ``STEM-``, or systemd's ``STEM\\x2d``."""
+        stem = self.config.exclusive_cgroup.removesuffix(".partition")
+        return f"{stem}-", stem.replace("-", "\\x2d") + "\\x2d"  # systemd's escape of "-"
 
     def reap(self) -> tuple[HolderRecord, ...]:
         """Free the holders whose owner process is gone, and shrink the layout."""
@@ -1116,7 +1119,10 @@ class Manager:
                     self.warn(f"holder partition /{op.path} was invalid (a cgroup beside it "
                               f"had taken its CPUs; the kernel does not check it again by "
                               f"itself): made a valid {op.word} partition again")
-            if isinstance(op, SetCpus) and op.path != shared:
+            if isinstance(op, SetCpus) and op.path != shared and \
+                    not op.path.startswith(self._holder_prefixes()):
+                # (a stale holder group of pinwarden's own — a dead job's, its supervisor
+                # killed — is narrowed too, and the layout removes it: nothing to say)
                 was = before[op.path].cpus
                 kernel = ("which the kernel lets it use" if before[op.path].effective & leased
                           else "which the kernel keeps it off only while every holder "
@@ -1143,7 +1149,12 @@ class Manager:
             try:
                 data = json.loads(value)
                 cpus = CpuSet.parse_kernel(str(data["cpus"]))
-                if backend.kind == "systemd" and _is_unit(path):
+                if path.startswith(self._holder_prefixes()) and \
+                        (mount is None or not (mount / path).is_dir()):
+                    pass  # pinwarden's own stale holder group, removed since: a slice's
+                    # properties set again made systemd create its cgroup again, which
+                    # nothing removed (systemd-lab hunt)
+                elif backend.kind == "systemd" and _is_unit(path):
                     backend.set_cpus(path, cpus)
                     self._remove_setting_files(backend, path, value)
                 elif mount is not None and (mount / path).is_dir():
