@@ -272,6 +272,26 @@ def test_decide_partition_is_pure(tmp_path: Path) -> None:
     assert (part.mode, part.vm_cpus) == ("cgroup", cs("2-3"))
 
 
+@pytest.mark.parametrize(("cg", "said"), [
+    (VmCgroup("machine.slice", 2, cs("")),
+     "cgroup machine.slice has no online CPU in its cpuset (none of its own: it is not "
+     "restricted); give it the VM CPUs, e.g. 'systemctl set-property machine.slice "
+     "AllowedCPUs=1-3'"),
+    (VmCgroup("machine", 1, cs("")),
+     "cgroup machine has no online CPU in its cpuset; give it the VM CPUs, e.g. "
+     "cpuset.cpus = 1-3 in its cgroup directory"),
+], ids=["systemd", "v1"])
+def test_cgroup_mode_without_vm_cpus_says_how_to_give_them(tmp_path: Path, cg: VmCgroup,
+                                                          said: str) -> None:
+    """The advice was 'cpuset.cpus = ALL ONLINE CPUS' — none left for the host, and on
+    systemd a write to the cgroup file is undone (systemctl set-property is the way), and
+    an empty AllowedCPUs is no restriction at all (systemd-lab hunt)."""
+    build_host(tmp_path, HostSpec(cpus=4))
+    with pytest.raises(HostError) as err:
+        decide_partition(read_topology(tmp_path), Config(mode="cgroup"), cg)
+    assert err.value.message == f"partition mode cgroup is configured but {said}"
+
+
 # -- mounts -------------------------------------------------------------------------------
 
 

@@ -212,9 +212,17 @@ def decide_partition(topology: Topology, config: Config, cgroup: VmCgroup) -> Pa
                             "[partition] mode to auto, isolcpus or none")
         part = _cgroup(topology, cgroup)
         if not part.vm_cpus:
-            raise HostError(f"partition mode cgroup is configured but cgroup {cgroup.name} "
-                            "has no online CPU in its cpuset; give it the VM CPUs (e.g. "
-                            f"cpuset.cpus = {topology.online})")
+            # (the example keeps the first core for the host, as mode none would: all
+            # online CPUs left the host none; and on systemd, where an empty AllowedCPUs
+            # means unrestricted, a write to the cgroup file is undone: systemd-lab hunt)
+            example = (topology.online - default_reserve(topology)) or topology.online
+            name = cgroup.name or ""
+            how = (f"'systemctl set-property {name} AllowedCPUs={example}'"
+                   if name.endswith(".slice") else
+                   f"cpuset.cpus = {example} in its cgroup directory")
+            why = " (none of its own: it is not restricted)" if cgroup.version == 2 else ""
+            raise HostError(f"partition mode cgroup is configured but cgroup {name} has no "
+                            f"online CPU in its cpuset{why}; give it the VM CPUs, e.g. {how}")
         return part
     if mode == "none":
         return _none(topology, config, "partition mode none is configured")
