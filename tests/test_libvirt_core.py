@@ -2288,7 +2288,8 @@ def test_a_give_back_libvirt_refuses_is_tried_again_after_a_sync_before_an_error
     answers: list[Exception | None] = [LibvirtError("failed to set cpuset.cpus"), None]
     calls: list[str] = []
 
-    def give_back(_manager: Manager, _conn: Any) -> tuple[Any, ...]:
+    def give_back(_manager: Manager, _conn: Any, *, place: bool = True) -> tuple[Any, ...]:
+        assert place is False  # (the daemon's pass placed the domains itself)
         calls.append("give_back")
         answer = answers.pop(0) if answers else LibvirtError("still refused")
         if answer is not None:

@@ -597,6 +597,32 @@ def _wait(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
+def test_a_vcpu_hot_plugged_without_the_daemon_gets_the_vm_cpus_when_the_lease_ends(
+        hooked: env.Pinwarden, domains: env.Domains, tmp_path: Path) -> None:
+    """A shared domain the hook placed on the housekeeping CPU (every VM CPU leased), then
+    a vCPU hot-plugged (``virsh setvcpus --live``): libvirt gives the new thread its
+    default, every CPU, which the narrowed cgroup kept on CPU 0.  Without the daemon, the
+    lease's end widened the cgroup and the thread ran on CPUs 0-1 — the housekeeping CPU
+    too — for good: the give-back forgot its placement's record as somebody else's pin
+    (real-libvirt hunt).  Now the give-back first places such threads, as the daemon does,
+    and every thread runs on the VM CPU again."""
+    x, s = "pwtest-e2e-hpx", "pwtest-e2e-hps"
+    define_exclusive_and_shared(hooked, domains, tmp_path, x, "pwtest-e2e-hpu")
+    domains.track(s)
+    domains.conn.defineXML(env.tiny_domain_xml(s, vcpus=2).replace(
+        "<vcpu>2</vcpu>", "<vcpu current='1'>2</vcpu>"))
+    hooked.run("start", x, check=True)
+    assert virsh("start", s).returncode == 0
+    assert env.vm_affinity(s) == {0}  # every VM CPU leased: the housekeeping CPU
+    plugged = virsh("setvcpus", s, "2", "--live")
+    assert plugged.returncode == 0, plugged.stderr
+    assert "CPU 1/KVM" in env.thread_affinities(s)
+    hooked.run("stop", x, check=True)
+    assert env.thread_affinities(s)["CPU 1/KVM"] == {1}, env.thread_affinities(s)
+    assert env.vm_affinity(s) == {1}, env.thread_affinities(s)
+    assert virsh("destroy", s).returncode == 0
+
+
 def test_a_lease_that_ends_through_the_hook_gives_the_cpu_back_without_the_daemon(
         hooked: env.Pinwarden, domains: env.Domains) -> None:
     """An exclusive domain started by 'pinwarden start' re-pins a running shared domain

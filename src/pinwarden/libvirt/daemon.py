@@ -101,7 +101,7 @@ def reconcile_once(manager: Manager, conn: Any, *, restore: bool,
     _sync(manager)  # a layout changed behind pinwarden's back is put back
     for attempt in (1, 2):
         try:  # pins pinwarden narrowed get back the CPUs no longer leased
-            for move in pins.give_back(manager, conn):
+            for move in pins.give_back(manager, conn, place=False):  # (placed above)
                 log.info("gave back %s", move)
             break
         except PinwardenError as exc:

@@ -58,12 +58,17 @@ def unnote(manager: Manager, replaced: dict[str, str | None]) -> None:
 
 
 def give_back(manager: Manager, conn: Any,
-              domains: Sequence[DomainInfo] | None = None) -> tuple[Repin, ...]:
+              domains: Sequence[DomainInfo] | None = None, *,
+              place: bool = True) -> tuple[Repin, ...]:
     """Re-pin running domains to the CPUs pinwarden took from their pins and no longer
     leases, and give shared containers the hook placed narrower back theirs
     (:func:`give_back_containers`, whatever the connection's driver); returns the moves
     made.  A move libvirt refuses keeps its record (the next call tries again) and is
-    raised as the :class:`~pinwarden.errors.LibvirtError`."""
+    raised as the :class:`~pinwarden.errors.LibvirtError`.
+
+    ``place``: first give the threads of shared domains that run off the VM CPUs without
+    CPUs of their own their placement (:func:`place_strays`), as the daemon's passes do
+    (which place themselves: False)."""
     if not manager.change_records(NARROWED_PREFIX):
         return ()  # the common case, without a lock
     given = give_back_containers(manager)
@@ -75,6 +80,9 @@ def give_back(manager: Manager, conn: Any,
         recorded = manager.change_records(NARROWED_PREFIX)
         if domains is None:
             domains = lv.list_domains(conn, active_only=True)
+        if place and place_strays(manager, domains):  # their affinity changed: read again
+            domains = lv.list_domains(conn, active_only=True)
+            recorded = manager.change_records(NARROWED_PREFIX)
         running = {d.uuid for d in domains if d.active}
         stopped = any(key_parts(k)[0] not in running for k in recorded)
         resets = cgroup_resets_affinity()
@@ -209,6 +217,31 @@ RELEASE_RETRIES = (0.0, 1.0, 2.0, 4.0)
 #: guest with much preallocated memory).  A command still running then is hung: the
 #: process gives up rather than live on in libvirtd's cgroup.
 RELEASE_LOCK_WAIT = 900.0
+
+
+def place_strays(manager: Manager, domains: Sequence[DomainInfo]) -> bool:
+    """Threads of running shared domains that have no CPUs of their own and run off the VM
+    CPUs get the placement the hook gave the domain at its start (the VM CPUs less the
+    leased ones), as each pass of the event daemon gives it: a vCPU hot-plugged or an I/O
+    thread added live gets libvirt's default, every CPU, once a lease's end widens its
+    cgroup — without the daemon it kept the housekeeping CPUs, and its placement's record
+    was forgotten as somebody else's pin (real-libvirt hunt).  Whether any was placed."""
+    from pinwarden.libvirt.place import place_default
+    from pinwarden.libvirt.reconcile import Place, reconcile
+
+    try:
+        host = manager.host()
+    except PinwardenError:
+        return False
+    placed = False
+    for action in reconcile(domains, manager.holders(), manager.libvirt_partition,
+                            now=time.time(), drivers=("qemu",),
+                            vm_cpus=host.partition.vm_cpus & host.topology.online):
+        if isinstance(action, Place) and action.domain.live is not None:
+            with contextlib.suppress(PinwardenError):  # (the give-back goes on)
+                placed |= place_default(manager, action.domain.name,
+                                        action.domain.live) is not None
+    return placed
 
 
 def give_back_now(manager: Manager, uri: str) -> tuple[tuple[Repin, ...], str | None]:
