@@ -126,6 +126,30 @@ def test_an_endless_or_huge_config_file_is_refused_at_once(
     assert [x["value"] for x in settings if x["key"] == "mode"] == ["none"]
 
 
+def test_a_named_pipe_nobody_writes_is_read_as_empty_not_waited_for(tmp_path: Path) -> None:
+    """Opening a named pipe waits for a writer: a FIFO in place of the configuration file
+    held every command — and every hook call, every 'virsh start' — forever (CLI hunt).
+    One nobody writes to reads as empty (the defaults); one somebody writes to is read."""
+    import os
+    import threading
+
+    fifo = tmp_path / "pinwarden.toml"
+    os.mkfifo(fifo)
+    done: list[Config] = []
+    reader = threading.Thread(target=lambda: done.append(load_config(fifo)), daemon=True)
+    reader.start()
+    reader.join(10)
+    assert done == [Config()]
+
+    read, write = os.pipe()  # what 'pinwarden --config <(…)' reads: /dev/fd/N, a pipe
+    try:
+        os.write(write, b'[partition]\nmode = "none"\n')
+        os.close(write)
+        assert load_config(Path(f"/proc/self/fd/{read}")).mode == "none"
+    finally:
+        os.close(read)
+
+
 def test_a_host_reserve_this_host_lacks_is_refused(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """Every command would refuse it (partition mode none): so does config, after showing

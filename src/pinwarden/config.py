@@ -20,9 +20,10 @@ Every key with its default and what overrides it: :data:`SETTINGS`, the commente
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TextIO, cast
 
 from pinwarden.cpuset import CpuSet, CpuSetError
 from pinwarden.errors import InputError
@@ -207,12 +208,27 @@ def parse_config(text: str, path: Path = DEFAULT_CONFIG) -> Config:
 MAX_CONFIG_BYTES = 1 << 20
 
 
+def _open_text(path: Path) -> TextIO:
+    """``path`` opened for reading as UTF-8 text, without waiting for a writer: a named
+    pipe nobody writes to reads as empty (its open waited forever, and with it every hook
+    call — every 'virsh start': CLI hunt); one somebody writes to (``--config <(…)``) is
+    read as it comes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)  # reads wait for data again
+        return open(fd, encoding="utf-8")  # (the caller closes it)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def load_config(path: Path | None) -> Config:
     """Read the config file; a missing default file means all defaults."""
     explicit = path is not None
     target = path if path is not None else DEFAULT_CONFIG
     try:
-        with target.open(encoding="utf-8") as f:
+        with _open_text(target) as f:
             text = f.read(MAX_CONFIG_BYTES + 1)
         if len(text) > MAX_CONFIG_BYTES:
             raise InputError(f"config file {target} is larger than the {MAX_CONFIG_BYTES} "
