@@ -92,6 +92,21 @@ def test_second_exclusive_job_is_refused_naming_the_first(pw: Pinwarden) -> None
     assert "no holders" in pw.run("status", check=True).stdout
 
 
+def test_a_job_whose_json_reader_went_away_keeps_its_commands_status(pw: Pinwarden) -> None:
+    """``pinwarden run --json … -- CMD | true``: the reader of the JSON was gone when the
+    command finished, and pinwarden exited 0 — not the command's status (CLI hunt)."""
+    read, write = os.pipe()
+    os.close(read)  # the reader went away
+    try:
+        done = subprocess.run(run_cmd(pw, "--json", "--exclusive", "1", "--name",
+                                      "pwtest-pipe", "--", "sh", "-c", "exit 3"),
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 3 and done.stderr == "", (done.returncode, done.stderr)
+    assert "no holders" in pw.run("status", check=True).stdout
+
+
 NOISE = ("for i in /proc/irq/*/smp_affinity_list; do printf '%s=%s ' \"$i\" \"$(cat $i)\"; "
          "done; echo; echo default=$(cat /proc/irq/default_smp_affinity); "
          "echo workqueue=$(cat /sys/devices/virtual/workqueue/cpumask)")

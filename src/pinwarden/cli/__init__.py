@@ -293,7 +293,9 @@ def _run(args: argparse.Namespace) -> int:
         if not stdout_closed():
             raise  # some other pipe or socket: not the reader of our output
         drop_stdout()
-        return EXIT_OK if status is None else status
+        if status is None:  # (a command that finished before its output failed says so)
+            status = int(getattr(args, "finished_status", EXIT_OK))
+        return status
     return status
 
 

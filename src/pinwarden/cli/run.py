@@ -98,6 +98,7 @@ def handle(args: argparse.Namespace) -> int:
         return _dry_run(args, request, command)
     with manager_of(args) as manager:
         status = run_job(manager, request, command)
+    args.finished_status = status  # (kept if the reader of the JSON went away: CLI hunt)
     if args.json:
         print_json({"job": request.name, "exit_status": status})
     return status
