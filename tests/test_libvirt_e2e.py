@@ -158,9 +158,15 @@ def test_plain_virsh_start_of_an_exclusive_domain(hooked: env.Pinwarden,
     refused = virsh("start", f)
     assert refused.returncode != 0
     assert "/machine" in refused.stderr and f"pinwarden start {f}" in refused.stderr and \
-        f"<resource><partition>/{hooked.stem}-vm-{f}</partition></resource>" in \
-        refused.stderr, \
-        refused.stderr
+        f"store partition /{hooked.stem}-vm-{f} with 'pinwarden define'" in \
+        refused.stderr and "transient" not in refused.stderr, refused.stderr
+    # transient ('virsh create'): 'pinwarden start' starts defined domains only
+    source.write_text(env.tiny_domain_xml(f"{f}-t", exclusive=True))
+    created = virsh("create", str(source))
+    assert created.returncode != 0
+    assert f"it is transient: put <resource><partition>/{hooked.stem}-vm-{f}-t</partition>" \
+        f"</resource> in its XML" in created.stderr and "pinwarden start" not in \
+        created.stderr, created.stderr
 
     gone = virsh("destroy", e)
     assert gone.returncode == 0, gone.stderr

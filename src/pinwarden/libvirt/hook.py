@@ -741,12 +741,20 @@ def _prepare(manager: Manager, driver: str, name: str, spec: DomainSpec,
         # first: the advice below would lead to that refusal from 'pinwarden define' or
         # 'pinwarden start'
         decide(spec, manager.host(), (), holder=holder)
+        from pinwarden.libvirt.place import CONFIG_DIRS
+        from pinwarden.model import command_line
+
+        stored = Path(CONFIG_DIRS.get(driver, "/nonexistent"), f"{name}.xml")
+        # (a transient domain was told 'pinwarden start', which starts only defined ones:
+        # real-libvirt hunt)
+        how = (f"start it with '{command_line('pinwarden start', name)}', or store "
+               f"partition {expected} with 'pinwarden define'" if stored.exists() else
+               f"it is transient: put <resource><partition>{expected}</partition>"
+               f"</resource> in its XML")
         raise Refusal(
             f"exclusive domain {name!r} would start in partition "
-            f"{spec.partition or '/machine'}, where its CPUs cannot be exclusive; "
-            f"start it with 'pinwarden start {name}', or store partition {expected} "
-            f"with 'pinwarden define' (a transient domain: put <resource><partition>"
-            f"{expected}</partition></resource> in its XML)", code="bad-partition")
+            f"{spec.partition or '/machine'}, where its CPUs cannot be exclusive; {how}",
+            code="bad-partition")
     # A reservation the hook makes itself is owned by libvirtd (our parent) until QEMU runs
     # (``started``): if libvirtd dies during the start it is reaped, and a ``release``
     # after a refused or failed start frees it.  One made before (``pinwarden start``, in
