@@ -808,6 +808,55 @@ def test_a_daemon_that_takes_no_call_is_passed_over_in_seconds(
     assert hookclient.ACK_TIMEOUT <= took < hookclient.ACK_TIMEOUT + 20, took
 
 
+@pytest.mark.parametrize("how", ["full-queue", "big-xml", "dies", "long-path"])
+def test_whatever_keeps_the_daemon_from_taking_a_call_goes_to_the_full_command(
+        setup: tuple[Path, Path, Manager, HookServer], tmp_path: Path, how: str) -> None:
+    """Each of these failed the hook call (exit 70: a shared domain let through unchecked,
+    even one pinned onto a leased CPU, an exclusive one refused) where the daemon had never
+    taken it (daemon hunt): a stopped or busy daemon's queue of connections full (calls
+    that gave up stay queued: EAGAIN); a domain XML bigger than the socket's buffer (its
+    send waited the whole timeout, 30 s or 150 s); the daemon gone before it took the call
+    (the connection reset); a state directory whose socket path is longer than a socket's
+    (no errno at all).  Each goes to the full command within seconds now."""
+    import socket
+    import threading
+    import time
+
+    from pinwarden.libvirt import hookclient
+
+    drop_in, marker, manager, server = setup
+    server.close()
+    path = manager.state_dir / hook.SOCKET_NAME
+    stdin = xml("db", EXCLUSIVE)
+    frozen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # listens, never accepts
+    frozen.bind(str(path))
+    frozen.listen(1 if how == "full-queue" else 8)
+    try:
+        if how == "full-queue":
+            for _ in range(2):  # calls that gave up: still queued
+                gave_up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                gave_up.connect(str(path))
+                gave_up.close()
+        elif how == "big-xml":
+            stdin = xml("db", EXCLUSIVE + "<description>" + "x" * 400_000 + "</description>")
+        elif how == "dies":
+            threading.Timer(1.0, frozen.close).start()
+        elif how == "long-path":
+            state = tmp_path / ("d" * (110 - len(str(tmp_path)))) / "state"
+            state.mkdir(parents=True)
+            drop_in = hook.install(tmp_path / "long-hooks", exe=str(tmp_path / "fallback"),
+                                   state_dir=state, config=None, check=False,
+                                   client=hook.default_client()).paths[0]
+        started = time.monotonic()
+        done = run(drop_in, "db", "prepare", "begin", "-", stdin=stdin)
+        took = time.monotonic() - started
+    finally:
+        frozen.close()
+    assert done.returncode == 0, done.stderr
+    assert " qemu db prepare begin -\n" in marker.read_text()  # the full command ran
+    assert took < 2 * hookclient.ACK_TIMEOUT + 10, took
+
+
 def test_a_call_the_daemon_took_is_waited_for(
         setup: tuple[Path, Path, Manager, HookServer],
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -886,13 +935,18 @@ def test_a_daemon_gone_mid_call_is_said_so() -> None:
         conn.sendall(answer)
         conn.close()
 
-    for ack, answer in ((None, b""), (5.0, b""), (5.0, hookclient.ACK)):
+    for ack, answer in ((None, b""), (5.0, hookclient.ACK)):
         client, server = socket.socketpair()
         threading.Thread(target=daemon, args=(server, answer)).start()
         with pytest.raises(ValueError) as info:
             hookclient.exchange(client, {"start": "vm"}, ack_timeout=ack)
         assert str(info.value) == ("the daemon closed the connection without an answer: "
                                    "it stopped or crashed"), info.value
+    # gone before it took the call: not taken, the full command answers (daemon hunt)
+    client, server = socket.socketpair()
+    threading.Thread(target=daemon, args=(server, b"")).start()
+    with pytest.raises(hookclient.NotTaken):
+        hookclient.exchange(client, {"start": "vm"}, ack_timeout=5.0)
     client, server = socket.socketpair()
     threading.Thread(target=daemon, args=(server, b"[1]")).start()
     with pytest.raises(ValueError, match="not an object"):

@@ -34,7 +34,6 @@ import.  The bytes on the wire are those ``json.dumps`` and ``json.loads`` give 
 (tests/test_hookserver.py checks).
 """
 
-import errno
 import posix
 import sys
 
@@ -68,13 +67,6 @@ SOCKET_NAME = "hook.sock"
 EX_SOFTWARE = 70
 #: The libvirt daemons that run hooks (``pinwarden.libvirt.hook.HOOK_DAEMON_NAMES``).
 DAEMON_NAMES = (b"libvirtd", b"virtqemud", b"virtlxcd")
-#: Where the daemon cannot be reached and the full hook must run instead (a socket path
-#: that cannot exist — the state directory a file, a loop, a name too long — is no daemon
-#: either: the full command says what is wrong with it; blamed on the daemon, it was not).
-_UNREACHABLE = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK, errno.EACCES,
-                          errno.EPERM, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG})
-
-
 def caller_pid() -> int | None:
     """libvirtd (or virtqemud): the parent of the drop-in script, our parent (the script's
     shell forks us as the last command of its pipeline; its name is the script's)."""
@@ -151,16 +143,20 @@ def ask(path: str, request: dict[str, object],
 
 
 def connect(path: str, timeout: float | None = TIMEOUT) -> _net.socket | None:
-    """A connection to the daemon at ``path``, or None when none listens there."""
+    """A connection to the daemon at ``path``, or None when it cannot be had, for
+    whatever reason: none listens there, or none can (the state directory a file, a loop,
+    a path longer than a socket's — the full command says what is wrong with it; blamed on
+    the daemon, it was not), or its queue of connections is full (``EAGAIN``: stopped or
+    busy, with calls that gave up still queued).  The full hook runs instead; raised, the
+    last two failed every hook call, shared domains let through unchecked (daemon
+    hunt)."""
     conn = _net.socket(_net.AF_UNIX, _net.SOCK_STREAM)
     try:
         conn.settimeout(timeout)
         conn.connect(path)
-    except OSError as exc:
+    except OSError:
         conn.close()
-        if exc.errno in _UNREACHABLE:
-            return None
-        raise
+        return None
     return conn
 
 
@@ -173,22 +169,29 @@ def exchange(conn: _net.socket, request: dict[str, object], *,
     """Send ``request`` on ``conn``, read the answer, close it.  ``ack_timeout``: the
     daemon is asked to say when it has taken the call (:data:`ACK`), and must within that
     many seconds (else :class:`NotTaken`); a daemon that does not know the request's
-    ``ack`` answers instead, which counts as taken too."""
+    ``ack`` answers instead, which counts as taken too.  Whatever fails before the call
+    is taken — sending it (a daemon that reads nothing: a big domain XML filled the
+    socket's buffer and waited the whole timeout), the connection reset or closed (the
+    daemon stopped) — is :class:`NotTaken` too (daemon hunt)."""
     try:
-        if ack_timeout is not None:
-            request = {**request, "ack": True}
-        conn.sendall(encode(request).encode())
-        conn.shutdown(_net.SHUT_WR)
         chunks = []
         if ack_timeout is not None:
+            request = {**request, "ack": True}
             whole = conn.gettimeout()
             conn.settimeout(ack_timeout)
             try:
+                conn.sendall(encode(request).encode())
+                conn.shutdown(_net.SHUT_WR)
                 first = conn.recv(65536)
-            except TimeoutError:
+            except OSError:  # (TimeoutError, ConnectionResetError, BrokenPipeError …)
                 raise NotTaken() from None
+            if not first:  # closed before it took the call
+                raise NotTaken()
             conn.settimeout(whole)
             chunks.append(first[1:] if first.startswith(ACK) else first)
+        else:
+            conn.sendall(encode(request).encode())
+            conn.shutdown(_net.SHUT_WR)
         while chunk := conn.recv(65536):  # (after an end of stream: another one)
             chunks.append(chunk)
     finally:
@@ -231,7 +234,7 @@ def main(argv: list[str]) -> int:
         answer = None if conn is None else exchange(conn, request, ack_timeout=ACK_TIMEOUT)
     except NotTaken:  # the full command answers as the daemon would have
         answer = None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         print(f"pinwarden: error: the pinwarden daemon did not answer the hook "
               f"({type(exc).__name__}: {exc})", file=sys.stderr)
         return EX_SOFTWARE
