@@ -779,6 +779,36 @@ def test_the_default_configuration_is_read_again_when_it_changes(
     assert server._config("-") == Config(mode="cgroup")
 
 
+def test_a_configuration_that_is_not_a_file_is_the_command_lines_to_read(
+        setup: tuple[Path, Path, Manager, HookServer], tmp_path: Path) -> None:
+    """``pinwarden start --config /dev/stdin`` (or ``<(…)``, or a named pipe): the daemon
+    opened that path in its own process, on its one hook thread — reading its own stdin
+    until it closed (every hook call meanwhile went to the full command, in seconds) or an
+    empty configuration it took for the defaults — and the quick start read the pipe
+    first, so that the command line found it empty and started with the defaults (daemon
+    hunt).  Neither reads anything but a regular file now: the command line does."""
+    import subprocess
+    import sys
+    import threading
+
+    _drop_in, _marker, _manager, server = setup
+    fifo = tmp_path / "pinwarden.toml"
+    os.mkfifo(fifo)
+    got: list[object] = []
+    reader = threading.Thread(target=lambda: got.append(server._config(str(fifo))),
+                              daemon=True)
+    reader.start()
+    reader.join(10)
+    assert got == [None]  # not used, and not waited for
+    env = {k: v for k, v in os.environ.items() if k != "PINWARDEN_STATE_DIR"}
+    env["LIBVIRT_DEFAULT_URI"] = f"qemu+unix:///system?socket={tmp_path}/nowhere"
+    exe = Path(sys.executable).with_name("pinwarden")
+    done = subprocess.run(["bash", "-c", f"{exe} start --config <(printf 'not toml [[[\\n') "
+                                         f"pwtest-none"], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.returncode == 1 and "Expected '='" in done.stderr, done.stderr
+
+
 # -- a daemon that does not take the call (hookclient.ACK_TIMEOUT) --------------------------
 
 def test_a_daemon_that_takes_no_call_is_passed_over_in_seconds(

@@ -29,6 +29,7 @@ is the daemon's: an answer lost on the way is an error, never a second start.
 
 import os
 import sys
+from stat import S_ISREG  # (loaded with os)
 
 from pinwarden import streams
 from pinwarden.libvirt import hookclient
@@ -81,8 +82,12 @@ def state_dir(form: dict[str, object]) -> str | None:
         return env
     path = form["config"] if isinstance(form["config"], str) else DEFAULT_CONFIG
     try:
+        if not S_ISREG(os.stat(path).st_mode):
+            # a pipe ('--config <(…)', /dev/stdin) is read once: read here, the command
+            # line found it empty and started with the defaults (daemon hunt)
+            return None
         with open(path, "rb") as f:
-            text = f.read()
+            text = f.read(1 << 20)
     except FileNotFoundError:
         return DEFAULT_STATE_DIR if form["config"] is None else None
     except OSError:

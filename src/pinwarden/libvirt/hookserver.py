@@ -222,10 +222,22 @@ class HookServer:
 
     def _config(self, path: str) -> Config | None:
         """The configuration file ``path`` (``-``: the default one) as the command would
-        read it now: cached until the file changes."""
+        read it now: cached until the file changes.  None: it cannot be used here — also
+        anything but a regular file (or none at the default path): ``/dev/stdin``, a
+        ``--config <(…)`` pipe mean another thing in the daemon's process, whose hook
+        thread read its own stdin until it closed, or an empty configuration that passed
+        for the defaults (daemon hunt); the command line reads those itself."""
+        import stat
+
         key = path
-        with contextlib.suppress(OSError):
-            key = f"{path}\0{os.stat(DEFAULT_CONFIG if path == '-' else path).st_mtime_ns}"
+        try:
+            found = os.stat(DEFAULT_CONFIG if path == "-" else path)
+        except OSError:
+            found = None
+        if found is not None:
+            if not stat.S_ISREG(found.st_mode):
+                return None
+            key = f"{path}\0{found.st_mtime_ns}"
         if key not in self._configs:
             try:
                 self._configs[key] = load_config(None if path == "-" else Path(path))
