@@ -714,10 +714,15 @@ def test_a_start_the_daemon_declines_is_the_command_lines(
 
 
 def test_a_quick_start_whose_answer_is_lost_is_not_started_again(tmp_path: Path) -> None:
-    """Once the request is sent the start is the daemon's: no answer is an error naming
-    what to check (as the command line's own served start says), never a second start."""
+    """Once the daemon has taken the start (:data:`hookclient.ACK`) it is the daemon's: no
+    answer is an error naming what to check (as the command line's own served start says),
+    never a second start.  One the daemon never took — stopped, or gone before it did — is
+    the command's: it waited for a stopped daemon for good, and the daemon started the
+    domain once continued, long after the user gave up (daemon hunt)."""
     import socket
     import threading
+
+    from pinwarden.libvirt import hookclient
 
     state = tmp_path / "state"
     state.mkdir()
@@ -725,12 +730,15 @@ def test_a_quick_start_whose_answer_is_lost_is_not_started_again(tmp_path: Path)
     listener.bind(str(state / hook.SOCKET_NAME))
     listener.listen(4)
     got: list[bytes] = []
+    takes = [True]
 
     def accept_and_drop() -> None:
         conn, _ = listener.accept()
         with conn:
             while chunk := conn.recv(65536):
                 got.append(chunk)
+            if takes[0]:
+                conn.sendall(hookclient.ACK)
 
     server = threading.Thread(target=accept_and_drop)
     server.start()
@@ -752,6 +760,14 @@ def test_a_quick_start_whose_answer_is_lost_is_not_started_again(tmp_path: Path)
             else:
                 assert proc.stdout == ""
             assert "pinwarden.libvirt.start" not in modules  # no start of its own
+        takes[0] = False  # read, never taken: the command starts it (here: no libvirt)
+        server = threading.Thread(target=accept_and_drop)
+        server.start()
+        proc, modules = console("start", "pwtest-s", cwd=tmp_path, env={
+            **env, "LIBVIRT_DEFAULT_URI": f"qemu+unix:///system?socket={tmp_path}/none"})
+        server.join(timeout=60)
+        assert proc.returncode == 1 and "did not finish" not in proc.stderr, proc.stderr
+        assert "pinwarden.libvirt.start" in modules, proc.stderr
     finally:
         listener.close()
     assert b'"quick_start"' in b"".join(got)

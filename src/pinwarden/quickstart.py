@@ -118,16 +118,11 @@ def run(argv: list[str]) -> int | None:
     if where is None:
         return None
     try:
-        conn = hookclient.connect(os.path.join(where, hookclient.SOCKET_NAME), timeout=None)
-    except OSError:
-        return None
-    if conn is None:
-        return None
-    try:
-        answer = hookclient.exchange(conn, request(form))
-    except (OSError, ValueError) as exc:
+        answer = hookclient.hand_over(os.path.join(where, hookclient.SOCKET_NAME),
+                                      request(form))
+    except (OSError, ValueError, RecursionError) as exc:
         return _lost(str(form["name"]), bool(form["json"]), exc)
-    if "fallback" in answer:
+    if answer is None or "fallback" in answer:
         return None
     out, err, rc = answer.get("stdout"), answer.get("stderr"), answer.get("rc")
     _print(out if isinstance(out, str) else "", err if isinstance(err, str) else "")

@@ -203,20 +203,14 @@ def _served_start(args: argparse.Namespace) -> int | None:
                # paths absolute: the daemon has another working directory
                "rules": repr(config), "root": os.path.abspath(root_of(args)),
                "state_dir": os.path.abspath(state)}
-    try:
-        conn = hookclient.connect(str(state / hookclient.SOCKET_NAME), timeout=None)
-    except OSError:  # nothing was sent: the command starts the domain itself
-        return None
-    if conn is None:
-        return None
-    try:
-        answer = hookclient.exchange(conn, request)
-    except (OSError, ValueError) as exc:
+    try:  # (None: not taken — the command starts the domain itself)
+        answer = hookclient.hand_over(str(state / hookclient.SOCKET_NAME), request)
+    except (OSError, ValueError, RecursionError) as exc:
         raise LibvirtError(
             f"the pinwarden daemon did not finish starting {args.name!r} ({exc}); "
             f"'virsh domstate {args.name}' tells whether it runs", code="daemon-lost") \
             from None
-    if "fallback" in answer:
+    if answer is None or "fallback" in answer:
         return None
     out, err, rc = answer.get("stdout"), answer.get("stderr"), answer.get("rc")
     sys.stdout.write(out if isinstance(out, str) else "")

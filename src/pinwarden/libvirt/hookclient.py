@@ -134,6 +134,23 @@ def decode(data: bytes) -> object:
     return value
 
 
+def hand_over(path: str, request: dict[str, object]) -> dict[str, object] | None:
+    """A ``pinwarden start`` handed to the daemon at ``path``: its answer, or None when no
+    daemon took it within :data:`ACK_TIMEOUT` (none listens, or it is stopped or busy:
+    the command starts the domain itself — it waited for a stopped daemon for good, and
+    the daemon started the domain once continued, long after the user gave up: daemon
+    hunt).  Once taken, the answer is waited for as long as the start takes; an error
+    then is raised (the start is the daemon's: never a second one)."""
+    conn = connect(path, ACK_TIMEOUT)
+    if conn is None:
+        return None
+    conn.settimeout(None)  # (the answer, once taken: as long as the start takes)
+    try:
+        return exchange(conn, request, ack_timeout=ACK_TIMEOUT)
+    except NotTaken:
+        return None
+
+
 def ask(path: str, request: dict[str, object],
         timeout: float | None = TIMEOUT) -> dict[str, object] | None:
     """The daemon's answer, or None when no daemon listens at ``path`` (``timeout``:

@@ -42,8 +42,10 @@ log = logging.getLogger("pinwarden.daemon")
 
 #: The largest request read (a domain XML with thousands of devices is a few MB).
 MAX_REQUEST = 64 << 20
-#: How long a client may take to send its request.
-READ_TIMEOUT = 10.0
+#: How long a client may take to send its whole request: less than the hook client's
+#: ``ACK_TIMEOUT``, so that one connection that sends nothing (a client stopped) does not
+#: make every call behind it go to the full command (it was 10 s, for each read: hunt).
+READ_TIMEOUT = 2.0
 #: How long a stopping daemon waits for the starts it is running (libvirt's own start).
 STOP_TIMEOUT = 60.0
 #: Settings that change a hook decision: a hook installed with a configuration that differs
@@ -143,10 +145,20 @@ class HookServer:
         if uid != os.geteuid():
             log.warning("hook server: refused a call from uid %s (pid %s)", uid, pid)
             return False
-        conn.settimeout(READ_TIMEOUT)
+        # the whole request within READ_TIMEOUT, not each piece of it: a client sending a
+        # byte now and then held the one hook thread — every other call waited for it,
+        # then went to the full command (daemon hunt)
+        deadline = time.monotonic() + READ_TIMEOUT
         chunks: list[bytes] = []
         size = 0
-        while chunk := conn.recv(65536):
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no whole request within {READ_TIMEOUT:g} s")
+            conn.settimeout(left)
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
             size += len(chunk)
             if size > MAX_REQUEST:
                 raise ValueError(f"request larger than {MAX_REQUEST} bytes")
@@ -184,6 +196,12 @@ class HookServer:
             log.debug("start from pid %s left to the command: %s", pid, reason)
             _send(conn, {"fallback": reason})
             return False
+        if request.get("ack") is True:  # taken now, unless its command gave up waiting
+            if _gone(conn):
+                log.info("start from pid %s not served: its command had stopped waiting",
+                         pid)
+                return False
+            conn.sendall(hookclient.ACK)
         if self._starts is None:
             self._starts = startserver.StartWorkers(self.manager.config, self.manager.root,
                                                     self.manager.state_dir)
@@ -227,8 +245,6 @@ class HookServer:
         ``--config <(…)`` pipe mean another thing in the daemon's process, whose hook
         thread read its own stdin until it closed, or an empty configuration that passed
         for the defaults (daemon hunt); the command line reads those itself."""
-        import stat
-
         key = path
         try:
             found = os.stat(DEFAULT_CONFIG if path == "-" else path)
