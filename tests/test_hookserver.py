@@ -4,6 +4,7 @@ answers as the in-process hook, and fall back to it when no daemon answers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -901,6 +902,90 @@ def test_whatever_keeps_the_daemon_from_taking_a_call_goes_to_the_full_command(
     assert done.returncode == 0, done.stderr
     assert " qemu db prepare begin -\n" in marker.read_text()  # the full command ran
     assert took < 2 * hookclient.ACK_TIMEOUT + 10, took
+
+
+def test_a_socket_another_user_planted_does_not_answer_for_pinwarden() -> None:
+    """The daemon checks who calls it; the client did not check who answers: a user who
+    may write the state directory could plant ``hook.sock`` and answer every hook call
+    with ``{"rc": 0}`` (daemon hunt).  A daemon that is neither root nor the caller is no
+    daemon: the full command answers."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from pinwarden.libvirt import hookclient
+
+    if os.geteuid() != 0:
+        pytest.fail("needs root, to run the other user's socket as nobody")
+    top = Path(tempfile.mkdtemp(prefix="pwtest-planted-", dir="/tmp"))  # (nobody's way in)
+    os.chmod(top, 0o755)
+    state = top / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    path = state / hook.SOCKET_NAME
+    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable  # (nobody's)
+    planted = subprocess.Popen(
+        [python, "-c", "import socket, sys; s = socket.socket(socket.AF_UNIX); "
+         "s.bind(sys.argv[1]); s.listen(4); print('ready', flush=True); "
+         "c, _ = s.accept(); c.recv(65536); c.sendall(b'\\x06{\"rc\": 0}')", str(path)],
+        stdout=subprocess.PIPE, text=True, user=65534, group=65534)
+    try:
+        assert planted.stdout is not None and planted.stdout.readline() == "ready\n"
+        assert hookclient.connect(str(path)) is None
+        assert hookclient.hand_over(str(path), {"v": 1}) is None
+    finally:
+        planted.kill()
+        planted.wait()
+        shutil.rmtree(top)
+
+
+def test_a_second_daemon_neither_takes_over_a_busy_one_nor_unlinks_a_successors_socket(
+        tmp_path: Path) -> None:
+    """A daemon whose queue of connections is full (stopped, or busy) looked absent to a
+    second daemon's probe, which took the socket path over — and when the first exited it
+    unlinked the second's socket, which then answered nobody (daemon hunt).  A full queue
+    is a daemon there; a daemon removes only its own socket file."""
+    import socket
+
+    state = tmp_path / "state"
+    state.mkdir()
+    path = state / hook.SOCKET_NAME
+
+    def manager() -> Manager:
+        return Manager(Config(), Path("/"), state, enforce=False,
+                       host=make_host("0-3", "1-3"))
+
+    busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # listens, never accepts
+    busy.bind(str(path))
+    busy.listen(1)
+    queued = []
+    for _ in range(2):
+        waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        waiting.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            waiting.connect(str(path))
+        queued.append(waiting)
+    second = HookServer(manager(), path)
+    try:
+        assert not second.start()  # a daemon is there, busy
+    finally:
+        second.close()
+        for waiting in queued:
+            waiting.close()
+        busy.close()
+    assert path.exists()  # (not the second's to remove)
+    path.unlink()
+    first = HookServer(manager(), path)
+    assert first.start()
+    path.unlink()  # taken over (as when the first was found not answering)
+    successor = HookServer(manager(), path)
+    assert successor.start()
+    try:
+        first.close()
+        assert path.exists()  # the successor's socket stays
+    finally:
+        successor.close()
+    assert not path.exists()
 
 
 def test_a_call_the_daemon_took_is_waited_for(

@@ -171,6 +171,12 @@ def connect(path: str, timeout: float | None = TIMEOUT) -> _net.socket | None:
     try:
         conn.settimeout(timeout)
         conn.connect(path)
+        # the daemon is root's (or ours): a socket another user planted in a state
+        # directory they may write does not answer for pinwarden (hunt)
+        cred = conn.getsockopt(_net.SOL_SOCKET, _net.SO_PEERCRED, 12)  # pid, uid, gid
+        if int.from_bytes(cred[4:8], sys.byteorder) not in (0, posix.geteuid()):
+            conn.close()
+            return None
     except OSError:
         conn.close()
         return None

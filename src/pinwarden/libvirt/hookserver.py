@@ -71,6 +71,7 @@ class HookServer:
         self._configs: dict[str, Config | None] = {}
         self._starts: StartWorkers | None = None
         self._closing = False
+        self._inode: int | None = None  # of the socket file this server made
 
     def start(self) -> bool:
         """Bind and serve in a thread; False (logged) when another daemon already serves
@@ -91,6 +92,7 @@ class HookServer:
                 os.umask(old)
             sock.listen(16)
             sock.settimeout(1.0)
+            self._inode = self.path.lstat().st_ino
         except OSError as exc:
             log.warning("cannot answer hook calls at %s (%s): every hook call starts "
                         "pinwarden itself", self.path, exc.strerror or exc)
@@ -113,7 +115,10 @@ class HookServer:
         if self._sock is not None:
             self._sock.close()
             with contextlib.suppress(OSError):
-                self.path.unlink()
+                # only its own: a daemon that took the path over meanwhile keeps its socket
+                # (it was unlinked, and that daemon answered nobody any more: daemon hunt)
+                if self.path.lstat().st_ino == self._inode:
+                    self.path.unlink()
         self.manager.close()
 
     def _serve(self) -> None:
@@ -164,6 +169,8 @@ class HookServer:
                 raise ValueError(f"request larger than {MAX_REQUEST} bytes")
             chunks.append(chunk)
         conn.settimeout(None)
+        if not chunks:  # a probe (another daemon starting: is one here?), not a call
+            return False
         request = json.loads(b"".join(chunks))
         if isinstance(request, dict) and request.get("v") == 1 and "quick_start" in request:
             from pinwarden.libvirt import startserver
@@ -276,10 +283,14 @@ def _send(conn: socket.socket, answer: dict[str, Any]) -> None:
 
 
 def _answers(path: Path) -> bool:
+    """Whether a daemon listens at ``path`` — also one whose queue of connections is full
+    (stopped or busy: taken over, its socket was unlinked by it later: daemon hunt)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)
         probe.connect(str(path))
+        return True
+    except (BlockingIOError, TimeoutError):
         return True
     except OSError:
         return False
