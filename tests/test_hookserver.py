@@ -1010,6 +1010,36 @@ def test_a_call_the_daemon_took_is_waited_for(
     assert not marker.exists()
 
 
+def test_a_stopping_daemon_answers_the_call_it_has_taken(
+        setup: tuple[Path, Path, Manager, HookServer],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon stopped (SIGTERM) while a call it had taken waited (for the lease lock, as
+    the full command would) closed its socket after 5 s: the client had no answer and
+    failed the call — an exclusive start refused as if pinwarden were broken (daemon
+    hunt).  The call is answered first."""
+    import threading
+    import time
+
+    drop_in, marker, _manager, server = setup
+    main_run = hook.main_run
+
+    def slow(*args: object, **kw: object) -> int:
+        time.sleep(9)
+        return main_run(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hook, "main_run", slow)
+    answered: list[subprocess.CompletedProcess[str]] = []
+    call = threading.Thread(target=lambda: answered.append(
+        run(drop_in, "web", "prepare", "begin", "-", stdin=xml("web"))))
+    call.start()
+    time.sleep(1.5)  # taken, and waiting
+    server.close()  # the daemon told to stop: when this returns, the process may end
+    call.join(0.5)
+    assert answered, "the daemon's stop did not wait for the call it had taken"
+    assert answered[0].returncode == 0 and answered[0].stderr == "", answered[0].stderr
+    assert not marker.exists()  # the daemon's answer
+
+
 def test_a_call_whose_client_went_to_the_full_command_is_not_answered_again(
         setup: tuple[Path, Path, Manager, HookServer],
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:

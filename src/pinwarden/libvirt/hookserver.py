@@ -46,7 +46,8 @@ MAX_REQUEST = 64 << 20
 #: ``ACK_TIMEOUT``, so that one connection that sends nothing (a client stopped) does not
 #: make every call behind it go to the full command (it was 10 s, for each read: hunt).
 READ_TIMEOUT = 2.0
-#: How long a stopping daemon waits for the starts it is running (libvirt's own start).
+#: How long a stopping daemon waits for the starts it is running (libvirt's own start), and
+#: then for the hook call it has taken.
 STOP_TIMEOUT = 60.0
 #: Settings that change a hook decision: a hook installed with a configuration that differs
 #: in any of them must not be answered by this daemon.
@@ -111,7 +112,10 @@ class HookServer:
             self._starts.close(timeout=STOP_TIMEOUT)
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5.0)
+            # a call it has taken is answered: its client no longer goes to the full command
+            # (after 5 s here, an exclusive start waiting for the lease lock was refused as
+            # if pinwarden were broken: daemon hunt)
+            self._thread.join(timeout=STOP_TIMEOUT)
         if self._sock is not None:
             self._sock.close()
             with contextlib.suppress(OSError):
