@@ -66,9 +66,9 @@ def give_back(manager: Manager, conn: Any,
     made.  A move libvirt refuses keeps its record (the next call tries again) and is
     raised as the :class:`~pinwarden.errors.LibvirtError`.
 
-    ``place``: first give the threads of shared domains that run off the VM CPUs without
-    CPUs of their own their placement (:func:`place_strays`), as the daemon's passes do
-    (which place themselves: False)."""
+    ``place``: then give the threads of shared domains that still run off the VM CPUs
+    without CPUs of their own their placement (:func:`place_strays`), as the daemon's
+    passes do (which place themselves: False)."""
     if not manager.change_records(NARROWED_PREFIX):
         return ()  # the common case, without a lock
     given = give_back_containers(manager)
@@ -80,9 +80,6 @@ def give_back(manager: Manager, conn: Any,
         recorded = manager.change_records(NARROWED_PREFIX)
         if domains is None:
             domains = lv.list_domains(conn, active_only=True)
-        if place and place_strays(manager, domains):  # their affinity changed: read again
-            domains = lv.list_domains(conn, active_only=True)
-            recorded = manager.change_records(NARROWED_PREFIX)
         running = {d.uuid for d in domains if d.active}
         stopped = any(key_parts(k)[0] not in running for k in recorded)
         resets = cgroup_resets_affinity()
@@ -105,6 +102,9 @@ def give_back(manager: Manager, conn: Any,
             manager.put_change_records(
                 {k: v for k, v in plan.records.items() if k not in failed},
                 forget=[k for k in plan.forget if k not in failed])
+        if place:  # what the give-back left off the VM CPUs (its moves read first)
+            with contextlib.suppress(PinwardenError):  # (the give-back itself was made)
+                place_strays(manager, lv.list_domains(conn, active_only=True))
     return given + tuple(done)
 
 
