@@ -67,6 +67,8 @@ SOCKET_NAME = "hook.sock"
 EX_SOFTWARE = 70
 #: The libvirt daemons that run hooks (``pinwarden.libvirt.hook.HOOK_DAEMON_NAMES``).
 DAEMON_NAMES = (b"libvirtd", b"virtqemud", b"virtlxcd")
+
+
 def caller_pid() -> int | None:
     """libvirtd (or virtqemud): the parent of the drop-in script, our parent (the script's
     shell forks us as the last command of its pipeline; its name is the script's)."""
