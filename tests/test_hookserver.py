@@ -641,6 +641,37 @@ def test_pinwarden_start_goes_to_the_daemon_before_the_command_line_loads(
     assert "argparse" not in modules
 
 
+def test_a_start_that_takes_longer_than_the_ack_timeout_is_the_daemons_alone(
+        setup: tuple[Path, Path, Manager, HookServer], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A start takes seconds (QEMU's own start; minutes under TCG): taken by the daemon, the
+    command waits for its answer.  The daemon acknowledged hook calls only: a quick start
+    it served but took longer than ``ACK_TIMEOUT`` over was started by the command too —
+    "domain … is already running" (systemd lab, bookworm story)."""
+    import time
+
+    from pinwarden.libvirt import hookclient, startserver
+
+    _drop_in, _marker, manager, _server = setup
+    config = tmp_path / "empty.toml"
+    config.write_text("")
+    serve = startserver._serve
+
+    def slow(*args: object, **kw: object) -> object:
+        time.sleep(hookclient.ACK_TIMEOUT + 1)
+        return serve(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(startserver, "_serve", slow)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PINWARDEN_")}
+    env["LIBVIRT_DEFAULT_URI"] = "qemu+unix:///system?socket=/nonexistent/pwtest.sock"
+    caplog.set_level(logging.INFO, logger="pinwarden.daemon")
+    served, modules = console("start", "--state-dir", str(manager.state_dir), "--config",
+                              str(config), "pwtest-slow", cwd=tmp_path, env=env)
+    assert served.returncode == 1 and "cannot connect" in served.stderr, served
+    assert "argparse" not in modules  # the daemon's answer, not the command line's own
+    assert "served 'pinwarden start pwtest-slow': exit 1" in caplog.text, caplog.text
+
+
 @pytest.mark.parametrize("unbuffered", ["", "1"], ids=["buffered", "unbuffered"])
 def test_a_quick_start_printed_into_a_closed_pipe_keeps_its_status(
         setup: tuple[Path, Path, Manager, HookServer], tmp_path: Path,

@@ -176,6 +176,14 @@ class HookServer:
         if not chunks:  # a probe (another daemon starting: is one here?), not a call
             return False
         request = json.loads(b"".join(chunks))
+        if isinstance(request, dict) and request.get("ack") is True:
+            # taken, as soon as it is read (whatever the answer: a fallback too), unless
+            # its client gave up waiting and went to the full command meanwhile
+            if _gone(conn):
+                log.info("call from pid %s not answered: its client had gone to the full "
+                         "command", pid)
+                return False
+            conn.sendall(hookclient.ACK)
         if isinstance(request, dict) and request.get("v") == 1 and "quick_start" in request:
             from pinwarden.libvirt import startserver
 
@@ -187,12 +195,6 @@ class HookServer:
             request = resolved
         if isinstance(request, dict) and request.get("v") == 1 and "start" in request:
             return self._start(conn, request, pid)
-        if isinstance(request, dict) and request.get("ack") is True:
-            if _gone(conn):  # it waited too long for us, and asked the full command
-                log.info("hook call from pid %s not answered: its client had gone to the "
-                         "full command", pid)
-                return False
-            conn.sendall(hookclient.ACK)
         _send(conn, self.call(request))
         return False
 
@@ -207,12 +209,6 @@ class HookServer:
             log.debug("start from pid %s left to the command: %s", pid, reason)
             _send(conn, {"fallback": reason})
             return False
-        if request.get("ack") is True:  # taken now, unless its command gave up waiting
-            if _gone(conn):
-                log.info("start from pid %s not served: its command had stopped waiting",
-                         pid)
-                return False
-            conn.sendall(hookclient.ACK)
         if self._starts is None:
             self._starts = startserver.StartWorkers(self.manager.config, self.manager.root,
                                                     self.manager.state_dir)
