@@ -162,6 +162,7 @@ def test_plain_virsh_start_of_an_exclusive_domain(hooked: env.Pinwarden,
         refused.stderr and "transient" not in refused.stderr, refused.stderr
     # transient ('virsh create'): 'pinwarden start' starts defined domains only
     source.write_text(env.tiny_domain_xml(f"{f}-t", exclusive=True))
+    domains.track(f"{f}-t")  # (its log, which libvirt keeps)
     created = virsh("create", str(source))
     assert created.returncode != 0
     assert f"it is transient: put <resource><partition>/{hooked.stem}-vm-{f}-t</partition>" \
