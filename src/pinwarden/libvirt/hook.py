@@ -661,16 +661,14 @@ def _restore_exclusive(manager: Manager, name: str, spec: DomainSpec,
     then leases it); before, it was refused "choose other CPUs" with other CPUs free, and
     could come back only once that holder stopped (systemd-lab hunt).  Pins its stored
     definition names are its user's, and with every CPU free it comes back as saved."""
-    from pathlib import Path
-
     from pinwarden.cpuset import CpuSet
     from pinwarden.domain import parse_domain, render_plan
-    from pinwarden.libvirt.place import CONFIG_DIRS
+    from pinwarden.libvirt.place import stored_path
     from pinwarden.policy import decide
     from pinwarden.record import replace
 
     try:
-        stored = parse_domain(Path(CONFIG_DIRS["qemu"], f"{name}.xml").read_bytes())
+        stored = parse_domain(stored_path("qemu", name).read_bytes())
     except (OSError, ValueError, PinwardenError):
         return None  # (transient, or unreadable: its pins may be its user's)
     if stored.vcpupins or stored.emulatorpin is not None or stored.iothreadpins \
@@ -741,10 +739,10 @@ def _prepare(manager: Manager, driver: str, name: str, spec: DomainSpec,
         # first: the advice below would lead to that refusal from 'pinwarden define' or
         # 'pinwarden start'
         decide(spec, manager.host(), (), holder=holder)
-        from pinwarden.libvirt.place import CONFIG_DIRS
+        from pinwarden.libvirt.place import stored_path
         from pinwarden.model import command_line
 
-        stored = Path(CONFIG_DIRS.get(driver, "/nonexistent"), f"{name}.xml")
+        stored = stored_path(driver, name)
         # (a transient domain was told 'pinwarden start', which starts only defined ones:
         # real-libvirt hunt)
         how = (f"start it with '{command_line('pinwarden start', name)}', or store "

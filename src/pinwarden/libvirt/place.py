@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pinwarden.errors import EnforceError
@@ -235,6 +236,12 @@ def pin_exclusive(name: str, pid: int, plan: Plan) -> None:
 CONFIG_DIRS = {"qemu": "/etc/libvirt/qemu", "lxc": "/etc/libvirt/lxc"}
 
 
+def stored_path(driver: str, name: str) -> Path:
+    """Where libvirt (as system) keeps the stored definition of domain ``name`` of
+    ``driver``: a path that never exists for a driver without one here."""
+    return Path(CONFIG_DIRS.get(driver, "/nonexistent"), f"{name}.xml")
+
+
 def running_from_files(driver: str) -> tuple[DomainInfo, ...]:
     """The running domains of ``driver`` as libvirt's own files tell — the hook may not
     call libvirt: the live definition from the status file (``/run/libvirt/qemu/NAME.xml``,
@@ -246,7 +253,6 @@ def running_from_files(driver: str) -> tuple[DomainInfo, ...]:
     start`` of an exclusive domain in cgroup mode, where ``pinwarden start``, which asks
     libvirt and so the kernel, refused: real-libvirt hunt).  Files that cannot be read or
     parsed are left out."""
-    from pathlib import Path
     from xml.etree import ElementTree as ET
 
     import defusedxml.ElementTree as SafeET
@@ -274,7 +280,7 @@ def running_from_files(driver: str) -> tuple[DomainInfo, ...]:
             continue
         stored = None
         with contextlib.suppress(OSError, ValueError, ET.ParseError, PinwardenError):
-            stored = parse_domain(Path(CONFIG_DIRS[driver], f"{live.name}.xml").read_bytes())
+            stored = parse_domain(stored_path(driver, live.name).read_bytes())
         # <vcpu cpuset> is where libvirt runs every thread without a pin of its own: left
         # out, a running domain's threads on a CPU it named only there were moved off it
         # silently by an exclusive 'virsh start' ('pinwarden start' refused: hunt)
