@@ -150,6 +150,29 @@ def test_a_named_pipe_nobody_writes_is_read_as_empty_not_waited_for(tmp_path: Pa
         os.close(read)
 
 
+def test_a_config_read_from_a_pipe_shows_where_its_values_came_from(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``pinwarden config --config <(…)``: a pipe reads once.  The file was read twice
+    (once for the values, once for which keys it sets), and every value it set was shown
+    as the default (CLI hunt)."""
+    import os
+
+    read, write = os.pipe()
+    try:
+        os.write(write, b'[partition]\nmode = "none"\n[ledger]\nstate_dir = "/from/pipe"\n')
+        os.close(write)
+        path = f"/proc/self/fd/{read}"
+        got = config_json(capsys, "--config", path)
+    finally:
+        os.close(read)
+    assert got["_file"] == {"path": path, "source": "option --config", "exists": True}
+    assert (got["partition.mode"]["value"], got["partition.mode"]["source"],
+            got["partition.mode"]["from"]) == ("none", "file", f"{path} [partition] mode")
+    assert (got["ledger.state_dir"]["value"], got["ledger.state_dir"]["source"]) == \
+        ("/from/pipe", "file")
+    assert got["partition.cgroup"]["source"] == "default"
+
+
 def test_a_host_reserve_this_host_lacks_is_refused(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """Every command would refuse it (partition mode none): so does config, after showing

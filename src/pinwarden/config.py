@@ -225,6 +225,14 @@ def _open_text(path: Path) -> TextIO:
 
 def load_config(path: Path | None) -> Config:
     """Read the config file; a missing default file means all defaults."""
+    text = read_config_text(path)
+    return Config() if text is None else parse_config(text, path or DEFAULT_CONFIG)
+
+
+def read_config_text(path: Path | None) -> str | None:
+    """The text of the config file ``path`` (None: the default one), read once — a named
+    pipe (``--config <(…)``) cannot be read twice; None when the default file does not
+    exist.  A file that cannot be read as a configuration is refused (:class:`InputError`)."""
     explicit = path is not None
     target = path if path is not None else DEFAULT_CONFIG
     try:
@@ -239,10 +247,10 @@ def load_config(path: Path | None) -> Config:
     except FileNotFoundError:
         if explicit:
             raise InputError(f"config file {target} does not exist") from None
-        return Config()
+        return None
     except OSError as exc:
         raise InputError(f"cannot read config file {target}: {exc.strerror}") from None
-    return parse_config(text, target)
+    return text
 
 
 def state_dir(cli_value: Path | None, config: Config) -> Path:

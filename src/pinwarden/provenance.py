@@ -14,7 +14,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pinwarden.config import DEFAULT_CONFIG, SETTINGS, Config, Setting, load_config
+from pinwarden.config import (
+    DEFAULT_CONFIG,
+    SETTINGS,
+    Config,
+    Setting,
+    parse_config,
+    read_config_text,
+)
 from pinwarden.cpuset import CpuSet
 from pinwarden.record import record
 
@@ -56,11 +63,11 @@ class Effective:
         raise KeyError(field)
 
 
-def _keys_in(path: Path) -> set[tuple[str, str]]:
-    """``(section, key)`` pairs the file sets (it was validated by :func:`load_config`)."""
+def _keys_in(text: str) -> set[tuple[str, str]]:
+    """``(section, key)`` pairs a file's text sets (validated by :func:`parse_config`)."""
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, ValueError):  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
+        data = tomllib.loads(text)
+    except ValueError:  # (TOMLDecodeError is one)
         return set()
     return {(section, key) for section, table in data.items() if isinstance(table, dict)
             for key in table}
@@ -81,9 +88,12 @@ def resolve(config_path: Path | None, options: Mapping[str, str | None],
     """The effective settings.  ``options`` maps option names (``--state-dir``) to the values
     given on the command line (None: not given); ``environ`` is the environment."""
     target = config_path if config_path is not None else DEFAULT_CONFIG
-    config = load_config(config_path)  # refuses a bad file with a one-line error
-    exists = target.is_file()
-    in_file = _keys_in(target) if exists else set()
+    # read once: a named pipe (--config <(…)) reads as empty the second time, and every
+    # value it set was shown as the default (CLI hunt)
+    text = read_config_text(config_path)  # refuses a bad file with a one-line error
+    config = Config() if text is None else parse_config(text, target)
+    exists = text is not None
+    in_file = _keys_in(text) if text is not None else set()
     defaults = Config()
     values = []
     for setting in SETTINGS:
