@@ -422,11 +422,17 @@ def story_lxc() -> Data:
         out["lxs_one_left"] = container_affinity("pwtest-lxs")
         out["destroy_qx"] = virsh("destroy", "pwtest-lqx")
 
+        # the process gives the VM its CPU back a moment later.  (Waiting for its "gave
+        # back pwtest-lqs" line was not enough: the container's release leaves a process
+        # too, which can log its give-back of CPU 2 after the container's stop returned —
+        # CI read the pin in between, 2-3)
+        wait_for(lambda: virsh("vcpupin", "pwtest-lqs")["stdout"].split()[-1:] == ["1-3"],
+                 timeout=60)
+        out["qs_after"] = virsh("vcpupin", "pwtest-lqs")["stdout"]
         # it logs once every move is made
         out["hook_log"] = wait_for(lambda: "gave back pwtest-lqs vcpu0" in (
             read(STATE / "hook.log") or "") and read(STATE / "hook.log"), timeout=60) or \
             read(STATE / "hook.log")
-        out["qs_after"] = virsh("vcpupin", "pwtest-lqs")["stdout"]
         # the container's give-back may come from the other release's give-back process,
         # which can run later (6.1: after the widening reset it to every CPU); then a
         # moment for anything that would undo it
