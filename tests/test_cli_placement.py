@@ -167,6 +167,34 @@ def test_reserve_by_uuid_and_release_by_uuid(env: dict[str, Path],
     assert status == 1 and out["error"]["code"] == "unknown-holder"
 
 
+def test_a_holder_with_a_plan_edited_by_hand_is_freed_by_a_forced_release(
+        env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """A plan damaged by hand made every command refuse, ``release --force`` of that
+    holder included: the only way out was to move the whole database aside, forgetting
+    every other lease (CLI hunt).  Each refusal now says how to free it, and the forced
+    release frees that holder and nothing else."""
+    import sqlite3
+
+    assert run(env, capsys, "reserve", write(env, "vm1.xml", SEED))[0] == 0
+    assert run(env, capsys, "reserve", write(env, "db.xml", UNPINNED))[0] == 0
+    before = {e["domain"]: e["cpus"] for e in run(env, capsys, "status")[1]["leases"]}
+    raw = sqlite3.connect(env["state"] / "leases.db")
+    raw.execute("UPDATE holders SET plan = '{\"bad\": 1' WHERE name = 'vm1'")
+    raw.commit()
+    raw.close()
+    for argv in (("status",), ("release", "vm1")):
+        status, out, err = run(env, capsys, *argv)
+        assert status == 1, (argv, out)
+        assert "corrupt plan recorded for qemu domain 'vm1'" in out["error"]["message"]
+        assert err.endswith("'pinwarden release vm1 --force' frees it (and nothing else)\n"), err
+    status, out, err = run(env, capsys, "release", "vm1", "--force")
+    assert status == 0, err
+    assert (out["released"]["domain"], out["released"]["cpus"]) == ("vm1", before["vm1"])
+    status, st, err = run(env, capsys, "status")
+    assert status == 0, err
+    assert {e["domain"]: e["cpus"] for e in st["leases"]} == {"db": before["db"]}
+
+
 def test_status_human_has_cpu_map(env: dict[str, Path],
                                   capsys: pytest.CaptureFixture[str]) -> None:
     run(env, capsys, "reserve", write(env, "vm1.xml", SEED))

@@ -154,16 +154,21 @@ def plan_to_text(plan: Plan) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
-def plan_from_text(text: str, where: str) -> Plan:
+def plan_from_text(text: str, where: str | HolderRef) -> Plan:
+    """A recorded plan; a :class:`LedgerError` naming ``where`` (a holder: and how to free
+    it) when it cannot be read."""
     try:
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         return Plan.from_json(data)
     except (ValueError, TypeError, KeyError, AttributeError, PinwardenError) as exc:
-        raise LedgerError(f"corrupt plan recorded for {where}: {shorten(str(exc))}") from None
+        why = shorten(str(exc))
     except RecursionError:
-        raise LedgerError(f"corrupt plan recorded for {where}: nested too deeply") from None
+        why = "nested too deeply"
+    advice = f"; '{command_line('pinwarden release', where.name, '--force')}' frees it " \
+        f"(and nothing else)" if isinstance(where, HolderRef) else ""
+    raise LedgerError(f"corrupt plan recorded for {where}: {why}{advice}")
 
 
 def _lease_text(leases: Mapping[int, str]) -> str:
@@ -635,8 +640,25 @@ class Ledger:
             raise self._refuse(f"is corrupt (holder {shorten(str(ref))} was created at "
                                f"{shorten(str(created))}, not a time)")
         return HolderRecord(ref=ref, created=created, owner_pid=owner_pid,
-                            owner_start=owner_start, plan=plan_from_text(plan, str(ref)),
+                            owner_start=owner_start, plan=plan_from_text(plan, ref),
                             cgroup=cgroup)
+
+    def _holder_anyway(self, db: sqlite3.Connection, row: Any) -> HolderRecord:
+        """:meth:`_holder`, or — its plan unreadable — a record whose plan is just the
+        leases its lease rows name (for a forced release: ``kept`` then knows its CPUs)."""
+        try:
+            return self._holder(row)
+        except LedgerError:
+            driver, key, name, created, owner_pid, owner_start, _plan, cgroup = row
+            leases = {cpu: str(role) for cpu, role in db.execute(
+                "SELECT cpu, role FROM leases WHERE driver = ? AND key = ?", (driver, key))
+                if isinstance(cpu, int) and 0 <= cpu <= MAX_CPU}
+            return HolderRecord(
+                ref=HolderRef(driver, key, name),
+                created=created if _sane_time(created) else 0.0,
+                owner_pid=owner_pid, owner_start=owner_start,
+                plan=Plan(str(name), None, True, {}, CpuSet(), leases=leases),
+                cgroup=cgroup)
 
     def _lease(self, row: Any) -> Lease:
         cpu, driver, key, name, role, created, owner_pid = row
@@ -668,7 +690,7 @@ class Ledger:
         for driver, key, name, plan_text in db.execute(
                 "SELECT driver, key, name, plan FROM holders"):
             ref = HolderRef(driver, key, name)
-            planned = dict(plan_from_text(plan_text, str(ref)).leases)
+            planned = dict(plan_from_text(plan_text, ref).leases)
             got = by_holder.get((driver, key), {})
             if got != planned:
                 raise self._refuse(
@@ -731,8 +753,8 @@ class Ledger:
                           f"key = ?", (holder.driver, holder.key))
         return self._holder(rows[0]) if rows else None
 
-    def _find_in(self, db: sqlite3.Connection, selector: str,
-                 driver: str | None) -> HolderRecord | None:
+    def _find_in(self, db: sqlite3.Connection, selector: str, driver: str | None, *,
+                 corrupt_plan: bool = False) -> HolderRecord | None:
         where = "" if driver is None else " AND driver = ?"
         extra: tuple[str, ...] = () if driver is None else (driver,)
         keys = [selector]
@@ -745,7 +767,8 @@ class Ledger:
                 f"({', '.join('?' * len(values))}){where} ORDER BY driver, key",
                 (*values, *extra)).fetchall()
             if len(rows) == 1:
-                return self._holder(rows[0])
+                return self._holder_anyway(db, rows[0]) if corrupt_plan else \
+                    self._holder(rows[0])
             if len(rows) > 1:
                 found = ", ".join(f"{r[0]}:{r[2]} ({r[1]})" for r in rows)
                 raise LedgerError(
@@ -891,10 +914,15 @@ class Ledger:
                            "VALUES (?, ?, ?, ?, ?)",
                            (cpu, holder.driver, holder.key, role, previous.created))
 
-    def release(self, selector: str, *, driver: str | None = None) -> HolderRecord:
-        """Free the holder named ``selector`` (key, UUID or name); unknown → LedgerError."""
+    def release(self, selector: str, *, driver: str | None = None,
+                corrupt_plan: bool = False) -> HolderRecord:
+        """Free the holder named ``selector`` (key, UUID or name); unknown → LedgerError.
+        ``corrupt_plan``: a holder whose recorded plan cannot be read (edited by hand) is
+        freed too, its record then planning nothing but the CPUs its lease rows name —
+        every command refused to work while it was there, this one included, and the
+        only way out was to move the whole database aside (CLI hunt)."""
         with self._write() as db:
-            record = self._find_in(db, selector, driver)
+            record = self._find_in(db, selector, driver, corrupt_plan=corrupt_plan)
             if record is None:
                 scope = "" if driver is None else f" of driver {driver}"
                 raise LedgerError(f"no holder{scope} named {shorten(selector)} in "

@@ -588,7 +588,7 @@ class Manager:
                               f"{found.plan.leased().named(empty='no CPUs')}: stop it "
                               f"({stop}) and its leases go with it; 'pinwarden release "
                               f"--force' frees them while it runs", code="holder-running")
-            record = ledger.release(selector, driver=driver)
+            record = ledger.release(selector, driver=driver, corrupt_plan=force)
             self._sync_after_release(record)
             return record
 
