@@ -17,7 +17,7 @@ from hostroot import HostSpec, build_host, make_cgroup, mount_cgroups, write
 from pinwarden.cli import main
 from pinwarden.config import Config
 from pinwarden.cpuset import CpuSet
-from pinwarden.model import Lease, domain_holder
+from pinwarden.model import SIBLING_HOLD, Lease, domain_holder
 from pinwarden.partition import load_host
 from pinwarden.view import render_cpu_map
 
@@ -230,8 +230,35 @@ def test_map_many_holders(tmp_path: Path) -> None:
     build_host(tmp_path, HostSpec(cpus=40))
     host = load_host(tmp_path, Config())
     text = render_cpu_map(host, [lease(c, f"vm{c}") for c in range(1, 31)])
-    assert "Z leased to qemu domain 'vm26' (26)" in text
-    assert "# leased to 4 more holders (27-30)" in text
+    assert "G leased to qemu domain 'vm7' (7)" in text
+    assert "J leased to qemu domain 'vm8' (8)" in text  # (H: h is housekeeping's)
+    assert "Z leased to qemu domain 'vm23' (23)" in text
+    assert "# leased to 7 more holders (24-30)" in text
+
+
+def test_map_held_siblings_never_read_as_housekeeping_isolated_or_shared(
+        tmp_path: Path) -> None:
+    """Held siblings are marked with their holder's letter in lower case: the 8th, 9th and
+    22nd holders' (h, i, v) read as housekeeping, isolated and shared CPUs, and the legend
+    called every such CPU held empty for them (CLI hunt)."""
+    build_host(tmp_path, HostSpec(cpus=64, threads=2, isolated="32-63"))
+    host = load_host(tmp_path, Config())
+    topo = host.topology
+    cores = sorted({min(topo.siblings(c) | CpuSet.of([c])) for c in topo.cpus} - {0})[:24]
+    leases = [x for n, cpu in enumerate(cores)
+              for x in (lease(cpu, f"vm{n}"),
+                        lease((topo.siblings(cpu) - CpuSet.of([cpu])).first(), f"vm{n}",
+                              SIBLING_HOLD))]
+    held = CpuSet.of(x.cpu for x in leases if x.role == SIBLING_HOLD)
+    text = render_cpu_map(host, leases)
+    legend = {line.removeprefix("legend:").split()[0]: line for line in text.splitlines()
+              if line.startswith(("legend:", "        "))}
+    assert {"h", "i"} <= legend.keys(), text
+    for mark in {"h", "i", "v"} & legend.keys():  # (v: the shared pool, none in isolcpus)
+        listed = legend[mark].rsplit("(", 1)[1].rstrip(")")
+        assert listed == "-" or not CpuSet.parse(listed) & held, legend[mark]
+        assert "held empty" not in legend[mark], legend[mark]
+    assert text.count("held empty for") == 23, text  # (the 24th holder is one of '#')
 
 
 def test_map_1024_cpus_is_compact(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ Each CPU is one character::
 
     h  housekeeping (the OS's CPUs)       v  VM CPU, shared pool
     i  VM CPU isolated by isolcpus=      .  offline
-    A…Z  leased to the holder named in the legend (# when there are more than 26)
+    A…Z  leased to the holder named in the legend (not H, I or V; # when there are more
+         than 23 holders)
     a…z  held empty for that holder: the sibling thread of a core it uses (whole cores)
 
 Small hosts (≤ 64 present CPUs) get one line per physical core naming every thread; larger
@@ -22,7 +23,11 @@ from pinwarden.model import KEPT_ROLE, SIBLING_HOLD, HolderRef, Lease, kept_why
 from pinwarden.partition import Host
 
 HOUSEKEEPING, SHARED, ISOLATED, OFFLINE, MORE = "h", "v", "i", ".", "#"
-HOLDER_MARKS = string.ascii_uppercase
+#: A holder's mark, and in lower case its held siblings' — never a letter whose lower case
+#: is one of the marks above: the 8th, 9th and 22nd holders' held CPUs read as housekeeping,
+#: isolated and shared CPUs, and the legend listed those as held for them (CLI hunt).
+HOLDER_MARKS = "".join(c for c in string.ascii_uppercase
+                       if c.lower() not in (HOUSEKEEPING, SHARED, ISOLATED))
 DETAILED_LIMIT = 64  # present CPUs up to which every core gets a line of its own
 ROW_WIDTH = 64  # characters of thread marks per compact row
 
