@@ -286,6 +286,38 @@ def test_a_stream_closed_from_the_start_is_no_error(tmp_path: Path, empty_config
 
 
 @BUFFERING
+def test_output_that_cannot_be_written_is_one_line_and_the_change_stands(
+        tmp_path: Path, empty_config: str, unbuffered: str) -> None:
+    """stdout on a full disk (``> /dev/full``: ENOSPC): a reserve or release that was
+    committed exited 70, "internal error … a bug", and ``--help`` exited 0 with its text
+    lost (CLI hunt).  Now each says in one line that its output was lost and exits 1; what
+    it did stands."""
+    xml = tmp_path / "x.xml"
+    xml.write_text("<domain type='kvm'><name>vm-full</name><vcpu>1</vcpu><metadata>"
+                   "<pw:cpu xmlns:pw='urn:pinwarden:domain:1' exclusive='yes'/></metadata>"
+                   "</domain>")
+    common = ("--root", str(EXAMPLE), "--state-dir", str(tmp_path / "state"),
+              "--config", empty_config)
+    env = {"PYTHONUNBUFFERED": unbuffered}
+
+    def full(*argv: str) -> subprocess.CompletedProcess[str]:
+        with open("/dev/full", "w") as out:
+            return cli(*argv, stdout=out, env=env)
+
+    for argv, leased in ((("reserve", str(xml), *common), True),
+                         (("status", "--json", *common), True),
+                         (("release", "vm-full", *common), False),
+                         (("--help",), False)):
+        done = full(*argv)
+        assert done.returncode == 1, (argv, done.stderr)
+        assert done.stderr.startswith("pinwarden: error: cannot write to standard output: "
+                                      "No space left on device"), (argv, done.stderr)
+        assert done.stderr.count("\n") == 1, (argv, done.stderr)
+        status = json.loads(cli("status", "--json", *common).stdout)
+        assert bool(status["leases"]) is leased, (argv, status)
+
+
+@BUFFERING
 def test_closed_pipe_keeps_a_finished_commands_status(tmp_path: Path, unbuffered: str) -> None:
     write = closed_pipe()
     try:

@@ -11,6 +11,10 @@ from __future__ import annotations
 import os
 import sys
 
+TYPE_CHECKING = False  # (typing is one import more on the quick start's path)
+if TYPE_CHECKING:
+    from typing import Any, TextIO
+
 
 def safe_streams() -> None:
     """Printing never fails for the terminal's encoding: a character the locale cannot show
@@ -40,6 +44,57 @@ def safe_streams() -> None:
                 reconfigure(errors="backslashreplace")
             except (ValueError, OSError):  # a detached or closed stream: nothing to print
                 pass
+
+
+class _Guarded:
+    """stdout whose write errors other than a reader gone (``ENOSPC`` of ``> /dev/full``
+    or a full disk, ``EIO``) are noted, not raised: the command runs to its end and says
+    once that its output was lost (:func:`output_error`).  Raised, such an error ended a
+    reserve or release that was already committed as "internal error … a bug", exit 70
+    (CLI hunt)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.error: OSError | None = None
+
+    def write(self, text: str) -> int:
+        if self.error is None:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                raise  # (the reader went away: the command line's own handling)
+            except OSError as exc:
+                self.error = exc
+        return len(text)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                raise
+            except OSError as exc:
+                self.error = exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def guard_stdout() -> None:
+    """From here on, a failed write to stdout is noted (:func:`output_error`), not raised
+    — for the command line, which says so at its end."""
+    if sys.stdout is not None and not isinstance(sys.stdout, _Guarded):
+        sys.stdout = _Guarded(sys.stdout)
+
+
+def output_error() -> OSError | None:
+    """The error that made stdout lose output since :func:`guard_stdout`, if any — once:
+    the stream is usable again after (the next command of a process, in tests)."""
+    stream = sys.stdout
+    if not isinstance(stream, _Guarded) or stream.error is None:
+        return None
+    error, stream.error = stream.error, None
+    return error
 
 
 def _devnull_on(fd: int) -> None:

@@ -31,7 +31,13 @@ from typing import Any
 
 from pinwarden import __version__
 from pinwarden.errors import PinwardenError
-from pinwarden.streams import drop_stdout, safe_streams, stdout_closed
+from pinwarden.streams import (
+    drop_stdout,
+    guard_stdout,
+    output_error,
+    safe_streams,
+    stdout_closed,
+)
 
 #: Command modules, in the order ``--help`` lists them.
 COMMAND_MODULES = (
@@ -270,13 +276,18 @@ def _debug() -> bool:
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     try:
         return parser.parse_args(argv)
-    except SystemExit:  # --help, --version and usage errors print, then exit
+    except SystemExit as done:  # --help, --version and usage errors print, then exit
         try:
             sys.stdout.flush()
         except BrokenPipeError:
             if not stdout_closed():
                 raise
             drop_stdout()
+        lost = output_error()
+        if lost is not None and not done.code:
+            print(f"pinwarden: error: cannot write to standard output: "
+                  f"{lost.strerror or lost}", file=sys.stderr)
+            raise SystemExit(EXIT_ERROR) from None
         raise
 
 
@@ -296,6 +307,13 @@ def _run(args: argparse.Namespace) -> int:
         if status is None:  # (a command that finished before its output failed says so)
             status = int(getattr(args, "finished_status", EXIT_OK))
         return status
+    lost = output_error()
+    if lost is not None:
+        # what the command did stands (a reserve or release committed): only its output
+        # was lost, which a script must not take for success either
+        print(f"pinwarden: error: cannot write to standard output: {lost.strerror or lost} "
+              f"(the command itself ran to its end; its output was lost)", file=sys.stderr)
+        return status or EXIT_ERROR
     return status
 
 
@@ -329,6 +347,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args: argparse.Namespace | None = None
     safe_streams()
+    guard_stdout()
     try:
         args = _parse_args(argv)
         return _run(args)
