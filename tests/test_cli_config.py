@@ -173,6 +173,21 @@ def test_a_config_read_from_a_pipe_shows_where_its_values_came_from(
     assert got["partition.cgroup"]["source"] == "default"
 
 
+def test_a_boolean_is_shown_as_the_file_spells_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``[isolation] noise`` showed as Python's ``True``/``False``, which the file refuses
+    when copied into it (CLI hunt): TOML's ``true``/``false``, in text and JSON alike."""
+    config = tmp_path / "pw.toml"
+    config.write_text("[isolation]\nnoise = false\n")
+    got = config_json(capsys, "--config", str(config))
+    assert (got["isolation.noise"]["value"], got["isolation.noise"]["default"]) == \
+        ("false", "true")
+    assert main(["config", "--config", str(config)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "noise" in ln)
+    assert line.split()[2] == "false", line
+    assert parse_config(f"[isolation]\nnoise = {line.split()[2]}\n").isolate_noise is False
+
+
 def test_a_host_reserve_this_host_lacks_is_refused(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """Every command would refuse it (partition mode none): so does config, after showing

@@ -113,16 +113,22 @@ def resolve(config_path: Path | None, options: Mapping[str, str | None],
     return Effective(target, config_path is not None, exists, tuple(values))
 
 
+def _text(value: Any) -> str:
+    """A value as the configuration file spells it: a boolean ``true`` or ``false`` (as
+    Python's ``True``, copied into the file it was refused: CLI hunt)."""
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
 def shown(value: Any, setting: Setting) -> str:
     """A value for people: lists and paths as text, a run-time default in words."""
     if value is None:
         return f"({setting.default_text})" if setting.default_text else "-"
-    return str(value)
+    return _text(value)
 
 
 def to_json(effective: Effective) -> dict[str, Any]:
     def plain(value: Any) -> Any:
-        return None if value is None else str(value)
+        return None if value is None else _text(value)
 
     return {
         "config_file": {"path": str(effective.config_file),
