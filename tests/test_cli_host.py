@@ -77,6 +77,28 @@ def test_json_cgroup_mode(tmp_path: Path, config_file: Path,
         ("cgroup", "2-7", "0-1", "machine")
 
 
+def test_a_vm_partition_of_every_cpu_is_said_by_host(
+        tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Mode cgroup with ``machine`` as libvirt makes it, every CPU: nothing can be leased,
+    and only 'plan' and 'reserve' said so and what to change — 'host', the first step,
+    showed "housekeeping CPUs -" alone (CLI hunt)."""
+    root = build_host(tmp_path / "root", HostSpec(cpus=8))
+    mount_cgroups(root, cpus="0-7")
+    make_cgroup(root, "sys/fs/cgroup/cpuset", "machine", "0-7")
+    config_file.write_text('[partition]\nmode = "cgroup"\n')
+    common = ["host", "--root", str(root), "--config", str(config_file)]
+    assert main(common) == 0
+    text = capsys.readouterr().out
+    assert ("  nothing can be leased: the partition cgroup machine (cpus 0-7) covers every "
+            "online CPU, which leaves the host no housekeeping CPU; give cgroup machine the "
+            "VM CPUs only (cpuset.cpus = 1-7, keeping CPU 0 for the host)") in text, text
+    assert main([*common, "--json"]) == 0
+    assert "cpuset.cpus = 1-7" in json.loads(capsys.readouterr().out)["lease_problem"]
+    make_cgroup(root, "sys/fs/cgroup/cpuset", "machine", "1-7")
+    assert main([*common, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["lease_problem"] is None
+
+
 def test_config_file_is_used(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = build_host(tmp_path / "root", HostSpec(cpus=8, isolated="6-7"))
     config = write(tmp_path, "pw.toml", '[partition]\nmode = "none"\nhost_reserve = "0-1"\n')

@@ -134,26 +134,35 @@ def _housekeeping_left(ctx: _Ctx) -> None:
     a partition cgroup that has them all, as libvirt's ``machine`` does by default): the
     housekeeping CPUs, never leased, would be none — the first lease took CPU 0 and moved
     the host's IRQs and unbound work onto the other CPUs (real-libvirt hunt)."""
-    online = ctx.host.topology.online
-    first = ctx.host.topology.siblings(online.first()) & online if online else EMPTY
+    problem = no_housekeeping(ctx.host)
+    if problem is not None:
+        raise Refusal(f"cannot lease CPUs to {ctx.who}: {problem}", code="no-housekeeping")
+
+
+def no_housekeeping(host: Host) -> str | None:
+    """Why nothing can be leased on ``host`` when its VM CPUs are every online CPU (no
+    housekeeping CPU would be left), with what to change; None when some are the host's.
+    (``pinwarden host`` says it too: only a plan said it, and ``host`` is the first step.)"""
+    part = host.partition
+    if part.host_cpus:
+        return None
+    online = host.topology.online
+    first = host.topology.siblings(online.first()) & online if online else EMPTY
     rest, keep = (online - first).to_list() or "…", f"keeping {first.named()} for the host"
-    part = ctx.part
+    where = _Ctx("", "", host, {}, EMPTY, EMPTY, EMPTY).where()
     if part.mode == "isolcpus":  # the kernel's list: only the command line changes it
         what = f"the isolated {part.vm_cpus.named()} (isolcpus=) cover"
         fix = (f"boot with isolcpus= naming the VM CPUs only (isolcpus={rest}, {keep}), or "
                f"set [partition] mode = \"none\" with a host_reserve")
     elif part.mode == "cgroup":
-        what = f"the {ctx.where()} covers"
+        what = f"the {where} covers"
         fix = (f"give {'cgroup ' + part.cgroup if part.cgroup else 'the VM partition'} the "
                f"VM CPUs only (cpuset.cpus = {rest}, {keep}) or set [partition] mode = "
                f"\"auto\"")
     else:
-        what = f"the {ctx.where()} cover"
+        what = f"the {where} cover"
         fix = f"set [partition] host_reserve = \"{first.to_list() or '0'}\""
-    raise Refusal(
-        f"cannot lease CPUs to {ctx.who}: {what} every online CPU, which leaves the host "
-        f"no housekeeping CPU; {fix}",
-        code="no-housekeeping")
+    return f"{what} every online CPU, which leaves the host no housekeeping CPU; {fix}"
 
 
 def _split(leases: Sequence[Lease], holder: HolderRef) -> tuple[dict[int, Lease], list[int]]:

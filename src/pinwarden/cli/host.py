@@ -128,6 +128,7 @@ def _disagreement(now: Partition, recorded: Partition) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from pinwarden.cli import print_json
+    from pinwarden.policy import no_housekeeping
     from pinwarden.view import render_cpu_map
 
     root = root_of(args)
@@ -137,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         data = host_json(host, leases)
         data["ledger_error"] = problem
         data["suggested_cmdline"] = _cmdline(host)
+        data["lease_problem"] = no_housekeeping(host)
         data["recorded_partition"] = None if recorded is None else {
             "mode": recorded.mode, "vm_cpus": str(recorded.vm_cpus),
             "host_cpus": str(recorded.host_cpus), "reason": recorded.reason}
@@ -149,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
         f"housekeeping {part.host_cpus.named(empty='CPUs -')}",
         f"  because {part.reason}",
     ]
+    problem_now = no_housekeeping(host)
+    if problem_now is not None:
+        lines.append(f"  nothing can be leased: {problem_now}")
     if host.topology.nohz_full:
         lines.append(f"  nohz_full={host.topology.nohz_full}")
     suggested = _cmdline(host)
