@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -193,6 +194,24 @@ def test_a_holder_with_a_plan_edited_by_hand_is_freed_by_a_forced_release(
     status, st, err = run(env, capsys, "status")
     assert status == 0, err
     assert {e["domain"]: e["cpus"] for e in st["leases"]} == {"db": before["db"]}
+
+
+def test_a_big_domains_roles_are_counted_not_listed(env: dict[str, Path],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Up to 8 leases each CPU's role is named; beyond, they are counted by kind — a
+    120-vCPU domain's line in 'status' ran to 1,449 characters (CLI hunt)."""
+    big = write(env, "big.xml", UNPINNED.replace("<name>db</name>", "<name>big</name>")
+                .replace("<vcpu>2</vcpu>", "<vcpu>9</vcpu>").replace(" threads='isolate'", ""))
+    status, out, err = run(env, capsys, "reserve", big, json_out=False)
+    assert status == 0, err
+    leased = next(line for line in out.splitlines() if line.startswith("  leased "))
+    assert re.fullmatch(r"  leased [0-9,-]+ \(9 vcpu [0-9,-]+(, emulator \d+)?"
+                        r"(, \d+ sibling-hold [0-9,-]+|, sibling-hold \d+)?\)", leased), leased
+    status, out, err = run(env, capsys, "status", json_out=False)
+    assert status == 0 and "(9 vcpu " in out and "vcpu8" not in out, out
+    roles = run(env, capsys, "status")[1]["leases"][0]["roles"]
+    assert sorted(r for r in roles.values() if r.startswith("vcpu")) == \
+        sorted(f"vcpu{n}" for n in range(9))  # (JSON names every one)
 
 
 def test_status_human_has_cpu_map(env: dict[str, Path],

@@ -123,8 +123,23 @@ def _online_hint(cpus: CpuSet) -> str:
             "/sys/devices/system/cpu/cpu$c/online; done")
 
 
+#: Leases of one holder up to which each CPU's role is named; beyond, roles are counted.
+ROLES_NAMED = 8
+
+
 def _roles(leases: dict[int, str]) -> str:
-    return ", ".join(f"{cpu} {role}" for cpu, role in sorted(leases.items()))
+    """``4 emulator, 5 vcpu0, 12 sibling-hold``; for more than :data:`ROLES_NAMED` CPUs,
+    counted by kind — ``120 vcpu 5-124, emulator 4, 8 sibling-hold 130-137``: a 120-vCPU
+    domain's line in 'status' ran to 1,449 characters (CLI hunt)."""
+    from pinwarden.cpuset import CpuSet
+
+    if len(leases) <= ROLES_NAMED:
+        return ", ".join(f"{cpu} {role}" for cpu, role in sorted(leases.items()))
+    kinds: dict[str, list[int]] = {}
+    for cpu, role in sorted(leases.items()):
+        kinds.setdefault(role.rstrip("0123456789") or role, []).append(cpu)
+    return ", ".join(f"{kind} {CpuSet.of(cpus)}" if len(cpus) == 1 else
+                     f"{len(cpus)} {kind} {CpuSet.of(cpus)}" for kind, cpus in kinds.items())
 
 
 def render_plan_text(plan: Plan, host: Host, *, recorded: bool) -> str:
