@@ -605,6 +605,26 @@ def test_housekeeping_siblings_are_worded_for_one_or_several() -> None:
                                     "domain 'p4'; they stay the host's")
 
 
+def test_cores_the_host_reserve_splits_are_said_under_every_thread_policy() -> None:
+    """A host reserve (or partition) that splits a core: 'prefer' took that core first and
+    said nothing of sharing it with the host, and a whole-core policy's refusal advised
+    sharing cores "with other holders", with no other holder there (CLI hunt)."""
+    h = host("none", "0", threads=2)  # cores {k, k + 8}: CPU 0 a VM CPU, its sibling 8 not
+    plan = decide(spec("p", 1, exclusive=True, threads="prefer"), h, [])
+    assert plan.leased() == C("0")
+    assert plan.notes == ("housekeeping CPU 8 shares a core with the CPUs of domain 'p': "
+                          "thread policy 'prefer' shares cores with the host too",)
+    for threads in ("whole", "isolate"):
+        err = refused("insufficient-cpus", spec=spec("w", 1, exclusive=True, threads=threads),
+                      host=h, leases=[])
+        assert err.message.endswith(
+            "; CPU 0 shares a core with housekeeping CPU 8 (the host's CPUs split its core): "
+            "give the host whole cores, or use thread policy 'prefer', which shares it with "
+            "the host"), err.message
+    whole = host("none", "1-7,9-15", threads=2)  # whole cores: nothing to say
+    assert decide(spec("p", 1, exclusive=True, threads="prefer"), whole, []).notes == ()
+
+
 def test_sharing_cores_is_advised_as_each_holder_asks_for_it() -> None:
     """A job opts in with ``--threads prefer``, a domain in its ``<pw:cpu>`` metadata."""
     h = host("none", "1-15", threads=2)

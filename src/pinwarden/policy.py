@@ -543,7 +543,28 @@ def _allocate(ctx: _Ctx, within: CpuSet, request: allocator.Request, *,
         never = (f"housekeeping {host.named()} {'is' if len(host) == 1 else 'are'}" if host
                  else "housekeeping CPUs (none) are")
         raise Refusal(f"exclusive {ctx.who}: {exc.message}{narrowed}{held}; {never} never "
-                      "leased", code=exc.code) from None
+                      f"leased{_split_cores(ctx, within, request.threads)}",
+                      code=exc.code) from None
+
+
+def _split_cores(ctx: _Ctx, within: CpuSet, threads: ThreadPolicy) -> str:
+    """What a refusal under a whole-core policy adds where free VM CPUs share a core with
+    housekeeping CPUs (a host reserve or a partition that splits cores): no whole-core
+    policy uses them — the advice to share cores "with other holders" was all it said,
+    with no other holder there (CLI hunt)."""
+    if threads == "prefer":
+        return ""
+    topo, host = ctx.host.topology, ctx.part.host_cpus
+    split = CpuSet.of(c for c in (within & ctx.vm_cpus) - ctx.leased
+                      if c in topo.cpus and topo.siblings(c) & host)
+    if not split:
+        return ""
+    one = len(split) == 1
+    sharing = union(topo.siblings(c) for c in split) & host
+    return (f"; {split.named()} {'shares a core' if one else 'share cores'} with "
+            f"housekeeping {sharing.named()} (the host's CPUs split "
+            f"{'its core' if one else 'their cores'}): give the host whole cores, or use "
+            f"thread policy 'prefer', which shares {'it' if one else 'them'} with the host")
 
 
 def _allocate_or_none(ctx: _Ctx, within: CpuSet,
@@ -585,10 +606,18 @@ def _sibling_holds(ctx: _Ctx, own: _Leases, threads: ThreadPolicy, *,
     A sibling that is a housekeeping CPU cannot be held (noted); one leased to another
     holder is a conflict: that core would be split between two holders.  ``prefer``: how
     this kind of holder asks for thread policy ``prefer`` (advised in that conflict)."""
-    if threads == "prefer":
-        return EMPTY, []
     topo = ctx.host.topology
     cpus = own.cpus
+    if threads == "prefer":
+        # (sharing a core with the host, not with another holder, is worth saying: a host
+        # reserve that splits a core made 'prefer' take it first, silently: CLI hunt)
+        host = union(topo.siblings(c) for c in cpus if c in topo.cpus) & ctx.part.host_cpus
+        if not host:
+            return EMPTY, []
+        one = len(host) == 1
+        return EMPTY, [f"housekeeping {host.named()} {'shares a core' if one else 'share cores'}"
+                       f" with the CPUs of {ctx.who}: thread policy 'prefer' shares cores "
+                       f"with the host too"]
     if threads == "require" and not topo.smt:
         raise Refusal(f"thread policy 'require' needs SMT, but no core of this host has two "
                       f"online threads; use thread policy 'whole' or 'isolate' for "
