@@ -784,6 +784,24 @@ def test_a_second_lease_narrows_the_shared_group_without_a_warning(lab: LabRun) 
 
 
 
+def test_a_stale_holder_group_of_pinwardens_own_is_narrowed_without_a_word(
+        lab: LabRun) -> None:
+    """A dead job's holder group left behind names the CPU a job leases now: sync narrows
+    it off that CPU without calling it somebody else's cgroup, and the job's end leaves it
+    gone — never made again."""
+    data = lab.check("cli.stale_holder")
+    assert len(data["leases"]) == 1, data
+    assert data["stale_write"] == 0, data
+    sync = data["sync"]
+    assert sync["rc"] == 0, sync
+    assert "pinwarden-run-pwtest-gone" not in sync["stderr"], sync
+    # narrowed, and then removed as a stale holder group with no task in it
+    assert not data["stale_synced"]["exists"], data["stale_synced"]
+    assert data["leases_after"] == [], data
+    assert not data["stale_after"]["exists"], data["stale_after"]  # not made again
+    assert data["cleanup"] == {"late_left": False, "holder_left": False}
+
+
 def test_a_holder_partition_left_invalid_is_an_audit_error_until_sync(lab: LabRun) -> None:
     """A late cgroup takes the leased CPU and gives it back: the kernel leaves the holder's
     partition invalid (it checks it again only when the holder's own cpuset changes), and

@@ -739,6 +739,32 @@ def cli_escape() -> Data:
     return out
 
 
+@check("cli.stale_holder")
+def cli_stale_holder() -> Data:
+    """A holder group of pinwarden's own left behind — a dead job's, its supervisor killed
+    with its command — naming every CPU, the one a job leases now included: ``pinwarden
+    sync`` narrows it as it narrows anybody's, but says nothing of it (it is pinwarden's
+    own; it was reported as somebody else's cgroup: systemd-lab hunt), and the job's end
+    does not make it again."""
+    out: Data = {}
+    state = ["--state-dir", str(STATE)]
+    stale = cgroup_root() / "pinwarden-run-pwtest-gone.partition"
+    try:
+        with job_beside_a_late_cgroup("pwtest-stl", out) as (job, _late, _holder):
+            out["stale_write"] = subprocess.run(
+                ["sh", "-c", f"mkdir {stale} && echo 0-7 > {stale}/cpuset.cpus"],
+                capture_output=True, text=True).returncode
+            out["sync"] = cli_here("sync", *state)
+            out["stale_synced"] = group_data(stale.name)
+            end_job(job)
+            out["leases_after"] = ledger_leases()
+            out["stale_after"] = group_data(stale.name)
+    finally:
+        with contextlib.suppress(OSError):
+            stale.rmdir()
+    return out
+
+
 @check("cli.invalid")
 def cli_invalid() -> Data:
     """A holder partition the kernel invalidated stays invalid after the cgroup that took
