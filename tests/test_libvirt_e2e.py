@@ -928,6 +928,36 @@ def test_a_cpu_a_forced_release_left_running_is_taken_for_every_plan(
         assert not [k for k in ledger.changes() if k.startswith(("kept:", "repin:"))]
 
 
+def test_a_cpu_the_lease_database_lost_is_taken_for_shared_plans_too(
+        hooked: env.Pinwarden, domains: env.Domains) -> None:
+    """The lease database lost (moved aside) while exclusive A runs on CPU 1, in its
+    holder group: status and exclusive refusals named A, but a shared start was planned
+    onto CPU 1 and failed in libvirt ('Permission denied'), and a shared domain pinned
+    onto it got that raw error too, no holder named (durability hunt).  Every plan keeps
+    off a holder group processes run in, whether the ledger records it or not."""
+    a, n, p = "pwtest-e2e-lost", "pwtest-e2e-lostn", "pwtest-e2e-lostp"
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    domains.define(n)
+    domains.define(p, vcpupins={0: "1"})
+    hooked.run("start", a, "--no-daemon", check=True)
+    aside = hooked.state.with_name("state-aside")
+    hooked.state.rename(aside)
+    try:
+        started = hooked.run("start", n, "--no-daemon")
+        assert started.returncode == 0, started.stderr
+        assert set().union(*env.thread_affinities(n).values()) == {0}
+        refused = virsh("start", p)
+        assert refused.returncode != 0 and virsh("domstate", p).stdout.strip() == "shut off"
+        assert f"of domain '{p}' is kept by qemu domain '{a}'" in refused.stderr, \
+            refused.stderr
+        _virsh_ok(("destroy", n))
+    finally:
+        _virsh_ok(("destroy", a))
+        shutil.rmtree(hooked.state, ignore_errors=True)
+        aside.rename(hooked.state)
+        hooked.run("sync", check=True)
+
+
 def test_a_shared_domain_left_in_its_exclusive_partition_is_refused_saying_why(
         hooked: env.Pinwarden, domains: env.Domains) -> None:
     """An exclusive domain made shared by removing only pinwarden's metadata keeps the

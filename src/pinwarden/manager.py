@@ -376,11 +376,16 @@ class Manager:
         release left to processes that run on (:meth:`kept_leases`): what every plan
         keeps off — a shared domain planned onto one failed in libvirt ('Permission
         denied'), a pin onto one was let through, a give-back handed one out (hunt).
-        ``owners``: the caller's reading of :meth:`owners_gone`, not read again."""
+        ``owners``: the caller's reading of :meth:`owners_gone`, not read again.  ``kept``
+        covers the holder groups processes run in that the ledger does not record too
+        (:meth:`_unrecorded_leases`: its database lost or replaced while a domain ran, or a
+        forced release killed between its drop and its ``kept:`` record): only exclusive
+        plans kept off them, and a shared start failed in libvirt (durability hunt)."""
         reader = self.reader()
+        extra = (*(self._kept_leases(reader) if reader is not None else ()),
+                 *self._unrecorded_leases(reader)) if kept else ()
         if reader is None:
-            return ()
-        extra = self._kept_leases(reader) if kept else ()
+            return extra
         if dead:
             return (*reader.leases(), *extra)
         gone = (owners or self.owners_gone()).dead_keys()
@@ -683,11 +688,14 @@ class Manager:
         if not (self.enforcing and self._own_backend and self._fixed_host is None
                 and is_live_root(self.root)):
             return ()
+        dirs = self._holder_dirs()
+        if not dirs:  # (the common case, without reading the ledger: most shared starts)
+            return ()
         holders = ledger.holders() if ledger is not None else ()
         kept = [k.removeprefix(KEPT_PREFIX) for k in (ledger.changes() if ledger else ())
                 if k.startswith(KEPT_PREFIX)]
-        candidates = self._holder_dirs() - {h.cgroup.strip("/").rpartition("/")[2]
-                                            for h in holders if h.cgroup}
+        candidates = dirs - {h.cgroup.strip("/").rpartition("/")[2]
+                             for h in holders if h.cgroup}
         if not candidates:
             return ()
         from pinwarden import procs
