@@ -628,8 +628,8 @@ def test_a_shared_start_that_fails_while_the_domain_runs_says_it_runs(
 
 
 #: ``pinwarden ARGV`` that sends itself signal ``argv[2]`` while it leases (``lease``: under
-#: the lock, in the planner) or once it has leased and re-pinned (``create``: just before
-#: libvirt starts the domain).
+#: the lock, in the planner), once it has leased and re-pinned (``create``: just before
+#: libvirt starts the domain), or as libvirt's create returns (``started``).
 _SIGNALLED_START = """
 import os, signal, sys
 from pinwarden.libvirt import repin, start
@@ -645,12 +645,21 @@ if where == "lease":
         return decide(self, host, leases)
 
     repin.ExclusivePlanner.__call__ = planned
-else:
+elif where == "create":
     create = start._create
 
     def created(conn, holder, xml):
         os.kill(os.getpid(), sig)
         return create(conn, holder, xml)
+
+    start._create = created
+else:  # "started": as libvirt's create returns (the signal came while it started QEMU)
+    create = start._create
+
+    def created(conn, holder, xml):
+        dom = create(conn, holder, xml)
+        os.kill(os.getpid(), sig)
+        return dom
 
     start._create = created
 from pinwarden.cli import main
@@ -692,6 +701,36 @@ def test_a_signalled_start_leaves_the_host_as_it_was(
     assert (tree_state(pw), env.vm_affinity(s)) == before
     assert not (env.CPUSET / pw.holder_group(a)).exists()
     pw.run("stop", s, check=True)
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_start_signalled_while_libvirt_started_the_domain_says_it_runs(
+        pw: env.Pinwarden, domains: env.Domains, sig: str) -> None:
+    """Ctrl-C or SIGTERM while libvirt started the domain: it runs, with its lease, and
+    the command said only "interrupted" (SIGTERM: nothing at all; durability hunt).  Now it
+    says that the domain runs and keeps its lease, and how to end it."""
+    import signal
+    import sys
+
+    a = "pwtest-start-sigstarted"
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    done = subprocess.run([sys.executable, "-c", _SIGNALLED_START, "started", sig,
+                           *pw.cmd("start", a, "--no-daemon")[1:]],
+                          capture_output=True, text=True, timeout=120)
+    assert domains.conn.lookupByName(a).isActive()
+    qemu = env.qemu_pid(a)
+    said = (f"after domain '{a}' started: it runs (process {qemu}) and keeps its lease while "
+            f"it runs ('virsh domstate {a}' shows whether it still does; 'pinwarden stop' "
+            f"ends it)\n")
+    if sig == "SIGINT":
+        assert (done.returncode, done.stderr) == (130, f"pinwarden: interrupted {said}"), \
+            done.stderr
+    else:
+        assert (done.returncode, done.stderr) == (-signal.SIGTERM, f"pinwarden: ended {said}"), \
+            done.stderr
+    assert env.holder_names(pw) == (a,)
+    pw.run("stop", a, check=True)
+    assert env.holder_names(pw) == ()
 
 
 #: ``pinwarden ARGV`` while libvirtd goes away: ``start`` — libvirt fails the start, and

@@ -328,9 +328,20 @@ def _start_exclusive(manager: Manager, conn: Any, holder: HolderRef, spec: Domai
             f"{kept}: started by another call, or by libvirtd after it lost this one), and "
             f"keeps its lease while it runs ({_still_runs(holder)}, and 'pinwarden status' "
             f"its lease)", code=exc.code) from None
-    except BaseException:
-        _rollback(manager, conn, holder, started, done, replaced)
-        raise
+    except BaseException as exc:
+        kept = _rollback(manager, conn, holder, started, done, replaced)
+        if kept is None or not isinstance(exc, KeyboardInterrupt):
+            raise
+        # interrupted while libvirt started it (Ctrl-C, SIGTERM): it runs, with its lease —
+        # said only "interrupted", or nothing at all (durability hunt)
+        said = (f"after domain {holder.name!r} started: it runs (process {kept}) and keeps "
+                f"its lease while it runs ({_still_runs(holder)}; 'pinwarden stop' ends it)")
+        if isinstance(exc, EndedAfterChange):
+            import sys
+
+            print(f"pinwarden: ended {said}", file=sys.stderr)
+            raise
+        raise KeyboardInterrupt(said) from None
 
 
 def _rollback(manager: Manager, conn: Any, holder: HolderRef, started: bool,
