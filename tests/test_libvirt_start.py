@@ -733,6 +733,63 @@ def test_a_start_signalled_while_libvirt_started_the_domain_says_it_runs(
     assert env.holder_names(pw) == ()
 
 
+@pytest.mark.parametrize("broken", ["read-only", "full"])
+def test_a_shared_start_goes_on_while_the_lease_database_cannot_be_used(
+        pw: env.Pinwarden, domains: env.Domains, broken: str) -> None:
+    """The state directory read-only, or its file system full: 'pinwarden start' of a
+    shared domain failed ("cannot create a lock …", "the file system is full …"), though
+    it asks for nothing exclusive — the hook lets such a domain through then (durability
+    hunt).  It starts, unchecked, where libvirt places it (off the lease: the kernel keeps
+    the narrowed VM partition), saying so; an exclusive start is refused as before."""
+    import dataclasses
+
+    a, s, b = "pwtest-start-ro-a", "pwtest-start-ro-s", "pwtest-start-ro-b"
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    domains.define(b, exclusive=True)
+    domains.define(s)
+    mounted: list[str] = []
+    try:
+        if broken == "full":  # the state directory on a small file system of its own
+            disk = pw.state.with_name("disk")
+            disk.mkdir()
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                           check=True)
+            mounted.append(str(disk))
+            pw = dataclasses.replace(pw, state=disk / "state")
+        pw.run("start", a, "--no-daemon", check=True)
+        if broken == "read-only":
+            subprocess.run(["mount", "--bind", str(pw.state), str(pw.state)], check=True)
+            mounted.append(str(pw.state))
+            subprocess.run(["mount", "-o", "remount,ro,bind", str(pw.state)], check=True)
+        else:
+            with contextlib.suppress(OSError), open(pw.state.parent / "fill", "wb") as f:
+                while True:
+                    f.write(b"\0" * 4096)
+                    f.flush()
+        refused = pw.run("start", b, "--no-daemon")
+        assert refused.returncode == 1 and not domains.conn.lookupByName(b).isActive(), \
+            refused.stderr
+        started = pw.run("start", s, "--no-daemon")
+        assert started.returncode == 0, started.stderr
+        assert "pinwarden cannot use its lease database (" in started.stdout and \
+            f"started shared domain '{s}' unchecked" in started.stdout, started.stdout
+        assert env.vm_affinity(s) == {0}
+    finally:
+        with contextlib.suppress(env.libvirt.libvirtError):
+            domains.conn.lookupByName(s).destroy()
+        if broken == "full":
+            (pw.state.parent / "fill").unlink(missing_ok=True)
+        elif mounted:
+            subprocess.run(["umount", mounted.pop()], check=True)
+        with contextlib.suppress(env.libvirt.libvirtError):
+            if domains.conn.lookupByName(a).isActive():
+                pw.run("stop", a, check=True)
+        left = env.holder_names(pw)  # (before the state directory's disk goes)
+        for path in reversed(mounted):
+            subprocess.run(["umount", path], check=True)
+    assert left == ()
+
+
 #: ``pinwarden ARGV`` while libvirtd goes away: ``start`` — libvirt fails the start, and
 #: every call after it fails as a restarting libvirtd's do; ``stop`` — the destroy is done,
 #: then the connection breaks.

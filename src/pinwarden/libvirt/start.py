@@ -112,7 +112,15 @@ def _start(manager: Manager, uri: str, conn: Any, name: str) -> Started:
         raise Refusal(f"domain {name!r} is already running; stop it first "
                       f"({command_line('pinwarden stop', name)})", code="running")
     holder = _holder(conn, dom)
-    with domain_lock(manager.state_dir, holder):
+    lock = contextlib.ExitStack()
+    try:
+        lock.enter_context(domain_lock(manager.state_dir, holder))
+    except LedgerError as exc:  # (a read-only or full state directory, say)
+        if parse_domain(lv.xml_of(dom, inactive=True, secure=True)).exclusive:
+            raise
+        _no_managed_save(dom, name, exclusive=False)
+        return _start_unchecked(conn, dom, holder, exc)
+    with lock:
         if dom.isActive():  # started by a racing 'pinwarden start' while we waited
             raise Refusal(f"domain {name!r} is already running", code="running")
         xml = lv.xml_of(dom, inactive=True, secure=True)  # booted from: passwords too
@@ -122,7 +130,48 @@ def _start(manager: Manager, uri: str, conn: Any, name: str) -> Started:
             # SIGTERM and SIGHUP undo the start as an error does, then end the process
             with ending_unwinds():
                 return _start_exclusive(manager, conn, holder, spec, xml)
-        return _start_shared(manager, conn, holder, spec, xml)
+        try:
+            return _start_shared(manager, conn, holder, spec, xml)
+        except _LedgerDown as down:
+            return _start_unchecked(conn, dom, holder, down.error)
+
+
+class _LedgerDown(Exception):
+    """The lease database (or state directory) failed a shared start before libvirt was
+    asked: the domain starts as the hook's fail-safe lets it (:func:`_start_unchecked`)."""
+
+    def __init__(self, error: LedgerError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _start_unchecked(conn: Any, dom: Any, holder: HolderRef, error: LedgerError) -> Started:
+    """A shared domain started while pinwarden cannot use its lease database (a full or
+    read-only file system, a damaged file): as libvirt places it — as the hook lets such a
+    domain through when pinwarden fails — with a warning, rather than not at all: it asks
+    for nothing exclusive, and pinwarden being broken must not keep it off (durability
+    hunt).  The kernel keeps it off leased CPUs still (their holder groups, the narrowed
+    VM partition)."""
+    b = lv.binding()
+    try:
+        dom.create()
+    except b.libvirtError as exc:
+        raise libvirt_failure(f"libvirt could not start domain {holder.name!r}", exc) \
+            from None
+    pid = lv.read_pid(holder.driver, holder.name)
+    spec = parse_domain(lv.xml_of(dom, inactive=False, secure=False))
+    runs = CpuSet()
+    if pid is not None:
+        with contextlib.suppress(OSError):
+            runs = CpuSet.of(os.sched_getaffinity(pid))
+    plan = Plan(holder.name, spec.uuid, False,
+                vcpus={v: spec.vcpupins.get(v, runs) for v in range(spec.vcpus)},
+                emulator=spec.emulatorpin or runs)
+    return Started(holder.name, holder.uuid or "", plan, pid, kernel.domain_cgroup(pid),
+                   notes=(f"pinwarden cannot use its lease database ({error.message}); "
+                          f"started shared domain {holder.name!r} unchecked, where libvirt "
+                          f"places it (as the hook lets shared domains through then); "
+                          f"'pinwarden sync' places it once the database works again",))
 
 
 def _no_managed_save(dom: Any, name: str, *, exclusive: bool) -> None:
@@ -209,8 +258,13 @@ def _start_shared(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSp
     Now it is planned again from the leases of that moment: a failed create is retried,
     and a running domain's pins follow the new plan."""
     for attempt in range(1, SHARED_ATTEMPTS + 1):
-        admit_shared(manager, spec, holder)
-        plan = manager.plan(spec, holder=holder)
+        try:
+            admit_shared(manager, spec, holder)
+            plan = manager.plan(spec, holder=holder)
+        except LedgerError as exc:
+            if attempt > 1:
+                raise
+            raise _LedgerDown(exc) from None
         try:
             dom = _create(conn, holder, render_plan(xml, plan))
             break
