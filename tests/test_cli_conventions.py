@@ -176,7 +176,7 @@ def test_help_lists_exit_codes() -> None:
     proc = cli("--help")
     assert proc.returncode == 0
     assert "exit status: 0 success; 1 refusal or error; 2 usage error" in proc.stdout
-    assert "70 internal error" in proc.stdout
+    assert "70 internal error" in proc.stdout and "130 interrupted (Ctrl-C)" in proc.stdout
 
 
 # -- audit: 0 clean, 1 intruders, 2 could not check ---------------------------------------

@@ -172,3 +172,21 @@ def test_man_page_is_found_by_man(manpage: Path) -> None:
     proc = subprocess.run(["man", "-w", "pinwarden"], capture_output=True, text=True,
                           env={**os.environ, "MANPATH": str(manpage.parent.parent)})
     assert proc.returncode == 0 and proc.stdout.strip() == str(manpage), proc.stderr
+
+
+def test_every_error_code_is_documented_in_the_readme() -> None:
+    """``--json`` error codes are a stable interface: each one pinwarden can raise is in
+    the README's table, and the table names no code it cannot (CLI hunt: none was)."""
+    src = REPO / "src" / "pinwarden"
+    text = "\n".join(p.read_text() for p in src.rglob("*.py"))
+    used = set(re.findall(r'\bcode\s*=\s*"([a-z][a-z0-9-]*)"', text))
+    for name in re.findall(r"\bcode=([A-Z][A-Z_]+)\b", text):  # (a module's constant)
+        used |= set(re.findall(rf'^{name} = "([a-z][a-z0-9-]*)"', text, re.M))
+    used |= set(re.findall(r'"code": "([a-z][a-z0-9-]*)"', text))  # (the internal error)
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("Error codes (", 1)[1].split("\n\n", 2)[1]
+    documented = {code for row in table.splitlines() if row.startswith("| `")
+                  for code in re.findall(r"`([a-z][a-z0-9-]*)`", row.split(" | ")[0])}
+    assert used - documented == set(), "undocumented error codes"
+    assert documented - used == set(), "documented codes pinwarden never gives"
+

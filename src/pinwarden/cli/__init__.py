@@ -11,7 +11,7 @@ Conventions every command follows:
   {"code": …, "message": …}}`` on stdout); 2 usage error, with the command's own usage;
   ``audit`` 0 clean, 1 intruders, 2 could not check; ``run`` passes its command's status
   through; 70 an internal error (a bug: one line on stderr, ``PINWARDEN_DEBUG=1`` shows the
-  traceback) — a user error never produces a traceback;
+  traceback) — a user error never produces a traceback; 130 interrupted (Ctrl-C);
 * a reader that closes the pipe early (``pinwarden status | head -1``) is not an error: exit 0
   (or the command's status when it had finished), nothing on stderr.
 
@@ -63,7 +63,8 @@ DEBUG_ENV = "PINWARDEN_DEBUG"
 
 EPILOG = """\
 exit status: 0 success; 1 refusal or error; 2 usage error; audit: 0 clean,
-1 intruders, 2 could not check; run: the command's own; 70 internal error (a bug).
+1 intruders, 2 could not check; run: the command's own; 70 internal error (a bug);
+130 interrupted (Ctrl-C).
 Global options work before or after COMMAND; see "pinwarden COMMAND --help" for each
 command and "pinwarden config" for the effective settings and their sources."""
 
