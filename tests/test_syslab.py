@@ -926,6 +926,20 @@ def test_story_lxc_and_qemu_share_one_ledger(lab: LabRun) -> None:
 
 
 
+def test_story_an_unhooked_exclusive_domain_leaves_the_slice_as_found(lab: LabRun) -> None:
+    """An exclusive domain started by plain 'virsh start' without the hook runs unleased
+    in its holder slice: a sync set machine.slice to AllowedCPUs=1-3 beside it, with no
+    record, for good (see story_unhooked).  With nothing leased, the slice stays as found."""
+    s = lab.check("story_unhooked")
+    assert not [h for h in s["hooks"] if "pinwarden" in h], s["hooks"]  # (no hook: unleased)
+    for step in ("define", "start", "sync", "destroy", "sync_after", "reload"):
+        rc0(s[step])
+    assert s["running"]["unit"] == s["as_found"], s["running"]
+    assert s["running"]["dropins"] == s["dropins_found"], s["running"]
+    assert s["as_left"]["unit"] == s["as_found"], s["as_left"]
+    assert s["as_left"]["dropins"] == s["dropins_found"], s["as_left"]
+
+
 def test_story_a_second_lease_beside_a_shared_domain_leaves_the_slice_as_found(
         lab: LabRun) -> None:
     """Two leases in a row beside a running shared domain: each release gives machine.slice

@@ -981,8 +981,9 @@ class Manager:
             else frozenset()
         originals = _follower_records(changes)
         desired = desired_layout(host, leases, names, shared_extra=shared_extra,
-                                 restore_shared=restore, drop_shared=drop, isolated=isolated,
-                                 deferred=deferred, originals=originals)
+                                 restore_shared=restore, drop_shared=drop,
+                                 keep_shared=not leases and key not in changes,
+                                 isolated=isolated, deferred=deferred, originals=originals)
 
         def record_followers(before: Snapshot, goal: Targets) -> None:
             """Before the first write: the CPUs of each group below the shared one that has

@@ -108,6 +108,9 @@ class DesiredLayout:
     #: Nothing is leased and pinwarden created the shared group: remove it when nothing
     #: lives there (else it keeps ``restore_shared``, its parent's CPUs).
     drop_shared: bool = False
+    #: Nothing is leased and pinwarden has nothing of the shared group's to put back (it
+    #: never changed it, or its record is gone): only stale holder groups are touched.
+    keep_shared: bool = False
     #: Groups below the owned ones (an operator's partition inside the shared one, a pinned
     #: VM's thread groups) whose CPUs differed from their parent's when pinwarden first
     #: changed that parent: those CPUs (the manager's records).  Each follows its parent
@@ -199,17 +202,20 @@ def desired_layout(host: Host, leases: Sequence[Lease], names: LayoutNames = Lay
                    *, shared_extra: CpuSet = _NONE,
                    restore_shared: CpuSet | None = None,
                    drop_shared: bool = False,
+                   keep_shared: bool = False,
                    isolated: frozenset[HolderRef] = frozenset(),
                    deferred: frozenset[HolderRef] = frozenset(),
                    originals: Mapping[str, CpuSet] | None = None) -> DesiredLayout:
     """The layout for ``leases``.  ``shared_extra``: CPUs outside the pool that shared VMs are
     pinned to by their XML (honoured in ``none``/``isolcpus`` modes) — never leased ones.
     ``restore_shared`` (only without leases): the shared group's CPUs as pinwarden found
-    them, put back exactly.  ``isolated``: holders whose group is an ``isolated`` partition
-    (no scheduler load balancing; the same as exclusive on cgroup v1).  ``deferred``:
+    them, put back exactly.  ``keep_shared`` (only without leases): the shared group is
+    left as it is (:attr:`DesiredLayout.keep_shared`).  ``isolated``: holders whose group
+    is an ``isolated`` partition (no scheduler load balancing; the same as exclusive on
+    cgroup v1).  ``deferred``:
     holders whose group is a partition only once something runs in it
     (:attr:`GroupSpec.when_populated`).  ``originals``: :attr:`DesiredLayout.originals`."""
-    if (restore_shared is not None or drop_shared) and leases:
+    if (restore_shared is not None or drop_shared or keep_shared) and leases:
         raise ValueError("the shared group is restored only once nothing is leased")
     by_holder: dict[HolderRef, set[int]] = defaultdict(set)
     held: dict[HolderRef, set[int]] = defaultdict(set)
@@ -239,6 +245,7 @@ def desired_layout(host: Host, leases: Sequence[Lease], names: LayoutNames = Lay
         notes=notes,
         restore_shared=restore_shared,
         drop_shared=drop_shared,
+        keep_shared=keep_shared,
         originals=dict(originals or {}),
     )
 
@@ -412,7 +419,10 @@ def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
         parent = parent_of(names.shared)
         assert parent is not None
         shared_cpus = current[parent].cpus - exclusive_cpus or desired.shared.cpus
-    if names.shared not in remove:
+    # (keep_shared: an exclusive domain started without the hook runs in its holder group
+    # unleased; the shared group written as the pool beside it, machine.slice kept
+    # AllowedCPUs=1-3 for good, with no record to put it back: systemd-lab hunt)
+    if names.shared not in remove and not desired.keep_shared:
         own(names.shared, shared_cpus, "member", inherit=True)
     for spec in desired.holders:
         waiting = spec.when_populated and not (spec.path in current

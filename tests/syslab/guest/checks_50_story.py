@@ -499,6 +499,36 @@ def story_two_leases() -> Data:
     return out
 
 
+@check("story_unhooked", needs=["install", "boot"])
+def story_unhooked() -> Data:
+    """An exclusive domain stored by 'pinwarden define' and started by plain 'virsh
+    start' with no hook installed: it runs in its holder slice (machined makes it) with no
+    lease.  A 'pinwarden sync' then took that slice for a stale one of pinwarden's and set
+    machine.slice to the pool beside it, AllowedCPUs=1-3, with no record to put it back:
+    it outlived the domain, the next sync and a daemon-reload (systemd-lab hunt)."""
+    CONFIG.parent.mkdir(parents=True, exist_ok=True)
+    CONFIG.write_text('[partition]\nmode = "none"\nhost_reserve = "0"\n')
+    unit = ("machine.slice", "AllowedCPUs")
+    hooks = Path("/etc/libvirt/hooks")
+    out: Data = {"as_found": unit_show(*unit), "dropins_found": dropins()["files"],
+                 "hooks": sorted(p.name for p in hooks.rglob("*") if p.is_file())
+                 if hooks.is_dir() else []}
+    try:
+        out["define"] = pinwarden("define", write_xml("pwtest-uh", metadata=EXCLUSIVE_META))
+        out["start"] = virsh("start", "pwtest-uh")
+        out["sync"] = pinwarden("sync")
+        out["running"] = {"unit": unit_show(*unit), "dropins": dropins()["files"]}
+        out["destroy"] = virsh("destroy", "pwtest-uh")
+        out["sync_after"] = pinwarden("sync")
+        out["reload"] = systemctl("daemon-reload")
+        out["as_left"] = {"unit": unit_show(*unit), "dropins": dropins()["files"]}
+    finally:
+        remove_domain("pwtest-uh")
+        CONFIG.unlink(missing_ok=True)
+        pinwarden("sync")
+    return out
+
+
 def host_threads() -> dict[str, str]:
     """``Cpus_allowed_list`` of every user thread of the host's own processes (not below
     machine.slice or a pinwarden slice: the VMs' threads are placed by libvirt and
