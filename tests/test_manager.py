@@ -24,6 +24,7 @@ from hostroot import HostSpec, build_host, make_cgroup, mount_cgroups
 from libvirt_env import CPUSET, PINWARDEN, machine_restored, remove_tree
 from pinwarden.config import Config
 from pinwarden.cpuset import CpuSet
+from pinwarden.domain import parse_domain
 from pinwarden.enforce.fake import FakeCpusetV1
 from pinwarden.errors import EnforceError, Refusal
 from pinwarden.ledger import Ledger
@@ -63,6 +64,33 @@ def narrow_in_root(root: Path, fake: FakeCpusetV1) -> None:
     """Show the fake's ``machine`` in the host root's files, as the kernel would."""
     cpus = str(fake.read_group("machine").cpus)
     make_cgroup(root, V1, "machine", cpus)
+
+
+def test_a_mode_changed_while_leased_plans_against_the_recorded_partition(
+        host4: Path, tmp_path: Path) -> None:
+    """A lease taken in mode ``none``; then the configuration says ``cgroup`` (and
+    ``machine`` was narrowed for it): every command failed, "partition mode cgroup is
+    configured but no VM partition cgroup exists", though it does — the partition was
+    decided again from what the first lease found under the new mode (systemd-lab hunt).
+    The partition recorded at the first lease stays what is planned against, as the
+    README says, until the last lease goes; then the new mode applies."""
+    fake = fake4()
+    state = tmp_path / "state"
+    with Manager(Config(mode="none"), host4, state, backend=fake) as m:
+        m.reserve_request(JobSpec("J", cpus=C("1")))
+        recorded = m.host().partition
+    assert (recorded.mode, recorded.vm_cpus) == ("none", C("1-3"))
+    fake.set_cpus("machine", C("2-3"))  # what the operator gave the VMs meanwhile
+    narrow_in_root(host4, fake)
+    with Manager(Config(mode="cgroup"), host4, state, backend=fake) as m:
+        assert m.host().partition == recorded
+        assert [lease.cpu for lease in m.leases()] == [1]
+        m.sync()
+        shared = m.plan(parse_domain("<domain type='kvm'><name>s</name><vcpu>1</vcpu>"
+                                     "</domain>"))
+        assert shared.default_cpus == C("2-3")
+        m.drop(job_holder("J"))
+        assert (m.host().partition.mode, m.host().partition.vm_cpus) == ("cgroup", C("2-3"))
 
 
 def test_first_lease_records_the_host_and_the_last_puts_it_back(host4: Path,
@@ -539,6 +567,7 @@ from pathlib import Path
 from enforce_helpers import build
 from pinwarden.config import Config
 from pinwarden.cpuset import CpuSet
+from pinwarden.domain import parse_domain
 from pinwarden.enforce.fake import FakeCpusetV1
 from pinwarden.manager import Manager
 from pinwarden.model import job_holder

@@ -310,7 +310,23 @@ class Manager:
         """Topology and partition — the partition decided from the VM partition cgroup
         as found at the first lease while a lease is kept, so pinwarden's own changes
         never change the placement rules."""
-        record = self.record()
+        return self._recorded_host(self.record())
+
+    def _recorded_host(self, record: HostRecord | None) -> Host:
+        """:meth:`host` for the host record ``record`` (None: the host as it reads now)."""
+        if record is not None and self._fixed_host is None and \
+                self.config.mode not in ("auto", record.partition.mode):
+            # The configured mode changed while leases are kept (none to cgroup, say): the
+            # partition recorded at the first lease stays what is planned against, as the
+            # README says — decided again from the cgroup found then under the new mode,
+            # every command failed, "no VM partition cgroup exists" (systemd-lab hunt).
+            from pinwarden.record import replace
+            from pinwarden.topocache import cached_topology
+
+            topology = cached_topology(self.root, self.state_dir)
+            part = record.partition
+            return Host(topology, replace(part, vm_cpus=part.vm_cpus & topology.online,
+                                          host_cpus=part.host_cpus & topology.online))
         return self._load_host(record.found if record else None)
 
     def live_host(self) -> Host:
@@ -451,7 +467,7 @@ class Manager:
             with self.snapshot():
                 leases, record = reader.leases(), reader.host_record()
                 holders, kept = reader.holders(), self._kept_leases(reader)
-        host = self._load_host(record.found if record else None)
+        host = self._recorded_host(record)
         # (as the reserve decides: off the CPUs a forced release left running)
         plan = decide(host, (*leases, *kept, *self._unrecorded_leases(reader)))
         mine = (holder.driver, holder.key)
@@ -521,7 +537,7 @@ class Manager:
             ledger = self.ledger()
             self._hand_on_dead()  # before the reserve reaps dead owners
             record = ledger.host_record()
-            host = self._load_host(record.found if record else None)
+            host = self._recorded_host(record)
             first = None if record is not None else self._found(host)
             kept = (*self._kept_leases(ledger), *self._unrecorded_leases(ledger))
             try:
@@ -952,7 +968,7 @@ class Manager:
         if kept_record is not None:  # before anything is planned against the record
             record = self._take_edit(ledger, backend, names.shared, kept_record, record,
                                      leased)
-        host = self._load_host(record.found if record else None)
+        host = self._recorded_host(record)
         if leases and kept_record is None:
             # the shared group as found, before anything of this sync writes to it: the
             # escape check next narrows it when its cgroup file names a CPU about to be
