@@ -409,3 +409,37 @@ def test_an_inheriting_group_that_holds_what_it_inherits_verifies() -> None:
         "machine has cpus 1-5, expected (none)"]
     narrow = Targets({"machine": Target(CpuSet.parse("1-3"), CpuSet.parse("0"), "member")})
     assert verify(state("0-3", "0-3"), narrow) == ["machine has cpus 0-3, expected 1-3"]
+
+
+def test_offline_cpus_of_a_holder_are_no_layout_the_kernel_refused() -> None:
+    """A leased CPU offline (cgroup v2): it is in no effective set, and a holder partition
+    with none of its CPUs online is invalid ("No cpu available due to hotplug") until one
+    comes back, which the kernel sees to itself.  Verified as refusals, they failed every
+    layout change — a job's end, a new job, sync — while the CPU was offline (v2-lab
+    hunt); and the plan does not toggle such a partition's word to revalidate it."""
+    from pinwarden.enforce.layout import Target, Targets, order, verify
+
+    def holder(cpus: str, effective: str, error: str | None) -> Snapshot:
+        return Snapshot({"h.partition": GroupState(
+            path="h.partition", cpus=CpuSet.parse(cpus), mems=CpuSet.parse("0"),
+            partition="root", effective_cpus=CpuSet.parse_kernel(effective),
+            effective_mems=CpuSet.parse("0"), populated=True, partition_error=error)})
+
+    def goal(cpus: str, online: str | None) -> Targets:
+        return Targets({"h.partition": Target(CpuSet.parse(cpus), CpuSet.parse("0"),
+                                              "root")},
+                       online=None if online is None else CpuSet.parse(online))
+
+    hotplug = "root invalid (No cpu available due to hotplug)"
+    one_off = holder("4-5", "4", None)  # CPU 5 of the two offline
+    assert verify(one_off, goal("4-5", "0-4,6-7")) == []
+    assert verify(one_off, goal("4-5", None)) == [
+        "h.partition has effective cpus 4, expected 4-5"]  # (online unknown: as before)
+    all_off = holder("4", "0-3,6-7", hotplug)  # its only CPU offline
+    assert verify(all_off, goal("4", "0-3,5-7")) == []
+    assert order(all_off, goal("4", "0-3,5-7")) == []
+    assert verify(all_off, goal("4", "0-7")) != []  # online, and invalid: a refusal
+    overlapped = holder("4", "0-3,6-7", "root invalid (Cpu list in cpuset.cpus not exclusive)")
+    assert [type(op).__name__ for op in order(overlapped, goal("4", "0-7"))] == \
+        ["SetPartition", "SetPartition"]  # (member, then root again: revalidated)
+

@@ -207,3 +207,15 @@ def test_watcher_reports_new_dirs_and_cpuset_writes(tmp_path: Path) -> None:
         os.rmdir(tmp_path / "late")
         assert ("removed", "late") in [(e.kind, e.path) for e in w.poll(2.0)]
         assert w.poll(0.05) == []
+
+
+def test_a_holder_invalid_for_want_of_online_cpus_is_not_revalidated() -> None:
+    """A holder none of whose CPUs is online is invalid by hotplug: writing its word
+    cannot make it valid (the kernel does once a CPU is back), and the sync said "made a
+    valid root partition again" of it and then failed (v2-lab hunt)."""
+    groups = [CgroupView("", L(""), L("0,3-7")), *holder(valid=False)]
+    assert plan_narrowing(groups, LEASED, HOLDERS, POOL, online=L("0,3-7")).ops == ()
+    assert plan_narrowing(groups, LEASED, HOLDERS, POOL, online=L("0-2")).ops == (
+        Revalidate("pinwarden.partition", "root"),
+        Revalidate("pinwarden.partition/run-J.partition", "root"))
+

@@ -396,6 +396,12 @@ def test_offline_leased_cpu_keeps_lease_and_partition_recovers(lab: LabRun) -> N
     # ...and valid again once the CPU is back, without pinwarden's help
     assert data["online"]["cpuset.cpus.partition"] == word, data["online"]
     assert data["online"]["cpuset.cpus.effective"] == str(cpu)
+    # the layout changes while it is offline: another job comes and goes, a sync — each
+    # failed, "the kernel did not apply the layout" (v2-lab hunt)
+    second, synced = data["second_offline"], data["sync_offline"]
+    assert second["rc"] == 0 and second["stdout"].strip() not in ("", str(cpu)), second
+    assert "did not apply" not in second["stderr"], second
+    assert synced["rc"] == 0 and "made a valid" not in synced["stderr"], synced
     assert [ls["cpu"] for ls in data["online_leases"]] == [cpu]
     assert data["job_alive"], "the job died while its CPU was offline"
     assert data["leases_after_exit"] == []

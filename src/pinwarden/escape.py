@@ -142,7 +142,8 @@ def find_escapes(groups: Iterable[CgroupView], leased: CpuSet,
 
 def plan_narrowing(groups: Sequence[CgroupView], leased: CpuSet, holders: AbstractSet[str],
                    shared_pool: CpuSet, *,
-                   holder_words: dict[str, PartitionWord] | None = None) -> Narrowing:
+                   holder_words: dict[str, PartitionWord] | None = None,
+                   online: CpuSet | None = None) -> Narrowing:
     """The escapes among ``groups`` and the writes that close them.
 
     ``groups`` holds the cgroups to judge — at least the children of every partition that
@@ -156,8 +157,9 @@ def plan_narrowing(groups: Sequence[CgroupView], leased: CpuSet, holders: Abstra
     Escaping cgroup ``G`` with configured CPUs ``C``: ``SetPartition(G, member)`` when
     ``G`` is a partition (valid or not), then ``SetCpus(G, C − leased)``, or
     ``SetCpus(G, shared_pool − leased)`` when that is empty.  Then one ``Revalidate`` per
-    holder group that reads invalid, parents first.  A cgroup that only inherits leased
-    CPUs gets no write: revalidating the holder takes them away.
+    holder group that reads invalid, parents first (not one none of whose CPUs is
+    ``online``).  A cgroup that only inherits leased CPUs gets no write: revalidating the
+    holder takes them away.
     """
     escapes = find_escapes(groups, leased, holders)
     ops: list[NarrowOp] = []
@@ -184,7 +186,10 @@ def plan_narrowing(groups: Sequence[CgroupView], leased: CpuSet, holders: Abstra
             notes.append(f"{g.path}: cpuset.cpus.exclusive names leased "
                          f"{(g.exclusive & leased).named()}")
     words = holder_words or {}
-    invalid = [g for g in groups if g.path in holders and not g.valid]
+    # (a holder none of whose CPUs is online is invalid by hotplug: the kernel makes it
+    # valid again when one comes back, and writing its word cannot: v2-lab hunt)
+    invalid = [g for g in groups if g.path in holders and not g.valid
+               and (online is None or g.cpus & online)]
     for g in sorted(invalid, key=lambda g: (depth(g.path), g.path)):
         word = words.get(g.path, g.partition if g.partition != "member" else "root")
         ops.append(Revalidate(g.path, word))

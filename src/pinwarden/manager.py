@@ -1113,7 +1113,7 @@ class Manager:
         views = watch.read_views(mount, parents, sorted(groups))
         leased = CpuSet.of(lease.cpu for lease in leases)
         pool = shared_pool(host, leased)[0]
-        plan = plan_narrowing(views, leased, groups, pool)
+        plan = plan_narrowing(views, leased, groups, pool, online=host.topology.online)
         if not plan.ops:
             return None
         before = {view.path: view for view in views}

@@ -654,6 +654,11 @@ def cli_offline() -> Data:
         out["offline_online_list"] = Path("/sys/devices/system/cpu/online").read_text().strip()
         if out["has_status"]:
             out["status_offline"] = cli_here("status", "--json", "--state-dir", str(STATE))
+        # a change of the layout while the leased CPU is offline: a second job comes and
+        # goes, then a sync (each failed "the kernel did not apply the layout": v2-lab hunt)
+        out["second_offline"] = cli("run", "--exclusive", "1", "--name", "pwtest-off2", "--",
+                                    "sh", "-c", "echo $PINWARDEN_CPUS")
+        out["sync_offline"] = cli("sync")
         out["online_error"] = set_online(cpu, True)
         time.sleep(1)
         out["online"] = group_data(group)

@@ -111,6 +111,9 @@ class DesiredLayout:
     #: Nothing is leased and pinwarden has nothing of the shared group's to put back (it
     #: never changed it, or its record is gone): only stale holder groups are touched.
     keep_shared: bool = False
+    #: The host's online CPUs (None: not known, every CPU counts): a group's CPUs that are
+    #: offline are not in its effective set, nor is a partition valid with none online.
+    online: CpuSet | None = None
     #: Groups below the owned ones (an operator's partition inside the shared one, a pinned
     #: VM's thread groups) whose CPUs differed from their parent's when pinwarden first
     #: changed that parent: those CPUs (the manager's records).  Each follows its parent
@@ -246,6 +249,7 @@ def desired_layout(host: Host, leases: Sequence[Lease], names: LayoutNames = Lay
         restore_shared=restore_shared,
         drop_shared=drop_shared,
         keep_shared=keep_shared,
+        online=host.topology.online,
         originals=dict(originals or {}),
     )
 
@@ -313,6 +317,7 @@ class Targets:
     want: Mapping[str, Target]
     remove: frozenset[str] = frozenset()
     kept: tuple[str, ...] = field(default=())  # stale groups kept because they have tasks
+    online: CpuSet | None = None  # :attr:`DesiredLayout.online`, for :func:`verify`
 
 
 class PlanError(Exception):
@@ -443,7 +448,7 @@ def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
             assert parent is not None
             want[path] = _follow(current[path], current.get(parent), want[parent],
                                  desired.originals.get(path))
-    return Targets(want, frozenset(remove), tuple(kept))
+    return Targets(want, frozenset(remove), tuple(kept), online=desired.online)
 
 
 def order(current: Snapshot, goal: Targets) -> list[Op]:
@@ -474,7 +479,8 @@ def order(current: Snapshot, goal: Targets) -> list[Op]:
             del cpus_now[path]
             continue
         target = goal.want[path]
-        if state.exclusive and (target.partition == "member" or _left_invalid(state)):
+        if state.exclusive and (target.partition == "member"
+                                or _left_invalid(state, goal.online)):
             ops.append(SetPartition(path, "member"))
         if not target.cpus and state.cpus:  # back to "inherit" (v2): the widest; phase 3
             continue
@@ -522,8 +528,8 @@ def order(current: Snapshot, goal: Targets) -> list[Op]:
     for path in top_down:
         target = goal.want[path]
         before = current.get(path)
-        was = before.partition if before is not None and not _left_invalid(before) \
-            else "member"
+        was = before.partition if before is not None \
+            and not _left_invalid(before, goal.online) else "member"
         if target.partition != "member" and was != target.partition:
             ops.append(SetPartition(path, target.partition))
     return ops
@@ -548,12 +554,14 @@ def restore_targets(before: Snapshot, now: Snapshot, touched: Iterable[str]) -> 
     return Targets(want, frozenset(remove - set(want)))
 
 
-def _left_invalid(state: GroupState) -> bool:
+def _left_invalid(state: GroupState, online: CpuSet | None = None) -> bool:
     """A partition the kernel reads as invalid (cgroup v2: a sibling's CPUs overlapped
     it).  Linux 6.1 keeps it invalid after the conflict is gone, until its own partition
     file is written off and on again: the plan does that (``member`` in phase 1, its word in
-    phase 4), which also re-checks it on kernels that would have by themselves."""
-    return state.exclusive and state.partition_error is not None
+    phase 4), which also re-checks it on kernels that would have by themselves.  Not one
+    none of whose CPUs is ``online``: invalid by hotplug, which the kernel undoes itself."""
+    return state.exclusive and state.partition_error is not None and \
+        (online is None or bool(state.cpus & online))
 
 
 def verify(after: Snapshot, goal: Targets, paths: Collection[str] | None = None) -> list[str]:
@@ -565,16 +573,21 @@ def verify(after: Snapshot, goal: Targets, paths: Collection[str] | None = None)
         if state is None:
             problems.append(f"{path} is missing")
             continue
+        # CPUs offline are in no effective set, and a partition none of whose CPUs is online
+        # is invalid until one comes back, which the kernel sees to itself: neither is a
+        # layout the kernel refused (a leased CPU offline failed every change: v2-lab hunt)
+        live = target.cpus if goal.online is None else target.cpus & goal.online
+        unplugged = bool(target.cpus) and not live
         if state.cpus != target.cpus and not _inherits(state, target):
             problems.append(f"{path} has cpus {state.cpus.to_list() or '(none)'}, "
                             f"expected {target.cpus.to_list() or '(none)'}")
-        elif state.effective_cpus != target.cpus and target.cpus:
+        elif state.effective_cpus != live and live:
             problems.append(f"{path} has effective cpus "
                             f"{state.effective_cpus.to_list() or '(none)'}, "
-                            f"expected {target.cpus.to_list()}")
+                            f"expected {live.to_list()}")
         if (state.partition == "member") != (target.partition == "member"):
             problems.append(f"{path} is {state.partition}, expected {target.partition}")
-        elif state.partition_error is not None:  # v2: the kernel keeps it, but as invalid
+        elif state.partition_error is not None and not unplugged:  # v2: kept, but invalid
             problems.append(f"{path} is an invalid {state.partition} partition (the kernel "
                             f"reports {state.partition_error!r})")
     for path in goal.remove:
