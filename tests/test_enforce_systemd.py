@@ -1326,3 +1326,30 @@ def test_an_edit_while_leased_is_put_back_with_its_drop_in(
     assert (f"gets {after} back" in said[0]) == bool(after), said
     assert machine.cpus == CpuSet.parse_kernel(after)
     assert _dropins(root, "machine.slice") == dropins
+
+
+def test_a_holder_slice_pinwarden_did_not_make_loses_its_drop_ins_with_it(
+        bus_address: str, tmp_path: Path) -> None:
+    """The holder slice of a domain the daemon adopted is machined's, not a transient unit
+    of pinwarden's: the CPUs set on it go to runtime drop-ins (systemd's 50-AllowedCPUs.conf
+    and pinwarden's own), which stayed after the domain stopped and the slice went, until
+    the next boot (systemd-lab hunt).  They go with it — from another process too."""
+    root = tmp_path / "root"
+    unit = "pinwarden\\x2dvm\\x2dA.slice"
+    folder = root / "run/systemd/system.control" / f"{unit}.d"
+    with _running_standin(bus_address, tmp_path / "standin.log", "--root", str(root)) as s:
+        s.add_unit(unit, "active", False)  # made by machined: not transient
+        bus = SystemdBus.connect(s.address, timeout=10)
+        try:
+            SystemdBackend(bus, kernel=KernelRecorder(), root=root).set_cpus(
+                "pinwarden-vm-A.partition", CpuSet.parse("3"))
+            assert set(_dropins(root, unit)) == {"50-AllowedCPUs.conf",
+                                                  "zz-pinwarden-AllowedCPUs.conf"}
+            (folder / "60-operator.conf").write_text("[Slice]\nCPUWeight=50\n")
+            # a later command's backend (no memory of the write) removes the group
+            SystemdBackend(bus, kernel=KernelRecorder(), root=root).rmdir(
+                "pinwarden-vm-A.partition")
+        finally:
+            bus.close()
+    assert set(_dropins(root, unit)) == {"60-operator.conf"}  # (not pinwarden's: kept)
+

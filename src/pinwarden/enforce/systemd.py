@@ -817,6 +817,11 @@ class SystemdBackend:
                                                   "ActiveState")[1]) in _ACTIVE_STATES]
         except DBusCallError as exc:
             raise self._fail(exc, "rmdir", path, unit) from None
+        transient = self._transient.get(unit)
+        if transient is None:  # (another process of pinwarden's may have made or set it)
+            with contextlib.suppress(DBusCallError):
+                transient = bool(self._bus.get_property(self._bus.load_unit(unit),
+                                                        UNIT_IFACE, "Transient")[1])
         if busy:
             # Stopping a slice stops everything in it: refuse, as rmdir of a busy cgroup would.
             raise CgroupOpError("rmdir", path, errno.EBUSY,
@@ -830,6 +835,18 @@ class SystemdBackend:
             raise SystemdOpError("rmdir", path, unit, "",
                                  f"the stop job of {unit} ended with result {result!r}",
                                  job_result=result)
+        if transient is False:
+            # A slice pinwarden did not create (machined's, for a domain the daemon
+            # adopted) keeps the runtime drop-ins pinwarden's writes made it — systemd's
+            # and pinwarden's own — until the next boot: they go with the group (its
+            # settings are pinwarden's alone: systemd-lab hunt)
+            folder = self._root / RUNTIME_CONTROL.relative_to("/") / f"{unit}.d"
+            for prop in _SETTINGS:
+                for name in (f"50-{prop}.conf", OWN_DROPIN.format(prop=prop)):
+                    with contextlib.suppress(OSError):
+                        (folder / name).unlink()
+            with contextlib.suppress(OSError):  # (left if somebody else's files are there)
+                folder.rmdir()
 
     def _set(self, action: str, path: str, prop: str, value: Variant, shown: str) -> None:
         unit = self._unit(action, path)
