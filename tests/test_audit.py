@@ -169,6 +169,24 @@ def test_noise_pinwarden_moves_is_an_error_when_found_on_a_leased_cpu() -> None:
     assert {i.severity for i in hands_off.intruders} == {"warning"}
 
 
+def test_load_balancing_is_not_named_where_an_isolated_partition_keeps_it_off() -> None:
+    """The audit listed "scheduler load balancing reaches them unless the holder partition
+    is 'isolated'" of CPUs whose holder partitions were (systemd-lab hunt)."""
+    from pinwarden.isolation import NoiseSnapshot
+
+    noise = NoiseSnapshot(online=cs("0-7"), default_affinity=cs("0-2"), workqueue=cs("0-2"))
+
+    def scheduler(partition: str) -> bool:
+        group = CgroupInfo("/pinwarden.partition/vm-A.partition", cs("3"), cs("3"), True,
+                           partition=partition)
+        snap = HostSnapshot(cgroups=(group,), cgroup_version=2, noise=noise)
+        report = audit.audit(snap, leases(c3=A), [record(A, cpus="3")], isolating=True)
+        return "scheduler" in {f.kind for f in report.unmovable}
+
+    assert not scheduler("isolated")
+    assert scheduler("root") and scheduler("isolated invalid (Cpu list not exclusive)")
+
+
 def test_a_holder_recorded_in_the_root_cgroup_owns_nothing() -> None:
     snap = HostSnapshot(threads=(thread(330, "6", "/", comm="bash"),))
     report = audit.audit(snap, leases(c6=A), [record(A, cgroup="/", cpus="6")])

@@ -232,6 +232,9 @@ def test_unmovable_names_the_boot_parameters() -> None:
     assert found["new-kthreads"].boot_param == "nohz_full=2-3"
     assert found["scheduler"].boot_param == "isolcpus=domain,2-3"
     assert unmovable(snap, L("")) == []
+    # CPUs an isolated partition keeps off load balancing are not named
+    assert {f.kind: f.cpus for f in unmovable(snap, L("2-3"), L("3"))}["scheduler"] == L("2")
+    assert "scheduler" not in {f.kind for f in unmovable(snap, L("2-3"), L("2-3"))}
 
 
 def test_kernel_cmdline() -> None:

@@ -578,7 +578,10 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
         from pinwarden.isolation import unmovable, with_refusals
 
         noise_all = replace(snapshot.noise, irqs=snapshot.irqs)
-        findings = tuple(unmovable(with_refusals(noise_all, refused), leased))
+        balanced_off = CpuSet.of(c for g in snapshot.cgroups if g.partition == "isolated"
+                                 for c in (g.effective if g.effective is not None
+                                           else g.cpus))
+        findings = tuple(unmovable(with_refusals(noise_all, refused), leased, balanced_off))
     rank = {kind: n for n, kind in enumerate(KIND_ORDER)}
     intruders.sort(key=lambda i: (rank[i.kind], i.pid or 0, i.tid or 0, i.cgroup or "",
                                   i.irq or 0))

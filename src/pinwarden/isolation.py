@@ -44,7 +44,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from typing import Literal
 
-from pinwarden.cpuset import CpuSet
+from pinwarden.cpuset import EMPTY, CpuSet
 from pinwarden.record import field, record, replace
 
 PF_KTHREAD = 0x00200000
@@ -456,13 +456,16 @@ class Finding:
     boot_param: str
 
 
-def unmovable(snapshot: NoiseSnapshot, leased: CpuSet) -> list[Finding]:
+def unmovable(snapshot: NoiseSnapshot, leased: CpuSet,
+              balanced_off: CpuSet = EMPTY) -> list[Finding]:
     """Noise left on ``leased`` CPUs after isolation: IRQs the kernel refuses to move
     (``writable is False``: managed or per-CPU — ``isolcpus=managed_irq,…``), the tick
     (``nohz_full=``), RCU callbacks (``rcu_nocbs=``), per-CPU kernel threads, kernel
     threads created later (they start on every ``HK_TYPE_KTHREAD`` CPU — kthread.c —
     which only ``nohz_full=`` narrows), and scheduler load balancing outside
-    ``isolcpus=domain`` (a cgroup ``isolated`` partition does that at run time)."""
+    ``isolcpus=domain`` (a cgroup ``isolated`` partition does that at run time: the CPUs
+    of valid ones, ``balanced_off``, are not named — the audit said "unless the holder
+    partition is 'isolated'" of CPUs whose partitions were: systemd-lab hunt)."""
     out: list[Finding] = []
     cpus = leased & snapshot.online
     if not cpus:
@@ -498,7 +501,7 @@ def unmovable(snapshot: NoiseSnapshot, leased: CpuSet) -> list[Finding]:
         out.append(Finding("new-kthreads", "new-kthreads", new_kthreads,
                            "kernel threads created later start on these CPUs",
                            f"nohz_full={lst}"))
-    sched = cpus - snapshot.isolated
+    sched = cpus - snapshot.isolated - balanced_off
     if sched:
         out.append(Finding("scheduler", "scheduler", sched,
                            "scheduler load balancing reaches them unless the holder "
