@@ -99,6 +99,20 @@ def test_a_vm_partition_of_every_cpu_is_said_by_host(
     assert json.loads(capsys.readouterr().out)["lease_problem"] is None
 
 
+def test_the_suggested_boot_line_keeps_an_offline_isolated_cpu_a_vm_cpu(
+        tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """isolcpus=4-7 with CPU 7 offline: the line 'host' suggests (nohz_full= and the rest
+    are missing) named 4-6 only — followed, CPU 7 would be the host's at the next boot
+    (v2-lab hunt).  It names every isolated CPU."""
+    root = build_host(tmp_path / "root", HostSpec(cpus=8, isolated="4-7"))
+    write(root, "sys/devices/system/cpu/online", "0-6\n")
+    assert main(["host", "--root", str(root), "--json", "--config", str(config_file)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["partition"]["vm_cpus"] == "4-6"
+    assert data["suggested_cmdline"] == ("isolcpus=managed_irq,domain,4-7 nohz_full=4-7 "
+                                         "rcu_nocbs=4-7 irqaffinity=0-3")
+
+
 def test_config_file_is_used(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = build_host(tmp_path / "root", HostSpec(cpus=8, isolated="6-7"))
     config = write(tmp_path, "pw.toml", '[partition]\nmode = "none"\nhost_reserve = "0-1"\n')

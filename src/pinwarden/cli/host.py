@@ -116,7 +116,11 @@ def _cmdline(host: Host) -> str | None:
         return None
     if part.vm_cpus <= topo.isolated and part.vm_cpus <= topo.nohz_full:
         return None
-    return kernel_cmdline(part.vm_cpus, part.host_cpus)
+    # an isolated CPU that is offline now is a VM CPU still (the line named the online
+    # ones only: followed, it made the offline CPU the host's at the next boot; v2-lab hunt)
+    vm = part.vm_cpus | (topo.isolated - part.host_cpus if part.mode == "isolcpus" else
+                         part.vm_cpus)
+    return kernel_cmdline(vm, part.host_cpus)
 
 
 def _disagreement(now: Partition, recorded: Partition) -> str:
