@@ -326,6 +326,13 @@ def test_map_of_every_hwloc_dump_covers_every_cpu(tmp_path: Path) -> None:
     assert "offline, place unknown · CPUs 0-3,21-23" in text
     assert "package 0 · node ? · CPUs 4,6,8,10,12,14,16,18,20" in text  # node 0 is offline
     assert "package 1 · node 1 · CPUs 5,7,9,11,13,15,17,19" in text
+    # a lease on an offline CPU of unknown place: its holder's mark, as the legend says (it
+    # was drawn '.', and the legend named a holder the map did not show: v2-lab hunt)
+    text = render_cpu_map(host, [lease(21, "gone")])
+    lines = text.splitlines()
+    row = lines[lines.index("offline, place unknown · CPUs 0-3,21-23") + 1]
+    assert row.strip() == "....A..", row
+    assert "A leased to qemu domain 'gone' (21)" in text
 
 
 # -- this machine ----------------------------------------------------------------------------------

@@ -120,8 +120,9 @@ def render_cpu_map(host: Host, leases: Sequence[Lease] = ()) -> str:
     for group in _groups(host):
         cpus = CpuSet.of(t for core in group.cores for t in core)
         lines.append(_title(group, cpus))
-        if group.offline:
-            lines.append("  " + "".join(OFFLINE for _ in cpus))
+        if group.offline:  # (a leased one keeps its holder's mark, as the legend has it:
+            # drawn '.', the legend named a holder the map did not show; v2-lab hunt)
+            lines.append("  " + "".join(marks[t] for t in cpus))
             continue
         if detailed:
             width = len(str(max(topo.cpus)))
