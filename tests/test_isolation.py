@@ -48,6 +48,7 @@ from pinwarden.noise import (
     refused,
     threads_of,
 )
+from pinwarden.record import replace
 
 L = CpuSet.parse_kernel
 ALL = L("0-7")
@@ -282,6 +283,25 @@ def test_second_lease_keeps_the_first_original_and_partial_release() -> None:
     r2 = plan_restore(snap_with(vals), rec, L(""))
     assert applied(vals, r2.writes) == {"irq:4": ALL, WORKQUEUE: ALL}
     assert set(r2.forget) == {"irq:4", WORKQUEUE} and r2.keep == ()
+
+
+def test_a_cpu_offline_at_the_restore_is_given_back_once_it_is_online() -> None:
+    """The last lease ends while a CPU of an original is offline: the kernel cannot keep
+    that CPU in the value (an IRQ pinned to it gets its default, a thread its cpuset's
+    CPUs), and the record went with the write — the CPU never came back (v2-lab hunt).
+    The online CPUs are written, and the record stays until a sync finds it online."""
+    rec = {"irq:3": Record("irq:3", L("5"), L("0-3")),  # an IRQ the admin pinned to 5
+           "irq:4": Record("irq:4", ALL, L("0-3,6-7"))}
+    now = {"irq:3": L("0-3"), "irq:4": L("0-3,6-7")}
+    offline = replace(snap_with(now), online=L("0-4,6-7"))
+    r1 = plan_restore(offline, rec, L(""))
+    assert r1.writes == (Write("irq:4", L("0-4,6-7")),) and r1.forget == ()
+    assert {r.key: r for r in r1.keep} == {"irq:3": Record("irq:3", L("5"), L("0-3")),
+                                          "irq:4": Record("irq:4", ALL, L("0-4,6-7"))}
+    now = applied(now, r1.writes)
+    r2 = plan_restore(snap_with(now), {r.key: r for r in r1.keep}, L(""))  # 5 is back
+    assert applied(now, r2.writes) == {"irq:3": L("5"), "irq:4": ALL}
+    assert set(r2.forget) == {"irq:3", "irq:4"} and r2.keep == ()
 
 
 def test_value_changed_by_someone_else_is_left_alone() -> None:

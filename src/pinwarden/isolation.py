@@ -430,6 +430,16 @@ def plan_restore(snapshot: NoiseSnapshot, recorded: Mapping[str, Record] | Itera
             conflicts.append(key)
             forget.append(key)
             continue
+        live = target & snapshot.online
+        if live != target:
+            # CPUs of it offline now: the kernel keeps a value with none of those (an IRQ
+            # gets its default, a thread its cpuset's CPUs), and the record went with the
+            # write — the CPU was not given back once online (v2-lab hunt).  The online
+            # ones now; the record stays for a later sync to write the rest.
+            if live and current != live:
+                writes.append(Write(key, live))
+            keep.append(Record(key, rec.original, live or rec.applied))
+            continue
         if current != target:
             writes.append(Write(key, target))
         if target == rec.original:
