@@ -118,8 +118,8 @@ def _cmdline(host: Host) -> str | None:
         return None
     # an isolated CPU that is offline now is a VM CPU still (the line named the online
     # ones only: followed, it made the offline CPU the host's at the next boot; v2-lab hunt)
-    vm = part.vm_cpus | (topo.isolated - part.host_cpus if part.mode == "isolcpus" else
-                         part.vm_cpus)
+    vm = part.vm_cpus | (topo.isolated - part.host_cpus) if part.mode == "isolcpus" \
+        else part.vm_cpus
     return kernel_cmdline(vm, part.host_cpus)
 
 
