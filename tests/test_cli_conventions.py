@@ -285,6 +285,18 @@ def test_a_stream_closed_from_the_start_is_no_error(tmp_path: Path, empty_config
     assert fds.stderr.startswith(f"['{os.devnull}', '{os.devnull}', 'pipe:["), fds.stderr
 
 
+def _exclusive_on_the_example(tmp_path: Path, name: str,
+                              config: str) -> tuple[Path, tuple[str, ...]]:
+    """An exclusive one-vCPU domain's XML, and the options that plan it on the example host
+    with a state directory of the test's own."""
+    xml = tmp_path / "domain.xml"
+    xml.write_text(f"<domain type='kvm'><name>{name}</name><vcpu>1</vcpu><metadata>"
+                   "<pw:cpu xmlns:pw='urn:pinwarden:domain:1' exclusive='yes'/></metadata>"
+                   "</domain>", encoding="utf-8")
+    return xml, ("--root", str(EXAMPLE), "--state-dir", str(tmp_path / "state"),
+                 "--config", config)
+
+
 @BUFFERING
 def test_output_that_cannot_be_written_is_one_line_and_the_change_stands(
         tmp_path: Path, empty_config: str, unbuffered: str) -> None:
@@ -292,12 +304,7 @@ def test_output_that_cannot_be_written_is_one_line_and_the_change_stands(
     committed exited 70, "internal error … a bug", and ``--help`` exited 0 with its text
     lost (CLI hunt).  Now each says in one line that its output was lost and exits 1; what
     it did stands."""
-    xml = tmp_path / "x.xml"
-    xml.write_text("<domain type='kvm'><name>vm-full</name><vcpu>1</vcpu><metadata>"
-                   "<pw:cpu xmlns:pw='urn:pinwarden:domain:1' exclusive='yes'/></metadata>"
-                   "</domain>")
-    common = ("--root", str(EXAMPLE), "--state-dir", str(tmp_path / "state"),
-              "--config", empty_config)
+    xml, common = _exclusive_on_the_example(tmp_path, "vm-full", empty_config)
     env = {"PYTHONUNBUFFERED": unbuffered}
 
     def full(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -483,12 +490,7 @@ def test_output_the_terminal_cannot_encode_is_escaped_not_an_internal_error(
     """A domain named in Unicode under an ASCII (or Latin-1) terminal: the reserve is made
     and said, status shows it; the character comes out as an escape.  It was exit 70 after
     the lease was committed (and status always failed on the CPU map's '·')."""
-    xml = tmp_path / "snow.xml"
-    xml.write_text("<domain type='kvm'><name>vm-\u00e9\u2603</name><vcpu>1</vcpu><metadata>"
-                   "<pw:cpu xmlns:pw='urn:pinwarden:domain:1' exclusive='yes'/></metadata>"
-                   "</domain>")
-    common = ("--root", str(EXAMPLE), "--state-dir", str(tmp_path / "state"),
-              "--config", empty_config)
+    xml, common = _exclusive_on_the_example(tmp_path, "vm-\u00e9\u2603", empty_config)
     ascii_out = {"PYTHONIOENCODING": "ascii"}
     done = cli("reserve", str(xml), *common, env=ascii_out)
     assert done.returncode == 0, done.stderr
