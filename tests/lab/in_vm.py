@@ -749,8 +749,9 @@ def cli_stale_holder() -> Data:
     """A holder group of pinwarden's own left behind — a dead job's, its supervisor killed
     with its command — naming every CPU, the one a job leases now included: ``pinwarden
     sync`` narrows it as it narrows anybody's, but says nothing of it (it is pinwarden's
-    own; it was reported as somebody else's cgroup: systemd-lab hunt), and the job's end
-    does not make it again."""
+    own: on systemd, where the hunt found it, it was reported as somebody else's cgroup;
+    here, on plain cgroup v2, that held before the fix too), and the job's end does not
+    make it again."""
     out: Data = {}
     state = ["--state-dir", str(STATE)]
     stale = cgroup_root() / "pinwarden-run-pwtest-gone.partition"
