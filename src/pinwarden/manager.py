@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from pinwarden.enforce.layout import LayoutNames, Targets
     from pinwarden.noise import Outcome
     from pinwarden.policy import Request
+    from pinwarden.topology import Topology
 
 LOCK_NAME = "manager.lock"
 #: Change-record key of the shared VM partition cgroup's CPUs (``cgroup:machine``).
@@ -321,9 +322,8 @@ class Manager:
             # README says — decided again from the cgroup found then under the new mode,
             # every command failed, "no VM partition cgroup exists" (systemd-lab hunt).
             from pinwarden.record import replace
-            from pinwarden.topocache import cached_topology
 
-            topology = cached_topology(self.root, self.state_dir)
+            topology = self._topology()
             part = record.partition
             return Host(topology, replace(part, vm_cpus=part.vm_cpus & topology.online,
                                           host_cpus=part.host_cpus & topology.online))
@@ -336,11 +336,13 @@ class Manager:
     def _load_host(self, found: VmCgroup | None) -> Host:
         if self._fixed_host is not None:
             return self._fixed_host
-        # The topology from its snapshot cache while sysfs says nothing changed (issue #12).
+        return load_host(self.root, self.config, found, topology=self._topology())
+
+    def _topology(self) -> Topology:
+        """The topology, from its snapshot cache while sysfs says nothing changed (#12)."""
         from pinwarden.topocache import cached_topology
 
-        return load_host(self.root, self.config, found,
-                         topology=cached_topology(self.root, self.state_dir))
+        return cached_topology(self.root, self.state_dir)
 
     def holders(self) -> tuple[HolderRecord, ...]:
         reader = self.reader()

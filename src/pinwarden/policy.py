@@ -100,11 +100,16 @@ class _Ctx:
 
     def where(self) -> str:
         """The partition, for messages."""
-        if self.part.mode == "cgroup":
-            return f"partition cgroup {self.part.cgroup or '?'} (cpus {self.part.vm_cpus})"
-        if self.part.mode == "isolcpus":
-            return f"isolated {self.part.vm_cpus.named(empty='CPUs (none)')}"
-        return f"VM {self.part.vm_cpus.named(empty='CPUs (none)')} (online minus host reserve)"
+        return _where(self.part)
+
+
+def _where(part: Partition) -> str:
+    """The VM partition, for messages."""
+    if part.mode == "cgroup":
+        return f"partition cgroup {part.cgroup or '?'} (cpus {part.vm_cpus})"
+    if part.mode == "isolcpus":
+        return f"isolated {part.vm_cpus.named(empty='CPUs (none)')}"
+    return f"VM {part.vm_cpus.named(empty='CPUs (none)')} (online minus host reserve)"
 
 
 def decide(request: Request, host: Host, leases: Sequence[Lease], *,
@@ -149,7 +154,7 @@ def no_housekeeping(host: Host) -> str | None:
     online = host.topology.online
     first = host.topology.siblings(online.first()) & online if online else EMPTY
     rest, keep = (online - first).to_list() or "…", f"keeping {first.named()} for the host"
-    where = _Ctx("", "", host, {}, EMPTY, EMPTY, EMPTY).where()
+    where = _where(part)
     if part.mode == "isolcpus":  # the kernel's list: only the command line changes it
         what = f"the isolated {part.vm_cpus.named()} (isolcpus=) cover"
         fix = (f"boot with isolcpus= naming the VM CPUs only (isolcpus={rest}, {keep}), or "
