@@ -77,6 +77,13 @@ class LibvirtError(PinwardenError):
 
     code = "libvirt"
 
+    @classmethod
+    def daemon_lost(cls, name: str, exc: BaseException) -> LibvirtError:
+        """A start handed to the daemon whose answer never came.  The daemon owns the
+        start once the request is sent: a lost answer is an error, never a second start."""
+        return cls(f"the pinwarden daemon did not finish starting {name!r} ({exc}); "
+                   f"'virsh domstate {name}' tells whether it runs", code="daemon-lost")
+
 
 def state_dir_advice(exc: OSError) -> str:
     """What to do about ``exc`` on the state directory: running as root helps only where

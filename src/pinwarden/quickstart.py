@@ -121,25 +121,28 @@ def run(argv: list[str]) -> int | None:
         answer = hookclient.hand_over(os.path.join(where, hookclient.SOCKET_NAME),
                                       request(form))
     except (OSError, ValueError, RecursionError) as exc:
-        return _lost(str(form["name"]), bool(form["json"]), exc)
+        from pinwarden.cli import fail
+        from pinwarden.errors import LibvirtError
+
+        as_json = bool(form["json"])
+
+        class Args:
+            json = as_json
+
+        return fail(Args(), LibvirtError.daemon_lost(  # type: ignore[arg-type]
+            str(form["name"]), exc))
+    return answered(answer)
+
+
+def answered(answer: dict[str, object] | None) -> int | None:
+    """The daemon's answer to a start (a quick one or ``pinwarden start``'s): None when it
+    did not take the start (the command line starts the domain itself), else its exit
+    status, after printing what it said."""
     if answer is None or "fallback" in answer:
         return None
     out, err, rc = answer.get("stdout"), answer.get("stderr"), answer.get("rc")
     _print(out if isinstance(out, str) else "", err if isinstance(err, str) else "")
     return rc if isinstance(rc, int) else EXIT_INTERNAL
-
-
-def _lost(name: str, as_json: bool, exc: BaseException) -> int:
-    """The request was sent and no answer came: the command line's error for it."""
-    from pinwarden.cli import fail
-    from pinwarden.errors import LibvirtError
-
-    class Args:
-        json = as_json
-
-    return fail(Args(), LibvirtError(  # type: ignore[arg-type]
-        f"the pinwarden daemon did not finish starting {name!r} ({exc}); "
-        f"'virsh domstate {name}' tells whether it runs", code="daemon-lost"))
 
 
 def _print(out: str, err: str) -> None:

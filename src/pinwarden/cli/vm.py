@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pinwarden.cli import EXIT_INTERNAL, Parser, print_json, printable, seconds
+from pinwarden.cli import Parser, print_json, printable, seconds
 from pinwarden.cli.common import config_of, manager_of, root_of, state_dir_of
 
 if TYPE_CHECKING:
@@ -190,6 +190,7 @@ def _served_start(args: argparse.Namespace) -> int | None:
     after printing what it said; None when no daemon takes it (the command starts the
     domain itself).  Once the request is sent, the daemon owns the start: a lost answer is
     an error, never a second start."""
+    from pinwarden import quickstart
     from pinwarden.errors import LibvirtError
     from pinwarden.libvirt import hookclient
     from pinwarden.libvirt.uri import check_uri
@@ -203,19 +204,11 @@ def _served_start(args: argparse.Namespace) -> int | None:
                # paths absolute: the daemon has another working directory
                "rules": repr(config), "root": os.path.abspath(root_of(args)),
                "state_dir": os.path.abspath(state)}
-    try:  # (None: not taken — the command starts the domain itself)
+    try:
         answer = hookclient.hand_over(str(state / hookclient.SOCKET_NAME), request)
     except (OSError, ValueError, RecursionError) as exc:
-        raise LibvirtError(
-            f"the pinwarden daemon did not finish starting {args.name!r} ({exc}); "
-            f"'virsh domstate {args.name}' tells whether it runs", code="daemon-lost") \
-            from None
-    if answer is None or "fallback" in answer:
-        return None
-    out, err, rc = answer.get("stdout"), answer.get("stderr"), answer.get("rc")
-    sys.stdout.write(out if isinstance(out, str) else "")
-    sys.stderr.write(err if isinstance(err, str) else "")
-    return rc if isinstance(rc, int) else EXIT_INTERNAL
+        raise LibvirtError.daemon_lost(args.name, exc) from None
+    return quickstart.answered(answer)
 
 
 def print_preview(plan: Any, writes: Sequence[str], calls: Sequence[str],
