@@ -742,6 +742,8 @@ def test_a_memory_only_numa_node_is_one_the_host_has(hwloc_roots: dict[str, Path
     shared = decide(spec("gpu", numa_nodeset=C("250")), h, [])
     assert shared.default_cpus == h.partition.vm_cpus, shared
     assert any("memory-only NUMA node 250" in n for n in shared.notes), shared.notes
+    # (it read "domain 'gpu''s <numatune>": topology hunt)
+    assert any("the <numatune> of " in n for n in shared.notes), shared.notes
     last = with_cpus[-1]
     exclusive = decide(spec("gpux", vcpus=2, exclusive=True,
                             numa_nodeset=CpuSet.of([last, 251])), h, [])

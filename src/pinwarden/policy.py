@@ -279,10 +279,11 @@ def _check_nodes(ctx: _Ctx, spec: DomainSpec) -> tuple[DomainSpec, str | None]:
     memory_only = spec.numa_nodeset - with_cpus
     if with_cpus:
         return replace(spec, numa_nodeset=with_cpus), (
-            f"{ctx.who}'s <numatune> names memory-only NUMA {memory_only.named('node')}: "
+            f"the <numatune> of {ctx.who} names memory-only NUMA {memory_only.named('node')}: "
             f"its CPUs are placed on {with_cpus.named('node')}")
     return replace(spec, numa_nodeset=None), (
-        f"{ctx.who}'s <numatune> names only memory-only NUMA {memory_only.named('node')}: "
+        f"the <numatune> of {ctx.who} names only memory-only NUMA "
+        f"{memory_only.named('node')}: "
         f"its CPUs are placed as if it named none")
 
 
