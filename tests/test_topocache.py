@@ -139,6 +139,33 @@ def test_a_replaced_dump_at_the_same_path_is_read_again(tmp_path: Path) -> None:
     assert smt.smt and not plain.smt
 
 
+def test_a_snapshot_another_reader_took_is_not_used(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pinwarden upgraded (or edited) may read a host otherwise: the live host's snapshot
+    lives until reboot, and one an older reader took stayed in use (a package seen twice
+    with one offline CPU: topology hunt).  The reader's identity is in the fingerprint."""
+    root = build_host(tmp_path / "root", HostSpec(cpus=16, threads=2, nodes=2))
+    state = tmp_path / "state"
+    state.mkdir()
+    topocache.cached_topology(root, state)
+    (name,) = cache_files(state)
+    path = state / topocache.STATE_SUBDIR / name
+    data = json.loads(path.read_text())
+    assert data["fingerprint"]["reader"]
+    # the snapshot as an older reader would have left it: CPU 3 alone on its core
+    data["topology"]["cpus"][3][7] = data["topology"]["nodes"][0][1]
+    data["fingerprint"]["reader"] = "0:0:0:0"
+    path.write_text(json.dumps(data))
+    topocache._MEMO.clear()
+    same(topocache.cached_topology(root, state), read_topology(root))
+    # (and the same file with this reader's identity is used as it is: the check bites)
+    data["fingerprint"]["reader"] = topocache.fingerprint(root)["reader"]
+    path.write_text(json.dumps(data))
+    topocache._MEMO.clear()
+    assert topocache.cached_topology(root, state).cpus[3].siblings != \
+        read_topology(root).cpus[3].siblings
+
+
 def test_a_snapshot_of_another_root_is_not_used(tmp_path: Path) -> None:
     a = build_host(tmp_path / "a", HostSpec(cpus=16, threads=2, nodes=2))
     b = build_host(tmp_path / "b", HostSpec(cpus=16, threads=1, nodes=2))

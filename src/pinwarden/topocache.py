@@ -36,6 +36,7 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pinwarden import topology
 from pinwarden.topology import decode_topology, encode_topology, read_topology
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ def fingerprint(root: Path, *, live: bool = False) -> dict[str, str | None]:
     replaced), also each file's and the CPU and node directories' inode, modification time
     and size, so that a dump replaced by another at the same path is not taken for it.
     (sysfs has no use for that: a file there never changes its inode.)"""
-    out: dict[str, str | None] = {}
+    out: dict[str, str | None] = {"reader": _READER}
     for rel in FINGERPRINT:
         try:
             with open(os.path.join(root, rel), "rb") as handle:
@@ -97,6 +98,14 @@ def fingerprint(root: Path, *, live: bool = False) -> dict[str, str | None]:
 
 def _stat_key(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+
+
+#: The reader's own identity (its module file's): a snapshot taken by another pinwarden
+#: (upgraded, or edited: one that may read some host differently) is not used.
+try:
+    _READER: str | None = _stat_key(os.stat(topology.__file__))
+except (OSError, TypeError):
+    _READER = None
 
 
 def cache_path(real_root: str, state_dir: Path | None, *, live_dir: Path = LIVE_DIR,
