@@ -245,6 +245,10 @@ def test_agrees_with_hwloc(name: str, hwloc_roots: dict[str, Path]) -> None:
         assert cpu in info.siblings and cpu in info.package_cpus
         for s in info.siblings & topo.online:
             assert topo.cpu(s).siblings & topo.online == info.siblings & topo.online
+        # (16amd64-8n2c-cpusets: offline CPU 4's stale mask names CPU 5 only, and CPU 4
+        # had package 4-5 but CPU 5 package 5: 'host' counted 9 packages of 8)
+        for s in info.package_cpus:
+            assert topo.cpu(s).package_cpus == info.package_cpus, (cpu, s)
 
 
 def test_process_cpuset_hides_nothing(hwloc_roots: dict[str, Path]) -> None:

@@ -274,6 +274,10 @@ def read_topology(root: Path) -> Topology:
         online = online_list & present
     else:
         online = CpuSet.of(c for c in present if _read(base / f"cpu{c}" / "online") != "0")
+    if not online:  # a running kernel always has one (it read: "every online CPU is
+        # leased; release a lease first" with nothing leased: topology hunt)
+        raise HostError(f"{base}/online lists none of the present CPUs {present}: not the "
+                        "sysfs of a running host (give --root a complete dump)")
 
     raw = {c: _read_raw(base / f"cpu{c}") for c in present}
     # Masks count the online CPUs with a topology directory (what hwloc sees) and offline
@@ -302,6 +306,7 @@ def read_topology(root: Path) -> Topology:
 
     packages: dict[int, CpuSet] = {}
     seen: dict[CpuSet, CpuSet] = {}  # package masks repeat: intersect each one once
+    joining: list[tuple[int, CpuSet]] = []
     for c in present:
         mask = raw[c].package_mask
         if mask is None:
@@ -310,7 +315,17 @@ def read_topology(root: Path) -> Topology:
         members = seen.get(mask)
         if members is None:
             members = seen[mask] = mask & known
-        packages[c] = members if c in members else members | CpuSet.of([c])
+        if c in members or not members:
+            packages[c] = members or CpuSet.of([c])
+        else:
+            joining.append((c, members))
+    # Like the siblings: a CPU its package's masks do not name (offline, its own mask
+    # stale) joins that package, and every CPU of it counts it.  One package made of two
+    # sets had two keys: 'host' counted 9 packages of 8 and drew one twice (topology hunt).
+    for c, members in joining:
+        whole = packages.get(members.first(), members) | CpuSet.of([c])
+        for s in whole:
+            packages[s] = whole
 
     nodes, node_of = _read_nodes(root, present)
 
