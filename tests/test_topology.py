@@ -348,6 +348,15 @@ def test_offline_cpu_kept_in_sibling_mask(tmp_path: Path) -> None:
     assert CpuSet.of([1]) in topo.cores() and CpuSet.parse("1,5") not in topo.cores()
 
 
+def test_an_online_list_naming_no_cpu_is_a_host_error(tmp_path: Path) -> None:
+    """A running kernel has an online CPU: an empty list read as a host whose every CPU
+    was leased ("release a lease first", with nothing leased: topology hunt)."""
+    build_host(tmp_path, HostSpec(cpus=4, threads=1))
+    write(tmp_path, "sys/devices/system/cpu/online", "\n")
+    with pytest.raises(HostError, match="online lists none of the present CPUs 0-3"):
+        read_topology(tmp_path)
+
+
 def test_per_cpu_online_files_without_online_list(tmp_path: Path) -> None:
     build_host(tmp_path, HostSpec(cpus=4, threads=1))
     (tmp_path / "sys/devices/system/cpu/online").unlink()
