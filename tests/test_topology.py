@@ -387,6 +387,37 @@ def test_isolated_from_cmdline_when_sysfs_lacks_it(tmp_path: Path) -> None:
     assert topo.nohz_full == CpuSet.parse("2-3")
 
 
+@pytest.mark.parametrize(("cmdline", "isolated", "nohz_full"), [
+    # the kernel keeps the first list of a housekeeping type: a second is ignored whole
+    ("isolcpus=domain,2-3 isolcpus=4-5", "2-3", ""),
+    ("isolcpus=2-5 isolcpus=bogus", "2-5", ""),
+    # flags without domain isolate no scheduler domain (the kernel's isolated is empty)
+    ("isolcpus=nohz,managed_irq,2-7", "", "2-7"),
+    ("isolcpus=nohz,2-3 isolcpus=4-5", "4-5", "2-3"),
+    # the kernel's list syntax: strides, empty regions, quotes, N (nohz_full only)
+    ("isolcpus=2-7:2/4", "2-3,6-7", ""),
+    ("isolcpus=2-5,", "2-5", ""),
+    ('isolcpus="2-5"', "2-5", ""),
+    ("isolcpus=foo,2-3 nohz_full=3-N", "2-3", "3-7"),
+    # lists the kernel rejects take no effect
+    ("isolcpus=7-2 nohz_full=1-x", "", ""),
+    ("isolcpus=2-7:4/2", "", ""),
+])
+def test_the_command_line_read_as_the_kernel_reads_it(cmdline: str, isolated: str,
+                                                      nohz_full: str, tmp_path: Path) -> None:
+    """Where sysfs lacks the kernel's own lists (dumps, test roots), the command line is
+    read as the kernel reads it.  The last isolcpus= won, any word not starting with a
+    digit was dropped as a flag, and a list with a stride or a trailing comma read as no
+    isolcpus at all: other VM CPUs than the kernel's, silently (topology hunt)."""
+    build_host(tmp_path, HostSpec(cpus=8, threads=1))
+    (tmp_path / "sys/devices/system/cpu/isolated").unlink()
+    (tmp_path / "sys/devices/system/cpu/nohz_full").unlink()
+    write(tmp_path, "proc/cmdline", f"BOOT_IMAGE=/vmlinuz ro {cmdline} quiet\n")
+    topo = read_topology(tmp_path)
+    assert (topo.isolated, topo.nohz_full) == (CpuSet.parse_kernel(isolated),
+                                               CpuSet.parse_kernel(nohz_full))
+
+
 def test_sysfs_isolated_beats_cmdline(tmp_path: Path) -> None:
     build_host(tmp_path, HostSpec(cpus=8, threads=1, isolated="4-7"))
     write(tmp_path, "proc/cmdline", "isolcpus=1\n")

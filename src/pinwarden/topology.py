@@ -197,25 +197,70 @@ def _numbered(directory: Path, pattern: re.Pattern[str]) -> list[int]:
     return sorted(out)
 
 
-def _cmdline_cpus(cmdline: str | None, key: str) -> CpuSet | None:
-    """``isolcpus=`` / ``nohz_full=`` from the kernel command line (last one wins).
+#: The housekeeping types ``nohz_full=`` takes off its CPUs (the kernel's HK_FLAG_TICK
+#: and the ones that go with it); ``isolcpus=`` takes ``tick`` with its ``nohz`` flag,
+#: ``domain`` with its ``domain`` flag or with none, ``managed_irq`` with that flag.
+_NOHZ_FULL_TYPES = frozenset({"tick", "wq", "timer", "rcu", "misc", "kthread"})
+_ISOLCPUS_FLAGS = {"nohz": "tick", "domain": "domain", "managed_irq": "managed_irq"}
 
-    ``isolcpus`` may carry flags before the list: ``isolcpus=domain,managed_irq,2-3``.
-    """
-    if cmdline is None:
-        return None
-    found: CpuSet | None = None
-    for word in cmdline.split():
-        if not word.startswith(key + "="):
+
+def _boot_cpu_list(text: str, last: int) -> CpuSet | None:
+    """A CPU list as the kernel's ``cpulist_parse`` reads it on the command line:
+    ``2-7``, ``N`` (the last CPU), strides ``0-15:2/4`` (the first 2 of every 4), empty
+    regions between commas; None where the kernel would reject the list."""
+    cpus: set[int] = set()
+    for region in text.split(","):
+        if not region:
             continue
-        parts = word[len(key) + 1:].split(",")
-        while parts and parts[0] and not parts[0][0].isdigit():
-            parts.pop(0)  # flags: domain, managed_irq, nohz
+        span, colon, stride = region.partition(":")
+        first, dash, end = span.partition("-")
         try:
-            found = CpuSet.parse_kernel(",".join(parts))
-        except CpuSetError:
-            found = None
-    return found
+            start = last if first == "N" else int(first)
+            stop = (last if end == "N" else int(end)) if dash else start
+            used, slash, group = stride.partition("/")
+            take, every = (int(used), int(group)) if colon else (1, 1)
+        except ValueError:
+            return None
+        if min(start, stop, take) < 0 or start > stop or (colon and not slash) or \
+                every == 0 or take > every or stop > MAX_CPU:
+            return None
+        cpus.update(c for c in range(start, stop + 1) if (c - start) % every < take)
+    return CpuSet.of(cpus)
+
+
+def cmdline_isolation(cmdline: str, last: int) -> tuple[CpuSet | None, CpuSet | None]:
+    """(isolated, nohz_full): the CPUs the kernel takes off the scheduler domains and off
+    the tick, as it derives them from ``isolcpus=`` and ``nohz_full=`` (None: no such
+    parameter took effect).  For roots whose sysfs lacks the ``isolated`` and
+    ``nohz_full`` lists (the kernel's own answer, always read first).
+
+    As the kernel does: ``isolcpus=`` without flags means ``domain``; with flags
+    (``nohz``, ``domain``, ``managed_irq``; unknown ones skipped) only those, so
+    ``isolcpus=nohz,2-7`` isolates no domain; a list the kernel rejects is ignored; a
+    later parameter naming a housekeeping type already set with another list is ignored
+    whole (the first one stands), one adding types sets only those.  ``last``: the CPU
+    ``N`` names."""
+    isolated: dict[str, CpuSet] = {}
+    for word in cmdline.split():
+        key, eq, value = word.partition("=")
+        if not eq or key not in ("isolcpus", "nohz_full"):
+            continue
+        value = value.strip('"')
+        if key == "nohz_full":
+            types: set[str] = set(_NOHZ_FULL_TYPES)
+        else:
+            types = set()
+            while value[:1].isalpha():  # (so isolcpus=N… is a flag, as in the kernel)
+                flag, _comma, value = value.partition(",")
+                if flag in _ISOLCPUS_FLAGS:
+                    types.add(_ISOLCPUS_FLAGS[flag])
+            types = types or {"domain"}
+        cpus = _boot_cpu_list(value, last)
+        if cpus is None or any(isolated.get(t, cpus) != cpus for t in types):
+            continue
+        for t in types:
+            isolated.setdefault(t, cpus)
+    return isolated.get("domain"), isolated.get("tick")
 
 
 # -- the reader -------------------------------------------------------------------------
@@ -336,11 +381,13 @@ def read_topology(root: Path) -> Topology:
 
     cmdline = _read(root / "proc/cmdline")
     isolated = _cpus_file(base / "isolated")
-    if isolated is None:
-        isolated = _cmdline_cpus(cmdline, "isolcpus") or EMPTY
     nohz_full = _cpus_file(base / "nohz_full")
-    if nohz_full is None:
-        nohz_full = _cmdline_cpus(cmdline, "nohz_full") or EMPTY
+    if (isolated is None or nohz_full is None) and cmdline is not None:
+        booted = cmdline_isolation(cmdline, max(present))
+        isolated = booted[0] if isolated is None else isolated
+        nohz_full = booted[1] if nohz_full is None else nohz_full
+    isolated = isolated or EMPTY
+    nohz_full = nohz_full or EMPTY
 
     cpus = {
         c: Cpu(
