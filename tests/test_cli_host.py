@@ -91,7 +91,8 @@ def test_a_vm_partition_of_every_cpu_is_said_by_host(
     text = capsys.readouterr().out
     assert ("  nothing can be leased: the partition cgroup machine (cpus 0-7) covers every "
             "online CPU, which leaves the host no housekeeping CPU; give cgroup machine the "
-            "VM CPUs only (cpuset.cpus = 1-7, keeping CPU 0 for the host)") in text, text
+            "VM CPUs only (cpuset.cpus = 1-7 in its cgroup directory, keeping CPU 0 for the "
+            "host)") in text, text
     assert main([*common, "--json"]) == 0
     assert "cpuset.cpus = 1-7" in json.loads(capsys.readouterr().out)["lease_problem"]
     make_cgroup(root, "sys/fs/cgroup/cpuset", "machine", "1-7")

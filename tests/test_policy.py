@@ -188,6 +188,12 @@ def test_nothing_is_leased_where_the_vm_partition_leaves_the_host_no_cpu() -> No
                 "mode = \"auto\"", spec=request, host=every, leases=[])
     assert decide(spec(), every, []).default_cpus == C("0-15")
     assert decide(spec(exclusive=True), host("cgroup", "1-7,9-15", threads=2), []).leases
+    # systemd's slice: its property (a write to its cgroup file is undone; the advice
+    # said "cpuset.cpus =" where 'host' said "systemctl set-property": topology hunt)
+    slice_host = replace(every, partition=replace(every.partition, cgroup="machine.slice"))
+    refused("no-housekeeping", "give cgroup machine.slice the VM CPUs only ('systemctl "
+            "set-property machine.slice AllowedCPUs=1-7,9-15', keeping CPUs 0,8",
+            spec=spec(exclusive=True), host=slice_host, leases=[])
 
 
 def test_an_isolcpus_list_of_every_online_cpu_is_refused_with_the_boot_fix() -> None:

@@ -195,6 +195,15 @@ def _none(topology: Topology, config: Config, why: str) -> Partition:
     return Partition("none", vm, topology.online - vm, f"{why}; {what}")
 
 
+def restrict_howto(cgroup: str | None, cpus: str) -> str:
+    """How to give the VM partition cgroup ``cgroup`` the CPUs ``cpus``: systemd's
+    property for a slice (systemd undoes a write to its cgroup file: systemd-lab hunt),
+    else the cgroup file."""
+    if cgroup and cgroup.endswith(".slice"):
+        return f"'systemctl set-property {cgroup} AllowedCPUs={cpus}'"
+    return f"cpuset.cpus = {cpus} in its cgroup directory"
+
+
 def decide_partition(topology: Topology, config: Config, cgroup: VmCgroup) -> Partition:
     """Choose the partition mode and compute VM and housekeeping CPUs (no I/O)."""
     mode = config.mode
@@ -217,9 +226,7 @@ def decide_partition(topology: Topology, config: Config, cgroup: VmCgroup) -> Pa
             # means unrestricted, a write to the cgroup file is undone: systemd-lab hunt)
             example = (topology.online - default_reserve(topology)) or topology.online
             name = cgroup.name or ""
-            how = (f"'systemctl set-property {name} AllowedCPUs={example}'"
-                   if name.endswith(".slice") else
-                   f"cpuset.cpus = {example} in its cgroup directory")
+            how = restrict_howto(name, example.to_list())
             why = " (none of its own: it is not restricted)" if cgroup.version == 2 else ""
             raise HostError(f"partition mode cgroup is configured but cgroup {name} has no "
                             f"online CPU in its cpuset{why}; give it the VM CPUs, e.g. {how}")

@@ -47,7 +47,7 @@ from pinwarden.model import (
     release_command,
     stop_command,
 )
-from pinwarden.partition import Host, Partition, shared_pool
+from pinwarden.partition import Host, Partition, restrict_howto, shared_pool
 from pinwarden.record import record, replace
 
 if TYPE_CHECKING:
@@ -162,8 +162,8 @@ def no_housekeeping(host: Host) -> str | None:
     elif part.mode == "cgroup":
         what = f"the {where} covers"
         fix = (f"give {'cgroup ' + part.cgroup if part.cgroup else 'the VM partition'} the "
-               f"VM CPUs only (cpuset.cpus = {rest}, {keep}) or set [partition] mode = "
-               f"\"auto\"")
+               f"VM CPUs only ({restrict_howto(part.cgroup, rest)}, {keep}) or set "
+               f"[partition] mode = \"auto\"")
     else:
         what = f"the {where} cover"
         fix = f"set [partition] host_reserve = \"{first.to_list() or '0'}\""
