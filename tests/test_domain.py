@@ -414,6 +414,23 @@ def test_render_off_numad_puts_the_memory_on_the_nodes_of_the_cpus(inner: str,
         assert "placement='auto'" not in form and memory in form, form
 
 
+def test_render_off_numad_when_every_thread_is_pinned() -> None:
+    """A shared domain with <vcpu placement='auto'> and every thread pinned: nothing is
+    placed by <vcpu>, so the render left placement='auto' alone, and libvirt asked numad
+    all the same: 'pinwarden start' failed with "Failed to query numad for the advisory
+    nodeset" (XML hunt).  Its placement is static now, its memory on its CPUs' nodes
+    (test_policy: the plan has them); libvirt takes the rendered XML."""
+    inner = ("<vcpu placement='auto'>2</vcpu><cputune><vcpupin vcpu='0' cpuset='2'/>"
+             "<vcpupin vcpu='1' cpuset='3'/><emulatorpin cpuset='2-3'/></cputune>")
+    plan = replace(_plan({0: "2", 1: "3"}, "2-3", exclusive=False),
+                   memory_nodes=CpuSet.parse("0"))
+    for _source, form in _defined_forms(inner, plan):
+        got = parse_domain(form)
+        assert got.vcpupins == plan.vcpus and got.placement == "static", form
+        assert "placement='auto'" not in form, form
+        assert "<memory mode='strict' nodeset='0'/>" in form, form
+
+
 def test_render_creates_missing_elements() -> None:
     xml = "<domain>\n  <name>new</name>\n  <memory>1024</memory>\n</domain>\n"
     plan = _plan({0: "2", 1: "3"}, "2-3", exclusive=True, default="2-3")

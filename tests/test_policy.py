@@ -945,3 +945,16 @@ def test_lxc_pins_are_ignored_like_libvirt_does() -> None:
             host=host(), leases=[])
     # a QEMU domain keeps its pins
     assert decide(spec(domain_type="kvm", vcpupins={0: C("5")}), host(), []).vcpus[0] == C("5")
+
+
+def test_placement_auto_with_every_thread_pinned_gets_its_memory_nodes() -> None:
+    """numad's placement on a domain whose every thread is pinned: libvirt asks numad all
+    the same, so the plan places its memory too (on its CPUs' nodes) and says so; it had
+    no memory nodes and no note, and the start failed without numad (XML hunt)."""
+    inner = ("<vcpu placement='auto'>2</vcpu><cputune><vcpupin vcpu='0' cpuset='2'/>"
+             "<vcpupin vcpu='1' cpuset='3'/><emulatorpin cpuset='2-3'/></cputune>")
+    planned = decide(parse_domain(f"<domain type='kvm'><name>p</name>{inner}</domain>"),
+                     host("none", "1-15"), [])
+    assert planned.default_cpus is None and planned.memory_nodes == C("0"), planned
+    assert any("places it statically on 2-3 and its memory on NUMA node 0" in n
+               for n in planned.notes), planned

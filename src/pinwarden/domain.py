@@ -719,8 +719,12 @@ def render_plan(xml: str | bytes, plan: Plan, *, partition: str | None = None) -
                 attrs["placement"] = "static"
             if spec.cpuset != cpuset or "placement" in attrs:
                 ed.set_attrs(vcpu, attrs)
-        if spec.placement == "auto":
-            _memory_off_numad(ed, root, plan.memory_nodes, unit, top_lines)
+    elif vcpu is not None and vcpu.attrs.get("placement") == "auto":
+        # every thread pinned: nothing is placed by <vcpu>, but libvirt asked numad all the
+        # same and failed without it ("Failed to query numad": XML hunt)
+        ed.set_attrs(vcpu, {"placement": "static"})
+    if spec.placement == "auto":
+        _memory_off_numad(ed, root, plan.memory_nodes, unit, top_lines)
 
     def wanted(cpus: CpuSet) -> bool:
         # An LXC container runs on <vcpu cpuset> and libvirt ignores its pins: none is

@@ -392,7 +392,7 @@ def _domain(ctx: _Ctx, spec: DomainSpec) -> Plan:
     for note in (nodes_note, lxc_note, _other_hypervisor(ctx, spec)):
         if note is not None:
             plan = replace(plan, notes=(note, *plan.notes))
-    if spec.placement == "auto" and plan.default_cpus is not None:
+    if spec.placement == "auto":  # (every thread pinned too: libvirt asks numad still)
         topo = ctx.host.topology
         nodes = CpuSet.of(topo.node_of(c) for c in plan.cpus() if c in topo.cpus)
         if spec.numa_nodeset is not None:  # the user's <numatune> nodeset: kept as it is
@@ -404,7 +404,8 @@ def _domain(ctx: _Ctx, spec: DomainSpec) -> Plan:
                 if nodes else ""
         plan = replace(plan, memory_nodes=nodes or None, notes=(*plan.notes, (
             f"{ctx.who} asks for <vcpu placement='auto'> (numad); pinwarden places it "
-            f"statically on {plan.default_cpus}{memory} instead, so that no leased CPU is "
+            f"statically on {plan.default_cpus or plan.cpus()}{memory} instead, so that no "
+            f"leased CPU is "
             "used")))
     return plan
 
