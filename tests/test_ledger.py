@@ -1223,6 +1223,26 @@ def test_two_holders_of_one_name_refusal_gives_a_release_command_that_works(
         assert ledger.release("name:my vm", driver="qemu") is not None
 
 
+def test_a_name_twin_is_refused_before_the_plan(state: Path) -> None:
+    """A reserve of a file without <uuid>, then the defined domain's start (libvirt gave
+    it a UUID): the plan saw the name's leases as another holder's and refused the domain
+    as "only 0 free CPUs; leased now: CPU 1 to qemu domain 'x'", itself (XML hunt).  The
+    twin is refused first, with what to do."""
+    first = HolderRef("qemu", "name:x", "x")
+
+    def full(_leases: tuple[Lease, ...]) -> Plan:
+        raise Refusal("only 0 free CPUs; leased now: CPU 1 to qemu domain 'x'")
+
+    with Ledger(state) as ledger:
+        ledger.reserve(first, take(first, [1]))
+        second = domain_holder("qemu", "x", "00000000-0000-0000-0000-000000000009")
+        with pytest.raises(Refusal, match="share a name") as err:
+            ledger.reserve(second, full)
+        assert "(pinwarden release name:x --driver qemu)" in str(err.value), err.value
+        assert "reserve the domain's own XML" in str(err.value), err.value
+        assert [lease.holder for lease in ledger.leases()] == [first]
+
+
 def test_a_full_file_system_is_named_for_reads_too(state: Path) -> None:
     """SQLite needs room beside a WAL database even to read it: on a full file system
     ``status`` failed with "nothing was recorded", which reads oddly for a read (hunt)."""

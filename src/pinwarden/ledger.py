@@ -840,6 +840,10 @@ class Ledger:
                 rows = db.execute(f"SELECT {self._HOLDER_COLS} FROM holders WHERE driver = ? "
                                   f"AND key = ?", (holder.driver, holder.key)).fetchall()
                 previous = self._holder(rows[0]) if rows else None
+                # first: the twin's leases refused it as "only 0 free CPUs; leased now: CPU
+                # 1 to qemu domain 'x'", the domain itself (a reserve of its file without
+                # <uuid>, then its start: XML hunt)
+                self._no_twin(db, holder)
                 leases = self._leases_in(db)
                 plan = decide(leases)
                 self._record(db, holder, plan, owner_pid, owner_start)
@@ -858,17 +862,24 @@ class Ledger:
             raise failure
         return plan
 
-    def _record(self, db: sqlite3.Connection, holder: HolderRef, plan: Plan,
-                owner_pid: int | None, owner_start: int | None) -> None:
+    @staticmethod
+    def _no_twin(db: sqlite3.Connection, holder: HolderRef) -> None:
+        """Refuse ``holder`` when another holder of its driver has its name."""
         twin = db.execute("SELECT key FROM holders WHERE driver = ? AND name = ? AND key != ?",
                           (holder.driver, holder.name, holder.key)).fetchone()
         if twin is not None:
             other = HolderRef(holder.driver, twin[0], holder.name)
+            by_name = " (a reservation of a file without <uuid> is the name's, not the " \
+                "defined domain's: reserve the domain's own XML, 'virsh dumpxml')" \
+                if other.uuid is None and holder.uuid is not None else ""
             raise Refusal(
                 f"{holder.describe()} and the recorded {other.describe()} share a name: "
                 f"pinwarden would not tell them apart; release the recorded one first "
                 f"({command_line('pinwarden release', twin[0], '--driver', holder.driver)}) "
-                f"or rename the domain", code="conflict")
+                f"or rename the domain{by_name}", code="conflict")
+
+    def _record(self, db: sqlite3.Connection, holder: HolderRef, plan: Plan,
+                owner_pid: int | None, owner_start: int | None) -> None:
         now = time.time()
         db.execute("DELETE FROM leases WHERE driver = ? AND key = ?", (holder.driver, holder.key))
         db.execute(
