@@ -47,6 +47,28 @@ def test_partitions_exist_in_every_mounted_hierarchy_and_leave_with_it(
         assert not (top / BASE).exists(), top
 
 
+def test_twins_of_a_holder_gone_from_the_cpuset_hierarchy_are_swept(
+        backend: CpusetV1) -> None:
+    """A holder group removed by hand from the cpuset hierarchy alone: its copies in the
+    other hierarchies stayed for good, as stale holders are found in the cpuset one
+    (broken-pinwarden hunt).  The sweep removes them, leaf first; the copies of a group
+    whose cpuset group lives, and names that are no holder's, stay."""
+    child = f"{BASE}/vm-x.partition"
+    backend.mkdir(BASE)
+    backend.mkdir(child)
+    os.rmdir(backend.root / child)  # by hand, the cpuset hierarchy only
+    os.rmdir(backend.root / BASE)
+    assert all((top / child).is_dir() for top in backend.mirrors)
+    assert backend.sweep_twins("", lambda path: False) == []
+    assert all((top / child).is_dir() for top in backend.mirrors)
+    removed = backend.sweep_twins("", lambda path: path == BASE)
+    assert sorted(removed) == sorted(f"{top}/{BASE}" for top in backend.mirrors)
+    assert not any((top / BASE).exists() for top in backend.mirrors)
+    backend.mkdir(BASE)
+    assert backend.sweep_twins("", lambda path: path == BASE) == []
+    assert all((top / BASE).is_dir() for top in (backend.root, *backend.mirrors))
+
+
 def test_failed_twin_undoes_the_whole_mkdir(backend: CpusetV1) -> None:
     broken = CpusetV1(backend.root, [*backend.mirrors[:1], Path("/proc")])
     with pytest.raises(CgroupOpError) as info:

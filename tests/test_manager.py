@@ -1150,3 +1150,24 @@ def test_a_read_only_state_directory_is_not_told_to_run_as_root(
                                   "Read-only file system (choose another --state-dir)")
     assert state_dir_advice(PermissionError(errno.EACCES, "no")) == \
         "run as root or choose another --state-dir"
+
+
+def test_every_sync_sweeps_the_twins_of_holder_groups_gone(host4_cgroup: Path,
+                                                           tmp_path: Path) -> None:
+    """The v1 backend's copies of a holder group in the other hierarchies outlive one
+    removed by hand from the cpuset hierarchy (test_enforce_v1: the sweep on real
+    cgroups): each sync asks the backend to sweep them, below the holders' parent, by
+    the names of holder groups."""
+    fake = fake4()
+    asked: list[tuple[str, bool, bool]] = []
+
+    def sweep(parent: str, is_holder: object) -> list[str]:
+        assert callable(is_holder)
+        asked.append((parent, is_holder("pinwarden-run-J.partition"), is_holder("machine")))
+        return []
+
+    fake.sweep_twins = sweep  # type: ignore[attr-defined]
+    with Manager(Config(), host4_cgroup, tmp_path / "state", backend=fake) as m:
+        m.reserve_request(JobSpec("J", cpus=C("2")))
+        m.release("J")
+    assert asked and all(a == ("", True, False) for a in asked), asked

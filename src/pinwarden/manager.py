@@ -956,7 +956,7 @@ class Manager:
         CPUs are no longer those read at the start (leaving out leased CPUs, which the
         escape check takes from it itself)."""
         from pinwarden.enforce.apply import sync
-        from pinwarden.enforce.backend import parent_of
+        from pinwarden.enforce.backend import parent_of, sweep_twins
         from pinwarden.enforce.layout import desired_layout
         from pinwarden.partition import shared_edit
 
@@ -1047,6 +1047,7 @@ class Manager:
             if exc.partial and shared_record is not None:
                 self._note_written(ledger, key, shared_record, None)
             raise
+        sweep_twins(backend, names.parent, names.is_holder)
         # A holder group that still has tasks is kept (a job's children outliving their
         # owner, a release of a running domain), and with it the shared group stays as
         # narrowed: the record of both is kept until a sync finds the group gone.

@@ -323,6 +323,18 @@ def remove_setting_files(backend: CgroupBackend, path: str,
     return () if probe is None else tuple(str(f) for f in probe(path, keep))
 
 
+def sweep_twins(backend: CgroupBackend, parent: str,
+                is_holder: Callable[[str], bool]) -> tuple[str, ...]:
+    """Remove the empty copies, in the other cgroup hierarchies, of holder groups below
+    ``parent`` (names ``is_holder`` accepts) whose group is gone from the backend's own
+    hierarchy (optional capability ``sweep_twins()``: cgroup v1, where libvirt needs a
+    partition in every hierarchy; a holder group removed there by hand left its copies
+    in the nine others for good, as a stale holder is found in the cpuset hierarchy
+    alone).  The paths removed."""
+    probe = getattr(backend, "sweep_twins", None)
+    return () if probe is None else tuple(str(p) for p in probe(parent, is_holder))
+
+
 #: The cgroup v1 flag files behind a partition kind, in the order they are put back when
 #: ``sched_load_balance`` goes back on (the reverse when it goes back off).
 PARTITION_FLAGS = ("cpu_exclusive", "sched_load_balance")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from pinwarden.cpuset import CpuSet, CpuSetError
@@ -170,6 +170,30 @@ class CpusetV1:
             with contextlib.suppress(OSError):
                 os.rmdir(self._dir(path, base))
 
+
+    def sweep_twins(self, parent: str, is_holder: Callable[[str], bool]) -> list[str]:
+        """:func:`~pinwarden.enforce.backend.sweep_twins`: each mirror's directories below
+        ``parent`` that ``is_holder`` names and the cpuset hierarchy lacks, removed leaf
+        first where empty (a directory with tasks or with children of someone else's stays,
+        as :meth:`rmdir` leaves it)."""
+        removed: list[str] = []
+        prefix = parent.strip("/")
+        for base in self.mirrors:
+            try:
+                names = [e.name for e in os.scandir(self._dir(parent, base)) if e.is_dir()]
+            except OSError:
+                continue
+            for name in names:
+                path = f"{prefix}/{name}" if prefix else name
+                if not is_holder(path) or self._dir(path).exists():
+                    continue
+                for top, _dirs, _files in sorted(os.walk(self._dir(path, base)),
+                                                 key=lambda w: -w[0].count("/")):
+                    with contextlib.suppress(OSError):
+                        os.rmdir(top)
+                if not self._dir(path, base).exists():
+                    removed.append(f"{base}/{path}")
+        return removed
 
     def set_cpus(self, path: str, cpus: CpuSet) -> None:
         self._write("cpus", path, self.prefix + "cpus", cpus.to_list())
