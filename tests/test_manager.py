@@ -1171,3 +1171,36 @@ def test_every_sync_sweeps_the_twins_of_holder_groups_gone(host4_cgroup: Path,
         m.reserve_request(JobSpec("J", cpus=C("2")))
         m.release("J")
     assert asked and all(a == ("", True, False) for a in asked), asked
+
+
+@pytest.mark.parametrize("opened_first", [True, False])
+def test_waiting_at_most_bounds_the_databases_lock_too(host4_cgroup: Path, tmp_path: Path,
+                                                       opened_first: bool) -> None:
+    """``waiting_at_most`` bounded the manager's lock file alone: behind a process holding
+    the database, a shared start's ``started`` waited SQLite's 60 s, not its 20 s
+    (broken-pinwarden hunt).  The ledger's wait follows it, opened before the block or
+    within, and is back afterwards."""
+    import sqlite3
+    import time
+
+    from pinwarden.errors import LedgerError
+    from pinwarden.ledger import DB_NAME
+
+    state = tmp_path / "state"
+    with Manager(Config(), host4_cgroup, state, backend=fake4()) as m:
+        m.reserve_request(JobSpec("J", cpus=C("2")))
+    with Manager(Config(), host4_cgroup, state, backend=fake4()) as m:
+        if opened_first:
+            m.ledger()
+        other = sqlite3.connect(state / DB_NAME, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            began = time.monotonic()
+            with m.waiting_at_most(0.5), pytest.raises(LedgerError, match=r"locked for 0\.5 s"):
+                m.ledger().put_changes({"pwtest": "1"})
+            assert time.monotonic() - began < 10
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert m.ledger().busy_timeout == 60
+        m.ledger().put_changes({"pwtest": "1"})

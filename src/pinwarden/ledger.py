@@ -512,9 +512,14 @@ class Ledger:
 
     def _locked(self) -> LedgerError:
         return LedgerError(
-            f"lease database {self.path} stayed locked by another pinwarden for "
-            f"{self.busy_timeout:g} s; retry, or find the stuck process with "
-            f"'fuser {self.path}'", code="ledger-busy")
+            f"lease database {self.path} stayed locked for {self.busy_timeout:g} s (by "
+            f"another pinwarden, or whatever else opened it); retry, or find the stuck "
+            f"process with 'fuser {self.path}'", code="ledger-busy")
+
+    def set_busy_timeout(self, seconds: float) -> None:
+        """Wait at most ``seconds`` for another connection's lock from now on."""
+        self.busy_timeout = seconds
+        self._db.execute(f"PRAGMA busy_timeout = {max(0, int(seconds * 1000))}")
 
     def close(self) -> None:
         self._db.close()

@@ -85,6 +85,9 @@ Decide = Callable[[Host, tuple[Lease, ...]], Plan]
 #: Passes of a sync started again because the shared group was edited while one ran
 #: (:meth:`Manager._sync_cgroups`) before the last goes ahead as planned.
 EDIT_RETRIES = 2
+#: How long a ledger waits for another connection's lock on the database (at most: never
+#: more than the manager's ``lock_timeout``).
+LEDGER_BUSY_TIMEOUT = 60.0
 
 
 class _EditedMeanwhile(Exception):
@@ -191,15 +194,20 @@ class Manager:
     def ledger(self) -> Ledger:
         """The ledger, created if needed (for changes)."""
         if self._ledger is None:
-            self._ledger = self._reader if self._reader is not None else Ledger(self.state_dir)
+            self._ledger = self._reader if self._reader is not None else Ledger(
+                self.state_dir, busy_timeout=self._busy_timeout())
             self._reader = self._ledger
         return self._ledger
+
+    def _busy_timeout(self) -> float:
+        """How long a ledger opened now waits for the database's lock."""
+        return min(LEDGER_BUSY_TIMEOUT, self.lock_timeout)
 
     def reader(self) -> Ledger | None:
         """The ledger if it exists (None: nothing was ever leased here).  Never creates
         it; an unusable location is a :class:`LedgerError`."""
         if self._reader is None:
-            self._reader = Ledger.existing(self.state_dir)
+            self._reader = Ledger.existing(self.state_dir, busy_timeout=self._busy_timeout())
         return self._reader
 
     def backend(self) -> CgroupBackend:
@@ -242,10 +250,17 @@ class Manager:
         hook server has its own)."""
         before = self.lock_timeout
         self.lock_timeout = min(before, seconds)
+        # the database's own lock too: a shared start's 'started' waited SQLite's 60 s,
+        # not the 20 s it may, behind a process holding the database (broken-pinwarden
+        # hunt); a ledger opened within the block starts with it (:meth:`_open_ledger`)
+        if self._reader is not None:
+            self._reader.set_busy_timeout(self._busy_timeout())
         try:
             yield
         finally:
             self.lock_timeout = before
+            if self._reader is not None:  # (the ledger, when there is one, is the reader)
+                self._reader.set_busy_timeout(self._busy_timeout())
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
