@@ -207,6 +207,55 @@ def test_a_daemon_that_does_not_answer_fails_safe(tmp_path: Path) -> None:
         server.close()
 
 
+def test_a_daemon_that_took_the_call_and_died_is_said_in_one_line(
+        setup: tuple[Path, Path, Manager, HookServer], tmp_path: Path) -> None:
+    """The daemon took the call (its ACK) and then died or hung: the refusal was two
+    lines, the client's "did not answer the hook (ValueError: …)" and the drop-in's
+    "pinwarden is broken or missing … repair the installation", advice for another
+    fault (broken-pinwarden hunt).  Now one line says the daemon took the call and what
+    to do, and the hook log has it; a shared domain starts as before."""
+    import socket
+    import threading
+
+    from pinwarden.libvirt import hookclient
+
+    drop_in, marker, _manager, server = setup
+    server.close()
+    state = tmp_path / "state"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(state / hook.SOCKET_NAME))
+    listener.listen(4)
+
+    def take_and_die() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(1 << 20)
+                conn.sendall(hookclient.ACK)
+
+    threading.Thread(target=take_and_die, daemon=True).start()
+    try:
+        refused = run(drop_in, "db", "prepare", "begin", "-", stdin=xml("db", EXCLUSIVE))
+        shared = run(drop_in, "web", "prepare", "begin", "-", stdin=xml("web"))
+    finally:
+        listener.close()
+    assert refused.returncode == 1, refused
+    (line,) = refused.stderr.splitlines()
+    assert line.startswith("pinwarden: error: the pinwarden daemon took the hook's call for "
+                           "domain 'db' and gave no answer"), line
+    assert "restart it" in line and "broken or missing" not in line, line
+    assert shared.returncode == 0, shared
+    assert not marker.exists()  # taken: never run a second time
+    logged = (state / hook.HOOK_LOG).read_text()
+    assert "took the hook's call for domain 'db'" in logged, logged
+    assert "exclusive domain 'db' was refused: pinwarden failed (why is above)" in logged
+    assert "pinwarden failed (exit 4: why is above); domain 'web' asks for no exclusive " \
+        "CPUs and was let through unchecked" in logged, logged
+
+
 def test_hook_check_says_whether_the_daemon_answers(
         setup: tuple[Path, Path, Manager, HookServer]) -> None:
     drop_in, _marker, _manager, server = setup

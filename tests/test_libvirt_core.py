@@ -964,8 +964,10 @@ def test_a_broken_pinwarden_never_blocks_a_shared_domain(tmp_path: Path, broken:
 def test_a_broken_configuration_is_said_in_the_hook_log(tmp_path: Path) -> None:
     """pinwarden itself runs, but its configuration does not load: a shared domain starts
     and an exclusive one is refused, as for any broken pinwarden, and the hook log says
-    why beside the drop-in's 'broken or missing' (it said only 'exited 1'), at the steps
-    after prepare too (a release that could not run was not logged at all)."""
+    why (it said only 'exited 1'), at the steps after prepare too (a release that could
+    not run was not logged at all).  The refusal is that one line: the drop-in added a
+    second, "pinwarden is broken or missing … repair the installation", which it is not
+    (broken-pinwarden hunt)."""
     state = tmp_path / "state"
     config = tmp_path / "pinwarden.toml"
     config.write_text("[partition]\nmode = 'sometimes'\n")
@@ -976,6 +978,8 @@ def test_a_broken_configuration_is_said_in_the_hook_log(tmp_path: Path) -> None:
     refused = call(qemu, "db", "prepare", "begin", "-", stdin=xml("db", EXCLUSIVE_META))
     assert refused.returncode == 1 and "exclusive domain 'db' cannot get its CPUs" in \
         refused.stderr, refused.stderr
+    assert len(refused.stderr.splitlines()) == 1 and "sometimes" in refused.stderr, \
+        refused.stderr
     released = call(qemu, "db", "release", "end", "-", stdin=xml("db", EXCLUSIVE_META))
     assert released.returncode == 0, released.stderr
     lines = (state / hook.HOOK_LOG).read_text().splitlines()
@@ -984,7 +988,10 @@ def test_a_broken_configuration_is_said_in_the_hook_log(tmp_path: Path) -> None:
         "hook qemu web prepare", "hook qemu db prepare", "hook qemu db release"], lines
     assert all("sometimes" in e and str(config) in e for e in errors), errors
     assert len(errors[0].splitlines()) == 1
-    assert [line for line in lines if "broken or missing" in line and "'web'" in line]
+    assert not [line for line in lines if "broken or missing" in line], lines
+    assert [line for line in lines if "pinwarden failed (exit 4: why is above)" in line and
+            "'web'" in line and "let through unchecked" in line], lines
+    assert [line for line in lines if "exclusive domain 'db' was refused" in line], lines
 
 
 def test_the_fail_safe_path_logs_where_nothing_made_the_state_directory(

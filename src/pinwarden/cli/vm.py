@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pinwarden.cli import Parser, print_json, printable, seconds
+from pinwarden.cli import Parser, fail, print_json, printable, seconds
 from pinwarden.cli.common import config_of, manager_of, root_of, state_dir_of
 
 if TYPE_CHECKING:
@@ -369,11 +369,16 @@ def cmd_hook_run(args: argparse.Namespace) -> int:
         manager = manager_of(args)
     except PinwardenError as exc:
         # the drop-in logs only that this command failed (at 'prepare'): why goes beside
-        # it, into the log the drop-in writes to (the configuration cannot say where)
+        # it, into the log the drop-in writes to (the configuration cannot say where); the
+        # drop-in adds no "pinwarden is broken or missing" to it (broken-pinwarden hunt)
         step = " ".join(printable(a) for a in args.hook_args[:2])
         hook.log_to(Path(args.state_dir) if args.state_dir else DEFAULT_STATE_DIR,
                     f"pinwarden: error: hook {args.driver} {step}: {exc.message}")
-        raise
+        if args.hook_args[1:2] == ["prepare"] and hook.asks_exclusive(stdin):
+            exc = PinwardenError(f"exclusive domain {args.hook_args[0]!r} cannot get its "
+                                 f"CPUs: {exc.message}", code=exc.code)
+        fail(args, exc)
+        return hook.EXPLAINED
     with manager:
         return hook.main_run(manager, args.driver, list(args.hook_args), stdin,
                              after_release=lambda holder: _leave_give_back(args, manager,

@@ -63,11 +63,11 @@ DRIVERS = ("qemu", "lxc")
 MARKER = "# pinwarden libvirt hook"
 #: The drop-in's own version (its line ``# script version N``): raised whenever what the
 #: script does changes, so that ``hook check`` tells a drop-in an older pinwarden wrote.
-SCRIPT_VERSION = 5
+SCRIPT_VERSION = 6
 _VERSION_LINE = "# script version "
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
 DROP_IN = "pinwarden"
-HOOK_LOG = "hook.log"
+HOOK_LOG = hookclient.HOOK_LOG
 #: The daemon's socket for hook calls, in its state directory (see hookclient).
 SOCKET_NAME = hookclient.SOCKET_NAME
 #: What the drop-in runs (imports the client, which then loads from its bytecode) ...
@@ -76,6 +76,10 @@ CLIENT_MAIN = "hookclient_main.py"
 CLIENT_FILES = (CLIENT_MAIN, "hookclient.py")
 #: Exit status of ``hook run`` when a placement rule refuses the domain at ``prepare``.
 REFUSED = 3
+#: Exit status of a hook call that failed and said why on stderr (a daemon that took the
+#: call and never answered, a configuration file that cannot be read): the drop-in's
+#: fail-safe as for any failure, without its "broken or missing" words.
+EXPLAINED = hookclient.EXPLAINED
 #: How long a hook call of a domain that asks for nothing exclusive waits for another
 #: pinwarden's lock (a wedged one must not hold the start for the manager's two minutes;
 #: then it is let through, as on any failure of pinwarden's) — less than the client's wait
@@ -188,6 +192,10 @@ say() {{
 case "$xml" in
   *{PW_NAMESPACE}*exclusive=\\"yes\\"*|*{PW_NAMESPACE}*exclusive=\\'yes\\'*|\\
   *exclusive=\\"yes\\"*{PW_NAMESPACE}*|*exclusive=\\'yes\\'*{PW_NAMESPACE}*)
+    if [ "$rc" -eq {EXPLAINED} ]; then
+      say "exclusive domain '$1' was refused: pinwarden failed (why is above)"
+      exit 1
+    fi
     msg="pinwarden is broken or missing (the hook's command exited $rc), so exclusive"
     msg="$msg domain '$1' cannot get its CPUs: repair the installation ('pinwarden hook"
     msg="$msg check' tells what is wrong) or remove it with 'pinwarden hook uninstall'"
@@ -195,8 +203,10 @@ case "$xml" in
     echo "pinwarden: error: $msg" >&2
     exit 1 ;;
 esac
-say "pinwarden is broken or missing (the hook's command exited $rc); domain '$1' asks\
- for no exclusive CPUs and was let through unchecked: run 'pinwarden hook check'"
+[ "$rc" -eq {EXPLAINED} ] && why="pinwarden failed (exit $rc: why is above)" ||\
+  why="pinwarden is broken or missing (the hook's command exited $rc)"
+say "$why; domain '$1' asks for no exclusive CPUs and was let through unchecked: run\
+ 'pinwarden hook check'"
 exit 0
 """
 

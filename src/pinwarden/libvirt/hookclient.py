@@ -61,10 +61,15 @@ ACK_TIMEOUT = 3.0
 #: The byte a daemon sends once it has read a call that asked for it (``"ack": true``).
 ACK = b"\x06"
 PW_NAMESPACE = b"urn:pinwarden:domain:1"
-#: The daemon's socket, in its state directory.
+#: The daemon's socket, in its state directory, and the hook log beside it.
 SOCKET_NAME = "hook.sock"
+HOOK_LOG = "hook.log"
 #: Exit status for "pinwarden did not work" (the drop-in lets shared domains through).
 EX_SOFTWARE = 70
+#: Exit status for "pinwarden did not work, and said why on stderr": the drop-in lets
+#: shared domains through and refuses exclusive ones as for :data:`EX_SOFTWARE`, without
+#: adding that the installation is broken (``pinwarden.libvirt.hook.EXPLAINED``).
+EXPLAINED = 4
 #: The libvirt daemons that run hooks (``pinwarden.libvirt.hook.HOOK_DAEMON_NAMES``).
 DAEMON_NAMES = (b"libvirtd", b"virtqemud", b"virtlxcd")
 
@@ -244,6 +249,25 @@ def run_instead(command: list[str], data: bytes) -> None:
     posix.execv(command[0], command)
 
 
+def log(sock: str, line: str) -> None:
+    """Append ``line`` to the hook log beside the daemon's socket (the drop-in's log:
+    libvirtd drops the stderr of a hook that lets the domain through)."""
+    import time
+
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S ")
+    try:
+        fd = posix.open(sock.rpartition("/")[0] + "/" + HOOK_LOG,
+                        posix.O_WRONLY | posix.O_APPEND | posix.O_CREAT, 0o600)
+    except OSError:
+        return
+    try:
+        posix.write(fd, (stamp + line + "\n").encode("utf-8", "replace"))
+    except OSError:
+        pass
+    finally:
+        posix.close(fd)
+
+
 def main(argv: list[str]) -> int:
     if argv == ["--ping"]:  # 'pinwarden hook check': this interpreter runs this file
         print("pinwarden hook client ok")
@@ -260,9 +284,16 @@ def main(argv: list[str]) -> int:
     except NotTaken:  # the full command answers as the daemon would have
         answer = None
     except (OSError, ValueError, RecursionError) as exc:
-        print(f"pinwarden: error: the pinwarden daemon did not answer the hook "
-              f"({type(exc).__name__}: {exc})", file=sys.stderr)
-        return EX_SOFTWARE
+        # it took the call (or a connection failed midway): a second run could do it
+        # twice; the installation is fine, the daemon is not (broken-pinwarden hunt)
+        said = (f"pinwarden: error: the pinwarden daemon took the hook's call for "
+                f"domain {args[0] if args else '?'!r} and gave no answer ({exc}): it "
+                f"stopped, crashed or hangs; restart it ('systemctl restart "
+                f"pinwarden-daemon', or end 'pinwarden daemon' and start it again), then "
+                f"start the domain again")
+        print(said, file=sys.stderr)
+        log(sock, said)
+        return EXPLAINED
     if answer is None or "fallback" in answer:
         try:
             run_instead([*fallback, *args], data)
