@@ -1054,11 +1054,14 @@ def test_unusable_locations_are_errors_even_for_reads(tmp_path: Path) -> None:
     (dangling / "leases.db").symlink_to(tmp_path / "nowhere.db")
     gone_dir = tmp_path / "gone-dir"
     gone_dir.symlink_to(tmp_path / "nowhere")
-    for state, why in ((blocker, "is not a directory"),
-                       (dangling, "dangling symbolic link"),
-                       (gone_dir, "dangling symbolic link")):
-        with pytest.raises(LedgerError, match=why):
+    # each says what to do too (the refusal of an exclusive start said only "state
+    # directory X is not a directory": broken-pinwarden hunt)
+    for state, why, what in ((blocker, "is not a directory", "move that file away"),
+                             (dangling, "dangling symbolic link", "restore what it pointed"),
+                             (gone_dir, "dangling symbolic link", "point it at a directory")):
+        with pytest.raises(LedgerError, match=why) as err:
             Ledger.existing(state)
+        assert what in str(err.value), err.value
         with pytest.raises(LedgerError, match=why):
             Ledger(state)
     assert Ledger.existing(tmp_path / "never-used") is None  # nothing was ever leased

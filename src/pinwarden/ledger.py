@@ -223,17 +223,22 @@ def location_problem(state_dir: Path) -> str | None:
         st = state_dir.stat()
     except FileNotFoundError:
         if state_dir.is_symlink():
-            return f"state directory {state_dir} is a dangling symbolic link"
+            return (f"state directory {state_dir} is a dangling symbolic link: point it at a "
+                    f"directory, remove it (pinwarden creates the directory), or choose "
+                    f"another --state-dir")
         return None
     except OSError as exc:
-        return f"cannot use state directory {state_dir}: {exc.strerror}"
+        return (f"cannot use state directory {state_dir}: {exc.strerror} "
+                f"({state_dir_advice(exc)})")
     if not stat.S_ISDIR(st.st_mode):
-        return f"state directory {state_dir} is not a directory"
+        return (f"state directory {state_dir} is not a directory: move that file away "
+                f"(pinwarden creates the directory) or choose another --state-dir")
     try:
         db_st = db.stat()
     except FileNotFoundError:
         if db.is_symlink():
-            return f"lease database {db} is a dangling symbolic link"
+            return (f"lease database {db} is a dangling symbolic link: restore what it "
+                    f"pointed at, or remove the link if nothing was ever leased there")
         stray = _stray_wal(state_dir)
         if stray is not None:
             return stray
@@ -247,9 +252,11 @@ def location_problem(state_dir: Path) -> str | None:
     except PermissionError:
         return None  # reported by the open, with the advice to run as root
     except OSError as exc:
-        return f"cannot access lease database {db}: {exc.strerror}"
+        return (f"cannot access lease database {db}: {exc.strerror} "
+                f"({state_dir_advice(exc)})")
     if not stat.S_ISREG(db_st.st_mode):
-        return f"lease database {db} is not a regular file"
+        return (f"lease database {db} is not a regular file: move it away if nothing was "
+                f"ever leased there, or choose another --state-dir")
     return None
 
 
