@@ -813,3 +813,16 @@ def test_a_name_is_kept_exactly_as_libvirt_keeps_it(name: str) -> None:
     for empty in ("", "  "):
         with pytest.raises(InputError, match="<name> is missing or empty"):
             parse_domain(f"<domain><name>{empty}</name></domain>")
+
+
+def test_metadata_nested_too_deeply_for_libvirt_is_an_input_error() -> None:
+    """5,000 nested elements of another tool's metadata: 'pinwarden define' exited 70
+    ("internal error: RecursionError": ElementTree writes a level a call) where libvirt
+    refuses its own "Excessive depth" (XML hunt).  One line, exit 1."""
+    from pinwarden.libvirt.start import with_pinwarden_metadata
+
+    deep = "<a:x xmlns:a='urn:a'>" * 5000 + "</a:x>" * 5000
+    xml = f"<domain type='kvm'><name>deep</name><vcpu>1</vcpu><metadata>{deep}</metadata>" \
+        "</domain>"
+    with pytest.raises(InputError, match="nests elements too deeply"):
+        with_pinwarden_metadata(xml, parse_domain(xml), "u", None)

@@ -34,7 +34,7 @@ import defusedxml.ElementTree as SafeET
 from pinwarden import procs
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import PW_NS, DomainSpec, parse_domain, render_plan
-from pinwarden.errors import LedgerError, LibvirtError, PinwardenError, Refusal
+from pinwarden.errors import InputError, LedgerError, LibvirtError, PinwardenError, Refusal
 from pinwarden.interrupts import EndedAfterChange, InterruptedAfterChange, ending_unwinds
 from pinwarden.libvirt import connect as lv
 from pinwarden.libvirt import kernel, pins
@@ -608,7 +608,11 @@ def with_pinwarden_metadata(xml: str, spec: DomainSpec, uuid: str,
             part = ET.Element("partition")  # first: libvirt's schema puts it before
             resource.insert(0, part)            # <fibrechannel>
         part.text = partition
-    return ET.tostring(root, encoding="unicode")
+    try:
+        return ET.tostring(root, encoding="unicode")
+    except RecursionError:  # (it writes one level a call: exit 70 at 5,000: XML hunt)
+        raise InputError(f"domain {spec.name!r}: its XML nests elements too deeply (libvirt "
+                         f"reads at most 256 levels); flatten its <metadata>") from None
 
 
 def _prefixes(xml: str) -> list[tuple[str, str]]:
