@@ -275,24 +275,29 @@ def test_vcpus_online_out_of_order_are_known_by_number(pw: env.Pinwarden,
     pw.run("stop", s, check=True)
 
 
-@pytest.mark.parametrize("exclusive", [False, True], ids=["shared", "exclusive"])
+@pytest.mark.parametrize(("exclusive", "pinned"), [(False, False), (True, False),
+                                                   (False, True)],
+                         ids=["shared", "exclusive", "shared-pinned"])
 def test_a_domain_asking_numad_starts_placed_by_pinwarden_without_numad(
-        pw: env.Pinwarden, domains: env.Domains, exclusive: bool) -> None:
+        pw: env.Pinwarden, domains: env.Domains, exclusive: bool, pinned: bool) -> None:
     """<vcpu placement='auto'>: libvirt adds <numatune><memory placement='auto'> and asks
     numad at the start.  pinwarden places the domain instead, its memory on the node of
     its CPUs: it starts with or without numad — on a host without it (this one) it failed
     with "Failed to query numad for the advisory nodeset", though 'define' said pinwarden
-    places it."""
+    places it.  So did a shared domain whose every thread is pinned (XML hunt)."""
     a = "pwtest-start-numad"
     domains.track(a)
-    domains.conn.defineXML(env.tiny_domain_xml(a, exclusive=exclusive).replace(
+    pins: dict[str, object] = {"vcpupins": {0: "1"}, "emulatorpin": "1"} if pinned else {}
+    domains.conn.defineXML(env.tiny_domain_xml(
+        a, exclusive=exclusive, **pins).replace(  # type: ignore[arg-type]
         "<vcpu>1</vcpu>", "<vcpu placement='auto'>1</vcpu>"))
     assert "placement='auto'" in domains.conn.lookupByName(a).XMLDesc(
         env.libvirt.VIR_DOMAIN_XML_INACTIVE)
     out = pw.run("start", a, check=True).stdout
     assert "memory on NUMA node 0" in out, out
     live = parse_domain(domains.conn.lookupByName(a).XMLDesc(0))
-    assert live.placement == "static" and live.cpuset == CpuSet.parse("1")
+    assert live.placement == "static" and live.cpuset == (None if pinned else
+                                                          CpuSet.parse("1"))
     assert live.numa_nodeset == CpuSet.parse("0") and env.vm_affinity(a) == {1}
     pw.run("stop", a, check=True)
 

@@ -288,11 +288,14 @@ def _split_label(label: str) -> tuple[str, int | None]:
 
 def _wanted(before: CpuSet, after: CpuSet, leased: CpuSet) -> CpuSet | None:
     """What a placement pinwarden narrowed from ``before`` to ``after`` gets now: ``before``
-    less what is leased.  None while nothing is free to give back — or while a new lease
-    takes CPUs of it: the start that leased them re-pins it (and records that), never a
-    give-back."""
+    less what is leased (None: nothing to change).  Also while a later lease holds CPUs of
+    ``after``: it was left alone then, as the start that leased them would re-pin it — a
+    plain ``virsh start`` through the hook never does, and a shared domain narrowed for
+    one lease kept that pin, less the CPUs of the next, for as long as the next ran, its
+    offline vCPU pinned where its cgroup had no CPU ('virsh setvcpus' failed: systemd-lab
+    hunt).  ``want`` never holds a leased CPU, and a start re-pins under the pins lock."""
     want = before - leased
-    return None if not want or want == after or after & leased else want
+    return None if not want or want == after else want
 
 
 def _still_placed(live: CpuSet, after: CpuSet, leased: CpuSet, kernel: bool,
