@@ -415,6 +415,50 @@ def test_reconcile_frees_adopts_and_reports_drift() -> None:
 
 
 
+def test_an_exclusive_domains_unpinned_threads_go_back_to_its_plan_by_every_pass(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exclusive domain started by plain 'virsh start': its running definition pins
+    nothing (the hook placed its threads by affinity), and a vCPU hot-plugged later got
+    libvirt's default, vcpu0's CPU, its own leased CPU 3 idle; the daemon only reported
+    the drift (put back with --restore-drift alone: systemd-lab hunt).  A thread the
+    definition leaves unpinned is pinwarden's to place: every pass puts it back; one
+    somebody pinned ('virsh vcpupin --live') stays a report."""
+    from pinwarden.libvirt import connect as lv
+    from pinwarden.libvirt import daemon
+
+    plain = running("held", vcpus="2", emulator="2")
+    pinned = running("held", "<cputune><vcpupin vcpu='1' cpuset='2'/></cputune>",
+                     vcpus="2", emulator="2", uuid=plain.uuid)
+    plugged = DomainInfo("qemu", "held", plain.uuid, True, plain.live, plain.persistent,
+                         Affinity({0: cs("2"), 1: cs("2")}, cs("2-3"),
+                                  offline=frozenset({1})), 1)
+    lease_of = record(plain.holder, {0: "2", 1: "3"}, {2: "vcpu0", 3: "vcpu1"})
+    for dom, unpinned in ((plugged, True), (pinned, False)):
+        (drift,) = [a for a in reconcile([dom], [lease_of], lambda h: "/machine",
+                                         now=1000.0) if isinstance(a, Drift)
+                    and a.repin.label == "vcpu1"]
+        assert drift.repin.after == cs("3") and drift.unpinned is unpinned, drift
+
+    manager = Manager(Config(), Path("/"), tmp_path, enforce=False,
+                      host=make_host("0-3", "1-3"))
+    manager.reserve(plain.holder, lambda _host, _leases: lease_of.plan, owner_pid=os.getpid())
+    applied: list[str] = []
+
+    class Conn:
+        def getURI(self) -> str:
+            return "qemu:///system"
+
+    monkeypatch.setattr(daemon, "_sync", lambda _manager: None)
+    monkeypatch.setattr(daemon.pins, "give_back", lambda *_a, **_k: ())
+    monkeypatch.setattr(lv, "apply_repin", lambda _conn, repin: applied.append(
+        f"{repin.label} {repin.after}"))
+    for dom, want in ((plugged, ["vcpu1 3", "emulator 3"]), (pinned, ["emulator 3"])):
+        applied.clear()
+        monkeypatch.setattr(lv, "list_domains", lambda _conn, active_only, dom=dom: [dom])
+        daemon.reconcile_once(manager, Conn(), restore=False)
+        assert sorted(applied) == sorted(want), applied
+
+
 def test_reconcile_places_threads_the_xml_leaves_without_cpus_when_off_the_vm_cpus() -> None:
     """VM CPUs 1-3, CPU 3 leased to ``held``.  A shared domain that names no CPUs gets the
     VM CPUs from the hook at its start; threads libvirt adds later (a vCPU hot-plugged,

@@ -86,7 +86,7 @@ def reconcile_once(manager: Manager, conn: Any, *, restore: bool,
                 if action.message not in seen:
                     log.warning("%s", action.message)
             elif isinstance(action, Drift):
-                if restore and action.repin.after:
+                if (restore or action.unpinned) and action.repin.after:
                     with pins.locked(manager):
                         lv.apply_repin(conn, action.repin)
                         if action.narrows:

@@ -50,6 +50,11 @@ class Drift:
     #: A shared domain's pin taken off leased CPUs (given back when they are free), not an
     #: exclusive domain's put back to its plan.
     narrows: bool = False
+    #: An exclusive domain's thread its running definition does not pin (the hook placed
+    #: it by affinity at the start; libvirt gives a vCPU hot-plugged later a default of its
+    #: own): pinwarden's placement, put back by every daemon pass — not only with
+    #: ``--restore-drift``, which is for pins somebody set.
+    unpinned: bool = False
 
 
 @record
@@ -137,9 +142,13 @@ def reconcile(domains: Sequence[DomainInfo], holders: Sequence[HolderRecord],
                 want = _planned(record.plan, thread, ident)
                 if want is not None and cpus != want:
                     runs = hot_plug or "runs on"
+                    # (a vCPU hot-plugged into a domain 'virsh start' started shared the
+                    # CPU of vcpu0, its own leased CPU idle, and the daemon only said so:
+                    # systemd-lab hunt)
                     actions.append(Drift(Repin(dom.name, dom.uuid, thread, ident, cpus, want),
                                          f"{dom.name} {label} {runs} {cpus.named()}, its plan "
-                                         f"says {want}"))
+                                         f"says {want}",
+                                         unpinned=floating(dom.live, thread, ident)))
                 continue
             if (default and dom.live is not None and ident not in dom.affinity.offline
                     and floating(dom.live, thread, ident) and cpus - default - leased):
