@@ -247,6 +247,9 @@ def test_a_daemon_that_took_the_call_and_died_is_said_in_one_line(
     assert line.startswith("pinwarden: error: the pinwarden daemon took the hook's call for "
                            "domain 'db' and gave no answer"), line
     assert "restart it" in line and "broken or missing" not in line, line
+    # (the unit the README installs: contrib/pinwarden.service)
+    assert "'systemctl restart pinwarden'" in line, line
+    assert (Path(__file__).parents[1] / "contrib" / "pinwarden.service").is_file()
     assert shared.returncode == 0, shared
     assert not marker.exists()  # taken: never run a second time
     logged = (state / hook.HOOK_LOG).read_text()

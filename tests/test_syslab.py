@@ -940,6 +940,29 @@ def test_story_an_unhooked_exclusive_domain_leaves_the_slice_as_found(lab: LabRu
     assert s["as_left"]["dropins"] == s["dropins_found"], s["as_left"]
 
 
+def test_story_vcpus_hot_plugged_beside_leases_started_through_the_hook(
+        lab: LabRun) -> None:
+    """A shared VM narrowed by one lease gets its CPUs back when that lease ends although
+    a second one, started by plain 'virsh start' (no re-pin), still runs — and so a vCPU
+    hot-plugged into it lands (it failed "cannot set CPU affinity"); a vCPU hot-plugged
+    into the exclusive domain goes to the CPU its plan gives it at the daemon's next pass
+    (it shared vcpu0's, its own leased CPU idle).  See story_hotplug."""
+    s = lab.check("story_hotplug")
+    for step in ("hook_install", "define_s", "define_y", "define_x", "start_s", "start_y",
+                 "start_x", "destroy_y", "setvcpus_s", "setvcpus_x", "daemon_once"):
+        rc0(s[step])
+    leased = {h["name"]: _cpus_of(h["cpus"]) for h in s["holders"]}
+    assert leased.keys() == {"pwtest-hy", "pwtest-hx"} and len(leased["pwtest-hx"]) == 2, s
+    assert s["given_back"], (s["status"], s["s_pins"])
+    assert "CPU 1/TCG" in s["s_threads"], s["s_threads"]
+    assert not {c for cpus in s["s_threads"].values() for c in _cpus_of(cpus)} & \
+        leased["pwtest-hx"], s["s_threads"]
+    vcpus = [_cpus_of(s["x_placed"].get(f"CPU {n}/TCG", "")) for n in (0, 1)]
+    assert all(len(v) == 1 for v in vcpus) and vcpus[0] | vcpus[1] == leased["pwtest-hx"], \
+        (s["x_plugged"], s["x_placed"])
+    assert s["as_left"]["holders"] == [], s["as_left"]
+
+
 def test_story_a_second_lease_beside_a_shared_domain_leaves_the_slice_as_found(
         lab: LabRun) -> None:
     """Two leases in a row beside a running shared domain: each release gives machine.slice

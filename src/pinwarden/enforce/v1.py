@@ -170,7 +170,6 @@ class CpusetV1:
             with contextlib.suppress(OSError):
                 os.rmdir(self._dir(path, base))
 
-
     def sweep_twins(self, parent: str, is_holder: Callable[[str], bool]) -> list[str]:
         """:func:`~pinwarden.enforce.backend.sweep_twins`: each mirror's directories below
         ``parent`` that ``is_holder`` names and the cpuset hierarchy lacks, removed leaf

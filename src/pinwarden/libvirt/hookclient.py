@@ -288,9 +288,9 @@ def main(argv: list[str]) -> int:
         # twice; the installation is fine, the daemon is not (broken-pinwarden hunt)
         said = (f"pinwarden: error: the pinwarden daemon took the hook's call for "
                 f"domain {args[0] if args else '?'!r} and gave no answer ({exc}): it "
-                f"stopped, crashed or hangs; restart it ('systemctl restart "
-                f"pinwarden-daemon', or end 'pinwarden daemon' and start it again), then "
-                f"start the domain again")
+                f"stopped, crashed or hangs; restart it ('systemctl restart pinwarden', "
+                f"or end 'pinwarden daemon' and start it again), then start the domain "
+                f"again")
         print(said, file=sys.stderr)
         log(sock, said)
         return EXPLAINED

@@ -861,3 +861,65 @@ def control_files() -> list[str]:
     units that are not transient), relative to it."""
     base = Path("/run/systemd/system.control")
     return sorted(str(p.relative_to(base)) for p in base.rglob("*")) if base.is_dir() else []
+
+
+def _vcpu_threads(name: str) -> dict[str, str]:
+    """``CPU N/TCG`` thread → its affinity, of running domain ``name``."""
+    return {t["comm"]: t["cpus_allowed"] for t in domain(name).get("threads", [])
+            if str(t.get("comm", "")).startswith("CPU ")}
+
+
+@check("story_hotplug", needs=["install", "boot"])
+def story_hotplug() -> Data:
+    """vCPU hot-plug beside leases started through the hook (mode none, host reserve CPU
+    0: VM CPUs 1-3; no daemon running meanwhile).  Shared S (2 vCPUs, 1 online) by plain
+    'virsh start'; exclusive Y by 'pinwarden start' (it re-pins S off its CPU); exclusive
+    X (2 vCPUs, 1 online) by plain 'virsh start' through the hook, which re-pins nothing.
+    When Y ended, S never got Y's CPU back while X ran — the give-back waited for a
+    re-pin that a hook start never makes — and its offline vCPU stayed pinned where its
+    cgroup had no CPU: 'virsh setvcpus S 2 --live' failed "cannot set CPU affinity".  And
+    a vCPU hot-plugged into X got libvirt's default, vcpu0's CPU, its own leased CPU
+    idle; the daemon only reported the drift (systemd-lab hunt)."""
+    CONFIG.parent.mkdir(parents=True, exist_ok=True)
+    CONFIG.write_text('[partition]\nmode = "none"\nhost_reserve = "0"\n')
+    out: Data = {"daemon": systemctl("is-active", "pinwarden.service")["stdout"].strip()}
+    if out["daemon"] == "active":
+        out["daemon_stop"] = systemctl("stop", "pinwarden.service")
+    out["hook_install"] = pinwarden("hook", "install")
+    out["reload"] = systemctl("reload", "libvirtd.service")
+    two = ("<vcpu>2</vcpu>", "<vcpu current='1'>2</vcpu>")
+    try:
+        s_xml = Path(write_xml("pwtest-hs", vcpus=2))
+        s_xml.write_text(s_xml.read_text().replace(*two))
+        out["define_s"] = virsh("define", str(s_xml))
+        out["define_y"] = pinwarden("define", write_xml("pwtest-hy", metadata=EXCLUSIVE_META))
+        x_xml = Path(write_xml("pwtest-hx", vcpus=2, metadata=EXCLUSIVE_META))
+        x_xml.write_text(x_xml.read_text().replace(*two))
+        out["define_x"] = pinwarden("define", str(x_xml))
+        out["start_s"] = virsh("start", "pwtest-hs")
+        out["start_y"] = pinwarden("start", "pwtest-hy")
+        out["start_x"] = virsh("start", "pwtest-hx")
+        out["holders"] = holders()
+        out["destroy_y"] = virsh("destroy", "pwtest-hy")  # the hook's give-back follows
+        out["given_back"] = bool(wait_for(
+            lambda: "free again" not in pinwarden("status")["stdout"], 60, step=1.0))
+        out["status"] = pinwarden("status")["stdout"]
+        out["s_pins"] = virsh("vcpupin", "pwtest-hs")["stdout"]
+        out["setvcpus_s"] = virsh("setvcpus", "pwtest-hs", "2", "--live")
+        out["s_threads"] = _vcpu_threads("pwtest-hs")
+        out["setvcpus_x"] = virsh("setvcpus", "pwtest-hx", "2", "--live")
+        out["x_plugged"] = _vcpu_threads("pwtest-hx")
+        out["daemon_once"] = pinwarden("daemon", "--once")
+        out["x_placed"] = _vcpu_threads("pwtest-hx")
+        out["x_holder"] = holders()
+    finally:
+        for name in ("pwtest-hx", "pwtest-hy", "pwtest-hs"):
+            remove_domain(name)
+        pinwarden("hook", "uninstall")
+        CONFIG.unlink(missing_ok=True)
+        pinwarden("sync")
+        if out["daemon"] == "active":
+            out["daemon_start"] = systemctl("start", "pinwarden.service")
+    out["as_left"] = {"holders": holders(), "machine_unit": unit_show("machine.slice",
+                                                                      "AllowedCPUs")}
+    return out
