@@ -252,7 +252,7 @@ class Manager:
         self.lock_timeout = min(before, seconds)
         # the database's own lock too: a shared start's 'started' waited SQLite's 60 s,
         # not the 20 s it may, behind a process holding the database (broken-pinwarden
-        # hunt); a ledger opened within the block starts with it (:meth:`_open_ledger`)
+        # hunt); a ledger opened within the block starts with it (:meth:`_busy_timeout`)
         if self._reader is not None:
             self._reader.set_busy_timeout(self._busy_timeout())
         try:

@@ -405,8 +405,7 @@ def _domain(ctx: _Ctx, spec: DomainSpec) -> Plan:
         plan = replace(plan, memory_nodes=nodes or None, notes=(*plan.notes, (
             f"{ctx.who} asks for <vcpu placement='auto'> (numad); pinwarden places it "
             f"statically on {plan.default_cpus or plan.cpus()}{memory} instead, so that no "
-            f"leased CPU is "
-            "used")))
+            "leased CPU is used")))
     return plan
 
 

@@ -5,8 +5,9 @@ command reads it.  Yet it changes only when CPUs go on- or offline, or at a rebo
 :func:`cached_topology` keeps the :class:`~pinwarden.topology.Topology` as JSON
 (:func:`~pinwarden.topology.encode_topology`) with a *fingerprint* of the files that say
 so — the CPU lists ``online``, ``present``, ``possible``, ``isolated``, ``nohz_full``, the
-node list ``node/online``, the hybrid CPU lists, ``proc/cmdline``, the kernel release and
-the boot id — and uses it only while the fingerprint reads the same and the snapshot was
+node list ``node/online``, the hybrid CPU lists, ``proc/cmdline``, the kernel release,
+the boot id and the reader's own module file (a pinwarden upgraded reads afresh) — and
+uses it only while the fingerprint reads the same and the snapshot was
 made for the same root (its real path).  Otherwise it reads the topology
 (:func:`~pinwarden.topology.read_topology`, which stays the uncached reader) and stores
 the new snapshot, atomically (a temporary file renamed over the old one).
