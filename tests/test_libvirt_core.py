@@ -630,6 +630,21 @@ def test_hook_install_names_a_running_modular_daemon(tmp_path: Path) -> None:
         proc.wait()
 
 
+def test_hook_install_json_needs_no_reload_where_no_libvirt_daemon_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """New hook directories with no libvirt daemon running: the next one to start reads
+    them.  ``--json`` said ``reload_needed: true`` with no daemon to reload."""
+    from pinwarden.cli import main
+
+    monkeypatch.setattr(procs, "running_named", lambda _names: frozenset())
+    assert main(["--state-dir", str(tmp_path / "state"), "hook", "install", "--hooks-dir",
+                 str(tmp_path / "hooks"), "--json"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert done["reload_needed"] is False and done["reload"] == [], done
+    assert done["installed"], done
+
+
 def _wait_for_comm(pid: int, name: str) -> bool:
     """The copy's name shows in /proc/PID/comm once it has exec'd."""
     for _ in range(250):

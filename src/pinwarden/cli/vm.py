@@ -298,11 +298,13 @@ def cmd_hook_install(args: argparse.Namespace) -> int:
     running = procs.running_named(hook.HOOK_DAEMON_NAMES) if done.created_dirs \
         else frozenset()
     if args.json:
+        # (a new hook directory is read when a daemon starts: with none running nothing
+        # needs a reload — it said true and named none: systemd-lab hunt)
+        reload = list(hook.daemons_to_reload(running)) if done.created_dirs else []
         print_json({"installed": [str(p) for p in done.paths], "exec": done.command,
                     "replaced": [str(p) for p in done.removed],
-                    "reload_needed": done.created_dirs,
-                    "reload": list(hook.daemons_to_reload(running)) if done.created_dirs
-                    else [], "dry_run": args.dry_run})
+                    "reload_needed": bool(reload), "reload": reload,
+                    "dry_run": args.dry_run})
         return 0
     verb = "would install" if args.dry_run else "installed"
     for path in done.paths:
