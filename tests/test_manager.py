@@ -1204,3 +1204,32 @@ def test_waiting_at_most_bounds_the_databases_lock_too(host4_cgroup: Path, tmp_p
             other.close()
         assert m.ledger().busy_timeout == 60
         m.ledger().put_changes({"pwtest": "1"})
+
+
+@pytest.mark.parametrize(("mode", "gives"), [
+    ("cgroup", "partition cgroup (VM CPUs 0-3)"),
+    ("isolcpus", "no partition (partition mode isolcpus is configured but no online CPU is "
+                 "isolated")])
+def test_a_mode_changed_in_the_configuration_is_said_by_host(host4: Path, tmp_path: Path,
+                                                             mode: str, gives: str) -> None:
+    """The configuration's mode changed while a lease is kept: what is planned against
+    stays the record (09b1dd1), and 'host' said nothing — it compared the record with
+    itself (README hunt).  It says what the configuration gives now, or why it gives
+    none (no isolated CPU for mode isolcpus here)."""
+    with manager(host4, tmp_path / "state", fake4()) as m:
+        m.reserve_request(JobSpec("J", count=1))
+        recorded = m.host().partition
+    config = tmp_path / "pw.toml"
+    config.write_text(f'[partition]\nmode = "{mode}"\n')
+    assert recorded.mode != mode, recorded
+    command = [sys.executable, "-c", "from pinwarden.cli import entry; entry()", "host",
+               "--root", str(host4), "--state-dir", str(tmp_path / "state"), "--config",
+               str(config)]
+    out = subprocess.run(command, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"partition {recorded.mode}: VM " in out.stdout, out.stdout  # planned against
+    assert f"note: the configuration now gives {gives}" in out.stdout, out.stdout
+    assert f"recorded as {recorded.mode} (VM {recorded.vm_cpus.named()})" in out.stdout
+    data = json.loads(subprocess.run([*command, "--json"], capture_output=True,
+                                     text=True).stdout)
+    assert data["recorded_partition"]["mode"] == recorded.mode, data

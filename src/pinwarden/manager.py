@@ -342,6 +342,14 @@ class Manager:
             part = record.partition
             return Host(topology, replace(part, vm_cpus=part.vm_cpus & topology.online,
                                           host_cpus=part.host_cpus & topology.online))
+        return self.configured_host(record)
+
+    def configured_host(self, record: HostRecord | None) -> Host:
+        """The host as the configuration reads it now on the VM partition cgroup found at
+        the first lease (``record``; None: as it is now) — what is planned against once the
+        last lease goes, which :meth:`host` differs from while the configuration and the
+        record disagree.  A configuration that gives no partition there is a
+        :class:`HostError`."""
         return self._load_host(record.found if record else None)
 
     def live_host(self) -> Host:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pinwarden.cli.common import manager_of, root_of
-from pinwarden.errors import LedgerError
+from pinwarden.errors import LedgerError, PinwardenError
 
 if TYPE_CHECKING:  # the handler imports what it uses: the parser of every command is cheap
     from pinwarden.manager import Manager
@@ -85,25 +85,32 @@ def summary(topo: Topology) -> str:
 
 
 def _from_ledger(args: argparse.Namespace, root: Path, manager: Manager,
-                 ) -> tuple[Host, tuple[Lease, ...], str | None, Partition | None]:
-    """The host (its partition as recorded at the first lease, while leases are kept), the
-    leases, a ledger problem (the host is then read as it is now), and the partition the
-    host reads as now when the configuration no longer gives the recorded one."""
+                 ) -> tuple[Host, tuple[Lease, ...], str | None, Partition | None, str | None]:
+    """The host (what is planned against: its partition as recorded at the first lease,
+    while leases are kept, unless the configuration changed it within its mode), the
+    leases, a ledger problem (the host is then read as it is now), the recorded partition
+    and a note when the configuration no longer gives the recorded one."""
     if root != Path("/") and not args.state_dir:
-        return manager.live_host(), (), None, None  # a dump has no lease database of ours
+        # a dump has no lease database of ours
+        return manager.live_host(), (), None, None, None
     try:
         with manager.snapshot():  # (another pinwarden may reserve meanwhile)
             record = manager.record()
             host = manager.host()
             leases = manager.leases()
     except LedgerError as exc:
-        return manager.live_host(), (), f"leases unavailable: {exc.message}", None
-    differs: Partition | None = None
-    if record is not None:
-        recorded = record.partition
-        if (recorded.mode, recorded.vm_cpus) != (host.partition.mode, host.partition.vm_cpus):
-            differs = recorded
-    return host, leases, None, differs
+        return manager.live_host(), (), f"leases unavailable: {exc.message}", None, None
+    if record is None:
+        return host, leases, None, None, None
+    recorded = record.partition
+    try:  # (a mode changed in the configuration: host() is the record, said here too)
+        now: Partition | str = manager.configured_host(record).partition
+    except PinwardenError as exc:
+        now = exc.message
+    if not isinstance(now, str) and \
+            (recorded.mode, recorded.vm_cpus) == (now.mode, now.vm_cpus):
+        return host, leases, None, None, None
+    return host, leases, None, recorded, _disagreement(now, recorded)
 
 
 def _cmdline(host: Host) -> str | None:
@@ -123,11 +130,14 @@ def _cmdline(host: Host) -> str | None:
     return kernel_cmdline(vm, part.host_cpus)
 
 
-def _disagreement(now: Partition, recorded: Partition) -> str:
-    return (f"note: the configuration now gives partition {now.mode} (VM "
-            f"{now.vm_cpus.named(empty='CPUs -')}); at the first lease the host was recorded "
-            f"as {recorded.mode} (VM {recorded.vm_cpus.named(empty='CPUs -')}): the leases "
-            f"made then stay, and the host is put back as found when the last one goes")
+def _disagreement(now: Partition | str, recorded: Partition) -> str:
+    """``now``: the partition the configuration gives, or why it gives none."""
+    gives = f"no partition ({now})" if isinstance(now, str) else \
+        f"partition {now.mode} (VM {now.vm_cpus.named(empty='CPUs -')})"
+    return (f"note: the configuration now gives {gives}; at the first lease the host was "
+            f"recorded as {recorded.mode} (VM {recorded.vm_cpus.named(empty='CPUs -')}): "
+            f"the leases made then stay, and the host is put back as found when the last "
+            f"one goes")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
     root = root_of(args)
     with manager_of(args) as manager:
-        host, leases, problem, recorded = _from_ledger(args, root, manager)
+        host, leases, problem, recorded, disagreement = _from_ledger(args, root, manager)
     if args.json:
         data = host_json(host, leases)
         data["ledger_error"] = problem
@@ -163,8 +173,8 @@ def run(args: argparse.Namespace) -> int:
     suggested = _cmdline(host)
     if suggested:
         lines.append(f"  to keep kernel noise off the VM CPUs too, boot with: {suggested}")
-    if recorded is not None:
-        lines.append(_disagreement(part, recorded))
+    if disagreement is not None:
+        lines.append(disagreement)
     if problem:
         lines.append(problem)
     lines.append("")
