@@ -958,3 +958,18 @@ def test_placement_auto_with_every_thread_pinned_gets_its_memory_nodes() -> None
     assert planned.default_cpus is None and planned.memory_nodes == C("0"), planned
     assert any("places it statically on 2-3 and its memory on NUMA node 0" in n
                for n in planned.notes), planned
+
+
+def test_nothing_is_leased_while_every_housekeeping_cpu_is_leased() -> None:
+    """host_reserve moved onto a CPU leased under the partition of before (a job on CPU 0;
+    the configuration now keeps CPU 0 for the host): a new job was planned onto the
+    other CPUs and took the last one the host had (status hunt).  Refused, naming the
+    holder; a shared domain still runs."""
+    h = host("none", "1-15")  # housekeeping CPU 0 ...
+    held = lease("0", name="old-job")  # ... leased before the configuration changed
+    for request in (spec(exclusive=True), JobSpec("j", count=1)):
+        refused("no-housekeeping", "the housekeeping CPU 0 is leased to qemu domain "
+                "'old-job'", "no CPU would be left for the host", "release qemu domain "
+                "'old-job' first", spec=request, host=h, leases=held)
+    assert decide(spec(), h, held).default_cpus == C("1-15")
+    assert decide(spec(exclusive=True), h, lease("1")).leases  # one left: as ever

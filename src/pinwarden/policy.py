@@ -127,7 +127,7 @@ def decide(request: Request, host: Host, leases: Sequence[Lease], *,
         f"domain {request.name!r}"
     ctx = _Ctx(request.name, who, host, others, CpuSet(frozenset(mine)),
                CpuSet(frozenset(others)), _online_vm_cpus(host))
-    if (isinstance(request, JobSpec) or request.exclusive) and not host.partition.host_cpus:
+    if isinstance(request, JobSpec) or request.exclusive:
         _housekeeping_left(ctx)
     if isinstance(request, JobSpec):
         return _job(ctx, request)
@@ -142,6 +142,18 @@ def _housekeeping_left(ctx: _Ctx) -> None:
     problem = no_housekeeping(ctx.host)
     if problem is not None:
         raise Refusal(f"cannot lease CPUs to {ctx.who}: {problem}", code="no-housekeeping")
+    # Every housekeeping CPU leased: only after the configuration moved the host reserve
+    # onto CPUs leased under the partition of before (host_reserve changed while a job
+    # ran): a new lease took the last CPU the host had (status hunt).
+    kept = ctx.part.host_cpus & ctx.host.topology.online
+    if kept and kept <= ctx.leased:
+        holder = ctx.others[kept.first()].holder
+        raise Refusal(
+            f"cannot lease CPUs to {ctx.who}: the housekeeping {kept.named()} "
+            f"{'is' if len(kept) == 1 else 'are'} leased to {holder} (leased before the "
+            f"configuration made {'it' if len(kept) == 1 else 'them'} the host's), so no CPU "
+            f"would be left for the host; release {holder} first, or give the "
+            f"configuration its host reserve of before", code="no-housekeeping")
 
 
 def no_housekeeping(host: Host) -> str | None:
