@@ -200,3 +200,27 @@ def test_metrics_addresses() -> None:
     for bad in ("9848", "host:", "host:port", "h:70000"):
         with pytest.raises(ValueError):
             parse_address(bad)
+
+
+def test_cpus_kept_after_a_forced_release_count_as_leased(
+        host: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A holder freed by 'release --force' that runs on keeps its CPU (status and audit
+    say so, and no plan takes it): metrics counted that CPU free and its group a stale
+    one; 'host' drew it as shared (status hunt).  (The kept lease is made here: the
+    manager reads it from a running holder group's processes, real-cgroup tests cover
+    that.)"""
+    from pinwarden.manager import Manager
+    from pinwarden.model import KEPT_ROLE, Lease, job_holder
+
+    kept = (Lease(7, job_holder("gone"), KEPT_ROLE, 0.0, 4242),)
+    monkeypatch.setattr(Manager, "kept_leases", lambda _self: kept)
+    common = ["--root", str(host["root"]), "--state-dir", str(host["state"]), "--config",
+              str(host["config"])]
+    assert main(["metrics", "--no-audit", *common]) == 0
+    got = samples(capsys.readouterr().out)
+    assert value(got, "pinwarden_vm_cpus", node="1", state="leased") == 2.0
+    assert value(got, "pinwarden_vm_cpus", node="1", state="free") == 2.0
+    assert main(["host", "--json", *common]) == 0
+    leases = json.loads(capsys.readouterr().out)["leases"]
+    assert {"cpu": 7, "holder": "job 'gone'", "role": KEPT_ROLE} in leases, leases

@@ -97,7 +97,8 @@ def _from_ledger(args: argparse.Namespace, root: Path, manager: Manager,
         with manager.snapshot():  # (another pinwarden may reserve meanwhile)
             record = manager.record()
             host = manager.host()
-            leases = manager.leases()
+            # (CPUs kept after 'release --force' drawn as shared: status hunt)
+            leases = (*manager.leases(), *manager.kept_leases())
     except LedgerError as exc:
         return manager.live_host(), (), f"leases unavailable: {exc.message}", None, None
     if record is None:

@@ -58,10 +58,14 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _ledger(manager: Manager) -> tuple[tuple[Lease, ...], tuple[HolderRecord, ...]]:
-    """Leases and holders of live owners (read only: reads never reap), as one state."""
+    """Leases and holders of live owners (read only: reads never reap), as one state; the
+    CPUs kept by a holder freed with 'release --force' that runs on, or one in a holder
+    group no record names, count as leased (as 'status' and 'audit' count them: they were
+    free here, and the holder group a stale one: status hunt)."""
     with manager.snapshot():
         owners = manager.owners_gone()
-        return manager.leases(owners=owners), manager.live_holders(owners)
+        return (*manager.leases(owners=owners), *manager.kept_leases()), \
+            manager.live_holders(owners)
 
 
 def gather(args: argparse.Namespace, *, with_audit: bool = True) -> metrics.Snapshot:
