@@ -190,3 +190,20 @@ def test_every_error_code_is_documented_in_the_readme() -> None:
     assert used - documented == set(), "undocumented error codes"
     assert documented - used == set(), "documented codes pinwarden never gives"
 
+
+
+def test_a_cpu_list_that_does_not_parse_is_bad_cpuset_wherever_it_is() -> None:
+    """README's table: ``bad-cpuset``, a CPU list that does not parse.  Only 'run --cpus'
+    said so; one in the domain XML or in host_reserve said ``bad-input`` (README hunt)."""
+    import pytest
+
+    from pinwarden.config import parse_config
+    from pinwarden.domain import parse_domain
+    from pinwarden.errors import InputError
+
+    with pytest.raises(InputError) as xml_err:
+        parse_domain("<domain type='kvm'><name>x</name><vcpu cpuset='x-'>1</vcpu></domain>")
+    assert xml_err.value.code == "bad-cpuset", xml_err.value
+    with pytest.raises(InputError) as config_err:
+        parse_config('[partition]\nhost_reserve = "x"\n', Path("pw.toml"))
+    assert config_err.value.code == "bad-cpuset", config_err.value

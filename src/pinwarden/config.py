@@ -182,7 +182,8 @@ def parse_config(text: str, path: Path = DEFAULT_CONFIG) -> Config:
         try:
             reserve = CpuSet.parse(reserve_text)
         except CpuSetError as exc:
-            raise InputError(f"{path}: [partition] host_reserve: {exc.message}") from None
+            raise InputError(f"{path}: [partition] host_reserve: {exc.message}",
+                             code=exc.code) from None
     config = Config(
         mode=cast(ModeSetting, mode),
         host_reserve=reserve,

@@ -183,7 +183,8 @@ def _cpus(where: str, value: str | None) -> CpuSet:
     try:
         return CpuSet.parse(value)
     except CpuSetError as exc:
-        raise InputError(f"{where}={shorten(value)}: {exc.message}") from None
+        raise InputError(f"{where}={shorten(value)}: {exc.message}",
+                         code=exc.code) from None  # (bad-cpuset, as README's table says)
 
 
 def _yes_no(where: str, value: str) -> bool:
