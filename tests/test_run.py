@@ -138,8 +138,12 @@ def test_job_name_must_be_unique_and_safe() -> None:
 
 
 def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", "--exclusive", "1"]) == 1
-    assert "no command given" in capsys.readouterr().err
+    for argv in (["run", "--exclusive", "1"], ["run", "--", ]):  # usage errors: exit 2
+        with pytest.raises(SystemExit) as usage:
+            main(argv)
+        assert usage.value.code == 2
+        err = capsys.readouterr().err
+        assert "no command given" in err and err.startswith("usage: pinwarden run"), err
     assert main(["run", "--exclusive", "0", "--", "true"]) == 1
     assert "at least 1 CPU" in capsys.readouterr().err
     for name in ("../x", ""):  # an empty name is refused too, not replaced by the default

@@ -57,7 +57,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                              "order, and change nothing (the command does not run)")
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
                         help="the command and its arguments (after --)")
-    parser.set_defaults(handler=handle)
+
+    def handler(args: argparse.Namespace) -> int:
+        if not [word for word in args.command if word != "--"][:1]:
+            # a usage error: exit 2 with the usage, as README's table says (it was exit 1
+            # without it: README hunt)
+            parser.error("no command given: pinwarden run --exclusive N -- COMMAND [ARG...]")
+        return handle(args)
+
+    parser.set_defaults(handler=handler)
 
 
 def _count(text: str) -> int:
