@@ -523,3 +523,20 @@ def test_an_interrupt_says_whether_the_change_was_made(
                         lambda _argv: argparse.Namespace(handler=handler, json=False))
     assert main(["status"]) == 130
     assert capsys.readouterr().err == said
+
+
+@pytest.mark.parametrize("argv", [["demo", "--offline"], ["completion", "bash"],
+                                  ["metrics"]])
+def test_the_commands_without_json_refuse_it_as_readme_says(
+        argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """README: every command takes ``--json`` but these three, which refuse it (exit 2);
+    it said every command took it (README hunt)."""
+    from pinwarden.cli import main
+
+    with pytest.raises(SystemExit) as refused:
+        main([*argv, "--json"])
+    assert refused.value.code == 2
+    assert "--json does not apply" in capsys.readouterr().err
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "`demo`, `completion` and `metrics` print what they are for and refuse `--json`" \
+        in readme
