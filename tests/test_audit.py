@@ -271,6 +271,39 @@ def test_noise_on_a_kept_cpu_is_a_warning_where_on_a_leased_one_it_is_an_error()
                      ("workqueue", "new IRQs (default affinity)", "4", "warning")}, found
 
 
+def test_a_holder_group_moved_off_its_lease_is_an_error() -> None:
+    """A running job's group set by hand to the housekeeping CPU (cpu_exclusive still on):
+    the job ran there, its leased CPU idle, and neither audit nor status said so (status
+    hunt).  Now ``off-lease``; a held sibling, a kept group, an offline leased CPU and an
+    empty group are not reported so."""
+    from pinwarden.model import SIBLING_HOLD
+
+    j_group = "/pinwarden-run-job1.partition"
+    a_group = "/pinwarden-vm-vm-a.partition"
+
+    def snap(j_cpus: str, root: str = "0-7") -> HostSnapshot:
+        return HostSnapshot(cgroups=(
+            CgroupInfo("/", cs(root), cs(root), True, exclusive=True),
+            CgroupInfo("/machine", cs("0-1"), cs("0-1"), False),
+            CgroupInfo(j_group, cs(j_cpus), cs(j_cpus), True, exclusive=True),
+            CgroupInfo(a_group, cs("2"), cs("2"), True, exclusive=True),
+        ), cgroup_version=1)
+
+    holders = [record(J, cgroup=j_group.strip("/"), cpus="5"),
+               record(A, cgroup=a_group.strip("/"), cpus="2")]
+    leases = [Lease(5, J, "task", 0.0), Lease(2, A, "vcpu0", 0.0),
+              Lease(3, A, SIBLING_HOLD, 0.0)]  # held empty: never in its group
+    moved = audit.audit(snap("0"), leases, holders)
+    assert [(i.kind, i.cgroup, str(i.cpus), i.holders, i.severity)
+            for i in moved.intruders if i.kind == "off-lease"] == [
+        ("off-lease", j_group, "5", (J,), "error")], moved.intruders
+    assert moved.exit_status() == 1
+    assert "puts it back on its lease" in render(moved)
+    for quiet in (snap("5"), snap("", root="0-4,6-7")):  # as leased; CPU 5 offline
+        assert not [i for i in audit.audit(quiet, leases, holders).intruders
+                    if i.kind == "off-lease"], quiet
+
+
 def test_a_cgroup_v1_holder_group_whose_cpu_exclusive_was_turned_off_is_an_error() -> None:
     """cgroup v1: with ``cpu_exclusive`` 0 the kernel no longer keeps the holder's siblings
     off its CPUs (the next write of the VM partition's cpuset.cpus may take them) and the

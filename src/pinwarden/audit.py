@@ -35,6 +35,10 @@ Kinds of intruders:
     a warning for IRQs the kernel refused to move (managed, per-CPU: fixed only at boot);
 ``workqueue`` (error, or warning)
     the unbound-workqueue mask or the default affinity of new IRQs includes the CPU;
+``off-lease`` (error)
+    a running holder's group whose ``cpuset.cpus`` lacks CPUs leased to it (changed by
+    hand): its threads run elsewhere, maybe on the host's CPUs, and the leased ones idle.
+    ``pinwarden sync`` puts the group back on its lease.
 ``stale-holder-group`` (warning)
     a holder's group (by its name) that no holder has: a release interrupted between the
     ledger's commit and the layout's shrink left it, keeping its CPUs out of the shared
@@ -105,17 +109,19 @@ from pinwarden.procs import parse_stat
 from pinwarden.record import field, record, replace
 
 Kind = Literal["other-vm-thread", "vm-cgroup", "escaped-task", "host-task", "irq",
-               "workqueue", "invalid-partition", "not-exclusive", "stale-holder-group",
-               "vm-cgroup-pin", "isolcpus-host-task"]
+               "workqueue", "invalid-partition", "not-exclusive", "off-lease",
+               "stale-holder-group", "vm-cgroup-pin", "isolcpus-host-task"]
 Severity = Literal["error", "warning"]
 SEVERITY: Mapping[Kind, Severity] = {
     "other-vm-thread": "error", "vm-cgroup": "error", "escaped-task": "error",
     "host-task": "warning", "irq": "warning", "workqueue": "warning",
-    "invalid-partition": "error", "not-exclusive": "error", "stale-holder-group": "warning",
+    "invalid-partition": "error", "not-exclusive": "error", "off-lease": "error",
+    "stale-holder-group": "warning",
     "vm-cgroup-pin": "warning", "isolcpus-host-task": "warning",
 }
 #: Order of kinds in reports: errors first.
-KIND_ORDER: tuple[Kind, ...] = ("invalid-partition", "not-exclusive", "other-vm-thread",
+KIND_ORDER: tuple[Kind, ...] = ("invalid-partition", "not-exclusive", "off-lease",
+                                "other-vm-thread",
                                 "vm-cgroup", "escaped-task", "irq", "workqueue", "host-task",
                                 "vm-cgroup-pin", "stale-holder-group", "isolcpus-host-task")
 
@@ -408,6 +414,10 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
     )
     leased = CpuSet(frozenset(lease_of))
     kept = CpuSet.of(x.cpu for x in lease_list if x.role == KEPT_ROLE)
+    # the root's CPUs are the online ones (an offline CPU leaves every group's cpuset.cpus
+    # on cgroup v1: no hand of anyone's)
+    root = next((g for g in snapshot.cgroups if g.path == "/"), None)
+    online = (root.effective or root.cpus) if root is not None else leased
     intruders: list[Intruder] = []
     per_cpu = 0
 
@@ -505,6 +515,17 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
                                        if h in owners and c not in kept)):
                 intruders.append(Intruder(
                     kind="not-exclusive", cpus=mine,
+                    holders=tuple(sorted(owners, key=_ref_key)),
+                    name=path.rsplit("/", 1)[-1], cgroup=g.path,
+                    owner=min(owners, key=_ref_key)))
+            if ctx.is_holder_group(path) and g.populated and owners and \
+                    (off := CpuSet.of(c for c, h in lease_of.items() if h in owners
+                                      and c not in kept and c not in ctx.held_empty)
+                     - g.cpus & online):
+                # its CPUs moved off the lease by hand (the job ran on a housekeeping
+                # CPU, its leased one idle, and neither audit nor status said so: hunt)
+                intruders.append(Intruder(
+                    kind="off-lease", cpus=off,
                     holders=tuple(sorted(owners, key=_ref_key)),
                     name=path.rsplit("/", 1)[-1], cgroup=g.path,
                     owner=min(owners, key=_ref_key)))

@@ -150,6 +150,9 @@ HINTS = (
                       "off): the kernel no longer keeps other cgroups off its CPUs, and the "
                       "next change of a sibling's cpuset.cpus may take them; 'pinwarden "
                       "sync' turns it on again (and narrows the group if it was widened)"),
+    ("off-lease", "a holder's group lacks CPUs leased to it (its cpuset.cpus was changed "
+                  "by hand): it runs elsewhere and its leased CPUs idle; 'pinwarden sync' "
+                  "puts it back on its lease"),
     ("vm-cgroup-pin", "a shared VM's thread cgroup names a leased CPU the kernel keeps it "
                       "off for now (a 'virsh vcpupin/emulatorpin --live' onto it that "
                       "libvirt refused after writing the cgroup): once the lease ends that "
