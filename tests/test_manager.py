@@ -36,6 +36,13 @@ V1 = "sys/fs/cgroup/cpuset"
 C = CpuSet.parse
 
 
+#: A task of the fake's groups that no real process has: above the kernel's largest pid
+#: (PID_MAX_LIMIT).  The manager asks /proc whether a group's tasks live (a kept group's
+#: record), and a small tid (777) was a live thread once pids wrapped on a busy host: the
+#: clean-clone run wrote a "kept:" record the test did not expect.
+GONE_TID = 4_194_305
+
+
 def _host4(tmp_path: Path, machine: str) -> Path:
     root = tmp_path / "root"
     build_host(root, HostSpec(cpus=4))
@@ -130,7 +137,7 @@ def test_a_group_kept_for_its_tasks_keeps_the_record_until_it_is_gone(
     state = tmp_path / "state"
     with manager(host4, state, fake) as m:
         reserved = m.reserve_request(JobSpec("J", cpus=C("3")))
-        fake.attach_thread(reserved.group, 777)  # the job's child lives on in its group
+        fake.attach_thread(reserved.group, GONE_TID)  # the job's child lives on in its group
         narrow_in_root(host4, fake)
         m.drop(job_holder("J"))
         narrow_in_root(host4, fake)
@@ -141,7 +148,7 @@ def test_a_group_kept_for_its_tasks_keeps_the_record_until_it_is_gone(
         record = m.record()
         assert record is not None and record.found.cpus == C("0-3")
         assert (m.host().partition.mode, m.host().partition.vm_cpus) == ("none", C("1-3"))
-    fake.exit(777)  # the last task exits
+    fake.exit(GONE_TID)  # the last task exits
     with manager(host4, state, fake) as m:
         m.sync()
         assert set(fake.read_state([""]).groups) == {"", "machine"}
@@ -653,11 +660,11 @@ def test_the_cpuset_controller_goes_off_again_if_it_was(host4: Path, tmp_path: P
         reserved = m.reserve_request(JobSpec("J", cpus=C("3")))
         assert json.loads(m.ledger().changes()["controller:cpuset"]) == {"enabled": before}
         assert fake.enabled
-        fake.attach_thread(reserved.group, 777)  # outlives the lease
+        fake.attach_thread(reserved.group, GONE_TID)  # outlives the lease
         narrow_in_root(host4, fake)
         m.drop(job_holder("J"))
         assert fake.enabled and "disable" not in fake.calls
-        fake.exit(777)
+        fake.exit(GONE_TID)
         m.sync()
         assert fake.enabled is before
         assert fake.calls == [f"enabled? {before}"] + ([] if before else ["disable"])
