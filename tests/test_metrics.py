@@ -128,6 +128,9 @@ def test_what_cannot_be_read_is_a_metric_not_a_failure(host: dict[str, Path]) ->
     assert value(got, "pinwarden_read_error", source="host") == 0
     assert not named(got, "pinwarden_audit_intruders")  # no leases known: no verdict
     assert not named(got, "pinwarden_holder_leased_cpus")
+    # nor which CPUs are free: every VM CPU "free" was a guess a capacity alert believed
+    # (hunt F); the host's own CPUs are known
+    assert not named(got, "pinwarden_vm_cpus") and named(got, "pinwarden_housekeeping_cpus")
 
     proc = run_metrics({**host, "root": host["dir"] / "nowhere",
                         "state": host["dir"] / "fresh"})

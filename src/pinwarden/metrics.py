@@ -12,6 +12,7 @@ Metrics (every name starts with ``pinwarden_``):
 ``pinwarden_vm_cpus{node, state}``
     VM CPUs per NUMA node, ``state="leased"`` (leased exclusively, including CPUs held
     empty under the ``isolate`` thread policy) or ``"free"`` (VM CPUs nobody leases).
+    Absent while the lease database cannot be read (every CPU "free" would be a guess).
 ``pinwarden_housekeeping_cpus{node}``
     online CPUs kept for the host.
 ``pinwarden_holder_leased_cpus{driver, name, key}``
@@ -115,14 +116,15 @@ class SnapshotCollector:
         leased_n = _per_node(host, leased)
         free_n = _per_node(host, part.vm_cpus - leased)
         house_n = _per_node(host, part.host_cpus)
-        vm = GaugeMetricFamily("pinwarden_vm_cpus",
-                               "VM CPUs per NUMA node: leased exclusively, or free",
-                               labels=["node", "state"])
-        extra = [UNKNOWN_NODE] if UNKNOWN_NODE in leased_n else []
-        for node in [*nodes, *extra]:
-            vm.add_metric([node, "leased"], float(leased_n.get(node, 0)))
-            vm.add_metric([node, "free"], float(free_n.get(node, 0)))
-        yield vm
+        if "ledger" not in self.snapshot.errors:  # (unread: leased unknown, not none)
+            vm = GaugeMetricFamily("pinwarden_vm_cpus",
+                                   "VM CPUs per NUMA node: leased exclusively, or free",
+                                   labels=["node", "state"])
+            extra = [UNKNOWN_NODE] if UNKNOWN_NODE in leased_n else []
+            for node in [*nodes, *extra]:
+                vm.add_metric([node, "leased"], float(leased_n.get(node, 0)))
+                vm.add_metric([node, "free"], float(free_n.get(node, 0)))
+            yield vm
         house = GaugeMetricFamily("pinwarden_housekeeping_cpus",
                                   "online CPUs kept for the host, per NUMA node",
                                   labels=["node"])
