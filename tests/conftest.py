@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,73 @@ def hwloc_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         (top,) = [p for p in dest.iterdir() if p.is_dir()]
         out[name] = top
     return out
+
+
+#: The host's noise settings pinwarden narrows while CPUs are leased ([isolation] noise).
+_NOISE_FILES = ("/proc/irq/default_smp_affinity", "/sys/devices/virtual/workqueue/cpumask")
+_PF_KTHREAD, _PF_NO_SETAFFINITY = 0x00200000, 0x04000000  # <linux/sched.h>
+
+
+def _host_noise() -> dict[str, str]:
+    """The host's noise settings: the default IRQ affinity, the unbound-workqueue mask,
+    every IRQ's affinity and every movable kernel thread's (what pinwarden moves)."""
+    seen: dict[str, str] = {}
+    for path in (*_NOISE_FILES, *glob.glob("/proc/irq/*/smp_affinity_list")):
+        try:
+            seen[path] = Path(path).read_text().strip()
+        except OSError:
+            continue
+    for task in glob.glob("/proc/[0-9]*"):
+        try:
+            flags = int(Path(f"{task}/stat").read_text().rsplit(")", 1)[1].split()[6])
+            if flags & _PF_KTHREAD and not flags & _PF_NO_SETAFFINITY:  # movable
+                seen[task] = ",".join(map(str, sorted(os.sched_getaffinity(int(task[6:])))))
+        except (OSError, ValueError, IndexError):
+            continue
+    return seen
+
+
+def _put_back(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """Write back what changed (best effort: some IRQs and per-CPU kernel threads refuse);
+    what was put back, as ``path: now -> before`` lines."""
+    lines = []
+    for key, was in before.items():
+        now = after.get(key)
+        if now is None or now == was:
+            continue
+        lines.append(f"{key}: {now} -> {was}")
+        try:
+            if key.startswith("/proc/") and key[6:].isdigit():
+                os.sched_setaffinity(int(key[6:]), {int(c) for c in was.split(",")})
+            else:
+                Path(key).write_text(was + "\n")
+        except (OSError, ValueError):
+            lines[-1] += " (could not)"
+    return lines
+
+
+@pytest.fixture(autouse=True)
+def _host_noise_as_found(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test on the real host (``libvirt``/``kernel`` marks) leaves the host's noise
+    settings as it found them: a test whose teardown dropped a lease without pinwarden
+    releasing it left IRQs, unbound work and kernel threads on CPU 0 for every later test
+    and for the machine (CI's host).  Checked after the test's own fixtures are torn down;
+    a change is put back and fails the test, naming what changed."""
+    if os.geteuid() != 0 or not (request.node.get_closest_marker("libvirt")
+                                 or request.node.get_closest_marker("kernel")):
+        yield
+        return
+    before = _host_noise()
+    yield
+    after = _host_noise()
+    # (kernel threads come and go: only the ones alive before and after are compared)
+    changed = _put_back({k: v for k, v in before.items()
+                         if not k[6:].isdigit() or k in after}, after)
+    if changed:
+        shown = "; ".join(changed[:6]) + (f"; … {len(changed) - 6} more"
+                                         if len(changed) > 6 else "")
+        pytest.fail(f"the test left the host's noise settings changed (put back now): "
+                    f"{shown}", pytrace=False)
 
 
 @pytest.hookimpl(hookwrapper=True)
