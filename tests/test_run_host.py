@@ -462,8 +462,8 @@ def _host_noise_restored() -> Iterator[None]:
              *Path("/proc/irq").glob("*/smp_affinity_list")]
     saved = {f: f.read_text() for f in files if f.exists()}
     kthreads = {}
-    for pid in subprocess.run(["pgrep", "-P", "2"], capture_output=True,
-                              text=True).stdout.split():
+    for pid in ["2", *subprocess.run(["pgrep", "-P", "2"], capture_output=True,  # kthreadd's
+                                     text=True).stdout.split()]:
         with contextlib.suppress(OSError):
             kthreads[int(pid)] = os.sched_getaffinity(int(pid))
     try:
