@@ -438,8 +438,9 @@ def test_status_flags_a_leased_cpu_that_went_offline(
     assert "CPU 5 OFFLINE (lease kept" in text
     reason = "root invalid (Cpu list in cpuset.cpus not exclusive)"
     monkeypatch.setattr(placement, "invalid_partitions",
-                        lambda _root, records: {(r.ref.driver, r.ref.key): reason
-                                                for r in records})
+                        lambda _root, records, _online=None: {
+                            (r.ref.driver, r.ref.key): placement.Invalid(reason, None)
+                            for r in records})
     assert main(["status", "--root", str(root), "--state-dir", state]) == 0
     text = capsys.readouterr().out
     assert f"; PARTITION INVALID (the kernel reads {reason!r}): its CPUs are not kept " \

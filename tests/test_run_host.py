@@ -422,6 +422,45 @@ def test_a_holder_group_made_not_exclusive_and_widened_is_reported_and_synced_ba
     assert not group.exists()
 
 
+def test_a_holder_group_moved_off_its_lease_is_a_status_warning_until_synced(
+        pw: Pinwarden) -> None:
+    """Somebody writes the housekeeping CPU into a holder group's ``cpuset.cpus`` in place
+    of its leased one: audit said ``off-lease`` (for a running holder), status nothing (it
+    read the ledger only; hunt F).  Now status says so, naming the CPU and the fix, and
+    ``--json`` gives ``off_lease``; ``sync`` puts the group back."""
+    from pinwarden.config import load_config
+    from pinwarden.manager import Manager
+    from pinwarden.policy import JobSpec
+
+    group = CPUSET / pw.holder_group("pwtest-offlease", "run")
+    with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
+        manager.reserve_request(JobSpec("pwtest-offlease", count=1), owner_pid=os.getpid())
+    try:
+        assert (group / "cpuset.cpus").read_text().strip() == "1"
+        assert "OFF ITS LEASE" not in pw.run("status", check=True).stdout
+        # (an exclusive group may not overlap a sibling: moved with cpu_exclusive off)
+        (group / "cpuset.cpu_exclusive").write_text("0")
+        (group / "cpuset.cpus").write_text("0")
+        status = pw.run("status", check=True).stdout
+        line = next(x for x in status.splitlines() if "pwtest-offlease" in x and "since" in x)
+        assert f"; OFF ITS LEASE (its group /{group.relative_to(CPUSET)} lacks CPU 1" in line \
+            and "'pinwarden sync' puts it back on its lease" in line \
+            and "; NOT EXCLUSIVE (" in line, status
+        leases = json.loads(pw.run("status", "--json", check=True).stdout)["leases"]
+        assert [(x["off_lease"], x["partition_invalid"]) for x in leases] == [
+            ("1", "cpu_exclusive 0")]
+        pw.run("sync", check=True)
+        assert (group / "cpuset.cpus").read_text().strip() == "1"
+        assert (group / "cpuset.cpu_exclusive").read_text().strip() == "1"
+        assert "OFF ITS LEASE" not in pw.run("status", check=True).stdout
+        leases = json.loads(pw.run("status", "--json", check=True).stdout)["leases"]
+        assert [(x["off_lease"], x["partition_invalid"]) for x in leases] == [(None, None)]
+    finally:
+        with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
+            manager.release("pwtest-offlease")
+    assert not group.exists()
+
+
 @contextlib.contextmanager
 def _job_running_in_its_group(pw: Pinwarden,
                               name: str) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -240,12 +241,18 @@ def _own_state_for_a_dump(args: argparse.Namespace, command: str) -> None:
                      f"its own with --state-dir DIR")
 
 
-def invalid_partitions(root: Path, records: Sequence[HolderRecord]) -> dict[tuple[str, str],
-                                                                           str]:
-    """Holders whose group the kernel no longer keeps exclusive, by ``(driver, key)``: on
-    cgroup v2 an invalid partition (a sibling took its CPUs, and the kernel does not check
-    it again when the sibling lets go): what ``cpuset.cpus.partition`` reads; on cgroup v1
-    ``cpu_exclusive 0`` (somebody turned it off).  The ledger cannot tell either."""
+def invalid_partitions(root: Path, records: Sequence[HolderRecord],
+                       online: CpuSet | None = None) -> dict[tuple[str, str], Invalid]:
+    """Holders whose group the kernel does not keep as their leases say, by ``(driver,
+    key)``: on cgroup v2 an invalid partition (a sibling took its CPUs, and the kernel does
+    not check it again when the sibling lets go): what ``cpuset.cpus.partition`` reads; on
+    cgroup v1 ``cpu_exclusive 0`` (somebody turned it off).  With ``online`` (the online
+    CPUs), also a group whose ``cpuset.cpus`` lacks online CPUs leased to its threads
+    (somebody moved it off its lease by hand; ``audit``'s ``off-lease``; on cgroup v1 an
+    exclusive group cannot overlap its siblings, so it is moved with ``cpu_exclusive``
+    off).  The ledger cannot tell any of these."""
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.model import SIBLING_HOLD
     from pinwarden.mounts import read_mounts
 
     if not any(r.cgroup for r in records):
@@ -254,28 +261,49 @@ def invalid_partitions(root: Path, records: Sequence[HolderRecord]) -> dict[tupl
     v1 = mounts.v1("cpuset")
     if v1 is None and (mounts.unified is None or not mounts.v2_has("cpuset")):
         return {}
-    out: dict[tuple[str, str], str] = {}
+    base = v1 if v1 is not None else mounts.unified
+    assert base is not None
+    out: dict[tuple[str, str], Invalid] = {}
     for record in records:
         if not record.cgroup:
             continue
-        group = record.cgroup.strip("/")
+        group = base / record.cgroup.strip("/")
+        partition: str | None = None
+        missing: CpuSet | None = None
         try:
             if v1 is not None:
-                name = mounts.cpuset_file("cpu_exclusive")
-                if (v1 / group / name).read_text().strip() == "0":
-                    out[(record.ref.driver, record.ref.key)] = NOT_EXCLUSIVE
-                continue
-            assert mounts.unified is not None
-            text = (mounts.unified / group / "cpuset.cpus.partition").read_text().strip()
-        except OSError:
-            continue
-        if " invalid" in text:
-            out[(record.ref.driver, record.ref.key)] = text
+                if (group / mounts.cpuset_file("cpu_exclusive")).read_text().strip() == "0":
+                    partition = NOT_EXCLUSIVE
+            elif " invalid" in (text := (group / "cpuset.cpus.partition").read_text()):
+                partition = text.strip()
+            if online is not None:
+                cpus = CpuSet.parse((group / mounts.cpuset_file("cpus")).read_text())
+                threads = CpuSet.of(c for c, role in record.plan.leases.items()
+                                    if role != SIBLING_HOLD)
+                missing = (threads & online - cpus) or None
+        except (OSError, ValueError):
+            pass
+        if partition is not None or missing is not None:
+            out[(record.ref.driver, record.ref.key)] = Invalid(partition, missing)
     return out
 
 
 #: What :func:`invalid_partitions` says of a cgroup v1 holder group that is not exclusive.
 NOT_EXCLUSIVE = "cpu_exclusive 0"
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """What :func:`invalid_partitions` found wrong with a holder's group: the partition
+    (``cpuset.cpus.partition``'s words, or :data:`NOT_EXCLUSIVE`), and the online CPUs
+    leased to its threads that its ``cpuset.cpus`` lacks."""
+
+    partition: str | None
+    off_lease: CpuSet | None
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"partition_invalid": self.partition,
+                "off_lease": str(self.off_lease) if self.off_lease is not None else None}
 
 
 def holder_json(record: HolderRecord) -> dict[str, Any]:
@@ -365,7 +393,7 @@ def run_status(args: argparse.Namespace) -> int:
         kept = manager.kept_leases()
         database = manager.state_dir / DB_NAME
         narrowed_records = manager.change_records(NARROWED_PREFIX)
-        invalid = invalid_partitions(manager.root, records)
+        invalid = invalid_partitions(manager.root, records, host.topology.online)
     part = host.partition
     leased = CpuSet.of(lease.cpu for lease in leases)
     pins = narrowed(narrowed_records, leased)
@@ -387,7 +415,8 @@ def run_status(args: argparse.Namespace) -> int:
             "leases": [{**holder_json(r), "offline": str(offline(r)),
                         "owner_gone": gone(r),
                         "left_running": list(heirs.get(r.ref, ())),
-                        "partition_invalid": invalid.get((r.ref.driver, r.ref.key))}
+                        **invalid.get((r.ref.driver, r.ref.key), Invalid(None, None))
+                        .to_json()}
                        for r in records],
             "partition": _partition_json(part),
             "online": str(host.topology.online),
@@ -432,18 +461,26 @@ def run_status(args: argparse.Namespace) -> int:
                      if record.ref.driver == JOB_DRIVER else
                      f"; owner pid {record.owner_pid} is gone, but the domain still runs in "
                      f"its group (pid {pids}): the lease is its own again at the next change")
-        reason = invalid.get((record.ref.driver, record.ref.key))
-        if reason is not None:
+        found = invalid.get((record.ref.driver, record.ref.key), Invalid(None, None))
+        if found.partition == NOT_EXCLUSIVE:
+            warn += ("; NOT EXCLUSIVE (its cpuset.cpu_exclusive reads 0, somebody turned "
+                     "it off): the kernel no longer keeps other cgroups off its CPUs; "
+                     "'pinwarden sync' turns it on again")
+        elif found.partition is not None:
             # an offline leased CPU: the kernel makes it valid again itself once the CPU
             # is back (lab: cli.offline), and a sync cannot before
             fix = (f"the kernel makes it valid again once {off.named()} "
                    f"{'is' if len(off) == 1 else 'are'} online" if off else
                    "'pinwarden sync' makes it valid again")
-            warn += ("; NOT EXCLUSIVE (its cpuset.cpu_exclusive reads 0, somebody turned "
-                     "it off): the kernel no longer keeps other cgroups off its CPUs; "
-                     "'pinwarden sync' turns it on again" if reason == NOT_EXCLUSIVE else
-                     f"; PARTITION INVALID (the kernel reads {reason!r}): its CPUs are not "
-                     f"kept exclusive; {fix}")
+            warn += (f"; PARTITION INVALID (the kernel reads {found.partition!r}): its CPUs "
+                     f"are not kept exclusive; {fix}")
+        if found.off_lease is not None:
+            lacks = found.off_lease
+            group = f"/{(record.cgroup or '').strip('/')}"
+            warn += (f"; OFF ITS LEASE (its group {group} lacks {lacks.named()}, "
+                     f"changed by hand: what runs there runs elsewhere, and "
+                     f"{'that CPU idles' if len(lacks) == 1 else 'those CPUs idle'}); "
+                     f"'pinwarden sync' puts it back on its lease")
         lines.append(f"  {record.ref}: {desc}; since {since}{owner}{warn}")
     if kept_by:
         lines.append("kept without a lease (after 'release --force', or in a holder group the "
