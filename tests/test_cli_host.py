@@ -95,9 +95,21 @@ def test_a_vm_partition_of_every_cpu_is_said_by_host(
             "host)") in text, text
     assert main([*common, "--json"]) == 0
     assert "cpuset.cpus = 1-7" in json.loads(capsys.readouterr().out)["lease_problem"]
+    # 'status', the host at a glance, says it too (it showed "housekeeping CPUs -" alone)
+    status = ["status", "--root", str(root), "--config", str(config_file), "--state-dir",
+              str(tmp_path / "state")]
+    assert main(status) == 0
+    text = capsys.readouterr().out
+    assert "\nnote: nothing can be leased: the partition cgroup machine (cpus 0-7) covers " \
+        "every online CPU" in text and "keeping CPU 0 for the host)" in text, text
+    assert main([*status, "--json"]) == 0
+    assert [n for n in json.loads(capsys.readouterr().out)["notes"]
+            if n.startswith("nothing can be leased: ")], text
     make_cgroup(root, "sys/fs/cgroup/cpuset", "machine", "1-7")
     assert main([*common, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["lease_problem"] is None
+    assert main(status) == 0
+    assert "nothing can be leased" not in capsys.readouterr().out
 
 
 def test_the_suggested_boot_line_keeps_an_offline_isolated_cpu_a_vm_cpu(

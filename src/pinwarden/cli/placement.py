@@ -250,7 +250,8 @@ def invalid_partitions(root: Path, records: Sequence[HolderRecord],
     CPUs), also a group whose ``cpuset.cpus`` lacks online CPUs leased to its threads
     (somebody moved it off its lease by hand; ``audit``'s ``off-lease``; on cgroup v1 an
     exclusive group cannot overlap its siblings, so it is moved with ``cpu_exclusive``
-    off).  The ledger cannot tell any of these."""
+    off).  A recorded group that is gone (removed by hand) is said too.  The ledger cannot
+    tell any of these."""
     from pinwarden.cpuset import CpuSet
     from pinwarden.model import SIBLING_HOLD
     from pinwarden.mounts import read_mounts
@@ -270,6 +271,9 @@ def invalid_partitions(root: Path, records: Sequence[HolderRecord],
         group = base / record.cgroup.strip("/")
         partition: str | None = None
         missing: CpuSet | None = None
+        if not group.is_dir():  # removed by hand: nothing keeps its CPUs (hunt)
+            out[(record.ref.driver, record.ref.key)] = Invalid(None, None, gone=True)
+            continue
         try:
             if v1 is not None:
                 if (group / mounts.cpuset_file("cpu_exclusive")).read_text().strip() == "0":
@@ -296,14 +300,16 @@ NOT_EXCLUSIVE = "cpu_exclusive 0"
 class Invalid:
     """What :func:`invalid_partitions` found wrong with a holder's group: the partition
     (``cpuset.cpus.partition``'s words, or :data:`NOT_EXCLUSIVE`), and the online CPUs
-    leased to its threads that its ``cpuset.cpus`` lacks."""
+    leased to its threads that its ``cpuset.cpus`` lacks; or that the group is gone."""
 
     partition: str | None
     off_lease: CpuSet | None
+    gone: bool = False  # the group itself is missing
 
-    def to_json(self) -> dict[str, str | None]:
+    def to_json(self) -> dict[str, str | bool | None]:
         return {"partition_invalid": self.partition,
-                "off_lease": str(self.off_lease) if self.off_lease is not None else None}
+                "off_lease": str(self.off_lease) if self.off_lease is not None else None,
+                "group_missing": self.gone}
 
 
 def holder_json(record: HolderRecord) -> dict[str, Any]:
@@ -382,6 +388,7 @@ def run_status(args: argparse.Namespace) -> int:
     from pinwarden.model import JOB_DRIVER, by_holder, kept_text
     from pinwarden.narrowed import NARROWED_PREFIX, narrowed
     from pinwarden.partition import shared_pool
+    from pinwarden.policy import no_housekeeping
     from pinwarden.view import render_cpu_map
 
     with manager_of(args) as manager, manager.snapshot():
@@ -399,6 +406,10 @@ def run_status(args: argparse.Namespace) -> int:
     pins = narrowed(narrowed_records, leased)
     # a holder freed by a forced release that runs on keeps its CPUs from the shared pool
     shared, fallback = shared_pool(host, leased | CpuSet.of(lease.cpu for lease in kept))
+    # no housekeeping CPU: every lease is refused, which only 'host' and a refusal said
+    problem = no_housekeeping(host)
+    if problem is not None:
+        fallback = (*fallback, f"nothing can be leased: {problem}")
     kept_by = by_holder(kept)
     online = host.topology.online
 
@@ -462,6 +473,10 @@ def run_status(args: argparse.Namespace) -> int:
                      f"; owner pid {record.owner_pid} is gone, but the domain still runs in "
                      f"its group (pid {pids}): the lease is its own again at the next change")
         found = invalid.get((record.ref.driver, record.ref.key), Invalid(None, None))
+        if found.gone:
+            warn += (f"; GROUP MISSING (its cgroup /{(record.cgroup or '').strip('/')} was "
+                     f"removed by hand: the kernel no longer keeps others off its CPUs); "
+                     f"'pinwarden sync' makes it again")
         if found.partition == NOT_EXCLUSIVE:
             warn += ("; NOT EXCLUSIVE (its cpuset.cpu_exclusive reads 0, somebody turned "
                      "it off): the kernel no longer keeps other cgroups off its CPUs; "
