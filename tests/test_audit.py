@@ -304,6 +304,32 @@ def test_a_holder_group_moved_off_its_lease_is_an_error() -> None:
                     if i.kind == "off-lease"], quiet
 
 
+def test_a_holder_group_removed_by_hand_is_an_error() -> None:
+    """A holder's recorded group gone from the hierarchy (``rmdir`` of an empty one): the
+    kernel kept nothing off its CPU, and audit exited 0 (hunt D).  Now ``missing-group``;
+    a holder with no group recorded yet (its start in progress) is not reported, nor is
+    anything when no cgroup could be read."""
+    j_group = "/pinwarden-run-job1.partition"
+    a_group = "/pinwarden-vm-vm-a.partition"
+    groups = (CgroupInfo("/", cs("0-7"), cs("0-7"), True, exclusive=True),
+              CgroupInfo("/machine", cs("0-1"), cs("0-1"), False),
+              CgroupInfo(a_group, cs("2"), cs("2"), True, exclusive=True))
+    holders = [record(J, cgroup=j_group.strip("/"), cpus="5"),
+               record(A, cgroup=a_group.strip("/"), cpus="2"),
+               record(B, cgroup=None, cpus="6")]
+    leases = [Lease(5, J, "task", 0.0), Lease(2, A, "vcpu0", 0.0), Lease(6, B, "vcpu0", 0.0)]
+    gone = audit.audit(HostSnapshot(cgroups=groups, cgroup_version=1), leases, holders)
+    assert [(i.kind, i.cgroup, str(i.cpus), i.holders, i.severity)
+            for i in gone.intruders if i.kind == "missing-group"] == [
+        ("missing-group", j_group, "5", (J,), "error")], gone.intruders
+    assert gone.exit_status() == 1 and "'pinwarden sync' makes it again" in render(gone)
+    with_it = (*groups, CgroupInfo(j_group, cs("5"), cs("5"), False, exclusive=True))
+    for quiet in (HostSnapshot(cgroups=with_it, cgroup_version=1),
+                  HostSnapshot(cgroups=(), cgroup_version=1)):
+        assert not [i for i in audit.audit(quiet, leases, holders).intruders
+                    if i.kind == "missing-group"], quiet
+
+
 def test_a_cgroup_v1_holder_group_whose_cpu_exclusive_was_turned_off_is_an_error() -> None:
     """cgroup v1: with ``cpu_exclusive`` 0 the kernel no longer keeps the holder's siblings
     off its CPUs (the next write of the VM partition's cpuset.cpus may take them) and the

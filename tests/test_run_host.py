@@ -422,7 +422,7 @@ def test_a_holder_group_made_not_exclusive_and_widened_is_reported_and_synced_ba
     assert not group.exists()
 
 
-def test_a_holder_group_moved_off_its_lease_is_a_status_warning_until_synced(
+def test_a_holder_group_moved_off_its_lease_or_removed_is_a_status_warning_until_synced(
         pw: Pinwarden) -> None:
     """Somebody writes the housekeeping CPU into a holder group's ``cpuset.cpus`` in place
     of its leased one: audit said ``off-lease`` (for a running holder), status nothing (it
@@ -454,7 +454,25 @@ def test_a_holder_group_moved_off_its_lease_is_a_status_warning_until_synced(
         assert (group / "cpuset.cpu_exclusive").read_text().strip() == "1"
         assert "OFF ITS LEASE" not in pw.run("status", check=True).stdout
         leases = json.loads(pw.run("status", "--json", check=True).stdout)["leases"]
-        assert [(x["off_lease"], x["partition_invalid"]) for x in leases] == [(None, None)]
+        assert [(x["off_lease"], x["partition_invalid"], x["group_missing"])
+                for x in leases] == [(None, None, False)]
+        # the group removed by hand (empty: rmdir works): status and audit said nothing
+        # while the kernel kept nothing off CPU 1 (hunt D)
+        group.rmdir()
+        status = pw.run("status", check=True).stdout
+        assert f"; GROUP MISSING (its cgroup /{group.relative_to(CPUSET)} was removed by " \
+            "hand" in status and "'pinwarden sync' makes it again" in status, status
+        leases = json.loads(pw.run("status", "--json", check=True).stdout)["leases"]
+        assert [x["group_missing"] for x in leases] == [True]
+        audit = pw.run("audit", "--json")
+        assert audit.returncode == 1, audit
+        assert [(i["kind"], i["cgroup"], i["cpus"])
+                for i in json.loads(audit.stdout)["intruders"] if i["severity"] == "error"] \
+            == [("missing-group", f"/{group.relative_to(CPUSET)}", "1")], audit.stdout
+        pw.run("sync", check=True)
+        assert (group / "cpuset.cpus").read_text().strip() == "1"
+        assert "GROUP MISSING" not in pw.run("status", check=True).stdout
+        assert pw.run("audit").returncode == 0
     finally:
         with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
             manager.release("pwtest-offlease")

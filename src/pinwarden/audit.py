@@ -39,6 +39,10 @@ Kinds of intruders:
     a running holder's group whose ``cpuset.cpus`` lacks CPUs leased to it (changed by
     hand): its threads run elsewhere, maybe on the host's CPUs, and the leased ones idle.
     ``pinwarden sync`` puts the group back on its lease.
+``missing-group`` (error)
+    a holder's group, as the ledger records it, that is gone from the cpuset hierarchy
+    (removed by hand): nothing keeps other cgroups off the holder's CPUs.  ``pinwarden
+    sync`` makes it again;
 ``stale-holder-group`` (warning)
     a holder's group (by its name) that no holder has: a release interrupted between the
     ledger's commit and the layout's shrink left it, keeping its CPUs out of the shared
@@ -110,17 +114,18 @@ from pinwarden.record import field, record, replace
 
 Kind = Literal["other-vm-thread", "vm-cgroup", "escaped-task", "host-task", "irq",
                "workqueue", "invalid-partition", "not-exclusive", "off-lease",
-               "stale-holder-group", "vm-cgroup-pin", "isolcpus-host-task"]
+               "missing-group", "stale-holder-group", "vm-cgroup-pin", "isolcpus-host-task"]
 Severity = Literal["error", "warning"]
 SEVERITY: Mapping[Kind, Severity] = {
     "other-vm-thread": "error", "vm-cgroup": "error", "escaped-task": "error",
     "host-task": "warning", "irq": "warning", "workqueue": "warning",
     "invalid-partition": "error", "not-exclusive": "error", "off-lease": "error",
-    "stale-holder-group": "warning",
+    "missing-group": "error", "stale-holder-group": "warning",
     "vm-cgroup-pin": "warning", "isolcpus-host-task": "warning",
 }
 #: Order of kinds in reports: errors first.
 KIND_ORDER: tuple[Kind, ...] = ("invalid-partition", "not-exclusive", "off-lease",
+                                "missing-group",
                                 "other-vm-thread",
                                 "vm-cgroup", "escaped-task", "irq", "workqueue", "host-task",
                                 "vm-cgroup-pin", "stale-holder-group", "isolcpus-host-task")
@@ -593,6 +598,15 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
                 and not cgroup_facts(path)[0]:
             intruders.append(Intruder(kind="stale-holder-group", cpus=kept, holders=(),
                                       name=path.rsplit("/", 1)[-1], cgroup=g.path))
+
+    if snapshot.cgroups:  # (none read: nothing is known of any group)
+        present = {g.path.strip("/") for g in snapshot.cgroups}
+        for r in records:
+            path = _norm(r.cgroup)
+            if path and path not in present and (mine := r.plan.leased() - kept):
+                intruders.append(Intruder(kind="missing-group", cpus=mine, holders=(r.ref,),
+                                          name=path.rsplit("/", 1)[-1], cgroup=f"/{path}",
+                                          owner=r.ref))
 
     findings: tuple[Finding, ...] = ()
     if leased and snapshot.noise is not None:

@@ -153,6 +153,8 @@ HINTS = (
     ("off-lease", "a holder's group lacks CPUs leased to it (its cpuset.cpus was changed "
                   "by hand): it runs elsewhere and its leased CPUs idle; 'pinwarden sync' "
                   "puts it back on its lease"),
+    ("missing-group", "a holder's group is gone (removed by hand): nothing keeps other "
+                      "cgroups off its CPUs; 'pinwarden sync' makes it again"),
     ("vm-cgroup-pin", "a shared VM's thread cgroup names a leased CPU the kernel keeps it "
                       "off for now (a 'virsh vcpupin/emulatorpin --live' onto it that "
                       "libvirt refused after writing the cgroup): once the lease ends that "
