@@ -48,6 +48,18 @@ def test_holder_group_names_are_libvirt_safe() -> None:
     # a dot would stop libvirt from adding ".partition": the UUID is used instead
     assert holder_group_name(domain_holder("qemu", "a.b", uuid)) == \
         f"pinwarden-vm-{uuid}.partition"
+    # a domain named like that UUID (its own is another) gets its own UUID's group: both
+    # domains' partitions were one group, each QEMU in it with one holder's CPUs (hunt)
+    other = "0d1e2f3a-4b5c-6d7e-8f90-a1b2c3d4e5f6"
+    names = LayoutNames()
+    for shaped in (uuid, uuid.upper(), uuid.replace("-", "")):
+        twin = domain_holder("qemu", shaped, other)
+        assert holder_group_name(twin) == f"pinwarden-vm-{other}.partition", shaped
+        assert libvirt_partition(names, twin) != \
+            libvirt_partition(names, domain_holder("qemu", "a.b", uuid))
+    assert holder_group_name(domain_holder("qemu", uuid, uuid)) == \
+        f"pinwarden-vm-{uuid}.partition"  # its own UUID: the same group either way
+    assert holder_group_name(job_holder(uuid)) == f"pinwarden-run-{uuid}.partition"
     hostile = holder_group_name(job_holder("../../x y"))
     assert hostile.startswith("pinwarden-run-") and hostile.endswith(".partition")
     assert "/" not in hostile and " " not in hostile and ".." not in hostile

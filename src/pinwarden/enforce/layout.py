@@ -76,6 +76,10 @@ from pinwarden.record import field, record, replace
 _NONE = CpuSet()
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SAFE_KEY = re.compile(r"[A-Za-z0-9-]{1,64}")
+#: A name shaped like a UUID: the group name another domain of that UUID gets when its own
+#: name is not usable (hunt), so it is used only when it is the domain's own UUID.
+_UUID_SHAPED = re.compile(r"[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}",
+                          re.IGNORECASE)
 
 
 @record
@@ -154,13 +158,18 @@ def holder_group_name(holder: HolderRef, stem: str = "pinwarden") -> str:
     ``STEM-run-NAME.partition`` (jobs).
 
     NAME is kept when it is made of ``[A-Za-z0-9_-]`` (at most 64 characters; no dot, so
-    libvirt maps ``/STEM-vm-NAME`` to exactly this directory); otherwise the domain's
+    libvirt maps ``/STEM-vm-NAME`` to exactly this directory) and, for a domain, is not
+    shaped like a UUID other than its own (the group of the domain of that UUID, were its
+    name not usable: two domains' partitions were one group); otherwise the domain's
     UUID, otherwise a digest of the holder's identity.  Names are unique per driver (the
     ledger refuses a second holder of one name), and the prefix tells drivers apart.
     """
     prefix = {"run": "run", "lxc": "lxc"}.get(holder.driver, "vm")
     uuid = holder.uuid
-    for tail in (holder.name if _SAFE_NAME.fullmatch(holder.name) else None,
+    name = holder.name
+    usable = _SAFE_NAME.fullmatch(name) is not None and (
+        holder.driver == "run" or not _UUID_SHAPED.fullmatch(name) or name == uuid)
+    for tail in (name if usable else None,
                  uuid if uuid is not None and _SAFE_KEY.fullmatch(uuid) else None):
         if tail is not None and _fits_a_unit_name(f"{stem}-{prefix}-{tail}"):
             return f"{stem}-{prefix}-{tail}{PARTITION_SUFFIX}"
