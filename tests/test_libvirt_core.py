@@ -23,13 +23,13 @@ import pytest
 from enforce_helpers import lease, make_host
 from pinwarden import procs
 from pinwarden.config import Config
-from pinwarden.cpuset import CpuSet
+from pinwarden.cpuset import EMPTY, CpuSet
 from pinwarden.domain import parse_domain
 from pinwarden.errors import InputError, LedgerError, LibvirtError, Refusal
 from pinwarden.ledger import HolderRecord, Ledger
 from pinwarden.libvirt import hook, hookclient, place
 from pinwarden.libvirt.reconcile import Adopt, Drift, Free, Place, Report, reconcile
-from pinwarden.libvirt.repin import repins
+from pinwarden.libvirt.repin import give_back, repins
 from pinwarden.libvirt.start import libvirt_failure, with_pinwarden_metadata
 from pinwarden.libvirt.state import Affinity, DomainInfo, group_affinity, threads_as_planned
 from pinwarden.manager import Manager
@@ -2251,6 +2251,29 @@ def test_a_shared_domain_restored_onto_a_lease_gets_its_pins_off_it(tmp_path: Pa
     cpuset = parse_domain(restore(xml("c", "").replace("<vcpu>2</vcpu>",
                                                          "<vcpu cpuset='1-2'>2</vcpu>")))
     assert cpuset.cpuset == cs("2") and cpuset.vcpupins == {}
+    # <vcpu cpuset> ('pinwarden start' writes it for a shared domain): every thread group
+    # it pins is recorded as narrowed, and the lease's end pins each back live — before,
+    # nothing was recorded and the domain stayed on CPU 2 for good (real-libvirt hunt)
+    uuid_c = "66666666-0000-0000-0000-000000000006"
+    cpuset = parse_domain(restored(manager, "c", xml("c", f"<uuid>{uuid_c}</uuid>"
+                                                    "<iothreads>1</iothreads>"
+                                           "<cputune><vcpupin vcpu='1' cpuset='3'/>"
+                                           "</cputune>").replace(
+        "<vcpu>2</vcpu>", "<vcpu cpuset='1-2'>2</vcpu>")))
+    assert cpuset.cpuset == cs("2") and cpuset.vcpupins == {1: cs("3")}
+    records = {k.removeprefix(NARROWED_PREFIX): json.loads(v) for k, v in
+               manager.change_records(NARROWED_PREFIX).items() if uuid_c in k}
+    assert records == {f"{uuid_c}:{label}": {"domain": "c", "before": "1-2", "after": "2"}
+                       for label in ("vcpu0", "emulator", "iothread1")}, records
+    live = parse_domain(xml("c", f"<uuid>{uuid_c}</uuid><iothreads>1</iothreads><cputune>"
+                                 "<vcpupin vcpu='1' cpuset='3'/></cputune>").replace(
+        "<vcpu>2</vcpu>", "<vcpu cpuset='2'>2</vcpu>"))
+    back = give_back([DomainInfo("qemu", "c", uuid_c, True, live=live, persistent=live,
+                                 pid=1)],
+                     {k: v for k, v in manager.change_records(NARROWED_PREFIX).items()
+                      if uuid_c in k}, EMPTY)
+    assert sorted((m.label, str(m.before), str(m.after)) for m in back.moves) == [
+        ("emulator", "2", "1-2"), ("iothread1", "2", "1-2"), ("vcpu0", "2", "1-2")]
     # the daemon's hook server (no rewrite stream): left as saved, nothing recorded
     before = manager.change_records(NARROWED_PREFIX)
     assert hook.main_run(manager, "qemu", ["t", "restore", "begin", "-"],

@@ -746,6 +746,28 @@ def test_a_shared_domain_saved_with_pinwardens_pins_restores_beside_a_lease(
         env.thread_affinities(s)
 
 
+def test_a_shared_domain_pinwarden_started_restores_beside_a_lease_and_gets_its_cpu_back(
+        hooked: env.Pinwarden, domains: env.Domains, tmp_path: Path) -> None:
+    """'pinwarden start' of a shared domain writes its placement as ``<vcpu cpuset='1'>``
+    into the live definition, which a save image keeps.  Restored ('virsh restore') while
+    CPU 1 is leased, the hook's 'restore' moves that cpuset to CPU 0 — and recorded
+    nothing, so after the lease's end the domain stayed on the housekeeping CPU for good,
+    'sync' and the daemon leaving it there (real-libvirt hunt).  Now each thread group the
+    cpuset pins is recorded, and the lease's end pins each back to CPU 1 live."""
+    a, s = "pwtest-e2e-ca", "pwtest-e2e-cs"
+    _define_pair(hooked, domains, tmp_path, a, s)
+    image = tmp_path / f"{s}.save"
+    hooked.run("start", s, "--no-daemon", check=True)
+    assert "cpuset='1'" in virsh("dumpxml", s).stdout
+    _virsh_ok(("save", s, str(image)), ("start", a), ("restore", str(image)))
+    assert set(env.thread_affinities(s).values()) == {frozenset({0})}
+    _virsh_ok(("destroy", a))
+    _wait(f"{s} to get CPU 1 back", lambda: env.vm_affinity(s) == {1})
+    _wait("the give-back to end", lambda: not _give_backs_of(hooked))
+    assert set(env.thread_affinities(s).values()) == {frozenset({1})}, \
+        env.thread_affinities(s)
+
+
 def test_a_shared_domain_the_hook_placed_off_a_lease_gets_the_cpu_back(
         hooked: env.Pinwarden, domains: env.Domains) -> None:
     """A shared domain that pins nothing, started by plain 'virsh start' while the VM CPU

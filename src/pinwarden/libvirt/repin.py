@@ -112,7 +112,11 @@ def restored(spec: DomainSpec, name: str, uuid: str, leased: CpuSet, pool: CpuSe
       pool (``pool``) when nothing is left, as :func:`repins` narrows a running domain —
       and its ``<vcpu cpuset>`` alike.  Refused at ``prepare``, such pins blocked the
       domain for as long as the lease lasted.  Those moves are recorded, to be given back
-      when the leases end; ``<vcpu cpuset>`` is not (a running domain's cannot change)."""
+      when the leases end; for ``<vcpu cpuset>`` (a running domain's cannot change) each
+      thread group it pins — every one without a pin of its own — is recorded as narrowed
+      from the old CPUs to the new, and the give-back pins each live: unrecorded, a shared
+      domain ``pinwarden start`` had written ``<vcpu cpuset>`` for stayed on the CPUs it
+      was restored onto for good (the housekeeping CPU here; real-libvirt hunt)."""
     def off(cpus: CpuSet) -> CpuSet:
         return (cpus - leased) or pool
 
@@ -138,11 +142,25 @@ def restored(spec: DomainSpec, name: str, uuid: str, leased: CpuSet, pool: CpuSe
                                            "after": want.to_list()})
         elif cpus & leased:
             moved.append(Repin(name, uuid, thread, ident, cpus, off(cpus)))
-    cpuset = spec.cpuset
-    if cpuset is not None and cpuset & leased:
-        cpuset = off(cpuset)
-    records.update(record_moves(moved, recorded))
+    cpuset = saved = spec.cpuset
+    narrowed: list[Repin] = []
+    if saved is not None and saved & leased:
+        cpuset = off(saved)
+        narrowed = [Repin(name, uuid, thread, ident, saved, cpuset)
+                    for thread, ident in _unpinned(spec)]
+    records.update(record_moves([*moved, *narrowed], recorded))
     return Restored(tuple(moved), tuple(given), cpuset, records, tuple(forget))
+
+
+def _unpinned(spec: DomainSpec) -> list[tuple[str, int | None]]:
+    """The thread groups of ``spec`` without a pin of their own (``<vcpu cpuset>`` pins
+    those): vCPUs, the emulator, I/O threads."""
+    out: list[tuple[str, int | None]] = [
+        ("vcpu", v) for v in range(spec.vcpus) if v not in spec.vcpupins]
+    if spec.emulatorpin is None:
+        out.append(("emulator", None))
+    out.extend(("iothread", i) for i in spec.iothread_id_set if i not in spec.iothreadpins)
+    return out
 
 
 # -- giving narrowed pins back ---------------------------------------------------------------
