@@ -409,6 +409,55 @@ def test_racing_starts_leave_one_running_domain_with_its_lease(pw: env.Pinwarden
     assert env.cpu_exclusive(group) and env.read_cpus(group, "effective_cpus") == {1}
 
 
+def test_the_narrowings_a_start_makes_are_recorded_before_they_are_made(
+        pw: env.Pinwarden, domains: env.Domains, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exclusive start re-pins a running shared domain off its CPU, and a shared start
+    beside the lease places the domain narrower: each is recorded, to be given back when
+    the lease ends.  The records were written after the re-pin and after the domain
+    started, and a kill in between (SIGKILL, OOM, power) left the domain on the
+    housekeeping CPU for good: nothing knew to give it back (crash hunt).  Now each record
+    is there before libvirt is asked; a record of a move not made is forgotten."""
+    from pinwarden.config import load_config
+    from pinwarden.libvirt import connect as lv
+    from pinwarden.manager import Manager
+    from pinwarden.narrowed import NARROWED_PREFIX, narrowed_key
+
+    a, s, t = "pwtest-start-wa", "pwtest-start-ws", "pwtest-start-wt"
+    if not (env.CPUSET / "machine").is_dir():
+        domains.create("pwtest-start-warm").destroy()
+    domains.create(s)
+    as_found = env.vm_affinity(s)  # (started before any lease: CPU 1 too)
+    assert 1 in as_found
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    domains.define(t)
+    seen: list[tuple[str, bool]] = []
+
+    def recorded(uuid: str, label: str) -> bool:
+        return narrowed_key(uuid, label) in manager.change_records(NARROWED_PREFIX)
+
+    real_repin, real_create = lv.apply_repin, start._create
+
+    def apply_repin(conn: Any, move: Any) -> bool:
+        seen.append((f"re-pin {move.domain} {move.label}", recorded(move.uuid, move.label)))
+        return real_repin(conn, move)
+
+    def create(conn: Any, holder: Any, xml: str) -> Any:
+        seen.append((f"create {holder.name}", holder.name != t or
+                     recorded(holder.uuid or "", "vcpu0")))
+        return real_create(conn, holder, xml)
+
+    monkeypatch.setattr(lv, "apply_repin", apply_repin)
+    monkeypatch.setattr(start, "_create", create)
+    with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
+        start.start(manager, env.URI, a)
+        start.start(manager, env.URI, t)
+    assert (f"re-pin {s} vcpu0", True) in seen and (f"create {t}", True) in seen, seen
+    assert all(ok for _, ok in seen), seen
+    assert env.vm_affinity(s) == {0} and env.vm_affinity(t) == {0}
+    pw.run("stop", a, check=True)
+    assert env.vm_affinity(s) == as_found and env.vm_affinity(t) == {1}
+
+
 def test_a_repin_of_a_domain_that_stopped_meanwhile_is_nothing_to_do(
         pw: env.Pinwarden, domains: env.Domains) -> None:
     """An exclusive start (or a daemon pass) re-pins the running shared domains it listed;

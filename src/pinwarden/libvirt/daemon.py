@@ -88,9 +88,9 @@ def reconcile_once(manager: Manager, conn: Any, *, restore: bool,
             elif isinstance(action, Drift):
                 if (restore or action.unpinned) and action.repin.after:
                     with pins.locked(manager):
-                        lv.apply_repin(conn, action.repin)
-                        if action.narrows:
+                        if action.narrows:  # recorded first: a kill in between (hunt)
                             pins.note_moves(manager, [action.repin])
+                        lv.apply_repin(conn, action.repin)
                     log.warning("restored %s (%s)", action.repin, action.reason)
                 else:
                     reported.add(action.reason)

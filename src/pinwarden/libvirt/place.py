@@ -142,11 +142,13 @@ def place_default(manager: Manager, name: str, spec: DomainSpec) -> CpuSet | Non
     if found is None:
         return None
     pid, cpus = found.pid, found.cpus
-    failed = pin_each({tid: cpus for tid in threads_of(pid)
-                       if unpinned_thread(spec, thread_comm(pid, tid))})
     if found.record_host is not None:  # (nothing leased, nothing narrower: no import)
+        # recorded before the threads move: a kill in between left them narrowed for good
+        # (crash hunt); a record of a placement not made is forgotten by the give-back
         note_placed_narrower(manager, name, spec, found.plan, found.record_host,
                              every=found.every)
+    failed = pin_each({tid: cpus for tid in threads_of(pid)
+                       if unpinned_thread(spec, thread_comm(pid, tid))})
     # A thread that exited meanwhile, or one whose cpuset cgroup does not allow the CPUs —
     # KVM's NX huge page recovery worker (kvm-nx-lpage-re) may start in the cgroup of a
     # pinned vCPU, and keeps its pin — is left as it is; anything else is reported (the

@@ -265,6 +265,11 @@ def _start_shared(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSp
             if attempt > 1:
                 raise
             raise _LedgerDown(exc) from None
+        # the placement the leases narrow, recorded before the domain starts with it (a
+        # kill between the start and the record left it narrowed for good: crash hunt);
+        # recorded again below for the plan it ends with
+        with contextlib.suppress(PinwardenError):
+            _note_narrower(manager, spec, plan, holder)
         try:
             dom = _create(conn, holder, render_plan(xml, plan))
             break
@@ -291,15 +296,10 @@ def _start_shared(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSp
             lv.destroy(conn, holder.name)
         raise
     with contextlib.suppress(PinwardenError):  # the CPUs leased now, given back later
-        base = shared_pool(manager.host(), CpuSet())[0]
-        narrower = placed_narrower(spec, plan, holder.name, holder.uuid or "", base)
-        if narrower:
-            # recorded whatever the leases are now: one that ended since the plan was made
-            # (its give-back already ran) left the domain narrowed for good (hunt)
-            with pins.locked(manager):
-                pins.note_moves(manager, narrower)
-            if not manager.leases(kept=True):
-                pins.give_back(manager, conn)
+        # recorded whatever the leases are now: one that ended since the plan was made
+        # (its give-back already ran) left the domain narrowed for good (hunt)
+        if _note_narrower(manager, spec, plan, holder) and not manager.leases(kept=True):
+            pins.give_back(manager, conn)
     return Started(holder.name, holder.uuid or "", plan, pid, kernel.domain_cgroup(pid),
                    notes=plan.notes)
 
@@ -347,10 +347,13 @@ def _start_exclusive(manager: Manager, conn: Any, holder: HolderRef, spec: Domai
     started = False
     try:
         with pins.locked(manager):
+            # recorded before they are made (given back when the CPUs are free): a kill
+            # between a re-pin and its record left the domain narrowed for good, where a
+            # record of a re-pin not made is forgotten by the give-back (crash hunt)
+            replaced = pins.note_moves(manager, planner.moves)
             for move in planner.moves:
                 if lv.apply_repin(conn, move):  # (False: that domain stopped meanwhile)
                     done.append(move)
-            replaced = pins.note_moves(manager, done)  # given back when the CPUs are free
         dom = _create(conn, holder, render_plan(xml, plan, partition=partition))
         started = True
         pid = lv.read_pid(holder.driver, holder.name)
@@ -396,6 +399,18 @@ def _start_exclusive(manager: Manager, conn: Any, holder: HolderRef, spec: Domai
             print(f"pinwarden: ended {said}", file=sys.stderr)
             raise
         raise KeyboardInterrupt(said) from None
+
+
+def _note_narrower(manager: Manager, spec: DomainSpec, plan: Plan,
+                   holder: HolderRef) -> bool:
+    """Record where ``plan`` places a shared domain's unpinned threads narrower than the
+    shared pool with nothing leased (:func:`placed_narrower`); whether any is."""
+    base = shared_pool(manager.host(), CpuSet())[0]
+    narrower = placed_narrower(spec, plan, holder.name, holder.uuid or "", base)
+    if narrower:
+        with pins.locked(manager):
+            pins.note_moves(manager, narrower)
+    return bool(narrower)
 
 
 def _rollback(manager: Manager, conn: Any, holder: HolderRef, started: bool,
