@@ -683,6 +683,24 @@ def test_scanner_agrees_with_the_kernel_for_this_process() -> None:
     assert kthreadd.kernel
 
 
+def test_a_zombie_is_no_thread_of_the_scan() -> None:
+    """An exited child nobody reaped yet (a zombie) runs nowhere, and the kernel never
+    narrows its affinity: the audit reported one an escaped task on the leased CPUs,
+    exit 1 (v2-lab hunt).  The scan leaves it out, on both paths."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child never became a zombie"
+            time.sleep(0.05)
+        for live in (False, True):
+            threads, _ = audit.scan_threads(Path("/proc"), cgroup_of=None, live=live)
+            assert os.getpid() in {t.pid for t in threads}, live
+            assert child.pid not in {t.pid for t in threads}, live
+    finally:
+        child.wait()
+
+
 def test_fast_paths_agree_with_the_slow_ones() -> None:
     """Live host: sched_getaffinity == status Cpus_allowed_list, and the tasks-file map ==
     each thread's own cgroup file, for every thread that stayed put across the scans (the

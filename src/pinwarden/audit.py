@@ -740,6 +740,8 @@ def scan_threads(proc: Path, *, cgroup_of: Mapping[int, str] | None = None,
                 continue
             try:
                 stat = parse_stat(stat_text.decode("utf-8", "replace"))
+                if stat.dead:  # a zombie runs nowhere (and the kernel never narrows its
+                    continue   # affinity: it read as an escaped task; v2-lab hunt)
                 if live:
                     cpus = cpus_of.of(os.sched_getaffinity(stat.pid))
                 else:
