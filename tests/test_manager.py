@@ -983,15 +983,16 @@ def test_release_of_a_holder_that_runs_is_refused_unless_forced(host4: Path,
             assert err.value.code == "holder-running"
             assert err.value.message == (
                 f"job 'J' still runs (pid {runs.pid}) on CPU 3: stop it (kill {runs.pid}) "
-                "and its leases go with it; 'pinwarden release --force' frees them while it "
-                "runs"), err.value.message
+                "and its leases go with it; `pinwarden release J --driver run --force` "
+                "frees them while it runs"), err.value.message
             # a domain's name quoted for the shell, as typed (it was not: CLI hunt)
             odd = domain_holder("qemu", "my vm $(id);x", "6f" * 16)
             m.reserve(odd, lambda host, leases: Plan(odd.name, odd.uuid, True, {0: C("2")},
                                                     C("2"), leases={2: "vcpu0"}),
                       owner_pid=runs.pid)
             with pytest.raises(Refusal, match=re.escape(
-                    "stop it (pinwarden stop 'my vm $(id);x') and its leases go")):
+                    "stop it (pinwarden stop 'my vm $(id);x') and its leases go with it; "
+                    "`pinwarden release 'my vm $(id);x' --driver qemu --force` frees")):
                 m.release("my vm $(id);x", force=False)
             m.release("my vm $(id);x")
             assert [h.ref.name for h in m.holders()] == ["J"]

@@ -144,8 +144,11 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
         assert usage.value.code == 2
         err = capsys.readouterr().err
         assert "no command given" in err and err.startswith("usage: pinwarden run"), err
-    assert main(["run", "--exclusive", "0", "--", "true"]) == 1
-    assert "at least 1 CPU" in capsys.readouterr().err
+    for count in ("0", "-1"):  # a bad value is a usage error like "abc" (it exited 1)
+        with pytest.raises(SystemExit) as usage:
+            main(["run", "--exclusive", count, "--", "true"])
+        assert usage.value.code == 2
+        assert f"needs at least 1 CPU, not {int(count)}" in capsys.readouterr().err
     for name in ("../x", ""):  # an empty name is refused too, not replaced by the default
         assert main(["run", "--name", name, "--", "true"]) == 1
         assert f"invalid job name {name!r}" in capsys.readouterr().err

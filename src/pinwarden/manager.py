@@ -48,7 +48,7 @@ from pinwarden.errors import (
     state_dir_advice,
 )
 from pinwarden.ledger import DB_NAME, HolderRecord, HostRecord, Ledger
-from pinwarden.model import KEPT_ROLE, HolderRef, Lease, Plan, stop_command
+from pinwarden.model import KEPT_ROLE, HolderRef, Lease, Plan, release_command, stop_command
 from pinwarden.partition import Host, VmCgroup, load_host, read_vm_cgroup
 from pinwarden.record import record, replace
 
@@ -632,8 +632,9 @@ class Manager:
                 stop = stop_command(ref, found.owner_pid)
                 raise Refusal(f"{ref} still runs (pid {found.owner_pid}) on "
                               f"{found.plan.leased().named(empty='no CPUs')}: stop it "
-                              f"({stop}) and its leases go with it; 'pinwarden release "
-                              f"--force' frees them while it runs", code="holder-running")
+                              f"({stop}) and its leases go with it; "
+                              f"`{release_command(ref)} --force` frees them while it runs",
+                              code="holder-running")
             record = ledger.release(selector, driver=driver, corrupt_plan=force)
             self._sync_after_release(record)
             return record

@@ -73,6 +73,8 @@ def _count(text: str) -> int:
     it; hunt)."""
     if not (text.isascii() and text.strip().lstrip("+-").isdigit()):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of CPUs")
+    if int(text) < 1:  # a usage error like any other bad value (it exited 1: hunt)
+        raise argparse.ArgumentTypeError(f"needs at least 1 CPU, not {int(text)}")
     return int(text)
 
 
@@ -87,8 +89,6 @@ def request_of(args: argparse.Namespace, command: list[str]) -> JobSpec:
         base = re.sub(r"[^A-Za-z0-9_.@:+-]", "_", Path(command[0]).name)[:48].lstrip("._@:+-")
         name = f"{base or 'job'}-{os.getpid()}"
     cpus = CpuSet.parse(args.cpus) if args.cpus is not None else None
-    if args.exclusive is not None and args.exclusive < 1:
-        raise InputError(f"--exclusive needs at least 1 CPU, not {args.exclusive}")
     return JobSpec(name=check_name(name), count=args.exclusive, cpus=cpus,
                    threads=args.threads, isolated=args.isolated)
 
