@@ -411,9 +411,10 @@ def test_this_machine(config_file: Path) -> None:
 def test_status_reads_each_holders_partition_from_the_kernel(tmp_path: Path) -> None:
     """A holder group the kernel marks an invalid partition (cgroup v2) is not exclusive,
     which the ledger cannot tell: status reads ``cpuset.cpus.partition`` of each recorded
-    group.  A valid one, a group gone, a v1 host and a v2 mount without cpuset say
-    nothing.  (The real kernel: test_lab_v2's invalid-partition test.)"""
-    from pinwarden.cli.placement import invalid_partitions
+    group.  A group gone (removed by hand) is said too; a valid one and a holder without
+    a group say nothing; on a v2 mount without cpuset the v1 cpuset hierarchy is read.  (The real kernel: test_lab_v2's
+    invalid-partition test; a group gone: test_run_host.)"""
+    from pinwarden.cli.placement import Invalid, invalid_partitions
     from pinwarden.ledger import HolderRecord
     from pinwarden.model import Plan
 
@@ -430,9 +431,12 @@ def test_status_reads_each_holders_partition_from_the_kernel(tmp_path: Path) -> 
                   cpus="0-3")
     write(tmp_path, "sys/fs/cgroup/pw-a.partition/cpuset.cpus.partition", reason + "\n")
     write(tmp_path, "sys/fs/cgroup/pw-b.partition/cpuset.cpus.partition", "isolated\n")
-    assert invalid_partitions(tmp_path, records) == {("qemu", a.key): reason}
+    assert invalid_partitions(tmp_path, records) == {
+        ("qemu", a.key): Invalid(reason, None), ("qemu", c.key): Invalid(None, None, True)}
     v2_without_cpuset = tmp_path / "nocpuset"
     mount_cgroups(v2_without_cpuset, v1=True, v2_controllers="cpu memory")
     write(v2_without_cpuset, "sys/fs/cgroup/unified/pw-a.partition/cpuset.cpus.partition",
           reason + "\n")
-    assert invalid_partitions(v2_without_cpuset, records) == {}
+    # (pinwarden's groups there are in the v1 cpuset hierarchy, where none is)
+    assert invalid_partitions(v2_without_cpuset, records) == {
+        ("qemu", r.key): Invalid(None, None, True) for r in (a, b, c)}

@@ -311,3 +311,39 @@ def shared_pool(host: Host, taken: CpuSet) -> tuple[CpuSet, tuple[str, ...]]:
     return fallback, (f"every VM CPU ({host.partition.vm_cpus}) is leased exclusively; "
                       f"shared VMs run on the housekeeping {fallback.named()} until a lease is "
                       "released",)
+
+
+def where_of(part: Partition) -> str:
+    """The VM partition, for messages."""
+    if part.mode == "cgroup":
+        return f"partition cgroup {part.cgroup or '?'} (cpus {part.vm_cpus})"
+    if part.mode == "isolcpus":
+        return f"isolated {part.vm_cpus.named(empty='CPUs (none)')}"
+    return f"VM {part.vm_cpus.named(empty='CPUs (none)')} (online minus host reserve)"
+
+
+def no_housekeeping(host: Host) -> str | None:
+    """Why nothing can be leased on ``host`` when its VM CPUs are every online CPU (no
+    housekeeping CPU would be left), with what to change; None when some are the host's.
+    (``pinwarden host`` and ``status`` say it too: only a plan said it, and ``host`` is the
+    first step.)"""
+    part = host.partition
+    if part.host_cpus:
+        return None
+    online = host.topology.online
+    first = host.topology.siblings(online.first()) & online if online else EMPTY
+    rest, keep = (online - first).to_list() or "…", f"keeping {first.named()} for the host"
+    where = where_of(part)
+    if part.mode == "isolcpus":  # the kernel's list: only the command line changes it
+        what = f"the isolated {part.vm_cpus.named()} (isolcpus=) cover"
+        fix = (f"boot with isolcpus= naming the VM CPUs only (isolcpus={rest}, {keep}), or "
+               f"set [partition] mode = \"none\" with a host_reserve")
+    elif part.mode == "cgroup":
+        what = f"the {where} covers"
+        fix = (f"give {'cgroup ' + part.cgroup if part.cgroup else 'the VM partition'} the "
+               f"VM CPUs only ({restrict_howto(part.cgroup, rest)}, {keep}) or set "
+               f"[partition] mode = \"auto\"")
+    else:
+        what = f"the {where} cover"
+        fix = f"set [partition] host_reserve = \"{first.to_list() or '0'}\""
+    return f"{what} every online CPU, which leaves the host no housekeeping CPU; {fix}"

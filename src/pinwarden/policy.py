@@ -47,7 +47,7 @@ from pinwarden.model import (
     release_command,
     stop_command,
 )
-from pinwarden.partition import Host, Partition, restrict_howto, shared_pool
+from pinwarden.partition import Host, Partition, no_housekeeping, shared_pool, where_of
 from pinwarden.record import record, replace
 
 if TYPE_CHECKING:
@@ -100,16 +100,7 @@ class _Ctx:
 
     def where(self) -> str:
         """The partition, for messages."""
-        return _where(self.part)
-
-
-def _where(part: Partition) -> str:
-    """The VM partition, for messages."""
-    if part.mode == "cgroup":
-        return f"partition cgroup {part.cgroup or '?'} (cpus {part.vm_cpus})"
-    if part.mode == "isolcpus":
-        return f"isolated {part.vm_cpus.named(empty='CPUs (none)')}"
-    return f"VM {part.vm_cpus.named(empty='CPUs (none)')} (online minus host reserve)"
+        return where_of(self.part)
 
 
 def decide(request: Request, host: Host, leases: Sequence[Lease], *,
@@ -154,32 +145,6 @@ def _housekeeping_left(ctx: _Ctx) -> None:
             f"configuration made {'it' if len(kept) == 1 else 'them'} the host's), so no CPU "
             f"would be left for the host; release {holder} first, or give the "
             f"configuration its host reserve of before", code="no-housekeeping")
-
-
-def no_housekeeping(host: Host) -> str | None:
-    """Why nothing can be leased on ``host`` when its VM CPUs are every online CPU (no
-    housekeeping CPU would be left), with what to change; None when some are the host's.
-    (``pinwarden host`` says it too: only a plan said it, and ``host`` is the first step.)"""
-    part = host.partition
-    if part.host_cpus:
-        return None
-    online = host.topology.online
-    first = host.topology.siblings(online.first()) & online if online else EMPTY
-    rest, keep = (online - first).to_list() or "…", f"keeping {first.named()} for the host"
-    where = _where(part)
-    if part.mode == "isolcpus":  # the kernel's list: only the command line changes it
-        what = f"the isolated {part.vm_cpus.named()} (isolcpus=) cover"
-        fix = (f"boot with isolcpus= naming the VM CPUs only (isolcpus={rest}, {keep}), or "
-               f"set [partition] mode = \"none\" with a host_reserve")
-    elif part.mode == "cgroup":
-        what = f"the {where} covers"
-        fix = (f"give {'cgroup ' + part.cgroup if part.cgroup else 'the VM partition'} the "
-               f"VM CPUs only ({restrict_howto(part.cgroup, rest)}, {keep}) or set "
-               f"[partition] mode = \"auto\"")
-    else:
-        what = f"the {where} cover"
-        fix = f"set [partition] host_reserve = \"{first.to_list() or '0'}\""
-    return f"{what} every online CPU, which leaves the host no housekeeping CPU; {fix}"
 
 
 def _split(leases: Sequence[Lease], holder: HolderRef) -> tuple[dict[int, Lease], list[int]]:

@@ -143,7 +143,7 @@ def _disagreement(now: Partition | str, recorded: Partition) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from pinwarden.cli import print_json
-    from pinwarden.policy import no_housekeeping
+    from pinwarden.partition import no_housekeeping
     from pinwarden.view import render_cpu_map
 
     root = root_of(args)

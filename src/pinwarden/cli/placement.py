@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pinwarden.cli import print_json, printable
 from pinwarden.cli.common import manager_of, state_dir_of
 from pinwarden.errors import HostError, InputError
+from pinwarden.record import record as value_class
 
 # Everything else is imported by the handler that needs it: building the parser (every
 # command, on every run) must stay cheap, and ``plan`` loads neither the CPU map nor
@@ -296,7 +296,7 @@ def invalid_partitions(root: Path, records: Sequence[HolderRecord],
 NOT_EXCLUSIVE = "cpu_exclusive 0"
 
 
-@dataclass(frozen=True)
+@value_class
 class Invalid:
     """What :func:`invalid_partitions` found wrong with a holder's group: the partition
     (``cpuset.cpus.partition``'s words, or :data:`NOT_EXCLUSIVE`), and the online CPUs
@@ -387,8 +387,7 @@ def run_status(args: argparse.Namespace) -> int:
     from pinwarden.ledger import DB_NAME
     from pinwarden.model import JOB_DRIVER, by_holder, kept_text
     from pinwarden.narrowed import NARROWED_PREFIX, narrowed
-    from pinwarden.partition import shared_pool
-    from pinwarden.policy import no_housekeeping
+    from pinwarden.partition import no_housekeeping, shared_pool
     from pinwarden.view import render_cpu_map
 
     with manager_of(args) as manager, manager.snapshot():
