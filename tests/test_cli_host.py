@@ -412,8 +412,8 @@ def test_status_reads_each_holders_partition_from_the_kernel(tmp_path: Path) -> 
     """A holder group the kernel marks an invalid partition (cgroup v2) is not exclusive,
     which the ledger cannot tell: status reads ``cpuset.cpus.partition`` of each recorded
     group.  A group gone (removed by hand) is said too; a valid one and a holder without
-    a group say nothing; on a v2 mount without cpuset the v1 cpuset hierarchy is read.  (The real kernel: test_lab_v2's
-    invalid-partition test; a group gone: test_run_host.)"""
+    a group say nothing; on a v2 mount without cpuset the v1 cpuset hierarchy is read.
+    (The real kernel: test_lab_v2's invalid-partition test; a group gone: test_run_host.)"""
     from pinwarden.cli.placement import Invalid, invalid_partitions
     from pinwarden.ledger import HolderRecord
     from pinwarden.model import Plan
