@@ -1009,6 +1009,36 @@ def test_release_of_a_holder_that_runs_is_refused_unless_forced(host4: Path,
         runs.wait()
 
 
+def test_release_of_a_domain_held_by_libvirtd_says_so(host4: Path, tmp_path: Path) -> None:
+    """A domain's lease whose owner is still the libvirt daemon (the hook's ``prepare``
+    made it; its ``started`` and ``release`` calls were lost, killed): release said the
+    domain "still runs (pid <libvirtd>)" and sent the user to stop it — it ran nowhere
+    (crash hunt).  Now the refusal says libvirtd holds it and how to free it."""
+    import shutil
+
+    daemon = tmp_path / "libvirtd"  # a process named as libvirtd is
+    shutil.copy("/bin/sleep", daemon)
+    runs = subprocess.Popen([str(daemon), "60"])
+    try:
+        held = domain_holder("qemu", "x", "6f" * 16)
+        with manager(host4, tmp_path / "state", fake4()) as m:
+            m.reserve(held, lambda host, leases: Plan("x", held.uuid, True, {0: C("2")},
+                                                      C("2"), leases={2: "vcpu0"}),
+                      owner_pid=runs.pid)
+            with pytest.raises(Refusal) as err:
+                m.release("x", force=False)
+            assert err.value.code == "holder-running"
+            assert err.value.message == (
+                f"qemu domain 'x' is held by libvirtd (pid {runs.pid}) on CPU 2: it is "
+                f"starting or stopping the domain; if the domain does not run ('virsh "
+                f"domstate {held.uuid}'), 'pinwarden daemon --once' frees its leases, as "
+                f"does `pinwarden release x --driver qemu --force`"), err.value.message
+            assert m.release("x").ref.name == "x"
+    finally:
+        runs.kill()
+        runs.wait()
+
+
 def test_keep_home_leaves_out_the_vm_partition_and_the_holder_groups() -> None:
     """The threads pinwarden keeps off the isolated CPUs across a partition change are the
     host's own: those of the VM partition (a shared domain placed there by libvirt) and of

@@ -48,7 +48,15 @@ from pinwarden.errors import (
     state_dir_advice,
 )
 from pinwarden.ledger import DB_NAME, HolderRecord, HostRecord, Ledger
-from pinwarden.model import KEPT_ROLE, HolderRef, Lease, Plan, release_command, stop_command
+from pinwarden.model import (
+    JOB_DRIVER,
+    KEPT_ROLE,
+    HolderRef,
+    Lease,
+    Plan,
+    release_command,
+    stop_command,
+)
 from pinwarden.partition import Host, VmCgroup, load_host, read_vm_cgroup
 from pinwarden.record import record, replace
 
@@ -628,6 +636,19 @@ class Manager:
             if found is not None and found.owner_pid is not None \
                     and procs.alive(found.owner_pid, found.owner_start):
                 ref = found.ref
+                if ref.driver != JOB_DRIVER and procs.libvirt_daemon(found.owner_pid):
+                    # libvirtd between the hook's prepare and QEMU's start; also a start
+                    # whose started and release hooks were both lost (killed): "still
+                    # runs (pid of libvirtd)" sent the user to stop a domain that did not
+                    # run (crash hunt)
+                    raise Refusal(
+                        f"{ref} is held by {procs.thread_comm(found.owner_pid, found.owner_pid)}"
+                        f" (pid {found.owner_pid}) on "
+                        f"{found.plan.leased().named(empty='no CPUs')}: it is starting or "
+                        f"stopping the domain; if the domain does not run ('virsh domstate "
+                        f"{ref.uuid or ref.name}'), 'pinwarden daemon --once' frees its "
+                        f"leases, as does `{release_command(ref)} --force`",
+                        code="holder-running")
                 # (the name quoted for the shell, as every other refusal has it: hunt)
                 stop = stop_command(ref, found.owner_pid)
                 raise Refusal(f"{ref} still runs (pid {found.owner_pid}) on "

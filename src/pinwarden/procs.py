@@ -150,6 +150,16 @@ def thread_comm(pid: int, tid: int, *, root: Path = Path("/")) -> str | None:
         return None
 
 
+#: The libvirt daemons that run hooks, and so own a domain's lease between the hook's
+#: ``prepare`` and QEMU's start (``pinwarden.libvirt.hook.HOOK_DAEMON_NAMES``).
+LIBVIRT_DAEMONS = frozenset({"libvirtd", "virtqemud", "virtlxcd"})
+
+
+def libvirt_daemon(pid: int, *, root: Path = Path("/")) -> bool:
+    """Whether process ``pid`` is a libvirt daemon (:data:`LIBVIRT_DAEMONS`)."""
+    return thread_comm(pid, pid, root=root) in LIBVIRT_DAEMONS
+
+
 def named(names: frozenset[str], *, root: Path = Path("/")) -> list[tuple[int, str]]:
     """(pid, name) of every running process whose name (``/proc/PID/comm``) is in
     ``names``, by pid."""

@@ -343,7 +343,8 @@ def run_release(args: argparse.Namespace) -> int:
         what = f"{cpus.named()} freed" if cpus else "it held no CPUs"
         print(f"released {record.ref.describe()}: {what}")
         if cpus and record.owner_pid is not None and \
-                procs.alive(record.owner_pid, record.owner_start):
+                procs.alive(record.owner_pid, record.owner_start) and \
+                not procs.libvirt_daemon(record.owner_pid):  # (no domain of its own)
             print(f"note: it still runs (pid {record.owner_pid}): its cgroup keeps "
                   f"{cpus.named()} until it stops, and a running 'pinwarden daemon' leases "
                   "them to it again")
