@@ -171,24 +171,29 @@ def test_a_kernel_thread_moved_to_the_one_housekeeping_cpu_comes_back(pw: Pinwar
         os.sched_setaffinity(kthreadd, found)
 
 
+@pytest.mark.parametrize("vm", [False, True], ids=["host-cgroup", "vm-cgroup"])
 def test_threads_outside_the_holders_leave_an_unguarded_leased_cpu_and_come_back(
-        pw: Pinwarden) -> None:
+        pw: Pinwarden, vm: bool) -> None:
     """The manager's step for CPUs the kernel cannot guard (Linux 6.12 refuses partitions
     over isolcpus CPUs, so holder groups there are plain cpusets): a thread of another
     cgroup that may run on the leased CPU is moved off it, its affinity recorded, and put
     back exactly when the CPU is free.  Real threads, /proc and sched_setaffinity; the
-    story on 6.12 itself is the trixie lab's ``story_isolcpus``."""
+    story on 6.12 itself is the trixie lab's ``story_isolcpus``.  Also the threads of a VM
+    outside the VM partition (a shared domain in a ``<resource><partition>`` of its own,
+    pinned live onto the leased CPU: they ran there, the systemd lab's hunt on 6.12)."""
     from pinwarden.config import load_config
     from pinwarden.cpuset import EMPTY, CpuSet
     from pinwarden.manager import Manager
     from pinwarden.policy import JobSpec
 
-    group = CPUSET / f"pwtest-keepoff-{os.getpid()}"
-    group.mkdir()
+    top = CPUSET / f"pwtest-keepoff-{os.getpid()}"
+    group = top / "qemu-9-pwtest-cust.libvirt-qemu" if vm else top
     child = None
     try:
-        (group / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
-        (group / "cpuset.cpus").write_text("0-1")
+        for made in dict.fromkeys((top, group)):
+            made.mkdir()
+            (made / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+            (made / "cpuset.cpus").write_text("0-1")
         # a process that starts a thread when told to (as libvirtd starts workers)
         child = subprocess.Popen(
             [sys.executable, "-c", "import sys, threading, time\n"
@@ -224,12 +229,13 @@ def test_threads_outside_the_holders_leave_an_unguarded_leased_cpu_and_come_back
         if child is not None:
             child.kill()
             child.wait()
-        for _ in range(50):
-            try:
-                group.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
+        for made in dict.fromkeys((group, top)):
+            for _ in range(50):
+                try:
+                    made.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
 
 
 def _gone_and_synced(pw: Pinwarden, heir: int, group: str) -> None:

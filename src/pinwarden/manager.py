@@ -1322,8 +1322,12 @@ class Manager:
                                                *audit.DEFAULT_VM_PARTITIONS))),
             holder_stems=tuple(dict.fromkeys((config.exclusive_cgroup,
                                               *audit.DEFAULT_HOLDER_STEMS))))
+        # (and the threads of VMs outside the VM partition and every holder: a shared
+        # domain in a <resource><partition> of its own, pinned live onto a leased CPU, ran
+        # there and stayed: systemd-lab hunt on 6.12 with isolcpus=)
         strays = {i.tid: i for i in report.intruders
-                  if i.kind == "escaped-task" and i.tid is not None and i.cpus & unguarded}
+                  if (i.kind == "escaped-task" or (i.kind == "other-vm-thread" and
+                      i.owner is None)) and i.tid is not None and i.cpus & unguarded}
         if not strays:
             return
         records = {key: isolation.Record.from_json(json.loads(value))
