@@ -738,6 +738,12 @@ def test_a_shared_domain_saved_with_pinwardens_pins_restores_beside_a_lease(
     _wait("the give-back to end", lambda: not _give_backs_of(hooked))
     assert "1" in virsh("vcpupin", s, "0", "--live").stdout  # libvirt's live pin now
     _virsh_ok(("start", a), ("managedsave", s), ("start", s))
+    _restored_off_then_given_back(hooked, a, s)
+
+
+def _restored_off_then_given_back(hooked: env.Pinwarden, a: str, s: str) -> None:
+    """Shared ``s``, just restored beside exclusive ``a`` (CPU 1), runs on CPU 0 alone;
+    once ``a`` is destroyed, the give-back puts every thread of ``s`` on CPU 1."""
     assert set(env.thread_affinities(s).values()) == {frozenset({0})}
     _virsh_ok(("destroy", a))
     _wait(f"{s} to get CPU 1 back", lambda: env.vm_affinity(s) == {1})
@@ -760,12 +766,7 @@ def test_a_shared_domain_pinwarden_started_restores_beside_a_lease_and_gets_its_
     hooked.run("start", s, "--no-daemon", check=True)
     assert "cpuset='1'" in virsh("dumpxml", s).stdout
     _virsh_ok(("save", s, str(image)), ("start", a), ("restore", str(image)))
-    assert set(env.thread_affinities(s).values()) == {frozenset({0})}
-    _virsh_ok(("destroy", a))
-    _wait(f"{s} to get CPU 1 back", lambda: env.vm_affinity(s) == {1})
-    _wait("the give-back to end", lambda: not _give_backs_of(hooked))
-    assert set(env.thread_affinities(s).values()) == {frozenset({1})}, \
-        env.thread_affinities(s)
+    _restored_off_then_given_back(hooked, a, s)
 
 
 def test_a_shared_domain_the_hook_placed_off_a_lease_gets_the_cpu_back(
