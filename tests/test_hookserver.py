@@ -171,10 +171,14 @@ def test_an_exclusive_start_whose_libvirt_daemon_is_unknown_is_refused(
     assert record.ref.name == "db" and record.owner_pid == os.getpid()
 
 
-def test_the_client_knows_the_daemons_that_run_hooks() -> None:
+def test_the_client_and_the_manager_know_the_daemons_that_run_hooks() -> None:
+    """The hook client (standard library only) and ``procs`` (below the libvirt layer,
+    for the manager's release refusal) keep their own copies of the names."""
+    from pinwarden import procs
     from pinwarden.libvirt import hookclient
 
     assert {n.decode() for n in hookclient.DAEMON_NAMES} == hook.HOOK_DAEMON_NAMES
+    assert procs.LIBVIRT_DAEMONS == hook.HOOK_DAEMON_NAMES
 
 
 def test_the_client_knows_pinwardens_namespace() -> None:

@@ -113,10 +113,10 @@ class SnapshotCollector:
         leased = CpuSet.of(lease.cpu for lease in self.snapshot.leases)
         part = host.partition
         nodes = _nodes(host)
-        leased_n = _per_node(host, leased)
-        free_n = _per_node(host, part.vm_cpus - leased)
         house_n = _per_node(host, part.host_cpus)
         if "ledger" not in self.snapshot.errors:  # (unread: leased unknown, not none)
+            leased_n = _per_node(host, leased)
+            free_n = _per_node(host, part.vm_cpus - leased)
             vm = GaugeMetricFamily("pinwarden_vm_cpus",
                                    "VM CPUs per NUMA node: leased exclusively, or free",
                                    labels=["node", "state"])
