@@ -311,17 +311,32 @@ def test_output_that_cannot_be_written_is_one_line_and_the_change_stands(
         with open("/dev/full", "w") as out:
             return cli(*argv, stdout=out, env=env)
 
-    for argv, leased in ((("reserve", str(xml), *common), True),
-                         (("status", "--json", *common), True),
-                         (("release", "vm-full", *common), False),
-                         (("--help",), False)):
+    for argv, leased, status in ((("reserve", str(xml), *common), True, 1),
+                                 (("status", "--json", *common), True, 1),
+                                 (("release", "vm-full", *common), False, 1),
+                                 (("--help",), False, 1)):
         done = full(*argv)
-        assert done.returncode == 1, (argv, done.stderr)
+        assert done.returncode == status, (argv, done.stderr)
         assert done.stderr.startswith("pinwarden: error: cannot write to standard output: "
                                       "No space left on device"), (argv, done.stderr)
         assert done.stderr.count("\n") == 1, (argv, done.stderr)
-        status = json.loads(cli("status", "--json", *common).stdout)
-        assert bool(status["leases"]) is leased, (argv, status)
+        shown = json.loads(cli("status", "--json", *common).stdout)
+        assert bool(shown["leases"]) is leased, (argv, shown)
+
+
+def test_a_clean_audit_whose_report_is_lost_exits_as_not_checked(
+        tmp_path: Path, empty_config: str) -> None:
+    """``audit``'s 1 means "intruders found": a clean report that could not be written
+    (``> /dev/full``) exited 1 too (hunt).  Now 2, "could not be made", as the help says;
+    the same audit written out exits 0."""
+    common = ("--state-dir", str(tmp_path / "state"), "--config", empty_config)
+    with open("/dev/full", "w") as out:
+        done = cli("audit", *common, stdout=out)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("pinwarden: error: cannot write to standard output"), \
+        done.stderr
+    done = cli("audit", *common)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 @BUFFERING

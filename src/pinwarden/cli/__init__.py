@@ -314,7 +314,9 @@ def _run(args: argparse.Namespace) -> int:
         # was lost, which a script must not take for success either
         print(f"pinwarden: error: cannot write to standard output: {lost.strerror or lost} "
               f"(the command itself ran to its end; its output was lost)", file=sys.stderr)
-        return status or EXIT_ERROR
+        # (a command whose 1 means something else has a status of its own for it: audit's
+        # 1 is "intruders found", which a lost clean report was taken for)
+        return status or int(getattr(args, "output_lost_status", EXIT_ERROR))
     return status
 
 

@@ -37,7 +37,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
                         help="also exit 1 on host tasks and IRQs allowed on leased CPUs")
     parser.add_argument("--all", action="store_true",
                         help=f"list every warning (default: the first {WARNING_ROWS})")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, output_lost_status=EXIT_NOT_CHECKED)
 
 
 def load_ledger(args: argparse.Namespace) -> tuple[tuple[Lease, ...], tuple[HolderRecord, ...],
