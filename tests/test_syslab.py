@@ -3,8 +3,10 @@
 One virtme-ng boot per Debian suite and session (bookworm: libvirt 9.0, systemd 252, Linux
 6.1; trixie: libvirt 11, systemd 257, Linux 6.12), 4 CPUs in two NUMA nodes (0-1, 2-3),
 ``isolcpus=3``, systemd as PID 1, libvirtd.service and systemd-machined.  The guest runs
-every check of ``tests/syslab/guest/checks_*.py`` and records observations; each test here
-asserts one fact, so a failure names what systemd, libvirt or the kernel did differently.
+the checks of ``tests/syslab/guest/checks_*.py`` and records observations (those whose
+facts do not depend on the suite in one suite's guest: ``syslab.vm.ONE_SUITE``); each test
+here asserts one fact, so a failure names what systemd, libvirt or the kernel did
+differently.
 
 Run: ``.venv/bin/pytest -m systemd tests/test_syslab.py`` (first run builds the roots, about
 3 minutes, cached in /var/cache/pinwarden-syslab; then 5-10 minutes per suite under TCG).
@@ -12,25 +14,44 @@ Run: ``.venv/bin/pytest -m systemd tests/test_syslab.py`` (first run builds the 
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from syslab.vm import SUITES, LabError, LabRun, lab_run
+from syslab.vm import ONE_SUITE, SUITES, LabError, LabRun, lab_run, suites_of
 
 pytestmark = [pytest.mark.systemd, pytest.mark.slow]
 
 Data = dict[str, Any]
 
 
-@pytest.fixture(scope="session", params=SUITES)
+@pytest.fixture(scope="session")
 def lab(request: pytest.FixtureRequest) -> LabRun:
+    """The boot of one suite (parametrized by :func:`pytest_generate_tests`)."""
     try:
         return lab_run(str(request.param))
     except LabError as exc:
         pytest.fail(str(exc), pytrace=False)
+
+
+def checks_used(function: Callable[..., object]) -> set[str]:
+    """The guest checks a test reads (``lab.check("NAME")`` in its source)."""
+    return set(re.findall(r'lab\.check\("(\w+)"\)', inspect.getsource(function)))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Each test runs against the suites whose guests run every check it reads: a check
+    of one suite only (:data:`syslab.vm.ONE_SUITE`) has no result in the other's."""
+    if "lab" not in metafunc.fixturenames:
+        return
+    suites = [s for s in SUITES
+              if all(s in suites_of(c) for c in checks_used(metafunc.function))]
+    metafunc.parametrize("lab", suites, indirect=True, scope="session")
 
 
 def kernel_of(lab: LabRun) -> tuple[int, int]:
@@ -53,6 +74,20 @@ def suite_is(lab: LabRun, name: str) -> bool:
 
 
 # -- the lab itself -----------------------------------------------------------------------
+
+def test_every_check_of_one_suite_is_read_by_a_test_of_that_suite() -> None:
+    """The split of :data:`syslab.vm.ONE_SUITE` names real checks, each in a suite the lab
+    has, and each is read by some test here (which then runs against that suite alone)."""
+    from syslab.rootfs import RECIPES
+
+    tests = [f for name, f in globals().items() if name.startswith("test_")]
+    read = set().union(*(checks_used(f) for f in tests))
+    guest = set()
+    for module in (Path(__file__).parent / "syslab" / "guest").glob("checks_*.py"):
+        guest |= set(re.findall(r'@check\("(\w+)"', module.read_text()))
+    assert set(ONE_SUITE) <= guest, set(ONE_SUITE) - guest
+    assert set(ONE_SUITE.values()) <= set(RECIPES), ONE_SUITE
+    assert set(ONE_SUITE) <= read, set(ONE_SUITE) - read
 
 def test_guest_ran_every_check_to_the_end(lab: LabRun) -> None:
     assert lab.results.get("done"), (f"[{lab.suite}] the guest script did not finish; "
