@@ -1271,3 +1271,167 @@ def test_a_mode_changed_in_the_configuration_is_said_by_host(host4: Path, tmp_pa
     data = json.loads(subprocess.run([*command, "--json"], capture_output=True,
                                      text=True).stdout)
     assert data["recorded_partition"]["mode"] == recorded.mode, data
+
+
+class _Killed(BaseException):
+    """The process died here (SIGKILL): no handler of pinwarden's runs."""
+
+
+class _DiesAfter(FakeCpusetV1):
+    """The in-memory cpuset whose process is killed right after writing ``path``'s CPUs
+    (once, when ``armed``)."""
+
+    def __init__(self, online: CpuSet, path: str) -> None:
+        super().__init__(online)
+        self.path = path
+        self.armed = False
+
+    def set_cpus(self, path: str, cpus: CpuSet) -> None:
+        super().set_cpus(path, cpus)
+        if self.armed and path == self.path:
+            self.armed = False
+            raise _Killed
+
+
+@pytest.mark.parametrize("killed_after", ["machine", "machine/qemu-1-a.libvirt-qemu"])
+def test_a_kill_while_the_last_release_widens_is_finished_by_the_next_sync(
+        host4: Path, tmp_path: Path, killed_after: str) -> None:
+    """The last release widens ``machine`` and then the groups of the shared VM below it,
+    which followed it when the lease narrowed it.  Killed in between (crash hunt), the VM's
+    groups were left on the housekeeping CPUs: the next ``sync`` read them as CPUs of
+    their own, made 0 changes, and took pinwarden's own half-finished write for somebody
+    else's edit.  Now the next sync plans from what the groups held before the cut-short
+    write began: the VM's groups get every CPU back, and nothing is said."""
+    vm = "machine/qemu-1-a.libvirt-qemu"
+    fake = _DiesAfter(C("0-3"), killed_after)
+    build(fake, {"machine": ("0-3", False), vm: ("0-3", False),
+                 f"{vm}/vcpu0": ("0-3", False), f"{vm}/emulator": ("0-3", False)},
+          tasks={f"{vm}/vcpu0": [GONE_TID], f"{vm}/emulator": [GONE_TID + 1]})
+    said: list[str] = []
+    with manager(host4, tmp_path / "state", fake) as m:
+        m.reserve_request(JobSpec("J", cpus=C("3")))
+        assert {fake.read_group(p).cpus for p in ("machine", vm, f"{vm}/vcpu0")} \
+            == {C("0-2")}
+        fake.armed = True
+        with pytest.raises(_Killed):
+            m.drop(job_holder("J"))
+    assert fake.read_group(f"{vm}/vcpu0").cpus == C("0-2")  # cut short
+    with Manager(Config(), host4, tmp_path / "state", backend=fake,  # type: ignore[arg-type]
+                 warn=said.append) as m:
+        m.sync()
+        for path in ("machine", vm, f"{vm}/vcpu0", f"{vm}/emulator"):
+            assert fake.read_group(path).cpus == C("0-3"), path
+        assert said == [], said
+        assert m.record() is None and m.ledger().changes() == {}
+
+
+#: Run in a process of its own: ``pinwarden release`` whose process dies (``os._exit``: no
+#: handler, no ``finally``, as under SIGKILL) right after it wrote ``machine``'s CPUs.
+_RELEASE_KILLED_AFTER_MACHINE = """
+import os, sys
+from pinwarden.cli import main
+from pinwarden.enforce import v1
+
+write = v1.CpusetV1.set_cpus
+
+def set_cpus(self, path, cpus):
+    write(self, path, cpus)
+    if path == "machine":
+        os._exit(137)
+
+v1.CpusetV1.set_cpus = set_cpus
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.kernel
+def test_a_release_killed_after_widening_machine_is_finished_by_sync(
+        real_machine: None, tmp_path: Path) -> None:
+    """This host's cgroup v1: a shared VM's groups below ``machine`` (one with a task)
+    follow it to CPU 0 while CPU 1 is leased.  The release is killed right after it wrote
+    ``machine`` back to 0-1; ``pinwarden sync`` gives the VM's groups CPU 1 back, and does
+    not call pinwarden's own write somebody else's edit."""
+    from libvirt_env import tiny_domain_xml
+
+    tag = f"pwtest-kill-{os.getpid()}"
+    vm = CPUSET / "machine" / f"{tag}.libvirt-qemu"
+    online = (CPUSET / "cpuset.cpus").read_text().strip()
+    config = tmp_path / "pw.toml"
+    config.write_text(f'[partition]\nexclusive = "{tag}.partition"\n')
+    base = ["--state-dir", str(tmp_path / "state"), "--config", str(config)]
+    xml = tmp_path / "d.xml"
+    xml.write_text(tiny_domain_xml(f"{tag}-x", exclusive=True))
+    sleeper = None
+    try:
+        for group in (vm, vm / "vcpu0"):
+            group.mkdir()
+            (group / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+            (group / "cpuset.cpus").write_text(online)
+        sleeper = subprocess.Popen(["sleep", "600"])
+        (vm / "vcpu0" / "tasks").write_text(str(sleeper.pid))
+        done = subprocess.run([PINWARDEN, "reserve", str(xml), *base], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert (vm / "vcpu0" / "cpuset.cpus").read_text().strip() == "0"
+        killed = subprocess.run([sys.executable, "-c", _RELEASE_KILLED_AFTER_MACHINE,
+                                 "release", f"{tag}-x", *base], capture_output=True,
+                                text=True, timeout=120)
+        assert killed.returncode == 137, killed.stderr
+        assert (CPUSET / "machine" / "cpuset.cpus").read_text().strip() == online
+        assert (vm / "vcpu0" / "cpuset.cpus").read_text().strip() == "0"  # cut short
+        done = subprocess.run([PINWARDEN, "sync", *base], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "someone else" not in done.stderr, done.stderr
+        for group in (vm, vm / "vcpu0"):
+            assert (group / "cpuset.cpus").read_text().strip() == online, group
+        with Ledger(tmp_path / "state") as ledger:
+            assert ledger.host_record() is None and ledger.changes() == {}
+    finally:
+        if sleeper is not None:
+            sleeper.kill()
+            sleeper.wait()
+        subprocess.run([PINWARDEN, "release", "--force", f"{tag}-x", *base],
+                       capture_output=True, timeout=120)
+        remove_tree(f"machine/{tag}.libvirt-qemu")
+        for holder in CPUSET.glob(f"{tag}*"):
+            remove_tree(holder.name)
+
+
+def test_an_edit_that_breaks_a_sync_whose_rollback_fails_is_still_taken(
+        tmp_path: Path) -> None:
+    """The systemd story: an administrator's write of the VM partition landed in the middle
+    of a sync (after pinwarden narrowed ``machine`` for a new lease), the kernel refused the
+    rest, and the rollback failed too.  What pinwarden had last written was then unknown,
+    and the next sync overwrote the edit without a word.  Now the record of the cut-short
+    write says what ``machine`` held before it, and the edit is taken from that."""
+    root = _host4(tmp_path, "1-3")  # mode cgroup: VM CPUs 1-3
+
+    class EditedMidway(FakeCpusetV1):
+        armed = False
+
+        def set_cpus(self, path: str, cpus: CpuSet) -> None:
+            super().set_cpus(path, cpus)
+            if self.armed and path == "machine":  # pinwarden's narrowing, then theirs
+                self.armed = False
+                super().set_cpus("machine", C("0-1"))
+                self.fail_at[("cpus", "machine")] = errno.EIO  # the rollback's write
+                self.fail_at[("partition", "pinwarden-run-K.partition")] = errno.EINVAL
+
+    fake = EditedMidway(C("0-3"))
+    build(fake, {"machine": ("1-3", False)})
+    said: list[str] = []
+    with Manager(Config(), root, tmp_path / "state", backend=fake, warn=said.append) as m:
+        m.reserve_request(JobSpec("J", cpus=C("3")))
+        assert fake.read_group("machine").cpus == C("1-2")
+        fake.armed = True
+        with pytest.raises(EnforceError, match="ROLLBACK FAILED"):
+            m.reserve_request(JobSpec("K", cpus=C("2")))
+        m.sync()  # (the failed reservation's own sync of J's layout may take it first)
+        assert fake.read_group("machine").cpus == C("0-1")  # theirs, not overwritten
+        assert len(said) == 1 and "changed by someone else" in said[0] \
+            and "added CPU 0" in said[0] and "removed CPU 2" in said[0], said
+        assert m.host().partition.vm_cpus == C("0-1,3")
+        m.drop(job_holder("J"))
+        assert fake.read_group("machine").cpus == C("0-1,3")  # the edit, with CPU 3 back
+        assert m.record() is None and m.ledger().changes() == {}

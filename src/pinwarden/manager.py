@@ -85,6 +85,12 @@ TASKS_SINCE_KEY = "tasks-since"
 #: Change records of groups below the shared one that pinwarden does not own and that had
 #: CPUs of their own when it first changed their parent (``follower:PATH``: ``{"cpus"}``).
 FOLLOWER_PREFIX = "follower:"
+#: Change record written before a sync's first cgroup write and forgotten once the sync is
+#: done: ``{PATH: {"from": CPUS, "to": CPUS}}`` for each group whose CPUs it changes.  Found
+#: by the next sync, it says the last one was cut short (killed, or its rollback failed):
+#: that sync plans from the CPUs the groups held before (who follows whom), and does not
+#: take the shared group's half-written CPUs for somebody else's edit.
+INTERRUPTED_KEY = "interrupted-write"
 
 #: ``decide(host, leases) -> Plan`` — the placement decision of one reservation.
 Decide = Callable[[Host, tuple[Lease, ...]], Plan]
@@ -1008,13 +1014,16 @@ class Manager:
         record = ledger.host_record()
         names = self.names()
         key = SHARED_KEY.format(path=names.shared)
-        kept_record = ledger.changes().get(key)
+        found_changes = ledger.changes()
+        kept_record = found_changes.get(key)
+        cut_short = found_changes.get(INTERRUPTED_KEY)
+        interrupted = _interrupted_writes(cut_short)
         leased = CpuSet.of(lease.cpu for lease in leases)
         seen = self._read_cpus(backend, names.shared) \
             if watch_edits and (leases or kept_record is not None) else None
         if kept_record is not None:  # before anything is planned against the record
             record = self._take_edit(ledger, backend, names.shared, kept_record, record,
-                                     leased)
+                                     leased, pending=interrupted.get(names.shared))
         host = self._recorded_host(record)
         if leases and kept_record is None:
             # the shared group as found, before anything of this sync writes to it: the
@@ -1046,7 +1055,8 @@ class Manager:
         desired = desired_layout(host, leases, names, shared_extra=shared_extra,
                                  restore_shared=restore, drop_shared=drop,
                                  keep_shared=not leases and key not in changes,
-                                 isolated=isolated, deferred=deferred, originals=originals)
+                                 isolated=isolated, deferred=deferred, originals=originals,
+                                 interrupted={p: was for p, (was, _) in interrupted.items()})
 
         def record_followers(before: Snapshot, goal: Targets) -> None:
             """Before the first write: the CPUs of each group below the shared one that has
@@ -1067,6 +1077,17 @@ class Manager:
                 if value is not None:
                     self._note_written(ledger, key, value, seen)
                 raise _EditedMeanwhile
+            # what this sync is about to write, with what each group held before (an
+            # earlier cut-short write's "from" stays: the groups held it before pinwarden)
+            writing = {path: (interrupted[path][0] if path in interrupted
+                              else before[path].cpus, target.cpus)
+                       for path, target in goal.want.items()
+                       if path in before and target.cpus != before[path].cpus}
+            if writing or interrupted:
+                recorded.append(True)
+                ledger.put_changes({INTERRUPTED_KEY: json.dumps(
+                    {path: {"from": was.to_list(), "to": to.to_list()}
+                     for path, (was, to) in {**interrupted, **writing}.items()})})
             below = names.shared + "/"
             found: dict[str, str] = {}
             for path in goal.want if leases else ():
@@ -1082,6 +1103,7 @@ class Manager:
             ledger.record_changes(found)
             ledger.forget_changes([FOLLOWER_PREFIX + p for p in originals if p not in before])
 
+        recorded: list[bool] = []  # whether a record of the write was made (to forget)
         try:
             result = sync(backend, desired, before_write=record_followers)
         except EnforceError as exc:
@@ -1091,7 +1113,14 @@ class Manager:
             # now is pinwarden's, half-way, and the next sync must not take it for an edit.
             if exc.partial and shared_record is not None:
                 self._note_written(ledger, key, shared_record, None)
+            if not exc.partial and recorded:  # back as before: so is what was cut short
+                if cut_short is None:
+                    ledger.forget_changes([INTERRUPTED_KEY])
+                else:
+                    ledger.put_changes({INTERRUPTED_KEY: cut_short})
             raise
+        if recorded or cut_short is not None:
+            ledger.forget_changes([INTERRUPTED_KEY])
         sweep_twins(backend, names.parent, names.is_holder)
         # A holder group that still has tasks is kept (a job's children outliving their
         # owner, a release of a running domain), and with it the shared group stays as
@@ -1446,19 +1475,27 @@ class Manager:
                       f"{mount / 'cgroup.subtree_control'}' does it")
 
     def _take_edit(self, ledger: Ledger, backend: CgroupBackend, path: str, value: str,
-                   record: HostRecord | None, leased: CpuSet) -> HostRecord | None:
+                   record: HostRecord | None, leased: CpuSet, *,
+                   pending: tuple[CpuSet, CpuSet] | None = None) -> HostRecord | None:
         """Somebody else wrote the shared group's CPUs while pinwarden kept it narrowed
         (an administrator's ``echo``, a ``systemctl set-property``): the edit is made to
         what pinwarden puts back at the last release, and to the partition it plans
         against where the group decides it (:func:`~pinwarden.partition.edited_partition`).
-        Overwritten silently, it was lost, and the last release undid it.  The host record
-        as it is now."""
+        Overwritten silently, it was lost, and the last release undid it.  ``pending``:
+        the CPUs the group had and was being given by a sync cut short
+        (:data:`INTERRUPTED_KEY`): found there, they are pinwarden's own; where that sync
+        failed to roll back (and what pinwarden last wrote is not known), an edit is told
+        from the first (an administrator's ``set-property`` that landed in the middle of
+        the event daemon's write was overwritten by its next pass without a word: systemd
+        lab).  The host record as it is now."""
         from pinwarden.enforce.backend import CgroupOpError, kernel_path, parent_of
         from pinwarden.partition import edited_partition, shared_edit
 
         inherit = False  # set back to inherit its parent's CPUs ('systemctl revert')
         try:
             data = json.loads(value)
+            if "set" not in data and pending is not None:
+                data["set"] = pending[0].to_list()
             written = CpuSet.parse_kernel(str(data["set"]))
             now = backend.read_group(path).cpus
             own = CpuSet.parse_kernel(str(data["cpus"])) if "cpus" in data else None
@@ -1476,7 +1513,8 @@ class Manager:
                 now = backend.read_group(parent).cpus if parent is not None else now
                 inherit = own is not None
             edit = shared_edit(written, now, leased)
-            if edit is None or record is None:
+            if edit is None or record is None or (  # (its target, or the bridge to it)
+                    pending is not None and now in (pending[1], pending[0] | pending[1])):
                 return record
             if own is not None and not own:  # "inherit" (cgroup v2): its parent's CPUs
                 parent = parent_of(path)
@@ -1726,6 +1764,26 @@ class _KeepHome:
             plan = isolation.plan_kthreads_home(before.kthreads, after.kthreads, recorded)
             ledger.put_changes({r.key: json.dumps(r.to_json()) for r in plan.records})
             noise.apply(self.root, plan.writes)
+
+
+def _interrupted_writes(value: str | None) -> dict[str, tuple[CpuSet, CpuSet]]:
+    """The groups a cut-short sync was writing (:data:`INTERRUPTED_KEY`'s record ``value``):
+    each path's CPUs before it and the CPUs it was writing.  Unreadable entries are left
+    out (the half-written state is then judged as it is, as before the record existed)."""
+    if value is None:
+        return {}
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return {}
+    found: dict[str, tuple[CpuSet, CpuSet]] = {}
+    for path, entry in (data.items() if isinstance(data, dict) else ()):
+        try:
+            found[str(path)] = (CpuSet.parse_kernel(str(entry["from"])),
+                                CpuSet.parse_kernel(str(entry["to"])))
+        except (TypeError, KeyError, ValueError, PinwardenError):
+            continue
+    return found
 
 
 def _follower_records(changes: Mapping[str, str]) -> dict[str, CpuSet]:

@@ -123,6 +123,12 @@ class DesiredLayout:
     #: changed that parent: those CPUs (the manager's records).  Each follows its parent
     #: from them, so it has them again once the parent has (:func:`_follow`).
     originals: Mapping[str, CpuSet] = field(default_factory=dict)
+    #: Groups a sync that was cut short (killed, or its rollback failed) had begun to
+    #: write: the CPUs each held before it did (the manager's record).  Whether a group
+    #: follows its parent is judged from them, not from the half-written state: a shared
+    #: VM's group still on the narrowed CPUs below a ``machine`` already widened again
+    #: looked like one with CPUs of its own, and stayed narrowed (crash hunt).
+    interrupted: Mapping[str, CpuSet] = field(default_factory=dict)
 
     def groups(self) -> tuple[GroupSpec, ...]:
         return (self.shared, *self.holders)
@@ -217,7 +223,8 @@ def desired_layout(host: Host, leases: Sequence[Lease], names: LayoutNames = Lay
                    keep_shared: bool = False,
                    isolated: frozenset[HolderRef] = frozenset(),
                    deferred: frozenset[HolderRef] = frozenset(),
-                   originals: Mapping[str, CpuSet] | None = None) -> DesiredLayout:
+                   originals: Mapping[str, CpuSet] | None = None,
+                   interrupted: Mapping[str, CpuSet] | None = None) -> DesiredLayout:
     """The layout for ``leases``.  ``shared_extra``: CPUs outside the pool that shared VMs are
     pinned to by their XML (honoured in ``none``/``isolcpus`` modes) — never leased ones.
     ``restore_shared`` (only without leases): the shared group's CPUs as pinwarden found
@@ -226,7 +233,8 @@ def desired_layout(host: Host, leases: Sequence[Lease], names: LayoutNames = Lay
     is an ``isolated`` partition (no scheduler load balancing; the same as exclusive on
     cgroup v1).  ``deferred``:
     holders whose group is a partition only once something runs in it
-    (:attr:`GroupSpec.when_populated`).  ``originals``: :attr:`DesiredLayout.originals`."""
+    (:attr:`GroupSpec.when_populated`).  ``originals``: :attr:`DesiredLayout.originals`;
+    ``interrupted``: :attr:`DesiredLayout.interrupted`."""
     if (restore_shared is not None or drop_shared or keep_shared) and leases:
         raise ValueError("the shared group is restored only once nothing is leased")
     by_holder: dict[HolderRef, set[int]] = defaultdict(set)
@@ -260,6 +268,7 @@ def desired_layout(host: Host, leases: Sequence[Lease], names: LayoutNames = Lay
         keep_shared=keep_shared,
         online=host.topology.online,
         originals=dict(originals or {}),
+        interrupted=dict(interrupted or {}),
     )
 
 
@@ -445,6 +454,13 @@ def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
     for path in kept:
         state = current[path]
         want[path] = Target(state.cpus, state.mems, state.partition)
+    def judged(path: str) -> GroupState | None:
+        """The group as it was before a cut-short sync wrote it (as it is, if it did
+        not): who follows whom is judged from that."""
+        state = current.get(path)
+        was = desired.interrupted.get(path)
+        return state if state is None or was is None else replace(state, cpus=was)
+
     # everything below the owned groups follows its parent
     owned = sorted(want, key=lambda p: (depth(p), p))
     for top in owned:
@@ -455,7 +471,9 @@ def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
                 continue
             parent = parent_of(path)
             assert parent is not None
-            want[path] = _follow(current[path], current.get(parent), want[parent],
+            child = judged(path)
+            assert child is not None
+            want[path] = _follow(child, judged(parent), want[parent],
                                  desired.originals.get(path))
     return Targets(want, frozenset(remove), tuple(kept), online=desired.online)
 
