@@ -455,3 +455,34 @@ def test_offline_cpus_of_a_holder_are_no_layout_the_kernel_refused() -> None:
     assert [type(op).__name__ for op in order(overlapped, goal("4", "0-7"))] == \
         ["SetPartition", "SetPartition"]  # (member, then root again: revalidated)
 
+
+
+def test_the_cpus_a_layout_falls_short_of_are_where_to_look_for_their_holder() -> None:
+    """``short_cpus``: what a group was to have and does not (offline CPUs left out), and
+    the CPUs of a partition the kernel reports invalid; what the error then asks the
+    backend about (the partitions of somebody else's that hold them: test_lab_v2)."""
+    from pinwarden.enforce.apply import held_elsewhere
+    from pinwarden.enforce.backend import HeldBy
+    from pinwarden.enforce.layout import Target, Targets, short_cpus
+
+    def group(path: str, cpus: str, effective: str, error: str | None = None) -> GroupState:
+        return GroupState(path=path, cpus=CpuSet.parse(cpus), mems=CpuSet.parse("0"),
+                          partition="member" if error is None else "exclusive",
+                          effective_cpus=CpuSet.parse_kernel(effective),
+                          effective_mems=CpuSet.parse("0"), populated=False,
+                          partition_error=error)
+
+    after = Snapshot({"machine": group("machine", "2-5", "2-4"),
+                      "h.partition": group("h.partition", "6", "6", "Cpu list not exclusive"),
+                      "ok": group("ok", "1", "1")})
+    want = {p: Target(s.cpus, s.mems, s.partition) for p, s in after.groups.items()}
+    assert short_cpus(after, Targets(want), ["machine", "ok"]) == CpuSet.parse("5")
+    assert short_cpus(after, Targets(want), after.groups) == CpuSet.parse("5-6")
+    assert short_cpus(after, Targets(want, online=CpuSet.parse("0-4,6")),
+                      ["machine"]) == CpuSet()  # CPU 5 offline: nobody holds it
+    assert held_elsewhere([]) == ""
+    said = held_elsewhere([HeldBy("rt", "/sys/fs/cgroup/rt", "isolated", CpuSet.parse("5"))])
+    assert said == (": CPU 5 is held by the cgroup partition /sys/fs/cgroup/rt (isolated), "
+                    "which is not pinwarden's (make it an ordinary cgroup again, 'echo member "
+                    "> /sys/fs/cgroup/rt/cpuset.cpus.partition', or leave CPU 5 out of the "
+                    "VM CPUs)")

@@ -337,6 +337,33 @@ def test_sync_makes_a_holder_partition_left_invalid_valid_again(lab: LabRun) -> 
             f"make {holder} member", f"make {holder} {kind}"], data["ops"]
 
 
+def test_a_partition_of_somebody_elses_is_named_with_what_to_do(lab: LabRun) -> None:
+    """The kernel takes a ``root`` partition's CPU from every other group: a layout whose
+    shared pool needs it fails, rolled back, and the error says which cgroup holds the CPU
+    and how to give it back (cgroup-v2 hunt: only "has effective cpus 2-4, expected
+    2-5")."""
+    data = lab.check("layout.foreign_partition")
+    assert data["foreign"] == {"cpus": None, "partition": None}, data
+    assert data["foreign_state"]["cpuset.cpus.partition"] == "root", data
+    message = data["error"]["message"]
+    if not escape_closed(lab):
+        # 6.1, 6.12: the kernel takes the write and makes the other partition invalid,
+        # which the backend sees at once and refuses, naming it
+        assert message.startswith(
+            "cannot give CPU 5 to the shared partition /pwtest-machine: cgroup "
+            "/pwtest-foreign (not managed by pinwarden) holds CPU 5 exclusively; free it "
+            "there first (kernel said EINVAL; nothing was changed)"), message
+    else:  # 7.3 keeps the group off the CPU: only the read-back shows it missing
+        assert "pwtest-machine has effective cpus 2-4, expected 2-5" in message, message
+        assert ("CPU 5 is held by the cgroup partition /sys/fs/cgroup/pwtest-foreign "
+                "(root), which is not pinwarden's") in message, message
+        assert "'echo member > /sys/fs/cgroup/pwtest-foreign/cpuset.cpus.partition'" \
+            in message, message
+        assert message.endswith("; rolled back"), message
+    assert data["left"] == ["pwtest-foreign"], data  # rolled back: nothing of pinwarden's
+    assert all(t["errors"] == [] and t["left"] == [] for t in data["teardown"]), data
+
+
 def test_sync_without_leases_gives_cpus_back(lab: LabRun) -> None:
     data = lab.check("layout.sync")
     none = data["none"]

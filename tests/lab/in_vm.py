@@ -573,6 +573,41 @@ def layout_sync() -> Data:
     return out
 
 
+@check("layout.foreign_partition")
+def layout_foreign_partition() -> Data:
+    """A ``root`` partition somebody else made on CPU 5, which the shared pool of a host
+    with VM CPUs 1-5 includes: the kernel keeps the shared group off it, and the sync's
+    error names that partition and what to do (it named only the shortfall: hunt)."""
+    from pinwarden.cpuset import CpuSet
+    from pinwarden.enforce.apply import sync
+    from pinwarden.enforce.layout import LayoutNames, desired_layout
+    from pinwarden.model import Lease, job_holder
+    from pinwarden.record import replace
+
+    b = backend()
+    host = load_host()
+    vm = CpuSet.parse("1-5")
+    host = replace(host, partition=replace(host.partition, mode="none", vm_cpus=vm,
+                                           host_cpus=host.topology.online - vm))
+    names = LayoutNames(shared="pwtest-machine", exclusive="pwtest-pinwarden.partition")
+    out: Data = {}
+    try:
+        out["foreign"] = make_group("pwtest-foreign", "5", partition="root")
+        out["foreign_state"] = group_data("pwtest-foreign")
+        try:
+            out["ops"] = len(sync(b, desired_layout(
+                host, [Lease(1, job_holder("J"), "task", 0.0)], names)).ops)
+        except Exception as exc:
+            out["error"] = exc_data(exc)
+        out["left"] = sorted(p.name for p in cgroup_root().iterdir() if p.is_dir() and
+                             p.name.startswith(("pwtest-machine", "pwtest-pinwarden",
+                                                "pwtest-foreign")))
+    finally:
+        out["teardown"] = [teardown("pwtest-pinwarden"), teardown("pwtest-machine"),
+                           teardown("pwtest-foreign")]
+    return out
+
+
 def _left_invalid(b: Any, desired: Any, holder: str) -> Data:
     """A cgroup beside the holder names its CPU and gives it up again: the kernel leaves
     the holder's partition invalid (6.1), and the next sync of the same layout — with

@@ -20,6 +20,7 @@ from pinwarden.cpuset import CpuSet
 from pinwarden.enforce.backend import (
     CgroupBackend,
     CgroupOpError,
+    HeldBy,
     Mkdir,
     Op,
     PartitionKind,
@@ -29,9 +30,12 @@ from pinwarden.enforce.backend import (
     SetPartition,
     Snapshot,
     describe,
+    is_within,
     isolated_forbidden_cpus,
+    kernel_path,
     parent_of,
     partition_forbidden_cpus,
+    partitions_holding,
     perform,
 )
 from pinwarden.enforce.layout import (
@@ -39,6 +43,7 @@ from pinwarden.enforce.layout import (
     PlanError,
     Targets,
     order,
+    short_cpus,
     targets,
     verify,
     without_partitions_over,
@@ -227,14 +232,36 @@ def execute(backend: CgroupBackend, before: Snapshot, ops: Sequence[Op], *,
     roots = [p for p in check if p in state]
     after = backend.read_state(roots) if roots else Snapshot({})
     if goal is not None and check:
-        problems = verify(after, goal, [p for p in check if p in goal.want])
+        checked = [p for p in check if p in goal.want]
+        problems = verify(after, goal, checked)
         if problems:
+            # read before the rollback hands the CPUs back: who else holds them
+            ours = [kernel_path(backend, p) for p in (*goal.want, *owners)]
+            others = [held for held in partitions_holding(backend,
+                                                          short_cpus(after, goal, checked))
+                      if not any(is_within(held.path, own) for own in ours if own)]
             failures = _rollback(backend, undo)
             tail = "; rolled back" if not failures else \
                 "; ROLLBACK FAILED: " + "; ".join(failures)
-            raise EnforceError(f"the kernel did not apply the layout: {problems[0]}{tail}",
-                               partial=bool(failures))
+            raise EnforceError(f"the kernel did not apply the layout: {problems[0]}"
+                               f"{held_elsewhere(others)}{tail}", partial=bool(failures))
     return after
+
+
+def held_elsewhere(partitions: Sequence[HeldBy]) -> str:
+    """What to say of cgroup partitions that are not pinwarden's and hold CPUs its layout
+    needs (a ``root`` or ``isolated`` partition somebody made takes its CPUs from every
+    other group; the error named only the shortfall: cgroup-v2 hunt): which, and what to
+    do.  Empty when there are none."""
+    if not partitions:
+        return ""
+    shown = "; ".join(f"{held.cpus.named()} {'is' if len(held.cpus) == 1 else 'are'} held "
+                      f"by the cgroup partition {held.directory} ({held.kind}), which is "
+                      f"not pinwarden's" for held in partitions[:3])
+    first = partitions[0]
+    return (f": {shown}{'; …' if len(partitions) > 3 else ''} (make it an ordinary "
+            f"cgroup again, 'echo member > {first.directory}/cpuset.cpus.partition', or "
+            f"leave {first.cpus.named()} out of the VM CPUs)")
 
 
 def owner_names(desired: DesiredLayout) -> dict[str, str]:

@@ -384,6 +384,26 @@ def disable_cpuset(backend: CgroupBackend, path: str) -> str | None:
     return None if kept is None else str(kept)
 
 
+@record
+class HeldBy:
+    """A cgroup partition that holds CPUs (:func:`partitions_holding`)."""
+
+    path: str  # the directory, relative to the backend's mount
+    directory: str  # the same, absolute (for what to type)
+    kind: str  # "root" or "isolated"
+    cpus: CpuSet  # the CPUs asked about that it holds
+
+
+def partitions_holding(backend: CgroupBackend, cpus: CpuSet) -> tuple[HeldBy, ...]:
+    """The cgroup partitions, anywhere in the backend's tree, that hold any of ``cpus``
+    (optional capability ``partitions_holding()``: cgroup v2, where a partition takes its
+    CPUs from every group outside it).  Backends without it (v1, fake) report none."""
+    probe = getattr(backend, "partitions_holding", None)
+    if probe is None or not cpus:
+        return ()
+    return tuple(held for held in probe(cpus) if isinstance(held, HeldBy))
+
+
 def kernel_path(backend: CgroupBackend, path: str) -> str:
     """The cgroup directory, relative to the backend's mount, that the backend path ``path``
     stands for (optional capability ``kernel_path()``: the systemd backend maps

@@ -623,6 +623,22 @@ def verify(after: Snapshot, goal: Targets, paths: Collection[str] | None = None)
     return problems
 
 
+def short_cpus(after: Snapshot, goal: Targets, paths: Collection[str]) -> CpuSet:
+    """The CPUs groups of ``paths`` were to have and the kernel does not give them (not in
+    their effective set), or the CPUs of a partition it reports invalid: where to look for
+    whoever holds them."""
+    short = CpuSet()
+    for path in paths:
+        state, target = after.get(path), goal.want.get(path)
+        if state is None or target is None:
+            continue
+        live = target.cpus if goal.online is None else target.cpus & goal.online
+        short = short | (live - state.effective_cpus)
+        if state.partition_error is not None:
+            short = short | live
+    return short
+
+
 def _inherits(state: GroupState, target: Target) -> bool:
     """A group set to inherit (no CPUs of its own, cgroup v2) that holds what it inherits
     instead: the kernel does not let a group with tasks below it go back to no CPUs, and

@@ -122,6 +122,7 @@ from pinwarden.enforce.backend import (
     CgroupBackend,
     CgroupOpError,
     GroupState,
+    HeldBy,
     PartitionKind,
     Snapshot,
     collect_snapshot,
@@ -629,6 +630,13 @@ class SystemdBackend:
         if isinstance(self._kernel, CgroupV2Backend):
             return self._kernel.isolated_forbidden_cpus()
         return forbidden_isolated_cpus()
+
+    def partitions_holding(self, cpus: CpuSet) -> tuple[HeldBy, ...]:
+        """The cgroup partitions that hold any of ``cpus`` (the kernel's tree, read as
+        :meth:`CgroupV2Backend.partitions_holding` reads it)."""
+        if isinstance(self._kernel, CgroupV2Backend):
+            return self._kernel.partitions_holding(cpus)
+        return ()
 
     # -- helpers
 

@@ -38,6 +38,7 @@ from pinwarden.cpuset import CpuSet, CpuSetError
 from pinwarden.enforce.backend import (
     CgroupOpError,
     GroupState,
+    HeldBy,
     PartitionKind,
     Snapshot,
     ancestors,
@@ -182,6 +183,11 @@ def _check_path(path: str) -> None:
         raise CgroupOpError("path", path, errno.EINVAL, detail="not a relative group path")
 
 
+#: Groups :meth:`CgroupV2Backend.partitions_holding` looks at, at most (an error path:
+#: bounded on a host with very many cgroups).
+PARTITION_SCAN_LIMIT = 20_000
+
+
 class CgroupV2Backend:
     """The cpuset side of one cgroup2 tree rooted at ``mount`` (normally the cgroup2 mount
     point, e.g. ``/sys/fs/cgroup``)."""
@@ -204,6 +210,35 @@ class CgroupV2Backend:
         (:data:`ISOLATED_REFUSED_IN`), or once the kernel refused an isolated partition
         over them; else none."""
         return forbidden_isolated_cpus(self.root, refused=self.isolated_refused)
+
+    def partitions_holding(self, cpus: CpuSet) -> tuple[HeldBy, ...]:
+        """Valid ``root``/``isolated`` partitions anywhere in the tree whose effective CPUs
+        meet ``cpus`` (:class:`~pinwarden.enforce.backend.HeldBy`), for messages — the
+        kernel takes a partition's CPUs from every group outside it.  At most
+        :data:`PARTITION_SCAN_LIMIT` groups are looked at."""
+        found: list[HeldBy] = []
+        seen = 0
+        for top, dirs, _ in os.walk(self.mount):
+            dirs.sort()
+            rel = os.path.relpath(top, self.mount)
+            seen += 1
+            if seen > PARTITION_SCAN_LIMIT:
+                break
+            if rel == ".":
+                continue
+            try:
+                kind, reason = parse_partition(
+                    (Path(top) / PARTITION_FILE).read_text(errors="replace"))
+                if kind == "member" or reason is not None:
+                    continue
+                held = CpuSet.parse_kernel(
+                    (Path(top) / "cpuset.cpus.effective").read_text()) & cpus
+            except (OSError, ValueError, CpuSetError):
+                continue
+            if held:
+                found.append(HeldBy(rel, top, "isolated" if kind == "isolated" else "root",
+                                    held))
+        return tuple(found)
 
     @classmethod
     def from_mounts(cls, root: Path = Path("/")) -> CgroupV2Backend:
