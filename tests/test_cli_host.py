@@ -414,7 +414,8 @@ def test_status_reads_each_holders_partition_from_the_kernel(tmp_path: Path) -> 
     group.  A group gone (removed by hand) is said too; a valid one and a holder without
     a group say nothing; on a v2 mount without cpuset the v1 cpuset hierarchy is read.
     (The real kernel: test_lab_v2's invalid-partition test; a group gone: test_run_host.)"""
-    from pinwarden.cli.placement import Invalid, invalid_partitions
+    from pinwarden.cli.placement import invalid_partitions
+    from pinwarden.holdergroup import Invalid
     from pinwarden.ledger import HolderRecord
     from pinwarden.model import Plan
 

@@ -17,6 +17,7 @@ from conftest import SEED_XML
 from pinwarden.cli import main
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import PW_NS, parse_domain
+from pinwarden.holdergroup import Invalid
 from pinwarden.ledger import DB_NAME
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "src" / "pinwarden" / "data" / "example-host"
@@ -439,7 +440,7 @@ def test_status_flags_a_leased_cpu_that_went_offline(
     reason = "root invalid (Cpu list in cpuset.cpus not exclusive)"
     monkeypatch.setattr(placement, "invalid_partitions",
                         lambda _root, records, _online=None: {
-                            (r.ref.driver, r.ref.key): placement.Invalid(reason, None)
+                            (r.ref.driver, r.ref.key): Invalid(reason, None)
                             for r in records})
     assert main(["status", "--root", str(root), "--state-dir", state]) == 0
     text = capsys.readouterr().out

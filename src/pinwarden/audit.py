@@ -105,6 +105,7 @@ from typing import Any, Literal
 from pinwarden.cpuset import EMPTY, CpuSet, CpuSetError
 from pinwarden.enforce.layout import holder_component, holder_group_name, is_holder_component
 from pinwarden.errors import HostError
+from pinwarden.holdergroup import NOT_EXCLUSIVE, not_kept, off_lease
 from pinwarden.isolation import Finding, IrqInfo, NoiseSnapshot
 from pinwarden.ledger import HolderRecord
 from pinwarden.model import KEPT_ROLE, SIBLING_HOLD, HolderRef, Lease
@@ -506,8 +507,8 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
         for g in snapshot.cgroups:
             path = g.path.strip("/")
             owners, in_vm_cgroup = cgroup_facts(path)
-            if g.partition is not None and " invalid" in g.partition \
-                    and ctx.is_holder_group(path):
+            broken = not_kept(g) if ctx.is_holder_group(path) else None
+            if broken is not None and broken != NOT_EXCLUSIVE:
                 mine = CpuSet.of(c for c, h in lease_of.items() if h in owners)
                 intruders.append(Intruder(
                     kind="invalid-partition", cpus=mine & g.cpus or mine,
@@ -515,7 +516,7 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
                     name=path.rsplit("/", 1)[-1], cgroup=g.path,
                     owner=min(owners, key=_ref_key) if owners else None))
                 continue
-            if g.exclusive is False and ctx.is_holder_group(path) and \
+            if broken == NOT_EXCLUSIVE and \
                     (mine := CpuSet.of(c for c, h in lease_of.items()
                                        if h in owners and c not in kept)):
                 intruders.append(Intruder(
@@ -524,9 +525,9 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
                     name=path.rsplit("/", 1)[-1], cgroup=g.path,
                     owner=min(owners, key=_ref_key)))
             if ctx.is_holder_group(path) and g.populated and owners and \
-                    (off := CpuSet.of(c for c, h in lease_of.items() if h in owners
-                                      and c not in kept and c not in ctx.held_empty)
-                     - g.cpus & online):
+                    (off := off_lease(CpuSet.of(c for c, h in lease_of.items() if h in owners
+                                                and c not in kept and c not in ctx.held_empty),
+                                      g, online)):
                 # its CPUs moved off the lease by hand (the job ran on a housekeeping
                 # CPU, its leased one idle, and neither audit nor status said so: hunt)
                 intruders.append(Intruder(

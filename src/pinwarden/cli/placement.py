@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 from pinwarden.cli import print_json, printable
 from pinwarden.cli.common import manager_of, state_dir_of
 from pinwarden.errors import HostError, InputError
-from pinwarden.record import record as value_class
 
 # Everything else is imported by the handler that needs it: building the parser (every
 # command, on every run) must stay cheap, and ``plan`` loads neither the CPU map nor
@@ -32,6 +31,7 @@ if TYPE_CHECKING:
 
     from pinwarden.cpuset import CpuSet
     from pinwarden.domain import DomainSpec
+    from pinwarden.holdergroup import Invalid
     from pinwarden.ledger import HolderRecord
     from pinwarden.manager import Manager
     from pinwarden.model import HolderRef, Plan
@@ -244,15 +244,12 @@ def _own_state_for_a_dump(args: argparse.Namespace, command: str) -> None:
 def invalid_partitions(root: Path, records: Sequence[HolderRecord],
                        online: CpuSet | None = None) -> dict[tuple[str, str], Invalid]:
     """Holders whose group the kernel does not keep as their leases say, by ``(driver,
-    key)``: on cgroup v2 an invalid partition (a sibling took its CPUs, and the kernel does
-    not check it again when the sibling lets go): what ``cpuset.cpus.partition`` reads; on
-    cgroup v1 ``cpu_exclusive 0`` (somebody turned it off).  With ``online`` (the online
-    CPUs), also a group whose ``cpuset.cpus`` lacks online CPUs leased to its threads
-    (somebody moved it off its lease by hand; ``audit``'s ``off-lease``; on cgroup v1 an
-    exclusive group cannot overlap its siblings, so it is moved with ``cpu_exclusive``
-    off).  A recorded group that is gone (removed by hand) is said too.  The ledger cannot
-    tell any of these."""
+    key)`` (:func:`pinwarden.holdergroup.judge`, as ``audit`` judges them): an invalid
+    cgroup v2 partition, a cgroup v1 group with ``cpu_exclusive`` 0, with ``online`` (the
+    online CPUs) a group moved off its leased CPUs by hand, and a recorded group that is
+    gone.  The ledger cannot tell any of these: each recorded group is read here."""
     from pinwarden.cpuset import CpuSet
+    from pinwarden.holdergroup import GroupSeen, judge
     from pinwarden.model import SIBLING_HOLD
     from pinwarden.mounts import read_mounts
 
@@ -264,52 +261,34 @@ def invalid_partitions(root: Path, records: Sequence[HolderRecord],
         return {}
     base = v1 if v1 is not None else mounts.unified
     assert base is not None
+
+    def read(name: str) -> str | None:
+        try:
+            return (group / name).read_text()
+        except OSError:
+            return None
+
     out: dict[tuple[str, str], Invalid] = {}
     for record in records:
         if not record.cgroup:
             continue
         group = base / record.cgroup.strip("/")
-        partition: str | None = None
-        missing: CpuSet | None = None
-        if not group.is_dir():  # removed by hand: nothing keeps its CPUs (hunt)
-            out[(record.ref.driver, record.ref.key)] = Invalid(None, None, gone=True)
-            continue
-        try:
-            if v1 is not None:
-                if (group / mounts.cpuset_file("cpu_exclusive")).read_text().strip() == "0":
-                    partition = NOT_EXCLUSIVE
-            elif " invalid" in (text := (group / "cpuset.cpus.partition").read_text()):
-                partition = text.strip()
-            if online is not None:
-                cpus = CpuSet.parse((group / mounts.cpuset_file("cpus")).read_text())
-                threads = CpuSet.of(c for c, role in record.plan.leases.items()
-                                    if role != SIBLING_HOLD)
-                missing = (threads & online - cpus) or None
-        except (OSError, ValueError):
-            pass
-        if partition is not None or missing is not None:
-            out[(record.ref.driver, record.ref.key)] = Invalid(partition, missing)
+        seen: GroupSeen | None = None
+        if group.is_dir():  # (else removed by hand: nothing keeps its CPUs)
+            flag = read(mounts.cpuset_file("cpu_exclusive")) if v1 is not None else None
+            cpus = read(mounts.cpuset_file("cpus"))
+            try:
+                parsed = CpuSet.parse(cpus) if cpus is not None else None
+            except ValueError:
+                parsed = None
+            seen = GroupSeen(parsed, read("cpuset.cpus.partition") if v1 is None else None,
+                             None if flag is None else flag.strip() == "1")
+        threads = CpuSet.of(c for c, role in record.plan.leases.items()
+                            if role != SIBLING_HOLD)
+        found = judge(threads, seen, online)
+        if found is not None:
+            out[(record.ref.driver, record.ref.key)] = found
     return out
-
-
-#: What :func:`invalid_partitions` says of a cgroup v1 holder group that is not exclusive.
-NOT_EXCLUSIVE = "cpu_exclusive 0"
-
-
-@value_class
-class Invalid:
-    """What :func:`invalid_partitions` found wrong with a holder's group: the partition
-    (``cpuset.cpus.partition``'s words, or :data:`NOT_EXCLUSIVE`), and the online CPUs
-    leased to its threads that its ``cpuset.cpus`` lacks; or that the group is gone."""
-
-    partition: str | None
-    off_lease: CpuSet | None
-    gone: bool = False  # the group itself is missing
-
-    def to_json(self) -> dict[str, str | bool | None]:
-        return {"partition_invalid": self.partition,
-                "off_lease": str(self.off_lease) if self.off_lease is not None else None,
-                "group_missing": self.gone}
 
 
 def holder_json(record: HolderRecord) -> dict[str, Any]:
@@ -385,6 +364,7 @@ def run_sync(args: argparse.Namespace) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     from pinwarden.cpuset import CpuSet
+    from pinwarden.holdergroup import NOT_EXCLUSIVE, Invalid
     from pinwarden.ledger import DB_NAME
     from pinwarden.model import JOB_DRIVER, by_holder, kept_text
     from pinwarden.narrowed import NARROWED_PREFIX, narrowed
