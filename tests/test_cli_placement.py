@@ -477,6 +477,36 @@ def test_one_vm_cpu_and_one_housekeeping_cpu_are_named_as_one(
         assert "partition none: VM CPU 1, housekeeping CPU 0" in capsys.readouterr().out
 
 
+def test_a_lease_on_a_cpu_the_host_does_not_have_is_not_called_offline(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A lease database that names CPUs this host lacks (made on a bigger host, or a CPU
+    removed): ``status`` said "CPU 10 OFFLINE … echo 1 > …/cpu10/online", a CPU there is
+    none of, beside "leases name CPUs this host does not have: 10" (hunt).  Now it says the
+    CPU is not on this host and how to free the lease, which works."""
+    from hostroot import HostSpec, build_host
+
+    state = str(tmp_path / "state")
+    seed = tmp_path / "vm1.xml"
+    seed.write_text(SEED)
+    assert main(["reserve", str(seed), "--root", str(EXAMPLE), "--state-dir", state]) == 0
+    small = build_host(tmp_path / "small", HostSpec(cpus=8))
+    capsys.readouterr()
+    args = ["--root", str(small), "--state-dir", state]
+    assert main(["status", *args]) == 0
+    text = capsys.readouterr().out
+    assert "OFFLINE" not in text, text
+    assert ("; CPUs 12-14 NOT ON THIS HOST (the lease database names CPUs this host does "
+            "not have: another host's database, or a CPU removed); `pinwarden release vm1 "
+            "--driver qemu` frees the lease") in text, text
+    assert main(["status", "--json", *args]) == 0
+    (holder,) = json.loads(capsys.readouterr().out)["leases"]
+    assert (holder["offline"], holder["absent"]) == ("", "12-14"), holder
+    assert main(["release", "vm1", "--driver", "qemu", *args]) == 0
+    capsys.readouterr()
+    assert main(["status", "--json", *args]) == 0
+    assert json.loads(capsys.readouterr().out)["leases"] == []
+
+
 def test_a_reserve_on_a_host_dump_needs_a_state_directory_of_its_own(
         env: dict[str, Path], capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:

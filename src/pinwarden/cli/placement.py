@@ -366,7 +366,7 @@ def run_status(args: argparse.Namespace) -> int:
     from pinwarden.cpuset import CpuSet
     from pinwarden.holdergroup import NOT_EXCLUSIVE, Invalid
     from pinwarden.ledger import DB_NAME
-    from pinwarden.model import JOB_DRIVER, by_holder, kept_text
+    from pinwarden.model import JOB_DRIVER, by_holder, kept_text, release_command
     from pinwarden.narrowed import NARROWED_PREFIX, narrowed
     from pinwarden.partition import no_housekeeping, shared_pool
     from pinwarden.view import render_cpu_map
@@ -394,7 +394,11 @@ def run_status(args: argparse.Namespace) -> int:
     online = host.topology.online
 
     def offline(record: HolderRecord) -> CpuSet:
-        return record.plan.leased() - online
+        return record.plan.leased() & host.topology.present - online
+
+    def absent(record: HolderRecord) -> CpuSet:
+        """Leased CPUs this host does not have at all (not offline: no such CPU)."""
+        return record.plan.leased() - host.topology.present
 
     def gone(record: HolderRecord) -> bool:
         return (record.ref.driver, record.ref.key) in dead
@@ -404,6 +408,7 @@ def run_status(args: argparse.Namespace) -> int:
 
         print_json({
             "leases": [{**holder_json(r), "offline": str(offline(r)),
+                        "absent": str(absent(r)),
                         "owner_gone": gone(r),
                         "left_running": list(heirs.get(r.ref, ())),
                         **invalid.get((r.ref.driver, r.ref.key), Invalid(None, None))
@@ -441,6 +446,13 @@ def run_status(args: argparse.Namespace) -> int:
         warn = (f"; {off.named()} OFFLINE (lease kept; bring "
                 f"{'it' if len(off) == 1 else 'them'} online with '{_online_hint(off)}')"
                 if off else "")
+        missing = absent(record)
+        if missing:
+            # (not "OFFLINE … bring it online": there is no such CPU to bring online)
+            warn += (f"; {missing.named()} NOT ON THIS HOST (the lease database names "
+                     f"{'a CPU' if len(missing) == 1 else 'CPUs'} this host does not have: "
+                     f"another host's database, or a CPU removed); "
+                     f"`{release_command(record.ref)}` frees the lease")
         if gone(record):
             warn += ("; OWNER GONE: its CPUs are freed at the next start or change "
                      "('pinwarden sync' frees them now)")
