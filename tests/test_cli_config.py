@@ -351,3 +351,19 @@ def test_a_nul_in_a_setting_is_refused_in_one_line(table: str, key: str) -> None
     with pytest.raises(InputError) as err:
         parse_config(f'[{table}]\n{key} = "/tmp/x\\u0000y"\n', Path("/etc/pw.toml"))
     assert str(err.value) == f"/etc/pw.toml: {key} holds a NUL character (\\u0000); remove it"
+
+
+def test_a_byte_order_mark_is_read_past_and_a_parse_error_shows_its_line() -> None:
+    """A file an editor saved with a UTF-8 byte order mark was "Invalid statement (at line
+    1, column 1)", and a setting given twice only "Cannot overwrite a value" (hunt): the
+    mark is read past, and a parse error names the line it is about."""
+    from pinwarden.errors import InputError
+
+    path = Path("/etc/pinwarden/pinwarden.toml")
+    assert parse_config('\ufeff[partition]\nmode = "none"\n', path).mode == "none"
+    with pytest.raises(InputError) as twice:
+        parse_config('[partition]\nmode = "none"\nmode = "cgroup"\n', path)
+    assert str(twice.value) == (f"{path}: Cannot overwrite a value (at line 3, column 16) (a "
+                                "setting given twice?): 'mode = \"cgroup\"'")
+    with pytest.raises(InputError, match=r"\(at line 2, column 8\): 'mode = none'$"):
+        parse_config("[partition]\nmode = none\n", path)

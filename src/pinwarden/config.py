@@ -144,10 +144,23 @@ def _bool(table: dict[str, Any], key: str, default: bool, path: Path) -> bool:
 def parse_config(text: str, path: Path = DEFAULT_CONFIG) -> Config:
     import tomllib  # here: most hosts have no configuration file, and it is slow to load
 
+    # a byte order mark some editors write first is no statement (tomllib: "Invalid
+    # statement (at line 1, column 1)", on a file that looked right: hunt)
+    text = text.removeprefix("\ufeff")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"{path}: {exc}") from None
+        # the line itself, where the parser's words alone do not say what is wrong
+        # ("Cannot overwrite a value": a setting given twice)
+        import re
+
+        at = re.search(r"at line (\d+)", str(exc))
+        lines = text.splitlines()
+        lineno = int(at[1]) if at else 0
+        shown = lines[lineno - 1].strip() if 0 < lineno <= len(lines) else ""
+        twice = " (a setting given twice?)" if "overwrite" in str(exc) else ""
+        raise InputError(f"{path}: {exc}{twice}" +
+                         (f": {shown[:80]!r}" if shown else "")) from None
     except RecursionError:  # tomllib parses nested arrays and tables recursively
         raise InputError(f"{path}: values nested too deeply to be a pinwarden "
                          "configuration") from None
