@@ -361,6 +361,9 @@ def test_a_byte_order_mark_is_read_past_and_a_parse_error_shows_its_line() -> No
 
     path = Path("/etc/pinwarden/pinwarden.toml")
     assert parse_config('\ufeff[partition]\nmode = "none"\n', path).mode == "none"
+    from pinwarden.provenance import _keys_in  # (and `pinwarden config` says it is set)
+
+    assert _keys_in('\ufeff[partition]\nmode = "none"\n') == {("partition", "mode")}
     with pytest.raises(InputError) as twice:
         parse_config('[partition]\nmode = "none"\nmode = "cgroup"\n', path)
     assert str(twice.value) == (f"{path}: Cannot overwrite a value (at line 3, column 16) (a "

@@ -65,8 +65,8 @@ class Effective:
 
 def _keys_in(text: str) -> set[tuple[str, str]]:
     """``(section, key)`` pairs a file's text sets (validated by :func:`parse_config`)."""
-    try:
-        data = tomllib.loads(text)
+    try:  # (a byte order mark read past, as parse_config reads past it)
+        data = tomllib.loads(text.removeprefix("\ufeff"))
     except ValueError:  # (TOMLDecodeError is one)
         return set()
     return {(section, key) for section, table in data.items() if isinstance(table, dict)
