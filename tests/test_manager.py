@@ -1379,10 +1379,21 @@ def test_a_release_killed_after_widening_machine_is_finished_by_sync(
         assert killed.returncode == 137, killed.stderr
         assert (CPUSET / "machine" / "cpuset.cpus").read_text().strip() == online
         assert (vm / "vcpu0" / "cpuset.cpus").read_text().strip() == "0"  # cut short
+
+        def notes() -> list[str]:
+            shown = subprocess.run([PINWARDEN, "status", "--json", *base],
+                                   capture_output=True, text=True, timeout=120)
+            assert shown.returncode == 0, shown.stderr
+            return [n for n in json.loads(shown.stdout)["notes"] if "cut short" in n]
+
+        assert notes() == ["a cgroup change was cut short (pinwarden was killed, or its "
+                           "rollback failed): the cgroups are half-way until the next "
+                           "change; 'pinwarden sync' finishes it now"]
         done = subprocess.run([PINWARDEN, "sync", *base], capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 0, done.stderr
         assert "someone else" not in done.stderr, done.stderr
+        assert notes() == []
         for group in (vm, vm / "vcpu0"):
             assert (group / "cpuset.cpus").read_text().strip() == online, group
         with Ledger(tmp_path / "state") as ledger:

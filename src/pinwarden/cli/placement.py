@@ -366,6 +366,7 @@ def run_status(args: argparse.Namespace) -> int:
     from pinwarden.cpuset import CpuSet
     from pinwarden.holdergroup import NOT_EXCLUSIVE, Invalid
     from pinwarden.ledger import DB_NAME
+    from pinwarden.manager import INTERRUPTED_KEY
     from pinwarden.model import JOB_DRIVER, by_holder, kept_text, release_command
     from pinwarden.narrowed import NARROWED_PREFIX, narrowed
     from pinwarden.partition import no_housekeeping, shared_pool
@@ -380,6 +381,7 @@ def run_status(args: argparse.Namespace) -> int:
         kept = manager.kept_leases()
         database = manager.state_dir / DB_NAME
         narrowed_records = manager.change_records(NARROWED_PREFIX)
+        cut_short = bool(manager.change_records(INTERRUPTED_KEY))
         invalid = invalid_partitions(manager.root, records, host.topology.online)
     part = host.partition
     leased = CpuSet.of(lease.cpu for lease in leases)
@@ -390,6 +392,10 @@ def run_status(args: argparse.Namespace) -> int:
     problem = no_housekeeping(host)
     if problem is not None:
         fallback = (*fallback, f"nothing can be leased: {problem}")
+    if cut_short:  # the cgroups are half-way until a sync finishes the change
+        fallback = (*fallback, "a cgroup change was cut short (pinwarden was killed, or "
+                               "its rollback failed): the cgroups are half-way until the "
+                               "next change; 'pinwarden sync' finishes it now")
     kept_by = by_holder(kept)
     online = host.topology.online
 
