@@ -107,6 +107,18 @@ def test_a_job_whose_json_reader_went_away_keeps_its_commands_status(pw: Pinward
     assert "no holders" in pw.run("status", check=True).stdout
 
 
+def test_run_json_keeps_standard_output_to_the_json_document(pw: Pinwarden) -> None:
+    """``run --json``: the command's own standard output came first on standard output,
+    and the JSON document after it could not be read as one (hunt).  The command's output
+    goes to standard error now; standard output is the document."""
+    done = subprocess.run(run_cmd(pw, "--json", "--exclusive", "1", "--name", "pwtest-json",
+                                  "--", "sh", "-c", "echo from-the-job; exit 4"),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 4, done.stderr
+    assert json.loads(done.stdout) == {"schema": 1, "job": "pwtest-json", "exit_status": 4}
+    assert done.stderr == "from-the-job\n", done.stderr
+
+
 NOISE = ("for i in /proc/irq/*/smp_affinity_list; do printf '%s=%s ' \"$i\" \"$(cat $i)\"; "
          "done; echo; echo default=$(cat /proc/irq/default_smp_affinity); "
          "echo workqueue=$(cat /sys/devices/virtual/workqueue/cpumask)")

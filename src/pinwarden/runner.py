@@ -108,9 +108,14 @@ def _give_back(manager: Manager, name: str) -> None:
               "'pinwarden sync' or the daemon's next pass gives them back")
 
 
-def _child(read_fd: int, command: Sequence[str], env: dict[str, str]) -> None:
-    """In the forked child: wait for the go, restore signals, exec.  Never returns."""
+def _child(read_fd: int, command: Sequence[str], env: dict[str, str], *,
+           stdout_to_stderr: bool = False) -> None:
+    """In the forked child: wait for the go, restore signals, exec.  Never returns.
+    ``stdout_to_stderr``: the command writes its standard output to standard error
+    (``run --json``, whose standard output is the JSON document alone)."""
     try:
+        if stdout_to_stderr:
+            os.dup2(2, 1)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         for sig in (signal.SIGPIPE, signal.SIGXFSZ, *FORWARDED):
             signal.signal(sig, signal.SIG_DFL)
@@ -127,9 +132,11 @@ def _child(read_fd: int, command: Sequence[str], env: dict[str, str]) -> None:
 
 
 def supervise(backend: CgroupBackend, name: str, group: str, cpus: CpuSet,
-              command: Sequence[str], set_owner: Callable[[int], None]) -> int:
+              command: Sequence[str], set_owner: Callable[[int], None], *,
+              stdout_to_stderr: bool = False) -> int:
     """Fork, place and run ``command``; forward signals; return its exit status.
-    ``set_owner(pid)`` makes the command the lease's owner before it runs."""
+    ``set_owner(pid)`` makes the command the lease's owner before it runs;
+    ``stdout_to_stderr``: see :func:`_child`."""
     env = dict(os.environ, PINWARDEN_JOB=name, PINWARDEN_CPUS=cpus.to_list())
     watched = {*FORWARDED, signal.SIGCHLD}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
@@ -140,7 +147,7 @@ def supervise(backend: CgroupBackend, name: str, group: str, cpus: CpuSet,
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child execs
             os.close(write_fd)
-            _child(read_fd, command, env)
+            _child(read_fd, command, env, stdout_to_stderr=stdout_to_stderr)
         os.close(read_fd)
         try:
             backend.attach_process(group, pid)
@@ -207,8 +214,10 @@ def _not_enforcing(manager: Manager, name: str) -> str:
             "--dry-run shows the job's plan and cgroup writes without running it")
 
 
-def run_job(manager: Manager, job: JobSpec, command: Sequence[str]) -> int:
-    """Run ``command`` as ``job`` on exclusive CPUs; return its exit status."""
+def run_job(manager: Manager, job: JobSpec, command: Sequence[str], *,
+            stdout_to_stderr: bool = False) -> int:
+    """Run ``command`` as ``job`` on exclusive CPUs; return its exit status
+    (``stdout_to_stderr``: see :func:`_child`)."""
     if not command:
         raise InputError("no command given: pinwarden run [OPTIONS] -- COMMAND [ARG...]")
     holder = job_holder(job.name)
@@ -239,7 +248,8 @@ def run_job(manager: Manager, job: JobSpec, command: Sequence[str]) -> int:
                 raise EnforceError(f"no cgroup was planned for job {job.name!r}")
             cpus = reserved.plan.emulator
             return supervise(manager.backend(), job.name, reserved.group, cpus, command,
-                             lambda pid: manager.set_owner(holder, pid))
+                             lambda pid: manager.set_owner(holder, pid),
+                             stdout_to_stderr=stdout_to_stderr)
         finally:
             _release(manager, job.name)
     finally:

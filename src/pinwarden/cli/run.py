@@ -32,7 +32,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
         "run", parents=[common],
         help="run a command on exclusive CPUs",
         description="Lease exclusive CPUs, run COMMAND in a cpuset cgroup that owns them, "
-                    "and give them back when it exits.  The exit status is COMMAND's.",
+                    "and give them back when it exits.  The exit status is COMMAND's.  With "
+                    "--json, standard output is one JSON document (the job and its exit "
+                    "status) and COMMAND's standard output goes to standard error.",
         usage="pinwarden run (--exclusive N | --cpus LIST) [--name J] "
               "[--threads whole|prefer|isolate|require] [--isolated] [--dry-run] "
               "-- COMMAND [ARG...]")
@@ -105,7 +107,9 @@ def handle(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(args, request, command)
     with manager_of(args) as manager:
-        status = run_job(manager, request, command)
+        # the JSON document alone on standard output: the command's goes to standard error
+        # (it came first, and the document after it could not be read as one: hunt)
+        status = run_job(manager, request, command, stdout_to_stderr=bool(args.json))
     args.finished_status = status  # (kept if the reader of the JSON went away: CLI hunt)
     if args.json:
         print_json({"job": request.name, "exit_status": status})
