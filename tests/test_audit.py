@@ -274,8 +274,8 @@ def test_noise_on_a_kept_cpu_is_a_warning_where_on_a_leased_one_it_is_an_error()
 def test_a_holder_group_moved_off_its_lease_is_an_error() -> None:
     """A running job's group set by hand to the housekeeping CPU (cpu_exclusive still on):
     the job ran there, its leased CPU idle, and neither audit nor status said so (status
-    hunt).  Now ``off-lease``; a held sibling, a kept group, an offline leased CPU and an
-    empty group are not reported so."""
+    hunt).  Now ``off-lease``; a held sibling, a kept group and an offline leased CPU are
+    not reported so."""
     from pinwarden.model import SIBLING_HOLD
 
     j_group = "/pinwarden-run-job1.partition"
@@ -302,6 +302,27 @@ def test_a_holder_group_moved_off_its_lease_is_an_error() -> None:
     for quiet in (snap("5"), snap("", root="0-4,6-7")):  # as leased; CPU 5 offline
         assert not [i for i in audit.audit(quiet, leases, holders).intruders
                     if i.kind == "off-lease"], quiet
+
+
+def test_a_domains_or_reservations_group_moved_off_its_lease_is_an_error_too() -> None:
+    """A domain's threads live in libvirt's groups below its holder group, a reservation's
+    group has none yet: audit looked only at groups with tasks of their own, and never
+    reported ``off-lease`` for a domain, while status did (status/audit hunt)."""
+    a_group = "/pinwarden-vm-vm-a.partition"
+    b_group = "/pinwarden-vm-vm-b.partition"  # reserved, not started
+    snap = HostSnapshot(cgroups=(
+        CgroupInfo("/", cs("0-7"), cs("0-7"), True, exclusive=True),
+        CgroupInfo(a_group, cs("0"), cs("0"), False, exclusive=True),
+        CgroupInfo(f"{a_group}/qemu-1-vm-a.libvirt-qemu", cs("0"), cs("0"), False),
+        CgroupInfo(f"{a_group}/qemu-1-vm-a.libvirt-qemu/vcpu0", cs("0"), cs("0"), True),
+        CgroupInfo(b_group, cs("1"), cs("1"), False, exclusive=True),
+    ), cgroup_version=1)
+    holders = [record(A, cgroup=a_group.strip("/"), cpus="2"),
+               record(B, cgroup=b_group.strip("/"), cpus="6")]
+    leases = [Lease(2, A, "vcpu0", 0.0), Lease(6, B, "vcpu0", 0.0)]
+    found = {(i.kind, i.cgroup, str(i.cpus)) for i in audit.audit(snap, leases, holders)
+             .intruders if i.kind == "off-lease"}
+    assert found == {("off-lease", a_group, "2"), ("off-lease", b_group, "6")}, found
 
 
 def test_a_holder_group_removed_by_hand_is_an_error() -> None:

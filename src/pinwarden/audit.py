@@ -507,7 +507,8 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
         for g in snapshot.cgroups:
             path = g.path.strip("/")
             owners, in_vm_cgroup = cgroup_facts(path)
-            broken = not_kept(g) if ctx.is_holder_group(path) else None
+            holder_group = ctx.is_holder_group(path)
+            broken = not_kept(g) if holder_group else None
             if broken is not None and broken != NOT_EXCLUSIVE:
                 mine = CpuSet.of(c for c, h in lease_of.items() if h in owners)
                 intruders.append(Intruder(
@@ -524,7 +525,11 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
                     holders=tuple(sorted(owners, key=_ref_key)),
                     name=path.rsplit("/", 1)[-1], cgroup=g.path,
                     owner=min(owners, key=_ref_key)))
-            if ctx.is_holder_group(path) and g.populated and owners and \
+            # (populated or not: a domain's threads are in libvirt's groups below its
+            # holder group, and a reservation's VM gets the group's CPUs when it starts;
+            # only a group with tasks of its own was looked at, and no domain ever was:
+            # status hunt)
+            if holder_group and owners and \
                     (off := off_lease(CpuSet.of(c for c, h in lease_of.items() if h in owners
                                                 and c not in kept and c not in ctx.held_empty),
                                       g, online)):
