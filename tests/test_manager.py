@@ -549,6 +549,43 @@ def test_a_restore_the_kernel_refuses_for_the_moment_is_kept_and_tried_again(
         assert "irq:24" not in m.ledger().changes()
 
 
+def test_an_irq_recorded_but_never_moved_that_the_kernel_refuses_is_marked_refused(
+        host4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A managed IRQ refuses every affinity write (EIO).  Killed between its record and
+    its write, a reserve left a record of a move never made; every later sync tried the
+    write again, kept that record, and audit called the IRQ an error, exit 1, all lease
+    long (kill hunt).  The IRQ holding its original value is marked refused like one
+    seen for the first time; the lease's end forgets it and leaves the IRQ alone."""
+    import errno
+
+    from pinwarden import noise
+
+    irq = host4 / "proc/irq/36"
+    (irq / "virtio1-req.0").mkdir(parents=True)
+    (irq / "smp_affinity_list").write_text("0-3\n")
+    state = tmp_path / "state"
+    real = noise._apply_one
+
+    def managed(root: Path, write: noise.Write, set_affinity: object) -> noise.Outcome:
+        if write.key == "irq:36":
+            raise OSError(errno.EIO, "Input/output error")
+        return real(root, write, set_affinity)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(noise, "_apply_one", managed)
+    fake = fake4()
+    with Manager(Config(), host4, state, backend=fake, noise=True) as m:
+        m.reserve_request(JobSpec("J", cpus=C("3")))
+        assert json.loads(m.ledger().changes()["irq:36"]) == {"refused": True}
+        # what a kill between the record and the write left
+        m.ledger().put_changes({"irq:36": json.dumps(
+            {"key": "irq:36", "original": "0-3", "applied": "0-2"})})
+        m.sync()
+        assert json.loads(m.ledger().changes()["irq:36"]) == {"refused": True}
+        m.drop(job_holder("J"))
+        assert "irq:36" not in m.ledger().changes()
+    assert (irq / "smp_affinity_list").read_text().strip() == "0-3"
+
+
 def test_a_v2_shared_group_without_cpuset_files_is_recorded_as_inheriting(
         tmp_path: Path) -> None:
     """cgroup v2 without systemd: libvirt's ``machine`` exists, but the root does not enable
@@ -1445,4 +1482,34 @@ def test_an_edit_that_breaks_a_sync_whose_rollback_fails_is_still_taken(
         assert m.host().partition.vm_cpus == C("0-1,3")
         m.drop(job_holder("J"))
         assert fake.read_group("machine").cpus == C("0-1,3")  # the edit, with CPU 3 back
+        assert m.record() is None and m.ledger().changes() == {}
+
+
+def test_a_kill_after_the_last_releases_writes_before_its_records_warns_of_nothing(
+        host4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every cgroup write of the last release done, the process killed before the shared
+    group's record was forgotten: the record of the write had gone first, and the next
+    sync called ``machine``'s CPUs back "changed by someone else" (kill hunt).  The record
+    of the write now goes last."""
+    fake = fake4()
+    state = tmp_path / "state"
+    real = Ledger.forget_changes
+
+    def killed(self: Ledger, keys: object) -> None:
+        wanted = list(keys)  # type: ignore[call-overload]
+        if "cgroup:machine" in wanted:
+            raise _Killed
+        real(self, wanted)
+
+    with manager(host4, state, fake) as m:
+        m.reserve_request(JobSpec("J", cpus=C("3")))
+        monkeypatch.setattr(Ledger, "forget_changes", killed)
+        with pytest.raises(_Killed):
+            m.drop(job_holder("J"))
+        monkeypatch.setattr(Ledger, "forget_changes", real)
+    assert fake.read_group("machine").cpus == C("0-3")
+    said: list[str] = []
+    with Manager(Config(), host4, state, backend=fake, warn=said.append) as m:
+        m.sync()
+        assert said == [], said
         assert m.record() is None and m.ledger().changes() == {}

@@ -1119,8 +1119,6 @@ class Manager:
                 else:
                     ledger.put_changes({INTERRUPTED_KEY: cut_short})
             raise
-        if recorded or cut_short is not None:
-            ledger.forget_changes([INTERRUPTED_KEY])
         sweep_twins(backend, names.parent, names.is_holder)
         # A holder group that still has tasks is kept (a job's children outliving their
         # owner, a release of a running domain), and with it the shared group stays as
@@ -1146,6 +1144,11 @@ class Manager:
             if CONTROLLER_KEY in changes:  # last: the cgroups above no longer need it
                 self._restore_controller(backend, changes[CONTROLLER_KEY])
                 ledger.forget_changes([CONTROLLER_KEY])
+        # last: until the shared group's record says what it holds now (or is gone), the
+        # record of the write tells pinwarden's own CPUs there from an edit (a kill in
+        # between warned of "changed by someone else": kill hunt)
+        if recorded or cut_short is not None:
+            ledger.forget_changes([INTERRUPTED_KEY])
         return result, host, kept
 
     def _keep_home(self, backend: CgroupBackend) -> _KeepHome | None:
@@ -1299,10 +1302,16 @@ class Manager:
         ledger.put_changes({r.key: json.dumps(r.to_json()) for r in plan.records})
         bad = noise.refused(noise.apply(self.root, plan.writes))
         if bad:  # the kernel keeps these (managed or per-CPU IRQs): remember not to retry
+            # (one recorded but never moved — a kill between its record and its write —
+            # holds its original still: refused like a new one; kept as recorded, audit
+            # took it for an IRQ pinwarden should have moved, an error all lease long)
+            now = snapshot.values(records)
+            never = {key for key in bad if key in records
+                     and now.get(key) == records[key].original}
             ledger.put_changes({key: json.dumps({"refused": True}) for key in bad
-                                if key not in records})
+                                if key not in records or key in never})
             ledger.put_changes({key: json.dumps(records[key].to_json()) for key in bad
-                                if key in records})
+                                if key in records and key not in never})
 
     def _keep_off(self, ledger: Ledger, host: Host, leases: tuple[Lease, ...],
                   unguarded: CpuSet) -> None:
