@@ -149,7 +149,8 @@ HINTS = (
     ("not-exclusive", "a holder's cgroup v1 group has cpu_exclusive 0 (somebody turned it "
                       "off): the kernel no longer keeps other cgroups off its CPUs, and the "
                       "next change of a sibling's cpuset.cpus may take them; 'pinwarden "
-                      "sync' turns it on again (and narrows the group if it was widened)"),
+                      "sync' turns it on again (and narrows the group if it was widened) "
+                      "once no other cgroup names them"),
     ("off-lease", "a holder's group lacks CPUs leased to it (its cpuset.cpus was changed "
                   "by hand): it runs elsewhere and its leased CPUs idle; 'pinwarden sync' "
                   "puts it back on its lease"),
@@ -170,7 +171,10 @@ HINTS = (
     ("escaped-task", "tasks outside the holders can run on leased CPUs: their cgroup names "
                      "leased CPUs in its cpuset.cpus (on cgroup v2 that also invalidates the "
                      "holder's partition); 'pinwarden sync' narrows it, and 'pinwarden "
-                     "daemon' does so as soon as it happens"),
+                     "daemon' does so as soon as it happens (on cgroup v1, where only a "
+                     "holder group with cpu_exclusive turned off lets it, write the leased "
+                     "CPUs out of that cgroup's cpuset.cpus first: sync refuses to take "
+                     "them back from it)"),
     ("host-task", "tasks in the cgroup v1 root cpuset may use leased CPUs: boot with "
                   "isolcpus= (partition mode isolcpus) to keep the OS on its housekeeping "
                   "CPUs"),

@@ -478,7 +478,8 @@ def run_status(args: argparse.Namespace) -> int:
         if found.partition == NOT_EXCLUSIVE:
             warn += ("; NOT EXCLUSIVE (its cpuset.cpu_exclusive reads 0, somebody turned "
                      "it off): the kernel no longer keeps other cgroups off its CPUs; "
-                     "'pinwarden sync' turns it on again")
+                     "'pinwarden sync' turns it on again once no other cgroup names them "
+                     "('pinwarden audit' finds any that does)")
         elif found.partition is not None:
             # an offline leased CPU: the kernel makes it valid again itself once the CPU
             # is back (lab: cli.offline), and a sync cannot before
