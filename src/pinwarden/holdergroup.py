@@ -4,9 +4,10 @@ The ledger records which cgroup each holder's leases live in; only the kernel ca
 whether that group still keeps them: on cgroup v2 a partition a sibling's CPUs made
 invalid, on cgroup v1 a group whose ``cpu_exclusive`` somebody turned off, a group moved
 off its leased CPUs by hand, or one removed.  :func:`judge` decides from what was read;
-the reading is the callers': ``status`` reads each recorded group
+the reading is the callers': ``status`` reads each group the ledger records
 (:func:`pinwarden.cli.placement.invalid_partitions`), ``audit`` every cgroup of the host
-(:func:`pinwarden.audit.scan`), and both say the same of the same group.
+(:func:`pinwarden.audit.scan`) and judges those named as holder groups are, so both say
+the same of a holder group pinwarden made.
 """
 
 from __future__ import annotations
@@ -75,7 +76,6 @@ def off_lease(threads: CpuSet, seen: Seen, online: CpuSet) -> CpuSet:
     """The online CPUs leased to the group's threads (``threads``) that its own CPUs lack
     (empty when they are all there, or its CPUs could not be read)."""
     return EMPTY if seen.cpus is None else threads & online - seen.cpus
-
 
 
 def judge(threads: CpuSet, seen: Seen | None, online: CpuSet | None = None) -> Invalid | None:

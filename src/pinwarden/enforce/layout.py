@@ -454,6 +454,7 @@ def targets(current: Snapshot, desired: DesiredLayout) -> Targets:
     for path in kept:
         state = current[path]
         want[path] = Target(state.cpus, state.mems, state.partition)
+
     def judged(path: str) -> GroupState | None:
         """The group as it was before a cut-short sync wrote it (as it is, if it did
         not): who follows whom is judged from that."""
