@@ -192,7 +192,8 @@ def story() -> Data:
         out["daemon_reaped"] = holders()
         # the edit below is the operator's while the daemon is idle: E's record goes
         # before its layout is written and B and C get E's CPU back, and an edit landing
-        # in the middle of that is another story (the clean-clone run hit it: left open)
+        # in the middle of that is another story (an edit that breaks a sync is taken
+        # from the record of the cut-short write: test_manager's fake covers it)
         wait_for(lambda: "gave back pwtest-b" in run(["journalctl", "-u",
                                                       "pinwarden.service", "-o",
                                                       "cat"])["stdout"], 120)
