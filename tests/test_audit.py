@@ -351,6 +351,40 @@ def test_a_holder_group_removed_by_hand_is_an_error() -> None:
                     if i.kind == "missing-group"], quiet
 
 
+def test_holder_groups_that_could_not_be_read_make_the_audit_incomplete() -> None:
+    """No cpuset cgroup read at all (the hierarchy not mounted in this mount namespace, as
+    in a container) while holders have groups: audit said "clean" and exited 0 (hunt L),
+    though no holder group and no VM cgroup was looked at.  Now exit 2, "INCOMPLETE", with
+    what was not checked; an intruder found all the same still exits 1, and holders with
+    no group (or only kept CPUs) leave nothing unchecked."""
+    holders = [record(A, cgroup="pinwarden-vm-vm-a.partition", cpus="2"),
+               record(J, cgroup="pinwarden-run-job1.partition", cpus="5")]
+    held = [Lease(2, A, "vcpu0", 0.0), Lease(5, J, "task", 0.0)]
+    blind = HostSnapshot(threads=(thread(1, "0-1", None, comm="init"),),
+                         notes=("no cpuset cgroup hierarchy is mounted: VM cgroups not "
+                                "checked",))
+    report = audit.audit(blind, held, holders)
+    assert report.intruders == () and report.exit_status() == 2
+    assert report.unchecked == (
+        "the holder groups of qemu:vm-a, run:job1 and every VM cgroup: no cpuset cgroup "
+        "could be read here (is the cpuset hierarchy mounted in this mount namespace? run "
+        "'pinwarden audit' on the host itself)",)
+    assert report.verdict().startswith("INCOMPLETE (1 not checked, below); clean: ")
+    assert report.to_json()["status"] == "incomplete"
+    assert render(report).splitlines()[1].startswith("not checked: the holder groups of ")
+    vcpu = "/machine/qemu-2-web.libvirt-qemu/vcpu0"  # (from /proc/PID/cgroup)
+    intruded = replace(blind, threads=(*blind.threads,
+                                       thread(500, "2", vcpu, tid=501, comm="CPU 0/KVM")))
+    worse = audit.audit(intruded, held, holders)
+    assert worse.exit_status() == 1 and worse.verdict().startswith("INTRUDERS")
+    assert worse.to_json()["status"] == "intruders" and worse.unchecked
+    for quiet in ([record(A, cgroup=None, cpus="2")], []):  # nothing grouped to check
+        assert audit.audit(blind, held, quiet).exit_status() == 0
+    seen = HostSnapshot(cgroups=(CgroupInfo("/", cs("0-7"), cs("0-7"), True),),
+                        cgroup_version=1)
+    assert not audit.audit(seen, held, holders).unchecked
+
+
 def test_a_cgroup_v1_holder_group_whose_cpu_exclusive_was_turned_off_is_an_error() -> None:
     """cgroup v1: with ``cpu_exclusive`` 0 the kernel no longer keeps the holder's siblings
     off its CPUs (the next write of the VM partition's cpuset.cpus may take them) and the

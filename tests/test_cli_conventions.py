@@ -210,6 +210,32 @@ def test_audit_exit_codes_clean_and_intruders(tmp_path: Path, empty_config: str)
     assert proc.stdout.startswith("audit: INTRUDERS")
 
 
+def test_audit_without_the_holders_groups_in_sight_exits_2(tmp_path: Path,
+                                                            empty_config: str) -> None:
+    """The cpuset hierarchy out of sight (not in this mount namespace) while a holder has a
+    group: exit 2 and "INCOMPLETE", not "clean" and 0 (hunt L)."""
+    from fakeproc import fake_proc, reserve
+    from pinwarden.ledger import Ledger
+
+    root = build_host(tmp_path / "root", HostSpec(cpus=4))
+    fake_proc(root, intruder_on="0-1")
+    (root / "proc/self/mountinfo").write_text("")  # as in a container
+    (root / "proc/irq/24/smp_affinity_list").write_text("0-1\n")
+    state = tmp_path / "state"
+    holder = reserve(state, "vm-a", "2-3")
+    argv = ("audit", "--root", str(root), "--state-dir", str(state), "--config", empty_config)
+    first = cli(*argv)
+    assert first.returncode == 0, first.stdout  # no group recorded yet: nothing out of sight
+    with Ledger(state) as ledger:
+        ledger.set_cgroup(holder, "machine/pinwarden-vm-vm-a.partition")
+    proc = cli(*argv)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("audit: INCOMPLETE (1 not checked, below); warnings on ")
+    assert "not checked: the holder groups of qemu:vm-a and every VM cgroup: no cpuset " \
+        "cgroup could be read here" in proc.stdout
+    assert json.loads(cli(*argv, "--json").stdout)["status"] == "incomplete"
+
+
 # -- a reader that closes the pipe ------------------------------------------------------------
 
 

@@ -231,6 +231,8 @@ class Report:
     #: noise on leased CPUs nothing can move at run time, each with the boot parameter
     #: that would (never a failure: the admin's choice of kernel command line)
     unmovable: tuple[Finding, ...] = ()
+    #: what the audit could not check, each with why (exit 2 unless there are errors)
+    unchecked: tuple[str, ...] = ()
 
     @property
     def errors(self) -> tuple[Intruder, ...]:
@@ -245,9 +247,17 @@ class Report:
         return CpuSet(frozenset(self.leases))
 
     def exit_status(self, *, strict: bool = False) -> int:
-        return 1 if self.errors or (strict and self.warnings) else 0
+        """1 when something intrudes, else 2 when part of the host could not be checked,
+        else 0."""
+        return 1 if self.errors or (strict and self.warnings) else 2 if self.unchecked else 0
 
     def verdict(self) -> str:
+        found = self._found()
+        if self.unchecked and not self.errors:  # "clean" would claim what was not seen
+            return f"INCOMPLETE ({len(self.unchecked)} not checked, below); {found}"
+        return found
+
+    def _found(self) -> str:
         holders = {h for h in self.leases.values()}
         checked = (f"{self.threads} threads, {self.cgroups} cpuset cgroups, "
                    f"{self.irqs} IRQs checked")
@@ -268,7 +278,8 @@ class Report:
         return f"{level} on the {scope}: {', '.join(parts)} ({checked})"
 
     def to_json(self) -> dict[str, Any]:
-        status = "intruders" if self.errors else "warnings" if self.warnings else "clean"
+        status = "intruders" if self.errors else "incomplete" if self.unchecked \
+            else "warnings" if self.warnings else "clean"
         return {
             "status": status,
             "verdict": self.verdict(),
@@ -278,6 +289,7 @@ class Report:
             "checked": {"threads": self.threads, "cgroups": self.cgroups, "irqs": self.irqs,
                         "per_cpu_kernel_threads": self.per_cpu_kthreads},
             "notes": list(self.notes),
+            "unchecked": list(self.unchecked),
             "unmovable": [{"kind": f.kind, "key": f.key, "cpus": str(f.cpus),
                            "what": f.what, "boot_parameter": f.boot_param}
                           for f in self.unmovable],
@@ -605,6 +617,7 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
             intruders.append(Intruder(kind="stale-holder-group", cpus=kept, holders=(),
                                       name=path.rsplit("/", 1)[-1], cgroup=g.path))
 
+    unchecked: tuple[str, ...] = ()
     if snapshot.cgroups:  # (none read: nothing is known of any group)
         present = {g.path.strip("/") for g in snapshot.cgroups}
         for r in records:
@@ -613,6 +626,11 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
                 intruders.append(Intruder(kind="missing-group", cpus=mine, holders=(r.ref,),
                                           name=path.rsplit("/", 1)[-1], cgroup=f"/{path}",
                                           owner=r.ref))
+    elif grouped := [r for r in records if _norm(r.cgroup) and r.plan.leased() - kept]:
+        names = ", ".join(sorted(f"{r.ref.driver}:{r.ref.name}" for r in grouped))
+        unchecked = (f"the holder groups of {names} and every VM cgroup: no cpuset cgroup "
+                     f"could be read here (is the cpuset hierarchy mounted in this mount "
+                     f"namespace? run 'pinwarden audit' on the host itself)",)
 
     findings: tuple[Finding, ...] = ()
     if leased and snapshot.noise is not None:
@@ -630,7 +648,7 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
                   roles={x.cpu: x.role for x in lease_list},
                   threads=len(snapshot.threads), cgroups=len(snapshot.cgroups),
                   irqs=len(snapshot.irqs), per_cpu_kthreads=per_cpu, notes=snapshot.notes,
-                  unmovable=findings)
+                  unmovable=findings, unchecked=unchecked)
 
 
 def _ref_key(ref: HolderRef) -> tuple[str, str, str]:

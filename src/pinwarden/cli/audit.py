@@ -3,7 +3,9 @@
 Exit status: 0 clean (or warnings only), 1 when another VM's thread or VM cgroup can run on a
 CPU leased to someone else (with ``--strict`` also on host tasks and IRQs), 2 when the audit
 could not be made (no /proc, an unreadable lease database, a bad configuration: the error
-on stderr, and as a JSON error object with ``--json``) or the command line is wrong.
+on stderr, and as a JSON error object with ``--json``), when part of it could not be (no
+cpuset cgroup readable while holders have groups: the report says what, status
+``incomplete``) or the command line is wrong.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         help="find threads, VM cgroups and IRQs that can run on leased CPUs",
         description="Check every thread, cpuset cgroup and IRQ on the host against the "
                     "exclusive leases. Exit 0 clean, 1 when another VM can run on a leased "
-                    "CPU, 2 when the audit could not be made.")
+                    "CPU, 2 when the audit (or part of it) could not be made.")
     parser.add_argument("--strict", action="store_true",
                         help="also exit 1 on host tasks and IRQs allowed on leased CPUs")
     parser.add_argument("--all", action="store_true",
@@ -101,6 +103,7 @@ def _holder(ref: HolderRef | None) -> str:
 def render(report: audit.Report, *, show_all: bool = False) -> str:
     """The verdict line, then a table of intruders (errors first)."""
     lines = [f"audit: {report.verdict()}"]
+    lines += [f"not checked: {n}" for n in report.unchecked]
     lines += [f"note: {n}" for n in report.notes]
     if not report.intruders:
         return "\n".join(lines)
