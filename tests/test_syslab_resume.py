@@ -63,8 +63,8 @@ def test_a_stalled_guest_is_stopped_and_resumed_once(
     result.write_text("{}")
     proc = subprocess.Popen(["sh", "-c", "sleep 600 & wait"], start_new_session=True)
     began = time.monotonic()
-    rc, stalled = vm._wait(proc, result, began + 120, poll=0.1)
-    assert (rc, stalled) == (None, True) and time.monotonic() - began < 30
+    rc, stopped = vm._wait(proc, result, began + 120, poll=0.1)
+    assert (rc, stopped) == (None, "stall") and time.monotonic() - began < 30
     assert proc.poll() is not None  # killed, with its child (the process group):
     deadline = time.monotonic() + 30
     while True:
@@ -86,7 +86,7 @@ def test_a_stalled_guest_is_stopped_and_resumed_once(
     proc = subprocess.Popen(["sh", "-c", f"for i in 1 2 3 4 5 6; do sleep 0.4; "
                                          f"touch -d @$i {result}; done"],
                             start_new_session=True)
-    assert vm._wait(proc, result, time.monotonic() + 120, poll=0.1) == (0, False)
+    assert vm._wait(proc, result, time.monotonic() + 120, poll=0.1) == (0, None)
 
 
 def test_background_boots_run_once_and_hand_their_result_or_failure_to_the_tests(

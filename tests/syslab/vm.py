@@ -34,7 +34,9 @@ single-threaded TCG by default (:data:`QEMU_OPTS`: one host thread runs every vC
 sees the patch at once), which costs a guest about a third more time alone and removes the
 race.  A guest that finishes no check for :data:`STALL` seconds
 (``PINWARDEN_SYSLAB_STALL``) is stopped and, when it has results, resumed once in the same
-way: a stall that comes back is a failure.
+way: a stall that comes back is a failure.  A guest whose checks have not begun after
+:data:`BOOT_LIMIT` seconds (its kernel hung in its own boot, :mod:`guestwatch`) is booted
+once more from the start; ``results["rebooted"]`` says so.
 
 Boots run in background threads: :func:`start` (the test session calls it once it has
 collected, for the suites its selected tests use) boots every suite side by side while the
@@ -55,7 +57,6 @@ otherwise, and keeps them, saying where, when it failed).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -71,6 +72,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import guestwatch
 from syslab.rootfs import RECIPES, BuildError, BuiltRoot, ensure_root
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,6 +95,10 @@ QEMU_OPTS = {"trixie": "-accel tcg,thread=single", "bookworm": "-accel tcg,threa
 #: A guest that finishes no check for this long has stalled (the longest check takes about
 #: six minutes beside the other guest): it is stopped, and resumed once like the race.
 STALL = float(os.environ.get("PINWARDEN_SYSLAB_STALL", "1200"))
+#: The guest's checks must have begun by then (the ``boot`` check's result written): 110
+#: and 181 s in a CI run with both guests and the rest of the suite side by side.  A guest
+#: that has not (its kernel hung in its boot: :mod:`guestwatch`) is booted once more.
+BOOT_LIMIT = float(os.environ.get("PINWARDEN_SYSLAB_BOOT_LIMIT", "720"))
 SUITES = tuple(s for s in os.environ.get("PINWARDEN_SYSLAB_SUITES",
                                          ",".join(RECIPES)).split(",") if s)
 #: Checks whose facts do not depend on the suite (none of their tests looks at the suite,
@@ -125,6 +131,10 @@ def suites_of(check: str | None) -> tuple[str, ...]:
 
 class LabError(Exception):
     """No results from the guest (or no guest at all); the message says why."""
+
+
+class BootHang(LabError):
+    """The guest's checks had not begun after :data:`BOOT_LIMIT` seconds."""
 
 
 @dataclass
@@ -297,7 +307,20 @@ def prepare(suite: str, root: BuiltRoot, outdir: Path,
 
 def boot(suite: str, root: BuiltRoot, outdir: Path, timeout: float = TIMEOUT, *,
          skip: Sequence[str] = (), resume: bool = True) -> LabRun:
-    run = _boot_once(suite, root, outdir, timeout, skip)
+    try:
+        run = _boot_once(suite, root, outdir, timeout, skip)
+    except BootHang as exc:
+        if not resume:
+            raise
+        why = str(exc).splitlines()[0]
+        print(f"syslab: {why}; booting it once more", file=sys.stderr)
+        second = outdir / "rebooted"
+        second.mkdir()
+        run = boot(suite, root, second, timeout, skip=skip, resume=False)
+        run.results["rebooted"] = {"why": why,
+                                   "first_console": str(outdir / "console.log")}
+        run.results["notes"].append(f"booted again: {why}")
+        return run
     again = resumable(run) if resume else None
     if again is None:
         return run
@@ -334,7 +357,7 @@ def _boot_once(suite: str, root: BuiltRoot, outdir: Path, timeout: float,
                                     start_new_session=True)
             _LIVE.add(proc.pid)
             try:
-                rc, stalled = _wait(proc, share / RESULT_FILE, start + timeout)
+                rc, stopped = _wait(proc, share / RESULT_FILE, start + timeout, began=start)
             finally:
                 _LIVE.discard(proc.pid)
     finally:
@@ -343,9 +366,13 @@ def _boot_once(suite: str, root: BuiltRoot, outdir: Path, timeout: float,
     text = console_file.read_text(errors="replace")
     run = LabRun(suite, {}, text, seconds, outdir, cmd, kernel.name)
     result = share / RESULT_FILE
+    if stopped == "boot":
+        raise BootHang(f"the {suite} lab guest ({kernel.name}) had not begun its checks "
+                       f"after {BOOT_LIMIT:.0f} s\nconsole tail ({console_file}):\n"
+                       f"{run.tail()}")
     if not result.exists():
-        why = (f"stalled for {STALL:.0f} s" if stalled else f"timed out after {timeout:.0f} s") \
-            if rc is None else f"exited {rc}"
+        why = (f"stalled for {STALL:.0f} s" if stopped == "stall"
+               else f"timed out after {timeout:.0f} s") if rc is None else f"exited {rc}"
         raise LabError(f"the {suite} lab guest ({kernel.name}) {why} without results; "
                        f"command: {shlex.join(cmd)}\nconsole tail ({console_file}):\n"
                        f"{run.tail()}")
@@ -354,7 +381,7 @@ def _boot_once(suite: str, root: BuiltRoot, outdir: Path, timeout: float,
     except json.JSONDecodeError as exc:
         raise LabError(f"unreadable {result}: {exc}\nconsole tail:\n{run.tail()}") from None
     run.results.setdefault("notes", [])
-    if stalled:
+    if stopped == "stall":
         run.results["stalled"] = True
         run.results["notes"].append(f"stalled: no check finished for {STALL:.0f} s")
     elif rc is None:
@@ -366,27 +393,16 @@ def _boot_once(suite: str, root: BuiltRoot, outdir: Path, timeout: float,
 
 
 def _wait(proc: subprocess.Popen[bytes], result: Path, deadline: float,
-          poll: float = 10.0) -> tuple[int | None, bool]:
-    """(exit status or None when stopped, whether it was stopped for a stall): wait for the
-    guest until ``deadline``, stopping it when ``result`` (rewritten after every check)
-    has not changed for :data:`STALL` seconds."""
-    seen: float | None = None
-    changed = time.monotonic()
-    while True:
-        try:
-            return proc.wait(timeout=poll), False
-        except subprocess.TimeoutExpired:
-            pass
-        now = time.monotonic()
-        with contextlib.suppress(OSError):
-            mtime = result.stat().st_mtime
-            if mtime != seen:
-                seen, changed = mtime, now
-        stalled = now - changed >= STALL
-        if stalled or now >= deadline:
-            _kill(proc.pid)
-            proc.wait()
-            return None, stalled
+          poll: float = 10.0, began: float | None = None) -> tuple[int | None, str | None]:
+    """(exit status or None when stopped, why it was stopped: :mod:`guestwatch`'s
+    ``"boot"``, ``"stall"`` or ``"timeout"``): wait for the guest until ``deadline``,
+    stopping it when ``result`` (rewritten after every check) has not come within
+    :data:`BOOT_LIMIT` seconds or has not changed for :data:`STALL` seconds."""
+    start = time.monotonic() if began is None else began
+    waited = guestwatch.wait(proc, guestwatch.mtime(result), began=start,
+                             timeout=deadline - start, boot_limit=BOOT_LIMIT, stall=STALL,
+                             poll=poll)
+    return waited.rc, waited.stopped
 
 
 def load(suite: str, outdir: Path) -> LabRun:
@@ -407,11 +423,6 @@ MADE: list[Path] = []
 _RUNS: dict[str, LabRun | LabError] = {}
 _BOOTS: dict[str, threading.Thread] = {}
 _BOOTS_LOCK = threading.Lock()
-
-
-def _kill(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, 9)
 
 
 def _run_suite(suite: str) -> LabRun:
@@ -452,7 +463,7 @@ def stop() -> None:
     """Kill the guests still running (end of session) and let their threads finish, so
     that :data:`MADE` can be removed."""
     for pgid in list(_LIVE):
-        _kill(pgid)
+        guestwatch.kill_group(pgid)
     for thread in list(_BOOTS.values()):
         thread.join(timeout=60)  # (a killed guest's thread returns at once)
 
