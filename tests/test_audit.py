@@ -385,6 +385,50 @@ def test_holder_groups_that_could_not_be_read_make_the_audit_incomplete() -> Non
     assert not audit.audit(seen, held, holders).unchecked
 
 
+def test_a_holders_thread_moved_out_of_its_group_is_an_error() -> None:
+    """A domain's QEMU moved out of its holder group (into ``machine``, by hand or by a
+    rules daemon) runs on shared CPUs while its leased one idles, and nobody said so
+    (hunt L).  Now ``strayed-thread``, for each thread allowed beyond the lease: of a QEMU
+    moved out whole, or of any holder process with a thread still in the group.  Not for
+    a libvirt daemon or pinwarden owning the lease while it starts the domain or job, a
+    job's command moved out whole (it cannot be told from ``pinwarden run``), nor for a
+    thread outside the group still confined to the lease."""
+    group = "machine/pinwarden-vm-vm-a.partition"
+    inside = f"/{group}/qemu-3-vm-a.libvirt-qemu/vcpu0"
+    groups = (CgroupInfo("/", cs("0-3"), cs("0-3"), True, exclusive=True),
+              CgroupInfo("/machine", cs("0-1,3"), cs("0-1,3"), True),
+              CgroupInfo(f"/{group}", cs("2"), cs("2"), False, exclusive=True))
+    held = [Lease(2, A, "vcpu0", 0.0)]
+
+    def found(threads: tuple[ThreadInfo, ...], owner: int, ref: HolderRef = A,
+              ) -> list[tuple[str, int | None, str | None, str]]:
+        report = audit.audit(HostSnapshot(threads=threads, cgroups=groups, cgroup_version=1),
+                             [replace(x, holder=ref) for x in held],
+                             [record(ref, cgroup=group, owner=owner, cpus="2")])
+        return [(i.kind, i.tid, i.cgroup, str(i.cpus)) for i in report.intruders
+                if i.kind == "strayed-thread"]
+
+    qemu = (thread(500, "0-1,3", "/machine", comm="qemu-system-x86"),
+            thread(500, "0-1,3", "/machine", tid=501, comm="CPU 0/KVM"))
+    assert found(qemu, 500) == [("strayed-thread", 500, "/machine", "2"),
+                                ("strayed-thread", 501, "/machine", "2")]
+    report = audit.audit(HostSnapshot(threads=qemu, cgroups=groups, cgroup_version=1), held,
+                         [record(A, cgroup=group, owner=500, cpus="2")])
+    assert report.exit_status() == 1 and "move it back (cgroup v1: echo TID" in render(report)
+    one_out = (thread(600, "2", inside, comm="python3"),
+               thread(600, "0-1,3", "/", tid=601, comm="worker"))
+    assert found(one_out, 600) == [("strayed-thread", 601, "/", "2")]
+    assert found(one_out, 600, J) == [("strayed-thread", 601, "/", "2")]
+    assert found((thread(700, "0-1,3", "/", comm="python3"),), 700, J) == []  # whole job
+    assert found((thread(800, "0-3", "/", comm="libvirtd"),
+                  thread(801, "2", inside, ppid=800, comm="qemu-system-x86")), 800) == []
+    assert found((thread(900, "0-1,3", "/machine", comm="pinwarden"),), 900) == []
+    pinned = (thread(500, "2", "/machine", comm="qemu-system-x86"),)  # taskset to its lease
+    assert found(pinned, 500) == []
+    home = (thread(500, "2", inside, comm="qemu-system-x86"),)
+    assert found(home, 500) == []
+
+
 def test_a_cgroup_v1_holder_group_whose_cpu_exclusive_was_turned_off_is_an_error() -> None:
     """cgroup v1: with ``cpu_exclusive`` 0 the kernel no longer keeps the holder's siblings
     off its CPUs (the next write of the VM partition's cpuset.cpus may take them) and the
@@ -975,6 +1019,54 @@ def test_a_real_thread_written_alone_into_the_holders_group_is_found(
         assert [(i.kind, i.pid, i.tid, str(i.cpus)) for i in report.intruders] == [
             ("other-vm-thread", proc.pid, tid, "1")], report.intruders
         assert report.exit_status() == 1
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.kernel
+def test_a_real_thread_moved_out_of_its_holders_group_is_found(
+        tmp_path: Path, cpuset_base: Path) -> None:
+    """This host's cgroup v1 cpusets: one thread of a holder's process written from the
+    holder's group into its parent (the kernel gives it the parent's CPUs): a
+    ``strayed-thread`` error, from the scan and from the command."""
+    rel = cpuset_base.relative_to(CPUSET)
+    own = _group(cpuset_base, "vm-a.partition", "1")
+    code = ("import threading, time, sys\n"
+            "t = threading.Thread(target=time.sleep, args=(300,), daemon=True)\n"
+            "t.start(); print(t.native_id, flush=True); time.sleep(300)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        tid = int(proc.stdout.readline())
+        _write(own / "tasks", str(proc.pid))
+        _write(own / "tasks", str(tid))
+        a = domain_holder("qemu", "pwtest-a", None)
+        state = tmp_path / "state"
+        with Ledger(state) as ledger:
+            ledger.reserve(a, lambda _: Plan("pwtest-a", None, True, {0: cs("1")}, cs("1"),
+                                             leases={1: "vcpu0"}), owner_pid=proc.pid)
+            ledger.set_cgroup(a, f"{rel}/vm-a.partition")
+            holders, lease_list = ledger.holders(), ledger.leases()
+
+        def strays() -> list[tuple[str, int | None, int | None, str | None, str]]:
+            snap = audit.scan(Path("/"))
+            mine = HostSnapshot(threads=tuple(t for t in snap.threads if t.pid == proc.pid),
+                                cgroups=tuple(c for c in snap.cgroups
+                                              if c.path.startswith(f"/{rel}")))
+            assert {t.tid for t in mine.threads} == {proc.pid, tid}
+            return [(i.kind, i.pid, i.tid, i.cgroup, str(i.cpus))
+                    for i in audit.audit(mine, lease_list, holders).intruders]
+
+        assert strays() == []  # both at home
+        _write(cpuset_base / "tasks", str(tid))  # that thread alone, out to the parent
+        assert os.sched_getaffinity(tid) == {0, 1}
+        assert strays() == [("strayed-thread", proc.pid, tid, f"/{rel}", "1")]
+        status, out = run_audit_command("--json", "--state-dir", str(state))
+        assert status == 1
+        assert {"kind": "strayed-thread", "pid": proc.pid, "tid": tid,
+                "cgroup": f"/{rel}", "cpus": "1"}.items() <= next(
+            i for i in json.loads(out)["intruders"] if i["tid"] == tid).items()
     finally:
         proc.kill()
         proc.wait()

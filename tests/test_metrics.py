@@ -91,7 +91,7 @@ def test_metrics_of_a_fake_host(host: dict[str, Path]) -> None:
     assert intruders == {"other-vm-thread": 2, "vm-cgroup": 3, "host-task": 1, "irq": 1,
                          "escaped-task": 0, "workqueue": 0, "invalid-partition": 0,
                          "not-exclusive": 0, "off-lease": 0, "missing-group": 0,
-                         "stale-holder-group": 0,
+                         "strayed-thread": 0, "stale-holder-group": 0,
                          "vm-cgroup-pin": 0, "isolcpus-host-task": 0}
     audit = subprocess.run([sys.executable, "-c", "from pinwarden.cli import entry; entry()",
                             "audit", "--json", "--root", str(host["root"]), "--state-dir",

@@ -39,6 +39,15 @@ Kinds of intruders:
     a running holder's group whose ``cpuset.cpus`` lacks CPUs leased to it (changed by
     hand): its threads run elsewhere, maybe on the host's CPUs, and the leased ones idle.
     ``pinwarden sync`` puts the group back on its lease.
+``strayed-thread`` (error)
+    a thread of a holder's own process outside the holder's group (moved out by hand, or
+    by a rules daemon such as cgred) and allowed on CPUs not leased to it: the holder's
+    leased CPUs idle while it shares the others.  "Its own process" means one with a
+    thread still in the group, or — for a domain — its QEMU (``qemu-*``, ``kvm``), which
+    lives there whole; a libvirt daemon or pinwarden itself owning a lease while it starts
+    the domain or job is never one.  (A job's command moved out whole cannot be told from
+    the ``pinwarden run`` that starts it, and is not reported.)  Its ``cpus`` are the
+    holder's leased CPUs it is off;
 ``missing-group`` (error)
     a holder's group, as the ledger records it, that is gone from the cpuset hierarchy
     (removed by hand): nothing keeps other cgroups off the holder's CPUs.  ``pinwarden
@@ -97,7 +106,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any, Literal
@@ -108,25 +117,26 @@ from pinwarden.errors import HostError
 from pinwarden.holdergroup import NOT_EXCLUSIVE, not_kept, off_lease
 from pinwarden.isolation import Finding, IrqInfo, NoiseSnapshot
 from pinwarden.ledger import HolderRecord
-from pinwarden.model import KEPT_ROLE, SIBLING_HOLD, HolderRef, Lease
+from pinwarden.model import JOB_DRIVER, KEPT_ROLE, SIBLING_HOLD, HolderRef, Lease
 from pinwarden.mounts import read_mounts
-from pinwarden.procs import parse_stat
+from pinwarden.procs import LIBVIRT_DAEMONS, parse_stat
 from pinwarden.record import field, record, replace
 
 Kind = Literal["other-vm-thread", "vm-cgroup", "escaped-task", "host-task", "irq",
                "workqueue", "invalid-partition", "not-exclusive", "off-lease",
-               "missing-group", "stale-holder-group", "vm-cgroup-pin", "isolcpus-host-task"]
+               "missing-group", "stale-holder-group", "vm-cgroup-pin", "isolcpus-host-task",
+               "strayed-thread"]
 Severity = Literal["error", "warning"]
 SEVERITY: Mapping[Kind, Severity] = {
     "other-vm-thread": "error", "vm-cgroup": "error", "escaped-task": "error",
     "host-task": "warning", "irq": "warning", "workqueue": "warning",
     "invalid-partition": "error", "not-exclusive": "error", "off-lease": "error",
-    "missing-group": "error", "stale-holder-group": "warning",
+    "missing-group": "error", "strayed-thread": "error", "stale-holder-group": "warning",
     "vm-cgroup-pin": "warning", "isolcpus-host-task": "warning",
 }
 #: Order of kinds in reports: errors first.
 KIND_ORDER: tuple[Kind, ...] = ("invalid-partition", "not-exclusive", "off-lease",
-                                "missing-group",
+                                "missing-group", "strayed-thread",
                                 "other-vm-thread",
                                 "vm-cgroup", "escaped-task", "irq", "workqueue", "host-task",
                                 "vm-cgroup-pin", "stale-holder-group", "isolcpus-host-task")
@@ -310,6 +320,9 @@ _MACHINE_DIR = re.compile(r"^(?P<drv>qemu|lxc)-(?P<id>[0-9]+)-(?P<name>.+)\.libv
 _MACHINE_SCOPE = re.compile(
     r"^machine-(?P<drv>qemu|lxc)(?:-|\\x2d)(?P<id>[0-9]+)(?:-|\\x2d)(?P<name>.+)\.scope$")
 _NOT_MACHINE_CHAR = re.compile(r"[^A-Za-z0-9_.-]")
+#: The name (comm) of a QEMU process: ``qemu-system-x86`` (15 characters of
+#: ``qemu-system-x86_64``), ``qemu-kvm``, ``kvm``.
+_QEMU_COMM = re.compile(r"^(?:qemu-|kvm$)")
 
 
 def machine_name(component: str) -> tuple[str, str] | None:
@@ -617,6 +630,10 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
             intruders.append(Intruder(kind="stale-holder-group", cpus=kept, holders=(),
                                       name=path.rsplit("/", 1)[-1], cgroup=g.path))
 
+    if snapshot.cgroups:
+        intruders += _strayed(snapshot, records, owner_of_process,
+                              kept | CpuSet(ctx.held_empty))
+
     unchecked: tuple[str, ...] = ()
     if snapshot.cgroups:  # (none read: nothing is known of any group)
         present = {g.path.strip("/") for g in snapshot.cgroups}
@@ -649,6 +666,42 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
                   threads=len(snapshot.threads), cgroups=len(snapshot.cgroups),
                   irqs=len(snapshot.irqs), per_cpu_kthreads=per_cpu, notes=snapshot.notes,
                   unmovable=findings, unchecked=unchecked)
+
+
+def _strayed(snapshot: HostSnapshot, records: Sequence[HolderRecord],
+             owner_of_process: Callable[[int], HolderRef | None],
+             idle: CpuSet) -> list[Intruder]:
+    """``strayed-thread``: each thread of a holder's own process outside the holder's
+    group, allowed beyond the CPUs leased to it (``idle``: leased CPUs no thread of the
+    holder runs on — kept by a forced release, held empty)."""
+    groups = {r.ref: (path, lease) for r in records
+              if (path := _norm(r.cgroup)) and (lease := r.plan.leased() - idle)}
+    if not groups:
+        return []
+    leader = {t.pid: t for t in snapshot.threads if t.tid == t.pid}
+    by_process: dict[int, list[ThreadInfo]] = {}
+    for t in snapshot.threads:
+        if not t.kernel and t.cgroup is not None:
+            by_process.setdefault(t.pid, []).append(t)
+    found: list[Intruder] = []
+    for pid, threads in by_process.items():
+        head = leader.get(pid)
+        if head is None or head.comm in LIBVIRT_DAEMONS:
+            continue  # (a libvirt daemon owns a domain's lease while it starts it)
+        owner = owner_of_process(pid)
+        if owner is None or owner not in groups:
+            continue
+        group, lease = groups[owner]
+        inside = [_within(_norm(t.cgroup) or "", group) for t in threads]
+        if all(inside) or not (any(inside) or (owner.driver != JOB_DRIVER
+                                               and _QEMU_COMM.match(head.comm))):
+            continue  # at home, or not a process that lives there
+        for t, home in zip(threads, inside, strict=True):
+            if not home and t.cpus - lease:
+                found.append(Intruder(kind="strayed-thread", cpus=lease, holders=(owner,),
+                                      name=t.comm, pid=t.pid, tid=t.tid, cgroup=t.cgroup,
+                                      owner=owner))
+    return found
 
 
 def _ref_key(ref: HolderRef) -> tuple[str, str, str]:

@@ -157,6 +157,12 @@ HINTS = (
     ("off-lease", "a holder's group lacks CPUs leased to it (its cpuset.cpus was changed "
                   "by hand): it runs elsewhere and its leased CPUs idle; 'pinwarden sync' "
                   "puts it back on its lease"),
+    ("strayed-thread", "a holder's thread runs outside its group (moved out by hand or "
+                       "by a rules daemon), on CPUs not leased to it, while its leased "
+                       "CPUs idle: move it back (cgroup v1: echo TID > "
+                       "/sys/fs/cgroup/cpuset/GROUP/tasks, for a domain its vcpuN or "
+                       "emulator group below the holder group; cgroup v2: echo PID > "
+                       "GROUP/cgroup.procs) or restart it"),
     ("missing-group", "a holder's group is gone (removed by hand): nothing keeps other "
                       "cgroups off its CPUs; 'pinwarden sync' makes it again"),
     ("vm-cgroup-pin", "a shared VM's thread cgroup names a leased CPU the kernel keeps it "
