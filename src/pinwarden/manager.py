@@ -1058,6 +1058,8 @@ class Manager:
                                  isolated=isolated, deferred=deferred, originals=originals,
                                  interrupted={p: was for p, (was, _) in interrupted.items()})
 
+        recorded = False  # whether a record of the write was made (to forget)
+
         def record_followers(before: Snapshot, goal: Targets) -> None:
             """Before the first write: the CPUs of each group below the shared one that has
             CPUs of its own (not its parent's) and no record yet, so that it follows its
@@ -1068,6 +1070,7 @@ class Manager:
             follow their parent as before."""
             from pinwarden.audit import machine_name
 
+            nonlocal recorded
             state = before.get(names.shared)
             if seen is not None and state is not None \
                     and shared_edit(seen, state.cpus, leased) is not None:
@@ -1084,7 +1087,7 @@ class Manager:
                        for path, target in goal.want.items()
                        if path in before and target.cpus != before[path].cpus}
             if writing or interrupted:
-                recorded.append(True)
+                recorded = True
                 ledger.put_changes({INTERRUPTED_KEY: json.dumps(
                     {path: {"from": was.to_list(), "to": to.to_list()}
                      for path, (was, to) in {**interrupted, **writing}.items()})})
@@ -1103,7 +1106,6 @@ class Manager:
             ledger.record_changes(found)
             ledger.forget_changes([FOLLOWER_PREFIX + p for p in originals if p not in before])
 
-        recorded: list[bool] = []  # whether a record of the write was made (to forget)
         try:
             result = sync(backend, desired, before_write=record_followers)
         except EnforceError as exc:
