@@ -491,6 +491,20 @@ def test_a_holder_group_moved_off_its_lease_or_removed_is_a_status_warning_until
         assert (group / "cpuset.cpus").read_text().strip() == "1"
         assert "GROUP MISSING" not in pw.run("status", check=True).stdout
         assert pw.run("audit").returncode == 0
+        # renamed by hand instead: it still holds the CPU, and sync refuses, naming it
+        renamed = group.rename(group.with_name(f"pwtest-renamed-{os.getpid()}"))
+        try:
+            status = pw.run("status", check=True).stdout
+            assert "; GROUP MISSING (" in status and "(renamed by hand instead, it still " \
+                "holds them, and sync names it: give it its name back)" in status, status
+            refused = pw.run("sync")
+            assert refused.returncode == 1, refused
+            assert f"cgroup /{renamed.name} (not managed by pinwarden) holds CPU 1 " \
+                "exclusively; free it there first" in refused.stderr, refused.stderr
+        finally:
+            renamed.rename(group)
+        pw.run("sync", check=True)
+        assert "GROUP MISSING" not in pw.run("status", check=True).stdout
     finally:
         with Manager(load_config(pw.config), Path("/"), pw.state) as manager:
             manager.release("pwtest-offlease")

@@ -164,7 +164,9 @@ HINTS = (
                        "emulator group below the holder group; cgroup v2: echo PID > "
                        "GROUP/cgroup.procs) or restart it"),
     ("missing-group", "a holder's group is gone (removed by hand): nothing keeps other "
-                      "cgroups off its CPUs; 'pinwarden sync' makes it again"),
+                      "cgroups off its CPUs; 'pinwarden sync' makes it again (renamed by "
+                      "hand instead, it still holds them, and sync names it: give it its "
+                      "name back)"),
     ("vm-cgroup-pin", "a shared VM's thread cgroup names a leased CPU the kernel keeps it "
                       "off for now (a 'virsh vcpupin/emulatorpin --live' onto it that "
                       "libvirt refused after writing the cgroup): once the lease ends that "

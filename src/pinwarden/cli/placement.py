@@ -474,7 +474,8 @@ def run_status(args: argparse.Namespace) -> int:
         if found.gone:
             warn += (f"; GROUP MISSING (its cgroup /{(record.cgroup or '').strip('/')} was "
                      f"removed by hand: the kernel no longer keeps others off its CPUs); "
-                     f"'pinwarden sync' makes it again")
+                     f"'pinwarden sync' makes it again (renamed by hand instead, it still "
+                     f"holds them, and sync names it: give it its name back)")
         if found.partition == NOT_EXCLUSIVE:
             warn += ("; NOT EXCLUSIVE (its cpuset.cpu_exclusive reads 0, somebody turned "
                      "it off): the kernel no longer keeps other cgroups off its CPUs; "
