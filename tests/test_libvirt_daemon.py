@@ -63,6 +63,12 @@ def test_daemon_frees_reports_and_reconnects(pw: env.Pinwarden, domains: env.Dom
 
     try:
         wait("the daemon to connect", lambda: "connected to" in daemon.text())
+        # a second daemon for the same state directory is refused; a single pass is not
+        second = pw.run("daemon")
+        assert second.returncode == 1, second
+        assert f"pinwarden: error: another pinwarden daemon (pid {daemon.proc.pid}) " \
+            f"already runs for {pw.state}" in second.stderr, second.stderr
+        assert pw.run("daemon", "--once").returncode == 0
         # the same metrics as 'pinwarden metrics', over HTTP for Prometheus to scrape
         url = re.search(r"serving metrics at (http://\S+/metrics)", daemon.text())
         assert url is not None, daemon.text()
