@@ -422,6 +422,13 @@ def test_a_holders_thread_moved_out_of_its_group_is_an_error() -> None:
     assert found((thread(700, "0-1,3", "/", comm="python3"),), 700, J) == []  # whole job
     assert found((thread(800, "0-3", "/", comm="libvirtd"),
                   thread(801, "2", inside, ppid=800, comm="qemu-system-x86")), 800) == []
+    # while libvirtd owns the lease (prepare to started) every QEMU descends from it, as
+    # does a qemu-img it runs: libvirtd as PID 1 (in a container), a shared VM's QEMU
+    # adopted by it, was reported whole (hunt M)
+    shared_vm = "/machine/qemu-1-web.libvirt-qemu/vcpu0"
+    assert found((thread(1, "0-3", "/", ppid=0, comm="libvirtd"),
+                  thread(40, "0-1,3", shared_vm, ppid=1, comm="qemu-system-x86"),
+                  thread(41, "0-1,3", "/", ppid=1, comm="qemu-img")), 1) == []
     assert found((thread(900, "0-1,3", "/machine", comm="pinwarden"),), 900) == []
     pinned = (thread(500, "2", "/machine", comm="qemu-system-x86"),)  # taskset to its lease
     assert found(pinned, 500) == []

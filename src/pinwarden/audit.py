@@ -43,11 +43,11 @@ Kinds of intruders:
     a thread of a holder's own process outside the holder's group (moved out by hand, or
     by a rules daemon such as cgred) and allowed on CPUs not leased to it: the holder's
     leased CPUs idle while it shares the others.  "Its own process" means one with a
-    thread still in the group, or — for a domain — its QEMU (``qemu-*``, ``kvm``), which
-    lives there whole; a libvirt daemon or pinwarden itself owning a lease while it starts
-    the domain or job is never one.  (A job's command moved out whole cannot be told from
-    the ``pinwarden run`` that starts it, and is not reported.)  Its ``cpus`` are the
-    holder's leased CPUs it is off;
+    thread still in the group, or — for a domain — its QEMU (``qemu-*``, ``kvm``) as the
+    recorded owner, which lives there whole; a libvirt daemon or pinwarden itself owning a
+    lease while it starts the domain or job is never one, nor is another process below
+    them.  (A job's command moved out whole cannot be told from the ``pinwarden run`` that
+    starts it, and is not reported.)  Its ``cpus`` are the holder's lease;
 ``missing-group`` (error)
     a holder's group, as the ledger records it, that is gone from the cpuset hierarchy
     (removed by hand): nothing keeps other cgroups off the holder's CPUs.  ``pinwarden
@@ -674,7 +674,7 @@ def _strayed(snapshot: HostSnapshot, records: Sequence[HolderRecord],
     """``strayed-thread``: each thread of a holder's own process outside the holder's
     group, allowed beyond the CPUs leased to it (``idle``: leased CPUs no thread of the
     holder runs on — kept by a forced release, held empty)."""
-    groups = {r.ref: (path, lease) for r in records
+    groups = {r.ref: (path, lease, r.owner_pid) for r in records
               if (path := _norm(r.cgroup)) and (lease := r.plan.leased() - idle)}
     if not groups:
         return []
@@ -691,9 +691,12 @@ def _strayed(snapshot: HostSnapshot, records: Sequence[HolderRecord],
         owner = owner_of_process(pid)
         if owner is None or owner not in groups:
             continue
-        group, lease = groups[owner]
+        group, lease, owner_pid = groups[owner]
         inside = [_within(_norm(t.cgroup) or "", group) for t in threads]
-        if all(inside) or not (any(inside) or (owner.driver != JOB_DRIVER
+        # a QEMU counts whole only as the recorded owner: while a libvirt daemon owns the
+        # lease (prepare to started) every QEMU is its descendant (daemonized, adopted by
+        # PID 1 — libvirtd itself in a container), and so is a qemu-img it runs (hunt M)
+        if all(inside) or not (any(inside) or (pid == owner_pid and owner.driver != JOB_DRIVER
                                                and _QEMU_COMM.match(head.comm))):
             continue  # at home, or not a process that lives there
         for t, home in zip(threads, inside, strict=True):
