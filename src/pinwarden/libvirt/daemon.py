@@ -210,7 +210,7 @@ def one_daemon(state_dir: Path) -> Iterator[None]:
     where it needs the ledger."""
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(state_dir / DAEMON_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(state_dir / DAEMON_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         log.warning("cannot lock %s (%s): another daemon would not be noticed",
                     state_dir / DAEMON_LOCK, exc.strerror or exc)
