@@ -222,6 +222,10 @@ def test_status_human_has_cpu_map(env: dict[str, Path],
     assert status == 0
     assert f"qemu domain 'vm1': 4-6,12-14 (4 emulator, 5 vcpu0, 6 vcpu1, {HOLDS})" in out
     assert "partition isolcpus" in out
+    # with holders, whether a daemon runs (one frees the lease of a VM that dies unhooked)
+    assert "\ndaemon: none runs for this state directory (the lease of a VM that ends " \
+        "without the libvirt hook stays until 'pinwarden sync')\n" in out, out
+    assert run(env, capsys, "status")[1]["daemon_pid"] is None
 
 
 
@@ -232,6 +236,7 @@ def test_status_with_no_lease_database_says_where_it_looked(
     status, out, _ = run(env, capsys, "status", json_out=False)
     assert status == 0
     assert "no holders: no lease database at " in out, out
+    assert "daemon:" not in out  # (nothing to free)
     run(env, capsys, "reserve", write(env, "vm1.xml", SEED))
     run(env, capsys, "release", "vm1")
     status, out, _ = run(env, capsys, "status", json_out=False)

@@ -2622,29 +2622,40 @@ def test_libvirt_failing_between_two_calls_is_an_error_not_a_bug(
 def test_one_daemon_per_state_directory(tmp_path: Path) -> None:
     """A second ``pinwarden daemon`` for the same state directory (by hand, beside the
     service) ran on beside the first, reconciling every event twice: refused now, naming
-    the first's pid, while it runs — and taken at once after it ended, even killed."""
-    from pinwarden.libvirt import daemon
+    the first's pid, while it runs — and taken at once after it ended, even killed.
+    ``status`` says which daemon runs."""
+    from pinwarden import daemonlock
 
+    example = Path(__file__).resolve().parents[1] / "src/pinwarden/data/example-host"
     state = tmp_path / "state"
-    with daemon.one_daemon(state):
-        assert (state / daemon.DAEMON_LOCK).read_text() == f"{os.getpid()}\n"
+    assert daemonlock.running(state) is None
+    with daemonlock.one_daemon(state):
+        assert (state / daemonlock.DAEMON_LOCK).read_text() == f"{os.getpid()}\n"
+        assert daemonlock.running(state) == os.getpid()
         refused = (rf"another pinwarden daemon \(pid {os.getpid()}\) already runs for "
                    rf"{state}: stop it first, or run 'pinwarden daemon --once' for one pass "
                    r"beside it")
-        with pytest.raises(Refusal, match=refused), daemon.one_daemon(state):
+        with pytest.raises(Refusal, match=refused), daemonlock.one_daemon(state):
             pytest.fail("a second daemon ran")
-    assert (state / daemon.DAEMON_LOCK).read_text() == ""
-    code = ("import sys, time\nfrom pathlib import Path\nfrom pinwarden.libvirt import daemon\n"
-            "with daemon.one_daemon(Path(sys.argv[1])):\n"
+    assert (state / daemonlock.DAEMON_LOCK).read_text() == ""
+    assert daemonlock.running(state) is None
+    code = ("import sys, time\nfrom pathlib import Path\nfrom pinwarden import daemonlock\n"
+            "with daemonlock.one_daemon(Path(sys.argv[1])):\n"
             "    print('in', flush=True); time.sleep(300)\n")
     held = subprocess.Popen([sys.executable, "-c", code, str(state)], stdout=subprocess.PIPE,
                             text=True)
     try:
         assert held.stdout is not None and held.stdout.readline() == "in\n"
-        with pytest.raises(Refusal, match=rf"\(pid {held.pid}\)"), daemon.one_daemon(state):
+        with pytest.raises(Refusal, match=rf"\(pid {held.pid}\)"), \
+                daemonlock.one_daemon(state):
             pass
+        status = subprocess.run(
+            [sys.executable, "-c", "from pinwarden.cli import entry; entry()", "status",
+             "--root", str(example), "--state-dir", str(state)],
+            capture_output=True, text=True, timeout=120)
+        assert f"\ndaemon: pid {held.pid}\n" in status.stdout, status
     finally:
         held.kill()
         held.wait()
-    with daemon.one_daemon(state):  # a killed daemon's lock went with it
+    with daemonlock.one_daemon(state):  # a killed daemon's lock went with it
         pass

@@ -364,6 +364,7 @@ def run_sync(args: argparse.Namespace) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     from pinwarden.cpuset import CpuSet
+    from pinwarden.daemonlock import running
     from pinwarden.holdergroup import NOT_EXCLUSIVE, Invalid
     from pinwarden.ledger import DB_NAME
     from pinwarden.manager import INTERRUPTED_KEY
@@ -383,6 +384,7 @@ def run_status(args: argparse.Namespace) -> int:
         narrowed_records = manager.change_records(NARROWED_PREFIX)
         cut_short = bool(manager.change_records(INTERRUPTED_KEY))
         invalid = invalid_partitions(manager.root, records, host.topology.online)
+        daemon = running(manager.state_dir)
     part = host.partition
     leased = CpuSet.of(lease.cpu for lease in leases)
     pins = narrowed(narrowed_records, leased)
@@ -432,12 +434,17 @@ def run_status(args: argparse.Namespace) -> int:
                           "pin": str(n.pin), "had": str(n.had), "waiting": str(n.waiting)}
                          for n in pins],
             "database": str(database),
+            "daemon_pid": daemon,
             "time": timestamp(time.time()),
         })
         return 0
     lines = [f"partition {part.mode}: VM {part.vm_cpus.named(empty='CPUs -')}, housekeeping "
              f"{part.host_cpus.named(empty='CPUs -')} ({part.reason})",
              f"leased {leased or '-'}; shared VM pool {shared or '-'}",
+             *([f"daemon: pid {daemon}" if daemon else "daemon: running"]
+               if daemon is not None else
+               ["daemon: none runs for this state directory (the lease of a VM that ends "
+                "without the libvirt hook stays until 'pinwarden sync')"] if records else []),
              *(f"note: {note}" for note in fallback)]
     if not records:
         lines.append("no holders" if database.exists() else

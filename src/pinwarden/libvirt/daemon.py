@@ -9,20 +9,18 @@ lost connection (libvirtd restarted) is re-opened with exponential backoff.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import queue
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from pinwarden import procs
 from pinwarden.cpuset import CpuSet
-from pinwarden.errors import PinwardenError, Refusal
+from pinwarden.daemonlock import one_daemon
+from pinwarden.errors import PinwardenError
 from pinwarden.libvirt import connect as lv
 from pinwarden.libvirt import pins
 from pinwarden.libvirt.reconcile import Adopt, Drift, Free, Place, Report, reconcile
@@ -195,45 +193,6 @@ def main(manager: Manager, uri: str, *, interval: float = 30.0, restore: bool = 
         finally:
             if server is not None:
                 server.close()
-
-
-#: Held (``flock``) by the running daemon of a state directory, with its pid inside.
-DAEMON_LOCK = "daemon.pid"
-
-
-@contextlib.contextmanager
-def one_daemon(state_dir: Path) -> Iterator[None]:
-    """One daemon per state directory: a second one (by hand beside the service) ran on
-    beside the first, reconciling every event twice, and only the first answered hooks.
-    A :class:`Refusal` naming the running one; ``daemon --once`` is not refused.  Without
-    a state directory to lock in (it cannot be made), the daemon runs as before and fails
-    where it needs the ledger."""
-    try:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(state_dir / DAEMON_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        log.warning("cannot lock %s (%s): another daemon would not be noticed",
-                    state_dir / DAEMON_LOCK, exc.strerror or exc)
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            raise Refusal(
-                f"another pinwarden daemon{f' (pid {holder})' if holder.isdigit() else ''} "
-                f"already runs for {state_dir}: stop it first, or run 'pinwarden daemon "
-                f"--once' for one pass beside it") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)
 
 
 def _run(manager: Manager, uri: str, b: Any, stop: threading.Event,

@@ -1,0 +1,90 @@
+"""One ``pinwarden daemon`` per state directory: the lock it holds while it runs
+(``flock`` on :data:`DAEMON_LOCK`, its pid inside), and who holds it (``status``).
+
+A second daemon for the same state directory (by hand, beside the service) ran on beside
+the first, reconciling every event twice while only the first answered hook calls; it is
+refused now.  ``daemon --once`` takes no lock and runs beside a daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from pinwarden.errors import Refusal
+
+log = logging.getLogger("pinwarden.daemon")
+
+#: Held (``flock``) by the running daemon of a state directory, with its pid inside.
+DAEMON_LOCK = "daemon.pid"
+
+
+@contextlib.contextmanager
+def one_daemon(state_dir: Path) -> Iterator[None]:
+    """Hold the state directory's daemon lock while the block runs; a :class:`Refusal`
+    naming the daemon that holds it.  Without a state directory to lock in (it cannot be
+    made), the daemon runs as before and fails where it needs the ledger."""
+    fd: int | None = None
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(state_dir / DAEMON_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        log.warning("cannot lock %s (%s): another daemon would not be noticed",
+                    state_dir / DAEMON_LOCK, exc.strerror or exc)
+    if fd is None:
+        yield
+        return
+    try:
+        deadline = time.monotonic() + 1.0  # ('status' looks with a shared lock, briefly)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+            holder = _pid_in(fd)
+            raise Refusal(
+                f"another pinwarden daemon{f' (pid {holder})' if holder else ''} already "
+                f"runs for {state_dir}: stop it first, or run 'pinwarden daemon --once' for "
+                f"one pass beside it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def running(state_dir: Path) -> int | None:
+    """The pid of the daemon running for ``state_dir`` (0: one runs, its pid unknown yet),
+    None when none does.  Read only."""
+    try:
+        fd = os.open(state_dir / DAEMON_LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _pid_in(fd) or 0
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _pid_in(fd: int) -> int | None:
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
