@@ -66,6 +66,19 @@ def test_isolcpus_auto(tmp_path: Path) -> None:
     check_invariants(tmp_path)
 
 
+def test_a_host_reserve_another_mode_does_not_use_is_said_to_be_unused(
+        tmp_path: Path) -> None:
+    """``host_reserve`` keeps CPUs for the OS in mode ``none`` only; where isolcpus= (or a
+    restricted cgroup) decides the housekeeping CPUs it was ignored without a word."""
+    build_host(tmp_path, HostSpec(cpus=8, isolated="6-7"))
+    part = load_host(tmp_path, Config(host_reserve=cs("0-1"))).partition
+    assert (part.mode, part.vm_cpus, part.host_cpus) == ("isolcpus", cs("6-7"), cs("0-5"))
+    assert part.reason == ("isolcpus=6-7 on the kernel command line; host_reserve 0-1 is "
+                           "not used: it applies in partition mode none")
+    assert load_host(tmp_path, Config()).partition.reason == \
+        "isolcpus=6-7 on the kernel command line"
+
+
 def test_isolcpus_from_cmdline_with_flags(tmp_path: Path) -> None:
     build_host(tmp_path, HostSpec(cpus=4, cmdline="ro isolcpus=domain,managed_irq,2-3"))
     (tmp_path / "sys/devices/system/cpu/isolated").unlink()

@@ -205,7 +205,17 @@ def restrict_howto(cgroup: str | None, cpus: str) -> str:
 
 
 def decide_partition(topology: Topology, config: Config, cgroup: VmCgroup) -> Partition:
-    """Choose the partition mode and compute VM and housekeeping CPUs (no I/O)."""
+    """Choose the partition mode and compute VM and housekeeping CPUs (no I/O).  A
+    ``host_reserve`` set where another mode than ``none`` is chosen is said to be unused
+    (it was ignored without a word: the housekeeping CPUs are the partition's)."""
+    part = _decide(topology, config, cgroup)
+    if config.host_reserve is not None and part.mode != "none":
+        part = replace(part, reason=f"{part.reason}; host_reserve {config.host_reserve} is "
+                                    f"not used: it applies in partition mode none")
+    return part
+
+
+def _decide(topology: Topology, config: Config, cgroup: VmCgroup) -> Partition:
     mode = config.mode
     if mode == "isolcpus":
         if not topology.isolated & topology.online:
