@@ -3,6 +3,7 @@ thing against real processes and a real cpuset cgroup."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -912,6 +913,21 @@ def spawn() -> Iterator[Callable[[Path | None, set[int]], int]]:
             proc.wait()
 
 
+@contextlib.contextmanager
+def _two_threads() -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """A process of this test's with a second thread: (the process, that thread's TID)."""
+    code = ("import threading, time, sys\n"
+            "t = threading.Thread(target=time.sleep, args=(300,), daemon=True)\n"
+            "t.start(); print(t.native_id, flush=True); time.sleep(300)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        yield proc, int(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def _group(base: Path, name: str, cpus: str) -> Path:
     d = base / name
     d.mkdir()
@@ -1000,13 +1016,7 @@ def test_a_real_thread_written_alone_into_the_holders_group_is_found(
     rel = cpuset_base.relative_to(CPUSET)
     own = _group(cpuset_base, "vm-a.partition", "1")
     other = _group(cpuset_base, "qemu-7-pwtestb.libvirt-qemu", "0")
-    code = ("import threading, time, sys\n"
-            "t = threading.Thread(target=time.sleep, args=(300,), daemon=True)\n"
-            "t.start(); print(t.native_id, flush=True); time.sleep(300)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        tid = int(proc.stdout.readline())
+    with _two_threads() as (proc, tid):
         _write(other / "tasks", str(proc.pid))  # the leader; the other thread follows it
         _write(other / "tasks", str(tid))
         _write(own / "tasks", str(tid))  # that thread alone, into the holder's group
@@ -1026,9 +1036,6 @@ def test_a_real_thread_written_alone_into_the_holders_group_is_found(
         assert [(i.kind, i.pid, i.tid, str(i.cpus)) for i in report.intruders] == [
             ("other-vm-thread", proc.pid, tid, "1")], report.intruders
         assert report.exit_status() == 1
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.mark.kernel
@@ -1039,13 +1046,7 @@ def test_a_real_thread_moved_out_of_its_holders_group_is_found(
     ``strayed-thread`` error, from the scan and from the command."""
     rel = cpuset_base.relative_to(CPUSET)
     own = _group(cpuset_base, "vm-a.partition", "1")
-    code = ("import threading, time, sys\n"
-            "t = threading.Thread(target=time.sleep, args=(300,), daemon=True)\n"
-            "t.start(); print(t.native_id, flush=True); time.sleep(300)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        tid = int(proc.stdout.readline())
+    with _two_threads() as (proc, tid):
         _write(own / "tasks", str(proc.pid))
         _write(own / "tasks", str(tid))
         a = domain_holder("qemu", "pwtest-a", None)
@@ -1074,9 +1075,6 @@ def test_a_real_thread_moved_out_of_its_holders_group_is_found(
         assert {"kind": "strayed-thread", "pid": proc.pid, "tid": tid,
                 "cgroup": f"/{rel}", "cpus": "1"}.items() <= next(
             i for i in json.loads(out)["intruders"] if i["tid"] == tid).items()
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.mark.libvirt
