@@ -4,6 +4,7 @@ dispatch, the stored metadata of ``pinwarden define``.  (The real thing: test_li
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -2649,6 +2650,19 @@ def test_one_daemon_per_state_directory(tmp_path: Path) -> None:
         with pytest.raises(Refusal, match=rf"\(pid {held.pid}\)"), \
                 daemonlock.one_daemon(state):
             pass
+        # a read-only state directory: the lock is taken all the same (hunt N)
+        real_open = os.open
+
+        def read_only(path: Any, flags: int, *rest: Any) -> int:
+            if flags & os.O_CREAT:
+                raise OSError(errno.EROFS, "Read-only file system")
+            return real_open(path, flags, *rest)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(daemonlock.os, "open", read_only)
+            with pytest.raises(Refusal, match=rf"\(pid {held.pid}\)"), \
+                    daemonlock.one_daemon(state):
+                pass
         status = subprocess.run(
             [sys.executable, "-c", "from pinwarden.cli import entry; entry()", "status",
              "--root", str(example), "--state-dir", str(state)],

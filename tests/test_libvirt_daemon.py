@@ -69,6 +69,11 @@ def test_daemon_frees_reports_and_reconnects(pw: env.Pinwarden, domains: env.Dom
         assert f"pinwarden: error: another pinwarden daemon (pid {daemon.proc.pid}) " \
             f"already runs for {pw.state}" in second.stderr, second.stderr
         assert pw.run("daemon", "--once").returncode == 0
+        # (refused before its metrics server starts: it said it served, or that the port
+        # was taken, first: hunt N)
+        second = pw.run("daemon", "--metrics", "127.0.0.1:0")
+        assert second.returncode == 1 and second.stderr.count("\n") == 1, second
+        assert "another pinwarden daemon (pid " in second.stderr, second.stderr
         # the same metrics as 'pinwarden metrics', over HTTP for Prometheus to scrape
         url = re.search(r"serving metrics at (http://\S+/metrics)", daemon.text())
         assert url is not None, daemon.text()

@@ -30,12 +30,17 @@ def one_daemon(state_dir: Path) -> Iterator[None]:
     naming the daemon that holds it.  Without a state directory to lock in (it cannot be
     made), the daemon runs as before and fails where it needs the ledger."""
     fd: int | None = None
+    path = state_dir / DAEMON_LOCK
+    writable = True
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(state_dir / DAEMON_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        log.warning("cannot lock %s (%s): another daemon would not be noticed",
-                    state_dir / DAEMON_LOCK, exc.strerror or exc)
+        try:  # (a read-only state directory: the lock holds all the same, without a pid)
+            fd, writable = os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
+        except OSError:
+            log.warning("cannot lock %s (%s): another daemon would not be noticed",
+                        path, exc.strerror or exc)
     if fd is None:
         yield
         return
@@ -54,13 +59,15 @@ def one_daemon(state_dir: Path) -> Iterator[None]:
                 f"another pinwarden daemon{f' (pid {holder})' if holder else ''} already "
                 f"runs for {state_dir}: stop it first, or run 'pinwarden daemon --once' for "
                 f"one pass beside it") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if writable:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         try:
             yield
         finally:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
+            if writable:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
     finally:
         os.close(fd)
 

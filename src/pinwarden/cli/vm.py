@@ -434,11 +434,17 @@ def cmd_hook_give_back(args: argparse.Namespace) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from pinwarden.daemonlock import one_daemon
     from pinwarden.libvirt.daemon import main
 
-    if args.metrics is not None:
-        _serve_metrics(args)
-    with manager_of(args) as manager:
+    with manager_of(args) as manager, \
+            contextlib.nullcontext() if args.once else one_daemon(manager.state_dir):
+        # (the lock first: a second daemon's metrics server said it served, or that the
+        # port was taken, before its refusal named the running daemon: hunt N)
+        if args.metrics is not None:
+            _serve_metrics(args)
         return main(manager, uri_of(args), interval=args.interval,
                     restore=args.restore_drift, once=args.once, verbose=args.verbose)
 

@@ -19,7 +19,6 @@ from typing import Any
 
 from pinwarden import procs
 from pinwarden.cpuset import CpuSet
-from pinwarden.daemonlock import one_daemon
 from pinwarden.errors import PinwardenError
 from pinwarden.libvirt import connect as lv
 from pinwarden.libvirt import pins
@@ -186,13 +185,12 @@ def main(manager: Manager, uri: str, *, interval: float = 30.0, restore: bool = 
     signal.signal(signal.SIGINT, on_signal)
     from pinwarden.libvirt import hookserver
 
-    with one_daemon(manager.state_dir):
-        server = hookserver.serve(manager)
-        try:
-            return _run(manager, uri, b, stop, wake, interval=interval, restore=restore)
-        finally:
-            if server is not None:
-                server.close()
+    server = hookserver.serve(manager)  # (one daemon a state directory: cli.vm's lock)
+    try:
+        return _run(manager, uri, b, stop, wake, interval=interval, restore=restore)
+    finally:
+        if server is not None:
+            server.close()
 
 
 def _run(manager: Manager, uri: str, b: Any, stop: threading.Event,
