@@ -234,6 +234,18 @@ def test_audit_without_the_holders_groups_in_sight_exits_2(tmp_path: Path,
     assert "not checked: the holder groups of qemu:vm-a and every VM cgroup: no cpuset " \
         "cgroup could be read here" in proc.stdout
     assert json.loads(cli(*argv, "--json").stdout)["status"] == "incomplete"
+    # a group kept by a forced release: whether anything still runs there is read from
+    # the group, so its CPU vanished from the leases and audit said clean (hunt N)
+    kept_state = tmp_path / "kept"
+    with Ledger(kept_state) as ledger:
+        ledger.put_changes({"kept:machine/pinwarden-vm-vm-k.partition": json.dumps(
+            {"driver": "qemu", "key": "vm-k", "name": "vm-k", "cpus": "3", "pid": 1})})
+    kept = cli("audit", "--root", str(root), "--state-dir", str(kept_state), "--config",
+               empty_config)
+    assert kept.returncode == 2, kept.stdout + kept.stderr
+    assert "not checked: the CPUs kept by a forced release in " \
+        "/machine/pinwarden-vm-vm-k.partition: whether anything still runs there is read " \
+        "from the group, and no cpuset cgroup could be read here" in kept.stdout, kept.stdout
 
 
 # -- a reader that closes the pipe ------------------------------------------------------------

@@ -43,14 +43,19 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def load_ledger(args: argparse.Namespace) -> tuple[tuple[Lease, ...], tuple[HolderRecord, ...],
-                                                    tuple[str, ...], frozenset[str]]:
-    """Leases and holders of live owners, the noise the kernel refused to move; no database
-    yet means no leases (read only)."""
+                                                    tuple[str, ...], frozenset[str],
+                                                    tuple[str, ...]]:
+    """Leases and holders of live owners, the noise the kernel refused to move, and the
+    groups kept by forced releases (whether their holders still run is read from the
+    groups); no database yet means no leases (read only)."""
     from pinwarden.cpuset import CpuSet
     from pinwarden.ledger import DB_NAME
+    from pinwarden.manager import KEPT_PREFIX
     from pinwarden.model import by_holder, kept_text
 
     with manager_of(args) as manager, manager.snapshot():
+        kept_groups = tuple(sorted(k.removeprefix(KEPT_PREFIX)
+                                   for k in manager.change_records(KEPT_PREFIX)))
         # a holder freed by 'release --force' that runs on keeps its CPUs, and so does a
         # domain in a holder group the database does not record: checked as its (its
         # group is no stale one, and whatever else runs there intrudes)
@@ -59,10 +64,10 @@ def load_ledger(args: argparse.Namespace) -> tuple[tuple[Lease, ...], tuple[Hold
                       for ref, held in by_holder(kept).items())
         if manager.reader() is None:
             return kept, (), (f"no lease database at {manager.state_dir / DB_NAME}: nothing "
-                              f"is leased", *notes), frozenset()
+                              f"is leased", *notes), frozenset(), ()
         owners = manager.owners_gone()
         return (*manager.leases(owners=owners), *kept), manager.live_holders(owners), \
-            notes, manager.refused_noise()
+            notes, manager.refused_noise(), kept_groups
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,7 +83,7 @@ def _audit(args: argparse.Namespace) -> int:
     from pinwarden.record import replace
 
     config = config_of(args)
-    leases, holders, notes, refused = load_ledger(args)
+    leases, holders, notes, refused, kept_groups = load_ledger(args)
     snapshot = audit.scan(root_of(args))
     partitions = tuple(dict.fromkeys((config.cgroup_v1, config.cgroup_v2,
                                       *audit.DEFAULT_VM_PARTITIONS)))
@@ -89,6 +94,11 @@ def _audit(args: argparse.Namespace) -> int:
                          refused=refused)
     if notes:
         report = replace(report, notes=(*report.notes, *notes))
+    if kept_groups and not snapshot.cgroups:  # (their CPUs vanished from the leases: hunt N)
+        report = replace(report, unchecked=(*report.unchecked, (
+            f"the CPUs kept by a forced release in {', '.join(f'/{g}' for g in kept_groups)}"
+            f": whether anything still runs there is read from the group, and no cpuset "
+            f"cgroup could be read here")))
     if args.json:
         print_json(report.to_json())
     else:
