@@ -755,6 +755,37 @@ def test_scanner_on_a_proc_tree(tmp_path: Path) -> None:
         ("irq", 24), ("host-task", 2), ("host-task", 9)]  # v1 root cpuset: warnings
 
 
+def test_a_cgroup_namespace_sees_part_of_the_hierarchy_and_audit_says_so(
+        tmp_path: Path) -> None:
+    """Inside a cgroup namespace the cpuset hierarchy is readable below its root only, and
+    a thread in a group above that root reads ``/..``: audit reported every holder group
+    missing and the host's threads as escaped tasks (hunt N).  Now such threads' groups
+    are unknown, no recorded group is called missing, and the audit is INCOMPLETE."""
+    root = tmp_path
+    proc = root / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self/mountinfo").write_text(
+        "30 25 0:26 / /sys/fs/cgroup/cpuset rw,nosuid shared:9 - cgroup cgroup rw,cpuset\n")
+    _task(proc, 1, 1, comm="systemd", ppid=0, cpus="0-3", cgroup="5:cpuset:/..\n")
+    _task(proc, 40, 40, comm="cron", ppid=1, cpus="0-3", cgroup="5:cpuset:/../../x\n")
+    _task(proc, 50, 50, comm="sh", ppid=1, cpus="0", cgroup="5:cpuset:/\n")
+    cpuset = root / "sys/fs/cgroup/cpuset"
+    cpuset.mkdir(parents=True)
+    (cpuset / "cpuset.cpus").write_text("0\n")
+    (cpuset / "cpuset.effective_cpus").write_text("0\n")
+    (cpuset / "tasks").write_text("50\n")
+    snap = audit.scan(root)
+    assert {t.tid: t.cgroup for t in snap.threads} == {1: None, 40: None, 50: "/"}
+    assert snap.partial == ("this cgroup namespace sees only part of the cpuset hierarchy "
+                            "(2 threads are in groups above its root)")
+    holders = [record(J, cgroup="pinwarden-run-job1.partition", cpus="3")]
+    report = audit.audit(snap, [Lease(3, J, "task", 0.0)], holders)
+    assert {i.kind for i in report.intruders} == {"host-task"}  # warnings: groups unknown
+    assert report.exit_status() == 2 and report.unchecked == (
+        f"the holder groups of run:job1: {snap.partial} (run 'pinwarden audit' on the host "
+        f"itself)",)
+
+
 def test_scanner_without_cpuset_mount_says_so(tmp_path: Path) -> None:
     (tmp_path / "proc/self").mkdir(parents=True)
     (tmp_path / "proc/self/mountinfo").write_text("")

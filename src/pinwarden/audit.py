@@ -181,6 +181,8 @@ class HostSnapshot:
     irqs: tuple[IrqInfo, ...] = ()
     notes: tuple[str, ...] = ()  # what could not be read
     cgroup_version: int | None = None  # of the cpuset hierarchy (None: no cpuset mounted)
+    #: why only part of the cpuset hierarchy is in view (a cgroup namespace), or None
+    partial: str | None = None
     #: the rest of the host's noise (workqueue mask, default IRQ affinity, kernel threads,
     #: nohz_full, rcu_nocbs, isolcpus), for what pinwarden moves or cannot move
     noise: NoiseSnapshot | None = None
@@ -630,12 +632,18 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
             intruders.append(Intruder(kind="stale-holder-group", cpus=kept, holders=(),
                                       name=path.rsplit("/", 1)[-1], cgroup=g.path))
 
-    if snapshot.cgroups:
+    if snapshot.cgroups and snapshot.partial is None:  # (recorded paths are the host's)
         intruders += _strayed(snapshot, records, owner_of_process,
                               kept | CpuSet(ctx.held_empty))
 
     unchecked: tuple[str, ...] = ()
-    if snapshot.cgroups:  # (none read: nothing is known of any group)
+    grouped = [r for r in records if _norm(r.cgroup) and r.plan.leased() - kept]
+    if snapshot.partial is not None:  # (a recorded group may lie outside the view)
+        if grouped:
+            names = ", ".join(sorted(f"{r.ref.driver}:{r.ref.name}" for r in grouped))
+            unchecked = (f"the holder groups of {names}: {snapshot.partial} (run "
+                         f"'pinwarden audit' on the host itself)",)
+    elif snapshot.cgroups:  # (none read: nothing is known of any group)
         present = {g.path.strip("/") for g in snapshot.cgroups}
         for r in records:
             path = _norm(r.cgroup)
@@ -643,7 +651,7 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
                 intruders.append(Intruder(kind="missing-group", cpus=mine, holders=(r.ref,),
                                           name=path.rsplit("/", 1)[-1], cgroup=f"/{path}",
                                           owner=r.ref))
-    elif grouped := [r for r in records if _norm(r.cgroup) and r.plan.leased() - kept]:
+    elif grouped:
         names = ", ".join(sorted(f"{r.ref.driver}:{r.ref.name}" for r in grouped))
         unchecked = (f"the holder groups of {names} and every VM cgroup: no cpuset cgroup "
                      f"could be read here (is the cpuset hierarchy mounted in this mount "
@@ -917,6 +925,17 @@ def scan(root: Path = Path("/")) -> HostSnapshot:
     live = root.resolve() == Path("/")
     threads, vanished = scan_threads(proc, cgroup_of=members, v2_cpuset=v2 is not None,
                                      live=live)
+    # In a cgroup namespace a cgroup above its root reads "/..": such a thread's group is
+    # out of view, and so may be every holder group (audit reported them all missing and
+    # the threads escaped: hunt N)
+    outside = sum(1 for t in threads if t.cgroup is not None and
+                  (t.cgroup == "/.." or t.cgroup.startswith("/../")))
+    partial = None
+    if outside:
+        threads = [replace(t, cgroup=None) if t.cgroup is not None and
+                   (t.cgroup == "/.." or t.cgroup.startswith("/../")) else t for t in threads]
+        partial = (f"this cgroup namespace sees only part of the cpuset hierarchy "
+                   f"({outside} threads are in groups above its root)")
     if vanished:
         notes.append(f"{vanished} threads exited while being read")
     if not threads:
@@ -928,7 +947,8 @@ def scan(root: Path = Path("/")) -> HostSnapshot:
         notes.append(f"no IRQs found under {proc}/irq")
     version = 1 if v1 is not None else 2 if v2 is not None else None
     return HostSnapshot(threads=tuple(threads), cgroups=tuple(cgroups), irqs=noise.irqs,
-                        notes=tuple(notes), cgroup_version=version, noise=noise)
+                        notes=tuple(notes), cgroup_version=version, noise=noise,
+                        partial=partial)
 
 
 __all__ = [

@@ -4,8 +4,9 @@ Exit status: 0 clean (or warnings only), 1 when another VM's thread or VM cgroup
 CPU leased to someone else (with ``--strict`` also on host tasks and IRQs), 2 when the audit
 could not be made (no /proc, an unreadable lease database, a bad configuration: the error
 on stderr, and as a JSON error object with ``--json``), when part of it could not be (no
-cpuset cgroup readable while holders have groups: the report says what, status
-``incomplete``) or the command line is wrong.
+cpuset cgroup readable, or only part of the hierarchy from a cgroup namespace, while
+holders have groups: the report says what, status ``incomplete``) or the command line is
+wrong.
 """
 
 from __future__ import annotations
