@@ -99,6 +99,8 @@ def gather(args: argparse.Namespace, *, with_audit: bool = True) -> metrics.Snap
             if not scanned.cgroups:
                 errors["cgroups"] = next((n for n in scanned.notes if "cgroup" in n),
                                          "no cpuset cgroup found")
+            elif scanned.partial is not None:  # (a cgroup namespace: holder groups unseen)
+                errors["cgroups"] = scanned.partial
             partitions = tuple(dict.fromkeys((config.cgroup_v1, config.cgroup_v2,
                                               *audit.DEFAULT_VM_PARTITIONS)))
             exclusive = tuple(dict.fromkeys((config.exclusive_cgroup,
