@@ -143,6 +143,18 @@ def test_what_cannot_be_read_is_a_metric_not_a_failure(host: dict[str, Path]) ->
     assert not named(got, "pinwarden_vm_cpus")
 
 
+def test_a_cgroup_namespaces_part_view_is_a_cgroup_read_error(host: dict[str, Path]) -> None:
+    """Seen from a cgroup namespace (a thread's group reads "/.."), the holder groups are
+    out of view: the cgroups count as unread, as with none at all."""
+    (host["root"] / "proc/1/task/1/cgroup").write_text("5:cpuset:/..\n")
+    (host["root"] / "sys/fs/cgroup/cpuset/tasks").write_text("")  # (above the view)
+    proc = run_metrics(host)
+    assert proc.returncode == 0
+    assert "could not read cgroups: this cgroup namespace sees only part of the cpuset " \
+        "hierarchy" in proc.stderr, proc.stderr
+    assert value(samples(proc.stdout), "pinwarden_read_error", source="cgroups") == 1
+
+
 def test_textfile_is_written_atomically(host: dict[str, Path]) -> None:
     out = host["dir"] / "textfile"
     out.mkdir()
