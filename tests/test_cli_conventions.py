@@ -246,6 +246,17 @@ def test_audit_without_the_holders_groups_in_sight_exits_2(tmp_path: Path,
     assert "not checked: the CPUs kept by a forced release in " \
         "/machine/pinwarden-vm-vm-k.partition: whether anything still runs there is read " \
         "from the group, and no cpuset cgroup could be read here" in kept.stdout, kept.stdout
+    # the same seen from a cgroup namespace (init's group reads "/.."): the kept group is
+    # out of view there too
+    (root / "proc/self/mountinfo").write_text(
+        "30 25 0:26 / /sys/fs/cgroup/cpuset rw,nosuid shared:9 - cgroup cgroup rw,cpuset\n")
+    (root / "proc/1/task/1/cgroup").write_text("5:cpuset:/..\n")
+    (root / "sys/fs/cgroup/cpuset/tasks").write_text("")
+    kept = cli("audit", "--root", str(root), "--state-dir", str(kept_state), "--config",
+               empty_config)
+    assert kept.returncode == 2, kept.stdout + kept.stderr
+    assert "read from the group, and this cgroup namespace sees only part of the cpuset " \
+        "hierarchy (1 threads are in groups above its root)" in kept.stdout, kept.stdout
 
 
 # -- a reader that closes the pipe ------------------------------------------------------------

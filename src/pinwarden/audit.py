@@ -187,6 +187,14 @@ class HostSnapshot:
     #: nohz_full, rcu_nocbs, isolcpus), for what pinwarden moves or cannot move
     noise: NoiseSnapshot | None = None
 
+    @property
+    def groups_unseen(self) -> str | None:
+        """Why the groups the ledger names cannot be looked at here (none readable, or a
+        cgroup namespace's part view), or None."""
+        if self.partial is not None:
+            return self.partial
+        return None if self.cgroups else "no cpuset cgroup could be read here"
+
 
 # -- report values -----------------------------------------------------------------------
 
@@ -638,9 +646,9 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
 
     unchecked: tuple[str, ...] = ()
     grouped = [r for r in records if _norm(r.cgroup) and r.plan.leased() - kept]
+    names = ", ".join(sorted(f"{r.ref.driver}:{r.ref.name}" for r in grouped))
     if snapshot.partial is not None:  # (a recorded group may lie outside the view)
         if grouped:
-            names = ", ".join(sorted(f"{r.ref.driver}:{r.ref.name}" for r in grouped))
             unchecked = (f"the holder groups of {names}: {snapshot.partial} (run "
                          f"'pinwarden audit' on the host itself)",)
     elif snapshot.cgroups:  # (none read: nothing is known of any group)
@@ -652,7 +660,6 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
                                           name=path.rsplit("/", 1)[-1], cgroup=f"/{path}",
                                           owner=r.ref))
     elif grouped:
-        names = ", ".join(sorted(f"{r.ref.driver}:{r.ref.name}" for r in grouped))
         unchecked = (f"the holder groups of {names} and every VM cgroup: no cpuset cgroup "
                      f"could be read here (is the cpuset hierarchy mounted in this mount "
                      f"namespace? run 'pinwarden audit' on the host itself)",)

@@ -95,11 +95,11 @@ def _audit(args: argparse.Namespace) -> int:
                          refused=refused)
     if notes:
         report = replace(report, notes=(*report.notes, *notes))
-    if kept_groups and not snapshot.cgroups:  # (their CPUs vanished from the leases: hunt N)
+    unseen = snapshot.groups_unseen
+    if kept_groups and unseen is not None:  # (their CPUs vanished from the leases: hunt N)
         report = replace(report, unchecked=(*report.unchecked, (
             f"the CPUs kept by a forced release in {', '.join(f'/{g}' for g in kept_groups)}"
-            f": whether anything still runs there is read from the group, and no cpuset "
-            f"cgroup could be read here")))
+            f": whether anything still runs there is read from the group, and {unseen}")))
     if args.json:
         print_json(report.to_json())
     else:
