@@ -505,6 +505,89 @@ def test_pid_reuse_reaps_holder(state: Path,
             impostor.wait()
 
 
+def _set_owner_ns(state: Path, ns: int | None) -> None:
+    raw = sqlite3.connect(state / "leases.db")
+    try:
+        raw.execute("UPDATE holders SET owner_ns = ?", (ns,))
+        raw.commit()
+    finally:
+        raw.close()
+
+
+def test_owner_of_another_pid_namespace_is_never_reaped(
+        state: Path, sleeper: Callable[[], subprocess.Popen[bytes]]) -> None:
+    """A pid names a process only in its PID namespace: judged from another, a running
+    owner looked dead, and its lease was freed (a sync in a container freed a host job's)."""
+    here = procs.pid_namespace()
+    assert here is not None
+    a, b = vm(1), vm(2)
+    owner = sleeper()
+    with Ledger(state) as ledger:
+        ledger.reserve(a, take(a, [1]), owner_pid=owner.pid)
+        recorded = ledger.get(a)
+        assert recorded is not None and recorded.owner_ns == here
+        assert not recorded.owner_elsewhere
+    owner.kill()
+    owner.wait()
+    _set_owner_ns(state, here + 1)  # recorded in another namespace
+    with Ledger(state) as ledger:
+        record = ledger.get(a)
+        assert record is not None and record.owner_elsewhere and record.owner_runs()
+        assert ledger.dead() == ()
+        ledger.reserve(b, take(b, [2]))
+        assert ledger.last_reaped == () and lease_map(ledger) == {1: a, 2: b}
+    for ns in (here, None):  # this namespace's, or not known (recorded before schema 3)
+        _set_owner_ns(state, ns)
+        with Ledger(state) as ledger:
+            record = ledger.get(a)
+            assert record is not None and not record.owner_elsewhere
+            assert not record.owner_runs() and [r.ref for r in ledger.dead()] == [a]
+
+
+_IN_NAMESPACE = """
+import os, sys
+from pathlib import Path
+from pinwarden import procs
+from pinwarden.ledger import Ledger
+from pinwarden.model import domain_holder
+from pinwarden.cpuset import CpuSet
+from pinwarden.model import Plan
+b = domain_holder("qemu", "vm2", "00000000-0000-0000-0000-000000000002")
+with Ledger(Path(sys.argv[1])) as ledger:
+    dead = [str(r.ref) for r in ledger.dead()]
+    ledger.reserve(b, lambda leases: Plan("vm2", None, True, {}, CpuSet(),
+                                          leases={2: "vcpu0"}), owner_pid=os.getpid())
+    print(os.getpid(), procs.pid_namespace(), dead, [str(r.ref) for r in ledger.last_reaped])
+"""
+
+
+def test_a_pid_namespace_of_its_own_frees_no_lease_of_the_host(
+        state: Path, sleeper: Callable[[], subprocess.Popen[bytes]]) -> None:
+    """Real namespaces (unshare(1), root): a pinwarden in a PID namespace with its own
+    /proc sees none of the host's processes; one the host's leases, the host one of its."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.fail("needs root and unshare(1) (util-linux), as on CI")
+    a = vm(1)
+    owner = sleeper()
+    with Ledger(state) as ledger:
+        ledger.reserve(a, take(a, [1]), owner_pid=owner.pid)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    out = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable,
+                          "-c", _IN_NAMESPACE, str(state)], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    pid, ns, dead, reaped = out.stdout.split()
+    assert pid == "1" and int(ns) != procs.pid_namespace()  # (a namespace of its own)
+    assert (dead, reaped) == ("[]", "[]"), out.stdout  # the host's owner was not judged
+    with Ledger(state) as ledger:
+        inside = ledger.get(vm(2))
+        assert inside is not None and inside.owner_pid == 1 and inside.owner_ns == int(ns)
+        # its pid 1 is the host's init here: not taken for it; its namespace is gone now,
+        # which cannot be told from here either, so the lease stays for a forced release
+        assert inside.owner_elsewhere and inside.owner_runs()
+        assert ledger.dead() == () and lease_map(ledger) == {1: a, 2: vm(2)}
+
+
 # -- refusing damaged databases -----------------------------------------------------------
 
 
@@ -943,6 +1026,30 @@ def test_schema_1_is_migrated_in_one_transaction(state: Path) -> None:
         assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         keys = sorted(k for (k,) in raw.execute("SELECT key FROM holders"))
         assert keys == ["job:J", "name:nouuid", "uuid:00000000-0000-0000-0000-000000000007"]
+    finally:
+        raw.close()
+
+
+def test_schema_2_is_migrated_with_owners_of_no_known_namespace(
+        state: Path, sleeper: Callable[[], subprocess.Popen[bytes]]) -> None:
+    owner = sleeper()
+    with Ledger(state) as ledger:
+        ledger.reserve(vm(1), take(vm(1), [1]), owner_pid=owner.pid)
+        ledger.reserve(vm(2), take(vm(2), [2]))
+    raw = sqlite3.connect(state / "leases.db")  # back to what pinwarden wrote before
+    raw.executescript("ALTER TABLE holders DROP COLUMN owner_ns; PRAGMA user_version = 2;")
+    raw.close()
+    with Ledger(state) as ledger:
+        assert lease_map(ledger) == {1: vm(1), 2: vm(2)}
+        record = ledger.get(vm(1))
+        assert record is not None and record.owner_pid == owner.pid
+        assert record.owner_ns is None and record.owner_runs()
+        owner.kill()
+        owner.wait()
+        assert [r.ref for r in ledger.dead()] == [vm(1)]  # judged here, as before
+    raw = sqlite3.connect(state / "leases.db")
+    try:
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
     finally:
         raw.close()
 

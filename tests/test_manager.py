@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -999,6 +1000,36 @@ def test_a_failed_sync_keeps_its_yardstick_only_if_rolled_back(
             assert fake.read_group("machine").cpus == C("1")
             assert m.host().partition.vm_cpus == C("1,3")
         assert "set" in json.loads(m.ledger().changes()["cgroup:machine"])
+
+
+def test_a_holder_owned_in_another_pid_namespace_is_not_freed_unless_forced(
+        host4: Path, tmp_path: Path) -> None:
+    """Its pid names another process here, or none: a sync or release from here took a
+    running container's (or host's) job for dead and freed it (hunt)."""
+    fake = fake4()
+    state = tmp_path / "state"
+    runs = subprocess.Popen(["sleep", "60"])
+    with manager(host4, state, fake) as m:
+        m.reserve_request(JobSpec("J", cpus=C("3")), owner_pid=runs.pid)
+    runs.kill()
+    runs.wait()
+    raw = sqlite3.connect(state / "leases.db")
+    raw.execute("UPDATE holders SET owner_ns = owner_ns + 1")  # recorded elsewhere
+    raw.commit()
+    raw.close()
+    with manager(host4, state, fake) as m:
+        m.sync()
+        assert [r.ref.name for r in m.holders()] == ["J"] and m.dead() == ()
+        with pytest.raises(Refusal) as err:
+            m.release("J", force=False)
+        assert err.value.code == "holder-running"
+        assert err.value.message == (
+            f"job 'J' is owned by pid {runs.pid} of another PID namespace (a container's, "
+            "or the host's beside one) on CPU 3: whether it runs cannot be told from here; "
+            "release it where it was leased, or `pinwarden release J --driver run --force` "
+            "frees it all the same"), err.value.message
+        assert [r.ref.name for r in m.holders()] == ["J"]
+        assert m.release("J", force=True).ref.name == "J" and m.holders() == ()
 
 
 def test_release_of_a_holder_that_runs_is_refused_unless_forced(host4: Path,

@@ -55,7 +55,7 @@ from pinwarden.record import record
 
 #: Schema version (``PRAGMA user_version``).  Older files are migrated in one transaction
 #: on open; an older pinwarden refuses a newer file.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: ``PRAGMA application_id``: "PWL1", marks the file as a pinwarden ledger.
 APPLICATION_ID = 0x50574C31
 DB_NAME = "leases.db"
@@ -71,6 +71,7 @@ CREATE TABLE holders (
     owner_start INTEGER,
     plan        TEXT NOT NULL,
     cgroup      TEXT,
+    owner_ns    INTEGER,
     PRIMARY KEY (driver, key)
 ) STRICT;
 CREATE TABLE leases (
@@ -108,6 +109,32 @@ class HolderRecord:
     owner_start: int | None  # its start time (clock ticks, /proc/PID/stat field 22)
     plan: Plan  # the plan that was reserved
     cgroup: str | None = None  # enforced cgroup path, once enforcement has placed it
+    owner_ns: int | None = None  # the PID namespace owner_pid is a pid of (None: unknown)
+
+    @property
+    def owner_elsewhere(self) -> bool:
+        """Whether the owner was recorded in another PID namespace than this process's
+        (a ``pinwarden`` run in a container, or the host's beside a container's): its pid
+        names another process here, or none, so whether it runs cannot be told here."""
+        if self.owner_pid is None or self.owner_ns is None:
+            return False
+        from pinwarden import procs
+
+        here = procs.pid_namespace()
+        return here is not None and here != self.owner_ns
+
+    def owner_runs(self) -> bool:
+        """Whether the owner process runs.  One recorded in another PID namespace counts
+        as running: its lease is never freed from where it cannot be seen (a sync in a
+        container freed a running job's lease on the host, and put back the kernel
+        threads it had moved: hunt)."""
+        if self.owner_pid is None:
+            return False
+        if self.owner_elsewhere:
+            return True
+        from pinwarden import procs
+
+        return procs.alive(self.owner_pid, self.owner_start)
 
 
 @record
@@ -488,13 +515,17 @@ class Ledger:
         return db
 
     def _migrate(self, db: sqlite3.Connection, version: int) -> None:
-        """Bring a version-1 database to the current schema in one transaction: typed
-        holder keys (``uuid:``, ``name:``, ``job:``), the host record and change tables,
-        lease CPUs bounded by the largest CPU number."""
+        """Bring an older database to the current schema in one transaction.  From
+        version 1: typed holder keys (``uuid:``, ``name:``, ``job:``), the host record and
+        change tables, lease CPUs bounded by the largest CPU number.  From version 2: the
+        owner's PID namespace (``owner_ns``; unknown for the owners already recorded)."""
         db.execute("BEGIN IMMEDIATE")
         try:
             again = db.execute("PRAGMA user_version").fetchone()[0]
-            if again == version == 1:  # (another process may have migrated meanwhile)
+            if again == version == 2:  # (another process may have migrated meanwhile)
+                db.execute("ALTER TABLE holders ADD COLUMN owner_ns INTEGER")
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if again == version == 1:
                 holders = db.execute("SELECT driver, key, name, created, owner_pid, "
                                      "owner_start, plan, cgroup FROM holders").fetchall()
                 leases = db.execute("SELECT cpu, driver, key, role, created FROM leases "
@@ -505,7 +536,8 @@ class Ledger:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
-                db.executemany("INSERT INTO holders VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                db.executemany("INSERT INTO holders (driver, key, name, created, owner_pid, "
+                               "owner_start, plan, cgroup) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                [(h[0], keys[h[0], h[1]], *h[2:]) for h in holders])
                 db.executemany("INSERT INTO leases VALUES (?, ?, ?, ?, ?)",
                                [(le[0], le[1], keys[le[1], le[2]], *le[3:]) for le in leases
@@ -641,19 +673,19 @@ class Ledger:
 
     # -- rows ---------------------------------------------------------------------------
 
-    _HOLDER_COLS = "driver, key, name, created, owner_pid, owner_start, plan, cgroup"
+    _HOLDER_COLS = "driver, key, name, created, owner_pid, owner_start, plan, cgroup, owner_ns"
     _LEASE_SQL = ("SELECT l.cpu, l.driver, l.key, h.name, l.role, l.created, h.owner_pid "
                   "FROM leases l LEFT JOIN holders h USING (driver, key) ORDER BY l.cpu")
 
     def _holder(self, row: Any) -> HolderRecord:
-        driver, key, name, created, owner_pid, owner_start, plan, cgroup = row
+        driver, key, name, created, owner_pid, owner_start, plan, cgroup, owner_ns = row
         ref = HolderRef(driver, key, name)
         if not _sane_time(created):
             raise self._refuse(f"is corrupt (holder {shorten(str(ref))} was created at "
                                f"{shorten(str(created))}, not a time)")
         return HolderRecord(ref=ref, created=created, owner_pid=owner_pid,
                             owner_start=owner_start, plan=plan_from_text(plan, ref),
-                            cgroup=cgroup)
+                            cgroup=cgroup, owner_ns=owner_ns)
 
     def _holder_anyway(self, db: sqlite3.Connection, row: Any) -> HolderRecord:
         """:meth:`_holder`, or — its plan unreadable — a record whose plan is just the
@@ -661,7 +693,7 @@ class Ledger:
         try:
             return self._holder(row)
         except LedgerError:
-            driver, key, name, created, owner_pid, owner_start, _plan, cgroup = row
+            driver, key, name, created, owner_pid, owner_start, _plan, cgroup, owner_ns = row
             leases = {cpu: str(role) for cpu, role in db.execute(
                 "SELECT cpu, role FROM leases WHERE driver = ? AND key = ?", (driver, key))
                 if isinstance(cpu, int) and 0 <= cpu <= MAX_CPU}
@@ -670,7 +702,7 @@ class Ledger:
                 created=created if _sane_time(created) else 0.0,
                 owner_pid=owner_pid, owner_start=owner_start,
                 plan=Plan(str(name), None, True, {}, CpuSet(), leases=leases),
-                cgroup=cgroup)
+                cgroup=cgroup, owner_ns=owner_ns)
 
     def _lease(self, row: Any) -> Lease:
         cpu, driver, key, name, role, created, owner_pid = row
@@ -718,7 +750,12 @@ class Ledger:
     def _dead_in(self, db: sqlite3.Connection) -> list[Any]:
         rows = db.execute(f"SELECT {self._HOLDER_COLS} FROM holders "
                           f"WHERE owner_pid IS NOT NULL").fetchall()
-        return [r for r in rows if not self._alive(r[4], r[5])]
+        from pinwarden import procs
+
+        here = procs.pid_namespace()
+        # (an owner recorded in another PID namespace is not judged: HolderRecord.owner_runs)
+        return [r for r in rows if (r[8] is None or here is None or r[8] == here)
+                and not self._alive(r[4], r[5])]
 
     def _reap_in(self, db: sqlite3.Connection) -> tuple[HolderRecord, ...]:
         dead = self._dead_in(db)
@@ -835,9 +872,11 @@ class Ledger:
         left in :attr:`last_replaced` (for :meth:`put_back`).
         """
         owner_start: int | None = None
+        owner_ns: int | None = None
         if owner_pid is not None:
             from pinwarden import procs
 
+            owner_ns = procs.pid_namespace()
             owner_start = procs.start_time(owner_pid)
             if owner_start is None:
                 raise LedgerError(f"cannot reserve CPUs for {holder}: owner process "
@@ -858,7 +897,7 @@ class Ledger:
                 self._no_twin(db, holder)
                 leases = self._leases_in(db)
                 plan = decide(leases)
-                self._record(db, holder, plan, owner_pid, owner_start)
+                self._record(db, holder, plan, owner_pid, owner_start, owner_ns)
                 if host is not None and plan.leases:
                     db.execute("INSERT OR IGNORE INTO host (id, created, record) "
                                "VALUES (1, ?, ?)", (host.created, host.to_text()))
@@ -891,18 +930,20 @@ class Ledger:
                 f"or rename the domain{by_name}", code="conflict")
 
     def _record(self, db: sqlite3.Connection, holder: HolderRef, plan: Plan,
-                owner_pid: int | None, owner_start: int | None) -> None:
+                owner_pid: int | None, owner_start: int | None, owner_ns: int | None) -> None:
         now = time.time()
         db.execute("DELETE FROM leases WHERE driver = ? AND key = ?", (holder.driver, holder.key))
         db.execute(
-            "INSERT INTO holders (driver, key, name, created, owner_pid, owner_start, plan) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (driver, key) DO UPDATE SET "
-            "name = excluded.name, plan = excluded.plan, "
+            "INSERT INTO holders (driver, key, name, created, owner_pid, owner_start, plan, "
+            "owner_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (driver, key) DO UPDATE "
+            "SET name = excluded.name, plan = excluded.plan, "
             "owner_pid = coalesce(excluded.owner_pid, owner_pid), "
             "owner_start = CASE WHEN excluded.owner_pid IS NULL THEN owner_start "
-            "ELSE excluded.owner_start END",
+            "ELSE excluded.owner_start END, "
+            "owner_ns = CASE WHEN excluded.owner_pid IS NULL THEN owner_ns "
+            "ELSE excluded.owner_ns END",
             (holder.driver, holder.key, holder.name, now, owner_pid, owner_start,
-             plan_to_text(plan)))
+             plan_to_text(plan), owner_ns))
         for cpu, role in sorted(plan.leases.items()):
             try:
                 db.execute("INSERT INTO leases (cpu, driver, key, role, created) "
@@ -929,9 +970,10 @@ class Ledger:
                 return
             plan = previous.plan
             db.execute(f"INSERT INTO holders ({self._HOLDER_COLS}) VALUES (?, ?, ?, ?, ?, ?, "
-                       f"?, ?)", (holder.driver, holder.key, previous.ref.name,
-                                  previous.created, previous.owner_pid, previous.owner_start,
-                                  plan_to_text(plan), previous.cgroup))
+                       f"?, ?, ?)", (holder.driver, holder.key, previous.ref.name,
+                                     previous.created, previous.owner_pid,
+                                     previous.owner_start, plan_to_text(plan), previous.cgroup,
+                                     previous.owner_ns))
             for cpu, role in sorted(plan.leases.items()):
                 db.execute("INSERT INTO leases (cpu, driver, key, role, created) "
                            "VALUES (?, ?, ?, ?, ?)",
@@ -977,15 +1019,17 @@ class Ledger:
         """Make process ``pid`` (identified with its start time) the holder's owner; its
         death frees the holder.  ``None`` clears the owner."""
         start: int | None = None
+        ns: int | None = None
         if pid is not None:
             from pinwarden import procs
 
+            ns = procs.pid_namespace()
             start = procs.start_time(pid)
             if start is None:
                 raise LedgerError(f"cannot make process {pid} the owner of {holder}: "
                                   f"it has exited")
-        self._update(holder, "UPDATE holders SET owner_pid = ?, owner_start = ? "
-                             "WHERE driver = ? AND key = ?", (pid, start))
+        self._update(holder, "UPDATE holders SET owner_pid = ?, owner_start = ?, "
+                             "owner_ns = ? WHERE driver = ? AND key = ?", (pid, start, ns))
 
     def set_cgroup(self, holder: HolderRef, path: str | None) -> None:
         """Record where enforcement placed the holder (cpuset cgroup path)."""

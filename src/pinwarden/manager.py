@@ -633,14 +633,21 @@ class Manager:
         with self.locked():
             ledger = self.ledger()
             found = None if force else ledger.find(selector, driver=driver)
-            if found is not None and (found.owner_pid is None or not procs.alive(
-                    found.owner_pid, found.owner_start)) and self._hand_on(found.ref):
+            if found is not None and not found.owner_runs() and self._hand_on(found.ref):
                 # its owner is gone while processes run in its group (a job's command
                 # exited, its children run on; a domain's first owner ended before QEMU
                 # took over): the lease is theirs (it used to be freed while they ran)
                 found = ledger.get(found.ref)
-            if found is not None and found.owner_pid is not None \
-                    and procs.alive(found.owner_pid, found.owner_start):
+            if found is not None and found.owner_pid is not None and found.owner_elsewhere:
+                raise Refusal(
+                    f"{found.ref} is owned by pid {found.owner_pid} of another PID namespace "
+                    f"(a container's, or the host's beside one) on "
+                    f"{found.plan.leased().named(empty='no CPUs')}: whether it runs cannot be "
+                    f"told from here; release it where it was leased, or "
+                    f"`{release_command(found.ref)} --force` frees it all the same",
+                    code="holder-running")
+            if found is not None and found.owner_runs():
+                assert found.owner_pid is not None
                 ref = found.ref
                 if ref.driver != JOB_DRIVER and procs.libvirt_daemon(found.owner_pid):
                     # libvirtd between the hook's prepare and QEMU's start; also a start
@@ -681,14 +688,14 @@ class Manager:
         processes run in its group (libvirtd restarted during the call and completed the
         start).  Then the lease is kept, handed on to those processes if still ``owner``'s,
         and the process it is kept for returned; None when it was freed."""
-        from pinwarden import procs
 
         with self.locked():
             record = self.ledger().get(holder)
             if record is None:
                 return None
-            if record.owner_pid is not None and record.owner_pid != owner \
-                    and procs.alive(record.owner_pid, record.owner_start):
+            if record.owner_pid is not None and (record.owner_pid != owner or
+                                                 record.owner_elsewhere) \
+                    and record.owner_runs():
                 return record.owner_pid
             left = self.left_running(holder)
             if left:
@@ -864,14 +871,13 @@ class Manager:
         stayed until the next change, and audit failed after a plain ``virsh start`` (lab
         hunt; and once host services were no longer given the isolated CPU, libvirtd on
         0-2 stayed on the lease's other CPU, 2, of 2-3)."""
-        from pinwarden import procs
 
         with self.locked():
             ledger = self.ledger()
             before = ledger.get(holder)
             ledger.set_owner(holder, pid)
-            if before is None or before.owner_pid in (None, pid) \
-                    or not procs.alive(before.owner_pid, before.owner_start):
+            if before is None or before.owner_pid in (None, pid) or before.owner_elsewhere \
+                    or not before.owner_runs():
                 return
             # a holder group holding an isolated CPU may be a plain cpuset as a whole
             # (its other CPUs too: no partition at all), so every leased CPU counts

@@ -10,6 +10,7 @@ that happens to get the same pid.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pinwarden.record import record
@@ -119,6 +120,17 @@ def alive(pid: int, start: int | None, *, root: Path = Path("/")) -> bool:
     if stat is None or stat.dead:
         return False
     return start is None or stat.start_time == start
+
+
+def pid_namespace() -> int | None:
+    """This process's PID namespace: the inode ``/proc/self/ns/pid`` names (None when it
+    cannot be read).  A pid means a process only within one PID namespace: in another,
+    the same number is another process, or none (a container's ``/proc`` shows only its
+    own), so an owner recorded in one cannot be judged from the other."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
 
 
 def descendants(pid: int, *, root: Path = Path("/")) -> list[int]:

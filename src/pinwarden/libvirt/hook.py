@@ -900,8 +900,6 @@ def _release(manager: Manager, driver: str, name: str, spec: DomainSpec,
     then too).  A holder owned by another live process — ``pinwarden start`` rolling back
     its own start — or by nobody (``pinwarden reserve``) is not the hook's to free.  Once
     freed, ``after_release`` is called if narrowed pins wait for CPUs."""
-    from pinwarden import procs
-
     reader = manager.reader()
     if reader is None:
         return
@@ -917,8 +915,9 @@ def _release(manager: Manager, driver: str, name: str, spec: DomainSpec,
         return
     if record is None or record.owner_pid is None:
         return
-    alive = procs.alive(record.owner_pid, record.owner_start)
-    if not alive or record.owner_pid == _caller(who):
+    # (an owner of another PID namespace counts as running, and is never the caller)
+    if not record.owner_runs() or (record.owner_pid == _caller(who)
+                                   and not record.owner_elsewhere):
         manager.drop(holder)
         _after_release(manager, holder, after_release)
 
