@@ -183,6 +183,76 @@ def test_a_kernel_thread_moved_to_the_one_housekeeping_cpu_comes_back(pw: Pinwar
         os.sched_setaffinity(kthreadd, found)
 
 
+def _in_pid_namespace(cmd: list[str]) -> list[str]:
+    """``cmd`` in a PID namespace of its own with its own /proc (a container's view: none
+    of the host's processes, kernel threads included)."""
+    return ["unshare", "--pid", "--fork", "--mount-proc", *cmd]
+
+
+def _listed(pw: Pinwarden, name: str, proc: subprocess.Popen[str]) -> str:
+    deadline = time.monotonic() + 30
+    while name not in (out := pw.run("status").stdout):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{name} never got its lease"
+        time.sleep(0.1)
+    return out
+
+
+def test_a_pid_namespace_of_its_own_frees_no_running_job_and_loses_no_kernel_thread(
+        pw: Pinwarden) -> None:
+    """A pid names a process only in its PID namespace.  A 'pinwarden sync' in one of its
+    own (a container's /proc) took the host job's owner for dead: it freed the lease while
+    the job ran (its group then refused to go, EBUSY) and forgot the kernel threads moved
+    off the job's CPU, which stayed on CPU 0 for good (hunt M).  Now an owner recorded in
+    another namespace is never judged, and threads out of view are kept for the host."""
+    kthreadd = 2
+    found = os.sched_getaffinity(kthreadd)
+    online = os.sched_getaffinity(0) | found
+    group = CPUSET / pw.holder_group("pwtest-nsjob", "run")
+    sync = [PINWARDEN, "sync", "--state-dir", str(pw.state), "--config", str(pw.config)]
+    with _host_noise_restored():
+        os.sched_setaffinity(kthreadd, online)
+        # a host job, a sync in a namespace of its own while it runs
+        job = subprocess.Popen(run_cmd(pw, "--cpus", "1", "--name", "pwtest-nsjob", "--",
+                                       "sleep", "6"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        _listed(pw, "pwtest-nsjob", job)
+        inside = subprocess.run(_in_pid_namespace(sync), capture_output=True, text=True,
+                                timeout=120)
+        assert inside.returncode == 0, inside.stderr
+        status = pw.run("status", check=True).stdout
+        assert "job 'pwtest-nsjob': 1" in status and "kept without a lease" not in status
+        assert group.is_dir() and os.sched_getaffinity(kthreadd) == {0}
+        seen_inside = subprocess.run(_in_pid_namespace([*sync[:1], "status", *sync[2:]]),
+                                     capture_output=True, text=True, timeout=120).stdout
+        assert "(of another PID namespace: whether it runs is not checked from here)" in \
+            seen_inside, seen_inside
+        assert job.wait(timeout=60) == 0, job.communicate()
+        assert os.sched_getaffinity(kthreadd) == online and not group.exists()
+        with Ledger(pw.state) as ledger:
+            assert ledger.changes() == {} and ledger.holders() == ()
+
+        # a job in a namespace of its own, a sync on the host while it runs
+        job = subprocess.Popen(_in_pid_namespace(run_cmd(
+            pw, "--cpus", "1", "--name", "pwtest-nsjob", "--", "sleep", "6")),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _listed(pw, "pwtest-nsjob", job)
+        assert pw.run("sync", check=True).returncode == 0
+        assert "job 'pwtest-nsjob': 1" in pw.run("status", check=True).stdout
+        assert os.sched_getaffinity(kthreadd) == {0}  # (moved by the host's sync)
+        assert job.wait(timeout=60) == 0, job.communicate()
+        # its release could not see them: kept, said, and put back by the host's sync
+        status = pw.run("status", check=True).stdout
+        assert "no holders" in status and "not back yet" in status, status
+        assert os.sched_getaffinity(kthreadd) == {0}
+        assert pw.run("sync", check=True).returncode == 0
+        assert os.sched_getaffinity(kthreadd) == online
+        with Ledger(pw.state) as ledger:
+            assert ledger.changes() == {} and ledger.holders() == ()
+        assert "not back yet" not in pw.run("status", check=True).stdout
+    os.sched_setaffinity(kthreadd, found)
+
+
 @pytest.mark.parametrize("vm", [False, True], ids=["host-cgroup", "vm-cgroup"])
 def test_threads_outside_the_holders_leave_an_unguarded_leased_cpu_and_come_back(
         pw: Pinwarden, vm: bool) -> None:

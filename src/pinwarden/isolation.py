@@ -45,6 +45,7 @@ from collections.abc import Collection, Iterable, Mapping
 from typing import Literal
 
 from pinwarden.cpuset import EMPTY, CpuSet
+from pinwarden.model import KTHREAD_PREFIX, TASK_PREFIX
 from pinwarden.record import field, record, replace
 
 PF_KTHREAD = 0x00200000
@@ -59,11 +60,11 @@ def irq_key(irq: int) -> str:
 
 
 def task_key(tid: int, start_time: int) -> str:
-    return f"task:{tid}:{start_time}"
+    return f"{TASK_PREFIX}{tid}:{start_time}"
 
 
 def kthread_key(pid: int, start_time: int) -> str:
-    return f"kthread:{pid}:{start_time}"
+    return f"{KTHREAD_PREFIX}{pid}:{start_time}"
 
 
 # -- snapshot ---------------------------------------------------------------------------
@@ -402,7 +403,9 @@ def plan_restore(snapshot: NoiseSnapshot, recorded: Mapping[str, Record] | Itera
     someone still); an original entirely still leased gets the housekeeping CPUs
     (``housekeeping``, online and not leased; default: every online CPU not leased).
 
-    A key no longer in the snapshot (IRQ freed, thread exited) is forgotten; a key whose
+    A key no longer in the snapshot (IRQ freed, thread exited) is forgotten, but for a
+    thread's where no kernel thread is in view at all (kept: another PID namespace's
+    view); a key whose
     current value is neither what pinwarden wrote, nor the original, nor the target was
     changed by someone else: left alone and forgotten (``conflicts``)."""
     records = dict(recorded) if isinstance(recorded, Mapping) else \
@@ -414,10 +417,17 @@ def plan_restore(snapshot: NoiseSnapshot, recorded: Mapping[str, Record] | Itera
     forget: list[str] = []
     keep: list[Record] = []
     conflicts: list[str] = []
+    # No kernel thread in view: a PID namespace of its own (a container's /proc), which
+    # shows none of the host's threads.  Theirs are not gone: kept for a pinwarden that
+    # sees them (forgotten, the kernel threads stayed on the housekeeping CPUs: hunt).
+    threads_unseen = not snapshot.kthreads
     for key in sorted(records, key=_key_order):
         rec = records[key]
         current = values.get(key)
         if current is None:
+            if threads_unseen and key.startswith((KTHREAD_PREFIX, TASK_PREFIX)):
+                keep.append(rec)
+                continue
             forget.append(key)
             continue
         target = rec.original - still_leased

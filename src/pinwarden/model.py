@@ -19,6 +19,11 @@ KEY_UUID, KEY_NAME, KEY_JOB = "uuid", "name", "job"
 JOB_DRIVER = "run"
 VM_DRIVERS = ("qemu", "lxc")
 
+#: The change-record keys of the user threads and kernel threads moved off leased CPUs
+#: (:mod:`pinwarden.isolation`; their pid and start time follow), here for ``status``.
+TASK_PREFIX = "task:"
+KTHREAD_PREFIX = "kthread:"
+
 
 @record
 class HolderRef:

@@ -322,7 +322,7 @@ def run_release(args: argparse.Namespace) -> int:
         what = f"{cpus.named()} freed" if cpus else "it held no CPUs"
         print(f"released {record.ref.describe()}: {what}")
         if cpus and record.owner_pid is not None and \
-                procs.alive(record.owner_pid, record.owner_start) and \
+                record.owner_runs() and not record.owner_elsewhere and \
                 not procs.libvirt_daemon(record.owner_pid):  # (no domain of its own)
             print(f"note: it still runs (pid {record.owner_pid}): its cgroup keeps "
                   f"{cpus.named()} until it stops, and a running 'pinwarden daemon' leases "
@@ -368,7 +368,14 @@ def run_status(args: argparse.Namespace) -> int:
     from pinwarden.holdergroup import NOT_EXCLUSIVE, Invalid
     from pinwarden.ledger import DB_NAME
     from pinwarden.manager import INTERRUPTED_KEY
-    from pinwarden.model import JOB_DRIVER, by_holder, kept_text, release_command
+    from pinwarden.model import (
+        JOB_DRIVER,
+        KTHREAD_PREFIX,
+        TASK_PREFIX,
+        by_holder,
+        kept_text,
+        release_command,
+    )
     from pinwarden.narrowed import NARROWED_PREFIX, narrowed
     from pinwarden.partition import no_housekeeping, shared_pool
     from pinwarden.view import render_cpu_map
@@ -383,6 +390,8 @@ def run_status(args: argparse.Namespace) -> int:
         database = manager.state_dir / DB_NAME
         narrowed_records = manager.change_records(NARROWED_PREFIX)
         cut_short = bool(manager.change_records(INTERRUPTED_KEY))
+        moved = len(manager.change_records(KTHREAD_PREFIX)) + \
+            len(manager.change_records(TASK_PREFIX))
         invalid = invalid_partitions(manager.root, records, host.topology.online)
         daemon = running(manager.state_dir)
     part = host.partition
@@ -398,6 +407,15 @@ def run_status(args: argparse.Namespace) -> int:
         fallback = (*fallback, "a cgroup change was cut short (pinwarden was killed, or "
                                "its rollback failed): the cgroups are half-way until the "
                                "next change; 'pinwarden sync' finishes it now")
+    if moved and not leased and not kept:
+        # the last lease went from a PID namespace of its own (a container's /proc), which
+        # sees none of the threads: kept for a pinwarden that does (plan_restore)
+        fallback = (*fallback, f"{moved} thread{'s' if moved > 1 else ''} pinwarden moved "
+                               f"off leased CPUs {'are' if moved > 1 else 'is'} not back "
+                               f"yet: the last lease went from where "
+                               f"{'they are' if moved > 1 else 'it is'} out of view (a PID "
+                               f"namespace of its own); 'pinwarden sync' on the host puts "
+                               f"{'them' if moved > 1 else 'it'} back")
     kept_by = by_holder(kept)
     online = host.topology.online
 
@@ -418,6 +436,7 @@ def run_status(args: argparse.Namespace) -> int:
             "leases": [{**holder_json(r), "offline": str(offline(r)),
                         "absent": str(absent(r)),
                         "owner_gone": gone(r),
+                        "owner_elsewhere": r.owner_elsewhere,
                         "left_running": list(heirs.get(r.ref, ())),
                         **invalid.get((r.ref.driver, r.ref.key), Invalid(None, None))
                         .to_json()}
@@ -452,7 +471,9 @@ def run_status(args: argparse.Namespace) -> int:
                      "with this state directory: is it the one pinwarden uses?)")
     for record in records:
         cpus = record.plan.leased()
-        owner = f", owner pid {record.owner_pid}" if record.owner_pid is not None else ""
+        owner = (f", owner pid {record.owner_pid}" if record.owner_pid is not None else "") + \
+            (" (of another PID namespace: whether it runs is not checked from here)"
+             if record.owner_elsewhere else "")
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
         desc = f"{cpus} ({_roles(dict(record.plan.leases))})" if cpus else "no leases (shared)"
         off = offline(record)
