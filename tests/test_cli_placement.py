@@ -551,3 +551,20 @@ def test_define_reads_at_most_the_size_it_accepts(env: dict[str, Path],
         capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and done.stderr.startswith("pinwarden: error: ") and \
         "malformed" in done.stderr and "cannot read" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(("lines", "v1", "partial"), [
+    (["12:cpuset:/..", "0::/"], True, True),  # v1 cpuset above the namespace's root
+    (["12:cpuset:/../x/y", "0::/"], True, True),
+    (["12:cpuset:/", "3:memory:/..", "0::/.."], True, False),  # not the cpuset hierarchy
+    (["0::/.."], False, True),  # v2
+    (["0::/init.scope"], False, False),
+    (["12:cpuset:/machine/..x", "0::/"], True, False),  # a name, not above the root
+])
+def test_a_cpuset_view_is_partial_when_some_group_reads_above_its_root(
+        tmp_path: Path, lines: list[str], v1: bool, partial: bool) -> None:
+    from pinwarden.cli.placement import cpuset_view_partial
+
+    (tmp_path / "proc/1").mkdir(parents=True)
+    (tmp_path / "proc/1/cgroup").write_text("\n".join(lines) + "\n")
+    assert cpuset_view_partial(tmp_path, [7, 1], v1) is partial  # (7: none such, skipped)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -251,6 +252,42 @@ def test_a_pid_namespace_of_its_own_frees_no_running_job_and_loses_no_kernel_thr
             assert ledger.changes() == {} and ledger.holders() == ()
         assert "not back yet" not in pw.run("status", check=True).stdout
     os.sched_setaffinity(kthreadd, found)
+
+
+def test_status_from_a_cgroup_namespace_does_not_call_a_group_out_of_view_missing(
+        pw: Pinwarden) -> None:
+    """From a cgroup namespace below the job's group (its cpuset hierarchy mounted
+    afresh: a container's view), status said "GROUP MISSING … removed by hand; 'pinwarden
+    sync' makes it again" of a job that ran in it (hunt N).  On the host it is checked."""
+    view = CPUSET / f"pwtest-cgns-{os.getpid()}"
+    job = subprocess.Popen(run_cmd(pw, "--cpus", "1", "--name", "pwtest-cgns", "--",
+                                   "sleep", "30"), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        _listed(pw, "pwtest-cgns", job)
+        view.mkdir()
+        (view / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+        (view / "cpuset.cpus").write_text("0")
+        status = " ".join(shlex.quote(a) for a in pw.cmd("status"))
+        inside = subprocess.run(
+            ["sh", "-c", f"echo $$ > {view}/tasks && exec unshare --cgroup --mount sh -c "
+             f"'umount {CPUSET} && mount -t cgroup -o cpuset cpuset {CPUSET} && {status}'"],
+            capture_output=True, text=True, timeout=120)
+        assert inside.returncode == 0, inside.stderr
+        line = next(ln for ln in inside.stdout.splitlines() if "job 'pwtest-cgns'" in ln)
+        group = pw.holder_group("pwtest-cgns", "run")
+        assert "GROUP MISSING" not in line and \
+            f"group /{group} not checked (out of view: this cgroup namespace" in line, line
+        assert "not checked" not in pw.run("status", check=True).stdout  # on the host
+    finally:
+        job.send_signal(signal.SIGTERM)  # (forwarded to its sleep)
+        job.communicate(timeout=30)
+        deadline = time.monotonic() + 10
+        while view.exists():
+            with contextlib.suppress(OSError):
+                view.rmdir()
+            assert time.monotonic() < deadline, f"{view} stayed"
+            time.sleep(0.1)
 
 
 @pytest.mark.parametrize("vm", [False, True], ids=["host-cgroup", "vm-cgroup"])

@@ -49,17 +49,19 @@ class GroupSeen:
 class Invalid:
     """What is wrong with a holder's group: its partition (``cpuset.cpus.partition``'s
     words, or :data:`NOT_EXCLUSIVE`), the online CPUs leased to its threads that its
-    ``cpuset.cpus`` lacks (moved off its lease by hand: ``audit``'s ``off-lease``), or that
-    the group is gone (``missing-group``)."""
+    ``cpuset.cpus`` lacks (moved off its lease by hand: ``audit``'s ``off-lease``), that
+    the group is gone (``missing-group``), or that it is out of view (``unseen``: from a
+    cgroup namespace, which shows part of the hierarchy)."""
 
     partition: str | None
     off_lease: CpuSet | None
     gone: bool = False  # the group itself is missing
+    unseen: bool = False  # out of this cgroup namespace's view: not checked
 
     def to_json(self) -> dict[str, str | bool | None]:
         return {"partition_invalid": self.partition,
                 "off_lease": str(self.off_lease) if self.off_lease is not None else None,
-                "group_missing": self.gone}
+                "group_missing": self.gone, "group_unseen": self.unseen}
 
 
 def not_kept(seen: Seen) -> str | None:

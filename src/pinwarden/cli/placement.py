@@ -27,7 +27,7 @@ from pinwarden.errors import HostError, InputError
 # command, on every run) must stay cheap, and ``plan`` loads neither the CPU map nor
 # the XML renderer it does not use.
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
     from pinwarden.cpuset import CpuSet
     from pinwarden.domain import DomainSpec
@@ -241,6 +241,25 @@ def _own_state_for_a_dump(args: argparse.Namespace, command: str) -> None:
                      f"its own with --state-dir DIR")
 
 
+def cpuset_view_partial(root: Path, pids: Iterable[int], v1: bool) -> bool:
+    """Whether this process sees only part of the cpuset hierarchy: from a cgroup
+    namespace, the group of a process above its root reads ``/..`` (``/proc/PID/cgroup``).
+    ``pids``: whom to look at (PID 1, the holders' owners); ``v1``: the hierarchy is v1's
+    ``cpuset`` (else v2's)."""
+    for pid in pids:
+        try:
+            text = (root / "proc" / str(pid) / "cgroup").read_text()
+        except (OSError, UnicodeDecodeError):
+            continue
+        for line in text.splitlines():
+            number, _, rest = line.partition(":")
+            controllers, _, path = rest.partition(":")
+            ours = "cpuset" in controllers.split(",") if v1 else number == "0"
+            if ours and (path == "/.." or path.startswith("/../")):
+                return True
+    return False
+
+
 def invalid_partitions(root: Path, records: Sequence[HolderRecord],
                        online: CpuSet | None = None) -> dict[tuple[str, str], Invalid]:
     """Holders whose group the kernel does not keep as their leases say, by ``(driver,
@@ -249,7 +268,7 @@ def invalid_partitions(root: Path, records: Sequence[HolderRecord],
     online CPUs) a group moved off its leased CPUs by hand, and a recorded group that is
     gone.  The ledger cannot tell any of these: each recorded group is read here."""
     from pinwarden.cpuset import CpuSet
-    from pinwarden.holdergroup import GroupSeen, judge
+    from pinwarden.holdergroup import GroupSeen, Invalid, judge
     from pinwarden.model import SIBLING_HOLD
     from pinwarden.mounts import read_mounts
 
@@ -261,6 +280,10 @@ def invalid_partitions(root: Path, records: Sequence[HolderRecord],
         return {}
     base = v1 if v1 is not None else mounts.unified
     assert base is not None
+    # (a cgroup namespace's view: a group out of it is not gone; status said "GROUP
+    # MISSING … sync makes it again" of every holder: hunt N)
+    partial = cpuset_view_partial(root, {1, *(r.owner_pid for r in records
+                                              if r.owner_pid is not None)}, v1 is not None)
 
     def read(name: str) -> str | None:
         try:
@@ -274,6 +297,9 @@ def invalid_partitions(root: Path, records: Sequence[HolderRecord],
             continue
         group = base / record.cgroup.strip("/")
         seen: GroupSeen | None = None
+        if not group.is_dir() and partial:
+            out[(record.ref.driver, record.ref.key)] = Invalid(None, None, unseen=True)
+            continue
         if group.is_dir():  # (else removed by hand: nothing keeps its CPUs)
             flag = read(mounts.cpuset_file("cpu_exclusive")) if v1 is not None else None
             cpus = read(mounts.cpuset_file("cpus"))
@@ -499,6 +525,10 @@ def run_status(args: argparse.Namespace) -> int:
                      f"; owner pid {record.owner_pid} is gone, but the domain still runs in "
                      f"its group (pid {pids}): the lease is its own again at the next change")
         found = invalid.get((record.ref.driver, record.ref.key), Invalid(None, None))
+        if found.unseen:
+            warn += (f"; group /{(record.cgroup or '').strip('/')} not checked (out of "
+                     f"view: this cgroup namespace shows only part of the cpuset "
+                     f"hierarchy; run 'pinwarden status' on the host)")
         if found.gone:
             warn += (f"; GROUP MISSING (its cgroup /{(record.cgroup or '').strip('/')} was "
                      f"removed by hand: the kernel no longer keeps others off its CPUs); "
