@@ -99,6 +99,24 @@ def test_a_reservation_is_owned_by_the_libvirtd_that_runs_the_hook(
     assert not marker.exists()
 
 
+def test_a_hook_run_in_another_pid_namespace_is_left_to_the_full_command(
+        setup: tuple[Path, Path, Manager, HookServer]) -> None:
+    """A libvirtd in a PID namespace of its own (a container) beside a daemon on the host:
+    the client names libvirtd by a pid of its namespace, another process or none here, so
+    the daemon leaves the call to the full command, which runs there (unshare(1), root)."""
+    drop_in, marker, _manager, _server = setup
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.fail("needs root and unshare(1) (util-linux), as on CI")
+    done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", str(drop_in), "web",
+                           "prepare", "begin", "-"], input=xml("web"), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert marker.read_text().startswith("hook run --state-dir "), marker.read_text()
+    marker.unlink()
+    assert run(drop_in, "web", "prepare", "begin", "-", stdin=xml("web")).returncode == 0
+    assert not marker.exists()  # this namespace's: answered by the daemon
+
+
 def test_without_a_daemon_the_full_command_runs_with_the_same_arguments(
         setup: tuple[Path, Path, Manager, HookServer]) -> None:
     drop_in, marker, _manager, server = setup
