@@ -1341,6 +1341,30 @@ def test_a_mode_changed_in_the_configuration_is_said_by_host(host4: Path, tmp_pa
     assert data["recorded_partition"]["mode"] == recorded.mode, data
 
 
+@pytest.mark.parametrize("command", ["host", "status"])
+def test_a_switch_from_mode_none_to_cgroup_is_said_from_the_cgroup_as_it_is(
+        host4: Path, tmp_path: Path, command: str) -> None:
+    """Mode none looks for no cgroup, so what it records of one is nothing: read under a
+    switch to mode cgroup, the record said "no cpuset cgroup controller is mounted" (hunt
+    N).  And status showed the recorded partition's reason ("partition mode none is
+    configured") without a word of the switch that 'host' already noted."""
+    state = tmp_path / "state"
+    with Manager(Config(mode="none"), host4, state, backend=fake4()) as m:  # type: ignore[arg-type]
+        m.reserve_request(JobSpec("J", count=1))
+        record = m.record()
+        assert record is not None and record.found.name is None
+        assert record.found.looked_for == ()
+    config = tmp_path / "pw.toml"
+    config.write_text('[partition]\nmode = "cgroup"\n')
+    out = subprocess.run([sys.executable, "-c", "from pinwarden.cli import entry; entry()",
+                          command, "--root", str(host4), "--state-dir", str(state),
+                          "--config", str(config)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "note: the configuration now gives partition cgroup (VM CPUs 0-3); at the " \
+           "first lease the host was recorded as none (VM CPUs 1-3)" in out.stdout, out.stdout
+    assert "no cpuset cgroup controller" not in out.stdout
+
+
 class _Killed(BaseException):
     """The process died here (SIGKILL): no handler of pinwarden's runs."""
 

@@ -124,6 +124,12 @@ def read_partition(root: Path, topology: Topology, config: Config,
                    found: VmCgroup | None = None) -> Partition:
     """The VM partition of the host at ``root`` (see the module docstring); ``found``: the
     VM partition cgroup as recorded at the first lease, instead of reading it now."""
+    if found is not None and found.name is None and not found.looked_for and \
+            config.mode in ("auto", "cgroup"):
+        # recorded under mode none or isolcpus, which look for no cgroup: it says nothing
+        # of one (read as "no cpuset cgroup controller is mounted" after a switch to
+        # cgroup: hunt N), so it is read as it is now
+        found = None
     if found is None:
         found = read_vm_cgroup(root, config) if config.mode in ("auto", "cgroup") \
             else VmCgroup(None, None, EMPTY)

@@ -25,6 +25,7 @@ from pinwarden.cli.common import manager_of, root_of
 from pinwarden.errors import LedgerError, PinwardenError
 
 if TYPE_CHECKING:  # the handler imports what it uses: the parser of every command is cheap
+    from pinwarden.ledger import HostRecord
     from pinwarden.manager import Manager
     from pinwarden.model import Lease
     from pinwarden.partition import Host, Partition
@@ -103,15 +104,25 @@ def _from_ledger(args: argparse.Namespace, root: Path, manager: Manager,
         return manager.live_host(), (), f"leases unavailable: {exc.message}", None, None
     if record is None:
         return host, leases, None, None, None
+    note = disagreement(manager, record)
+    if note is None:
+        return host, leases, None, None, None
+    return host, leases, None, record.partition, f"note: {note}"
+
+
+def disagreement(manager: Manager, record: HostRecord) -> str | None:
+    """What the configuration gives now when it is not the partition recorded at the
+    first lease (``record``), which stays what is planned against until the last lease
+    goes (``host`` and ``status`` say it), or None."""
     recorded = record.partition
-    try:  # (a mode changed in the configuration: host() is the record, said here too)
+    try:  # (a mode changed in the configuration: host() is the record)
         now: Partition | str = manager.configured_host(record).partition
     except PinwardenError as exc:
         now = exc.message
     if not isinstance(now, str) and \
             (recorded.mode, recorded.vm_cpus) == (now.mode, now.vm_cpus):
-        return host, leases, None, None, None
-    return host, leases, None, recorded, _disagreement(now, recorded)
+        return None
+    return _disagreement(now, recorded)
 
 
 def _cmdline(host: Host) -> str | None:
@@ -135,7 +146,7 @@ def _disagreement(now: Partition | str, recorded: Partition) -> str:
     """``now``: the partition the configuration gives, or why it gives none."""
     gives = f"no partition ({now})" if isinstance(now, str) else \
         f"partition {now.mode} (VM {now.vm_cpus.named(empty='CPUs -')})"
-    return (f"note: the configuration now gives {gives}; at the first lease the host was "
+    return (f"the configuration now gives {gives}; at the first lease the host was "
             f"recorded as {recorded.mode} (VM {recorded.vm_cpus.named(empty='CPUs -')}): "
             f"the leases made then stay, and the host is put back as found when the last "
             f"one goes")

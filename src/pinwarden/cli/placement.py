@@ -389,6 +389,7 @@ def run_sync(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    from pinwarden.cli.host import disagreement
     from pinwarden.cpuset import CpuSet
     from pinwarden.daemonlock import running
     from pinwarden.holdergroup import NOT_EXCLUSIVE, Invalid
@@ -420,6 +421,8 @@ def run_status(args: argparse.Namespace) -> int:
             len(manager.change_records(TASK_PREFIX))
         invalid = invalid_partitions(manager.root, records, host.topology.online)
         daemon = running(manager.state_dir)
+        first = manager.record()
+        changed = disagreement(manager, first) if first is not None else None
     part = host.partition
     leased = CpuSet.of(lease.cpu for lease in leases)
     pins = narrowed(narrowed_records, leased)
@@ -429,6 +432,8 @@ def run_status(args: argparse.Namespace) -> int:
     problem = no_housekeeping(host)
     if problem is not None:
         fallback = (*fallback, f"nothing can be leased: {problem}")
+    if changed is not None:  # (the reason shown is the recorded partition's: hunt N)
+        fallback = (*fallback, changed)
     if cut_short:  # the cgroups are half-way until a sync finishes the change
         fallback = (*fallback, "a cgroup change was cut short (pinwarden was killed, or "
                                "its rollback failed): the cgroups are half-way until the "
