@@ -403,11 +403,10 @@ def plan_restore(snapshot: NoiseSnapshot, recorded: Mapping[str, Record] | Itera
     someone still); an original entirely still leased gets the housekeeping CPUs
     (``housekeeping``, online and not leased; default: every online CPU not leased).
 
-    A key no longer in the snapshot (IRQ freed, thread exited) is forgotten, but for a
-    thread's where no kernel thread is in view at all (kept: another PID namespace's
-    view); a key whose
-    current value is neither what pinwarden wrote, nor the original, nor the target was
-    changed by someone else: left alone and forgotten (``conflicts``)."""
+    A key no longer in the snapshot (IRQ freed, thread exited) is forgotten — a thread's
+    is kept where no kernel thread is in view at all (a PID namespace of its own); a key
+    whose current value is neither what pinwarden wrote, nor the original, nor the target
+    was changed by someone else: left alone and forgotten (``conflicts``)."""
     records = dict(recorded) if isinstance(recorded, Mapping) else \
         {r.key: r for r in recorded}
     values = snapshot.values(records)

@@ -638,7 +638,7 @@ class Manager:
                 # exited, its children run on; a domain's first owner ended before QEMU
                 # took over): the lease is theirs (it used to be freed while they ran)
                 found = ledger.get(found.ref)
-            if found is not None and found.owner_pid is not None and found.owner_elsewhere:
+            if found is not None and found.owner_elsewhere:
                 raise Refusal(
                     f"{found.ref} is owned by pid {found.owner_pid} of another PID namespace "
                     f"(a container's, or the host's beside one) on "
@@ -688,7 +688,6 @@ class Manager:
         processes run in its group (libvirtd restarted during the call and completed the
         start).  Then the lease is kept, handed on to those processes if still ``owner``'s,
         and the process it is kept for returned; None when it was freed."""
-
         with self.locked():
             record = self.ledger().get(holder)
             if record is None:
@@ -871,7 +870,6 @@ class Manager:
         stayed until the next change, and audit failed after a plain ``virsh start`` (lab
         hunt; and once host services were no longer given the isolated CPU, libvirtd on
         0-2 stayed on the lease's other CPU, 2, of 2-3)."""
-
         with self.locked():
             ledger = self.ledger()
             before = ledger.get(holder)
