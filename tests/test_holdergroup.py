@@ -33,7 +33,9 @@ def test_cpus_moved_off_the_lease_count_only_online_and_readable() -> None:
 def test_a_group_gone_is_said() -> None:
     assert judge(C("2"), None, C("0-3")) == Invalid(None, None, gone=True)
     assert Invalid(None, None, gone=True).to_json() == {
-        "partition_invalid": None, "off_lease": None, "group_missing": True}
+        "partition_invalid": None, "off_lease": None, "group_missing": True,
+        "group_unseen": False}
+    assert Invalid(None, None, unseen=True).to_json()["group_unseen"] is True
 
 
 def test_audits_reading_is_judged_the_same_way() -> None:
