@@ -30,6 +30,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from pidns import pid_namespace
 from pinwarden import procs
 from pinwarden.cpuset import CpuSet
 from pinwarden.errors import LedgerError, PinwardenError, Refusal
@@ -517,10 +518,12 @@ def _set_owner_ns(state: Path, ns: int | None) -> None:
 def test_owner_of_another_pid_namespace_is_never_reaped(
         state: Path, sleeper: Callable[[], subprocess.Popen[bytes]]) -> None:
     """A pid names a process only in its PID namespace: judged from another, a running
-    owner looked dead, and its lease was freed (a sync in a container freed a host job's)."""
+    owner looked dead, and its lease was freed (a sync in a container freed a host job's).
+    Here (the host's namespace) one of another namespace is dead once nothing is left in
+    that namespace (a container that ended)."""
     here = procs.pid_namespace()
-    assert here is not None
-    a, b = vm(1), vm(2)
+    assert here == procs.INIT_PID_NS  # (CI runs on the host)
+    a, b, c = vm(1), vm(2), vm(3)
     owner = sleeper()
     with Ledger(state) as ledger:
         ledger.reserve(a, take(a, [1]), owner_pid=owner.pid)
@@ -529,13 +532,26 @@ def test_owner_of_another_pid_namespace_is_never_reaped(
         assert not recorded.owner_elsewhere
     owner.kill()
     owner.wait()
-    _set_owner_ns(state, here + 1)  # recorded in another namespace
-    with Ledger(state) as ledger:
+    with pid_namespace() as elsewhere:
+        _set_owner_ns(state, elsewhere)  # recorded in a namespace still there
+        with Ledger(state) as ledger:
+            record = ledger.get(a)
+            assert record is not None and record.owner_elsewhere and record.owner_runs()
+            assert ledger.dead() == ()
+            ledger.reserve(b, take(b, [2]))
+            assert ledger.last_reaped == () and lease_map(ledger) == {1: a, 2: b}
+    with Ledger(state) as ledger:  # that namespace is gone: so is its owner
         record = ledger.get(a)
-        assert record is not None and record.owner_elsewhere and record.owner_runs()
-        assert ledger.dead() == ()
-        ledger.reserve(b, take(b, [2]))
-        assert ledger.last_reaped == () and lease_map(ledger) == {1: a, 2: b}
+        assert record is not None and record.owner_elsewhere and not record.owner_runs()
+        assert [r.ref for r in ledger.dead()] == [a]
+        ledger.reserve(c, take(c, [3]))
+        assert [r.ref for r in ledger.last_reaped] == [a]
+        assert lease_map(ledger) == {2: b, 3: c}
+    owner = sleeper()
+    with Ledger(state) as ledger:
+        ledger.reserve(a, take(a, [1]), owner_pid=owner.pid)
+    owner.kill()
+    owner.wait()
     for ns in (here, None):  # this namespace's, or not known (recorded before schema 3)
         _set_owner_ns(state, ns)
         with Ledger(state) as ledger:
@@ -582,10 +598,11 @@ def test_a_pid_namespace_of_its_own_frees_no_lease_of_the_host(
     with Ledger(state) as ledger:
         inside = ledger.get(vm(2))
         assert inside is not None and inside.owner_pid == 1 and inside.owner_ns == int(ns)
-        # its pid 1 is the host's init here: not taken for it; its namespace is gone now,
-        # which cannot be told from here either, so the lease stays for a forced release
-        assert inside.owner_elsewhere and inside.owner_runs()
-        assert ledger.dead() == () and lease_map(ledger) == {1: a, 2: vm(2)}
+        # its pid 1 is the host's init here, not taken for it: its namespace is gone, seen
+        # from the host's, so its lease is dead (the host's is not)
+        assert inside.owner_elsewhere and not inside.owner_runs()
+        assert [r.ref for r in ledger.dead()] == [vm(2)]
+        assert lease_map(ledger) == {1: a, 2: vm(2)}  # (until reaped)
 
 
 # -- refusing damaged databases -----------------------------------------------------------

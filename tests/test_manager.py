@@ -23,6 +23,7 @@ import pytest
 from enforce_helpers import FailingBackend, build
 from hostroot import HostSpec, build_host, make_cgroup, mount_cgroups
 from libvirt_env import CPUSET, PINWARDEN, machine_restored, remove_tree
+from pidns import pid_namespace
 from pinwarden.config import Config
 from pinwarden.cpuset import CpuSet
 from pinwarden.domain import parse_domain
@@ -1013,23 +1014,39 @@ def test_a_holder_owned_in_another_pid_namespace_is_not_freed_unless_forced(
         m.reserve_request(JobSpec("J", cpus=C("3")), owner_pid=runs.pid)
     runs.kill()
     runs.wait()
+    with pid_namespace() as elsewhere:
+        raw = sqlite3.connect(state / "leases.db")
+        raw.execute("UPDATE holders SET owner_ns = ?", (elsewhere,))  # recorded there
+        raw.commit()
+        raw.close()
+        with manager(host4, state, fake) as m:
+            m.sync()
+            assert [r.ref.name for r in m.holders()] == ["J"] and m.dead() == ()
+            with pytest.raises(Refusal) as err:
+                m.release("J", force=False)
+            assert err.value.code == "holder-running"
+            assert err.value.message == (
+                f"job 'J' is owned by pid {runs.pid} of another PID namespace (a "
+                "container's, or the host's beside one) on CPU 3: whether it runs cannot be "
+                "told from here; release it where it was leased, or `pinwarden release J "
+                "--driver run --force` frees it all the same"), err.value.message
+            assert [r.ref.name for r in m.holders()] == ["J"]
+            assert m.release("J", force=True).ref.name == "J" and m.holders() == ()
+    # that namespace is gone (a container that ended): seen from the host's, so is its
+    # owner, and a sync frees what it held
+    runs = subprocess.Popen(["sleep", "60"])
+    with manager(host4, state, fake) as m:
+        m.reserve_request(JobSpec("K", cpus=C("3")), owner_pid=runs.pid)
+    runs.kill()
+    runs.wait()
     raw = sqlite3.connect(state / "leases.db")
-    raw.execute("UPDATE holders SET owner_ns = owner_ns + 1")  # recorded elsewhere
+    raw.execute("UPDATE holders SET owner_ns = ?", (elsewhere,))
     raw.commit()
     raw.close()
     with manager(host4, state, fake) as m:
+        assert [r.ref.name for r in m.dead()] == ["K"]
         m.sync()
-        assert [r.ref.name for r in m.holders()] == ["J"] and m.dead() == ()
-        with pytest.raises(Refusal) as err:
-            m.release("J", force=False)
-        assert err.value.code == "holder-running"
-        assert err.value.message == (
-            f"job 'J' is owned by pid {runs.pid} of another PID namespace (a container's, "
-            "or the host's beside one) on CPU 3: whether it runs cannot be told from here; "
-            "release it where it was leased, or `pinwarden release J --driver run --force` "
-            "frees it all the same"), err.value.message
-        assert [r.ref.name for r in m.holders()] == ["J"]
-        assert m.release("J", force=True).ref.name == "J" and m.holders() == ()
+        assert m.holders() == ()
 
 
 def test_release_of_a_holder_that_runs_is_refused_unless_forced(host4: Path,

@@ -226,7 +226,7 @@ def test_a_pid_namespace_of_its_own_frees_no_running_job_and_loses_no_kernel_thr
         assert group.is_dir() and os.sched_getaffinity(kthreadd) == {0}
         seen_inside = subprocess.run(_in_pid_namespace([*sync[:1], "status", *sync[2:]]),
                                      capture_output=True, text=True, timeout=120).stdout
-        assert "(of another PID namespace: whether it runs is not checked from here)" in \
+        assert "(a pid of another PID namespace, not of this one)" in \
             seen_inside, seen_inside
         assert job.wait(timeout=60) == 0, job.communicate()
         assert os.sched_getaffinity(kthreadd) == online and not group.exists()

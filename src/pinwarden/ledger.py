@@ -125,15 +125,17 @@ class HolderRecord:
 
     def owner_runs(self) -> bool:
         """Whether the owner process runs.  One recorded in another PID namespace counts
-        as running: its lease is never freed from where it cannot be seen (a sync in a
+        as running — its lease is never freed from where it cannot be seen (a sync in a
         container freed a running job's lease on the host, and put back the kernel
-        threads it had moved: hunt)."""
+        threads it had moved: hunt) — unless, seen from the host's namespace, no process
+        is left in its namespace at all (a container that ended)."""
         if self.owner_pid is None:
             return False
-        if self.owner_elsewhere:
-            return True
         from pinwarden import procs
 
+        if self.owner_elsewhere:
+            assert self.owner_ns is not None
+            return not procs.pid_namespace_gone(self.owner_ns)
         return procs.alive(self.owner_pid, self.owner_start)
 
 
@@ -753,9 +755,14 @@ class Ledger:
         from pinwarden import procs
 
         here = procs.pid_namespace()
-        # (an owner recorded in another PID namespace is not judged: HolderRecord.owner_runs)
-        return [r for r in rows if (r[8] is None or here is None or r[8] == here)
-                and not self._alive(r[4], r[5])]
+        # (an owner recorded in another PID namespace is not judged by its pid, which
+        # means another process here: HolderRecord.owner_runs)
+        def dead(row: Any) -> bool:
+            if row[8] is None or here is None or row[8] == here:
+                return not self._alive(row[4], row[5])
+            return procs.pid_namespace_gone(row[8])
+
+        return [r for r in rows if dead(r)]
 
     def _reap_in(self, db: sqlite3.Connection) -> tuple[HolderRecord, ...]:
         dead = self._dead_in(db)

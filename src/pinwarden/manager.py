@@ -638,7 +638,7 @@ class Manager:
                 # exited, its children run on; a domain's first owner ended before QEMU
                 # took over): the lease is theirs (it used to be freed while they ran)
                 found = ledger.get(found.ref)
-            if found is not None and found.owner_elsewhere:
+            if found is not None and found.owner_elsewhere and found.owner_runs():
                 raise Refusal(
                     f"{found.ref} is owned by pid {found.owner_pid} of another PID namespace "
                     f"(a container's, or the host's beside one) on "

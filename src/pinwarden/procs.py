@@ -133,6 +133,31 @@ def pid_namespace() -> int | None:
         return None
 
 
+#: The initial PID namespace's inode (the kernel's ``PROC_PID_INIT_INO``): the host's.
+INIT_PID_NS = 0xEFFFFFFC
+
+
+def pid_namespace_gone(ns: int) -> bool:
+    """Whether no process is left in PID namespace ``ns`` (its inode): told only from the
+    initial namespace, which sees every process, and only by a whole scan of ``/proc``.
+    False where it cannot be told (in any other namespace), and while any process is
+    there (an inode reused by a new namespace reads as one still there)."""
+    if pid_namespace() != INIT_PID_NS:
+        return False
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return False
+    for name in entries:
+        if name.isdigit():
+            try:
+                if os.stat(f"/proc/{name}/ns/pid").st_ino == ns:
+                    return False
+            except OSError:  # (exited, or a zombie: no namespace of its own any more)
+                continue
+    return True
+
+
 def descendants(pid: int, *, root: Path = Path("/")) -> list[int]:
     """``pid`` and every process below it, ascending (one reading of ``/proc``)."""
     children: dict[int, list[int]] = {}

@@ -503,7 +503,7 @@ def run_status(args: argparse.Namespace) -> int:
     for record in records:
         cpus = record.plan.leased()
         owner = (f", owner pid {record.owner_pid}" if record.owner_pid is not None else "") + \
-            (" (of another PID namespace: whether it runs is not checked from here)"
+            (" (a pid of another PID namespace, not of this one)"
              if record.owner_elsewhere else "")
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
         desc = f"{cpus} ({_roles(dict(record.plan.leases))})" if cpus else "no leases (shared)"
