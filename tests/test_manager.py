@@ -1003,47 +1003,51 @@ def test_a_failed_sync_keeps_its_yardstick_only_if_rolled_back(
         assert "set" in json.loads(m.ledger().changes()["cgroup:machine"])
 
 
+def _running_refusal(m: Manager, selector: str) -> str:
+    """The message of the refusal of an unforced release of ``selector``, as its owner
+    runs (or may)."""
+    with pytest.raises(Refusal) as err:
+        m.release(selector, force=False)
+    assert err.value.code == "holder-running", err.value
+    return err.value.message
+
+
+def _job_of_an_exited_owner(m: Manager, name: str, ns: int | None = None) -> int:
+    """Job ``name`` on CPU 3, its owner (a ``sleep``) exited; ``ns``: recorded as of that
+    PID namespace.  The owner's pid."""
+    runs = subprocess.Popen(["sleep", "60"])
+    m.reserve_request(JobSpec(name, cpus=C("3")), owner_pid=runs.pid)
+    runs.kill()
+    runs.wait()
+    if ns is not None:
+        raw = sqlite3.connect(m.state_dir / "leases.db")
+        raw.execute("UPDATE holders SET owner_ns = ? WHERE name = ?", (ns, name))
+        raw.commit()
+        raw.close()
+    return runs.pid
+
+
 def test_a_holder_owned_in_another_pid_namespace_is_not_freed_unless_forced(
         host4: Path, tmp_path: Path) -> None:
     """Its pid names another process here, or none: a sync or release from here took a
     running container's (or host's) job for dead and freed it (hunt)."""
     fake = fake4()
     state = tmp_path / "state"
-    runs = subprocess.Popen(["sleep", "60"])
-    with manager(host4, state, fake) as m:
-        m.reserve_request(JobSpec("J", cpus=C("3")), owner_pid=runs.pid)
-    runs.kill()
-    runs.wait()
-    with pid_namespace() as elsewhere:
-        raw = sqlite3.connect(state / "leases.db")
-        raw.execute("UPDATE holders SET owner_ns = ?", (elsewhere,))  # recorded there
-        raw.commit()
-        raw.close()
-        with manager(host4, state, fake) as m:
-            m.sync()
-            assert [r.ref.name for r in m.holders()] == ["J"] and m.dead() == ()
-            with pytest.raises(Refusal) as err:
-                m.release("J", force=False)
-            assert err.value.code == "holder-running"
-            assert err.value.message == (
-                f"job 'J' is owned by pid {runs.pid} of another PID namespace (a "
-                "container's, or the host's beside one) on CPU 3: whether it runs cannot be "
-                "told from here; release it where it was leased, or `pinwarden release J "
-                "--driver run --force` frees it all the same"), err.value.message
-            assert [r.ref.name for r in m.holders()] == ["J"]
-            assert m.release("J", force=True).ref.name == "J" and m.holders() == ()
+    with pid_namespace() as elsewhere, manager(host4, state, fake) as m:
+        pid = _job_of_an_exited_owner(m, "J", elsewhere)  # recorded there
+        m.sync()
+        assert [r.ref.name for r in m.holders()] == ["J"] and m.dead() == ()
+        assert _running_refusal(m, "J") == (
+            f"job 'J' is owned by pid {pid} of another PID namespace (a container's, or the "
+            "host's beside one) on CPU 3: whether it runs cannot be told from here; release "
+            "it where it was leased, or `pinwarden release J --driver run --force` frees it "
+            "all the same")
+        assert [r.ref.name for r in m.holders()] == ["J"]
+        assert m.release("J", force=True).ref.name == "J" and m.holders() == ()
     # that namespace is gone (a container that ended): seen from the host's, so is its
     # owner, and a sync frees what it held
-    runs = subprocess.Popen(["sleep", "60"])
     with manager(host4, state, fake) as m:
-        m.reserve_request(JobSpec("K", cpus=C("3")), owner_pid=runs.pid)
-    runs.kill()
-    runs.wait()
-    raw = sqlite3.connect(state / "leases.db")
-    raw.execute("UPDATE holders SET owner_ns = ?", (elsewhere,))
-    raw.commit()
-    raw.close()
-    with manager(host4, state, fake) as m:
+        _job_of_an_exited_owner(m, "K", elsewhere)
         assert [r.ref.name for r in m.dead()] == ["K"]
         m.sync()
         assert m.holders() == ()
@@ -1063,13 +1067,10 @@ def test_release_of_a_holder_that_runs_is_refused_unless_forced(host4: Path,
         with manager(host4, state, fake) as m:
             m.reserve_request(JobSpec("J", cpus=C("3")), owner_pid=runs.pid)
             before = fake.read_state([""])
-            with pytest.raises(Refusal) as err:
-                m.release("J", force=False)
-            assert err.value.code == "holder-running"
-            assert err.value.message == (
+            assert _running_refusal(m, "J") == (
                 f"job 'J' still runs (pid {runs.pid}) on CPU 3: stop it (kill {runs.pid}) "
                 "and its leases go with it; `pinwarden release J --driver run --force` "
-                "frees them while it runs"), err.value.message
+                "frees them while it runs")
             # a domain's name quoted for the shell, as typed (it was not: CLI hunt)
             odd = domain_holder("qemu", "my vm $(id);x", "6f" * 16)
             m.reserve(odd, lambda host, leases: Plan(odd.name, odd.uuid, True, {0: C("2")},
