@@ -109,19 +109,30 @@ class HolderRecord:
     owner_start: int | None  # its start time (clock ticks, /proc/PID/stat field 22)
     plan: Plan  # the plan that was reserved
     cgroup: str | None = None  # enforced cgroup path, once enforcement has placed it
-    owner_ns: int | None = None  # the PID namespace owner_pid is a pid of (None: unknown)
+    owner_ns: int | None = None  # the PID namespace owner_pid is a pid of (None: unknown,
+    # taken for the host's: recorded_ns)
 
     @property
     def owner_elsewhere(self) -> bool:
         """Whether the owner was recorded in another PID namespace than this process's
         (a ``pinwarden`` run in a container, or the host's beside a container's): its pid
         names another process here, or none, so whether it runs cannot be told here."""
-        if self.owner_pid is None or self.owner_ns is None:
+        if self.owner_pid is None:
             return False
         from pinwarden import procs
 
         here = procs.pid_namespace()
-        return here is not None and here != self.owner_ns
+        return here is not None and here != self.recorded_ns
+
+    @property
+    def recorded_ns(self) -> int:
+        """The PID namespace the owner was recorded in: an unknown one (recorded before
+        schema 3, or by an older pinwarden still running after the upgrade) is the host's,
+        where pinwarden runs — judged from any, a host job's owner looked dead from a
+        container, and its lease was freed (upgrade hunt)."""
+        from pinwarden import procs
+
+        return procs.INIT_PID_NS if self.owner_ns is None else self.owner_ns
 
     def owner_runs(self) -> bool:
         """Whether the owner process runs.  One recorded in another PID namespace counts
@@ -134,8 +145,7 @@ class HolderRecord:
         from pinwarden import procs
 
         if self.owner_elsewhere:
-            assert self.owner_ns is not None
-            return not procs.pid_namespace_gone(self.owner_ns)
+            return not procs.pid_namespace_gone(self.recorded_ns)
         return procs.alive(self.owner_pid, self.owner_start)
 
 
@@ -758,9 +768,10 @@ class Ledger:
         # (an owner recorded in another PID namespace is not judged by its pid, which
         # means another process here: HolderRecord.owner_runs)
         def dead(row: Any) -> bool:
-            if row[8] is None or here is None or row[8] == here:
+            ns = procs.INIT_PID_NS if row[8] is None else row[8]  # (HolderRecord.recorded_ns)
+            if here is None or ns == here:
                 return not self._alive(row[4], row[5])
-            return procs.pid_namespace_gone(row[8])
+            return procs.pid_namespace_gone(ns)
 
         return [r for r in rows if dead(r)]
 
