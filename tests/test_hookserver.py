@@ -431,6 +431,31 @@ def test_a_start_is_served_only_for_the_daemons_rules_root_and_state(
     assert answer["stdout"] == ""
 
 
+def test_a_start_from_another_pid_namespace_is_left_to_the_command(
+        setup: tuple[Path, Path, Manager, HookServer]) -> None:
+    """A served start sees the daemon's processes: a daemon in a container refused (or
+    failed) a start the host's command would make (namespace hunt).  The same request
+    from this namespace is served."""
+    _drop_in, _marker, manager, _server = setup
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.fail("needs root and unshare(1) (util-linux), as on CI")
+    sock = str(manager.state_dir / hook.SOCKET_NAME)
+    code = ("import json, sys; from pinwarden.libvirt import hookclient; "
+            "print(json.dumps(hookclient.ask(sys.argv[1], json.loads(sys.argv[2]), "
+            "timeout=30)))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable,
+                           "-c", code, sock, json.dumps(start_request(manager.state_dir))],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "fallback": "the caller runs in another PID namespace than the daemon"}, done.stdout
+    from pinwarden.libvirt import hookclient
+
+    answer = hookclient.ask(sock, start_request(manager.state_dir), timeout=60)
+    assert answer is not None and answer["rc"] == 1, answer  # (served: no such libvirt)
+
+
 def test_pinwarden_start_prints_what_it_would_have_printed_itself(
         setup: tuple[Path, Path, Manager, HookServer], tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:

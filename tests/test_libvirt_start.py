@@ -110,6 +110,40 @@ def test_exclusive_start_repins_a_running_shared_domain(pw: env.Pinwarden,
     assert "gave back" not in again, again
 
 
+@pytest.mark.parametrize("beside", [True, False], ids=["shared-running", "alone"])
+def test_an_exclusive_start_from_a_pid_namespace_of_its_own_is_refused_and_undone(
+        pw: env.Pinwarden, domains: env.Domains, beside: bool) -> None:
+    """From a PID namespace of its own (a container's /proc), libvirt's processes are out
+    of view: a running shared domain's threads read as none, so no re-pin was planned and
+    the layout narrowed its vCPU group to nothing (ENOSPC); alone, the started domain's
+    QEMU could not own the lease, which the start command kept, and a sync freed it while
+    the domain ran (namespace hunt).  Refused, saying where to run it; nothing is left."""
+    a, s = "pwtest-start-ns", "pwtest-start-ns-s"
+    if not (env.CPUSET / "machine").is_dir():
+        domains.create("pwtest-start-warm").destroy()
+    (env.CPUSET / "machine" / "cpuset.cpus").write_text("0-1")
+    if beside:
+        domains.create(s)
+        as_found = env.vm_affinity(s)
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    before = tree_state(pw)
+    done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc",
+                           *pw.cmd("start", a, "--no-daemon")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done
+    assert "out of this PID namespace's view" in done.stderr, done.stderr
+    assert "run 'pinwarden start' where libvirtd runs" in done.stderr, done.stderr
+    assert ("nothing was changed" if beside else "stopped it and freed the lease") \
+        in done.stderr, done.stderr
+    assert not domains.conn.lookupByName(a).isActive()
+    assert env.holder_names(pw) == () and tree_state(pw) == before
+    if beside:
+        assert env.vm_affinity(s) == as_found
+    pw.run("start", a, check=True)  # from the host's namespace: as ever
+    assert env.vm_affinity(a) == {1} and env.holder_names(pw) == (a,)
+    pw.run("stop", a, check=True)
+
+
 def test_a_shared_start_beside_a_lease_gets_the_cpu_when_it_ends(pw: env.Pinwarden,
                                                                  domains: env.Domains) -> None:
     """``pinwarden start`` of a shared domain while the only VM CPU is leased places it on

@@ -184,6 +184,15 @@ class HookServer:
                          "command", pid)
                 return False
             conn.sendall(hookclient.ACK)
+        elsewhere = _other_namespace(pid) if isinstance(request, dict) and \
+            request.keys() & {"args", "start", "quick_start"} else None
+        if elsewhere is not None:
+            # a hook call names libvirtd by a pid of its namespace, which here is another
+            # process or none; a start served here sees the processes of this one (a
+            # daemon in a container refused, or failed, a start the host's command makes)
+            log.debug("call from pid %s left to the full command: %s", pid, elsewhere)
+            _send(conn, {"fallback": elsewhere})
+            return False
         if isinstance(request, dict) and request.get("v") == 1 and "quick_start" in request:
             from pinwarden.libvirt import startserver
 
@@ -195,12 +204,6 @@ class HookServer:
             request = resolved
         if isinstance(request, dict) and request.get("v") == 1 and "start" in request:
             return self._start(conn, request, pid)
-        elsewhere = _other_namespace(pid) if isinstance(request, dict) and \
-            "args" in request else None
-        if elsewhere is not None:  # (its caller's pid would mean another process here)
-            log.debug("hook call from pid %s left to the full command: %s", pid, elsewhere)
-            _send(conn, {"fallback": elsewhere})
-            return False
         _send(conn, self.call(request))
         return False
 
@@ -285,22 +288,21 @@ def _gone(conn: socket.socket) -> bool:
 
 
 def _other_namespace(pid: int) -> str | None:
-    """Why the hook client ``pid`` (its ``SO_PEERCRED`` pid, as this process sees it) runs
-    in another PID namespace than the daemon, or None.  Its call names libvirtd by a pid of
-    its own namespace (``caller``), which here is another process or none; the full
-    command, run there, records it as it is (a libvirtd in a container of its own, the
-    daemon on the host)."""
+    """Why the client ``pid`` (its ``SO_PEERCRED`` pid, as this process sees it) runs in
+    another PID namespace than the daemon, or None: its call is left to the full command,
+    run where the client runs (a libvirtd in a container of its own, the daemon on the
+    host; or the daemon in one)."""
     from pinwarden import procs
 
     if pid <= 0:  # (the kernel's 0: the client is out of this namespace's sight)
-        return "the hook runs in a PID namespace the daemon cannot see"
+        return "the caller runs in a PID namespace the daemon cannot see"
     try:
         theirs = os.stat(f"/proc/{pid}/ns/pid").st_ino
     except OSError:
         return None  # (gone meanwhile: nothing waits for the answer)
     ours = procs.pid_namespace()
     if ours is not None and theirs != ours:
-        return "the hook runs in another PID namespace than the daemon"
+        return "the caller runs in another PID namespace than the daemon"
     return None
 
 

@@ -320,10 +320,37 @@ def _follow_the_leases(manager: Manager, conn: Any, holder: HolderRef, spec: Dom
     return now, kernel.check_domain(dom, pid, now)
 
 
+#: What to do when libvirt's processes are out of this PID namespace's view.
+_ELSEWHERE_HINT = ("run 'pinwarden start' where libvirtd runs (the host's PID namespace), or "
+                   "start it with 'virsh start': the libvirt hook places it")
+
+
+def _out_of_view(driver: str, names: Sequence[str]) -> tuple[str, int] | None:
+    """A running domain of ``names`` and the pid libvirt names for its process, when no
+    such pid is in this process's view (a PID namespace of its own: a container's), or
+    None (one is seen: a pid file left by a domain stopping meanwhile is not the sign)."""
+    named = [(name, pid) for name in names if (pid := lv.read_pid(driver, name)) is not None]
+    if named and all(procs.start_time(pid) is None for _name, pid in named):
+        return named[0]
+    return None
+
+
 def _start_exclusive(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSpec,
                      xml: str) -> Started:
     partition = manager.libvirt_partition(holder)
-    planner = ExclusivePlanner(spec, holder, lv.list_domains(conn, active_only=True))
+    running = lv.list_domains(conn, active_only=True)
+    elsewhere = _out_of_view(holder.driver, [d.name for d in running
+                                             if d.driver == holder.driver])
+    if elsewhere is not None:
+        # the shared domains' threads read as none: no re-pin was planned, and the layout
+        # narrowed their vCPU groups to nothing (ENOSPC); QEMU could not own the lease
+        # either (namespace hunt)
+        raise Refusal(f"the processes of libvirt's domains are out of this PID namespace's "
+                      f"view (domain {elsewhere[0]!r} runs as pid {elsewhere[1]} where "
+                      f"libvirtd runs, not here): pinwarden could not see their threads nor "
+                      f"own the lease of {holder.name!r}; {_ELSEWHERE_HINT}; nothing was "
+                      f"changed", code="pid-namespace")
+    planner = ExclusivePlanner(spec, holder, running)
     # The manager enforces the layout before returning: the kernel moves every shared
     # domain's cgroups off the lease (and may need to widen machine before, e.g. from the
     # pool to the fallback CPUs); then libvirt's live pins follow, so its view and the
@@ -357,6 +384,13 @@ def _start_exclusive(manager: Manager, conn: Any, holder: HolderRef, spec: Domai
         dom = _create(conn, holder, render_plan(xml, plan, partition=partition))
         started = True
         pid = lv.read_pid(holder.driver, holder.name)
+        if pid is not None and procs.start_time(pid) is None and dom.isActive():
+            # its QEMU runs where libvirtd does, out of view: this process stayed the
+            # owner, and the lease went when it ended, while the domain ran (namespace hunt)
+            raise Refusal(f"domain {holder.name!r} started, but its process (pid {pid} "
+                          f"where libvirtd runs) is out of this PID namespace's view: "
+                          f"pinwarden could not own its lease; stopped it and freed the "
+                          f"lease; {_ELSEWHERE_HINT}", code="pid-namespace")
         if pid is not None:
             with contextlib.suppress(LedgerError):  # the QEMU may already have died
                 manager.set_owner(holder, pid)
