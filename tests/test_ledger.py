@@ -608,6 +608,37 @@ def test_a_pid_namespace_of_its_own_frees_no_lease_of_the_host(
         assert lease_map(ledger) == {1: a, 2: vm(2)}  # (until reaped)
 
 
+def test_an_owner_is_not_recorded_through_a_proc_of_another_pid_namespace(
+        state: Path) -> None:
+    """``unshare --pid --fork`` without ``--mount-proc``: /proc is the host's, where this
+    process has another pid, so a pid read there is not one here (an owner so recorded
+    named unrelated processes: namespace hunt).  Refused, saying how to run it; nothing
+    is recorded."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.fail("needs root and unshare(1) (util-linux), as on CI")
+    code = ("import os, sys; from pathlib import Path; from pinwarden.ledger import Ledger\n"
+            "from pinwarden.errors import LedgerError\n"
+            "from pinwarden.model import Plan, job_holder\n"
+            "from pinwarden.cpuset import CpuSet\n"
+            "with Ledger(Path(sys.argv[1])) as ledger:\n"
+            "    try:\n"
+            "        ledger.reserve(job_holder('J'), lambda leases: Plan('J', None, True, {}, "
+            "CpuSet(), leases={1: 'task'}), owner_pid=os.getpid())\n"
+            "    except LedgerError as exc:\n"
+            "        print(exc.message)\n"
+            "    print(len(ledger.holders()))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    out = subprocess.run(["unshare", "--pid", "--fork", sys.executable, "-c", code,
+                          str(state)], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    message, holders = out.stdout.splitlines()
+    assert message.startswith("cannot reserve CPUs for job 'J': /proc shows another PID "
+                              "namespace than this process's (it is pid 1 here and "), message
+    assert message.endswith("mount a /proc of its own (unshare --mount-proc), or run "
+                            "pinwarden where /proc is its namespace's"), message
+    assert holders == "0"
+
+
 # -- refusing damaged databases -----------------------------------------------------------
 
 

@@ -894,6 +894,8 @@ class Ledger:
         if owner_pid is not None:
             from pinwarden import procs
 
+            if (why := procs.foreign_proc()) is not None:
+                raise LedgerError(f"cannot reserve CPUs for {holder}: {why}")
             owner_ns = procs.pid_namespace()
             owner_start = procs.start_time(owner_pid)
             if owner_start is None:
@@ -1041,6 +1043,8 @@ class Ledger:
         if pid is not None:
             from pinwarden import procs
 
+            if (why := procs.foreign_proc()) is not None:
+                raise LedgerError(f"cannot make process {pid} the owner of {holder}: {why}")
             ns = procs.pid_namespace()
             start = procs.start_time(pid)
             if start is None:

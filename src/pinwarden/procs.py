@@ -133,6 +133,23 @@ def pid_namespace() -> int | None:
         return None
 
 
+def foreign_proc() -> str | None:
+    """Why ``/proc`` is not this process's PID namespace's (it shows another's, where this
+    process has another pid: ``unshare --pid --fork`` without ``--mount-proc``), or None.
+    Pids read there are not pids here: an owner recorded so named unrelated processes
+    (namespace hunt)."""
+    try:
+        seen = int(os.readlink("/proc/self"))
+    except (OSError, ValueError):
+        return None
+    mine = os.getpid()
+    if seen == mine:
+        return None
+    return (f"/proc shows another PID namespace than this process's (it is pid {mine} "
+            f"here and {seen} there): mount a /proc of its own (unshare --mount-proc), or "
+            f"run pinwarden where /proc is its namespace's")
+
+
 #: The initial PID namespace's inode (the kernel's ``PROC_PID_INIT_INO``): the host's.
 INIT_PID_NS = 0xEFFFFFFC
 
