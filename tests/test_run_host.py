@@ -268,17 +268,35 @@ def test_status_from_a_cgroup_namespace_does_not_call_a_group_out_of_view_missin
         view.mkdir()
         (view / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
         (view / "cpuset.cpus").write_text("0")
-        status = " ".join(shlex.quote(a) for a in pw.cmd("status"))
+        def quoted(*args: str) -> str:
+            return " ".join(shlex.quote(a) for a in pw.cmd(*args))
+
+        before = pw.run("status", check=True).stdout
+        # status, and the commands that would change groups (refused there: a sync made
+        # the holder group again inside its view, and failed saying to widen the parent)
+        script = (f"{quoted('status')}; {quoted('sync')}; echo sync=$?; "
+                  f"{quoted('run', '--cpus', '1', '--', 'true')}; echo run=$?")
         inside = subprocess.run(
             ["sh", "-c", f"echo $$ > {view}/tasks && exec unshare --cgroup --mount sh -c "
-             f"'umount {CPUSET} && mount -t cgroup -o cpuset cpuset {CPUSET} && {status}'"],
-            capture_output=True, text=True, timeout=120)
+             f"'umount {CPUSET} && mount -t cgroup -o cpuset cpuset {CPUSET} && "
+             f"{script}'"], capture_output=True, text=True, timeout=120)
         assert inside.returncode == 0, inside.stderr
         line = next(ln for ln in inside.stdout.splitlines() if "job 'pwtest-cgns'" in ln)
         group = pw.holder_group("pwtest-cgns", "run")
         assert "GROUP MISSING" not in line and \
             f"group /{group} not checked (out of view: this cgroup namespace" in line, line
-        assert "not checked" not in pw.run("status", check=True).stdout  # on the host
+        assert "sync=1" in inside.stdout and "run=1" in inside.stdout, inside.stdout
+        refusal = ("this cgroup namespace shows only part of the cpuset hierarchy (the groups "
+                   "of processes above its root read /..): 'pinwarden {}' would change groups "
+                   "out of its view as if they were not there; run it on the host; nothing "
+                   "was changed")
+        assert refusal.format("sync") in inside.stderr, inside.stderr
+        assert refusal.format("run") in inside.stderr, inside.stderr
+        assert (CPUSET / group).is_dir() and not (view / group).exists()
+        after = pw.run("status", check=True).stdout  # on the host: checked, as before
+        assert "not checked" not in after and "GROUP MISSING" not in after, after
+        assert [ln for ln in after.splitlines() if ln.startswith("leased ")] == \
+            [ln for ln in before.splitlines() if ln.startswith("leased ")]
     finally:
         job.send_signal(signal.SIGTERM)  # (forwarded to its sleep)
         job.communicate(timeout=30)

@@ -260,6 +260,25 @@ def cpuset_view_partial(root: Path, pids: Iterable[int], v1: bool) -> bool:
     return False
 
 
+def refuse_in_part_view(root: Path, command: str) -> None:
+    """A :class:`HostError` when this process sees only part of the cpuset hierarchy (a
+    cgroup namespace below the holder groups: :func:`cpuset_view_partial` of PID 1):
+    ``command`` would change groups out of its view as if they were not there (a sync
+    there made the holder groups again inside its view, and failed saying to widen the
+    parent /: namespace hunt)."""
+    from pinwarden.mounts import read_mounts
+
+    mounts = read_mounts(root)
+    v1 = mounts.v1("cpuset")
+    if v1 is None and not mounts.v2_has("cpuset"):
+        return
+    if cpuset_view_partial(root, [1], v1 is not None):
+        raise HostError(f"this cgroup namespace shows only part of the cpuset hierarchy (the "
+                        f"groups of processes above its root read /..): '{command}' would "
+                        f"change groups out of its view as if they were not there; run it "
+                        f"on the host; nothing was changed")
+
+
 def invalid_partitions(root: Path, records: Sequence[HolderRecord],
                        online: CpuSet | None = None) -> dict[tuple[str, str], Invalid]:
     """Holders whose group the kernel does not keep as their leases say, by ``(driver,
@@ -362,6 +381,7 @@ def run_sync(args: argparse.Namespace) -> int:
     given: tuple[Any, ...] = ()
     failure = None
     with manager_of(args) as manager:
+        refuse_in_part_view(manager.root, "pinwarden sync")
         reaped, result = manager.reap_and_sync()
         if result is not None and manager.change_records(NARROWED_PREFIX):
             # shared VMs kept off CPUs no longer leased (a job's end: no hook sees it)

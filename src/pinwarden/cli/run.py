@@ -107,6 +107,9 @@ def handle(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(args, request, command)
     with manager_of(args) as manager:
+        from pinwarden.cli.placement import refuse_in_part_view
+
+        refuse_in_part_view(manager.root, "pinwarden run")
         # the JSON document alone on standard output: the command's goes to standard error
         # (it came first, and the document after it could not be read as one: hunt)
         status = run_job(manager, request, command, stdout_to_stderr=bool(args.json))
