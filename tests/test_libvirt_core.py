@@ -2631,7 +2631,8 @@ def test_one_daemon_per_state_directory(tmp_path: Path) -> None:
     state = tmp_path / "state"
     assert daemonlock.running(state) is None
     with daemonlock.one_daemon(state):
-        assert (state / daemonlock.DAEMON_LOCK).read_text() == f"{os.getpid()}\n"
+        ns = os.stat("/proc/self/ns/pid").st_ino
+        assert (state / daemonlock.DAEMON_LOCK).read_text() == f"{os.getpid()} {ns}\n"
         assert daemonlock.running(state) == os.getpid()
         refused = (rf"another pinwarden daemon \(pid {os.getpid()}\) already runs for "
                    rf"{state}: stop it first, or run 'pinwarden daemon --once' for one pass "
@@ -2668,6 +2669,13 @@ def test_one_daemon_per_state_directory(tmp_path: Path) -> None:
              "--root", str(example), "--state-dir", str(state)],
             capture_output=True, text=True, timeout=120)
         assert f"\ndaemon: pid {held.pid}\n" in status.stdout, status
+        # seen from a PID namespace of its own (a container's /proc), its pid is another
+        # process's, or none: status said "daemon: pid 1" of one in a container (hunt)
+        inside = subprocess.run(
+            ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+             "from pinwarden.cli import entry; entry()", "status", "--root", str(example),
+             "--state-dir", str(state)], capture_output=True, text=True, timeout=120)
+        assert "\ndaemon: running\n" in inside.stdout, inside
     finally:
         held.kill()
         held.wait()

@@ -61,7 +61,9 @@ def one_daemon(state_dir: Path) -> Iterator[None]:
                 f"one pass beside it") from None
         if writable:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            # with its PID namespace: a pid of another is not one here (status said
+            # "daemon: pid 1" of a daemon in a container: namespace hunt)
+            os.pwrite(fd, f"{os.getpid()} {_namespace() or ''}".strip().encode() + b"\n", 0)
         try:
             yield
         finally:
@@ -93,5 +95,20 @@ def running(state_dir: Path) -> int | None:
 
 
 def _pid_in(fd: int) -> int | None:
-    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-    return int(text) if text.isdigit() and int(text) > 0 else None
+    """The daemon's pid the file names, 0 when it is a pid of another PID namespace than
+    this process's (not one here), None when it names none."""
+    words = os.pread(fd, 64, 0).decode(errors="replace").split()
+    if not words or not words[0].isdigit() or int(words[0]) <= 0:
+        return None
+    if len(words) > 1 and words[1].isdigit() and int(words[1]) != _namespace():
+        return 0
+    return int(words[0])
+
+
+def _namespace() -> int | None:
+    """This process's PID namespace (:func:`pinwarden.procs.pid_namespace`, not imported:
+    status reads the lock without loading more than it needs)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
