@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sqlite3
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -125,6 +127,42 @@ def test_daemon_frees_reports_and_reconnects(pw: env.Pinwarden, domains: env.Dom
         status = daemon.stop()
     assert status == 0, daemon.text()
     assert "Traceback" not in daemon.text()
+
+
+def test_a_daemon_that_cannot_see_libvirts_processes_only_frees_ended_domains(
+        pw: env.Pinwarden, domains: env.Domains) -> None:
+    """A daemon in a PID namespace of its own (a container's /proc) read the domains'
+    threads as none: it "placed" a shared domain's emulator, and reported drift, on every
+    pass (namespace hunt).  It says why it cannot, once, and frees the leases of domains
+    that end, which libvirt alone tells."""
+    a, shared = "pwtest-daemon-ns", "pwtest-daemon-ns-s"
+    domains.create(shared)
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    pw.run("start", a, check=True)
+    moved = env.vm_affinity(shared)
+    once = ["unshare", "--pid", "--fork", "--mount-proc", *pw.cmd("daemon", "--once")]
+    inside = subprocess.run(once, capture_output=True, text=True, timeout=120)
+    assert inside.returncode == 0, inside.stderr
+    assert "libvirt's processes are out of this daemon's PID namespace view (domain " in \
+        inside.stderr, inside.stderr
+    assert "run 'pinwarden daemon' where libvirtd runs" in inside.stderr, inside.stderr
+    for wrong in ("placed", "drift", "restored", "adopted", "gave back", "Traceback"):
+        assert wrong not in inside.stderr, inside.stderr
+    assert env.holder_names(pw) == (a,) and env.vm_affinity(shared) == moved
+    gone = env.virsh("destroy", a)
+    assert gone.returncode == 0, gone.stderr
+    raw = sqlite3.connect(pw.state / "leases.db")  # (its start long done: past the grace)
+    raw.execute("UPDATE holders SET created = created - 3600")
+    raw.commit()
+    raw.close()
+    inside = subprocess.run(once, capture_output=True, text=True, timeout=120)
+    assert inside.returncode == 0, inside.stderr
+    assert f"freed the leases of qemu domain '{a}'" in inside.stderr, inside.stderr
+    assert env.holder_names(pw) == ()
+    # the kernel threads moved off CPU 1 are out of its view: kept for the host's sync
+    assert "not back yet" in pw.run("status", check=True).stdout
+    pw.run("sync", check=True)
+    assert "not back yet" not in pw.run("status", check=True).stdout
 
 
 def test_a_listing_while_domains_stop_never_fails(domains: env.Domains) -> None:

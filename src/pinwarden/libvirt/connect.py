@@ -198,6 +198,18 @@ def read_pid(driver: str, name: str) -> int | None:
         return None
 
 
+def out_of_view(driver: str, names: Iterable[str]) -> tuple[str, int] | None:
+    """A running domain of ``names`` and the pid libvirt names for its process, when no
+    such pid is in this process's view (a PID namespace of its own: a container's), or
+    None (one is seen: a pid file left by a domain stopping meanwhile is not the sign)."""
+    from pinwarden import procs
+
+    named = [(name, pid) for name in names if (pid := read_pid(driver, name)) is not None]
+    if named and all(procs.start_time(pid) is None for _name, pid in named):
+        return named[0]
+    return None
+
+
 def _online_cpus(dom: Any) -> CpuSet:
     """The host CPUs libvirt gives a thread nothing pins (what it calls available)."""
     lv = binding()

@@ -72,6 +72,19 @@ def reconcile_once(manager: Manager, conn: Any, *, restore: bool,
     actions = reconcile(domains, manager.holders(), manager.libvirt_partition,
                         now=time.time(), drivers=(lv.driver_of(str(conn.getURI())),),
                         vm_cpus=_vm_cpus(manager))
+    driver = lv.driver_of(str(conn.getURI()))
+    elsewhere = lv.out_of_view(driver, [d.name for d in domains if d.driver == driver])
+    if elsewhere is not None:
+        # their threads read as none here: adopting, placing and drift were all wrong (a
+        # daemon in a container "placed" a shared domain's emulator on every pass: hunt)
+        why = (f"libvirt's processes are out of this daemon's PID namespace view (domain "
+               f"{elsewhere[0]!r} runs as pid {elsewhere[1]} where libvirtd runs): it only "
+               f"frees the leases of domains that end; run 'pinwarden daemon' where "
+               f"libvirtd runs")
+        reported.add(why)
+        if why not in seen:
+            log.warning("%s", why)
+        actions = [a for a in actions if isinstance(a, Free)]
     for action in actions:
         try:
             if isinstance(action, Free):
@@ -99,7 +112,7 @@ def reconcile_once(manager: Manager, conn: Any, *, restore: bool,
         except PinwardenError as exc:
             log.error("%s", exc.message)
     _sync(manager)  # a layout changed behind pinwarden's back is put back
-    for attempt in (1, 2):
+    for attempt in (1, 2) if elsewhere is None else ():
         try:  # pins pinwarden narrowed get back the CPUs no longer leased
             for move in pins.give_back(manager, conn, place=False):  # (placed above)
                 log.info("gave back %s", move)

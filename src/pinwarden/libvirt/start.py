@@ -325,22 +325,12 @@ _ELSEWHERE_HINT = ("run 'pinwarden start' where libvirtd runs (the host's PID na
                    "start it with 'virsh start': the libvirt hook places it")
 
 
-def _out_of_view(driver: str, names: Sequence[str]) -> tuple[str, int] | None:
-    """A running domain of ``names`` and the pid libvirt names for its process, when no
-    such pid is in this process's view (a PID namespace of its own: a container's), or
-    None (one is seen: a pid file left by a domain stopping meanwhile is not the sign)."""
-    named = [(name, pid) for name in names if (pid := lv.read_pid(driver, name)) is not None]
-    if named and all(procs.start_time(pid) is None for _name, pid in named):
-        return named[0]
-    return None
-
-
 def _start_exclusive(manager: Manager, conn: Any, holder: HolderRef, spec: DomainSpec,
                      xml: str) -> Started:
     partition = manager.libvirt_partition(holder)
     running = lv.list_domains(conn, active_only=True)
-    elsewhere = _out_of_view(holder.driver, [d.name for d in running
-                                             if d.driver == holder.driver])
+    elsewhere = lv.out_of_view(holder.driver, [d.name for d in running
+                                               if d.driver == holder.driver])
     if elsewhere is not None:
         # the shared domains' threads read as none: no re-pin was planned, and the layout
         # narrowed their vCPU groups to nothing (ENOSPC); QEMU could not own the lease
