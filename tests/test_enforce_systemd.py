@@ -51,6 +51,7 @@ from pinwarden.enforce.v2 import CgroupV2Backend
 from pinwarden.errors import EnforceError
 from pinwarden.model import Lease, domain_holder
 from pinwarden.mounts import read_mounts
+from pinwarden.record import replace
 
 STANDIN = Path(__file__).parent / "dbus_standin" / "systemd1.py"
 SYSTEMD_ESCAPE = shutil.which("systemd-escape")
@@ -457,6 +458,42 @@ def test_rmdir_refuses_a_slice_with_running_units(old_standin: Standin, sleeper:
     assert "pinwarden-pid" in str(info.value)
     assert old_standin.calls("StopUnit") == []  # stopping would have stopped the process
     assert still.children and still.children[0].startswith(f"pinwarden-pid{sleeper}-")
+
+
+@pytest.mark.parametrize(("ns", "pid1"), [(12345, "sh"), (12345, "pinwarden")])
+def test_attach_process_from_a_pid_namespace_systemd_is_not_pid_1_of_is_refused(
+        old_standin: Standin, sleeper: int, monkeypatch: pytest.MonkeyPatch, ns: int,
+        pid1: str) -> None:
+    """systemd reads the pid in its own PID namespace: a ``pinwarden run`` in a container
+    (``unshare --pid``, ``PrivatePIDs=yes``) moved an unrelated host service into the
+    job's scope, onto the leased CPU (hunt O).  Refused before systemd is asked."""
+    from pinwarden import procs
+
+    real = procs.read_stat
+    monkeypatch.setattr(procs, "pid_namespace", lambda: ns)
+    monkeypatch.setattr(procs, "read_stat", lambda pid, **kw: replace(
+        real(os.getpid()), comm=pid1) if pid == 1 else real(pid, **kw))
+    bus, backend = _backend(old_standin)
+    try:
+        backend.mkdir("pinwarden.slice")
+        made = len(old_standin.calls("StartTransientUnit"))  # (the slice's)
+        with pytest.raises(CgroupOpError) as info:
+            backend.attach_process("pinwarden.slice", sleeper)
+    finally:
+        bus.close()
+    assert info.value.errno == errno.ESRCH
+    assert f"this process runs in another PID namespace than systemd (PID 1 here is " \
+           f"'{pid1}', not systemd): systemd would take pid {sleeper} for another process " \
+           f"of its own; run pinwarden where systemd is PID 1 (the host)" in str(info.value)
+    assert len(old_standin.calls("StartTransientUnit")) == made
+    monkeypatch.setattr(procs, "read_stat", lambda pid, **kw: replace(
+        real(os.getpid()), comm="systemd") if pid == 1 else real(pid, **kw))
+    bus, backend = _backend(old_standin)  # a container whose PID 1 is systemd: its own
+    try:
+        backend.attach_process("pinwarden.slice", sleeper)
+    finally:
+        bus.close()
+    assert len(old_standin.calls("StartTransientUnit")) == made + 1
 
 
 def test_attach_process_starts_a_scope_in_the_slice(old_standin: Standin, sleeper: int) -> None:

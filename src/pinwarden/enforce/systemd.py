@@ -1065,6 +1065,15 @@ class SystemdBackend:
         if unit_type(unit) != "slice":
             raise CgroupOpError("attach", path, errno.EINVAL, value=str(pid),
                                 detail=f"{unit}: processes can only be attached to slices")
+        elsewhere = _not_systemds_namespace()
+        if elsewhere is not None:
+            # systemd reads the pid in its own namespace: a job run in a container moved
+            # an unrelated host service there, onto the leased CPU (hunt O)
+            raise CgroupOpError("attach", path, errno.ESRCH, value=str(pid),
+                                detail=f"this process runs in another PID namespace than "
+                                       f"systemd ({elsewhere}): systemd would take pid "
+                                       f"{pid} for another process of its own; run "
+                                       f"pinwarden where systemd is PID 1 (the host)")
         scope = f"pinwarden-pid{pid}-{os.getpid()}-{next(self._scope_serial)}.scope"
         props: list[Property] = [
             ("Description", ("s", f"pinwarden: process {pid} in {unit}")),
@@ -1083,6 +1092,22 @@ class SystemdBackend:
     def attach_thread(self, path: str, tid: int) -> None:
         raise CgroupOpError("attach", path, errno.EOPNOTSUPP, value=str(tid),
                             detail="systemd moves whole processes only (into scopes)")
+
+
+def _not_systemds_namespace() -> str | None:
+    """Why this process's pids are not systemd's, or None: a PID namespace other than the
+    host's whose PID 1 is not systemd, or a /proc of another namespace."""
+    from pinwarden import procs
+
+    why = procs.foreign_proc()
+    if why is not None:
+        return why
+    if procs.pid_namespace() in (procs.INIT_PID_NS, None):  # the host's: systemd's own
+        return None
+    stat = procs.read_stat(1)  # (a container whose PID 1 is systemd: its own, then)
+    if stat is None or stat.comm not in ("systemd", "init"):
+        return f"PID 1 here is {stat.comm!r}, not systemd" if stat else "no PID 1 in view"
+    return None
 
 
 # -- entry points -----------------------------------------------------------------------
