@@ -51,6 +51,7 @@ from pinwarden.ledger import DB_NAME, HolderRecord, HostRecord, Ledger
 from pinwarden.model import (
     JOB_DRIVER,
     KEPT_ROLE,
+    VM_DRIVERS,
     HolderRef,
     Lease,
     Plan,
@@ -578,7 +579,8 @@ class Manager:
             record = ledger.host_record()
             host = self._recorded_host(record)
             first = None if record is not None else self._found(host)
-            kept = (*self._kept_leases(ledger), *self._unrecorded_leases(ledger))
+            kept = (*self._kept_leases(ledger), *self._own_group_left_out(
+                holder, self._unrecorded_leases(ledger)))
             try:
                 plan = ledger.reserve(holder, lambda leases: decide(host, (*leases, *kept)),
                                       owner_pid=owner_pid, host=first)
@@ -750,6 +752,22 @@ class Manager:
             if self.left_running(ref):  # (gone since: the next sync removes the group)
                 out += [Lease(cpu, ref, KEPT_ROLE, 0.0, pid) for cpu in cpus]
         return tuple(out)
+
+    def _own_group_left_out(self, holder: HolderRef, unrecorded: tuple[Lease, ...]
+                            ) -> tuple[Lease, ...]:
+        """``unrecorded`` (:meth:`_unrecorded_leases`) less a domain's own holder group: the
+        domain that runs there is the one reserving (the daemon adopting a domain whose
+        lease a sync in a container had freed was refused as "kept by" itself: hunt)."""
+        if not unrecorded or holder.driver not in VM_DRIVERS:
+            return unrecorded
+        from pinwarden.enforce.names import holder_component
+        from pinwarden.model import unrecorded_holder
+
+        names = self.names()
+        group = holder_component(self.holder_group(holder).rpartition("/")[2],
+                                 names.exclusive)
+        own = unrecorded_holder(group, names.stem) if group is not None else None
+        return tuple(lease for lease in unrecorded if lease.holder != own)
 
     def _unrecorded_leases(self, ledger: Ledger | None) -> tuple[Lease, ...]:
         """The CPUs of holder groups that processes run in while the ledger records no
@@ -978,7 +996,12 @@ class Manager:
         finally:
             if keep is not None:
                 keep.put_back(ledger)
-        self._isolate(ledger, host, CpuSet.of(lease.cpu for lease in leases))
+        held = CpuSet.of(lease.cpu for lease in leases)
+        if kept:  # a kept group's CPUs are still held: noise stays off them (it moved
+            # back while the forced-off domain ran there, and on cgroup v2 the kernel
+            # clamped what was put back, kernel threads left narrowed for good: hunt)
+            held |= CpuSet.of(lease.cpu for lease in self.kept_leases())
+        self._isolate(ledger, host, held)
         v2 = backend.kind in ("v2", "systemd")
         self._keep_off(ledger, host, leases, _unguarded(result) if v2 else EMPTY)
         if not leases and not kept:
