@@ -183,6 +183,8 @@ class HostSnapshot:
     cgroup_version: int | None = None  # of the cpuset hierarchy (None: no cpuset mounted)
     #: why only part of the cpuset hierarchy is in view (a cgroup namespace), or None
     partial: str | None = None
+    #: why only part of the host's threads are in view (a PID namespace of its own), or None
+    threads_unseen: str | None = None
     #: the rest of the host's noise (workqueue mask, default IRQ affinity, kernel threads,
     #: nohz_full, rcu_nocbs, isolcpus), for what pinwarden moves or cannot move
     noise: NoiseSnapshot | None = None
@@ -647,10 +649,13 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
     unchecked: tuple[str, ...] = ()
     grouped = [r for r in records if _norm(r.cgroup) and r.plan.leased() - kept]
     names = ", ".join(sorted(f"{r.ref.driver}:{r.ref.name}" for r in grouped))
+    if leased and snapshot.threads_unseen is not None:  # (intruders would not be seen)
+        unchecked += (f"the threads of the host's other processes: "
+                      f"{snapshot.threads_unseen} (run 'pinwarden audit' on the host itself)",)
     if snapshot.partial is not None:  # (a recorded group may lie outside the view)
         if grouped:
-            unchecked = (f"the holder groups of {names}: {snapshot.partial} (run "
-                         f"'pinwarden audit' on the host itself)",)
+            unchecked += (f"the holder groups of {names}: {snapshot.partial} (run "
+                          f"'pinwarden audit' on the host itself)",)
     elif snapshot.cgroups:  # (none read: nothing is known of any group)
         present = {g.path.strip("/") for g in snapshot.cgroups}
         for r in records:
@@ -660,7 +665,7 @@ def audit(snapshot: HostSnapshot, leases: Iterable[Lease], holders: Iterable[Hol
                                           name=path.rsplit("/", 1)[-1], cgroup=f"/{path}",
                                           owner=r.ref))
     elif grouped:
-        unchecked = (f"the holder groups of {names} and every VM cgroup: no cpuset cgroup "
+        unchecked += (f"the holder groups of {names} and every VM cgroup: no cpuset cgroup "
                      f"could be read here (is the cpuset hierarchy mounted in this mount "
                      f"namespace? run 'pinwarden audit' on the host itself)",)
 
@@ -943,6 +948,12 @@ def scan(root: Path = Path("/")) -> HostSnapshot:
                    (t.cgroup == "/.." or t.cgroup.startswith("/../")) else t for t in threads]
         partial = (f"this cgroup namespace sees only part of the cpuset hierarchy "
                    f"({outside} threads are in groups above its root)")
+    # A PID namespace of its own (a container's /proc) shows none of the host's threads,
+    # kernel threads included: an intruder there went unseen, and the audit said clean
+    # (hunt O)
+    unseen = (f"this PID namespace shows only its own {len(threads)} threads (no kernel "
+              f"thread is in view)") if live and threads and \
+        not any(t.kernel for t in threads) else None
     if vanished:
         notes.append(f"{vanished} threads exited while being read")
     if not threads:
@@ -955,7 +966,7 @@ def scan(root: Path = Path("/")) -> HostSnapshot:
     version = 1 if v1 is not None else 2 if v2 is not None else None
     return HostSnapshot(threads=tuple(threads), cgroups=tuple(cgroups), irqs=noise.irqs,
                         notes=tuple(notes), cgroup_version=version, noise=noise,
-                        partial=partial)
+                        partial=partial, threads_unseen=unseen)
 
 
 __all__ = [
