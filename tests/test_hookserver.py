@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from enforce_helpers import lease, make_host
 from pinwarden.config import Config
 from pinwarden.cpuset import CpuSet
-from pinwarden.libvirt import hook
+from pinwarden.libvirt import hook, hookclient
 from pinwarden.libvirt.hookserver import HookServer
 from pinwarden.manager import Manager
 from pinwarden.model import Plan, domain_holder
@@ -150,15 +150,23 @@ def test_a_hook_with_another_configuration_is_not_answered_by_this_daemon(
     _drop_in, _marker, _manager, server = setup
     other = tmp_path / "other.toml"
     other.write_text('[partition]\nmode = "none"\nhost_reserve = "0-1"\n')
-    request = {"v": 1, "driver": "qemu", "args": ["web", "prepare", "begin", "-"],
-               "stdin": xml("web"), "caller": None, "config": str(other)}
+    request = {"v": hookclient.PROTOCOL, "driver": "qemu",
+               "args": ["web", "prepare", "begin", "-"], "stdin": xml("web"), "caller": None,
+               "config": str(other)}
     assert "fallback" in server.call(request)
     assert "fallback" in server.call({**request, "config": str(tmp_path / "missing.toml")})
     same = tmp_path / "same.toml"
     same.write_text("")  # every default, like the daemon's
     assert server.call({**request, "config": str(same)}) == {"rc": 0, "stderr": ""}
-    for broken in ({}, {"v": 2}, {**request, "args": "web"}, {**request, "caller": "1"}, []):
+    for broken in ({}, {"v": hookclient.PROTOCOL}, {**request, "args": "web"},
+                   {**request, "caller": "1"}, []):
         assert "fallback" in server.call(broken)
+    # a call of another protocol: an older pinwarden's (or a newer one's, a daemon of an
+    # older one still running after an upgrade: it served calls on a database it could not
+    # read, upgrade hunt) goes to its full command
+    for version in (1, hookclient.PROTOCOL + 1):
+        assert server.call({**request, "config": str(same), "v": version}) == \
+            {"fallback": "unknown request"}
 
 
 def test_an_exclusive_start_whose_libvirt_daemon_is_unknown_is_refused(
@@ -173,7 +181,8 @@ def test_an_exclusive_start_whose_libvirt_daemon_is_unknown_is_refused(
     same.write_text("")
     where = f"<resource><partition>{manager.libvirt_partition(domain_holder('qemu', 'db', None))}" \
         "</partition></resource>"
-    request = {"v": 1, "driver": "qemu", "args": ["db", "prepare", "begin", "-"],
+    request = {"v": hookclient.PROTOCOL, "driver": "qemu",
+               "args": ["db", "prepare", "begin", "-"],
                "stdin": xml("db", EXCLUSIVE + where), "caller": None, "config": str(same)}
     answer = server.call(request)
     assert answer["rc"] == hook.REFUSED, answer
@@ -222,7 +231,7 @@ def test_a_daemon_that_does_not_answer_fails_safe(tmp_path: Path) -> None:
     threading.Thread(target=lambda: held.append(server.accept()[0]), daemon=True).start()
     try:
         with pytest.raises(TimeoutError):
-            hookclient.ask(str(path), {"v": 1}, timeout=0.5)
+            hookclient.ask(str(path), {"v": hookclient.PROTOCOL}, timeout=0.5)
     finally:
         for conn in held:
             conn.close()
@@ -400,7 +409,7 @@ def test_the_drop_in_loads_the_client_from_bytecode_and_never_a_stale_one(
 def start_request(state: Path, *, config: Config | None = None, root: str = "/",
                   uri: str = "qemu+unix:///system?socket=/nonexistent/pwtest.sock",
                   ) -> dict[str, object]:
-    return {"v": 1, "start": {"name": "pwtest-s", "uri": uri, "json": False},
+    return {"v": hookclient.PROTOCOL, "start": {"name": "pwtest-s", "uri": uri, "json": False},
             "rules": repr(config or Config()), "root": root, "state_dir": str(state)}
 
 
@@ -1062,7 +1071,7 @@ def test_a_socket_another_user_planted_does_not_answer_for_pinwarden() -> None:
     try:
         assert planted.stdout is not None and planted.stdout.readline() == "ready\n"
         assert hookclient.connect(str(path)) is None
-        assert hookclient.hand_over(str(path), {"v": 1}) is None
+        assert hookclient.hand_over(str(path), {"v": hookclient.PROTOCOL}) is None
     finally:
         planted.kill()
         planted.wait()

@@ -99,7 +99,7 @@ def request(form: dict[str, object]) -> dict[str, object]:
     """The request for the daemon: the arguments as given, paths made absolute (the daemon
     has another working directory), and the environment variables the command line reads."""
     config, state = form["config"], form["state_dir"]
-    return {"v": 1, "quick_start": {
+    return {"v": hookclient.PROTOCOL, "quick_start": {
         "name": form["name"], "json": form["json"],
         "config": os.path.abspath(config) if isinstance(config, str) else None,
         "state_dir": os.path.abspath(state) if isinstance(state, str) else None,

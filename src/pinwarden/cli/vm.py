@@ -199,7 +199,7 @@ def _served_start(args: argparse.Namespace) -> int | None:
     state = state_dir_of(args)
     uri = uri_of(args)
     check_uri(uri, root=os.geteuid() == 0)  # as this user means it, not as the daemon would
-    request = {"v": 1, "start": {"name": args.name, "uri": uri,
+    request = {"v": hookclient.PROTOCOL, "start": {"name": args.name, "uri": uri,
                                  "json": bool(args.json)},
                # paths absolute: the daemon has another working directory
                "rules": repr(config), "root": os.path.abspath(root_of(args)),

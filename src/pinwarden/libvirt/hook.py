@@ -505,10 +505,11 @@ def check_installed(hooks_dir: Path, drivers: tuple[str, ...] = DRIVERS) -> list
             if problem is None and client is not None:
                 problem = _client_runs(client)
                 if problem is None and sock is not None:
-                    from pinwarden.libvirt.hookclient import ask
+                    from pinwarden.libvirt.hookclient import PROTOCOL, ask
 
                     try:
-                        answered = ask(sock, {"v": 1, "ping": True}, timeout=10.0) is not None
+                        answered = ask(sock, {"v": PROTOCOL, "ping": True},
+                                       timeout=10.0) is not None
                     except (OSError, ValueError):
                         answered = False
                     daemon = f"answered by the daemon at {sock}" if answered else \

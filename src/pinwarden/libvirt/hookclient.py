@@ -17,9 +17,13 @@ command given to it, so the result is the same either way, only slower.
 the daemon answers only when it runs with the same configuration.  The protocol, one
 request and one answer per connection, each a JSON object followed by end of stream:
 
-    request  {"v": 1, "driver": D, "args": [NAME, OP, SUBOP, EXTRA], "stdin": XML,
+    request  {"v": 2, "driver": D, "args": [NAME, OP, SUBOP, EXTRA], "stdin": XML,
               "caller": PID-of-libvirtd-or-null, "config": CONFIG, "ack": true}
     answer   ACK, then {"rc": STATUS, "stderr": TEXT}  or  {"fallback": REASON}
+
+``v`` is :data:`PROTOCOL`: a daemon answers ``fallback`` to any other, so one of an older
+pinwarden still running after an upgrade leaves the calls of this one to the full command
+(it served them on a lease database it could not read: upgrade hunt).
 
 The daemon sends the byte :data:`ACK` as soon as it has read a call that asks for it; a
 call not taken within :data:`ACK_TIMEOUT` seconds (a daemon stopped, stuck or busy) goes
@@ -36,6 +40,10 @@ import.  The bytes on the wire are those ``json.dumps`` and ``json.loads`` give 
 
 import posix
 import sys
+
+#: The protocol's version (the requests' ``"v"``): 2 since the lease database's schema 3,
+#: which a daemon of an older pinwarden cannot read.
+PROTOCOL = 2
 
 try:
     import _json
@@ -275,7 +283,7 @@ def main(argv: list[str]) -> int:
     sock, config, driver, count = argv[0], argv[1], argv[2], int(argv[3])
     fallback, args = argv[4:4 + count], argv[4 + count:]
     data = sys.stdin.buffer.read()
-    request = {"v": 1, "driver": driver, "args": args,
+    request = {"v": PROTOCOL, "driver": driver, "args": args,
                "stdin": data.decode("utf-8", "surrogateescape"),
                "caller": caller_pid(), "config": config}
     try:

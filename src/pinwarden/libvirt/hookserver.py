@@ -193,7 +193,8 @@ class HookServer:
             log.debug("call from pid %s left to the full command: %s", pid, elsewhere)
             _send(conn, {"fallback": elsewhere})
             return False
-        if isinstance(request, dict) and request.get("v") == 1 and "quick_start" in request:
+        if isinstance(request, dict) and request.get("v") == hookclient.PROTOCOL and \
+                "quick_start" in request:
             from pinwarden.libvirt import startserver
 
             resolved = startserver.resolve(request["quick_start"], self._config)
@@ -202,7 +203,8 @@ class HookServer:
                 _send(conn, {"fallback": resolved})
                 return False
             request = resolved
-        if isinstance(request, dict) and request.get("v") == 1 and "start" in request:
+        if isinstance(request, dict) and request.get("v") == hookclient.PROTOCOL and \
+                "start" in request:
             return self._start(conn, request, pid)
         _send(conn, self.call(request))
         return False
@@ -230,7 +232,7 @@ class HookServer:
 
     def call(self, request: Any) -> dict[str, Any]:
         """One hook call, as the hook client sends it; the answer it expects."""
-        if not isinstance(request, dict) or request.get("v") != 1:
+        if not isinstance(request, dict) or request.get("v") != hookclient.PROTOCOL:
             return {"fallback": "unknown request"}
         if request.get("ping") is True:  # 'pinwarden hook check'
             return {"pong": True}

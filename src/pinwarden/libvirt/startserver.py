@@ -14,9 +14,10 @@ not wait for each other (the lease lock and the per-domain start lock serialise 
 be serialised, as between separate processes); each worker keeps its own manager (a ledger
 connection belongs to the thread that opened it) and libvirt connections.
 
-The request (besides the hook client's ``"v": 1``)::
+The request (its ``"v"`` the hook client's
+:data:`~pinwarden.libvirt.hookclient.PROTOCOL`)::
 
-    {"v": 1, "start": {"name": NAME, "uri": URI, "json": BOOL},
+    {"v": 2, "start": {"name": NAME, "uri": URI, "json": BOOL},
      "rules": repr(Config), "root": ROOT, "state_dir": STATE_DIR}
 
 and the answer ``{"rc": STATUS, "stdout": TEXT, "stderr": TEXT}``, or ``{"fallback":
@@ -42,6 +43,7 @@ from typing import Any
 
 from pinwarden.config import Config
 from pinwarden.errors import PinwardenError
+from pinwarden.libvirt import hookclient
 from pinwarden.manager import Manager
 
 log = logging.getLogger("pinwarden.daemon")
@@ -81,7 +83,7 @@ def resolve(quick: Any, load: Callable[[str], Config | None]) -> dict[str, Any] 
         check_uri(uri, root=True)  # (only root's calls are answered)
     except PinwardenError as exc:
         return exc.message
-    return {"v": 1, "start": {"name": name, "uri": uri, "json": as_json},
+    return {"v": hookclient.PROTOCOL, "start": {"name": name, "uri": uri, "json": as_json},
             "rules": repr(config), "root": "/", "state_dir": str(state)}
 
 
