@@ -165,6 +165,32 @@ def test_a_daemon_that_cannot_see_libvirts_processes_only_frees_ended_domains(
     assert "not back yet" not in pw.run("status", check=True).stdout
 
 
+def test_a_running_domain_whose_lease_was_lost_is_adopted_in_its_own_group(
+        pw: env.Pinwarden, domains: env.Domains) -> None:
+    """Its lease freed while it ran (a sync in a container took its owner for dead), the
+    domain runs on in its holder group, which the ledger no longer records: the daemon
+    adopting it was refused as "kept by" the domain itself, on every pass (hunt O)."""
+    a = "pwtest-daemon-lost"
+    domains.define(a, exclusive=True, vcpupins={0: "1"})
+    pw.run("start", a, check=True)
+    raw = sqlite3.connect(pw.state / "leases.db")
+    raw.execute("PRAGMA foreign_keys = ON")
+    raw.execute("DELETE FROM holders WHERE name = ?", (a,))  # (its leases go with it)
+    raw.commit()
+    raw.close()
+    assert env.holder_names(pw) == ()
+    assert "which the lease database does not record" in pw.run("status", check=True).stdout
+    once = pw.run("daemon", "--once")
+    assert once.returncode == 0, once.stderr
+    assert "is kept by" not in once.stderr and "ERROR" not in once.stderr, once.stderr
+    assert env.holder_names(pw) == (a,), once.stderr
+    assert env.vm_affinity(a) == {1} and env.cpu_exclusive(pw.holder_group(a))
+    status = pw.run("status", check=True).stdout
+    assert "does not record" not in status and f"'{a}': 1 (" in status, status
+    pw.run("stop", a, check=True)
+    assert env.holder_names(pw) == ()
+
+
 def test_a_listing_while_domains_stop_never_fails(domains: env.Domains) -> None:
     """Listing the running domains while another one is destroyed (a persistent domain,
     which libvirt still knows once it is shut off) or shut down: libvirt can fail the read

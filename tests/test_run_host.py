@@ -190,6 +190,18 @@ def _in_pid_namespace(cmd: list[str]) -> list[str]:
     return ["unshare", "--pid", "--fork", "--mount-proc", *cmd]
 
 
+@contextlib.contextmanager
+def _ended(job: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    """``job`` (a short ``pinwarden run``), over before the test goes on, even when it
+    fails: one that outlived its test held its CPU, and a group nobody removed, for the
+    next test."""
+    try:
+        yield job
+    finally:
+        if job.poll() is None:
+            job.communicate(timeout=60)
+
+
 def _listed(pw: Pinwarden, name: str, proc: subprocess.Popen[str]) -> str:
     deadline = time.monotonic() + 30
     while name not in (out := pw.run("status").stdout):
@@ -214,34 +226,24 @@ def test_a_pid_namespace_of_its_own_frees_no_running_job_and_loses_no_kernel_thr
     with _host_noise_restored():
         os.sched_setaffinity(kthreadd, online)
         # a host job, a sync in a namespace of its own while it runs
-        job = subprocess.Popen(run_cmd(pw, "--cpus", "1", "--name", "pwtest-nsjob", "--",
-                                       "sleep", "6"), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-        _listed(pw, "pwtest-nsjob", job)
-        inside = subprocess.run(_in_pid_namespace(sync), capture_output=True, text=True,
-                                timeout=120)
-        assert inside.returncode == 0, inside.stderr
-        status = pw.run("status", check=True).stdout
-        assert "job 'pwtest-nsjob': 1" in status and "kept without a lease" not in status
-        assert group.is_dir() and os.sched_getaffinity(kthreadd) == {0}
-        seen_inside = subprocess.run(_in_pid_namespace([*sync[:1], "status", *sync[2:]]),
-                                     capture_output=True, text=True, timeout=120).stdout
-        assert "(a pid of another PID namespace, not of this one)" in \
-            seen_inside, seen_inside
-        assert job.wait(timeout=60) == 0, job.communicate()
+        with _ended(subprocess.Popen(run_cmd(pw, "--cpus", "1", "--name", "pwtest-nsjob",
+                                             "--", "sleep", "6"), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)) as job:
+            _host_job_beside_a_pid_namespace(pw, job, group, sync)
+        assert job.returncode == 0, job.communicate()
         assert os.sched_getaffinity(kthreadd) == online and not group.exists()
         with Ledger(pw.state) as ledger:
             assert ledger.changes() == {} and ledger.holders() == ()
 
         # a job in a namespace of its own, a sync on the host while it runs
-        job = subprocess.Popen(_in_pid_namespace(run_cmd(
-            pw, "--cpus", "1", "--name", "pwtest-nsjob", "--", "sleep", "6")),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _listed(pw, "pwtest-nsjob", job)
-        assert pw.run("sync", check=True).returncode == 0
-        assert "job 'pwtest-nsjob': 1" in pw.run("status", check=True).stdout
-        assert os.sched_getaffinity(kthreadd) == {0}  # (moved by the host's sync)
-        assert job.wait(timeout=60) == 0, job.communicate()
+        with _ended(subprocess.Popen(_in_pid_namespace(run_cmd(
+                pw, "--cpus", "1", "--name", "pwtest-nsjob", "--", "sleep", "6")),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) as job:
+            _listed(pw, "pwtest-nsjob", job)
+            assert pw.run("sync", check=True).returncode == 0
+            assert "job 'pwtest-nsjob': 1" in pw.run("status", check=True).stdout
+            assert os.sched_getaffinity(kthreadd) == {0}  # (moved by the host's sync)
+        assert job.returncode == 0, job.communicate()
         # its release could not see them: kept, said, and put back by the host's sync
         status = pw.run("status", check=True).stdout
         assert "no holders" in status and "not back yet" in status, status
@@ -252,6 +254,29 @@ def test_a_pid_namespace_of_its_own_frees_no_running_job_and_loses_no_kernel_thr
             assert ledger.changes() == {} and ledger.holders() == ()
         assert "not back yet" not in pw.run("status", check=True).stdout
     os.sched_setaffinity(kthreadd, found)
+
+
+def _host_job_beside_a_pid_namespace(pw: Pinwarden, job: subprocess.Popen[str],
+                                     group: Path, sync: list[str]) -> None:
+    """While host job ``job`` runs: a sync in a PID namespace of its own keeps its lease,
+    status there says its owner is of another namespace, and audit there is incomplete."""
+    _listed(pw, "pwtest-nsjob", job)
+    inside = subprocess.run(_in_pid_namespace(sync), capture_output=True, text=True,
+                            timeout=120)
+    assert inside.returncode == 0, inside.stderr
+    status = pw.run("status", check=True).stdout
+    assert "job 'pwtest-nsjob': 1" in status and "kept without a lease" not in status
+    assert group.is_dir() and os.sched_getaffinity(2) == {0}  # (kthreadd, moved off)
+    seen_inside = subprocess.run(_in_pid_namespace([*sync[:1], "status", *sync[2:]]),
+                                 capture_output=True, text=True, timeout=120).stdout
+    # audit there sees none of the host's threads: not "clean" (hunt O), incomplete
+    audit = subprocess.run(_in_pid_namespace([*sync[:1], "audit", *sync[2:]]),
+                           capture_output=True, text=True, timeout=120)
+    assert audit.returncode == 2, audit
+    assert "INCOMPLETE" in audit.stdout and "not checked: the threads of the host's " \
+        "other processes: this PID namespace shows only its own" in audit.stdout, audit
+    assert "(a pid of another PID namespace, not of this one)" in \
+        seen_inside, seen_inside
 
 
 def test_status_from_a_cgroup_namespace_does_not_call_a_group_out_of_view_missing(
@@ -469,7 +494,7 @@ def test_a_job_released_by_force_while_it_ran_puts_the_host_back_when_it_ends(
     before = machine.read_text().strip()
     group = pw.holder_group("pwtest-forced", "run")
     job = subprocess.Popen(run_cmd(pw, "--exclusive", "1", "--name", "pwtest-forced", "--",
-                                   "sleep", "3"), stdout=subprocess.PIPE,
+                                   "sleep", "5"), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -477,7 +502,13 @@ def test_a_job_released_by_force_while_it_ran_puts_the_host_back_when_it_ends(
                 not (CPUSET / group / "tasks").read_text().strip():
             assert time.monotonic() < deadline and job.poll() is None, job.stderr
             time.sleep(0.05)
+        default = Path("/proc/irq/default_smp_affinity")
+        assert int(default.read_text(), 16) & 0b10 == 0  # (noise off the leased CPU)
         pw.run("release", "pwtest-forced", "--driver", "run", "--force", check=True)
+        # its group kept while the command runs there: so is the noise off its CPU (it
+        # came back at once: hunt O), and kernel threads are put back once it ends
+        assert job.poll() is None, "the job ended before its forced release was checked"
+        assert int(default.read_text(), 16) & 0b10 == 0, default.read_text()
         _out, err = job.communicate(timeout=60)
     finally:
         if job.poll() is None:
