@@ -170,6 +170,8 @@ def pid_namespace_gone(ns: int) -> bool:
             try:
                 if os.stat(f"/proc/{name}/ns/pid").st_ino == ns:
                     return False
+            except PermissionError:  # (not root: another user's process is not known)
+                return False
             except OSError:  # (exited, or a zombie: no namespace of its own any more)
                 continue
     return True
