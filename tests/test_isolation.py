@@ -333,10 +333,16 @@ def test_threads_out_of_view_are_kept() -> None:
     rec = {"irq:99": Record("irq:99", ALL, L("0")),
            "kthread:5:7": Record("kthread:5:7", ALL, L("0")),
            "task:40:9": Record("task:40:9", ALL, L("0"))}
-    r = plan_restore(snap_with({}), rec, L(""))
+    r = plan_restore(replace(snap_with({}), threads_in_view=False), rec, L(""))
     assert r.writes == () and r.forget == ("irq:99",)
     assert {k.key for k in r.keep} == {"kthread:5:7", "task:40:9"}
     assert all(k == rec[k.key] for k in r.keep)  # kept as recorded
+    # a snapshot of some user threads alone (those kept off an unguarded lease) has no
+    # kernel thread either, and is in view: a record of one gone is forgotten (kept, it
+    # held the host record of a mode-auto lease past its end: systemd lab, isolcpus)
+    tasks = NoiseSnapshot(ALL, tasks=())
+    r = plan_restore(tasks, {"task:40:9": rec["task:40:9"]}, L(""))
+    assert r.forget == ("task:40:9",) and r.keep == ()
 
 
 def test_original_entirely_still_leased_gets_housekeeping() -> None:

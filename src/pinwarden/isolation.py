@@ -154,6 +154,9 @@ class NoiseSnapshot:
     isolated: CpuSet = field(default_factory=CpuSet)
     #: user threads (only those the caller chose: see :class:`TaskInfo`)
     tasks: tuple[TaskInfo, ...] = ()
+    #: whether the host's threads were in view where it was read: not in a PID namespace
+    #: of its own (a container's /proc), which shows no kernel thread at all
+    threads_in_view: bool = True
 
     def values(self, recorded: Collection[str] = ()) -> dict[str, CpuSet]:
         """Current value of every key pinwarden may move (unwritable IRQs and unmovable
@@ -404,7 +407,7 @@ def plan_restore(snapshot: NoiseSnapshot, recorded: Mapping[str, Record] | Itera
     (``housekeeping``, online and not leased; default: every online CPU not leased).
 
     A key no longer in the snapshot (IRQ freed, thread exited) is forgotten — a thread's
-    is kept where no kernel thread is in view at all (a PID namespace of its own); a key
+    is kept where the host's threads are not in view (``threads_in_view``); a key
     whose current value is neither what pinwarden wrote, nor the original, nor the target
     was changed by someone else: left alone and forgotten (``conflicts``)."""
     records = dict(recorded) if isinstance(recorded, Mapping) else \
@@ -416,10 +419,10 @@ def plan_restore(snapshot: NoiseSnapshot, recorded: Mapping[str, Record] | Itera
     forget: list[str] = []
     keep: list[Record] = []
     conflicts: list[str] = []
-    # No kernel thread in view: a PID namespace of its own (a container's /proc), which
-    # shows none of the host's threads.  Theirs are not gone: kept for a pinwarden that
-    # sees them (forgotten, the kernel threads stayed on the housekeeping CPUs: hunt).
-    threads_unseen = not snapshot.kthreads
+    # Threads out of view: a PID namespace of its own (a container's /proc), which shows
+    # none of the host's threads.  Theirs are not gone: kept for a pinwarden that sees
+    # them (forgotten, the kernel threads stayed on the housekeeping CPUs: hunt).
+    threads_unseen = not snapshot.threads_in_view
     for key in sorted(records, key=_key_order):
         rec = records[key]
         current = values.get(key)

@@ -287,6 +287,8 @@ def read_noise(root: Path = Path("/")) -> NoiseSnapshot:
         nohz_full=_list(cpu / "nohz_full") or CpuSet(),
         rcu_nocbs=nocbs,
         isolated=_list(cpu / "isolated") or CpuSet(),
+        # (a live host always has kernel threads: none seen is a PID namespace of its own)
+        threads_in_view=bool(kthreads) or root.resolve() != Path("/"),
     )
 
 
