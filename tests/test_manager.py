@@ -1034,7 +1034,7 @@ def test_a_holder_owned_in_another_pid_namespace_is_not_freed_unless_forced(
     fake = fake4()
     state = tmp_path / "state"
     with pid_namespace() as elsewhere, manager(host4, state, fake) as m:
-        pid = _job_of_an_exited_owner(m, "J", elsewhere)  # recorded there
+        pid = _job_of_an_exited_owner(m, "J", elsewhere.ns)  # recorded there
         m.sync()
         assert [r.ref.name for r in m.holders()] == ["J"] and m.dead() == ()
         assert _running_refusal(m, "J") == (
@@ -1047,7 +1047,7 @@ def test_a_holder_owned_in_another_pid_namespace_is_not_freed_unless_forced(
     # that namespace is gone (a container that ended): seen from the host's, so is its
     # owner, and a sync frees what it held
     with manager(host4, state, fake) as m:
-        _job_of_an_exited_owner(m, "K", elsewhere)
+        _job_of_an_exited_owner(m, "K", elsewhere.ns)
         assert [r.ref.name for r in m.dead()] == ["K"]
         m.sync()
         assert m.holders() == ()

@@ -139,3 +139,39 @@ def test_pid_reuse_is_detected_by_start_time(child: subprocess.Popen[bytes]) -> 
     finally:
         reused.kill()
         reused.wait()
+
+
+
+@pytest.mark.parametrize(("nspid", "gone"), [("NSpid:\t42\n", True),
+                                             ("NSpid:\t42\t7\n", False)])
+def test_a_namespace_is_gone_only_when_every_process_is_known_out_of_it(
+        monkeypatch: pytest.MonkeyPatch, nspid: str, gone: bool) -> None:
+    """``pid_namespace_gone`` from the host's namespace: a process whose namespace may not
+    be looked at (ptrace rules: this machine's PID 1) is out of it when its status names
+    one pid only (it is in the host's), and may be in it otherwise."""
+    import builtins
+    import io
+    import os
+
+    from pinwarden import procs
+
+    if procs.pid_namespace() != procs.INIT_PID_NS:
+        pytest.fail("runs in the host's PID namespace, as on CI")
+    me = str(os.getpid())
+    real_stat, real_open = os.stat, builtins.open
+
+    def stat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if path == f"/proc/{me}/ns/pid":
+            raise PermissionError(13, "Permission denied")
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    def fake_open(path: object, *args: object, **kwargs: object) -> object:
+        if path == f"/proc/{me}/status":
+            return io.BytesIO(nspid.encode())
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(procs.os, "stat", stat)
+    monkeypatch.setattr(builtins, "open", fake_open)
+    found = procs.pid_namespace_gone(1)  # (no namespace has inode 1)
+    monkeypatch.undo()
+    assert found is gone, nspid

@@ -170,10 +170,28 @@ def pid_namespace_gone(ns: int) -> bool:
             try:
                 if os.stat(f"/proc/{name}/ns/pid").st_ino == ns:
                     return False
-            except PermissionError:  # (not root: another user's process is not known)
-                return False
+            except PermissionError:
+                # (not root, or a process ptrace may not look at): its status still says
+                # whether it is in a namespace below this one at all
+                if _nested(name):
+                    return False
             except OSError:  # (exited, or a zombie: no namespace of its own any more)
                 continue
+    return True
+
+
+def _nested(pid: str) -> bool:
+    """Whether process ``pid`` is in a PID namespace below this process's (its ``NSpid``
+    names more than one pid); a process whose status cannot be read counts as nested."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"NSpid:"):
+                    return len(line.split()) > 2
+    except FileNotFoundError:
+        return False  # (exited)
+    except OSError:
+        return True
     return True
 
 
