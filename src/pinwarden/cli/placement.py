@@ -460,12 +460,13 @@ def run_status(args: argparse.Namespace) -> int:
                                "next change; 'pinwarden sync' finishes it now")
     if moved and not leased and not kept:
         # the last lease went from a PID namespace of its own (a container's /proc), which
-        # sees none of the threads: kept for a pinwarden that does (plan_restore)
+        # sees none of the threads, or a CPU of theirs is offline: kept (plan_restore)
         fallback = (*fallback, f"{moved} thread{'s' if moved > 1 else ''} pinwarden moved "
                                f"off leased CPUs {'are' if moved > 1 else 'is'} not back "
-                               f"yet: the last lease went from where "
-                               f"{'they are' if moved > 1 else 'it is'} out of view (a PID "
-                               f"namespace of its own); 'pinwarden sync' on the host puts "
+                               f"yet (the last lease went from a PID namespace of its own, "
+                               f"where {'they are' if moved > 1 else 'it is'} out of view, "
+                               f"or a CPU {'they' if moved > 1 else 'it'} had is offline); "
+                               f"'pinwarden sync' on the host puts "
                                f"{'them' if moved > 1 else 'it'} back")
     kept_by = by_holder(kept)
     online = host.topology.online
