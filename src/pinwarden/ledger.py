@@ -142,11 +142,19 @@ class HolderRecord:
         is left in its namespace at all (a container that ended)."""
         if self.owner_pid is None:
             return False
-        from pinwarden import procs
+        return _owner_runs(self.owner_pid, self.owner_start, self.owner_ns, _alive)
 
-        if self.owner_elsewhere:
-            return not procs.pid_namespace_gone(self.recorded_ns)
-        return procs.alive(self.owner_pid, self.owner_start)
+
+def _owner_runs(pid: int, start: int | None, ns: int | None, alive: Liveness) -> bool:
+    """:meth:`HolderRecord.owner_runs` of an owner ``(pid, start)`` recorded in PID
+    namespace ``ns`` (None: the host's), judged by ``alive`` where it is this one."""
+    from pinwarden import procs
+
+    here = procs.pid_namespace()
+    recorded = procs.INIT_PID_NS if ns is None else ns
+    if here is None or recorded == here:
+        return alive(pid, start)
+    return not procs.pid_namespace_gone(recorded)
 
 
 @record
@@ -762,18 +770,9 @@ class Ledger:
     def _dead_in(self, db: sqlite3.Connection) -> list[Any]:
         rows = db.execute(f"SELECT {self._HOLDER_COLS} FROM holders "
                           f"WHERE owner_pid IS NOT NULL").fetchall()
-        from pinwarden import procs
-
-        here = procs.pid_namespace()
         # (an owner recorded in another PID namespace is not judged by its pid, which
         # means another process here: HolderRecord.owner_runs)
-        def dead(row: Any) -> bool:
-            ns = procs.INIT_PID_NS if row[8] is None else row[8]  # (HolderRecord.recorded_ns)
-            if here is None or ns == here:
-                return not self._alive(row[4], row[5])
-            return procs.pid_namespace_gone(ns)
-
-        return [r for r in rows if dead(r)]
+        return [r for r in rows if not _owner_runs(r[4], r[5], r[8], self._alive)]
 
     def _reap_in(self, db: sqlite3.Connection) -> tuple[HolderRecord, ...]:
         dead = self._dead_in(db)
